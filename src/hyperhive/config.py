@@ -1,0 +1,56 @@
+"""``hive.toml``: the operator's declaration of the hive. Read by ``hive up`` and ``hive-core``."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hyperhive.wire.common import AgentName, AgentSpec
+from hyperhive.wire.framing import describe_validation_error
+
+DEFAULT_LISTEN = "127.0.0.1:8080"
+
+
+class ConfigError(Exception):
+    """One line saying what is wrong with the configuration."""
+
+
+class HiveSection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    listen: str = DEFAULT_LISTEN
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, value: str) -> str:
+        parse_listen(value)
+        return value
+
+
+class HiveConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hive: HiveSection = HiveSection()
+    agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"listen must be HOST:PORT, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def load_config(path: Path | None) -> HiveConfig:
+    if path is None:
+        return HiveConfig()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    try:
+        return HiveConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{path}: {describe_validation_error(e, tagged=False)}") from None

@@ -1,0 +1,1 @@
+"""hive-core: the unprivileged daemon that holds all state and serves both protocols."""

@@ -1,0 +1,29 @@
+"""``hive-core`` / ``python -m hyperhive.core``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hyperhive.config import ConfigError, load_config
+from hyperhive.core.daemon import CoreOptions, default_paths, main_with
+
+
+@click.command(help="The hive's core daemon (normally started by `hive up` or systemd).")
+@click.option("--config", "config_path", type=click.Path(path_type=Path), help="hive.toml")
+@click.option("--run-dir", type=click.Path(path_type=Path), help="sockets (default /run/hive)")
+@click.option("--state-dir", type=click.Path(path_type=Path), help="state (default /var/lib/hive)")
+@click.option("--synchronous", type=click.Choice(["NORMAL", "FULL"]), default="NORMAL", show_default=True,
+              help="SQLite durability: NORMAL survives a crash of the process, FULL also power loss")
+def main(config_path: Path | None, run_dir: Path | None, state_dir: Path | None, synchronous: str) -> None:
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        raise click.ClickException(str(e)) from None
+    runs, states = default_paths(run_dir, state_dir)
+    raise SystemExit(main_with(CoreOptions(config, runs, states, synchronous)))
+
+
+if __name__ == "__main__":
+    main()

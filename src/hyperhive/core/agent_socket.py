@@ -1,0 +1,192 @@
+"""``agent.sock``: one listener per agent. The listener *is* the identity: every
+handler gets the agent's name from the listener it was accepted on, and the
+request models have no field that could name anyone else."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pydantic import ValidationError
+
+from hyperhive.core import approvals
+from hyperhive.core.hive import Hive, Lifecycle, Refused
+from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
+from hyperhive.paths import RunDir
+from hyperhive.wire import agent as w
+from hyperhive.wire.framing import describe_validation_error, error, model_fields_only, ok
+
+log = logging.getLogger("hive.core")
+_conn_ids = itertools.count(1)
+
+
+def _msg(m: Any) -> dict[str, Any]:
+    d = model_fields_only(m)
+    d.pop("to", None)  # the recipient is the caller
+    return d
+
+
+class AgentSession:
+    """One connection on one agent's socket."""
+
+    def __init__(self, hive: Hive, name: str) -> None:
+        self.hive = hive
+        self.name = name
+        self.conn = next(_conn_ids)
+
+    async def handle(self, obj: dict[str, Any]) -> Reply:
+        try:
+            req = w.agent_request.validate_python(obj)
+        except ValidationError as e:
+            return error(describe_validation_error(e))
+        if not self.hive.exists(self.name):
+            return error(f"agent {self.name!r} no longer exists")
+        try:
+            return await HANDLERS[type(req)](self, req)
+        except Refused as e:
+            return error(str(e))
+
+    async def whoami(self, req: w.Whoami) -> Reply:
+        row = self.hive.require_agent(self.name)
+        return ok(name=self.name, **({"parent": row["parent"]} if row["parent"] else {}))
+
+    async def peers(self, req: w.Peers) -> Reply:
+        return ok(peers=self.hive.peers(self.name))
+
+    async def send(self, req: w.Send) -> Reply:
+        self.hive.check_may_address(self.name, req.to)
+        msg = self.hive.send(self.name, req.to, req.body)
+        return ok(id=msg.id)
+
+    async def recv(self, req: w.Recv) -> Reply:
+        msgs = await self.hive.recv(self.name, self.conn, req.wait, req.max)
+        return ok(messages=[_msg(m) for m in msgs])
+
+    async def ack(self, req: w.Ack) -> Reply:
+        try:
+            return ok(acked=self.hive.ack(self.name, req.ids))
+        except LookupError as e:
+            raise Refused(str(e)) from None
+
+    async def ask(self, req: w.Ask) -> Reply:
+        self.hive.check_may_address(self.name, req.to)
+        question, delivered = self.hive.store.ask(self.name, req.to, req.question, req.options)
+        self.hive.bus.publish("question", {"question": model_fields_only(question)})
+        if delivered is not None:
+            self.hive.delivered(delivered)
+        return ok(id=question.id)
+
+    async def answer(self, req: w.Answer) -> Reply:
+        try:
+            question, msg = self.hive.store.answer(req.id, self.name, req.answer)
+        except LookupError as e:
+            raise Refused(str(e)) from None
+        self.hive.delivered(msg)
+        self.hive.bus.publish("answer", {"question": model_fields_only(question)})
+        return ok(id=question.id)
+
+    async def request_approval(self, req: w.RequestApproval) -> Reply:
+        approval = approvals.request(self.hive, self.name, req.kind, req.description, req.payload)
+        return ok(id=approval.id, payload_sha256=approval.payload_sha256)
+
+    async def set_status(self, req: w.SetStatus) -> Reply:
+        at = self.hive.store.set_status_text(self.name, req.text)
+        self.hive.publish_status(self.name)
+        return ok(status_set_at=at)
+
+    async def remind(self, req: w.Remind) -> Reply:
+        now = time.time()
+        due = req.due_at(now)
+        if due > now + w.MAX_REMIND_SECONDS:
+            raise Refused("a reminder can be at most a year ahead")
+        rid = self.hive.store.add_reminder(self.name, due, req.text)
+        self.hive.on_reminder_added()
+        self.hive.publish_status(self.name)
+        return ok(id=rid, due_at=due)
+
+    async def loose_ends(self, req: w.LooseEnds) -> Reply:
+        store = self.hive.store
+        return ok(
+            questions=[model_fields_only(q) for q in store.open_questions(asker=self.name)],
+            approvals=[model_fields_only(a) for a in store.approvals(status="pending", agent=self.name)],
+            to_answer=[model_fields_only(q) for q in store.open_questions(target=self.name)],
+        )
+
+
+HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
+    w.Whoami: AgentSession.whoami,
+    w.Peers: AgentSession.peers,
+    w.Send: AgentSession.send,
+    w.Recv: AgentSession.recv,
+    w.Ack: AgentSession.ack,
+    w.Ask: AgentSession.ask,
+    w.Answer: AgentSession.answer,
+    w.RequestApproval: AgentSession.request_approval,
+    w.SetStatus: AgentSession.set_status,
+    w.Remind: AgentSession.remind,
+    w.LooseEnds: AgentSession.loose_ends,
+}
+
+
+class AgentSockets(Lifecycle):
+    """Serves ``agents/<name>/agent.sock`` for every running agent."""
+
+    def __init__(self, run_dir: RunDir) -> None:
+        self.run_dir = run_dir
+        self.hive: Hive | None = None
+        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._writers: dict[str, set[asyncio.StreamWriter]] = {}
+
+    def running(self, name: str) -> bool:
+        return name in self._servers
+
+    async def start(self, name: str) -> None:
+        if name in self._servers:
+            return
+        assert self.hive is not None
+        hive = self.hive
+        directory = self.run_dir.agent_dir(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o755)
+        path = self.run_dir.agent_sock(name)
+        path.unlink(missing_ok=True)  # a stale socket from a crashed core
+        writers: set[asyncio.StreamWriter] = set()
+
+        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            session = AgentSession(hive, name)  # identity = this listener's name
+            writers.add(writer)
+            try:
+                await serve_lines(reader, writer, session.handle)
+            finally:
+                writers.discard(writer)
+                hive.release(name, session.conn)
+
+        old_umask = os.umask(0o177)
+        try:
+            server = await asyncio.start_unix_server(on_connect, path, limit=STREAM_LIMIT)
+        finally:
+            os.umask(old_umask)
+        self._servers[name] = server
+        self._writers[name] = writers
+        log.info("agent %s: serving %s", name, path)
+
+    async def stop(self, name: str, graceful: bool) -> None:
+        server = self._servers.pop(name, None)
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._writers.pop(name, ())):
+            writer.close()
+        await server.wait_closed()
+        self.run_dir.agent_sock(name).unlink(missing_ok=True)
+        log.info("agent %s: stopped", name)
+
+    async def close_all(self) -> None:
+        for name in list(self._servers):
+            await self.stop(name, graceful=True)
+

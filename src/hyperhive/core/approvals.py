@@ -1,0 +1,95 @@
+"""Approval kinds: what an agent may ask the operator to approve, and what
+approving applies. The payload stored at request time (and its sha256, shown
+to the operator) is exactly what is applied, once; there is no update path."""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from hyperhive.core.hive import Hive, Refused
+from hyperhive.core.store import ApplyError, Store
+from hyperhive.wire.common import Approval, SpawnPayload
+from hyperhive.wire.framing import describe_validation_error, model_fields_only
+
+
+class ApprovalKind(Protocol):
+    def check(self, hive: Hive, requester: str, payload: Any) -> None:
+        """At request time: refuse a payload that could never be applied."""
+
+    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+        """At approval time, inside the approving transaction. Raise ApplyError to fail."""
+
+    async def after(self, hive: Hive, approval: Approval) -> None:
+        """After the approving transaction committed (e.g. start the new agent)."""
+
+
+class Custom:
+    """A decision only: approving or denying is delivered back to the agent."""
+
+    def check(self, hive: Hive, requester: str, payload: Any) -> None:
+        pass
+
+    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+        pass
+
+    async def after(self, hive: Hive, approval: Approval) -> None:
+        pass
+
+
+class Spawn:
+    """The payload is ``{name, spec}``; approving creates that agent, child of the requester."""
+
+    def _parse(self, payload: Any) -> SpawnPayload:
+        try:
+            return SpawnPayload.model_validate(payload)
+        except ValidationError as e:
+            raise Refused(f"spawn payload: {describe_validation_error(e, tagged=False)}") from None
+
+    def check(self, hive: Hive, requester: str, payload: Any) -> None:
+        spawn = self._parse(payload)
+        if hive.exists(spawn.name):
+            raise Refused(f"spawn payload: an agent named {spawn.name!r} already exists")
+
+    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+        spawn = SpawnPayload.model_validate(approval.payload)
+        if db.execute("SELECT 1 FROM agents WHERE name=?", (spawn.name,)).fetchone():
+            raise ApplyError(f"an agent named {spawn.name!r} already exists")
+        if not db.execute("SELECT 1 FROM agents WHERE name=?", (approval.agent,)).fetchone():
+            raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
+        Store._create_agent(db, spawn.name, spawn.spec, approval.agent, "spawn")
+
+    async def after(self, hive: Hive, approval: Approval) -> None:
+        if approval.status == "approved":
+            await hive.after_create(SpawnPayload.model_validate(approval.payload).name)
+
+
+KINDS: dict[str, ApprovalKind] = {"custom": Custom(), "spawn": Spawn()}
+
+
+def request(hive: Hive, requester: str, kind: str, description: str, payload: Any) -> Approval:
+    handler = KINDS.get(kind)
+    if handler is None:
+        raise Refused(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+    handler.check(hive, requester, payload)
+    approval = hive.store.request_approval(requester, kind, description, payload)
+    hive.bus.publish("approval", {"approval": model_fields_only(approval)})
+    return approval
+
+
+async def resolve(hive: Hive, aid: int, decision: str, note: str | None = None) -> Approval:
+    existing = hive.store.approval(aid)
+    if existing is None:
+        raise Refused(f"no approval {aid}")
+    handler = KINDS[existing.kind]
+    try:
+        approval, msg = hive.store.resolve_approval(aid, decision, note, handler.apply)
+    except LookupError as e:
+        raise Refused(str(e)) from None
+    hive.delivered(msg)
+    hive.bus.publish("approval", {"approval": model_fields_only(approval)})
+    await handler.after(hive, approval)
+    return approval

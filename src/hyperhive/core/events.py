@@ -1,0 +1,73 @@
+"""In-process notification: inbox wake-ups for long-polling ``recv`` and the event bus
+behind ``subscribe`` / ``subscribe_agent_status``. Nothing here is state: the
+database is; these only say "look again"."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Any
+
+SUBSCRIBER_QUEUE = 10_000
+
+
+class InboxWakeups:
+    """Wakes the ``recv`` calls waiting on an agent's inbox; no polling."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
+
+    def notify(self, recipient: str) -> None:
+        for fut in self._waiters.pop(recipient, ()):
+            if not fut.done():
+                fut.set_result(None)
+
+    async def wait(self, recipient: str, timeout: float) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters[recipient].add(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters = self._waiters.get(recipient)
+            if waiters is not None:
+                waiters.discard(fut)
+                if not waiters:
+                    del self._waiters[recipient]
+
+
+class Subscription:
+    def __init__(self, kinds: frozenset[str]) -> None:
+        self.kinds = kinds
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.overflowed = False
+
+
+class EventBus:
+    """Fan-out of hive events to operator subscribers. A subscriber that can't
+    keep up is cut off (told so) rather than slowing the hive down."""
+
+    def __init__(self) -> None:
+        self._subs: set[Subscription] = set()
+
+    def subscribe(self, kinds: frozenset[str]) -> Subscription:
+        sub = Subscription(kinds)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        self._subs.discard(sub)
+
+    def publish(self, kind: str, data: dict[str, Any]) -> None:
+        event = {"kind": kind, **data}
+        for sub in list(self._subs):
+            if kind not in sub.kinds:
+                continue
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                sub.overflowed = True
+                self._subs.discard(sub)
+                sub.queue._queue.clear()  # type: ignore[attr-defined]
+                sub.queue.put_nowait(None)

@@ -1,0 +1,197 @@
+"""The hive's behaviour, shared by both sockets: who may talk to whom, delivery,
+questions, approvals and agent lifecycle. Both socket modules are thin
+dispatchers over this; neither decides identity here (the caller passes it)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from hyperhive.config import HiveConfig
+from hyperhive.core.events import EventBus, InboxWakeups
+from hyperhive.core.store import Store
+from hyperhive.names import OPERATOR
+from hyperhive.wire.common import AgentSpec, AgentStatus, Message
+from hyperhive.wire.framing import model_fields_only
+
+log = logging.getLogger("hive.core")
+
+
+class Refused(Exception):
+    """A request the hive refuses; ``str(self)`` is the one-line reason."""
+
+
+class Lifecycle:
+    """What starting and stopping an agent means. hive-core serves the agent's
+    socket; the cage (through hive-priv) plugs in here."""
+
+    async def start(self, name: str) -> None: ...
+    async def stop(self, name: str, graceful: bool) -> None: ...
+    def running(self, name: str) -> bool:
+        return False
+
+
+class Hive:
+    def __init__(self, store: Store, config: HiveConfig, lifecycle: Lifecycle) -> None:
+        self.store = store
+        self.config = config
+        self.lifecycle = lifecycle
+        self.wakeups = InboxWakeups()
+        self.bus = EventBus()
+        # message id -> connection id holding it unacked; released when that connection ends
+        self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
+        self.on_reminder_added: Callable[[], None] = lambda: None
+
+    # -- agents ------------------------------------------------------------------
+
+    def exists(self, name: str) -> bool:
+        return self.store.agent(name) is not None
+
+    def require_agent(self, name: str) -> Any:
+        row = self.store.agent(name)
+        if row is None:
+            raise Refused(f"no agent named {name!r}")
+        return row
+
+    def spec(self, name: str) -> AgentSpec:
+        return AgentSpec.model_validate_json(self.require_agent(name)["spec"])
+
+    def peers(self, name: str) -> list[str]:
+        """Agents ``name`` may message and ask: its declared peers, its parent and
+        its children (spawned helpers report back), that exist now."""
+        rows = {r["name"]: r for r in self.store.agents()}
+        me = rows.get(name)
+        if me is None:
+            return []
+        allowed = set(AgentSpec.model_validate_json(me["spec"]).peers)
+        if me["parent"]:
+            allowed.add(me["parent"])
+        allowed.update(n for n, r in rows.items() if r["parent"] == name)
+        allowed.discard(name)
+        return sorted(n for n in allowed if n in rows)
+
+    def check_may_address(self, sender: str, target: str) -> None:
+        if target == OPERATOR:
+            return
+        if target == sender:
+            raise Refused("an agent can't message itself")
+        if target not in self.peers(sender):
+            if not self.exists(target):
+                raise Refused(f"no agent named {target!r}")
+            raise Refused(f"{target!r} is not one of {sender}'s peers")
+
+    def status_row(self, row: Any, reminders: dict[str, int]) -> AgentStatus:
+        spec = AgentSpec.model_validate_json(row["spec"])
+        return AgentStatus(
+            name=row["name"],
+            running=self.lifecycle.running(row["name"]),
+            pending_reminders=reminders.get(row["name"], 0),
+            paused=bool(row["paused"]),
+            parent=row["parent"],
+            active_model=spec.model if spec.runtime == "claude" else None,
+            status_text=row["status_text"],
+            status_set_at=row["status_set_at"],
+            url=f"http://{self.config.hive.listen}/agent/{row['name']}/",
+        )
+
+    def statuses(self) -> list[dict[str, Any]]:
+        reminders = self.store.pending_reminders()
+        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents()]
+
+    def publish_status(self, name: str) -> None:
+        row = self.store.agent(name)
+        if row is None:
+            self.bus.publish("agent_status", {"name": name, "destroyed": True})
+            return
+        reminders = self.store.pending_reminders()
+        self.bus.publish("agent_status", {"agent": model_fields_only(self.status_row(row, reminders))})
+
+    # -- delivery -----------------------------------------------------------------
+
+    def delivered(self, msg: Message) -> None:
+        """After a message is committed: wake its recipient and tell subscribers."""
+        assert msg.to is not None
+        self.wakeups.notify(msg.to)
+        self.bus.publish("message", {"message": model_fields_only(msg)})
+
+    def send(self, sender: str, to: str, body: str) -> Message:
+        msg = self.store.send(to, sender, "message", body)
+        self.delivered(msg)
+        return msg
+
+    async def recv(self, name: str, conn: int, wait: float, limit: int) -> list[Message]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            in_flight = self._in_flight[name]
+            msgs = self.store.unacked(name, limit, skip=set(in_flight))
+            if msgs or loop.time() >= deadline:
+                for m in msgs:
+                    in_flight[m.id] = conn
+                return msgs
+            await self.wakeups.wait(name, deadline - loop.time())
+
+    def ack(self, name: str, ids: list[int]) -> int:
+        n = self.store.ack(name, ids)
+        in_flight = self._in_flight[name]
+        for i in ids:
+            in_flight.pop(i, None)
+        return n
+
+    def release(self, name: str, conn: int) -> None:
+        """A connection ended: its unacked messages go back to the inbox."""
+        in_flight = self._in_flight.get(name)
+        if not in_flight:
+            return
+        released = [i for i, c in in_flight.items() if c == conn]
+        for i in released:
+            del in_flight[i]
+        if released:
+            self.wakeups.notify(name)
+
+    def forget(self, name: str) -> None:
+        self._in_flight.pop(name, None)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def start(self, name: str) -> None:
+        self.require_agent(name)
+        self.store.set_agent_flag(name, "stopped", False)
+        await self.lifecycle.start(name)
+        self.publish_status(name)
+
+    async def stop(self, name: str, graceful: bool) -> None:
+        self.require_agent(name)
+        self.store.set_agent_flag(name, "stopped", True)
+        await self.lifecycle.stop(name, graceful)
+        self.publish_status(name)
+
+    async def create(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
+        if self.exists(name):
+            raise Refused(f"an agent named {name!r} already exists")
+        self.store.create_agent(name, spec, parent, origin)
+        await self.after_create(name)
+
+    async def after_create(self, name: str) -> None:
+        log.info("agent %s created", name)
+        await self.lifecycle.start(name)
+        self.publish_status(name)
+
+    async def destroy(self, name: str) -> None:
+        self.require_agent(name)
+        await self.lifecycle.stop(name, False)
+        self.store.delete_agent(name)
+        self.forget(name)
+        log.info("agent %s destroyed", name)
+        self.publish_status(name)
+
+    async def run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
+        targets = names or [r["name"] for r in self.store.agents()]
+        for n in targets:
+            self.require_agent(n)  # refuse the whole request before changing anything
+        for n in targets:
+            await fn(n)
+        return targets

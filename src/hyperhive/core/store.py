@@ -1,0 +1,480 @@
+"""All of the hive's state, in SQLite (WAL), with versioned migrations.
+
+Every method that changes state commits before it returns, so a response that
+acknowledges a change is only sent once the change is in the database. Compound
+changes (answering a question *and* delivering the answer) are one transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hyperhive.wire.common import AgentSpec, Approval, Message, Question
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE agents (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        parent TEXT,
+        origin TEXT NOT NULL CHECK (origin IN ('config', 'spawn', 'operator')),
+        paused INTEGER NOT NULL DEFAULT 0,
+        stopped INTEGER NOT NULL DEFAULT 0,
+        status_text TEXT,
+        status_set_at REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        ref INTEGER,
+        options TEXT,
+        sent_at REAL NOT NULL,
+        acked_at REAL
+    );
+    CREATE INDEX messages_unacked ON messages (recipient, id) WHERE acked_at IS NULL;
+    CREATE INDEX messages_recipient ON messages (recipient, id);
+    CREATE TABLE questions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        asker TEXT NOT NULL,
+        target TEXT NOT NULL,
+        question TEXT NOT NULL,
+        options TEXT,
+        asked_at REAL NOT NULL,
+        answer TEXT,
+        answered_at REAL,
+        cancelled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX questions_open ON questions (target) WHERE answer IS NULL AND cancelled = 0;
+    CREATE TABLE approvals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        description TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        payload_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'approved', 'denied', 'failed', 'cancelled')),
+        requested_at REAL NOT NULL,
+        resolved_at REAL,
+        note TEXT
+    );
+    -- The payload the operator saw is the payload that is applied: never updated.
+    CREATE TRIGGER approvals_payload_immutable BEFORE UPDATE OF payload, payload_sha256, kind, agent
+    ON approvals BEGIN SELECT RAISE(ABORT, 'approval payload is immutable'); END;
+    CREATE TABLE reminders (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        due_at REAL NOT NULL,
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX reminders_due ON reminders (due_at) WHERE delivered_at IS NULL;
+    """,
+]
+
+
+class ApplyError(Exception):
+    """Applying an approved payload failed; the approval becomes ``failed`` with this note."""
+
+
+class StoreError(Exception):
+    """A storage failure, phrased for the caller (e.g. a full disk)."""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def sha256_hex(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _opts(raw: str | None) -> list[str] | None:
+    return None if raw is None else json.loads(raw)
+
+
+class Store:
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a crash of the process (kill -9);
+        # FULL also survives power loss, at an fsync per commit.
+        self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- plumbing ---------------------------------------------------------------
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back whole on any error."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"storage error: {e}") from None
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error as e:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise StoreError(f"storage error: {e}") from None
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.db.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {current}, newer than this hive ({len(MIGRATIONS)})"
+            )
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self.tx() as db:
+                for statement in _split_sql(script):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version={version}")
+
+    # -- agents -------------------------------------------------------------------
+
+    def agent(self, name: str) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM agents WHERE name=?", (name,)).fetchone()
+
+    def agents(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM agents ORDER BY name").fetchall()
+
+    def sync_config_agents(self, declared: dict[str, AgentSpec]) -> None:
+        """Make the config-declared agents match hive.toml; spawned agents are kept."""
+        now = time.time()
+        with self.tx() as db:
+            for name, spec in declared.items():
+                db.execute(
+                    "INSERT INTO agents (name, spec, origin, created_at) VALUES (?, ?, 'config', ?)"
+                    " ON CONFLICT(name) DO UPDATE SET spec=excluded.spec",
+                    (name, spec.model_dump_json(), now),
+                )
+            rows = db.execute("SELECT name FROM agents WHERE origin='config'").fetchall()
+            for row in rows:
+                if row["name"] not in declared:
+                    self._delete_agent(db, row["name"])
+
+    def create_agent(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
+        with self.tx() as db:
+            self._create_agent(db, name, spec, parent, origin)
+
+    @staticmethod
+    def _create_agent(
+        db: sqlite3.Connection, name: str, spec: AgentSpec, parent: str | None, origin: str
+    ) -> None:
+        db.execute(
+            "INSERT INTO agents (name, spec, parent, origin, created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, spec.model_dump_json(), parent, origin, time.time()),
+        )
+
+    def delete_agent(self, name: str) -> None:
+        with self.tx() as db:
+            self._delete_agent(db, name)
+
+    @staticmethod
+    def _delete_agent(db: sqlite3.Connection, name: str) -> None:
+        now = time.time()
+        db.execute("DELETE FROM agents WHERE name=?", (name,))
+        db.execute("DELETE FROM messages WHERE recipient=? AND acked_at IS NULL", (name,))
+        db.execute("DELETE FROM reminders WHERE agent=? AND delivered_at IS NULL", (name,))
+        db.execute(
+            "UPDATE questions SET cancelled=1 WHERE (asker=? OR target=?) AND answer IS NULL",
+            (name, name),
+        )
+        db.execute(
+            "UPDATE approvals SET status='cancelled', resolved_at=?, note='agent destroyed'"
+            " WHERE agent=? AND status='pending'",
+            (now, name),
+        )
+        db.execute("UPDATE agents SET parent=NULL WHERE parent=?", (name,))
+
+    def set_agent_flag(self, name: str, column: str, value: bool) -> None:
+        assert column in ("paused", "stopped")
+        with self.tx() as db:
+            db.execute(f"UPDATE agents SET {column}=? WHERE name=?", (int(value), name))
+
+    def set_status_text(self, name: str, text: str) -> float:
+        now = time.time()
+        with self.tx() as db:
+            db.execute(
+                "UPDATE agents SET status_text=?, status_set_at=? WHERE name=?", (text, now, name)
+            )
+        return now
+
+    # -- messages -------------------------------------------------------------------
+
+    @staticmethod
+    def _insert_message(
+        db: sqlite3.Connection,
+        recipient: str,
+        sender: str,
+        kind: str,
+        body: str,
+        ref: int | None = None,
+        options: list[str] | None = None,
+    ) -> Message:
+        now = time.time()
+        cur = db.execute(
+            "INSERT INTO messages (recipient, sender, kind, body, ref, options, sent_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (recipient, sender, kind, body, ref, None if options is None else json.dumps(options), now),
+        )
+        return Message(
+            id=int(cur.lastrowid or 0), from_=sender, kind=kind, body=body, sent_at=now, ref=ref,
+            options=options, to=recipient,
+        )  # type: ignore[arg-type]
+
+    def send(self, recipient: str, sender: str, kind: str, body: str, ref: int | None = None) -> Message:
+        with self.tx() as db:
+            return self._insert_message(db, recipient, sender, kind, body, ref)
+
+    @staticmethod
+    def _row_to_message(row: sqlite3.Row, with_to: bool = False) -> Message:
+        return Message(
+            id=row["id"], from_=row["sender"], kind=row["kind"], body=row["body"],
+            sent_at=row["sent_at"], ref=row["ref"], options=_opts(row["options"]),
+            to=row["recipient"] if with_to else None,
+        )  # type: ignore[arg-type]
+
+    def unacked(self, recipient: str, limit: int, skip: set[int]) -> list[Message]:
+        rows = self.db.execute(
+            "SELECT * FROM messages WHERE recipient=? AND acked_at IS NULL ORDER BY id LIMIT ?",
+            (recipient, limit + len(skip)),
+        ).fetchall()
+        return [self._row_to_message(r) for r in rows if r["id"] not in skip][:limit]
+
+    def ack(self, recipient: str, ids: list[int]) -> int:
+        """Ack ``ids``, all of which must be messages to ``recipient``. Returns how many were new."""
+        unique = sorted(set(ids))
+        with self.tx() as db:
+            found = {
+                r["id"]: r["acked_at"]
+                for r in db.execute(
+                    f"SELECT id, acked_at FROM messages WHERE recipient=? AND id IN ({','.join('?' * len(unique))})",
+                    (recipient, *unique),
+                )
+            } if unique else {}
+            missing = [i for i in unique if i not in found]
+            if missing:
+                raise LookupError(f"no message {missing[0]} in this inbox")
+            fresh = [i for i in unique if found[i] is None]
+            now = time.time()
+            db.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
+        return len(fresh)
+
+    def inbox(self, recipient: str, after: int, limit: int) -> list[Message]:
+        rows = self.db.execute(
+            "SELECT * FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
+            (recipient, after, limit),
+        ).fetchall()
+        return [self._row_to_message(r, with_to=True) for r in rows]
+
+    # -- questions -------------------------------------------------------------------
+
+    @staticmethod
+    def _row_to_question(row: sqlite3.Row) -> Question:
+        return Question(
+            id=row["id"], asker=row["asker"], to=row["target"], question=row["question"],
+            options=_opts(row["options"]), asked_at=row["asked_at"], answer=row["answer"],
+            answered_at=row["answered_at"],
+        )
+
+    def ask(self, asker: str, target: str, question: str, options: list[str] | None) -> tuple[Question, Message | None]:
+        """Record a question; a question to an agent is also delivered to its inbox."""
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO questions (asker, target, question, options, asked_at) VALUES (?, ?, ?, ?, ?)",
+                (asker, target, question, None if options is None else json.dumps(options), now),
+            )
+            qid = int(cur.lastrowid or 0)
+            delivered = None
+            if target != "operator":
+                delivered = self._insert_message(db, target, asker, "question", question, qid, options)
+        return Question(id=qid, asker=asker, to=target, question=question, options=options, asked_at=now), delivered
+
+    def question(self, qid: int) -> sqlite3.Row | None:
+        return self.db.execute("SELECT * FROM questions WHERE id=?", (qid,)).fetchone()
+
+    def answer(self, qid: int, target: str, answer: str) -> tuple[Question, Message]:
+        """Answer question ``qid`` addressed to ``target``; deliver the answer to the asker."""
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM questions WHERE id=?", (qid,)).fetchone()
+            if row is None or row["target"] != target:
+                # Same words whether it doesn't exist or isn't yours: no probing.
+                raise LookupError(f"no question {qid} addressed to {target}")
+            if row["cancelled"]:
+                raise LookupError(f"question {qid} was cancelled")
+            if row["answer"] is not None:
+                raise LookupError(f"question {qid} is already answered")
+            db.execute("UPDATE questions SET answer=?, answered_at=? WHERE id=?", (answer, now, qid))
+            msg = self._insert_message(db, row["asker"], target, "answer", answer, qid)
+            row = db.execute("SELECT * FROM questions WHERE id=?", (qid,)).fetchone()
+        return self._row_to_question(row), msg
+
+    def open_questions(self, *, target: str | None = None, asker: str | None = None) -> list[Question]:
+        where, args = ["answer IS NULL", "cancelled=0"], []
+        if target is not None:
+            where.append("target=?")
+            args.append(target)
+        if asker is not None:
+            where.append("asker=?")
+            args.append(asker)
+        rows = self.db.execute(
+            f"SELECT * FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
+        ).fetchall()
+        return [self._row_to_question(r) for r in rows]
+
+    # -- approvals -------------------------------------------------------------------
+
+    @staticmethod
+    def _row_to_approval(row: sqlite3.Row) -> Approval:
+        return Approval(
+            id=row["id"], agent=row["agent"], kind=row["kind"], requested_at=row["requested_at"],
+            status=row["status"], resolved_at=row["resolved_at"], note=row["note"],
+            description=row["description"], payload=json.loads(row["payload"]),
+            payload_sha256=row["payload_sha256"],
+        )
+
+    def request_approval(self, agent: str, kind: str, description: str, payload: Any) -> Approval:
+        text = canonical_json(payload)
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO approvals (agent, kind, description, payload, payload_sha256, requested_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (agent, kind, description, text, sha256_hex(text), now),
+            )
+            row = db.execute("SELECT * FROM approvals WHERE id=?", (cur.lastrowid,)).fetchone()
+        return self._row_to_approval(row)
+
+    def approval(self, aid: int) -> Approval | None:
+        row = self.db.execute("SELECT * FROM approvals WHERE id=?", (aid,)).fetchone()
+        return None if row is None else self._row_to_approval(row)
+
+    def approvals(self, *, status: str | None = None, agent: str | None = None) -> list[Approval]:
+        where, args = [], []
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if agent is not None:
+            where.append("agent=?")
+            args.append(agent)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(f"SELECT * FROM approvals {clause} ORDER BY id", args).fetchall()
+        return [self._row_to_approval(r) for r in rows]
+
+    def resolve_approval(
+        self,
+        aid: int,
+        decision: str,
+        note: str | None,
+        apply: Callable[[sqlite3.Connection, Approval], None] | None = None,
+    ) -> tuple[Approval, Message]:
+        """Approve or deny a pending approval, once, and tell the requester.
+
+        ``apply`` runs inside the same transaction on the stored payload; if it
+        raises ApplyError, its effects are undone and the approval is ``failed``.
+        """
+        assert decision in ("approved", "denied")
+        now = time.time()
+        with self.tx() as db:
+            row = db.execute("SELECT * FROM approvals WHERE id=?", (aid,)).fetchone()
+            if row is None:
+                raise LookupError(f"no approval {aid}")
+            if row["status"] != "pending":
+                raise LookupError(f"approval {aid} is already {row['status']}")
+            status = decision
+            if decision == "approved" and apply is not None:
+                db.execute("SAVEPOINT apply")
+                try:
+                    apply(db, self._row_to_approval(row))
+                    db.execute("RELEASE apply")
+                except ApplyError as e:
+                    db.execute("ROLLBACK TO apply")
+                    db.execute("RELEASE apply")
+                    status, note = "failed", str(e)
+            db.execute(
+                "UPDATE approvals SET status=?, resolved_at=?, note=? WHERE id=?",
+                (status, now, note, aid),
+            )
+            body = status if not note else f"{status}: {note}"
+            msg = self._insert_message(db, row["agent"], "operator", "approval", body, aid)
+            row = db.execute("SELECT * FROM approvals WHERE id=?", (aid,)).fetchone()
+        return self._row_to_approval(row), msg
+
+    # -- reminders -------------------------------------------------------------------
+
+    def add_reminder(self, agent: str, due_at: float, text: str) -> int:
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO reminders (agent, due_at, text, created_at) VALUES (?, ?, ?, ?)",
+                (agent, due_at, text, time.time()),
+            )
+        return int(cur.lastrowid or 0)
+
+    def next_reminder_due(self) -> float | None:
+        row = self.db.execute("SELECT MIN(due_at) FROM reminders WHERE delivered_at IS NULL").fetchone()
+        return row[0]
+
+    def deliver_due_reminders(self, now: float) -> list[Message]:
+        """Turn every due reminder into a ``reminder`` message, in one transaction."""
+        with self.tx() as db:
+            due = db.execute(
+                "SELECT * FROM reminders WHERE delivered_at IS NULL AND due_at<=? ORDER BY due_at, id",
+                (now,),
+            ).fetchall()
+            out = []
+            for r in due:
+                out.append(self._insert_message(db, r["agent"], "hive", "reminder", r["text"], r["id"]))
+                db.execute("UPDATE reminders SET delivered_at=? WHERE id=?", (now, r["id"]))
+        return out
+
+    def pending_reminders(self) -> dict[str, int]:
+        rows = self.db.execute(
+            "SELECT agent, COUNT(*) AS n FROM reminders WHERE delivered_at IS NULL GROUP BY agent"
+        ).fetchall()
+        return {r["agent"]: r["n"] for r in rows}
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements, buf = [], []
+    for line in script.splitlines():
+        buf.append(line)
+        text = "\n".join(buf).strip()
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            buf = []
+    if "\n".join(buf).strip():
+        statements.append("\n".join(buf))
+    return statements

@@ -1,0 +1,115 @@
+"""``agent.sock`` requests: what an agent may ask of the hive.
+
+Identity is the socket that accepted the connection, so no model here has a
+field that could name a sender; ``extra="forbid"`` refuses any attempt to add one.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Field, TypeAdapter, field_validator, model_validator
+
+from hyperhive.wire.common import ShortText, Strict, Target, Text
+
+MAX_REMIND_SECONDS = 366 * 24 * 3600
+
+
+class Whoami(Strict):
+    cmd: Literal["whoami"]
+
+
+class Peers(Strict):
+    cmd: Literal["peers"]
+
+
+class Send(Strict):
+    cmd: Literal["send"]
+    to: Target
+    body: Text
+
+
+class Recv(Strict):
+    cmd: Literal["recv"]
+    wait: Annotated[float, Field(ge=0, le=3600)] = 0
+    max: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class Ack(Strict):
+    cmd: Literal["ack"]
+    ids: list[Annotated[int, Field(ge=1)]] = Field(max_length=10_000)
+
+
+class Ask(Strict):
+    cmd: Literal["ask"]
+    to: Target
+    question: Text
+    options: list[ShortText] | None = Field(default=None, max_length=50)
+
+
+class Answer(Strict):
+    cmd: Literal["answer"]
+    id: Annotated[int, Field(ge=1)]
+    answer: Text
+
+
+class RequestApproval(Strict):
+    cmd: Literal["request_approval"]
+    kind: Annotated[str, Field(max_length=64)]
+    description: Text
+    payload: Any = None
+
+
+class SetStatus(Strict):
+    cmd: Literal["set_status"]
+    text: ShortText
+
+
+class Remind(Strict):
+    cmd: Literal["remind"]
+    in_seconds: Annotated[float, Field(gt=0, le=MAX_REMIND_SECONDS)] | None = None
+    at: float | str | None = None
+    text: Text
+
+    @field_validator("at")
+    @classmethod
+    def _parse_at(cls, value: float | str | None) -> float | None:
+        if value is None or isinstance(value, float | int):
+            return value
+        try:
+            parsed = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("'at' must be unix seconds or an ISO 8601 timestamp") from None
+        if parsed.tzinfo is None:
+            raise ValueError("'at' needs a timezone, e.g. 2026-01-01T09:00:00+00:00")
+        return parsed.timestamp()
+
+    @model_validator(mode="after")
+    def _exactly_one_time(self) -> Remind:
+        if (self.in_seconds is None) == (self.at is None):
+            raise ValueError("give exactly one of 'in_seconds' or 'at'")
+        return self
+
+    def due_at(self, now: float | None = None) -> float:
+        now = time.time() if now is None else now
+        if self.in_seconds is not None:
+            return now + self.in_seconds
+        assert isinstance(self.at, float | int)
+        return float(self.at)
+
+
+class LooseEnds(Strict):
+    cmd: Literal["loose_ends"]
+
+
+AgentRequest = Annotated[
+    Union[Whoami, Peers, Send, Recv, Ack, Ask, Answer, RequestApproval, SetStatus, Remind, LooseEnds],
+    Field(discriminator="cmd"),
+]
+agent_request = TypeAdapter(AgentRequest)
+AGENT_VERBS = tuple(
+    m.model_fields["cmd"].annotation.__args__[0]  # type: ignore[union-attr]
+    for m in (Whoami, Peers, Send, Recv, Ack, Ask, Answer, RequestApproval, SetStatus, Remind, LooseEnds)
+)

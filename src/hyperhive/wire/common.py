@@ -1,0 +1,113 @@
+"""Shapes shared by both sockets: names, agent specs and the rows returned to callers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from hyperhive.names import OPERATOR, check_name
+
+AgentName = Annotated[str, AfterValidator(check_name)]
+
+
+def _check_target(value: str) -> str:
+    return value if value == OPERATOR else check_name(value)
+
+
+# Whom a message or question may be addressed to: an agent, or the operator.
+Target = Annotated[str, AfterValidator(_check_target)]
+
+Text = Annotated[str, Field(max_length=256 * 1024)]
+ShortText = Annotated[str, Field(max_length=4096)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class AgentSpec(Strict):
+    """How an agent runs. Declared in hive.toml or carried by a spawn request."""
+
+    runtime: Literal["command", "claude"] = "command"
+    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=256)
+    peers: list[AgentName] = Field(default_factory=list, max_length=1000)
+    egress: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=100)
+    model: Annotated[str, Field(max_length=200)] | None = None
+
+    @model_validator(mode="after")
+    def _runtime_needs(self) -> AgentSpec:
+        if self.runtime == "command" and not self.command:
+            raise ValueError("runtime 'command' needs a non-empty 'command' list")
+        return self
+
+
+class SpawnPayload(Strict):
+    """The payload of a ``spawn`` approval: the new agent's name and spec."""
+
+    name: AgentName
+    spec: AgentSpec
+
+
+MessageKind = Literal["message", "question", "answer", "reminder", "approval"]
+
+
+class Message(BaseModel):
+    id: int
+    from_: str = Field(alias="from")
+    kind: MessageKind
+    body: str
+    sent_at: float
+    ref: int | None = None
+    options: list[str] | None = None
+    to: str | None = None  # only in the operator's inbox and event streams
+
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class Question(BaseModel):
+    id: int
+    asker: str
+    to: str
+    question: str
+    options: list[str] | None = None
+    asked_at: float
+    answer: str | None = None
+    answered_at: float | None = None
+
+
+ApprovalStatus = Literal["pending", "approved", "denied", "failed", "cancelled"]
+
+
+class Approval(BaseModel):
+    """hyperhive v1 approval row, plus the payload and its hash."""
+
+    id: int
+    agent: str
+    kind: str
+    commit_ref: str | None = None
+    requested_at: float
+    status: ApprovalStatus
+    resolved_at: float | None = None
+    note: str | None = None
+    description: str
+    payload: Any = None
+    payload_sha256: str
+
+
+class AgentStatus(BaseModel):
+    """hyperhive v1 agent_status row."""
+
+    name: str
+    running: bool
+    failed: bool = False
+    needs_update: bool = False
+    needs_login: bool = False
+    deployed_sha: str | None = None
+    pending_reminders: int = 0
+    paused: bool = False
+    parent: str | None = None
+    active_model: str | None = None
+    status_text: str | None = None
+    status_set_at: float | None = None
+    url: str | None = None

@@ -1,0 +1,81 @@
+"""JSON-lines framing: one UTF-8 JSON object per line, at most 1 MiB a line."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+MAX_LINE = 1024 * 1024  # bytes, excluding the newline
+PROTOCOL_VERSION = 1
+
+
+class WireError(Exception):
+    """A request that must be refused; ``str(self)`` is the one-line reason."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise WireError(f"malformed JSON: {name} is not valid JSON")
+
+
+def parse_line(line: bytes) -> dict[str, Any]:
+    """Decode one request line into a JSON object, or raise WireError with a one-line reason."""
+    if len(line) > MAX_LINE:
+        raise WireError(f"line exceeds {MAX_LINE} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("malformed request: line is not valid UTF-8") from None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise WireError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise WireError("malformed JSON: nested too deeply") from None
+    if not isinstance(obj, dict):
+        raise WireError(f"request must be a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def dump_line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def ok(**fields: Any) -> dict[str, Any]:
+    return {"version": PROTOCOL_VERSION, "ok": True, **fields}
+
+
+def error(message: str) -> dict[str, Any]:
+    # Keep refusals to one line whatever produced them.
+    one_line = " ".join(str(message).split())
+    return {"version": PROTOCOL_VERSION, "ok": False, "error": one_line}
+
+
+def describe_validation_error(exc: ValidationError, tagged: bool = True) -> str:
+    """Turn pydantic's multi-line report into one line naming the first problem."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err.get("loc", ())]
+    kind = err.get("type", "")
+    ctx = err.get("ctx") or {}
+    if kind == "union_tag_invalid":
+        return f"unknown command {ctx.get('tag')!r}"
+    if kind == "union_tag_not_found":
+        return "missing field 'cmd'"
+    if kind == "model_attributes_type" or kind == "model_type":
+        return "request must be a JSON object"
+    # Drop the discriminator value pydantic puts first in the location.
+    if tagged and loc:
+        loc = loc[1:]
+    where = ".".join(loc)
+    if kind == "extra_forbidden":
+        return f"unknown field {where!r}"
+    if kind == "missing":
+        return f"missing field {where!r}"
+    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return f"field {where!r}: {msg}" if where else msg
+
+
+def model_fields_only(model: BaseModel) -> dict[str, Any]:
+    """A response body from a model: absent optional fields are left out."""
+    return model.model_dump(mode="json", exclude_none=True, by_alias=True)

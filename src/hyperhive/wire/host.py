@@ -1,0 +1,121 @@
+"""``host.sock`` requests: the operator's verbs (hyperhive host.sock v1 names and shapes)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, TypeAdapter
+
+from hyperhive.wire.common import AgentName, AgentSpec, Strict, Text
+
+EVENT_KINDS = ("message", "question", "answer", "approval", "agent_status", "reminder")
+EventKind = Literal["message", "question", "answer", "approval", "agent_status", "reminder"]
+
+
+class Scope(Strict):
+    agent_names: list[AgentName] = Field(default_factory=list, max_length=10_000)
+
+
+class List_(Strict):
+    cmd: Literal["list"]
+
+
+class AgentStatusReq(Strict):
+    cmd: Literal["agent_status"]
+
+
+class Start(Strict):
+    cmd: Literal["start"]
+    scope: Scope = Scope()
+
+
+class Stop(Strict):
+    cmd: Literal["stop"]
+    scope: Scope = Scope()
+    graceful: bool = True
+
+
+class Restart(Strict):
+    cmd: Literal["restart"]
+    name: AgentName
+
+
+class SetPaused(Strict):
+    cmd: Literal["set_paused"]
+    name: AgentName
+    paused: bool
+
+
+class Pending(Strict):
+    cmd: Literal["pending"]
+
+
+class Approve(Strict):
+    cmd: Literal["approve"]
+    id: Annotated[int, Field(ge=1)]
+
+
+class Deny(Strict):
+    cmd: Literal["deny"]
+    id: Annotated[int, Field(ge=1)]
+    note: Annotated[str, Field(max_length=4096)] | None = None
+
+
+class Questions(Strict):
+    cmd: Literal["questions"]
+
+
+class AnswerQuestion(Strict):
+    cmd: Literal["answer_question"]
+    id: Annotated[int, Field(ge=1)]
+    answer: Text
+
+
+class OperatorSend(Strict):
+    cmd: Literal["send"]
+    to: AgentName
+    body: Text
+
+
+class Inbox(Strict):
+    cmd: Literal["inbox"]
+    after: Annotated[int, Field(ge=0)] = 0
+    max: Annotated[int, Field(ge=1, le=10_000)] = 1000
+
+
+class Spawn(Strict):
+    cmd: Literal["spawn"]
+    name: AgentName
+    spec: AgentSpec
+
+
+class Destroy(Strict):
+    cmd: Literal["destroy"]
+    name: AgentName
+
+
+class Urls(Strict):
+    cmd: Literal["urls"]
+
+
+class SubscribeAgentStatus(Strict):
+    cmd: Literal["subscribe_agent_status"]
+
+
+class Subscribe(Strict):
+    cmd: Literal["subscribe"]
+    kinds: list[EventKind] = Field(default_factory=lambda: list(EVENT_KINDS), max_length=20)
+
+
+HOST_MODELS = (
+    List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
+    AnswerQuestion, OperatorSend, Inbox, Spawn, Destroy, Urls, SubscribeAgentStatus, Subscribe,
+)
+HostRequest = Annotated[
+    Union[
+        List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
+        AnswerQuestion, OperatorSend, Inbox, Spawn, Destroy, Urls, SubscribeAgentStatus, Subscribe,
+    ],
+    Field(discriminator="cmd"),
+]
+host_request = TypeAdapter(HostRequest)
