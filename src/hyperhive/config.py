@@ -41,7 +41,18 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def load_config(path: Path | None) -> HiveConfig:
+def load_config(path: Path | None, listen: str | None = None) -> HiveConfig:
+    """Read hive.toml (or the defaults); ``listen`` overrides ``[hive] listen``."""
+    config = _read(path)
+    if listen is not None:
+        try:
+            config.hive = HiveSection(listen=listen)
+        except ValidationError as e:
+            raise ConfigError(f"--listen: {describe_validation_error(e, tagged=False)}") from None
+    return config
+
+
+def _read(path: Path | None) -> HiveConfig:
     if path is None:
         return HiveConfig()
     try:

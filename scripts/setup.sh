@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up everything hyperhive needs on a fresh Debian machine, idempotently:
+# the system packages, then the Python environment in .venv from uv.lock.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# System packages the hive uses (cages, gateway, egress, browser tests).
+APT_PACKAGES=(bubblewrap)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup: need root to install: ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "setup: installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3.11}
+if ! command -v uv >/dev/null 2>&1; then
+    echo "setup: installing uv"
+    "$PYTHON" -m pip install -q uv
+fi
+UV=$(command -v uv || echo "$("$PYTHON" -m site --user-base)/bin/uv")
+export UV_PYTHON_DOWNLOADS=never
+"$UV" sync --frozen --python "$PYTHON" -q
+echo "setup: ready ($(.venv/bin/hive --version))"

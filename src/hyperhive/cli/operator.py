@@ -1,0 +1,255 @@
+"""Operator verbs over ``host.sock``: ``hive ls``, ``hive approve 3``, …"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hyperhive.cli.output import (
+    console, fail, json_option, print_messages, request, stream, table, when,
+)
+
+
+def host_sock(ctx: click.Context) -> Path:
+    return ctx.obj["run_dir"] / "host.sock"
+
+
+def _yn(flag: bool) -> str:
+    return "yes" if flag else ""
+
+
+def _state(a: dict[str, Any]) -> str:
+    if a.get("failed"):
+        return "failed"
+    if a.get("needs_login"):
+        return "needs-login"
+    if not a["running"]:
+        return "stopped"
+    return "paused" if a.get("paused") else "running"
+
+
+def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small verbs
+    @group.command("ls")
+    @json_option
+    @click.pass_context
+    def ls(ctx: click.Context, as_json: bool) -> None:
+        """List the hive's agents."""
+        resp = request(host_sock(ctx), "list", as_json)
+        if not as_json:
+            for name in resp["agents"]:
+                click.echo(name)
+
+    @group.command("status")
+    @json_option
+    @click.option("--watch", is_flag=True, help="Keep printing status changes as they happen.")
+    @click.pass_context
+    def status(ctx: click.Context, as_json: bool, watch: bool) -> None:
+        """Every agent's state, status text and parent."""
+        if watch:
+            def render(item: dict[str, Any]) -> None:
+                if "event" in item:
+                    ev = item["event"]
+                    a = ev.get("agent")
+                    if a:
+                        console.print(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}", markup=False)
+                    else:
+                        console.print(f"{ev.get('name')}: destroyed", markup=False)
+                else:
+                    _status_table(item["agent_statuses"])
+            stream(host_sock(ctx), "subscribe_agent_status", as_json, render)
+            return
+        resp = request(host_sock(ctx), "agent_status", as_json)
+        if not as_json:
+            _status_table(resp["agent_statuses"])
+
+    @group.command("send")
+    @json_option
+    @click.argument("name")
+    @click.argument("body")
+    @click.pass_context
+    def send(ctx: click.Context, as_json: bool, name: str, body: str) -> None:
+        """Message agent NAME as the operator."""
+        resp = request(host_sock(ctx), "send", as_json, to=name, body=body)
+        if not as_json:
+            click.echo(f"sent message {resp['id']} to {name}")
+
+    @group.command("inbox")
+    @json_option
+    @click.option("--after", type=int, default=0, help="Only messages with an id above this.")
+    @click.pass_context
+    def inbox(ctx: click.Context, as_json: bool, after: int) -> None:
+        """Messages the agents sent to the operator."""
+        resp = request(host_sock(ctx), "inbox", as_json, after=after)
+        if not as_json:
+            print_messages(resp["messages"], "inbox")
+
+    @group.command("questions")
+    @json_option
+    @click.pass_context
+    def questions(ctx: click.Context, as_json: bool) -> None:
+        """Open questions addressed to the operator."""
+        resp = request(host_sock(ctx), "questions", as_json)
+        if not as_json:
+            table("questions", ["id", "from", "asked", "question", "options"], (
+                [q["id"], q["asker"], when(q["asked_at"]), q["question"], ", ".join(q.get("options") or [])]
+                for q in resp["questions"]
+            ))
+
+    @group.command("answer")
+    @json_option
+    @click.argument("question_id", type=int)
+    @click.argument("answer")
+    @click.pass_context
+    def answer(ctx: click.Context, as_json: bool, question_id: int, answer: str) -> None:
+        """Answer question QUESTION_ID (addressed to the operator)."""
+        request(host_sock(ctx), "answer_question", as_json, id=question_id, answer=answer)
+        if not as_json:
+            click.echo(f"answered question {question_id}")
+
+    @group.command("pending")
+    @json_option
+    @click.pass_context
+    def pending(ctx: click.Context, as_json: bool) -> None:
+        """Pending approvals, with the exact payload and its sha256."""
+        resp = request(host_sock(ctx), "pending", as_json)
+        if not as_json:
+            table("pending approvals", ["id", "agent", "kind", "requested", "description", "payload", "sha256"], (
+                [a["id"], a["agent"], a["kind"], when(a["requested_at"]), a["description"],
+                 json.dumps(a.get("payload"), ensure_ascii=False), a["payload_sha256"]]
+                for a in resp["approvals"]
+            ))
+
+    @group.command("approve")
+    @json_option
+    @click.argument("approval_id", type=int)
+    @click.pass_context
+    def approve(ctx: click.Context, as_json: bool, approval_id: int) -> None:
+        """Approve APPROVAL_ID: applies exactly the stored payload, once."""
+        resp = request(host_sock(ctx), "approve", as_json, id=approval_id)
+        if not as_json:
+            a = resp["approval"]
+            note = f" ({a['note']})" if a.get("note") else ""
+            click.echo(f"approval {approval_id}: {a['status']}{note}")
+
+    @group.command("deny")
+    @json_option
+    @click.argument("approval_id", type=int)
+    @click.option("--note", help="Why; delivered to the agent.")
+    @click.pass_context
+    def deny(ctx: click.Context, as_json: bool, approval_id: int, note: str | None) -> None:
+        """Deny APPROVAL_ID."""
+        request(host_sock(ctx), "deny", as_json, id=approval_id, note=note)
+        if not as_json:
+            click.echo(f"approval {approval_id}: denied")
+
+    @group.command("start")
+    @json_option
+    @click.argument("names", nargs=-1)
+    @click.pass_context
+    def start(ctx: click.Context, as_json: bool, names: tuple[str, ...]) -> None:
+        """Start NAMES (default: every agent)."""
+        resp = request(host_sock(ctx), "start", as_json, scope={"agent_names": list(names)})
+        if not as_json:
+            click.echo(f"started: {', '.join(resp['started']) or 'nothing'}")
+
+    @group.command("stop")
+    @json_option
+    @click.argument("names", nargs=-1)
+    @click.option("--force", is_flag=True, help="Don't wait for the current turn to end.")
+    @click.pass_context
+    def stop(ctx: click.Context, as_json: bool, names: tuple[str, ...], force: bool) -> None:
+        """Stop NAMES (default: every agent)."""
+        resp = request(host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)}, graceful=not force)
+        if not as_json:
+            click.echo(f"stopped: {', '.join(resp['stopped']) or 'nothing'}")
+
+    @group.command("restart")
+    @json_option
+    @click.argument("name")
+    @click.pass_context
+    def restart(ctx: click.Context, as_json: bool, name: str) -> None:
+        """Restart agent NAME."""
+        request(host_sock(ctx), "restart", as_json, name=name)
+        if not as_json:
+            click.echo(f"restarted {name}")
+
+    for verb, paused in (("pause", True), ("resume", False)):
+        def make(paused: bool = paused, verb: str = verb) -> None:
+            @group.command(verb, help=f"{verb.capitalize()} agent NAME ({'messages queue, no turns' if paused else 'turns resume'}).")
+            @json_option
+            @click.argument("name")
+            @click.pass_context
+            def cmd(ctx: click.Context, as_json: bool, name: str) -> None:
+                request(host_sock(ctx), "set_paused", as_json, name=name, paused=paused)
+                if not as_json:
+                    click.echo(f"{name}: {'paused' if paused else 'resumed'}")
+        make()
+
+    @group.command("spawn")
+    @json_option
+    @click.argument("name")
+    @click.option("--spec", "spec_json", help='The agent spec as JSON, e.g. \'{"command": ["python3", "/srv/turn.py"]}\'.')
+    @click.option("--command", "command", multiple=True, help="Runtime 'command': one argv word per --command.")
+    @click.option("--peer", "peers", multiple=True, help="A peer the agent may message (repeatable).")
+    @click.pass_context
+    def spawn(ctx: click.Context, as_json: bool, name: str, spec_json: str | None,
+              command: tuple[str, ...], peers: tuple[str, ...]) -> None:
+        """Create and start agent NAME."""
+        if spec_json:
+            try:
+                spec = json.loads(spec_json)
+            except json.JSONDecodeError as e:
+                fail(f"--spec is not valid JSON: {e}")
+        else:
+            spec = {"runtime": "command", "command": list(command), "peers": list(peers)}
+        request(host_sock(ctx), "spawn", as_json, name=name, spec=spec)
+        if not as_json:
+            click.echo(f"spawned {name}")
+
+    @group.command("destroy")
+    @json_option
+    @click.argument("name")
+    @click.option("--yes", is_flag=True, help="Don't ask for confirmation.")
+    @click.pass_context
+    def destroy(ctx: click.Context, as_json: bool, name: str, yes: bool) -> None:
+        """Stop agent NAME and delete it and its undelivered messages."""
+        if not yes and not as_json:
+            click.confirm(f"destroy agent {name}?", abort=True)
+        request(host_sock(ctx), "destroy", as_json, name=name)
+        if not as_json:
+            click.echo(f"destroyed {name}")
+
+    @group.command("urls")
+    @json_option
+    @click.pass_context
+    def urls(ctx: click.Context, as_json: bool) -> None:
+        """Where the hive's web surfaces are."""
+        resp = request(host_sock(ctx), "urls", as_json)
+        if not as_json:
+            for k, v in resp["urls"].items():
+                click.echo(f"{k}: {v}")
+
+    @group.command("events")
+    @json_option
+    @click.option("--kind", "kinds", multiple=True,
+                  type=click.Choice(["message", "question", "answer", "approval", "agent_status", "reminder"]),
+                  help="Only these kinds (repeatable; default all).")
+    @click.pass_context
+    def events(ctx: click.Context, as_json: bool, kinds: tuple[str, ...]) -> None:
+        """Follow the hive's events live (Ctrl-C to stop)."""
+        def render(item: dict[str, Any]) -> None:
+            if "event" in item:
+                console.print(json.dumps(item["event"], ensure_ascii=False), markup=False, highlight=False)
+        fields: dict[str, Any] = {"kinds": list(kinds)} if kinds else {}
+        stream(host_sock(ctx), "subscribe", as_json, render, **fields)
+
+
+def _status_table(rows: list[dict[str, Any]]) -> None:
+    table("agents", ["name", "state", "paused", "parent", "reminders", "status", "since"], (
+        [a["name"], _state(a), _yn(a.get("paused", False)), a.get("parent"), a.get("pending_reminders") or "",
+         a.get("status_text"), when(a.get("status_set_at"))]
+        for a in rows
+    ))

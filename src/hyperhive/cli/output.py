@@ -1,0 +1,94 @@
+"""How the CLI prints: rich tables for people, ``--json`` for scripts, one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from hyperhive.client import Client, HiveUnavailable
+
+console = Console()
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def json_option(fn: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="Print the raw JSON response.")(fn)
+
+
+def fail(message: str) -> None:
+    click.echo(f"hive: {message}", err=True)
+    raise SystemExit(1)
+
+
+def request(path: Path, cmd: str, as_json: bool, **fields: Any) -> dict[str, Any]:
+    """One request; on refusal print the one-line reason (or the JSON) and exit 1."""
+    try:
+        with Client(path) as c:
+            resp = c.call(cmd, **{k: v for k, v in fields.items() if v is not None})
+    except HiveUnavailable as e:
+        fail(str(e))
+    except (ConnectionError, TimeoutError) as e:
+        fail(f"{path}: {e}")
+    if as_json:
+        click.echo(json.dumps(resp, indent=2, ensure_ascii=False))
+        if not resp.get("ok"):
+            raise SystemExit(1)
+    elif not resp.get("ok"):
+        fail(f"error: {resp.get('error')}")
+    return resp
+
+
+def stream(path: Path, cmd: str, as_json: bool, render: Callable[[dict[str, Any]], None], **fields: Any) -> None:
+    try:
+        with Client(path, timeout=None) as c:
+            for item in c.stream(cmd, **fields):
+                if as_json:
+                    click.echo(json.dumps(item, ensure_ascii=False), nl=True)
+                    sys.stdout.flush()
+                elif not item.get("ok"):
+                    fail(f"error: {item.get('error')}")
+                else:
+                    render(item)
+    except HiveUnavailable as e:
+        fail(str(e))
+    except ConnectionError:
+        fail(f"{path}: the hive closed the stream")
+    except KeyboardInterrupt:
+        pass
+
+
+def when(ts: float | None) -> str:
+    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+    t = Table(title=title, title_justify="left")
+    for col in columns:
+        t.add_column(col, overflow="fold")
+    count = 0
+    for row in rows:
+        # Text(), not str: agent-written strings must never be read as rich markup.
+        t.add_row(*(Text("" if v is None else str(v)) for v in row))
+        count += 1
+    if count == 0:
+        console.print(f"{title}: none")
+    else:
+        console.print(t)
+
+
+def print_messages(messages: list[dict[str, Any]], title: str = "messages") -> None:
+    table(
+        title,
+        ["id", "from", "kind", "ref", "sent", "body"],
+        ([m["id"], m["from"], m["kind"], m.get("ref"), when(m["sent_at"]), m["body"]] for m in messages),
+    )
