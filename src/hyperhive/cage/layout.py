@@ -1,0 +1,19 @@
+"""Paths as a cage sees them. Shared by hive-priv (which builds the cage) and
+the code that runs inside it."""
+
+CAGE_PYTHON = "/usr/bin/python3.11"  # Debian's: nothing of the host's /root or venv paths is visible
+HIVE_SRC = "/opt/hive/src"
+HIVE_SITE = "/opt/hive/site"
+HOME = "/home/agent"
+SOCKET_DIR = "/run/hive"
+AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
+PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def python_argv(*args: str) -> list[str]:
+    """Run ``python -m hyperhive.cage ARGS`` inside a cage, isolated from any environment."""
+    boot = (
+        f"import sys; sys.path[:0] = [{HIVE_SRC!r}, {HIVE_SITE!r}]; "
+        "from hyperhive.cage.__main__ import main; main()"
+    )
+    return [CAGE_PYTHON, "-I", "-c", boot, *args]

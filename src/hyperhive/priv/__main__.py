@@ -1,0 +1,44 @@
+"""``hive-priv``: socket-activated only (fd 3, LISTEN_FDS=1, LISTEN_PID)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RunDir, StateDir
+from hyperhive.priv.activation import NotActivated, inherited_listener
+from hyperhive.priv.cages import Cages
+from hyperhive.priv.server import PrivServer, _ids_of
+
+
+@click.command(help="The hive's root helper. Started by hive-priv.socket (systemd) or `hive up`; never by hand.")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True)
+@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
+@click.option("--core-user", default="hive-core", show_default=True, help="The user (and group) hive-core runs as.")
+def main(run_dir: Path, state_dir: Path, core_user: str) -> None:
+    logging.basicConfig(level=os.environ.get("HIVE_LOG_LEVEL", "INFO").upper(),
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        listener = inherited_listener()
+    except NotActivated as e:
+        print(f"hive-priv: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if os.geteuid() != 0:
+        print("hive-priv: must run as root", file=sys.stderr)
+        raise SystemExit(1)
+    core_uid, _ = _ids_of(core_user)
+    cages = Cages(RunDir(run_dir), StateDir(state_dir), core_uid=core_uid if core_uid is not None else 0)
+    server = PrivServer(listener, cages, core_user)
+    print("hive-priv: ready", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

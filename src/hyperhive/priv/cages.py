@@ -1,0 +1,285 @@
+"""Cages: bubblewrap sandboxes started and found again by hive-priv (root).
+
+Every path here is derived from a validated agent name and hive-priv's own
+``--run-dir`` / ``--state-dir``; nothing in a request is ever used as a path.
+A cage is found again after a restart of hive-priv or hive-core through its
+cgroup (the processes in it) and the info file written when it started.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hyperhive
+from hyperhive.cage import layout
+from hyperhive.names import check_name
+from hyperhive.paths import RunDir, StateDir
+from hyperhive.priv.cgroups import Cgroup
+from hyperhive.priv.ids import AgentIds, IdAllocator
+
+log = logging.getLogger("hive.priv")
+
+START_TIMEOUT = 10.0
+# Read-only from the host's /etc: only what programs need to run. No shadow, no
+# host accounts (the cage gets its own passwd/group), no resolv.conf (no DNS).
+ETC_ALLOW = (
+    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl", "ca-certificates",
+    "ca-certificates.conf", "localtime", "nsswitch.conf", "protocols", "services", "mime.types",
+    "python3", "python3.11", "login.defs", "profile", "bash.bashrc", "inputrc", "terminfo",
+)
+# Merged-/usr hosts have these as symlinks into /usr; others get read-only binds.
+TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+
+
+class CageError(Exception):
+    """A refusal or failure, one line."""
+
+
+@dataclass(frozen=True)
+class HiveCode:
+    """Where the hive's own code is on the host, mounted read-only into every cage."""
+
+    src: Path
+    site: Path
+
+    @classmethod
+    def of_this_install(cls) -> HiveCode:
+        return cls(
+            src=Path(hyperhive.__file__).resolve().parent.parent,
+            site=Path(sysconfig.get_paths()["purelib"]).resolve(),
+        )
+
+
+class Cages:
+    def __init__(self, run_dir: RunDir, state_dir: StateDir, core_uid: int, code: HiveCode | None = None) -> None:
+        self.run_dir = run_dir
+        self.state_dir = state_dir
+        self.core_uid = core_uid
+        self.code = code or HiveCode.of_this_install()
+        self.priv_dir = state_dir.root / "priv"
+        self.priv_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.priv_dir, 0o700)
+        self.ids = IdAllocator(self.priv_dir / "ids.json")
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    def lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(check_name(name), threading.Lock())
+
+    # -- derived paths ---------------------------------------------------------------
+
+    def _cage_dir(self, name: str) -> Path:
+        return self.priv_dir / "cages" / check_name(name)
+
+    def _agent_state(self, name: str) -> Path:
+        return self.state_dir.root / "agents" / check_name(name)
+
+    # -- verbs -------------------------------------------------------------------
+
+    def prepare(self, name: str) -> AgentIds:
+        """Allocate ids; create the home (runtime's, 0700) and the socket directory
+        (the core's, group = the agent's, setgid so sockets inherit the group)."""
+        ids = self.ids.allocate(name)
+        agents = self.state_dir.root / "agents"
+        agents.mkdir(parents=True, exist_ok=True)
+        os.chmod(agents, 0o711)
+        state = self._agent_state(name)
+        state.mkdir(exist_ok=True)
+        os.chown(state, 0, 0)
+        os.chmod(state, 0o711)
+        home = self.state_dir.agent_home(name)
+        home.mkdir(exist_ok=True)
+        os.chown(home, ids.uid, ids.gid)
+        os.chmod(home, 0o700)
+
+        self.run_dir.agents.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir.agents, 0o711)
+        sock_dir = self.run_dir.agent_dir(name)
+        sock_dir.mkdir(exist_ok=True)
+        os.chown(sock_dir, self.core_uid, ids.gid)
+        os.chmod(sock_dir, 0o2750)
+
+        cage_dir = self._cage_dir(name)
+        cage_dir.mkdir(parents=True, exist_ok=True)
+        (cage_dir / "passwd").write_text(
+            f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+            f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
+            f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
+            f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        )
+        (cage_dir / "group").write_text(f"root:x:0:\nagent:x:{ids.gid}:\nnogroup:x:65534:\n")
+        (cage_dir / "hosts").write_text(f"127.0.0.1 localhost {name}\n::1 localhost\n")
+        for f in ("passwd", "group", "hosts"):
+            os.chmod(cage_dir / f, 0o644)
+        return ids
+
+    def _info_file(self, name: str) -> Path:
+        return self._cage_dir(name) / "info.json"
+
+    def info(self, name: str) -> dict[str, int] | None:
+        try:
+            return json.loads(self._info_file(name).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def running(self, name: str) -> bool:
+        return bool(Cgroup(name).pids())
+
+    def start(self, name: str, memory_mib: int, pids_max: int) -> tuple[int, bool]:
+        """Start the cage unless it runs. Returns (pid of the cage's init, started now)."""
+        ids = self.prepare(name)
+        cgroup = Cgroup(name)
+        info = self.info(name)
+        if cgroup.pids():
+            return (info or {}).get("child_pid", 0), False
+        cgroup.create(memory_mib, pids_max)
+        log_path = self._cage_dir(name) / "cage.log"
+        read_fd, write_fd = os.pipe()
+        argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd)]
+        with open(log_path, "ab") as log_file:
+            # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+                pass_fds=(write_fd,), preexec_fn=cgroup.join, close_fds=True,
+            )
+        os.close(write_fd)
+        try:
+            proc.wait(timeout=START_TIMEOUT)
+            data = _read_all(read_fd, START_TIMEOUT)
+        finally:
+            os.close(read_fd)
+        try:
+            child_pid = int(json.loads(data)["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise CageError(f"cage {name} failed to start: {tail[0]}") from None
+        if not cgroup.pids():
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise CageError(f"cage {name} exited at once: {tail[0]}")
+        self._info_file(name).write_text(json.dumps({"child_pid": child_pid, "started_at": time.time()}))
+        log.info("cage %s started (init pid %d, uid %d, harness uid %d)", name, child_pid, ids.uid, ids.harness_uid)
+        return child_pid, True
+
+    def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int) -> list[str]:
+        cage_dir = self._cage_dir(name)
+        a = [
+            "bwrap",
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--new-session",
+            "--hostname", name,
+            "--ro-bind", "/usr", "/usr",
+        ]
+        for top in TOP_LEVEL:
+            p = Path("/") / top
+            if p.is_symlink():
+                a += ["--symlink", os.readlink(p), str(p)]
+            elif p.is_dir():
+                a += ["--ro-bind", str(p), str(p)]
+        a += ["--perms", "0755", "--dir", "/etc"]
+        for entry in ETC_ALLOW:
+            p = Path("/etc") / entry
+            if p.exists():
+                a += ["--ro-bind", str(p), str(p)]
+        for f in ("passwd", "group", "hosts"):
+            a += ["--ro-bind", str(cage_dir / f), f"/etc/{f}"]
+        a += [
+            "--proc", "/proc",
+            "--dev", "/dev",
+            "--perms", "1777", "--size", str(256 * 1024 * 1024), "--tmpfs", "/tmp",
+            "--perms", "0755", "--dir", "/run",
+            "--perms", "0755", "--dir", "/home",
+            "--ro-bind", str(self.run_dir.agent_dir(name)), layout.SOCKET_DIR,
+            "--bind", str(self.state_dir.agent_home(name)), layout.HOME,
+            "--perms", "0755", "--dir", "/opt",
+            "--perms", "0755", "--dir", "/opt/hive",
+            "--ro-bind", str(self.code.src), layout.HIVE_SRC,
+        ]
+        if self.code.site != self.code.src:
+            a += ["--ro-bind", str(self.code.site), layout.HIVE_SITE]
+        a += [
+            "--chdir", "/",  # init has no CAP_DAC_OVERRIDE to enter the runtime's 0700 home
+            "--clearenv",
+            "--setenv", "PATH", layout.PATH,
+            "--setenv", "HOME", layout.HOME,
+            "--setenv", "USER", "agent",
+            "--setenv", "LANG", "C.UTF-8",
+            "--setenv", "HIVE_AGENT", name,
+            "--setenv", "HIVE_SOCKET", layout.AGENT_SOCKET,
+            # The cage's init keeps only what it needs to drop to the agent's uids.
+            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
+            "--info-fd", str(info_fd),
+            "--",
+            *layout.python_argv(
+                "init", "--uid", str(ids.uid), "--gid", str(ids.gid), "--harness-uid", str(ids.harness_uid)
+            ),
+        ]
+        return a
+
+    def stop(self, name: str, timeout: float) -> bool:
+        cgroup = Cgroup(name)
+        was_running = bool(cgroup.pids())
+        if not cgroup.kill_all(timeout):
+            raise CageError(f"cage {name}: processes survived SIGKILL")
+        self._info_file(name).unlink(missing_ok=True)
+        if was_running:
+            log.info("cage %s stopped", name)
+        return was_running
+
+    def destroy(self, name: str) -> None:
+        self.stop(name, timeout=2.0)
+        Cgroup(name).remove()
+        shutil.rmtree(self._agent_state(name), ignore_errors=True)
+        shutil.rmtree(self.run_dir.agent_dir(name), ignore_errors=True)
+        shutil.rmtree(self._cage_dir(name), ignore_errors=True)
+        self.ids.release(name)
+        log.info("cage %s destroyed", name)
+
+    def exec_argv(self, name: str, argv: list[str], env: dict[str, str]) -> list[str]:
+        """nsenter into the cage's namespaces, then become the agent, with no way back."""
+        ids = self.ids.get(name)
+        info = self.info(name)
+        cgroup = Cgroup(name)
+        if ids is None or info is None or info.get("child_pid") not in cgroup.pids():
+            raise CageError(f"cage {name} is not running")
+        base_env = {
+            "PATH": layout.PATH, "HOME": layout.HOME, "USER": "agent", "LANG": "C.UTF-8",
+            "HIVE_AGENT": name, "HIVE_SOCKET": layout.AGENT_SOCKET,
+        }
+        base_env.update(env)
+        return [
+            "nsenter", "--target", str(info["child_pid"]),
+            "--mount", "--uts", "--ipc", "--net", "--pid", "--root", f"--wdns={layout.HOME}",
+            "/usr/bin/setpriv", "--reuid", str(ids.uid), "--regid", str(ids.gid), "--clear-groups",
+            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
+            "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base_env.items()), *argv,
+        ]
+
+    def cgroup(self, name: str) -> Cgroup:
+        return Cgroup(name)
+
+
+def _read_all(fd: int, timeout: float) -> bytes:
+    chunks, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        if b"}" in chunk:
+            break
+    return b"".join(chunks)
+

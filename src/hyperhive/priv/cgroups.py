@@ -1,0 +1,102 @@
+"""Per-cage pids and memory limits: cgroup v2 where the host has it, v1 (the
+``pids`` and ``memory`` controllers) where that is what it has."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from hyperhive.names import check_name
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+GROUP = "hive"
+
+
+def is_v2(root: Path = CGROUP_ROOT) -> bool:
+    return (root / "cgroup.controllers").exists()
+
+
+class Cgroup:
+    """The cgroup(s) of one cage."""
+
+    def __init__(self, name: str, root: Path = CGROUP_ROOT) -> None:
+        self.name = check_name(name)
+        self.v2 = is_v2(root)
+        if self.v2:
+            self.dirs = [root / GROUP / self.name]
+        else:
+            self.dirs = [root / "pids" / GROUP / self.name, root / "memory" / GROUP / self.name]
+
+    def create(self, memory_mib: int, pids_max: int) -> None:
+        if self.v2:
+            parent = self.dirs[0].parent
+            parent.mkdir(exist_ok=True)
+            # Delegate the controllers we limit to the hive's subtree.
+            (parent.parent / "cgroup.subtree_control").write_text("+pids +memory")
+            parent.joinpath("cgroup.subtree_control").write_text("+pids +memory")
+            self.dirs[0].mkdir(exist_ok=True)
+            (self.dirs[0] / "pids.max").write_text(str(pids_max))
+            (self.dirs[0] / "memory.max").write_text(str(memory_mib * 1024 * 1024))
+            swap = self.dirs[0] / "memory.swap.max"
+            if swap.exists():
+                swap.write_text("0")
+            return
+        pids, memory = self.dirs
+        for d in (pids, memory):
+            d.parent.mkdir(exist_ok=True)
+            d.mkdir(exist_ok=True)
+        (pids / "pids.max").write_text(str(pids_max))
+        limit = str(memory_mib * 1024 * 1024)
+        (memory / "memory.limit_in_bytes").write_text(limit)
+        memsw = memory / "memory.memsw.limit_in_bytes"
+        if memsw.exists():
+            try:
+                memsw.write_text(limit)  # no swapping around the limit
+            except OSError:
+                pass
+
+    def join(self, pid: int = 0) -> None:
+        """Move ``pid`` (0: the calling process) into every cgroup of this cage."""
+        pid = pid or os.getpid()
+        for d in self.dirs:
+            (d / "cgroup.procs").write_text(str(pid))
+
+    def pids(self) -> list[int]:
+        out: set[int] = set()
+        for d in self.dirs:
+            try:
+                out.update(int(p) for p in (d / "cgroup.procs").read_text().split())
+            except FileNotFoundError:
+                pass
+        return sorted(out)
+
+    def kill_all(self, timeout: float) -> bool:
+        """SIGTERM everything in the cage, then SIGKILL what is left. True if empty."""
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if not self.pids():
+                return True
+        return not self.pids()
+
+    def remove(self) -> None:
+        for d in self.dirs:
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+
+    def memory_usage(self) -> int | None:
+        f = self.dirs[-1] / ("memory.current" if self.v2 else "memory.usage_in_bytes")
+        try:
+            return int(f.read_text())
+        except (FileNotFoundError, ValueError):
+            return None

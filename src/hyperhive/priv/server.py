@@ -1,0 +1,162 @@
+"""hive-priv's accept loop: one thread per connection, each request checked
+against the verb table (caller, arguments, file descriptors) before anything runs."""
+
+from __future__ import annotations
+
+import array
+import grp
+import json
+import logging
+import pwd
+import socket
+import threading
+from typing import Any
+
+from pydantic import ValidationError
+
+from hyperhive.core.peercred import PeerCred, peer_cred
+from hyperhive.priv.cages import CageError, Cages
+from hyperhive.priv.verbs import CORE, ROOT, VERBS, Request
+from hyperhive.wire.framing import MAX_LINE, WireError, describe_validation_error, dump_line, error, parse_line
+from hyperhive.wire.priv import priv_request
+
+log = logging.getLogger("hive.priv")
+MAX_FDS = 3
+
+
+class PrivServer:
+    def __init__(self, listener: socket.socket, cages: Cages, core_user: str) -> None:
+        self.listener = listener
+        self.cages = cages
+        self.core_uid, self.core_gid = _ids_of(core_user)
+
+    def caller_class(self, cred: PeerCred) -> str | None:
+        if cred.uid == 0:
+            return ROOT
+        if self.core_uid is not None and cred.uid == self.core_uid:
+            return CORE
+        if self.core_gid is not None and cred.gid == self.core_gid:
+            return CORE
+        return None
+
+    def serve_forever(self) -> None:
+        while True:
+            conn, _ = self.listener.accept()
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            cred = peer_cred(conn)
+            caller = self.caller_class(cred)
+            if caller is None:
+                log.warning("refused uid %d gid %d pid %d: not root or hive-core", cred.uid, cred.gid, cred.pid)
+                _send(conn, error(f"permission denied: uid {cred.uid} may not use priv.sock"))
+                return
+            buf = b""
+            while True:
+                line, buf, fds, closed = _read_line(conn, buf)
+                if line is None:
+                    if closed and buf:
+                        _send(conn, error(f"line exceeds {MAX_LINE} bytes"))
+                    return
+                reply = self.handle(line, fds, caller, cred)
+                _send(conn, reply)
+
+    def handle(self, line: bytes, fds: list[int], caller: str, cred: PeerCred) -> dict[str, Any]:
+        keep_fds = False
+        try:
+            try:
+                obj = parse_line(line)
+                req = priv_request.validate_python(obj)
+            except WireError as e:
+                return error(str(e))
+            except ValidationError as e:
+                return error(describe_validation_error(e))
+            verb = VERBS[req.cmd]
+            if caller not in verb.callers:
+                log.warning("refused %s from uid %d: %s may not call it", req.cmd, cred.uid, caller)
+                return error(f"permission denied: {req.cmd} is not allowed for {caller}")
+            if len(fds) != verb.takes_fds:
+                return error(f"{req.cmd} takes {verb.takes_fds} file descriptors, got {len(fds)}")
+            keep_fds = True  # the handler owns (and closes) them now
+            try:
+                reply = verb.handler(self.cages, req, Request(req, caller, fds))
+            except (CageError, OSError) as e:
+                log.error("%s %s failed: %s", req.cmd, getattr(req, "name", ""), e)
+                return error(str(e))
+            log.info("%s %s by %s (uid %d pid %d): ok", req.cmd, getattr(req, "name", ""), caller, cred.uid, cred.pid)
+            return reply
+        finally:
+            if not keep_fds:
+                for fd in fds:
+                    _close(fd)
+
+
+def _ids_of(user: str) -> tuple[int | None, int | None]:
+    try:
+        pw = pwd.getpwnam(user)
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        try:
+            return None, grp.getgrnam(user).gr_gid
+        except KeyError:
+            return None, None
+
+
+def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
+    try:
+        conn.sendall(dump_line(obj))
+    except OSError:
+        pass
+
+
+def _close(fd: int) -> None:
+    import os
+
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _read_line(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes, list[int], bool]:
+    """Read one line, collecting any SCM_RIGHTS fds that came with it."""
+    fds: list[int] = []
+    while b"\n" not in buf:
+        if len(buf) > MAX_LINE:
+            for fd in fds:
+                _close(fd)
+            return None, buf, [], True
+        try:
+            data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+        except OSError:
+            data, ancdata = b"", []
+        for level, kind, payload in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                arr = array.array("i")
+                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+                fds.extend(arr.tolist())
+        if not data:
+            for fd in fds:
+                _close(fd)
+            return None, b"", [], False
+        buf += data
+    line, _, rest = buf.partition(b"\n")
+    return line, rest, fds, False
+
+
+def client_call(path: str, request: dict[str, Any], fds: list[int] | None = None, timeout: float | None = 60) -> dict[str, Any]:
+    """Send one request to priv.sock (with fds, for exec) and return the reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        data = json.dumps(request).encode() + b"\n"
+        if fds:
+            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            s.sendall(data)
+        with s.makefile("rb") as f:
+            line = f.readline()
+    if not line:
+        raise ConnectionError(f"{path}: hive-priv closed the connection")
+    return json.loads(line)

@@ -1,0 +1,119 @@
+"""The table of root verbs. Each entry: the request model (its own argument
+checks), who may call it, and the handler. Nothing else runs as root.
+
+Callers: ``ROOT`` is uid 0 (the launcher, the operator's ``hive exec``);
+``CORE`` is hive-core (its uid or its gid). Read it like OpenSSH's monitor table.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel
+
+from hyperhive.priv.cages import Cages, CageError
+from hyperhive.wire import priv as w
+from hyperhive.wire.framing import ok
+
+ROOT = "root"
+CORE = "core"
+
+
+@dataclass(frozen=True)
+class Request:
+    model: BaseModel
+    caller: str
+    fds: list[int]
+
+
+@dataclass(frozen=True)
+class Verb:
+    model: type[BaseModel]
+    callers: frozenset[str]
+    handler: Callable[[Cages, Any, Request], dict[str, Any]]
+    takes_fds: int = 0
+
+
+def prepare(cages: Cages, req: w.Prepare, r: Request) -> dict[str, Any]:
+    with cages.lock(req.name):
+        ids = cages.prepare(req.name)
+    return ok(uid=ids.uid, gid=ids.gid, harness_uid=ids.harness_uid)
+
+
+def start(cages: Cages, req: w.StartCage, r: Request) -> dict[str, Any]:
+    with cages.lock(req.name):
+        pid, started = cages.start(req.name, req.memory_mib, req.pids_max)
+        ids = cages.ids.get(req.name)
+    assert ids is not None
+    return ok(pid=pid, started=started, uid=ids.uid, gid=ids.gid, harness_uid=ids.harness_uid)
+
+
+def stop(cages: Cages, req: w.StopCage, r: Request) -> dict[str, Any]:
+    with cages.lock(req.name):
+        return ok(was_running=cages.stop(req.name, req.timeout))
+
+
+def destroy(cages: Cages, req: w.DestroyCage, r: Request) -> dict[str, Any]:
+    with cages.lock(req.name):
+        cages.destroy(req.name)
+    return ok()
+
+
+def status(cages: Cages, req: w.CageStatus, r: Request) -> dict[str, Any]:
+    names = req.names if req.names is not None else sorted(cages.ids.all())
+    out = {}
+    for name in names:
+        ids = cages.ids.get(name)
+        info = cages.info(name) or {}
+        cg = cages.cgroup(name)
+        out[name] = {
+            "running": bool(cg.pids()),
+            **({"pid": info["child_pid"]} if "child_pid" in info else {}),
+            **({"uid": ids.uid, "gid": ids.gid, "harness_uid": ids.harness_uid} if ids else {}),
+            **({"memory_bytes": m} if (m := cg.memory_usage()) is not None else {}),
+        }
+    return ok(cages=out)
+
+
+def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
+    """Run argv in the cage as the agent, on the caller's stdin/stdout/stderr."""
+    argv = cages.exec_argv(req.name, req.argv, req.env)
+    stdin, stdout, stderr = r.fds
+    cgroup = cages.cgroup(req.name)
+    proc = subprocess.Popen(
+        argv, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
+        start_new_session=True,  # no controlling tty: nothing can be pushed into the operator's terminal
+        preexec_fn=cgroup.join,  # the agent's limits apply from the first instruction
+    )
+    for fd in r.fds:
+        os.close(fd)
+    code = proc.wait()
+    return ok(exit_status=code if code >= 0 else 128 - code)
+
+
+def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> dict[str, Any]:
+    pid_file = cages.state_dir.root / "gateway" / "nginx.pid"
+    try:
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        raise CageError("the gateway is not running") from None
+    return ok()
+
+
+VERBS: dict[str, Verb] = {
+    "prepare": Verb(w.Prepare, frozenset({ROOT, CORE}), prepare),
+    "start": Verb(w.StartCage, frozenset({ROOT, CORE}), start),
+    "stop": Verb(w.StopCage, frozenset({ROOT, CORE}), stop),
+    "destroy": Verb(w.DestroyCage, frozenset({ROOT, CORE}), destroy),
+    "status": Verb(w.CageStatus, frozenset({ROOT, CORE}), status),
+    # Only the operator, as root: hive-core never needs a shell in a cage.
+    "exec": Verb(w.Exec, frozenset({ROOT}), exec_, takes_fds=3),
+    "reload_gateway": Verb(w.ReloadGateway, frozenset({ROOT, CORE}), reload_gateway),
+}
+assert {v.model for v in VERBS.values()} == set(w.PRIV_MODELS)

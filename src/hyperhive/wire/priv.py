@@ -1,0 +1,69 @@
+"""``priv.sock`` requests: the short table of root verbs hive-priv serves.
+
+Requests carry agent names, never paths: hive-priv derives every path itself.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import Field, TypeAdapter
+
+from hyperhive.wire.common import AgentName, Strict
+
+MemoryMiB = Annotated[int, Field(ge=32, le=16384)]
+PidsMax = Annotated[int, Field(ge=16, le=8192)]
+Arg = Annotated[str, Field(max_length=65536)]
+
+
+class Prepare(Strict):
+    """Allocate the agent's ids (stable) and create its home and socket directory."""
+
+    cmd: Literal["prepare"]
+    name: AgentName
+
+
+class StartCage(Strict):
+    cmd: Literal["start"]
+    name: AgentName
+    memory_mib: MemoryMiB = 512
+    pids_max: PidsMax = 256
+
+
+class StopCage(Strict):
+    cmd: Literal["stop"]
+    name: AgentName
+    timeout: Annotated[float, Field(ge=0, le=60)] = 5.0
+
+
+class DestroyCage(Strict):
+    cmd: Literal["destroy"]
+    name: AgentName
+
+
+class CageStatus(Strict):
+    cmd: Literal["status"]
+    names: list[AgentName] | None = Field(default=None, max_length=10_000)
+
+
+class Exec(Strict):
+    """Run argv in the cage as the agent; stdin/stdout/stderr arrive as SCM_RIGHTS fds."""
+
+    cmd: Literal["exec"]
+    name: AgentName
+    argv: list[Arg] = Field(min_length=1, max_length=4096)
+    env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], Arg] = Field(
+        default_factory=dict, max_length=256
+    )
+
+
+class ReloadGateway(Strict):
+    cmd: Literal["reload_gateway"]
+
+
+PRIV_MODELS = (Prepare, StartCage, StopCage, DestroyCage, CageStatus, Exec, ReloadGateway)
+PrivRequest = Annotated[
+    Union[Prepare, StartCage, StopCage, DestroyCage, CageStatus, Exec, ReloadGateway],
+    Field(discriminator="cmd"),
+]
+priv_request = TypeAdapter(PrivRequest)
