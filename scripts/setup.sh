@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the hive uses (cages, gateway, egress, browser tests).
-APT_PACKAGES=(bubblewrap)
+APT_PACKAGES=(bubblewrap python3.11 util-linux)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -22,12 +22,17 @@ if ((${#missing[@]})); then
     apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-PYTHON=${PYTHON:-python3.11}
+# Debian's interpreter, not one under /root: hive-core runs as its own user and
+# the cages run /usr/bin/python3.11, so the venv must be readable by them.
+PYTHON=/usr/bin/python3.11
 if ! command -v uv >/dev/null 2>&1; then
     echo "setup: installing uv"
-    "$PYTHON" -m pip install -q uv
+    python3 -m pip install -q uv 2>/dev/null || "$PYTHON" -m pip install -q --break-system-packages uv
 fi
-UV=$(command -v uv || echo "$("$PYTHON" -m site --user-base)/bin/uv")
+UV=$(command -v uv)
 export UV_PYTHON_DOWNLOADS=never
+if [[ -x .venv/bin/python ]] && [[ "$(readlink -f .venv/bin/python)" != "$(readlink -f "$PYTHON")" ]]; then
+    rm -rf .venv  # made with another interpreter
+fi
 "$UV" sync --frozen --python "$PYTHON" -q
 echo "setup: ready ($(.venv/bin/hive --version))"

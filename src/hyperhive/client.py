@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import json
 import socket
 from collections.abc import Iterator
@@ -60,3 +61,20 @@ class Client:
 def call(path: Path | str, cmd: str, **fields: Any) -> dict[str, Any]:
     with Client(path) as c:
         return c.call(cmd, **fields)
+
+
+def priv_call(path: str, request: dict[str, Any], fds: list[int] | None = None, timeout: float | None = 60) -> dict[str, Any]:
+    """Send one request to priv.sock (with fds, for exec) and return the reply."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        data = json.dumps(request).encode() + b"\n"
+        if fds:
+            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        else:
+            s.sendall(data)
+        with s.makefile("rb") as f:
+            line = f.readline()
+    if not line:
+        raise ConnectionError(f"{path}: hive-priv closed the connection")
+    return json.loads(line)

@@ -7,15 +7,19 @@ from __future__ import annotations
 import asyncio
 import grp
 import logging
+import pwd
+import socket
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
+from hyperhive.client import priv_call
 from hyperhive.config import ConfigError, load_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 
@@ -35,19 +39,36 @@ def ensure_group(name: str) -> None:
         log.info("created group %s", name)
 
 
+CORE_USER = "hive-core"
+
+
+def ensure_user(name: str) -> None:
+    """Create a system user with its own group, no home, no shell (idempotent)."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+             "--shell", "/usr/sbin/nologin", name],
+            check=True, capture_output=True,
+        )
+        log.info("created user %s", name)
+
+
 class Supervised:
     """One child process, restarted with backoff if it dies while the hive runs."""
 
-    def __init__(self, name: str, argv: list[str], ready_prefix: str) -> None:
+    def __init__(self, name: str, argv: list[str], ready_prefix: str, **popen: Any) -> None:
         self.name = name
         self.argv = argv
         self.ready_prefix = ready_prefix
+        self.popen = popen
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL
+            *self.argv, stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL, **self.popen
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT
@@ -69,21 +90,23 @@ class Supervised:
         while await stream.readline():
             pass
 
+    async def exited(self) -> int:
+        assert self.proc is not None
+        return await self.proc.wait()
+
     async def supervise(self) -> None:
         backoff = 0.5
         while not self.stopping:
-            assert self.proc is not None
-            code = await self.proc.wait()
+            code = await self.exited()
             if self.stopping:
                 return
             log.error("%s exited with status %s; restarting in %.1f s", self.name, code, backoff)
-            print(f"hive: {self.name} exited with status {code}; restarting", file=sys.stderr, flush=True)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             try:
                 await self.start()
                 backoff = 0.5
-                print(f"hive: {self.name} is back", file=sys.stderr, flush=True)
+                log.info("%s is back", self.name)
             except RuntimeError as e:
                 log.error("%s", e)
 
@@ -100,17 +123,109 @@ class Supervised:
             await self.proc.wait()
 
 
+class SocketActivated(Supervised):
+    """hive-priv, the way systemd runs it: we hold the listening socket; the
+    service gets it as fd 3. When the service exits, the socket stays open and the
+    next connection starts it again."""
+
+    def __init__(self, name: str, argv: list[str], listener: socket.socket) -> None:
+        self.listener = listener
+        activate = [sys.executable, "-m", "hyperhive.cli.socket_activate", str(listener.fileno()), "--"]
+        super().__init__(name, activate + argv, "hive-priv: ready", pass_fds=(listener.fileno(),))
+
+    async def supervise(self) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stopping:
+            code = await self.exited()
+            if self.stopping:
+                return
+            log.warning("%s exited with status %s; it starts again on the next connection", self.name, code)
+            pending = loop.create_future()
+            loop.add_reader(self.listener.fileno(), lambda: pending.done() or pending.set_result(None))
+            try:
+                await pending
+            finally:
+                loop.remove_reader(self.listener.fileno())
+            if self.stopping:
+                return
+            try:
+                await self.start()
+                log.info("%s activated by a connection", self.name)
+            except RuntimeError as e:
+                log.error("%s", e)
+                await asyncio.sleep(1.0)
+
+
+def bind_priv_socket(path: Path, group: str) -> socket.socket:
+    """priv.sock exactly as hive-priv.socket makes it: root:hive-core 0660."""
+    if path.is_socket() or path.exists():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chown(path, 0, grp.getgrnam(group).gr_gid)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+def prepare_dirs(state_dir: Path, run_dir: Path) -> None:
+    core = pwd.getpwnam(CORE_USER)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(state_dir, core.pw_uid, core.pw_gid)
+    os.chmod(state_dir, 0o750)
+    # Sockets only. hive-core creates its own there; sticky, so it can't remove priv.sock.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(run_dir, 0, core.pw_gid)
+    os.chmod(run_dir, 0o1775)
+    agents = run_dir / "agents"
+    agents.mkdir(exist_ok=True)
+    os.chown(agents, 0, 0)
+    os.chmod(agents, 0o711)
+
+
+async def stop_all_cages(priv_sock: Path) -> None:
+    try:
+        status = await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "status"})
+        for name, cage in status.get("cages", {}).items():
+            if cage.get("running"):
+                await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "stop", "name": name})
+                log.info("cage %s stopped", name)
+    except (OSError, ValueError) as e:
+        log.error("could not stop the cages: %s", e)
+
+
 async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
+    ensure_group(ADMIN_GROUP)
+    ensure_user(CORE_USER)
+    prepare_dirs(state_dir, run_dir)
+    priv_sock = run_dir / "priv.sock"
+    listener = bind_priv_socket(priv_sock, CORE_USER)
+    priv = SocketActivated(
+        "hive-priv",
+        [sys.executable, "-m", "hyperhive.priv", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
+         "--core-user", CORE_USER],
+        listener,
+    )
     argv = [sys.executable, "-m", "hyperhive.core", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-            "--listen", listen]
+            "--listen", listen, "--priv-sock", str(priv_sock)]
     if config is not None:
         argv += ["--config", str(config)]
-    core = Supervised("hive-core", argv, "hive-core: ready")
-    print(f"hive: starting hive-core (state {state_dir}, sockets {run_dir})", flush=True)
+    core = Supervised(
+        "hive-core", argv, "hive-core: ready",
+        user=CORE_USER, group=CORE_USER, extra_groups=[ADMIN_GROUP],  # to give host.sock its group
+    )
+    print(f"hive: starting (state {state_dir}, sockets {run_dir})", flush=True)
     try:
+        await priv.start()
         await core.start()
     except RuntimeError as e:
         print(f"hive: {e}", file=sys.stderr)
+        await core.stop()
+        await priv.stop()
         return 1
     print(f"hive: ready; operator socket {run_dir / 'host.sock'}; try: hive --run-dir {run_dir} status", flush=True)
 
@@ -118,11 +233,16 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    watcher = asyncio.ensure_future(core.supervise())
+    watchers = [asyncio.ensure_future(core.supervise()), asyncio.ensure_future(priv.supervise())]
     await stop.wait()
     print("hive: stopping", flush=True)
     await core.stop()
-    watcher.cancel()
+    await stop_all_cages(priv_sock)
+    await priv.stop()
+    for w in watchers:
+        w.cancel()
+    listener.close()
+    priv_sock.unlink(missing_ok=True)
     print("hive: stopped", flush=True)
     return 0
 
@@ -141,6 +261,7 @@ def up(ctx: click.Context, config: Path | None, state_dir: Path, up_run_dir: Pat
         cfg = load_config(config, listen)
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
-    if os.geteuid() == 0:
-        ensure_group(ADMIN_GROUP)
+    if os.geteuid() != 0:
+        raise click.ClickException("hive up must run as root: like systemd, it creates users, binds priv.sock "
+                                   "and starts hive-priv; hive-core itself runs as user hive-core")
     raise SystemExit(asyncio.run(run_hive(config, state_dir.absolute(), Path(run_dir).absolute(), cfg.hive.listen)))

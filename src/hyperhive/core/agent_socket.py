@@ -19,7 +19,8 @@ from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
 from hyperhive.paths import RunDir
 from hyperhive.wire import agent as w
-from hyperhive.wire.framing import describe_validation_error, error, model_fields_only, ok
+from hyperhive.core.peercred import peer_cred
+from hyperhive.wire.framing import describe_validation_error, dump_line, error, model_fields_only, ok
 
 log = logging.getLogger("hive.core")
 _conn_ids = itertools.count(1)
@@ -133,17 +134,34 @@ HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
 }
 
 
-class AgentSockets(Lifecycle):
-    """Serves ``agents/<name>/agent.sock`` for every running agent."""
+class AgentSockets:
+    """Serves ``agents/<name>/agent.sock`` for every running agent.
 
-    def __init__(self, run_dir: RunDir) -> None:
+    With cages, hive-priv creates each socket directory (ours, group = the
+    agent's, setgid) and tells us the agent's uids; a connection from any other
+    uid (root aside) is refused, and one from the harness uid marks the agent
+    as running while it lasts."""
+
+    def __init__(self, run_dir: RunDir, manage_dirs: bool = True) -> None:
         self.run_dir = run_dir
+        self.manage_dirs = manage_dirs
         self.hive: Hive | None = None
+        self.on_harness_change: Callable[[str], None] = lambda name: None
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._writers: dict[str, set[asyncio.StreamWriter]] = {}
+        self._allowed: dict[str, frozenset[int]] = {}
+        self._harness_uid: dict[str, int] = {}
+        self._harness_conns: dict[str, int] = {}
 
-    def running(self, name: str) -> bool:
+    def set_uids(self, name: str, uid: int, harness_uid: int) -> None:
+        self._allowed[name] = frozenset({0, uid, harness_uid})
+        self._harness_uid[name] = harness_uid
+
+    def serving(self, name: str) -> bool:
         return name in self._servers
+
+    def harness_connected(self, name: str) -> bool:
+        return self._harness_conns.get(name, 0) > 0
 
     async def start(self, name: str) -> None:
         if name in self._servers:
@@ -151,22 +169,38 @@ class AgentSockets(Lifecycle):
         assert self.hive is not None
         hive = self.hive
         directory = self.run_dir.agent_dir(name)
-        directory.mkdir(parents=True, exist_ok=True)
-        os.chmod(directory, 0o755)
+        if self.manage_dirs:
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, 0o755)
         path = self.run_dir.agent_sock(name)
         path.unlink(missing_ok=True)  # a stale socket from a crashed core
         writers: set[asyncio.StreamWriter] = set()
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            cred = peer_cred(writer.get_extra_info("socket"))
+            allowed = self._allowed.get(name)
+            if allowed is not None and cred.uid not in allowed:
+                log.warning("agent %s: refused uid %d (pid %d) on its socket", name, cred.uid, cred.pid)
+                writer.write(dump_line(error(f"permission denied: uid {cred.uid} is not agent {name}")))
+                writer.close()
+                return
+            is_harness = cred.uid == self._harness_uid.get(name)
             session = AgentSession(hive, name)  # identity = this listener's name
             writers.add(writer)
+            if is_harness:
+                self._harness_conns[name] = self._harness_conns.get(name, 0) + 1
+                self.on_harness_change(name)
             try:
                 await serve_lines(reader, writer, session.handle)
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)
+                if is_harness:
+                    self._harness_conns[name] -= 1
+                    self.on_harness_change(name)
 
-        old_umask = os.umask(0o177)
+        # Group-writable only: with cages the directory's setgid group is the agent's.
+        old_umask = os.umask(0o117 if not self.manage_dirs else 0o177)
         try:
             server = await asyncio.start_unix_server(on_connect, path, limit=STREAM_LIMIT)
         finally:
@@ -175,7 +209,7 @@ class AgentSockets(Lifecycle):
         self._writers[name] = writers
         log.info("agent %s: serving %s", name, path)
 
-    async def stop(self, name: str, graceful: bool) -> None:
+    async def stop(self, name: str) -> None:
         server = self._servers.pop(name, None)
         if server is None:
             return
@@ -184,9 +218,25 @@ class AgentSockets(Lifecycle):
             writer.close()
         await server.wait_closed()
         self.run_dir.agent_sock(name).unlink(missing_ok=True)
-        log.info("agent %s: stopped", name)
+        log.info("agent %s: socket closed", name)
 
     async def close_all(self) -> None:
         for name in list(self._servers):
-            await self.stop(name, graceful=True)
+            await self.stop(name)
 
+
+class SocketsOnly(Lifecycle):
+    """Agents without cages (``hive-core`` run on its own, e.g. to test the
+    protocol): starting an agent serves its socket; running = served."""
+
+    def __init__(self, sockets: AgentSockets) -> None:
+        self.sockets = sockets
+
+    async def start(self, name: str) -> None:
+        await self.sockets.start(name)
+
+    async def stop(self, name: str, graceful: bool) -> None:
+        await self.sockets.stop(name)
+
+    def running(self, name: str) -> bool:
+        return self.sockets.serving(name)

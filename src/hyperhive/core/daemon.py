@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperhive.config import HiveConfig
-from hyperhive.core.agent_socket import AgentSockets
-from hyperhive.core.hive import Hive
+from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
+from hyperhive.core.cages import CageLifecycle
+from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.host_socket import serve_host_socket
 from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.store import Store
@@ -28,25 +29,39 @@ class CoreOptions:
     run_dir: RunDir
     state_dir: StateDir
     synchronous: str = "NORMAL"
+    priv_sock: Path | None = None  # with it, agents run in cages started by hive-priv
+
+
+def _own_dir(path: Path, mode: int) -> None:
+    """Create ``path`` if missing; set its mode only if it is ours (hive up may own it)."""
+    path.mkdir(parents=True, exist_ok=True)
+    if path.stat().st_uid == os.geteuid():
+        os.chmod(path, mode)
 
 
 async def run_core(opts: CoreOptions) -> None:
-    opts.state_dir.root.mkdir(parents=True, exist_ok=True)
-    os.chmod(opts.state_dir.root, 0o750)
-    opts.run_dir.root.mkdir(parents=True, exist_ok=True)
-    os.chmod(opts.run_dir.root, 0o755)
-    opts.run_dir.agents.mkdir(exist_ok=True)
+    _own_dir(opts.state_dir.root, 0o750)
+    _own_dir(opts.run_dir.root, 0o755)
+    if opts.priv_sock is None:
+        _own_dir(opts.run_dir.agents, 0o755)
 
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
     store.sync_config_agents(opts.config.agents)
-    sockets = AgentSockets(opts.run_dir)
-    hive = Hive(store, opts.config, sockets)
+    sockets = AgentSockets(opts.run_dir, manage_dirs=opts.priv_sock is None)
+    lifecycle: Lifecycle = (
+        SocketsOnly(sockets) if opts.priv_sock is None else CageLifecycle(sockets, opts.priv_sock)
+    )
+    hive = Hive(store, opts.config, lifecycle)
     sockets.hive = hive
+    sockets.on_harness_change = hive.publish_status
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
     for row in store.agents():
         if not row["stopped"]:
-            await sockets.start(row["name"])
+            try:
+                await lifecycle.start(row["name"])  # a cage that still runs is found again
+            except Refused as e:
+                log.error("agent %s did not start: %s", row["name"], e)
     scheduler = asyncio.create_task(ReminderScheduler(hive).run())
 
     stop = asyncio.Event()
@@ -58,7 +73,7 @@ async def run_core(opts: CoreOptions) -> None:
     print(f"hive-core: ready host.sock={opts.run_dir.host_sock} agents={n}", flush=True)
 
     await stop.wait()
-    log.info("shutting down")
+    log.info("shutting down (cages keep running)")
     scheduler.cancel()
     host.close()
     await sockets.close_all()

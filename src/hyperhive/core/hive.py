@@ -30,7 +30,13 @@ class Lifecycle:
 
     async def start(self, name: str) -> None: ...
     async def stop(self, name: str, graceful: bool) -> None: ...
+    async def destroy(self, name: str) -> None:
+        await self.stop(name, graceful=False)
+
     def running(self, name: str) -> bool:
+        return False
+
+    def failed(self, name: str) -> bool:
         return False
 
 
@@ -88,6 +94,7 @@ class Hive:
         return AgentStatus(
             name=row["name"],
             running=self.lifecycle.running(row["name"]),
+            failed=self.lifecycle.failed(row["name"]),
             pending_reminders=reminders.get(row["name"], 0),
             paused=bool(row["paused"]),
             parent=row["parent"],
@@ -182,7 +189,7 @@ class Hive:
 
     async def destroy(self, name: str) -> None:
         self.require_agent(name)
-        await self.lifecycle.stop(name, False)
+        await self.lifecycle.destroy(name)
         self.store.delete_agent(name)
         self.forget(name)
         log.info("agent %s destroyed", name)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import array
 import grp
-import json
 import logging
 import pwd
 import socket
@@ -143,20 +142,3 @@ def _read_line(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes, li
         buf += data
     line, _, rest = buf.partition(b"\n")
     return line, rest, fds, False
-
-
-def client_call(path: str, request: dict[str, Any], fds: list[int] | None = None, timeout: float | None = 60) -> dict[str, Any]:
-    """Send one request to priv.sock (with fds, for exec) and return the reply."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(timeout)
-        s.connect(path)
-        data = json.dumps(request).encode() + b"\n"
-        if fds:
-            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        else:
-            s.sendall(data)
-        with s.makefile("rb") as f:
-            line = f.readline()
-    if not line:
-        raise ConnectionError(f"{path}: hive-priv closed the connection")
-    return json.loads(line)

@@ -1,0 +1,76 @@
+"""Agents in cages: starting an agent asks hive-priv (over priv.sock) to
+prepare and start its cage; the agent counts as running while its harness is
+connected to its socket. hive-core never does root work itself."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from hyperhive.client import priv_call
+from hyperhive.core.agent_socket import AgentSockets
+from hyperhive.core.hive import Lifecycle, Refused
+
+log = logging.getLogger("hive.core")
+START_GRACE = 10.0  # seconds a harness may take to connect before the agent counts as failed
+
+
+class CageLifecycle(Lifecycle):
+    def __init__(self, sockets: AgentSockets, priv_sock: Path) -> None:
+        self.sockets = sockets
+        self.priv_sock = priv_sock
+        self._wanted: dict[str, float] = {}  # name -> when we asked for it to run
+        self._errors: dict[str, str] = {}
+        self._seen_harness: set[str] = set()
+
+    async def priv(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        try:
+            reply = await asyncio.to_thread(priv_call, str(self.priv_sock), {"cmd": cmd, **fields})
+        except (OSError, ValueError) as e:
+            raise Refused(f"hive-priv unavailable at {self.priv_sock}: {e}") from None
+        if not reply.get("ok"):
+            raise Refused(f"hive-priv: {reply.get('error')}")
+        return reply
+
+    async def start(self, name: str) -> None:
+        self._wanted[name] = time.monotonic()
+        self._errors.pop(name, None)
+        self._seen_harness.discard(name)
+        try:
+            ids = await self.priv("prepare", name=name)
+            self.sockets.set_uids(name, ids["uid"], ids["harness_uid"])
+            await self.sockets.start(name)  # the socket exists before the harness looks for it
+            await self.priv("start", name=name)
+        except Refused as e:
+            self._errors[name] = str(e)
+            log.error("agent %s: %s", name, e)
+            raise
+
+    async def stop(self, name: str, graceful: bool) -> None:
+        self._wanted.pop(name, None)
+        self._errors.pop(name, None)
+        await self.priv("stop", name=name, timeout=5.0 if graceful else 0.0)
+        await self.sockets.stop(name)
+
+    async def destroy(self, name: str) -> None:
+        await self.stop(name, graceful=False)
+        await self.priv("destroy", name=name)
+
+    def running(self, name: str) -> bool:
+        up = self.sockets.harness_connected(name)
+        if up:
+            self._seen_harness.add(name)
+        return up
+
+    def failed(self, name: str) -> bool:
+        if name not in self._wanted or self.running(name):
+            return False
+        # Down after having been up, or never came up in time, or couldn't start.
+        return (
+            name in self._errors
+            or name in self._seen_harness
+            or time.monotonic() - self._wanted[name] > START_GRACE
+        )
