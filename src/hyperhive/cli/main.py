@@ -35,5 +35,15 @@ cli.add_command(agent_group)
 cli.add_command(exec_cmd)
 
 
+@cli.command("mcp")
+@click.option("--socket", "sock", type=click.Path(path_type=Path),
+              help="The agent socket (default $HIVE_SOCKET or /run/hive/agent.sock).")
+def mcp_cmd(sock: Path | None) -> None:
+    """Serve the agent verbs as MCP tools on stdio (for Claude Code and other MCP clients)."""
+    from hyperhive.cli.mcp import serve  # the MCP SDK is heavy; load it only here
+
+    serve(sock)
+
+
 def main() -> None:
     cli(prog_name="hive")

@@ -61,7 +61,7 @@ class AgentSession:
 
     async def send(self, req: w.Send) -> Reply:
         self.hive.check_may_address(self.name, req.to)
-        msg = self.hive.send(self.name, req.to, req.body)
+        msg = await self.hive.send(self.name, req.to, req.body)
         return ok(id=msg.id)
 
     async def recv(self, req: w.Recv) -> Reply:

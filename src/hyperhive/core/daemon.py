@@ -63,6 +63,7 @@ async def run_core(opts: CoreOptions) -> None:
             except Refused as e:
                 log.error("agent %s did not start: %s", row["name"], e)
     scheduler = asyncio.create_task(ReminderScheduler(hive).run())
+    checkpointer = asyncio.create_task(checkpoint_loop(store))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -75,11 +76,22 @@ async def run_core(opts: CoreOptions) -> None:
     await stop.wait()
     log.info("shutting down (cages keep running)")
     scheduler.cancel()
+    checkpointer.cancel()
     host.close()
     await sockets.close_all()
     opts.run_dir.host_sock.unlink(missing_ok=True)
     store.close()
     log.info("stopped")
+
+
+async def checkpoint_loop(store: Store, every: float = 1.0) -> None:
+    """Keep the WAL short without ever checkpointing inside a request."""
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await asyncio.to_thread(store.checkpoint)
+        except Exception as e:  # a full disk, say: requests will report it; keep trying
+            log.warning("WAL checkpoint failed: %s", e)
 
 
 def setup_logging() -> None:

@@ -59,6 +59,9 @@ class EventBus:
     def unsubscribe(self, sub: Subscription) -> None:
         self._subs.discard(sub)
 
+    def wants(self, kind: str) -> bool:
+        return any(kind in sub.kinds for sub in self._subs)
+
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         event = {"kind": kind, **data}
         for sub in list(self._subs):

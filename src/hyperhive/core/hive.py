@@ -5,6 +5,7 @@ dispatchers over this; neither decides identity here (the caller passes it)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,11 @@ from hyperhive.wire.common import AgentSpec, AgentStatus, Message
 from hyperhive.wire.framing import model_fields_only
 
 log = logging.getLogger("hive.core")
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec(text: str) -> AgentSpec:
+    return AgentSpec.model_validate_json(text)
 
 
 class Refused(Exception):
@@ -50,6 +56,7 @@ class Hive:
         # message id -> connection id holding it unacked; released when that connection ends
         self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
         self.on_reminder_added: Callable[[], None] = lambda: None
+        self._send_batch: list[tuple[tuple[str, str, str, str], asyncio.Future[Message]]] = []
 
     # -- agents ------------------------------------------------------------------
 
@@ -63,34 +70,31 @@ class Hive:
         return row
 
     def spec(self, name: str) -> AgentSpec:
-        return AgentSpec.model_validate_json(self.require_agent(name)["spec"])
+        return _spec(self.require_agent(name)["spec"])
 
     def peers(self, name: str) -> list[str]:
         """Agents ``name`` may message and ask: its declared peers, its parent and
         its children (spawned helpers report back), that exist now."""
-        rows = {r["name"]: r for r in self.store.agents()}
-        me = rows.get(name)
-        if me is None:
-            return []
-        allowed = set(AgentSpec.model_validate_json(me["spec"]).peers)
-        if me["parent"]:
-            allowed.add(me["parent"])
-        allowed.update(n for n, r in rows.items() if r["parent"] == name)
-        allowed.discard(name)
-        return sorted(n for n in allowed if n in rows)
+        return sorted(r["name"] for r in self.store.agents() if self.may_address(name, r["name"]))
+
+    def may_address(self, sender: str, target: str) -> bool:
+        me, them = self.store.agent(sender), self.store.agent(target)
+        if me is None or them is None or sender == target:
+            return False
+        return target in _spec(me["spec"]).peers or me["parent"] == target or them["parent"] == sender
 
     def check_may_address(self, sender: str, target: str) -> None:
         if target == OPERATOR:
             return
         if target == sender:
             raise Refused("an agent can't message itself")
-        if target not in self.peers(sender):
+        if not self.may_address(sender, target):
             if not self.exists(target):
                 raise Refused(f"no agent named {target!r}")
             raise Refused(f"{target!r} is not one of {sender}'s peers")
 
     def status_row(self, row: Any, reminders: dict[str, int]) -> AgentStatus:
-        spec = AgentSpec.model_validate_json(row["spec"])
+        spec = _spec(row["spec"])
         return AgentStatus(
             name=row["name"],
             running=self.lifecycle.running(row["name"]),
@@ -122,12 +126,35 @@ class Hive:
         """After a message is committed: wake its recipient and tell subscribers."""
         assert msg.to is not None
         self.wakeups.notify(msg.to)
-        self.bus.publish("message", {"message": model_fields_only(msg)})
+        if self.bus.wants("message"):
+            self.bus.publish("message", {"message": model_fields_only(msg)})
 
-    def send(self, sender: str, to: str, body: str) -> Message:
-        msg = self.store.send(to, sender, "message", body)
-        self.delivered(msg)
-        return msg
+    async def send(self, sender: str, to: str, body: str) -> Message:
+        """Queue a message for the next group commit; return once it is committed.
+
+        Sends that arrive in the same turn of the event loop share one
+        transaction: the reply still only goes out after the commit, and a
+        failed commit refuses every send in it (none is half-stored)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
+        self._send_batch.append(((to, sender, "message", body), fut))
+        if len(self._send_batch) == 1:
+            loop.call_soon(self._flush_sends)
+        return await fut
+
+    def _flush_sends(self) -> None:
+        batch, self._send_batch = self._send_batch, []
+        try:
+            msgs = self.store.send_many([item for item, _ in batch])
+        except Exception as e:  # every send in the batch is refused alike
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        for (_, fut), msg in zip(batch, msgs):
+            self.delivered(msg)
+            if not fut.done():
+                fut.set_result(msg)
 
     async def recv(self, name: str, conn: int, wait: float, limit: int) -> list[Message]:
         loop = asyncio.get_running_loop()

@@ -94,7 +94,7 @@ class OperatorSession:
 
     async def send(self, req: w.OperatorSend) -> Reply:
         self.hive.require_agent(req.to)
-        msg = self.hive.send(OPERATOR, req.to, req.body)
+        msg = await self.hive.send(OPERATOR, req.to, req.body)
         return ok(id=msg.id)
 
     async def inbox(self, req: w.Inbox) -> Reply:

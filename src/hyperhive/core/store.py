@@ -44,7 +44,6 @@ MIGRATIONS: list[str] = [
         acked_at REAL
     );
     CREATE INDEX messages_unacked ON messages (recipient, id) WHERE acked_at IS NULL;
-    CREATE INDEX messages_recipient ON messages (recipient, id);
     CREATE TABLE questions (
         id INTEGER PRIMARY KEY AUTOINCREMENT,
         asker TEXT NOT NULL,
@@ -117,6 +116,9 @@ class Store:
         self.db.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints run from a thread (see checkpoint()), not inside a request.
+        self.db.execute("PRAGMA wal_autocheckpoint=0")
+        self._agents: dict[str, sqlite3.Row] | None = None  # cache of the agents table
         self.migrate()
 
     def close(self) -> None:
@@ -125,8 +127,11 @@ class Store:
     # -- plumbing ---------------------------------------------------------------
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction; rolled back whole on any error."""
+    def tx(self, agents_unchanged: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; rolled back whole on any error. Unless the caller
+        says it leaves the agents table alone, the agents cache is dropped."""
+        if not agents_unchanged:
+            self._agents = None
         try:
             self.db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as e:
@@ -142,6 +147,17 @@ class Store:
             if self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             raise StoreError(f"storage error: {e}") from None
+        finally:
+            if not agents_unchanged:
+                self._agents = None
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database, on a connection of its own (call from a thread)."""
+        db = sqlite3.connect(self.path, timeout=5)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
 
     @property
     def schema_version(self) -> int:
@@ -161,11 +177,17 @@ class Store:
 
     # -- agents -------------------------------------------------------------------
 
+    def _agent_table(self) -> dict[str, sqlite3.Row]:
+        if self._agents is None:
+            rows = self.db.execute("SELECT * FROM agents ORDER BY name").fetchall()
+            self._agents = {r["name"]: r for r in rows}
+        return self._agents
+
     def agent(self, name: str) -> sqlite3.Row | None:
-        return self.db.execute("SELECT * FROM agents WHERE name=?", (name,)).fetchone()
+        return self._agent_table().get(name)
 
     def agents(self) -> list[sqlite3.Row]:
-        return self.db.execute("SELECT * FROM agents ORDER BY name").fetchall()
+        return list(self._agent_table().values())
 
     def sync_config_agents(self, declared: dict[str, AgentSpec]) -> None:
         """Make the config-declared agents match hive.toml; spawned agents are kept."""
@@ -253,8 +275,13 @@ class Store:
         )  # type: ignore[arg-type]
 
     def send(self, recipient: str, sender: str, kind: str, body: str, ref: int | None = None) -> Message:
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             return self._insert_message(db, recipient, sender, kind, body, ref)
+
+    def send_many(self, batch: list[tuple[str, str, str, str]]) -> list[Message]:
+        """(recipient, sender, kind, body) each, in order, in one transaction (group commit)."""
+        with self.tx(agents_unchanged=True) as db:
+            return [self._insert_message(db, *item) for item in batch]
 
     @staticmethod
     def _row_to_message(row: sqlite3.Row, with_to: bool = False) -> Message:
@@ -274,7 +301,7 @@ class Store:
     def ack(self, recipient: str, ids: list[int]) -> int:
         """Ack ``ids``, all of which must be messages to ``recipient``. Returns how many were new."""
         unique = sorted(set(ids))
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             found = {
                 r["id"]: r["acked_at"]
                 for r in db.execute(
@@ -310,7 +337,7 @@ class Store:
     def ask(self, asker: str, target: str, question: str, options: list[str] | None) -> tuple[Question, Message | None]:
         """Record a question; a question to an agent is also delivered to its inbox."""
         now = time.time()
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             cur = db.execute(
                 "INSERT INTO questions (asker, target, question, options, asked_at) VALUES (?, ?, ?, ?, ?)",
                 (asker, target, question, None if options is None else json.dumps(options), now),
@@ -327,7 +354,7 @@ class Store:
     def answer(self, qid: int, target: str, answer: str) -> tuple[Question, Message]:
         """Answer question ``qid`` addressed to ``target``; deliver the answer to the asker."""
         now = time.time()
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             row = db.execute("SELECT * FROM questions WHERE id=?", (qid,)).fetchone()
             if row is None or row["target"] != target:
                 # Same words whether it doesn't exist or isn't yours: no probing.
@@ -368,7 +395,7 @@ class Store:
     def request_approval(self, agent: str, kind: str, description: str, payload: Any) -> Approval:
         text = canonical_json(payload)
         now = time.time()
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             cur = db.execute(
                 "INSERT INTO approvals (agent, kind, description, payload, payload_sha256, requested_at)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -435,7 +462,7 @@ class Store:
     # -- reminders -------------------------------------------------------------------
 
     def add_reminder(self, agent: str, due_at: float, text: str) -> int:
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             cur = db.execute(
                 "INSERT INTO reminders (agent, due_at, text, created_at) VALUES (?, ?, ?, ?)",
                 (agent, due_at, text, time.time()),
@@ -448,7 +475,7 @@ class Store:
 
     def deliver_due_reminders(self, now: float) -> list[Message]:
         """Turn every due reminder into a ``reminder`` message, in one transaction."""
-        with self.tx() as db:
+        with self.tx(agents_unchanged=True) as db:
             due = db.execute(
                 "SELECT * FROM reminders WHERE delivered_at IS NULL AND due_at<=? ORDER BY due_at, id",
                 (now,),
