@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 
+from hyperhive.cage import seccomp
 from hyperhive.cage.layout import python_argv
 
 MAX_BACKOFF = 10.0
@@ -34,6 +35,7 @@ def main(args: list[str]) -> None:
     if opts.uid == 0 or opts.harness_uid == 0 or opts.gid == 0:
         print("cage-init: refusing to run anything as root", file=sys.stderr)
         raise SystemExit(2)
+    seccomp.install()  # no user namespaces for anything this cage runs
 
     def on_term(signum: int, frame: object) -> None:
         # Init can't signal the harness (another uid, no CAP_KILL) and needn't:

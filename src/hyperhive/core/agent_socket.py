@@ -19,7 +19,7 @@ from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
 from hyperhive.paths import RunDir
 from hyperhive.wire import agent as w
-from hyperhive.core.peercred import peer_cred
+from hyperhive.peercred import peer_cred
 from hyperhive.wire.framing import describe_validation_error, dump_line, error, model_fields_only, ok
 
 log = logging.getLogger("hive.core")
@@ -132,6 +132,7 @@ HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
     w.Remind: AgentSession.remind,
     w.LooseEnds: AgentSession.loose_ends,
 }
+assert set(HANDLERS) == set(w.AGENT_MODELS)
 
 
 class AgentSockets:

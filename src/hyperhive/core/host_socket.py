@@ -18,7 +18,7 @@ from hyperhive.config import parse_listen
 from hyperhive.core import approvals
 from hyperhive.core.hive import Hive, Refused
 from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
-from hyperhive.core.peercred import group_gid, peer_cred, uid_in_group
+from hyperhive.peercred import group_gid, peer_cred, peer_groups, uid_in_group
 from hyperhive.names import OPERATOR
 from hyperhive.wire import host as w
 from hyperhive.wire.framing import describe_validation_error, dump_line, error, model_fields_only, ok
@@ -161,17 +161,22 @@ HANDLERS: dict[type, Callable[[OperatorSession, Any], Awaitable[Reply]]] = {
 assert set(HANDLERS) == set(w.HOST_MODELS)
 
 
-def operator_allowed(uid: int, gid: int) -> bool:
+def operator_allowed(uid: int, gid: int, groups: list[int] | None = None) -> bool:
+    """Root, or in group hive-admin: as its primary group, among the supplementary
+    groups the kernel reports for the peer, or per the group database."""
     if uid == 0:
         return True
     admin = group_gid(ADMIN_GROUP)
-    return admin is not None and uid_in_group(uid, gid, admin)
+    if admin is None:
+        return False
+    return (groups is not None and admin in groups) or uid_in_group(uid, gid, admin)
 
 
 async def serve_host_socket(hive: Hive, path: os.PathLike[str]) -> asyncio.AbstractServer:
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        cred = peer_cred(writer.get_extra_info("socket"))
-        if not operator_allowed(cred.uid, cred.gid):
+        sock = writer.get_extra_info("socket")
+        cred = peer_cred(sock)
+        if not operator_allowed(cred.uid, cred.gid, peer_groups(sock)):
             log.warning("host.sock: refused uid %d (pid %d): not root or %s", cred.uid, cred.pid, ADMIN_GROUP)
             writer.write(dump_line(error(f"permission denied: uid {cred.uid} is not root or in group {ADMIN_GROUP}")))
             try:

@@ -21,7 +21,7 @@ log = logging.getLogger("hive.core")
 Reply = dict[str, Any] | AsyncIterator[dict[str, Any]]
 Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
 
-STREAM_LIMIT = MAX_LINE + 1  # asyncio's readline limit, in bytes
+STREAM_LIMIT = MAX_LINE  # asyncio's readline limit: bytes before the newline
 
 
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:

@@ -262,7 +262,8 @@ class Cages:
             "--mount", "--uts", "--ipc", "--net", "--pid", "--root", f"--wdns={layout.HOME}",
             "/usr/bin/setpriv", "--reuid", str(ids.uid), "--regid", str(ids.gid), "--clear-groups",
             "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
-            "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base_env.items()), *argv,
+            "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base_env.items()),
+            *layout.python_argv("exec", "--"), *argv,  # the cage's seccomp filter, then argv
         ]
 
     def cgroup(self, name: str) -> Cgroup:

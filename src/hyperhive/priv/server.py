@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hyperhive.core.peercred import PeerCred, peer_cred
+from hyperhive.peercred import PeerCred, peer_cred
 from hyperhive.priv.cages import CageError, Cages
 from hyperhive.priv.verbs import CORE, ROOT, VERBS, Request
 from hyperhive.wire.framing import MAX_LINE, WireError, describe_validation_error, dump_line, error, parse_line

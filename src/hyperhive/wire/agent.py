@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
@@ -109,7 +109,5 @@ AgentRequest = Annotated[
     Field(discriminator="cmd"),
 ]
 agent_request = TypeAdapter(AgentRequest)
-AGENT_VERBS = tuple(
-    m.model_fields["cmd"].annotation.__args__[0]  # type: ignore[union-attr]
-    for m in (Whoami, Peers, Send, Recv, Ack, Ask, Answer, RequestApproval, SetStatus, Remind, LooseEnds)
-)
+AGENT_MODELS: tuple[type[Strict], ...] = get_args(get_args(AgentRequest)[0])
+AGENT_VERBS = tuple(get_args(m.model_fields["cmd"].annotation)[0] for m in AGENT_MODELS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,6 +20,21 @@ def _reject_constant(name: str) -> Any:
     raise WireError(f"malformed JSON: {name} is not valid JSON")
 
 
+def _parse_int(text: str) -> int:
+    # 64-bit integers only: anything larger can't be stored or compared, and a
+    # huge literal would cost Python's int parser time (or raise past 4300 digits).
+    if len(text.lstrip("-")) > 19 or not -(2**63) <= (value := int(text)) < 2**63:
+        raise WireError("malformed request: integer out of range (64-bit)")
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # e.g. 1e400: would come back out as Infinity, not JSON
+        raise WireError("malformed request: number out of range")
+    return value
+
+
 def parse_line(line: bytes) -> dict[str, Any]:
     """Decode one request line into a JSON object, or raise WireError with a one-line reason."""
     if len(line) > MAX_LINE:
@@ -28,7 +44,9 @@ def parse_line(line: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise WireError("malformed request: line is not valid UTF-8") from None
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(
+            text, parse_constant=_reject_constant, parse_int=_parse_int, parse_float=_parse_float
+        )
     except json.JSONDecodeError as e:
         raise WireError(f"malformed JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
@@ -62,12 +80,12 @@ def describe_validation_error(exc: ValidationError, tagged: bool = True) -> str:
         return f"unknown command {ctx.get('tag')!r}"
     if kind == "union_tag_not_found":
         return "missing field 'cmd'"
-    if kind == "model_attributes_type" or kind == "model_type":
-        return "request must be a JSON object"
     # Drop the discriminator value pydantic puts first in the location.
     if tagged and loc:
         loc = loc[1:]
     where = ".".join(loc)
+    if kind == "model_attributes_type" or kind == "model_type":
+        return f"field {where!r}: must be a JSON object" if where else "request must be a JSON object"
     if kind == "extra_forbidden":
         return f"unknown field {where!r}"
     if kind == "missing":

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, TypeAdapter
 
@@ -104,13 +104,9 @@ class SubscribeAgentStatus(Strict):
 
 class Subscribe(Strict):
     cmd: Literal["subscribe"]
-    kinds: list[EventKind] = Field(default_factory=lambda: list(EVENT_KINDS), max_length=20)
+    kinds: list[EventKind] = Field(default_factory=lambda: list(EVENT_KINDS), min_length=1, max_length=20)
 
 
-HOST_MODELS = (
-    List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
-    AnswerQuestion, OperatorSend, Inbox, Spawn, Destroy, Urls, SubscribeAgentStatus, Subscribe,
-)
 HostRequest = Annotated[
     Union[
         List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
@@ -119,3 +115,4 @@ HostRequest = Annotated[
     Field(discriminator="cmd"),
 ]
 host_request = TypeAdapter(HostRequest)
+HOST_MODELS: tuple[type[Strict], ...] = get_args(get_args(HostRequest)[0])

@@ -5,7 +5,7 @@ Requests carry agent names, never paths: hive-priv derives every path itself.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import Field, TypeAdapter
 
@@ -61,9 +61,9 @@ class ReloadGateway(Strict):
     cmd: Literal["reload_gateway"]
 
 
-PRIV_MODELS = (Prepare, StartCage, StopCage, DestroyCage, CageStatus, Exec, ReloadGateway)
 PrivRequest = Annotated[
     Union[Prepare, StartCage, StopCage, DestroyCage, CageStatus, Exec, ReloadGateway],
     Field(discriminator="cmd"),
 ]
 priv_request = TypeAdapter(PrivRequest)
+PRIV_MODELS: tuple[type[Strict], ...] = get_args(get_args(PrivRequest)[0])

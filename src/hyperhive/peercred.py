@@ -24,6 +24,18 @@ def peer_cred(sock: socket.socket) -> PeerCred:
     return PeerCred(pid, uid, gid)
 
 
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+
+
+def peer_groups(sock: socket.socket) -> list[int] | None:
+    """The peer's supplementary groups as the kernel saw them at connect time."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    except OSError:
+        return None
+    return list(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4]))
+
+
 def group_gid(name: str) -> int | None:
     try:
         return grp.getgrnam(name).gr_gid
