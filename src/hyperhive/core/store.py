@@ -138,8 +138,11 @@ class Store:
             raise StoreError(f"storage error: {e}") from None
         try:
             yield self.db
+        except sqlite3.Error as e:  # e.g. "database or disk is full" on an insert
+            self._rollback()
+            raise StoreError(f"storage error: {e}") from None
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._rollback()
             raise
         try:
             self.db.execute("COMMIT")
@@ -150,6 +153,10 @@ class Store:
         finally:
             if not agents_unchanged:
                 self._agents = None
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:  # SQLite may already have rolled back (e.g. SQLITE_FULL)
+            self.db.execute("ROLLBACK")
 
     def checkpoint(self) -> None:
         """Copy the WAL into the database, on a connection of its own (call from a thread)."""
