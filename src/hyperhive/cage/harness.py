@@ -1,49 +1,236 @@
 """The harness: hive code inside the cage, under its own uid (not the runtime's),
-so the agent's runtime can't modify, replace or signal it. The core counts the
-agent as running while a harness connection (peer uid = the harness uid) is open.
-The turn loop and the agent's page build on this."""
+so the agent's runtime can't modify, replace or signal it. It holds a
+connection to the agent's socket (the agent counts as running while it does)
+and runs the turn loop: one turn per inbox message, strictly one at a time,
+the message acked only when its turn ended (a crash mid-turn redelivers it).
+Standard library only, so it starts fast."""
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
+import signal
 import socket
 import sys
+import threading
 import time
+from typing import Any
 
-MAX_BACKOFF = 5.0
+from hyperhive.cage import layout
+from hyperhive.cage.initclient import InitChannel
+from hyperhive.cage.runtimes import RUNTIMES, Runtime
+
+MAX_BACKOFF = 1.0
+MAX_TURN_OUTPUT = 1024 * 1024  # bytes of stdout+stderr kept per turn; the rest is drained
+MAX_ENTRY = 16 * 1024  # characters per transcript line entry
+FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
+KILL_GRACE = 3.0
 
 
-def connect(path: str) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    return s
+class Conn:
+    """A JSON-lines connection to the agent's socket."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.reader = self.sock.makefile("rb")
+
+    def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        self.sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        line = self.reader.readline()
+        if not line:
+            raise ConnectionError("the core closed the connection")
+        reply = json.loads(line)
+        if not reply.get("ok"):
+            raise RuntimeError(f"{cmd}: {reply.get('error')}")
+        return reply
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
 
 
-def call(sock: socket.socket, reader: object, cmd: str, **fields: object) -> dict[str, object]:
-    sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
-    line = reader.readline()  # type: ignore[attr-defined]
-    if not line:
-        raise ConnectionError("core closed the connection")
-    return json.loads(line)
+def log(text: str) -> None:
+    print(f"harness: {text}", file=sys.stderr, flush=True)
+
+
+class Turn:
+    """One run of the runtime for one message, bounded in time and output."""
+
+    def __init__(self, conn: Conn, init: InitChannel, runtime: Runtime, message: dict[str, Any],
+                 interrupt: threading.Event, timeout: float) -> None:
+        self.conn, self.init, self.runtime, self.message = conn, init, runtime, message
+        self.interrupt, self.timeout = interrupt, timeout
+        self.pending: list[dict[str, Any]] = []
+        self.kept = 0
+        self.dropped = 0
+
+    def record(self, kind: str, data: Any) -> None:
+        self.pending.append({"kind": kind, "data": data})
+
+    def flush(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending[:200], self.pending[200:]
+            self.conn.call("turn_record", turn=self.message["id"], entries=batch)
+
+    def line(self, stream: str, raw: bytes) -> None:
+        if self.kept + len(raw) > MAX_TURN_OUTPUT:
+            self.dropped += len(raw)
+            return
+        self.kept += len(raw)
+        text = raw.decode(errors="replace").rstrip("\n")
+        if len(text) > MAX_ENTRY:
+            text = text[:MAX_ENTRY] + f"… [{len(text) - MAX_ENTRY} more characters dropped]"
+        if stream == "stdout":
+            self.record(*self.runtime.stdout_entry(text))
+        else:
+            self.record("stderr", text)
+
+    def run(self) -> None:
+        started = time.monotonic()
+        self.record("input", self.message)
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            pid = self.init.spawn(self.runtime.argv(self.message), self.runtime.env(self.message), [in_r, out_w, err_w])
+        except RuntimeError as e:
+            for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
+                os.close(fd)
+            self.record("note", f"could not start the runtime: {e}")
+            self.flush()
+            self.conn.call("turn_done", turn=self.message["id"], exit_status=None,
+                           duration_ms=(time.monotonic() - started) * 1000)
+            return
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        threading.Thread(target=_feed, args=(in_w, self.runtime.stdin(self.message)), daemon=True).start()
+        interrupted = timed_out = False
+        sel = selectors.DefaultSelector()
+        bufs = {out_r: b"", err_r: b""}
+        names = {out_r: "stdout", err_r: "stderr"}
+        for fd in bufs:
+            os.set_blocking(fd, False)
+            sel.register(fd, selectors.EVENT_READ)
+        deadline = started + self.timeout
+        last_flush = time.monotonic()
+        killed_at: float | None = None
+        while bufs:
+            for key, _ in sel.select(timeout=0.1):
+                fd = key.fd
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    if bufs[fd]:
+                        self.line(names[fd], bufs[fd])
+                    sel.unregister(fd)
+                    os.close(fd)
+                    del bufs[fd]
+                    continue
+                data = bufs[fd] + chunk
+                *lines, rest = data.split(b"\n")
+                for ln in lines:
+                    self.line(names[fd], ln)
+                if len(rest) > MAX_ENTRY * 4:  # a line with no end: cut it
+                    self.line(names[fd], rest)
+                    rest = b""
+                bufs[fd] = rest
+            now = time.monotonic()
+            if killed_at is None and (self.interrupt.is_set() or now > deadline):
+                interrupted, timed_out = self.interrupt.is_set(), not self.interrupt.is_set()
+                self.record("note", "interrupted by the operator" if interrupted else
+                            f"turn timed out after {self.timeout:.0f} s")
+                self.init.kill(pid, signal.SIGTERM)
+                killed_at = now
+            elif killed_at is not None and now - killed_at > KILL_GRACE:
+                self.init.kill(pid, signal.SIGKILL)
+                killed_at = now + 3600  # once
+            if now - last_flush > FLUSH_EVERY:
+                self.flush()
+                last_flush = now
+        code = self.init.wait(pid, timeout=KILL_GRACE + 5)
+        if self.dropped:
+            self.record("note", f"output over {MAX_TURN_OUTPUT} bytes: {self.dropped} bytes dropped")
+        self.flush()
+        self.conn.call("turn_done", turn=self.message["id"], exit_status=code,
+                       duration_ms=round((time.monotonic() - started) * 1000, 3),
+                       interrupted=interrupted, timed_out=timed_out)
+
+
+def _feed(fd: int, data: bytes) -> None:
+    """Write the runtime's stdin without ever blocking the turn (it may not read it)."""
+    with os.fdopen(fd, "wb") as f:
+        try:
+            f.write(data)
+        except OSError:
+            pass
+
+
+def control_loop(path: str, interrupt: threading.Event, stop: threading.Event) -> None:
+    """The operator's interrupts arrive on a second connection (long-poll)."""
+    while not stop.is_set():
+        try:
+            conn = Conn(path)
+            while not stop.is_set():
+                if conn.call("control", wait=30).get("interrupt"):
+                    interrupt.set()
+        except (OSError, ValueError, RuntimeError, ConnectionError):
+            time.sleep(0.2)
+
+
+def report_state(conn: Conn, init: InitChannel, runtime: Runtime) -> None:
+    probe = runtime.login_probe()
+    if probe is not None:
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            pid = init.spawn(probe, runtime.env({"id": 0}), [devnull, devnull, devnull])
+        finally:
+            os.close(devnull)
+        runtime.needs_login = init.wait(pid, timeout=10) != 0
+    state: dict[str, Any] = {"needs_login": runtime.needs_login}
+    if runtime.active_model:
+        state["active_model"] = runtime.active_model
+    conn.call("harness_state", **state)
+
+
+def serve(path: str, init: InitChannel) -> None:
+    conn = Conn(path)
+    stop = threading.Event()
+    try:
+        config = conn.call("harness_config")
+        spec = config["spec"]
+        runtime = RUNTIMES[spec["runtime"]](config["name"], spec)
+        log(f"connected as {config['name']} (runtime {spec['runtime']})")
+        report_state(conn, init, runtime)
+        interrupt = threading.Event()
+        threading.Thread(target=control_loop, args=(path, interrupt, stop), daemon=True).start()
+        while True:
+            reply = conn.call("turn_next", wait=30)
+            message = reply.get("message")
+            if message is None:
+                continue
+            interrupt.clear()
+            before = (runtime.needs_login, runtime.active_model)
+            Turn(conn, init, runtime, message, interrupt, float(spec.get("turn_timeout", 300))).run()
+            if (runtime.needs_login, runtime.active_model) != before:
+                report_state(conn, init, runtime)
+    finally:
+        stop.set()
+        conn.close()
 
 
 def main(args: list[str]) -> None:
-    path = os.environ.get("HIVE_SOCKET", "/run/hive/agent.sock")
+    path = os.environ.get("HIVE_SOCKET", layout.AGENT_SOCKET)
+    init = InitChannel(int(os.environ["HIVE_INIT_FD"]))
     backoff = 0.05
     while True:
         try:
-            sock = connect(path)
-        except OSError:
-            time.sleep(backoff)  # the core is (re)starting; the socket will come back
+            serve(path, init)
+        except (OSError, ConnectionError, ValueError) as e:
+            # The core is (re)starting; the socket comes back in the same directory.
+            if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+                log(f"connection lost: {e}")
+            time.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF)
             continue
         backoff = 0.05
-        with sock, sock.makefile("rb") as reader:
-            try:
-                me = call(sock, reader, "whoami")
-                print(f"harness: connected as {me.get('name')}", file=sys.stderr, flush=True)
-                while reader.readline():  # hold the connection: it *is* "running"
-                    pass
-            except (OSError, ValueError):
-                pass

@@ -1,21 +1,32 @@
 """The cage's init: the only process in a cage with any capability (CAP_SETUID,
-CAP_SETGID, CAP_SETPCAP, nothing else), used only to start the harness as its own
-uid with no capabilities, no bounding set and no_new_privs. It restarts a harness
-that dies, with backoff, and on SIGTERM exits, which ends the whole cage."""
+CAP_SETGID, CAP_SETPCAP, CAP_KILL, nothing else). It uses them only to
+
+- start the harness as the harness uid, and restart it with backoff if it dies;
+- start the runtime's processes as the *runtime* uid when the harness asks
+  (over a private socketpair; the runtime never holds an end of it), and
+  signal those processes (interrupts, time-outs).
+
+Everything it starts has no capabilities, an empty bounding set and
+no_new_privs. On SIGTERM it exits, which ends the whole cage."""
 
 from __future__ import annotations
 
 import argparse
+import array
+import json
 import os
+import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
 
-from hyperhive.cage import seccomp
-from hyperhive.cage.layout import python_argv
+from hyperhive.cage import layout, seccomp
 
 MAX_BACKOFF = 10.0
+MAX_RUNTIME_PROCS = 8
+MSG_MAX = 256 * 1024
 
 
 def drop_to(uid: int, gid: int) -> list[str]:
@@ -24,6 +35,130 @@ def drop_to(uid: int, gid: int) -> list[str]:
         "/usr/bin/setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
         "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
     ]
+
+
+def recv_request(sock: socket.socket) -> tuple[dict | None, list[int]]:
+    data, anc, _, _ = sock.recvmsg(MSG_MAX, socket.CMSG_SPACE(3 * 4))
+    fds: list[int] = []
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % 4])
+            fds.extend(arr)
+    if not data:
+        return None, fds
+    try:
+        return json.loads(data), fds
+    except ValueError:
+        return {}, fds
+
+
+class Init:
+    def __init__(self, uid: int, gid: int, harness_uid: int) -> None:
+        self.uid, self.gid, self.harness_uid = uid, gid, harness_uid
+        self.runtime: dict[int, subprocess.Popen[bytes]] = {}
+        self.harness: subprocess.Popen[bytes] | None = None
+        self.channel: socket.socket | None = None
+
+    def start_harness(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
+        self.harness = subprocess.Popen(
+            drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
+            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
+        )
+        theirs.close()
+        self.channel = ours
+
+    def spawn(self, req: dict, fds: list[int]) -> dict:
+        """A runtime process, as the runtime uid, in its own session, in the agent's home."""
+        argv, env = req.get("argv"), req.get("env") or {}
+        if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
+            return {"ok": False, "error": "argv must be a non-empty list of strings"}
+        if len(fds) != 3:
+            return {"ok": False, "error": "spawn takes 3 fds"}
+        if len(self.runtime) >= MAX_RUNTIME_PROCS:
+            return {"ok": False, "error": "too many runtime processes"}
+        env_args = [f"{k}={v}" for k, v in env.items() if isinstance(k, str) and "=" not in k and isinstance(v, str)]
+        argv_full = drop_to(self.uid, self.gid) + ["/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv]
+        try:
+            proc = subprocess.Popen(argv_full, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True)
+        except OSError as e:
+            return {"ok": False, "error": str(e)}
+        self.runtime[proc.pid] = proc
+        return {"ok": True, "pid": proc.pid}
+
+    def kill(self, req: dict) -> dict:
+        pid, sig = req.get("pid"), req.get("signal", signal.SIGTERM)
+        if pid not in self.runtime or sig not in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
+            return {"ok": False, "error": "no such runtime process"}
+        try:
+            os.killpg(pid, sig)  # its whole session: children of the runtime too
+        except ProcessLookupError:
+            pass
+        return {"ok": True}
+
+    def reap(self) -> None:
+        for pid, proc in list(self.runtime.items()):
+            code = proc.poll()
+            if code is not None:
+                del self.runtime[pid]
+                # As a shell reports it: 128 + N for a process killed by signal N.
+                self.send({"event": "exited", "pid": pid, "status": code if code >= 0 else 128 - code})
+
+    def send(self, obj: dict) -> None:
+        if self.channel is not None:
+            try:
+                self.channel.send(json.dumps(obj).encode())
+            except OSError:
+                pass
+
+    def kill_runtime(self) -> None:
+        for pid in list(self.runtime):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def run(self) -> None:
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        sel = selectors.DefaultSelector()
+        sel.register(wake_r, selectors.EVENT_READ)
+        backoff = 0.5
+        while True:
+            started = time.monotonic()
+            self.start_harness()
+            assert self.channel is not None and self.harness is not None
+            sel.register(self.channel, selectors.EVENT_READ)
+            while self.harness.poll() is None:
+                for key, _ in sel.select(timeout=1.0):
+                    if key.fileobj == wake_r:
+                        os.read(wake_r, 4096)
+                        self.reap()
+                        continue
+                    req, fds = recv_request(self.channel)
+                    if req is None:
+                        continue  # the harness hung up; poll() will tell
+                    op = req.get("op")
+                    reply = self.spawn(req, fds) if op == "spawn" else self.kill(req) if op == "kill" else {
+                        "ok": False, "error": f"unknown op {op!r}"}
+                    for fd in fds:
+                        os.close(fd)
+                    self.send({"reply": reply, "seq": req.get("seq")})
+                self.reap()
+            sel.unregister(self.channel)
+            self.channel.close()
+            self.channel = None
+            self.kill_runtime()  # its turn will be redelivered to the next harness
+            code = self.harness.returncode
+            print(f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s",
+                  file=sys.stderr, flush=True)
+            time.sleep(backoff)
+            self.reap()
+            backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
 
 
 def main(args: list[str]) -> None:
@@ -38,17 +173,9 @@ def main(args: list[str]) -> None:
     seccomp.install()  # no user namespaces for anything this cage runs
 
     def on_term(signum: int, frame: object) -> None:
-        # Init can't signal the harness (another uid, no CAP_KILL) and needn't:
-        # when init exits, bwrap ends the pid namespace and the kernel kills the rest.
+        # When init exits, bwrap ends the pid namespace and the kernel kills the rest.
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    backoff = 0.5
-    while True:
-        started = time.monotonic()
-        child = subprocess.Popen(drop_to(opts.harness_uid, opts.gid) + python_argv("harness"), stdin=subprocess.DEVNULL)
-        code = child.wait()
-        print(f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s", file=sys.stderr, flush=True)
-        time.sleep(backoff)
-        backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
+    Init(opts.uid, opts.gid, opts.harness_uid).run()

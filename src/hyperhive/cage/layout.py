@@ -7,7 +7,8 @@ HIVE_SITE = "/opt/hive/site"
 HOME = "/home/agent"
 SOCKET_DIR = "/run/hive"
 AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
-PATH = "/usr/local/bin:/usr/bin:/bin"
+BIN = "/opt/hive/bin"  # the `hive` command
+PATH = f"{BIN}:/usr/local/bin:/usr/bin:/bin"
 
 
 def python_argv(*args: str) -> list[str]:

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from hyperhive.wire.host import EVENT_KINDS
 from hyperhive.cli.output import (
     console, fail, json_option, print_messages, request, stream, table, when,
 )
@@ -222,6 +223,32 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
         if not as_json:
             click.echo(f"destroyed {name}")
 
+    @group.command("interrupt")
+    @json_option
+    @click.argument("name")
+    @click.pass_context
+    def interrupt(ctx: click.Context, as_json: bool, name: str) -> None:
+        """Stop agent NAME's current turn."""
+        request(host_sock(ctx), "interrupt", as_json, name=name)
+        if not as_json:
+            click.echo(f"{name}: interrupt sent")
+
+    @group.command("transcript")
+    @json_option
+    @click.argument("name")
+    @click.option("--after", type=int, default=0, help="Only entries with an id above this.")
+    @click.option("--limit", type=int, default=100, show_default=True)
+    @click.pass_context
+    def transcript(ctx: click.Context, as_json: bool, name: str, after: int, limit: int) -> None:
+        """Agent NAME's turn transcript (latest entries)."""
+        resp = request(host_sock(ctx), "transcript", as_json, name=name, after=after, limit=limit)
+        if not as_json:
+            table(f"{name} transcript", ["id", "turn", "kind", "at", "data"], (
+                [e["id"], e["turn"], e["kind"], when(e["at"]),
+                 e["data"] if isinstance(e["data"], str) else json.dumps(e["data"], ensure_ascii=False)]
+                for e in resp["entries"]
+            ))
+
     @group.command("urls")
     @json_option
     @click.pass_context
@@ -235,7 +262,7 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
     @group.command("events")
     @json_option
     @click.option("--kind", "kinds", multiple=True,
-                  type=click.Choice(["message", "question", "answer", "approval", "agent_status", "reminder"]),
+                  type=click.Choice(list(EVENT_KINDS)),
                   help="Only these kinds (repeatable; default all).")
     @click.pass_context
     def events(ctx: click.Context, as_json: bool, kinds: tuple[str, ...]) -> None:

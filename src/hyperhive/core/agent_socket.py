@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
 from hyperhive.paths import RunDir
 from hyperhive.wire import agent as w
+from hyperhive.wire import harness as wh
 from hyperhive.peercred import peer_cred
 from hyperhive.wire.framing import describe_validation_error, dump_line, error, model_fields_only, ok
 
@@ -35,14 +37,18 @@ def _msg(m: Any) -> dict[str, Any]:
 class AgentSession:
     """One connection on one agent's socket."""
 
-    def __init__(self, hive: Hive, name: str) -> None:
+    def __init__(self, hive: Hive, name: str, is_harness: bool = False) -> None:
         self.hive = hive
         self.name = name
+        self.is_harness = is_harness  # the kernel said so: peer uid = this agent's harness uid
         self.conn = next(_conn_ids)
 
     async def handle(self, obj: dict[str, Any]) -> Reply:
+        harness_verb = obj.get("cmd") in wh.HARNESS_VERBS
+        if harness_verb and not self.is_harness:
+            return error(f"{obj['cmd']!r} is for the agent's harness only")
         try:
-            req = w.agent_request.validate_python(obj)
+            req = (wh.harness_request if harness_verb else w.agent_request).validate_python(obj)
         except ValidationError as e:
             return error(describe_validation_error(e))
         if not self.hive.exists(self.name):
@@ -119,7 +125,63 @@ class AgentSession:
         )
 
 
+    # -- harness verbs (the turn loop) --------------------------------------------
+
+    async def harness_config(self, req: wh.HarnessConfig) -> Reply:
+        row = self.hive.require_agent(self.name)
+        return ok(name=self.name, spec=self.hive.spec(self.name).model_dump(mode="json"),
+                  paused=bool(row["paused"]))
+
+    async def turn_next(self, req: wh.TurnNext) -> Reply:
+        msg = await self.hive.turn_next(self.name, self.conn, req.wait)
+        return ok(message=_msg(msg)) if msg is not None else ok()
+
+    async def turn_record(self, req: wh.TurnRecord) -> Reply:
+        entries = self.hive.store.add_transcript(
+            self.name, req.turn, [(e.kind, _bounded(e.data)) for e in req.entries]
+        )
+        if self.hive.bus.wants("transcript"):
+            self.hive.bus.publish("transcript", {"agent": self.name, "entries": entries})
+        return ok(recorded=len(entries))
+
+    async def turn_done(self, req: wh.TurnDone) -> Reply:
+        end = req.model_dump(exclude={"cmd", "turn"})
+        try:
+            entry = self.hive.store.finish_turn(self.name, req.turn, end)
+        except LookupError as e:
+            raise Refused(str(e)) from None
+        self.hive.ack_in_flight(self.name, req.turn)
+        if self.hive.bus.wants("transcript"):
+            self.hive.bus.publish("transcript", {"agent": self.name, "entries": [entry]})
+        return ok()
+
+    async def harness_state(self, req: wh.HarnessState) -> Reply:
+        self.hive.harness_state[self.name] = req.model_dump(exclude={"cmd"}, exclude_none=True)
+        self.hive.publish_status(self.name)
+        return ok()
+
+    async def control(self, req: wh.Control) -> Reply:
+        return ok(**await self.hive.control(self.name, req.wait))
+
+
+def _bounded(data: Any) -> Any:
+    """Transcript entries are data the agent produced: cap what one entry may hold."""
+    if isinstance(data, str) and len(data) > wh.MAX_ENTRY_CHARS:
+        return data[: wh.MAX_ENTRY_CHARS] + f"… [{len(data) - wh.MAX_ENTRY_CHARS} more characters dropped]"
+    if not isinstance(data, str):
+        text = json.dumps(data, ensure_ascii=False)
+        if len(text) > wh.MAX_ENTRY_CHARS:
+            return text[: wh.MAX_ENTRY_CHARS] + f"… [{len(text) - wh.MAX_ENTRY_CHARS} more characters dropped]"
+    return data
+
+
 HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
+    wh.HarnessConfig: AgentSession.harness_config,
+    wh.TurnNext: AgentSession.turn_next,
+    wh.TurnRecord: AgentSession.turn_record,
+    wh.TurnDone: AgentSession.turn_done,
+    wh.HarnessState: AgentSession.harness_state,
+    wh.Control: AgentSession.control,
     w.Whoami: AgentSession.whoami,
     w.Peers: AgentSession.peers,
     w.Send: AgentSession.send,
@@ -132,7 +194,7 @@ HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
     w.Remind: AgentSession.remind,
     w.LooseEnds: AgentSession.loose_ends,
 }
-assert set(HANDLERS) == set(w.AGENT_MODELS)
+assert set(HANDLERS) == set(w.AGENT_MODELS) | set(wh.HARNESS_MODELS)
 
 
 class AgentSockets:
@@ -186,7 +248,7 @@ class AgentSockets:
                 writer.close()
                 return
             is_harness = cred.uid == self._harness_uid.get(name)
-            session = AgentSession(hive, name)  # identity = this listener's name
+            session = AgentSession(hive, name, is_harness)  # identity = this listener's name
             writers.add(writer)
             if is_harness:
                 self._harness_conns[name] = self._harness_conns.get(name, 0) + 1

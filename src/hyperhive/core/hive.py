@@ -57,6 +57,9 @@ class Hive:
         self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
         self.on_reminder_added: Callable[[], None] = lambda: None
         self._send_batch: list[tuple[tuple[str, str, str, str], asyncio.Future[Message]]] = []
+        self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
+        self._interrupts: set[str] = set()
+        self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
 
     # -- agents ------------------------------------------------------------------
 
@@ -102,7 +105,9 @@ class Hive:
             pending_reminders=reminders.get(row["name"], 0),
             paused=bool(row["paused"]),
             parent=row["parent"],
-            active_model=spec.model if spec.runtime == "claude" else None,
+            needs_login=bool(self.harness_state.get(row["name"], {}).get("needs_login")),
+            active_model=self.harness_state.get(row["name"], {}).get("active_model")
+            or (spec.model if spec.runtime == "claude" else None),
             status_text=row["status_text"],
             status_set_at=row["status_set_at"],
             url=f"http://{self.config.hive.listen}/agent/{row['name']}/",
@@ -168,12 +173,47 @@ class Hive:
                 return msgs
             await self.wakeups.wait(name, deadline - loop.time())
 
+    async def turn_next(self, name: str, conn: int, wait: float) -> Message | None:
+        """The next message for a turn; while the agent is paused, none (messages
+        stay queued, unacked). Resuming wakes the waiting harness."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            row = self.store.agent(name)
+            if row is None:
+                return None
+            if not row["paused"]:
+                msgs = await self.recv(name, conn, 0, 1)
+                if msgs:
+                    return msgs[0]
+            if loop.time() >= deadline:
+                return None
+            await self.wakeups.wait(name, deadline - loop.time())
+
+    def interrupt(self, name: str) -> None:
+        self.require_agent(name)
+        self._interrupts.add(name)
+        self.controls.notify(name)
+
+    async def control(self, name: str, wait: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while name not in self._interrupts and loop.time() < deadline:
+            await self.controls.wait(name, deadline - loop.time())
+        if name in self._interrupts:
+            self._interrupts.discard(name)
+            return {"interrupt": True}
+        return {}
+
     def ack(self, name: str, ids: list[int]) -> int:
         n = self.store.ack(name, ids)
         in_flight = self._in_flight[name]
         for i in ids:
             in_flight.pop(i, None)
         return n
+
+    def ack_in_flight(self, name: str, message_id: int) -> None:
+        self._in_flight[name].pop(message_id, None)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""
@@ -188,6 +228,8 @@ class Hive:
 
     def forget(self, name: str) -> None:
         self._in_flight.pop(name, None)
+        self._interrupts.discard(name)
+        self.harness_state.pop(name, None)
 
     # -- lifecycle ----------------------------------------------------------------
 

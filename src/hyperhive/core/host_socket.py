@@ -64,8 +64,17 @@ class OperatorSession:
     async def set_paused(self, req: w.SetPaused) -> Reply:
         self.hive.require_agent(req.name)
         self.hive.store.set_agent_flag(req.name, "paused", req.paused)
+        self.hive.wakeups.notify(req.name)  # a harness waiting for its next turn looks again
         self.hive.publish_status(req.name)
         return ok(name=req.name, paused=req.paused)
+
+    async def interrupt(self, req: w.Interrupt) -> Reply:
+        self.hive.interrupt(req.name)
+        return ok(name=req.name)
+
+    async def transcript(self, req: w.Transcript) -> Reply:
+        self.hive.require_agent(req.name)
+        return ok(entries=self.hive.store.transcript(req.name, req.after, req.limit))
 
     async def pending(self, req: w.Pending) -> Reply:
         rows = self.hive.store.approvals(status="pending")
@@ -157,6 +166,8 @@ HANDLERS: dict[type, Callable[[OperatorSession, Any], Awaitable[Reply]]] = {
     w.Urls: OperatorSession.urls,
     w.SubscribeAgentStatus: OperatorSession.subscribe_agent_status,
     w.Subscribe: OperatorSession.subscribe,
+    w.Interrupt: OperatorSession.interrupt,
+    w.Transcript: OperatorSession.transcript,
 }
 assert set(HANDLERS) == set(w.HOST_MODELS)
 

@@ -82,7 +82,20 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX reminders_due ON reminders (due_at) WHERE delivered_at IS NULL;
     """,
+    # 2: turn transcripts, written by each agent's harness
+    """
+    CREATE TABLE transcript (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        turn INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX transcript_agent ON transcript (agent, id);
+    """,
 ]
+TRANSCRIPT_KEEP = 20_000  # entries per agent
 
 
 class ApplyError(Exception):
@@ -244,6 +257,7 @@ class Store:
             (now, name),
         )
         db.execute("UPDATE agents SET parent=NULL WHERE parent=?", (name,))
+        db.execute("DELETE FROM transcript WHERE agent=?", (name,))
 
     def set_agent_flag(self, name: str, column: str, value: bool) -> None:
         assert column in ("paused", "stopped")
@@ -465,6 +479,51 @@ class Store:
             msg = self._insert_message(db, row["agent"], "operator", "approval", body, aid)
             row = db.execute("SELECT * FROM approvals WHERE id=?", (aid,)).fetchone()
         return self._row_to_approval(row), msg
+
+    # -- transcripts ------------------------------------------------------------------
+
+    def add_transcript(self, agent: str, turn: int, entries: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        now = time.time()
+        out = []
+        with self.tx(agents_unchanged=True) as db:
+            for kind, data in entries:
+                cur = db.execute(
+                    "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, ?, ?, ?)",
+                    (agent, turn, kind, canonical_json(data), now),
+                )
+                out.append({"id": cur.lastrowid, "turn": turn, "kind": kind, "data": data, "at": now})
+        return out
+
+    def finish_turn(self, agent: str, turn: int, end: dict[str, Any]) -> dict[str, Any]:
+        """Record the end of a turn and ack its message, in one transaction; trim old entries."""
+        now = time.time()
+        with self.tx(agents_unchanged=True) as db:
+            row = db.execute("SELECT acked_at FROM messages WHERE id=? AND recipient=?", (turn, agent)).fetchone()
+            if row is None:
+                raise LookupError(f"no message {turn} in this inbox")
+            cur = db.execute(
+                "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, 'exit', ?, ?)",
+                (agent, turn, canonical_json(end), now),
+            )
+            if row["acked_at"] is None:
+                db.execute("UPDATE messages SET acked_at=? WHERE id=?", (now, turn))
+            db.execute(
+                "DELETE FROM transcript WHERE agent=? AND id <= ("
+                " SELECT id FROM transcript WHERE agent=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (agent, agent, TRANSCRIPT_KEEP),
+            )
+        return {"id": cur.lastrowid, "turn": turn, "kind": "exit", "data": end, "at": now}
+
+    def transcript(self, agent: str, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT * FROM (SELECT * FROM transcript WHERE agent=? AND id>? ORDER BY id DESC LIMIT ?)"
+            " ORDER BY id",
+            (agent, after, limit),
+        ).fetchall()
+        return [
+            {"id": r["id"], "turn": r["turn"], "kind": r["kind"], "data": json.loads(r["data"]), "at": r["at"]}
+            for r in rows
+        ]
 
     # -- reminders -------------------------------------------------------------------
 

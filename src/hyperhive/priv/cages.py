@@ -207,6 +207,8 @@ class Cages:
         ]
         if self.code.site != self.code.src:
             a += ["--ro-bind", str(self.code.site), layout.HIVE_SITE]
+        a += ["--perms", "0755", "--dir", layout.BIN,
+              "--symlink", f"{layout.HIVE_SRC}/hyperhive/cage/bin/hive", f"{layout.BIN}/hive"]
         a += [
             "--chdir", "/",  # init has no CAP_DAC_OVERRIDE to enter the runtime's 0700 home
             "--clearenv",
@@ -216,8 +218,10 @@ class Cages:
             "--setenv", "LANG", "C.UTF-8",
             "--setenv", "HIVE_AGENT", name,
             "--setenv", "HIVE_SOCKET", layout.AGENT_SOCKET,
-            # The cage's init keeps only what it needs to drop to the agent's uids.
+            # The cage's init keeps only what it needs to start the harness and the
+            # runtime's processes under their own uids, and to signal the latter.
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
+            "--cap-add", "CAP_KILL",
             "--info-fd", str(info_fd),
             "--",
             *layout.python_argv(

@@ -82,16 +82,20 @@ def status(cages: Cages, req: w.CageStatus, r: Request) -> dict[str, Any]:
 
 def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
     """Run argv in the cage as the agent, on the caller's stdin/stdout/stderr."""
-    argv = cages.exec_argv(req.name, req.argv, req.env)
-    stdin, stdout, stderr = r.fds
-    cgroup = cages.cgroup(req.name)
-    proc = subprocess.Popen(
-        argv, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
-        start_new_session=True,  # no controlling tty: nothing can be pushed into the operator's terminal
-        preexec_fn=cgroup.join,  # the agent's limits apply from the first instruction
-    )
-    for fd in r.fds:
-        os.close(fd)
+    try:
+        argv = cages.exec_argv(req.name, req.argv, req.env)
+        stdin, stdout, stderr = r.fds
+        cgroup = cages.cgroup(req.name)
+        proc = subprocess.Popen(
+            argv, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
+            start_new_session=True,  # no controlling tty: nothing can be pushed into the operator's terminal
+            preexec_fn=cgroup.join,  # the agent's limits apply from the first instruction
+        )
+    finally:
+        # Ours to close, also when refused: a kept copy of the caller's stdout would
+        # keep its pipe open, and whoever reads it would wait forever.
+        for fd in r.fds:
+            os.close(fd)
     code = proc.wait()
     return ok(exit_status=code if code >= 0 else 128 - code)
 

@@ -34,6 +34,7 @@ class AgentSpec(Strict):
     peers: list[AgentName] = Field(default_factory=list, max_length=1000)
     egress: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=100)
     model: Annotated[str, Field(max_length=200)] | None = None
+    turn_timeout: Annotated[float, Field(gt=0, le=24 * 3600)] = 300.0
 
     @model_validator(mode="after")
     def _runtime_needs(self) -> AgentSpec:

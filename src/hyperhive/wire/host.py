@@ -8,8 +8,8 @@ from pydantic import Field, TypeAdapter
 
 from hyperhive.wire.common import AgentName, AgentSpec, Strict, Text
 
-EVENT_KINDS = ("message", "question", "answer", "approval", "agent_status", "reminder")
-EventKind = Literal["message", "question", "answer", "approval", "agent_status", "reminder"]
+EVENT_KINDS = ("message", "question", "answer", "approval", "agent_status", "reminder", "transcript")
+EventKind = Literal["message", "question", "answer", "approval", "agent_status", "reminder", "transcript"]
 
 
 class Scope(Strict):
@@ -94,6 +94,20 @@ class Destroy(Strict):
     name: AgentName
 
 
+class Interrupt(Strict):
+    """Stop the agent's current turn (its message is acked; the next one follows)."""
+
+    cmd: Literal["interrupt"]
+    name: AgentName
+
+
+class Transcript(Strict):
+    cmd: Literal["transcript"]
+    name: AgentName
+    after: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=5000)] = 500
+
+
 class Urls(Strict):
     cmd: Literal["urls"]
 
@@ -111,6 +125,7 @@ HostRequest = Annotated[
     Union[
         List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
         AnswerQuestion, OperatorSend, Inbox, Spawn, Destroy, Urls, SubscribeAgentStatus, Subscribe,
+        Interrupt, Transcript,
     ],
     Field(discriminator="cmd"),
 ]

@@ -1,0 +1,1 @@
+"""The demo swarm's agent program (a `command` runtime; no LLM)."""
