@@ -40,6 +40,17 @@ class RunDir:
     def agent_sock(self, name: str) -> Path:
         return self.agent_dir(name) / "agent.sock"
 
+    @property
+    def ui(self) -> Path:
+        return self.root / "ui"
+
+    def ui_dir(self, name: str) -> Path:
+        """The agent's page socket directory: the gateway connects, no runtime sees it."""
+        return self.ui / check_name(name)
+
+    def web_sock(self, name: str) -> Path:
+        return self.ui_dir(name) / "web.sock"
+
 
 @dataclass(frozen=True)
 class StateDir:

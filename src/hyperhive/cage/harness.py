@@ -222,6 +222,9 @@ def serve(path: str, init: InitChannel) -> None:
 def main(args: list[str]) -> None:
     path = os.environ.get("HIVE_SOCKET", layout.AGENT_SOCKET)
     init = InitChannel(int(os.environ["HIVE_INIT_FD"]))
+    from hyperhive.cage.page import serve_page
+
+    serve_page(layout.WEB_SOCKET, path)
     backoff = 0.05
     while True:
         try:

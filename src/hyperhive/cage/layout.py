@@ -7,6 +7,9 @@ HIVE_SITE = "/opt/hive/site"
 HOME = "/home/agent"
 SOCKET_DIR = "/run/hive"
 AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
+# The page socket's directory: the harness uid's, the gateway's group; the runtime can't enter it.
+WEB_DIR = "/run/hive-ui"
+WEB_SOCKET = f"{WEB_DIR}/web.sock"
 BIN = "/opt/hive/bin"  # the `hive` command
 PATH = f"{BIN}:/usr/local/bin:/usr/bin:/bin"
 

@@ -40,6 +40,7 @@ def ensure_group(name: str) -> None:
 
 
 CORE_USER = "hive-core"
+GATEWAY_USER = "hive-gateway"  # the gateway's workers; its group may reach the agents' pages
 
 
 def ensure_user(name: str) -> None:
@@ -201,13 +202,14 @@ async def stop_all_cages(priv_sock: Path) -> None:
 async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
     ensure_group(ADMIN_GROUP)
     ensure_user(CORE_USER)
+    ensure_user(GATEWAY_USER)
     prepare_dirs(state_dir, run_dir)
     priv_sock = run_dir / "priv.sock"
     listener = bind_priv_socket(priv_sock, CORE_USER)
     priv = SocketActivated(
         "hive-priv",
         [sys.executable, "-m", "hyperhive.priv", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-         "--core-user", CORE_USER],
+         "--core-user", CORE_USER, "--gateway-group", GATEWAY_USER],
         listener,
     )
     argv = [sys.executable, "-m", "hyperhive.core", "--run-dir", str(run_dir), "--state-dir", str(state_dir),

@@ -140,6 +140,7 @@ class AgentSession:
         entries = self.hive.store.add_transcript(
             self.name, req.turn, [(e.kind, _bounded(e.data)) for e in req.entries]
         )
+        self.hive.transcript_wakeups.notify(self.name)
         if self.hive.bus.wants("transcript"):
             self.hive.bus.publish("transcript", {"agent": self.name, "entries": entries})
         return ok(recorded=len(entries))
@@ -151,6 +152,7 @@ class AgentSession:
         except LookupError as e:
             raise Refused(str(e)) from None
         self.hive.ack_in_flight(self.name, req.turn)
+        self.hive.transcript_wakeups.notify(self.name)
         if self.hive.bus.wants("transcript"):
             self.hive.bus.publish("transcript", {"agent": self.name, "entries": [entry]})
         return ok()
@@ -162,6 +164,25 @@ class AgentSession:
 
     async def control(self, req: wh.Control) -> Reply:
         return ok(**await self.hive.control(self.name, req.wait))
+
+    async def transcript_read(self, req: wh.TranscriptRead) -> Reply:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + req.wait
+        while True:
+            entries = self.hive.store.transcript(self.name, req.after, req.limit)
+            if entries or loop.time() >= deadline:
+                return ok(entries=entries)
+            await self.hive.transcript_wakeups.wait(self.name, deadline - loop.time())
+
+    async def page_state(self, req: wh.PageState) -> Reply:
+        row = self.hive.require_agent(self.name)
+        status = self.hive.status_row(row, self.hive.store.pending_reminders())
+        store = self.hive.store
+        return ok(
+            agent=model_fields_only(status),
+            questions=[model_fields_only(q) for q in store.open_questions(asker=self.name, target="operator")],
+            approvals=[model_fields_only(a) for a in store.approvals(status="pending", agent=self.name)],
+        )
 
 
 def _bounded(data: Any) -> Any:
@@ -182,6 +203,8 @@ HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
     wh.TurnDone: AgentSession.turn_done,
     wh.HarnessState: AgentSession.harness_state,
     wh.Control: AgentSession.control,
+    wh.TranscriptRead: AgentSession.transcript_read,
+    wh.PageState: AgentSession.page_state,
     w.Whoami: AgentSession.whoami,
     w.Peers: AgentSession.peers,
     w.Send: AgentSession.send,

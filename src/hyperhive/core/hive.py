@@ -58,6 +58,7 @@ class Hive:
         self.on_reminder_added: Callable[[], None] = lambda: None
         self._send_batch: list[tuple[tuple[str, str, str, str], asyncio.Future[Message]]] = []
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
+        self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
 

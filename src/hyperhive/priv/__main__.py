@@ -19,7 +19,9 @@ from hyperhive.priv.server import PrivServer, _ids_of
 @click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True)
 @click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
 @click.option("--core-user", default="hive-core", show_default=True, help="The user (and group) hive-core runs as.")
-def main(run_dir: Path, state_dir: Path, core_user: str) -> None:
+@click.option("--gateway-group", default="hive-gateway", show_default=True,
+              help="The group the gateway runs as: it may connect to the agents' page sockets.")
+def main(run_dir: Path, state_dir: Path, core_user: str, gateway_group: str) -> None:
     logging.basicConfig(level=os.environ.get("HIVE_LOG_LEVEL", "INFO").upper(),
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -31,7 +33,9 @@ def main(run_dir: Path, state_dir: Path, core_user: str) -> None:
         print("hive-priv: must run as root", file=sys.stderr)
         raise SystemExit(1)
     core_uid, _ = _ids_of(core_user)
-    cages = Cages(RunDir(run_dir), StateDir(state_dir), core_uid=core_uid if core_uid is not None else 0)
+    _, gateway_gid = _ids_of(gateway_group)
+    cages = Cages(RunDir(run_dir), StateDir(state_dir), core_uid=core_uid if core_uid is not None else 0,
+                  gateway_gid=gateway_gid if gateway_gid is not None else 0)
     server = PrivServer(listener, cages, core_user)
     print("hive-priv: ready", flush=True)
     try:

@@ -61,10 +61,12 @@ class HiveCode:
 
 
 class Cages:
-    def __init__(self, run_dir: RunDir, state_dir: StateDir, core_uid: int, code: HiveCode | None = None) -> None:
+    def __init__(self, run_dir: RunDir, state_dir: StateDir, core_uid: int, gateway_gid: int = 0,
+                 code: HiveCode | None = None) -> None:
         self.run_dir = run_dir
         self.state_dir = state_dir
         self.core_uid = core_uid
+        self.gateway_gid = gateway_gid
         self.code = code or HiveCode.of_this_install()
         self.priv_dir = state_dir.root / "priv"
         self.priv_dir.mkdir(parents=True, exist_ok=True)
@@ -109,6 +111,13 @@ class Cages:
         sock_dir.mkdir(exist_ok=True)
         os.chown(sock_dir, self.core_uid, ids.gid)
         os.chmod(sock_dir, 0o2750)
+
+        self.run_dir.ui.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.run_dir.ui, 0o711)
+        ui_dir = self.run_dir.ui_dir(name)
+        ui_dir.mkdir(exist_ok=True)
+        os.chown(ui_dir, ids.harness_uid, self.gateway_gid)
+        os.chmod(ui_dir, 0o2750)
 
         cage_dir = self._cage_dir(name)
         cage_dir.mkdir(parents=True, exist_ok=True)
@@ -200,6 +209,7 @@ class Cages:
             "--perms", "0755", "--dir", "/run",
             "--perms", "0755", "--dir", "/home",
             "--ro-bind", str(self.run_dir.agent_dir(name)), layout.SOCKET_DIR,
+            "--bind", str(self.run_dir.ui_dir(name)), layout.WEB_DIR,
             "--bind", str(self.state_dir.agent_home(name)), layout.HOME,
             "--perms", "0755", "--dir", "/opt",
             "--perms", "0755", "--dir", "/opt/hive",
@@ -245,6 +255,7 @@ class Cages:
         Cgroup(name).remove()
         shutil.rmtree(self._agent_state(name), ignore_errors=True)
         shutil.rmtree(self.run_dir.agent_dir(name), ignore_errors=True)
+        shutil.rmtree(self.run_dir.ui_dir(name), ignore_errors=True)
         shutil.rmtree(self._cage_dir(name), ignore_errors=True)
         self.ids.release(name)
         log.info("cage %s destroyed", name)

@@ -62,8 +62,23 @@ class Control(Strict):
     wait: Annotated[float, Field(ge=0, le=3600)] = 30
 
 
+class TranscriptRead(Strict):
+    """This agent's transcript after ``after``; with ``wait``, a long-poll for new entries (the page)."""
+
+    cmd: Literal["transcript_read"]
+    after: Annotated[int, Field(ge=0)] = 0
+    limit: Annotated[int, Field(ge=1, le=2000)] = 200
+    wait: Annotated[float, Field(ge=0, le=3600)] = 0
+
+
+class PageState(Strict):
+    """What the agent's page shows besides the transcript: status and loose ends."""
+
+    cmd: Literal["page_state"]
+
+
 HarnessRequest = Annotated[
-    Union[HarnessConfig, TurnNext, TurnRecord, TurnDone, HarnessState, Control],
+    Union[HarnessConfig, TurnNext, TurnRecord, TurnDone, HarnessState, Control, TranscriptRead, PageState],
     Field(discriminator="cmd"),
 ]
 harness_request = TypeAdapter(HarnessRequest)

@@ -1,0 +1,169 @@
+"""The agent's page, served by the harness on its own socket (``web.sock``).
+
+The gateway proxies ``/agent/<name>/`` here after the core has checked the
+operator's session, and passes the session's CSRF token in ``X-Hive-CSRF`` so
+the inline answer forms can post to the core's ``/answer-question/{id}`` on the
+same origin. The runtime can't reach this socket: its directory belongs to
+the harness uid and the gateway's group.
+
+Everything the agent produced is data: Jinja2 autoescapes it in the page, and
+the live updates (SSE) are written into the page with ``textContent`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import socketserver
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+HERE = Path(__file__).parent
+SSE_WAIT = 15.0
+
+
+def _templates() -> Any:
+    import jinja2  # loaded on first request: the harness connects first, fast
+
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
+    )  # absent optional fields (e.g. parent) are simply undefined
+    env.filters["tojson_text"] = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    return env
+
+
+class UnixHTTPServer(ThreadingHTTPServer):
+    address_family = socket.AF_UNIX
+    daemon_threads = True
+
+    def server_bind(self) -> None:
+        path = str(self.server_address)
+        if os.path.lexists(path):
+            os.unlink(path)
+        old = os.umask(0o117)
+        try:
+            socketserver.TCPServer.server_bind(self)
+        finally:
+            os.umask(old)
+        self.server_name, self.server_port = "web.sock", 0
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        conn, _ = self.socket.accept()
+        return conn, ("gateway", 0)
+
+
+class PageHandler(BaseHTTPRequestHandler):
+    server_version = "hive-harness"
+    protocol_version = "HTTP/1.1"
+    agent_socket = ""
+    env: Any = None
+
+    def log_message(self, fmt: str, *args: Any) -> None:
+        pass  # the gateway logs requests
+
+    def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        from hyperhive.cage.harness import Conn
+
+        conn = Conn(self.agent_socket)
+        try:
+            return conn.call(cmd, **fields)
+        finally:
+            conn.close()
+
+    def send_body(self, status: int, ctype: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        url = urlsplit(self.path)
+        try:
+            if url.path in ("/", "/index.html"):
+                self.index()
+            elif url.path == "/state":
+                self.send_body(200, "application/json", json.dumps(self.call("page_state")).encode())
+            elif url.path == "/events":
+                after = int(parse_qs(url.query).get("after", ["0"])[0] or 0)
+                self.events(after)
+            elif url.path == "/static/agent.js":
+                self.send_body(200, "text/javascript; charset=utf-8", (HERE / "static" / "agent.js").read_bytes())
+            elif url.path == "/static/agent.css":
+                self.send_body(200, "text/css; charset=utf-8", (HERE / "static" / "agent.css").read_bytes())
+            else:
+                self.send_body(404, "text/plain; charset=utf-8", b"not found\n")
+        except (ConnectionError, OSError, RuntimeError, ValueError) as e:
+            try:
+                self.send_body(503, "text/plain; charset=utf-8", f"the hive is unavailable: {e}\n".encode())
+            except OSError:
+                pass
+        except Exception as e:  # a bug here must not take the harness down
+            print(f"harness: page error: {e!r}", file=sys.stderr, flush=True)
+            try:
+                self.send_body(500, "text/plain; charset=utf-8", b"internal error\n")
+            except OSError:
+                pass
+
+    def index(self) -> None:
+        if PageHandler.env is None:
+            PageHandler.env = _templates()
+        state = self.call("page_state")
+        entries = self.call("transcript_read", after=0, limit=200)["entries"]
+        html = PageHandler.env.get_template("agent.html").render(
+            agent=state["agent"], questions=state["questions"], approvals=state["approvals"],
+            entries=entries, last_id=entries[-1]["id"] if entries else 0,
+            csrf_token=self.headers.get("X-Hive-CSRF", ""),
+        )
+        self.send_body(200, "text/html; charset=utf-8", html.encode())
+
+    def events(self, after: int) -> None:
+        """Server-sent events: one ``entry`` event per new transcript entry."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        from hyperhive.cage.harness import Conn
+
+        conn = Conn(self.agent_socket)
+        try:
+            while True:
+                entries = conn.call("transcript_read", after=after, limit=200, wait=SSE_WAIT)["entries"]
+                out = [f"id: {e['id']}\nevent: entry\ndata: {json.dumps(e, ensure_ascii=False)}\n\n" for e in entries]
+                self.wfile.write(("".join(out) or ": keep-alive\n\n").encode())
+                self.wfile.flush()
+                if entries:
+                    after = entries[-1]["id"]
+        except (OSError, ConnectionError, RuntimeError):
+            return
+        finally:
+            conn.close()
+
+
+def serve_page(web_socket: str, agent_socket: str) -> threading.Thread | None:
+    """Serve the page in a background thread; a cage without a page directory has no page."""
+    if not os.path.isdir(os.path.dirname(web_socket)):
+        return None
+    handler = type("Handler", (PageHandler,), {"agent_socket": agent_socket})
+    try:
+        server = UnixHTTPServer(web_socket, handler)
+    except OSError as e:
+        print(f"harness: no page: can't serve {web_socket}: {e}", file=sys.stderr, flush=True)
+        return None
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return thread
