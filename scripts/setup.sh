@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the hive uses (cages, gateway, egress, browser tests).
-APT_PACKAGES=(bubblewrap python3.11 util-linux)
+APT_PACKAGES=(bubblewrap python3.11 util-linux nginx-light)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -15,12 +15,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import click
 
 from hyperhive.client import priv_call
-from hyperhive.config import ConfigError, load_config
+from hyperhive.config import ConfigError, load_config, parse_listen
+from hyperhive.gateway import config as gateway_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 
 log = logging.getLogger("hive.up")
@@ -59,10 +61,12 @@ def ensure_user(name: str) -> None:
 class Supervised:
     """One child process, restarted with backoff if it dies while the hive runs."""
 
-    def __init__(self, name: str, argv: list[str], ready_prefix: str, **popen: Any) -> None:
+    def __init__(self, name: str, argv: list[str], ready_prefix: str | None,
+                 ready_check: Callable[[], Awaitable[bool]] | None = None, **popen: Any) -> None:
         self.name = name
         self.argv = argv
         self.ready_prefix = ready_prefix
+        self.ready_check = ready_check
         self.popen = popen
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
@@ -73,7 +77,16 @@ class Supervised:
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT
-        while True:
+        while self.ready_check is not None:
+            if await self.ready_check():
+                break
+            if self.proc.returncode is not None or time.monotonic() > deadline:
+                if self.proc.returncode is None:
+                    self.proc.kill()
+                code = await self.proc.wait()
+                raise RuntimeError(f"{self.name} did not become ready (status {code}; its log is above)")
+            await asyncio.sleep(0.05)
+        while self.ready_check is None:
             try:
                 line = await asyncio.wait_for(self.proc.stdout.readline(), deadline - time.monotonic())
             except TimeoutError:
@@ -82,7 +95,7 @@ class Supervised:
             if not line:
                 code = await self.proc.wait()
                 raise RuntimeError(f"{self.name} exited with status {code} before it was ready (its log is above)")
-            if line.decode(errors="replace").startswith(self.ready_prefix):
+            if self.ready_prefix and line.decode(errors="replace").startswith(self.ready_prefix):
                 break
         asyncio.ensure_future(self._drain(self.proc.stdout))
 
@@ -199,6 +212,20 @@ async def stop_all_cages(priv_sock: Path) -> None:
         log.error("could not stop the cages: %s", e)
 
 
+def tcp_ready(listen: str) -> Callable[[], Awaitable[bool]]:
+    host, port = parse_listen(listen)
+
+    async def check() -> bool:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        except (OSError, TimeoutError):
+            return False
+        writer.close()
+        return True
+
+    return check
+
+
 async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
     ensure_group(ADMIN_GROUP)
     ensure_user(CORE_USER)
@@ -218,26 +245,36 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
         argv += ["--config", str(config)]
     core = Supervised(
         "hive-core", argv, "hive-core: ready",
-        user=CORE_USER, group=CORE_USER, extra_groups=[ADMIN_GROUP],  # to give host.sock its group
+        # Member of hive-admin and hive-gateway only to give host.sock and core.sock their groups.
+        user=CORE_USER, group=CORE_USER, extra_groups=[ADMIN_GROUP, GATEWAY_USER],
     )
+    nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER)
+    gateway = Supervised("gateway", ["nginx", "-c", str(nginx_conf)], None, ready_check=tcp_ready(listen),
+                         stderr=None)
     print(f"hive: starting (state {state_dir}, sockets {run_dir})", flush=True)
     try:
         await priv.start()
         await core.start()
+        await gateway.start()
     except RuntimeError as e:
         print(f"hive: {e}", file=sys.stderr)
+        await gateway.stop()
         await core.stop()
         await priv.stop()
         return 1
-    print(f"hive: ready; operator socket {run_dir / 'host.sock'}; try: hive --run-dir {run_dir} status", flush=True)
+    token = (state_dir / "operator.token").read_text().strip()
+    host, port = parse_listen(listen)
+    login = f"http://{host}:{port}/login?token={token}"
+    print(f"hive: ready: log in at {login} (operator socket {run_dir / 'host.sock'})", flush=True)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    watchers = [asyncio.ensure_future(core.supervise()), asyncio.ensure_future(priv.supervise())]
+    watchers = [asyncio.ensure_future(p.supervise()) for p in (core, priv, gateway)]
     await stop.wait()
     print("hive: stopping", flush=True)
+    await gateway.stop()
     await core.stop()
     await stop_all_cages(priv_sock)
     await priv.stop()

@@ -16,6 +16,8 @@ from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
 from hyperhive.core.cages import CageLifecycle
 from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.host_socket import serve_host_socket
+from hyperhive.core.http import create_app, serve_http
+from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.store import Store
 from hyperhive.paths import RunDir, StateDir
@@ -56,6 +58,8 @@ async def run_core(opts: CoreOptions) -> None:
     sockets.on_harness_change = hive.publish_status
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
+    sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"))
+    http_task, http_server = await serve_http(create_app(hive, sessions), opts.run_dir.core_sock)
     for row in store.agents():
         if not row["stopped"]:
             try:
@@ -77,6 +81,12 @@ async def run_core(opts: CoreOptions) -> None:
     log.info("shutting down (cages keep running)")
     scheduler.cancel()
     checkpointer.cancel()
+    http_server.should_exit = True
+    try:
+        await asyncio.wait_for(http_task, 5)
+    except (TimeoutError, asyncio.CancelledError):
+        http_task.cancel()
+    opts.run_dir.core_sock.unlink(missing_ok=True)
     host.close()
     await sockets.close_all()
     opts.run_dir.host_sock.unlink(missing_ok=True)

@@ -338,6 +338,12 @@ class Store:
             db.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
         return len(fresh)
 
+    def recent_messages(self, limit: int) -> list[Message]:
+        rows = self.db.execute(
+            "SELECT * FROM (SELECT * FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id", (limit,)
+        ).fetchall()
+        return [self._row_to_message(r, with_to=True) for r in rows]
+
     def inbox(self, recipient: str, after: int, limit: int) -> list[Message]:
         rows = self.db.execute(
             "SELECT * FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",

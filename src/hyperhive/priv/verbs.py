@@ -101,7 +101,7 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
 
 
 def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> dict[str, Any]:
-    pid_file = cages.state_dir.root / "gateway" / "nginx.pid"
+    pid_file = cages.run_dir.root / "gateway" / "nginx.pid"
     try:
         pid = int(pid_file.read_text().strip())
         os.kill(pid, signal.SIGHUP)

@@ -1,0 +1,35 @@
+"""Renders the gateway's nginx.conf from its template."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jinja2
+
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+USER = "hive-gateway"
+
+
+def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> str:
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=False,
+                             keep_trailing_newline=True)
+    return env.get_template("nginx.conf.j2").render(
+        listen=listen, run_dir=run_dir, gateway_dir=gateway_dir, user=user, csp=CSP
+    )
+
+
+def write(listen: str, run_dir: Path, user: str = USER) -> Path:
+    """Write RUN/gateway/nginx.conf (root's: the master reads it as root); the
+    workers get RUN/gateway/tmp, which nginx hands to their user itself."""
+    import grp
+    import os
+
+    gateway_dir = run_dir / "gateway"
+    for sub in ("", "tmp"):
+        (gateway_dir / sub).mkdir(parents=True, exist_ok=True)
+    os.chown(gateway_dir, 0, grp.getgrnam(user).gr_gid)
+    os.chmod(gateway_dir, 0o750)
+    conf = gateway_dir / "nginx.conf"
+    conf.write_text(render(listen, run_dir, gateway_dir, user))
+    return conf
