@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the hive uses (cages, gateway, egress, browser tests).
-APT_PACKAGES=(bubblewrap python3.11 util-linux nginx-light)
+APT_PACKAGES=(bubblewrap python3.11 util-linux nginx-light wrk chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -35,4 +35,34 @@ if [[ -x .venv/bin/python ]] && [[ "$(readlink -f .venv/bin/python)" != "$(readl
     rm -rf .venv  # made with another interpreter
 fi
 "$UV" sync --frozen --python "$PYTHON" -q
-echo "setup: ready ($(.venv/bin/hive --version))"
+
+# Claude Code (the `claude` runtime), pinned, from the npm registry. Its global
+# bin must land under /usr: a cage sees /usr read-only and nothing of /root,
+# /opt or /home, and runs `claude` from PATH=/opt/hive/bin:/usr/local/bin:/usr/bin:/bin.
+CLAUDE_CODE_VERSION=2.1.330
+if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: npm is needed to install Claude Code (apt-get install nodejs npm)" >&2
+    exit 1
+fi
+NPM_PREFIX=$(npm prefix -g 2>/dev/null)
+case "$NPM_PREFIX" in
+    /usr|/usr/*) ;;
+    *) NPM_PREFIX=/usr/local ;;
+esac
+CLAUDE="$NPM_PREFIX/bin/claude"
+if [[ "$("$CLAUDE" --version 2>/dev/null)" != "$CLAUDE_CODE_VERSION "* ]]; then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "setup: need root to install Claude Code $CLAUDE_CODE_VERSION into $NPM_PREFIX" >&2
+        exit 1
+    fi
+    echo "setup: installing Claude Code $CLAUDE_CODE_VERSION into $NPM_PREFIX"
+    # The package's postinstall puts the native binary in place of its bin/claude.exe stub.
+    npm install -g -q --no-fund --no-audit --prefix "$NPM_PREFIX" \
+        --allow-scripts=@anthropic-ai/claude-code "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION"
+    version=$("$CLAUDE" --version 2>/dev/null || true)
+    if [[ "$version" != "$CLAUDE_CODE_VERSION "* ]]; then
+        echo "setup: $CLAUDE --version says '${version:-nothing}', expected $CLAUDE_CODE_VERSION" >&2
+        exit 1
+    fi
+fi
+echo "setup: ready ($(.venv/bin/hive --version), claude $("$CLAUDE" --version))"

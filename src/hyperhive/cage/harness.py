@@ -23,6 +23,9 @@ from hyperhive.cage.runtimes import RUNTIMES, Runtime
 
 MAX_BACKOFF = 1.0
 MAX_TURN_OUTPUT = 1024 * 1024  # bytes of stdout+stderr kept per turn; the rest is drained
+# Output lines (entries) kept per turn: what one host `transcript` request can show, and well
+# under the 20,000 entries an agent keeps, so a flood of short lines can't push out the rest.
+MAX_TURN_LINES = 5000
 MAX_ENTRY = 16 * 1024  # characters per transcript line entry
 FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
 KILL_GRACE = 3.0
@@ -64,7 +67,9 @@ class Turn:
         self.interrupt, self.timeout = interrupt, timeout
         self.pending: list[dict[str, Any]] = []
         self.kept = 0
+        self.lines = 0
         self.dropped = 0
+        self.full = False  # over a bound: everything after is drained, not kept
 
     def record(self, kind: str, data: Any) -> None:
         self.pending.append({"kind": kind, "data": data})
@@ -74,11 +79,14 @@ class Turn:
             batch, self.pending = self.pending[:200], self.pending[200:]
             self.conn.call("turn_record", turn=self.message["id"], entries=batch)
 
-    def line(self, stream: str, raw: bytes) -> None:
-        if self.kept + len(raw) > MAX_TURN_OUTPUT:
-            self.dropped += len(raw)
+    def line(self, stream: str, raw: bytes, size: int) -> None:
+        """One line of output; ``size`` counts its newline, if it had one."""
+        if self.full or self.kept + size > MAX_TURN_OUTPUT or self.lines >= MAX_TURN_LINES:
+            self.full = True
+            self.dropped += size
             return
-        self.kept += len(raw)
+        self.kept += size
+        self.lines += 1
         text = raw.decode(errors="replace").rstrip("\n")
         if len(text) > MAX_ENTRY:
             text = text[:MAX_ENTRY] + f"… [{len(text) - MAX_ENTRY} more characters dropped]"
@@ -122,17 +130,21 @@ class Turn:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     if bufs[fd]:
-                        self.line(names[fd], bufs[fd])
+                        self.line(names[fd], bufs[fd], len(bufs[fd]))
                     sel.unregister(fd)
                     os.close(fd)
                     del bufs[fd]
                     continue
+                if self.full:  # drain without splitting lines: a flood costs no more than reading it
+                    self.dropped += len(bufs[fd]) + len(chunk)
+                    bufs[fd] = b""
+                    continue
                 data = bufs[fd] + chunk
                 *lines, rest = data.split(b"\n")
                 for ln in lines:
-                    self.line(names[fd], ln)
+                    self.line(names[fd], ln, len(ln) + 1)
                 if len(rest) > MAX_ENTRY * 4:  # a line with no end: cut it
-                    self.line(names[fd], rest)
+                    self.line(names[fd], rest, len(rest))
                     rest = b""
                 bufs[fd] = rest
             now = time.monotonic()
@@ -150,7 +162,8 @@ class Turn:
                 last_flush = now
         code = self.init.wait(pid, timeout=KILL_GRACE + 5)
         if self.dropped:
-            self.record("note", f"output over {MAX_TURN_OUTPUT} bytes: {self.dropped} bytes dropped")
+            self.record("note", f"output over {MAX_TURN_OUTPUT} bytes or {MAX_TURN_LINES} lines: "
+                                f"{self.dropped} bytes dropped")
         self.flush()
         self.conn.call("turn_done", turn=self.message["id"], exit_status=code,
                        duration_ms=round((time.monotonic() - started) * 1000, 3),

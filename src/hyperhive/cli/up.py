@@ -201,15 +201,26 @@ def prepare_dirs(state_dir: Path, run_dir: Path) -> None:
     os.chmod(agents, 0o711)
 
 
-async def stop_all_cages(priv_sock: Path) -> None:
+async def stop_all_cages(priv_sock: Path) -> bool:
+    """Stop every running cage. False (the reasons logged) if any may still be running."""
     try:
         status = await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "status"})
+        if not status.get("ok"):
+            log.error("could not stop the cages: hive-priv: %s", status.get("error"))
+            return False
+        stopped = True
         for name, cage in status.get("cages", {}).items():
             if cage.get("running"):
-                await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "stop", "name": name})
-                log.info("cage %s stopped", name)
+                reply = await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "stop", "name": name})
+                if reply.get("ok"):
+                    log.info("cage %s stopped", name)
+                else:
+                    log.error("could not stop cage %s: %s", name, reply.get("error"))
+                    stopped = False
+        return stopped
     except (OSError, ValueError) as e:
         log.error("could not stop the cages: %s", e)
+        return False
 
 
 def tcp_ready(listen: str) -> Callable[[], Awaitable[bool]]:
@@ -276,12 +287,15 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
     print("hive: stopping", flush=True)
     await gateway.stop()
     await core.stop()
-    await stop_all_cages(priv_sock)
+    cages_stopped = await stop_all_cages(priv_sock)
     await priv.stop()
     for w in watchers:
         w.cancel()
     listener.close()
     priv_sock.unlink(missing_ok=True)
+    if not cages_stopped:
+        print("hive: stopped, but some cages may still be running (see the log above)", file=sys.stderr, flush=True)
+        return 1
     print("hive: stopped", flush=True)
     return 0
 

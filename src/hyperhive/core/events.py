@@ -50,6 +50,7 @@ class EventBus:
 
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self.version = 0  # bumped on every event, subscribed or not: caches key on it
 
     def subscribe(self, kinds: frozenset[str]) -> Subscription:
         sub = Subscription(kinds)
@@ -63,6 +64,7 @@ class EventBus:
         return any(kind in sub.kinds for sub in self._subs)
 
     def publish(self, kind: str, data: dict[str, Any]) -> None:
+        self.version += 1
         event = {"kind": kind, **data}
         for sub in list(self._subs):
             if kind not in sub.kinds:

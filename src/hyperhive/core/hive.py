@@ -132,6 +132,7 @@ class Hive:
         """After a message is committed: wake its recipient and tell subscribers."""
         assert msg.to is not None
         self.wakeups.notify(msg.to)
+        self.bus.version += 1
         if self.bus.wants("message"):
             self.bus.publish("message", {"message": model_fields_only(msg)})
 

@@ -13,6 +13,7 @@ import grp
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,9 +30,18 @@ from hyperhive.core.hive import Hive
 from hyperhive.core.host_socket import OperatorSession
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.names import OPERATOR
+from hyperhive.wire.common import AgentStatus, Approval, Question
+from pydantic import BaseModel
 from hyperhive.wire.framing import model_fields_only
 
 HERE = Path(__file__).parent
+
+
+class StateModel(BaseModel):
+    agents: list[AgentStatus]
+    approvals: list[Approval]
+    questions: list[Question]
+    messages: list[dict[str, Any]]
 GATEWAY_GROUP = "hive-gateway"
 ACTIONS = {
     "start": lambda n: {"cmd": "start", "scope": {"agent_names": [n]}},
@@ -134,10 +144,16 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             "messages": [model_fields_only(m) for m in store.recent_messages(50)],
         }
 
-    @app.get("/api/state")
-    async def api_state(session: Annotated[Session, Depends(require_session)]) -> dict[str, Any]:
+    cache: dict[str, Any] = {"key": None, "body": b""}
+
+    @app.get("/api/state", response_model=StateModel)
+    async def api_state(session: Annotated[Session, Depends(require_session)]) -> Response:
         """Everything the dashboard shows: agents, pending approvals, open questions, recent messages."""
-        return state()
+        # Rendered once per change (and at least once a second, for time-based flags like failed).
+        key = (hive.bus.version, int(time.monotonic()))
+        if cache["key"] != key:
+            cache["key"], cache["body"] = key, json.dumps(state(), ensure_ascii=False).encode()
+        return Response(cache["body"], media_type="application/json")
 
     @app.get("/api/dashboard/stream", include_in_schema=False)
     async def stream(session: Annotated[Session, Depends(require_session)]) -> Response:
