@@ -1,0 +1,166 @@
+"""``hive exec NAME -- CMD...`` against a real hive: CMD runs in NAME's cage as the
+agent's runtime uid (not the harness's, not root), in the cage's namespaces and
+cgroup; stdin, stdout, stderr and the exit status pass through; only root may
+use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+
+import pytest
+
+from hive_fixture import HIVE, HiveProcess
+from hyperhive.priv.cgroups import is_v2
+
+AGENT_NAMES = ("alice", "bob", "carol")
+NAMESPACES = ("pid", "mnt", "net", "uts", "ipc")
+
+WHOAMI = """
+import json, socket
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/hive/agent.sock")
+s.sendall(b'{"cmd": "whoami"}\\n')
+print(s.makefile("rb").readline().decode().strip())
+"""
+
+
+@pytest.mark.parametrize("name", AGENT_NAMES)
+def test_own_agent_sock_answers_whoami_with_its_name(caged_hive: HiveProcess, name: str) -> None:
+    proc = caged_hive.exec(name, "python3", "-c", WHOAMI)
+    assert proc.returncode == 0, proc.stderr
+    reply = json.loads(proc.stdout)
+    assert reply == {"version": 1, "ok": True, "name": name}
+
+
+def test_stdin_stdout_stderr_and_status_pass_through(caged_hive: HiveProcess) -> None:
+    data = bytes(range(256)) * 4096 + secrets.token_bytes(100_000)  # > any pipe buffer, every byte value
+    script = (
+        "import sys; d = sys.stdin.buffer.read(); sys.stdout.buffer.write(d[::-1]); "
+        "sys.stderr.write('to stderr %d\\n' % len(d)); sys.exit(42)"
+    )
+    proc = caged_hive.exec("alice", "python3", "-c", script, input=data)
+    assert proc.returncode == 42, proc.stderr
+    assert proc.stdout == data[::-1]
+    assert proc.stderr == f"to stderr {len(data)}\n".encode()
+
+
+def test_empty_stdin_is_eof(caged_hive: HiveProcess) -> None:
+    proc = caged_hive.exec("alice", "wc", "-c", input=b"")
+    assert (proc.returncode, proc.stdout.strip()) == (0, b"0")
+
+
+@pytest.mark.parametrize("status", [0, 1, 3, 42, 127, 255])
+def test_exit_status_passes_through(caged_hive: HiveProcess, status: int) -> None:
+    proc = caged_hive.exec("bob", "sh", "-c", f"echo out; echo err >&2; exit {status}")
+    assert proc.returncode == status
+    assert (proc.stdout, proc.stderr) == ("out\n", "err\n")
+
+
+def test_death_by_signal_is_128_plus_signal(caged_hive: HiveProcess) -> None:
+    assert caged_hive.exec("bob", "sh", "-c", "kill -9 $$").returncode == 128 + 9
+    assert caged_hive.exec("bob", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+
+
+def test_missing_command_is_127(caged_hive: HiveProcess) -> None:
+    proc = caged_hive.exec("carol", "no-such-command-here")
+    assert proc.returncode == 127
+    assert "no-such-command-here" in proc.stderr
+
+
+@pytest.mark.parametrize("name", AGENT_NAMES)
+def test_runs_as_the_runtime_uid_with_the_cages_hostname(caged_hive: HiveProcess, name: str) -> None:
+    cage = caged_hive.cage(name)
+    proc = caged_hive.exec(name, "sh", "-c", "id -u; id -g; id -G; hostname; pwd; echo $HOME")
+    assert proc.returncode == 0, proc.stderr
+    uid, gid, groups, hostname, cwd, home = proc.stdout.splitlines()
+    assert int(uid) == cage["uid"]
+    assert int(uid) not in (0, cage["harness_uid"])
+    assert cage["uid"] != cage["harness_uid"]
+    assert int(gid) == cage["gid"] != 0
+    assert groups.split() == [str(cage["gid"])]  # no supplementary groups
+    assert hostname == name
+    assert cwd == home == "/home/agent"
+
+
+def test_uids_differ_between_agents(caged_hive: HiveProcess) -> None:
+    uids = [caged_hive.cage(n)["uid"] for n in AGENT_NAMES]
+    harness = [caged_hive.cage(n)["harness_uid"] for n in AGENT_NAMES]
+    assert len(set(uids + harness)) == 2 * len(AGENT_NAMES)
+
+
+def test_no_capabilities_and_no_new_privs(caged_hive: HiveProcess) -> None:
+    proc = caged_hive.exec("alice", "cat", "/proc/self/status")
+    status = dict(line.split(":", 1) for line in proc.stdout.splitlines())
+    for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+        assert int(status[cap].strip(), 16) == 0, (cap, status[cap])
+    assert status["NoNewPrivs"].strip() == "1"
+    assert status["Seccomp"].strip() == "2"
+
+
+@pytest.mark.parametrize("name", ["alice", "carol"])
+def test_same_namespaces_as_the_harness(caged_hive: HiveProcess, name: str) -> None:
+    harness = caged_hive.harness_pid(name)
+    host_view = {ns: os.readlink(f"/proc/{harness}/ns/{ns}") for ns in NAMESPACES}
+    mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in NAMESPACES}
+    assert all(host_view[ns] != mine[ns] for ns in NAMESPACES), "the harness shares a namespace with the host"
+    script = "; ".join(f"readlink /proc/self/ns/{ns}" for ns in NAMESPACES)
+    proc = caged_hive.exec(name, "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr
+    assert dict(zip(NAMESPACES, proc.stdout.split())) == host_view
+    # ... and it sees the harness in its pid namespace (but not as its own uid).
+    ps = caged_hive.exec(name, "ps", "-eo", "user=,args=").stdout.splitlines()
+    assert any(line.split()[0] == "harness" and line.endswith(" harness") for line in ps), ps
+
+
+def test_runs_in_the_cages_cgroup(caged_hive: HiveProcess) -> None:
+    proc = caged_hive.exec("bob", "cat", "/proc/self/cgroup")
+    lines = proc.stdout.splitlines()
+    if is_v2():
+        limited = [line for line in lines if line.startswith("0::")]
+    else:
+        limited = [line for line in lines if line.split(":")[1] in ("pids", "memory")]
+        assert len(limited) == 2, lines
+    assert limited and all(line.endswith("/hive/bob") for line in limited), lines
+
+
+def test_environment_is_the_agents_not_the_callers(caged_hive: HiveProcess) -> None:
+    token = secrets.token_hex(8)
+    env = dict(os.environ, HOST_ONLY_SECRET=token)
+    proc = subprocess.run(
+        [str(HIVE), "--run-dir", str(caged_hive.run_dir), "exec", "--env", f"EXTRA={token}", "alice", "--", "env"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    inside = dict(line.split("=", 1) for line in proc.stdout.splitlines())
+    assert "HOST_ONLY_SECRET" not in inside
+    assert inside["EXTRA"] == token
+    assert inside["HOME"] == "/home/agent"
+    assert inside["HIVE_AGENT"] == "alice"
+    assert inside["HIVE_SOCKET"] == "/run/hive/agent.sock"
+
+
+@pytest.mark.parametrize("user", ["nobody", "hive-core"])
+def test_only_root_may_exec(caged_hive: HiveProcess, user: str) -> None:
+    marker = f"exec-marker-{secrets.token_hex(6)}"
+    proc = caged_hive.exec("alice", "touch", f"/home/agent/{marker}", user=user)
+    assert proc.returncode == 1
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1, err
+    if user == "nobody":  # stopped by the socket's file permissions (root:hive-core 0660)
+        assert "needs root" in err
+    else:  # hive-core may connect, but exec is root-only in the verb table
+        assert "exec is not allowed for core" in err
+    assert not (caged_hive.home("alice") / marker).exists()
+
+
+@pytest.mark.parametrize(("name", "needle"), [
+    ("dave", "not running"), ("../alice", "bad agent name"), ("Alice", "bad agent name"), ("core", "reserved"),
+])
+def test_exec_into_what_is_not_a_cage_is_refused(caged_hive: HiveProcess, name: str, needle: str) -> None:
+    with caged_hive.unchanged():
+        proc = caged_hive.exec(name, "true")
+    assert proc.returncode == 1
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
