@@ -251,7 +251,7 @@ def test_bad_and_reserved_names(core: CoreProcess) -> None:
     # nothing was created anywhere
     assert core.host_call("list")["agents"] == ["alice", "bob", "carol"]
     assert sorted(p.name for p in (core.run_dir / "agents").iterdir()) == ["alice", "bob", "carol"]
-    assert sorted(p.name for p in core.run_dir.iterdir()) == ["agents", "host.sock"]
+    assert sorted(p.name for p in core.run_dir.iterdir()) == ["agents", "core.sock", "host.sock"]
     assert core.host_call("pending")["approvals"] == []
 
 
