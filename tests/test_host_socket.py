@@ -417,13 +417,16 @@ def test_subscribe_all_kinds_streams_messages(core: CoreProcess) -> None:
     sub = core.host(timeout=15)
     stream = sub.stream("subscribe")
     first = assert_ok(next(stream))
-    assert set(first["subscribed"]) == {"message", "question", "answer", "approval", "agent_status", "reminder"}
+    assert set(first["subscribed"]) == {
+        "message", "question", "answer", "approval", "agent_status", "reminder", "transcript"
+    }
     mid = assert_ok(core.agent("alice").call("send", to="bob", body="watched"))["id"]
     ev = assert_ok(next(stream))["event"]
     assert ev["kind"] == "message"
     m = ev["message"]
     assert (m["id"], m["from"], m["to"], m["body"]) == (mid, "alice", "bob", "watched")
     assert_refused(core.host_call("subscribe", kinds=["gossip"]), "kinds")
+    assert_refused(core.host_call("subscribe", kinds=[]), "kinds")
 
 
 def test_subscriber_disconnect_does_not_disturb_core(core: CoreProcess) -> None:

@@ -23,9 +23,10 @@ from hyperhive.cage.runtimes import RUNTIMES, Runtime
 
 MAX_BACKOFF = 1.0
 MAX_TURN_OUTPUT = 1024 * 1024  # bytes of stdout+stderr kept per turn; the rest is drained
-# Output lines (entries) kept per turn: what one host `transcript` request can show, and well
-# under the 20,000 entries an agent keeps, so a flood of short lines can't push out the rest.
-MAX_TURN_LINES = 5000
+# Output lines (entries) kept per turn: a whole turn (with its input, notes and exit) fits in
+# one host `transcript` request (at most 5000 entries), and a flood of short lines can't push
+# the agent's other turns out of the 20,000 entries it keeps.
+MAX_TURN_LINES = 4000
 MAX_ENTRY = 16 * 1024  # characters per transcript line entry
 FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
 KILL_GRACE = 3.0
@@ -123,44 +124,66 @@ class Turn:
             sel.register(fd, selectors.EVENT_READ)
         deadline = started + self.timeout
         last_flush = time.monotonic()
-        killed_at: float | None = None
-        while bufs:
-            for key, _ in sel.select(timeout=0.1):
-                fd = key.fd
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    if bufs[fd]:
-                        self.line(names[fd], bufs[fd], len(bufs[fd]))
-                    sel.unregister(fd)
-                    os.close(fd)
-                    del bufs[fd]
-                    continue
-                if self.full:  # drain without splitting lines: a flood costs no more than reading it
-                    self.dropped += len(bufs[fd]) + len(chunk)
-                    bufs[fd] = b""
-                    continue
-                data = bufs[fd] + chunk
-                *lines, rest = data.split(b"\n")
-                for ln in lines:
-                    self.line(names[fd], ln, len(ln) + 1)
-                if len(rest) > MAX_ENTRY * 4:  # a line with no end: cut it
-                    self.line(names[fd], rest, len(rest))
-                    rest = b""
-                bufs[fd] = rest
-            now = time.monotonic()
-            if killed_at is None and (self.interrupt.is_set() or now > deadline):
-                interrupted, timed_out = self.interrupt.is_set(), not self.interrupt.is_set()
-                self.record("note", "interrupted by the operator" if interrupted else
-                            f"turn timed out after {self.timeout:.0f} s")
-                self.init.kill(pid, signal.SIGTERM)
-                killed_at = now
-            elif killed_at is not None and now - killed_at > KILL_GRACE:
+        killed_at: float | None = None  # SIGTERM sent
+        sigkill_at: float | None = None
+        code: int | None = None
+        exited = False
+        try:
+            # Until the runtime has exited, not just closed its output: a runtime that closes
+            # stdout and keeps running is still bound by the time-out and interrupts.
+            while bufs or not exited:
+                if not bufs:
+                    code = self.init.wait(pid, timeout=0.1)
+                    exited = code is not None
+                for key, _ in sel.select(timeout=0.1) if bufs else ():
+                    fd = key.fd
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
+                        if bufs[fd]:
+                            self.line(names[fd], bufs[fd], len(bufs[fd]))
+                        sel.unregister(fd)
+                        os.close(fd)
+                        del bufs[fd]
+                        continue
+                    if self.full:  # drain without splitting lines: a flood costs no more than reading it
+                        self.dropped += len(bufs[fd]) + len(chunk)
+                        bufs[fd] = b""
+                        continue
+                    data = bufs[fd] + chunk
+                    *lines, rest = data.split(b"\n")
+                    for ln in lines:
+                        self.line(names[fd], ln, len(ln) + 1)
+                    if len(rest) > MAX_ENTRY * 4:  # a line with no end: cut it
+                        self.line(names[fd], rest, len(rest))
+                        rest = b""
+                    bufs[fd] = rest
+                if exited and not bufs:
+                    break
+                now = time.monotonic()
+                if killed_at is None and (self.interrupt.is_set() or now > deadline):
+                    interrupted, timed_out = self.interrupt.is_set(), not self.interrupt.is_set()
+                    self.record("note", "interrupted by the operator" if interrupted else
+                                f"turn timed out after {self.timeout:.0f} s")
+                    self.init.kill(pid, signal.SIGTERM)
+                    killed_at = now
+                elif killed_at is not None and sigkill_at is None and now - killed_at > KILL_GRACE:
+                    self.init.kill(pid, signal.SIGKILL)
+                    sigkill_at = now
+                elif sigkill_at is not None and now - sigkill_at > KILL_GRACE + 5:
+                    self.record("note", "the runtime's processes did not end after SIGKILL")
+                    break
+                if now - last_flush > FLUSH_EVERY:
+                    self.flush()
+                    last_flush = now
+        finally:
+            if not exited:
+                # The core went away mid-turn (the message will be redelivered) or the runtime
+                # would not die: never leave it running into a retry or the next turn.
                 self.init.kill(pid, signal.SIGKILL)
-                killed_at = now + 3600  # once
-            if now - last_flush > FLUSH_EVERY:
-                self.flush()
-                last_flush = now
-        code = self.init.wait(pid, timeout=KILL_GRACE + 5)
+                code = self.init.wait(pid, timeout=KILL_GRACE + 5 if sigkill_at is None else 1.0)
+            sel.close()
+            for fd in bufs:
+                os.close(fd)
         if self.dropped:
             self.record("note", f"output over {MAX_TURN_OUTPUT} bytes or {MAX_TURN_LINES} lines: "
                                 f"{self.dropped} bytes dropped")

@@ -57,6 +57,10 @@ class Init:
     def __init__(self, uid: int, gid: int, harness_uid: int) -> None:
         self.uid, self.gid, self.harness_uid = uid, gid, harness_uid
         self.runtime: dict[int, subprocess.Popen[bytes]] = {}
+        # Process groups of runtime processes (each its own session, id = its first pid), kept
+        # while any member lives: a child left behind by a runtime that exited can still be
+        # signalled through its group.
+        self.groups: set[int] = set()
         self.harness: subprocess.Popen[bytes] | None = None
         self.channel: socket.socket | None = None
 
@@ -86,16 +90,17 @@ class Init:
         except OSError as e:
             return {"ok": False, "error": str(e)}
         self.runtime[proc.pid] = proc
+        self.groups.add(proc.pid)
         return {"ok": True, "pid": proc.pid}
 
     def kill(self, req: dict) -> dict:
         pid, sig = req.get("pid"), req.get("signal", signal.SIGTERM)
-        if pid not in self.runtime or sig not in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
+        if pid not in self.groups or sig not in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
             return {"ok": False, "error": "no such runtime process"}
         try:
             os.killpg(pid, sig)  # its whole session: children of the runtime too
         except ProcessLookupError:
-            pass
+            self.groups.discard(pid)
         return {"ok": True}
 
     def reap(self) -> None:
@@ -105,6 +110,14 @@ class Init:
                 del self.runtime[pid]
                 # As a shell reports it: 128 + N for a process killed by signal N.
                 self.send({"event": "exited", "pid": pid, "status": code if code >= 0 else 128 - code})
+        for pgid in list(self.groups):
+            if pgid not in self.runtime:
+                try:
+                    os.killpg(pgid, 0)
+                except ProcessLookupError:
+                    self.groups.discard(pgid)
+                except PermissionError:
+                    pass
 
     def send(self, obj: dict) -> None:
         if self.channel is not None:
@@ -114,7 +127,7 @@ class Init:
                 pass
 
     def kill_runtime(self) -> None:
-        for pid in list(self.runtime):
+        for pid in self.groups | set(self.runtime):
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:

@@ -44,7 +44,8 @@ class AgentSession:
         self.conn = next(_conn_ids)
 
     async def handle(self, obj: dict[str, Any]) -> Reply:
-        harness_verb = obj.get("cmd") in wh.HARNESS_VERBS
+        cmd = obj.get("cmd")
+        harness_verb = isinstance(cmd, str) and cmd in wh.HARNESS_VERBS  # any JSON may come: {"cmd": []}
         if harness_verb and not self.is_harness:
             return error(f"{obj['cmd']!r} is for the agent's harness only")
         try:
@@ -277,13 +278,15 @@ class AgentSockets:
                 self._harness_conns[name] = self._harness_conns.get(name, 0) + 1
                 self.on_harness_change(name)
             try:
-                await serve_lines(reader, writer, session.handle)
+                # A harness's long-polls end when it dies: it stops counting as running at once.
+                await serve_lines(reader, writer, session.handle, watch_hangup=is_harness)
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)
                 if is_harness:
                     self._harness_conns[name] -= 1
-                    self.on_harness_change(name)
+                    if name in self._servers:  # not once its socket is closed (stop, or the core stopping)
+                        self.on_harness_change(name)
 
         # Group-writable only: with cages the directory's setgid group is the agent's.
         old_umask = os.umask(0o117 if not self.manage_dirs else 0o177)

@@ -29,11 +29,19 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
     await writer.drain()
 
 
-async def serve_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler) -> None:
+async def serve_lines(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler, watch_hangup: bool = False,
+) -> None:
+    """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
+    soon as the peer hangs up, so the connection ends then and not when the poll would."""
+    ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
     try:
         while True:
             try:
-                line = await reader.readline()
+                if ahead is not None:
+                    line, ahead = await ahead, None
+                else:
+                    line = await reader.readline()
             except ValueError:
                 await _write(writer, error(f"line exceeds {MAX_LINE} bytes; closing connection"))
                 return
@@ -43,7 +51,13 @@ async def serve_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             if not raw.strip():
                 continue
             try:
-                reply = await handle(parse_line(raw))
+                if watch_hangup:
+                    ahead = asyncio.ensure_future(reader.readline())
+                    reply = await _handle_watching(handle(parse_line(raw)), ahead)
+                    if reply is None:
+                        return  # the peer hung up: nobody to reply to
+                else:
+                    reply = await handle(parse_line(raw))
             except (WireError, StoreError) as e:
                 reply = error(str(e))
             except Exception:
@@ -52,12 +66,35 @@ async def serve_lines(reader: asyncio.StreamReader, writer: asyncio.StreamWriter
             if isinstance(reply, dict):
                 await _write(writer, reply)
                 continue
+            if ahead is not None:
+                ahead.cancel()  # the stream watches the reader itself
             await _stream(reader, writer, reply)
             return
     except (ConnectionError, asyncio.IncompleteReadError):
         return
     finally:
+        if ahead is not None:
+            ahead.cancel()
         writer.close()
+
+
+async def _handle_watching(request: Awaitable[Reply], ahead: asyncio.Future[bytes]) -> Reply | None:
+    """Handle a request while ``ahead`` reads the next line; None if that read
+    found the peer gone first (the request is cancelled)."""
+    task = asyncio.ensure_future(request)
+    try:
+        await asyncio.wait({task, ahead}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not task.done() and not ahead.cancelled() and ahead.exception() is None and ahead.result() == b"":
+        task.cancel()
+        try:
+            await task
+        except (asyncio.CancelledError, Exception):
+            pass
+        return None
+    return await task  # a pipelined request (or a read error) waits its turn
 
 
 async def _stream(
