@@ -47,6 +47,9 @@ class CommandRuntime(Runtime):
         return list(self.spec["command"])
 
 
+HIVE_TOOLS = "mcp__hive"  # Claude Code's permission rule for every tool of the MCP server "hive"
+
+
 class ClaudeRuntime(Runtime):
     """``claude``: Claude Code in print mode, stream-json output, the hive's MCP
     server configured, one session resumed across turns."""
@@ -55,8 +58,13 @@ class ClaudeRuntime(Runtime):
         super().__init__(name, spec)
         self.session_id: str | None = None
         self.executable = (spec.get("command") or ["claude"])[0]
+        # Set once a turn's result said whether the CLI is logged in; from then on
+        # that, not a look at the credentials file, is what needs_login reports.
+        self.login_known = False
 
     def login_probe(self) -> list[str] | None:
+        if self.login_known:
+            return None
         # Credentials live in the agent's home, which only the runtime uid can read.
         return ["/bin/sh", "-c", 'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"']
 
@@ -76,8 +84,10 @@ class ClaudeRuntime(Runtime):
         return f"{head} (hive message {message.get('id')}):\n\n{message.get('body')}"
 
     def argv(self, message: dict[str, Any]) -> list[str]:
+        # In print mode nobody can grant a permission, so a tool not allowed up front is
+        # denied ("... you haven't granted it yet"): allow every tool of the hive server.
         a = [self.executable, "-p", self.prompt(message), "--output-format", "stream-json", "--verbose",
-             "--mcp-config", self.mcp_config()]
+             "--mcp-config", self.mcp_config(), "--allowedTools", HIVE_TOOLS]
         if self.spec.get("model"):
             a += ["--model", self.spec["model"]]
         if self.session_id:
@@ -95,16 +105,19 @@ class ClaudeRuntime(Runtime):
         if not isinstance(event, dict):
             return "stdout", line
         if event.get("type") == "system" and event.get("subtype") == "init":
+            # (Not apiKeySource: it is "none" for a claude.ai (OAuth) login too.)
             self.session_id = event.get("session_id") or self.session_id
             self.active_model = event.get("model") or self.active_model
-            if event.get("apiKeySource") == "none":
-                self.needs_login = True
         if event.get("type") == "result":
             text = str(event.get("result", ""))
             if event.get("is_error") and ("Not logged in" in text or "/login" in text):
-                self.needs_login = True
+                self.needs_login, self.login_known = True, True
             elif not event.get("is_error"):
-                self.needs_login = False
+                self.needs_login, self.login_known = False, True
+            elif any("No conversation found" in str(e) for e in event.get("errors") or []):
+                # The session to resume is gone (e.g. ~/.claude was cleared): without
+                # this every later turn would fail the same way. Start a new one.
+                self.session_id = None
         if event.get("type") == "assistant":
             for block in (event.get("message") or {}).get("content") or []:
                 if isinstance(block, dict) and block.get("type") == "tool_use":

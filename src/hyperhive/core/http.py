@@ -16,23 +16,26 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import uvicorn
-from fastapi import Depends, FastAPI, Form, HTTPException, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Path as PathParam, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.responses import StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyperhive.core.hive import Hive
 from hyperhive.core.host_socket import OperatorSession
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
+from hyperhive.core.store import canonical_json
 from hyperhive.names import OPERATOR
 from hyperhive.wire.common import AgentStatus, Approval, Question
-from pydantic import BaseModel
-from hyperhive.wire.framing import model_fields_only
+from pydantic import BaseModel, ConfigDict
+from hyperhive.wire.framing import WireError, model_fields_only, parse_line
 
 HERE = Path(__file__).parent
 
@@ -42,6 +45,59 @@ class StateModel(BaseModel):
     approvals: list[Approval]
     questions: list[Question]
     messages: list[dict[str, Any]]
+
+
+class Refusal(BaseModel):
+    """Every refusal: why, in one line (plain text instead for a browser's form post)."""
+
+    ok: Literal[False]
+    error: str
+
+
+class Reply(BaseModel):
+    """The hive's reply to an operator action: host.sock's reply to the same verb."""
+
+    model_config = ConfigDict(extra="allow")
+    version: int
+    ok: Literal[True]
+
+
+def _refused(description: str) -> dict[str, Any]:
+    return {"model": Refusal, "description": description,
+            "content": {"text/plain": {"schema": {"type": "string"}}}}
+
+
+NOT_LOGGED_IN = {401: _refused("Not logged in (no or expired session cookie).")}
+REFUSED = {
+    404: _refused("No such agent, question or approval."),
+    409: _refused("Refused by the hive; the reason says why."),
+    422: _refused("Bad input; the reason names the field."),
+}
+GET_RESPONSES: dict[int | str, dict[str, Any]] = {**NOT_LOGGED_IN, **REFUSED}
+POST_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": Reply, "description": "Done (with Accept: application/json)."},
+    303: {"description": "Done: back to the page the form was on (a plain form post)."},
+    **NOT_LOGGED_IN,
+    403: _refused("Cross-origin request, or missing or wrong CSRF token."),
+    **REFUSED,
+    413: {"description": "Request body over the gateway's 1 MiB limit.",
+          "content": {"text/plain": {"schema": {"type": "string"}}}},
+}
+
+
+def _one_line(exc: RequestValidationError) -> str:
+    errors = exc.errors()
+    if not errors:
+        return "bad request"
+    err = errors[0]
+    where = ".".join(str(p) for p in err.get("loc", ())[1:]) or ".".join(str(p) for p in err.get("loc", ()))
+    if err.get("type") == "missing":
+        return f"missing field {where!r}"
+    return " ".join(f"field {where!r}: {err.get('msg', 'invalid value')}".split())
+
+
+# Integers as host.sock's JSON parser takes them (64-bit): larger ones can't reach SQLite.
+Id = Annotated[int, PathParam(ge=1, lt=2**63)]
 GATEWAY_GROUP = "hive-gateway"
 ACTIONS = {
     "start": lambda n: {"cmd": "start", "scope": {"agent_names": [n]}},
@@ -58,6 +114,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     app = FastAPI(title="hyperhive core", version="1", openapi_url="/api/openapi.json", docs_url=None,
                   redoc_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
+    # The payload as the text its sha256 was taken of (autoescaped like any other text;
+    # Jinja's tojson would show "<" as "\\u003c").
+    templates.env.filters["canonical_json"] = canonical_json
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def session_of(request: Request) -> Session | None:
@@ -88,7 +147,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         assert isinstance(reply, dict)
         if not reply.get("ok"):
             error = str(reply.get("error"))
-            raise HTTPException(404 if error.startswith("no ") else 409, error)
+            bad_input = error.startswith(("field ", "missing field ", "unknown field "))
+            raise HTTPException(404 if error.startswith("no ") else 422 if bad_input else 409, error)
         return reply
 
     def done(request: Request, reply: dict[str, Any]) -> Response:
@@ -98,11 +158,18 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         back = urlsplit(request.headers.get("referer", "/"))
         return RedirectResponse(back.path if back.path.startswith("/") else "/", status_code=303)
 
-    @app.exception_handler(HTTPException)
-    async def refusal(request: Request, exc: HTTPException) -> Response:
+    def refuse(request: Request, status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
         if "application/json" in request.headers.get("accept", "") or request.url.path.startswith("/api/"):
-            return JSONResponse({"ok": False, "error": exc.detail}, status_code=exc.status_code)
-        return PlainTextResponse(f"{exc.detail}\n", status_code=exc.status_code)
+            return JSONResponse({"ok": False, "error": reason}, status_code=status, headers=headers)
+        return PlainTextResponse(f"{reason}\n", status_code=status, headers=headers)
+
+    @app.exception_handler(StarletteHTTPException)  # ours and Starlette's own (404, 405)
+    async def refusal(request: Request, exc: StarletteHTTPException) -> Response:
+        return refuse(request, exc.status_code, str(exc.detail), exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_input(request: Request, exc: RequestValidationError) -> Response:
+        return refuse(request, 422, _one_line(exc))
 
     @app.get("/login", include_in_schema=False)
     async def login(token: str = "") -> Response:
@@ -146,7 +213,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     cache: dict[str, Any] = {"key": None, "body": b""}
 
-    @app.get("/api/state", response_model=StateModel)
+    @app.get("/api/state", response_model=StateModel, responses=NOT_LOGGED_IN)
     async def api_state(session: Annotated[Session, Depends(require_session)]) -> Response:
         """Everything the dashboard shows: agents, pending approvals, open questions, recent messages."""
         # Rendered once per change (and at least once a second, for time-based flags like failed).
@@ -177,36 +244,37 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
-    @app.get("/api/agents/{name}/transcript")
+    @app.get("/api/agents/{name}/transcript", response_model=Reply, responses=GET_RESPONSES)
     async def transcript(name: str, session: Annotated[Session, Depends(require_session)],
-                         after: int = 0, limit: int = 200) -> dict[str, Any]:
+                         after: Annotated[int, Query(ge=0, lt=2**63)] = 0,
+                         limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> dict[str, Any]:
         """Agent NAME's transcript entries after AFTER."""
         return await operator({"cmd": "transcript", "name": name, "after": after, "limit": limit})
 
-    @app.post("/answer-question/{qid}")
-    async def answer_question(request: Request, qid: int, answer: Annotated[str, Form(max_length=262144)],
+    @app.post("/answer-question/{qid}", responses=POST_RESPONSES)
+    async def answer_question(request: Request, qid: Id, answer: Annotated[str, Form(max_length=262144)],
                               session: Annotated[Session, Depends(require_post)]) -> Response:
         """Answer a question an agent addressed to the operator (operator authority)."""
         return done(request, await operator({"cmd": "answer_question", "id": qid, "answer": answer}))
 
-    @app.post("/approve/{aid}")
-    async def approve(request: Request, aid: int, session: Annotated[Session, Depends(require_post)]) -> Response:
+    @app.post("/approve/{aid}", responses=POST_RESPONSES)
+    async def approve(request: Request, aid: Id, session: Annotated[Session, Depends(require_post)]) -> Response:
         """Approve: applies exactly the stored payload, once."""
         return done(request, await operator({"cmd": "approve", "id": aid}))
 
-    @app.post("/deny/{aid}")
-    async def deny(request: Request, aid: int, session: Annotated[Session, Depends(require_post)],
+    @app.post("/deny/{aid}", responses=POST_RESPONSES)
+    async def deny(request: Request, aid: Id, session: Annotated[Session, Depends(require_post)],
                    note: Annotated[str | None, Form(max_length=4096)] = None) -> Response:
         """Deny an approval, with an optional note for the agent."""
         return done(request, await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})}))
 
-    @app.post("/api/agents/{name}/send")
+    @app.post("/api/agents/{name}/send", responses=POST_RESPONSES)
     async def send(request: Request, name: str, body: Annotated[str, Form(max_length=262144)],
                    session: Annotated[Session, Depends(require_post)]) -> Response:
         """Message agent NAME as the operator."""
         return done(request, await operator({"cmd": "send", "to": name, "body": body}))
 
-    @app.post("/api/agents/{name}/{action}")
+    @app.post("/api/agents/{name}/{action}", responses=POST_RESPONSES)
     async def lifecycle(request: Request, name: str, action: str,
                         session: Annotated[Session, Depends(require_post)]) -> Response:
         """start, stop, restart, pause, resume, destroy or interrupt agent NAME."""
@@ -215,15 +283,15 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
         return done(request, await operator(make(name)))
 
-    @app.post("/api/spawn")
+    @app.post("/api/spawn", responses=POST_RESPONSES)
     async def spawn(request: Request, name: Annotated[str, Form(max_length=64)],
                     spec: Annotated[str, Form(max_length=65536)],
                     session: Annotated[Session, Depends(require_post)]) -> Response:
         """Create and start an agent; SPEC is its JSON spec."""
-        try:
-            parsed = json.loads(spec)
-        except ValueError:
-            raise HTTPException(422, "spec is not valid JSON") from None
+        try:  # parsed as host.sock parses a request: a JSON object, 64-bit integers, finite numbers
+            parsed = parse_line(spec.encode())
+        except WireError as e:
+            raise HTTPException(422, f"spec: {e}") from None
         return done(request, await operator({"cmd": "spawn", "name": name, "spec": parsed}))
 
     return app
