@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
 import click
 
-from hyperhive.cli.output import json_option, print_messages, request, table, when
+from hyperhive.cli.output import fail, json_option, print_messages, request, table, when
+from hyperhive.client import Client, HiveUnavailable
 
 DEFAULT_AGENT_SOCK = Path("/run/hive/agent.sock")
 
@@ -70,16 +72,25 @@ def send(ctx: click.Context, as_json: bool, to: str, body: str) -> None:
 @click.pass_context
 def recv(ctx: click.Context, as_json: bool, wait: float, max_: int, ack: bool) -> None:
     """Receive messages (unacknowledged ones come back on the next connection)."""
-    from hyperhive.client import Client
-
-    with Client(_sock(ctx), timeout=wait + 30) as c:
-        resp = c.call("recv", wait=wait, max=max_)
-        if resp.get("ok") and ack and resp["messages"]:
-            c.call("ack", ids=[m["id"] for m in resp["messages"]])
+    path = _sock(ctx)
+    try:
+        # recv and ack on one connection: what this connection received is what it may ack.
+        with Client(path, timeout=wait + 30) as c:
+            resp = c.call("recv", wait=wait, max=max_)
+            if resp.get("ok") and ack and resp["messages"]:
+                acked = c.call("ack", ids=[m["id"] for m in resp["messages"]])
+                if not acked.get("ok"):
+                    resp = acked  # not acked: they come back; say so rather than print them as done
+    except HiveUnavailable as e:
+        fail(str(e))
+    except (ConnectionError, TimeoutError) as e:
+        fail(f"{path}: {e}")
     if as_json:
         click.echo(json.dumps(resp, indent=2, ensure_ascii=False))
+        if not resp.get("ok"):
+            raise SystemExit(1)
     elif not resp.get("ok"):
-        raise click.ClickException(resp.get("error", "refused"))
+        fail(f"error: {resp.get('error')}")
     else:
         print_messages(resp["messages"])
 
@@ -131,7 +142,7 @@ def request_approval(ctx: click.Context, as_json: bool, kind: str, description: 
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as e:
-        raise click.ClickException(f"--payload is not valid JSON: {e}") from None
+        fail(f"--payload is not valid JSON: {e}")
     resp = request(_sock(ctx), "request_approval", as_json, kind=kind, description=description, payload=data)
     if not as_json:
         click.echo(f"approval {resp['id']} requested (payload sha256 {resp['payload_sha256']})")

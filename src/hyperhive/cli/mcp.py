@@ -7,6 +7,7 @@ identity, so no tool takes a sender."""
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,17 @@ def build_server(socket_path: Path) -> FastMCP:
     return server
 
 
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(128 + signum)
+
+
 def serve(sock: Path | None) -> None:
     path = sock or Path(os.environ.get("HIVE_SOCKET") or DEFAULT_AGENT_SOCK)
-    build_server(path).run("stdio")
+    server = build_server(path)
+    # A client stops its server with SIGINT, then SIGTERM (Claude Code does, 100 ms
+    # apart). The SDK reads stdin on a worker thread that a cancelled event loop still
+    # waits for, so SIGINT alone would wait for EOF; there is no state to save (every
+    # tool call is finished when it answers), so stop at once.
+    signal.signal(signal.SIGINT, _exit_now)
+    signal.signal(signal.SIGTERM, _exit_now)
+    server.run("stdio")

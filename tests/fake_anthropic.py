@@ -1,0 +1,119 @@
+"""A stand-in for the Anthropic Messages API (``POST /v1/messages``, streamed as
+server-sent events), on 127.0.0.1, so the real Claude Code CLI can run whole
+turns without a model or a network: ``ANTHROPIC_BASE_URL`` points at it and
+``ANTHROPIC_API_KEY`` is any string.
+
+The "model" follows a script: each agent-loop request (one that offers tools)
+whose last message is not a tool result takes the next ``(tool_name, input)``
+from ``actions`` and answers with that ``tool_use``; every other request gets a
+short text answer (``reply``). Every request body is kept in ``requests``."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Self
+
+
+class FakeAnthropic:
+    def __init__(self, actions: Iterable[tuple[str, dict[str, Any]]] = (), reply: str = "Done.") -> None:
+        self.actions = list(actions)
+        self.reply = reply
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, status: int, ctype: str, body: bytes) -> None:
+                self.send_response(status)
+                self.send_header("content-type", ctype)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                self._send(200, "application/json", b"{}")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                try:
+                    req = json.loads(self.rfile.read(length) or b"{}")
+                except ValueError:
+                    req = {}
+                if not self.path.startswith("/v1/messages") or "count_tokens" in self.path:
+                    self._send(200, "application/json", json.dumps({"input_tokens": 10}).encode())
+                    return
+                block, stop = fake.answer(req)
+                if req.get("stream"):
+                    self._send(200, "text/event-stream", fake.sse(req, block, stop))
+                else:
+                    self._send(200, "application/json", json.dumps(fake.message(req, [block], stop)).encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    # -- the "model" ------------------------------------------------------------------
+
+    @staticmethod
+    def _is_tool_result(message: dict[str, Any]) -> bool:
+        content = message.get("content")
+        return isinstance(content, list) and any(
+            isinstance(b, dict) and b.get("type") == "tool_result" for b in content
+        )
+
+    def answer(self, req: dict[str, Any]) -> tuple[dict[str, Any], str]:
+        messages = req.get("messages") or [{}]
+        with self.lock:
+            self.requests.append(req)
+            agent_loop = bool(req.get("tools"))
+            if agent_loop and not self._is_tool_result(messages[-1]) and self.actions:
+                name, tool_input = self.actions.pop(0)
+                n = sum(1 for r in self.requests if r.get("tools"))
+                return {"type": "tool_use", "id": f"toolu_fake{n}", "name": name, "input": tool_input}, "tool_use"
+        return {"type": "text", "text": self.reply}, "end_turn"
+
+    @staticmethod
+    def message(req: dict[str, Any], content: list[dict[str, Any]], stop: str | None) -> dict[str, Any]:
+        return {
+            "id": "msg_fake", "type": "message", "role": "assistant", "model": req.get("model", "fake"),
+            "content": content, "stop_reason": stop, "stop_sequence": None,
+            "usage": {"input_tokens": 10, "output_tokens": 5},
+        }
+
+    def sse(self, req: dict[str, Any], block: dict[str, Any], stop: str) -> bytes:
+        if block["type"] == "tool_use":
+            start = dict(block, input={})
+            delta = {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}
+        else:
+            start = dict(block, text="")
+            delta = {"type": "text_delta", "text": block["text"]}
+        events = [
+            ("message_start", {"type": "message_start", "message": self.message(req, [], None)}),
+            ("content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": delta}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": None},
+                               "usage": {"output_tokens": 5}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+        return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events)
