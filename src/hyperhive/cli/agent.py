@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from hyperhive.cli.output import fail, json_option, print_messages, request, table, when
+from hyperhive.cli.output import report, fail, json_option, print_messages, request, table, when
 from hyperhive.client import Client, HiveUnavailable
 
 DEFAULT_AGENT_SOCK = Path("/run/hive/agent.sock")
@@ -85,13 +85,8 @@ def recv(ctx: click.Context, as_json: bool, wait: float, max_: int, ack: bool) -
         fail(str(e))
     except (ConnectionError, TimeoutError) as e:
         fail(f"{path}: {e}")
-    if as_json:
-        click.echo(json.dumps(resp, indent=2, ensure_ascii=False))
-        if not resp.get("ok"):
-            raise SystemExit(1)
-    elif not resp.get("ok"):
-        fail(f"error: {resp.get('error')}")
-    else:
+    report(resp, as_json)
+    if not as_json:
         print_messages(resp["messages"])
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +38,11 @@ def request(path: Path, cmd: str, as_json: bool, **fields: Any) -> dict[str, Any
         fail(str(e))
     except (ConnectionError, TimeoutError) as e:
         fail(f"{path}: {e}")
+    return report(resp, as_json)
+
+
+def report(resp: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Print a response as --json asks; a refusal prints its one line and exits 1."""
     if as_json:
         click.echo(json.dumps(resp, indent=2, ensure_ascii=False))
         if not resp.get("ok"):

@@ -23,6 +23,7 @@ import click
 from hyperhive.client import priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
 from hyperhive.gateway import config as gateway_config
+from hyperhive.unixsock import bind_listener
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 
 log = logging.getLogger("hive.up")
@@ -171,19 +172,8 @@ class SocketActivated(Supervised):
 
 
 def bind_priv_socket(path: Path, group: str) -> socket.socket:
-    """priv.sock exactly as hive-priv.socket makes it: root:hive-core 0660."""
-    if path.is_socket() or path.exists():
-        path.unlink()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    os.chown(path, 0, grp.getgrnam(group).gr_gid)
-    os.chmod(path, 0o660)
-    sock.listen(128)
-    return sock
+    """priv.sock exactly as hive-priv.socket makes it: root:hive-core 0660 (we are root)."""
+    return bind_listener(path, grp.getgrnam(group).gr_gid, 0o660)
 
 
 def prepare_dirs(state_dir: Path, run_dir: Path) -> None:

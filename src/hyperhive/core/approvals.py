@@ -5,7 +5,6 @@ to the operator) is exactly what is applied, once; there is no update path."""
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import ValidationError

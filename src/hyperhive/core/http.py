@@ -33,6 +33,7 @@ from hyperhive.core.host_socket import OperatorSession
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
 from hyperhive.names import OPERATOR
+from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from pydantic import BaseModel, ConfigDict
 from hyperhive.wire.framing import WireError, model_fields_only, parse_line
@@ -304,21 +305,15 @@ class _Server(uvicorn.Server):
 
 
 def bind_core_socket(path: Path) -> socket.socket:
-    """core.sock: ours, the gateway's group, 0660 (uvicorn would make it 0666)."""
-    if os.path.lexists(path):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
+    """core.sock: ours, the gateway's group, 0660 (uvicorn would make it 0666).
+    Without a gateway group on this host (the core alone, in tests): root and the core only."""
     try:
-        sock.bind(str(path))
-    finally:
-        os.umask(old)
-    try:
-        os.chown(path, -1, grp.getgrnam(GATEWAY_GROUP).gr_gid)
-    except (KeyError, PermissionError):
-        pass  # no gateway on this host (tests of the core alone): root and the core only
-    os.chmod(path, 0o660)
-    sock.listen(512)
+        gid: int | None = grp.getgrnam(GATEWAY_GROUP).gr_gid
+        if gid not in os.getgroups() and os.geteuid() != 0:
+            gid = None
+    except KeyError:
+        gid = None
+    sock = bind_listener(path, gid, 0o660, backlog=512)
     sock.setblocking(False)
     return sock
 
