@@ -452,10 +452,8 @@ def _finish(hives: list[HiveProcess]) -> None:
 HiveFactory = Callable[..., HiveProcess]
 
 
-@pytest.fixture(scope="module")
-def caged_hive() -> Iterator[HiveProcess]:
-    """One hive (alice -> bob, bob, carol; all in cages) shared by a module's tests."""
-    hive = HiveProcess()
+def running_hive(hive: HiveProcess) -> Iterator[HiveProcess]:
+    """Start HIVE for a fixture to yield (cleaned up if it can't start), stopped and checked after."""
     try:
         hive.start()
     except BaseException:
@@ -463,6 +461,12 @@ def caged_hive() -> Iterator[HiveProcess]:
         raise
     yield hive
     _finish([hive])
+
+
+@pytest.fixture(scope="module")
+def caged_hive() -> Iterator[HiveProcess]:
+    """One hive (alice -> bob, bob, carol; all in cages) shared by a module's tests."""
+    yield from running_hive(HiveProcess())
 
 
 @pytest.fixture

@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 from fake_anthropic import FakeAnthropic
 from helpers import CoreProcess, assert_ok
-from hive_fixture import VENV_BIN, HiveProcess, _finish, wait_until
+from hive_fixture import VENV_BIN, HiveProcess, running_hive, wait_until
 
 from hyperhive.cage import layout
 from hyperhive.cage.runtimes import ClaudeRuntime
@@ -327,17 +327,10 @@ STANDIN_SCRIPT = textwrap.dedent("""\
 
 @pytest.fixture(scope="module")
 def claude_hive() -> Iterator[HiveProcess]:
-    hive = HiveProcess({
+    yield from running_hive(HiveProcess({
         REAL: {"runtime": "claude", "model": MODEL, "peers": []},
         STANDIN: {"runtime": "claude", "model": MODEL, "command": [STANDIN_PATH], "peers": []},
-    })
-    try:
-        hive.start()
-    except BaseException:
-        hive.cleanup()
-        raise
-    yield hive
-    _finish([hive])
+    }))
 
 
 def turns_done(hive: HiveProcess, name: str, count: int, timeout: float = CLAUDE_TIMEOUT) -> list[dict[str, Any]]:

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import anyio
 import pytest
 from helpers import CoreProcess, assert_ok, wait_for
-from hive_fixture import HIVE, HiveProcess, _finish
+from hive_fixture import HIVE, HiveProcess, running_hive
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
@@ -372,14 +372,7 @@ CAGED = "mcp-cage"  # a name no other test module's hive uses (cages are keyed b
 
 @pytest.fixture(scope="module")
 def mcp_hive() -> Iterator[HiveProcess]:
-    hive = HiveProcess({CAGED: {"runtime": "command", "command": ["true"], "peers": []}})
-    try:
-        hive.start()
-    except BaseException:
-        hive.cleanup()
-        raise
-    yield hive
-    _finish([hive])
+    yield from running_hive(HiveProcess({CAGED: {"runtime": "command", "command": ["true"], "peers": []}}))
 
 
 def test_hive_agent_whoami_in_a_cage(mcp_hive: HiveProcess) -> None:

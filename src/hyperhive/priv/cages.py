@@ -93,31 +93,13 @@ class Cages:
         """Allocate ids; create the home (runtime's, 0700) and the socket directory
         (the core's, group = the agent's, setgid so sockets inherit the group)."""
         ids = self.ids.allocate(name)
-        agents = self.state_dir.root / "agents"
-        agents.mkdir(parents=True, exist_ok=True)
-        os.chmod(agents, 0o711)
-        state = self._agent_state(name)
-        state.mkdir(exist_ok=True)
-        os.chown(state, 0, 0)
-        os.chmod(state, 0o711)
-        home = self.state_dir.agent_home(name)
-        home.mkdir(exist_ok=True)
-        os.chown(home, ids.uid, ids.gid)
-        os.chmod(home, 0o700)
-
-        self.run_dir.agents.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir.agents, 0o711)
-        sock_dir = self.run_dir.agent_dir(name)
-        sock_dir.mkdir(exist_ok=True)
-        os.chown(sock_dir, self.core_uid, ids.gid)
-        os.chmod(sock_dir, 0o2750)
-
-        self.run_dir.ui.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.run_dir.ui, 0o711)
-        ui_dir = self.run_dir.ui_dir(name)
-        ui_dir.mkdir(exist_ok=True)
-        os.chown(ui_dir, ids.harness_uid, self.gateway_gid)
-        os.chmod(ui_dir, 0o2750)
+        _dir(self.state_dir.root / "agents", 0, 0, 0o711)
+        _dir(self._agent_state(name), 0, 0, 0o711)
+        _dir(self.state_dir.agent_home(name), ids.uid, ids.gid, 0o700)
+        _dir(self.run_dir.agents, 0, 0, 0o711)
+        _dir(self.run_dir.agent_dir(name), self.core_uid, ids.gid, 0o2750)
+        _dir(self.run_dir.ui, 0, 0, 0o711)
+        _dir(self.run_dir.ui_dir(name), ids.harness_uid, self.gateway_gid, 0o2750)
 
         cage_dir = self._cage_dir(name)
         cage_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +265,13 @@ class Cages:
 
     def cgroup(self, name: str) -> Cgroup:
         return Cgroup(name)
+
+
+def _dir(path: Path, uid: int, gid: int, mode: int) -> None:
+    """A directory with exactly this owner and mode, whether it existed or not."""
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
 
 
 def _read_all(fd: int, timeout: float) -> bytes:
