@@ -29,15 +29,20 @@ DEFAULT_AGENTS: dict[str, dict[str, Any]] = {
 
 
 def _toml_value(value: Any) -> str:
-    # JSON strings, lists and booleans are valid TOML for the values we use.
+    # JSON strings, numbers, lists and booleans are valid TOML for the values we use;
+    # a dict becomes an inline table.
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(value, ensure_ascii=False)
 
 
-def render_toml(agents: dict[str, dict[str, Any]], hive: dict[str, Any] | None = None) -> str:
+def render_toml(agents: dict[str, dict[str, Any]], hive: dict[str, Any] | None = None,
+                sections: dict[str, dict[str, Any]] | None = None) -> str:
+    """hive.toml for ``agents``; ``sections`` adds tables such as ``limits`` or ``egress``."""
     lines: list[str] = []
-    if hive:
-        lines.append("[hive]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in hive.items()]
+    for table, values in {**({"hive": hive} if hive else {}), **(sections or {})}.items():
+        lines.append(f"[{table}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
         lines.append("")
     for name, spec in agents.items():
         lines.append(f"[agents.{name}]")

@@ -45,7 +45,7 @@ import pytest
 
 from helpers import render_toml
 from hyperhive.client import Client, HiveUnavailable, priv_call
-from hyperhive.priv.cgroups import Cgroup
+from hyperhive.priv.cgroups import Cgroup, hive_key
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -143,7 +143,8 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str, interval
 class HiveProcess:
     """One ``hive up`` and helpers to look at and into it."""
 
-    def __init__(self, agents: dict[str, dict[str, Any]] | None = None, base: Path | None = None) -> None:
+    def __init__(self, agents: dict[str, dict[str, Any]] | None = None, base: Path | None = None,
+                 sections: dict[str, dict[str, Any]] | None = None) -> None:
         if base is None:
             base = Path(tempfile.mkdtemp(prefix="hv", dir="/tmp"))
             os.chmod(base, 0o755)
@@ -154,6 +155,7 @@ class HiveProcess:
         self.log_path = base / "up.log"
         self.port = free_port()
         self.agents: dict[str, dict[str, Any]] = {}
+        self.sections = dict(sections or {})  # other hive.toml tables, e.g. limits, egress
         self.write_config(AGENTS if agents is None else agents)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout_lines: list[str] = []
@@ -163,7 +165,7 @@ class HiveProcess:
 
     def write_config(self, agents: dict[str, dict[str, Any]]) -> None:
         self.agents = dict(agents)
-        self.config_path.write_text(render_toml(self.agents))
+        self.config_path.write_text(render_toml(self.agents, sections=self.sections))
         os.chmod(self.config_path, 0o644)
 
     @property
@@ -198,8 +200,8 @@ class HiveProcess:
 
     def start(self) -> None:
         assert not self.running, "this hive is already running"
-        for name in self.names:  # a cage left over from anyone else would be "found again"
-            assert not Cgroup(name).pids(), f"cgroup of {name} is busy: another hive with {name} is running"
+        for name in self.names:  # a cage left over from an earlier run would be "found again"
+            assert not self.cgroup(name).pids(), f"cgroup of {name} is busy: a cage of this hive is left over"
         cmd = [
             str(HIVE), "--run-dir", str(self.run_dir), "up", "--config", str(self.config_path),
             "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}",
@@ -271,7 +273,7 @@ class HiveProcess:
         self.assert_cages_empty()
 
     def assert_cages_empty(self) -> None:
-        left = {name: Cgroup(name).pids() for name in self.names}
+        left = {name: self.cgroup(name).pids() for name in self.names}
         left = {name: pids for name, pids in left.items() if pids}
         assert not left, f"processes left in cage cgroups after stop: {left}"
 
@@ -284,7 +286,7 @@ class HiveProcess:
             self.proc.kill()
             self.proc.wait()
         for name in self.names:
-            Cgroup(name).kill_all(1.0)
+            self.cgroup(name).kill_all(1.0)
 
     def cleanup(self) -> None:
         shutil.rmtree(self.base, ignore_errors=True)
@@ -305,8 +307,12 @@ class HiveProcess:
     def priv_pid(self) -> int | None:
         return self._child_running("hyperhive.priv")
 
+    def cgroup(self, name: str) -> Cgroup:
+        """The cage's cgroup, under this hive's own key."""
+        return Cgroup(name, hive_key(self.state_dir))
+
     def cage_procs(self, name: str) -> list[int]:
-        return Cgroup(name).pids()
+        return self.cgroup(name).pids()
 
     def harness_pid(self, name: str) -> int:
         """The harness as the host sees it: the process in the cage with the harness uid."""
@@ -439,11 +445,11 @@ def _finish(hives: list[HiveProcess]) -> None:
                 rc = h.stop()
                 if rc != 0:
                     failures.append(f"hive up exited with {rc} at teardown\n{h.log_tail()}")
-            left = {n: Cgroup(n).pids() for n in h.names}
+            left = {n: h.cgroup(n).pids() for n in h.names}
             if any(left.values()):
                 failures.append(f"processes left in cage cgroups: {left}\n{h.log_tail()}")
                 for n in h.names:
-                    Cgroup(n).kill_all(1.0)
+                    h.cgroup(n).kill_all(1.0)
         finally:
             h.cleanup()
     assert not failures, "\n".join(failures)

@@ -35,7 +35,7 @@ import pytest
 
 from hive_fixture import REPO, HiveProcess, assert_caged, as_user, probe_result, proc_start_time, proc_uid
 from hyperhive.client import Client
-from hyperhive.priv.cgroups import Cgroup, is_v2
+from hyperhive.priv.cgroups import is_v2
 
 HARNESS_PY = REPO / "src" / "hyperhive" / "cage" / "harness.py"
 SITE = Path(sysconfig.get_paths()["purelib"]).resolve()
@@ -652,24 +652,24 @@ def test_cage_cannot_gain_privileges(caged_hive: HiveProcess, world: World) -> N
 # Limits (last: they exercise the cage hardest). On carol, so alice is untouched.
 
 
-def cgroup_file(name: str, controller: str, filename: str) -> Path:
-    cg = Cgroup(name)
+def cgroup_file(hive: HiveProcess, name: str, controller: str, filename: str) -> Path:
+    cg = hive.cgroup(name)
     if is_v2():
         return cg.dirs[0] / filename
     return cg.dirs[0 if controller == "pids" else 1] / filename
 
 
-def pids_events_max(name: str) -> int:
-    for line in cgroup_file(name, "pids", "pids.events").read_text().splitlines():
+def pids_events_max(hive: HiveProcess, name: str) -> int:
+    for line in cgroup_file(hive, name, "pids", "pids.events").read_text().splitlines():
         key, value = line.split()
         if key == "max":
             return int(value)
     raise AssertionError("no max in pids.events")
 
 
-def oom_kills(name: str) -> int:
+def oom_kills(hive: HiveProcess, name: str) -> int:
     f = "memory.events" if is_v2() else "memory.oom_control"
-    for line in cgroup_file(name, "memory", f).read_text().splitlines():
+    for line in cgroup_file(hive, name, "memory", f).read_text().splitlines():
         key, value = line.split()
         if key == "oom_kill":
             return int(value)
@@ -709,16 +709,16 @@ result(rc=p.returncode, seconds=time.monotonic() - t0, cannot_fork="fork" in p.s
 
 def test_fork_bomb_is_stopped_by_the_pids_limit(caged_hive: HiveProcess, world: World) -> None:
     h = caged_hive
-    pids_max = int(cgroup_file("carol", "pids", "pids.max").read_text())
+    pids_max = int(cgroup_file(h, "carol", "pids", "pids.max").read_text())
     assert 16 <= pids_max <= 1024
-    events = pids_events_max("carol")
+    events = pids_events_max(h, "carol")
     harness = h.harness_pid("carol")
     with h.unchanged(), cage_back_to_baseline(h, "carol"), core_keeps_answering(h):
         res = probe_result(h.probe("carol", FORK_BOMB, timeout=120))
         assert res["rc"] == -9 or res["rc"] == 128 + 9, res
         assert res["seconds"] < 30
-    assert pids_events_max("carol") > events, "the bomb never hit pids.max"
-    peak = cgroup_file("carol", "pids", "pids.peak")
+    assert pids_events_max(h, "carol") > events, "the bomb never hit pids.max"
+    peak = cgroup_file(h, "carol", "pids", "pids.peak")
     if peak.exists():
         assert int(peak.read_text()) <= pids_max
     assert h.harness_pid("carol") == harness  # the harness lived through it
@@ -740,10 +740,10 @@ print("survived 2 GiB", flush=True)
 
 def test_memory_hog_is_stopped_by_the_memory_limit(caged_hive: HiveProcess, world: World) -> None:
     h = caged_hive
-    limit_file = cgroup_file("carol", "memory", "memory.max" if is_v2() else "memory.limit_in_bytes")
+    limit_file = cgroup_file(h, "carol", "memory", "memory.max" if is_v2() else "memory.limit_in_bytes")
     limit_mib = int(limit_file.read_text()) >> 20
     assert limit_mib <= 1024, limit_mib
-    kills = oom_kills("carol")
+    kills = oom_kills(h, "carol")
     harness = h.harness_pid("carol")
     with h.unchanged(), cage_back_to_baseline(h, "carol"), core_keeps_answering(h):
         proc = h.probe("carol", MEMORY_HOG, timeout=120)
@@ -752,7 +752,7 @@ def test_memory_hog_is_stopped_by_the_memory_limit(caged_hive: HiveProcess, worl
     assert "survived" not in proc.stdout
     reached = [int(line.split()[1]) for line in proc.stdout.splitlines() if line.startswith("allocated ")]
     assert reached and max(reached) <= limit_mib, reached
-    assert oom_kills("carol") > kills
+    assert oom_kills(h, "carol") > kills
     assert h.harness_pid("carol") == harness  # the OOM killer took the hog, not the harness
     assert all(row["running"] for row in h.agent_status().values())
     assert h.exec("carol", "true").returncode == 0

@@ -26,7 +26,6 @@ import pytest
 
 from hive_fixture import HiveProcess, proc_cmdline, proc_uid
 from hyperhive.client import Client
-from hyperhive.priv.cgroups import Cgroup
 from hyperhive.wire.harness import HARNESS_VERBS
 
 DEADLINE = 30.0  # seconds for anything to happen
@@ -171,10 +170,10 @@ def hive() -> Iterator[HiveProcess]:
     finally:
         try:
             rc = h.stop()
-            left = {n: Cgroup(n).pids() for n in h.names}
+            left = {n: h.cgroup(n).pids() for n in h.names}
             if any(left.values()):
                 for n in h.names:
-                    Cgroup(n).kill_all(1.0)
+                    h.cgroup(n).kill_all(1.0)
             assert rc == 0, f"hive up exited with {rc}\n{h.log_tail()}"
             assert not any(left.values()), f"processes left in cages: {left}"
         finally:
@@ -262,7 +261,7 @@ def unacked(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
 
 def runtime_procs(hive: HiveProcess, name: str) -> list[int]:
     uid = hive.cage(name)["uid"]
-    return [p for p in Cgroup(name).pids() if proc_uid(p) == uid]
+    return [p for p in hive.cgroup(name).pids() if proc_uid(p) == uid]
 
 
 def home(hive: HiveProcess, name: str, file: str) -> list[str]:
@@ -677,7 +676,7 @@ def test_transcript_kept_across_harness_and_core_restarts(hive: HiveProcess) -> 
     # Across a harness restart (killed while idle).
     old = hive.harness_pid(name)
     os.kill(old, signal.SIGKILL)
-    poll(lambda: (pids := [p for p in Cgroup(name).pids() if proc_cmdline(p)[-1:] == ["harness"]])
+    poll(lambda: (pids := [p for p in hive.cgroup(name).pids() if proc_cmdline(p)[-1:] == ["harness"]])
          and old not in pids, "a new harness")
     poll(lambda: status(hive, name)["running"], "the agent to run again")
     assert transcript(hive, name)[: len(before)] == before

@@ -29,7 +29,6 @@ import httpx
 from hive_fixture import REPO, HiveProcess, wait_until
 from hyperhive.core.sessions import COOKIE
 from hyperhive.gateway.config import CSP
-from hyperhive.priv.cgroups import Cgroup
 
 ARTIFACTS = REPO / "artifacts"
 READY_LINE = re.compile(r"^hive: ready: log in at (http://\S+/login\?token=\S+)")
@@ -191,11 +190,11 @@ def web_hive(agents: dict[str, dict[str, Any]], extra_names: tuple[str, ...] = (
             if hive.running:
                 rc = hive.stop()
                 assert rc == 0, f"hive up exited with {rc}\n{hive.log_tail()}"
-            left = {n: Cgroup(n).pids() for n in (*hive.names, *extra_names)}
+            left = {n: hive.cgroup(n).pids() for n in (*hive.names, *extra_names)}
             left = {n: pids for n, pids in left.items() if pids}
             if left:
                 for n in left:
-                    Cgroup(n).kill_all(1.0)
+                    hive.cgroup(n).kill_all(1.0)
             assert not left, f"processes left in cage cgroups after stop: {left}"
         finally:
             hive.cleanup()

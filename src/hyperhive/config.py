@@ -28,9 +28,18 @@ class HiveSection(BaseModel):
         return value
 
 
+class LimitsSection(BaseModel):
+    """Per-agent limits. ``messages_per_second`` covers send, ask and request_approval; 0 = off."""
+
+    model_config = ConfigDict(extra="forbid")
+    messages_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
+    message_burst: int = Field(default=500, ge=1, le=1_000_000)
+
+
 class HiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hive: HiveSection = HiveSection()
+    limits: LimitsSection = LimitsSection()
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
 

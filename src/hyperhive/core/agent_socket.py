@@ -68,6 +68,7 @@ class AgentSession:
 
     async def send(self, req: w.Send) -> Reply:
         self.hive.check_may_address(self.name, req.to)
+        self.hive.take_rate(self.name)
         msg = await self.hive.send(self.name, req.to, req.body)
         return ok(id=msg.id)
 
@@ -83,6 +84,7 @@ class AgentSession:
 
     async def ask(self, req: w.Ask) -> Reply:
         self.hive.check_may_address(self.name, req.to)
+        self.hive.take_rate(self.name)
         question, delivered = self.hive.store.ask(self.name, req.to, req.question, req.options)
         self.hive.bus.publish("question", {"question": model_fields_only(question)})
         if delivered is not None:
@@ -99,6 +101,7 @@ class AgentSession:
         return ok(id=question.id)
 
     async def request_approval(self, req: w.RequestApproval) -> Reply:
+        self.hive.take_rate(self.name)
         approval = approvals.request(self.hive, self.name, req.kind, req.description, req.payload)
         return ok(id=approval.id, payload_sha256=approval.payload_sha256)
 

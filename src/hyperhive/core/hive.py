@@ -13,6 +13,7 @@ from typing import Any
 
 from hyperhive.config import HiveConfig
 from hyperhive.core.events import EventBus, InboxWakeups
+from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.store import Store
 from hyperhive.names import OPERATOR
 from hyperhive.wire.common import AgentSpec, AgentStatus, Message
@@ -61,6 +62,7 @@ class Hive:
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
+        self.rates = TokenBuckets(config.limits.messages_per_second, config.limits.message_burst)
 
     # -- agents ------------------------------------------------------------------
 
@@ -86,6 +88,12 @@ class Hive:
         if me is None or them is None or sender == target:
             return False
         return target in _spec(me["spec"]).peers or me["parent"] == target or them["parent"] == sender
+
+    def take_rate(self, name: str) -> None:
+        try:
+            self.rates.take(name)
+        except RateLimited as e:
+            raise Refused(str(e)) from None
 
     def check_may_address(self, sender: str, target: str) -> None:
         if target == OPERATOR:
@@ -232,6 +240,7 @@ class Hive:
         self._in_flight.pop(name, None)
         self._interrupts.discard(name)
         self.harness_state.pop(name, None)
+        self.rates.forget(name)
 
     # -- lifecycle ----------------------------------------------------------------
 

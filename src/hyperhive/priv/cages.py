@@ -24,7 +24,7 @@ import hyperhive
 from hyperhive.cage import layout
 from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
-from hyperhive.priv.cgroups import Cgroup
+from hyperhive.priv.cgroups import Cgroup, hive_key
 from hyperhive.priv.ids import AgentIds, IdAllocator
 
 log = logging.getLogger("hive.priv")
@@ -72,6 +72,7 @@ class Cages:
         self.priv_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.priv_dir, 0o700)
         self.ids = IdAllocator(self.priv_dir / "ids.json")
+        self.cgroup_key = hive_key(state_dir.root)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
 
@@ -125,12 +126,12 @@ class Cages:
             return None
 
     def running(self, name: str) -> bool:
-        return bool(Cgroup(name).pids())
+        return bool(self.cgroup(name).pids())
 
     def start(self, name: str, memory_mib: int, pids_max: int) -> tuple[int, bool]:
         """Start the cage unless it runs. Returns (pid of the cage's init, started now)."""
         ids = self.prepare(name)
-        cgroup = Cgroup(name)
+        cgroup = self.cgroup(name)
         info = self.info(name)
         if cgroup.pids():
             return (info or {}).get("child_pid", 0), False
@@ -223,7 +224,7 @@ class Cages:
         return a
 
     def stop(self, name: str, timeout: float) -> bool:
-        cgroup = Cgroup(name)
+        cgroup = self.cgroup(name)
         was_running = bool(cgroup.pids())
         if not cgroup.kill_all(timeout):
             raise CageError(f"cage {name}: processes survived SIGKILL")
@@ -234,7 +235,7 @@ class Cages:
 
     def destroy(self, name: str) -> None:
         self.stop(name, timeout=2.0)
-        Cgroup(name).remove()
+        self.cgroup(name).remove()
         shutil.rmtree(self._agent_state(name), ignore_errors=True)
         shutil.rmtree(self.run_dir.agent_dir(name), ignore_errors=True)
         shutil.rmtree(self.run_dir.ui_dir(name), ignore_errors=True)
@@ -246,7 +247,7 @@ class Cages:
         """nsenter into the cage's namespaces, then become the agent, with no way back."""
         ids = self.ids.get(name)
         info = self.info(name)
-        cgroup = Cgroup(name)
+        cgroup = self.cgroup(name)
         if ids is None or info is None or info.get("child_pid") not in cgroup.pids():
             raise CageError(f"cage {name} is not running")
         base_env = {
@@ -264,7 +265,7 @@ class Cages:
         ]
 
     def cgroup(self, name: str) -> Cgroup:
-        return Cgroup(name)
+        return Cgroup(name, self.cgroup_key)
 
 
 def _dir(path: Path, uid: int, gid: int, mode: int) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import time
@@ -14,28 +15,34 @@ CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "hive"
 
 
+def hive_key(state_root: Path) -> str:
+    """The subtree of one hive: two hives on one host may use the same agent names."""
+    return "h" + hashlib.sha256(str(Path(state_root).resolve()).encode()).hexdigest()[:12]
+
+
 def is_v2(root: Path = CGROUP_ROOT) -> bool:
     return (root / "cgroup.controllers").exists()
 
 
 class Cgroup:
-    """The cgroup(s) of one cage."""
+    """The cgroup(s) of one cage: ``hive/<hive key>/<agent name>`` in each hierarchy."""
 
-    def __init__(self, name: str, root: Path = CGROUP_ROOT) -> None:
+    def __init__(self, name: str, key: str, root: Path = CGROUP_ROOT) -> None:
         self.name = check_name(name)
+        self.key = check_name(key)
         self.v2 = is_v2(root)
         if self.v2:
-            self.dirs = [root / GROUP / self.name]
+            self.dirs = [root / GROUP / self.key / self.name]
         else:
-            self.dirs = [root / "pids" / GROUP / self.name, root / "memory" / GROUP / self.name]
+            self.dirs = [root / c / GROUP / self.key / self.name for c in ("pids", "memory")]
 
     def create(self, memory_mib: int, pids_max: int) -> None:
         if self.v2:
-            parent = self.dirs[0].parent
-            parent.mkdir(exist_ok=True)
-            # Delegate the controllers we limit to the hive's subtree.
-            (parent.parent / "cgroup.subtree_control").write_text("+pids +memory")
-            parent.joinpath("cgroup.subtree_control").write_text("+pids +memory")
+            hive_dir = self.dirs[0].parent
+            hive_dir.mkdir(parents=True, exist_ok=True)
+            # Delegate the controllers we limit down the hive's subtree.
+            for d in (hive_dir.parent.parent, hive_dir.parent, hive_dir):
+                (d / "cgroup.subtree_control").write_text("+pids +memory")
             self.dirs[0].mkdir(exist_ok=True)
             (self.dirs[0] / "pids.max").write_text(str(pids_max))
             (self.dirs[0] / "memory.max").write_text(str(memory_mib * 1024 * 1024))
@@ -45,8 +52,7 @@ class Cgroup:
             return
         pids, memory = self.dirs
         for d in (pids, memory):
-            d.parent.mkdir(exist_ok=True)
-            d.mkdir(exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True)
         (pids / "pids.max").write_text(str(pids_max))
         limit = str(memory_mib * 1024 * 1024)
         (memory / "memory.limit_in_bytes").write_text(limit)
@@ -89,10 +95,13 @@ class Cgroup:
 
     def remove(self) -> None:
         for d in self.dirs:
-            try:
-                d.rmdir()
-            except FileNotFoundError:
-                pass
+            for gone in (d, d.parent):  # the hive's own directory too, once empty
+                try:
+                    gone.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    break  # other cages of this hive are still there
 
     def memory_usage(self) -> int | None:
         f = self.dirs[-1] / ("memory.current" if self.v2 else "memory.usage_in_bytes")
