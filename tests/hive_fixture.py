@@ -9,10 +9,10 @@ hive-core and must reach its state dir; pytest's /tmp/pytest-of-root is 0700).
 agent running (its harness connected). ``stop()`` sends SIGTERM; the fixtures
 assert exit status 0 and that no process is left in any cage's cgroup.
 
-Cages are keyed by agent name on the host (cgroups under /sys/fs/cgroup/…/hive/),
-so two hives with the same agent names must never run at once: ``caged_hive``
-is module-scoped (pytest ends it with its module), ``hive_factory`` is
-function-scoped and no module that uses it also uses ``caged_hive``.
+Each hive's cgroups live under its own key (/sys/fs/cgroup/…/hive/<key>/<name>,
+``HiveProcess.cgroup``), so hives with the same agent names may run at once.
+``caged_hive`` is module-scoped (pytest ends it with its module),
+``hive_factory`` is function-scoped.
 
 Probes that could harm the host if ``hive exec`` were broken (fork bomb, memory
 hog, writes to system directories, mount, kill) go through ``probe()``: the
