@@ -5,9 +5,12 @@ from __future__ import annotations
 import tomllib
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
 
 from hyperhive.wire.common import AgentName, AgentSpec
+from hyperhive.wire.egress import RuleError, check_hostname
 from hyperhive.wire.framing import describe_validation_error
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
@@ -36,10 +39,30 @@ class LimitsSection(BaseModel):
     message_burst: int = Field(default=500, ge=1, le=1_000_000)
 
 
+class EgressSection(BaseModel):
+    """The egress proxy. ``hosts`` maps names to addresses for the proxy's resolver
+    (checked before DNS, like /etc/hosts); the allowlists are per agent."""
+
+    model_config = ConfigDict(extra="forbid")
+    hosts: dict[str, IPvAnyAddress] = Field(default_factory=dict, max_length=10_000)
+    max_connections: int = Field(default=64, ge=1, le=10_000)  # per agent, at once
+
+    @field_validator("hosts")
+    @classmethod
+    def _names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            try:
+                check_hostname(name)
+            except RuleError as e:
+                raise ValueError(f"hosts: {e}") from None
+        return value
+
+
 class HiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hive: HiveSection = HiveSection()
     limits: LimitsSection = LimitsSection()
+    egress: EgressSection = EgressSection()
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
 

@@ -40,6 +40,10 @@ class RunDir:
     def agent_sock(self, name: str) -> Path:
         return self.agent_dir(name) / "agent.sock"
 
+    def egress_sock(self, name: str) -> Path:
+        """The agent's way out: hive-core's egress proxy, for this agent only."""
+        return self.agent_dir(name) / "egress.sock"
+
     @property
     def ui(self) -> Path:
         return self.root / "ui"

@@ -258,9 +258,14 @@ def serve(path: str, init: InitChannel) -> None:
 def main(args: list[str]) -> None:
     path = os.environ.get("HIVE_SOCKET", layout.AGENT_SOCKET)
     init = InitChannel(int(os.environ["HIVE_INIT_FD"]))
+    from hyperhive.cage.egress_bridge import serve_bridge
     from hyperhive.cage.page import serve_page
 
     serve_page(layout.WEB_SOCKET, path)
+    try:
+        serve_bridge()
+    except OSError as e:  # e.g. the port is taken: turns still run, egress is refused
+        log(f"egress bridge not started: {e}")
     backoff = 0.05
     while True:
         try:

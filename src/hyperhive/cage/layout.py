@@ -7,11 +7,28 @@ HIVE_SITE = "/opt/hive/site"
 HOME = "/home/agent"
 SOCKET_DIR = "/run/hive"
 AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
+# Egress: the harness listens on the cage's own loopback and bridges to this socket.
+EGRESS_SOCKET = f"{SOCKET_DIR}/egress.sock"
+EGRESS_PORT = 3128
+PROXY_URL = f"http://127.0.0.1:{EGRESS_PORT}"
 # The page socket's directory: the harness uid's, the gateway's group; the runtime can't enter it.
 WEB_DIR = "/run/hive-ui"
 WEB_SOCKET = f"{WEB_DIR}/web.sock"
 BIN = "/opt/hive/bin"  # the `hive` command
 PATH = f"{BIN}:/usr/local/bin:/usr/bin:/bin"
+
+
+def base_env(name: str) -> dict[str, str]:
+    """The environment of everything the agent runs (turns, `hive exec`). Every
+    proxy variable points at the egress bridge: there is no other way out."""
+    env = {
+        "PATH": PATH, "HOME": HOME, "USER": "agent", "LANG": "C.UTF-8",
+        "HIVE_AGENT": name, "HIVE_SOCKET": AGENT_SOCKET,
+    }
+    for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
+        env[var] = env[var.lower()] = PROXY_URL
+    env["NO_PROXY"] = env["no_proxy"] = ""
+    return env
 
 
 def python_argv(*args: str) -> list[str]:

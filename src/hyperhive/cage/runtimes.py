@@ -27,10 +27,7 @@ class Runtime:
         return json.dumps(message, ensure_ascii=False).encode() + b"\n"
 
     def env(self, message: dict[str, Any]) -> dict[str, str]:
-        return {
-            "PATH": layout.PATH, "HOME": layout.HOME, "USER": "agent", "LANG": "C.UTF-8",
-            "HIVE_AGENT": self.name, "HIVE_SOCKET": layout.AGENT_SOCKET, "HIVE_TURN": str(message["id"]),
-        }
+        return {**layout.base_env(self.name), "HIVE_TURN": str(message["id"])}
 
     def stdout_entry(self, line: str) -> tuple[str, Any]:
         return "stdout", line

@@ -246,6 +246,8 @@ class AgentSockets:
     def set_uids(self, name: str, uid: int, harness_uid: int) -> None:
         self._allowed[name] = frozenset({0, uid, harness_uid})
         self._harness_uid[name] = harness_uid
+        if self.hive is not None:
+            self.hive.egress.set_uids(name, self._allowed[name])
 
     def serving(self, name: str) -> bool:
         return name in self._servers
@@ -299,6 +301,8 @@ class AgentSockets:
             os.umask(old_umask)
         self._servers[name] = server
         self._writers[name] = writers
+        # Same directory, same mode: only the agent's own uids (and the gateway-less core) reach it.
+        hive.egress.listen(name, self.run_dir.egress_sock(name), 0o117 if not self.manage_dirs else 0o177)
         log.info("agent %s: serving %s", name, path)
 
     async def stop(self, name: str) -> None:
@@ -306,6 +310,8 @@ class AgentSockets:
         if server is None:
             return
         server.close()
+        if self.hive is not None:
+            self.hive.egress.close(name, self.run_dir.egress_sock(name))
         for writer in list(self._writers.pop(name, ())):
             writer.close()
         await server.wait_closed()

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from hyperhive.core.hive import Hive, Refused
 from hyperhive.core.store import ApplyError, Store
 from hyperhive.wire.common import Approval, SpawnPayload
+from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import describe_validation_error, model_fields_only
 
 
@@ -66,7 +67,32 @@ class Spawn:
             await hive.after_create(SpawnPayload.model_validate(approval.payload).name)
 
 
-KINDS: dict[str, ApprovalKind] = {"custom": Custom(), "spawn": Spawn()}
+class Egress:
+    """The payload is ``{host, port}``; approving adds exactly that rule to the
+    requester's egress allowlist, persisted, live at once (no restart)."""
+
+    def _rule(self, payload: Any) -> str:
+        try:
+            return EgressPayload.model_validate(payload).rule()
+        except ValidationError as e:
+            raise Refused(f"egress payload: {describe_validation_error(e, tagged=False)}") from None
+        except RuleError as e:
+            raise Refused(f"egress payload: {e}") from None
+
+    def check(self, hive: Hive, requester: str, payload: Any) -> None:
+        self._rule(payload)
+
+    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+        if not db.execute("SELECT 1 FROM agents WHERE name=?", (approval.agent,)).fetchone():
+            raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
+        Store._add_egress_rule(db, approval.agent, self._rule(approval.payload), "approval")
+
+    async def after(self, hive: Hive, approval: Approval) -> None:
+        if approval.status == "approved":
+            hive.reload_egress(approval.agent)
+
+
+KINDS: dict[str, ApprovalKind] = {"custom": Custom(), "spawn": Spawn(), "egress": Egress()}
 
 
 def request(hive: Hive, requester: str, kind: str, description: str, payload: Any) -> Approval:

@@ -7,16 +7,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hyperhive.config import HiveConfig
+from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.events import EventBus, InboxWakeups
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
-from hyperhive.core.store import Store
+from hyperhive.core.store import Store, StoreError
 from hyperhive.names import OPERATOR
 from hyperhive.wire.common import AgentSpec, AgentStatus, Message
+from hyperhive.wire.egress import Rule, parse_rules
 from hyperhive.wire.framing import model_fields_only
 
 log = logging.getLogger("hive.core")
@@ -63,6 +66,14 @@ class Hive:
         self._interrupts: set[str] = set()
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
         self.rates = TokenBuckets(config.limits.messages_per_second, config.limits.message_burst)
+        # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
+        self._egress_rules: dict[str, tuple[Rule, ...]] = {}
+        self._egress_open: dict[int, int] = {}  # decision key -> log row, while its connection lasts
+        self.reload_egress()
+        self.egress = EgressProxy(
+            self.egress_rules_for, self.record_egress,
+            Resolver({k: str(v) for k, v in config.egress.hosts.items()}), config.egress.max_connections,
+        )
 
     # -- agents ------------------------------------------------------------------
 
@@ -242,6 +253,54 @@ class Hive:
         self.harness_state.pop(name, None)
         self.rates.forget(name)
 
+    # -- egress -------------------------------------------------------------------
+
+    def egress_rules_for(self, name: str) -> tuple[Rule, ...]:
+        return self._egress_rules.get(name, ())
+
+    def reload_egress(self, name: str | None = None) -> None:
+        rules = self.store.egress_rules(name)
+        names = [name] if name else list(set(rules) | set(self._egress_rules))
+        fresh = dict(self._egress_rules)
+        for n in names:
+            fresh[n] = parse_rules([r["rule"] for r in rules.get(n, [])])
+        self._egress_rules = fresh
+        if hasattr(self, "egress"):  # not while constructing
+            for n in names:
+                self.bus.publish("egress", {"agent": n, "rules": [r.text for r in fresh[n]]})
+
+    def record_egress(self, d: Decision) -> None:
+        """Every decision of the proxy, in the log (and to subscribers); called in the loop."""
+        row = {"agent": d.agent, "at": d.at, "host": d.host, "port": d.port, "address": d.address,
+               "allowed": d.allowed, "reason": d.reason, "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
+               "closed_at": time.time() if d.closed else None}
+        try:
+            rowid = self._egress_open.pop(d.key, None)
+            if rowid is not None:
+                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, row["closed_at"] or time.time())
+            else:
+                rowid = self.store.log_egress(row)
+                if not d.closed:
+                    self._egress_open[d.key] = rowid
+        except StoreError as e:
+            log.error("egress %s: decision not logged (%s): %s", d.agent, e, row)
+            return
+        log.info("egress %s: %s %s:%s (%s)%s", d.agent, "allowed" if d.allowed else "refused", d.host, d.port,
+                 d.reason, f" up {d.bytes_up} B down {d.bytes_down} B" if d.closed and d.allowed else "")
+        self.bus.publish("egress", {"agent": d.agent, "entry": {"id": rowid, **row}})
+
+    def allow_egress(self, name: str, rule: str, source: str) -> bool:
+        self.require_agent(name)
+        added = self.store.add_egress_rule(name, rule, source)
+        self.reload_egress(name)
+        return added
+
+    def remove_egress(self, name: str, rule: str) -> bool:
+        self.require_agent(name)
+        removed = self.store.remove_egress_rule(name, rule)
+        self.reload_egress(name)
+        return removed
+
     # -- lifecycle ----------------------------------------------------------------
 
     async def start(self, name: str) -> None:
@@ -264,6 +323,7 @@ class Hive:
 
     async def after_create(self, name: str) -> None:
         log.info("agent %s created", name)
+        self.reload_egress(name)  # the spec's rules
         await self.lifecycle.start(name)
         self.publish_status(name)
 
@@ -272,6 +332,7 @@ class Hive:
         await self.lifecycle.destroy(name)
         self.store.delete_agent(name)
         self.forget(name)
+        self.reload_egress(name)
         log.info("agent %s destroyed", name)
         self.publish_status(name)
 

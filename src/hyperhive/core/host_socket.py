@@ -118,6 +118,25 @@ class OperatorSession:
         await self.hive.destroy(req.name)
         return ok(name=req.name)
 
+    async def egress_rules(self, req: w.EgressRules) -> Reply:
+        if req.name is not None:
+            self.hive.require_agent(req.name)
+        return ok(rules=self.hive.store.egress_rules(req.name))
+
+    async def egress_allow(self, req: w.EgressAllow) -> Reply:
+        added = self.hive.allow_egress(req.name, req.rule, "operator")
+        return ok(name=req.name, rule=req.rule, added=added)
+
+    async def egress_remove(self, req: w.EgressRemove) -> Reply:
+        if not self.hive.remove_egress(req.name, req.rule):
+            raise Refused(f"{req.name} has no egress rule {req.rule!r}")
+        return ok(name=req.name, rule=req.rule)
+
+    async def egress_log(self, req: w.EgressLog) -> Reply:
+        if req.name is not None:
+            self.hive.require_agent(req.name)
+        return ok(entries=self.hive.store.egress_log(req.name, req.limit))
+
     async def urls(self, req: w.Urls) -> Reply:
         listen = self.hive.config.hive.listen
         host, _ = parse_listen(listen)
@@ -168,6 +187,10 @@ HANDLERS: dict[type, Callable[[OperatorSession, Any], Awaitable[Reply]]] = {
     w.Subscribe: OperatorSession.subscribe,
     w.Interrupt: OperatorSession.interrupt,
     w.Transcript: OperatorSession.transcript,
+    w.EgressRules: OperatorSession.egress_rules,
+    w.EgressAllow: OperatorSession.egress_allow,
+    w.EgressRemove: OperatorSession.egress_remove,
+    w.EgressLog: OperatorSession.egress_log,
 }
 assert set(HANDLERS) == set(w.HOST_MODELS)
 

@@ -4,16 +4,26 @@ A handler gets one decoded request object and returns either a response dict
 or an async iterator of dicts (a stream, which ends the connection when done).
 Whatever goes wrong with one request becomes a one-line ``ok:false`` reply; the
 connection stays usable, except after an oversized line (we can't resync).
+
+Each peer uid (root aside) may hold at most ``MAX_CONNECTIONS_PER_PEER``
+connections at once on one listening socket; one more gets a one-line refusal
+and is closed. Without that bound an agent holding thousands of idle
+connections to its own ``agent.sock`` used up the core's file descriptors (and,
+with a partial line on each, its memory), and with them every other agent's and
+the operator's connections.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from hyperhive.core.store import StoreError
+from hyperhive.peercred import peer_cred
 from hyperhive.wire.framing import MAX_LINE, WireError, dump_line, error, parse_line
 
 log = logging.getLogger("hive.core")
@@ -22,6 +32,49 @@ Reply = dict[str, Any] | AsyncIterator[dict[str, Any]]
 Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
 
 STREAM_LIMIT = MAX_LINE  # asyncio's readline limit: bytes before the newline
+MAX_CONNECTIONS_PER_PEER = 32  # open at once, per listening socket and peer uid (root is not counted)
+_REFUSAL_LOG_EVERY = 10.0  # seconds: at most one warning per socket and uid in this long
+
+_open: dict[tuple[str, int], int] = {}  # (socket path, peer uid) -> connections open now
+_last_refusal_log: dict[tuple[str, int], float] = {}
+
+
+def _peer_key(writer: asyncio.StreamWriter) -> tuple[str, int] | None:
+    """(listening socket path, peer uid) for a unix-socket peer other than root; None
+    when there is nothing to count (root, or not a unix socket)."""
+    sock = writer.get_extra_info("socket")
+    path = writer.get_extra_info("sockname")
+    if sock is None or sock.family != socket.AF_UNIX or not isinstance(path, str) or not path:
+        return None
+    try:
+        uid = peer_cred(sock).uid
+    except OSError:
+        return None
+    return None if uid == 0 else (path, uid)
+
+
+def _claim(key: tuple[str, int] | None) -> bool:
+    if key is None:
+        return True
+    if _open.get(key, 0) >= MAX_CONNECTIONS_PER_PEER:
+        now = time.monotonic()
+        if now - _last_refusal_log.get(key, -_REFUSAL_LOG_EVERY) >= _REFUSAL_LOG_EVERY:
+            _last_refusal_log[key] = now
+            log.warning("%s: refused connections from uid %d: it has %d open", key[0], key[1],
+                        MAX_CONNECTIONS_PER_PEER)
+        return False
+    _open[key] = _open.get(key, 0) + 1
+    return True
+
+
+def _release(key: tuple[str, int] | None) -> None:
+    if key is None:
+        return
+    left = _open.get(key, 0) - 1
+    if left > 0:
+        _open[key] = left
+    else:
+        _open.pop(key, None)
 
 
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
@@ -34,6 +87,23 @@ async def serve_lines(
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
     soon as the peer hangs up, so the connection ends then and not when the poll would."""
+    key = _peer_key(writer)
+    if not _claim(key):
+        assert key is not None
+        writer.write(dump_line(error(
+            f"too many connections: uid {key[1]} may have at most {MAX_CONNECTIONS_PER_PEER} open"
+            " on this socket at once; closing connection")))
+        writer.close()
+        return
+    try:
+        await _serve_lines(reader, writer, handle, watch_hangup)
+    finally:
+        _release(key)
+
+
+async def _serve_lines(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler, watch_hangup: bool,
+) -> None:
     ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
     try:
         while True:

@@ -94,8 +94,35 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX transcript_agent ON transcript (agent, id);
     """,
+    # 3: egress allowlists and the log of every egress decision
+    """
+    CREATE TABLE egress_rules (
+        agent TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('spec', 'approval', 'operator')),
+        added_at REAL NOT NULL,
+        PRIMARY KEY (agent, rule)
+    );
+    INSERT INTO egress_rules (agent, rule, source, added_at)
+        SELECT agents.name, value, 'spec', agents.created_at FROM agents, json_each(agents.spec, '$.egress');
+    CREATE TABLE egress_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        at REAL NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        address TEXT,
+        allowed INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        bytes_up INTEGER NOT NULL DEFAULT 0,
+        bytes_down INTEGER NOT NULL DEFAULT 0,
+        closed_at REAL
+    );
+    CREATE INDEX egress_log_agent ON egress_log (agent, id);
+    """,
 ]
 TRANSCRIPT_KEEP = 20_000  # entries per agent
+EGRESS_LOG_KEEP = 5_000  # decisions per agent
 
 
 class ApplyError(Exception):
@@ -118,7 +145,62 @@ def _opts(raw: str | None) -> list[str] | None:
     return None if raw is None else json.loads(raw)
 
 
-class Store:
+class _Egress:
+    """Egress rules and the decision log (mixed into Store)."""
+
+    db: sqlite3.Connection
+    tx: Callable[..., Any]
+
+    def egress_rules(self, agent: str | None = None) -> dict[str, list[dict[str, Any]]]:
+        sql = "SELECT * FROM egress_rules" + (" WHERE agent=?" if agent else "") + " ORDER BY agent, rule"
+        out: dict[str, list[dict[str, Any]]] = {}
+        for r in self.db.execute(sql, (agent,) if agent else ()):
+            out.setdefault(r["agent"], []).append({"rule": r["rule"], "source": r["source"], "added_at": r["added_at"]})
+        return out
+
+    def add_egress_rule(self, agent: str, rule: str, source: str) -> bool:
+        with self.tx(agents_unchanged=True) as db:
+            return self._add_egress_rule(db, agent, rule, source)
+
+    @staticmethod
+    def _add_egress_rule(db: sqlite3.Connection, agent: str, rule: str, source: str) -> bool:
+        cur = db.execute(
+            "INSERT OR IGNORE INTO egress_rules (agent, rule, source, added_at) VALUES (?, ?, ?, ?)",
+            (agent, rule, source, time.time()),
+        )
+        return cur.rowcount == 1
+
+    def remove_egress_rule(self, agent: str, rule: str) -> bool:
+        with self.tx(agents_unchanged=True) as db:
+            return db.execute("DELETE FROM egress_rules WHERE agent=? AND rule=?", (agent, rule)).rowcount == 1
+
+    def log_egress(self, row: dict[str, Any]) -> int:
+        with self.tx(agents_unchanged=True) as db:
+            cur = db.execute(
+                "INSERT INTO egress_log (agent, at, host, port, address, allowed, reason, bytes_up, bytes_down,"
+                " closed_at) VALUES (:agent, :at, :host, :port, :address, :allowed, :reason, :bytes_up,"
+                " :bytes_down, :closed_at)", row,
+            )
+            rowid = int(cur.lastrowid or 0)
+            if rowid % 500 == 0:  # now and then: keep the newest EGRESS_LOG_KEEP per agent
+                db.execute(
+                    "DELETE FROM egress_log WHERE agent=? AND id <= (SELECT id FROM egress_log WHERE agent=?"
+                    " ORDER BY id DESC LIMIT 1 OFFSET ?)", (row["agent"], row["agent"], EGRESS_LOG_KEEP),
+                )
+            return rowid
+
+    def close_egress(self, rowid: int, bytes_up: int, bytes_down: int, closed_at: float) -> None:
+        with self.tx(agents_unchanged=True) as db:
+            db.execute("UPDATE egress_log SET bytes_up=?, bytes_down=?, closed_at=? WHERE id=?",
+                       (bytes_up, bytes_down, closed_at, rowid))
+
+    def egress_log(self, agent: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        sql = "SELECT * FROM egress_log" + (" WHERE agent=?" if agent else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self.db.execute(sql, (agent, limit) if agent else (limit,)).fetchall()
+        return [{**dict(r), "allowed": bool(r["allowed"])} for r in rows]
+
+
+class Store(_Egress):
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -219,6 +301,9 @@ class Store:
                     " ON CONFLICT(name) DO UPDATE SET spec=excluded.spec",
                     (name, spec.model_dump_json(), now),
                 )
+                # The spec's rules are hive.toml's; approved and operator-added ones stay.
+                db.execute("DELETE FROM egress_rules WHERE agent=? AND source='spec'", (name,))
+                self._add_spec_rules(db, name, spec, now)
             rows = db.execute("SELECT name FROM agents WHERE origin='config'").fetchall()
             for row in rows:
                 if row["name"] not in declared:
@@ -235,6 +320,14 @@ class Store:
         db.execute(
             "INSERT INTO agents (name, spec, parent, origin, created_at) VALUES (?, ?, ?, ?, ?)",
             (name, spec.model_dump_json(), parent, origin, time.time()),
+        )
+        Store._add_spec_rules(db, name, spec, time.time())
+
+    @staticmethod
+    def _add_spec_rules(db: sqlite3.Connection, name: str, spec: AgentSpec, now: float) -> None:
+        db.executemany(
+            "INSERT OR IGNORE INTO egress_rules (agent, rule, source, added_at) VALUES (?, ?, 'spec', ?)",
+            [(name, rule, now) for rule in spec.egress],
         )
 
     def delete_agent(self, name: str) -> None:
@@ -258,6 +351,7 @@ class Store:
         )
         db.execute("UPDATE agents SET parent=NULL WHERE parent=?", (name,))
         db.execute("DELETE FROM transcript WHERE agent=?", (name,))
+        db.execute("DELETE FROM egress_rules WHERE agent=?", (name,))
 
     def set_agent_flag(self, name: str, column: str, value: bool) -> None:
         assert column in ("paused", "stopped")

@@ -205,12 +205,7 @@ class Cages:
         a += [
             "--chdir", "/",  # init has no CAP_DAC_OVERRIDE to enter the runtime's 0700 home
             "--clearenv",
-            "--setenv", "PATH", layout.PATH,
-            "--setenv", "HOME", layout.HOME,
-            "--setenv", "USER", "agent",
-            "--setenv", "LANG", "C.UTF-8",
-            "--setenv", "HIVE_AGENT", name,
-            "--setenv", "HIVE_SOCKET", layout.AGENT_SOCKET,
+            *(arg for k, v in layout.base_env(name).items() for arg in ("--setenv", k, v)),
             # The cage's init keeps only what it needs to start the harness and the
             # runtime's processes under their own uids, and to signal the latter.
             "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
@@ -250,11 +245,7 @@ class Cages:
         cgroup = self.cgroup(name)
         if ids is None or info is None or info.get("child_pid") not in cgroup.pids():
             raise CageError(f"cage {name} is not running")
-        base_env = {
-            "PATH": layout.PATH, "HOME": layout.HOME, "USER": "agent", "LANG": "C.UTF-8",
-            "HIVE_AGENT": name, "HIVE_SOCKET": layout.AGENT_SOCKET,
-        }
-        base_env.update(env)
+        base_env = {**layout.base_env(name), **env}
         return [
             "nsenter", "--target", str(info["child_pid"]),
             "--mount", "--uts", "--ipc", "--net", "--pid", "--root", f"--wdns={layout.HOME}",

@@ -53,7 +53,13 @@ class PrivServer:
                 return
             buf = b""
             while True:
-                line, buf, fds, closed = _read_line(conn, buf)
+                try:
+                    line, buf, fds, closed = _read_line(conn, buf)
+                except TooManyFds:
+                    log.warning("refused uid %d pid %d: more than %d file descriptors with one request",
+                                cred.uid, cred.pid, MAX_FDS)
+                    _send(conn, error(f"more than {MAX_FDS} file descriptors with one request; closing connection"))
+                    return
                 if line is None:
                     if closed and buf:
                         _send(conn, error(f"line exceeds {MAX_LINE} bytes"))
@@ -118,8 +124,15 @@ def _close(fd: int) -> None:
         pass
 
 
+class TooManyFds(Exception):
+    """More file descriptors came with one request than any verb takes (they are closed)."""
+
+
 def _read_line(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes, list[int], bool]:
-    """Read one line, collecting any SCM_RIGHTS fds that came with it."""
+    """Read one line, collecting any SCM_RIGHTS fds that came with it. More than
+    MAX_FDS of them (over several messages, or cut off by the kernel) raise
+    TooManyFds: a caller sending descriptors without ever ending its line would
+    otherwise fill hive-priv's descriptor table, and then nobody could connect."""
     fds: list[int] = []
     while b"\n" not in buf:
         if len(buf) > MAX_LINE:
@@ -127,14 +140,18 @@ def _read_line(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes, li
                 _close(fd)
             return None, buf, [], True
         try:
-            data, ancdata, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+            data, ancdata, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
         except OSError:
-            data, ancdata = b"", []
+            data, ancdata, flags = b"", [], 0
         for level, kind, payload in ancdata:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 arr = array.array("i")
                 arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
                 fds.extend(arr.tolist())
+        if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
+            for fd in fds:
+                _close(fd)
+            raise TooManyFds
         if not data:
             for fd in fds:
                 _close(fd)

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from hyperhive.names import OPERATOR, check_name
+from hyperhive.wire.egress import RuleText
 
 AgentName = Annotated[str, AfterValidator(check_name)]
 
@@ -32,7 +33,7 @@ class AgentSpec(Strict):
     runtime: Literal["command", "claude"] = "command"
     command: list[Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=256)
     peers: list[AgentName] = Field(default_factory=list, max_length=1000)
-    egress: list[Annotated[str, Field(max_length=300)]] = Field(default_factory=list, max_length=100)
+    egress: list[RuleText] = Field(default_factory=list, max_length=100)  # HOST:PORT rules
     model: Annotated[str, Field(max_length=200)] | None = None
     turn_timeout: Annotated[float, Field(gt=0, le=24 * 3600)] = 300.0
 

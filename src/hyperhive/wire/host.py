@@ -7,9 +7,10 @@ from typing import Annotated, Literal, Union, get_args
 from pydantic import Field, TypeAdapter
 
 from hyperhive.wire.common import AgentName, AgentSpec, Strict, Text
+from hyperhive.wire.egress import RuleText
 
-EVENT_KINDS = ("message", "question", "answer", "approval", "agent_status", "reminder", "transcript")
-EventKind = Literal["message", "question", "answer", "approval", "agent_status", "reminder", "transcript"]
+EventKind = Literal["message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"]
+EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
 
 
 class Scope(Strict):
@@ -108,6 +109,33 @@ class Transcript(Strict):
     limit: Annotated[int, Field(ge=1, le=5000)] = 500
 
 
+class EgressRules(Strict):
+    """Every agent's egress allowlist (or one agent's), with where each rule came from."""
+
+    cmd: Literal["egress_rules"]
+    name: AgentName | None = None
+
+
+class EgressAllow(Strict):
+    cmd: Literal["egress_allow"]
+    name: AgentName
+    rule: RuleText
+
+
+class EgressRemove(Strict):
+    cmd: Literal["egress_remove"]
+    name: AgentName
+    rule: RuleText
+
+
+class EgressLog(Strict):
+    """The proxy's decisions, newest first."""
+
+    cmd: Literal["egress_log"]
+    name: AgentName | None = None
+    limit: Annotated[int, Field(ge=1, le=5000)] = 100
+
+
 class Urls(Strict):
     cmd: Literal["urls"]
 
@@ -125,7 +153,7 @@ HostRequest = Annotated[
     Union[
         List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
         AnswerQuestion, OperatorSend, Inbox, Spawn, Destroy, Urls, SubscribeAgentStatus, Subscribe,
-        Interrupt, Transcript,
+        Interrupt, Transcript, EgressRules, EgressAllow, EgressRemove, EgressLog,
     ],
     Field(discriminator="cmd"),
 ]

@@ -1,0 +1,54 @@
+"""The cage's end of egress: a TCP listener on the cage's own loopback (the
+port in HTTPS_PROXY / HTTP_PROXY / ALL_PROXY) that the harness bridges, one
+connection each, to the agent's egress socket. The proxy behind that socket
+knows the agent from the socket itself; nothing said on the wire can change it.
+Standard library only (it runs in the harness)."""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+
+from hyperhive.cage import layout
+from hyperhive.relay import relay
+
+
+def _bridge(client: socket.socket, egress_path: str) -> None:
+    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            upstream.connect(egress_path)
+        except OSError as e:
+            reason = f"the hive's egress proxy is not reachable ({e.strerror or e})"
+            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                           b"Content-Length: %d\r\n\r\n%s\n" % (len(reason) + 1, reason.encode()))
+            return
+        relay(client, upstream)
+    except OSError:
+        pass
+    finally:
+        upstream.close()
+        client.close()
+
+
+def serve_bridge(port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET) -> socket.socket:
+    """Listen on 127.0.0.1:port now (so the runtime finds it from its first turn);
+    serve from a daemon thread."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(128)
+
+    def accept_loop() -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError as e:
+                print(f"harness: egress bridge stopped: {e}", file=sys.stderr, flush=True)
+                return
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=_bridge, args=(client, egress_path), daemon=True).start()
+
+    threading.Thread(target=accept_loop, name="egress-bridge", daemon=True).start()
+    return listener

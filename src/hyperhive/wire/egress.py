@@ -1,0 +1,146 @@
+"""Egress rules: what an agent may reach through the hive's proxy.
+
+A rule is ``HOST:PORT`` where HOST is a hostname (``api.anthropic.com``), a
+wildcard (``*.pypi.org``: any name *under* pypi.org, not pypi.org itself), an
+IP literal (``198.18.0.2``, ``[2001:db8::1]``) or a CIDR (``198.18.0.0/15``).
+Every rule names exactly one port. Matching is pure; the proxy adds the
+checks that need the network (DNS, the host's own addresses).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_LABEL = r"(?!-)[a-z0-9-]{1,63}(?<!-)"
+_HOSTNAME = re.compile(rf"^{_LABEL}(\.{_LABEL})*$")
+MAX_RULE = 300
+
+
+class RuleError(ValueError):
+    """One line: why a rule or destination is not valid."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    text: str  # canonical form, as stored and shown
+    port: int
+    name: str | None = None  # exact hostname
+    suffix: str | None = None  # wildcard: ".pypi.org"
+    network: IPNetwork | None = None  # IP literal (a /32 or /128) or CIDR
+
+    def matches_name(self, host: str, port: int) -> bool:
+        if port != self.port:
+            return False
+        if self.name is not None:
+            return host == self.name
+        return self.suffix is not None and host.endswith(self.suffix)
+
+    def matches_address(self, address: IPAddress, port: int) -> bool:
+        return port == self.port and self.network is not None and address in self.network
+
+
+def parse_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise RuleError(f"port must be 1-65535, got {text!r}")
+    return int(text)
+
+
+def check_hostname(host: str) -> str:
+    host = host.lower().rstrip(".")
+    if len(host) > 253 or not _HOSTNAME.match(host):
+        raise RuleError(f"not a valid hostname: {host[:80]!r}")
+    return host
+
+
+def split_host_port(text: str) -> tuple[str, str]:
+    """``host:port`` or ``[v6]:port``."""
+    if text.startswith("["):
+        host, sep, port = text[1:].partition("]:")
+        if not sep:
+            raise RuleError(f"expected [ADDRESS]:PORT, got {text[:80]!r}")
+        return host, port
+    host, sep, port = text.rpartition(":")
+    if not sep or not host:
+        raise RuleError(f"expected HOST:PORT, got {text[:80]!r}")
+    if ":" in host:
+        raise RuleError(f"an IPv6 address needs brackets: [{host[:60]}]:{port}")
+    return host, port
+
+
+def parse_rule(text: str) -> Rule:
+    if not isinstance(text, str) or len(text) > MAX_RULE:
+        raise RuleError(f"an egress rule is a HOST:PORT string of at most {MAX_RULE} characters")
+    host, port_text = split_host_port(text.strip())
+    port = parse_port(port_text)
+    if "/" in host:
+        try:
+            network = ipaddress.ip_network(host, strict=True)
+        except ValueError as e:
+            raise RuleError(f"not a valid CIDR: {e}") from None
+        return Rule(_join(str(network), port), port, network=network)
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return Rule(_join(str(address), port), port, network=ipaddress.ip_network(address))
+    if host.startswith("*."):
+        base = check_hostname(host[2:])
+        return Rule(f"*.{base}:{port}", port, suffix="." + base)
+    name = check_hostname(host)
+    return Rule(f"{name}:{port}", port, name=name)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def canonical_rule(text: str) -> str:
+    return parse_rule(text).text
+
+
+def _validate_rule(text: str) -> str:
+    try:
+        return canonical_rule(text)
+    except RuleError as e:
+        raise ValueError(str(e)) from None
+
+
+# An egress rule in hive.toml, a spawn spec or a host verb: validated and canonical.
+RuleText = Annotated[str, Field(max_length=MAX_RULE), AfterValidator(_validate_rule)]
+
+
+class EgressPayload(BaseModel):
+    """The payload of an ``egress`` approval: approving adds exactly ``host:port``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    host: Annotated[str, Field(min_length=1, max_length=MAX_RULE - 6)]
+    port: Annotated[int, Field(ge=1, le=65535)]
+
+    def rule(self) -> str:
+        host = self.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # a bare IPv6 address
+        return canonical_rule(f"{host}:{self.port}")
+
+
+def parse_rules(texts: list[str] | tuple[str, ...]) -> tuple[Rule, ...]:
+    return tuple(parse_rule(t) for t in texts)
+
+
+def destination(host: str, port: int) -> tuple[str, IPAddress | None]:
+    """A requested destination: a hostname (lowercased) or an IP literal."""
+    host = host.strip("[]")
+    try:
+        return str(ipaddress.ip_address(host)), ipaddress.ip_address(host)
+    except ValueError:
+        return check_hostname(host), None
