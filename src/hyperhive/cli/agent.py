@@ -128,9 +128,9 @@ def answer(ctx: click.Context, as_json: bool, question_id: int, answer: str) -> 
 
 @agent_group.command("request-approval")
 @json_option
-@click.argument("kind", type=click.Choice(["custom", "spawn"]))
+@click.argument("kind", type=click.Choice(["custom", "spawn", "egress"]))
 @click.argument("description")
-@click.option("--payload", default="null", help="The payload as JSON (spawn: {\"name\": ..., \"spec\": {...}}).")
+@click.option("--payload", default="null", help="The payload as JSON (spawn: {\"name\": ..., \"spec\": {...}}; egress: {\"host\": ..., \"port\": ...}).")
 @click.pass_context
 def request_approval(ctx: click.Context, as_json: bool, kind: str, description: str, payload: str) -> None:
     """Ask the operator to approve something."""

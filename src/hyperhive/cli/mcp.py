@@ -66,7 +66,8 @@ def build_server(socket_path: Path) -> FastMCP:
     @server.tool()
     def request_approval(kind: str, description: str, payload: Any = None) -> dict[str, Any]:
         """Ask the operator to approve something. kind "custom": a decision comes back as a message;
-        kind "spawn": payload {"name": ..., "spec": {"command": [...], "peers": [...]}} creates a helper agent."""
+        kind "spawn": payload {"name": ..., "spec": {"command": [...], "peers": [...]}} creates a helper agent;
+        kind "egress": payload {"host": "pypi.org", "port": 443} adds that destination to this agent's allowlist."""
         return call("request_approval", kind=kind, description=description, payload=payload)
 
     @server.tool()

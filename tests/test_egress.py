@@ -1,0 +1,305 @@
+"""Egress from inside real cages: the proxy behind agents/<name>/egress.sock,
+the harness's bridge on the cage's loopback, the allowlist, DNS and the log.
+
+Test servers live in a network namespace made here (tests/testnet.py) on
+198.18.41.0/24; the proxy learns their names from hive.toml ``[egress] hosts``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
+from hyperhive.client import HiveUnavailable
+from testnet import TestNet
+
+SUBNET = 41
+NET = TestNet(SUBNET, prefix="hveg")
+ALLOWED, OTHER, THIRD, PORT_SERVER = NET.address(2), NET.address(3), NET.address(4), NET.address(5)
+HOSTS = {
+    "allowed.test": ALLOWED, "other.test": OTHER, "third.test": THIRD,
+    "sneaky.test": "127.0.0.1", "gateway.test": NET.host_address,
+}
+AGENTS: dict[str, dict[str, Any]] = {
+    # egress rules: a name, a CIDR (with the host's own .1 inside it), names that lead back home
+    "egal": {"runtime": "command", "command": ["true"],
+             "egress": ["allowed.test:80", f"198.18.{SUBNET}.0/24:8080", "sneaky.test:80", "gateway.test:80"]},
+    "egbob": {"runtime": "command", "command": ["true"]},  # default: nothing
+}
+
+
+@pytest.fixture(scope="module")
+def net() -> Iterator[TestNet]:
+    with NET as n:
+        for address in (ALLOWED, OTHER, THIRD):
+            n.serve(address, 80)
+        n.serve(PORT_SERVER, 8080)
+        n.serve(ALLOWED, 8080)
+        yield n
+
+
+@pytest.fixture(scope="module")
+def hive(net: TestNet) -> Iterator[HiveProcess]:
+    yield from running_hive(HiveProcess(AGENTS, sections={"egress": {"hosts": HOSTS}}))
+
+
+def curl(hive: HiveProcess, name: str, *args: str) -> tuple[int, str, str]:
+    """curl inside NAME's cage, with the cage's own environment (the proxy variables)."""
+    proc = hive.exec(name, "curl", "-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}", *args, timeout=60)
+    body, _, code = proc.stdout.rpartition("\n")
+    return int(code or 0), body.rstrip("\n"), proc.stderr
+
+
+def log_entries(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
+    reply = hive.host_call("egress_log", name=name, limit=200)
+    assert reply["ok"], reply
+    return reply["entries"]
+
+
+def test_the_runtime_sees_only_the_proxy(hive: HiveProcess) -> None:
+    res = probe_result(hive.probe("egal", """
+        result(env={k: os.environ.get(k) for k in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "https_proxy")},
+               resolv=os.path.exists("/etc/resolv.conf"),
+               egress_sock=os.path.exists("/run/hive/egress.sock"))
+    """))
+    assert set(res["env"].values()) == {"http://127.0.0.1:3128"}
+    assert res["resolv"] is False and res["egress_sock"] is True
+
+
+def test_an_allowed_host_answers_through_the_proxy(hive: HiveProcess) -> None:
+    code, body, err = curl(hive, "egal", "http://allowed.test/")
+    assert (code, body) == (200, f"hello from {ALLOWED}:80"), err
+    # and as a tunnel (CONNECT), which is how HTTPS goes
+    code, body, err = curl(hive, "egal", "--proxytunnel", "http://allowed.test/")
+    assert (code, body) == (200, f"hello from {ALLOWED}:80"), err
+    entries = log_entries(hive, "egal")
+    tunnel = next(e for e in entries if e["reason"] == "CONNECT" and e["host"] == "allowed.test")
+    assert tunnel["allowed"] and tunnel["address"] == ALLOWED and tunnel["port"] == 80
+    wait_until(lambda: next(e for e in log_entries(hive, "egal") if e["id"] == tunnel["id"])["closed_at"],
+               10, "the tunnel's close to be logged")
+    closed = next(e for e in log_entries(hive, "egal") if e["id"] == tunnel["id"])
+    assert closed["bytes_down"] > len("hello from") and closed["bytes_up"] > 0
+
+
+def test_a_cidr_rule_allows_addresses_in_it_on_its_port_only(hive: HiveProcess) -> None:
+    code, body, _ = curl(hive, "egal", f"http://{PORT_SERVER}:8080/")
+    assert (code, body) == (200, f"hello from {PORT_SERVER}:8080")
+    code, body, _ = curl(hive, "egal", f"http://{PORT_SERVER}:80/")
+    assert code == 403 and "not in this agent's egress allowlist" in body
+
+
+@pytest.mark.parametrize("url", ["http://other.test/", f"http://{OTHER}/", "http://third.test:80/"])
+def test_any_other_host_gets_403_and_the_refusal_is_logged(hive: HiveProcess, url: str) -> None:
+    before = {e["id"] for e in log_entries(hive, "egal")}
+    code, body, _ = curl(hive, "egal", url)
+    assert code == 403, body
+    assert body.startswith("hive egress: ") and "not in this agent's egress allowlist" in body
+    new = [e for e in log_entries(hive, "egal") if e["id"] not in before]
+    assert len(new) == 1 and new[0]["allowed"] is False and new[0]["bytes_down"] == 0
+    assert new[0]["host"] in url
+
+
+def test_an_agent_without_rules_reaches_nothing(hive: HiveProcess) -> None:
+    code, body, _ = curl(hive, "egbob", "http://allowed.test/")
+    assert code == 403 and "egbob" not in body  # egbob has no rules; the answer names the destination only
+    assert log_entries(hive, "egbob")[0]["host"] == "allowed.test"
+    assert all(e["agent"] == "egal" for e in log_entries(hive, "egal"))
+
+
+def test_dns_lookups_fail_inside_the_cage(hive: HiveProcess) -> None:
+    res = probe_result(hive.probe("egal", """
+        out = {}
+        for name in ("allowed.test", "localhost.localdomain", "example.com"):
+            try:
+                out[name] = socket.getaddrinfo(name, 80)[0][4][0]
+            except socket.gaierror as e:
+                out[name] = "gaierror"
+        # a resolver reached by hand: no route to anywhere but loopback
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.sendto(b"x", ("198.18.41.2", 53)); out["udp53"] = "sent"
+        except OSError as e:
+            out["udp53"] = e.errno
+        result(out=out)
+    """))
+    import errno
+    assert res["out"] == {"allowed.test": "gaierror", "localhost.localdomain": "gaierror",
+                          "example.com": "gaierror", "udp53": errno.ENETUNREACH}
+
+
+@pytest.mark.parametrize("address", [ALLOWED, OTHER, NET.host_address, "1.1.1.1"])
+def test_direct_tcp_without_the_proxy_fails(hive: HiveProcess, address: str) -> None:
+    res = probe_result(hive.probe("egal", """
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect((P["address"], 80)); result(connected=True)
+        except OSError as e:
+            result(connected=False, errno=e.errno)
+    """, address=address))
+    import errno
+    assert res == {"connected": False, "errno": errno.ENETUNREACH}
+
+
+CONNECT = """
+s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+s.sendall(("CONNECT %s HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (P["target"], P["target"])).encode())
+data = b""
+while b"\\r\\n\\r\\n" not in data:
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    data += chunk
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+rest = s.recv(4096) if head.split(b" ")[1:2] != [b"200"] else b""
+result(status=int(head.split(b" ")[1]), body=(body + rest).decode(errors="replace"))
+"""
+
+
+def gateway_targets(hive: HiveProcess) -> list[tuple[str, str]]:
+    return [
+        (f"127.0.0.1:{hive.port}", "not in this agent's egress allowlist"),  # the gateway
+        (f"localhost:{hive.port}", "not in this agent's egress allowlist"),
+        ("sneaky.test:80", "resolves to 127.0.0.1, loopback"),  # allowlisted, but leads home
+        ("gateway.test:80", f"resolves to {NET.host_address}, one of this host's own addresses"),
+        (f"{NET.host_address}:8080", "one of this host's own addresses"),  # inside the allowed CIDR
+        ("[::1]:80", "not in this agent's egress allowlist"),
+        ("0.0.0.0:80", "not in this agent's egress allowlist"),
+    ]
+
+
+def test_connect_to_the_gateway_the_core_or_loopback_is_refused(hive: HiveProcess) -> None:
+    for target, why in gateway_targets(hive):
+        res = probe_result(hive.probe("egal", CONNECT, target=target))
+        assert res["status"] == 403 and why in res["body"], (target, res)
+    # Even an operator rule for loopback can't open the way back into the host.
+    for rule in (f"127.0.0.1:{hive.port}", "[::1]:80", "169.254.169.254:80", "0.0.0.0:80"):
+        assert hive.host_call("egress_allow", name="egbob", rule=rule)["ok"]
+        host, _, port = rule.rpartition(":")
+        res = probe_result(hive.probe("egbob", CONNECT, target=rule))
+        assert res["status"] == 403 and "never reachable through the proxy" in res["body"], (rule, res)
+        assert hive.host_call("egress_remove", name="egbob", rule=rule)["ok"]
+
+
+@pytest.mark.parametrize("request_head, status, why", [
+    ("GET /relative HTTP/1.1\r\nHost: allowed.test\r\n\r\n", 400, "absolute http:// URI"),
+    ("GET https://allowed.test/ HTTP/1.1\r\n\r\n", 400, "absolute http:// URI"),
+    ("CONNECT allowed.test HTTP/1.1\r\n\r\n", 400, "expected HOST:PORT"),
+    ("CONNECT allowed.test:99999 HTTP/1.1\r\n\r\n", 400, "port must be 1-65535"),
+    ("CONNECT bad_name!:80 HTTP/1.1\r\n\r\n", 400, "not a valid hostname"),
+    ("garbage\r\n\r\n", 400, "malformed request line"),
+    ("GET http://allowed.test/ HTTP/1.1\r\nX: " + "a" * 20000 + "\r\n\r\n", 431, "request head over"),
+])
+def test_malformed_proxy_requests_get_one_line_errors(hive: HiveProcess, request_head: str, status: int,
+                                                      why: str) -> None:
+    res = probe_result(hive.probe("egal", """
+        s = socket.create_connection(("127.0.0.1", 3128), timeout=15)
+        s.sendall(P["head"].encode())
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        head, _, body = data.partition(b"\\r\\n\\r\\n")
+        result(status=int(head.split(b" ")[1]), body=body.decode())
+    """, head=request_head))
+    assert res["status"] == status and why in res["body"] and res["body"].count("\n") == 1, res
+    code, body, _ = curl(hive, "egal", "http://allowed.test/")  # and the proxy goes on serving
+    assert code == 200
+
+
+def agent_call_in_cage(hive: HiveProcess, name: str, *args: str) -> dict[str, Any]:
+    proc = hive.exec(name, "hive", "agent", *args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_an_egress_approval_opens_exactly_that_host(hive: HiveProcess) -> None:
+    assert curl(hive, "egal", "http://other.test/")[0] == 403
+    req = agent_call_in_cage(hive, "egal", "request-approval", "egress", "fetch from other.test",
+                             "--payload", json.dumps({"host": "other.test", "port": 80}))
+    assert curl(hive, "egal", "http://other.test/")[0] == 403  # not before the operator says so
+    approved = hive.host_call("approve", id=req["id"])
+    assert approved["ok"] and approved["approval"]["status"] == "approved", approved
+    code, body, _ = curl(hive, "egal", "http://other.test/")
+    assert (code, body) == (200, f"hello from {OTHER}:80")
+    # only that host, only that port
+    assert curl(hive, "egal", "http://third.test/")[0] == 403
+    assert curl(hive, "egal", "http://other.test:81/")[0] == 403
+    assert curl(hive, "egbob", "http://other.test/")[0] == 403
+    rules = hive.host_call("egress_rules", name="egal")["rules"]["egal"]
+    assert {"rule": "other.test:80", "source": "approval"} in [
+        {k: r[k] for k in ("rule", "source")} for r in rules]
+    # the operator takes it back: refused again at once
+    assert hive.host_call("egress_remove", name="egal", rule="other.test:80")["ok"]
+    assert curl(hive, "egal", "http://other.test/")[0] == 403
+
+
+@pytest.mark.parametrize("payload, why", [
+    ({"host": "other.test"}, "port"),
+    ({"host": "other.test", "port": 0}, "port"),
+    ({"host": "no spaces.test", "port": 80}, "not a valid hostname"),
+    ({"host": "other.test", "port": 80, "also": "x"}, "also"),
+    ("other.test:80", "egress payload"),
+])
+def test_bad_egress_payloads_are_refused_at_request_time(hive: HiveProcess, payload: Any, why: str) -> None:
+    with hive.unchanged():
+        proc = hive.exec("egal", "hive", "agent", "request-approval", "egress", "x", "--payload", json.dumps(payload))
+        assert proc.returncode != 0 and why in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_operator_rules_persist_across_a_core_restart(hive: HiveProcess) -> None:
+    assert hive.host_call("egress_allow", name="egbob", rule="third.test:80")["ok"]
+    assert curl(hive, "egbob", "http://third.test/")[0] == 200
+    pid = hive.core_pid()
+    assert pid is not None
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+
+    def core_back() -> bool:
+        try:
+            return hive.core_pid() not in (None, pid) and hive.host_call("egress_rules")["ok"]
+        except HiveUnavailable:
+            return False
+
+    wait_until(core_back, 30, "hive-core to come back")
+    hive.wait_running()
+    rules = hive.host_call("egress_rules", name="egbob")["rules"]["egbob"]
+    assert [r["rule"] for r in rules] == ["third.test:80"]
+    wait_until(lambda: curl(hive, "egbob", "http://third.test/")[0] == 200, 20, "egress after the restart")
+    assert hive.host_call("egress_remove", name="egbob", rule="third.test:80")["ok"]
+
+
+@pytest.mark.parametrize("rule, why", [
+    ("third.test", "expected HOST:PORT"),
+    ("third.test:http", "port must be 1-65535"),
+    ("::1:80", "needs brackets"),
+    ("198.18.0.1/15:80", "host bits set"),
+])
+def test_operator_rules_are_checked(hive: HiveProcess, rule: str, why: str) -> None:
+    with hive.unchanged():
+        reply = hive.host_call("egress_allow", name="egbob", rule=rule)
+        assert not reply["ok"] and why in reply["error"], reply
+    assert not hive.host_call("egress_remove", name="egbob", rule="nothing.test:80")["ok"]
+
+
+@pytest.mark.parametrize("toml, why", [
+    ('[agents.a]\ncommand = ["true"]\negress = ["pypi.org"]\n', "expected HOST:PORT"),
+    ('[agents.a]\ncommand = ["true"]\negress = ["*.:443"]\n', "not a valid hostname"),
+    ('[egress]\nhosts = {"x.test" = "not-an-ip"}\n', "hosts"),
+    ('[egress]\nhosts = {"bad name" = "198.18.0.1"}\n', "not a valid hostname"),
+    ('[egress]\nproxy = "x"\n', "proxy"),
+])
+def test_bad_egress_configuration_is_one_line(tmp_path: Any, toml: str, why: str) -> None:
+    from hyperhive.config import ConfigError, load_config
+
+    path = tmp_path / "hive.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert why in str(e.value) and "\n" not in str(e.value)
