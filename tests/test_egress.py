@@ -8,6 +8,7 @@ Test servers live in a network namespace made here (tests/testnet.py) on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterator
 from typing import Any
@@ -303,3 +304,27 @@ def test_bad_egress_configuration_is_one_line(tmp_path: Any, toml: str, why: str
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert why in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_hive_egress_command(hive: HiveProcess) -> None:
+    from hive_fixture import HIVE
+
+    def hive_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(HIVE), "--run-dir", str(hive.run_dir), "egress", *args],
+                              capture_output=True, text=True, timeout=30, env={**os.environ, "COLUMNS": "200"})
+
+    out = hive_cli("allow", "egbob", "Third.Test:80")
+    assert out.returncode == 0 and out.stdout.strip() == "egbob: third.test:80 allowed", out
+    assert curl(hive, "egbob", "http://third.test/")[0] == 200
+    rules = json.loads(hive_cli("ls", "egbob", "--json").stdout)["rules"]["egbob"]
+    assert [(r["rule"], r["source"]) for r in rules] == [("third.test:80", "operator")]
+    table = hive_cli("log", "egbob", "--limit", "5").stdout
+    assert "third.test:80" in table and "allowed" in table
+    entries = json.loads(hive_cli("log", "egbob", "--json").stdout)["entries"]
+    assert entries[0]["host"] == "third.test" and entries[0]["allowed"] is True
+    assert hive_cli("rm", "egbob", "third.test:80").returncode == 0
+    again = hive_cli("rm", "egbob", "third.test:80")
+    assert again.returncode == 1 and again.stderr.strip() == "hive: error: egbob has no egress rule 'third.test:80'"
+    assert curl(hive, "egbob", "http://third.test/")[0] == 403
+    bad = hive_cli("allow", "egbob", "third.test")
+    assert bad.returncode == 1 and "expected HOST:PORT" in bad.stderr and bad.stderr.count("\n") == 1

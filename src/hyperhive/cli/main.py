@@ -9,6 +9,7 @@ import click
 from hyperhive import __version__
 from hyperhive.cli import operator
 from hyperhive.cli.agent import agent_group
+from hyperhive.cli.egress import egress_group
 from hyperhive.cli.exec_ import exec_cmd
 from hyperhive.cli.up import up
 from hyperhive.paths import DEFAULT_RUN_DIR
@@ -33,6 +34,7 @@ operator.register(cli)
 cli.add_command(up)
 cli.add_command(agent_group)
 cli.add_command(exec_cmd)
+cli.add_command(egress_group)
 
 
 @cli.command("mcp")

@@ -30,6 +30,7 @@ log = logging.getLogger("hive.up")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 MAX_BACKOFF = 10.0
+EXIT_POLL = 0.05  # seconds between looks at whether a supervised process has exited
 ADMIN_GROUP = "hive-admin"
 
 
@@ -60,21 +61,30 @@ def ensure_user(name: str) -> None:
 
 
 class Supervised:
-    """One child process, restarted with backoff if it dies while the hive runs."""
+    """One child process, restarted with backoff if it dies while the hive runs.
+
+    With ``own_group`` it runs in a session (and process group) of its own, and
+    whatever is left in that group when it exits is killed before it starts
+    again: an nginx master killed with SIGKILL leaves its workers running, and
+    they would keep the listening port (the new master could not bind it) and
+    serve with the old configuration."""
 
     def __init__(self, name: str, argv: list[str], ready_prefix: str | None,
-                 ready_check: Callable[[], Awaitable[bool]] | None = None, **popen: Any) -> None:
+                 ready_check: Callable[[], Awaitable[bool]] | None = None, own_group: bool = False,
+                 **popen: Any) -> None:
         self.name = name
         self.argv = argv
         self.ready_prefix = ready_prefix
         self.ready_check = ready_check
+        self.own_group = own_group
         self.popen = popen
         self.proc: asyncio.subprocess.Process | None = None
         self.stopping = False
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL, **self.popen
+            *self.argv, stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL,
+            start_new_session=self.own_group, **self.popen
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT
@@ -84,7 +94,7 @@ class Supervised:
             if self.proc.returncode is not None or time.monotonic() > deadline:
                 if self.proc.returncode is None:
                     self.proc.kill()
-                code = await self.proc.wait()
+                code = await self.exited()
                 raise RuntimeError(f"{self.name} did not become ready (status {code}; its log is above)")
             await asyncio.sleep(0.05)
         while self.ready_check is None:
@@ -92,9 +102,10 @@ class Supervised:
                 line = await asyncio.wait_for(self.proc.stdout.readline(), deadline - time.monotonic())
             except TimeoutError:
                 self.proc.kill()
+                await self.exited()
                 raise RuntimeError(f"{self.name} did not become ready within {READY_TIMEOUT:.0f} s") from None
             if not line:
-                code = await self.proc.wait()
+                code = await self.exited()
                 raise RuntimeError(f"{self.name} exited with status {code} before it was ready (its log is above)")
             if self.ready_prefix and line.decode(errors="replace").startswith(self.ready_prefix):
                 break
@@ -106,8 +117,26 @@ class Supervised:
             pass
 
     async def exited(self) -> int:
+        """Its exit status, as soon as it has exited (and its group, if its own, is cleared).
+
+        Not ``proc.wait()``: on Python 3.11 that also waits until the stdout pipe is
+        closed, and a process left behind (an nginx worker whose master was killed)
+        holds it open for as long as it lives, so the exit would go unnoticed."""
         assert self.proc is not None
-        return await self.proc.wait()
+        while self.proc.returncode is None:
+            await asyncio.sleep(EXIT_POLL)
+        self.kill_group()
+        return self.proc.returncode
+
+    def kill_group(self) -> None:
+        """SIGKILL whatever is left in its own process group (nothing, unless it died abruptly)."""
+        if self.own_group and self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the group's id is the leader's pid
+            except ProcessLookupError:
+                pass  # the group is empty
+            else:
+                log.warning("%s: killed the processes it left behind", self.name)
 
     async def supervise(self) -> None:
         backoff = 0.5
@@ -131,11 +160,11 @@ class Supervised:
             return
         self.proc.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(self.proc.wait(), STOP_TIMEOUT)
+            await asyncio.wait_for(self.exited(), STOP_TIMEOUT)
         except TimeoutError:
             log.warning("%s did not stop within %.0f s; killing it", self.name, STOP_TIMEOUT)
             self.proc.kill()
-            await self.proc.wait()
+            await self.exited()
 
 
 class SocketActivated(Supervised):
@@ -251,7 +280,7 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
     )
     nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER)
     gateway = Supervised("gateway", ["nginx", "-c", str(nginx_conf)], None, ready_check=tcp_ready(listen),
-                         stderr=None)
+                         own_group=True, stderr=None)
     print(f"hive: starting (state {state_dir}, sockets {run_dir})", flush=True)
     try:
         await priv.start()
