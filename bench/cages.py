@@ -30,11 +30,11 @@ REPLY_AT_ONCE = (
 class Hive:
     """`hive up` in a temp dir readable by hive-core."""
 
-    def __init__(self, agents: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, agents: dict[str, dict[str, Any]], toml: str = "") -> None:
         self.base = Path(tempfile.mkdtemp(prefix="hive-bench-cage-", dir="/tmp"))
         os.chmod(self.base, 0o755)
         self.run_dir, self.state_dir = self.base / "run", self.base / "state"
-        lines = []
+        lines = [toml] if toml else []  # other tables (limits, egress) first
         for name, spec in agents.items():
             lines.append(f"[agents.{name}]")
             lines += [f"{k} = {json.dumps(v)}" for k, v in spec.items()]

@@ -606,8 +606,9 @@ def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
         return BENCHMARKS
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cages import CAGE_BENCHMARKS  # type: ignore[import-not-found]
+    from egress import EGRESS_BENCHMARKS  # type: ignore[import-not-found]
 
-    return BENCHMARKS + CAGE_BENCHMARKS
+    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS
 
 
 # -- output ------------------------------------------------------------------------------

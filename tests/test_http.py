@@ -4,7 +4,7 @@ real core and the agents' harnesses in real cages (``hive up``).
 - Every POST route is refused without a session (401), without the CSRF token
   or with another session's (403), and from a foreign or missing Origin (403):
   each refusal says why in one line, and the hive's state as host.sock shows it
-  is the same afterwards.
+  (egress rules included) is the same afterwards.
 - Login: a bad token is refused (401); the session cookie is HttpOnly,
   SameSite=Strict, with a Max-Age; logout ends the session.
 - Agent pages need a session (401); an unknown agent is 404.
@@ -36,7 +36,8 @@ IDLE = "web-idle"
 NEW = "web-new"  # what the refused spawn would have created
 AGENTS: dict[str, dict[str, Any]] = {
     ECHO: {"runtime": "command",
-           "command": ["python3", "-c", "import sys; print('runtime got: ' + sys.stdin.read(), flush=True)"]},
+           "command": ["python3", "-c", "import sys; print('runtime got: ' + sys.stdin.read(), flush=True)"],
+           "egress": ["kept.test:443"]},  # what the refused egress-remove would remove
     IDLE: {"runtime": "command", "command": ["true"], "peers": [ECHO]},
 }
 ACTIONS = ["start", "stop", "restart", "pause", "resume", "interrupt", "destroy"]
@@ -73,6 +74,8 @@ def post_routes(t: dict[str, int]) -> dict[str, tuple[str, dict[str, str] | None
         "deny": (f"/deny/{t['approval']}", {"note": "no"}),
         "send": (f"/api/agents/{IDLE}/send", {"body": "hello"}),
         "spawn": ("/api/spawn", {"name": NEW, "spec": json.dumps({"runtime": "command", "command": ["true"]})}),
+        "egress-allow": (f"/api/agents/{IDLE}/egress/allow", {"rule": "refused.test:443"}),
+        "egress-remove": (f"/api/agents/{ECHO}/egress/remove", {"rule": "kept.test:443"}),
         "logout": ("/logout", None),
     }
     for action in ACTIONS:
@@ -80,7 +83,7 @@ def post_routes(t: dict[str, int]) -> dict[str, tuple[str, dict[str, str] | None
     return routes
 
 
-ROUTES = ["answer-question", "approve", "deny", "send", "spawn", "logout", *ACTIONS]
+ROUTES = ["answer-question", "approve", "deny", "send", "spawn", "egress-allow", "egress-remove", "logout", *ACTIONS]
 # refusal -> (status, what the reason must mention)
 REFUSALS = {
     "no-session": (401, "not logged in"),
@@ -124,6 +127,8 @@ def test_post_refused(web: Web, login: Login, targets: dict[str, int], route: st
     elif refusal == "null-origin":
         origin = "null"
 
+    rules = web.hive.host_call("egress_rules")["rules"]  # not in unchanged()'s view
+    assert [r["rule"] for r in rules[ECHO]] == ["kept.test:443"] and IDLE not in rules, rules
     with unchanged(web.hive):
         r = web.request("POST", path, login=cookie, csrf=csrf, origin=origin, data=form or None)
         assert r.status_code == status, (r.status_code, r.text)
@@ -131,6 +136,7 @@ def test_post_refused(web: Web, login: Login, targets: dict[str, int], route: st
         assert mention in why.lower(), why
         assert_csp(r)
         assert "set-cookie" not in r.headers
+    assert web.hive.host_call("egress_rules")["rules"] == rules
     # The session that was refused is still good (a refused logout logged nobody out).
     assert web.get("/api/state", login=login).status_code == 200
 

@@ -53,7 +53,15 @@ def login(web: Web) -> Login:
         web.hive.agent_call("oa-echo", "ask", to="operator", question=f"question {i}?")
         web.hive.agent_call("oa-echo", "request_approval", kind="custom", description=f"decision {i}",
                             payload={"n": i})
+    # Egress rules to remove (egress/remove succeeds once per agent and rule).
+    for name in AGENTS:
+        for n in (1, 2, 3):
+            assert web.hive.host_call("egress_allow", name=name, rule=egress_rule(n))["ok"]
     return login
+
+
+def egress_rule(n: int) -> str:
+    return f"oa{n}.test:443"
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +89,8 @@ def test_api_conforms(case: schemathesis.Case, web: Web, login: Login, agent: st
         params["qid"] = n
     if n is not None and "aid" in params:
         params["aid"] = n + 3 if case.path.startswith("/deny/") else n
+    if n is not None and case.path.startswith("/api/agents/{name}/egress/") and isinstance(case.body, dict):
+        case.body = {"rule": egress_rule(n)}
     if spawn and case.path == "/api/spawn" and isinstance(case.body, dict):
         case.body = {"name": SPAWNED, "spec": '{"runtime": "command", "command": ["true"]}'}
     response = case.call_and_validate(

@@ -12,6 +12,9 @@ import os
 import socket
 import threading
 
+# The cage's egress bridge sends this one byte with the client's fd attached
+# (SCM_RIGHTS); a proxy request never starts with NUL.
+HANDOVER = b"\0"
 CHUNK = 1 << 20
 PIPE_SIZE = 1 << 20
 F_SETPIPE_SZ = 1031

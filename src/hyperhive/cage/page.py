@@ -7,7 +7,9 @@ same origin. The runtime can't reach this socket: its directory belongs to
 the harness uid and the gateway's group.
 
 Everything the agent produced is data: Jinja2 autoescapes it in the page, and
-the live updates (SSE) are written into the page with ``textContent`` only.
+the live updates (SSE for the transcript; ``/state``, polled, for the status,
+loose ends and the agent's own egress rules and decisions) are written into
+the page with ``textContent`` only.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -36,7 +39,20 @@ def _templates() -> Any:
         loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
     )  # absent optional fields (e.g. parent) are simply undefined
     env.filters["tojson_text"] = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    env.filters["clock"] = clock
+    env.globals["destination"] = destination
     return env
+
+
+def clock(at: float | None) -> str:
+    """An egress log time as the page shows it (UTC, to the second)."""
+    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(at))
+
+
+def destination(host: str, port: int) -> str:
+    if host == "-" or not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class UnixHTTPServer(ThreadingHTTPServer):
@@ -122,6 +138,7 @@ class PageHandler(BaseHTTPRequestHandler):
         entries = self.call("transcript_read", after=0, limit=200)["entries"]
         html = PageHandler.env.get_template("agent.html").render(
             agent=state["agent"], questions=state["questions"], approvals=state["approvals"],
+            egress_rules=state.get("egress_rules", []), egress_log=state.get("egress_log", []),
             entries=entries, last_id=entries[-1]["id"] if entries else 0,
             csrf_token=self.headers.get("X-Hive-CSRF", ""),
         )

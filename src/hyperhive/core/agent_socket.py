@@ -115,6 +115,7 @@ class AgentSession:
         due = req.due_at(now)
         if due > now + w.MAX_REMIND_SECONDS:
             raise Refused("a reminder can be at most a year ahead")
+        self.hive.take_rate(self.name)
         rid = self.hive.store.add_reminder(self.name, due, req.text)
         self.hive.on_reminder_added()
         self.hive.publish_status(self.name)
@@ -179,13 +180,27 @@ class AgentSession:
             await self.hive.transcript_wakeups.wait(self.name, deadline - loop.time())
 
     async def page_state(self, req: wh.PageState) -> Reply:
+        from hyperhive.wire.egress import EgressPayload, RuleError
+
         row = self.hive.require_agent(self.name)
         status = self.hive.status_row(row, self.hive.store.pending_reminders())
         store = self.hive.store
+        approvals = []
+        for a in store.approvals(status="pending", agent=self.name):
+            shown = model_fields_only(a)
+            if a.kind == "egress":  # what approving adds, worked out by the hive (as the dashboard shows it)
+                try:
+                    shown["allows"] = EgressPayload.model_validate(a.payload).rule()
+                except (ValidationError, RuleError):
+                    pass
+            approvals.append(shown)
         return ok(
             agent=model_fields_only(status),
             questions=[model_fields_only(q) for q in store.open_questions(asker=self.name, target="operator")],
-            approvals=[model_fields_only(a) for a in store.approvals(status="pending", agent=self.name)],
+            approvals=approvals,
+            # This agent's own egress only: the listener is the identity, as for everything here.
+            egress_rules=store.egress_rules(self.name).get(self.name, []),
+            egress_log=store.egress_log(self.name, req.egress_limit),
         )
 
 

@@ -12,13 +12,15 @@ Connections run in threads with blocking sockets and bytes move by splice(2)
 
 from __future__ import annotations
 
+import array
 import asyncio
 import errno
 import ipaddress
 import logging
+import itertools
 import os
 import socket
-import itertools
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperhive.peercred import peer_cred
-from hyperhive.relay import relay
+from hyperhive.relay import HANDOVER, relay
 from hyperhive.wire.egress import IPAddress, Rule, RuleError, destination, parse_port, split_host_port
 
 log = logging.getLogger("hive.egress")
@@ -147,16 +149,42 @@ def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _read_head(conn: socket.socket) -> tuple[bytes, bytes]:
-    """The request head (up to the blank line) and whatever came after it."""
-    conn.settimeout(HEAD_TIMEOUT)
-    deadline = time.monotonic() + HEAD_TIMEOUT
-    buf = b""
+def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes]:
+    """The client: the connection itself (a request sent straight to egress.sock), or
+    the TCP connection the cage's bridge handed over on it. Returns it and any
+    request bytes already read."""
+    conn.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        data, ancdata, _flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+    except TimeoutError:
+        raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s") from None
+    fds = [fd for level, kind, raw in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+           for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]
+    if not fds:
+        return conn, data
+    try:
+        if data != HANDOVER or len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+            raise Refusal(400, "a handed-over connection is one stream socket with the handover byte")
+        client = socket.socket(fileno=fds.pop())
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if client.type != socket.SOCK_STREAM or client.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        client.close()
+        raise Refusal(400, "a handed-over connection must be a stream socket")
+    conn.close()
+    return client, b""
+
+
+def _read_head(conn: socket.socket, buf: bytes, deadline: float) -> tuple[bytes, bytes]:
+    """The request head (up to the blank line) and whatever came after it, all
+    within one deadline (a client sending a byte at a time gets no longer)."""
     while b"\r\n\r\n" not in buf:
         if len(buf) > MAX_HEAD:
             raise Refusal(431, f"request head over {MAX_HEAD} bytes")
         if time.monotonic() > deadline:
             raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s")
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             chunk = conn.recv(65536)
         except TimeoutError:
@@ -190,7 +218,8 @@ def parse_request(head: bytes) -> Request:
     if method == "CONNECT":
         try:
             host, port_text = split_host_port(target)
-            return Request(method, host, parse_port(port_text), None)
+            port = parse_port(port_text)
+            return Request(method, destination(host, port)[0], port, None)
         except RuleError as e:
             raise Refusal(400, f"CONNECT target: {e}") from None
     if not target.startswith("http://"):
@@ -203,6 +232,7 @@ def parse_request(head: bytes) -> Request:
             port = parse_port(port_text)
         else:
             host, port = authority, 80
+        host = destination(host, port)[0]  # only a valid name or address is ever logged
     except RuleError as e:
         raise Refusal(400, f"URI: {e}") from None
     headers = [h for h in lines[1:] if h.split(b":", 1)[0].strip().lower() not in HOP_HEADERS]
@@ -306,13 +336,15 @@ class EgressProxy:
                 self._active[agent] = self._active.get(agent, 0) + 1
                 counted = True
             try:
-                head, rest = _read_head(conn)
+                deadline = time.monotonic() + HEAD_TIMEOUT
+                conn, first = _receive(conn, deadline)
+                head, rest = _read_head(conn, first, deadline)
                 req = parse_request(head)
             except Refusal as e:
                 _reply(conn, e.status, e.reason)
                 self._emit(Decision(agent, "-", 0, False, e.reason, closed=True))
                 return
-            decision = Decision(agent, req.host.strip("[]").lower(), req.port, False, "")
+            decision = Decision(agent, req.host, req.port, False, "")
             try:
                 addresses = check(self.rules_for(agent), req.host, req.port, self.resolver)
                 upstream, address = self._connect(addresses, req.port)
@@ -339,6 +371,8 @@ class EgressProxy:
             self._emit(decision)
         except OSError as e:
             log.info("egress %s: connection ended: %s", agent, e)
+        except Exception:  # a bug must cost this connection only, never the proxy
+            log.exception("egress %s: connection failed", agent)
         finally:
             if counted:
                 with self._lock:

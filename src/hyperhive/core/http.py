@@ -35,17 +35,81 @@ from hyperhive.core.store import canonical_json
 from hyperhive.names import OPERATOR
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
-from pydantic import BaseModel, ConfigDict
+from hyperhive.wire.egress import MAX_RULE, EgressPayload, RuleError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from hyperhive.wire.framing import WireError, model_fields_only, parse_line
 
 HERE = Path(__file__).parent
+EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
+
+
+class PendingApproval(Approval):
+    """A pending approval as the dashboard shows it. For kind ``egress``, ``allows`` is
+    the rule approving would add, worked out by the hive from the payload (not the
+    agent's description)."""
+
+    allows: str | None = None
+
+
+class EgressRuleRow(BaseModel):
+    rule: str
+    source: Literal["spec", "approval", "operator"]
+    added_at: float
+
+
+class EgressEntry(BaseModel):
+    """One decision of the egress proxy; ``bytes_*`` and ``closed_at`` are filled in
+    when an allowed connection closes (the same ``id`` again)."""
+
+    id: int
+    agent: str
+    at: float
+    host: str
+    port: int
+    address: str | None = None
+    allowed: bool
+    reason: str
+    bytes_up: int
+    bytes_down: int
+    closed_at: float | None = None
 
 
 class StateModel(BaseModel):
     agents: list[AgentStatus]
-    approvals: list[Approval]
+    approvals: list[PendingApproval]
     questions: list[Question]
     messages: list[dict[str, Any]]
+    egress_rules: dict[str, list[EgressRuleRow]]
+    egress_log: list[EgressEntry]
+
+
+def egress_allows(approval: Approval) -> str | None:
+    """What approving an ``egress`` approval adds: exactly the rule the hive will store."""
+    if approval.kind != "egress":
+        return None
+    try:
+        return EgressPayload.model_validate(approval.payload).rule()
+    except (ValidationError, RuleError):
+        return None  # refused at request time; never applied as anything else
+
+
+def approval_row(approval: Approval) -> dict[str, Any]:
+    row = model_fields_only(approval)
+    allows = egress_allows(approval)
+    if allows is not None:
+        row["allows"] = allows
+    return row
+
+
+def clock(at: float | None) -> str:
+    """A log time as the dashboard shows it (UTC, to the second)."""
+    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(at))
+
+
+def destination(host: str, port: int) -> str:
+    if host == "-" or not port:
+        return host
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Refusal(BaseModel):
@@ -118,6 +182,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     # The payload as the text its sha256 was taken of (autoescaped like any other text;
     # Jinja's tojson would show "<" as "\\u003c").
     templates.env.filters["canonical_json"] = canonical_json
+    templates.env.filters["clock"] = clock
+    templates.env.globals["destination"] = destination
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def session_of(request: Request) -> Session | None:
@@ -207,16 +273,21 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         store = hive.store
         return {
             "agents": hive.statuses(),
-            "approvals": [model_fields_only(a) for a in store.approvals(status="pending")],
+            "approvals": [approval_row(a) for a in store.approvals(status="pending")],
             "questions": [model_fields_only(q) for q in store.open_questions(target=OPERATOR)],
             "messages": [model_fields_only(m) for m in store.recent_messages(50)],
+            # Every change to either publishes an "egress" event, which bumps the bus version
+            # the cache below keys on.
+            "egress_rules": store.egress_rules(),
+            "egress_log": store.egress_log(None, EGRESS_LOG_SHOWN),
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}
 
     @app.get("/api/state", response_model=StateModel, responses=NOT_LOGGED_IN)
     async def api_state(session: Annotated[Session, Depends(require_session)]) -> Response:
-        """Everything the dashboard shows: agents, pending approvals, open questions, recent messages."""
+        """Everything the dashboard shows: agents, pending approvals, open questions, recent messages,
+        every agent's egress rules and the egress proxy's latest decisions (newest first)."""
         # Rendered once per change (and at least once a second, for time-based flags like failed).
         key = (hive.bus.version, int(time.monotonic()))
         if cache["key"] != key:
@@ -227,7 +298,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     async def stream(session: Annotated[Session, Depends(require_session)]) -> Response:
         async def events() -> AsyncIterator[bytes]:
             sub = hive.bus.subscribe(frozenset({"message", "question", "answer", "approval", "agent_status",
-                                                "reminder"}))
+                                                "reminder", "egress"}))
             try:
                 yield b": connected\n\n"
                 while True:
@@ -268,6 +339,19 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                    note: Annotated[str | None, Form(max_length=4096)] = None) -> Response:
         """Deny an approval, with an optional note for the agent."""
         return done(request, await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})}))
+
+    # Before /api/agents/{name}/{action}: not that they could clash (three segments, not two).
+    @app.post("/api/agents/{name}/egress/allow", responses=POST_RESPONSES)
+    async def egress_allow(request: Request, name: str, rule: Annotated[str, Form(max_length=MAX_RULE)],
+                           session: Annotated[Session, Depends(require_post)]) -> Response:
+        """Add RULE (``HOST:PORT``) to agent NAME's egress allowlist (source ``operator``), live at once."""
+        return done(request, await operator({"cmd": "egress_allow", "name": name, "rule": rule}))
+
+    @app.post("/api/agents/{name}/egress/remove", responses=POST_RESPONSES)
+    async def egress_remove(request: Request, name: str, rule: Annotated[str, Form(max_length=MAX_RULE)],
+                            session: Annotated[Session, Depends(require_post)]) -> Response:
+        """Remove RULE from agent NAME's egress allowlist, whatever its source; refused at once after."""
+        return done(request, await operator({"cmd": "egress_remove", "name": name, "rule": rule}))
 
     @app.post("/api/agents/{name}/send", responses=POST_RESPONSES)
     async def send(request: Request, name: str, body: Annotated[str, Form(max_length=262144)],

@@ -77,6 +77,29 @@ def _release(key: tuple[str, int] | None) -> None:
         _open.pop(key, None)
 
 
+def _decode(raw: bytes) -> dict[str, Any]:
+    """``parse_line``, and every string in the request must be Unicode text: a JSON
+    ``\\ud800`` escape decodes to a lone surrogate, which no model field of type
+    ``str`` takes but a free-form one (an approval's payload) would, and which
+    can't be encoded, hashed or stored later (it was an internal error)."""
+    obj = parse_line(raw)
+    stack: list[Any] = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = ord(item[e.start])
+                raise WireError(f"malformed request: a string holds a lone surrogate (\\u{bad:04x})") from None
+    return obj
+
+
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
     writer.write(dump_line(obj))
     await writer.drain()
@@ -123,11 +146,11 @@ async def _serve_lines(
             try:
                 if watch_hangup:
                     ahead = asyncio.ensure_future(reader.readline())
-                    reply = await _handle_watching(handle(parse_line(raw)), ahead)
+                    reply = await _handle_watching(handle(_decode(raw)), ahead)
                     if reply is None:
                         return  # the peer hung up: nobody to reply to
                 else:
-                    reply = await handle(parse_line(raw))
+                    reply = await handle(_decode(raw))
             except (WireError, StoreError) as e:
                 reply = error(str(e))
             except Exception:

@@ -72,9 +72,11 @@ class TranscriptRead(Strict):
 
 
 class PageState(Strict):
-    """What the agent's page shows besides the transcript: status and loose ends."""
+    """What the agent's page shows besides the transcript: status, loose ends, and
+    the agent's own egress rules and latest ``egress_limit`` egress decisions."""
 
     cmd: Literal["page_state"]
+    egress_limit: Annotated[int, Field(ge=1, le=500)] = 50
 
 
 HarnessRequest = Annotated[

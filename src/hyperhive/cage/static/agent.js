@@ -1,5 +1,6 @@
-// Live transcript for the agent page. Agent output is data: it only ever goes
-// into the page through textContent, never as HTML.
+// Live transcript for the agent page, and (polled) its status, loose ends and
+// egress. Agent output is data: it only ever goes into the page through
+// textContent, never as HTML.
 (function () {
   "use strict";
   var list = document.getElementById("transcript");
@@ -24,9 +25,45 @@
     if (entry.id > last) { last = entry.id; append(entry); }
   });
 
+  function el(tag, value, cls) {
+    var e = document.createElement(tag);
+    if (value !== undefined && value !== null) e.textContent = String(value);
+    if (cls) e.className = cls;
+    return e;
+  }
+  function clock(at) {
+    return at === null || at === undefined ? "" : new Date(at * 1000).toISOString().slice(11, 19);
+  }
+  function destination(e) {
+    if (e.host === "-" || !e.port) return String(e.host);
+    return String(e.host).indexOf(":") >= 0 ? "[" + e.host + "]:" + e.port : e.host + ":" + e.port;
+  }
+  function renderEgress(s) {
+    var rules = document.getElementById("egress-rules");
+    rules.replaceChildren();
+    (s.egress_rules || []).forEach(function (r) {
+      var li = el("li", null, "rule"); li.dataset.rule = r.rule;
+      li.append(el("code", r.rule), " ", el("span", r.source, "source"));
+      rules.appendChild(li);
+    });
+    if (!rules.children.length) rules.appendChild(el("li", "no rules: this agent reaches nothing", "none"));
+    var tbody = document.querySelector("#egress-log tbody");
+    tbody.replaceChildren();
+    (s.egress_log || []).forEach(function (e) {
+      var tr = el("tr", null, "entry " + (e.allowed ? "allowed" : "refused"));
+      tr.dataset.id = e.id;
+      var open = e.allowed && !e.closed_at;
+      tr.append(el("td", clock(e.at)), el("td", destination(e), "destination"), el("td", e.address || "", "address"),
+        el("td", e.allowed ? "allowed" : "refused", "decision"), el("td", e.reason, "reason"),
+        el("td", open ? "open" : e.bytes_up, "up"), el("td", open ? "open" : e.bytes_down, "down"));
+      tbody.appendChild(tr);
+    });
+  }
+
   function refresh() {
     fetch("state", { credentials: "same-origin" }).then(function (r) { return r.json(); }).then(function (s) {
       document.getElementById("status-text").textContent = s.agent.status_text || "";
+      renderEgress(s);
       var known = {};
       document.querySelectorAll("#questions li.question").forEach(function (li) { known[li.dataset.id] = li; });
       var open = {};

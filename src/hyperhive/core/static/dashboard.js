@@ -34,6 +34,69 @@
     buttons.forEach(function (b) { var x = el("button", b[1]); if (b[0]) { x.name = "answer"; x.value = b[0]; } f.appendChild(x); });
     return f;
   }
+  function clock(at) {
+    return at === null || at === undefined ? "" : new Date(at * 1000).toISOString().slice(11, 19);
+  }
+  function destination(e) {
+    if (e.host === "-" || !e.port) return String(e.host);
+    return String(e.host).indexOf(":") >= 0 ? "[" + e.host + "]:" + e.port : e.host + ":" + e.port;
+  }
+  function hidden(name, value) {
+    var i = el("input"); i.type = "hidden"; i.name = name; i.value = value; return i;
+  }
+  // The egress log, newest first: from /api/state, and each decision (and its close,
+  // the same id again) as it arrives on the stream.
+  var egressLog = [];
+  var egressLoaded = false;
+  var EGRESS_SHOWN = 100;
+  function mergeEgress(fresh) {
+    var byId = {};
+    egressLog.forEach(function (e) { byId[e.id] = e; });
+    fresh.forEach(function (e) {
+      var old = byId[e.id];
+      if (!old || !old.closed_at || e.closed_at) byId[e.id] = e;  // a closed entry is never un-closed
+    });
+    egressLog = Object.keys(byId).map(function (k) { return byId[k]; })
+      .sort(function (a, b) { return b.id - a.id; }).slice(0, EGRESS_SHOWN);
+  }
+  function renderEgressLog() {
+    var tbody = document.querySelector("#egress-log tbody");
+    tbody.replaceChildren();
+    egressLog.forEach(function (e) {
+      var tr = el("tr", null, "entry " + (e.allowed ? "allowed" : "refused"));
+      tr.dataset.id = e.id; tr.dataset.agent = e.agent;
+      var open = e.allowed && !e.closed_at;
+      tr.append(el("td", clock(e.at)), el("td", e.agent, "agent"), el("td", destination(e), "destination"),
+        el("td", e.address || "", "address"), el("td", e.allowed ? "allowed" : "refused", "decision"),
+        el("td", e.reason, "reason"), el("td", open ? "open" : e.bytes_up, "up"),
+        el("td", open ? "open" : e.bytes_down, "down"));
+      tbody.appendChild(tr);
+    });
+  }
+  function renderEgressRules(s) {
+    var tbody = document.querySelector("#egress-rules tbody");
+    tbody.replaceChildren();
+    s.agents.forEach(function (a) {
+      var rules = s.egress_rules[a.name] || [];
+      if (!rules.length) {
+        var none = el("tr", null, "no-rules"); none.dataset.agent = a.name;
+        var td = el("td", "no rules: reaches nothing", "none"); td.colSpan = 4;
+        none.append(el("td", a.name), td);
+        tbody.appendChild(none);
+        return;
+      }
+      rules.forEach(function (r) {
+        var tr = el("tr", null, "rule-row"); tr.dataset.agent = a.name; tr.dataset.rule = r.rule;
+        var rule = el("td", null, "rule"); rule.appendChild(el("code", r.rule));
+        var f = el("form"); f.method = "post"; f.className = "inline egress-remove";
+        f.action = "/api/agents/" + encodeURIComponent(a.name) + "/egress/remove";
+        f.append(hidden("csrf_token", csrf), hidden("rule", r.rule), el("button", "remove"));
+        var cell = el("td"); cell.appendChild(f);
+        tr.append(el("td", a.name), rule, el("td", r.source, "source"), el("td", clock(r.added_at)), cell);
+        tbody.appendChild(tr);
+      });
+    });
+  }
   function render(s) {
     var tbody = document.querySelector("#agents tbody");
     tbody.replaceChildren();
@@ -58,6 +121,12 @@
     s.approvals.forEach(function (a) {
       var li = el("li"); li.dataset.id = a.id;
       li.append(el("b", a.agent), " ", el("span", a.kind, "kind"), " ", a.description);
+      if (a.allows) {
+        var grant = el("p", "approving will ", "grant");
+        var what = el("b", "allow egress to "); what.appendChild(el("code", a.allows, "allows"));
+        grant.append(what, " for " + a.agent);
+        li.appendChild(grant);
+      }
       li.appendChild(el("pre", JSON.stringify(a.payload), "payload"));
       li.appendChild(el("code", "sha256 " + a.payload_sha256, "sha"));
       li.appendChild(form("/approve/" + a.id, [], [[null, "approve"]]));
@@ -79,6 +148,10 @@
       li.append(el("b", m.from), " → ", el("b", m.to), " ", el("span", m.kind, "kind"), " ", el("span", m.body, "body"));
       ms.appendChild(li);
     });
+    renderEgressRules(s);
+    mergeEgress(s.egress_log);  // merged, not replaced: a decision may have come in after this state
+    egressLoaded = true;
+    renderEgressLog();
   }
   var pending = null;
   function refresh() {
@@ -111,7 +184,8 @@
     if (submitter && submitter.name) data.set(submitter.name, submitter.value);
     var url = f.getAttribute("action");
     if (f.id === "send-form") url = "/api/agents/" + encodeURIComponent(data.get("to")) + "/send";
-    data.delete("csrf_token"); data.delete("to");
+    if (f.id === "egress-allow-form") url = "/api/agents/" + encodeURIComponent(data.get("agent")) + "/egress/allow";
+    data.delete("csrf_token"); data.delete("to"); data.delete("agent");
     post(url, Object.fromEntries(data.entries()))
       .then(function () { toast("done: " + url); refresh(); })
       .catch(function (e) { toast(e.message, true); });
@@ -120,4 +194,19 @@
   ["message", "question", "answer", "approval", "agent_status", "reminder"].forEach(function (k) {
     source.addEventListener(k, refresh);
   });
+  // Egress: a decision goes straight into the log; a change of rules re-reads the state.
+  source.addEventListener("egress", function (ev) {
+    var d;
+    try { d = JSON.parse(ev.data); } catch (e) { return; }
+    if (d.entry) { mergeEgress([d.entry]); if (egressLoaded) drawEgressSoon(); } else { refresh(); }
+  });
+  var drawing = null;  // an agent can make decisions fast: redraw at most ten times a second
+  function drawEgressSoon() {
+    if (drawing) return;
+    drawing = setTimeout(function () { drawing = null; renderEgressLog(); }, 100);
+  }
+  // The log as first served, as data: live decisions merge into it (until then they wait).
+  fetch("/api/state", { credentials: "same-origin" }).then(function (r) { return r.json(); })
+    .then(function (s) { mergeEgress(s.egress_log); egressLoaded = true; renderEgressLog(); })
+    .catch(function () {});
 })();

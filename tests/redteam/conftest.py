@@ -1,0 +1,326 @@
+"""Red-team suite: attacks on the hive, each run from INSIDE a real cage.
+
+One hive (``rt``, package-scoped) serves every module of this directory, so the
+suite stays fast; modules that need other settings (a rate limit, a small state
+filesystem) start their own. Agent names all start with ``rt`` so nothing
+collides with other test modules running on the same machine.
+
+Every case asserts two things:
+
+- the refusal itself, as exact as the interface allows (the one-line ``error``,
+  an errno name, an HTTP status);
+- that nothing else changed: ``unchanged(hive)`` takes a digest of the hive's
+  state before and after (host.sock's view, the database rows, every cage's
+  pid, the run and state directory trees) and compares them.
+
+Probes go through ``HiveProcess.probe`` (the script first proves that it is in a
+cage) with ``CLIENT`` prepended: a tiny JSON-lines client for the cage's
+``/run/hive/agent.sock``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hive_fixture import HiveProcess, probe_result, running_hive
+from hyperhive.client import Client
+from web_fixture import snapshot as web_snapshot
+
+# alice -> bob; bob -> alice, carol; carol, mule (takes the exhaustion probes) and
+# mallory (the injection agent: its runtime echoes every message it gets) have no peers.
+RT_AGENTS: dict[str, dict[str, Any]] = {
+    "rtalice": {"runtime": "command", "command": ["true"], "peers": ["rtbob"]},
+    "rtbob": {"runtime": "command", "command": ["true"], "peers": ["rtalice", "rtcarol"]},
+    "rtcarol": {"runtime": "command", "command": ["true"]},
+    "rtmule": {"runtime": "command", "command": ["true"]},
+    "rtmallory": {"runtime": "command", "command": ["cat"]},
+}
+MAX_CORE_LATENCY = 3.0  # seconds: the core must keep answering others while a cage attacks it
+
+# Prepended to every probe: a JSON-lines client for the cage's own agent.sock.
+CLIENT = '''
+import errno, json, socket, time
+
+AGENT_SOCK = "/run/hive/agent.sock"
+
+def errname(e):
+    return errno.errorcode.get(e.errno, str(e)) if getattr(e, "errno", None) else type(e).__name__
+
+class Conn:
+    def __init__(self, path=AGENT_SOCK, timeout=30):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(path)
+        self.f = self.s.makefile("rb")
+
+    def send(self, data):
+        self.s.sendall(data)
+
+    def line(self):
+        raw = self.f.readline()
+        return json.loads(raw) if raw else None
+
+    def raw(self, data):
+        self.send(data)
+        return self.line()
+
+    def call(self, req):
+        return self.raw(json.dumps(req).encode() + b"\\n")
+
+    def close(self):
+        try:
+            self.f.close()
+            self.s.close()
+        except OSError:
+            pass
+
+def call(req):
+    c = Conn()
+    try:
+        return c.call(req)
+    finally:
+        c.close()
+
+def call_when_free(req, seconds=10.0):
+    """``call``, retried while the core is still letting go of this uid's earlier
+    connections (refused as too many, or hung up on)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            reply = call(req)
+            busy = reply is None or (reply.get("ok") is False and reply["error"].startswith("too many connections"))
+        except OSError as e:
+            reply, busy = {"error": errname(e)}, True
+        if not busy or time.monotonic() > deadline:
+            return reply
+        time.sleep(0.1)
+
+def err(req):
+    """The refusal of one request (the whole reply if it was not refused)."""
+    reply = call(req)
+    return reply["error"] if reply and reply.get("ok") is False and set(reply) == {"version", "ok", "error"} else reply
+'''
+
+
+def cage_run(hive: HiveProcess, name: str, script: str, *, timeout: float = 90, **params: Any) -> dict[str, Any]:
+    """Run ``script`` (with CLIENT) inside ``name``'s cage; return what it passed to result()."""
+    return probe_result(hive.probe(name, textwrap.dedent(CLIENT) + textwrap.dedent(script), timeout=timeout, **params))
+
+
+# -- the digest --------------------------------------------------------------------------
+
+
+def tree(root: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, int, int, int]]:
+    """Every path under ``root`` with its owner, group and mode (not contents: the
+    database and logs change by themselves)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if any(rel == s or rel.startswith(s + "/") for s in skip):
+            dirnames[:] = []
+            continue
+        for n in sorted(dirnames + filenames):
+            p = Path(dirpath) / n
+            try:
+                st = p.lstat()
+            except FileNotFoundError:
+                continue
+            if n.startswith("hive.db") or n.endswith((".log", ".pid")):
+                continue
+            out.append((os.path.join(rel, n), st.st_uid, st.st_gid, st.st_mode))
+    return sorted(out)
+
+
+def digest_parts(hive: HiveProcess) -> dict[str, Any]:
+    """What no refused attack may change: host.sock's view and the database rows
+    (web_fixture.snapshot), each cage's init pid and uids, and the directory trees."""
+    cages = hive.priv("status")
+    assert cages.get("ok"), cages
+    homes = tuple(f"agents/{n}/home" for n in hive.names)
+    return {
+        **web_snapshot(hive),
+        "cages": {n: {k: v for k, v in row.items() if k != "memory_bytes"}
+                  for n, row in sorted(cages["cages"].items())},
+        "run_tree": tree(hive.run_dir, skip=("gateway",)),
+        "state_tree": tree(hive.state_dir, skip=homes),
+    }
+
+
+def digest(hive: HiveProcess) -> str:
+    return hashlib.sha256(json.dumps(digest_parts(hive), sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def unchanged(hive: HiveProcess) -> Iterator[None]:
+    """The hive's digest is the same afterwards (and its parts, for the message)."""
+    before = digest_parts(hive)
+    yield
+    after = digest_parts(hive)
+    for key in before:
+        assert after[key] == before[key], (
+            f"the hive's state changed ({key}):\nbefore {before[key]}\nafter  {after[key]}")
+    assert json.dumps(after, sort_keys=True, default=str) == json.dumps(before, sort_keys=True, default=str)
+
+
+@dataclass
+class Changes:
+    """Rows each table gained and lost (a changed row is one lost and one gained)."""
+
+    added: dict[str, list[tuple[Any, ...]]]
+    removed: dict[str, list[tuple[Any, ...]]]
+
+    def count(self) -> dict[str, tuple[int, int]]:
+        return {t: (len(self.added.get(t, [])), len(self.removed.get(t, [])))
+                for t in sorted(set(self.added) | set(self.removed))}
+
+
+@contextlib.contextmanager
+def changes(hive: HiveProcess) -> Iterator[Changes]:
+    """For an attack whose legitimate part changes something (a message sent, a
+    request made): afterwards ``Changes`` holds exactly what changed in the database,
+    for the test to compare with what it expects; the cages and the directory trees
+    must not have changed at all."""
+    before = digest_parts(hive)
+    ch = Changes({}, {})
+    yield ch
+    after = digest_parts(hive)
+    for key in ("cages", "run_tree", "state_tree"):
+        assert after[key] == before[key], f"{key} changed:\nbefore {before[key]}\nafter  {after[key]}"
+    for table, rows in before["db"].items():
+        b, a = {tuple(r) for r in rows}, {tuple(r) for r in after["db"][table]}
+        if a - b:
+            ch.added[table] = sorted(a - b, key=repr)
+        if b - a:
+            ch.removed[table] = sorted(b - a, key=repr)
+
+
+def db_rows(hive: HiveProcess, table: str) -> list[tuple[Any, ...]]:
+    return web_snapshot(hive)["db"][table]
+
+
+# -- the core keeps serving others -----------------------------------------------------
+
+
+@dataclass
+class Latency:
+    samples: list[float]
+    errors: list[str]
+
+
+@contextlib.contextmanager
+def others_keep_working(hive: HiveProcess, other: str = "rtcarol", *, max_latency: float = MAX_CORE_LATENCY
+                        ) -> Iterator[Latency]:
+    """While the body runs, call host.sock's agent_status and ``other``'s whoami over
+    and over (fresh connections each time); each must be answered quickly."""
+    lat = Latency([], [])
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            try:
+                with Client(hive.host_sock, timeout=15) as c:
+                    assert c.call("agent_status")["ok"]
+                with Client(hive.agent_sock(other), timeout=15) as c:
+                    reply = c.call("whoami")
+                    assert reply == {"version": 1, "ok": True, "name": other}, reply
+            except Exception as e:  # noqa: BLE001 - reported below
+                lat.errors.append(repr(e))
+            lat.samples.append(time.monotonic() - t0)
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    try:
+        yield lat
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not lat.errors, lat.errors[:5]
+    assert len(lat.samples) >= 3, lat.samples
+    assert max(lat.samples) < max_latency, f"the core was slow to answer others: max {max(lat.samples):.2f} s"
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def core_fds(hive: HiveProcess) -> int:
+    pid = hive.core_pid()
+    assert pid is not None
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def core_rss_kib(hive: HiveProcess) -> int:
+    pid = hive.core_pid()
+    assert pid is not None
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# -- the shared hive ---------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """State the attacks aim at, set up once."""
+
+    q_op: int  # rtalice asked the operator
+    q_bob: int  # rtalice asked rtbob
+    approval: int  # rtbob's pending custom approval
+    approval_sha: str
+    spawn: int  # rtalice's pending spawn approval (of rtkid)
+    spawn_sha: str
+    msg_op: int  # rtalice -> operator
+    msg_bob: int  # rtalice -> rtbob
+
+
+@pytest.fixture(scope="package")
+def rt() -> Iterator[HiveProcess]:
+    """The red team's hive: five agents in cages, behind the gateway."""
+    yield from running_hive(HiveProcess(RT_AGENTS))
+
+
+@pytest.fixture(scope="package")
+def world(rt: HiveProcess) -> World:
+    h = rt
+
+    def ok(reply: dict[str, Any]) -> dict[str, Any]:
+        assert reply.get("ok"), reply
+        return reply
+
+    q_op = ok(h.agent_call("rtalice", "ask", to="operator", question="may I deploy?", options=["yes", "no"]))["id"]
+    q_bob = ok(h.agent_call("rtalice", "ask", to="rtbob", question="for bob only"))["id"]
+    a = ok(h.agent_call("rtbob", "request_approval", kind="custom", description="rotate the keys", payload={"x": 1}))
+    spawn_payload = {"name": "rtkid", "spec": {"runtime": "command", "command": ["true"]}}
+    s = ok(h.agent_call("rtalice", "request_approval", kind="spawn", description="a helper", payload=spawn_payload))
+    msg_op = ok(h.agent_call("rtalice", "send", to="operator", body="hello operator"))["id"]
+    msg_bob = ok(h.agent_call("rtalice", "send", to="rtbob", body="hello bob"))["id"]
+    ok(h.agent_call("rtcarol", "set_status", text="working"))
+    return World(q_op=q_op, q_bob=q_bob, approval=a["id"], approval_sha=a["payload_sha256"], spawn=s["id"],
+                 spawn_sha=s["payload_sha256"], msg_op=msg_op, msg_bob=msg_bob)
+
+
+def host_addresses() -> list[str]:
+    """The host's own non-loopback addresses (global scope)."""
+    out = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    addrs = []
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[2] in ("inet", "inet6"):
+            addrs.append(parts[3].split("/")[0])
+    return addrs
