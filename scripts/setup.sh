@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the hive uses (cages, gateway, egress, browser tests).
-APT_PACKAGES=(bubblewrap python3.11 util-linux nginx-light wrk chromium)
+# System packages the hive uses (cages, gateway, egress and its test networks
+# (iproute2, curl), browser tests).
+APT_PACKAGES=(bubblewrap python3.11 util-linux iproute2 curl nginx-light wrk chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
