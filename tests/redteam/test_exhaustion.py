@@ -349,17 +349,24 @@ def test_message_flood_is_rate_limited_per_agent(limited_hive: HiveProcess, verb
 
 def test_rate_limit_refusal_changes_nothing(limited_hive: HiveProcess) -> None:
     """Once the bucket is empty, a refused request stores nothing and publishes nothing;
-    the refusal says when to retry, and after that wait one more request goes through."""
+    the refusal says when to retry, and after that wait one more request goes through.
+    Drained and probed in one run in the cage: no process start lets the bucket refill."""
     h = limited_hive
     script = """
-    burst = [call({"cmd": "send", "to": "rtcalm", "body": f"drain {i}"}) for i in range(8)]
-    result(burst=burst)
+    drained, r = 0, {"ok": True}
+    while r["ok"] and drained < 100:
+        r = call({"cmd": "send", "to": "rtcalm", "body": f"drain {drained}"})
+        drained += r["ok"]
+    result(drained=drained, refusal=r, replies=[call(q) for q in P["requests"]])
     """
-    cage_run(h, "rtflood", script)
-    with unchanged(h):
-        res = cage_run(h, "rtflood", CALM, requests=[flood_request(v, "rtcalm", 99) for v in
-                                                     ("send", "ask", "request_approval")])
+    with changes(h) as ch:
+        res = cage_run(h, "rtflood", script, requests=[flood_request(v, "rtcalm", 99) for v in
+                                                       ("send", "ask", "request_approval")])
+    assert LIMITED.match(res["refusal"]["error"]), res
     assert all(not r["ok"] and LIMITED.match(r["error"]) for r in res["replies"]), res
+    # Only the drain's accepted sends were stored: nothing of the refused requests.
+    assert {t: len(rows) for t, rows in ch.added.items()} == {"messages": res["drained"]}, ch.added
+    assert not ch.removed
     wait = float(res["replies"][-1]["error"].rsplit("retry in ", 1)[1].split()[0])
     time.sleep(wait + 0.05)
     again = cage_run(h, "rtflood", CALM, requests=[flood_request("send", "rtcalm", 100)])
