@@ -282,7 +282,8 @@ class HiveProcess:
         if self.proc is not None and self.proc.poll() is None:
             for pid in children(self.proc.pid):
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    # nginx leads a process group of its own: take its workers too
+                    os.killpg(pid, signal.SIGKILL) if os.getpgid(pid) == pid else os.kill(pid, signal.SIGKILL)
             self.proc.kill()
             self.proc.wait()
         for name in self.names:
