@@ -123,7 +123,8 @@ def test_runs_in_the_cages_cgroup(caged_hive: HiveProcess) -> None:
     else:
         limited = [line for line in lines if line.split(":")[1] in ("pids", "memory")]
         assert len(limited) == 2, lines
-    assert limited and all(line.endswith("/hive/bob") for line in limited), lines
+    key = caged_hive.cgroup("bob").key  # this hive's own subtree
+    assert limited and all(line.endswith(f"/hive/{key}/bob") for line in limited), lines
 
 
 def test_environment_is_the_agents_not_the_callers(caged_hive: HiveProcess) -> None:

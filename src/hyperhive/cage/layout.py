@@ -20,14 +20,16 @@ PATH = f"{BIN}:/usr/local/bin:/usr/bin:/bin"
 
 def base_env(name: str) -> dict[str, str]:
     """The environment of everything the agent runs (turns, `hive exec`). Every
-    proxy variable points at the egress bridge: there is no other way out."""
+    proxy variable points at the egress bridge: there is no other way out. The
+    cage's loopback is its own (its network namespace has nothing else), so it
+    is reached directly; the proxy would refuse loopback anyway."""
     env = {
         "PATH": PATH, "HOME": HOME, "USER": "agent", "LANG": "C.UTF-8",
         "HIVE_AGENT": name, "HIVE_SOCKET": AGENT_SOCKET,
     }
     for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
         env[var] = env[var.lower()] = PROXY_URL
-    env["NO_PROXY"] = env["no_proxy"] = ""
+    env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
     return env
 
 
