@@ -97,6 +97,8 @@ BAD_CMDS = {
     "hang-hard": "trap '' TERM INT; echo hanging hard; sleep 600",  # SIGTERM ignored: needs SIGKILL
     "hang-closed": "echo closing; exec >&- 2>&-; exec sleep 600",  # output closed, still running
     "hang-orphan": "sleep 600 & echo leaving",  # exits at once; its child keeps the output open
+    # a child that leaves the turn's session (setsid): stopped with the turn all the same
+    "hang-setsid": "setsid sleep 600 </dev/null >/dev/null 2>&1 & echo escaping; exec sleep 600",
     "lines": "yes | head -c 50000000",  # 25 million short lines
     "line": "head -c 50000000 /dev/zero | tr '\\0' y",  # one line of 50 MB
     "both": "yes out | head -c 20000000 & yes err | head -c 20000000 >&2; wait",
@@ -500,6 +502,7 @@ def test_crashing_runtime_leaves_the_harness_healthy(hive: HiveProcess) -> None:
     ("hang-hard", 128 + signal.SIGKILL),  # ignores SIGTERM: killed after the grace period
     ("hang-closed", 128 + signal.SIGTERM),
     ("hang-orphan", 0),  # the shell itself exited 0; its child is what times out
+    ("hang-setsid", 128 + signal.SIGTERM),
 ])
 def test_hanging_runtime_times_out_and_is_killed(hive: HiveProcess, body: str, exit_status: int) -> None:
     name = "turn-bad"

@@ -101,7 +101,29 @@ class Init:
             os.killpg(pid, sig)  # its whole session: children of the runtime too
         except ProcessLookupError:
             self.groups.discard(pid)
+        # A turn is being stopped (interrupt, time-out): so is anything of the runtime's
+        # that left the session with setsid. The pid namespace is the cage's, so these
+        # are all the runtime uid's processes there are.
+        for other in self.runtime_uid_pids():
+            try:
+                os.kill(other, sig)
+            except ProcessLookupError:
+                pass
         return {"ok": True}
+
+    def runtime_uid_pids(self) -> list[int]:
+        pids = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    uid_line = next(line for line in f if line.startswith("Uid:"))
+            except (OSError, StopIteration):
+                continue  # gone meanwhile
+            if int(uid_line.split()[1]) == self.uid:  # the real uid
+                pids.append(int(entry))
+        return pids
 
     def reap(self) -> None:
         for pid, proc in list(self.runtime.items()):
