@@ -217,7 +217,8 @@ def test_logout_ends_session(web: Web, login: Login) -> None:
 
 @pytest.mark.parametrize("path", [f"/agent/{ECHO}/", f"/agent/{ECHO}/state", f"/agent/{ECHO}/events",
                                   f"/agent/{ECHO}/static/agent.js", "/agent/nosuch/", "/", "/api/state",
-                                  "/api/dashboard/stream", f"/api/agents/{ECHO}/transcript"])
+                                  "/api/dashboard/stream", f"/api/agents/{ECHO}/transcript",
+                                  "/api/openapi.json"])
 def test_pages_need_a_session(web: Web, path: str) -> None:
     for cookie in [None, Login("x" * 43, "")]:
         r = web.get(path, login=cookie)

@@ -176,8 +176,8 @@ ACTIONS = {
 
 
 def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
-    app = FastAPI(title="hyperhive core", version="1", openapi_url="/api/openapi.json", docs_url=None,
-                  redoc_url=None)
+    # The schema is served below, behind the session like everything else.
+    app = FastAPI(title="hyperhive core", version="1", openapi_url=None, docs_url=None, redoc_url=None)
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     # The payload as the text its sha256 was taken of (autoescaped like any other text;
     # Jinja's tojson would show "<" as "\\u003c").
@@ -208,6 +208,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if not sessions.csrf_ok(session, presented):
             raise HTTPException(403, "missing or wrong CSRF token")
         return session
+
+    @app.get("/api/openapi.json", include_in_schema=False)
+    async def openapi(session: Annotated[Session, Depends(require_session)]) -> Response:
+        return JSONResponse(app.openapi())
 
     async def operator(obj: dict[str, Any]) -> dict[str, Any]:
         reply = await OperatorSession(hive).handle(obj)
