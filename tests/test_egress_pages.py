@@ -21,7 +21,6 @@ Screenshots go to artifacts/ (gitignored).
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 from collections.abc import Iterator
@@ -31,10 +30,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
-from hive_fixture import HiveProcess, probe_result, wait_until
+from hive_fixture import probe_result, wait_until
 from test_browser import Watch, assert_no_markup, browser, context  # noqa: F401  (fixtures)
 from testnet import TestNet
-from web_fixture import Login, Web, artifact, assert_csp, assert_one_line_reason
+from web_fixture import Login, Web, artifact, assert_csp, assert_one_line_reason, web_hive
 
 SUBNET = 42
 NET = TestNet(SUBNET, prefix="hvui")
@@ -59,34 +58,9 @@ def net() -> Iterator[TestNet]:
         yield n
 
 
-@contextlib.contextmanager
-def egress_web_hive(agents: dict[str, dict[str, Any]], sections: dict[str, dict[str, Any]]) -> Iterator[Web]:
-    """web_fixture.web_hive, with more hive.toml tables (here ``[egress] hosts``): at the end
-    SIGTERM the hive and require exit 0 and every cage empty."""
-    hive = HiveProcess(agents, sections=sections)
-    try:
-        hive.start()
-        try:
-            yield Web(hive)
-        except BaseException:
-            print(f"--- the hive's log (hive up, nginx, hive-core, hive-priv) ---\n{hive.log_tail(300)}")
-            raise
-    finally:
-        try:
-            if hive.running:
-                rc = hive.stop()
-                assert rc == 0, f"hive up exited with {rc}\n{hive.log_tail()}"
-            left = {n: pids for n in hive.names if (pids := hive.cgroup(n).pids())}
-            for n in left:
-                hive.cgroup(n).kill_all(1.0)
-            assert not left, f"processes left in cage cgroups after stop: {left}"
-        finally:
-            hive.cleanup()
-
-
 @pytest.fixture(scope="module")
 def web(net: TestNet) -> Iterator[Web]:
-    with egress_web_hive(AGENTS, {"egress": {"hosts": HOSTS}}) as w:
+    with web_hive(AGENTS, sections={"egress": {"hosts": HOSTS}}) as w:
         yield w
 
 

@@ -174,10 +174,12 @@ def transcript(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def web_hive(agents: dict[str, dict[str, Any]], extra_names: tuple[str, ...] = ()) -> Iterator[Web]:
-    """Run a hive with ``agents``; at the end SIGTERM it and require exit 0 and every cage
-    (including the agents in ``extra_names``, e.g. spawned ones) empty."""
-    hive = HiveProcess(agents)
+def web_hive(agents: dict[str, dict[str, Any]], extra_names: tuple[str, ...] = (),
+             sections: dict[str, dict[str, Any]] | None = None) -> Iterator[Web]:
+    """Run a hive with ``agents`` (and other hive.toml tables in ``sections``); at the end
+    SIGTERM it and require exit 0 and every cage (including the agents in ``extra_names``,
+    e.g. spawned ones) empty."""
+    hive = HiveProcess(agents, sections=sections)
     try:
         hive.start()
         try:
