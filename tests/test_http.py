@@ -345,3 +345,43 @@ def test_answer_reaches_the_agent(web: Web, login: Login) -> None:
         r = web.post(f"/answer-question/{qid}", login, data={"answer": "no"})
         assert r.status_code in (404, 409), r.text
         assert_one_line_reason(r)
+
+
+def test_sessions_outlive_a_core_restart(web: Web) -> None:
+    """Last in this module: it kills hive-core (hive up starts it again)."""
+    import hashlib
+    import os
+    import signal
+    import sqlite3
+
+    from hyperhive.client import HiveUnavailable
+
+    kept, ended = web.login(), web.login()
+    r = web.request("POST", "/logout", login=ended, csrf=ended.csrf, origin=web.origin)
+    assert r.status_code == 303, r.text
+    db = sqlite3.connect(f"file:{web.hive.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        stored = {row[0] for row in db.execute("SELECT id_sha256 FROM sessions")}
+    finally:
+        db.close()
+    assert hashlib.sha256(kept.cookie.encode()).hexdigest() in stored  # a hash, never the id itself
+    assert hashlib.sha256(ended.cookie.encode()).hexdigest() not in stored
+    assert kept.cookie not in stored
+
+    pid = web.hive.core_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    def core_back() -> bool:
+        try:
+            return web.hive.core_pid() not in (None, pid) and web.hive.host_call("list")["ok"]
+        except HiveUnavailable:
+            return False
+
+    wait_for(core_back, "hive-core to come back")
+    wait_for(lambda: web.get("/api/state", login=kept).status_code == 200, "the kept session to work again")
+    assert web.get("/api/state", login=ended).status_code == 401
+    # the CSRF token is the session's, as before
+    assert web.request("POST", "/logout", login=kept, csrf="x" * 43, origin=web.origin).status_code == 403
+    assert web.request("POST", "/logout", login=kept, csrf=kept.csrf, origin=web.origin).status_code == 303
+    assert web.get("/api/state", login=kept).status_code == 401

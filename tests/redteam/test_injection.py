@@ -297,7 +297,7 @@ PAGES: dict[str, tuple[str | None, int]] = {
     "/api/state": ("application/json", 401),
     f"/agent/{AGENT}/no-such-page": (None, 401),
     "/static/dashboard.js": ("javascript", 200),  # the dashboard's own code: no agent data, anyone may load it
-    "/api/openapi.json": ("application/json", 200),
+    "/api/openapi.json": ("application/json", 401),  # the schema, like every page, needs a session
     "/no-such-page": (None, 404),
 }
 

@@ -58,7 +58,7 @@ async def run_core(opts: CoreOptions) -> None:
     sockets.on_harness_change = hive.publish_status
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
-    sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"))
+    sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"), store)
     http_task, http_server = await serve_http(create_app(hive, sessions), opts.run_dir.core_sock)
     for row in store.agents():
         if not row["stopped"]:

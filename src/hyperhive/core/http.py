@@ -253,7 +253,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     @app.post("/logout", include_in_schema=False)
     async def logout(request: Request, session: Annotated[Session, Depends(require_post)]) -> Response:
-        sessions.logout(session.id)
+        sessions.logout(session)
         resp = RedirectResponse("/", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
         return resp

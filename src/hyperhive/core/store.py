@@ -120,6 +120,15 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX egress_log_agent ON egress_log (agent, id);
     """,
+    # 4: the operator's web sessions, so a core restart doesn't log the operator out
+    """
+    CREATE TABLE sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        csrf TEXT NOT NULL,
+        expires REAL NOT NULL,
+        token_sha256 TEXT NOT NULL
+    );
+    """,
 ]
 TRANSCRIPT_KEEP = 20_000  # entries per agent
 EGRESS_LOG_KEEP = 5_000  # decisions per agent
@@ -200,7 +209,31 @@ class _Egress:
         return [{**dict(r), "allowed": bool(r["allowed"])} for r in rows]
 
 
-class Store(_Egress):
+class _Sessions:
+    """The operator's web sessions (mixed into Store). Only a hash of each session id
+    is stored; ``token_sha256`` ties a session to the login token it was made with."""
+
+    db: sqlite3.Connection
+    tx: Callable[..., Any]
+
+    def sessions(self, token_sha256: str, now: float) -> list[tuple[str, str, float]]:
+        rows = self.db.execute(
+            "SELECT id_sha256, csrf, expires FROM sessions WHERE token_sha256=? AND expires > ?",
+            (token_sha256, now),
+        ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def save_session(self, id_sha256: str, csrf: str, expires: float, token_sha256: str) -> None:
+        with self.tx(agents_unchanged=True) as db:
+            db.execute("DELETE FROM sessions WHERE expires <= ? OR token_sha256 != ?", (time.time(), token_sha256))
+            db.execute("INSERT OR REPLACE INTO sessions VALUES (?, ?, ?, ?)", (id_sha256, csrf, expires, token_sha256))
+
+    def delete_session(self, id_sha256: str) -> None:
+        with self.tx(agents_unchanged=True) as db:
+            db.execute("DELETE FROM sessions WHERE id_sha256=?", (id_sha256,))
+
+
+class Store(_Egress, _Sessions):
     def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
         self.path = path
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
