@@ -1,10 +1,12 @@
 """Egress benchmark (root: real cages and a test network namespace).
 
 The same client program against the same test server (tests/testnet.py, in a
-network namespace on 198.18.43.0/24), run twice in one go:
-  * direct: from the host's network namespace, no proxy (a cage has no route
-    anywhere, so "direct" can only be measured from outside one);
-  * proxied: from inside an agent's cage, through the harness's bridge on the
+network namespace on 198.18.43.0/24), run from the same cage, in one go:
+  * direct: in the agent's cage (its mount, pid, ipc and uts namespaces, its
+    uid, no capabilities, its seccomp filter) but in the host's network
+    namespace, without the proxy: the cage's own network has no route, so
+    this is the one thing changed;
+  * proxied: `hive exec` in the cage, through the harness's bridge on the
     cage's loopback, egress.sock and hive-core's proxy.
 Throughput: curl downloading N MiB; latency: sequential small GETs on fresh
 connections (Python http.client), p50 of each, and the difference.
@@ -19,6 +21,9 @@ from pathlib import Path
 
 from cages import Hive  # type: ignore[import-not-found]
 from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-not-found]
+
+from hyperhive.cage import layout
+from hyperhive.client import priv_call
 
 sys.path.insert(0, str(ROOT / "tests"))
 from testnet import TestNet  # noqa: E402
@@ -57,6 +62,18 @@ def _curl_mb_s(argv_prefix: list[str], url: str, mib: int, *curl_args: str) -> f
     return float(speed) / 1e6
 
 
+def _in_cage_host_net(hive: Hive, name: str) -> list[str]:
+    """argv prefix: like `hive exec NAME --` (see priv/cages.py exec_argv), minus --net."""
+    cage = priv_call(str(hive.run_dir / "priv.sock"), {"cmd": "status", "names": [name]})["cages"][name]
+    return [
+        "nsenter", "--target", str(cage["pid"]), "--mount", "--uts", "--ipc", "--pid", "--root",
+        f"--wdns={layout.HOME}", "/usr/bin/setpriv", "--reuid", str(cage["uid"]), "--regid", str(cage["gid"]),
+        "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
+        "--", "/usr/bin/env", "-i", f"PATH={layout.PATH}", f"HOME={layout.HOME}",
+        *layout.python_argv("exec", "--"),
+    ]
+
+
 def bench_egress(ctx: Context) -> list[Row]:
     rounds, mib, n = ctx.n(5, 3), ctx.n(256, 64), ctx.n(300, 60)
     with TestNet(43, prefix="hvbe") as net:
@@ -66,13 +83,19 @@ def bench_egress(ctx: Context) -> list[Row]:
             hive.start()
             hive.wait_running({"net"})
             in_cage = [str(Path(sys.executable).parent / "hive"), "--run-dir", str(hive.run_dir), "exec", "net", "--"]
+            direct_from_cage = _in_cage_host_net(hive, "net")
+            who = subprocess.run([*direct_from_cage, "sh", "-c", "id -u; hostname"], capture_output=True,
+                                 text=True, timeout=60).stdout.split()
+            if who != [str(priv_call(str(hive.run_dir / "priv.sock"), {"cmd": "status", "names": ["net"]})
+                           ["cages"]["net"]["uid"]), "net"]:
+                raise RuntimeError(f"the direct client is not in the cage: {who}")
             url = f"http://{SERVER_ADDRESS}"
             direct, proxied = [], []
             for _ in range(rounds):  # interleaved, so drift hits both alike
-                direct.append(_curl_mb_s([], url, mib, "--noproxy", "*"))
+                direct.append(_curl_mb_s(direct_from_cage, url, mib, "--noproxy", "*"))
                 proxied.append(_curl_mb_s(in_cage, url, mib))
             lat: dict[str, list[float]] = {}
-            for mode, prefix in (("direct", [sys.executable]), ("proxied", [*in_cage, "python3"])):
+            for mode, prefix in (("direct", [*direct_from_cage, "python3"]), ("proxied", [*in_cage, "python3"])):
                 proc = subprocess.run([*prefix, "-c", LATENCY, mode, str(n), SERVER_ADDRESS],
                                       capture_output=True, text=True, timeout=300)
                 if proc.returncode != 0:
@@ -84,7 +107,7 @@ def bench_egress(ctx: Context) -> list[Row]:
     ld, lp = percentile(lat["direct"], 50), percentile(lat["proxied"], 50)
     section = "egress"
     return [
-        Row(section, f"direct download ({mib} MiB, host netns) median of {rounds}", d50, "MB/s"),
+        Row(section, f"direct download ({mib} MiB) from the cage, host netns, median of {rounds}", d50, "MB/s"),
         Row(section, f"through the proxy from a cage, median of {rounds}", p50, "MB/s"),
         Row(section, "proxied ÷ direct throughput", 100 * p50 / d50, "%", Target(">=", 50)),
         Row(section, f"small GET p50 direct / proxied ({n} requests)", lp, "ms",

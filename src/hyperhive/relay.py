@@ -33,7 +33,12 @@ def _pipe() -> tuple[int, int]:
 
 def pump(src: socket.socket, dst: socket.socket) -> int:
     """Move bytes src -> dst until src's end of stream (or an error); then shut
-    down dst's sending side so the peer sees the end too. Returns bytes moved."""
+    down dst's sending side so the peer sees the end too. Returns bytes moved.
+
+    Each write splices exactly what the read brought in. Asking splice(2) for
+    more than the pipe holds, with a writer still attached (e.g. a second thread
+    filling the pipe), makes the kernel treat the data as "more to come" and
+    cork it on a TCP socket: a small request then never leaves."""
     moved = 0
     r, w = _pipe()
     try:
