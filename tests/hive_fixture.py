@@ -68,6 +68,41 @@ CAGE_CHECK_OK = "cage-check: ok"
 RESULT_PREFIX = "PROBE-RESULT "
 
 
+def host_addresses() -> list[str]:
+    """The host's own non-loopback addresses (IPv4 and IPv6, global scope)."""
+    out = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    addrs = []
+    for line in out.stdout.splitlines():
+        parts = line.split()
+        if len(parts) > 3 and parts[2] in ("inet", "inet6"):
+            addrs.append(parts[3].split("/")[0])
+    return addrs
+
+
+@contextlib.contextmanager
+def host_abstract_listeners(names: list[str]) -> Iterator[None]:
+    """Abstract unix sockets listening on the host, one per name, reachable from the
+    host (checked first); afterwards, assert that nobody else connected to any."""
+    listeners = []
+    try:
+        for n in names:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.bind("\0" + n)
+            s.listen(8)
+            s.setblocking(False)
+            listeners.append(s)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:  # control: the host can connect
+            c.connect("\0" + names[0])
+        listeners[0].accept()[0].close()
+        yield
+        for s in listeners:
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s in listeners:
+            s.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

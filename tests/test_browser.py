@@ -25,15 +25,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog, Page, expect
 
 from hyperhive.core.sessions import COOKIE
 from hyperhive.core.store import canonical_json
-from web_fixture import REPO, Web, artifact, transcript, wait_for, web_hive
+from web_fixture import REPO, Web, artifact, browser, transcript, wait_for, web_hive  # noqa: F401 (browser)
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 DEMO_AGENTS: dict[str, dict[str, Any]] = tomllib.loads((REPO / "examples" / "demo" / "hive.toml").read_text())["agents"]
 WAIT_MS = 30_000  # the machine is small and shared
 
@@ -89,16 +86,6 @@ class Watch:
         assert self.dialogs == [], self.dialogs
         assert self.errors == [], self.errors
         assert [c for c in self.console if "Failed to load resource" not in c] == [], self.console
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import pytest
 
-from hive_fixture import REPO, HiveProcess, assert_caged, as_user, probe_result, proc_start_time, proc_uid
+from hive_fixture import (REPO, HiveProcess, as_user, assert_caged, host_abstract_listeners, host_addresses,
+                          probe_result, proc_start_time, proc_uid)
 from hyperhive.client import Client
 from hyperhive.priv.cgroups import is_v2
 
@@ -44,17 +45,6 @@ MAX_CORE_LATENCY = 3.0  # seconds: the core must keep answering while a cage mis
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def host_addresses() -> list[str]:
-    """The host's own non-loopback addresses (IPv4 and IPv6, global scope)."""
-    out = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
-    addrs = []
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) > 3 and parts[2] in ("inet", "inet6"):
-            addrs.append(parts[3].split("/")[0])
-    return addrs
 
 
 def host_listening_tcp_ports() -> set[int]:
@@ -222,28 +212,11 @@ result(attempts=out, listed=[n for n in P["names"] if n in table])
 
 def test_cage_cannot_reach_host_abstract_unix_sockets(caged_hive: HiveProcess, world: World) -> None:
     names = [f"hive-test-abstract-{secrets.token_hex(4)}", f"hive-test-abstract-{secrets.token_hex(4)}"]
-    listeners = []
-    try:
-        for n in names:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind("\0" + n)
-            s.listen(8)
-            s.setblocking(False)
-            listeners.append(s)
-        # Control: the host itself can connect.
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.connect("\0" + names[0])
-        listeners[0].accept()[0].close()
+    with host_abstract_listeners(names):
         with caged_hive.unchanged():
             res = probe_result(caged_hive.probe("alice", ABSTRACT, names=names))
         assert res["attempts"] == {n: "ECONNREFUSED" for n in names}
         assert res["listed"] == []  # not even visible in the cage's /proc/net/unix
-        for s in listeners:
-            with pytest.raises(BlockingIOError):
-                s.accept()
-    finally:
-        for s in listeners:
-            s.close()
 
 
 TCP_CONNECT = """

@@ -25,10 +25,17 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
+import pytest
+from playwright.sync_api import Browser, sync_playwright
 
 from hive_fixture import REPO, HiveProcess, wait_until
 from hyperhive.core.sessions import COOKIE
 from hyperhive.gateway.config import CSP
+
+# Debian's chromium, never a downloaded browser.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
 
 ARTIFACTS = REPO / "artifacts"
 READY_LINE = re.compile(r"^hive: ready: log in at (http://\S+/login\?token=\S+)")
@@ -209,3 +216,13 @@ def artifact(name: str) -> Path:
 
 def deadline(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()

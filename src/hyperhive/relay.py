@@ -1,9 +1,8 @@
-"""Copying bytes between two connected sockets, both ways, until both sides end.
-
-Used by the cage's egress bridge (harness) and by the egress proxy (hive-core).
-Standard library only. Bytes move with ``splice(2)`` through a pipe, so they
-never enter Python and the GIL is released while they move; that is what keeps
-the proxy close to a direct connection in throughput.
+"""Copying bytes between two connected sockets, both ways, until both sides
+end, for the egress proxy (hive-core); and the handover byte the cage's bridge
+(harness) sends it. Standard library only. Bytes move with ``splice(2)``
+through a pipe, so they never enter Python and the GIL is released while they
+move; that is what keeps the proxy close to a direct connection in throughput.
 """
 
 from __future__ import annotations

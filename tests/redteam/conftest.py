@@ -24,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import subprocess
 import textwrap
 import threading
 import time
@@ -35,7 +34,7 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HiveProcess, probe_result, running_hive
+from hive_fixture import HiveProcess, host_addresses, probe_result, running_hive  # noqa: F401 (host_addresses: for the tests)
 from hyperhive.client import Client
 from web_fixture import snapshot as web_snapshot
 
@@ -315,12 +314,3 @@ def world(rt: HiveProcess) -> World:
                  spawn_sha=s["payload_sha256"], msg_op=msg_op, msg_bob=msg_bob)
 
 
-def host_addresses() -> list[str]:
-    """The host's own non-loopback addresses (global scope)."""
-    out = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
-    addrs = []
-    for line in out.stdout.splitlines():
-        parts = line.split()
-        if len(parts) > 3 and parts[2] in ("inet", "inet6"):
-            addrs.append(parts[3].split("/")[0])
-    return addrs

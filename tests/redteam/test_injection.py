@@ -22,17 +22,14 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Request, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Request, expect
 
 from hive_fixture import HiveProcess, wait_until
 from hyperhive.gateway.config import CSP
-from web_fixture import Web
+from web_fixture import Web, browser  # noqa: F401 (fixture)
 
 from .conftest import World, cage_run, changes, unchanged
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 WAIT_MS = 30_000
 AGENT = "rtmallory"
 
@@ -160,16 +157,6 @@ def hostile(label: str) -> str:
 def web(rt: HiveProcess, world: World) -> Web:
     plant(rt, "turn-1")
     return Web(rt)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            yield b
-        finally:
-            b.close()
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hive_fixture import HIVE, HiveProcess
+from hive_fixture import HIVE, HiveProcess, host_abstract_listeners
 
 from .conftest import World, cage_run, host_addresses, unchanged
 
@@ -245,26 +245,10 @@ result(attempts=out, listed=[n for n in P["names"] if n in table])
 
 def test_host_abstract_unix_socket_unreachable(rt: HiveProcess, world: World) -> None:
     names = [f"rt-abstract-{secrets.token_hex(4)}", f"@rt-abstract-{secrets.token_hex(4)}"]
-    listeners = []
-    try:
-        for n in names:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.bind("\0" + n)
-            s.listen(8)
-            s.setblocking(False)
-            listeners.append(s)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:  # control: reachable on the host
-            c.connect("\0" + names[0])
-        listeners[0].accept()[0].close()
+    with host_abstract_listeners(names):
         with unchanged(rt):
             res = cage_run(rt, "rtalice", ABSTRACT, names=names)
         assert res == {"attempts": dict.fromkeys(names, "ECONNREFUSED"), "listed": []}
-        for s in listeners:
-            with pytest.raises(BlockingIOError):
-                s.accept()
-    finally:
-        for s in listeners:
-            s.close()
 
 
 SYSV = """

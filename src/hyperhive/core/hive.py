@@ -69,11 +69,11 @@ class Hive:
         # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
         self._egress_open: dict[int, int] = {}  # decision key -> log row, while its connection lasts
-        self.reload_egress()
         self.egress = EgressProxy(
             self.egress_rules_for, self.record_egress,
             Resolver({k: str(v) for k, v in config.egress.hosts.items()}), config.egress.max_connections,
         )
+        self.reload_egress()
 
     # -- agents ------------------------------------------------------------------
 
@@ -265,9 +265,8 @@ class Hive:
         for n in names:
             fresh[n] = parse_rules([r["rule"] for r in rules.get(n, [])])
         self._egress_rules = fresh
-        if hasattr(self, "egress"):  # not while constructing
-            for n in names:
-                self.bus.publish("egress", {"agent": n, "rules": [r.text for r in fresh[n]]})
+        for n in names:
+            self.bus.publish("egress", {"agent": n, "rules": [r.text for r in fresh[n]]})
 
     def record_egress(self, d: Decision) -> None:
         """Every decision of the proxy, in the log (and to subscribers); called in the loop."""
