@@ -314,3 +314,15 @@ def world(rt: HiveProcess) -> World:
                  spawn_sha=s["payload_sha256"], msg_op=msg_op, msg_bob=msg_bob)
 
 
+
+
+# -- the catalogue -----------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every red-team case names its class (``pytest.mark.attack``): the suite is a
+    catalogue, and ``test_catalogue.py`` checks that every class is covered."""
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(item.path).parents and item.get_closest_marker("attack") is None:
+            raise pytest.UsageError(f"{item.nodeid}: a red-team case needs @pytest.mark.attack(CLASS, ref=...)")

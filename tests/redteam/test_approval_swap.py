@@ -19,6 +19,8 @@ from hyperhive.core.store import canonical_json
 
 from .conftest import World, cage_run, changes, unchanged
 
+pytestmark = pytest.mark.attack('approval.swap', ref='humanlayer#996 (tamper-evident approvals)')
+
 UPDATE_VERBS = ["update_approval", "amend_approval", "edit_approval", "set_payload", "replace_payload",
                 "update", "patch", "request_approval_update", "approval_update", "reissue"]
 

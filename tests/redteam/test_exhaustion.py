@@ -30,6 +30,8 @@ from hyperhive.priv.cgroups import is_v2
 
 from .conftest import CLIENT, World, cage_run, changes, others_keep_working, unchanged
 
+pytestmark = pytest.mark.attack('budget.exhaustion', ref='srt resource limits; OpenShell fail-closed limits')
+
 VICTIM = "rtmule"
 
 

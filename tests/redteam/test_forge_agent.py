@@ -15,6 +15,8 @@ from hyperhive.wire.agent import AGENT_VERBS
 
 from .conftest import World, cage_run, changes, db_rows, unchanged
 
+pytestmark = pytest.mark.attack('identity.forge-agent', ref='xdg-desktop-portal PR#2119 (identity from the socket)')
+
 SENDER_FIELDS = ["from", "sender", "as", "agent", "by", "name", "identity", "on_behalf_of", "user", "operator",
                  "from_", "source"]
 

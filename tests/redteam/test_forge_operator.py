@@ -18,6 +18,8 @@ from hyperhive.wire.host import HOST_MODELS
 
 from .conftest import World, cage_run, changes, unchanged
 
+pytestmark = pytest.mark.attack('identity.forge-operator', ref='srt#13, srt#97, CVE-2026-42074')
+
 HOST_VERBS = sorted(
     m.model_fields["cmd"].annotation.__args__[0] for m in HOST_MODELS  # type: ignore[union-attr]
 )

@@ -30,6 +30,8 @@ from web_fixture import Web, browser  # noqa: F401 (fixture)
 
 from .conftest import World, cage_run, changes, unchanged
 
+pytestmark = pytest.mark.attack('surface.script-injection', ref='vibe-kanban#2348')
+
 WAIT_MS = 30_000
 AGENT = "rtmallory"
 

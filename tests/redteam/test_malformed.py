@@ -19,6 +19,8 @@ from hyperhive.wire.framing import MAX_LINE
 
 from .conftest import World, cage_run, changes, core_fds, core_rss_kib, others_keep_working, unchanged
 
+pytestmark = pytest.mark.attack('wire.malformed', ref='tinyproxy#627, OpenShell#1498')
+
 # Lines (before their newline) and the exact refusal each gets.
 GROUPS: dict[str, list[tuple[bytes, str]]] = {
     "not json": [

@@ -24,6 +24,8 @@ from hyperhive.wire.framing import MAX_LINE
 
 from .conftest import World, unchanged
 
+pytestmark = pytest.mark.attack('privsep.core-misuse', ref='OpenSSH monitor.c')
+
 CORE_USER = "hive-core"
 
 # Runs as hive-core: sends each request (a JSON value, or raw bytes as a latin-1

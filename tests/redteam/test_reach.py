@@ -23,6 +23,8 @@ from hive_fixture import HIVE, HiveProcess, host_abstract_listeners
 
 from .conftest import World, cage_run, host_addresses, unchanged
 
+pytestmark = pytest.mark.attack('reach.other-surfaces', ref='bubblewrap#330, #504; OpenHands#1691')
+
 UNIX = """
 def attempt(path):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -20,6 +20,8 @@ from hyperhive.names import NAME_RE
 
 from .conftest import World, cage_run, unchanged
 
+pytestmark = pytest.mark.attack('fs.traversal-symlink', ref='firejail CVE-2017-5180; CVE-2026-39861')
+
 BAD_NAMES = {
     "dotdot": "../rtbob",
     "dotdot-inside": "rtbob/../rtcarol",
