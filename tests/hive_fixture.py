@@ -325,6 +325,7 @@ class HiveProcess:
             self.cgroup(name).kill_all(1.0)
 
     def cleanup(self) -> None:
+        unmount_below(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
 
     # -- processes of the hive ------------------------------------------------------
@@ -492,6 +493,15 @@ def _finish(hives: list[HiveProcess]) -> None:
 
 
 HiveFactory = Callable[..., HiveProcess]
+
+
+def unmount_below(base: Path) -> None:
+    """Detach every filesystem mounted under ``base`` (agent homes left mounted by a
+    hive that was killed rather than stopped), so removing ``base`` can't reach into them."""
+    prefix = str(Path(base).resolve()) + "/"
+    points = [line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()]
+    for point in sorted((p for p in points if p.startswith(prefix)), key=len, reverse=True):
+        subprocess.run(["umount", "--lazy", point], capture_output=True)
 
 
 def running_hive(hive: HiveProcess) -> Iterator[HiveProcess]:

@@ -37,6 +37,8 @@ class LimitsSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     messages_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
     message_burst: int = Field(default=500, ge=1, le=1_000_000)
+    # The size of each agent's home (a filesystem of its own), fixed when the home is first made.
+    disk_mib: int = Field(default=1024, ge=16, le=65536)
 
 
 class EgressSection(BaseModel):

@@ -206,18 +206,31 @@ def bind_priv_socket(path: Path, group: str) -> socket.socket:
 
 
 def prepare_dirs(state_dir: Path, run_dir: Path) -> None:
+    """Root owns the state and run directories; hive-core may add its own files
+    (the database, its token, its sockets) but, both being sticky, never rename or
+    replace root's (``priv/``, ``agents/``, ``priv.sock``): hive-priv trusts those."""
     core = pwd.getpwnam(CORE_USER)
     state_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(state_dir, core.pw_uid, core.pw_gid)
-    os.chmod(state_dir, 0o750)
+    os.chown(state_dir, 0, core.pw_gid)
+    os.chmod(state_dir, 0o1770)
     # Sockets only. hive-core creates its own there; sticky, so it can't remove priv.sock.
     run_dir.mkdir(parents=True, exist_ok=True)
     os.chown(run_dir, 0, core.pw_gid)
     os.chmod(run_dir, 0o1775)
-    agents = run_dir / "agents"
-    agents.mkdir(exist_ok=True)
-    os.chown(agents, 0, 0)
-    os.chmod(agents, 0o711)
+    for sub in ("agents", "ui"):
+        path = run_dir / sub
+        if path.is_symlink() or (path.exists() and path.stat().st_uid != 0):
+            raise click.ClickException(f"{path} is not root's: refusing to start (remove it)")
+        path.mkdir(exist_ok=True)
+        os.chown(path, 0, 0)
+        os.chmod(path, 0o711)
+
+
+def read_token(state_dir: Path) -> str:
+    """The operator's token, which hive-core wrote: read without following a link."""
+    fd = os.open(state_dir / "operator.token", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd) as f:
+        return f.read(256).strip()
 
 
 async def stop_all_cages(priv_sock: Path) -> bool:
@@ -292,7 +305,7 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
         await core.stop()
         await priv.stop()
         return 1
-    token = (state_dir / "operator.token").read_text().strip()
+    token = read_token(state_dir)
     host, port = parse_listen(listen)
     login = f"http://{host}:{port}/login?token={token}"
     print(f"hive: ready: log in at {login} (operator socket {run_dir / 'host.sock'})", flush=True)

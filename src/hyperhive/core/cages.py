@@ -19,9 +19,10 @@ START_GRACE = 10.0  # seconds a harness may take to connect before the agent cou
 
 
 class CageLifecycle(Lifecycle):
-    def __init__(self, sockets: AgentSockets, priv_sock: Path) -> None:
+    def __init__(self, sockets: AgentSockets, priv_sock: Path, disk_mib: int = 1024) -> None:
         self.sockets = sockets
         self.priv_sock = priv_sock
+        self.disk_mib = disk_mib
         self._wanted: dict[str, float] = {}  # name -> when we asked for it to run
         self._errors: dict[str, str] = {}
         self._seen_harness: set[str] = set()
@@ -43,7 +44,7 @@ class CageLifecycle(Lifecycle):
             ids = await self.priv("prepare", name=name)
             self.sockets.set_uids(name, ids["uid"], ids["harness_uid"])
             await self.sockets.start(name)  # the socket exists before the harness looks for it
-            await self.priv("start", name=name)
+            await self.priv("start", name=name, disk_mib=self.disk_mib)
         except Refused as e:
             self._errors[name] = str(e)
             log.error("agent %s: %s", name, e)

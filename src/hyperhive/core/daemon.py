@@ -51,7 +51,7 @@ async def run_core(opts: CoreOptions) -> None:
     store.sync_config_agents(opts.config.agents)
     sockets = AgentSockets(opts.run_dir, manage_dirs=opts.priv_sock is None)
     lifecycle: Lifecycle = (
-        SocketsOnly(sockets) if opts.priv_sock is None else CageLifecycle(sockets, opts.priv_sock)
+        SocketsOnly(sockets) if opts.priv_sock is None else CageLifecycle(sockets, opts.priv_sock, opts.config.limits.disk_mib)
     )
     hive = Hive(store, opts.config, lifecycle)
     sockets.hive = hive

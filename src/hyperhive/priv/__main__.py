@@ -11,7 +11,7 @@ import click
 
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RunDir, StateDir
 from hyperhive.priv.activation import NotActivated, inherited_listener
-from hyperhive.priv.cages import Cages
+from hyperhive.priv.cages import CageError, Cages
 from hyperhive.priv.server import PrivServer, _ids_of
 
 
@@ -34,8 +34,13 @@ def main(run_dir: Path, state_dir: Path, core_user: str, gateway_group: str) -> 
         raise SystemExit(1)
     core_uid, _ = _ids_of(core_user)
     _, gateway_gid = _ids_of(gateway_group)
-    cages = Cages(RunDir(run_dir), StateDir(state_dir), core_uid=core_uid if core_uid is not None else 0,
-                  gateway_gid=gateway_gid if gateway_gid is not None else 0)
+    try:
+        cages = Cages(RunDir(run_dir.absolute()), StateDir(state_dir.absolute()),
+                      core_uid=core_uid if core_uid is not None else 0,
+                      gateway_gid=gateway_gid if gateway_gid is not None else 0)
+    except CageError as e:
+        print(f"hive-priv: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
     server = PrivServer(listener, cages, core_user)
     print("hive-priv: ready", flush=True)
     try:

@@ -8,11 +8,11 @@ cgroup (the processes in it) and the info file written when it started.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import select
-import shutil
 import subprocess
 import sysconfig
 import threading
@@ -24,8 +24,9 @@ import hyperhive
 from hyperhive.cage import layout
 from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
+from hyperhive.priv import homes, safefs
 from hyperhive.priv.cgroups import Cgroup, hive_key
-from hyperhive.priv.ids import AgentIds, IdAllocator
+from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
 
 log = logging.getLogger("hive.priv")
 
@@ -61,17 +62,32 @@ class HiveCode:
 
 
 class Cages:
+    """Every directory hive-priv trusts is root's and opened without following links:
+    the run and state directories (root's; hive-core may add its own files, never
+    rename root's: they are sticky), ``state/priv`` (root, 0700: ids, per-cage
+    files), ``state/agents`` and ``state/agents/<name>`` (root, 0711), ``run/agents``
+    and ``run/ui`` (root, 0711). What the core or an agent owns (``run/agents/<name>``,
+    the home's contents) is only ever reached through those, by descriptor."""
+
     def __init__(self, run_dir: RunDir, state_dir: StateDir, core_uid: int, gateway_gid: int = 0,
-                 code: HiveCode | None = None) -> None:
+                 code: HiveCode | None = None, registry: HostRegistry | None = None) -> None:
         self.run_dir = run_dir
         self.state_dir = state_dir
         self.core_uid = core_uid
         self.gateway_gid = gateway_gid
         self.code = code or HiveCode.of_this_install()
+        try:
+            self.state_fd = safefs.open_anchor(state_dir.root)
+            self.run_fd = safefs.open_anchor(run_dir.root)
+            self.priv_fd = safefs.ensure_dir(self.state_fd, "priv", 0, 0, 0o700, trusted=True)
+            self.agents_fd = safefs.ensure_dir(self.state_fd, "agents", 0, 0, 0o711, trusted=True)
+            self.cages_fd = safefs.ensure_dir(self.priv_fd, "cages", 0, 0, 0o700, trusted=True)
+            self.run_agents_fd = safefs.ensure_dir(self.run_fd, "agents", 0, 0, 0o711, trusted=True)
+            self.run_ui_fd = safefs.ensure_dir(self.run_fd, "ui", 0, 0, 0o711, trusted=True)
+        except (OSError, safefs.UnsafePath) as e:
+            raise CageError(f"refusing to run on these directories: {e}") from None
         self.priv_dir = state_dir.root / "priv"
-        self.priv_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.priv_dir, 0o700)
-        self.ids = IdAllocator(self.priv_dir / "ids.json")
+        self.ids = IdAllocator(self.priv_fd, str(state_dir.root), registry)
         self.cgroup_key = hive_key(state_dir.root)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
@@ -80,91 +96,124 @@ class Cages:
         with self._locks_guard:
             return self._locks.setdefault(check_name(name), threading.Lock())
 
-    # -- derived paths ---------------------------------------------------------------
-
-    def _cage_dir(self, name: str) -> Path:
-        return self.priv_dir / "cages" / check_name(name)
-
-    def _agent_state(self, name: str) -> Path:
-        return self.state_dir.root / "agents" / check_name(name)
-
     # -- verbs -------------------------------------------------------------------
 
     def prepare(self, name: str) -> AgentIds:
-        """Allocate ids; create the home (runtime's, 0700) and the socket directory
-        (the core's, group = the agent's, setgid so sockets inherit the group)."""
-        ids = self.ids.allocate(name)
-        _dir(self.state_dir.root / "agents", 0, 0, 0o711)
-        _dir(self._agent_state(name), 0, 0, 0o711)
-        _dir(self.state_dir.agent_home(name), ids.uid, ids.gid, 0o700)
-        _dir(self.run_dir.agents, 0, 0, 0o711)
-        _dir(self.run_dir.agent_dir(name), self.core_uid, ids.gid, 0o2750)
-        _dir(self.run_dir.ui, 0, 0, 0o711)
-        _dir(self.run_dir.ui_dir(name), ids.harness_uid, self.gateway_gid, 0o2750)
-
-        cage_dir = self._cage_dir(name)
-        cage_dir.mkdir(parents=True, exist_ok=True)
-        (cage_dir / "passwd").write_text(
-            f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
-            f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
-            f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
-            f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
-        )
-        (cage_dir / "group").write_text(f"root:x:0:\nagent:x:{ids.gid}:\nnogroup:x:65534:\n")
-        (cage_dir / "hosts").write_text(f"127.0.0.1 localhost {name}\n::1 localhost\n")
-        for f in ("passwd", "group", "hosts"):
-            os.chmod(cage_dir / f, 0o644)
+        """Allocate ids; create the home's directory (root's: the home itself is made
+        and mounted by ``start``), the socket directory (the core's, group = the
+        agent's, setgid so sockets inherit the group) and the page directory."""
+        check_name(name)
+        try:
+            ids = self.ids.allocate(name)
+        except IdsExhausted as e:
+            raise CageError(str(e)) from None
+        for parent, mode_args in (
+            (self.agents_fd, (0, 0, 0o711)),
+            (self.run_agents_fd, (self.core_uid, ids.gid, 0o2750)),
+            (self.run_ui_fd, (ids.harness_uid, self.gateway_gid, 0o2750)),
+            (self.cages_fd, (0, 0, 0o700)),
+        ):
+            os.close(safefs.ensure_dir(parent, name, *mode_args))
+        with safefs.opened(safefs.open_dir(self.cages_fd, name)) as cage_dir:
+            files = {
+                "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+                          f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
+                          f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
+                          f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+                "group": f"root:x:0:\nagent:x:{ids.gid}:\nnogroup:x:65534:\n",
+                "hosts": f"127.0.0.1 localhost {name}\n::1 localhost\n",
+            }
+            for f, text in files.items():
+                safefs.write_file(cage_dir, f, text.encode(), 0o644)
         return ids
 
-    def _info_file(self, name: str) -> Path:
-        return self._cage_dir(name) / "info.json"
+    def _home(self, name: str, ids: AgentIds, disk_mib: int) -> None:
+        with safefs.opened(safefs.open_dir(self.agents_fd, name)) as agent_dir:
+            try:
+                homes.mount_home(agent_dir, ids.uid, ids.gid, disk_mib)
+            except (homes.HomeError, OSError, subprocess.SubprocessError) as e:
+                raise CageError(f"cage {name}: its home: {e}") from None
 
     def info(self, name: str) -> dict[str, int] | None:
         try:
-            return json.loads(self._info_file(name).read_text())
-        except (FileNotFoundError, ValueError):
+            with safefs.opened(safefs.open_dir(self.cages_fd, check_name(name))) as cage_dir:
+                raw = safefs.read_file(cage_dir, "info.json")
+            return json.loads(raw) if raw else None
+        except (OSError, ValueError, safefs.UnsafePath):
             return None
+
+    def _write_info(self, name: str, info: dict[str, float] | None) -> None:
+        with safefs.opened(safefs.open_dir(self.cages_fd, name)) as cage_dir:
+            if info is None:
+                with safefs.suppress_missing():
+                    os.unlink("info.json", dir_fd=cage_dir)
+            else:
+                safefs.write_file(cage_dir, "info.json", json.dumps(info).encode())
 
     def running(self, name: str) -> bool:
         return bool(self.cgroup(name).pids())
 
-    def start(self, name: str, memory_mib: int, pids_max: int) -> tuple[int, bool]:
+    def start(self, name: str, memory_mib: int, pids_max: int, disk_mib: int = homes.DEFAULT_DISK_MIB
+              ) -> tuple[int, bool]:
         """Start the cage unless it runs. Returns (pid of the cage's init, started now)."""
         ids = self.prepare(name)
         cgroup = self.cgroup(name)
         info = self.info(name)
         if cgroup.pids():
             return (info or {}).get("child_pid", 0), False
+        self._home(name, ids, disk_mib)
         cgroup.create(memory_mib, pids_max)
-        log_path = self._cage_dir(name) / "cage.log"
         read_fd, write_fd = os.pipe()
-        argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd)]
-        with open(log_path, "ab") as log_file:
+        with contextlib.ExitStack() as opened:
+            binds = self._bind_fds(name, opened)
+            cage_dir = opened.enter_context(safefs.opened(safefs.open_dir(self.cages_fd, name)))
+            log_fd = opened.enter_context(safefs.opened(safefs.open_append(cage_dir, "cage.log")))
+            argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds)]
             # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                pass_fds=(write_fd,), preexec_fn=cgroup.join, close_fds=True,
+                argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                pass_fds=(write_fd, *binds.values()), preexec_fn=cgroup.join, close_fds=True,
             )
-        os.close(write_fd)
-        try:
-            proc.wait(timeout=START_TIMEOUT)
-            data = _read_all(read_fd, START_TIMEOUT)
-        finally:
-            os.close(read_fd)
+            os.close(write_fd)
+            try:
+                proc.wait(timeout=START_TIMEOUT)
+                data = _read_all(read_fd, START_TIMEOUT)
+            finally:
+                os.close(read_fd)
         try:
             child_pid = int(json.loads(data)["child-pid"])
         except (ValueError, KeyError, TypeError):
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise CageError(f"cage {name} failed to start: {tail[0]}") from None
+            raise CageError(f"cage {name} failed to start: {self._log_tail(name)}") from None
         if not cgroup.pids():
-            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise CageError(f"cage {name} exited at once: {tail[0]}")
-        self._info_file(name).write_text(json.dumps({"child_pid": child_pid, "started_at": time.time()}))
+            raise CageError(f"cage {name} exited at once: {self._log_tail(name)}")
+        self._write_info(name, {"child_pid": child_pid, "started_at": time.time()})
         log.info("cage %s started (init pid %d, uid %d, harness uid %d)", name, child_pid, ids.uid, ids.harness_uid)
         return child_pid, True
 
-    def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int) -> list[str]:
-        cage_dir = self._cage_dir(name)
+    def _log_tail(self, name: str) -> str:
+        with safefs.opened(safefs.open_dir(self.cages_fd, name)) as cage_dir:
+            raw = safefs.read_file(cage_dir, "cage.log", limit=1 << 24) or b""
+        return (raw.decode(errors="replace").strip().splitlines()[-1:] or ["no output"])[0]
+
+    def _bind_fds(self, name: str, stack: contextlib.ExitStack) -> dict[str, int]:
+        """Descriptors of everything bound into the cage, opened here without following
+        links: bwrap binds exactly these (``--bind-fd``), never a path it would resolve."""
+        def keep(fd: int) -> int:
+            stack.callback(os.close, fd)
+            return fd
+
+        agent_dir = keep(safefs.open_dir(self.agents_fd, name))
+        cage_dir = keep(safefs.open_dir(self.cages_fd, name))
+        fds = {
+            "home": keep(safefs.open_dir(agent_dir, homes.HOME)),
+            "sockets": keep(safefs.open_dir(self.run_agents_fd, name)),
+            "web": keep(safefs.open_dir(self.run_ui_fd, name)),
+        }
+        for f in ("passwd", "group", "hosts"):
+            fds[f] = keep(os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cage_dir))
+        return fds
+
+    def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int, binds: dict[str, int]) -> list[str]:
         a = [
             "bwrap",
             "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
@@ -184,16 +233,16 @@ class Cages:
             if p.exists():
                 a += ["--ro-bind", str(p), str(p)]
         for f in ("passwd", "group", "hosts"):
-            a += ["--ro-bind", str(cage_dir / f), f"/etc/{f}"]
+            a += ["--ro-bind-fd", str(binds[f]), f"/etc/{f}"]
         a += [
             "--proc", "/proc",
             "--dev", "/dev",
             "--perms", "1777", "--size", str(256 * 1024 * 1024), "--tmpfs", "/tmp",
             "--perms", "0755", "--dir", "/run",
             "--perms", "0755", "--dir", "/home",
-            "--ro-bind", str(self.run_dir.agent_dir(name)), layout.SOCKET_DIR,
-            "--bind", str(self.run_dir.ui_dir(name)), layout.WEB_DIR,
-            "--bind", str(self.state_dir.agent_home(name)), layout.HOME,
+            "--ro-bind-fd", str(binds["sockets"]), layout.SOCKET_DIR,
+            "--bind-fd", str(binds["web"]), layout.WEB_DIR,
+            "--bind-fd", str(binds["home"]), layout.HOME,
             "--perms", "0755", "--dir", "/opt",
             "--perms", "0755", "--dir", "/opt/hive",
             "--ro-bind", str(self.code.src), layout.HIVE_SRC,
@@ -223,18 +272,31 @@ class Cages:
         was_running = bool(cgroup.pids())
         if not cgroup.kill_all(timeout):
             raise CageError(f"cage {name}: processes survived SIGKILL")
-        self._info_file(name).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self._write_info(name, None)
+        # The home's filesystem is mounted only while its cage runs.
+        try:
+            with safefs.opened(safefs.open_dir(self.agents_fd, name)) as agent_dir:
+                homes.unmount_home(agent_dir)
+        except FileNotFoundError:
+            pass
+        except (homes.HomeError, OSError) as e:
+            raise CageError(f"cage {name}: {e}") from None
         if was_running:
             log.info("cage %s stopped", name)
         return was_running
 
     def destroy(self, name: str) -> None:
+        """Stop the cage, then remove everything of the agent's: its home (whatever the
+        agent built there: any depth, links, odd modes), its directories and its
+        cgroup. Its ids are released but never handed out again."""
         self.stop(name, timeout=2.0)
         self.cgroup(name).remove()
-        shutil.rmtree(self._agent_state(name), ignore_errors=True)
-        shutil.rmtree(self.run_dir.agent_dir(name), ignore_errors=True)
-        shutil.rmtree(self.run_dir.ui_dir(name), ignore_errors=True)
-        shutil.rmtree(self._cage_dir(name), ignore_errors=True)
+        for parent in (self.agents_fd, self.run_agents_fd, self.run_ui_fd, self.cages_fd):
+            try:
+                safefs.remove_tree(parent, name)
+            except (OSError, safefs.UnsafePath) as e:
+                raise CageError(f"cage {name}: could not remove its files: {e}") from None
         self.ids.release(name)
         log.info("cage %s destroyed", name)
 

@@ -1,21 +1,44 @@
-"""Stable per-agent ids, allocated and kept by hive-priv (the core can't pick them).
+"""Stable per-agent ids, allocated by hive-priv (the core can't pick them), unique on
+the host and never reused.
 
-Each agent gets a block of two uids from a range no host account uses: the
-runtime's uid (= the agent's gid) and the harness's uid (primary gid the same, so
-both can reach the agent's socket; distinct uids, so the runtime can't signal
-or ptrace the harness)."""
+Each agent gets a block of two ids: the runtime's uid (= the agent's gid) and the
+harness's uid (primary gid the same, so both can reach the agent's socket;
+distinct uids, so the runtime can't signal or ptrace the harness).
+
+Blocks come from one host-wide registry (``/var/lib/hyperhive/ids``), shared by
+every hive on the host and taken under an exclusive ``flock``: two hives never hand
+out the same uid. The registry keeps a high-water mark and only moves it up, so a
+destroyed agent's uid is never given to a later agent (whatever the old one left
+behind — a file in a shared place, a kernel object keyed by uid — can't be
+inherited). A block is skipped when any id in it belongs to a host account or group
+(NSS) or lies in a subordinate range of ``/etc/subuid`` or ``/etc/subgid`` (a
+rootless container user's range often covers 200000). Each hive also keeps its own
+name -> block table in its root-only ``priv/`` directory.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import grp
 import json
 import os
+import pwd
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+
+from hyperhive.priv import safefs
 
 BASE_UID = 200_000
 BLOCK = 2
-MAX_AGENTS = 30_000
+LAST_UID = 2**31 - 2  # ids above 2^31 confuse too many tools
+HOST_REGISTRY = Path("/var/lib/hyperhive/ids")
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+class IdsExhausted(Exception):
+    """No free block of ids is left in the range."""
 
 
 @dataclass(frozen=True)
@@ -25,22 +48,127 @@ class AgentIds:
     harness_uid: int
 
 
+def subordinate_ranges(files: Iterable[Path] = SUBID_FILES) -> list[tuple[int, int]]:
+    """(first, last) of every range in /etc/subuid and /etc/subgid (``user:start:count``)."""
+    out = []
+    for path in files:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        for line in text.splitlines():
+            parts = line.strip().split(":")
+            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                start, count = int(parts[1]), int(parts[2])
+                if count:
+                    out.append((start, start + count - 1))
+    return out
+
+
+def host_ids() -> set[int]:
+    """Every uid and gid of a host account or group, as NSS lists them."""
+    return {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
+
+
+@dataclass
+class HostIds:
+    """What the host already uses; a function so tests can give their own."""
+
+    accounts: Callable[[], set[int]] = host_ids
+    ranges: Callable[[], list[tuple[int, int]]] = subordinate_ranges
+
+    def free_block(self, start: int, used: set[int]) -> int:
+        taken, ranges = self.accounts(), self.ranges()
+        base = start
+        while base + BLOCK - 1 <= LAST_UID:
+            ids = range(base, base + BLOCK)
+            clash = [hi for lo, hi in ranges if lo <= ids[-1] and ids[0] <= hi]
+            if clash:
+                base = _aligned(max(clash) + 1)
+            elif any(i in taken or i in used for i in ids):
+                base += BLOCK
+            else:
+                return base
+        raise IdsExhausted(
+            f"no free agent ids between {BASE_UID} and {LAST_UID}: every block is used by an agent, "
+            "a host account or a subordinate id range")
+
+
+def _aligned(n: int) -> int:
+    return BASE_UID + -(-(n - BASE_UID) // BLOCK) * BLOCK
+
+
+@dataclass
+class HostRegistry:
+    """The host-wide record of allocated blocks: ``registry.json`` next to the lock
+    file ``registry.lock``, in a root-only directory."""
+
+    root: Path = HOST_REGISTRY
+    host: HostIds = field(default_factory=HostIds)
+
+    def _open_dir(self) -> int:
+        parent = self.root.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        anchor = safefs.open_anchor(parent)
+        with safefs.opened(anchor):
+            return safefs.ensure_dir(anchor, self.root.name, 0, 0, 0o700, trusted=True)
+
+    def claim(self, owner: str, wanted: int | None = None) -> int:
+        """A new block for ``owner`` (``state-dir:name``), or record ``wanted`` (a block a
+        hive already had) if no other owner holds it."""
+        with safefs.opened(self._open_dir()) as d:
+            lock = os.open("registry.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=d)
+            with safefs.opened(lock):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                raw = safefs.read_file(d, "registry.json", limit=64 << 20)
+                table = json.loads(raw) if raw else {"next": BASE_UID, "owners": {}}
+                owners: dict[str, str] = table["owners"]
+                if wanted is not None:
+                    holder = owners.get(str(wanted))
+                    if holder not in (None, owner):
+                        raise IdsExhausted(f"uid {wanted} is allocated to {holder} on this host")
+                    base = wanted
+                else:
+                    used = {int(b) + i for b in owners for i in range(BLOCK)}
+                    base = self.host.free_block(max(int(table["next"]), BASE_UID), used)
+                owners[str(base)] = owner
+                table["next"] = max(int(table["next"]), base + BLOCK)
+                safefs.write_file(d, "registry.json", json.dumps(table, sort_keys=True).encode())
+                return base
+
+    def release(self, base: int, owner: str) -> None:
+        """Forget the owner; the high-water mark stays, so the block is never handed out again."""
+        with safefs.opened(self._open_dir()) as d:
+            lock = os.open("registry.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                           dir_fd=d)
+            with safefs.opened(lock):
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                raw = safefs.read_file(d, "registry.json", limit=64 << 20)
+                if not raw:
+                    return
+                table = json.loads(raw)
+                if table["owners"].get(str(base)) == owner:
+                    del table["owners"][str(base)]
+                    safefs.write_file(d, "registry.json", json.dumps(table, sort_keys=True).encode())
+
+
 class IdAllocator:
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    """One hive's name -> block table (``ids.json`` in its root-only ``priv/``),
+    allocating through the host registry."""
+
+    def __init__(self, priv_dir: int, hive: str, registry: HostRegistry | None = None) -> None:
+        self.priv_dir = priv_dir  # a descriptor of the hive's root-only priv/ directory
+        self.hive = hive
+        self.registry = registry or HostRegistry()
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, int]:
-        try:
-            return {k: int(v) for k, v in json.loads(self.path.read_text()).items()}
-        except FileNotFoundError:
-            return {}
+        raw = safefs.read_file(self.priv_dir, "ids.json")
+        return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
 
     def _save(self, table: dict[str, int]) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, sort_keys=True))
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, self.path)
+        safefs.write_file(self.priv_dir, "ids.json", json.dumps(table, sort_keys=True).encode())
 
     @staticmethod
     def _ids(base: int) -> AgentIds:
@@ -54,19 +182,17 @@ class IdAllocator:
         with self._lock:
             table = self._load()
             if name not in table:
-                used = set(table.values())
-                base = next((b for b in range(BASE_UID, BASE_UID + BLOCK * MAX_AGENTS, BLOCK) if b not in used), None)
-                if base is None:
-                    raise RuntimeError("no free agent ids left")
-                table[name] = base
+                table[name] = self.registry.claim(f"{self.hive}:{name}")
                 self._save(table)
             return self._ids(table[name])
 
     def release(self, name: str) -> None:
         with self._lock:
             table = self._load()
-            if table.pop(name, None) is not None:
+            base = table.pop(name, None)
+            if base is not None:
                 self._save(table)
+                self.registry.release(base, f"{self.hive}:{name}")
 
     def all(self) -> dict[str, AgentIds]:
         return {n: self._ids(b) for n, b in self._load().items()}

@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from hyperhive.priv.cages import Cages, CageError
+from hyperhive.priv import safefs
+from hyperhive.priv.cages import CageError, Cages
 from hyperhive.wire import priv as w
 from hyperhive.wire.framing import ok
 
@@ -47,7 +48,7 @@ def prepare(cages: Cages, req: w.Prepare, r: Request) -> dict[str, Any]:
 
 def start(cages: Cages, req: w.StartCage, r: Request) -> dict[str, Any]:
     with cages.lock(req.name):
-        pid, started = cages.start(req.name, req.memory_mib, req.pids_max)
+        pid, started = cages.start(req.name, req.memory_mib, req.pids_max, req.disk_mib)
         ids = cages.ids.get(req.name)
     assert ids is not None
     return ok(pid=pid, started=started, uid=ids.uid, gid=ids.gid, harness_uid=ids.harness_uid)
@@ -101,12 +102,26 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
 
 
 def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> dict[str, Any]:
-    pid_file = cages.run_dir.root / "gateway" / "nginx.pid"
+    # The pid file must be root's (nginx's master writes it) in a root-owned directory,
+    # both opened without following links: a pid planted by hive-core would have
+    # root signal a process of the core's choosing.
     try:
-        pid = int(pid_file.read_text().strip())
+        with safefs.opened(safefs.open_dir(cages.run_fd, "gateway")) as gateway:
+            safefs.check_trusted(gateway, "the gateway directory")
+            raw = safefs.read_file(gateway, "nginx.pid", limit=64)
+            if raw is None:
+                raise FileNotFoundError
+            st = os.stat("nginx.pid", dir_fd=gateway, follow_symlinks=False)
+            if st.st_uid != 0:
+                raise CageError("the gateway's pid file is not root's; not signalling")
+        pid = int(raw.strip())
+        if os.readlink(f"/proc/{pid}/exe").rsplit("/", 1)[-1] != "nginx":
+            raise CageError(f"pid {pid} in the gateway's pid file is not nginx; not signalling")
         os.kill(pid, signal.SIGHUP)
     except (FileNotFoundError, ValueError, ProcessLookupError):
         raise CageError("the gateway is not running") from None
+    except safefs.UnsafePath as e:
+        raise CageError(f"the gateway directory: {e}") from None
     return ok()
 
 

@@ -13,6 +13,8 @@ from hyperhive.wire.common import AgentName, Strict
 
 MemoryMiB = Annotated[int, Field(ge=32, le=16384)]
 PidsMax = Annotated[int, Field(ge=16, le=8192)]
+# The home's filesystem size, fixed when the home is first made (a sparse image).
+DiskMiB = Annotated[int, Field(ge=16, le=65536)]
 Arg = Annotated[str, Field(max_length=65536)]
 
 
@@ -28,6 +30,7 @@ class StartCage(Strict):
     name: AgentName
     memory_mib: MemoryMiB = 512
     pids_max: PidsMax = 256
+    disk_mib: DiskMiB = 1024
 
 
 class StopCage(Strict):

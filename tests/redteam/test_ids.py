@@ -1,0 +1,165 @@
+"""Agent ids: unique on the host, never reused.
+
+The red team found two hives on one host giving their agents the same uids (so
+agents of different hives shared files and signals), nothing checking the host's
+accounts or ``/etc/subuid`` ranges (a rootless container user's range commonly
+covers 200000), and a destroyed agent's uid given to the next agent, which then
+inherited the old one's kernel keyring. Now one host-wide registry, under a lock,
+hands out blocks above a high-water mark that only rises, skipping every host
+account, group and subordinate range."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hive_fixture import HiveProcess, running_hive
+
+from hyperhive.priv.ids import (
+    BASE_UID,
+    BLOCK,
+    LAST_UID,
+    HostIds,
+    HostRegistry,
+    IdsExhausted,
+    subordinate_ranges,
+)
+
+from .conftest import cage_run
+
+UNIQUE = pytest.mark.attack("ids.host-unique", ref="issue 11 item 5; podman/rootless /etc/subuid ranges (subuid(5))")
+REUSE = pytest.mark.attack("ids.reuse", ref="issue 11 item 4 (keyring inherited through a reused uid); CWE-694")
+
+
+def registry(tmp_path: Path, accounts: set[int] | None = None,
+             ranges: list[tuple[int, int]] | None = None) -> HostRegistry:
+    return HostRegistry(tmp_path / "ids", HostIds(lambda: accounts or set(), lambda: ranges or []))
+
+
+@UNIQUE
+@pytest.mark.parametrize(("ranges", "first"), [
+    ([], BASE_UID),
+    ([(100_000, 165_535)], BASE_UID),  # a first user's range lies below
+    ([(165_536, 231_071)], 231_072),  # a second user's range covers 200000
+    ([(200_001, 200_001)], BASE_UID + 2),  # one id of the first block is enough to skip it
+    ([(150_000, 250_000), (250_001, 300_000)], 300_002),  # adjacent ranges, then aligned
+    ([(0, 2**31)], None),  # nothing left
+])
+def test_blocks_skip_subordinate_ranges(tmp_path: Path, ranges: list[tuple[int, int]], first: int | None) -> None:
+    reg = registry(tmp_path, ranges=ranges)
+    if first is None:
+        with pytest.raises(IdsExhausted, match="no free agent ids"):
+            reg.claim("h:a")
+        return
+    base = reg.claim("h:a")
+    assert base == first
+    assert not any(lo <= i <= hi for lo, hi in ranges for i in range(base, base + BLOCK))
+
+
+@UNIQUE
+@pytest.mark.parametrize("taken", [{BASE_UID}, {BASE_UID + 1}, {BASE_UID, BASE_UID + 2, BASE_UID + 5}])
+def test_blocks_skip_host_accounts_and_groups(tmp_path: Path, taken: set[int]) -> None:
+    base = registry(tmp_path, accounts=taken).claim("h:a")
+    assert not {base, base + 1} & taken
+
+
+@UNIQUE
+def test_subuid_file_format(tmp_path: Path) -> None:
+    f = tmp_path / "subuid"
+    f.write_text("alice:100000:65536\nbob:165536:65536\n# comment\nbroken\ncarol:x:1\n")
+    assert subordinate_ranges([f]) == [(100_000, 165_535), (165_536, 231_071)]
+
+
+def _claim_many(root: str, n: int, out: multiprocessing.Queue[list[int]]) -> None:
+    reg = HostRegistry(Path(root), HostIds(lambda: set(), list))
+    out.put([reg.claim(f"p{os.getpid()}:{i}") for i in range(n)])
+
+
+@UNIQUE
+def test_concurrent_hives_never_get_the_same_block(tmp_path: Path) -> None:
+    q: multiprocessing.Queue[list[int]] = multiprocessing.Queue()
+    procs = [multiprocessing.Process(target=_claim_many, args=(str(tmp_path / "ids"), 25, q)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    got = [b for _ in procs for b in q.get(timeout=60)]
+    for p in procs:
+        p.join(30)
+    assert len(got) == len(set(got)) == 100
+
+
+@REUSE
+def test_released_blocks_are_never_handed_out_again(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    first = [reg.claim(f"h:a{i}") for i in range(5)]
+    for i, b in enumerate(first):
+        reg.release(b, f"h:a{i}")
+    again = [reg.claim(f"h:b{i}") for i in range(5)]
+    assert not set(first) & set(again)
+    assert min(again) > max(first)
+
+
+@REUSE
+def test_release_by_another_owner_changes_nothing(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    b = reg.claim("h1:a")
+    reg.release(b, "h2:a")
+    table = json.loads((tmp_path / "ids" / "registry.json").read_text())
+    assert table["owners"][str(b)] == "h1:a"
+
+
+@UNIQUE
+def test_registry_is_root_only(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    reg.claim("h:a")
+    st = os.stat(tmp_path / "ids")
+    assert (st.st_uid, st.st_mode & 0o777) == (0, 0o700)
+    assert LAST_UID < 2**31
+
+
+@UNIQUE
+def test_registry_dir_planted_as_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "ids").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(Exception, match="ids"):
+        registry(tmp_path).claim("h:a")
+    assert not list((tmp_path / "elsewhere").iterdir())
+
+
+# -- two real hives at once -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_hives() -> Iterator[tuple[HiveProcess, HiveProcess]]:
+    agents = {f"rtid{i}": {"runtime": "command", "command": ["true"]} for i in range(3)}
+    first = running_hive(HiveProcess(agents))
+    a = next(first)
+    second = running_hive(HiveProcess(agents))
+    b = next(second)
+    yield a, b
+    for gen in (second, first):
+        next(gen, None)
+
+
+@UNIQUE
+@pytest.mark.parametrize("name", ["rtid0", "rtid1", "rtid2"])
+def test_two_hives_same_names_disjoint_uids(two_hives: tuple[HiveProcess, HiveProcess], name: str) -> None:
+    a, b = two_hives
+    ids_a = {a.cage(n)["uid"] for n in a.names} | {a.cage(n)["harness_uid"] for n in a.names}
+    row = b.cage(name)
+    assert row["uid"] not in ids_a and row["harness_uid"] not in ids_a
+
+
+@UNIQUE
+def test_an_agent_cannot_signal_the_same_name_in_another_hive(two_hives: tuple[HiveProcess, HiveProcess]) -> None:
+    """From inside hive A's rtid0: the pids of hive B's rtid0 are in another pid
+    namespace, and with a different uid kill() would be refused even if they weren't."""
+    a, b = two_hives
+    res = cage_run(a, "rtid0", """
+import os
+result(uid=os.getuid())
+""")
+    assert res["uid"] == a.cage("rtid0")["uid"] != b.cage("rtid0")["uid"]
