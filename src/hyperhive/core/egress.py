@@ -193,18 +193,18 @@ def refusal(address: IPAddress, port: int, rules: tuple[Rule, ...]) -> str | Non
     rule never opens a blocked range; an IP or CIDR rule for that port does, if it lies
     within the range (``10.0.0.0/8:443`` opens 10/8, ``0.0.0.0/0:443`` opens none)."""
     b = block(address)
-    if b is not None:
-        if b.always:
-            return f"{b.label}: never reachable through the proxy"
-        if not any(r.network is not None and r.port == port and address in r.network
-                   and r.network.version == b.network.version and r.network.subnet_of(b.network)  # type: ignore[arg-type]
-                   for r in rules):
-            return f"{b.label}: reachable only through an IP or CIDR rule within {b.network}"
+    if b is not None and b.always:
+        return f"{b.label}: never reachable through the proxy"
     own = [address]
     if isinstance(address, ipaddress.IPv6Address) and (embedded := embedded_ipv4(address)) is not None:
         own.append(embedded[1])
-    if any(_is_own_address(a) for a in own):
+    if any(_is_own_address(a) for a in own):  # whatever range it is in, and whatever the rules
         return "one of this host's own addresses: never reachable through the proxy"
+    if b is not None and not any(
+            r.network is not None and r.port == port and address in r.network
+            and r.network.version == b.network.version and r.network.subnet_of(b.network)  # type: ignore[arg-type]
+            for r in rules):
+        return f"{b.label}: reachable only through an IP or CIDR rule within {b.network}"
     return None
 
 
