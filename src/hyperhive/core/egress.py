@@ -3,8 +3,12 @@
 on, never anything it says. Each connection makes one request, either
 ``CONNECT host:port`` (a tunnel, e.g. for HTTPS) or a plain-HTTP request with
 an absolute URI; the destination is checked against the agent's rules, DNS is
-resolved here (the cage has no resolver), and every address it would connect
-to is checked again, so an allowlisted name can't lead back into the host.
+resolved here (the cage has no resolver) and only for names a name rule covers
+(a lookup is a message out), and every address it would connect to is checked
+again: never loopback, link-local, metadata services or the host itself, and
+private or other non-public ranges only through an IP or CIDR rule within them,
+so an allowlisted name can't lead back into the host or the network around it.
+A plain-HTTP request goes upstream with the destination as its Host.
 
 Connections run in threads with blocking sockets and bytes move by splice(2)
 (``hyperhive.relay``): the event loop only accepts, and hears about decisions.
@@ -161,7 +165,7 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Ad
     if address.sixtofour is not None:
         return "6to4", address.sixtofour
     if address.teredo is not None:
-        server, client = address.teredo
+        server, client = address.teredo  # packets go to the client via the server (a relay): check both
         return "Teredo", client if block(client) is not None or block(server) is None else server
     return None
 
