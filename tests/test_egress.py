@@ -3,6 +3,9 @@ the harness's bridge on the cage's loopback, the allowlist, DNS and the log.
 
 Test servers live in a network namespace made here (tests/testnet.py) on
 198.18.41.0/24; the proxy learns their names from hive.toml ``[egress] hosts``.
+198.18.0.0/15 is not the public internet, so a name rule alone never reaches it:
+each agent that reaches a test server by name also has an IP rule for its address
+(as an operator must for a private network).
 """
 
 from __future__ import annotations
@@ -27,9 +30,11 @@ HOSTS = {
     "sneaky.test": "127.0.0.1", "gateway.test": NET.host_address,
 }
 AGENTS: dict[str, dict[str, Any]] = {
-    # egress rules: a name, a CIDR (with the host's own .1 inside it), names that lead back home
+    # egress rules: a name (and its address), a CIDR (with the host's own .1 inside it), names
+    # that lead back home
     "egal": {"runtime": "command", "command": ["true"],
-             "egress": ["allowed.test:80", f"198.18.{SUBNET}.0/24:8080", "sneaky.test:80", "gateway.test:80"]},
+             "egress": ["allowed.test:80", f"{ALLOWED}:80", f"198.18.{SUBNET}.0/24:8080", "sneaky.test:80",
+                        "gateway.test:80"]},
     "egbob": {"runtime": "command", "command": ["true"]},  # default: nothing
 }
 
@@ -222,6 +227,8 @@ def agent_call_in_cage(hive: HiveProcess, name: str, *args: str) -> dict[str, An
 
 
 def test_an_egress_approval_opens_exactly_that_host(hive: HiveProcess) -> None:
+    # other.test's address is a test range: the operator opens it by address (a name rule never does)
+    assert hive.host_call("egress_allow", name="egal", rule=f"{OTHER}:80")["ok"]
     assert curl(hive, "egal", "http://other.test/")[0] == 403
     req = agent_call_in_cage(hive, "egal", "request-approval", "egress", "fetch from other.test",
                              "--payload", json.dumps({"host": "other.test", "port": 80}))
@@ -240,6 +247,7 @@ def test_an_egress_approval_opens_exactly_that_host(hive: HiveProcess) -> None:
     # the operator takes it back: refused again at once
     assert hive.host_call("egress_remove", name="egal", rule="other.test:80")["ok"]
     assert curl(hive, "egal", "http://other.test/")[0] == 403
+    assert hive.host_call("egress_remove", name="egal", rule=f"{OTHER}:80")["ok"]
 
 
 @pytest.mark.parametrize("payload, why", [
@@ -257,6 +265,7 @@ def test_bad_egress_payloads_are_refused_at_request_time(hive: HiveProcess, payl
 
 def test_operator_rules_persist_across_a_core_restart(hive: HiveProcess) -> None:
     assert hive.host_call("egress_allow", name="egbob", rule="third.test:80")["ok"]
+    assert hive.host_call("egress_allow", name="egbob", rule=f"{THIRD}:80")["ok"]
     assert curl(hive, "egbob", "http://third.test/")[0] == 200
     pid = hive.core_pid()
     assert pid is not None
@@ -271,9 +280,10 @@ def test_operator_rules_persist_across_a_core_restart(hive: HiveProcess) -> None
     wait_until(core_back, 30, "hive-core to come back")
     hive.wait_running()
     rules = hive.host_call("egress_rules", name="egbob")["rules"]["egbob"]
-    assert [r["rule"] for r in rules] == ["third.test:80"]
+    assert sorted(r["rule"] for r in rules) == sorted(["third.test:80", f"{THIRD}:80"])
     wait_until(lambda: curl(hive, "egbob", "http://third.test/")[0] == 200, 20, "egress after the restart")
     assert hive.host_call("egress_remove", name="egbob", rule="third.test:80")["ok"]
+    assert hive.host_call("egress_remove", name="egbob", rule=f"{THIRD}:80")["ok"]
 
 
 @pytest.mark.parametrize("rule, why", [
@@ -315,14 +325,18 @@ def test_the_hive_egress_command(hive: HiveProcess) -> None:
 
     out = hive_cli("allow", "egbob", "Third.Test:80")
     assert out.returncode == 0 and out.stdout.strip() == "egbob: third.test:80 allowed", out
+    assert curl(hive, "egbob", "http://third.test/")[0] == 403  # its address is not the internet
+    assert hive_cli("allow", "egbob", f"{THIRD}:80").returncode == 0
     assert curl(hive, "egbob", "http://third.test/")[0] == 200
     rules = json.loads(hive_cli("ls", "egbob", "--json").stdout)["rules"]["egbob"]
-    assert [(r["rule"], r["source"]) for r in rules] == [("third.test:80", "operator")]
+    assert sorted((r["rule"], r["source"]) for r in rules) == sorted([("third.test:80", "operator"),
+                                                                      (f"{THIRD}:80", "operator")])
     table = hive_cli("log", "egbob", "--limit", "5").stdout
     assert "third.test:80" in table and "allowed" in table
     entries = json.loads(hive_cli("log", "egbob", "--json").stdout)["entries"]
     assert entries[0]["host"] == "third.test" and entries[0]["allowed"] is True
     assert hive_cli("rm", "egbob", "third.test:80").returncode == 0
+    assert hive_cli("rm", "egbob", f"{THIRD}:80").returncode == 0
     again = hive_cli("rm", "egbob", "third.test:80")
     assert again.returncode == 1 and again.stderr.strip() == "hive: error: egbob has no egress rule 'third.test:80'"
     assert curl(hive, "egbob", "http://third.test/")[0] == 403

@@ -41,7 +41,9 @@ ALLOWED, OTHER, THIRD = NET.address(2), NET.address(3), NET.address(4)
 HOSTS = {"allowed.test": ALLOWED, "other.test": OTHER, "third.test": THIRD}
 WEB, PEER = "uiweb", "uipeer"
 AGENTS: dict[str, dict[str, Any]] = {
-    WEB: {"runtime": "command", "command": ["true"], "egress": ["allowed.test:80", "other.test:80"]},
+    # 198.18.0.0/15 is not the public internet: a name rule reaches it only with an IP rule within it
+    WEB: {"runtime": "command", "command": ["true"],
+          "egress": ["allowed.test:80", "other.test:80", f"198.18.{SUBNET}.0/24:80"]},
     PEER: {"runtime": "command", "command": ["true"]},  # no rules: reaches nothing
 }
 FOREIGN = "http://attacker.invalid"  # only ever a header value
@@ -283,7 +285,9 @@ def test_the_operator_adds_a_rule_from_the_dashboard(web: Web, login: Login, con
     expect(rule_row(page, PEER, "third.test:80").locator(".source")).to_have_text("operator")  # canonical, live
     expect(page.locator(f'#egress-rules tr.no-rules[data-agent="{PEER}"]')).to_have_count(0)
     assert rules(web, PEER) == [{"rule": "third.test:80", "source": "operator"}]
+    assert web.hive.host_call("egress_allow", name=PEER, rule=f"{THIRD}:80")["ok"]  # its address: a test range
     assert curl(web, PEER, "http://third.test/") == (200, f"hello from {THIRD}:80")
+    assert web.hive.host_call("egress_remove", name=PEER, rule=f"{THIRD}:80")["ok"]
 
     # A bad rule, or an unknown agent: refused with the reason, nothing added.
     for agent, rule, status, why in [(PEER, "third.test", 422, "expected HOST:PORT"),

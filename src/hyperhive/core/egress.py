@@ -3,8 +3,12 @@
 on, never anything it says. Each connection makes one request, either
 ``CONNECT host:port`` (a tunnel, e.g. for HTTPS) or a plain-HTTP request with
 an absolute URI; the destination is checked against the agent's rules, DNS is
-resolved here (the cage has no resolver), and every address it would connect
-to is checked again, so an allowlisted name can't lead back into the host.
+resolved here (the cage has no resolver) and only for names a name rule covers
+(a lookup is a message out), and every address it would connect to is checked
+again: never loopback, link-local, metadata services or the host itself, and
+private or other non-public ranges only through an IP or CIDR rule within them,
+so an allowlisted name can't lead back into the host or the network around it.
+A plain-HTTP request goes upstream with the destination as its Host.
 
 Connections run in threads with blocking sockets and bytes move by splice(2)
 (``hyperhive.relay``): the event loop only accepts, and hears about decisions.
@@ -16,9 +20,10 @@ import array
 import asyncio
 import errno
 import ipaddress
-import logging
 import itertools
+import logging
 import os
+import re
 import socket
 import stat
 import threading
@@ -29,7 +34,15 @@ from pathlib import Path
 
 from hyperhive.peercred import peer_cred
 from hyperhive.relay import HANDOVER, relay
-from hyperhive.wire.egress import IPAddress, Rule, RuleError, destination, parse_port, split_host_port
+from hyperhive.wire.egress import (
+    IPAddress,
+    IPNetwork,
+    Rule,
+    RuleError,
+    destination,
+    parse_port,
+    split_host_port,
+)
 
 log = logging.getLogger("hive.egress")
 
@@ -66,20 +79,136 @@ class Decision:
     key: int = field(default_factory=lambda: next(_keys))  # ties the close to its decision
 
 
-def forbidden_address(address: IPAddress) -> str | None:
-    """Why the proxy never connects to ``address`` (None: it may)."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_loopback:
-        return "loopback"
-    if address.is_link_local:
-        return "link-local"
-    if address.is_unspecified:
-        return "unspecified address"
-    if address.is_multicast:
-        return "multicast"
-    if _is_own_address(address):
-        return "one of this host's own addresses"
+@dataclass(frozen=True)
+class Block:
+    """A range the proxy does not connect into by default."""
+
+    network: IPNetwork
+    label: str
+    always: bool  # refused whatever the rules say; else only an IP or CIDR rule within it opens it
+
+
+def _table(rows: list[tuple[str, str, bool]]) -> list[Block]:
+    return [Block(ipaddress.ip_network(net), label, always) for net, label, always in rows]
+
+
+# Every range that is not the public internet, most specific first (the first match
+# names the refusal). Modelled on srt's resolved-address guard and the IANA special-
+# purpose registries; ipaddress.is_global backs them up below, but Python 3.11's
+# tables are older than the registries (64:ff9b:1::/48, 3fff::/20, 5f00::/16).
+# ``always``: loopback, link-local, unspecified, multicast, broadcast and the cloud
+# metadata services (credentials) are never reached, as today; every other range
+# is opened only by an operator's IP or CIDR rule that lies within it.
+BLOCKS_V4 = _table([
+    ("0.0.0.0/32", "unspecified address", True),
+    ("0.0.0.0/8", "'this network' (0.0.0.0/8)", True),
+    ("127.0.0.0/8", "loopback", True),
+    ("169.254.0.0/16", "link-local", True),  # incl. 169.254.169.254, the usual metadata service
+    ("100.100.100.200/32", "cloud metadata service (Alibaba)", True),
+    ("168.63.129.16/32", "cloud metadata service (Azure WireServer)", True),
+    ("192.0.0.192/32", "cloud metadata service (Oracle)", True),
+    ("224.0.0.0/4", "multicast", True),
+    ("255.255.255.255/32", "broadcast", True),
+    ("10.0.0.0/8", "private (RFC 1918)", False),
+    ("172.16.0.0/12", "private (RFC 1918)", False),
+    ("192.168.0.0/16", "private (RFC 1918)", False),
+    ("100.64.0.0/10", "shared address space (CGNAT, RFC 6598)", False),
+    ("192.0.0.0/24", "IETF protocol assignments", False),
+    ("192.0.2.0/24", "documentation (TEST-NET-1)", False),
+    ("198.51.100.0/24", "documentation (TEST-NET-2)", False),
+    ("203.0.113.0/24", "documentation (TEST-NET-3)", False),
+    ("192.88.99.0/24", "6to4 relay anycast (deprecated)", False),
+    ("198.18.0.0/15", "benchmarking (RFC 2544)", False),
+    ("240.0.0.0/4", "reserved (240.0.0.0/4)", False),
+])
+BLOCKS_V6 = _table([
+    ("::/128", "unspecified address", True),
+    ("::1/128", "loopback", True),
+    ("fe80::/10", "link-local", True),
+    ("ff00::/8", "multicast", True),
+    ("fd00:ec2::/32", "cloud metadata service (AWS)", True),
+    ("fd20:ce::254/128", "cloud metadata service (Google)", True),
+    ("fd00:c1::a9fe:a9fe/128", "cloud metadata service (Oracle)", True),
+    ("fd00:42::42/128", "cloud metadata service (Scaleway)", True),
+    ("fd00:a9fe:a9fe::1/128", "cloud metadata service (Akamai)", True),
+    ("fd00:100::100:200/128", "cloud metadata service (Alibaba)", True),
+    ("fc00::/7", "unique local (ULA)", False),
+    ("fec0::/10", "site-local (deprecated)", False),
+    ("64:ff9b:1::/48", "NAT64 local-use (RFC 8215)", False),
+    ("100::/64", "discard-only", False),
+    ("2001:db8::/32", "documentation", False),
+    ("3fff::/20", "documentation", False),
+    ("2001::/32", "Teredo", False),
+    ("2001::/23", "IETF protocol assignments", False),
+    ("2002::/16", "6to4", False),
+    ("5f00::/16", "segment routing (SRv6)", False),
+])
+GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Address] | None:
+    """The IPv4 address an IPv6 address is delivered to, and the form that carries it:
+    mapped and translated (the host's own stack), IPv4-compatible (deprecated, tunnels),
+    NAT64 (a gateway translates), 6to4 and Teredo (relays)."""
+    n = int(address)
+    low = ipaddress.IPv4Address(n & 0xFFFFFFFF)
+    if address.ipv4_mapped is not None:
+        return "IPv4-mapped", address.ipv4_mapped
+    if n >> 32 == 0xFFFF0000:
+        return "IPv4-translated", low
+    if n >> 32 == 0 and n > 1:
+        return "IPv4-compatible", low
+    if address in NAT64 or address in NAT64_LOCAL:
+        return "NAT64", low
+    if address.sixtofour is not None:
+        return "6to4", address.sixtofour
+    if address.teredo is not None:
+        server, client = address.teredo  # packets go to the client via the server (a relay): check both
+        return "Teredo", client if block(client) is not None or block(server) is None else server
+    return None
+
+
+def block(address: IPAddress) -> Block | None:
+    """The range ``address`` lies in if it is not a public internet address (None: it is)."""
+    if isinstance(address, ipaddress.IPv6Address):
+        embedded = embedded_ipv4(address)
+        if embedded is not None:
+            form, v4 = embedded
+            inner = block(v4)
+            if inner is not None:  # the carried address decides, and never earns a carve-out
+                label = inner.label if form == "IPv4-mapped" else f"{inner.label} ({v4} in {form} form)"
+                return Block(ipaddress.ip_network(address), label, True)
+            if form in ("IPv4-mapped", "NAT64") and address not in NAT64_LOCAL:
+                return None  # delivered to a public IPv4 address
+    for b in BLOCKS_V4 if address.version == 4 else BLOCKS_V6:
+        if address in b.network:
+            return b
+    if isinstance(address, ipaddress.IPv6Address) and address not in GLOBAL_UNICAST_V6:
+        return Block(ipaddress.ip_network((address, 8), strict=False), "reserved (outside 2000::/3)", False)
+    if not address.is_global:
+        return Block(ipaddress.ip_network(address), "not globally reachable", False)
+    return None
+
+
+def refusal(address: IPAddress, port: int, rules: tuple[Rule, ...]) -> str | None:
+    """Why the proxy won't connect to ``address`` on ``port`` (None: it may). A name
+    rule never opens a blocked range; an IP or CIDR rule for that port does, if it lies
+    within the range (``10.0.0.0/8:443`` opens 10/8, ``0.0.0.0/0:443`` opens none)."""
+    b = block(address)
+    if b is not None and b.always:
+        return f"{b.label}: never reachable through the proxy"
+    own = [address]
+    if isinstance(address, ipaddress.IPv6Address) and (embedded := embedded_ipv4(address)) is not None:
+        own.append(embedded[1])
+    if any(_is_own_address(a) for a in own):  # whatever range it is in, and whatever the rules
+        return "one of this host's own addresses: never reachable through the proxy"
+    if b is not None and not any(
+            r.network is not None and r.port == port and address in r.network
+            and r.network.version == b.network.version and r.network.subnet_of(b.network)  # type: ignore[arg-type]
+            for r in rules):
+        return f"{b.label}: reachable only through an IP or CIDR rule within {b.network}"
     return None
 
 
@@ -105,8 +234,11 @@ class Resolver:
         self.hosts = {k.lower().rstrip("."): ipaddress.ip_address(v) for k, v in (hosts or {}).items()}
 
     def resolve(self, host: str, port: int) -> list[IPAddress]:
+        # Logged: a lookup is itself a message out, so the log shows every one made.
         if host in self.hosts:
+            log.info("egress: looking up %s for port %d (hive.toml hosts)", host, port)
             return [self.hosts[host]]
+        log.info("egress: looking up %s for port %d (DNS)", host, port)
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except (socket.gaierror, UnicodeError) as e:
@@ -120,7 +252,10 @@ class Resolver:
 
 
 def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> list[IPAddress]:
-    """The addresses the proxy may connect to for ``host:port``; Refusal otherwise."""
+    """The addresses the proxy may connect to for ``host:port``; Refusal otherwise.
+    A name is looked up only if a name rule covers it on that port: a lookup is
+    itself a message out (to whoever serves the name's zone), so a name no rule
+    covers is refused before any resolver hears of it."""
     try:
         name, literal = destination(host, port)
     except RuleError as e:
@@ -130,18 +265,16 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
             raise Refusal(403, f"{_show(name, port)} is not in this agent's egress allowlist")
         addresses = [literal]
     else:
-        by_name = any(r.matches_name(name, port) for r in rules)
-        by_cidr = [r for r in rules if r.network is not None and r.port == port]
-        if not by_name and not by_cidr:
-            raise Refusal(403, f"{_show(name, port)} is not in this agent's egress allowlist")
+        if not any(r.matches_name(name, port) for r in rules):
+            raise Refusal(403, f"{_show(name, port)} is not in this agent's egress allowlist"
+                               " (no name rule covers it; not looked up)")
         addresses = resolver.resolve(name, port)
-        if not by_name:  # allowed only if every address it has is in an allowed network
-            if not addresses or not all(any(r.matches_address(a, port) for r in by_cidr) for a in addresses):
-                raise Refusal(403, f"{_show(name, port)} is not in this agent's egress allowlist")
+        if not addresses:
+            raise Refusal(502, f"cannot resolve {name}: no addresses")
     for a in addresses:
-        why = forbidden_address(a)
+        why = refusal(a, port, rules)
         if why is not None:
-            raise Refusal(403, f"{_show(name, port)} resolves to {a}, {why}: never reachable through the proxy")
+            raise Refusal(403, f"{_show(name, port)} resolves to {a}, {why}")
     return addresses
 
 
@@ -202,9 +335,45 @@ def _read_head(conn: socket.socket, buf: bytes, deadline: float) -> tuple[bytes,
 @dataclass
 class Request:
     method: str
-    host: str
+    host: str  # as shown and checked (destination()'s first part)
     port: int
     forward: bytes | None  # the head to send upstream (plain HTTP); None for CONNECT
+    host_header: str | None = None  # the client's Host (plain HTTP), checked against host:port
+
+
+_TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
+    """The header lines as (name, value), strictly: a folded line, a name with spaces
+    (``Host : x``) or no colon is a 400, so no header is read one way here and
+    another way upstream (RFC 9112 5.1, 5.2)."""
+    out = []
+    for line in lines:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.match(name):
+            raise Refusal(400, "malformed header line (obsolete folding, or a bad header name)")
+        out.append((name, value.strip(b" \t")))
+    return out
+
+
+def _authority(authority: str, default_port: int) -> tuple[str, int]:
+    """``host``, ``host:port``, ``[v6]`` or ``[v6]:port``; RuleError otherwise."""
+    if authority.startswith("[") and authority.endswith("]"):
+        return authority[1:-1], default_port
+    if authority.startswith("[") or authority.count(":") == 1:
+        host, port_text = split_host_port(authority)
+        return host, parse_port(port_text)
+    if ":" in authority:
+        raise RuleError(f"an IPv6 address needs brackets: {authority[:80]!r}")
+    return authority, default_port
+
+
+def _host_value(host: str, port: int) -> bytes:
+    """The Host header for a request the proxy forwards to ``host:port`` (checked)."""
+    literal = destination(host, port)[1]
+    shown = host if literal is None else (f"[{literal}]" if literal.version == 6 else str(literal))
+    return (shown if port == 80 else f"{shown}:{port}").encode()
 
 
 def parse_request(head: bytes) -> Request:
@@ -215,7 +384,10 @@ def parse_request(head: bytes) -> Request:
         raise Refusal(400, "malformed request line") from None
     if not version.startswith("HTTP/1."):
         raise Refusal(400, f"unsupported protocol {version[:20]!r}")
+    headers = _headers(lines[1:])
     if method == "CONNECT":
+        # The tunnel goes to the authority on the request line; a Host header is not
+        # read, checked or forwarded (the bytes in the tunnel are the client's own).
         try:
             host, port_text = split_host_port(target)
             port = parse_port(port_text)
@@ -224,21 +396,47 @@ def parse_request(head: bytes) -> Request:
             raise Refusal(400, f"CONNECT target: {e}") from None
     if not target.startswith("http://"):
         raise Refusal(400, "only CONNECT, or plain HTTP with an absolute http:// URI, goes through this proxy")
-    authority, slash, path = target[len("http://"):].partition("/")
-    authority = authority.rpartition("@")[2]  # never forward userinfo as part of the host
+    rest = target[len("http://"):]
+    end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    authority, path = rest[:end], rest[end:]
+    if "@" in authority:  # http://allowed.test@evil.test/: which host is meant depends on the reader
+        raise Refusal(400, "URI: userinfo (user@host) is not accepted by this proxy")
     try:
-        if authority.startswith("[") or authority.count(":") == 1:
-            host, port_text = split_host_port(authority)
-            port = parse_port(port_text)
-        else:
-            host, port = authority, 80
+        host, port = _authority(authority, 80)
         host = destination(host, port)[0]  # only a valid name or address is ever logged
     except RuleError as e:
         raise Refusal(400, f"URI: {e}") from None
-    headers = [h for h in lines[1:] if h.split(b":", 1)[0].strip().lower() not in HOP_HEADERS]
-    request_line = f"{method} {slash}{path} {version}".encode()
-    forward = b"\r\n".join([request_line, *headers, b"Connection: close"]) + b"\r\n\r\n"
-    return Request(method, host, port, forward)
+    hosts = [v for n, v in headers if n.lower() == b"host"]
+    if len(hosts) > 1:
+        raise Refusal(400, "more than one Host header")
+    # The forwarded request names the destination that was checked, and only it: the
+    # client's Host (if any) is compared with it in check_host_header, then replaced.
+    kept = [n + b": " + v for n, v in headers if n.lower() not in HOP_HEADERS and n.lower() != b"host"]
+    if not path.startswith("/"):
+        path = "/" + path
+    request_line = f"{method} {path} {version}".encode()
+    forward = b"\r\n".join([request_line, b"Host: " + _host_value(host, port), *kept, b"Connection: close"])
+    return Request(method, host, port, forward + b"\r\n\r\n",
+                   hosts[0].decode("ascii", "replace") if hosts else None)
+
+
+def check_host_header(req: Request) -> None:
+    """A plain-HTTP request whose Host names another server than its URI is refused,
+    not rewritten: the client asked for that other virtual host (on a shared address,
+    a CDN, a reverse proxy), and sending it the allowed one instead would answer a
+    question it did not ask; the refusal, logged, shows what was tried."""
+    if req.forward is None or req.host_header is None or req.host_header == "":
+        return
+    try:
+        host, port = _authority(req.host_header, 80)
+        name, literal = destination(host, port)
+        want_name, want_literal = destination(req.host, req.port)
+    except RuleError:
+        raise Refusal(400, f"malformed Host header {req.host_header[:80]!r}") from None
+    same = (literal == want_literal) if literal is not None or want_literal is not None else name == want_name
+    if not same or port != req.port:
+        raise Refusal(403, f"Host header {req.host_header[:80]!r} is not the destination "
+                           f"{_show(req.host, req.port)}: a request goes only to the host its URI names")
 
 
 def _reply(conn: socket.socket, status: int, reason: str) -> None:
@@ -346,6 +544,7 @@ class EgressProxy:
                 return
             decision = Decision(agent, req.host, req.port, False, "")
             try:
+                check_host_header(req)
                 addresses = check(self.rules_for(agent), req.host, req.port, self.resolver)
                 upstream, address = self._connect(addresses, req.port)
             except Refusal as e:

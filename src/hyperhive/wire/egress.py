@@ -5,6 +5,13 @@ wildcard (``*.pypi.org``: any name *under* pypi.org, not pypi.org itself), an
 IP literal (``198.18.0.2``, ``[2001:db8::1]``) or a CIDR (``198.18.0.0/15``).
 Every rule names exactly one port. Matching is pure; the proxy adds the
 checks that need the network (DNS, the host's own addresses).
+
+Hosts are read the way a resolver would read them, so that what is checked is
+what would be reached: lower case, one trailing dot dropped, and the numeric
+IPv4 spellings ``inet_aton`` accepts (``127.1``, ``2130706433``, ``0x7f.1``,
+``0177.0.0.1``) are IPv4 addresses, never names. A name whose last label is a
+number is refused (WHATWG URL: it can only be an IPv4 address), and so is an
+IPv6 zone id (``fe80::1%eth0``): it picks an interface, which no rule names.
 """
 
 from __future__ import annotations
@@ -53,11 +60,61 @@ def parse_port(text: str) -> int:
     return int(text)
 
 
+_NUMBER = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
 def check_hostname(host: str) -> str:
-    host = host.lower().rstrip(".")
+    host = _normal(host)
     if len(host) > 253 or not _HOSTNAME.match(host):
         raise RuleError(f"not a valid hostname: {host[:80]!r}")
+    if _NUMBER.match(host.rpartition(".")[2]):
+        raise RuleError(f"not a valid hostname or IPv4 address (it ends in a number): {host[:80]!r}")
     return host
+
+
+def _normal(host: str) -> str:
+    """Lower case without the one trailing dot of a fully qualified name."""
+    host = host.lower()
+    return host.removesuffix(".")
+
+
+def numeric_ipv4(host: str) -> ipaddress.IPv4Address | None:
+    """The IPv4 address ``inet_aton`` (and so getaddrinfo, curl, browsers) reads in
+    ``host``: one to four parts, each decimal, ``0x`` hex or ``0``-prefixed octal, the
+    last filling the remaining bytes. None if ``host`` is not such a spelling."""
+    parts = _normal(host).split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    values: list[int] = []
+    for part in parts:
+        if re.fullmatch(r"0x[0-9a-f]*", part):
+            values.append(int(part[2:] or "0", 16))
+        elif re.fullmatch(r"0[0-7]+", part):
+            values.append(int(part, 8))
+        elif re.fullmatch(r"0|[1-9][0-9]*", part):  # "08" is neither octal nor decimal
+            values.append(int(part, 10))
+        else:
+            return None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 1 << (8 * (4 - len(head))):
+        return None
+    n = last
+    for i, v in enumerate(head):
+        n |= v << (8 * (3 - i))
+    return ipaddress.IPv4Address(n)
+
+
+def ip_literal(host: str) -> IPAddress | None:
+    """``host`` as an IP address (any spelling a resolver accepts), None if it is a
+    name; RuleError for an IPv6 zone id."""
+    if "%" in host:
+        if ":" in host:
+            raise RuleError(f"an IPv6 zone id is not allowed: {host[:80]!r}")
+        return None  # not an address; and no valid name holds a '%' either
+    try:
+        return ipaddress.ip_address(_normal(host))
+    except ValueError:
+        return numeric_ipv4(host)
 
 
 def split_host_port(text: str) -> tuple[str, str]:
@@ -86,11 +143,8 @@ def parse_rule(text: str) -> Rule:
         except ValueError as e:
             raise RuleError(f"not a valid CIDR: {e}") from None
         return Rule(_join(str(network), port), port, network=network)
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        pass
-    else:
+    address = ip_literal(host)
+    if address is not None:
         return Rule(_join(str(address), port), port, network=ipaddress.ip_network(address))
     if host.startswith("*."):
         base = check_hostname(host[2:])
@@ -138,9 +192,15 @@ def parse_rules(texts: list[str] | tuple[str, ...]) -> tuple[Rule, ...]:
 
 
 def destination(host: str, port: int) -> tuple[str, IPAddress | None]:
-    """A requested destination: a hostname (lowercased) or an IP literal."""
-    host = host.strip("[]")
-    try:
-        return str(ipaddress.ip_address(host)), ipaddress.ip_address(host)
-    except ValueError:
+    """A requested destination: (how it is shown, the address if it is an IP literal).
+    A name is shown lowercased; an address in its canonical form, except a numeric
+    IPv4 spelling (``127.1``), shown as spelled so a log reader sees what was asked."""
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    address = ip_literal(host)
+    if address is None:
         return check_hostname(host), None
+    if isinstance(address, ipaddress.IPv4Address) and numeric_ipv4(host) is not None \
+            and _normal(host) != str(address):
+        return _normal(host), address
+    return str(address), address

@@ -1,0 +1,132 @@
+"""Shared by the egress red-team modules (tests/redteam/test_egress_*.py): a probe
+that sends raw proxy requests from inside a cage to 127.0.0.1:3128 (the harness's
+bridge to the agent's egress.sock, the way every client in the cage goes out), and
+a recording HTTP server in a test network namespace (tests/testnet.py)."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from hive_fixture import HiveProcess
+from testnet import TestNet, ip
+
+from .conftest import cage_run
+
+# In the cage: P["requests"] is {key: [head, tunnelled bytes or ""]}; the result maps
+# each key to {"status", "body"} (body: what came after the proxy's head, or, for a
+# tunnel, what came back through it).
+ASK = """
+def ask(head, tunnel):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    s.sendall(head.encode("latin-1"))
+    data = b""
+    while b"\\r\\n\\r\\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    top, _, rest = data.partition(b"\\r\\n\\r\\n")
+    parts = top.split(b" ")
+    status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+    if status == 200 and tunnel:
+        s.sendall(tunnel.encode("latin-1"))
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        rest += chunk
+    s.close()
+    return {"status": status, "body": rest.decode(errors="replace")}
+
+result(**{key: ask(head, tunnel) for key, (head, tunnel) in P["requests"].items()})
+"""
+
+
+def ask_all(hive: HiveProcess, agent: str, requests: dict[str, tuple[str, str]]) -> dict[str, dict[str, Any]]:
+    """Send every request from inside ``agent``'s cage, one connection each."""
+    return cage_run(hive, agent, ASK, timeout=240, requests={k: list(v) for k, v in requests.items()})
+
+
+def connect_head(target: str, host: str | None = None) -> str:
+    return f"CONNECT {target} HTTP/1.1\r\n" + (f"Host: {host}\r\n" if host else "") + "\r\n"
+
+
+def get_head(uri: str, *headers: str) -> str:
+    return f"GET {uri} HTTP/1.1\r\n" + "".join(h + "\r\n" for h in headers) + "\r\n"
+
+
+def reason(body: str) -> str:
+    """The proxy's one-line refusal, without the ``hive egress: `` prefix."""
+    assert body.startswith("hive egress: ") and body.count("\n") == 1, body
+    return body[len("hive egress: "):].rstrip("\n")
+
+
+# Answers every request with "<its own address> host=<Host header> path=<path>" and
+# remembers each; GET /__seen returns what it saw (then forgets it).
+RECORDER = r"""
+import json, sys, threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ADDR, PORT = sys.argv[1], int(sys.argv[2])
+SEEN, LOCK = [], threading.Lock()
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):
+        if self.path == "/__seen":
+            with LOCK:
+                body = json.dumps(SEEN).encode()
+                SEEN.clear()
+        else:
+            with LOCK:
+                SEEN.append({"path": self.path, "host": self.headers.get_all("Host") or []})
+            body = f"{ADDR} host={self.headers.get('Host')} path={self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+ThreadingHTTPServer.daemon_threads = True
+ThreadingHTTPServer((ADDR, PORT), H).serve_forever()
+"""
+
+
+def serve_recorder(net: TestNet, address: str, port: int = 80) -> None:
+    """A RECORDER at ADDRESS:PORT inside ``net``'s namespace; returns once it accepts."""
+    if address not in net.added:
+        ip("-n", net.ns, "addr", "add", f"{address}/24", "dev", net.ns_if)
+        net.added.append(address)
+    proc = subprocess.Popen(["ip", "netns", "exec", net.ns, sys.executable, "-c", RECORDER, address, str(port)],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    net.procs.append(proc)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection((address, port), timeout=0.5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"recorder {address}:{port} did not start") from None
+            time.sleep(0.05)
+
+
+def seen(address: str, port: int = 80) -> list[dict[str, Any]]:
+    """What the recorder at ADDRESS:PORT was asked since the last call (from the host)."""
+    with socket.create_connection((address, port), timeout=10) as s:
+        s.sendall(b"GET /__seen HTTP/1.0\r\n\r\n")
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return json.loads(data.partition(b"\r\n\r\n")[2])
