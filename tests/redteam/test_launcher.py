@@ -617,3 +617,20 @@ def test_sigterm_while_starting_stops_everything(launch: Any) -> None:
     assert not [k for k in kids if Path(f"/proc/{k}").exists()], "children left behind"
     assert not h.cgroup("lnsig").pids()
     assert not h.priv_sock.exists()
+
+
+@pytest.mark.attack("launcher.readiness", ref=REF_READY)
+@pytest.mark.parametrize("listen", ["192.0.2.1", "not-a-host.invalid"])
+def test_an_address_the_gateway_cannot_listen_on_is_a_one_line_error(launch: Any, listen: str) -> None:
+    """Not an address of this host (TEST-NET-1), or no address at all: refused before
+    anything starts, not after hive-priv, hive-core and the cages did."""
+    h = launch(start=False)
+    cmd = h.cmd()
+    cmd[-1] = f"{listen}:{h.port}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL, cwd=h.base,
+                          timeout=REFUSE_TIMEOUT, check=False)
+    assert proc.returncode != 0, proc
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hive:")]
+    assert len(errors) == 1 and errors[0].startswith(f"hive: cannot listen on {listen}:{h.port}: "), proc.stderr
+    assert "hive: starting" not in proc.stdout, proc.stdout
+    assert not h.run_dir.exists()
