@@ -1,30 +1,44 @@
 """``hive up``: the whole hive in the foreground, playing the part systemd plays
 in production: it starts each process, restarts one that dies, and on SIGINT /
-SIGTERM stops everything cleanly."""
+SIGTERM stops everything cleanly.
+
+Like systemd, it starts its children the same way whoever runs it and wherever:
+Python children (hive-priv and the socket-activation shim as root, hive-core)
+run isolated (``python -I``: neither the current directory nor ``PYTHON*``
+variables reach ``sys.path`` or run code), every child gets a small explicit
+environment and ``/`` as its working directory, and nginx gets its own prefix.
+Only one ``hive up`` may use a run dir or a state dir (``instance_lock``), and
+``hive: ready`` means every surface serves: hive-priv, host.sock, the gateway
+(our nginx holds the port and reaches core.sock) and every agent that should run."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import grp
 import logging
-import pwd
-import socket
 import os
+import pwd
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
-from hyperhive.client import priv_call
+from hyperhive.cli import instance_lock
+from hyperhive.cli.instance_lock import InUse
+from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
 from hyperhive.gateway import config as gateway_config
-from hyperhive.unixsock import bind_listener
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
+from hyperhive.unixsock import bind_listener
 
 log = logging.getLogger("hive.up")
 READY_TIMEOUT = 30.0
@@ -32,6 +46,29 @@ STOP_TIMEOUT = 15.0
 MAX_BACKOFF = 10.0
 EXIT_POLL = 0.05  # seconds between looks at whether a supervised process has exited
 ADMIN_GROUP = "hive-admin"
+AGENTS_TIMEOUT = 60.0  # seconds for every agent that should run to connect its harness
+PROGRESS_EVERY = 5.0  # seconds between "waiting for N agents" lines
+# The children's whole environment: nothing of the operator's shell (PYTHON*, LD_*, ...).
+CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def python_argv(module: str, *args: str) -> list[str]:
+    """``python -I -m MODULE ARGS``: isolated mode ignores every ``PYTHON*`` variable
+    (-E), the user's site directory (-s) and puts neither the working directory nor
+    a script's directory on ``sys.path`` (-P), so a ``click.py`` or ``sitecustomize.py``
+    where the operator happens to stand is never imported (as root). The venv's
+    site-packages, and the editable install's .pth in it, are still found: they
+    come from ``sys.executable``'s pyvenv.cfg, not from the environment."""
+    return [sys.executable, "-I", "-m", module, *args]
+
+
+def child_env() -> dict[str, str]:
+    """The explicit environment of every child (hive-priv, hive-core, nginx)."""
+    env = {"PATH": CHILD_PATH, "LANG": "C.UTF-8"}
+    level = os.environ.get("HIVE_LOG_LEVEL", "")
+    if level.isalpha():  # the one knob the operator may pass down
+        env["HIVE_LOG_LEVEL"] = level
+    return env
 
 
 def ensure_group(name: str) -> None:
@@ -84,7 +121,7 @@ class Supervised:
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv, stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL,
-            start_new_session=self.own_group, **self.popen
+            start_new_session=self.own_group, env=child_env(), cwd="/", **self.popen
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT
@@ -174,7 +211,7 @@ class SocketActivated(Supervised):
 
     def __init__(self, name: str, argv: list[str], listener: socket.socket) -> None:
         self.listener = listener
-        activate = [sys.executable, "-m", "hyperhive.cli.socket_activate", str(listener.fileno()), "--"]
+        activate = python_argv("hyperhive.cli.socket_activate", str(listener.fileno()), "--")
         super().__init__(name, activate + argv, "hive-priv: ready", pass_fds=(listener.fileno(),))
 
     async def supervise(self) -> None:
@@ -185,7 +222,7 @@ class SocketActivated(Supervised):
                 return
             log.warning("%s exited with status %s; it starts again on the next connection", self.name, code)
             pending = loop.create_future()
-            loop.add_reader(self.listener.fileno(), lambda: pending.done() or pending.set_result(None))
+            loop.add_reader(self.listener.fileno(), lambda p=pending: p.done() or p.set_result(None))
             try:
                 await pending
             finally:
@@ -255,21 +292,199 @@ async def stop_all_cages(priv_sock: Path) -> bool:
         return False
 
 
-def tcp_ready(listen: str) -> Callable[[], Awaitable[bool]]:
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of the TCP sockets listening on ``port`` (any address) in our network namespace."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(int(f[9]))
+    return inodes
+
+
+def socket_holders(inodes: set[int]) -> list[int]:
+    """Pids of the processes with a descriptor on one of these sockets."""
+    wanted = {f"socket:[{i}]" for i in inodes}
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fds = os.listdir(f"/proc/{entry}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{entry}/fd/{fd}") in wanted:
+                    pids.append(int(entry))
+                    break
+    return pids
+
+
+def holds_listener(pid: int, port: int) -> bool:
+    """Whether process ``pid`` itself has a socket listening on ``port``."""
+    wanted = {f"socket:[{i}]" for i in listening_inodes(port)}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in wanted:
+                return True
+    return False
+
+
+def port_problem(listen: str) -> str | None:
+    """Why the gateway could not listen on ``listen`` (taken, not an address of this
+    host), found before anything starts; None if it can."""
+    host, port = parse_listen(listen)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"cannot listen on {listen}: {e.strerror}"
+    for family, type_, proto, _, addr in infos:
+        with socket.socket(family, type_, proto) as s:
+            # As nginx binds: SO_REUSEADDR, which still fails while anyone listens there.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                if e.errno != errno.EADDRINUSE:
+                    return f"cannot listen on {listen}: {e.strerror}"
+                holders = socket_holders(listening_inodes(port))
+                by = f" (pid {', '.join(map(str, holders))})" if holders else ""
+                return f"{listen} is already in use by another program{by}; choose another with --listen"
+    return None
+
+
+async def http_status(host: str, port: int, path: str) -> int | None:
+    """The status of ``GET path`` on host:port, or None if nothing sensible answered."""
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 2.0)
+    except (OSError, TimeoutError):
+        return None
+    try:
+        writer.write(f"GET {path} HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), 5.0)
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        writer.close()
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return None
+    return int(parts[1])
+
+
+def gateway_ready(gateway: Supervised, listen: str) -> Callable[[], Awaitable[bool]]:
+    """Ready when our nginx (its master, the process we started) holds the listening
+    socket, and a page through it comes from hive-core over core.sock (nginx answers
+    502 while core.sock does not). Someone else listening on the port is not ready."""
     host, port = parse_listen(listen)
 
     async def check() -> bool:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-        except (OSError, TimeoutError):
+        proc = gateway.proc
+        if proc is None or proc.returncode is not None or not holds_listener(proc.pid, port):
             return False
-        writer.close()
-        return True
+        status = await http_status(host, port, "/login")
+        return status is not None and status < 500
 
     return check
 
 
+def priv_running_cages(priv_sock: Path) -> dict[str, bool]:
+    reply = priv_call(str(priv_sock), {"cmd": "status"})
+    if not reply.get("ok"):
+        raise RuntimeError(f"hive-priv does not answer status: {reply.get('error')}")
+    return {name: bool(c.get("running")) for name, c in reply.get("cages", {}).items()}
+
+
+def host_statuses(host_sock: Path) -> dict[str, dict[str, Any]]:
+    with Client(host_sock, timeout=10) as c:
+        reply = c.call("agent_status")
+    if not reply.get("ok"):
+        raise RuntimeError(f"host.sock does not answer agent_status: {reply.get('error')}")
+    return {row["name"]: row for row in reply["agent_statuses"]}
+
+
+async def wait_for_agents(priv_sock: Path, host_sock: Path, timeout: float = AGENTS_TIMEOUT) -> None:
+    """Until every agent that should run has its harness connected.
+
+    The agents that should run are those whose cage hive-priv reports running once
+    the core is ready (the core starts every agent not stopped before it says
+    ready), and those the core reports failed (it tried and could not). An agent
+    that failed and has no running cage is an error at once; the rest get
+    ``timeout`` seconds."""
+    cages = await asyncio.to_thread(priv_running_cages, priv_sock)
+    wanted = {name for name, running in cages.items() if running}
+    deadline = time.monotonic() + timeout
+    said: tuple[str, ...] = ()
+    said_at = 0.0
+    while True:
+        try:
+            rows = await asyncio.to_thread(host_statuses, host_sock)
+        except (OSError, ValueError, HiveUnavailable) as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"host.sock ({host_sock}) does not answer: {e}") from None
+            await asyncio.sleep(0.2)
+            continue
+        wanted |= {name for name, row in rows.items() if row.get("failed")}
+        missing = sorted(n for n in wanted if n in rows and not rows[n].get("running"))
+        if not missing:
+            return
+        cages = await asyncio.to_thread(priv_running_cages, priv_sock)
+        dead = [n for n in missing if rows[n].get("failed") and not cages.get(n)]
+        if dead:
+            raise RuntimeError(f"agent {', '.join(dead)} could not start (the log above says why)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"agent {', '.join(missing)} did not connect within {timeout:.0f} s "
+                               "(the log above may say why)")
+        if tuple(missing) != said or time.monotonic() - said_at > PROGRESS_EVERY:
+            s = "" if len(missing) == 1 else "s"
+            print(f"hive: waiting for {len(missing)} agent{s} ({', '.join(missing)})", flush=True)
+            said, said_at = tuple(missing), time.monotonic()
+        await asyncio.sleep(0.2)
+
+
+def refusal(run_dir: Path, state_dir: Path, listen: str) -> tuple[instance_lock.InstanceLock | None, str | None]:
+    """Take the instance locks and check what must be free, before anything changes:
+    (the locks, None) to go on, or (None, the one-line reason) to refuse."""
+    try:
+        lock = instance_lock.acquire([run_dir, state_dir])
+    except InUse as e:
+        return None, str(e)
+    pid = instance_lock.live_priv_socket(run_dir)
+    problem = (
+        f"{run_dir} is in use by a running hive-priv (its priv.sock was opened by pid {pid})"
+        if pid is not None else port_problem(listen)
+    )
+    if problem is None and shutil.which("nginx", path=CHILD_PATH) is None:
+        problem = f"nginx is not installed (looked in {CHILD_PATH})"
+    if problem is not None:
+        lock.release()
+        return None, problem
+    return lock, None
+
+
 async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
+    lock, problem = refusal(run_dir, state_dir, listen)
+    if lock is None:
+        print(f"hive: {problem}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        return await run_locked(config, state_dir, run_dir, listen)
+    finally:
+        lock.release()
+
+
+async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
     ensure_group(ADMIN_GROUP)
     ensure_user(CORE_USER)
     ensure_user(GATEWAY_USER)
@@ -278,12 +493,12 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
     listener = bind_priv_socket(priv_sock, CORE_USER)
     priv = SocketActivated(
         "hive-priv",
-        [sys.executable, "-m", "hyperhive.priv", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-         "--core-user", CORE_USER, "--gateway-group", GATEWAY_USER],
+        python_argv("hyperhive.priv", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
+                    "--core-user", CORE_USER, "--gateway-group", GATEWAY_USER),
         listener,
     )
-    argv = [sys.executable, "-m", "hyperhive.core", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-            "--listen", listen, "--priv-sock", str(priv_sock)]
+    argv = python_argv("hyperhive.core", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
+                       "--listen", listen, "--priv-sock", str(priv_sock))
     if config is not None:
         argv += ["--config", str(config)]
     core = Supervised(
@@ -292,39 +507,69 @@ async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: 
         user=CORE_USER, group=CORE_USER, extra_groups=[ADMIN_GROUP, GATEWAY_USER],
     )
     nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER)
-    gateway = Supervised("gateway", ["nginx", "-c", str(nginx_conf)], None, ready_check=tcp_ready(listen),
-                         own_group=True, stderr=None)
+    # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
+    # of nginx's compiled-in paths or of the working directory is used.
+    gateway = Supervised(
+        "gateway", [shutil.which("nginx", path=CHILD_PATH) or "nginx", "-p", f"{nginx_conf.parent}/",
+                    "-e", "stderr", "-c", str(nginx_conf)],
+        None, own_group=True, stderr=None,
+    )
+    gateway.ready_check = gateway_ready(gateway, listen)
     print(f"hive: starting (state {state_dir}, sockets {run_dir})", flush=True)
-    try:
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def start_all() -> None:
         await priv.start()
         await core.start()
-        await gateway.start()
-    except RuntimeError as e:
-        print(f"hive: {e}", file=sys.stderr)
+        try:
+            await gateway.start()
+        except RuntimeError as e:
+            raise RuntimeError(f"the gateway could not serve on {listen}: {e}") from None
+        await wait_for_agents(priv_sock, run_dir / "host.sock")
+
+    async def shutdown(supervised: bool) -> bool:
         await gateway.stop()
         await core.stop()
+        # During start-up nothing reactivates hive-priv: ask only a live one.
+        running = priv.proc is not None and priv.proc.returncode is None
+        cages_stopped = await stop_all_cages(priv_sock) if supervised or running else True
         await priv.stop()
+        listener.close()
+        priv_sock.unlink(missing_ok=True)
+        return cages_stopped
+
+    starting = asyncio.ensure_future(start_all())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():  # SIGINT / SIGTERM while starting
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, RuntimeError):
+            await starting
+        print("hive: stopping (it was still starting)", flush=True)
+        return 0 if await shutdown(False) else 1
+    stopping.cancel()
+    failure = starting.exception()
+    if failure is not None:
+        if not isinstance(failure, RuntimeError | OSError | ValueError):
+            raise failure
+        print(f"hive: {failure}", file=sys.stderr, flush=True)
+        await shutdown(False)
         return 1
     token = read_token(state_dir)
     host, port = parse_listen(listen)
     login = f"http://{host}:{port}/login?token={token}"
     print(f"hive: ready: log in at {login} (operator socket {run_dir / 'host.sock'})", flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     watchers = [asyncio.ensure_future(p.supervise()) for p in (core, priv, gateway)]
     await stop.wait()
     print("hive: stopping", flush=True)
-    await gateway.stop()
-    await core.stop()
-    cages_stopped = await stop_all_cages(priv_sock)
-    await priv.stop()
+    cages_stopped = await shutdown(True)
     for w in watchers:
         w.cancel()
-    listener.close()
-    priv_sock.unlink(missing_ok=True)
     if not cages_stopped:
         print("hive: stopped, but some cages may still be running (see the log above)", file=sys.stderr, flush=True)
         return 1
@@ -349,4 +594,5 @@ def up(ctx: click.Context, config: Path | None, state_dir: Path, up_run_dir: Pat
     if os.geteuid() != 0:
         raise click.ClickException("hive up must run as root: like systemd, it creates users, binds priv.sock "
                                    "and starts hive-priv; hive-core itself runs as user hive-core")
-    raise SystemExit(asyncio.run(run_hive(config, state_dir.absolute(), Path(run_dir).absolute(), cfg.hive.listen)))
+    raise SystemExit(asyncio.run(run_hive(config.absolute() if config else None, state_dir.absolute(),
+                                          Path(run_dir).absolute(), cfg.hive.listen)))

@@ -7,7 +7,24 @@ import os
 import sys
 from pathlib import Path
 
-import click
+
+def refuse_unsafe_path() -> None:
+    """Fail closed before importing anything more: as root, never run with the working
+    directory on ``sys.path`` (``python -m`` without ``-I``/``-P`` puts it first, and a
+    ``click.py`` lying there would run as root). ``hive up`` starts us with ``-I`` and
+    ``/`` as the working directory; systemd runs the console script, whose first path
+    entry is the venv's bin directory."""
+    if os.geteuid() != 0 or sys.flags.safe_path or not sys.path:
+        return
+    if os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.getcwd()) != "/":
+        print(f"hive-priv: refusing to run as root with the working directory ({os.getcwd()}) "
+              "on sys.path: start it with python -I (hive up does)", file=sys.stderr)
+        raise SystemExit(1)
+
+
+refuse_unsafe_path()
+
+import click  # only once the path is known to be safe
 
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RunDir, StateDir
 from hyperhive.priv.activation import NotActivated, inherited_listener
