@@ -50,7 +50,7 @@ from hyperhive.priv.cgroups import Cgroup, hive_key
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 HIVE = VENV_BIN / "hive"
-READY_TIMEOUT = 40.0
+READY_TIMEOUT = 90.0  # `hive: ready` now also waits for every agent to connect
 RUNNING_TIMEOUT = 20.0
 STOP_TIMEOUT = 45.0
 

@@ -420,13 +420,14 @@ async def wait_for_agents(priv_sock: Path, host_sock: Path, timeout: float = AGE
     The agents that should run are those whose cage hive-priv reports running once
     the core is ready (the core starts every agent not stopped before it says
     ready), and those the core reports failed (it tried and could not). An agent
-    that failed and has no running cage is an error at once; the rest get
-    ``timeout`` seconds."""
+    that failed and has no running cage is reported and no longer waited for; the
+    rest get ``timeout`` seconds."""
     cages = await asyncio.to_thread(priv_running_cages, priv_sock)
     wanted = {name for name, running in cages.items() if running}
     deadline = time.monotonic() + timeout
     said: tuple[str, ...] = ()
     said_at = 0.0
+    given_up: set[str] = set()
     while True:
         try:
             rows = await asyncio.to_thread(host_statuses, host_sock)
@@ -436,13 +437,19 @@ async def wait_for_agents(priv_sock: Path, host_sock: Path, timeout: float = AGE
             await asyncio.sleep(0.2)
             continue
         wanted |= {name for name, row in rows.items() if row.get("failed")}
+        wanted -= given_up
         missing = sorted(n for n in wanted if n in rows and not rows[n].get("running"))
         if not missing:
             return
         cages = await asyncio.to_thread(priv_running_cages, priv_sock)
         dead = [n for n in missing if rows[n].get("failed") and not cages.get(n)]
         if dead:
-            raise RuntimeError(f"agent {', '.join(dead)} could not start (the log above says why)")
+            # One broken agent spec must not keep the operator out of the rest of the hive:
+            # it is reported (its row shows failed) and the others are waited for.
+            print(f"hive: agent {', '.join(dead)} could not start (the log above says why); "
+                  "the rest of the hive goes on", file=sys.stderr, flush=True)
+            given_up.update(dead)
+            continue
         if time.monotonic() > deadline:
             raise RuntimeError(f"agent {', '.join(missing)} did not connect within {timeout:.0f} s "
                                "(the log above may say why)")
