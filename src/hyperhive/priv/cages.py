@@ -24,6 +24,7 @@ import hyperhive
 from hyperhive.cage import layout
 from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
+from hyperhive.priv import cage_mounts
 from hyperhive.priv.cgroups import Cgroup, hive_key
 from hyperhive.priv.ids import AgentIds, IdAllocator
 
@@ -139,11 +140,19 @@ class Cages:
         log_path = self._cage_dir(name) / "cage.log"
         read_fd, write_fd = os.pipe()
         argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd)]
+        system_dirs = self.system_dirs()
+
+        def in_child() -> None:  # the cgroup, the OOM order, the system directories' overlays
+            cgroup.join()
+            cage_mounts.lower_oom_score()
+            cage_mounts.private_overlays(system_dirs)
+
         with open(log_path, "ab") as log_file:
             # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
-                pass_fds=(write_fd,), preexec_fn=cgroup.join, close_fds=True,
+                pass_fds=(write_fd,), close_fds=True,
+                preexec_fn=in_child,  # noqa: PLW1509 - file writes and syscalls only, no locks
             )
         os.close(write_fd)
         try:
@@ -162,6 +171,13 @@ class Cages:
         self._info_file(name).write_text(json.dumps({"child_pid": child_pid, "started_at": time.time()}))
         log.info("cage %s started (init pid %d, uid %d, harness uid %d)", name, child_pid, ids.uid, ids.harness_uid)
         return child_pid, True
+
+    def system_dirs(self) -> list[str]:
+        """The host directories bound read-only into every cage, which hive-priv's
+        child covers with overlays of their own (cage_mounts) before bwrap binds them."""
+        dirs = ["/usr", *(f"/{t}" for t in TOP_LEVEL if Path(f"/{t}").is_dir()
+                          and not Path(f"/{t}").is_symlink()), "/etc", str(self.code.src)]
+        return dirs + ([str(self.code.site)] if self.code.site != self.code.src else [])
 
     def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int) -> list[str]:
         cage_dir = self._cage_dir(name)
