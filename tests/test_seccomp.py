@@ -37,6 +37,9 @@ def run_bpf(prog: bytes, nr: int, args: tuple[int, ...] = (), arch: int | None =
         if code == 0x20:
             acc = struct.unpack_from("<I", data, k)[0]
             pc += 1
+        elif code == 0x54:
+            acc &= k
+            pc += 1
         elif code == 0x05:
             pc += 1 + k
         elif code in (0x15, 0x25, 0x35, 0x45):
@@ -83,7 +86,16 @@ def test_argument_checks(machine: str) -> None:
         want = ALLOW if proto == 0 else errno.EPROTONOSUPPORT
         assert run_bpf(prog, nr["socket"], (AF_NETLINK, 3, proto), machine=machine) == want
         assert run_bpf(prog, nr["socket"], (AF_NETLINK, 3, proto | 1 << 40), machine=machine) == want
-    for cmd in (0x5412, 0x541C, 0x5412 | 1 << 32, 0x541C | 0xFFFF << 32):  # CVE-2019-10063
+    for fam in (2, 10):
+        for typ in (1, 2, 3, 1 | 0x800, 2 | 0x80000 | 0x800):
+            for proto in (0, 6, 17, 1, 58):
+                assert run_bpf(prog, nr["socket"], (fam, typ, proto), machine=machine) == ALLOW
+        for typ in (5, 6, 10, 5 | 0x80000):  # SEQPACKET (SCTP), DCCP, PACKET
+            assert run_bpf(prog, nr["socket"], (fam, typ, 0), machine=machine) == errno.ESOCKTNOSUPPORT
+        for proto in (132, 136, 262, 115, 33, 256):  # SCTP, UDP-Lite, MPTCP, L2TP, DCCP, SMC
+            assert run_bpf(prog, nr["socket"], (fam, 1, proto), machine=machine) == errno.EPROTONOSUPPORT
+    assert run_bpf(prog, nr["socket"], (1, 5, 0), machine=machine) == ALLOW  # unix seqpacket
+    for cmd in (0x5412, 0x541C, 0x5423, 0x5412 | 1 << 32, 0x541C | 0xFFFF << 32):  # CVE-2019-10063
         assert run_bpf(prog, nr["ioctl"], (0, cmd), machine=machine) == errno.EPERM, hex(cmd)
     for cmd in (0x5401, 0x5413, 0x541B, 0x5411, 0x5412 + 1):
         assert run_bpf(prog, nr["ioctl"], (0, cmd), machine=machine) == ALLOW, hex(cmd)
@@ -110,7 +122,8 @@ def test_foreign_abis() -> None:
 def test_table_is_well_formed() -> None:
     for name, _check, action in POLICY:
         assert any(name in nrs for nrs in SYSCALLS.values()), name
-        assert action in (errno.EPERM, errno.ENOSYS, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT)
+        assert action in (errno.EPERM, errno.ENOSYS, errno.EAFNOSUPPORT, errno.EPROTONOSUPPORT,
+                          errno.ESOCKTNOSUPPORT)
     for must in ("io_uring_setup", "io_uring_enter", "io_uring_register", "userfaultfd", "keyctl",
                  "add_key", "request_key", "ptrace", "process_vm_readv", "process_vm_writev",
                  "pidfd_getfd", "bpf", "perf_event_open", "kexec_load", "open_by_handle_at",

@@ -31,6 +31,12 @@ FAMILIES = {
     "AF_XDP raw": (44, SOCK_RAW, 0),
     "AF_VSOCK, high word set": (40 | 1 << 32, SOCK_STREAM, 0),
 }
+# IP protocols the kernel (module autoload) gives anyone; a cage gets TCP, UDP and ICMP.
+IPPROTO_UDPLITE, IPPROTO_MPTCP = 136, 262
+INET_PROTOCOLS = {
+    "AF_INET UDP-Lite": (2, SOCK_DGRAM, IPPROTO_UDPLITE), "AF_INET6 UDP-Lite": (10, SOCK_DGRAM, IPPROTO_UDPLITE),
+    "AF_INET MPTCP": (2, SOCK_STREAM, IPPROTO_MPTCP), "AF_INET6 MPTCP": (10, SOCK_STREAM, IPPROTO_MPTCP),
+}
 NETLINK = {
     "NETLINK_USERSOCK": 2, "NETLINK_SOCK_DIAG": 4, "NETLINK_XFRM": 6, "NETLINK_SELINUX": 7,
     "NETLINK_AUDIT": 9, "NETLINK_FIB_LOOKUP": 10, "NETLINK_CONNECTOR": 11, "NETLINK_NETFILTER": 12,
@@ -67,7 +73,7 @@ def answers(rt: HiveProcess) -> dict[str, str]:
     if platform.machine() not in seccomp.ARCHES:
         pytest.skip("no seccomp table here")
     nrs = seccomp.SYSCALLS[platform.machine()]
-    sockets = {**FAMILIES, **{k: (AF_NETLINK, SOCK_RAW, v) for k, v in NETLINK.items()},
+    sockets = {**FAMILIES, **INET_PROTOCOLS, **{k: (AF_NETLINK, SOCK_RAW, v) for k, v in NETLINK.items()},
                "NETLINK_AUDIT, high word set": (AF_NETLINK, SOCK_RAW, 9 | 1 << 40),
                **{k: v for k, v in CONTROLS.items() if not k.startswith("socketpair")}}
     pairs = {**PAIRS, "socketpair AF_UNIX": CONTROLS["socketpair AF_UNIX"]}
@@ -86,6 +92,11 @@ def test_socket_family_refused(answers: dict[str, str], family: str) -> None:
 
 @pytest.mark.parametrize("proto", sorted(NETLINK) + ["NETLINK_AUDIT, high word set"])
 def test_netlink_protocol_refused(answers: dict[str, str], proto: str) -> None:
+    assert answers[proto] == "EPROTONOSUPPORT"
+
+
+@pytest.mark.parametrize("proto", sorted(INET_PROTOCOLS))
+def test_ip_protocol_refused(answers: dict[str, str], proto: str) -> None:
     assert answers[proto] == "EPROTONOSUPPORT"
 
 

@@ -64,12 +64,13 @@ pid = os.fork()
 if pid == 0:
     os.close(r)
     res = {}
+    ch = ctypes.create_string_buffer(b"x\\0\\0\\0")  # as TIOCSETD's int: line discipline 120 (none such)
     try:
         os.setsid()
         m, s = pty.openpty()
         fcntl.ioctl(s, termios.TIOCSCTTY, 0)
         for label, cmd in P["ioctls"].items():
-            res[label] = sc(P["ioctl"], s, cmd, ctypes.addressof(ctypes.c_char(b"x")))
+            res[label] = sc(P["ioctl"], s, cmd, ctypes.addressof(ch))
     except Exception as e:
         res["error"] = repr(e)
     os.write(w, json.dumps(res).encode())
@@ -91,7 +92,8 @@ PERSONAS = {
     "PER_LINUX|ADDR_NO_RANDOMIZE (high word set)": 0x0040000 | 1 << 32,
 }
 CONTROL_PERSONAS = {"PER_LINUX": 0, "PER_LINUX32": 8, "query": 0xFFFFFFFF}
-IOCTLS = {"TIOCSTI": 0x5412, "TIOCSTI | 1 << 32 (CVE-2019-10063)": 0x5412 | 1 << 32, "TIOCLINUX": 0x541C}
+IOCTLS = {"TIOCSTI": 0x5412, "TIOCSTI | 1 << 32 (CVE-2019-10063)": 0x5412 | 1 << 32, "TIOCLINUX": 0x541C,
+          "TIOCSETD": 0x5423}
 
 
 @pytest.fixture(scope="module")

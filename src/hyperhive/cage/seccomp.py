@@ -58,8 +58,18 @@ NS_FLAGS = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_N
 # refused with EPROTONOSUPPORT, as for a protocol the kernel wasn't built with.
 ALLOWED_FAMILIES = (socket.AF_UNIX, socket.AF_INET, socket.AF_INET6)
 AF_NETLINK, NETLINK_ROUTE = 16, 0
+# Within IP: TCP, UDP and ICMP (ping sockets, where the sysctl allows them; raw ones need
+# CAP_NET_RAW), nothing else. SCTP, DCCP, UDP-Lite, MPTCP, L2TP, SMC: modules the kernel
+# loads on demand for anyone, with a long CVE history, and nothing a cage needs (MPTCP
+# users fall back to TCP on EPROTONOSUPPORT). The type is compared without its
+# SOCK_NONBLOCK / SOCK_CLOEXEC flags.
+INET_TYPES = (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW)
+INET_PROTOCOLS = (0, socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+SOCK_TYPE_MASK = 0xF
 
-TIOCSTI, TIOCLINUX = 0x5412, 0x541C  # push bytes into a terminal's input; console ioctls
+# Push bytes into a terminal's input; console ioctls; set a line discipline (which loads
+# n_gsm, n_hdlc, ... on demand: CVE-2023-6546 and others).
+TIOCSTI, TIOCLINUX, TIOCSETD = 0x5412, 0x541C, 0x5423
 # personality(2): PER_LINUX and the 0xffffffff query are what real programs pass
 # (glibc, Python's platform, node); PER_LINUX32 is what `linux32`/`setarch i686` set.
 # Refused: ADDR_NO_RANDOMIZE (turns ASLR off), READ_IMPLIES_EXEC, the foreign
@@ -113,16 +123,18 @@ X32_SYSCALL_BIT = 0x40000000
 
 @dataclass(frozen=True)
 class In:
-    """Argument ``arg`` (its low 32 bits) is one of ``values``."""
+    """Argument ``arg`` (its low 32 bits, and ``mask``) is one of ``values``."""
     arg: int
     values: tuple[int, ...]
+    mask: int = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
 class NotIn:
-    """Argument ``arg`` (its low 32 bits) is none of ``values``."""
+    """Argument ``arg`` (its low 32 bits, and ``mask``) is none of ``values``."""
     arg: int
     values: tuple[int, ...]
+    mask: int = 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -135,7 +147,7 @@ class AnyBit:
 Cond = In | NotIn | AnyBit
 Check = Cond | tuple[Cond, ...] | None  # None: always; a tuple: all of them
 EPERM, ENOSYS, EAFNOSUPPORT = errno.EPERM, errno.ENOSYS, errno.EAFNOSUPPORT
-EPROTONOSUPPORT = errno.EPROTONOSUPPORT
+EPROTONOSUPPORT, ESOCKTNOSUPPORT = errno.EPROTONOSUPPORT, errno.ESOCKTNOSUPPORT
 
 POLICY: list[tuple[str, Check, int]] = [
     # New namespaces: a user namespace would hand the runtime every capability over
@@ -149,9 +161,12 @@ POLICY: list[tuple[str, Check, int]] = [
     # AF_NETLINK, AF_ALG, AF_KEY, AF_XDP, ... are kernel surface a cage doesn't need).
     ("socket", (In(0, (AF_NETLINK,)), NotIn(2, (NETLINK_ROUTE,))), EPROTONOSUPPORT),
     ("socket", NotIn(0, (*ALLOWED_FAMILIES, AF_NETLINK)), EAFNOSUPPORT),
+    ("socket", (In(0, (socket.AF_INET, socket.AF_INET6)), NotIn(1, INET_TYPES, SOCK_TYPE_MASK)),
+     ESOCKTNOSUPPORT),
+    ("socket", (In(0, (socket.AF_INET, socket.AF_INET6)), NotIn(2, INET_PROTOCOLS)), EPROTONOSUPPORT),
     ("socketpair", NotIn(0, ALLOWED_FAMILIES), EAFNOSUPPORT),
     # Terminals: no faking input on a terminal the cage shares (CVE-2017-5226).
-    ("ioctl", In(1, (TIOCSTI, TIOCLINUX)), EPERM),
+    ("ioctl", In(1, (TIOCSTI, TIOCLINUX, TIOCSETD)), EPERM),
     ("personality", NotIn(0, (PER_LINUX, PER_LINUX32, PER_QUERY)), EPERM),
     # io_uring runs syscalls the filter never sees (codex#10814, firejail#7058).
     ("io_uring_setup", None, ENOSYS),
@@ -230,7 +245,7 @@ def rules(machine: str | None = None) -> dict[str, list[tuple[Check, int]]]:
 
 # -- the compiler ----------------------------------------------------------------------------
 
-_LD_W_ABS, _JA, _JEQ_K, _JGT_K, _JSET_K, _RET_K = 0x20, 0x05, 0x15, 0x25, 0x45, 0x06
+_LD_W_ABS, _JA, _JEQ_K, _JGT_K, _JSET_K, _RET_K, _AND_K = 0x20, 0x05, 0x15, 0x25, 0x45, 0x06, 0x54
 _ALLOW, _ERRNO = 0x7FFF0000, 0x00050000
 _NR, _ARCH = 0, 4  # offsets in struct seccomp_data; args[i] at 16 + 8 i (low word first: LE)
 
@@ -316,6 +331,8 @@ def program(machine: str | None = None) -> bytes:
             for j, cond in enumerate(conds):  # each one holds, or on to the next row
                 holds = f"{name}:{i}:{j}:holds"
                 a.op(_LD_W_ABS, _arg_low(cond.arg))
+                if not isinstance(cond, AnyBit) and cond.mask != 0xFFFFFFFF:
+                    a.op(_AND_K, cond.mask)
                 if isinstance(cond, AnyBit):
                     a.op(_JSET_K, cond.mask, jf=nxt)
                 elif isinstance(cond, In):
