@@ -140,7 +140,7 @@ class Cages:
         log_path = self._cage_dir(name) / "cage.log"
         read_fd, write_fd = os.pipe()
         argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd)]
-        system_dirs = self.system_dirs()
+        system_dirs = self.system_dirs(name)
 
         def in_child() -> None:  # the cgroup, the OOM order, the system directories' overlays
             cgroup.join()
@@ -172,12 +172,14 @@ class Cages:
         log.info("cage %s started (init pid %d, uid %d, harness uid %d)", name, child_pid, ids.uid, ids.harness_uid)
         return child_pid, True
 
-    def system_dirs(self) -> list[str]:
-        """The host directories bound read-only into every cage, which hive-priv's
-        child covers with overlays of their own (cage_mounts) before bwrap binds them."""
+    def system_dirs(self, name: str) -> list[str]:
+        """The host directories bound read-only into a cage, which hive-priv's child
+        covers with overlays of their own (cage_mounts) before bwrap binds them: the
+        system's, the hive's code, and the cage's passwd/group/hosts directory."""
         dirs = ["/usr", *(f"/{t}" for t in TOP_LEVEL if Path(f"/{t}").is_dir()
                           and not Path(f"/{t}").is_symlink()), "/etc", str(self.code.src)]
-        return dirs + ([str(self.code.site)] if self.code.site != self.code.src else [])
+        dirs += [str(self.code.site)] if self.code.site != self.code.src else []
+        return [*dirs, str(self._cage_dir(name))]
 
     def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int) -> list[str]:
         cage_dir = self._cage_dir(name)
