@@ -144,7 +144,7 @@ def test_numbers_match_the_kernel_headers(machine: str) -> None:
         pytest.skip(f"no {header}")
     defined = {m[1]: int(m[2]) for m in re.finditer(r"#define __NR(?:3264)?_(\w+)\s+(\d+)", header.read_text())}
     checked = {name: nr for name, nr in SYSCALLS[machine].items() if name in defined}
-    assert len(checked) >= len(SYSCALLS[machine]) - 4  # the headers may be older than the table
+    assert len(checked) >= len(SYSCALLS[machine]) - 8  # the headers may be older than the table
     assert {name: defined[name] for name in checked} == checked
 
 

@@ -82,7 +82,7 @@ _SHARED = {
     "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
     "fspick": 433, "clone3": 435, "pidfd_getfd": 438, "process_madvise": 440,
-    "mount_setattr": 442, "quotactl_fd": 443, "statmount": 457, "listmount": 458,
+    "mount_setattr": 442, "quotactl_fd": 443, "cachestat": 451, "statmount": 457, "listmount": 458,
     "open_tree_attr": 467,
 }
 SYSCALLS: dict[str, dict[str, int]] = {
@@ -190,6 +190,9 @@ POLICY: list[tuple[str, Check, int]] = [
     ("fanotify_init", None, EPERM),
     ("open_by_handle_at", None, EPERM),
     ("lookup_dcookie", None, EPERM),
+    # Page-cache residency of files the cage shares with the host (the system dirs'
+    # overlays map the real files' pages): what the host and other cages have read.
+    ("cachestat", None, ENOSYS),
     ("syslog", None, EPERM),
     ("uselib", None, ENOSYS),
     ("ustat", None, ENOSYS),
