@@ -69,7 +69,12 @@ def private_overlays(paths: Iterable[str]) -> list[str]:
     the cage still starts, and says so in its log)."""
     _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
     _check(_libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "mount --make-rprivate /")
-    empty = _empty_layer()
+    paths = list(paths)
+    try:
+        empty = _empty_layer()
+    except OSError as e:  # a kernel before 5.2 (no fsopen): plain binds, as before
+        os.write(2, f"hive-priv: {e}; system directories are plain read-only binds\n".encode())
+        return paths
     failed = []
     for path in paths:
         try:
