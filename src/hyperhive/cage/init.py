@@ -1,5 +1,6 @@
 """The cage's init: the only process in a cage with any capability (CAP_SETUID,
-CAP_SETGID, CAP_SETPCAP, CAP_KILL, nothing else). It uses them only to
+CAP_SETGID, CAP_SETPCAP, CAP_KILL, nothing else, and a bounding set of just
+those four, so nothing it runs can regain another). It uses them only to
 
 - start the harness as the harness uid, and restart it with backoff if it dies;
 - start the runtime's processes as the *runtime* uid when the harness asks
@@ -7,12 +8,15 @@ CAP_SETGID, CAP_SETPCAP, CAP_KILL, nothing else). It uses them only to
   signal those processes (interrupts, time-outs).
 
 Everything it starts has no capabilities, an empty bounding set and
-no_new_privs. On SIGTERM it exits, which ends the whole cage."""
+no_new_privs. The runtime's processes get a higher ``oom_score_adj`` than init
+and the harness, so under memory pressure the kernel kills the agent's work
+first, not the cage's plumbing. On SIGTERM it exits, which ends the whole cage."""
 
 from __future__ import annotations
 
 import argparse
 import array
+import ctypes
 import json
 import os
 import selectors
@@ -28,6 +32,17 @@ MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
 MSG_MAX = 256 * 1024
 
+# The capabilities init uses: setpriv changes uid and gid (SETUID, SETGID) and empties
+# the bounding set of what it starts (SETPCAP); kill() signals the runtime (KILL).
+CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_SETPCAP = 5, 6, 7, 8
+KEEP_CAPS = (CAP_KILL, CAP_SETGID, CAP_SETUID, CAP_SETPCAP)
+PR_CAPBSET_DROP, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 47, 4
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+# Raised for every runtime process (raising needs no privilege). Init and the harness
+# keep what hive-priv gave the cage (lower, where the host lets it lower). The runtime
+# may lower itself again, but not below the cage's floor (oom_score_adj_min, inherited).
+RUNTIME_OOM_SCORE_ADJ = 500
+
 
 def drop_to(uid: int, gid: int) -> list[str]:
     """setpriv argv that becomes uid:gid for good before running the rest."""
@@ -35,6 +50,37 @@ def drop_to(uid: int, gid: int) -> list[str]:
         "/usr/bin/setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
         "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
     ]
+
+
+def confine_self() -> None:
+    """Init's own bounding set down to KEEP_CAPS, and no inheritable or ambient
+    capabilities (bwrap leaves the bounding set full and the kept caps ambient)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    def prctl(*args: int) -> None:
+        if libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"prctl({args[0]}, {args[1]}): {os.strerror(err)}")
+
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        last = int(f.read())
+    prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    for cap in range(last + 1):
+        if cap not in KEEP_CAPS:
+            prctl(PR_CAPBSET_DROP, cap, 0, 0, 0)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)()  # 2 x {effective, permitted, inheritable}
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    data[2] = data[5] = 0
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
+def raise_oom_score() -> None:
+    """In a runtime process, before it becomes the runtime uid: killed first."""
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(RUNTIME_OOM_SCORE_ADJ))
 
 
 def recv_request(sock: socket.socket) -> tuple[dict | None, list[int]]:
@@ -86,7 +132,10 @@ class Init:
         env_args = [f"{k}={v}" for k, v in env.items() if isinstance(k, str) and "=" not in k and isinstance(v, str)]
         argv_full = drop_to(self.uid, self.gid) + ["/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv]
         try:
-            proc = subprocess.Popen(argv_full, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True)
+            proc = subprocess.Popen(  # init has one thread: preexec_fn is safe here
+                argv_full, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True,
+                preexec_fn=raise_oom_score,  # noqa: PLW1509
+            )
         except OSError as e:
             return {"ok": False, "error": str(e)}
         self.runtime[proc.pid] = proc
@@ -205,7 +254,8 @@ def main(args: list[str]) -> None:
     if opts.uid == 0 or opts.harness_uid == 0 or opts.gid == 0:
         print("cage-init: refusing to run anything as root", file=sys.stderr)
         raise SystemExit(2)
-    seccomp.install()  # no user namespaces for anything this cage runs
+    confine_self()
+    seccomp.install()  # the cage's syscall policy, for init and everything it starts
 
     def on_term(signum: int, frame: object) -> None:
         # When init exits, bwrap ends the pid namespace and the kernel kills the rest.

@@ -24,7 +24,7 @@ import hyperhive
 from hyperhive.cage import layout
 from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
-from hyperhive.priv import homes, safefs
+from hyperhive.priv import cage_mounts, homes, safefs
 from hyperhive.priv.cgroups import Cgroup, hive_key
 from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
 
@@ -114,17 +114,6 @@ class Cages:
             (self.cages_fd, (0, 0, 0o700)),
         ):
             os.close(safefs.ensure_dir(parent, name, *mode_args))
-        with safefs.opened(safefs.open_dir(self.cages_fd, name)) as cage_dir:
-            files = {
-                "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
-                          f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
-                          f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
-                          f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
-                "group": f"root:x:0:\nagent:x:{ids.gid}:\nnogroup:x:65534:\n",
-                "hosts": f"127.0.0.1 localhost {name}\n::1 localhost\n",
-            }
-            for f, text in files.items():
-                safefs.write_file(cage_dir, f, text.encode(), 0o644)
         return ids
 
     def _home(self, name: str, ids: AgentIds, disk_mib: int) -> None:
@@ -164,15 +153,23 @@ class Cages:
         self._home(name, ids, disk_mib)
         cgroup.create(memory_mib, pids_max)
         read_fd, write_fd = os.pipe()
+        system_dirs = self.system_dirs()
+
+        def in_child() -> None:  # the cgroup, the OOM order, the system directories' overlays
+            cgroup.join()
+            cage_mounts.lower_oom_score()
+            cage_mounts.private_overlays(system_dirs)
+
         with contextlib.ExitStack() as opened:
-            binds = self._bind_fds(name, opened)
+            binds = self._bind_fds(name, ids, opened)
             cage_dir = opened.enter_context(safefs.opened(safefs.open_dir(self.cages_fd, name)))
             log_fd = opened.enter_context(safefs.opened(safefs.open_append(cage_dir, "cage.log")))
             argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds)]
             # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                pass_fds=(write_fd, *binds.values()), preexec_fn=cgroup.join, close_fds=True,
+                pass_fds=(write_fd, *binds.values()), close_fds=True,
+                preexec_fn=in_child,  # noqa: PLW1509 - file writes and syscalls only, no locks
             )
             os.close(write_fd)
             try:
@@ -195,23 +192,47 @@ class Cages:
             raw = safefs.read_file(cage_dir, "cage.log", limit=1 << 24) or b""
         return (raw.decode(errors="replace").strip().splitlines()[-1:] or ["no output"])[0]
 
-    def _bind_fds(self, name: str, stack: contextlib.ExitStack) -> dict[str, int]:
+    @staticmethod
+    def _etc_files(name: str, ids: AgentIds) -> dict[str, str]:
+        """The cage's own passwd, group and hosts: no host accounts."""
+        return {
+            "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
+                      f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
+                      f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
+                      f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            "group": f"root:x:0:\nagent:x:{ids.gid}:\nnogroup:x:65534:\n",
+            "hosts": f"127.0.0.1 localhost {name}\n::1 localhost\n",
+        }
+
+    def _bind_fds(self, name: str, ids: AgentIds, stack: contextlib.ExitStack) -> dict[str, int]:
         """Descriptors of everything bound into the cage, opened here without following
-        links: bwrap binds exactly these (``--bind-fd``), never a path it would resolve."""
+        links: bwrap binds exactly these (``--bind-fd``), never a path it would resolve.
+        passwd, group and hosts are memfds bwrap copies (``--ro-bind-data``): no host
+        file, and no host path in the cage's mountinfo."""
         def keep(fd: int) -> int:
             stack.callback(os.close, fd)
             return fd
 
         agent_dir = keep(safefs.open_dir(self.agents_fd, name))
-        cage_dir = keep(safefs.open_dir(self.cages_fd, name))
         fds = {
             "home": keep(safefs.open_dir(agent_dir, homes.HOME)),
             "sockets": keep(safefs.open_dir(self.run_agents_fd, name)),
             "web": keep(safefs.open_dir(self.run_ui_fd, name)),
         }
-        for f in ("passwd", "group", "hosts"):
-            fds[f] = keep(os.open(f, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=cage_dir))
+        for f, text in self._etc_files(name, ids).items():
+            fd = keep(os.memfd_create(f"cage-{f}", os.MFD_CLOEXEC))
+            os.write(fd, text.encode())
+            os.lseek(fd, 0, os.SEEK_SET)
+            fds[f] = fd
         return fds
+
+    def system_dirs(self) -> list[str]:
+        """The host directories bound read-only into a cage, which hive-priv's child
+        covers with overlays of their own (cage_mounts) before bwrap binds them: the
+        system's and the hive's code."""
+        dirs = ["/usr", *(f"/{t}" for t in TOP_LEVEL if Path(f"/{t}").is_dir()
+                          and not Path(f"/{t}").is_symlink()), "/etc", str(self.code.src)]
+        return dirs + ([str(self.code.site)] if self.code.site != self.code.src else [])
 
     def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int, binds: dict[str, int]) -> list[str]:
         a = [
@@ -233,7 +254,7 @@ class Cages:
             if p.exists():
                 a += ["--ro-bind", str(p), str(p)]
         for f in ("passwd", "group", "hosts"):
-            a += ["--ro-bind-fd", str(binds[f]), f"/etc/{f}"]
+            a += ["--ro-bind-data", str(binds[f]), f"/etc/{f}"]
         a += [
             "--proc", "/proc",
             "--dev", "/dev",

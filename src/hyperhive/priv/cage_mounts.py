@@ -1,0 +1,99 @@
+"""What hive-priv's child does before it becomes bwrap: the cage's place in the
+OOM order, and system directories that show a cage nothing of anyone else.
+
+A read-only bind of the host's ``/usr`` shares the host's inodes, so inotify on
+``/usr/bin`` in one cage saw every program the host and the other cages ran
+(IN_OPEN, IN_ACCESS), and ``/proc/self/mountinfo`` named the host path of every
+bind (the hive's code, its virtualenv). Here the child takes a mount namespace of
+its own (private: nothing propagates back to the host) and covers each system
+directory with a read-only overlay of itself. Every cage gets its own overlay
+inodes: fsnotify events of an access through one overlay, or of the host's own
+access to the real files, never reach a watch on another. The overlay's lower
+layers are named by ``/proc/self/fd/N`` paths, so mountinfo shows those, not the
+host's. bwrap then binds the same paths as before, and finds the overlays.
+
+Page cache is shared with the real files (overlay maps the lower inode's pages),
+so this costs a few mount calls per start, no memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterable
+
+CLONE_NEWNS = 0x00020000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_SLAVE = 0x1, 0x2, 0x4, 0x4000, 0x80000
+NR_FSOPEN, NR_FSCONFIG, NR_FSMOUNT = 430, 431, 432  # the same on x86_64 and aarch64
+FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY = 0x1, 6, 0x1, 0x1
+
+# The cage (bwrap, init, the harness: all inherit it) sits below ordinary processes
+# in the OOM order where the host lets hive-priv lower it (CAP_SYS_RESOURCE); the
+# runtime's processes are raised above it by init (RUNTIME_OOM_SCORE_ADJ).
+CAGE_OOM_SCORE_ADJ = -500
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> int:
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return rc
+
+
+def lower_oom_score() -> None:
+    """Best effort: without CAP_SYS_RESOURCE (some containers) the cage stays at 0."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(CAGE_OOM_SCORE_ADJ))
+    except OSError:
+        pass
+
+
+def _empty_layer() -> int:
+    """A detached, empty, read-only tmpfs: overlay wants two lower layers when it
+    has no upper one, and this one is in no directory anyone could write into."""
+    fs = _check(_libc.syscall(NR_FSOPEN, b"tmpfs", FSOPEN_CLOEXEC), "fsopen(tmpfs)")
+    try:
+        _check(_libc.syscall(NR_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig")
+        return _check(_libc.syscall(NR_FSMOUNT, fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY), "fsmount")
+    finally:
+        os.close(fs)
+
+
+def private_overlays(paths: Iterable[str]) -> list[str]:
+    """In the calling process (hive-priv's child, about to exec bwrap): a private
+    mount namespace where each directory of ``paths`` is a read-only overlay of
+    itself. Returns the paths that could not be covered (they stay plain binds:
+    the cage still starts, and says so in its log)."""
+    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Slave, not private: the overlays stay here, but an agent home unmounted on the
+    # host later (its cage stopped) is unmounted here too where the host's mounts are
+    # shared (systemd's default), so no other cage's start keeps its loop device busy.
+    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /")
+    paths = list(paths)
+    try:
+        empty = _empty_layer()
+    except OSError as e:  # a kernel before 5.2 (no fsopen): plain binds, as before
+        os.write(2, f"hive-priv: {e}; system directories are plain read-only binds\n".encode())
+        return paths
+    failed = []
+    for path in paths:
+        try:
+            real = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            failed.append(path)
+            continue
+        opts = f"lowerdir=/proc/self/fd/{real}:/proc/self/fd/{empty}".encode()
+        try:
+            _check(_libc.mount(b"overlay", path.encode(), b"overlay",
+                               MS_RDONLY | MS_NOSUID | MS_NODEV, opts), f"overlay on {path}")
+        except OSError as e:
+            # os.write, not print: a forked child of a threaded process takes no locks
+            os.write(2, f"hive-priv: {e}; {path} is a plain read-only bind\n".encode())
+            failed.append(path)
+        finally:
+            os.close(real)
+    os.close(empty)
+    return failed
