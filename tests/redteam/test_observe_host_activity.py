@@ -165,10 +165,18 @@ def test_mountinfo_hides_host_code_paths(rt: HiveProcess, mountinfo: list[list[s
     assert not [m for m in mountinfo if any(needle in field for field in m)], needle
 
 
-@pytest.mark.parametrize("target", ["/usr", "/etc/ssl", "/etc/ld.so.cache", "/opt/hive/src", "/opt/hive/site",
-                                    "/etc/passwd"])
+@pytest.mark.parametrize("target", ["/usr", "/etc/ssl", "/etc/ld.so.cache", "/opt/hive/src", "/opt/hive/site"])
 def test_system_directories_are_private_overlays(mountinfo: list[list[str]], target: str) -> None:
     (m,) = [m for m in mountinfo if m[4] == target]
     fstype = m[m.index("-") + 1]
     assert fstype == "overlay", m
+    assert "ro" in m[5].split(","), m
+
+
+@pytest.mark.parametrize("target", ["/etc/passwd", "/etc/group", "/etc/hosts"])
+def test_the_cages_own_etc_files_are_copies_not_host_files(mountinfo: list[list[str]], target: str) -> None:
+    """hive-priv hands them to bwrap as data (memfds): the cage gets a read-only copy
+    on its own tmpfs; no host file (and no host path) is behind them."""
+    (m,) = [m for m in mountinfo if m[4] == target]
+    assert m[m.index("-") + 1] == "tmpfs", m
     assert "ro" in m[5].split(","), m

@@ -254,7 +254,7 @@ class Cages:
             if p.exists():
                 a += ["--ro-bind", str(p), str(p)]
         for f in ("passwd", "group", "hosts"):
-            a += ["--ro-bind-data", str(binds[f]), f"/etc/{f}"]
+            a += ["--perms", "0644", "--ro-bind-data", str(binds[f]), f"/etc/{f}"]
         a += [
             "--proc", "/proc",
             "--dev", "/dev",
