@@ -93,8 +93,8 @@ def test_cgroup_pids_max_is_the_smallest_up_the_tree(tmp_path: Path) -> None:
     ("[limits]\nagent_store_mib = 0\n", "agent_store_mib"),
     ("[limits]\nagent_pending_max = 5\n", "agent_pending_max"),
     ("[limits]\nhistory_keep = 1\n", "history_keep"),
-    ("[limits]\nmax_agents = 1\n[agents.a]\nruntime = 'command'\ncommand = ['true']\n"
-     "[agents.b]\nruntime = 'command'\ncommand = ['true']\n", "2 agents declared, more than [limits] max_agents = 1"),
+    (("[limits]\nmax_agents = 1\n[agents.a]\nruntime = 'command'\ncommand = ['true']\n"
+      "[agents.b]\nruntime = 'command'\ncommand = ['true']\n"), "2 agents declared, more than [limits] max_agents = 1"),
 ])
 def test_bad_limits_are_one_line(tmp_path: Path, toml: str, why: str) -> None:
     path = tmp_path / "hive.toml"
@@ -123,7 +123,7 @@ def test_hive_core_refuses_to_start_beyond_its_nofile(tmp_path: Path, nofile: in
     try:
         assert proc.stdout is not None and proc.stderr is not None
         if refused:
-            out, err = proc.communicate(timeout=60)
+            _, err = proc.communicate(timeout=60)
             assert proc.returncode == 1
             lines = err.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("hive-core: budget: ") and f"> NOFILE {nofile};" in lines[0]
