@@ -35,7 +35,9 @@ AGENTS: dict[str, dict[str, Any]] = {
     agent(v, lim): {"runtime": "command", "command": ["true"], "peers": ["rtqsink"]}
     for v in VERBS for lim in ("n", "b", "f")
 }
-AGENTS["rtqsink"] = {"runtime": "command", "command": ["true"]}  # paused: acks nothing
+AGENTS["rtqsink"] = {"runtime": "command", "command": ["true"], "peers": ["rtq-answer"]}  # paused: acks nothing
+AGENTS["rtqfull"] = {"runtime": "command", "command": ["true"], "peers": ["rtqsink"]}
+AGENTS["rtq-answer"] = {"runtime": "command", "command": ["true"], "peers": ["rtqsink"]}
 AGENTS["rtqother"] = {"runtime": "command", "command": ["true"], "peers": ["rtqsink"]}
 AGENTS["rtqop"] = {"runtime": "command", "command": ["true"]}
 AGENTS["rtqegress"] = {"runtime": "command", "command": ["true"]}
@@ -144,6 +146,51 @@ def test_freeing_the_quota_lets_the_agent_in_again(qh: HiveProcess, verb: str) -
     assert mine == PENDING_MAX
     again = cage_run(h, name, RUN, requests=[request(verb, 10)])["replies"][0]
     assert again["ok"] is True, again
+
+
+def test_answer_is_refused_at_the_quota(qh: HiveProcess) -> None:
+    """An answer is a message the answerer holds until the asker acks it: at the quota,
+    answering is refused too, and the question stays open."""
+    h, name = qh, "rtq-answer"
+    q1 = h.agent_call("rtqsink", "ask", to=name, question="first?")["id"]
+    q2 = h.agent_call("rtqsink", "ask", to=name, question="second?")["id"]
+    res = cage_run(h, name, RUN, requests=[request("send", 10, i) for i in range(PENDING_MAX - 1)]
+                   + [{"cmd": "answer", "id": q1, "answer": "yes"}])
+    assert all(r["ok"] for r in res["replies"]), res
+    with unchanged(h):
+        refused = cage_run(h, name, RUN, requests=[{"cmd": "answer", "id": q2, "answer": "no"}])["replies"][0]
+    assert refused == {"version": 1, "ok": False, "error": count_refusal(name, PENDING_MAX)}
+    assert q2 in [q["id"] for q in h.agent_call(name, "loose_ends")["to_answer"]]
+
+
+OTHERS = {
+    "send": {"cmd": "send", "to": "rtqsink", "body": "still mine"},
+    "ask": {"cmd": "ask", "to": "rtqsink", "question": "still mine?"},
+    "ask_operator": {"cmd": "ask", "to": "operator", "question": "still mine?"},
+    "request_approval": {"cmd": "request_approval", "kind": "custom", "description": "still mine"},
+    "remind": {"cmd": "remind", "in_seconds": 3600, "text": "still mine"},
+}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_a_full_quota_is_that_agents_alone(qh: HiveProcess, verb: str) -> None:
+    """With another agent at its quota, this one's requests go through as before: the
+    quota is per agent, not the hive's."""
+    h = qh
+    fill = cage_run(h, "rtqfull", """
+    n = 0
+    while call({"cmd": "send", "to": "rtqsink", "body": "fill"})["ok"] and n <= P["most"]:
+        n += 1
+    result(n=n)
+    """, most=PENDING_MAX)
+    assert fill["n"] <= PENDING_MAX
+    with unchanged(h):
+        full = cage_run(h, "rtqfull", RUN, requests=[request("send", 10)])["replies"][0]
+    assert full == {"version": 1, "ok": False, "error": count_refusal("rtqfull", PENDING_MAX)}
+    with changes(h) as ch:
+        mine = cage_run(h, "rtqother", RUN, requests=[OTHERS[verb]])["replies"][0]
+    assert mine["ok"] is True, mine
+    assert sum(len(v) for v in ch.added.values()) == ROWS[verb]
 
 
 @pytest.mark.parametrize("size", [10, 100_000])
