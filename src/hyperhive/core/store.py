@@ -418,6 +418,9 @@ class Store(_Egress, _Sessions):
                 for statement in _split_sql(script):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={version}")
+        if current < len(MIGRATIONS):
+            # Migrations write many pages: leave no large WAL behind for later writes to reuse.
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- agents -------------------------------------------------------------------
 
