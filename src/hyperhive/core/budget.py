@@ -18,7 +18,6 @@ hive.toml is a deployment error, best seen at once.
 
 from __future__ import annotations
 
-import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +170,3 @@ def _cgroup_pids_max(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("
                 break
             d = d.parent
     return best
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
