@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, IPvAnyAddress, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyAddress,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from hyperhive.wire.common import AgentName, AgentSpec
 from hyperhive.wire.egress import RuleError, check_hostname
@@ -32,13 +39,29 @@ class HiveSection(BaseModel):
 
 
 class LimitsSection(BaseModel):
-    """Per-agent limits. ``messages_per_second`` covers send, ask and request_approval; 0 = off."""
+    """Per-agent limits. ``messages_per_second`` covers send, ask and request_approval; 0 = off.
+
+    The core's budget (hyperhive.core.budget): ``max_agents`` agents, each with at most
+    ``agent_connections`` connections per uid on its agent.sock (and ``[egress]
+    max_connections`` tunnels), plus ``reserve_fds`` for the operator, must fit the core's
+    RLIMIT_NOFILE and task limit, or the core refuses to start.
+
+    What one agent may hold in the hive: ``agent_pending_max`` undelivered messages, open
+    questions, pending approvals and reminders it created, of at most ``agent_store_mib``
+    MiB in all; of every per-agent log (egress decisions, delivered messages, resolved
+    questions and approvals, delivered reminders) the newest ``history_keep`` are kept."""
 
     model_config = ConfigDict(extra="forbid")
     messages_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
     message_burst: int = Field(default=500, ge=1, le=1_000_000)
     # The size of each agent's home (a filesystem of its own), fixed when the home is first made.
     disk_mib: int = Field(default=1024, ge=16, le=65536)
+    max_agents: int = Field(default=100, ge=1, le=10_000)
+    agent_connections: int = Field(default=32, ge=4, le=4096)  # per uid on agent.sock, at once
+    reserve_fds: int = Field(default=512, ge=64, le=1_000_000)
+    agent_store_mib: int = Field(default=64, ge=1, le=1_048_576)
+    agent_pending_max: int = Field(default=10_000, ge=10, le=10_000_000)
+    history_keep: int = Field(default=5_000, ge=10, le=10_000_000)
 
 
 class EgressSection(BaseModel):
@@ -47,7 +70,8 @@ class EgressSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     hosts: dict[str, IPvAnyAddress] = Field(default_factory=dict, max_length=10_000)
-    max_connections: int = Field(default=64, ge=1, le=10_000)  # per agent, at once
+    # Tunnels per agent, at once: each costs the core 6 descriptors and 2 threads (see budget).
+    max_connections: int = Field(default=16, ge=1, le=10_000)
 
     @field_validator("hosts")
     @classmethod
@@ -66,6 +90,13 @@ class HiveConfig(BaseModel):
     limits: LimitsSection = LimitsSection()
     egress: EgressSection = EgressSection()
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _agents_fit(self) -> HiveConfig:
+        if len(self.agents) > self.limits.max_agents:
+            raise ValueError(f"{len(self.agents)} agents declared, more than [limits] max_agents"
+                             f" = {self.limits.max_agents}")
+        return self
 
 
 def parse_listen(value: str) -> tuple[str, int]:

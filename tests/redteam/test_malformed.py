@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from hive_fixture import HiveProcess
+from hyperhive.config import EgressSection
 from hyperhive.core.jsonlines import MAX_CONNECTIONS_PER_PEER
 from hyperhive.wire.framing import MAX_LINE
 
@@ -441,5 +442,6 @@ def test_connection_flood_on_egress_sock_is_capped(rt: HiveProcess, world: World
     n = 400
     with unchanged(h), others_keep_working(h):
         res = cage_run(h, "rtcarol", EGRESS_FLOOD, n=n, timeout=120)
-    busy = "HTTP/1.1 503 Service Unavailable | hive egress: at most 64 egress connections at once per agent"
-    assert res["statuses"] == {"(waiting)": 64, busy: n - 64}
+    cap = EgressSection().max_connections  # the budgeted default (see hyperhive.core.budget)
+    busy = f"HTTP/1.1 503 Service Unavailable | hive egress: at most {cap} egress connections at once per agent"
+    assert res["statuses"] == {"(waiting)": cap, busy: n - cap}

@@ -16,13 +16,20 @@ from typing import Any
 from pydantic import ValidationError
 
 from hyperhive.core import approvals
+from hyperhive.core.budget import AGENT_SOCK_BACKLOG
 from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
 from hyperhive.paths import RunDir
+from hyperhive.peercred import peer_cred
 from hyperhive.wire import agent as w
 from hyperhive.wire import harness as wh
-from hyperhive.peercred import peer_cred
-from hyperhive.wire.framing import describe_validation_error, dump_line, error, model_fields_only, ok
+from hyperhive.wire.framing import (
+    describe_validation_error,
+    dump_line,
+    error,
+    model_fields_only,
+    ok,
+)
 
 log = logging.getLogger("hive.core")
 _conn_ids = itertools.count(1)
@@ -85,20 +92,10 @@ class AgentSession:
     async def ask(self, req: w.Ask) -> Reply:
         self.hive.check_may_address(self.name, req.to)
         self.hive.take_rate(self.name)
-        question, delivered = self.hive.store.ask(self.name, req.to, req.question, req.options)
-        self.hive.bus.publish("question", {"question": model_fields_only(question)})
-        if delivered is not None:
-            self.hive.delivered(delivered)
-        return ok(id=question.id)
+        return ok(id=self.hive.ask(self.name, req.to, req.question, req.options))
 
     async def answer(self, req: w.Answer) -> Reply:
-        try:
-            question, msg = self.hive.store.answer(req.id, self.name, req.answer)
-        except LookupError as e:
-            raise Refused(str(e)) from None
-        self.hive.delivered(msg)
-        self.hive.bus.publish("answer", {"question": model_fields_only(question)})
-        return ok(id=question.id)
+        return ok(id=self.hive.answer(self.name, req.id, req.answer))
 
     async def request_approval(self, req: w.RequestApproval) -> Reply:
         self.hive.take_rate(self.name)
@@ -116,10 +113,7 @@ class AgentSession:
         if due > now + w.MAX_REMIND_SECONDS:
             raise Refused("a reminder can be at most a year ahead")
         self.hive.take_rate(self.name)
-        rid = self.hive.store.add_reminder(self.name, due, req.text)
-        self.hive.on_reminder_added()
-        self.hive.publish_status(self.name)
-        return ok(id=rid, due_at=due)
+        return ok(id=self.hive.remind(self.name, due, req.text), due_at=due)
 
     async def loose_ends(self, req: w.LooseEnds) -> Reply:
         store = self.hive.store
@@ -299,7 +293,8 @@ class AgentSockets:
                 self.on_harness_change(name)
             try:
                 # A harness's long-polls end when it dies: it stops counting as running at once.
-                await serve_lines(reader, writer, session.handle, watch_hangup=is_harness)
+                await serve_lines(reader, writer, session.handle, watch_hangup=is_harness,
+                                  max_per_peer=hive.config.limits.agent_connections)
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)
@@ -311,7 +306,10 @@ class AgentSockets:
         # Group-writable only: with cages the directory's setgid group is the agent's.
         old_umask = os.umask(0o117 if not self.manage_dirs else 0o177)
         try:
-            server = await asyncio.start_unix_server(on_connect, path, limit=STREAM_LIMIT)
+            # A small backlog: asyncio accepts up to that many per loop turn, which bounds the
+            # descriptors refused connections hold before they are closed (see budget).
+            server = await asyncio.start_unix_server(on_connect, path, limit=STREAM_LIMIT,
+                                                     backlog=AGENT_SOCK_BACKLOG)
         finally:
             os.umask(old_umask)
         self._servers[name] = server

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from hyperhive.core.hive import Hive, Refused
-from hyperhive.core.store import ApplyError, Store
+from hyperhive.core.store import ApplyError, Store, canonical_json
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import describe_validation_error, model_fields_only
@@ -53,6 +53,7 @@ class Spawn:
         spawn = self._parse(payload)
         if hive.exists(spawn.name):
             raise Refused(f"spawn payload: an agent named {spawn.name!r} already exists")
+        hive.check_agent_room()
 
     def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
         spawn = SpawnPayload.model_validate(approval.payload)
@@ -100,6 +101,8 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
     if handler is None:
         raise Refused(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     handler.check(hive, requester, payload)
+    hive.check_store_quota(requester, 1, len(kind.encode()) + len(description.encode())
+                           + len(canonical_json(payload).encode()))
     approval = hive.store.request_approval(requester, kind, description, payload)
     hive.bus.publish("approval", {"approval": model_fields_only(approval)})
     return approval
@@ -110,6 +113,8 @@ async def resolve(hive: Hive, aid: int, decision: str, note: str | None = None) 
     if existing is None:
         raise Refused(f"no approval {aid}")
     handler = KINDS[existing.kind]
+    if existing.kind == "spawn" and decision == "approved" and existing.status == "pending":
+        hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
     try:
         approval, msg = hive.store.resolve_approval(aid, decision, note, handler.apply)
     except LookupError as e:

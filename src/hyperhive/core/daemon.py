@@ -13,16 +13,18 @@ from pathlib import Path
 
 from hyperhive.config import HiveConfig
 from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
+from hyperhive.core.budget import Budget, plan, raise_nofile, task_limit
 from hyperhive.core.cages import CageLifecycle
 from hyperhive.core.hive import Hive, Lifecycle, Refused
 from hyperhive.core.host_socket import serve_host_socket
 from hyperhive.core.http import create_app, serve_http
-from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.reminders import ReminderScheduler
-from hyperhive.core.store import Store
+from hyperhive.core.sessions import Sessions, load_or_create_token
+from hyperhive.core.store import Store, StoreError
 from hyperhive.paths import RunDir, StateDir
 
 log = logging.getLogger("hive.core")
+PRUNE_EVERY = 60.0  # seconds between two prunes of the per-agent logs
 
 
 @dataclass
@@ -41,7 +43,17 @@ def _own_dir(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
+def check_budget(opts: CoreOptions) -> Budget:
+    """Raise our descriptor limit to the hard one and check that every agent's budget
+    adds up below it (and below the task limit); BudgetError (one line) if not."""
+    budget = plan(opts.config, raise_nofile(), task_limit())
+    log.info("%s", budget.line())
+    print(f"hive-core: {budget.line()}", file=sys.stderr, flush=True)
+    return budget
+
+
 async def run_core(opts: CoreOptions) -> None:
+    check_budget(opts)
     _own_dir(opts.state_dir.root, 0o750)
     _own_dir(opts.run_dir.root, 0o755)
     if opts.priv_sock is None:
@@ -60,6 +72,9 @@ async def run_core(opts: CoreOptions) -> None:
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
     sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"), store)
     http_task, http_server = await serve_http(create_app(hive, sessions), opts.run_dir.core_sock)
+    if len(store.agents()) > opts.config.limits.max_agents:  # spawned before the limit was lowered
+        log.error("%d agents exist, more than [limits] max_agents = %d: no more spawns until some are"
+                  " destroyed", len(store.agents()), opts.config.limits.max_agents)
     for row in store.agents():
         if not row["stopped"]:
             try:
@@ -68,6 +83,7 @@ async def run_core(opts: CoreOptions) -> None:
                 log.error("agent %s did not start: %s", row["name"], e)
     scheduler = asyncio.create_task(ReminderScheduler(hive).run())
     checkpointer = asyncio.create_task(checkpoint_loop(store))
+    pruner = asyncio.create_task(prune_loop(store))
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,6 +97,7 @@ async def run_core(opts: CoreOptions) -> None:
     log.info("shutting down (cages keep running)")
     scheduler.cancel()
     checkpointer.cancel()
+    pruner.cancel()
     http_server.should_exit = True
     try:
         await asyncio.wait_for(http_task, 5)
@@ -102,6 +119,19 @@ async def checkpoint_loop(store: Store, every: float = 1.0) -> None:
             await asyncio.to_thread(store.checkpoint)
         except Exception as e:  # a full disk, say: requests will report it; keep trying
             log.warning("WAL checkpoint failed: %s", e)
+
+
+async def prune_loop(store: Store, every: float = PRUNE_EVERY) -> None:
+    """Keep each agent's logs to ``[limits] history_keep`` rows (see Store.prune_history);
+    the egress log is also pruned as it grows."""
+    while True:
+        try:
+            for row in store.agents():
+                store.prune_history(row["name"])
+                await asyncio.sleep(0)  # one agent at a time: requests go on in between
+        except StoreError as e:  # a full disk, say: keep trying
+            log.warning("pruning the logs failed: %s", e)
+        await asyncio.sleep(every)
 
 
 def setup_logging() -> None:

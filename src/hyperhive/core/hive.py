@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections import defaultdict
@@ -66,6 +67,9 @@ class Hive:
         self._interrupts: set[str] = set()
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
         self.rates = TokenBuckets(config.limits.messages_per_second, config.limits.message_burst)
+        store.history_keep = config.limits.history_keep
+        # Sends queued for the next group commit, per sender: (rows, bytes) not yet in agent_usage.
+        self._queued: dict[str, tuple[int, int]] = {}
         # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
         self._egress_open: dict[int, int] = {}  # decision key -> log row, while its connection lasts
@@ -105,6 +109,39 @@ class Hive:
             self.rates.take(name)
         except RateLimited as e:
             raise Refused(str(e)) from None
+
+    # -- budgets ------------------------------------------------------------------
+
+    def check_agent_room(self) -> None:
+        """Refuse one more agent beyond ``[limits] max_agents`` (the core's budget)."""
+        n, limit = len(self.store.agents()), self.config.limits.max_agents
+        if n >= limit:
+            raise Refused(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
+
+    def check_store_quota(self, agent: str, rows: int, nbytes: int, to_operator: bool = False) -> None:
+        """Refuse, before anything is stored, what would take ``agent`` over its storage
+        quota: ``rows`` more undelivered messages, open questions, pending approvals or
+        reminders of ``nbytes`` bytes. A message to the operator may push out the agent's
+        own oldest messages to the operator (see Store.send_many), so those don't count."""
+        if agent == OPERATOR:
+            return  # the operator's own messages are not an agent's to bound
+        limits = self.config.limits
+        held_rows, held_bytes, op_rows, op_bytes = self.store.usage(agent)
+        q_rows, q_bytes = self._queued.get(agent, (0, 0))
+        held_rows, held_bytes = held_rows + q_rows, held_bytes + q_bytes
+        if to_operator:
+            held_rows, held_bytes = held_rows - op_rows, held_bytes - op_bytes
+        if held_rows + rows > limits.agent_pending_max:
+            raise Refused(
+                f"storage quota: agent {agent} holds {held_rows} undelivered messages, questions, approvals"
+                f" and reminders, limit {limits.agent_pending_max}")
+        if held_bytes + nbytes > limits.agent_store_mib << 20:
+            raise Refused(
+                f"storage quota: agent {agent} holds {held_bytes / (1 << 20):.1f} MiB of undelivered messages,"
+                f" limit {limits.agent_store_mib} MiB")
+
+    def store_quota(self) -> tuple[int, int]:
+        return self.config.limits.agent_pending_max, self.config.limits.agent_store_mib << 20
 
     def check_may_address(self, sender: str, target: str) -> None:
         if target == OPERATOR:
@@ -161,6 +198,10 @@ class Hive:
         Sends that arrive in the same turn of the event loop share one
         transaction: the reply still only goes out after the commit, and a
         failed commit refuses every send in it (none is half-stored)."""
+        nbytes = len(body.encode())
+        self.check_store_quota(sender, 1, nbytes, to_operator=to == OPERATOR)
+        rows, held = self._queued.get(sender, (0, 0))
+        self._queued[sender] = (rows + 1, held + nbytes)  # counted until the commit
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Message] = loop.create_future()
         self._send_batch.append(((to, sender, "message", body), fut))
@@ -170,8 +211,12 @@ class Hive:
 
     def _flush_sends(self) -> None:
         batch, self._send_batch = self._send_batch, []
+        for (_, sender, _, body), _ in batch:
+            rows, held = self._queued.pop(sender, (0, 0))
+            if rows > 1:
+                self._queued[sender] = (rows - 1, held - len(body.encode()))
         try:
-            msgs = self.store.send_many([item for item, _ in batch])
+            msgs = self.store.send_many([item for item, _ in batch], quota=self.store_quota())
         except Exception as e:  # every send in the batch is refused alike
             for _, fut in batch:
                 if not fut.done():
@@ -210,6 +255,35 @@ class Hive:
             if loop.time() >= deadline:
                 return None
             await self.wakeups.wait(name, deadline - loop.time())
+
+    def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> int:
+        """A question (to an agent, also delivered to its inbox: stored twice)."""
+        nbytes = len(question.encode()) + (0 if options is None else len(json.dumps(options).encode()))
+        copies = 1 if to == OPERATOR else 2
+        self.check_store_quota(asker, copies, copies * nbytes)
+        q, delivered = self.store.ask(asker, to, question, options)
+        self.bus.publish("question", {"question": model_fields_only(q)})
+        if delivered is not None:
+            self.delivered(delivered)
+        return q.id
+
+    def answer(self, target: str, qid: int, answer: str) -> int:
+        """``target`` answers question ``qid`` addressed to it; the answer is a message it holds."""
+        self.check_store_quota(target, 1, len(answer.encode()))
+        try:
+            q, msg = self.store.answer(qid, target, answer)
+        except LookupError as e:
+            raise Refused(str(e)) from None
+        self.delivered(msg)
+        self.bus.publish("answer", {"question": model_fields_only(q)})
+        return q.id
+
+    def remind(self, agent: str, due: float, text: str) -> int:
+        self.check_store_quota(agent, 1, len(text.encode()))
+        rid = self.store.add_reminder(agent, due, text)
+        self.on_reminder_added()
+        self.publish_status(agent)
+        return rid
 
     def interrupt(self, name: str) -> None:
         self.require_agent(name)
@@ -252,6 +326,7 @@ class Hive:
         self._interrupts.discard(name)
         self.harness_state.pop(name, None)
         self.rates.forget(name)
+        self.store._egress_since_prune.pop(name, None)
 
     # -- egress -------------------------------------------------------------------
 
@@ -317,6 +392,7 @@ class Hive:
     async def create(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
         if self.exists(name):
             raise Refused(f"an agent named {name!r} already exists")
+        self.check_agent_room()
         self.store.create_agent(name, spec, parent, origin)
         await self.after_create(name)
 

@@ -6,8 +6,8 @@ Whatever goes wrong with one request becomes a one-line ``ok:false`` reply; the
 connection stays usable, except after an oversized line (we can't resync).
 
 Each peer uid (root aside) may hold at most ``MAX_CONNECTIONS_PER_PEER``
-connections at once on one listening socket; one more gets a one-line refusal
-and is closed. Without that bound an agent holding thousands of idle
+connections at once on one listening socket (agent.sock passes the hive's budgeted
+``[limits] agent_connections`` instead); one more gets a one-line refusal and is closed. Without that bound an agent holding thousands of idle
 connections to its own ``agent.sock`` used up the core's file descriptors (and,
 with a partial line on each, its memory), and with them every other agent's and
 the operator's connections.
@@ -53,15 +53,14 @@ def _peer_key(writer: asyncio.StreamWriter) -> tuple[str, int] | None:
     return None if uid == 0 else (path, uid)
 
 
-def _claim(key: tuple[str, int] | None) -> bool:
+def _claim(key: tuple[str, int] | None, cap: int) -> bool:
     if key is None:
         return True
-    if _open.get(key, 0) >= MAX_CONNECTIONS_PER_PEER:
+    if _open.get(key, 0) >= cap:
         now = time.monotonic()
         if now - _last_refusal_log.get(key, -_REFUSAL_LOG_EVERY) >= _REFUSAL_LOG_EVERY:
             _last_refusal_log[key] = now
-            log.warning("%s: refused connections from uid %d: it has %d open", key[0], key[1],
-                        MAX_CONNECTIONS_PER_PEER)
+            log.warning("%s: refused connections from uid %d: it has %d open", key[0], key[1], cap)
         return False
     _open[key] = _open.get(key, 0) + 1
     return True
@@ -107,14 +106,16 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
 
 async def serve_lines(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler, watch_hangup: bool = False,
+    max_per_peer: int = MAX_CONNECTIONS_PER_PEER,
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
-    soon as the peer hangs up, so the connection ends then and not when the poll would."""
+    soon as the peer hangs up, so the connection ends then and not when the poll would.
+    ``max_per_peer``: connections one uid may hold open on this socket at once."""
     key = _peer_key(writer)
-    if not _claim(key):
+    if not _claim(key, max_per_peer):
         assert key is not None
         writer.write(dump_line(error(
-            f"too many connections: uid {key[1]} may have at most {MAX_CONNECTIONS_PER_PEER} open"
+            f"too many connections: uid {key[1]} may have at most {max_per_peer} open"
             " on this socket at once; closing connection")))
         writer.close()
         return

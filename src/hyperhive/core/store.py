@@ -129,9 +129,109 @@ MIGRATIONS: list[str] = [
         token_sha256 TEXT NOT NULL
     );
     """,
+    # 5: what each agent holds in the hive (its storage quota), kept by triggers in the
+    # same transaction as every change, so a check is one primary-key read, never a SUM.
+    # Held: messages it sent that are not acked (messages to the operator are never acked:
+    # op_* counts those apart, the oldest of them make room), its open questions, its
+    # pending approvals and its undelivered reminders. Bytes are the stored text.
+    """
+    CREATE TABLE agent_usage (
+        agent TEXT PRIMARY KEY,
+        pending INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        op_pending INTEGER NOT NULL DEFAULT 0,
+        op_bytes INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX messages_to_operator ON messages (sender, id) WHERE recipient = 'operator';
+    CREATE INDEX messages_acked ON messages (recipient, id) WHERE acked_at IS NOT NULL;
+    CREATE INDEX questions_asker ON questions (asker, id);
+    CREATE INDEX approvals_agent ON approvals (agent, id);
+    CREATE INDEX reminders_agent ON reminders (agent, id);
+    INSERT INTO agent_usage (agent, pending, bytes, op_pending, op_bytes)
+        SELECT who, SUM(n), SUM(b), SUM(op), SUM(op * b) FROM (
+            SELECT sender AS who, 1 AS n, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0)
+                AS b, recipient = 'operator' AS op FROM messages WHERE acked_at IS NULL
+            UNION ALL SELECT asker, 1, length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0),
+                0 FROM questions WHERE answer IS NULL AND cancelled = 0
+            UNION ALL SELECT agent, 1, length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB))
+                + length(CAST(payload AS BLOB)), 0 FROM approvals WHERE status = 'pending'
+            UNION ALL SELECT agent, 1, length(CAST(text AS BLOB)), 0 FROM reminders WHERE delivered_at IS NULL
+        ) GROUP BY who;
+    CREATE TRIGGER usage_message_in AFTER INSERT ON messages WHEN NEW.acked_at IS NULL BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes, op_pending, op_bytes) VALUES (NEW.sender, 1,
+            length(CAST(NEW.body AS BLOB)) + coalesce(length(CAST(NEW.options AS BLOB)), 0),
+            NEW.recipient = 'operator',
+            (NEW.recipient = 'operator') * (length(CAST(NEW.body AS BLOB)) + coalesce(length(CAST(NEW.options AS BLOB)), 0)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes,
+            op_pending = op_pending + excluded.op_pending, op_bytes = op_bytes + excluded.op_bytes;
+    END;
+    CREATE TRIGGER usage_message_acked AFTER UPDATE OF acked_at ON messages
+    WHEN OLD.acked_at IS NULL AND NEW.acked_at IS NOT NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.body AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0),
+            op_pending = op_pending - (OLD.recipient = 'operator'),
+            op_bytes = op_bytes - (OLD.recipient = 'operator')
+                * (length(CAST(OLD.body AS BLOB)) + coalesce(length(CAST(OLD.options AS BLOB)), 0))
+        WHERE agent = OLD.sender;
+    END;
+    CREATE TRIGGER usage_message_out AFTER DELETE ON messages WHEN OLD.acked_at IS NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.body AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0),
+            op_pending = op_pending - (OLD.recipient = 'operator'),
+            op_bytes = op_bytes - (OLD.recipient = 'operator')
+                * (length(CAST(OLD.body AS BLOB)) + coalesce(length(CAST(OLD.options AS BLOB)), 0))
+        WHERE agent = OLD.sender;
+    END;
+    CREATE TRIGGER usage_question_in AFTER INSERT ON questions WHEN NEW.answer IS NULL AND NEW.cancelled = 0 BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes) VALUES (NEW.asker, 1,
+            length(CAST(NEW.question AS BLOB)) + coalesce(length(CAST(NEW.options AS BLOB)), 0))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER usage_question_closed AFTER UPDATE OF answer, cancelled ON questions
+    WHEN OLD.answer IS NULL AND OLD.cancelled = 0 AND (NEW.answer IS NOT NULL OR NEW.cancelled != 0) BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.question AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0)
+        WHERE agent = OLD.asker;
+    END;
+    CREATE TRIGGER usage_question_out AFTER DELETE ON questions WHEN OLD.answer IS NULL AND OLD.cancelled = 0 BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.question AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0)
+        WHERE agent = OLD.asker;
+    END;
+    CREATE TRIGGER usage_approval_in AFTER INSERT ON approvals WHEN NEW.status = 'pending' BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes) VALUES (NEW.agent, 1, length(CAST(NEW.kind AS BLOB))
+            + length(CAST(NEW.description AS BLOB)) + length(CAST(NEW.payload AS BLOB)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER usage_approval_resolved AFTER UPDATE OF status ON approvals
+    WHEN OLD.status = 'pending' AND NEW.status != 'pending' BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.kind AS BLOB))
+            - length(CAST(OLD.description AS BLOB)) - length(CAST(OLD.payload AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    CREATE TRIGGER usage_approval_out AFTER DELETE ON approvals WHEN OLD.status = 'pending' BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.kind AS BLOB))
+            - length(CAST(OLD.description AS BLOB)) - length(CAST(OLD.payload AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    CREATE TRIGGER usage_reminder_in AFTER INSERT ON reminders WHEN NEW.delivered_at IS NULL BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes) VALUES (NEW.agent, 1, length(CAST(NEW.text AS BLOB)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER usage_reminder_delivered AFTER UPDATE OF delivered_at ON reminders
+    WHEN OLD.delivered_at IS NULL AND NEW.delivered_at IS NOT NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.text AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    CREATE TRIGGER usage_reminder_out AFTER DELETE ON reminders WHEN OLD.delivered_at IS NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.text AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    """,
 ]
 TRANSCRIPT_KEEP = 20_000  # entries per agent
-EGRESS_LOG_KEEP = 5_000  # decisions per agent
+EGRESS_LOG_KEEP = 5_000  # decisions per agent (the default of [limits] history_keep)
+EGRESS_PRUNE_EVERY = 16  # decisions of one agent between two prunes of its log
 
 
 class ApplyError(Exception):
@@ -159,6 +259,8 @@ class _Egress:
 
     db: sqlite3.Connection
     tx: Callable[..., Any]
+    history_keep: int
+    _egress_since_prune: dict[str, int]
 
     def egress_rules(self, agent: str | None = None) -> dict[str, list[dict[str, Any]]]:
         sql = "SELECT * FROM egress_rules" + (" WHERE agent=?" if agent else "") + " ORDER BY agent, rule"
@@ -191,11 +293,16 @@ class _Egress:
                 " :bytes_down, :closed_at)", row,
             )
             rowid = int(cur.lastrowid or 0)
-            if rowid % 500 == 0:  # now and then: keep the newest EGRESS_LOG_KEEP per agent
+            # Every EGRESS_PRUNE_EVERY decisions of this agent: keep its newest history_keep,
+            # so one agent's traffic can't grow the log (and hive.db) without bound.
+            since = self._egress_since_prune.get(row["agent"], 0) + 1
+            if since >= min(EGRESS_PRUNE_EVERY, self.history_keep):
+                since = 0
                 db.execute(
                     "DELETE FROM egress_log WHERE agent=? AND id <= (SELECT id FROM egress_log WHERE agent=?"
-                    " ORDER BY id DESC LIMIT 1 OFFSET ?)", (row["agent"], row["agent"], EGRESS_LOG_KEEP),
+                    " ORDER BY id DESC LIMIT 1 OFFSET ?)", (row["agent"], row["agent"], self.history_keep),
                 )
+            self._egress_since_prune[row["agent"]] = since
             return rowid
 
     def close_egress(self, rowid: int, bytes_up: int, bytes_down: int, closed_at: float) -> None:
@@ -247,6 +354,8 @@ class Store(_Egress, _Sessions):
         # Checkpoints run from a thread (see checkpoint()), not inside a request.
         self.db.execute("PRAGMA wal_autocheckpoint=0")
         self._agents: dict[str, sqlite3.Row] | None = None  # cache of the agents table
+        self.history_keep = EGRESS_LOG_KEEP  # per agent, of every log (hive.py sets [limits] history_keep)
+        self._egress_since_prune: dict[str, int] = {}
         self.migrate()
 
     def close(self) -> None:
@@ -309,6 +418,9 @@ class Store(_Egress, _Sessions):
                 for statement in _split_sql(script):
                     db.execute(statement)
                 db.execute(f"PRAGMA user_version={version}")
+        if current < len(MIGRATIONS):
+            # Migrations write many pages: leave no large WAL behind for later writes to reuse.
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # -- agents -------------------------------------------------------------------
 
@@ -426,10 +538,72 @@ class Store(_Egress, _Sessions):
         with self.tx(agents_unchanged=True) as db:
             return self._insert_message(db, recipient, sender, kind, body, ref)
 
-    def send_many(self, batch: list[tuple[str, str, str, str]]) -> list[Message]:
-        """(recipient, sender, kind, body) each, in order, in one transaction (group commit)."""
+    def send_many(self, batch: list[tuple[str, str, str, str]],
+                  quota: tuple[int, int] | None = None) -> list[Message]:
+        """(recipient, sender, kind, body) each, in order, in one transaction (group commit).
+        With ``quota`` (rows, bytes one sender may hold), a message to the operator first
+        drops the sender's oldest messages to the operator until it fits."""
         with self.tx(agents_unchanged=True) as db:
-            return [self._insert_message(db, *item) for item in batch]
+            out = []
+            for item in batch:
+                if quota is not None and item[0] == "operator":
+                    self._make_room(db, item[1], len(item[3].encode()), quota)
+                out.append(self._insert_message(db, *item))
+            return out
+
+    # -- storage quota ----------------------------------------------------------------
+
+    def usage(self, agent: str) -> tuple[int, int, int, int]:
+        """What ``agent`` holds: (rows, bytes, of which to the operator: rows, bytes)."""
+        row = self.db.execute(
+            "SELECT pending, bytes, op_pending, op_bytes FROM agent_usage WHERE agent=?", (agent,)
+        ).fetchone()
+        return (0, 0, 0, 0) if row is None else (row[0], row[1], row[2], row[3])
+
+    @staticmethod
+    def _make_room(db: sqlite3.Connection, sender: str, need: int, quota: tuple[int, int]) -> None:
+        """Delete ``sender``'s oldest messages to the operator until one more of ``need``
+        bytes fits its quota (or none is left). The triggers keep agent_usage right."""
+        max_rows, max_bytes = quota
+        while True:
+            row = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent=?", (sender,)).fetchone()
+            if row is None or (row[0] + 1 <= max_rows and row[1] + need <= max_bytes):
+                return
+            oldest = db.execute(
+                "SELECT id FROM messages WHERE sender=? AND recipient='operator' ORDER BY id LIMIT 64", (sender,)
+            ).fetchall()
+            if not oldest:
+                return
+            over_rows, over_bytes = row[0] + 1 - max_rows, row[1] + need - max_bytes
+            for (mid,) in oldest:
+                gone = db.execute(
+                    "DELETE FROM messages WHERE id=? RETURNING length(CAST(body AS BLOB))"
+                    " + coalesce(length(CAST(options AS BLOB)), 0)", (mid,)).fetchone()
+                over_rows -= 1
+                over_bytes -= gone[0] if gone else 0
+                if over_rows <= 0 and over_bytes <= 0:
+                    return
+
+    def prune_history(self, agent: str) -> int:
+        """Keep the newest ``history_keep`` of each of ``agent``'s logs: messages it acked,
+        its resolved questions and approvals, its delivered reminders, its egress decisions
+        and its messages to the operator. Returns how many rows went."""
+        keep = self.history_keep
+        gone = 0
+        with self.tx(agents_unchanged=True) as db:
+            for table, who, done in (
+                ("messages", "recipient", "acked_at IS NOT NULL"),
+                ("messages", "sender", "recipient = 'operator'"),
+                ("questions", "asker", "(answer IS NOT NULL OR cancelled != 0)"),
+                ("approvals", "agent", "status != 'pending'"),
+                ("reminders", "agent", "delivered_at IS NOT NULL"),
+                ("egress_log", "agent", "1"),
+            ):
+                gone += db.execute(
+                    f"DELETE FROM {table} WHERE {who}=? AND {done} AND id <= (SELECT id FROM {table}"
+                    f" WHERE {who}=? AND {done} ORDER BY id DESC LIMIT 1 OFFSET ?)", (agent, agent, keep),
+                ).rowcount
+        return gone
 
     @staticmethod
     def _row_to_message(row: sqlite3.Row, with_to: bool = False) -> Message:

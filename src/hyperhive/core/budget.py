@@ -1,0 +1,172 @@
+"""hive-core's resource budget: what each agent may cost the core, added up below
+the core's own limits, with a reserve kept for the operator.
+
+Every agent costs hive-core file descriptors and threads that the agent decides
+to spend: connections to its ``agent.sock`` (one descriptor each, per uid:
+the runtime's and the harness's) and egress tunnels (six descriptors each:
+the client, the upstream and two splice pipes; and two threads). Without a
+budget a few agents could use up the core's ``RLIMIT_NOFILE`` (systemd's
+default soft limit is 1024) and nobody, the operator included, could connect.
+
+The budget is ``max_agents x per-agent cost + reserve <= limit`` for both
+descriptors and tasks. When the configured values don't fit, the core refuses
+to start with one line saying which numbers to change: clamping would silently
+give agents less than the operator configured (fewer agents, fewer tunnels),
+which turns up later as puzzling refusals; a unit whose limits don't match its
+hive.toml is a deployment error, best seen at once.
+"""
+
+from __future__ import annotations
+
+import resource
+from dataclasses import dataclass
+from pathlib import Path
+
+from hyperhive.config import HiveConfig
+
+LISTENERS_PER_AGENT = 2  # agent.sock and egress.sock
+UIDS_PER_AGENT = 2  # the runtime's and the harness's; each has its own agent.sock cap
+FDS_PER_TUNNEL = 6  # client, upstream, two pipes (splice) of two ends each
+THREADS_PER_TUNNEL = 2  # one per direction
+# Connections accepted and refused but not yet closed (the listener's accept backlog,
+# see AGENT_SOCK_BACKLOG), and egress connections refused over the cap.
+SPARE_FDS_PER_AGENT = 16
+SPARE_TASKS_PER_AGENT = 8
+AGENT_SOCK_BACKLOG = 8  # asyncio accepts up to this many per loop turn on one agent.sock
+RESERVE_TASKS = 64  # main thread, asyncio's default executor (to_thread), uvicorn
+
+
+class BudgetError(Exception):
+    """The configured budget doesn't fit the core's limits; one line."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_agents: int
+    agent_connections: int  # per uid on agent.sock, at once
+    egress_connections: int  # per agent, at once
+    reserve_fds: int
+    nofile: int  # the core's RLIMIT_NOFILE (soft, after raising it to the hard one)
+    tasks: int | None  # the core's task limit (cgroup pids.max, RLIMIT_NPROC); None = none
+
+    @property
+    def agent_sock_fds(self) -> int:
+        return UIDS_PER_AGENT * self.agent_connections + 1
+
+    @property
+    def egress_fds(self) -> int:
+        return FDS_PER_TUNNEL * self.egress_connections + 1
+
+    @property
+    def per_agent_fds(self) -> int:
+        return self.agent_sock_fds + self.egress_fds + SPARE_FDS_PER_AGENT
+
+    @property
+    def per_agent_tasks(self) -> int:
+        return THREADS_PER_TUNNEL * self.egress_connections + SPARE_TASKS_PER_AGENT
+
+    @property
+    def total_fds(self) -> int:
+        return self.max_agents * self.per_agent_fds + self.reserve_fds
+
+    @property
+    def total_tasks(self) -> int:
+        return self.max_agents * self.per_agent_tasks + RESERVE_TASKS
+
+    def line(self) -> str:
+        fds = (f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds}"
+               f" egress + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
+               f" <= NOFILE {self.nofile}")
+        limit = "unlimited" if self.tasks is None else str(self.tasks)
+        return (f"{fds}; {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
+                f" = {self.total_tasks} <= tasks {limit}")
+
+    def check(self) -> None:
+        fix = "raise LimitNOFILE or lower [limits] max_agents, [limits] agent_connections or [egress] max_connections"
+        if self.total_fds > self.nofile:
+            raise BudgetError(
+                f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds} egress"
+                f" + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
+                f" > NOFILE {self.nofile}; {fix}")
+        if self.tasks is not None and self.total_tasks > self.tasks:
+            raise BudgetError(
+                f"budget: {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
+                f" = {self.total_tasks} > tasks {self.tasks}; raise TasksMax and LimitNPROC or lower"
+                " [limits] max_agents or [egress] max_connections")
+
+
+def plan(config: HiveConfig, nofile: int, tasks: int | None) -> Budget:
+    """The budget for ``config`` under these limits; BudgetError if it doesn't fit."""
+    budget = Budget(
+        max_agents=config.limits.max_agents,
+        agent_connections=config.limits.agent_connections,
+        egress_connections=config.egress.max_connections,
+        reserve_fds=config.limits.reserve_fds,
+        nofile=nofile,
+        tasks=tasks,
+    )
+    budget.check()
+    return budget
+
+
+def raise_nofile() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (an unprivileged process may);
+    return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = _nr_open()
+    if soft == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep what we have; the budget check below says if it is too little
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _nr_open() if soft == resource.RLIM_INFINITY else soft
+
+
+def _nr_open() -> int:
+    try:
+        return int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def task_limit() -> int | None:
+    """The most tasks (threads) this process may have: the smaller of its cgroup's
+    ``pids.max`` (systemd's TasksMax) and RLIMIT_NPROC; None when neither is set."""
+    limits = [n for n in (_cgroup_pids_max(), _nproc()) if n is not None]
+    return min(limits) if limits else None
+
+
+def _nproc() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _cgroup_pids_max(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """pids.max of our cgroup and its ancestors (v2, or v1's pids hierarchy), smallest."""
+    try:
+        lines = proc.read_text().splitlines()
+    except OSError:
+        return None
+    best: int | None = None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            base = root if (root / "cgroup.controllers").exists() else root / "unified"
+        elif "pids" in controllers.split(","):
+            base = root / "pids"
+        else:
+            continue
+        d = base / path.lstrip("/")
+        while True:
+            try:
+                text = (d / "pids.max").read_text().strip()
+                if text != "max":
+                    best = int(text) if best is None else min(best, int(text))
+            except (OSError, ValueError):
+                pass
+            if d == base or d.parent == d:
+                break
+            d = d.parent
+    return best
