@@ -13,8 +13,8 @@ import subprocess
 from typing import Any
 
 import pytest
-
 from hive_fixture import HIVE, HiveProcess
+
 from hyperhive.priv.cgroups import is_v2
 
 AGENT_NAMES = ("alice", "bob", "carol")

@@ -4,7 +4,8 @@
 before it becomes the agent: a fresh, empty HOME that only this exec sees.
 ``/home`` is covered by a tmpfs holding ``/home/exec`` (the new HOME, the agent's
 uid, 0700) and ``/home/agent`` (the agent's real home, bound back, so the operator
-still finds its files where they always are). Nothing changes in the cage: no
+still finds its files where they always are); the exec's /etc/passwd names the new
+HOME too (ssh, for one, reads the passwd entry). Nothing changes in the cage: no
 file is created there, no mount propagates back.
 
 ``exec``: the agent's uid, no capabilities, no_new_privs; the exec's init. It
@@ -33,7 +34,7 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    enc = (lambda s: s.encode() if s is not None else None)
+    enc = lambda s: s.encode() if s is not None else None
     if libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")
@@ -52,7 +53,26 @@ def home(args: list[str]) -> None:
     os.close(keep)
     os.mkdir(EXEC_HOME, 0o700)
     os.chown(EXEC_HOME, uid, gid)
+    _passwd_home(uid)
     os.execv(rest[0], rest)
+
+
+def _passwd_home(uid: int) -> None:
+    """Tools that take the home from the passwd entry, not $HOME (ssh reads
+    ~/.ssh/config so), must find the fresh one too: this exec's /etc/passwd (a copy,
+    on the tmpfs, bound over the cage's read-only one) says /home/exec."""
+    lines = []
+    with open("/etc/passwd") as f:  # hive-priv wrote it; the cage has it read-only
+        for line in f:
+            fields = line.rstrip("\n").split(":")
+            if len(fields) == 7 and fields[2] == str(uid):
+                fields[5] = EXEC_HOME
+            lines.append(":".join(fields) + "\n")
+    copy = "/home/.passwd"
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as f:
+        f.writelines(lines)
+    _mount(copy, "/etc/passwd", None, MS_BIND, None)
 
 
 def run(args: list[str]) -> None:

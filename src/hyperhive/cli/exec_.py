@@ -41,23 +41,51 @@ Examples:
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True}, epilog=EPILOG)
-@click.option("--env", "env", multiple=True, metavar="KEY=VALUE",
-              help="Set in the command's environment (repeatable).")
-@click.option("--tty/--no-tty", "-t/-T", "want_tty", default=None,
-              help="A pty for the command (default: when stdin and stdout are a terminal).")
-@click.option("--trust-home", is_flag=True,
-              help="HOME and cwd = the agent's home: its .bashrc, .profile, .pth files, ... run.")
-@click.option("--as-agent", is_flag=True,
-              help="Run in the cage's own pid namespace, exactly like the agent's processes (implies "
-                   "--trust-home): they can see it, read its environment and memory, and keep its "
-                   "children alive. For tests and debugging; never with secrets.")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print {"exit_status": N} (or {"error": ...}) as the last line on stderr.')
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set in the command's environment (repeatable).",
+)
+@click.option(
+    "--tty/--no-tty",
+    "-t/-T",
+    "want_tty",
+    default=None,
+    help="A pty for the command (default: when stdin and stdout are a terminal).",
+)
+@click.option(
+    "--trust-home",
+    is_flag=True,
+    help="HOME and cwd = the agent's home: its .bashrc, .profile, .pth files, ... run.",
+)
+@click.option(
+    "--as-agent",
+    is_flag=True,
+    help="Run in the cage's own pid namespace, exactly like the agent's processes (implies "
+    "--trust-home): they can see it, read its environment and memory, and keep its "
+    "children alive. For tests and debugging; never with secrets.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"exit_status": N} (or {"error": ...}) as the last line on stderr.',
+)
 @click.argument("name")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_context
-def exec_cmd(ctx: click.Context, name: str, argv: tuple[str, ...], env: tuple[str, ...],
-             want_tty: bool | None, trust_home: bool, as_agent: bool, as_json: bool) -> None:
+def exec_cmd(
+    ctx: click.Context,
+    name: str,
+    argv: tuple[str, ...],
+    env: tuple[str, ...],
+    want_tty: bool | None,
+    trust_home: bool,
+    as_agent: bool,
+    as_json: bool,
+) -> None:
     """Run ARGV in agent NAME's cage as the agent (root only).
 
     Same uid, cgroup, network and files as the agent, no capabilities, the cage's
@@ -79,7 +107,12 @@ def exec_cmd(ctx: click.Context, name: str, argv: tuple[str, ...], env: tuple[st
         environment[key] = value
     if want_tty is None:
         want_tty = os.isatty(0) and os.isatty(1)
-    request: dict[str, object] = {"cmd": "exec", "name": name, "argv": list(argv), "env": environment}
+    request: dict[str, object] = {
+        "cmd": "exec",
+        "name": name,
+        "argv": list(argv),
+        "env": environment,
+    }
     if want_tty:
         size = shutil.get_terminal_size()
         request["tty"] = {"rows": max(size.lines, 1), "cols": max(size.columns, 1)}

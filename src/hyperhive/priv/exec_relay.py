@@ -66,7 +66,10 @@ class _Fd:
 
 
 def run(
-    argv: list[str], fds: list[int], *, tty: tuple[int, int] | None,
+    argv: list[str],
+    fds: list[int],
+    *,
+    tty: tuple[int, int] | None,
     preexec_fn: Callable[[], None],
 ) -> int:
     """Run argv with the relay between it and the operator's ``fds`` (stdin, stdout,
@@ -83,7 +86,10 @@ def run(
             child = (slave, slave, slave)
             veof = termios.tcgetattr(slave)[6][termios.VEOF]
             os.set_blocking(master, False)
-            plan = [(_pump_in, op_in, m, veof if isinstance(veof, bytes) else b"\x04"), (_pump_out, m, op_out, None)]
+            plan = [
+                (_pump_in, op_in, m, veof if isinstance(veof, bytes) else b"\x04"),
+                (_pump_out, m, op_out, None),
+            ]
         else:
             in_r, in_w = os.pipe()
             out_r, out_w = os.pipe()
@@ -92,16 +98,28 @@ def run(
             ours += [w, o, e]
             os.set_blocking(in_w, False)
             child = (in_r, out_w, err_w)
-            plan = [(_pump_in, op_in, w, None), (_pump_out, o, op_out, None), (_pump_out, e, op_err, None)]
+            plan = [
+                (_pump_in, op_in, w, None),
+                (_pump_out, o, op_out, None),
+                (_pump_out, e, op_err, None),
+            ]
         try:
             proc = subprocess.Popen(
-                argv, stdin=child[0], stdout=child[1], stderr=child[2], close_fds=True,
-                start_new_session=True, preexec_fn=preexec_fn,  # noqa: PLW1509 (joins a cgroup: no locks)
+                argv,
+                stdin=child[0],
+                stdout=child[1],
+                stderr=child[2],
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=preexec_fn,  # noqa: PLW1509 (joins a cgroup: no locks)
             )
         finally:
             for fd in set(child):
                 os.close(fd)  # only the exec's processes hold these now: EOF/EIO when they are gone
-        threads = [threading.Thread(target=f, args=(*args, done, proc.kill), daemon=True) for f, *args in plan]
+        threads = [
+            threading.Thread(target=f, args=(*args, done, proc.kill), daemon=True)
+            for f, *args in plan
+        ]
         for t in threads:
             t.start()
         code = proc.wait()
@@ -147,7 +165,7 @@ def _write_all(dst: int, data: bytes, done: _Done) -> bool:
         if dst not in ready:
             return False
         try:
-            view = view[os.write(dst, view):]
+            view = view[os.write(dst, view) :]
         except BlockingIOError:
             continue
         except OSError:  # EPIPE: nobody reads any more; EIO: the pty is gone
@@ -188,7 +206,7 @@ def _write_blocking(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         try:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         except BlockingIOError:  # the operator's descriptor happened to be non-blocking
             select.select([], [fd], [])
 

@@ -84,7 +84,9 @@ class Exec(Strict):
         if not (self.trust_home or self.as_agent):
             bad = sorted(CLEAN_ENV_GUARDED & set(self.env))
             if bad:
-                raise ValueError(f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it")
+                raise ValueError(
+                    f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it"
+                )
         return self
 
 
