@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -181,3 +182,61 @@ def test_exec_into_what_is_not_a_cage_is_refused(caged_hive: HiveProcess, name: 
         proc = run(caged_hive, name, "true")
     assert proc.returncode == 1
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def cli(h: HiveProcess, *args: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
+    return subprocess.run([str(HIVE), "--run-dir", str(h.run_dir), "exec", *args],
+                          capture_output=True, timeout=60, check=False, **kw)
+
+
+def test_json_prints_the_exit_status_last_on_stderr(caged_hive: HiveProcess) -> None:
+    proc = cli(caged_hive, "--json", "bob", "--", "sh", "-c", "echo out; echo err >&2; exit 3", text=True)
+    assert proc.returncode == 3
+    assert proc.stdout == "out\n"
+    assert proc.stderr.splitlines() == ["err", '{"exit_status": 3}']
+    refused = cli(caged_hive, "--json", "dave", "--", "true", text=True)
+    assert refused.returncode == 1
+    assert json.loads(refused.stderr) == {"error": "cage dave is not running"}
+
+
+def test_trust_home_runs_in_the_agents_home(caged_hive: HiveProcess) -> None:
+    proc = cli(caged_hive, "--trust-home", "carol", "--", "sh", "-c",
+               'pwd; echo $HOME; echo "${PYTHONNOUSERSITE-unset}"', text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["/home/agent", "/home/agent", "unset"]
+
+
+def test_fresh_home_is_empty_private_and_gone_afterwards(caged_hive: HiveProcess) -> None:
+    marker = f"m-{secrets.token_hex(4)}"
+    first = run(caged_hive, "carol", "sh", "-c", f'ls -A "$HOME"; touch "$HOME/{marker}"; ls -A "$HOME"')
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [marker]  # empty before, then only ours
+    again = run(caged_hive, "carol", "sh", "-c", 'ls -A "$HOME"; ls -ld "$HOME" | cut -d" " -f1,3')
+    assert again.stdout.splitlines() == ["drwx------ agent"]  # a new one, empty again
+    assert not (caged_hive.home("carol") / marker).exists()
+    # ... and the agent's real home is still where it always is.
+    proc = run(caged_hive, "carol", "sh", "-c", "touch /home/agent/" + marker)
+    assert proc.returncode == 0 and (caged_hive.home("carol") / marker).exists()
+    (caged_hive.home("carol") / marker).unlink()
+
+
+def test_tty_is_a_pty_of_the_operators_size(caged_hive: HiveProcess) -> None:
+    env = dict(os.environ, COLUMNS="101", LINES="33")
+    script = "stty size; test -t 0 && test -t 1 && test -t 2 && echo all-tty; exit 5"
+    proc = cli(caged_hive, "--tty", "alice", "--", "sh", "-c", script, env=env, input=b"")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.split(b"\r\n")[:2] == [b"33 101", b"all-tty"]
+
+
+def test_tty_passes_input_and_eof(caged_hive: HiveProcess) -> None:
+    proc = cli(caged_hive, "--tty", "alice", "--", "cat", input=b"hello there\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(b"hello there") == 2  # the pty's echo, then cat's copy
+
+
+def test_operator_that_stops_reading_ends_the_command(caged_hive: HiveProcess) -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run(f"{HIVE} --run-dir {caged_hive.run_dir} exec bob -- yes | head -n 2",
+                          shell=True, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stdout == "y\ny\n"
+    assert time.monotonic() - t0 < 30

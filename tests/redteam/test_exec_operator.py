@@ -73,7 +73,8 @@ done = set()
 marker, token = P["marker"].encode(), P["token"].encode()
 
 def note(e):
-    res["errors"].append(repr(e)[:120])
+    if len(res["errors"]) < 20:
+        res["errors"].append(repr(e)[:120])
 
 def keep(fd, how):
     st = os.fstat(fd)
@@ -169,9 +170,9 @@ while not os.path.exists(D + ".go") and time.monotonic() < deadline:
             res["seen"].append(int(d))
         if int(d) in done:
             continue
-        done.add(int(d))
-        try:
+        try:  # again at every scan until it works: the pid may still be exec's setup
             attack(int(d))
+            done.add(int(d))
         except OSError as e:
             note(e)
     if srv is not None:

@@ -64,8 +64,8 @@ Examples:
     "--as-agent",
     is_flag=True,
     help="Run in the cage's own pid namespace, exactly like the agent's processes (implies "
-    "--trust-home): they can see it, read its environment and memory, and keep its "
-    "children alive. For tests and debugging; never with secrets.",
+    "--trust-home): they can see it, trace it, read its environment and memory. "
+    "For tests and debugging; never with secrets.",
 )
 @click.option(
     "--json",
