@@ -157,6 +157,12 @@ if P["technique"] == "scm-rights":
 open(D + ".ready", "w").close()
 deadline = time.monotonic() + 60
 while not os.path.exists(D + ".go") and time.monotonic() < deadline:
+    # Every process this uid may signal, seen or not (once its own launcher is gone).
+    if P["technique"] == "kill-all" and time.monotonic() > deadline - 58.5:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except OSError as e:
+            note(e)
     for d in os.listdir("/proc"):
         if not d.isdigit() or int(d) == me:
             continue
@@ -432,6 +438,7 @@ MEMORY = [
     "ptrace-seize",
     "sigstop",
     "pidfd_open",
+    "kill-all",
 ]
 SHAPES = {
     "command": ["python3", "-c", "import time; time.sleep(4)", "MARK", "TOKEN"],
