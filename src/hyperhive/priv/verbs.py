@@ -84,6 +84,12 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
     """Run argv in the cage as the agent; the caller's stdin/stdout/stderr stay here
     and hive-priv relays bytes (exec_relay): none of them ever enters the cage."""
     try:
+        if not (req.trust_home or req.as_agent):
+            bad = sorted(w.CLEAN_ENV_GUARDED & set(req.env))
+            if bad:
+                raise CageError(
+                    f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it"
+                )
         argv = cages.exec_argv(
             req.name, req.argv, req.env, tty=req.tty is not None, trust_home=req.trust_home,
             as_agent=req.as_agent,
