@@ -129,6 +129,10 @@ def exec_cmd(
         fail(f"the hive is not running: can't connect to {priv_sock}")
     except ConnectionError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        # Only without a pty (with one, ^C goes to the command). hive-priv keeps our
+        # descriptors and the command runs on until it ends: say so, in one line.
+        fail("interrupted; the command runs on in the cage until it ends")
     if not reply.get("ok"):
         fail(str(reply.get("error")))
     status = int(reply["exit_status"])
