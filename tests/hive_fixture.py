@@ -414,10 +414,12 @@ class HiveProcess:
 
     def exec(
         self, name: str, *argv: str, input: str | bytes | None = None, timeout: float = 60,
-        user: str | int | None = None,
+        user: str | int | None = None, flags: tuple[str, ...] = ("--as-agent",),
     ) -> subprocess.CompletedProcess[Any]:
-        """``hive --run-dir R exec NAME -- ARGV...``; text unless ``input`` is bytes."""
-        cmd = [str(HIVE), "--run-dir", str(self.run_dir), "exec", name, "--", *argv]
+        """``hive --run-dir R exec FLAGS NAME -- ARGV...``; text unless ``input`` is bytes.
+        By default ``--as-agent``: probes must act exactly as the agent's own processes
+        (its pid namespace, home and cwd); test_exec.py passes ``flags=()``."""
+        cmd = [str(HIVE), "--run-dir", str(self.run_dir), "exec", *flags, name, "--", *argv]
         text = not isinstance(input, bytes)
         return subprocess.run(
             cmd, input=input, capture_output=True, timeout=timeout, text=text,

@@ -1,7 +1,8 @@
 """``hive exec NAME -- CMD...`` against a real hive: CMD runs in NAME's cage as the
-agent's runtime uid (not the harness's, not root), in the cage's namespaces and
-cgroup; stdin, stdout, stderr and the exit status pass through; only root may
-use it."""
+agent's runtime uid (not the harness's, not root), in the cage's mount, net, ipc and
+uts namespaces and cgroup, but a pid namespace of its own; stdin, stdout, stderr
+and the exit status pass through (relayed by hive-priv); only root may use it.
+Every test here runs the default (clean) exec, not the fixture's ``--as-agent``."""
 
 from __future__ import annotations
 
@@ -9,14 +10,22 @@ import json
 import os
 import secrets
 import subprocess
+import time
+from typing import Any
 
 import pytest
-
 from hive_fixture import HIVE, HiveProcess
+
 from hyperhive.priv.cgroups import is_v2
 
 AGENT_NAMES = ("alice", "bob", "carol")
 NAMESPACES = ("pid", "mnt", "net", "uts", "ipc")
+SHARED = ("net", "uts", "ipc")  # with the cage; pid and mnt are the exec's own
+
+
+def run(h: HiveProcess, name: str, *argv: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
+    """The operator's plain ``hive exec NAME -- ARGV`` (no --as-agent)."""
+    return h.exec(name, *argv, flags=kw.pop("flags", ()), **kw)
 
 WHOAMI = """
 import json, socket
@@ -29,7 +38,7 @@ print(s.makefile("rb").readline().decode().strip())
 
 @pytest.mark.parametrize("name", AGENT_NAMES)
 def test_own_agent_sock_answers_whoami_with_its_name(caged_hive: HiveProcess, name: str) -> None:
-    proc = caged_hive.exec(name, "python3", "-c", WHOAMI)
+    proc = run(caged_hive, name, "python3", "-c", WHOAMI)
     assert proc.returncode == 0, proc.stderr
     reply = json.loads(proc.stdout)
     assert reply == {"version": 1, "ok": True, "name": name}
@@ -41,31 +50,31 @@ def test_stdin_stdout_stderr_and_status_pass_through(caged_hive: HiveProcess) ->
         "import sys; d = sys.stdin.buffer.read(); sys.stdout.buffer.write(d[::-1]); "
         "sys.stderr.write('to stderr %d\\n' % len(d)); sys.exit(42)"
     )
-    proc = caged_hive.exec("alice", "python3", "-c", script, input=data)
+    proc = run(caged_hive, "alice", "python3", "-c", script, input=data)
     assert proc.returncode == 42, proc.stderr
     assert proc.stdout == data[::-1]
     assert proc.stderr == f"to stderr {len(data)}\n".encode()
 
 
 def test_empty_stdin_is_eof(caged_hive: HiveProcess) -> None:
-    proc = caged_hive.exec("alice", "wc", "-c", input=b"")
+    proc = run(caged_hive, "alice", "wc", "-c", input=b"")
     assert (proc.returncode, proc.stdout.strip()) == (0, b"0")
 
 
 @pytest.mark.parametrize("status", [0, 1, 3, 42, 127, 255])
 def test_exit_status_passes_through(caged_hive: HiveProcess, status: int) -> None:
-    proc = caged_hive.exec("bob", "sh", "-c", f"echo out; echo err >&2; exit {status}")
+    proc = run(caged_hive, "bob", "sh", "-c", f"echo out; echo err >&2; exit {status}")
     assert proc.returncode == status
     assert (proc.stdout, proc.stderr) == ("out\n", "err\n")
 
 
 def test_death_by_signal_is_128_plus_signal(caged_hive: HiveProcess) -> None:
-    assert caged_hive.exec("bob", "sh", "-c", "kill -9 $$").returncode == 128 + 9
-    assert caged_hive.exec("bob", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
+    assert run(caged_hive, "bob", "sh", "-c", "kill -9 $$").returncode == 128 + 9
+    assert run(caged_hive, "bob", "sh", "-c", "kill -TERM $$").returncode == 128 + 15
 
 
 def test_missing_command_is_127(caged_hive: HiveProcess) -> None:
-    proc = caged_hive.exec("carol", "no-such-command-here")
+    proc = run(caged_hive, "carol", "no-such-command-here")
     assert proc.returncode == 127
     assert "no-such-command-here" in proc.stderr
 
@@ -73,7 +82,7 @@ def test_missing_command_is_127(caged_hive: HiveProcess) -> None:
 @pytest.mark.parametrize("name", AGENT_NAMES)
 def test_runs_as_the_runtime_uid_with_the_cages_hostname(caged_hive: HiveProcess, name: str) -> None:
     cage = caged_hive.cage(name)
-    proc = caged_hive.exec(name, "sh", "-c", "id -u; id -g; id -G; hostname; pwd; echo $HOME")
+    proc = run(caged_hive, name, "sh", "-c", "id -u; id -g; id -G; hostname; pwd; echo $HOME")
     assert proc.returncode == 0, proc.stderr
     uid, gid, groups, hostname, cwd, home = proc.stdout.splitlines()
     assert int(uid) == cage["uid"]
@@ -82,7 +91,7 @@ def test_runs_as_the_runtime_uid_with_the_cages_hostname(caged_hive: HiveProcess
     assert int(gid) == cage["gid"] != 0
     assert groups.split() == [str(cage["gid"])]  # no supplementary groups
     assert hostname == name
-    assert cwd == home == "/home/agent"
+    assert (cwd, home) == ("/", "/home/exec")
 
 
 def test_uids_differ_between_agents(caged_hive: HiveProcess) -> None:
@@ -92,7 +101,7 @@ def test_uids_differ_between_agents(caged_hive: HiveProcess) -> None:
 
 
 def test_no_capabilities_and_no_new_privs(caged_hive: HiveProcess) -> None:
-    proc = caged_hive.exec("alice", "cat", "/proc/self/status")
+    proc = run(caged_hive, "alice", "cat", "/proc/self/status")
     status = dict(line.split(":", 1) for line in proc.stdout.splitlines())
     for cap in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(status[cap].strip(), 16) == 0, (cap, status[cap])
@@ -101,22 +110,29 @@ def test_no_capabilities_and_no_new_privs(caged_hive: HiveProcess) -> None:
 
 
 @pytest.mark.parametrize("name", ["alice", "carol"])
-def test_same_namespaces_as_the_harness(caged_hive: HiveProcess, name: str) -> None:
+def test_cage_namespaces_but_a_pid_namespace_of_its_own(caged_hive: HiveProcess, name: str) -> None:
     harness = caged_hive.harness_pid(name)
     host_view = {ns: os.readlink(f"/proc/{harness}/ns/{ns}") for ns in NAMESPACES}
     mine = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in NAMESPACES}
     assert all(host_view[ns] != mine[ns] for ns in NAMESPACES), "the harness shares a namespace with the host"
     script = "; ".join(f"readlink /proc/self/ns/{ns}" for ns in NAMESPACES)
-    proc = caged_hive.exec(name, "sh", "-c", script)
+    proc = run(caged_hive, name, "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
-    assert dict(zip(NAMESPACES, proc.stdout.split())) == host_view
-    # ... and it sees the harness in its pid namespace (but not as its own uid).
-    ps = caged_hive.exec(name, "ps", "-eo", "user=,args=").stdout.splitlines()
-    assert any(line.split()[0] == "harness" and line.endswith(" harness") for line in ps), ps
+    inside = dict(zip(NAMESPACES, proc.stdout.split()))
+    assert {ns: inside[ns] for ns in SHARED} == {ns: host_view[ns] for ns in SHARED}
+    assert inside["pid"] not in (host_view["pid"], mine["pid"])
+    assert inside["mnt"] not in (host_view["mnt"], mine["mnt"])  # a private copy of the cage's
+    # It sees only itself: not the harness, not the cage's init.
+    ps = run(caged_hive, name, "ps", "-eo", "pid=,user=,args=").stdout.splitlines()
+    assert [line.split()[:2] for line in ps][:1] == [["1", "agent"]], ps
+    assert not any("harness" in line.split()[2:] for line in ps), ps
+    # --as-agent (the red-team probes') is the cage's own pid namespace, and sees the harness.
+    proc = run(caged_hive, name, "sh", "-c", script, flags=("--as-agent",))
+    assert dict(zip(NAMESPACES, proc.stdout.split()))["pid"] == host_view["pid"]
 
 
 def test_runs_in_the_cages_cgroup(caged_hive: HiveProcess) -> None:
-    proc = caged_hive.exec("bob", "cat", "/proc/self/cgroup")
+    proc = run(caged_hive, "bob", "cat", "/proc/self/cgroup")
     lines = proc.stdout.splitlines()
     if is_v2():
         limited = [line for line in lines if line.startswith("0::")]
@@ -138,7 +154,8 @@ def test_environment_is_the_agents_not_the_callers(caged_hive: HiveProcess) -> N
     inside = dict(line.split("=", 1) for line in proc.stdout.splitlines())
     assert "HOST_ONLY_SECRET" not in inside
     assert inside["EXTRA"] == token
-    assert inside["HOME"] == "/home/agent"
+    assert inside["HOME"] == "/home/exec"
+    assert (inside["PYTHONNOUSERSITE"], inside["PYTHONSAFEPATH"]) == ("1", "1")
     assert inside["HIVE_AGENT"] == "alice"
     assert inside["HIVE_SOCKET"] == "/run/hive/agent.sock"
 
@@ -146,7 +163,7 @@ def test_environment_is_the_agents_not_the_callers(caged_hive: HiveProcess) -> N
 @pytest.mark.parametrize("user", ["nobody", "hive-core"])
 def test_only_root_may_exec(caged_hive: HiveProcess, user: str) -> None:
     marker = f"exec-marker-{secrets.token_hex(6)}"
-    proc = caged_hive.exec("alice", "touch", f"/home/agent/{marker}", user=user)
+    proc = run(caged_hive, "alice", "touch", f"/home/agent/{marker}", user=user)
     assert proc.returncode == 1
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
@@ -162,6 +179,64 @@ def test_only_root_may_exec(caged_hive: HiveProcess, user: str) -> None:
 ])
 def test_exec_into_what_is_not_a_cage_is_refused(caged_hive: HiveProcess, name: str, needle: str) -> None:
     with caged_hive.unchanged():
-        proc = caged_hive.exec(name, "true")
+        proc = run(caged_hive, name, "true")
     assert proc.returncode == 1
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def cli(h: HiveProcess, *args: str, **kw: Any) -> subprocess.CompletedProcess[Any]:
+    return subprocess.run([str(HIVE), "--run-dir", str(h.run_dir), "exec", *args],
+                          capture_output=True, timeout=60, check=False, **kw)
+
+
+def test_json_prints_the_exit_status_last_on_stderr(caged_hive: HiveProcess) -> None:
+    proc = cli(caged_hive, "--json", "bob", "--", "sh", "-c", "echo out; echo err >&2; exit 3", text=True)
+    assert proc.returncode == 3
+    assert proc.stdout == "out\n"
+    assert proc.stderr.splitlines() == ["err", '{"exit_status": 3}']
+    refused = cli(caged_hive, "--json", "dave", "--", "true", text=True)
+    assert refused.returncode == 1
+    assert json.loads(refused.stderr) == {"error": "cage dave is not running"}
+
+
+def test_trust_home_runs_in_the_agents_home(caged_hive: HiveProcess) -> None:
+    proc = cli(caged_hive, "--trust-home", "carol", "--", "sh", "-c",
+               'pwd; echo $HOME; echo "${PYTHONNOUSERSITE-unset}"', text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["/home/agent", "/home/agent", "unset"]
+
+
+def test_fresh_home_is_empty_private_and_gone_afterwards(caged_hive: HiveProcess) -> None:
+    marker = f"m-{secrets.token_hex(4)}"
+    first = run(caged_hive, "carol", "sh", "-c", f'ls -A "$HOME"; touch "$HOME/{marker}"; ls -A "$HOME"')
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.split() == [marker]  # empty before, then only ours
+    again = run(caged_hive, "carol", "sh", "-c", 'ls -A "$HOME"; ls -ld "$HOME" | cut -d" " -f1,3')
+    assert again.stdout.splitlines() == ["drwx------ agent"]  # a new one, empty again
+    assert not (caged_hive.home("carol") / marker).exists()
+    # ... and the agent's real home is still where it always is.
+    proc = run(caged_hive, "carol", "sh", "-c", "touch /home/agent/" + marker)
+    assert proc.returncode == 0 and (caged_hive.home("carol") / marker).exists()
+    (caged_hive.home("carol") / marker).unlink()
+
+
+def test_tty_is_a_pty_of_the_operators_size(caged_hive: HiveProcess) -> None:
+    env = dict(os.environ, COLUMNS="101", LINES="33")
+    script = "stty size; test -t 0 && test -t 1 && test -t 2 && echo all-tty; exit 5"
+    proc = cli(caged_hive, "--tty", "alice", "--", "sh", "-c", script, env=env, input=b"")
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.split(b"\r\n")[:2] == [b"33 101", b"all-tty"]
+
+
+def test_tty_passes_input_and_eof(caged_hive: HiveProcess) -> None:
+    proc = cli(caged_hive, "--tty", "alice", "--", "cat", input=b"hello there\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(b"hello there") == 2  # the pty's echo, then cat's copy
+
+
+def test_operator_that_stops_reading_ends_the_command(caged_hive: HiveProcess) -> None:
+    t0 = time.monotonic()
+    proc = subprocess.run(f"{HIVE} --run-dir {caged_hive.run_dir} exec bob -- yes | head -n 2",
+                          shell=True, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.stdout == "y\ny\n"
+    assert time.monotonic() - t0 < 30

@@ -1,41 +1,157 @@
 """``hive exec NAME -- CMD...``: run a command inside an agent's cage, as the agent.
 
-hive-priv does it (root only): it enters the cage's namespaces and cgroup and
-becomes the agent's uid with no capabilities and no_new_privs, so this is never
-a wider sandbox than the agent's own. Our stdin/stdout/stderr are passed to it
-as file descriptors, and its exit status becomes ours."""
+hive-priv does it (root only). Our stdin/stdout/stderr go to hive-priv, which keeps
+them and relays bytes: the command gets pipes, or a pty of hive-priv's when our
+stdin and stdout are a terminal (we then put ours in raw mode, and restore it).
+No descriptor of ours ever enters the cage. The command runs in a pid namespace of
+its own that nothing in the cage can see, with a fresh empty HOME and cwd / (the
+agent's dotfiles don't run) unless --trust-home; everything it started is killed
+when it ends. Its exit status becomes ours."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import shutil
+import sys
+import termios
+import tty as ttymod
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
 
 from hyperhive.client import priv_call
 
+EPILOG = """\b
+By default the command runs clean: env -i with the hive's base environment, HOME a
+fresh empty directory (/home/exec, private to this exec), cwd /, PYTHONNOUSERSITE=1
+and PYTHONSAFEPATH=1: nothing the agent planted in its home runs. --env may not set
+HOME, PYTHON{PATH,HOME,STARTUP,USERBASE,NOUSERSITE,SAFEPATH}, BASH_ENV, ENV or
+LD_{PRELOAD,LIBRARY_PATH,AUDIT} without --trust-home; any other value you pass is
+yours to judge (a PATH entry in /home/agent or /tmp runs the agent's code).
 
-@click.command("exec", context_settings={"ignore_unknown_options": True})
+\b
+Examples:
+  hive exec alice -- ls -la /home/agent
+  hive exec alice -- bash -i            # a clean interactive shell (a pty)
+  hive exec --trust-home alice -- make  # in the agent's home, its dotfiles too
+"""
+
+
+@click.command("exec", context_settings={"ignore_unknown_options": True}, epilog=EPILOG)
+@click.option(
+    "--env",
+    "env",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set in the command's environment (repeatable).",
+)
+@click.option(
+    "--tty/--no-tty",
+    "-t/-T",
+    "want_tty",
+    default=None,
+    help="A pty for the command (default: when stdin and stdout are a terminal).",
+)
+@click.option(
+    "--trust-home",
+    is_flag=True,
+    help="HOME and cwd = the agent's home: its .bashrc, .profile, .pth files, ... run.",
+)
+@click.option(
+    "--as-agent",
+    is_flag=True,
+    help="Run in the cage's own pid namespace, exactly like the agent's processes (implies "
+    "--trust-home): they can see it, trace it, read its environment and memory. "
+    "For tests and debugging; never with secrets.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print {"exit_status": N} (or {"error": ...}) as the last line on stderr.',
+)
 @click.argument("name")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
-@click.option("--env", "env", multiple=True, help="KEY=VALUE to set in the command's environment (repeatable).")
 @click.pass_context
-def exec_cmd(ctx: click.Context, name: str, argv: tuple[str, ...], env: tuple[str, ...]) -> None:
-    """Run ARGV in agent NAME's cage as the agent (root only); e.g. hive exec alice -- ls -la."""
+def exec_cmd(
+    ctx: click.Context,
+    name: str,
+    argv: tuple[str, ...],
+    env: tuple[str, ...],
+    want_tty: bool | None,
+    trust_home: bool,
+    as_agent: bool,
+    as_json: bool,
+) -> None:
+    """Run ARGV in agent NAME's cage as the agent (root only).
+
+    Same uid, cgroup, network and files as the agent, no capabilities, the cage's
+    seccomp filter; but a pid namespace of its own, so nothing the agent runs can
+    see it, read it or outlive it. Exits with ARGV's exit status."""
     priv_sock: Path = ctx.obj["run_dir"] / "priv.sock"
+
+    def fail(message: str) -> None:
+        if as_json:
+            click.echo(json.dumps({"error": message}), err=True)
+            sys.exit(1)
+        raise click.ClickException(message)
+
     environment = {}
     for item in env:
         key, sep, value = item.partition("=")
         if not sep:
-            raise click.ClickException(f"--env {item!r}: expected KEY=VALUE")
+            fail(f"--env {item!r}: expected KEY=VALUE")
         environment[key] = value
-    request = {"cmd": "exec", "name": name, "argv": list(argv), "env": environment}
+    if want_tty is None:
+        want_tty = os.isatty(0) and os.isatty(1)
+    request: dict[str, object] = {
+        "cmd": "exec",
+        "name": name,
+        "argv": list(argv),
+        "env": environment,
+    }
+    if want_tty:
+        size = shutil.get_terminal_size()
+        request["tty"] = {"rows": max(size.lines, 1), "cols": max(size.columns, 1)}
+    if trust_home:
+        request["trust_home"] = True
+    if as_agent:
+        request["as_agent"] = True
     try:
-        reply = priv_call(str(priv_sock), request, fds=[0, 1, 2], timeout=None)
+        with _raw(0 if want_tty else None):
+            reply = priv_call(str(priv_sock), request, fds=[0, 1, 2], timeout=None)
     except PermissionError:
-        raise click.ClickException(f"hive exec needs root (permission denied on {priv_sock})") from None
+        fail(f"hive exec needs root (permission denied on {priv_sock})")
     except (FileNotFoundError, ConnectionRefusedError):
-        raise click.ClickException(f"the hive is not running: can't connect to {priv_sock}") from None
+        fail(f"the hive is not running: can't connect to {priv_sock}")
+    except ConnectionError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        # Only without a pty (with one, ^C goes to the command). hive-priv keeps our
+        # descriptors and the command runs on until it ends: say so, in one line.
+        fail("interrupted; the command runs on in the cage until it ends")
     if not reply.get("ok"):
-        raise click.ClickException(str(reply.get("error")))
-    os._exit(int(reply["exit_status"]))
+        fail(str(reply.get("error")))
+    status = int(reply["exit_status"])
+    if as_json:
+        sys.stdout.flush()
+        click.echo(json.dumps({"exit_status": status}), err=True)
+    os._exit(status)
+
+
+@contextlib.contextmanager
+def _raw(fd: int | None) -> Iterator[None]:
+    """Our terminal in raw mode while the command has the pty (keys, ^C and ^D go to
+    it, its own line discipline echoes), restored whatever happens."""
+    if fd is None or not os.isatty(fd):
+        yield
+        return
+    saved = termios.tcgetattr(fd)
+    try:
+        ttymod.setraw(fd)
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSAFLUSH, saved)

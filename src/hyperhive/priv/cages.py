@@ -321,21 +321,50 @@ class Cages:
         self.ids.release(name)
         log.info("cage %s destroyed", name)
 
-    def exec_argv(self, name: str, argv: list[str], env: dict[str, str]) -> list[str]:
-        """nsenter into the cage's namespaces, then become the agent, with no way back."""
+    def exec_argv(
+        self, name: str, argv: list[str], env: dict[str, str], *,
+        tty: bool = False, trust_home: bool = False, as_agent: bool = False,
+    ) -> list[str]:
+        """The chain ``hive exec`` runs (hyperhive.cage.exec_ has the in-cage steps).
+
+        nsenter the cage's mount, uts, ipc and net namespaces and its root; then, unless
+        ``as_agent``, ``unshare`` a NEW pid namespace (a sibling of the cage's, not
+        inside it: nothing the agent runs can see, signal, trace or read any process
+        of this exec) with its own /proc, in a private copy of the mount namespace,
+        where a fresh empty HOME is mounted (unless ``trust_home``); then become the
+        agent for good (setpriv), a clean environment (env -i), and the exec's init,
+        which installs the cage's seccomp filter and runs argv."""
+        from hyperhive.cage import exec_  # here: this method is all of exec in this module
+
         ids = self.ids.get(name)
         info = self.info(name)
         cgroup = self.cgroup(name)
         if ids is None or info is None or info.get("child_pid") not in cgroup.pids():
             raise CageError(f"cage {name} is not running")
-        base_env = {**layout.base_env(name), **env}
-        return [
+        trust_home = trust_home or as_agent
+        clean = {} if trust_home else {
+            "HOME": exec_.EXEC_HOME, "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1",
+        }
+        base_env = {**layout.base_env(name), **clean, **env}
+        enter = [
             "nsenter", "--target", str(info["child_pid"]),
-            "--mount", "--uts", "--ipc", "--net", "--pid", "--root", f"--wdns={layout.HOME}",
+            "--mount", "--uts", "--ipc", "--net", "--root", "--wdns=/",
+        ]
+        if as_agent:
+            enter += ["--pid", "--"]
+        else:
+            enter += ["--", "/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
+                      "--propagation", "private", "--"]
+            if not trust_home:
+                enter += layout.python_argv("exec-home", "--uid", str(ids.uid), "--gid", str(ids.gid), "--")
+        return [
+            *enter,
             "/usr/bin/setpriv", "--reuid", str(ids.uid), "--regid", str(ids.gid), "--clear-groups",
             "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
             "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base_env.items()),
-            *layout.python_argv("exec", "--"), *argv,  # the cage's seccomp filter, then argv
+            *layout.python_argv(
+                "exec", *(["--tty"] if tty else []), "--cwd", layout.HOME if trust_home else "/", "--", *argv
+            ),
         ]
 
     def cgroup(self, name: str) -> Cgroup:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
-from hyperhive.priv import safefs
+from hyperhive.priv import exec_relay, safefs
 from hyperhive.priv.cages import CageError, Cages
 from hyperhive.wire import priv as w
 from hyperhive.wire.framing import ok
@@ -82,14 +81,22 @@ def status(cages: Cages, req: w.CageStatus, r: Request) -> dict[str, Any]:
 
 
 def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
-    """Run argv in the cage as the agent, on the caller's stdin/stdout/stderr."""
+    """Run argv in the cage as the agent; the caller's stdin/stdout/stderr stay here
+    and hive-priv relays bytes (exec_relay): none of them ever enters the cage."""
     try:
-        argv = cages.exec_argv(req.name, req.argv, req.env)
-        stdin, stdout, stderr = r.fds
+        if not (req.trust_home or req.as_agent):
+            bad = sorted(w.CLEAN_ENV_GUARDED & set(req.env))
+            if bad:
+                raise CageError(
+                    f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it"
+                )
+        argv = cages.exec_argv(
+            req.name, req.argv, req.env, tty=req.tty is not None, trust_home=req.trust_home,
+            as_agent=req.as_agent,
+        )
         cgroup = cages.cgroup(req.name)
-        proc = subprocess.Popen(
-            argv, stdin=stdin, stdout=stdout, stderr=stderr, close_fds=True,
-            start_new_session=True,  # no controlling tty: nothing can be pushed into the operator's terminal
+        code = exec_relay.run(
+            argv, r.fds, tty=(req.tty.rows, req.tty.cols) if req.tty else None,
             preexec_fn=cgroup.join,  # the agent's limits apply from the first instruction
         )
     finally:
@@ -97,8 +104,7 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
         # keep its pipe open, and whoever reads it would wait forever.
         for fd in r.fds:
             os.close(fd)
-    code = proc.wait()
-    return ok(exit_status=code if code >= 0 else 128 - code)
+    return ok(exit_status=code)
 
 
 def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> dict[str, Any]:

@@ -49,8 +49,27 @@ class CageStatus(Strict):
     names: list[AgentName] | None = Field(default=None, max_length=10_000)
 
 
+# Names an operator's --env may not set unless it trusts the agent's home: each
+# would make the clean default run (or look for) code the agent could have planted.
+# hive-priv's exec handler refuses them (after the caller check, so hive-core only
+# ever hears "permission denied").
+CLEAN_ENV_GUARDED = frozenset({
+    "HOME", "PYTHONNOUSERSITE", "PYTHONSAFEPATH", "PYTHONUSERBASE", "PYTHONPATH", "PYTHONHOME",
+    "PYTHONSTARTUP", "BASH_ENV", "ENV", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT",
+})
+
+
+class Tty(Strict):
+    """The operator's terminal size: hive-priv allocates a pty of this size."""
+
+    rows: int = Field(ge=1, le=10_000)
+    cols: int = Field(ge=1, le=10_000)
+
+
 class Exec(Strict):
-    """Run argv in the cage as the agent; stdin/stdout/stderr arrive as SCM_RIGHTS fds."""
+    """Run argv in the cage as the agent. stdin/stdout/stderr arrive as SCM_RIGHTS fds;
+    hive-priv keeps them and relays bytes (through pipes, or a pty of its own when
+    ``tty`` is set): no descriptor of the operator's enters a cage."""
 
     cmd: Literal["exec"]
     name: AgentName
@@ -58,6 +77,12 @@ class Exec(Strict):
     env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], Arg] = Field(
         default_factory=dict, max_length=256
     )
+    tty: Tty | None = None
+    # HOME and cwd = the agent's home (its dotfiles run); default: a fresh empty HOME, cwd /.
+    trust_home: bool = False
+    # In the cage's own pid namespace, like the agent's processes (implies trust_home):
+    # they can see it and read its memory; for probes that must act exactly as the agent.
+    as_agent: bool = False
 
 
 class ReloadGateway(Strict):

@@ -1,0 +1,218 @@
+"""``hive exec``'s byte relay: the operator's descriptors stay in hive-priv.
+
+The exec'd process gets pipes (stdin, stdout, stderr) or the slave of a pty that
+hive-priv allocated; hive-priv copies bytes between those and the operator's
+descriptors. So no descriptor of the operator's ever exists in a cage: nothing
+the agent runs, now or later, can read the operator's terminal, write to it,
+push input into it (TIOCSTI) or keep the operator's pipeline from seeing EOF.
+
+The relay ends with the process tree: once the exec's process is gone (and with
+it, its pid namespace), the outputs are drained to EOF. A copy of our pipe or pty
+that got out anyway (passed over a socket) can keep them open: then the drain
+stops after a short grace (DRAIN_IDLE without data, DRAIN_MAX in all) and our
+ends are closed, so such a copy only ever reaches a pipe nobody reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import struct
+import subprocess
+import termios
+import threading
+import time
+from collections.abc import Callable
+
+CHUNK = 65536
+DRAIN_IDLE = 0.5  # seconds without output, once the process has exited
+DRAIN_MAX = 10.0  # seconds of output at most, once the process has exited
+
+
+class _Done:
+    """Set when the exec'd process has exited; the wake pipe stops the stdin pump."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.at = 0.0
+        self.wake_r, self.wake_w = os.pipe()
+
+    def set(self) -> None:
+        self.at = time.monotonic()
+        self.event.set()
+        os.write(self.wake_w, b"x")
+
+    def close(self) -> None:
+        os.close(self.wake_r)
+        os.close(self.wake_w)
+
+
+class _Fd:
+    """One of our descriptors, closed exactly once (by a pump or at the end): a
+    second close could hit a number another thread has reused meanwhile."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lock = threading.Lock()
+        self._open = True
+
+    def close(self) -> None:
+        with self._lock:
+            if self._open:
+                self._open = False
+                _close(self.fd)
+
+
+def run(
+    argv: list[str],
+    fds: list[int],
+    *,
+    tty: tuple[int, int] | None,
+    preexec_fn: Callable[[], None],
+) -> int:
+    """Run argv with the relay between it and the operator's ``fds`` (stdin, stdout,
+    stderr; the caller closes them). Returns the exit status (128 + signal)."""
+    op_in, op_out, op_err = fds
+    done = _Done()
+    ours: list[_Fd] = []  # our ends, closed at the end whatever happens
+    try:
+        if tty is not None:
+            master, slave = os.openpty()
+            m = _Fd(master)
+            ours.append(m)
+            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", tty[0], tty[1], 0, 0))
+            child = (slave, slave, slave)
+            veof = termios.tcgetattr(slave)[6][termios.VEOF]
+            os.set_blocking(master, False)
+            plan = [
+                (_pump_in, op_in, m, veof if isinstance(veof, bytes) else b"\x04"),
+                (_pump_out, m, op_out, None),
+            ]
+        else:
+            in_r, in_w = os.pipe()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            w, o, e = _Fd(in_w), _Fd(out_r), _Fd(err_r)
+            ours += [w, o, e]
+            os.set_blocking(in_w, False)
+            child = (in_r, out_w, err_w)
+            plan = [
+                (_pump_in, op_in, w, None),
+                (_pump_out, o, op_out, None),
+                (_pump_out, e, op_err, None),
+            ]
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=child[0],
+                stdout=child[1],
+                stderr=child[2],
+                close_fds=True,
+                start_new_session=True,
+                preexec_fn=preexec_fn,  # noqa: PLW1509 (joins a cgroup: no locks)
+            )
+        finally:
+            for fd in set(child):
+                os.close(fd)  # only the exec's processes hold these now: EOF/EIO when they are gone
+        threads = [
+            threading.Thread(target=f, args=(*args, done, proc.kill), daemon=True)
+            for f, *args in plan
+        ]
+        for t in threads:
+            t.start()
+        code = proc.wait()
+        done.set()
+        for t in threads:
+            t.join()
+        return code if code >= 0 else 128 - code
+    finally:
+        for fd in ours:
+            fd.close()
+        done.close()
+
+
+def _pump_in(src: int, dst: _Fd, eof: bytes | None, done: _Done, kill: Callable[[], None]) -> None:
+    """Operator -> exec. Reads only what select says is there (never blocks on the
+    operator's terminal after the exec ended); EOF closes the pipe (or sends the
+    pty's EOF character)."""
+    try:
+        while not done.event.is_set():
+            ready, _, _ = select.select([src, done.wake_r], [], [])
+            if done.wake_r in ready:
+                return
+            try:
+                data = os.read(src, CHUNK)
+            except OSError:
+                data = b""
+            if not data:
+                if eof is not None:
+                    _write_all(dst.fd, eof, done)
+                return
+            if not _write_all(dst.fd, data, done):
+                return
+    finally:
+        if eof is None:
+            dst.close()  # the exec's stdin sees EOF
+
+
+def _write_all(dst: int, data: bytes, done: _Done) -> bool:
+    """Write to our own (non-blocking) end, giving up when the exec is over."""
+    view = memoryview(data)
+    while view:
+        _, ready, _ = select.select([done.wake_r], [dst], [])
+        if dst not in ready:
+            return False
+        try:
+            view = view[os.write(dst, view) :]
+        except BlockingIOError:
+            continue
+        except OSError:  # EPIPE: nobody reads any more; EIO: the pty is gone
+            return False
+    return True
+
+
+def _pump_out(src: _Fd, dst: int, _unused: None, done: _Done, kill: Callable[[], None]) -> None:
+    """Exec -> operator, until EOF (a pty master gives EIO when the last slave closes).
+    If the operator stops reading, the exec is killed (as ssh's remote side would
+    lose its session): nothing would ever read what it writes."""
+    while True:
+        ready, _, _ = select.select([src.fd], [], [], 0.1)
+        if not ready:
+            if done.event.is_set() and time.monotonic() - done.at > DRAIN_IDLE:
+                return
+            continue
+        try:
+            data = os.read(src.fd, CHUNK)
+        except BlockingIOError:
+            continue
+        except OSError as e:
+            if e.errno != errno.EIO:
+                raise
+            data = b""
+        if not data:
+            return
+        try:
+            _write_blocking(dst, data)
+        except OSError:
+            kill()
+            return
+        if done.event.is_set() and time.monotonic() - done.at > DRAIN_MAX:
+            return
+
+
+def _write_blocking(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:  # the operator's descriptor happened to be non-blocking
+            select.select([], [fd], [])
+
+
+def _close(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
