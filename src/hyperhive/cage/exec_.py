@@ -19,6 +19,7 @@ it is pid 1, so its exit also makes the kernel kill anything left.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import signal
@@ -30,6 +31,9 @@ from hyperhive.cage import layout
 EXEC_HOME = "/home/exec"
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 0x2, 0x4, 0x1000, 0x4000
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
+
+
+MNT_DETACH = 2
 
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
@@ -72,6 +76,14 @@ def _passwd_home(uid: int) -> None:
     fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "w") as f:
         f.writelines(lines)
+    # The cage's /etc/passwd is bwrap's copy of hive-priv's data, bound from a file
+    # bwrap has since unlinked: nothing can be mounted on a deleted file, so take it
+    # off first (in this exec's own mount namespace only) and bind over the mount
+    # point beneath it.
+    if ctypes.CDLL(None, use_errno=True).umount2(b"/etc/passwd", MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err != errno.EINVAL:  # EINVAL: not a mount point (a plain file): bind over it
+            raise OSError(err, f"umount /etc/passwd: {os.strerror(err)}")
     _mount(copy, "/etc/passwd", None, MS_BIND, None)
 
 
