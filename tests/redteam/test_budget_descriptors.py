@@ -32,7 +32,8 @@ NET = TestNet(SUBNET, prefix="hvbd")
 TUNNEL = NET.address(2)
 AGENTS: dict[str, dict[str, Any]] = {
     "rtdflood": {"runtime": "command", "command": ["true"]},
-    "rtdtunnel": {"runtime": "command", "command": ["true"], "egress": ["tunnel.test:80"]},
+    # The test server is in a test range (198.18/15): a name rule alone no longer opens it.
+    "rtdtunnel": {"runtime": "command", "command": ["true"], "egress": ["tunnel.test:80", f"{TUNNEL}:80"]},
     "rtdother": {"runtime": "command", "command": ["true"]},
 }
 SECTIONS = {"limits": {"agent_connections": AGENT_CONNS, "max_agents": MAX_AGENTS},
