@@ -24,9 +24,11 @@ import json
 import os
 import pwd
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hyperhive.priv import safefs
 
@@ -113,44 +115,34 @@ class HostRegistry:
         with safefs.opened(anchor):
             return safefs.ensure_dir(anchor, self.root.name, 0, 0, 0o700, trusted=True)
 
-    def claim(self, owner: str, wanted: int | None = None) -> int:
-        """A new block for ``owner`` (``state-dir:name``), or record ``wanted`` (a block a
-        hive already had) if no other owner holds it."""
+    @contextmanager
+    def _locked(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """The registry's directory and table, under its exclusive lock."""
         with safefs.opened(self._open_dir()) as d:
             lock = os.open("registry.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                            dir_fd=d)
             with safefs.opened(lock):
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 raw = safefs.read_file(d, "registry.json", limit=64 << 20)
-                table = json.loads(raw) if raw else {"next": BASE_UID, "owners": {}}
-                owners: dict[str, str] = table["owners"]
-                if wanted is not None:
-                    holder = owners.get(str(wanted))
-                    if holder not in (None, owner):
-                        raise IdsExhausted(f"uid {wanted} is allocated to {holder} on this host")
-                    base = wanted
-                else:
-                    used = {int(b) + i for b in owners for i in range(BLOCK)}
-                    base = self.host.free_block(max(int(table["next"]), BASE_UID), used)
-                owners[str(base)] = owner
-                table["next"] = max(int(table["next"]), base + BLOCK)
-                safefs.write_file(d, "registry.json", json.dumps(table, sort_keys=True).encode())
-                return base
+                yield d, json.loads(raw) if raw else {"next": BASE_UID, "owners": {}}
+
+    def claim(self, owner: str) -> int:
+        """A new block for ``owner`` (``state-dir:name``), above every block ever handed out."""
+        with self._locked() as (d, table):
+            owners: dict[str, str] = table["owners"]
+            used = {int(b) + i for b in owners for i in range(BLOCK)}
+            base = self.host.free_block(max(int(table["next"]), BASE_UID), used)
+            owners[str(base)] = owner
+            table["next"] = base + BLOCK
+            safefs.write_file(d, "registry.json", json.dumps(table, sort_keys=True).encode())
+            return base
 
     def release(self, base: int, owner: str) -> None:
         """Forget the owner; the high-water mark stays, so the block is never handed out again."""
-        with safefs.opened(self._open_dir()) as d:
-            lock = os.open("registry.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                           dir_fd=d)
-            with safefs.opened(lock):
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                raw = safefs.read_file(d, "registry.json", limit=64 << 20)
-                if not raw:
-                    return
-                table = json.loads(raw)
-                if table["owners"].get(str(base)) == owner:
-                    del table["owners"][str(base)]
-                    safefs.write_file(d, "registry.json", json.dumps(table, sort_keys=True).encode())
+        with self._locked() as (d, table):
+            if table["owners"].get(str(base)) == owner:
+                del table["owners"][str(base)]
+                safefs.write_file(d, "registry.json", json.dumps(table, sort_keys=True).encode())
 
 
 class IdAllocator:
