@@ -138,7 +138,10 @@ class Core:
 
     def start(self, timeout: float = 30.0) -> None:
         # The benchmarks measure the core at full speed: the per-agent rate limit is off.
-        lines = ["[limits]", "messages_per_second = 0", ""]
+        # max_agents: all of them; these agents open no tunnels, so a small egress cap keeps
+        # the core's descriptor budget within this machine's NOFILE.
+        lines = ["[limits]", "messages_per_second = 0", f"max_agents = {len(AGENTS)}", "",
+                 "[egress]", "max_connections = 4", ""]
         for name, peers in AGENTS.items():
             lines += [f"[agents.{name}]", 'command = ["true"]', f"peers = {json.dumps(peers)}", ""]
         self.config.write_text("\n".join(lines))
