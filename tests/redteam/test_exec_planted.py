@@ -230,3 +230,47 @@ def test_env_that_would_undo_the_clean_default_is_refused(rp: HiveProcess, var: 
     )
     assert marker.exists(), trusted.stderr  # with --trust-home the operator may
     marker.unlink()
+
+
+# -- servers the agent leaves in shared places ---------------------------------------------------
+
+# What the agent leaves where a client looks for its server: tmux's and screen's socket
+# directories, an ssh ControlMaster socket, a bare socket and a POSIX shm segment.
+SHARED_PLANTS = {
+    "tmux server socket": "/tmp/tmux-{uid}/default",
+    "screen socket": "/tmp/screens/S-agent/1.planted",
+    "ssh ControlMaster socket": "/tmp/ssh-master-agent@host:22",
+    "unix socket in /tmp": "/tmp/rx-planted.sock",
+    "POSIX shm segment": "/dev/shm/rx-planted",
+}
+
+PLANT_SOCKET = r"""
+import os, socket, sys
+path = sys.argv[1].format(uid=os.getuid())
+os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+if path.startswith("/dev/shm"):
+    open(path, "w").write("planted")
+else:
+    socket.socket(socket.AF_UNIX).bind(path)  # the socket file stays after we exit
+print(path)
+"""
+
+
+@pytest.mark.attack(
+    "exec.planted-code",
+    ref="issue 11 (second red team: the operator's tmux attached to the agent's server in the cage's /tmp)",
+)
+@pytest.mark.parametrize("what", sorted(SHARED_PLANTS))
+def test_servers_the_agent_left_in_tmp_are_not_the_operators(rp: HiveProcess, what: str) -> None:
+    """The clean exec has a /tmp and /dev/shm of its own: a client (tmux, screen, ssh)
+    looking for its server there finds none of the agent's. With --trust-home it
+    shares the agent's (so the plant is real)."""
+    planted = rp.exec(NAME, "python3", "-c", PLANT_SOCKET, SHARED_PLANTS[what])
+    assert planted.returncode == 0, planted.stderr
+    path = planted.stdout.strip()
+    try:
+        clean = rp.exec(NAME, "test", "-e", path, flags=())
+        trusted = rp.exec(NAME, "test", "-e", path, flags=("--trust-home",))
+        assert (clean.returncode, trusted.returncode) == (1, 0), (clean.stderr, trusted.stderr)
+    finally:
+        rp.exec(NAME, "rm", "-rf", path)

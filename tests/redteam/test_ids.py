@@ -15,6 +15,7 @@ import multiprocessing
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hive_fixture import HiveProcess, running_hive
@@ -163,3 +164,50 @@ import os
 result(uid=os.getuid())
 """)
     assert res["uid"] == a.cage("rtid0")["uid"] != b.cage("rtid0")["uid"]
+
+
+# -- a compromised core against hive-priv's own table (second red team) ---------------------------
+
+CORE_TABLE = pytest.mark.attack(
+    "privsep.core-misuse", ref="issue 11 re-attack: ids.json grown past hive-priv's read limit by prepare calls")
+
+
+def _allocator(tmp_path: Path) -> Any:
+    from hyperhive.priv.ids import IdAllocator
+
+    d = tmp_path / "priv"
+    d.mkdir(mode=0o700)
+    return IdAllocator(os.open(d, os.O_RDONLY | os.O_DIRECTORY), "h", registry(tmp_path))
+
+
+@CORE_TABLE
+def test_priv_bounds_the_agents_it_keeps_per_hive(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyperhive.priv import ids as ids_mod
+
+    monkeypatch.setattr(ids_mod, "MAX_AGENTS_PER_HIVE", 3)
+    alloc = _allocator(tmp_path)
+    for n in ("a", "b", "c"):
+        alloc.allocate(n)
+    with pytest.raises(IdsExhausted, match="hive-priv keeps at most 3 per hive"):
+        alloc.allocate("d")
+    assert sorted(alloc.all()) == ["a", "b", "c"]
+    alloc.release("a")
+    alloc.allocate("d")  # room again; and "a"'s block is not the one handed out
+    assert alloc.get("d") is not None
+
+
+@CORE_TABLE
+@pytest.mark.parametrize("content", [b"{" * 100, b"\xff\xfe", b'{"a": "x"}', b"[1, 2]"])
+def test_an_unreadable_table_is_one_line_not_a_traceback(tmp_path: Path, content: bytes) -> None:
+    alloc = _allocator(tmp_path)
+    (tmp_path / "priv" / "ids.json").write_bytes(content)
+    with pytest.raises(IdsExhausted, match="ids.json is unreadable"):
+        alloc.get("a")
+
+
+@CORE_TABLE
+def test_the_agent_bound_is_the_configs_ceiling() -> None:
+    from hyperhive.config import LimitsSection
+    from hyperhive.priv.ids import MAX_AGENTS_PER_HIVE
+
+    assert LimitsSection.model_fields["max_agents"].metadata[-1].le <= MAX_AGENTS_PER_HIVE

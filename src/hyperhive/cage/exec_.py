@@ -57,6 +57,12 @@ def home(args: list[str]) -> None:
     os.close(keep)
     os.mkdir(EXEC_HOME, 0o700)
     os.chown(EXEC_HOME, uid, gid)
+    # The cage's /tmp and /dev/shm are the agent's: a server it left there (a tmux or
+    # screen socket, an ssh ControlMaster, a pipe) would take the operator's session
+    # into the cage. The clean exec gets empty ones of its own.
+    for shared, size in (("/tmp", "256m"), ("/dev/shm", "64m")):
+        if os.path.isdir(shared):
+            _mount("tmpfs", shared, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,size={size}")
     _passwd_home(uid)
     os.execv(rest[0], rest)
 

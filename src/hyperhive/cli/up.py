@@ -22,6 +22,7 @@ import os
 import pwd
 import shutil
 import signal
+import stat
 import socket
 import subprocess
 import sys
@@ -264,9 +265,16 @@ def prepare_dirs(state_dir: Path, run_dir: Path) -> None:
 
 
 def read_token(state_dir: Path) -> str:
-    """The operator's token, which hive-core wrote: read without following a link."""
-    fd = os.open(state_dir / "operator.token", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    """The operator's token, which hive-core wrote. hive-core owns that name, so it is
+    opened without following a link and without blocking (a FIFO renamed over it would
+    hang us, locks held), and must be a regular file of hive-core's with one link (a
+    hard link to a root-only file would have us print that file)."""
+    path = state_dir / "operator.token"
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != pwd.getpwnam(CORE_USER).pw_uid:
+            raise RuntimeError(f"{path} is not a plain file of {CORE_USER}'s; not reading it")
         return f.read(256).strip()
 
 
@@ -566,7 +574,12 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
         print(f"hive: {failure}", file=sys.stderr, flush=True)
         await shutdown(False)
         return 1
-    token = read_token(state_dir)
+    try:
+        token = read_token(state_dir)
+    except (OSError, RuntimeError) as e:
+        print(f"hive: the operator's token: {e}", file=sys.stderr, flush=True)
+        await shutdown(False)
+        return 1
     host, port = parse_listen(listen)
     login = f"http://{host}:{port}/login?token={token}"
     print(f"hive: ready: log in at {login} (operator socket {run_dir / 'host.sock'})", flush=True)

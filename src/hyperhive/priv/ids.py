@@ -36,6 +36,8 @@ BASE_UID = 200_000
 BLOCK = 2
 LAST_UID = 2**31 - 2  # ids above 2^31 confuse too many tools
 HOST_REGISTRY = Path("/var/lib/hyperhive/ids")
+MAX_AGENTS_PER_HIVE = 10_000  # hive-priv's bound (the core's [limits] max_agents is at most this)
+TABLE_LIMIT = 16 << 20  # ids.json holds at most MAX_AGENTS_PER_HIVE short lines: far below this
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
 
@@ -156,8 +158,12 @@ class IdAllocator:
         self._lock = threading.Lock()
 
     def _load(self) -> dict[str, int]:
-        raw = safefs.read_file(self.priv_dir, "ids.json")
-        return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
+        raw = safefs.read_file(self.priv_dir, "ids.json", limit=TABLE_LIMIT)
+        try:
+            return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
+        except (ValueError, AttributeError) as e:
+            raise IdsExhausted(f"state/priv/ids.json is unreadable ({e}); hive-priv wrote it, so "
+                               "restore it from a backup") from None
 
     def _save(self, table: dict[str, int]) -> None:
         safefs.write_file(self.priv_dir, "ids.json", json.dumps(table, sort_keys=True).encode())
@@ -174,6 +180,11 @@ class IdAllocator:
         with self._lock:
             table = self._load()
             if name not in table:
+                # hive-priv's own bound, whatever the core asks: the table (read whole on
+                # every verb) stays small, and a core can't use up the host's id range fast.
+                if len(table) >= MAX_AGENTS_PER_HIVE:
+                    raise IdsExhausted(f"this hive has {len(table)} agents: hive-priv keeps at most "
+                                       f"{MAX_AGENTS_PER_HIVE} per hive")
                 table[name] = self.registry.claim(f"{self.hive}:{name}")
                 self._save(table)
             return self._ids(table[name])
