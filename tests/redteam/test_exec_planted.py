@@ -235,23 +235,20 @@ def test_env_that_would_undo_the_clean_default_is_refused(rp: HiveProcess, var: 
 # -- servers the agent leaves in shared places ---------------------------------------------------
 
 # What the agent leaves where a client looks for its server: tmux's and screen's socket
-# directories, an ssh ControlMaster socket, a bare socket and a POSIX shm segment.
+# directories, an ssh ControlMaster socket and a bare socket.
 SHARED_PLANTS = {
     "tmux server socket": "/tmp/tmux-{uid}/default",
     "screen socket": "/tmp/screens/S-agent/1.planted",
     "ssh ControlMaster socket": "/tmp/ssh-master-agent@host:22",
     "unix socket in /tmp": "/tmp/rx-planted.sock",
-    "POSIX shm segment": "/dev/shm/rx-planted",
+    # (the cage's /dev/shm is not the agent's to write: bwrap's /dev is root's)
 }
 
 PLANT_SOCKET = r"""
 import os, socket, sys
 path = sys.argv[1].format(uid=os.getuid())
 os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-if path.startswith("/dev/shm"):
-    open(path, "w").write("planted")
-else:
-    socket.socket(socket.AF_UNIX).bind(path)  # the socket file stays after we exit
+socket.socket(socket.AF_UNIX).bind(path)  # the socket file stays after we exit
 print(path)
 """
 
