@@ -242,6 +242,12 @@ def test_egress_log_is_bounded_per_agent(qh: HiveProcess, n: int) -> None:
     while logged() < KEEP and time.monotonic() < deadline:
         time.sleep(0.1)
     assert KEEP <= logged() <= 2 * KEEP, logged()
-    newest = json.dumps(h.host_call("egress_log", name=name, limit=1)["entries"][0])
-    assert f"nowhere{n - 1}.test" in newest
+    # The last decision is written when its connection closes, which may be just after
+    # the probe returned: wait for it rather than race it.
+    def newest() -> str:
+        return json.dumps(h.host_call("egress_log", name=name, limit=1)["entries"][0])
+
+    while f"nowhere{n - 1}.test" not in newest() and time.monotonic() < deadline + 10:
+        time.sleep(0.1)
+    assert f"nowhere{n - 1}.test" in newest()
     assert db_count(h, "SELECT COUNT(*) FROM egress_log WHERE agent != ?", name) == other_before
