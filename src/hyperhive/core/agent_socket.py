@@ -1,236 +1,184 @@
-"""``agent.sock``: one listener per agent. The listener *is* the identity: every
-handler gets the agent's name from the listener it was accepted on, and the
-request models have no field that could name anyone else."""
+"""``agent.sock``: one listener per agent. The listener *is* the identity: each
+connection's actor is ``Agent(<the listener's name>)``, and the request models have no
+field that could name anyone else.
+
+The verbs are a translation table: decode, call one ``Hive`` method with the actor,
+encode the reply. The hive's rules live in ``core/hive.py``.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pydantic import ValidationError
-
-from hyperhive.core import approvals
+from hyperhive.core.actors import Agent
 from hyperhive.core.budget import AGENT_SOCK_BACKLOG
-from hyperhive.core.hive import Hive, Lifecycle, Refused
-from hyperhive.core.jsonlines import STREAM_LIMIT, Reply, serve_lines
+from hyperhive.core.connlimit import ConnectionLimiter
+from hyperhive.core.hive import Hive, Lifecycle
+from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
+from hyperhive.core.refusals import Forbidden, Refused
 from hyperhive.paths import RunDir
 from hyperhive.peercred import peer_cred
+from hyperhive.unixsock import bind_listener
 from hyperhive.wire import agent as w
 from hyperhive.wire import harness as wh
-from hyperhive.wire.framing import (
-    describe_validation_error,
-    dump_line,
-    error,
-    model_fields_only,
-    ok,
-)
+from hyperhive.wire.common import Message
+from hyperhive.wire.framing import dump_line, error, model_fields_only, ok
 
 log = logging.getLogger("hive.core")
 _conn_ids = itertools.count(1)
 
 
-def _msg(m: Any) -> dict[str, Any]:
+def _msg(m: Message) -> dict[str, Any]:
     d = model_fields_only(m)
     d.pop("to", None)  # the recipient is the caller
     return d
 
 
 class AgentSession:
-    """One connection on one agent's socket."""
+    """One connection on one agent's socket: the hive, the actor, the connection id
+    (messages a connection holds unacked go back to the inbox when it ends)."""
 
-    def __init__(self, hive: Hive, name: str, is_harness: bool = False) -> None:
+    def __init__(self, hive: Hive, actor: Agent) -> None:
         self.hive = hive
-        self.name = name
-        self.is_harness = is_harness  # the kernel said so: peer uid = this agent's harness uid
+        self.actor = actor
         self.conn = next(_conn_ids)
 
     async def handle(self, obj: dict[str, Any]) -> Reply:
         cmd = obj.get("cmd")
-        harness_verb = isinstance(cmd, str) and cmd in wh.HARNESS_VERBS  # any JSON may come: {"cmd": []}
-        if harness_verb and not self.is_harness:
-            return error(f"{obj['cmd']!r} is for the agent's harness only")
+        harness_verb = isinstance(cmd, str) and cmd in wh.HARNESS_VERBS  # any JSON: {"cmd": []}
+        dispatcher = HARNESS if harness_verb else AGENT
         try:
-            req = (wh.harness_request if harness_verb else w.agent_request).validate_python(obj)
-        except ValidationError as e:
-            return error(describe_validation_error(e))
-        if not self.hive.exists(self.name):
-            return error(f"agent {self.name!r} no longer exists")
-        try:
-            return await HANDLERS[type(req)](self, req)
+            if harness_verb and not self.actor.harness:
+                raise Forbidden(f"{cmd!r} is for the agent's harness only")
+            req = dispatcher.decode(obj)
+            self.hive.require_self(self.actor)
+            return await dispatcher.call(self, req)
         except Refused as e:
             return error(str(e))
 
-    async def whoami(self, req: w.Whoami) -> Reply:
-        row = self.hive.require_agent(self.name)
-        return ok(name=self.name, **({"parent": row["parent"]} if row["parent"] else {}))
 
-    async def peers(self, req: w.Peers) -> Reply:
-        return ok(peers=self.hive.peers(self.name))
-
-    async def send(self, req: w.Send) -> Reply:
-        self.hive.check_may_address(self.name, req.to)
-        self.hive.take_rate(self.name)
-        msg = await self.hive.send(self.name, req.to, req.body)
-        return ok(id=msg.id)
-
-    async def recv(self, req: w.Recv) -> Reply:
-        msgs = await self.hive.recv(self.name, self.conn, req.wait, req.max)
-        return ok(messages=[_msg(m) for m in msgs])
-
-    async def ack(self, req: w.Ack) -> Reply:
-        try:
-            return ok(acked=self.hive.ack(self.name, req.ids))
-        except LookupError as e:
-            raise Refused(str(e)) from None
-
-    async def ask(self, req: w.Ask) -> Reply:
-        self.hive.check_may_address(self.name, req.to)
-        self.hive.take_rate(self.name)
-        return ok(id=self.hive.ask(self.name, req.to, req.question, req.options))
-
-    async def answer(self, req: w.Answer) -> Reply:
-        return ok(id=self.hive.answer(self.name, req.id, req.answer))
-
-    async def request_approval(self, req: w.RequestApproval) -> Reply:
-        self.hive.take_rate(self.name)
-        approval = approvals.request(self.hive, self.name, req.kind, req.description, req.payload)
-        return ok(id=approval.id, payload_sha256=approval.payload_sha256)
-
-    async def set_status(self, req: w.SetStatus) -> Reply:
-        at = self.hive.store.set_status_text(self.name, req.text)
-        self.hive.publish_status(self.name)
-        return ok(status_set_at=at)
-
-    async def remind(self, req: w.Remind) -> Reply:
-        now = time.time()
-        due = req.due_at(now)
-        if due > now + w.MAX_REMIND_SECONDS:
-            raise Refused("a reminder can be at most a year ahead")
-        self.hive.take_rate(self.name)
-        return ok(id=self.hive.remind(self.name, due, req.text), due_at=due)
-
-    async def loose_ends(self, req: w.LooseEnds) -> Reply:
-        store = self.hive.store
-        return ok(
-            questions=[model_fields_only(q) for q in store.open_questions(asker=self.name)],
-            approvals=[model_fields_only(a) for a in store.approvals(status="pending", agent=self.name)],
-            to_answer=[model_fields_only(q) for q in store.open_questions(target=self.name)],
-        )
+Verb = Callable[[AgentSession, Any], Awaitable[Reply]]
 
 
-    # -- harness verbs (the turn loop) --------------------------------------------
-
-    async def harness_config(self, req: wh.HarnessConfig) -> Reply:
-        row = self.hive.require_agent(self.name)
-        return ok(name=self.name, spec=self.hive.spec(self.name).model_dump(mode="json"),
-                  paused=bool(row["paused"]))
-
-    async def turn_next(self, req: wh.TurnNext) -> Reply:
-        msg = await self.hive.turn_next(self.name, self.conn, req.wait)
-        return ok(message=_msg(msg)) if msg is not None else ok()
-
-    async def turn_record(self, req: wh.TurnRecord) -> Reply:
-        entries = self.hive.store.add_transcript(
-            self.name, req.turn, [(e.kind, _bounded(e.data)) for e in req.entries]
-        )
-        self.hive.transcript_wakeups.notify(self.name)
-        if self.hive.bus.wants("transcript"):
-            self.hive.bus.publish("transcript", {"agent": self.name, "entries": entries})
-        return ok(recorded=len(entries))
-
-    async def turn_done(self, req: wh.TurnDone) -> Reply:
-        end = req.model_dump(exclude={"cmd", "turn"})
-        try:
-            entry = self.hive.store.finish_turn(self.name, req.turn, end)
-        except LookupError as e:
-            raise Refused(str(e)) from None
-        self.hive.ack_in_flight(self.name, req.turn)
-        self.hive.transcript_wakeups.notify(self.name)
-        if self.hive.bus.wants("transcript"):
-            self.hive.bus.publish("transcript", {"agent": self.name, "entries": [entry]})
-        return ok()
-
-    async def harness_state(self, req: wh.HarnessState) -> Reply:
-        self.hive.harness_state[self.name] = req.model_dump(exclude={"cmd"}, exclude_none=True)
-        self.hive.publish_status(self.name)
-        return ok()
-
-    async def control(self, req: wh.Control) -> Reply:
-        return ok(**await self.hive.control(self.name, req.wait))
-
-    async def transcript_read(self, req: wh.TranscriptRead) -> Reply:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + req.wait
-        while True:
-            entries = self.hive.store.transcript(self.name, req.after, req.limit)
-            if entries or loop.time() >= deadline:
-                return ok(entries=entries)
-            await self.hive.transcript_wakeups.wait(self.name, deadline - loop.time())
-
-    async def page_state(self, req: wh.PageState) -> Reply:
-        from hyperhive.wire.egress import EgressPayload, RuleError
-
-        row = self.hive.require_agent(self.name)
-        status = self.hive.status_row(row, self.hive.store.pending_reminders())
-        store = self.hive.store
-        approvals = []
-        for a in store.approvals(status="pending", agent=self.name):
-            shown = model_fields_only(a)
-            if a.kind == "egress":  # what approving adds, worked out by the hive (as the dashboard shows it)
-                try:
-                    shown["allows"] = EgressPayload.model_validate(a.payload).rule()
-                except (ValidationError, RuleError):
-                    pass
-            approvals.append(shown)
-        return ok(
-            agent=model_fields_only(status),
-            questions=[model_fields_only(q) for q in store.open_questions(asker=self.name, target="operator")],
-            approvals=approvals,
-            # This agent's own egress only: the listener is the identity, as for everything here.
-            egress_rules=store.egress_rules(self.name).get(self.name, []),
-            egress_log=store.egress_log(self.name, req.egress_limit),
-        )
+async def whoami(s: AgentSession, req: w.Whoami) -> Reply:
+    parent = s.hive.whoami(s.actor)
+    return ok(name=s.actor.name, **({"parent": parent} if parent else {}))
 
 
-def _bounded(data: Any) -> Any:
-    """Transcript entries are data the agent produced: cap what one entry may hold."""
-    if isinstance(data, str) and len(data) > wh.MAX_ENTRY_CHARS:
-        return data[: wh.MAX_ENTRY_CHARS] + f"… [{len(data) - wh.MAX_ENTRY_CHARS} more characters dropped]"
-    if not isinstance(data, str):
-        text = json.dumps(data, ensure_ascii=False)
-        if len(text) > wh.MAX_ENTRY_CHARS:
-            return text[: wh.MAX_ENTRY_CHARS] + f"… [{len(text) - wh.MAX_ENTRY_CHARS} more characters dropped]"
-    return data
+async def peers(s: AgentSession, req: w.Peers) -> Reply:
+    return ok(peers=s.hive.peers(s.actor))
 
 
-HANDLERS: dict[type, Callable[[AgentSession, Any], Awaitable[Reply]]] = {
-    wh.HarnessConfig: AgentSession.harness_config,
-    wh.TurnNext: AgentSession.turn_next,
-    wh.TurnRecord: AgentSession.turn_record,
-    wh.TurnDone: AgentSession.turn_done,
-    wh.HarnessState: AgentSession.harness_state,
-    wh.Control: AgentSession.control,
-    wh.TranscriptRead: AgentSession.transcript_read,
-    wh.PageState: AgentSession.page_state,
-    w.Whoami: AgentSession.whoami,
-    w.Peers: AgentSession.peers,
-    w.Send: AgentSession.send,
-    w.Recv: AgentSession.recv,
-    w.Ack: AgentSession.ack,
-    w.Ask: AgentSession.ask,
-    w.Answer: AgentSession.answer,
-    w.RequestApproval: AgentSession.request_approval,
-    w.SetStatus: AgentSession.set_status,
-    w.Remind: AgentSession.remind,
-    w.LooseEnds: AgentSession.loose_ends,
+async def send(s: AgentSession, req: w.Send) -> Reply:
+    msg = await s.hive.send(s.actor, req.to, req.body)
+    return ok(id=msg.id)
+
+
+async def recv(s: AgentSession, req: w.Recv) -> Reply:
+    msgs = await s.hive.recv(s.actor, s.conn, req.wait, req.max)
+    return ok(messages=[_msg(m) for m in msgs])
+
+
+async def ack(s: AgentSession, req: w.Ack) -> Reply:
+    return ok(acked=s.hive.ack(s.actor, req.ids))
+
+
+async def ask(s: AgentSession, req: w.Ask) -> Reply:
+    return ok(id=s.hive.ask(s.actor, req.to, req.question, req.options))
+
+
+async def answer(s: AgentSession, req: w.Answer) -> Reply:
+    return ok(id=s.hive.answer(s.actor, req.id, req.answer))
+
+
+async def request_approval(s: AgentSession, req: w.RequestApproval) -> Reply:
+    approval = s.hive.request_approval(s.actor, req.kind, req.description, req.payload)
+    return ok(id=approval.id, payload_sha256=approval.payload_sha256)
+
+
+async def set_status(s: AgentSession, req: w.SetStatus) -> Reply:
+    return ok(status_set_at=s.hive.set_status(s.actor, req.text))
+
+
+async def remind(s: AgentSession, req: w.Remind) -> Reply:
+    due = req.due_at(time.time())
+    return ok(id=s.hive.remind(s.actor, due, req.text), due_at=due)
+
+
+async def loose_ends(s: AgentSession, req: w.LooseEnds) -> Reply:
+    return ok(**s.hive.loose_ends(s.actor))
+
+
+# -- harness verbs (the turn loop): only on a connection from the harness uid -------
+
+
+async def harness_config(s: AgentSession, req: wh.HarnessConfig) -> Reply:
+    return ok(**s.hive.harness_config(s.actor))
+
+
+async def turn_next(s: AgentSession, req: wh.TurnNext) -> Reply:
+    msg = await s.hive.turn_next(s.actor, s.conn, req.wait)
+    return ok(message=_msg(msg)) if msg is not None else ok()
+
+
+async def turn_record(s: AgentSession, req: wh.TurnRecord) -> Reply:
+    entries = [(e.kind, e.data) for e in req.entries]
+    return ok(recorded=s.hive.turn_record(s.actor, req.turn, entries))
+
+
+async def turn_done(s: AgentSession, req: wh.TurnDone) -> Reply:
+    s.hive.turn_done(s.actor, req.turn, req.model_dump(exclude={"cmd", "turn"}))
+    return ok()
+
+
+async def harness_state(s: AgentSession, req: wh.HarnessState) -> Reply:
+    s.hive.harness_report(s.actor, req.model_dump(exclude={"cmd"}, exclude_none=True))
+    return ok()
+
+
+async def control(s: AgentSession, req: wh.Control) -> Reply:
+    return ok(**await s.hive.control(s.actor, req.wait))
+
+
+async def transcript_read(s: AgentSession, req: wh.TranscriptRead) -> Reply:
+    return ok(entries=await s.hive.transcript_read(s.actor, req.after, req.limit, req.wait))
+
+
+async def page_state(s: AgentSession, req: wh.PageState) -> Reply:
+    return ok(**s.hive.page_state(s.actor, req.egress_limit))
+
+
+AGENT_VERBS: dict[type, Verb] = {
+    w.Whoami: whoami,
+    w.Peers: peers,
+    w.Send: send,
+    w.Recv: recv,
+    w.Ack: ack,
+    w.Ask: ask,
+    w.Answer: answer,
+    w.RequestApproval: request_approval,
+    w.SetStatus: set_status,
+    w.Remind: remind,
+    w.LooseEnds: loose_ends,
 }
-assert set(HANDLERS) == set(w.AGENT_MODELS) | set(wh.HARNESS_MODELS)
+HARNESS_VERBS: dict[type, Verb] = {
+    wh.HarnessConfig: harness_config,
+    wh.TurnNext: turn_next,
+    wh.TurnRecord: turn_record,
+    wh.TurnDone: turn_done,
+    wh.HarnessState: harness_state,
+    wh.Control: control,
+    wh.TranscriptRead: transcript_read,
+    wh.PageState: page_state,
+}
+AGENT = Dispatcher[AgentSession](w.agent_request, AGENT_VERBS, frozenset(w.AGENT_MODELS))
+HARNESS = Dispatcher[AgentSession](wh.harness_request, HARNESS_VERBS, frozenset(wh.HARNESS_MODELS))
 
 
 class AgentSockets:
@@ -241,22 +189,25 @@ class AgentSockets:
     uid (root aside) is refused, and one from the harness uid marks the agent
     as running while it lasts."""
 
-    def __init__(self, run_dir: RunDir, manage_dirs: bool = True) -> None:
+    def __init__(self, run_dir: RunDir, connections_per_peer: int, manage_dirs: bool = True) -> None:
         self.run_dir = run_dir
+        self.connections_per_peer = connections_per_peer  # [limits] agent_connections
         self.manage_dirs = manage_dirs
-        self.hive: Hive | None = None
-        self.on_harness_change: Callable[[str], None] = lambda name: None
         self._servers: dict[str, asyncio.AbstractServer] = {}
         self._writers: dict[str, set[asyncio.StreamWriter]] = {}
+        self._hives: dict[str, Hive] = {}
         self._allowed: dict[str, frozenset[int]] = {}
         self._harness_uid: dict[str, int] = {}
         self._harness_conns: dict[str, int] = {}
 
+    @property
+    def socket_mode(self) -> int:
+        # Group-writable with cages: the directory's setgid group is the agent's.
+        return 0o660 if not self.manage_dirs else 0o600
+
     def set_uids(self, name: str, uid: int, harness_uid: int) -> None:
         self._allowed[name] = frozenset({0, uid, harness_uid})
         self._harness_uid[name] = harness_uid
-        if self.hive is not None:
-            self.hive.egress.set_uids(name, self._allowed[name])
 
     def serving(self, name: str) -> bool:
         return name in self._servers
@@ -264,57 +215,58 @@ class AgentSockets:
     def harness_connected(self, name: str) -> bool:
         return self._harness_conns.get(name, 0) > 0
 
-    async def start(self, name: str) -> None:
+    async def start(self, name: str, hive: Hive) -> None:
+        """Serve ``hive`` to agent ``name`` on its own socket (and its egress socket)."""
         if name in self._servers:
             return
-        assert self.hive is not None
-        hive = self.hive
         directory = self.run_dir.agent_dir(name)
         if self.manage_dirs:
             directory.mkdir(parents=True, exist_ok=True)
             os.chmod(directory, 0o755)
         path = self.run_dir.agent_sock(name)
-        path.unlink(missing_ok=True)  # a stale socket from a crashed core
         writers: set[asyncio.StreamWriter] = set()
+        limiter = ConnectionLimiter(str(path), self.connections_per_peer)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             cred = peer_cred(writer.get_extra_info("socket"))
             allowed = self._allowed.get(name)
             if allowed is not None and cred.uid not in allowed:
-                log.warning("agent %s: refused uid %d (pid %d) on its socket", name, cred.uid, cred.pid)
-                writer.write(dump_line(error(f"permission denied: uid {cred.uid} is not agent {name}")))
+                log.warning("agent %s: refused uid %d (pid %d) on its socket", name, cred.uid,
+                            cred.pid)
+                refusal = f"permission denied: uid {cred.uid} is not agent {name}"
+                writer.write(dump_line(error(refusal)))
                 writer.close()
                 return
             is_harness = cred.uid == self._harness_uid.get(name)
-            session = AgentSession(hive, name, is_harness)  # identity = this listener's name
+            session = AgentSession(hive, Agent(name, harness=is_harness))  # the listener's name
             writers.add(writer)
             if is_harness:
                 self._harness_conns[name] = self._harness_conns.get(name, 0) + 1
-                self.on_harness_change(name)
+                hive.harness_changed(name)
             try:
                 # A harness's long-polls end when it dies: it stops counting as running at once.
-                await serve_lines(reader, writer, session.handle, watch_hangup=is_harness,
-                                  max_per_peer=hive.config.limits.agent_connections)
+                await serve_lines(reader, writer, session.handle, limiter, watch_hangup=is_harness)
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)
                 if is_harness:
                     self._harness_conns[name] -= 1
-                    if name in self._servers:  # not once its socket is closed (stop, or the core stopping)
-                        self.on_harness_change(name)
+                    if name in self._servers:  # not once its socket is closed (stop, core stopping)
+                        hive.harness_changed(name)
 
-        # Group-writable only: with cages the directory's setgid group is the agent's.
-        old_umask = os.umask(0o117 if not self.manage_dirs else 0o177)
-        try:
-            # A small backlog: asyncio accepts up to that many per loop turn, which bounds the
-            # descriptors refused connections hold before they are closed (see budget).
-            server = await asyncio.start_unix_server(on_connect, path, limit=STREAM_LIMIT,
-                                                     backlog=AGENT_SOCK_BACKLOG)
-        finally:
-            os.umask(old_umask)
+        # A small backlog: asyncio accepts up to that many per loop turn, which bounds the
+        # descriptors refused connections hold before they are closed (see budget).
+        sock = bind_listener(path, None, self.socket_mode, backlog=AGENT_SOCK_BACKLOG)
+        server = await asyncio.start_unix_server(
+            on_connect, sock=sock, limit=STREAM_LIMIT, backlog=AGENT_SOCK_BACKLOG
+        )
         self._servers[name] = server
         self._writers[name] = writers
-        # Same directory, same mode: only the agent's own uids (and the gateway-less core) reach it.
+        self._hives[name] = hive
+        # Same directory, same mode: only the agent's own uids (and the gateway-less core).
+        allowed = self._allowed.get(name)
+        if allowed is not None:
+            hive.egress.set_uids(name, allowed)
         hive.egress.listen(name, self.run_dir.egress_sock(name), 0o117 if not self.manage_dirs else 0o177)
         log.info("agent %s: serving %s", name, path)
 
@@ -323,8 +275,9 @@ class AgentSockets:
         if server is None:
             return
         server.close()
-        if self.hive is not None:
-            self.hive.egress.close(name, self.run_dir.egress_sock(name))
+        hive = self._hives.pop(name, None)
+        if hive is not None:
+            hive.egress.close(name, self.run_dir.egress_sock(name))
         for writer in list(self._writers.pop(name, ())):
             writer.close()
         await server.wait_closed()
@@ -343,8 +296,8 @@ class SocketsOnly(Lifecycle):
     def __init__(self, sockets: AgentSockets) -> None:
         self.sockets = sockets
 
-    async def start(self, name: str) -> None:
-        await self.sockets.start(name)
+    async def start(self, name: str, hive: Hive) -> None:
+        await self.sockets.start(name, hive)
 
     async def stop(self, name: str, graceful: bool) -> None:
         await self.sockets.stop(name)

@@ -5,15 +5,18 @@ to the operator) is exactly what is applied, once; there is no update path."""
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
-from hyperhive.core.hive import Hive, Refused
+from hyperhive.core.refusals import BadRequest, Conflict, NotFound
 from hyperhive.core.store import ApplyError, Store, canonical_json
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import describe_validation_error, model_fields_only
+
+if TYPE_CHECKING:  # the service calls in here; the kinds only use what it passes them
+    from hyperhive.core.hive import Hive
 
 
 class ApprovalKind(Protocol):
@@ -47,12 +50,12 @@ class Spawn:
         try:
             return SpawnPayload.model_validate(payload)
         except ValidationError as e:
-            raise Refused(f"spawn payload: {describe_validation_error(e, tagged=False)}") from None
+            raise BadRequest(f"spawn payload: {describe_validation_error(e, tagged=False)}") from None
 
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         spawn = self._parse(payload)
         if hive.exists(spawn.name):
-            raise Refused(f"spawn payload: an agent named {spawn.name!r} already exists")
+            raise Conflict(f"spawn payload: an agent named {spawn.name!r} already exists")
         hive.check_agent_room()
 
     def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
@@ -76,9 +79,9 @@ class Egress:
         try:
             return EgressPayload.model_validate(payload).rule()
         except ValidationError as e:
-            raise Refused(f"egress payload: {describe_validation_error(e, tagged=False)}") from None
+            raise BadRequest(f"egress payload: {describe_validation_error(e, tagged=False)}") from None
         except RuleError as e:
-            raise Refused(f"egress payload: {e}") from None
+            raise BadRequest(f"egress payload: {e}") from None
 
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         self._rule(payload)
@@ -96,10 +99,31 @@ class Egress:
 KINDS: dict[str, ApprovalKind] = {"custom": Custom(), "spawn": Spawn(), "egress": Egress()}
 
 
+def allows(approval: Approval) -> str | None:
+    """What approving an ``egress`` approval adds: exactly the rule the hive will store."""
+    if approval.kind != "egress":
+        return None
+    try:
+        return EgressPayload.model_validate(approval.payload).rule()
+    except (ValidationError, RuleError):
+        return None  # refused at request time; never applied as anything else
+
+
+def shown(approval: Approval) -> dict[str, Any]:
+    """A pending approval as the operator's surfaces show it: for kind ``egress``,
+    ``allows`` is the rule approving would add, worked out by the hive from the
+    payload (not from the agent's description)."""
+    row = model_fields_only(approval)
+    rule = allows(approval)
+    if rule is not None:
+        row["allows"] = rule
+    return row
+
+
 def request(hive: Hive, requester: str, kind: str, description: str, payload: Any) -> Approval:
     handler = KINDS.get(kind)
     if handler is None:
-        raise Refused(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
+        raise BadRequest(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     handler.check(hive, requester, payload)
     hive.check_store_quota(requester, 1, len(kind.encode()) + len(description.encode())
                            + len(canonical_json(payload).encode()))
@@ -111,14 +135,11 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
 async def resolve(hive: Hive, aid: int, decision: str, note: str | None = None) -> Approval:
     existing = hive.store.approval(aid)
     if existing is None:
-        raise Refused(f"no approval {aid}")
+        raise NotFound(f"no approval {aid}")
     handler = KINDS[existing.kind]
     if existing.kind == "spawn" and decision == "approved" and existing.status == "pending":
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
-    try:
-        approval, msg = hive.store.resolve_approval(aid, decision, note, handler.apply)
-    except LookupError as e:
-        raise Refused(str(e)) from None
+    approval, msg = hive.store.resolve_approval(aid, decision, note, handler.apply)
     hive.delivered(msg)
     hive.bus.publish("approval", {"approval": model_fields_only(approval)})
     await handler.after(hive, approval)

@@ -12,7 +12,8 @@ from typing import Any
 
 from hyperhive.client import priv_call
 from hyperhive.core.agent_socket import AgentSockets
-from hyperhive.core.hive import Lifecycle, Refused
+from hyperhive.core.hive import Hive, Lifecycle
+from hyperhive.core.refusals import Conflict, Refused, Unavailable
 
 log = logging.getLogger("hive.core")
 START_GRACE = 10.0  # seconds a harness may take to connect before the agent counts as failed
@@ -31,19 +32,19 @@ class CageLifecycle(Lifecycle):
         try:
             reply = await asyncio.to_thread(priv_call, str(self.priv_sock), {"cmd": cmd, **fields})
         except (OSError, ValueError) as e:
-            raise Refused(f"hive-priv unavailable at {self.priv_sock}: {e}") from None
+            raise Unavailable(f"hive-priv unavailable at {self.priv_sock}: {e}") from None
         if not reply.get("ok"):
-            raise Refused(f"hive-priv: {reply.get('error')}")
+            raise Conflict(f"hive-priv: {reply.get('error')}")
         return reply
 
-    async def start(self, name: str) -> None:
+    async def start(self, name: str, hive: Hive) -> None:
         self._wanted[name] = time.monotonic()
         self._errors.pop(name, None)
         self._seen_harness.discard(name)
         try:
             ids = await self.priv("prepare", name=name)
             self.sockets.set_uids(name, ids["uid"], ids["harness_uid"])
-            await self.sockets.start(name)  # the socket exists before the harness looks for it
+            await self.sockets.start(name, hive)  # the socket exists before the harness looks for it
             await self.priv("start", name=name, disk_mib=self.disk_mib)
         except Refused as e:
             self._errors[name] = str(e)

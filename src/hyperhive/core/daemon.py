@@ -15,7 +15,8 @@ from hyperhive.config import HiveConfig
 from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
 from hyperhive.core.budget import Budget, plan, raise_nofile, task_limit
 from hyperhive.core.cages import CageLifecycle
-from hyperhive.core.hive import Hive, Lifecycle, Refused
+from hyperhive.core.events import EventBus
+from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.host_socket import serve_host_socket
 from hyperhive.core.http import create_app, serve_http
 from hyperhive.core.reminders import ReminderScheduler
@@ -61,13 +62,16 @@ async def run_core(opts: CoreOptions) -> None:
 
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
     store.sync_config_agents(opts.config.agents)
-    sockets = AgentSockets(opts.run_dir, manage_dirs=opts.priv_sock is None)
+    limits = opts.config.limits
+    sockets = AgentSockets(opts.run_dir, limits.agent_connections, manage_dirs=opts.priv_sock is None)
     lifecycle: Lifecycle = (
-        SocketsOnly(sockets) if opts.priv_sock is None else CageLifecycle(sockets, opts.priv_sock, opts.config.limits.disk_mib)
+        SocketsOnly(sockets)
+        if opts.priv_sock is None
+        else CageLifecycle(sockets, opts.priv_sock, limits.disk_mib)
     )
-    hive = Hive(store, opts.config, lifecycle)
-    sockets.hive = hive
-    sockets.on_harness_change = hive.publish_status
+    bus = EventBus()
+    hive = Hive(store, opts.config, lifecycle, bus)
+    scheduler = ReminderScheduler(hive, bus)
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
     sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"), store)
@@ -75,13 +79,8 @@ async def run_core(opts: CoreOptions) -> None:
     if len(store.agents()) > opts.config.limits.max_agents:  # spawned before the limit was lowered
         log.error("%d agents exist, more than [limits] max_agents = %d: no more spawns until some are"
                   " destroyed", len(store.agents()), opts.config.limits.max_agents)
-    for row in store.agents():
-        if not row["stopped"]:
-            try:
-                await lifecycle.start(row["name"])  # a cage that still runs is found again
-            except Refused as e:
-                log.error("agent %s did not start: %s", row["name"], e)
-    scheduler = asyncio.create_task(ReminderScheduler(hive).run())
+    await hive.resume_agents()
+    scheduling = asyncio.create_task(scheduler.run())
     checkpointer = asyncio.create_task(checkpoint_loop(store))
     pruner = asyncio.create_task(prune_loop(store))
 
@@ -95,7 +94,7 @@ async def run_core(opts: CoreOptions) -> None:
 
     await stop.wait()
     log.info("shutting down (cages keep running)")
-    scheduler.cancel()
+    scheduling.cancel()
     checkpointer.cancel()
     pruner.cancel()
     http_server.should_exit = True

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 SUBSCRIBER_QUEUE = 10_000
@@ -44,13 +45,22 @@ class Subscription:
         self.overflowed = False
 
 
+Listener = Callable[[dict[str, Any]], None]
+
+
 class EventBus:
-    """Fan-out of hive events to operator subscribers. A subscriber that can't
-    keep up is cut off (told so) rather than slowing the hive down."""
+    """Fan-out of hive events: to operator subscribers (a queue each; one that can't
+    keep up is cut off, told so, rather than slowing the hive down) and to in-process
+    listeners (called at once, in the loop: the reminder scheduler, say)."""
 
     def __init__(self) -> None:
         self._subs: set[Subscription] = set()
+        self._listeners: dict[str, list[Listener]] = defaultdict(list)
         self.version = 0  # bumped on every event, subscribed or not: caches key on it
+
+    def listen(self, kind: str, listener: Listener) -> None:
+        """Call ``listener(event)`` for every event of ``kind`` (for the process's life)."""
+        self._listeners[kind].append(listener)
 
     def subscribe(self, kinds: frozenset[str]) -> Subscription:
         sub = Subscription(kinds)
@@ -66,6 +76,8 @@ class EventBus:
     def publish(self, kind: str, data: dict[str, Any]) -> None:
         self.version += 1
         event = {"kind": kind, **data}
+        for listener in self._listeners.get(kind, ()):
+            listener(event)
         for sub in list(self._subs):
             if kind not in sub.kinds:
                 continue
@@ -74,5 +86,6 @@ class EventBus:
             except asyncio.QueueFull:
                 sub.overflowed = True
                 self._subs.discard(sub)
-                sub.queue._queue.clear()  # type: ignore[attr-defined]
+                while not sub.queue.empty():  # make room for the one "you fell behind"
+                    sub.queue.get_nowait()
                 sub.queue.put_nowait(None)

@@ -1,6 +1,11 @@
-"""The hive's behaviour, shared by both sockets: who may talk to whom, delivery,
-questions, approvals and agent lifecycle. Both socket modules are thin
-dispatchers over this; neither decides identity here (the caller passes it)."""
+"""The hive's rules, in one place: who may talk to whom, delivery, questions,
+approvals, budgets, egress and agent lifecycle.
+
+Every domain action is a method here that takes the actor it acts for (``Agent`` or
+``Operator``, from ``core/actors.py``); only the listener modules make actors. The
+socket and HTTP modules are translation tables over these methods: decode a request,
+call one method, encode the result. Nothing here reads an identity out of a request.
+"""
 
 from __future__ import annotations
 
@@ -14,16 +19,23 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hyperhive.config import HiveConfig
+from hyperhive.core import approvals
+from hyperhive.core.actors import Actor, Agent, Operator
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
-from hyperhive.core.events import EventBus, InboxWakeups
+from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
+from hyperhive.core.refusals import Busy, Conflict, Forbidden, NotFound, Refused
 from hyperhive.core.store import Store, StoreError
 from hyperhive.names import OPERATOR
-from hyperhive.wire.common import AgentSpec, AgentStatus, Message
+from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
 from hyperhive.wire.egress import Rule, parse_rules
+from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.framing import model_fields_only
+from hyperhive.wire.harness import MAX_ENTRY_CHARS
 
 log = logging.getLogger("hive.core")
+
+__all__ = ["Hive", "Lifecycle", "Refused"]
 
 
 @functools.lru_cache(maxsize=4096)
@@ -31,16 +43,15 @@ def _spec(text: str) -> AgentSpec:
     return AgentSpec.model_validate_json(text)
 
 
-class Refused(Exception):
-    """A request the hive refuses; ``str(self)`` is the one-line reason."""
-
-
 class Lifecycle:
     """What starting and stopping an agent means. hive-core serves the agent's
-    socket; the cage (through hive-priv) plugs in here."""
+    socket (for ``hive``: the service passes itself, the one its socket serves);
+    the cage (through hive-priv) plugs in here."""
 
-    async def start(self, name: str) -> None: ...
+    async def start(self, name: str, hive: Hive) -> None: ...
+
     async def stop(self, name: str, graceful: bool) -> None: ...
+
     async def destroy(self, name: str) -> None:
         await self.stop(name, graceful=False)
 
@@ -52,15 +63,14 @@ class Lifecycle:
 
 
 class Hive:
-    def __init__(self, store: Store, config: HiveConfig, lifecycle: Lifecycle) -> None:
+    def __init__(self, store: Store, config: HiveConfig, lifecycle: Lifecycle, bus: EventBus) -> None:
         self.store = store
         self.config = config
         self.lifecycle = lifecycle
+        self.bus = bus
         self.wakeups = InboxWakeups()
-        self.bus = EventBus()
         # message id -> connection id holding it unacked; released when that connection ends
         self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
-        self.on_reminder_added: Callable[[], None] = lambda: None
         self._send_batch: list[tuple[tuple[str, str, str, str], asyncio.Future[Message]]] = []
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
@@ -74,12 +84,14 @@ class Hive:
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
         self._egress_open: dict[int, int] = {}  # decision key -> log row, while its connection lasts
         self.egress = EgressProxy(
-            self.egress_rules_for, self.record_egress,
-            Resolver({k: str(v) for k, v in config.egress.hosts.items()}), config.egress.max_connections,
+            self.egress_rules_for,
+            self.record_egress,
+            Resolver({k: str(v) for k, v in config.egress.hosts.items()}),
+            config.egress.max_connections,
         )
         self.reload_egress()
 
-    # -- agents ------------------------------------------------------------------
+    # -- agents: existence, peers, status ------------------------------------------
 
     def exists(self, name: str) -> bool:
         return self.store.agent(name) is not None
@@ -87,28 +99,102 @@ class Hive:
     def require_agent(self, name: str) -> Any:
         row = self.store.agent(name)
         if row is None:
-            raise Refused(f"no agent named {name!r}")
+            raise NotFound(f"no agent named {name!r}")
+        return row
+
+    def require_self(self, actor: Agent) -> Any:
+        """The caller's own row; an agent destroyed while connected is refused everything."""
+        row = self.store.agent(actor.name)
+        if row is None:
+            raise NotFound(f"agent {actor.name!r} no longer exists")
         return row
 
     def spec(self, name: str) -> AgentSpec:
         return _spec(self.require_agent(name)["spec"])
 
-    def peers(self, name: str) -> list[str]:
-        """Agents ``name`` may message and ask: its declared peers, its parent and
-        its children (spawned helpers report back), that exist now."""
-        return sorted(r["name"] for r in self.store.agents() if self.may_address(name, r["name"]))
-
     def may_address(self, sender: str, target: str) -> bool:
+        """Its declared peers, its parent and its children (spawned helpers report back)."""
         me, them = self.store.agent(sender), self.store.agent(target)
         if me is None or them is None or sender == target:
             return False
-        return target in _spec(me["spec"]).peers or me["parent"] == target or them["parent"] == sender
+        return (
+            target in _spec(me["spec"]).peers
+            or me["parent"] == target
+            or them["parent"] == sender
+        )
 
-    def take_rate(self, name: str) -> None:
+    def peers(self, actor: Agent) -> list[str]:
+        """Agents the caller may message and ask, that exist now."""
+        return sorted(
+            r["name"] for r in self.store.agents() if self.may_address(actor.name, r["name"])
+        )
+
+    def whoami(self, actor: Agent) -> str | None:
+        """The caller's parent, if it was spawned."""
+        parent: str | None = self.require_agent(actor.name)["parent"]
+        return parent
+
+    def list_agents(self, actor: Operator) -> list[str]:
+        return [r["name"] for r in self.store.agents()]
+
+    def _take_rate(self, actor: Agent) -> None:
         try:
-            self.rates.take(name)
+            self.rates.take(actor.name)
         except RateLimited as e:
-            raise Refused(str(e)) from None
+            raise Busy(str(e)) from None
+
+    def _check_may_address(self, sender: str, target: str) -> None:
+        if target == OPERATOR:
+            return
+        if target == sender:
+            raise Conflict("an agent can't message itself")
+        if not self.may_address(sender, target):
+            if not self.exists(target):
+                raise NotFound(f"no agent named {target!r}")
+            raise Forbidden(f"{target!r} is not one of {sender}'s peers")
+
+    def status_row(self, row: Any, reminders: dict[str, int]) -> AgentStatus:
+        spec = _spec(row["spec"])
+        state = self.harness_state.get(row["name"], {})
+        return AgentStatus(
+            name=row["name"],
+            running=self.lifecycle.running(row["name"]),
+            failed=self.lifecycle.failed(row["name"]),
+            pending_reminders=reminders.get(row["name"], 0),
+            paused=bool(row["paused"]),
+            parent=row["parent"],
+            needs_login=bool(state.get("needs_login")),
+            active_model=state.get("active_model")
+            or (spec.model if spec.runtime == "claude" else None),
+            status_text=row["status_text"],
+            status_set_at=row["status_set_at"],
+            url=f"http://{self.config.hive.listen}/agent/{row['name']}/",
+        )
+
+    def statuses(self) -> list[dict[str, Any]]:
+        reminders = self.store.pending_reminders()
+        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents()]
+
+    def status_of(self, actor: Agent) -> AgentStatus:
+        return self.status_row(self.require_agent(actor.name), self.store.pending_reminders())
+
+    def publish_status(self, name: str) -> None:
+        row = self.store.agent(name)
+        if row is None:
+            self.bus.publish("agent_status", {"name": name, "destroyed": True})
+            return
+        reminders = self.store.pending_reminders()
+        status = model_fields_only(self.status_row(row, reminders))
+        self.bus.publish("agent_status", {"agent": status})
+
+    def harness_changed(self, name: str) -> None:
+        """The agent's harness connected or went away (its socket's listener says so)."""
+        self.publish_status(name)
+
+    def set_status(self, actor: Agent, text: str | None) -> float | None:
+        at: float | None = self.store.set_status_text(actor.name, text)
+        self.publish_status(actor.name)
+        return at
 
     # -- budgets ------------------------------------------------------------------
 
@@ -116,9 +202,11 @@ class Hive:
         """Refuse one more agent beyond ``[limits] max_agents`` (the core's budget)."""
         n, limit = len(self.store.agents()), self.config.limits.max_agents
         if n >= limit:
-            raise Refused(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
+            raise Busy(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
 
-    def check_store_quota(self, agent: str, rows: int, nbytes: int, to_operator: bool = False) -> None:
+    def check_store_quota(
+        self, agent: str, rows: int, nbytes: int, to_operator: bool = False
+    ) -> None:
         """Refuse, before anything is stored, what would take ``agent`` over its storage
         quota: ``rows`` more undelivered messages, open questions, pending approvals or
         reminders of ``nbytes`` bytes. A message to the operator may push out the agent's
@@ -132,57 +220,20 @@ class Hive:
         if to_operator:
             held_rows, held_bytes = held_rows - op_rows, held_bytes - op_bytes
         if held_rows + rows > limits.agent_pending_max:
-            raise Refused(
-                f"storage quota: agent {agent} holds {held_rows} undelivered messages, questions, approvals"
-                f" and reminders, limit {limits.agent_pending_max}")
+            raise Busy(
+                f"storage quota: agent {agent} holds {held_rows} undelivered messages,"
+                f" questions, approvals and reminders, limit {limits.agent_pending_max}"
+            )
         if held_bytes + nbytes > limits.agent_store_mib << 20:
-            raise Refused(
-                f"storage quota: agent {agent} holds {held_bytes / (1 << 20):.1f} MiB of undelivered messages,"
-                f" limit {limits.agent_store_mib} MiB")
+            raise Busy(
+                f"storage quota: agent {agent} holds {held_bytes / (1 << 20):.1f} MiB of"
+                f" undelivered messages, limit {limits.agent_store_mib} MiB"
+            )
 
     def store_quota(self) -> tuple[int, int]:
         return self.config.limits.agent_pending_max, self.config.limits.agent_store_mib << 20
 
-    def check_may_address(self, sender: str, target: str) -> None:
-        if target == OPERATOR:
-            return
-        if target == sender:
-            raise Refused("an agent can't message itself")
-        if not self.may_address(sender, target):
-            if not self.exists(target):
-                raise Refused(f"no agent named {target!r}")
-            raise Refused(f"{target!r} is not one of {sender}'s peers")
-
-    def status_row(self, row: Any, reminders: dict[str, int]) -> AgentStatus:
-        spec = _spec(row["spec"])
-        return AgentStatus(
-            name=row["name"],
-            running=self.lifecycle.running(row["name"]),
-            failed=self.lifecycle.failed(row["name"]),
-            pending_reminders=reminders.get(row["name"], 0),
-            paused=bool(row["paused"]),
-            parent=row["parent"],
-            needs_login=bool(self.harness_state.get(row["name"], {}).get("needs_login")),
-            active_model=self.harness_state.get(row["name"], {}).get("active_model")
-            or (spec.model if spec.runtime == "claude" else None),
-            status_text=row["status_text"],
-            status_set_at=row["status_set_at"],
-            url=f"http://{self.config.hive.listen}/agent/{row['name']}/",
-        )
-
-    def statuses(self) -> list[dict[str, Any]]:
-        reminders = self.store.pending_reminders()
-        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents()]
-
-    def publish_status(self, name: str) -> None:
-        row = self.store.agent(name)
-        if row is None:
-            self.bus.publish("agent_status", {"name": name, "destroyed": True})
-            return
-        reminders = self.store.pending_reminders()
-        self.bus.publish("agent_status", {"agent": model_fields_only(self.status_row(row, reminders))})
-
-    # -- delivery -----------------------------------------------------------------
+    # -- messages -----------------------------------------------------------------
 
     def delivered(self, msg: Message) -> None:
         """After a message is committed: wake its recipient and tell subscribers."""
@@ -192,7 +243,16 @@ class Hive:
         if self.bus.wants("message"):
             self.bus.publish("message", {"message": model_fields_only(msg)})
 
-    async def send(self, sender: str, to: str, body: str) -> Message:
+    async def send(self, actor: Actor, to: str, body: str) -> Message:
+        """An agent messages a peer (or the operator); the operator messages any agent."""
+        if isinstance(actor, Agent):
+            self._check_may_address(actor.name, to)
+            self._take_rate(actor)
+        else:
+            self.require_agent(to)
+        return await self._queue_send(actor.name, to, body)
+
+    async def _queue_send(self, sender: str, to: str, body: str) -> Message:
         """Queue a message for the next group commit; return once it is committed.
 
         Sends that arrive in the same turn of the event loop share one
@@ -222,93 +282,31 @@ class Hive:
                 if not fut.done():
                     fut.set_exception(e)
             return
-        for (_, fut), msg in zip(batch, msgs):
+        for (_, fut), msg in zip(batch, msgs, strict=True):
             self.delivered(msg)
             if not fut.done():
                 fut.set_result(msg)
 
-    async def recv(self, name: str, conn: int, wait: float, limit: int) -> list[Message]:
+    async def recv(self, actor: Agent, conn: int, wait: float, limit: int) -> list[Message]:
+        """Up to ``limit`` unacked messages not held by another connection, waiting up to
+        ``wait`` seconds for the first; they stay the caller's until acked or it hangs up."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            in_flight = self._in_flight[name]
-            msgs = self.store.unacked(name, limit, skip=set(in_flight))
+            in_flight = self._in_flight[actor.name]
+            msgs = self.store.unacked(actor.name, limit, skip=set(in_flight))
             if msgs or loop.time() >= deadline:
                 for m in msgs:
                     in_flight[m.id] = conn
                 return msgs
-            await self.wakeups.wait(name, deadline - loop.time())
+            await self.wakeups.wait(actor.name, deadline - loop.time())
 
-    async def turn_next(self, name: str, conn: int, wait: float) -> Message | None:
-        """The next message for a turn; while the agent is paused, none (messages
-        stay queued, unacked). Resuming wakes the waiting harness."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while True:
-            row = self.store.agent(name)
-            if row is None:
-                return None
-            if not row["paused"]:
-                msgs = await self.recv(name, conn, 0, 1)
-                if msgs:
-                    return msgs[0]
-            if loop.time() >= deadline:
-                return None
-            await self.wakeups.wait(name, deadline - loop.time())
-
-    def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> int:
-        """A question (to an agent, also delivered to its inbox: stored twice)."""
-        nbytes = len(question.encode()) + (0 if options is None else len(json.dumps(options).encode()))
-        copies = 1 if to == OPERATOR else 2
-        self.check_store_quota(asker, copies, copies * nbytes)
-        q, delivered = self.store.ask(asker, to, question, options)
-        self.bus.publish("question", {"question": model_fields_only(q)})
-        if delivered is not None:
-            self.delivered(delivered)
-        return q.id
-
-    def answer(self, target: str, qid: int, answer: str) -> int:
-        """``target`` answers question ``qid`` addressed to it; the answer is a message it holds."""
-        self.check_store_quota(target, 1, len(answer.encode()))
-        try:
-            q, msg = self.store.answer(qid, target, answer)
-        except LookupError as e:
-            raise Refused(str(e)) from None
-        self.delivered(msg)
-        self.bus.publish("answer", {"question": model_fields_only(q)})
-        return q.id
-
-    def remind(self, agent: str, due: float, text: str) -> int:
-        self.check_store_quota(agent, 1, len(text.encode()))
-        rid = self.store.add_reminder(agent, due, text)
-        self.on_reminder_added()
-        self.publish_status(agent)
-        return rid
-
-    def interrupt(self, name: str) -> None:
-        self.require_agent(name)
-        self._interrupts.add(name)
-        self.controls.notify(name)
-
-    async def control(self, name: str, wait: float) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
-        while name not in self._interrupts and loop.time() < deadline:
-            await self.controls.wait(name, deadline - loop.time())
-        if name in self._interrupts:
-            self._interrupts.discard(name)
-            return {"interrupt": True}
-        return {}
-
-    def ack(self, name: str, ids: list[int]) -> int:
-        n = self.store.ack(name, ids)
-        in_flight = self._in_flight[name]
+    def ack(self, actor: Agent, ids: list[int]) -> int:
+        n = self.store.ack(actor.name, ids)
+        in_flight = self._in_flight[actor.name]
         for i in ids:
             in_flight.pop(i, None)
         return n
-
-    def ack_in_flight(self, name: str, message_id: int) -> None:
-        self._in_flight[name].pop(message_id, None)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""
@@ -321,14 +319,184 @@ class Hive:
         if released:
             self.wakeups.notify(name)
 
-    def forget(self, name: str) -> None:
-        self._in_flight.pop(name, None)
-        self._interrupts.discard(name)
-        self.harness_state.pop(name, None)
-        self.rates.forget(name)
-        self.store._egress_since_prune.pop(name, None)
+    def inbox(self, actor: Operator, after: int, limit: int) -> list[Message]:
+        return self.store.inbox(OPERATOR, after, limit)
 
-    # -- egress -------------------------------------------------------------------
+    def recent_messages(self, actor: Operator, limit: int) -> list[Message]:
+        """The newest messages between anyone, oldest first (the dashboard's feed)."""
+        return self.store.recent_messages(limit)
+
+    # -- questions ------------------------------------------------------------------
+
+    def ask(self, actor: Agent, to: str, question: str, options: list[str] | None) -> int:
+        """A question (to an agent, also delivered to its inbox: stored twice)."""
+        self._check_may_address(actor.name, to)
+        self._take_rate(actor)
+        nbytes = len(question.encode()) + (
+            0 if options is None else len(json.dumps(options).encode())
+        )
+        copies = 1 if to == OPERATOR else 2
+        self.check_store_quota(actor.name, copies, copies * nbytes)
+        q, delivered = self.store.ask(actor.name, to, question, options)
+        self.bus.publish("question", {"question": model_fields_only(q)})
+        if delivered is not None:
+            self.delivered(delivered)
+        return q.id
+
+    def answer(self, actor: Actor, qid: int, answer: str) -> int:
+        """The caller answers question ``qid`` addressed to it: an agent only a peer's
+        question to it, the operator only a question to the operator. The answer is a
+        message to the asker."""
+        self.check_store_quota(actor.name, 1, len(answer.encode()))
+        q, msg = self.store.answer(qid, actor.name, answer)
+        self.delivered(msg)
+        self.bus.publish("answer", {"question": model_fields_only(q)})
+        return q.id
+
+    def questions_for(self, actor: Operator) -> list[Question]:
+        return self.store.open_questions(target=OPERATOR)
+
+    def loose_ends(self, actor: Agent) -> dict[str, list[dict[str, Any]]]:
+        """What the caller still waits on, and what still waits on it."""
+        store = self.store
+        return {
+            "questions": [model_fields_only(q) for q in store.open_questions(asker=actor.name)],
+            "approvals": [
+                model_fields_only(a) for a in store.approvals(status="pending", agent=actor.name)
+            ],
+            "to_answer": [model_fields_only(q) for q in store.open_questions(target=actor.name)],
+        }
+
+    # -- reminders ------------------------------------------------------------------
+
+    def remind(self, actor: Agent, due: float, text: str) -> int:
+        if due > time.time() + MAX_REMIND_SECONDS:
+            raise Conflict("a reminder can be at most a year ahead")
+        self._take_rate(actor)
+        self.check_store_quota(actor.name, 1, len(text.encode()))
+        rid = self.store.add_reminder(actor.name, due, text)
+        self.bus.publish("reminder_added", {"agent": actor.name, "due_at": due})
+        self.publish_status(actor.name)
+        return rid
+
+    def deliver_due_reminders(self, now: float) -> list[Message]:
+        """Every reminder due by ``now`` becomes a message (the scheduler calls this)."""
+        msgs = self.store.deliver_due_reminders(now)
+        for msg in msgs:
+            assert msg.to is not None
+            log.info("reminder %s delivered to %s", msg.ref, msg.to)
+            self.delivered(msg)
+            self.bus.publish(
+                "reminder", {"agent": msg.to, "reminder_id": msg.ref, "text": msg.body}
+            )
+            self.publish_status(msg.to)
+        return msgs
+
+    # -- approvals ------------------------------------------------------------------
+
+    def request_approval(
+        self, actor: Agent, kind: str, description: str, payload: Any
+    ) -> Approval:
+        self._take_rate(actor)
+        return approvals.request(self, actor.name, kind, description, payload)
+
+    async def resolve_approval(
+        self, actor: Operator, aid: int, decision: str, note: str | None = None
+    ) -> Approval:
+        return await approvals.resolve(self, aid, decision, note)
+
+    def pending_approvals(self, agent: str | None = None) -> list[Approval]:
+        return self.store.approvals(status="pending", agent=agent)
+
+    # -- the harness's turn loop ----------------------------------------------------
+
+    def harness_config(self, actor: Agent) -> dict[str, Any]:
+        row = self.require_agent(actor.name)
+        spec = self.spec(actor.name).model_dump(mode="json")
+        return {"name": actor.name, "spec": spec, "paused": bool(row["paused"])}
+
+    async def turn_next(self, actor: Agent, conn: int, wait: float) -> Message | None:
+        """The next message for a turn; while the agent is paused, none (messages
+        stay queued, unacked). Resuming wakes the waiting harness."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            row = self.store.agent(actor.name)
+            if row is None:
+                return None
+            if not row["paused"]:
+                msgs = await self.recv(actor, conn, 0, 1)
+                if msgs:
+                    return msgs[0]
+            if loop.time() >= deadline:
+                return None
+            await self.wakeups.wait(actor.name, deadline - loop.time())
+
+    def turn_record(self, actor: Agent, turn: int, entries: list[tuple[str, Any]]) -> int:
+        recorded = self.store.add_transcript(
+            actor.name, turn, [(kind, _bounded(data)) for kind, data in entries]
+        )
+        self._transcript_grew(actor.name, recorded)
+        return len(recorded)
+
+    def turn_done(self, actor: Agent, turn: int, end: dict[str, Any]) -> None:
+        entry = self.store.finish_turn(actor.name, turn, end)
+        self._in_flight[actor.name].pop(turn, None)
+        self._transcript_grew(actor.name, [entry])
+
+    def _transcript_grew(self, name: str, entries: list[dict[str, Any]]) -> None:
+        self.transcript_wakeups.notify(name)
+        if self.bus.wants("transcript"):
+            self.bus.publish("transcript", {"agent": name, "entries": entries})
+
+    def harness_report(self, actor: Agent, state: dict[str, Any]) -> None:
+        self.harness_state[actor.name] = state
+        self.publish_status(actor.name)
+
+    async def control(self, actor: Agent, wait: float) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while actor.name not in self._interrupts and loop.time() < deadline:
+            await self.controls.wait(actor.name, deadline - loop.time())
+        if actor.name in self._interrupts:
+            self._interrupts.discard(actor.name)
+            return {"interrupt": True}
+        return {}
+
+    async def transcript_read(
+        self, actor: Agent, after: int, limit: int, wait: float
+    ) -> list[dict[str, Any]]:
+        """The caller's own transcript (its page streams it), waiting for new entries."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            entries = self.store.transcript(actor.name, after, limit)
+            if entries or loop.time() >= deadline:
+                return entries
+            await self.transcript_wakeups.wait(actor.name, deadline - loop.time())
+
+    def transcript(self, actor: Operator, name: str, after: int, limit: int) -> list[dict[str, Any]]:
+        self.require_agent(name)
+        return self.store.transcript(name, after, limit)
+
+    def page_state(self, actor: Agent, egress_limit: int) -> dict[str, Any]:
+        """What the agent's own page shows: only the caller's own rows."""
+        status = self.status_of(actor)
+        store = self.store
+        return {
+            "agent": model_fields_only(status),
+            "questions": [
+                model_fields_only(q)
+                for q in store.open_questions(asker=actor.name, target=OPERATOR)
+            ],
+            "approvals": [
+                approvals.shown(a) for a in store.approvals(status="pending", agent=actor.name)
+            ],
+            "egress_rules": store.egress_rules(actor.name).get(actor.name, []),
+            "egress_log": store.egress_log(actor.name, egress_limit),
+        }
+
+    # -- egress ---------------------------------------------------------------------
 
     def egress_rules_for(self, name: str) -> tuple[Rule, ...]:
         return self._egress_rules.get(name, ())
@@ -345,13 +513,17 @@ class Hive:
 
     def record_egress(self, d: Decision) -> None:
         """Every decision of the proxy, in the log (and to subscribers); called in the loop."""
-        row = {"agent": d.agent, "at": d.at, "host": d.host, "port": d.port, "address": d.address,
-               "allowed": d.allowed, "reason": d.reason, "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
-               "closed_at": time.time() if d.closed else None}
+        row = {
+            "agent": d.agent, "at": d.at, "host": d.host, "port": d.port,
+            "address": d.address, "allowed": d.allowed, "reason": d.reason,
+            "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
+            "closed_at": time.time() if d.closed else None,
+        }  # fmt: skip
         try:
             rowid = self._egress_open.pop(d.key, None)
             if rowid is not None:
-                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, row["closed_at"] or time.time())
+                closed_at = row["closed_at"] or time.time()
+                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, closed_at)
             else:
                 rowid = self.store.log_egress(row)
                 if not d.closed:
@@ -359,62 +531,136 @@ class Hive:
         except StoreError as e:
             log.error("egress %s: decision not logged (%s): %s", d.agent, e, row)
             return
-        log.info("egress %s: %s %s:%s (%s)%s", d.agent, "allowed" if d.allowed else "refused", d.host, d.port,
-                 d.reason, f" up {d.bytes_up} B down {d.bytes_down} B" if d.closed and d.allowed else "")
+        log.info(
+            "egress %s: %s %s:%s (%s)%s", d.agent, "allowed" if d.allowed else "refused",
+            d.host, d.port, d.reason,
+            f" up {d.bytes_up} B down {d.bytes_down} B" if d.closed and d.allowed else "",
+        )  # fmt: skip
         self.bus.publish("egress", {"agent": d.agent, "entry": {"id": rowid, **row}})
 
-    def allow_egress(self, name: str, rule: str, source: str) -> bool:
+    def egress_rules(
+        self, actor: Operator, name: str | None
+    ) -> dict[str, list[dict[str, Any]]]:
+        if name is not None:
+            self.require_agent(name)
+        return self.store.egress_rules(name)
+
+    def allow_egress(self, actor: Operator, name: str, rule: str) -> bool:
+        """Add ``rule`` to ``name``'s allowlist (source ``operator``), live at once."""
         self.require_agent(name)
-        added = self.store.add_egress_rule(name, rule, source)
+        added = self.store.add_egress_rule(name, rule, "operator")
         self.reload_egress(name)
         return added
 
-    def remove_egress(self, name: str, rule: str) -> bool:
+    def remove_egress(self, actor: Operator, name: str, rule: str) -> None:
         self.require_agent(name)
         removed = self.store.remove_egress_rule(name, rule)
         self.reload_egress(name)
-        return removed
+        if not removed:
+            raise NotFound(f"{name} has no egress rule {rule!r}")
 
-    # -- lifecycle ----------------------------------------------------------------
+    def egress_log(self, actor: Operator, name: str | None, limit: int) -> list[dict[str, Any]]:
+        if name is not None:
+            self.require_agent(name)
+        return self.store.egress_log(name, limit)
 
-    async def start(self, name: str) -> None:
+    def events(self, actor: Operator, kinds: frozenset[str]) -> Subscription:
+        """A subscription to the hive's events; the caller unsubscribes."""
+        return self.bus.subscribe(kinds)
+
+    # -- lifecycle (the operator's) -----------------------------------------------
+
+    async def start_all(self, actor: Operator, names: list[str]) -> list[str]:
+        return await self._run_all(self._start, names)
+
+    async def stop_all(self, actor: Operator, names: list[str], graceful: bool) -> list[str]:
+        async def stop_one(name: str) -> None:
+            await self._stop(name, graceful)
+
+        return await self._run_all(stop_one, names)
+
+    async def restart(self, actor: Operator, name: str) -> None:
+        await self._stop(name, graceful=True)
+        await self._start(name)
+
+    def set_paused(self, actor: Operator, name: str, paused: bool) -> None:
         self.require_agent(name)
-        self.store.set_agent_flag(name, "stopped", False)
-        await self.lifecycle.start(name)
+        self.store.set_agent_flag(name, "paused", paused)
+        self.wakeups.notify(name)  # a harness waiting for its next turn looks again
         self.publish_status(name)
 
-    async def stop(self, name: str, graceful: bool) -> None:
+    def interrupt(self, actor: Operator, name: str) -> None:
+        self.require_agent(name)
+        self._interrupts.add(name)
+        self.controls.notify(name)
+
+    async def spawn(self, actor: Operator, name: str, spec: AgentSpec) -> None:
+        if self.exists(name):
+            raise Conflict(f"an agent named {name!r} already exists")
+        self.check_agent_room()
+        self.store.create_agent(name, spec, None, "operator")
+        await self.after_create(name)
+
+    async def destroy(self, actor: Operator, name: str) -> None:
+        self.require_agent(name)
+        await self.lifecycle.destroy(name)
+        self.store.delete_agent(name)
+        self._forget(name)
+        self.reload_egress(name)
+        log.info("agent %s destroyed", name)
+        self.publish_status(name)
+
+    async def resume_agents(self) -> None:
+        """At start-up: every agent not stopped by the operator runs again (a cage that
+        still runs is found again); one that can't start is logged, not fatal."""
+        for row in self.store.agents():
+            if not row["stopped"]:
+                try:
+                    await self.lifecycle.start(row["name"], self)
+                except Refused as e:
+                    log.error("agent %s did not start: %s", row["name"], e)
+
+    async def after_create(self, name: str) -> None:
+        log.info("agent %s created", name)
+        self.reload_egress(name)  # the spec's rules
+        await self.lifecycle.start(name, self)
+        self.publish_status(name)
+
+    async def _start(self, name: str) -> None:
+        self.require_agent(name)
+        self.store.set_agent_flag(name, "stopped", False)
+        await self.lifecycle.start(name, self)
+        self.publish_status(name)
+
+    async def _stop(self, name: str, graceful: bool) -> None:
         self.require_agent(name)
         self.store.set_agent_flag(name, "stopped", True)
         await self.lifecycle.stop(name, graceful)
         self.publish_status(name)
 
-    async def create(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
-        if self.exists(name):
-            raise Refused(f"an agent named {name!r} already exists")
-        self.check_agent_room()
-        self.store.create_agent(name, spec, parent, origin)
-        await self.after_create(name)
+    def _forget(self, name: str) -> None:
+        self._in_flight.pop(name, None)
+        self._interrupts.discard(name)
+        self.harness_state.pop(name, None)
+        self.rates.forget(name)
+        self.store._egress_since_prune.pop(name, None)
 
-    async def after_create(self, name: str) -> None:
-        log.info("agent %s created", name)
-        self.reload_egress(name)  # the spec's rules
-        await self.lifecycle.start(name)
-        self.publish_status(name)
-
-    async def destroy(self, name: str) -> None:
-        self.require_agent(name)
-        await self.lifecycle.destroy(name)
-        self.store.delete_agent(name)
-        self.forget(name)
-        self.reload_egress(name)
-        log.info("agent %s destroyed", name)
-        self.publish_status(name)
-
-    async def run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
+    async def _run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
         targets = names or [r["name"] for r in self.store.agents()]
         for n in targets:
             self.require_agent(n)  # refuse the whole request before changing anything
         for n in targets:
             await fn(n)
         return targets
+
+
+def _bounded(data: Any) -> Any:
+    """Transcript entries are data the agent produced: cap what one entry may hold."""
+    if isinstance(data, str) and len(data) > MAX_ENTRY_CHARS:
+        return data[:MAX_ENTRY_CHARS] + f"… [{len(data) - MAX_ENTRY_CHARS} more characters dropped]"
+    if not isinstance(data, str):
+        text = json.dumps(data, ensure_ascii=False)
+        if len(text) > MAX_ENTRY_CHARS:
+            dropped = len(text) - MAX_ENTRY_CHARS
+            return text[:MAX_ENTRY_CHARS] + f"… [{dropped} more characters dropped]"
+    return data

@@ -28,11 +28,13 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hyperhive.core.actors import OPERATOR
+from hyperhive.core.approvals import shown
 from hyperhive.core.hive import Hive
-from hyperhive.core.host_socket import OperatorSession
+from hyperhive.core.host_socket import HOST, OperatorSession
+from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
-from hyperhive.names import OPERATOR
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE, EgressPayload, RuleError
@@ -81,24 +83,6 @@ class StateModel(BaseModel):
     messages: list[dict[str, Any]]
     egress_rules: dict[str, list[EgressRuleRow]]
     egress_log: list[EgressEntry]
-
-
-def egress_allows(approval: Approval) -> str | None:
-    """What approving an ``egress`` approval adds: exactly the rule the hive will store."""
-    if approval.kind != "egress":
-        return None
-    try:
-        return EgressPayload.model_validate(approval.payload).rule()
-    except (ValidationError, RuleError):
-        return None  # refused at request time; never applied as anything else
-
-
-def approval_row(approval: Approval) -> dict[str, Any]:
-    row = model_fields_only(approval)
-    allows = egress_allows(approval)
-    if allows is not None:
-        row["allows"] = allows
-    return row
 
 
 def clock(at: float | None) -> str:
@@ -213,13 +197,16 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     async def openapi(session: Annotated[Session, Depends(require_session)]) -> Response:
         return JSONResponse(app.openapi())
 
+    session_actor = OperatorSession(hive, OPERATOR)  # a web session is the operator
+
     async def operator(obj: dict[str, Any]) -> dict[str, Any]:
-        reply = await OperatorSession(hive).handle(obj)
+        """The host.sock verb ``obj``, through host.sock's own table: one code path, one
+        set of refusals; a refusal's class gives the HTTP status."""
+        try:
+            reply = await HOST.call(session_actor, HOST.decode(obj))
+        except Refused as e:
+            raise HTTPException(e.status, str(e)) from None
         assert isinstance(reply, dict)
-        if not reply.get("ok"):
-            error = str(reply.get("error"))
-            bad_input = error.startswith(("field ", "missing field ", "unknown field "))
-            raise HTTPException(404 if error.startswith("no ") else 422 if bad_input else 409, error)
         return reply
 
     def done(request: Request, reply: dict[str, Any]) -> Response:
@@ -274,16 +261,15 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return templates.TemplateResponse(request, "dashboard.html", {"csrf_token": session.csrf, **state()})
 
     def state() -> dict[str, Any]:
-        store = hive.store
         return {
             "agents": hive.statuses(),
-            "approvals": [approval_row(a) for a in store.approvals(status="pending")],
-            "questions": [model_fields_only(q) for q in store.open_questions(target=OPERATOR)],
-            "messages": [model_fields_only(m) for m in store.recent_messages(50)],
+            "approvals": [shown(a) for a in hive.pending_approvals()],
+            "questions": [model_fields_only(q) for q in hive.questions_for(OPERATOR)],
+            "messages": [model_fields_only(m) for m in hive.recent_messages(OPERATOR, 50)],
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
-            "egress_rules": store.egress_rules(),
-            "egress_log": store.egress_log(None, EGRESS_LOG_SHOWN),
+            "egress_rules": hive.egress_rules(OPERATOR, None),
+            "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN),
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}
@@ -301,8 +287,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     @app.get("/api/dashboard/stream", include_in_schema=False)
     async def stream(session: Annotated[Session, Depends(require_session)]) -> Response:
         async def events() -> AsyncIterator[bytes]:
-            sub = hive.bus.subscribe(frozenset({"message", "question", "answer", "approval", "agent_status",
-                                                "reminder", "egress"}))
+            kinds = frozenset(
+                {"message", "question", "answer", "approval", "agent_status", "reminder", "egress"}
+            )
+            sub = hive.events(OPERATOR, kinds)
             try:
                 yield b": connected\n\n"
                 while True:

@@ -1,16 +1,16 @@
-"""The JSON-lines connection loop shared by every hive-core socket.
+"""The JSON-lines connection loop and dispatch shared by every hive-core socket.
 
-A handler gets one decoded request object and returns either a response dict
-or an async iterator of dicts (a stream, which ends the connection when done).
-Whatever goes wrong with one request becomes a one-line ``ok:false`` reply; the
-connection stays usable, except after an oversized line (we can't resync).
+A socket module is a translation table: request model -> handler. ``Dispatcher``
+decodes a request object into one of those models, calls the handler, and turns a
+refusal into the one-line ``ok:false`` reply; ``serve_lines`` runs a connection,
+line by line. A handler returns either a response dict or an async iterator of dicts
+(a stream, which ends the connection when done). Whatever goes wrong with one request
+becomes a one-line reply; the connection stays usable, except after an oversized line
+(we can't resync).
 
-Each peer uid (root aside) may hold at most ``MAX_CONNECTIONS_PER_PEER``
-connections at once on one listening socket (agent.sock passes the hive's budgeted
-``[limits] agent_connections`` instead); one more gets a one-line refusal and is closed. Without that bound an agent holding thousands of idle
-connections to its own ``agent.sock`` used up the core's file descriptors (and,
-with a partial line on each, its memory), and with them every other agent's and
-the operator's connections.
+Each listener passes its own ``ConnectionLimiter``: one peer uid (root aside) may hold
+at most its cap of connections on it at once; one more gets a one-line refusal and is
+closed.
 """
 
 from __future__ import annotations
@@ -18,62 +18,79 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from hyperhive.core.connlimit import MAX_CONNECTIONS_PER_PEER, ConnectionLimiter
+from hyperhive.core.refusals import BadRequest, Refused
 from hyperhive.core.store import StoreError
 from hyperhive.peercred import peer_cred
-from hyperhive.wire.framing import MAX_LINE, WireError, dump_line, error, parse_line
+from hyperhive.wire.framing import (
+    MAX_LINE,
+    WireError,
+    describe_validation_error,
+    dump_line,
+    error,
+    parse_line,
+)
 
 log = logging.getLogger("hive.core")
 
 Reply = dict[str, Any] | AsyncIterator[dict[str, Any]]
 Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
+S = TypeVar("S")  # what a handler serves: a connection's session
 
 STREAM_LIMIT = MAX_LINE  # asyncio's readline limit: bytes before the newline
-MAX_CONNECTIONS_PER_PEER = 32  # open at once, per listening socket and peer uid (root is not counted)
-_REFUSAL_LOG_EVERY = 10.0  # seconds: at most one warning per socket and uid in this long
-
-_open: dict[tuple[str, int], int] = {}  # (socket path, peer uid) -> connections open now
-_last_refusal_log: dict[tuple[str, int], float] = {}
+__all__ = ["MAX_CONNECTIONS_PER_PEER", "STREAM_LIMIT", "Dispatcher", "Reply", "serve_lines"]
 
 
-def _peer_key(writer: asyncio.StreamWriter) -> tuple[str, int] | None:
-    """(listening socket path, peer uid) for a unix-socket peer other than root; None
-    when there is nothing to count (root, or not a unix socket)."""
+class Dispatcher(Generic[S]):
+    """One socket's verbs: the request union it accepts and, per request model, its
+    handler ``(session, request) -> reply``. Every model in the union has a row."""
+
+    def __init__(
+        self,
+        adapter: TypeAdapter[Any],
+        table: Mapping[type[BaseModel], Callable[[S, Any], Awaitable[Reply]]],
+        models: frozenset[type[BaseModel]],
+    ) -> None:
+        missing = models - set(table)
+        extra = set(table) - models
+        if missing or extra:  # checked once, at import: a verb without a handler can't ship
+            raise TypeError(f"dispatch table out of step: no row for {missing}, stray {extra}")
+        self.adapter = adapter
+        self.table = table
+
+    def decode(self, obj: dict[str, Any]) -> BaseModel:
+        try:
+            req: BaseModel = self.adapter.validate_python(obj)
+        except ValidationError as e:
+            raise BadRequest(describe_validation_error(e)) from None
+        return req
+
+    async def call(self, session: S, req: BaseModel) -> Reply:
+        """Run ``req``'s handler; a refusal propagates (HTTP maps it to its status)."""
+        return await self.table[type(req)](session, req)
+
+    async def handle(self, session: S, obj: dict[str, Any]) -> Reply:
+        """For a JSON-lines socket: a refusal becomes the ``ok:false`` line."""
+        try:
+            return await self.call(session, self.decode(obj))
+        except Refused as e:
+            return error(str(e))
+
+
+def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The peer's uid on a unix socket; None when there is nothing to count."""
     sock = writer.get_extra_info("socket")
-    path = writer.get_extra_info("sockname")
-    if sock is None or sock.family != socket.AF_UNIX or not isinstance(path, str) or not path:
+    if sock is None or sock.family != socket.AF_UNIX:
         return None
     try:
-        uid = peer_cred(sock).uid
+        return peer_cred(sock).uid
     except OSError:
         return None
-    return None if uid == 0 else (path, uid)
-
-
-def _claim(key: tuple[str, int] | None, cap: int) -> bool:
-    if key is None:
-        return True
-    if _open.get(key, 0) >= cap:
-        now = time.monotonic()
-        if now - _last_refusal_log.get(key, -_REFUSAL_LOG_EVERY) >= _REFUSAL_LOG_EVERY:
-            _last_refusal_log[key] = now
-            log.warning("%s: refused connections from uid %d: it has %d open", key[0], key[1], cap)
-        return False
-    _open[key] = _open.get(key, 0) + 1
-    return True
-
-
-def _release(key: tuple[str, int] | None) -> None:
-    if key is None:
-        return
-    left = _open.get(key, 0) - 1
-    if left > 0:
-        _open[key] = left
-    else:
-        _open.pop(key, None)
 
 
 def _decode(raw: bytes) -> dict[str, Any]:
@@ -105,24 +122,32 @@ async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
 
 
 async def serve_lines(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler, watch_hangup: bool = False,
-    max_per_peer: int = MAX_CONNECTIONS_PER_PEER,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handle: Handler,
+    limiter: ConnectionLimiter | None = None,
+    watch_hangup: bool = False,
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
     soon as the peer hangs up, so the connection ends then and not when the poll would.
-    ``max_per_peer``: connections one uid may hold open on this socket at once."""
-    key = _peer_key(writer)
-    if not _claim(key, max_per_peer):
-        assert key is not None
-        writer.write(dump_line(error(
-            f"too many connections: uid {key[1]} may have at most {max_per_peer} open"
-            " on this socket at once; closing connection")))
+    ``limiter``: this listener's bound on connections per peer uid."""
+    uid = _peer_uid(writer) if limiter is not None else None
+    if limiter is not None and uid is not None and not limiter.claim(uid):
+        writer.write(
+            dump_line(
+                error(
+                    f"too many connections: uid {uid} may have at most {limiter.cap} open"
+                    " on this socket at once; closing connection"
+                )
+            )
+        )
         writer.close()
         return
     try:
         await _serve_lines(reader, writer, handle, watch_hangup)
     finally:
-        _release(key)
+        if limiter is not None and uid is not None:
+            limiter.release(uid)
 
 
 async def _serve_lines(

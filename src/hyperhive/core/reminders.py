@@ -7,6 +7,7 @@ import asyncio
 import logging
 import time
 
+from hyperhive.core.events import EventBus
 from hyperhive.core.hive import Hive
 from hyperhive.core.store import StoreError
 
@@ -15,15 +16,15 @@ MAX_SLEEP = 60.0  # re-read the schedule at least this often
 
 
 class ReminderScheduler:
-    def __init__(self, hive: Hive) -> None:
+    def __init__(self, hive: Hive, bus: EventBus) -> None:
         self.hive = hive
         self._poke = asyncio.Event()
-        hive.on_reminder_added = self._poke.set
+        bus.listen("reminder_added", lambda event: self._poke.set())
 
     async def run(self) -> None:
         while True:
             try:
-                self._deliver_due()
+                self.hive.deliver_due_reminders(time.time())
             except StoreError as e:
                 log.error("could not deliver reminders: %s", e)
             due = self.hive.store.next_reminder_due()
@@ -33,11 +34,3 @@ class ReminderScheduler:
                 await asyncio.wait_for(self._poke.wait(), delay)
             except TimeoutError:
                 pass
-
-    def _deliver_due(self) -> None:
-        for msg in self.hive.store.deliver_due_reminders(time.time()):
-            log.info("reminder %s delivered to %s", msg.ref, msg.to)
-            self.hive.delivered(msg)
-            self.hive.bus.publish("reminder", {"agent": msg.to, "reminder_id": msg.ref, "text": msg.body})
-            assert msg.to is not None
-            self.hive.publish_status(msg.to)

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.wire.common import AgentSpec, Approval, Message, Question
 
 MIGRATIONS: list[str] = [
@@ -633,7 +634,7 @@ class Store(_Egress, _Sessions):
             } if unique else {}
             missing = [i for i in unique if i not in found]
             if missing:
-                raise LookupError(f"no message {missing[0]} in this inbox")
+                raise NotFound(f"no message {missing[0]} in this inbox")
             fresh = [i for i in unique if found[i] is None]
             now = time.time()
             db.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
@@ -686,11 +687,11 @@ class Store(_Egress, _Sessions):
             row = db.execute("SELECT * FROM questions WHERE id=?", (qid,)).fetchone()
             if row is None or row["target"] != target:
                 # Same words whether it doesn't exist or isn't yours: no probing.
-                raise LookupError(f"no question {qid} addressed to {target}")
+                raise NotFound(f"no question {qid} addressed to {target}")
             if row["cancelled"]:
-                raise LookupError(f"question {qid} was cancelled")
+                raise Conflict(f"question {qid} was cancelled")
             if row["answer"] is not None:
-                raise LookupError(f"question {qid} is already answered")
+                raise Conflict(f"question {qid} is already answered")
             db.execute("UPDATE questions SET answer=?, answered_at=? WHERE id=?", (answer, now, qid))
             msg = self._insert_message(db, row["asker"], target, "answer", answer, qid)
             row = db.execute("SELECT * FROM questions WHERE id=?", (qid,)).fetchone()
@@ -765,9 +766,9 @@ class Store(_Egress, _Sessions):
         with self.tx() as db:
             row = db.execute("SELECT * FROM approvals WHERE id=?", (aid,)).fetchone()
             if row is None:
-                raise LookupError(f"no approval {aid}")
+                raise NotFound(f"no approval {aid}")
             if row["status"] != "pending":
-                raise LookupError(f"approval {aid} is already {row['status']}")
+                raise Conflict(f"approval {aid} is already {row['status']}")
             status = decision
             if decision == "approved" and apply is not None:
                 db.execute("SAVEPOINT apply")
@@ -807,7 +808,7 @@ class Store(_Egress, _Sessions):
         with self.tx(agents_unchanged=True) as db:
             row = db.execute("SELECT acked_at FROM messages WHERE id=? AND recipient=?", (turn, agent)).fetchone()
             if row is None:
-                raise LookupError(f"no message {turn} in this inbox")
+                raise NotFound(f"no message {turn} in this inbox")
             cur = db.execute(
                 "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, 'exit', ?, ?)",
                 (agent, turn, canonical_json(end), now),

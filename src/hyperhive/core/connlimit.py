@@ -1,0 +1,51 @@
+"""How many connections one peer uid may hold open on one listening socket.
+
+Each listener has its own ``ConnectionLimiter`` (agent.sock takes the budgeted
+``[limits] agent_connections``). Without a bound, an agent holding thousands of idle
+connections to its own ``agent.sock`` used up the core's file descriptors (and, with a
+partial line on each, its memory), and with them every other agent's and the operator's.
+Root is not counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("hive.core")
+MAX_CONNECTIONS_PER_PEER = 32  # the default, per listening socket and peer uid
+REFUSAL_LOG_EVERY = 10.0  # seconds: at most one warning per listener and uid in this long
+
+
+class ConnectionLimiter:
+    def __init__(self, where: str, cap: int = MAX_CONNECTIONS_PER_PEER) -> None:
+        self.where = where  # for the log: the socket's path
+        self.cap = cap
+        self._open: dict[int, int] = {}  # peer uid -> connections open now
+        self._last_refusal_log: dict[int, float] = {}
+
+    def claim(self, uid: int) -> bool:
+        """Count one more connection from ``uid``; False (and nothing counted) at the cap."""
+        if uid == 0:
+            return True
+        if self._open.get(uid, 0) >= self.cap:
+            now = time.monotonic()
+            if now - self._last_refusal_log.get(uid, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
+                self._last_refusal_log[uid] = now
+                log.warning("%s: refused connections from uid %d: it has %d open", self.where, uid,
+                            self.cap)
+            return False
+        self._open[uid] = self._open.get(uid, 0) + 1
+        return True
+
+    def release(self, uid: int) -> None:
+        if uid == 0:
+            return
+        left = self._open.get(uid, 0) - 1
+        if left > 0:
+            self._open[uid] = left
+        else:
+            self._open.pop(uid, None)
+
+    def open_for(self, uid: int) -> int:
+        return self._open.get(uid, 0)
