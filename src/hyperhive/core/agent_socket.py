@@ -189,7 +189,9 @@ class AgentSockets:
     uid (root aside) is refused, and one from the harness uid marks the agent
     as running while it lasts."""
 
-    def __init__(self, run_dir: RunDir, connections_per_peer: int, manage_dirs: bool = True) -> None:
+    def __init__(
+        self, run_dir: RunDir, connections_per_peer: int, manage_dirs: bool = True
+    ) -> None:
         self.run_dir = run_dir
         self.connections_per_peer = connections_per_peer  # [limits] agent_connections
         self.manage_dirs = manage_dirs
@@ -231,8 +233,9 @@ class AgentSockets:
             cred = peer_cred(writer.get_extra_info("socket"))
             allowed = self._allowed.get(name)
             if allowed is not None and cred.uid not in allowed:
-                log.warning("agent %s: refused uid %d (pid %d) on its socket", name, cred.uid,
-                            cred.pid)
+                log.warning(
+                    "agent %s: refused uid %d (pid %d) on its socket", name, cred.uid, cred.pid
+                )
                 refusal = f"permission denied: uid {cred.uid} is not agent {name}"
                 writer.write(dump_line(error(refusal)))
                 writer.close()
@@ -267,7 +270,9 @@ class AgentSockets:
         allowed = self._allowed.get(name)
         if allowed is not None:
             hive.egress.set_uids(name, allowed)
-        hive.egress.listen(name, self.run_dir.egress_sock(name), 0o117 if not self.manage_dirs else 0o177)
+        hive.egress.listen(
+            name, self.run_dir.egress_sock(name), 0o117 if not self.manage_dirs else 0o177
+        )
         log.info("agent %s: serving %s", name, path)
 
     async def stop(self, name: str) -> None:

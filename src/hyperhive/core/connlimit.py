@@ -32,8 +32,9 @@ class ConnectionLimiter:
             now = time.monotonic()
             if now - self._last_refusal_log.get(uid, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
                 self._last_refusal_log[uid] = now
-                log.warning("%s: refused connections from uid %d: it has %d open", self.where, uid,
-                            self.cap)
+                log.warning(
+                    "%s: refused connections from uid %d: it has %d open", self.where, uid, self.cap
+                )
             return False
         self._open[uid] = self._open.get(uid, 0) + 1
         return True

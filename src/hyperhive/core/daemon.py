@@ -63,7 +63,9 @@ async def run_core(opts: CoreOptions) -> None:
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
     store.sync_config_agents(opts.config.agents)
     limits = opts.config.limits
-    sockets = AgentSockets(opts.run_dir, limits.agent_connections, manage_dirs=opts.priv_sock is None)
+    sockets = AgentSockets(
+        opts.run_dir, limits.agent_connections, manage_dirs=opts.priv_sock is None
+    )
     lifecycle: Lifecycle = (
         SocketsOnly(sockets)
         if opts.priv_sock is None
@@ -77,8 +79,12 @@ async def run_core(opts: CoreOptions) -> None:
     sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"), store)
     http_task, http_server = await serve_http(create_app(hive, sessions), opts.run_dir.core_sock)
     if len(store.agents()) > opts.config.limits.max_agents:  # spawned before the limit was lowered
-        log.error("%d agents exist, more than [limits] max_agents = %d: no more spawns until some are"
-                  " destroyed", len(store.agents()), opts.config.limits.max_agents)
+        log.error(
+            "%d agents exist, more than [limits] max_agents = %d: no more spawns until some are"
+            " destroyed",
+            len(store.agents()),
+            opts.config.limits.max_agents,
+        )
     await hive.resume_agents()
     scheduling = asyncio.create_task(scheduler.run())
     checkpointer = asyncio.create_task(checkpoint_loop(store))
@@ -89,7 +95,12 @@ async def run_core(opts: CoreOptions) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     n = len(store.agents())
-    log.info("ready: host.sock at %s, %d agent(s), schema v%d", opts.run_dir.host_sock, n, store.schema_version)
+    log.info(
+        "ready: host.sock at %s, %d agent(s), schema v%d",
+        opts.run_dir.host_sock,
+        n,
+        store.schema_version,
+    )
     print(f"hive-core: ready host.sock={opts.run_dir.host_sock} agents={n}", flush=True)
 
     await stop.wait()
@@ -153,4 +164,6 @@ def main_with(opts: CoreOptions) -> int:
 
 
 def default_paths(run_dir: Path | None, state_dir: Path | None) -> tuple[RunDir, StateDir]:
-    return RunDir(run_dir) if run_dir else RunDir(), StateDir(state_dir) if state_dir else StateDir()
+    return RunDir(run_dir) if run_dir else RunDir(), StateDir(
+        state_dir
+    ) if state_dir else StateDir()

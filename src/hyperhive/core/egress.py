@@ -245,7 +245,7 @@ class Resolver:
             raise Refusal(502, f"cannot resolve {host}: {e}") from None
         out: list[IPAddress] = []
         for info in infos:
-            a = ipaddress.ip_address(info[4][0].split("%")[0])
+            a = ipaddress.ip_address(str(info[4][0]).split("%")[0])
             if a not in out:
                 out.append(a)
         return out

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from hyperhive.config import HiveConfig
@@ -27,9 +27,9 @@ from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import Busy, Conflict, Forbidden, NotFound, Refused
 from hyperhive.core.store import Store, StoreError
 from hyperhive.names import OPERATOR
+from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
 from hyperhive.wire.egress import Rule, parse_rules
-from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.framing import model_fields_only
 from hyperhive.wire.harness import MAX_ENTRY_CHARS
 
@@ -63,7 +63,9 @@ class Lifecycle:
 
 
 class Hive:
-    def __init__(self, store: Store, config: HiveConfig, lifecycle: Lifecycle, bus: EventBus) -> None:
+    def __init__(
+        self, store: Store, config: HiveConfig, lifecycle: Lifecycle, bus: EventBus
+    ) -> None:
         self.store = store
         self.config = config
         self.lifecycle = lifecycle
@@ -82,7 +84,9 @@ class Hive:
         self._queued: dict[str, tuple[int, int]] = {}
         # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
-        self._egress_open: dict[int, int] = {}  # decision key -> log row, while its connection lasts
+        self._egress_open: dict[
+            int, int
+        ] = {}  # decision key -> log row, while its connection lasts
         self.egress = EgressProxy(
             self.egress_rules_for,
             self.record_egress,
@@ -118,9 +122,7 @@ class Hive:
         if me is None or them is None or sender == target:
             return False
         return (
-            target in _spec(me["spec"]).peers
-            or me["parent"] == target
-            or them["parent"] == sender
+            target in _spec(me["spec"]).peers or me["parent"] == target or them["parent"] == sender
         )
 
     def peers(self, actor: Agent) -> list[str]:
@@ -191,8 +193,8 @@ class Hive:
         """The agent's harness connected or went away (its socket's listener says so)."""
         self.publish_status(name)
 
-    def set_status(self, actor: Agent, text: str | None) -> float | None:
-        at: float | None = self.store.set_status_text(actor.name, text)
+    def set_status(self, actor: Agent, text: str) -> float:
+        at = self.store.set_status_text(actor.name, text)
         self.publish_status(actor.name)
         return at
 
@@ -394,9 +396,7 @@ class Hive:
 
     # -- approvals ------------------------------------------------------------------
 
-    def request_approval(
-        self, actor: Agent, kind: str, description: str, payload: Any
-    ) -> Approval:
+    def request_approval(self, actor: Agent, kind: str, description: str, payload: Any) -> Approval:
         self._take_rate(actor)
         return approvals.request(self, actor.name, kind, description, payload)
 
@@ -432,7 +432,7 @@ class Hive:
                 return None
             await self.wakeups.wait(actor.name, deadline - loop.time())
 
-    def turn_record(self, actor: Agent, turn: int, entries: list[tuple[str, Any]]) -> int:
+    def turn_record(self, actor: Agent, turn: int, entries: Sequence[tuple[str, Any]]) -> int:
         recorded = self.store.add_transcript(
             actor.name, turn, [(kind, _bounded(data)) for kind, data in entries]
         )
@@ -475,7 +475,9 @@ class Hive:
                 return entries
             await self.transcript_wakeups.wait(actor.name, deadline - loop.time())
 
-    def transcript(self, actor: Operator, name: str, after: int, limit: int) -> list[dict[str, Any]]:
+    def transcript(
+        self, actor: Operator, name: str, after: int, limit: int
+    ) -> list[dict[str, Any]]:
         self.require_agent(name)
         return self.store.transcript(name, after, limit)
 
@@ -513,17 +515,18 @@ class Hive:
 
     def record_egress(self, d: Decision) -> None:
         """Every decision of the proxy, in the log (and to subscribers); called in the loop."""
+        closed_at = time.time() if d.closed else None
         row = {
             "agent": d.agent, "at": d.at, "host": d.host, "port": d.port,
             "address": d.address, "allowed": d.allowed, "reason": d.reason,
             "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
-            "closed_at": time.time() if d.closed else None,
+            "closed_at": closed_at,
         }  # fmt: skip
         try:
             rowid = self._egress_open.pop(d.key, None)
             if rowid is not None:
-                closed_at = row["closed_at"] or time.time()
-                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, closed_at)
+                ended = closed_at if closed_at is not None else time.time()
+                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, ended)
             else:
                 rowid = self.store.log_egress(row)
                 if not d.closed:
@@ -538,9 +541,7 @@ class Hive:
         )  # fmt: skip
         self.bus.publish("egress", {"agent": d.agent, "entry": {"id": rowid, **row}})
 
-    def egress_rules(
-        self, actor: Operator, name: str | None
-    ) -> dict[str, list[dict[str, Any]]]:
+    def egress_rules(self, actor: Operator, name: str | None) -> dict[str, list[dict[str, Any]]]:
         if name is not None:
             self.require_agent(name)
         return self.store.egress_rules(name)
@@ -557,7 +558,7 @@ class Hive:
         removed = self.store.remove_egress_rule(name, rule)
         self.reload_egress(name)
         if not removed:
-            raise NotFound(f"{name} has no egress rule {rule!r}")
+            raise Conflict(f"{name} has no egress rule {rule!r}")
 
     def egress_log(self, actor: Operator, name: str | None, limit: int) -> list[dict[str, Any]]:
         if name is not None:

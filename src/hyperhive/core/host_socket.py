@@ -218,8 +218,12 @@ async def serve_host_socket(hive: Hive, path: os.PathLike[str]) -> asyncio.Abstr
         sock = writer.get_extra_info("socket")
         cred = peer_cred(sock)
         if not operator_allowed(cred.uid, cred.gid, peer_groups(sock)):
-            log.warning("host.sock: refused uid %d (pid %d): not root or %s", cred.uid, cred.pid,
-                        ADMIN_GROUP)
+            log.warning(
+                "host.sock: refused uid %d (pid %d): not root or %s",
+                cred.uid,
+                cred.pid,
+                ADMIN_GROUP,
+            )
             refusal = f"permission denied: uid {cred.uid} is not root or in group {ADMIN_GROUP}"
             writer.write(dump_line(error(refusal)))
             try:

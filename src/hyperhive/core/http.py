@@ -6,7 +6,6 @@ one set of refusals); HTTP only adds the session, the CSRF token and the
 same-origin check. An agent can't reach any of this: its cage has no route to
 the gateway, and core.sock is ``hive-core:hive-gateway 0660``."""
 
-
 import asyncio
 import contextlib
 import grp
@@ -14,18 +13,26 @@ import json
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 import uvicorn
-from fastapi import Depends, FastAPI, Form, HTTPException, Path as PathParam, Query, Request
+from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyperhive.core.actors import OPERATOR
@@ -37,8 +44,7 @@ from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
-from hyperhive.wire.egress import MAX_RULE, EgressPayload, RuleError
-from pydantic import BaseModel, ConfigDict, ValidationError
+from hyperhive.wire.egress import MAX_RULE
 from hyperhive.wire.framing import WireError, model_fields_only, parse_line
 
 HERE = Path(__file__).parent
@@ -112,15 +118,21 @@ class Reply(BaseModel):
 
 
 def _refused(description: str) -> dict[str, Any]:
-    return {"model": Refusal, "description": description,
-            "content": {"text/plain": {"schema": {"type": "string"}}}}
+    return {
+        "model": Refusal,
+        "description": description,
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
 
 
-NOT_LOGGED_IN = {401: _refused("Not logged in (no or expired session cookie).")}
-REFUSED = {
+Responses = dict[int | str, dict[str, Any]]
+NOT_LOGGED_IN: Responses = {401: _refused("Not logged in (no or expired session cookie).")}
+REFUSED: Responses = {
     404: _refused("No such agent, question or approval."),
     409: _refused("Refused by the hive; the reason says why."),
     422: _refused("Bad input; the reason names the field."),
+    429: _refused("A limit of the hive: the agent limit ([limits] max_agents)."),
+    503: _refused("hive-priv is unavailable; the agent's cage could not be started or stopped."),
 }
 GET_RESPONSES: dict[int | str, dict[str, Any]] = {**NOT_LOGGED_IN, **REFUSED}
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -129,8 +141,10 @@ POST_RESPONSES: dict[int | str, dict[str, Any]] = {
     **NOT_LOGGED_IN,
     403: _refused("Cross-origin request, or missing or wrong CSRF token."),
     **REFUSED,
-    413: {"description": "Request body over the gateway's 1 MiB limit.",
-          "content": {"text/plain": {"schema": {"type": "string"}}}},
+    413: {
+        "description": "Request body over the gateway's 1 MiB limit.",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    },
 }
 
 
@@ -139,7 +153,9 @@ def _one_line(exc: RequestValidationError) -> str:
     if not errors:
         return "bad request"
     err = errors[0]
-    where = ".".join(str(p) for p in err.get("loc", ())[1:]) or ".".join(str(p) for p in err.get("loc", ()))
+    where = ".".join(str(p) for p in err.get("loc", ())[1:]) or ".".join(
+        str(p) for p in err.get("loc", ())
+    )
     if err.get("type") == "missing":
         return f"missing field {where!r}"
     return " ".join(f"field {where!r}: {err.get('msg', 'invalid value')}".split())
@@ -148,7 +164,7 @@ def _one_line(exc: RequestValidationError) -> str:
 # Integers as host.sock's JSON parser takes them (64-bit): larger ones can't reach SQLite.
 Id = Annotated[int, PathParam(ge=1, lt=2**63)]
 GATEWAY_GROUP = "hive-gateway"
-ACTIONS = {
+ACTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "start": lambda n: {"cmd": "start", "scope": {"agent_names": [n]}},
     "stop": lambda n: {"cmd": "stop", "scope": {"agent_names": [n]}},
     "restart": lambda n: {"cmd": "restart", "name": n},
@@ -161,7 +177,9 @@ ACTIONS = {
 
 def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     # The schema is served below, behind the session like everything else.
-    app = FastAPI(title="hyperhive core", version="1", openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="hyperhive core", version="1", openapi_url=None, docs_url=None, redoc_url=None
+    )
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     # The payload as the text its sha256 was taken of (autoescaped like any other text;
     # Jinja's tojson would show "<" as "\\u003c").
@@ -179,7 +197,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             raise HTTPException(401, "not logged in: open the login URL that `hive up` printed")
         return session
 
-    async def require_post(request: Request, session: Annotated[Session, Depends(require_session)]) -> Session:
+    async def require_post(
+        request: Request, session: Annotated[Session, Depends(require_session)]
+    ) -> Session:
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
         if not origin or urlsplit(origin).netloc != host:
@@ -216,8 +236,12 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         back = urlsplit(request.headers.get("referer", "/"))
         return RedirectResponse(back.path if back.path.startswith("/") else "/", status_code=303)
 
-    def refuse(request: Request, status: int, reason: str, headers: dict[str, str] | None = None) -> Response:
-        if "application/json" in request.headers.get("accept", "") or request.url.path.startswith("/api/"):
+    def refuse(
+        request: Request, status: int, reason: str, headers: Mapping[str, str] | None = None
+    ) -> Response:
+        if "application/json" in request.headers.get("accept", "") or request.url.path.startswith(
+            "/api/"
+        ):
             return JSONResponse({"ok": False, "error": reason}, status_code=status, headers=headers)
         return PlainTextResponse(f"{reason}\n", status_code=status, headers=headers)
 
@@ -235,11 +259,15 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if session is None:
             return PlainTextResponse("bad or missing login token\n", status_code=401)
         resp = RedirectResponse("/", status_code=303)
-        resp.set_cookie(COOKIE, session.id, max_age=int(SESSION_TTL), httponly=True, samesite="strict", path="/")
+        resp.set_cookie(
+            COOKIE, session.id, max_age=int(SESSION_TTL), httponly=True, samesite="strict", path="/"
+        )
         return resp
 
     @app.post("/logout", include_in_schema=False)
-    async def logout(request: Request, session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def logout(
+        request: Request, session: Annotated[Session, Depends(require_post)]
+    ) -> Response:
         sessions.logout(session)
         resp = RedirectResponse("/", status_code=303)
         resp.delete_cookie(COOKIE, path="/")
@@ -257,8 +285,12 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     async def dashboard(request: Request) -> Response:
         session = session_of(request)
         if session is None:
-            return PlainTextResponse("not logged in: open the login URL that `hive up` printed\n", status_code=401)
-        return templates.TemplateResponse(request, "dashboard.html", {"csrf_token": session.csrf, **state()})
+            return PlainTextResponse(
+                "not logged in: open the login URL that `hive up` printed\n", status_code=401
+            )
+        return templates.TemplateResponse(
+            request, "dashboard.html", {"csrf_token": session.csrf, **state()}
+        )
 
     def state() -> dict[str, Any]:
         return {
@@ -305,55 +337,88 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             finally:
                 hive.bus.unsubscribe(sub)
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
 
     @app.get("/api/agents/{name}/transcript", response_model=Reply, responses=GET_RESPONSES)
-    async def transcript(name: str, session: Annotated[Session, Depends(require_session)],
-                         after: Annotated[int, Query(ge=0, lt=2**63)] = 0,
-                         limit: Annotated[int, Query(ge=1, le=5000)] = 200) -> dict[str, Any]:
+    async def transcript(
+        name: str,
+        session: Annotated[Session, Depends(require_session)],
+        after: Annotated[int, Query(ge=0, lt=2**63)] = 0,
+        limit: Annotated[int, Query(ge=1, le=5000)] = 200,
+    ) -> dict[str, Any]:
         """Agent NAME's transcript entries after AFTER."""
         return await operator({"cmd": "transcript", "name": name, "after": after, "limit": limit})
 
     @app.post("/answer-question/{qid}", responses=POST_RESPONSES)
-    async def answer_question(request: Request, qid: Id, answer: Annotated[str, Form(max_length=262144)],
-                              session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def answer_question(
+        request: Request,
+        qid: Id,
+        answer: Annotated[str, Form(max_length=262144)],
+        session: Annotated[Session, Depends(require_post)],
+    ) -> Response:
         """Answer a question an agent addressed to the operator (operator authority)."""
-        return done(request, await operator({"cmd": "answer_question", "id": qid, "answer": answer}))
+        return done(
+            request, await operator({"cmd": "answer_question", "id": qid, "answer": answer})
+        )
 
     @app.post("/approve/{aid}", responses=POST_RESPONSES)
-    async def approve(request: Request, aid: Id, session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def approve(
+        request: Request, aid: Id, session: Annotated[Session, Depends(require_post)]
+    ) -> Response:
         """Approve: applies exactly the stored payload, once."""
         return done(request, await operator({"cmd": "approve", "id": aid}))
 
     @app.post("/deny/{aid}", responses=POST_RESPONSES)
-    async def deny(request: Request, aid: Id, session: Annotated[Session, Depends(require_post)],
-                   note: Annotated[str | None, Form(max_length=4096)] = None) -> Response:
+    async def deny(
+        request: Request,
+        aid: Id,
+        session: Annotated[Session, Depends(require_post)],
+        note: Annotated[str | None, Form(max_length=4096)] = None,
+    ) -> Response:
         """Deny an approval, with an optional note for the agent."""
-        return done(request, await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})}))
+        return done(
+            request, await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})})
+        )
 
     # Before /api/agents/{name}/{action}: not that they could clash (three segments, not two).
     @app.post("/api/agents/{name}/egress/allow", responses=POST_RESPONSES)
-    async def egress_allow(request: Request, name: str, rule: Annotated[str, Form(max_length=MAX_RULE)],
-                           session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def egress_allow(
+        request: Request,
+        name: str,
+        rule: Annotated[str, Form(max_length=MAX_RULE)],
+        session: Annotated[Session, Depends(require_post)],
+    ) -> Response:
         """Add RULE (``HOST:PORT``) to agent NAME's egress allowlist (source ``operator``), live at once."""
         return done(request, await operator({"cmd": "egress_allow", "name": name, "rule": rule}))
 
     @app.post("/api/agents/{name}/egress/remove", responses=POST_RESPONSES)
-    async def egress_remove(request: Request, name: str, rule: Annotated[str, Form(max_length=MAX_RULE)],
-                            session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def egress_remove(
+        request: Request,
+        name: str,
+        rule: Annotated[str, Form(max_length=MAX_RULE)],
+        session: Annotated[Session, Depends(require_post)],
+    ) -> Response:
         """Remove RULE from agent NAME's egress allowlist, whatever its source; refused at once after."""
         return done(request, await operator({"cmd": "egress_remove", "name": name, "rule": rule}))
 
     @app.post("/api/agents/{name}/send", responses=POST_RESPONSES)
-    async def send(request: Request, name: str, body: Annotated[str, Form(max_length=262144)],
-                   session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def send(
+        request: Request,
+        name: str,
+        body: Annotated[str, Form(max_length=262144)],
+        session: Annotated[Session, Depends(require_post)],
+    ) -> Response:
         """Message agent NAME as the operator."""
         return done(request, await operator({"cmd": "send", "to": name, "body": body}))
 
     @app.post("/api/agents/{name}/{action}", responses=POST_RESPONSES)
-    async def lifecycle(request: Request, name: str, action: str,
-                        session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def lifecycle(
+        request: Request, name: str, action: str, session: Annotated[Session, Depends(require_post)]
+    ) -> Response:
         """start, stop, restart, pause, resume, destroy or interrupt agent NAME."""
         make = ACTIONS.get(action)
         if make is None:
@@ -361,9 +426,12 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return done(request, await operator(make(name)))
 
     @app.post("/api/spawn", responses=POST_RESPONSES)
-    async def spawn(request: Request, name: Annotated[str, Form(max_length=64)],
-                    spec: Annotated[str, Form(max_length=65536)],
-                    session: Annotated[Session, Depends(require_post)]) -> Response:
+    async def spawn(
+        request: Request,
+        name: Annotated[str, Form(max_length=64)],
+        spec: Annotated[str, Form(max_length=65536)],
+        session: Annotated[Session, Depends(require_post)],
+    ) -> Response:
         """Create and start an agent; SPEC is its JSON spec."""
         try:  # parsed as host.sock parses a request: a JSON object, 64-bit integers, finite numbers
             parsed = parse_line(spec.encode())
@@ -396,8 +464,11 @@ def bind_core_socket(path: Path) -> socket.socket:
 
 async def serve_http(app: FastAPI, path: Path) -> tuple[asyncio.Task[None], _Server]:
     sock = bind_core_socket(path)
-    server = _Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False,
-                                    timeout_graceful_shutdown=2))
+    server = _Server(
+        uvicorn.Config(
+            app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2
+        )
+    )
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.01)

@@ -112,7 +112,9 @@ def _decode(raw: bytes) -> dict[str, Any]:
                 item.encode("utf-8")
             except UnicodeEncodeError as e:
                 bad = ord(item[e.start])
-                raise WireError(f"malformed request: a string holds a lone surrogate (\\u{bad:04x})") from None
+                raise WireError(
+                    f"malformed request: a string holds a lone surrogate (\\u{bad:04x})"
+                ) from None
     return obj
 
 
@@ -151,7 +153,10 @@ async def serve_lines(
 
 
 async def _serve_lines(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handle: Handler, watch_hangup: bool,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handle: Handler,
+    watch_hangup: bool,
 ) -> None:
     ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
     try:
@@ -200,13 +205,19 @@ async def _serve_lines(
 async def _handle_watching(request: Awaitable[Reply], ahead: asyncio.Future[bytes]) -> Reply | None:
     """Handle a request while ``ahead`` reads the next line; None if that read
     found the peer gone first (the request is cancelled)."""
-    task = asyncio.ensure_future(request)
+    task: asyncio.Future[Reply] = asyncio.ensure_future(request)
+    pending: set[asyncio.Future[Any]] = {task, ahead}
     try:
-        await asyncio.wait({task, ahead}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
     except asyncio.CancelledError:
         task.cancel()
         raise
-    if not task.done() and not ahead.cancelled() and ahead.exception() is None and ahead.result() == b"":
+    if (
+        not task.done()
+        and not ahead.cancelled()
+        and ahead.exception() is None
+        and ahead.result() == b""
+    ):
         task.cancel()
         try:
             await task
@@ -217,7 +228,9 @@ async def _handle_watching(request: Awaitable[Reply], ahead: asyncio.Future[byte
 
 
 async def _stream(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, events: AsyncIterator[dict[str, Any]]
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    events: AsyncIterator[dict[str, Any]],
 ) -> None:
     """Forward a stream until it ends or the client hangs up."""
 
