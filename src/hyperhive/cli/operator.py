@@ -39,7 +39,7 @@ def _state(a: dict[str, Any]) -> str:
     return "paused" if a.get("paused") else "running"
 
 
-def register(group: click.Group) -> None:
+def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("ls")
     @json_option
     @click.pass_context
