@@ -1,7 +1,7 @@
 """Agent runtimes: how one turn runs. A runtime turns an inbox message into an
 argv, its stdin and its environment, and its output into transcript entries.
 To add one, subclass Runtime and register it in RUNTIMES (and in AgentSpec's
-``runtime`` literal)."""
+``runtime`` literal: tests/test_consistency.py fails while the two differ)."""
 
 from __future__ import annotations
 
