@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -324,7 +324,7 @@ def test_remind_in_seconds_is_delivered(core: CoreProcess) -> None:
 
 
 def test_remind_at_iso_is_delivered(core: CoreProcess) -> None:
-    at = datetime.now(timezone.utc) + timedelta(seconds=1)
+    at = datetime.now(UTC) + timedelta(seconds=1)
     resp = assert_ok(core.agent("bob").call("remind", at=at.isoformat(), text="standup"))
     assert abs(resp["due_at"] - at.timestamp()) < 1e-3
     # pending until due (it is due in about a second)
@@ -338,7 +338,7 @@ def test_remind_at_iso_is_delivered(core: CoreProcess) -> None:
 def test_remind_counts_pending(core: CoreProcess) -> None:
     a = core.agent("alice")
     assert_ok(a.call("remind", in_seconds=3600, text="one"))
-    assert_ok(a.call("remind", at=(datetime.now(timezone.utc) + timedelta(days=2)).isoformat(), text="two"))
+    assert_ok(a.call("remind", at=(datetime.now(UTC) + timedelta(days=2)).isoformat(), text="two"))
     assert_ok(a.call("remind", at=time.time() + 7200, text="three"))
     assert core.status("alice")["pending_reminders"] == 3
     assert core.status("bob")["pending_reminders"] == 0

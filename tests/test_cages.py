@@ -33,8 +33,17 @@ from pathlib import Path
 
 import pytest
 
-from hive_fixture import (REPO, HiveProcess, as_user, assert_caged, host_abstract_listeners, host_addresses,
-                          probe_result, proc_start_time, proc_uid)
+from hive_fixture import (
+    REPO,
+    HiveProcess,
+    as_user,
+    assert_caged,
+    host_abstract_listeners,
+    host_addresses,
+    probe_result,
+    proc_start_time,
+    proc_uid,
+)
 from hyperhive.client import Client
 from hyperhive.priv.cgroups import is_v2
 
@@ -112,7 +121,7 @@ def core_keeps_answering(hive: HiveProcess) -> Iterator[list[float]]:
                     assert c.call("agent_status")["ok"]
                 with Client(hive.agent_sock("carol"), timeout=30) as c:
                     assert c.call("whoami")["name"] == "carol"
-            except Exception as e:  # noqa: BLE001 - reported below
+            except Exception as e:  # reported below
                 errors.append(repr(e))
             latencies.append(time.monotonic() - t0)
             stop.wait(0.02)

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from fake_anthropic import FakeAnthropic
 from helpers import CoreProcess, assert_ok
 from hive_fixture import VENV_BIN, HiveProcess, running_hive, wait_until
-
 from hyperhive.cage import layout
 from hyperhive.cage.runtimes import ClaudeRuntime
 
@@ -158,7 +158,7 @@ def test_real_cli_starts_the_hive_mcp_server_and_needs_login(core: CoreProcess, 
     assert servers["hive"]["status"] == "connected", (
         f"{servers['hive']}; the MCP log is under {empty_home}/.cache/claude-cli-nodejs"
     )
-    assert HIVE_TOOLS <= set(init["tools"]), init["tools"]
+    assert set(init["tools"]) >= HIVE_TOOLS, init["tools"]
 
     results = [e for e in events if e.get("type") == "result"]
     assert len(results) == 1 and events[-1] is results[0], events
@@ -371,7 +371,7 @@ def test_caged_real_cli_reaches_hive_mcp_and_stops_at_login(claude_hive: HivePro
     init = events[0]
     assert (init["type"], init["subtype"], init["cwd"]) == ("system", "init", layout.HOME), init
     assert {s["name"]: s["status"] for s in init["mcp_servers"]} == {"hive": "connected"}, init["mcp_servers"]
-    assert HIVE_TOOLS <= set(init["tools"])
+    assert set(init["tools"]) >= HIVE_TOOLS
     result = events[-1]
     assert result["type"] == "result" and result["is_error"] is True and "Not logged in" in result["result"]
     exit_entry = turn[-1]

@@ -242,7 +242,7 @@ def _story(hive: HiveProcess, events: Events) -> None:
 
     # Every turn of every demo agent ran to a clean end (turn.py never failed).
     for name, at_least in (("lead", 6), ("scout", 1), ("helper", 1)):
-        entries = poll(lambda: _finished_turns(hive, name, at_least), f"{name}'s turns to finish")
+        entries = poll(lambda name=name, at_least=at_least: _finished_turns(hive, name, at_least), f"{name}'s turns to finish")
         exits = [e for e in entries if e["kind"] == "exit"]
         assert all(e["data"]["exit_status"] == 0 for e in exits), (name, entries)
         assert not [e for e in entries if e["kind"] == "stderr"], (name, entries)

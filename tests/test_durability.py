@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from helpers import CoreProcess, assert_ok
 from hyperhive.client import Client
@@ -107,7 +107,7 @@ def test_sends_racing_a_kill9_are_all_or_nothing(core: CoreProcess) -> None:
 def test_reminders_survive_restart_and_downtime(core: CoreProcess) -> None:
     a = core.agent("alice")
     soon = assert_ok(a.call("remind", in_seconds=1, text="due while down"))
-    at = datetime.now(timezone.utc) + timedelta(seconds=8)
+    at = datetime.now(UTC) + timedelta(seconds=8)
     later = assert_ok(a.call("remind", at=at.isoformat(), text="due after restart"))
     far = assert_ok(core.agent("bob").call("remind", in_seconds=3600, text="far future"))
     assert core.status("alice")["pending_reminders"] == 2
@@ -171,7 +171,7 @@ def test_sigterm_with_open_connections_exits_cleanly(core: CoreProcess) -> None:
     def long_poll() -> None:
         try:
             result["resp"] = poller.call("recv", wait=600)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             result["resp"] = e
 
     th = threading.Thread(target=long_poll)

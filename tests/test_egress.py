@@ -186,7 +186,7 @@ def test_connect_to_the_gateway_the_core_or_loopback_is_refused(hive: HiveProces
     # Even an operator rule for loopback can't open the way back into the host.
     for rule in (f"127.0.0.1:{hive.port}", "[::1]:80", "169.254.169.254:80", "0.0.0.0:80"):
         assert hive.host_call("egress_allow", name="egbob", rule=rule)["ok"]
-        host, _, port = rule.rpartition(":")
+        _host, _, _port = rule.rpartition(":")
         res = probe_result(hive.probe("egbob", CONNECT, target=rule))
         assert res["status"] == 403 and "never reachable through the proxy" in res["body"], (rule, res)
         assert hive.host_call("egress_remove", name="egbob", rule=rule)["ok"]
@@ -216,7 +216,7 @@ def test_malformed_proxy_requests_get_one_line_errors(hive: HiveProcess, request
         result(status=int(head.split(b" ")[1]), body=body.decode())
     """, head=request_head))
     assert res["status"] == status and why in res["body"] and res["body"].count("\n") == 1, res
-    code, body, _ = curl(hive, "egal", "http://allowed.test/")  # and the proxy goes on serving
+    code, _body, _ = curl(hive, "egal", "http://allowed.test/")  # and the proxy goes on serving
     assert code == 200
 
 

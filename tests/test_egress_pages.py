@@ -295,7 +295,7 @@ def test_the_operator_adds_a_rule_from_the_dashboard(web: Web, login: Login, con
                                      ("uinosuch", "third.test:80", 404, "no agent named 'uinosuch'")]:
         form.locator('input[name="agent"]').fill(agent)
         form.locator('input[name="rule"]').fill(rule)
-        with page.expect_response(lambda r: urlsplit(r.url).path == f"/api/agents/{agent}/egress/allow") as bad:
+        with page.expect_response(lambda r, agent=agent: urlsplit(r.url).path == f"/api/agents/{agent}/egress/allow") as bad:
             form.get_by_role("button", name="allow").click()
         assert bad.value.status == status, (rule, bad.value.status, bad.value.text())
         expect(page.locator(".toast.bad").filter(has_text=why)).to_have_count(1)
@@ -434,7 +434,7 @@ def test_markup_in_the_log_is_text(web: Web, login: Login, context: BrowserConte
     assert res["statuses"] == [400] * len(HOSTILE_TARGETS), res
     entries = log_entries(web, WEB)[: len(HOSTILE_TARGETS)][::-1]  # in the order sent
     assert [e["allowed"] for e in entries] == [False] * len(HOSTILE_TARGETS)
-    for target, e in zip(HOSTILE_TARGETS, entries):
+    for _target, e in zip(HOSTILE_TARGETS, entries, strict=False):
         assert e["host"] == "-" and e["port"] == 0, e
         assert e["reason"].startswith("CONNECT target: ") and "<" in e["reason"], e
 

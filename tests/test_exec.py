@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 import pytest
-from hive_fixture import HIVE, HiveProcess
 
+from hive_fixture import HIVE, HiveProcess
 from hyperhive.priv.cgroups import is_v2
 
 AGENT_NAMES = ("alice", "bob", "carol")
@@ -118,7 +118,7 @@ def test_cage_namespaces_but_a_pid_namespace_of_its_own(caged_hive: HiveProcess,
     script = "; ".join(f"readlink /proc/self/ns/{ns}" for ns in NAMESPACES)
     proc = run(caged_hive, name, "sh", "-c", script)
     assert proc.returncode == 0, proc.stderr
-    inside = dict(zip(NAMESPACES, proc.stdout.split()))
+    inside = dict(zip(NAMESPACES, proc.stdout.split(), strict=False))
     assert {ns: inside[ns] for ns in SHARED} == {ns: host_view[ns] for ns in SHARED}
     assert inside["pid"] not in (host_view["pid"], mine["pid"])
     assert inside["mnt"] not in (host_view["mnt"], mine["mnt"])  # a private copy of the cage's
@@ -128,7 +128,7 @@ def test_cage_namespaces_but_a_pid_namespace_of_its_own(caged_hive: HiveProcess,
     assert not any("harness" in line.split()[2:] for line in ps), ps
     # --as-agent (the red-team probes') is the cage's own pid namespace, and sees the harness.
     proc = run(caged_hive, name, "sh", "-c", script, flags=("--as-agent",))
-    assert dict(zip(NAMESPACES, proc.stdout.split()))["pid"] == host_view["pid"]
+    assert dict(zip(NAMESPACES, proc.stdout.split(), strict=False))["pid"] == host_view["pid"]
 
 
 def test_runs_in_the_cages_cgroup(caged_hive: HiveProcess) -> None:

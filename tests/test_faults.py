@@ -42,7 +42,14 @@ from typing import Any
 import pytest
 
 from hive_fixture import (
-    HiveFactory, HiveProcess, children, probe_result, proc_cmdline, proc_start_time, proc_status, wait_until,
+    HiveFactory,
+    HiveProcess,
+    children,
+    probe_result,
+    proc_cmdline,
+    proc_start_time,
+    proc_status,
+    wait_until,
 )
 from hyperhive.client import Client, HiveUnavailable
 
@@ -266,7 +273,7 @@ def test_core_kill9_while_64_agents_send(hive_factory: HiveFactory) -> None:
                 with contextlib.suppress(OSError):
                     (hive.home(name) / "go").touch()
             procs = [f.result() for f in futures]
-    for name, proc in zip(CHATTY, procs):
+    for name, proc in zip(CHATTY, procs, strict=False):
         res = probe_result(proc)
         assert res["errors"] == [], (name, res["errors"])
     assert not alive(old_core)
@@ -395,7 +402,7 @@ def test_killed_harness_restarts_with_backoff_and_shows_failed_meanwhile(hive_fa
     for k, down in enumerate(seen_down):
         assert all(row["failed"] is True for row in down), (k, [r for r in down if not r["failed"]])
     backoffs = [0.5, 1.0, 2.0, 4.0]
-    for k, (w, b) in enumerate(zip(windows, backoffs)):
+    for k, (w, b) in enumerate(zip(windows, backoffs, strict=False)):
         assert b <= w < b + 10, f"kill {k + 1}: down {w:.2f} s, backoff {b} s"
     assert windows[3] - windows[0] > 2.5, windows  # the backoff grows
     log = (hive.state_dir / "priv" / "cages" / "ftk" / "cage.log").read_text()
@@ -591,11 +598,11 @@ def test_gateway_kill9_worker_and_master_are_replaced(hive_factory: HiveFactory)
         if round_ == "master and workers":
             for w in workers:
                 os.kill(w, signal.SIGKILL)
-        new = wait_until(lambda: (m := note()[0]) not in (None, master) and m, 15,
+        new = wait_until(lambda master=master: (m := note()[0]) not in (None, master) and m, 15,
                          f"hive up to restart the gateway ({round_} killed)\n{hive.log_tail()}")
-        wait_until(lambda: not any(alive(p, t) for p, t in old), 5, "the old workers to be gone")
+        wait_until(lambda old=old: not any(alive(p, t) for p, t in old), 5, "the old workers to be gone")
         assert wait_until(lambda: login(hive) == 303, 10, "the login page")
-        wait_until(lambda: hive.log_path.read_text().count("gateway is back") == k, 10,
+        wait_until(lambda k=k: hive.log_path.read_text().count("gateway is back") == k, 10,
                    "hive up to see the gateway ready")
         assert note()[0] == new and note()[1]
     log = hive.log_path.read_text()

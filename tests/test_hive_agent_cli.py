@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from helpers import REPO, CoreProcess, assert_ok
 
 HIVE = REPO / ".venv" / "bin" / "hive"

@@ -28,8 +28,17 @@ import httpx
 import pytest
 
 from hyperhive.core.sessions import COOKIE
-from web_fixture import (Login, Web, assert_csp, assert_one_line_reason, snapshot, transcript, unchanged, wait_for,
-                         web_hive)
+from web_fixture import (
+    Login,
+    Web,
+    assert_csp,
+    assert_one_line_reason,
+    snapshot,
+    transcript,
+    unchanged,
+    wait_for,
+    web_hive,
+)
 
 ECHO = "web-echo"  # prints every message it gets: what its runtime received is in its transcript
 IDLE = "web-idle"

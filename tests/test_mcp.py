@@ -24,11 +24,12 @@ from typing import Any, TypeVar
 
 import anyio
 import pytest
-from helpers import CoreProcess, assert_ok, wait_for
-from hive_fixture import HIVE, HiveProcess, running_hive
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
+
+from helpers import CoreProcess, assert_ok, wait_for
+from hive_fixture import HIVE, HiveProcess, running_hive
 
 T = TypeVar("T")
 

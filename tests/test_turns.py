@@ -11,6 +11,7 @@ Waits poll with generous deadlines; the machine is small and shared.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -341,7 +342,7 @@ def test_one_turn_per_message_strictly_one_at_a_time(hive: HiveProcess) -> None:
         end = exit_of(t)
         assert end["exit_status"] == 0 and not end["interrupted"] and not end["timed_out"]
         assert end["duration_ms"] >= 600, end
-    for a, b in zip(ids, ids[1:]):
+    for a, b in itertools.pairwise(ids):
         assert turns[a][-1]["at"] <= turns[b][0]["at"], (turns[a][-1], turns[b][0])
     assert unacked(hive, name) == []
 
@@ -417,7 +418,7 @@ def test_paused_agent_queues_messages_unacked_and_runs_them_in_order_on_resume(h
             assert transcript(hive, name, after) == [], "a turn ran while the agent was paused"
             time.sleep(0.2)
         queued = unacked(hive, name)
-        assert [(m["id"], m["body"], m["from"]) for m in queued] == [(i, b, "operator") for i, b in zip(ids, bodies)]
+        assert [(m["id"], m["body"], m["from"]) for m in queued] == [(i, b, "operator") for i, b in zip(ids, bodies, strict=False)]
         assert status(hive, name)["running"] is True  # paused is not stopped
     finally:
         ok(hive.host_call("set_paused", name=name, paused=False))
@@ -427,7 +428,7 @@ def test_paused_agent_queues_messages_unacked_and_runs_them_in_order_on_resume(h
     entries = transcript(hive, name, after)
     assert [e["turn"] for e in entries if e["kind"] == "input"] == ids
     assert [e["turn"] for e in entries] == sorted(e["turn"] for e in entries)
-    for t, b in zip(turns, bodies):
+    for t, b in zip(turns, bodies, strict=False):
         assert stdout(t) == [f"ran {b}"]
         assert exit_of(t)["exit_status"] == 0
     assert unacked(hive, name) == []

@@ -94,8 +94,10 @@ class HiveConfig(BaseModel):
     @model_validator(mode="after")
     def _agents_fit(self) -> HiveConfig:
         if len(self.agents) > self.limits.max_agents:
-            raise ValueError(f"{len(self.agents)} agents declared, more than [limits] max_agents"
-                             f" = {self.limits.max_agents}")
+            raise ValueError(
+                f"{len(self.agents)} agents declared, more than [limits] max_agents"
+                f" = {self.limits.max_agents}"
+            )
         return self
 
 

@@ -77,9 +77,8 @@ def test_database_out_of_reach_and_the_trigger_refuses_updates(rt: HiveProcess, 
         db = sqlite3.connect(rt.state_dir / "hive.db", timeout=10)
         try:
             for _, sql, value in TRIGGER_UPDATES:
-                with pytest.raises(sqlite3.IntegrityError, match="^approval payload is immutable$"):
-                    with db:
-                        db.execute(sql, (value, world.approval))
+                with pytest.raises(sqlite3.IntegrityError, match=r"^approval payload is immutable$"), db:
+                    db.execute(sql, (value, world.approval))
         finally:
             db.close()
     assert res["attempts"] == {p: "EACCES" if p.startswith(("/proc/1/", "/proc/2/")) else "ENOENT" for p in paths}

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hive_fixture import HiveProcess, running_hive, wait_until
 from testnet import TestNet
 
@@ -75,7 +76,7 @@ class Peak:
             self.fds, self.threads = max(self.fds, core_fds(self.h)), max(self.threads, core_threads(self.h))
             self.stop.wait(0.02)
 
-    def __enter__(self) -> Peak:  # noqa: PYI034
+    def __enter__(self) -> Peak:
         self.thread.start()
         return self
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from hive_fixture import HiveProcess, running_hive
 
 from .conftest import cage_run, changes, others_keep_working, unchanged

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hive_fixture import HiveProcess, running_hive, wait_until
 
+from hive_fixture import HiveProcess, running_hive, wait_until
 from hyperhive.priv import safefs
 
 from .conftest import cage_run
@@ -157,9 +157,11 @@ def test_remove_tree_does_not_cross_a_mount_point(tmp_path: Path) -> None:
     os.system(f"mount -t tmpfs none {tmp_path / 't' / 'm'}")
     (tmp_path / "t" / "m" / "keep").write_text("keep")
     try:
-        with safefs.opened(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)) as parent:
-            with pytest.raises(safefs.UnsafePath, match="mount point"):
-                safefs.remove_tree(parent, "t")
+        with (
+            safefs.opened(os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)) as parent,
+            pytest.raises(safefs.UnsafePath, match="mount point"),
+        ):
+            safefs.remove_tree(parent, "t")
         assert (tmp_path / "t" / "m" / "keep").read_text() == "keep"
     finally:
         os.system(f"umount {tmp_path / 't' / 'm'}")

@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
 from hive_fixture import HiveProcess, running_hive
 
 from .conftest import cage_run

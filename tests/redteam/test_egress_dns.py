@@ -18,8 +18,8 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from hive_fixture import HiveProcess, running_hive, wait_until
 
+from hive_fixture import HiveProcess, running_hive, wait_until
 from hyperhive.core.egress import Decision, EgressProxy, Refusal, Resolver, check
 from hyperhive.wire.egress import IPAddress, parse_rules
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from hive_fixture import HiveProcess, running_hive
 from testnet import TestNet
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hive_fixture import HIVE, HiveProcess, proc_cmdline, running_hive
 
 AGENTS = {"rxalice": {"runtime": "command", "command": ["true"]}}

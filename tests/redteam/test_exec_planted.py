@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from hive_fixture import HIVE, HiveProcess, running_hive
 
+from hive_fixture import HIVE, HiveProcess, running_hive
 from hyperhive.wire.priv import CLEAN_ENV_GUARDED
 
 NAME = "rxplant"

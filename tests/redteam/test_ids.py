@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hive_fixture import HiveProcess, running_hive
 
+from hive_fixture import HiveProcess, running_hive
 from hyperhive.priv.ids import (
     BASE_UID,
     BLOCK,
@@ -201,7 +201,7 @@ def test_priv_bounds_the_agents_it_keeps_per_hive(tmp_path: Path, monkeypatch: p
 def test_an_unreadable_table_is_one_line_not_a_traceback(tmp_path: Path, content: bytes) -> None:
     alloc = _allocator(tmp_path)
     (tmp_path / "priv" / "ids.json").write_bytes(content)
-    with pytest.raises(IdsExhausted, match="ids.json is unreadable"):
+    with pytest.raises(IdsExhausted, match=r"ids\.json is unreadable"):
         alloc.get("a")
 
 

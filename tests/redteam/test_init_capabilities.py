@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hive_fixture import HiveProcess, proc_cmdline, running_hive, wait_until
 
 from .conftest import cage_run

@@ -266,16 +266,18 @@ def test_sse_framing_in_agent_text_forges_no_event(rt: HiveProcess, web: Web) ->
 
 
 def _watch_stream(rt: HiveProcess, web: Web, login: Any, seen: list[str]) -> None:
-    with httpx.Client(timeout=httpx.Timeout(10, read=10)) as client:
-        with client.stream("GET", web.url("/api/dashboard/stream"), headers=login.cookies) as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            assert r.headers.get_list("content-security-policy") == [CSP]
-            cage_run(rt, AGENT, """result(r=call({"cmd": "set_status", "text": P["sse"]}))""", sse=SSE_FORGERY)
-            deadline = time.monotonic() + 15
-            for line in r.iter_lines():
-                seen.append(line)
-                if "forged" in line or time.monotonic() > deadline:
-                    break
+    with (
+        httpx.Client(timeout=httpx.Timeout(10, read=10)) as client,
+        client.stream("GET", web.url("/api/dashboard/stream"), headers=login.cookies) as r,
+    ):
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers.get_list("content-security-policy") == [CSP]
+        cage_run(rt, AGENT, """result(r=call({"cmd": "set_status", "text": P["sse"]}))""", sse=SSE_FORGERY)
+        deadline = time.monotonic() + 15
+        for line in r.iter_lines():
+            seen.append(line)
+            if "forged" in line or time.monotonic() > deadline:
+                break
 
 
 # path -> (content type when logged in, status without a session)

@@ -10,8 +10,8 @@ import platform
 from typing import Any
 
 import pytest
-from hive_fixture import HiveProcess
 
+from hive_fixture import HiveProcess
 from hyperhive.cage import seccomp
 
 from .conftest import cage_run, unchanged

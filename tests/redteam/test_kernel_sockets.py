@@ -10,8 +10,8 @@ from __future__ import annotations
 import platform
 
 import pytest
-from hive_fixture import HiveProcess
 
+from hive_fixture import HiveProcess
 from hyperhive.cage import seccomp
 
 from .conftest import cage_run, unchanged
@@ -90,7 +90,7 @@ def test_socket_family_refused(answers: dict[str, str], family: str) -> None:
     assert answers[family] == "EAFNOSUPPORT"
 
 
-@pytest.mark.parametrize("proto", sorted(NETLINK) + ["NETLINK_AUDIT, high word set"])
+@pytest.mark.parametrize("proto", [*sorted(NETLINK), "NETLINK_AUDIT, high word set"])
 def test_netlink_protocol_refused(answers: dict[str, str], proto: str) -> None:
     assert answers[proto] == "EPROTONOSUPPORT"
 

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hive_fixture import (
     HIVE,
     READY_TIMEOUT,
@@ -42,7 +43,6 @@ from hive_fixture import (
     proc_cmdline,
     wait_until,
 )
-
 from hyperhive.cli.instance_lock import LOCK_DIR, lock_name
 
 REF_PATH = "CVE-2008-5983 (Python puts the working directory on sys.path)"

@@ -65,7 +65,7 @@ def test_a_swapped_token_is_refused_at_once(tmp_path: Path, swap) -> None:  # ty
     def read() -> None:
         try:
             box["value"] = read_token(tmp_path)
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             box["error"] = e
 
     t = threading.Thread(target=read, daemon=True)

@@ -18,7 +18,15 @@ from hyperhive.config import EgressSection
 from hyperhive.core.jsonlines import MAX_CONNECTIONS_PER_PEER
 from hyperhive.wire.framing import MAX_LINE
 
-from .conftest import World, cage_run, changes, core_fds, core_rss_kib, others_keep_working, unchanged
+from .conftest import (
+    World,
+    cage_run,
+    changes,
+    core_fds,
+    core_rss_kib,
+    others_keep_working,
+    unchanged,
+)
 
 pytestmark = pytest.mark.attack('wire.malformed', ref='tinyproxy#627, OpenShell#1498')
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hive_fixture import REPO, HiveProcess, wait_until
 
 from .conftest import cage_run
@@ -106,7 +107,7 @@ def watched(rt: HiveProcess) -> dict[str, Any]:
         try:
             out.update(cage_run(rt, WATCHER, WATCH, watch=WATCHES, ready=ready, done=done,
                                 control="/usr/lib/python3.11/json/scanner.py"))
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:  # reported below
             out["error"] = repr(e)
 
     t = threading.Thread(target=watch)

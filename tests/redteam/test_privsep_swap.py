@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from hive_fixture import HIVE, HiveProcess
 
+from hive_fixture import HIVE, HiveProcess
 from hyperhive.paths import RunDir, StateDir
 from hyperhive.priv.cages import CageError, Cages
 from hyperhive.priv.ids import HostRegistry

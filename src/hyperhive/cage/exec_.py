@@ -38,7 +38,10 @@ MNT_DETACH = 2
 
 def _mount(source: str, target: str, fstype: str | None, flags: int, data: str | None) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
-    enc = lambda s: s.encode() if s is not None else None
+
+    def enc(s: str | None) -> bytes | None:
+        return s.encode() if s is not None else None
+
     if libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {target}: {os.strerror(err)}")

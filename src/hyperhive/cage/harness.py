@@ -62,8 +62,15 @@ def log(text: str) -> None:
 class Turn:
     """One run of the runtime for one message, bounded in time and output."""
 
-    def __init__(self, conn: Conn, init: InitChannel, runtime: Runtime, message: dict[str, Any],
-                 interrupt: threading.Event, timeout: float) -> None:
+    def __init__(
+        self,
+        conn: Conn,
+        init: InitChannel,
+        runtime: Runtime,
+        message: dict[str, Any],
+        interrupt: threading.Event,
+        timeout: float,
+    ) -> None:
         self.conn, self.init, self.runtime, self.message = conn, init, runtime, message
         self.interrupt, self.timeout = interrupt, timeout
         self.pending: list[dict[str, Any]] = []
@@ -103,18 +110,28 @@ class Turn:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         try:
-            pid = self.init.spawn(self.runtime.argv(self.message), self.runtime.env(self.message), [in_r, out_w, err_w])
+            pid = self.init.spawn(
+                self.runtime.argv(self.message),
+                self.runtime.env(self.message),
+                [in_r, out_w, err_w],
+            )
         except RuntimeError as e:
             for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
             self.record("note", f"could not start the runtime: {e}")
             self.flush()
-            self.conn.call("turn_done", turn=self.message["id"], exit_status=None,
-                           duration_ms=(time.monotonic() - started) * 1000)
+            self.conn.call(
+                "turn_done",
+                turn=self.message["id"],
+                exit_status=None,
+                duration_ms=(time.monotonic() - started) * 1000,
+            )
             return
         for fd in (in_r, out_w, err_w):
             os.close(fd)
-        threading.Thread(target=_feed, args=(in_w, self.runtime.stdin(self.message)), daemon=True).start()
+        threading.Thread(
+            target=_feed, args=(in_w, self.runtime.stdin(self.message)), daemon=True
+        ).start()
         interrupted = timed_out = False
         sel = selectors.DefaultSelector()
         bufs = {out_r: b"", err_r: b""}
@@ -145,7 +162,8 @@ class Turn:
                         os.close(fd)
                         del bufs[fd]
                         continue
-                    if self.full:  # drain without splitting lines: a flood costs no more than reading it
+                    # Drain without splitting lines: a flood costs no more than reading it.
+                    if self.full:
                         self.dropped += len(bufs[fd]) + len(chunk)
                         bufs[fd] = b""
                         continue
@@ -162,8 +180,12 @@ class Turn:
                 now = time.monotonic()
                 if killed_at is None and (self.interrupt.is_set() or now > deadline):
                     interrupted, timed_out = self.interrupt.is_set(), not self.interrupt.is_set()
-                    self.record("note", "interrupted by the operator" if interrupted else
-                                f"turn timed out after {self.timeout:.0f} s")
+                    self.record(
+                        "note",
+                        "interrupted by the operator"
+                        if interrupted
+                        else f"turn timed out after {self.timeout:.0f} s",
+                    )
                     self.init.kill(pid, signal.SIGTERM)
                     killed_at = now
                 elif killed_at is not None and sigkill_at is None and now - killed_at > KILL_GRACE:
@@ -185,12 +207,20 @@ class Turn:
             for fd in bufs:
                 os.close(fd)
         if self.dropped:
-            self.record("note", f"output over {MAX_TURN_OUTPUT} bytes or {MAX_TURN_LINES} lines: "
-                                f"{self.dropped} bytes dropped")
+            self.record(
+                "note",
+                f"output over {MAX_TURN_OUTPUT} bytes or {MAX_TURN_LINES} lines: "
+                f"{self.dropped} bytes dropped",
+            )
         self.flush()
-        self.conn.call("turn_done", turn=self.message["id"], exit_status=code,
-                       duration_ms=round((time.monotonic() - started) * 1000, 3),
-                       interrupted=interrupted, timed_out=timed_out)
+        self.conn.call(
+            "turn_done",
+            turn=self.message["id"],
+            exit_status=code,
+            duration_ms=round((time.monotonic() - started) * 1000, 3),
+            interrupted=interrupted,
+            timed_out=timed_out,
+        )
 
 
 def _feed(fd: int, data: bytes) -> None:
@@ -247,7 +277,9 @@ def serve(path: str, init: InitChannel) -> None:
                 continue
             interrupt.clear()
             before = (runtime.needs_login, runtime.active_model)
-            Turn(conn, init, runtime, message, interrupt, float(spec.get("turn_timeout", 300))).run()
+            Turn(
+                conn, init, runtime, message, interrupt, float(spec.get("turn_timeout", 300))
+            ).run()
             if (runtime.needs_login, runtime.active_model) != before:
                 report_state(conn, init, runtime)
     finally:

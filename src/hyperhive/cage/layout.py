@@ -1,7 +1,9 @@
 """Paths as a cage sees them. Shared by hive-priv (which builds the cage) and
 the code that runs inside it."""
 
-CAGE_PYTHON = "/usr/bin/python3.11"  # Debian's: nothing of the host's /root or venv paths is visible
+CAGE_PYTHON = (
+    "/usr/bin/python3.11"  # Debian's: nothing of the host's /root or venv paths is visible
+)
 HIVE_SRC = "/opt/hive/src"
 HIVE_SITE = "/opt/hive/site"
 HOME = "/home/agent"
@@ -24,8 +26,12 @@ def base_env(name: str) -> dict[str, str]:
     cage's loopback is its own (its network namespace has nothing else), so it
     is reached directly; the proxy would refuse loopback anyway."""
     env = {
-        "PATH": PATH, "HOME": HOME, "USER": "agent", "LANG": "C.UTF-8",
-        "HIVE_AGENT": name, "HIVE_SOCKET": AGENT_SOCKET,
+        "PATH": PATH,
+        "HOME": HOME,
+        "USER": "agent",
+        "LANG": "C.UTF-8",
+        "HIVE_AGENT": name,
+        "HIVE_SOCKET": AGENT_SOCKET,
     }
     for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
         env[var] = env[var.lower()] = PROXY_URL

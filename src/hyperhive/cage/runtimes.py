@@ -1,7 +1,7 @@
 """Agent runtimes: how one turn runs. A runtime turns an inbox message into an
 argv, its stdin and its environment, and its output into transcript entries.
 To add one, subclass Runtime and register it in RUNTIMES (and in AgentSpec's
-``runtime`` literal)."""
+``runtime`` literal: tests/test_consistency.py fails while the two differ)."""
 
 from __future__ import annotations
 
@@ -63,17 +63,26 @@ class ClaudeRuntime(Runtime):
         if self.login_known:
             return None
         # Credentials live in the agent's home, which only the runtime uid can read.
-        return ["/bin/sh", "-c", 'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"']
+        return [
+            "/bin/sh",
+            "-c",
+            'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"',
+        ]
 
     def mcp_config(self) -> str:
-        return json.dumps({"mcpServers": {"hive": {"command": f"{layout.BIN}/hive", "args": ["mcp"]}}})
+        return json.dumps(
+            {"mcpServers": {"hive": {"command": f"{layout.BIN}/hive", "args": ["mcp"]}}}
+        )
 
     @staticmethod
     def prompt(message: dict[str, Any]) -> str:
         kind, sender = message.get("kind"), message.get("from")
         head = {
             "message": f"Message from {sender}",
-            "question": f"Question {message.get('ref')} from {sender} (answer it with the hive `answer` tool)",
+            "question": (
+                f"Question {message.get('ref')} from {sender} "
+                "(answer it with the hive `answer` tool)"
+            ),
             "answer": f"Answer from {sender} to your question {message.get('ref')}",
             "reminder": "Reminder you scheduled",
             "approval": f"The operator's decision on your approval request {message.get('ref')}",
@@ -83,8 +92,18 @@ class ClaudeRuntime(Runtime):
     def argv(self, message: dict[str, Any]) -> list[str]:
         # In print mode nobody can grant a permission, so a tool not allowed up front is
         # denied ("... you haven't granted it yet"): allow every tool of the hive server.
-        a = [self.executable, "-p", self.prompt(message), "--output-format", "stream-json", "--verbose",
-             "--mcp-config", self.mcp_config(), "--allowedTools", HIVE_TOOLS]
+        a = [
+            self.executable,
+            "-p",
+            self.prompt(message),
+            "--output-format",
+            "stream-json",
+            "--verbose",
+            "--mcp-config",
+            self.mcp_config(),
+            "--allowedTools",
+            HIVE_TOOLS,
+        ]
         if self.spec.get("model"):
             a += ["--model", self.spec["model"]]
         if self.session_id:
@@ -123,4 +142,3 @@ class ClaudeRuntime(Runtime):
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"command": CommandRuntime, "claude": ClaudeRuntime}
-

@@ -44,9 +44,22 @@ SECCOMP_MODE_FILTER = 2
 # Namespace flags of clone/unshare. The cage needs none (and the runtime has no
 # capability to use any but CLONE_NEWUSER, which would give it all of them).
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
-CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = (
+    0x08000000,
+    0x10000000,
+    0x20000000,
+    0x40000000,
+)
 CLONE_NEWTIME = 0x00000080  # unshare only: in clone()'s flags this bit is part of the exit signal
-NS_FLAGS = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+NS_FLAGS = (
+    CLONE_NEWNS
+    | CLONE_NEWCGROUP
+    | CLONE_NEWUTS
+    | CLONE_NEWIPC
+    | CLONE_NEWUSER
+    | CLONE_NEWPID
+    | CLONE_NEWNET
+)
 
 # Socket families a cage gets: unix sockets (agent.sock, egress.sock, its own) and
 # IP on its own loopback (the egress bridge at 127.0.0.1:3128). Netlink only as
@@ -64,7 +77,13 @@ AF_NETLINK, NETLINK_ROUTE = 16, 0
 # users fall back to TCP on EPROTONOSUPPORT). The type is compared without its
 # SOCK_NONBLOCK / SOCK_CLOEXEC flags.
 INET_TYPES = (socket.SOCK_STREAM, socket.SOCK_DGRAM, socket.SOCK_RAW)
-INET_PROTOCOLS = (0, socket.IPPROTO_TCP, socket.IPPROTO_UDP, socket.IPPROTO_ICMP, socket.IPPROTO_ICMPV6)
+INET_PROTOCOLS = (
+    0,
+    socket.IPPROTO_TCP,
+    socket.IPPROTO_UDP,
+    socket.IPPROTO_ICMP,
+    socket.IPPROTO_ICMPV6,
+)
 SOCK_TYPE_MASK = 0xF
 
 # Push bytes into a terminal's input; console ioctls; set a line discipline (which loads
@@ -78,6 +97,8 @@ PER_LINUX, PER_LINUX32, PER_QUERY = 0x0000, 0x0008, 0xFFFFFFFF
 
 # Syscall numbers. x86_64: arch/x86/entry/syscalls/syscall_64.tbl; aarch64 uses the
 # generic table (include/uapi/asm-generic/unistd.h). Numbers from 403 up are shared.
+# Tables kept as tables, several entries a line.
+# fmt: off
 _SHARED = {
     "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427,
     "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431, "fsmount": 432,
@@ -112,6 +133,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "kexec_file_load": 294, **_SHARED,
     },
 }
+# fmt: on
 # (AUDIT_ARCH_*, highest syscall number the table knows: anything above is newer
 # than this policy, so it is refused with ENOSYS until someone reads what it does.)
 ARCHES = {"x86_64": (0xC000003E, 469), "aarch64": (0xC00000B7, 469)}
@@ -124,6 +146,7 @@ X32_SYSCALL_BIT = 0x40000000
 @dataclass(frozen=True)
 class In:
     """Argument ``arg`` (its low 32 bits, and ``mask``) is one of ``values``."""
+
     arg: int
     values: tuple[int, ...]
     mask: int = 0xFFFFFFFF
@@ -132,6 +155,7 @@ class In:
 @dataclass(frozen=True)
 class NotIn:
     """Argument ``arg`` (its low 32 bits, and ``mask``) is none of ``values``."""
+
     arg: int
     values: tuple[int, ...]
     mask: int = 0xFFFFFFFF
@@ -140,6 +164,7 @@ class NotIn:
 @dataclass(frozen=True)
 class AnyBit:
     """Argument ``arg`` has any bit of ``mask`` set."""
+
     arg: int
     mask: int
 
@@ -161,9 +186,16 @@ POLICY: list[tuple[str, Check, int]] = [
     # AF_NETLINK, AF_ALG, AF_KEY, AF_XDP, ... are kernel surface a cage doesn't need).
     ("socket", (In(0, (AF_NETLINK,)), NotIn(2, (NETLINK_ROUTE,))), EPROTONOSUPPORT),
     ("socket", NotIn(0, (*ALLOWED_FAMILIES, AF_NETLINK)), EAFNOSUPPORT),
-    ("socket", (In(0, (socket.AF_INET, socket.AF_INET6)), NotIn(1, INET_TYPES, SOCK_TYPE_MASK)),
-     ESOCKTNOSUPPORT),
-    ("socket", (In(0, (socket.AF_INET, socket.AF_INET6)), NotIn(2, INET_PROTOCOLS)), EPROTONOSUPPORT),
+    (
+        "socket",
+        (In(0, (socket.AF_INET, socket.AF_INET6)), NotIn(1, INET_TYPES, SOCK_TYPE_MASK)),
+        ESOCKTNOSUPPORT,
+    ),
+    (
+        "socket",
+        (In(0, (socket.AF_INET, socket.AF_INET6)), NotIn(2, INET_PROTOCOLS)),
+        EPROTONOSUPPORT,
+    ),
     ("socketpair", NotIn(0, ALLOWED_FAMILIES), EAFNOSUPPORT),
     # Terminals: no faking input on a terminal the cage shares (CVE-2017-5226).
     ("ioctl", In(1, (TIOCSTI, TIOCLINUX, TIOCSETD)), EPERM),
@@ -289,7 +321,9 @@ class _Asm:
             if code == _JA:
                 out.append(struct.pack("=HBBI", code, 0, 0, self._rel(pc, jt, 0xFFFFFFFF)))
             else:
-                out.append(struct.pack("=HBBI", code, self._rel(pc, jt, 255), self._rel(pc, jf, 255), k))
+                out.append(
+                    struct.pack("=HBBI", code, self._rel(pc, jt, 255), self._rel(pc, jf, 255), k)
+                )
         return b"".join(out)
 
 
@@ -362,8 +396,10 @@ def install() -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(code, len(code))
     prog = _SockFprog(len(code) // 8, ctypes.addressof(buf))
-    for args in ((PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
-                 (PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0)):
+    for args in (
+        (PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0),
+        (PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), 0, 0),
+    ):
         if libc.prctl(*(ctypes.c_ulong(a) for a in args)) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"prctl({args[0]}): {os.strerror(err)}")

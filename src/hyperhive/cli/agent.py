@@ -11,15 +11,19 @@ from pathlib import Path
 
 import click
 
-from hyperhive.cli.output import report, fail, json_option, print_messages, request, table, when
+from hyperhive.cli.output import fail, json_option, print_messages, report, request, table, when
 from hyperhive.client import Client, HiveUnavailable
 
 DEFAULT_AGENT_SOCK = Path("/run/hive/agent.sock")
 
 
 @click.group("agent")
-@click.option("--socket", "sock", type=click.Path(path_type=Path),
-              help="The agent socket (default $HIVE_SOCKET or /run/hive/agent.sock).")
+@click.option(
+    "--socket",
+    "sock",
+    type=click.Path(path_type=Path),
+    help="The agent socket (default $HIVE_SOCKET or /run/hive/agent.sock).",
+)
 @click.pass_context
 def agent_group(ctx: click.Context, sock: Path | None) -> None:
     """Agent verbs over this cage's agent.sock."""
@@ -107,9 +111,13 @@ def ack(ctx: click.Context, as_json: bool, ids: tuple[int, ...]) -> None:
 @click.argument("question")
 @click.option("--option", "options", multiple=True, help="A suggested answer (repeatable).")
 @click.pass_context
-def ask(ctx: click.Context, as_json: bool, to: str, question: str, options: tuple[str, ...]) -> None:
+def ask(
+    ctx: click.Context, as_json: bool, to: str, question: str, options: tuple[str, ...]
+) -> None:
     """Ask a peer or "operator" a QUESTION; the answer arrives as a message."""
-    resp = request(_sock(ctx), "ask", as_json, to=to, question=question, options=list(options) or None)
+    resp = request(
+        _sock(ctx), "ask", as_json, to=to, question=question, options=list(options) or None
+    )
     if not as_json:
         click.echo(f"question {resp['id']} asked")
 
@@ -130,15 +138,26 @@ def answer(ctx: click.Context, as_json: bool, question_id: int, answer: str) -> 
 @json_option
 @click.argument("kind", type=click.Choice(["custom", "spawn", "egress"]))
 @click.argument("description")
-@click.option("--payload", default="null", help="The payload as JSON (spawn: {\"name\": ..., \"spec\": {...}}; egress: {\"host\": ..., \"port\": ...}).")
+@click.option(
+    "--payload",
+    default="null",
+    help=(
+        'The payload as JSON (spawn: {"name": ..., "spec": {...}}; '
+        'egress: {"host": ..., "port": ...}).'
+    ),
+)
 @click.pass_context
-def request_approval(ctx: click.Context, as_json: bool, kind: str, description: str, payload: str) -> None:
+def request_approval(
+    ctx: click.Context, as_json: bool, kind: str, description: str, payload: str
+) -> None:
     """Ask the operator to approve something."""
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as e:
         fail(f"--payload is not valid JSON: {e}")
-    resp = request(_sock(ctx), "request_approval", as_json, kind=kind, description=description, payload=data)
+    resp = request(
+        _sock(ctx), "request_approval", as_json, kind=kind, description=description, payload=data
+    )
     if not as_json:
         click.echo(f"approval {resp['id']} requested (payload sha256 {resp['payload_sha256']})")
 
@@ -160,7 +179,9 @@ def set_status(ctx: click.Context, as_json: bool, text: str) -> None:
 @click.option("--at", help="An ISO 8601 time with timezone.")
 @click.argument("text")
 @click.pass_context
-def remind(ctx: click.Context, as_json: bool, in_seconds: float | None, at: str | None, text: str) -> None:
+def remind(
+    ctx: click.Context, as_json: bool, in_seconds: float | None, at: str | None, text: str
+) -> None:
     """Schedule a reminder message to this agent."""
     resp = request(_sock(ctx), "remind", as_json, in_seconds=in_seconds, at=at, text=text)
     if not as_json:
@@ -174,8 +195,18 @@ def loose_ends(ctx: click.Context, as_json: bool) -> None:
     """This agent's open questions and pending approvals."""
     resp = request(_sock(ctx), "loose_ends", as_json)
     if not as_json:
-        table("open questions", ["id", "to", "question"], ([q["id"], q["to"], q["question"]] for q in resp["questions"]))
-        table("pending approvals", ["id", "kind", "description"],
-              ([a["id"], a["kind"], a["description"]] for a in resp["approvals"]))
-        table("questions to answer", ["id", "from", "question"],
-              ([q["id"], q["asker"], q["question"]] for q in resp["to_answer"]))
+        table(
+            "open questions",
+            ["id", "to", "question"],
+            ([q["id"], q["to"], q["question"]] for q in resp["questions"]),
+        )
+        table(
+            "pending approvals",
+            ["id", "kind", "description"],
+            ([a["id"], a["kind"], a["description"]] for a in resp["approvals"]),
+        )
+        table(
+            "questions to answer",
+            ["id", "from", "question"],
+            ([q["id"], q["asker"], q["question"]] for q in resp["to_answer"]),
+        )

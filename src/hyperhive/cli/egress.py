@@ -26,10 +26,15 @@ def ls(ctx: click.Context, as_json: bool, name: str | None) -> None:
     """Every agent's rules (or agent NAME's), with where each came from."""
     resp = request(_host_sock(ctx), "egress_rules", as_json, name=name)
     if not as_json:
-        table("egress rules", ["agent", "rule", "source", "added"], (
-            [agent, r["rule"], r["source"], when(r["added_at"])]
-            for agent, rules in resp["rules"].items() for r in rules
-        ))
+        table(
+            "egress rules",
+            ["agent", "rule", "source", "added"],
+            (
+                [agent, r["rule"], r["source"], when(r["added_at"])]
+                for agent, rules in resp["rules"].items()
+                for r in rules
+            ),
+        )
 
 
 @egress_group.command("allow")
@@ -41,7 +46,9 @@ def allow(ctx: click.Context, as_json: bool, name: str, rule: str) -> None:
     """Let agent NAME reach RULE (e.g. pypi.org:443, *.pypi.org:443, 198.18.0.0/15:80), at once."""
     resp = request(_host_sock(ctx), "egress_allow", as_json, name=name, rule=rule)
     if not as_json:
-        click.echo(f"{name}: {resp['rule']} {'allowed' if resp['added'] else 'was already allowed'}")
+        click.echo(
+            f"{name}: {resp['rule']} {'allowed' if resp['added'] else 'was already allowed'}"
+        )
 
 
 @egress_group.command("rm")
@@ -65,8 +72,20 @@ def log(ctx: click.Context, as_json: bool, name: str | None, limit: int) -> None
     """The proxy's decisions, newest first: agent, destination, allowed or refused, bytes."""
     resp = request(_host_sock(ctx), "egress_log", as_json, name=name, limit=limit)
     if not as_json:
-        table("egress log", ["at", "agent", "destination", "address", "decision", "reason", "up", "down"], (
-            [when(e["at"]), e["agent"], f"{e['host']}:{e['port']}", e["address"],
-             "allowed" if e["allowed"] else "REFUSED", e["reason"], e["bytes_up"], e["bytes_down"]]
-            for e in resp["entries"]
-        ))
+        table(
+            "egress log",
+            ["at", "agent", "destination", "address", "decision", "reason", "up", "down"],
+            (
+                [
+                    when(e["at"]),
+                    e["agent"],
+                    f"{e['host']}:{e['port']}",
+                    e["address"],
+                    "allowed" if e["allowed"] else "REFUSED",
+                    e["reason"],
+                    e["bytes_up"],
+                    e["bytes_down"],
+                ]
+                for e in resp["entries"]
+            ),
+        )

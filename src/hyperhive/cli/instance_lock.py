@@ -48,7 +48,9 @@ def _open_lock_dir(lock_dir: Path) -> int:
     st = os.fstat(fd)
     if st.st_uid != 0 or st.st_mode & 0o022:
         os.close(fd)
-        raise InUse(f"{lock_dir} is not a directory only root can write; refusing to trust its locks")
+        raise InUse(
+            f"{lock_dir} is not a directory only root can write; refusing to trust its locks"
+        )
     return fd
 
 
@@ -73,7 +75,9 @@ class InstanceLock:
 
     def release(self) -> None:
         try:
-            dir_fd = os.open(self.lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            dir_fd = os.open(
+                self.lock_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+            )
         except OSError:
             dir_fd = None
         for name, fd in self.held:
@@ -89,8 +93,12 @@ class InstanceLock:
 def _lock_one(dir_fd: int, name: str, d: Path, lock_dir: Path) -> int:
     for _ in range(20):
         try:  # never through a link: a planted one would have root truncate its target
-            fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                         0o600, dir_fd=dir_fd)
+            fd = os.open(
+                name,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                0o600,
+                dir_fd=dir_fd,
+            )
         except OSError as e:
             raise InUse(f"cannot open the lock file for {d} in {lock_dir}: {e.strerror}") from None
         st = os.fstat(fd)

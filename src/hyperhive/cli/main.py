@@ -16,8 +16,14 @@ from hyperhive.paths import DEFAULT_RUN_DIR
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True,
-              envvar="HIVE_RUN_DIR", help="Where the hive's sockets are.")
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_RUN_DIR,
+    show_default=True,
+    envvar="HIVE_RUN_DIR",
+    help="Where the hive's sockets are.",
+)
 @click.version_option(__version__, prog_name="hive")
 @click.pass_context
 def cli(ctx: click.Context, run_dir: Path) -> None:
@@ -38,8 +44,12 @@ cli.add_command(egress_group)
 
 
 @cli.command("mcp")
-@click.option("--socket", "sock", type=click.Path(path_type=Path),
-              help="The agent socket (default $HIVE_SOCKET or /run/hive/agent.sock).")
+@click.option(
+    "--socket",
+    "sock",
+    type=click.Path(path_type=Path),
+    help="The agent socket (default $HIVE_SOCKET or /run/hive/agent.sock).",
+)
 def mcp_cmd(sock: Path | None) -> None:
     """Serve the agent verbs as MCP tools on stdio (for Claude Code and other MCP clients)."""
     from hyperhive.cli.mcp import serve  # the MCP SDK is heavy; load it only here

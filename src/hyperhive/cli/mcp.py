@@ -18,13 +18,42 @@ from hyperhive.client import Client, HiveUnavailable
 
 DEFAULT_AGENT_SOCK = "/run/hive/agent.sock"
 
+# Every agent verb (wire/agent.py) is either served as a tool (TOOL_VERBS) or named in
+# NOT_TOOLS with the reason; tests/test_consistency.py holds both tables to the verbs and
+# to the tools build_server registers (and to the verb each tool sends).
+TOOL_VERBS: dict[str, str] = {  # MCP tool name -> the agent verb it calls
+    "whoami": "whoami",
+    "peers": "peers",
+    "send_message": "send",
+    "ask": "ask",
+    "answer": "answer",
+    "request_approval": "request_approval",
+    "set_status": "set_status",
+    "remind": "remind",
+    "loose_ends": "loose_ends",
+}
+NOT_TOOLS: dict[str, str] = {  # agent verb -> why no tool serves it
+    "recv": (
+        "messages reach the runtime as turns: the harness takes each one from the same inbox "
+        "(turn_next) and hands it over as the prompt; a tool that received would take "
+        "messages out of the turn loop"
+    ),
+    "ack": (
+        "the harness acks a message once the turn it started has ended; a runtime that acked "
+        "would drop messages the turn loop holds, or was never given"
+    ),
+}
+
 
 def build_server(socket_path: Path) -> FastMCP:
-    server = FastMCP("hive", instructions=(
-        "Tools of the hive this agent runs in. Message peers or the operator, ask questions, "
-        "request the operator's approval, set your status line and schedule reminders. "
-        "Replies and answers arrive as new messages (new turns)."
-    ))
+    server = FastMCP(
+        "hive",
+        instructions=(
+            "Tools of the hive this agent runs in. Message peers or the operator, ask questions, "
+            "request the operator's approval, set your status line and schedule reminders. "
+            "Replies and answers arrive as new messages (new turns)."
+        ),
+    )
 
     def call(cmd: str, **fields: Any) -> dict[str, Any]:
         try:
@@ -45,7 +74,8 @@ def build_server(socket_path: Path) -> FastMCP:
 
     @server.tool()
     def peers() -> dict[str, Any]:
-        """The agents this one may message and ask. The operator is always reachable as "operator"."""
+        """The agents this one may message and ask.
+        The operator is always reachable as "operator"."""
         return call("peers")
 
     @server.tool()
@@ -55,7 +85,8 @@ def build_server(socket_path: Path) -> FastMCP:
 
     @server.tool()
     def ask(to: str, question: str, options: list[str] | None = None) -> dict[str, Any]:
-        """Ask a peer or "operator" a question; the answer arrives later as a message with ref = the question id."""
+        """Ask a peer or "operator" a question;
+        the answer arrives later as a message with ref = the question id."""
         return call("ask", to=to, question=question, options=options)
 
     @server.tool()
@@ -66,8 +97,10 @@ def build_server(socket_path: Path) -> FastMCP:
     @server.tool()
     def request_approval(kind: str, description: str, payload: Any = None) -> dict[str, Any]:
         """Ask the operator to approve something. kind "custom": a decision comes back as a message;
-        kind "spawn": payload {"name": ..., "spec": {"command": [...], "peers": [...]}} creates a helper agent;
-        kind "egress": payload {"host": "pypi.org", "port": 443} adds that destination to this agent's allowlist."""
+        kind "spawn": payload {"name": ..., "spec": {"command": [...], "peers": [...]}}
+        creates a helper agent;
+        kind "egress": payload {"host": "pypi.org", "port": 443}
+        adds that destination to this agent's allowlist."""
         return call("request_approval", kind=kind, description=description, payload=payload)
 
     @server.tool()

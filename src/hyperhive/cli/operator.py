@@ -8,10 +8,17 @@ from typing import Any
 
 import click
 
-from hyperhive.wire.host import EVENT_KINDS
 from hyperhive.cli.output import (
-    console, fail, json_option, print_messages, request, stream, table, when,
+    console,
+    fail,
+    json_option,
+    print_messages,
+    request,
+    stream,
+    table,
+    when,
 )
+from hyperhive.wire.host import EVENT_KINDS
 
 
 def host_sock(ctx: click.Context) -> Path:
@@ -32,7 +39,7 @@ def _state(a: dict[str, Any]) -> str:
     return "paused" if a.get("paused") else "running"
 
 
-def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small verbs
+def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("ls")
     @json_option
     @click.pass_context
@@ -50,16 +57,20 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
     def status(ctx: click.Context, as_json: bool, watch: bool) -> None:
         """Every agent's state, status text and parent."""
         if watch:
+
             def render(item: dict[str, Any]) -> None:
                 if "event" in item:
                     ev = item["event"]
                     a = ev.get("agent")
                     if a:
-                        console.print(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}", markup=False)
+                        console.print(
+                            f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}", markup=False
+                        )
                     else:
                         console.print(f"{ev.get('name')}: destroyed", markup=False)
                 else:
                     _status_table(item["agent_statuses"])
+
             stream(host_sock(ctx), "subscribe_agent_status", as_json, render)
             return
         resp = request(host_sock(ctx), "agent_status", as_json)
@@ -94,10 +105,20 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
         """Open questions addressed to the operator."""
         resp = request(host_sock(ctx), "questions", as_json)
         if not as_json:
-            table("questions", ["id", "from", "asked", "question", "options"], (
-                [q["id"], q["asker"], when(q["asked_at"]), q["question"], ", ".join(q.get("options") or [])]
-                for q in resp["questions"]
-            ))
+            table(
+                "questions",
+                ["id", "from", "asked", "question", "options"],
+                (
+                    [
+                        q["id"],
+                        q["asker"],
+                        when(q["asked_at"]),
+                        q["question"],
+                        ", ".join(q.get("options") or []),
+                    ]
+                    for q in resp["questions"]
+                ),
+            )
 
     @group.command("answer")
     @json_option
@@ -117,11 +138,22 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
         """Pending approvals, with the exact payload and its sha256."""
         resp = request(host_sock(ctx), "pending", as_json)
         if not as_json:
-            table("pending approvals", ["id", "agent", "kind", "requested", "description", "payload", "sha256"], (
-                [a["id"], a["agent"], a["kind"], when(a["requested_at"]), a["description"],
-                 json.dumps(a.get("payload"), ensure_ascii=False), a["payload_sha256"]]
-                for a in resp["approvals"]
-            ))
+            table(
+                "pending approvals",
+                ["id", "agent", "kind", "requested", "description", "payload", "sha256"],
+                (
+                    [
+                        a["id"],
+                        a["agent"],
+                        a["kind"],
+                        when(a["requested_at"]),
+                        a["description"],
+                        json.dumps(a.get("payload"), ensure_ascii=False),
+                        a["payload_sha256"],
+                    ]
+                    for a in resp["approvals"]
+                ),
+            )
 
     @group.command("approve")
     @json_option
@@ -163,7 +195,9 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
     @click.pass_context
     def stop(ctx: click.Context, as_json: bool, names: tuple[str, ...], force: bool) -> None:
         """Stop NAMES (default: every agent)."""
-        resp = request(host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)}, graceful=not force)
+        resp = request(
+            host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)}, graceful=not force
+        )
         if not as_json:
             click.echo(f"stopped: {', '.join(resp['stopped']) or 'nothing'}")
 
@@ -178,8 +212,15 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
             click.echo(f"restarted {name}")
 
     for verb, paused in (("pause", True), ("resume", False)):
+
         def make(paused: bool = paused, verb: str = verb) -> None:
-            @group.command(verb, help=f"{verb.capitalize()} agent NAME ({'messages queue, no turns' if paused else 'turns resume'}).")
+            @group.command(
+                verb,
+                help=(
+                    f"{verb.capitalize()} agent NAME "
+                    f"({'messages queue, no turns' if paused else 'turns resume'})."
+                ),
+            )
             @json_option
             @click.argument("name")
             @click.pass_context
@@ -187,17 +228,35 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
                 request(host_sock(ctx), "set_paused", as_json, name=name, paused=paused)
                 if not as_json:
                     click.echo(f"{name}: {'paused' if paused else 'resumed'}")
+
         make()
 
     @group.command("spawn")
     @json_option
     @click.argument("name")
-    @click.option("--spec", "spec_json", help='The agent spec as JSON, e.g. \'{"command": ["python3", "/srv/turn.py"]}\'.')
-    @click.option("--command", "command", multiple=True, help="Runtime 'command': one argv word per --command.")
-    @click.option("--peer", "peers", multiple=True, help="A peer the agent may message (repeatable).")
+    @click.option(
+        "--spec",
+        "spec_json",
+        help='The agent spec as JSON, e.g. \'{"command": ["python3", "/srv/turn.py"]}\'.',
+    )
+    @click.option(
+        "--command",
+        "command",
+        multiple=True,
+        help="Runtime 'command': one argv word per --command.",
+    )
+    @click.option(
+        "--peer", "peers", multiple=True, help="A peer the agent may message (repeatable)."
+    )
     @click.pass_context
-    def spawn(ctx: click.Context, as_json: bool, name: str, spec_json: str | None,
-              command: tuple[str, ...], peers: tuple[str, ...]) -> None:
+    def spawn(
+        ctx: click.Context,
+        as_json: bool,
+        name: str,
+        spec_json: str | None,
+        command: tuple[str, ...],
+        peers: tuple[str, ...],
+    ) -> None:
         """Create and start agent NAME."""
         if spec_json:
             try:
@@ -243,11 +302,22 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
         """Agent NAME's turn transcript (latest entries)."""
         resp = request(host_sock(ctx), "transcript", as_json, name=name, after=after, limit=limit)
         if not as_json:
-            table(f"{name} transcript", ["id", "turn", "kind", "at", "data"], (
-                [e["id"], e["turn"], e["kind"], when(e["at"]),
-                 e["data"] if isinstance(e["data"], str) else json.dumps(e["data"], ensure_ascii=False)]
-                for e in resp["entries"]
-            ))
+            table(
+                f"{name} transcript",
+                ["id", "turn", "kind", "at", "data"],
+                (
+                    [
+                        e["id"],
+                        e["turn"],
+                        e["kind"],
+                        when(e["at"]),
+                        e["data"]
+                        if isinstance(e["data"], str)
+                        else json.dumps(e["data"], ensure_ascii=False),
+                    ]
+                    for e in resp["entries"]
+                ),
+            )
 
     @group.command("urls")
     @json_option
@@ -261,22 +331,41 @@ def register(group: click.Group) -> None:  # noqa: C901 - a flat list of small v
 
     @group.command("events")
     @json_option
-    @click.option("--kind", "kinds", multiple=True,
-                  type=click.Choice(list(EVENT_KINDS)),
-                  help="Only these kinds (repeatable; default all).")
+    @click.option(
+        "--kind",
+        "kinds",
+        multiple=True,
+        type=click.Choice(list(EVENT_KINDS)),
+        help="Only these kinds (repeatable; default all).",
+    )
     @click.pass_context
     def events(ctx: click.Context, as_json: bool, kinds: tuple[str, ...]) -> None:
         """Follow the hive's events live (Ctrl-C to stop)."""
+
         def render(item: dict[str, Any]) -> None:
             if "event" in item:
-                console.print(json.dumps(item["event"], ensure_ascii=False), markup=False, highlight=False)
+                console.print(
+                    json.dumps(item["event"], ensure_ascii=False), markup=False, highlight=False
+                )
+
         fields: dict[str, Any] = {"kinds": list(kinds)} if kinds else {}
         stream(host_sock(ctx), "subscribe", as_json, render, **fields)
 
 
 def _status_table(rows: list[dict[str, Any]]) -> None:
-    table("agents", ["name", "state", "paused", "parent", "reminders", "status", "since"], (
-        [a["name"], _state(a), _yn(a.get("paused", False)), a.get("parent"), a.get("pending_reminders") or "",
-         a.get("status_text"), when(a.get("status_set_at"))]
-        for a in rows
-    ))
+    table(
+        "agents",
+        ["name", "state", "paused", "parent", "reminders", "status", "since"],
+        (
+            [
+                a["name"],
+                _state(a),
+                _yn(a.get("paused", False)),
+                a.get("parent"),
+                a.get("pending_reminders") or "",
+                a.get("status_text"),
+                when(a.get("status_set_at")),
+            ]
+            for a in rows
+        ),
+    )

@@ -52,7 +52,9 @@ def report(resp: dict[str, Any], as_json: bool) -> dict[str, Any]:
     return resp
 
 
-def stream(path: Path, cmd: str, as_json: bool, render: Callable[[dict[str, Any]], None], **fields: Any) -> None:
+def stream(
+    path: Path, cmd: str, as_json: bool, render: Callable[[dict[str, Any]], None], **fields: Any
+) -> None:
     try:
         with Client(path, timeout=None) as c:
             for item in c.stream(cmd, **fields):
@@ -94,5 +96,8 @@ def print_messages(messages: list[dict[str, Any]], title: str = "messages") -> N
     table(
         title,
         ["id", "from", "kind", "ref", "sent", "body"],
-        ([m["id"], m["from"], m["kind"], m.get("ref"), when(m["sent_at"]), m["body"]] for m in messages),
+        (
+            [m["id"], m["from"], m["kind"], m.get("ref"), when(m["sent_at"]), m["body"]]
+            for m in messages
+        ),
     )

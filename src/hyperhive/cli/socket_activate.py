@@ -18,11 +18,17 @@ import sys
 def main() -> None:
     args = sys.argv[1:]
     if len(args) < 3 or args[1] != "--":
-        print("usage: python -I -m hyperhive.cli.socket_activate FD -- /PROGRAM ARGS...", file=sys.stderr)
+        print(
+            "usage: python -I -m hyperhive.cli.socket_activate FD -- /PROGRAM ARGS...",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     fd, argv = int(args[0]), args[2:]
     if not os.path.isabs(argv[0]):
-        print(f"socket_activate: the program must be an absolute path, not {argv[0]!r}", file=sys.stderr)
+        print(
+            f"socket_activate: the program must be an absolute path, not {argv[0]!r}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     if fd != 3:
         os.dup2(fd, 3, inheritable=True)

@@ -22,8 +22,8 @@ import os
 import pwd
 import shutil
 import signal
-import stat
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -91,9 +91,19 @@ def ensure_user(name: str) -> None:
         pwd.getpwnam(name)
     except KeyError:
         subprocess.run(
-            ["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-             "--shell", "/usr/sbin/nologin", name],
-            check=True, capture_output=True,
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            check=True,
+            capture_output=True,
         )
         log.info("created user %s", name)
 
@@ -107,9 +117,15 @@ class Supervised:
     they would keep the listening port (the new master could not bind it) and
     serve with the old configuration."""
 
-    def __init__(self, name: str, argv: list[str], ready_prefix: str | None,
-                 ready_check: Callable[[], Awaitable[bool]] | None = None, own_group: bool = False,
-                 **popen: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        ready_prefix: str | None,
+        ready_check: Callable[[], Awaitable[bool]] | None = None,
+        own_group: bool = False,
+        **popen: Any,
+    ) -> None:
         self.name = name
         self.argv = argv
         self.ready_prefix = ready_prefix
@@ -117,12 +133,24 @@ class Supervised:
         self.own_group = own_group
         self.popen = popen
         self.proc: asyncio.subprocess.Process | None = None
+        # Held: the event loop keeps only a weak reference to a task.
+        self.drainer: asyncio.Future[None] | None = None
         self.stopping = False
+
+    def stop_requested(self) -> bool:
+        # A call, not the attribute: stop() sets it while supervise() awaits, and mypy
+        # would take the attribute for still False after `while not self.stopping`.
+        return self.stopping
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            *self.argv, stdout=asyncio.subprocess.PIPE, stdin=subprocess.DEVNULL,
-            start_new_session=self.own_group, env=child_env(), cwd="/", **self.popen
+            *self.argv,
+            stdout=asyncio.subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            start_new_session=self.own_group,
+            env=child_env(),
+            cwd="/",
+            **self.popen,
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + READY_TIMEOUT
@@ -133,21 +161,29 @@ class Supervised:
                 if self.proc.returncode is None:
                     self.proc.kill()
                 code = await self.exited()
-                raise RuntimeError(f"{self.name} did not become ready (status {code}; its log is above)")
+                raise RuntimeError(
+                    f"{self.name} did not become ready (status {code}; its log is above)"
+                )
             await asyncio.sleep(0.05)
         while self.ready_check is None:
             try:
-                line = await asyncio.wait_for(self.proc.stdout.readline(), deadline - time.monotonic())
+                line = await asyncio.wait_for(
+                    self.proc.stdout.readline(), deadline - time.monotonic()
+                )
             except TimeoutError:
                 self.proc.kill()
                 await self.exited()
-                raise RuntimeError(f"{self.name} did not become ready within {READY_TIMEOUT:.0f} s") from None
+                raise RuntimeError(
+                    f"{self.name} did not become ready within {READY_TIMEOUT:.0f} s"
+                ) from None
             if not line:
                 code = await self.exited()
-                raise RuntimeError(f"{self.name} exited with status {code} before it was ready (its log is above)")
+                raise RuntimeError(
+                    f"{self.name} exited with status {code} before it was ready (its log is above)"
+                )
             if self.ready_prefix and line.decode(errors="replace").startswith(self.ready_prefix):
                 break
-        asyncio.ensure_future(self._drain(self.proc.stdout))
+        self.drainer = asyncio.ensure_future(self._drain(self.proc.stdout))
 
     @staticmethod
     async def _drain(stream: asyncio.StreamReader) -> None:
@@ -178,9 +214,9 @@ class Supervised:
 
     async def supervise(self) -> None:
         backoff = 0.5
-        while not self.stopping:
+        while not self.stop_requested():
             code = await self.exited()
-            if self.stopping:
+            if self.stop_requested():
                 return
             log.error("%s exited with status %s; restarting in %.1f s", self.name, code, backoff)
             await asyncio.sleep(backoff)
@@ -217,18 +253,25 @@ class SocketActivated(Supervised):
 
     async def supervise(self) -> None:
         loop = asyncio.get_running_loop()
-        while not self.stopping:
+        while not self.stop_requested():
             code = await self.exited()
-            if self.stopping:
+            if self.stop_requested():
                 return
-            log.warning("%s exited with status %s; it starts again on the next connection", self.name, code)
-            pending = loop.create_future()
-            loop.add_reader(self.listener.fileno(), lambda p=pending: p.done() or p.set_result(None))
+            log.warning(
+                "%s exited with status %s; it starts again on the next connection", self.name, code
+            )
+            pending: asyncio.Future[None] = loop.create_future()
+
+            def wake(p: asyncio.Future[None] = pending) -> None:
+                if not p.done():
+                    p.set_result(None)
+
+            loop.add_reader(self.listener.fileno(), wake)
             try:
                 await pending
             finally:
                 loop.remove_reader(self.listener.fileno())
-            if self.stopping:
+            if self.stop_requested():
                 return
             try:
                 await self.start()
@@ -273,7 +316,11 @@ def read_token(state_dir: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd) as f:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != pwd.getpwnam(CORE_USER).pw_uid:
+        if (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_nlink != 1
+            or st.st_uid != pwd.getpwnam(CORE_USER).pw_uid
+        ):
             raise RuntimeError(f"{path} is not a plain file of {CORE_USER}'s; not reading it")
         return f.read(256).strip()
 
@@ -367,7 +414,10 @@ def port_problem(listen: str) -> str | None:
                     return f"cannot listen on {listen}: {e.strerror}"
                 holders = socket_holders(listening_inodes(port))
                 by = f" (pid {', '.join(map(str, holders))})" if holders else ""
-                return f"{listen} is already in use by another program{by}; choose another with --listen"
+                return (
+                    f"{listen} is already in use by another program{by}; "
+                    "choose another with --listen"
+                )
     return None
 
 
@@ -422,7 +472,9 @@ def host_statuses(host_sock: Path) -> dict[str, dict[str, Any]]:
     return {row["name"]: row for row in reply["agent_statuses"]}
 
 
-async def wait_for_agents(priv_sock: Path, host_sock: Path, timeout: float = AGENTS_TIMEOUT) -> None:
+async def wait_for_agents(
+    priv_sock: Path, host_sock: Path, timeout: float = AGENTS_TIMEOUT
+) -> None:
     """Until every agent that should run has its harness connected.
 
     The agents that should run are those whose cage hive-priv reports running once
@@ -454,13 +506,19 @@ async def wait_for_agents(priv_sock: Path, host_sock: Path, timeout: float = AGE
         if dead:
             # One broken agent spec must not keep the operator out of the rest of the hive:
             # it is reported (its row shows failed) and the others are waited for.
-            print(f"hive: agent {', '.join(dead)} could not start (the log above says why); "
-                  "the rest of the hive goes on", file=sys.stderr, flush=True)
+            print(
+                f"hive: agent {', '.join(dead)} could not start (the log above says why); "
+                "the rest of the hive goes on",
+                file=sys.stderr,
+                flush=True,
+            )
             given_up.update(dead)
             continue
         if time.monotonic() > deadline:
-            raise RuntimeError(f"agent {', '.join(missing)} did not connect within {timeout:.0f} s "
-                               "(the log above may say why)")
+            raise RuntimeError(
+                f"agent {', '.join(missing)} did not connect within {timeout:.0f} s "
+                "(the log above may say why)"
+            )
         if tuple(missing) != said or time.monotonic() - said_at > PROGRESS_EVERY:
             s = "" if len(missing) == 1 else "s"
             print(f"hive: waiting for {len(missing)} agent{s} ({', '.join(missing)})", flush=True)
@@ -468,7 +526,9 @@ async def wait_for_agents(priv_sock: Path, host_sock: Path, timeout: float = AGE
         await asyncio.sleep(0.2)
 
 
-def refusal(run_dir: Path, state_dir: Path, listen: str) -> tuple[instance_lock.InstanceLock | None, str | None]:
+def refusal(
+    run_dir: Path, state_dir: Path, listen: str
+) -> tuple[instance_lock.InstanceLock | None, str | None]:
     """Take the instance locks and check what must be free, before anything changes:
     (the locks, None) to go on, or (None, the one-line reason) to refuse."""
     try:
@@ -478,7 +538,8 @@ def refusal(run_dir: Path, state_dir: Path, listen: str) -> tuple[instance_lock.
     pid = instance_lock.live_priv_socket(run_dir)
     problem = (
         f"{run_dir} is in use by a running hive-priv (its priv.sock was opened by pid {pid})"
-        if pid is not None else port_problem(listen)
+        if pid is not None
+        else port_problem(listen)
     )
     if problem is None and shutil.which("nginx", path=CHILD_PATH) is None:
         problem = f"nginx is not installed (looked in {CHILD_PATH})"
@@ -508,26 +569,58 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
     listener = bind_priv_socket(priv_sock, CORE_USER)
     priv = SocketActivated(
         "hive-priv",
-        python_argv("hyperhive.priv", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-                    "--core-user", CORE_USER, "--gateway-group", GATEWAY_USER),
+        python_argv(
+            "hyperhive.priv",
+            "--run-dir",
+            str(run_dir),
+            "--state-dir",
+            str(state_dir),
+            "--core-user",
+            CORE_USER,
+            "--gateway-group",
+            GATEWAY_USER,
+        ),
         listener,
     )
-    argv = python_argv("hyperhive.core", "--run-dir", str(run_dir), "--state-dir", str(state_dir),
-                       "--listen", listen, "--priv-sock", str(priv_sock))
+    argv = python_argv(
+        "hyperhive.core",
+        "--run-dir",
+        str(run_dir),
+        "--state-dir",
+        str(state_dir),
+        "--listen",
+        listen,
+        "--priv-sock",
+        str(priv_sock),
+    )
     if config is not None:
         argv += ["--config", str(config)]
     core = Supervised(
-        "hive-core", argv, "hive-core: ready",
+        "hive-core",
+        argv,
+        "hive-core: ready",
         # Member of hive-admin and hive-gateway only to give host.sock and core.sock their groups.
-        user=CORE_USER, group=CORE_USER, extra_groups=[ADMIN_GROUP, GATEWAY_USER],
+        user=CORE_USER,
+        group=CORE_USER,
+        extra_groups=[ADMIN_GROUP, GATEWAY_USER],
     )
     nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER)
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
     # of nginx's compiled-in paths or of the working directory is used.
     gateway = Supervised(
-        "gateway", [shutil.which("nginx", path=CHILD_PATH) or "nginx", "-p", f"{nginx_conf.parent}/",
-                    "-e", "stderr", "-c", str(nginx_conf)],
-        None, own_group=True, stderr=None,
+        "gateway",
+        [
+            shutil.which("nginx", path=CHILD_PATH) or "nginx",
+            "-p",
+            f"{nginx_conf.parent}/",
+            "-e",
+            "stderr",
+            "-c",
+            str(nginx_conf),
+        ],
+        None,
+        own_group=True,
+        stderr=None,
     )
     gateway.ready_check = gateway_ready(gateway, listen)
     print(f"hive: starting (state {state_dir}, sockets {run_dir})", flush=True)
@@ -591,19 +684,40 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
     for w in watchers:
         w.cancel()
     if not cages_stopped:
-        print("hive: stopped, but some cages may still be running (see the log above)", file=sys.stderr, flush=True)
+        print(
+            "hive: stopped, but some cages may still be running (see the log above)",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     print("hive: stopped", flush=True)
     return 0
 
 
 @click.command("up")
-@click.option("--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="hive.toml")
-@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
-@click.option("--run-dir", "up_run_dir", type=click.Path(path_type=Path), help=f"Sockets (default {DEFAULT_RUN_DIR}).")
-@click.option("--listen", help="HOST:PORT for the gateway (default [hive] listen or 127.0.0.1:8080).")
+@click.option(
+    "--config", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="hive.toml"
+)
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True
+)
+@click.option(
+    "--run-dir",
+    "up_run_dir",
+    type=click.Path(path_type=Path),
+    help=f"Sockets (default {DEFAULT_RUN_DIR}).",
+)
+@click.option(
+    "--listen", help="HOST:PORT for the gateway (default [hive] listen or 127.0.0.1:8080)."
+)
 @click.pass_context
-def up(ctx: click.Context, config: Path | None, state_dir: Path, up_run_dir: Path | None, listen: str | None) -> None:
+def up(
+    ctx: click.Context,
+    config: Path | None,
+    state_dir: Path,
+    up_run_dir: Path | None,
+    listen: str | None,
+) -> None:
     """Run the whole hive in the foreground until SIGINT / SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     run_dir = up_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR
@@ -612,7 +726,17 @@ def up(ctx: click.Context, config: Path | None, state_dir: Path, up_run_dir: Pat
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     if os.geteuid() != 0:
-        raise click.ClickException("hive up must run as root: like systemd, it creates users, binds priv.sock "
-                                   "and starts hive-priv; hive-core itself runs as user hive-core")
-    raise SystemExit(asyncio.run(run_hive(config.absolute() if config else None, state_dir.absolute(),
-                                          Path(run_dir).absolute(), cfg.hive.listen)))
+        raise click.ClickException(
+            "hive up must run as root: like systemd, it creates users, binds priv.sock "
+            "and starts hive-priv; hive-core itself runs as user hive-core"
+        )
+    raise SystemExit(
+        asyncio.run(
+            run_hive(
+                config.absolute() if config else None,
+                state_dir.absolute(),
+                Path(run_dir).absolute(),
+                cfg.hive.listen,
+            )
+        )
+    )

@@ -6,14 +6,19 @@ from pathlib import Path
 
 import jinja2
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 USER = "hive-gateway"
 
 
 def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> str:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(Path(__file__).parent)), autoescape=False,
-                             keep_trailing_newline=True)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
+        autoescape=False,
+        keep_trailing_newline=True,
+    )
     return env.get_template("nginx.conf.j2").render(
         listen=listen, run_dir=run_dir, gateway_dir=gateway_dir, user=user, csp=CSP
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
@@ -105,7 +105,17 @@ class LooseEnds(Strict):
 
 
 AgentRequest = Annotated[
-    Union[Whoami, Peers, Send, Recv, Ack, Ask, Answer, RequestApproval, SetStatus, Remind, LooseEnds],
+    Whoami
+    | Peers
+    | Send
+    | Recv
+    | Ack
+    | Ask
+    | Answer
+    | RequestApproval
+    | SetStatus
+    | Remind
+    | LooseEnds,
     Field(discriminator="cmd"),
 ]
 agent_request = TypeAdapter(AgentRequest)

@@ -31,7 +31,9 @@ class AgentSpec(Strict):
     """How an agent runs. Declared in hive.toml or carried by a spawn request."""
 
     runtime: Literal["command", "claude"] = "command"
-    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(default=None, max_length=256)
+    command: list[Annotated[str, Field(max_length=4096)]] | None = Field(
+        default=None, max_length=256
+    )
     peers: list[AgentName] = Field(default_factory=list, max_length=1000)
     egress: list[RuleText] = Field(default_factory=list, max_length=100)  # HOST:PORT rules
     model: Annotated[str, Field(max_length=200)] | None = None

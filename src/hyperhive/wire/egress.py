@@ -68,7 +68,9 @@ def check_hostname(host: str) -> str:
     if len(host) > 253 or not _HOSTNAME.match(host):
         raise RuleError(f"not a valid hostname: {host[:80]!r}")
     if _NUMBER.match(host.rpartition(".")[2]):
-        raise RuleError(f"not a valid hostname or IPv4 address (it ends in a number): {host[:80]!r}")
+        raise RuleError(
+            f"not a valid hostname or IPv4 address (it ends in a number): {host[:80]!r}"
+        )
     return host
 
 
@@ -200,7 +202,10 @@ def destination(host: str, port: int) -> tuple[str, IPAddress | None]:
     address = ip_literal(host)
     if address is None:
         return check_hostname(host), None
-    if isinstance(address, ipaddress.IPv4Address) and numeric_ipv4(host) is not None \
-            and _normal(host) != str(address):
+    if (
+        isinstance(address, ipaddress.IPv4Address)
+        and numeric_ipv4(host) is not None
+        and _normal(host) != str(address)
+    ):
         return _normal(host), address
     return str(address), address

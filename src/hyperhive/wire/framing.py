@@ -85,7 +85,9 @@ def describe_validation_error(exc: ValidationError, tagged: bool = True) -> str:
         loc = loc[1:]
     where = ".".join(loc)
     if kind == "model_attributes_type" or kind == "model_type":
-        return f"field {where!r}: must be a JSON object" if where else "request must be a JSON object"
+        return (
+            f"field {where!r}: must be a JSON object" if where else "request must be a JSON object"
+        )
     if kind == "extra_forbidden":
         return f"unknown field {where!r}"
     if kind == "missing":

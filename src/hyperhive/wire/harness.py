@@ -4,7 +4,7 @@ They drive the turn loop; none of them carries operator authority."""
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, TypeAdapter
 
@@ -63,7 +63,8 @@ class Control(Strict):
 
 
 class TranscriptRead(Strict):
-    """This agent's transcript after ``after``; with ``wait``, a long-poll for new entries (the page)."""
+    """This agent's transcript after ``after``; with ``wait``, a long-poll for new entries
+    (the page)."""
 
     cmd: Literal["transcript_read"]
     after: Annotated[int, Field(ge=0)] = 0
@@ -80,7 +81,14 @@ class PageState(Strict):
 
 
 HarnessRequest = Annotated[
-    Union[HarnessConfig, TurnNext, TurnRecord, TurnDone, HarnessState, Control, TranscriptRead, PageState],
+    HarnessConfig
+    | TurnNext
+    | TurnRecord
+    | TurnDone
+    | HarnessState
+    | Control
+    | TranscriptRead
+    | PageState,
     Field(discriminator="cmd"),
 ]
 harness_request = TypeAdapter(HarnessRequest)

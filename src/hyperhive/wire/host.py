@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union, get_args
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field, TypeAdapter
 
 from hyperhive.wire.common import AgentName, AgentSpec, Strict, Text
 from hyperhive.wire.egress import RuleText
 
-EventKind = Literal["message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"]
-EVENT_KINDS: tuple[str, ...] = get_args(EventKind)
+EventKind = Literal[
+    "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"
+]
+EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 
 
 class Scope(Strict):
@@ -146,15 +148,36 @@ class SubscribeAgentStatus(Strict):
 
 class Subscribe(Strict):
     cmd: Literal["subscribe"]
-    kinds: list[EventKind] = Field(default_factory=lambda: list(EVENT_KINDS), min_length=1, max_length=20)
+    kinds: list[EventKind] = Field(
+        default_factory=lambda: list(EVENT_KINDS), min_length=1, max_length=20
+    )
 
 
 HostRequest = Annotated[
-    Union[
-        List_, AgentStatusReq, Start, Stop, Restart, SetPaused, Pending, Approve, Deny, Questions,
-        AnswerQuestion, OperatorSend, Inbox, Spawn, Destroy, Urls, SubscribeAgentStatus, Subscribe,
-        Interrupt, Transcript, EgressRules, EgressAllow, EgressRemove, EgressLog,
-    ],
+    List_
+    | AgentStatusReq
+    | Start
+    | Stop
+    | Restart
+    | SetPaused
+    | Pending
+    | Approve
+    | Deny
+    | Questions
+    | AnswerQuestion
+    | OperatorSend
+    | Inbox
+    | Spawn
+    | Destroy
+    | Urls
+    | SubscribeAgentStatus
+    | Subscribe
+    | Interrupt
+    | Transcript
+    | EgressRules
+    | EgressAllow
+    | EgressRemove
+    | EgressLog,
     Field(discriminator="cmd"),
 ]
 host_request = TypeAdapter(HostRequest)
