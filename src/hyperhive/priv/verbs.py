@@ -32,6 +32,7 @@ import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from hyperhive.priv import exec_relay, safefs
@@ -183,9 +184,10 @@ def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> Reply:
 
 
 def _table(*rows: Verb[Any]) -> Table:
+    """Rows by verb name, read-only: nothing may add a verb at run time."""
     table = {row.name: row for row in rows}
     assert len(table) == len(rows), "a verb twice in one table"
-    return table
+    return MappingProxyType(table)
 
 
 # fmt: off
@@ -205,9 +207,11 @@ ROOT_ONLY: Table = _table(
     Verb(w.Exec,          exec_,          fds=3),  # the operator's stdin, stdout, stderr
 )
 # fmt: on
-ROOT_TABLE: Table = {**CORE_TABLE, **ROOT_ONLY}
+ROOT_TABLE: Table = _table(*CORE_TABLE.values(), *ROOT_ONLY.values())
 
-TABLES: Mapping[Caller, Table] = {Caller.CORE: CORE_TABLE, Caller.ROOT: ROOT_TABLE}
+TABLES: Mapping[Caller, Table] = MappingProxyType(
+    {Caller.CORE: CORE_TABLE, Caller.ROOT: ROOT_TABLE}
+)
 # The most descriptors any request may bring: more end the connection (server.py).
 MAX_FDS = max(v.fds for table in TABLES.values() for v in table.values())
 
