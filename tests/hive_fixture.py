@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from helpers import render_toml
-from hyperhive.client import Client, HiveUnavailable, priv_call
+from hyperhive.client import Client, HiveUnavailable, priv_send
 from hyperhive.priv.cgroups import Cgroup, hive_key
 
 REPO = Path(__file__).resolve().parent.parent
@@ -373,7 +373,7 @@ class HiveProcess:
             return c.call(cmd, **fields)
 
     def priv(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        return priv_call(str(self.priv_sock), {"cmd": cmd, **fields})
+        return priv_send(str(self.priv_sock), json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
 
     def cage(self, name: str) -> dict[str, Any]:
         """hive-priv's status row for ``name`` (running, pid, uid, gid, harness_uid)."""

@@ -25,7 +25,7 @@ import pytest
 
 from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, proc_start_time, wait_until
 from hyperhive.cli.up import ADMIN_GROUP, CORE_USER, ensure_group, ensure_user
-from hyperhive.client import priv_call
+from hyperhive.client import priv_send
 from hyperhive.names import NAME_RE
 from hyperhive.priv.cgroups import CGROUP_ROOT
 from hyperhive.wire.framing import MAX_LINE
@@ -199,7 +199,7 @@ class ActivatedPriv:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def call(self, request: dict[str, Any], fds: list[int] | None = None) -> dict[str, Any]:
-        return priv_call(str(self.sock), request, fds=fds, timeout=30)
+        return priv_send(str(self.sock), json.dumps(request).encode() + b"\n", fds=fds, timeout=30)
 
     def snapshot(self) -> dict[str, Any]:
         """What bad requests must leave alone: our dirs, the cgroup tree, /etc."""

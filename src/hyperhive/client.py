@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import array
 import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the agent's CLI imports this module: no pydantic for it at run time
+    from hyperhive.wire import priv as wp
 
 
 class HiveUnavailable(Exception):
@@ -23,7 +25,9 @@ class Client:
             self.sock.connect(str(self.path))
         except (FileNotFoundError, ConnectionRefusedError) as e:
             self.sock.close()
-            raise HiveUnavailable(f"the hive is not running: can't connect to {self.path} ({e.strerror})") from None
+            raise HiveUnavailable(
+                f"the hive is not running: can't connect to {self.path} ({e.strerror})"
+            ) from None
         except PermissionError:
             self.sock.close()
             raise HiveUnavailable(f"permission denied connecting to {self.path}") from None
@@ -63,18 +67,28 @@ def call(path: Path | str, cmd: str, **fields: Any) -> dict[str, Any]:
         return c.call(cmd, **fields)
 
 
-def priv_call(path: str, request: dict[str, Any], fds: list[int] | None = None, timeout: float | None = 60) -> dict[str, Any]:
+def priv_call(
+    path: str, request: wp.PrivModel, fds: list[int] | None = None, timeout: float | None = 60
+) -> dict[str, Any]:
     """Send one request to priv.sock (with fds, for exec) and return the reply."""
+    from hyperhive.wire.priv import encode  # loaded already: the caller built the model
+
+    return priv_send(path, encode(request), fds, timeout)
+
+
+def priv_send(
+    path: str, line: bytes, fds: list[int] | None = None, timeout: float | None = 60
+) -> dict[str, Any]:
+    """Send one line to priv.sock as it is (``priv_call`` for requests; this for
+    probes of what hive-priv does with anything else) and return the reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)
-        data = json.dumps(request).encode() + b"\n"
-        if fds:
-            s.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-        else:
-            s.sendall(data)
+        sent = socket.send_fds(s, [line], fds) if fds else 0
+        s.sendall(line[sent:])  # the descriptors went with the first bytes
         with s.makefile("rb") as f:
-            line = f.readline()
-    if not line:
+            reply = f.readline()
+    if not reply:
         raise ConnectionError(f"{path}: hive-priv closed the connection")
-    return json.loads(line)
+    result: dict[str, Any] = json.loads(reply)
+    return result

@@ -31,8 +31,10 @@ def _hand_over(client: socket.socket, egress_path: str) -> None:
         except OSError as e:
             reason = f"hive egress: the hive's egress proxy is not reachable ({e.strerror or e})"
             client.settimeout(CONNECT_TIMEOUT)
-            client.sendall(b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-                           b"Content-Length: %d\r\n\r\n%s\n" % (len(reason) + 1, reason.encode()))
+            client.sendall(
+                b"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                b"Content-Length: %d\r\n\r\n%s\n" % (len(reason) + 1, reason.encode())
+            )
     except OSError:
         pass
     finally:
@@ -40,7 +42,9 @@ def _hand_over(client: socket.socket, egress_path: str) -> None:
         client.close()  # the proxy holds its own copy now
 
 
-def serve_bridge(port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET) -> socket.socket:
+def serve_bridge(
+    port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET
+) -> socket.socket:
     """Listen on 127.0.0.1:port now (so the runtime finds it from its first turn);
     serve from a daemon thread."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -15,7 +15,6 @@ first, not the cage's plumbing. On SIGTERM it exits, which ends the whole cage."
 from __future__ import annotations
 
 import argparse
-import array
 import ctypes
 import json
 import os
@@ -27,10 +26,12 @@ import sys
 import time
 
 from hyperhive.cage import layout, seccomp
+from hyperhive.cage.setpriv import drop_to
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
 MSG_MAX = 256 * 1024
+MAX_FDS = 3  # a spawn's stdin, stdout and stderr
 
 # The capabilities init uses: setpriv changes uid and gid (SETUID, SETGID) and empties
 # the bounding set of what it starts (SETPCAP); kill() signals the runtime (KILL).
@@ -42,14 +43,6 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # keep what hive-priv gave the cage (lower, where the host lets it lower). The runtime
 # may lower itself again, but not below the cage's floor (oom_score_adj_min, inherited).
 RUNTIME_OOM_SCORE_ADJ = 500
-
-
-def drop_to(uid: int, gid: int) -> list[str]:
-    """setpriv argv that becomes uid:gid for good before running the rest."""
-    return [
-        "/usr/bin/setpriv", "--reuid", str(uid), "--regid", str(gid), "--clear-groups",
-        "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs", "--",
-    ]
 
 
 def confine_self() -> None:
@@ -84,13 +77,9 @@ def raise_oom_score() -> None:
 
 
 def recv_request(sock: socket.socket) -> tuple[dict | None, list[int]]:
-    data, anc, _, _ = sock.recvmsg(MSG_MAX, socket.CMSG_SPACE(3 * 4))
-    fds: list[int] = []
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            arr = array.array("i")
-            arr.frombytes(payload[: len(payload) - len(payload) % 4])
-            fds.extend(arr)
+    # Room for one more descriptor than a spawn takes: a request with too many is then
+    # seen, and refused, rather than cut to three (the kernel closes any beyond four).
+    data, fds, _, _ = socket.recv_fds(sock, MSG_MAX, MAX_FDS + 1)
     if not data:
         return None, fds
     try:
@@ -115,7 +104,9 @@ class Init:
         env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
         self.harness = subprocess.Popen(
             drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
-            stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),), env=env,
+            stdin=subprocess.DEVNULL,
+            pass_fds=(theirs.fileno(),),
+            env=env,
         )
         theirs.close()
         self.channel = ours
@@ -125,16 +116,27 @@ class Init:
         argv, env = req.get("argv"), req.get("env") or {}
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             return {"ok": False, "error": "argv must be a non-empty list of strings"}
-        if len(fds) != 3:
+        if len(fds) != MAX_FDS:
             return {"ok": False, "error": "spawn takes 3 fds"}
         if len(self.runtime) >= MAX_RUNTIME_PROCS:
             return {"ok": False, "error": "too many runtime processes"}
-        env_args = [f"{k}={v}" for k, v in env.items() if isinstance(k, str) and "=" not in k and isinstance(v, str)]
-        argv_full = drop_to(self.uid, self.gid) + ["/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv]
+        env_args = [
+            f"{k}={v}"
+            for k, v in env.items()
+            if isinstance(k, str) and "=" not in k and isinstance(v, str)
+        ]
+        argv_full = [
+            *drop_to(self.uid, self.gid),
+            *("/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv),
+        ]
         try:
             proc = subprocess.Popen(  # init has one thread: preexec_fn is safe here
-                argv_full, stdin=fds[0], stdout=fds[1], stderr=fds[2], start_new_session=True,
-                preexec_fn=raise_oom_score,  # noqa: PLW1509
+                argv_full,
+                stdin=fds[0],
+                stdout=fds[1],
+                stderr=fds[2],
+                start_new_session=True,
+                preexec_fn=raise_oom_score,
             )
         except OSError as e:
             return {"ok": False, "error": str(e)}
@@ -180,7 +182,9 @@ class Init:
             if code is not None:
                 del self.runtime[pid]
                 # As a shell reports it: 128 + N for a process killed by signal N.
-                self.send({"event": "exited", "pid": pid, "status": code if code >= 0 else 128 - code})
+                self.send(
+                    {"event": "exited", "pid": pid, "status": code if code >= 0 else 128 - code}
+                )
         for pgid in list(self.groups):
             if pgid not in self.runtime:
                 try:
@@ -227,8 +231,13 @@ class Init:
                     if req is None:
                         continue  # the harness hung up; poll() will tell
                     op = req.get("op")
-                    reply = self.spawn(req, fds) if op == "spawn" else self.kill(req) if op == "kill" else {
-                        "ok": False, "error": f"unknown op {op!r}"}
+                    reply = (
+                        self.spawn(req, fds)
+                        if op == "spawn"
+                        else self.kill(req)
+                        if op == "kill"
+                        else {"ok": False, "error": f"unknown op {op!r}"}
+                    )
                     for fd in fds:
                         os.close(fd)
                     self.send({"reply": reply, "seq": req.get("seq")})
@@ -238,8 +247,11 @@ class Init:
             self.channel = None
             self.kill_runtime()  # its turn will be redelivered to the next harness
             code = self.harness.returncode
-            print(f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s",
-                  file=sys.stderr, flush=True)
+            print(
+                f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s",
+                file=sys.stderr,
+                flush=True,
+            )
             time.sleep(backoff)
             self.reap()
             backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)

@@ -3,7 +3,6 @@ process as the runtime uid, signal it, learn when it exits."""
 
 from __future__ import annotations
 
-import array
 import itertools
 import json
 import socket
@@ -41,7 +40,7 @@ class InitChannel:
         data = json.dumps({**req, "seq": seq}).encode()
         with self._lock:
             if fds:
-                self.sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+                socket.send_fds(self.sock, [data], fds)
             else:
                 self.sock.send(data)
         with self._cond:

@@ -21,13 +21,17 @@ import socketserver
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-       "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+from hyperhive import unixsock
+
+CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+)
 HERE = Path(__file__).parent
 SSE_WAIT = 15.0
 
@@ -36,9 +40,12 @@ def _templates() -> Any:
     import jinja2  # loaded on first request: the harness connects first, fast
 
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True,
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")),
+        autoescape=True,
     )  # absent optional fields (e.g. parent) are simply undefined
-    env.filters["tojson_text"] = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    env.filters["tojson_text"] = lambda v: (
+        v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
+    )
     env.filters["clock"] = clock
     env.globals["destination"] = destination
     return env
@@ -55,20 +62,18 @@ def destination(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-class UnixHTTPServer(ThreadingHTTPServer):
-    address_family = socket.AF_UNIX
+class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
+    """HTTP on web.sock: the harness's and the gateway group's (0660; the directory's
+    setgid group is the gateway's)."""
+
     daemon_threads = True
 
+    def __init__(self, path: str, handler: type[BaseHTTPRequestHandler]) -> None:
+        self.path = path  # before the base class binds
+        super().__init__(path, handler)
+
     def server_bind(self) -> None:
-        path = str(self.server_address)
-        if os.path.lexists(path):
-            os.unlink(path)
-        old = os.umask(0o117)
-        try:
-            socketserver.TCPServer.server_bind(self)
-        finally:
-            os.umask(old)
-        self.server_name, self.server_port = "web.sock", 0
+        unixsock.bind_socket(self.socket, self.path, mode=0o660)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, _ = self.socket.accept()
@@ -103,25 +108,35 @@ class PageHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:  # http.server's naming
         url = urlsplit(self.path)
         try:
             if url.path in ("/", "/index.html"):
                 self.index()
             elif url.path == "/state":
-                self.send_body(200, "application/json", json.dumps(self.call("page_state")).encode())
+                self.send_body(
+                    200, "application/json", json.dumps(self.call("page_state")).encode()
+                )
             elif url.path == "/events":
                 after = int(parse_qs(url.query).get("after", ["0"])[0] or 0)
                 self.events(after)
             elif url.path == "/static/agent.js":
-                self.send_body(200, "text/javascript; charset=utf-8", (HERE / "static" / "agent.js").read_bytes())
+                self.send_body(
+                    200,
+                    "text/javascript; charset=utf-8",
+                    (HERE / "static" / "agent.js").read_bytes(),
+                )
             elif url.path == "/static/agent.css":
-                self.send_body(200, "text/css; charset=utf-8", (HERE / "static" / "agent.css").read_bytes())
+                self.send_body(
+                    200, "text/css; charset=utf-8", (HERE / "static" / "agent.css").read_bytes()
+                )
             else:
                 self.send_body(404, "text/plain; charset=utf-8", b"not found\n")
         except (ConnectionError, OSError, RuntimeError, ValueError) as e:
             try:
-                self.send_body(503, "text/plain; charset=utf-8", f"the hive is unavailable: {e}\n".encode())
+                self.send_body(
+                    503, "text/plain; charset=utf-8", f"the hive is unavailable: {e}\n".encode()
+                )
             except OSError:
                 pass
         except Exception as e:  # a bug here must not take the harness down
@@ -137,9 +152,13 @@ class PageHandler(BaseHTTPRequestHandler):
         state = self.call("page_state")
         entries = self.call("transcript_read", after=0, limit=200)["entries"]
         html = PageHandler.env.get_template("agent.html").render(
-            agent=state["agent"], questions=state["questions"], approvals=state["approvals"],
-            egress_rules=state.get("egress_rules", []), egress_log=state.get("egress_log", []),
-            entries=entries, last_id=entries[-1]["id"] if entries else 0,
+            agent=state["agent"],
+            questions=state["questions"],
+            approvals=state["approvals"],
+            egress_rules=state.get("egress_rules", []),
+            egress_log=state.get("egress_log", []),
+            entries=entries,
+            last_id=entries[-1]["id"] if entries else 0,
             csrf_token=self.headers.get("X-Hive-CSRF", ""),
         )
         self.send_body(200, "text/html; charset=utf-8", html.encode())
@@ -159,8 +178,13 @@ class PageHandler(BaseHTTPRequestHandler):
         conn = Conn(self.agent_socket)
         try:
             while True:
-                entries = conn.call("transcript_read", after=after, limit=200, wait=SSE_WAIT)["entries"]
-                out = [f"id: {e['id']}\nevent: entry\ndata: {json.dumps(e, ensure_ascii=False)}\n\n" for e in entries]
+                entries = conn.call("transcript_read", after=after, limit=200, wait=SSE_WAIT)[
+                    "entries"
+                ]
+                out = [
+                    f"id: {e['id']}\nevent: entry\ndata: {json.dumps(e, ensure_ascii=False)}\n\n"
+                    for e in entries
+                ]
                 self.wfile.write(("".join(out) or ": keep-alive\n\n").encode())
                 self.wfile.flush()
                 if entries:

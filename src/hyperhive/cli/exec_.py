@@ -19,10 +19,14 @@ import termios
 import tty as ttymod
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import click
+from pydantic import ValidationError
 
 from hyperhive.client import priv_call
+from hyperhive.wire import priv as wp
+from hyperhive.wire.framing import describe_validation_error
 
 EPILOG = """\b
 By default the command runs clean: env -i with the hive's base environment, HOME a
@@ -93,7 +97,7 @@ def exec_cmd(
     see it, read it or outlive it. Exits with ARGV's exit status."""
     priv_sock: Path = ctx.obj["run_dir"] / "priv.sock"
 
-    def fail(message: str) -> None:
+    def fail(message: str) -> NoReturn:
         if as_json:
             click.echo(json.dumps({"error": message}), err=True)
             sys.exit(1)
@@ -107,19 +111,19 @@ def exec_cmd(
         environment[key] = value
     if want_tty is None:
         want_tty = os.isatty(0) and os.isatty(1)
-    request: dict[str, object] = {
-        "cmd": "exec",
-        "name": name,
-        "argv": list(argv),
-        "env": environment,
-    }
-    if want_tty:
-        size = shutil.get_terminal_size()
-        request["tty"] = {"rows": max(size.lines, 1), "cols": max(size.columns, 1)}
-    if trust_home:
-        request["trust_home"] = True
-    if as_agent:
-        request["as_agent"] = True
+    size = shutil.get_terminal_size() if want_tty else None
+    try:
+        # The same checks hive-priv makes, and the same one-line refusals.
+        request = wp.Exec(
+            name=name,
+            argv=list(argv),
+            env=environment,
+            tty=wp.Tty(rows=max(size.lines, 1), cols=max(size.columns, 1)) if size else None,
+            trust_home=trust_home,
+            as_agent=as_agent,
+        )
+    except ValidationError as e:
+        fail(describe_validation_error(e, tagged=False))
     try:
         with _raw(0 if want_tty else None):
             reply = priv_call(str(priv_sock), request, fds=[0, 1, 2], timeout=None)

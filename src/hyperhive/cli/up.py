@@ -40,6 +40,7 @@ from hyperhive.config import ConfigError, load_config, parse_listen
 from hyperhive.gateway import config as gateway_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from hyperhive.unixsock import bind_listener
+from hyperhive.wire import priv as wp
 
 log = logging.getLogger("hive.up")
 READY_TIMEOUT = 30.0
@@ -328,14 +329,14 @@ def read_token(state_dir: Path) -> str:
 async def stop_all_cages(priv_sock: Path) -> bool:
     """Stop every running cage. False (the reasons logged) if any may still be running."""
     try:
-        status = await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "status"})
+        status = await asyncio.to_thread(priv_call, str(priv_sock), wp.CageStatus())
         if not status.get("ok"):
             log.error("could not stop the cages: hive-priv: %s", status.get("error"))
             return False
         stopped = True
         for name, cage in status.get("cages", {}).items():
             if cage.get("running"):
-                reply = await asyncio.to_thread(priv_call, str(priv_sock), {"cmd": "stop", "name": name})
+                reply = await asyncio.to_thread(priv_call, str(priv_sock), wp.StopCage(name=name))
                 if reply.get("ok"):
                     log.info("cage %s stopped", name)
                 else:
@@ -458,7 +459,7 @@ def gateway_ready(gateway: Supervised, listen: str) -> Callable[[], Awaitable[bo
 
 
 def priv_running_cages(priv_sock: Path) -> dict[str, bool]:
-    reply = priv_call(str(priv_sock), {"cmd": "status"})
+    reply = priv_call(str(priv_sock), wp.CageStatus())
     if not reply.get("ok"):
         raise RuntimeError(f"hive-priv does not answer status: {reply.get('error')}")
     return {name: bool(c.get("running")) for name, c in reply.get("cages", {}).items()}

@@ -270,9 +270,7 @@ class AgentSockets:
         allowed = self._allowed.get(name)
         if allowed is not None:
             hive.egress.set_uids(name, allowed)
-        hive.egress.listen(
-            name, self.run_dir.egress_sock(name), 0o117 if not self.manage_dirs else 0o177
-        )
+        hive.egress.listen(name, self.run_dir.egress_sock(name), self.socket_mode)
         log.info("agent %s: serving %s", name, path)
 
     async def stop(self, name: str) -> None:

@@ -14,6 +14,7 @@ from hyperhive.client import priv_call
 from hyperhive.core.agent_socket import AgentSockets
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.refusals import Conflict, Refused, Unavailable
+from hyperhive.wire import priv as wp
 
 log = logging.getLogger("hive.core")
 START_GRACE = 10.0  # seconds a harness may take to connect before the agent counts as failed
@@ -28,9 +29,9 @@ class CageLifecycle(Lifecycle):
         self._errors: dict[str, str] = {}
         self._seen_harness: set[str] = set()
 
-    async def priv(self, cmd: str, **fields: Any) -> dict[str, Any]:
+    async def priv(self, request: wp.PrivModel) -> dict[str, Any]:
         try:
-            reply = await asyncio.to_thread(priv_call, str(self.priv_sock), {"cmd": cmd, **fields})
+            reply = await asyncio.to_thread(priv_call, str(self.priv_sock), request)
         except (OSError, ValueError) as e:
             raise Unavailable(f"hive-priv unavailable at {self.priv_sock}: {e}") from None
         if not reply.get("ok"):
@@ -42,10 +43,10 @@ class CageLifecycle(Lifecycle):
         self._errors.pop(name, None)
         self._seen_harness.discard(name)
         try:
-            ids = await self.priv("prepare", name=name)
+            ids = await self.priv(wp.Prepare(name=name))
             self.sockets.set_uids(name, ids["uid"], ids["harness_uid"])
-            await self.sockets.start(name, hive)  # the socket exists before the harness looks for it
-            await self.priv("start", name=name, disk_mib=self.disk_mib)
+            await self.sockets.start(name, hive)  # the socket exists before the harness looks
+            await self.priv(wp.StartCage(name=name, disk_mib=self.disk_mib))
         except Refused as e:
             self._errors[name] = str(e)
             log.error("agent %s: %s", name, e)
@@ -54,12 +55,12 @@ class CageLifecycle(Lifecycle):
     async def stop(self, name: str, graceful: bool) -> None:
         self._wanted.pop(name, None)
         self._errors.pop(name, None)
-        await self.priv("stop", name=name, timeout=5.0 if graceful else 0.0)
+        await self.priv(wp.StopCage(name=name, timeout=5.0 if graceful else 0.0))
         await self.sockets.stop(name)
 
     async def destroy(self, name: str) -> None:
         await self.stop(name, graceful=False)
-        await self.priv("destroy", name=name)
+        await self.priv(wp.DestroyCage(name=name))
 
     def running(self, name: str) -> bool:
         up = self.sockets.harness_connected(name)

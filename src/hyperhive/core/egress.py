@@ -16,7 +16,6 @@ Connections run in threads with blocking sockets and bytes move by splice(2)
 
 from __future__ import annotations
 
-import array
 import asyncio
 import errno
 import ipaddress
@@ -34,6 +33,7 @@ from pathlib import Path
 
 from hyperhive.peercred import peer_cred
 from hyperhive.relay import HANDOVER, relay
+from hyperhive.unixsock import bind_listener
 from hyperhive.wire.egress import (
     IPAddress,
     IPNetwork,
@@ -288,21 +288,27 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
     request bytes already read."""
     conn.settimeout(max(0.01, deadline - time.monotonic()))
     try:
-        data, ancdata, _flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+        # Room for more than the one a handover brings, so that more are seen (and refused).
+        data, fds, _flags, _ = socket.recv_fds(conn, 65536, 4, socket.MSG_CMSG_CLOEXEC)
     except TimeoutError:
         raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s") from None
-    fds = [fd for level, kind, raw in ancdata if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-           for fd in array.array("i", raw[: len(raw) - len(raw) % 4])]
+    for fd in fds:
+        # Python 3.11's recv_fds drops its flags (CPython gh-107898): close-on-exec here.
+        # hive-core starts no process, so nothing can inherit them meanwhile.
+        os.set_inheritable(fd, False)
     if not fds:
         return conn, data
     try:
         if data != HANDOVER or len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
-            raise Refusal(400, "a handed-over connection is one stream socket with the handover byte")
+            raise Refusal(
+                400, "a handed-over connection is one stream socket with the handover byte"
+            )
         client = socket.socket(fileno=fds.pop())
     finally:
         for fd in fds:
             os.close(fd)
-    if client.type != socket.SOCK_STREAM or client.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+    families = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+    if client.type != socket.SOCK_STREAM or client.family not in families:
         client.close()
         raise Refusal(400, "a handed-over connection must be a stream socket")
     conn.close()
@@ -469,18 +475,13 @@ class EgressProxy:
     def set_uids(self, name: str, uids: frozenset[int]) -> None:
         self._allowed[name] = uids
 
-    def listen(self, name: str, path: Path, umask: int) -> None:
+    def listen(self, name: str, path: Path, mode: int) -> None:
+        """Serve ``name``'s egress.sock at ``path`` with ``mode`` (0660: the agent's
+        group too, with cages; 0600 without)."""
         if name in self._listeners:
             return
         self._loop = asyncio.get_running_loop()
-        path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old = os.umask(umask)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old)
-        listener.listen(128)
+        listener = bind_listener(path, mode=mode)
         listener.setblocking(False)
         self._listeners[name] = listener
         self._loop.add_reader(listener.fileno(), self._accept, name, listener)

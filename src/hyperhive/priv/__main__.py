@@ -17,30 +17,53 @@ def refuse_unsafe_path() -> None:
     if os.geteuid() != 0 or sys.flags.safe_path or not sys.path:
         return
     if os.path.realpath(sys.path[0] or ".") == os.path.realpath(os.getcwd()) != "/":
-        print(f"hive-priv: refusing to run as root with the working directory ({os.getcwd()}) "
-              "on sys.path: start it with python -I (hive up does)", file=sys.stderr)
+        print(
+            f"hive-priv: refusing to run as root with the working directory ({os.getcwd()}) "
+            "on sys.path: start it with python -I (hive up does)",
+            file=sys.stderr,
+        )
         raise SystemExit(1)
 
 
 refuse_unsafe_path()
 
-import click  # only once the path is known to be safe
+# Only once the path is known to be safe (so not at the top: E402).
+import click  # noqa: E402
 
-from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RunDir, StateDir
-from hyperhive.priv.activation import NotActivated, inherited_listener
-from hyperhive.priv.cages import CageError, Cages
-from hyperhive.priv.server import PrivServer, _ids_of
+from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RunDir, StateDir  # noqa: E402
+from hyperhive.priv.activation import NotActivated, inherited_listener  # noqa: E402
+from hyperhive.priv.cages import CageError, Cages  # noqa: E402
+from hyperhive.priv.server import PrivServer, _ids_of  # noqa: E402
 
 
-@click.command(help="The hive's root helper. Started by hive-priv.socket (systemd) or `hive up`; never by hand.")
-@click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True)
-@click.option("--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True)
-@click.option("--core-user", default="hive-core", show_default=True, help="The user (and group) hive-core runs as.")
-@click.option("--gateway-group", default="hive-gateway", show_default=True,
-              help="The group the gateway runs as: it may connect to the agents' page sockets.")
+@click.command(
+    help="The hive's root helper. Started by hive-priv.socket (systemd) or `hive up`; "
+    "never by hand."
+)
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, show_default=True
+)
+@click.option(
+    "--state-dir", type=click.Path(path_type=Path), default=DEFAULT_STATE_DIR, show_default=True
+)
+@click.option(
+    "--core-user",
+    default="hive-core",
+    show_default=True,
+    help="The user (and group) hive-core runs as.",
+)
+@click.option(
+    "--gateway-group",
+    default="hive-gateway",
+    show_default=True,
+    help="The group the gateway runs as: it may connect to the agents' page sockets.",
+)
 def main(run_dir: Path, state_dir: Path, core_user: str, gateway_group: str) -> None:
-    logging.basicConfig(level=os.environ.get("HIVE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=os.environ.get("HIVE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     try:
         listener = inherited_listener()
     except NotActivated as e:
@@ -52,9 +75,12 @@ def main(run_dir: Path, state_dir: Path, core_user: str, gateway_group: str) -> 
     core_uid, _ = _ids_of(core_user)
     _, gateway_gid = _ids_of(gateway_group)
     try:
-        cages = Cages(RunDir(run_dir.absolute()), StateDir(state_dir.absolute()),
-                      core_uid=core_uid if core_uid is not None else 0,
-                      gateway_gid=gateway_gid if gateway_gid is not None else 0)
+        cages = Cages(
+            RunDir(run_dir.absolute()),
+            StateDir(state_dir.absolute()),
+            core_uid=core_uid if core_uid is not None else 0,
+            gateway_gid=gateway_gid if gateway_gid is not None else 0,
+        )
     except CageError as e:
         print(f"hive-priv: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -23,9 +23,13 @@ def inherited_listener(environ: dict[str, str] | None = None) -> socket.socket:
             "(start it through hive-priv.socket or `hive up`; it never binds a socket itself)"
         )
     if pid != str(os.getpid()):
-        raise NotActivated(f"not socket-activated: LISTEN_PID={pid} is not this process ({os.getpid()})")
+        raise NotActivated(
+            f"not socket-activated: LISTEN_PID={pid} is not this process ({os.getpid()})"
+        )
     if fds != "1":
-        raise NotActivated(f"expected exactly one inherited socket (LISTEN_FDS=1), got LISTEN_FDS={fds}")
+        raise NotActivated(
+            f"expected exactly one inherited socket (LISTEN_FDS=1), got LISTEN_FDS={fds}"
+        )
     fd = SD_LISTEN_FDS_START
     try:
         mode = os.fstat(fd).st_mode

@@ -87,8 +87,12 @@ def private_overlays(paths: Iterable[str]) -> list[str]:
             continue
         opts = f"lowerdir=/proc/self/fd/{real}:/proc/self/fd/{empty}".encode()
         try:
-            _check(_libc.mount(b"overlay", path.encode(), b"overlay",
-                               MS_RDONLY | MS_NOSUID | MS_NODEV, opts), f"overlay on {path}")
+            _check(
+                _libc.mount(
+                    b"overlay", path.encode(), b"overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, opts
+                ),
+                f"overlay on {path}",
+            )
         except OSError as e:
             # os.write, not print: a forked child of a threaded process takes no locks
             os.write(2, f"hive-priv: {e}; {path} is a plain read-only bind\n".encode())

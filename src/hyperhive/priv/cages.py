@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hyperhive
-from hyperhive.cage import layout
+from hyperhive.cage import layout, setpriv
 from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
 from hyperhive.priv import cage_mounts, homes, safefs
@@ -34,9 +34,25 @@ START_TIMEOUT = 10.0
 # Read-only from the host's /etc: only what programs need to run. No shadow, no
 # host accounts (the cage gets its own passwd/group), no resolv.conf (no DNS).
 ETC_ALLOW = (
-    "ld.so.cache", "ld.so.conf", "ld.so.conf.d", "alternatives", "ssl", "ca-certificates",
-    "ca-certificates.conf", "localtime", "nsswitch.conf", "protocols", "services", "mime.types",
-    "python3", "python3.11", "login.defs", "profile", "bash.bashrc", "inputrc", "terminfo",
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "alternatives",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "localtime",
+    "nsswitch.conf",
+    "protocols",
+    "services",
+    "mime.types",
+    "python3",
+    "python3.11",
+    "login.defs",
+    "profile",
+    "bash.bashrc",
+    "inputrc",
+    "terminfo",
 )
 # Merged-/usr hosts have these as symlinks into /usr; others get read-only binds.
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -69,8 +85,15 @@ class Cages:
     and ``run/ui`` (root, 0711). What the core or an agent owns (``run/agents/<name>``,
     the home's contents) is only ever reached through those, by descriptor."""
 
-    def __init__(self, run_dir: RunDir, state_dir: StateDir, core_uid: int, gateway_gid: int = 0,
-                 code: HiveCode | None = None, registry: HostRegistry | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: RunDir,
+        state_dir: StateDir,
+        core_uid: int,
+        gateway_gid: int = 0,
+        code: HiveCode | None = None,
+        registry: HostRegistry | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.state_dir = state_dir
         self.core_uid = core_uid
@@ -142,8 +165,9 @@ class Cages:
     def running(self, name: str) -> bool:
         return bool(self.cgroup(name).pids())
 
-    def start(self, name: str, memory_mib: int, pids_max: int, disk_mib: int = homes.DEFAULT_DISK_MIB
-              ) -> tuple[int, bool]:
+    def start(
+        self, name: str, memory_mib: int, pids_max: int, disk_mib: int = homes.DEFAULT_DISK_MIB
+    ) -> tuple[int, bool]:
         """Start the cage unless it runs. Returns (pid of the cage's init, started now)."""
         ids = self.prepare(name)
         cgroup = self.cgroup(name)
@@ -167,9 +191,13 @@ class Cages:
             argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds)]
             # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                pass_fds=(write_fd, *binds.values()), close_fds=True,
-                preexec_fn=in_child,  # noqa: PLW1509 - file writes and syscalls only, no locks
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                pass_fds=(write_fd, *binds.values()),
+                close_fds=True,
+                preexec_fn=in_child,  # file writes and syscalls only, no locks: safe with threads
             )
             os.close(write_fd)
             try:
@@ -184,7 +212,13 @@ class Cages:
         if not cgroup.pids():
             raise CageError(f"cage {name} exited at once: {self._log_tail(name)}")
         self._write_info(name, {"child_pid": child_pid, "started_at": time.time()})
-        log.info("cage %s started (init pid %d, uid %d, harness uid %d)", name, child_pid, ids.uid, ids.harness_uid)
+        log.info(
+            "cage %s started (init pid %d, uid %d, harness uid %d)",
+            name,
+            child_pid,
+            ids.uid,
+            ids.harness_uid,
+        )
         return child_pid, True
 
     def _log_tail(self, name: str) -> str:
@@ -197,9 +231,9 @@ class Cages:
         """The cage's own passwd, group and hosts: no host accounts."""
         return {
             "passwd": f"root:x:0:0:root:/nonexistent:/usr/sbin/nologin\n"
-                      f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
-                      f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
-                      f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
+            f"agent:x:{ids.uid}:{ids.gid}:{name}:{layout.HOME}:/bin/bash\n"
+            f"harness:x:{ids.harness_uid}:{ids.gid}:hive harness:/nonexistent:/usr/sbin/nologin\n"
+            f"nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n",
             "group": f"root:x:0:\nagent:x:{ids.gid}:\nnogroup:x:65534:\n",
             "hosts": f"127.0.0.1 localhost {name}\n::1 localhost\n",
         }
@@ -209,6 +243,7 @@ class Cages:
         links: bwrap binds exactly these (``--bind-fd``), never a path it would resolve.
         passwd, group and hosts are memfds bwrap copies (``--ro-bind-data``): no host
         file, and no host path in the cage's mountinfo."""
+
         def keep(fd: int) -> int:
             stack.callback(os.close, fd)
             return fd
@@ -230,14 +265,27 @@ class Cages:
         """The host directories bound read-only into a cage, which hive-priv's child
         covers with overlays of their own (cage_mounts) before bwrap binds them: the
         system's and the hive's code."""
-        dirs = ["/usr", *(f"/{t}" for t in TOP_LEVEL if Path(f"/{t}").is_dir()
-                          and not Path(f"/{t}").is_symlink()), "/etc", str(self.code.src)]
+        dirs = [
+            "/usr",
+            *(
+                f"/{t}"
+                for t in TOP_LEVEL
+                if Path(f"/{t}").is_dir() and not Path(f"/{t}").is_symlink()
+            ),
+            "/etc",
+            str(self.code.src),
+        ]
         return dirs + ([str(self.code.site)] if self.code.site != self.code.src else [])
 
-    def bwrap_argv(self, name: str, ids: AgentIds, info_fd: int, binds: dict[str, int]) -> list[str]:
+    # fmt: off
+    # The argv lists below keep each option with its arguments on one line.
+    def bwrap_argv(
+        self, name: str, ids: AgentIds, info_fd: int, binds: dict[str, int]
+    ) -> list[str]:
         a = [
             "bwrap",
-            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
+            "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+            "--unshare-cgroup-try",
             "--new-session",
             "--hostname", name,
             "--ro-bind", "/usr", "/usr",
@@ -278,12 +326,14 @@ class Cages:
             *(arg for k, v in layout.base_env(name).items() for arg in ("--setenv", k, v)),
             # The cage's init keeps only what it needs to start the harness and the
             # runtime's processes under their own uids, and to signal the latter.
-            "--cap-drop", "ALL", "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
+            "--cap-drop", "ALL",
+            "--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID", "--cap-add", "CAP_SETPCAP",
             "--cap-add", "CAP_KILL",
             "--info-fd", str(info_fd),
             "--",
             *layout.python_argv(
-                "init", "--uid", str(ids.uid), "--gid", str(ids.gid), "--harness-uid", str(ids.harness_uid)
+                "init",
+                "--uid", str(ids.uid), "--gid", str(ids.gid), "--harness-uid", str(ids.harness_uid),
             ),
         ]
         return a
@@ -356,17 +406,21 @@ class Cages:
             enter += ["--", "/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
                       "--propagation", "private", "--"]
             if not trust_home:
-                enter += layout.python_argv("exec-home", "--uid", str(ids.uid), "--gid", str(ids.gid), "--")
+                enter += layout.python_argv(
+                    "exec-home", "--uid", str(ids.uid), "--gid", str(ids.gid), "--"
+                )
         return [
             *enter,
-            "/usr/bin/setpriv", "--reuid", str(ids.uid), "--regid", str(ids.gid), "--clear-groups",
-            "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
-            "--", "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base_env.items()),
+            *setpriv.drop_to(ids.uid, ids.gid),
+            "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in base_env.items()),
             *layout.python_argv(
-                "exec", *(["--tty"] if tty else []), "--cwd", layout.HOME if trust_home else "/", "--", *argv
+                "exec", *(["--tty"] if tty else []),
+                "--cwd", layout.HOME if trust_home else "/",
+                "--", *argv,
             ),
         ]
 
+    # fmt: on
     def cgroup(self, name: str) -> Cgroup:
         return Cgroup(name, self.cgroup_key)
 
@@ -391,4 +445,3 @@ def _read_all(fd: int, timeout: float) -> bytes:
         if b"}" in chunk:
             break
     return b"".join(chunks)
-

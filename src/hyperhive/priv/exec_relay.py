@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 
 CHUNK = 65536
+# A relay thread: a pump and its (source, destination, EOF to send) arguments.
+_Pump = tuple[Callable[..., None], tuple[object, object, bytes | None]]
 DRAIN_IDLE = 0.5  # seconds without output, once the process has exited
 DRAIN_MAX = 10.0  # seconds of output at most, once the process has exited
 
@@ -86,9 +88,9 @@ def run(
             child = (slave, slave, slave)
             veof = termios.tcgetattr(slave)[6][termios.VEOF]
             os.set_blocking(master, False)
-            plan = [
-                (_pump_in, op_in, m, veof if isinstance(veof, bytes) else b"\x04"),
-                (_pump_out, m, op_out, None),
+            plan: list[_Pump] = [
+                (_pump_in, (op_in, m, veof if isinstance(veof, bytes) else b"\x04")),
+                (_pump_out, (m, op_out, None)),
             ]
         else:
             in_r, in_w = os.pipe()
@@ -99,9 +101,9 @@ def run(
             os.set_blocking(in_w, False)
             child = (in_r, out_w, err_w)
             plan = [
-                (_pump_in, op_in, w, None),
-                (_pump_out, o, op_out, None),
-                (_pump_out, e, op_err, None),
+                (_pump_in, (op_in, w, None)),
+                (_pump_out, (o, op_out, None)),
+                (_pump_out, (e, op_err, None)),
             ]
         try:
             proc = subprocess.Popen(
@@ -111,14 +113,14 @@ def run(
                 stderr=child[2],
                 close_fds=True,
                 start_new_session=True,
-                preexec_fn=preexec_fn,  # noqa: PLW1509 (joins a cgroup: no locks)
+                preexec_fn=preexec_fn,  # joins a cgroup: no locks, so safe with threads
             )
         finally:
             for fd in set(child):
                 os.close(fd)  # only the exec's processes hold these now: EOF/EIO when they are gone
         threads = [
-            threading.Thread(target=f, args=(*args, done, proc.kill), daemon=True)
-            for f, *args in plan
+            threading.Thread(target=pump, args=(*args, done, proc.kill), daemon=True)
+            for pump, args in plan
         ]
         for t in threads:
             t.start()
@@ -128,8 +130,8 @@ def run(
             t.join()
         return code if code >= 0 else 128 - code
     finally:
-        for fd in ours:
-            fd.close()
+        for end in ours:
+            end.close()
         done.close()
 
 

@@ -39,8 +39,11 @@ class HomeError(Exception):
 def mount_home(agent_dir: int, uid: int, gid: int, disk_mib: int) -> None:
     """Make sure ``home`` in ``agent_dir`` is the agent's own filesystem, mounted, owned
     by ``uid:gid`` with mode 0700. Idempotent: a mounted home is left as it is."""
-    home = safefs.ensure_dir(agent_dir, HOME, 0, 0, 0o700) if not safefs.is_mount_point(agent_dir, HOME) \
+    home = (
+        safefs.ensure_dir(agent_dir, HOME, 0, 0, 0o700)
+        if not safefs.is_mount_point(agent_dir, HOME)
         else safefs.open_dir(agent_dir, HOME)
+    )
     with safefs.opened(home):
         if safefs.is_mount_point(agent_dir, HOME):
             _own(home, uid, gid)
@@ -54,23 +57,53 @@ def mount_home(agent_dir: int, uid: int, gid: int, disk_mib: int) -> None:
                 log.warning("home of uid %d predates disk quotas; it stays a plain directory", uid)
                 _own(home, uid, gid)
                 return
-            image = os.open(IMAGE, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                            dir_fd=agent_dir)
+            image = os.open(
+                IMAGE,
+                os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=agent_dir,
+            )
             fresh = True
         with safefs.opened(image):
             if fresh or os.fstat(image).st_size == 0:
                 os.ftruncate(image, disk_mib * 1024 * 1024)
-                _run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E", "lazy_itable_init=1,lazy_journal_init=1",
-                      "-L", "hive-home", safefs.fd_path(image)], image)
+                _run(
+                    [
+                        "mkfs.ext4",
+                        "-q",
+                        "-F",
+                        "-m",
+                        "0",
+                        "-E",
+                        "lazy_itable_init=1,lazy_journal_init=1",
+                        "-L",
+                        "hive-home",
+                        safefs.fd_path(image),
+                    ],
+                    image,
+                )
                 fresh = True
             # A mount namespace made elsewhere on the host while the cage ran (``ip netns
             # exec``, a service's PrivateTmp) may still hold the old mount, and with it a
             # loop device on this image: mount that device again rather than attach a
             # second one (two devices on one ext4 image would corrupt it).
-            attached = _run(["losetup", "--list", "--noheadings", "--output", "NAME", "--associated",
-                             safefs.fd_path(image)], image).split()
-            source, options = (attached[0], MOUNT_OPTIONS.replace("loop,", "")) if attached \
+            attached = _run(
+                [
+                    "losetup",
+                    "--list",
+                    "--noheadings",
+                    "--output",
+                    "NAME",
+                    "--associated",
+                    safefs.fd_path(image),
+                ],
+                image,
+            ).split()
+            source, options = (
+                (attached[0], MOUNT_OPTIONS.replace("loop,", ""))
+                if attached
                 else (safefs.fd_path(image), MOUNT_OPTIONS)
+            )
             _run(["mount", "-t", "ext4", "-o", options, source, safefs.fd_path(home)], image, home)
     with safefs.opened(safefs.open_dir(agent_dir, HOME)) as root:
         if fresh:
@@ -100,9 +133,18 @@ def _own(fd: int, uid: int, gid: int) -> None:
 
 
 def _run(argv: list[str], *fds: int) -> str:
-    proc = subprocess.run(argv, check=False, capture_output=True, text=True, pass_fds=fds, stdin=subprocess.DEVNULL,
-                          timeout=60)
+    proc = subprocess.run(
+        argv,
+        check=False,
+        capture_output=True,
+        text=True,
+        pass_fds=fds,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
     if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"status {proc.returncode}"]
+        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [
+            f"status {proc.returncode}"
+        ]
         raise HomeError(f"{argv[0]}: {detail[0]}")
     return proc.stdout

@@ -94,8 +94,9 @@ class HostIds:
             else:
                 return base
         raise IdsExhausted(
-            f"no free agent ids between {BASE_UID} and {LAST_UID}: every block is used by an agent, "
-            "a host account or a subordinate id range")
+            f"no free agent ids between {BASE_UID} and {LAST_UID}: every block is used by "
+            "an agent, a host account or a subordinate id range"
+        )
 
 
 def _aligned(n: int) -> int:
@@ -121,8 +122,12 @@ class HostRegistry:
     def _locked(self) -> Iterator[tuple[int, dict[str, Any]]]:
         """The registry's directory and table, under its exclusive lock."""
         with safefs.opened(self._open_dir()) as d:
-            lock = os.open("registry.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-                           dir_fd=d)
+            lock = os.open(
+                "registry.lock",
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=d,
+            )
             with safefs.opened(lock):
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 raw = safefs.read_file(d, "registry.json", limit=64 << 20)
@@ -162,8 +167,10 @@ class IdAllocator:
         try:
             return {k: int(v) for k, v in json.loads(raw).items()} if raw else {}
         except (ValueError, AttributeError) as e:
-            raise IdsExhausted(f"state/priv/ids.json is unreadable ({e}); hive-priv wrote it, so "
-                               "restore it from a backup") from None
+            raise IdsExhausted(
+                f"state/priv/ids.json is unreadable ({e}); hive-priv wrote it, so "
+                "restore it from a backup"
+            ) from None
 
     def _save(self, table: dict[str, int]) -> None:
         safefs.write_file(self.priv_dir, "ids.json", json.dumps(table, sort_keys=True).encode())
@@ -183,8 +190,10 @@ class IdAllocator:
                 # hive-priv's own bound, whatever the core asks: the table (read whole on
                 # every verb) stays small, and a core can't use up the host's id range fast.
                 if len(table) >= MAX_AGENTS_PER_HIVE:
-                    raise IdsExhausted(f"this hive has {len(table)} agents: hive-priv keeps at most "
-                                       f"{MAX_AGENTS_PER_HIVE} per hive")
+                    raise IdsExhausted(
+                        f"this hive has {len(table)} agents: hive-priv keeps at most "
+                        f"{MAX_AGENTS_PER_HIVE} per hive"
+                    )
                 table[name] = self.registry.claim(f"{self.hive}:{name}")
                 self._save(table)
             return self._ids(table[name])

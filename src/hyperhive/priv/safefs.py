@@ -22,7 +22,8 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class UnsafePath(Exception):
-    """A path hive-priv trusts is not what it must be (a link, another owner, writable by others)."""
+    """A path hive-priv trusts is not what it must be (a link, another owner, writable
+    by others)."""
 
 
 def open_anchor(path: Path) -> int:
@@ -58,7 +59,9 @@ def check_trusted(fd: int, what: str) -> os.stat_result:
     return st
 
 
-def ensure_dir(parent: int, name: str, uid: int, gid: int, mode: int, *, trusted: bool = False) -> int:
+def ensure_dir(
+    parent: int, name: str, uid: int, gid: int, mode: int, *, trusted: bool = False
+) -> int:
     """Open (creating if missing) ``name`` in ``parent`` as a real directory, then give
     it exactly this owner and mode through the descriptor. ``trusted``: it must
     already be root's if it existed (a directory hive-priv keeps its own state in
@@ -107,13 +110,17 @@ def write_file(parent: int, name: str, data: bytes, mode: int = 0o600) -> None:
     tmp = f".{name}.tmp"
     with suppress_missing():
         os.unlink(tmp, dir_fd=parent)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                 dir_fd=parent)
+    fd = os.open(
+        tmp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=parent,
+    )
     try:
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -124,7 +131,9 @@ def read_file(parent: int, name: str, limit: int = 1 << 20) -> bytes | None:
     """The contents of a regular file in ``parent`` (None if missing), never through a link."""
     _check_name(name)
     try:
-        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent)
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent
+        )
     except FileNotFoundError:
         return None
     with opened(fd):
@@ -136,8 +145,12 @@ def read_file(parent: int, name: str, limit: int = 1 << 20) -> bytes | None:
 def open_append(parent: int, name: str, mode: int = 0o600) -> int:
     """A log file in ``parent``, opened for appending, never through a link."""
     _check_name(name)
-    fd = os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, mode,
-                 dir_fd=parent)
+    fd = os.open(
+        name,
+        os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+        mode,
+        dir_fd=parent,
+    )
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise UnsafePath(f"{name} is not a regular file")

@@ -1,11 +1,12 @@
 """hive-priv's accept loop: one thread per connection, each request checked
-against the verb table (caller, arguments, file descriptors) before anything runs."""
+against its caller's verb table (verbs.py: arguments, the verb, file descriptors)
+before anything runs."""
 
 from __future__ import annotations
 
-import array
 import grp
 import logging
+import os
 import pwd
 import socket
 import threading
@@ -15,12 +16,18 @@ from pydantic import ValidationError
 
 from hyperhive.peercred import PeerCred, peer_cred
 from hyperhive.priv.cages import CageError, Cages
-from hyperhive.priv.verbs import CORE, ROOT, VERBS, Request
-from hyperhive.wire.framing import MAX_LINE, WireError, describe_validation_error, dump_line, error, parse_line
+from hyperhive.priv.verbs import MAX_FDS, TABLES, Caller, Request
+from hyperhive.wire.framing import (
+    MAX_LINE,
+    WireError,
+    describe_validation_error,
+    dump_line,
+    error,
+    parse_line,
+)
 from hyperhive.wire.priv import priv_request
 
 log = logging.getLogger("hive.priv")
-MAX_FDS = 3
 
 
 class PrivServer:
@@ -29,13 +36,13 @@ class PrivServer:
         self.cages = cages
         self.core_uid, self.core_gid = _ids_of(core_user)
 
-    def caller_class(self, cred: PeerCred) -> str | None:
+    def caller_class(self, cred: PeerCred) -> Caller | None:
         if cred.uid == 0:
-            return ROOT
+            return Caller.ROOT
         if self.core_uid is not None and cred.uid == self.core_uid:
-            return CORE
+            return Caller.CORE
         if self.core_gid is not None and cred.gid == self.core_gid:
-            return CORE
+            return Caller.CORE
         return None
 
     def serve_forever(self) -> None:
@@ -48,7 +55,12 @@ class PrivServer:
             cred = peer_cred(conn)
             caller = self.caller_class(cred)
             if caller is None:
-                log.warning("refused uid %d gid %d pid %d: not root or hive-core", cred.uid, cred.gid, cred.pid)
+                log.warning(
+                    "refused uid %d gid %d pid %d: not root or hive-core",
+                    cred.uid,
+                    cred.gid,
+                    cred.pid,
+                )
                 _send(conn, error(f"permission denied: uid {cred.uid} may not use priv.sock"))
                 return
             buf = b""
@@ -56,9 +68,14 @@ class PrivServer:
                 try:
                     line, buf, fds, closed = _read_line(conn, buf)
                 except TooManyFds:
-                    log.warning("refused uid %d pid %d: more than %d file descriptors with one request",
-                                cred.uid, cred.pid, MAX_FDS)
-                    _send(conn, error(f"more than {MAX_FDS} file descriptors with one request; closing connection"))
+                    log.warning(
+                        "refused uid %d pid %d: more than %d file descriptors with one request",
+                        cred.uid,
+                        cred.pid,
+                        MAX_FDS,
+                    )
+                    too_many = f"more than {MAX_FDS} file descriptors with one request"
+                    _send(conn, error(f"{too_many}; closing connection"))
                     return
                 if line is None:
                     if closed and buf:
@@ -67,7 +84,7 @@ class PrivServer:
                 reply = self.handle(line, fds, caller, cred)
                 _send(conn, reply)
 
-    def handle(self, line: bytes, fds: list[int], caller: str, cred: PeerCred) -> dict[str, Any]:
+    def handle(self, line: bytes, fds: list[int], caller: Caller, cred: PeerCred) -> dict[str, Any]:
         keep_fds = False
         try:
             try:
@@ -77,19 +94,26 @@ class PrivServer:
                 return error(str(e))
             except ValidationError as e:
                 return error(describe_validation_error(e))
-            verb = VERBS[req.cmd]
-            if caller not in verb.callers:
+            verb = TABLES[caller].get(req.cmd)
+            if verb is None:
                 log.warning("refused %s from uid %d: %s may not call it", req.cmd, cred.uid, caller)
                 return error(f"permission denied: {req.cmd} is not allowed for {caller}")
-            if len(fds) != verb.takes_fds:
-                return error(f"{req.cmd} takes {verb.takes_fds} file descriptors, got {len(fds)}")
+            if len(fds) != verb.fds:
+                return error(f"{req.cmd} takes {verb.fds} file descriptors, got {len(fds)}")
             keep_fds = True  # the handler owns (and closes) them now
             try:
-                reply = verb.handler(self.cages, req, Request(req, caller, fds))
+                reply = verb.run(self.cages, req, Request(req, caller, fds))
             except (CageError, OSError) as e:
                 log.error("%s %s failed: %s", req.cmd, getattr(req, "name", ""), e)
                 return error(str(e))
-            log.info("%s %s by %s (uid %d pid %d): ok", req.cmd, getattr(req, "name", ""), caller, cred.uid, cred.pid)
+            log.info(
+                "%s %s by %s (uid %d pid %d): ok",
+                req.cmd,
+                getattr(req, "name", ""),
+                caller,
+                cred.uid,
+                cred.pid,
+            )
             return reply
         finally:
             if not keep_fds:
@@ -116,8 +140,6 @@ def _send(conn: socket.socket, obj: dict[str, Any]) -> None:
 
 
 def _close(fd: int) -> None:
-    import os
-
     try:
         os.close(fd)
     except OSError:
@@ -140,14 +162,12 @@ def _read_line(conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes, li
                 _close(fd)
             return None, buf, [], True
         try:
-            data, ancdata, flags, _ = conn.recvmsg(65536, socket.CMSG_SPACE(MAX_FDS * 4))
+            # Room for MAX_FDS descriptors: a message with more comes with MSG_CTRUNC
+            # (the kernel closes the ones that did not fit).
+            data, got, flags, _ = socket.recv_fds(conn, 65536, MAX_FDS)
         except OSError:
-            data, ancdata, flags = b"", [], 0
-        for level, kind, payload in ancdata:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr.tolist())
+            data, got, flags = b"", [], 0
+        fds.extend(got)
         if len(fds) > MAX_FDS or flags & socket.MSG_CTRUNC:
             for fd in fds:
                 _close(fd)

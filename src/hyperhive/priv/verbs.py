@@ -1,70 +1,116 @@
-"""The table of root verbs. Each entry: the request model (its own argument
-checks), who may call it, and the handler. Nothing else runs as root.
+"""The tables of root verbs: everything hive-priv will do, and for whom. Nothing
+else runs as root. Read them like OpenSSH's ``mon_table`` (monitor.c): one
+table per caller class, one row per verb, every column spelled out.
 
-Callers: ``ROOT`` is uid 0 (the launcher, the operator's ``hive exec``);
-``CORE`` is hive-core (its uid or its gid). Read it like OpenSSH's monitor table.
+The caller class comes from ``SO_PEERCRED`` (server.py), never from the request:
+
+- ``Caller.CORE``: hive-core (its uid, or its gid). ``CORE_TABLE``.
+- ``Caller.ROOT``: uid 0, i.e. the launcher (``hive up``) and the operator's
+  ``hive exec``. ``ROOT_TABLE`` = ``CORE_TABLE`` plus ``ROOT_ONLY``.
+
+A row is a ``Verb``; its columns:
+
+- ``model``: the request model from ``wire/priv.py``, which also names the verb
+  (its ``cmd``) and carries every argument check. A request is validated against
+  all models first, so an unknown verb reads "unknown command" whoever asks.
+- ``handler``: ``(cages, request, Request) -> reply``; the only code that runs.
+- ``fds``: exactly how many ``SCM_RIGHTS`` descriptors come with the request
+  (0 unless said); any other count is refused before the handler runs, and the
+  descriptors are closed.
+- ``locks_name``: the handler runs holding ``Cages.lock(name)``, so two requests
+  about one agent never interleave.
+
+A verb missing from the caller's table is refused ("permission denied: <verb> is
+not allowed for <caller>") after the arguments are checked and before its
+descriptors are counted.
 """
 
 from __future__ import annotations
 
+import enum
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from pydantic import BaseModel
+from types import MappingProxyType
+from typing import Any, Generic, TypeVar
 
 from hyperhive.priv import exec_relay, safefs
 from hyperhive.priv.cages import CageError, Cages
 from hyperhive.wire import priv as w
+from hyperhive.wire.common import Strict
 from hyperhive.wire.framing import ok
 
-ROOT = "root"
-CORE = "core"
+M = TypeVar("M", bound=Strict)
+Reply = dict[str, Any]
+
+
+class Caller(enum.StrEnum):
+    """Who is asking, as the kernel says. The value is what refusals name."""
+
+    CORE = "core"
+    ROOT = "root"
 
 
 @dataclass(frozen=True)
 class Request:
-    model: BaseModel
-    caller: str
+    """One checked request as a handler sees it: the model, who sent it, and the
+    descriptors that came with it (the handler's to close)."""
+
+    model: Strict
+    caller: Caller
     fds: list[int]
 
 
 @dataclass(frozen=True)
-class Verb:
-    model: type[BaseModel]
-    callers: frozenset[str]
-    handler: Callable[[Cages, Any, Request], dict[str, Any]]
-    takes_fds: int = 0
+class Verb(Generic[M]):
+    """One row of a table (the columns are described in the module docstring)."""
+
+    model: type[M]
+    handler: Callable[[Cages, M, Request], Reply]
+    fds: int = 0
+    locks_name: bool = False
+
+    def __post_init__(self) -> None:
+        if self.locks_name and "name" not in self.model.model_fields:
+            raise TypeError(f"{self.name} locks the agent name but takes none")
+
+    @property
+    def name(self) -> str:
+        return w.verb_of(self.model)
+
+    def run(self, cages: Cages, req: M, r: Request) -> Reply:
+        if self.locks_name:
+            with cages.lock(getattr(req, "name")):  # noqa: B009 - checked in __post_init__
+                return self.handler(cages, req, r)
+        return self.handler(cages, req, r)
 
 
-def prepare(cages: Cages, req: w.Prepare, r: Request) -> dict[str, Any]:
-    with cages.lock(req.name):
-        ids = cages.prepare(req.name)
+Table = Mapping[str, Verb[Any]]
+
+
+def prepare(cages: Cages, req: w.Prepare, r: Request) -> Reply:
+    ids = cages.prepare(req.name)
     return ok(uid=ids.uid, gid=ids.gid, harness_uid=ids.harness_uid)
 
 
-def start(cages: Cages, req: w.StartCage, r: Request) -> dict[str, Any]:
-    with cages.lock(req.name):
-        pid, started = cages.start(req.name, req.memory_mib, req.pids_max, req.disk_mib)
-        ids = cages.ids.get(req.name)
+def start(cages: Cages, req: w.StartCage, r: Request) -> Reply:
+    pid, started = cages.start(req.name, req.memory_mib, req.pids_max, req.disk_mib)
+    ids = cages.ids.get(req.name)
     assert ids is not None
     return ok(pid=pid, started=started, uid=ids.uid, gid=ids.gid, harness_uid=ids.harness_uid)
 
 
-def stop(cages: Cages, req: w.StopCage, r: Request) -> dict[str, Any]:
-    with cages.lock(req.name):
-        return ok(was_running=cages.stop(req.name, req.timeout))
+def stop(cages: Cages, req: w.StopCage, r: Request) -> Reply:
+    return ok(was_running=cages.stop(req.name, req.timeout))
 
 
-def destroy(cages: Cages, req: w.DestroyCage, r: Request) -> dict[str, Any]:
-    with cages.lock(req.name):
-        cages.destroy(req.name)
+def destroy(cages: Cages, req: w.DestroyCage, r: Request) -> Reply:
+    cages.destroy(req.name)
     return ok()
 
 
-def status(cages: Cages, req: w.CageStatus, r: Request) -> dict[str, Any]:
+def status(cages: Cages, req: w.CageStatus, r: Request) -> Reply:
     names = req.names if req.names is not None else sorted(cages.ids.all())
     out = {}
     for name in names:
@@ -80,7 +126,7 @@ def status(cages: Cages, req: w.CageStatus, r: Request) -> dict[str, Any]:
     return ok(cages=out)
 
 
-def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
+def exec_(cages: Cages, req: w.Exec, r: Request) -> Reply:
     """Run argv in the cage as the agent; the caller's stdin/stdout/stderr stay here
     and hive-priv relays bytes (exec_relay): none of them ever enters the cage."""
     try:
@@ -91,12 +137,18 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
                     f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it"
                 )
         argv = cages.exec_argv(
-            req.name, req.argv, req.env, tty=req.tty is not None, trust_home=req.trust_home,
+            req.name,
+            req.argv,
+            req.env,
+            tty=req.tty is not None,
+            trust_home=req.trust_home,
             as_agent=req.as_agent,
         )
         cgroup = cages.cgroup(req.name)
         code = exec_relay.run(
-            argv, r.fds, tty=(req.tty.rows, req.tty.cols) if req.tty else None,
+            argv,
+            r.fds,
+            tty=(req.tty.rows, req.tty.cols) if req.tty else None,
             preexec_fn=cgroup.join,  # the agent's limits apply from the first instruction
         )
     finally:
@@ -107,7 +159,7 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> dict[str, Any]:
     return ok(exit_status=code)
 
 
-def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> dict[str, Any]:
+def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> Reply:
     # The pid file must be root's (nginx's master writes it) in a root-owned directory,
     # both opened without following links: a pid planted by hive-core would have
     # root signal a process of the core's choosing.
@@ -131,14 +183,38 @@ def reload_gateway(cages: Cages, req: w.ReloadGateway, r: Request) -> dict[str, 
     return ok()
 
 
-VERBS: dict[str, Verb] = {
-    "prepare": Verb(w.Prepare, frozenset({ROOT, CORE}), prepare),
-    "start": Verb(w.StartCage, frozenset({ROOT, CORE}), start),
-    "stop": Verb(w.StopCage, frozenset({ROOT, CORE}), stop),
-    "destroy": Verb(w.DestroyCage, frozenset({ROOT, CORE}), destroy),
-    "status": Verb(w.CageStatus, frozenset({ROOT, CORE}), status),
-    # Only the operator, as root: hive-core never needs a shell in a cage.
-    "exec": Verb(w.Exec, frozenset({ROOT}), exec_, takes_fds=3),
-    "reload_gateway": Verb(w.ReloadGateway, frozenset({ROOT, CORE}), reload_gateway),
-}
-assert {v.model for v in VERBS.values()} == set(w.PRIV_MODELS)
+def _table(*rows: Verb[Any]) -> Table:
+    """Rows by verb name, read-only: nothing may add a verb at run time."""
+    table = {row.name: row for row in rows}
+    assert len(table) == len(rows), "a verb twice in one table"
+    return MappingProxyType(table)
+
+
+# fmt: off
+# What hive-core may ask: the cages' life cycle, and a gateway reload.
+CORE_TABLE: Table = _table(
+    #    model            handler         columns that mean something
+    Verb(w.Prepare,       prepare,        locks_name=True),
+    Verb(w.StartCage,     start,          locks_name=True),
+    Verb(w.StopCage,      stop,           locks_name=True),
+    Verb(w.DestroyCage,   destroy,        locks_name=True),
+    Verb(w.CageStatus,    status),
+    Verb(w.ReloadGateway, reload_gateway),
+)
+# What root (the launcher, the operator's `hive exec`) may ask on top: hive-core never
+# needs a shell in a cage.
+ROOT_ONLY: Table = _table(
+    Verb(w.Exec,          exec_,          fds=3),  # the operator's stdin, stdout, stderr
+)
+# fmt: on
+ROOT_TABLE: Table = _table(*CORE_TABLE.values(), *ROOT_ONLY.values())
+
+TABLES: Mapping[Caller, Table] = MappingProxyType(
+    {Caller.CORE: CORE_TABLE, Caller.ROOT: ROOT_TABLE}
+)
+# The most descriptors any request may bring: more end the connection (server.py).
+MAX_FDS = max(v.fds for table in TABLES.values() for v in table.values())
+
+# Every request model is served to someone, and every caller class has its table.
+assert {v.model for t in TABLES.values() for v in t.values()} == set(w.PRIV_MODELS)
+assert set(TABLES) == set(Caller)

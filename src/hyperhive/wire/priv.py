@@ -1,11 +1,15 @@
 """``priv.sock`` requests: the short table of root verbs hive-priv serves.
 
 Requests carry agent names, never paths: hive-priv derives every path itself.
+Callers build one of these models (each ``cmd`` is its own default, so
+``StopCage(name="alice")`` is a whole request) and send ``encode(request)``:
+the same checks run before the request leaves as when hive-priv reads it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union, get_args
+import json
+from typing import Annotated, Any, Literal, TypeAlias, cast, get_args
 
 from pydantic import Field, TypeAdapter
 
@@ -21,12 +25,12 @@ Arg = Annotated[str, Field(max_length=65536)]
 class Prepare(Strict):
     """Allocate the agent's ids (stable) and create its home and socket directory."""
 
-    cmd: Literal["prepare"]
+    cmd: Literal["prepare"] = "prepare"
     name: AgentName
 
 
 class StartCage(Strict):
-    cmd: Literal["start"]
+    cmd: Literal["start"] = "start"
     name: AgentName
     memory_mib: MemoryMiB = 512
     pids_max: PidsMax = 256
@@ -34,18 +38,18 @@ class StartCage(Strict):
 
 
 class StopCage(Strict):
-    cmd: Literal["stop"]
+    cmd: Literal["stop"] = "stop"
     name: AgentName
     timeout: Annotated[float, Field(ge=0, le=60)] = 5.0
 
 
 class DestroyCage(Strict):
-    cmd: Literal["destroy"]
+    cmd: Literal["destroy"] = "destroy"
     name: AgentName
 
 
 class CageStatus(Strict):
-    cmd: Literal["status"]
+    cmd: Literal["status"] = "status"
     names: list[AgentName] | None = Field(default=None, max_length=10_000)
 
 
@@ -53,10 +57,22 @@ class CageStatus(Strict):
 # would make the clean default run (or look for) code the agent could have planted.
 # hive-priv's exec handler refuses them (after the caller check, so hive-core only
 # ever hears "permission denied").
-CLEAN_ENV_GUARDED = frozenset({
-    "HOME", "PYTHONNOUSERSITE", "PYTHONSAFEPATH", "PYTHONUSERBASE", "PYTHONPATH", "PYTHONHOME",
-    "PYTHONSTARTUP", "BASH_ENV", "ENV", "LD_PRELOAD", "LD_LIBRARY_PATH", "LD_AUDIT",
-})
+CLEAN_ENV_GUARDED = frozenset(
+    {
+        "HOME",
+        "PYTHONNOUSERSITE",
+        "PYTHONSAFEPATH",
+        "PYTHONUSERBASE",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "PYTHONSTARTUP",
+        "BASH_ENV",
+        "ENV",
+        "LD_PRELOAD",
+        "LD_LIBRARY_PATH",
+        "LD_AUDIT",
+    }
+)
 
 
 class Tty(Strict):
@@ -71,7 +87,7 @@ class Exec(Strict):
     hive-priv keeps them and relays bytes (through pipes, or a pty of its own when
     ``tty`` is set): no descriptor of the operator's enters a cage."""
 
-    cmd: Literal["exec"]
+    cmd: Literal["exec"] = "exec"
     name: AgentName
     argv: list[Arg] = Field(min_length=1, max_length=4096)
     env: dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")], Arg] = Field(
@@ -86,12 +102,27 @@ class Exec(Strict):
 
 
 class ReloadGateway(Strict):
-    cmd: Literal["reload_gateway"]
+    cmd: Literal["reload_gateway"] = "reload_gateway"
 
 
-PrivRequest = Annotated[
-    Union[Prepare, StartCage, StopCage, DestroyCage, CageStatus, Exec, ReloadGateway],
-    Field(discriminator="cmd"),
-]
-priv_request = TypeAdapter(PrivRequest)
-PRIV_MODELS: tuple[type[Strict], ...] = get_args(get_args(PrivRequest)[0])
+PrivModel: TypeAlias = (
+    Prepare | StartCage | StopCage | DestroyCage | CageStatus | Exec | ReloadGateway
+)
+PrivRequest: TypeAlias = Annotated[PrivModel, Field(discriminator="cmd")]
+# cast: a type form, which mypy cannot check as an argument yet (no TypeForm).
+priv_request: TypeAdapter[PrivModel] = TypeAdapter(cast(Any, PrivRequest))
+PRIV_MODELS: tuple[type[Strict], ...] = get_args(PrivModel)
+
+
+def verb_of(model: type[Strict]) -> str:
+    """The ``cmd`` a request model answers to (its literal, which is also its default)."""
+    cmd = model.model_fields["cmd"].default
+    assert isinstance(cmd, str), model
+    return cmd
+
+
+def encode(request: PrivModel) -> bytes:
+    """One request line for priv.sock. ``json.dumps`` (ASCII) as hive-priv's own
+    parser expects; every field is written, defaults included, so the line says
+    exactly what the model holds."""
+    return json.dumps(request.model_dump(mode="python")).encode() + b"\n"
