@@ -68,7 +68,7 @@ class AgentSession:
 
     async def whoami(self, req: w.Whoami) -> Reply:
         row = self.hive.require_agent(self.name)
-        return ok(name=self.name, **({"parent": row["parent"]} if row["parent"] else {}))
+        return ok(name=self.name, **({"parent": row.parent} if row.parent else {}))
 
     async def peers(self, req: w.Peers) -> Reply:
         return ok(peers=self.hive.peers(self.name))
@@ -103,7 +103,7 @@ class AgentSession:
         return ok(id=approval.id, payload_sha256=approval.payload_sha256)
 
     async def set_status(self, req: w.SetStatus) -> Reply:
-        at = self.hive.store.set_status_text(self.name, req.text)
+        at = self.hive.store.agents.set_status_text(self.name, req.text)
         self.hive.publish_status(self.name)
         return ok(status_set_at=at)
 
@@ -118,9 +118,9 @@ class AgentSession:
     async def loose_ends(self, req: w.LooseEnds) -> Reply:
         store = self.hive.store
         return ok(
-            questions=[model_fields_only(q) for q in store.open_questions(asker=self.name)],
-            approvals=[model_fields_only(a) for a in store.approvals(status="pending", agent=self.name)],
-            to_answer=[model_fields_only(q) for q in store.open_questions(target=self.name)],
+            questions=[model_fields_only(q) for q in store.questions.open(asker=self.name)],
+            approvals=[model_fields_only(a) for a in store.approvals.list(status="pending", agent=self.name)],
+            to_answer=[model_fields_only(q) for q in store.questions.open(target=self.name)],
         )
 
 
@@ -129,14 +129,14 @@ class AgentSession:
     async def harness_config(self, req: wh.HarnessConfig) -> Reply:
         row = self.hive.require_agent(self.name)
         return ok(name=self.name, spec=self.hive.spec(self.name).model_dump(mode="json"),
-                  paused=bool(row["paused"]))
+                  paused=row.paused)
 
     async def turn_next(self, req: wh.TurnNext) -> Reply:
         msg = await self.hive.turn_next(self.name, self.conn, req.wait)
         return ok(message=_msg(msg)) if msg is not None else ok()
 
     async def turn_record(self, req: wh.TurnRecord) -> Reply:
-        entries = self.hive.store.add_transcript(
+        entries = self.hive.store.transcripts.add(
             self.name, req.turn, [(e.kind, _bounded(e.data)) for e in req.entries]
         )
         self.hive.transcript_wakeups.notify(self.name)
@@ -147,7 +147,7 @@ class AgentSession:
     async def turn_done(self, req: wh.TurnDone) -> Reply:
         end = req.model_dump(exclude={"cmd", "turn"})
         try:
-            entry = self.hive.store.finish_turn(self.name, req.turn, end)
+            entry = self.hive.store.transcripts.finish_turn(self.name, req.turn, end)
         except LookupError as e:
             raise Refused(str(e)) from None
         self.hive.ack_in_flight(self.name, req.turn)
@@ -168,7 +168,7 @@ class AgentSession:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + req.wait
         while True:
-            entries = self.hive.store.transcript(self.name, req.after, req.limit)
+            entries = self.hive.store.transcripts.entries(self.name, req.after, req.limit)
             if entries or loop.time() >= deadline:
                 return ok(entries=entries)
             await self.hive.transcript_wakeups.wait(self.name, deadline - loop.time())
@@ -177,10 +177,10 @@ class AgentSession:
         from hyperhive.wire.egress import EgressPayload, RuleError
 
         row = self.hive.require_agent(self.name)
-        status = self.hive.status_row(row, self.hive.store.pending_reminders())
+        status = self.hive.status_row(row, self.hive.store.reminders.pending())
         store = self.hive.store
         approvals = []
-        for a in store.approvals(status="pending", agent=self.name):
+        for a in store.approvals.list(status="pending", agent=self.name):
             shown = model_fields_only(a)
             if a.kind == "egress":  # what approving adds, worked out by the hive (as the dashboard shows it)
                 try:
@@ -190,11 +190,11 @@ class AgentSession:
             approvals.append(shown)
         return ok(
             agent=model_fields_only(status),
-            questions=[model_fields_only(q) for q in store.open_questions(asker=self.name, target="operator")],
+            questions=[model_fields_only(q) for q in store.questions.open(asker=self.name, target="operator")],
             approvals=approvals,
             # This agent's own egress only: the listener is the identity, as for everything here.
-            egress_rules=store.egress_rules(self.name).get(self.name, []),
-            egress_log=store.egress_log(self.name, req.egress_limit),
+            egress_rules=store.egress.rules(self.name).get(self.name, []),
+            egress_log=store.egress.entries(self.name, req.egress_limit),
         )
 
 

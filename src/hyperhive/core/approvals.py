@@ -4,13 +4,12 @@ to the operator) is exactly what is applied, once; there is no update path."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, Protocol
 
 from pydantic import ValidationError
 
 from hyperhive.core.hive import Hive, Refused
-from hyperhive.core.store import ApplyError, Store, canonical_json
+from hyperhive.core.store import ApplyError, ApprovalTx, canonical_json
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import describe_validation_error, model_fields_only
@@ -20,7 +19,7 @@ class ApprovalKind(Protocol):
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         """At request time: refuse a payload that could never be applied."""
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
         """At approval time, inside the approving transaction. Raise ApplyError to fail."""
 
     async def after(self, hive: Hive, approval: Approval) -> None:
@@ -33,7 +32,7 @@ class Custom:
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         pass
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
         pass
 
     async def after(self, hive: Hive, approval: Approval) -> None:
@@ -55,13 +54,13 @@ class Spawn:
             raise Refused(f"spawn payload: an agent named {spawn.name!r} already exists")
         hive.check_agent_room()
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
         spawn = SpawnPayload.model_validate(approval.payload)
-        if db.execute("SELECT 1 FROM agents WHERE name=?", (spawn.name,)).fetchone():
+        if tx.agent_exists(spawn.name):
             raise ApplyError(f"an agent named {spawn.name!r} already exists")
-        if not db.execute("SELECT 1 FROM agents WHERE name=?", (approval.agent,)).fetchone():
+        if not tx.agent_exists(approval.agent):
             raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
-        Store._create_agent(db, spawn.name, spawn.spec, approval.agent, "spawn")
+        tx.create_agent(spawn.name, spawn.spec, approval.agent, "spawn")
 
     async def after(self, hive: Hive, approval: Approval) -> None:
         if approval.status == "approved":
@@ -83,10 +82,10 @@ class Egress:
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         self._rule(payload)
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
-        if not db.execute("SELECT 1 FROM agents WHERE name=?", (approval.agent,)).fetchone():
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
+        if not tx.agent_exists(approval.agent):
             raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
-        Store._add_egress_rule(db, approval.agent, self._rule(approval.payload), "approval")
+        tx.add_egress_rule(approval.agent, self._rule(approval.payload), "approval")
 
     async def after(self, hive: Hive, approval: Approval) -> None:
         if approval.status == "approved":
@@ -101,22 +100,25 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
     if handler is None:
         raise Refused(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     handler.check(hive, requester, payload)
-    hive.check_store_quota(requester, 1, len(kind.encode()) + len(description.encode())
-                           + len(canonical_json(payload).encode()))
-    approval = hive.store.request_approval(requester, kind, description, payload)
+    hive.check_store_quota(
+        requester,
+        1,
+        len(kind.encode()) + len(description.encode()) + len(canonical_json(payload).encode()),
+    )
+    approval = hive.store.approvals.request(requester, kind, description, payload)
     hive.bus.publish("approval", {"approval": model_fields_only(approval)})
     return approval
 
 
 async def resolve(hive: Hive, aid: int, decision: str, note: str | None = None) -> Approval:
-    existing = hive.store.approval(aid)
+    existing = hive.store.approvals.get(aid)
     if existing is None:
         raise Refused(f"no approval {aid}")
     handler = KINDS[existing.kind]
     if existing.kind == "spawn" and decision == "approved" and existing.status == "pending":
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
     try:
-        approval, msg = hive.store.resolve_approval(aid, decision, note, handler.apply)
+        approval, msg = hive.store.approvals.resolve(aid, decision, note, handler.apply)
     except LookupError as e:
         raise Refused(str(e)) from None
     hive.delivered(msg)

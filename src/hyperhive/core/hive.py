@@ -5,7 +5,6 @@ dispatchers over this; neither decides identity here (the caller passes it)."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -17,18 +16,13 @@ from hyperhive.config import HiveConfig
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.events import EventBus, InboxWakeups
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
-from hyperhive.core.store import Store, StoreError
+from hyperhive.core.store import AgentRow, EgressDecision, Store, StoreError
 from hyperhive.names import OPERATOR
 from hyperhive.wire.common import AgentSpec, AgentStatus, Message
 from hyperhive.wire.egress import Rule, parse_rules
 from hyperhive.wire.framing import model_fields_only
 
 log = logging.getLogger("hive.core")
-
-
-@functools.lru_cache(maxsize=4096)
-def _spec(text: str) -> AgentSpec:
-    return AgentSpec.model_validate_json(text)
 
 
 class Refused(Exception):
@@ -82,27 +76,27 @@ class Hive:
     # -- agents ------------------------------------------------------------------
 
     def exists(self, name: str) -> bool:
-        return self.store.agent(name) is not None
+        return self.store.agents.get(name) is not None
 
-    def require_agent(self, name: str) -> Any:
-        row = self.store.agent(name)
+    def require_agent(self, name: str) -> AgentRow:
+        row = self.store.agents.get(name)
         if row is None:
             raise Refused(f"no agent named {name!r}")
         return row
 
     def spec(self, name: str) -> AgentSpec:
-        return _spec(self.require_agent(name)["spec"])
+        return self.require_agent(name).spec
 
     def peers(self, name: str) -> list[str]:
         """Agents ``name`` may message and ask: its declared peers, its parent and
         its children (spawned helpers report back), that exist now."""
-        return sorted(r["name"] for r in self.store.agents() if self.may_address(name, r["name"]))
+        return sorted(r.name for r in self.store.agents.all() if self.may_address(name, r.name))
 
     def may_address(self, sender: str, target: str) -> bool:
-        me, them = self.store.agent(sender), self.store.agent(target)
+        me, them = self.store.agents.get(sender), self.store.agents.get(target)
         if me is None or them is None or sender == target:
             return False
-        return target in _spec(me["spec"]).peers or me["parent"] == target or them["parent"] == sender
+        return target in me.spec.peers or me.parent == target or them.parent == sender
 
     def take_rate(self, name: str) -> None:
         try:
@@ -114,7 +108,7 @@ class Hive:
 
     def check_agent_room(self) -> None:
         """Refuse one more agent beyond ``[limits] max_agents`` (the core's budget)."""
-        n, limit = len(self.store.agents()), self.config.limits.max_agents
+        n, limit = len(self.store.agents.all()), self.config.limits.max_agents
         if n >= limit:
             raise Refused(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
 
@@ -126,7 +120,7 @@ class Hive:
         if agent == OPERATOR:
             return  # the operator's own messages are not an agent's to bound
         limits = self.config.limits
-        held_rows, held_bytes, op_rows, op_bytes = self.store.usage(agent)
+        held_rows, held_bytes, op_rows, op_bytes = self.store.usage.of(agent)
         q_rows, q_bytes = self._queued.get(agent, (0, 0))
         held_rows, held_bytes = held_rows + q_rows, held_bytes + q_bytes
         if to_operator:
@@ -153,33 +147,33 @@ class Hive:
                 raise Refused(f"no agent named {target!r}")
             raise Refused(f"{target!r} is not one of {sender}'s peers")
 
-    def status_row(self, row: Any, reminders: dict[str, int]) -> AgentStatus:
-        spec = _spec(row["spec"])
+    def status_row(self, row: AgentRow, reminders: dict[str, int]) -> AgentStatus:
+        spec = row.spec
         return AgentStatus(
-            name=row["name"],
-            running=self.lifecycle.running(row["name"]),
-            failed=self.lifecycle.failed(row["name"]),
-            pending_reminders=reminders.get(row["name"], 0),
-            paused=bool(row["paused"]),
-            parent=row["parent"],
-            needs_login=bool(self.harness_state.get(row["name"], {}).get("needs_login")),
-            active_model=self.harness_state.get(row["name"], {}).get("active_model")
+            name=row.name,
+            running=self.lifecycle.running(row.name),
+            failed=self.lifecycle.failed(row.name),
+            pending_reminders=reminders.get(row.name, 0),
+            paused=row.paused,
+            parent=row.parent,
+            needs_login=bool(self.harness_state.get(row.name, {}).get("needs_login")),
+            active_model=self.harness_state.get(row.name, {}).get("active_model")
             or (spec.model if spec.runtime == "claude" else None),
-            status_text=row["status_text"],
-            status_set_at=row["status_set_at"],
-            url=f"http://{self.config.hive.listen}/agent/{row['name']}/",
+            status_text=row.status_text,
+            status_set_at=row.status_set_at,
+            url=f"http://{self.config.hive.listen}/agent/{row.name}/",
         )
 
     def statuses(self) -> list[dict[str, Any]]:
-        reminders = self.store.pending_reminders()
-        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents()]
+        reminders = self.store.reminders.pending()
+        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents.all()]
 
     def publish_status(self, name: str) -> None:
-        row = self.store.agent(name)
+        row = self.store.agents.get(name)
         if row is None:
             self.bus.publish("agent_status", {"name": name, "destroyed": True})
             return
-        reminders = self.store.pending_reminders()
+        reminders = self.store.reminders.pending()
         self.bus.publish("agent_status", {"agent": model_fields_only(self.status_row(row, reminders))})
 
     # -- delivery -----------------------------------------------------------------
@@ -216,7 +210,7 @@ class Hive:
             if rows > 1:
                 self._queued[sender] = (rows - 1, held - len(body.encode()))
         try:
-            msgs = self.store.send_many([item for item, _ in batch], quota=self.store_quota())
+            msgs = self.store.messages.send_many([item for item, _ in batch], quota=self.store_quota())
         except Exception as e:  # every send in the batch is refused alike
             for _, fut in batch:
                 if not fut.done():
@@ -232,7 +226,7 @@ class Hive:
         deadline = loop.time() + wait
         while True:
             in_flight = self._in_flight[name]
-            msgs = self.store.unacked(name, limit, skip=set(in_flight))
+            msgs = self.store.messages.unacked(name, limit, skip=set(in_flight))
             if msgs or loop.time() >= deadline:
                 for m in msgs:
                     in_flight[m.id] = conn
@@ -245,10 +239,10 @@ class Hive:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            row = self.store.agent(name)
+            row = self.store.agents.get(name)
             if row is None:
                 return None
-            if not row["paused"]:
+            if not row.paused:
                 msgs = await self.recv(name, conn, 0, 1)
                 if msgs:
                     return msgs[0]
@@ -261,7 +255,7 @@ class Hive:
         nbytes = len(question.encode()) + (0 if options is None else len(json.dumps(options).encode()))
         copies = 1 if to == OPERATOR else 2
         self.check_store_quota(asker, copies, copies * nbytes)
-        q, delivered = self.store.ask(asker, to, question, options)
+        q, delivered = self.store.questions.ask(asker, to, question, options)
         self.bus.publish("question", {"question": model_fields_only(q)})
         if delivered is not None:
             self.delivered(delivered)
@@ -271,7 +265,7 @@ class Hive:
         """``target`` answers question ``qid`` addressed to it; the answer is a message it holds."""
         self.check_store_quota(target, 1, len(answer.encode()))
         try:
-            q, msg = self.store.answer(qid, target, answer)
+            q, msg = self.store.questions.answer(qid, target, answer)
         except LookupError as e:
             raise Refused(str(e)) from None
         self.delivered(msg)
@@ -280,7 +274,7 @@ class Hive:
 
     def remind(self, agent: str, due: float, text: str) -> int:
         self.check_store_quota(agent, 1, len(text.encode()))
-        rid = self.store.add_reminder(agent, due, text)
+        rid = self.store.reminders.add(agent, due, text)
         self.on_reminder_added()
         self.publish_status(agent)
         return rid
@@ -301,7 +295,7 @@ class Hive:
         return {}
 
     def ack(self, name: str, ids: list[int]) -> int:
-        n = self.store.ack(name, ids)
+        n = self.store.messages.ack(name, ids)
         in_flight = self._in_flight[name]
         for i in ids:
             in_flight.pop(i, None)
@@ -326,7 +320,7 @@ class Hive:
         self._interrupts.discard(name)
         self.harness_state.pop(name, None)
         self.rates.forget(name)
-        self.store._egress_since_prune.pop(name, None)
+        self.store.egress.forget(name)
 
     # -- egress -------------------------------------------------------------------
 
@@ -334,7 +328,7 @@ class Hive:
         return self._egress_rules.get(name, ())
 
     def reload_egress(self, name: str | None = None) -> None:
-        rules = self.store.egress_rules(name)
+        rules = self.store.egress.rules(name)
         names = [name] if name else list(set(rules) | set(self._egress_rules))
         fresh = dict(self._egress_rules)
         for n in names:
@@ -345,15 +339,15 @@ class Hive:
 
     def record_egress(self, d: Decision) -> None:
         """Every decision of the proxy, in the log (and to subscribers); called in the loop."""
-        row = {"agent": d.agent, "at": d.at, "host": d.host, "port": d.port, "address": d.address,
+        row: EgressDecision = {"agent": d.agent, "at": d.at, "host": d.host, "port": d.port, "address": d.address,
                "allowed": d.allowed, "reason": d.reason, "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
                "closed_at": time.time() if d.closed else None}
         try:
             rowid = self._egress_open.pop(d.key, None)
             if rowid is not None:
-                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, row["closed_at"] or time.time())
+                self.store.egress.close(rowid, d.bytes_up, d.bytes_down, row["closed_at"] or time.time())
             else:
-                rowid = self.store.log_egress(row)
+                rowid = self.store.egress.log(row)
                 if not d.closed:
                     self._egress_open[d.key] = rowid
         except StoreError as e:
@@ -365,13 +359,13 @@ class Hive:
 
     def allow_egress(self, name: str, rule: str, source: str) -> bool:
         self.require_agent(name)
-        added = self.store.add_egress_rule(name, rule, source)
+        added = self.store.egress.add_rule(name, rule, source)
         self.reload_egress(name)
         return added
 
     def remove_egress(self, name: str, rule: str) -> bool:
         self.require_agent(name)
-        removed = self.store.remove_egress_rule(name, rule)
+        removed = self.store.egress.remove_rule(name, rule)
         self.reload_egress(name)
         return removed
 
@@ -379,13 +373,13 @@ class Hive:
 
     async def start(self, name: str) -> None:
         self.require_agent(name)
-        self.store.set_agent_flag(name, "stopped", False)
+        self.store.agents.set_flag(name, "stopped", False)
         await self.lifecycle.start(name)
         self.publish_status(name)
 
     async def stop(self, name: str, graceful: bool) -> None:
         self.require_agent(name)
-        self.store.set_agent_flag(name, "stopped", True)
+        self.store.agents.set_flag(name, "stopped", True)
         await self.lifecycle.stop(name, graceful)
         self.publish_status(name)
 
@@ -393,7 +387,7 @@ class Hive:
         if self.exists(name):
             raise Refused(f"an agent named {name!r} already exists")
         self.check_agent_room()
-        self.store.create_agent(name, spec, parent, origin)
+        self.store.agents.create(name, spec, parent, origin)
         await self.after_create(name)
 
     async def after_create(self, name: str) -> None:
@@ -405,14 +399,14 @@ class Hive:
     async def destroy(self, name: str) -> None:
         self.require_agent(name)
         await self.lifecycle.destroy(name)
-        self.store.delete_agent(name)
+        self.store.agents.delete(name)
         self.forget(name)
         self.reload_egress(name)
         log.info("agent %s destroyed", name)
         self.publish_status(name)
 
     async def run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
-        targets = names or [r["name"] for r in self.store.agents()]
+        targets = names or [r.name for r in self.store.agents.all()]
         for n in targets:
             self.require_agent(n)  # refuse the whole request before changing anything
         for n in targets:

@@ -42,7 +42,7 @@ class OperatorSession:
             return error(str(e))
 
     async def list_(self, req: w.List_) -> Reply:
-        return ok(agents=[r["name"] for r in self.hive.store.agents()])
+        return ok(agents=[r.name for r in self.hive.store.agents.all()])
 
     async def agent_status(self, req: w.AgentStatusReq) -> Reply:
         return ok(agent_statuses=self.hive.statuses())
@@ -63,7 +63,7 @@ class OperatorSession:
 
     async def set_paused(self, req: w.SetPaused) -> Reply:
         self.hive.require_agent(req.name)
-        self.hive.store.set_agent_flag(req.name, "paused", req.paused)
+        self.hive.store.agents.set_flag(req.name, "paused", req.paused)
         self.hive.wakeups.notify(req.name)  # a harness waiting for its next turn looks again
         self.hive.publish_status(req.name)
         return ok(name=req.name, paused=req.paused)
@@ -74,10 +74,10 @@ class OperatorSession:
 
     async def transcript(self, req: w.Transcript) -> Reply:
         self.hive.require_agent(req.name)
-        return ok(entries=self.hive.store.transcript(req.name, req.after, req.limit))
+        return ok(entries=self.hive.store.transcripts.entries(req.name, req.after, req.limit))
 
     async def pending(self, req: w.Pending) -> Reply:
-        rows = self.hive.store.approvals(status="pending")
+        rows = self.hive.store.approvals.list(status="pending")
         return ok(approvals=[model_fields_only(a) for a in rows])
 
     async def approve(self, req: w.Approve) -> Reply:
@@ -89,12 +89,12 @@ class OperatorSession:
         return ok(approval=model_fields_only(approval))
 
     async def questions(self, req: w.Questions) -> Reply:
-        rows = self.hive.store.open_questions(target=OPERATOR)
+        rows = self.hive.store.questions.open(target=OPERATOR)
         return ok(questions=[model_fields_only(q) for q in rows])
 
     async def answer_question(self, req: w.AnswerQuestion) -> Reply:
         try:
-            question, msg = self.hive.store.answer(req.id, OPERATOR, req.answer)
+            question, msg = self.hive.store.questions.answer(req.id, OPERATOR, req.answer)
         except LookupError as e:
             raise Refused(str(e)) from None
         self.hive.delivered(msg)
@@ -107,7 +107,7 @@ class OperatorSession:
         return ok(id=msg.id)
 
     async def inbox(self, req: w.Inbox) -> Reply:
-        msgs = self.hive.store.inbox(OPERATOR, req.after, req.max)
+        msgs = self.hive.store.messages.inbox(OPERATOR, req.after, req.max)
         return ok(messages=[model_fields_only(m) for m in msgs])
 
     async def spawn(self, req: w.Spawn) -> Reply:
@@ -121,7 +121,7 @@ class OperatorSession:
     async def egress_rules(self, req: w.EgressRules) -> Reply:
         if req.name is not None:
             self.hive.require_agent(req.name)
-        return ok(rules=self.hive.store.egress_rules(req.name))
+        return ok(rules=self.hive.store.egress.rules(req.name))
 
     async def egress_allow(self, req: w.EgressAllow) -> Reply:
         added = self.hive.allow_egress(req.name, req.rule, "operator")
@@ -135,7 +135,7 @@ class OperatorSession:
     async def egress_log(self, req: w.EgressLog) -> Reply:
         if req.name is not None:
             self.hive.require_agent(req.name)
-        return ok(entries=self.hive.store.egress_log(req.name, req.limit))
+        return ok(entries=self.hive.store.egress.entries(req.name, req.limit))
 
     async def urls(self, req: w.Urls) -> Reply:
         listen = self.hive.config.hive.listen

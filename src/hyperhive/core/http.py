@@ -277,13 +277,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         store = hive.store
         return {
             "agents": hive.statuses(),
-            "approvals": [approval_row(a) for a in store.approvals(status="pending")],
-            "questions": [model_fields_only(q) for q in store.open_questions(target=OPERATOR)],
-            "messages": [model_fields_only(m) for m in store.recent_messages(50)],
+            "approvals": [approval_row(a) for a in store.approvals.list(status="pending")],
+            "questions": [model_fields_only(q) for q in store.questions.open(target=OPERATOR)],
+            "messages": [model_fields_only(m) for m in store.messages.recent(50)],
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
-            "egress_rules": store.egress_rules(),
-            "egress_log": store.egress_log(None, EGRESS_LOG_SHOWN),
+            "egress_rules": store.egress.rules(),
+            "egress_log": store.egress.entries(None, EGRESS_LOG_SHOWN),
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}

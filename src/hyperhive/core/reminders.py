@@ -26,7 +26,7 @@ class ReminderScheduler:
                 self._deliver_due()
             except StoreError as e:
                 log.error("could not deliver reminders: %s", e)
-            due = self.hive.store.next_reminder_due()
+            due = self.hive.store.reminders.next_due()
             delay = MAX_SLEEP if due is None else min(MAX_SLEEP, max(0.0, due - time.time()))
             self._poke.clear()
             try:
@@ -35,7 +35,7 @@ class ReminderScheduler:
                 pass
 
     def _deliver_due(self) -> None:
-        for msg in self.hive.store.deliver_due_reminders(time.time()):
+        for msg in self.hive.store.reminders.deliver_due(time.time()):
             log.info("reminder %s delivered to %s", msg.ref, msg.to)
             self.hive.delivered(msg)
             self.hive.bus.publish("reminder", {"agent": msg.to, "reminder_id": msg.ref, "text": msg.body})
