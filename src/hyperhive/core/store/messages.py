@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable
 
-from hyperhive.core.store.common import dump_options, load_options
+from hyperhive.core.store.common import load_options
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.usage import make_room
 from hyperhive.wire.common import Message
@@ -41,7 +42,8 @@ def insert_message(
     cur = tx.execute(
         "INSERT INTO messages (recipient, sender, kind, body, ref, options, sent_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (recipient, sender, kind, body, ref, dump_options(options), now),
+        # json.dumps inline, not dump_options: one call fewer per message on the send path
+        (recipient, sender, kind, body, ref, None if options is None else json.dumps(options), now),
     )
     return Message(
         id=int(cur.lastrowid or 0),
