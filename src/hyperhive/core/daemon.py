@@ -122,7 +122,7 @@ async def checkpoint_loop(store: Store, every: float = 1.0) -> None:
 
 
 async def prune_loop(store: Store, every: float = PRUNE_EVERY) -> None:
-    """Keep each agent's logs to ``[limits] history_keep`` rows (see Store.prune_history);
+    """Keep each agent's logs to ``[limits] history_keep`` rows (see store.history.prune);
     the egress log is also pruned as it grows."""
     while True:
         try:

@@ -116,7 +116,7 @@ class Hive:
         """Refuse, before anything is stored, what would take ``agent`` over its storage
         quota: ``rows`` more undelivered messages, open questions, pending approvals or
         reminders of ``nbytes`` bytes. A message to the operator may push out the agent's
-        own oldest messages to the operator (see Store.send_many), so those don't count."""
+        own oldest messages to the operator (see store.messages.send_many), so those don't count."""
         if agent == OPERATOR:
             return  # the operator's own messages are not an agent's to bound
         limits = self.config.limits

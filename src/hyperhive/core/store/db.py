@@ -7,6 +7,7 @@ changes (answering a question *and* delivering the answer) are one transaction.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -41,8 +42,12 @@ class Tx:
         try:
             yield
         except BaseException:
-            self._conn.execute(f"ROLLBACK TO {name}")
-            self._conn.execute(f"RELEASE {name}")
+            # SQLite may have rolled back the whole transaction already (e.g. SQLITE_FULL):
+            # then there is no savepoint left, and the first error is the one to report.
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
             raise
         self._conn.execute(f"RELEASE {name}")
 
