@@ -153,14 +153,14 @@ def summed(store: Store, agent: str) -> tuple[int, int]:
         UNION ALL SELECT length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB)) + length(CAST(payload AS BLOB))
             FROM approvals WHERE agent=:a AND status='pending'
         UNION ALL SELECT length(CAST(text AS BLOB)) FROM reminders WHERE agent=:a AND delivered_at IS NULL)"""
-    n, nbytes = store.db.execute(q, {"a": agent}).fetchone()
+    n, nbytes = store.db.conn.execute(q, {"a": agent}).fetchone()
     return n, nbytes
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     s = Store(tmp_path / "hive.db")
-    s.sync_config_agents({})
+    s.agents.sync_config({})
     return s
 
 
@@ -172,38 +172,38 @@ def test_usage_counters_match_a_sum_after_every_change(store: Store) -> None:
     from hyperhive.wire.common import AgentSpec
 
     spec = AgentSpec.model_validate({"runtime": "command", "command": ["true"]})
-    store.create_agent("x", spec, None, "operator")
-    store.create_agent("y", spec, None, "operator")
-    m = store.send("y", "x", "message", "héllo")
-    store.send("operator", "x", "message", "to the operator")
-    q, _ = store.ask("x", "y", "why?", ["a", "b"])
-    qo, _ = store.ask("x", "operator", "may I?", None)
-    a = store.request_approval("x", "custom", "please", {"k": "v" * 100})
-    store.add_reminder("x", 0.0, "ping")
-    assert store.usage("x")[:2] == summed(store, "x") == (7, store.usage("x")[1])
-    assert store.usage("x")[2:] == (1, len("to the operator"))
-    store.ack("y", [m.id])
-    assert store.usage("x")[:2] == summed(store, "x")
-    store.answer(q.id, "y", "because")
-    assert store.usage("x")[:2] == summed(store, "x")
-    assert store.usage("y")[:2] == summed(store, "y") == (1, len("because"))
-    store.resolve_approval(a.id, "denied", None)
-    store.deliver_due_reminders(1.0)
-    assert store.usage("x")[:2] == summed(store, "x")
-    store.delete_agent("x")  # its open question is cancelled; y's answer in x's inbox goes
-    assert store.usage("x")[:2] == summed(store, "x")
-    assert store.usage("y")[:2] == summed(store, "y") == (0, 0)
+    store.agents.create("x", spec, None, "operator")
+    store.agents.create("y", spec, None, "operator")
+    m = store.messages.send("y", "x", "message", "héllo")
+    store.messages.send("operator", "x", "message", "to the operator")
+    q, _ = store.questions.ask("x", "y", "why?", ["a", "b"])
+    qo, _ = store.questions.ask("x", "operator", "may I?", None)
+    a = store.approvals.request("x", "custom", "please", {"k": "v" * 100})
+    store.reminders.add("x", 0.0, "ping")
+    assert store.usage.of("x")[:2] == summed(store, "x") == (7, store.usage.of("x")[1])
+    assert store.usage.of("x")[2:] == (1, len("to the operator"))
+    store.messages.ack("y", [m.id])
+    assert store.usage.of("x")[:2] == summed(store, "x")
+    store.questions.answer(q.id, "y", "because")
+    assert store.usage.of("x")[:2] == summed(store, "x")
+    assert store.usage.of("y")[:2] == summed(store, "y") == (1, len("because"))
+    store.approvals.resolve(a.id, "denied", None)
+    store.reminders.deliver_due(1.0)
+    assert store.usage.of("x")[:2] == summed(store, "x")
+    store.agents.delete("x")  # its open question is cancelled; y's answer in x's inbox goes
+    assert store.usage.of("x")[:2] == summed(store, "x")
+    assert store.usage.of("y")[:2] == summed(store, "y") == (0, 0)
     assert qo.id
 
 
 def test_messages_to_the_operator_make_room_oldest_first(store: Store) -> None:
     quota = (5, 1000)
     for i in range(12):
-        store.send_many([("operator", "x", "message", f"{i:03d}" + "." * 97)], quota=quota)
-        assert store.usage("x")[0] <= 5 and store.usage("x")[1] <= 1000
-    kept = [m.body[:3] for m in store.inbox("operator", 0, 100)]
+        store.messages.send_many([("operator", "x", "message", f"{i:03d}" + "." * 97)], quota=quota)
+        assert store.usage.of("x")[0] <= 5 and store.usage.of("x")[1] <= 1000
+    kept = [m.body[:3] for m in store.messages.inbox("operator", 0, 100)]
     assert kept == ["007", "008", "009", "010", "011"]
-    assert store.usage("x")[:2] == summed(store, "x") == (5, 500)
+    assert store.usage.of("x")[:2] == summed(store, "x") == (5, 500)
 
 
 @pytest.mark.parametrize("keep", [10, 50])
@@ -212,11 +212,11 @@ def test_egress_log_keeps_the_newest_per_agent(store: Store, keep: int) -> None:
     row = {"at": 0.0, "host": "h", "port": 1, "address": None, "allowed": False, "reason": "r",
            "bytes_up": 0, "bytes_down": 0, "closed_at": 0.0}
     for i in range(5 * keep):
-        store.log_egress({**row, "agent": "x", "port": i + 1})
-        store.log_egress({**row, "agent": "y", "port": i + 1})
-        n = store.db.execute("SELECT COUNT(*) FROM egress_log WHERE agent='x'").fetchone()[0]
+        store.egress.log({**row, "agent": "x", "port": i + 1})
+        store.egress.log({**row, "agent": "y", "port": i + 1})
+        n = store.db.conn.execute("SELECT COUNT(*) FROM egress_log WHERE agent='x'").fetchone()[0]
         assert n <= keep + min(b_every(), keep)
-    ports = [r["port"] for r in store.egress_log("x", 10_000)]
+    ports = [r["port"] for r in store.egress.entries("x", 10_000)]
     assert ports[0] == 5 * keep and len(ports) >= keep
 
 
@@ -228,15 +228,15 @@ def b_every() -> int:
 def test_prune_history_keeps_the_newest_of_each_log(store: Store) -> None:
     store.history_keep = 10
     for i in range(40):
-        m = store.send("x", "y", "message", f"m{i}")
-        store.ack("x", [m.id])
-        q, _ = store.ask("x", "operator", f"q{i}", None)
-        store.db.execute("UPDATE questions SET cancelled=1 WHERE id=?", (q.id,))
-        a = store.request_approval("x", "custom", f"a{i}", {})
-        store.resolve_approval(a.id, "denied", None)
-    store.prune_history("x")
-    acked = store.db.execute("SELECT COUNT(*) FROM messages WHERE recipient='x' AND acked_at IS NOT NULL").fetchone()
+        m = store.messages.send("x", "y", "message", f"m{i}")
+        store.messages.ack("x", [m.id])
+        q, _ = store.questions.ask("x", "operator", f"q{i}", None)
+        store.db.conn.execute("UPDATE questions SET cancelled=1 WHERE id=?", (q.id,))
+        a = store.approvals.request("x", "custom", f"a{i}", {})
+        store.approvals.resolve(a.id, "denied", None)
+    store.history.prune("x")
+    acked = store.db.conn.execute("SELECT COUNT(*) FROM messages WHERE recipient='x' AND acked_at IS NOT NULL").fetchone()
     assert acked[0] == 10
-    assert store.db.execute("SELECT COUNT(*) FROM questions WHERE asker='x'").fetchone()[0] == 10
-    assert store.db.execute("SELECT COUNT(*) FROM approvals WHERE agent='x'").fetchone()[0] == 10
-    assert store.usage("x")[:2] == summed(store, "x")
+    assert store.db.conn.execute("SELECT COUNT(*) FROM questions WHERE asker='x'").fetchone()[0] == 10
+    assert store.db.conn.execute("SELECT COUNT(*) FROM approvals WHERE agent='x'").fetchone()[0] == 10
+    assert store.usage.of("x")[:2] == summed(store, "x")

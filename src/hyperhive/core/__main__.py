@@ -15,12 +15,26 @@ from hyperhive.core.daemon import CoreOptions, default_paths, main_with
 @click.option("--run-dir", type=click.Path(path_type=Path), help="sockets (default /run/hive)")
 @click.option("--state-dir", type=click.Path(path_type=Path), help="state (default /var/lib/hive)")
 @click.option("--listen", help="HOST:PORT of the gateway (overrides [hive] listen)")
-@click.option("--priv-sock", type=click.Path(path_type=Path),
-              help="hive-priv's socket: run agents in cages (without it, agents are sockets only)")
-@click.option("--synchronous", type=click.Choice(["NORMAL", "FULL"]), default="NORMAL", show_default=True,
-              help="SQLite durability: NORMAL survives a crash of the process, FULL also power loss")
-def main(config_path: Path | None, run_dir: Path | None, state_dir: Path | None, listen: str | None,
-         priv_sock: Path | None, synchronous: str) -> None:
+@click.option(
+    "--priv-sock",
+    type=click.Path(path_type=Path),
+    help="hive-priv's socket: run agents in cages (without it, agents are sockets only)",
+)
+@click.option(
+    "--synchronous",
+    type=click.Choice(["NORMAL", "FULL"]),
+    default="NORMAL",
+    show_default=True,
+    help="SQLite durability: NORMAL survives a crash of the process, FULL also power loss",
+)
+def main(
+    config_path: Path | None,
+    run_dir: Path | None,
+    state_dir: Path | None,
+    listen: str | None,
+    priv_sock: Path | None,
+    synchronous: str,
+) -> None:
     try:
         config = load_config(config_path, listen)
     except ConfigError as e:

@@ -4,13 +4,12 @@ to the operator) is exactly what is applied, once; there is no update path."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
 from hyperhive.core.refusals import BadRequest, Conflict, NotFound
-from hyperhive.core.store import ApplyError, Store, canonical_json
+from hyperhive.core.store import ApplyError, ApprovalTx, canonical_json
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import describe_validation_error, model_fields_only
@@ -23,7 +22,7 @@ class ApprovalKind(Protocol):
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         """At request time: refuse a payload that could never be applied."""
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
         """At approval time, inside the approving transaction. Raise ApplyError to fail."""
 
     async def after(self, hive: Hive, approval: Approval) -> None:
@@ -36,7 +35,7 @@ class Custom:
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         pass
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
         pass
 
     async def after(self, hive: Hive, approval: Approval) -> None:
@@ -50,7 +49,9 @@ class Spawn:
         try:
             return SpawnPayload.model_validate(payload)
         except ValidationError as e:
-            raise BadRequest(f"spawn payload: {describe_validation_error(e, tagged=False)}") from None
+            raise BadRequest(
+                f"spawn payload: {describe_validation_error(e, tagged=False)}"
+            ) from None
 
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         spawn = self._parse(payload)
@@ -58,13 +59,13 @@ class Spawn:
             raise Conflict(f"spawn payload: an agent named {spawn.name!r} already exists")
         hive.check_agent_room()
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
         spawn = SpawnPayload.model_validate(approval.payload)
-        if db.execute("SELECT 1 FROM agents WHERE name=?", (spawn.name,)).fetchone():
+        if tx.agent_exists(spawn.name):
             raise ApplyError(f"an agent named {spawn.name!r} already exists")
-        if not db.execute("SELECT 1 FROM agents WHERE name=?", (approval.agent,)).fetchone():
+        if not tx.agent_exists(approval.agent):
             raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
-        Store._create_agent(db, spawn.name, spawn.spec, approval.agent, "spawn")
+        tx.create_agent(spawn.name, spawn.spec, approval.agent, "spawn")
 
     async def after(self, hive: Hive, approval: Approval) -> None:
         if approval.status == "approved":
@@ -79,17 +80,19 @@ class Egress:
         try:
             return EgressPayload.model_validate(payload).rule()
         except ValidationError as e:
-            raise BadRequest(f"egress payload: {describe_validation_error(e, tagged=False)}") from None
+            raise BadRequest(
+                f"egress payload: {describe_validation_error(e, tagged=False)}"
+            ) from None
         except RuleError as e:
             raise BadRequest(f"egress payload: {e}") from None
 
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         self._rule(payload)
 
-    def apply(self, db: sqlite3.Connection, approval: Approval) -> None:
-        if not db.execute("SELECT 1 FROM agents WHERE name=?", (approval.agent,)).fetchone():
+    def apply(self, tx: ApprovalTx, approval: Approval) -> None:
+        if not tx.agent_exists(approval.agent):
             raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
-        Store._add_egress_rule(db, approval.agent, self._rule(approval.payload), "approval")
+        tx.add_egress_rule(approval.agent, self._rule(approval.payload), "approval")
 
     async def after(self, hive: Hive, approval: Approval) -> None:
         if approval.status == "approved":
@@ -125,21 +128,24 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
     if handler is None:
         raise BadRequest(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     handler.check(hive, requester, payload)
-    hive.check_store_quota(requester, 1, len(kind.encode()) + len(description.encode())
-                           + len(canonical_json(payload).encode()))
-    approval = hive.store.request_approval(requester, kind, description, payload)
+    hive.check_store_quota(
+        requester,
+        1,
+        len(kind.encode()) + len(description.encode()) + len(canonical_json(payload).encode()),
+    )
+    approval = hive.store.approvals.request(requester, kind, description, payload)
     hive.bus.publish("approval", {"approval": model_fields_only(approval)})
     return approval
 
 
 async def resolve(hive: Hive, aid: int, decision: str, note: str | None = None) -> Approval:
-    existing = hive.store.approval(aid)
+    existing = hive.store.approvals.get(aid)
     if existing is None:
         raise NotFound(f"no approval {aid}")
     handler = KINDS[existing.kind]
     if existing.kind == "spawn" and decision == "approved" and existing.status == "pending":
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
-    approval, msg = hive.store.resolve_approval(aid, decision, note, handler.apply)
+    approval, msg = hive.store.approvals.resolve(aid, decision, note, handler.apply)
     hive.delivered(msg)
     hive.bus.publish("approval", {"approval": model_fields_only(approval)})
     await handler.after(hive, approval)

@@ -74,12 +74,16 @@ class Budget:
         return self.max_agents * self.per_agent_tasks + RESERVE_TASKS
 
     def line(self) -> str:
-        fds = (f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds}"
-               f" egress + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
-               f" <= NOFILE {self.nofile}")
+        fds = (
+            f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds}"
+            f" egress + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
+            f" <= NOFILE {self.nofile}"
+        )
         limit = "unlimited" if self.tasks is None else str(self.tasks)
-        return (f"{fds}; {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
-                f" = {self.total_tasks} <= tasks {limit}")
+        return (
+            f"{fds}; {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
+            f" = {self.total_tasks} <= tasks {limit}"
+        )
 
     def check(self) -> None:
         fix = "raise LimitNOFILE or lower [limits] max_agents, [limits] agent_connections or [egress] max_connections"
@@ -87,12 +91,14 @@ class Budget:
             raise BudgetError(
                 f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds} egress"
                 f" + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
-                f" > NOFILE {self.nofile}; {fix}")
+                f" > NOFILE {self.nofile}; {fix}"
+            )
         if self.tasks is not None and self.total_tasks > self.tasks:
             raise BudgetError(
                 f"budget: {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
                 f" = {self.total_tasks} > tasks {self.tasks}; raise TasksMax and LimitNPROC or lower"
-                " [limits] max_agents or [egress] max_connections")
+                " [limits] max_agents or [egress] max_connections"
+            )
 
 
 def plan(config: HiveConfig, nofile: int, tasks: int | None) -> Budget:
@@ -143,7 +149,9 @@ def _nproc() -> int | None:
     return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
-def _cgroup_pids_max(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+def _cgroup_pids_max(
+    proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")
+) -> int | None:
     """pids.max of our cgroup and its ancestors (v2, or v1's pids hierarchy), smallest."""
     try:
         lines = proc.read_text().splitlines()

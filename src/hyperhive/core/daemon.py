@@ -61,7 +61,7 @@ async def run_core(opts: CoreOptions) -> None:
         _own_dir(opts.run_dir.agents, 0o755)
 
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
-    store.sync_config_agents(opts.config.agents)
+    store.agents.sync_config(opts.config.agents)
     limits = opts.config.limits
     sockets = AgentSockets(
         opts.run_dir, limits.agent_connections, manage_dirs=opts.priv_sock is None
@@ -76,13 +76,17 @@ async def run_core(opts: CoreOptions) -> None:
     scheduler = ReminderScheduler(hive, bus)
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
-    sessions = Sessions(load_or_create_token(opts.state_dir.root / "operator.token"), store)
+    sessions = Sessions(
+        load_or_create_token(opts.state_dir.root / "operator.token"), store.sessions
+    )
     http_task, http_server = await serve_http(create_app(hive, sessions), opts.run_dir.core_sock)
-    if len(store.agents()) > opts.config.limits.max_agents:  # spawned before the limit was lowered
+    if (
+        len(store.agents.all()) > opts.config.limits.max_agents
+    ):  # spawned before the limit was lowered
         log.error(
             "%d agents exist, more than [limits] max_agents = %d: no more spawns until some are"
             " destroyed",
-            len(store.agents()),
+            len(store.agents.all()),
             opts.config.limits.max_agents,
         )
     await hive.resume_agents()
@@ -94,7 +98,7 @@ async def run_core(opts: CoreOptions) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    n = len(store.agents())
+    n = len(store.agents.all())
     log.info(
         "ready: host.sock at %s, %d agent(s), schema v%d",
         opts.run_dir.host_sock,
@@ -136,8 +140,8 @@ async def prune_loop(store: Store, every: float = PRUNE_EVERY) -> None:
     the egress log is also pruned as it grows."""
     while True:
         try:
-            for row in store.agents():
-                store.prune_history(row["name"])
+            for row in store.agents.all():
+                store.history.prune(row.name)
                 await asyncio.sleep(0)  # one agent at a time: requests go on in between
         except StoreError as e:  # a full disk, say: keep trying
             log.warning("pruning the logs failed: %s", e)

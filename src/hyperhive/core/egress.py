@@ -99,50 +99,54 @@ def _table(rows: list[tuple[str, str, bool]]) -> list[Block]:
 # ``always``: loopback, link-local, unspecified, multicast, broadcast and the cloud
 # metadata services (credentials) are never reached, as today; every other range
 # is opened only by an operator's IP or CIDR rule that lies within it.
-BLOCKS_V4 = _table([
-    ("0.0.0.0/32", "unspecified address", True),
-    ("0.0.0.0/8", "'this network' (0.0.0.0/8)", True),
-    ("127.0.0.0/8", "loopback", True),
-    ("169.254.0.0/16", "link-local", True),  # incl. 169.254.169.254, the usual metadata service
-    ("100.100.100.200/32", "cloud metadata service (Alibaba)", True),
-    ("168.63.129.16/32", "cloud metadata service (Azure WireServer)", True),
-    ("192.0.0.192/32", "cloud metadata service (Oracle)", True),
-    ("224.0.0.0/4", "multicast", True),
-    ("255.255.255.255/32", "broadcast", True),
-    ("10.0.0.0/8", "private (RFC 1918)", False),
-    ("172.16.0.0/12", "private (RFC 1918)", False),
-    ("192.168.0.0/16", "private (RFC 1918)", False),
-    ("100.64.0.0/10", "shared address space (CGNAT, RFC 6598)", False),
-    ("192.0.0.0/24", "IETF protocol assignments", False),
-    ("192.0.2.0/24", "documentation (TEST-NET-1)", False),
-    ("198.51.100.0/24", "documentation (TEST-NET-2)", False),
-    ("203.0.113.0/24", "documentation (TEST-NET-3)", False),
-    ("192.88.99.0/24", "6to4 relay anycast (deprecated)", False),
-    ("198.18.0.0/15", "benchmarking (RFC 2544)", False),
-    ("240.0.0.0/4", "reserved (240.0.0.0/4)", False),
-])
-BLOCKS_V6 = _table([
-    ("::/128", "unspecified address", True),
-    ("::1/128", "loopback", True),
-    ("fe80::/10", "link-local", True),
-    ("ff00::/8", "multicast", True),
-    ("fd00:ec2::/32", "cloud metadata service (AWS)", True),
-    ("fd20:ce::254/128", "cloud metadata service (Google)", True),
-    ("fd00:c1::a9fe:a9fe/128", "cloud metadata service (Oracle)", True),
-    ("fd00:42::42/128", "cloud metadata service (Scaleway)", True),
-    ("fd00:a9fe:a9fe::1/128", "cloud metadata service (Akamai)", True),
-    ("fd00:100::100:200/128", "cloud metadata service (Alibaba)", True),
-    ("fc00::/7", "unique local (ULA)", False),
-    ("fec0::/10", "site-local (deprecated)", False),
-    ("64:ff9b:1::/48", "NAT64 local-use (RFC 8215)", False),
-    ("100::/64", "discard-only", False),
-    ("2001:db8::/32", "documentation", False),
-    ("3fff::/20", "documentation", False),
-    ("2001::/32", "Teredo", False),
-    ("2001::/23", "IETF protocol assignments", False),
-    ("2002::/16", "6to4", False),
-    ("5f00::/16", "segment routing (SRv6)", False),
-])
+BLOCKS_V4 = _table(
+    [
+        ("0.0.0.0/32", "unspecified address", True),
+        ("0.0.0.0/8", "'this network' (0.0.0.0/8)", True),
+        ("127.0.0.0/8", "loopback", True),
+        ("169.254.0.0/16", "link-local", True),  # incl. 169.254.169.254, the usual metadata service
+        ("100.100.100.200/32", "cloud metadata service (Alibaba)", True),
+        ("168.63.129.16/32", "cloud metadata service (Azure WireServer)", True),
+        ("192.0.0.192/32", "cloud metadata service (Oracle)", True),
+        ("224.0.0.0/4", "multicast", True),
+        ("255.255.255.255/32", "broadcast", True),
+        ("10.0.0.0/8", "private (RFC 1918)", False),
+        ("172.16.0.0/12", "private (RFC 1918)", False),
+        ("192.168.0.0/16", "private (RFC 1918)", False),
+        ("100.64.0.0/10", "shared address space (CGNAT, RFC 6598)", False),
+        ("192.0.0.0/24", "IETF protocol assignments", False),
+        ("192.0.2.0/24", "documentation (TEST-NET-1)", False),
+        ("198.51.100.0/24", "documentation (TEST-NET-2)", False),
+        ("203.0.113.0/24", "documentation (TEST-NET-3)", False),
+        ("192.88.99.0/24", "6to4 relay anycast (deprecated)", False),
+        ("198.18.0.0/15", "benchmarking (RFC 2544)", False),
+        ("240.0.0.0/4", "reserved (240.0.0.0/4)", False),
+    ]
+)
+BLOCKS_V6 = _table(
+    [
+        ("::/128", "unspecified address", True),
+        ("::1/128", "loopback", True),
+        ("fe80::/10", "link-local", True),
+        ("ff00::/8", "multicast", True),
+        ("fd00:ec2::/32", "cloud metadata service (AWS)", True),
+        ("fd20:ce::254/128", "cloud metadata service (Google)", True),
+        ("fd00:c1::a9fe:a9fe/128", "cloud metadata service (Oracle)", True),
+        ("fd00:42::42/128", "cloud metadata service (Scaleway)", True),
+        ("fd00:a9fe:a9fe::1/128", "cloud metadata service (Akamai)", True),
+        ("fd00:100::100:200/128", "cloud metadata service (Alibaba)", True),
+        ("fc00::/7", "unique local (ULA)", False),
+        ("fec0::/10", "site-local (deprecated)", False),
+        ("64:ff9b:1::/48", "NAT64 local-use (RFC 8215)", False),
+        ("100::/64", "discard-only", False),
+        ("2001:db8::/32", "documentation", False),
+        ("3fff::/20", "documentation", False),
+        ("2001::/32", "Teredo", False),
+        ("2001::/23", "IETF protocol assignments", False),
+        ("2002::/16", "6to4", False),
+        ("5f00::/16", "segment routing (SRv6)", False),
+    ]
+)
 GLOBAL_UNICAST_V6 = ipaddress.IPv6Network("2000::/3")
 NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
 NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")
@@ -165,7 +169,9 @@ def embedded_ipv4(address: ipaddress.IPv6Address) -> tuple[str, ipaddress.IPv4Ad
     if address.sixtofour is not None:
         return "6to4", address.sixtofour
     if address.teredo is not None:
-        server, client = address.teredo  # packets go to the client via the server (a relay): check both
+        server, client = (
+            address.teredo
+        )  # packets go to the client via the server (a relay): check both
         return "Teredo", client if block(client) is not None or block(server) is None else server
     return None
 
@@ -178,7 +184,9 @@ def block(address: IPAddress) -> Block | None:
             form, v4 = embedded
             inner = block(v4)
             if inner is not None:  # the carried address decides, and never earns a carve-out
-                label = inner.label if form == "IPv4-mapped" else f"{inner.label} ({v4} in {form} form)"
+                label = (
+                    inner.label if form == "IPv4-mapped" else f"{inner.label} ({v4} in {form} form)"
+                )
                 return Block(ipaddress.ip_network(address), label, True)
             if form in ("IPv4-mapped", "NAT64") and address not in NAT64_LOCAL:
                 return None  # delivered to a public IPv4 address
@@ -186,7 +194,9 @@ def block(address: IPAddress) -> Block | None:
         if address in b.network:
             return b
     if isinstance(address, ipaddress.IPv6Address) and address not in GLOBAL_UNICAST_V6:
-        return Block(ipaddress.ip_network((address, 8), strict=False), "reserved (outside 2000::/3)", False)
+        return Block(
+            ipaddress.ip_network((address, 8), strict=False), "reserved (outside 2000::/3)", False
+        )
     if not address.is_global:
         return Block(ipaddress.ip_network(address), "not globally reachable", False)
     return None
@@ -200,14 +210,21 @@ def refusal(address: IPAddress, port: int, rules: tuple[Rule, ...]) -> str | Non
     if b is not None and b.always:
         return f"{b.label}: never reachable through the proxy"
     own = [address]
-    if isinstance(address, ipaddress.IPv6Address) and (embedded := embedded_ipv4(address)) is not None:
+    if (
+        isinstance(address, ipaddress.IPv6Address)
+        and (embedded := embedded_ipv4(address)) is not None
+    ):
         own.append(embedded[1])
     if any(_is_own_address(a) for a in own):  # whatever range it is in, and whatever the rules
         return "one of this host's own addresses: never reachable through the proxy"
     if b is not None and not any(
-            r.network is not None and r.port == port and address in r.network
-            and r.network.version == b.network.version and r.network.subnet_of(b.network)  # type: ignore[arg-type]
-            for r in rules):
+        r.network is not None
+        and r.port == port
+        and address in r.network
+        and r.network.version == b.network.version
+        and r.network.subnet_of(b.network)  # type: ignore[arg-type]
+        for r in rules
+    ):
         return f"{b.label}: reachable only through an IP or CIDR rule within {b.network}"
     return None
 
@@ -231,7 +248,9 @@ class Resolver:
     is consulted first, like /etc/hosts."""
 
     def __init__(self, hosts: dict[str, str] | None = None) -> None:
-        self.hosts = {k.lower().rstrip("."): ipaddress.ip_address(v) for k, v in (hosts or {}).items()}
+        self.hosts = {
+            k.lower().rstrip("."): ipaddress.ip_address(v) for k, v in (hosts or {}).items()
+        }
 
     def resolve(self, host: str, port: int) -> list[IPAddress]:
         # Logged: a lookup is itself a message out, so the log shows every one made.
@@ -266,8 +285,11 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
         addresses = [literal]
     else:
         if not any(r.matches_name(name, port) for r in rules):
-            raise Refusal(403, f"{_show(name, port)} is not in this agent's egress allowlist"
-                               " (no name rule covers it; not looked up)")
+            raise Refusal(
+                403,
+                f"{_show(name, port)} is not in this agent's egress allowlist"
+                " (no name rule covers it; not looked up)",
+            )
         addresses = resolver.resolve(name, port)
         if not addresses:
             raise Refusal(502, f"cannot resolve {name}: no addresses")
@@ -401,11 +423,15 @@ def parse_request(head: bytes) -> Request:
         except RuleError as e:
             raise Refusal(400, f"CONNECT target: {e}") from None
     if not target.startswith("http://"):
-        raise Refusal(400, "only CONNECT, or plain HTTP with an absolute http:// URI, goes through this proxy")
-    rest = target[len("http://"):]
+        raise Refusal(
+            400, "only CONNECT, or plain HTTP with an absolute http:// URI, goes through this proxy"
+        )
+    rest = target[len("http://") :]
     end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
     authority, path = rest[:end], rest[end:]
-    if "@" in authority:  # http://allowed.test@evil.test/: which host is meant depends on the reader
+    if (
+        "@" in authority
+    ):  # http://allowed.test@evil.test/: which host is meant depends on the reader
         raise Refusal(400, "URI: userinfo (user@host) is not accepted by this proxy")
     try:
         host, port = _authority(authority, 80)
@@ -417,13 +443,22 @@ def parse_request(head: bytes) -> Request:
         raise Refusal(400, "more than one Host header")
     # The forwarded request names the destination that was checked, and only it: the
     # client's Host (if any) is compared with it in check_host_header, then replaced.
-    kept = [n + b": " + v for n, v in headers if n.lower() not in HOP_HEADERS and n.lower() != b"host"]
+    kept = [
+        n + b": " + v for n, v in headers if n.lower() not in HOP_HEADERS and n.lower() != b"host"
+    ]
     if not path.startswith("/"):
         path = "/" + path
     request_line = f"{method} {path} {version}".encode()
-    forward = b"\r\n".join([request_line, b"Host: " + _host_value(host, port), *kept, b"Connection: close"])
-    return Request(method, host, port, forward + b"\r\n\r\n",
-                   hosts[0].decode("ascii", "replace") if hosts else None)
+    forward = b"\r\n".join(
+        [request_line, b"Host: " + _host_value(host, port), *kept, b"Connection: close"]
+    )
+    return Request(
+        method,
+        host,
+        port,
+        forward + b"\r\n\r\n",
+        hosts[0].decode("ascii", "replace") if hosts else None,
+    )
 
 
 def check_host_header(req: Request) -> None:
@@ -439,19 +474,35 @@ def check_host_header(req: Request) -> None:
         want_name, want_literal = destination(req.host, req.port)
     except RuleError:
         raise Refusal(400, f"malformed Host header {req.host_header[:80]!r}") from None
-    same = (literal == want_literal) if literal is not None or want_literal is not None else name == want_name
+    same = (
+        (literal == want_literal)
+        if literal is not None or want_literal is not None
+        else name == want_name
+    )
     if not same or port != req.port:
-        raise Refusal(403, f"Host header {req.host_header[:80]!r} is not the destination "
-                           f"{_show(req.host, req.port)}: a request goes only to the host its URI names")
+        raise Refusal(
+            403,
+            f"Host header {req.host_header[:80]!r} is not the destination "
+            f"{_show(req.host, req.port)}: a request goes only to the host its URI names",
+        )
 
 
 def _reply(conn: socket.socket, status: int, reason: str) -> None:
-    text = {400: "Bad Request", 403: "Forbidden", 408: "Request Timeout", 431: "Request Header Fields Too Large",
-            502: "Bad Gateway", 503: "Service Unavailable"}.get(status, "Error")
+    text = {
+        400: "Bad Request",
+        403: "Forbidden",
+        408: "Request Timeout",
+        431: "Request Header Fields Too Large",
+        502: "Bad Gateway",
+        503: "Service Unavailable",
+    }.get(status, "Error")
     body = f"hive egress: {reason}\n".encode()
     try:
-        conn.sendall(f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+        conn.sendall(
+            f"HTTP/1.1 {status} {text}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+            + body
+        )
     except OSError:
         pass
 
@@ -460,8 +511,13 @@ class EgressProxy:
     """``rules_for(agent)`` gives the agent's current rules (read from any thread);
     ``record(decision)`` is called in the event loop for every decision and close."""
 
-    def __init__(self, rules_for: Callable[[str], tuple[Rule, ...]], record: Callable[[Decision], None],
-                 resolver: Resolver | None = None, max_connections: int = 64) -> None:
+    def __init__(
+        self,
+        rules_for: Callable[[str], tuple[Rule, ...]],
+        record: Callable[[Decision], None],
+        resolver: Resolver | None = None,
+        max_connections: int = 64,
+    ) -> None:
         self.rules_for = rules_for
         self.record = record
         self.resolver = resolver or Resolver()
@@ -508,7 +564,9 @@ class EgressProxy:
             log.warning("egress %s: accept failed: %s", name, e)
             return
         conn.setblocking(True)
-        threading.Thread(target=self._serve, args=(name, conn), name=f"egress-{name}", daemon=True).start()
+        threading.Thread(
+            target=self._serve, args=(name, conn), name=f"egress-{name}", daemon=True
+        ).start()
 
     def _emit(self, decision: Decision) -> None:
         snapshot = Decision(**decision.__dict__)
@@ -525,12 +583,18 @@ class EgressProxy:
             cred = peer_cred(conn)
             allowed = self._allowed.get(agent)
             if allowed is not None and cred.uid not in allowed:
-                log.warning("egress %s: refused uid %d (pid %d) on its socket", agent, cred.uid, cred.pid)
+                log.warning(
+                    "egress %s: refused uid %d (pid %d) on its socket", agent, cred.uid, cred.pid
+                )
                 _reply(conn, 403, f"uid {cred.uid} is not agent {agent}")
                 return
             with self._lock:
                 if self._active.get(agent, 0) >= self.max_connections:
-                    _reply(conn, 503, f"at most {self.max_connections} egress connections at once per agent")
+                    _reply(
+                        conn,
+                        503,
+                        f"at most {self.max_connections} egress connections at once per agent",
+                    )
                     return
                 self._active[agent] = self._active.get(agent, 0) + 1
                 counted = True
@@ -597,4 +661,6 @@ class EgressProxy:
             s.settimeout(None)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             return s, a
-        raise Refusal(502, f"cannot connect to port {port}: {last.strerror if last else 'no address'}")
+        raise Refusal(
+            502, f"cannot connect to port {port}: {last.strerror if last else 'no address'}"
+        )

@@ -10,7 +10,6 @@ call one method, encode the result. Nothing here reads an identity out of a requ
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import logging
 import time
@@ -25,7 +24,15 @@ from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import Busy, Conflict, Forbidden, NotFound, Refused
-from hyperhive.core.store import Store, StoreError
+from hyperhive.core.store import (
+    AgentRow,
+    EgressDecision,
+    EgressLogEntry,
+    EgressRule,
+    Store,
+    StoreError,
+    TranscriptEntry,
+)
 from hyperhive.names import OPERATOR
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
@@ -36,11 +43,6 @@ from hyperhive.wire.harness import MAX_ENTRY_CHARS
 log = logging.getLogger("hive.core")
 
 __all__ = ["Hive", "Lifecycle", "Refused"]
-
-
-@functools.lru_cache(maxsize=4096)
-def _spec(text: str) -> AgentSpec:
-    return AgentSpec.model_validate_json(text)
 
 
 class Lifecycle:
@@ -98,46 +100,43 @@ class Hive:
     # -- agents: existence, peers, status ------------------------------------------
 
     def exists(self, name: str) -> bool:
-        return self.store.agent(name) is not None
+        return self.store.agents.get(name) is not None
 
-    def require_agent(self, name: str) -> Any:
-        row = self.store.agent(name)
+    def require_agent(self, name: str) -> AgentRow:
+        row = self.store.agents.get(name)
         if row is None:
             raise NotFound(f"no agent named {name!r}")
         return row
 
-    def require_self(self, actor: Agent) -> Any:
+    def require_self(self, actor: Agent) -> AgentRow:
         """The caller's own row; an agent destroyed while connected is refused everything."""
-        row = self.store.agent(actor.name)
+        row = self.store.agents.get(actor.name)
         if row is None:
             raise NotFound(f"agent {actor.name!r} no longer exists")
         return row
 
     def spec(self, name: str) -> AgentSpec:
-        return _spec(self.require_agent(name)["spec"])
+        return self.require_agent(name).spec
 
     def may_address(self, sender: str, target: str) -> bool:
         """Its declared peers, its parent and its children (spawned helpers report back)."""
-        me, them = self.store.agent(sender), self.store.agent(target)
+        me, them = self.store.agents.get(sender), self.store.agents.get(target)
         if me is None or them is None or sender == target:
             return False
-        return (
-            target in _spec(me["spec"]).peers or me["parent"] == target or them["parent"] == sender
-        )
+        return target in me.spec.peers or me.parent == target or them.parent == sender
 
     def peers(self, actor: Agent) -> list[str]:
         """Agents the caller may message and ask, that exist now."""
         return sorted(
-            r["name"] for r in self.store.agents() if self.may_address(actor.name, r["name"])
+            r.name for r in self.store.agents.all() if self.may_address(actor.name, r.name)
         )
 
     def whoami(self, actor: Agent) -> str | None:
         """The caller's parent, if it was spawned."""
-        parent: str | None = self.require_agent(actor.name)["parent"]
-        return parent
+        return self.require_agent(actor.name).parent
 
     def list_agents(self, actor: Operator) -> list[str]:
-        return [r["name"] for r in self.store.agents()]
+        return [r.name for r in self.store.agents.all()]
 
     def _take_rate(self, actor: Agent) -> None:
         try:
@@ -155,37 +154,37 @@ class Hive:
                 raise NotFound(f"no agent named {target!r}")
             raise Forbidden(f"{target!r} is not one of {sender}'s peers")
 
-    def status_row(self, row: Any, reminders: dict[str, int]) -> AgentStatus:
-        spec = _spec(row["spec"])
-        state = self.harness_state.get(row["name"], {})
+    def status_row(self, row: AgentRow, reminders: dict[str, int]) -> AgentStatus:
+        spec = row.spec
+        state = self.harness_state.get(row.name, {})
         return AgentStatus(
-            name=row["name"],
-            running=self.lifecycle.running(row["name"]),
-            failed=self.lifecycle.failed(row["name"]),
-            pending_reminders=reminders.get(row["name"], 0),
-            paused=bool(row["paused"]),
-            parent=row["parent"],
+            name=row.name,
+            running=self.lifecycle.running(row.name),
+            failed=self.lifecycle.failed(row.name),
+            pending_reminders=reminders.get(row.name, 0),
+            paused=bool(row.paused),
+            parent=row.parent,
             needs_login=bool(state.get("needs_login")),
             active_model=state.get("active_model")
             or (spec.model if spec.runtime == "claude" else None),
-            status_text=row["status_text"],
-            status_set_at=row["status_set_at"],
-            url=f"http://{self.config.hive.listen}/agent/{row['name']}/",
+            status_text=row.status_text,
+            status_set_at=row.status_set_at,
+            url=f"http://{self.config.hive.listen}/agent/{row.name}/",
         )
 
     def statuses(self) -> list[dict[str, Any]]:
-        reminders = self.store.pending_reminders()
-        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents()]
+        reminders = self.store.reminders.pending()
+        return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents.all()]
 
     def status_of(self, actor: Agent) -> AgentStatus:
-        return self.status_row(self.require_agent(actor.name), self.store.pending_reminders())
+        return self.status_row(self.require_agent(actor.name), self.store.reminders.pending())
 
     def publish_status(self, name: str) -> None:
-        row = self.store.agent(name)
+        row = self.store.agents.get(name)
         if row is None:
             self.bus.publish("agent_status", {"name": name, "destroyed": True})
             return
-        reminders = self.store.pending_reminders()
+        reminders = self.store.reminders.pending()
         status = model_fields_only(self.status_row(row, reminders))
         self.bus.publish("agent_status", {"agent": status})
 
@@ -194,7 +193,7 @@ class Hive:
         self.publish_status(name)
 
     def set_status(self, actor: Agent, text: str) -> float:
-        at = self.store.set_status_text(actor.name, text)
+        at = self.store.agents.set_status_text(actor.name, text)
         self.publish_status(actor.name)
         return at
 
@@ -202,7 +201,7 @@ class Hive:
 
     def check_agent_room(self) -> None:
         """Refuse one more agent beyond ``[limits] max_agents`` (the core's budget)."""
-        n, limit = len(self.store.agents()), self.config.limits.max_agents
+        n, limit = len(self.store.agents.all()), self.config.limits.max_agents
         if n >= limit:
             raise Busy(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
 
@@ -216,7 +215,7 @@ class Hive:
         if agent == OPERATOR:
             return  # the operator's own messages are not an agent's to bound
         limits = self.config.limits
-        held_rows, held_bytes, op_rows, op_bytes = self.store.usage(agent)
+        held_rows, held_bytes, op_rows, op_bytes = self.store.usage.of(agent)
         q_rows, q_bytes = self._queued.get(agent, (0, 0))
         held_rows, held_bytes = held_rows + q_rows, held_bytes + q_bytes
         if to_operator:
@@ -278,7 +277,9 @@ class Hive:
             if rows > 1:
                 self._queued[sender] = (rows - 1, held - len(body.encode()))
         try:
-            msgs = self.store.send_many([item for item, _ in batch], quota=self.store_quota())
+            msgs = self.store.messages.send_many(
+                [item for item, _ in batch], quota=self.store_quota()
+            )
         except Exception as e:  # every send in the batch is refused alike
             for _, fut in batch:
                 if not fut.done():
@@ -296,7 +297,7 @@ class Hive:
         deadline = loop.time() + wait
         while True:
             in_flight = self._in_flight[actor.name]
-            msgs = self.store.unacked(actor.name, limit, skip=set(in_flight))
+            msgs = self.store.messages.unacked(actor.name, limit, skip=set(in_flight))
             if msgs or loop.time() >= deadline:
                 for m in msgs:
                     in_flight[m.id] = conn
@@ -304,7 +305,7 @@ class Hive:
             await self.wakeups.wait(actor.name, deadline - loop.time())
 
     def ack(self, actor: Agent, ids: list[int]) -> int:
-        n = self.store.ack(actor.name, ids)
+        n = self.store.messages.ack(actor.name, ids)
         in_flight = self._in_flight[actor.name]
         for i in ids:
             in_flight.pop(i, None)
@@ -322,11 +323,11 @@ class Hive:
             self.wakeups.notify(name)
 
     def inbox(self, actor: Operator, after: int, limit: int) -> list[Message]:
-        return self.store.inbox(OPERATOR, after, limit)
+        return self.store.messages.inbox(OPERATOR, after, limit)
 
     def recent_messages(self, actor: Operator, limit: int) -> list[Message]:
         """The newest messages between anyone, oldest first (the dashboard's feed)."""
-        return self.store.recent_messages(limit)
+        return self.store.messages.recent(limit)
 
     # -- questions ------------------------------------------------------------------
 
@@ -339,7 +340,7 @@ class Hive:
         )
         copies = 1 if to == OPERATOR else 2
         self.check_store_quota(actor.name, copies, copies * nbytes)
-        q, delivered = self.store.ask(actor.name, to, question, options)
+        q, delivered = self.store.questions.ask(actor.name, to, question, options)
         self.bus.publish("question", {"question": model_fields_only(q)})
         if delivered is not None:
             self.delivered(delivered)
@@ -350,23 +351,24 @@ class Hive:
         question to it, the operator only a question to the operator. The answer is a
         message to the asker."""
         self.check_store_quota(actor.name, 1, len(answer.encode()))
-        q, msg = self.store.answer(qid, actor.name, answer)
+        q, msg = self.store.questions.answer(qid, actor.name, answer)
         self.delivered(msg)
         self.bus.publish("answer", {"question": model_fields_only(q)})
         return q.id
 
     def questions_for(self, actor: Operator) -> list[Question]:
-        return self.store.open_questions(target=OPERATOR)
+        return self.store.questions.open(target=OPERATOR)
 
     def loose_ends(self, actor: Agent) -> dict[str, list[dict[str, Any]]]:
         """What the caller still waits on, and what still waits on it."""
         store = self.store
         return {
-            "questions": [model_fields_only(q) for q in store.open_questions(asker=actor.name)],
+            "questions": [model_fields_only(q) for q in store.questions.open(asker=actor.name)],
             "approvals": [
-                model_fields_only(a) for a in store.approvals(status="pending", agent=actor.name)
+                model_fields_only(a)
+                for a in store.approvals.list(status="pending", agent=actor.name)
             ],
-            "to_answer": [model_fields_only(q) for q in store.open_questions(target=actor.name)],
+            "to_answer": [model_fields_only(q) for q in store.questions.open(target=actor.name)],
         }
 
     # -- reminders ------------------------------------------------------------------
@@ -376,14 +378,14 @@ class Hive:
             raise Conflict("a reminder can be at most a year ahead")
         self._take_rate(actor)
         self.check_store_quota(actor.name, 1, len(text.encode()))
-        rid = self.store.add_reminder(actor.name, due, text)
+        rid = self.store.reminders.add(actor.name, due, text)
         self.bus.publish("reminder_added", {"agent": actor.name, "due_at": due})
         self.publish_status(actor.name)
         return rid
 
     def deliver_due_reminders(self, now: float) -> list[Message]:
         """Every reminder due by ``now`` becomes a message (the scheduler calls this)."""
-        msgs = self.store.deliver_due_reminders(now)
+        msgs = self.store.reminders.deliver_due(now)
         for msg in msgs:
             assert msg.to is not None
             log.info("reminder %s delivered to %s", msg.ref, msg.to)
@@ -406,14 +408,14 @@ class Hive:
         return await approvals.resolve(self, aid, decision, note)
 
     def pending_approvals(self, agent: str | None = None) -> list[Approval]:
-        return self.store.approvals(status="pending", agent=agent)
+        return self.store.approvals.list(status="pending", agent=agent)
 
     # -- the harness's turn loop ----------------------------------------------------
 
     def harness_config(self, actor: Agent) -> dict[str, Any]:
         row = self.require_agent(actor.name)
         spec = self.spec(actor.name).model_dump(mode="json")
-        return {"name": actor.name, "spec": spec, "paused": bool(row["paused"])}
+        return {"name": actor.name, "spec": spec, "paused": bool(row.paused)}
 
     async def turn_next(self, actor: Agent, conn: int, wait: float) -> Message | None:
         """The next message for a turn; while the agent is paused, none (messages
@@ -421,10 +423,10 @@ class Hive:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            row = self.store.agent(actor.name)
+            row = self.store.agents.get(actor.name)
             if row is None:
                 return None
-            if not row["paused"]:
+            if not row.paused:
                 msgs = await self.recv(actor, conn, 0, 1)
                 if msgs:
                     return msgs[0]
@@ -433,18 +435,18 @@ class Hive:
             await self.wakeups.wait(actor.name, deadline - loop.time())
 
     def turn_record(self, actor: Agent, turn: int, entries: Sequence[tuple[str, Any]]) -> int:
-        recorded = self.store.add_transcript(
+        recorded = self.store.transcripts.add(
             actor.name, turn, [(kind, _bounded(data)) for kind, data in entries]
         )
         self._transcript_grew(actor.name, recorded)
         return len(recorded)
 
     def turn_done(self, actor: Agent, turn: int, end: dict[str, Any]) -> None:
-        entry = self.store.finish_turn(actor.name, turn, end)
+        entry = self.store.transcripts.finish_turn(actor.name, turn, end)
         self._in_flight[actor.name].pop(turn, None)
         self._transcript_grew(actor.name, [entry])
 
-    def _transcript_grew(self, name: str, entries: list[dict[str, Any]]) -> None:
+    def _transcript_grew(self, name: str, entries: list[TranscriptEntry]) -> None:
         self.transcript_wakeups.notify(name)
         if self.bus.wants("transcript"):
             self.bus.publish("transcript", {"agent": name, "entries": entries})
@@ -465,21 +467,21 @@ class Hive:
 
     async def transcript_read(
         self, actor: Agent, after: int, limit: int, wait: float
-    ) -> list[dict[str, Any]]:
+    ) -> list[TranscriptEntry]:
         """The caller's own transcript (its page streams it), waiting for new entries."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            entries = self.store.transcript(actor.name, after, limit)
+            entries = self.store.transcripts.entries(actor.name, after, limit)
             if entries or loop.time() >= deadline:
                 return entries
             await self.transcript_wakeups.wait(actor.name, deadline - loop.time())
 
     def transcript(
         self, actor: Operator, name: str, after: int, limit: int
-    ) -> list[dict[str, Any]]:
+    ) -> list[TranscriptEntry]:
         self.require_agent(name)
-        return self.store.transcript(name, after, limit)
+        return self.store.transcripts.entries(name, after, limit)
 
     def page_state(self, actor: Agent, egress_limit: int) -> dict[str, Any]:
         """What the agent's own page shows: only the caller's own rows."""
@@ -489,13 +491,13 @@ class Hive:
             "agent": model_fields_only(status),
             "questions": [
                 model_fields_only(q)
-                for q in store.open_questions(asker=actor.name, target=OPERATOR)
+                for q in store.questions.open(asker=actor.name, target=OPERATOR)
             ],
             "approvals": [
-                approvals.shown(a) for a in store.approvals(status="pending", agent=actor.name)
+                approvals.shown(a) for a in store.approvals.list(status="pending", agent=actor.name)
             ],
-            "egress_rules": store.egress_rules(actor.name).get(actor.name, []),
-            "egress_log": store.egress_log(actor.name, egress_limit),
+            "egress_rules": store.egress.rules(actor.name).get(actor.name, []),
+            "egress_log": store.egress.entries(actor.name, egress_limit),
         }
 
     # -- egress ---------------------------------------------------------------------
@@ -504,7 +506,7 @@ class Hive:
         return self._egress_rules.get(name, ())
 
     def reload_egress(self, name: str | None = None) -> None:
-        rules = self.store.egress_rules(name)
+        rules = self.store.egress.rules(name)
         names = [name] if name else list(set(rules) | set(self._egress_rules))
         fresh = dict(self._egress_rules)
         for n in names:
@@ -516,7 +518,7 @@ class Hive:
     def record_egress(self, d: Decision) -> None:
         """Every decision of the proxy, in the log (and to subscribers); called in the loop."""
         closed_at = time.time() if d.closed else None
-        row = {
+        row: EgressDecision = {
             "agent": d.agent, "at": d.at, "host": d.host, "port": d.port,
             "address": d.address, "allowed": d.allowed, "reason": d.reason,
             "bytes_up": d.bytes_up, "bytes_down": d.bytes_down,
@@ -526,9 +528,9 @@ class Hive:
             rowid = self._egress_open.pop(d.key, None)
             if rowid is not None:
                 ended = closed_at if closed_at is not None else time.time()
-                self.store.close_egress(rowid, d.bytes_up, d.bytes_down, ended)
+                self.store.egress.close(rowid, d.bytes_up, d.bytes_down, ended)
             else:
-                rowid = self.store.log_egress(row)
+                rowid = self.store.egress.log(row)
                 if not d.closed:
                     self._egress_open[d.key] = rowid
         except StoreError as e:
@@ -541,29 +543,29 @@ class Hive:
         )  # fmt: skip
         self.bus.publish("egress", {"agent": d.agent, "entry": {"id": rowid, **row}})
 
-    def egress_rules(self, actor: Operator, name: str | None) -> dict[str, list[dict[str, Any]]]:
+    def egress_rules(self, actor: Operator, name: str | None) -> dict[str, list[EgressRule]]:
         if name is not None:
             self.require_agent(name)
-        return self.store.egress_rules(name)
+        return self.store.egress.rules(name)
 
     def allow_egress(self, actor: Operator, name: str, rule: str) -> bool:
         """Add ``rule`` to ``name``'s allowlist (source ``operator``), live at once."""
         self.require_agent(name)
-        added = self.store.add_egress_rule(name, rule, "operator")
+        added = self.store.egress.add_rule(name, rule, "operator")
         self.reload_egress(name)
         return added
 
     def remove_egress(self, actor: Operator, name: str, rule: str) -> None:
         self.require_agent(name)
-        removed = self.store.remove_egress_rule(name, rule)
+        removed = self.store.egress.remove_rule(name, rule)
         self.reload_egress(name)
         if not removed:
             raise Conflict(f"{name} has no egress rule {rule!r}")
 
-    def egress_log(self, actor: Operator, name: str | None, limit: int) -> list[dict[str, Any]]:
+    def egress_log(self, actor: Operator, name: str | None, limit: int) -> list[EgressLogEntry]:
         if name is not None:
             self.require_agent(name)
-        return self.store.egress_log(name, limit)
+        return self.store.egress.entries(name, limit)
 
     def events(self, actor: Operator, kinds: frozenset[str]) -> Subscription:
         """A subscription to the hive's events; the caller unsubscribes."""
@@ -586,7 +588,7 @@ class Hive:
 
     def set_paused(self, actor: Operator, name: str, paused: bool) -> None:
         self.require_agent(name)
-        self.store.set_agent_flag(name, "paused", paused)
+        self.store.agents.set_flag(name, "paused", paused)
         self.wakeups.notify(name)  # a harness waiting for its next turn looks again
         self.publish_status(name)
 
@@ -599,13 +601,13 @@ class Hive:
         if self.exists(name):
             raise Conflict(f"an agent named {name!r} already exists")
         self.check_agent_room()
-        self.store.create_agent(name, spec, None, "operator")
+        self.store.agents.create(name, spec, None, "operator")
         await self.after_create(name)
 
     async def destroy(self, actor: Operator, name: str) -> None:
         self.require_agent(name)
         await self.lifecycle.destroy(name)
-        self.store.delete_agent(name)
+        self.store.agents.delete(name)
         self._forget(name)
         self.reload_egress(name)
         log.info("agent %s destroyed", name)
@@ -614,12 +616,12 @@ class Hive:
     async def resume_agents(self) -> None:
         """At start-up: every agent not stopped by the operator runs again (a cage that
         still runs is found again); one that can't start is logged, not fatal."""
-        for row in self.store.agents():
-            if not row["stopped"]:
+        for row in self.store.agents.all():
+            if not row.stopped:
                 try:
-                    await self.lifecycle.start(row["name"], self)
+                    await self.lifecycle.start(row.name, self)
                 except Refused as e:
-                    log.error("agent %s did not start: %s", row["name"], e)
+                    log.error("agent %s did not start: %s", row.name, e)
 
     async def after_create(self, name: str) -> None:
         log.info("agent %s created", name)
@@ -629,13 +631,13 @@ class Hive:
 
     async def _start(self, name: str) -> None:
         self.require_agent(name)
-        self.store.set_agent_flag(name, "stopped", False)
+        self.store.agents.set_flag(name, "stopped", False)
         await self.lifecycle.start(name, self)
         self.publish_status(name)
 
     async def _stop(self, name: str, graceful: bool) -> None:
         self.require_agent(name)
-        self.store.set_agent_flag(name, "stopped", True)
+        self.store.agents.set_flag(name, "stopped", True)
         await self.lifecycle.stop(name, graceful)
         self.publish_status(name)
 
@@ -644,10 +646,10 @@ class Hive:
         self._interrupts.discard(name)
         self.harness_state.pop(name, None)
         self.rates.forget(name)
-        self.store._egress_since_prune.pop(name, None)
+        self.store.egress.forget(name)
 
     async def _run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
-        targets = names or [r["name"] for r in self.store.agents()]
+        targets = names or [r.name for r in self.store.agents.all()]
         for n in targets:
             self.require_agent(n)  # refuse the whole request before changing anything
         for n in targets:

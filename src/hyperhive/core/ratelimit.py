@@ -12,7 +12,9 @@ class RateLimited(Exception):
 
 
 class TokenBuckets:
-    def __init__(self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.per_second = per_second
         self.burst = burst
         self.clock = clock

@@ -27,7 +27,7 @@ class ReminderScheduler:
                 self.hive.deliver_due_reminders(time.time())
             except StoreError as e:
                 log.error("could not deliver reminders: %s", e)
-            due = self.hive.store.next_reminder_due()
+            due = self.hive.store.reminders.next_due()
             delay = MAX_SLEEP if due is None else min(MAX_SLEEP, max(0.0, due - time.time()))
             self._poke.clear()
             try:

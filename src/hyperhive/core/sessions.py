@@ -50,7 +50,9 @@ class Session:
 
 class SessionStore(Protocol):
     def sessions(self, token_sha256: str, now: float) -> list[tuple[str, str, float]]: ...
-    def save_session(self, id_sha256: str, csrf: str, expires: float, token_sha256: str) -> None: ...
+    def save_session(
+        self, id_sha256: str, csrf: str, expires: float, token_sha256: str
+    ) -> None: ...
     def delete_session(self, id_sha256: str) -> None: ...
 
 
@@ -110,4 +112,6 @@ class Sessions:
 
     @staticmethod
     def csrf_ok(session: Session, presented: str | None) -> bool:
-        return bool(presented) and hmac.compare_digest(session.csrf.encode(), str(presented).encode())
+        return bool(presented) and hmac.compare_digest(
+            session.csrf.encode(), str(presented).encode()
+        )

@@ -1,0 +1,157 @@
+"""The agents table, read through a cache that only this repository's writes drop."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+from hyperhive.core.store.db import Database, Tx
+from hyperhive.core.store.egress import insert_rule
+from hyperhive.wire.common import AgentSpec
+
+_COLUMNS = "name, spec, parent, origin, paused, stopped, status_text, status_set_at, created_at"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_spec(text: str) -> AgentSpec:
+    # Keyed by the stored text: reloading the cache after a status change parses nothing.
+    return AgentSpec.model_validate_json(text)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRow:
+    name: str
+    spec: AgentSpec
+    parent: str | None
+    origin: str  # 'config', 'spawn' or 'operator'
+    paused: bool
+    stopped: bool
+    status_text: str | None
+    status_set_at: float | None
+    created_at: float
+
+
+class AgentRepo:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._cache: dict[str, AgentRow] | None = None  # the whole table, by name
+
+    def _table(self) -> dict[str, AgentRow]:
+        if self._cache is None:
+            rows = self._db.conn.execute(f"SELECT {_COLUMNS} FROM agents ORDER BY name")
+            self._cache = {
+                r[0]: AgentRow(
+                    r[0], _parse_spec(r[1]), r[2], r[3], bool(r[4]), bool(r[5]), r[6], r[7], r[8]
+                )
+                for r in rows
+            }
+        return self._cache
+
+    def get(self, name: str) -> AgentRow | None:
+        return self._table().get(name)
+
+    def all(self) -> list[AgentRow]:
+        """Every agent, by name."""
+        return list(self._table().values())
+
+    # -- writes: each drops the cache
+
+    def invalidate(self) -> None:
+        self._cache = None
+
+    @contextmanager
+    def _write(self) -> Iterator[Tx]:
+        """A transaction that writes agents: the cache is dropped before it and again
+        after it ends, committed or rolled back."""
+        self._cache = None
+        try:
+            with self._db.tx() as tx:
+                yield tx
+        finally:
+            self._cache = None
+
+    def sync_config(self, declared: dict[str, AgentSpec]) -> None:
+        """Make the config-declared agents match hive.toml; spawned agents are kept."""
+        now = time.time()
+        with self._write() as tx:
+            for name, spec in declared.items():
+                tx.execute(
+                    "INSERT INTO agents (name, spec, origin, created_at) VALUES (?, ?, 'config', ?)"
+                    " ON CONFLICT(name) DO UPDATE SET spec=excluded.spec",
+                    (name, spec.model_dump_json(), now),
+                )
+                # The spec's rules are hive.toml's; approved and operator-added ones stay.
+                tx.execute("DELETE FROM egress_rules WHERE agent=? AND source='spec'", (name,))
+                _add_spec_rules(tx, name, spec, now)
+            rows = tx.execute("SELECT name FROM agents WHERE origin='config'").fetchall()
+            for (name,) in rows:
+                if name not in declared:
+                    _delete(tx, name)
+
+    def create(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
+        with self._write() as tx:
+            self.create_in(tx, name, spec, parent, origin)
+
+    def create_in(
+        self, tx: Tx, name: str, spec: AgentSpec, parent: str | None, origin: str
+    ) -> None:
+        """Create an agent in the caller's transaction (an approval's); the caller drops
+        the cache again once that transaction ended."""
+        self._cache = None
+        tx.execute(
+            "INSERT INTO agents (name, spec, parent, origin, created_at) VALUES (?, ?, ?, ?, ?)",
+            (name, spec.model_dump_json(), parent, origin, time.time()),
+        )
+        _add_spec_rules(tx, name, spec, time.time())
+
+    def delete(self, name: str) -> None:
+        """Delete an agent and what only it held: its inbox, reminders, transcript and
+        rules; its open questions and pending approvals are cancelled."""
+        with self._write() as tx:
+            _delete(tx, name)
+
+    def set_flag(self, name: str, column: Literal["paused", "stopped"], value: bool) -> None:
+        assert column in ("paused", "stopped")
+        with self._write() as tx:
+            tx.execute(f"UPDATE agents SET {column}=? WHERE name=?", (int(value), name))
+
+    def set_status_text(self, name: str, text: str) -> float:
+        now = time.time()
+        with self._write() as tx:
+            tx.execute(
+                "UPDATE agents SET status_text=?, status_set_at=? WHERE name=?",
+                (text, now, name),
+            )
+        return now
+
+    def exists_in(self, tx: Tx, name: str) -> bool:
+        """Whether ``name`` exists as the transaction ``tx`` sees it (not the cache)."""
+        return tx.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone() is not None
+
+
+def _add_spec_rules(tx: Tx, name: str, spec: AgentSpec, now: float) -> None:
+    for rule in spec.egress:
+        insert_rule(tx, name, rule, "spec", now)
+
+
+def _delete(tx: Tx, name: str) -> None:
+    now = time.time()
+    tx.execute("DELETE FROM agents WHERE name=?", (name,))
+    tx.execute("DELETE FROM messages WHERE recipient=? AND acked_at IS NULL", (name,))
+    tx.execute("DELETE FROM reminders WHERE agent=? AND delivered_at IS NULL", (name,))
+    tx.execute(
+        "UPDATE questions SET cancelled=1 WHERE (asker=? OR target=?) AND answer IS NULL",
+        (name, name),
+    )
+    tx.execute(
+        "UPDATE approvals SET status='cancelled', resolved_at=?, note='agent destroyed'"
+        " WHERE agent=? AND status='pending'",
+        (now, name),
+    )
+    tx.execute("UPDATE agents SET parent=NULL WHERE parent=?", (name,))
+    tx.execute("DELETE FROM transcript WHERE agent=?", (name,))
+    tx.execute("DELETE FROM egress_rules WHERE agent=?", (name,))

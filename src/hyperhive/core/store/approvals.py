@@ -1,0 +1,161 @@
+"""Approvals: requested by an agent, resolved once by the operator. Approving applies
+the stored payload through an ApprovalTx, inside the resolving transaction."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from hyperhive.core.refusals import Conflict, NotFound
+from hyperhive.core.store.agents import AgentRepo
+from hyperhive.core.store.common import ApplyError, canonical_json, sha256_hex
+from hyperhive.core.store.db import Database, Tx
+from hyperhive.core.store.egress import insert_rule
+from hyperhive.core.store.messages import insert_message
+from hyperhive.wire.common import AgentSpec, Approval, Message
+
+_COLUMNS = (
+    "id, agent, kind, requested_at, status, resolved_at, note, description, payload, payload_sha256"
+)
+_Row = tuple[int, str, str, float, str, "float | None", "str | None", str, str, str]
+
+
+def _to_approval(r: _Row) -> Approval:
+    return Approval(
+        id=r[0],
+        agent=r[1],
+        kind=r[2],
+        requested_at=r[3],
+        status=r[4],
+        resolved_at=r[5],
+        note=r[6],
+        description=r[7],
+        payload=json.loads(r[8]),
+        payload_sha256=r[9],
+    )
+
+
+class ApprovalTx(Protocol):
+    """All that applying an approved payload may do, inside the approving transaction."""
+
+    def agent_exists(self, name: str) -> bool: ...
+    def create_agent(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None: ...
+    def add_egress_rule(self, agent: str, rule: str, source: str) -> bool: ...
+
+
+Apply = Callable[[ApprovalTx, Approval], None]
+
+
+class _ApprovalTx:
+    """The ApprovalTx handed to ``apply``: usable only while ``apply`` runs."""
+
+    __slots__ = ("_agents", "_live", "_tx", "wrote_agents")
+
+    def __init__(self, tx: Tx, agents: AgentRepo) -> None:
+        self._tx, self._agents, self._live, self.wrote_agents = tx, agents, True, False
+
+    def close(self) -> None:
+        self._live = False
+
+    def _open(self) -> Tx:
+        if not self._live:
+            raise RuntimeError("the approval's transaction has ended")
+        return self._tx
+
+    def agent_exists(self, name: str) -> bool:
+        return self._agents.exists_in(self._open(), name)
+
+    def create_agent(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
+        self.wrote_agents = True
+        self._agents.create_in(self._open(), name, spec, parent, origin)
+
+    def add_egress_rule(self, agent: str, rule: str, source: str) -> bool:
+        return insert_rule(self._open(), agent, rule, source, time.time())
+
+
+class ApprovalRepo:
+    def __init__(self, db: Database, agents: AgentRepo) -> None:
+        self._db = db
+        self._agents = agents
+
+    def request(self, agent: str, kind: str, description: str, payload: Any) -> Approval:
+        text = canonical_json(payload)
+        now = time.time()
+        with self._db.tx() as tx:
+            cur = tx.execute(
+                "INSERT INTO approvals (agent, kind, description, payload, payload_sha256,"
+                " requested_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (agent, kind, description, text, sha256_hex(text), now),
+            )
+            row = tx.execute(
+                f"SELECT {_COLUMNS} FROM approvals WHERE id=?", (cur.lastrowid,)
+            ).fetchone()
+        return _to_approval(row)
+
+    def get(self, aid: int) -> Approval | None:
+        row = self._db.conn.execute(f"SELECT {_COLUMNS} FROM approvals WHERE id=?", (aid,))
+        r = row.fetchone()
+        return None if r is None else _to_approval(r)
+
+    def list(self, *, status: str | None = None, agent: str | None = None) -> list[Approval]:
+        """Approvals (with ``status``, of ``agent``), oldest first."""
+        where, args = [], []
+        if status is not None:
+            where.append("status=?")
+            args.append(status)
+        if agent is not None:
+            where.append("agent=?")
+            args.append(agent)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self._db.conn.execute(
+            f"SELECT {_COLUMNS} FROM approvals {clause} ORDER BY id", args
+        ).fetchall()
+        return [_to_approval(r) for r in rows]
+
+    def resolve(
+        self,
+        aid: int,
+        decision: str,
+        note: str | None,
+        apply: Apply | None = None,
+    ) -> tuple[Approval, Message]:
+        """Approve or deny a pending approval, once, and tell the requester.
+
+        ``apply`` runs inside the same transaction on the stored payload; if it
+        raises ApplyError, its effects are undone and the approval is ``failed``.
+        """
+        assert decision in ("approved", "denied")
+        now = time.time()
+        select = f"SELECT {_COLUMNS} FROM approvals WHERE id=?"
+        handle: _ApprovalTx | None = None
+        try:
+            with self._db.tx() as tx:
+                row: _Row | None = tx.execute(select, (aid,)).fetchone()
+                if row is None:
+                    raise NotFound(f"no approval {aid}")
+                if row[4] != "pending":
+                    raise Conflict(f"approval {aid} is already {row[4]}")
+                status = decision
+                if decision == "approved" and apply is not None:
+                    handle = _ApprovalTx(tx, self._agents)
+                    try:
+                        with tx.savepoint("apply"):
+                            apply(handle, _to_approval(row))
+                    except ApplyError as e:
+                        status, note = "failed", str(e)
+                    finally:
+                        handle.close()
+                tx.execute(
+                    "UPDATE approvals SET status=?, resolved_at=?, note=? WHERE id=?",
+                    (status, now, note, aid),
+                )
+                body = status if not note else f"{status}: {note}"
+                msg = insert_message(tx, row[1], "operator", "approval", body, aid)
+                row = tx.execute(select, (aid,)).fetchone()
+        finally:
+            if handle is not None and handle.wrote_agents:
+                self._agents.invalidate()  # committed or rolled back: reread either way
+        assert row is not None
+        return _to_approval(row), msg

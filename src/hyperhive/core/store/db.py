@@ -1,0 +1,128 @@
+"""The one SQLite connection (WAL), its migrations, and the one write transaction.
+
+Every method that changes state commits before it returns, so a response that
+acknowledges a change is only sent once the change is in the database. Compound
+changes (answering a question *and* delivering the answer) are one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from hyperhive.core.store.common import StoreError
+from hyperhive.core.store.schema import MIGRATIONS, split_sql
+
+Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
+
+
+class Tx:
+    """A write transaction in progress: what the repositories write through. Only
+    ``Database.tx()`` makes one, for the length of its block."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def execute(self, sql: str, params: Params = ()) -> sqlite3.Cursor:
+        return self._conn.execute(sql, params)
+
+    def executemany(self, sql: str, params: Iterable[Params]) -> sqlite3.Cursor:
+        return self._conn.executemany(sql, params)
+
+    @contextmanager
+    def savepoint(self, name: str) -> Iterator[None]:
+        """A nested part that an exception undoes alone (the exception goes on)."""
+        self._conn.execute(f"SAVEPOINT {name}")
+        try:
+            yield
+        except BaseException:
+            # SQLite may have rolled back the whole transaction already (e.g. SQLITE_FULL):
+            # then there is no savepoint left, and the first error is the one to report.
+            if self._conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute(f"ROLLBACK TO {name}")
+                    self._conn.execute(f"RELEASE {name}")
+            raise
+        self._conn.execute(f"RELEASE {name}")
+
+
+class Database:
+    """Owns the connection. Reads go through ``conn`` (a read sees every commit: one
+    connection, one thread); writes only through ``tx()``."""
+
+    def __init__(self, path: Path, synchronous: str = "NORMAL") -> None:
+        self.path = path
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a commit survives a crash of the process (kill -9);
+        # FULL also survives power loss, at an fsync per commit.
+        self.conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'FULL' else 'NORMAL'}")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self.conn.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints run from a thread (see checkpoint()), not inside a request.
+        self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        self.migrate()
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[Tx]:
+        """One write transaction; rolled back whole on any error. A SQLite error (e.g.
+        "database or disk is full" on an insert) becomes one StoreError line."""
+        conn = self.conn
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"storage error: {e}") from None
+        try:
+            yield Tx(conn)
+        except sqlite3.Error as e:
+            self._rollback()
+            raise StoreError(f"storage error: {e}") from None
+        except BaseException:
+            self._rollback()
+            raise
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            self._rollback()
+            raise StoreError(f"storage error: {e}") from None
+
+    def _rollback(self) -> None:
+        if self.conn.in_transaction:  # SQLite may already have rolled back (e.g. SQLITE_FULL)
+            self.conn.execute("ROLLBACK")
+
+    def checkpoint(self) -> None:
+        """Copy the WAL into the database, on a connection of its own (call from a thread)."""
+        db = sqlite3.connect(self.path, timeout=5)
+        try:
+            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        finally:
+            db.close()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self.conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def migrate(self) -> None:
+        current = self.schema_version
+        if current > len(MIGRATIONS):
+            raise StoreError(
+                f"{self.path} has schema version {current},"
+                f" newer than this hive ({len(MIGRATIONS)})"
+            )
+        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+            with self.tx() as tx:
+                for statement in split_sql(script):
+                    tx.execute(statement)
+                tx.execute(f"PRAGMA user_version={version}")
+        if current < len(MIGRATIONS):
+            # Migrations write many pages: leave no large WAL behind for later writes to reuse.
+            self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")

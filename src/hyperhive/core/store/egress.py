@@ -1,0 +1,131 @@
+"""Egress allowlists (per agent) and the log of every egress decision."""
+
+from __future__ import annotations
+
+import time
+from typing import TypedDict
+
+from hyperhive.core.store.db import Database, Tx
+
+EGRESS_LOG_KEEP = 5_000  # decisions per agent (the default of [limits] history_keep)
+EGRESS_PRUNE_EVERY = 16  # decisions of one agent between two prunes of its log
+
+
+# The two row types are TypedDicts: they go out as they are, in JSON replies and events.
+class EgressRule(TypedDict):
+    rule: str
+    source: str
+    added_at: float
+
+
+class EgressDecision(TypedDict):
+    """One decision of the proxy, as logged."""
+
+    agent: str
+    at: float
+    host: str
+    port: int
+    address: str | None
+    allowed: bool
+    reason: str
+    bytes_up: int
+    bytes_down: int
+    closed_at: float | None
+
+
+class EgressLogEntry(EgressDecision):
+    id: int
+
+
+def insert_rule(tx: Tx, agent: str, rule: str, source: str, now: float) -> bool:
+    """Add ``rule`` to ``agent``'s allowlist (in the caller's transaction); False if there."""
+    cur = tx.execute(
+        "INSERT OR IGNORE INTO egress_rules (agent, rule, source, added_at) VALUES (?, ?, ?, ?)",
+        (agent, rule, source, now),
+    )
+    return cur.rowcount == 1
+
+
+class EgressRepo:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self.history_keep = EGRESS_LOG_KEEP  # per agent ([limits] history_keep, set by Store)
+        self._since_prune: dict[str, int] = {}
+
+    def rules(self, agent: str | None = None) -> dict[str, list[EgressRule]]:
+        sql = "SELECT agent, rule, source, added_at FROM egress_rules"
+        sql += (" WHERE agent=?" if agent else "") + " ORDER BY agent, rule"
+        out: dict[str, list[EgressRule]] = {}
+        for who, rule, source, added_at in self._db.conn.execute(sql, (agent,) if agent else ()):
+            out.setdefault(who, []).append({"rule": rule, "source": source, "added_at": added_at})
+        return out
+
+    def add_rule(self, agent: str, rule: str, source: str) -> bool:
+        with self._db.tx() as tx:
+            return insert_rule(tx, agent, rule, source, time.time())
+
+    def remove_rule(self, agent: str, rule: str) -> bool:
+        with self._db.tx() as tx:
+            sql = "DELETE FROM egress_rules WHERE agent=? AND rule=?"
+            return tx.execute(sql, (agent, rule)).rowcount == 1
+
+    def log(self, row: EgressDecision) -> int:
+        """Log one decision; returns its row id (for ``close``)."""
+        agent = row["agent"]
+        with self._db.tx() as tx:
+            cur = tx.execute(
+                "INSERT INTO egress_log (agent, at, host, port, address, allowed, reason, bytes_up,"
+                " bytes_down, closed_at) VALUES (:agent, :at, :host, :port, :address, :allowed,"
+                " :reason, :bytes_up, :bytes_down, :closed_at)",
+                row,
+            )
+            rowid = int(cur.lastrowid or 0)
+            # Every EGRESS_PRUNE_EVERY decisions of this agent: keep its newest history_keep,
+            # so one agent's traffic can't grow the log (and hive.db) without bound.
+            since = self._since_prune.get(agent, 0) + 1
+            if since >= min(EGRESS_PRUNE_EVERY, self.history_keep):
+                since = 0
+                tx.execute(
+                    "DELETE FROM egress_log WHERE agent=? AND id <= (SELECT id FROM egress_log"
+                    " WHERE agent=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                    (agent, agent, self.history_keep),
+                )
+            self._since_prune[agent] = since
+            return rowid
+
+    def close(self, rowid: int, bytes_up: int, bytes_down: int, closed_at: float) -> None:
+        """A logged connection ended: its byte counts and when."""
+        with self._db.tx() as tx:
+            tx.execute(
+                "UPDATE egress_log SET bytes_up=?, bytes_down=?, closed_at=? WHERE id=?",
+                (bytes_up, bytes_down, closed_at, rowid),
+            )
+
+    def forget(self, agent: str) -> None:
+        """The agent is gone: drop its prune counter."""
+        self._since_prune.pop(agent, None)
+
+    def entries(self, agent: str | None = None, limit: int = 100) -> list[EgressLogEntry]:
+        """The newest ``limit`` decisions (of ``agent``), newest first."""
+        sql = (
+            "SELECT id, agent, at, host, port, address, allowed, reason, bytes_up, bytes_down,"
+            " closed_at FROM egress_log"
+        )
+        sql += (" WHERE agent=?" if agent else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self._db.conn.execute(sql, (agent, limit) if agent else (limit,)).fetchall()
+        return [
+            {
+                "id": r[0],
+                "agent": r[1],
+                "at": r[2],
+                "host": r[3],
+                "port": r[4],
+                "address": r[5],
+                "allowed": bool(r[6]),
+                "reason": r[7],
+                "bytes_up": r[8],
+                "bytes_down": r[9],
+                "closed_at": r[10],
+            }
+            for r in rows
+        ]

@@ -1,0 +1,130 @@
+"""Messages: the inboxes (unacked until the recipient acks) and the operator's."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from hyperhive.core.refusals import NotFound
+from hyperhive.core.store.common import load_options
+from hyperhive.core.store.db import Database, Tx
+from hyperhive.core.store.usage import make_room
+from hyperhive.wire.common import Message
+
+_COLUMNS = "id, sender, kind, body, sent_at, ref, options, recipient"
+_Row = tuple[int, str, str, str, float, "int | None", "str | None", str]
+
+
+def to_message(r: _Row, with_to: bool = False) -> Message:
+    return Message(
+        id=r[0],
+        from_=r[1],
+        kind=r[2],
+        body=r[3],
+        sent_at=r[4],
+        ref=r[5],
+        options=load_options(r[6]),
+        to=r[7] if with_to else None,
+    )
+
+
+def insert_message(
+    tx: Tx,
+    recipient: str,
+    sender: str,
+    kind: str,
+    body: str,
+    ref: int | None = None,
+    options: list[str] | None = None,
+) -> Message:
+    """Store one message in the caller's transaction."""
+    now = time.time()
+    cur = tx.execute(
+        "INSERT INTO messages (recipient, sender, kind, body, ref, options, sent_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        # json.dumps inline, not dump_options: one call fewer per message on the send path
+        (recipient, sender, kind, body, ref, None if options is None else json.dumps(options), now),
+    )
+    return Message(
+        id=int(cur.lastrowid or 0),
+        from_=sender,
+        kind=kind,
+        body=body,
+        sent_at=now,
+        ref=ref,
+        options=options,
+        to=recipient,
+    )
+
+
+class MessageRepo:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def send(
+        self, recipient: str, sender: str, kind: str, body: str, ref: int | None = None
+    ) -> Message:
+        with self._db.tx() as tx:
+            return insert_message(tx, recipient, sender, kind, body, ref)
+
+    def send_many(
+        self, batch: Iterable[tuple[str, str, str, str]], quota: tuple[int, int] | None = None
+    ) -> list[Message]:
+        """(recipient, sender, kind, body) each, in order, in one transaction (group commit).
+        With ``quota`` (rows, bytes one sender may hold), a message to the operator first
+        drops the sender's oldest messages to the operator until it fits."""
+        with self._db.tx() as tx:
+            out = []
+            for item in batch:
+                if quota is not None and item[0] == "operator":
+                    make_room(tx, item[1], len(item[3].encode()), quota)
+                out.append(insert_message(tx, *item))
+            return out
+
+    def unacked(self, recipient: str, limit: int, skip: set[int]) -> list[Message]:
+        rows = self._db.conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
+            " ORDER BY id LIMIT ?",
+            (recipient, limit + len(skip)),
+        ).fetchall()
+        return [to_message(r) for r in rows if r[0] not in skip][:limit]
+
+    def ack(self, recipient: str, ids: list[int]) -> int:
+        """Ack ``ids``, all of which must be messages to ``recipient``; how many were new."""
+        unique = sorted(set(ids))
+        with self._db.tx() as tx:
+            found: dict[int, float | None] = (
+                dict(
+                    tx.execute(
+                        "SELECT id, acked_at FROM messages WHERE recipient=? AND id IN"
+                        f" ({','.join('?' * len(unique))})",
+                        (recipient, *unique),
+                    ).fetchall()
+                )
+                if unique
+                else {}
+            )
+            missing = [i for i in unique if i not in found]
+            if missing:
+                raise NotFound(f"no message {missing[0]} in this inbox")
+            fresh = [i for i in unique if found[i] is None]
+            now = time.time()
+            tx.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
+        return len(fresh)
+
+    def recent(self, limit: int) -> list[Message]:
+        """The newest ``limit`` messages of the hive, oldest first."""
+        rows = self._db.conn.execute(
+            f"SELECT {_COLUMNS} FROM (SELECT * FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (limit,),
+        ).fetchall()
+        return [to_message(r, with_to=True) for r in rows]
+
+    def inbox(self, recipient: str, after: int, limit: int) -> list[Message]:
+        """Messages to ``recipient`` after id ``after``, acked or not."""
+        rows = self._db.conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
+            (recipient, after, limit),
+        ).fetchall()
+        return [to_message(r, with_to=True) for r in rows]

@@ -1,0 +1,235 @@
+"""The schema: versioned migrations, applied in order; ``PRAGMA user_version`` is how
+many have run. Append only: an existing hive.db must open with any later version."""
+
+from __future__ import annotations
+
+import sqlite3
+
+# The migrations' text is kept byte-for-byte as first shipped, long lines and all.
+# ruff: noqa: E501
+
+MIGRATIONS: list[str] = [
+    # 1: the initial schema
+    """
+    CREATE TABLE agents (
+        name TEXT PRIMARY KEY,
+        spec TEXT NOT NULL,
+        parent TEXT,
+        origin TEXT NOT NULL CHECK (origin IN ('config', 'spawn', 'operator')),
+        paused INTEGER NOT NULL DEFAULT 0,
+        stopped INTEGER NOT NULL DEFAULT 0,
+        status_text TEXT,
+        status_set_at REAL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE messages (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        body TEXT NOT NULL,
+        ref INTEGER,
+        options TEXT,
+        sent_at REAL NOT NULL,
+        acked_at REAL
+    );
+    CREATE INDEX messages_unacked ON messages (recipient, id) WHERE acked_at IS NULL;
+    CREATE TABLE questions (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        asker TEXT NOT NULL,
+        target TEXT NOT NULL,
+        question TEXT NOT NULL,
+        options TEXT,
+        asked_at REAL NOT NULL,
+        answer TEXT,
+        answered_at REAL,
+        cancelled INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX questions_open ON questions (target) WHERE answer IS NULL AND cancelled = 0;
+    CREATE TABLE approvals (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        description TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        payload_sha256 TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'pending'
+            CHECK (status IN ('pending', 'approved', 'denied', 'failed', 'cancelled')),
+        requested_at REAL NOT NULL,
+        resolved_at REAL,
+        note TEXT
+    );
+    -- The payload the operator saw is the payload that is applied: never updated.
+    CREATE TRIGGER approvals_payload_immutable BEFORE UPDATE OF payload, payload_sha256, kind, agent
+    ON approvals BEGIN SELECT RAISE(ABORT, 'approval payload is immutable'); END;
+    CREATE TABLE reminders (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        due_at REAL NOT NULL,
+        text TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        delivered_at REAL
+    );
+    CREATE INDEX reminders_due ON reminders (due_at) WHERE delivered_at IS NULL;
+    """,
+    # 2: turn transcripts, written by each agent's harness
+    """
+    CREATE TABLE transcript (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        turn INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        data TEXT NOT NULL,
+        at REAL NOT NULL
+    );
+    CREATE INDEX transcript_agent ON transcript (agent, id);
+    """,
+    # 3: egress allowlists and the log of every egress decision
+    """
+    CREATE TABLE egress_rules (
+        agent TEXT NOT NULL,
+        rule TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('spec', 'approval', 'operator')),
+        added_at REAL NOT NULL,
+        PRIMARY KEY (agent, rule)
+    );
+    INSERT INTO egress_rules (agent, rule, source, added_at)
+        SELECT agents.name, value, 'spec', agents.created_at FROM agents, json_each(agents.spec, '$.egress');
+    CREATE TABLE egress_log (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        agent TEXT NOT NULL,
+        at REAL NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        address TEXT,
+        allowed INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        bytes_up INTEGER NOT NULL DEFAULT 0,
+        bytes_down INTEGER NOT NULL DEFAULT 0,
+        closed_at REAL
+    );
+    CREATE INDEX egress_log_agent ON egress_log (agent, id);
+    """,
+    # 4: the operator's web sessions, so a core restart doesn't log the operator out
+    """
+    CREATE TABLE sessions (
+        id_sha256 TEXT PRIMARY KEY,
+        csrf TEXT NOT NULL,
+        expires REAL NOT NULL,
+        token_sha256 TEXT NOT NULL
+    );
+    """,
+    # 5: what each agent holds in the hive (its storage quota), kept by triggers in the
+    # same transaction as every change, so a check is one primary-key read, never a SUM.
+    # Held: messages it sent that are not acked (messages to the operator are never acked:
+    # op_* counts those apart, the oldest of them make room), its open questions, its
+    # pending approvals and its undelivered reminders. Bytes are the stored text.
+    """
+    CREATE TABLE agent_usage (
+        agent TEXT PRIMARY KEY,
+        pending INTEGER NOT NULL DEFAULT 0,
+        bytes INTEGER NOT NULL DEFAULT 0,
+        op_pending INTEGER NOT NULL DEFAULT 0,
+        op_bytes INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE INDEX messages_to_operator ON messages (sender, id) WHERE recipient = 'operator';
+    CREATE INDEX messages_acked ON messages (recipient, id) WHERE acked_at IS NOT NULL;
+    CREATE INDEX questions_asker ON questions (asker, id);
+    CREATE INDEX approvals_agent ON approvals (agent, id);
+    CREATE INDEX reminders_agent ON reminders (agent, id);
+    INSERT INTO agent_usage (agent, pending, bytes, op_pending, op_bytes)
+        SELECT who, SUM(n), SUM(b), SUM(op), SUM(op * b) FROM (
+            SELECT sender AS who, 1 AS n, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0)
+                AS b, recipient = 'operator' AS op FROM messages WHERE acked_at IS NULL
+            UNION ALL SELECT asker, 1, length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0),
+                0 FROM questions WHERE answer IS NULL AND cancelled = 0
+            UNION ALL SELECT agent, 1, length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB))
+                + length(CAST(payload AS BLOB)), 0 FROM approvals WHERE status = 'pending'
+            UNION ALL SELECT agent, 1, length(CAST(text AS BLOB)), 0 FROM reminders WHERE delivered_at IS NULL
+        ) GROUP BY who;
+    CREATE TRIGGER usage_message_in AFTER INSERT ON messages WHEN NEW.acked_at IS NULL BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes, op_pending, op_bytes) VALUES (NEW.sender, 1,
+            length(CAST(NEW.body AS BLOB)) + coalesce(length(CAST(NEW.options AS BLOB)), 0),
+            NEW.recipient = 'operator',
+            (NEW.recipient = 'operator') * (length(CAST(NEW.body AS BLOB)) + coalesce(length(CAST(NEW.options AS BLOB)), 0)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes,
+            op_pending = op_pending + excluded.op_pending, op_bytes = op_bytes + excluded.op_bytes;
+    END;
+    CREATE TRIGGER usage_message_acked AFTER UPDATE OF acked_at ON messages
+    WHEN OLD.acked_at IS NULL AND NEW.acked_at IS NOT NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.body AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0),
+            op_pending = op_pending - (OLD.recipient = 'operator'),
+            op_bytes = op_bytes - (OLD.recipient = 'operator')
+                * (length(CAST(OLD.body AS BLOB)) + coalesce(length(CAST(OLD.options AS BLOB)), 0))
+        WHERE agent = OLD.sender;
+    END;
+    CREATE TRIGGER usage_message_out AFTER DELETE ON messages WHEN OLD.acked_at IS NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.body AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0),
+            op_pending = op_pending - (OLD.recipient = 'operator'),
+            op_bytes = op_bytes - (OLD.recipient = 'operator')
+                * (length(CAST(OLD.body AS BLOB)) + coalesce(length(CAST(OLD.options AS BLOB)), 0))
+        WHERE agent = OLD.sender;
+    END;
+    CREATE TRIGGER usage_question_in AFTER INSERT ON questions WHEN NEW.answer IS NULL AND NEW.cancelled = 0 BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes) VALUES (NEW.asker, 1,
+            length(CAST(NEW.question AS BLOB)) + coalesce(length(CAST(NEW.options AS BLOB)), 0))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER usage_question_closed AFTER UPDATE OF answer, cancelled ON questions
+    WHEN OLD.answer IS NULL AND OLD.cancelled = 0 AND (NEW.answer IS NOT NULL OR NEW.cancelled != 0) BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.question AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0)
+        WHERE agent = OLD.asker;
+    END;
+    CREATE TRIGGER usage_question_out AFTER DELETE ON questions WHEN OLD.answer IS NULL AND OLD.cancelled = 0 BEGIN
+        UPDATE agent_usage SET pending = pending - 1,
+            bytes = bytes - length(CAST(OLD.question AS BLOB)) - coalesce(length(CAST(OLD.options AS BLOB)), 0)
+        WHERE agent = OLD.asker;
+    END;
+    CREATE TRIGGER usage_approval_in AFTER INSERT ON approvals WHEN NEW.status = 'pending' BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes) VALUES (NEW.agent, 1, length(CAST(NEW.kind AS BLOB))
+            + length(CAST(NEW.description AS BLOB)) + length(CAST(NEW.payload AS BLOB)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER usage_approval_resolved AFTER UPDATE OF status ON approvals
+    WHEN OLD.status = 'pending' AND NEW.status != 'pending' BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.kind AS BLOB))
+            - length(CAST(OLD.description AS BLOB)) - length(CAST(OLD.payload AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    CREATE TRIGGER usage_approval_out AFTER DELETE ON approvals WHEN OLD.status = 'pending' BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.kind AS BLOB))
+            - length(CAST(OLD.description AS BLOB)) - length(CAST(OLD.payload AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    CREATE TRIGGER usage_reminder_in AFTER INSERT ON reminders WHEN NEW.delivered_at IS NULL BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes) VALUES (NEW.agent, 1, length(CAST(NEW.text AS BLOB)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes;
+    END;
+    CREATE TRIGGER usage_reminder_delivered AFTER UPDATE OF delivered_at ON reminders
+    WHEN OLD.delivered_at IS NULL AND NEW.delivered_at IS NOT NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.text AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    CREATE TRIGGER usage_reminder_out AFTER DELETE ON reminders WHEN OLD.delivered_at IS NULL BEGIN
+        UPDATE agent_usage SET pending = pending - 1, bytes = bytes - length(CAST(OLD.text AS BLOB))
+        WHERE agent = OLD.agent;
+    END;
+    """,
+]
+
+
+def split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies whole."""
+    statements, buf = [], []
+    for line in script.splitlines():
+        buf.append(line)
+        text = "\n".join(buf).strip()
+        if text.endswith(";") and sqlite3.complete_statement(text):
+            statements.append(text)
+            buf = []
+    if "\n".join(buf).strip():
+        statements.append("\n".join(buf))
+    return statements

@@ -1,0 +1,77 @@
+"""Turn transcripts, written by each agent's harness."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TypedDict
+
+from hyperhive.core.refusals import NotFound
+from hyperhive.core.store.common import canonical_json
+from hyperhive.core.store.db import Database
+
+TRANSCRIPT_KEEP = 20_000  # entries per agent
+
+
+class TranscriptEntry(TypedDict):
+    """A TypedDict: entries go out as they are, in JSON replies and events."""
+
+    id: int
+    turn: int
+    kind: str
+    data: object  # the harness's JSON, parsed
+    at: float
+
+
+class TranscriptRepo:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def add(
+        self, agent: str, turn: int, entries: list[tuple[str, object]]
+    ) -> list[TranscriptEntry]:
+        now = time.time()
+        out: list[TranscriptEntry] = []
+        with self._db.tx() as tx:
+            for kind, data in entries:
+                cur = tx.execute(
+                    "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, ?, ?, ?)",
+                    (agent, turn, kind, canonical_json(data), now),
+                )
+                rowid = int(cur.lastrowid or 0)
+                out.append({"id": rowid, "turn": turn, "kind": kind, "data": data, "at": now})
+        return out
+
+    def finish_turn(self, agent: str, turn: int, end: dict[str, object]) -> TranscriptEntry:
+        """Record the end of a turn and ack its message, in one transaction; trim old entries."""
+        now = time.time()
+        with self._db.tx() as tx:
+            row = tx.execute(
+                "SELECT acked_at FROM messages WHERE id=? AND recipient=?", (turn, agent)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no message {turn} in this inbox")
+            cur = tx.execute(
+                "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, 'exit', ?, ?)",
+                (agent, turn, canonical_json(end), now),
+            )
+            if row[0] is None:
+                tx.execute("UPDATE messages SET acked_at=? WHERE id=?", (now, turn))
+            tx.execute(
+                "DELETE FROM transcript WHERE agent=? AND id <= ("
+                " SELECT id FROM transcript WHERE agent=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+                (agent, agent, TRANSCRIPT_KEEP),
+            )
+        return {"id": int(cur.lastrowid or 0), "turn": turn, "kind": "exit", "data": end, "at": now}
+
+    def entries(self, agent: str, after: int = 0, limit: int = 500) -> list[TranscriptEntry]:
+        """The newest ``limit`` entries after id ``after``, oldest first."""
+        rows = self._db.conn.execute(
+            "SELECT id, turn, kind, data, at FROM (SELECT * FROM transcript WHERE agent=? AND id>?"
+            " ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (agent, after, limit),
+        ).fetchall()
+        return [
+            {"id": r[0], "turn": r[1], "kind": r[2], "data": json.loads(r[3]), "at": r[4]}
+            for r in rows
+        ]

@@ -1,0 +1,61 @@
+"""What each agent holds in the hive (its storage quota). Triggers keep agent_usage
+right in the same transaction as every change, so a check is one primary-key read."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from hyperhive.core.store.db import Database, Tx
+
+
+class Usage(NamedTuple):
+    """Held rows and bytes, and of those, the ones in messages to the operator."""
+
+    rows: int
+    bytes: int
+    op_rows: int
+    op_bytes: int
+
+
+_NONE = Usage(0, 0, 0, 0)
+
+
+class UsageRepo:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def of(self, agent: str) -> Usage:
+        """What ``agent`` holds: (rows, bytes, of which to the operator: rows, bytes)."""
+        row = self._db.conn.execute(
+            "SELECT pending, bytes, op_pending, op_bytes FROM agent_usage WHERE agent=?", (agent,)
+        ).fetchone()
+        return _NONE if row is None else Usage(row[0], row[1], row[2], row[3])
+
+
+def make_room(tx: Tx, sender: str, need: int, quota: tuple[int, int]) -> None:
+    """Delete ``sender``'s oldest messages to the operator until one more of ``need``
+    bytes fits its quota (or none is left). The triggers keep agent_usage right."""
+    max_rows, max_bytes = quota
+    while True:
+        row = tx.execute(
+            "SELECT pending, bytes FROM agent_usage WHERE agent=?", (sender,)
+        ).fetchone()
+        if row is None or (row[0] + 1 <= max_rows and row[1] + need <= max_bytes):
+            return
+        oldest = tx.execute(
+            "SELECT id FROM messages WHERE sender=? AND recipient='operator' ORDER BY id LIMIT 64",
+            (sender,),
+        ).fetchall()
+        if not oldest:
+            return
+        over_rows, over_bytes = row[0] + 1 - max_rows, row[1] + need - max_bytes
+        for (mid,) in oldest:
+            gone = tx.execute(
+                "DELETE FROM messages WHERE id=? RETURNING length(CAST(body AS BLOB))"
+                " + coalesce(length(CAST(options AS BLOB)), 0)",
+                (mid,),
+            ).fetchone()
+            over_rows -= 1
+            over_bytes -= gone[0] if gone else 0
+            if over_rows <= 0 and over_bytes <= 0:
+                return

@@ -1,0 +1,205 @@
+"""The store package in process: the agents cache, the approval transaction handle,
+frozen rows, and that an existing hive.db opens."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hyperhive.core import approvals as kinds
+from hyperhive.core.refusals import Conflict
+from hyperhive.core.store import AgentRow, ApplyError, ApprovalTx, Store, StoreError, Usage
+from hyperhive.core.store.agents import AgentRepo
+from hyperhive.core.store.schema import MIGRATIONS
+from hyperhive.wire.common import AgentSpec, Approval
+
+SPEC = AgentSpec.model_validate(
+    {"runtime": "command", "command": ["true"], "egress": ["a.example:443"]}
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "hive.db")
+    s.agents.sync_config({"boss": SPEC})
+    yield s
+    s.close()
+
+
+def rows_read(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts the reads of the whole agents table (each one is a cache miss)."""
+    count = [0]
+    real = type(store.agents)._table
+
+    def counting(self: AgentRepo) -> dict[str, AgentRow]:
+        if store.agents._cache is None:
+            count[0] += 1
+        return real(self)
+
+    monkeypatch.setattr(type(store.agents), "_table", counting)
+    return count
+
+
+def _row(store: Store, name: str) -> AgentRow:
+    row = store.agents.get(name)
+    assert row is not None
+    return row
+
+
+# -- the agents cache ------------------------------------------------------------------
+
+
+def test_each_agent_write_is_seen_at_once(store: Store) -> None:
+    assert store.agents.get("boss") is not None and store.agents.get("kid") is None
+    store.agents.create("kid", SPEC, "boss", "operator")
+    assert store.agents.get("kid") == store.agents.get("kid")
+    kid = store.agents.get("kid")
+    assert kid is not None and kid.parent == "boss" and kid.origin == "operator"
+    assert kid.spec == SPEC and not kid.paused and not kid.stopped
+    store.agents.set_flag("kid", "paused", True)
+    assert _row(store, "kid").paused
+    store.agents.set_flag("kid", "stopped", True)
+    assert _row(store, "kid").stopped
+    at = store.agents.set_status_text("kid", "busy")
+    row = store.agents.get("kid")
+    assert row is not None and (row.status_text, row.status_set_at) == ("busy", at)
+    store.agents.delete("boss")
+    assert store.agents.get("boss") is None and _row(store, "kid").parent is None
+    store.agents.sync_config({"other": SPEC})
+    assert [r.name for r in store.agents.all()] == ["kid", "other"]
+
+
+def test_only_agent_writes_drop_the_cache(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = rows_read(store, monkeypatch)
+    store.agents.get("boss")
+    assert reads[0] == 1
+    m = store.messages.send("boss", "operator", "message", "hi")
+    store.messages.send_many([("boss", "operator", "message", "hi")], quota=(100, 1 << 20))
+    store.messages.unacked("boss", 10, set())
+    store.messages.ack("boss", [m.id])
+    q, _ = store.questions.ask("boss", "operator", "q?", None)
+    store.questions.answer(q.id, "operator", "a")
+    a = store.approvals.request("boss", "custom", "d", {})
+    store.approvals.resolve(a.id, "approved", None, kinds.Custom().apply)
+    store.reminders.add("boss", 0, "r")
+    store.reminders.deliver_due(1.0)
+    store.egress.add_rule("boss", "b.example:443", "operator")
+    store.egress.remove_rule("boss", "b.example:443")
+    store.transcripts.add("boss", m.id, [("text", {"t": 1})])
+    store.history.prune("boss")
+    store.agents.get("boss")
+    assert reads[0] == 1, "a write that leaves the agents table alone dropped the cache"
+    store.agents.set_flag("boss", "paused", True)
+    assert _row(store, "boss").paused and reads[0] == 2
+
+
+def test_a_failed_agent_write_drops_the_cache_too(store: Store) -> None:
+    store.agents.get("boss")
+    with pytest.raises(StoreError):  # the name is taken: the insert fails, nothing changes
+        store.agents.create("boss", SPEC, None, "operator")
+    assert [r.name for r in store.agents.all()] == ["boss"]
+
+
+# -- rows ------------------------------------------------------------------------------
+
+
+def test_rows_are_frozen(store: Store) -> None:
+    row = store.agents.get("boss")
+    assert isinstance(row, AgentRow)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        row.paused = True  # type: ignore[misc]  # what the test checks: refused
+    with pytest.raises((AttributeError, TypeError)):  # slots: no new attribute either
+        row.extra = 1  # type: ignore[attr-defined]  # what the test checks: refused
+    usage = store.usage.of("boss")
+    assert isinstance(usage, Usage) and usage == (0, 0, 0, 0)
+    with pytest.raises(AttributeError):
+        usage.rows = 1  # type: ignore[misc]  # what the test checks: refused
+
+
+# -- the approval transaction handle --------------------------------------------------------
+
+
+def test_the_handle_offers_three_things_and_dies_with_the_transaction(store: Store) -> None:
+    seen: list[ApprovalTx] = []
+
+    def apply(tx: ApprovalTx, approval: Approval) -> None:
+        seen.append(tx)
+        assert tx.agent_exists("boss") and not tx.agent_exists("nobody")
+
+    a = store.approvals.request("boss", "custom", "d", {})
+    store.approvals.resolve(a.id, "approved", None, apply)
+    (tx,) = seen
+    public = {n for n in dir(tx) if not n.startswith("_")}
+    assert public - {"close", "wrote_agents"} == {"agent_exists", "create_agent", "add_egress_rule"}
+    assert not isinstance(getattr(tx, "_tx", None), sqlite3.Connection)
+    with pytest.raises(RuntimeError):
+        tx.add_egress_rule("boss", "late.example:443", "approval")
+    assert "late.example:443" not in {r["rule"] for r in store.egress.rules("boss")["boss"]}
+
+
+def test_spawn_applies_through_the_handle(store: Store) -> None:
+    payload = {"name": "kid", "spec": SPEC.model_dump(mode="json")}
+    a = store.approvals.request("boss", "spawn", "d", payload)
+    store.agents.get("kid")  # the cache is warm: approving must still show the new agent
+    approval, msg = store.approvals.resolve(a.id, "approved", None, kinds.Spawn().apply)
+    assert approval.status == "approved" and msg.body == "approved"
+    kid = store.agents.get("kid")
+    assert kid is not None and kid.parent == "boss" and kid.origin == "spawn"
+    assert [r["rule"] for r in store.egress.rules("kid")["kid"]] == ["a.example:443"]
+
+
+def test_an_apply_error_undoes_what_apply_did(store: Store) -> None:
+    def apply(tx: ApprovalTx, approval: Approval) -> None:
+        tx.create_agent("kid", SPEC, "boss", "spawn")
+        tx.add_egress_rule("boss", "b.example:443", "approval")
+        assert tx.agent_exists("kid")  # seen inside the transaction
+        raise ApplyError("changed my mind")
+
+    a = store.approvals.request("boss", "custom", "d", {})
+    store.agents.get("boss")
+    approval, msg = store.approvals.resolve(a.id, "approved", None, apply)
+    assert approval.status == "failed" and approval.note == "changed my mind"
+    assert msg.body == "failed: changed my mind" and msg.to == "boss"
+    assert store.agents.get("kid") is None, "the cache kept an agent the rollback undid"
+    assert store.egress.rules("kid") == {}
+    assert [r["rule"] for r in store.egress.rules("boss")["boss"]] == ["a.example:443"]
+    assert store.usage.of("boss")[:2] == (0, 0)  # the approval no longer held
+
+
+def test_an_apply_error_of_egress_kind(store: Store) -> None:
+    a = store.approvals.request("boss", "egress", "d", {"host": "c.example", "port": 443})
+    store.agents.delete("boss")
+    with pytest.raises(Conflict):  # cancelled with its agent
+        store.approvals.resolve(a.id, "approved", None, kinds.Egress().apply)
+    store.agents.create("boss", SPEC, None, "operator")
+    b = store.approvals.request("boss", "egress", "d", {"host": "c.example", "port": 443})
+    approval, _ = store.approvals.resolve(b.id, "approved", None, kinds.Egress().apply)
+    assert approval.status == "approved"
+    assert "c.example:443" in {r["rule"] for r in store.egress.rules("boss")["boss"]}
+
+
+# -- the schema --------------------------------------------------------------------------------
+
+
+def test_a_hive_db_of_every_earlier_version_opens(tmp_path: Path) -> None:
+    for version in range(len(MIGRATIONS) + 1):
+        path = tmp_path / f"v{version}.db"
+        Store(path).close() if version == len(MIGRATIONS) else _old(path, version)
+        s = Store(path)
+        assert s.schema_version == len(MIGRATIONS)
+        s.close()
+
+
+def _old(path: Path, version: int) -> None:
+    from hyperhive.core.store.schema import split_sql
+
+    db = sqlite3.connect(path, isolation_level=None)
+    for n, script in enumerate(MIGRATIONS[:version], start=1):
+        for statement in split_sql(script):
+            db.execute(statement)
+        db.execute(f"PRAGMA user_version={n}")
+    db.close()
