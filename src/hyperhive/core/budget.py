@@ -74,30 +74,33 @@ class Budget:
         return self.max_agents * self.per_agent_tasks + RESERVE_TASKS
 
     def line(self) -> str:
-        fds = (
-            f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds}"
-            f" egress + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
-            f" <= NOFILE {self.nofile}"
-        )
         limit = "unlimited" if self.tasks is None else str(self.tasks)
+        return f"{self._fds()} <= NOFILE {self.nofile}; {self._tasks()} <= tasks {limit}"
+
+    def _fds(self) -> str:
         return (
-            f"{fds}; {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
-            f" = {self.total_tasks} <= tasks {limit}"
+            f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock"
+            f" + {self.egress_fds} egress + {SPARE_FDS_PER_AGENT} spare) fds"
+            f" + reserve {self.reserve_fds} = {self.total_fds}"
+        )
+
+    def _tasks(self) -> str:
+        return (
+            f"{self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
+            f" = {self.total_tasks}"
         )
 
     def check(self) -> None:
-        fix = "raise LimitNOFILE or lower [limits] max_agents, [limits] agent_connections or [egress] max_connections"
+        fix = (
+            "raise LimitNOFILE or lower [limits] max_agents, [limits] agent_connections"
+            " or [egress] max_connections"
+        )
         if self.total_fds > self.nofile:
-            raise BudgetError(
-                f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock + {self.egress_fds} egress"
-                f" + {SPARE_FDS_PER_AGENT} spare) fds + reserve {self.reserve_fds} = {self.total_fds}"
-                f" > NOFILE {self.nofile}; {fix}"
-            )
+            raise BudgetError(f"{self._fds()} > NOFILE {self.nofile}; {fix}")
         if self.tasks is not None and self.total_tasks > self.tasks:
             raise BudgetError(
-                f"budget: {self.max_agents} agents x {self.per_agent_tasks} tasks + reserve {RESERVE_TASKS}"
-                f" = {self.total_tasks} > tasks {self.tasks}; raise TasksMax and LimitNPROC or lower"
-                " [limits] max_agents or [egress] max_connections"
+                f"budget: {self._tasks()} > tasks {self.tasks}; raise TasksMax and LimitNPROC"
+                " or lower [limits] max_agents or [egress] max_connections"
             )
 
 

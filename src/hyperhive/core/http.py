@@ -308,7 +308,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     @app.get("/api/state", response_model=StateModel, responses=NOT_LOGGED_IN)
     async def api_state(session: Annotated[Session, Depends(require_session)]) -> Response:
-        """Everything the dashboard shows: agents, pending approvals, open questions, recent messages,
+        """Everything the dashboard shows: agents, pending approvals, open questions,
+        recent messages,
         every agent's egress rules and the egress proxy's latest decisions (newest first)."""
         # Rendered once per change (and at least once a second, for time-based flags like failed).
         key = (hive.bus.version, int(time.monotonic()))
@@ -333,7 +334,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                         continue
                     if event is None:
                         return
-                    yield f"event: {event['kind']}\ndata: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
+                    data = json.dumps(event, ensure_ascii=False)
+                    yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
 
@@ -392,7 +394,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         rule: Annotated[str, Form(max_length=MAX_RULE)],
         session: Annotated[Session, Depends(require_post)],
     ) -> Response:
-        """Add RULE (``HOST:PORT``) to agent NAME's egress allowlist (source ``operator``), live at once."""
+        """Add RULE (``HOST:PORT``) to agent NAME's egress allowlist (source ``operator``),
+        live at once."""
         return done(request, await operator({"cmd": "egress_allow", "name": name, "rule": rule}))
 
     @app.post("/api/agents/{name}/egress/remove", responses=POST_RESPONSES)
@@ -402,7 +405,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         rule: Annotated[str, Form(max_length=MAX_RULE)],
         session: Annotated[Session, Depends(require_post)],
     ) -> Response:
-        """Remove RULE from agent NAME's egress allowlist, whatever its source; refused at once after."""
+        """Remove RULE from agent NAME's egress allowlist, whatever its source; refused at
+        once after."""
         return done(request, await operator({"cmd": "egress_remove", "name": name, "rule": rule}))
 
     @app.post("/api/agents/{name}/send", responses=POST_RESPONSES)
