@@ -484,3 +484,63 @@ def test_priv_same_name_requests_never_deadlock(core_side: dict[str, Any]) -> No
     assert len(core_side["lock:replies"]) == 40
     assert len({json.dumps(r, sort_keys=True) for r in core_side["lock:replies"]}) == 1
     assert core_side["lock:seconds"] < 30
+
+
+# -- the operator's HTTP API: a refusal's class gives its status, and nothing changes -------------
+
+SPEC = '{"runtime":"command","command":["true"]}'
+HTTP_REFUSALS: list[tuple[str, dict[str, str], int, str]] = [
+    ("/approve/999999", {}, 404, "no approval 999999"),
+    ("/deny/999999", {}, 404, "no approval 999999"),
+    ("/approve/0", {}, 422, "field 'aid': Input should be greater than or equal to 1"),
+    ("/approve/99999999999999999999999", {}, 422, "field 'aid': Input should be less than 9223372036854775808"),
+    ("/answer-question/999999", {"answer": "x"}, 404, "no question 999999 addressed to operator"),
+    ("/answer-question/1", {}, 422, "missing field 'answer'"),
+    ("/api/agents/nosuch/send", {"body": "x"}, 404, "no agent named 'nosuch'"),
+    ("/api/agents/operator/send", {"body": "x"}, 422, "field 'to': agent name 'operator' is reserved"),
+    ("/api/agents/nosuch/stop", {}, 404, "no agent named 'nosuch'"),
+    ("/api/agents/nosuch/destroy", {}, 404, "no agent named 'nosuch'"),
+    ("/api/agents/nosuch/pause", {}, 404, "no agent named 'nosuch'"),
+    ("/api/agents/nosuch/interrupt", {}, 404, "no agent named 'nosuch'"),
+    ("/api/agents/BAD/restart", {}, 422,
+     "field 'name': bad agent name 'BAD': must match ^[a-z][a-z0-9-]{0,30}$"),
+    ("/api/agents/nosuch/egress/allow", {"rule": "example.com:443"}, 404, "no agent named 'nosuch'"),
+    ("/api/agents/rtmule/egress/allow", {"rule": "not a rule"}, 422,
+     "field 'rule': expected HOST:PORT, got 'not a rule'"),
+    ("/api/agents/rtmule/egress/remove", {"rule": "nope.example:443"}, 409,
+     "rtmule has no egress rule 'nope.example:443'"),
+    ("/api/spawn", {"name": "rtmule", "spec": SPEC}, 409, "an agent named 'rtmule' already exists"),
+    ("/api/spawn", {"name": "operator", "spec": SPEC}, 422, "field 'name': agent name 'operator' is reserved"),
+    ("/api/spawn", {"name": "rtx", "spec": "[]"}, 422, "spec: request must be a JSON object, got list"),
+    ("/api/spawn", {"name": "rtx", "spec": '{"runtime":"command","command":["true"],"memory_mib":1}'}, 422,
+     "unknown field 'spec.memory_mib'"),
+]
+
+
+@pytest.fixture(scope="module")
+def http_side(rt: HiveProcess) -> list[tuple[int, str]]:
+    from web_fixture import Web, reason
+
+    web = Web(rt)
+    login = web.login()
+    with unchanged(rt):
+        out = []
+        for path, data, _, _ in HTTP_REFUSALS:
+            r = web.post(path, login, data=data)
+            out.append((r.status_code, reason(r)))
+        for path in ("/", "/api/state"):
+            out.append((web.get(path, login=login).status_code, path))
+    return out
+
+
+@pytest.mark.attack("identity.forge-operator", ref="conventions §4 (refusals); OWASP API3 status confusion")
+@pytest.mark.parametrize("i", range(len(HTTP_REFUSALS)), ids=[f"{p}:{s}" for p, _, s, _ in HTTP_REFUSALS])
+def test_http_refusal_status_from_its_class(http_side: list[tuple[int, str]], i: int) -> None:
+    _, _, status, text = HTTP_REFUSALS[i]
+    assert http_side[i] == (status, text)
+
+
+@pytest.mark.attack("identity.forge-operator", ref="conventions §4 (refusals)")
+@pytest.mark.parametrize("path", ["/", "/api/state"])
+def test_dashboard_still_answers_after_refusals(http_side: list[tuple[int, str]], path: str) -> None:
+    assert (200, path) in http_side[len(HTTP_REFUSALS):]
