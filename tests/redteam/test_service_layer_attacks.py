@@ -544,3 +544,67 @@ def test_http_refusal_status_from_its_class(http_side: list[tuple[int, str]], i:
 @pytest.mark.parametrize("path", ["/", "/api/state"])
 def test_dashboard_still_answers_after_refusals(http_side: list[tuple[int, str]], path: str) -> None:
     assert (200, path) in http_side[len(HTTP_REFUSALS):]
+
+
+# -- boundary values on agent verbs: a one-line refusal, never an internal error -------------------
+
+BIG = 2**63 - 1
+BOUNDARY: dict[str, dict[str, Any]] = {
+    "ack-10000-missing": {"cmd": "ack", "ids": list(range(10**9, 10**9 + 10_000))},
+    "ack-10000-same": {"cmd": "ack", "ids": [BIG] * 10_000},
+    "ack-empty": {"cmd": "ack", "ids": []},
+    "ack-too-many": {"cmd": "ack", "ids": [1] * 10_001},
+    "answer-max-id": {"cmd": "answer", "id": BIG, "answer": "a"},
+    "answer-bool-id": {"cmd": "answer", "id": True, "answer": "a"},
+    "answer-float-id": {"cmd": "answer", "id": 1.0, "answer": "a"},
+    "send-nosuch": {"cmd": "send", "to": "rtnosuch", "body": "x"},
+    "send-self": {"cmd": "send", "to": "rtmule", "body": "x"},
+    "send-all": {"cmd": "send", "to": "all", "body": "x"},
+    "send-hive": {"cmd": "send", "to": "hive", "body": "x"},
+    "send-not-a-peer": {"cmd": "send", "to": "rtalice", "body": "x"},
+    "ask-not-a-peer": {"cmd": "ask", "to": "rtbob", "question": "q", "options": ["a"] * 50},
+    "ask-too-many-options": {"cmd": "ask", "to": "operator", "question": "q", "options": ["a"] * 51},
+    "remind-far": {"cmd": "remind", "at": "9999-12-31T23:59:59+00:00", "text": "t"},
+    "remind-huge-float": {"cmd": "remind", "at": 1e308, "text": "t"},
+    "remind-both": {"cmd": "remind", "at": 1.0, "in_seconds": 1, "text": "t"},
+    "remind-naive": {"cmd": "remind", "at": "2030-01-01T00:00:00", "text": "t"},
+    "remind-bad-date": {"cmd": "remind", "at": "2030-13-01T00:00:00+00:00", "text": "t"},
+    "remind-zero": {"cmd": "remind", "in_seconds": 0, "text": "t"},
+    "approval-unknown-kind": {"cmd": "request_approval", "kind": "k" * 64, "description": "d"},
+    "approval-long-kind": {"cmd": "request_approval", "kind": "k" * 65, "description": "d"},
+    "spawn-existing": {"cmd": "request_approval", "kind": "spawn", "description": "d",
+                       "payload": {"name": "rtalice", "spec": {"runtime": "command", "command": ["true"]}}},
+    "spawn-reserved": {"cmd": "request_approval", "kind": "spawn", "description": "d",
+                       "payload": {"name": "operator", "spec": {"runtime": "command", "command": ["true"]}}},
+    "spawn-list": {"cmd": "request_approval", "kind": "spawn", "description": "d", "payload": []},
+    "spawn-deep-spec": {"cmd": "request_approval", "kind": "spawn", "description": "d",
+                        "payload": {"name": "rtdeep", "spec": [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]}},
+    "egress-private": {"cmd": "request_approval", "kind": "egress", "description": "d",
+                       "payload": {"host": "10.0.0.1", "port": 0}},
+    "egress-string": {"cmd": "request_approval", "kind": "egress", "description": "d", "payload": "x:1"},
+    "recv-max-too-big": {"cmd": "recv", "max": 1001},
+    "recv-wait-too-long": {"cmd": "recv", "wait": 3601},
+}
+BOUNDARY_PROBE = r'''
+out = {}
+for label, req in CASES.items():
+    out[label] = call_when_free(req)
+result(**out)
+'''
+
+
+@pytest.fixture(scope="module")
+def boundary_side(rt: HiveProcess) -> dict[str, Any]:
+    with unchanged(rt):
+        return cage_run(rt, "rtmule", f"CASES = {BOUNDARY!r}\n" + BOUNDARY_PROBE, timeout=180)
+
+
+@pytest.mark.attack("wire.malformed", ref="tinyproxy#627; conventions §4 (one line, nothing changes)")
+@pytest.mark.parametrize("label", sorted(BOUNDARY))
+def test_boundary_value_refused_in_one_line(boundary_side: dict[str, Any], label: str) -> None:
+    reply = boundary_side[label]
+    if label == "ack-empty":
+        assert reply == {"version": 1, "ok": True, "acked": 0}
+        return
+    assert set(reply) == {"version", "ok", "error"} and reply["ok"] is False, reply
+    assert "internal error" not in reply["error"] and "storage error" not in reply["error"], reply
