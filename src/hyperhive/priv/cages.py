@@ -15,9 +15,7 @@ import os
 import select
 import subprocess
 import sysconfig
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from hyperhive.paths import RunDir, StateDir
 from hyperhive.priv import cage_mounts, homes, safefs
 from hyperhive.priv.cgroups import Cgroup, hive_key
 from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
+from hyperhive.priv.namelocks import NameLocks
 
 log = logging.getLogger("hive.priv")
 
@@ -113,34 +112,11 @@ class Cages:
         self.priv_dir = state_dir.root / "priv"
         self.ids = IdAllocator(self.priv_fd, str(state_dir.root), registry)
         self.cgroup_key = hive_key(state_dir.root)
-        # name -> (its lock, requests holding or waiting for it). An entry goes when its
-        # last request does: the core may name any number of agents, and root's memory
-        # must not keep one lock for each name it was ever asked about.
-        self._locks: dict[str, tuple[threading.Lock, int]] = {}
-        self._locks_guard = threading.Lock()
+        self.locks = NameLocks()
 
-    @contextlib.contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str) -> contextlib.AbstractContextManager[None]:
         """Hold ``name``'s lock: one request at a time per agent."""
-        check_name(name)
-        with self._locks_guard:
-            held, users = self._locks.get(name, (threading.Lock(), 0))
-            self._locks[name] = (held, users + 1)
-        try:
-            with held:
-                yield
-        finally:
-            with self._locks_guard:
-                _, users = self._locks[name]
-                if users > 1:
-                    self._locks[name] = (held, users - 1)
-                else:
-                    del self._locks[name]
-
-    def locks_kept(self) -> int:
-        """Names with a lock entry now (only those with a request in progress)."""
-        with self._locks_guard:
-            return len(self._locks)
+        return self.locks.hold(check_name(name))
 
     # -- verbs -------------------------------------------------------------------
 
