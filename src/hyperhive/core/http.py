@@ -42,6 +42,7 @@ from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
+from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
@@ -175,6 +176,19 @@ ACTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
 }
 
 
+def back_to(referer: str | None) -> str:
+    """Where a plain form post sends the browser back to: the dashboard, or the agent page
+    the form was on. Always a path built here from a known route; the Referer only picks
+    which (its text is never echoed: ``//evil.example/...`` would leave the origin)."""
+    try:
+        parts = urlsplit(referer or "").path.split("/")
+    except ValueError:  # e.g. a malformed IPv6 host
+        return "/"
+    if len(parts) >= 4 and parts[:2] == ["", "agent"] and NAME_RE.fullmatch(parts[2]):
+        return f"/agent/{parts[2]}/"
+    return "/"
+
+
 def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     # The schema is served below, behind the session like everything else.
     app = FastAPI(
@@ -233,8 +247,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         """JSON for scripts and the dashboard's fetch; back to the page for a plain form."""
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse(reply)
-        back = urlsplit(request.headers.get("referer", "/"))
-        return RedirectResponse(back.path if back.path.startswith("/") else "/", status_code=303)
+        return RedirectResponse(back_to(request.headers.get("referer")), status_code=303)
 
     def refuse(
         request: Request, status: int, reason: str, headers: Mapping[str, str] | None = None
