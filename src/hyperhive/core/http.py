@@ -135,8 +135,17 @@ REFUSED: Responses = {
     429: _refused("A limit of the hive: the agent limit ([limits] max_agents)."),
     503: _refused("hive-priv is unavailable; the agent's cage could not be started or stopped."),
 }
-GET_RESPONSES: dict[int | str, dict[str, Any]] = {**NOT_LOGGED_IN, **REFUSED}
+# The gateway's, before the core sees the request: a path parameter with %-escapes (any
+# character outside RFC 3986's path characters) is not a path the hive builds.
+BAD_PATH: Responses = {
+    400: {
+        "description": "A path with %-escapes, // or dot segments (refused by the gateway).",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+GET_RESPONSES: dict[int | str, dict[str, Any]] = {**BAD_PATH, **NOT_LOGGED_IN, **REFUSED}
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **BAD_PATH,
     200: {"model": Reply, "description": "Done (with Accept: application/json)."},
     303: {"description": "Done: back to the page the form was on (a plain form post)."},
     **NOT_LOGGED_IN,
