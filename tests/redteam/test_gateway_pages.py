@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import os
 import socket
 import threading
@@ -31,7 +32,7 @@ import pytest
 
 from hive_fixture import HiveProcess
 from hyperhive.core.sessions import COOKIE
-from hyperhive.gateway.config import CSP, PAGE_HIDDEN_HEADERS
+from hyperhive.gateway.config import BAD_REQUEST, CSP, PAGE_HIDDEN_HEADERS
 from web_fixture import Login, Web, assert_csp
 
 AGENT = "rtmule"  # its page is swapped for the hostile one while a test runs
@@ -114,11 +115,11 @@ class HostilePage:
         return [h.split(b"\r\n", 1)[0] for h in self.heads]
 
 
-def raw_get(web: Web, target: str, login: Login | None) -> tuple[int, list[tuple[str, str]], str]:
+def raw_get(web: Web, target: str, login: Login | None, **headers: str) -> tuple[int, list[tuple[str, str]], str]:
     """GET with the request target exactly as given (httpx would normalise it)."""
     conn = http.client.HTTPConnection("127.0.0.1", web.hive.port, timeout=30)
     try:
-        conn.request("GET", target, headers={"Cookie": f"{COOKIE}={login.cookie}"} if login else {})
+        conn.request("GET", target, headers={**({"Cookie": f"{COOKIE}={login.cookie}"} if login else {}), **headers})
         r = conn.getresponse()
         return r.status, r.getheaders(), r.read().decode(errors="replace")
     finally:
@@ -249,13 +250,17 @@ BAD_PATHS = [
 def test_control_characters_never_reach_the_page(web: Web, login: Login) -> None:
     with hostile(web) as page:
         refused = {path: raw_get(web, path, login) for path in BAD_PATHS}
+        # A script gets the refusal as the core's: JSON, one line.
+        as_json = raw_get(web, f"/agent/{AGENT}/ok%0d%0a", login, Accept="application/json")
         # The query is the page's business: it goes on as sent, still encoded.
         ok = raw_get(web, f"/agent/{AGENT}/ok?after=%0d%0a%00%20x", login)
     for path, (status, headers, body) in refused.items():
         assert status == 400, (path, status, body[:200])
-        assert body.startswith("bad request: "), (path, body)
+        assert body == BAD_REQUEST + "\n", (path, body)
         assert body.count("\n") == 1 and "<" not in body, (path, body)
         assert [v for k, v in headers if k.lower() == "content-security-policy"] == [CSP], (path, headers)
+    assert as_json[0] == 400 and json.loads(as_json[2]) == {"ok": False, "error": BAD_REQUEST}, as_json
+    assert ("Content-Type", "application/json") in as_json[1] and as_json[2].count("\n") == 1, as_json
     assert ok[0] == 200 and ok[2] == BODY.decode(), ok
     assert page.request_lines == [b"GET /ok?after=%0d%0a%00%20x HTTP/1.1"], page.request_lines
     # The harness's own page is back once the hostile one is gone.

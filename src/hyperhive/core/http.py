@@ -138,10 +138,7 @@ REFUSED: Responses = {
 # The gateway's, before the core sees the request: a path parameter with %-escapes (any
 # character outside RFC 3986's path characters) is not a path the hive builds.
 BAD_PATH: Responses = {
-    400: {
-        "description": "A path with %-escapes, // or dot segments (refused by the gateway).",
-        "content": {"text/plain": {"schema": {"type": "string"}}},
-    }
+    400: _refused("A path with %-escapes, // or dot segments (refused by the gateway).")
 }
 GET_RESPONSES: dict[int | str, dict[str, Any]] = {**BAD_PATH, **NOT_LOGGED_IN, **REFUSED}
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -11,6 +11,8 @@ CSP = (
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 USER = "hive-gateway"
+# The gateway's one line for a path the hive never builds, and for nginx's own 400s.
+BAD_REQUEST = "bad request: not a path the hive serves (no %-escapes, // or dot segments)"
 # Response headers of an agent's page that never reach the operator's browser, besides
 # CSP and nosniff (the gateway sets its own) and what nginx drops anyway (Date, Server,
 # Connection, Transfer-Encoding): state on the operator's origin (cookies, site data,
@@ -68,6 +70,7 @@ def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> s
         gateway_dir=gateway_dir,
         user=user,
         csp=CSP,
+        bad_request=BAD_REQUEST,
         page_hidden_headers=PAGE_HIDDEN_HEADERS,
     )
 
