@@ -12,7 +12,9 @@ CSP = (
 )
 USER = "hive-gateway"
 # The gateway's one line for a path the hive never builds, and for nginx's own 400s.
-BAD_REQUEST = "bad request: not a path the hive serves (no %-escapes, // or dot segments)"
+BAD_REQUEST = (
+    "bad request: malformed, or not a path the hive serves (no %-escapes, // or dot segments)"
+)
 # Response headers of an agent's page that never reach the operator's browser, besides
 # CSP and nosniff (the gateway sets its own) and what nginx drops anyway (Date, Server,
 # Connection, Transfer-Encoding): state on the operator's origin (cookies, site data,
