@@ -42,6 +42,7 @@ from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
+from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
@@ -134,8 +135,14 @@ REFUSED: Responses = {
     429: _refused("A limit of the hive: the agent limit ([limits] max_agents)."),
     503: _refused("hive-priv is unavailable; the agent's cage could not be started or stopped."),
 }
-GET_RESPONSES: dict[int | str, dict[str, Any]] = {**NOT_LOGGED_IN, **REFUSED}
+# The gateway's, before the core sees the request: a path parameter with %-escapes (any
+# character outside RFC 3986's path characters) is not a path the hive builds.
+BAD_PATH: Responses = {
+    400: _refused("A path with %-escapes, // or dot segments (refused by the gateway).")
+}
+GET_RESPONSES: dict[int | str, dict[str, Any]] = {**BAD_PATH, **NOT_LOGGED_IN, **REFUSED}
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {
+    **BAD_PATH,
     200: {"model": Reply, "description": "Done (with Accept: application/json)."},
     303: {"description": "Done: back to the page the form was on (a plain form post)."},
     **NOT_LOGGED_IN,
@@ -173,6 +180,19 @@ ACTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "destroy": lambda n: {"cmd": "destroy", "name": n},
     "interrupt": lambda n: {"cmd": "interrupt", "name": n},
 }
+
+
+def back_to(referer: str | None) -> str:
+    """Where a plain form post sends the browser back to: the dashboard, or the agent page
+    the form was on. Always a path built here from a known route; the Referer only picks
+    which (its text is never echoed: ``//evil.example/...`` would leave the origin)."""
+    try:
+        parts = urlsplit(referer or "").path.split("/")
+    except ValueError:  # e.g. a malformed IPv6 host
+        return "/"
+    if len(parts) >= 4 and parts[:2] == ["", "agent"] and NAME_RE.fullmatch(parts[2]):
+        return f"/agent/{parts[2]}/"
+    return "/"
 
 
 def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
@@ -233,8 +253,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         """JSON for scripts and the dashboard's fetch; back to the page for a plain form."""
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse(reply)
-        back = urlsplit(request.headers.get("referer", "/"))
-        return RedirectResponse(back.path if back.path.startswith("/") else "/", status_code=303)
+        return RedirectResponse(back_to(request.headers.get("referer")), status_code=303)
 
     def refuse(
         request: Request, status: int, reason: str, headers: Mapping[str, str] | None = None

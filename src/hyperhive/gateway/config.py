@@ -11,6 +11,53 @@ CSP = (
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
 USER = "hive-gateway"
+# The gateway's one line for a path the hive never builds, and for nginx's own 400s.
+BAD_REQUEST = (
+    "bad request: malformed, or not a path the hive serves (no %-escapes, // or dot segments)"
+)
+# Response headers of an agent's page that never reach the operator's browser, besides
+# CSP and nosniff (the gateway sets its own) and what nginx drops anyway (Date, Server,
+# Connection, Transfer-Encoding): state on the operator's origin (cookies, site data,
+# service workers, HSTS), where the browser goes (Location, Refresh), who may read or
+# frame it, credentials prompts, nginx's own controls and hop-by-hop fields.
+PAGE_HIDDEN_HEADERS = (
+    "Set-Cookie",
+    "Set-Cookie2",
+    "Clear-Site-Data",
+    "Service-Worker-Allowed",
+    "Strict-Transport-Security",
+    "Location",
+    "Refresh",
+    "Link",
+    "Alt-Svc",
+    "Content-Security-Policy-Report-Only",
+    "Report-To",
+    "Reporting-Endpoints",
+    "NEL",
+    "X-Frame-Options",
+    "Referrer-Policy",
+    "Permissions-Policy",
+    "Cross-Origin-Opener-Policy",
+    "Cross-Origin-Embedder-Policy",
+    "Cross-Origin-Resource-Policy",
+    "Access-Control-Allow-Origin",
+    "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods",
+    "Access-Control-Allow-Headers",
+    "Access-Control-Expose-Headers",
+    "WWW-Authenticate",
+    "Proxy-Authenticate",
+    "X-Accel-Redirect",
+    "X-Accel-Buffering",
+    "X-Accel-Charset",
+    "X-Accel-Expires",
+    "X-Accel-Limit-Rate",
+    "Keep-Alive",
+    "Proxy-Connection",
+    "Upgrade",
+    "TE",
+    "Trailer",
+)
 
 
 def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> str:
@@ -20,7 +67,13 @@ def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> s
         keep_trailing_newline=True,
     )
     return env.get_template("nginx.conf.j2").render(
-        listen=listen, run_dir=run_dir, gateway_dir=gateway_dir, user=user, csp=CSP
+        listen=listen,
+        run_dir=run_dir,
+        gateway_dir=gateway_dir,
+        user=user,
+        csp=CSP,
+        bad_request=BAD_REQUEST,
+        page_hidden_headers=PAGE_HIDDEN_HEADERS,
     )
 
 
