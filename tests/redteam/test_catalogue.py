@@ -33,6 +33,9 @@ REQUIRED = {
     "egress.dns-exfiltration", "egress.private-ranges", "egress.host-header", "priv.deep-tree",
     "budget.core-descriptors", "budget.disk-quota", "budget.store", "init.capabilities",
     "observe.host-activity",
+    # issue 13: hostile data on the operator's surfaces
+    "surface.terminal-injection", "surface.open-redirect", "gateway.page-headers",
+    "gateway.request-splitting",
 }
 
 PLUGIN = r'''

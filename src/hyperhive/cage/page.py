@@ -9,7 +9,9 @@ the harness uid and the gateway's group.
 Everything the agent produced is data: Jinja2 autoescapes it in the page, and
 the live updates (SSE for the transcript; ``/state``, polled, for the status,
 loose ends and the agent's own egress rules and decisions) are written into
-the page with ``textContent`` only.
+the page with ``textContent`` only. Controls, C1 and bidi characters are shown as
+escapes, on the server (``hyperhive.display`` as Jinja's ``finalize``) and in
+``agent.js`` (its ``visible``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from hyperhive import unixsock
+from hyperhive.display import dumps, visible_value
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -42,10 +45,9 @@ def _templates() -> Any:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(HERE / "templates")),
         autoescape=True,
+        finalize=visible_value,  # every {{ … }}: controls and bidi characters shown as escapes
     )  # absent optional fields (e.g. parent) are simply undefined
-    env.filters["tojson_text"] = lambda v: (
-        v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)
-    )
+    env.filters["tojson_text"] = lambda v: v if isinstance(v, str) else dumps(v)
     env.filters["clock"] = clock
     env.globals["destination"] = destination
     return env

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import click
 
-from hyperhive.cli.output import fail, json_option, print_messages, report, request, table, when
+from hyperhive.cli.output import (
+    fail,
+    json_option,
+    print_messages,
+    report,
+    request,
+    say,
+    table,
+    when,
+)
 from hyperhive.client import Client, HiveUnavailable
 
 DEFAULT_AGENT_SOCK = Path("/run/hive/agent.sock")
@@ -42,7 +51,7 @@ def whoami(ctx: click.Context, as_json: bool) -> None:
     """This agent's name."""
     resp = request(_sock(ctx), "whoami", as_json)
     if not as_json:
-        click.echo(resp["name"])
+        say(resp["name"])
 
 
 @agent_group.command()
@@ -53,7 +62,7 @@ def peers(ctx: click.Context, as_json: bool) -> None:
     resp = request(_sock(ctx), "peers", as_json)
     if not as_json:
         for p in resp["peers"]:
-            click.echo(p)
+            say(p)
 
 
 @agent_group.command()
@@ -65,7 +74,7 @@ def send(ctx: click.Context, as_json: bool, to: str, body: str) -> None:
     """Send BODY to a peer or to "operator"."""
     resp = request(_sock(ctx), "send", as_json, to=to, body=body)
     if not as_json:
-        click.echo(f"sent message {resp['id']} to {to}")
+        say(f"sent message {resp['id']} to {to}")
 
 
 @agent_group.command()
@@ -102,7 +111,7 @@ def ack(ctx: click.Context, as_json: bool, ids: tuple[int, ...]) -> None:
     """Acknowledge messages IDS."""
     resp = request(_sock(ctx), "ack", as_json, ids=list(ids))
     if not as_json:
-        click.echo(f"acked {resp['acked']}")
+        say(f"acked {resp['acked']}")
 
 
 @agent_group.command()
@@ -119,7 +128,7 @@ def ask(
         _sock(ctx), "ask", as_json, to=to, question=question, options=list(options) or None
     )
     if not as_json:
-        click.echo(f"question {resp['id']} asked")
+        say(f"question {resp['id']} asked")
 
 
 @agent_group.command()
@@ -131,7 +140,7 @@ def answer(ctx: click.Context, as_json: bool, question_id: int, answer: str) -> 
     """Answer a question a peer addressed to this agent."""
     request(_sock(ctx), "answer", as_json, id=question_id, answer=answer)
     if not as_json:
-        click.echo(f"answered question {question_id}")
+        say(f"answered question {question_id}")
 
 
 @agent_group.command("request-approval")
@@ -159,7 +168,7 @@ def request_approval(
         _sock(ctx), "request_approval", as_json, kind=kind, description=description, payload=data
     )
     if not as_json:
-        click.echo(f"approval {resp['id']} requested (payload sha256 {resp['payload_sha256']})")
+        say(f"approval {resp['id']} requested (payload sha256 {resp['payload_sha256']})")
 
 
 @agent_group.command("status")
@@ -170,7 +179,7 @@ def set_status(ctx: click.Context, as_json: bool, text: str) -> None:
     """Set this agent's status line."""
     request(_sock(ctx), "set_status", as_json, text=text)
     if not as_json:
-        click.echo("status set")
+        say("status set")
 
 
 @agent_group.command()
@@ -185,7 +194,7 @@ def remind(
     """Schedule a reminder message to this agent."""
     resp = request(_sock(ctx), "remind", as_json, in_seconds=in_seconds, at=at, text=text)
     if not as_json:
-        click.echo(f"reminder {resp['id']} due {when(resp['due_at'])}")
+        say(f"reminder {resp['id']} due {when(resp['due_at'])}")
 
 
 @agent_group.command("loose-ends")

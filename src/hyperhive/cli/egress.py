@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hyperhive.cli.output import json_option, request, table, when
+from hyperhive.cli.output import json_option, request, say, table, when
 
 
 def _host_sock(ctx: click.Context) -> Path:
@@ -46,9 +46,7 @@ def allow(ctx: click.Context, as_json: bool, name: str, rule: str) -> None:
     """Let agent NAME reach RULE (e.g. pypi.org:443, *.pypi.org:443, 198.18.0.0/15:80), at once."""
     resp = request(_host_sock(ctx), "egress_allow", as_json, name=name, rule=rule)
     if not as_json:
-        click.echo(
-            f"{name}: {resp['rule']} {'allowed' if resp['added'] else 'was already allowed'}"
-        )
+        say(f"{name}: {resp['rule']} {'allowed' if resp['added'] else 'was already allowed'}")
 
 
 @egress_group.command("rm")
@@ -60,7 +58,7 @@ def rm(ctx: click.Context, as_json: bool, name: str, rule: str) -> None:
     """Take RULE away from agent NAME, at once (a hive.toml rule returns on the next restart)."""
     resp = request(_host_sock(ctx), "egress_remove", as_json, name=name, rule=rule)
     if not as_json:
-        click.echo(f"{name}: {resp['rule']} removed")
+        say(f"{name}: {resp['rule']} removed")
 
 
 @egress_group.command("log")

@@ -25,6 +25,7 @@ import click
 from pydantic import ValidationError
 
 from hyperhive.client import priv_call
+from hyperhive.display import visible
 from hyperhive.wire import priv as wp
 from hyperhive.wire.framing import describe_validation_error
 
@@ -101,7 +102,7 @@ def exec_cmd(
         if as_json:
             click.echo(json.dumps({"error": message}), err=True)
             sys.exit(1)
-        raise click.ClickException(message)
+        raise click.ClickException(visible(message, one_line=True))
 
     environment = {}
     for item in env:

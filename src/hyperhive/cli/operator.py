@@ -9,15 +9,16 @@ from typing import Any
 import click
 
 from hyperhive.cli.output import (
-    console,
     fail,
     json_option,
     print_messages,
     request,
+    say,
     stream,
     table,
     when,
 )
+from hyperhive.display import dumps
 from hyperhive.wire.host import EVENT_KINDS
 
 
@@ -48,7 +49,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         resp = request(host_sock(ctx), "list", as_json)
         if not as_json:
             for name in resp["agents"]:
-                click.echo(name)
+                say(name)
 
     @group.command("status")
     @json_option
@@ -62,12 +63,10 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 if "event" in item:
                     ev = item["event"]
                     a = ev.get("agent")
-                    if a:
-                        console.print(
-                            f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}", markup=False
-                        )
+                    if a:  # one line each: a newline in the status text is shown, not made
+                        say(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}")
                     else:
-                        console.print(f"{ev.get('name')}: destroyed", markup=False)
+                        say(f"{ev.get('name')}: destroyed")
                 else:
                     _status_table(item["agent_statuses"])
 
@@ -86,7 +85,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Message agent NAME as the operator."""
         resp = request(host_sock(ctx), "send", as_json, to=name, body=body)
         if not as_json:
-            click.echo(f"sent message {resp['id']} to {name}")
+            say(f"sent message {resp['id']} to {name}")
 
     @group.command("inbox")
     @json_option
@@ -129,7 +128,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Answer question QUESTION_ID (addressed to the operator)."""
         request(host_sock(ctx), "answer_question", as_json, id=question_id, answer=answer)
         if not as_json:
-            click.echo(f"answered question {question_id}")
+            say(f"answered question {question_id}")
 
     @group.command("pending")
     @json_option
@@ -148,7 +147,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         a["kind"],
                         when(a["requested_at"]),
                         a["description"],
-                        json.dumps(a.get("payload"), ensure_ascii=False),
+                        dumps(a.get("payload")),
                         a["payload_sha256"],
                     ]
                     for a in resp["approvals"]
@@ -165,7 +164,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         if not as_json:
             a = resp["approval"]
             note = f" ({a['note']})" if a.get("note") else ""
-            click.echo(f"approval {approval_id}: {a['status']}{note}")
+            say(f"approval {approval_id}: {a['status']}{note}")
 
     @group.command("deny")
     @json_option
@@ -176,7 +175,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Deny APPROVAL_ID."""
         request(host_sock(ctx), "deny", as_json, id=approval_id, note=note)
         if not as_json:
-            click.echo(f"approval {approval_id}: denied")
+            say(f"approval {approval_id}: denied")
 
     @group.command("start")
     @json_option
@@ -186,7 +185,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Start NAMES (default: every agent)."""
         resp = request(host_sock(ctx), "start", as_json, scope={"agent_names": list(names)})
         if not as_json:
-            click.echo(f"started: {', '.join(resp['started']) or 'nothing'}")
+            say(f"started: {', '.join(resp['started']) or 'nothing'}")
 
     @group.command("stop")
     @json_option
@@ -199,7 +198,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
             host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)}, graceful=not force
         )
         if not as_json:
-            click.echo(f"stopped: {', '.join(resp['stopped']) or 'nothing'}")
+            say(f"stopped: {', '.join(resp['stopped']) or 'nothing'}")
 
     @group.command("restart")
     @json_option
@@ -209,7 +208,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Restart agent NAME."""
         request(host_sock(ctx), "restart", as_json, name=name)
         if not as_json:
-            click.echo(f"restarted {name}")
+            say(f"restarted {name}")
 
     for verb, paused in (("pause", True), ("resume", False)):
 
@@ -227,7 +226,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
             def cmd(ctx: click.Context, as_json: bool, name: str) -> None:
                 request(host_sock(ctx), "set_paused", as_json, name=name, paused=paused)
                 if not as_json:
-                    click.echo(f"{name}: {'paused' if paused else 'resumed'}")
+                    say(f"{name}: {'paused' if paused else 'resumed'}")
 
         make()
 
@@ -267,7 +266,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
             spec = {"runtime": "command", "command": list(command), "peers": list(peers)}
         request(host_sock(ctx), "spawn", as_json, name=name, spec=spec)
         if not as_json:
-            click.echo(f"spawned {name}")
+            say(f"spawned {name}")
 
     @group.command("destroy")
     @json_option
@@ -280,7 +279,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
             click.confirm(f"destroy agent {name}?", abort=True)
         request(host_sock(ctx), "destroy", as_json, name=name)
         if not as_json:
-            click.echo(f"destroyed {name}")
+            say(f"destroyed {name}")
 
     @group.command("interrupt")
     @json_option
@@ -290,7 +289,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Stop agent NAME's current turn."""
         request(host_sock(ctx), "interrupt", as_json, name=name)
         if not as_json:
-            click.echo(f"{name}: interrupt sent")
+            say(f"{name}: interrupt sent")
 
     @group.command("transcript")
     @json_option
@@ -311,9 +310,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         e["turn"],
                         e["kind"],
                         when(e["at"]),
-                        e["data"]
-                        if isinstance(e["data"], str)
-                        else json.dumps(e["data"], ensure_ascii=False),
+                        e["data"] if isinstance(e["data"], str) else dumps(e["data"]),
                     ]
                     for e in resp["entries"]
                 ),
@@ -327,7 +324,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         resp = request(host_sock(ctx), "urls", as_json)
         if not as_json:
             for k, v in resp["urls"].items():
-                click.echo(f"{k}: {v}")
+                say(f"{k}: {v}")
 
     @group.command("events")
     @json_option
@@ -343,10 +340,8 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         """Follow the hive's events live (Ctrl-C to stop)."""
 
         def render(item: dict[str, Any]) -> None:
-            if "event" in item:
-                console.print(
-                    json.dumps(item["event"], ensure_ascii=False), markup=False, highlight=False
-                )
+            if "event" in item:  # one JSON line each (rich would wrap it at the width)
+                say(dumps(item["event"]))
 
         fields: dict[str, Any] = {"kinds": list(kinds)} if kinds else {}
         stream(host_sock(ctx), "subscribe", as_json, render, **fields)

@@ -1,8 +1,11 @@
-"""How the CLI prints: rich tables for people, ``--json`` for scripts, one-line errors."""
+"""How the CLI prints: rich tables for people, ``--json`` for scripts, one-line errors.
+
+Every string the hive returns may be an agent's: everything printed goes through
+``hyperhive.display`` (controls, C1 and bidi characters escaped, on a tty or a pipe),
+and into rich only as ``Text``, never as markup."""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -15,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hyperhive.client import Client, HiveUnavailable
+from hyperhive.display import dumps, visible
 
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -24,8 +28,13 @@ def json_option(fn: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print the raw JSON response.")(fn)
 
 
+def say(line: str) -> None:
+    """One line for a person (it may quote an agent: a newline in it is shown, not made)."""
+    click.echo(visible(line, one_line=True))
+
+
 def fail(message: str) -> None:
-    click.echo(f"hive: {message}", err=True)
+    click.echo(f"hive: {visible(message, one_line=True)}", err=True)
     raise SystemExit(1)
 
 
@@ -44,7 +53,7 @@ def request(path: Path, cmd: str, as_json: bool, **fields: Any) -> dict[str, Any
 def report(resp: dict[str, Any], as_json: bool) -> dict[str, Any]:
     """Print a response as --json asks; a refusal prints its one line and exits 1."""
     if as_json:
-        click.echo(json.dumps(resp, indent=2, ensure_ascii=False))
+        click.echo(dumps(resp, indent=2))
         if not resp.get("ok"):
             raise SystemExit(1)
     elif not resp.get("ok"):
@@ -59,7 +68,7 @@ def stream(
         with Client(path, timeout=None) as c:
             for item in c.stream(cmd, **fields):
                 if as_json:
-                    click.echo(json.dumps(item, ensure_ascii=False), nl=True)
+                    click.echo(dumps(item), nl=True)
                     sys.stdout.flush()
                 elif not item.get("ok"):
                     fail(f"error: {item.get('error')}")
@@ -78,16 +87,16 @@ def when(ts: float | None) -> str:
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    t = Table(title=title, title_justify="left")
+    # Text(), not str: agent-written strings must never be read as rich markup.
+    t = Table(title=Text(visible(title, one_line=True)), title_justify="left")
     for col in columns:
         t.add_column(col, overflow="fold")
     count = 0
     for row in rows:
-        # Text(), not str: agent-written strings must never be read as rich markup.
-        t.add_row(*(Text("" if v is None else str(v)) for v in row))
+        t.add_row(*(Text(visible("" if v is None else str(v))) for v in row))
         count += 1
     if count == 0:
-        console.print(f"{title}: none")
+        console.print(Text(visible(f"{title}: none", one_line=True)))
     else:
         console.print(t)
 

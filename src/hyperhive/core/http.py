@@ -42,6 +42,7 @@ from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
+from hyperhive.display import visible_json_text, visible_value
 from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
@@ -204,6 +205,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     # The payload as the text its sha256 was taken of (autoescaped like any other text;
     # Jinja's tojson would show "<" as "\\u003c").
     templates.env.filters["canonical_json"] = canonical_json
+    # Every {{ … }} shows controls, C1 and bidi characters as escapes (hyperhive.display);
+    # the payload's JSON shows them as JSON escapes. Set before any template is compiled.
+    templates.env.finalize = visible_value
+    templates.env.filters["visible_json"] = visible_json_text
     templates.env.filters["clock"] = clock
     templates.env.globals["destination"] = destination
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

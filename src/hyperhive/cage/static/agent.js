@@ -1,19 +1,34 @@
 // Live transcript for the agent page, and (polled) its status, loose ends and
 // egress. Agent output is data: it only ever goes into the page through
-// textContent, never as HTML.
+// textContent, never as HTML, and through visible() (or visibleJson()) first.
 (function () {
   "use strict";
+  // Agent text is shown, never obeyed: controls (but newline and tab), DEL, C1, bidi
+  // marks/overrides/isolates, U+2028/2029 and lone surrogates become escapes, as
+  // hyperhive.display does on the server. JSON text gets JSON's own escapes.
+  var HIDDEN = /[\0-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]/gu;
+  var JSON_HIDDEN = /[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]/gu;
+  var SHORT = { "\r": "\\r" };
+  function hex(ch, n) { return ch.charCodeAt(0).toString(16).padStart(n, "0"); }
+  function visible(v) {
+    return String(v).replace(HIDDEN, function (ch) {
+      return SHORT[ch] || (ch.charCodeAt(0) < 0x100 ? "\\x" + hex(ch, 2) : "\\u" + hex(ch, 4));
+    });
+  }
+  function visibleJson(v) {
+    return JSON.stringify(v).replace(JSON_HIDDEN, function (ch) { return "\\u" + hex(ch, 4); });
+  }
   var list = document.getElementById("transcript");
   var last = Number(document.body.dataset.lastId || 0);
 
-  function text(v) { return typeof v === "string" ? v : JSON.stringify(v); }
+  function text(v) { return typeof v === "string" ? visible(v) : visibleJson(v); }
 
   function append(entry) {
     var li = document.createElement("li");
     li.className = "entry " + String(entry.kind).replace(/[^a-z_]/g, "");
     li.dataset.id = entry.id;
     var turn = document.createElement("span"); turn.className = "turn"; turn.textContent = "#" + entry.turn;
-    var kind = document.createElement("span"); kind.className = "kind"; kind.textContent = entry.kind;
+    var kind = document.createElement("span"); kind.className = "kind"; kind.textContent = visible(entry.kind);
     var pre = document.createElement("pre"); pre.textContent = text(entry.data);
     li.append(turn, " ", kind, " ", pre);
     list.appendChild(li);
@@ -27,7 +42,7 @@
 
   function el(tag, value, cls) {
     var e = document.createElement(tag);
-    if (value !== undefined && value !== null) e.textContent = String(value);
+    if (value !== undefined && value !== null) e.textContent = visible(value);
     if (cls) e.className = cls;
     return e;
   }
@@ -62,7 +77,7 @@
 
   function refresh() {
     fetch("state", { credentials: "same-origin" }).then(function (r) { return r.json(); }).then(function (s) {
-      document.getElementById("status-text").textContent = s.agent.status_text || "";
+      document.getElementById("status-text").textContent = visible(s.agent.status_text || "");
       renderEgress(s);
       var known = {};
       document.querySelectorAll("#questions li.question").forEach(function (li) { known[li.dataset.id] = li; });

@@ -1,13 +1,29 @@
 // The dashboard, live: on every hive event (SSE) it re-reads /api/state and
-// redraws. Everything an agent wrote goes in through textContent only.
+// redraws. Everything an agent wrote goes in through textContent only, and
+// through visible() (or visibleJson()) first.
 (function () {
   "use strict";
+  // Agent text is shown, never obeyed: controls (but newline and tab), DEL, C1, bidi
+  // marks/overrides/isolates, U+2028/2029 and lone surrogates become escapes, as
+  // hyperhive.display does on the server. JSON text gets JSON's own escapes.
+  var HIDDEN = /[\0-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]/gu;
+  var JSON_HIDDEN = /[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]/gu;
+  var SHORT = { "\r": "\\r" };
+  function hex(ch, n) { return ch.charCodeAt(0).toString(16).padStart(n, "0"); }
+  function visible(v) {
+    return String(v).replace(HIDDEN, function (ch) {
+      return SHORT[ch] || (ch.charCodeAt(0) < 0x100 ? "\\x" + hex(ch, 2) : "\\u" + hex(ch, 4));
+    });
+  }
+  function visibleJson(v) {
+    return JSON.stringify(v).replace(JSON_HIDDEN, function (ch) { return "\\u" + hex(ch, 4); });
+  }
   var csrf = document.querySelector('meta[name="csrf-token"]').content;
   var ACTIONS = ["start", "stop", "restart", "pause", "resume", "interrupt", "destroy"];
 
   function el(tag, text, cls) {
     var e = document.createElement(tag);
-    if (text !== undefined && text !== null) e.textContent = String(text);
+    if (text !== undefined && text !== null) e.textContent = visible(text);
     if (cls) e.className = cls;
     return e;
   }
@@ -31,7 +47,7 @@
   function form(action, fields, buttons) {
     var f = el("form"); f.method = "post"; f.action = action; f.className = "inline";
     fields.forEach(function (n) { var i = el("input"); i.name = n; i.placeholder = n; f.appendChild(i); });
-    buttons.forEach(function (b) { var x = el("button", b[1]); if (b[0]) { x.name = "answer"; x.value = b[0]; } f.appendChild(x); });
+    buttons.forEach(function (b) { var x = el("button", b[1]); if (b[0]) { x.name = "answer"; x.value = visible(b[0]); } f.appendChild(x); });
     return f;
   }
   function clock(at) {
@@ -120,14 +136,14 @@
     var ul = document.getElementById("approvals"); ul.replaceChildren();
     s.approvals.forEach(function (a) {
       var li = el("li"); li.dataset.id = a.id;
-      li.append(el("b", a.agent), " ", el("span", a.kind, "kind"), " ", a.description);
+      li.append(el("b", a.agent), " ", el("span", a.kind, "kind"), " ", visible(a.description));
       if (a.allows) {
         var grant = el("p", "approving will ", "grant");
         var what = el("b", "allow egress to "); what.appendChild(el("code", a.allows, "allows"));
-        grant.append(what, " for " + a.agent);
+        grant.append(what, visible(" for " + a.agent));
         li.appendChild(grant);
       }
-      li.appendChild(el("pre", JSON.stringify(a.payload), "payload"));
+      li.appendChild(el("pre", visibleJson(a.payload), "payload"));
       li.appendChild(el("code", "sha256 " + a.payload_sha256, "sha"));
       li.appendChild(form("/approve/" + a.id, [], [[null, "approve"]]));
       li.appendChild(form("/deny/" + a.id, ["note"], [[null, "deny"]]));

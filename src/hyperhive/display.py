@@ -1,0 +1,80 @@
+"""How agent-written text is shown to a person: never as something that acts.
+
+An agent controls most of what the operator reads (message bodies, questions,
+approval descriptions and payloads, status text, transcripts). In a terminal an
+escape sequence in that text moves the cursor, rewrites what is on screen, sets
+the clipboard (OSC 52) or draws a link that goes elsewhere (OSC 8); in a page or
+a terminal a bidi override reorders what is shown. So every character that can
+act rather than be read is replaced by its escape before it is shown:
+
+- C0 controls (``\\x00``–``\\x1f``) except newline and tab, which multi-line text
+  keeps (a table cell or a ``<pre>`` shows them as what they are); DEL;
+- C1 controls (``\\x80``–``\\x9f``; ``\\x9b`` is a CSI on its own);
+- bidi marks, embeddings, overrides and isolates (U+061C, U+200E, U+200F,
+  U+202A–U+202E, U+2066–U+2069);
+- the line and paragraph separators U+2028 and U+2029 (line breaks to some
+  renderers, invisible to others);
+- lone surrogates (they can't even be encoded for a terminal).
+
+Text shows them as ``\\x1b`` (code points below 256; ``\\n``, ``\\r``, ``\\t``) or
+``\\u202e``; JSON as its own escapes ``\\u001b`` / ``\\u202e``, so ``--json`` parses
+to the same values.
+Everything else, other non-ASCII text included, is shown unchanged. The pages do
+the same in their scripts (``visible`` in ``dashboard.js`` and ``agent.js``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+_BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
+_SEPARATORS = "\u2028\u2029"
+_SURROGATES = "\ud800-\udfff"
+# What JSON (ensure_ascii=False) leaves as is and must not reach a terminal raw.
+_JSON_UNSAFE = re.compile(f"[\x7f-\x9f{_BIDI}{_SEPARATORS}{_SURROGATES}]")
+_MULTI_LINE_UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}{_SEPARATORS}{_SURROGATES}]")
+_ONE_LINE_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}{_SEPARATORS}{_SURROGATES}]")
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(m: re.Match[str]) -> str:
+    ch = m.group()
+    cp = ord(ch)
+    return _SHORT.get(ch) or (f"\\x{cp:02x}" if cp < 0x100 else f"\\u{cp:04x}")
+
+
+def _json_escape(m: re.Match[str]) -> str:
+    return f"\\u{ord(m.group()):04x}"
+
+
+def visible(text: str, *, one_line: bool = False) -> str:
+    """``text`` with every character that could act on a terminal or page escaped.
+
+    ``one_line`` escapes newline and tab too: for text printed as one line of its own,
+    where a newline would let it forge the next line."""
+    return (_ONE_LINE_UNSAFE if one_line else _MULTI_LINE_UNSAFE).sub(_escape, text)
+
+
+def visible_value(value: Any) -> Any:
+    """``visible`` for strings; anything else (numbers, None) as it is. Jinja's
+    ``finalize``: every ``{{ … }}`` of a page goes through it."""
+    if not isinstance(value, str):
+        return value
+    shown = visible(value)
+    # A str subclass (Jinja's Markup) stays one: the escapes added are plain ASCII.
+    return shown if type(value) is str else type(value)(shown)
+
+
+def visible_json_text(text: str) -> str:
+    """A JSON text (from ``json.dumps(..., ensure_ascii=False)``) with the characters
+    JSON leaves raw escaped as JSON escapes: the same JSON value, safe to show. These
+    characters occur only inside strings, where ``\\uXXXX`` is their escape."""
+    return _JSON_UNSAFE.sub(_json_escape, text)
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """``json.dumps`` for a person or a terminal: other non-ASCII text stays readable,
+    controls, C1, bidi and separators are ``\\uXXXX``."""
+    return visible_json_text(json.dumps(value, ensure_ascii=False, **kwargs))
