@@ -326,8 +326,10 @@ def test_pages_as_served_show_agent_escapes_as_text(rt: HiveProcess, planted: di
         assert f">{html.escape(visible(PIECES[6]))}</button>" in r.text  # an option button
     assert visible_json_text(canonical_json({"run": text, PIECES[6]: PIECES[4]})) in html.unescape(dash.text)
     assert "\\u202egnp.exe\\u202c" in html.unescape(page.text)  # the transcript's stdout (cat)
-    # The data the scripts draw from stays the agent's own text; they show it escaped (below).
+    # The data the scripts draw from stays the agent's own text (the same JSON value) ...
     assert text in [a["description"] for a in state.json()["approvals"]]
+    # ... but its bytes hold no raw C1, bidi or DEL: `curl /api/state` in a terminal is safe.
+    assert acting(state.text, keep="") == [], acting(state.text, keep="")[:10]
 
 
 def test_pages_redrawn_live_show_agent_escapes_as_text(rt: HiveProcess, planted: dict[str, Any],

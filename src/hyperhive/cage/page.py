@@ -183,10 +183,7 @@ class PageHandler(BaseHTTPRequestHandler):
                 entries = conn.call("transcript_read", after=after, limit=200, wait=SSE_WAIT)[
                     "entries"
                 ]
-                out = [
-                    f"id: {e['id']}\nevent: entry\ndata: {json.dumps(e, ensure_ascii=False)}\n\n"
-                    for e in entries
-                ]
+                out = [f"id: {e['id']}\nevent: entry\ndata: {dumps(e)}\n\n" for e in entries]
                 self.wfile.write(("".join(out) or ": keep-alive\n\n").encode())
                 self.wfile.flush()
                 if entries:

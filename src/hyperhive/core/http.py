@@ -9,7 +9,6 @@ the gateway, and core.sock is ``hive-core:hive-gateway 0660``."""
 import asyncio
 import contextlib
 import grp
-import json
 import os
 import socket
 import time
@@ -35,6 +34,7 @@ from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hyperhive import display
 from hyperhive.core.actors import OPERATOR
 from hyperhive.core.approvals import shown
 from hyperhive.core.hive import Hive
@@ -338,7 +338,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         # Rendered once per change (and at least once a second, for time-based flags like failed).
         key = (hive.bus.version, int(time.monotonic()))
         if cache["key"] != key:
-            cache["key"], cache["body"] = key, json.dumps(state(), ensure_ascii=False).encode()
+            cache["key"], cache["body"] = key, display.dumps(state()).encode()
         return Response(cache["body"], media_type="application/json")
 
     @app.get("/api/dashboard/stream", include_in_schema=False)
@@ -358,7 +358,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                         continue
                     if event is None:
                         return
-                    data = json.dumps(event, ensure_ascii=False)
+                    data = display.dumps(event)
                     yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
