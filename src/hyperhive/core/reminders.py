@@ -21,10 +21,17 @@ class ReminderScheduler:
         self._poke = asyncio.Event()
         bus.listen("reminder_added", lambda event: self._poke.set())
 
+    async def deliver_all(self, now: float) -> None:
+        """Every reminder due by ``now``, a bounded batch per transaction; between two
+        batches the loop serves whatever else is waiting (a mass falling due at once
+        must not stall the sockets)."""
+        while self.hive.deliver_due_reminders(now):
+            await asyncio.sleep(0)
+
     async def run(self) -> None:
         while True:
             try:
-                self.hive.deliver_due_reminders(time.time())
+                await self.deliver_all(time.time())
             except StoreError as e:
                 log.error("could not deliver reminders: %s", e)
             due = self.hive.store.reminders.next_due()
