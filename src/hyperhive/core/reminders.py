@@ -13,6 +13,7 @@ from hyperhive.core.store import StoreError
 
 log = logging.getLogger("hive.core")
 MAX_SLEEP = 60.0  # re-read the schedule at least this often
+BATCH_PAUSE = 0.005  # seconds, at least, between two delivery batches
 
 
 class ReminderScheduler:
@@ -22,11 +23,18 @@ class ReminderScheduler:
         bus.listen("reminder_added", lambda event: self._poke.set())
 
     async def deliver_all(self, now: float) -> None:
-        """Every reminder due by ``now``, a bounded batch per transaction; between two
-        batches the loop serves whatever else is waiting (a mass falling due at once
-        must not stall the sockets)."""
-        while self.hive.deliver_due_reminders(now):
-            await asyncio.sleep(0)
+        """Every reminder due by ``now``, a bounded batch per transaction. Between two
+        batches the loop is left to the sockets for as long as the batch took (at least
+        BATCH_PAUSE): a request needs several turns of the loop, so yielding one turn
+        (``sleep(0)``) would still hold it up for many batches. A mass falling due at
+        once takes about twice as long to deliver, and no socket waits more than about
+        one batch."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            if not self.hive.deliver_due_reminders(now):
+                return
+            await asyncio.sleep(max(BATCH_PAUSE, loop.time() - started))
 
     async def run(self) -> None:
         while True:

@@ -11,7 +11,7 @@ from hyperhive.wire.common import Message
 # One delivery transaction's bounds: a mass of reminders falling due at once is delivered
 # in batches like this, the event loop serving other requests between them.
 DELIVER_ROWS = 100
-DELIVER_CHARS = 4 << 20  # of reminder text
+DELIVER_CHARS = 1 << 20  # of reminder text
 
 
 class ReminderRepo:
