@@ -154,15 +154,15 @@ class ApprovalRepo:
                             f"approval {aid} is unreadable ({approval.reason}); it can only be"
                             " denied"
                         )
-                if decision == "approved" and apply is not None:
-                    handle = _ApprovalTx(tx, self._agents)
-                    try:
-                        with tx.savepoint("apply"):
-                            apply(handle, _to_approval(row))
-                    except ApplyError as e:
-                        status, note = "failed", str(e)
-                    finally:
-                        handle.close()
+                    if apply is not None:
+                        handle = _ApprovalTx(tx, self._agents)
+                        try:
+                            with tx.savepoint("apply"):
+                                apply(handle, approval)
+                        except ApplyError as e:
+                            status, note = "failed", str(e)
+                        finally:
+                            handle.close()
                 tx.execute(
                     "UPDATE approvals SET status=?, resolved_at=?, note=? WHERE id=?",
                     (status, now, note, aid),
