@@ -216,3 +216,29 @@ def test_unreadable_rows_do_not_break_listings(hive: HiveProcess) -> None:
     assert {a["id"] for a in ok(hive.host_call("pending"))["approvals"]}.isdisjoint(
         {ids["deep"], ids["broken"], good["id"]})
     assert web.get("/api/state", login=login).status_code == 200
+
+
+@pytest.mark.attack("store.unreadable-row", ref="issue 13 item 1")
+def test_unreadable_message_reaches_its_agent_as_a_note(hive: HiveProcess) -> None:
+    ok(hive.host_call("set_paused", name="rtnest-b", paused=True))  # its harness takes no turns
+    try:
+        db = sqlite3.connect(hive.state_dir / "hive.db", timeout=30)
+        try:
+            with db:
+                mid = int(db.execute(
+                    "INSERT INTO messages (recipient, sender, kind, body, options, sent_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    ("rtnest-b", "rtnest", "question", "q?", "{broken", 1.0)).lastrowid or 0)
+        finally:
+            db.close()
+        res = cage_run(hive, "rtnest-b", """
+c = Conn()
+got = c.call({"cmd": "recv", "wait": 0})
+result(got=got, ack=c.call({"cmd": "ack", "ids": [m["id"] for m in got.get("messages", [])]}))
+""")
+        assert res["got"]["ok"] is True, res
+        note = [m for m in res["got"]["messages"] if m["id"] == mid]
+        assert len(note) == 1 and note[0]["from"] == "hive" and note[0]["kind"] == "message", note
+        assert note[0]["body"].startswith(f"[message {mid} is unreadable: options: invalid JSON")
+        assert res["ack"]["ok"] is True, res
+    finally:
+        ok(hive.host_call("set_paused", name="rtnest-b", paused=False))
