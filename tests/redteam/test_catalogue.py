@@ -35,7 +35,7 @@ REQUIRED = {
     "observe.host-activity",
     # issue 13: hostile data on the operator's surfaces
     "surface.terminal-injection", "surface.open-redirect", "gateway.page-headers",
-    "gateway.request-splitting",
+    "gateway.request-splitting", "wire.deep-nesting", "store.unreadable-row", "core.mass-due",
 }
 
 PLUGIN = r'''

@@ -207,15 +207,24 @@ def loose_ends(ctx: click.Context, as_json: bool) -> None:
         table(
             "open questions",
             ["id", "to", "question"],
-            ([q["id"], q["to"], q["question"]] for q in resp["questions"]),
+            (
+                [q["id"], q.get("to", ""), q.get("question", q.get("unreadable"))]
+                for q in resp["questions"]
+            ),
         )
         table(
             "pending approvals",
             ["id", "kind", "description"],
-            ([a["id"], a["kind"], a["description"]] for a in resp["approvals"]),
+            (
+                [a["id"], a.get("kind", ""), a.get("description", a.get("unreadable"))]
+                for a in resp["approvals"]
+            ),
         )
         table(
             "questions to answer",
             ["id", "from", "question"],
-            ([q["id"], q["asker"], q["question"]] for q in resp["to_answer"]),
+            (
+                [q["id"], q.get("asker", ""), q.get("question", q.get("unreadable"))]
+                for q in resp["to_answer"]
+            ),
         )

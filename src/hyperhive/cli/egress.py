@@ -74,7 +74,9 @@ def log(ctx: click.Context, as_json: bool, name: str | None, limit: int) -> None
             "egress log",
             ["at", "agent", "destination", "address", "decision", "reason", "up", "down"],
             (
-                [
+                ["", "", "", "", "", f"decision {e['id']} unreadable: {e['unreadable']}", "", ""]
+                if "unreadable" in e
+                else [
                     when(e["at"]),
                     e["agent"],
                     f"{e['host']}:{e['port']}",

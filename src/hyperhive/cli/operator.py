@@ -108,7 +108,9 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 "questions",
                 ["id", "from", "asked", "question", "options"],
                 (
-                    [
+                    [q["id"], "", "", f"unreadable: {q['unreadable']}", ""]
+                    if "unreadable" in q
+                    else [
                         q["id"],
                         q["asker"],
                         when(q["asked_at"]),
@@ -141,7 +143,9 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 "pending approvals",
                 ["id", "agent", "kind", "requested", "description", "payload", "sha256"],
                 (
-                    [
+                    [a["id"], "", "", "", f"unreadable: {a['unreadable']}", "", ""]
+                    if "unreadable" in a
+                    else [
                         a["id"],
                         a["agent"],
                         a["kind"],
@@ -305,7 +309,9 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 f"{name} transcript",
                 ["id", "turn", "kind", "at", "data"],
                 (
-                    [
+                    [e["id"], "", "", "", f"unreadable: {e['unreadable']}"]
+                    if "unreadable" in e
+                    else [
                         e["id"],
                         e["turn"],
                         e["kind"],

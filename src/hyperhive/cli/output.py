@@ -106,7 +106,9 @@ def print_messages(messages: list[dict[str, Any]], title: str = "messages") -> N
         title,
         ["id", "from", "kind", "ref", "sent", "body"],
         (
-            [m["id"], m["from"], m["kind"], m.get("ref"), when(m["sent_at"]), m["body"]]
+            [m["id"], "", "", "", "", f"unreadable: {m['unreadable']}"]
+            if "unreadable" in m
+            else [m["id"], m["from"], m["kind"], m.get("ref"), when(m["sent_at"]), m["body"]]
             for m in messages
         ),
     )

@@ -21,6 +21,7 @@ from hyperhive.core.budget import AGENT_SOCK_BACKLOG
 from hyperhive.core.connlimit import ConnectionLimiter
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
+from hyperhive.core.listing import rows_out
 from hyperhive.core.refusals import Forbidden, Refused
 from hyperhive.paths import RunDir
 from hyperhive.peercred import peer_cred
@@ -147,7 +148,9 @@ async def control(s: AgentSession, req: wh.Control) -> Reply:
 
 
 async def transcript_read(s: AgentSession, req: wh.TranscriptRead) -> Reply:
-    return ok(entries=await s.hive.transcript_read(s.actor, req.after, req.limit, req.wait))
+    return ok(
+        entries=rows_out(await s.hive.transcript_read(s.actor, req.after, req.limit, req.wait))
+    )
 
 
 async def page_state(s: AgentSession, req: wh.PageState) -> Reply:

@@ -8,8 +8,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
+from hyperhive.core.listing import row_out
 from hyperhive.core.refusals import BadRequest, Conflict, NotFound
-from hyperhive.core.store import ApplyError, ApprovalTx, canonical_json
+from hyperhive.core.store import ApplyError, ApprovalTx, Unreadable, canonical_json
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import describe_validation_error, model_fields_only
@@ -112,11 +113,14 @@ def allows(approval: Approval) -> str | None:
         return None  # refused at request time; never applied as anything else
 
 
-def shown(approval: Approval) -> dict[str, Any]:
+def shown(approval: Approval | Unreadable) -> dict[str, Any]:
     """A pending approval as the operator's surfaces show it: for kind ``egress``,
     ``allows`` is the rule approving would add, worked out by the hive from the
-    payload (not from the agent's description)."""
-    row = model_fields_only(approval)
+    payload (not from the agent's description). A row that can't be read or
+    serialised shows as unreadable."""
+    row = row_out(approval)
+    if isinstance(approval, Unreadable) or "unreadable" in row:
+        return row
     rule = allows(approval)
     if rule is not None:
         row["allows"] = rule
@@ -138,15 +142,30 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
     return approval
 
 
-async def resolve(hive: Hive, aid: int, decision: str, note: str | None = None) -> Approval:
+async def resolve(
+    hive: Hive, aid: int, decision: str, note: str | None = None
+) -> Approval | Unreadable:
     existing = hive.store.approvals.get(aid)
     if existing is None:
         raise NotFound(f"no approval {aid}")
-    handler = KINDS[existing.kind]
-    if existing.kind == "spawn" and decision == "approved" and existing.status == "pending":
+    # An unreadable row, or one of a kind this version doesn't know, can only be denied:
+    # the store refuses to approve it (nobody saw what approving would apply).
+    handler = None if isinstance(existing, Unreadable) else KINDS.get(existing.kind)
+    if handler is None and decision == "approved" and not isinstance(existing, Unreadable):
+        raise Conflict(
+            f"approval {aid} is of unknown kind {existing.kind!r}; it can only be denied"
+        )
+    if (
+        not isinstance(existing, Unreadable)
+        and existing.kind == "spawn"
+        and decision == "approved"
+        and existing.status == "pending"
+    ):
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
-    approval, msg = hive.store.approvals.resolve(aid, decision, note, handler.apply)
+    apply = None if handler is None else handler.apply
+    approval, msg = hive.store.approvals.resolve(aid, decision, note, apply)
     hive.delivered(msg)
-    hive.bus.publish("approval", {"approval": model_fields_only(approval)})
-    await handler.after(hive, approval)
+    hive.bus.publish("approval", {"approval": row_out(approval)})
+    if handler is not None and not isinstance(approval, Unreadable):
+        await handler.after(hive, approval)
     return approval

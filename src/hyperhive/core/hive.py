@@ -22,6 +22,7 @@ from hyperhive.core import approvals
 from hyperhive.core.actors import Actor, Agent, Operator
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
+from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import Busy, Conflict, Forbidden, NotFound, Refused
 from hyperhive.core.store import (
@@ -32,6 +33,7 @@ from hyperhive.core.store import (
     Store,
     StoreError,
     TranscriptEntry,
+    Unreadable,
 )
 from hyperhive.names import OPERATOR
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
@@ -322,10 +324,10 @@ class Hive:
         if released:
             self.wakeups.notify(name)
 
-    def inbox(self, actor: Operator, after: int, limit: int) -> list[Message]:
+    def inbox(self, actor: Operator, after: int, limit: int) -> list[Message | Unreadable]:
         return self.store.messages.inbox(OPERATOR, after, limit)
 
-    def recent_messages(self, actor: Operator, limit: int) -> list[Message]:
+    def recent_messages(self, actor: Operator, limit: int) -> list[Message | Unreadable]:
         """The newest messages between anyone, oldest first (the dashboard's feed)."""
         return self.store.messages.recent(limit)
 
@@ -353,22 +355,19 @@ class Hive:
         self.check_store_quota(actor.name, 1, len(answer.encode()))
         q, msg = self.store.questions.answer(qid, actor.name, answer)
         self.delivered(msg)
-        self.bus.publish("answer", {"question": model_fields_only(q)})
-        return q.id
+        self.bus.publish("answer", {"question": row_out(q)})
+        return qid
 
-    def questions_for(self, actor: Operator) -> list[Question]:
+    def questions_for(self, actor: Operator) -> list[Question | Unreadable]:
         return self.store.questions.open(target=OPERATOR)
 
     def loose_ends(self, actor: Agent) -> dict[str, list[dict[str, Any]]]:
         """What the caller still waits on, and what still waits on it."""
         store = self.store
         return {
-            "questions": [model_fields_only(q) for q in store.questions.open(asker=actor.name)],
-            "approvals": [
-                model_fields_only(a)
-                for a in store.approvals.list(status="pending", agent=actor.name)
-            ],
-            "to_answer": [model_fields_only(q) for q in store.questions.open(target=actor.name)],
+            "questions": rows_out(store.questions.open(asker=actor.name)),
+            "approvals": rows_out(store.approvals.list(status="pending", agent=actor.name)),
+            "to_answer": rows_out(store.questions.open(target=actor.name)),
         }
 
     # -- reminders ------------------------------------------------------------------
@@ -384,7 +383,8 @@ class Hive:
         return rid
 
     def deliver_due_reminders(self, now: float) -> list[Message]:
-        """Every reminder due by ``now`` becomes a message (the scheduler calls this)."""
+        """One bounded batch of the reminders due by ``now`` becomes messages (the
+        scheduler calls this until it returns none, yielding to the loop in between)."""
         msgs = self.store.reminders.deliver_due(now)
         for msg in msgs:
             assert msg.to is not None
@@ -393,7 +393,8 @@ class Hive:
             self.bus.publish(
                 "reminder", {"agent": msg.to, "reminder_id": msg.ref, "text": msg.body}
             )
-            self.publish_status(msg.to)
+        for name in dict.fromkeys(m.to for m in msgs if m.to is not None):
+            self.publish_status(name)  # once per agent and batch, not once per reminder
         return msgs
 
     # -- approvals ------------------------------------------------------------------
@@ -404,10 +405,10 @@ class Hive:
 
     async def resolve_approval(
         self, actor: Operator, aid: int, decision: str, note: str | None = None
-    ) -> Approval:
+    ) -> Approval | Unreadable:
         return await approvals.resolve(self, aid, decision, note)
 
-    def pending_approvals(self, agent: str | None = None) -> list[Approval]:
+    def pending_approvals(self, agent: str | None = None) -> list[Approval | Unreadable]:
         return self.store.approvals.list(status="pending", agent=agent)
 
     # -- the harness's turn loop ----------------------------------------------------
@@ -467,7 +468,7 @@ class Hive:
 
     async def transcript_read(
         self, actor: Agent, after: int, limit: int, wait: float
-    ) -> list[TranscriptEntry]:
+    ) -> list[TranscriptEntry | Unreadable]:
         """The caller's own transcript (its page streams it), waiting for new entries."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
@@ -479,7 +480,7 @@ class Hive:
 
     def transcript(
         self, actor: Operator, name: str, after: int, limit: int
-    ) -> list[TranscriptEntry]:
+    ) -> list[TranscriptEntry | Unreadable]:
         self.require_agent(name)
         return self.store.transcripts.entries(name, after, limit)
 
@@ -489,15 +490,12 @@ class Hive:
         store = self.store
         return {
             "agent": model_fields_only(status),
-            "questions": [
-                model_fields_only(q)
-                for q in store.questions.open(asker=actor.name, target=OPERATOR)
-            ],
+            "questions": rows_out(store.questions.open(asker=actor.name, target=OPERATOR)),
             "approvals": [
                 approvals.shown(a) for a in store.approvals.list(status="pending", agent=actor.name)
             ],
             "egress_rules": store.egress.rules(actor.name).get(actor.name, []),
-            "egress_log": store.egress.entries(actor.name, egress_limit),
+            "egress_log": rows_out(store.egress.entries(actor.name, egress_limit)),
         }
 
     # -- egress ---------------------------------------------------------------------
@@ -562,7 +560,9 @@ class Hive:
         if not removed:
             raise Conflict(f"{name} has no egress rule {rule!r}")
 
-    def egress_log(self, actor: Operator, name: str | None, limit: int) -> list[EgressLogEntry]:
+    def egress_log(
+        self, actor: Operator, name: str | None, limit: int
+    ) -> list[EgressLogEntry | Unreadable]:
         if name is not None:
             self.require_agent(name)
         return self.store.egress.entries(name, limit)

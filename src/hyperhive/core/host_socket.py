@@ -19,10 +19,11 @@ from hyperhive.core.approvals import shown
 from hyperhive.core.connlimit import ConnectionLimiter
 from hyperhive.core.hive import Hive
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
+from hyperhive.core.listing import row_out, rows_out
 from hyperhive.peercred import group_gid, peer_cred, peer_groups, uid_in_group
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire import host as w
-from hyperhive.wire.framing import dump_line, error, model_fields_only, ok
+from hyperhive.wire.framing import dump_line, error, ok
 
 log = logging.getLogger("hive.core")
 ADMIN_GROUP = "hive-admin"
@@ -74,25 +75,25 @@ async def interrupt(s: OperatorSession, req: w.Interrupt) -> Reply:
 
 
 async def transcript(s: OperatorSession, req: w.Transcript) -> Reply:
-    return ok(entries=s.hive.transcript(s.actor, req.name, req.after, req.limit))
+    return ok(entries=rows_out(s.hive.transcript(s.actor, req.name, req.after, req.limit)))
 
 
 async def pending(s: OperatorSession, req: w.Pending) -> Reply:
-    return ok(approvals=[model_fields_only(a) for a in s.hive.pending_approvals()])
+    return ok(approvals=rows_out(s.hive.pending_approvals()))
 
 
 async def approve(s: OperatorSession, req: w.Approve) -> Reply:
     approval = await s.hive.resolve_approval(s.actor, req.id, "approved")
-    return ok(approval=model_fields_only(approval))
+    return ok(approval=row_out(approval))
 
 
 async def deny(s: OperatorSession, req: w.Deny) -> Reply:
     approval = await s.hive.resolve_approval(s.actor, req.id, "denied", req.note)
-    return ok(approval=model_fields_only(approval))
+    return ok(approval=row_out(approval))
 
 
 async def questions(s: OperatorSession, req: w.Questions) -> Reply:
-    return ok(questions=[model_fields_only(q) for q in s.hive.questions_for(s.actor)])
+    return ok(questions=rows_out(s.hive.questions_for(s.actor)))
 
 
 async def answer_question(s: OperatorSession, req: w.AnswerQuestion) -> Reply:
@@ -105,7 +106,7 @@ async def send(s: OperatorSession, req: w.OperatorSend) -> Reply:
 
 
 async def inbox(s: OperatorSession, req: w.Inbox) -> Reply:
-    return ok(messages=[model_fields_only(m) for m in s.hive.inbox(s.actor, req.after, req.max)])
+    return ok(messages=rows_out(s.hive.inbox(s.actor, req.after, req.max)))
 
 
 async def spawn(s: OperatorSession, req: w.Spawn) -> Reply:
@@ -133,7 +134,7 @@ async def egress_remove(s: OperatorSession, req: w.EgressRemove) -> Reply:
 
 
 async def egress_log(s: OperatorSession, req: w.EgressLog) -> Reply:
-    return ok(entries=s.hive.egress_log(s.actor, req.name, req.limit))
+    return ok(entries=rows_out(s.hive.egress_log(s.actor, req.name, req.limit)))
 
 
 async def urls(s: OperatorSession, req: w.Urls) -> Reply:

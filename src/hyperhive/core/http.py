@@ -39,6 +39,7 @@ from hyperhive.core.actors import OPERATOR
 from hyperhive.core.approvals import shown
 from hyperhive.core.hive import Hive
 from hyperhive.core.host_socket import HOST, OperatorSession
+from hyperhive.core.listing import rows_out
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
@@ -47,7 +48,7 @@ from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
-from hyperhive.wire.framing import WireError, model_fields_only, parse_line
+from hyperhive.wire.framing import WireError, parse_line
 
 HERE = Path(__file__).parent
 EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
@@ -320,12 +321,12 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return {
             "agents": hive.statuses(),
             "approvals": [shown(a) for a in hive.pending_approvals()],
-            "questions": [model_fields_only(q) for q in hive.questions_for(OPERATOR)],
-            "messages": [model_fields_only(m) for m in hive.recent_messages(OPERATOR, 50)],
+            "questions": rows_out(hive.questions_for(OPERATOR)),
+            "messages": rows_out(hive.recent_messages(OPERATOR, 50)),
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
             "egress_rules": hive.egress_rules(OPERATOR, None),
-            "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN),
+            "egress_log": rows_out(hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN)),
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}

@@ -9,6 +9,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 MAX_LINE = 1024 * 1024  # bytes, excluding the newline
+# Containers inside containers, the request object itself being level 1. What the hive
+# stores comes back out inside a few more levels (a reply, a listing, an event), and
+# pydantic refuses to serialise past 255: 64 leaves room for those and for any nesting a
+# real request needs (the deepest verb today nests 3), and bounds the walks over a request.
+MAX_DEPTH = 64
+TOO_DEEP = "malformed JSON: nested too deeply"
 PROTOCOL_VERSION = 1
 
 
@@ -49,11 +55,28 @@ def parse_line(line: bytes) -> dict[str, Any]:
         )
     except json.JSONDecodeError as e:
         raise WireError(f"malformed JSON: {e.msg} at column {e.colno}") from None
-    except RecursionError:
-        raise WireError("malformed JSON: nested too deeply") from None
+    except RecursionError:  # deeper than the interpreter's recursion limit (about 1000)
+        raise WireError(TOO_DEEP) from None
     if not isinstance(obj, dict):
         raise WireError(f"request must be a JSON object, got {type(obj).__name__}")
+    if depth(obj) > MAX_DEPTH:
+        raise WireError(TOO_DEEP)
     return obj
+
+
+def depth(value: Any) -> int:
+    """How many containers deep ``value`` nests (a scalar: 0, ``{}``: 1), without recursion:
+    one pass over the containers, level by level."""
+    level = [value] if isinstance(value, dict | list) else []
+    n = 0
+    while level:
+        n += 1
+        below: list[Any] = []
+        for item in level:
+            children = item.values() if isinstance(item, dict) else item
+            below.extend(c for c in children if isinstance(c, dict | list))
+        level = below
+    return n
 
 
 def dump_line(obj: dict[str, Any]) -> bytes:

@@ -29,7 +29,7 @@
     li.dataset.id = entry.id;
     var turn = document.createElement("span"); turn.className = "turn"; turn.textContent = "#" + entry.turn;
     var kind = document.createElement("span"); kind.className = "kind"; kind.textContent = visible(entry.kind);
-    var pre = document.createElement("pre"); pre.textContent = text(entry.data);
+    var pre = document.createElement("pre"); pre.textContent = entry.unreadable ? "unreadable: " + visible(entry.unreadable) : text(entry.data);
     li.append(turn, " ", kind, " ", pre);
     list.appendChild(li);
   }
@@ -67,6 +67,12 @@
     (s.egress_log || []).forEach(function (e) {
       var tr = el("tr", null, "entry " + (e.allowed ? "allowed" : "refused"));
       tr.dataset.id = e.id;
+      if (e.unreadable) {
+        tr.className = "entry unreadable";
+        var td = el("td", "decision " + e.id + " is unreadable: " + visible(e.unreadable)); td.colSpan = 7;
+        tr.appendChild(td); tbody.appendChild(tr);
+        return;
+      }
       var open = e.allowed && !e.closed_at;
       tr.append(el("td", clock(e.at)), el("td", destination(e), "destination"), el("td", e.address || "", "address"),
         el("td", e.allowed ? "allowed" : "refused", "decision"), el("td", e.reason, "reason"),

@@ -81,6 +81,12 @@
     egressLog.forEach(function (e) {
       var tr = el("tr", null, "entry " + (e.allowed ? "allowed" : "refused"));
       tr.dataset.id = e.id; tr.dataset.agent = e.agent;
+      if (e.unreadable) {
+        tr.className = "entry unreadable";
+        var td = el("td", "decision " + e.id + " is unreadable: " + visible(e.unreadable)); td.colSpan = 8;
+        tr.appendChild(td); tbody.appendChild(tr);
+        return;
+      }
       var open = e.allowed && !e.closed_at;
       tr.append(el("td", clock(e.at)), el("td", e.agent, "agent"), el("td", destination(e), "destination"),
         el("td", e.address || "", "address"), el("td", e.allowed ? "allowed" : "refused", "decision"),
@@ -136,6 +142,13 @@
     var ul = document.getElementById("approvals"); ul.replaceChildren();
     s.approvals.forEach(function (a) {
       var li = el("li"); li.dataset.id = a.id;
+      if (a.unreadable) {  // a stored row the hive can't read: it can only be denied
+        li.className = "unreadable";
+        li.append("approval " + a.id + " is unreadable: " + visible(a.unreadable));
+        li.appendChild(form("/deny/" + a.id, ["note"], [[null, "deny"]]));
+        ul.appendChild(li);
+        return;
+      }
       li.append(el("b", a.agent), " ", el("span", a.kind, "kind"), " ", visible(a.description));
       if (a.allows) {
         var grant = el("p", "approving will ", "grant");
@@ -152,6 +165,11 @@
     var qs = document.getElementById("questions"); qs.replaceChildren();
     s.questions.forEach(function (q) {
       var li = el("li"); li.dataset.id = q.id;
+      if (q.unreadable) {
+        li.className = "unreadable"; li.append("question " + q.id + " is unreadable: " + visible(q.unreadable));
+        qs.appendChild(li);
+        return;
+      }
       li.append(el("b", q.asker), ": ", el("span", q.question, "q-text"));
       var buttons = (q.options || []).map(function (o) { return [o, o]; });
       buttons.push([null, "answer"]);
@@ -161,6 +179,11 @@
     var ms = document.getElementById("messages"); ms.replaceChildren();
     s.messages.forEach(function (m) {
       var li = el("li");
+      if (m.unreadable) {
+        li.className = "unreadable"; li.append("message " + m.id + " is unreadable: " + visible(m.unreadable));
+        ms.appendChild(li);
+        return;
+      }
       li.append(el("b", m.from), " → ", el("b", m.to), " ", el("span", m.kind, "kind"), " ", el("span", m.body, "body"));
       ms.appendChild(li);
     });

@@ -13,7 +13,13 @@ from pathlib import Path
 
 from hyperhive.core.store.agents import AgentRepo, AgentRow
 from hyperhive.core.store.approvals import Apply, ApprovalRepo, ApprovalTx
-from hyperhive.core.store.common import ApplyError, StoreError, canonical_json, sha256_hex
+from hyperhive.core.store.common import (
+    ApplyError,
+    StoreError,
+    Unreadable,
+    canonical_json,
+    sha256_hex,
+)
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import (
     EGRESS_LOG_KEEP,
@@ -49,6 +55,7 @@ __all__ = [
     "StoreError",
     "TranscriptEntry",
     "Tx",
+    "Unreadable",
     "Usage",
     "canonical_json",
     "sha256_hex",

@@ -3,14 +3,20 @@ the stored payload through an ApprovalTx, inside the resolving transaction."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.agents import AgentRepo
-from hyperhive.core.store.common import ApplyError, canonical_json, sha256_hex
+from hyperhive.core.store.common import (
+    ApplyError,
+    Unreadable,
+    canonical_json,
+    load_json,
+    readable,
+    sha256_hex,
+)
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import insert_rule
 from hyperhive.core.store.messages import insert_message
@@ -32,7 +38,7 @@ def _to_approval(r: _Row) -> Approval:
         resolved_at=r[5],
         note=r[6],
         description=r[7],
-        payload=json.loads(r[8]),
+        payload=load_json(r[8], "payload"),
         payload_sha256=r[9],
     )
 
@@ -94,12 +100,14 @@ class ApprovalRepo:
             ).fetchone()
         return _to_approval(row)
 
-    def get(self, aid: int) -> Approval | None:
+    def get(self, aid: int) -> Approval | Unreadable | None:
         row = self._db.conn.execute(f"SELECT {_COLUMNS} FROM approvals WHERE id=?", (aid,))
         r = row.fetchone()
-        return None if r is None else _to_approval(r)
+        return None if r is None else readable(_to_approval, r)
 
-    def list(self, *, status: str | None = None, agent: str | None = None) -> list[Approval]:
+    def list(
+        self, *, status: str | None = None, agent: str | None = None
+    ) -> list[Approval | Unreadable]:
         """Approvals (with ``status``, of ``agent``), oldest first."""
         where, args = [], []
         if status is not None:
@@ -112,7 +120,7 @@ class ApprovalRepo:
         rows = self._db.conn.execute(
             f"SELECT {_COLUMNS} FROM approvals {clause} ORDER BY id", args
         ).fetchall()
-        return [_to_approval(r) for r in rows]
+        return [readable(_to_approval, r) for r in rows]
 
     def resolve(
         self,
@@ -120,11 +128,12 @@ class ApprovalRepo:
         decision: str,
         note: str | None,
         apply: Apply | None = None,
-    ) -> tuple[Approval, Message]:
+    ) -> tuple[Approval | Unreadable, Message]:
         """Approve or deny a pending approval, once, and tell the requester.
 
         ``apply`` runs inside the same transaction on the stored payload; if it
         raises ApplyError, its effects are undone and the approval is ``failed``.
+        An unreadable row can only be denied (nobody saw what approving would apply).
         """
         assert decision in ("approved", "denied")
         now = time.time()
@@ -138,15 +147,22 @@ class ApprovalRepo:
                 if row[4] != "pending":
                     raise Conflict(f"approval {aid} is already {row[4]}")
                 status = decision
-                if decision == "approved" and apply is not None:
-                    handle = _ApprovalTx(tx, self._agents)
-                    try:
-                        with tx.savepoint("apply"):
-                            apply(handle, _to_approval(row))
-                    except ApplyError as e:
-                        status, note = "failed", str(e)
-                    finally:
-                        handle.close()
+                if decision == "approved":
+                    approval = readable(_to_approval, row)
+                    if isinstance(approval, Unreadable):
+                        raise Conflict(
+                            f"approval {aid} is unreadable ({approval.reason}); it can only be"
+                            " denied"
+                        )
+                    if apply is not None:
+                        handle = _ApprovalTx(tx, self._agents)
+                        try:
+                            with tx.savepoint("apply"):
+                                apply(handle, approval)
+                        except ApplyError as e:
+                            status, note = "failed", str(e)
+                        finally:
+                            handle.close()
                 tx.execute(
                     "UPDATE approvals SET status=?, resolved_at=?, note=? WHERE id=?",
                     (status, now, note, aid),
@@ -158,4 +174,4 @@ class ApprovalRepo:
             if handle is not None and handle.wrote_agents:
                 self._agents.invalidate()  # committed or rolled back: reread either way
         assert row is not None
-        return _to_approval(row), msg
+        return readable(_to_approval, row), msg

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from hyperhive.wire.framing import MAX_DEPTH, depth, describe_validation_error
+
+T = TypeVar("T")
 
 
 class ApplyError(Exception):
@@ -27,8 +35,56 @@ def dump_options(options: list[str] | None) -> str | None:
     return None if options is None else json.dumps(options)
 
 
-def load_options(raw: str | None) -> list[str] | None:
+def load_options(raw: object) -> list[str] | None:
     if raw is None:
         return None
-    options: list[str] = json.loads(raw)
+    options = load_json(raw, "options")
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ValueError("options: not a list of strings")
     return options
+
+
+def load_json(raw: object, what: str) -> Any:
+    """A JSON column as the wire would have taken it: text, valid, at most MAX_DEPTH deep
+    (deeper can't be serialised again, pydantic stops at 255). Else ValueError, naming it."""
+    if not isinstance(raw, str):
+        raise ValueError(f"{what}: not JSON text but {type(raw).__name__}")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what}: invalid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{what}: nested deeper than {MAX_DEPTH} levels") from None
+    if depth(value) > MAX_DEPTH:
+        raise ValueError(f"{what}: nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A stored row that can't be turned into its model, or back into JSON (written by an
+    older version, or by hand). A listing shows it as ``{"id", "unreadable": why}`` and
+    goes on: one bad row must not take a whole view down."""
+
+    id: int | None
+    reason: str
+
+    def out(self) -> dict[str, Any]:
+        return {"id": self.id, "unreadable": self.reason}
+
+
+def why(exc: Exception) -> str:
+    """One line saying why a row could not be read."""
+    if isinstance(exc, ValidationError):
+        return describe_validation_error(exc, tagged=False)
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
+
+
+def readable(convert: Callable[[Any], T], row: Sequence[Any]) -> T | Unreadable:
+    """``convert(row)``, or the row as Unreadable if it can't be read (its id: column 0)."""
+    try:
+        return convert(row)
+    except Exception as e:  # whatever a bad row makes a converter raise
+        rid = row[0] if row and type(row[0]) is int else None
+        return Unreadable(rid, why(e))

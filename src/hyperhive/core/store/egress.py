@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TypedDict
+from typing import Any, TypedDict
 
+from hyperhive.core.store.common import Unreadable, readable
 from hyperhive.core.store.db import Database, Tx
 
 EGRESS_LOG_KEEP = 5_000  # decisions per agent (the default of [limits] history_keep)
@@ -105,7 +106,9 @@ class EgressRepo:
         """The agent is gone: drop its prune counter."""
         self._since_prune.pop(agent, None)
 
-    def entries(self, agent: str | None = None, limit: int = 100) -> list[EgressLogEntry]:
+    def entries(
+        self, agent: str | None = None, limit: int = 100
+    ) -> list[EgressLogEntry | Unreadable]:
         """The newest ``limit`` decisions (of ``agent``), newest first."""
         sql = (
             "SELECT id, agent, at, host, port, address, allowed, reason, bytes_up, bytes_down,"
@@ -113,19 +116,33 @@ class EgressRepo:
         )
         sql += (" WHERE agent=?" if agent else "") + " ORDER BY id DESC LIMIT ?"
         rows = self._db.conn.execute(sql, (agent, limit) if agent else (limit,)).fetchall()
-        return [
-            {
-                "id": r[0],
-                "agent": r[1],
-                "at": r[2],
-                "host": r[3],
-                "port": r[4],
-                "address": r[5],
-                "allowed": bool(r[6]),
-                "reason": r[7],
-                "bytes_up": r[8],
-                "bytes_down": r[9],
-                "closed_at": r[10],
-            }
-            for r in rows
-        ]
+        return [readable(_to_entry, r) for r in rows]
+
+
+_NUMBER = (int, float)
+# Each column's JSON types: a row that holds anything else (a blob, a string where a count
+# goes) is unreadable, not an error in the middle of a listing.
+_ENTRY_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("id", (int,)), ("agent", (str,)), ("at", _NUMBER), ("host", (str,)), ("port", (int,)),
+    ("address", (str, type(None))), ("allowed", (int,)), ("reason", (str,)),
+    ("bytes_up", (int,)), ("bytes_down", (int,)), ("closed_at", (*_NUMBER, type(None))),
+)  # fmt: skip
+
+
+def _to_entry(r: Any) -> EgressLogEntry:
+    for (name, types), value in zip(_ENTRY_TYPES, r, strict=True):
+        if type(value) not in types:
+            raise ValueError(f"{name}: {type(value).__name__} where {types[0].__name__} goes")
+    return {
+        "id": r[0],
+        "agent": r[1],
+        "at": r[2],
+        "host": r[3],
+        "port": r[4],
+        "address": r[5],
+        "allowed": bool(r[6]),
+        "reason": r[7],
+        "bytes_up": r[8],
+        "bytes_down": r[9],
+        "closed_at": r[10],
+    }

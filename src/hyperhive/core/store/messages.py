@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 
 from hyperhive.core.refusals import NotFound
-from hyperhive.core.store.common import load_options
+from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.usage import make_room
 from hyperhive.wire.common import Message
@@ -26,6 +26,25 @@ def to_message(r: _Row, with_to: bool = False) -> Message:
         ref=r[5],
         options=load_options(r[6]),
         to=r[7] if with_to else None,
+    )
+
+
+def _with_to(r: _Row) -> Message:
+    return to_message(r, with_to=True)
+
+
+def _for_recipient(r: _Row) -> Message:
+    """An unacked message as its recipient gets it; an unreadable one as a note from the
+    hive naming it (it still takes its place in the inbox and is acked like any other)."""
+    msg = readable(to_message, r)
+    if not isinstance(msg, Unreadable):
+        return msg
+    return Message(
+        id=r[0],
+        from_="hive",
+        kind="message",
+        body=f"[message {r[0]} is unreadable: {msg.reason}]",
+        sent_at=r[4] if type(r[4]) in (int, float) else 0.0,
     )
 
 
@@ -88,7 +107,7 @@ class MessageRepo:
             " ORDER BY id LIMIT ?",
             (recipient, limit + len(skip)),
         ).fetchall()
-        return [to_message(r) for r in rows if r[0] not in skip][:limit]
+        return [_for_recipient(r) for r in rows if r[0] not in skip][:limit]
 
     def ack(self, recipient: str, ids: list[int]) -> int:
         """Ack ``ids``, all of which must be messages to ``recipient``; how many were new."""
@@ -113,18 +132,18 @@ class MessageRepo:
             tx.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
         return len(fresh)
 
-    def recent(self, limit: int) -> list[Message]:
+    def recent(self, limit: int) -> list[Message | Unreadable]:
         """The newest ``limit`` messages of the hive, oldest first."""
         rows = self._db.conn.execute(
             f"SELECT {_COLUMNS} FROM (SELECT * FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
             (limit,),
         ).fetchall()
-        return [to_message(r, with_to=True) for r in rows]
+        return [readable(_with_to, r) for r in rows]
 
-    def inbox(self, recipient: str, after: int, limit: int) -> list[Message]:
+    def inbox(self, recipient: str, after: int, limit: int) -> list[Message | Unreadable]:
         """Messages to ``recipient`` after id ``after``, acked or not."""
         rows = self._db.conn.execute(
             f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
             (recipient, after, limit),
         ).fetchall()
-        return [to_message(r, with_to=True) for r in rows]
+        return [readable(_with_to, r) for r in rows]

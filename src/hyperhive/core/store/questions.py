@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from hyperhive.core.refusals import Conflict, NotFound
-from hyperhive.core.store.common import dump_options, load_options
+from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
 from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
 from hyperhive.wire.common import Message, Question
@@ -51,12 +51,12 @@ class QuestionRepo:
         )
         return q, delivered
 
-    def get(self, qid: int) -> Question | None:
+    def get(self, qid: int) -> Question | Unreadable | None:
         row = self._db.conn.execute(f"SELECT {_COLUMNS} FROM questions WHERE id=?", (qid,))
         r = row.fetchone()
-        return None if r is None else _to_question(r)
+        return None if r is None else readable(_to_question, r)
 
-    def answer(self, qid: int, target: str, answer: str) -> tuple[Question, Message]:
+    def answer(self, qid: int, target: str, answer: str) -> tuple[Question | Unreadable, Message]:
         """Answer question ``qid`` addressed to ``target``; deliver the answer to the asker."""
         now = time.time()
         select = f"SELECT {_COLUMNS} FROM questions WHERE id=?"
@@ -75,9 +75,11 @@ class QuestionRepo:
             msg = insert_message(tx, row[1], target, "answer", answer, qid)
             row = tx.execute(select, (qid,)).fetchone()
         assert row is not None
-        return _to_question(row), msg
+        return readable(_to_question, row), msg
 
-    def open(self, *, target: str | None = None, asker: str | None = None) -> list[Question]:
+    def open(
+        self, *, target: str | None = None, asker: str | None = None
+    ) -> list[Question | Unreadable]:
         """Unanswered, uncancelled questions (to ``target``, from ``asker``), oldest first."""
         where, args = ["answer IS NULL", "cancelled=0"], []
         if target is not None:
@@ -89,4 +91,4 @@ class QuestionRepo:
         rows = self._db.conn.execute(
             f"SELECT {_COLUMNS} FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
         ).fetchall()
-        return [_to_question(r) for r in rows]
+        return [readable(_to_question, r) for r in rows]

@@ -8,6 +8,11 @@ from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
 from hyperhive.wire.common import Message
 
+# One delivery transaction's bounds: a mass of reminders falling due at once is delivered
+# in batches like this, the event loop serving other requests between them.
+DELIVER_ROWS = 100
+DELIVER_CHARS = 1 << 20  # of reminder text
+
 
 class ReminderRepo:
     def __init__(self, db: Database) -> None:
@@ -28,14 +33,25 @@ class ReminderRepo:
         due: float | None = row[0]
         return due
 
-    def deliver_due(self, now: float) -> list[Message]:
-        """Turn every due reminder into a ``reminder`` message, in one transaction."""
+    def deliver_due(
+        self, now: float, max_rows: int = DELIVER_ROWS, max_chars: int = DELIVER_CHARS
+    ) -> list[Message]:
+        """Turn the earliest reminders due by ``now`` into ``reminder`` messages, in one
+        transaction: at most ``max_rows`` of them, and no more once ``max_chars`` of text
+        is reached (always at least one). The caller asks again until it gets none back."""
         with self._db.tx() as tx:
-            due = tx.execute(
+            cur = tx.execute(
                 "SELECT id, agent, text FROM reminders WHERE delivered_at IS NULL AND due_at<=?"
                 " ORDER BY due_at, id",
                 (now,),
-            ).fetchall()
+            )
+            due, chars = [], 0
+            for row in cur:  # read lazily: a batch never holds more than its bounds
+                due.append(row)
+                chars += len(row[2])
+                if len(due) >= max_rows or chars >= max_chars:
+                    break
+            cur.close()
             out = []
             for rid, agent, text in due:
                 out.append(insert_message(tx, agent, "hive", "reminder", text, rid))

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import time
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from hyperhive.core.refusals import NotFound
-from hyperhive.core.store.common import canonical_json
+from hyperhive.core.store.common import Unreadable, canonical_json, load_json, readable
 from hyperhive.core.store.db import Database
 
 TRANSCRIPT_KEEP = 20_000  # entries per agent
@@ -21,6 +20,12 @@ class TranscriptEntry(TypedDict):
     kind: str
     data: object  # the harness's JSON, parsed
     at: float
+
+
+def _to_entry(r: Any) -> TranscriptEntry:
+    if type(r[1]) is not int or type(r[2]) is not str or type(r[4]) not in (int, float):
+        raise ValueError("turn, kind or time of the wrong type")
+    return {"id": r[0], "turn": r[1], "kind": r[2], "data": load_json(r[3], "data"), "at": r[4]}
 
 
 class TranscriptRepo:
@@ -64,14 +69,13 @@ class TranscriptRepo:
             )
         return {"id": int(cur.lastrowid or 0), "turn": turn, "kind": "exit", "data": end, "at": now}
 
-    def entries(self, agent: str, after: int = 0, limit: int = 500) -> list[TranscriptEntry]:
+    def entries(
+        self, agent: str, after: int = 0, limit: int = 500
+    ) -> list[TranscriptEntry | Unreadable]:
         """The newest ``limit`` entries after id ``after``, oldest first."""
         rows = self._db.conn.execute(
             "SELECT id, turn, kind, data, at FROM (SELECT * FROM transcript WHERE agent=? AND id>?"
             " ORDER BY id DESC LIMIT ?) ORDER BY id",
             (agent, after, limit),
         ).fetchall()
-        return [
-            {"id": r[0], "turn": r[1], "kind": r[2], "data": json.loads(r[3]), "at": r[4]}
-            for r in rows
-        ]
+        return [readable(_to_entry, r) for r in rows]

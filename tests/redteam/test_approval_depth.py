@@ -1,4 +1,4 @@
-"""FOUND: one ``request_approval`` from a cage, of kind ``custom`` with a payload nested
+"""Found by the red team of issue 12, fixed by the nesting limit (issue 13 item 1): one ``request_approval`` from a cage, of kind ``custom`` with a payload nested
 300 deep (``[[[…]]]``: 600 bytes, far below every size limit), is answered
 ``internal error; see the hive-core log`` and yet STORED as a pending approval. From
 then on every operator surface that lists pending approvals fails: host.sock
