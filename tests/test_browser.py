@@ -314,7 +314,9 @@ NO_MARKUP = """() => {
 def assert_no_markup(page: Page, script: str) -> None:
     found = page.evaluate(NO_MARKUP)
     assert found["bad"] == [], f"agent markup became elements: {found['bad']}"
-    assert found["scripts"] == [script], found["scripts"]
+    # Our two scripts only: the shared escaping (display.js, beside it) and the page's own.
+    shared = script.rsplit("/", 1)[0] + "/display.js"
+    assert found["scripts"] == [shared, script], found["scripts"]
 
 
 def texts(locator: Any) -> list[str]:

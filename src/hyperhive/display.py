@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
+JS = Path(__file__).with_name("display.js")  # the same rules, for the pages' scripts
 _BIDI = "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
 _SEPARATORS = "\u2028\u2029"
 _SURROGATES = "\ud800-\udfff"

@@ -105,7 +105,9 @@ class Watch:
         assert self.posts == [], f"the page sent requests by itself: {self.posts}"
         found = self.page.evaluate(NO_MARKUP)
         assert found["bad"] == [], f"agent markup became elements: {found['bad']}"
-        assert found["scripts"] == [script], found["scripts"]
+        # Our two scripts only: the shared escaping (display.js, beside it) and the page's own.
+        shared = script.rsplit("/", 1)[0] + "/display.js"
+        assert found["scripts"] == [shared, script], found["scripts"]
         return found
 
 

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from hyperhive import unixsock
+from hyperhive.display import JS as DISPLAY_JS
 from hyperhive.display import dumps, visible_value
 
 CSP = (
@@ -122,6 +123,8 @@ class PageHandler(BaseHTTPRequestHandler):
             elif url.path == "/events":
                 after = int(parse_qs(url.query).get("after", ["0"])[0] or 0)
                 self.events(after)
+            elif url.path == "/static/display.js":
+                self.send_body(200, "text/javascript; charset=utf-8", DISPLAY_JS.read_bytes())
             elif url.path == "/static/agent.js":
                 self.send_body(
                     200,

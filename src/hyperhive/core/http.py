@@ -22,6 +22,7 @@ from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
+    FileResponse,
     HTMLResponse,
     JSONResponse,
     PlainTextResponse,
@@ -197,6 +198,10 @@ def back_to(referer: str | None) -> str:
     return "/"
 
 
+async def display_js() -> Response:
+    return FileResponse(display.JS, media_type="text/javascript; charset=utf-8")
+
+
 def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     # The schema is served below, behind the session like everything else.
     app = FastAPI(
@@ -212,6 +217,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     templates.env.filters["visible_json"] = visible_json_text
     templates.env.filters["clock"] = clock
     templates.env.globals["destination"] = destination
+    # The browser's escaping, one file shared with the agent pages (before the mount,
+    # which would answer 404 for it).
+    app.add_api_route("/static/display.js", display_js, include_in_schema=False)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     def session_of(request: Request) -> Session | None:
