@@ -16,7 +16,8 @@ from typing import Any
 from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(ROOT / "src"))
-from hyperhive.client import Client, priv_call  # noqa: E402
+from hyperhive.client import Client, priv_call
+from hyperhive.wire.priv import CageStatus
 
 HIVE = str(Path(sys.executable).parent / "hive")
 REPLY_AT_ONCE = (
@@ -112,7 +113,7 @@ def bench_cage_start(ctx: Context) -> list[Row]:
             hive.call("stop", scope={"agent_names": ["solo"]})
             samples.append(_until_running(hive, "solo"))
         time.sleep(2)  # idle
-        status = priv_call(str(hive.run_dir / "priv.sock"), {"cmd": "status", "names": ["solo"]})
+        status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=["solo"]))
         mem = status["cages"]["solo"].get("memory_bytes", 0) / 2**20
     finally:
         hive.stop()
@@ -155,7 +156,7 @@ def bench_density(ctx: Context) -> list[Row]:
         time.sleep(3)
         for name in ("d0", "d1"):  # the bench reads their inboxes itself: keep their harnesses out
             hive.call("set_paused", name=name, paused=True)
-        status = priv_call(str(hive.run_dir / "priv.sock"), {"cmd": "status"})
+        status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus())
         cage_mem = sum(c.get("memory_bytes", 0) for c in status["cages"].values()) / 2**20
         lat = _latency_between(hive, "d0", "d1", ctx.n(1000, 50))
         gateway_rows = _gateway(hive, ctx)

@@ -24,9 +24,10 @@ from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-no
 
 from hyperhive.cage import layout
 from hyperhive.client import priv_call
+from hyperhive.wire.priv import CageStatus
 
 sys.path.insert(0, str(ROOT / "tests"))
-from testnet import TestNet  # noqa: E402
+from testnet import TestNet
 
 SERVER_ADDRESS = "198.18.43.2"
 
@@ -64,7 +65,7 @@ def _curl_mb_s(argv_prefix: list[str], url: str, mib: int, *curl_args: str) -> f
 
 def _in_cage_host_net(hive: Hive, name: str) -> list[str]:
     """argv prefix: like `hive exec NAME --` (see priv/cages.py exec_argv), minus --net."""
-    cage = priv_call(str(hive.run_dir / "priv.sock"), {"cmd": "status", "names": [name]})["cages"][name]
+    cage = priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=[name]))["cages"][name]
     return [
         "nsenter", "--target", str(cage["pid"]), "--mount", "--uts", "--ipc", "--pid", "--root",
         f"--wdns={layout.HOME}", "/usr/bin/setpriv", "--reuid", str(cage["uid"]), "--regid", str(cage["gid"]),
@@ -86,7 +87,7 @@ def bench_egress(ctx: Context) -> list[Row]:
             direct_from_cage = _in_cage_host_net(hive, "net")
             who = subprocess.run([*direct_from_cage, "sh", "-c", "id -u; hostname"], capture_output=True,
                                  text=True, timeout=60).stdout.split()
-            if who != [str(priv_call(str(hive.run_dir / "priv.sock"), {"cmd": "status", "names": ["net"]})
+            if who != [str(priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=["net"]))
                            ["cages"]["net"]["uid"]), "net"]:
                 raise RuntimeError(f"the direct client is not in the cage: {who}")
             url = f"http://{SERVER_ADDRESS}"
