@@ -37,7 +37,7 @@ from fake_anthropic import FakeAnthropic
 from helpers import CoreProcess, assert_ok
 from hive_fixture import VENV_BIN, HiveProcess, running_hive, wait_until
 from hyperhive.cage import layout
-from hyperhive.cage.runtimes import ClaudeRuntime
+from hyperhive.cage.runtimes import SYSTEM_PROMPT, ClaudeRuntime
 
 MODEL = "claude-sonnet-4-5"
 HIVE_TOOLS = {
@@ -118,7 +118,12 @@ def test_argv_is_print_mode_stream_json_with_the_hive_mcp_server() -> None:
     rt = ClaudeRuntime("alice", {"runtime": "claude", "model": MODEL, "peers": []})
     argv = rt.argv(message(7, "hello"))
     assert argv[:2] == ["claude", "-p"]
-    assert "hive message 7" in argv[2] and argv[2].endswith("hello")
+    # The prompt is on stdin, never in argv (one argv string is limited to 128 KiB).
+    assert not any("hello" in a for a in argv)
+    assert json.loads(rt.stdin(message(7, "hello"))) == {
+        "hive_item": {"id": 7, "kind": "message", "from": "operator"}, "body": "hello",
+    }
+    assert argv[argv.index("--append-system-prompt") + 1] == SYSTEM_PROMPT
     i = argv.index("--output-format")
     assert argv[i + 1] == "stream-json" and "--verbose" in argv
     config = json.loads(argv[argv.index("--mcp-config") + 1])
@@ -128,7 +133,7 @@ def test_argv_is_print_mode_stream_json_with_the_hive_mcp_server() -> None:
     assert "--resume" not in argv
     rt.session_id = "abc"
     assert argv_resume(rt.argv(message(8, "again"))) == "abc"
-    assert rt.stdin(message(8, "again")) == b""
+    assert json.loads(rt.stdin(message(8, "again")))["body"] == "again"
     assert ClaudeRuntime("x", {"runtime": "claude", "command": ["/home/agent/cc"]}).argv(message(1, "x"))[0] == (
         "/home/agent/cc"
     )
@@ -281,8 +286,9 @@ STANDIN_SCRIPT = textwrap.dedent("""\
     import json, os, subprocess, sys, uuid
 
     argv = sys.argv[1:]
+    prompt = sys.stdin.read()
     with open(os.path.expanduser("~/standin-argv.jsonl"), "a") as f:
-        f.write(json.dumps(argv) + "\\n")
+        f.write(json.dumps({"argv": argv, "stdin": prompt}) + "\\n")
 
     def opt(name):
         return argv[argv.index(name) + 1] if name in argv else None
@@ -295,7 +301,7 @@ STANDIN_SCRIPT = textwrap.dedent("""\
     emit({"type": "system", "subtype": "init", "session_id": session, "model": opt("--model") or "default",
           "cwd": os.getcwd(), "tools": ["mcp__hive__set_status"], "apiKeySource": "none",
           "mcp_servers": [{"name": "hive", "status": "connected"}]})
-    turn = opt("-p").split("hive message ")[1].split(")")[0]
+    turn = str(json.loads(prompt)["hive_item"]["id"])
     text = "standin turn for hive message " + turn
     emit({"type": "assistant", "session_id": session, "message": {"role": "assistant", "content": [
         {"type": "text", "text": "Setting my status."},
@@ -409,10 +415,14 @@ def test_standin_two_turns_resume_the_session(claude_hive: HiveProcess) -> None:
         sessions.append(init["session_id"])
     assert sessions[0] == sessions[1]
 
-    argvs = [json.loads(line) for line in (claude_hive.home(STANDIN) / ARGV_LOG).read_text().splitlines()]
+    logged = [json.loads(line) for line in (claude_hive.home(STANDIN) / ARGV_LOG).read_text().splitlines()]
+    argvs = [entry["argv"] for entry in logged]
     assert len(argvs) == 2
-    for argv, mid in zip(argvs, (first, second), strict=True):
-        assert argv[0] == "-p" and f"hive message {mid}" in argv[1]
+    for entry, mid in zip(logged, (first, second), strict=True):
+        argv = entry["argv"]
+        # The harness gave the framed prompt on stdin (see ClaudeRuntime.prompt).
+        assert argv[0] == "-p" and json.loads(entry["stdin"])["hive_item"]["id"] == mid
+        assert argv[argv.index("--append-system-prompt") + 1] == SYSTEM_PROMPT
         assert argv[argv.index("--output-format") + 1] == "stream-json" and "--verbose" in argv
         assert json.loads(argv[argv.index("--mcp-config") + 1]) == {
             "mcpServers": {"hive": {"command": "/opt/hive/bin/hive", "args": ["mcp"]}}
