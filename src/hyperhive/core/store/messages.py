@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
+from hyperhive.core.store.summary import cut_json_sql, cut_sql, is_cut, options_prefix
 from hyperhive.core.store.usage import make_room
 from hyperhive.wire.common import Message
 
@@ -26,6 +27,36 @@ def to_message(r: _Row, with_to: bool = False) -> Message:
         ref=r[5],
         options=load_options(r[6]),
         to=r[7] if with_to else None,
+    )
+
+
+# A listing's columns: the body and options cut in SQL, with the full lengths.
+_SUMMARY = (
+    f"id, sender, kind, {cut_sql('body')}, sent_at, ref, {cut_json_sql('options')}, recipient"
+)
+
+
+def _to_summary(r: tuple[object, ...]) -> Message:
+    truncated = {f: n for f, n in (("body", r[4]), ("options", r[8])) if is_cut(n)}
+    options = r[7]
+    if "options" in truncated:
+        if not isinstance(options, str):
+            raise ValueError("options: not JSON text")
+        shown: list[str] | None = options_prefix(
+            options
+        )  # only the options complete within the cut
+    else:
+        shown = load_options(options)
+    return Message(
+        id=r[0],
+        from_=r[1],
+        kind=r[2],
+        body=r[3],
+        sent_at=r[5],
+        ref=r[6],
+        options=shown,
+        to=r[9],
+        truncated=truncated or None,
     )
 
 
@@ -139,6 +170,20 @@ class MessageRepo:
             (limit,),
         ).fetchall()
         return [readable(_with_to, r) for r in rows]
+
+    def recent_summaries(self, limit: int) -> list[Message | Unreadable]:
+        """The newest ``limit`` messages of the hive, oldest first, as summaries."""
+        rows = self._db.conn.execute(
+            f"SELECT {_SUMMARY} FROM messages"
+            " WHERE id IN (SELECT id FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (limit,),
+        ).fetchall()
+        return [readable(_to_summary, r) for r in rows]
+
+    def get(self, mid: int) -> Message | Unreadable | None:
+        """One message, whole (with its recipient)."""
+        r = self._db.conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (mid,)).fetchone()
+        return None if r is None else readable(_with_to, r)
 
     def inbox(self, recipient: str, after: int, limit: int) -> list[Message | Unreadable]:
         """Messages to ``recipient`` after id ``after``, acked or not."""
