@@ -386,6 +386,17 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             cache["key"], cache["body"] = key, display.dumps(state()).encode()
         return Response(cache["body"], media_type="application/json")
 
+    def with_rule_rows(event: dict[str, Any]) -> dict[str, Any]:
+        """A change of an agent's egress rules, with the rules as /api/state lists them
+        (source, added_at), so the dashboard can redraw them without refetching."""
+        if event.get("kind") != "egress" or "rules" not in event:
+            return event
+        try:
+            rows = hive.egress_rules(OPERATOR, str(event.get("agent"))).get(event["agent"], [])
+        except Refused:  # the agent is gone: it has no rules
+            rows = []
+        return {**event, "rows": rows}
+
     @app.get("/api/dashboard/stream", include_in_schema=False)
     async def stream(session: Annotated[Session, Depends(require_session)]) -> Response:
         async def events() -> AsyncIterator[bytes]:
@@ -404,7 +415,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                     if event is None:
                         return
                     # The changed row itself, summarised as /api/state shows it.
-                    data = display.dumps(summarise_event(event))
+                    data = display.dumps(summarise_event(with_rule_rows(event)))
                     yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
