@@ -37,7 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyperhive import display
 from hyperhive.core.actors import OPERATOR
-from hyperhive.core.approvals import shown
+from hyperhive.core.approvals import allows_of, shown
 from hyperhive.core.hive import Hive
 from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.listing import rows_out
@@ -386,9 +386,14 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             cache["key"], cache["body"] = key, display.dumps(state()).encode()
         return Response(cache["body"], media_type="application/json")
 
-    def with_rule_rows(event: dict[str, Any]) -> dict[str, Any]:
-        """A change of an agent's egress rules, with the rules as /api/state lists them
-        (source, added_at), so the dashboard can redraw them without refetching."""
+    def as_listed(event: dict[str, Any]) -> dict[str, Any]:
+        """An event with what /api/state adds to its row, so the dashboard can redraw it
+        without reading the state again: an approval's ``allows``; a change of an agent's
+        egress rules, with the rules as /api/state lists them (source, added_at)."""
+        approval = event.get("approval")
+        if isinstance(approval, dict) and "unreadable" not in approval:
+            rule = allows_of(approval.get("kind"), approval.get("payload"))
+            return event if rule is None else {**event, "approval": {**approval, "allows": rule}}
         if event.get("kind") != "egress" or "rules" not in event:
             return event
         try:
@@ -415,7 +420,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                     if event is None:
                         return
                     # The changed row itself, summarised as /api/state shows it.
-                    data = display.dumps(summarise_event(with_rule_rows(event)))
+                    data = display.dumps(summarise_event(as_listed(event)))
                     yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
