@@ -225,7 +225,8 @@
       }
       var cutPayload = a.truncated && a.truncated.payload;
       // A cut payload is the first characters of its canonical JSON, as text.
-      li.appendChild(el("pre", cutPayload ? visible(a.payload) : visibleJson(a.payload), "payload"));
+      var payload = a.payload === undefined ? null : a.payload;  // a null payload is left out
+      li.appendChild(el("pre", cutPayload ? visible(payload) : visibleJson(payload), "payload"));
       if (cutPayload) {
         var p = el("p", "the payload is cut: see it whole before approving", "payload-cut");
         cutNote(p, a, "payload", "approvals");
