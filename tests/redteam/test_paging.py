@@ -35,7 +35,7 @@ AGENTS: dict[str, dict[str, Any]] = {
 MAX_TEXT = 256 * 1024  # wire.common.Text: the most characters a question or description holds
 QUESTIONS, APPROVALS = 110, 55  # more than a page (50) of each, within 64 MiB per agent
 MIB = 1 << 20
-CUT = 2048  # characters of agent text a listing shows (core.store.summary.CUT)
+CUT = 2048  # characters of agent text a listing shows (core.summary.CUT)
 EVENT_MAX = 64 * 1024  # a generous bound on one summarised event
 
 

@@ -35,7 +35,7 @@ from hyperhive.core.store import (
     TranscriptEntry,
     Unreadable,
 )
-from hyperhive.core.store.summary import PAGE, Page
+from hyperhive.core.summary import PAGE, Page
 from hyperhive.names import OPERATOR
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
@@ -330,7 +330,7 @@ class Hive:
 
     def recent_messages(self, actor: Operator, limit: int) -> list[Message | Unreadable]:
         """The newest messages between anyone, oldest first, as summaries (the dashboard's
-        feed: bodies cut, see core/store/summary.py)."""
+        feed: bodies cut, see core/summary.py)."""
         return self.store.messages.recent_summaries(limit)
 
     def message(self, actor: Operator, mid: int) -> Message | Unreadable:

@@ -44,7 +44,7 @@ from hyperhive.core.listing import rows_out
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
-from hyperhive.core.store.summary import PAGE, PAGE_MAX, summarise_event
+from hyperhive.core.summary import PAGE, PAGE_MAX, summarise_event
 from hyperhive.display import visible_json_text, visible_value
 from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener

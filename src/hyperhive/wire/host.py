@@ -52,7 +52,7 @@ class SetPaused(Strict):
 # Paging of a listing: rows with an id above ``after``, oldest first, at most ``limit``
 # (the reply's ``more`` says whether any come after; ``total`` counts them all).
 After = Annotated[int, Field(ge=0, lt=2**63)]
-Limit = Annotated[int, Field(ge=1, le=200)]  # hyperhive.core.store.summary.PAGE_MAX
+Limit = Annotated[int, Field(ge=1, le=200)]  # hyperhive.core.summary.PAGE_MAX
 Id = Annotated[int, Field(ge=1, lt=2**63)]
 
 

@@ -20,7 +20,7 @@ from hyperhive.core.store.common import (
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import insert_rule
 from hyperhive.core.store.messages import insert_message
-from hyperhive.core.store.summary import Page, cut_json_sql, cut_sql, is_cut
+from hyperhive.core.summary import Page, cut_json_sql, cut_sql, is_cut
 from hyperhive.wire.common import AgentSpec, Approval, Message
 
 _COLUMNS = (

@@ -9,8 +9,8 @@ from collections.abc import Iterable
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
-from hyperhive.core.store.summary import cut_json_sql, cut_sql, is_cut, options_prefix
 from hyperhive.core.store.usage import make_room
+from hyperhive.core.summary import cut_json_sql, cut_sql, is_cut, options_prefix
 from hyperhive.wire.common import Message
 
 _COLUMNS = "id, sender, kind, body, sent_at, ref, options, recipient"

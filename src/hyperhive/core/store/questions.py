@@ -8,7 +8,7 @@ from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
 from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
-from hyperhive.core.store.summary import Page, cut_json_sql, cut_sql, is_cut, options_prefix
+from hyperhive.core.summary import Page, cut_json_sql, cut_sql, is_cut, options_prefix
 from hyperhive.wire.common import Message, Question
 
 _COLUMNS = "id, asker, target, question, options, asked_at, answer, answered_at, cancelled"
