@@ -35,7 +35,7 @@ AGENTS: dict[str, dict[str, Any]] = {
 MAX_TEXT = 256 * 1024  # wire.common.Text: the most characters a question or description holds
 QUESTIONS, APPROVALS = 110, 55  # more than a page (50) of each, within 64 MiB per agent
 MIB = 1 << 20
-CUT = 2048  # characters of agent text a listing shows (core.summary.CUT)
+CUT = 2048  # bytes of agent text a listing shows (core.summary.CUT)
 EVENT_MAX = 64 * 1024  # a generous bound on one summarised event
 
 
@@ -263,3 +263,23 @@ def test_stream_sends_summarised_rows(hive: HiveProcess, flooded: dict[str, Any]
     assert q["question"] == question_text(0)[:CUT] and q["truncated"]["question"] == MAX_TEXT
     a = stream.seen("approval")[0]["approval"]
     assert a["status"] == "pending" and a["truncated"]["payload"] > CUT
+
+
+@pytest.mark.attack("surface.unpaged-listing", ref="issue 13 item 4")
+def test_the_cut_keeps_nul_and_whole_characters(hive: HiveProcess, flooded: dict[str, Any]) -> None:
+    """SQLite 3.40's substr and length stop at a NUL: an agent must not hide the rest of its
+    text (or the marker that it was cut) behind one. Cut at a character boundary."""
+    text = "before\x00after " + "\u00e9" * 3000  # 2-byte characters across the cut
+    qid = ok(hive.agent_call(ASKER, "ask", to="operator", question=text))["id"]
+    short = ok(hive.agent_call(ASKER, "ask", to="operator", question="a\x00b"))["id"]
+    try:
+        page = ok(hive.host_call("questions", after=qid - 1, limit=2))["questions"]
+        assert [q["id"] for q in page] == [qid, short]
+        cut = page[0]
+        assert cut["truncated"] == {"question": len(text.encode())}
+        assert text.startswith(cut["question"]) and len(cut["question"].encode()) in (CUT - 1, CUT)
+        assert page[1]["question"] == "a\x00b" and "truncated" not in page[1]
+        assert ok(hive.host_call("show_question", id=qid))["question"]["question"] == text
+    finally:
+        for q in (qid, short):
+            ok(hive.host_call("answer_question", id=q, answer="no"))

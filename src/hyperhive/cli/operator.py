@@ -74,7 +74,7 @@ def cut_note(row: dict[str, Any], field: str, what: str) -> str:
     full = (row.get("truncated") or {}).get(field)
     if full is None:
         return ""
-    return f" … [cut: {full} characters in all; hive show {what} {row['id']}]"
+    return f" … [cut: {full} bytes in all; hive show {what} {row['id']}]"
 
 
 def cut(row: dict[str, Any], field: str, what: str) -> str:

@@ -1,6 +1,7 @@
-"""Listings as summaries: agent-written text cut at ``CUT`` characters, in SQL (``substr``),
-so a listing never loads a whole body into the core. A cut row carries
-``truncated: {field: full length in characters}``; the one-item reads give it whole.
+"""Listings as summaries: agent-written text cut at ``CUT`` bytes of UTF-8 (at a character
+boundary), in SQL (``substr`` of the text as a blob: SQLite 3.40's text functions stop at a
+NUL), so a listing never loads a whole body into the core. A cut row carries
+``truncated: {field: full length in bytes}``; the one-item reads give it whole.
 
 ``options`` (a JSON list of strings) is cut as text too; only the options complete within
 the cut are kept (a cut option would be a different answer)."""
@@ -13,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-CUT = 2048  # characters of each agent-written field a listing shows
+CUT = 2048  # bytes (UTF-8) of each agent-written field a listing shows, at most
 PAGE = 50  # rows per page, unless the caller asks for fewer or more
 PAGE_MAX = 200  # the most rows one page may hold
 
@@ -29,20 +30,37 @@ class Page(Generic[T]):
 
 
 def cut_sql(column: str) -> str:
-    """The column's first CUT characters and its full length (two result columns)."""
-    return f"substr({column}, 1, {CUT}), length({column})"
-
-
-def cut_json_sql(column: str) -> str:
-    """A JSON column: whole if it is short, else its first CUT characters; and its length."""
+    """Two result columns: the column as stored if it is short or not text, else its first
+    CUT bytes (a blob); and its length in bytes if it is text (else NULL)."""
+    size = f"length(CAST({column} AS BLOB))"
     return (
-        f"CASE WHEN length({column}) <= {CUT} THEN {column} ELSE substr({column}, 1, {CUT}) END,"
-        f" length({column})"
+        f"CASE WHEN typeof({column}) = 'text' AND {size} > {CUT}"
+        f" THEN substr(CAST({column} AS BLOB), 1, {CUT}) ELSE {column} END,"
+        f" CASE WHEN typeof({column}) = 'text' THEN {size} END"
     )
 
 
 def is_cut(full: object) -> bool:
     return type(full) is int and full > CUT
+
+
+def decoded_prefix(raw: bytes) -> str:
+    """The first bytes of a UTF-8 text, without a character the cut split."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError as e:
+        if e.reason == "unexpected end of data" and e.start >= len(raw) - 3:
+            return raw[: e.start].decode()
+        raise ValueError(f"not UTF-8 text ({e.reason})") from None
+
+
+def shown(value: object, full: object) -> object:
+    """A column of ``cut_sql`` as a listing shows it: a cut text decoded, else as stored."""
+    if not is_cut(full):
+        return value
+    if not isinstance(value, bytes):
+        raise ValueError("a cut text that is not bytes")
+    return decoded_prefix(value)
 
 
 def options_prefix(text: str) -> list[str]:
@@ -64,10 +82,11 @@ def options_prefix(text: str) -> list[str]:
 
 
 def cut_text(text: str) -> tuple[str, int | None]:
-    """A string as a summary shows it: (its first CUT characters, its full length if cut)."""
-    if len(text) <= CUT:
+    """A string as a summary shows it: (its first CUT bytes, its full length if cut)."""
+    raw = text.encode("utf-8", "surrogatepass")
+    if len(raw) <= CUT:
         return text, None
-    return text[:CUT], len(text)
+    return decoded_prefix(raw[:CUT]), len(raw)
 
 
 def summarise_row(row: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
@@ -83,15 +102,16 @@ def summarise_row(row: dict[str, Any], fields: tuple[str, ...]) -> dict[str, Any
                 truncated[field] = full
     options = out.get("options")
     if isinstance(options, list):
-        text = json.dumps(options)
-        if len(text) > CUT:
-            out["options"] = options_prefix(text[:CUT])
-            truncated["options"] = len(text)
+        prefix, full = cut_text(json.dumps(options))
+        if full is not None:
+            out["options"] = options_prefix(prefix)
+            truncated["options"] = full
     if "payload" in out and "payload_sha256" in out:
         text = json.dumps(out["payload"], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        if len(text) > CUT:
-            out["payload"] = text[:CUT]  # the canonical JSON's first characters, as text
-            truncated["payload"] = len(text)
+        prefix, full = cut_text(text)
+        if full is not None:
+            out["payload"] = prefix  # the canonical JSON's first bytes, as text
+            truncated["payload"] = full
     if truncated:
         out["truncated"] = truncated
     return out

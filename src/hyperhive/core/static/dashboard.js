@@ -166,7 +166,7 @@
   function cutNote(parent, row, field, kind) {
     var full = row.truncated && row.truncated[field];
     if (!full) return;
-    parent.append(" ", el("span", "… [cut: " + full + " characters in all]", "cut"));
+    parent.append(" ", el("span", "… [cut: " + full + " bytes in all]", "cut"));
     var b = el("button", "show all", "show-all"); b.type = "button";
     b.dataset.kind = kind; b.dataset.id = row.id;
     parent.append(" ", b);

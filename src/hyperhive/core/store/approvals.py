@@ -20,7 +20,7 @@ from hyperhive.core.store.common import (
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import insert_rule
 from hyperhive.core.store.messages import insert_message
-from hyperhive.core.summary import Page, cut_json_sql, cut_sql, is_cut
+from hyperhive.core.summary import Page, cut_sql, is_cut, shown
 from hyperhive.wire.common import AgentSpec, Approval, Message
 
 _COLUMNS = (
@@ -47,18 +47,16 @@ def _to_approval(r: _Row) -> Approval:
 # A listing's columns: the agent's text cut in SQL, with the full lengths.
 _SUMMARY = (
     "id, agent, kind, requested_at, status, resolved_at, note,"
-    f" {cut_sql('description')}, {cut_json_sql('payload')}, payload_sha256"
+    f" {cut_sql('description')}, {cut_sql('payload')}, payload_sha256"
 )
 
 
 def _to_summary(r: tuple[Any, ...]) -> Approval:
     truncated = {f: n for f, n in (("description", r[8]), ("payload", r[10])) if is_cut(n)}
-    payload = r[9]
-    if "payload" not in truncated:
-        payload = load_json(payload, "payload")
-    elif not isinstance(payload, str):
-        raise ValueError(f"payload: not JSON text but {type(payload).__name__}")
-    # else: the first characters of the canonical JSON, as text (``truncated`` says so)
+    if "payload" in truncated:  # the first bytes of the canonical JSON, as text
+        payload = shown(r[9], r[10])
+    else:
+        payload = load_json(r[9], "payload")
     return Approval(
         id=r[0],
         agent=r[1],
@@ -67,7 +65,7 @@ def _to_summary(r: tuple[Any, ...]) -> Approval:
         status=r[4],
         resolved_at=r[5],
         note=r[6],
-        description=r[7],
+        description=shown(r[7], r[8]),
         payload=payload,
         payload_sha256=r[11],
         truncated=truncated or None,

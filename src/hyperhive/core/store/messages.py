@@ -10,7 +10,7 @@ from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.usage import make_room
-from hyperhive.core.summary import cut_json_sql, cut_sql, is_cut, options_prefix
+from hyperhive.core.summary import cut_sql, is_cut, options_prefix, shown
 from hyperhive.wire.common import Message
 
 _COLUMNS = "id, sender, kind, body, sent_at, ref, options, recipient"
@@ -31,30 +31,25 @@ def to_message(r: _Row, with_to: bool = False) -> Message:
 
 
 # A listing's columns: the body and options cut in SQL, with the full lengths.
-_SUMMARY = (
-    f"id, sender, kind, {cut_sql('body')}, sent_at, ref, {cut_json_sql('options')}, recipient"
-)
+_SUMMARY = f"id, sender, kind, {cut_sql('body')}, sent_at, ref, {cut_sql('options')}, recipient"
 
 
 def _to_summary(r: tuple[object, ...]) -> Message:
     truncated = {f: n for f, n in (("body", r[4]), ("options", r[8])) if is_cut(n)}
-    options = r[7]
+    options: list[str] | None
     if "options" in truncated:
-        if not isinstance(options, str):
-            raise ValueError("options: not JSON text")
-        shown: list[str] | None = options_prefix(
-            options
-        )  # only the options complete within the cut
+        # Only the options complete within the cut: a cut option would be another answer.
+        options = options_prefix(str(shown(r[7], r[8])))
     else:
-        shown = load_options(options)
+        options = load_options(r[7])
     return Message(
         id=r[0],
         from_=r[1],
         kind=r[2],
-        body=r[3],
+        body=shown(r[3], r[4]),
         sent_at=r[5],
         ref=r[6],
-        options=shown,
+        options=options,
         to=r[9],
         truncated=truncated or None,
     )

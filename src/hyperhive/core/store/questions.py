@@ -8,7 +8,7 @@ from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
 from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
-from hyperhive.core.summary import Page, cut_json_sql, cut_sql, is_cut, options_prefix
+from hyperhive.core.summary import Page, cut_sql, is_cut, options_prefix, shown
 from hyperhive.wire.common import Message, Question
 
 _COLUMNS = "id, asker, target, question, options, asked_at, answer, answered_at, cancelled"
@@ -30,34 +30,29 @@ def _to_question(r: _Row) -> Question:
 
 # A listing's columns: the agent's text cut in SQL, with the full lengths at the end.
 _SUMMARY = (
-    f"id, asker, target, {cut_sql('question')}, {cut_json_sql('options')}, asked_at,"
+    f"id, asker, target, {cut_sql('question')}, {cut_sql('options')}, asked_at,"
     f" {cut_sql('answer')}, answered_at, cancelled"
 )
 
 
 def _to_summary(r: tuple[object, ...]) -> Question:
-    truncated: dict[str, int] = {}
-    question, options, answer = r[3], r[5], r[8]
-    for field, full in (("question", r[4]), ("options", r[6]), ("answer", r[9])):
-        if is_cut(full):
-            assert type(full) is int
-            truncated[field] = full
+    truncated = {
+        f: n for f, n in (("question", r[4]), ("options", r[6]), ("answer", r[9])) if is_cut(n)
+    }
+    options: list[str] | None
     if "options" in truncated:
-        if not isinstance(options, str):
-            raise ValueError("options: not JSON text")
-        shown: list[str] | None = options_prefix(
-            options
-        )  # only the options complete within the cut
+        # Only the options complete within the cut: a cut option would be another answer.
+        options = options_prefix(str(shown(r[5], r[6])))
     else:
-        shown = load_options(options)
+        options = load_options(r[5])
     return Question(
         id=r[0],
         asker=r[1],
         to=r[2],
-        question=question,
-        options=shown,
+        question=shown(r[3], r[4]),
+        options=options,
         asked_at=r[7],
-        answer=answer,
+        answer=shown(r[8], r[9]),
         answered_at=r[10],
         truncated=truncated or None,
     )
