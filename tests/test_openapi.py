@@ -53,6 +53,9 @@ def login(web: Web) -> Login:
         web.hive.agent_call("oa-echo", "ask", to="operator", question=f"question {i}?")
         web.hive.agent_call("oa-echo", "request_approval", kind="custom", description=f"decision {i}",
                             payload={"n": i})
+    # Messages to show whole (/api/messages/{mid}: 1-3).
+    for i in range(3):
+        assert web.hive.host_call("send", to="oa-idle", body=f"message {i}")["ok"]
     # Egress rules to remove (egress/remove succeeds once per agent and rule).
     for name in AGENTS:
         for n in (1, 2, 3):
@@ -87,6 +90,8 @@ def test_api_conforms(case: schemathesis.Case, web: Web, login: Login, agent: st
         params["action"] = action
     if n is not None and "qid" in params:
         params["qid"] = n
+    if n is not None and "mid" in params:
+        params["mid"] = n
     if n is not None and "aid" in params:
         params["aid"] = n + 3 if case.path.startswith("/deny/") else n
     if n is not None and case.path.startswith("/api/agents/{name}/egress/") and isinstance(case.body, dict):

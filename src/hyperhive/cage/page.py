@@ -159,7 +159,9 @@ class PageHandler(BaseHTTPRequestHandler):
         html = PageHandler.env.get_template("agent.html").render(
             agent=state["agent"],
             questions=state["questions"],
+            questions_total=state.get("questions_total", len(state["questions"])),
             approvals=state["approvals"],
+            approvals_total=state.get("approvals_total", len(state["approvals"])),
             egress_rules=state.get("egress_rules", []),
             egress_log=state.get("egress_log", []),
             entries=entries,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -18,8 +19,10 @@ from hyperhive.cli.output import (
     table,
     when,
 )
-from hyperhive.display import dumps
+from hyperhive.display import dumps, visible, visible_json_text
 from hyperhive.wire.host import EVENT_KINDS
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def host_sock(ctx: click.Context) -> Path:
@@ -38,6 +41,51 @@ def _state(a: dict[str, Any]) -> str:
     if not a["running"]:
         return "stopped"
     return "paused" if a.get("paused") else "running"
+
+
+def page_options(fn: F) -> F:
+    fn = click.option("--all", "every", is_flag=True, help="Every page, not only one.")(fn)
+    fn = click.option(
+        "--limit", type=click.IntRange(1, 200), default=50, show_default=True, help="Rows a page."
+    )(fn)
+    return click.option("--after", type=click.IntRange(0), default=0, help="Rows after this id.")(
+        fn
+    )
+
+
+def pages(
+    path: Path, cmd: str, as_json: bool, after: int, limit: int, every: bool
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One page of listing ``cmd`` after ``after`` (or, with ``every``, each page in turn:
+    --json prints each reply); its rows and the last reply."""
+    key = "approvals" if cmd == "pending" else cmd
+    rows: list[dict[str, Any]] = []
+    while True:
+        reply = request(path, cmd, as_json, after=after, limit=limit)
+        page = reply[key]
+        rows.extend(page)
+        if not (every and reply.get("more") and page):
+            return rows, reply
+        after = max(r["id"] for r in page if type(r.get("id")) is int)
+
+
+def cut_note(row: dict[str, Any], field: str, what: str) -> str:
+    """The marker for a field a listing cut: how long it is, and how to see it whole."""
+    full = (row.get("truncated") or {}).get(field)
+    if full is None:
+        return ""
+    return f" … [cut: {full} bytes in all; hive show {what} {row['id']}]"
+
+
+def cut(row: dict[str, Any], field: str, what: str) -> str:
+    return str(row.get(field) or "") + cut_note(row, field, what)
+
+
+def page_footer(cmd: str, rows: list[dict[str, Any]], reply: dict[str, Any]) -> None:
+    total = reply.get("total")
+    if reply.get("more") and rows:
+        last = max(r["id"] for r in rows if type(r.get("id")) is int)
+        say(f"{len(rows)} shown of {total}; next page: hive {cmd} --after {last} (or --all)")
 
 
 def register(group: click.Group) -> None:  # a flat list of small verbs
@@ -99,10 +147,12 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
     @group.command("questions")
     @json_option
+    @page_options
     @click.pass_context
-    def questions(ctx: click.Context, as_json: bool) -> None:
-        """Open questions addressed to the operator."""
-        resp = request(host_sock(ctx), "questions", as_json)
+    def questions(ctx: click.Context, as_json: bool, after: int, limit: int, every: bool) -> None:
+        """Open questions addressed to the operator, oldest first, a page at a time; long
+        text is cut (``hive show question ID`` prints one whole)."""
+        rows, reply = pages(host_sock(ctx), "questions", as_json, after, limit, every)
         if not as_json:
             table(
                 "questions",
@@ -114,12 +164,13 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         q["id"],
                         q["asker"],
                         when(q["asked_at"]),
-                        q["question"],
-                        ", ".join(q.get("options") or []),
+                        cut(q, "question", "question"),
+                        ", ".join(q.get("options") or []) + cut_note(q, "options", "question"),
                     ]
-                    for q in resp["questions"]
+                    for q in rows
                 ),
             )
+            page_footer("questions", rows, reply)
 
     @group.command("answer")
     @json_option
@@ -134,10 +185,13 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
     @group.command("pending")
     @json_option
+    @page_options
     @click.pass_context
-    def pending(ctx: click.Context, as_json: bool) -> None:
-        """Pending approvals, with the exact payload and its sha256."""
-        resp = request(host_sock(ctx), "pending", as_json)
+    def pending(ctx: click.Context, as_json: bool, after: int, limit: int, every: bool) -> None:
+        """Pending approvals, oldest first, a page at a time, with the payload and its sha256;
+        a long description or payload is cut: ``hive show approval ID`` prints the exact
+        payload approving applies."""
+        rows, reply = pages(host_sock(ctx), "pending", as_json, after, limit, every)
         if not as_json:
             table(
                 "pending approvals",
@@ -150,13 +204,88 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         a["agent"],
                         a["kind"],
                         when(a["requested_at"]),
-                        a["description"],
-                        dumps(a.get("payload")),
+                        cut(a, "description", "approval"),
+                        (
+                            a["payload"] + cut_note(a, "payload", "approval")
+                            if "payload" in (a.get("truncated") or {})
+                            else dumps(a.get("payload"))
+                        ),
                         a["payload_sha256"],
                     ]
-                    for a in resp["approvals"]
+                    for a in rows
                 ),
             )
+            page_footer("pending", rows, reply)
+
+    @group.group("show")
+    def show() -> None:
+        """Print one approval, question or message whole (listings cut long text)."""
+
+    @show.command("approval")
+    @json_option
+    @click.argument("approval_id", type=int)
+    @click.pass_context
+    def show_approval(ctx: click.Context, as_json: bool, approval_id: int) -> None:
+        """Approval APPROVAL_ID whole: the exact payload (canonical JSON, the text its sha256
+        is of) that approving applies."""
+        a = request(host_sock(ctx), "show_approval", as_json, id=approval_id)["approval"]
+        if as_json:
+            return
+        if "unreadable" in a:
+            say(f"approval {a['id']} is unreadable: {a['unreadable']}")
+            return
+        for field in ("id", "agent", "kind", "status", "allows", "note", "payload_sha256"):
+            if a.get(field) is not None:
+                say(f"{field}: {a[field]}")
+        say(f"requested: {when(a['requested_at'])}")
+        say("description:")
+        click.echo(visible(a["description"]))
+        say("payload:")
+        # Canonical JSON: the text payload_sha256 is the sha256 of.
+        text = json.dumps(
+            a.get("payload"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+        )
+        click.echo(visible_json_text(text))
+
+    @show.command("question")
+    @json_option
+    @click.argument("question_id", type=int)
+    @click.pass_context
+    def show_question(ctx: click.Context, as_json: bool, question_id: int) -> None:
+        """Question QUESTION_ID whole, with its options (and answer, if answered)."""
+        q = request(host_sock(ctx), "show_question", as_json, id=question_id)["question"]
+        if as_json:
+            return
+        if "unreadable" in q:
+            say(f"question {q['id']} is unreadable: {q['unreadable']}")
+            return
+        say(f"id: {q['id']}")
+        say(f"from: {q['asker']} to: {q['to']} asked: {when(q['asked_at'])}")
+        say("question:")
+        click.echo(visible(q["question"]))
+        for option in q.get("options") or []:
+            say(f"option: {option}")
+        if q.get("answer") is not None:
+            say(f"answered: {when(q.get('answered_at'))}")
+            click.echo(visible(q["answer"]))
+
+    @show.command("message")
+    @json_option
+    @click.argument("message_id", type=int)
+    @click.pass_context
+    def show_message(ctx: click.Context, as_json: bool, message_id: int) -> None:
+        """Message MESSAGE_ID whole."""
+        m = request(host_sock(ctx), "show_message", as_json, id=message_id)["message"]
+        if as_json:
+            return
+        if "unreadable" in m:
+            say(f"message {m['id']} is unreadable: {m['unreadable']}")
+            return
+        say(f"id: {m['id']}")
+        say(f"from: {m['from']} to: {m.get('to')} kind: {m['kind']} sent: {when(m['sent_at'])}")
+        for option in m.get("options") or []:
+            say(f"option: {option}")
+        click.echo(visible(m["body"]))
 
     @group.command("approve")
     @json_option

@@ -105,10 +105,15 @@ KINDS: dict[str, ApprovalKind] = {"custom": Custom(), "spawn": Spawn(), "egress"
 
 def allows(approval: Approval) -> str | None:
     """What approving an ``egress`` approval adds: exactly the rule the hive will store."""
-    if approval.kind != "egress":
+    return allows_of(approval.kind, approval.payload)
+
+
+def allows_of(kind: object, payload: Any) -> str | None:
+    """``allows`` of an approval row as JSON data (e.g. an event's)."""
+    if kind != "egress":
         return None
     try:
-        return EgressPayload.model_validate(approval.payload).rule()
+        return EgressPayload.model_validate(payload).rule()
     except (ValidationError, RuleError):
         return None  # refused at request time; never applied as anything else
 

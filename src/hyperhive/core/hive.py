@@ -35,6 +35,7 @@ from hyperhive.core.store import (
     TranscriptEntry,
     Unreadable,
 )
+from hyperhive.core.summary import PAGE, Page
 from hyperhive.names import OPERATOR
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
@@ -328,8 +329,16 @@ class Hive:
         return self.store.messages.inbox(OPERATOR, after, limit)
 
     def recent_messages(self, actor: Operator, limit: int) -> list[Message | Unreadable]:
-        """The newest messages between anyone, oldest first (the dashboard's feed)."""
-        return self.store.messages.recent(limit)
+        """The newest messages between anyone, oldest first, as summaries (the dashboard's
+        feed: bodies cut, see core/summary.py)."""
+        return self.store.messages.recent_summaries(limit)
+
+    def message(self, actor: Operator, mid: int) -> Message | Unreadable:
+        """One message between anyone, whole (a listing's "show all")."""
+        msg = self.store.messages.get(mid)
+        if msg is None:
+            raise NotFound(f"no message {mid}")
+        return msg
 
     # -- questions ------------------------------------------------------------------
 
@@ -358,8 +367,18 @@ class Hive:
         self.bus.publish("answer", {"question": row_out(q)})
         return qid
 
-    def questions_for(self, actor: Operator) -> list[Question | Unreadable]:
-        return self.store.questions.open(target=OPERATOR)
+    def questions_for(
+        self, actor: Operator, after: int = 0, limit: int = PAGE
+    ) -> Page[Question | Unreadable]:
+        """One page of the open questions to the operator, oldest first, as summaries."""
+        return self.store.questions.open_page(target=OPERATOR, after=after, limit=limit)
+
+    def question(self, actor: Operator, qid: int) -> Question | Unreadable:
+        """One question, whole (a listing's "show all")."""
+        q = self.store.questions.get(qid)
+        if q is None:
+            raise NotFound(f"no question {qid}")
+        return q
 
     def loose_ends(self, actor: Agent) -> dict[str, list[dict[str, Any]]]:
         """What the caller still waits on, and what still waits on it."""
@@ -410,6 +429,20 @@ class Hive:
 
     def pending_approvals(self, agent: str | None = None) -> list[Approval | Unreadable]:
         return self.store.approvals.list(status="pending", agent=agent)
+
+    def pending_page(
+        self, actor: Operator, after: int = 0, limit: int = PAGE
+    ) -> Page[Approval | Unreadable]:
+        """One page of the pending approvals, oldest first, as summaries (a cut payload says
+        so in ``truncated``; ``approval`` shows it whole, as approving would apply it)."""
+        return self.store.approvals.page(status="pending", after=after, limit=limit)
+
+    def approval(self, actor: Operator, aid: int) -> Approval | Unreadable:
+        """One approval, whole: the exact payload its sha256 was taken of."""
+        a = self.store.approvals.get(aid)
+        if a is None:
+            raise NotFound(f"no approval {aid}")
+        return a
 
     # -- the harness's turn loop ----------------------------------------------------
 
@@ -485,15 +518,19 @@ class Hive:
         return self.store.transcripts.entries(name, after, limit)
 
     def page_state(self, actor: Agent, egress_limit: int) -> dict[str, Any]:
-        """What the agent's own page shows: only the caller's own rows."""
+        """What the agent's own page shows: only the caller's own rows. Its questions to the
+        operator and pending approvals: the first page of each, as summaries, and how many
+        there are (the page links each to the operator's one-item view)."""
         status = self.status_of(actor)
         store = self.store
+        questions = store.questions.open_page(asker=actor.name, target=OPERATOR, limit=PAGE)
+        pending = store.approvals.page(status="pending", agent=actor.name, limit=PAGE)
         return {
             "agent": model_fields_only(status),
-            "questions": rows_out(store.questions.open(asker=actor.name, target=OPERATOR)),
-            "approvals": [
-                approvals.shown(a) for a in store.approvals.list(status="pending", agent=actor.name)
-            ],
+            "questions": rows_out(questions.items),
+            "questions_total": questions.total,
+            "approvals": [approvals.shown(a) for a in pending.items],
+            "approvals_total": pending.total,
             "egress_rules": store.egress.rules(actor.name).get(actor.name, []),
             "egress_log": rows_out(store.egress.entries(actor.name, egress_limit)),
         }

@@ -79,7 +79,20 @@ async def transcript(s: OperatorSession, req: w.Transcript) -> Reply:
 
 
 async def pending(s: OperatorSession, req: w.Pending) -> Reply:
-    return ok(approvals=rows_out(s.hive.pending_approvals()))
+    page = s.hive.pending_page(s.actor, req.after, req.limit)
+    return ok(approvals=rows_out(page.items), total=page.total, more=page.more)
+
+
+async def show_approval(s: OperatorSession, req: w.ShowApproval) -> Reply:
+    return ok(approval=shown(s.hive.approval(s.actor, req.id)))
+
+
+async def show_question(s: OperatorSession, req: w.ShowQuestion) -> Reply:
+    return ok(question=row_out(s.hive.question(s.actor, req.id)))
+
+
+async def show_message(s: OperatorSession, req: w.ShowMessage) -> Reply:
+    return ok(message=row_out(s.hive.message(s.actor, req.id)))
 
 
 async def approve(s: OperatorSession, req: w.Approve) -> Reply:
@@ -93,7 +106,8 @@ async def deny(s: OperatorSession, req: w.Deny) -> Reply:
 
 
 async def questions(s: OperatorSession, req: w.Questions) -> Reply:
-    return ok(questions=rows_out(s.hive.questions_for(s.actor)))
+    page = s.hive.questions_for(s.actor, req.after, req.limit)
+    return ok(questions=rows_out(page.items), total=page.total, more=page.more)
 
 
 async def answer_question(s: OperatorSession, req: w.AnswerQuestion) -> Reply:
@@ -196,6 +210,9 @@ HOST_VERBS: dict[type, Verb] = {
     w.EgressAllow: egress_allow,
     w.EgressRemove: egress_remove,
     w.EgressLog: egress_log,
+    w.ShowApproval: show_approval,
+    w.ShowQuestion: show_question,
+    w.ShowMessage: show_message,
 }
 HOST = Dispatcher[OperatorSession](w.host_request, HOST_VERBS, frozenset(w.HOST_MODELS))
 __all__ = ["HOST", "OperatorSession", "serve_host_socket", "shown"]

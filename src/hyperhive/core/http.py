@@ -37,13 +37,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyperhive import display
 from hyperhive.core.actors import OPERATOR
-from hyperhive.core.approvals import shown
+from hyperhive.core.approvals import allows_of, shown
 from hyperhive.core.hive import Hive
 from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.listing import rows_out
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
+from hyperhive.core.summary import PAGE, PAGE_MAX, summarise_event
 from hyperhive.display import visible_json_text, visible_value
 from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
@@ -61,6 +62,18 @@ class PendingApproval(Approval):
     agent's description)."""
 
     allows: str | None = None
+
+
+class ApprovalPage(BaseModel):
+    approvals: list[PendingApproval]
+    total: int
+    more: bool
+
+
+class QuestionPage(BaseModel):
+    questions: list[Question]
+    total: int
+    more: bool
 
 
 class EgressRuleRow(BaseModel):
@@ -87,9 +100,19 @@ class EgressEntry(BaseModel):
 
 
 class StateModel(BaseModel):
+    """The dashboard's first screen: the first page (oldest first) of the pending approvals
+    and of the open questions, with how many there are in all and whether more follow
+    (``/api/approvals``, ``/api/questions`` page on); the newest messages. Rows are
+    summaries: agent-written text cut at 2048 characters, ``truncated`` naming each cut
+    field with its full length; ``/api/{approvals,questions,messages}/{id}`` give one whole."""
+
     agents: list[AgentStatus]
     approvals: list[PendingApproval]
+    approvals_total: int
+    approvals_more: bool
     questions: list[Question]
+    questions_total: int
+    questions_more: bool
     messages: list[dict[str, Any]]
     egress_rules: dict[str, list[EgressRuleRow]]
     egress_log: list[EgressEntry]
@@ -325,11 +348,24 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             request, "dashboard.html", {"csrf_token": session.csrf, **state()}
         )
 
+    def approval_page(after: int, limit: int) -> dict[str, Any]:
+        page = hive.pending_page(OPERATOR, after, limit)
+        return {"approvals": [shown(a) for a in page.items], "total": page.total, "more": page.more}
+
+    def question_page(after: int, limit: int) -> dict[str, Any]:
+        page = hive.questions_for(OPERATOR, after, limit)
+        return {"questions": rows_out(page.items), "total": page.total, "more": page.more}
+
     def state() -> dict[str, Any]:
+        approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
         return {
             "agents": hive.statuses(),
-            "approvals": [shown(a) for a in hive.pending_approvals()],
-            "questions": rows_out(hive.questions_for(OPERATOR)),
+            "approvals": approvals["approvals"],
+            "approvals_total": approvals["total"],
+            "approvals_more": approvals["more"],
+            "questions": questions["questions"],
+            "questions_total": questions["total"],
+            "questions_more": questions["more"],
             "messages": rows_out(hive.recent_messages(OPERATOR, 50)),
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
@@ -341,14 +377,30 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     @app.get("/api/state", response_model=StateModel, responses=NOT_LOGGED_IN)
     async def api_state(session: Annotated[Session, Depends(require_session)]) -> Response:
-        """Everything the dashboard shows: agents, pending approvals, open questions,
-        recent messages,
+        """Everything the dashboard's first screen shows: agents, the first page of the pending
+        approvals and of the open questions (with their counts), recent messages (summaries),
         every agent's egress rules and the egress proxy's latest decisions (newest first)."""
         # Rendered once per change (and at least once a second, for time-based flags like failed).
         key = (hive.bus.version, int(time.monotonic()))
         if cache["key"] != key:
             cache["key"], cache["body"] = key, display.dumps(state()).encode()
         return Response(cache["body"], media_type="application/json")
+
+    def as_listed(event: dict[str, Any]) -> dict[str, Any]:
+        """An event with what /api/state adds to its row, so the dashboard can redraw it
+        without reading the state again: an approval's ``allows``; a change of an agent's
+        egress rules, with the rules as /api/state lists them (source, added_at)."""
+        approval = event.get("approval")
+        if isinstance(approval, dict) and "unreadable" not in approval:
+            rule = allows_of(approval.get("kind"), approval.get("payload"))
+            return event if rule is None else {**event, "approval": {**approval, "allows": rule}}
+        if event.get("kind") != "egress" or "rules" not in event:
+            return event
+        try:
+            rows = hive.egress_rules(OPERATOR, str(event.get("agent"))).get(event["agent"], [])
+        except Refused:  # the agent is gone: it has no rules
+            rows = []
+        return {**event, "rows": rows}
 
     @app.get("/api/dashboard/stream", include_in_schema=False)
     async def stream(session: Annotated[Session, Depends(require_session)]) -> Response:
@@ -367,7 +419,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                         continue
                     if event is None:
                         return
-                    data = display.dumps(event)
+                    # The changed row itself, summarised as /api/state shows it.
+                    data = display.dumps(summarise_event(as_listed(event)))
                     yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
@@ -377,6 +430,38 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+    Page = Annotated[int, Query(ge=1, le=PAGE_MAX)]
+    After = Annotated[int, Query(ge=0, lt=2**63)]
+
+    @app.get("/api/approvals", response_model=ApprovalPage, responses=GET_RESPONSES)
+    async def api_approvals(
+        session: Annotated[Session, Depends(require_session)], after: After = 0, limit: Page = PAGE
+    ) -> Response:
+        """Pending approvals with an id above AFTER, oldest first, as summaries."""
+        return Response(display.dumps(approval_page(after, limit)), media_type="application/json")
+
+    @app.get("/api/questions", response_model=QuestionPage, responses=GET_RESPONSES)
+    async def api_questions(
+        session: Annotated[Session, Depends(require_session)], after: After = 0, limit: Page = PAGE
+    ) -> Response:
+        """Open questions to the operator with an id above AFTER, oldest first, as summaries."""
+        return Response(display.dumps(question_page(after, limit)), media_type="application/json")
+
+    @app.get("/api/approvals/{aid}", response_model=Reply, responses=GET_RESPONSES)
+    async def api_approval(aid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
+        """Approval AID whole (``approval``): the exact payload approving applies."""
+        return await operator({"cmd": "show_approval", "id": aid})
+
+    @app.get("/api/questions/{qid}", response_model=Reply, responses=GET_RESPONSES)
+    async def api_question(qid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
+        """Question QID whole (``question``)."""
+        return await operator({"cmd": "show_question", "id": qid})
+
+    @app.get("/api/messages/{mid}", response_model=Reply, responses=GET_RESPONSES)
+    async def api_message(mid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
+        """Message MID whole (``message``)."""
+        return await operator({"cmd": "show_message", "id": mid})
 
     @app.get("/api/agents/{name}/transcript", response_model=Reply, responses=GET_RESPONSES)
     async def transcript(

@@ -65,6 +65,9 @@ class Message(BaseModel):
     ref: int | None = None
     options: list[str] | None = None
     to: str | None = None  # only in the operator's inbox and event streams
+    # In a listing (a summary): the fields cut to their first bytes, with their full
+    # length in bytes (UTF-8); the one-item read gives the row whole.
+    truncated: dict[str, int] | None = None
 
     model_config = ConfigDict(populate_by_name=True)
 
@@ -78,6 +81,9 @@ class Question(BaseModel):
     asked_at: float
     answer: str | None = None
     answered_at: float | None = None
+    # In a listing (a summary): the fields cut to their first bytes, with their full
+    # length in bytes (UTF-8); the one-item read gives the row whole.
+    truncated: dict[str, int] | None = None
 
 
 ApprovalStatus = Literal["pending", "approved", "denied", "failed", "cancelled"]
@@ -97,6 +103,10 @@ class Approval(BaseModel):
     description: str
     payload: Any = None
     payload_sha256: str
+    # In a listing (a summary): the fields cut to their first bytes (a cut ``payload``
+    # is the first bytes of its canonical JSON, as text), with their full
+    # length in bytes (UTF-8); the one-item read gives the row whole.
+    truncated: dict[str, int] | None = None
 
 
 class AgentStatus(BaseModel):

@@ -49,8 +49,34 @@ class SetPaused(Strict):
     paused: bool
 
 
+# Paging of a listing: rows with an id above ``after``, oldest first, at most ``limit``
+# (the reply's ``more`` says whether any come after; ``total`` counts them all).
+After = Annotated[int, Field(ge=0, lt=2**63)]
+Limit = Annotated[int, Field(ge=1, le=200)]  # hyperhive.core.summary.PAGE_MAX
+Id = Annotated[int, Field(ge=1, lt=2**63)]
+
+
 class Pending(Strict):
     cmd: Literal["pending"]
+    after: After = 0
+    limit: Limit = 50
+
+
+class ShowApproval(Strict):
+    """One approval, whole: the exact payload approving applies (listings cut it)."""
+
+    cmd: Literal["show_approval"]
+    id: Id
+
+
+class ShowQuestion(Strict):
+    cmd: Literal["show_question"]
+    id: Id
+
+
+class ShowMessage(Strict):
+    cmd: Literal["show_message"]
+    id: Id
 
 
 class Approve(Strict):
@@ -66,6 +92,8 @@ class Deny(Strict):
 
 class Questions(Strict):
     cmd: Literal["questions"]
+    after: After = 0
+    limit: Limit = 50
 
 
 class AnswerQuestion(Strict):
@@ -177,7 +205,10 @@ HostRequest = Annotated[
     | EgressRules
     | EgressAllow
     | EgressRemove
-    | EgressLog,
+    | EgressLog
+    | ShowApproval
+    | ShowQuestion
+    | ShowMessage,
     Field(discriminator="cmd"),
 ]
 host_request = TypeAdapter(HostRequest)

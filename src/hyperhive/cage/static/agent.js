@@ -72,6 +72,9 @@
     fetch("state", { credentials: "same-origin" }).then(function (r) { return r.json(); }).then(function (s) {
       document.getElementById("status-text").textContent = visible(s.agent.status_text || "");
       renderEgress(s);
+      // The page state is the first page of each, summarised, and how many there are.
+      document.getElementById("questions-count").textContent = s.questions_total;
+      document.getElementById("approvals-count").textContent = s.approvals_total;
       var known = {};
       document.querySelectorAll("#questions li.question").forEach(function (li) { known[li.dataset.id] = li; });
       var open = {};

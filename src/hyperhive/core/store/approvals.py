@@ -20,6 +20,7 @@ from hyperhive.core.store.common import (
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import insert_rule
 from hyperhive.core.store.messages import insert_message
+from hyperhive.core.summary import Page, cut_sql, is_cut, shown
 from hyperhive.wire.common import AgentSpec, Approval, Message
 
 _COLUMNS = (
@@ -40,6 +41,34 @@ def _to_approval(r: _Row) -> Approval:
         description=r[7],
         payload=load_json(r[8], "payload"),
         payload_sha256=r[9],
+    )
+
+
+# A listing's columns: the agent's text cut in SQL, with the full lengths.
+_SUMMARY = (
+    "id, agent, kind, requested_at, status, resolved_at, note,"
+    f" {cut_sql('description')}, {cut_sql('payload')}, payload_sha256"
+)
+
+
+def _to_summary(r: tuple[Any, ...]) -> Approval:
+    truncated = {f: n for f, n in (("description", r[8]), ("payload", r[10])) if is_cut(n)}
+    if "payload" in truncated:  # the first bytes of the canonical JSON, as text
+        payload = shown(r[9], r[10])
+    else:
+        payload = load_json(r[9], "payload")
+    return Approval(
+        id=r[0],
+        agent=r[1],
+        kind=r[2],
+        requested_at=r[3],
+        status=r[4],
+        resolved_at=r[5],
+        note=r[6],
+        description=shown(r[7], r[8]),
+        payload=payload,
+        payload_sha256=r[11],
+        truncated=truncated or None,
     )
 
 
@@ -104,6 +133,25 @@ class ApprovalRepo:
         row = self._db.conn.execute(f"SELECT {_COLUMNS} FROM approvals WHERE id=?", (aid,))
         r = row.fetchone()
         return None if r is None else readable(_to_approval, r)
+
+    def page(
+        self, *, status: str, agent: str | None = None, after: int = 0, limit: int
+    ) -> Page[Approval | Unreadable]:
+        """One page of the approvals with ``status`` (of ``agent``) with an id above ``after``,
+        oldest first, as summaries."""
+        where, args = ["status=?"], list[object]([status])
+        if agent is not None:
+            where.append("agent=?")
+            args.append(agent)
+        clause = " AND ".join(where)
+        conn = self._db.conn
+        total = conn.execute(f"SELECT count(*) FROM approvals WHERE {clause}", args).fetchone()[0]
+        rows = conn.execute(
+            f"SELECT {_SUMMARY} FROM approvals WHERE {clause} AND id>? ORDER BY id LIMIT ?",
+            [*args, after, limit + 1],  # one more: is there a next page?
+        ).fetchall()
+        items = [readable(_to_summary, r) for r in rows[:limit]]
+        return Page(items, int(total), len(rows) > limit)
 
     def list(
         self, *, status: str | None = None, agent: str | None = None

@@ -10,6 +10,7 @@ from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.usage import make_room
+from hyperhive.core.summary import cut_sql, is_cut, options_prefix, shown
 from hyperhive.wire.common import Message
 
 _COLUMNS = "id, sender, kind, body, sent_at, ref, options, recipient"
@@ -26,6 +27,31 @@ def to_message(r: _Row, with_to: bool = False) -> Message:
         ref=r[5],
         options=load_options(r[6]),
         to=r[7] if with_to else None,
+    )
+
+
+# A listing's columns: the body and options cut in SQL, with the full lengths.
+_SUMMARY = f"id, sender, kind, {cut_sql('body')}, sent_at, ref, {cut_sql('options')}, recipient"
+
+
+def _to_summary(r: tuple[object, ...]) -> Message:
+    truncated = {f: n for f, n in (("body", r[4]), ("options", r[8])) if is_cut(n)}
+    options: list[str] | None
+    if "options" in truncated:
+        # Only the options complete within the cut: a cut option would be another answer.
+        options = options_prefix(str(shown(r[7], r[8])))
+    else:
+        options = load_options(r[7])
+    return Message(
+        id=r[0],
+        from_=r[1],
+        kind=r[2],
+        body=shown(r[3], r[4]),
+        sent_at=r[5],
+        ref=r[6],
+        options=options,
+        to=r[9],
+        truncated=truncated or None,
     )
 
 
@@ -139,6 +165,20 @@ class MessageRepo:
             (limit,),
         ).fetchall()
         return [readable(_with_to, r) for r in rows]
+
+    def recent_summaries(self, limit: int) -> list[Message | Unreadable]:
+        """The newest ``limit`` messages of the hive, oldest first, as summaries."""
+        rows = self._db.conn.execute(
+            f"SELECT {_SUMMARY} FROM messages"
+            " WHERE id IN (SELECT id FROM messages ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (limit,),
+        ).fetchall()
+        return [readable(_to_summary, r) for r in rows]
+
+    def get(self, mid: int) -> Message | Unreadable | None:
+        """One message, whole (with its recipient)."""
+        r = self._db.conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (mid,)).fetchone()
+        return None if r is None else readable(_with_to, r)
 
     def inbox(self, recipient: str, after: int, limit: int) -> list[Message | Unreadable]:
         """Messages to ``recipient`` after id ``after``, acked or not."""

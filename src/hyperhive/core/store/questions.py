@@ -8,6 +8,7 @@ from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
 from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
+from hyperhive.core.summary import Page, cut_sql, is_cut, options_prefix, shown
 from hyperhive.wire.common import Message, Question
 
 _COLUMNS = "id, asker, target, question, options, asked_at, answer, answered_at, cancelled"
@@ -24,6 +25,36 @@ def _to_question(r: _Row) -> Question:
         asked_at=r[5],
         answer=r[6],
         answered_at=r[7],
+    )
+
+
+# A listing's columns: the agent's text cut in SQL, with the full lengths at the end.
+_SUMMARY = (
+    f"id, asker, target, {cut_sql('question')}, {cut_sql('options')}, asked_at,"
+    f" {cut_sql('answer')}, answered_at, cancelled"
+)
+
+
+def _to_summary(r: tuple[object, ...]) -> Question:
+    truncated = {
+        f: n for f, n in (("question", r[4]), ("options", r[6]), ("answer", r[9])) if is_cut(n)
+    }
+    options: list[str] | None
+    if "options" in truncated:
+        # Only the options complete within the cut: a cut option would be another answer.
+        options = options_prefix(str(shown(r[5], r[6])))
+    else:
+        options = load_options(r[5])
+    return Question(
+        id=r[0],
+        asker=r[1],
+        to=r[2],
+        question=shown(r[3], r[4]),
+        options=options,
+        asked_at=r[7],
+        answer=shown(r[8], r[9]),
+        answered_at=r[10],
+        truncated=truncated or None,
     )
 
 
@@ -76,6 +107,33 @@ class QuestionRepo:
             row = tx.execute(select, (qid,)).fetchone()
         assert row is not None
         return readable(_to_question, row), msg
+
+    def open_page(
+        self, *, target: str | None = None, asker: str | None = None, after: int = 0, limit: int
+    ) -> Page[Question | Unreadable]:
+        """One page of the open questions (to ``target``, from ``asker``) with an id above
+        ``after``, oldest first, as summaries."""
+        where, args = self._open_where(target, asker)
+        clause = " AND ".join(where)
+        conn = self._db.conn
+        total = conn.execute(f"SELECT count(*) FROM questions WHERE {clause}", args).fetchone()[0]
+        rows = conn.execute(
+            f"SELECT {_SUMMARY} FROM questions WHERE {clause} AND id>? ORDER BY id LIMIT ?",
+            [*args, after, limit + 1],  # one more: is there a next page?
+        ).fetchall()
+        items = [readable(_to_summary, r) for r in rows[:limit]]
+        return Page(items, int(total), len(rows) > limit)
+
+    @staticmethod
+    def _open_where(target: str | None, asker: str | None) -> tuple[list[str], list[object]]:
+        where, args = ["answer IS NULL", "cancelled=0"], list[object]()
+        if target is not None:
+            where.append("target=?")
+            args.append(target)
+        if asker is not None:
+            where.append("asker=?")
+            args.append(asker)
+        return where, args
 
     def open(
         self, *, target: str | None = None, asker: str | None = None
