@@ -36,7 +36,7 @@ REQUIRED = {
     # issue 13: hostile data on the operator's surfaces
     "surface.terminal-injection", "surface.open-redirect", "gateway.page-headers",
     "gateway.request-splitting", "wire.deep-nesting", "store.unreadable-row", "core.mass-due",
-    "runtime.sender-forgery", "runtime.oversized-prompt",
+    "runtime.sender-forgery", "runtime.oversized-prompt", "surface.unpaged-listing",
 }
 
 PLUGIN = r'''
