@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from hyperhive.core.replies import DEFAULT_REPLY_BYTES, MAX_ITEM_BYTES
 from hyperhive.wire.common import AgentName, AgentSpec
 from hyperhive.wire.egress import RuleError, check_hostname
 from hyperhive.wire.framing import describe_validation_error
@@ -62,6 +63,7 @@ class LimitsSection(BaseModel):
     agent_store_mib: int = Field(default=64, ge=1, le=1_048_576)
     agent_pending_max: int = Field(default=10_000, ge=10, le=10_000_000)
     history_keep: int = Field(default=5_000, ge=10, le=10_000_000)
+    reply_bytes: int = Field(default=DEFAULT_REPLY_BYTES, ge=MAX_ITEM_BYTES, le=1 << 30)
 
 
 class EgressSection(BaseModel):

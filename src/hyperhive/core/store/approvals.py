@@ -4,7 +4,7 @@ the stored payload through an ApprovalTx, inside the resolving transaction."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from hyperhive.core.refusals import Conflict, NotFound
@@ -121,6 +121,16 @@ class ApprovalRepo:
             f"SELECT {_COLUMNS} FROM approvals {clause} ORDER BY id", args
         ).fetchall()
         return [readable(_to_approval, r) for r in rows]
+
+    def pending_after(self, agent: str, after: int) -> Iterator[Approval | Unreadable]:
+        """``agent``'s pending approvals from id ``after`` on, oldest first, read one row
+        at a time (a reply's byte budget)."""
+        rows = self._db.rows(
+            f"SELECT {_COLUMNS} FROM approvals WHERE status='pending' AND agent=? AND id>?"
+            " ORDER BY id",
+            (agent, after),
+        )
+        return (readable(_to_approval, r) for r in rows)
 
     def resolve(
         self,

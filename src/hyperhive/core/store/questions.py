@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
@@ -92,3 +93,20 @@ class QuestionRepo:
             f"SELECT {_COLUMNS} FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
         ).fetchall()
         return [readable(_to_question, r) for r in rows]
+
+    def open_after(
+        self, after: int, *, target: str | None = None, asker: str | None = None
+    ) -> Iterator[Question | Unreadable]:
+        """``open`` from id ``after`` on, read one row at a time (a reply's byte budget)."""
+        where = ["answer IS NULL", "cancelled=0", "id>?"]
+        args: list[object] = [after]
+        if target is not None:
+            where.append("target=?")
+            args.append(target)
+        if asker is not None:
+            where.append("asker=?")
+            args.append(asker)
+        rows = self._db.rows(
+            f"SELECT {_COLUMNS} FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
+        )
+        return (readable(_to_question, r) for r in rows)
