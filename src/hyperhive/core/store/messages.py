@@ -103,13 +103,14 @@ class MessageRepo:
 
     def unacked(self, recipient: str, limit: int, skip: set[int]) -> Iterator[Message]:
         """Unacked messages to ``recipient`` not in ``skip``, oldest first, at most ``limit``,
-        read one row at a time: the caller stops when its reply is full (core/replies.py)."""
+        read one row at a time: the caller stops when its reply is full (core/replies.py).
+        ``skip`` is left out by the query, so the rows held elsewhere are never read."""
         rows = self._db.rows(
             f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
-            " ORDER BY id LIMIT ?",
-            (recipient, limit + len(skip)),
+            " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+            (recipient, json.dumps(sorted(skip)), limit),
         )
-        return (_for_recipient(r) for r in rows if r[0] not in skip)
+        return (_for_recipient(r) for r in rows)
 
     def ack(self, recipient: str, ids: list[int]) -> int:
         """Ack ``ids``, all of which must be messages to ``recipient``; how many were new."""
