@@ -293,7 +293,7 @@ class Hive:
             if not fut.done():
                 fut.set_result(msg)
 
-    def reply_budget(self) -> ReplyBudget:
+    def _reply_budget(self) -> ReplyBudget:
         """A fresh byte budget for one reply (``[limits] reply_bytes``, core/replies.py)."""
         return ReplyBudget(self.config.limits.reply_bytes)
 
@@ -306,7 +306,7 @@ class Hive:
         while True:
             in_flight = self._in_flight[actor.name]
             unacked = self.store.messages.unacked(actor.name, limit + 1, skip=set(in_flight))
-            page = take(unacked, self.reply_budget(), limit, _message_size)
+            page = take(unacked, self._reply_budget(), limit, _message_size)
             if page.items or loop.time() >= deadline:
                 for m in page.items:
                     in_flight[m.id] = conn
@@ -335,7 +335,7 @@ class Hive:
         """Messages to the operator after id ``after``, as sent: at most ``limit`` and one
         reply's byte budget; ``more`` when the next batch (after the last id) has some."""
         rows = self.store.messages.inbox(OPERATOR, after, limit + 1)
-        return _page(rows, self.reply_budget(), limit)
+        return _page(rows, self._reply_budget(), limit)
 
     def recent_messages(self, actor: Operator, limit: int) -> list[Message | Unreadable]:
         """The newest messages between anyone, oldest first (the dashboard's feed)."""
@@ -381,7 +381,7 @@ class Hive:
         """What the caller still waits on, and what still waits on it: the three lists
         share one reply's byte budget, filled in this order. ``more``: one of them was cut
         (ask again with each ``<list>_after`` = the last id got of that list)."""
-        store, budget, name = self.store, self.reply_budget(), actor.name
+        store, budget, name = self.store, self._reply_budget(), actor.name
         lists: dict[str, Callable[[], Iterable[Any]]] = {
             "questions": lambda: store.questions.open_after(questions_after, asker=name),
             "approvals": lambda: store.approvals.pending_after(name, approvals_after),
@@ -512,7 +512,7 @@ class Hive:
     def _transcript(self, name: str, after: int, limit: int) -> Page[dict[str, Any]]:
         """The newest ``limit`` entries after ``after``, oldest first, as many as fit one
         reply; ``more``: the entries after the last one sent were left for the next."""
-        return _page(self.store.transcripts.entries(name, after, limit), self.reply_budget())
+        return _page(self.store.transcripts.entries(name, after, limit), self._reply_budget())
 
     def page_state(self, actor: Agent, egress_limit: int) -> dict[str, Any]:
         """What the agent's own page shows: only the caller's own rows."""
@@ -603,7 +603,7 @@ class Hive:
         if name is not None:
             self.require_agent(name)
         rows = self.store.egress.entries(name, limit + 1, before)
-        return _page(rows, self.reply_budget(), limit)
+        return _page(rows, self._reply_budget(), limit)
 
     def events(self, actor: Operator, kinds: frozenset[str]) -> Subscription:
         """A subscription to the hive's events; the caller unsubscribes."""
