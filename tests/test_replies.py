@@ -163,7 +163,7 @@ def test_egress_log_pages_by_before(hive: Hive) -> None:
     row = {"agent": "a", "at": 0.0, "port": 443, "address": None, "allowed": False,
            "reason": "r" * 10_000, "bytes_up": 0, "bytes_down": 0, "closed_at": 0.0}
     for i in range(800):
-        hive.store.egress.log({**row, "host": f"h{i}.example"})  # type: ignore[typeddict-item]
+        hive.store.egress.log({**row, "host": f"h{i}.example"})
     page = hive.egress_log(OPERATOR, None, 5000)
     assert page.more and line_bytes(ok(entries=page.items, more=True)) <= BUDGET
     ids = [e["id"] for e in page.items]
