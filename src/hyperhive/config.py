@@ -50,7 +50,11 @@ class LimitsSection(BaseModel):
     What one agent may hold in the hive: ``agent_pending_max`` undelivered messages, open
     questions, pending approvals and reminders it created, of at most ``agent_store_mib``
     MiB in all; of every per-agent log (egress decisions, delivered messages, resolved
-    questions and approvals, delivered reminders) the newest ``history_keep`` are kept."""
+    questions and approvals, delivered reminders) the newest ``history_keep`` are kept.
+
+    Every listing reply (``recv``, ``inbox``, transcripts, egress logs, loose ends) is at
+    most ``reply_bytes`` long as well as its count; the rest comes in the next batch
+    (core/replies.py). It must hold the largest single row, ``MAX_ITEM_BYTES``."""
 
     model_config = ConfigDict(extra="forbid")
     messages_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
