@@ -16,6 +16,7 @@ from pydantic import (
     model_validator,
 )
 
+from hyperhive.core.replies import DEFAULT_REPLY_BYTES, MAX_ITEM_BYTES
 from hyperhive.wire.common import AgentName, AgentSpec
 from hyperhive.wire.egress import RuleError, check_hostname
 from hyperhive.wire.framing import describe_validation_error
@@ -49,7 +50,11 @@ class LimitsSection(BaseModel):
     What one agent may hold in the hive: ``agent_pending_max`` undelivered messages, open
     questions, pending approvals and reminders it created, of at most ``agent_store_mib``
     MiB in all; of every per-agent log (egress decisions, delivered messages, resolved
-    questions and approvals, delivered reminders) the newest ``history_keep`` are kept."""
+    questions and approvals, delivered reminders) the newest ``history_keep`` are kept.
+
+    Every listing reply (``recv``, ``inbox``, transcripts, egress logs, loose ends) is at
+    most ``reply_bytes`` long as well as its count; the rest comes in the next batch
+    (core/replies.py). It must hold the largest single row, ``MAX_ITEM_BYTES``."""
 
     model_config = ConfigDict(extra="forbid")
     messages_per_second: float = Field(default=50.0, ge=0, le=1_000_000)
@@ -62,6 +67,7 @@ class LimitsSection(BaseModel):
     agent_store_mib: int = Field(default=64, ge=1, le=1_048_576)
     agent_pending_max: int = Field(default=10_000, ge=10, le=10_000_000)
     history_keep: int = Field(default=5_000, ge=10, le=10_000_000)
+    reply_bytes: int = Field(default=DEFAULT_REPLY_BYTES, ge=MAX_ITEM_BYTES, le=1 << 30)
 
 
 class EgressSection(BaseModel):

@@ -101,6 +101,8 @@ def recv(ctx: click.Context, as_json: bool, wait: float, max_: int, ack: bool) -
     report(resp, as_json)
     if not as_json:
         print_messages(resp["messages"])
+        if resp.get("more"):
+            say("more messages are waiting: receive again" + (" (these are acked)" if ack else ""))
 
 
 @agent_group.command()
@@ -228,3 +230,6 @@ def loose_ends(ctx: click.Context, as_json: bool) -> None:
                 for q in resp["to_answer"]
             ),
         )
+        if resp.get("more"):  # one reply's byte budget was full; the rest comes by cursor
+            say("more loose ends follow: ask loose_ends with questions_after, approvals_after,")
+            say("to_answer_after = the last id of each list above")

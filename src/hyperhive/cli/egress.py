@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from hyperhive.cli.output import json_option, request, say, table, when
+from hyperhive.cli.output import json_option, paged, request, say, table, when
 
 
 def _host_sock(ctx: click.Context) -> Path:
@@ -68,7 +68,9 @@ def rm(ctx: click.Context, as_json: bool, name: str, rule: str) -> None:
 @click.pass_context
 def log(ctx: click.Context, as_json: bool, name: str | None, limit: int) -> None:
     """The proxy's decisions, newest first: agent, destination, allowed or refused, bytes."""
-    resp = request(_host_sock(ctx), "egress_log", as_json, name=name, limit=limit)
+    resp = paged(
+        _host_sock(ctx), "egress_log", as_json, "entries", "before", ("limit", limit), name=name
+    )
     if not as_json:
         table(
             "egress log",

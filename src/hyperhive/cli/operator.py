@@ -12,6 +12,7 @@ import click
 from hyperhive.cli.output import (
     fail,
     json_option,
+    paged,
     print_messages,
     request,
     say,
@@ -88,6 +89,12 @@ def page_footer(cmd: str, rows: list[dict[str, Any]], reply: dict[str, Any]) -> 
         say(f"{len(rows)} shown of {total}; next page: hive {cmd} --after {last} (or --all)")
 
 
+def _more(resp: dict[str, Any], rows: str, how: str) -> None:
+    """Say that a paged listing stopped at its count with rows left, and how to go on."""
+    if resp.get("more") and resp[rows]:
+        say(f"more {rows} follow: {how} {resp[rows][-1]['id']}")
+
+
 def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("ls")
     @json_option
@@ -138,12 +145,15 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("inbox")
     @json_option
     @click.option("--after", type=int, default=0, help="Only messages with an id above this.")
+    @click.option("--max", "max_", type=click.IntRange(1, 10_000), default=1000, show_default=True)
     @click.pass_context
-    def inbox(ctx: click.Context, as_json: bool, after: int) -> None:
-        """Messages the agents sent to the operator."""
-        resp = request(host_sock(ctx), "inbox", as_json, after=after)
+    def inbox(ctx: click.Context, as_json: bool, after: int, max_: int) -> None:
+        """Messages the agents sent to the operator (in batches, as many as MAX)."""
+        path = host_sock(ctx)
+        resp = paged(path, "inbox", as_json, "messages", "after", ("max", max_), after=after)
         if not as_json:
             print_messages(resp["messages"], "inbox")
+            _more(resp, "messages", "hive inbox --after")
 
     @group.command("questions")
     @json_option
@@ -432,7 +442,10 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @click.pass_context
     def transcript(ctx: click.Context, as_json: bool, name: str, after: int, limit: int) -> None:
         """Agent NAME's turn transcript (latest entries)."""
-        resp = request(host_sock(ctx), "transcript", as_json, name=name, after=after, limit=limit)
+        resp = paged(
+            host_sock(ctx), "transcript", as_json, "entries", "after", ("limit", limit),
+            name=name, after=after,
+        )  # fmt: skip
         if not as_json:
             table(
                 f"{name} transcript",

@@ -50,6 +50,40 @@ def request(path: Path, cmd: str, as_json: bool, **fields: Any) -> dict[str, Any
     return report(resp, as_json)
 
 
+def paged(
+    path: Path,
+    cmd: str,
+    as_json: bool,
+    rows: str,
+    cursor: str,
+    count: tuple[str, int],
+    **fields: Any,
+) -> dict[str, Any]:
+    """A listing that comes in batches (every reply has a byte budget): ask for the next
+    batch, ``cursor`` = the last row's id, until the reply says no ``more`` or ``count``
+    (its field, the total wanted) rows came; report them as one reply. ``more`` stays in
+    it when rows are left beyond ``count``."""
+    field, wanted = count
+    got: list[dict[str, Any]] = []
+    try:
+        with Client(path) as c:
+            while True:
+                ask = {k: v for k, v in fields.items() if v is not None}
+                resp = c.call(cmd, **ask, **{field: wanted - len(got)})
+                if not resp.get("ok"):
+                    break
+                got += resp[rows]
+                if not resp.get("more") or not resp[rows] or len(got) >= wanted:
+                    resp[rows] = got
+                    break
+                fields[cursor] = resp[rows][-1]["id"]
+    except HiveUnavailable as e:
+        fail(str(e))
+    except (ConnectionError, TimeoutError) as e:
+        fail(f"{path}: {e}")
+    return report(resp, as_json)
+
+
 def report(resp: dict[str, Any], as_json: bool) -> dict[str, Any]:
     """Print a response as --json asks; a refusal prints its one line and exits 1."""
     if as_json:

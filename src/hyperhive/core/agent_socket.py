@@ -21,8 +21,8 @@ from hyperhive.core.budget import AGENT_SOCK_BACKLOG
 from hyperhive.core.connlimit import ConnectionLimiter
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
-from hyperhive.core.listing import rows_out
 from hyperhive.core.refusals import Forbidden, Refused
+from hyperhive.core.replies import more
 from hyperhive.paths import RunDir
 from hyperhive.peercred import peer_cred
 from hyperhive.unixsock import bind_listener
@@ -82,8 +82,8 @@ async def send(s: AgentSession, req: w.Send) -> Reply:
 
 
 async def recv(s: AgentSession, req: w.Recv) -> Reply:
-    msgs = await s.hive.recv(s.actor, s.conn, req.wait, req.max)
-    return ok(messages=[_msg(m) for m in msgs])
+    page = await s.hive.recv(s.actor, s.conn, req.wait, req.max)
+    return ok(messages=[_msg(m) for m in page.items], **more(page))
 
 
 async def ack(s: AgentSession, req: w.Ack) -> Reply:
@@ -113,7 +113,9 @@ async def remind(s: AgentSession, req: w.Remind) -> Reply:
 
 
 async def loose_ends(s: AgentSession, req: w.LooseEnds) -> Reply:
-    return ok(**s.hive.loose_ends(s.actor))
+    return ok(
+        **s.hive.loose_ends(s.actor, req.questions_after, req.approvals_after, req.to_answer_after)
+    )
 
 
 # -- harness verbs (the turn loop): only on a connection from the harness uid -------
@@ -148,9 +150,8 @@ async def control(s: AgentSession, req: wh.Control) -> Reply:
 
 
 async def transcript_read(s: AgentSession, req: wh.TranscriptRead) -> Reply:
-    return ok(
-        entries=rows_out(await s.hive.transcript_read(s.actor, req.after, req.limit, req.wait))
-    )
+    page = await s.hive.transcript_read(s.actor, req.after, req.limit, req.wait)
+    return ok(entries=page.items, **more(page))
 
 
 async def page_state(s: AgentSession, req: wh.PageState) -> Reply:

@@ -13,7 +13,7 @@ from hyperhive.core.refusals import BadRequest, Conflict, NotFound
 from hyperhive.core.store import ApplyError, ApprovalTx, Unreadable, canonical_json
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
-from hyperhive.wire.framing import describe_validation_error, model_fields_only
+from hyperhive.wire.framing import MAX_LINE, describe_validation_error, model_fields_only
 
 if TYPE_CHECKING:  # the service calls in here; the kinds only use what it passes them
     from hyperhive.core.hive import Hive
@@ -137,11 +137,10 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
     if handler is None:
         raise BadRequest(f"unknown approval kind {kind!r}; known: {', '.join(sorted(KINDS))}")
     handler.check(hive, requester, payload)
-    hive.check_store_quota(
-        requester,
-        1,
-        len(kind.encode()) + len(description.encode()) + len(canonical_json(payload).encode()),
-    )
+    stored = len(canonical_json(payload).encode())
+    if stored > MAX_LINE:  # numbers grow when stored (1e15 is 1000000000000000.0): bound it
+        raise BadRequest(f"payload too large: {stored} bytes as stored, at most {MAX_LINE}")
+    hive.check_store_quota(requester, 1, len(kind.encode()) + len(description.encode()) + stored)
     approval = hive.store.approvals.request(requester, kind, description, payload)
     hive.bus.publish("approval", {"approval": model_fields_only(approval)})
     return approval

@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from hyperhive.config import HiveConfig
@@ -25,17 +26,17 @@ from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import Busy, Conflict, Forbidden, NotFound, Refused
+from hyperhive.core.replies import Page, ReplyBudget, encoded_size, take
 from hyperhive.core.store import (
     AgentRow,
     EgressDecision,
-    EgressLogEntry,
     EgressRule,
     Store,
     StoreError,
     TranscriptEntry,
     Unreadable,
 )
-from hyperhive.core.summary import PAGE, Page
+from hyperhive.core.summary import PAGE, Listing
 from hyperhive.names import OPERATOR
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
@@ -293,18 +294,24 @@ class Hive:
             if not fut.done():
                 fut.set_result(msg)
 
-    async def recv(self, actor: Agent, conn: int, wait: float, limit: int) -> list[Message]:
-        """Up to ``limit`` unacked messages not held by another connection, waiting up to
-        ``wait`` seconds for the first; they stay the caller's until acked or it hangs up."""
+    def _reply_budget(self) -> ReplyBudget:
+        """A fresh byte budget for one reply (``[limits] reply_bytes``, core/replies.py)."""
+        return ReplyBudget(self.config.limits.reply_bytes)
+
+    async def recv(self, actor: Agent, conn: int, wait: float, limit: int) -> Page[Message]:
+        """Up to ``limit`` unacked messages not held by another connection, and no more than
+        fit one reply's byte budget, waiting up to ``wait`` seconds for the first; they stay
+        the caller's until acked or it hangs up. ``more``: others are waiting now."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             in_flight = self._in_flight[actor.name]
-            msgs = self.store.messages.unacked(actor.name, limit, skip=set(in_flight))
-            if msgs or loop.time() >= deadline:
-                for m in msgs:
+            unacked = self.store.messages.unacked(actor.name, limit + 1, skip=set(in_flight))
+            page = take(unacked, self._reply_budget(), limit, _message_size)
+            if page.items or loop.time() >= deadline:
+                for m in page.items:
                     in_flight[m.id] = conn
-                return msgs
+                return page
             await self.wakeups.wait(actor.name, deadline - loop.time())
 
     def ack(self, actor: Agent, ids: list[int]) -> int:
@@ -325,8 +332,11 @@ class Hive:
         if released:
             self.wakeups.notify(name)
 
-    def inbox(self, actor: Operator, after: int, limit: int) -> list[Message | Unreadable]:
-        return self.store.messages.inbox(OPERATOR, after, limit)
+    def inbox(self, actor: Operator, after: int, limit: int) -> Page[dict[str, Any]]:
+        """Messages to the operator after id ``after``, as sent: at most ``limit`` and one
+        reply's byte budget; ``more`` when the next batch (after the last id) has some."""
+        rows = self.store.messages.inbox(OPERATOR, after, limit + 1)
+        return _page(rows, self._reply_budget(), limit)
 
     def recent_messages(self, actor: Operator, limit: int) -> list[Message | Unreadable]:
         """The newest messages between anyone, oldest first, as summaries (the dashboard's
@@ -369,7 +379,7 @@ class Hive:
 
     def questions_for(
         self, actor: Operator, after: int = 0, limit: int = PAGE
-    ) -> Page[Question | Unreadable]:
+    ) -> Listing[Question | Unreadable]:
         """One page of the open questions to the operator, oldest first, as summaries."""
         return self.store.questions.open_page(target=OPERATOR, after=after, limit=limit)
 
@@ -380,14 +390,29 @@ class Hive:
             raise NotFound(f"no question {qid}")
         return q
 
-    def loose_ends(self, actor: Agent) -> dict[str, list[dict[str, Any]]]:
-        """What the caller still waits on, and what still waits on it."""
-        store = self.store
-        return {
-            "questions": rows_out(store.questions.open(asker=actor.name)),
-            "approvals": rows_out(store.approvals.list(status="pending", agent=actor.name)),
-            "to_answer": rows_out(store.questions.open(target=actor.name)),
+    def loose_ends(
+        self,
+        actor: Agent,
+        questions_after: int = 0,
+        approvals_after: int = 0,
+        to_answer_after: int = 0,
+    ) -> dict[str, Any]:
+        """What the caller still waits on, and what still waits on it: the three lists
+        share one reply's byte budget, filled in this order. ``more``: one of them was cut
+        (ask again with each ``<list>_after`` = the last id got of that list)."""
+        store, budget, name = self.store, self._reply_budget(), actor.name
+        lists: dict[str, Callable[[], Iterable[Any]]] = {
+            "questions": lambda: store.questions.open_after(questions_after, asker=name),
+            "approvals": lambda: store.approvals.pending_after(name, approvals_after),
+            "to_answer": lambda: store.questions.open_after(to_answer_after, target=name),
         }
+        out: dict[str, Any] = {}
+        cut = False
+        for key, rows in lists.items():
+            # Once a list is cut, the later ones wait for the next batch too.
+            page: Page[dict[str, Any]] = Page() if cut else _page(rows(), budget)
+            out[key], cut = page.items, cut or page.more
+        return {**out, **({"more": True} if cut else {})}
 
     # -- reminders ------------------------------------------------------------------
 
@@ -432,7 +457,7 @@ class Hive:
 
     def pending_page(
         self, actor: Operator, after: int = 0, limit: int = PAGE
-    ) -> Page[Approval | Unreadable]:
+    ) -> Listing[Approval | Unreadable]:
         """One page of the pending approvals, oldest first, as summaries (a cut payload says
         so in ``truncated``; ``approval`` shows it whole, as approving would apply it)."""
         return self.store.approvals.page(status="pending", after=after, limit=limit)
@@ -461,9 +486,9 @@ class Hive:
             if row is None:
                 return None
             if not row.paused:
-                msgs = await self.recv(actor, conn, 0, 1)
-                if msgs:
-                    return msgs[0]
+                page = await self.recv(actor, conn, 0, 1)
+                if page.items:
+                    return page.items[0]
             if loop.time() >= deadline:
                 return None
             await self.wakeups.wait(actor.name, deadline - loop.time())
@@ -501,21 +526,26 @@ class Hive:
 
     async def transcript_read(
         self, actor: Agent, after: int, limit: int, wait: float
-    ) -> list[TranscriptEntry | Unreadable]:
+    ) -> Page[dict[str, Any]]:
         """The caller's own transcript (its page streams it), waiting for new entries."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            entries = self.store.transcripts.entries(actor.name, after, limit)
-            if entries or loop.time() >= deadline:
-                return entries
+            page = self._transcript(actor.name, after, limit)
+            if page.items or loop.time() >= deadline:
+                return page
             await self.transcript_wakeups.wait(actor.name, deadline - loop.time())
 
     def transcript(
         self, actor: Operator, name: str, after: int, limit: int
-    ) -> list[TranscriptEntry | Unreadable]:
+    ) -> Page[dict[str, Any]]:
         self.require_agent(name)
-        return self.store.transcripts.entries(name, after, limit)
+        return self._transcript(name, after, limit)
+
+    def _transcript(self, name: str, after: int, limit: int) -> Page[dict[str, Any]]:
+        """The newest ``limit`` entries after ``after``, oldest first, as many as fit one
+        reply; ``more``: the entries after the last one sent were left for the next."""
+        return _page(self.store.transcripts.entries(name, after, limit), self._reply_budget())
 
     def page_state(self, actor: Agent, egress_limit: int) -> dict[str, Any]:
         """What the agent's own page shows: only the caller's own rows. Its questions to the
@@ -532,7 +562,12 @@ class Hive:
             "approvals": [approvals.shown(a) for a in pending.items],
             "approvals_total": pending.total,
             "egress_rules": store.egress.rules(actor.name).get(actor.name, []),
-            "egress_log": rows_out(store.egress.entries(actor.name, egress_limit)),
+            # A quarter of a reply: the rest of the page's state shares the same line.
+            **_egress_log(
+                store.egress.entries(actor.name, egress_limit + 1),
+                ReplyBudget(self.config.limits.reply_bytes // 4),
+                egress_limit,
+            ),
         }
 
     # -- egress ---------------------------------------------------------------------
@@ -598,11 +633,14 @@ class Hive:
             raise Conflict(f"{name} has no egress rule {rule!r}")
 
     def egress_log(
-        self, actor: Operator, name: str | None, limit: int
-    ) -> list[EgressLogEntry | Unreadable]:
+        self, actor: Operator, name: str | None, limit: int, before: int | None = None
+    ) -> Page[dict[str, Any]]:
+        """The newest ``limit`` decisions older than ``before``, newest first, as many as
+        fit one reply; ``more``: older ones were left (ask with ``before`` = the last id)."""
         if name is not None:
             self.require_agent(name)
-        return self.store.egress.entries(name, limit)
+        rows = self.store.egress.entries(name, limit + 1, before)
+        return _page(rows, self._reply_budget(), limit)
 
     def events(self, actor: Operator, kinds: frozenset[str]) -> Subscription:
         """A subscription to the hive's events; the caller unsubscribes."""
@@ -692,6 +730,23 @@ class Hive:
         for n in targets:
             await fn(n)
         return targets
+
+
+def _message_size(msg: Message) -> int:
+    """A message's bytes in a ``recv`` reply (its recipient's rows carry no ``to``)."""
+    return encoded_size(model_fields_only(msg))
+
+
+def _page(
+    rows: Iterable[Any], budget: ReplyBudget, limit: int | None = None
+) -> Page[dict[str, Any]]:
+    """Rows (typed, or Unreadable) as sent, while they fit ``budget`` and ``limit``."""
+    return take((row_out(r) for r in rows), budget, limit or sys.maxsize, encoded_size)
+
+
+def _egress_log(rows: Iterable[Any], budget: ReplyBudget, limit: int) -> dict[str, Any]:
+    page = _page(rows, budget, limit)
+    return {"egress_log": page.items, **({"egress_log_more": True} if page.more else {})}
 
 
 def _bounded(data: Any) -> Any:

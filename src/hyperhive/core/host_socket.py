@@ -20,6 +20,7 @@ from hyperhive.core.connlimit import ConnectionLimiter
 from hyperhive.core.hive import Hive
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
 from hyperhive.core.listing import row_out, rows_out
+from hyperhive.core.replies import more
 from hyperhive.peercred import group_gid, peer_cred, peer_groups, uid_in_group
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire import host as w
@@ -75,7 +76,8 @@ async def interrupt(s: OperatorSession, req: w.Interrupt) -> Reply:
 
 
 async def transcript(s: OperatorSession, req: w.Transcript) -> Reply:
-    return ok(entries=rows_out(s.hive.transcript(s.actor, req.name, req.after, req.limit)))
+    page = s.hive.transcript(s.actor, req.name, req.after, req.limit)
+    return ok(entries=page.items, **more(page))
 
 
 async def pending(s: OperatorSession, req: w.Pending) -> Reply:
@@ -120,7 +122,8 @@ async def send(s: OperatorSession, req: w.OperatorSend) -> Reply:
 
 
 async def inbox(s: OperatorSession, req: w.Inbox) -> Reply:
-    return ok(messages=rows_out(s.hive.inbox(s.actor, req.after, req.max)))
+    page = s.hive.inbox(s.actor, req.after, req.max)
+    return ok(messages=page.items, **more(page))
 
 
 async def spawn(s: OperatorSession, req: w.Spawn) -> Reply:
@@ -148,7 +151,8 @@ async def egress_remove(s: OperatorSession, req: w.EgressRemove) -> Reply:
 
 
 async def egress_log(s: OperatorSession, req: w.EgressLog) -> Reply:
-    return ok(entries=rows_out(s.hive.egress_log(s.actor, req.name, req.limit)))
+    page = s.hive.egress_log(s.actor, req.name, req.limit, req.before)
+    return ok(entries=page.items, **more(page))
 
 
 async def urls(s: OperatorSession, req: w.Urls) -> Reply:

@@ -370,7 +370,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
             "egress_rules": hive.egress_rules(OPERATOR, None),
-            "egress_log": rows_out(hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN)),
+            "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items,
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}

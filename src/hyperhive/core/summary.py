@@ -20,7 +20,7 @@ PAGE_MAX = 200  # the most rows one page may hold
 
 
 @dataclass(frozen=True, slots=True)
-class Page(Generic[T]):
+class Listing(Generic[T]):
     """One page of a listing: its rows, how many there are in all, and whether any come
     after the last row here (ask again with ``after`` = that row's id)."""
 

@@ -101,7 +101,13 @@ class Remind(Strict):
 
 
 class LooseEnds(Strict):
+    """The three lists share one reply's byte budget; to page, pass each ``<list>_after``
+    = the last id got of that list (see docs/protocol.md)."""
+
     cmd: Literal["loose_ends"]
+    questions_after: Annotated[int, Field(ge=0)] = 0
+    approvals_after: Annotated[int, Field(ge=0)] = 0
+    to_answer_after: Annotated[int, Field(ge=0)] = 0
 
 
 AgentRequest = Annotated[

@@ -19,8 +19,10 @@ def _check_target(value: str) -> str:
 # Whom a message or question may be addressed to: an agent, or the operator.
 Target = Annotated[str, AfterValidator(_check_target)]
 
-Text = Annotated[str, Field(max_length=256 * 1024)]
-ShortText = Annotated[str, Field(max_length=4096)]
+TEXT_CHARS = 256 * 1024
+SHORT_TEXT_CHARS = 4096
+Text = Annotated[str, Field(max_length=TEXT_CHARS)]
+ShortText = Annotated[str, Field(max_length=SHORT_TEXT_CHARS)]
 
 
 class Strict(BaseModel):

@@ -159,11 +159,13 @@ class EgressRemove(Strict):
 
 
 class EgressLog(Strict):
-    """The proxy's decisions, newest first."""
+    """The proxy's decisions, newest first; ``before``: only those older than that id
+    (the next batch after a reply that said ``more``)."""
 
     cmd: Literal["egress_log"]
     name: AgentName | None = None
     limit: Annotated[int, Field(ge=1, le=5000)] = 100
+    before: Annotated[int, Field(ge=1)] | None = None
 
 
 class Urls(Strict):

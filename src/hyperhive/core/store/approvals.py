@@ -4,7 +4,7 @@ the stored payload through an ApprovalTx, inside the resolving transaction."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from hyperhive.core.refusals import Conflict, NotFound
@@ -20,7 +20,7 @@ from hyperhive.core.store.common import (
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import insert_rule
 from hyperhive.core.store.messages import insert_message
-from hyperhive.core.summary import Page, cut_sql, is_cut, shown
+from hyperhive.core.summary import Listing, cut_sql, is_cut, shown
 from hyperhive.wire.common import AgentSpec, Approval, Message
 
 _COLUMNS = (
@@ -136,7 +136,7 @@ class ApprovalRepo:
 
     def page(
         self, *, status: str, agent: str | None = None, after: int = 0, limit: int
-    ) -> Page[Approval | Unreadable]:
+    ) -> Listing[Approval | Unreadable]:
         """One page of the approvals with ``status`` (of ``agent``) with an id above ``after``,
         oldest first, as summaries."""
         where, args = ["status=?"], list[object]([status])
@@ -151,7 +151,7 @@ class ApprovalRepo:
             [*args, after, limit + 1],  # one more: is there a next page?
         ).fetchall()
         items = [readable(_to_summary, r) for r in rows[:limit]]
-        return Page(items, int(total), len(rows) > limit)
+        return Listing(items, int(total), len(rows) > limit)
 
     def list(
         self, *, status: str | None = None, agent: str | None = None
@@ -169,6 +169,16 @@ class ApprovalRepo:
             f"SELECT {_COLUMNS} FROM approvals {clause} ORDER BY id", args
         ).fetchall()
         return [readable(_to_approval, r) for r in rows]
+
+    def pending_after(self, agent: str, after: int) -> Iterator[Approval | Unreadable]:
+        """``agent``'s pending approvals from id ``after`` on, oldest first, read one row
+        at a time (a reply's byte budget)."""
+        rows = self._db.rows(
+            f"SELECT {_COLUMNS} FROM approvals WHERE status='pending' AND agent=? AND id>?"
+            " ORDER BY id",
+            (agent, after),
+        )
+        return (readable(_to_approval, r) for r in rows)
 
     def resolve(
         self,

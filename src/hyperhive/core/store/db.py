@@ -72,6 +72,16 @@ class Database:
     def close(self) -> None:
         self.conn.close()
 
+    def rows(self, sql: str, params: Params = ()) -> Iterator[Any]:
+        """A query's rows one at a time, for a caller that may stop early (a reply's byte
+        budget): only the rows it takes are read. Closing the iterator ends the query."""
+        cur = self.conn.execute(sql, params)
+        try:
+            while (row := cur.fetchone()) is not None:
+                yield row
+        finally:
+            cur.close()
+
     @contextmanager
     def tx(self) -> Iterator[Tx]:
         """One write transaction; rolled back whole on any error. A SQLite error (e.g.

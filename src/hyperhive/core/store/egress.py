@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any, TypedDict
 
 from hyperhive.core.store.common import Unreadable, readable
@@ -107,16 +108,25 @@ class EgressRepo:
         self._since_prune.pop(agent, None)
 
     def entries(
-        self, agent: str | None = None, limit: int = 100
-    ) -> list[EgressLogEntry | Unreadable]:
-        """The newest ``limit`` decisions (of ``agent``), newest first."""
+        self, agent: str | None = None, limit: int = 100, before: int | None = None
+    ) -> Iterator[EgressLogEntry | Unreadable]:
+        """The newest ``limit`` decisions (of ``agent``, older than id ``before``), newest
+        first, read one row at a time (the caller stops at its reply's byte budget)."""
         sql = (
             "SELECT id, agent, at, host, port, address, allowed, reason, bytes_up, bytes_down,"
             " closed_at FROM egress_log"
         )
-        sql += (" WHERE agent=?" if agent else "") + " ORDER BY id DESC LIMIT ?"
-        rows = self._db.conn.execute(sql, (agent, limit) if agent else (limit,)).fetchall()
-        return [readable(_to_entry, r) for r in rows]
+        where: list[str] = []
+        args: list[object] = []
+        if agent:
+            where.append("agent=?")
+            args.append(agent)
+        if before is not None:
+            where.append("id<?")
+            args.append(before)
+        sql += (f" WHERE {' AND '.join(where)}" if where else "") + " ORDER BY id DESC LIMIT ?"
+        rows = self._db.rows(sql, (*args, limit))
+        return (readable(_to_entry, r) for r in rows)
 
 
 _NUMBER = (int, float)

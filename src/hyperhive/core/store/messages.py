@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
@@ -127,13 +127,16 @@ class MessageRepo:
                 out.append(insert_message(tx, *item))
             return out
 
-    def unacked(self, recipient: str, limit: int, skip: set[int]) -> list[Message]:
-        rows = self._db.conn.execute(
+    def unacked(self, recipient: str, limit: int, skip: set[int]) -> Iterator[Message]:
+        """Unacked messages to ``recipient`` not in ``skip``, oldest first, at most ``limit``,
+        read one row at a time: the caller stops when its reply is full (core/replies.py).
+        ``skip`` is left out by the query, so the rows held elsewhere are never read."""
+        rows = self._db.rows(
             f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
-            " ORDER BY id LIMIT ?",
-            (recipient, limit + len(skip)),
-        ).fetchall()
-        return [_for_recipient(r) for r in rows if r[0] not in skip][:limit]
+            " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+            (recipient, json.dumps(sorted(skip)), limit),
+        )
+        return (_for_recipient(r) for r in rows)
 
     def ack(self, recipient: str, ids: list[int]) -> int:
         """Ack ``ids``, all of which must be messages to ``recipient``; how many were new."""
@@ -180,10 +183,11 @@ class MessageRepo:
         r = self._db.conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (mid,)).fetchone()
         return None if r is None else readable(_with_to, r)
 
-    def inbox(self, recipient: str, after: int, limit: int) -> list[Message | Unreadable]:
-        """Messages to ``recipient`` after id ``after``, acked or not."""
-        rows = self._db.conn.execute(
+    def inbox(self, recipient: str, after: int, limit: int) -> Iterator[Message | Unreadable]:
+        """Messages to ``recipient`` after id ``after``, acked or not, oldest first, at most
+        ``limit``, read one row at a time (see ``unacked``)."""
+        rows = self._db.rows(
             f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
             (recipient, after, limit),
-        ).fetchall()
-        return [readable(_with_to, r) for r in rows]
+        )
+        return (readable(_with_to, r) for r in rows)

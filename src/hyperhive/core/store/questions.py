@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
 from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
-from hyperhive.core.summary import Page, cut_sql, is_cut, options_prefix, shown
+from hyperhive.core.summary import Listing, cut_sql, is_cut, options_prefix, shown
 from hyperhive.wire.common import Message, Question
 
 _COLUMNS = "id, asker, target, question, options, asked_at, answer, answered_at, cancelled"
@@ -110,7 +111,7 @@ class QuestionRepo:
 
     def open_page(
         self, *, target: str | None = None, asker: str | None = None, after: int = 0, limit: int
-    ) -> Page[Question | Unreadable]:
+    ) -> Listing[Question | Unreadable]:
         """One page of the open questions (to ``target``, from ``asker``) with an id above
         ``after``, oldest first, as summaries."""
         where, args = self._open_where(target, asker)
@@ -122,7 +123,7 @@ class QuestionRepo:
             [*args, after, limit + 1],  # one more: is there a next page?
         ).fetchall()
         items = [readable(_to_summary, r) for r in rows[:limit]]
-        return Page(items, int(total), len(rows) > limit)
+        return Listing(items, int(total), len(rows) > limit)
 
     @staticmethod
     def _open_where(target: str | None, asker: str | None) -> tuple[list[str], list[object]]:
@@ -150,3 +151,20 @@ class QuestionRepo:
             f"SELECT {_COLUMNS} FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
         ).fetchall()
         return [readable(_to_question, r) for r in rows]
+
+    def open_after(
+        self, after: int, *, target: str | None = None, asker: str | None = None
+    ) -> Iterator[Question | Unreadable]:
+        """``open`` from id ``after`` on, read one row at a time (a reply's byte budget)."""
+        where = ["answer IS NULL", "cancelled=0", "id>?"]
+        args: list[object] = [after]
+        if target is not None:
+            where.append("target=?")
+            args.append(target)
+        if asker is not None:
+            where.append("asker=?")
+            args.append(asker)
+        rows = self._db.rows(
+            f"SELECT {_COLUMNS} FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
+        )
+        return (readable(_to_question, r) for r in rows)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from typing import Any, TypedDict
 
 from hyperhive.core.refusals import NotFound
@@ -71,11 +72,18 @@ class TranscriptRepo:
 
     def entries(
         self, agent: str, after: int = 0, limit: int = 500
-    ) -> list[TranscriptEntry | Unreadable]:
-        """The newest ``limit`` entries after id ``after``, oldest first."""
-        rows = self._db.conn.execute(
-            "SELECT id, turn, kind, data, at FROM (SELECT * FROM transcript WHERE agent=? AND id>?"
-            " ORDER BY id DESC LIMIT ?) ORDER BY id",
-            (agent, after, limit),
-        ).fetchall()
-        return [readable(_to_entry, r) for r in rows]
+    ) -> Iterator[TranscriptEntry | Unreadable]:
+        """The newest ``limit`` entries after id ``after``, oldest first, read one row at a
+        time (the caller stops at its reply's byte budget; the next batch starts after
+        the last entry it took)."""
+        first = self._db.conn.execute(
+            "SELECT id FROM transcript WHERE agent=? AND id>? ORDER BY id DESC LIMIT 1 OFFSET ?",
+            (agent, after, limit - 1),
+        ).fetchone()
+        start = after + 1 if first is None else first[0]
+        rows = self._db.rows(
+            "SELECT id, turn, kind, data, at FROM transcript WHERE agent=? AND id>=?"
+            " ORDER BY id LIMIT ?",
+            (agent, start, limit),
+        )
+        return (readable(_to_entry, r) for r in rows)
