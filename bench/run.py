@@ -604,15 +604,17 @@ BENCHMARKS: list[Callable[[Context], list[Row]]] = [
 
 
 def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
-    """The messaging benchmarks, plus (as root: real cages need it) bench/cages.py's."""
+    """The messaging benchmarks, plus (as root: real cages need it) bench/cages.py's,
+    bench/egress.py's and bench/hostile.py's."""
     if os.geteuid() != 0:
         print("not root: skipping the cage benchmarks (they start real cages)", file=sys.stderr)
         return BENCHMARKS
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cages import CAGE_BENCHMARKS  # type: ignore[import-not-found]
     from egress import EGRESS_BENCHMARKS  # type: ignore[import-not-found]
+    from hostile import HOSTILE_BENCHMARKS  # type: ignore[import-not-found]
 
-    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS
+    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS + HOSTILE_BENCHMARKS
 
 
 # -- output ------------------------------------------------------------------------------
