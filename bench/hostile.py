@@ -1,4 +1,5 @@
 """The hostile-agent benchmark (issue 13; root: `hive up` with real cages and the gateway).
+It runs only when named (`bench/run.py --only hostile`): it loads the machine on purpose.
 
 One agent (`hog`) writes as much as its limits allow for 60 s (`--quick`: 5 s), with the
 hive's default limits: messages with the longest body to its peer and to the operator,
