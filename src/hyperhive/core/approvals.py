@@ -121,9 +121,6 @@ def shown(approval: Approval | Unreadable) -> dict[str, Any]:
     row = row_out(approval)
     if isinstance(approval, Unreadable) or "unreadable" in row:
         return row
-    # A null payload (an agent may leave it out) is still the payload the sha256 is of:
-    # the dashboard shows it, its script and its template both read the field.
-    row.setdefault("payload", None)
     rule = allows(approval)
     if rule is not None:
         row["allows"] = rule
