@@ -7,7 +7,8 @@ to run.
 
 Adding a section: write `def bench_x(ctx: Context) -> list[Row]`, append it to
 BENCHMARKS, and declare any agents it needs in AGENTS (the core is started once,
-with every declared agent, before the first benchmark).
+with every declared agent, before the first benchmark). bench/hostile.py's section
+runs only when named: `--only hostile`.
 
 Clients are as thin as we can make them, so the figures are the core's:
   * 1 pair and the floor: blocking sockets in one thread (no event loop);
@@ -603,16 +604,25 @@ BENCHMARKS: list[Callable[[Context], list[Row]]] = [
 ]
 
 
+# Sections run only when --only names them (see all_benchmarks).
+OPT_IN: list[Callable[[Context], list[Row]]] = []
+
+
 def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
-    """The messaging benchmarks, plus (as root: real cages need it) bench/cages.py's."""
+    """The messaging benchmarks, plus (as root: real cages need it) bench/cages.py's,
+    bench/egress.py's and bench/hostile.py's."""
     if os.geteuid() != 0:
         print("not root: skipping the cage benchmarks (they start real cages)", file=sys.stderr)
         return BENCHMARKS
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cages import CAGE_BENCHMARKS  # type: ignore[import-not-found]
     from egress import EGRESS_BENCHMARKS  # type: ignore[import-not-found]
+    from hostile import HOSTILE_BENCHMARKS  # type: ignore[import-not-found]
 
-    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS
+    # One agent writing all it may for a minute: minutes of load on purpose (and on
+    # today's main gigabytes in the core), so only with --only hostile.
+    OPT_IN.extend(HOSTILE_BENCHMARKS)
+    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS + HOSTILE_BENCHMARKS
 
 
 # -- output ------------------------------------------------------------------------------
@@ -686,6 +696,8 @@ def main(argv: list[str] | None = None) -> int:
             for fn in all_benchmarks():
                 if args.only and not any(o in fn.__name__ for o in args.only):
                     continue
+                if fn in OPT_IN and not args.only:
+                    continue  # a section that loads the machine on purpose: only when named
                 try:
                     rows += fn(ctx)
                 except KeyError as e:

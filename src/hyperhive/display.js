@@ -16,7 +16,8 @@
     });
   }
   function visibleJson(v) {
-    return JSON.stringify(v).replace(JSON_HIDDEN, function (ch) { return "\\u" + hex(ch, 4); });
+    // A field left out (an approval's null payload) is null, not a TypeError on redraw.
+    return JSON.stringify(v === undefined ? null : v).replace(JSON_HIDDEN, function (ch) { return "\\u" + hex(ch, 4); });
   }
   window.hiveDisplay = { visible: visible, visibleJson: visibleJson };
 })();

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
+import jinja2
 import uvicorn
 from fastapi import Depends, FastAPI, Form, HTTPException, Query, Request
 from fastapi import Path as PathParam
@@ -116,6 +117,12 @@ class StateModel(BaseModel):
     messages: list[dict[str, Any]]
     egress_rules: dict[str, list[EgressRuleRow]]
     egress_log: list[EgressEntry]
+
+
+def payload_json(value: Any) -> str:
+    """The payload as the text its sha256 was taken of. A row leaves a null payload out,
+    so the template meets Jinja's Undefined there: that is ``null``, not a 500."""
+    return canonical_json(None if isinstance(value, jinja2.Undefined) else value)
 
 
 def clock(at: float | None) -> str:
@@ -233,7 +240,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     templates = Jinja2Templates(directory=str(HERE / "templates"))
     # The payload as the text its sha256 was taken of (autoescaped like any other text;
     # Jinja's tojson would show "<" as "\\u003c").
-    templates.env.filters["canonical_json"] = canonical_json
+    templates.env.filters["canonical_json"] = payload_json
     # Every {{ … }} shows controls, C1 and bidi characters as escapes (hyperhive.display);
     # the payload's JSON shows them as JSON escapes. Set before any template is compiled.
     templates.env.finalize = visible_value
