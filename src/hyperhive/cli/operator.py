@@ -60,16 +60,13 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         if watch:
 
             def render(item: dict[str, Any]) -> None:
-                if "event" in item:
-                    ev = item["event"]
-                    a = ev.get("agent")
-                    if a:  # one line each: a newline in the status text is shown, not made
-                        say(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}")
-                    else:
-                        say(f"{ev.get('name')}: destroyed")
-                else:
-                    _status_table(item["agent_statuses"])
+                # The ack has no rows; each change is one row (hyperhive's shape).
+                for a in item.get("agent_statuses", ()):
+                    # one line each: a newline in the status text is shown, not made
+                    say(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}")
 
+            if not as_json:
+                _status_table(request(host_sock(ctx), "agent_status", False)["agent_statuses"])
             stream(host_sock(ctx), "subscribe_agent_status", as_json, render)
             return
         resp = request(host_sock(ctx), "agent_status", as_json)
