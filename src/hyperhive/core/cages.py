@@ -56,13 +56,15 @@ class CageLifecycle(Lifecycle):
         """hive-priv's start, with the agent's own limits where its spec sets them
         (``set_resource_limits``), hive-priv's defaults otherwise."""
         row = hive.store.agents.get(name)
-        spec = row.spec if row is not None else None
-        limits: dict[str, int] = {}
-        if spec is not None and spec.memory_mib is not None:
-            limits["memory_mib"] = spec.memory_mib
-        if spec is not None and spec.pids_max is not None:
-            limits["pids_max"] = spec.pids_max
-        return wp.StartCage(name=name, disk_mib=self.disk_mib, **limits)
+        default = wp.StartCage(name=name, disk_mib=self.disk_mib)
+        if row is None:
+            return default
+        return wp.StartCage(
+            name=name,
+            disk_mib=self.disk_mib,
+            memory_mib=row.spec.memory_mib or default.memory_mib,
+            pids_max=row.spec.pids_max or default.pids_max,
+        )
 
     async def stop(self, name: str, graceful: bool) -> None:
         self._wanted.pop(name, None)
