@@ -139,7 +139,8 @@ async def set_resource_limits(s: OperatorSession, req: w.SetResourceLimits) -> R
         )
     limits = {k: getattr(req, k) for k in ("memory_mib", "pids_max") if k in req.model_fields_set}
     spec = s.hive.set_resource_limits(s.actor, req.name, limits)
-    return ok(name=req.name, memory_mib=spec.memory_mib, pids_max=spec.pids_max)
+    now = {"memory_mib": spec.memory_mib, "pids_max": spec.pids_max}
+    return ok(name=req.name, **{k: v for k, v in now.items() if v is not None})
 
 
 async def destroy(s: OperatorSession, req: w.Destroy) -> Reply:
@@ -166,11 +167,16 @@ async def egress_log(s: OperatorSession, req: w.EgressLog) -> Reply:
 
 
 async def urls(s: OperatorSession, req: w.Urls) -> Reply:
-    listen = s.hive.config.hive.listen
-    host, _ = parse_listen(listen)
-    # forge and matrix: hyperhive's fields; this hive runs neither, so null (hyperhive's
-    # "not published").
-    return ok(urls={"domain": host, "home": f"http://{listen}/", "forge": None, "matrix": None})
+    section = s.hive.config.hive
+    host, _ = parse_listen(section.listen)
+    # forge and matrix: hyperhive's fields, for services this hive doesn't run; sent
+    # when hive.toml names them, else left out (hyperhive's "not published").
+    out = {"domain": host, "home": f"http://{section.listen}/"}
+    if section.forge_url is not None:
+        out["forge"] = section.forge_url
+    if section.matrix_url is not None:
+        out["matrix"] = section.matrix_url
+    return ok(urls=out)
 
 
 async def subscribe_agent_status(s: OperatorSession, req: w.SubscribeAgentStatus) -> Reply:
