@@ -128,7 +128,7 @@ async def request_spawn(s: OperatorSession, req: w.RequestSpawn) -> Reply:
 
 async def set_parent(s: OperatorSession, req: w.SetParent) -> Reply:
     s.hive.set_parent(s.actor, req.name, req.parent)
-    return ok(name=req.name, parent=req.parent)
+    return ok(name=req.name, **({} if req.parent is None else {"parent": req.parent}))
 
 
 async def set_resource_limits(s: OperatorSession, req: w.SetResourceLimits) -> Reply:
