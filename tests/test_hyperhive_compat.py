@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, assert_refused, wire_time
+from helpers import REPO, CoreProcess, assert_ok, assert_refused, wire_time
 from hive_fixture import HiveFactory
 
 # -- the model: hyperhive's response types, from the public client's mirror --------------
@@ -348,7 +349,16 @@ def test_a_slow_subscriber_misses_updates_and_stays_connected(hive: CoreProcess)
         slow.close()
 
 
+HIVE_CLI = REPO / ".venv" / "bin" / "hive"
+
 # -- hyperhive's verbs that map onto ours ----------------------------------------------------
+
+
+def cli(core: CoreProcess, *args: str) -> str:
+    out = subprocess.run([str(HIVE_CLI), "--run-dir", str(core.run_dir), *args],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
 
 
 def test_set_parent_request_spawn_and_set_resource_limits(hive: CoreProcess) -> None:
@@ -362,6 +372,11 @@ def test_set_parent_request_spawn_and_set_resource_limits(hive: CoreProcess) -> 
     assert "parent" not in hive.status(A)
     assert round_trip(sock, f'{{"cmd":"set_parent","name":"{B}","parent":null}}')["ok"]
     assert "parent" not in hive.status(B)
+    # the operator's CLI for both verbs
+    assert cli(hive, "set-parent", B, A) == f"{B}: parent {A}"
+    assert hive.status(B)["parent"] == A
+    assert cli(hive, "set-parent", B) == f"{B}: root-level"
+    assert cli(hive, "limits", B, "--pids-max", "100") == f"{B}: memory_mib default, pids_max 100 (from its next start)"
 
     # an operator-side spawn request: a pending spawn approval, root-level once approved
     resp = assert_ok(hive.host_call("request_spawn", name="scout", spec={"runtime": "command", "command": ["true"]}))

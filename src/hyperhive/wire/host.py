@@ -128,7 +128,7 @@ class SetParent(Strict):
 
     cmd: Literal["set_parent"]
     name: AgentName
-    parent: AgentName | None
+    parent: AgentName | None = None
 
 
 class SetResourceLimits(Strict):
