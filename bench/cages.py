@@ -95,11 +95,10 @@ def _until_running(hive: Hive, name: str, timeout: float = 30) -> float:
         assert first.get("ok"), first
         t0 = time.perf_counter()
         hive.call("start", scope={"agent_names": [name]})
-        while True:
-            ev = sub.read().get("event", {})
-            agent = ev.get("agent") or {}
-            if agent.get("name") == name and agent.get("running"):
-                return time.perf_counter() - t0
+        while True:  # hyperhive's feed: one agent_statuses row per change
+            for agent in sub.read().get("agent_statuses", []):
+                if agent.get("name") == name and agent.get("running"):
+                    return time.perf_counter() - t0
 
 
 def bench_cage_start(ctx: Context) -> list[Row]:

@@ -265,3 +265,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+RFC3339_UTC = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$"
+
+
+def wire_time(value: Any) -> float:
+    """A wire timestamp (RFC 3339 UTC, to the second, e.g. "2026-09-07T12:34:56Z") as
+    unix seconds; fails on anything else (a float included)."""
+    import re
+    from datetime import UTC, datetime
+
+    assert isinstance(value, str) and re.match(RFC3339_UTC, value), f"not RFC 3339 UTC: {value!r}"
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()

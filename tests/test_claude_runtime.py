@@ -34,7 +34,7 @@ from typing import Any
 import pytest
 
 from fake_anthropic import FakeAnthropic
-from helpers import CoreProcess, assert_ok
+from helpers import CoreProcess, assert_ok, wire_time
 from hive_fixture import VENV_BIN, HiveProcess, running_hive, wait_until
 from hyperhive.cage import layout
 from hyperhive.cage.runtimes import SYSTEM_PROMPT, ClaudeRuntime
@@ -409,7 +409,7 @@ def test_standin_two_turns_resume_the_session(claude_hive: HiveProcess) -> None:
         assert call["message"]["content"][1]["name"] == "mcp__hive__set_status"
         block = tool_result["message"]["content"][0]
         assert block["type"] == "tool_result" and block["is_error"] is False, block
-        assert json.loads(block["content"][0]["text"])["status_set_at"] > 0  # hive mcp's answer
+        assert wire_time(json.loads(block["content"][0]["text"])["status_set_at"]) > 0  # hive mcp's answer
         assert result["type"] == "result" and result["is_error"] is False
         assert entries[-1]["data"]["exit_status"] == 0
         sessions.append(init["session_id"])

@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 from playwright.sync_api import BrowserContext, Page, expect
 
+from helpers import wire_time
 from hive_fixture import probe_result, wait_until
 from test_browser import Watch, assert_no_markup, browser, context  # noqa: F401  (fixtures)
 from testnet import TestNet
@@ -107,8 +108,8 @@ def rules(web: Web, name: str) -> list[dict[str, str]]:
     return [{"rule": r["rule"], "source": r["source"]} for r in reply["rules"].get(name, [])]
 
 
-def clock(at: float) -> str:
-    return time.strftime("%H:%M:%S", time.gmtime(at))
+def clock(at: str) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(wire_time(at)))  # the wire's RFC 3339
 
 
 def open_dashboard(context: BrowserContext, web: Web) -> tuple[Page, Watch]:

@@ -242,7 +242,8 @@ def host_exchange(core: CoreProcess, payload: bytes, valid_json: dict[str, Any] 
     with Client(core.host_sock, timeout=15) as c:
         c.send_raw(payload + b"\n")
         resp = one_reply(c._file)
-        if resp["ok"] and "subscribed" in resp:
+        status_feed = valid_json is not None and valid_json.get("cmd") == "subscribe_agent_status"
+        if resp["ok"] and ("subscribed" in resp or status_feed):  # hyperhive's ack is bare
             # a valid subscribe turns the connection into an event stream
             assert valid_json is not None and valid_json.get("cmd") in ("subscribe", "subscribe_agent_status")
         else:

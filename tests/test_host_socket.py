@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, assert_refused, no_nulls, strict_loads
+from helpers import CoreProcess, assert_ok, assert_refused, no_nulls, strict_loads, wire_time
 from hyperhive.client import Client, HiveUnavailable
 
 ROW_FIELDS = {
@@ -92,6 +92,7 @@ def test_agent_status_optional_fields_appear_when_set(core_factory: Any) -> None
     }
     core = core_factory(agents, hive={"listen": "127.0.0.1:9191"})
     at = assert_ok(core.agent("alice").call("set_status", text="busy"))["status_set_at"]
+    wire_time(at)
     assert_ok(core.agent("alice").call("remind", in_seconds=3600, text="later"))
     payload = {"name": "kid", "spec": SPEC}
     aid = assert_ok(core.agent("alice").call("request_approval", kind="spawn", description="d", payload=payload))["id"]
@@ -195,9 +196,10 @@ def test_pending_rows_payload_and_sha256(core: CoreProcess) -> None:
     assert (row["agent"], row["kind"], row["status"], row["description"]) == ("bob", "custom", "pending", "check this")
     assert row["payload"] == payload
     assert row["payload_sha256"] == canonical_sha(payload) == resp["payload_sha256"]
-    for absent in ("resolved_at", "note", "commit_ref"):
+    for absent in ("resolved_at", "note"):
         assert absent not in row
-    assert isinstance(row["requested_at"], float)
+    assert row["commit_ref"] == row["payload_sha256"]  # always a string, as hyperhive's
+    wire_time(row["requested_at"])
     # the only null allowed is inside the agent-supplied payload
     no_nulls({k: v for k, v in row.items() if k != "payload"})
 
@@ -208,7 +210,7 @@ def test_approve_spawn_applies_exactly_once(core: CoreProcess) -> None:
     assert not sock_exists(core, "dave")
     resp = assert_ok(core.host_call("approve", id=aid))
     assert resp["approval"]["status"] == "approved" and resp["approval"]["id"] == aid
-    assert isinstance(resp["approval"]["resolved_at"], float)
+    wire_time(resp["approval"]["resolved_at"])
     assert sock_exists(core, "dave")
     assert "dave" in core.host_call("list")["agents"]
     assert core.status("dave")["parent"] == "alice"
@@ -379,22 +381,23 @@ def test_urls(core: CoreProcess) -> None:
 
 
 def test_subscribe_agent_status(core: CoreProcess) -> None:
+    # hyperhive's shape: a bare ack, then one single-row agent_statuses line per change.
     sub = core.host(timeout=15)
     stream = sub.stream("subscribe_agent_status")
     first = assert_ok(next(stream))
-    assert first["subscribed"] == ["agent_status"]
-    assert [r["name"] for r in first["agent_statuses"]] == ["alice", "bob", "carol"]
-    no_nulls(first)
+    assert first == {"version": 1, "ok": True}
     assert_ok(core.host_call("set_paused", name="alice", paused=True))
-    ev = assert_ok(next(stream))["event"]
-    assert ev["kind"] == "agent_status"
-    assert ev["agent"]["name"] == "alice" and ev["agent"]["paused"] is True
+    rows = assert_ok(next(stream))["agent_statuses"]
+    assert len(rows) == 1 and rows[0]["name"] == "alice" and rows[0]["paused"] is True
+    no_nulls(rows)
     assert_ok(core.agent("bob").call("set_status", text="thinking"))
-    ev = assert_ok(next(stream))["event"]
-    assert (ev["agent"]["name"], ev["agent"]["status_text"]) == ("bob", "thinking")
-    assert_ok(core.host_call("destroy", name="carol"))
-    ev = assert_ok(next(stream))["event"]
-    assert ev == {"kind": "agent_status", "name": "carol", "destroyed": True}
+    (row,) = assert_ok(next(stream))["agent_statuses"]
+    assert (row["name"], row["status_text"]) == ("bob", "thinking")
+    wire_time(row["status_set_at"])
+    assert_ok(core.host_call("destroy", name="carol"))  # no row for it: the next poll drops it
+    assert_ok(core.host_call("set_paused", name="alice", paused=False))
+    (row,) = assert_ok(next(stream))["agent_statuses"]
+    assert (row["name"], row["paused"]) == ("alice", False)
 
 
 def test_subscribe_kinds_filters_events(core: CoreProcess) -> None:

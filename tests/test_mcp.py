@@ -28,7 +28,7 @@ from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.types import CallToolResult, TextContent
 
-from helpers import CoreProcess, assert_ok, wait_for
+from helpers import CoreProcess, assert_ok, wait_for, wire_time
 from hive_fixture import HIVE, HiveProcess, running_hive
 
 T = TypeVar("T")
@@ -286,7 +286,8 @@ def test_set_status_shows_in_agent_status(core: CoreProcess, mcp_errlog: Path) -
     res = run_mcp(core.agent_sock("alice"), body, mcp_errlog)
     row = core.status("alice")
     assert row["status_text"] == "reviewing PR 7"
-    assert row["status_set_at"] == pytest.approx(res["status_set_at"])
+    assert row["status_set_at"] == res["status_set_at"]
+    wire_time(row["status_set_at"])
     assert "status_text" not in core.status("bob")
 
 
@@ -301,7 +302,7 @@ def test_remind_in_seconds_and_at(core: CoreProcess, mcp_errlog: Path) -> None:
 
     first, second = run_mcp(core.agent_sock("alice"), body, mcp_errlog)
     assert first["id"] != second["id"]
-    assert second["due_at"] == pytest.approx(at.timestamp())
+    assert wire_time(second["due_at"]) == at.timestamp()
     assert core.status("alice")["pending_reminders"] == 2
     assert core.status("bob")["pending_reminders"] == 0
 

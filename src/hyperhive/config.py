@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -31,6 +31,10 @@ class ConfigError(Exception):
 class HiveSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     listen: str = DEFAULT_LISTEN
+    # hyperhive's ``urls`` carries a forge and a matrix URL; this hive runs neither, but
+    # an operator who runs them beside it may publish theirs here (else left out).
+    forge_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = None
+    matrix_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://")] | None = None
 
     @field_validator("listen")
     @classmethod

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 from hyperhive import unixsock
 from hyperhive.display import JS as DISPLAY_JS
 from hyperhive.display import dumps, visible_value
+from hyperhive.wire.timestamps import parse_timestamp
 
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
@@ -54,9 +55,9 @@ def _templates() -> Any:
     return env
 
 
-def clock(at: float | None) -> str:
-    """An egress log time as the page shows it (UTC, to the second)."""
-    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(at))
+def clock(at: float | str | None) -> str:
+    """An egress log time as the page shows it (UTC, to the second); rows carry RFC 3339."""
+    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(parse_timestamp(at)))
 
 
 def destination(host: str, port: int) -> str:

@@ -115,16 +115,13 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         if watch:
 
             def render(item: dict[str, Any]) -> None:
-                if "event" in item:
-                    ev = item["event"]
-                    a = ev.get("agent")
-                    if a:  # one line each: a newline in the status text is shown, not made
-                        say(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}")
-                    else:
-                        say(f"{ev.get('name')}: destroyed")
-                else:
-                    _status_table(item["agent_statuses"])
+                # The ack has no rows; each change is one row (hyperhive's shape).
+                for a in item.get("agent_statuses", ()):
+                    # one line each: a newline in the status text is shown, not made
+                    say(f"{a['name']}: {_state(a)}  {a.get('status_text') or ''}")
 
+            if not as_json:
+                _status_table(request(host_sock(ctx), "agent_status", False)["agent_statuses"])
             stream(host_sock(ctx), "subscribe_agent_status", as_json, render)
             return
         resp = request(host_sock(ctx), "agent_status", as_json)
@@ -410,6 +407,36 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         request(host_sock(ctx), "spawn", as_json, name=name, spec=spec)
         if not as_json:
             say(f"spawned {name}")
+
+    @group.command("set-parent")
+    @json_option
+    @click.argument("name")
+    @click.argument("parent", required=False)
+    @click.pass_context
+    def set_parent(ctx: click.Context, as_json: bool, name: str, parent: str | None) -> None:
+        """Put agent NAME under PARENT in the tree (no PARENT: root-level)."""
+        request(host_sock(ctx), "set_parent", as_json, name=name, parent=parent)
+        if not as_json:
+            say(f"{name}: parent {parent}" if parent else f"{name}: root-level")
+
+    @group.command("limits")
+    @json_option
+    @click.argument("name")
+    @click.option("--memory-mib", type=int, help="The cage's memory limit, MiB.")
+    @click.option("--pids-max", type=int, help="The cage's task limit.")
+    @click.pass_context
+    def limits(
+        ctx: click.Context, as_json: bool, name: str, memory_mib: int | None, pids_max: int | None
+    ) -> None:
+        """Set agent NAME's cage limits (applied when its cage next starts; show them
+        when no option is given)."""
+        resp = request(
+            host_sock(ctx), "set_resource_limits", as_json, name=name,
+            memory_mib=memory_mib, pids_max=pids_max,
+        )  # fmt: skip
+        if not as_json:
+            mem, pids = resp.get("memory_mib", "default"), resp.get("pids_max", "default")
+            say(f"{name}: memory_mib {mem}, pids_max {pids} (from its next start)")
 
     @group.command("destroy")
     @json_option

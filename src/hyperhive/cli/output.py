@@ -19,6 +19,7 @@ from rich.text import Text
 
 from hyperhive.client import Client, HiveUnavailable
 from hyperhive.display import dumps, visible
+from hyperhive.wire.timestamps import parse_timestamp
 
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
@@ -116,8 +117,11 @@ def stream(
         pass
 
 
-def when(ts: float | None) -> str:
-    return "" if ts is None else datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+def when(ts: float | str | None) -> str:
+    """A wire time (RFC 3339 UTC) in the local zone, for people."""
+    if ts is None:
+        return ""
+    return datetime.fromtimestamp(parse_timestamp(ts)).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:

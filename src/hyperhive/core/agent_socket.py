@@ -30,6 +30,7 @@ from hyperhive.wire import agent as w
 from hyperhive.wire import harness as wh
 from hyperhive.wire.common import Message
 from hyperhive.wire.framing import dump_line, error, model_fields_only, ok
+from hyperhive.wire.timestamps import rfc3339
 
 log = logging.getLogger("hive.core")
 _conn_ids = itertools.count(1)
@@ -104,12 +105,12 @@ async def request_approval(s: AgentSession, req: w.RequestApproval) -> Reply:
 
 
 async def set_status(s: AgentSession, req: w.SetStatus) -> Reply:
-    return ok(status_set_at=s.hive.set_status(s.actor, req.text))
+    return ok(status_set_at=rfc3339(s.hive.set_status(s.actor, req.text)))
 
 
 async def remind(s: AgentSession, req: w.Remind) -> Reply:
     due = req.due_at(time.time())
-    return ok(id=s.hive.remind(s.actor, due, req.text), due_at=due)
+    return ok(id=s.hive.remind(s.actor, due, req.text), due_at=rfc3339(due))
 
 
 async def loose_ends(s: AgentSession, req: w.LooseEnds) -> Reply:

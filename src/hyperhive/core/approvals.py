@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from hyperhive.core.listing import row_out
 from hyperhive.core.refusals import BadRequest, Conflict, NotFound
 from hyperhive.core.store import ApplyError, ApprovalTx, Unreadable, canonical_json
+from hyperhive.names import OPERATOR
 from hyperhive.wire.common import Approval, SpawnPayload
 from hyperhive.wire.egress import EgressPayload, RuleError
 from hyperhive.wire.framing import MAX_LINE, describe_validation_error, model_fields_only
@@ -64,6 +65,9 @@ class Spawn:
         spawn = SpawnPayload.model_validate(approval.payload)
         if tx.agent_exists(spawn.name):
             raise ApplyError(f"an agent named {spawn.name!r} already exists")
+        if approval.agent == OPERATOR:  # the operator's request_spawn: a root-level agent
+            tx.create_agent(spawn.name, spawn.spec, None, "operator")
+            return
         if not tx.agent_exists(approval.agent):
             raise ApplyError(f"requesting agent {approval.agent!r} no longer exists")
         tx.create_agent(spawn.name, spawn.spec, approval.agent, "spawn")

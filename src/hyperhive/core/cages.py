@@ -46,11 +46,25 @@ class CageLifecycle(Lifecycle):
             ids = await self.priv(wp.Prepare(name=name))
             self.sockets.set_uids(name, ids["uid"], ids["harness_uid"])
             await self.sockets.start(name, hive)  # the socket exists before the harness looks
-            await self.priv(wp.StartCage(name=name, disk_mib=self.disk_mib))
+            await self.priv(self._start_request(name, hive))
         except Refused as e:
             self._errors[name] = str(e)
             log.error("agent %s: %s", name, e)
             raise
+
+    def _start_request(self, name: str, hive: Hive) -> wp.StartCage:
+        """hive-priv's start, with the agent's own limits where its spec sets them
+        (``set_resource_limits``), hive-priv's defaults otherwise."""
+        row = hive.store.agents.get(name)
+        default = wp.StartCage(name=name, disk_mib=self.disk_mib)
+        if row is None:
+            return default
+        return wp.StartCage(
+            name=name,
+            disk_mib=self.disk_mib,
+            memory_mib=row.spec.memory_mib or default.memory_mib,
+            pids_max=row.spec.pids_max or default.pids_max,
+        )
 
     async def stop(self, name: str, graceful: bool) -> None:
         self._wanted.pop(name, None)

@@ -38,11 +38,22 @@ class InboxWakeups:
                     del self._waiters[recipient]
 
 
+LOSSY_QUEUE = 256  # a lossy subscriber's backlog: the newest changes, the oldest dropped
+
+
 class Subscription:
-    def __init__(self, kinds: frozenset[str]) -> None:
+    """One subscriber's queue. A lossless one (``subscribe``) that can't keep up is cut
+    off and told so; a lossy one (``subscribe_agent_status``, as hyperhive's) drops its
+    oldest events instead and stays connected: its reader re-polls to reconcile."""
+
+    def __init__(self, kinds: frozenset[str], lossy: bool = False) -> None:
         self.kinds = kinds
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(SUBSCRIBER_QUEUE)
+        self.lossy = lossy
+        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
+            LOSSY_QUEUE if lossy else SUBSCRIBER_QUEUE
+        )
         self.overflowed = False
+        self.dropped = 0
 
 
 Listener = Callable[[dict[str, Any]], None]
@@ -62,8 +73,8 @@ class EventBus:
         """Call ``listener(event)`` for every event of ``kind`` (for the process's life)."""
         self._listeners[kind].append(listener)
 
-    def subscribe(self, kinds: frozenset[str]) -> Subscription:
-        sub = Subscription(kinds)
+    def subscribe(self, kinds: frozenset[str], lossy: bool = False) -> Subscription:
+        sub = Subscription(kinds, lossy)
         self._subs.add(sub)
         return sub
 
@@ -84,6 +95,11 @@ class EventBus:
             try:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
+                if sub.lossy:  # drop the oldest: the newest state is what a reader wants
+                    sub.queue.get_nowait()
+                    sub.queue.put_nowait(event)
+                    sub.dropped += 1
+                    continue
                 sub.overflowed = True
                 self._subs.discard(sub)
                 while not sub.queue.empty():  # make room for the one "you fell behind"

@@ -43,6 +43,7 @@ from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Que
 from hyperhive.wire.egress import Rule, parse_rules
 from hyperhive.wire.framing import model_fields_only
 from hyperhive.wire.harness import MAX_ENTRY_CHARS
+from hyperhive.wire.timestamps import rfc3339, stamped, stamped_all
 
 log = logging.getLogger("hive.core")
 
@@ -422,7 +423,7 @@ class Hive:
         self._take_rate(actor)
         self.check_store_quota(actor.name, 1, len(text.encode()))
         rid = self.store.reminders.add(actor.name, due, text)
-        self.bus.publish("reminder_added", {"agent": actor.name, "due_at": due})
+        self.bus.publish("reminder_added", {"agent": actor.name, "due_at": rfc3339(due)})
         self.publish_status(actor.name)
         return rid
 
@@ -508,7 +509,7 @@ class Hive:
     def _transcript_grew(self, name: str, entries: list[TranscriptEntry]) -> None:
         self.transcript_wakeups.notify(name)
         if self.bus.wants("transcript"):
-            self.bus.publish("transcript", {"agent": name, "entries": entries})
+            self.bus.publish("transcript", {"agent": name, "entries": stamped_all(entries)})
 
     def harness_report(self, actor: Agent, state: dict[str, Any]) -> None:
         self.harness_state[actor.name] = state
@@ -561,7 +562,7 @@ class Hive:
             "questions_total": questions.total,
             "approvals": [approvals.shown(a) for a in pending.items],
             "approvals_total": pending.total,
-            "egress_rules": store.egress.rules(actor.name).get(actor.name, []),
+            "egress_rules": stamped_all(store.egress.rules(actor.name).get(actor.name, [])),
             # A quarter of a reply: the rest of the page's state shares the same line.
             **_egress_log(
                 store.egress.entries(actor.name, egress_limit + 1),
@@ -611,7 +612,7 @@ class Hive:
             d.host, d.port, d.reason,
             f" up {d.bytes_up} B down {d.bytes_down} B" if d.closed and d.allowed else "",
         )  # fmt: skip
-        self.bus.publish("egress", {"agent": d.agent, "entry": {"id": rowid, **row}})
+        self.bus.publish("egress", {"agent": d.agent, "entry": stamped({"id": rowid, **row})})
 
     def egress_rules(self, actor: Operator, name: str | None) -> dict[str, list[EgressRule]]:
         if name is not None:
@@ -642,9 +643,10 @@ class Hive:
         rows = self.store.egress.entries(name, limit + 1, before)
         return _page(rows, self._reply_budget(), limit)
 
-    def events(self, actor: Operator, kinds: frozenset[str]) -> Subscription:
-        """A subscription to the hive's events; the caller unsubscribes."""
-        return self.bus.subscribe(kinds)
+    def events(self, actor: Operator, kinds: frozenset[str], lossy: bool = False) -> Subscription:
+        """A subscription to the hive's events; the caller unsubscribes. A ``lossy`` one
+        drops its oldest events when its reader is slow, instead of being cut off."""
+        return self.bus.subscribe(kinds, lossy)
 
     # -- lifecycle (the operator's) -----------------------------------------------
 
@@ -678,6 +680,41 @@ class Hive:
         self.check_agent_room()
         self.store.agents.create(name, spec, None, "operator")
         await self.after_create(name)
+
+    def request_spawn(
+        self, actor: Operator, name: str, spec: AgentSpec, description: str | None
+    ) -> Approval:
+        """hyperhive's operator-side spawn request: a pending ``spawn`` approval (a
+        root-level agent once approved), checked now as an agent's would be."""
+        payload = {"name": name, "spec": spec.model_dump(mode="json", exclude_none=True)}
+        text = description or f"spawn {name} (requested by the operator)"
+        return approvals.request(self, OPERATOR, "spawn", text, payload)
+
+    def set_parent(self, actor: Operator, name: str, parent: str | None) -> None:
+        """Move ``name`` under ``parent`` (None: root-level); never into its own subtree."""
+        self.require_agent(name)
+        if parent is not None:
+            self.require_agent(parent)
+            seen: set[str] = set()
+            up: str | None = parent
+            while up is not None and up not in seen:  # walk up from the new parent
+                if up == name:
+                    raise Conflict(f"{parent!r} is {name!r} or below it; that would be a cycle")
+                seen.add(up)
+                row = self.store.agents.get(up)
+                up = row.parent if row is not None else None
+        self.store.agents.set_parent(name, parent)
+        self.publish_status(name)
+
+    def set_resource_limits(
+        self, actor: Operator, name: str, limits: dict[str, int | None]
+    ) -> AgentSpec:
+        """Store ``name``'s cage limits in its spec (None: the default); they apply when
+        its cage next starts. Returns the new spec."""
+        row = self.require_agent(name)
+        spec = row.spec.model_copy(update=limits)
+        self.store.agents.set_spec(name, spec)
+        return spec
 
     async def destroy(self, actor: Operator, name: str) -> None:
         self.require_agent(name)

@@ -19,7 +19,8 @@ from hyperhive.core.approvals import shown
 from hyperhive.core.connlimit import ConnectionLimiter
 from hyperhive.core.hive import Hive
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
-from hyperhive.core.listing import row_out, rows_out
+from hyperhive.core.listing import row_out, rows_out, rules_out
+from hyperhive.core.refusals import BadRequest
 from hyperhive.core.replies import more
 from hyperhive.peercred import group_gid, peer_cred, peer_groups, uid_in_group
 from hyperhive.unixsock import bind_listener
@@ -53,11 +54,17 @@ async def agent_status(s: OperatorSession, req: w.AgentStatusReq) -> Reply:
 
 
 async def start(s: OperatorSession, req: w.Start) -> Reply:
-    return ok(started=await s.hive.start_all(s.actor, req.scope.agent_names))
+    names = req.scope.agent_targets()
+    if names == []:  # only services this hive doesn't run (forge, matrix, ...)
+        return ok(started=[])
+    return ok(started=await s.hive.start_all(s.actor, names or []))
 
 
 async def stop(s: OperatorSession, req: w.Stop) -> Reply:
-    return ok(stopped=await s.hive.stop_all(s.actor, req.scope.agent_names, req.graceful))
+    names = req.scope.agent_targets()
+    if names == []:
+        return ok(stopped=[])
+    return ok(stopped=await s.hive.stop_all(s.actor, names or [], req.graceful))
 
 
 async def restart(s: OperatorSession, req: w.Restart) -> Reply:
@@ -131,13 +138,35 @@ async def spawn(s: OperatorSession, req: w.Spawn) -> Reply:
     return ok(name=req.name)
 
 
+async def request_spawn(s: OperatorSession, req: w.RequestSpawn) -> Reply:
+    approval = s.hive.request_spawn(s.actor, req.name, req.spec, req.description)
+    return ok(id=approval.id, payload_sha256=approval.payload_sha256)
+
+
+async def set_parent(s: OperatorSession, req: w.SetParent) -> Reply:
+    s.hive.set_parent(s.actor, req.name, req.parent)
+    return ok(name=req.name, **({} if req.parent is None else {"parent": req.parent}))
+
+
+async def set_resource_limits(s: OperatorSession, req: w.SetResourceLimits) -> Reply:
+    if req.cpu_max is not None:
+        raise BadRequest(
+            "cpu_max: this hive's cages have no CPU limit (only memory_mib and pids_max);"
+            " nothing was changed"
+        )
+    limits = {k: getattr(req, k) for k in ("memory_mib", "pids_max") if k in req.model_fields_set}
+    spec = s.hive.set_resource_limits(s.actor, req.name, limits)
+    now = {"memory_mib": spec.memory_mib, "pids_max": spec.pids_max}
+    return ok(name=req.name, **{k: v for k, v in now.items() if v is not None})
+
+
 async def destroy(s: OperatorSession, req: w.Destroy) -> Reply:
     await s.hive.destroy(s.actor, req.name)
     return ok(name=req.name)
 
 
 async def egress_rules(s: OperatorSession, req: w.EgressRules) -> Reply:
-    return ok(rules=s.hive.egress_rules(s.actor, req.name))
+    return ok(rules=rules_out(s.hive.egress_rules(s.actor, req.name)))
 
 
 async def egress_allow(s: OperatorSession, req: w.EgressAllow) -> Reply:
@@ -156,29 +185,45 @@ async def egress_log(s: OperatorSession, req: w.EgressLog) -> Reply:
 
 
 async def urls(s: OperatorSession, req: w.Urls) -> Reply:
-    listen = s.hive.config.hive.listen
-    host, _ = parse_listen(listen)
-    # forge and matrix: hyperhive v1 fields this hive has no service for; left out.
-    return ok(urls={"domain": host, "home": f"http://{listen}/"})
+    section = s.hive.config.hive
+    host, _ = parse_listen(section.listen)
+    # forge and matrix: hyperhive's fields, for services this hive doesn't run; sent
+    # when hive.toml names them, else left out (hyperhive's "not published").
+    out = {"domain": host, "home": f"http://{section.listen}/"}
+    if section.forge_url is not None:
+        out["forge"] = section.forge_url
+    if section.matrix_url is not None:
+        out["matrix"] = section.matrix_url
+    return ok(urls=out)
 
 
 async def subscribe_agent_status(s: OperatorSession, req: w.SubscribeAgentStatus) -> Reply:
-    return _stream(s, frozenset({"agent_status"}), snapshot=True)
+    return _status_feed(s)
+
+
+async def _status_feed(s: OperatorSession) -> AsyncIterator[dict[str, Any]]:
+    """hyperhive's shape: a bare ack, then one ``agent_statuses: [row]`` line per change.
+    A slow reader misses changes (the oldest are dropped) and stays connected; nothing
+    it writes is read. A destroyed agent has no row: a reader's next poll drops it."""
+    sub = s.hive.events(s.actor, frozenset({"agent_status"}), lossy=True)
+    try:
+        yield ok()
+        while True:
+            event = await sub.queue.get()
+            if event is not None and "agent" in event:
+                yield ok(agent_statuses=[event["agent"]])
+    finally:
+        s.hive.bus.unsubscribe(sub)
 
 
 async def subscribe(s: OperatorSession, req: w.Subscribe) -> Reply:
-    return _stream(s, frozenset(req.kinds), snapshot=False)
+    return _stream(s, frozenset(req.kinds))
 
 
-async def _stream(
-    s: OperatorSession, kinds: frozenset[str], snapshot: bool
-) -> AsyncIterator[dict[str, Any]]:
+async def _stream(s: OperatorSession, kinds: frozenset[str]) -> AsyncIterator[dict[str, Any]]:
     sub = s.hive.events(s.actor, kinds)
     try:
-        first: dict[str, Any] = {"subscribed": sorted(kinds)}
-        if snapshot:
-            first["agent_statuses"] = s.hive.statuses()
-        yield ok(**first)
+        yield ok(subscribed=sorted(kinds))
         while True:
             event = await sub.queue.get()
             if event is None:
@@ -204,6 +249,9 @@ HOST_VERBS: dict[type, Verb] = {
     w.OperatorSend: send,
     w.Inbox: inbox,
     w.Spawn: spawn,
+    w.RequestSpawn: request_spawn,
+    w.SetParent: set_parent,
+    w.SetResourceLimits: set_resource_limits,
     w.Destroy: destroy,
     w.Urls: urls,
     w.SubscribeAgentStatus: subscribe_agent_status,

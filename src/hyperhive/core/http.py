@@ -41,7 +41,7 @@ from hyperhive.core.actors import OPERATOR
 from hyperhive.core.approvals import allows_of, shown
 from hyperhive.core.hive import Hive
 from hyperhive.core.host_socket import HOST, OperatorSession
-from hyperhive.core.listing import rows_out
+from hyperhive.core.listing import rows_out, rules_out
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
@@ -52,6 +52,7 @@ from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
 from hyperhive.wire.framing import WireError, parse_line
+from hyperhive.wire.timestamps import Timestamp, parse_timestamp
 
 HERE = Path(__file__).parent
 EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
@@ -80,7 +81,7 @@ class QuestionPage(BaseModel):
 class EgressRuleRow(BaseModel):
     rule: str
     source: Literal["spec", "approval", "operator"]
-    added_at: float
+    added_at: Timestamp
 
 
 class EgressEntry(BaseModel):
@@ -89,7 +90,7 @@ class EgressEntry(BaseModel):
 
     id: int
     agent: str
-    at: float
+    at: Timestamp
     host: str
     port: int
     address: str | None = None
@@ -97,7 +98,7 @@ class EgressEntry(BaseModel):
     reason: str
     bytes_up: int
     bytes_down: int
-    closed_at: float | None = None
+    closed_at: Timestamp | None = None
 
 
 class StateModel(BaseModel):
@@ -125,9 +126,9 @@ def payload_json(value: Any) -> str:
     return canonical_json(None if isinstance(value, jinja2.Undefined) else value)
 
 
-def clock(at: float | None) -> str:
-    """A log time as the dashboard shows it (UTC, to the second)."""
-    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(at))
+def clock(at: float | str | None) -> str:
+    """A log time as the dashboard shows it (UTC, to the second); the rows carry RFC 3339."""
+    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(parse_timestamp(at)))
 
 
 def destination(host: str, port: int) -> str:
@@ -376,7 +377,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             "messages": rows_out(hive.recent_messages(OPERATOR, 50)),
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
-            "egress_rules": hive.egress_rules(OPERATOR, None),
+            "egress_rules": rules_out(hive.egress_rules(OPERATOR, None)),
             "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items,
         }
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from hyperhive.core.store import Unreadable
 from hyperhive.core.store.common import why
 from hyperhive.wire.framing import model_fields_only
+from hyperhive.wire.timestamps import stamped, stamped_all
 
 log = logging.getLogger("hive.core")
 T = TypeVar("T")
@@ -22,7 +23,7 @@ def _dump(item: Any) -> dict[str, Any]:
     if isinstance(item, BaseModel):
         return model_fields_only(item)
     if isinstance(item, Mapping):  # a TypedDict row: the store checked its types
-        return dict(item)
+        return stamped(item)  # its time columns as RFC 3339, like every wire's
     raise TypeError(f"not a row: {type(item).__name__}")
 
 
@@ -44,3 +45,8 @@ def rows_out(
     items: Iterable[T | Unreadable], dump: Callable[[T], dict[str, Any]] = _dump
 ) -> list[dict[str, Any]]:
     return [row_out(item, dump) for item in items]
+
+
+def rules_out(rules: Mapping[str, Iterable[Mapping[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """Egress allowlists by agent, their times as RFC 3339."""
+    return {name: stamped_all(rows) for name, rows in rules.items()}

@@ -7,12 +7,12 @@ field that could name a sender; ``extra="forbid"`` refuses any attempt to add on
 from __future__ import annotations
 
 import time
-from datetime import datetime
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import Field, TypeAdapter, field_validator, model_validator
 
 from hyperhive.wire.common import ShortText, Strict, Target, Text
+from hyperhive.wire.timestamps import parse_timestamp
 
 MAX_REMIND_SECONDS = 366 * 24 * 3600
 
@@ -78,13 +78,12 @@ class Remind(Strict):
     def _parse_at(cls, value: float | str | None) -> float | None:
         if value is None or isinstance(value, float | int):
             return value
-        try:
-            parsed = datetime.fromisoformat(value)
-        except ValueError:
+        try:  # the wire's one timestamp parser: RFC 3339 / ISO 8601 with a zone
+            return parse_timestamp(value)
+        except ValueError as e:
+            if "timezone" in str(e):
+                raise ValueError("'at' needs a timezone, e.g. 2026-01-01T09:00:00+00:00") from None
             raise ValueError("'at' must be unix seconds or an ISO 8601 timestamp") from None
-        if parsed.tzinfo is None:
-            raise ValueError("'at' needs a timezone, e.g. 2026-01-01T09:00:00+00:00")
-        return parsed.timestamp()
 
     @model_validator(mode="after")
     def _exactly_one_time(self) -> Remind:

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 from hyperhive.names import OPERATOR, check_name
 from hyperhive.wire.egress import RuleText
+from hyperhive.wire.timestamps import Timestamp
 
 AgentName = Annotated[str, AfterValidator(check_name)]
 
@@ -29,6 +30,11 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
+# Cage limits: hive-priv's bounds (``wire/priv.py``'s StartCage takes the same types).
+MemoryMiB = Annotated[int, Field(ge=32, le=16384)]
+PidsMax = Annotated[int, Field(ge=16, le=8192)]
+
+
 class AgentSpec(Strict):
     """How an agent runs. Declared in hive.toml or carried by a spawn request."""
 
@@ -40,6 +46,9 @@ class AgentSpec(Strict):
     egress: list[RuleText] = Field(default_factory=list, max_length=100)  # HOST:PORT rules
     model: Annotated[str, Field(max_length=200)] | None = None
     turn_timeout: Annotated[float, Field(gt=0, le=24 * 3600)] = 300.0
+    # The cage's limits; None: hive-priv's defaults. Applied when the cage starts.
+    memory_mib: MemoryMiB | None = None
+    pids_max: PidsMax | None = None
 
     @model_validator(mode="after")
     def _runtime_needs(self) -> AgentSpec:
@@ -63,7 +72,7 @@ class Message(BaseModel):
     from_: str = Field(alias="from")
     kind: MessageKind
     body: str
-    sent_at: float
+    sent_at: Timestamp
     ref: int | None = None
     options: list[str] | None = None
     to: str | None = None  # only in the operator's inbox and event streams
@@ -80,9 +89,9 @@ class Question(BaseModel):
     to: str
     question: str
     options: list[str] | None = None
-    asked_at: float
+    asked_at: Timestamp
     answer: str | None = None
-    answered_at: float | None = None
+    answered_at: Timestamp | None = None
     # In a listing (a summary): the fields cut to their first bytes, with their full
     # length in bytes (UTF-8); the one-item read gives the row whole.
     truncated: dict[str, int] | None = None
@@ -92,15 +101,17 @@ ApprovalStatus = Literal["pending", "approved", "denied", "failed", "cancelled"]
 
 
 class Approval(BaseModel):
-    """hyperhive v1 approval row, plus the payload and its hash."""
+    """hyperhive v1 approval row, plus the payload and its hash. ``commit_ref`` is always
+    a string, as hyperhive's is: here the payload's sha256 (what approving applies);
+    ``fetched_sha`` (hyperhive's, optional) is never sent."""
 
     id: int
     agent: str
     kind: str
-    commit_ref: str | None = None
-    requested_at: float
+    commit_ref: str = ""
+    requested_at: Timestamp
     status: ApprovalStatus
-    resolved_at: float | None = None
+    resolved_at: Timestamp | None = None
     note: str | None = None
     description: str
     payload: Any = None
@@ -125,5 +136,5 @@ class AgentStatus(BaseModel):
     parent: str | None = None
     active_model: str | None = None
     status_text: str | None = None
-    status_set_at: float | None = None
+    status_set_at: Timestamp | None = None
     url: str | None = None

@@ -6,7 +6,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, TypeAdapter
 
-from hyperhive.wire.common import AgentName, AgentSpec, Strict, Text
+from hyperhive.wire.common import AgentName, AgentSpec, MemoryMiB, PidsMax, Strict, Text
 from hyperhive.wire.egress import RuleText
 
 EventKind = Literal[
@@ -16,7 +16,26 @@ EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 
 
 class Scope(Strict):
+    """hyperhive's ``LifecycleScope``: named agents plus one flag per class of service.
+    Everything defaulted; nothing named and no flag set means the whole hive. ``agents``
+    means every agent. ``ci``, ``forge``, ``gateway`` and ``matrix`` are accepted for
+    hyperhive's clients; this hive has no such service to start or stop (the gateway
+    lives and dies with ``hive up``), so they select nothing."""
+
     agent_names: list[AgentName] = Field(default_factory=list, max_length=10_000)
+    agents: bool = False
+    ci: bool = False
+    forge: bool = False
+    gateway: bool = False
+    matrix: bool = False
+
+    def agent_targets(self) -> list[str] | None:
+        """The agents this scope selects: None for every agent, else these names
+        (possibly none, when only services this hive doesn't run are named)."""
+        services = self.ci or self.forge or self.gateway or self.matrix
+        if self.agents or not (self.agent_names or services):
+            return None
+        return list(self.agent_names)
 
 
 class List_(Strict):
@@ -120,6 +139,38 @@ class Spawn(Strict):
     spec: AgentSpec
 
 
+class RequestSpawn(Strict):
+    """An operator-side spawn *request* (hyperhive's ``RequestSpawn``): it queues a
+    ``spawn`` approval, shown in ``pending`` and applied by ``approve``, instead of
+    spawning at once as ``spawn`` does."""
+
+    cmd: Literal["request_spawn"]
+    name: AgentName
+    spec: AgentSpec
+    description: Annotated[str, Field(max_length=4096)] | None = None
+
+
+class SetParent(Strict):
+    """Move an agent in the topology tree (hyperhive's ``SetParent``); ``parent`` null
+    makes it root-level. A parent and its children may message each other."""
+
+    cmd: Literal["set_parent"]
+    name: AgentName
+    parent: AgentName | None = None
+
+
+class SetResourceLimits(Strict):
+    """An agent's cage limits (hyperhive's ``SetResourceLimits``), kept in its spec and
+    applied when its cage next starts. An omitted field is left as it is; null puts
+    it back to the hive's default. Cages have no CPU limit: ``cpu_max`` is refused."""
+
+    cmd: Literal["set_resource_limits"]
+    name: AgentName
+    memory_mib: MemoryMiB | None = Field(default=None)
+    pids_max: PidsMax | None = Field(default=None)
+    cpu_max: Annotated[str, Field(max_length=64)] | None = None
+
+
 class Destroy(Strict):
     cmd: Literal["destroy"]
     name: AgentName
@@ -198,6 +249,9 @@ HostRequest = Annotated[
     | OperatorSend
     | Inbox
     | Spawn
+    | RequestSpawn
+    | SetParent
+    | SetResourceLimits
     | Destroy
     | Urls
     | SubscribeAgentStatus

@@ -13,10 +13,8 @@ from typing import Annotated, Any, Literal, TypeAlias, cast, get_args
 
 from pydantic import Field, TypeAdapter
 
-from hyperhive.wire.common import AgentName, Strict
+from hyperhive.wire.common import AgentName, MemoryMiB, PidsMax, Strict
 
-MemoryMiB = Annotated[int, Field(ge=32, le=16384)]
-PidsMax = Annotated[int, Field(ge=16, le=8192)]
 # The home's filesystem size, fixed when the home is first made (a sparse image).
 DiskMiB = Annotated[int, Field(ge=16, le=65536)]
 Arg = Annotated[str, Field(max_length=65536)]

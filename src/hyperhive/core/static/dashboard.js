@@ -41,8 +41,10 @@
     buttons.forEach(function (b) { var x = el("button", b[1]); if (b[0]) { x.name = "answer"; x.value = visible(b[0]); } f.appendChild(x); });
     return f;
   }
-  function clock(at) {
-    return at === null || at === undefined ? "" : new Date(at * 1000).toISOString().slice(11, 19);
+  function clock(at) {  // wire times are RFC 3339 UTC ("2026-09-07T12:34:56Z"); shown as UTC
+    if (at === null || at === undefined) return "";
+    var d = new Date(typeof at === "number" ? at * 1000 : at);
+    return isNaN(d.getTime()) ? "" : d.toISOString().slice(11, 19);
   }
   function destination(e) {
     if (e.host === "-" || !e.port) return String(e.host);

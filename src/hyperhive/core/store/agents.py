@@ -119,6 +119,15 @@ class AgentRepo:
         with self._write() as tx:
             tx.execute(f"UPDATE agents SET {column}=? WHERE name=?", (int(value), name))
 
+    def set_parent(self, name: str, parent: str | None) -> None:
+        with self._write() as tx:
+            tx.execute("UPDATE agents SET parent=? WHERE name=?", (parent, name))
+
+    def set_spec(self, name: str, spec: AgentSpec) -> None:
+        """Replace an agent's spec (its limits); its egress rules are not touched."""
+        with self._write() as tx:
+            tx.execute("UPDATE agents SET spec=? WHERE name=?", (spec.model_dump_json(), name))
+
     def set_status_text(self, name: str, text: str) -> float:
         now = time.time()
         with self._write() as tx:
