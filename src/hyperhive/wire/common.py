@@ -121,6 +121,13 @@ class Approval(BaseModel):
     # length in bytes (UTF-8); the one-item read gives the row whole.
     truncated: dict[str, int] | None = None
 
+    @model_validator(mode="after")
+    def _commit_ref_is_the_payload_hash(self) -> Approval:
+        # One rule for every way a row is built (whole, summarised, from an event).
+        if not self.commit_ref:
+            self.commit_ref = self.payload_sha256
+        return self
+
 
 class AgentStatus(BaseModel):
     """hyperhive v1 agent_status row."""

@@ -34,7 +34,6 @@ def _to_approval(r: _Row) -> Approval:
         id=r[0],
         agent=r[1],
         kind=r[2],
-        commit_ref=r[9],
         requested_at=r[3],
         status=r[4],
         resolved_at=r[5],
