@@ -19,7 +19,7 @@ from pydantic import (
 from hyperhive.core.replies import DEFAULT_REPLY_BYTES, MAX_ITEM_BYTES
 from hyperhive.wire.common import AgentName, AgentSpec
 from hyperhive.wire.egress import RuleError, check_hostname
-from hyperhive.wire.framing import describe_validation_error
+from hyperhive.wire.framing import MAX_LINE, describe_validation_error
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
@@ -72,6 +72,10 @@ class LimitsSection(BaseModel):
     agent_pending_max: int = Field(default=10_000, ge=10, le=10_000_000)
     history_keep: int = Field(default=5_000, ge=10, le=10_000_000)
     reply_bytes: int = Field(default=DEFAULT_REPLY_BYTES, ge=MAX_ITEM_BYTES, le=1 << 30)
+    # Request bytes per second an agent's connections may send the core together, past a
+    # burst; beyond it reading waits (core/ratelimit.BytePacer). 0: off.
+    input_bytes_per_second: int = Field(default=8 << 20, ge=0, le=1 << 40)
+    input_burst_bytes: int = Field(default=64 << 20, ge=2 * MAX_LINE, le=1 << 40)
 
 
 class EgressSection(BaseModel):

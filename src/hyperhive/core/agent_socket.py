@@ -21,6 +21,7 @@ from hyperhive.core.budget import AGENT_SOCK_BACKLOG
 from hyperhive.core.connlimit import ConnectionLimiter
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
+from hyperhive.core.ratelimit import BytePacer
 from hyperhive.core.refusals import Forbidden, Refused
 from hyperhive.core.replies import more
 from hyperhive.paths import RunDir
@@ -233,6 +234,9 @@ class AgentSockets:
         path = self.run_dir.agent_sock(name)
         writers: set[asyncio.StreamWriter] = set()
         limiter = ConnectionLimiter(str(path), self.connections_per_peer)
+        limits = hive.config.limits
+        # One bucket for all the agent's connections (the runtime's and the harness's).
+        pacer = BytePacer(limits.input_bytes_per_second, limits.input_burst_bytes)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             cred = peer_cred(writer.get_extra_info("socket"))
@@ -253,7 +257,7 @@ class AgentSockets:
                 hive.harness_changed(name)
             try:
                 # A harness's long-polls end when it dies: it stops counting as running at once.
-                await serve_lines(reader, writer, session.handle, limiter, watch_hangup=is_harness)
+                await serve_lines(reader, writer, session.handle, limiter, is_harness, pacer.pace)
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)

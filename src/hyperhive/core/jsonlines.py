@@ -129,10 +129,12 @@ async def serve_lines(
     handle: Handler,
     limiter: ConnectionLimiter | None = None,
     watch_hangup: bool = False,
+    pace: Callable[[int], Awaitable[None]] | None = None,
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
     soon as the peer hangs up, so the connection ends then and not when the poll would.
-    ``limiter``: this listener's bound on connections per peer uid."""
+    ``limiter``: this listener's bound on connections per peer uid. ``pace``: awaited with
+    each line's size before it is decoded (the peer's byte rate)."""
     uid = _peer_uid(writer) if limiter is not None else None
     if limiter is not None and uid is not None and not limiter.claim(uid):
         writer.write(
@@ -146,7 +148,7 @@ async def serve_lines(
         writer.close()
         return
     try:
-        await _serve_lines(reader, writer, handle, watch_hangup)
+        await _serve_lines(reader, writer, handle, watch_hangup, pace)
     finally:
         if limiter is not None and uid is not None:
             limiter.release(uid)
@@ -157,6 +159,7 @@ async def _serve_lines(
     writer: asyncio.StreamWriter,
     handle: Handler,
     watch_hangup: bool,
+    pace: Callable[[int], Awaitable[None]] | None,
 ) -> None:
     ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
     try:
@@ -174,6 +177,8 @@ async def _serve_lines(
             raw = line.rstrip(b"\r\n")
             if not raw.strip():
                 continue
+            if pace is not None:
+                await pace(len(line))
             try:
                 if watch_hangup:
                     ahead = asyncio.ensure_future(reader.readline())

@@ -1,8 +1,10 @@
-"""Per-agent rate limit on what an agent pushes at others (send, ask,
-request_approval): a token bucket per agent, refused with the wait in the error."""
+"""Per-agent rate limits: on what an agent pushes at others (send, ask,
+request_approval), a token bucket per agent, refused with the wait in the error; and on
+the bytes an agent's connections send the core, paced (reading waits) rather than refused."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
@@ -37,3 +39,34 @@ class TokenBuckets:
 
     def forget(self, agent: str) -> None:
         self._buckets.pop(agent, None)
+
+
+class BytePacer:
+    """Paces the request bytes one agent sends on all its connections together: decoding
+    and checking a request costs the core's one event loop time in proportion to its size,
+    so an agent writing as fast as it can would slow every other socket. Past ``burst``
+    bytes, reading its next line waits until the bucket refills at ``per_second``; nothing
+    is refused, and a request never waits more than its own size's worth (at most
+    ``MAX_LINE / per_second``). 0 turns it off."""
+
+    def __init__(
+        self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.per_second = per_second
+        self.burst = float(burst)
+        self.clock = clock
+        self._tokens, self._at = float(burst), clock()
+
+    def debt(self, nbytes: int) -> float:
+        """Take ``nbytes`` from the bucket; the seconds to wait before handling them."""
+        if self.per_second <= 0:
+            return 0.0
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second) - nbytes
+        self._at = now
+        return max(0.0, -self._tokens / self.per_second)
+
+    async def pace(self, nbytes: int) -> None:
+        wait = self.debt(nbytes)
+        if wait > 0:
+            await asyncio.sleep(wait)
