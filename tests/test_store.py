@@ -195,11 +195,49 @@ def test_a_hive_db_of_every_earlier_version_opens(tmp_path: Path) -> None:
 
 
 def _old(path: Path, version: int) -> None:
-    from hyperhive.core.store.schema import split_sql
+    from hyperhive.core.store.schema import apply_migration
 
     db = sqlite3.connect(path, isolation_level=None)
-    for n, script in enumerate(MIGRATIONS[:version], start=1):
-        for statement in split_sql(script):
-            db.execute(statement)
+    for n, migration in enumerate(MIGRATIONS[:version], start=1):
+        apply_migration(db, migration)
         db.execute(f"PRAGMA user_version={n}")
     db.close()
+
+
+def test_migration_6_keeps_rows_ids_and_triggers_and_puts_summaries_first(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    _old(path, 5)
+    db = sqlite3.connect(path, isolation_level=None)
+    long = "é" * 3000  # 6000 bytes: cut in listings
+    db.execute("INSERT INTO messages (recipient, sender, kind, body, sent_at) VALUES ('bob', 'alice', 'message', ?, 1)", (long,))
+    db.execute("INSERT INTO messages (recipient, sender, kind, body, sent_at) VALUES ('bob', 'alice', 'message', 'gone', 2)")
+    db.execute("DELETE FROM messages WHERE id = 2")  # its id must not come back
+    db.execute("INSERT INTO questions (asker, target, question, options, asked_at) VALUES ('alice', 'operator', ?, '[\"a\"]', 3)", (long,))
+    db.execute("INSERT INTO approvals (agent, kind, description, payload, payload_sha256, requested_at) VALUES ('alice', 'custom', 'd', ?, 'x', 4)", (f'"{long}"',))
+    triggers = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")}
+    usage = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent='alice'").fetchone()
+    db.close()
+
+    s = Store(path)
+    try:
+        conn = s.db.conn
+        assert s.schema_version == len(MIGRATIONS)
+        assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")} == triggers
+        assert conn.execute("SELECT pending, bytes FROM agent_usage WHERE agent='alice'").fetchone() == usage
+        # The summary columns come before the long ones, and are filled for old rows.
+        names = [r[1] for r in conn.execute("PRAGMA table_xinfo(messages)")]
+        assert names.index("body_head") < names.index("body") and names[-1] == "body"
+        assert conn.execute("SELECT body_bytes, length(body_head) FROM messages WHERE id=1").fetchone() == (6000, 2048)
+        m = s.messages.get(1)
+        assert m is not None and getattr(m, "body", None) == long
+        new_id = conn.execute("INSERT INTO messages (recipient, sender, kind, body, sent_at) VALUES ('bob', 'alice', 'message', 'x', 5) RETURNING id").fetchone()[0]
+        assert new_id == 3
+        # The payload stays immutable (its trigger was made again).
+        with pytest.raises(sqlite3.IntegrityError, match="immutable"):
+            conn.execute("UPDATE approvals SET payload = '1' WHERE id = 1")
+        # Listings read the summary columns: the question's text is cut.
+        page = s.questions.open_page(target="operator", limit=10)
+        q = page.items[0]
+        assert getattr(q, "truncated", None) == {"question": 6000}
+    finally:
+        s.close()

@@ -31,12 +31,11 @@ class Listing(Generic[T]):
 
 def cut_sql(column: str) -> str:
     """Two result columns: the column as stored if it is short or not text, else its first
-    CUT bytes (a blob); and its length in bytes if it is text (else NULL)."""
-    size = f"length(CAST({column} AS BLOB))"
+    CUT bytes (a blob); and its length in bytes if it is text (else NULL). Both come from
+    the stored generated columns ``<column>_head`` and ``<column>_bytes`` (schema migration
+    6), so the long column itself is read only when it is short."""
     return (
-        f"CASE WHEN typeof({column}) = 'text' AND {size} > {CUT}"
-        f" THEN substr(CAST({column} AS BLOB), 1, {CUT}) ELSE {column} END,"
-        f" CASE WHEN typeof({column}) = 'text' THEN {size} END"
+        f"CASE WHEN {column}_head IS NOT NULL THEN {column}_head ELSE {column} END, {column}_bytes"
     )
 
 

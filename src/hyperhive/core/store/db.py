@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from hyperhive.core.store.common import StoreError
-from hyperhive.core.store.schema import MIGRATIONS, split_sql
+from hyperhive.core.store.schema import MIGRATIONS, apply_migration
 
 Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
 
@@ -128,10 +128,9 @@ class Database:
                 f"{self.path} has schema version {current},"
                 f" newer than this hive ({len(MIGRATIONS)})"
             )
-        for version, script in enumerate(MIGRATIONS[current:], start=current + 1):
+        for version, migration in enumerate(MIGRATIONS[current:], start=current + 1):
             with self.tx() as tx:
-                for statement in split_sql(script):
-                    tx.execute(statement)
+                apply_migration(tx, migration)
                 tx.execute(f"PRAGMA user_version={version}")
         if current < len(MIGRATIONS):
             # Migrations write many pages: leave no large WAL behind for later writes to reuse.
