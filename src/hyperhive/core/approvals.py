@@ -44,6 +44,9 @@ class Custom:
         pass
 
 
+AGENT_SET_LIMITS = ("memory_mib", "pids_max")
+
+
 class Spawn:
     """The payload is ``{name, spec}``; approving creates that agent, child of the requester."""
 
@@ -57,6 +60,12 @@ class Spawn:
 
     def check(self, hive: Hive, requester: str, payload: Any) -> None:
         spawn = self._parse(payload)
+        if requester != OPERATOR:
+            # A cage's limits are the operator's to set (set_resource_limits): an agent's
+            # spawn spec has no such fields, so a child can't be asked into more.
+            for field in AGENT_SET_LIMITS:
+                if field in spawn.spec.model_fields_set:
+                    raise BadRequest(f"spawn payload: unknown field 'spec.{field}'")
         if hive.exists(spawn.name):
             raise Conflict(f"spawn payload: an agent named {spawn.name!r} already exists")
         hive.check_agent_room()
