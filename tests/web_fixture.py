@@ -147,8 +147,11 @@ def wait_for(pred: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
 DB_TABLES = {
     "agents": "name, spec, parent, origin, paused, stopped, status_text, status_set_at",
     "messages": "id, recipient, sender, kind, body, ref, options, sent_at",
-    "questions": "*",
-    "approvals": "*",
+    # Named, in the order first shipped: tests read rows by position (migration 6 moved
+    # the long columns last and added summary columns).
+    "questions": "id, asker, target, question, options, asked_at, answer, answered_at, cancelled",
+    "approvals": "id, agent, kind, description, payload, payload_sha256, status, requested_at,"
+    " resolved_at, note",
     "reminders": "id, agent, due_at, text, created_at",
 }
 
