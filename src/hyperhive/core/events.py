@@ -41,6 +41,33 @@ class InboxWakeups:
 LOSSY_QUEUE = 256  # a lossy subscriber's backlog: the newest changes, the oldest dropped
 
 
+def _state_key(event: dict[str, Any] | None) -> object:
+    """What a lossy feed's event is the state of (an agent's name), or None."""
+    if event is None:
+        return None
+    agent = event.get("agent")
+    return agent.get("name") if isinstance(agent, dict) else event.get("name")
+
+
+def _make_room(queue: asyncio.Queue[dict[str, Any] | None], event: dict[str, Any]) -> None:
+    """Free one place in a full lossy queue for ``event``: drop an older event of the same
+    agent (``event`` supersedes it), else the oldest one a later event supersedes, else the
+    oldest. So one agent's flood only ever pushes out its own older states, never the one
+    change of another agent (red team round 3: 1000 ``set_status`` from one cage dropped
+    another agent's pause from the operator's feed, and nothing said so)."""
+    items = []
+    while not queue.empty():
+        items.append(queue.get_nowait())
+    keys = [_state_key(e) for e in items]
+    new = _state_key(event)
+    drop = next((i for i, k in enumerate(keys) if k is not None and k == new), None)
+    if drop is None:
+        drop = next((i for i, k in enumerate(keys) if k is not None and k in keys[i + 1 :]), 0)
+    del items[drop]
+    for e in items:
+        queue.put_nowait(e)
+
+
 class Subscription:
     """One subscriber's queue. A lossless one (``subscribe``) that can't keep up is cut
     off and told so; a lossy one (``subscribe_agent_status``, as hyperhive's) drops its
@@ -95,8 +122,8 @@ class EventBus:
             try:
                 sub.queue.put_nowait(event)
             except asyncio.QueueFull:
-                if sub.lossy:  # drop the oldest: the newest state is what a reader wants
-                    sub.queue.get_nowait()
+                if sub.lossy:  # drop a superseded event: the newest state is what a reader wants
+                    _make_room(sub.queue, event)
                     sub.queue.put_nowait(event)
                     sub.dropped += 1
                     continue
