@@ -232,3 +232,38 @@ def test_status_flood_does_not_hide_another_agents_change(rt: HiveProcess) -> No
             assert seen_bob or told, "rtbob's pause was dropped from the feed, and nothing said so"
         finally:
             rt.host_call("set_paused", name="rtbob", paused=False)
+
+
+# -- a stalled event stream pins every whole row it has not sent -----------------------------
+
+FLOOD_OPERATOR = """
+c = Conn(timeout=120)
+body = "\\U0001F600" * P["chars"]  # 4 bytes a character: the most a Text holds, as a line
+errors = []
+for i in range(P["n"]):
+    r = c.raw(json.dumps({"cmd": "send", "to": "operator", "body": body}, ensure_ascii=False).encode() + b"\\n")
+    if not r.get("ok"):
+        errors.append(r)
+        time.sleep(0.2)
+result(errors=errors[:3], n_err=len(errors))
+"""
+
+
+@pytest.mark.attack("core.reply-memory", ref=REF)
+def test_stalled_subscriber_does_not_pin_whole_rows(rt: HiveProcess) -> None:
+    """An event stream (host.sock ``subscribe``; the dashboard's SSE alike) that is not
+    read queues up to 10,000 events, each holding its row whole: from its cage rtmule
+    sends the operator messages of 200 Ki 4-byte characters (800 KB each; older ones are
+    evicted from the store, so no quota stops it), and the core keeps every one of them
+    for the stalled reader. Must hold: the core grows by less than 256 MiB (a subscriber's
+    backlog is bounded in bytes too, as a reply is)."""
+    from .conftest import core_rss_kib
+
+    with Client(rt.host_sock) as c:
+        c.send_raw(json.dumps({"cmd": "subscribe", "kinds": ["message"]}).encode() + b"\n")
+        assert c.read().get("ok") is True
+        before = core_rss_kib(rt)
+        res = cage_run(rt, "rtmule", FLOOD_OPERATOR, n=1000, chars=200 * 1024, timeout=600)
+        grown = core_rss_kib(rt) - before
+    assert res["n_err"] < 500, res
+    assert grown < 256 * 1024, f"the core grew by {grown // 1024} MiB for one stalled subscriber"
