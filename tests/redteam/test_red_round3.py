@@ -267,3 +267,49 @@ def test_stalled_subscriber_does_not_pin_whole_rows(rt: HiveProcess) -> None:
         grown = core_rss_kib(rt) - before
     assert res["n_err"] < 500, res
     assert grown < 256 * 1024, f"the core grew by {grown // 1024} MiB for one stalled subscriber"
+
+
+# -- the new operator verbs, from a cage -----------------------------------------------------
+
+NEW_VERBS = """
+out = {}
+for verb, fields in P["verbs"].items():
+    out[verb] = err({"cmd": verb, **fields})
+out["spawn_self_limits"] = err({"cmd": "request_approval", "kind": "spawn", "description": "more room",
+    "payload": {"name": "rtmule", "spec": {"runtime": "command", "command": ["true"], "memory_mib": 16384}}})
+out["spawn_huge"] = err({"cmd": "request_approval", "kind": "spawn", "description": "x",
+    "payload": {"name": "rtround3x", "spec": {"runtime": "command", "command": ["true"], "memory_mib": 10**6}}})
+out["as_operator"] = err({"cmd": "request_approval", "kind": "spawn", "agent": "operator", "description": "x",
+    "payload": {"name": "rtround3y", "spec": {"runtime": "command", "command": ["true"]}}})
+result(**out)
+"""
+
+
+@pytest.mark.attack("identity.forge-operator", ref=REF)
+def test_new_operator_verbs_are_not_on_agent_sock(rt: HiveProcess) -> None:
+    """From rtmule's cage: request_spawn, set_parent (rtmule under rtbob, to reach it),
+    set_resource_limits (its own), show_approval/question/message (read others' text),
+    subscribe_agent_status; a spawn request naming itself with 16 GiB, one with a
+    memory_mib past hive-priv's bound, one claiming agent "operator". Each is refused and
+    nothing changes: the new verbs are host.sock's only, limits only reach a cage through a
+    spawn the operator approves (within hive-priv's bounds)."""
+    before = rt.host_call("pending")
+    verbs = {
+        "request_spawn": {"name": "rtround3z", "spec": {"runtime": "command", "command": ["true"]}},
+        "set_parent": {"name": "rtmule", "parent": "rtbob"},
+        "set_resource_limits": {"name": "rtmule", "memory_mib": 16384, "pids_max": 8192},
+        "show_approval": {"id": 1},
+        "show_question": {"id": 1},
+        "show_message": {"id": 1},
+        "subscribe_agent_status": {},
+    }
+    res = cage_run(rt, "rtmule", NEW_VERBS, verbs=verbs)
+    for verb in verbs:
+        assert isinstance(res[verb], str) and res[verb].startswith("unknown command"), (verb, res[verb])
+    assert "already exists" in res["spawn_self_limits"], res
+    assert "memory_mib" in res["spawn_huge"], res
+    assert "agent" in res["as_operator"] and isinstance(res["as_operator"], str), res
+    after = rt.host_call("pending")
+    assert after["total"] == before["total"], (before, after)
+    me = next(a for a in rt.host_call("agent_status")["agent_statuses"] if a["name"] == "rtmule")
+    assert me.get("parent") is None, me
