@@ -5,11 +5,23 @@ database is; these only say "look again"."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 SUBSCRIBER_QUEUE = 10_000
+# A subscriber's backlog in characters of its events' JSON, as well as in events: the queue
+# holds whole rows (a message of 256 Ki characters), so 10,000 of them unread pinned
+# gigabytes in the core (red team round 3: one stalled ``subscribe``, one agent sending
+# the operator 800 KB messages, 1.5 GiB). Past it, a lossless subscriber is cut off.
+SUBSCRIBER_CHARS = 16 << 20
+
+
+def _weight(event: dict[str, Any]) -> int:
+    """About what ``event`` holds, in characters of its JSON (what the backlog counts)."""
+    return len(json.dumps(event, ensure_ascii=False, default=str))
 
 
 class InboxWakeups:
@@ -41,6 +53,33 @@ class InboxWakeups:
 LOSSY_QUEUE = 256  # a lossy subscriber's backlog: the newest changes, the oldest dropped
 
 
+def _state_key(event: dict[str, Any] | None) -> object:
+    """What a lossy feed's event is the state of (an agent's name), or None."""
+    if event is None:
+        return None
+    agent = event.get("agent")
+    return agent.get("name") if isinstance(agent, dict) else event.get("name")
+
+
+def _make_room(sub: Subscription, event: dict[str, Any]) -> None:
+    """Free one place in a full lossy queue for ``event``: drop an older event of the same
+    agent (``event`` supersedes it), else the oldest one a later event supersedes, else the
+    oldest. So one agent's flood only ever pushes out its own older states, never the one
+    change of another agent (red team round 3: 1000 ``set_status`` from one cage dropped
+    another agent's pause from the operator's feed, and nothing said so)."""
+    items = []
+    while not sub.queue.empty():
+        items.append(sub.queue.get_nowait())
+    keys = [_state_key(e) for e, _ in items]
+    new = _state_key(event)
+    drop = next((i for i, k in enumerate(keys) if k is not None and k == new), None)
+    if drop is None:
+        drop = next((i for i, k in enumerate(keys) if k is not None and k in keys[i + 1 :]), 0)
+    sub.nbytes -= items.pop(drop)[1]
+    for item in items:
+        sub.queue.put_nowait(item)
+
+
 class Subscription:
     """One subscriber's queue. A lossless one (``subscribe``) that can't keep up is cut
     off and told so; a lossy one (``subscribe_agent_status``, as hyperhive's) drops its
@@ -49,11 +88,26 @@ class Subscription:
     def __init__(self, kinds: frozenset[str], lossy: bool = False) -> None:
         self.kinds = kinds
         self.lossy = lossy
-        self.queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue(
+        # (event, its weight); None: the subscriber fell behind and was cut off
+        self.queue: asyncio.Queue[tuple[dict[str, Any] | None, int]] = asyncio.Queue(
             LOSSY_QUEUE if lossy else SUBSCRIBER_QUEUE
         )
+        self.nbytes = 0  # the queued events' weight (SUBSCRIBER_CHARS)
         self.overflowed = False
         self.dropped = 0
+
+    async def get(self) -> dict[str, Any] | None:
+        """The next event (None: cut off, nothing more will come)."""
+        event, weight = await self.queue.get()
+        self.nbytes -= weight
+        return event
+
+    def offer(self, event: dict[str, Any], weight: int) -> None:
+        """Queue ``event``; QueueFull when the backlog has no room (events or characters)."""
+        if self.nbytes + weight > SUBSCRIBER_CHARS and not self.queue.empty():
+            raise asyncio.QueueFull
+        self.queue.put_nowait((event, weight))
+        self.nbytes += weight
 
 
 Listener = Callable[[dict[str, Any]], None]
@@ -89,19 +143,28 @@ class EventBus:
         event = {"kind": kind, **data}
         for listener in self._listeners.get(kind, ()):
             listener(event)
+        weight: int | None = None
         for sub in list(self._subs):
             if kind not in sub.kinds:
                 continue
+            if weight is None:  # once per event, and only when someone wants it
+                weight = _weight(event)
             try:
-                sub.queue.put_nowait(event)
+                sub.offer(event, weight)
             except asyncio.QueueFull:
-                if sub.lossy:  # drop the oldest: the newest state is what a reader wants
-                    sub.queue.get_nowait()
-                    sub.queue.put_nowait(event)
+                if sub.lossy:  # drop a superseded event: the newest state is what a reader wants
+                    while not sub.queue.empty():
+                        _make_room(sub, event)
+                        with contextlib.suppress(asyncio.QueueFull):
+                            sub.offer(event, weight)
+                            break
+                    else:
+                        sub.offer(event, weight)
                     sub.dropped += 1
                     continue
                 sub.overflowed = True
                 self._subs.discard(sub)
                 while not sub.queue.empty():  # make room for the one "you fell behind"
                     sub.queue.get_nowait()
-                sub.queue.put_nowait(None)
+                sub.nbytes = 0
+                sub.queue.put_nowait((None, 0))

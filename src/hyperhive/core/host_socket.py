@@ -209,7 +209,7 @@ async def _status_feed(s: OperatorSession) -> AsyncIterator[dict[str, Any]]:
     try:
         yield ok()
         while True:
-            event = await sub.queue.get()
+            event = await sub.get()
             if event is not None and "agent" in event:
                 yield ok(agent_statuses=[event["agent"]])
     finally:
@@ -225,7 +225,7 @@ async def _stream(s: OperatorSession, kinds: frozenset[str]) -> AsyncIterator[di
     try:
         yield ok(subscribed=sorted(kinds))
         while True:
-            event = await sub.queue.get()
+            event = await sub.get()
             if event is None:
                 yield error("subscriber fell too far behind; events dropped; resubscribe")
                 return

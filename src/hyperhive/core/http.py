@@ -421,7 +421,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 yield b": connected\n\n"
                 while True:
                     try:
-                        event = await asyncio.wait_for(sub.queue.get(), 15)
+                        event = await asyncio.wait_for(sub.get(), 15)
                     except TimeoutError:
                         yield b": keep-alive\n\n"
                         continue

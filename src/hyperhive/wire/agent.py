@@ -15,6 +15,10 @@ from hyperhive.wire.common import ShortText, Strict, Target, Text
 from hyperhive.wire.timestamps import parse_timestamp
 
 MAX_REMIND_SECONDS = 366 * 24 * 3600
+# The times an RFC 3339 ``due_at`` can be written as (1970-01-01T00:00:00Z up to
+# 9999-12-31T23:59:59Z): an earlier ``at`` was stored, then failed to format (year 0 is
+# out of range) and the agent got "internal error" for a reminder the hive kept.
+AT_MIN, AT_MAX = 0.0, 253402300799.0
 
 
 class Whoami(Strict):
@@ -76,14 +80,20 @@ class Remind(Strict):
     @field_validator("at")
     @classmethod
     def _parse_at(cls, value: float | str | None) -> float | None:
-        if value is None or isinstance(value, float | int):
+        if value is None:
             return value
-        try:  # the wire's one timestamp parser: RFC 3339 / ISO 8601 with a zone
-            return parse_timestamp(value)
-        except ValueError as e:
-            if "timezone" in str(e):
-                raise ValueError("'at' needs a timezone, e.g. 2026-01-01T09:00:00+00:00") from None
-            raise ValueError("'at' must be unix seconds or an ISO 8601 timestamp") from None
+        if isinstance(value, str):
+            try:  # the wire's one timestamp parser: RFC 3339 / ISO 8601 with a zone
+                value = parse_timestamp(value)
+            except ValueError as e:
+                if "timezone" in str(e):
+                    raise ValueError(
+                        "'at' needs a timezone, e.g. 2026-01-01T09:00:00+00:00"
+                    ) from None
+                raise ValueError("'at' must be unix seconds or an ISO 8601 timestamp") from None
+        if not AT_MIN <= value <= AT_MAX:  # NaN fails this too
+            raise ValueError("'at' must be between 1970-01-01T00:00:00Z and 9999-12-31T23:59:59Z")
+        return value
 
     @model_validator(mode="after")
     def _exactly_one_time(self) -> Remind:
