@@ -240,8 +240,10 @@ def test_agent_page_with_session(web: Web, login: Login) -> None:
     r = web.get(f"/agent/{ECHO}/", login=login)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/html")
-    # The page carries the session's CSRF token for its inline answer forms.
-    assert f'<meta name="csrf-token" content="{login.csrf}">' in r.text
+    # The page carries its own CSRF token (derived from the session's) for its inline
+    # answer forms; never the session's own.
+    assert f'<meta name="csrf-token" content="page.{ECHO}.' in r.text
+    assert login.csrf not in r.text
     assert_csp(r)
     for path in ["/agent/nosuch/", "/agent/nosuch/state", "/agent/Not_A_Name/", "/agent/operator/"]:
         r = web.get(path, login=login)
@@ -394,3 +396,43 @@ def test_sessions_outlive_a_core_restart(web: Web) -> None:
     assert web.request("POST", "/logout", login=kept, csrf="x" * 43, origin=web.origin).status_code == 403
     assert web.request("POST", "/logout", login=kept, csrf=kept.csrf, origin=web.origin).status_code == 303
     assert web.get("/api/state", login=kept).status_code == 401
+
+
+def test_a_page_token_answers_only_its_own_agents_questions(web: Web, login: Login) -> None:
+    """An agent page (its harness's) holds a token derived from the session's: it answers
+    that agent's questions to the operator and nothing else, so a compromised harness
+    can't approve, deny or answer for another agent with it."""
+    from web_fixture import META_CSRF
+
+    page = web.get(f"/agent/{ECHO}/", login=login)
+    m = META_CSRF.search(page.text)
+    assert page.status_code == 200 and m, page.text[:300]
+    token = m.group(1)
+    assert token.startswith(f"page.{ECHO}.") and token != login.csrf
+    assert login.csrf not in page.text
+
+    def post(path: str, data: dict[str, str]) -> Any:
+        return web.request("POST", path, login=login, origin=web.origin,
+                           data={"csrf_token": token, **data})
+
+    mine = web.hive.agent_call(ECHO, "ask", to="operator", question="mine?")["id"]
+    theirs = web.hive.agent_call(IDLE, "ask", to="operator", question="theirs?")["id"]
+    aid = web.hive.agent_call(ECHO, "request_approval", kind="custom", description="d", payload=1)["id"]
+    for path, data in ((f"/answer-question/{theirs}", {"answer": "x"}), (f"/approve/{aid}", {}),
+                       (f"/deny/{aid}", {}), (f"/api/agents/{IDLE}/stop", {})):
+        r = post(path, data)
+        assert r.status_code == 403, (path, r.status_code, r.text)
+        assert f"this is {ECHO}'s page token: it only answers {ECHO}'s questions" in r.text, r.text
+    open_ids = [q["id"] for q in web.hive.host_call("questions")["questions"]]
+    assert theirs in open_ids and mine in open_ids
+    assert web.hive.host_call("show_approval", id=aid)["approval"]["status"] == "pending"
+    # Another session's page token is no token at all.
+    forged = f"page.{ECHO}." + "0" * 32
+    r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
+                    data={"csrf_token": forged, "answer": "x"})
+    assert r.status_code == 403 and "missing or wrong CSRF token" in r.text, r.text
+    r = post(f"/answer-question/{mine}", {"answer": "yes"})
+    assert r.status_code == 303, r.text
+    assert mine not in [q["id"] for q in web.hive.host_call("questions")["questions"]]
+    web.hive.host_call("deny", id=aid)
+    web.hive.host_call("answer_question", id=theirs, answer="done")

@@ -132,16 +132,6 @@ class ScriptPage:
 
 
 @pytest.mark.attack("surface.script-injection", ref=REF)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "agent pages share the operator's origin and CSP script-src 'self': a compromised "
-        "harness serves its own script under /agent/NAME/, gets the CSRF token in X-Hive-CSRF, "
-        "and POSTs /approve/N with the operator's session. Fix: serve agent pages from another "
-        "origin (a port or host of their own), or give them `sandbox allow-scripts allow-forms` "
-        "(opaque origin, so the core's Origin check refuses them) and no CSRF token"
-    ),
-)
 def test_compromised_page_cannot_approve_as_the_operator(rt: HiveProcess, browser: Browser) -> None:
     """As rtcarol's compromised harness (its web.sock: played from the host, as in
     test_gateway_pages.py): its page loads a script of its own from its own path, which the
@@ -306,7 +296,8 @@ def test_new_operator_verbs_are_not_on_agent_sock(rt: HiveProcess) -> None:
     res = cage_run(rt, "rtmule", NEW_VERBS, verbs=verbs)
     for verb in verbs:
         assert isinstance(res[verb], str) and res[verb].startswith("unknown command"), (verb, res[verb])
-    assert "already exists" in res["spawn_self_limits"], res
+    # An agent's spawn spec carries no limits (they are the operator's to set).
+    assert res["spawn_self_limits"] == "spawn payload: unknown field 'spec.memory_mib'", res
     assert "memory_mib" in res["spawn_huge"], res
     assert "agent" in res["as_operator"] and isinstance(res["as_operator"], str), res
     after = rt.host_call("pending")

@@ -1,9 +1,10 @@
 """The agent's page, served by the harness on its own socket (``web.sock``).
 
 The gateway proxies ``/agent/<name>/`` here after the core has checked the
-operator's session, and passes the session's CSRF token in ``X-Hive-CSRF`` so
-the inline answer forms can post to the core's ``/answer-question/{id}`` on the
-same origin. The runtime can't reach this socket: its directory belongs to
+operator's session, and passes this page's token in ``X-Hive-CSRF`` (good only
+for answering this agent's own questions, never the session's token) so the inline
+answer forms can post to the core's ``/answer-question/{id}`` on the same origin.
+The runtime can't reach this socket: its directory belongs to
 the harness uid and the gateway's group.
 
 Everything the agent produced is data: Jinja2 autoescapes it in the page, and

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import grp
 import os
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
@@ -204,6 +205,8 @@ def _one_line(exc: RequestValidationError) -> str:
 
 # Integers as host.sock's JSON parser takes them (64-bit): larger ones can't reach SQLite.
 Id = Annotated[int, PathParam(ge=1, lt=2**63)]
+# The page the gateway asks /auth about (its X-Original-URI), as nginx routes it.
+AGENT_PAGE = re.compile(r"/agent/([a-z][a-z0-9-]{0,30})/")
 GATEWAY_GROUP = "hive-gateway"
 ACTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "start": lambda n: {"cmd": "start", "scope": {"agent_names": [n]}},
@@ -262,9 +265,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             raise HTTPException(401, "not logged in: open the login URL that `hive up` printed")
         return session
 
-    async def require_post(
-        request: Request, session: Annotated[Session, Depends(require_session)]
-    ) -> Session:
+    async def posted_token(request: Request) -> str | None:
+        """A POST's CSRF token (header or form field), once its Origin is this origin."""
         origin = request.headers.get("origin")
         host = request.headers.get("host", "")
         if not origin or urlsplit(origin).netloc != host:
@@ -274,9 +276,37 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             ("application/x-www-form-urlencoded", "multipart/form-data")
         ):
             presented = str((await request.form()).get("csrf_token") or "")
+        return presented
+
+    def wrong_token(session: Session, presented: str | None) -> HTTPException:
+        scope = sessions.page_scope(session, presented)
+        if scope is not None:
+            return HTTPException(
+                403, f"this is {scope}'s page token: it only answers {scope}'s questions"
+            )
+        return HTTPException(403, "missing or wrong CSRF token")
+
+    async def require_post(
+        request: Request, session: Annotated[Session, Depends(require_session)]
+    ) -> Session:
+        presented = await posted_token(request)
         if not sessions.csrf_ok(session, presented):
-            raise HTTPException(403, "missing or wrong CSRF token")
+            raise wrong_token(session, presented)
         return session
+
+    async def require_answer(
+        request: Request, qid: Id, session: Annotated[Session, Depends(require_session)]
+    ) -> Session:
+        """The session's token, or the page token of the agent that asked question QID."""
+        presented = await posted_token(request)
+        if sessions.csrf_ok(session, presented):
+            return session
+        scope = sessions.page_scope(session, presented)
+        if scope is not None:
+            with contextlib.suppress(Refused):
+                if getattr(hive.question(OPERATOR, qid), "asker", None) == scope:
+                    return session
+        raise wrong_token(session, presented)
 
     @app.get("/api/openapi.json", include_in_schema=False)
     async def openapi(session: Annotated[Session, Depends(require_session)]) -> Response:
@@ -339,11 +369,15 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     @app.get("/auth", include_in_schema=False)
     async def auth(request: Request) -> Response:
-        """For the gateway's auth_request: 204 and the CSRF token if the session is valid."""
+        """For the gateway's auth_request before an agent page: 204 and that page's token
+        (never the session's own: the page server is the agent's harness) if the session
+        is valid."""
         session = session_of(request)
         if session is None:
             return Response(status_code=401)
-        return Response(status_code=204, headers={"X-CSRF-Token": session.csrf})
+        page = AGENT_PAGE.match(request.headers.get("x-original-uri", ""))
+        headers = {"X-CSRF-Token": sessions.page_token(session, page[1])} if page else {}
+        return Response(status_code=204, headers=headers)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard(request: Request) -> Response:
@@ -486,7 +520,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         request: Request,
         qid: Id,
         answer: Annotated[str, Form(max_length=262144)],
-        session: Annotated[Session, Depends(require_post)],
+        session: Annotated[Session, Depends(require_answer)],
     ) -> Response:
         """Answer a question an agent addressed to the operator (operator authority)."""
         return done(
