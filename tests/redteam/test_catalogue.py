@@ -37,7 +37,7 @@ REQUIRED = {
     "surface.terminal-injection", "surface.open-redirect", "gateway.page-headers",
     "gateway.request-splitting", "wire.deep-nesting", "store.unreadable-row", "core.mass-due",
     "runtime.sender-forgery", "runtime.oversized-prompt", "surface.unpaged-listing",
-    "core.reply-memory", "surface.dashboard-dos",
+    "core.reply-memory", "surface.dashboard-dos", "wire.timestamps", "core.status-feed",
 }
 
 PLUGIN = r'''
