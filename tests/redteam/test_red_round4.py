@@ -175,3 +175,46 @@ result(reply=call({"cmd": "request_approval", "kind": "custom", "description": "
         ctx.close()
         with contextlib.suppress(Exception):
             rt.host_call("deny", id=aid)
+
+
+# -- paced request bytes: lines the pacer never sees ------------------------------------------
+
+FLOOD_LINES = """
+import threading
+MiB = 1 << 20
+line = P["fill"].encode() * (MiB - 1) + b"\\n"
+sent = [0] * P["conns"]
+stop = time.monotonic() + P["seconds"]
+
+def flood(i):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(AGENT_SOCK)
+    s.settimeout(1)
+    while time.monotonic() < stop:
+        try:
+            s.sendall(line)
+        except (TimeoutError, OSError):
+            break
+        sent[i] += len(line)
+    s.close()
+
+threads = [threading.Thread(target=flood, args=(i,)) for i in range(P["conns"])]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+result(sent=sum(sent))
+"""
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_blank_lines_are_paced_like_requests(rt: HiveProcess) -> None:
+    """The core paces an agent's request bytes ([limits] input_bytes_per_second, 8 MiB/s
+    past a 64 MiB burst) so that one agent writing as fast as it can doesn't hold the
+    core's one loop. A line of only whitespace was skipped before it was paced: rtmule
+    writes 1 MiB lines of spaces on 8 connections for 6 s. Must hold: the core takes no more
+    than the burst, the rate and what the connections' buffers hold."""
+    seconds, conns = 6, 8
+    res = cage_run(rt, "rtmule", FLOOD_LINES, fill=" ", seconds=seconds, conns=conns, timeout=60)
+    limit = (64 << 20) + (8 << 20) * seconds + conns * (4 << 20)
+    assert (64 << 20) <= res["sent"] <= limit, (res["sent"] >> 20, limit >> 20)
