@@ -110,6 +110,41 @@ def test_page_script_cannot_answer_another_agents_question(
             rt.host_call("answer_question", id=qid, answer="no")
 
 
+# Asks the core's /auth itself (through the gateway's "/" location), naming another
+# agent's page in X-Original-URI, and posts TARGET with the token in its answer.
+ASK_AUTH = """
+fetch('/auth', {credentials: 'same-origin', headers: {'X-Original-URI': %(uri)r}})
+.then(function (r) {
+  var t = r.headers.get('X-CSRF-Token') || '';
+  return fetch(%(target)r, {method: 'POST', credentials: 'same-origin',
+    headers: {'X-CSRF-Token': t, 'Accept': 'application/json'},
+    body: new URLSearchParams(%(form)s)});
+}).then(function (r) { document.title = 'posted ' + r.status; },
+        function (e) { document.title = 'posted error ' + e; });
+"""
+
+
+@pytest.mark.attack("surface.script-injection", ref=REF)
+def test_page_script_cannot_get_a_page_token_from_auth(rt: HiveProcess, browser: Browser) -> None:
+    """The gateway's auth subrequest is internal, but the core's ``/auth`` is reachable
+    through ``/`` like every core route, and reads the page it is asked about from a
+    request header. rtcarol's page script asks it for rtbob's page and answers rtbob's
+    question with the token. Must hold: the question stays unanswered."""
+    asked = rt.agent_call("rtbob", "ask", to="operator", question="rt-round4: via /auth?")
+    assert asked.get("ok"), asked
+    qid = asked["id"]
+    try:
+        title = run_page_script(rt, browser, ASK_AUTH % {
+            "uri": "/agent/rtbob/", "target": f"/answer-question/{qid}",
+            "form": "{answer: 'yes, says rtcarol'}"})
+        assert title.startswith("posted"), title
+        pending = [q["id"] for q in rt.host_call("questions")["questions"]]
+        assert qid in pending, (title, pending)
+    finally:
+        with contextlib.suppress(Exception):
+            rt.host_call("answer_question", id=qid, answer="no")
+
+
 POPUP_PAGE = (
     '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'
     f'<script src="/agent/{PAGE_AGENT}/x.js"></script></head>'
