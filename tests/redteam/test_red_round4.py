@@ -6,6 +6,10 @@ cage's compromised harness, which serves its page on web.sock).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
+import threading
 import time
 
 import pytest
@@ -224,7 +228,7 @@ stop = time.monotonic() + P["seconds"]
 def flood(i):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(AGENT_SOCK)
-    s.settimeout(1)
+    s.settimeout(P.get("sock_timeout", 1))
     while time.monotonic() < stop:
         try:
             s.sendall(line)
@@ -253,3 +257,51 @@ def test_blank_lines_are_paced_like_requests(rt: HiveProcess) -> None:
     res = cage_run(rt, "rtmule", FLOOD_LINES, fill=" ", seconds=seconds, conns=conns, timeout=60)
     limit = (64 << 20) + (8 << 20) * seconds + conns * (4 << 20)
     assert (64 << 20) <= res["sent"] <= limit, (res["sent"] >> 20, limit >> 20)
+
+
+HARNESS_ASKS = """
+import json, socket, sys, time
+out = []
+for _ in range(3):
+    t = time.monotonic()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(sys.argv[1])
+    s.sendall(b'{"cmd": "whoami"}\\n')
+    reply = s.makefile("rb").readline()
+    out.append(time.monotonic() - t)
+    assert json.loads(reply).get("ok"), reply
+    s.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_runtime_flood_does_not_delay_its_harness(rt: HiveProcess) -> None:
+    """One byte bucket paces all an agent's connections, its harness's too. rtmule's
+    runtime keeps 31 connections each holding a paced 1 MiB line; its harness (played from
+    the host with the harness's uid) asks ``whoami``. Must hold: the harness is answered
+    at once (the docstring's bound for one request, its own size's worth, 0.125 s for a
+    whole line), not after the runtime's ~4 s of debt (the harness relays the operator's
+    messages and the agent's turns: the runtime could hold them up)."""
+    harness_uid = os.stat(rt.run_dir / "ui" / "rtmule" / "web.sock").st_uid
+    flood: dict[str, object] = {}
+
+    def run_flood() -> None:
+        flood.update(cage_run(rt, "rtmule", FLOOD_LINES, fill=" ", seconds=10, conns=31, sock_timeout=10,
+                              timeout=90))
+
+    t = threading.Thread(target=run_flood)
+    t.start()
+    try:
+        time.sleep(5)  # the burst is spent, every flood connection waits paced
+        out = subprocess.run(
+            # cwd set before the uid changes: the harness reaches the socket by its own mount
+            ["/usr/bin/python3", "-c", HARNESS_ASKS, "agent.sock"],
+            cwd=rt.run_dir / "agents" / "rtmule", user=harness_uid, extra_groups=[],
+            group=os.stat(rt.run_dir / "agents" / "rtmule" / "agent.sock").st_gid, capture_output=True, text=True, timeout=60, check=True,
+        )
+        waits = json.loads(out.stdout)
+    finally:
+        t.join(120)
+    assert flood.get("sent", 0) > 0, flood
+    assert max(waits) < 1.0, waits
