@@ -305,3 +305,67 @@ def test_runtime_flood_does_not_delay_its_harness(rt: HiveProcess) -> None:
         t.join(120)
     assert flood.get("sent", 0) > 0, flood
     assert max(waits) < 1.0, waits
+
+
+# -- spawn requests can't carry cage limits -------------------------------------------------
+
+SPAWN_LIMITS = """
+out = {}
+for key, spec in P["specs"].items():
+    out[key] = call({"cmd": "request_approval", "kind": "spawn", "description": "rt-round4",
+                     "payload": {"name": "rtr4child", "spec": spec}})
+result(**out)
+"""
+
+
+@pytest.mark.attack("privsep.core-misuse", ref=REF)
+def test_spawn_request_cannot_carry_cage_limits_in_any_spelling(rt: HiveProcess) -> None:
+    """An agent's spawn spec may not set ``memory_mib``/``pids_max`` (the operator's, by
+    set_resource_limits). Spellings: an explicit null, the smallest and largest values,
+    both at once. Must hold: each refused, nothing pending."""
+    base = {"runtime": "command", "command": ["true"]}
+    specs = {
+        "null": {**base, "memory_mib": None},
+        "pids": {**base, "pids_max": 8192},
+        "memory": {**base, "memory_mib": 16384},
+        "both": {**base, "memory_mib": 32, "pids_max": 16},
+    }
+    res = cage_run(rt, "rtmule", SPAWN_LIMITS, specs=specs)
+    for key, reply in res.items():
+        assert reply.get("ok") is False, (key, reply)
+        assert "unknown field 'spec." in reply["error"], (key, reply)
+    pending = rt.host_call("pending")
+    assert not [a for a in pending.get("approvals", []) if a.get("kind") == "spawn"], pending
+
+
+# -- stored summaries (schema migration 6) --------------------------------------------------
+
+ODD_APPROVAL = """
+result(reply=call({"cmd": "request_approval", "kind": "custom", "description": P["description"],
+                   "payload": P["payload"]}))
+"""
+
+
+@pytest.mark.attack("surface.unpaged-listing", ref=REF)
+def test_stored_summaries_match_the_whole_row(rt: HiveProcess) -> None:
+    """Listings read each long column's length and first 2048 bytes from stored generated
+    columns. rtmule asks for an approval whose description has NULs and a 2-byte character
+    across the cut, and whose payload has NULs (6-byte JSON escapes as stored), a 4-byte
+    character across the cut and keys in reverse order. Must hold: the listing's text is a prefix of the whole (as
+    show_approval gives it), its ``truncated`` lengths are the whole's in bytes."""
+    description = "\x00" * 5 + "a" * 2042 + "é" * 600 + "\x00tail"
+    payload = {"z": "\x00" * 301 + "\U0001f600" * 400 + "apply this", "a": [1, 2.5, None]}
+    res = cage_run(rt, "rtmule", ODD_APPROVAL, description=description, payload=payload)
+    aid = res["reply"]["id"]
+    try:
+        whole = rt.host_call("show_approval", id=aid)["approval"]
+        assert whole["description"] == description and whole["payload"] == payload, whole
+        row = next(a for a in rt.host_call("pending")["approvals"] if a["id"] == aid)
+        canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        assert description.startswith(row["description"]), row["description"][-20:]
+        assert row["truncated"]["description"] == len(description.encode()), row["truncated"]
+        assert isinstance(row["payload"], str) and canonical.startswith(row["payload"]), row
+        assert row["truncated"]["payload"] == len(canonical.encode()), row["truncated"]
+    finally:
+        with contextlib.suppress(Exception):
+            rt.host_call("deny", id=aid)
