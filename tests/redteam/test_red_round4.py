@@ -25,6 +25,7 @@ REF = "red team round 4"
 
 PAGE = (
     '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'
+    '<meta name="given" content="{csrf}">'
     f'<script src="/agent/{PAGE_AGENT}/x.js"></script></head><body>hello</body></html>'
 )
 # Reads a same-origin page the operator's session may read, takes the token in its
@@ -58,6 +59,9 @@ def run_page_script(rt: HiveProcess, browser: Browser, script: str) -> str:
             tab = ctx.new_page()
             tab.goto(web.login_url)
             tab.goto(web.url(f"/agent/{PAGE_AGENT}/"))
+            # the page opened by the browser still gets its own page token (its forms)
+            given = tab.get_attribute('meta[name="given"]', "content") or ""
+            assert given.startswith(f"page.{PAGE_AGENT}."), given
             deadline = time.monotonic() + 15
             title = tab.title()
             while not title.startswith("posted") and time.monotonic() < deadline:
@@ -151,6 +155,7 @@ def test_page_script_cannot_get_a_page_token_from_auth(rt: HiveProcess, browser:
 
 POPUP_PAGE = (
     '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'
+    '<meta name="given" content="{csrf}">'
     f'<script src="/agent/{PAGE_AGENT}/x.js"></script></head>'
     '<body><button id="go">show details</button></body></html>'
 )
