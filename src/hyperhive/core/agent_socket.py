@@ -235,8 +235,11 @@ class AgentSockets:
         writers: set[asyncio.StreamWriter] = set()
         limiter = ConnectionLimiter(str(path), self.connections_per_peer)
         limits = hive.config.limits
-        # One bucket for all the agent's connections (the runtime's and the harness's).
+        # One bucket for all the runtime's connections, one for the harness's: the runtime
+        # (untrusted) filling its bucket held each of its harness's requests ~4 s behind
+        # its debt (red team round 4).
         pacer = BytePacer(limits.input_bytes_per_second, limits.input_burst_bytes)
+        harness_pacer = BytePacer(limits.input_bytes_per_second, limits.input_burst_bytes)
 
         async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             cred = peer_cred(writer.get_extra_info("socket"))
@@ -257,7 +260,8 @@ class AgentSockets:
                 hive.harness_changed(name)
             try:
                 # A harness's long-polls end when it dies: it stops counting as running at once.
-                await serve_lines(reader, writer, session.handle, limiter, is_harness, pacer.pace)
+                paced = (harness_pacer if is_harness else pacer).pace
+                await serve_lines(reader, writer, session.handle, limiter, is_harness, paced)
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)

@@ -367,6 +367,19 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         resp.delete_cookie(COOKIE, path="/")
         return resp
 
+    def navigation(request: Request) -> bool:
+        """Whether the browser is opening this page itself (or a client that isn't a
+        browser asks): only then does a page carry a CSRF token. A script's fetch()
+        (``Sec-Fetch-Mode: cors``/``same-origin``, ``Sec-Fetch-Dest: empty``; the browser
+        sets these, no script can) gets the page without one, so a compromised harness's
+        page script can't read the dashboard's token or another agent page's token. Red
+        team round 4; a popup the script opens on the operator's click is still readable
+        (the page-origin hole, docs/security.md)."""
+        mode = request.headers.get("sec-fetch-mode")
+        if mode is None:
+            return True
+        return mode == "navigate" and request.headers.get("sec-fetch-dest") == "document"
+
     @app.get("/auth", include_in_schema=False)
     async def auth(request: Request) -> Response:
         """For the gateway's auth_request before an agent page: 204 and that page's token
@@ -376,7 +389,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if session is None:
             return Response(status_code=401)
         page = AGENT_PAGE.match(request.headers.get("x-original-uri", ""))
-        headers = {"X-CSRF-Token": sessions.page_token(session, page[1])} if page else {}
+        headers = (
+            {"X-CSRF-Token": sessions.page_token(session, page[1])}
+            if page and navigation(request)
+            else {}
+        )
         return Response(status_code=204, headers=headers)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -386,8 +403,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             return PlainTextResponse(
                 "not logged in: open the login URL that `hive up` printed\n", status_code=401
             )
+        # The token only to a page the browser opens: a script's fetch of "/" (an agent
+        # page's, in this origin) gets the page without it.
+        csrf = session.csrf if navigation(request) else ""
         return templates.TemplateResponse(
-            request, "dashboard.html", {"csrf_token": session.csrf, **state()}
+            request, "dashboard.html", {"csrf_token": csrf, **state()}
         )
 
     def approval_page(after: int, limit: int) -> dict[str, Any]:
