@@ -12,18 +12,26 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Browser
 
-from hive_fixture import HiveProcess
+from hive_fixture import HiveProcess, running_hive
 from hyperhive.client import Client
 from web_fixture import Web, browser  # noqa: F401 (fixture)
 
-from .conftest import cage_run
+from .conftest import RT_AGENTS, cage_run
 
 REF = "red team round 3"
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[HiveProcess]:
+    """The red team's agents in a hive of this module's own: its floods (gigabytes to the
+    operator's inbox, a thousand statuses) must not slow the other modules' listings."""
+    yield from running_hive(HiveProcess(RT_AGENTS))
 
 
 # -- a reminder "at" a time no wire can write ------------------------------------------------

@@ -11,17 +11,25 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from playwright.sync_api import Browser
 
-from hive_fixture import HiveProcess
+from hive_fixture import HiveProcess, running_hive
 from web_fixture import Web, browser  # noqa: F401 (fixture)
 
-from .conftest import cage_run
+from .conftest import RT_AGENTS, cage_run
 from .test_red_round3 import PAGE_AGENT, ScriptPage
 
 REF = "red team round 4"
+
+
+@pytest.fixture(scope="module")
+def rt() -> Iterator[HiveProcess]:
+    """The red team's agents in a hive of this module's own: its floods (gigabytes to the
+    operator's inbox, a thousand statuses) must not slow the other modules' listings."""
+    yield from running_hive(HiveProcess(RT_AGENTS))
 
 PAGE = (
     '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'

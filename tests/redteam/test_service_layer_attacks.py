@@ -513,7 +513,7 @@ HTTP_REFUSALS: list[tuple[str, dict[str, str], int, str]] = [
     ("/api/spawn", {"name": "operator", "spec": SPEC}, 422, "field 'name': agent name 'operator' is reserved"),
     ("/api/spawn", {"name": "rtx", "spec": "[]"}, 422, "spec: request must be a JSON object, got list"),
     ("/api/spawn", {"name": "rtx", "spec": '{"runtime":"command","command":["true"],"memory_mib":1}'}, 422,
-     "unknown field 'spec.memory_mib'"),
+     "field 'spec.memory_mib': Input should be greater than or equal to 32"),
 ]
 
 
