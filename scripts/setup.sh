@@ -66,4 +66,6 @@ if [[ "$("$CLAUDE" --version 2>/dev/null)" != "$CLAUDE_CODE_VERSION "* ]]; then
         exit 1
     fi
 fi
+# `hive` on the PATH (the README's commands are `hive ...`).
+bash scripts/link-hive.sh
 echo "setup: ready ($(.venv/bin/hive --version), claude $("$CLAUDE" --version))"

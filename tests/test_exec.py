@@ -6,6 +6,7 @@ Every test here runs the default (clean) exec, not the fixture's ``--as-agent``.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import secrets
@@ -189,14 +190,31 @@ def cli(h: HiveProcess, *args: str, **kw: Any) -> subprocess.CompletedProcess[An
                           capture_output=True, timeout=60, check=False, **kw)
 
 
-def test_json_prints_the_exit_status_last_on_stderr(caged_hive: HiveProcess) -> None:
-    proc = cli(caged_hive, "--json", "bob", "--", "sh", "-c", "echo out; echo err >&2; exit 3", text=True)
-    assert proc.returncode == 3
-    assert proc.stdout == "out\n"
-    assert proc.stderr.splitlines() == ["err", '{"exit_status": 3}']
+def test_json_captures_stdout_stderr_and_the_exit_status(caged_hive: HiveProcess) -> None:
+    """--json (issue 15 item 6): one JSON object on stdout once the command ended, its
+    outputs as text with their byte counts (and the exact bytes when not UTF-8); the
+    exit status stays the command's. It was {"exit_status": N} on stderr."""
+    script = r"echo out; printf 'e\033rr\377' >&2; head -c 300000 /dev/zero | tr '\0' x; exit 3"
+    proc = cli(caged_hive, "--json", "bob", "--", "sh", "-c", script, input=b"")
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr == b""
+    assert proc.stdout.count(b"\n") == 1 and b"\x1b" not in proc.stdout  # one line, escaped
+    out = json.loads(proc.stdout)
+    assert out == {
+        "version": 1, "ok": True, "exit_status": 3,
+        "stdout": "out\n" + "x" * 300_000, "stdout_bytes": 300_004,
+        "stderr": "e\x1brr\ufffd", "stderr_bytes": 5,
+        "stderr_base64": base64.b64encode(b"e\x1brr\xff").decode(),
+    }
+    # stdin is still the caller's
+    echoed = json.loads(cli(caged_hive, "--json", "alice", "--", "wc", "-c", input=b"12345").stdout)
+    assert (echoed["exit_status"], echoed["stdout"].strip(), echoed["stderr"]) == (0, "5", "")
     refused = cli(caged_hive, "--json", "dave", "--", "true", text=True)
-    assert refused.returncode == 1
-    assert json.loads(refused.stderr) == {"error": "cage dave is not running"}
+    assert refused.returncode == 1 and refused.stderr == ""
+    assert json.loads(refused.stdout) == {"version": 1, "ok": False, "error": "cage dave is not running"}
+    tty = cli(caged_hive, "--json", "--tty", "bob", "--", "true", text=True)
+    assert tty.returncode == 1 and json.loads(tty.stdout)["error"] == (
+        "--json captures stdout and stderr apart: it takes no --tty")
 
 
 def test_trust_home_runs_in_the_agents_home(caged_hive: HiveProcess) -> None:

@@ -10,22 +10,23 @@ when it ends. Its exit status becomes ours."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
-import json
 import os
 import shutil
 import sys
 import termios
+import threading
 import tty as ttymod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import click
 from pydantic import ValidationError
 
 from hyperhive.client import priv_call
-from hyperhive.display import visible
+from hyperhive.display import dumps, visible
 from hyperhive.wire import priv as wp
 from hyperhive.wire.framing import describe_validation_error
 
@@ -42,7 +43,18 @@ Examples:
   hive exec alice -- ls -la /home/agent
   hive exec alice -- bash -i            # a clean interactive shell (a pty)
   hive exec --trust-home alice -- make  # in the agent's home, its dotfiles too
+
+\b
+--json prints, once the command has ended, one line:
+  {"version": 1, "ok": true, "exit_status": 0, "stdout": "...", "stdout_bytes": 4,
+   "stderr": "...", "stderr_bytes": 0}
+stdout and stderr are the bytes as UTF-8 text; when they are not valid UTF-8,
+stdout_base64 / stderr_base64 carry them exactly. At most 16 MiB of each is kept
+(the *_bytes counts are still of everything; "stdout_truncated": true says so).
+Stdin is still ours. A refusal is {"version": 1, "ok": false, "error": "..."}, exit 1;
+otherwise the exit status is the command's.
 """
+CAPTURE_MAX = 16 << 20  # bytes of each output --json keeps (the counts go on past it)
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True}, epilog=EPILOG)
@@ -76,7 +88,8 @@ Examples:
     "--json",
     "as_json",
     is_flag=True,
-    help='Print {"exit_status": N} (or {"error": ...}) as the last line on stderr.',
+    help="Capture the command's stdout and stderr and print one JSON object: exit_status, "
+    "stdout, stderr (text) and their byte counts (no pty; see below).",
 )
 @click.argument("name")
 @click.argument("argv", nargs=-1, required=True, type=click.UNPROCESSED)
@@ -100,7 +113,7 @@ def exec_cmd(
 
     def fail(message: str) -> NoReturn:
         if as_json:
-            click.echo(json.dumps({"error": message}), err=True)
+            click.echo(dumps({"version": 1, "ok": False, "error": message}))
             sys.exit(1)
         raise click.ClickException(visible(message, one_line=True))
 
@@ -110,8 +123,10 @@ def exec_cmd(
         if not sep:
             fail(f"--env {item!r}: expected KEY=VALUE")
         environment[key] = value
+    if as_json and want_tty:
+        fail("--json captures stdout and stderr apart: it takes no --tty")
     if want_tty is None:
-        want_tty = os.isatty(0) and os.isatty(1)
+        want_tty = not as_json and os.isatty(0) and os.isatty(1)
     size = shutil.get_terminal_size() if want_tty else None
     try:
         # The same checks hive-priv makes, and the same one-line refusals.
@@ -125,9 +140,20 @@ def exec_cmd(
         )
     except ValidationError as e:
         fail(describe_validation_error(e, tagged=False))
+    captures = (Capture(), Capture()) if as_json else None
     try:
         with _raw(0 if want_tty else None):
-            reply = priv_call(str(priv_sock), request, fds=[0, 1, 2], timeout=None)
+            if captures is None:
+                reply = priv_call(str(priv_sock), request, fds=[0, 1, 2], timeout=None)
+            else:
+                fds = [0, captures[0].write_end, captures[1].write_end]
+                try:
+                    reply = priv_call(str(priv_sock), request, fds=fds, timeout=None)
+                finally:
+                    for c in captures:
+                        os.close(c.write_end)
+                for c in captures:  # hive-priv closed its copies before it replied: EOF
+                    c.thread.join()
     except PermissionError:
         fail(f"hive exec needs root (permission denied on {priv_sock})")
     except (FileNotFoundError, ConnectionRefusedError):
@@ -141,10 +167,50 @@ def exec_cmd(
     if not reply.get("ok"):
         fail(str(reply.get("error")))
     status = int(reply["exit_status"])
-    if as_json:
+    if captures is not None:
+        out: dict[str, Any] = {"version": 1, "ok": True, "exit_status": status}
+        for name, c in zip(("stdout", "stderr"), captures, strict=True):
+            out.update(c.fields(name))
+        click.echo(dumps(out))
         sys.stdout.flush()
-        click.echo(json.dumps({"exit_status": status}), err=True)
     os._exit(status)
+
+
+class Capture:
+    """One output of the command, for --json: a pipe whose write end goes to hive-priv
+    (which relays the command's bytes into it) and a thread that reads it to EOF,
+    keeping the first CAPTURE_MAX bytes and counting all (it never stops reading: a
+    command that writes more is not blocked)."""
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe()
+        self.kept = bytearray()
+        self.total = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with os.fdopen(self.read_end, "rb", buffering=0) as f:
+            while chunk := f.read(1 << 16):
+                self.total += len(chunk)
+                room = CAPTURE_MAX - len(self.kept)
+                if room > 0:
+                    self.kept += chunk[:room]
+
+    def fields(self, name: str) -> dict[str, Any]:
+        data = bytes(self.kept)
+        out: dict[str, Any] = {name: data.decode("utf-8", errors="replace")}
+        out[f"{name}_bytes"] = self.total
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            # Cut at the 16 MiB mark inside a character is still text: only a bad byte
+            # before the end needs the exact bytes.
+            if not (self.total > len(data) and e.start >= len(data) - 3):
+                out[f"{name}_base64"] = base64.b64encode(data).decode()
+        if self.total > len(data):
+            out[f"{name}_truncated"] = True
+        return out
 
 
 @contextlib.contextmanager

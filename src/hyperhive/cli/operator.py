@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from hyperhive.cli.event_lines import event_line
 from hyperhive.cli.output import (
     fail,
     json_option,
@@ -24,6 +26,10 @@ from hyperhive.display import dumps, visible, visible_json_text
 from hyperhive.wire.host import EVENT_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
+# `hive inbox`'s page: a full inbox of 1 MiB messages is a gigabyte; a page is what a
+# person reads (it was 1000, which took more than 10 s to print).
+INBOX_PAGE = 50
+ALL_ROWS = 1 << 62  # --all: no count; the batches stop when the hive says no `more`
 
 
 def host_sock(ctx: click.Context) -> Path:
@@ -142,15 +148,28 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("inbox")
     @json_option
     @click.option("--after", type=int, default=0, help="Only messages with an id above this.")
-    @click.option("--max", "max_", type=click.IntRange(1, 10_000), default=1000, show_default=True)
+    @click.option(
+        "--max",
+        "max_",
+        type=click.IntRange(1, 10_000),
+        default=INBOX_PAGE,
+        show_default=True,
+        help="Messages a page.",
+    )
+    @click.option("--all", "every", is_flag=True, help="Every message after --after, not a page.")
     @click.pass_context
-    def inbox(ctx: click.Context, as_json: bool, after: int, max_: int) -> None:
-        """Messages the agents sent to the operator (in batches, as many as MAX)."""
+    def inbox(ctx: click.Context, as_json: bool, after: int, max_: int, every: bool) -> None:
+        """Messages the agents sent to the operator, oldest first, a page of MAX (the hive
+        sends them in batches); the footer says how to get the next page. --all: every
+        one (--json: still one reply, all its ``messages``)."""
         path = host_sock(ctx)
-        resp = paged(path, "inbox", as_json, "messages", "after", ("max", max_), after=after)
+        wanted = ALL_ROWS if every else max_
+        resp = paged(path, "inbox", as_json, "messages", "after", ("max", wanted), after=after)
         if not as_json:
             print_messages(resp["messages"], "inbox")
-            _more(resp, "messages", "hive inbox --after")
+            rows = resp["messages"]
+            if resp.get("more") and rows:
+                say(f"{len(rows)} shown; next page: hive inbox --after {rows[-1]['id']} (or --all)")
 
     @group.command("questions")
     @json_option
@@ -512,11 +531,14 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     )
     @click.pass_context
     def events(ctx: click.Context, as_json: bool, kinds: tuple[str, ...]) -> None:
-        """Follow the hive's events live (Ctrl-C to stop)."""
+        """Follow the hive's events live (Ctrl-C to stop): one line each, TIME KIND WHO
+        SUMMARY (the time it arrived; long agent text cut, with the command that shows it
+        whole). --json: every reply line whole, one JSON object a line (NDJSON), the
+        subscription's ack first; each line is flushed as it comes, so it works in a pipe."""
 
         def render(item: dict[str, Any]) -> None:
-            if "event" in item:  # one JSON line each (rich would wrap it at the width)
-                say(dumps(item["event"]))
+            if isinstance(item.get("event"), dict):  # never through rich: no cut, no wrap
+                say(event_line(item["event"], datetime.now()))
 
         fields: dict[str, Any] = {"kinds": list(kinds)} if kinds else {}
         stream(host_sock(ctx), "subscribe", as_json, render, **fields)

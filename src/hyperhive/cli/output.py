@@ -6,6 +6,7 @@ and into rich only as ``Text``, never as markup."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
@@ -23,6 +24,7 @@ from hyperhive.wire.timestamps import parse_timestamp
 
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
+BATCH_MAX = 10_000  # the largest count (max, limit) a listing request may ask for
 
 
 def json_option(fn: F) -> F:
@@ -70,7 +72,8 @@ def paged(
         with Client(path) as c:
             while True:
                 ask = {k: v for k, v in fields.items() if v is not None}
-                resp = c.call(cmd, **ask, **{field: wanted - len(got)})
+                batch = min(wanted - len(got), BATCH_MAX)  # the most a request may ask
+                resp = c.call(cmd, **ask, **{field: batch})
                 if not resp.get("ok"):
                     break
                 got += resp[rows]
@@ -99,16 +102,24 @@ def report(resp: dict[str, Any], as_json: bool) -> dict[str, Any]:
 def stream(
     path: Path, cmd: str, as_json: bool, render: Callable[[dict[str, Any]], None], **fields: Any
 ) -> None:
+    """Follow a stream: each line rendered (or, with ``as_json``, printed whole), and
+    flushed at once, so a pipe sees every line as it comes. A refusal or a cut-off
+    ends it with exit 1; a reader that went away (``| head``) ends it quietly."""
     try:
         with Client(path, timeout=None) as c:
             for item in c.stream(cmd, **fields):
-                if as_json:
-                    click.echo(dumps(item), nl=True)
-                    sys.stdout.flush()
-                elif not item.get("ok"):
+                if not (as_json or item.get("ok")):
                     fail(f"error: {item.get('error')}")
-                else:
-                    render(item)
+                try:
+                    click.echo(dumps(item)) if as_json else render(item)
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    # Nobody reads our stdout any more: stop, and keep Python's exit-time
+                    # flush of it from printing a traceback.
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                    raise SystemExit(0) from None
+                if not item.get("ok"):
+                    raise SystemExit(1)
     except HiveUnavailable as e:
         fail(str(e))
     except ConnectionError:
