@@ -36,6 +36,7 @@ import pytest
 from playwright.sync_api import Browser, expect
 
 from hive_fixture import REPO, HiveProcess, wait_until
+from hyperhive.cli.event_lines import short
 from hyperhive.core.store import canonical_json
 from hyperhive.display import dumps, visible, visible_json_text
 from web_fixture import Web, browser  # noqa: F401 (fixture)
@@ -303,8 +304,10 @@ def test_live_streams_show_agent_escapes_as_text(rt: HiveProcess, planted: dict[
             if k == "watch":
                 assert f"{AGENT}: running  {visible(text, one_line=True)}" in out.splitlines(), out[-2000:]
                 assert "rtcarol: running  all good" not in out.splitlines()  # no forged line
-            else:
-                assert dumps(text)[1:-1] in out, out[-2000:]  # one JSON line per event
+            else:  # one readable line per event (issue 15 item 6; it was the event's JSON)
+                line = f"{AGENT}  running: {visible(short(text), one_line=True)}"
+                assert any(x.endswith(line) for x in out.splitlines()), out[-2000:]
+                assert not any(x.startswith("rtcarol: running") for x in out.splitlines())
 
 
 # -- the pages: as served, and as redrawn by their scripts ------------------------------

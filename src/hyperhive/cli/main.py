@@ -11,6 +11,7 @@ from hyperhive.cli import operator
 from hyperhive.cli.agent import agent_group
 from hyperhive.cli.egress import egress_group
 from hyperhive.cli.exec_ import exec_cmd
+from hyperhive.cli.reset import reset
 from hyperhive.cli.up import up
 from hyperhive.paths import DEFAULT_RUN_DIR
 
@@ -38,6 +39,7 @@ def cli(ctx: click.Context, run_dir: Path) -> None:
 
 operator.register(cli)
 cli.add_command(up)
+cli.add_command(reset)
 cli.add_command(agent_group)
 cli.add_command(exec_cmd)
 cli.add_command(egress_group)

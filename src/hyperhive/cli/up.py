@@ -37,6 +37,7 @@ from hyperhive.cli import instance_lock
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
+from hyperhive.display import dumps
 from hyperhive.gateway import config as gateway_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from hyperhive.unixsock import bind_listener
@@ -52,6 +53,40 @@ AGENTS_TIMEOUT = 60.0  # seconds for every agent that should run to connect its 
 PROGRESS_EVERY = 5.0  # seconds between "waiting for N agents" lines
 # The children's whole environment: nothing of the operator's shell (PYTHON*, LD_*, ...).
 CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Progress:
+    """What ``hive up`` tells whoever started it: ``hive: …`` lines (failures on
+    stderr), or with ``--json`` one JSON object a line on stdout, flushed at once:
+    ``{"version": 1, "ok": true, "phase": PHASE, ...}`` for starting, waiting (agents),
+    agent_failed (agents; the rest go on), ready (login, host_sock), stopping and
+    stopped; ``{"version": 1, "ok": false, "phase": "error", "error": ...}`` when it
+    can't start or stop cleanly (exit 1). The log lines stay on stderr."""
+
+    as_json = False
+
+    def say(self, phase: str, text: str, **fields: Any) -> None:
+        if self.as_json:
+            line = {"version": 1, "ok": True, "phase": phase, **fields}
+            print(dumps(line), flush=True)
+        else:
+            print(f"hive: {text}", flush=True)
+
+    def warn(self, phase: str, text: str, **fields: Any) -> None:
+        if self.as_json:
+            self.say(phase, text, message=text, **fields)
+        else:
+            print(f"hive: {text}", file=sys.stderr, flush=True)
+
+    def error(self, text: str) -> None:
+        if self.as_json:
+            line = {"version": 1, "ok": False, "phase": "error", "error": text}
+            print(dumps(line), flush=True)
+        else:
+            print(f"hive: {text}", file=sys.stderr, flush=True)
+
+
+PROGRESS = Progress()
 
 
 def python_argv(module: str, *args: str) -> list[str]:
@@ -507,11 +542,11 @@ async def wait_for_agents(
         if dead:
             # One broken agent spec must not keep the operator out of the rest of the hive:
             # it is reported (its row shows failed) and the others are waited for.
-            print(
-                f"hive: agent {', '.join(dead)} could not start (the log above says why); "
+            PROGRESS.warn(
+                "agent_failed",
+                f"agent {', '.join(dead)} could not start (the log above says why); "
                 "the rest of the hive goes on",
-                file=sys.stderr,
-                flush=True,
+                agents=dead,
             )
             given_up.update(dead)
             continue
@@ -522,7 +557,8 @@ async def wait_for_agents(
             )
         if tuple(missing) != said or time.monotonic() - said_at > PROGRESS_EVERY:
             s = "" if len(missing) == 1 else "s"
-            print(f"hive: waiting for {len(missing)} agent{s} ({', '.join(missing)})", flush=True)
+            text = f"waiting for {len(missing)} agent{s} ({', '.join(missing)})"
+            PROGRESS.say("waiting", text, agents=missing)
             said, said_at = tuple(missing), time.monotonic()
         await asyncio.sleep(0.2)
 
@@ -553,7 +589,7 @@ def refusal(
 async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
     lock, problem = refusal(run_dir, state_dir, listen)
     if lock is None:
-        print(f"hive: {problem}", file=sys.stderr, flush=True)
+        PROGRESS.error(str(problem))
         return 1
     try:
         return await run_locked(config, state_dir, run_dir, listen)
@@ -624,7 +660,12 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
         stderr=None,
     )
     gateway.ready_check = gateway_ready(gateway, listen)
-    print(f"hive: starting (state {state_dir}, sockets {run_dir})", flush=True)
+    PROGRESS.say(
+        "starting",
+        f"starting (state {state_dir}, sockets {run_dir})",
+        state_dir=str(state_dir),
+        run_dir=str(run_dir),
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -658,40 +699,38 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
         starting.cancel()
         with contextlib.suppress(asyncio.CancelledError, RuntimeError):
             await starting
-        print("hive: stopping (it was still starting)", flush=True)
+        PROGRESS.say("stopping", "stopping (it was still starting)")
         return 0 if await shutdown(False) else 1
     stopping.cancel()
     failure = starting.exception()
     if failure is not None:
         if not isinstance(failure, RuntimeError | OSError | ValueError):
             raise failure
-        print(f"hive: {failure}", file=sys.stderr, flush=True)
+        PROGRESS.error(str(failure))
         await shutdown(False)
         return 1
     try:
         token = read_token(state_dir)
     except (OSError, RuntimeError) as e:
-        print(f"hive: the operator's token: {e}", file=sys.stderr, flush=True)
+        PROGRESS.error(f"the operator's token: {e}")
         await shutdown(False)
         return 1
     host, port = parse_listen(listen)
     login = f"http://{host}:{port}/login?token={token}"
-    print(f"hive: ready: log in at {login} (operator socket {run_dir / 'host.sock'})", flush=True)
+    sock = run_dir / "host.sock"
+    text = f"ready: log in at {login} (operator socket {sock})"
+    PROGRESS.say("ready", text, login=login, host_sock=str(sock))
 
     watchers = [asyncio.ensure_future(p.supervise()) for p in (core, priv, gateway)]
     await stop.wait()
-    print("hive: stopping", flush=True)
+    PROGRESS.say("stopping", "stopping")
     cages_stopped = await shutdown(True)
     for w in watchers:
         w.cancel()
     if not cages_stopped:
-        print(
-            "hive: stopped, but some cages may still be running (see the log above)",
-            file=sys.stderr,
-            flush=True,
-        )
+        PROGRESS.error("stopped, but some cages may still be running (see the log above)")
         return 1
-    print("hive: stopped", flush=True)
+    PROGRESS.say("stopped", "stopped")
     return 0
 
 
@@ -711,6 +750,13 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
 @click.option(
     "--listen", help="HOST:PORT for the gateway (default [hive] listen or 127.0.0.1:8080)."
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Progress as JSON lines on stdout: one object a phase (starting, waiting, ready with "
+    "the login URL, stopping, stopped; ok false and error when it fails).",
+)
 @click.pass_context
 def up(
     ctx: click.Context,
@@ -718,21 +764,23 @@ def up(
     state_dir: Path,
     up_run_dir: Path | None,
     listen: str | None,
+    as_json: bool,
 ) -> None:
     """Run the whole hive in the foreground until SIGINT / SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    PROGRESS.as_json = as_json
     run_dir = up_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR
     try:
-        cfg = load_config(config, listen)
-    except ConfigError as e:
-        raise click.ClickException(str(e)) from None
-    if os.geteuid() != 0:
-        raise click.ClickException(
-            "hive up must run as root: like systemd, it creates users, binds priv.sock "
-            "and starts hive-priv; hive-core itself runs as user hive-core"
-        )
-    raise SystemExit(
-        asyncio.run(
+        try:
+            cfg = load_config(config, listen)
+        except ConfigError as e:
+            raise click.ClickException(str(e)) from None
+        if os.geteuid() != 0:
+            raise click.ClickException(
+                "hive up must run as root: like systemd, it creates users, binds priv.sock "
+                "and starts hive-priv; hive-core itself runs as user hive-core"
+            )
+        code = asyncio.run(
             run_hive(
                 config.absolute() if config else None,
                 state_dir.absolute(),
@@ -740,4 +788,9 @@ def up(
                 cfg.hive.listen,
             )
         )
-    )
+    except click.ClickException as e:
+        if not as_json:
+            raise
+        PROGRESS.error(e.format_message())
+        code = 1
+    raise SystemExit(code)

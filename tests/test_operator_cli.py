@@ -1,0 +1,295 @@
+"""The operator's ``hive`` command line as the README uses it (issue 15 item 6): ``hive``
+on the PATH after setup, every README ``hive …`` line a valid command, every verb
+with ``--json``, ``hive events`` one readable line per event (and NDJSON with
+``--json``), ``hive inbox`` a page at a time, and ``hive reset`` starting fresh.
+One hive (``hive up``, two caged agents) serves the module; the reset test comes last
+(it stops the hive, resets it and starts it again)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shlex
+import signal
+import subprocess
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+
+from hive_fixture import HIVE, REPO, HiveProcess, running_hive
+from hyperhive.cli.main import cli as hive_cli
+from hyperhive.display import visible
+
+AGENTS = {
+    "alice": {"runtime": "command", "command": ["true"], "peers": ["bob"]},
+    "bob": {"runtime": "command", "command": ["true"]},
+}
+NARROW = "60"  # COLUMNS: an event line longer than this must still come whole
+
+
+@pytest.fixture(scope="module")
+def hive() -> Iterator[HiveProcess]:
+    yield from running_hive(HiveProcess(AGENTS))
+
+
+def run_hive(h: HiveProcess | None, *args: str, stdin: Any = subprocess.DEVNULL) -> subprocess.CompletedProcess[str]:
+    run = ["--run-dir", str(h.run_dir)] if h else []
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "COLUMNS": NARROW}
+    return subprocess.run([str(HIVE), *run, *args], capture_output=True, text=True, timeout=60,
+                          check=False, env=env, stdin=stdin)
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply.get("ok") is True, reply
+    return reply
+
+
+# -- the command tree and the README ---------------------------------------------------
+
+# Leaf verbs that can't take --json, and why.
+NO_JSON = {
+    "mcp": "an MCP server on stdio: its stdout is the JSON-RPC stream itself",
+}
+
+
+def leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from leaves(cmd, (*path, name))
+        else:
+            yield (*path, name), cmd
+
+
+def test_every_leaf_verb_has_json() -> None:
+    found = list(leaves(hive_cli))
+    assert len(found) > 30, [p for p, _ in found]  # the walk reached every group
+    missing = [
+        " ".join(path) for path, cmd in found
+        if " ".join(path) not in NO_JSON
+        and not any(isinstance(p, click.Option) and "--json" in p.opts for p in cmd.params)
+    ]
+    assert missing == [], f"verbs without --json: {missing}"
+    for verb in NO_JSON:  # the allowlist names real verbs only
+        assert any(" ".join(p) == verb for p, _ in found), verb
+
+
+def readme_hive_lines() -> list[list[str]]:
+    """Every ``hive …`` command in the README's code blocks, as words (continuations
+    joined, ``a; b`` split, comments dropped)."""
+    blocks, block, lang = [], [], None
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang = line[3:].strip()
+            else:
+                if lang in ("sh", "bash"):
+                    blocks.append("\n".join(block))
+                block, lang = [], None
+        elif lang is not None:
+            block.append(line)
+    out = []
+    for text in blocks:
+        for line in text.replace("\\\n", " ").splitlines():
+            lex = shlex.shlex(line, posix=True, punctuation_chars=";|&")
+            lex.whitespace_split, lex.commenters = True, "#"
+            words: list[str] = []
+            for word in [*lex, ";"]:
+                if word not in (";", "|", "||", "&", "&&"):
+                    words.append(word)
+                    continue
+                if words[:1] == ["hive"]:
+                    out.append(words)
+                words = []
+    return out
+
+
+def parse(words: list[str]) -> click.Command:
+    """Resolve and parse ``words`` (after ``hive``) as click would, without running it."""
+    with warnings.catch_warnings():  # click 8.2 deprecates protected_args; 8.1 needs it
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = hive_cli.make_context("hive", list(words))
+        cmd: click.Command = hive_cli
+        args = ctx.protected_args + ctx.args
+        while isinstance(cmd, click.Group) and args:
+            name, sub, args = cmd.resolve_command(ctx, args)
+            assert sub is not None, words
+            cmd, ctx = sub, sub.make_context(name or "", args, parent=ctx)
+            args = ctx.protected_args + ctx.args if isinstance(sub, click.Group) else []
+    return cmd
+
+
+def test_every_readme_hive_line_is_a_valid_command() -> None:
+    lines = readme_hive_lines()
+    assert len(lines) > 30 and any(words[1] == "reset" for words in lines), lines
+    for words in lines:
+        try:
+            parse(words[1:])
+        except click.UsageError as e:
+            raise AssertionError(f"README: `{shlex.join(words)}`: {e.format_message()}") from None
+    # The README's story starts after its setup command: `hive`, not .venv/bin/hive.
+    assert ".venv/bin/hive " not in (REPO / "README.md").read_text()
+
+
+def test_setup_puts_hive_on_the_path(tmp_path: Path) -> None:
+    assert "bash scripts/link-hive.sh" in (REPO / "scripts" / "setup.sh").read_text()
+    env = {"PATH": "/usr/bin:/bin", "HIVE_BIN_DIR": str(tmp_path)}
+
+    def link() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["bash", str(REPO / "scripts" / "link-hive.sh")], capture_output=True,
+                              text=True, timeout=30, env=env, cwd="/")
+
+    made = link()
+    assert made.returncode == 0, made.stderr
+    assert os.readlink(tmp_path / "hive") == str(HIVE) and (tmp_path / "hive").resolve() == HIVE.resolve()
+    version = subprocess.run(["hive", "--version"], capture_output=True, text=True, timeout=30,
+                             env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+    assert version.returncode == 0 and version.stdout.startswith("hive, version"), version
+    assert link().stdout.strip().endswith("(already)")
+    # An earlier checkout's link is replaced; a file of another install is left alone.
+    (tmp_path / "hive").unlink()
+    (tmp_path / "hive").symlink_to("/nonexistent/.venv/bin/hive")
+    assert "(was -> /nonexistent/.venv/bin/hive)" in link().stdout
+    assert os.readlink(tmp_path / "hive") == str(HIVE)
+    (tmp_path / "hive").unlink()
+    (tmp_path / "hive").write_text("#!/bin/sh\n")
+    kept = link()
+    assert kept.returncode == 0 and f'export PATH="{REPO}/.venv/bin:$PATH"' in kept.stdout, kept.stdout
+    assert (tmp_path / "hive").read_text() == "#!/bin/sh\n"
+
+
+# -- hive events -----------------------------------------------------------------------
+
+
+class Follow:
+    """``hive events ARGS`` on a pipe, read line by line as they come."""
+
+    def __init__(self, h: HiveProcess, *args: str) -> None:
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "COLUMNS": NARROW}
+        self.proc = subprocess.Popen([str(HIVE), "--run-dir", str(h.run_dir), "events", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                                     stdin=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        self.fd = self.proc.stdout.fileno()
+        self.data = b""
+
+    @property
+    def lines(self) -> list[str]:
+        return self.data.decode().split("\n")[:-1]  # whole lines only
+
+    def until(self, done: Callable[[list[str]], bool], timeout: float = 20) -> bool:
+        deadline = time.monotonic() + timeout
+        while not done(self.lines) and time.monotonic() < deadline:
+            if select.select([self.fd], [], [], 0.1)[0]:
+                chunk = os.read(self.fd, 1 << 16)
+                if not chunk:
+                    break
+                self.data += chunk
+        return done(self.lines)
+
+
+def test_events_one_readable_line_each_and_ndjson(hive: HiveProcess) -> None:
+    human, raw = Follow(hive), Follow(hive, "--json")
+    try:
+        # Subscribed: a message sent now reaches both (sent again until it does).
+        for n in range(40):
+            mark = f"sync-{n}"
+            ok(hive.agent_call("bob", "send", to="operator", body=mark))
+            if all(f.until(lambda ls, m=mark: any(m in x for x in ls), 0.5) for f in (human, raw)):
+                break
+        else:
+            raise AssertionError(f"no events came: {human.data!r} {raw.data!r}")
+        long = "first line\nsecond \x1b[31mred\u202e " + "y" * 300
+        mid = ok(hive.agent_call("alice", "send", to="operator", body=long))["id"]
+        qid = ok(hive.agent_call("alice", "ask", to="operator", question="Ship?", options=["yes", "no"]))["id"]
+        ok(hive.host_call("answer_question", id=qid, answer="yes"))
+        ok(hive.agent_call("alice", "set_status", text="busy\nbob: running  forged"))
+        status = "alice  running: busy\\nbob: running  forged"
+        assert human.until(lambda ls: any(x.endswith(status) for x in ls)), human.lines
+        assert raw.until(lambda ls: any('"status_text": "busy\\nbob' in x for x in ls)), raw.lines
+    finally:
+        human.proc.send_signal(signal.SIGINT)  # the processes this test started, by pid
+        assert human.proc.wait(10) == 0
+        assert human.proc.stderr is not None and human.proc.stderr.read() == b""
+    lines = human.lines
+    stamp = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (\S+) +(.*)$")
+    assert all(stamp.match(x) for x in lines), lines
+    assert "\x1b" not in human.data.decode() and "\u202e" not in human.data.decode()
+    (msg,) = [x for x in lines if f"#{mid}:" in x]
+    cut = visible(long, one_line=True)[:200]  # escaped, then cut: what is shown of 200 characters
+    assert f" message      alice -> operator  #{mid}: " in msg and len(msg) > int(NARROW)
+    assert visible(long[:200], one_line=True) in msg and cut[:40] in msg
+    assert msg.endswith(f" … [cut: {len(long)} characters in all; hive show message {mid}]")
+    assert any(x.endswith(f" question     alice -> operator  #{qid}: Ship? [yes / no]") for x in lines), lines
+    assert any(x.endswith(f" answer       operator -> alice  #{qid} Ship? => yes") for x in lines), lines
+    assert not any(x.startswith("bob: running") for x in lines)  # a status newline makes no line
+    # --json: one JSON object a line, the ack first, every event whole.
+    replies = [json.loads(x) for x in raw.lines]
+    assert replies[0]["ok"] is True and "subscribed" in replies[0]
+    events = [r["event"] for r in replies[1:]]
+    assert {"kind": "message"}.items() <= next(e for e in events if e.get("message", {}).get("id") == mid).items()
+    assert next(e for e in events if e.get("message", {}).get("id") == mid)["message"]["body"] == long
+    # A reader that goes away (`| head`) ends it quietly at the next event.
+    assert raw.proc.stdout is not None
+    raw.proc.stdout.close()
+    ok(hive.agent_call("bob", "send", to="operator", body="after the reader left"))
+    assert raw.proc.wait(20) == 0
+    assert raw.proc.stderr is not None and raw.proc.stderr.read() == b""
+
+
+# -- hive inbox --------------------------------------------------------------------------
+
+
+def test_inbox_is_a_page_with_all_and_after(hive: HiveProcess) -> None:
+    for i in range(55):
+        ok(hive.agent_call("bob", "send", to="operator", body=f"page test {i}"))
+    every = ok(hive.host_call("inbox", max=10_000))["messages"]
+    assert len(every) > 55
+    page = json.loads(run_hive(hive, "inbox", "--json").stdout)
+    assert page["ok"] is True and page["more"] is True
+    assert [m["id"] for m in page["messages"]] == [m["id"] for m in every[:50]]  # oldest first
+    last = page["messages"][-1]["id"]
+    shown = run_hive(hive, "inbox")
+    assert shown.returncode == 0 and shown.stdout.rstrip().endswith(
+        f"50 shown; next page: hive inbox --after {last} (or --all)"), shown.stdout[-300:]
+    nxt = json.loads(run_hive(hive, "inbox", "--json", "--after", str(last)).stdout)
+    assert [m["id"] for m in nxt["messages"]] == [m["id"] for m in every[50:100]]
+    whole = json.loads(run_hive(hive, "inbox", "--json", "--all").stdout)
+    assert whole["messages"] == every and not whole.get("more")
+
+
+# -- hive reset (last: it stops and restarts the module's hive) ------------------------
+
+
+def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> None:
+    asked = ok(hive.agent_call("alice", "ask", to="operator", question="again?"))["id"]
+    assert asked > 1
+    args = ("reset", "--state-dir", str(hive.state_dir))
+    busy = run_hive(hive, *args, "--yes")
+    assert busy.returncode == 1 and busy.stdout == "", busy
+    assert busy.stderr == f"hive: {hive.run_dir} is in use by hive up (pid {hive.proc.pid}); stop it first (nothing was removed)\n"
+    refused = json.loads(run_hive(hive, *args, "--yes", "--json").stdout)
+    assert refused["ok"] is False and "in use by hive up" in refused["error"]
+    assert (hive.state_dir / "hive.db").exists()
+    hive.stop_clean()
+    unasked = run_hive(hive, *args)  # no terminal to ask on, no --yes
+    assert unasked.returncode == 1 and "add --yes" in unasked.stderr and len(unasked.stderr.splitlines()) == 1
+    assert (hive.state_dir / "hive.db").exists()
+    done = run_hive(hive, *args, "--yes", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["ok"] is True and str(hive.state_dir / "hive.db") in out["removed"]
+    assert str(hive.state_dir / "agents") in out["removed"] and str(hive.run_dir / "agents") in out["removed"]
+    assert sorted(p.name for p in hive.state_dir.iterdir()) == []
+    assert sorted(p.name for p in hive.run_dir.iterdir()) == []
+    again = run_hive(hive, *args, "--yes")
+    assert again.returncode == 0 and again.stdout.startswith("reset: nothing to remove"), again
+    hive.start()
+    assert ok(hive.agent_call("alice", "ask", to="operator", question="fresh?"))["id"] == 1
+    assert ok(hive.host_call("inbox"))["messages"] == []
