@@ -25,6 +25,7 @@ import pytest
 
 from hive_fixture import HIVE, REPO, HiveProcess, running_hive
 from hyperhive.cli.main import cli as hive_cli
+from hyperhive.client import Client
 from hyperhive.display import visible
 
 AGENTS = {
@@ -247,8 +248,9 @@ def test_events_one_readable_line_each_and_ndjson(hive: HiveProcess) -> None:
 
 
 def test_inbox_is_a_page_with_all_and_after(hive: HiveProcess) -> None:
-    for i in range(55):
-        ok(hive.agent_call("bob", "send", to="operator", body=f"page test {i}"))
+    with Client(hive.agent_sock("bob"), timeout=30) as bob:
+        for i in range(55):
+            ok(bob.call("send", to="operator", body=f"page test {i}"))
     every = ok(hive.host_call("inbox", max=10_000))["messages"]
     assert len(every) > 55
     page = json.loads(run_hive(hive, "inbox", "--json").stdout)
@@ -258,10 +260,8 @@ def test_inbox_is_a_page_with_all_and_after(hive: HiveProcess) -> None:
     shown = run_hive(hive, "inbox")
     assert shown.returncode == 0 and shown.stdout.rstrip().endswith(
         f"50 shown; next page: hive inbox --after {last} (or --all)"), shown.stdout[-300:]
-    nxt = json.loads(run_hive(hive, "inbox", "--json", "--after", str(last)).stdout)
-    assert [m["id"] for m in nxt["messages"]] == [m["id"] for m in every[50:100]]
-    whole = json.loads(run_hive(hive, "inbox", "--json", "--all").stdout)
-    assert whole["messages"] == every and not whole.get("more")
+    rest = json.loads(run_hive(hive, "inbox", "--json", "--all", "--after", str(last)).stdout)
+    assert rest["messages"] == every[50:] and not rest.get("more")
 
 
 # -- hive reset (last: it stops and restarts the module's hive) ------------------------
@@ -288,8 +288,6 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     assert str(hive.state_dir / "agents") in out["removed"] and str(hive.run_dir / "agents") in out["removed"]
     assert sorted(p.name for p in hive.state_dir.iterdir()) == []
     assert sorted(p.name for p in hive.run_dir.iterdir()) == []
-    again = run_hive(hive, *args, "--yes")
-    assert again.returncode == 0 and again.stdout.startswith("reset: nothing to remove"), again
     hive.start()
     assert ok(hive.agent_call("alice", "ask", to="operator", question="fresh?"))["id"] == 1
     assert ok(hive.host_call("inbox"))["messages"] == []
