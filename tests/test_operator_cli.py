@@ -268,7 +268,8 @@ def test_inbox_is_a_page_with_all_and_after(hive: HiveProcess) -> None:
 
 
 def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> None:
-    asked = ok(hive.agent_call("alice", "ask", to="operator", question="again?"))["id"]
+    for question in ("before?", "again?"):
+        asked = ok(hive.agent_call("alice", "ask", to="operator", question=question))["id"]
     assert asked > 1
     args = ("reset", "--state-dir", str(hive.state_dir))
     busy = run_hive(hive, *args, "--yes")
@@ -276,6 +277,11 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     assert busy.stderr == f"hive: {hive.run_dir} is in use by hive up (pid {hive.proc.pid}); stop it first (nothing was removed)\n"
     refused = json.loads(run_hive(hive, *args, "--yes", "--json").stdout)
     assert refused["ok"] is False and "in use by hive up" in refused["error"]
+    up = [*up_args(hive), "--json"]
+    second = run_hive(hive, *up)  # hive up --json: its refusal is a JSON line too
+    assert second.returncode == 1 and json.loads(second.stdout) == {
+        "version": 1, "ok": False, "phase": "error",
+        "error": f"{hive.run_dir} is in use by hive up (pid {hive.proc.pid})"}
     assert (hive.state_dir / "hive.db").exists()
     hive.stop_clean()
     unasked = run_hive(hive, *args)  # no terminal to ask on, no --yes
@@ -288,6 +294,30 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     assert str(hive.state_dir / "agents") in out["removed"] and str(hive.run_dir / "agents") in out["removed"]
     assert sorted(p.name for p in hive.state_dir.iterdir()) == []
     assert sorted(p.name for p in hive.run_dir.iterdir()) == []
-    hive.start()
+    # Up again, with --json: its progress as JSON lines, `ready` with the login URL.
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+    with open(hive.log_path, "ab") as log:
+        hive.proc = subprocess.Popen([str(HIVE), "--run-dir", str(hive.run_dir), *up], env=env,
+                                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL)
+    assert hive.proc.stdout is not None
+    phases = []
+    for raw in hive.proc.stdout:
+        phases.append(json.loads(raw))
+        if phases[-1]["phase"] in ("ready", "error"):
+            break
+    assert [p["phase"] for p in phases if p["phase"] != "waiting"] == ["starting", "ready"], phases
+    assert all(p["ok"] is True and p["version"] == 1 for p in phases)
+    ready = phases[-1]
+    assert ready["login"].startswith(f"http://127.0.0.1:{hive.port}/login?token=")
+    assert ready["host_sock"] == str(hive.host_sock)
+    hive.wait_running()
     assert ok(hive.agent_call("alice", "ask", to="operator", question="fresh?"))["id"] == 1
     assert ok(hive.host_call("inbox"))["messages"] == []
+    hive.stop_clean()
+    rest = [json.loads(line) for line in hive.proc.stdout]
+    assert [p["phase"] for p in rest] == ["stopping", "stopped"], rest
+
+
+def up_args(h: HiveProcess) -> list[str]:
+    return ["up", "--config", str(h.config_path), "--state-dir", str(h.state_dir),
+            "--listen", f"127.0.0.1:{h.port}"]
