@@ -67,10 +67,15 @@ class CoreProcess:
         hive: dict[str, Any] | None = None,
         state_dir: Path | None = None,
         extra_args: list[str] | None = None,
+        sections: dict[str, dict[str, Any]] | None = None,
+        wrap: list[str] | None = None,
     ) -> None:
         self.base = base
+        self.wrap = list(wrap or [])  # e.g. ["ip", "netns", "exec", NS]: run the core there
         self.config_path = base / "hive.toml"
-        self.config_path.write_text(render_toml(DEFAULT_AGENTS if agents is None else agents, hive))
+        self.config_path.write_text(
+            render_toml(DEFAULT_AGENTS if agents is None else agents, hive, sections)
+        )
         self.state_dir = state_dir if state_dir is not None else base / "state"
         self.run_dir = Path(tempfile.mkdtemp(prefix="hcore-", dir="/tmp"))
         self.log_path = base / "core.log"
@@ -104,7 +109,7 @@ class CoreProcess:
     def start(self) -> None:
         assert not self.running, "hive-core is already running"
         cmd = [
-            str(HIVE_CORE), "--config", str(self.config_path),
+            *self.wrap, str(HIVE_CORE), "--config", str(self.config_path),
             "--run-dir", str(self.run_dir), "--state-dir", str(self.state_dir), *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child

@@ -1,0 +1,91 @@
+"""A swarm of three hive-cores for the tests: ``SwarmNet``'s three test hosts (network
+namespaces on one bridge, one NATS JetStream node each) and one hive-core per host,
+run inside that host's namespace with ``[swarm]`` pointing at its own node first.
+
+    alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+
+from helpers import CoreProcess, wait_for
+from hyperhive.swarm.bus import ensure_streams
+from swarmnet import SwarmNet
+
+HOSTS = ["a", "b", "c"]
+AGENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "a": {"alice": {"runtime": "command", "command": ["true"], "peers": ["bob", "carol"]}},
+    "b": {"bob": {"runtime": "command", "command": ["true"], "peers": ["alice"]}},
+    "c": {"carol": {"runtime": "command", "command": ["true"], "peers": ["alice"]}},
+}
+
+
+@dataclass
+class Swarm:
+    net: SwarmNet
+    cores: dict[str, CoreProcess] = field(default_factory=dict)
+
+    def status(self, host: str) -> dict[str, Any]:
+        resp = self.cores[host].host_call("swarm_status")
+        assert resp["ok"], resp
+        swarm: dict[str, Any] = resp["swarm"]
+        return swarm
+
+    def wait_roster(self, host: str, n: int = 3) -> None:
+        wait_for(lambda: self.status(host)["roster"] >= n, timeout=30)
+
+    def admin_js(self) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+
+def admin_setup(net: SwarmNet) -> None:
+    """As the admin: the stream, the inbox consumers and the roster bucket."""
+
+    async def go() -> None:
+        user, password = net.admin()
+        nc = await nats.connect(net.urls("a"), user=user, password=password)
+        try:
+            await ensure_streams(nc, HOSTS)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOSTS)) -> Iterator[Swarm]:
+    with SwarmNet(subnet, HOSTS, base) as net:
+        admin_setup(net)
+        swarm = Swarm(net)
+        try:
+            for h in with_cores:
+                d = base / f"core-{h}"
+                d.mkdir()
+                core = CoreProcess(
+                    d,
+                    AGENTS[h],
+                    sections={
+                        "swarm": {
+                            "host": h,
+                            "urls": net.urls(h),
+                            "credentials": str(net.credentials(h)),
+                        }
+                    },
+                    wrap=net.netns_prefix(h),
+                )
+                swarm.cores[h] = core
+                core.start()
+            for h in with_cores:
+                swarm.wait_roster(h, len(with_cores))
+            yield swarm
+        finally:
+            for core in swarm.cores.values():
+                if core.running:
+                    core.stop()
+                core.cleanup()

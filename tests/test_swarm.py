@@ -1,0 +1,91 @@
+"""The swarm (docs/swarm.md) on three test hosts: network namespaces on one bridge, each
+with one node of a 3-node NATS JetStream cluster and a hive-core. Cross-host send under
+the peer ACL, once and in order; a host that is down gets its messages when it is back;
+a NATS node killed with SIGKILL mid-stream loses no acknowledged message."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+from helpers import assert_ok, assert_refused, wait_for
+from swarm_fixture import Swarm, make_swarm
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=181)
+
+
+def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0) -> list[dict]:
+    """Receive and ack until ``n`` messages came (or the time is up); all of them."""
+    got: list[dict] = []
+    c = swarm.cores[host].agent(agent)
+
+    def more() -> bool:
+        resp = assert_ok(c.call("recv", wait=1.0, max=500))
+        if resp["messages"]:
+            got.extend(resp["messages"])
+            assert_ok(c.call("ack", ids=[m["id"] for m in resp["messages"]]))
+        return len(got) >= n
+
+    wait_for(more, timeout=timeout, interval=0)
+    extra = assert_ok(c.call("recv", wait=0.3, max=500))["messages"]
+    return got + extra
+
+
+def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
+    alice = swarm.cores["a"].agent("alice")
+    for i in range(50):
+        assert_ok(alice.call("send", to="bob", body=f"m{i}"))
+    got = drain(swarm, "b", "bob", 50)
+    assert [m["body"] for m in got] == [f"m{i}" for i in range(50)]
+    assert {m["from"] for m in got} == {"alice"}
+    # And back: bob answers alice from host b.
+    assert_ok(swarm.cores["b"].agent_call("bob", "send", to="alice", body="hi alice"))
+    assert [m["body"] for m in drain(swarm, "a", "alice", 1)] == ["hi alice"]
+    status = swarm.status("a")
+    assert status["connected"] and status["roster"] == 3
+    assert {h["host"] for h in status["hosts"]} == {"a", "b", "c"}
+
+
+def test_cross_host_send_keeps_the_peer_acl(swarm: Swarm) -> None:
+    # carol (on c) may message alice, but bob (on b) has only alice as a peer.
+    assert_refused(swarm.cores["b"].agent_call("bob", "send", to="carol", body="x"),
+                   "not one of bob's peers")
+    assert_refused(swarm.cores["b"].agent_call("bob", "send", to="zed", body="x"),
+                   "no agent named 'zed'")
+    # An agent name another host holds can't be spawned here.
+    resp = swarm.cores["a"].host_call(
+        "spawn", name="bob", spec={"runtime": "command", "command": ["true"]}
+    )
+    assert_refused(resp, "already exists on host b")
+
+
+def test_messages_to_a_host_that_is_down_wait(swarm: Swarm) -> None:
+    swarm.cores["b"].kill9()
+    alice = swarm.cores["a"].agent("alice")
+    for i in range(10):
+        assert_ok(alice.call("send", to="bob", body=f"while down {i}"))
+    swarm.cores["b"].start()
+    got = drain(swarm, "b", "bob", 10)
+    assert [m["body"] for m in got] == [f"while down {i}" for i in range(10)]
+
+
+def test_kill9_of_a_nats_node_loses_no_acknowledged_message(swarm: Swarm) -> None:
+    """Host a's own node dies mid-stream; its client moves to another node; R3 keeps
+    every message JetStream acked, and the outbox keeps every one it did not."""
+    alice = swarm.cores["a"].agent("alice")
+    n = 400
+    for i in range(n):
+        if i == n // 3:
+            swarm.net.kill9("a")
+        assert_ok(alice.call("send", to="bob", body=f"k{i}"))
+    got = drain(swarm, "b", "bob", n, timeout=40)
+    assert [m["body"] for m in got] == [f"k{i}" for i in range(n)]
+    swarm.net.start_node("a")
+    wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0, timeout=20)
