@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import pytest
 
 from helpers import CoreProcess, wait_for
 from hyperhive.swarm.bus import ensure_streams
@@ -40,9 +41,6 @@ class Swarm:
 
     def wait_roster(self, host: str, n: int = 3) -> None:
         wait_for(lambda: self.status(host)["roster"] >= n, timeout=30)
-
-    def admin_js(self) -> tuple[Any, Any]:
-        raise NotImplementedError
 
 
 def admin_setup(net: SwarmNet) -> None:
@@ -89,3 +87,10 @@ def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOST
                 if core.running:
                     core.stop()
                 core.cleanup()
+
+
+@pytest.fixture(scope="session")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
+    test leaves it as it found it (every core and every NATS node running)."""
+    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=181)

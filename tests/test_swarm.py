@@ -6,19 +6,13 @@ a NATS node killed with SIGKILL mid-stream loses no acknowledged message."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
-from swarm_fixture import Swarm, make_swarm
+from swarm_fixture import Swarm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-
-
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=181)
 
 
 def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0) -> list[dict]:
@@ -80,7 +74,7 @@ def test_kill9_of_a_nats_node_loses_no_acknowledged_message(swarm: Swarm) -> Non
     """Host a's own node dies mid-stream; its client moves to another node; R3 keeps
     every message JetStream acked, and the outbox keeps every one it did not."""
     alice = swarm.cores["a"].agent("alice")
-    n = 400
+    n = 200
     for i in range(n):
         if i == n // 3:
             swarm.net.kill9("a")

@@ -53,6 +53,7 @@ async def connect(
         password=password,
         name=name,
         connect_timeout=connect_timeout,
+        dont_randomize=True,  # the URLs in order: a host's own node first
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
@@ -68,7 +69,7 @@ async def ensure_streams(
 ) -> None:
     """As the admin: the message stream, one durable inbox consumer per host, and the
     roster bucket. Idempotent; retries while the cluster elects its leaders."""
-    js = nc.jetstream(timeout=5.0)
+    js = nc.jetstream(timeout=2.0)  # short: while leaders are elected, try again soon
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
