@@ -72,6 +72,7 @@ class CoreProcess:
     ) -> None:
         self.base = base
         self.wrap = list(wrap or [])  # e.g. ["ip", "netns", "exec", NS]: run the core there
+        self.ready_timeout = READY_TIMEOUT
         self.config_path = base / "hive.toml"
         self.config_path.write_text(
             render_toml(DEFAULT_AGENTS if agents is None else agents, hive, sections)
@@ -132,13 +133,13 @@ class CoreProcess:
             ready.set()  # EOF: the process ended; let start() notice
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(READY_TIMEOUT) or proc.poll() is not None:
+        if not ready.wait(self.ready_timeout) or proc.poll() is not None:
             rc = proc.poll()
             if rc is None:
                 proc.kill()
                 proc.wait()
             raise AssertionError(
-                f"hive-core did not become ready within {READY_TIMEOUT}s (exit code {rc})\n"
+                f"hive-core did not become ready within {self.ready_timeout}s (exit code {rc})\n"
                 f"stdout: {self.stdout_lines}\nlog:\n{self.log_tail()}"
             )
         self.starts += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,13 +60,12 @@ def admin_setup(net: SwarmNet) -> None:
 
 def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOSTS)) -> Iterator[Swarm]:
     with SwarmNet(subnet, HOSTS, base) as net:
-        admin_setup(net)
         swarm = Swarm(net)
         try:
             for h in with_cores:
                 d = base / f"core-{h}"
                 d.mkdir()
-                core = CoreProcess(
+                swarm.cores[h] = CoreProcess(
                     d,
                     AGENTS[h],
                     sections={
@@ -77,16 +77,19 @@ def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOST
                     },
                     wrap=net.netns_prefix(h),
                 )
-                swarm.cores[h] = core
-                core.start()
+                swarm.cores[h].ready_timeout = 60  # three cores start at once
+            # All at once: the bridges retry until the admin has made the streams.
+            with ThreadPoolExecutor(len(with_cores) + 1) as pool:
+                jobs = [pool.submit(admin_setup, net)]
+                jobs += [pool.submit(c.start) for c in swarm.cores.values()]
+                for job in jobs:
+                    job.result()
             for h in with_cores:
                 swarm.wait_roster(h, len(with_cores))
             yield swarm
         finally:
-            for core in swarm.cores.values():
-                if core.running:
-                    core.stop()
-                core.cleanup()
+            with ThreadPoolExecutor(len(swarm.cores) or 1) as pool:
+                list(pool.map(_stop, swarm.cores.values()))
 
 
 @pytest.fixture(scope="session")
@@ -94,3 +97,9 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
     test leaves it as it found it (every core and every NATS node running)."""
     yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=181)
+
+
+def _stop(core: CoreProcess) -> None:
+    if core.running:
+        core.stop()
+    core.cleanup()

@@ -96,8 +96,8 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
             num_replicas=replicas,
         )
     )
-    for host in hosts:
-        await js.add_consumer(
+    consumers = [
+        js.add_consumer(
             s.STREAM,
             ConsumerConfig(
                 durable_name=s.consumer(host),
@@ -108,6 +108,9 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
                 num_replicas=replicas,
             ),
         )
-    await js.create_key_value(
+        for host in hosts
+    ]
+    bucket = js.create_key_value(
         KeyValueConfig(bucket=s.BUCKET, history=1, replicas=replicas, storage=StorageType.FILE)
     )
+    await asyncio.gather(*consumers, bucket)  # each is a round of the cluster's consensus
