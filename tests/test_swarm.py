@@ -6,13 +6,44 @@ a NATS node killed with SIGKILL mid-stream loses no acknowledged message."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
+from hyperhive.config import ConfigError, load_config
 from swarm_fixture import Swarm
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+def test_a_single_host_hive_never_imports_nats() -> None:
+    code = (
+        "import sys, hyperhive.core.daemon, hyperhive.core.hive, hyperhive.cli.main,"
+        " hyperhive.config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'nats'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("section", "needle"),
+    [
+        ('host = "A"\nurls = ["nats://x:4222"]\ncredentials = "/s"', "swarm.host"),
+        ('host = "a"\nurls = []\ncredentials = "/s"', "swarm.urls"),
+        ('host = "a"\nurls = ["http://x"]\ncredentials = "/s"', "swarm.urls"),
+        ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "rel"', "absolute"),
+        ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nx = 1', "swarm.x"),
+    ],
+)
+def test_bad_swarm_section_is_one_line(tmp_path: Path, section: str, needle: str) -> None:
+    path = tmp_path / "hive.toml"
+    path.write_text(f"[swarm]\n{section}\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
 
 
 def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0) -> list[dict]:
@@ -32,6 +63,7 @@ def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0) ->
     return got + extra
 
 
+@needs_root
 def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
     alice = swarm.cores["a"].agent("alice")
     for i in range(50):
@@ -47,6 +79,7 @@ def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
     assert {h["host"] for h in status["hosts"]} == {"a", "b", "c"}
 
 
+@needs_root
 def test_cross_host_send_keeps_the_peer_acl(swarm: Swarm) -> None:
     # carol (on c) may message alice, but bob (on b) has only alice as a peer.
     assert_refused(swarm.cores["b"].agent_call("bob", "send", to="carol", body="x"),
@@ -60,6 +93,7 @@ def test_cross_host_send_keeps_the_peer_acl(swarm: Swarm) -> None:
     assert_refused(resp, "already exists on host b")
 
 
+@needs_root
 def test_messages_to_a_host_that_is_down_wait(swarm: Swarm) -> None:
     swarm.cores["b"].kill9()
     alice = swarm.cores["a"].agent("alice")
@@ -70,6 +104,7 @@ def test_messages_to_a_host_that_is_down_wait(swarm: Swarm) -> None:
     assert [m["body"] for m in got] == [f"while down {i}" for i in range(10)]
 
 
+@needs_root
 def test_kill9_of_a_nats_node_loses_no_acknowledged_message(swarm: Swarm) -> None:
     """Host a's own node dies mid-stream; its client moves to another node; R3 keeps
     every message JetStream acked, and the outbox keeps every one it did not."""
