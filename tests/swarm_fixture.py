@@ -58,7 +58,15 @@ def admin_setup(net: SwarmNet) -> None:
     asyncio.run(go())
 
 
-def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOSTS)) -> Iterator[Swarm]:
+def make_swarm(
+    base: Path,
+    subnet: int,
+    with_cores: tuple[str, ...] = tuple(HOSTS),
+    agents: dict[str, dict[str, dict[str, Any]]] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> Iterator[Swarm]:
+    """The three test hosts with a hive-core each (``agents``: per host; default AGENTS)."""
+    agents = AGENTS if agents is None else agents
     with SwarmNet(subnet, HOSTS, base) as net:
         swarm = Swarm(net)
         try:
@@ -67,8 +75,9 @@ def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOST
                 d.mkdir()
                 swarm.cores[h] = CoreProcess(
                     d,
-                    AGENTS[h],
+                    agents[h],
                     sections={
+                        **({"limits": limits} if limits else {}),
                         "swarm": {
                             "host": h,
                             "urls": net.urls(h),
@@ -84,8 +93,9 @@ def make_swarm(base: Path, subnet: int, with_cores: tuple[str, ...] = tuple(HOST
                 jobs += [pool.submit(c.start) for c in swarm.cores.values()]
                 for job in jobs:
                     job.result()
+            n = sum(len(agents[h]) for h in with_cores)
             for h in with_cores:
-                swarm.wait_roster(h, len(with_cores))
+                swarm.wait_roster(h, n)
             yield swarm
         finally:
             with ThreadPoolExecutor(len(swarm.cores) or 1) as pool:
