@@ -75,8 +75,8 @@ def violation(errors: list[str], what: str) -> None:
 def test_host_cannot_publish_as_another_host(swarm: Swarm) -> None:
     subject = s.msg_subject("b", "a")
     before = stream_seq(swarm, subject)
-    body = json.dumps({"id": "forged1", "from": "alice", "to": "bob", "kind": "message",
-                       "body": "forged", "sent_at": 0}).encode()
+    body = json.dumps([{"id": "forged1", "from": "alice", "to": "bob", "kind": "message",
+                        "body": "forged", "sent_at": 0}]).encode()
 
     async def attack(nc: Any) -> None:
         await nc.publish(subject, body, headers={"Nats-Msg-Id": "forged1"})
@@ -128,8 +128,8 @@ def test_own_subject_claiming_another_hosts_agent_is_dropped(swarm: Swarm) -> No
     """NATS lets c publish on its own subject; b checks the claimed sender against the
     roster (alice is a's) and drops it: bob never sees a forged alice."""
     dropped = swarm.status("b")["dropped"]
-    body = json.dumps({"id": "forged2", "from": "alice", "to": "bob", "kind": "message",
-                       "body": "forged", "sent_at": 0}).encode()
+    body = json.dumps([{"id": "forged2", "from": "alice", "to": "bob", "kind": "message",
+                        "body": "forged", "sent_at": 0}]).encode()
 
     async def attack(nc: Any) -> None:
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)

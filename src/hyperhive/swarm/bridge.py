@@ -30,7 +30,7 @@ from hyperhive.core.store import StoreError
 from hyperhive.names import NAME_RE
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
-from hyperhive.swarm.outbox import SwarmStore
+from hyperhive.swarm.outbox import Outgoing, SwarmStore
 from hyperhive.swarm.settings import SwarmSection
 from hyperhive.wire.common import Message
 
@@ -43,6 +43,22 @@ RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
 BATCH = 256  # messages pulled (and outbox rows read) at once
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
+BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
+
+
+def bundles(batch: list[Outgoing]) -> list[list[Outgoing]]:
+    """Consecutive rows to the same host, in order, each run at most BUNDLE_BYTES (a
+    row alone may be larger: NATS's max_payload, 1 MiB, is above any one message)."""
+    out: list[list[Outgoing]] = []
+    size = 0
+    for o in batch:
+        if out and out[-1][0].to_host == o.to_host and size + len(o.payload) <= BUNDLE_BYTES:
+            out[-1].append(o)
+            size += len(o.payload)
+        else:
+            out.append([o])
+            size = len(o.payload)
+    return out
 
 
 class Bridge:
@@ -173,21 +189,24 @@ class Bridge:
                 if not self.store.unsent(1):  # nothing queued between the read and the clear
                     await self._wake.wait()
                 continue
-            for out in batch:
-                # One at a time, retried until acked: a later message never overtakes it.
+            for bundle in bundles(batch):
+                # One bundle at a time, retried until acked: a later one never overtakes it.
+                # Its Nats-Msg-Id is fixed by its rows: a retry of the same bundle is
+                # dropped by JetStream; the receiver drops each message it has already.
+                payload = b"[" + b",".join(o.payload for o in bundle) + b"]"
                 while True:
                     try:
                         await js.publish(
-                            s.msg_subject(out.to_host, self.host),
-                            out.payload,
+                            s.msg_subject(bundle[0].to_host, self.host),
+                            payload,
                             timeout=2.0,
-                            headers={"Nats-Msg-Id": out.msg_id},
+                            headers={"Nats-Msg-Id": f"{bundle[0].msg_id}.{len(bundle)}"},
                         )
                         break
                     except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
-                        log.info("swarm: publish of %s waits (%s)", out.msg_id, e)
+                        log.info("swarm: publish of %s waits (%s)", bundle[0].msg_id, e)
                         await asyncio.sleep(RETRY)
-                self.store.mark_sent(out.row)
+                self.store.mark_sent([o.row for o in bundle])
 
     # -- incoming ------------------------------------------------------------------------
 
@@ -211,41 +230,46 @@ class Bridge:
                 await sub.unsubscribe()
 
     async def _receive(self, m: Msg) -> bool:
-        """Commit one message to its recipient's inbox, then ack it; False if it could not
-        be stored (left unacked). A message that can never be delivered is dropped (acked)."""
-        why = await self._refusal(m)
-        if why is not None:
+        """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
+        be stored (left unacked). A message that can never be delivered is dropped."""
+        from_host = s.from_host_of(m.subject)
+        try:
+            items = json.loads(m.data) if from_host is not None else None
+        except ValueError:
+            items = None
+        if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
             self.dropped += 1
-            log.warning("swarm: dropped a message on %s: %s", m.subject, why)
+            log.warning("swarm: dropped a bundle on %s: not a list of messages", m.subject)
             await m.ack()
             return True
-        p = json.loads(m.data)
+        good = []
+        for p in items:
+            why = await self._refusal(from_host, p)
+            if why is None:
+                good.append(p)
+            else:
+                self.dropped += 1
+                log.warning("swarm: dropped a message on %s: %s", m.subject, why)
         try:
-            msg = self.store.receive(p["id"], p["to"], p["from"], "message", p["body"])
+            msgs = self.store.receive(good)
         except StoreError as e:
-            log.warning("swarm: can't store message %s yet: %s", p["id"], e)
+            log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
             return False
-        if msg is not None:
-            self.received += 1
+        self.received += len(msgs)
+        for msg in msgs:
             self.hive.delivered(msg)
         await m.ack()  # only now: a crash before it means a redelivery, dropped as seen
         return True
 
-    async def _refusal(self, m: Msg) -> str | None:
+    async def _refusal(self, from_host: str, p: object) -> str | None:
         """Why a received message can't be delivered, or None. The subject's sending host
         is vouched for by NATS's permissions; its agent must be that host's in the roster."""
-        from_host = s.from_host_of(m.subject)
-        if from_host is None or len(m.data) > MAX_BODY:
-            return "not a swarm message"
-        try:
-            p = json.loads(m.data)
-        except ValueError:
-            return "not JSON"
         if not (
             isinstance(p, dict)
             and isinstance(p.get("id"), str)
             and 0 < len(p["id"]) <= 64
             and isinstance(p.get("body"), str)
+            and len(p["body"]) <= MAX_BODY
             and p.get("kind") == "message"
             and all(isinstance(p.get(k), str) and NAME_RE.fullmatch(p[k]) for k in ("from", "to"))
         ):

@@ -89,6 +89,7 @@ def server_config(
     joined = ",\n      ".join(users)
     return f"""server_name: {_q(name)}
 listen: {_q(f"{listen}:{client_port}")}
+max_payload: 4MB
 jetstream {{ store_dir: {_q(str(store_dir))}, max_memory_store: 64MB, max_file_store: 4GB }}
 cluster {{
   name: {_q(cluster)}

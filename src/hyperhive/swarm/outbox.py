@@ -81,9 +81,10 @@ class SwarmStore:
         ).fetchall()
         return [Outgoing(r[0], r[1], r[2], r[3].encode()) for r in rows]
 
-    def mark_sent(self, row: int) -> None:
+    def mark_sent(self, rows: list[int]) -> None:
+        now = time.time()
         with self._db.tx() as tx:
-            tx.execute("UPDATE swarm_outbox SET sent_at=? WHERE id=?", (time.time(), row))
+            tx.executemany("UPDATE swarm_outbox SET sent_at=? WHERE id=?", [(now, r) for r in rows])
 
     def counts(self) -> tuple[int, int]:
         """(unsent, sent) rows of the outbox."""
@@ -93,20 +94,22 @@ class SwarmStore:
         ).fetchone()
         return int(r[0]), int(r[1])
 
-    def receive(
-        self, msg_id: str, recipient: str, sender: str, kind: str, body: str
-    ) -> Message | None:
-        """Put a message from another host in ``recipient``'s inbox and remember its id,
-        in one transaction; None (and nothing written) if that id was received before."""
+    def receive(self, items: list[dict[str, str]]) -> list[Message]:
+        """Put messages from another host (``id``, ``to``, ``from``, ``kind``, ``body``
+        each) in their recipients' inboxes and remember their ids, in one transaction;
+        an id received before is skipped. The messages stored, in order."""
+        out = []
         with self._db.tx() as tx:
-            if tx.execute("SELECT 1 FROM swarm_seen WHERE msg_id=?", (msg_id,)).fetchone():
-                return None
-            msg = insert_message(tx, recipient, sender, kind, body)
-            tx.execute(
-                "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
-                (msg_id, msg.id, time.time()),
-            )
-        return msg
+            for p in items:
+                if tx.execute("SELECT 1 FROM swarm_seen WHERE msg_id=?", (p["id"],)).fetchone():
+                    continue
+                msg = insert_message(tx, p["to"], p["from"], p["kind"], p["body"])
+                tx.execute(
+                    "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
+                    (p["id"], msg.id, time.time()),
+                )
+                out.append(msg)
+        return out
 
     def prune(self, keep_sent: int = 10_000) -> None:
         """Forget sent outbox rows and received ids past what is worth keeping."""
