@@ -77,6 +77,9 @@ def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
     status = swarm.status("a")
     assert status["connected"] and status["roster"] == 3
     assert {h["host"] for h in status["hosts"]} == {"a", "b", "c"}
+    assert {(r["name"], r["host"]) for r in status["agents"]} == {
+        ("alice", "a"), ("bob", "b"), ("carol", "c")
+    }
 
 
 @needs_root

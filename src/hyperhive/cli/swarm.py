@@ -36,3 +36,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     say(f"outbox: {sw['outbox_unsent']} waiting, {sw['outbox_sent']} sent; "
         f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
     table("hosts", ["host", "agents"], ([h["host"], h["agents"]] for h in sw["hosts"]))
+    table(
+        "roster",
+        ["agent", "host", "running", "status"],
+        (
+            [a["name"], a["host"], "yes" if a.get("running") else "", a.get("status_text") or ""]
+            for a in sw.get("agents", [])
+        ),
+    )

@@ -43,6 +43,8 @@ RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
 BATCH = 256  # messages pulled (and outbox rows read) at once
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
+ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
+MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
 
 
@@ -124,6 +126,10 @@ class Bridge:
             "outbox_sent": sent,
             "received": self.received,
             "dropped": self.dropped,
+            # The one roster: every host's agents, this host's own included.
+            "agents": [{k: row.get(k) for k in ROW_FIELDS} for _, row in sorted(self.rows.items())][
+                :MAX_LISTED
+            ],
         }
 
     # -- the task ----------------------------------------------------------------------
