@@ -67,10 +67,16 @@ class CoreProcess:
         hive: dict[str, Any] | None = None,
         state_dir: Path | None = None,
         extra_args: list[str] | None = None,
+        sections: dict[str, dict[str, Any]] | None = None,
+        wrap: list[str] | None = None,
     ) -> None:
         self.base = base
+        self.wrap = list(wrap or [])  # e.g. ["ip", "netns", "exec", NS]: run the core there
+        self.ready_timeout = READY_TIMEOUT
         self.config_path = base / "hive.toml"
-        self.config_path.write_text(render_toml(DEFAULT_AGENTS if agents is None else agents, hive))
+        self.config_path.write_text(
+            render_toml(DEFAULT_AGENTS if agents is None else agents, hive, sections)
+        )
         self.state_dir = state_dir if state_dir is not None else base / "state"
         self.run_dir = Path(tempfile.mkdtemp(prefix="hcore-", dir="/tmp"))
         self.log_path = base / "core.log"
@@ -104,7 +110,7 @@ class CoreProcess:
     def start(self) -> None:
         assert not self.running, "hive-core is already running"
         cmd = [
-            str(HIVE_CORE), "--config", str(self.config_path),
+            *self.wrap, str(HIVE_CORE), "--config", str(self.config_path),
             "--run-dir", str(self.run_dir), "--state-dir", str(self.state_dir), *self.extra_args,
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -127,13 +133,13 @@ class CoreProcess:
             ready.set()  # EOF: the process ended; let start() notice
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(READY_TIMEOUT) or proc.poll() is not None:
+        if not ready.wait(self.ready_timeout) or proc.poll() is not None:
             rc = proc.poll()
             if rc is None:
                 proc.kill()
                 proc.wait()
             raise AssertionError(
-                f"hive-core did not become ready within {READY_TIMEOUT}s (exit code {rc})\n"
+                f"hive-core did not become ready within {self.ready_timeout}s (exit code {rc})\n"
                 f"stdout: {self.stdout_lines}\nlog:\n{self.log_tail()}"
             )
         self.starts += 1

@@ -17,6 +17,7 @@ from pydantic import (
 )
 
 from hyperhive.core.replies import DEFAULT_REPLY_BYTES, MAX_ITEM_BYTES
+from hyperhive.swarm.settings import SwarmSection  # pydantic only: no nats
 from hyperhive.wire.common import AgentName, AgentSpec
 from hyperhive.wire.egress import RuleError, check_hostname
 from hyperhive.wire.framing import MAX_LINE, describe_validation_error
@@ -103,6 +104,8 @@ class HiveConfig(BaseModel):
     hive: HiveSection = HiveSection()
     limits: LimitsSection = LimitsSection()
     egress: EgressSection = EgressSection()
+    # The swarm (docs/swarm.md); None, the default: a single-host hive, no NATS at all.
+    swarm: SwarmSection | None = None
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")

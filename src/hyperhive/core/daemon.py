@@ -4,6 +4,7 @@ deliver reminders, and shut down cleanly on SIGINT / SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -93,6 +94,14 @@ async def run_core(opts: CoreOptions) -> None:
     scheduling = asyncio.create_task(scheduler.run())
     checkpointer = asyncio.create_task(checkpoint_loop(store))
     pruner = asyncio.create_task(prune_loop(store))
+    swarm_task: asyncio.Task[None] | None = None
+    if opts.config.swarm is not None:
+        # Only here is nats imported: a hive without [swarm] never loads it.
+        from hyperhive.swarm.bridge import Bridge
+
+        bridge = Bridge(hive, opts.config.swarm)
+        hive.swarm = bridge
+        swarm_task = asyncio.create_task(bridge.run())
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -112,6 +121,10 @@ async def run_core(opts: CoreOptions) -> None:
     scheduling.cancel()
     checkpointer.cancel()
     pruner.cancel()
+    if swarm_task is not None:
+        swarm_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await swarm_task
     http_server.should_exit = True
     try:
         await asyncio.wait_for(http_task, 5)

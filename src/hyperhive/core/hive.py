@@ -38,6 +38,7 @@ from hyperhive.core.store import (
 )
 from hyperhive.core.summary import PAGE, Listing
 from hyperhive.names import OPERATOR
+from hyperhive.swarm.port import SwarmPort
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
 from hyperhive.wire.egress import Rule, parse_rules
@@ -101,6 +102,8 @@ class Hive:
             config.egress.max_connections,
         )
         self.reload_egress()
+        # The swarm bridge (swarm/bridge.py), set by the daemon only with [swarm].
+        self.swarm: SwarmPort | None = None
 
     # -- agents: existence, peers, status ------------------------------------------
 
@@ -252,11 +255,30 @@ class Hive:
     async def send(self, actor: Actor, to: str, body: str) -> Message:
         """An agent messages a peer (or the operator); the operator messages any agent."""
         if isinstance(actor, Agent):
+            if self.swarm is not None and to != OPERATOR and not self.exists(to):
+                return await self._send_remote(actor, to, body)  # swarm: another host's
             self._check_may_address(actor.name, to)
             self._take_rate(actor)
         else:
             self.require_agent(to)
         return await self._queue_send(actor.name, to, body)
+
+    async def _send_remote(self, actor: Agent, to: str, body: str) -> Message:
+        """To an agent the swarm's roster gives to another host: the same peer ACL as
+        today (its declared ``peers``), checked here, on the sender's host; the message
+        is committed to the outbox before the reply (docs/swarm.md)."""
+        assert self.swarm is not None
+        me = self.require_self(actor)
+        if to not in me.spec.peers:
+            if self.swarm.host_of(to) is None:
+                raise NotFound(f"no agent named {to!r}")
+            raise Forbidden(f"{to!r} is not one of {actor.name}'s peers")
+        self._take_rate(actor)
+        return await self.swarm.send(actor.name, to, body)
+
+    def swarm_status(self, actor: Operator) -> dict[str, Any] | None:
+        """The swarm as this host sees it (``hive swarm status``); None without [swarm]."""
+        return None if self.swarm is None else self.swarm.status()
 
     async def _queue_send(self, sender: str, to: str, body: str) -> Message:
         """Queue a message for the next group commit; return once it is committed.
@@ -677,6 +699,8 @@ class Hive:
     async def spawn(self, actor: Operator, name: str, spec: AgentSpec) -> None:
         if self.exists(name):
             raise Conflict(f"an agent named {name!r} already exists")
+        if self.swarm is not None and (host := self.swarm.host_of(name)) is not None:
+            raise Conflict(f"an agent named {name!r} already exists on host {host}")
         self.check_agent_room()
         self.store.agents.create(name, spec, None, "operator")
         await self.after_create(name)

@@ -197,6 +197,10 @@ async def urls(s: OperatorSession, req: w.Urls) -> Reply:
     return ok(urls=out)
 
 
+async def swarm_status(s: OperatorSession, req: w.SwarmStatus) -> Reply:
+    return ok(swarm=s.hive.swarm_status(s.actor))
+
+
 async def subscribe_agent_status(s: OperatorSession, req: w.SubscribeAgentStatus) -> Reply:
     return _status_feed(s)
 
@@ -254,6 +258,7 @@ HOST_VERBS: dict[type, Verb] = {
     w.SetResourceLimits: set_resource_limits,
     w.Destroy: destroy,
     w.Urls: urls,
+    w.SwarmStatus: swarm_status,
     w.SubscribeAgentStatus: subscribe_agent_status,
     w.Subscribe: subscribe,
     w.Interrupt: interrupt,

@@ -223,6 +223,12 @@ class Urls(Strict):
     cmd: Literal["urls"]
 
 
+class SwarmStatus(Strict):
+    """This host's view of the swarm (docs/swarm.md); ``swarm: null`` without [swarm]."""
+
+    cmd: Literal["swarm_status"]
+
+
 class SubscribeAgentStatus(Strict):
     cmd: Literal["subscribe_agent_status"]
 
@@ -254,6 +260,7 @@ HostRequest = Annotated[
     | SetResourceLimits
     | Destroy
     | Urls
+    | SwarmStatus
     | SubscribeAgentStatus
     | Subscribe
     | Interrupt

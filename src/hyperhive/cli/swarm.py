@@ -1,0 +1,46 @@
+"""``hive swarm``: this host's view of the swarm of hives (docs/swarm.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from hyperhive.cli.output import json_option, request, say, table
+
+
+def _host_sock(ctx: click.Context) -> Path:
+    return ctx.obj["run_dir"] / "host.sock"
+
+
+@click.group("swarm")
+def swarm_group() -> None:
+    """The swarm: several hives as one over NATS JetStream ([swarm] in hive.toml)."""
+
+
+@swarm_group.command("status")
+@json_option
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """This host, whether the bus answers, the hosts in the roster and their agents,
+    and the messages waiting in this host's outbox."""
+    resp = request(_host_sock(ctx), "swarm_status", as_json)
+    if as_json:
+        return
+    sw = resp.get("swarm")
+    if sw is None:
+        say("not in a swarm (no [swarm] in hive.toml)")
+        return
+    bus = f"connected to {sw['server']}" if sw["connected"] else "unreachable"
+    say(f"host {sw['host']}: bus {bus}; roster {sw['roster']} agents")
+    say(f"outbox: {sw['outbox_unsent']} waiting, {sw['outbox_sent']} sent; "
+        f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
+    table("hosts", ["host", "agents"], ([h["host"], h["agents"]] for h in sw["hosts"]))
+    table(
+        "roster",
+        ["agent", "host", "running", "status"],
+        (
+            [a["name"], a["host"], "yes" if a.get("running") else "", a.get("status_text") or ""]
+            for a in sw.get("agents", [])
+        ),
+    )

@@ -1,0 +1,379 @@
+"""The swarm bridge: the task in hive-core that carries what crosses hosts
+(docs/swarm.md). It imports ``nats``; the daemon imports it only with ``[swarm]``.
+
+Four loops share one connection, each restarting on its own after a failure:
+- ``_publish_loop``: the outbox, in order, one publish at a time, each marked sent
+  only on JetStream's ack;
+- ``_consume_loop``: this host's durable inbox consumer: commit (dedup by id), then ack;
+- ``_roster_loop``: this host's agent rows and name claims into the KV bucket;
+- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js.kv import KeyValue
+
+from hyperhive.core.refusals import NotFound
+from hyperhive.core.store import StoreError
+from hyperhive.names import NAME_RE
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.bus import connect
+from hyperhive.swarm.outbox import Outgoing, SwarmStore
+from hyperhive.swarm.settings import SwarmSection
+from hyperhive.wire.common import Message
+
+if TYPE_CHECKING:
+    from hyperhive.core.hive import Hive
+
+log = logging.getLogger("hive.swarm")
+
+RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
+BATCH = 256  # messages pulled (and outbox rows read) at once
+ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
+MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
+ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
+MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
+BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
+
+
+def bundles(batch: list[Outgoing]) -> list[list[Outgoing]]:
+    """Consecutive rows to the same host, in order, each run at most BUNDLE_BYTES (a
+    row alone may be larger: NATS's max_payload, 1 MiB, is above any one message)."""
+    out: list[list[Outgoing]] = []
+    size = 0
+    for o in batch:
+        if out and out[-1][0].to_host == o.to_host and size + len(o.payload) <= BUNDLE_BYTES:
+            out[-1].append(o)
+            size += len(o.payload)
+        else:
+            out.append([o])
+            size = len(o.payload)
+    return out
+
+
+class Bridge:
+    """This host's end of the swarm; ``hive.swarm`` while it runs (see SwarmPort)."""
+
+    def __init__(self, hive: Hive, settings: SwarmSection) -> None:
+        self.hive = hive
+        self.settings = settings
+        self.host = settings.host
+        self.store = SwarmStore(hive.store.db)
+        self.nc: NATS | None = None
+        self.kv: KeyValue | None = None
+        self.names: dict[str, str] = {}  # agent -> host, every host's (the roster cache)
+        self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
+        self._wake = asyncio.Event()
+        self._claimed: set[str] = set()
+        self._published: dict[str, str] = {}
+        self._conflicts: set[str] = set()
+        self.received = 0
+        self.dropped = 0
+
+    # -- the port (called by core/hive.py) ---------------------------------------------
+
+    def host_of(self, agent: str) -> str | None:
+        host = self.names.get(agent)
+        return host if host is not None and host != self.host else None
+
+    async def locate(self, agent: str) -> str | None:
+        """The other host that owns ``agent``: the cache, else the bucket when reachable."""
+        host = self.names.get(agent)
+        if host is None and self.kv is not None and NAME_RE.fullmatch(agent):
+            with contextlib.suppress(Exception):  # not there, or the bus is away: unknown
+                entry = await self.kv.get(s.name_key(agent))
+                if entry.value:
+                    host = self.names[agent] = entry.value.decode()
+        return host if host != self.host else None
+
+    async def send(self, sender: str, to: str, body: str) -> Message:
+        host = await self.locate(to)
+        if host is None:
+            raise NotFound(f"no agent named {to!r}")
+        msg = self.store.queue(host, sender, to, "message", body)
+        self._wake.set()
+        log.debug("queued %s -> %s@%s (outbox %d)", sender, to, host, msg.id)
+        return msg
+
+    def status(self) -> dict[str, Any]:
+        nc = self.nc
+        connected = nc is not None and nc.is_connected
+        hosts: dict[str, int] = {self.host: 0}
+        for host, _ in self.rows:
+            hosts[host] = hosts.get(host, 0) + 1
+        unsent, sent = self.store.counts()
+        return {
+            "host": self.host,
+            "connected": connected,
+            "server": (
+                str(nc.connected_url.geturl()) if connected and nc and nc.connected_url else None
+            ),
+            "hosts": [{"host": h, "agents": n} for h, n in sorted(hosts.items())],
+            "roster": len(self.rows),
+            "outbox_unsent": unsent,
+            "outbox_sent": sent,
+            "received": self.received,
+            "dropped": self.dropped,
+            # The one roster: every host's agents, this host's own included.
+            "agents": [{k: row.get(k) for k in ROW_FIELDS} for _, row in sorted(self.rows.items())][
+                :MAX_LISTED
+            ],
+        }
+
+    # -- the task ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect (retrying while the bus is away: the hive works alone meanwhile),
+        then run the four loops until cancelled."""
+        while self.nc is None:
+            try:
+                self.nc = await connect(
+                    self.settings.urls,
+                    self.settings.user(),
+                    self.settings.password(),
+                    inbox_prefix=s.inbox_prefix(self.host),
+                    name=f"hive-{self.host}",
+                )
+            except Exception as e:
+                log.warning("swarm: can't reach the bus yet (%s); retrying", e)
+                await asyncio.sleep(1.0)
+        log.info("swarm: host %s connected to %s", self.host, self.nc.connected_url)
+        print(f"hive-core: swarm host={self.host} connected", flush=True)
+        loops = [self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop]
+        try:
+            await asyncio.gather(*(self._forever(f) for f in loops))
+        finally:
+            await self.close()
+
+    async def close(self) -> None:
+        nc, self.nc = self.nc, None
+        if nc is not None:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
+    async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the bus went away mid-call, say: start the loop again
+                log.warning(
+                    "swarm: %s failed (%s: %s); restarting it", loop.__name__, type(e).__name__, e
+                )
+                await asyncio.sleep(RETRY)
+
+    def _js(self) -> nats.js.JetStreamContext:
+        assert self.nc is not None
+        return self.nc.jetstream(timeout=2.0)
+
+    async def _bucket(self) -> KeyValue:
+        if self.kv is None:
+            self.kv = await self._js().key_value(s.BUCKET)
+        return self.kv
+
+    # -- outgoing ------------------------------------------------------------------------
+
+    async def _publish_loop(self) -> None:
+        js = self._js()
+        while True:
+            batch = self.store.unsent(BATCH)
+            if not batch:
+                self._wake.clear()
+                if not self.store.unsent(1):  # nothing queued between the read and the clear
+                    await self._wake.wait()
+                continue
+            for bundle in bundles(batch):
+                # One bundle at a time, retried until acked: a later one never overtakes it.
+                # Its Nats-Msg-Id is fixed by its rows: a retry of the same bundle is
+                # dropped by JetStream; the receiver drops each message it has already.
+                payload = b"[" + b",".join(o.payload for o in bundle) + b"]"
+                while True:
+                    try:
+                        await js.publish(
+                            s.msg_subject(bundle[0].to_host, self.host),
+                            payload,
+                            timeout=2.0,
+                            headers={"Nats-Msg-Id": f"{bundle[0].msg_id}.{len(bundle)}"},
+                        )
+                        break
+                    except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+                        log.info("swarm: publish of %s waits (%s)", bundle[0].msg_id, e)
+                        await asyncio.sleep(RETRY)
+                self.store.mark_sent([o.row for o in bundle])
+
+    # -- incoming ------------------------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        js = self._js()
+        prefix = f"{s.inbox_prefix(self.host)}.".encode()
+        sub = await js.pull_subscribe_bind(
+            durable=s.consumer(self.host), stream=s.STREAM, inbox_prefix=prefix
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(BATCH, timeout=1.0)
+                except TimeoutError:  # nothing waiting (nats' TimeoutError is one too)
+                    continue
+                for m in msgs:
+                    if not await self._receive(m):
+                        break  # the rest stay unacked: redelivered after it, in order
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _receive(self, m: Msg) -> bool:
+        """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
+        be stored (left unacked). A message that can never be delivered is dropped."""
+        from_host = s.from_host_of(m.subject)
+        try:
+            items = json.loads(m.data) if from_host is not None else None
+        except ValueError:
+            items = None
+        if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
+            self.dropped += 1
+            log.warning("swarm: dropped a bundle on %s: not a list of messages", m.subject)
+            await m.ack()
+            return True
+        good = []
+        for p in items:
+            why = await self._refusal(from_host, p)
+            if why is None:
+                good.append(p)
+            else:
+                self.dropped += 1
+                log.warning("swarm: dropped a message on %s: %s", m.subject, why)
+        try:
+            msgs = self.store.receive(good)
+        except StoreError as e:
+            log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
+            return False
+        self.received += len(msgs)
+        for msg in msgs:
+            self.hive.delivered(msg)
+        await m.ack()  # only now: a crash before it means a redelivery, dropped as seen
+        return True
+
+    async def _refusal(self, from_host: str, p: object) -> str | None:
+        """Why a received message can't be delivered, or None. The subject's sending host
+        is vouched for by NATS's permissions; its agent must be that host's in the roster."""
+        if not (
+            isinstance(p, dict)
+            and isinstance(p.get("id"), str)
+            and 0 < len(p["id"]) <= 64
+            and isinstance(p.get("body"), str)
+            and len(p["body"]) <= MAX_BODY
+            and p.get("kind") == "message"
+            and all(isinstance(p.get(k), str) and NAME_RE.fullmatch(p[k]) for k in ("from", "to"))
+        ):
+            return "malformed"
+        owner = self.names.get(p["from"])
+        if owner != from_host:
+            self.names.pop(p["from"], None)
+            owner = await self.locate(p["from"]) or self.names.get(p["from"])
+        if owner != from_host:
+            return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
+        if not self.hive.exists(p["to"]):
+            return f"no agent named {p['to']!r} here"
+        return None
+
+    # -- the roster ----------------------------------------------------------------------
+
+    async def _roster_loop(self) -> None:
+        kv = await self._bucket()
+        while True:
+            await self._publish_roster(kv)
+            await asyncio.sleep(ROSTER_EVERY)
+
+    async def _publish_roster(self, kv: KeyValue) -> None:
+        local = {r.name: r for r in self.hive.store.agents.all()}
+        for name, row in local.items():
+            if name not in self._claimed:
+                await self._claim(kv, name)
+            data = json.dumps(
+                {
+                    "name": name,
+                    "host": self.host,
+                    "running": self.hive.lifecycle.running(name),
+                    "paused": bool(row.paused),
+                    "status_text": row.status_text,
+                },
+                sort_keys=True,
+            )
+            if self._published.get(name) != data:
+                await kv.put(s.row_key(self.host, name), data.encode())
+                self._published[name] = data
+        for name in [n for n in self._published if n not in local]:
+            await kv.delete(s.row_key(self.host, name))
+            del self._published[name]
+            if name in self._claimed:
+                await kv.delete(s.name_key(name))  # the name is free again, swarm-wide
+                self._claimed.discard(name)
+
+    async def _claim(self, kv: KeyValue, name: str) -> None:
+        """Make ``name`` this host's swarm-wide (a create, which fails if it is taken)."""
+        try:
+            await kv.create(s.name_key(name), self.host.encode())
+            self._claimed.add(name)
+            self.names[name] = self.host
+            return
+        except nats.js.errors.KeyWrongLastSequenceError:
+            pass
+        owner = (await kv.get(s.name_key(name))).value
+        holder = owner.decode() if owner else ""
+        if holder == self.host:
+            self._claimed.add(name)
+        elif name not in self._conflicts:
+            self._conflicts.add(name)
+            log.error("swarm: agent name %r is held by host %s; not claimed here", name, holder)
+
+    async def _watch_loop(self) -> None:
+        kv = await self._bucket()
+        watcher = await kv.watchall()
+        try:
+            while True:
+                try:
+                    entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+                except TimeoutError:
+                    continue
+                if entry is not None:
+                    self._apply(entry.key, entry.value, entry.operation)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+
+    def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
+        parts = key.split(".")
+        deleted = op in ("DEL", "PURGE") or not value
+        if parts[0] == "names" and len(parts) == 2:
+            if deleted:
+                self.names.pop(parts[1], None)
+            else:
+                assert value is not None
+                self.names[parts[1]] = value.decode(errors="replace")
+        elif parts[0] == "agents" and len(parts) == 3:
+            if deleted:
+                self.rows.pop((parts[1], parts[2]), None)
+            else:
+                assert value is not None
+                with contextlib.suppress(ValueError):
+                    row = json.loads(value)
+                    if isinstance(row, dict):
+                        self.rows[(parts[1], parts[2])] = {
+                            **row,
+                            "host": parts[1],
+                            "seen": time.time(),
+                        }

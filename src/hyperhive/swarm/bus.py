@@ -1,0 +1,116 @@
+"""Connecting to the swarm's NATS cluster, and creating its streams (the admin's job).
+
+Imports ``nats``: loaded only when ``[swarm]`` is configured, or by the admin's setup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from hyperhive.swarm import subjects as s
+
+log = logging.getLogger("hive.swarm")
+
+
+async def connect(
+    urls: Sequence[str],
+    user: str,
+    password: str,
+    inbox_prefix: str | None = None,
+    name: str = "hive",
+    connect_timeout: float = 2.0,
+) -> NATS:
+    """One connection that keeps reconnecting (to any of ``urls``) for as long as it lives.
+    Errors the server sends (a permissions violation, say) are logged, not raised."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats: %s", e)
+
+    async def on_disconnect() -> None:
+        log.info("nats: disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    kw = {} if inbox_prefix is None else {"inbox_prefix": inbox_prefix}
+    return await nats.connect(
+        servers=list(urls),
+        user=user,
+        password=password,
+        name=name,
+        connect_timeout=connect_timeout,
+        dont_randomize=True,  # the URLs in order: a host's own node first
+        allow_reconnect=True,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        **kw,
+    )
+
+
+async def ensure_streams(
+    nc: NATS, hosts: Sequence[str], replicas: int = s.REPLICAS, timeout: float = 30.0
+) -> None:
+    """As the admin: the message stream, one durable inbox consumer per host, and the
+    roster bucket. Idempotent; retries while the cluster elects its leaders."""
+    js = nc.jetstream(timeout=2.0)  # short: while leaders are elected, try again soon
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await _ensure(js, hosts, replicas)
+            return
+        except Exception as e:  # no JetStream leader yet, a timeout: try again
+            if loop.time() > deadline:
+                raise
+            log.info("swarm: waiting for JetStream (%s)", e)
+            await asyncio.sleep(0.2)
+
+
+async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: int) -> None:
+    await js.add_stream(
+        StreamConfig(
+            name=s.STREAM,
+            subjects=[f"{s.MSG_ROOT}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=s.MAX_AGE_SECONDS,
+            duplicate_window=s.DEDUP_SECONDS,
+            num_replicas=replicas,
+        )
+    )
+    consumers = [
+        js.add_consumer(
+            s.STREAM,
+            ConsumerConfig(
+                durable_name=s.consumer(host),
+                filter_subject=s.inbox_filter(host),
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=s.ACK_WAIT_SECONDS,
+                max_ack_pending=10_000,
+                num_replicas=replicas,
+            ),
+        )
+        for host in hosts
+    ]
+    bucket = js.create_key_value(
+        KeyValueConfig(bucket=s.BUCKET, history=1, replicas=replicas, storage=StorageType.FILE)
+    )
+    await asyncio.gather(*consumers, bucket)  # each is a round of the cluster's consensus

@@ -1,0 +1,139 @@
+"""Each host's NATS permissions, and a nats-server config for one node of the
+swarm's cluster (docs/swarm.md, "Permissions"). No ``nats`` import: pure data.
+
+    python -m hyperhive.swarm.natsconf --name n1 --listen 10.0.0.1 \\
+        --route 10.0.0.2 --route 10.0.0.3 --store /var/lib/nats \\
+        --admin-password-file /etc/nats/admin --host a=/etc/nats/a --host b=/etc/nats/b
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from hyperhive.names import NAME_RE
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.settings import user_of
+
+ADMIN = "admin"
+ACCOUNT = "HIVE"
+
+
+def host_permissions(host: str) -> dict[str, Any]:
+    """What host ``host``'s user may publish and subscribe to: speak for itself only,
+    read and ack only its own inbox, read the shared roster, write only its own rows."""
+    if not NAME_RE.fullmatch(host):
+        raise ValueError(f"bad host name {host!r}")
+    durable = s.consumer(host)
+    roster = s.KV_STREAM
+    return {
+        "publish": {
+            "allow": [
+                s.msg_subject("*", host),
+                f"$KV.{s.BUCKET}.agents.{host}.>",
+                f"$KV.{s.BUCKET}.names.>",
+                f"$JS.API.CONSUMER.INFO.{s.STREAM}.{durable}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
+                f"$JS.ACK.{s.STREAM}.{durable}.>",
+                "$JS.API.INFO",
+                f"$JS.API.STREAM.INFO.{roster}",
+                f"$JS.API.STREAM.MSG.GET.{roster}",
+                f"$JS.API.DIRECT.GET.{roster}.>",
+                f"$JS.API.CONSUMER.CREATE.{roster}",
+                f"$JS.API.CONSUMER.CREATE.{roster}.>",
+                f"$JS.API.CONSUMER.DELETE.{roster}.>",
+                f"$JS.API.CONSUMER.INFO.{roster}.>",
+                f"$JS.FC.{roster}.>",  # flow control replies of its roster watchers
+            ]
+        },
+        "subscribe": {"allow": [f"{s.inbox_prefix(host)}.>"]},
+    }
+
+
+def _q(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid NATS config string
+
+
+def _perm(p: dict[str, Any]) -> str:
+    def allow(d: dict[str, list[str]]) -> str:
+        return "{ allow: [" + ", ".join(_q(x) for x in d["allow"]) + "] }"
+
+    return f"{{ publish: {allow(p['publish'])}, subscribe: {allow(p['subscribe'])} }}"
+
+
+def server_config(
+    *,
+    name: str,
+    listen: str,
+    routes: Sequence[str],
+    store_dir: Path,
+    admin_password: str,
+    hosts: Mapping[str, str],
+    client_port: int = 4222,
+    cluster_port: int = 6222,
+    cluster: str = "hive",
+) -> str:
+    """One node's config: JetStream on, cluster routes to the others, the account with
+    the admin user and one user per host (``hosts``: host -> password)."""
+    users = [f"{{ user: {_q(ADMIN)}, password: {_q(admin_password)} }}"]
+    for host, password in sorted(hosts.items()):
+        users.append(
+            f"{{ user: {_q(user_of(host))}, password: {_q(password)},"
+            f" permissions: {_perm(host_permissions(host))} }}"
+        )
+    route_urls = ", ".join(_q(f"nats-route://{r}:{cluster_port}") for r in routes)
+    joined = ",\n      ".join(users)
+    return f"""server_name: {_q(name)}
+listen: {_q(f"{listen}:{client_port}")}
+max_payload: 4MB
+jetstream {{ store_dir: {_q(str(store_dir))}, max_memory_store: 64MB, max_file_store: 4GB }}
+cluster {{
+  name: {_q(cluster)}
+  listen: {_q(f"{listen}:{cluster_port}")}
+  routes: [{route_urls}]
+}}
+accounts {{
+  {ACCOUNT}: {{
+    jetstream: enabled
+    users: [
+      {joined}
+    ]
+  }}
+}}
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Render one swarm node's nats-server config.")
+    p.add_argument("--name", required=True)
+    p.add_argument("--listen", required=True, help="this node's address")
+    p.add_argument("--route", action="append", default=[], help="another node's address")
+    p.add_argument("--store", required=True, type=Path, help="JetStream's store directory")
+    p.add_argument("--admin-password-file", required=True, type=Path)
+    p.add_argument("--host", action="append", default=[], help="HOST=PASSWORD_FILE")
+    a = p.parse_args(argv)
+    hosts = {}
+    for item in a.host:
+        host, sep, path = item.partition("=")
+        if not sep:
+            p.error(f"--host {item!r}: expected HOST=PASSWORD_FILE")
+        hosts[host] = Path(path).read_text().splitlines()[0].strip()
+    sys.stdout.write(
+        server_config(
+            name=a.name,
+            listen=a.listen,
+            routes=a.route,
+            store_dir=a.store,
+            admin_password=a.admin_password_file.read_text().splitlines()[0].strip(),
+            hosts=hosts,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""What the core's service (``core/hive.py``) asks of the swarm: no ``nats`` here."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from hyperhive.wire.common import Message
+
+
+class SwarmPort(Protocol):
+    host: str
+
+    def host_of(self, agent: str) -> str | None:
+        """The host the roster gives ``agent`` to, if it is another host; else None."""
+
+    async def send(self, sender: str, to: str, body: str) -> Message:
+        """Commit a message to an agent on another host to the outbox; the bridge
+        publishes it. The returned message's id is its outbox row."""
+
+    def status(self) -> dict[str, Any]:
+        """Hosts, bus reachability and the roster (``hive swarm status``)."""

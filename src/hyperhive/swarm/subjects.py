@@ -1,0 +1,50 @@
+"""The swarm's names on the bus: subjects, streams, consumers and roster keys
+(docs/swarm.md, "Subjects and streams"). Every other module spells them through here."""
+
+from __future__ import annotations
+
+STREAM = "HIVE_MSGS"
+MSG_ROOT = "hive.msg"
+BUCKET = "HIVE_ROSTER"
+KV_STREAM = f"KV_{BUCKET}"
+MAX_AGE_SECONDS = 7 * 24 * 3600  # a host may be away this long before its mail expires
+DEDUP_SECONDS = 600  # JetStream drops a republished Nats-Msg-Id within this window
+ACK_WAIT_SECONDS = 5.0  # a pulled message not acked within this is redelivered
+REPLICAS = 3
+
+
+def msg_subject(to_host: str, from_host: str) -> str:
+    """A message from ``from_host`` to ``to_host``."""
+    return f"{MSG_ROOT}.{to_host}.from.{from_host}"
+
+
+def inbox_filter(host: str) -> str:
+    """Everything addressed to ``host``."""
+    return f"{MSG_ROOT}.{host}.from.*"
+
+
+def from_host_of(subject: str) -> str | None:
+    """The sending host named by a message subject (what NATS's permissions vouch for)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[:2] != MSG_ROOT.split(".") or parts[3] != "from":
+        return None
+    return parts[4]
+
+
+def consumer(host: str) -> str:
+    """The durable pull consumer that holds ``host``'s place in the stream."""
+    return f"inbox-{host}"
+
+
+def inbox_prefix(host: str) -> str:
+    """``host``'s reply subjects: the only ones it may subscribe to."""
+    return f"_INBOX_{host}"
+
+
+def name_key(agent: str) -> str:
+    """Who owns agent name ``agent`` (value: the host), created once."""
+    return f"names.{agent}"
+
+
+def row_key(host: str, agent: str) -> str:
+    return f"agents.{host}.{agent}"

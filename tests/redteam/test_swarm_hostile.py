@@ -1,0 +1,141 @@
+"""A compromised host in the swarm (docs/swarm.md, "Permissions"): host c's core is the
+attacker and uses c's own NATS credentials directly (nats-py, no hive code). NATS's
+authorization refuses it everything that would speak for another host or read its
+private subjects; what NATS lets through (a message on c's own subject that claims
+another host's agent) the receiving host drops against the roster."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import pytest
+
+from helpers import assert_ok, wait_for
+from hyperhive.swarm import subjects as s
+from swarm_fixture import Swarm
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.attack("swarm-host-spoofing", ref="issue 18: a compromised host gains nothing"),
+]
+
+Attack = Callable[[Any], Awaitable[None]]
+
+
+def as_host_c(swarm: Swarm, attack: Attack) -> list[str]:
+    """Run ``attack(nc)`` on a connection as host c; the errors the server sent."""
+    errors: list[str] = []
+
+    async def go() -> None:
+        async def on_error(e: Exception) -> None:
+            errors.append(str(e).lower())
+
+        nc = await nats.connect(
+            swarm.net.urls("c"), user="host-c", password=swarm.net.passwords["c"],
+            inbox_prefix=s.inbox_prefix("c"), error_cb=on_error,
+        )
+        try:
+            await attack(nc)
+            for _ in range(100):  # the server's -ERR comes asynchronously
+                if errors:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+    return errors
+
+
+def stream_seq(swarm: Swarm, subject: str) -> int:
+    """As the admin: the sequence of the newest message on ``subject`` (0: none)."""
+
+    async def go() -> int:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        try:
+            return (await nc.jetstream().get_last_msg(s.STREAM, subject)).seq or 0
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def violation(errors: list[str], what: str) -> None:
+    assert any("permissions violation" in e and what.lower() in e for e in errors), errors
+
+
+def test_host_cannot_publish_as_another_host(swarm: Swarm) -> None:
+    subject = s.msg_subject("b", "a")
+    before = stream_seq(swarm, subject)
+    body = json.dumps([{"id": "forged1", "from": "alice", "to": "bob", "kind": "message",
+                        "body": "forged", "sent_at": 0}]).encode()
+
+    async def attack(nc: Any) -> None:
+        await nc.publish(subject, body, headers={"Nats-Msg-Id": "forged1"})
+        await nc.flush()
+
+    violation(as_host_c(swarm, attack), f'publish to "{subject}"')
+    assert stream_seq(swarm, subject) == before
+
+
+def test_host_cannot_read_another_hosts_inbox(swarm: Swarm) -> None:
+    async def subscribe(nc: Any) -> None:
+        await nc.subscribe(s.inbox_filter("b"))
+        await nc.flush()
+
+    violation(as_host_c(swarm, subscribe), "subscription to")
+
+    async def pull(nc: Any) -> None:
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{s.consumer('b')}",
+                         b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")
+        await nc.flush()
+
+    violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.STREAM}.{s.consumer('b')}")
+
+    async def get(nc: Any) -> None:
+        await nc.publish(f"$JS.API.STREAM.MSG.GET.{s.STREAM}", b'{"seq":1}',
+                         reply=f"{s.inbox_prefix('c')}.x")
+        await nc.flush()
+
+    violation(as_host_c(swarm, get), f"stream.msg.get.{s.STREAM}")
+
+    async def snoop(nc: Any) -> None:  # another host's reply subjects (its pulled messages)
+        await nc.subscribe(f"{s.inbox_prefix('b')}.>")
+        await nc.flush()
+
+    violation(as_host_c(swarm, snoop), "subscription to")
+
+
+def test_host_cannot_write_another_hosts_roster_rows(swarm: Swarm) -> None:
+    subject = f"$KV.{s.BUCKET}.{s.row_key('a', 'alice')}"
+
+    async def attack(nc: Any) -> None:
+        await nc.publish(subject, b'{"name": "alice", "host": "c"}')
+        await nc.flush()
+
+    violation(as_host_c(swarm, attack), f'publish to "{subject}"')
+
+
+def test_own_subject_claiming_another_hosts_agent_is_dropped(swarm: Swarm) -> None:
+    """NATS lets c publish on its own subject; b checks the claimed sender against the
+    roster (alice is a's) and drops it: bob never sees a forged alice."""
+    dropped = swarm.status("b")["dropped"]
+    body = json.dumps([{"id": "forged2", "from": "alice", "to": "bob", "kind": "message",
+                        "body": "forged", "sent_at": 0}]).encode()
+
+    async def attack(nc: Any) -> None:
+        await nc.jetstream().publish(s.msg_subject("b", "c"), body)
+
+    assert as_host_c(swarm, attack) == []
+
+    wait_for(lambda: swarm.status("b")["dropped"] == dropped + 1, timeout=15)
+    msgs = assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"]
+    assert all(m["body"] != "forged" for m in msgs)

@@ -1,0 +1,115 @@
+"""A swarm of three hive-cores for the tests: ``SwarmNet``'s three test hosts (network
+namespaces on one bridge, one NATS JetStream node each) and one hive-core per host,
+run inside that host's namespace with ``[swarm]`` pointing at its own node first.
+
+    alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from helpers import CoreProcess, wait_for
+from hyperhive.swarm.bus import ensure_streams
+from swarmnet import SwarmNet
+
+HOSTS = ["a", "b", "c"]
+AGENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "a": {"alice": {"runtime": "command", "command": ["true"], "peers": ["bob", "carol"]}},
+    "b": {"bob": {"runtime": "command", "command": ["true"], "peers": ["alice"]}},
+    "c": {"carol": {"runtime": "command", "command": ["true"], "peers": ["alice"]}},
+}
+
+
+@dataclass
+class Swarm:
+    net: SwarmNet
+    cores: dict[str, CoreProcess] = field(default_factory=dict)
+
+    def status(self, host: str) -> dict[str, Any]:
+        resp = self.cores[host].host_call("swarm_status")
+        assert resp["ok"], resp
+        swarm: dict[str, Any] = resp["swarm"]
+        return swarm
+
+    def wait_roster(self, host: str, n: int = 3) -> None:
+        wait_for(lambda: self.status(host)["roster"] >= n, timeout=30)
+
+
+def admin_setup(net: SwarmNet) -> None:
+    """As the admin: the stream, the inbox consumers and the roster bucket."""
+
+    async def go() -> None:
+        user, password = net.admin()
+        nc = await nats.connect(net.urls("a"), user=user, password=password)
+        try:
+            await ensure_streams(nc, HOSTS)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+def make_swarm(
+    base: Path,
+    subnet: int,
+    with_cores: tuple[str, ...] = tuple(HOSTS),
+    agents: dict[str, dict[str, dict[str, Any]]] | None = None,
+    limits: dict[str, Any] | None = None,
+) -> Iterator[Swarm]:
+    """The three test hosts with a hive-core each (``agents``: per host; default AGENTS)."""
+    agents = AGENTS if agents is None else agents
+    with SwarmNet(subnet, HOSTS, base) as net:
+        swarm = Swarm(net)
+        try:
+            for h in with_cores:
+                d = base / f"core-{h}"
+                d.mkdir()
+                swarm.cores[h] = CoreProcess(
+                    d,
+                    agents[h],
+                    sections={
+                        **({"limits": limits} if limits else {}),
+                        "swarm": {
+                            "host": h,
+                            "urls": net.urls(h),
+                            "credentials": str(net.credentials(h)),
+                        }
+                    },
+                    wrap=net.netns_prefix(h),
+                )
+                swarm.cores[h].ready_timeout = 60  # three cores start at once
+            # All at once: the bridges retry until the admin has made the streams.
+            with ThreadPoolExecutor(len(with_cores) + 1) as pool:
+                jobs = [pool.submit(admin_setup, net)]
+                jobs += [pool.submit(c.start) for c in swarm.cores.values()]
+                for job in jobs:
+                    job.result()
+            n = sum(len(agents[h]) for h in with_cores)
+            for h in with_cores:
+                swarm.wait_roster(h, n)
+            yield swarm
+        finally:
+            with ThreadPoolExecutor(len(swarm.cores) or 1) as pool:
+                list(pool.map(_stop, swarm.cores.values()))
+
+
+@pytest.fixture(scope="session")
+def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
+    """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
+    test leaves it as it found it (every core and every NATS node running)."""
+    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=181)
+
+
+def _stop(core: CoreProcess) -> None:
+    if core.running:
+        core.stop()
+    core.cleanup()
