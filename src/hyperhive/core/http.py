@@ -362,7 +362,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         resp.set_cookie(
             COOKIE, session.id, max_age=int(SESSION_TTL), httponly=True, samesite="strict", path="/"
         )
-        resp.delete_cookie(NEXT_COOKIE, path="/login")
+        if NEXT_COOKIE in request.cookies:
+            resp.delete_cookie(NEXT_COOKIE, path="/login")
         return resp
 
     @app.get("/n/{token}", include_in_schema=False)
