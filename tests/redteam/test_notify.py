@@ -78,11 +78,20 @@ class Receiver:
 
         class Handler(BaseHTTPRequestHandler):
             def _any(self) -> None:
+                if self.path.startswith("/page?to="):  # another site linking to the hive
+                    page = f'<!doctype html><a id="go" href="{self.path[9:]}">open</a>'.encode()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/html")
+                    self.send_header("Content-Length", str(len(page)))
+                    self.end_headers()
+                    self.wfile.write(page)
+                    return
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 key = self.path.split("?")[0]
                 key = MATRIX_PATH if key.startswith(MATRIX_PATH) else key
                 with outer.lock:
-                    outer.hits.append(Hit(self.command, self.path, dict(self.headers), body))
+                    if self.command != "GET":  # a browser's /favicon.ico is no notification
+                        outer.hits.append(Hit(self.command, self.path, dict(self.headers), body))
                     queued = outer.script.get(key) or []
                     status = queued.pop(0) if queued else 200
                 self.send_response(status)
@@ -328,9 +337,14 @@ def test_link_is_one_use_and_bound_to_the_item(env: Env, browser: Browser) -> No
         resp = page.goto(q_links[0])
         assert resp is not None and resp.status == 410
         assert resp.text().strip() == "this link was already used; open the dashboard instead"
-        # Logged in: another format's link for the same question goes straight there.
-        page.goto(q_links[1], wait_until="commit")
+        # Logged in, the link clicked on another site (as from a phone's app): the browser
+        # leaves the SameSite=Strict cookie out; the hive's one same-origin step brings it.
+        asked: list[str] = []
+        page.on("request", lambda req: asked.append(req.url))
+        page.goto(f"http://localhost:{rx.port}/page?to={q_links[1]}", wait_until="commit")
+        page.click("#go")
         page.wait_for_url(f"{web.base}/?focus=question-{qid}", wait_until="commit")
+        assert f"{q_links[1]}?again=1" in asked  # the cookie-less first arrival, then the step
     finally:
         ctx.close()
     # An approval's link: navigates only (the approval stays pending) ...
