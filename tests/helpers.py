@@ -33,6 +33,8 @@ def _toml_value(value: Any) -> str:
     # a dict becomes an inline table.
     if isinstance(value, dict):
         return "{" + ", ".join(f"{json.dumps(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):  # inline tables
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     return json.dumps(value, ensure_ascii=False)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -99,6 +99,45 @@ class EgressSection(BaseModel):
         return value
 
 
+class Webhook(BaseModel):
+    """One receiver of notifications. The URL is a secret of the operator's (a Matrix
+    access token, an ntfy topic, a Slack hook): hive.toml holds it, it is never logged."""
+
+    model_config = ConfigDict(extra="forbid")
+    url: Annotated[str, Field(max_length=4096, pattern=r"^https?://[^\s]+$")]
+    # ntfy: the text POSTed, with Title and Click headers; matrix: a client-server
+    # m.room.message (a URL ending in /send/m.room.message is PUT with a transaction id);
+    # slack: a Slack-compatible {"text": ...} JSON POST.
+    format: Literal["ntfy", "matrix", "slack"]
+
+
+class NotifySection(BaseModel):
+    """``[notify]``: each new question to the operator and each new approval request goes
+    to every webhook (core/notify.py), with a one-use link to the item."""
+
+    model_config = ConfigDict(extra="forbid")
+    webhooks: list[Webhook] = Field(default_factory=list, max_length=8)
+    # Where the links point (the gateway as the operator's browser reaches it); default:
+    # the origin of the login URL ``hive up`` prints.
+    base_url: Annotated[str, Field(max_length=2048, pattern=r"^https?://[^\s/?#]+/?$")] | None = (
+        None
+    )
+    # Per agent: a burst of notifications, then one every ``agent_interval_seconds``; the
+    # rest are coalesced into one "N more" notification.
+    agent_burst: int = Field(default=5, ge=1, le=1000)
+    agent_interval_seconds: float = Field(default=60.0, ge=0.0, le=86400.0)
+    # Notifications waiting to be sent, per webhook; past it new ones are dropped (counted,
+    # logged, and said in the next notification that goes out).
+    queue: int = Field(default=256, ge=1, le=100_000)
+    # Attempts per notification, waiting backoff_seconds, then twice as long each time
+    # (at most 5 minutes); a 429's Retry-After is honoured up to the same bound.
+    attempts: int = Field(default=6, ge=1, le=50)
+    backoff_seconds: float = Field(default=2.0, ge=0.0, le=300.0)
+    timeout_seconds: float = Field(default=10.0, gt=0.0, le=300.0)
+    # How long a notification's link works (it works once).
+    link_ttl_hours: float = Field(default=72.0, gt=0.0, le=24.0 * 90)
+
+
 class HiveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hive: HiveSection = HiveSection()
@@ -106,6 +145,7 @@ class HiveConfig(BaseModel):
     egress: EgressSection = EgressSection()
     # The swarm (docs/swarm.md); None, the default: a single-host hive, no NATS at all.
     swarm: SwarmSection | None = None
+    notify: NotifySection = NotifySection()
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -116,6 +156,12 @@ class HiveConfig(BaseModel):
                 f" = {self.limits.max_agents}"
             )
         return self
+
+
+def origin_of(listen: str) -> str:
+    """The gateway's origin as ``hive up``'s login URL names it."""
+    host, port = parse_listen(listen)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def parse_listen(value: str) -> tuple[str, int]:

@@ -260,7 +260,16 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         if "unreadable" in a:
             say(f"approval {a['id']} is unreadable: {a['unreadable']}")
             return
-        for field in ("id", "agent", "kind", "status", "allows", "note", "payload_sha256"):
+        for field in (
+            "id",
+            "agent",
+            "kind",
+            "status",
+            "allows",
+            "grants",
+            "note",
+            "payload_sha256",
+        ):
             if a.get(field) is not None:
                 say(f"{field}: {a[field]}")
         say(f"requested: {when(a['requested_at'])}")

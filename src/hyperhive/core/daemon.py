@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hyperhive.config import HiveConfig
+from hyperhive.config import HiveConfig, origin_of
 from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
 from hyperhive.core.budget import Budget, plan, raise_nofile, task_limit
 from hyperhive.core.cages import CageLifecycle
@@ -20,6 +20,7 @@ from hyperhive.core.events import EventBus
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.host_socket import serve_host_socket
 from hyperhive.core.http import create_app, serve_http
+from hyperhive.core.notify import Notifier
 from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.store import Store, StoreError
@@ -75,6 +76,14 @@ async def run_core(opts: CoreOptions) -> None:
     bus = EventBus()
     hive = Hive(store, opts.config, lifecycle, bus)
     scheduler = ReminderScheduler(hive, bus)
+    notifier = None
+    if opts.config.notify.webhooks:  # listening before any agent can ask anything
+        base_url = opts.config.notify.base_url or origin_of(opts.config.hive.listen)
+        notifier = Notifier(opts.config.notify, base_url, store.links, bus)
+        notifier.start()
+        log.info(
+            "notify: %d webhook(s), links to %s/n/…", len(opts.config.notify.webhooks), base_url
+        )
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
     sessions = Sessions(
@@ -125,6 +134,8 @@ async def run_core(opts: CoreOptions) -> None:
         swarm_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await swarm_task
+    if notifier is not None:
+        await notifier.close()
     http_server.should_exit = True
     try:
         await asyncio.wait_for(http_task, 5)

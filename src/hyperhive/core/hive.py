@@ -10,6 +10,7 @@ call one method, encode the result. Nothing here reads an identity out of a requ
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
-from hyperhive.core.refusals import Busy, Conflict, Forbidden, NotFound, Refused
+from hyperhive.core.refusals import Busy, Conflict, Forbidden, Gone, NotFound, Refused
 from hyperhive.core.replies import Page, ReplyBudget, encoded_size, take
 from hyperhive.core.store import (
     AgentRow,
@@ -36,6 +37,7 @@ from hyperhive.core.store import (
     TranscriptEntry,
     Unreadable,
 )
+from hyperhive.core.store.links import LinkUsed
 from hyperhive.core.summary import PAGE, Listing
 from hyperhive.names import OPERATOR
 from hyperhive.swarm.port import SwarmPort
@@ -491,6 +493,26 @@ class Hive:
         if a is None:
             raise NotFound(f"no approval {aid}")
         return a
+
+    def follow_link(self, actor: Operator, token: str) -> str:
+        """Where a notification's one-use link leads, as the dashboard's ``focus``
+        (``question-7``); the link is used up. It only navigates: nothing is approved or
+        answered. An approval's link is refused if its payload is not the one notified."""
+        try:
+            target = self.store.links.redeem(hashlib.sha256(token.encode()).hexdigest())
+        except LinkUsed as e:
+            raise Gone(str(e)) from None
+        if target is None:
+            raise NotFound("no such link (a notification's link works once, for a while)")
+        if target.kind == "approval":
+            a = self.store.approvals.get(target.id)
+            sha = None if a is None or isinstance(a, Unreadable) else a.payload_sha256
+            if sha != target.payload_sha256:
+                raise Conflict(
+                    f"approval {target.id} is not the one notified (its payload changed):"
+                    " this link is refused; see the dashboard"
+                )
+        return f"{target.kind}-{target.id}"
 
     # -- the harness's turn loop ----------------------------------------------------
 

@@ -208,6 +208,10 @@ Id = Annotated[int, PathParam(ge=1, lt=2**63)]
 # The page the gateway asks /auth about (its X-Original-URI), as nginx routes it.
 AGENT_PAGE = re.compile(r"/agent/([a-z][a-z0-9-]{0,30})/")
 GATEWAY_GROUP = "hive-gateway"
+# A notification's link (core/notify.py: 32 random bytes, base64url), and the cookie that
+# carries it through the login when the operator had no session.
+LINK_PATH = re.compile(r"/n/[A-Za-z0-9_-]{20,100}")
+NEXT_COOKIE = "hive_next"
 ACTIONS: dict[str, Callable[[str], dict[str, Any]]] = {
     "start": lambda n: {"cmd": "start", "scope": {"agent_names": [n]}},
     "stop": lambda n: {"cmd": "stop", "scope": {"agent_names": [n]}},
@@ -348,15 +352,56 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return refuse(request, 422, _one_line(exc))
 
     @app.get("/login", include_in_schema=False)
-    async def login(token: str = "") -> Response:
+    async def login(request: Request, token: str = "") -> Response:
         session = sessions.login(token)
         if session is None:
             return PlainTextResponse("bad or missing login token\n", status_code=401)
-        resp = RedirectResponse("/", status_code=303)
+        # Back to the notification link that sent the operator here (only ever /n/<token>).
+        after = request.cookies.get(NEXT_COOKIE, "")
+        resp = RedirectResponse(after if LINK_PATH.fullmatch(after) else "/", status_code=303)
         resp.set_cookie(
             COOKIE, session.id, max_age=int(SESSION_TTL), httponly=True, samesite="strict", path="/"
         )
+        if NEXT_COOKIE in request.cookies:
+            resp.delete_cookie(NEXT_COOKIE, path="/login")
         return resp
+
+    @app.get("/n/{token}", include_in_schema=False)
+    async def notified(request: Request, token: str, again: int = 0) -> Response:
+        """A notification's one-use link (core/notify.py): once logged in, to the dashboard
+        focused on its item. It only navigates; acting needs the session and CSRF token."""
+        if not LINK_PATH.fullmatch(f"/n/{token}"):
+            raise HTTPException(404, "no such link")
+        private = {"Cache-Control": "no-store", "Referrer-Policy": "no-referrer"}
+        if session_of(request) is None:
+            if not again:
+                # Opened from a notification (another site, an app): the browser leaves the
+                # SameSite=Strict session cookie out; one same-origin step brings it along.
+                page = (
+                    f'<!doctype html><meta http-equiv="refresh" content="0;url=/n/{token}?again=1">'
+                    "<title>hive</title><p>opening…</p>\n"
+                )
+                return HTMLResponse(page, headers=private)
+            resp = PlainTextResponse(
+                "not logged in: open the login URL that `hive up` printed;"
+                " you will land on this item after\n",
+                status_code=401,
+                headers=private,
+            )
+            resp.set_cookie(
+                NEXT_COOKIE,
+                f"/n/{token}",
+                max_age=3600,
+                httponly=True,
+                samesite="lax",
+                path="/login",
+            )
+            return resp
+        try:
+            focus = hive.follow_link(OPERATOR, token)
+        except Refused as e:
+            return refuse(request, e.status, str(e), private)
+        return RedirectResponse(f"/?focus={focus}", status_code=303, headers=private)
 
     @app.post("/logout", include_in_schema=False)
     async def logout(

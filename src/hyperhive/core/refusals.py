@@ -34,6 +34,12 @@ class Conflict(Refused):
     status = 409
 
 
+class Gone(Refused):
+    """It existed and is no more: a notification's link used once already, or expired."""
+
+    status = 410
+
+
 class Forbidden(Refused):
     """The caller may not do this (a harness verb from the agent's runtime, say)."""
 

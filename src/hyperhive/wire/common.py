@@ -120,6 +120,9 @@ class Approval(BaseModel):
     # is the first bytes of its canonical JSON, as text), with their full
     # length in bytes (UTF-8); the one-item read gives the row whole.
     truncated: dict[str, int] | None = None
+    # For kind ``spawn``: what approving gives the new agent (core/grants.py), worked out
+    # from the whole payload before any cut, so a long ``command`` can't hide it.
+    grants: str | None = None
 
     @model_validator(mode="after")
     def _commit_ref_is_the_payload_hash(self) -> Approval:

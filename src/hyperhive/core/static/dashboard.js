@@ -225,6 +225,10 @@
         grant.append(what, visible(" for " + a.agent));
         li.appendChild(grant);
       }
+      if (a.grants) {  // a spawn's child, worked out from the whole payload (never cut)
+        var spawns = el("p", "approving will ", "grant"), what2 = el("b", "spawn ");
+        what2.appendChild(el("code", a.grants, "grants")); spawns.appendChild(what2); li.appendChild(spawns);
+      }
       var cutPayload = a.truncated && a.truncated.payload;
       // A cut payload is the first characters of its canonical JSON, as text.
       var payload = a.payload === undefined ? null : a.payload;  // a null payload is left out

@@ -30,6 +30,7 @@ from hyperhive.core.store.egress import (
     EgressRule,
 )
 from hyperhive.core.store.history import HistoryRepo
+from hyperhive.core.store.links import LinkRepo
 from hyperhive.core.store.messages import MessageRepo
 from hyperhive.core.store.questions import QuestionRepo
 from hyperhive.core.store.reminders import ReminderRepo
@@ -76,6 +77,7 @@ class Store:
         self.reminders = ReminderRepo(self.db)
         self.egress = EgressRepo(self.db)
         self.sessions = SessionRepo(self.db)
+        self.links = LinkRepo(self.db)
         self.usage = UsageRepo(self.db)
         self.history = HistoryRepo(self.db)
 

@@ -3,10 +3,12 @@ the stored payload through an ApprovalTx, inside the resolving transaction."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
+from hyperhive.core.grants import grants_line, grants_of, parts_sql
 from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store.agents import AgentRepo
 from hyperhive.core.store.common import (
@@ -30,6 +32,7 @@ _Row = tuple[int, str, str, float, str, "float | None", "str | None", str, str, 
 
 
 def _to_approval(r: _Row) -> Approval:
+    payload = load_json(r[8], "payload")
     return Approval(
         id=r[0],
         agent=r[1],
@@ -39,15 +42,16 @@ def _to_approval(r: _Row) -> Approval:
         resolved_at=r[5],
         note=r[6],
         description=r[7],
-        payload=load_json(r[8], "payload"),
+        payload=payload,
         payload_sha256=r[9],
+        grants=grants_of(r[2], payload),
     )
 
 
 # A listing's columns: the agent's text cut in SQL, with the full lengths.
 _SUMMARY = (
     "id, agent, kind, requested_at, status, resolved_at, note,"
-    f" {cut_sql('description')}, {cut_sql('payload')}, payload_sha256"
+    f" {cut_sql('description')}, {cut_sql('payload')}, payload_sha256, {parts_sql()}"
 )
 
 
@@ -69,6 +73,8 @@ def _to_summary(r: tuple[Any, ...]) -> Approval:
         payload=payload,
         payload_sha256=r[11],
         truncated=truncated or None,
+        # Read out of the whole payload in SQL: a cut payload would hide it.
+        grants=None if r[12] is None else grants_line(json.loads(r[12])),
     )
 
 

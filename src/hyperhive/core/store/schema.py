@@ -329,6 +329,20 @@ MIGRATIONS: list[Migration] = [
     """,
     # 6: summaries before bodies (a function: see _summaries_first)
     _summaries_first,
+    # 7: the one-use links notifications carry (core/notify.py): the sha256 of each token,
+    # the item it leads to (and an approval's payload_sha256), when it expires, when used.
+    # No index but the key (WITHOUT ROWID: the table is its key's b-tree); a prune, every
+    # PRUNE_EVERY links saved, reads the whole table.
+    """
+    CREATE TABLE notify_links (
+        token_sha256 TEXT PRIMARY KEY,
+        item_kind TEXT NOT NULL CHECK (item_kind IN ('question', 'approval')),
+        item_id INTEGER NOT NULL,
+        payload_sha256 TEXT,
+        expires REAL NOT NULL,
+        used_at REAL
+    ) WITHOUT ROWID;
+    """,
 ]
 
 
