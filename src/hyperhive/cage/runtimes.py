@@ -19,6 +19,8 @@ class Runtime:
         self.spec = spec
         self.needs_login = False
         self.active_model: str | None = spec.get("model")
+        # Placeholders of the agent's secret bindings (harness_config's "env"): never a secret.
+        self.extra_env: dict[str, str] = {}
 
     def argv(self, message: dict[str, Any]) -> list[str]:
         raise NotImplementedError
@@ -27,7 +29,11 @@ class Runtime:
         return json.dumps(message, ensure_ascii=False).encode() + b"\n"
 
     def env(self, message: dict[str, Any]) -> dict[str, str]:
-        return {**layout.base_env(self.name), "HIVE_TURN": str(message["id"])}
+        return {
+            **self.extra_env,
+            **layout.base_env(self.name),
+            "HIVE_TURN": str(message["id"]),
+        }
 
     def stdout_entry(self, line: str) -> tuple[str, Any]:
         return "stdout", line

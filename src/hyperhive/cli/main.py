@@ -11,6 +11,7 @@ from hyperhive.cli import operator
 from hyperhive.cli.agent import agent_group
 from hyperhive.cli.egress import egress_group
 from hyperhive.cli.exec_ import exec_cmd
+from hyperhive.cli.secret import secret_group
 from hyperhive.cli.up import up
 from hyperhive.paths import DEFAULT_RUN_DIR
 
@@ -41,6 +42,7 @@ cli.add_command(up)
 cli.add_command(agent_group)
 cli.add_command(exec_cmd)
 cli.add_command(egress_group)
+cli.add_command(secret_group)
 
 
 @cli.command("mcp")

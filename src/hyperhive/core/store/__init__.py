@@ -34,6 +34,7 @@ from hyperhive.core.store.messages import MessageRepo
 from hyperhive.core.store.questions import QuestionRepo
 from hyperhive.core.store.reminders import ReminderRepo
 from hyperhive.core.store.schema import MIGRATIONS
+from hyperhive.core.store.secrets import Binding, SecretBindingRepo
 from hyperhive.core.store.sessions import SessionRepo
 from hyperhive.core.store.transcripts import TRANSCRIPT_KEEP, TranscriptEntry, TranscriptRepo
 from hyperhive.core.store.usage import Usage, UsageRepo
@@ -47,6 +48,7 @@ __all__ = [
     "Apply",
     "ApplyError",
     "ApprovalTx",
+    "Binding",
     "Database",
     "EgressDecision",
     "EgressLogEntry",
@@ -78,6 +80,7 @@ class Store:
         self.sessions = SessionRepo(self.db)
         self.usage = UsageRepo(self.db)
         self.history = HistoryRepo(self.db)
+        self.bindings = SecretBindingRepo(self.db)
 
     @property
     def history_keep(self) -> int:
