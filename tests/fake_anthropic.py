@@ -153,7 +153,8 @@ class FakeAnthropic:
 
 
 def main() -> None:
-    """In a test network namespace: ``fake_anthropic.py ADDR PORT CERT KEY SEEN ACTIONS``;
+    """In a test network namespace: ``fake_anthropic.py ADDR PORT CERT KEY SEEN ACTIONS``
+    (KEY ``-``: none needed);
     each request's notes go to SEEN as JSON lines (flushed)."""
     import sys
 
@@ -166,7 +167,7 @@ def main() -> None:
                 f.write(json.dumps(item) + "\n")
 
     fake = FakeAnthropic([tuple(a) for a in json.loads(actions)], address=(addr, int(port)),  # type: ignore[misc]
-                         api_key=key, seen=Seen())
+                         api_key=None if key == "-" else key, seen=Seen())
     fake.serve_tls(cert)
 
 
