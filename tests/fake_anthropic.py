@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import ssl
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
@@ -52,6 +53,7 @@ class FakeAnthropic:
                     "method": self.command, "path": self.path, "host": self.headers.get("host"),
                     "key_ok": fake.api_key is not None and fake.api_key in got,
                     "placeholder": any(g.startswith("hive-placeholder-") for g in got),
+                    "at": round(time.time(), 2),
                 })
                 if fake.api_key is None or fake.api_key in got:
                     return True
@@ -61,8 +63,13 @@ class FakeAnthropic:
                 return False
 
             def do_GET(self) -> None:
-                if self._key_ok():
-                    self._send(200, "application/json", json.dumps({"path": self.path}).encode())
+                if not self._key_ok():
+                    return
+                if self.path.startswith("/api/"):  # the CLI's side calls (settings, limits): none here
+                    self._send(404, "application/json", json.dumps(
+                        {"type": "error", "error": {"type": "not_found_error", "message": "not here"}}).encode())
+                    return
+                self._send(200, "application/json", json.dumps({"path": self.path}).encode())
 
             def do_POST(self) -> None:
                 if not self._key_ok():

@@ -20,6 +20,8 @@ import datetime
 import json
 import os
 import shutil
+import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from helpers import assert_ok
-from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
+from hive_fixture import VENV_BIN, HiveProcess, probe_result, running_hive, wait_until
+from hyperhive.client import Client
 from testnet import TestNet
 
 KEY = "sk-ant-api03-REAL-" + "k3y" * 10
@@ -196,45 +199,6 @@ def refusals(hive: HiveProcess) -> list[str]:
     return [e["reason"] for e in reply["entries"] if not e["allowed"]]
 
 
-@pytest.mark.attack("secrets.placeholder-elsewhere", ref="issue 16 item 3; NVIDIA/NemoClaw#4825")
-def test_the_key_goes_only_to_the_bound_destination(hive: HiveProcess, certs: Path, placeholder: str) -> None:
-    key = f"x-api-key: {placeholder}"
-    res = tunnels(hive, {
-        "bound": ("api.anthropic.com", "api.anthropic.com", get("/v1/models", "api.anthropic.com", key)),
-        "bound-trailing-dot": ("api.anthropic.com.", "api.anthropic.com", get("/v1/m2", "API.anthropic.com.", key)),
-        "other-host": ("other.test", "other.test", get("/steal", "other.test", key)),
-        "other-header": ("api.anthropic.com", "api.anthropic.com",
-                         get("/v1/bearer", "api.anthropic.com", f"Authorization: Bearer {placeholder}")),
-    })
-    assert res["bound"]["status"] == 200 and json.loads(res["bound"]["body"]) == {"path": "/v1/models"}, res
-    assert res["bound-trailing-dot"]["status"] == 200, res
-    # Elsewhere the placeholder went out unchanged: worthless (the server refused it).
-    assert res["other-host"]["status"] == 401 and res["other-header"]["status"] == 401, res
-    anth = {s["path"]: s for s in seen(certs, ANTH)}
-    assert anth["/v1/models"]["key_ok"] and anth["/v1/m2"]["key_ok"]
-    assert anth["/v1/bearer"] == {**anth["/v1/bearer"], "key_ok": False, "placeholder": True}
-    [other] = [s for s in seen(certs, OTHER) if s["path"] == "/steal"]
-    assert other["key_ok"] is False and other["placeholder"] is True
-    assert all(KEY not in json.dumps(r) for r in res.values())
-
-
-@pytest.mark.attack("egress.tls-sni-host", ref="issue 16 item 3; srt requireHostMatch; e2b-dev/infra#1597")
-def test_sni_and_host_must_name_the_destination(hive: HiveProcess, certs: Path, placeholder: str) -> None:
-    key = f"x-api-key: {placeholder}"
-    before = len(seen(certs, ANTH)) + len(seen(certs, OTHER))
-    res = tunnels(hive, {
-        "sni-other": ("api.anthropic.com", "other.test", get("/sni", "api.anthropic.com", key)),
-        "host-other": ("api.anthropic.com", "api.anthropic.com", get("/host", "other.test", key)),
-        "host-other-port": ("api.anthropic.com", "api.anthropic.com", get("/port", "api.anthropic.com:8443", key)),
-    })
-    assert "tls" in res["sni-other"], res  # the handshake itself fails
-    for case in ("host-other", "host-other-port"):
-        assert res[case]["status"] == 403 and "the destination of this tunnel" in res[case]["body"], res
-    assert len(seen(certs, ANTH)) + len(seen(certs, OTHER)) == before  # nothing reached a server
-    logged = refusals(hive)
-    assert any("SNI must be api.anthropic.com" in r for r in logged), logged
-
-
 SMUGGLE = {
     "cl-te": "POST /v1/a HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 5\r\n"
              "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/smuggled HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
@@ -243,15 +207,75 @@ SMUGGLE = {
     "bare-lf": "GET /v1/d HTTP/1.1\nHost: api.anthropic.com\n\n",
     "te-obfuscated": "POST /v1/e HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: xchunked\r\n\r\n",
 }
+L7_CASES = {
+    "allowed": ("gh.test", "gh.test", get("/repos/acme/widget?x=1", "gh.test")),
+    "allowed-trailing-dot": ("gh.test.", "gh.test", get("/repos/acme/w2", "GH.test.")),
+    "other-path": ("gh.test", "gh.test", get("/repos/evil/x", "gh.test")),
+    "prefix": ("gh.test", "gh.test", get("/repos/acmeevil", "gh.test")),
+    "method": ("gh.test", "gh.test", get("/repos/acme/x", "gh.test", method="DELETE")),
+    "lower-method": ("gh.test", "gh.test", get("/repos/acme/x", "gh.test", method="get")),
+    "dotdot-encoded": ("gh.test", "gh.test", get("/repos/acme/%2e%2e/%2e%2e/admin", "gh.test")),
+    "dotdot": ("gh.test", "gh.test", get("/repos/acme/../../admin", "gh.test")),
+    "double-slash": ("gh.test", "gh.test", get("//repos/acme/x", "gh.test")),
+    "semicolon": ("gh.test", "gh.test", get("/repos/acme;/../admin", "gh.test")),
+    "encoded-slash": ("gh.test", "gh.test", get("/repos/acme%2f..%2fadmin", "gh.test")),
+    "absolute-form": ("gh.test", "gh.test", get("https://gh.test/admin", "gh.test")),
+}
+
+
+@pytest.fixture(scope="module")
+def res(hive: HiveProcess, placeholder: str) -> dict[str, dict[str, Any]]:
+    """Every tunnelled case of this module, from one probe in rtsc's cage (one connection each)."""
+    key = f"x-api-key: {placeholder}"
+    first = f"GET /v1/first HTTP/1.1\r\nHost: api.anthropic.com\r\n{key}\r\n\r\n"
+    cases = {
+        # the placeholder: swapped at the bound destination only
+        "bound": ("api.anthropic.com", "api.anthropic.com", get("/v1/models", "api.anthropic.com", key)),
+        "bound-trailing-dot": ("api.anthropic.com.", "api.anthropic.com", get("/v1/m2", "API.anthropic.com.", key)),
+        "other-host": ("other.test", "other.test", get("/steal", "other.test", key)),
+        "other-header": ("api.anthropic.com", "api.anthropic.com",
+                         get("/v1/bearer", "api.anthropic.com", f"Authorization: Bearer {placeholder}")),
+        # SNI and Host
+        "sni-other": ("api.anthropic.com", "other.test", get("/sni", "api.anthropic.com", key)),
+        "host-other": ("api.anthropic.com", "api.anthropic.com", get("/host", "other.test", key)),
+        "host-other-port": ("api.anthropic.com", "api.anthropic.com", get("/port", "api.anthropic.com:8443", key)),
+        # smuggling and pipelining
+        **{k: ("api.anthropic.com", "api.anthropic.com", v.replace("{p}", placeholder)) for k, v in SMUGGLE.items()},
+        "pipelined": ("api.anthropic.com", "api.anthropic.com", first + get("/v1/second", "api.anthropic.com", key)),
+        **L7_CASES,
+    }
+    return tunnels(hive, cases)
+
+
+@pytest.mark.attack("secrets.placeholder-elsewhere", ref="issue 16 item 3; NVIDIA/NemoClaw#4825")
+def test_the_key_goes_only_to_the_bound_destination(res: dict[str, dict[str, Any]], certs: Path) -> None:
+    assert res["bound"]["status"] == 200 and json.loads(res["bound"]["body"]) == {"path": "/v1/models"}, res
+    assert res["bound-trailing-dot"]["status"] == 200, res
+    # Elsewhere the placeholder went out unchanged: worthless (the server refused it).
+    assert res["other-host"]["status"] == 401 and res["other-header"]["status"] == 401, res
+    anth = {s["path"]: s for s in seen(certs, ANTH)}
+    assert anth["/v1/models"]["key_ok"] and anth["/v1/m2"]["key_ok"]
+    assert anth["/v1/bearer"]["key_ok"] is False and anth["/v1/bearer"]["placeholder"] is True
+    [other] = [s for s in seen(certs, OTHER) if s["path"] == "/steal"]
+    assert other["key_ok"] is False and other["placeholder"] is True
+    assert all(KEY not in json.dumps(r) for r in res.values())
+
+
+@pytest.mark.attack("egress.tls-sni-host", ref="issue 16 item 3; srt requireHostMatch; e2b-dev/infra#1597")
+def test_sni_and_host_must_name_the_destination(res: dict[str, dict[str, Any]], hive: HiveProcess,
+                                                certs: Path) -> None:
+    assert "tls" in res["sni-other"], res  # the handshake itself fails
+    for case in ("host-other", "host-other-port"):
+        assert res[case]["status"] == 403 and "the destination of this tunnel" in res[case]["body"], res
+    paths = {s["path"] for s in seen(certs, ANTH) + seen(certs, OTHER)}
+    assert not paths & {"/sni", "/host", "/port"}  # nothing reached a server
+    logged = refusals(hive)
+    assert any("SNI must be api.anthropic.com" in r for r in logged), logged
 
 
 @pytest.mark.attack("egress.request-smuggling", ref="issue 16 item 7; RFC 9112 11.2 (CL/TE, pipelining)")
-def test_smuggling_and_pipelining_are_refused(hive: HiveProcess, certs: Path, placeholder: str) -> None:
-    key = f"x-api-key: {placeholder}"
-    cases = {k: ("api.anthropic.com", "api.anthropic.com", v.replace("{p}", placeholder)) for k, v in SMUGGLE.items()}
-    first = f"GET /v1/first HTTP/1.1\r\nHost: api.anthropic.com\r\n{key}\r\n\r\n"
-    cases["pipelined"] = ("api.anthropic.com", "api.anthropic.com", first + get("/v1/second", "api.anthropic.com", key))
-    res = tunnels(hive, cases)
+def test_smuggling_and_pipelining_are_refused(res: dict[str, dict[str, Any]], hive: HiveProcess,
+                                              certs: Path) -> None:
     for k in SMUGGLE:
         assert res[k]["status"] == 400, (k, res[k])
     assert res["pipelined"]["raw"].count("HTTP/1.1 200") == 1, res["pipelined"]
@@ -263,21 +287,8 @@ def test_smuggling_and_pipelining_are_refused(hive: HiveProcess, certs: Path, pl
 
 
 @pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4; OpenShell L7 e2e; CVE-2021-41773 (%2e%2e)")
-def test_l7_rules_hold_against_path_and_host_tricks(hive: HiveProcess, certs: Path) -> None:
-    res = tunnels(hive, {
-        "allowed": ("gh.test", "gh.test", get("/repos/acme/widget?x=1", "gh.test")),
-        "allowed-trailing-dot": ("gh.test.", "gh.test", get("/repos/acme/w2", "GH.test.")),
-        "other-path": ("gh.test", "gh.test", get("/repos/evil/x", "gh.test")),
-        "prefix": ("gh.test", "gh.test", get("/repos/acmeevil", "gh.test")),
-        "method": ("gh.test", "gh.test", get("/repos/acme/x", "gh.test", method="DELETE")),
-        "lower-method": ("gh.test", "gh.test", get("/repos/acme/x", "gh.test", method="get")),
-        "dotdot-encoded": ("gh.test", "gh.test", get("/repos/acme/%2e%2e/%2e%2e/admin", "gh.test")),
-        "dotdot": ("gh.test", "gh.test", get("/repos/acme/../../admin", "gh.test")),
-        "double-slash": ("gh.test", "gh.test", get("//repos/acme/x", "gh.test")),
-        "semicolon": ("gh.test", "gh.test", get("/repos/acme;/../admin", "gh.test")),
-        "encoded-slash": ("gh.test", "gh.test", get("/repos/acme%2f..%2fadmin", "gh.test")),
-        "absolute-form": ("gh.test", "gh.test", get("https://gh.test/admin", "gh.test")),
-    })
+def test_l7_rules_hold_against_path_and_host_tricks(res: dict[str, dict[str, Any]], hive: HiveProcess,
+                                                    certs: Path) -> None:
     assert res["allowed"]["status"] == 200 and json.loads(res["allowed"]["body"])["path"] == "/repos/acme/widget?x=1"
     assert res["allowed-trailing-dot"]["status"] == 200, res
     for case in ("other-path", "prefix", "method", "lower-method"):
@@ -289,6 +300,94 @@ def test_l7_rules_hold_against_path_and_host_tricks(hive: HiveProcess, certs: Pa
     logged = refusals(hive)
     assert "no egress rule allows GET gh.test:443/repos/evil/x (rules for it: GET gh.test:443/repos/acme/*);" \
            " ask for one with request_approval kind=egress" in logged
+
+
+VALUE = "sk-ant-verbtest-0123456789abcdef"
+
+
+def hive_cli(hive: HiveProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "hive"), "--run-dir", str(hive.run_dir), *args], input=stdin,
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def agent_call(hive: HiveProcess, agent: str, cmd: str, **fields: Any) -> dict[str, Any]:
+    with Client(hive.agent_sock(agent), timeout=10) as c:
+        return c.call(cmd, **fields)
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 1; NVIDIA/NemoClaw#4825")
+def test_secret_set_ls_rm_never_show_the_value(hive: HiveProcess) -> None:
+    core = hive
+    proc = hive_cli(core, "secret", "set", "verbtest", stdin=VALUE + "\n")  # never argv
+    assert proc.returncode == 0 and proc.stdout.strip() == "secret verbtest set", proc
+    assert assert_ok(core.host_call("secret_set", name="verbtest", value=VALUE))["new"] is False
+    # kept 0600 in a 0700 directory beside the database, one trailing newline dropped
+    path = core.state_dir / "secrets" / "verbtest"
+    assert path.read_text() == VALUE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE((core.state_dir / "ca" / "ca.key").stat().st_mode) == 0o600
+
+    bind = assert_ok(core.host_call(
+        "secret_bind", name="verbtest", agents=[AGENT, CLAUDE], to="Other.TEST.:443",
+        header="Authorization: Bearer {}", env="OTHER_TOKEN"))
+    assert bind["to"] == "other.test:443"
+    listing = assert_ok(core.host_call("secret_ls"))
+    [row] = [s for s in listing["secrets"] if s["name"] == "verbtest"]
+    assert row["set"] is True and row["set_at"].endswith("Z")
+    assert [(b["agent"], b["to"], b["header"], b["env"]) for b in row["bindings"]] == [
+        (CLAUDE, "other.test:443", "Authorization: Bearer {}", "OTHER_TOKEN"),
+        (AGENT, "other.test:443", "Authorization: Bearer {}", "OTHER_TOKEN"),
+    ]
+    for out in (listing, proc.stdout, bind, core.log_tail(400)):
+        assert VALUE not in json.dumps(out)
+
+    assert assert_ok(core.host_call("secret_unbind", name="verbtest", agents=[CLAUDE]))["removed"] == 1
+    assert_ok(core.host_call("secret_rm", name="verbtest"))
+    assert not path.exists()
+    gone = core.host_call("secret_rm", name="verbtest")
+    assert gone == {"version": 1, "ok": False, "error": "no secret named 'verbtest'"}
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 1")
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"name": "x", "value": "a\nb"}, "printable ASCII"),
+    ({"name": "x", "value": ""}, "empty"),
+    ({"name": "x", "value": "k" * 20000}, "over 16384 bytes"),
+    ({"name": "../x", "value": "v"}, "field 'name'"),
+])
+def test_a_bad_secret_is_refused_in_one_line_without_its_value(
+    hive: HiveProcess, fields: dict[str, Any], error: str,
+) -> None:
+    reply = hive.host_call("secret_set", **fields)
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert fields["value"][:8] not in reply["error"] or not fields["value"]
+    assert not (hive.state_dir / "secrets" / "x").exists()
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 2")
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"to": "10.0.0.1:443"}, "NAME:PORT"),
+    ({"to": "api.anthropic.com"}, "HOST:PORT"),
+    ({"header": "x-api-key: nothing"}, "exactly one {}"),
+    ({"header": "Host: {}"}, "cannot go in the 'host' header"),
+    ({"env": "PATH"}, "reserved"),
+    ({"agents": ["zed"]}, "no agent named 'zed'"),
+])
+def test_a_bad_binding_is_refused_and_changes_nothing(
+    hive: HiveProcess, fields: dict[str, Any], error: str,
+) -> None:
+    req = {"name": "tok", "agents": [AGENT], "to": "other.test:443", "header": "x-api-key: {}", **fields}
+    reply = hive.host_call("secret_bind", **req)
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert all(s["name"] != "tok" for s in assert_ok(hive.host_call("secret_ls"))["secrets"])
+
+
+@pytest.mark.attack("identity.forge-operator", ref="issue 16 item 1 (operator verbs only)")
+def test_secret_verbs_do_not_exist_on_agent_sock(hive: HiveProcess) -> None:
+    for cmd, fields in [("secret_set", {"name": "x", "value": "v"}), ("secret_ls", {}),
+                        ("secret_bind", {"name": "x"}), ("secret_rm", {"name": "x"})]:
+        reply = agent_call(hive, AGENT, cmd, **fields)
+        assert reply == {"version": 1, "ok": False, "error": f"unknown command {cmd!r}"}
 
 
 @pytest.mark.attack("secrets.read-from-cage", ref="issue 16 item 7; NVIDIA/NemoClaw#4825; typeclaw PR#707")

@@ -113,6 +113,11 @@ class ClaudeRuntime(Runtime):
             'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"',
         ]
 
+    def env(self, message: dict[str, Any]) -> dict[str, str]:
+        # No telemetry, error reports or update checks: a caged agent's egress is for its
+        # work, and each of those would be one more request through the proxy (or refused).
+        return {**super().env(message), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
+
     def mcp_config(self) -> str:
         return json.dumps(
             {"mcpServers": {"hive": {"command": f"{layout.BIN}/hive", "args": ["mcp"]}}}
