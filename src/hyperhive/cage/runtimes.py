@@ -110,7 +110,9 @@ class ClaudeRuntime(Runtime):
         return [
             "/bin/sh",
             "-c",
-            'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"',
+            # (a secret binding puts its placeholder in one of these variables)
+            'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"'
+            ' || test -n "$CLAUDE_CODE_OAUTH_TOKEN"',
         ]
 
     def env(self, message: dict[str, Any]) -> dict[str, str]:

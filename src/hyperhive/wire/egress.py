@@ -269,6 +269,8 @@ class EgressPayload(BaseModel):
         host = self.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # a bare IPv6 address
+        if any(c.isspace() for c in host):  # never read as a method and a host
+            raise RuleError(f"not a valid hostname: {host[:80]!r}")
         if (self.method is None) != (self.path is None):
             raise RuleError("an L7 egress rule needs both method and path")
         if self.method is not None and self.path is not None:
