@@ -530,6 +530,9 @@ class EgressProxy:
         self.plan_for = plan_for
         self.ca = ca
         self.upstream_tls = upstream_tls
+        # The last TLS session per upstream name: resumed, it saves the next handshake's
+        # certificate check (a ticket the server issued to the proxy, never to a cage).
+        self._sessions: dict[tuple[str, int], ssl.SSLSession] = {}
         self.record = record
         self.resolver = resolver or Resolver()
         self.max_connections = max_connections  # per agent, at once
@@ -697,8 +700,9 @@ class EgressProxy:
 
     def _upstream_tls(self, upstream: socket.socket, plan: Plan) -> ssl.SSLSocket:
         ctx = self.upstream_tls or ssl.create_default_context()
+        session = self._sessions.get((plan.host, plan.port))
         try:
-            return egress_tls.handshake_upstream(upstream, ctx, plan.host)
+            return egress_tls.handshake_upstream(upstream, ctx, plan.host, session)
         except (ssl.SSLError, OSError) as e:
             upstream.close()
             why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e)
@@ -738,6 +742,8 @@ class EgressProxy:
             decision.bytes_down += t.down
             decision.closed = True
             self._emit(decision)
+            if upstream.session is not None and upstream.session.has_ticket:
+                self._sessions[(plan.host, plan.port)] = upstream.session
             upstream.close()
         return client
 

@@ -281,6 +281,10 @@ class Terminated:
         for n, v in req.headers:
             if n in DROP:
                 continue
+            if n == b"host":  # the destination as checked, however the cage spelled it
+                shown = plan.host if plan.port == 443 else f"{plan.host}:{plan.port}"
+                out.append((n, shown.encode()))
+                continue
             for inj in plan.injections:
                 if n == inj.header and v == inj.template.format(inj.placeholder).encode():
                     secret = inj.value()
@@ -310,8 +314,10 @@ def handshake_client(conn: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket:
     return tls
 
 
-def handshake_upstream(sock: socket.socket, ctx: ssl.SSLContext, host: str) -> ssl.SSLSocket:
+def handshake_upstream(
+    sock: socket.socket, ctx: ssl.SSLContext, host: str, session: ssl.SSLSession | None = None
+) -> ssl.SSLSocket:
     sock.settimeout(HANDSHAKE_TIMEOUT)
-    tls = ctx.wrap_socket(sock, server_hostname=host)
+    tls = ctx.wrap_socket(sock, server_hostname=host, session=session)
     tls.settimeout(None)
     return tls
