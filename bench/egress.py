@@ -117,4 +117,155 @@ def bench_egress(ctx: Context) -> list[Row]:
     ]
 
 
-EGRESS_BENCHMARKS = [bench_egress]
+
+# -- TLS termination (issue 16) --------------------------------------------------------------
+
+TLS_ADDRESS = "198.18.44.2"
+TLS_NAME = "bench.test"
+
+# SERVER (tests/testnet.py) over HTTPS: GET /bytes/N, GET / -> a short body.
+TLS_SERVER = r"""
+import ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+ADDR, PORT, CERT = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+CHUNK = b"\0" * (1 << 20)
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        n = int(self.path.split("/")[2]) if self.path.startswith("/bytes/") else 16
+        self.send_response(200)
+        self.send_header("Content-Length", str(n))
+        self.end_headers()
+        while n > 0:
+            k = min(n, len(CHUNK)); self.wfile.write(CHUNK[:k]); n -= k
+    def log_message(self, *a):
+        pass
+ThreadingHTTPServer.daemon_threads = True
+s = ThreadingHTTPServer((ADDR, PORT), H)
+ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH); ctx.load_cert_chain(CERT)
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+s.serve_forever()
+"""
+
+TLS_LATENCY = r"""
+import http.client, json, socket, ssl, sys, time
+mode, n, host, addr = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+ctx = ssl.create_default_context()
+ctx.load_verify_locations("/home/agent/bench-ca.pem")
+out = []
+for i in range(n + 5):
+    t0 = time.perf_counter()
+    if mode == "direct":  # to the address, TLS to the name (the cage has no resolver)
+        c = http.client.HTTPSConnection(addr, 443, timeout=10, context=ctx)
+        c.sock = ctx.wrap_socket(socket.create_connection((addr, 443), timeout=10), server_hostname=host)
+    else:
+        c = http.client.HTTPSConnection("127.0.0.1", 3128, timeout=10, context=ctx)
+        c.set_tunnel(host, 443)
+    c.request("GET", "/", headers={"Host": host})
+    r = c.getresponse(); r.read(); c.close()
+    assert r.status == 200, r.status
+    if i >= 5:
+        out.append((time.perf_counter() - t0) * 1000)
+print(json.dumps(out))
+"""
+
+
+def _test_ca(directory: Path) -> tuple[Path, Path]:
+    """A CA and a leaf for TLS_NAME, as the upstream server's (the proxy trusts the CA
+    through [egress] upstream_ca; the cage's clients through --cacert)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
+             ca: bool) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    ca = cert("bench CA", ca_key, ca_name, ca_key, True)
+    leaf = cert(TLS_NAME, key, ca_name, ca_key, False)
+    ca_path, server_path = directory / "bench-ca.pem", directory / "bench-server.pem"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    server_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.NoEncryption()) + leaf.public_bytes(serialization.Encoding.PEM))
+    ca_path.chmod(0o644)
+    return ca_path, server_path
+
+
+def bench_egress_tls(ctx: Context) -> list[Row]:
+    """HTTPS from the same cage three ways: direct (host netns), through the proxy as a
+    CONNECT tunnel (no binding: bytes relayed), and with TLS terminated at the proxy (a
+    secret binding for the destination: two TLS sessions and h11 in between)."""
+    import tempfile
+
+    rounds, mib, n = ctx.n(5, 3), ctx.n(256, 64), ctx.n(300, 60)
+    certs = Path(tempfile.mkdtemp(prefix="hive-bench-tls-", dir="/tmp"))
+    certs.chmod(0o755)
+    ca_path, server_path = _test_ca(certs)
+    rules = [f"{TLS_NAME}:443", f"{TLS_ADDRESS}:443"]
+    toml = "\n".join([
+        "[egress]", f'hosts = {{ "{TLS_NAME}" = "{TLS_ADDRESS}" }}', f'upstream_ca = "{ca_path}"', "",
+        "[[secret_binding]]", 'secret = "bench"', 'agents = ["term"]', f'to = "{TLS_NAME}:443"',
+        'header = "authorization: Bearer {}"', 'env = "BENCH_TOKEN"', "",
+    ])
+    with TestNet(44, prefix="hvbt") as net:
+        net.serve(TLS_ADDRESS, 443, [sys.executable, "-c", TLS_SERVER, TLS_ADDRESS, "443", str(server_path)])
+        hive = Hive({"tun": {"command": ["true"], "egress": rules},
+                     "term": {"command": ["true"], "egress": rules}}, toml)
+        try:
+            hive.start()
+            hive.wait_running({"tun", "term"})
+            hive.call("secret_set", name="bench", value="bench-token")
+            hive_bin = str(Path(sys.executable).parent / "hive")
+            cages = {name: [hive_bin, "--run-dir", str(hive.run_dir), "exec", name, "--"] for name in ("tun", "term")}
+            for prefix in cages.values():  # the test CA where each cage's clients find it (its home)
+                subprocess.run([*prefix, "sh", "-c", "cat > /home/agent/bench-ca.pem"], input=ca_path.read_text(),
+                               text=True, check=True, timeout=60)
+            direct_from_cage = _in_cage_host_net(hive, "tun")
+            url = f"https://{TLS_NAME}"
+            resolve = ("--resolve", f"{TLS_NAME}:443:{TLS_ADDRESS}")
+            tput: dict[str, list[float]] = {"direct": [], "tunnel": [], "terminated": []}
+            for _ in range(rounds):
+                tput["direct"].append(_curl_mb_s(direct_from_cage, url, mib, "--noproxy", "*", *resolve,
+                                                 "--cacert", "/home/agent/bench-ca.pem"))
+                tput["tunnel"].append(_curl_mb_s(cages["tun"], url, mib, "--cacert", "/home/agent/bench-ca.pem"))
+                tput["terminated"].append(_curl_mb_s(cages["term"], url, mib))  # the hive CA, from SSL_CERT_FILE
+            lat: dict[str, list[float]] = {}
+            for mode, prefix in (("direct", direct_from_cage), ("tunnel", cages["tun"]),
+                                 ("terminated", cages["term"])):
+                proc = subprocess.run([*prefix, "python3", "-c", TLS_LATENCY, mode, str(n), TLS_NAME, TLS_ADDRESS],
+                                      capture_output=True, text=True, timeout=600)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"latency ({mode}) failed: {proc.stderr[-800:]}")
+                lat[mode] = json.loads(proc.stdout)
+        finally:
+            hive.stop()
+    t = {k: percentile(v, 50) for k, v in tput.items()}
+    p = {k: percentile(v, 50) for k, v in lat.items()}
+    section = "egress (TLS)"
+    return [
+        Row(section, f"HTTPS download ({mib} MiB) direct from the cage, median of {rounds}", t["direct"], "MB/s"),
+        Row(section, "through the proxy, CONNECT tunnel", t["tunnel"], "MB/s"),
+        Row(section, "through the proxy, TLS terminated (a binding)", t["terminated"], "MB/s"),
+        Row(section, "tunnel ÷ direct throughput", 100 * t["tunnel"] / t["direct"], "%", Target(">=", 75)),
+        Row(section, "TLS-terminated ÷ direct throughput", 100 * t["terminated"] / t["direct"], "%",
+            Target(">=", 50)),
+        Row(section, f"HTTPS GET on a fresh connection p50, direct ({n} requests)", p["direct"], "ms"),
+        Row(section, "added latency p50, tunnel", p["tunnel"] - p["direct"], "ms"),
+        Row(section, "added latency p50, TLS terminated", p["terminated"] - p["direct"], "ms", Target("<=", 3)),
+    ]
+
+
+EGRESS_BENCHMARKS = [bench_egress, bench_egress_tls]

@@ -11,16 +11,24 @@ short text answer (``reply``). Every request body is kept in ``requests``."""
 from __future__ import annotations
 
 import json
+import ssl
 import threading
+import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Self
 
 
 class FakeAnthropic:
-    def __init__(self, actions: Iterable[tuple[str, dict[str, Any]]] = (), reply: str = "Done.") -> None:
+    def __init__(self, actions: Iterable[tuple[str, dict[str, Any]]] = (), reply: str = "Done.",
+                 address: tuple[str, int] = ("127.0.0.1", 0), api_key: str | None = None,
+                 seen: list[dict[str, Any]] | None = None) -> None:
+        """``api_key``: answer 401 unless the request carries it (x-api-key or a bearer
+        token); what each request carried is noted in ``seen`` (never the key itself)."""
         self.actions = list(actions)
         self.reply = reply
+        self.api_key = api_key
+        self.seen = seen if seen is not None else []
         self.requests: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         fake = self
@@ -38,10 +46,35 @@ class FakeAnthropic:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _key_ok(self) -> bool:
+                got = [self.headers.get("x-api-key") or "",
+                       (self.headers.get("authorization") or "").removeprefix("Bearer ")]
+                fake.seen.append({
+                    "method": self.command, "path": self.path, "host": self.headers.get("host"),
+                    "key_ok": fake.api_key is not None and fake.api_key in got,
+                    "placeholder": any(g.startswith("hive-placeholder-") for g in got),
+                    "at": round(time.time(), 2),
+                })
+                if fake.api_key is None or fake.api_key in got:
+                    return True
+                self._send(401, "application/json", json.dumps(
+                    {"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}
+                ).encode())
+                return False
+
             def do_GET(self) -> None:
-                self._send(200, "application/json", b"{}")
+                if not self._key_ok():
+                    return
+                if self.path.startswith("/api/"):  # the CLI's side calls (settings, limits): none here
+                    self._send(404, "application/json", json.dumps(
+                        {"type": "error", "error": {"type": "not_found_error", "message": "not here"}}).encode())
+                    return
+                self._send(200, "application/json", json.dumps({"path": self.path}).encode())
 
             def do_POST(self) -> None:
+                if not self._key_ok():
+                    self.rfile.read(int(self.headers.get("content-length") or 0))
+                    return
                 length = int(self.headers.get("content-length") or 0)
                 try:
                     req = json.loads(self.rfile.read(length) or b"{}")
@@ -56,8 +89,15 @@ class FakeAnthropic:
                 else:
                     self._send(200, "application/json", json.dumps(fake.message(req, [block], stop)).encode())
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer(address, Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def serve_tls(self, certfile: str) -> None:
+        """Serve HTTPS with ``certfile`` (key and chain in one PEM), in this thread."""
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(certfile)
+        self.server.socket = ctx.wrap_socket(self.server.socket, server_side=True)
+        self.server.serve_forever()
 
     @property
     def base_url(self) -> str:
@@ -117,3 +157,26 @@ class FakeAnthropic:
             ("message_stop", {"type": "message_stop"}),
         ]
         return b"".join(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode() for name, data in events)
+
+
+def main() -> None:
+    """In a test network namespace: ``fake_anthropic.py ADDR PORT CERT KEY SEEN ACTIONS``
+    (KEY ``-``: none needed);
+    each request's notes go to SEEN as JSON lines (flushed)."""
+    import sys
+
+    addr, port, cert, key, seen_path, actions = sys.argv[1:7]
+
+    class Seen(list[dict[str, Any]]):
+        def append(self, item: dict[str, Any]) -> None:
+            super().append(item)
+            with open(seen_path, "a") as f:
+                f.write(json.dumps(item) + "\n")
+
+    fake = FakeAnthropic([tuple(a) for a in json.loads(actions)], address=(addr, int(port)),  # type: ignore[misc]
+                         api_key=None if key == "-" else key, seen=Seen())
+    fake.serve_tls(cert)
+
+
+if __name__ == "__main__":
+    main()

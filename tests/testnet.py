@@ -92,13 +92,15 @@ class TestNet:
             raise
         return self
 
-    def serve(self, address: str, port: int = 80) -> None:
-        """An HTTP server at ADDRESS:PORT inside the namespace; returns once it accepts."""
+    def serve(self, address: str, port: int = 80, argv: list[str] | None = None) -> None:
+        """An HTTP server at ADDRESS:PORT inside the namespace (or ``argv``, a server
+        of the caller's that listens there); returns once it accepts."""
         if address not in self.added:
             ip("-n", self.ns, "addr", "add", f"{address}/24", "dev", self.ns_if)
             self.added.append(address)
+        argv = argv or [sys.executable, "-c", SERVER, address, str(port)]
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.ns, sys.executable, "-c", SERVER, address, str(port)],
+            ["ip", "netns", "exec", self.ns, *argv],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         self.procs.append(proc)

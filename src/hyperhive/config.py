@@ -21,6 +21,7 @@ from hyperhive.swarm.settings import SwarmSection  # pydantic only: no nats
 from hyperhive.wire.common import AgentName, AgentSpec
 from hyperhive.wire.egress import RuleError, check_hostname
 from hyperhive.wire.framing import MAX_LINE, describe_validation_error
+from hyperhive.wire.secrets import BindingSpec
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 
@@ -87,6 +88,9 @@ class EgressSection(BaseModel):
     hosts: dict[str, IPvAnyAddress] = Field(default_factory=dict, max_length=10_000)
     # Tunnels per agent, at once: each costs the core 6 descriptors and 2 threads (see budget).
     max_connections: int = Field(default=16, ge=1, le=10_000)
+    # An extra CA the proxy trusts for upstream servers whose TLS it terminates (beside
+    # the host's trust store): for a test server, or an internal CA.
+    upstream_ca: Path | None = None
 
     @field_validator("hosts")
     @classmethod
@@ -147,6 +151,7 @@ class HiveConfig(BaseModel):
     swarm: SwarmSection | None = None
     notify: NotifySection = NotifySection()
     agents: dict[AgentName, AgentSpec] = Field(default_factory=dict)
+    secret_binding: list[BindingSpec] = Field(default_factory=list, max_length=10_000)
 
     @model_validator(mode="after")
     def _agents_fit(self) -> HiveConfig:
@@ -155,6 +160,10 @@ class HiveConfig(BaseModel):
                 f"{len(self.agents)} agents declared, more than [limits] max_agents"
                 f" = {self.limits.max_agents}"
             )
+        for b in self.secret_binding:
+            for agent in b.agents:
+                if agent not in self.agents:
+                    raise ValueError(f"secret_binding {b.secret!r}: no agent named {agent!r}")
         return self
 
 

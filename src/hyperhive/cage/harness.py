@@ -266,6 +266,7 @@ def serve(path: str, init: InitChannel) -> None:
         config = conn.call("harness_config")
         spec = config["spec"]
         runtime = RUNTIMES[spec["runtime"]](config["name"], spec)
+        runtime.extra_env = {str(k): str(v) for k, v in (config.get("env") or {}).items()}
         log(f"connected as {config['name']} (runtime {spec['runtime']})")
         report_state(conn, init, runtime)
         interrupt = threading.Event()

@@ -12,6 +12,10 @@ AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
 # Egress: the harness listens on the cage's own loopback and bridges to this socket.
 EGRESS_SOCKET = f"{SOCKET_DIR}/egress.sock"
 EGRESS_PORT = 3128
+# The hive CA (TLS termination at the proxy), written there by hive-core: alone, and
+# appended to the host's bundle. Trusted through the usual variables (base_env).
+HIVE_CA = f"{SOCKET_DIR}/hive-ca.pem"
+CA_BUNDLE = f"{SOCKET_DIR}/ca-bundle.pem"
 PROXY_URL = f"http://127.0.0.1:{EGRESS_PORT}"
 # The page socket's directory: the harness uid's, the gateway's group; the runtime can't enter it.
 WEB_DIR = "/run/hive-ui"
@@ -36,6 +40,9 @@ def base_env(name: str) -> dict[str, str]:
     for var in ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY"):
         env[var] = env[var.lower()] = PROXY_URL
     env["NO_PROXY"] = env["no_proxy"] = "localhost,127.0.0.1,::1"
+    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        env[var] = CA_BUNDLE
+    env["NODE_EXTRA_CA_CERTS"] = HIVE_CA
     return env
 
 

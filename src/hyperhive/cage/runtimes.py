@@ -19,6 +19,8 @@ class Runtime:
         self.spec = spec
         self.needs_login = False
         self.active_model: str | None = spec.get("model")
+        # Placeholders of the agent's secret bindings (harness_config's "env"): never a secret.
+        self.extra_env: dict[str, str] = {}
 
     def argv(self, message: dict[str, Any]) -> list[str]:
         raise NotImplementedError
@@ -27,7 +29,11 @@ class Runtime:
         return json.dumps(message, ensure_ascii=False).encode() + b"\n"
 
     def env(self, message: dict[str, Any]) -> dict[str, str]:
-        return {**layout.base_env(self.name), "HIVE_TURN": str(message["id"])}
+        return {
+            **self.extra_env,
+            **layout.base_env(self.name),
+            "HIVE_TURN": str(message["id"]),
+        }
 
     def stdout_entry(self, line: str) -> tuple[str, Any]:
         return "stdout", line
@@ -104,8 +110,15 @@ class ClaudeRuntime(Runtime):
         return [
             "/bin/sh",
             "-c",
-            'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"',
+            # (a secret binding puts its placeholder in one of these variables)
+            'test -s "$HOME/.claude/.credentials.json" || test -n "$ANTHROPIC_API_KEY"'
+            ' || test -n "$CLAUDE_CODE_OAUTH_TOKEN"',
         ]
+
+    def env(self, message: dict[str, Any]) -> dict[str, str]:
+        # No telemetry, error reports or update checks: a caged agent's egress is for its
+        # work, and each of those would be one more request through the proxy (or refused).
+        return {**super().env(message), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
 
     def mcp_config(self) -> str:
         return json.dumps(

@@ -154,7 +154,7 @@ def answer(ctx: click.Context, as_json: bool, question_id: int, answer: str) -> 
     default="null",
     help=(
         'The payload as JSON (spawn: {"name": ..., "spec": {...}}; '
-        'egress: {"host": ..., "port": ...}).'
+        'egress: {"host": ..., "port": ...[, "method": "GET", "path": "/x/*"]}).'
     ),
 )
 @click.pass_context

@@ -13,6 +13,7 @@ from hyperhive.cli.egress import egress_group
 from hyperhive.cli.exec_ import exec_cmd
 from hyperhive.cli.reset import reset
 from hyperhive.cli.swarm import swarm_group
+from hyperhive.cli.secret import secret_group
 from hyperhive.cli.up import up
 from hyperhive.paths import DEFAULT_RUN_DIR
 
@@ -45,6 +46,7 @@ cli.add_command(agent_group)
 cli.add_command(exec_cmd)
 cli.add_command(egress_group)
 cli.add_command(swarm_group)
+cli.add_command(secret_group)
 
 
 @cli.command("mcp")

@@ -99,7 +99,9 @@ def build_server(socket_path: Path) -> FastMCP:
         """Ask the operator to approve something. kind "custom": a decision comes back as a message;
         kind "spawn": payload {"name": ..., "spec": {"command": [...], "peers": [...]}}
         creates a helper agent;
-        kind "egress": payload {"host": "pypi.org", "port": 443}
+        kind "egress": payload {"host": "pypi.org", "port": 443}, or for one method and
+        path glob {"host": "api.github.com", "port": 443, "method": "GET",
+        "path": "/repos/acme/*"}
         adds that destination to this agent's allowlist."""
         return call("request_approval", kind=kind, description=description, payload=payload)
 

@@ -25,6 +25,7 @@ from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.store import Store, StoreError
 from hyperhive.paths import RunDir, StateDir
+from hyperhive.wire.secrets import parse_destination
 
 log = logging.getLogger("hive.core")
 PRUNE_EVERY = 60.0  # seconds between two prunes of the per-agent logs
@@ -64,6 +65,12 @@ async def run_core(opts: CoreOptions) -> None:
 
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
     store.agents.sync_config(opts.config.agents)
+    store.bindings.replace_config(
+        [
+            (b.secret, list(b.agents), *parse_destination(b.to), b.header, b.env)
+            for b in opts.config.secret_binding
+        ]
+    )
     limits = opts.config.limits
     sockets = AgentSockets(
         opts.run_dir, limits.agent_connections, manage_dirs=opts.priv_sock is None

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -31,6 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperhive.core import egress_tls
+from hyperhive.core.egress_tls import Plan
+from hyperhive.core.tls import HiveCA
 from hyperhive.peercred import peer_cred
 from hyperhive.relay import HANDOVER, relay
 from hyperhive.unixsock import bind_listener
@@ -517,8 +521,18 @@ class EgressProxy:
         record: Callable[[Decision], None],
         resolver: Resolver | None = None,
         max_connections: int = 64,
+        plan_for: Callable[[str, str, int, tuple[Rule, ...]], Plan | None] | None = None,
+        ca: HiveCA | None = None,
+        upstream_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.rules_for = rules_for
+        # TLS termination (core/egress_tls.py): which destinations get it, and how.
+        self.plan_for = plan_for
+        self.ca = ca
+        self.upstream_tls = upstream_tls
+        # The last TLS session per upstream name: resumed, it saves the next handshake's
+        # certificate check (a ticket the server issued to the proxy, never to a cage).
+        self._sessions: dict[tuple[str, int], ssl.SSLSession] = {}
         self.record = record
         self.resolver = resolver or Resolver()
         self.max_connections = max_connections  # per agent, at once
@@ -537,10 +551,26 @@ class EgressProxy:
         if name in self._listeners:
             return
         self._loop = asyncio.get_running_loop()
+        if self.ca is not None:
+            self.write_trust(path.parent)
         listener = bind_listener(path, mode=mode)
         listener.setblocking(False)
         self._listeners[name] = listener
         self._loop.add_reader(listener.fileno(), self._accept, name, listener)
+
+    def write_trust(self, directory: Path) -> None:
+        """The hive CA (and the host bundle with it) where the cage sees them, read-only:
+        ``/run/hive/hive-ca.pem`` and ``/run/hive/ca-bundle.pem`` (layout.base_env)."""
+        assert self.ca is not None
+        for name, data in (("hive-ca.pem", self.ca.pem), ("ca-bundle.pem", self.ca.bundle())):
+            tmp = directory / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            os.replace(tmp, directory / name)
 
     def close(self, name: str, path: Path) -> None:
         listener = self._listeners.pop(name, None)
@@ -608,10 +638,26 @@ class EgressProxy:
                 self._emit(Decision(agent, "-", 0, False, e.reason, closed=True))
                 return
             decision = Decision(agent, req.host, req.port, False, "")
+            plan: Plan | None = None
             try:
                 check_host_header(req)
-                addresses = check(self.rules_for(agent), req.host, req.port, self.resolver)
+                rules = self.rules_for(agent)
+                addresses = check(rules, req.host, req.port, self.resolver)
+                if self.plan_for is not None:
+                    plan = self.plan_for(agent, req.host, req.port, rules)
+                if plan is not None and req.forward is not None and plan.rules is not None:
+                    raise Refusal(
+                        403,
+                        f"{_show(req.host, req.port)} has L7 rules: reachable over HTTPS"
+                        " only (the proxy checks each request inside TLS)",
+                    )
+                if plan is not None and req.forward is not None:
+                    plan = None  # plain HTTP goes out as it is: no secret over cleartext
+                if plan is not None and rest:
+                    raise Refusal(400, "send the TLS handshake after the CONNECT's 200")
                 upstream, address = self._connect(addresses, req.port)
+                if plan is not None:
+                    upstream = self._upstream_tls(upstream, plan)
             except Refusal as e:
                 decision.reason, decision.closed = e.reason, True
                 _reply(conn, e.status, e.reason)
@@ -619,7 +665,14 @@ class EgressProxy:
                 return
             decision.allowed, decision.address = True, str(address)
             decision.reason = "CONNECT" if req.forward is None else f"HTTP {req.method}"
+            if plan is not None:
+                decision.reason = "CONNECT (TLS terminated)"
             self._emit(decision)
+            if plan is not None:
+                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                assert isinstance(upstream, ssl.SSLSocket)
+                conn = self._terminate(agent, conn, upstream, plan, decision)
+                return
             if req.forward is None:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
             else:
@@ -644,6 +697,55 @@ class EgressProxy:
             if upstream is not None:
                 upstream.close()
             conn.close()
+
+    def _upstream_tls(self, upstream: socket.socket, plan: Plan) -> ssl.SSLSocket:
+        ctx = self.upstream_tls or ssl.create_default_context()
+        session = self._sessions.get((plan.host, plan.port))
+        try:
+            return egress_tls.handshake_upstream(upstream, ctx, plan.host, session)
+        except (ssl.SSLError, OSError) as e:
+            upstream.close()
+            why = getattr(e, "verify_message", None) or getattr(e, "reason", None) or str(e)
+            raise Refusal(
+                502, f"{plan.host}:{plan.port}: the server's TLS did not verify ({why})"
+            ) from None
+
+    def _terminate(
+        self,
+        agent: str,
+        conn: socket.socket,
+        upstream: ssl.SSLSocket,
+        plan: Plan,
+        decision: Decision,
+    ) -> socket.socket:
+        """Serve one terminated connection; returns the socket to close."""
+        assert self.ca is not None
+
+        def refuse(reason: str) -> None:
+            self._emit(Decision(agent, plan.host, plan.port, False, reason, closed=True))
+
+        ctx = self.ca.server_context(plan.host, egress_tls.sni_check(plan.host))
+        try:
+            client = egress_tls.handshake_client(conn, ctx)
+        except (ssl.SSLError, OSError) as e:
+            reason = getattr(e, "reason", None) or str(e)
+            refuse(f"TLS handshake with the cage failed ({reason}); SNI must be {plan.host}")
+            upstream.close()
+            return conn
+        t = egress_tls.Terminated(agent, client, upstream, plan, refuse)
+        try:
+            t.run()
+        except OSError as e:
+            log.info("egress %s: terminated connection ended: %s", agent, e)
+        finally:
+            decision.bytes_up += t.up
+            decision.bytes_down += t.down
+            decision.closed = True
+            self._emit(decision)
+            if upstream.session is not None and upstream.session.has_ticket:
+                self._sessions[(plan.host, plan.port)] = upstream.session
+            upstream.close()
+        return client
 
     @staticmethod
     def _connect(addresses: list[IPAddress], port: int) -> tuple[socket.socket, IPAddress]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import functools
 import json
 import logging
 import sys
@@ -23,13 +24,24 @@ from hyperhive.config import HiveConfig
 from hyperhive.core import approvals
 from hyperhive.core.actors import Actor, Agent, Operator
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
+from hyperhive.core.egress_tls import Injection, Plan
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
-from hyperhive.core.refusals import Busy, Conflict, Forbidden, Gone, NotFound, Refused
+from hyperhive.core.refusals import (
+    BadRequest,
+    Busy,
+    Conflict,
+    Forbidden,
+    Gone,
+    NotFound,
+    Refused,
+)
 from hyperhive.core.replies import Page, ReplyBudget, encoded_size, take
+from hyperhive.core.secrets import SecretError, SecretStore, check_value, new_placeholder
 from hyperhive.core.store import (
     AgentRow,
+    Binding,
     EgressDecision,
     EgressRule,
     Store,
@@ -39,6 +51,7 @@ from hyperhive.core.store import (
 )
 from hyperhive.core.store.links import LinkUsed
 from hyperhive.core.summary import PAGE, Listing
+from hyperhive.core.tls import HiveCA, upstream_context
 from hyperhive.names import OPERATOR
 from hyperhive.swarm.port import SwarmPort
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
@@ -46,6 +59,7 @@ from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Que
 from hyperhive.wire.egress import Rule, parse_rules
 from hyperhive.wire.framing import model_fields_only
 from hyperhive.wire.harness import MAX_ENTRY_CHARS
+from hyperhive.wire.secrets import parse_destination, parse_header
 from hyperhive.wire.timestamps import rfc3339, stamped, stamped_all
 
 log = logging.getLogger("hive.core")
@@ -97,15 +111,23 @@ class Hive:
         self._egress_open: dict[
             int, int
         ] = {}  # decision key -> log row, while its connection lasts
+        # Secrets and the CA live beside the database, outside every cage (core/secrets.py).
+        self.secrets = SecretStore(store.path.parent / "secrets")
+        self.ca = HiveCA(store.path.parent / "ca")
+        self._bindings: dict[tuple[str, str, int], tuple[Binding, ...]] = {}
         self.egress = EgressProxy(
             self.egress_rules_for,
             self.record_egress,
             Resolver({k: str(v) for k, v in config.egress.hosts.items()}),
             config.egress.max_connections,
+            plan_for=self.egress_plan,
+            ca=self.ca,
+            upstream_tls=upstream_context(config.egress.upstream_ca),
         )
         self.reload_egress()
         # The swarm bridge (swarm/bridge.py), set by the daemon only with [swarm].
         self.swarm: SwarmPort | None = None
+        self.reload_bindings()
 
     # -- agents: existence, peers, status ------------------------------------------
 
@@ -519,7 +541,14 @@ class Hive:
     def harness_config(self, actor: Agent) -> dict[str, Any]:
         row = self.require_agent(actor.name)
         spec = self.spec(actor.name).model_dump(mode="json")
-        return {"name": actor.name, "spec": spec, "paused": bool(row.paused)}
+        # The placeholders of this agent's bindings (never a secret): the runtime's env.
+        env = {
+            b.env: b.placeholder
+            for bs in self._bindings.values()
+            for b in bs
+            if b.agent == actor.name and b.env
+        }
+        return {"name": actor.name, "spec": spec, "paused": bool(row.paused), "env": env}
 
     async def turn_next(self, actor: Agent, conn: int, wait: float) -> Message | None:
         """The next message for a turn; while the agent is paused, none (messages
@@ -657,6 +686,105 @@ class Hive:
             f" up {d.bytes_up} B down {d.bytes_down} B" if d.closed and d.allowed else "",
         )  # fmt: skip
         self.bus.publish("egress", {"agent": d.agent, "entry": stamped({"id": rowid, **row})})
+
+    # -- secrets and their bindings --------------------------------------------------
+
+    def reload_bindings(self) -> None:
+        fresh: dict[tuple[str, str, int], list[Binding]] = {}
+        for b in self.store.bindings.all():
+            fresh.setdefault((b.agent, b.host, b.port), []).append(b)
+        self._bindings = {k: tuple(v) for k, v in fresh.items()}
+
+    def egress_plan(self, agent: str, host: str, port: int, rules: tuple[Rule, ...]) -> Plan | None:
+        """Whether the proxy terminates TLS for ``agent``'s connection to ``host:port``
+        (called from its threads): with a binding, or L7 rules and no plain rule."""
+        bindings = self._bindings.get((agent, host, port), ())
+        l7 = tuple(r for r in rules if r.l7 and r.matches_name(host, port))
+        plain = any(
+            not r.l7 and r.name is not None and r.matches_name(host, port) for r in rules
+        ) or any(not r.l7 and r.suffix is not None and r.matches_name(host, port) for r in rules)
+        if not bindings and (not l7 or plain):
+            return None
+        injections = tuple(
+            Injection(
+                secret=b.secret,
+                header=parse_header(b.header)[0].encode(),
+                template=parse_header(b.header)[1],
+                placeholder=b.placeholder,
+                value=functools.partial(self.secrets.get, b.secret),
+            )
+            for b in bindings
+        )
+        return Plan(host, port, None if plain or not l7 else l7, injections)
+
+    def secret_set(self, actor: Operator, name: str, value: str) -> bool:
+        """Keep ``value`` as ``name``; refusals never quote the value."""
+        value = value.rstrip("\r\n")
+        try:
+            check_value(value)
+            new = self.secrets.set(name, value)
+        except SecretError as e:
+            raise BadRequest(str(e)) from None
+        log.info("secret %s %s (value not logged)", name, "set" if new else "replaced")
+        return new
+
+    def secret_rm(self, actor: Operator, name: str) -> None:
+        if not self.secrets.remove(name):
+            raise NotFound(f"no secret named {name!r}")
+        log.info("secret %s removed", name)
+
+    def secret_ls(self, actor: Operator) -> list[dict[str, Any]]:
+        """Names, when set, and bindings; never a value."""
+        out: dict[str, dict[str, Any]] = {
+            i.name: {"name": i.name, "set": True, "set_at": rfc3339(i.set_at), "bindings": []}
+            for i in self.secrets.ls()
+        }
+        for b in self.store.bindings.all():
+            row = out.setdefault(b.secret, {"name": b.secret, "set": False, "bindings": []})
+            row["bindings"].append(
+                {
+                    "agent": b.agent,
+                    "to": f"{b.host}:{b.port}",
+                    "header": b.header,
+                    **({"env": b.env} if b.env else {}),
+                    "source": b.source,
+                    "added_at": rfc3339(b.added_at),
+                }
+            )
+        return [out[k] for k in sorted(out)]
+
+    def secret_bind(
+        self,
+        actor: Operator,
+        name: str,
+        agents: list[str],
+        to: str,
+        header: str,
+        env: str | None,
+    ) -> str:
+        """Bind ``name`` for ``agents`` to ``to`` and ``header``; live for the proxy at
+        once, the placeholder in the cage's env from the agent's next start."""
+        for agent in agents:
+            self.require_agent(agent)
+        host, port = parse_destination(to)
+        existing = [b for b in self.store.bindings.all() if b.secret == name]
+        placeholder = existing[0].placeholder if existing else new_placeholder()
+        same_header = parse_header(header)[0]
+        for b in self.store.bindings.all():
+            clash = b.agent in agents and b.secret != name and (b.host, b.port) == (host, port)
+            if clash and parse_header(b.header)[0] == same_header:
+                raise Conflict(f"{b.agent} already has secret {b.secret!r} in that header for {to}")
+        self.store.bindings.bind(name, agents, host, port, header, env, "operator", placeholder)
+        self.reload_bindings()
+        log.info("secret %s bound for %s to %s:%d", name, ", ".join(agents), host, port)
+        return f"{host}:{port}"
+
+    def secret_unbind(self, actor: Operator, name: str, agents: list[str]) -> int:
+        n = self.store.bindings.unbind(name, agents)
+        self.reload_bindings()
+        if n == 0:
+            raise NotFound(f"no binding of secret {name!r} for those agents")
+        return n
 
     def egress_rules(self, actor: Operator, name: str | None) -> dict[str, list[EgressRule]]:
         if name is not None:
@@ -805,6 +933,8 @@ class Hive:
         self.harness_state.pop(name, None)
         self.rates.forget(name)
         self.store.egress.forget(name)
+        self.store.bindings.forget_agent(name)
+        self.reload_bindings()
 
     async def _run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
         targets = names or [r.name for r in self.store.agents.all()]

@@ -179,6 +179,28 @@ async def egress_remove(s: OperatorSession, req: w.EgressRemove) -> Reply:
     return ok(name=req.name, rule=req.rule)
 
 
+async def secret_set(s: OperatorSession, req: w.SecretSet) -> Reply:
+    return ok(name=req.name, new=s.hive.secret_set(s.actor, req.name, req.value))
+
+
+async def secret_ls(s: OperatorSession, req: w.SecretLs) -> Reply:
+    return ok(secrets=s.hive.secret_ls(s.actor))
+
+
+async def secret_rm(s: OperatorSession, req: w.SecretRm) -> Reply:
+    s.hive.secret_rm(s.actor, req.name)
+    return ok(name=req.name)
+
+
+async def secret_bind(s: OperatorSession, req: w.SecretBind) -> Reply:
+    to = s.hive.secret_bind(s.actor, req.name, list(req.agents), req.to, req.header, req.env)
+    return ok(name=req.name, agents=list(req.agents), to=to)
+
+
+async def secret_unbind(s: OperatorSession, req: w.SecretUnbind) -> Reply:
+    return ok(name=req.name, removed=s.hive.secret_unbind(s.actor, req.name, list(req.agents)))
+
+
 async def egress_log(s: OperatorSession, req: w.EgressLog) -> Reply:
     page = s.hive.egress_log(s.actor, req.name, req.limit, req.before)
     return ok(entries=page.items, **more(page))
@@ -267,6 +289,11 @@ HOST_VERBS: dict[type, Verb] = {
     w.EgressAllow: egress_allow,
     w.EgressRemove: egress_remove,
     w.EgressLog: egress_log,
+    w.SecretSet: secret_set,
+    w.SecretLs: secret_ls,
+    w.SecretRm: secret_rm,
+    w.SecretBind: secret_bind,
+    w.SecretUnbind: secret_unbind,
     w.ShowApproval: show_approval,
     w.ShowQuestion: show_question,
     w.ShowMessage: show_message,

@@ -16,6 +16,7 @@ IPv6 zone id (``fe80::1%eth0``): it picks an interface, which no rule names.
 
 from __future__ import annotations
 
+import fnmatch
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -42,6 +43,22 @@ class Rule:
     name: str | None = None  # exact hostname
     suffix: str | None = None  # wildcard: ".pypi.org"
     network: IPNetwork | None = None  # IP literal (a /32 or /128) or CIDR
+    # L7 (``GET api.github.com:443/repos/acme/*``): a method (or ``*``) and a path glob;
+    # only for an exact name, whose TLS the proxy then terminates to check each request.
+    method: str | None = None
+    path: str | None = None
+
+    @property
+    def l7(self) -> bool:
+        return self.path is not None
+
+    def allows(self, method: str, path: str) -> bool:
+        """An L7 rule's verdict on a request (``path`` already through normal_path)."""
+        if self.path is None:
+            return True
+        return (self.method == "*" or self.method == method) and fnmatch.fnmatchcase(
+            path, self.path
+        )
 
     def matches_name(self, host: str, port: int) -> bool:
         if port != self.port:
@@ -134,9 +151,72 @@ def split_host_port(text: str) -> tuple[str, str]:
     return host, port
 
 
+_METHOD = re.compile(r"^([A-Z]{1,20}|\*)$")
+# A path glob: RFC 3986 path characters and '*', never '%', ';', '\\', '//' or dot segments.
+_GLOB = re.compile(r"^/[A-Za-z0-9\-._~!$&'()*+,=:@/]*$")
+
+
+def _parse_l7(text: str) -> Rule:
+    method, _, rest = text.partition(" ")
+    if not _METHOD.match(method):
+        raise RuleError(f"an L7 rule starts with an upper-case method or '*': {text[:80]!r}")
+    hostport, slash, path = rest.partition("/")
+    if not slash:
+        raise RuleError(f"an L7 rule is 'METHOD HOST:PORT/PATH-GLOB': {text[:80]!r}")
+    host, port_text = split_host_port(hostport)
+    port = parse_port(port_text)
+    if ip_literal(host) is not None or host.startswith("*."):
+        raise RuleError(f"an L7 rule names one host by name: {text[:80]!r}")
+    name = check_hostname(host)
+    glob = "/" + path
+    if not _GLOB.match(glob) or "//" in glob or any(seg in (".", "..") for seg in glob.split("/")):
+        raise RuleError(
+            "an L7 path glob is '/' then path characters and '*', without '%', ';', '//'"
+            f" or dot segments: {glob[:80]!r}"
+        )
+    return Rule(f"{method} {name}:{port}{glob}", port, name=name, method=method, path=glob)
+
+
+class PathError(ValueError):
+    """Why a request path is refused as ambiguous (one line)."""
+
+
+_PCT = re.compile(r"%([0-9A-Fa-f]{2})")
+_PATH_CHARS = re.compile(r"^[A-Za-z0-9\-._~!$&'()*+,=:@/%]*$")
+
+
+def normal_path(target: str) -> str:
+    """A request target as L7 rules see it: the path without the query, with the escapes
+    of harmless characters decoded. Anything two servers could read two ways is refused,
+    not guessed: a ';' (path parameters), an escaped '/', '\\', '.', '%' or control
+    character, '//', a dot segment, a target that is not origin-form."""
+    path = target.partition("?")[0].partition("#")[0]
+    if not path.startswith("/"):
+        raise PathError("the request target must be a path (origin-form)")
+    if ";" in path:
+        raise PathError("';' (path parameters) is refused: servers read it differently")
+    if not _PATH_CHARS.match(path):
+        raise PathError("the path has characters outside RFC 3986")
+
+    def decode(m: re.Match[str]) -> str:
+        c = int(m.group(1), 16)
+        if c < 0x21 or c == 0x7F or chr(c) in "/\\.%;":
+            raise PathError(f"an escaped {chr(c)!r} (%{m.group(1)}) in the path is refused")
+        return chr(c) if c < 0x80 and (chr(c).isalnum() or chr(c) in "-_~") else m.group(0).upper()
+
+    path = _PCT.sub(decode, path)
+    if "%" in _PCT.sub("", path):
+        raise PathError("a '%' that is not an escape")
+    if "//" in path or any(seg in (".", "..") for seg in path.split("/")):
+        raise PathError("'//' or a dot segment in the path is refused")
+    return path
+
+
 def parse_rule(text: str) -> Rule:
     if not isinstance(text, str) or len(text) > MAX_RULE:
         raise RuleError(f"an egress rule is a HOST:PORT string of at most {MAX_RULE} characters")
+    if " " in text.strip():
+        return _parse_l7(text.strip())
     host, port_text = split_host_port(text.strip())
     port = parse_port(port_text)
     if "/" in host:
@@ -181,11 +261,20 @@ class EgressPayload(BaseModel):
 
     host: Annotated[str, Field(min_length=1, max_length=MAX_RULE - 6)]
     port: Annotated[int, Field(ge=1, le=65535)]
+    # Both or neither: an L7 rule "METHOD host:port/path" (the proxy terminates TLS).
+    method: Annotated[str, Field(min_length=1, max_length=20)] | None = None
+    path: Annotated[str, Field(min_length=1, max_length=MAX_RULE)] | None = None
 
     def rule(self) -> str:
         host = self.host
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"  # a bare IPv6 address
+        if any(c.isspace() for c in host):  # never read as a method and a host
+            raise RuleError(f"not a valid hostname: {host[:80]!r}")
+        if (self.method is None) != (self.path is None):
+            raise RuleError("an L7 egress rule needs both method and path")
+        if self.method is not None and self.path is not None:
+            return canonical_rule(f"{self.method} {host}:{self.port}{self.path}")
         return canonical_rule(f"{host}:{self.port}")
 
 

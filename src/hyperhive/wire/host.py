@@ -8,6 +8,7 @@ from pydantic import Field, TypeAdapter
 
 from hyperhive.wire.common import AgentName, AgentSpec, MemoryMiB, PidsMax, Strict, Text
 from hyperhive.wire.egress import RuleText
+from hyperhive.wire.secrets import Destination, EnvName, HeaderTemplate, SecretName
 
 EventKind = Literal[
     "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"
@@ -219,6 +220,47 @@ class EgressLog(Strict):
     before: Annotated[int, Field(ge=1)] | None = None
 
 
+class SecretSet(Strict):
+    """Keep ``value`` as secret ``name`` (replacing it). The value is checked in the
+    service layer, whose refusals never quote it."""
+
+    cmd: Literal["secret_set"]
+    name: SecretName
+    value: str
+
+
+class SecretLs(Strict):
+    """Every secret's name, when it was set and its bindings; never a value."""
+
+    cmd: Literal["secret_ls"]
+
+
+class SecretRm(Strict):
+    """Forget a secret (its bindings stay, and inject nothing until it is set again)."""
+
+    cmd: Literal["secret_rm"]
+    name: SecretName
+
+
+class SecretBind(Strict):
+    """Bind secret ``name`` for ``agents`` to one destination and header."""
+
+    cmd: Literal["secret_bind"]
+    name: SecretName
+    agents: list[AgentName] = Field(min_length=1, max_length=1000)
+    to: Destination
+    header: HeaderTemplate
+    env: EnvName | None = None
+
+
+class SecretUnbind(Strict):
+    """Remove secret ``name``'s binding for ``agents`` (all of its bindings if empty)."""
+
+    cmd: Literal["secret_unbind"]
+    name: SecretName
+    agents: list[AgentName] = Field(default_factory=list, max_length=1000)
+
+
 class Urls(Strict):
     cmd: Literal["urls"]
 
@@ -269,6 +311,11 @@ HostRequest = Annotated[
     | EgressAllow
     | EgressRemove
     | EgressLog
+    | SecretSet
+    | SecretLs
+    | SecretRm
+    | SecretBind
+    | SecretUnbind
     | ShowApproval
     | ShowQuestion
     | ShowMessage,

@@ -35,6 +35,7 @@ from hyperhive.core.store.messages import MessageRepo
 from hyperhive.core.store.questions import QuestionRepo
 from hyperhive.core.store.reminders import ReminderRepo
 from hyperhive.core.store.schema import MIGRATIONS
+from hyperhive.core.store.secrets import Binding, SecretBindingRepo
 from hyperhive.core.store.sessions import SessionRepo
 from hyperhive.core.store.transcripts import TRANSCRIPT_KEEP, TranscriptEntry, TranscriptRepo
 from hyperhive.core.store.usage import Usage, UsageRepo
@@ -48,6 +49,7 @@ __all__ = [
     "Apply",
     "ApplyError",
     "ApprovalTx",
+    "Binding",
     "Database",
     "EgressDecision",
     "EgressLogEntry",
@@ -80,6 +82,7 @@ class Store:
         self.links = LinkRepo(self.db)
         self.usage = UsageRepo(self.db)
         self.history = HistoryRepo(self.db)
+        self.bindings = SecretBindingRepo(self.db)
 
     @property
     def history_keep(self) -> int:

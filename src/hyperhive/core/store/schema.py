@@ -343,6 +343,21 @@ MIGRATIONS: list[Migration] = [
         used_at REAL
     ) WITHOUT ROWID;
     """,
+    # 8: secret bindings (the values are files outside the database: core/secrets.py)
+    """
+    CREATE TABLE secret_bindings (
+        secret TEXT NOT NULL,
+        agent TEXT NOT NULL,
+        host TEXT NOT NULL,
+        port INTEGER NOT NULL,
+        header TEXT NOT NULL,
+        env TEXT,
+        placeholder TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('config', 'operator')),
+        added_at REAL NOT NULL,
+        PRIMARY KEY (secret, agent)
+    ) WITHOUT ROWID;
+    """,
 ]
 
 

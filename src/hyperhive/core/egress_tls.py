@@ -1,0 +1,323 @@
+"""TLS termination at the egress proxy, for destinations that have a secret binding or
+L7 rules (every other CONNECT stays a byte tunnel).
+
+The proxy has already checked the CONNECT destination, connected to it and verified
+its certificate (the host's trust store plus ``[egress] upstream_ca``). Here it shows
+the cage a leaf for that name signed by the hive's CA, refuses a ClientHello whose SNI
+names anything else, then reads each request with h11 (a real HTTP/1.1 parser) and
+re-frames it upstream, so a request is read one way only: a head with obsolete line
+folding, a bare LF, two Content-Lengths or both Content-Length and Transfer-Encoding
+is refused, and so is a second request pipelined behind the first. ``Host`` must name
+the destination. With L7 rules each request's method and normalised path must match
+one; with a binding the placeholder in the bound header is replaced by the secret,
+on requests to this destination only.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import h11
+
+from hyperhive.wire.egress import PathError, Rule, RuleError, destination, normal_path
+
+log = logging.getLogger("hive.egress")
+
+MAX_HEAD = 16 * 1024
+HANDSHAKE_TIMEOUT = 10.0
+IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
+CHUNK = 256 * 1024
+DROP = {b"proxy-authorization", b"proxy-connection", b"keep-alive", b"expect"}
+
+
+@dataclass(frozen=True)
+class Injection:
+    """One binding, as the proxy applies it."""
+
+    secret: str  # its name (logged; never its value)
+    header: bytes  # lower-case header name
+    template: str  # the header's value with {} where the secret goes
+    placeholder: str
+    value: Callable[[], str | None]  # read at request time: a rotated secret applies at once
+
+
+@dataclass(frozen=True)
+class Plan:
+    host: str
+    port: int
+    rules: tuple[Rule, ...] | None  # L7 rules each request must match; None: any request
+    injections: tuple[Injection, ...]
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, log_it: bool = True) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.log_it = log_it
+
+
+def sni_check(host: str) -> Callable[[ssl.SSLObject, str, ssl.SSLContext], int | None]:
+    # (typeshed says str; a ClientHello without SNI gives None)
+    def check(_sock: ssl.SSLObject, name: str, _ctx: ssl.SSLContext) -> int | None:
+        if name is None or name.lower().removesuffix(".") != host:
+            return ssl.ALERT_DESCRIPTION_UNRECOGNIZED_NAME
+        return None
+
+    return check
+
+
+_FOLD = re.compile(rb"\r\n[ \t]")
+
+
+def strict_head(raw: bytes) -> None:
+    """What h11 would accept but a server behind us might read otherwise."""
+    head = raw.partition(b"\r\n\r\n")[0]
+    if b"\n" in head.replace(b"\r\n", b"") or b"\r" in head.replace(b"\r\n", b""):
+        raise Refused(400, "a bare CR or LF in the request head is refused")
+    if _FOLD.search(head):
+        raise Refused(400, "obsolete line folding in the request head is refused")
+    names = [line.partition(b":")[0].lower() for line in head.split(b"\r\n")[1:]]
+    if names.count(b"content-length") > 1:
+        raise Refused(400, "more than one Content-Length is refused")
+    if b"content-length" in names and b"transfer-encoding" in names:
+        raise Refused(400, "Content-Length with Transfer-Encoding is refused (smuggling)")
+    if names.count(b"transfer-encoding") > 1:
+        raise Refused(400, "more than one Transfer-Encoding is refused")
+
+
+class Terminated:
+    """One terminated connection: ``client`` (TLS, the cage) and ``upstream`` (TLS,
+    verified). ``refuse(reason)`` logs a refused request."""
+
+    def __init__(
+        self,
+        agent: str,
+        client: ssl.SSLSocket,
+        upstream: ssl.SSLSocket,
+        plan: Plan,
+        refuse: Callable[[str], None],
+    ) -> None:
+        self.agent = agent
+        self.client = client
+        self.upstream = upstream
+        self.plan = plan
+        self.refuse = refuse
+        self.srv = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self.cli = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+        self.up = 0
+        self.down = 0
+        self._raw = b""  # the bytes of the request head being read (for strict_head)
+
+    def _srv_event(self) -> Any:
+        while True:
+            ev = self.srv.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev
+            try:
+                data = self.client.recv(CHUNK)
+            except TimeoutError:
+                return h11.ConnectionClosed()
+            if self.srv.their_state is h11.IDLE and len(self._raw) <= MAX_HEAD:
+                self._raw += data
+            self.srv.receive_data(data)
+
+    def _cli_event(self) -> Any:
+        while True:
+            ev = self.cli.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev
+            data = self.upstream.recv(CHUNK)
+            self.down += len(data)
+            self.cli.receive_data(data)
+
+    def _to_client(self, event: Any) -> None:
+        out = self.srv.send(event)
+        if out:
+            self.client.sendall(out)
+
+    def _to_upstream(self, event: Any) -> None:
+        out = self.cli.send(event)
+        if out:
+            self.upstream.sendall(out)
+            self.up += len(out)
+
+    def _reply(self, status: int, reason: str) -> None:
+        """A refusal to the cage (then the connection closes)."""
+        if self.srv.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = f"hive egress: {reason}\n".encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        try:
+            self._to_client(h11.Response(status_code=status, headers=headers))
+            self._to_client(h11.Data(data=body))
+            self._to_client(h11.EndOfMessage())
+        except (h11.LocalProtocolError, OSError):
+            pass
+
+    def run(self) -> None:
+        self.client.settimeout(IDLE_TIMEOUT)
+        while True:
+            self._raw = b""
+            try:
+                ev = self._srv_event()
+            except h11.RemoteProtocolError as e:
+                self._refused(Refused(400, f"malformed request: {e}"))
+                return
+            if isinstance(ev, h11.ConnectionClosed):
+                return
+            assert isinstance(ev, h11.Request), ev
+            try:
+                headers = self._check(ev)
+            except Refused as e:
+                self._refused(e)
+                return
+            if self.srv.client_is_waiting_for_100_continue:
+                self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
+            self._to_upstream(h11.Request(method=ev.method, target=ev.target, headers=headers))
+            try:
+                while True:
+                    body = self._srv_event()
+                    if isinstance(body, h11.Data):
+                        self._to_upstream(body)
+                    elif isinstance(body, h11.EndOfMessage):
+                        self._to_upstream(h11.EndOfMessage())
+                        break
+                    else:
+                        return  # the client went away mid-body
+            except h11.RemoteProtocolError as e:
+                self._refused(Refused(400, f"malformed request body: {e}"))
+                return
+            pipelined = bool(self.srv.trailing_data[0])
+            if not self._relay_response():
+                return
+            if pipelined:
+                # A second request sent before the first was answered: never forwarded.
+                self.refuse("a pipelined request (sent before the answer) was refused")
+                return
+            if h11.MUST_CLOSE in (self.srv.our_state, self.cli.their_state, self.cli.our_state):
+                return
+            try:
+                self.srv.start_next_cycle()
+                self.cli.start_next_cycle()
+            except h11.LocalProtocolError:
+                return
+
+    def _relay_response(self) -> bool:
+        try:
+            while True:
+                ev = self._cli_event()
+                if isinstance(ev, h11.InformationalResponse):
+                    continue  # a 100 Continue of its own: ours was sent already
+                if isinstance(ev, h11.Response):
+                    self._to_client(
+                        h11.Response(
+                            status_code=ev.status_code, headers=list(ev.headers), reason=ev.reason
+                        )
+                    )
+                elif isinstance(ev, h11.Data):
+                    self._to_client(ev)
+                elif isinstance(ev, h11.EndOfMessage):
+                    self._to_client(h11.EndOfMessage())
+                    return True
+                else:  # upstream closed before the end
+                    return False
+        except (h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            log.info("egress %s: upstream %s: %s", self.agent, self.plan.host, e)
+            self._reply(502, "the upstream server's answer was not valid HTTP/1.1")
+            return False
+
+    def _refused(self, e: Refused) -> None:
+        self._reply(e.status, e.reason)
+        if e.log_it:
+            self.refuse(e.reason)
+
+    def _check(self, req: h11.Request) -> list[tuple[bytes, bytes]]:
+        strict_head(self._raw)
+        plan = self.plan
+        hosts = [v for n, v in req.headers if n == b"host"]
+        try:
+            host_text = hosts[0].decode("ascii")
+            name, _, port_text = (
+                host_text.rpartition(":") if ":" in host_text else (host_text, "", "")
+            )
+            port = int(port_text) if port_text else 443
+            same = destination(name, port)[0] == plan.host and port == plan.port
+        except (UnicodeDecodeError, ValueError, IndexError, RuleError):
+            same = False
+        if not same:
+            shown = hosts[0][:80].decode("ascii", "replace") if hosts else ""
+            raise Refused(
+                403,
+                f"Host {shown!r} is not {plan.host}:{plan.port}, the destination of this tunnel",
+            )
+        method = req.method.decode("ascii", "replace")
+        target = req.target.decode("ascii", "replace")
+        if method == "CONNECT" or any(n == b"upgrade" for n, _ in req.headers):
+            raise Refused(400, "CONNECT and protocol upgrades are not relayed inside TLS")
+        if plan.rules is not None:
+            try:
+                path = normal_path(target)
+            except PathError as e:
+                raise Refused(400, f"{method} {plan.host}:{plan.port}: {e}") from None
+            if not any(r.allows(method, path) for r in plan.rules):
+                raise Refused(
+                    403,
+                    f"no egress rule allows {method} {plan.host}:{plan.port}{path}"
+                    f" (rules for it: {', '.join(r.text for r in plan.rules)});"
+                    " ask for one with request_approval kind=egress",
+                )
+        out: list[tuple[bytes, bytes]] = []
+        for n, v in req.headers:
+            if n in DROP:
+                continue
+            if n == b"host":  # the destination as checked, however the cage spelled it
+                shown = plan.host if plan.port == 443 else f"{plan.host}:{plan.port}"
+                out.append((n, shown.encode()))
+                continue
+            for inj in plan.injections:
+                if n == inj.header and v == inj.template.format(inj.placeholder).encode():
+                    secret = inj.value()
+                    if secret is None:
+                        log.warning(
+                            "egress %s: secret %s is bound but not set; placeholder sent",
+                            self.agent,
+                            inj.secret,
+                        )
+                    else:
+                        v = inj.template.format(secret).encode()
+                        log.info(
+                            "egress %s: secret %s put in %s for %s:%d",
+                            self.agent,
+                            inj.secret,
+                            n.decode(),
+                            plan.host,
+                            plan.port,
+                        )
+            out.append((n, v))
+        return out
+
+
+def handshake_client(conn: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket:
+    conn.settimeout(HANDSHAKE_TIMEOUT)
+    tls = ctx.wrap_socket(conn, server_side=True)
+    return tls
+
+
+def handshake_upstream(
+    sock: socket.socket, ctx: ssl.SSLContext, host: str, session: ssl.SSLSession | None = None
+) -> ssl.SSLSocket:
+    sock.settimeout(HANDSHAKE_TIMEOUT)
+    tls = ctx.wrap_socket(sock, server_hostname=host, session=session)
+    tls.settimeout(None)
+    return tls

