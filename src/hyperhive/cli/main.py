@@ -12,8 +12,8 @@ from hyperhive.cli.agent import agent_group
 from hyperhive.cli.egress import egress_group
 from hyperhive.cli.exec_ import exec_cmd
 from hyperhive.cli.reset import reset
-from hyperhive.cli.swarm import swarm_group
 from hyperhive.cli.secret import secret_group
+from hyperhive.cli.swarm import swarm_group
 from hyperhive.cli.up import up
 from hyperhive.paths import DEFAULT_RUN_DIR
 

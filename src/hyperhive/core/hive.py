@@ -10,8 +10,8 @@ call one method, encode the result. Nothing here reads an identity out of a requ
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import functools
+import hashlib
 import json
 import logging
 import sys
