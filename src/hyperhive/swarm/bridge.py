@@ -42,6 +42,7 @@ log = logging.getLogger("hive.swarm")
 RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
 BATCH = 256  # messages pulled (and outbox rows read) at once
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
+PRUNE_ROUNDS = 300  # roster rounds between two prunes of the swarm's tables
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
 ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
@@ -294,8 +295,12 @@ class Bridge:
 
     async def _roster_loop(self) -> None:
         kv = await self._bucket()
+        rounds = 0
         while True:
             await self._publish_roster(kv)
+            if rounds % PRUNE_ROUNDS == 0:
+                self.store.prune()  # sent outbox rows and old received ids
+            rounds += 1
             await asyncio.sleep(ROSTER_EVERY)
 
     async def _publish_roster(self, kv: KeyValue) -> None:
