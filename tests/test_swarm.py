@@ -93,7 +93,8 @@ def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
     assert [m["body"] for m in drain(swarm, "a", "alice", 1)] == ["hi alice"]
     status = swarm.status("a")
     assert status["connected"] and status["roster"] == 3
-    assert {h["host"] for h in status["hosts"]} == {"a", "b", "c"}
+    assert [h["host"] for h in status["hosts"]] == ["a", "b", "c"]
+    wait_for(lambda: all(h["reachable"] for h in swarm.status("a")["hosts"]))
     assert {(r["name"], r["host"]) for r in status["agents"]} == {
         ("alice", "a"), ("bob", "b"), ("carol", "c")
     }
@@ -124,6 +125,9 @@ def test_kill9_of_the_receiving_core_mid_stream(swarm: Swarm) -> None:
         if i == n // 3:
             swarm.cores["b"].kill9()
         assert_ok(alice.call("send", to="bob", body=f"d{i}"))
+    # Meanwhile a shows b, and bob, as unreachable (b's heartbeat stopped).
+    wait_for(lambda: not swarm.status("a")["hosts"][1]["reachable"], timeout=15)
+    assert [r["reachable"] for r in swarm.status("a")["agents"]] == [True, False, True]
     swarm.cores["b"].start()
     got = drain(swarm, "b", "bob", n)
     assert [m["body"] for m in got] == [f"d{i}" for i in range(n)]

@@ -80,6 +80,7 @@ class Bridge:
         self._claimed: set[str] = set()
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
+        self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
         self.received = 0
         self.dropped = 0
 
@@ -111,9 +112,11 @@ class Bridge:
     def status(self) -> dict[str, Any]:
         nc = self.nc
         connected = nc is not None and nc.is_connected
-        hosts: dict[str, int] = {self.host: 0}
+        hosts: dict[str, int] = dict.fromkeys(self.heartbeats, 0)
+        hosts[self.host] = 0
         for host, _ in self.rows:
             hosts[host] = hosts.get(host, 0) + 1
+        reachable = {h: self.reachable(h, connected) for h in hosts}
         unsent, sent = self.store.counts()
         return {
             "host": self.host,
@@ -121,17 +124,28 @@ class Bridge:
             "server": (
                 str(nc.connected_url.geturl()) if connected and nc and nc.connected_url else None
             ),
-            "hosts": [{"host": h, "agents": n} for h, n in sorted(hosts.items())],
+            "hosts": [
+                {"host": h, "agents": n, "reachable": reachable[h]}
+                for h, n in sorted(hosts.items())
+            ],
             "roster": len(self.rows),
             "outbox_unsent": unsent,
             "outbox_sent": sent,
             "received": self.received,
             "dropped": self.dropped,
             # The one roster: every host's agents, this host's own included.
-            "agents": [{k: row.get(k) for k in ROW_FIELDS} for _, row in sorted(self.rows.items())][
-                :MAX_LISTED
-            ],
+            "agents": [
+                {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
+                for (host, _), row in sorted(self.rows.items())
+            ][:MAX_LISTED],
         }
+
+    def reachable(self, host: str, connected: bool) -> bool:
+        """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
+        if host == self.host:
+            return connected
+        seen = self.heartbeats.get(host)
+        return connected and seen is not None and time.monotonic() - seen < s.STALE_SECONDS
 
     # -- the task ----------------------------------------------------------------------
 
@@ -304,6 +318,7 @@ class Bridge:
             await asyncio.sleep(ROSTER_EVERY)
 
     async def _publish_roster(self, kv: KeyValue) -> None:
+        await kv.put(s.host_key(self.host), json.dumps({"at": time.time()}).encode())
         local = {r.name: r for r in self.hive.store.agents.all()}
         for name, row in local.items():
             if name not in self._claimed:
@@ -363,6 +378,8 @@ class Bridge:
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if parts[0] == "hosts" and len(parts) == 2 and not deleted:
+            self.heartbeats[parts[1]] = time.monotonic()
         if parts[0] == "names" and len(parts) == 2:
             if deleted:
                 self.names.pop(parts[1], None)
