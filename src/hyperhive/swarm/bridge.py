@@ -244,15 +244,20 @@ class Bridge:
                 except TimeoutError:  # nothing waiting (nats' TimeoutError is one too)
                     continue
                 for m in msgs:
-                    if not await self._receive(m):
-                        break  # the rest stay unacked: redelivered after it, in order
+                    # Until it is stored (a full disk, say): the ones after it wait, so
+                    # the order per sender holds; the bus is told it is still in hand.
+                    while not await self._receive(m):
+                        with contextlib.suppress(Exception):
+                            await m.in_progress()
+                        await asyncio.sleep(RETRY * 4)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def _receive(self, m: Msg) -> bool:
         """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
-        be stored (left unacked). A message that can never be delivered is dropped."""
+        be stored (left unacked: try again). A message that can never be delivered is
+        dropped."""
         from_host = s.from_host_of(m.subject)
         try:
             items = json.loads(m.data) if from_host is not None else None
