@@ -13,6 +13,10 @@ def _host_sock(ctx: click.Context) -> Path:
     return ctx.obj["run_dir"] / "host.sock"
 
 
+def _yn(flag: object) -> str:
+    return "yes" if flag else "no"
+
+
 @click.group("swarm")
 def swarm_group() -> None:
     """The swarm: several hives as one over NATS JetStream ([swarm] in hive.toml)."""
@@ -35,12 +39,22 @@ def status(ctx: click.Context, as_json: bool) -> None:
     say(f"host {sw['host']}: bus {bus}; roster {sw['roster']} agents")
     say(f"outbox: {sw['outbox_unsent']} waiting, {sw['outbox_sent']} sent; "
         f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
-    table("hosts", ["host", "agents"], ([h["host"], h["agents"]] for h in sw["hosts"]))
+    table(
+        "hosts",
+        ["host", "agents", "reachable"],
+        ([h["host"], h["agents"], _yn(h.get("reachable"))] for h in sw["hosts"]),
+    )
     table(
         "roster",
-        ["agent", "host", "running", "status"],
+        ["agent", "host", "running", "reachable", "status"],
         (
-            [a["name"], a["host"], "yes" if a.get("running") else "", a.get("status_text") or ""]
+            [
+                a["name"],
+                a["host"],
+                _yn(a.get("running")),
+                _yn(a.get("reachable")),
+                a.get("status_text") or "",
+            ]
             for a in sw.get("agents", [])
         ),
     )

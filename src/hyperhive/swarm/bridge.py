@@ -42,6 +42,7 @@ log = logging.getLogger("hive.swarm")
 RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
 BATCH = 256  # messages pulled (and outbox rows read) at once
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
+PRUNE_ROUNDS = 300  # roster rounds between two prunes of the swarm's tables
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
 ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
@@ -79,6 +80,7 @@ class Bridge:
         self._claimed: set[str] = set()
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
+        self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
         self.received = 0
         self.dropped = 0
 
@@ -110,9 +112,11 @@ class Bridge:
     def status(self) -> dict[str, Any]:
         nc = self.nc
         connected = nc is not None and nc.is_connected
-        hosts: dict[str, int] = {self.host: 0}
+        hosts: dict[str, int] = dict.fromkeys(self.heartbeats, 0)
+        hosts[self.host] = 0
         for host, _ in self.rows:
             hosts[host] = hosts.get(host, 0) + 1
+        reachable = {h: self.reachable(h, connected) for h in hosts}
         unsent, sent = self.store.counts()
         return {
             "host": self.host,
@@ -120,17 +124,28 @@ class Bridge:
             "server": (
                 str(nc.connected_url.geturl()) if connected and nc and nc.connected_url else None
             ),
-            "hosts": [{"host": h, "agents": n} for h, n in sorted(hosts.items())],
+            "hosts": [
+                {"host": h, "agents": n, "reachable": reachable[h]}
+                for h, n in sorted(hosts.items())
+            ],
             "roster": len(self.rows),
             "outbox_unsent": unsent,
             "outbox_sent": sent,
             "received": self.received,
             "dropped": self.dropped,
             # The one roster: every host's agents, this host's own included.
-            "agents": [{k: row.get(k) for k in ROW_FIELDS} for _, row in sorted(self.rows.items())][
-                :MAX_LISTED
-            ],
+            "agents": [
+                {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
+                for (host, _), row in sorted(self.rows.items())
+            ][:MAX_LISTED],
         }
+
+    def reachable(self, host: str, connected: bool) -> bool:
+        """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
+        if host == self.host:
+            return connected
+        seen = self.heartbeats.get(host)
+        return connected and seen is not None and time.monotonic() - seen < s.STALE_SECONDS
 
     # -- the task ----------------------------------------------------------------------
 
@@ -229,15 +244,20 @@ class Bridge:
                 except TimeoutError:  # nothing waiting (nats' TimeoutError is one too)
                     continue
                 for m in msgs:
-                    if not await self._receive(m):
-                        break  # the rest stay unacked: redelivered after it, in order
+                    # Until it is stored (a full disk, say): the ones after it wait, so
+                    # the order per sender holds; the bus is told it is still in hand.
+                    while not await self._receive(m):
+                        with contextlib.suppress(Exception):
+                            await m.in_progress()
+                        await asyncio.sleep(RETRY * 4)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
 
     async def _receive(self, m: Msg) -> bool:
         """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
-        be stored (left unacked). A message that can never be delivered is dropped."""
+        be stored (left unacked: try again). A message that can never be delivered is
+        dropped."""
         from_host = s.from_host_of(m.subject)
         try:
             items = json.loads(m.data) if from_host is not None else None
@@ -294,11 +314,16 @@ class Bridge:
 
     async def _roster_loop(self) -> None:
         kv = await self._bucket()
+        rounds = 0
         while True:
             await self._publish_roster(kv)
+            if rounds % PRUNE_ROUNDS == 0:
+                self.store.prune()  # sent outbox rows and old received ids
+            rounds += 1
             await asyncio.sleep(ROSTER_EVERY)
 
     async def _publish_roster(self, kv: KeyValue) -> None:
+        await kv.put(s.host_key(self.host), json.dumps({"at": time.time()}).encode())
         local = {r.name: r for r in self.hive.store.agents.all()}
         for name, row in local.items():
             if name not in self._claimed:
@@ -358,6 +383,8 @@ class Bridge:
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if parts[0] == "hosts" and len(parts) == 2 and not deleted:
+            self.heartbeats[parts[1]] = time.monotonic()
         if parts[0] == "names" and len(parts) == 2:
             if deleted:
                 self.names.pop(parts[1], None)

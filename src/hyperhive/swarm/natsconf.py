@@ -35,6 +35,7 @@ def host_permissions(host: str) -> dict[str, Any]:
             "allow": [
                 s.msg_subject("*", host),
                 f"$KV.{s.BUCKET}.agents.{host}.>",
+                f"$KV.{s.BUCKET}.{s.host_key(host)}",
                 f"$KV.{s.BUCKET}.names.>",
                 f"$JS.API.CONSUMER.INFO.{s.STREAM}.{durable}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",

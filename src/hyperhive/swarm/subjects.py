@@ -11,6 +11,7 @@ MAX_AGE_SECONDS = 7 * 24 * 3600  # a host may be away this long before its mail 
 DEDUP_SECONDS = 600  # JetStream drops a republished Nats-Msg-Id within this window
 ACK_WAIT_SECONDS = 5.0  # a pulled message not acked within this is redelivered
 REPLICAS = 3
+STALE_SECONDS = 5.0  # a host whose heartbeat is older than this shows as unreachable
 
 
 def msg_subject(to_host: str, from_host: str) -> str:
@@ -48,3 +49,8 @@ def name_key(agent: str) -> str:
 
 def row_key(host: str, agent: str) -> str:
     return f"agents.{host}.{agent}"
+
+
+def host_key(host: str) -> str:
+    """``host``'s heartbeat (value: its clock), put every roster round."""
+    return f"hosts.{host}"
