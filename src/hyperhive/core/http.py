@@ -422,6 +422,17 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         }
         return templates.TemplateResponse(request, "dashboard.html", context)
 
+    status_cache: dict[str, Any] = {"key": None, "rows": []}
+
+    def statuses() -> list[dict[str, Any]]:
+        """Every agent's status row, built once per change of the hive (and at least once
+        a second, for time-based flags like failed): at 1,000 agents the rows are most of
+        a first screen's cost, and every open cockpit's stream redraws from them."""
+        key = (hive.bus.version, int(time.monotonic()))
+        if status_cache["key"] != key:
+            status_cache["key"], status_cache["rows"] = key, hive.statuses()
+        return list(status_cache["rows"])
+
     inbox_seen: dict[str, int] = {}  # session id -> the newest inbox message it marked read
 
     def cockpit_context(
@@ -430,7 +441,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         """What the cockpit's sections ``wanted`` show (each reads only its own part)."""
         wanted = set(wanted)
         ctx: dict[str, Any] = {"view": view, "oob": False, "csrf_token": ""}
-        agents = hive.statuses() if wanted & {"attention", "agents", "rules"} else []
+        agents = statuses() if wanted & {"attention", "agents", "rules"} else []
         if "attention" in wanted:
             approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
             troubled = cockpit.troubled(agents)
@@ -485,7 +496,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     def state() -> dict[str, Any]:
         approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
         return {
-            "agents": hive.statuses(),
+            "agents": statuses(),
             "approvals": approvals["approvals"],
             "approvals_total": approvals["total"],
             "approvals_more": approvals["more"],
