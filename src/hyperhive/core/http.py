@@ -341,6 +341,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     def refuse(
         request: Request, status: int, reason: str, headers: Mapping[str, str] | None = None
     ) -> Response:
+        if request.headers.get("hx-request") == "true":  # the cockpit's post: a red toast
+            toast = f'<div class="toast bad">{escape(visible(reason))}</div>'
+            return HTMLResponse(toast, status_code=status, headers=headers)
         if "application/json" in request.headers.get("accept", "") or request.url.path.startswith(
             "/api/"
         ):

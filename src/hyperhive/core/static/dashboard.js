@@ -5,7 +5,7 @@
 //    the server rendered (a half-written answer or note), is never morphed;
 //  - the session's CSRF token as a header on every htmx post; the send and allow forms
 //    post to their agent's own URL;
-//  - toasts (the server's reply, in words; a refusal's one line, as text);
+//  - toasts go away (the server's reply, in words; a refusal's, red, is swapped in too);
 //  - a visible connection state, the title's count, two clicks for stop and destroy.
 (function () {
   "use strict";
@@ -37,7 +37,7 @@
     if (ev.detail.target && ev.detail.target.id === "toasts") {
       document.querySelectorAll("#toasts .toast:not([data-timed])").forEach(function (t) {
         t.dataset.timed = "1";
-        setTimeout(function () { t.remove(); }, 4000);
+        setTimeout(function () { t.remove(); }, t.classList.contains("bad") ? 8000 : 4000);
       });
     }
   });
@@ -59,13 +59,7 @@
   });
   document.body.addEventListener("htmx:afterRequest", function (ev) {
     var form = ev.detail.elt && ev.detail.elt.closest ? ev.detail.elt.closest("form") : null;
-    if (ev.detail.successful && form && form.dataset.reset) form.reset();
-  });
-  // A refusal: its one line, as text (htmx swaps no error reply).
-  document.body.addEventListener("htmx:responseError", function (ev) {
-    var xhr = ev.detail.xhr, why = xhr.responseText || String(xhr.status);
-    try { why = JSON.parse(why).error || why; } catch (e) { /* plain text */ }
-    toast(String(why).trim(), true);
+    if (ev.detail.xhr && ev.detail.xhr.status < 300 && form && form.dataset.reset) form.reset();
   });
   document.body.addEventListener("htmx:sendError", function () {
     toast("the hive did not answer: is it running?", true);
