@@ -55,7 +55,7 @@ from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
 from hyperhive.wire.framing import WireError, parse_line
-from hyperhive.wire.timestamps import Timestamp, parse_timestamp
+from hyperhive.wire.timestamps import Timestamp
 
 HERE = Path(__file__).parent
 EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
@@ -128,11 +128,6 @@ def payload_json(value: Any) -> str:
     """The payload as the text its sha256 was taken of. A row leaves a null payload out,
     so the template meets Jinja's Undefined there: that is ``null``, not a 500."""
     return canonical_json(None if isinstance(value, jinja2.Undefined) else value)
-
-
-def clock(at: float | str | None) -> str:
-    """A log time as the dashboard shows it (UTC, to the second); the rows carry RFC 3339."""
-    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(parse_timestamp(at)))
 
 
 def destination(host: str, port: int) -> str:
