@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
@@ -187,6 +188,26 @@ def test_connection_state_is_visible(web: Web, context: BrowserContext) -> None:
     expect(page.locator(f'#agents tr[data-name="{CALM}"] .status-text')).to_have_text("back again")
     watch.console.clear()  # the offline stream's "Failed to load resource" is expected
     clean(page, watch)
+
+
+def test_forms_work_without_a_script(web: Web) -> None:
+    """Plain form posts (CSRF field, this origin): done, then 303 back to the page."""
+    login = web.login()
+
+    def post(path: str, **data: str) -> httpx.Response:
+        return web.request("POST", path, login=login, origin=web.origin,
+                           data={"csrf_token": login.csrf, **data})
+
+    r = post("/api/agents/_/send", to=ASKER, body="sent by a plain form")
+    assert r.status_code == 303 and r.headers["location"] == "/", (r.status_code, r.text)
+    qid = ask(web, "Plain?", ["yes", "no"])
+    r = post(f"/answer-question/{qid}", answer="maybe", check_options="1")
+    assert r.status_code == 422 and "'maybe' is not one of question" in r.text, r.text
+    assert r.text.count("\n") == 1
+    r = post(f"/answer-question/{qid}", answer="maybe", check_options="1", other="1")
+    assert r.status_code == 303, r.text
+    page = web.get(f"/?state=running&q={ASKER[:4]}", login=login)
+    assert page.status_code == 200 and f'data-name="{ASKER}"' in page.text
 
 
 def insert_agents(web: Web, n: int) -> None:
