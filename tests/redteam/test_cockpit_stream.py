@@ -78,7 +78,7 @@ def test_cockpit_posts_need_token_and_origin(rt: HiveProcess) -> None:
         for path in ("/inbox/read", "/approve/999999"):
             r = web.request("POST", path, data={"upto": "1"}, **kw)
             assert r.status_code in (401, 403), (why, path, r.status_code, r.text)
-            assert "toast" not in r.text, (why, path, r.text)
+            assert r.text.startswith('<div class="toast bad">'), (why, path, r.text)  # refused, in words
     ok = web.request("POST", "/inbox/read", login=login, csrf=login.csrf, origin=web.origin,
                      headers=htmx, data={"upto": "1"})
     assert ok.status_code == 200 and '<div class="toast">marked the inbox read</div>' in ok.text, ok.text
