@@ -8,7 +8,8 @@ to run.
 Adding a section: write `def bench_x(ctx: Context) -> list[Row]`, append it to
 BENCHMARKS, and declare any agents it needs in AGENTS (the core is started once,
 with every declared agent, before the first benchmark). bench/hostile.py's section
-runs only when named: `--only hostile`.
+runs only when named: `--only hostile`; so does the cockpit's (`--only cockpit`: the
+dashboard's first screen and /api/state at 1,000 agents).
 
 Clients are as thin as we can make them, so the figures are the core's:
   * 1 pair and the floor: blocking sockets in one thread (no event loop);
@@ -604,8 +605,79 @@ BENCHMARKS: list[Callable[[Context], list[Row]]] = [
 ]
 
 
+def _cpu_seconds(core: Core) -> float:
+    """The core process's CPU time so far (user + system), from /proc."""
+    assert core.proc is not None
+    fields = Path(f"/proc/{core.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+COCKPIT_AGENTS = 1000  # agent rows put into the store for the cockpit's figures
+
+
+def bench_cockpit(ctx: Context) -> list[Row]:
+    """The operator's cockpit at 1,000 agents: GET / (the first screen, server-rendered:
+    the attention queue, a page of 50 agents, the inbox, egress) and GET /api/state, each
+    over core.sock (uvicorn, as the gateway reaches it), one request at a time.
+
+    The agent rows go straight into the core's SQLite (stopped: no cage is started); the
+    core's agents cache reloads on the next write of an agent (a set_status)."""
+    import sqlite3
+
+    import httpx
+
+    n_agents, rounds = ctx.n(COCKPIT_AGENTS, 100), ctx.n(200, 20)
+    db = sqlite3.connect(ctx.core.state_dir / "hive.db", timeout=30)
+    try:
+        spec = db.execute("SELECT spec FROM agents LIMIT 1").fetchone()[0]
+        now = time.time()
+        with db:
+            db.executemany(
+                "INSERT OR IGNORE INTO agents (name, spec, parent, origin, paused, stopped,"
+                " status_text, status_set_at, created_at)"
+                " VALUES (?, ?, NULL, 'operator', 0, 1, ?, ?, ?)",
+                [(f"bulk-{i:04d}", spec, f"idle {i}", now, now) for i in range(n_agents)],
+            )
+    finally:
+        db.close()
+    first = next(iter(AGENTS))
+    with socket.socket(socket.AF_UNIX) as s:  # any agent write drops the agents cache
+        s.connect(ctx.core.sock(first))
+        s.sendall(b'{"cmd":"set_status","text":"cockpit bench"}\n')
+        s.makefile("rb").readline()
+    token = (ctx.core.state_dir / "operator.token").read_text().strip()
+    transport = httpx.HTTPTransport(uds=str(ctx.core.run_dir / "core.sock"))
+    rows: list[Row] = []
+    with httpx.Client(transport=transport, base_url="http://hive", timeout=30) as client:
+        r = client.get(f"/login?token={token}")
+        assert r.status_code == 303, (r.status_code, r.text)
+        state = client.get("/api/state").json()
+        total = len(state["agents"])
+        for path, label in (("/", "first screen (GET /)"), ("/api/state", "GET /api/state")):
+            times, size = [], 0
+            cpu0 = _cpu_seconds(ctx.core)
+            for _ in range(rounds):
+                t0 = time.perf_counter()
+                r = client.get(path)
+                times.append((time.perf_counter() - t0) * 1000)
+                assert r.status_code == 200, (path, r.status_code, r.text[:200])
+                size = len(r.content)
+            cpu_ms = (_cpu_seconds(ctx.core) - cpu0) * 1000 / rounds
+            note = f"{total} agents, {rounds} requests over core.sock"
+            rows += [
+                Row("cockpit", f"{label} p50", percentile(times, 50), "ms", None, note),
+                Row("cockpit", f"{label} p99", percentile(times, 99), "ms",
+                    Target("<=", 100.0) if path == "/" else None, note),
+                # The core's own CPU per request: what the machine's load can't inflate.
+                Row("cockpit", f"{label} core CPU", cpu_ms, "ms/request", None, note),
+                Row("cockpit", f"{label} size", size / 1024, "KiB",
+                    Target("<=", 300.0) if path == "/" else None, note),
+            ]
+    return rows
+
+
 # Sections run only when --only names them (see all_benchmarks).
-OPT_IN: list[Callable[[Context], list[Row]]] = []
+OPT_IN: list[Callable[[Context], list[Row]]] = [bench_cockpit]
 
 
 def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
@@ -613,7 +685,7 @@ def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
     bench/egress.py's and bench/hostile.py's."""
     if os.geteuid() != 0:
         print("not root: skipping the cage benchmarks (they start real cages)", file=sys.stderr)
-        return BENCHMARKS
+        return [*BENCHMARKS, bench_cockpit]
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from cages import CAGE_BENCHMARKS  # type: ignore[import-not-found]
     from egress import EGRESS_BENCHMARKS  # type: ignore[import-not-found]
@@ -626,7 +698,12 @@ def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
     # Three test hosts and a NATS cluster: only with --only swarm.
     OPT_IN.extend(SWARM_BENCHMARKS)
     return (
-        BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS + HOSTILE_BENCHMARKS + SWARM_BENCHMARKS
+        BENCHMARKS
+        + CAGE_BENCHMARKS
+        + EGRESS_BENCHMARKS
+        + HOSTILE_BENCHMARKS
+        + SWARM_BENCHMARKS
+        + [bench_cockpit]
     )
 
 

@@ -29,7 +29,7 @@ from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Dialog,
 
 from hyperhive.core.sessions import COOKIE
 from hyperhive.core.store import canonical_json
-from web_fixture import REPO, Web, artifact, browser, transcript, wait_for, web_hive  # noqa: F401 (browser)
+from web_fixture import REPO, Web, artifact, browser, page_scripts, transcript, wait_for, web_hive  # noqa: F401 (browser)
 
 DEMO_AGENTS: dict[str, dict[str, Any]] = tomllib.loads((REPO / "examples" / "demo" / "hive.toml").read_text())["agents"]
 WAIT_MS = 30_000  # the machine is small and shared
@@ -316,9 +316,8 @@ NO_MARKUP = """() => {
 def assert_no_markup(page: Page, script: str) -> None:
     found = page.evaluate(NO_MARKUP)
     assert found["bad"] == [], f"agent markup became elements: {found['bad']}"
-    # Our two scripts only: the shared escaping (display.js, beside it) and the page's own.
-    shared = script.rsplit("/", 1)[0] + "/display.js"
-    assert found["scripts"] == [shared, script], found["scripts"]
+    # Our scripts only (the dashboard's vendored htmx, the shared escaping, the page's own).
+    assert found["scripts"] == page_scripts(script), found["scripts"]
 
 
 def texts(locator: Any) -> list[str]:

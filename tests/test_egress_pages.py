@@ -166,7 +166,9 @@ def test_dashboard_lists_rules_and_decisions_live(web: Web, login: Login, contex
         expect(rule_row(page, WEB, rule).locator(".rule")).to_have_text(rule)
         expect(rule_row(page, WEB, rule).locator(".source")).to_have_text("spec")
     expect(page.locator(f'#egress-rules tr.rule-row[data-agent="{PEER}"]')).to_have_count(0)
-    expect(page.locator(f'#egress-rules tr.no-rules[data-agent="{PEER}"]')).to_contain_text("no rules")
+    # The agents without rules: named on one line, not a row each (issue 15).
+    expect(page.locator(f'#egress-rules tr.no-rules [data-agent="{PEER}"]')).to_have_text(PEER)
+    expect(page.locator("#egress-rules tr.no-rules")).to_contain_text("no rules")
 
     # A refused destination, tried from inside the cage: the decision shows up live.
     code, body = curl(web, WEB, "http://nowhere.test/")
@@ -284,7 +286,7 @@ def test_the_operator_adds_a_rule_from_the_dashboard(web: Web, login: Login, con
     assert added.value.status == 200, added.value.text()
     assert parse_qs(added.value.request.post_data or "") == {"rule": ["Third.TEST:80"]}
     expect(rule_row(page, PEER, "third.test:80").locator(".source")).to_have_text("operator")  # canonical, live
-    expect(page.locator(f'#egress-rules tr.no-rules[data-agent="{PEER}"]')).to_have_count(0)
+    expect(page.locator(f'#egress-rules tr.no-rules [data-agent="{PEER}"]')).to_have_count(0)
     assert rules(web, PEER) == [{"rule": "third.test:80", "source": "operator"}]
     assert web.hive.host_call("egress_allow", name=PEER, rule=f"{THIRD}:80")["ok"]  # its address: a test range
     assert curl(web, PEER, "http://third.test/") == (200, f"hello from {THIRD}:80")

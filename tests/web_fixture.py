@@ -38,6 +38,17 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
                  "--disable-sync", "--no-first-run"]
 
 ARTIFACTS = REPO / "artifacts"
+# The dashboard's vendored scripts (htmx, its SSE extension, idiomorph), before the shared
+# escaping and its own: a page's scripts are exactly these, never anything an agent wrote.
+DASHBOARD_VENDOR = ["/static/vendor/htmx-2.0.11.min.js", "/static/vendor/htmx-ext-sse-2.2.4.min.js",
+                    "/static/vendor/idiomorph-ext-0.7.4.min.js"]
+
+
+def page_scripts(script: str) -> list[str]:
+    """The scripts a page loads: the dashboard's vendored ones, the shared escaping
+    (display.js, beside the page's own script) and the page's own."""
+    vendor = DASHBOARD_VENDOR if script == "/static/dashboard.js" else []
+    return [*vendor, script.rsplit("/", 1)[0] + "/display.js", script]
 READY_LINE = re.compile(r"^hive: ready: log in at (http://\S+/login\?token=\S+)")
 META_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
 

@@ -26,7 +26,7 @@ from playwright.sync_api import Browser, BrowserContext, Dialog, Page, Request, 
 
 from hive_fixture import HiveProcess, wait_until
 from hyperhive.gateway.config import CSP
-from web_fixture import Web, browser  # noqa: F401 (fixture)
+from web_fixture import Web, browser, page_scripts  # noqa: F401 (fixture)
 
 from .conftest import World, cage_run, changes, unchanged
 
@@ -105,9 +105,8 @@ class Watch:
         assert self.posts == [], f"the page sent requests by itself: {self.posts}"
         found = self.page.evaluate(NO_MARKUP)
         assert found["bad"] == [], f"agent markup became elements: {found['bad']}"
-        # Our two scripts only: the shared escaping (display.js, beside it) and the page's own.
-        shared = script.rsplit("/", 1)[0] + "/display.js"
-        assert found["scripts"] == [shared, script], found["scripts"]
+        # Our scripts only (the dashboard's vendored htmx, the shared escaping, the page's own).
+        assert found["scripts"] == page_scripts(script), found["scripts"]
         return found
 
 

@@ -390,6 +390,15 @@ class Hive:
         feed: bodies cut, see core/summary.py)."""
         return self.store.messages.recent_summaries(limit)
 
+    def inbox_newest(self, actor: Operator, limit: int) -> list[Message | Unreadable]:
+        """The newest messages to the operator, newest first, as summaries."""
+        return self.store.messages.newest_to(OPERATOR, limit)
+
+    def inbox_count(self, actor: Operator, after: int = 0) -> int:
+        """How many messages to the operator have an id above ``after`` (unread: above the
+        last one the dashboard's session marked read)."""
+        return self.store.messages.count_to(OPERATOR, after)
+
     def message(self, actor: Operator, mid: int) -> Message | Unreadable:
         """One message between anyone, whole (a listing's "show all")."""
         msg = self.store.messages.get(mid)

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -34,10 +34,12 @@ from fastapi.responses import (
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from markupsafe import escape
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyperhive import display
+from hyperhive.core import cockpit
 from hyperhive.core.actors import OPERATOR
 from hyperhive.core.approvals import allows_of, shown
 from hyperhive.core.hive import Hive
@@ -47,16 +49,17 @@ from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.store import canonical_json
 from hyperhive.core.summary import PAGE, PAGE_MAX, summarise_event
-from hyperhive.display import visible_json_text, visible_value
+from hyperhive.display import visible, visible_json_text, visible_value
 from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
 from hyperhive.wire.framing import WireError, parse_line
-from hyperhive.wire.timestamps import Timestamp, parse_timestamp
+from hyperhive.wire.timestamps import Timestamp
 
 HERE = Path(__file__).parent
 EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
+LIVE_COALESCE = 0.2  # seconds: a burst of events becomes one redraw of what it touched
 
 
 class PendingApproval(Approval):
@@ -125,11 +128,6 @@ def payload_json(value: Any) -> str:
     """The payload as the text its sha256 was taken of. A row leaves a null payload out,
     so the template meets Jinja's Undefined there: that is ``null``, not a 500."""
     return canonical_json(None if isinstance(value, jinja2.Undefined) else value)
-
-
-def clock(at: float | str | None) -> str:
-    """A log time as the dashboard shows it (UTC, to the second); the rows carry RFC 3339."""
-    return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(parse_timestamp(at)))
 
 
 def destination(host: str, port: int) -> str:
@@ -253,7 +251,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     # the payload's JSON shows them as JSON escapes. Set before any template is compiled.
     templates.env.finalize = visible_value
     templates.env.filters["visible_json"] = visible_json_text
-    templates.env.filters["clock"] = clock
+    templates.env.filters["clock"] = cockpit.clock
+    templates.env.filters["when"] = cockpit.when
+    templates.env.filters["iso"] = cockpit.iso
     templates.env.globals["destination"] = destination
     # The browser's escaping, one file shared with the agent pages (before the mount,
     # which would answer 404 for it).
@@ -328,15 +328,21 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         assert isinstance(reply, dict)
         return reply
 
-    def done(request: Request, reply: dict[str, Any]) -> Response:
-        """JSON for scripts and the dashboard's fetch; back to the page for a plain form."""
+    def done(request: Request, reply: dict[str, Any], words: str = "done") -> Response:
+        """JSON for scripts; a toast in words for the cockpit's htmx post; back to the page
+        for a plain form."""
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse(reply)
+        if request.headers.get("hx-request") == "true":
+            return HTMLResponse(f'<div class="toast">{escape(visible(words))}</div>')
         return RedirectResponse(back_to(request.headers.get("referer")), status_code=303)
 
     def refuse(
         request: Request, status: int, reason: str, headers: Mapping[str, str] | None = None
     ) -> Response:
+        if request.headers.get("hx-request") == "true":  # the cockpit's post: a red toast
+            toast = f'<div class="toast bad">{escape(visible(reason))}</div>'
+            return HTMLResponse(toast, status_code=status, headers=headers)
         if "application/json" in request.headers.get("accept", "") or request.url.path.startswith(
             "/api/"
         ):
@@ -451,9 +457,76 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         # The token only to a page the browser opens: a script's fetch of "/" (an agent
         # page's, in this origin) gets the page without it.
         csrf = session.csrf if navigation(request) else ""
-        return templates.TemplateResponse(
-            request, "dashboard.html", {"csrf_token": csrf, **state()}
-        )
+        view = cockpit.View.of(request.query_params)
+        context = {
+            **cockpit_context(cockpit.SECTIONS, view, session),
+            "csrf_token": csrf,
+            "states": cockpit.STATES,
+        }
+        return templates.TemplateResponse(request, "dashboard.html", context)
+
+    status_cache: dict[str, Any] = {"key": None, "rows": []}
+
+    def statuses() -> list[dict[str, Any]]:
+        """Every agent's status row, built once per change of the hive (and at least once
+        a second, for time-based flags like failed): at 1,000 agents the rows are most of
+        a first screen's cost, and every open cockpit's stream redraws from them."""
+        key = (hive.bus.version, int(time.monotonic()))
+        if status_cache["key"] != key:
+            status_cache["key"], status_cache["rows"] = key, hive.statuses()
+        return list(status_cache["rows"])
+
+    inbox_seen: dict[str, int] = {}  # session id -> the newest inbox message it marked read
+
+    def cockpit_context(
+        wanted: Iterable[str], view: cockpit.View, session: Session
+    ) -> dict[str, Any]:
+        """What the cockpit's sections ``wanted`` show (each reads only its own part)."""
+        wanted = set(wanted)
+        ctx: dict[str, Any] = {"view": view, "oob": False, "csrf_token": ""}
+        agents = statuses() if wanted & {"attention", "agents", "rules"} else []
+        if "attention" in wanted:
+            approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
+            troubled = cockpit.troubled(agents)
+            ctx.update(
+                approvals=approvals["approvals"],
+                approvals_total=approvals["total"],
+                approvals_more=approvals["more"],
+                questions=questions["questions"],
+                questions_total=questions["total"],
+                questions_more=questions["more"],
+                troubled=troubled,
+                attention_count=approvals["total"] + questions["total"] + len(troubled),
+            )
+        if "agents" in wanted:
+            ctx["table"] = cockpit.agent_table(agents, view)
+        if "inbox" in wanted:
+            seen = inbox_seen.get(session.id, 0)
+            ctx.update(
+                inbox=rows_out(hive.inbox_newest(OPERATOR, cockpit.INBOX_SHOWN)),
+                inbox_total=hive.inbox_count(OPERATOR),
+                inbox_unread=hive.inbox_count(OPERATOR, seen),
+                inbox_seen=seen,
+            )
+        if "messages" in wanted:
+            ctx["messages"] = rows_out(hive.recent_messages(OPERATOR, 50))
+        if "rules" in wanted:
+            rules = rules_out(hive.egress_rules(OPERATOR, None))
+            names = sorted(str(a["name"]) for a in agents)
+            ctx["rule_rows"] = [(n, rules[n]) for n in names if rules.get(n)]
+            ctx["no_rules"], ctx["no_rules_more"] = cockpit.no_rules(
+                [n for n in names if not rules.get(n)]
+            )
+        if "log" in wanted:
+            ctx["egress_log"] = hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items
+        return ctx
+
+    def render_sections(wanted: Iterable[str], view: cockpit.View, session: Session) -> str:
+        """The sections ``wanted`` as out-of-band swaps (no CSRF token: a stream is read by
+        script, and a page's script must never get the session's token)."""
+        wanted = [s for s in cockpit.SECTIONS if s in set(wanted)]
+        ctx = {**cockpit_context(wanted, view, session), "oob": True}
+        return "".join(templates.get_template(f"cockpit/{s}.html").render(ctx) for s in wanted)
 
     def approval_page(after: int, limit: int) -> dict[str, Any]:
         page = hive.pending_page(OPERATOR, after, limit)
@@ -466,7 +539,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     def state() -> dict[str, Any]:
         approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
         return {
-            "agents": hive.statuses(),
+            "agents": statuses(),
             "approvals": approvals["approvals"],
             "approvals_total": approvals["total"],
             "approvals_more": approvals["more"],
@@ -510,11 +583,20 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return {**event, "rows": rows}
 
     @app.get("/api/dashboard/stream", include_in_schema=False)
-    async def stream(session: Annotated[Session, Depends(require_session)]) -> Response:
-        async def events() -> AsyncIterator[bytes]:
-            kinds = frozenset(
-                {"message", "question", "answer", "approval", "agent_status", "reminder", "egress"}
+    async def stream(
+        request: Request,
+        session: Annotated[Session, Depends(require_session)],
+        view: Literal["json", "html"] = "json",
+    ) -> Response:
+        kinds = frozenset(cockpit.TOUCHES)
+        if view == "html":
+            return StreamingResponse(
+                live_sections(cockpit.View.of(request.query_params), session, kinds),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
             )
+
+        async def events() -> AsyncIterator[bytes]:
             sub = hive.events(OPERATOR, kinds)
             try:
                 yield b": connected\n\n"
@@ -537,6 +619,39 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             media_type="text/event-stream",
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
+
+    async def live_sections(
+        view: cockpit.View, session: Session, kinds: frozenset[str]
+    ) -> AsyncIterator[bytes]:
+        """The cockpit's live stream: every section once (what changed since the page was
+        rendered, or while the stream was down), then, for each burst of events, the
+        sections they touched, rendered again (at most every LIVE_COALESCE seconds)."""
+        sub = hive.events(OPERATOR, kinds, lossy=True)  # lossy: a section is redrawn whole
+        loop = asyncio.get_running_loop()
+        try:
+            yield cockpit.sse("update", render_sections(cockpit.SECTIONS, view, session))
+            while True:
+                try:
+                    event = await asyncio.wait_for(sub.get(), 15)
+                except TimeoutError:
+                    yield b": keep-alive\n\n"
+                    continue
+                if event is None:
+                    return
+                touched = set(cockpit.TOUCHES.get(str(event.get("kind")), ()))
+                until = loop.time() + LIVE_COALESCE
+                while (left := until - loop.time()) > 0:
+                    try:
+                        more = await asyncio.wait_for(sub.get(), left)
+                    except TimeoutError:
+                        break
+                    if more is None:
+                        return
+                    touched |= cockpit.TOUCHES.get(str(more.get("kind")), frozenset())
+                if touched:
+                    yield cockpit.sse("update", render_sections(touched, view, session))
+        finally:
+            hive.bus.unsubscribe(sub)
 
     Page = Annotated[int, Query(ge=1, le=PAGE_MAX)]
     After = Annotated[int, Query(ge=0, lt=2**63)]
@@ -586,18 +701,32 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         qid: Id,
         answer: Annotated[str, Form(max_length=262144)],
         session: Annotated[Session, Depends(require_answer)],
+        check_options: Annotated[str | None, Form(max_length=8)] = None,
+        other: Annotated[str | None, Form(max_length=8)] = None,
     ) -> Response:
-        """Answer a question an agent addressed to the operator (operator authority)."""
-        return done(
-            request, await operator({"cmd": "answer_question", "id": qid, "answer": answer})
-        )
+        """Answer a question an agent addressed to the operator (operator authority). With
+        ``check_options`` (the cockpit's free-text answer), an answer that is not one of
+        the question's options is refused unless ``other`` says it is meant."""
+        if check_options and not other:
+            q = await operator({"cmd": "show_question", "id": qid})
+            options = (q.get("question") or {}).get("options") or []
+            if options and answer not in options:
+                listed = ", ".join(repr(o) for o in options[:10])
+                raise HTTPException(
+                    422,
+                    f"{answer!r} is not one of question {qid}'s options ({listed}); tick"
+                    " 'not one of the options' to send it anyway",
+                )
+        reply = await operator({"cmd": "answer_question", "id": qid, "answer": answer})
+        return done(request, reply, cockpit.said("answer_question", id=qid))
 
     @app.post("/approve/{aid}", responses=POST_RESPONSES)
     async def approve(
         request: Request, aid: Id, session: Annotated[Session, Depends(require_post)]
     ) -> Response:
         """Approve: applies exactly the stored payload, once."""
-        return done(request, await operator({"cmd": "approve", "id": aid}))
+        reply = await operator({"cmd": "approve", "id": aid})
+        return done(request, reply, cockpit.said("approve", id=aid))
 
     @app.post("/deny/{aid}", responses=POST_RESPONSES)
     async def deny(
@@ -607,9 +736,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         note: Annotated[str | None, Form(max_length=4096)] = None,
     ) -> Response:
         """Deny an approval, with an optional note for the agent."""
-        return done(
-            request, await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})})
-        )
+        reply = await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})})
+        return done(request, reply, cockpit.said("deny", id=aid))
 
     # Before /api/agents/{name}/{action}: not that they could clash (three segments, not two).
     @app.post("/api/agents/{name}/egress/allow", responses=POST_RESPONSES)
@@ -618,10 +746,14 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         name: str,
         rule: Annotated[str, Form(max_length=MAX_RULE)],
         session: Annotated[Session, Depends(require_post)],
+        agent: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
         """Add RULE (``HOST:PORT``) to agent NAME's egress allowlist (source ``operator``),
-        live at once."""
-        return done(request, await operator({"cmd": "egress_allow", "name": name, "rule": rule}))
+        live at once. NAME ``_`` takes the agent from the form's ``agent`` field (the
+        cockpit's form, posted without a script)."""
+        name = agent if name == "_" and agent else name
+        reply = await operator({"cmd": "egress_allow", "name": name, "rule": rule})
+        return done(request, reply, cockpit.said("egress_allow", name=name, rule=rule))
 
     @app.post("/api/agents/{name}/egress/remove", responses=POST_RESPONSES)
     async def egress_remove(
@@ -632,7 +764,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     ) -> Response:
         """Remove RULE from agent NAME's egress allowlist, whatever its source; refused at
         once after."""
-        return done(request, await operator({"cmd": "egress_remove", "name": name, "rule": rule}))
+        reply = await operator({"cmd": "egress_remove", "name": name, "rule": rule})
+        return done(request, reply, cockpit.said("egress_remove", name=name, rule=rule))
 
     @app.post("/api/agents/{name}/send", responses=POST_RESPONSES)
     async def send(
@@ -640,9 +773,12 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         name: str,
         body: Annotated[str, Form(max_length=262144)],
         session: Annotated[Session, Depends(require_post)],
+        to: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Message agent NAME as the operator."""
-        return done(request, await operator({"cmd": "send", "to": name, "body": body}))
+        """Message agent NAME as the operator (NAME ``_``: the form's ``to`` field)."""
+        name = to if name == "_" and to else name
+        reply = await operator({"cmd": "send", "to": name, "body": body})
+        return done(request, reply, cockpit.said("send", name=name))
 
     @app.post("/api/agents/{name}/{action}", responses=POST_RESPONSES)
     async def lifecycle(
@@ -652,7 +788,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         make = ACTIONS.get(action)
         if make is None:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-        return done(request, await operator(make(name)))
+        return done(request, await operator(make(name)), cockpit.said(action, name=name))
 
     @app.post("/api/spawn", responses=POST_RESPONSES)
     async def spawn(
@@ -666,7 +802,43 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             parsed = parse_line(spec.encode())
         except WireError as e:
             raise HTTPException(422, f"spec: {e}") from None
-        return done(request, await operator({"cmd": "spawn", "name": name, "spec": parsed}))
+        reply = await operator({"cmd": "spawn", "name": name, "spec": parsed})
+        return done(request, reply, cockpit.said("spawn", name=name))
+
+    @app.post("/inbox/read", include_in_schema=False)
+    async def inbox_read(
+        request: Request,
+        session: Annotated[Session, Depends(require_post)],
+        upto: Annotated[int, Form(ge=0, lt=2**63)] = 0,
+    ) -> Response:
+        """Mark the operator's inbox read up to message UPTO, for this session."""
+        inbox_seen[session.id] = max(inbox_seen.get(session.id, 0), upto)
+        reply = done(request, {"version": 1, "ok": True}, cockpit.said("inbox_read"))
+        if request.headers.get("hx-request") == "true":  # no event says so: the inbox too
+            inbox = render_sections(["inbox"], cockpit.View(), session)
+            return HTMLResponse(bytes(reply.body).decode() + inbox)
+        return reply
+
+    WHOLE: dict[str, tuple[str, str, tuple[str, ...]]] = {
+        "questions": ("show_question", "question", ("question", "options")),
+        "approvals": ("show_approval", "approval", ("description", "payload")),
+        "messages": ("show_message", "message", ("body",)),
+    }
+
+    @app.get("/cockpit/{kind}/{rid}", response_class=HTMLResponse, include_in_schema=False)
+    async def whole(
+        kind: Literal["questions", "approvals", "messages"],
+        rid: Id,
+        session: Annotated[Session, Depends(require_session)],
+    ) -> Response:
+        """A cut row's fields whole, as text (a listing's "show all")."""
+        verb, key, fields = WHOLE[kind]
+        row = (await operator({"cmd": verb, "id": rid})).get(key) or {}
+        parts = [
+            (f, v if isinstance(v, str) else payload_json(v)) for f in fields if (v := row.get(f))
+        ]
+        html = templates.get_template("cockpit/whole.html").render(parts=parts)
+        return HTMLResponse(html)
 
     return app
 

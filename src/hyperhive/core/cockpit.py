@@ -1,0 +1,204 @@
+"""The operator's cockpit (the dashboard, ``GET /``): what each of its sections shows, and
+which sections a hive event changes.
+
+The page is server-rendered, one template per section (``templates/cockpit/``), each
+section one element with a fixed id. The live stream (``/api/dashboard/stream?view=html``)
+sends the sections an event touched, rendered again, as htmx out-of-band swaps that
+idiomorph morphs into the page in place (``static/dashboard.js`` keeps typed input and
+focus). So the page and its updates come from one template, and no script draws rows."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlencode
+
+from hyperhive.wire.timestamps import parse_timestamp
+
+AGENTS_PER_PAGE = 50  # the agents table's page (server-side, any number of agents)
+INBOX_SHOWN = 20  # the operator's inbox: the newest messages
+NO_RULES_NAMED = 100  # agents named on the egress table's one "no rules" line, at most
+STATES = ("running", "paused", "stopped", "failed", "needs-login")
+SECTIONS = ("attention", "agents", "inbox", "messages", "rules", "log")
+
+# Which sections each event kind changes (the stream re-renders those).
+TOUCHES: dict[str, frozenset[str]] = {
+    "agent_status": frozenset({"attention", "agents", "rules"}),
+    "reminder": frozenset({"agents"}),
+    "question": frozenset({"attention"}),
+    "answer": frozenset({"attention"}),
+    "approval": frozenset({"attention"}),
+    "message": frozenset({"inbox", "messages"}),
+    "egress": frozenset({"rules", "log"}),
+}
+
+
+def state_of(agent: Mapping[str, Any]) -> str:
+    """One word for an agent's state (failed and needs-login before the rest)."""
+    if agent.get("failed"):
+        return "failed"
+    if agent.get("needs_login"):
+        return "needs-login"
+    if not agent.get("running"):
+        return "stopped"
+    return "paused" if agent.get("paused") else "running"
+
+
+def actions_for(agent: Mapping[str, Any]) -> list[str]:
+    """The lifecycle actions that make sense now: no start on a running agent, no resume
+    on one that isn't paused, no pause or interrupt on one that isn't running."""
+    if not agent.get("running"):
+        return ["start", "destroy"]
+    if agent.get("paused"):
+        return ["resume", "stop", "destroy"]
+    return ["pause", "interrupt", "restart", "stop", "destroy"]
+
+
+@dataclass(frozen=True)
+class View:
+    """What the agents table shows: a state filter, a name search and a page (1-based).
+    The page's URL carries it (plain GET links, so it works without a script), and so
+    does its live stream's."""
+
+    state: str = ""
+    q: str = ""
+    page: int = 1
+
+    @staticmethod
+    def of(params: Mapping[str, str]) -> View:
+        state = params.get("state", "")
+        q = params.get("q", "").strip()[:64]
+        try:
+            page = max(1, min(int(params.get("page", "1")), 10**6))
+        except ValueError:
+            page = 1
+        return View(state if state in STATES else "", q, page)
+
+    def query(self, **changes: Any) -> str:
+        """This view's query string, with ``changes``; empty fields left out."""
+        fields = {"state": self.state, "q": self.q, "page": self.page, **changes}
+        if fields["page"] == 1:
+            fields["page"] = ""
+        return urlencode({k: v for k, v in fields.items() if v})
+
+
+@dataclass(frozen=True)
+class AgentTable:
+    rows: list[dict[str, Any]]
+    total: int  # every agent
+    matching: int  # the agents the filter and search leave
+    page: int
+    pages: int
+    counts: dict[str, int]  # agents by state
+
+
+def agent_table(agents: Iterable[Mapping[str, Any]], view: View) -> AgentTable:
+    """One page of the agents, by name, after the view's filter and search."""
+    counts = dict.fromkeys(STATES, 0)
+    matching: list[dict[str, Any]] = []
+    total = 0
+    for a in agents:
+        total += 1
+        state = state_of(a)
+        counts[state] += 1
+        if view.state and state != view.state:
+            continue
+        if view.q and view.q.lower() not in str(a.get("name", "")):
+            continue
+        matching.append({**a, "state": state, "actions": actions_for(a)})
+    matching.sort(key=lambda a: str(a.get("name", "")))
+    pages = max(1, -(-len(matching) // AGENTS_PER_PAGE))
+    page = min(view.page, pages)
+    start = (page - 1) * AGENTS_PER_PAGE
+    return AgentTable(
+        matching[start : start + AGENTS_PER_PAGE], total, len(matching), page, pages, counts
+    )
+
+
+def troubled(agents: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The agents that need the operator (failed, or waiting for a login), longest first."""
+    out = [{**a, "state": state_of(a)} for a in agents if a.get("failed") or a.get("needs_login")]
+    out.sort(key=lambda a: (_seconds(a.get("status_set_at")) or 0.0, str(a.get("name"))))
+    return out
+
+
+def _seconds(at: object) -> float | None:
+    if at is None or at == "":
+        return None
+    try:
+        return parse_timestamp(at)
+    except ValueError:
+        return None
+
+
+def clock(at: object) -> str:
+    """A time as the dashboard's tables show it: UTC, to the second."""
+    t = _seconds(at)
+    return "" if t is None else time.strftime("%H:%M:%S", time.gmtime(t))
+
+
+def ago(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 10:
+        return "just now"
+    if s < 60:
+        return f"{s} s ago"
+    if s < 3600:
+        return f"{s // 60} min ago"
+    if s < 86400:
+        return f"{s // 3600} h ago"
+    return f"{s // 86400} d ago"
+
+
+def when(at: object, now: float | None = None) -> str:
+    """A time in words: UTC, with the date unless it is today, and how long ago
+    (``12:34 UTC, 5 min ago``)."""
+    t = _seconds(at)
+    if t is None:
+        return ""
+    now = time.time() if now is None else now
+    same_day = time.gmtime(t)[:3] == time.gmtime(now)[:3]
+    shown = time.strftime("%H:%M UTC" if same_day else "%Y-%m-%d %H:%M UTC", time.gmtime(t))
+    return f"{shown}, {ago(now - t)}"
+
+
+def iso(at: object) -> str:
+    """A time as a ``<time datetime>`` attribute (RFC 3339 UTC)."""
+    t = _seconds(at)
+    return "" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def no_rules(names: list[str]) -> tuple[list[str], int]:
+    """The agents named on the "no rules" line, and how many more there are."""
+    return names[:NO_RULES_NAMED], max(0, len(names) - NO_RULES_NAMED)
+
+
+# What a finished action says, in words (the toast), by host.sock verb.
+def said(verb: str, **what: Any) -> str:
+    name, ident = what.get("name", ""), what.get("id", "")
+    return {
+        "approve": f"approved approval {ident}",
+        "deny": f"denied approval {ident}",
+        "answer_question": f"answered question {ident}",
+        "send": f"sent the message to {name}",
+        "start": f"started {name}",
+        "stop": f"stopped {name}",
+        "restart": f"restarted {name}",
+        "pause": f"paused {name}",
+        "resume": f"resumed {name}",
+        "destroy": f"destroyed {name}",
+        "interrupt": f"interrupted {name}'s turn",
+        "spawn": f"spawned {name}",
+        "egress_allow": f"{name} may now reach {what.get('rule', '')}",
+        "egress_remove": f"{name} may no longer reach {what.get('rule', '')}",
+        "inbox_read": "marked the inbox read",
+    }.get(verb, "done")
+
+
+def sse(event: str, html: str) -> bytes:
+    """One server-sent event carrying HTML: a data line per line (a CR, which SSE also
+    takes as a line end, is sent as a character reference)."""
+    lines = html.replace("\r", "&#13;").split("\n")
+    return (f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()
