@@ -7,8 +7,10 @@ One hive (``hive up``, two caged agents) serves the module; the reset test comes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
 import select
 import shlex
@@ -98,12 +100,17 @@ def readme_hive_lines() -> list[list[str]]:
     out = []
     for text in blocks:
         for line in text.replace("\\\n", " ").splitlines():
-            lex = shlex.shlex(line, posix=True, punctuation_chars=";|&")
+            lex = shlex.shlex(line, posix=True, punctuation_chars=";|&<>")
             lex.whitespace_split, lex.commenters = True, "#"
             words: list[str] = []
-            for word in [*lex, ";"]:
+            tokens = [*lex, ";"]
+            for i, word in enumerate(tokens):
+                if word and set(word) <= set("<>"):  # a redirection: it and its target go
+                    tokens[i + 1] = ""
+                    continue
                 if word not in (";", "|", "||", "&", "&&"):
-                    words.append(word)
+                    if word:
+                        words.append(word)
                     continue
                 if words[:1] == ["hive"]:
                     out.append(words)
@@ -286,7 +293,9 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     hive.stop_clean()
     unasked = run_hive(hive, *args)  # no terminal to ask on, no --yes
     assert unasked.returncode == 1 and "add --yes" in unasked.stderr and len(unasked.stderr.splitlines()) == 1
-    assert (hive.state_dir / "hive.db").exists()
+    asked_on_a_tty = on_a_terminal(hive, *args, answer=b"n\n")
+    assert f"delete {hive.state_dir / 'hive.db'}, " in asked_on_a_tty and "? [y/N]" in asked_on_a_tty
+    assert (hive.state_dir / "hive.db").exists()  # said no: nothing removed
     done = run_hive(hive, *args, "--yes", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -316,6 +325,26 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     hive.stop_clean()
     rest = [json.loads(line) for line in hive.proc.stdout]
     assert [p["phase"] for p in rest] == ["stopping", "stopped"], rest
+
+
+def on_a_terminal(h: HiveProcess, *args: str, answer: bytes) -> str:
+    """``hive ARGS`` on a pty of its own, typing ``answer``; all it printed. Exit 1."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(HIVE), "--run-dir", str(h.run_dir), *args], stdin=slave,
+                            stdout=slave, stderr=slave, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    os.close(slave)
+    out = b""
+    try:
+        while b"[y/N]" not in out and select.select([master], [], [], 30)[0]:
+            out += os.read(master, 1 << 16)
+        os.write(master, answer)
+        assert proc.wait(30) == 1
+        with contextlib.suppress(OSError):  # EIO: the other side is closed
+            while select.select([master], [], [], 0.5)[0] and (chunk := os.read(master, 1 << 16)):
+                out += chunk
+    finally:
+        os.close(master)
+    return out.decode(errors="replace")
 
 
 def up_args(h: HiveProcess) -> list[str]:
