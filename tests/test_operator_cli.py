@@ -19,6 +19,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import click
 import pytest
 
 from hive_fixture import HIVE, REPO, HiveProcess, running_hive
+from hyperhive.cli.event_lines import event_line
 from hyperhive.cli.main import cli as hive_cli
 from hyperhive.client import Client
 from hyperhive.display import visible
@@ -173,6 +175,37 @@ def test_setup_puts_hive_on_the_path(tmp_path: Path) -> None:
 
 
 # -- hive events -----------------------------------------------------------------------
+
+AT = datetime(2026, 11, 23, 22, 24, 21)
+LINES = [  # (event, its line after the time) for the kinds the live test doesn't make
+    ({"kind": "approval", "approval": {"id": 1, "agent": "alice", "kind": "custom", "status": "pending",
+      "description": "Rotate the staging API key", "payload": {"key": "staging"}, "payload_sha256": "c7"}},
+     "approval     alice  #1 custom pending: Rotate the staging API key"),
+    ({"kind": "approval", "approval": {"id": 2, "agent": "bob", "kind": "spawn", "status": "denied",
+      "note": "not now", "description": "d" * 300, "truncated": {"description": 9000}}},
+     f"approval     bob  #2 spawn denied (not now): {'d' * 200} … [cut: 9000 bytes in all; hive show approval 2]"),
+    ({"kind": "reminder", "agent": "alice", "reminder_id": 4, "text": "already due"},
+     "reminder     alice  reminder 4 due: already due"),
+    ({"kind": "agent_status", "name": "carol", "destroyed": True}, "agent_status carol  destroyed"),
+    ({"kind": "agent_status", "agent": {"name": "bob", "running": True, "paused": True, "failed": False}},
+     "agent_status bob  paused"),
+    ({"kind": "transcript", "agent": "bob", "entries": [{"id": 2, "turn": 1, "kind": "stderr", "data": "x"},
+      {"id": 3, "turn": 1, "kind": "exit", "data": {}}]}, "transcript   bob  2 entries (turn 1: stderr, exit)"),
+    ({"kind": "egress", "agent": "alice", "rules": ["pypi.org:443", "*.pypi.org:443"]},
+     "egress       alice  rules now: pypi.org:443, *.pypi.org:443"),
+    ({"kind": "egress", "agent": "alice", "entry": {"id": 9, "host": "pypi.org", "port": 443, "allowed": False,
+      "reason": "no rule", "bytes_up": 0, "bytes_down": 0}},
+     "egress       alice  pypi.org:443 REFUSED (no rule), 0 up / 0 down bytes"),
+    ({"kind": "message", "message": {"id": 7, "unreadable": "bad row"}}, "message        message 7 unreadable: bad row"),
+    ({"kind": "future", "what": "\x1b[2J"}, 'future         {"what": "\\u001b[2J"}'),  # unknown: its JSON
+]
+
+
+@pytest.mark.parametrize(("event", "line"), LINES, ids=[e["kind"] + str(i) for i, (e, _) in enumerate(LINES)])
+def test_event_line_of_each_kind(event: dict[str, Any], line: str) -> None:
+    assert event_line(event, AT) == f"2026-11-23 22:24:21 {line}"
+
+
 
 
 class Follow:
