@@ -7,8 +7,10 @@ One hive (``hive up``, two caged agents) serves the module; the reset test comes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pty
 import re
 import select
 import shlex
@@ -17,6 +19,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ import click
 import pytest
 
 from hive_fixture import HIVE, REPO, HiveProcess, running_hive
+from hyperhive.cli.event_lines import event_line
 from hyperhive.cli.main import cli as hive_cli
 from hyperhive.client import Client
 from hyperhive.display import visible
@@ -98,12 +102,17 @@ def readme_hive_lines() -> list[list[str]]:
     out = []
     for text in blocks:
         for line in text.replace("\\\n", " ").splitlines():
-            lex = shlex.shlex(line, posix=True, punctuation_chars=";|&")
+            lex = shlex.shlex(line, posix=True, punctuation_chars=";|&<>")
             lex.whitespace_split, lex.commenters = True, "#"
             words: list[str] = []
-            for word in [*lex, ";"]:
+            tokens = [*lex, ";"]
+            for i, word in enumerate(tokens):
+                if word and set(word) <= set("<>"):  # a redirection: it and its target go
+                    tokens[i + 1] = ""
+                    continue
                 if word not in (";", "|", "||", "&", "&&"):
-                    words.append(word)
+                    if word:
+                        words.append(word)
                     continue
                 if words[:1] == ["hive"]:
                     out.append(words)
@@ -166,6 +175,37 @@ def test_setup_puts_hive_on_the_path(tmp_path: Path) -> None:
 
 
 # -- hive events -----------------------------------------------------------------------
+
+AT = datetime(2026, 11, 23, 22, 24, 21)
+LINES = [  # (event, its line after the time) for the kinds the live test doesn't make
+    ({"kind": "approval", "approval": {"id": 1, "agent": "alice", "kind": "custom", "status": "pending",
+      "description": "Rotate the staging API key", "payload": {"key": "staging"}, "payload_sha256": "c7"}},
+     "approval     alice  #1 custom pending: Rotate the staging API key"),
+    ({"kind": "approval", "approval": {"id": 2, "agent": "bob", "kind": "spawn", "status": "denied",
+      "note": "not now", "description": "d" * 300, "truncated": {"description": 9000}}},
+     f"approval     bob  #2 spawn denied (not now): {'d' * 200} … [cut: 9000 bytes in all; hive show approval 2]"),
+    ({"kind": "reminder", "agent": "alice", "reminder_id": 4, "text": "already due"},
+     "reminder     alice  reminder 4 due: already due"),
+    ({"kind": "agent_status", "name": "carol", "destroyed": True}, "agent_status carol  destroyed"),
+    ({"kind": "agent_status", "agent": {"name": "bob", "running": True, "paused": True, "failed": False}},
+     "agent_status bob  paused"),
+    ({"kind": "transcript", "agent": "bob", "entries": [{"id": 2, "turn": 1, "kind": "stderr", "data": "x"},
+      {"id": 3, "turn": 1, "kind": "exit", "data": {}}]}, "transcript   bob  2 entries (turn 1: stderr, exit)"),
+    ({"kind": "egress", "agent": "alice", "rules": ["pypi.org:443", "*.pypi.org:443"]},
+     "egress       alice  rules now: pypi.org:443, *.pypi.org:443"),
+    ({"kind": "egress", "agent": "alice", "entry": {"id": 9, "host": "pypi.org", "port": 443, "allowed": False,
+      "reason": "no rule", "bytes_up": 0, "bytes_down": 0}},
+     "egress       alice  pypi.org:443 REFUSED (no rule), 0 up / 0 down bytes"),
+    ({"kind": "message", "message": {"id": 7, "unreadable": "bad row"}}, "message        message 7 unreadable: bad row"),
+    ({"kind": "future", "what": "\x1b[2J"}, 'future         {"what": "\\u001b[2J"}'),  # unknown: its JSON
+]
+
+
+@pytest.mark.parametrize(("event", "line"), LINES, ids=[e["kind"] + str(i) for i, (e, _) in enumerate(LINES)])
+def test_event_line_of_each_kind(event: dict[str, Any], line: str) -> None:
+    assert event_line(event, AT) == f"2026-11-23 22:24:21 {line}"
+
+
 
 
 class Follow:
@@ -286,7 +326,9 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     hive.stop_clean()
     unasked = run_hive(hive, *args)  # no terminal to ask on, no --yes
     assert unasked.returncode == 1 and "add --yes" in unasked.stderr and len(unasked.stderr.splitlines()) == 1
-    assert (hive.state_dir / "hive.db").exists()
+    asked_on_a_tty = on_a_terminal(hive, *args, answer=b"n\n")
+    assert f"delete {hive.state_dir / 'hive.db'}, " in asked_on_a_tty and "? [y/N]" in asked_on_a_tty
+    assert (hive.state_dir / "hive.db").exists()  # said no: nothing removed
     done = run_hive(hive, *args, "--yes", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
@@ -316,6 +358,26 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     hive.stop_clean()
     rest = [json.loads(line) for line in hive.proc.stdout]
     assert [p["phase"] for p in rest] == ["stopping", "stopped"], rest
+
+
+def on_a_terminal(h: HiveProcess, *args: str, answer: bytes) -> str:
+    """``hive ARGS`` on a pty of its own, typing ``answer``; all it printed. Exit 1."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([str(HIVE), "--run-dir", str(h.run_dir), *args], stdin=slave,
+                            stdout=slave, stderr=slave, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    os.close(slave)
+    out = b""
+    try:
+        while b"[y/N]" not in out and select.select([master], [], [], 30)[0]:
+            out += os.read(master, 1 << 16)
+        os.write(master, answer)
+        assert proc.wait(30) == 1
+        with contextlib.suppress(OSError):  # EIO: the other side is closed
+            while select.select([master], [], [], 0.5)[0] and (chunk := os.read(master, 1 << 16)):
+                out += chunk
+    finally:
+        os.close(master)
+    return out.decode(errors="replace")
 
 
 def up_args(h: HiveProcess) -> list[str]:

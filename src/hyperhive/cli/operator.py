@@ -95,12 +95,6 @@ def page_footer(cmd: str, rows: list[dict[str, Any]], reply: dict[str, Any]) -> 
         say(f"{len(rows)} shown of {total}; next page: hive {cmd} --after {last} (or --all)")
 
 
-def _more(resp: dict[str, Any], rows: str, how: str) -> None:
-    """Say that a paged listing stopped at its count with rows left, and how to go on."""
-    if resp.get("more") and resp[rows]:
-        say(f"more {rows} follow: {how} {resp[rows][-1]['id']}")
-
-
 def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("ls")
     @json_option
