@@ -89,4 +89,20 @@
   }
   document.body.addEventListener("htmx:oobAfterSwap", title);
   document.body.addEventListener("htmx:sseMessage", title);
+
+  // A notification's link lands on /?focus=question-N (or approval-N): show that item and
+  // put the cursor in its answer or note, once it is on the page (it may come by the stream).
+  var focusId = new URLSearchParams(location.search).get("focus");
+  if (!/^(question|approval)-[0-9]+$/.test(focusId || "")) focusId = null;
+  function focusItem() {
+    var item = focusId && document.getElementById(focusId);
+    if (!item) return;
+    focusId = null;
+    item.classList.add("focused");
+    item.scrollIntoView({ block: "center" });
+    var field = item.querySelector("input:not([type=hidden]), textarea");
+    if (field) field.focus();
+  }
+  focusItem();
+  document.body.addEventListener("htmx:oobAfterSwap", focusItem);
 })();
