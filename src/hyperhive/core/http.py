@@ -187,9 +187,21 @@ def sse(event: str, html: str) -> bytes:
     return f"event: {event}\n{lines}\n".encode()
 
 
+# Which part of an agent's page each kind of hive event changes.
+PAGE_PARTS = {
+    "question": "questions",
+    "answer": "questions",
+    "approval": "approvals",
+    "agent_status": "head",
+    "egress": "egress",
+    "transcript": "transcript",
+}
+
+
 def concerns(event: dict[str, Any], name: str) -> str | None:
-    """Which part of agent NAME's page a hive event changes: ``state`` (its status, loose
-    ends, egress), ``transcript``, or None (another agent's)."""
+    """Which part of agent NAME's page a hive event changes (``PAGE_PARTS``), or None
+    (another agent's). Only that part is drawn again: an agent's flood of refused
+    connections redraws its egress table, never its loose ends."""
     kind = event.get("kind")
     row = event.get("question") or event.get("approval") or event.get("agent")
     if isinstance(row, dict):
@@ -198,7 +210,7 @@ def concerns(event: dict[str, Any], name: str) -> str | None:
         who = event.get("agent", event.get("name"))
     if who != name:
         return None
-    return "transcript" if kind == "transcript" else "state"
+    return PAGE_PARTS.get(str(kind))
 
 
 class Refusal(BaseModel):
@@ -502,19 +514,20 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         agent_context(name)  # 404 before the stream starts
         state_html = templates.env.get_template("agent_live_state.html")
         entries_html = templates.env.get_template("agent_entries.html")
-        kinds = frozenset({"question", "answer", "approval", "agent_status", "egress"})
+        kinds = frozenset(PAGE_PARTS)
 
         async def events() -> AsyncIterator[bytes]:
-            sub = hive.events(OPERATOR, kinds | {"transcript"})
-            last, due = after, {"state", "transcript"}
+            sub = hive.events(OPERATOR, kinds)
+            last, due = after, set(PAGE_PARTS.values())
             try:
                 yield b": connected\n\n"
                 while True:
-                    if "state" in due:
+                    if due - {"transcript"}:
                         try:
-                            yield sse("state", state_html.render(**agent_context(name)))
+                            context = agent_context(name)
                         except HTTPException:
                             return  # the agent is gone
+                        yield sse("state", state_html.render(parts=due, **context))
                     while "transcript" in due:
                         try:
                             page = hive.transcript(OPERATOR, name, last, TRANSCRIPT_SHOWN)
