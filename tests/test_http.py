@@ -506,3 +506,25 @@ def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, br
 
 def shot(page: Page, name: str) -> None:
     page.screenshot(path=str(artifact(f"agent-page-{name}.png")), full_page=True)
+
+
+def test_agent_page_stream_framing_and_readable_entries() -> None:
+    """The agent page's stream sends HTML a line per ``data:`` field: agent text with
+    newlines, ``event:``/``id:`` lines, a blank line or a CR forges no event. A
+    transcript entry reads as who and what, a tool call folded."""
+    from hyperhive.core.http import readable, sse
+
+    hostile = 'x\nevent: transcript\nid: 999\n\ndata: <li id="q-1">\r\nretry: 1'
+    raw = sse("state", hostile).decode()
+    assert raw.endswith("\n\n") and raw.count("\n\n") == 1, raw  # one event
+    lines = raw.rstrip("\n").split("\n")
+    assert lines[0] == "event: state" and all(line.startswith("data: ") for line in lines[1:]), lines
+    assert "\n".join(line[len("data: "):] for line in lines[1:]) == hostile.replace("\r", "&#13;")
+    tool = {"type": "assistant", "message": {"content": [
+        {"type": "text", "text": "checking"}, {"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}]}}
+    assert readable({"kind": "tool_call", "data": tool}) == {
+        "who": "assistant", "text": "checking", "fold": "tool call: Bash",
+        "folded": '[\n  {\n    "command": "ls"\n  }\n]'}
+    message = {"id": 7, "from": "bob", "kind": "question", "body": "ship it?"}
+    assert readable({"kind": "input", "data": message})["who"] == "from bob (question 7)"
+    assert readable({"kind": "exit", "data": {"exit_status": 0}})["text"] == "exit_status 0"
