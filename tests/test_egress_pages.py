@@ -32,7 +32,13 @@ from playwright.sync_api import BrowserContext, Page, expect
 
 from helpers import wire_time
 from hive_fixture import probe_result, wait_until
-from test_browser import Watch, assert_no_markup, browser, context  # noqa: F401  (fixtures)
+from test_browser import (  # noqa: F401  (fixtures)
+    AGENT_PAGE_VENDORED,
+    Watch,
+    assert_no_markup,
+    browser,
+    context,
+)
 from testnet import TestNet
 from web_fixture import Login, Web, artifact, assert_csp, assert_one_line_reason, web_hive
 
@@ -377,7 +383,7 @@ def test_the_agent_page_shows_its_own_egress_only(web: Web, login: Login, contex
     watch.assert_clean()
     shot(page, "5-agent-page")
 
-    # Live (the page polls its state): the peer's new decision never shows, its own does.
+    # Live (the page's stream): the peer's new decision never shows, its own does.
     page.evaluate("window.__sameDocument = true")
     assert curl(web, PEER, "http://peer-later.test/")[0] == 403
     assert curl(web, WEB, "http://web-later.test/")[0] == 403
@@ -456,13 +462,18 @@ def test_markup_in_the_log_is_text(web: Web, login: Login, context: BrowserConte
     assert_no_markup(page, "/static/dashboard.js")
     watch.assert_clean()
 
-    # The agent's page: as served, and as redrawn from its state.
+    # The agent's page (the core's since issue 15): as served, and as redrawn by its live
+    # stream (a rule added and removed redraws the egress section, served marker and all).
     page.goto(web.url(f"/agent/{WEB}/"))
     check(page, None)
-    assert_no_markup(page, "static/agent.js")
-    with page.expect_response(lambda r: urlsplit(r.url).path == f"/agent/{WEB}/state"):
-        pass  # the next poll redraws the tables from data
+    assert_no_markup(page, "/static/agent.js", AGENT_PAGE_VENDORED)
+    page.evaluate("document.getElementById('egress').dataset.served = '1'")
+    assert web.hive.host_call("egress_allow", name=WEB, rule="redraw.test:443")["ok"]
+    expect(page.locator('#egress-rules li.rule[data-rule="redraw.test:443"]')).to_have_count(1)
+    assert web.hive.host_call("egress_remove", name=WEB, rule="redraw.test:443")["ok"]
+    expect(page.locator('#egress-rules li.rule[data-rule="redraw.test:443"]')).to_have_count(0)
+    expect(page.locator("#egress[data-served]")).to_have_count(0)
     check(page, None)
-    assert_no_markup(page, "static/agent.js")
+    assert_no_markup(page, "/static/agent.js", AGENT_PAGE_VENDORED)
     watch.assert_clean()
     shot(page, "7-hostile-agent-page")

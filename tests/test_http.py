@@ -23,16 +23,21 @@ import socket
 import textwrap
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, Page, expect
 
 from hyperhive.core.sessions import COOKIE
-from web_fixture import (
+from hyperhive.gateway.config import PAGE_CSP
+from web_fixture import (  # noqa: F401 (browser: a fixture)
     Login,
     Web,
+    artifact,
     assert_csp,
     assert_one_line_reason,
+    browser,
     snapshot,
     transcript,
     unchanged,
@@ -225,6 +230,7 @@ def test_logout_ends_session(web: Web, login: Login) -> None:
 
 
 @pytest.mark.parametrize("path", [f"/agent/{ECHO}/", f"/agent/{ECHO}/state", f"/agent/{ECHO}/events",
+                                  f"/agent/{ECHO}/page/", f"/agent/{ECHO}/page/x.js",
                                   f"/agent/{ECHO}/static/agent.js", "/agent/nosuch/", "/", "/api/state",
                                   "/api/dashboard/stream", f"/api/agents/{ECHO}/transcript",
                                   "/api/openapi.json"])
@@ -240,11 +246,16 @@ def test_agent_page_with_session(web: Web, login: Login) -> None:
     r = web.get(f"/agent/{ECHO}/", login=login)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/html")
-    # The page carries its own CSRF token (derived from the session's) for its inline
-    # answer forms; never the session's own.
-    assert f'<meta name="csrf-token" content="page.{ECHO}.' in r.text
-    assert login.csrf not in r.text
+    # The core renders the operator's view of an agent (no harness code runs in this
+    # origin), so it carries the session's token for its forms, like the dashboard.
+    assert f'<meta name="csrf-token" content="{login.csrf}">' in r.text
     assert_csp(r)
+    # The harness's own page: sandboxed (an opaque origin), and with no token at all.
+    r = web.get(f"/agent/{ECHO}/page/", login=login)
+    assert r.status_code == 200, r.text
+    assert r.headers.get_list("content-security-policy") == [PAGE_CSP], r.headers
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert "csrf" not in r.text.lower() and login.csrf not in r.text
     for path in ["/agent/nosuch/", "/agent/nosuch/state", "/agent/Not_A_Name/", "/agent/operator/"]:
         r = web.get(path, login=login)
         assert r.status_code == 404, (path, r.status_code)
@@ -398,41 +409,122 @@ def test_sessions_outlive_a_core_restart(web: Web) -> None:
     assert web.get("/api/state", login=kept).status_code == 401
 
 
-def test_a_page_token_answers_only_its_own_agents_questions(web: Web, login: Login) -> None:
-    """An agent page (its harness's) holds a token derived from the session's: it answers
-    that agent's questions to the operator and nothing else, so a compromised harness
-    can't approve, deny or answer for another agent with it."""
-    from web_fixture import META_CSRF
-
-    page = web.get(f"/agent/{ECHO}/", login=login)
-    m = META_CSRF.search(page.text)
-    assert page.status_code == 200 and m, page.text[:300]
-    token = m.group(1)
-    assert token.startswith(f"page.{ECHO}.") and token != login.csrf
-    assert login.csrf not in page.text
-
-    def post(path: str, data: dict[str, str]) -> Any:
-        return web.request("POST", path, login=login, origin=web.origin,
-                           data={"csrf_token": token, **data})
-
+def test_no_page_tokens_any_more(web: Web, login: Login) -> None:
+    """Agent pages used to hold a token derived from the session's (a compromised harness
+    saw it). The operator's view of an agent is now the core's, and the harness's page is
+    sandboxed and gets nothing: the gateway's auth subrequest hands out no token, a
+    page-token-shaped value is just a wrong token, and the core's page answers with the
+    session's own, back to the page the form was on."""
+    r = web.get("/auth", login=login)
+    assert r.status_code == 204 and "x-csrf-token" not in r.headers, r.headers
     mine = web.hive.agent_call(ECHO, "ask", to="operator", question="mine?")["id"]
-    theirs = web.hive.agent_call(IDLE, "ask", to="operator", question="theirs?")["id"]
-    aid = web.hive.agent_call(ECHO, "request_approval", kind="custom", description="d", payload=1)["id"]
-    for path, data in ((f"/answer-question/{theirs}", {"answer": "x"}), (f"/approve/{aid}", {}),
-                       (f"/deny/{aid}", {}), (f"/api/agents/{IDLE}/stop", {})):
-        r = post(path, data)
-        assert r.status_code == 403, (path, r.status_code, r.text)
-        assert f"this is {ECHO}'s page token: it only answers {ECHO}'s questions" in r.text, r.text
-    open_ids = [q["id"] for q in web.hive.host_call("questions")["questions"]]
-    assert theirs in open_ids and mine in open_ids
-    assert web.hive.host_call("show_approval", id=aid)["approval"]["status"] == "pending"
-    # Another session's page token is no token at all.
-    forged = f"page.{ECHO}." + "0" * 32
-    r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
-                    data={"csrf_token": forged, "answer": "x"})
+    with unchanged(web.hive):
+        r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
+                        data={"csrf_token": f"page.{ECHO}." + "0" * 32, "answer": "x"})
     assert r.status_code == 403 and "missing or wrong CSRF token" in r.text, r.text
-    r = post(f"/answer-question/{mine}", {"answer": "yes"})
-    assert r.status_code == 303, r.text
+    r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
+                    headers={"Referer": web.url(f"/agent/{ECHO}/")},
+                    data={"csrf_token": login.csrf, "answer": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == f"/agent/{ECHO}/", r.text
     assert mine not in [q["id"] for q in web.hive.host_call("questions")["questions"]]
-    web.hive.host_call("deny", id=aid)
-    web.hive.host_call("answer_question", id=theirs, answer="done")
+
+
+# -- the agent page, live (issue 15 item 3) ---------------------------------------------
+
+
+def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, browser: Browser) -> None:
+    """The operator's view of ECHO (the core's page): a question and an approval appear
+    without a reload; an answer half typed into the first survives a burst of transcript
+    entries and another question arriving (focus and text kept); answering, denying with
+    a note and approving happen in place, each item going as it is resolved."""
+    ctx = browser.new_context(viewport={"width": 1100, "height": 900})
+    ctx.set_default_timeout(30_000)
+    page = ctx.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(web.login_url)
+        with page.expect_response(lambda r: urlsplit(r.url).path == f"/agent/{ECHO}/events"):
+            page.goto(web.url(f"/agent/{ECHO}/"))
+        expect(page.locator("#live")).to_have_text("live")
+        page.evaluate("window.__sameDocument = true")
+
+        call = web.hive.agent_call
+        qid = call(ECHO, "ask", to="operator", question="live: which colour?", options=["red", "blue"])["id"]
+        question = page.locator(f"#q-{qid}")
+        expect(question.locator(".q-text")).to_have_text("live: which colour?")
+        aid = call(ECHO, "request_approval", kind="custom", description="live: rotate", payload={"n": 1})["id"]
+        approval = page.locator(f"#a-{aid}")
+        expect(approval.locator(".description")).to_have_text("live: rotate")
+        expect(approval.locator(".sha")).to_contain_text("sha256 ")
+        shot(page, "1-appeared")
+
+        box = question.locator('input[name="answer"]')
+        box.click()
+        box.press_sequentially("green, half typ")
+        before = page.locator("#transcript li").count()
+        for i in range(8):  # a burst of turns: each writes its input, its output and its exit
+            assert web.hive.host_call("send", to=ECHO, body=f"live burst {i}")["ok"]
+        qid2 = call(ECHO, "ask", to="operator", question="live: and the second?")["id"]
+        expect(page.locator(f"#q-{qid2}")).to_be_visible()  # the list was redrawn around it
+        expect(page.locator("#transcript li.entry.exit").filter(has_text="exit_status 0")).not_to_have_count(0)
+        wait_for(lambda: page.locator("#transcript li").count() >= before + 24, "the burst's entries")
+        assert box.input_value() == "green, half typ"
+        assert page.evaluate("sel => document.activeElement === document.querySelector(sel)",
+                             f'#q-{qid} input[name="answer"]')
+        box.press_sequentially("ed")  # where the caret was
+        burst = page.locator("#transcript li.entry.input").filter(has_text="live burst 3")
+        expect(burst.locator(".who")).to_contain_text("from operator")
+        expect(burst.locator("time")).to_have_attribute("datetime", re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$"))
+        burst.locator("details.raw summary").click()  # the raw JSON, on demand
+        expect(burst.locator("details.raw pre")).to_contain_text('"body": "live burst 3"')
+        shot(page, "2-typing-through-a-burst")
+
+        with page.expect_response(lambda r: urlsplit(r.url).path == f"/answer-question/{qid}") as answered:
+            question.get_by_role("button", name="Answer").click()
+        assert answered.value.status == 200, answered.value.text()
+        expect(question).to_have_count(0)
+        assert web.hive.host_call("show_question", id=qid)["question"]["answer"] == "green, half typed"
+
+        approval.locator('input[name="note"]').fill("not this week")
+        approval.get_by_role("button", name="Deny").click()
+        expect(approval).to_have_count(0)
+        denied = web.hive.host_call("show_approval", id=aid)["approval"]
+        assert (denied["status"], denied.get("note")) == ("denied", "not this week"), denied
+        aid2 = call(ECHO, "request_approval", kind="custom", description="live: second", payload={"n": 2})["id"]
+        page.locator(f"#a-{aid2}").get_by_role("button", name="Approve").click()
+        expect(page.locator(f"#a-{aid2}")).to_have_count(0)
+        assert web.hive.host_call("show_approval", id=aid2)["approval"]["status"] == "approved"
+        expect(page.locator("#notice")).to_have_text(f"approved approval {aid2}")
+        shot(page, "3-resolved-in-place")
+        assert page.evaluate("window.__sameDocument") is True  # never reloaded
+        assert errors == [], errors
+        web.hive.host_call("answer_question", id=qid2, answer="done")
+    finally:
+        ctx.close()
+
+
+def shot(page: Page, name: str) -> None:
+    page.screenshot(path=str(artifact(f"agent-page-{name}.png")), full_page=True)
+
+
+def test_agent_page_stream_framing_and_readable_entries() -> None:
+    """The agent page's stream sends HTML a line per ``data:`` field: agent text with
+    newlines, ``event:``/``id:`` lines, a blank line or a CR forges no event. A
+    transcript entry reads as who and what, a tool call folded."""
+    from hyperhive.core.http import readable, sse
+
+    hostile = 'x\nevent: transcript\nid: 999\n\ndata: <li id="q-1">\r\nretry: 1'
+    raw = sse("state", hostile).decode()
+    assert raw.endswith("\n\n") and raw.count("\n\n") == 1, raw  # one event
+    lines = raw.rstrip("\n").split("\n")
+    assert lines[0] == "event: state" and all(line.startswith("data: ") for line in lines[1:]), lines
+    assert "\n".join(line[len("data: "):] for line in lines[1:]) == hostile.replace("\r", "&#13;")
+    tool = {"type": "assistant", "message": {"content": [
+        {"type": "text", "text": "checking"}, {"type": "tool_use", "name": "Bash", "input": {"command": "ls"}}]}}
+    assert readable({"kind": "tool_call", "data": tool}) == {
+        "who": "assistant", "text": "checking", "fold": "tool call: Bash",
+        "folded": '[\n  {\n    "command": "ls"\n  }\n]'}
+    message = {"id": 7, "from": "bob", "kind": "question", "body": "ship it?"}
+    assert readable({"kind": "input", "data": message})["who"] == "from bob (question 7)"
+    assert readable({"kind": "exit", "data": {"exit_status": 0}})["text"] == "exit_status 0"

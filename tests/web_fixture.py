@@ -44,11 +44,13 @@ DASHBOARD_VENDOR = ["/static/vendor/htmx-2.0.11.min.js", "/static/vendor/htmx-ex
                     "/static/vendor/idiomorph-ext-0.7.4.min.js"]
 
 
-def page_scripts(script: str) -> list[str]:
-    """The scripts a page loads: the dashboard's vendored ones, the shared escaping
-    (display.js, beside the page's own script) and the page's own."""
-    vendor = DASHBOARD_VENDOR if script == "/static/dashboard.js" else []
+def page_scripts(script: str, vendored: tuple[str, ...] | list[str] = ()) -> list[str]:
+    """The scripts a page loads: its vendored libraries (the dashboard's by default), the
+    shared escaping (display.js, beside the page's own script) and the page's own."""
+    vendor = DASHBOARD_VENDOR if script == "/static/dashboard.js" and not vendored else vendored
     return [*vendor, script.rsplit("/", 1)[0] + "/display.js", script]
+
+
 READY_LINE = re.compile(r"^hive: ready: log in at (http://\S+/login\?token=\S+)")
 META_CSRF = re.compile(r'<meta name="csrf-token" content="([^"]*)">')
 

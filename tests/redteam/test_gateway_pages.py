@@ -5,7 +5,8 @@ and 7).
   ``/agent/NAME/``), whatever the Referer says; the gateway refuses the paths that
   made the redirect possible (``//evil.example/%2e%2e%2fagent/NAME/``) with a
   one-line 400.
-- A page server is the harness's, and a compromised harness controls it. Played here
+- A page server is the harness's, and a compromised harness controls it (since issue 15
+  at ``/agent/NAME/page/``, sandboxed; ``/agent/NAME/`` is the core's). Played here
   from the host: the harness's ``web.sock`` is moved aside and a hostile server is
   bound in its place (what the harness uid can do to its own socket). Nothing it
   answers reaches the operator's origin as state (Set-Cookie, Clear-Site-Data, ...),
@@ -32,8 +33,8 @@ import pytest
 
 from hive_fixture import HiveProcess
 from hyperhive.core.sessions import COOKIE
-from hyperhive.gateway.config import BAD_REQUEST, CSP, PAGE_HIDDEN_HEADERS
-from web_fixture import Login, Web, assert_csp
+from hyperhive.gateway.config import BAD_REQUEST, CSP, PAGE_CSP, PAGE_HIDDEN_HEADERS
+from web_fixture import Login, Web
 
 AGENT = "rtmule"  # its page is swapped for the hostile one while a test runs
 ASKER = "rtcarol"  # asks the questions the redirect tests answer
@@ -183,7 +184,8 @@ def hostile(web: Web) -> Iterator[HostilePage]:
         yield page
 
 
-GATEWAY_OWN = {"content-security-policy": CSP, "x-frame-options": "DENY", "referrer-policy": "same-origin",
+# (A harness's page gets the gateway's CSP with a sandbox, since issue 15.)
+GATEWAY_OWN = {"content-security-policy": PAGE_CSP, "x-frame-options": "DENY", "referrer-policy": "same-origin",
                "x-content-type-options": "nosniff"}
 
 
@@ -209,8 +211,7 @@ def assert_nothing_steered(web: Web, login: Login, r_status: int, headers: list[
 @pytest.mark.parametrize("path", ["/state-please", "/schema-please", "/auth-please"])
 def test_page_headers_neither_reach_the_browser_nor_steer_nginx(web: Web, login: Login, path: str) -> None:
     with hostile(web) as page:
-        r = web.get(f"/agent/{AGENT}{path}", login=login)
-    assert_csp(r)
+        r = web.get(f"/agent/{AGENT}/page{path}", login=login)
     assert_nothing_steered(web, login, r.status_code, list(r.headers.multi_items()), r.text, 200, BODY)
     assert not r.cookies, r.cookies
     # The page was asked once, without the operator's cookie.
@@ -221,7 +222,7 @@ def test_page_headers_neither_reach_the_browser_nor_steer_nginx(web: Web, login:
 @pytest.mark.attack("gateway.page-headers", ref=REF7)
 def test_page_cannot_redirect_the_operator_away(web: Web, login: Login) -> None:
     with hostile(web):
-        status, headers, body = raw_get(web, f"/agent/{AGENT}/away", login)
+        status, headers, body = raw_get(web, f"/agent/{AGENT}/page/away", login)
     assert_nothing_steered(web, login, status, headers, body, 302, BODY)
 
 
@@ -229,20 +230,22 @@ def test_page_cannot_redirect_the_operator_away(web: Web, login: Login) -> None:
 
 
 BAD_PATHS = [
-    f"/agent/{AGENT}/ok%0d%0aX-Injected:%20yes",
-    f"/agent/{AGENT}/ok%0d",
-    f"/agent/{AGENT}/ok%0a",
-    f"/agent/{AGENT}/%0d%0aGET%20/state%20HTTP/1.1",
-    f"/agent/{AGENT}/ok%00",
-    f"/agent/{AGENT}/ok%20HTTP/1.0",
-    f"/agent/{AGENT}/ok%09",
-    f"/agent/{AGENT}/ok%7f",
+    f"/agent/{AGENT}/page/ok%0d%0aX-Injected:%20yes",
+    f"/agent/{AGENT}/page/ok%0d",
+    f"/agent/{AGENT}/page/ok%0a",
+    f"/agent/{AGENT}/page/%0d%0aGET%20/state%20HTTP/1.1",
+    f"/agent/{AGENT}/page/ok%00",
+    f"/agent/{AGENT}/page/ok%20HTTP/1.0",
+    f"/agent/{AGENT}/page/ok%09",
+    f"/agent/{AGENT}/page/ok%7f",
     f"/agent/{AGENT}/%2e%2e/%2e%2e/api/state",
     f"/agent/{AGENT}/../rtbob/",
+    f"/agent/{AGENT}/page/%2e%2e/%2e%2e/api/state",  # out of the sandboxed page, to the core's
+    f"/agent/{AGENT}/page/../",
     f"/agent/{AGENT}//ok",
     f"/agent/%{ord(AGENT[0]):02x}{AGENT[1:]}/ok",  # an encoded letter of the name
     f"//evil.example/%2e%2e%2fagent/{AGENT}/",
-    f"/agent/{AGENT}/ok\\..\\",
+    f"/agent/{AGENT}/page/ok\\..\\",
 ]
 
 
@@ -251,9 +254,9 @@ def test_control_characters_never_reach_the_page(web: Web, login: Login) -> None
     with hostile(web) as page:
         refused = {path: raw_get(web, path, login) for path in BAD_PATHS}
         # A script gets the refusal as the core's: JSON, one line.
-        as_json = raw_get(web, f"/agent/{AGENT}/ok%0d%0a", login, Accept="application/json")
+        as_json = raw_get(web, f"/agent/{AGENT}/page/ok%0d%0a", login, Accept="application/json")
         # The query is the page's business: it goes on as sent, still encoded.
-        ok = raw_get(web, f"/agent/{AGENT}/ok?after=%0d%0a%00%20x", login)
+        ok = raw_get(web, f"/agent/{AGENT}/page/ok?after=%0d%0a%00%20x", login)
     for path, (status, headers, body) in refused.items():
         assert status == 400, (path, status, body[:200])
         assert body == BAD_REQUEST + "\n", (path, body)
@@ -263,9 +266,10 @@ def test_control_characters_never_reach_the_page(web: Web, login: Login) -> None
     assert ("Content-Type", "application/json") in as_json[1] and as_json[2].count("\n") == 1, as_json
     assert ok[0] == 200 and ok[2] == BODY.decode(), ok
     assert page.request_lines == [b"GET /ok?after=%0d%0a%00%20x HTTP/1.1"], page.request_lines
-    # The harness's own page is back once the hostile one is gone.
-    r = web.get(f"/agent/{AGENT}/", login=login)
-    assert r.status_code == 200 and f'<meta name="csrf-token" content="page.{AGENT}.' in r.text
+    # The harness's own page is back once the hostile one is gone; no token reaches it
+    # (the page tokens went with issue 15: the operator's view is the core's).
+    r = web.get(f"/agent/{AGENT}/page/", login=login)
+    assert r.status_code == 200 and "csrf" not in r.text.lower(), r.text[:300]
     assert login.csrf not in r.text  # the session's own token never reaches a harness
 
 

@@ -153,15 +153,19 @@ result(reply=call({"cmd": "request_approval", "kind": "custom", "description": "
                    "payload": {"want": "approved by my own page"}}))
 """)
     aid = res["reply"]["id"]
+    # Since issue 15 the harness's page is /agent/rtcarol/page/, sandboxed, and given no
+    # token; its own script is refused by the gateway (no cookie from an opaque origin), so
+    # the browser is handed it directly below, the worst case.
     page = (
         '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'
-        '<script src="/agent/rtcarol/x.js"></script></head><body>hello</body></html>'
+        '<script src="/agent/rtcarol/page/x.js"></script></head><body>hello</body></html>'
     )
     script = (
         "fetch('/approve/" + str(aid) + "', {method: 'POST', credentials: 'same-origin',"
         " headers: {'X-CSRF-Token': '{csrf}', 'Accept': 'application/json'},"
         " body: new URLSearchParams({})})"
-        ".then(function (r) { document.title = 'posted ' + r.status; });"
+        ".then(function (r) { document.title = 'posted ' + r.status; },"
+        " function (e) { document.title = 'posted error ' + e; });"
     )
     responses = {
         "/": ("text/html; charset=utf-8", page),
@@ -171,9 +175,11 @@ result(reply=call({"cmd": "request_approval", "kind": "custom", "description": "
     ctx.set_default_timeout(30_000)
     try:
         with ScriptPage(rt.run_dir / "ui" / PAGE_AGENT / "web.sock", responses):
+            ctx.route(web.url("/agent/rtcarol/page/x.js"), lambda route: route.fulfill(
+                status=200, content_type="text/javascript", body=script.replace("{csrf}", "")))
             tab = ctx.new_page()
             tab.goto(web.login_url)
-            tab.goto(web.url(f"/agent/{PAGE_AGENT}/"))
+            tab.goto(web.url(f"/agent/{PAGE_AGENT}/page/"))
             with contextlib.suppress(Exception):
                 tab.wait_for_function("document.title.startsWith('posted')", timeout=10_000)
         shown = rt.host_call("show_approval", id=aid)["approval"]

@@ -1,6 +1,12 @@
 """Red team, round 4: agent pages' page tokens, paced agent input, schema migration 6's
 stored summaries and spawn limits, attacked from inside real cages (and, where said, as the
 cage's compromised harness, which serves its page on web.sock).
+
+Since issue 15 the harness's page lives at ``/agent/NAME/page/``, sandboxed (an opaque
+origin), with no token at all, and the operator's view of an agent is the core's. A
+sandboxed page's own script is refused by the gateway (it goes without the cookie), so the
+page tests here play the worst case: the browser is handed the harness's script as if the
+gateway had served it (``script_route``), and the script's attacks must still fail.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from playwright.sync_api import Browser
+from playwright.sync_api import Browser, BrowserContext, Route
 
 from hive_fixture import HiveProcess, running_hive
 from web_fixture import Web, browser  # noqa: F401 (fixture)
@@ -31,11 +37,23 @@ def rt() -> Iterator[HiveProcess]:
     operator's inbox, a thousand statuses) must not slow the other modules' listings."""
     yield from running_hive(HiveProcess(RT_AGENTS))
 
+PAGE_URL = f"/agent/{PAGE_AGENT}/page/"  # the harness's page, sandboxed
+SCRIPT_URL = f"/agent/{PAGE_AGENT}/page/x.js"
 PAGE = (
     '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'
     '<meta name="given" content="{csrf}">'
-    f'<script src="/agent/{PAGE_AGENT}/x.js"></script></head><body>hello</body></html>'
+    f'<script src="{SCRIPT_URL}"></script></head><body>hello</body></html>'
 )
+
+
+def script_route(ctx: BrowserContext, web: Web, script: str) -> None:
+    """Hand the browser SCRIPT for the page's x.js, as if the gateway had let the sandboxed
+    page load a script of its harness's (it refuses: no cookie goes from an opaque origin)."""
+
+    def fulfil(route: Route) -> None:
+        route.fulfill(status=200, content_type="text/javascript; charset=utf-8", body=script)
+
+    ctx.route(web.url(SCRIPT_URL), fulfil)
 # Reads a same-origin page the operator's session may read, takes the token in its
 # <meta name="csrf-token">, and posts TARGET with it (what a compromised harness's page
 # script can do: the gateway's CSP allows same-origin script, and reads are open).
@@ -64,12 +82,14 @@ def run_page_script(rt: HiveProcess, browser: Browser, script: str) -> str:
     ctx.set_default_timeout(30_000)
     try:
         with ScriptPage(rt.run_dir / "ui" / PAGE_AGENT / "web.sock", responses):
+            script_route(ctx, web, script)
             tab = ctx.new_page()
             tab.goto(web.login_url)
-            tab.goto(web.url(f"/agent/{PAGE_AGENT}/"))
-            # the page opened by the browser still gets its own page token (its forms)
-            given = tab.get_attribute('meta[name="given"]', "content") or ""
-            assert given.startswith(f"page.{PAGE_AGENT}."), given
+            tab.goto(web.url(PAGE_URL))
+            # the page the browser opens gets no token at all any more (it had its own
+            # page token, for its answer forms, until issue 15)
+            given = tab.get_attribute('meta[name="given"]', "content")
+            assert given == "", given
             deadline = time.monotonic() + 15
             title = tab.title()
             while not title.startswith("posted") and time.monotonic() < deadline:
@@ -164,7 +184,7 @@ def test_page_script_cannot_get_a_page_token_from_auth(rt: HiveProcess, browser:
 POPUP_PAGE = (
     '<!doctype html><html><head><meta charset="utf-8"><title>agent</title>'
     '<meta name="given" content="{csrf}">'
-    f'<script src="/agent/{PAGE_AGENT}/x.js"></script></head>'
+    f'<script src="{SCRIPT_URL}"></script></head>'
     '<body><button id="go">show details</button></body></html>'
 )
 # On the operator's click, opens the dashboard in a window of its own (same origin, so
@@ -178,12 +198,13 @@ document.addEventListener('DOMContentLoaded', function () {
       tries += 1;
       var m = null;
       try { m = w.document.querySelector('meta[name="csrf-token"]'); } catch (e) {}
-      if ((!m || !m.content) && tries < 100) { return; }
+      if ((!m || !m.content) && tries < 100 && w) { return; }
       clearInterval(t);
       fetch(%(target)r, {method: 'POST', credentials: 'same-origin',
         headers: {'X-CSRF-Token': m ? m.content : '', 'Accept': 'application/json'},
         body: new URLSearchParams({})})
-      .then(function (r) { document.title = 'posted ' + r.status; });
+      .then(function (r) { document.title = 'posted ' + r.status; },
+            function (e) { document.title = 'posted error ' + e; });
     }, 100);
   });
 });
@@ -191,15 +212,13 @@ document.addEventListener('DOMContentLoaded', function () {
 
 
 @pytest.mark.attack("surface.script-injection", ref=REF)
-@pytest.mark.xfail(strict=True, reason=(
-    "agent pages share the operator's origin: a window the page opens on the operator's"
-    " click is a real navigation (its token is there) and same-origin to the opener; only"
-    " an origin of its own for agent pages closes it (docs/security.md, the page-origin hole)"))
 def test_page_script_cannot_take_the_token_from_a_window_it_opens(
     rt: HiveProcess, browser: Browser
 ) -> None:
     """As above, but the script opens ``/`` in a new window when the operator clicks a
-    button on the agent's page, and reads the dashboard's token from that window."""
+    button on the agent's page, and reads the dashboard's token from that window. Was the
+    page-origin hole (a strict xfail until issue 15): the harness's page is now sandboxed,
+    without allow-popups, so no window opens (and one would not be same-origin to it)."""
     res = cage_run(rt, PAGE_AGENT, """
 result(reply=call({"cmd": "request_approval", "kind": "custom", "description": "rt-round4-popup",
                    "payload": {"want": "approved through a popup's token"}}))
@@ -214,13 +233,16 @@ result(reply=call({"cmd": "request_approval", "kind": "custom", "description": "
     ctx.set_default_timeout(30_000)
     try:
         with ScriptPage(rt.run_dir / "ui" / PAGE_AGENT / "web.sock", responses):
+            script_route(ctx, web, POPUP % {"target": f"/approve/{aid}"})
             tab = ctx.new_page()
             tab.goto(web.login_url)
-            tab.goto(web.url(f"/agent/{PAGE_AGENT}/"))
+            tab.goto(web.url(PAGE_URL))
             tab.click("#go")
             deadline = time.monotonic() + 20
             while not tab.title().startswith("posted") and time.monotonic() < deadline:
                 tab.wait_for_timeout(200)
+            assert tab.title().startswith("posted"), tab.title()  # the script ran and posted
+            assert len(ctx.pages) == 1, [p.url for p in ctx.pages]  # no window opened
         shown = rt.host_call("show_approval", id=aid)["approval"]
         assert shown["status"] == "pending", shown
     finally:

@@ -1,23 +1,20 @@
-"""The agent's page, served by the harness on its own socket (``web.sock``).
+"""The agent's harness's own page, served on its own socket (``web.sock``).
 
-The gateway proxies ``/agent/<name>/`` here after the core has checked the
-operator's session, and passes this page's token in ``X-Hive-CSRF`` (good only
-for answering this agent's own questions, never the session's token) so the inline
-answer forms can post to the core's ``/answer-question/{id}`` on the same origin.
-The runtime can't reach this socket: its directory belongs to
-the harness uid and the gateway's group.
+The gateway proxies ``/agent/<name>/page/`` here after the core has checked the
+operator's session, with ``Content-Security-Policy: sandbox``: the page is an opaque
+origin, so nothing it runs or loads carries the operator's cookie or reads the operator's
+origin, and no token of the operator's reaches it. It is therefore one self-contained,
+read-only document (what the harness sees of its agent); the operator's view of the agent,
+with its live transcript and the answer / approve / deny forms, is the core's
+(``/agent/<name>/``). The runtime can't reach this socket: its directory belongs to the
+harness uid and the gateway's group.
 
-Everything the agent produced is data: Jinja2 autoescapes it in the page, and
-the live updates (SSE for the transcript; ``/state``, polled, for the status,
-loose ends and the agent's own egress rules and decisions) are written into
-the page with ``textContent`` only. Controls, C1 and bidi characters are shown as
-escapes, on the server (``hyperhive.display`` as Jinja's ``finalize``) and in
-``agent.js`` (its ``visible``).
+Everything the agent produced is data: Jinja2 autoescapes it, and controls, C1 and bidi
+characters are shown as escapes (``hyperhive.display`` as Jinja's ``finalize``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import socketserver
@@ -27,19 +24,18 @@ import time
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 from hyperhive import unixsock
-from hyperhive.display import JS as DISPLAY_JS
 from hyperhive.display import dumps, visible_value
 from hyperhive.wire.timestamps import parse_timestamp
 
+# As the gateway sets it for this page (it drops the page's own): a sandbox, no script.
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
-    "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
+    "sandbox; default-src 'none'; style-src 'self'; img-src 'self'; base-uri 'none'; "
+    "form-action 'none'; frame-ancestors 'none'"
 )
 HERE = Path(__file__).parent
-SSE_WAIT = 15.0
 
 
 def _templates() -> Any:
@@ -118,25 +114,6 @@ class PageHandler(BaseHTTPRequestHandler):
         try:
             if url.path in ("/", "/index.html"):
                 self.index()
-            elif url.path == "/state":
-                self.send_body(
-                    200, "application/json", json.dumps(self.call("page_state")).encode()
-                )
-            elif url.path == "/events":
-                after = int(parse_qs(url.query).get("after", ["0"])[0] or 0)
-                self.events(after)
-            elif url.path == "/static/display.js":
-                self.send_body(200, "text/javascript; charset=utf-8", DISPLAY_JS.read_bytes())
-            elif url.path == "/static/agent.js":
-                self.send_body(
-                    200,
-                    "text/javascript; charset=utf-8",
-                    (HERE / "static" / "agent.js").read_bytes(),
-                )
-            elif url.path == "/static/agent.css":
-                self.send_body(
-                    200, "text/css; charset=utf-8", (HERE / "static" / "agent.css").read_bytes()
-                )
             else:
                 self.send_body(404, "text/plain; charset=utf-8", b"not found\n")
         except (ConnectionError, OSError, RuntimeError, ValueError) as e:
@@ -167,38 +144,8 @@ class PageHandler(BaseHTTPRequestHandler):
             egress_rules=state.get("egress_rules", []),
             egress_log=state.get("egress_log", []),
             entries=entries,
-            last_id=entries[-1]["id"] if entries else 0,
-            csrf_token=self.headers.get("X-Hive-CSRF", ""),
         )
         self.send_body(200, "text/html; charset=utf-8", html.encode())
-
-    def events(self, after: int) -> None:
-        """Server-sent events: one ``entry`` event per new transcript entry."""
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Content-Security-Policy", CSP)
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.close_connection = True
-        from hyperhive.cage.harness import Conn
-
-        conn = Conn(self.agent_socket)
-        try:
-            while True:
-                entries = conn.call("transcript_read", after=after, limit=200, wait=SSE_WAIT)[
-                    "entries"
-                ]
-                out = [f"id: {e['id']}\nevent: entry\ndata: {dumps(e)}\n\n" for e in entries]
-                self.wfile.write(("".join(out) or ": keep-alive\n\n").encode())
-                self.wfile.flush()
-                if entries:
-                    after = entries[-1]["id"]
-        except (OSError, ConnectionError, RuntimeError):
-            return
-        finally:
-            conn.close()
 
 
 def serve_page(web_socket: str, agent_socket: str) -> threading.Thread | None:

@@ -611,13 +611,18 @@ class Hive:
         self, actor: Agent, after: int, limit: int, wait: float
     ) -> Page[dict[str, Any]]:
         """The caller's own transcript (its page streams it), waiting for new entries."""
+        return await self._transcript_wait(actor.name, after, limit, wait)
+
+    async def _transcript_wait(
+        self, name: str, after: int, limit: int, wait: float
+    ) -> Page[dict[str, Any]]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
-            page = self._transcript(actor.name, after, limit)
+            page = self._transcript(name, after, limit)
             if page.items or loop.time() >= deadline:
                 return page
-            await self.transcript_wakeups.wait(actor.name, deadline - loop.time())
+            await self.transcript_wakeups.wait(name, deadline - loop.time())
 
     def transcript(
         self, actor: Operator, name: str, after: int, limit: int
@@ -631,23 +636,40 @@ class Hive:
         return _page(self.store.transcripts.entries(name, after, limit), self._reply_budget())
 
     def page_state(self, actor: Agent, egress_limit: int) -> dict[str, Any]:
-        """What the agent's own page shows: only the caller's own rows. Its questions to the
-        operator and pending approvals: the first page of each, as summaries, and how many
-        there are (the page links each to the operator's one-item view)."""
-        status = self.status_of(actor)
+        """What the agent's own (harness's) page shows: only the caller's own rows."""
+        return self._page_state(self.status_of(actor), egress_limit)
+
+    def agent_page(self, actor: Operator, name: str, egress_limit: int) -> dict[str, Any]:
+        """What the operator's view of agent NAME shows (``/agent/NAME/``, rendered by the
+        core): the same rows as the agent's own page."""
+        row = self.require_agent(name)
+        return self._page_state(self.status_row(row, self.store.reminders.pending()), egress_limit)
+
+    async def transcript_wait(
+        self, actor: Operator, name: str, after: int, limit: int, wait: float
+    ) -> Page[dict[str, Any]]:
+        """Agent NAME's transcript after AFTER, waiting up to WAIT seconds for an entry (the
+        operator's agent page streams it)."""
+        self.require_agent(name)
+        return await self._transcript_wait(name, after, limit, wait)
+
+    def _page_state(self, status: AgentStatus, egress_limit: int) -> dict[str, Any]:
+        """Its questions to the operator and pending approvals: the first page of each, as
+        summaries, and how many there are (each links to the operator's one-item view)."""
+        name = status.name
         store = self.store
-        questions = store.questions.open_page(asker=actor.name, target=OPERATOR, limit=PAGE)
-        pending = store.approvals.page(status="pending", agent=actor.name, limit=PAGE)
+        questions = store.questions.open_page(asker=name, target=OPERATOR, limit=PAGE)
+        pending = store.approvals.page(status="pending", agent=name, limit=PAGE)
         return {
             "agent": model_fields_only(status),
             "questions": rows_out(questions.items),
             "questions_total": questions.total,
             "approvals": [approvals.shown(a) for a in pending.items],
             "approvals_total": pending.total,
-            "egress_rules": stamped_all(store.egress.rules(actor.name).get(actor.name, [])),
+            "egress_rules": stamped_all(store.egress.rules(name).get(name, [])),
             # A quarter of a reply: the rest of the page's state shares the same line.
             **_egress_log(
-                store.egress.entries(actor.name, egress_limit + 1),
+                store.egress.entries(name, egress_limit + 1),
                 ReplyBudget(self.config.limits.reply_bytes // 4),
                 egress_limit,
             ),

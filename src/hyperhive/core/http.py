@@ -1,5 +1,7 @@
 """The core's HTTP surface on ``core.sock``, behind the gateway: the operator's
-login, the dashboard, and the operator-authority actions as POSTs.
+login, the dashboard, the operator's view of each agent (``/agent/NAME/``, rendered here
+from the core's own store: the agent's harness never serves script in this origin), and
+the operator-authority actions as POSTs.
 
 Every action goes through the same handlers as ``host.sock`` (one code path,
 one set of refusals); HTTP only adds the session, the CSRF token and the
@@ -55,11 +57,13 @@ from hyperhive.unixsock import bind_listener
 from hyperhive.wire.common import AgentStatus, Approval, Question
 from hyperhive.wire.egress import MAX_RULE
 from hyperhive.wire.framing import WireError, parse_line
-from hyperhive.wire.timestamps import Timestamp
+from hyperhive.wire.timestamps import Timestamp, rfc3339
 
 HERE = Path(__file__).parent
 EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
 LIVE_COALESCE = 0.2  # seconds: a burst of events becomes one redraw of what it touched
+AGENT_EGRESS_SHOWN = 50  # an agent page's recent decisions
+TRANSCRIPT_SHOWN = 200  # entries an agent page opens with (and the stream's batch)
 
 
 class PendingApproval(Approval):
@@ -136,6 +140,78 @@ def destination(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else display.dumps(value)
+
+
+def readable(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """A transcript entry as the agent page shows it: who or what (``who``), its text
+    (``text``, or None), and what is folded (``fold``, its summary; ``folded``, its body).
+    The raw JSON is always one click away as well."""
+    kind, data = entry.get("kind"), entry.get("data")
+    out: dict[str, Any] = {"who": "", "text": None, "fold": None, "folded": None}
+    if kind == "input" and isinstance(data, dict):
+        sender, what = data.get("from", "?"), data.get("kind", "message")
+        out["who"] = f"from {_text(sender)} ({_text(what)} {_text(data.get('id', ''))})"
+        out["text"] = _text(data.get("body", ""))
+    elif kind in ("stdout", "stderr", "note"):
+        out["text"] = _text(data)
+    elif kind == "exit" and isinstance(data, dict):
+        out["who"] = "turn ended"
+        out["text"] = ", ".join(f"{k} {_text(v)}" for k, v in data.items())
+    elif isinstance(data, dict):  # a runtime's JSON event (Claude Code's stream-json)
+        message = data.get("message")
+        blocks = message.get("content") if isinstance(message, dict) else None
+        blocks = [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
+        texts = [_text(b.get("text", "")) for b in blocks if b.get("type") == "text"]
+        tools = [b for b in blocks if b.get("type") == "tool_use"]
+        out["who"] = _text(data.get("type", ""))
+        if texts:
+            out["text"] = "\n".join(texts)
+        elif data.get("type") == "result":
+            out["text"] = _text(data.get("result", ""))
+        if tools:
+            out["fold"] = "tool call: " + ", ".join(_text(b.get("name", "?")) for b in tools)
+            out["folded"] = display.dumps([b.get("input") for b in tools], indent=2)
+    else:
+        out["text"] = _text(data)
+    return out
+
+
+def sse(event: str, html: str) -> bytes:
+    """One server-sent event whose data is HTML: each line its own ``data:`` field (the
+    browser joins them with newlines again). Agent text reaches the HTML only through
+    ``visible``, which shows CR as an escape; a raw one would still end no field here."""
+    lines = "".join(f"data: {line}\n" for line in html.replace("\r", "&#13;").split("\n"))
+    return f"event: {event}\n{lines}\n".encode()
+
+
+# Which part of an agent's page each kind of hive event changes.
+PAGE_PARTS = {
+    "question": "questions",
+    "answer": "questions",
+    "approval": "approvals",
+    "agent_status": "head",
+    "egress": "egress",
+    "transcript": "transcript",
+}
+
+
+def concerns(event: dict[str, Any], name: str) -> str | None:
+    """Which part of agent NAME's page a hive event changes (``PAGE_PARTS``), or None
+    (another agent's). Only that part is drawn again: an agent's flood of refused
+    connections redraws its egress table, never its loose ends."""
+    kind = event.get("kind")
+    row = event.get("question") or event.get("approval") or event.get("agent")
+    if isinstance(row, dict):
+        who = row.get("asker") if "question" in event else row.get("agent", row.get("name"))
+    else:
+        who = event.get("agent", event.get("name"))
+    if who != name:
+        return None
+    return PAGE_PARTS.get(str(kind))
+
+
 class Refusal(BaseModel):
     """Every refusal: why, in one line (plain text instead for a browser's form post)."""
 
@@ -203,8 +279,6 @@ def _one_line(exc: RequestValidationError) -> str:
 
 # Integers as host.sock's JSON parser takes them (64-bit): larger ones can't reach SQLite.
 Id = Annotated[int, PathParam(ge=1, lt=2**63)]
-# The page the gateway asks /auth about (its X-Original-URI), as nginx routes it.
-AGENT_PAGE = re.compile(r"/agent/([a-z][a-z0-9-]{0,30})/")
 GATEWAY_GROUP = "hive-gateway"
 # A notification's link (core/notify.py: 32 random bytes, base64url), and the cookie that
 # carries it through the login when the operator had no session.
@@ -255,6 +329,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     templates.env.filters["when"] = cockpit.when
     templates.env.filters["iso"] = cockpit.iso
     templates.env.globals["destination"] = destination
+    templates.env.filters["readable"] = readable
+    templates.env.filters["rfc3339"] = lambda at: rfc3339(at) if isinstance(at, int | float) else at
+    templates.env.filters["raw_json"] = display.dumps
     # The browser's escaping, one file shared with the agent pages (before the mount,
     # which would answer 404 for it).
     app.add_api_route("/static/display.js", display_js, include_in_schema=False)
@@ -282,35 +359,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             presented = str((await request.form()).get("csrf_token") or "")
         return presented
 
-    def wrong_token(session: Session, presented: str | None) -> HTTPException:
-        scope = sessions.page_scope(session, presented)
-        if scope is not None:
-            return HTTPException(
-                403, f"this is {scope}'s page token: it only answers {scope}'s questions"
-            )
-        return HTTPException(403, "missing or wrong CSRF token")
-
     async def require_post(
         request: Request, session: Annotated[Session, Depends(require_session)]
     ) -> Session:
         presented = await posted_token(request)
         if not sessions.csrf_ok(session, presented):
-            raise wrong_token(session, presented)
+            raise HTTPException(403, "missing or wrong CSRF token")
         return session
-
-    async def require_answer(
-        request: Request, qid: Id, session: Annotated[Session, Depends(require_session)]
-    ) -> Session:
-        """The session's token, or the page token of the agent that asked question QID."""
-        presented = await posted_token(request)
-        if sessions.csrf_ok(session, presented):
-            return session
-        scope = sessions.page_scope(session, presented)
-        if scope is not None:
-            with contextlib.suppress(Refused):
-                if getattr(hive.question(OPERATOR, qid), "asker", None) == scope:
-                    return session
-        raise wrong_token(session, presented)
 
     @app.get("/api/openapi.json", include_in_schema=False)
     async def openapi(session: Annotated[Session, Depends(require_session)]) -> Response:
@@ -420,12 +475,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     def navigation(request: Request) -> bool:
         """Whether the browser is opening this page itself (or a client that isn't a
-        browser asks): only then does a page carry a CSRF token. A script's fetch()
-        (``Sec-Fetch-Mode: cors``/``same-origin``, ``Sec-Fetch-Dest: empty``; the browser
-        sets these, no script can) gets the page without one, so a compromised harness's
-        page script can't read the dashboard's token or another agent page's token. Red
-        team round 4; a popup the script opens on the operator's click is still readable
-        (the page-origin hole, docs/security.md)."""
+        browser asks): only then does a page carry the session's CSRF token. A script's
+        fetch() (``Sec-Fetch-Mode: cors``/``same-origin``, ``Sec-Fetch-Dest: empty``; the
+        browser sets these, no script can) gets the page without it. Red team round 4;
+        no agent's script runs in this origin any more (harness pages are sandboxed), so
+        this is a second wall."""
         mode = request.headers.get("sec-fetch-mode")
         if mode is None:
             return True
@@ -433,19 +487,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
 
     @app.get("/auth", include_in_schema=False)
     async def auth(request: Request) -> Response:
-        """For the gateway's auth_request before an agent page: 204 and that page's token
-        (never the session's own: the page server is the agent's harness) if the session
-        is valid."""
-        session = session_of(request)
-        if session is None:
-            return Response(status_code=401)
-        page = AGENT_PAGE.match(request.headers.get("x-original-uri", ""))
-        headers = (
-            {"X-CSRF-Token": sessions.page_token(session, page[1])}
-            if page and navigation(request)
-            else {}
-        )
-        return Response(status_code=204, headers=headers)
+        """For the gateway's auth_request before a harness's page (``/agent/NAME/page/``):
+        204 if the session is valid, 401 if not. No token of any kind: the harness's page
+        is sandboxed (an opaque origin) and posts nothing as the operator."""
+        return Response(status_code=204 if session_of(request) is not None else 401)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def dashboard(request: Request) -> Response:
@@ -527,6 +572,121 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         wanted = [s for s in cockpit.SECTIONS if s in set(wanted)]
         ctx = {**cockpit_context(wanted, view, session), "oob": True}
         return "".join(templates.get_template(f"cockpit/{s}.html").render(ctx) for s in wanted)
+
+    def agent_context(name: str) -> dict[str, Any]:
+        """What the operator's view of agent NAME shows (but its transcript)."""
+        try:
+            state = hive.agent_page(OPERATOR, name, AGENT_EGRESS_SHOWN)
+        except Refused:
+            raise HTTPException(404, "no such agent") from None
+        return {
+            "agent": state["agent"],
+            "questions_rows": state["questions"],
+            "questions_total": state["questions_total"],
+            "approvals_rows": state["approvals"],
+            "approvals_total": state["approvals_total"],
+            "egress_rules": state["egress_rules"],
+            "egress_log": state["egress_log"],
+        }
+
+    @app.get("/agent/{name}/", response_class=HTMLResponse, include_in_schema=False)
+    async def agent_view(
+        request: Request, name: str, session: Annotated[Session, Depends(require_session)]
+    ) -> Response:
+        """The operator's view of agent NAME: rendered here, from the core's store. The
+        agent's harness serves a page of its own at ``/agent/NAME/page/``, sandboxed."""
+        context = agent_context(name)
+        entries = hive.transcript(OPERATOR, name, 0, TRANSCRIPT_SHOWN).items
+        csrf = session.csrf if navigation(request) else ""
+        return templates.TemplateResponse(
+            request,
+            "agent.html",
+            {
+                **context,
+                "entries": entries,
+                "last_id": entries[-1]["id"] if entries else 0,
+                "csrf_token": csrf,
+            },
+        )
+
+    @app.get("/agent/{name}/state", include_in_schema=False)
+    async def agent_state(
+        name: str, session: Annotated[Session, Depends(require_session)]
+    ) -> Response:
+        """Agent NAME's page state as JSON: status, the first page of its questions to the
+        operator and of its pending approvals (summaries, with counts), its egress."""
+        try:
+            state = hive.agent_page(OPERATOR, name, AGENT_EGRESS_SHOWN)
+        except Refused:
+            raise HTTPException(404, "no such agent") from None
+        return Response(display.dumps(state), media_type="application/json")
+
+    @app.get("/agent/{name}/events", include_in_schema=False)
+    async def agent_events(
+        name: str,
+        session: Annotated[Session, Depends(require_session)],
+        after: Annotated[int, Query(ge=0, lt=2**63)] = 0,
+    ) -> Response:
+        """Agent NAME's page, live (server-sent events of HTML for htmx): ``state``, the
+        header, loose ends and egress as out-of-band fragments keyed by id, at once and
+        after each change; ``transcript``, the entries after AFTER, then each new one."""
+        agent_context(name)  # 404 before the stream starts
+        state_html = templates.env.get_template("agent_live_state.html")
+        entries_html = templates.env.get_template("agent_entries.html")
+        kinds = frozenset(PAGE_PARTS)
+
+        async def events() -> AsyncIterator[bytes]:
+            sub = hive.events(OPERATOR, kinds)
+            last, due = after, set(PAGE_PARTS.values())
+            try:
+                yield b": connected\n\n"
+                while True:
+                    if due - {"transcript"}:
+                        try:
+                            context = agent_context(name)
+                        except HTTPException:
+                            return  # the agent is gone
+                        yield sse("state", state_html.render(parts=due, **context))
+                    while "transcript" in due:
+                        try:
+                            page = hive.transcript(OPERATOR, name, last, TRANSCRIPT_SHOWN)
+                        except Refused:
+                            return
+                        if page.items:
+                            last = page.items[-1]["id"]
+                            yield sse("transcript", entries_html.render(entries=page.items))
+                        if not page.more:
+                            break
+                    due = set()
+                    try:
+                        event = await asyncio.wait_for(sub.get(), 15)
+                    except TimeoutError:
+                        yield b": keep-alive\n\n"
+                        continue
+                    while True:  # a burst of events: one redraw of each part
+                        if event is None:
+                            return  # cut off (fell behind): the browser reconnects
+                        part = concerns(event, name)
+                        if part is not None:
+                            due.add(part)
+                        if sub.queue.empty():
+                            break
+                        event = await sub.get()
+            finally:
+                hive.bus.unsubscribe(sub)
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    @app.get("/agent/{name}/{rest:path}", include_in_schema=False)
+    async def agent_other(
+        name: str, rest: str, session: Annotated[Session, Depends(require_session)]
+    ) -> Response:
+        agent_context(name)
+        raise HTTPException(404, "no such page")
 
     def approval_page(after: int, limit: int) -> dict[str, Any]:
         page = hive.pending_page(OPERATOR, after, limit)
@@ -700,7 +860,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         request: Request,
         qid: Id,
         answer: Annotated[str, Form(max_length=262144)],
-        session: Annotated[Session, Depends(require_answer)],
+        session: Annotated[Session, Depends(require_post)],
         check_options: Annotated[str | None, Form(max_length=8)] = None,
         other: Annotated[str | None, Form(max_length=8)] = None,
     ) -> Response:

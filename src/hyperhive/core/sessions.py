@@ -115,21 +115,3 @@ class Sessions:
         return bool(presented) and hmac.compare_digest(
             session.csrf.encode(), str(presented).encode()
         )
-
-    @staticmethod
-    def page_token(session: Session, agent: str) -> str:
-        """The CSRF token handed to agent ``agent``'s page (through the gateway, so its
-        harness sees it): derived from the session's, and good only for answering that
-        agent's own questions. A compromised harness holding it can't approve, deny,
-        start, stop or answer for anyone else."""
-        mac = hmac.new(session.csrf.encode(), b"page:" + agent.encode(), hashlib.sha256)
-        return f"page.{agent}.{mac.hexdigest()[:32]}"
-
-    @classmethod
-    def page_scope(cls, session: Session, presented: str | None) -> str | None:
-        """The agent whose page token ``presented`` is, if it is one of this session's."""
-        parts = str(presented or "").split(".")
-        if len(parts) != 3 or parts[0] != "page":
-            return None
-        expected = cls.page_token(session, parts[1])
-        return parts[1] if hmac.compare_digest(expected.encode(), str(presented).encode()) else None

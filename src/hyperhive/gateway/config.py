@@ -10,6 +10,10 @@ CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
     "form-action 'self'; base-uri 'none'; frame-ancestors 'none'"
 )
+# A harness's page (/agent/NAME/page/): the same, in a sandbox of its own (an opaque
+# origin: no cookie goes with its requests, it reads nothing of the operator's origin, and
+# without allow-popups it opens no window).
+PAGE_CSP = "sandbox allow-scripts allow-forms; " + CSP
 USER = "hive-gateway"
 # The gateway's one line for a path the hive never builds, and for nginx's own 400s.
 BAD_REQUEST = (
@@ -72,6 +76,7 @@ def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> s
         gateway_dir=gateway_dir,
         user=user,
         csp=CSP,
+        page_csp=PAGE_CSP,
         bad_request=BAD_REQUEST,
         page_hidden_headers=PAGE_HIDDEN_HEADERS,
     )

@@ -1,0 +1,37 @@
+// The operator's view of one agent (core-rendered, /agent/NAME/). htmx does the live part:
+// the stream's fragments are the core's own templates (autoescaped), swapped in by id, and
+// items already shown are kept as they are (hx-preserve). This script only says whether
+// the stream is connected and what became of a click; text goes in with textContent.
+(function () {
+  "use strict";
+  var visible = window.hiveDisplay.visible;
+  var live = document.getElementById("live");
+  var notice = document.getElementById("notice");
+
+  function say(text, bad) {
+    notice.textContent = visible(text);
+    notice.className = "notice" + (bad ? " bad" : " ok");
+  }
+  document.body.addEventListener("htmx:sseOpen", function () {
+    live.textContent = "live";
+    live.className = "live ok";
+  });
+  document.body.addEventListener("htmx:sseError", function () {
+    live.textContent = "disconnected: reconnecting…";
+    live.className = "live bad";
+  });
+  var DONE = { "approve": "approved", "deny": "denied", "answer-question": "answered" };
+  document.body.addEventListener("htmx:afterRequest", function (ev) {
+    var d = ev.detail, xhr = d.xhr;
+    if (!xhr || !d.requestConfig || d.requestConfig.verb !== "post") return;
+    var parts = String(d.requestConfig.path).split("/");  // "", verb, id
+    var what = (DONE[parts[1]] || parts[1]) + " " + (parts[1] === "answer-question" ? "question " : "approval ") + parts[2];
+    if (d.successful) {
+      say(what);
+      return;
+    }
+    var reason = xhr.status ? String(xhr.status) : "no answer from the hive";
+    try { reason = JSON.parse(xhr.responseText).error || reason; } catch (e) { /* not JSON */ }
+    say("refused: " + what.replace(/^\S+ /, "") + ": " + reason, true);
+  });
+})();
