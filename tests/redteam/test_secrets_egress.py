@@ -445,3 +445,19 @@ def test_the_real_claude_cli_runs_a_turn_and_the_cage_never_holds_the_key(
                     assert KEY.encode() not in p.read_bytes(), p
     entries = assert_ok(hive.host_call("transcript", name=CLAUDE))["entries"]
     assert KEY not in json.dumps(entries) and KEY not in hive.log_tail(2000)
+
+
+@pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4 (an L7 rule by approval, shown exactly, applied once)")
+def test_an_agent_asks_for_an_l7_rule_and_gets_exactly_it(hive: HiveProcess) -> None:
+    payload = {"host": "GH.test.", "port": 443, "method": "GET", "path": "/orgs/acme/*"}
+    proc = hive.exec(AGENT, "hive", "agent", "request-approval", "--json", "egress", "read acme's org",
+                     "--payload", json.dumps(payload))
+    assert proc.returncode == 0, proc.stderr
+    aid = json.loads(proc.stdout)["id"]
+    row = assert_ok(hive.host_call("show_approval", id=aid))["approval"]
+    assert row["allows"] == "GET gh.test:443/orgs/acme/*"  # what the operator approves, worked out by the hive
+    assert_ok(hive.host_call("approve", id=aid))
+    rules = [r["rule"] for r in assert_ok(hive.host_call("egress_rules", name=AGENT))["rules"][AGENT]]
+    assert rules.count("GET gh.test:443/orgs/acme/*") == 1
+    again = hive.host_call("approve", id=aid)
+    assert again["ok"] is False, again
