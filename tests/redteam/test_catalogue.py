@@ -38,6 +38,12 @@ REQUIRED = {
     "gateway.request-splitting", "wire.deep-nesting", "store.unreadable-row", "core.mass-due",
     "runtime.sender-forgery", "runtime.oversized-prompt", "surface.unpaged-listing",
     "core.reply-memory", "surface.dashboard-dos", "wire.timestamps", "core.status-feed",
+    # issues 15-18: the cockpit, secrets and TLS termination, the swarm
+    "surface.cockpit-stream", "surface.page-sandbox", "approval.hidden-grant", "notify.delivery",
+    "notify.slow-receiver", "notify.injection", "notify.redirect", "notify.flood", "notify.link",
+    "reset.planted-link", "secrets.store", "secrets.placeholder-elsewhere",
+    "secrets.read-from-cage", "egress.tls-sni-host", "egress.request-smuggling",
+    "egress.l7-bypass", "swarm-host-spoofing",
 }
 
 PLUGIN = r'''
