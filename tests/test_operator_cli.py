@@ -334,7 +334,9 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     out = json.loads(done.stdout)
     assert out["ok"] is True and str(hive.state_dir / "hive.db") in out["removed"]
     assert str(hive.state_dir / "agents") in out["removed"] and str(hive.run_dir / "agents") in out["removed"]
-    assert sorted(p.name for p in hive.state_dir.iterdir()) == []
+    assert str(hive.state_dir / "ca") in out["removed"]  # the hive CA: made again at start
+    # Only the operator's secrets are kept (hive secret rm removes them).
+    assert sorted(p.name for p in hive.state_dir.iterdir()) in ([], ["secrets"])
     assert sorted(p.name for p in hive.run_dir.iterdir()) == []
     # Up again, with --json: its progress as JSON lines, `ready` with the login URL.
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}

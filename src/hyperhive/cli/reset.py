@@ -2,9 +2,11 @@
 
 It removes, in the state dir, what a hive keeps there: ``hive.db`` (and its
 ``-wal``, ``-shm``, ``-journal``), ``operator.token``, ``agents/`` (every agent's home
-and its image) and ``priv/`` (hive-priv's name -> uid table); in the run dir, what a
+and its image), ``priv/`` (hive-priv's name -> uid table) and ``ca/`` (the hive CA the
+egress proxy terminates TLS with; a new one is made at the next start); in the run dir, what a
 stopped hive leaves there: ``priv.sock``, ``host.sock``, ``core.sock``, ``agents/``,
-``ui/`` and ``gateway/``. Nothing else, and never the host-wide uid registry
+``ui/`` and ``gateway/``. Nothing else: never ``secrets/`` (the operator's credentials,
+``hive secret rm`` removes them) and never the host-wide uid registry
 (``/var/lib/hyperhive/ids``): ids are still never reused.
 
 It holds ``hive up``'s own instance locks on both directories while it works, so it
@@ -35,7 +37,7 @@ from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from hyperhive.priv.cgroups import CGROUP_ROOT, GROUP, Cgroup, hive_key, is_v2
 
 STATE_ENTRIES = ("hive.db", "hive.db-wal", "hive.db-shm", "hive.db-journal", "operator.token")
-STATE_DIRS = ("agents", "priv")
+STATE_DIRS = ("agents", "priv", "ca")
 RUN_ENTRIES = ("priv.sock", "host.sock", "core.sock")
 RUN_DIRS = ("agents", "ui", "gateway")
 MNT_DETACH = 2
@@ -116,9 +118,10 @@ def reset(
 
     Removes the store (hive.db: agents, messages, questions, approvals, transcripts;
     ids start at 1 again), operator.token (a new login URL), agents/ (every agent's
-    home) and priv/ (its uid table) from the state dir, and the sockets, agents/,
+    home), priv/ (its uid table) and ca/ (the hive CA) from the state dir, and the sockets, agents/,
     ui/ and gateway/ a stopped hive leaves in the run dir. Refuses while a hive runs
-    there. Asks first on a terminal; elsewhere it needs --yes."""
+    there. Keeps secrets/ (use hive secret rm). Asks first on a terminal; elsewhere it
+    needs --yes."""
     run_dir = (reset_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR).absolute()
     state_dir = state_dir.absolute()
 
