@@ -618,11 +618,13 @@ def all_benchmarks() -> list[Callable[[Context], list[Row]]]:
     from cages import CAGE_BENCHMARKS  # type: ignore[import-not-found]
     from egress import EGRESS_BENCHMARKS  # type: ignore[import-not-found]
     from hostile import HOSTILE_BENCHMARKS  # type: ignore[import-not-found]
+    from scale import SCALE_BENCHMARKS  # type: ignore[import-not-found]
 
     # One agent writing all it may for a minute: minutes of load on purpose (and on
-    # today's main gigabytes in the core), so only with --only hostile.
-    OPT_IN.extend(HOSTILE_BENCHMARKS)
-    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS + HOSTILE_BENCHMARKS
+    # today's main gigabytes in the core), so only with --only hostile. A thousand cages
+    # (minutes, gigabytes): only with --only scale.
+    OPT_IN.extend(HOSTILE_BENCHMARKS + SCALE_BENCHMARKS)
+    return BENCHMARKS + CAGE_BENCHMARKS + EGRESS_BENCHMARKS + HOSTILE_BENCHMARKS + SCALE_BENCHMARKS
 
 
 # -- output ------------------------------------------------------------------------------
