@@ -550,18 +550,22 @@ def refusal(
     return lock, None
 
 
-async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
+async def run_hive(
+    config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
+) -> int:
     lock, problem = refusal(run_dir, state_dir, listen)
     if lock is None:
         print(f"hive: {problem}", file=sys.stderr, flush=True)
         return 1
     try:
-        return await run_locked(config, state_dir, run_dir, listen)
+        return await run_locked(config, state_dir, run_dir, listen, max_agents)
     finally:
         lock.release()
 
 
-async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
+async def run_locked(
+    config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
+) -> int:
     ensure_group(ADMIN_GROUP)
     ensure_user(CORE_USER)
     ensure_user(GATEWAY_USER)
@@ -605,7 +609,7 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
         group=CORE_USER,
         extra_groups=[ADMIN_GROUP, GATEWAY_USER],
     )
-    nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER)
+    nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER, max_agents)
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
     # of nginx's compiled-in paths or of the working directory is used.
     gateway = Supervised(
@@ -731,6 +735,9 @@ def up(
             "hive up must run as root: like systemd, it creates users, binds priv.sock "
             "and starts hive-priv; hive-core itself runs as user hive-core"
         )
+    from hyperhive.core.budget import fit_nofile
+
+    fit_nofile(cfg)  # [limits] max_agents' descriptors, for every child (LimitNOFILE's part)
     raise SystemExit(
         asyncio.run(
             run_hive(
@@ -738,6 +745,7 @@ def up(
                 state_dir.absolute(),
                 Path(run_dir).absolute(),
                 cfg.hive.listen,
+                cfg.limits.max_agents,
             )
         )
     )
