@@ -72,7 +72,9 @@ class Hive:
                 return
             if time.monotonic() > deadline:
                 break
-        raise RuntimeError(f"hive up did not get ready: {(self.base / 'up.log').read_text()[-2000:]}")
+        log = (self.base / "up.log").read_text(errors="replace").splitlines()
+        why = [ln for ln in log if " INFO " not in ln][-20:] or log[-20:]  # not the stops
+        raise RuntimeError("hive up did not get ready: " + "\n".join(why)[-3000:])
 
     def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
         with Client(self.host_sock) as c:
@@ -120,7 +122,7 @@ def bench_cage_start(ctx: Context) -> list[Row]:
         hive.start()
         hive.wait_running({"solo"})
         samples = []
-        for _ in range(ctx.n(20, 3)):
+        for _ in range(ctx.n(40, 3)):
             hive.call("stop", scope={"agent_names": ["solo"]})
             samples.append(_until_running(hive, "solo"))
         time.sleep(2)  # idle
@@ -130,9 +132,9 @@ def bench_cage_start(ctx: Context) -> list[Row]:
         hive.stop()
     ms = [s * 1000 for s in samples]
     return [
-        Row("cages", "cold start p50", percentile(ms, 50), "ms", Target("<=", 250), f"{len(ms)} starts"),
-        Row("cages", "cold start p99", percentile(ms, 99), "ms", None, f"{len(ms)} starts"),
-        Row("cages", "idle memory per cage", mem, "MiB", Target("<=", 40), "cgroup memory usage"),
+        Row("cages", "cold start p50", percentile(ms, 50), "ms", Target("<=", 60), f"{len(ms)} starts"),
+        Row("cages", "cold start p99", percentile(ms, 99), "ms", Target("<=", 100), f"{len(ms)} starts"),
+        Row("cages", "idle memory per cage", mem, "MiB", Target("<=", 10), "cgroup memory usage"),
     ]
 
 

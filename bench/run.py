@@ -699,10 +699,24 @@ def print_table(rows: list[Row], meta: dict[str, Any]) -> None:
     )
 
 
+def print_markdown(rows: list[Row], meta: dict[str, Any]) -> None:
+    print("| section | figure | value | target | | note |")
+    print("|---|---|---:|---|---|---|")
+    for r in rows:
+        flag = {None: "", True: "ok", False: "**MISS**"}[r.passed]
+        target = "" if r.target is None else r.target.text(r.unit)
+        print(f"| {r.section} | {r.name} | {_fmt(r.value)} {r.unit} | {target} | {flag} | {r.note} |")
+    print(f"\n{len(rows)} figures; {meta['wall_s']:.0f} s on {meta['cpus']} CPU(s), "
+          f"Python {meta['python']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke run, not figures")
     ap.add_argument("--json", action="store_true", help="print machine-readable results")
+    ap.add_argument(
+        "--markdown", action="store_true", help="print the table as Markdown (for the README)"
+    )
     ap.add_argument(
         "--profile-core",
         type=Path,
@@ -754,6 +768,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         print(json.dumps({"meta": meta, "figures": [r.as_json() for r in rows]}, indent=2))
+    elif args.markdown:
+        print_markdown(rows, meta)
     else:
         print_table(rows, meta)
     return 0

@@ -318,6 +318,8 @@ def retitle(last: str) -> None:
     with open("/proc/self/cmdline", "rb") as f:
         old = f.read()
     parts = old.split(b"\0")
+    if b"init" not in parts:
+        return  # not the layout python_argv made: leave it
     keep = parts[: parts.index(b"init")]  # python, its flags, -c and the boot line
     new = b"\0".join(keep) + b"\0" + last.encode() + b"\0"
     pad = end - start - len(new)

@@ -125,9 +125,11 @@ class Supervised:
         ready_prefix: str | None,
         ready_check: Callable[[], Awaitable[bool]] | None = None,
         own_group: bool = False,
+        ready_timeout: float = READY_TIMEOUT,
         **popen: Any,
     ) -> None:
         self.name = name
+        self.ready_timeout = ready_timeout
         self.argv = argv
         self.ready_prefix = ready_prefix
         self.ready_check = ready_check
@@ -154,7 +156,7 @@ class Supervised:
             **self.popen,
         )
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while self.ready_check is not None:
             if await self.ready_check():
                 break
@@ -175,7 +177,7 @@ class Supervised:
                 self.proc.kill()
                 await self.exited()
                 raise RuntimeError(
-                    f"{self.name} did not become ready within {READY_TIMEOUT:.0f} s"
+                    f"{self.name} did not become ready within {self.ready_timeout:.0f} s"
                 ) from None
             if not line:
                 code = await self.exited()
@@ -608,6 +610,8 @@ async def run_locked(
         user=CORE_USER,
         group=CORE_USER,
         extra_groups=[ADMIN_GROUP, GATEWAY_USER],
+        # The core is ready once it has started every agent: more time for more of them.
+        ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
     )
     nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER, max_agents)
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing

@@ -199,7 +199,7 @@ async def _serve_lines(
                     except WireError as e:
                         await _write(writer, error(str(e)))
                         continue
-                if decoded.get("cmd") in pipelined:
+                if _is_pipelined(decoded, pipelined):
                     objs, carried, overflow = await _take_pipelined(
                         reader, decoded, pace, pipelined
                     )
@@ -280,10 +280,15 @@ async def _take_pipelined(
         except WireError as e:
             objs.append(e)
             continue
-        if obj.get("cmd") not in pipelined:
+        if not _is_pipelined(obj, pipelined):
             return objs, obj, False
         objs.append(obj)
     return objs, None, False
+
+
+def _is_pipelined(obj: dict[str, Any], pipelined: frozenset[str]) -> bool:
+    cmd = obj.get("cmd")
+    return isinstance(cmd, str) and cmd in pipelined  # any JSON: {"cmd": []} is unhashable
 
 
 async def _reply(handle: Handler, obj: dict[str, Any] | WireError) -> dict[str, Any]:
