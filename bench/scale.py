@@ -22,7 +22,7 @@ from pathlib import Path
 from cages import PORT, Hive, _latency_between, _login  # type: ignore[import-not-found]
 from run import Context, Row, Target, percentile  # type: ignore[import-not-found]
 
-from hyperhive.client import priv_call
+from hyperhive.client import HiveUnavailable, priv_call
 from hyperhive.wire.priv import CageStatus
 
 
@@ -45,7 +45,7 @@ def _reachable(hive: Hive, names: set[str]) -> int:
     """How many of ``names`` the core reports running (its harness connected)."""
     try:
         rows = hive.call("agent_status")["agent_statuses"]
-    except (OSError, RuntimeError, ValueError):
+    except (OSError, RuntimeError, ValueError, HiveUnavailable):
         return 0
     return sum(1 for a in rows if a["name"] in names and a.get("running"))
 
