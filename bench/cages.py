@@ -20,6 +20,18 @@ from hyperhive.client import Client, priv_call
 from hyperhive.wire.priv import CageStatus
 
 HIVE = str(Path(sys.executable).parent / "hive")
+
+
+def _free_port() -> int:
+    """A port free now: other hives (another bench, the tests) may share this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = int(os.environ.get("HIVE_BENCH_PORT") or _free_port())
 REPLY_AT_ONCE = (
     "import json,os,socket,sys; m=json.load(sys.stdin); s=socket.socket(socket.AF_UNIX);"
     "s.connect(os.environ['HIVE_SOCKET']);"
@@ -49,9 +61,9 @@ class Hive:
     def start(self, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(
             [HIVE, "--run-dir", str(self.run_dir), "up", "--config", str(self.base / "hive.toml"),
-             "--state-dir", str(self.state_dir), "--listen", "127.0.0.1:18089"],
+             "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{PORT}"],
             stdout=subprocess.PIPE, stderr=open(self.base / "up.log", "wb"), stdin=subprocess.DEVNULL,
-            env={**os.environ, "HIVE_LOG_LEVEL": "WARNING"},
+            env={"HIVE_LOG_LEVEL": "WARNING", **os.environ},
         )
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
@@ -60,7 +72,9 @@ class Hive:
                 return
             if time.monotonic() > deadline:
                 break
-        raise RuntimeError(f"hive up did not get ready: {(self.base / 'up.log').read_text()[-2000:]}")
+        log = (self.base / "up.log").read_text(errors="replace").splitlines()
+        why = [ln for ln in log if " INFO " not in ln][-20:] or log[-20:]  # not the stops
+        raise RuntimeError("hive up did not get ready: " + "\n".join(why)[-3000:])
 
     def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
         with Client(self.host_sock) as c:
@@ -108,7 +122,7 @@ def bench_cage_start(ctx: Context) -> list[Row]:
         hive.start()
         hive.wait_running({"solo"})
         samples = []
-        for _ in range(ctx.n(20, 3)):
+        for _ in range(ctx.n(40, 3)):
             hive.call("stop", scope={"agent_names": ["solo"]})
             samples.append(_until_running(hive, "solo"))
         time.sleep(2)  # idle
@@ -118,9 +132,9 @@ def bench_cage_start(ctx: Context) -> list[Row]:
         hive.stop()
     ms = [s * 1000 for s in samples]
     return [
-        Row("cages", "cold start p50", percentile(ms, 50), "ms", Target("<=", 250), f"{len(ms)} starts"),
-        Row("cages", "cold start p99", percentile(ms, 99), "ms", None, f"{len(ms)} starts"),
-        Row("cages", "idle memory per cage", mem, "MiB", Target("<=", 40), "cgroup memory usage"),
+        Row("cages", "cold start p50", percentile(ms, 50), "ms", Target("<=", 60), f"{len(ms)} starts"),
+        Row("cages", "cold start p99", percentile(ms, 99), "ms", Target("<=", 100), f"{len(ms)} starts"),
+        Row("cages", "idle memory per cage", mem, "MiB", Target("<=", 10), "cgroup memory usage"),
     ]
 
 
@@ -174,7 +188,7 @@ def _login(hive: Hive) -> tuple[str, str]:
     import http.client
 
     token = (hive.state_dir / "operator.token").read_text().strip()
-    conn = http.client.HTTPConnection("127.0.0.1", 18089, timeout=10)
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
     conn.request("GET", f"/login?token={token}")
     resp = conn.getresponse()
     resp.read()
@@ -188,7 +202,7 @@ def _login(hive: Hive) -> tuple[str, str]:
 def _wrk(path: str, cookie: str, seconds: int) -> tuple[float, float]:
     """Requests/s and p99 (ms) from wrk, 2 threads, 32 connections."""
     out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-H", f"Cookie: {cookie}",
-                          f"http://127.0.0.1:18089{path}"], capture_output=True, text=True, check=True).stdout
+                          f"http://127.0.0.1:{PORT}{path}"], capture_output=True, text=True, check=True).stdout
     rps = float(out.split("Requests/sec:")[1].split()[0])
     p99 = out.split(" 99%")[1].split()[0]
     unit = 1000.0 if p99.endswith("s") and not p99.endswith("ms") and not p99.endswith("us") else 1.0
@@ -207,7 +221,7 @@ def _gateway(hive: Hive, ctx: Context) -> list[Row]:
     rps, p99 = _wrk("/api/state", cookie, ctx.n(10, 2))
     rows += [Row("gateway", "GET /api/state", rps, "req/s", Target(">=", 1000), "100 agents, wrk 2×32"),
              Row("gateway", "GET /api/state p99", p99, "ms", None, "")]
-    stream = http.client.HTTPConnection("127.0.0.1", 18089, timeout=10)
+    stream = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
     stream.request("GET", "/api/dashboard/stream", headers={"Cookie": cookie})
     sse = stream.getresponse()
     agent = Client(hive.run_dir / "agents" / "d0" / "agent.sock")
@@ -220,7 +234,7 @@ def _gateway(hive: Hive, ctx: Context) -> list[Row]:
                 line = sse.readline()
                 if line.startswith(b"data:") and json.loads(line[5:]).get("question", {}).get("id") == qid:
                     break
-            conn = http.client.HTTPConnection("127.0.0.1", 18089, timeout=10)
+            conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
             conn.request("GET", "/api/state", headers={"Cookie": cookie})  # … and the redraw's fetch
             conn.getresponse().read()
             asks.append((time.perf_counter() - t0) * 1000)
@@ -228,7 +242,7 @@ def _gateway(hive: Hive, ctx: Context) -> list[Row]:
             time.sleep(0.001)
             t1 = time.perf_counter()
             conn.request("POST", f"/answer-question/{qid}", body=f"answer=a{i}",
-                         headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": "http://127.0.0.1:18089",
+                         headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": f"http://127.0.0.1:{PORT}",
                                   "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
             conn.getresponse().read()
             got = agent.read()

@@ -27,13 +27,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from cages import Hive, _login  # type: ignore[import-not-found]
+from cages import PORT, Hive, _login  # type: ignore[import-not-found]
 from run import Context, Row, Target, percentile  # type: ignore[import-not-found]
 
 from hyperhive.wire.framing import MAX_LINE
 
 HOG, PEER = "hog", "hogpeer"
-PORT = 18089  # cages.Hive's gateway
+
 TEXT_MAX = 256 * 1024  # wire.common.Text
 SHORT_MAX = 4096  # wire.common.ShortText
 OPTIONS_MAX = 50  # wire.agent.Ask.options

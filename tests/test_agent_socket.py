@@ -205,6 +205,27 @@ def test_per_sender_order_over_200_messages(core: CoreProcess) -> None:
     assert len(got) == len(sent_alice) + len(sent_op)
 
 
+def test_pipelined_sends_keep_their_order_and_replies(core: CoreProcess) -> None:
+    """Sends written in one go are handled together (one commit, one write of replies):
+    each still gets its own reply, in request order, a malformed or refused line among
+    them its own refusal in its place, and a non-send after them sees them committed."""
+    a = core.agent("alice")
+    lines = [b'{"cmd":"send","to":"bob","body":"p%d"}\n' % i for i in range(40)]
+    lines[7] = b'{"cmd":"send","to":"bob"\n'  # malformed JSON
+    lines[13] = b'{"cmd":"send","to":"carol","body":"not a peer"}\n'
+    lines[20] = b"\n"  # blank: no reply
+    a.send_raw(b"".join(lines) + b'{"cmd":"whoami"}\n')
+    replies = [a.read() for _ in range(40)]  # 39 sends (one line blank) and the whoami
+    assert replies[-1]["ok"] and replies[-1]["name"] == "alice"
+    sends = replies[:-1]
+    assert not sends[7]["ok"] and not sends[13]["ok"], (sends[7], sends[13])
+    ids = [r["id"] for i, r in enumerate(sends) if i not in (7, 13)]
+    assert ids == sorted(ids) and len(set(ids)) == 37
+    got = recv_all(core, "bob")
+    want = [f"p{i}" for i in range(40) if i not in (7, 13, 20)]
+    assert [m["body"] for m in got] == want and [m["id"] for m in got] == ids
+
+
 # -- ask / answer ---------------------------------------------------------------------
 
 

@@ -259,8 +259,8 @@ def report_state(conn: Conn, init: InitChannel, runtime: Runtime) -> None:
     conn.call("harness_state", **state)
 
 
-def serve(path: str, init: InitChannel) -> None:
-    conn = Conn(path)
+def serve(path: str, init: InitChannel, conn: Conn | None = None) -> None:
+    conn = conn or Conn(path)
     stop = threading.Event()
     try:
         config = conn.call("harness_config")
@@ -288,13 +288,53 @@ def serve(path: str, init: InitChannel) -> None:
         conn.close()
 
 
+def serve_page_on_demand(web_socket: str, agent_socket: str) -> None:
+    """web.sock bound and listening now (the gateway reaches the page at once); the page's
+    code (http.server, email, Jinja2: ~3 MiB) loaded when its first request arrives, so
+    a cage nobody looks at never holds it."""
+    if not os.path.isdir(os.path.dirname(web_socket)):
+        return
+    from hyperhive.unixsock import bind_socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        bind_socket(sock, web_socket, mode=0o660)
+        sock.listen(5)  # socketserver's request_queue_size
+    except OSError as e:
+        sock.close()
+        log(f"no page: can't serve {web_socket}: {e}")
+        return
+
+    def on_first_request() -> None:
+        with selectors.DefaultSelector() as sel:  # until a connection is waiting
+            sel.register(sock, selectors.EVENT_READ)
+            sel.select()
+        # No TLS in the harness (the runtime's own TLS is its business): http.client
+        # imports ssl only if it can, and libssl would cost the cage ~1.3 MiB.
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # None: not importable
+        from hyperhive.cage.page import serve_page
+
+        serve_page(web_socket, agent_socket, sock)
+
+    threading.Thread(target=on_first_request, name="page", daemon=True).start()
+
+
 def main(args: list[str]) -> None:
     path = os.environ.get("HIVE_SOCKET", layout.AGENT_SOCKET)
     init = InitChannel(int(os.environ["HIVE_INIT_FD"]))
+    backoff = 0.05
+    first: Conn | None = None
+    while first is None:  # connected first: the agent runs from here (cold start's end) ...
+        try:
+            first = Conn(path)
+        except OSError:
+            time.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF)
+    # ... then the page and the egress bridge, whose imports (http.server: email, ssl) are
+    # most of the harness's start-up; the turn loop's first request waits for them.
     from hyperhive.cage.egress_bridge import serve_bridge
-    from hyperhive.cage.page import serve_page
 
-    serve_page(layout.WEB_SOCKET, path)
+    serve_page_on_demand(layout.WEB_SOCKET, path)
     try:
         serve_bridge()
     except OSError as e:  # e.g. the port is taken: turns still run, egress is refused
@@ -302,7 +342,8 @@ def main(args: list[str]) -> None:
     backoff = 0.05
     while True:
         try:
-            serve(path, init)
+            conn, first = first, None  # the first connection serves once
+            serve(path, init, conn)
         except (OSError, ConnectionError, ValueError) as e:
             # The core is (re)starting; the socket comes back in the same directory.
             if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):

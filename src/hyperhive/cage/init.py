@@ -14,8 +14,8 @@ first, not the cage's plumbing. On SIGTERM it exits, which ends the whole cage."
 
 from __future__ import annotations
 
-import argparse
 import ctypes
+import gc
 import json
 import os
 import selectors
@@ -24,14 +24,17 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
+from typing import NoReturn
 
 from hyperhive.cage import layout, seccomp
-from hyperhive.cage.setpriv import drop_to
+from hyperhive.cage.setpriv import become, drop_to
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
 MSG_MAX = 256 * 1024
 MAX_FDS = 3  # a spawn's stdin, stdout and stderr
+MAXFD = 1 << 20  # closerange's end in the harness's fork: past any descriptor init may hold
 
 # The capabilities init uses: setpriv changes uid and gid (SETUID, SETGID) and empties
 # the bounding set of what it starts (SETPCAP); kill() signals the runtime (KILL).
@@ -96,19 +99,20 @@ class Init:
         # while any member lives: a child left behind by a runtime that exited can still be
         # signalled through its group.
         self.groups: set[int] = set()
-        self.harness: subprocess.Popen[bytes] | None = None
+        self.harness: Forked | None = None
         self.channel: socket.socket | None = None
 
     def start_harness(self) -> None:
+        """The harness is a fork of init, not a new interpreter: it starts with the modules
+        init has loaded (no interpreter start-up, no setpriv exec: most of a cage's cold
+        start) and shares their pages until it writes them (a few MiB of every cage)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
-        self.harness = subprocess.Popen(
-            drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
-            stdin=subprocess.DEVNULL,
-            pass_fds=(theirs.fileno(),),
-            env=env,
-        )
+        gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
+        pid = os.fork()
+        if pid == 0:
+            run_harness(self.harness_uid, self.gid, theirs.fileno())  # never returns
         theirs.close()
+        self.harness = Forked(pid)
         self.channel = ours
 
     def spawn(self, req: dict, fds: list[int]) -> dict:
@@ -257,13 +261,96 @@ class Init:
             backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
 
 
+class Forked:
+    """The harness's process, as much of Popen as ``Init.run`` uses."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
+    """In init's fork: become the harness (as a fresh ``setpriv … python -m hyperhive.cage
+    harness`` would be) and run it; never returns. Init's signal handling and descriptors
+    are not the harness's; its capabilities and ids go before any harness code runs."""
+    code = 1
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_DFL)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.closerange(3, channel_fd)  # only stdio and the channel stay open
+        os.closerange(channel_fd + 1, MAXFD)
+        become(uid, gid)
+        os.environ["HIVE_INIT_FD"] = str(channel_fd)
+        retitle("harness")
+        from hyperhive.cage.harness import main as harness_main
+
+        harness_main([])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def retitle(last: str) -> None:
+    """Make this process's command line (``ps``, /proc/PID/cmdline) read as init's with
+    ``last`` in place of init's arguments: ``python3.11 -I -S -c <boot> harness``, as the
+    harness's own was when it was a program of its own. The bytes are rewritten where the
+    kernel reads them (arg_start..arg_end); Python keeps its own copy of argv."""
+    import ctypes  # here: only the harness's fork runs this
+
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (stat fields 48, 49)
+    with open("/proc/self/cmdline", "rb") as f:
+        old = f.read()
+    parts = old.split(b"\0")
+    if b"init" not in parts:
+        return  # not the layout python_argv made: leave it
+    keep = parts[: parts.index(b"init")]  # python, its flags, -c and the boot line
+    new = b"\0".join(keep) + b"\0" + last.encode() + b"\0"
+    pad = end - start - len(new)
+    if pad < 0 or len(old) != end - start:
+        return  # not the layout python_argv made: leave it
+    keep[-1] += b" " * pad  # spaces after the boot line: still the same program text
+    new = b"\0".join(keep) + b"\0" + last.encode() + b"\0"
+    ctypes.memmove(start, new, len(new))
+
+
+def parse_ids(args: list[str]) -> dict[str, int]:
+    """``--uid N --gid N --harness-uid N`` (hive-priv's argv, exactly these), without
+    argparse: its import is a tenth of init's start-up."""
+    want = ("--uid", "--gid", "--harness-uid")
+    ids: dict[str, int] = {}
+    try:
+        if len(args) != 2 * len(want):
+            raise ValueError
+        for flag, value in zip(args[::2], args[1::2], strict=True):
+            if flag not in want or flag in ids or not value.isdigit():
+                raise ValueError
+            ids[flag] = int(value)
+    except ValueError:
+        print("usage: cage-init --uid N --gid N --harness-uid N", file=sys.stderr)
+        raise SystemExit(2) from None
+    return ids
+
+
 def main(args: list[str]) -> None:
-    p = argparse.ArgumentParser(prog="cage-init")
-    p.add_argument("--uid", type=int, required=True)
-    p.add_argument("--gid", type=int, required=True)
-    p.add_argument("--harness-uid", type=int, required=True)
-    opts = p.parse_args(args)
-    if opts.uid == 0 or opts.harness_uid == 0 or opts.gid == 0:
+    ids = parse_ids(args)
+    if 0 in ids.values():
         print("cage-init: refusing to run anything as root", file=sys.stderr)
         raise SystemExit(2)
     confine_self()
@@ -275,4 +362,9 @@ def main(args: list[str]) -> None:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    Init(opts.uid, opts.gid, opts.harness_uid).run()
+    # The harness's own modules, loaded here once: every fork of the harness (the first and
+    # each restart) starts with them, their pages shared with init. Loading is all this
+    # does: no harness code runs in init.
+    import hyperhive.cage.harness  # noqa: F401
+
+    Init(ids["--uid"], ids["--gid"], ids["--harness-uid"]).run()

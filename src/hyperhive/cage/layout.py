@@ -52,4 +52,6 @@ def python_argv(*args: str) -> list[str]:
         f"import sys; sys.path[:0] = [{HIVE_SRC!r}, {HIVE_SITE!r}]; "
         "from hyperhive.cage.__main__ import main; main()"
     )
-    return [CAGE_PYTHON, "-I", "-c", boot, *args]
+    # -S: no site module. The cage's code is on the path set here; site would only add the
+    # host's dist-packages and read .pth files (a few ms of every start, and memory).
+    return [CAGE_PYTHON, "-I", "-S", "-c", boot, *args]

@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 
 from hyperhive import unixsock
 from hyperhive.display import dumps, visible_value
-from hyperhive.wire.timestamps import parse_timestamp
 
 # As the gateway sets it for this page (it drops the page's own): a sandbox, no script.
 CSP = (
@@ -54,6 +53,10 @@ def _templates() -> Any:
 
 def clock(at: float | str | None) -> str:
     """An egress log time as the page shows it (UTC, to the second); rows carry RFC 3339."""
+    # Here, not at the top: the module imports pydantic, which the harness otherwise never
+    # needs (~60 ms of its start and ~5 MiB of every idle cage).
+    from hyperhive.wire.timestamps import parse_timestamp
+
     return "" if at is None else time.strftime("%H:%M:%S", time.gmtime(parse_timestamp(at)))
 
 
@@ -69,9 +72,17 @@ class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
 
     daemon_threads = True
 
-    def __init__(self, path: str, handler: type[BaseHTTPRequestHandler]) -> None:
+    def __init__(
+        self,
+        path: str,
+        handler: type[BaseHTTPRequestHandler],
+        listener: socket.socket | None = None,
+    ) -> None:
         self.path = path  # before the base class binds
-        super().__init__(path, handler)
+        super().__init__(path, handler, bind_and_activate=listener is None)
+        if listener is not None:  # bound and listening already (the harness's, at its start)
+            self.socket.close()
+            self.socket = listener
 
     def server_bind(self) -> None:
         unixsock.bind_socket(self.socket, self.path, mode=0o660)
@@ -148,13 +159,16 @@ class PageHandler(BaseHTTPRequestHandler):
         self.send_body(200, "text/html; charset=utf-8", html.encode())
 
 
-def serve_page(web_socket: str, agent_socket: str) -> threading.Thread | None:
-    """Serve the page in a background thread; a cage without a page directory has no page."""
+def serve_page(
+    web_socket: str, agent_socket: str, listener: socket.socket | None = None
+) -> threading.Thread | None:
+    """Serve the page in a background thread; a cage without a page directory has no page.
+    ``listener``: web.sock, bound and listening already."""
     if not os.path.isdir(os.path.dirname(web_socket)):
         return None
     handler = type("Handler", (PageHandler,), {"agent_socket": agent_socket})
     try:
-        server = UnixHTTPServer(web_socket, handler)
+        server = UnixHTTPServer(web_socket, handler, listener)
     except OSError as e:
         print(f"harness: no page: can't serve {web_socket}: {e}", file=sys.stderr, flush=True)
         return None

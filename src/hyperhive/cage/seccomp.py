@@ -32,10 +32,8 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-import platform
 import socket
 import struct
-from dataclasses import dataclass
 
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_SECCOMP = 22
@@ -143,30 +141,34 @@ X32_SYSCALL_BIT = 0x40000000
 # -- the policy ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class In:
+# Plain classes, not dataclasses: the cage's init imports this module before it starts
+# the harness, and dataclasses (with inspect, tokenize, ...) cost it ~10 ms and ~1 MiB.
+class _Values:
+    __slots__ = ("arg", "mask", "values")
+
+    def __init__(self, arg: int, values: tuple[int, ...], mask: int = 0xFFFFFFFF) -> None:
+        self.arg, self.values, self.mask = arg, values, mask
+
+
+class In(_Values):  # not a base of NotIn: the compiler tells them apart with isinstance
     """Argument ``arg`` (its low 32 bits, and ``mask``) is one of ``values``."""
 
-    arg: int
-    values: tuple[int, ...]
-    mask: int = 0xFFFFFFFF
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
-class NotIn:
+class NotIn(_Values):
     """Argument ``arg`` (its low 32 bits, and ``mask``) is none of ``values``."""
 
-    arg: int
-    values: tuple[int, ...]
-    mask: int = 0xFFFFFFFF
+    __slots__ = ()
 
 
-@dataclass(frozen=True)
 class AnyBit:
     """Argument ``arg`` has any bit of ``mask`` set."""
 
-    arg: int
-    mask: int
+    __slots__ = ("arg", "mask")
+
+    def __init__(self, arg: int, mask: int) -> None:
+        self.arg, self.mask = arg, mask
 
 
 Cond = In | NotIn | AnyBit
@@ -270,7 +272,7 @@ POLICY: list[tuple[str, Check, int]] = [
 def rules(machine: str | None = None) -> dict[str, list[tuple[Check, int]]]:
     """The rows that apply on ``machine`` (some syscalls exist only on one), by syscall,
     in the table's order."""
-    nrs = SYSCALLS[machine or platform.machine()]
+    nrs = SYSCALLS[machine or os.uname().machine]
     out: dict[str, list[tuple[Check, int]]] = {}
     for name, check, action in POLICY:
         if name in nrs:
@@ -333,7 +335,7 @@ def _ret_errno(e: int) -> int:
 
 def program(machine: str | None = None) -> bytes:
     """The BPF program for this machine, as struct sock_filter[]."""
-    machine = machine or platform.machine()
+    machine = machine or os.uname().machine
     if machine not in ARCHES:
         raise OSError(f"no seccomp filter for {machine}")
     arch, max_known = ARCHES[machine]

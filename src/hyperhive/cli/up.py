@@ -160,9 +160,11 @@ class Supervised:
         ready_prefix: str | None,
         ready_check: Callable[[], Awaitable[bool]] | None = None,
         own_group: bool = False,
+        ready_timeout: float = READY_TIMEOUT,
         **popen: Any,
     ) -> None:
         self.name = name
+        self.ready_timeout = ready_timeout
         self.argv = argv
         self.ready_prefix = ready_prefix
         self.ready_check = ready_check
@@ -189,7 +191,7 @@ class Supervised:
             **self.popen,
         )
         assert self.proc.stdout is not None
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while self.ready_check is not None:
             if await self.ready_check():
                 break
@@ -210,7 +212,7 @@ class Supervised:
                 self.proc.kill()
                 await self.exited()
                 raise RuntimeError(
-                    f"{self.name} did not become ready within {READY_TIMEOUT:.0f} s"
+                    f"{self.name} did not become ready within {self.ready_timeout:.0f} s"
                 ) from None
             if not line:
                 code = await self.exited()
@@ -586,18 +588,22 @@ def refusal(
     return lock, None
 
 
-async def run_hive(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
+async def run_hive(
+    config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
+) -> int:
     lock, problem = refusal(run_dir, state_dir, listen)
     if lock is None:
         PROGRESS.error(str(problem))
         return 1
     try:
-        return await run_locked(config, state_dir, run_dir, listen)
+        return await run_locked(config, state_dir, run_dir, listen, max_agents)
     finally:
         lock.release()
 
 
-async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen: str) -> int:
+async def run_locked(
+    config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
+) -> int:
     ensure_group(ADMIN_GROUP)
     ensure_user(CORE_USER)
     ensure_user(GATEWAY_USER)
@@ -640,8 +646,10 @@ async def run_locked(config: Path | None, state_dir: Path, run_dir: Path, listen
         user=CORE_USER,
         group=CORE_USER,
         extra_groups=[ADMIN_GROUP, GATEWAY_USER],
+        # The core is ready once it has started every agent: more time for more of them.
+        ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
     )
-    nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER)
+    nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER, max_agents)
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
     # of nginx's compiled-in paths or of the working directory is used.
     gateway = Supervised(
@@ -780,12 +788,16 @@ def up(
                 "hive up must run as root: like systemd, it creates users, binds priv.sock "
                 "and starts hive-priv; hive-core itself runs as user hive-core"
             )
+        from hyperhive.core.budget import fit_nofile
+
+        fit_nofile(cfg)  # [limits] max_agents' descriptors, for every child (LimitNOFILE's part)
         code = asyncio.run(
             run_hive(
                 config.absolute() if config else None,
                 state_dir.absolute(),
                 Path(run_dir).absolute(),
                 cfg.hive.listen,
+                cfg.limits.max_agents,
             )
         )
     except click.ClickException as e:

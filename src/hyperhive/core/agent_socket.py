@@ -37,6 +37,11 @@ log = logging.getLogger("hive.core")
 _conn_ids = itertools.count(1)
 
 
+# Sends a peer has written in a row are handled together: one group commit, one write of
+# their replies (jsonlines._take_pipelined). Their effects and replies keep their order.
+PIPELINED = frozenset({"send"})
+
+
 def _msg(m: Message) -> dict[str, Any]:
     d = model_fields_only(m)
     d.pop("to", None)  # the recipient is the caller
@@ -261,7 +266,9 @@ class AgentSockets:
             try:
                 # A harness's long-polls end when it dies: it stops counting as running at once.
                 paced = (harness_pacer if is_harness else pacer).pace
-                await serve_lines(reader, writer, session.handle, limiter, is_harness, paced)
+                await serve_lines(
+                    reader, writer, session.handle, limiter, is_harness, paced, PIPELINED
+                )
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)

@@ -118,6 +118,29 @@ def plan(config: HiveConfig, nofile: int, tasks: int | None) -> Budget:
     return budget
 
 
+def gateway_connections(max_agents: int) -> int:
+    """nginx's worker_connections for ``max_agents``: each agent page the operator has open
+    holds a client and an upstream connection (and its SSE stream two more); 1024 at least."""
+    return max(1024, 8 * max_agents)
+
+
+def fit_nofile(config: HiveConfig) -> int:
+    """As root (``hive up``, before it starts anything): raise this process's RLIMIT_NOFILE,
+    which hive-priv, hive-core and nginx inherit, to what the core's budget for
+    ``[limits] max_agents`` needs (with nginx's worker connections twice over), as the
+    units' LimitNOFILE does in production. Never lowered; at most fs.nr_open. Returns the
+    limit in force."""
+    need = plan(config, 1 << 62, None).total_fds + 2 * gateway_connections(config.limits.max_agents)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < need:
+        new = min(need, _nr_open())
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, new))
+        except (ValueError, OSError):
+            pass  # not root: the core's own budget check says what is missing
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
 def raise_nofile() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard one (an unprivileged process may);
     return the soft limit now in force."""

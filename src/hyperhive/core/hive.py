@@ -86,6 +86,9 @@ class Lifecycle:
         return False
 
 
+RESUME_AT_ONCE = 4  # agents started at once at start-up (resume_agents)
+
+
 class Hive:
     def __init__(
         self, store: Store, config: HiveConfig, lifecycle: Lifecycle, bus: EventBus
@@ -933,12 +936,21 @@ class Hive:
     async def resume_agents(self) -> None:
         """At start-up: every agent not stopped by the operator runs again (a cage that
         still runs is found again); one that can't start is logged, not fatal."""
-        for row in self.store.agents.all():
-            if not row.stopped:
+        # A few at once: hive-priv serves each request on a thread of its own and locks
+        # per agent, so with hundreds of agents the start-up (and a restart's finding every
+        # running cage again) is not one cage after another.
+        gate = asyncio.Semaphore(RESUME_AT_ONCE)
+
+        async def resume(name: str) -> None:
+            async with gate:
                 try:
-                    await self.lifecycle.start(row.name, self)
+                    await self.lifecycle.start(name, self)
                 except Refused as e:
-                    log.error("agent %s did not start: %s", row.name, e)
+                    log.error("agent %s did not start: %s", name, e)
+
+        await asyncio.gather(
+            *(resume(row.name) for row in self.store.agents.all() if not row.stopped)
+        )
 
     async def after_create(self, name: str) -> None:
         log.info("agent %s created", name)

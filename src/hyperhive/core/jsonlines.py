@@ -130,11 +130,14 @@ async def serve_lines(
     limiter: ConnectionLimiter | None = None,
     watch_hangup: bool = False,
     pace: Callable[[int], Awaitable[None]] | None = None,
+    pipelined: frozenset[str] = frozenset(),
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
     soon as the peer hangs up, so the connection ends then and not when the poll would.
     ``limiter``: this listener's bound on connections per peer uid. ``pace``: awaited with
-    each line's size before it is decoded (the peer's byte rate)."""
+    each line's size before it is decoded (the peer's byte rate). ``pipelined``: verbs
+    whose requests, when the peer has sent several in a row already, are handled together
+    (see ``_take_pipelined``)."""
     uid = _peer_uid(writer) if limiter is not None else None
     if limiter is not None and uid is not None and not limiter.claim(uid):
         writer.write(
@@ -148,7 +151,7 @@ async def serve_lines(
         writer.close()
         return
     try:
-        await _serve_lines(reader, writer, handle, watch_hangup, pace)
+        await _serve_lines(reader, writer, handle, watch_hangup, pace, pipelined)
     finally:
         if limiter is not None and uid is not None:
             limiter.release(uid)
@@ -160,13 +163,19 @@ async def _serve_lines(
     handle: Handler,
     watch_hangup: bool,
     pace: Callable[[int], Awaitable[None]] | None,
+    pipelined: frozenset[str] = frozenset(),
 ) -> None:
     ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
+    # A request read (paced and decoded) ahead by _take_pipelined, not yet handled.
+    carried: dict[str, Any] | None = None
     try:
         while True:
+            decoded, carried = carried, None
             try:
                 if ahead is not None:
                     line, ahead = await ahead, None
+                elif decoded is not None:
+                    line = b"-"  # stands for the carried request: read and paced already
                 else:
                     line = await reader.readline()
             except ValueError:
@@ -178,11 +187,32 @@ async def _serve_lines(
                 return
             # Every line is paced, a blank one too (read and scanned all the same: 1 MiB of
             # spaces unpaced let one agent push ~470 MiB/s through the loop; red team round 4).
-            if pace is not None:
+            if pace is not None and decoded is None:
                 await pace(len(line))
             raw = line.rstrip(b"\r\n")
             if not raw.strip():
                 continue
+            if pipelined and not watch_hangup:
+                if decoded is None:
+                    try:
+                        decoded = _decode(raw)
+                    except WireError as e:
+                        await _write(writer, error(str(e)))
+                        continue
+                if _is_pipelined(decoded, pipelined):
+                    objs, carried, overflow = await _take_pipelined(
+                        reader, decoded, pace, pipelined
+                    )
+                    replies = await asyncio.gather(*(_reply(handle, o) for o in objs))
+                    writer.write(b"".join(map(dump_line, replies)))  # one write for them all
+                    await writer.drain()
+                    if overflow:
+                        await _write(
+                            writer,
+                            error(f"line exceeds {MAX_LINE} bytes; closing connection"),
+                        )
+                        return
+                    continue
             try:
                 if watch_hangup:
                     ahead = asyncio.ensure_future(reader.readline())
@@ -190,7 +220,7 @@ async def _serve_lines(
                     if reply is None:
                         return  # the peer hung up: nobody to reply to
                 else:
-                    reply = await handle(_decode(raw))
+                    reply = await handle(decoded if decoded is not None else _decode(raw))
             except (WireError, StoreError) as e:
                 reply = error(str(e))
             except Exception:
@@ -209,6 +239,73 @@ async def _serve_lines(
         if ahead is not None:
             ahead.cancel()
         writer.close()
+
+
+PIPELINE_MAX = 64  # requests of one connection handled together, at most
+
+
+async def _take_pipelined(
+    reader: asyncio.StreamReader,
+    first: dict[str, Any],
+    pace: Callable[[int], Awaitable[None]] | None,
+    pipelined: frozenset[str],
+) -> tuple[list[dict[str, Any] | WireError], dict[str, Any] | None, bool]:
+    """``first`` and the pipelined requests right after it that the peer has sent already
+    (whole lines in the reader's buffer: taking them never waits for the peer). Handled
+    together, their handlers start in order, so a verb that queues its work in order (a
+    send's group commit) keeps their order, and the replies go out in order in one write.
+    Returns the requests (a malformed one as its WireError, answered in its place), a
+    request read that is not one of them (handled next, as usual) and whether a line
+    overflowed."""
+    objs: list[dict[str, Any] | WireError] = [first]
+    while len(objs) < PIPELINE_MAX:
+        # asyncio's buffer, read-only: is the next line here already? (if the attribute
+        # ever goes, requests are simply handled one at a time again)
+        buffered = getattr(reader, "_buffer", b"")
+        if b"\n" not in buffered:
+            break
+        try:
+            line = await reader.readline()  # a whole line is buffered: returns at once
+        except ValueError:
+            if pace is not None:
+                await pace(MAX_LINE)
+            return objs, None, True
+        if pace is not None:
+            await pace(len(line))
+        raw = line.rstrip(b"\r\n")
+        if not raw.strip():
+            continue
+        try:
+            obj = _decode(raw)
+        except WireError as e:
+            objs.append(e)
+            continue
+        if not _is_pipelined(obj, pipelined):
+            return objs, obj, False
+        objs.append(obj)
+    return objs, None, False
+
+
+def _is_pipelined(obj: dict[str, Any], pipelined: frozenset[str]) -> bool:
+    cmd = obj.get("cmd")
+    return isinstance(cmd, str) and cmd in pipelined  # any JSON: {"cmd": []} is unhashable
+
+
+async def _reply(handle: Handler, obj: dict[str, Any] | WireError) -> dict[str, Any]:
+    """One pipelined request's reply line, whatever happens to it."""
+    if isinstance(obj, WireError):
+        return error(str(obj))
+    try:
+        reply = await handle(obj)
+    except (WireError, StoreError) as e:
+        return error(str(e))
+    except Exception:
+        log.exception("internal error handling a request")
+        return error("internal error; see the hive-core log")
+    if not isinstance(reply, dict):  # a pipelined verb never streams
+        log.error("a pipelined request got a stream; refused")
+        return error("internal error; see the hive-core log")
+    return reply
 
 
 async def _handle_watching(request: Awaitable[Reply], ahead: asyncio.Future[bytes]) -> Reply | None:

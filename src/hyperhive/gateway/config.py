@@ -64,7 +64,12 @@ PAGE_HIDDEN_HEADERS = (
 )
 
 
-def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> str:
+def render(
+    listen: str, run_dir: Path, gateway_dir: Path, user: str = USER, max_agents: int = 100
+) -> str:
+    """``max_agents``: [limits] max_agents, which sizes nginx's worker connections."""
+    from hyperhive.core.budget import gateway_connections
+
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(Path(__file__).parent)),
         autoescape=False,
@@ -75,6 +80,7 @@ def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> s
         run_dir=run_dir,
         gateway_dir=gateway_dir,
         user=user,
+        worker_connections=gateway_connections(max_agents),
         csp=CSP,
         page_csp=PAGE_CSP,
         bad_request=BAD_REQUEST,
@@ -82,7 +88,7 @@ def render(listen: str, run_dir: Path, gateway_dir: Path, user: str = USER) -> s
     )
 
 
-def write(listen: str, run_dir: Path, user: str = USER) -> Path:
+def write(listen: str, run_dir: Path, user: str = USER, max_agents: int = 100) -> Path:
     """Write RUN/gateway/nginx.conf (root's: the master reads it as root); the
     workers get RUN/gateway/tmp, which nginx hands to their user itself."""
     import grp
@@ -94,5 +100,5 @@ def write(listen: str, run_dir: Path, user: str = USER) -> Path:
     os.chown(gateway_dir, 0, grp.getgrnam(user).gr_gid)
     os.chmod(gateway_dir, 0o750)
     conf = gateway_dir / "nginx.conf"
-    conf.write_text(render(listen, run_dir, gateway_dir, user))
+    conf.write_text(render(listen, run_dir, gateway_dir, user, max_agents))
     return conf

@@ -1,0 +1,128 @@
+"""Many idle cages on one box (issue 17): `--only scale`. N agents (HIVE_BENCH_SCALE,
+default 1000; 4 with --quick), each a cage whose harness holds its agent.sock:
+
+  * `hive up` → every harness connected, and the memory the cages hold then;
+  * the core's and nginx's descriptors and threads against their limits;
+  * message p99 between two agents while all N run;
+  * the dashboard's first screen and /api/state, one request at a time, p99;
+  * hive-core killed (-9) with all N running → every agent reachable again.
+
+Minutes of work and gigabytes of memory at 1,000: only when named."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from cages import PORT, Hive, _latency_between, _login  # type: ignore[import-not-found]
+from run import Context, Row, Target, percentile  # type: ignore[import-not-found]
+
+from hyperhive.client import HiveUnavailable, priv_call
+from hyperhive.wire.priv import CageStatus
+
+
+def _pids(pattern: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _fds_threads(pid: int) -> tuple[int, int, int]:
+    """Open descriptors, threads and the soft RLIMIT_NOFILE of ``pid``."""
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    status = Path(f"/proc/{pid}/status").read_text()
+    threads = int(re.search(r"^Threads:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    limits = Path(f"/proc/{pid}/limits").read_text()
+    nofile = int(re.search(r"^Max open files\s+(\d+)", limits, re.M).group(1))  # type: ignore[union-attr]
+    return fds, threads, nofile
+
+
+def _reachable(hive: Hive, names: set[str]) -> int:
+    """How many of ``names`` the core reports running (its harness connected)."""
+    try:
+        rows = hive.call("agent_status")["agent_statuses"]
+    except (OSError, RuntimeError, ValueError, HiveUnavailable):
+        return 0
+    return sum(1 for a in rows if a["name"] in names and a.get("running"))
+
+
+def _get_p99(cookie: str, path: str, n: int) -> tuple[float, float]:
+    """p50 and p99 (ms) of ``n`` GETs of ``path`` through the gateway, one at a time."""
+    conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=30)
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        conn.request("GET", path, headers={"Cookie": cookie})
+        resp = conn.getresponse()
+        resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"GET {path}: {resp.status}")
+        samples.append((time.perf_counter() - t0) * 1000)
+    conn.close()
+    return percentile(samples, 50), percentile(samples, 99)
+
+
+def bench_scale(ctx: Context) -> list[Row]:
+    n = 4 if ctx.quick else int(os.environ.get("HIVE_BENCH_SCALE", "1000"))
+    names = {f"a{i}" for i in range(n)}
+    agents = {f"a{i}": {"command": ["true"], "peers": [f"a{(i + 1) % n}"]} for i in range(n)}
+    # The least each agent may cost the core (4 connections per uid, one tunnel): the budget
+    # that lets N agents fit this machine's descriptors (hive up raises NOFILE to it).
+    toml = (f"[limits]\nmax_agents = {n}\nmessages_per_second = 0\nagent_connections = 4\n\n"
+            "[egress]\nmax_connections = 1\n")
+    hive = Hive(agents, toml)
+    sect = f"scale: {n} cages"
+    rows: list[Row] = []
+    try:
+        t0 = time.perf_counter()
+        hive.start(timeout=1800)
+        hive.wait_running(names, timeout=1800)
+        up = time.perf_counter() - t0
+        rows.append(Row(sect, "hive up → every harness connected", up, "s",
+                        Target("<=", 60.0) if n >= 1000 else None, f"{n} cages"))
+        time.sleep(3)
+        status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus())
+        mem = [c.get("memory_bytes", 0) / 2**20 for c in status["cages"].values()]
+        rows.append(Row(sect, "idle memory per cage", sum(mem) / max(1, len(mem)), "MiB",
+                        Target("<=", 10.0), f"mean of {len(mem)}; {sum(mem) / 1024:.1f} GiB in all"))
+        (core,) = _pids(f"hyperhive.core --run-dir {hive.run_dir}")
+        fds, threads, nofile = _fds_threads(core)
+        rows.append(Row(sect, "hive-core descriptors", fds, "fds", Target("<=", nofile),
+                        f"{threads} threads; NOFILE {nofile}"))
+        conf = (hive.run_dir / "gateway" / "nginx.conf").read_text()
+        wc = int(re.search(r"worker_connections\s+(\d+)", conf).group(1))  # type: ignore[union-attr]
+        nginx = _pids(f"nginx: .*{hive.run_dir}/gateway") or _pids("nginx: worker")
+        worst = max((_fds_threads(p) for p in nginx), default=(0, 0, 0))
+        rows.append(Row(sect, "nginx descriptors (busiest)", worst[0], "fds", Target("<=", wc),
+                        f"worker_connections {wc}; NOFILE {worst[2]}"))
+        for name in ("a0", "a1"):  # the bench reads their inboxes itself
+            hive.call("set_paused", name=name, paused=True)
+        lat = _latency_between(hive, "a0", "a1", ctx.n(500, 20))
+        rows.append(Row(sect, "message p99", percentile(lat, 99), "ms", Target("<=", 10.0),
+                        f"p50 {percentile(lat, 50):.2f} ms, {len(lat)} messages"))
+        cookie, _ = _login(hive)
+        for path, what in (("/", "dashboard first screen"), ("/api/state", "GET /api/state")):
+            p50, p99 = _get_p99(cookie, path, ctx.n(50, 5))
+            rows.append(Row(sect, f"{what} p99", p99, "ms", Target("<=", 100.0),
+                            f"p50 {p50:.1f} ms, one at a time"))
+        # hive-core killed with every cage running: `hive up` starts it again, and each
+        # harness reconnects on its own (the sockets come back in the same directories).
+        os.kill(core, signal.SIGKILL)
+        t0 = time.perf_counter()
+        deadline = t0 + 300
+        while _reachable(hive, names) < n and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        back = time.perf_counter() - t0
+        got = _reachable(hive, names)
+        rows.append(Row(sect, "core restart → every agent reachable", back, "s",
+                        Target("<=", 5.0), f"{got}/{n} reachable; kill -9 of hive-core"))
+    finally:
+        hive.stop()
+    return rows
+
+
+SCALE_BENCHMARKS = [bench_scale]
