@@ -684,6 +684,7 @@ def bench_cockpit(ctx: Context) -> list[Row]:
         state = client.get("/api/state").json()
         total = len(state["agents"])
         for path, label in (("/", "first screen (GET /)"), ("/api/state", "GET /api/state")):
+            client.get(path)  # warm-up: the first one compiles the page's templates
             times, size = [], 0
             cpu0 = _cpu_seconds(ctx.core)
             for _ in range(rounds):
@@ -696,8 +697,9 @@ def bench_cockpit(ctx: Context) -> list[Row]:
             note = f"{total} agents, {rounds} requests over core.sock"
             rows += [
                 Row("cockpit", f"{label} p50", percentile(times, 50), "ms", None, note),
-                Row("cockpit", f"{label} p99", percentile(times, 99), "ms",
-                    Target("<=", 100.0) if path == "/" else None, note),
+                # Both at most 100 ms p99 at 1,000 agents (issues 15 and 17).
+                Row("cockpit", f"{label} p99", percentile(times, 99), "ms", Target("<=", 100.0),
+                    note),
                 # The core's own CPU per request: what the machine's load can't inflate.
                 Row("cockpit", f"{label} core CPU", cpu_ms, "ms/request", None, note),
                 Row("cockpit", f"{label} size", size / 1024, "KiB",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -131,6 +132,10 @@ async def run_core(opts: CoreOptions) -> None:
         store.schema_version,
     )
     print(f"hive-core: ready host.sock={opts.run_dir.host_sock} agents={n}", flush=True)
+    # What start-up made (modules, templates, the app) lives as long as the core: out of
+    # the collector's sight, a full collection no longer walks it (at 1,000 agents those
+    # pauses were the dashboard's p99).
+    gc.freeze()
 
     await stop.wait()
     log.info("shutting down (cages keep running)")
