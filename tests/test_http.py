@@ -335,6 +335,12 @@ def test_answer_reaches_the_agent(web: Web, login: Login) -> None:
     assert asked.get("ok"), asked
     qid = asked["id"]
     answer = "yes — ship it <b>now</b>"
+    # The agent page's free-text form asks the core to check the options, and says when
+    # an answer outside them is meant (as the dashboard's does).
+    page = web.get(f"/agent/{ECHO}/", login=login).text
+    form = page[page.index(f'id="q-{qid}"'):]
+    form = form[: form.index("</li>")]
+    assert 'name="check_options" value="1"' in form and 'name="other" value="1"' in form
 
     # As the agent page's inline form sends it: a plain form post, the token as a field.
     r = web.request("POST", f"/answer-question/{qid}", login=login, origin=web.origin,
@@ -480,6 +486,13 @@ def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, br
         expect(burst.locator("details.raw pre")).to_contain_text('"body": "live burst 3"')
         shot(page, "2-typing-through-a-burst")
 
+        # Not one of the offered options: refused (the page says why, the text stays) ...
+        with page.expect_response(lambda r: urlsplit(r.url).path == f"/answer-question/{qid}") as refused:
+            question.get_by_role("button", name="Answer").click()
+        assert refused.value.status == 422 and "is not one of question" in refused.value.text()
+        assert box.input_value() == "green, half typed"
+        # ... until the operator says it is meant.
+        question.locator('input[name="other"]').check()
         with page.expect_response(lambda r: urlsplit(r.url).path == f"/answer-question/{qid}") as answered:
             question.get_by_role("button", name="Answer").click()
         assert answered.value.status == 200, answered.value.text()
