@@ -34,7 +34,7 @@ AGENTS: dict[str, dict[str, Any]] = {
     SENDER: {"runtime": "command", "command": ["true"], "peers": [SLOW]},
     # Its first turn never ends: what is sent to it stays undelivered (the sender's quota).
     SLOW: {"runtime": "command", "command": ["sleep", "600"]},
-    FLOOD: {"runtime": "command", "command": ["true"]},
+    FLOOD: {"runtime": "command", "command": ["true"], "peers": [SLOW]},
 }
 
 
@@ -353,6 +353,45 @@ def test_pipelined_refusals_do_not_pile_up_in_the_cores_write_buffer(hive: HiveP
     res = box["res"]
     assert res["n"] == 32 and res["errors"] == ["field 'to': bad agent name 'éééééééééééé"], res
     assert grown < 24 * 1024, f"hive-core grew by {grown} KiB holding one connection's replies"
+
+
+KILLED = r"""
+lines = b"".join(json.dumps({"cmd": "send", "to": P["to"], "body": f"k{i:02d}"}).encode() + b"\n"
+                 for i in range(P["n"]))
+c = Conn()
+c.send(lines)
+replies = [c.line() for _ in range(P["n"])]
+open(os.path.join(os.environ["HOME"], "acked"), "w").close()  # the host kills the core now
+result(replies=replies)
+"""
+
+
+@pytest.mark.attack("wire.pipelining", ref=REF + "; SQLite WAL, synchronous=NORMAL (durable across a process kill)")
+def test_pipelined_sends_acknowledged_survive_kill_9_of_the_core(hive: HiveProcess) -> None:
+    """Sends handled together are acknowledged only once their one commit is done: the core
+    killed (-9) the moment the agent has its replies loses none of them."""
+    home = hive.home(FLOOD)
+    core = hive.core_pid()
+    assert core is not None
+    box: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: box.setdefault("res", cage_run(hive, FLOOD, KILLED, n=16, to=SLOW)))
+    t.start()
+    try:
+        wait_until(lambda: (home / "acked").exists() or not t.is_alive(), 60, "the replies")
+        os.kill(core, signal.SIGKILL)
+    finally:
+        t.join(60)
+    ids = [r["id"] for r in box["res"]["replies"]]
+    assert len(ids) == 16 and ids == sorted(ids)
+    wait_until(lambda: (pid := hive.core_pid()) and pid != core, 30, "hive up to restart hive-core")
+    hive.wait_running()
+    db = sqlite3.connect(f"file:{hive.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(f"SELECT id, body FROM messages WHERE id IN ({','.join('?' * 16)}) ORDER BY id",
+                          ids).fetchall()
+    finally:
+        db.close()
+    assert rows == [(i, f"k{k:02d}") for k, i in enumerate(ids)]
 
 
 # -- a harness init forks again --------------------------------------------------------------
