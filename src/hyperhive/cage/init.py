@@ -99,20 +99,35 @@ class Init:
         # while any member lives: a child left behind by a runtime that exited can still be
         # signalled through its group.
         self.groups: set[int] = set()
-        self.harness: Forked | None = None
+        self.harness: Forked | subprocess.Popen[bytes] | None = None
         self.channel: socket.socket | None = None
+        self.harness_starts = 0
 
     def start_harness(self) -> None:
-        """The harness is a fork of init, not a new interpreter: it starts with the modules
-        init has loaded (no interpreter start-up, no setpriv exec: most of a cage's cold
-        start) and shares their pages until it writes them (a few MiB of every cage)."""
+        """The first harness is a fork of init, not a new interpreter: it starts with the
+        modules init has loaded (no interpreter start-up, no setpriv exec: most of a cage's
+        cold start) and shares their pages until it writes them (a few MiB of every cage).
+        A restart (the last harness died: perhaps the runtime crashed it on purpose) is a
+        new interpreter exec'd through setpriv: every fork of init has init's address-space
+        layout and stack canary, which a crash-and-retry attack could learn bit by bit (as
+        against Android's zygote); each exec gets its own."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
-        pid = os.fork()
-        if pid == 0:
-            run_harness(self.harness_uid, self.gid, theirs.fileno())  # never returns
+        self.harness_starts += 1
+        if self.harness_starts > 1:
+            env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
+            self.harness = subprocess.Popen(
+                drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
+                stdin=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                env=env,
+            )
+        else:
+            gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
+            pid = os.fork()
+            if pid == 0:
+                run_harness(self.harness_uid, self.gid, theirs.fileno())  # never returns
+            self.harness = Forked(pid)
         theirs.close()
-        self.harness = Forked(pid)
         self.channel = ours
 
     def spawn(self, req: dict, fds: list[int]) -> dict:
