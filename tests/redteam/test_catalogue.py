@@ -43,7 +43,8 @@ REQUIRED = {
     "notify.slow-receiver", "notify.injection", "notify.redirect", "notify.flood", "notify.link",
     "reset.planted-link", "secrets.store", "secrets.placeholder-elsewhere",
     "secrets.read-from-cage", "egress.tls-sni-host", "egress.request-smuggling",
-    "egress.l7-bypass", "swarm-host-spoofing",
+    "egress.l7-bypass", "swarm-host-spoofing", "harness.fork-inheritance", "harness.dumpable",
+    "cage.planted-bytecode", "wire.pipelining",
 }
 
 PLUGIN = r'''
