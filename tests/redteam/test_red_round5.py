@@ -1,0 +1,195 @@
+"""Red team, round 5: TLS termination and L7 rules (issue 16) attacked from a real cage.
+
+One hive, one agent rtr5. A secret ``echo`` is bound for it to ``echo.test:443``
+(``authorization: Bearer {}``); ``l7.test:443`` is reachable only by the L7 rule
+``POST l7.test:443/comments/*``. Both names resolve (``[egress] hosts``) to one HTTPS
+server in a test network namespace that behaves like many real servers do:
+
+- it answers ``TRACE`` by echoing the request it received (RFC 9110 9.3.8; Apache's
+  ``TraceEnable on``, many appliances): behind a proxy that injects a secret, that is
+  an echo endpoint for the injected header (cross-site tracing, XST);
+- it honours ``X-HTTP-Method-Override`` (and ``X-HTTP-Method``, ``X-Method-Override``)
+  on a POST, as Google's APIs, ASP.NET Web API and many frameworks do: the method the
+  server acts on is not the one the L7 rule was checked against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from helpers import assert_ok
+from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
+from testnet import TestNet
+
+from .test_secrets_egress import TUNNEL, _cert, _pem, get
+
+KEY = "sk-live-ROUND5-" + "s3cr" * 8
+AGENT = "rtr5"
+NET = TestNet(97, prefix="hvr5")
+SERVER_ADDR = NET.address(2)
+HOSTS = {"echo.test": SERVER_ADDR, "l7.test": SERVER_ADDR}
+ENV_FILE = "turn-env.json"
+BINDING = """
+[[secret_binding]]
+secret = "echo"
+agents = ["rtr5"]
+to = "echo.test:443"
+header = "authorization: Bearer {}"
+env = "ECHO_TOKEN"
+"""
+REF_XST = "RFC 9110 9.3.8 (TRACE echoes the request); OWASP cross-site tracing (XST)"
+REF_OVERRIDE = "X-HTTP-Method-Override (Google APIs, ASP.NET); OWASP WSTG-CONF-06"
+
+# TRACE echoes the request as received; any method honours a method-override header.
+SERVER = r"""
+import json, ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ADDR, CERT, SEEN = sys.argv[1], sys.argv[2], sys.argv[3]
+OVERRIDES = ("x-http-method-override", "x-http-method", "x-method-override")
+
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *a):
+        pass
+
+    def _answer(self, body, ctype="text/plain"):
+        self.send_response(200)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_TRACE(self):
+        self._answer((self.requestline + "\r\n" + str(self.headers)).encode(), "message/http")
+
+    def _any(self):
+        n = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(n)
+        method = self.command
+        for h in OVERRIDES:
+            if self.headers.get(h) and method == "POST":
+                method = self.headers[h].upper()
+        with open(SEEN, "a") as f:
+            f.write(json.dumps({"method": method, "path": self.path}) + "\n")
+        self._answer(f"did {method} {self.path}".encode())
+
+    do_GET = do_POST = do_DELETE = do_PUT = do_HEAD = _any
+
+ThreadingHTTPServer.daemon_threads = True
+srv = ThreadingHTTPServer((ADDR, 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(CERT)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"""
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[tuple[Path, str]]:
+    d = Path(tempfile.mkdtemp(prefix="hvr5", dir="/tmp"))
+    os.chmod(d, 0o755)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = _cert("round5 upstream CA", ca_key, None, ca_key, None)
+    leaf = _cert("round5 server", key, ca, ca_key, list(HOSTS))
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "server.pem").write_bytes(_pem(key) + leaf.public_bytes(serialization.Encoding.PEM))
+    os.chmod(d / "ca.pem", 0o644)
+    yield d, ca.public_bytes(serialization.Encoding.PEM).decode()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def hive(certs: tuple[Path, str]) -> Iterator[HiveProcess]:
+    d, _ = certs
+    with NET as n:
+        n.serve(SERVER_ADDR, 443, [sys.executable, "-c", SERVER, SERVER_ADDR, str(d / "server.pem"),
+                                   str(d / "seen.jsonl")])
+        agents = {AGENT: {
+            "runtime": "command",
+            "command": ["python3", "-c", f"import json, os; json.dump(dict(os.environ), open({ENV_FILE!r}, 'w'))"],
+            "egress": ["echo.test:443", "POST l7.test:443/comments/*", f"{SERVER_ADDR}:443"],
+        }}
+        h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(d / "ca.pem")}})
+        h.config_path.write_text(h.config_path.read_text() + BINDING)
+        h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the binding
+        for hv in running_hive(h):
+            assert_ok(hv.host_call("secret_set", name="echo", value=KEY))
+            yield hv
+
+
+def _seen(certs: tuple[Path, str]) -> list[dict[str, Any]]:
+    path = certs[0] / "seen.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture(scope="module")
+def res(hive: HiveProcess, certs: tuple[Path, str]) -> dict[str, dict[str, Any]]:
+    """Every case, from one probe in rtr5's cage (one terminated connection each)."""
+    assert_ok(hive.host_call("send", to=AGENT, body="env please"))
+    env_file = hive.home(AGENT) / ENV_FILE
+    wait_until(env_file.exists, 60, "rtr5's turn to write its environment")
+    env = wait_until(lambda: _json(env_file), 10, "the environment file")
+    placeholder = env["ECHO_TOKEN"]
+    assert placeholder.startswith("hive-placeholder-") and KEY not in json.dumps(env)
+    auth = f"authorization: Bearer {placeholder}"
+    body = "Content-Length: 2\r\nContent-Type: application/json"
+    cases = {
+        # XST: the bound server echoes what it got, the injected header included
+        "bound-get": ("echo.test", "echo.test", get("/ok", "echo.test", auth)),
+        "trace": ("echo.test", "echo.test", get("/", "echo.test", auth, method="TRACE")),
+        "trace-lower": ("echo.test", "echo.test", get("/", "echo.test", auth, method="trace")),
+        "track": ("echo.test", "echo.test", get("/", "echo.test", auth, method="TRACK")),
+        # L7: the rule allows POST /comments/*; the server would act on the override
+        "l7-post": ("l7.test", "l7.test", get("/comments/1", "l7.test", body, method="POST") + "{}"),
+        "l7-override": ("l7.test", "l7.test",
+                        get("/comments/2", "l7.test", body, "X-HTTP-Method-Override: DELETE", method="POST") + "{}"),
+        "l7-x-http-method": ("l7.test", "l7.test",
+                             get("/comments/3", "l7.test", body, "X-HTTP-Method: PUT", method="POST") + "{}"),
+        "l7-x-method-override": ("l7.test", "l7.test",
+                                 get("/comments/4", "l7.test", body, "X-Method-Override: DELETE", method="POST") + "{}"),
+        "l7-head": ("l7.test", "l7.test", get("/comments/5", "l7.test", method="HEAD")),
+    }
+    return probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
+                                   test_ca=certs[1]))
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+@pytest.mark.attack("secrets.reflected", ref=REF_XST)
+def test_trace_to_a_bound_destination_never_echoes_the_secret(res: dict[str, dict[str, Any]]) -> None:
+    assert res["bound-get"]["status"] == 200 and res["bound-get"]["body"] == "did GET /ok", res
+    for case in ("trace", "trace-lower", "track"):
+        assert res[case]["status"] == 405, (case, res[case])
+        assert "TRACE" in res[case]["body"], res[case]
+    assert all(KEY not in json.dumps(r) for r in res.values()), res
+
+
+@pytest.mark.attack("egress.l7-bypass", ref=REF_OVERRIDE)
+def test_a_method_override_header_does_not_change_the_checked_method(
+    res: dict[str, dict[str, Any]], certs: tuple[Path, str]
+) -> None:
+    assert res["l7-post"]["status"] == 200 and res["l7-post"]["body"] == "did POST /comments/1", res
+    for case in ("l7-override", "l7-x-http-method", "l7-x-method-override"):
+        assert res[case]["status"] == 400 and "method override" in res[case]["body"], (case, res[case])
+    assert res["l7-head"]["status"] == 403, res["l7-head"]  # HEAD is not POST
+    done = {(s["method"], s["path"]) for s in _seen(certs) if s["path"].startswith("/comments/")}
+    assert ("POST", "/comments/1") in done
+    assert not {p for m, p in done if m != "POST" or p in ("/comments/2", "/comments/3", "/comments/4")}, done
