@@ -161,6 +161,13 @@ def res(hive: HiveProcess, certs: tuple[Path, str]) -> dict[str, dict[str, Any]]
         "l7-x-method-override": ("l7.test", "l7.test",
                                  get("/comments/4", "l7.test", body, "X-Method-Override: DELETE", method="POST") + "{}"),
         "l7-head": ("l7.test", "l7.test", get("/comments/5", "l7.test", method="HEAD")),
+        # L7: what the rule's check and the server could read two ways
+        "l7-fragment": ("l7.test", "l7.test", get("/comments/6#/../../admin", "l7.test", body, method="POST") + "{}"),
+        "l7-overlong-dot": ("l7.test", "l7.test",
+                            get("/comments/%C0%AE%C0%AE/admin", "l7.test", body, method="POST") + "{}"),
+        "l7-overlong-slash": ("l7.test", "l7.test",
+                              get("/comments/x%C0%AF..%C0%AFadmin", "l7.test", body, method="POST") + "{}"),
+        "l7-utf8": ("l7.test", "l7.test", get("/comments/%C3%A9", "l7.test", body, method="POST") + "{}"),
     }
     return probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
                                    test_ca=certs[1]))
@@ -193,3 +200,16 @@ def test_a_method_override_header_does_not_change_the_checked_method(
     done = {(s["method"], s["path"]) for s in _seen(certs) if s["path"].startswith("/comments/")}
     assert ("POST", "/comments/1") in done
     assert not {p for m, p in done if m != "POST" or p in ("/comments/2", "/comments/3", "/comments/4")}, done
+
+
+@pytest.mark.attack("egress.l7-bypass", ref="RFC 9112 3.2 (no fragment in a request target); "
+                    "CVE-2000-0884 and CVE-2008-2938 (overlong UTF-8 '.' and '/')")
+def test_a_fragment_or_an_overlong_escape_is_refused_not_read_one_way(
+    res: dict[str, dict[str, Any]], certs: tuple[Path, str]
+) -> None:
+    assert res["l7-utf8"]["status"] == 200 and res["l7-utf8"]["body"] == "did POST /comments/%C3%A9", res
+    assert res["l7-fragment"]["status"] == 400 and "'#'" in res["l7-fragment"]["body"], res["l7-fragment"]
+    for case in ("l7-overlong-dot", "l7-overlong-slash"):
+        assert res[case]["status"] == 400 and "UTF-8" in res[case]["body"], (case, res[case])
+    paths = {s["path"] for s in _seen(certs)}
+    assert not {p for p in paths if "#" in p or "%C0" in p}, paths
