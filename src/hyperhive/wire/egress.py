@@ -20,8 +20,8 @@ import fnmatch
 import ipaddress
 import re
 from dataclasses import dataclass
-from urllib.parse import unquote_to_bytes
 from typing import Annotated
+from urllib.parse import unquote_to_bytes
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
