@@ -28,11 +28,15 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from helpers import assert_ok
+from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
+from hyperhive.swarm import subjects as s
+from hyperhive.wire.common import SHORT_TEXT_CHARS
+from swarm_fixture import Swarm
 from testnet import TestNet
 
 from .test_secrets_egress import TUNNEL, _cert, _pem, get
+from .test_swarm_hostile import as_host_c
 
 KEY = "sk-live-ROUND5-" + "s3cr" * 8
 AGENT = "rtr5"
@@ -213,3 +217,34 @@ def test_a_fragment_or_an_overlong_escape_is_refused_not_read_one_way(
         assert res[case]["status"] == 400 and "UTF-8" in res[case]["body"], (case, res[case])
     paths = {s["path"] for s in _seen(certs)}
     assert not {p for p in paths if "#" in p or "%C0" in p}, paths
+
+
+# -- the swarm: a compromised host's roster rows (issue 18) ------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.attack("swarm-host-spoofing", ref="issue 18; docs/swarm.md, Permissions")
+def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(swarm: Swarm) -> None:
+    """Host c may write rows under agents.c.* (its own); the row's *value* is c's to say.
+    It names a's agent alice, with fields of the wrong type and a status text far over
+    what any agent may set: every host lists it as c's agent "x", with a bounded text."""
+    row = {"name": "alice", "host": "a", "running": "yes", "paused": {"a": 1},
+           "status_text": "A" * 200_000}
+    subject = f"$KV.{s.BUCKET}.{s.row_key('c', 'x')}"
+
+    async def attack(nc: Any) -> None:
+        await nc.publish(subject, json.dumps(row).encode())
+        await nc.flush()
+
+    assert as_host_c(swarm, attack) == []
+
+    def listed() -> list[dict[str, Any]]:
+        return [r for r in swarm.status("a")["agents"] if r["host"] == "c" and r["name"] in ("x", "alice")
+                and (r.get("status_text") or "").startswith("A")]
+
+    [got] = wait_for(listed, timeout=15)
+    assert got["name"] == "x" and got["host"] == "c", got
+    assert got["running"] is False and got["paused"] is False, got
+    assert len(got["status_text"]) <= SHORT_TEXT_CHARS, len(got["status_text"])
+    assert [r for r in swarm.status("a")["agents"] if r["name"] == "alice"] == [
+        r for r in swarm.status("a")["agents"] if r["name"] == "alice" and r["host"] == "a"]
