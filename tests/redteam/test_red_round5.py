@@ -27,6 +27,8 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from playwright.sync_api import Browser
+from playwright.sync_api import Error as PlaywrightError
 
 from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
@@ -34,7 +36,9 @@ from hyperhive.swarm import subjects as s
 from hyperhive.wire.common import SHORT_TEXT_CHARS
 from swarm_fixture import Swarm
 from testnet import TestNet
+from web_fixture import Web, browser  # noqa: F401 (fixture)
 
+from .test_red_round3 import PAGE_AGENT, ScriptPage
 from .test_secrets_egress import TUNNEL, _cert, _pem, get
 from .test_swarm_hostile import as_host_c
 
@@ -248,3 +252,43 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(swarm: Swarm) -
     assert len(got["status_text"]) <= SHORT_TEXT_CHARS, len(got["status_text"])
     assert [r for r in swarm.status("a")["agents"] if r["name"] == "alice"] == [
         r for r in swarm.status("a")["agents"] if r["name"] == "alice" and r["host"] == "a"]
+
+
+# -- the harness's page: a download from the operator's origin (issue 15) ----------------
+
+DOWNLOADS = {  # what a compromised harness answers, by path under /agent/rtcarol/page
+    "/": ("application/x-sh", "#!/bin/sh\necho run me\n"),
+    "/octet": ("application/octet-stream", "MZ\x00\x00binary"),
+    "/named": ('text/html; charset=utf-8\r\nContent-Disposition: attachment; filename="hive-fix.sh"',
+               "#!/bin/sh\necho run me\n"),
+    "/text": ("text/plain; charset=latin-1", "just text\n"),
+}
+
+
+@pytest.mark.attack("surface.page-download", ref="issue 15; reflected file download (Hafif, Black Hat EU 2014)")
+def test_the_harness_page_cannot_make_the_browser_download_a_file(rt: HiveProcess, browser: Browser) -> None:
+    """The operator opens rtcarol's page; its compromised harness answers with a file
+    (a shell script, octet-stream, a Content-Disposition naming it): a download from the
+    hive's own origin, named by the agent. The gateway shows every answer as a document."""
+    web = Web(rt)
+    ctx = browser.new_context(accept_downloads=True)
+    downloads: list[str] = []
+    got: dict[str, Any] = {}
+    try:
+        with ScriptPage(rt.run_dir / "ui" / PAGE_AGENT / "web.sock", DOWNLOADS):
+            tab = ctx.new_page()
+            tab.on("download", lambda d: downloads.append(d.suggested_filename))
+            tab.goto(web.login_url)
+            for path in DOWNLOADS:
+                try:
+                    resp = tab.goto(web.url(f"/agent/{PAGE_AGENT}/page{path}"))
+                    assert resp is not None
+                    got[path] = (resp.status, resp.headers.get("content-type"), resp.headers.get("content-disposition"))
+                except PlaywrightError as e:
+                    got[path] = str(e).splitlines()[0]
+    finally:
+        ctx.close()
+    assert downloads == [], (downloads, got)
+    for path in ("/", "/octet", "/named"):
+        assert got[path] == (200, "text/html; charset=utf-8", None), got
+    assert got["/text"] == (200, "text/plain; charset=utf-8", None), got
