@@ -175,6 +175,9 @@ def res(hive: HiveProcess, certs: tuple[Path, str]) -> dict[str, dict[str, Any]]
                             get("/comments/%C0%AE%C0%AE/admin", "l7.test", body, method="POST") + "{}"),
         "l7-overlong-slash": ("l7.test", "l7.test",
                               get("/comments/x%C0%AF..%C0%AFadmin", "l7.test", body, method="POST") + "{}"),
+        # L7 by the address: a CONNECT to l7.test's address (the rule that lets the proxy
+        # reach that private address at all), then TLS to l7.test inside
+        "l7-by-address": (SERVER_ADDR, "l7.test", get("/comments/7", "l7.test", method="DELETE")),
         "l7-utf8": ("l7.test", "l7.test", get("/comments/%C3%A9", "l7.test", body, method="POST") + "{}"),
     }
     return probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
@@ -207,7 +210,8 @@ def test_a_method_override_header_does_not_change_the_checked_method(
     assert res["l7-head"]["status"] == 403, res["l7-head"]  # HEAD is not POST
     done = {(s["method"], s["path"]) for s in _seen(certs) if s["path"].startswith("/comments/")}
     assert ("POST", "/comments/1") in done
-    assert not {p for m, p in done if m != "POST" or p in ("/comments/2", "/comments/3", "/comments/4")}, done
+    overridden = ("/comments/2", "/comments/3", "/comments/4", "/comments/5")
+    assert not {p for m, p in done if p in overridden}, done
 
 
 @pytest.mark.attack("egress.l7-bypass", ref="RFC 9112 3.2 (no fragment in a request target); "
@@ -292,3 +296,16 @@ def test_the_harness_page_cannot_make_the_browser_download_a_file(rt: HiveProces
     for path in ("/", "/octet", "/named"):
         assert got[path] == (200, "text/html; charset=utf-8", None), got
     assert got["/text"] == (200, "text/plain; charset=utf-8", None), got
+
+
+@pytest.mark.xfail(strict=True, reason="an address rule opening an L7 host's private address is a byte tunnel")
+@pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4; OpenShell L7 e2e (policy by name, CONNECT by IP)")
+def test_l7_rules_hold_when_the_destination_is_reached_by_its_address(
+    res: dict[str, dict[str, Any]], certs: tuple[Path, str]
+) -> None:
+    """l7.test resolves to a private address, which the proxy refuses unless a rule opens
+    it: so the operator writes ``198.18.97.2:443`` beside ``POST l7.test:443/comments/*``.
+    A CONNECT to that address is an address rule's byte tunnel: TLS to l7.test inside it,
+    any method and path, and no L7 check ever sees it."""
+    assert res["l7-by-address"]["status"] in (0, 403), res["l7-by-address"]
+    assert ("DELETE", "/comments/7") not in {(s["method"], s["path"]) for s in _seen(certs)}
