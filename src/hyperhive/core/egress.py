@@ -304,6 +304,29 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
     return addresses
 
 
+def l7_by_address(
+    rules: tuple[Rule, ...], host: str, port: int, addresses: list[IPAddress], resolver: Resolver
+) -> None:
+    """Refuse an address (an IP literal) that a name with L7 rules on ``port`` resolves
+    to: an address rule (which a private address needs beside the L7 rules) would make
+    it a byte tunnel, TLS to the name inside, and no request of it checked. Those names
+    are the operator's, so looking them up tells no one anything the agent chose."""
+    if destination(host, port)[1] is None:
+        return
+    plain = {r.name for r in rules if not r.l7 and r.name is not None and r.port == port}
+    for name in sorted({r.name for r in rules if r.l7 and r.port == port and r.name} - plain):
+        try:
+            theirs = resolver.resolve(name, port)
+        except Refusal:
+            continue
+        if set(theirs) & set(addresses):
+            raise Refusal(
+                403,
+                f"{_show(host, port)} is {name}'s address, which has L7 rules: reach it by"
+                " name (the proxy checks each request inside its TLS)",
+            )
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -643,6 +666,7 @@ class EgressProxy:
                 check_host_header(req)
                 rules = self.rules_for(agent)
                 addresses = check(rules, req.host, req.port, self.resolver)
+                l7_by_address(rules, req.host, req.port, addresses, self.resolver)
                 if self.plan_for is not None:
                     plan = self.plan_for(agent, req.host, req.port, rules)
                 if plan is not None and req.forward is not None and plan.rules is not None:
