@@ -46,7 +46,7 @@ KEY = "sk-live-ROUND5-" + "s3cr" * 8
 AGENT = "rtr5"
 NET = TestNet(97, prefix="hvr5")
 SERVER_ADDR = NET.address(2)
-HOSTS = {"echo.test": SERVER_ADDR, "l7.test": SERVER_ADDR}
+HOSTS = {"echo.test": SERVER_ADDR, "l7.test": SERVER_ADDR, "plain.test": SERVER_ADDR}
 ENV_FILE = "turn-env.json"
 BINDING = """
 [[secret_binding]]
@@ -128,7 +128,7 @@ def hive(certs: tuple[Path, str]) -> Iterator[HiveProcess]:
         agents = {AGENT: {
             "runtime": "command",
             "command": ["python3", "-c", f"import json, os; json.dump(dict(os.environ), open({ENV_FILE!r}, 'w'))"],
-            "egress": ["echo.test:443", "POST l7.test:443/comments/*", f"{SERVER_ADDR}:443"],
+            "egress": ["echo.test:443", "POST l7.test:443/comments/*", "plain.test:443", f"{SERVER_ADDR}:443"],
         }}
         h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(d / "ca.pem")}})
         h.config_path.write_text(h.config_path.read_text() + BINDING)
@@ -178,6 +178,8 @@ def res(hive: HiveProcess, certs: tuple[Path, str]) -> dict[str, dict[str, Any]]
         # L7 by the address: a CONNECT to l7.test's address (the rule that lets the proxy
         # reach that private address at all), then TLS to l7.test inside
         "l7-by-address": (SERVER_ADDR, "l7.test", get("/comments/7", "l7.test", method="DELETE")),
+        # L7 by another allowed name on the same address (a CDN, a virtual host)
+        "l7-by-other-name": ("plain.test", "l7.test", get("/comments/8", "l7.test", method="DELETE")),
         "l7-utf8": ("l7.test", "l7.test", get("/comments/%C3%A9", "l7.test", body, method="POST") + "{}"),
     }
     return probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
@@ -308,3 +310,15 @@ def test_l7_rules_hold_when_the_destination_is_reached_by_its_address(
     any method and path, and no L7 check ever sees it. Refused: the address is l7.test's."""
     assert "l7.test's address, which has L7 rules" in res["l7-by-address"].get("connect", ""), res["l7-by-address"]
     assert ("DELETE", "/comments/7") not in {(s["method"], s["path"]) for s in _seen(certs)}
+
+
+@pytest.mark.xfail(strict=True, reason="an L7 rule is on the name; another allowed name on the same address "
+                   "is a byte tunnel (fix: read the tunnel's ClientHello SNI and refuse an L7 or bound name)")
+@pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4; domain fronting (Fifield et al., PETS 2015)")
+def test_l7_rules_hold_through_another_name_on_the_same_address(
+    res: dict[str, dict[str, Any]], certs: tuple[Path, str]
+) -> None:
+    """plain.test (a plain rule) shares l7.test's address, as two sites on one CDN do: a
+    CONNECT to plain.test is a byte tunnel, and TLS with SNI l7.test inside it reaches
+    l7.test with any method and path."""
+    assert ("DELETE", "/comments/8") not in {(s["method"], s["path"]) for s in _seen(certs)}
