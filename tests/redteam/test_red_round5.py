@@ -182,8 +182,44 @@ def res(hive: HiveProcess, certs: tuple[Path, str]) -> dict[str, dict[str, Any]]
         "l7-by-other-name": ("plain.test", "l7.test", get("/comments/8", "l7.test", method="DELETE")),
         "l7-utf8": ("l7.test", "l7.test", get("/comments/%C3%A9", "l7.test", body, method="POST") + "{}"),
     }
-    return probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
-                                   test_ca=certs[1]))
+    out = probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
+                                  test_ca=certs[1]))
+    first = f"GET /first HTTP/1.1\r\nHost: echo.test\r\n{auth}\r\n\r\n"
+    second = get("/second", "l7.test", auth, f"Proxy-Authorization: Bearer {placeholder}")
+    out["keepalive"] = probe_result(hive.probe(AGENT, KEEPALIVE, timeout=60, first=first, second=second))
+    return out
+
+
+# In the cage: one terminated connection to echo.test, kept alive; the first request is
+# answered, then a second one names another Host (what a client's connection pool does).
+KEEPALIVE = """
+import ssl
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(b"CONNECT echo.test:443 HTTP/1.1\\r\\nHost: echo.test:443\\r\\n\\r\\n")
+head = b""
+while b"\\r\\n\\r\\n" not in head:
+    head += s.recv(4096)
+ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+t = ctx.wrap_socket(s, server_hostname="echo.test")
+t.sendall(P["first"].encode())
+first = b""
+while b"did GET /first" not in first:
+    chunk = t.recv(65536)
+    if not chunk:
+        break
+    first += chunk
+t.sendall(P["second"].encode())
+second = b""
+while True:
+    try:
+        chunk = t.recv(65536)
+    except OSError:
+        break
+    if not chunk:
+        break
+    second += chunk
+result(first=first.decode(errors="replace"), second=second.decode(errors="replace"))
+"""
 
 
 def _json(path: Path) -> Any:
@@ -322,3 +358,16 @@ def test_l7_rules_hold_through_another_name_on_the_same_address(
     CONNECT to plain.test is a byte tunnel, and TLS with SNI l7.test inside it reaches
     l7.test with any method and path."""
     assert ("DELETE", "/comments/8") not in {(s["method"], s["path"]) for s in _seen(certs)}
+
+
+@pytest.mark.attack("secrets.placeholder-elsewhere", ref="issue 16 item 3; HTTP/1.1 keep-alive (RFC 9112 9.3)")
+def test_a_kept_alive_connection_carries_the_secret_to_its_destination_only(
+    res: dict[str, dict[str, Any]], certs: tuple[Path, str]
+) -> None:
+    """Held: each request on a terminated connection is checked; the second, to another
+    Host after the first was answered, is refused and never reaches a server."""
+    ka = res["keepalive"]
+    assert "did GET /first" in ka["first"], ka
+    assert ka["second"].startswith("HTTP/1.1 403") and "the destination of this tunnel" in ka["second"], ka
+    assert "/second" not in {s["path"] for s in _seen(certs)}
+    assert KEY not in json.dumps(ka)
