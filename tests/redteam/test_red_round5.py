@@ -180,6 +180,7 @@ def res(hive: HiveProcess, certs: tuple[Path, str]) -> dict[str, dict[str, Any]]
         "l7-by-address": (SERVER_ADDR, "l7.test", get("/comments/7", "l7.test", method="DELETE")),
         # L7 by another allowed name on the same address (a CDN, a virtual host)
         "l7-by-other-name": ("plain.test", "l7.test", get("/comments/8", "l7.test", method="DELETE")),
+        "plain-tunnel": ("plain.test", "plain.test", get("/plain", "plain.test")),
         "l7-utf8": ("l7.test", "l7.test", get("/comments/%C3%A9", "l7.test", body, method="POST") + "{}"),
     }
     out = probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()},
@@ -348,15 +349,16 @@ def test_l7_rules_hold_when_the_destination_is_reached_by_its_address(
     assert ("DELETE", "/comments/7") not in {(s["method"], s["path"]) for s in _seen(certs)}
 
 
-@pytest.mark.xfail(strict=True, reason="an L7 rule is on the name; another allowed name on the same address "
-                   "is a byte tunnel (fix: read the tunnel's ClientHello SNI and refuse an L7 or bound name)")
 @pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4; domain fronting (Fifield et al., PETS 2015)")
 def test_l7_rules_hold_through_another_name_on_the_same_address(
     res: dict[str, dict[str, Any]], certs: tuple[Path, str]
 ) -> None:
     """plain.test (a plain rule) shares l7.test's address, as two sites on one CDN do: a
     CONNECT to plain.test is a byte tunnel, and TLS with SNI l7.test inside it reaches
-    l7.test with any method and path."""
+    l7.test with any method and path. The proxy reads the tunnel's ClientHello: SNI
+    naming a name with L7 rules, in another name's tunnel, is refused."""
+    assert "tls" in res["l7-by-other-name"], res["l7-by-other-name"]
+    assert res["plain-tunnel"]["status"] == 200 and res["plain-tunnel"]["body"] == "did GET /plain", res
     assert ("DELETE", "/comments/8") not in {(s["method"], s["path"]) for s in _seen(certs)}
 
 
