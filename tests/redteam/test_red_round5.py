@@ -15,6 +15,7 @@ server in a test network namespace that behaves like many real servers do:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -32,8 +33,10 @@ from playwright.sync_api import Error as PlaywrightError
 
 from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
+from hyperhive.core.egress import client_hello_sni, fronted_l7_name
 from hyperhive.swarm import subjects as s
 from hyperhive.wire.common import SHORT_TEXT_CHARS
+from hyperhive.wire.egress import parse_rules
 from swarm_fixture import Swarm
 from testnet import TestNet
 from web_fixture import Web, browser  # noqa: F401 (fixture)
@@ -373,3 +376,32 @@ def test_a_kept_alive_connection_carries_the_secret_to_its_destination_only(
     assert ka["second"].startswith("HTTP/1.1 403") and "the destination of this tunnel" in ka["second"], ka
     assert "/second" not in {s["path"] for s in _seen(certs)}
     assert KEY not in json.dumps(ka)
+
+
+def _client_hello(sni: str) -> bytes:
+    """The first TLS record a real client (Python's ssl) sends for ``sni``."""
+    import ssl
+
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.attack("egress.l7-bypass", ref="domain fronting; a ClientHello split over TLS records")
+def test_the_fronting_check_reads_a_real_client_hello_and_refuses_a_split_one() -> None:
+    """The parser behind the fronting refusal, on real ClientHellos (no cage: pure bytes).
+    Splitting the ClientHello over two records would hide its SNI from a one-record
+    reader: refused where the agent has L7 rules."""
+    rules = parse_rules(["POST l7.test:443/comments/*", "plain.test:443"])
+    hello = _client_hello("l7.test")
+    assert client_hello_sni(hello) == "l7.test"
+    assert client_hello_sni(_client_hello("plain.test")) == "plain.test"
+    assert fronted_l7_name(rules, "plain.test", 443, _client_hello("plain.test")) is None
+    assert "has L7 rules" in (fronted_l7_name(rules, "plain.test", 443, hello) or "")
+    body = hello[5:]
+    half = len(body) // 2
+    split = hello[:3] + half.to_bytes(2, "big") + body[:half]  # the first of two records
+    assert "not one whole ClientHello" in (fronted_l7_name(rules, "plain.test", 443, split) or "")
