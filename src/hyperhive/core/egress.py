@@ -770,7 +770,9 @@ class EgressProxy:
                 return
             if req.forward is None:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                if any(r.l7 for r in rules):
+                # (only on a port with L7 rules: a server-speaks-first protocol on
+                # another port must not wait for a ClientHello that never comes)
+                if any(r.l7 and r.port == req.port for r in rules):
                     rest = _first_record(conn, rest, time.monotonic() + HEAD_TIMEOUT)
                     conn.settimeout(None)
                     why = fronted_l7_name(rules, req.host, req.port, rest)
