@@ -304,6 +304,100 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
     return addresses
 
 
+def l7_by_address(
+    rules: tuple[Rule, ...], host: str, port: int, addresses: list[IPAddress], resolver: Resolver
+) -> None:
+    """Refuse an address (an IP literal) that a name with L7 rules on ``port`` resolves
+    to: an address rule (which a private address needs beside the L7 rules) would make
+    it a byte tunnel, TLS to the name inside, and no request of it checked. Those names
+    are the operator's, so looking them up tells no one anything the agent chose."""
+    if destination(host, port)[1] is None:
+        return
+    plain = {r.name for r in rules if not r.l7 and r.name is not None and r.port == port}
+    for name in sorted({r.name for r in rules if r.l7 and r.port == port and r.name} - plain):
+        try:
+            theirs = resolver.resolve(name, port)
+        except Refusal:
+            continue
+        if set(theirs) & set(addresses):
+            raise Refusal(
+                403,
+                f"{_show(host, port)} is {name}'s address, which has L7 rules: reach it by"
+                " name (the proxy checks each request inside its TLS)",
+            )
+
+
+TLS_RECORD_MAX = 5 + (1 << 14) + 2048  # a record's header, its largest body, slack
+
+
+def client_hello_sni(record: bytes) -> str | None:
+    """The server name a TLS ClientHello in ``record`` (one whole record) asks for; None
+    if it names none. ValueError if it is a handshake record but not one whole
+    ClientHello (split over records, a way to hide the name from this reader)."""
+    body = record[5 : 5 + int.from_bytes(record[3:5], "big")]
+    if len(body) < 4 or body[0] != 1 or 4 + int.from_bytes(body[1:4], "big") > len(body):
+        raise ValueError("not one whole ClientHello in the first TLS record")
+    hello = body[4 : 4 + int.from_bytes(body[1:4], "big")]
+    i = 2 + 32
+    i += 1 + hello[i] if i < len(hello) else 0  # session id
+    i += 2 + int.from_bytes(hello[i : i + 2], "big")  # cipher suites
+    i += 1 + hello[i] if i < len(hello) else 0  # compression methods
+    end = min(len(hello), i + 2 + int.from_bytes(hello[i : i + 2], "big"))
+    i += 2
+    while i + 4 <= end:
+        kind, size = (
+            int.from_bytes(hello[i : i + 2], "big"),
+            int.from_bytes(hello[i + 2 : i + 4], "big"),
+        )
+        i += 4
+        if kind == 0:  # server_name: list length, name type, name length, name
+            name = hello[i + 5 : i + 5 + int.from_bytes(hello[i + 3 : i + 5], "big")]
+            return name.decode("ascii", "replace").lower().removesuffix(".")
+        i += size
+    return None
+
+
+def fronted_l7_name(rules: tuple[Rule, ...], host: str, port: int, first: bytes) -> str | None:
+    """Why a byte tunnel to ``host:port`` whose client sent ``first`` (its first TLS
+    record) is refused, or None: its SNI names another name that has L7 rules on this
+    port (TLS to it inside another allowed name's tunnel: domain fronting)."""
+    plain = {r.name for r in rules if not r.l7 and r.name is not None and r.port == port}
+    l7 = {r.name for r in rules if r.l7 and r.port == port and r.name} - plain
+    if not l7 or not first or first[0] != 0x16:
+        return None
+    try:
+        sni = client_hello_sni(first)
+    except ValueError as e:
+        return f"{e} (this agent has L7 rules on port {port})"
+    if sni is not None and sni in l7 and sni != host:
+        return (
+            f"TLS to {sni} (which has L7 rules) inside a tunnel to {_show(host, port)}:"
+            f" connect to {sni} itself"
+        )
+    return None
+
+
+def _first_record(conn: socket.socket, have: bytes, deadline: float) -> bytes:
+    """At least the client's first TLS record (5-byte header and body), or what came
+    before the deadline or the end."""
+    data = have
+    while True:
+        if len(data) >= 5 and (
+            data[0] != 0x16 or len(data) >= 5 + int.from_bytes(data[3:5], "big")
+        ):
+            return data
+        if len(data) >= TLS_RECORD_MAX:
+            return data
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            chunk = conn.recv(TLS_RECORD_MAX - len(data))
+        except TimeoutError:
+            return data
+        if not chunk:
+            return data
+        data += chunk
+
+
 def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -643,6 +737,7 @@ class EgressProxy:
                 check_host_header(req)
                 rules = self.rules_for(agent)
                 addresses = check(rules, req.host, req.port, self.resolver)
+                l7_by_address(rules, req.host, req.port, addresses, self.resolver)
                 if self.plan_for is not None:
                     plan = self.plan_for(agent, req.host, req.port, rules)
                 if plan is not None and req.forward is not None and plan.rules is not None:
@@ -675,6 +770,16 @@ class EgressProxy:
                 return
             if req.forward is None:
                 conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                # (only on a port with L7 rules: a server-speaks-first protocol on
+                # another port must not wait for a ClientHello that never comes)
+                if any(r.l7 and r.port == req.port for r in rules):
+                    rest = _first_record(conn, rest, time.monotonic() + HEAD_TIMEOUT)
+                    conn.settimeout(None)
+                    why = fronted_l7_name(rules, req.host, req.port, rest)
+                    if why is not None:
+                        decision.allowed, decision.reason, decision.closed = False, why, True
+                        self._emit(decision)
+                        return
             else:
                 upstream.sendall(req.forward)
                 decision.bytes_up += len(req.forward)

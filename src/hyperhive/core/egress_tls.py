@@ -34,6 +34,13 @@ HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
 CHUNK = 256 * 1024
 DROP = {b"proxy-authorization", b"proxy-connection", b"keep-alive", b"expect"}
+# TRACE (and IIS's TRACK) make the server echo the request it received: with a secret
+# swapped in, the answer would carry it back to the cage (cross-site tracing). Refused in
+# any case spelling (some servers read methods case-insensitively).
+ECHO_METHODS = {"TRACE", "TRACK"}
+# Headers by which many servers (Google APIs, ASP.NET, Express's method-override) act on
+# another method than the request line's: an L7 rule checks the request line's.
+METHOD_OVERRIDES = {b"x-http-method-override", b"x-http-method", b"x-method-override"}
 
 
 @dataclass(frozen=True)
@@ -265,7 +272,17 @@ class Terminated:
         target = req.target.decode("ascii", "replace")
         if method == "CONNECT" or any(n == b"upgrade" for n, _ in req.headers):
             raise Refused(400, "CONNECT and protocol upgrades are not relayed inside TLS")
+        if method.upper() in ECHO_METHODS:
+            raise Refused(
+                405, f"{method[:20]}: TRACE and TRACK (the server echoes the request) are refused"
+            )
         if plan.rules is not None:
+            if any(n in METHOD_OVERRIDES for n, _ in req.headers):
+                raise Refused(
+                    400,
+                    "a method override header (X-HTTP-Method-Override, X-HTTP-Method,"
+                    " X-Method-Override) is refused where L7 rules check the method",
+                )
             try:
                 path = normal_path(target)
             except PathError as e:

@@ -27,6 +27,7 @@ BAD_REQUEST = (
 PAGE_HIDDEN_HEADERS = (
     "Set-Cookie",
     "Set-Cookie2",
+    "Content-Disposition",
     "Clear-Site-Data",
     "Service-Worker-Allowed",
     "Strict-Transport-Security",

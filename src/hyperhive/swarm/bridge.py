@@ -32,7 +32,7 @@ from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.outbox import Outgoing, SwarmStore
 from hyperhive.swarm.settings import SwarmSection
-from hyperhive.wire.common import Message
+from hyperhive.wire.common import SHORT_TEXT_CHARS, Message
 
 if TYPE_CHECKING:
     from hyperhive.core.hive import Hive
@@ -47,6 +47,22 @@ MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
 ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
+
+
+def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
+    """A roster row as this host keeps it. The value is the writing host's to say (NATS
+    only checks the key), so its name and host are the key's, its flags booleans and its
+    status text a string no longer than an agent may set (red team round 5: a hostile
+    host's row named another host's agent, with fields of any type and size)."""
+    text = row.get("status_text")
+    return {
+        "name": name,
+        "host": host,
+        "running": row.get("running") is True,
+        "paused": row.get("paused") is True,
+        "status_text": text[:SHORT_TEXT_CHARS] if isinstance(text, str) else None,
+        "seen": time.time(),
+    }
 
 
 def bundles(batch: list[Outgoing]) -> list[list[Outgoing]]:
@@ -398,9 +414,5 @@ class Bridge:
                 assert value is not None
                 with contextlib.suppress(ValueError):
                     row = json.loads(value)
-                    if isinstance(row, dict):
-                        self.rows[(parts[1], parts[2])] = {
-                            **row,
-                            "host": parts[1],
-                            "seen": time.time(),
-                        }
+                    if isinstance(row, dict) and NAME_RE.fullmatch(parts[2]):
+                        self.rows[(parts[1], parts[2])] = roster_row(parts[1], parts[2], row)

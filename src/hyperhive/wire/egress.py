@@ -21,6 +21,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Annotated
+from urllib.parse import unquote_to_bytes
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -189,8 +190,13 @@ def normal_path(target: str) -> str:
     """A request target as L7 rules see it: the path without the query, with the escapes
     of harmless characters decoded. Anything two servers could read two ways is refused,
     not guessed: a ';' (path parameters), an escaped '/', '\\', '.', '%' or control
-    character, '//', a dot segment, a target that is not origin-form."""
-    path = target.partition("?")[0].partition("#")[0]
+    character, escapes that are not UTF-8, '//', a dot segment, a '#', a target that is
+    not origin-form."""
+    if "#" in target:
+        # Not part of a request target (RFC 9112 3.2): one server ends the path there,
+        # another keeps it (and resolves the dot segments after it: /ok#/../../admin).
+        raise PathError("a '#' (fragment) in the request target is refused")
+    path = target.partition("?")[0]
     if not path.startswith("/"):
         raise PathError("the request target must be a path (origin-form)")
     if ";" in path:
@@ -207,6 +213,12 @@ def normal_path(target: str) -> str:
     path = _PCT.sub(decode, path)
     if "%" in _PCT.sub("", path):
         raise PathError("a '%' that is not an escape")
+    try:
+        unquote_to_bytes(path).decode("utf-8")
+    except UnicodeDecodeError:
+        # An overlong form (%C0%AE is '.', %C0%AF '/') reads as that character on some
+        # servers (IIS, old JVMs): a dot segment or a slash the check above never saw.
+        raise PathError("escapes that are not valid UTF-8 (an overlong '.' or '/')") from None
     if "//" in path or any(seg in (".", "..") for seg in path.split("/")):
         raise PathError("'//' or a dot segment in the path is refused")
     return path
