@@ -44,7 +44,7 @@ REQUIRED = {
     "reset.planted-link", "secrets.store", "secrets.placeholder-elsewhere",
     "secrets.read-from-cage", "egress.tls-sni-host", "egress.request-smuggling",
     "egress.l7-bypass", "swarm-host-spoofing", "harness.fork-inheritance", "harness.dumpable",
-    "cage.planted-bytecode", "wire.pipelining",
+    "cage.planted-bytecode", "wire.pipelining", "secrets.reflected", "surface.page-download",
 }
 
 PLUGIN = r'''
