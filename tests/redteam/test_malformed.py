@@ -413,7 +413,8 @@ def test_malformed_and_slow_requests_on_egress_sock(rt: HiveProcess, world: Worl
     requests = {k: v[0] for k, v in EGRESS_BAD.items()}
     with unchanged(rt), others_keep_working(rt):
         res = cage_run(rt, "rtcarol", EGRESS, requests=requests, slow=True, timeout=120)
-    assert res["sockets"] == ["agent.sock", "egress.sock"]
+    # The two hive sockets, and the hive CA's certificate and bundle (public; issue 16).
+    assert res["sockets"] == ["agent.sock", "ca-bundle.pem", "egress.sock", "hive-ca.pem"]
     replies = res["replies"]
     for label, (_, status, body) in EGRESS_BAD.items():
         assert replies[label][:2] == [status, body], (label, replies[label])
