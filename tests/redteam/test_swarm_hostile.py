@@ -124,6 +124,20 @@ def test_host_cannot_write_another_hosts_roster_rows(swarm: Swarm) -> None:
     violation(as_host_c(swarm, attack), f'publish to "{subject}"')
 
 
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 5: the roster bucket had no size limits")
+def test_host_cannot_write_an_oversized_roster_row(swarm: Swarm) -> None:
+    """Its own row key, but a value over the bucket's limit: JetStream refuses it."""
+    subject = f"$KV.{s.BUCKET}.{s.row_key('c', 'bulky')}"
+    replies: list[dict[str, Any]] = []
+
+    async def attack(nc: Any) -> None:
+        reply = await nc.request(subject, b"x" * (s.ROSTER_VALUE_BYTES + 1), timeout=10)
+        replies.append(json.loads(reply.data))
+
+    assert as_host_c(swarm, attack) == []  # its own key: no permission error ...
+    assert "error" in replies[0] and "size" in replies[0]["error"]["description"], replies
+
+
 def test_own_subject_claiming_another_hosts_agent_is_dropped(swarm: Swarm) -> None:
     """NATS lets c publish on its own subject; b checks the claimed sender against the
     roster (alice is a's) and drops it: bob never sees a forged alice."""

@@ -110,7 +110,17 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
         )
         for host in hosts
     ]
+    # Bounded, so a hostile host can't fill the cluster's storage (or every host's roster
+    # cache) with its own rows: one row is at most ROSTER_VALUE_BYTES, all of them together
+    # at most ROSTER_BUCKET_BYTES (red team round 5).
     bucket = js.create_key_value(
-        KeyValueConfig(bucket=s.BUCKET, history=1, replicas=replicas, storage=StorageType.FILE)
+        KeyValueConfig(
+            bucket=s.BUCKET,
+            history=1,
+            replicas=replicas,
+            storage=StorageType.FILE,
+            max_value_size=s.ROSTER_VALUE_BYTES,
+            max_bytes=s.ROSTER_BUCKET_BYTES,
+        )
     )
     await asyncio.gather(*consumers, bucket)  # each is a round of the cluster's consensus

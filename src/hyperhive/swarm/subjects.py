@@ -8,6 +8,10 @@ MSG_ROOT = "hive.msg"
 BUCKET = "HIVE_ROSTER"
 KV_STREAM = f"KV_{BUCKET}"
 MAX_AGE_SECONDS = 7 * 24 * 3600  # a host may be away this long before its mail expires
+# A roster row is an agent's name, host, flags and status text (at most 4,096 characters,
+# up to 6 bytes each as JSON): 64 KiB holds any; the bucket holds 2,048 of the largest.
+ROSTER_VALUE_BYTES = 64 << 10
+ROSTER_BUCKET_BYTES = 128 << 20
 DEDUP_SECONDS = 600  # JetStream drops a republished Nats-Msg-Id within this window
 ACK_WAIT_SECONDS = 5.0  # a pulled message not acked within this is redelivered
 REPLICAS = 3
