@@ -635,13 +635,6 @@ BENCHMARKS: list[Callable[[Context], list[Row]]] = [
 ]
 
 
-def _cpu_seconds(core: Core) -> float:
-    """The core process's CPU time so far (user + system), from /proc."""
-    assert core.proc is not None
-    fields = Path(f"/proc/{core.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 COCKPIT_AGENTS = 1000  # agent rows put into the store for the cockpit's figures
 
 
@@ -686,14 +679,14 @@ def bench_cockpit(ctx: Context) -> list[Row]:
         for path, label in (("/", "first screen (GET /)"), ("/api/state", "GET /api/state")):
             client.get(path)  # warm-up: the first one compiles the page's templates
             times, size = [], 0
-            cpu0 = _cpu_seconds(ctx.core)
+            cpu0 = _cpu_seconds(ctx.core.proc.pid)
             for _ in range(rounds):
                 t0 = time.perf_counter()
                 r = client.get(path)
                 times.append((time.perf_counter() - t0) * 1000)
                 assert r.status_code == 200, (path, r.status_code, r.text[:200])
                 size = len(r.content)
-            cpu_ms = (_cpu_seconds(ctx.core) - cpu0) * 1000 / rounds
+            cpu_ms = (_cpu_seconds(ctx.core.proc.pid) - cpu0) * 1000 / rounds
             note = f"{total} agents, {rounds} requests over core.sock"
             rows += [
                 Row("cockpit", f"{label} p50", percentile(times, 50), "ms", None, note),

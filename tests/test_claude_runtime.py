@@ -360,7 +360,9 @@ def by_turn(entries: list[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
 
 
 def test_caged_claude_agent_needs_login_and_shows_its_model(claude_hive: HiveProcess) -> None:
-    row = claude_hive.agent_status()[REAL]
+    # needs_login is the harness's report, which comes just after it connects.
+    row = wait_until(lambda: (lambda r: r if r["needs_login"] else None)(claude_hive.agent_status()[REAL]),
+                     30, "the harness's needs_login report")
     assert (row["running"], row["needs_login"], row["active_model"]) == (True, True, MODEL)
     assert not (claude_hive.home(REAL) / ".claude" / ".credentials.json").exists()
 

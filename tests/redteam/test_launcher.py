@@ -348,6 +348,8 @@ SOLO = {"lnsolo": {"runtime": "command", "command": ["true"]}}
 def test_a_second_hive_on_dirs_in_use_is_refused_and_changes_nothing(launch: Any, shared: str) -> None:
     first = launch(SOLO if shared == "run" else {})
     assert first.proc is not None
+    if shared == "run":  # its cage settled (the harness makes its files as it comes up)
+        first.wait_running()
     before = snapshot(first)
     second = launch(start=False)
     if shared in ("run", "both"):

@@ -506,7 +506,7 @@ HTTP_REFUSALS: list[tuple[str, dict[str, str], int, str]] = [
      "field 'name': bad agent name 'BAD': must match ^[a-z][a-z0-9-]{0,30}$"),
     ("/api/agents/nosuch/egress/allow", {"rule": "example.com:443"}, 404, "no agent named 'nosuch'"),
     ("/api/agents/rtmule/egress/allow", {"rule": "not a rule"}, 422,
-     "field 'rule': expected HOST:PORT, got 'not a rule'"),
+     "field 'rule': an L7 rule starts with an upper-case method or '*': 'not a rule'"),
     ("/api/agents/rtmule/egress/remove", {"rule": "nope.example:443"}, 409,
      "rtmule has no egress rule 'nope.example:443'"),
     ("/api/spawn", {"name": "rtmule", "spec": SPEC}, 409, "an agent named 'rtmule' already exists"),
