@@ -375,8 +375,28 @@ def test_answer_reaches_the_agent(web: Web, login: Login) -> None:
         assert_one_line_reason(r)
 
 
+def test_no_page_tokens_any_more(web: Web, login: Login) -> None:
+    """Agent pages used to hold a token derived from the session's (a compromised harness
+    saw it). The operator's view of an agent is now the core's, and the harness's page is
+    sandboxed and gets nothing: the gateway's auth subrequest hands out no token, a
+    page-token-shaped value is just a wrong token, and the core's page answers with the
+    session's own, back to the page the form was on."""
+    r = web.get("/auth", login=login)
+    assert r.status_code == 204 and "x-csrf-token" not in r.headers, r.headers
+    mine = web.hive.agent_call(ECHO, "ask", to="operator", question="mine?")["id"]
+    with unchanged(web.hive):
+        r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
+                        data={"csrf_token": f"page.{ECHO}." + "0" * 32, "answer": "x"})
+    assert r.status_code == 403 and "missing or wrong CSRF token" in r.text, r.text
+    r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
+                    headers={"Referer": web.url(f"/agent/{ECHO}/")},
+                    data={"csrf_token": login.csrf, "answer": "yes"})
+    assert r.status_code == 303 and r.headers["location"] == f"/agent/{ECHO}/", r.text
+    assert mine not in [q["id"] for q in web.hive.host_call("questions")["questions"]]
+
+
 def test_sessions_outlive_a_core_restart(web: Web) -> None:
-    """Last in this module: it kills hive-core (hive up starts it again)."""
+    """It kills hive-core (hive up starts it again) and waits for the agents to settle."""
     import hashlib
     import os
     import signal
@@ -396,6 +416,7 @@ def test_sessions_outlive_a_core_restart(web: Web) -> None:
     assert hashlib.sha256(ended.cookie.encode()).hexdigest() not in stored
     assert kept.cookie not in stored
 
+    running = {name: row["running"] for name, row in web.hive.agent_status().items()}
     pid = web.hive.core_pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
@@ -413,26 +434,9 @@ def test_sessions_outlive_a_core_restart(web: Web) -> None:
     assert web.request("POST", "/logout", login=kept, csrf="x" * 43, origin=web.origin).status_code == 403
     assert web.request("POST", "/logout", login=kept, csrf=kept.csrf, origin=web.origin).status_code == 303
     assert web.get("/api/state", login=kept).status_code == 401
-
-
-def test_no_page_tokens_any_more(web: Web, login: Login) -> None:
-    """Agent pages used to hold a token derived from the session's (a compromised harness
-    saw it). The operator's view of an agent is now the core's, and the harness's page is
-    sandboxed and gets nothing: the gateway's auth subrequest hands out no token, a
-    page-token-shaped value is just a wrong token, and the core's page answers with the
-    session's own, back to the page the form was on."""
-    r = web.get("/auth", login=login)
-    assert r.status_code == 204 and "x-csrf-token" not in r.headers, r.headers
-    mine = web.hive.agent_call(ECHO, "ask", to="operator", question="mine?")["id"]
-    with unchanged(web.hive):
-        r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
-                        data={"csrf_token": f"page.{ECHO}." + "0" * 32, "answer": "x"})
-    assert r.status_code == 403 and "missing or wrong CSRF token" in r.text, r.text
-    r = web.request("POST", f"/answer-question/{mine}", login=login, origin=web.origin,
-                    headers={"Referer": web.url(f"/agent/{ECHO}/")},
-                    data={"csrf_token": login.csrf, "answer": "yes"})
-    assert r.status_code == 303 and r.headers["location"] == f"/agent/{ECHO}/", r.text
-    assert mine not in [q["id"] for q in web.hive.host_call("questions")["questions"]]
+    # The tests after this one find the agents as they were (the new core restarts cages).
+    wait_for(lambda: {n: r["running"] for n, r in web.hive.agent_status().items()} == running,
+             "the agents to be back as they were")
 
 
 # -- the agent page, live (issue 15 item 3) ---------------------------------------------

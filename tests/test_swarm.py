@@ -75,7 +75,10 @@ def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0) ->
             assert_ok(c.call("ack", ids=[m["id"] for m in resp["messages"]]))
         return len(got) >= n
 
-    wait_for(more, timeout=timeout, interval=0)
+    try:
+        wait_for(more, timeout=timeout, interval=0)
+    except AssertionError as e:
+        raise AssertionError(f"{e}: {len(got)} of {n} came (the swarm: {swarm.status(host)})") from None
     extra = assert_ok(c.call("recv", wait=0.3, max=500))["messages"]
     return got + extra
 

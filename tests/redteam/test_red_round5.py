@@ -294,7 +294,16 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(swarm: Swarm) -
         return [r for r in swarm.status("a")["agents"] if r["host"] == "c" and r["name"] in ("x", "alice")
                 and (r.get("status_text") or "").startswith("A")]
 
-    [got] = wait_for(listed, timeout=15)
+    try:
+        [got] = wait_for(listed, timeout=15)
+    finally:  # the swarm is the session's: c takes its row back (a KV delete of its own key)
+        async def take_back(nc: Any) -> None:
+            await nc.publish(subject, b"", headers={"KV-Operation": "DEL"})
+            await nc.flush()
+
+        assert as_host_c(swarm, take_back) == []
+        wait_for(lambda: not [r for r in swarm.status("a")["agents"] if r["host"] == "c" and r["name"] == "x"],
+                 timeout=15)
     assert got["name"] == "x" and got["host"] == "c", got
     assert got["running"] is False and got["paused"] is False, got
     assert len(got["status_text"]) <= SHORT_TEXT_CHARS, len(got["status_text"])

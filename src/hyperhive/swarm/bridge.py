@@ -227,6 +227,11 @@ class Bridge:
                     await self._wake.wait()
                 continue
             for bundle in bundles(batch):
+                # Its senders' names are claimed before their messages go out, so the
+                # receiver finds them in the bucket (an agent spawned a moment ago, say).
+                senders = {json.loads(o.payload)["from"] for o in bundle}
+                for sender in senders - self._claimed - self._conflicts:
+                    await self._claim(await self._bucket(), sender)
                 # One bundle at a time, retried until acked: a later one never overtakes it.
                 # Its Nats-Msg-Id is fixed by its rows: a retry of the same bundle is
                 # dropped by JetStream; the receiver drops each message it has already.
@@ -256,7 +261,9 @@ class Bridge:
         try:
             while True:
                 try:
-                    msgs = await sub.fetch(BATCH, timeout=1.0)
+                    # One: the consumer hands out one bundle at a time (bus.py), and a
+                    # larger fetch would wait out its timeout for the rest.
+                    msgs = await sub.fetch(1, timeout=1.0)
                 except TimeoutError:  # nothing waiting (nats' TimeoutError is one too)
                     continue
                 for m in msgs:
@@ -286,7 +293,11 @@ class Bridge:
             return True
         good = []
         for p in items:
-            why = await self._refusal(from_host, p)
+            try:
+                why = await self._refusal(from_host, p)
+            except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+                log.info("swarm: can't check a sender on %s yet: %s", m.subject, e)
+                return False
             if why is None:
                 good.append(p)
             else:
@@ -318,8 +329,17 @@ class Bridge:
             return "malformed"
         owner = self.names.get(p["from"])
         if owner != from_host:
-            self.names.pop(p["from"], None)
-            owner = await self.locate(p["from"]) or self.names.get(p["from"])
+            # The cache may be behind (a core just started, an agent just spawned): the
+            # bucket decides. A bus error raises, and the bundle is tried again: dropping
+            # it would lose a message the bus has acked to its sender.
+            kv = await self._bucket()
+            try:
+                entry = await kv.get(s.name_key(p["from"]))
+                owner = entry.value.decode(errors="replace") if entry.value else None
+            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
+                owner = None
+            if owner is not None:
+                self.names[p["from"]] = owner
         if owner != from_host:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):

@@ -104,7 +104,10 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
                 filter_subject=s.inbox_filter(host),
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=s.ACK_WAIT_SECONDS,
-                max_ack_pending=10_000,
+                # One bundle in hand at a time: a core killed holding one gets it again
+                # (after ack_wait) before anything later, so the order per sender holds
+                # across a crash; a bundle carries up to BUNDLE_BYTES of messages.
+                max_ack_pending=1,
                 num_replicas=replicas,
             ),
         )
