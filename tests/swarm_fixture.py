@@ -8,6 +8,7 @@ run inside that host's namespace with ``[swarm]`` pointing at its own node first
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -106,7 +107,9 @@ def make_swarm(
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
     test leaves it as it found it (every core and every NATS node running)."""
-    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=181)
+    # A subnet of its own per concurrent suite (two suites on one machine, say).
+    subnet = int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "181"))
+    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=subnet)
 
 
 def _stop(core: CoreProcess) -> None:
