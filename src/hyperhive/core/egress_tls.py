@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import logging
 import re
+import select
 import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import h11
 
@@ -80,6 +81,63 @@ def sni_check(host: str) -> Callable[[ssl.SSLObject, str, ssl.SSLContext], int |
     return check
 
 
+def recv_batch(sock: ssl.SSLSocket, limit: int = CHUNK) -> bytes:
+    """One read that may wait (as the socket's timeout says), then whatever else has
+    already arrived, without waiting again, up to ``limit``. An SSL read gives one TLS
+    record (16 KiB at most) and each pass through h11 costs about the same whatever its
+    size, so a bulk transfer goes through in batches, not records. b"" at the end."""
+    data = sock.recv(limit)
+    if not data or len(data) >= limit or not _waiting(sock):
+        return data
+    parts, n = [data], len(data)
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        while n < limit:
+            try:
+                more = sock.recv(limit - n)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                break
+            if not more:
+                break  # the end: the next read sees it again
+            parts.append(more)
+            n += len(more)
+    finally:
+        sock.settimeout(timeout)
+    return b"".join(parts)
+
+
+def recv_batch_into(sock: ssl.SSLSocket, view: memoryview) -> int:
+    """recv_batch, into ``view`` (up to its length): the bytes are read once, by the
+    decryption, and never copied in Python. 0 at the end."""
+    n = sock.recv_into(view)
+    if not n or n >= len(view) or not _waiting(sock):
+        return n
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)
+    try:
+        while n < len(view):
+            try:
+                more = sock.recv_into(view[n:])
+            except (ssl.SSLWantReadError, BlockingIOError):
+                break
+            if not more:
+                break
+            n += more
+    finally:
+        sock.settimeout(timeout)
+    return n
+
+
+def _waiting(sock: ssl.SSLSocket) -> bool:
+    """Decrypted bytes not yet read, or bytes on the socket (a poll, never a wait)."""
+    if sock.pending():
+        return True
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN)
+    return bool(p.poll(0))
+
+
 _FOLD = re.compile(rb"\r\n[ \t]")
 
 
@@ -97,6 +155,39 @@ def strict_head(raw: bytes) -> None:
         raise Refused(400, "Content-Length with Transfer-Encoding is refused (smuggling)")
     if names.count(b"transfer-encoding") > 1:
         raise Refused(400, "more than one Transfer-Encoding is refused")
+
+
+def _content_length(response: h11.Response) -> int | None:
+    """The body's length if a Content-Length frames it (h11 has checked the head: one
+    value, no Transfer-Encoding beside it), else None."""
+    if response.status_code < 200:
+        return None
+    values = [v for n, v in response.headers if n == b"content-length"]
+    if len(values) != 1 or any(n == b"transfer-encoding" for n, _ in response.headers):
+        return None
+    return int(values[0])
+
+
+def _keeps_alive(message: h11.Request | h11.Response) -> bool:
+    """h11's own rule: HTTP/1.1 and no ``Connection: close``."""
+    tokens = {
+        t.strip().lower() for n, v in message.headers if n == b"connection" for t in v.split(b",")
+    }
+    return b"close" not in tokens and message.http_version >= b"1.1"
+
+
+def refusal_events(status: int, reason: str) -> list[Any]:
+    body = f"hive egress: {reason}\n".encode()
+    headers = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+    ]
+    return [
+        h11.Response(status_code=status, headers=headers),
+        h11.Data(data=body),
+        h11.EndOfMessage(),
+    ]
 
 
 class Terminated:
@@ -121,14 +212,21 @@ class Terminated:
         self.up = 0
         self.down = 0
         self._raw = b""  # the bytes of the request head being read (for strict_head)
+        self._out_client: list[bytes] = []
+        self._out_upstream: list[bytes] = []
+        self._pending = 0
+        self._request_closes = False
+        self._closing = False  # the last answer's body bypassed h11, which said to close
+        self._fresh_cli = False  # self.cli was renewed after a body that bypassed it
 
     def _srv_event(self) -> Any:
         while True:
             ev = self.srv.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
+            self._flush()  # what is owed goes out before waiting for more
             try:
-                data = self.client.recv(CHUNK)
+                data = recv_batch(self.client)
             except TimeoutError:
                 return h11.ConnectionClosed()
             if self.srv.their_state is h11.IDLE and len(self._raw) <= MAX_HEAD:
@@ -140,36 +238,63 @@ class Terminated:
             ev = self.cli.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
-            data = self.upstream.recv(CHUNK)
+            self._flush()
+            data = recv_batch(self.upstream)
             self.down += len(data)
             self.cli.receive_data(data)
 
+    # Output is gathered and sent when the proxy would otherwise wait (or a message
+    # ends, or enough is gathered): a response's head and a small body go out as one
+    # TLS record and one write, not three, and a request's head and its end as one.
+    # Nothing is held back while the proxy waits for more: a streamed body (SSE) flows.
+
     def _to_client(self, event: Any) -> None:
-        out = self.srv.send(event)
-        if out:
-            self.client.sendall(out)
+        # (a body's bytes pass through as they are, not joined into a copy)
+        for out in self.srv.send_with_data_passthrough(event) or ():
+            if out:
+                self._out_client.append(out)
+                self._pending += len(out)
+        if self._pending >= CHUNK:
+            self._flush()
 
     def _to_upstream(self, event: Any) -> None:
         out = self.cli.send(event)
         if out:
-            self.upstream.sendall(out)
-            self.up += len(out)
+            self._out_upstream.append(out)
+            self._pending += len(out)
+            if self._pending >= CHUNK:
+                self._flush()
+
+    def _flush(self) -> None:
+        # (upstream first: a request's bytes never wait behind the answer to the last)
+        if self._out_upstream:
+            data = b"".join(self._out_upstream)
+            self._out_upstream.clear()
+            self.upstream.sendall(data)
+            self.up += len(data)
+        if self._out_client:
+            out = self._out_client
+            self._out_client = []
+            if len(out) == 1 or self._pending >= CHUNK:
+                for piece in out:  # (a large piece goes as it is: no copy to join it)
+                    self.client.sendall(piece)
+            else:
+                self.client.sendall(b"".join(out))
+        self._pending = 0
 
     def _reply(self, status: int, reason: str) -> None:
         """A refusal to the cage (then the connection closes)."""
         if self.srv.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = f"hive egress: {reason}\n".encode()
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
+        self._out_upstream.clear()  # a refused request's bytes never go out
         try:
-            self._to_client(h11.Response(status_code=status, headers=headers))
-            self._to_client(h11.Data(data=body))
-            self._to_client(h11.EndOfMessage())
-        except (h11.LocalProtocolError, OSError):
+            for event in refusal_events(status, reason):
+                self._to_client(event)  # (to HEAD, h11 refuses the body: the head goes)
+        except h11.LocalProtocolError:
+            pass
+        try:
+            self._flush()
+        except OSError:
             pass
 
     def run(self) -> None:
@@ -191,6 +316,7 @@ class Terminated:
                 return
             if self.srv.client_is_waiting_for_100_continue:
                 self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
+            self._request_closes = not _keeps_alive(ev)
             self._to_upstream(h11.Request(method=ev.method, target=ev.target, headers=headers))
             try:
                 while True:
@@ -212,13 +338,19 @@ class Terminated:
                 # A second request sent before the first was answered: never forwarded.
                 self.refuse("a pipelined request (sent before the answer) was refused")
                 return
-            if h11.MUST_CLOSE in (self.srv.our_state, self.cli.their_state, self.cli.our_state):
+            if self._closing or h11.MUST_CLOSE in (
+                self.srv.our_state,
+                self.cli.their_state,
+                self.cli.our_state,
+            ):
                 return
             try:
                 self.srv.start_next_cycle()
-                self.cli.start_next_cycle()
+                if not self._fresh_cli:
+                    self.cli.start_next_cycle()
             except h11.LocalProtocolError:
                 return
+            self._fresh_cli = False
 
     def _relay_response(self) -> bool:
         try:
@@ -232,10 +364,14 @@ class Terminated:
                             status_code=ev.status_code, headers=list(ev.headers), reason=ev.reason
                         )
                     )
+                    length = _content_length(ev)
+                    if length is not None:
+                        return self._relay_body(ev, length)
                 elif isinstance(ev, h11.Data):
                     self._to_client(ev)
                 elif isinstance(ev, h11.EndOfMessage):
                     self._to_client(h11.EndOfMessage())
+                    self._flush()
                     return True
                 else:  # upstream closed before the end
                     return False
@@ -243,6 +379,49 @@ class Terminated:
             log.info("egress %s: upstream %s: %s", self.agent, self.plan.host, e)
             self._reply(502, "the upstream server's answer was not valid HTTP/1.1")
             return False
+
+    def _relay_body(self, response: h11.Response, length: int) -> bool:
+        """A body of ``length`` bytes (Content-Length): what h11 holds of it already goes
+        through h11; the rest, when there is any, is read from the upstream into one
+        buffer and written to the cage from it (h11 still frames what the cage gets),
+        without passing through h11's buffers: two copies less for every byte. The
+        upstream's h11 is then renewed at the message's end, which is known exactly
+        (nothing past it was read)."""
+        seen = 0
+        while True:  # (HEAD, 204 and 304 answers end here: h11 knows they have no body)
+            ev = self.cli.next_event()
+            if isinstance(ev, h11.Data):
+                seen += len(ev.data)
+                self._to_client(ev)
+            elif isinstance(ev, h11.EndOfMessage):
+                self._to_client(h11.EndOfMessage())
+                self._flush()
+                return True
+            elif ev is h11.NEED_DATA:
+                break
+            else:
+                return False
+        self._flush()
+        left = length - seen
+        view = memoryview(bytearray(min(left, CHUNK)))  # (per answer: idle connections hold none)
+        while left > 0:
+            n = recv_batch_into(self.upstream, view[: min(left, len(view))])
+            if not n:
+                return False  # upstream closed before the end
+            self.down += n
+            left -= n
+            # (h11 passes any bytes-like object through untouched: its "sendfile" use)
+            data = cast(bytes, view[:n])
+            for out in self.srv.send_with_data_passthrough(h11.Data(data=data)) or ():
+                self.client.sendall(out)
+        self._to_client(h11.EndOfMessage())
+        self._flush()
+        if self._request_closes or not _keeps_alive(response):
+            self._closing = True
+        else:
+            self.cli = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
+            self._fresh_cli = True
+        return True
 
     def _refused(self, e: Refused) -> None:
         self._reply(e.status, e.reason)
@@ -323,6 +502,26 @@ class Terminated:
                         )
             out.append((n, v))
         return out
+
+
+def answer_first(client: ssl.SSLSocket, status: int, reason: str) -> None:
+    """The answer to the cage's first request when there is no upstream to send it to
+    (it could not be reached, or its certificate did not verify): the request's head is
+    read, so the cage is not cut off mid-send, and refused."""
+    srv = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+    client.settimeout(HANDSHAKE_TIMEOUT)
+    out: list[bytes] = []
+    try:
+        while srv.next_event() is h11.NEED_DATA:
+            srv.receive_data(client.recv(CHUNK))
+        for event in refusal_events(status, reason):
+            out.append(srv.send(event) or b"")  # (to HEAD, h11 refuses the body)
+    except (h11.ProtocolError, OSError):
+        pass
+    try:
+        client.sendall(b"".join(out))
+    except OSError:
+        pass
 
 
 def handshake_client(conn: socket.socket, ctx: ssl.SSLContext) -> ssl.SSLSocket:
