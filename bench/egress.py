@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from cages import Hive  # type: ignore[import-not-found]
-from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-not-found]
+from hostile import _core_pid  # type: ignore[import-not-found]
+from run import ROOT, Context, Row, Target, _cpu_seconds, percentile  # type: ignore[import-not-found]
 
 from hyperhive.cage import layout
 from hyperhive.client import priv_call
@@ -244,11 +245,14 @@ def bench_egress_tls(ctx: Context) -> list[Row]:
             url = f"https://{TLS_NAME}"
             resolve = ("--resolve", f"{TLS_NAME}:443:{TLS_ADDRESS}")
             tput: dict[str, list[float]] = {"direct": [], "tunnel": [], "terminated": []}
+            core, core_cpu = _core_pid(hive), 0.0
             for _ in range(rounds):
                 tput["direct"].append(_curl_mb_s(direct_from_cage, url, mib, "--noproxy", "*", *resolve,
                                                  "--cacert", "/home/agent/bench-ca.pem"))
                 tput["tunnel"].append(_curl_mb_s(cages["tun"], url, mib, "--cacert", "/home/agent/bench-ca.pem"))
+                cpu0 = _cpu_seconds(core)
                 tput["terminated"].append(_curl_mb_s(cages["term"], url, mib))  # the hive CA, from SSL_CERT_FILE
+                core_cpu += _cpu_seconds(core) - cpu0
             lat: dict[str, list[float]] = {}
             for mode, prefix in (("direct", direct_from_cage), ("tunnel", cages["tun"]),
                                  ("terminated", cages["term"])):
@@ -269,6 +273,8 @@ def bench_egress_tls(ctx: Context) -> list[Row]:
         Row(section, "tunnel ÷ direct throughput", 100 * t["tunnel"] / t["direct"], "%", Target(">=", 75)),
         Row(section, "TLS-terminated ÷ direct throughput", 100 * t["terminated"] / t["direct"], "%",
             Target(">=", 50)),
+        # What the proxy spends on it, which other load on the machine does not change.
+        Row(section, "hive-core CPU per GiB relayed, TLS terminated", core_cpu / (rounds * mib / 1024), "s/GiB"),
         Row(section, f"HTTPS GET on a fresh connection p50, direct ({n} requests)", p["direct"], "ms"),
         Row(section, "added latency p50, tunnel", p["tunnel"] - p["direct"], "ms"),
         Row(section, "added latency p50, TLS terminated", p["terminated"] - p["direct"], "ms", Target("<=", 3)),
