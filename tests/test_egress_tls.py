@@ -6,6 +6,8 @@ to an HTTPS server in a test network namespace (198.18.63.0/24):
   byte for byte, and a connection kept alive carries the next request after them;
 - a streamed answer is not held back: its head and first part reach the cage while
   the server still waits to send the rest (what an SSE stream needs);
+- an upstream connection left idle by a cage's connection serves that agent's next one
+  to that destination for a short while (core/egress_pool.py), and no one else's;
 - the upstream is connected and its certificate verified while the cage makes its own
   handshake: a server whose certificate does not name the destination, or one that
   can't be reached, is the answer to the cage's first request (502, logged), and
@@ -14,11 +16,14 @@ to an HTTPS server in a test network namespace (198.18.63.0/24):
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
+import socket
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers import assert_ok
 from hive_fixture import HiveProcess, probe_result, running_hive
+from hyperhive.core.egress_pool import IDLE_REUSE, PER_AGENT, Idle, UpstreamPool
 from redteam.test_secrets_egress import _cert, _pem
 from testnet import TestNet, ip
 
@@ -61,7 +67,7 @@ class H(BaseHTTPRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     def _seen(self, **kw):
         with open(SEEN, "a") as f:
-            f.write(json.dumps({"method": self.command, "path": self.path, **kw}) + "\n")
+            f.write(json.dumps({"method": self.command, "path": self.path, "port": self.client_address[1], **kw}) + "\n")
     def _send(self, body):
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -178,6 +184,14 @@ while b"last" not in rest:
 out["slow"] = {"first_after": t1 - t0, "last_after": time.monotonic() - t0, "head": first.decode()}
 t.close()
 
+# fresh connections, each closed after its answer: the second within the pool's time
+for path, pause in (("/reuse1", 0.3), ("/reuse2", 2.6), ("/reuse3", 0)):
+    t = connect("bulk.test")
+    t.sendall(f"GET {path} HTTP/1.1\r\nHost: bulk.test\r\n\r\n".encode())
+    assert response(t)[0] == 200
+    t.close()
+    time.sleep(pause)
+
 for host in ("wrong.test", "gone.test"):
     t = connect(host)
     t.sendall(f"GET /{host} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
@@ -241,6 +255,56 @@ def test_a_streamed_answer_is_not_held_back(res: dict[str, Any]) -> None:
     slow = res["slow"]
     assert slow["head"].startswith("HTTP/1.1 200"), slow
     assert slow["first_after"] < 1.0 and slow["last_after"] >= 1.4, slow
+
+
+def test_an_idle_upstream_connection_serves_the_next_connection_for_a_short_while(
+    res: dict[str, Any], certs: Path
+) -> None:
+    port = {s["path"]: s["port"] for s in _seen(certs)}
+    assert port["/reuse1"] == port["/reuse2"] != port["/reuse3"], port
+    assert port["/after"] != port["/slow"]  # (Connection: close: never kept)
+
+
+def test_the_pool_keeps_a_connection_for_its_agent_and_destination_only() -> None:
+    """UpstreamPool's rules, on real sockets (its TLS is beside the point here)."""
+
+    class Conn:  # what the pool uses of an SSLSocket: pending, fileno, close
+        def __init__(self) -> None:
+            self.sock, self.peer = socket.socketpair()
+            self.closed = False
+
+        def pending(self) -> int:
+            return 0
+
+        def fileno(self) -> int:
+            return self.sock.fileno()
+
+        def close(self) -> None:
+            self.closed = True
+
+    a, b = ipaddress.ip_address("198.18.63.2"), ipaddress.ip_address("198.18.63.9")
+    pool = UpstreamPool()
+    c = Conn()
+    pool.give("alice", Idle("bulk.test", 443, c, a, time.monotonic()))  # type: ignore[arg-type]
+    assert pool.take("bob", "bulk.test", 443, [a]) is None  # another agent's
+    assert pool.take("alice", "other.test", 443, [a]) is None  # another destination
+    assert pool.take("alice", "bulk.test", 8443, [a]) is None
+    assert pool.take("alice", "bulk.test", 443, [b]) is None  # the name resolves elsewhere now
+    assert pool.take("alice", "bulk.test", 443, [a]) == (c, a) and not c.closed
+    assert pool.take("alice", "bulk.test", 443, [a]) is None  # taken once
+    c.peer.sendall(b"HTTP/1.1 200 OK\r\n")  # bytes nobody asked for: never used
+    pool.give("alice", Idle("bulk.test", 443, c, a, time.monotonic()))  # type: ignore[arg-type]
+    assert pool.take("alice", "bulk.test", 443, [a]) is None and c.closed
+    old = Conn()
+    pool.give("alice", Idle("bulk.test", 443, old, a, time.monotonic() - IDLE_REUSE - 1))  # type: ignore[arg-type]
+    pool.sweep()
+    assert old.closed
+    many = [Conn() for _ in range(PER_AGENT + 2)]
+    for m in many:
+        pool.give("alice", Idle("bulk.test", 443, m, a, time.monotonic()))  # type: ignore[arg-type]
+    assert [m.closed for m in many] == [True, True] + [False] * PER_AGENT
+    pool.drop("alice")
+    assert all(m.closed for m in many)
 
 
 def test_an_upstream_that_does_not_verify_or_answer_gets_no_request(

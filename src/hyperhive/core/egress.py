@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperhive.core import egress_tls
+from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool
 from hyperhive.core.egress_tls import Plan
 from hyperhive.core.tls import HiveCA
 from hyperhive.peercred import peer_cred
@@ -656,6 +657,7 @@ class EgressProxy:
         # The last TLS session per upstream name: resumed, it saves the next handshake's
         # certificate check (a ticket the server issued to the proxy, never to a cage).
         self._sessions: dict[tuple[str, int], ssl.SSLSession] = {}
+        self._pool = UpstreamPool()  # idle upstream connections, per agent (egress_pool.py)
         self.record = record
         self.resolver = resolver or Resolver()
         self.max_connections = max_connections  # per agent, at once
@@ -703,6 +705,7 @@ class EgressProxy:
             self._loop.remove_reader(listener.fileno())
         listener.close()
         path.unlink(missing_ok=True)
+        self._pool.drop(name)
 
     def close_all(self, paths: Callable[[str], Path]) -> None:
         for name in list(self._listeners):
@@ -846,11 +849,12 @@ class EgressProxy:
         plan: Plan,
         decision: Decision,
     ) -> socket.socket:
-        """Serve one terminated connection; returns the socket to close. The upstream
-        is connected and its certificate verified in a helper thread while the cage
-        makes its TLS handshake with the proxy: the two handshakes overlap instead of
-        adding up. Nothing goes upstream before both are done, and a server that can't
-        be reached or doesn't verify is the answer to the cage's first request (502)."""
+        """Serve one terminated connection; returns the socket to close. The upstream is
+        an idle one of this agent's to this destination (egress_pool.py), or is
+        connected and its certificate verified in a helper thread while the cage makes
+        its TLS handshake with the proxy: the two handshakes overlap instead of adding
+        up. Nothing goes upstream before both are done, and a server that can't be
+        reached or doesn't verify is the answer to the cage's first request (502)."""
         assert self.ca is not None
 
         def refuse(reason: str) -> None:
@@ -863,8 +867,13 @@ class EgressProxy:
 
         # The 200 first: the cage starts its handshake while the helper thread starts.
         conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        pooled = self._pool.take(agent, plan.host, plan.port, addresses)
         opening = _Opening(self, addresses, plan, opened)
-        opening.start()
+        if pooled is None:
+            opening.start()
+        else:  # an idle connection of this agent's to this destination: no new one
+            opening.result = pooled
+            opened(pooled[1])
         ctx = self.ca.server_context(plan.host, egress_tls.sni_check(plan.host))
         client: ssl.SSLSocket | None = None
         try:
@@ -872,7 +881,8 @@ class EgressProxy:
         except (ssl.SSLError, OSError) as e:
             reason = getattr(e, "reason", None) or str(e)
             refuse(f"TLS handshake with the cage failed ({reason}); SNI must be {plan.host}")
-        opening.join()
+        if pooled is None:
+            opening.join()
         if isinstance(opening.result, Refusal):
             decision.reason, decision.closed = opening.result.reason, True
             self._emit(decision)
@@ -880,7 +890,7 @@ class EgressProxy:
                 egress_tls.answer_first(client, opening.result.status, opening.result.reason)
             return client or conn
         assert opening.result is not None
-        upstream, _address = opening.result
+        upstream, address = opening.result
         if client is None:
             decision.closed = True
             self._emit(decision)
@@ -898,8 +908,22 @@ class EgressProxy:
             self._emit(decision)
             if upstream.session is not None and upstream.session.has_ticket:
                 self._sessions[(plan.host, plan.port)] = upstream.session
-            upstream.close()
+            if t.clean_end and time.monotonic() - t.last_exchange < IDLE_REUSE:
+                self._pool.give(
+                    agent, Idle(plan.host, plan.port, upstream, address, t.last_exchange)
+                )
+                self._sweep_later()
+            else:
+                upstream.close()
         return client
+
+    def _sweep_later(self) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(loop.call_later, IDLE_REUSE + 0.5, self._pool.sweep)
+            except RuntimeError:
+                pass  # the loop is shutting down
 
     @staticmethod
     def _connect(addresses: list[IPAddress], port: int) -> tuple[socket.socket, IPAddress]:

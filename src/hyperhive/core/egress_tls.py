@@ -20,6 +20,7 @@ import re
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -218,6 +219,10 @@ class Terminated:
         self._request_closes = False
         self._closing = False  # the last answer's body bypassed h11, which said to close
         self._fresh_cli = False  # self.cli was renewed after a body that bypassed it
+        # The cage closed between requests with the upstream at a message boundary,
+        # nothing unread or unsent: the upstream connection may serve another (egress_pool).
+        self.clean_end = False
+        self.last_exchange = time.monotonic()
 
     def _srv_event(self) -> Any:
         while True:
@@ -307,6 +312,12 @@ class Terminated:
                 self._refused(Refused(400, f"malformed request: {e}"))
                 return
             if isinstance(ev, h11.ConnectionClosed):
+                self.clean_end = (
+                    self.cli.our_state is h11.IDLE
+                    and self.cli.their_state is h11.IDLE
+                    and not self.cli.trailing_data[0]
+                    and not self._out_upstream
+                )
                 return
             assert isinstance(ev, h11.Request), ev
             try:
@@ -334,6 +345,7 @@ class Terminated:
             pipelined = bool(self.srv.trailing_data[0])
             if not self._relay_response():
                 return
+            self.last_exchange = time.monotonic()
             if pipelined:
                 # A second request sent before the first was answered: never forwarded.
                 self.refuse("a pipelined request (sent before the answer) was refused")
