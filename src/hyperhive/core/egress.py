@@ -906,14 +906,15 @@ class EgressProxy:
             decision.bytes_down += t.down
             decision.closed = True
             self._emit(decision)
-            if upstream.session is not None and upstream.session.has_ticket:
-                self._sessions[(plan.host, plan.port)] = upstream.session
             if t.clean_end and time.monotonic() - t.last_exchange < IDLE_REUSE:
                 self._pool.give(
                     agent, Idle(plan.host, plan.port, upstream, address, t.last_exchange)
                 )
                 self._sweep_later()
-            else:
+            else:  # (its session is kept for the next handshake: a kept connection needs none)
+                session = upstream.session
+                if session is not None and session.has_ticket:
+                    self._sessions[(plan.host, plan.port)] = session
                 upstream.close()
         return client
 
