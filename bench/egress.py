@@ -15,6 +15,7 @@ connections (Python http.client), p50 of each, and the difference.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -263,6 +264,7 @@ def bench_egress_tls(ctx: Context) -> list[Row]:
                 lat[mode] = json.loads(proc.stdout)
         finally:
             hive.stop()
+            shutil.rmtree(certs, ignore_errors=True)
     t = {k: percentile(v, 50) for k, v in tput.items()}
     p = {k: percentile(v, 50) for k, v in lat.items()}
     section = "egress (TLS)"
