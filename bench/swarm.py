@@ -107,7 +107,9 @@ def bench_swarm(ctx: Context) -> list[Row]:
         return []
     with tempfile.TemporaryDirectory(prefix="hive-swarm-") as tmp:
         gen = make_swarm(
-            Path(tmp), subnet=182, agents=AGENTS, limits={"messages_per_second": 0}
+            Path(tmp),
+            subnet=int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "182")),
+            agents=AGENTS, limits={"messages_per_second": 0}
         )
         swarm = next(gen)
         try:

@@ -118,6 +118,38 @@ def test_cross_host_send_keeps_the_peer_acl(swarm: Swarm) -> None:
 
 
 @needs_root
+def test_cross_host_ask_and_answer(swarm: Swarm) -> None:
+    """alice (a) asks bob (b); bob answers b's id for it; the answer comes back to alice
+    on a under a's id, once. Question ids are per host: bob (b) and carol (c) each ask
+    alice, whose answers go back each to its own asker's host, however the ids compare."""
+    alice, bob = swarm.cores["a"].agent("alice"), swarm.cores["b"].agent("bob")
+    carol = swarm.cores["c"].agent("carol")
+    qa = assert_ok(alice.call("ask", to="bob", question="lunch?", options=["yes", "no"]))["id"]
+    [q] = drain(swarm, "b", "bob", 1)
+    assert (q["kind"], q["from"], q["body"], q["options"]) == ("question", "alice", "lunch?",
+                                                                ["yes", "no"])
+    assert assert_ok(bob.call("loose_ends"))["to_answer"][0]["asker"] == "alice"
+    assert_ok(bob.call("answer", id=q["ref"], answer="yes"))
+    assert_refused(bob.call("answer", id=q["ref"], answer="no"), "already answered")
+    [a] = drain(swarm, "a", "alice", 1)
+    assert (a["kind"], a["from"], a["body"], a["ref"]) == ("answer", "bob", "yes", qa)
+    assert assert_ok(alice.call("loose_ends"))["questions"] == []
+    # The peer ACL as on one host: bob's only peer is alice.
+    assert_refused(bob.call("ask", to="carol", question="x"), "not one of bob's peers")
+    assert_refused(bob.call("ask", to="zed", question="x"), "no agent named 'zed'")
+    # Two hosts' questions to one agent, answered in the opposite order.
+    qb = assert_ok(bob.call("ask", to="alice", question="from b"))["id"]
+    qc = assert_ok(carol.call("ask", to="alice", question="from c"))["id"]
+    got = {m["from"]: m for m in drain(swarm, "a", "alice", 2)}
+    assert {k: m["body"] for k, m in got.items()} == {"bob": "from b", "carol": "from c"}
+    assert_ok(alice.call("answer", id=got["carol"]["ref"], answer="to c"))
+    assert_ok(alice.call("answer", id=got["bob"]["ref"], answer="to b"))
+    [ab] = drain(swarm, "b", "bob", 1)
+    [ac] = drain(swarm, "c", "carol", 1)
+    assert (ab["body"], ab["ref"], ac["body"], ac["ref"]) == ("to b", qb, "to c", qc)
+
+
+@needs_root
 def test_kill9_of_the_receiving_core_mid_stream(swarm: Swarm) -> None:
     """b's hive-core dies (SIGKILL) while messages stream to it, some committed and not
     yet acked on the bus; the rest wait in the stream while b is down. Once b is back,

@@ -28,11 +28,12 @@ from nats.js.kv import KeyValue
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import StoreError
 from hyperhive.names import NAME_RE
+from hyperhive.swarm import asks
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.outbox import Outgoing, SwarmStore
 from hyperhive.swarm.settings import SwarmSection
-from hyperhive.wire.common import SHORT_TEXT_CHARS, Message
+from hyperhive.wire.common import SHORT_TEXT_CHARS, Message, Question
 
 if TYPE_CHECKING:
     from hyperhive.core.hive import Hive
@@ -125,6 +126,20 @@ class Bridge:
         log.debug("queued %s -> %s@%s (outbox %d)", sender, to, host, msg.id)
         return msg
 
+    def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> Question:
+        host = self.host_of(to)
+        if host is None:
+            raise NotFound(f"no agent named {to!r}")
+        q = asks.ask(self.store.db, host, asker, to, question, options)
+        self._wake.set()
+        return q
+
+    def answer(self, target: str, qid: int, text: str) -> Question | None:
+        q = asks.answer(self.store.db, qid, target, text)
+        if q is not None:
+            self._wake.set()
+        return q
+
     def status(self) -> dict[str, Any]:
         nc = self.nc
         connected = nc is not None and nc.is_connected
@@ -148,7 +163,7 @@ class Bridge:
             "outbox_unsent": unsent,
             "outbox_sent": sent,
             "received": self.received,
-            "dropped": self.dropped,
+            "dropped": self.dropped + self.store.dropped,
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
@@ -304,7 +319,7 @@ class Bridge:
                 self.dropped += 1
                 log.warning("swarm: dropped a message on %s: %s", m.subject, why)
         try:
-            msgs = self.store.receive(good)
+            msgs = self.store.receive(good, from_host)
         except StoreError as e:
             log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
             return False
@@ -323,8 +338,9 @@ class Bridge:
             and 0 < len(p["id"]) <= 64
             and isinstance(p.get("body"), str)
             and len(p["body"]) <= MAX_BODY
-            and p.get("kind") == "message"
+            and p.get("kind") in ("message", "question", "answer")
             and all(isinstance(p.get(k), str) and NAME_RE.fullmatch(p[k]) for k in ("from", "to"))
+            and (p["kind"] == "message" or asks.well_formed(p))
         ):
             return "malformed"
         owner = self.names.get(p["from"])
