@@ -4,7 +4,8 @@
 Four loops share one connection, each restarting on its own after a failure:
 - ``_publish_loop``: the outbox, in order, one publish at a time, each marked sent
   only on JetStream's ack;
-- ``_consume_loop``: this host's durable inbox consumer: commit (dedup by id), then ack;
+- ``_consume_loop``: one puller per other host, on this host's durable consumer of what
+  that host sent: commit (dedup by id), then ack;
 - ``_roster_loop``: this host's agent rows and name claims into the KV bucket;
 - ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -216,9 +218,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the bus went away mid-call, say: start the loop again
-                log.warning(
-                    "swarm: %s failed (%s: %s); restarting it", loop.__name__, type(e).__name__, e
-                )
+                name = getattr(loop, "__name__", None) or repr(loop)
+                log.warning("swarm: %s failed (%s: %s); restarting it", name, type(e).__name__, e)
                 await asyncio.sleep(RETRY)
 
     def _js(self) -> nats.js.JetStreamContext:
@@ -268,10 +269,28 @@ class Bridge:
     # -- incoming ------------------------------------------------------------------------
 
     async def _consume_loop(self) -> None:
+        """One puller per other host, each on its own durable consumer, started as the
+        host shows up in the roster: its heartbeat key, which only that host may write
+        (a name claim's value could name any host)."""
+        pullers: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for host in [h for h in self.heartbeats if h != self.host]:
+                    if host not in pullers:
+                        pullers[host] = asyncio.create_task(
+                            self._forever(functools.partial(self._consume_from, host))
+                        )
+                await asyncio.sleep(ROSTER_EVERY / 4)
+        finally:
+            for task in pullers.values():
+                task.cancel()
+            await asyncio.gather(*pullers.values(), return_exceptions=True)
+
+    async def _consume_from(self, from_host: str) -> None:
         js = self._js()
         prefix = f"{s.inbox_prefix(self.host)}.".encode()
         sub = await js.pull_subscribe_bind(
-            durable=s.consumer(self.host), stream=s.STREAM, inbox_prefix=prefix
+            durable=s.consumer(self.host, from_host), stream=s.STREAM, inbox_prefix=prefix
         )
         try:
             while True:
