@@ -112,9 +112,11 @@ class SwarmStore:
         messages stored, in order."""
         out = []
         with self._db.tx() as tx:
+            seen = self._seen(tx, [p["id"] for p in items])
             for p in items:
-                if tx.execute("SELECT 1 FROM swarm_seen WHERE msg_id=?", (p["id"],)).fetchone():
+                if p["id"] in seen:
                     continue
+                seen.add(p["id"])  # the same id twice in one bundle: once
                 if p["kind"] == "message":
                     msg: Message | None = insert_message(
                         tx, p["to"], p["from"], p["kind"], p["body"]
@@ -129,6 +131,17 @@ class SwarmStore:
                 if msg is not None:
                     out.append(msg)
         return out
+
+    @staticmethod
+    def _seen(tx: Tx, ids: list[str]) -> set[str]:
+        """Which of ``ids`` were received before (one query per bundle, not per message)."""
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):  # under SQLite's bound on parameters
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = tx.execute(f"SELECT msg_id FROM swarm_seen WHERE msg_id IN ({marks})", chunk)
+            found.update(r[0] for r in rows.fetchall())
+        return found
 
     def prune(self, keep_sent: int = 10_000) -> None:
         """Forget sent outbox rows and received ids past what is worth keeping."""
