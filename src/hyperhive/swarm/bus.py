@@ -25,6 +25,8 @@ from hyperhive.swarm import subjects as s
 
 log = logging.getLogger("hive.swarm")
 
+PING_SECONDS = 1.0
+
 
 async def connect(
     urls: Sequence[str],
@@ -57,6 +59,11 @@ async def connect(
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
+        # A node cut off by a partition sends no RST: without pings the client would sit on
+        # the dead connection for minutes (nats-py's default, 2 min x 2). Three unanswered
+        # pings a second apart: it moves to another node within a few seconds.
+        ping_interval=PING_SECONDS,
+        max_outstanding_pings=3,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
