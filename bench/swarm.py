@@ -6,7 +6,11 @@ JetStream cluster, a hive-core per host: tests/swarm_fixture.py). Only when name
     same hive) beside alice to bob (host b, through the bus); bob's recv is waiting in
     his core when alice sends; the time is alice's send line written → bob's reply read;
   * cross-host messages/s: alice (a) and carol (c) each send N to bob (b) at once; from
-    the first send to the last message in bob's inbox (recv + ack).
+    the first send to the last message in bob's inbox (recv + ack);
+  * the faults of tests/test_swarm_faults.py at 10,000 messages (the suite runs 2,000):
+    alice streams to bob while b's hive-core, then a's NATS node, is killed with SIGKILL;
+    the figure is how many places bob's inbox differs from what alice's host
+    acknowledged (lost, duplicated or out of order; target 0).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any
 from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(ROOT / "tests"))
+from swarm_faults import Run, kill9_nats_node, kill9_receiving_core  # type: ignore[import-not-found]
 from swarm_fixture import Swarm, make_swarm  # type: ignore[import-not-found]
 
 CMD = {"runtime": "command", "command": ["true"]}
@@ -113,10 +118,14 @@ def bench_swarm(ctx: Context) -> list[Row]:
         )
         swarm = next(gen)
         try:
-            n = ctx.n(500, 50)
+            n, n_faults = ctx.n(500, 50), ctx.n(10_000, 1_000)
             same = _latency(swarm, "a", "dave", n)
             cross = _latency(swarm, "b", "bob", n)
             rate = _throughput(swarm, ctx.n(5000, 500))
+            faults = {
+                "kill -9 of the receiving hive-core": kill9_receiving_core(swarm, n_faults),
+                "kill -9 of the sender's NATS node": kill9_nats_node(swarm, n_faults),
+            }
         finally:
             gen.close()
     note = f"{n} samples"
@@ -130,7 +139,16 @@ def bench_swarm(ctx: Context) -> list[Row]:
             Target("<=", 20.0), note),
         Row("swarm", "cross-host messages/s (a, c → b)", rate, "msg/s", Target(">=", 10_000),
             f"{2 * ctx.n(5000, 500)} messages"),
+    ] + [
+        Row("swarm", f"{what} mid-stream: acked not once in order", run.wrong, "msgs",
+            Target("<=", 0), _fault_note(run))
+        for what, run in faults.items()
     ]  # fmt: skip
+
+
+def _fault_note(run: Run) -> str:
+    return (f"{len(run.acked):,} acked, {run.lost} lost, {run.duplicates} dup;"
+            f" {run.seconds:.1f} s")  # fmt: skip
 
 
 SWARM_BENCHMARKS = [bench_swarm]

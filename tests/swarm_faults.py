@@ -13,6 +13,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from typing import Any
 
 from helpers import assert_ok, wait_for
@@ -38,6 +39,12 @@ class Run:
     @property
     def in_order(self) -> bool:
         return self.got == self.acked
+
+    @property
+    def wrong(self) -> int:
+        """Places where bob's inbox differs from what was acknowledged (0: each once, in
+        order)."""
+        return sum(x != y for x, y in zip_longest(self.acked, self.got))
 
 
 def stream(swarm: Swarm, n: int, prefix: str, faults: dict[int, Callable[[], None]],

@@ -18,7 +18,7 @@ from swarm_fixture import Swarm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
-SUITE_N = int(os.environ.get("HIVE_TEST_SWARM_FAULT_N", "2000"))
+SUITE_N = int(os.environ.get("HIVE_TEST_SWARM_FAULT_N", "10000"))
 
 
 def test_kill9_of_the_receiving_core_mid_stream(swarm: Swarm) -> None:
