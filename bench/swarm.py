@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-not-found]
+from run import ROOT, Context, Row, Target, _cpu_seconds, percentile  # type: ignore[import-not-found]
 
 sys.path.insert(0, str(ROOT / "tests"))
 from swarm_faults import Run, kill9_nats_node, kill9_receiving_core  # type: ignore[import-not-found]
@@ -78,7 +78,17 @@ def _latency(swarm: Swarm, to_host: str, to: str, n: int) -> list[float]:
     return samples
 
 
-def _throughput(swarm: Swarm, n: int) -> float:
+def _pids(swarm: Swarm) -> list[int]:
+    """The three hive-cores and the three NATS nodes (``ip netns exec`` execs the core)."""
+    cores = [c.proc.pid for c in swarm.cores.values() if c.proc is not None]
+    return cores + [p.pid for p in swarm.net.procs.values()]
+
+
+def _throughput(swarm: Swarm, n: int) -> tuple[float, float]:
+    """Messages/s, and the CPU the cores and nodes spent per message (µs): a figure the
+    machine's other load moves far less than the rate."""
+    pids = _pids(swarm)
+    cpu0 = sum(_cpu_seconds(p) for p in pids)
     def sender(host: str, name: str) -> None:
         c = Line(swarm.cores[host].agent_sock(name))
         for i in range(n):
@@ -104,7 +114,8 @@ def _throughput(swarm: Swarm, n: int) -> float:
     dt = time.perf_counter() - t0
     for t in threads:
         t.join()
-    return 2 * n / dt
+    cpu = sum(_cpu_seconds(p) for p in pids) - cpu0
+    return 2 * n / dt, cpu / (2 * n) * 1e6
 
 
 def bench_swarm(ctx: Context) -> list[Row]:
@@ -121,7 +132,8 @@ def bench_swarm(ctx: Context) -> list[Row]:
             n, n_faults = ctx.n(500, 50), ctx.n(10_000, 1_000)
             same = _latency(swarm, "a", "dave", n)
             cross = _latency(swarm, "b", "bob", n)
-            rate = _throughput(swarm, ctx.n(5000, 500))
+            _throughput(swarm, ctx.n(500, 50))  # warm-up: the pullers, the roster cache
+            rate, cpu = _throughput(swarm, ctx.n(5000, 500))
             faults = {
                 "kill -9 of the receiving hive-core": kill9_receiving_core(swarm, n_faults),
                 "kill -9 of the sender's NATS node": kill9_nats_node(swarm, n_faults),
@@ -139,6 +151,8 @@ def bench_swarm(ctx: Context) -> list[Row]:
             Target("<=", 20.0), note),
         Row("swarm", "cross-host messages/s (a, c → b)", rate, "msg/s", Target(">=", 10_000),
             f"{2 * ctx.n(5000, 500)} messages"),
+        Row("swarm", "CPU per cross-host message", cpu, "µs", None,
+            "3 hive-cores + 3 NATS nodes, user+system"),
     ] + [
         Row("swarm", f"{what} mid-stream: acked not once in order", run.wrong, "msgs",
             Target("<=", 0), _fault_note(run))
