@@ -109,7 +109,11 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     test leaves it as it found it (every core and every NATS node running)."""
     # A subnet of its own per concurrent suite (two suites on one machine, say).
     subnet = int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "181"))
-    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=subnet)
+    # A burst big enough for the fault runs' pipelined streams (test_swarm_faults.py):
+    # the rate limit is one host's, tested on its own elsewhere.
+    yield from make_swarm(
+        tmp_path_factory.mktemp("swarm"), subnet=subnet, limits={"message_burst": 100_000}
+    )
 
 
 def _stop(core: CoreProcess) -> None:

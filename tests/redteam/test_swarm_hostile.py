@@ -93,12 +93,15 @@ def test_host_cannot_read_another_hosts_inbox(swarm: Swarm) -> None:
 
     violation(as_host_c(swarm, subscribe), "subscription to")
 
-    async def pull(nc: Any) -> None:
-        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{s.consumer('b')}",
-                         b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")
-        await nc.flush()
+    for sender in ("a", "c"):  # b's inbox of a's messages, and even of c's own
+        durable = s.consumer("b", sender)
 
-    violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.STREAM}.{s.consumer('b')}")
+        async def pull(nc: Any, durable: str = durable) -> None:
+            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
+                             b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")
+            await nc.flush()
+
+        violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.STREAM}.{durable}")
 
     async def get(nc: Any) -> None:
         await nc.publish(f"$JS.API.STREAM.MSG.GET.{s.STREAM}", b'{"seq":1}',

@@ -295,13 +295,18 @@ class Hive:
         today (its declared ``peers``), checked here, on the sender's host; the message
         is committed to the outbox before the reply (docs/swarm.md)."""
         assert self.swarm is not None
+        self._check_remote_peer(actor, to)
+        self._take_rate(actor)
+        return await self.swarm.send(actor.name, to, body)
+
+    def _check_remote_peer(self, actor: Agent, to: str) -> None:
+        """The peer ACL for an agent on another host: one of the caller's ``peers``."""
+        assert self.swarm is not None
         me = self.require_self(actor)
         if to not in me.spec.peers:
             if self.swarm.host_of(to) is None:
                 raise NotFound(f"no agent named {to!r}")
             raise Forbidden(f"{to!r} is not one of {actor.name}'s peers")
-        self._take_rate(actor)
-        return await self.swarm.send(actor.name, to, body)
 
     def swarm_status(self, actor: Operator) -> dict[str, Any] | None:
         """The swarm as this host sees it (``hive swarm status``); None without [swarm]."""
@@ -413,6 +418,8 @@ class Hive:
 
     def ask(self, actor: Agent, to: str, question: str, options: list[str] | None) -> int:
         """A question (to an agent, also delivered to its inbox: stored twice)."""
+        if self.swarm is not None and to != OPERATOR and not self.exists(to):
+            return self._ask_remote(actor, to, question, options)  # swarm: another host's
         self._check_may_address(actor.name, to)
         self._take_rate(actor)
         nbytes = len(question.encode()) + (
@@ -431,10 +438,25 @@ class Hive:
         question to it, the operator only a question to the operator. The answer is a
         message to the asker."""
         self.check_store_quota(actor.name, 1, len(answer.encode()))
+        if self.swarm is not None and (rq := self.swarm.answer(actor.name, qid, answer)):
+            self.bus.publish("answer", {"question": row_out(rq)})  # asked from another host
+            return qid
         q, msg = self.store.questions.answer(qid, actor.name, answer)
         self.delivered(msg)
         self.bus.publish("answer", {"question": row_out(q)})
         return qid
+
+    def _ask_remote(self, actor: Agent, to: str, question: str, options: list[str] | None) -> int:
+        """To an agent on another host: the peer ACL and the quota here; the question is
+        stored here and queued to its host in one commit (swarm/asks.py)."""
+        assert self.swarm is not None
+        self._check_remote_peer(actor, to)
+        self._take_rate(actor)
+        nbytes = len(question.encode()) + len(json.dumps(options).encode() if options else b"")
+        self.check_store_quota(actor.name, 1, nbytes)
+        q = self.swarm.ask(actor.name, to, question, options)
+        self.bus.publish("question", {"question": model_fields_only(q)})
+        return q.id
 
     def questions_for(
         self, actor: Operator, after: int = 0, limit: int = PAGE

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from hyperhive.wire.common import Message
+from hyperhive.wire.common import Message, Question
 
 
 class SwarmPort(Protocol):
@@ -16,6 +16,13 @@ class SwarmPort(Protocol):
     async def send(self, sender: str, to: str, body: str) -> Message:
         """Commit a message to an agent on another host to the outbox; the bridge
         publishes it. The returned message's id is its outbox row."""
+
+    def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> Question:
+        """Store a question to an agent on another host and queue it there (one commit)."""
+
+    def answer(self, target: str, qid: int, text: str) -> Question | None:
+        """Answer question ``qid`` if another host asked it (queued back there); None if
+        it was asked on this host."""
 
     def status(self) -> dict[str, Any]:
         """Hosts, bus reachability and the roster (``hive swarm status``)."""

@@ -36,9 +36,11 @@ def from_host_of(subject: str) -> str | None:
     return parts[4]
 
 
-def consumer(host: str) -> str:
-    """The durable pull consumer that holds ``host``'s place in the stream."""
-    return f"inbox-{host}"
+def consumer(host: str, from_host: str) -> str:
+    """The durable pull consumer that holds ``host``'s place in what ``from_host`` sent
+    it: one per pair, so one sending host never waits on another's bundle. ``_`` is in
+    no host name, so the pair reads back one way only."""
+    return f"inbox-{host}_{from_host}"
 
 
 def inbox_prefix(host: str) -> str:
