@@ -27,8 +27,9 @@ pytestmark = [
 Attack = Callable[[Any], Awaitable[None]]
 
 
-def as_host_c(swarm: Swarm, attack: Attack) -> list[str]:
-    """Run ``attack(nc)`` on a connection as host c; the errors the server sent."""
+def as_host_c(swarm: Swarm, attack: Attack, host: str = "c") -> list[str]:
+    """Run ``attack(nc)`` on a connection as host c (or ``host``: its stolen NATS
+    credentials, say); the errors the server sent."""
     errors: list[str] = []
 
     async def go() -> None:
@@ -36,8 +37,8 @@ def as_host_c(swarm: Swarm, attack: Attack) -> list[str]:
             errors.append(str(e).lower())
 
         nc = await nats.connect(
-            swarm.net.urls("c"), user="host-c", password=swarm.net.passwords["c"],
-            inbox_prefix=s.inbox_prefix("c"), error_cb=on_error,
+            swarm.net.urls(host), user=f"host-{host}", password=swarm.net.passwords[host],
+            inbox_prefix=s.inbox_prefix(host), error_cb=on_error,
         )
         try:
             await attack(nc)

@@ -30,6 +30,7 @@ from hyperhive.core.store import StoreError
 from hyperhive.names import NAME_RE
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
+from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore
 from hyperhive.swarm.settings import SwarmSection
 from hyperhive.wire.common import SHORT_TEXT_CHARS, Message
@@ -99,6 +100,7 @@ class Bridge:
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
         self.received = 0
         self.dropped = 0
+        self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
 
     # -- the port (called by core/hive.py) ---------------------------------------------
 
@@ -154,7 +156,14 @@ class Bridge:
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
                 for (host, _), row in sorted(self.rows.items())
             ][:MAX_LISTED],
+            **self.operator.status(),
         }
+
+    async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.operator.carry(host, request)
+
+    def listed(self, kind: str) -> list[dict[str, Any]]:
+        return self.operator.listed(kind)
 
     def reachable(self, host: str, connected: bool) -> bool:
         """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
@@ -182,7 +191,10 @@ class Bridge:
                 await asyncio.sleep(1.0)
         log.info("swarm: host %s connected to %s", self.host, self.nc.connected_url)
         print(f"hive-core: swarm host={self.host} connected", flush=True)
-        loops = [self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop]
+        loops: list[Callable[[], Awaitable[None]]] = [
+            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop
+        ]  # fmt: skip
+        loops += self.operator.loops()
         try:
             await asyncio.gather(*(self._forever(f) for f in loops))
         finally:
@@ -419,6 +431,8 @@ class Bridge:
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if self.operator.watched(parts, value, deleted):
+            return
         if parts[0] == "hosts" and len(parts) == 2 and not deleted:
             self.heartbeats[parts[1]] = time.monotonic()
         if parts[0] == "names" and len(parts) == 2:

@@ -1,0 +1,100 @@
+"""One roster for the operator across the swarm (docs/swarm.md, "The operator's roster
+and actions"), on the three test hosts of the session swarm: every host's questions and
+approvals are listed on host a with their host; the operator on a answers a question from
+an agent on c, approves a spawn an agent on b asked for, and spawns on b; each is
+carried, signed, to its host and applied there once."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+
+from helpers import assert_ok, assert_refused, wait_for
+from swarm_fixture import Swarm
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+CHILD = {"runtime": "command", "command": ["true"]}
+
+
+def listed(swarm: Swarm, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
+    """Row ``rid`` of ``host`` in host a's ``cmd`` listing (the other hosts' rows)."""
+    rows = assert_ok(swarm.cores["a"].host_call(cmd)).get(key, [])
+    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
+
+
+def test_operator_on_a_answers_a_question_from_an_agent_on_c(swarm: Swarm) -> None:
+    carol = swarm.cores["c"].agent("carol")
+    qid = assert_ok(carol.call("ask", to="operator", question="ship it?", options=["yes", "no"]))["id"]
+    # Listed on a with its host (host.sock's questions; and in `hive swarm status`).
+    row = wait_for(lambda: listed(swarm, "questions", "swarm_questions", "c", qid), timeout=10)
+    assert (row["asker"], row["question"], row["options"]) == ("carol", "ship it?", ["yes", "no"])
+    assert any(q["host"] == "c" and q["id"] == qid for q in swarm.status("b")["questions"])
+    applied = swarm.status("c")["actions_applied"]
+
+    reply = assert_ok(swarm.cores["a"].host_call("answer_question", id=qid, answer="yes", host="c"))
+    assert reply["host"] == "c" and reply["applied"] is True, reply
+    msgs = assert_ok(carol.call("recv", wait=5.0))["messages"]
+    assert [(m["kind"], m["from"], m["body"], m["ref"]) for m in msgs] == [
+        ("answer", "operator", "yes", qid)
+    ]
+    assert_ok(carol.call("ack", ids=[m["id"] for m in msgs]))
+    assert swarm.status("c")["actions_applied"] == applied + 1
+    # Answered on c: gone from c's own listing and, once c's row is deleted, from a's.
+    assert assert_ok(swarm.cores["c"].host_call("questions"))["total"] == 0
+    wait_for(lambda: listed(swarm, "questions", "swarm_questions", "c", qid) is None, timeout=10)
+    # A second answer is c's to refuse (the question is answered): nothing is delivered.
+    again = swarm.cores["a"].host_call("answer_question", id=qid, answer="no", host="c")
+    assert_refused(again, "host c:", "already answered")
+    assert assert_ok(carol.call("recv", wait=0.5))["messages"] == []
+
+
+def test_operator_on_a_approves_a_spawn_asked_for_on_b(swarm: Swarm) -> None:
+    bob = swarm.cores["b"].agent("bob")
+    payload = {"name": "bobkid", "spec": CHILD}
+    asked = assert_ok(bob.call("request_approval", kind="spawn", description="a helper",
+                               payload=payload))  # fmt: skip
+    aid, sha = asked["id"], asked["payload_sha256"]
+    row = wait_for(lambda: listed(swarm, "pending", "swarm_approvals", "b", aid), timeout=10)
+    assert (row["agent"], row["kind"], row["payload_sha256"]) == ("bob", "spawn", sha)
+    try:
+        # The operator approves what a's listing showed: a binds it to that sha256.
+        reply = assert_ok(swarm.cores["a"].host_call("approve", id=aid, host="b"))
+        assert reply["applied"] is True, reply
+        kid = swarm.cores["b"].status("bobkid")
+        assert kid["parent"] == "bob"
+        assert "bobkid" not in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
+        # The roster shows it on b, from every host.
+        wait_for(lambda: ("bobkid", "b") in {(r["name"], r["host"])
+                                             for r in swarm.status("c")["agents"]}, timeout=10)  # fmt: skip
+        wait_for(lambda: listed(swarm, "pending", "swarm_approvals", "b", aid) is None, timeout=10)
+        # Approving it again: b refuses (resolved), and no second agent comes of it.
+        assert_refused(swarm.cores["a"].host_call("approve", id=aid, host="b",
+                                                  payload_sha256=sha), "host b:")  # fmt: skip
+    finally:
+        swarm.cores["b"].host_call("destroy", name="bobkid")
+    wait_for(lambda: "bobkid" not in {r["name"] for r in swarm.status("a")["agents"]}, timeout=10)
+
+
+def test_operator_on_a_spawns_on_b(swarm: Swarm) -> None:
+    """``spawn`` with a host (``hive spawn --host b``): carried to b, made there."""
+    try:
+        reply = assert_ok(swarm.cores["a"].host_call("spawn", name="onb", spec=CHILD, host="b"))
+        assert reply["applied"] is True, reply
+        assert "onb" in assert_ok(swarm.cores["b"].host_call("list"))["agents"]
+        assert "onb" not in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
+        # The name is b's swarm-wide: a can't spawn it too.
+        wait_for(lambda: "onb" in {r["name"] for r in swarm.status("a")["agents"]}, timeout=10)
+        assert_refused(swarm.cores["a"].host_call("spawn", name="onb", spec=CHILD),
+                       "already exists on host b")  # fmt: skip
+        # A host the swarm doesn't know: refused on a, nothing carried.
+        assert_refused(swarm.cores["a"].host_call("spawn", name="onz", spec=CHILD, host="zz"),
+                       "no host 'zz'")  # fmt: skip
+        # This host's own name: spawned here, as without a host.
+        assert_ok(swarm.cores["a"].host_call("spawn", name="ona", spec=CHILD, host="a"))
+        assert "ona" in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
+    finally:
+        swarm.cores["b"].host_call("destroy", name="onb")
+        swarm.cores["a"].host_call("destroy", name="ona")
