@@ -296,7 +296,7 @@ class Bridge:
         from_host = s.from_host_of(m.subject)
         try:
             items = json.loads(m.data) if from_host is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
             items = None
         if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
             self.dropped += 1

@@ -115,8 +115,8 @@ def open_sealed(
         raise ActionError(f"action of {len(data)} bytes; at most {MAX_ACTION_BYTES}")
     try:
         env = json.loads(data)
-    except ValueError:
-        raise ActionError("not JSON") from None
+    except (ValueError, RecursionError):  # deep nesting: refused, not a poison pill
+        raise ActionError("not JSON (or nested too deep)") from None
     if not (
         isinstance(env, dict)
         and set(env) == {"action", "sig"}
