@@ -7,11 +7,13 @@ carried, signed, to its host and applied there once."""
 from __future__ import annotations
 
 import os
+import subprocess
 from typing import Any
 
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
+from hive_fixture import HIVE
 from swarm_fixture import Swarm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -65,6 +67,9 @@ def test_operator_on_a_approves_a_spawn_asked_for_on_b(swarm: Swarm) -> None:
         assert reply["applied"] is True, reply
         kid = swarm.cores["b"].status("bobkid")
         assert kid["parent"] == "bob"
+        msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]  # bob hears of it, once
+        assert [(m["kind"], m["body"], m["ref"]) for m in msgs] == [("approval", "approved", aid)]
+        assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
         assert "bobkid" not in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
         # The roster shows it on b, from every host.
         wait_for(lambda: ("bobkid", "b") in {(r["name"], r["host"])
@@ -98,3 +103,27 @@ def test_operator_on_a_spawns_on_b(swarm: Swarm) -> None:
     finally:
         swarm.cores["b"].host_call("destroy", name="onb")
         swarm.cores["a"].host_call("destroy", name="ona")
+
+
+def test_the_cli_on_a_lists_and_answers_other_hosts_questions(swarm: Swarm) -> None:
+    """``hive questions`` on a lists b's question with its host; ``hive answer --host b``
+    answers it there; ``hive swarm status`` shows a's operator key and b's question."""
+    a = swarm.cores["a"]
+
+    def hive(*args: str) -> str:
+        done = subprocess.run([str(HIVE), "--run-dir", str(a.run_dir), *args],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    bob = swarm.cores["b"].agent("bob")
+    qid = assert_ok(bob.call("ask", to="operator", question="cli or web?"))["id"]
+    wait_for(lambda: listed(swarm, "questions", "swarm_questions", "b", qid), timeout=10)
+    out = hive("questions")
+    assert "other hosts' questions" in out and "cli or web?" in out, out
+    status = hive("swarm", "status")
+    assert swarm.status("a")["operator_key"] in status and "cli or web?" in status, status
+    assert "applied on host b" in hive("answer", "--host", "b", str(qid), "cli")
+    msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]
+    assert [(m["kind"], m["body"]) for m in msgs] == [("answer", "cli")]
+    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
