@@ -6,17 +6,30 @@ carried, signed, to its host and applied there once."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
 from hive_fixture import HIVE
+from hyperhive.config import ConfigError, load_config
+from hyperhive.swarm.signing import (
+    MAX_ACTION_BYTES,
+    ActionError,
+    load_or_create_key,
+    open_sealed,
+    parse_public,
+    public_b64,
+    seal,
+)
 from swarm_fixture import Swarm
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 CHILD = {"runtime": "command", "command": ["true"]}
 
@@ -27,6 +40,7 @@ def listed(swarm: Swarm, cmd: str, key: str, host: str, rid: int) -> dict[str, A
     return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
 
 
+@needs_root
 def test_operator_on_a_answers_a_question_from_an_agent_on_c(swarm: Swarm) -> None:
     carol = swarm.cores["c"].agent("carol")
     qid = assert_ok(carol.call("ask", to="operator", question="ship it?", options=["yes", "no"]))["id"]
@@ -53,6 +67,7 @@ def test_operator_on_a_answers_a_question_from_an_agent_on_c(swarm: Swarm) -> No
     assert assert_ok(carol.call("recv", wait=0.5))["messages"] == []
 
 
+@needs_root
 def test_operator_on_a_approves_a_spawn_asked_for_on_b(swarm: Swarm) -> None:
     bob = swarm.cores["b"].agent("bob")
     payload = {"name": "bobkid", "spec": CHILD}
@@ -83,6 +98,7 @@ def test_operator_on_a_approves_a_spawn_asked_for_on_b(swarm: Swarm) -> None:
     wait_for(lambda: "bobkid" not in {r["name"] for r in swarm.status("a")["agents"]}, timeout=10)
 
 
+@needs_root
 def test_operator_on_a_spawns_on_b(swarm: Swarm) -> None:
     """``spawn`` with a host (``hive spawn --host b``): carried to b, made there."""
     try:
@@ -105,6 +121,7 @@ def test_operator_on_a_spawns_on_b(swarm: Swarm) -> None:
         swarm.cores["a"].host_call("destroy", name="ona")
 
 
+@needs_root
 def test_the_cli_on_a_lists_and_answers_other_hosts_questions(swarm: Swarm) -> None:
     """``hive questions`` on a lists b's question with its host; ``hive answer --host b``
     answers it there; ``hive swarm status`` shows a's operator key and b's question."""
@@ -127,3 +144,44 @@ def test_the_cli_on_a_lists_and_answers_other_hosts_questions(swarm: Swarm) -> N
     msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]
     assert [(m["kind"], m["body"]) for m in msgs] == [("answer", "cli")]
     assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+
+
+def test_sealed_actions(tmp_path: Path) -> None:
+    """What a host makes of a sealed action, with no bus: only a recent action from the
+    subject's host, to this one, signed by the key pinned for it, of a carried verb."""
+    key = load_or_create_key(tmp_path / "a.key")
+    assert (tmp_path / "a.key").stat().st_mode & 0o777 == 0o600
+    assert public_b64(load_or_create_key(tmp_path / "a.key")) == public_b64(key)  # kept
+    pinned = {"a": parse_public(public_b64(key))}
+    req = {"cmd": "approve", "id": 3, "payload_sha256": "0" * 64}
+    _, data = seal(key, "a", "b", req)
+    assert open_sealed(data, "a", "b", pinned)["request"] == req
+    other = load_or_create_key(tmp_path / "c.key")
+    env = json.loads(data)
+    cases = {
+        "published an action from 'a'": (data, "c", "b", pinned),
+        "not this one": (data, "a", "c", pinned),
+        "not one this host obeys": (data, "a", "b", {}),
+        "bad signature": (seal(other, "a", "b", req)[1], "a", "b", pinned),
+        "bad signature ": (json.dumps({**env, "action": {**env["action"], "at": env["action"]["at"] + 1}}).encode(), "a", "b", pinned),
+        "carries out": (seal(key, "a", "b", {"cmd": "destroy", "name": "x"})[1], "a", "b", pinned),
+        "carries out ": (seal(key, "a", "b", {**req, "host": "b"})[1], "a", "b", pinned),
+        "not JSON": (b"[" * 100_000, "a", "b", pinned),
+        "bytes; at most": (b" " * (MAX_ACTION_BYTES + 1), "a", "b", pinned),
+    }  # fmt: skip
+    for needle, (raw, subject_host, here, ops) in cases.items():
+        with pytest.raises(ActionError, match=needle.strip()):
+            open_sealed(raw, subject_host, here, ops)
+    with pytest.raises(ActionError, match="s old"):
+        open_sealed(data, "a", "b", pinned, now=time.time() + 3600)
+    with pytest.raises(ActionError, match="s old"):
+        open_sealed(data, "a", "b", pinned, now=time.time() - 3600)
+
+
+def test_a_bad_operator_key_in_hive_toml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "hive.toml"
+    path.write_text('[swarm]\nhost = "b"\nurls = ["nats://x:4222"]\ncredentials = "/s"\n'
+                    'operators = {a = "bm90IGEga2V5"}\n')  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "\n" not in str(e.value) and "operators.a" in str(e.value), str(e.value)
