@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
@@ -28,6 +29,7 @@ from hyperhive.swarm.signing import (
     seal,
 )
 from swarm_fixture import Swarm
+from web_fixture import META_CSRF
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -185,3 +187,36 @@ def test_a_bad_operator_key_in_hive_toml_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "\n" not in str(e.value) and "operators.a" in str(e.value), str(e.value)
+
+
+@needs_root
+def test_the_dashboard_on_a_lists_and_denies_an_approval_on_b(swarm: Swarm) -> None:
+    """a's core HTTP (what the gateway serves as the dashboard): ``/api/state`` has b's
+    approval with its host; ``POST /deny/{id}`` with ``host=b`` denies it on b."""
+    a = swarm.cores["a"]
+    asked = assert_ok(swarm.cores["b"].agent_call("bob", "request_approval", kind="custom",
+                                                  description="from the web", payload={}))  # fmt: skip
+    aid = asked["id"]
+    token = (a.state_dir / "operator.token").read_text().strip()
+    transport = httpx.HTTPTransport(uds=str(a.run_dir / "core.sock"))
+    with httpx.Client(transport=transport, base_url="http://core", timeout=30) as web:
+        assert web.get("/login", params={"token": token}).status_code == 303
+        m = META_CSRF.search(web.get("/").text)
+        assert m, "no csrf token on the dashboard"
+
+        def shown() -> dict[str, Any] | None:
+            rows = web.get("/api/state").json()["swarm_approvals"]
+            return next((r for r in rows if (r["host"], r["id"]) == ("b", aid)), None)
+
+        row = wait_for(shown, timeout=10)
+        assert (row["agent"], row["payload_sha256"]) == ("bob", asked["payload_sha256"])
+        r = web.post(f"/deny/{aid}", data={"host": "b", "note": "web says no"},
+                     headers={"Origin": "http://core", "X-CSRF-Token": m.group(1),
+                              "Accept": "application/json"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    bob = swarm.cores["b"].agent("bob")
+    msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]
+    assert [(m["kind"], m["body"], m["ref"]) for m in msgs] == [
+        ("approval", "denied: web says no", aid)
+    ]
+    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
