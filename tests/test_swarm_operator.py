@@ -210,6 +210,12 @@ def test_the_dashboard_on_a_lists_and_denies_an_approval_on_b(swarm: Swarm) -> N
 
         row = wait_for(shown, timeout=10)
         assert (row["agent"], row["payload_sha256"]) == ("bob", asked["payload_sha256"])
+        # The cockpit lists it under "On other hosts", its forms naming the host and sha256.
+        page = web.get("/").text
+        item = page[page.index(f'id="approval-b-{aid}"'):]
+        item = item[: item.index("</li>")]
+        assert "from the web" in item and '<input type="hidden" name="host" value="b">' in item
+        assert f'name="payload_sha256" value="{asked["payload_sha256"]}"' in item
         r = web.post(f"/deny/{aid}", data={"host": "b", "note": "web says no"},
                      headers={"Origin": "http://core", "X-CSRF-Token": m.group(1),
                               "Accept": "application/json"})  # fmt: skip

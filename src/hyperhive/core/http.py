@@ -553,6 +553,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if "attention" in wanted:
             approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
             troubled = cockpit.troubled(agents)
+            # With [swarm]: the other hosts' questions and approvals (docs/swarm.md).
+            elsewhere = {
+                f"swarm_{kind}": hive.swarm_listing(OPERATOR, kind) or []
+                for kind in ("questions", "approvals")
+            }
             ctx.update(
                 approvals=approvals["approvals"],
                 approvals_total=approvals["total"],
@@ -561,7 +566,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 questions_total=questions["total"],
                 questions_more=questions["more"],
                 troubled=troubled,
-                attention_count=approvals["total"] + questions["total"] + len(troubled),
+                attention_count=approvals["total"]
+                + questions["total"]
+                + len(troubled)
+                + sum(len(rows) for rows in elsewhere.values()),
+                **elsewhere,
             )
         if "agents" in wanted:
             ctx["table"] = cockpit.agent_table(agents, view)
