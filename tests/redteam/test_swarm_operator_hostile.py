@@ -240,3 +240,29 @@ def test_a_deeply_nested_bundle_is_dropped_not_redelivered_forever(swarm: Swarm)
     msgs = assert_ok(bob.call("recv", wait=10.0))["messages"]
     assert [m["body"] for m in msgs] == ["after the pill"]
     assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+
+
+@pytest.mark.attack("swarm-host-spoofing", ref="found with the operator's roster: a roster"
+                    " value nested too deep stopped every host's roster watch")  # fmt: skip
+def test_a_deeply_nested_roster_value_does_not_stop_the_watch(swarm: Swarm) -> None:
+    """c writes its own keys (all NATS lets it) with values nested too deep to decode: an
+    agent row and a question. Every host's watch used to raise on them and start over
+    forever, its roster frozen; now they are ignored, and carol's question still shows."""
+    pill = b"[" * 60_000
+    keys = [s.row_key("c", "deep"), s.question_key("c", 99999)]
+    try:
+        assert publish_all(swarm, "c", [(f"$KV.{s.BUCKET}.{k}", pill) for k in keys]) == []
+        carol = swarm.cores["c"].agent("carol")
+        qid = assert_ok(carol.call("ask", to="operator", question="still there?"))["id"]
+        wait_for(lambda: any((q["host"], q["id"]) == ("c", qid)
+                             for q in swarm.status("a")["questions"]), timeout=10)  # fmt: skip
+        assert all(q["id"] != 99999 for q in swarm.status("a")["questions"])
+        assert "deep" not in {r["name"] for r in swarm.status("a")["agents"]}
+        assert_ok(swarm.cores["c"].host_call("answer_question", id=qid, answer="yes"))
+        assert_ok(carol.call("ack", ids=[m["id"] for m in carol.call("recv", wait=2)["messages"]]))
+    finally:
+        async def clean(nc: Any) -> None:
+            for k in keys:
+                await nc.request(f"$KV.{s.BUCKET}.{k}", b"", headers={"KV-Operation": "DEL"})
+
+        as_host_c(swarm, clean)

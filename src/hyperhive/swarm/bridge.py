@@ -446,7 +446,7 @@ class Bridge:
                 self.rows.pop((parts[1], parts[2]), None)
             else:
                 assert value is not None
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):  # nested too deep too
                     row = json.loads(value)
                     if isinstance(row, dict) and NAME_RE.fullmatch(parts[2]):
                         self.rows[(parts[1], parts[2])] = roster_row(parts[1], parts[2], row)

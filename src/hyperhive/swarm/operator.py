@@ -190,7 +190,7 @@ class OperatorRelay:
             return True
         try:
             row = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):  # nesting too deep must not stop the watch
             return True
         # A host shows at most PAGE_MAX of each (as it publishes them): a hostile one can't
         # grow every other host's cache past that.
@@ -209,7 +209,7 @@ class OperatorRelay:
         waiting = self._waiting.get(action_id)
         if waiting is None or waiting[0] != host or waiting[1].done():
             return  # only the host the action went to says what became of it
-        with contextlib.suppress(ValueError):
+        with contextlib.suppress(ValueError, RecursionError):
             outcome = json.loads(value)
             if isinstance(outcome, dict):
                 waiting[1].set_result(outcome)
