@@ -27,9 +27,10 @@ pytestmark = [
 Attack = Callable[[Any], Awaitable[None]]
 
 
-def as_host_c(swarm: Swarm, attack: Attack, host: str = "c") -> list[str]:
+def as_host_c(swarm: Swarm, attack: Attack, host: str = "c", settle: float = 2.0) -> list[str]:
     """Run ``attack(nc)`` on a connection as host c (or ``host``: its stolen NATS
-    credentials, say); the errors the server sent."""
+    credentials, say); the errors the server sent (waiting up to ``settle`` seconds for
+    one: 0 when the attack's own requests got their replies)."""
     errors: list[str] = []
 
     async def go() -> None:
@@ -42,7 +43,7 @@ def as_host_c(swarm: Swarm, attack: Attack, host: str = "c") -> list[str]:
         )
         try:
             await attack(nc)
-            for _ in range(100):  # the server's -ERR comes asynchronously
+            for _ in range(int(settle / 0.02)):  # the server's -ERR comes asynchronously
                 if errors:
                     break
                 await asyncio.sleep(0.02)
