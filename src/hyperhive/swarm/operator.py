@@ -309,6 +309,17 @@ class OperatorRelay:
     async def _consume_loop(self) -> None:
         js = self.bridge._js()
         prefix = f"{s.inbox_prefix(self.host)}.".encode()
+        try:
+            await js.consumer_info(s.OPS_STREAM, s.ops_consumer(self.host))
+        except nats.js.errors.NotFoundError:
+            # A swarm set up before the operator's actions: the admin has to run
+            # ensure_streams again (and the nodes need the new permissions). Until then
+            # nothing is carried here; look again now and then, quietly.
+            log.warning(
+                "swarm: no stream %s or consumer %s yet", s.OPS_STREAM, s.ops_consumer(self.host)
+            )
+            await asyncio.sleep(30)
+            return
         sub = await js.pull_subscribe_bind(
             durable=s.ops_consumer(self.host), stream=s.OPS_STREAM, inbox_prefix=prefix
         )
@@ -372,4 +383,7 @@ class OperatorRelay:
             await HOST.call(OperatorSession(self.hive), HOST.decode(request))
         except Refused as e:
             return {"ok": False, "status": e.status, "error": str(e)[:SHORT_TEXT_CHARS]}
+        except Exception as e:  # its id is taken: say what happened rather than lose it
+            log.exception("swarm: operator action %s failed", request["cmd"])
+            return {"ok": False, "status": 503, "error": f"internal error: {type(e).__name__}"}
         return {"ok": True}
