@@ -194,15 +194,25 @@ def test_the_dashboard_on_a_lists_and_denies_an_approval_on_b(swarm: Swarm) -> N
     """a's core HTTP (what the gateway serves as the dashboard): ``/api/state`` has b's
     approval with its host; ``POST /deny/{id}`` with ``host=b`` denies it on b."""
     a = swarm.cores["a"]
-    asked = assert_ok(swarm.cores["b"].agent_call("bob", "request_approval", kind="custom",
-                                                  description="from the web", payload={}))  # fmt: skip
-    aid = asked["id"]
     token = (a.state_dir / "operator.token").read_text().strip()
     transport = httpx.HTTPTransport(uds=str(a.run_dir / "core.sock"))
     with httpx.Client(transport=transport, base_url="http://core", timeout=30) as web:
         assert web.get("/login", params={"token": token}).status_code == 303
         m = META_CSRF.search(web.get("/").text)
         assert m, "no csrf token on the dashboard"
+        # An open cockpit's live stream draws b's new approval (no event on a of its own).
+        with web.stream("GET", "/api/dashboard/stream", params={"view": "html"}) as live:
+            lines = live.iter_lines()
+            assert next(lines) == "event: update"  # every section, once
+            asked = assert_ok(swarm.cores["b"].agent_call(
+                "bob", "request_approval", kind="custom", description="from the web", payload={}
+            ))  # fmt: skip
+            aid = asked["id"]
+            deadline = time.monotonic() + 10
+            for line in lines:
+                assert time.monotonic() < deadline, "b's approval was not drawn live on a"
+                if f'id="approval-b-{aid}"' in line:
+                    break
 
         def shown() -> dict[str, Any] | None:
             rows = web.get("/api/state").json()["swarm_approvals"]

@@ -185,6 +185,9 @@ class OperatorRelay:
             return True
         key = (host, int(ident))
         table = self.rows[kind]
+        if host != self.host:  # this host's own changes have events of their own
+            # The cockpit draws "On other hosts" again (core/cockpit.py's TOUCHES).
+            self.hive.bus.publish("swarm", {"host": host, "what": kind})
         if deleted or value is None:
             table.pop(key, None)
             return True
