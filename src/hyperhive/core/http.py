@@ -32,7 +32,6 @@ from fastapi.responses import (
     PlainTextResponse,
     RedirectResponse,
     Response,
-    StreamingResponse,
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -49,6 +48,7 @@ from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.listing import rows_out, rules_out
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
+from hyperhive.core.sse import CONNECTED, KEEP_ALIVE, events_or_quiet, sse, sse_response
 from hyperhive.core.store import canonical_json
 from hyperhive.core.summary import PAGE, PAGE_MAX, summarise_event
 from hyperhive.display import visible, visible_json_text, visible_value
@@ -185,14 +185,6 @@ def readable(entry: Mapping[str, Any]) -> dict[str, Any]:
     else:
         out["text"] = _text(data)
     return out
-
-
-def sse(event: str, html: str) -> bytes:
-    """One server-sent event whose data is HTML: each line its own ``data:`` field (the
-    browser joins them with newlines again). Agent text reaches the HTML only through
-    ``visible``, which shows CR as an escape; a raw one would still end no field here."""
-    lines = "".join(f"data: {line}\n" for line in html.replace("\r", "&#13;").split("\n"))
-    return f"event: {event}\n{lines}\n".encode()
 
 
 # Which part of an agent's page each kind of hive event changes.
@@ -668,7 +660,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             sub = hive.events(OPERATOR, kinds)
             last, due = after, set(PAGE_PARTS.values())
             try:
-                yield b": connected\n\n"
+                yield CONNECTED
+                quiet = events_or_quiet(sub)
                 while True:
                     if due - {"transcript"}:
                         try:
@@ -688,27 +681,25 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                             break
                     due = set()
                     try:
-                        event = await asyncio.wait_for(sub.get(), 15)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
+                        event = await anext(quiet)
+                    except StopAsyncIteration:
+                        return  # cut off (fell behind): the browser reconnects
+                    if event is None:
+                        yield KEEP_ALIVE
                         continue
                     while True:  # a burst of events: one redraw of each part
-                        if event is None:
-                            return  # cut off (fell behind): the browser reconnects
                         part = concerns(event, name)
                         if part is not None:
                             due.add(part)
                         if sub.queue.empty():
                             break
                         event = await sub.get()
+                        if event is None:
+                            return
             finally:
                 hive.bus.unsubscribe(sub)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(events())
 
     @app.get("/agent/{name}/{rest:path}", include_in_schema=False)
     async def agent_other(
@@ -784,35 +775,25 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     ) -> Response:
         kinds = frozenset(cockpit.TOUCHES)
         if view == "html":
-            return StreamingResponse(
-                live_sections(cockpit.View.of(request.query_params), session, kinds),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            return sse_response(
+                live_sections(cockpit.View.of(request.query_params), session, kinds)
             )
 
         async def events() -> AsyncIterator[bytes]:
             sub = hive.events(OPERATOR, kinds)
             try:
-                yield b": connected\n\n"
-                while True:
-                    try:
-                        event = await asyncio.wait_for(sub.get(), 15)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
+                yield CONNECTED
+                async for event in events_or_quiet(sub):
                     if event is None:
-                        return
+                        yield KEEP_ALIVE
+                        continue
                     # The changed row itself, summarised as /api/state shows it.
                     data = display.dumps(summarise_event(as_listed(event)))
                     yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(events())
 
     async def live_sections(
         view: cockpit.View, session: Session, kinds: frozenset[str]
@@ -823,15 +804,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         sub = hive.events(OPERATOR, kinds, lossy=True)  # lossy: a section is redrawn whole
         loop = asyncio.get_running_loop()
         try:
-            yield cockpit.sse("update", render_sections(cockpit.SECTIONS, view, session))
-            while True:
-                try:
-                    event = await asyncio.wait_for(sub.get(), 15)
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
+            yield sse("update", render_sections(cockpit.SECTIONS, view, session))
+            async for event in events_or_quiet(sub):
                 if event is None:
-                    return
+                    yield KEEP_ALIVE
+                    continue
                 touched = set(cockpit.TOUCHES.get(str(event.get("kind")), ()))
                 until = loop.time() + LIVE_COALESCE
                 while (left := until - loop.time()) > 0:
@@ -843,7 +820,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                         return
                     touched |= cockpit.TOUCHES.get(str(more.get("kind")), frozenset())
                 if touched:
-                    yield cockpit.sse("update", render_sections(touched, view, session))
+                    yield sse("update", render_sections(touched, view, session))
         finally:
             hive.bus.unsubscribe(sub)
 
