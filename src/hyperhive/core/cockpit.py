@@ -32,6 +32,8 @@ TOUCHES: dict[str, frozenset[str]] = {
     "approval": frozenset({"attention"}),
     "message": frozenset({"inbox", "messages"}),
     "egress": frozenset({"rules", "log"}),
+    # Another swarm host's questions or approvals changed (swarm/operator.py).
+    "swarm": frozenset({"attention"}),
 }
 
 

@@ -312,6 +312,23 @@ class Hive:
         """The swarm as this host sees it (``hive swarm status``); None without [swarm]."""
         return None if self.swarm is None else self.swarm.status()
 
+    async def carry(
+        self, actor: Operator, host: str, request: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The operator's ``request`` (a host.sock request) for another host of the swarm:
+        signed, carried there and applied once (docs/swarm.md); None if ``host`` is this
+        one (the caller acts here)."""
+        if self.swarm is None:
+            raise BadRequest(f"no host {host!r}: this hive is not in a swarm")
+        if host == self.swarm.host:
+            return None
+        return await self.swarm.carry(host, request)
+
+    def swarm_listing(self, actor: Operator, kind: str) -> list[dict[str, Any]] | None:
+        """The other hosts' open questions or pending approvals (``kind``), each with its
+        host; None without [swarm]."""
+        return None if self.swarm is None else self.swarm.listed(kind)
+
     async def _queue_send(self, sender: str, to: str, body: str) -> Message:
         """Queue a message for the next group commit; return once it is committed.
 
@@ -529,9 +546,15 @@ class Hive:
         return approvals.request(self, actor.name, kind, description, payload)
 
     async def resolve_approval(
-        self, actor: Operator, aid: int, decision: str, note: str | None = None
+        self,
+        actor: Operator,
+        aid: int,
+        decision: str,
+        note: str | None = None,
+        sha256: str | None = None,
     ) -> Approval | Unreadable:
-        return await approvals.resolve(self, aid, decision, note)
+        """``sha256``: refused unless it is the approval's payload_sha256."""
+        return await approvals.resolve(self, aid, decision, note, sha256)
 
     def pending_approvals(self, agent: str | None = None) -> list[Approval | Unreadable]:
         return self.store.approvals.list(status="pending", agent=agent)

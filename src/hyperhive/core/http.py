@@ -126,6 +126,15 @@ class StateModel(BaseModel):
     messages: list[dict[str, Any]]
     egress_rules: dict[str, list[EgressRuleRow]]
     egress_log: list[EgressEntry]
+    # With [swarm] (docs/swarm.md): the other hosts' open questions and pending approvals,
+    # each with its ``host``; answer or approve one with ``host`` in the form.
+    swarm_questions: list[dict[str, Any]] = []
+    swarm_approvals: list[dict[str, Any]] = []
+
+
+def _on(host: str | None) -> dict[str, str]:
+    """A form's ``host`` (the swarm host an action is for) as host.sock's field."""
+    return {"host": host} if host else {}
 
 
 def payload_json(value: Any) -> str:
@@ -536,6 +545,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if "attention" in wanted:
             approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
             troubled = cockpit.troubled(agents)
+            # With [swarm]: the other hosts' questions and approvals (docs/swarm.md).
+            elsewhere = {
+                f"swarm_{kind}": hive.swarm_listing(OPERATOR, kind) or []
+                for kind in ("questions", "approvals")
+            }
             ctx.update(
                 approvals=approvals["approvals"],
                 approvals_total=approvals["total"],
@@ -544,7 +558,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 questions_total=questions["total"],
                 questions_more=questions["more"],
                 troubled=troubled,
-                attention_count=approvals["total"] + questions["total"] + len(troubled),
+                attention_count=approvals["total"]
+                + questions["total"]
+                + len(troubled)
+                + sum(len(rows) for rows in elsewhere.values()),
+                **elsewhere,
             )
         if "agents" in wanted:
             ctx["table"] = cockpit.agent_table(agents, view)
@@ -713,6 +731,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             # the cache below keys on.
             "egress_rules": rules_out(hive.egress_rules(OPERATOR, None)),
             "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items,
+            **{
+                f"swarm_{kind}": rows
+                for kind in ("questions", "approvals")
+                if (rows := hive.swarm_listing(OPERATOR, kind)) is not None
+            },
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}
@@ -851,11 +874,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         session: Annotated[Session, Depends(require_post)],
         check_options: Annotated[str | None, Form(max_length=8)] = None,
         other: Annotated[str | None, Form(max_length=8)] = None,
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
         """Answer a question an agent addressed to the operator (operator authority). With
         ``check_options`` (the cockpit's free-text answer), an answer that is not one of
-        the question's options is refused unless ``other`` says it is meant."""
-        if check_options and not other:
+        the question's options is refused unless ``other`` says it is meant. ``host``: the
+        swarm host the question is on (the answer is carried there)."""
+        if check_options and not other and not host:
             q = await operator({"cmd": "show_question", "id": qid})
             options = (q.get("question") or {}).get("options") or []
             if options and answer not in options:
@@ -865,15 +890,21 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                     f"{answer!r} is not one of question {qid}'s options ({listed}); tick"
                     " 'not one of the options' to send it anyway",
                 )
-        reply = await operator({"cmd": "answer_question", "id": qid, "answer": answer})
+        reply = await operator({"cmd": "answer_question", "id": qid, "answer": answer, **_on(host)})
         return done(request, reply, cockpit.said("answer_question", id=qid))
 
     @app.post("/approve/{aid}", responses=POST_RESPONSES)
     async def approve(
-        request: Request, aid: Id, session: Annotated[Session, Depends(require_post)]
+        request: Request,
+        aid: Id,
+        session: Annotated[Session, Depends(require_post)],
+        host: Annotated[str | None, Form(max_length=64)] = None,
+        payload_sha256: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Approve: applies exactly the stored payload, once."""
-        reply = await operator({"cmd": "approve", "id": aid})
+        """Approve: applies exactly the stored payload, once (``payload_sha256``: refused
+        unless it is that payload's; ``host``: the swarm host the approval is on)."""
+        sha = {"payload_sha256": payload_sha256} if payload_sha256 else {}
+        reply = await operator({"cmd": "approve", "id": aid, **sha, **_on(host)})
         return done(request, reply, cockpit.said("approve", id=aid))
 
     @app.post("/deny/{aid}", responses=POST_RESPONSES)
@@ -882,9 +913,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         aid: Id,
         session: Annotated[Session, Depends(require_post)],
         note: Annotated[str | None, Form(max_length=4096)] = None,
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Deny an approval, with an optional note for the agent."""
-        reply = await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})})
+        """Deny an approval, with an optional note for the agent (``host``: the swarm host
+        the approval is on)."""
+        reply = await operator(
+            {"cmd": "deny", "id": aid, **({"note": note} if note else {}), **_on(host)}
+        )
         return done(request, reply, cockpit.said("deny", id=aid))
 
     # Before /api/agents/{name}/{action}: not that they could clash (three segments, not two).
@@ -944,13 +979,14 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         name: Annotated[str, Form(max_length=64)],
         spec: Annotated[str, Form(max_length=65536)],
         session: Annotated[Session, Depends(require_post)],
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Create and start an agent; SPEC is its JSON spec."""
+        """Create and start an agent; SPEC is its JSON spec (``host``: on that swarm host)."""
         try:  # parsed as host.sock parses a request: a JSON object, 64-bit integers, finite numbers
             parsed = parse_line(spec.encode())
         except WireError as e:
             raise HTTPException(422, f"spec: {e}") from None
-        reply = await operator({"cmd": "spawn", "name": name, "spec": parsed})
+        reply = await operator({"cmd": "spawn", "name": name, "spec": parsed, **_on(host)})
         return done(request, reply, cockpit.said("spawn", name=name))
 
     @app.post("/inbox/read", include_in_schema=False)

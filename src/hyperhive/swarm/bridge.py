@@ -34,6 +34,7 @@ from hyperhive.swarm import asks
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.groupq import GroupQueue
+from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore
 from hyperhive.swarm.settings import SwarmSection
 from hyperhive.wire.common import SHORT_TEXT_CHARS, Message, Question
@@ -104,6 +105,7 @@ class Bridge:
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
         self.received = 0
         self.dropped = 0
+        self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
 
     # -- the port (called by core/hive.py) ---------------------------------------------
 
@@ -175,7 +177,14 @@ class Bridge:
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
                 for (host, _), row in sorted(self.rows.items())
             ][:MAX_LISTED],
+            **self.operator.status(),
         }
+
+    async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.operator.carry(host, request)
+
+    def listed(self, kind: str) -> list[dict[str, Any]]:
+        return self.operator.listed(kind)
 
     def reachable(self, host: str, connected: bool) -> bool:
         """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
@@ -203,7 +212,10 @@ class Bridge:
                 await asyncio.sleep(1.0)
         log.info("swarm: host %s connected to %s", self.host, self.nc.connected_url)
         print(f"hive-core: swarm host={self.host} connected", flush=True)
-        loops = [self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop]
+        loops: list[Callable[[], Awaitable[None]]] = [
+            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop
+        ]  # fmt: skip
+        loops += self.operator.loops()
         try:
             await asyncio.gather(*(self._forever(f) for f in loops))
         finally:
@@ -322,7 +334,7 @@ class Bridge:
         from_host = s.from_host_of(m.subject)
         try:
             items = json.loads(m.data) if from_host is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
             items = None
         if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
             self.dropped += 1
@@ -463,6 +475,8 @@ class Bridge:
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if self.operator.watched(parts, value, deleted):
+            return
         if parts[0] == "hosts" and len(parts) == 2 and not deleted:
             self.heartbeats[parts[1]] = time.monotonic()
         if parts[0] == "names" and len(parts) == 2:
@@ -476,7 +490,7 @@ class Bridge:
                 self.rows.pop((parts[1], parts[2]), None)
             else:
                 assert value is not None
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):  # nested too deep too
                     row = json.loads(value)
                     if isinstance(row, dict) and NAME_RE.fullmatch(parts[2]):
                         self.rows[(parts[1], parts[2])] = roster_row(parts[1], parts[2], row)

@@ -22,6 +22,7 @@ from nats.js.api import (
 )
 
 from hyperhive.swarm import subjects as s
+from hyperhive.swarm.signing import MAX_ACTION_BYTES
 
 log = logging.getLogger("hive.swarm")
 
@@ -138,4 +139,38 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
             max_bytes=s.ROSTER_BUCKET_BYTES,
         )
     )
-    await asyncio.gather(*consumers, bucket)  # each is a round of the cluster's consensus
+    await asyncio.gather(*consumers, bucket, _ensure_ops(js, hosts, replicas))
+
+
+async def _ensure_ops(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: int) -> None:
+    """The signed operator actions (swarm/operator.py): one stream, one consumer per host.
+    A message is bounded (MAX_ACTION_BYTES), and old ones expire (each is refused after
+    TTL_SECONDS anyway); a replayed Nats-Msg-Id is dropped, a replayed action id refused."""
+    await js.add_stream(
+        StreamConfig(
+            name=s.OPS_STREAM,
+            subjects=[f"{s.OPS_ROOT}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=s.OPS_MAX_AGE_SECONDS,
+            max_msg_size=MAX_ACTION_BYTES,
+            duplicate_window=s.DEDUP_SECONDS,
+            num_replicas=replicas,
+        )
+    )
+    await asyncio.gather(
+        *(
+            js.add_consumer(
+                s.OPS_STREAM,
+                ConsumerConfig(
+                    durable_name=s.ops_consumer(host),
+                    filter_subject=s.ops_filter(host),
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=s.ACK_WAIT_SECONDS,
+                    num_replicas=replicas,
+                ),
+            )
+            for host in hosts
+        )
+    )  # each is a round of the cluster's consensus

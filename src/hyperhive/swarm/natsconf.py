@@ -36,6 +36,7 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
             f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
             f"$JS.ACK.{s.STREAM}.{durable}.>",
         ]
+    ops = s.ops_consumer(host)
     roster = s.KV_STREAM
     return {
         "publish": {
@@ -54,6 +55,16 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.DELETE.{roster}.>",
                 f"$JS.API.CONSUMER.INFO.{roster}.>",
                 f"$JS.FC.{roster}.>",  # flow control replies of its roster watchers
+                # The operator's roster and actions (swarm/operator.py): its own agents'
+                # questions and approvals and its own results; actions it signs, on its
+                # own subject; only its own consumer of the actions carried to it.
+                s.op_subject("*", host),
+                f"$KV.{s.BUCKET}.questions.{host}.>",
+                f"$KV.{s.BUCKET}.approvals.{host}.>",
+                f"$KV.{s.BUCKET}.results.{host}.>",
+                f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{ops}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{ops}",
+                f"$JS.ACK.{s.OPS_STREAM}.{ops}.>",
             ]
         },
         "subscribe": {"allow": [f"{s.inbox_prefix(host)}.>"]},

@@ -26,3 +26,10 @@ class SwarmPort(Protocol):
 
     def status(self) -> dict[str, Any]:
         """Hosts, bus reachability and the roster (``hive swarm status``)."""
+
+    async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The operator's host.sock ``request`` for ``host``, signed and carried there;
+        what it made of it (a refusal there is raised here)."""
+
+    def listed(self, kind: str) -> list[dict[str, Any]]:
+        """The other hosts' open ``questions`` or pending ``approvals``, each with its host."""
