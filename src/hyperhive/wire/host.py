@@ -17,7 +17,15 @@ HostName = Annotated[str, Field(pattern=NAME_RE.pattern)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 EventKind = Literal[
-    "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"
+    "message",
+    "question",
+    "answer",
+    "approval",
+    "agent_status",
+    "reminder",
+    "transcript",
+    "egress",
+    "secret",
 ]
 EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 
