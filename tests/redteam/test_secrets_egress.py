@@ -596,3 +596,22 @@ def test_an_agent_asks_for_an_l7_rule_and_gets_exactly_it(hive: HiveProcess) -> 
     assert rules.count("GET gh.test:443/orgs/acme/*") == 1
     again = hive.host_call("approve", id=aid)
     assert again["ok"] is False, again
+
+
+@pytest.mark.attack("secrets.read-from-cage", ref="issue 16 item 2 (hive exec sees the runtime's placeholders)")
+def test_hive_exec_sees_the_placeholders_the_runtime_sees(hive: HiveProcess, placeholder: str) -> None:
+    """A command the operator runs in the cage (clean, or as the agent) has the variables
+    of the agent's bindings with the same placeholders as its turns, never the key."""
+    runtime = _json(hive.home(AGENT) / ENV_FILE)
+    shown = assert_ok(hive.host_call("agent_env", name=AGENT))["env"]
+    assert shown["ANTHROPIC_API_KEY"] == placeholder
+    assert KEY not in json.dumps(shown)
+    for flags in ((), ("--as-agent",)):
+        proc = hive.exec(AGENT, "python3", "-c", "import json, os; print(json.dumps(dict(os.environ)))", flags=flags)
+        assert proc.returncode == 0, proc.stderr
+        env = json.loads(proc.stdout)
+        assert {k: v for k, v in runtime.items() if v.startswith("hive-placeholder-")} == {
+            k: v for k, v in env.items() if k in runtime and v.startswith("hive-placeholder-")}, (flags, env)
+        assert env["ANTHROPIC_API_KEY"] == placeholder and {k: env[k] for k in shown} == shown, (flags, env)
+        assert KEY not in proc.stdout + proc.stderr
+    assert hive.host_call("agent_env", name="nobody") == {"version": 1, "ok": False, "error": "no agent named 'nobody'"}

@@ -598,14 +598,24 @@ class Hive:
     def harness_config(self, actor: Agent) -> dict[str, Any]:
         row = self.require_agent(actor.name)
         spec = self.spec(actor.name).model_dump(mode="json")
-        # The placeholders of this agent's bindings (never a secret): the runtime's env.
-        env = {
+        env = self._runtime_env(actor.name)
+        return {"name": actor.name, "spec": spec, "paused": bool(row.paused), "env": env}
+
+    def _runtime_env(self, name: str) -> dict[str, str]:
+        """The placeholders of agent ``name``'s bindings (never a secret), by variable:
+        its runtime's env beyond the cage's base one (the harness reads it at start)."""
+        return {
             b.env: b.placeholder
             for bs in self._bindings.values()
             for b in bs
-            if b.agent == actor.name and b.env
+            if b.agent == name and b.env
         }
-        return {"name": actor.name, "spec": spec, "paused": bool(row.paused), "env": env}
+
+    def agent_env(self, actor: Operator, name: str) -> dict[str, str]:
+        """What ``hive exec`` adds to the base environment, so a command run by the
+        operator in the cage sees what the agent's runtime sees."""
+        self.require_agent(name)
+        return self._runtime_env(name)
 
     async def turn_next(self, actor: Agent, conn: int, wait: float) -> Message | None:
         """The next message for a turn; while the agent is paused, none (messages

@@ -267,6 +267,14 @@ class SecretRm(Strict):
     name: SecretName
 
 
+class AgentEnv(Strict):
+    """The variables agent ``name``'s runtime gets beyond the cage's base environment:
+    its secret bindings' placeholders (never a secret). ``hive exec`` sets them too."""
+
+    cmd: Literal["agent_env"]
+    name: AgentName
+
+
 class SecretBind(Strict):
     """Bind secret ``name`` for ``agents`` to one destination and header."""
 
@@ -341,6 +349,7 @@ HostRequest = Annotated[
     | SecretRm
     | SecretBind
     | SecretUnbind
+    | AgentEnv
     | ShowApproval
     | ShowQuestion
     | ShowMessage,
