@@ -136,7 +136,7 @@ class FakeAnthropic:
         with self.lock:
             self.requests.append(req)
             agent_loop = bool(req.get("tools"))
-            scripted = self.scripted(messages) if agent_loop else None
+            scripted = self.scripted(messages) if agent_loop and self.script else None
             if scripted is not None:
                 return {"type": "tool_use", "id": scripted[0], "name": scripted[1], "input": scripted[2]}, "tool_use"
             if agent_loop and not self._is_tool_result(messages[-1]) and self.actions:
