@@ -300,6 +300,33 @@ def test_secret_bindings_from_the_cockpit_never_show_a_value(web: Web) -> None:
     assert web.hive.host_call("secret_rm", name=name)["ok"]
 
 
+def test_secrets_section_binds_and_unbinds_in_place(web: Web, context: BrowserContext) -> None:
+    """In Chromium, with htmx: the bind form posts in place (a toast in words, the form
+    cleared), the live stream draws the binding, its unbind button removes it; the value
+    is never in the page."""
+    name, value = "ckweb", "sk-web-" + secrets.token_hex(16)
+    assert web.hive.host_call("secret_set", name=name, value=value)["ok"]
+    page, watch = open_cockpit(web, context)
+    expect(page.locator(f"#secret-{name} .value-state")).to_contain_text("set ")
+    form = page.locator("#secret-bind-form")
+    for field, text in (("secret", name), ("agents", CALM), ("to", "web.test:443"),
+                        ("header", "Authorization: Bearer {}"), ("env", "WEB_TOKEN")):
+        form.locator(f'input[name="{field}"]').fill(text)
+    form.get_by_role("button", name="bind").click()
+    expect(page.locator(".toast").filter(has_text=f"secret {name} bound for {CALM} to web.test:443")).to_have_count(1)
+    row = page.locator(f"#binding-{name}-{CALM}")
+    expect(row).to_contain_text("Authorization: Bearer {}")
+    expect(row).to_contain_text("WEB_TOKEN")
+    expect(form.locator('input[name="secret"]')).to_have_value("")
+    row.get_by_role("button", name="unbind").click()
+    expect(page.locator(".toast").filter(has_text=f"secret {name} unbound from {CALM}")).to_have_count(1)
+    expect(row).to_have_count(0)
+    expect(page.locator(f"#secret-{name}")).to_contain_text("bound for no agent")
+    assert value not in page.content()
+    clean(page, watch)
+    assert web.hive.host_call("secret_rm", name=name)["ok"]
+
+
 def insert_agents(web: Web, n: int) -> None:
     """``n`` agent rows straight into the hive's SQLite (stopped: no cage is started);
     the core's agents cache is dropped by the next write of an agent (a set_status)."""
