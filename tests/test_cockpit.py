@@ -276,6 +276,8 @@ def test_secret_bindings_from_the_cockpit_never_show_a_value(web: Web) -> None:
     for agent in (ASKER, FLAKY):
         assert f'<tr id="binding-{name}-{agent}" class="binding-row" data-secret="{name}" data-agent="{agent}">' in page
     assert "<code>x-api-key: {}</code>" in page and f'id="secret-{name}"' not in page
+    # The live stream draws the binding (it coalesces a burst: wait before changing it again).
+    wait_for(lambda: f'id="binding-{name}-{ASKER}"' in html_tap.text, "the stream to draw the binding")
     # Unbind one with the row's form posted by htmx (a toast in words), the other plainly.
     r = web.request("POST", f"/api/secrets/{name}/unbind", login=login, origin=web.origin,
                     headers={"HX-Request": "true"}, data={"csrf_token": login.csrf, "agent": FLAKY})
