@@ -246,9 +246,12 @@ REFUSED: Responses = {
     503: _refused("hive-priv is unavailable; the agent's cage could not be started or stopped."),
 }
 # The gateway's, before the core sees the request: a path parameter with %-escapes (any
-# character outside RFC 3986's path characters) is not a path the hive builds.
+# character outside RFC 3986's path characters) is not a path the hive builds; a request
+# line over nginx's large_client_header_buffers (8 KiB), longer than any the dashboard or
+# CLI sends, never reaches the core.
 BAD_PATH: Responses = {
-    400: _refused("A path with %-escapes, // or dot segments (refused by the gateway).")
+    400: _refused("A path with %-escapes, // or dot segments (refused by the gateway)."),
+    414: {"description": "A request line over 8 KiB (refused by the gateway)."},
 }
 GET_RESPONSES: dict[int | str, dict[str, Any]] = {**BAD_PATH, **NOT_LOGGED_IN, **REFUSED}
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {
