@@ -52,6 +52,7 @@ from hyperhive.core.store import (
 )
 from hyperhive.core.store.links import LinkUsed
 from hyperhive.core.store.messages import ack_in, send_in
+from hyperhive.core.store.usage import Usage
 from hyperhive.core.summary import PAGE, Listing
 from hyperhive.core.tls import HiveCA, upstream_context
 from hyperhive.names import OPERATOR
@@ -112,6 +113,8 @@ class Hive:
         store.history_keep = config.limits.history_keep
         # Sends queued for the next group commit, per sender: (rows, bytes) not yet in agent_usage.
         self._queued: dict[str, tuple[int, int]] = {}
+        self._usage: dict[str, Usage] = {}  # agent_usage rows read since commit _usage_at
+        self._usage_at = -1
         # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
         self._egress_open: dict[
@@ -253,7 +256,7 @@ class Hive:
         if agent == OPERATOR:
             return  # the operator's own messages are not an agent's to bound
         limits = self.config.limits
-        held_rows, held_bytes, op_rows, op_bytes = self.store.usage.of(agent)
+        held_rows, held_bytes, op_rows, op_bytes = self._usage_of(agent)
         q_rows, q_bytes = self._queued.get(agent, (0, 0))
         held_rows, held_bytes = held_rows + q_rows, held_bytes + q_bytes
         if to_operator:
@@ -268,6 +271,18 @@ class Hive:
                 f"storage quota: agent {agent} holds {held_bytes / (1 << 20):.1f} MiB of"
                 f" undelivered messages, limit {limits.agent_store_mib} MiB"
             )
+
+    def _usage_of(self, agent: str) -> Usage:
+        """``store.usage.of(agent)``, read once per commit: pipelined sends check their
+        quota one after another with no commit between them (their rows are counted in
+        ``_queued`` until theirs), so one read serves them all."""
+        if self._usage_at != self.store.db.commits:
+            self._usage_at = self.store.db.commits
+            self._usage.clear()
+        usage = self._usage.get(agent)
+        if usage is None:
+            usage = self._usage[agent] = self.store.usage.of(agent)
+        return usage
 
     def store_quota(self) -> tuple[int, int]:
         return self.config.limits.agent_pending_max, self.config.limits.agent_store_mib << 20
