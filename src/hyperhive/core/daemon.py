@@ -194,9 +194,9 @@ def setup_logging() -> None:
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop]:
-    """uvloop's event loop where it imports (libuv: the loop's turn and the sockets'
-    writes in C, about a third less of the core's CPU per message, see docs/protocol.md
-    "Performance"); asyncio's own otherwise, which behaves the same, only slower."""
+    """uvloop's event loop where it imports (libuv: the loop's turn and the sockets' I/O
+    in C, which the 64-pair profile showed as a large share of the core's time); asyncio's
+    own otherwise, which behaves the same, only slower."""
     try:
         import uvloop
     except ImportError:
