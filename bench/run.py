@@ -334,6 +334,7 @@ class Context:
     core: Core
     base: Path
     results: dict[str, float] = field(default_factory=dict)  # figures later sections reuse
+    plot: Path | None = None  # --plot: where bench/scale.py draws its figure
 
     def n(self, full: int, quick: int) -> int:
         return quick if self.quick else full
@@ -805,6 +806,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME",
         help="run only benchmarks whose function name contains NAME (repeatable)",
     )
+    ap.add_argument(
+        "--plot",
+        type=Path,
+        metavar="PNG",
+        help="with --only scale: draw cold start and memory per cage against cages running",
+    )
     args = ap.parse_args(argv)
 
     started = time.perf_counter()
@@ -814,7 +821,8 @@ def main(argv: list[str] | None = None) -> int:
         core = Core(base, profile=args.profile_core.resolve() if args.profile_core else None)
         core.start()
         try:
-            ctx = Context(quick=args.quick, core=core, base=base)
+            ctx = Context(quick=args.quick, core=core, base=base,
+                          plot=args.plot.resolve() if args.plot else None)
             for fn in all_benchmarks():
                 if args.only and not any(o in fn.__name__ for o in args.only):
                     continue

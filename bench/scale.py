@@ -5,24 +5,31 @@ default 1000; 4 with --quick), each a cage whose harness holds its agent.sock:
   * the core's and nginx's descriptors and threads against their limits;
   * message p99 between two agents while all N run;
   * the dashboard's first screen and /api/state, one request at a time, p99;
-  * hive-core killed (-9) with all N running → every agent reachable again.
+  * hive-core killed (-9) with all N running → every agent reachable again;
+  * then, stopping cages down to 500, 200, 100, 50, 10 and 1 running: at each count the
+    cold start of one more cage and the idle memory per cage (`--plot FILE` draws them).
 
 Minutes of work and gigabytes of memory at 1,000: only when named."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import re
+import resource
 import signal
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from cages import PORT, Hive, _latency_between, _login  # type: ignore[import-not-found]
+from cages import PORT, Hive, _latency_between, _login, _until_running  # type: ignore[import-not-found]
 from run import Context, Row, Target, percentile  # type: ignore[import-not-found]
 
 from hyperhive.client import HiveUnavailable, priv_call
+from hyperhive.core.budget import Budget
 from hyperhive.wire.priv import CageStatus
 
 
@@ -66,8 +73,30 @@ def _get_p99(cookie: str, path: str, n: int) -> tuple[float, float]:
     return percentile(samples, 50), percentile(samples, 99)
 
 
+def _most_cages(want: int) -> int:
+    """``want``, or the most cages (a multiple of 100) hive-core's descriptor budget allows
+    under the NOFILE this machine lets us have: `hive up` raises the limit to the budget
+    only where it may (CAP_SYS_RESOURCE); a VM's hard limit of 20,000 fits 609 agents."""
+
+    def cost(n: int) -> int:  # the toml below: 4 connections per uid, 1 tunnel, reserve 512
+        return Budget(n, 4, 1, 512, nofile=0, tasks=None).total_fds
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < cost(want):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (cost(want), cost(want)))
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or cost(want) <= hard:
+        return want
+    most = max(100, (hard - cost(0)) // (cost(1) - cost(0)) // 100 * 100)
+    print(f"scale: {want} cages need {cost(want)} descriptors in hive-core, the hard NOFILE "
+          f"is {hard} and may not be raised here: {most} cages", file=sys.stderr)
+    return most
+
+
 def bench_scale(ctx: Context) -> list[Row]:
-    n = 4 if ctx.quick else int(os.environ.get("HIVE_BENCH_SCALE", "1000"))
+    env = os.environ.get("HIVE_BENCH_SCALE")
+    n = 4 if ctx.quick else int(env) if env else _most_cages(1000)
     names = {f"a{i}" for i in range(n)}
     agents = {f"a{i}": {"command": ["true"], "peers": [f"a{(i + 1) % n}"]} for i in range(n)}
     # The least each agent may cost the core (4 connections per uid, one tunnel): the budget
@@ -120,9 +149,62 @@ def bench_scale(ctx: Context) -> list[Row]:
         got = _reachable(hive, names)
         rows.append(Row(sect, "core restart → every agent reachable", back, "s",
                         Target("<=", 5.0), f"{got}/{n} reachable; kill -9 of hive-core"))
+        points = _sweep(hive, n, ctx.n(20, 2))
     finally:
         hive.stop()
+    for p in points:
+        note = (f"p99 {p.start_p99:.0f} ms of {p.starts}; idle {p.mem_mib:.1f} MiB/cage;"
+                f" load {p.load:.1f}")
+        rows.append(Row(sect, f"cold start p50, {p.running} running", p.start_p50, "ms", note=note))
+    if ctx.plot is not None:
+        from plot import plot_scale  # type: ignore[import-not-found]
+
+        loads = [p.load for p in points]
+        title = (f"hyperhive, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}: one cage started"
+                 f" among N idle\n(load average {min(loads):.1f} to {max(loads):.1f} meanwhile)")
+        plot_scale(points, ctx.plot, title=title)
+        print(f"scale: wrote {ctx.plot}", file=sys.stderr)
     return rows
+
+
+@dataclass
+class Point:
+    running: int  # cages running while one more starts (that one included)
+    start_p50: float  # ms, start request → harness connected
+    start_p99: float
+    starts: int
+    mem_mib: float  # mean cgroup memory of the running cages, idle
+    load: float  # the 1-minute load average then (other work on the machine shows here)
+
+
+def _sweep(hive: Hive, n: int, starts: int) -> list[Point]:
+    """From all ``n`` running down to 1: at each count, ``starts`` cold starts of one cage
+    (a0, stopped and started again, the others idle) and the memory per idle cage. Going
+    down costs stops only: going up would be a second `hive up`'s worth of starts."""
+    # Counts a third apart or more, so a log axis shows each (600: 1, 10, 30, 100, 300, 600).
+    counts = sorted({c for c in (1, 10, 30, 100, 300, 1000) if c * 1.5 <= n} | {n}, reverse=True)
+    running = [f"a{i}" for i in range(n)]
+    points = []
+    time.sleep(5)  # after the core's restart: the harnesses' reconnects settle
+    for count in counts:
+        extra, running = running[count:], running[:count]
+        for k in range(0, len(extra), 20):  # 20 a request: within the client's 30 s timeout
+            hive.call("stop", scope={"agent_names": extra[k : k + 20]})
+        hive.wait_running(set(running), timeout=300)
+        ms = []
+        for _ in range(starts):
+            hive.call("stop", scope={"agent_names": ["a0"]})
+            ms.append(_until_running(hive, "a0", timeout=120) * 1000)
+        time.sleep(2)  # idle: the started cage's harness settles
+        status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=running))
+        mem = [c["memory_bytes"] / 2**20 for c in status["cages"].values() if "memory_bytes" in c]
+        points.append(Point(count, percentile(ms, 50), percentile(ms, 99), len(ms),
+                            sum(mem) / max(1, len(mem)), os.getloadavg()[0]))
+        p = points[-1]
+        print(f"scale: {count} running: cold start p50 {p.start_p50:.0f} ms, "
+              f"p99 {p.start_p99:.0f} ms; {p.mem_mib:.1f} MiB/cage; load {p.load:.1f}",
+              file=sys.stderr)
+    return points[::-1]
 
 
 SCALE_BENCHMARKS = [bench_scale]

@@ -3,6 +3,9 @@ namespaces on one bridge, one NATS JetStream node each) and one hive-core per ho
 run inside that host's namespace with ``[swarm]`` pointing at its own node first.
 
     alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
+
+Host a is the operator's console: b and c pin a's operator key (``[swarm] operators``),
+so they carry out the operator actions a signs; c's own key is one nobody pins.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ import pytest
 
 from helpers import CoreProcess, wait_for
 from hyperhive.swarm.bus import ensure_streams
+from hyperhive.swarm.signing import load_or_create_key, public_b64
 from swarmnet import SwarmNet
 
 HOSTS = ["a", "b", "c"]
+OPERATOR_HOST = "a"
 AGENTS: dict[str, dict[str, dict[str, Any]]] = {
     "a": {"alice": {"runtime": "command", "command": ["true"], "peers": ["bob", "carol"]}},
     "b": {"bob": {"runtime": "command", "command": ["true"], "peers": ["alice"]}},
@@ -34,6 +39,7 @@ AGENTS: dict[str, dict[str, dict[str, Any]]] = {
 class Swarm:
     net: SwarmNet
     cores: dict[str, CoreProcess] = field(default_factory=dict)
+    operator_key: Path | None = None  # host a's operator signing key (its file)
 
     def status(self, host: str) -> dict[str, Any]:
         resp = self.cores[host].host_call("swarm_status")
@@ -69,7 +75,8 @@ def make_swarm(
     """The three test hosts with a hive-core each (``agents``: per host; default AGENTS)."""
     agents = AGENTS if agents is None else agents
     with SwarmNet(subnet, HOSTS, base) as net:
-        swarm = Swarm(net)
+        swarm = Swarm(net, operator_key=base / "operator-a.key")
+        public = public_b64(load_or_create_key(swarm.operator_key))
         try:
             for h in with_cores:
                 d = base / f"core-{h}"
@@ -83,6 +90,11 @@ def make_swarm(
                             "host": h,
                             "urls": net.urls(h),
                             "credentials": str(net.credentials(h)),
+                            **(
+                                {"operator_key": str(swarm.operator_key)}
+                                if h == OPERATOR_HOST
+                                else {"operators": {OPERATOR_HOST: public}}
+                            ),
                         }
                     },
                     wrap=net.netns_prefix(h),
@@ -109,7 +121,11 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     test leaves it as it found it (every core and every NATS node running)."""
     # A subnet of its own per concurrent suite (two suites on one machine, say).
     subnet = int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "181"))
-    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=subnet)
+    # A burst big enough for the fault runs' pipelined streams (test_swarm_faults.py):
+    # the rate limit is one host's, tested on its own elsewhere.
+    yield from make_swarm(
+        tmp_path_factory.mktemp("swarm"), subnet=subnet, limits={"message_burst": 100_000}
+    )
 
 
 def _stop(core: CoreProcess) -> None:

@@ -5,6 +5,7 @@ a 3-node NATS JetStream cluster (Debian's ``nats-server``), with per-host users.
     with SwarmNet(subnet=181, hosts=["a", "b", "c"], base=tmp) as net:
         net.url("a")           # nats://198.18.181.11:4222, the node in a's namespace
         net.kill9("a"); net.start_node("a")
+        net.cut("a"); net.heal("a")   # a partition: a's link down, then up
         net.admin()            # (user, password) of the admin user
 """
 
@@ -127,6 +128,15 @@ class SwarmNet:
         proc = self.procs.pop(host)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+    def cut(self, host: str) -> None:
+        """Cut ``host`` off the others: its veth's bridge end down. Inside its namespace
+        nothing changes (its address, routes and local connections stay), so a heal is
+        only the link coming back: TCP connections across the cut resume."""
+        ip("link", "set", self.veth[host], "down")
+
+    def heal(self, host: str) -> None:
+        ip("link", "set", self.veth[host], "up")
 
     def admin(self) -> tuple[str, str]:
         return ADMIN, self.admin_password

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,9 +43,25 @@ def test_bench_quick_json() -> None:
         assert isinstance(f["value"], int | float) and not isinstance(f["value"], bool), f
         assert math.isfinite(f["value"]), f
         # A measured quantity is positive; a difference of two (an overhead) may dip below 0 in noise.
-        assert f["value"] > 0 or "overhead" in f["name"], f
+        assert f["value"] > 0 or "overhead" in f["name"] or f["name"].startswith("added "), f
         assert f["unit"], f
         assert f["pass"] in (True, False, None), f
         if f["target"] is not None:
             assert f["target"]["op"] in ("<=", ">=") and isinstance(f["pass"], bool), f
     assert report["meta"]["core_exit"] == 0, report["meta"]
+
+
+def test_scale_plot_draws_a_png(tmp_path: Path) -> None:
+    """bench/plot.py (`--plot`, the bench dependency group) writes the scale figure: the
+    full sweep takes minutes of real cages, so only the drawing is checked here."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        from plot import plot_scale  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    points = [SimpleNamespace(running=n, start_p50=100.0 + n, start_p99=200.0 + n, mem_mib=11.5)
+              for n in (1, 10, 100)]
+    out = tmp_path / "docs" / "scale.png"
+    plot_scale(points, out, title="smoke")
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, len(data)

@@ -529,7 +529,8 @@ def test_agent_page_stream_framing_and_readable_entries() -> None:
     """The agent page's stream sends HTML a line per ``data:`` field: agent text with
     newlines, ``event:``/``id:`` lines, a blank line or a CR forges no event. A
     transcript entry reads as who and what, a tool call folded."""
-    from hyperhive.core.http import readable, sse
+    from hyperhive.core.http import readable
+    from hyperhive.core.sse import sse
 
     hostile = 'x\nevent: transcript\nid: 999\n\ndata: <li id="q-1">\r\nretry: 1'
     raw = sse("state", hostile).decode()

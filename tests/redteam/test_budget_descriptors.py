@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HiveProcess, running_hive, wait_until
+from hive_fixture import HiveProcess, probe_result, running_hive, wait_until
 from testnet import TestNet
 
 from .conftest import cage_run, core_fds, others_keep_working, unchanged
@@ -92,6 +92,28 @@ def test_core_raised_its_nofile_and_logged_its_budget(bh: HiveProcess) -> None:
     line = (f"hive-core: budget: {MAX_AGENTS} agents x ({2 * AGENT_CONNS + 1} agent.sock + {6 * EGRESS_CONNS + 1}"
             f" egress + 16 spare) fds + reserve 512 = {MAX_AGENTS * per_agent + 512} <= NOFILE {soft};")
     assert line in bh.log_path.read_text(), bh.log_tail()
+
+
+def test_a_cage_does_not_inherit_the_raised_limit(bh: HiveProcess) -> None:
+    """hive up raises the descriptor limit for max_agents (the core's, above); a cage gets
+    an ordinary one (priv's CAGE_NOFILE), and nothing in it can raise the hard limit."""
+    from hyperhive.priv.cages import CAGE_NOFILE
+
+    hard = min(CAGE_NOFILE[1], core_limits(bh)[1])  # hive up raised both priv's and the core's
+    out = probe_result(bh.probe("rtdother", """
+import resource
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+try:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard + 1))
+    raised = True
+except (ValueError, OSError) as e:
+    raised = type(e).__name__
+init = open("/proc/1/limits").read()
+result(soft=soft, hard=hard, raised=raised, init=[l.split()[3:5] for l in init.splitlines() if l.startswith("Max open files")])
+"""))
+    assert (out["soft"], out["hard"]) == (CAGE_NOFILE[0], hard), out
+    assert out["raised"] in ("ValueError", "PermissionError"), out
+    assert out["init"] in ([], [[str(CAGE_NOFILE[0]), str(hard)]]), out
 
 
 FLOOD = """

@@ -43,7 +43,7 @@ REQUIRED = {
     "notify.slow-receiver", "notify.injection", "notify.redirect", "notify.flood", "notify.link",
     "reset.planted-link", "secrets.store", "secrets.placeholder-elsewhere",
     "secrets.read-from-cage", "egress.tls-sni-host", "egress.request-smuggling",
-    "egress.l7-bypass", "swarm-host-spoofing", "harness.fork-inheritance", "harness.dumpable",
+    "egress.l7-bypass", "swarm-host-spoofing", "swarm-operator-forgery", "harness.fork-inheritance", "harness.dumpable",
     "cage.planted-bytecode", "wire.pipelining", "secrets.reflected", "surface.page-download",
 }
 

@@ -27,8 +27,10 @@ pytestmark = [
 Attack = Callable[[Any], Awaitable[None]]
 
 
-def as_host_c(swarm: Swarm, attack: Attack) -> list[str]:
-    """Run ``attack(nc)`` on a connection as host c; the errors the server sent."""
+def as_host_c(swarm: Swarm, attack: Attack, host: str = "c", settle: float = 2.0) -> list[str]:
+    """Run ``attack(nc)`` on a connection as host c (or ``host``: its stolen NATS
+    credentials, say); the errors the server sent (waiting up to ``settle`` seconds for
+    one: 0 when the attack's own requests got their replies)."""
     errors: list[str] = []
 
     async def go() -> None:
@@ -36,12 +38,12 @@ def as_host_c(swarm: Swarm, attack: Attack) -> list[str]:
             errors.append(str(e).lower())
 
         nc = await nats.connect(
-            swarm.net.urls("c"), user="host-c", password=swarm.net.passwords["c"],
-            inbox_prefix=s.inbox_prefix("c"), error_cb=on_error,
+            swarm.net.urls(host), user=f"host-{host}", password=swarm.net.passwords[host],
+            inbox_prefix=s.inbox_prefix(host), error_cb=on_error,
         )
         try:
             await attack(nc)
-            for _ in range(100):  # the server's -ERR comes asynchronously
+            for _ in range(int(settle / 0.02)):  # the server's -ERR comes asynchronously
                 if errors:
                     break
                 await asyncio.sleep(0.02)
@@ -93,12 +95,15 @@ def test_host_cannot_read_another_hosts_inbox(swarm: Swarm) -> None:
 
     violation(as_host_c(swarm, subscribe), "subscription to")
 
-    async def pull(nc: Any) -> None:
-        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{s.consumer('b')}",
-                         b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")
-        await nc.flush()
+    for sender in ("a", "c"):  # b's inbox of a's messages, and even of c's own
+        durable = s.consumer("b", sender)
 
-    violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.STREAM}.{s.consumer('b')}")
+        async def pull(nc: Any, durable: str = durable) -> None:
+            await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
+                             b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")
+            await nc.flush()
+
+        violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.STREAM}.{durable}")
 
     async def get(nc: Any) -> None:
         await nc.publish(f"$JS.API.STREAM.MSG.GET.{s.STREAM}", b'{"seq":1}',

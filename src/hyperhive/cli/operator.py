@@ -67,13 +67,33 @@ def pages(
     --json prints each reply); its rows and the last reply."""
     key = "approvals" if cmd == "pending" else cmd
     rows: list[dict[str, Any]] = []
+    swarm: dict[str, Any] = {}  # the other hosts' rows come with the first page
     while True:
         reply = request(path, cmd, as_json, after=after, limit=limit)
+        swarm = swarm or {k: v for k, v in reply.items() if k.startswith("swarm_")}
         page = reply[key]
         rows.extend(page)
         if not (every and reply.get("more") and page):
-            return rows, reply
+            return rows, {**reply, **swarm}
         after = max(r["id"] for r in page if type(r.get("id")) is int)
+
+
+def host_option(fn: F) -> F:
+    return click.option(
+        "--host",
+        help="The swarm host the agent is on (docs/swarm.md): the action is signed and"
+        " carried there. Default: this host.",
+    )(fn)
+
+
+def carried(resp: dict[str, Any], what: str) -> str:
+    """What became of an action carried to another host."""
+    if resp.get("applied"):
+        return f"{what}: applied on host {resp['host']}"
+    return (
+        f"{what}: carried to host {resp['host']} (action {resp['action']}), not applied yet;"
+        " it is applied when that host takes it, or refused as too old after 5 minutes"
+    )
 
 
 def cut_note(row: dict[str, Any], field: str, what: str) -> str:
@@ -191,17 +211,33 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 ),
             )
             page_footer("questions", rows, reply)
+            if reply.get("swarm_questions"):
+                table(
+                    "other hosts' questions (answer with --host HOST)",
+                    ["host", "id", "from", "asked", "question", "options"],
+                    (
+                        [q["host"], q["id"], q.get("asker") or "", when(q.get("asked_at")),
+                         cut(q, "question", "question"), ", ".join(q.get("options") or [])]
+                        for q in reply["swarm_questions"]
+                    ),
+                )  # fmt: skip
 
     @group.command("answer")
     @json_option
+    @host_option
     @click.argument("question_id", type=int)
     @click.argument("answer")
     @click.pass_context
-    def answer(ctx: click.Context, as_json: bool, question_id: int, answer: str) -> None:
+    def answer(
+        ctx: click.Context, as_json: bool, host: str | None, question_id: int, answer: str
+    ) -> None:
         """Answer question QUESTION_ID (addressed to the operator)."""
-        request(host_sock(ctx), "answer_question", as_json, id=question_id, answer=answer)
+        resp = request(
+            host_sock(ctx), "answer_question", as_json, id=question_id, answer=answer, host=host
+        )
         if not as_json:
-            say(f"answered question {question_id}")
+            what = f"question {question_id}"
+            say(carried(resp, what) if "applied" in resp else f"answered {what}")
 
     @group.command("pending")
     @json_option
@@ -236,6 +272,17 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 ),
             )
             page_footer("pending", rows, reply)
+            if reply.get("swarm_approvals"):
+                table(
+                    "other hosts' pending approvals (approve with --host HOST)",
+                    ["host", "id", "agent", "kind", "requested", "description", "sha256"],
+                    (
+                        [a["host"], a["id"], a.get("agent") or "", a["kind"],
+                         when(a.get("requested_at")), cut(a, "description", "approval"),
+                         a["payload_sha256"]]
+                        for a in reply["swarm_approvals"]
+                    ),
+                )  # fmt: skip
 
     @group.group("show")
     def show() -> None:
@@ -318,11 +365,22 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
     @group.command("approve")
     @json_option
+    @host_option
+    @click.option("--sha256", help="Refused unless the approval's payload_sha256 is this.")
     @click.argument("approval_id", type=int)
     @click.pass_context
-    def approve(ctx: click.Context, as_json: bool, approval_id: int) -> None:
-        """Approve APPROVAL_ID: applies exactly the stored payload, once."""
-        resp = request(host_sock(ctx), "approve", as_json, id=approval_id)
+    def approve(
+        ctx: click.Context, as_json: bool, host: str | None, sha256: str | None, approval_id: int
+    ) -> None:
+        """Approve APPROVAL_ID: applies exactly the stored payload, once. With --host, the
+        one the roster shows (bound to its sha256)."""
+        resp = request(
+            host_sock(ctx), "approve", as_json, id=approval_id, host=host, payload_sha256=sha256
+        )
+        if "applied" in resp:
+            if not as_json:
+                say(carried(resp, f"approval {approval_id}"))
+            return
         if not as_json:
             a = resp["approval"]
             note = f" ({a['note']})" if a.get("note") else ""
@@ -332,12 +390,16 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @json_option
     @click.argument("approval_id", type=int)
     @click.option("--note", help="Why; delivered to the agent.")
+    @host_option
     @click.pass_context
-    def deny(ctx: click.Context, as_json: bool, approval_id: int, note: str | None) -> None:
+    def deny(
+        ctx: click.Context, as_json: bool, approval_id: int, note: str | None, host: str | None
+    ) -> None:
         """Deny APPROVAL_ID."""
-        request(host_sock(ctx), "deny", as_json, id=approval_id, note=note)
+        resp = request(host_sock(ctx), "deny", as_json, id=approval_id, note=note, host=host)
         if not as_json:
-            say(f"approval {approval_id}: denied")
+            what = f"approval {approval_id}"
+            say(carried(resp, what) if "applied" in resp else f"{what}: denied")
 
     @group.command("start")
     @json_option
@@ -409,6 +471,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @click.option(
         "--peer", "peers", multiple=True, help="A peer the agent may message (repeatable)."
     )
+    @host_option
     @click.pass_context
     def spawn(
         ctx: click.Context,
@@ -417,6 +480,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         spec_json: str | None,
         command: tuple[str, ...],
         peers: tuple[str, ...],
+        host: str | None,
     ) -> None:
         """Create and start agent NAME."""
         if spec_json:
@@ -426,9 +490,9 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 fail(f"--spec is not valid JSON: {e}")
         else:
             spec = {"runtime": "command", "command": list(command), "peers": list(peers)}
-        request(host_sock(ctx), "spawn", as_json, name=name, spec=spec)
+        resp = request(host_sock(ctx), "spawn", as_json, name=name, spec=spec, host=host)
         if not as_json:
-            say(f"spawned {name}")
+            say(carried(resp, f"spawn {name}") if "applied" in resp else f"spawned {name}")
 
     @group.command("set-parent")
     @json_option

@@ -44,6 +44,23 @@ def status(ctx: click.Context, as_json: bool) -> None:
         ["host", "agents", "reachable"],
         ([h["host"], h["agents"], _yn(h.get("reachable"))] for h in sw["hosts"]),
     )
+    say(f"operator key (pin it on the hosts that obey this one): {sw['operator_key']}")
+    say(f"obeys the operator of: {', '.join(sw['operators']) or 'no other host'}; actions"
+        f" applied {sw['actions_applied']}, refused {sw['actions_refused']}")  # fmt: skip
+    table(
+        "questions to the operator",
+        ["host", "id", "from", "question"],
+        ([q["host"], q["id"], q.get("asker") or "", q["question"]] for q in sw["questions"]),
+    )
+    table(
+        "pending approvals",
+        ["host", "id", "agent", "kind", "description", "sha256"],
+        (
+            [a["host"], a["id"], a.get("agent") or "", a["kind"], a["description"],
+             a["payload_sha256"]]
+            for a in sw["approvals"]
+        ),
+    )  # fmt: skip
     table(
         "roster",
         ["agent", "host", "running", "reachable", "status"],

@@ -160,11 +160,20 @@ def request(hive: Hive, requester: str, kind: str, description: str, payload: An
 
 
 async def resolve(
-    hive: Hive, aid: int, decision: str, note: str | None = None
+    hive: Hive, aid: int, decision: str, note: str | None = None, sha256: str | None = None
 ) -> Approval | Unreadable:
     existing = hive.store.approvals.get(aid)
     if existing is None:
         raise NotFound(f"no approval {aid}")
+    # Bound to what the operator saw (an approval carried from another host always is):
+    # checked with no await before the store resolves it, so nothing comes in between.
+    if sha256 is not None and (
+        isinstance(existing, Unreadable) or existing.payload_sha256 != sha256
+    ):
+        raise Conflict(
+            f"approval {aid}'s payload_sha256 is not {sha256[:12]}…: not the approval"
+            " the operator saw; nothing was done"
+        )
     # An unreadable row, or one of a kind this version doesn't know, can only be denied:
     # the store refuses to approve it (nobody saw what approving would apply).
     handler = None if isinstance(existing, Unreadable) else KINDS.get(existing.kind)

@@ -32,6 +32,8 @@ TOUCHES: dict[str, frozenset[str]] = {
     "approval": frozenset({"attention"}),
     "message": frozenset({"inbox", "messages"}),
     "egress": frozenset({"rules", "log"}),
+    # Another swarm host's questions or approvals changed (swarm/operator.py).
+    "swarm": frozenset({"attention"}),
 }
 
 
@@ -195,10 +197,3 @@ def said(verb: str, **what: Any) -> str:
         "egress_remove": f"{name} may no longer reach {what.get('rule', '')}",
         "inbox_read": "marked the inbox read",
     }.get(verb, "done")
-
-
-def sse(event: str, html: str) -> bytes:
-    """One server-sent event carrying HTML: a data line per line (a CR, which SSE also
-    takes as a line end, is sent as a character reference)."""
-    lines = html.replace("\r", "&#13;").split("\n")
-    return (f"event: {event}\n" + "".join(f"data: {line}\n" for line in lines) + "\n").encode()

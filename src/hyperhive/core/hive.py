@@ -313,17 +313,39 @@ class Hive:
         today (its declared ``peers``), checked here, on the sender's host; the message
         is committed to the outbox before the reply (docs/swarm.md)."""
         assert self.swarm is not None
+        self._check_remote_peer(actor, to)
+        self._take_rate(actor)
+        return await self.swarm.send(actor.name, to, body)
+
+    def _check_remote_peer(self, actor: Agent, to: str) -> None:
+        """The peer ACL for an agent on another host: one of the caller's ``peers``."""
+        assert self.swarm is not None
         me = self.require_self(actor)
         if to not in me.spec.peers:
             if self.swarm.host_of(to) is None:
                 raise NotFound(f"no agent named {to!r}")
             raise Forbidden(f"{to!r} is not one of {actor.name}'s peers")
-        self._take_rate(actor)
-        return await self.swarm.send(actor.name, to, body)
 
     def swarm_status(self, actor: Operator) -> dict[str, Any] | None:
         """The swarm as this host sees it (``hive swarm status``); None without [swarm]."""
         return None if self.swarm is None else self.swarm.status()
+
+    async def carry(
+        self, actor: Operator, host: str, request: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The operator's ``request`` (a host.sock request) for another host of the swarm:
+        signed, carried there and applied once (docs/swarm.md); None if ``host`` is this
+        one (the caller acts here)."""
+        if self.swarm is None:
+            raise BadRequest(f"no host {host!r}: this hive is not in a swarm")
+        if host == self.swarm.host:
+            return None
+        return await self.swarm.carry(host, request)
+
+    def swarm_listing(self, actor: Operator, kind: str) -> list[dict[str, Any]] | None:
+        """The other hosts' open questions or pending approvals (``kind``), each with its
+        host; None without [swarm]."""
+        return None if self.swarm is None else self.swarm.listed(kind)
 
     async def _queue_send(self, sender: str, to: str, body: str) -> Message:
         """Queue a message for the next group commit; return once it is committed.
@@ -419,6 +441,8 @@ class Hive:
 
     def ask(self, actor: Agent, to: str, question: str, options: list[str] | None) -> int:
         """A question (to an agent, also delivered to its inbox: stored twice)."""
+        if self.swarm is not None and to != OPERATOR and not self.exists(to):
+            return self._ask_remote(actor, to, question, options)  # swarm: another host's
         self._check_may_address(actor.name, to)
         self._take_rate(actor)
         nbytes = len(question.encode()) + (
@@ -437,10 +461,25 @@ class Hive:
         question to it, the operator only a question to the operator. The answer is a
         message to the asker."""
         self.check_store_quota(actor.name, 1, len(answer.encode()))
+        if self.swarm is not None and (rq := self.swarm.answer(actor.name, qid, answer)):
+            self.bus.publish("answer", {"question": row_out(rq)})  # asked from another host
+            return qid
         q, msg = self.store.questions.answer(qid, actor.name, answer)
         self.delivered(msg)
         self.bus.publish("answer", {"question": row_out(q)})
         return qid
+
+    def _ask_remote(self, actor: Agent, to: str, question: str, options: list[str] | None) -> int:
+        """To an agent on another host: the peer ACL and the quota here; the question is
+        stored here and queued to its host in one commit (swarm/asks.py)."""
+        assert self.swarm is not None
+        self._check_remote_peer(actor, to)
+        self._take_rate(actor)
+        nbytes = len(question.encode()) + len(json.dumps(options).encode() if options else b"")
+        self.check_store_quota(actor.name, 1, nbytes)
+        q = self.swarm.ask(actor.name, to, question, options)
+        self.bus.publish("question", {"question": model_fields_only(q)})
+        return q.id
 
     def questions_for(
         self, actor: Operator, after: int = 0, limit: int = PAGE
@@ -513,9 +552,15 @@ class Hive:
         return approvals.request(self, actor.name, kind, description, payload)
 
     async def resolve_approval(
-        self, actor: Operator, aid: int, decision: str, note: str | None = None
+        self,
+        actor: Operator,
+        aid: int,
+        decision: str,
+        note: str | None = None,
+        sha256: str | None = None,
     ) -> Approval | Unreadable:
-        return await approvals.resolve(self, aid, decision, note)
+        """``sha256``: refused unless it is the approval's payload_sha256."""
+        return await approvals.resolve(self, aid, decision, note, sha256)
 
     def pending_approvals(self, agent: str | None = None) -> list[Approval | Unreadable]:
         return self.store.approvals.list(status="pending", agent=agent)

@@ -87,9 +87,31 @@ async def transcript(s: OperatorSession, req: w.Transcript) -> Reply:
     return ok(entries=page.items, **more(page))
 
 
+async def carried(
+    s: OperatorSession, req: w.Approve | w.Deny | w.AnswerQuestion | w.Spawn
+) -> Reply | None:
+    """A verb naming another host of the swarm: carried there (signed); None: act here."""
+    if req.host is None:
+        return None
+    request = req.model_dump(mode="json", by_alias=True, exclude={"host"}, exclude_none=True)
+    out = await s.hive.carry(s.actor, req.host, request)
+    return None if out is None else ok(**out)
+
+
+def swarm_rows(s: OperatorSession, kind: str, after: int) -> dict[str, Any]:
+    """With [swarm], beside the first page of a listing: the other hosts' rows of it."""
+    rows = s.hive.swarm_listing(s.actor, kind) if after == 0 else None
+    return {} if rows is None else {f"swarm_{kind}": rows}
+
+
 async def pending(s: OperatorSession, req: w.Pending) -> Reply:
     page = s.hive.pending_page(s.actor, req.after, req.limit)
-    return ok(approvals=rows_out(page.items), total=page.total, more=page.more)
+    return ok(
+        approvals=rows_out(page.items),
+        total=page.total,
+        more=page.more,
+        **swarm_rows(s, "approvals", req.after),
+    )
 
 
 async def show_approval(s: OperatorSession, req: w.ShowApproval) -> Reply:
@@ -105,21 +127,34 @@ async def show_message(s: OperatorSession, req: w.ShowMessage) -> Reply:
 
 
 async def approve(s: OperatorSession, req: w.Approve) -> Reply:
-    approval = await s.hive.resolve_approval(s.actor, req.id, "approved")
+    if (reply := await carried(s, req)) is not None:
+        return reply
+    approval = await s.hive.resolve_approval(s.actor, req.id, "approved", sha256=req.payload_sha256)
     return ok(approval=row_out(approval))
 
 
 async def deny(s: OperatorSession, req: w.Deny) -> Reply:
-    approval = await s.hive.resolve_approval(s.actor, req.id, "denied", req.note)
+    if (reply := await carried(s, req)) is not None:
+        return reply
+    approval = await s.hive.resolve_approval(
+        s.actor, req.id, "denied", req.note, sha256=req.payload_sha256
+    )
     return ok(approval=row_out(approval))
 
 
 async def questions(s: OperatorSession, req: w.Questions) -> Reply:
     page = s.hive.questions_for(s.actor, req.after, req.limit)
-    return ok(questions=rows_out(page.items), total=page.total, more=page.more)
+    return ok(
+        questions=rows_out(page.items),
+        total=page.total,
+        more=page.more,
+        **swarm_rows(s, "questions", req.after),
+    )
 
 
 async def answer_question(s: OperatorSession, req: w.AnswerQuestion) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     return ok(id=s.hive.answer(s.actor, req.id, req.answer))
 
 
@@ -134,6 +169,8 @@ async def inbox(s: OperatorSession, req: w.Inbox) -> Reply:
 
 
 async def spawn(s: OperatorSession, req: w.Spawn) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     await s.hive.spawn(s.actor, req.name, req.spec)
     return ok(name=req.name)
 

@@ -32,7 +32,6 @@ from fastapi.responses import (
     PlainTextResponse,
     RedirectResponse,
     Response,
-    StreamingResponse,
 )
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
@@ -49,6 +48,7 @@ from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.listing import rows_out, rules_out
 from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
+from hyperhive.core.sse import CONNECTED, KEEP_ALIVE, events_or_quiet, sse, sse_response
 from hyperhive.core.store import canonical_json
 from hyperhive.core.summary import PAGE, PAGE_MAX, summarise_event
 from hyperhive.display import visible, visible_json_text, visible_value
@@ -126,6 +126,15 @@ class StateModel(BaseModel):
     messages: list[dict[str, Any]]
     egress_rules: dict[str, list[EgressRuleRow]]
     egress_log: list[EgressEntry]
+    # With [swarm] (docs/swarm.md): the other hosts' open questions and pending approvals,
+    # each with its ``host``; answer or approve one with ``host`` in the form.
+    swarm_questions: list[dict[str, Any]] = []
+    swarm_approvals: list[dict[str, Any]] = []
+
+
+def _on(host: str | None) -> dict[str, str]:
+    """A form's ``host`` (the swarm host an action is for) as host.sock's field."""
+    return {"host": host} if host else {}
 
 
 def payload_json(value: Any) -> str:
@@ -176,14 +185,6 @@ def readable(entry: Mapping[str, Any]) -> dict[str, Any]:
     else:
         out["text"] = _text(data)
     return out
-
-
-def sse(event: str, html: str) -> bytes:
-    """One server-sent event whose data is HTML: each line its own ``data:`` field (the
-    browser joins them with newlines again). Agent text reaches the HTML only through
-    ``visible``, which shows CR as an escape; a raw one would still end no field here."""
-    lines = "".join(f"data: {line}\n" for line in html.replace("\r", "&#13;").split("\n"))
-    return f"event: {event}\n{lines}\n".encode()
 
 
 # Which part of an agent's page each kind of hive event changes.
@@ -544,6 +545,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if "attention" in wanted:
             approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
             troubled = cockpit.troubled(agents)
+            # With [swarm]: the other hosts' questions and approvals (docs/swarm.md).
+            elsewhere = {
+                f"swarm_{kind}": hive.swarm_listing(OPERATOR, kind) or []
+                for kind in ("questions", "approvals")
+            }
             ctx.update(
                 approvals=approvals["approvals"],
                 approvals_total=approvals["total"],
@@ -552,7 +558,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 questions_total=questions["total"],
                 questions_more=questions["more"],
                 troubled=troubled,
-                attention_count=approvals["total"] + questions["total"] + len(troubled),
+                attention_count=approvals["total"]
+                + questions["total"]
+                + len(troubled)
+                + sum(len(rows) for rows in elsewhere.values()),
+                **elsewhere,
             )
         if "agents" in wanted:
             ctx["table"] = cockpit.agent_table(agents, view)
@@ -650,7 +660,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             sub = hive.events(OPERATOR, kinds)
             last, due = after, set(PAGE_PARTS.values())
             try:
-                yield b": connected\n\n"
+                yield CONNECTED
+                quiet = events_or_quiet(sub)
                 while True:
                     if due - {"transcript"}:
                         try:
@@ -670,27 +681,25 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                             break
                     due = set()
                     try:
-                        event = await asyncio.wait_for(sub.get(), 15)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
+                        event = await anext(quiet)
+                    except StopAsyncIteration:
+                        return  # cut off (fell behind): the browser reconnects
+                    if event is None:
+                        yield KEEP_ALIVE
                         continue
                     while True:  # a burst of events: one redraw of each part
-                        if event is None:
-                            return  # cut off (fell behind): the browser reconnects
                         part = concerns(event, name)
                         if part is not None:
                             due.add(part)
                         if sub.queue.empty():
                             break
                         event = await sub.get()
+                        if event is None:
+                            return
             finally:
                 hive.bus.unsubscribe(sub)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(events())
 
     @app.get("/agent/{name}/{rest:path}", include_in_schema=False)
     async def agent_other(
@@ -722,6 +731,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             # the cache below keys on.
             "egress_rules": rules_out(hive.egress_rules(OPERATOR, None)),
             "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items,
+            **{
+                f"swarm_{kind}": rows
+                for kind in ("questions", "approvals")
+                if (rows := hive.swarm_listing(OPERATOR, kind)) is not None
+            },
         }
 
     cache: dict[str, Any] = {"key": None, "body": b""}
@@ -761,35 +775,25 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     ) -> Response:
         kinds = frozenset(cockpit.TOUCHES)
         if view == "html":
-            return StreamingResponse(
-                live_sections(cockpit.View.of(request.query_params), session, kinds),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+            return sse_response(
+                live_sections(cockpit.View.of(request.query_params), session, kinds)
             )
 
         async def events() -> AsyncIterator[bytes]:
             sub = hive.events(OPERATOR, kinds)
             try:
-                yield b": connected\n\n"
-                while True:
-                    try:
-                        event = await asyncio.wait_for(sub.get(), 15)
-                    except TimeoutError:
-                        yield b": keep-alive\n\n"
-                        continue
+                yield CONNECTED
+                async for event in events_or_quiet(sub):
                     if event is None:
-                        return
+                        yield KEEP_ALIVE
+                        continue
                     # The changed row itself, summarised as /api/state shows it.
                     data = display.dumps(summarise_event(as_listed(event)))
                     yield f"event: {event['kind']}\ndata: {data}\n\n".encode()
             finally:
                 hive.bus.unsubscribe(sub)
 
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-        )
+        return sse_response(events())
 
     async def live_sections(
         view: cockpit.View, session: Session, kinds: frozenset[str]
@@ -800,15 +804,11 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         sub = hive.events(OPERATOR, kinds, lossy=True)  # lossy: a section is redrawn whole
         loop = asyncio.get_running_loop()
         try:
-            yield cockpit.sse("update", render_sections(cockpit.SECTIONS, view, session))
-            while True:
-                try:
-                    event = await asyncio.wait_for(sub.get(), 15)
-                except TimeoutError:
-                    yield b": keep-alive\n\n"
-                    continue
+            yield sse("update", render_sections(cockpit.SECTIONS, view, session))
+            async for event in events_or_quiet(sub):
                 if event is None:
-                    return
+                    yield KEEP_ALIVE
+                    continue
                 touched = set(cockpit.TOUCHES.get(str(event.get("kind")), ()))
                 until = loop.time() + LIVE_COALESCE
                 while (left := until - loop.time()) > 0:
@@ -820,7 +820,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                         return
                     touched |= cockpit.TOUCHES.get(str(more.get("kind")), frozenset())
                 if touched:
-                    yield cockpit.sse("update", render_sections(touched, view, session))
+                    yield sse("update", render_sections(touched, view, session))
         finally:
             hive.bus.unsubscribe(sub)
 
@@ -874,11 +874,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         session: Annotated[Session, Depends(require_post)],
         check_options: Annotated[str | None, Form(max_length=8)] = None,
         other: Annotated[str | None, Form(max_length=8)] = None,
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
         """Answer a question an agent addressed to the operator (operator authority). With
         ``check_options`` (the cockpit's free-text answer), an answer that is not one of
-        the question's options is refused unless ``other`` says it is meant."""
-        if check_options and not other:
+        the question's options is refused unless ``other`` says it is meant. ``host``: the
+        swarm host the question is on (the answer is carried there)."""
+        if check_options and not other and not host:
             q = await operator({"cmd": "show_question", "id": qid})
             options = (q.get("question") or {}).get("options") or []
             if options and answer not in options:
@@ -888,15 +890,21 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                     f"{answer!r} is not one of question {qid}'s options ({listed}); tick"
                     " 'not one of the options' to send it anyway",
                 )
-        reply = await operator({"cmd": "answer_question", "id": qid, "answer": answer})
+        reply = await operator({"cmd": "answer_question", "id": qid, "answer": answer, **_on(host)})
         return done(request, reply, cockpit.said("answer_question", id=qid))
 
     @app.post("/approve/{aid}", responses=POST_RESPONSES)
     async def approve(
-        request: Request, aid: Id, session: Annotated[Session, Depends(require_post)]
+        request: Request,
+        aid: Id,
+        session: Annotated[Session, Depends(require_post)],
+        host: Annotated[str | None, Form(max_length=64)] = None,
+        payload_sha256: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Approve: applies exactly the stored payload, once."""
-        reply = await operator({"cmd": "approve", "id": aid})
+        """Approve: applies exactly the stored payload, once (``payload_sha256``: refused
+        unless it is that payload's; ``host``: the swarm host the approval is on)."""
+        sha = {"payload_sha256": payload_sha256} if payload_sha256 else {}
+        reply = await operator({"cmd": "approve", "id": aid, **sha, **_on(host)})
         return done(request, reply, cockpit.said("approve", id=aid))
 
     @app.post("/deny/{aid}", responses=POST_RESPONSES)
@@ -905,9 +913,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         aid: Id,
         session: Annotated[Session, Depends(require_post)],
         note: Annotated[str | None, Form(max_length=4096)] = None,
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Deny an approval, with an optional note for the agent."""
-        reply = await operator({"cmd": "deny", "id": aid, **({"note": note} if note else {})})
+        """Deny an approval, with an optional note for the agent (``host``: the swarm host
+        the approval is on)."""
+        reply = await operator(
+            {"cmd": "deny", "id": aid, **({"note": note} if note else {}), **_on(host)}
+        )
         return done(request, reply, cockpit.said("deny", id=aid))
 
     # Before /api/agents/{name}/{action}: not that they could clash (three segments, not two).
@@ -967,13 +979,14 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         name: Annotated[str, Form(max_length=64)],
         spec: Annotated[str, Form(max_length=65536)],
         session: Annotated[Session, Depends(require_post)],
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Create and start an agent; SPEC is its JSON spec."""
+        """Create and start an agent; SPEC is its JSON spec (``host``: on that swarm host)."""
         try:  # parsed as host.sock parses a request: a JSON object, 64-bit integers, finite numbers
             parsed = parse_line(spec.encode())
         except WireError as e:
             raise HTTPException(422, f"spec: {e}") from None
-        reply = await operator({"cmd": "spawn", "name": name, "spec": parsed})
+        reply = await operator({"cmd": "spawn", "name": name, "spec": parsed, **_on(host)})
         return done(request, reply, cockpit.said("spawn", name=name))
 
     @app.post("/inbox/read", include_in_schema=False)

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import select
 import subprocess
 import sys
@@ -34,6 +35,8 @@ from hyperhive.priv.namelocks import NameLocks
 log = logging.getLogger("hive.priv")
 
 START_TIMEOUT = 10.0
+# A cage's descriptor limit (soft, hard): an ordinary process's, at most hive-priv's.
+CAGE_NOFILE = (1024, 65536)
 # Third-party code the harness may import (the agent page: jinja2; its egress log's times:
 # pydantic), compiled with the hive's own (HiveCode.compile).
 CAGE_SITE_PACKAGES = (
@@ -107,6 +110,15 @@ class HiveCode:
             src=Path(hyperhive.__file__).resolve().parent.parent,
             site=Path(sysconfig.get_paths()["purelib"]).resolve(),
         )
+
+
+def enter_cage_limits(cgroup: Cgroup) -> None:
+    """In a child about to become (or enter) a cage: the cage's cgroup, and not hive-priv's
+    descriptor limit, raised for max_agents (budget.fit_nofile), but an ordinary one that
+    nothing in the cage can raise past CAGE_NOFILE[1]. Syscalls only: safe in preexec_fn."""
+    cgroup.join()
+    hard = min(CAGE_NOFILE[1], resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(CAGE_NOFILE[0], hard), hard))
 
 
 class Cages:
@@ -215,8 +227,8 @@ class Cages:
         read_fd, write_fd = os.pipe()
         system_dirs = self.system_dirs()
 
-        def in_child() -> None:  # the cgroup, the OOM order, the system directories' overlays
-            cgroup.join()
+        def in_child() -> None:  # the cgroup, the OOM order, limits, the system overlays
+            enter_cage_limits(cgroup)
             cage_mounts.lower_oom_score()
             cage_mounts.private_overlays(system_dirs)
 

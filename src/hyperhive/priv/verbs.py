@@ -36,7 +36,7 @@ from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from hyperhive.priv import exec_relay, safefs
-from hyperhive.priv.cages import CageError, Cages
+from hyperhive.priv.cages import CageError, Cages, enter_cage_limits
 from hyperhive.wire import priv as w
 from hyperhive.wire.common import Strict
 from hyperhive.wire.framing import ok
@@ -149,7 +149,8 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> Reply:
             argv,
             r.fds,
             tty=(req.tty.rows, req.tty.cols) if req.tty else None,
-            preexec_fn=cgroup.join,  # the agent's limits apply from the first instruction
+            # the agent's limits apply from the first instruction
+            preexec_fn=lambda: enter_cage_limits(cgroup),
         )
     finally:
         # Ours to close, also when refused: a kept copy of the caller's stdout would

@@ -4,7 +4,8 @@
 Four loops share one connection, each restarting on its own after a failure:
 - ``_publish_loop``: the outbox, in order, one publish at a time, each marked sent
   only on JetStream's ack;
-- ``_consume_loop``: this host's durable inbox consumer: commit (dedup by id), then ack;
+- ``_consume_loop``: one puller per other host, on this host's durable consumer of what
+  that host sent: commit (dedup by id), then ack;
 - ``_roster_loop``: this host's agent rows and name claims into the KV bucket;
 - ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -28,11 +30,14 @@ from nats.js.kv import KeyValue
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import StoreError
 from hyperhive.names import NAME_RE
+from hyperhive.swarm import asks
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
+from hyperhive.swarm.groupq import GroupQueue
+from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore
 from hyperhive.swarm.settings import SwarmSection
-from hyperhive.wire.common import SHORT_TEXT_CHARS, Message
+from hyperhive.wire.common import SHORT_TEXT_CHARS, Message, Question
 
 if TYPE_CHECKING:
     from hyperhive.core.hive import Hive
@@ -40,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("hive.swarm")
 
 RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
-BATCH = 256  # messages pulled (and outbox rows read) at once
+BATCH = 1024  # outbox rows read at once, and the most rows one bundle carries
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
 PRUNE_ROUNDS = 300  # roster rounds between two prunes of the swarm's tables
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
@@ -88,6 +93,7 @@ class Bridge:
         self.settings = settings
         self.host = settings.host
         self.store = SwarmStore(hive.store.db)
+        self._outq = GroupQueue(self.store)
         self.nc: NATS | None = None
         self.kv: KeyValue | None = None
         self.names: dict[str, str] = {}  # agent -> host, every host's (the roster cache)
@@ -99,6 +105,7 @@ class Bridge:
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
         self.received = 0
         self.dropped = 0
+        self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
 
     # -- the port (called by core/hive.py) ---------------------------------------------
 
@@ -120,10 +127,26 @@ class Bridge:
         host = await self.locate(to)
         if host is None:
             raise NotFound(f"no agent named {to!r}")
-        msg = self.store.queue(host, sender, to, "message", body)
+        row = await self._outq.put(host, sender, to, body)
         self._wake.set()
-        log.debug("queued %s -> %s@%s (outbox %d)", sender, to, host, msg.id)
-        return msg
+        # Built unchecked: every field is ours (pydantic's checks cost as much as the commit).
+        now = time.time()
+        return Message.model_construct(id=row, from_=sender, kind="message", body=body,
+                                       sent_at=now, to=to)  # fmt: skip
+
+    def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> Question:
+        host = self.host_of(to)
+        if host is None:
+            raise NotFound(f"no agent named {to!r}")
+        q = asks.ask(self.store.db, host, asker, to, question, options)
+        self._wake.set()
+        return q
+
+    def answer(self, target: str, qid: int, text: str) -> Question | None:
+        q = asks.answer(self.store.db, qid, target, text)
+        if q is not None:
+            self._wake.set()
+        return q
 
     def status(self) -> dict[str, Any]:
         nc = self.nc
@@ -148,13 +171,20 @@ class Bridge:
             "outbox_unsent": unsent,
             "outbox_sent": sent,
             "received": self.received,
-            "dropped": self.dropped,
+            "dropped": self.dropped + self.store.dropped,
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
                 for (host, _), row in sorted(self.rows.items())
             ][:MAX_LISTED],
+            **self.operator.status(),
         }
+
+    async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
+        return await self.operator.carry(host, request)
+
+    def listed(self, kind: str) -> list[dict[str, Any]]:
+        return self.operator.listed(kind)
 
     def reachable(self, host: str, connected: bool) -> bool:
         """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
@@ -182,7 +212,10 @@ class Bridge:
                 await asyncio.sleep(1.0)
         log.info("swarm: host %s connected to %s", self.host, self.nc.connected_url)
         print(f"hive-core: swarm host={self.host} connected", flush=True)
-        loops = [self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop]
+        loops: list[Callable[[], Awaitable[None]]] = [
+            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop
+        ]  # fmt: skip
+        loops += self.operator.loops()
         try:
             await asyncio.gather(*(self._forever(f) for f in loops))
         finally:
@@ -201,9 +234,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the bus went away mid-call, say: start the loop again
-                log.warning(
-                    "swarm: %s failed (%s: %s); restarting it", loop.__name__, type(e).__name__, e
-                )
+                name = getattr(loop, "__name__", None) or repr(loop)
+                log.warning("swarm: %s failed (%s: %s); restarting it", name, type(e).__name__, e)
                 await asyncio.sleep(RETRY)
 
     def _js(self) -> nats.js.JetStreamContext:
@@ -253,10 +285,28 @@ class Bridge:
     # -- incoming ------------------------------------------------------------------------
 
     async def _consume_loop(self) -> None:
+        """One puller per other host, each on its own durable consumer, started as the
+        host shows up in the roster: its heartbeat key, which only that host may write
+        (a name claim's value could name any host)."""
+        pullers: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for host in [h for h in self.heartbeats if h != self.host]:
+                    if host not in pullers:
+                        pullers[host] = asyncio.create_task(
+                            self._forever(functools.partial(self._consume_from, host))
+                        )
+                await asyncio.sleep(ROSTER_EVERY / 4)
+        finally:
+            for task in pullers.values():
+                task.cancel()
+            await asyncio.gather(*pullers.values(), return_exceptions=True)
+
+    async def _consume_from(self, from_host: str) -> None:
         js = self._js()
         prefix = f"{s.inbox_prefix(self.host)}.".encode()
         sub = await js.pull_subscribe_bind(
-            durable=s.consumer(self.host), stream=s.STREAM, inbox_prefix=prefix
+            durable=s.consumer(self.host, from_host), stream=s.STREAM, inbox_prefix=prefix
         )
         try:
             while True:
@@ -284,7 +334,7 @@ class Bridge:
         from_host = s.from_host_of(m.subject)
         try:
             items = json.loads(m.data) if from_host is not None else None
-        except ValueError:
+        except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
             items = None
         if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
             self.dropped += 1
@@ -292,9 +342,10 @@ class Bridge:
             await m.ack()
             return True
         good = []
+        known: set[tuple[str, str]] = set()  # (from, to) pairs found good in this bundle
         for p in items:
             try:
-                why = await self._refusal(from_host, p)
+                why = await self._refusal(from_host, p, known)
             except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
                 log.info("swarm: can't check a sender on %s yet: %s", m.subject, e)
                 return False
@@ -304,7 +355,7 @@ class Bridge:
                 self.dropped += 1
                 log.warning("swarm: dropped a message on %s: %s", m.subject, why)
         try:
-            msgs = self.store.receive(good)
+            msgs = self.store.receive(good, from_host)
         except StoreError as e:
             log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
             return False
@@ -314,19 +365,23 @@ class Bridge:
         await m.ack()  # only now: a crash before it means a redelivery, dropped as seen
         return True
 
-    async def _refusal(self, from_host: str, p: object) -> str | None:
+    async def _refusal(self, from_host: str, p: object, known: set[tuple[str, str]]) -> str | None:
         """Why a received message can't be delivered, or None. The subject's sending host
-        is vouched for by NATS's permissions; its agent must be that host's in the roster."""
+        is vouched for by NATS's permissions; its agent must be that host's in the roster.
+        ``known``: the (from, to) pairs of the bundle found good so far (checked once)."""
         if not (
             isinstance(p, dict)
             and isinstance(p.get("id"), str)
             and 0 < len(p["id"]) <= 64
             and isinstance(p.get("body"), str)
             and len(p["body"]) <= MAX_BODY
-            and p.get("kind") == "message"
+            and p.get("kind") in ("message", "question", "answer")
             and all(isinstance(p.get(k), str) and NAME_RE.fullmatch(p[k]) for k in ("from", "to"))
+            and (p["kind"] == "message" or asks.well_formed(p))
         ):
             return "malformed"
+        if (p["from"], p["to"]) in known:
+            return None
         owner = self.names.get(p["from"])
         if owner != from_host:
             # The cache may be behind (a core just started, an agent just spawned): the
@@ -344,6 +399,7 @@ class Bridge:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):
             return f"no agent named {p['to']!r} here"
+        known.add((p["from"], p["to"]))
         return None
 
     # -- the roster ----------------------------------------------------------------------
@@ -419,6 +475,8 @@ class Bridge:
     def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if self.operator.watched(parts, value, deleted):
+            return
         if parts[0] == "hosts" and len(parts) == 2 and not deleted:
             self.heartbeats[parts[1]] = time.monotonic()
         if parts[0] == "names" and len(parts) == 2:
@@ -432,7 +490,7 @@ class Bridge:
                 self.rows.pop((parts[1], parts[2]), None)
             else:
                 assert value is not None
-                with contextlib.suppress(ValueError):
+                with contextlib.suppress(ValueError, RecursionError):  # nested too deep too
                     row = json.loads(value)
                     if isinstance(row, dict) and NAME_RE.fullmatch(parts[2]):
                         self.rows[(parts[1], parts[2])] = roster_row(parts[1], parts[2], row)

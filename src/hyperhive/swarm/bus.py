@@ -22,8 +22,11 @@ from nats.js.api import (
 )
 
 from hyperhive.swarm import subjects as s
+from hyperhive.swarm.signing import MAX_ACTION_BYTES
 
 log = logging.getLogger("hive.swarm")
+
+PING_SECONDS = 1.0
 
 
 async def connect(
@@ -57,6 +60,11 @@ async def connect(
         allow_reconnect=True,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.25,
+        # A node cut off by a partition sends no RST: without pings the client would sit on
+        # the dead connection for minutes (nats-py's default, 2 min x 2). Three unanswered
+        # pings a second apart: it moves to another node within a few seconds.
+        ping_interval=PING_SECONDS,
+        max_outstanding_pings=3,
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
@@ -67,8 +75,9 @@ async def connect(
 async def ensure_streams(
     nc: NATS, hosts: Sequence[str], replicas: int = s.REPLICAS, timeout: float = 30.0
 ) -> None:
-    """As the admin: the message stream, one durable inbox consumer per host, and the
-    roster bucket. Idempotent; retries while the cluster elects its leaders."""
+    """As the admin: the message stream, one durable inbox consumer per (receiving,
+    sending) host, and the roster bucket. Idempotent; retries while the cluster elects
+    its leaders."""
     js = nc.jetstream(timeout=2.0)  # short: while leaders are elected, try again soon
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -100,18 +109,22 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
         js.add_consumer(
             s.STREAM,
             ConsumerConfig(
-                durable_name=s.consumer(host),
-                filter_subject=s.inbox_filter(host),
+                durable_name=s.consumer(host, sender),
+                filter_subject=s.msg_subject(host, sender),
                 ack_policy=AckPolicy.EXPLICIT,
                 ack_wait=s.ACK_WAIT_SECONDS,
                 # One bundle in hand at a time: a core killed holding one gets it again
                 # (after ack_wait) before anything later, so the order per sender holds
-                # across a crash; a bundle carries up to BUNDLE_BYTES of messages.
+                # across a crash; a bundle carries up to BUNDLE_BYTES of messages. One
+                # consumer per (receiving, sending) host: the hosts don't wait on
+                # each other's bundles.
                 max_ack_pending=1,
                 num_replicas=replicas,
             ),
         )
         for host in hosts
+        for sender in hosts
+        if sender != host
     ]
     # Bounded, so a hostile host can't fill the cluster's storage (or every host's roster
     # cache) with its own rows: one row is at most ROSTER_VALUE_BYTES, all of them together
@@ -126,4 +139,38 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
             max_bytes=s.ROSTER_BUCKET_BYTES,
         )
     )
-    await asyncio.gather(*consumers, bucket)  # each is a round of the cluster's consensus
+    await asyncio.gather(*consumers, bucket, _ensure_ops(js, hosts, replicas))
+
+
+async def _ensure_ops(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: int) -> None:
+    """The signed operator actions (swarm/operator.py): one stream, one consumer per host.
+    A message is bounded (MAX_ACTION_BYTES), and old ones expire (each is refused after
+    TTL_SECONDS anyway); a replayed Nats-Msg-Id is dropped, a replayed action id refused."""
+    await js.add_stream(
+        StreamConfig(
+            name=s.OPS_STREAM,
+            subjects=[f"{s.OPS_ROOT}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            discard=DiscardPolicy.OLD,
+            max_age=s.OPS_MAX_AGE_SECONDS,
+            max_msg_size=MAX_ACTION_BYTES,
+            duplicate_window=s.DEDUP_SECONDS,
+            num_replicas=replicas,
+        )
+    )
+    await asyncio.gather(
+        *(
+            js.add_consumer(
+                s.OPS_STREAM,
+                ConsumerConfig(
+                    durable_name=s.ops_consumer(host),
+                    filter_subject=s.ops_filter(host),
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=s.ACK_WAIT_SECONDS,
+                    num_replicas=replicas,
+                ),
+            )
+            for host in hosts
+        )
+    )  # each is a round of the cluster's consensus

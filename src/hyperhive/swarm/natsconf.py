@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,20 @@ ADMIN = "admin"
 ACCOUNT = "HIVE"
 
 
-def host_permissions(host: str) -> dict[str, Any]:
+def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
     """What host ``host``'s user may publish and subscribe to: speak for itself only,
-    read and ack only its own inbox, read the shared roster, write only its own rows."""
+    read and ack only its own inboxes (one per other host of ``hosts``), read the shared
+    roster, write only its own rows."""
     if not NAME_RE.fullmatch(host):
         raise ValueError(f"bad host name {host!r}")
-    durable = s.consumer(host)
+    inboxes = []
+    for durable in (s.consumer(host, other) for other in sorted(hosts) if other != host):
+        inboxes += [
+            f"$JS.API.CONSUMER.INFO.{s.STREAM}.{durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
+            f"$JS.ACK.{s.STREAM}.{durable}.>",
+        ]
+    ops = s.ops_consumer(host)
     roster = s.KV_STREAM
     return {
         "publish": {
@@ -37,9 +45,7 @@ def host_permissions(host: str) -> dict[str, Any]:
                 f"$KV.{s.BUCKET}.agents.{host}.>",
                 f"$KV.{s.BUCKET}.{s.host_key(host)}",
                 f"$KV.{s.BUCKET}.names.>",
-                f"$JS.API.CONSUMER.INFO.{s.STREAM}.{durable}",
-                f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
-                f"$JS.ACK.{s.STREAM}.{durable}.>",
+                *inboxes,
                 "$JS.API.INFO",
                 f"$JS.API.STREAM.INFO.{roster}",
                 f"$JS.API.STREAM.MSG.GET.{roster}",
@@ -49,6 +55,16 @@ def host_permissions(host: str) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.DELETE.{roster}.>",
                 f"$JS.API.CONSUMER.INFO.{roster}.>",
                 f"$JS.FC.{roster}.>",  # flow control replies of its roster watchers
+                # The operator's roster and actions (swarm/operator.py): its own agents'
+                # questions and approvals and its own results; actions it signs, on its
+                # own subject; only its own consumer of the actions carried to it.
+                s.op_subject("*", host),
+                f"$KV.{s.BUCKET}.questions.{host}.>",
+                f"$KV.{s.BUCKET}.approvals.{host}.>",
+                f"$KV.{s.BUCKET}.results.{host}.>",
+                f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{ops}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{ops}",
+                f"$JS.ACK.{s.OPS_STREAM}.{ops}.>",
             ]
         },
         "subscribe": {"allow": [f"{s.inbox_prefix(host)}.>"]},
@@ -84,7 +100,7 @@ def server_config(
     for host, password in sorted(hosts.items()):
         users.append(
             f"{{ user: {_q(user_of(host))}, password: {_q(password)},"
-            f" permissions: {_perm(host_permissions(host))} }}"
+            f" permissions: {_perm(host_permissions(host, hosts))} }}"
         )
     route_urls = ", ".join(_q(f"nats-route://{r}:{cluster_port}") for r in routes)
     joined = ",\n      ".join(users)

@@ -15,9 +15,12 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from hyperhive.core.store import Database
+from hyperhive.core.store.db import Tx
 from hyperhive.core.store.messages import insert_message
+from hyperhive.swarm import asks
 from hyperhive.wire.common import Message
 
 SEEN_KEEP = 1_000_000  # received ids remembered (far past any redelivery)
@@ -48,30 +51,37 @@ class Outgoing:
     payload: bytes
 
 
+def queue_tx(tx: Tx, to_host: str, sender: str, to: str, kind: str, body: str, **extra: Any) -> int:
+    """Store one outgoing message in the caller's transaction; its outbox row. ``extra``:
+    a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py)."""
+    now, msg_id = time.time(), uuid.uuid4().hex
+    item = {"id": msg_id, "from": sender, "to": to, "kind": kind, "body": body, "sent_at": now}
+    payload = json.dumps({**item, **extra}, ensure_ascii=False)
+    cur = tx.execute(
+        "INSERT INTO swarm_outbox (msg_id, to_host, payload, created_at) VALUES (?, ?, ?, ?)",
+        (msg_id, to_host, payload, now),
+    )
+    return int(cur.lastrowid or 0)
+
+
 class SwarmStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.dropped = 0  # received questions and answers refused (swarm/asks.py)
         with db.tx() as tx:
-            for statement in _TABLES.split(";"):
+            for statement in (_TABLES + asks.TABLES).split(";"):
                 if statement.strip():
                     tx.execute(statement)
 
+    @property
+    def db(self) -> Database:
+        return self._db
+
     def queue(self, to_host: str, sender: str, to: str, kind: str, body: str) -> Message:
         """Store one outgoing message (committed on return); its id is the outbox row."""
-        now, msg_id = time.time(), uuid.uuid4().hex
-        payload = json.dumps(
-            {"id": msg_id, "from": sender, "to": to, "kind": kind, "body": body, "sent_at": now},
-            ensure_ascii=False,
-        )
         with self._db.tx() as tx:
-            cur = tx.execute(
-                "INSERT INTO swarm_outbox (msg_id, to_host, payload, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                (msg_id, to_host, payload, now),
-            )
-        return Message(
-            id=int(cur.lastrowid or 0), from_=sender, kind=kind, body=body, sent_at=now, to=to
-        )
+            row = queue_tx(tx, to_host, sender, to, kind, body)
+        return Message(id=row, from_=sender, kind=kind, body=body, sent_at=time.time(), to=to)
 
     def unsent(self, limit: int) -> list[Outgoing]:
         rows = self._db.conn.execute(
@@ -94,22 +104,44 @@ class SwarmStore:
         ).fetchone()
         return int(r[0]), int(r[1])
 
-    def receive(self, items: list[dict[str, str]]) -> list[Message]:
-        """Put messages from another host (``id``, ``to``, ``from``, ``kind``, ``body``
-        each) in their recipients' inboxes and remember their ids, in one transaction;
-        an id received before is skipped. The messages stored, in order."""
+    def receive(self, items: list[dict[str, Any]], from_host: str = "") -> list[Message]:
+        """Put messages from host ``from_host`` (``id``, ``to``, ``from``, ``kind``,
+        ``body`` each; a question or an answer also ``qid``: swarm/asks.py) in their
+        recipients' inboxes and remember their ids, in one transaction; an id received
+        before is skipped, and so is an answer to no question asked of that host. The
+        messages stored, in order."""
         out = []
         with self._db.tx() as tx:
+            seen = self._seen(tx, [p["id"] for p in items])
             for p in items:
-                if tx.execute("SELECT 1 FROM swarm_seen WHERE msg_id=?", (p["id"],)).fetchone():
+                if p["id"] in seen:
                     continue
-                msg = insert_message(tx, p["to"], p["from"], p["kind"], p["body"])
+                seen.add(p["id"])  # the same id twice in one bundle: once
+                if p["kind"] == "message":
+                    msg: Message | None = insert_message(
+                        tx, p["to"], p["from"], p["kind"], p["body"]
+                    )
+                else:
+                    msg = asks.receive(tx, from_host, p)
+                    self.dropped += msg is None
                 tx.execute(
                     "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
-                    (p["id"], msg.id, time.time()),
+                    (p["id"], 0 if msg is None else msg.id, time.time()),
                 )
-                out.append(msg)
+                if msg is not None:
+                    out.append(msg)
         return out
+
+    @staticmethod
+    def _seen(tx: Tx, ids: list[str]) -> set[str]:
+        """Which of ``ids`` were received before (one query per bundle, not per message)."""
+        found: set[str] = set()
+        for i in range(0, len(ids), 500):  # under SQLite's bound on parameters
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = tx.execute(f"SELECT msg_id FROM swarm_seen WHERE msg_id IN ({marks})", chunk)
+            found.update(r[0] for r in rows.fetchall())
+        return found
 
     def prune(self, keep_sent: int = 10_000) -> None:
         """Forget sent outbox rows and received ids past what is worth keeping."""

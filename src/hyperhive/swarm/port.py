@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from hyperhive.wire.common import Message
+from hyperhive.wire.common import Message, Question
 
 
 class SwarmPort(Protocol):
@@ -17,5 +17,19 @@ class SwarmPort(Protocol):
         """Commit a message to an agent on another host to the outbox; the bridge
         publishes it. The returned message's id is its outbox row."""
 
+    def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> Question:
+        """Store a question to an agent on another host and queue it there (one commit)."""
+
+    def answer(self, target: str, qid: int, text: str) -> Question | None:
+        """Answer question ``qid`` if another host asked it (queued back there); None if
+        it was asked on this host."""
+
     def status(self) -> dict[str, Any]:
         """Hosts, bus reachability and the roster (``hive swarm status``)."""
+
+    async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
+        """The operator's host.sock ``request`` for ``host``, signed and carried there;
+        what it made of it (a refusal there is raised here)."""
+
+    def listed(self, kind: str) -> list[dict[str, Any]]:
+        """The other hosts' open ``questions`` or pending ``approvals``, each with its host."""

@@ -21,12 +21,32 @@ class SwarmSection(BaseModel):
     )
     # This host's NATS password, one line, readable by hive-core only (0600).
     credentials: Path
+    # This host's operator signing key (Ed25519, made on first start; default: beside
+    # the store, outside every cage). Its public half is in `hive swarm status`.
+    operator_key: Path | None = None
+    # The hosts whose operator this host obeys (answers, approvals, spawns carried here),
+    # each with its operator key's public half (base64). No other host's action applies.
+    operators: dict[HostName, Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=dict, max_length=64
+    )
 
-    @field_validator("credentials")
+    @field_validator("credentials", "operator_key")
     @classmethod
-    def _absolute(cls, value: Path) -> Path:
-        if not value.is_absolute():
-            raise ValueError("credentials must be an absolute path")
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("must be an absolute path")
+        return value
+
+    @field_validator("operators")
+    @classmethod
+    def _keys(cls, value: dict[str, str]) -> dict[str, str]:
+        from hyperhive.swarm.signing import parse_public  # cryptography: only with [swarm]
+
+        for host, key in value.items():
+            try:
+                parse_public(key)
+            except ValueError as e:
+                raise ValueError(f"operators.{host}: {e}") from None
         return value
 
     def user(self) -> str:

@@ -36,9 +36,11 @@ def from_host_of(subject: str) -> str | None:
     return parts[4]
 
 
-def consumer(host: str) -> str:
-    """The durable pull consumer that holds ``host``'s place in the stream."""
-    return f"inbox-{host}"
+def consumer(host: str, from_host: str) -> str:
+    """The durable pull consumer that holds ``host``'s place in what ``from_host`` sent
+    it: one per pair, so one sending host never waits on another's bundle. ``_`` is in
+    no host name, so the pair reads back one way only."""
+    return f"inbox-{host}_{from_host}"
 
 
 def inbox_prefix(host: str) -> str:
@@ -58,3 +60,47 @@ def row_key(host: str, agent: str) -> str:
 def host_key(host: str) -> str:
     """``host``'s heartbeat (value: its clock), put every roster round."""
     return f"hosts.{host}"
+
+
+# -- the operator's roster and actions (swarm/operator.py) -------------------------------
+
+OPS_STREAM = "HIVE_OPS"
+OPS_ROOT = "hive.op"
+OPS_MAX_AGE_SECONDS = 3600  # a signed action is refused after 5 minutes anyway
+
+
+def op_subject(to_host: str, from_host: str) -> str:
+    """A signed operator action from ``from_host``'s operator to ``to_host``."""
+    return f"{OPS_ROOT}.{to_host}.from.{from_host}"
+
+
+def ops_filter(host: str) -> str:
+    return f"{OPS_ROOT}.{host}.from.*"
+
+
+def op_from_host_of(subject: str) -> str | None:
+    """The sending host named by an action's subject (NATS's permissions vouch for it)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[:2] != OPS_ROOT.split(".") or parts[3] != "from":
+        return None
+    return parts[4]
+
+
+def ops_consumer(host: str) -> str:
+    """The durable pull consumer of the operator actions carried to ``host``."""
+    return f"ops-{host}"
+
+
+def question_key(host: str, qid: int) -> str:
+    """An open question to the operator from an agent on ``host`` (value: its summary)."""
+    return f"questions.{host}.{qid}"
+
+
+def approval_key(host: str, aid: int) -> str:
+    """A pending approval of an agent on ``host`` (value: its summary, with its sha256)."""
+    return f"approvals.{host}.{aid}"
+
+
+def result_key(host: str, action_id: str) -> str:
+    """What ``host`` made of a carried operator action (value: ok or the refusal)."""
+    return f"results.{host}.{action_id}"

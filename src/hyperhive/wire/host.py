@@ -6,9 +6,15 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field, TypeAdapter
 
+from hyperhive.names import NAME_RE
 from hyperhive.wire.common import AgentName, AgentSpec, MemoryMiB, PidsMax, Strict, Text
 from hyperhive.wire.egress import RuleText
 from hyperhive.wire.secrets import Destination, EnvName, HeaderTemplate, SecretName
+
+# A host of the swarm (docs/swarm.md): the operator's verbs on another host's agents name it;
+# without it, or with this host's own name, a verb acts here.
+HostName = Annotated[str, Field(pattern=NAME_RE.pattern)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 EventKind = Literal[
     "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"
@@ -100,14 +106,21 @@ class ShowMessage(Strict):
 
 
 class Approve(Strict):
+    """``payload_sha256``: refused unless it is the approval's (what the operator saw);
+    from another host it is required (filled in from the roster when left out)."""
+
     cmd: Literal["approve"]
     id: Annotated[int, Field(ge=1)]
+    host: HostName | None = None
+    payload_sha256: Sha256 | None = None
 
 
 class Deny(Strict):
     cmd: Literal["deny"]
     id: Annotated[int, Field(ge=1)]
     note: Annotated[str, Field(max_length=4096)] | None = None
+    host: HostName | None = None
+    payload_sha256: Sha256 | None = None
 
 
 class Questions(Strict):
@@ -120,6 +133,7 @@ class AnswerQuestion(Strict):
     cmd: Literal["answer_question"]
     id: Annotated[int, Field(ge=1)]
     answer: Text
+    host: HostName | None = None
 
 
 class OperatorSend(Strict):
@@ -135,9 +149,12 @@ class Inbox(Strict):
 
 
 class Spawn(Strict):
+    """``host``: spawn on that host of the swarm (carried there, signed)."""
+
     cmd: Literal["spawn"]
     name: AgentName
     spec: AgentSpec
+    host: HostName | None = None
 
 
 class RequestSpawn(Strict):

@@ -1,0 +1,392 @@
+"""One roster for the operator across the swarm (docs/swarm.md, "The operator's roster
+and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
+
+- Each host publishes its agents' open questions to the operator and pending approvals
+  (their summaries, as listings show them) as roster keys ``questions.<host>.<id>`` and
+  ``approvals.<host>.<id>``; every host keeps a cache of them from the bridge's KV watch.
+- The operator on host A acting on host B's item (an answer, an approval bound to its
+  payload_sha256, a denial, a spawn) is a host.sock request, signed with A's operator key
+  (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
+- B takes it from its own consumer, checks it (its pinned key for A, its time, its id
+  never seen before), carries it out through host.sock's own table (one code path, one
+  set of refusals), and writes the outcome to ``results.B.<action id>``, which A waits for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+
+from hyperhive.core.approvals import shown
+from hyperhive.core.host_socket import HOST, OperatorSession
+from hyperhive.core.listing import rows_out
+from hyperhive.core.refusals import (
+    BadRequest,
+    Busy,
+    Conflict,
+    Forbidden,
+    Gone,
+    NotFound,
+    Refused,
+    Unavailable,
+)
+from hyperhive.core.store import StoreError
+from hyperhive.core.summary import PAGE_MAX
+from hyperhive.names import NAME_RE, OPERATOR
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.opstore import OpsSeen
+from hyperhive.swarm.signing import (
+    ActionError,
+    load_or_create_key,
+    open_sealed,
+    parse_public,
+    public_b64,
+    seal,
+)
+from hyperhive.wire.common import SHORT_TEXT_CHARS
+
+if TYPE_CHECKING:
+    from hyperhive.swarm.bridge import Bridge
+
+log = logging.getLogger("hive.swarm")
+
+ROWS_EVERY = 1.0  # seconds between two looks at this host's questions and approvals
+CARRY_WAIT = 10.0  # seconds the operator's request waits for the other host's outcome
+RESULT_KEEP = 600.0  # seconds this host's outcomes stay in the roster
+MAX_PAYLOAD_SHOWN = 8192  # bytes of an approval's (summary) payload kept from another host
+KEY_FILE = "swarm-operator.key"
+KINDS = ("questions", "approvals")
+REFUSALS: dict[int, type[Refused]] = {
+    c.status: c for c in (BadRequest, NotFound, Conflict, Gone, Forbidden, Busy, Unavailable)
+}
+
+
+def _text(value: object, limit: int = SHORT_TEXT_CHARS) -> str | None:
+    return value[:limit] if isinstance(value, str) else None
+
+
+def _truncated(value: object) -> dict[str, int] | None:
+    if not isinstance(value, dict):
+        return None
+    out = {k[:32]: v for k, v in list(value.items())[:8] if isinstance(v, int)}
+    return out or None
+
+
+def _name(value: object) -> str | None:
+    return value if isinstance(value, str) and NAME_RE.fullmatch(value) else None
+
+
+def question_row(host: str, qid: int, row: dict[str, Any]) -> dict[str, Any]:
+    """An open question as another host published it: its host and id are the key's
+    (what NATS's permissions vouch for), each field of the type and size a listing's is."""
+    options = row.get("options")
+    if isinstance(options, list):
+        options = [o[:SHORT_TEXT_CHARS] for o in options[:64] if isinstance(o, str)]
+    else:
+        options = None
+    return {
+        "host": host,
+        "id": qid,
+        "asker": _name(row.get("asker")),
+        "to": OPERATOR,
+        "question": _text(row.get("question")) or "",
+        "options": options,
+        "asked_at": _text(row.get("asked_at"), 64),
+        "truncated": _truncated(row.get("truncated")),
+    }
+
+
+def approval_row(host: str, aid: int, row: dict[str, Any]) -> dict[str, Any]:
+    """A pending approval as another host published it (see ``question_row``); its
+    payload_sha256 is what an approval from here is bound to."""
+    payload = row.get("payload")
+    if len(json.dumps(payload)) > MAX_PAYLOAD_SHOWN:
+        payload = "(payload too long to show here; see it on its host)"
+    sha = row.get("payload_sha256")
+    return {
+        "host": host,
+        "id": aid,
+        "agent": _name(row.get("agent")),
+        "kind": _text(row.get("kind"), 64) or "",
+        "status": "pending",
+        "description": _text(row.get("description")) or "",
+        "payload": payload,
+        "payload_sha256": sha if isinstance(sha, str) and len(sha) == 64 else "",
+        "requested_at": _text(row.get("requested_at"), 64),
+        "grants": _text(row.get("grants")),
+        "allows": _text(row.get("allows")),
+        "truncated": _truncated(row.get("truncated")),
+    }
+
+
+class OperatorRelay:
+    """This host's part of the operator's roster: its rows out, others' rows in, actions
+    both ways. Lives in the bridge (``bridge.operator``) and shares its connection."""
+
+    def __init__(self, bridge: Bridge) -> None:
+        self.bridge = bridge
+        self.hive = bridge.hive
+        self.host = bridge.host
+        settings = bridge.settings
+        path = settings.operator_key or self.hive.store.path.parent / KEY_FILE
+        self.key = load_or_create_key(path)
+        self.public = public_b64(self.key)
+        self.operators = {h: parse_public(k) for h, k in settings.operators.items()}
+        self.seen = OpsSeen(self.hive.store.db)
+        self.rows: dict[str, dict[tuple[str, int], dict[str, Any]]] = {k: {} for k in KINDS}
+        self._published: dict[str, str] = {}  # this host's keys -> their values
+        self._waiting: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
+        self._results: dict[str, float] = {}  # this host's result keys -> when seen
+        self.applied = 0  # actions carried out here (what the hive made of them: outcome)
+        self.refused = 0  # actions refused before anything was done (forged, replayed, ...)
+
+    def loops(self) -> list[Callable[[], Awaitable[None]]]:
+        return [self._rows_loop, self._consume_loop]
+
+    # -- what this host shows ---------------------------------------------------------
+
+    def listed(self, kind: str, others_only: bool = True) -> list[dict[str, Any]]:
+        """Every host's (or only the other hosts') open questions or pending approvals."""
+        rows = self.rows[kind]
+        return [rows[k] for k in sorted(rows) if not (others_only and k[0] == self.host)][
+            : PAGE_MAX * 16
+        ]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "operator_key": self.public,
+            "operators": sorted(self.operators),
+            "questions": self.listed("questions", others_only=False),
+            "approvals": self.listed("approvals", others_only=False),
+            "actions_applied": self.applied,
+            "actions_refused": self.refused,
+        }
+
+    def watched(self, parts: list[str], value: bytes | None, deleted: bool) -> bool:
+        """A roster key this module keeps (the bridge's watch hands each one here first)."""
+        if len(parts) != 3 or parts[0] not in (*KINDS, "results"):
+            return False
+        kind, host, ident = parts
+        if not NAME_RE.fullmatch(host):
+            return True
+        if kind == "results":
+            self._result(host, ident, value, deleted)
+            return True
+        if not ident.isdigit() or len(ident) > 18:
+            return True
+        key = (host, int(ident))
+        table = self.rows[kind]
+        if host != self.host:  # this host's own changes have events of their own
+            # The cockpit draws "On other hosts" again (core/cockpit.py's TOUCHES).
+            self.hive.bus.publish("swarm", {"host": host, "what": kind})
+        if deleted or value is None:
+            table.pop(key, None)
+            return True
+        try:
+            row = json.loads(value)
+        except (ValueError, RecursionError):  # nesting too deep must not stop the watch
+            return True
+        # A host shows at most PAGE_MAX of each (as it publishes them): a hostile one can't
+        # grow every other host's cache past that.
+        if isinstance(row, dict) and (
+            key in table or sum(1 for k in table if k[0] == host) < PAGE_MAX
+        ):
+            make = question_row if kind == "questions" else approval_row
+            table[key] = make(host, key[1], row)
+        return True
+
+    def _result(self, host: str, action_id: str, value: bytes | None, deleted: bool) -> None:
+        if deleted or value is None:
+            return
+        if host == self.host:
+            self._results[action_id] = time.monotonic()
+        waiting = self._waiting.get(action_id)
+        if waiting is None or waiting[0] != host or waiting[1].done():
+            return  # only the host the action went to says what became of it
+        with contextlib.suppress(ValueError, RecursionError):
+            outcome = json.loads(value)
+            if isinstance(outcome, dict):
+                waiting[1].set_result(outcome)
+
+    # -- carrying the operator's action to another host -------------------------------
+
+    async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
+        """Sign ``request`` (a host.sock request) as this host's operator, carry it to
+        ``host`` and wait for what it made of it: applied, refused (raised, with its
+        reason), or not heard of yet (``applied: false``: it is in the stream)."""
+        known = set(self.bridge.heartbeats) | {h for h, _ in self.bridge.rows}
+        if host not in known:
+            raise NotFound(f"no host {host!r} in the swarm")
+        request = dict(request)
+        if request["cmd"] in ("approve", "deny") and request.get("payload_sha256") is None:
+            row = self.rows["approvals"].get((host, request["id"]))
+            if row is None:
+                raise NotFound(f"no pending approval {request['id']} on host {host}")
+            request["payload_sha256"] = row["payload_sha256"]  # the one the roster shows
+        nc = self.bridge.nc
+        if nc is None or not nc.is_connected:
+            raise Unavailable(f"the swarm's bus is unreachable: nothing was carried to {host}")
+        action_id, data = seal(self.key, self.host, host, request)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[action_id] = (host, future)
+        try:
+            try:
+                await self.bridge._js().publish(
+                    s.op_subject(host, self.host),
+                    data,
+                    timeout=2.0,
+                    headers={"Nats-Msg-Id": action_id},
+                )
+            except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+                raise Unavailable(
+                    f"the bus did not take the action for host {host} ({type(e).__name__});"
+                    " it may or may not be carried out"
+                ) from None
+            log.info("swarm: operator action %s (%s) to %s", action_id, request["cmd"], host)
+            try:
+                outcome = await asyncio.wait_for(future, CARRY_WAIT)
+            except TimeoutError:
+                return {"host": host, "action": action_id, "applied": False}
+        finally:
+            self._waiting.pop(action_id, None)
+        if outcome.get("ok") is True:
+            return {"host": host, "action": action_id, "applied": True}
+        status = outcome.get("status")
+        refusal = REFUSALS.get(status, Conflict) if isinstance(status, int) else Conflict
+        raise refusal(f"host {host}: {_text(outcome.get('error')) or 'refused'}")
+
+    # -- this host's rows -------------------------------------------------------------
+
+    async def _rows_loop(self) -> None:
+        kv = await self.bridge._bucket()
+        while True:
+            await self._publish_rows(kv)
+            await self._prune_results(kv)
+            await asyncio.sleep(ROWS_EVERY)
+
+    def _local_rows(self) -> dict[str, str]:
+        store = self.hive.store
+        questions = store.questions.open_page(target=OPERATOR, after=0, limit=PAGE_MAX)
+        pending = store.approvals.page(status="pending", after=0, limit=PAGE_MAX)
+        out: dict[str, str] = {}
+        for row in rows_out(questions.items):
+            if "unreadable" not in row:
+                out[s.question_key(self.host, row["id"])] = json.dumps(row, sort_keys=True)
+        for a in pending.items:
+            row = shown(a)
+            if "unreadable" not in row:
+                out[s.approval_key(self.host, row["id"])] = json.dumps(row, sort_keys=True)
+        return out
+
+    async def _publish_rows(self, kv: Any) -> None:
+        now = self._local_rows()
+        for key, data in now.items():
+            if self._published.get(key) != data:
+                await kv.put(key, data.encode())
+                self._published[key] = data
+        # Gone here: answered, resolved; also this host's rows from before a restart,
+        # which the watch shows and nothing here published.
+        mine = {f"{k}.{self.host}.{i}" for k in KINDS for h, i in self.rows[k] if h == self.host}
+        for key in (set(self._published) | mine) - set(now):
+            await kv.delete(key)
+            self._published.pop(key, None)
+
+    async def _prune_results(self, kv: Any) -> None:
+        cutoff = time.monotonic() - RESULT_KEEP
+        for action_id in [a for a, t in self._results.items() if t < cutoff]:
+            await kv.delete(s.result_key(self.host, action_id))
+            del self._results[action_id]
+        self.seen.prune()
+
+    # -- actions carried here ---------------------------------------------------------
+
+    async def _consume_loop(self) -> None:
+        js = self.bridge._js()
+        prefix = f"{s.inbox_prefix(self.host)}.".encode()
+        try:
+            await js.consumer_info(s.OPS_STREAM, s.ops_consumer(self.host))
+        except nats.js.errors.NotFoundError:
+            # A swarm set up before the operator's actions: the admin has to run
+            # ensure_streams again (and the nodes need the new permissions). Until then
+            # nothing is carried here; look again now and then, quietly.
+            log.warning(
+                "swarm: no stream %s or consumer %s yet", s.OPS_STREAM, s.ops_consumer(self.host)
+            )
+            await asyncio.sleep(30)
+            return
+        sub = await js.pull_subscribe_bind(
+            durable=s.ops_consumer(self.host), stream=s.OPS_STREAM, inbox_prefix=prefix
+        )
+        try:
+            while True:
+                try:
+                    msgs = await sub.fetch(1, timeout=1.0)
+                except TimeoutError:
+                    continue
+                for m in msgs:
+                    await self._take(m)
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _take(self, m: Msg) -> None:
+        """One action: refused (logged, counted, acked) unless it is sealed by a pinned
+        operator, recent and new; else carried out once, its outcome published, acked."""
+        from_host = s.op_from_host_of(m.subject) or ""
+        try:
+            action = open_sealed(m.data, from_host, self.host, self.operators)
+        except ActionError as e:
+            return await self._refuse(m, str(e))
+        try:
+            # Remembered before it is carried out: a crash in between loses the action
+            # (its sender hears nothing and may send a new one) rather than doing it twice.
+            first = self.seen.claim(action["id"], from_host)
+        except StoreError as e:
+            log.warning("swarm: can't record operator action %s yet: %s", action["id"], e)
+            return  # not acked: the bus hands it over again
+        if not first:
+            return await self._refuse(m, f"action {action['id']} was carried out before (a replay)")
+        outcome = await self._apply(action["request"])
+        self.applied += 1
+        log.info(
+            "swarm: operator action %s from host %s (%s): %s",
+            action["id"], from_host, action["request"]["cmd"],
+            "applied" if outcome["ok"] else outcome["error"],
+        )  # fmt: skip
+        kv = await self.bridge._bucket()
+        data = json.dumps({**outcome, "at": time.time()}).encode()
+        for _ in range(20):  # its sender waits for this; the bus may be changing leaders
+            try:
+                await kv.put(s.result_key(self.host, action["id"]), data)
+                break
+            except (nats.errors.Error, TimeoutError, nats.js.errors.Error):
+                await asyncio.sleep(0.25)
+        await m.ack()
+
+    async def _refuse(self, m: Msg, why: str) -> None:
+        self.refused += 1
+        log.warning("swarm: refused an operator action on %s: %s", m.subject, why)
+        await m.ack()
+
+    async def _apply(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The request as if the operator had made it on this host's host.sock."""
+        if request["cmd"] in ("approve", "deny") and not request.get("payload_sha256"):
+            return {"ok": False, "status": 422, "error": "an approval from another host"
+                    " must be bound to its payload_sha256"}  # fmt: skip
+        try:
+            await HOST.call(OperatorSession(self.hive), HOST.decode(request))
+        except Refused as e:
+            return {"ok": False, "status": e.status, "error": str(e)[:SHORT_TEXT_CHARS]}
+        except Exception as e:  # its id is taken: say what happened rather than lose it
+            log.exception("swarm: operator action %s failed", request["cmd"])
+            return {"ok": False, "status": 503, "error": f"internal error: {type(e).__name__}"}
+        return {"ok": True}

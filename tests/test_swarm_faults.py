@@ -1,0 +1,66 @@
+"""The swarm's faults (docs/swarm.md, "Faults") on the three test hosts: a receiving
+hive-core and a NATS node killed with SIGKILL mid-stream, and a partition that heals.
+Each time, every message alice's host acknowledged is in bob's inbox once, in order.
+
+The suite streams SUITE_N messages per kill; bench/swarm.py runs the same faults with
+10,000 (`bench/run.py --only swarm`)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from helpers import wait_for
+from swarm_faults import drain, kill9_nats_node, kill9_receiving_core, stream
+from swarm_fixture import Swarm
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+SUITE_N = int(os.environ.get("HIVE_TEST_SWARM_FAULT_N", "10000"))
+
+
+def test_kill9_of_the_receiving_core_mid_stream(swarm: Swarm) -> None:
+    run = kill9_receiving_core(swarm, SUITE_N)
+    assert len(run.acked) == SUITE_N  # b down: a still takes every message
+    assert (run.lost, run.duplicates, run.in_order) == (0, 0, True)
+    # Meanwhile a showed b, and bob, as unreachable; now b is back.
+    wait_for(lambda: all(r["reachable"] for r in swarm.status("a")["agents"]), timeout=15)
+
+
+def test_kill9_of_a_nats_node_loses_no_acknowledged_message(swarm: Swarm) -> None:
+    run = kill9_nats_node(swarm, SUITE_N)
+    assert len(run.acked) == SUITE_N
+    assert (run.lost, run.duplicates, run.in_order) == (0, 0, True)
+
+
+def test_a_partition_that_heals(swarm: Swarm) -> None:
+    """First a is cut off: alice's messages are acknowledged by her host and wait in its
+    outbox (a's node alone is no quorum), while carol's to alice go into the stream (b
+    and c are one). Then a is back and b is cut off: the stream takes alice's messages
+    and they wait for b. Once b is back too, everything acknowledged arrives once, in
+    order per sender."""
+    net = swarm.net
+    net.cut("a")
+    try:
+        first = stream(swarm, 100, "p", {})
+        from_carol = stream(swarm, 50, "c", {}, host="c", sender="carol", to="alice")
+        time.sleep(2.0)  # long enough for a publish to time out and be tried again
+        assert swarm.status("a")["outbox_unsent"] == len(first) == 100  # nothing got out
+        assert len(from_carol) == 50
+        wait_for(lambda: swarm.status("c")["outbox_unsent"] == 0, timeout=20)
+    finally:
+        net.heal("a")
+    received = swarm.status("b")["received"]
+    net.cut("b")
+    try:
+        second = stream(swarm, 100, "q", {})
+        # The bus acknowledged all of alice's messages, the first 100 too, with b away.
+        wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0, timeout=30)
+        assert swarm.status("b")["received"] == received
+    finally:
+        net.heal("b")
+    got = [m["body"] for m in drain(swarm, "b", "bob", 200, timeout=60)]
+    assert got == first + second
+    assert [m["body"] for m in drain(swarm, "a", "alice", 50, timeout=30)] == from_carol

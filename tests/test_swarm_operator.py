@@ -1,0 +1,238 @@
+"""One roster for the operator across the swarm (docs/swarm.md, "The operator's roster
+and actions"), on the three test hosts of the session swarm: every host's questions and
+approvals are listed on host a with their host; the operator on a answers a question from
+an agent on c, approves a spawn an agent on b asked for, and spawns on b; each is
+carried, signed, to its host and applied there once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers import assert_ok, assert_refused, wait_for
+from hive_fixture import HIVE
+from hyperhive.config import ConfigError, load_config
+from hyperhive.swarm.signing import (
+    MAX_ACTION_BYTES,
+    ActionError,
+    load_or_create_key,
+    open_sealed,
+    parse_public,
+    public_b64,
+    seal,
+)
+from swarm_fixture import Swarm
+from web_fixture import META_CSRF
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+CHILD = {"runtime": "command", "command": ["true"]}
+
+
+def listed(swarm: Swarm, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
+    """Row ``rid`` of ``host`` in host a's ``cmd`` listing (the other hosts' rows)."""
+    rows = assert_ok(swarm.cores["a"].host_call(cmd)).get(key, [])
+    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
+
+
+@needs_root
+def test_operator_on_a_answers_a_question_from_an_agent_on_c(swarm: Swarm) -> None:
+    carol = swarm.cores["c"].agent("carol")
+    qid = assert_ok(carol.call("ask", to="operator", question="ship it?", options=["yes", "no"]))["id"]
+    # Listed on a with its host (host.sock's questions; and in `hive swarm status`).
+    row = wait_for(lambda: listed(swarm, "questions", "swarm_questions", "c", qid), timeout=10)
+    assert (row["asker"], row["question"], row["options"]) == ("carol", "ship it?", ["yes", "no"])
+    assert any(q["host"] == "c" and q["id"] == qid for q in swarm.status("b")["questions"])
+    applied = swarm.status("c")["actions_applied"]
+
+    reply = assert_ok(swarm.cores["a"].host_call("answer_question", id=qid, answer="yes", host="c"))
+    assert reply["host"] == "c" and reply["applied"] is True, reply
+    msgs = assert_ok(carol.call("recv", wait=5.0))["messages"]
+    assert [(m["kind"], m["from"], m["body"], m["ref"]) for m in msgs] == [
+        ("answer", "operator", "yes", qid)
+    ]
+    assert_ok(carol.call("ack", ids=[m["id"] for m in msgs]))
+    assert swarm.status("c")["actions_applied"] == applied + 1
+    # Answered on c: gone from c's own listing and, once c's row is deleted, from a's.
+    assert assert_ok(swarm.cores["c"].host_call("questions"))["total"] == 0
+    wait_for(lambda: listed(swarm, "questions", "swarm_questions", "c", qid) is None, timeout=10)
+    # A second answer is c's to refuse (the question is answered): nothing is delivered.
+    again = swarm.cores["a"].host_call("answer_question", id=qid, answer="no", host="c")
+    assert_refused(again, "host c:", "already answered")
+    assert assert_ok(carol.call("recv", wait=0.5))["messages"] == []
+
+
+@needs_root
+def test_operator_on_a_approves_a_spawn_asked_for_on_b(swarm: Swarm) -> None:
+    bob = swarm.cores["b"].agent("bob")
+    payload = {"name": "bobkid", "spec": CHILD}
+    asked = assert_ok(bob.call("request_approval", kind="spawn", description="a helper",
+                               payload=payload))  # fmt: skip
+    aid, sha = asked["id"], asked["payload_sha256"]
+    row = wait_for(lambda: listed(swarm, "pending", "swarm_approvals", "b", aid), timeout=10)
+    assert (row["agent"], row["kind"], row["payload_sha256"]) == ("bob", "spawn", sha)
+    try:
+        # The operator approves what a's listing showed: a binds it to that sha256.
+        reply = assert_ok(swarm.cores["a"].host_call("approve", id=aid, host="b"))
+        assert reply["applied"] is True, reply
+        kid = swarm.cores["b"].status("bobkid")
+        assert kid["parent"] == "bob"
+        msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]  # bob hears of it, once
+        assert [(m["kind"], m["body"], m["ref"]) for m in msgs] == [("approval", "approved", aid)]
+        assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+        assert "bobkid" not in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
+        # The roster shows it on b, from every host.
+        wait_for(lambda: ("bobkid", "b") in {(r["name"], r["host"])
+                                             for r in swarm.status("c")["agents"]}, timeout=10)  # fmt: skip
+        wait_for(lambda: listed(swarm, "pending", "swarm_approvals", "b", aid) is None, timeout=10)
+        # Approving it again: b refuses (resolved), and no second agent comes of it.
+        assert_refused(swarm.cores["a"].host_call("approve", id=aid, host="b",
+                                                  payload_sha256=sha), "host b:")  # fmt: skip
+    finally:
+        swarm.cores["b"].host_call("destroy", name="bobkid")
+    wait_for(lambda: "bobkid" not in {r["name"] for r in swarm.status("a")["agents"]}, timeout=10)
+
+
+@needs_root
+def test_operator_on_a_spawns_on_b(swarm: Swarm) -> None:
+    """``spawn`` with a host (``hive spawn --host b``): carried to b, made there."""
+    try:
+        reply = assert_ok(swarm.cores["a"].host_call("spawn", name="onb", spec=CHILD, host="b"))
+        assert reply["applied"] is True, reply
+        assert "onb" in assert_ok(swarm.cores["b"].host_call("list"))["agents"]
+        assert "onb" not in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
+        # The name is b's swarm-wide: a can't spawn it too.
+        wait_for(lambda: "onb" in {r["name"] for r in swarm.status("a")["agents"]}, timeout=10)
+        assert_refused(swarm.cores["a"].host_call("spawn", name="onb", spec=CHILD),
+                       "already exists on host b")  # fmt: skip
+        # A host the swarm doesn't know: refused on a, nothing carried.
+        assert_refused(swarm.cores["a"].host_call("spawn", name="onz", spec=CHILD, host="zz"),
+                       "no host 'zz'")  # fmt: skip
+        # This host's own name: spawned here, as without a host.
+        assert_ok(swarm.cores["a"].host_call("spawn", name="ona", spec=CHILD, host="a"))
+        assert "ona" in assert_ok(swarm.cores["a"].host_call("list"))["agents"]
+    finally:
+        swarm.cores["b"].host_call("destroy", name="onb")
+        swarm.cores["a"].host_call("destroy", name="ona")
+
+
+@needs_root
+def test_the_cli_on_a_lists_and_answers_other_hosts_questions(swarm: Swarm) -> None:
+    """``hive questions`` on a lists b's question with its host; ``hive answer --host b``
+    answers it there; ``hive swarm status`` shows a's operator key and b's question."""
+    a = swarm.cores["a"]
+
+    def hive(*args: str) -> str:
+        done = subprocess.run([str(HIVE), "--run-dir", str(a.run_dir), *args],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    bob = swarm.cores["b"].agent("bob")
+    qid = assert_ok(bob.call("ask", to="operator", question="cli or web?"))["id"]
+    wait_for(lambda: listed(swarm, "questions", "swarm_questions", "b", qid), timeout=10)
+    out = hive("questions")
+    assert "other hosts' questions" in out and "cli or web?" in out, out
+    status = hive("swarm", "status")
+    assert swarm.status("a")["operator_key"] in status and "cli or web?" in status, status
+    assert "applied on host b" in hive("answer", "--host", "b", str(qid), "cli")
+    msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]
+    assert [(m["kind"], m["body"]) for m in msgs] == [("answer", "cli")]
+    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+
+
+def test_sealed_actions(tmp_path: Path) -> None:
+    """What a host makes of a sealed action, with no bus: only a recent action from the
+    subject's host, to this one, signed by the key pinned for it, of a carried verb."""
+    key = load_or_create_key(tmp_path / "a.key")
+    assert (tmp_path / "a.key").stat().st_mode & 0o777 == 0o600
+    assert public_b64(load_or_create_key(tmp_path / "a.key")) == public_b64(key)  # kept
+    pinned = {"a": parse_public(public_b64(key))}
+    req = {"cmd": "approve", "id": 3, "payload_sha256": "0" * 64}
+    _, data = seal(key, "a", "b", req)
+    assert open_sealed(data, "a", "b", pinned)["request"] == req
+    other = load_or_create_key(tmp_path / "c.key")
+    env = json.loads(data)
+    cases = {
+        "published an action from 'a'": (data, "c", "b", pinned),
+        "not this one": (data, "a", "c", pinned),
+        "not one this host obeys": (data, "a", "b", {}),
+        "bad signature": (seal(other, "a", "b", req)[1], "a", "b", pinned),
+        "bad signature ": (json.dumps({**env, "action": {**env["action"], "at": env["action"]["at"] + 1}}).encode(), "a", "b", pinned),
+        "carries out": (seal(key, "a", "b", {"cmd": "destroy", "name": "x"})[1], "a", "b", pinned),
+        "carries out ": (seal(key, "a", "b", {**req, "host": "b"})[1], "a", "b", pinned),
+        "not JSON": (b"[" * 100_000, "a", "b", pinned),
+        "bytes; at most": (b" " * (MAX_ACTION_BYTES + 1), "a", "b", pinned),
+    }  # fmt: skip
+    for needle, (raw, subject_host, here, ops) in cases.items():
+        with pytest.raises(ActionError, match=needle.strip()):
+            open_sealed(raw, subject_host, here, ops)
+    with pytest.raises(ActionError, match="s old"):
+        open_sealed(data, "a", "b", pinned, now=time.time() + 3600)
+    with pytest.raises(ActionError, match="s old"):
+        open_sealed(data, "a", "b", pinned, now=time.time() - 3600)
+
+
+def test_a_bad_operator_key_in_hive_toml_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "hive.toml"
+    path.write_text('[swarm]\nhost = "b"\nurls = ["nats://x:4222"]\ncredentials = "/s"\n'
+                    'operators = {a = "bm90IGEga2V5"}\n')  # fmt: skip
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert "\n" not in str(e.value) and "operators.a" in str(e.value), str(e.value)
+
+
+@needs_root
+def test_the_dashboard_on_a_lists_and_denies_an_approval_on_b(swarm: Swarm) -> None:
+    """a's core HTTP (what the gateway serves as the dashboard): ``/api/state`` has b's
+    approval with its host; ``POST /deny/{id}`` with ``host=b`` denies it on b."""
+    a = swarm.cores["a"]
+    token = (a.state_dir / "operator.token").read_text().strip()
+    transport = httpx.HTTPTransport(uds=str(a.run_dir / "core.sock"))
+    with httpx.Client(transport=transport, base_url="http://core", timeout=30) as web:
+        assert web.get("/login", params={"token": token}).status_code == 303
+        m = META_CSRF.search(web.get("/").text)
+        assert m, "no csrf token on the dashboard"
+        # An open cockpit's live stream draws b's new approval (no event on a of its own).
+        with web.stream("GET", "/api/dashboard/stream", params={"view": "html"}) as live:
+            lines = live.iter_lines()
+            assert next(lines) == "event: update"  # every section, once
+            asked = assert_ok(swarm.cores["b"].agent_call(
+                "bob", "request_approval", kind="custom", description="from the web", payload={}
+            ))  # fmt: skip
+            aid = asked["id"]
+            deadline = time.monotonic() + 10
+            for line in lines:
+                assert time.monotonic() < deadline, "b's approval was not drawn live on a"
+                if f'id="approval-b-{aid}"' in line:
+                    break
+
+        def shown() -> dict[str, Any] | None:
+            rows = web.get("/api/state").json()["swarm_approvals"]
+            return next((r for r in rows if (r["host"], r["id"]) == ("b", aid)), None)
+
+        row = wait_for(shown, timeout=10)
+        assert (row["agent"], row["payload_sha256"]) == ("bob", asked["payload_sha256"])
+        # The cockpit lists it under "On other hosts", its forms naming the host and sha256.
+        page = web.get("/").text
+        item = page[page.index(f'id="approval-b-{aid}"'):]
+        item = item[: item.index("</li>")]
+        assert "from the web" in item and '<input type="hidden" name="host" value="b">' in item
+        assert f'name="payload_sha256" value="{asked["payload_sha256"]}"' in item
+        r = web.post(f"/deny/{aid}", data={"host": "b", "note": "web says no"},
+                     headers={"Origin": "http://core", "X-CSRF-Token": m.group(1),
+                              "Accept": "application/json"})  # fmt: skip
+        assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    bob = swarm.cores["b"].agent("bob")
+    msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]
+    assert [(m["kind"], m["body"], m["ref"]) for m in msgs] == [
+        ("approval", "denied: web says no", aid)
+    ]
+    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
