@@ -6,7 +6,15 @@ turns without a model or a network: ``ANTHROPIC_BASE_URL`` points at it and
 The "model" follows a script: each agent-loop request (one that offers tools)
 whose last message is not a tool result takes the next ``(tool_name, input)``
 from ``actions`` and answers with that ``tool_use``; every other request gets a
-short text answer (``reply``). Every request body is kept in ``requests``."""
+short text answer (``reply``). Every request body is kept in ``requests``.
+
+A ``script`` instead answers by what the turn is about, so that several agents (and
+retries) can share one stand-in in any order: the turn's prompt is the conversation's
+last user text holding the harness's ``{"hive_item": …, "body": …}``; the first rule
+whose ``when`` fields (``kind``, ``from``, and ``body_has``: a substring of the body) all
+match it gives the tool calls, one per agent-loop request (each tool_use id names the
+item, so the n-th call comes after n calls for it). In a tool's input, the string ``"$ref"`` (``"$id"``) becomes the
+hive_item's ``ref`` (``id``): a question is answered by its id."""
 
 from __future__ import annotations
 
@@ -22,10 +30,12 @@ from typing import Any, Self
 class FakeAnthropic:
     def __init__(self, actions: Iterable[tuple[str, dict[str, Any]]] = (), reply: str = "Done.",
                  address: tuple[str, int] = ("127.0.0.1", 0), api_key: str | None = None,
-                 seen: list[dict[str, Any]] | None = None) -> None:
+                 seen: list[dict[str, Any]] | None = None,
+                 script: list[dict[str, Any]] | None = None) -> None:
         """``api_key``: answer 401 unless the request carries it (x-api-key or a bearer
         token); what each request carried is noted in ``seen`` (never the key itself)."""
         self.actions = list(actions)
+        self.script = script or []
         self.reply = reply
         self.api_key = api_key
         self.seen = seen if seen is not None else []
@@ -126,11 +136,61 @@ class FakeAnthropic:
         with self.lock:
             self.requests.append(req)
             agent_loop = bool(req.get("tools"))
+            scripted = self.scripted(messages) if agent_loop and self.script else None
+            if scripted is not None:
+                return {"type": "tool_use", "id": scripted[0], "name": scripted[1], "input": scripted[2]}, "tool_use"
             if agent_loop and not self._is_tool_result(messages[-1]) and self.actions:
                 name, tool_input = self.actions.pop(0)
                 n = sum(1 for r in self.requests if r.get("tools"))
                 return {"type": "tool_use", "id": f"toolu_fake{n}", "name": name, "input": tool_input}, "tool_use"
         return {"type": "text", "text": self.reply}, "end_turn"
+
+    @staticmethod
+    def _prompt(text: str) -> dict[str, Any] | None:
+        """The harness's prompt in a user message's text (the CLI may add text around it)."""
+        at = text.find('{"hive_item"')
+        if at < 0:
+            return None
+        try:
+            prompt, _ = json.JSONDecoder().raw_decode(text[at:])
+        except ValueError:
+            return None
+        return prompt if isinstance(prompt, dict) else None
+
+    def scripted(self, messages: list[dict[str, Any]]) -> tuple[str, str, dict[str, Any]] | None:
+        """The script's next tool call for this conversation (its tool_use id, name and
+        input), or None (a text answer). The turn's prompt is the conversation's last text
+        block with a hive_item; the calls already made for it are the tool_use blocks whose
+        id names its item (Claude Code merges and reorders a resumed session's messages,
+        so counting by position is not reliable)."""
+        prompt: dict[str, Any] | None = None
+        used: list[str] = []
+        for message in messages:
+            content = message.get("content")
+            blocks = [{"type": "text", "text": content}] if isinstance(content, str) else content or []
+            for block in blocks:
+                if not isinstance(block, dict):
+                    continue
+                if block.get("type") == "tool_use":
+                    used.append(str(block.get("id")))
+                elif block.get("type") == "text" and message.get("role") == "user":
+                    prompt = self._prompt(str(block.get("text", ""))) or prompt
+        if prompt is None:
+            return None
+        item, body = prompt.get("hive_item") or {}, str(prompt.get("body", ""))
+        tag = f"toolu_item{item.get('id')}_"
+        done = sum(1 for u in used if u.startswith(tag))
+        for rule in self.script:
+            when = rule["when"]
+            if all(item.get(k) == when[k] for k in ("kind", "from") if k in when) and \
+                    when.get("body_has", "") in body:
+                if done >= len(rule["do"]):
+                    return None
+                name, tool_input = rule["do"][done]
+                fill = {"$ref": item.get("ref"), "$id": item.get("id")}
+                return f"{tag}{done}", name, {k: fill.get(v, v) if isinstance(v, str) else v
+                                             for k, v in tool_input.items()}
+        return None
 
     @staticmethod
     def message(req: dict[str, Any], content: list[dict[str, Any]], stop: str | None) -> dict[str, Any]:
@@ -161,7 +221,7 @@ class FakeAnthropic:
 
 def main() -> None:
     """In a test network namespace: ``fake_anthropic.py ADDR PORT CERT KEY SEEN ACTIONS``
-    (KEY ``-``: none needed);
+    (KEY ``-``: none needed; ACTIONS a JSON list of actions, or ``{"script": [...]}``);
     each request's notes go to SEEN as JSON lines (flushed)."""
     import sys
 
@@ -173,8 +233,11 @@ def main() -> None:
             with open(seen_path, "a") as f:
                 f.write(json.dumps(item) + "\n")
 
-    fake = FakeAnthropic([tuple(a) for a in json.loads(actions)], address=(addr, int(port)),  # type: ignore[misc]
-                         api_key=None if key == "-" else key, seen=Seen())
+    plan = json.loads(actions)
+    script = plan.get("script") if isinstance(plan, dict) else None
+    fake = FakeAnthropic([] if script is not None else [tuple(a) for a in plan],  # type: ignore[misc]
+                         address=(addr, int(port)), api_key=None if key == "-" else key, seen=Seen(),
+                         script=script)
     fake.serve_tls(cert)
 
 

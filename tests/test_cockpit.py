@@ -12,6 +12,8 @@ cages.
 - Agents at 1,000 (rows put straight into the hive's SQLite; the agents cache reloads
   on the next agent write): a page of 50, state filter and name search, a failed agent in
   the queue, the egress "no rules" agents on one line; the first screen stays small.
+- Secrets (issue 16): every secret's name and bindings, bound and unbound with the
+  cockpit's forms (host.sock's verbs), its value in no page, stream or /api/state.
 - A phone-width screen (375 px) doesn't scroll sideways.
 - The htmx config keeps the gateway's CSP (script-src 'self', no eval): no violations.
 
@@ -21,9 +23,11 @@ Screenshots go to artifacts/cockpit-*.png (linked from the README's tour).
 from __future__ import annotations
 
 import re
+import secrets
 import sqlite3
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -208,6 +212,121 @@ def test_forms_work_without_a_script(web: Web) -> None:
     assert r.status_code == 303, r.text
     page = web.get(f"/?state=running&q={ASKER[:4]}", login=login)
     assert page.status_code == 200 and f'data-name="{ASKER}"' in page.text
+
+
+class StreamTap:
+    """Reads a live stream (as the operator's browser would) in a thread until ``until``
+    says it read enough, or ``seconds`` pass; ``text`` is all of it."""
+
+    def __init__(self, web: Web, path: str, cookies: dict[str, str], until: Callable[[str], bool],
+                 seconds: float = 60) -> None:
+        self.text, self.until = "", until
+        self.thread = threading.Thread(target=self._read, args=(web.url(path), cookies, seconds), daemon=True)
+        self.thread.start()
+
+    def _read(self, url: str, cookies: dict[str, str], seconds: float) -> None:
+        end = time.monotonic() + seconds
+        try:
+            with httpx.stream("GET", url, headers=cookies, timeout=20) as r:
+                for chunk in r.iter_text():
+                    self.text += chunk
+                    if self.until(self.text) or time.monotonic() > end:
+                        return
+        except httpx.HTTPError as e:  # the hive went away: what was read is kept
+            self.text += f"\n[stream cut: {e}]"
+
+    def done(self) -> str:
+        self.thread.join(70)
+        return self.text
+
+
+def test_secret_bindings_from_the_cockpit_never_show_a_value(web: Web) -> None:
+    """The operator binds and unbinds a secret with the cockpit's plain forms (no script):
+    the section lists its name and bindings, the live streams redraw it, and its value is
+    in no page, no stream and not in /api/state."""
+    login = web.login()
+    name, value = "ckapi", "sk-cockpit-" + secrets.token_hex(16)
+    assert web.hive.host_call("secret_set", name=name, value=value)["ok"]
+    bound, unbound = f'id="binding-{name}-', f'id="secret-{name}"'
+
+    def bound_then_unbound(text: str) -> bool:
+        return bound in text and unbound in text.rsplit(bound, 1)[1]
+
+    html_tap = StreamTap(web, "/api/dashboard/stream?view=html", login.cookies, bound_then_unbound)
+    json_tap = StreamTap(web, "/api/dashboard/stream", login.cookies, lambda t: t.count('"change": "unbound"') == 2)
+    time.sleep(0.5)  # both streams subscribed before the changes (each starts with the whole page)
+
+    def post(path: str, **data: str) -> httpx.Response:
+        return web.request("POST", path, login=login, origin=web.origin, data={"csrf_token": login.csrf, **data})
+
+    page = web.get("/", login=login).text
+    assert f'<tr id="secret-{name}"' in page and "bound for no agent" in page
+    assert "hive secret set NAME" in page and "never takes one" in page  # values: command line only
+    assert 'name="value"' not in page
+    # A bad binding: one line, nothing bound.
+    r = post("/api/secrets/_/bind", secret=name, agents=ASKER, to="api.test:443", header="x-api-key: none")
+    assert r.status_code == 422 and "exactly one {}" in r.text and r.text.count("\n") <= 1, (r.status_code, r.text)
+    r = post("/api/secrets/_/bind", secret=name, agents=f"{ASKER}, {FLAKY}", to="API.test.:443",
+             header="x-api-key: {}", env="CK_API_KEY")
+    assert r.status_code == 303 and r.headers["location"] == "/", (r.status_code, r.text)
+    [row] = [x for x in web.hive.host_call("secret_ls")["secrets"] if x["name"] == name]
+    assert [(b["agent"], b["to"], b["env"]) for b in row["bindings"]] == [
+        (ASKER, "api.test:443", "CK_API_KEY"), (FLAKY, "api.test:443", "CK_API_KEY")]
+    page = web.get("/", login=login).text
+    for agent in (ASKER, FLAKY):
+        assert f'<tr id="binding-{name}-{agent}" class="binding-row" data-secret="{name}" data-agent="{agent}">' in page
+    assert "<code>x-api-key: {}</code>" in page and f'id="secret-{name}"' not in page
+    # The live stream draws the binding (it coalesces a burst: wait before changing it again).
+    wait_for(lambda: f'id="binding-{name}-{ASKER}"' in html_tap.text, "the stream to draw the binding")
+    # Unbind one with the row's form posted by htmx (a toast in words), the other plainly.
+    r = web.request("POST", f"/api/secrets/{name}/unbind", login=login, origin=web.origin,
+                    headers={"HX-Request": "true"}, data={"csrf_token": login.csrf, "agent": FLAKY})
+    assert r.status_code == 200 and f"secret {name} unbound from {FLAKY}" in r.text, r.text
+    r = post(f"/api/secrets/{name}/unbind", agent=ASKER)
+    assert r.status_code == 303, (r.status_code, r.text)
+    [row] = [x for x in web.hive.host_call("secret_ls")["secrets"] if x["name"] == name]
+    assert row["bindings"] == [] and row["set"] is True
+    page = web.get("/", login=login).text
+    assert f'id="binding-{name}-' not in page and f'<tr id="secret-{name}"' in page
+    r = post(f"/api/secrets/{name}/unbind", agent=ASKER)  # nothing left to unbind: refused
+    assert r.status_code == 404 and "no binding of secret" in r.text, (r.status_code, r.text)
+
+    streamed_html, streamed_json = html_tap.done(), json_tap.done()
+    assert f'id="binding-{name}-{ASKER}"' in streamed_html, streamed_html[-2000:]  # the stream redrew it
+    assert bound_then_unbound(streamed_html), streamed_html[-2000:]
+    assert '"kind": "secret"' in streamed_json and '"change": "unbound"' in streamed_json, streamed_json[-2000:]
+    state = web.get("/api/state", login=login)
+    assert state.status_code == 200
+    for text in (page, streamed_html, streamed_json, state.text, web.hive.log_tail(2000)):
+        assert value not in text
+    assert web.hive.host_call("secret_rm", name=name)["ok"]
+
+
+def test_secrets_section_binds_and_unbinds_in_place(web: Web, context: BrowserContext) -> None:
+    """In Chromium, with htmx: the bind form posts in place (a toast in words, the form
+    cleared), the live stream draws the binding, its unbind button removes it; the value
+    is never in the page."""
+    name, value = "ckweb", "sk-web-" + secrets.token_hex(16)
+    assert web.hive.host_call("secret_set", name=name, value=value)["ok"]
+    page, watch = open_cockpit(web, context)
+    expect(page.locator(f"#secret-{name} .value-state")).to_contain_text("set ")
+    form = page.locator("#secret-bind-form")
+    for field, text in (("secret", name), ("agents", CALM), ("to", "web.test:443"),
+                        ("header", "Authorization: Bearer {}"), ("env", "WEB_TOKEN")):
+        form.locator(f'input[name="{field}"]').fill(text)
+    form.get_by_role("button", name="bind").click()
+    expect(page.locator(".toast").filter(has_text=f"secret {name} bound for {CALM} to web.test:443")).to_have_count(1)
+    row = page.locator(f"#binding-{name}-{CALM}")
+    expect(row).to_contain_text("Authorization: Bearer {}")
+    expect(row).to_contain_text("WEB_TOKEN")
+    expect(form.locator('input[name="secret"]')).to_have_value("")
+    row.get_by_role("button", name="unbind").click()
+    expect(page.locator(".toast").filter(has_text=f"secret {name} unbound from {CALM}")).to_have_count(1)
+    expect(row).to_have_count(0)
+    expect(page.locator(f"#secret-{name}")).to_contain_text("bound for no agent")
+    assert value not in page.content()
+    clean(page, watch)
+    assert web.hive.host_call("secret_rm", name=name)["ok"]
 
 
 def insert_agents(web: Web, n: int) -> None:

@@ -421,7 +421,8 @@ def test_subscribe_all_kinds_streams_messages(core: CoreProcess) -> None:
     stream = sub.stream("subscribe")
     first = assert_ok(next(stream))
     assert set(first["subscribed"]) == {
-        "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"
+        "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress",
+        "secret",
     }
     mid = assert_ok(core.agent("alice").call("send", to="bob", body="watched"))["id"]
     ev = assert_ok(next(stream))["event"]

@@ -28,6 +28,7 @@ AGENTS: dict[str, dict[str, Any]] = {
     "oa-idle": {"runtime": "command", "command": ["true"]},
 }
 SPAWNED = "oa-spawned"
+SECRET = "oakey"
 ACTIONS = ["start", "stop", "restart", "pause", "resume", "interrupt", "destroy"]
 SEEN: dict[str, list[int]] = {}  # "METHOD /path" -> status codes, for test_api_covered
 CHECKS = [
@@ -56,6 +57,8 @@ def login(web: Web) -> Login:
     # Messages to show whole (/api/messages/{mid}: 1-3).
     for i in range(3):
         assert web.hive.host_call("send", to="oa-idle", body=f"message {i}")["ok"]
+    # A secret to bind and unbind (its value is never part of any of these calls).
+    assert web.hive.host_call("secret_set", name=SECRET, value="oa-value-never-shown")["ok"]
     # Egress rules to remove (egress/remove succeeds once per agent and rule).
     for name in AGENTS:
         for n in (1, 2, 3):
@@ -96,6 +99,10 @@ def test_api_conforms(case: schemathesis.Case, web: Web, login: Login, agent: st
         params["aid"] = n + 3 if case.path.startswith("/deny/") else n
     if n is not None and case.path.startswith("/api/agents/{name}/egress/") and isinstance(case.body, dict):
         case.body = {"rule": egress_rule(n)}
+    if n is not None and case.path.startswith("/api/secrets/") and isinstance(case.body, dict):
+        params["name"] = SECRET
+        case.body = ({"agents": agent or "oa-echo", "to": egress_rule(n), "header": "x-api-key: {}"}
+                     if case.path.endswith("/bind") else {})
     if spawn and case.path == "/api/spawn" and isinstance(case.body, dict):
         case.body = {"name": SPAWNED, "spec": '{"runtime": "command", "command": ["true"]}'}
     response = case.call_and_validate(

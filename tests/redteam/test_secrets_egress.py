@@ -9,9 +9,15 @@ HTTPS servers in a test network namespace (198.18.53.0/24): the Messages API sta
 key itself). rtsc may also reach other.test:443, and gh.test only by the L7 rule
 ``GET gh.test:443/repos/acme/*``.
 
-The end-to-end case runs the real Claude Code CLI in rtcc's cage: its turn goes to
+The end-to-end cases run the real Claude Code CLI in cages: rtcc's turn goes to
 "api.anthropic.com" through the proxy with TLS terminated, the stand-in checks the key,
-the model's tool call reaches the hive, and the key is nowhere in the cage.
+the model's tool call reaches the hive, and the key is nowhere in the cage. Then the
+demo's story with two Claude Code agents (rtcc and rtcd): the operator messages rtcc
+through the gateway, rtcc asks rtcd, rtcd answers, rtcc asks the operator, the operator
+answers with ``POST /answer-question/{id}``, and rtcc asks for an approval. The stand-in
+answers by a script keyed on each turn's prompt (``STORY``), so the agents' turns may
+come in any order; while they run, the test reads every cage process's /proc from the
+host and finds the placeholder there, never the key.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import datetime
 import json
 import os
 import shutil
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -38,21 +45,45 @@ from helpers import assert_ok
 from hive_fixture import VENV_BIN, HiveProcess, probe_result, running_hive, wait_until
 from hyperhive.client import Client
 from testnet import TestNet
+from web_fixture import Web
 
 KEY = "sk-ant-api03-REAL-" + "k3y" * 10
-AGENT, CLAUDE = "rtsc", "rtcc"
+AGENT, CLAUDE, CLAUDE2 = "rtsc", "rtcc", "rtcd"
 NET = TestNet(53, prefix="hvsc")
 ANTH, OTHER, GH = NET.address(2), NET.address(3), NET.address(4)
 HOSTS = {"api.anthropic.com": ANTH, "other.test": OTHER, "gh.test": GH}
 FAKE = Path(__file__).resolve().parent.parent / "fake_anthropic.py"
 ENV_FILE = "turn-env.json"
 MODEL = "claude-sonnet-4-5"
-ACTIONS = [["mcp__hive__send_message", {"to": "operator", "body": "hello through the egress proxy"}]]
+HELLO = "Say hello to the operator."
+# The stand-in's "model" (tests/fake_anthropic.py, ``script``): which tool calls a turn
+# makes, by the turn's prompt. The story's is the demo's (src/hyperhive/demo/turn.py).
+STORY = {
+    "go": "Ship release 1.0 if nothing blocks it.",
+    "ask": "Anything blocking release 1.0?",
+    "answer": "Nothing blocks it: the tests are green.",
+    "ask_operator": "rtcd says nothing blocks release 1.0. Ship it?",
+    "operator": "yes, ship it",
+    "approval": "publish release 1.0",
+}
+SCRIPT = [
+    {"when": {"kind": "message", "from": "operator", "body_has": HELLO},
+     "do": [["mcp__hive__send_message", {"to": "operator", "body": "hello through the egress proxy"}]]},
+    {"when": {"kind": "message", "from": "operator", "body_has": STORY["go"]},
+     "do": [["mcp__hive__ask", {"to": CLAUDE2, "question": STORY["ask"]}]]},
+    {"when": {"kind": "question", "from": CLAUDE, "body_has": STORY["ask"]},
+     "do": [["mcp__hive__answer", {"question_id": "$ref", "answer": STORY["answer"]}]]},
+    {"when": {"kind": "answer", "from": CLAUDE2, "body_has": STORY["answer"]},
+     "do": [["mcp__hive__ask", {"to": "operator", "question": STORY["ask_operator"]}]]},
+    {"when": {"kind": "answer", "from": "operator", "body_has": STORY["operator"]},
+     "do": [["mcp__hive__request_approval", {"kind": "custom", "description": STORY["approval"],
+                                             "payload": {"release": "1.0"}}]]},
+]
 TEST_CA: dict[str, str] = {}
 BINDING = """
 [[secret_binding]]
 secret = "anthropic"
-agents = ["rtsc", "rtcc"]
+agents = ["rtsc", "rtcc", "rtcd"]
 to = "api.anthropic.com:443"
 header = "x-api-key: {}"
 env = "ANTHROPIC_API_KEY"
@@ -97,7 +128,7 @@ def certs() -> Iterator[Path]:
 def net(certs: Path) -> Iterator[TestNet]:
     with NET as n:
         for address in (ANTH, OTHER, GH):
-            actions = json.dumps(ACTIONS if address == ANTH else [])
+            actions = json.dumps({"script": SCRIPT} if address == ANTH else [])
             n.serve(address, 443, [sys.executable, str(FAKE), address, "443", str(certs / "server.pem"), "-" if address == GH else KEY,
                                    str(certs / f"seen-{address}.jsonl"), actions])
         yield n
@@ -115,7 +146,9 @@ def hive(net: TestNet, certs: Path) -> Iterator[HiveProcess]:
                 "command": ["python3", "-c", f"import json, os; json.dump(dict(os.environ), open({ENV_FILE!r}, 'w'))"],
                 "egress": ["api.anthropic.com:443", f"{ANTH}:443", "other.test:443", f"{OTHER}:443",
                            "GET gh.test:443/repos/acme/*", f"{GH}:443"]},
-        CLAUDE: {"runtime": "claude", "model": MODEL, "peers": [], "egress": ["api.anthropic.com:443", f"{ANTH}:443"]},
+        CLAUDE: {"runtime": "claude", "model": MODEL, "peers": [CLAUDE2],
+                 "egress": ["api.anthropic.com:443", f"{ANTH}:443"]},
+        CLAUDE2: {"runtime": "claude", "model": MODEL, "peers": [], "egress": ["api.anthropic.com:443", f"{ANTH}:443"]},
     }
     h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs / "ca.pem")}})
     h.config_path.write_text(h.config_path.read_text() + BINDING)
@@ -399,10 +432,11 @@ def test_the_real_claude_cli_runs_a_turn_and_the_cage_never_holds_the_key(
     the hive; then the key is looked for everywhere the cage can read."""
     row = hive.agent_status()[CLAUDE]
     assert row["needs_login"] is False, row  # a binding for api.anthropic.com:443 is a login
-    assert_ok(hive.host_call("send", to=CLAUDE, body="Say hello to the operator."))
+    assert_ok(hive.host_call("send", to=CLAUDE, body=HELLO))
 
     def delivered() -> list[dict[str, Any]] | None:
-        msgs = [m for m in assert_ok(hive.host_call("inbox"))["messages"] if m["from"] == CLAUDE]
+        msgs = [m for m in assert_ok(hive.host_call("inbox"))["messages"]
+                if m["from"] == CLAUDE and m["kind"] == "message"]
         return msgs or None
 
     try:
@@ -413,38 +447,145 @@ def test_the_real_claude_cli_runs_a_turn_and_the_cage_never_holds_the_key(
     assert msg["body"] == "hello through the egress proxy"
     calls = [s for s in seen(certs, ANTH) if s["path"].startswith("/v1/messages")]
     assert calls and all(s["key_ok"] for s in calls), calls
-    # Nowhere in the cage: not the runtime's env, not any process's, not the home, not /run/hive.
-    res = probe_result(hive.probe(CLAUDE, """
-        found = []
-        for pid in os.listdir("/proc"):
-            if pid.isdigit():
-                for f in ("environ", "cmdline"):
-                    try:
-                        if P["key"].encode() in open(f"/proc/{pid}/{f}", "rb").read():
-                            found.append(f"/proc/{pid}/{f}")
-                    except OSError:
-                        pass
-        for top in (os.environ["HOME"], "/run/hive", "/tmp"):
-            for d, _, files in os.walk(top):
-                for n in files:
-                    try:
-                        if P["key"].encode() in open(os.path.join(d, n), "rb").read():
-                            found.append(os.path.join(d, n))
-                    except OSError:
-                        pass
-        result(found=found, env=P["key"] in json.dumps(dict(os.environ)),
-               run_hive=sorted(os.listdir("/run/hive")))
-    """, key=KEY))
+    assert_key_nowhere(hive, CLAUDE)
+
+
+# Looked for everywhere a cage can read: every process's environ and cmdline, the home,
+# /run/hive and /tmp (the probe runs in the cage, as the agent).
+KEY_SEARCH = """
+found = []
+for pid in os.listdir("/proc"):
+    if pid.isdigit():
+        for f in ("environ", "cmdline"):
+            try:
+                if P["key"].encode() in open(f"/proc/{pid}/{f}", "rb").read():
+                    found.append(f"/proc/{pid}/{f}")
+            except OSError:
+                pass
+for top in (os.environ["HOME"], "/run/hive", "/tmp"):
+    for d, _, files in os.walk(top):
+        for n in files:
+            try:
+                if P["key"].encode() in open(os.path.join(d, n), "rb").read():
+                    found.append(os.path.join(d, n))
+            except OSError:
+                pass
+result(found=found, env=P["key"] in json.dumps(dict(os.environ)), run_hive=sorted(os.listdir("/run/hive")))
+"""
+
+
+def assert_key_nowhere(hive: HiveProcess, agent: str) -> None:
+    """The key is in nothing ``agent``'s cage can read, in no file of any home (read as
+    root), in no transcript and not in the hive's log."""
+    res = probe_result(hive.probe(agent, KEY_SEARCH, key=KEY))
     assert res["found"] == [] and res["env"] is False, res
     assert res["run_hive"] == ["agent.sock", "ca-bundle.pem", "egress.sock", "hive-ca.pem"], res
-    for home in (hive.home(CLAUDE), hive.home(AGENT)):  # as root, the whole tree
-        for d, _, files in os.walk(home):
+    for name in (CLAUDE, CLAUDE2, AGENT):
+        for d, _, files in os.walk(hive.home(name)):
             for n in files:
                 p = Path(d) / n
                 if p.is_file() and not p.is_symlink():
                     assert KEY.encode() not in p.read_bytes(), p
-    entries = assert_ok(hive.host_call("transcript", name=CLAUDE))["entries"]
+    entries = assert_ok(hive.host_call("transcript", name=agent))["entries"]
     assert KEY not in json.dumps(entries) and KEY not in hive.log_tail(2000)
+
+
+class CageWatch:
+    """Reads /proc/PID/environ and cmdline of every process in the cages of ``agents``
+    from the host, each time it is called (the story's waits call it): the Claude Code
+    processes it caught must hold the placeholder, and none may hold the key."""
+
+    def __init__(self, hive: HiveProcess, agents: tuple[str, ...]) -> None:
+        self.hive, self.agents = hive, agents
+        self.claude_pids: dict[str, set[int]] = {a: set() for a in agents}
+        self.with_placeholder: set[int] = set()
+        self.found: list[str] = []
+
+    def __call__(self, placeholder: str) -> None:
+        for agent in self.agents:
+            for pid in self.hive.cgroup(agent).pids():
+                try:
+                    env = Path(f"/proc/{pid}/environ").read_bytes()
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue  # gone already
+                if KEY.encode() in env or KEY.encode() in cmdline:
+                    self.found.append(f"{agent}: /proc/{pid}")
+                if b"claude" in cmdline:
+                    self.claude_pids[agent].add(pid)
+                    if f"ANTHROPIC_API_KEY={placeholder}".encode() in env.split(b"\0"):
+                        self.with_placeholder.add(pid)
+
+
+def pending_of(hive: HiveProcess, agent: str) -> list[dict[str, Any]]:
+    return [a for a in assert_ok(hive.host_call("pending", limit=200))["approvals"] if a["agent"] == agent]
+
+
+@pytest.mark.attack("secrets.read-from-cage", ref="issue 16 item 6 (the demo's story with a real runtime)")
+def test_the_story_with_two_claude_code_agents_and_the_operator(
+    hive: HiveProcess, certs: Path, placeholder: str,
+) -> None:
+    """rtcc and rtcd are the real Claude Code CLI in cages, their key a placeholder. The
+    operator (a real session, through the gateway) messages rtcc; rtcc asks rtcd through
+    the hive's MCP tools; rtcd answers; rtcc asks the operator; the operator answers with
+    POST /answer-question/{id}; rtcc asks for an approval, which the operator sees pending."""
+    web = Web(hive)
+    login = web.login()
+    watch = CageWatch(hive, (CLAUDE, CLAUDE2))
+    before = len([s for s in seen(certs, ANTH) if s["path"].startswith("/v1/messages")])
+
+    def waiting(pred: Any, what: str) -> Any:
+        def check() -> Any:
+            watch(placeholder)
+            return pred()
+        try:
+            return wait_until(check, 60, what, interval=0.2)
+        except AssertionError:
+            tails = {n: json.dumps(assert_ok(hive.host_call("transcript", name=n))["entries"])[-2000:]
+                     for n in (CLAUDE, CLAUDE2)}
+            raise AssertionError(f"{what}: transcripts {tails}\nlog:\n{hive.log_tail()}") from None
+
+    r = web.post(f"/api/agents/{CLAUDE}/send", login, data={"body": STORY["go"]})
+    assert r.status_code == 200 and r.json()["ok"], (r.status_code, r.text)
+
+    def operator_question() -> dict[str, Any] | None:
+        rows = assert_ok(hive.host_call("questions", limit=200))["questions"]
+        return next((q for q in rows if q["question"] == STORY["ask_operator"]), None)
+
+    q = waiting(operator_question, "rtcc's question to the operator")
+    assert q["asker"] == CLAUDE, q
+    # It came after rtcd's answer to rtcc's question (the stand-in asks the operator only
+    # on that answer): both are in the hive's database, as the agents' tools left them.
+    db = sqlite3.connect(f"file:{hive.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        asked = db.execute("SELECT asker, target, answer FROM questions WHERE question = ?",
+                           (STORY["ask"],)).fetchall()
+    finally:
+        db.close()
+    assert asked == [(CLAUDE, CLAUDE2, STORY["answer"])], asked
+
+    r = web.post(f"/answer-question/{q['id']}", login, data={"answer": STORY["operator"]})
+    assert r.status_code == 200 and r.json()["ok"], (r.status_code, r.text)
+    [approval] = waiting(lambda: pending_of(hive, CLAUDE) or None, "rtcc's approval request")
+    assert (approval["kind"], approval["description"], approval["status"]) == (
+        "custom", STORY["approval"], "pending"), approval
+    assert approval["payload"] == {"release": "1.0"}, approval
+
+    # Every model call of the story carried the real key when it reached the stand-in: four
+    # turns, two calls each at least (a tool call, then the text after its result; the last
+    # one may still be on its way when the approval shows).
+    def model_calls() -> list[dict[str, Any]] | None:
+        calls = [s for s in seen(certs, ANTH) if s["path"].startswith("/v1/messages")][before:]
+        return calls if len(calls) >= 8 else None
+
+    calls = waiting(model_calls, "the story's last model call")
+    assert all(s["key_ok"] for s in calls), calls
+    # Claude Code ran in both cages, with the placeholder in its environment, never the key.
+    assert watch.found == [], watch.found
+    assert all(watch.claude_pids[a] for a in (CLAUDE, CLAUDE2)), watch.claude_pids
+    assert watch.with_placeholder, watch.claude_pids
+    for agent in (CLAUDE, CLAUDE2):
+        assert_key_nowhere(hive, agent)
 
 
 @pytest.mark.attack("egress.l7-bypass", ref="issue 16 item 4 (an L7 rule by approval, shown exactly, applied once)")
@@ -461,3 +602,22 @@ def test_an_agent_asks_for_an_l7_rule_and_gets_exactly_it(hive: HiveProcess) -> 
     assert rules.count("GET gh.test:443/orgs/acme/*") == 1
     again = hive.host_call("approve", id=aid)
     assert again["ok"] is False, again
+
+
+@pytest.mark.attack("secrets.read-from-cage", ref="issue 16 item 2 (hive exec sees the runtime's placeholders)")
+def test_hive_exec_sees_the_placeholders_the_runtime_sees(hive: HiveProcess, placeholder: str) -> None:
+    """A command the operator runs in the cage (clean, or as the agent) has the variables
+    of the agent's bindings with the same placeholders as its turns, never the key."""
+    runtime = _json(hive.home(AGENT) / ENV_FILE)
+    shown = assert_ok(hive.host_call("agent_env", name=AGENT))["env"]
+    assert shown["ANTHROPIC_API_KEY"] == placeholder
+    assert KEY not in json.dumps(shown)
+    for flags in ((), ("--as-agent",)):
+        proc = hive.exec(AGENT, "python3", "-c", "import json, os; print(json.dumps(dict(os.environ)))", flags=flags)
+        assert proc.returncode == 0, proc.stderr
+        env = json.loads(proc.stdout)
+        assert {k: v for k, v in runtime.items() if v.startswith("hive-placeholder-")} == {
+            k: v for k, v in env.items() if k in runtime and v.startswith("hive-placeholder-")}, (flags, env)
+        assert env["ANTHROPIC_API_KEY"] == placeholder and {k: env[k] for k in shown} == shown, (flags, env)
+        assert KEY not in proc.stdout + proc.stderr
+    assert hive.host_call("agent_env", name="nobody") == {"version": 1, "ok": False, "error": "no agent named 'nobody'"}

@@ -114,6 +114,12 @@ def _egress(e: dict[str, Any]) -> tuple[str, str]:
     return who, f"{x.get('host')}:{x.get('port')} {verdict}{why}{moved}"
 
 
+def _secret(e: dict[str, Any]) -> tuple[str, str]:
+    agents = e.get("agents")
+    whom = f" ({', '.join(map(str, agents))})" if agents else ""
+    return "", f"secret {e.get('secret')} {e.get('change')}{whom}"
+
+
 SUMMARIES: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "message": _message,
     "question": _question,
@@ -123,6 +129,7 @@ SUMMARIES: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "reminder": _reminder,
     "transcript": _transcript,
     "egress": _egress,
+    "secret": _secret,
 }
 
 

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import click
 from pydantic import ValidationError
 
-from hyperhive.client import priv_call
+from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.display import dumps, visible
 from hyperhive.wire import priv as wp
 from hyperhive.wire.framing import describe_validation_error
@@ -33,7 +33,8 @@ from hyperhive.wire.framing import describe_validation_error
 EPILOG = """\b
 By default the command runs clean: env -i with the hive's base environment, HOME a
 fresh empty directory (/home/exec, private to this exec), cwd /, PYTHONNOUSERSITE=1
-and PYTHONSAFEPATH=1: nothing the agent planted in its home runs. --env may not set
+and PYTHONSAFEPATH=1: nothing the agent planted in its home runs. The variables of
+its secret bindings hold their placeholders, as in the agent's turns. --env may not set
 HOME, PYTHON{PATH,HOME,STARTUP,USERBASE,NOUSERSITE,SAFEPATH}, BASH_ENV, ENV or
 LD_{PRELOAD,LIBRARY_PATH,AUDIT} without --trust-home; any other value you pass is
 yours to judge (a PATH entry in /home/agent or /tmp runs the agent's code).
@@ -55,6 +56,20 @@ Stdin is still ours. A refusal is {"version": 1, "ok": false, "error": "..."}, e
 otherwise the exit status is the command's.
 """
 CAPTURE_MAX = 16 << 20  # bytes of each output --json keeps (the counts go on past it)
+
+
+def _runtime_env(host_sock: Path, name: str) -> dict[str, str]:
+    """The agent's runtime's variables beyond the base environment (its secret bindings'
+    placeholders), from hive-core, so the command sees what the agent's turns see. Without
+    them if hive-core can't say: then hive-priv's own refusal follows (not root, the hive
+    not running, no such agent), and nothing else is said."""
+    try:
+        with Client(host_sock, timeout=10) as c:
+            reply = c.call("agent_env", name=name)
+    except (HiveUnavailable, OSError, ValueError):
+        return {}
+    env = reply.get("env") if reply.get("ok") else None
+    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True}, epilog=EPILOG)
@@ -117,7 +132,7 @@ def exec_cmd(
             sys.exit(1)
         raise click.ClickException(visible(message, one_line=True))
 
-    environment = {}
+    environment = _runtime_env(ctx.obj["run_dir"] / "host.sock", name)
     for item in env:
         key, sep, value = item.partition("=")
         if not sep:

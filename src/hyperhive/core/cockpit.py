@@ -21,7 +21,7 @@ AGENTS_PER_PAGE = 50  # the agents table's page (server-side, any number of agen
 INBOX_SHOWN = 20  # the operator's inbox: the newest messages
 NO_RULES_NAMED = 100  # agents named on the egress table's one "no rules" line, at most
 STATES = ("running", "paused", "stopped", "failed", "needs-login")
-SECTIONS = ("attention", "agents", "inbox", "messages", "rules", "log")
+SECTIONS = ("attention", "agents", "inbox", "messages", "rules", "secrets", "log")
 
 # Which sections each event kind changes (the stream re-renders those).
 TOUCHES: dict[str, frozenset[str]] = {
@@ -34,6 +34,7 @@ TOUCHES: dict[str, frozenset[str]] = {
     "egress": frozenset({"rules", "log"}),
     # Another swarm host's questions or approvals changed (swarm/operator.py).
     "swarm": frozenset({"attention"}),
+    "secret": frozenset({"secrets"}),
 }
 
 
@@ -196,4 +197,6 @@ def said(verb: str, **what: Any) -> str:
         "egress_allow": f"{name} may now reach {what.get('rule', '')}",
         "egress_remove": f"{name} may no longer reach {what.get('rule', '')}",
         "inbox_read": "marked the inbox read",
+        "secret_bind": f"secret {name} bound for {what.get('agents', '')} to {what.get('to', '')}",
+        "secret_unbind": f"secret {name} unbound from {what.get('agents') or 'every agent'}",
     }.get(verb, "done")

@@ -604,14 +604,24 @@ class Hive:
     def harness_config(self, actor: Agent) -> dict[str, Any]:
         row = self.require_agent(actor.name)
         spec = self.spec(actor.name).model_dump(mode="json")
-        # The placeholders of this agent's bindings (never a secret): the runtime's env.
-        env = {
+        env = self._runtime_env(actor.name)
+        return {"name": actor.name, "spec": spec, "paused": bool(row.paused), "env": env}
+
+    def _runtime_env(self, name: str) -> dict[str, str]:
+        """The placeholders of agent ``name``'s bindings (never a secret), by variable:
+        its runtime's env beyond the cage's base one (the harness reads it at start)."""
+        return {
             b.env: b.placeholder
             for bs in self._bindings.values()
             for b in bs
-            if b.agent == actor.name and b.env
+            if b.agent == name and b.env
         }
-        return {"name": actor.name, "spec": spec, "paused": bool(row.paused), "env": env}
+
+    def agent_env(self, actor: Operator, name: str) -> dict[str, str]:
+        """What ``hive exec`` adds to the base environment, so a command run by the
+        operator in the cage sees what the agent's runtime sees."""
+        self.require_agent(name)
+        return self._runtime_env(name)
 
     async def turn_next(self, actor: Agent, conn: int, wait: float) -> Message | None:
         """The next message for a turn; while the agent is paused, none (messages
@@ -811,12 +821,22 @@ class Hive:
         except SecretError as e:
             raise BadRequest(str(e)) from None
         log.info("secret %s %s (value not logged)", name, "set" if new else "replaced")
+        self._secret_changed(name, "set" if new else "replaced")
         return new
+
+    def _secret_changed(self, name: str, change: str, agents: list[str] | None = None) -> None:
+        """An event for the operator's surfaces: the secret's name and what changed, never
+        its value. No top-level ``name``: a lossy feed would take it for an agent's."""
+        event: dict[str, Any] = {"secret": name, "change": change}
+        if agents:
+            event["agents"] = agents
+        self.bus.publish("secret", event)
 
     def secret_rm(self, actor: Operator, name: str) -> None:
         if not self.secrets.remove(name):
             raise NotFound(f"no secret named {name!r}")
         log.info("secret %s removed", name)
+        self._secret_changed(name, "removed")
 
     def secret_ls(self, actor: Operator) -> list[dict[str, Any]]:
         """Names, when set, and bindings; never a value."""
@@ -862,6 +882,7 @@ class Hive:
         self.store.bindings.bind(name, agents, host, port, header, env, "operator", placeholder)
         self.reload_bindings()
         log.info("secret %s bound for %s to %s:%d", name, ", ".join(agents), host, port)
+        self._secret_changed(name, f"bound to {host}:{port}", agents)
         return f"{host}:{port}"
 
     def secret_unbind(self, actor: Operator, name: str, agents: list[str]) -> int:
@@ -869,6 +890,7 @@ class Hive:
         self.reload_bindings()
         if n == 0:
             raise NotFound(f"no binding of secret {name!r} for those agents")
+        self._secret_changed(name, "unbound", agents)
         return n
 
     def egress_rules(self, actor: Operator, name: str | None) -> dict[str, list[EgressRule]]:

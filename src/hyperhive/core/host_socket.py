@@ -234,6 +234,10 @@ async def secret_bind(s: OperatorSession, req: w.SecretBind) -> Reply:
     return ok(name=req.name, agents=list(req.agents), to=to)
 
 
+async def agent_env(s: OperatorSession, req: w.AgentEnv) -> Reply:
+    return ok(name=req.name, env=s.hive.agent_env(s.actor, req.name))
+
+
 async def secret_unbind(s: OperatorSession, req: w.SecretUnbind) -> Reply:
     return ok(name=req.name, removed=s.hive.secret_unbind(s.actor, req.name, list(req.agents)))
 
@@ -331,6 +335,7 @@ HOST_VERBS: dict[type, Verb] = {
     w.SecretRm: secret_rm,
     w.SecretBind: secret_bind,
     w.SecretUnbind: secret_unbind,
+    w.AgentEnv: agent_env,
     w.ShowApproval: show_approval,
     w.ShowQuestion: show_question,
     w.ShowMessage: show_message,

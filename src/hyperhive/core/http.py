@@ -246,9 +246,12 @@ REFUSED: Responses = {
     503: _refused("hive-priv is unavailable; the agent's cage could not be started or stopped."),
 }
 # The gateway's, before the core sees the request: a path parameter with %-escapes (any
-# character outside RFC 3986's path characters) is not a path the hive builds.
+# character outside RFC 3986's path characters) is not a path the hive builds; a request
+# line over nginx's large_client_header_buffers (8 KiB), longer than any the dashboard or
+# CLI sends, never reaches the core.
 BAD_PATH: Responses = {
-    400: _refused("A path with %-escapes, // or dot segments (refused by the gateway).")
+    400: _refused("A path with %-escapes, // or dot segments (refused by the gateway)."),
+    414: {"description": "A request line over 8 KiB (refused by the gateway)."},
 }
 GET_RESPONSES: dict[int | str, dict[str, Any]] = {**BAD_PATH, **NOT_LOGGED_IN, **REFUSED}
 POST_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -583,6 +586,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             ctx["no_rules"], ctx["no_rules_more"] = cockpit.no_rules(
                 [n for n in names if not rules.get(n)]
             )
+        if "secrets" in wanted:
+            ctx["secrets"] = hive.secret_ls(OPERATOR)  # names and bindings, never a value
         if "log" in wanted:
             ctx["egress_log"] = hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items
         return ctx
@@ -949,6 +954,41 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         once after."""
         reply = await operator({"cmd": "egress_remove", "name": name, "rule": rule})
         return done(request, reply, cockpit.said("egress_remove", name=name, rule=rule))
+
+    @app.post("/api/secrets/{name}/bind", responses=POST_RESPONSES)
+    async def secret_bind(
+        request: Request,
+        name: str,
+        agents: Annotated[str, Form(max_length=65536)],
+        to: Annotated[str, Form(max_length=300)],
+        header: Annotated[str, Form(max_length=200)],
+        session: Annotated[Session, Depends(require_post)],
+        secret: Annotated[str | None, Form(max_length=64)] = None,
+        env: Annotated[str | None, Form(max_length=64)] = None,
+    ) -> Response:
+        """Bind secret NAME for AGENTS (names, split at commas or spaces) to TO (``HOST:PORT``)
+        and HEADER (``x-api-key: {}``), the placeholder in ENV; host.sock's ``secret_bind``,
+        as ``hive secret bind``. NAME ``_`` takes the form's ``secret`` field. No value is
+        ever taken here: a secret is set only from the command line (stdin or a file)."""
+        name = secret if name == "_" and secret else name
+        names = [a for a in re.split(r"[\s,]+", agents) if a]
+        cmd = {"cmd": "secret_bind", "name": name, "agents": names, "to": to, "header": header}
+        reply = await operator({**cmd, **({"env": env} if env else {})})
+        words = cockpit.said("secret_bind", name=name, agents=", ".join(names), to=reply.get("to"))
+        return done(request, reply, words)
+
+    @app.post("/api/secrets/{name}/unbind", responses=POST_RESPONSES)
+    async def secret_unbind(
+        request: Request,
+        name: str,
+        session: Annotated[Session, Depends(require_post)],
+        agent: Annotated[str | None, Form(max_length=64)] = None,
+    ) -> Response:
+        """Remove secret NAME's binding for AGENT (every binding of it without one); the
+        proxy stops using it at once. host.sock's ``secret_unbind``, as ``hive secret unbind``."""
+        agents = [agent] if agent else []
+        reply = await operator({"cmd": "secret_unbind", "name": name, "agents": agents})
+        return done(request, reply, cockpit.said("secret_unbind", name=name, agents=agent))
 
     @app.post("/api/agents/{name}/send", responses=POST_RESPONSES)
     async def send(

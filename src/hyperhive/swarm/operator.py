@@ -144,6 +144,7 @@ class OperatorRelay:
         self.seen = OpsSeen(self.hive.store.db)
         self.rows: dict[str, dict[tuple[str, int], dict[str, Any]]] = {k: {} for k in KINDS}
         self._published: dict[str, str] = {}  # this host's keys -> their values
+        self._missing_said_at = -1e9  # when "no stream HIVE_OPS yet" was last logged
         self._waiting: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
         self._results: dict[str, float] = {}  # this host's result keys -> when seen
         self.applied = 0  # actions carried out here (what the hive made of them: outcome)
@@ -317,11 +318,16 @@ class OperatorRelay:
         except nats.js.errors.NotFoundError:
             # A swarm set up before the operator's actions: the admin has to run
             # ensure_streams again (and the nodes need the new permissions). Until then
-            # nothing is carried here; look again now and then, quietly.
-            log.warning(
-                "swarm: no stream %s or consumer %s yet", s.OPS_STREAM, s.ops_consumer(self.host)
-            )
-            await asyncio.sleep(30)
+            # nothing is carried here; look again every second (the admin may be making
+            # them right now, as a new swarm starts), saying so every 30 s.
+            if time.monotonic() - self._missing_said_at > 30:
+                self._missing_said_at = time.monotonic()
+                log.warning(
+                    "swarm: no stream %s or consumer %s yet",
+                    s.OPS_STREAM,
+                    s.ops_consumer(self.host),
+                )
+            await asyncio.sleep(1)
             return
         sub = await js.pull_subscribe_bind(
             durable=s.ops_consumer(self.host), stream=s.OPS_STREAM, inbox_prefix=prefix

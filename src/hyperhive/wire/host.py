@@ -17,7 +17,15 @@ HostName = Annotated[str, Field(pattern=NAME_RE.pattern)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 EventKind = Literal[
-    "message", "question", "answer", "approval", "agent_status", "reminder", "transcript", "egress"
+    "message",
+    "question",
+    "answer",
+    "approval",
+    "agent_status",
+    "reminder",
+    "transcript",
+    "egress",
+    "secret",
 ]
 EVENT_KINDS: tuple[EventKind, ...] = get_args(EventKind)
 
@@ -259,6 +267,14 @@ class SecretRm(Strict):
     name: SecretName
 
 
+class AgentEnv(Strict):
+    """The variables agent ``name``'s runtime gets beyond the cage's base environment:
+    its secret bindings' placeholders (never a secret). ``hive exec`` sets them too."""
+
+    cmd: Literal["agent_env"]
+    name: AgentName
+
+
 class SecretBind(Strict):
     """Bind secret ``name`` for ``agents`` to one destination and header."""
 
@@ -333,6 +349,7 @@ HostRequest = Annotated[
     | SecretRm
     | SecretBind
     | SecretUnbind
+    | AgentEnv
     | ShowApproval
     | ShowQuestion
     | ShowMessage,
