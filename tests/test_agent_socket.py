@@ -226,6 +226,28 @@ def test_pipelined_sends_keep_their_order_and_replies(core: CoreProcess) -> None
     assert [m["body"] for m in got] == want and [m["id"] for m in got] == ids
 
 
+def test_recv_acks_what_the_last_recv_returned(core: CoreProcess) -> None:
+    """``recv {ack}``: a receiver's round in one request. Acked first, then read; a
+    refused ack acks nothing and reads nothing; a hang-up returns only what is unacked."""
+    alice = core.agent("alice")
+    ids = [assert_ok(alice.call("send", to="bob", body=f"m{i}"))["id"] for i in range(3)]
+    bob = core.agent("bob")
+    reply = assert_ok(bob.call("recv", max=2))
+    assert [m["id"] for m in reply["messages"]] == ids[:2] and "acked" not in reply
+    # one id not in bob's inbox: refused whole, so m0 stays unacked and m2 unread
+    assert_refused(bob.call("recv", ack=[ids[0], 999999]), "no message 999999 in this inbox")
+    reply = assert_ok(bob.call("recv", ack=ids[:2]))
+    assert reply["acked"] == 2 and [m["id"] for m in reply["messages"]] == [ids[2]]
+    bob.close()  # m2, unacked, goes back to the inbox; m0 and m1 don't
+    with core.agent("bob") as again:
+        reply = assert_ok(again.call("recv", wait=5, ack=ids[:2]))  # acked again: counts 0
+        assert reply["acked"] == 0 and [m["id"] for m in reply["messages"]] == [ids[2]]
+        assert_refused(again.call("recv", ack=["1"]), "field 'ack.0': Input should be a valid integer")
+        assert_refused(again.call("recv", ack=[0]), "field 'ack.0'")
+        assert assert_ok(again.call("recv", ack=[ids[2]]))["acked"] == 1
+    assert inbox_is_empty(core, "bob")
+
+
 # -- ask / answer ---------------------------------------------------------------------
 
 

@@ -89,12 +89,15 @@ async def send(s: AgentSession, req: w.Send) -> Reply:
 
 
 async def recv(s: AgentSession, req: w.Recv) -> Reply:
+    # ``ack``: the messages the last recv returned, acked (committed) before this one reads,
+    # so a receiver's round is one request, not two. Refused: nothing acked, nothing read.
+    acked = {} if req.ack is None else {"acked": await s.hive.ack(s.actor, req.ack)}
     page = await s.hive.recv(s.actor, s.conn, req.wait, req.max)
-    return ok(messages=[_msg(m) for m in page.items], **more(page))
+    return ok(messages=[_msg(m) for m in page.items], **more(page), **acked)
 
 
 async def ack(s: AgentSession, req: w.Ack) -> Reply:
-    return ok(acked=s.hive.ack(s.actor, req.ids))
+    return ok(acked=await s.hive.ack(s.actor, req.ids))
 
 
 async def ask(s: AgentSession, req: w.Ask) -> Reply:

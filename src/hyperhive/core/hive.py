@@ -26,6 +26,7 @@ from hyperhive.core.actors import Actor, Agent, Operator
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.egress_tls import Injection, Plan
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
+from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import (
@@ -50,6 +51,8 @@ from hyperhive.core.store import (
     Unreadable,
 )
 from hyperhive.core.store.links import LinkUsed
+from hyperhive.core.store.messages import ack_in, send_in
+from hyperhive.core.store.usage import Usage
 from hyperhive.core.summary import PAGE, Listing
 from hyperhive.core.tls import HiveCA, upstream_context
 from hyperhive.names import OPERATOR
@@ -100,7 +103,8 @@ class Hive:
         self.wakeups = InboxWakeups()
         # message id -> connection id holding it unacked; released when that connection ends
         self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
-        self._send_batch: list[tuple[tuple[str, str, str, str], asyncio.Future[Message]]] = []
+        # Sends and acks of one turn of the loop share one commit (core/groupcommit.py).
+        self.commits = GroupCommit(store.db)
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
@@ -109,6 +113,8 @@ class Hive:
         store.history_keep = config.limits.history_keep
         # Sends queued for the next group commit, per sender: (rows, bytes) not yet in agent_usage.
         self._queued: dict[str, tuple[int, int]] = {}
+        self._usage: dict[str, Usage] = {}  # agent_usage rows read since commit _usage_at
+        self._usage_at = -1
         # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
         self._egress_open: dict[
@@ -250,7 +256,7 @@ class Hive:
         if agent == OPERATOR:
             return  # the operator's own messages are not an agent's to bound
         limits = self.config.limits
-        held_rows, held_bytes, op_rows, op_bytes = self.store.usage.of(agent)
+        held_rows, held_bytes, op_rows, op_bytes = self._usage_of(agent)
         q_rows, q_bytes = self._queued.get(agent, (0, 0))
         held_rows, held_bytes = held_rows + q_rows, held_bytes + q_bytes
         if to_operator:
@@ -265,6 +271,18 @@ class Hive:
                 f"storage quota: agent {agent} holds {held_bytes / (1 << 20):.1f} MiB of"
                 f" undelivered messages, limit {limits.agent_store_mib} MiB"
             )
+
+    def _usage_of(self, agent: str) -> Usage:
+        """``store.usage.of(agent)``, read once per commit: pipelined sends check their
+        quota one after another with no commit between them (their rows are counted in
+        ``_queued`` until theirs), so one read serves them all."""
+        if self._usage_at != self.store.db.commits:
+            self._usage_at = self.store.db.commits
+            self._usage.clear()
+        usage = self._usage.get(agent)
+        if usage is None:
+            usage = self._usage[agent] = self.store.usage.of(agent)
+        return usage
 
     def store_quota(self) -> tuple[int, int]:
         return self.config.limits.agent_pending_max, self.config.limits.agent_store_mib << 20
@@ -339,32 +357,15 @@ class Hive:
         self.check_store_quota(sender, 1, nbytes, to_operator=to == OPERATOR)
         rows, held = self._queued.get(sender, (0, 0))
         self._queued[sender] = (rows + 1, held + nbytes)  # counted until the commit
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Message] = loop.create_future()
-        self._send_batch.append(((to, sender, "message", body), fut))
-        if len(self._send_batch) == 1:
-            loop.call_soon(self._flush_sends)
-        return await fut
+        item = (to, sender, "message", body)
+        quota = self.store_quota()
 
-    def _flush_sends(self) -> None:
-        batch, self._send_batch = self._send_batch, []
-        for (_, sender, _, body), _ in batch:
+        def taken() -> None:  # in agent_usage from the commit on (or refused)
             rows, held = self._queued.pop(sender, (0, 0))
             if rows > 1:
-                self._queued[sender] = (rows - 1, held - len(body.encode()))
-        try:
-            msgs = self.store.messages.send_many(
-                [item for item, _ in batch], quota=self.store_quota()
-            )
-        except Exception as e:  # every send in the batch is refused alike
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(e)
-            return
-        for (_, fut), msg in zip(batch, msgs, strict=True):
-            self.delivered(msg)
-            if not fut.done():
-                fut.set_result(msg)
+                self._queued[sender] = (rows - 1, held - nbytes)
+
+        return await self.commits.submit(lambda tx: send_in(tx, item, quota), self.delivered, taken)
 
     def _reply_budget(self) -> ReplyBudget:
         """A fresh byte budget for one reply (``[limits] reply_bytes``, core/replies.py)."""
@@ -386,12 +387,17 @@ class Hive:
                 return page
             await self.wakeups.wait(actor.name, deadline - loop.time())
 
-    def ack(self, actor: Agent, ids: list[int]) -> int:
-        n = self.store.messages.ack(actor.name, ids)
-        in_flight = self._in_flight[actor.name]
-        for i in ids:
-            in_flight.pop(i, None)
-        return n
+    async def ack(self, actor: Agent, ids: list[int]) -> int:
+        """Ack messages to the caller (committed with this turn's other sends and acks);
+        how many were not acked before. One not in its inbox: refused, nothing acked."""
+        name = actor.name
+
+        def done(_: int) -> None:
+            in_flight = self._in_flight[name]
+            for i in ids:
+                in_flight.pop(i, None)
+
+        return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""

@@ -99,6 +99,8 @@ def _decode(raw: bytes) -> dict[str, Any]:
     ``str`` takes but a free-form one (an approval's payload) would, and which
     can't be encoded, hashed or stored later (it was an internal error)."""
     obj = parse_line(raw)
+    if b"\\u" not in raw:  # a surrogate can only come from a \u escape (UTF-8 has none)
+        return obj
     stack: list[Any] = [obj]
     while stack:
         item = stack.pop()
@@ -203,7 +205,10 @@ async def _serve_lines(
                     objs, carried, overflow = await _take_pipelined(
                         reader, decoded, pace, pipelined
                     )
-                    replies = await asyncio.gather(*(_reply(handle, o) for o in objs))
+                    if len(objs) == 1:  # one alone: no task to start for it
+                        replies = [await _reply(handle, objs[0])]
+                    else:
+                        replies = await asyncio.gather(*(_reply(handle, o) for o in objs))
                     writer.write(b"".join(map(dump_line, replies)))  # one write for them all
                     await writer.drain()
                     if overflow:

@@ -39,6 +39,8 @@ class Recv(Strict):
     cmd: Literal["recv"]
     wait: Annotated[float, Field(ge=0, le=3600)] = 0
     max: Annotated[int, Field(ge=1, le=1000)] = 100
+    # Acked first, as ``ack {ids}`` would (docs/protocol.md): one request a round.
+    ack: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, max_length=10_000)
 
 
 class Ack(Strict):

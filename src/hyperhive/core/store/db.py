@@ -67,6 +67,8 @@ class Database:
         self.conn.execute("PRAGMA busy_timeout=5000")
         # Checkpoints run from a thread (see checkpoint()), not inside a request.
         self.conn.execute("PRAGMA wal_autocheckpoint=0")
+        # Counts commits: what was read since the last one still holds (a cache's key).
+        self.commits = 0
         self.migrate()
 
     def close(self) -> None:
@@ -92,18 +94,22 @@ class Database:
         except sqlite3.OperationalError as e:
             raise StoreError(f"storage error: {e}") from None
         try:
-            yield Tx(conn)
-        except sqlite3.Error as e:
-            self._rollback()
-            raise StoreError(f"storage error: {e}") from None
-        except BaseException:
-            self._rollback()
-            raise
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            self._rollback()
-            raise StoreError(f"storage error: {e}") from None
+            try:
+                yield Tx(conn)
+            except sqlite3.Error as e:
+                self._rollback()
+                raise StoreError(f"storage error: {e}") from None
+            except BaseException:
+                self._rollback()
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as e:
+                self._rollback()
+                raise StoreError(f"storage error: {e}") from None
+        finally:
+            # Committed or rolled back: a read made inside or before it may be stale now.
+            self.commits += 1
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:  # SQLite may already have rolled back (e.g. SQLITE_FULL)

@@ -103,6 +103,41 @@ def insert_message(
     )
 
 
+def send_in(
+    tx: Tx, item: tuple[str, str, str, str], quota: tuple[int, int] | None = None
+) -> Message:
+    """One (recipient, sender, kind, body) in the caller's transaction. With ``quota``
+    (rows, bytes one sender may hold), a message to the operator first drops the sender's
+    oldest messages to the operator until it fits."""
+    if quota is not None and item[0] == "operator":
+        make_room(tx, item[1], len(item[3].encode()), quota)
+    return insert_message(tx, *item)
+
+
+def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
+    """Ack ``ids`` in the caller's transaction, all of which must be messages to
+    ``recipient`` (NotFound before anything is written, if one is not); how many were new."""
+    unique = sorted(set(ids))
+    found: dict[int, float | None] = (
+        dict(
+            tx.execute(
+                "SELECT id, acked_at FROM messages WHERE recipient=? AND id IN"
+                f" ({','.join('?' * len(unique))})",
+                (recipient, *unique),
+            ).fetchall()
+        )
+        if unique
+        else {}
+    )
+    missing = [i for i in unique if i not in found]
+    if missing:
+        raise NotFound(f"no message {missing[0]} in this inbox")
+    fresh = [i for i in unique if found[i] is None]
+    now = time.time()
+    tx.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
+    return len(fresh)
+
+
 class MessageRepo:
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -117,49 +152,32 @@ class MessageRepo:
         self, batch: Iterable[tuple[str, str, str, str]], quota: tuple[int, int] | None = None
     ) -> list[Message]:
         """(recipient, sender, kind, body) each, in order, in one transaction (group commit).
-        With ``quota`` (rows, bytes one sender may hold), a message to the operator first
-        drops the sender's oldest messages to the operator until it fits."""
+        With ``quota``, see ``send_in``."""
         with self._db.tx() as tx:
-            out = []
-            for item in batch:
-                if quota is not None and item[0] == "operator":
-                    make_room(tx, item[1], len(item[3].encode()), quota)
-                out.append(insert_message(tx, *item))
-            return out
+            return [send_in(tx, item, quota) for item in batch]
 
     def unacked(self, recipient: str, limit: int, skip: set[int]) -> Iterator[Message]:
         """Unacked messages to ``recipient`` not in ``skip``, oldest first, at most ``limit``,
         read one row at a time: the caller stops when its reply is full (core/replies.py).
         ``skip`` is left out by the query, so the rows held elsewhere are never read."""
-        rows = self._db.rows(
-            f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
-            " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
-            (recipient, json.dumps(sorted(skip)), limit),
-        )
+        if not skip:  # the usual case (a receiver that acks as it goes): no json_each to scan
+            rows = self._db.rows(
+                f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
+                " ORDER BY id LIMIT ?",
+                (recipient, limit),
+            )
+        else:
+            rows = self._db.rows(
+                f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
+                " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
+                (recipient, json.dumps(sorted(skip)), limit),
+            )
         return (_for_recipient(r) for r in rows)
 
     def ack(self, recipient: str, ids: list[int]) -> int:
         """Ack ``ids``, all of which must be messages to ``recipient``; how many were new."""
-        unique = sorted(set(ids))
         with self._db.tx() as tx:
-            found: dict[int, float | None] = (
-                dict(
-                    tx.execute(
-                        "SELECT id, acked_at FROM messages WHERE recipient=? AND id IN"
-                        f" ({','.join('?' * len(unique))})",
-                        (recipient, *unique),
-                    ).fetchall()
-                )
-                if unique
-                else {}
-            )
-            missing = [i for i in unique if i not in found]
-            if missing:
-                raise NotFound(f"no message {missing[0]} in this inbox")
-            fresh = [i for i in unique if found[i] is None]
-            now = time.time()
-            tx.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
-        return len(fresh)
+            return ack_in(tx, recipient, ids)
 
     def recent(self, limit: int) -> list[Message | Unreadable]:
         """The newest ``limit`` messages of the hive, oldest first."""

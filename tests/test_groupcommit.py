@@ -1,0 +1,88 @@
+"""Group commit (core/groupcommit.py) on a real store: the writes of one loop turn share a
+transaction; a refusal refuses its own write alone, any other error refuses them all and
+stores none; each caller resumes only once its write is committed."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hyperhive.core.groupcommit import GroupCommit
+from hyperhive.core.refusals import NotFound
+from hyperhive.core.store import Store, StoreError
+from hyperhive.core.store.db import Tx
+from hyperhive.core.store.messages import ack_in, send_in
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    s = Store(tmp_path / "hive.db")
+    yield s
+    s.close()
+
+
+def count(db_path: Path) -> int:
+    """Messages committed, as another connection sees them (what a crash would leave)."""
+    with sqlite3.connect(db_path) as other:
+        return int(other.execute("SELECT count(*) FROM messages").fetchone()[0])
+
+
+def test_one_turn_is_one_commit_and_a_refusal_is_its_own(store: Store, tmp_path: Path) -> None:
+    seen: list[Any] = []
+
+    async def turn() -> list[Any]:
+        gc = GroupCommit(store.db)
+        before = store.db.commits
+        futs = [
+            gc.submit(lambda tx: send_in(tx, ("bob", "alice", "message", "one")), seen.append),
+            gc.submit(lambda tx: ack_in(tx, "bob", [424242])),  # not in bob's inbox
+            gc.submit(lambda tx: send_in(tx, ("bob", "alice", "message", "two")), seen.append),
+        ]
+        assert count(tmp_path / "hive.db") == 0  # queued, not yet committed
+        out = await asyncio.gather(*futs, return_exceptions=True)
+        assert store.db.commits == before + 1  # the three shared one transaction
+        return out
+
+    one, refused, two = asyncio.run(turn())
+    assert isinstance(refused, NotFound) and str(refused) == "no message 424242 in this inbox"
+    assert (one.body, two.body) == ("one", "two") and two.id == one.id + 1
+    assert seen == [one, two]  # `done` ran for each committed write, in order
+    assert count(tmp_path / "hive.db") == 2
+
+
+def test_an_error_refuses_the_whole_batch_and_stores_nothing(store: Store, tmp_path: Path) -> None:
+    def broken(tx: Tx) -> None:
+        tx.execute("INSERT INTO no_such_table VALUES (1)")
+
+    async def turn() -> list[Any]:
+        gc = GroupCommit(store.db)
+        futs = [
+            gc.submit(lambda tx: send_in(tx, ("bob", "alice", "message", "lost"))),
+            gc.submit(broken),
+        ]
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    results = asyncio.run(turn())
+    assert all(isinstance(r, StoreError) and "no such table" in str(r) for r in results), results
+    assert count(tmp_path / "hive.db") == 0
+
+
+def test_a_cancelled_caller_write_still_commits(store: Store, tmp_path: Path) -> None:
+    """A sender that hangs up after its send was queued: the message is stored and its
+    recipient told (``done``) all the same."""
+    delivered: list[Any] = []
+
+    async def turn() -> None:
+        gc = GroupCommit(store.db)
+        fut = gc.submit(lambda tx: send_in(tx, ("bob", "alice", "message", "m")), delivered.append)
+        fut.cancel()
+        await asyncio.sleep(0)  # the flush runs
+        await asyncio.sleep(0)
+
+    asyncio.run(turn())
+    assert [m.body for m in delivered] == ["m"] and count(tmp_path / "hive.db") == 1
