@@ -33,9 +33,8 @@ from hyperhive.names import NAME_RE
 from hyperhive.swarm import asks
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
-from hyperhive.swarm.groupq import GroupQueue
 from hyperhive.swarm.operator import OperatorRelay
-from hyperhive.swarm.outbox import Outgoing, SwarmStore
+from hyperhive.swarm.outbox import Outgoing, SwarmStore, queue_tx
 from hyperhive.swarm.settings import SwarmSection
 from hyperhive.wire.common import SHORT_TEXT_CHARS, Message, Question
 
@@ -93,7 +92,6 @@ class Bridge:
         self.settings = settings
         self.host = settings.host
         self.store = SwarmStore(hive.store.db)
-        self._outq = GroupQueue(self.store)
         self.nc: NATS | None = None
         self.kv: KeyValue | None = None
         self.names: dict[str, str] = {}  # agent -> host, every host's (the roster cache)
@@ -127,7 +125,11 @@ class Bridge:
         host = await self.locate(to)
         if host is None:
             raise NotFound(f"no agent named {to!r}")
-        row = await self._outq.put(host, sender, to, body)
+        # Cross-host sends of one loop turn share the core's group commit (core/
+        # groupcommit.py) with local sends and acks: one transaction, each reply after it.
+        row = await self.hive.commits.submit(
+            lambda tx: queue_tx(tx, host, sender, to, "message", body)
+        )
         self._wake.set()
         # Built unchecked: every field is ours (pydantic's checks cost as much as the commit).
         now = time.time()
