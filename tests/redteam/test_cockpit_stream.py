@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from hive_fixture import HiveProcess
+from hyperhive.core import cockpit
 from web_fixture import Web
 
 AGENT = "rtmule"
@@ -58,7 +59,8 @@ def test_live_sections_escape_agent_markup_and_carry_no_token(rt: HiveProcess) -
             assert raw not in data, f"agent markup reached the stream raw: {raw!r}"
         shown = html.unescape(data)
         assert '<img src=x onerror="alert(1)">' in shown  # as text, in the agent's row and the inbox
-        assert data.count('hx-swap-oob="morph"') == 6, data.count('hx-swap-oob="morph"')
+        # Every section once, each a morph of its own id (none of the agent's).
+        assert data.count('hx-swap-oob="morph"') == len(cockpit.SECTIONS), data.count('hx-swap-oob="morph"')
     whole = web.get(f"/cockpit/messages/{sent['id']}", login=login)
     assert whole.status_code == 200 and "<img" not in whole.text and "&lt;img" in whole.text
 
