@@ -12,10 +12,13 @@ pure, and a race is best run many times in a second).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
 import secrets
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -28,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from helpers import assert_ok, wait_for
-from hive_fixture import probe_result
+from hive_fixture import HIVE, probe_result
 from hyperhive.core.store import Store
 from hyperhive.swarm import signing
 from hyperhive.swarm import subjects as s
@@ -396,3 +399,45 @@ def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_str
     assert set(events) <= {"event: update", "event: swarm"}, events
     assert not any(line.startswith("data: <img") for line in streamed)
     assert "&lt;script&gt;alert" in page and "&lt;script&gt;alert" in text  # shown, as text
+
+
+@pytest.mark.attack("exec.planted-code", ref="red team round 6: hive exec takes the agent's env from hive-core (agent_env)")
+def test_a_compromised_core_cannot_set_a_clean_execs_path_through_agent_env(web: Web, tmp_path: Path) -> None:
+    """hive exec (root) asks hive-core's host.sock for the agent's placeholders. A
+    compromised hive-core answers PATH=/home/agent/bin:..., GIT_SSH_COMMAND, a name with
+    a placeholder-looking value that isn't one: the clean exec must run the operator's
+    command with none of them, only a real placeholder in an ordinary variable. (The
+    core as a fake socket beside the real priv.sock, in a run directory of its own.)"""
+    good = "hive-placeholder-" + "ab" * 20
+    hostile = {"PATH": "/home/agent/bin:/usr/bin:/bin", "GIT_SSH_COMMAND": "/home/agent/x",
+               "RT6_TOKEN": good, "RT6_OTHER": good + "x", "PAGER": good}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "priv.sock").symlink_to(web.hive.priv_sock)
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(run_dir / "host.sock"))
+    server.listen(4)
+    asked: list[dict[str, Any]] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = server.accept()
+            with conn, conn.makefile("rb") as f:
+                asked.append(json.loads(f.readline()))
+                conn.sendall(json.dumps({"version": 1, "ok": True, "name": AGENT, "env": hostile}).encode() + b"\n")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        proc = subprocess.run([str(HIVE), "--run-dir", str(run_dir), "exec", AGENT, "--", "python3", "-c",
+                               "import json, os; print(json.dumps(dict(os.environ)))"],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        server.close()
+        thread.join(5)
+    assert asked == [{"cmd": "agent_env", "name": AGENT}], asked
+    assert proc.returncode == 0, proc.stderr
+    env = json.loads(proc.stdout)
+    assert env["RT6_TOKEN"] == good
+    assert "/home/agent" not in env["PATH"] and "GIT_SSH_COMMAND" not in env, env
+    assert "RT6_OTHER" not in env and "PAGER" not in env, env

@@ -60,6 +60,9 @@ RESERVED_ENV = frozenset(base_env("x")) | {
 RESERVED_ENV_PREFIXES = ("HIVE_", "LD_", "PYTHON", "LC_", "GIT_CONFIG_")
 
 SecretName = Annotated[str, Field(pattern=SECRET_NAME_PATTERN)]
+# A binding's placeholder (core/secrets.py new_placeholder): what `hive exec` takes from
+# hive-core's agent_env, and nothing else (a compromised core can't set PATH there).
+PLACEHOLDER_RE = re.compile(r"^hive-placeholder-[0-9a-f]{40}$")
 
 
 def parse_header(template: str) -> tuple[str, str]:
@@ -93,6 +96,17 @@ def parse_destination(text: str) -> tuple[str, int]:
 def _destination(value: str) -> str:
     host, port = parse_destination(value)
     return f"{host}:{port}"
+
+
+def placeholder_var(name: object, value: object) -> bool:
+    """A variable a binding may put a placeholder in, holding a placeholder."""
+    if not (isinstance(name, str) and isinstance(value, str) and PLACEHOLDER_RE.match(value)):
+        return False
+    try:
+        _env(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _env(value: str) -> str:
