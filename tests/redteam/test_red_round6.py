@@ -11,6 +11,7 @@ pure, and a race is best run many times in a second).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import json
@@ -20,7 +21,6 @@ import secrets
 import socket
 import subprocess
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -363,9 +363,15 @@ def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_str
                 "payload": {"x": INJECTED}, "payload_sha256": "0" * 64, "grants": INJECTED,
                 "allows": INJECTED, "requested_at": "2026-01-01T00:00:00Z"}
 
+    stop = threading.Event()
+
     async def write(nc: Any) -> None:
-        for key, row in ((qkey, question), (akey, approval)):
-            await nc.request(key, json.dumps(row).encode(), timeout=10)
+        # c's honest core deletes rows of its own host that it did not publish (about every
+        # second): the compromised c writes them again and again while a is looked at.
+        while not stop.is_set():
+            for key, row in ((qkey, question), (akey, approval)):
+                await nc.request(key, json.dumps(row).encode(), timeout=10)
+            await asyncio.sleep(0.05)
 
     async def take_back(nc: Any) -> None:
         for key in (qkey, akey):
@@ -374,24 +380,34 @@ def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_str
     a = swarm.cores["a"]
     token = (a.state_dir / "operator.token").read_text().strip()
     transport = httpx.HTTPTransport(uds=str(a.run_dir / "core.sock"))
+    writer = threading.Thread(target=as_host_c, args=(swarm, write), kwargs={"settle": 0}, daemon=True)
+    writer.start()
+    ids = ('id="question-c-9001"', 'id="approval-c-9002"')
     try:
         with httpx.Client(transport=transport, base_url="http://core", timeout=30) as web:
             assert web.get("/login", params={"token": token}).status_code == 303
-            streamed: list[str] = []
-            with web.stream("GET", "/api/dashboard/stream", params={"view": "html"}) as live:
-                lines = live.iter_lines()
-                assert next(lines) == "event: update"
-                assert as_host_c(swarm, write, settle=0) == []
-                deadline = time.monotonic() + 15
-                for line in lines:
-                    streamed.append(line)
-                    assert time.monotonic() < deadline, "c's rows were not drawn on a"
-                    if 'id="approval-c-9002"' in "".join(streamed) and 'id="question-c-9001"' in "".join(streamed):
-                        break
-            page = web.get("/").text
+
+            def first_event() -> str:
+                """The live stream's first event, every section drawn (the SSE framing of
+                the rows' text: sse()), as bytes decoded (a CR is a line end to SSE)."""
+                raw = b""
+                with web.stream("GET", "/api/dashboard/stream", params={"view": "html"}) as live:
+                    for chunk in live.iter_bytes():
+                        raw += chunk
+                        if b"\n\n" in raw.split(b"event: update\n", 1)[-1]:
+                            break
+                return raw.decode()
+
+            def drawn() -> tuple[str, str] | None:
+                page, text = web.get("/").text, first_event()
+                return (page, text) if all(i in page and i in text for i in ids) else None
+
+            page, text = wait_for(drawn, timeout=20)
     finally:
+        stop.set()
+        writer.join(15)
         as_host_c(swarm, take_back, settle=0)
-    text = "\n".join(streamed)
+    streamed = text.split("\n")
     for shown in (text, page):
         assert "<script>alert" not in shown and "<img src=x" not in shown and '"><b>x' not in shown
         assert "\r" not in shown and "\u202e" not in shown
