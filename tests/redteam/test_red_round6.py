@@ -457,3 +457,47 @@ def test_a_compromised_core_cannot_set_a_clean_execs_path_through_agent_env(web:
     assert env["RT6_TOKEN"] == good
     assert "/home/agent" not in env["PATH"] and "GIT_SSH_COMMAND" not in env, env
     assert "RT6_OTHER" not in env and "PAGER" not in env, env
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 6: a hostile host stalling another host's inbox")
+def test_a_hostile_host_cannot_stall_another_hosts_inbox(swarm: Swarm) -> None:
+    """Host c fills its own subject to b with poison: bundles nested past the decoder,
+    1,024 messages each from a different name no one claimed (each one a look in the
+    bucket), messages and questions to the operator and to no one. Each is dropped once
+    (acked, not redelivered forever), a's message to bob arrives meanwhile (a consumer per
+    sending host), and c's own next honest message to bob arrives after them all."""
+    unknown = [{"id": f"r6u-{i}-{secrets.token_hex(4)}", "from": f"nobody{i}", "to": "bob", "kind": "message",
+                "body": "x", "sent_at": 0} for i in range(1024)]
+    odd = [{"id": "r6o-" + secrets.token_hex(6), "from": "carol", "to": to, "kind": kind, "body": "to whom?",
+            "sent_at": 0, **({"qid": 7} if kind == "question" else {})}
+           for to in ("operator", "nobody") for kind in ("message", "question")]
+
+    body_a, body_c = "r6: a, meanwhile " + secrets.token_hex(4), "r6: c, after " + secrets.token_hex(4)
+    after = [{"id": "r6c-" + secrets.token_hex(6), "from": "carol", "to": "bob", "kind": "message",
+              "body": body_c, "sent_at": 0}]  # c's own agent: the receiver's roster check passes
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream()
+        for data in (b"[" * 100_000 + b"]" * 100_000, json.dumps(unknown).encode(), json.dumps(odd).encode(),
+                     json.dumps(after).encode()):
+            await js.publish(s.msg_subject("b", "c"), data, timeout=10)
+
+    dropped = swarm.status("b")["dropped"]
+    assert as_host_c(swarm, attack, settle=0) == []
+    assert_ok(swarm.cores["a"].agent_call("alice", "send", to="bob", body=body_a))
+    got: list[dict[str, Any]] = []
+
+    def both() -> bool:
+        got.extend(assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
+        return {body_a, body_c} <= {m["body"] for m in got}
+
+    try:
+        wait_for(both, timeout=20)
+    finally:
+        if got:
+            assert_ok(swarm.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
+    assert [m for m in got if m["body"] in ("x", "to whom?")] == []
+    assert swarm.status("b")["dropped"] >= dropped + 1 + len(unknown)
+    questions = assert_ok(swarm.cores["b"].host_call("questions"))["questions"]
+    assert all(q["question"] != "to whom?" for q in questions), questions
