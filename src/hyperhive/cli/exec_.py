@@ -29,6 +29,7 @@ from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.display import dumps, visible
 from hyperhive.wire import priv as wp
 from hyperhive.wire.framing import describe_validation_error
+from hyperhive.wire.secrets import placeholder_var
 
 EPILOG = """\b
 By default the command runs clean: env -i with the hive's base environment, HOME a
@@ -69,7 +70,12 @@ def _runtime_env(host_sock: Path, name: str) -> dict[str, str]:
     except (HiveUnavailable, OSError, ValueError):
         return {}
     env = reply.get("env") if reply.get("ok") else None
-    return {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {}
+    if not isinstance(env, dict):
+        return {}
+    # Only placeholders in variables a binding may name: this runs as root, and what a
+    # compromised hive-core says here must not be PATH=/home/agent/bin:... or
+    # GIT_SSH_COMMAND=... for a clean exec (red team round 6).
+    return {k: v for k, v in env.items() if placeholder_var(k, v)}
 
 
 @click.command("exec", context_settings={"ignore_unknown_options": True}, epilog=EPILOG)

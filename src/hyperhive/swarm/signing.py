@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import os
 import time
 import uuid
@@ -142,7 +143,9 @@ def open_sealed(
         raise ActionError(f"bad signature for host {subject_host}'s operator") from None
     now = time.time() if now is None else now
     at = a["at"]
-    if not isinstance(at, int | float) or isinstance(at, bool):
+    # Finite: a NaN or infinite time (JSON as Python reads it) compares false both ways, so
+    # it would pass the window below and never expire, replayable once its id is pruned.
+    if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
         raise ActionError("bad action time")
     if at < now - TTL_SECONDS or at > now + SKEW_SECONDS:
         raise ActionError(f"action {a['id']} is {now - at:.0f} s old; refused")

@@ -14,6 +14,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, Field
 
+from hyperhive.cage.layout import base_env
 from hyperhive.wire.common import AgentName, Strict
 from hyperhive.wire.egress import RuleError, check_hostname, parse_port, split_host_port
 
@@ -21,10 +22,47 @@ SECRET_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_-]{0,63}$"
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
 _HEADER = re.compile(rf"^({_TOKEN}): ?([ -~]*)$")
 _ENV = re.compile(r"^[A-Z_][A-Z0-9_]{0,63}$")
-# Never a placeholder's variable: what every process of the cage relies on.
-RESERVED_ENV = {"PATH", "HOME", "USER", "LANG", "HIVE_AGENT", "HIVE_SOCKET", "HIVE_TURN"}
+# Never a placeholder's variable: what every process of the cage relies on (the cage's own
+# environment: PATH, HOME, the proxies, the CA bundles, ...), and what a loader, shell or
+# interpreter reads to decide what code runs or where it comes from. A placeholder there
+# would serve no binding, but it would break the runtime (NODE_OPTIONS, SSL_CERT_FILE), load
+# or source a relative path the agent can plant (LD_PRELOAD, BASH_ENV, PYTHONPATH) and make
+# every clean `hive exec` of the agent refused (red team round 6).
+RESERVED_ENV = frozenset(base_env("x")) | {
+    "HIVE_TURN",
+    "BASH_ENV",
+    "ENV",
+    "SHELLOPTS",
+    "BASHOPTS",
+    "PS4",
+    "PROMPT_COMMAND",
+    "IFS",
+    "GCONV_PATH",
+    "HOSTALIASES",
+    "LOCPATH",
+    "NLSPATH",
+    "TMPDIR",
+    "NODE_OPTIONS",
+    "NODE_PATH",
+    "PERL5OPT",
+    "PERL5LIB",
+    "PERLLIB",
+    "RUBYOPT",
+    "RUBYLIB",
+    "GIT_CONFIG_GLOBAL",
+    "GIT_EXEC_PATH",
+    "GIT_SSH_COMMAND",
+    "PAGER",
+    "GIT_PAGER",
+    "EDITOR",
+    "VISUAL",
+}
+RESERVED_ENV_PREFIXES = ("HIVE_", "LD_", "PYTHON", "LC_", "GIT_CONFIG_")
 
 SecretName = Annotated[str, Field(pattern=SECRET_NAME_PATTERN)]
+# A binding's placeholder (core/secrets.py new_placeholder): what `hive exec` takes from
+# hive-core's agent_env, and nothing else (a compromised core can't set PATH there).
+PLACEHOLDER_RE = re.compile(r"^hive-placeholder-[0-9a-f]{40}$")
 
 
 def parse_header(template: str) -> tuple[str, str]:
@@ -60,9 +98,29 @@ def _destination(value: str) -> str:
     return f"{host}:{port}"
 
 
+def placeholder_var(name: object, value: object) -> bool:
+    """A variable a binding may put a placeholder in, holding a placeholder."""
+    if not (isinstance(name, str) and isinstance(value, str) and PLACEHOLDER_RE.match(value)):
+        return False
+    try:
+        _env(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _env(value: str) -> str:
-    if not _ENV.match(value) or value in RESERVED_ENV or value.endswith("_PROXY"):
-        raise ValueError(f"env must be an upper-case variable name, not a reserved one: {value!r}")
+    if (
+        not _ENV.match(value)
+        or value in RESERVED_ENV
+        or value.startswith(RESERVED_ENV_PREFIXES)
+        or value.endswith("_PROXY")
+    ):
+        raise ValueError(
+            f"env must be an upper-case variable name, not a reserved one: {value!r} (not one"
+            " the cage sets, nor one a loader, shell or interpreter reads: LD_*, PYTHON*,"
+            " HIVE_*, BASH_ENV, NODE_OPTIONS, ...)"
+        )
     return value
 
 
