@@ -45,6 +45,8 @@ REQUIRED = {
     "secrets.read-from-cage", "egress.tls-sni-host", "egress.request-smuggling",
     "egress.l7-bypass", "swarm-host-spoofing", "swarm-operator-forgery", "harness.fork-inheritance", "harness.dumpable",
     "cage.planted-bytecode", "wire.pipelining", "secrets.reflected", "surface.page-download",
+    # red team round 6
+    "secrets.binding-env", "cage.descriptor-limit", "swarm-name-claim",
 }
 
 PLUGIN = r'''
