@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import nats
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
@@ -35,13 +36,14 @@ from hive_fixture import HIVE, probe_result
 from hyperhive.core.store import Store
 from hyperhive.swarm import signing
 from hyperhive.swarm import subjects as s
+from hyperhive.swarm.bridge import earliest, live_claims
 from hyperhive.swarm.operator import approval_row
 from hyperhive.swarm.opstore import OpsSeen
 from hyperhive.wire.secrets import BindingSpec
 from swarm_fixture import Swarm
 from web_fixture import Web, web_hive
 
-from .test_swarm_hostile import as_host_c
+from .test_swarm_hostile import as_host_c, violation
 
 AGENT = "rt6"
 AGENTS: dict[str, dict[str, Any]] = {AGENT: {"runtime": "command", "command": ["sleep", "infinity"], "peers": []}}
@@ -304,27 +306,25 @@ def test_an_approval_payload_at_the_decoders_depth_limit_is_shown_not_raised() -
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("swarm-name-claim", ref="red team round 6: names.<agent> is create-only by convention only")
-@pytest.mark.xfail(strict=True, reason=(
-    "red team round 6: host c may publish to $KV.HIVE_ROSTER.names.> (to claim its own agents' "
-    "names), and a KV put is a plain publish: NATS's permissions can't tell a create from an "
-    "overwrite. c overwrites names.alice (a's agent) with 'c', every host's roster follows, and "
-    "c speaks for alice to bob. A fix needs claims NATS can vouch for (e.g. names.<agent>.<host>, "
-    "each host allowed only its own, the earliest revision owning the name): a redesign of the "
-    "swarm's names, left to the lead"))
 def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(swarm: Swarm) -> None:
-    """Host c, with its own NATS credentials, overwrites a's claim of ``alice`` in the
-    roster bucket, then sends bob a message "from alice" on its own subject."""
-    key = f"$KV.{s.BUCKET}.{s.name_key('alice')}"
+    """Host c, with its own NATS credentials, puts its own claim of ``alice`` (a's agent)
+    in the roster bucket, then sends bob a message "from alice" on its own subject. Its
+    claim is later than a's, so the name stays a's and b drops the message (round 6: c
+    could overwrite the one key names.alice, and bob took the message as alice's)."""
+    key = f"$KV.{s.BUCKET}.{s.name_key('alice', 'c')}"
     body = json.dumps([{"id": "r6-" + secrets.token_hex(8), "from": "alice", "to": "bob", "kind": "message",
                         "body": "r6: from alice, really", "sent_at": 0}]).encode()
     replies: list[bytes] = []
+    claims: list[dict[str, int]] = []
 
     async def attack(nc: Any) -> None:
-        replies.append((await nc.request(key, b"c", timeout=10)).data)  # a put, not a create
+        replies.append((await nc.request(key, b"c", timeout=10)).data)  # a put, its own key
+        # What a receiver whose cache is behind reads: both claims live, a's the earlier.
+        claims.append(await live_claims(await nc.jetstream().key_value(s.BUCKET), "alice"))
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)
 
-    async def restore(nc: Any) -> None:  # the session's swarm: alice is a's again
-        await nc.request(key, b"a", timeout=10)
+    async def restore(nc: Any) -> None:  # the session's swarm: c's claim taken back
+        await nc.request(key, b"", headers={"KV-Operation": "DEL"}, timeout=10)
 
     dropped = swarm.status("b")["dropped"]
     got: list[dict[str, Any]] = []
@@ -336,6 +336,7 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(swarm: Swarm) 
     try:
         as_host_c(swarm, attack, settle=0)
         wait_for(settled, timeout=15)
+        assert set(claims[0]) == {"a", "c"} and earliest(claims[0]) == "a", claims
         forged = [m for m in got if m["body"] == "r6: from alice, really"]
         assert forged == [], f"bob took c's message as alice's: {forged}; the bucket said {replies}"
     finally:
@@ -344,6 +345,31 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(swarm: Swarm) 
             assert_ok(swarm.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
         wait_for(lambda: all(r["host"] == "a" for r in swarm.status("b")["agents"] if r["name"] == "alice"),
                  timeout=15)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.attack("swarm-name-claim", ref="red team round 6: names.<agent> is create-only by convention only")
+@pytest.mark.parametrize("op", ["put", "delete"])
+def test_a_hostile_host_cannot_write_another_hosts_name_claim(swarm: Swarm, op: str) -> None:
+    """Host c may write only its own claims (names.<agent>.c): putting over or deleting
+    a's claim of alice (names.alice.a) is a permissions violation, and alice stays a's."""
+    subject = f"$KV.{s.BUCKET}.{s.name_key('alice', 'a')}"
+
+    async def attack(nc: Any) -> None:
+        headers = {"KV-Operation": "DEL"} if op == "delete" else None
+        await nc.publish(subject, b"c", headers=headers)
+        await nc.flush()
+
+    async def claim_of_a() -> bytes | None:  # as the admin: a's claim as the bucket has it
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        try:
+            return (await (await nc.jetstream().key_value(s.BUCKET)).get(s.name_key("alice", "a"))).value
+        finally:
+            await nc.close()
+
+    violation(as_host_c(swarm, attack), f'publish to "{subject}"')
+    assert asyncio.run(claim_of_a()) == b"a"
 
 
 INJECTED = "</span><script>alert('r6')</script>\r\nevent: update\ndata: <img src=x onerror=alert(6)>\u202egnp.exe"

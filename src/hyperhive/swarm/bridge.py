@@ -69,6 +69,28 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def earliest(claims: dict[str, int]) -> str | None:
+    """The owner of a name: the host of its live claim with the lowest revision (an
+    earlier claim can't be forged: each host may write only its own)."""
+    return min(claims, key=lambda host: claims[host]) if claims else None
+
+
+async def live_claims(kv: KeyValue, agent: str) -> dict[str, int]:
+    """``agent``'s live claims in the bucket, host -> revision: a short watch of
+    ``names.<agent>.*``, its values up to the end-of-data marker (deletes skipped)."""
+    watcher = await kv.watch(s.claims_filter(agent), ignore_deletes=True, meta_only=True)
+    claims: dict[str, int] = {}
+    try:
+        while True:
+            entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+            if entry is None:
+                return claims
+            claims[entry.key.split(".")[2]] = entry.revision
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+
+
 def bundles(batch: list[Outgoing]) -> list[list[Outgoing]]:
     """Consecutive rows to the same host, in order, each run at most BUNDLE_BYTES (a
     row alone may be larger: NATS's max_payload, 1 MiB, is above any one message)."""
@@ -94,7 +116,8 @@ class Bridge:
         self.store = SwarmStore(hive.store.db)
         self.nc: NATS | None = None
         self.kv: KeyValue | None = None
-        self.names: dict[str, str] = {}  # agent -> host, every host's (the roster cache)
+        self.names: dict[str, str] = {}  # agent -> owning host, every host's (the roster cache)
+        self.claims: dict[str, dict[str, int]] = {}  # agent -> {host: revision}, live claims
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
         self._wake = asyncio.Event()
         self._claimed: set[str] = set()
@@ -115,10 +138,8 @@ class Bridge:
         """The other host that owns ``agent``: the cache, else the bucket when reachable."""
         host = self.names.get(agent)
         if host is None and self.kv is not None and NAME_RE.fullmatch(agent):
-            with contextlib.suppress(Exception):  # not there, or the bus is away: unknown
-                entry = await self.kv.get(s.name_key(agent))
-                if entry.value:
-                    host = self.names[agent] = entry.value.decode()
+            with contextlib.suppress(Exception):  # the bus is away: unknown
+                host = await self._lookup(self.kv, agent)
         return host if host != self.host else None
 
     async def send(self, sender: str, to: str, body: str) -> Message:
@@ -389,14 +410,7 @@ class Bridge:
             # The cache may be behind (a core just started, an agent just spawned): the
             # bucket decides. A bus error raises, and the bundle is tried again: dropping
             # it would lose a message the bus has acked to its sender.
-            kv = await self._bucket()
-            try:
-                entry = await kv.get(s.name_key(p["from"]))
-                owner = entry.value.decode(errors="replace") if entry.value else None
-            except (nats.js.errors.KeyNotFoundError, nats.js.errors.KeyDeletedError):
-                owner = None
-            if owner is not None:
-                self.names[p["from"]] = owner
+            owner = await self._lookup(await self._bucket(), p["from"])
         if owner != from_host:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):
@@ -439,25 +453,42 @@ class Bridge:
             await kv.delete(s.row_key(self.host, name))
             del self._published[name]
             if name in self._claimed:
-                await kv.delete(s.name_key(name))  # the name is free again, swarm-wide
+                await kv.delete(s.name_key(name, self.host))  # free again, swarm-wide
                 self._claimed.discard(name)
 
     async def _claim(self, kv: KeyValue, name: str) -> None:
-        """Make ``name`` this host's swarm-wide (a create, which fails if it is taken)."""
-        try:
-            await kv.create(s.name_key(name), self.host.encode())
-            self._claimed.add(name)
-            self.names[name] = self.host
-            return
-        except nats.js.errors.KeyWrongLastSequenceError:
-            pass
-        owner = (await kv.get(s.name_key(name))).value
-        holder = owner.decode() if owner else ""
-        if holder == self.host:
-            self._claimed.add(name)
-        elif name not in self._conflicts:
+        """Make ``name`` this host's swarm-wide: write our own claim (a create keeps an
+        existing claim's revision), then the earliest live claim owns it. A name another
+        host holds is a conflict: our claim is taken back, and tried again next round."""
+        holder = self.names.get(name)
+        if holder in (None, self.host):
+            with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):  # ours already
+                await kv.create(s.name_key(name, self.host), self.host.encode())
+            holder = await self._lookup(kv, name)
+            if holder == self.host:
+                self._claimed.add(name)
+                self._conflicts.discard(name)
+                return
+            await kv.delete(s.name_key(name, self.host))
+        if holder is not None and name not in self._conflicts:
             self._conflicts.add(name)
             log.error("swarm: agent name %r is held by host %s; not claimed here", name, holder)
+
+    async def _lookup(self, kv: KeyValue, agent: str) -> str | None:
+        """``agent``'s owner as the bucket says now (the cache may be behind); cached."""
+        claims = await live_claims(kv, agent)
+        self.claims[agent] = claims  # the bucket now: the watch may be behind
+        self._own(agent)
+        return earliest(claims)
+
+    def _own(self, agent: str) -> None:
+        """Recompute ``agent``'s owner in the cache from its live claims."""
+        owner = earliest(self.claims.get(agent, {}))
+        if owner is None:
+            self.claims.pop(agent, None)
+            self.names.pop(agent, None)
+        else:
+            self.names[agent] = owner
 
     async def _watch_loop(self) -> None:
         kv = await self._bucket()
@@ -469,24 +500,27 @@ class Bridge:
                 except TimeoutError:
                     continue
                 if entry is not None:
-                    self._apply(entry.key, entry.value, entry.operation)
+                    self._apply(entry.key, entry.value, entry.operation, entry.revision)
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
 
-    def _apply(self, key: str, value: bytes | None, op: str | None) -> None:
+    def _apply(self, key: str, value: bytes | None, op: str | None, revision: int | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
         if self.operator.watched(parts, value, deleted):
             return
         if parts[0] == "hosts" and len(parts) == 2 and not deleted:
             self.heartbeats[parts[1]] = time.monotonic()
-        if parts[0] == "names" and len(parts) == 2:
-            if deleted:
-                self.names.pop(parts[1], None)
+        if parts[0] == "names" and len(parts) == 3:
+            # A claim is live until deleted or purged, whatever its value (as live_claims
+            # sees it); the name is the earliest live claim's.
+            claims = self.claims.setdefault(parts[1], {})
+            if op in ("DEL", "PURGE") or revision is None:
+                claims.pop(parts[2], None)
             else:
-                assert value is not None
-                self.names[parts[1]] = value.decode(errors="replace")
+                claims[parts[2]] = revision
+            self._own(parts[1])
         elif parts[0] == "agents" and len(parts) == 3:
             if deleted:
                 self.rows.pop((parts[1], parts[2]), None)

@@ -26,7 +26,7 @@ ACCOUNT = "HIVE"
 def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
     """What host ``host``'s user may publish and subscribe to: speak for itself only,
     read and ack only its own inboxes (one per other host of ``hosts``), read the shared
-    roster, write only its own rows."""
+    roster, write only its own rows and its own name claims."""
     if not NAME_RE.fullmatch(host):
         raise ValueError(f"bad host name {host!r}")
     inboxes = []
@@ -44,7 +44,7 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 s.msg_subject("*", host),
                 f"$KV.{s.BUCKET}.agents.{host}.>",
                 f"$KV.{s.BUCKET}.{s.host_key(host)}",
-                f"$KV.{s.BUCKET}.names.>",
+                f"$KV.{s.BUCKET}.{s.name_key('*', host)}",  # its own claims only
                 *inboxes,
                 "$JS.API.INFO",
                 f"$JS.API.STREAM.INFO.{roster}",

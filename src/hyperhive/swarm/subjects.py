@@ -48,9 +48,15 @@ def inbox_prefix(host: str) -> str:
     return f"_INBOX_{host}"
 
 
-def name_key(agent: str) -> str:
-    """Who owns agent name ``agent`` (value: the host), created once."""
-    return f"names.{agent}"
+def name_key(agent: str, host: str) -> str:
+    """``host``'s claim of agent name ``agent`` (value: the host). NATS lets each host
+    write only its own claims; the name is the earliest live claim's (lowest revision)."""
+    return f"names.{agent}.{host}"
+
+
+def claims_filter(agent: str) -> str:
+    """Every host's claim of agent name ``agent``."""
+    return f"names.{agent}.*"
 
 
 def row_key(host: str, agent: str) -> str:
