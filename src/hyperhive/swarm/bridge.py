@@ -496,9 +496,13 @@ class Bridge:
         try:
             while True:
                 try:
-                    entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+                    entry = await watcher.updates(timeout=s.STALE_SECONDS)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
                 except TimeoutError:
-                    continue
+                    # This host puts its own heartbeat every second: a watch that brings
+                    # nothing for this long is stuck (its node died, say). A new watch
+                    # replays every key's latest value, deletes included.
+                    log.info("swarm: the roster watch went quiet; watching afresh")
+                    return
                 if entry is not None:
                     self._apply(entry.key, entry.value, entry.operation, entry.revision)
         finally:
