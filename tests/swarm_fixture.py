@@ -22,6 +22,7 @@ import nats
 import pytest
 
 from helpers import CoreProcess, wait_for
+from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import ensure_streams
 from hyperhive.swarm.signing import load_or_create_key, public_b64
 from swarmnet import SwarmNet
@@ -49,6 +50,35 @@ class Swarm:
 
     def wait_roster(self, host: str, n: int = 3) -> None:
         wait_for(lambda: self.status(host)["roster"] >= n, timeout=30)
+
+    def wait_bus_whole(self, timeout: float = 60) -> None:
+        """Until every node answers for every stream, each with a leader and every replica
+        current: what the next test needs after a node was killed or a host cut off (a
+        node back on the bridge may take a while to rejoin the routes and catch up)."""
+
+        async def whole() -> bool:
+            user, password = self.net.admin()
+            for host in HOSTS:
+                try:
+                    nc = await nats.connect([self.net.url(host)], user=user, password=password,
+                                            allow_reconnect=False, connect_timeout=2)
+                except Exception:
+                    return False
+                try:
+                    js = nc.jetstream(timeout=2)
+                    for stream in (s.STREAM, s.OPS_STREAM, s.KV_STREAM):
+                        info = await js.stream_info(stream)
+                        cluster = info.cluster
+                        if cluster is None or not cluster.leader or not all(
+                                r.current for r in cluster.replicas or []):
+                            return False
+                except Exception:
+                    return False
+                finally:
+                    await nc.close()
+            return True
+
+        wait_for(lambda: asyncio.run(whole()), timeout=timeout, interval=0.5)
 
 
 def admin_setup(net: SwarmNet) -> None:

@@ -31,6 +31,7 @@ def test_kill9_of_the_receiving_core_mid_stream(swarm: Swarm) -> None:
 
 def test_kill9_of_a_nats_node_loses_no_acknowledged_message(swarm: Swarm) -> None:
     run = kill9_nats_node(swarm, SUITE_N)
+    swarm.wait_bus_whole()  # the node is back and caught up before the next test
     assert len(run.acked) == SUITE_N
     assert (run.lost, run.duplicates, run.in_order) == (0, 0, True)
 
@@ -64,3 +65,4 @@ def test_a_partition_that_heals(swarm: Swarm) -> None:
     got = [m["body"] for m in drain(swarm, "b", "bob", 200, timeout=60)]
     assert got == first + second
     assert [m["body"] for m in drain(swarm, "a", "alice", 50, timeout=30)] == from_carol
+    swarm.wait_bus_whole()  # the session's swarm, whole again for the tests after this one

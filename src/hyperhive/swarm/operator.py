@@ -61,6 +61,7 @@ log = logging.getLogger("hive.swarm")
 
 ROWS_EVERY = 1.0  # seconds between two looks at this host's questions and approvals
 CARRY_WAIT = 10.0  # seconds the operator's request waits for the other host's outcome
+PUBLISH_TRIES_SECONDS = 5.0  # how long an action is offered to the bus before "not taken"
 RESULT_KEEP = 600.0  # seconds this host's outcomes stay in the roster
 MAX_PAYLOAD_SHOWN = 8192  # bytes of an approval's (summary) payload kept from another host
 KEY_FILE = "swarm-operator.key"
@@ -240,18 +241,27 @@ class OperatorRelay:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting[action_id] = (host, future)
         try:
-            try:
-                await self.bridge._js().publish(
-                    s.op_subject(host, self.host),
-                    data,
-                    timeout=2.0,
-                    headers={"Nats-Msg-Id": action_id},
-                )
-            except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
-                raise Unavailable(
-                    f"the bus did not take the action for host {host} ({type(e).__name__});"
-                    " it may or may not be carried out"
-                ) from None
+            # Tried again for a few seconds (a stream electing its leader answers no one
+            # meanwhile): the same Nats-Msg-Id, so JetStream keeps one copy whatever
+            # the tries, and the owner carries out one action id once anyway.
+            deadline = time.monotonic() + PUBLISH_TRIES_SECONDS
+            while True:
+                try:
+                    await self.bridge._js().publish(
+                        s.op_subject(host, self.host),
+                        data,
+                        timeout=2.0,
+                        headers={"Nats-Msg-Id": action_id},
+                    )
+                    break
+                except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+                    if time.monotonic() < deadline:
+                        await asyncio.sleep(0.25)
+                        continue
+                    raise Unavailable(
+                        f"the bus did not take the action for host {host} ({type(e).__name__});"
+                        " it may or may not be carried out"
+                    ) from None
             log.info("swarm: operator action %s (%s) to %s", action_id, request["cmd"], host)
             try:
                 outcome = await asyncio.wait_for(future, CARRY_WAIT)
