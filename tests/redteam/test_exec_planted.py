@@ -156,6 +156,10 @@ def test_planted_code_runs_only_with_trust_home(rp: HiveProcess, case: str) -> N
     marker = f"/home/agent/.planted-{secrets.token_hex(4)}"
     on_host = home / Path(marker).name
     planted: list[Path] = []
+    # A planted module's bytecode, cached beside it: two cases plant json.py of the same
+    # size within a second, and the second would run the first's stale .pyc (its marker).
+    pycache = home / "__pycache__"
+    had_pycache = pycache.exists()
     try:
         for rel, content in plant.files.items():
             path = home / rel.removesuffix(".rx")
@@ -183,6 +187,8 @@ def test_planted_code_runs_only_with_trust_home(rp: HiveProcess, case: str) -> N
         )
     finally:
         on_host.unlink(missing_ok=True)
+        if not had_pycache:
+            shutil.rmtree(pycache, ignore_errors=True)
         for path in reversed(planted):
             orig = path.with_name(path.name + ".orig")
             if orig.exists():
