@@ -24,6 +24,11 @@ def _weight(event: dict[str, Any]) -> int:
     return len(json.dumps(event, ensure_ascii=False, default=str))
 
 
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class InboxWakeups:
     """Wakes the ``recv`` calls waiting on an agent's inbox; no polling."""
 
@@ -36,13 +41,16 @@ class InboxWakeups:
                 fut.set_result(None)
 
     async def wait(self, recipient: str, timeout: float) -> None:
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
         self._waiters[recipient].add(fut)
+        # A timer that resolves the future, not asyncio.wait_for (a second future, a done
+        # callback and a timeout context each wait: a receiver waits once a message).
+        timer = loop.call_later(timeout, _resolve, fut)
         try:
-            await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
-            pass
+            await fut
         finally:
+            timer.cancel()
             waiters = self._waiters.get(recipient)
             if waiters is not None:
                 waiters.discard(fut)

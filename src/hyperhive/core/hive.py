@@ -51,7 +51,7 @@ from hyperhive.core.store import (
     Unreadable,
 )
 from hyperhive.core.store.links import LinkUsed
-from hyperhive.core.store.messages import ack_in, send_in
+from hyperhive.core.store.messages import MessageItem, ack_in, send_in
 from hyperhive.core.store.usage import Usage
 from hyperhive.core.summary import PAGE, Listing
 from hyperhive.core.tls import HiveCA, upstream_context
@@ -104,7 +104,7 @@ class Hive:
         # message id -> connection id holding it unacked; released when that connection ends
         self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
         # Sends and acks of one turn of the loop share one commit (core/groupcommit.py).
-        self.commits = GroupCommit(store.db)
+        self.commits = GroupCommit(store.db, self)  # self: its message lane's hooks
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
@@ -297,25 +297,59 @@ class Hive:
         if self.bus.wants("message"):
             self.bus.publish("message", {"message": model_fields_only(msg)})
 
-    async def send(self, actor: Actor, to: str, body: str) -> Message:
-        """An agent messages a peer (or the operator); the operator messages any agent."""
+    def message_taken(self, item: MessageItem) -> None:
+        """GroupCommit hook: a queued message's batch is taken (in agent_usage from its
+        commit on, or refused): no longer counted in ``_queued``."""
+        sender, nbytes = item[1], item[3]
+        rows, held = self._queued.pop(sender, (0, 0))
+        if rows > 1:
+            self._queued[sender] = (rows - 1, held - nbytes)
+
+    def message_stored(self, mid: int, item: MessageItem, sent_at: float) -> None:
+        """GroupCommit hook: a message of the lane is committed (``delivered``, with the
+        Message built only for a subscriber that wants it)."""
+        to = item[0]
+        self.wakeups.notify(to)
+        self.bus.version += 1
+        if self.bus.wants("message"):
+            msg = Message(
+                id=mid, from_=item[1], kind="message", body=item[2], sent_at=sent_at, to=to
+            )
+            self.bus.publish("message", {"message": model_fields_only(msg)})
+
+    async def send(self, actor: Actor, to: str, body: str) -> int:
+        """An agent messages a peer (or the operator); the operator messages any agent.
+        The new message's id, once committed."""
+        return await self.start_send(actor, to, body)
+
+    def start_send(self, actor: Actor, to: str, body: str) -> Awaitable[int]:
+        """``send`` up to its message being queued: the checks run now (a refusal is raised
+        now, nothing queued); what is left to await is the id once committed. One
+        connection's pipelined sends start one after another, so they are stored in order
+        (agent_socket.py), each task-free."""
         if isinstance(actor, Agent):
             if self.swarm is not None and to != OPERATOR and not self.exists(to):
-                return await self._send_remote(actor, to, body)  # swarm: another host's
+                return asyncio.ensure_future(self._send_remote(actor, to, body))  # another host
             self._check_may_address(actor.name, to)
             self._take_rate(actor)
         else:
             self.require_agent(to)
-        return await self._queue_send(actor.name, to, body)
+        if to == OPERATOR:  # makes room first: a write of its own (send_in)
+            return asyncio.ensure_future(_id_of(self._queue_send(actor.name, to, body)))
+        nbytes = len(body.encode())
+        self.check_store_quota(actor.name, 1, nbytes)
+        rows, held = self._queued.get(actor.name, (0, 0))
+        self._queued[actor.name] = (rows + 1, held + nbytes)  # counted until the commit
+        return self.commits.submit_message((to, actor.name, body, nbytes))
 
-    async def _send_remote(self, actor: Agent, to: str, body: str) -> Message:
+    async def _send_remote(self, actor: Agent, to: str, body: str) -> int:
         """To an agent the swarm's roster gives to another host: the same peer ACL as
         today (its declared ``peers``), checked here, on the sender's host; the message
         is committed to the outbox before the reply (docs/swarm.md)."""
         assert self.swarm is not None
         self._check_remote_peer(actor, to)
         self._take_rate(actor)
-        return await self.swarm.send(actor.name, to, body)
+        return (await self.swarm.send(actor.name, to, body)).id
 
     def _check_remote_peer(self, actor: Agent, to: str) -> None:
         """The peer ACL for an agent on another host: one of the caller's ``peers``."""
@@ -347,8 +381,9 @@ class Hive:
         host; None without [swarm]."""
         return None if self.swarm is None else self.swarm.listed(kind)
 
-    async def _queue_send(self, sender: str, to: str, body: str) -> Message:
-        """Queue a message for the next group commit; return once it is committed.
+    def _queue_send(self, sender: str, to: str, body: str) -> asyncio.Future[Message]:
+        """Queue a message (to the operator: it makes room first) for the next group
+        commit; the future resolves once it is committed.
 
         Sends that arrive in the same turn of the event loop share one
         transaction: the reply still only goes out after the commit, and a
@@ -365,7 +400,7 @@ class Hive:
             if rows > 1:
                 self._queued[sender] = (rows - 1, held - nbytes)
 
-        return await self.commits.submit(lambda tx: send_in(tx, item, quota), self.delivered, taken)
+        return self.commits.submit(lambda tx: send_in(tx, item, quota), self.delivered, taken)
 
     def _reply_budget(self) -> ReplyBudget:
         """A fresh byte budget for one reply (``[limits] reply_bytes``, core/replies.py)."""
@@ -1088,3 +1123,7 @@ def _bounded(data: Any) -> Any:
             dropped = len(text) - MAX_ENTRY_CHARS
             return text[:MAX_ENTRY_CHARS] + f"… [{dropped} more characters dropped]"
     return data
+
+
+async def _id_of(committed: Awaitable[Message]) -> int:
+    return (await committed).id

@@ -159,8 +159,7 @@ async def answer_question(s: OperatorSession, req: w.AnswerQuestion) -> Reply:
 
 
 async def send(s: OperatorSession, req: w.OperatorSend) -> Reply:
-    msg = await s.hive.send(s.actor, req.to, req.body)
-    return ok(id=msg.id)
+    return ok(id=await s.hive.send(s.actor, req.to, req.body))
 
 
 async def inbox(s: OperatorSession, req: w.Inbox) -> Reply:

@@ -16,6 +16,7 @@ closed.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -40,6 +41,8 @@ log = logging.getLogger("hive.core")
 
 Reply = dict[str, Any] | AsyncIterator[dict[str, Any]]
 Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
+# Starts a pipelined request: its reply line now (a refusal), or what to await for it.
+Starter = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[Reply]]
 S = TypeVar("S")  # what a handler serves: a connection's session
 
 STREAM_LIMIT = MAX_LINE  # asyncio's readline limit: bytes before the newline
@@ -133,13 +136,14 @@ async def serve_lines(
     watch_hangup: bool = False,
     pace: Callable[[int], Awaitable[None]] | None = None,
     pipelined: frozenset[str] = frozenset(),
+    start: Starter | None = None,
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
     soon as the peer hangs up, so the connection ends then and not when the poll would.
     ``limiter``: this listener's bound on connections per peer uid. ``pace``: awaited with
     each line's size before it is decoded (the peer's byte rate). ``pipelined``: verbs
     whose requests, when the peer has sent several in a row already, are handled together
-    (see ``_take_pipelined``)."""
+    (see ``_take_pipelined``), each started by ``start`` (needed with ``pipelined``)."""
     uid = _peer_uid(writer) if limiter is not None else None
     if limiter is not None and uid is not None and not limiter.claim(uid):
         writer.write(
@@ -153,7 +157,7 @@ async def serve_lines(
         writer.close()
         return
     try:
-        await _serve_lines(reader, writer, handle, watch_hangup, pace, pipelined)
+        await _serve_lines(reader, writer, handle, watch_hangup, pace, pipelined, start)
     finally:
         if limiter is not None and uid is not None:
             limiter.release(uid)
@@ -166,6 +170,7 @@ async def _serve_lines(
     watch_hangup: bool,
     pace: Callable[[int], Awaitable[None]] | None,
     pipelined: frozenset[str] = frozenset(),
+    start: Starter | None = None,
 ) -> None:
     ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
     # A request read (paced and decoded) ahead by _take_pipelined, not yet handled.
@@ -194,7 +199,7 @@ async def _serve_lines(
             raw = line.rstrip(b"\r\n")
             if not raw.strip():
                 continue
-            if pipelined and not watch_hangup:
+            if pipelined and start is not None and not watch_hangup:
                 if decoded is None:
                     try:
                         decoded = _decode(raw)
@@ -205,10 +210,9 @@ async def _serve_lines(
                     objs, carried, overflow = await _take_pipelined(
                         reader, decoded, pace, pipelined
                     )
-                    if len(objs) == 1:  # one alone: no task to start for it
-                        replies = [await _reply(handle, objs[0])]
-                    else:
-                        replies = await asyncio.gather(*(_reply(handle, o) for o in objs))
+                    # All started in order (their writes queued in order), then their
+                    # replies awaited in order: no task per request.
+                    replies = await _replies([_start(start, o) for o in objs])
                     writer.write(b"".join(map(dump_line, replies)))  # one write for them all
                     await writer.drain()
                     if overflow:
@@ -296,12 +300,39 @@ def _is_pipelined(obj: dict[str, Any], pipelined: frozenset[str]) -> bool:
     return isinstance(cmd, str) and cmd in pipelined  # any JSON: {"cmd": []} is unhashable
 
 
-async def _reply(handle: Handler, obj: dict[str, Any] | WireError) -> dict[str, Any]:
-    """One pipelined request's reply line, whatever happens to it."""
+def _start(start: Starter, obj: dict[str, Any] | WireError) -> dict[str, Any] | Awaitable[Reply]:
+    """Start one pipelined request: its reply line now, or what to await (``_finish``)."""
     if isinstance(obj, WireError):
         return error(str(obj))
     try:
-        reply = await handle(obj)
+        return start(obj)
+    except (WireError, StoreError) as e:
+        return error(str(e))
+    except Exception:
+        log.exception("internal error handling a request")
+        return error("internal error; see the hive-core log")
+
+
+async def _replies(
+    started: list[dict[str, Any] | Awaitable[Reply]],
+) -> list[dict[str, Any]]:
+    """The started requests' reply lines, in order. Cut short (the connection ends), the
+    rest are closed unawaited: their writes are queued already and stand."""
+    out: list[dict[str, Any]] = []
+    try:
+        for r in started:
+            out.append(r if isinstance(r, dict) else await _finish(r))
+    finally:
+        for r in started[len(out) :]:
+            if inspect.iscoroutine(r):
+                r.close()
+    return out
+
+
+async def _finish(started: Awaitable[Any]) -> dict[str, Any]:
+    """One started pipelined request's reply line, whatever happens to it."""
+    try:
+        reply = await started
     except (WireError, StoreError) as e:
         return error(str(e))
     except Exception:

@@ -35,6 +35,11 @@ class Tx:
     def executemany(self, sql: str, params: Iterable[Params]) -> sqlite3.Cursor:
         return self._conn.executemany(sql, params)
 
+    def last_insert_rowid(self) -> int:
+        """The rowid of this connection's last insert (after ``executemany`` too, where
+        the cursor's ``lastrowid`` is not kept)."""
+        return int(self._conn.execute("SELECT last_insert_rowid()").fetchone()[0])
+
     @contextmanager
     def savepoint(self, name: str) -> Iterator[None]:
         """A nested part that an exception undoes alone (the exception goes on)."""

@@ -15,6 +15,10 @@ from hyperhive.wire.common import Message
 
 _COLUMNS = "id, sender, kind, body, sent_at, ref, options, recipient"
 _Row = tuple[int, str, str, str, float, "int | None", "str | None", str]
+# A recv's query names its index: left to choose, the same plan (this index) cost ~13 µs
+# a run on an empty inbox, against ~2.4 µs with the index named (SQLite 3.40, measured on
+# a cached statement), and a receiver runs it at least once a message (bench 64 pairs).
+_UNACKED = "messages INDEXED BY messages_unacked"
 
 
 def to_message(r: _Row, with_to: bool = False) -> Message:
@@ -103,6 +107,23 @@ def insert_message(
     )
 
 
+# One agent's message to another as the group commit's message lane queues it:
+# (recipient, sender, body, the body's UTF-8 bytes).
+MessageItem = tuple[str, str, str, int]
+
+
+def insert_messages(tx: Tx, items: list[MessageItem], now: float) -> int:
+    """Store ``items`` (kind "message", sent ``now``) in the caller's transaction, in
+    order; the last one's id. Their ids are consecutive: this connection is the only
+    writer and AUTOINCREMENT gives each insert the next id (or fails the statement)."""
+    tx.executemany(
+        "INSERT INTO messages (recipient, sender, kind, body, sent_at)"
+        " VALUES (?, ?, 'message', ?, ?)",
+        [(it[0], it[1], it[2], now) for it in items],
+    )
+    return tx.last_insert_rowid()
+
+
 def send_in(
     tx: Tx, item: tuple[str, str, str, str], quota: tuple[int, int] | None = None
 ) -> Message:
@@ -162,13 +183,13 @@ class MessageRepo:
         ``skip`` is left out by the query, so the rows held elsewhere are never read."""
         if not skip:  # the usual case (a receiver that acks as it goes): no json_each to scan
             rows = self._db.rows(
-                f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
+                f"SELECT {_COLUMNS} FROM {_UNACKED} WHERE recipient=? AND acked_at IS NULL"
                 " ORDER BY id LIMIT ?",
                 (recipient, limit),
             )
         else:
             rows = self._db.rows(
-                f"SELECT {_COLUMNS} FROM messages WHERE recipient=? AND acked_at IS NULL"
+                f"SELECT {_COLUMNS} FROM {_UNACKED} WHERE recipient=? AND acked_at IS NULL"
                 " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
                 (recipient, json.dumps(sorted(skip)), limit),
             )
