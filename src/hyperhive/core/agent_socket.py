@@ -106,7 +106,10 @@ def _plain_send(obj: dict[str, Any]) -> bool:
 
 
 async def _sent(committed: Awaitable[int]) -> dict[str, Any]:
-    return ok(id=await committed)
+    try:
+        return ok(id=await committed)
+    except Refused as e:  # found on the way (another host's agent, not a peer, say)
+        return error(str(e))
 
 
 async def whoami(s: AgentSession, req: w.Whoami) -> Reply:

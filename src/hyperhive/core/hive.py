@@ -349,7 +349,7 @@ class Hive:
         assert self.swarm is not None
         self._check_remote_peer(actor, to)
         self._take_rate(actor)
-        return (await self.swarm.send(actor.name, to, body)).id
+        return await self.swarm.send(actor.name, to, body)
 
     def _check_remote_peer(self, actor: Agent, to: str) -> None:
         """The peer ACL for an agent on another host: one of the caller's ``peers``."""

@@ -11,15 +11,16 @@ Created here (``IF NOT EXISTS``) when ``[swarm]`` is configured, not in
 
 from __future__ import annotations
 
+import itertools
 import json
+import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 from hyperhive.core.store import Database
 from hyperhive.core.store.db import Tx
-from hyperhive.core.store.messages import insert_message
+from hyperhive.core.store.messages import MessageItem, insert_messages
 from hyperhive.swarm import asks
 from hyperhive.wire.common import Message
 
@@ -43,20 +44,37 @@ CREATE TABLE IF NOT EXISTS swarm_seen (
 """
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Outgoing:
     row: int
     msg_id: str
     to_host: str
     payload: bytes
+    sender: str  # the payload's "from" (read by SQLite: no parse of the payload here)
+
+
+# A message received, as stored: a plain message as (its id, what it is, when), for the
+# hive's message_stored; a question or an answer as its Message (swarm/asks.py).
+Stored = tuple[int, MessageItem, float] | Message
+
+
+# A message's swarm-wide id (the receivers' dedup key): this process's 128 random bits and
+# a count, as unique as a uuid4 each, without a getrandom call and a UUID per message.
+_ID_PREFIX = secrets.token_hex(16)
+_id_count = itertools.count(1)
+_ENCODER = json.JSONEncoder(ensure_ascii=False)  # json.dumps with an option builds one a call
+
+
+def new_msg_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_count):x}"
 
 
 def queue_tx(tx: Tx, to_host: str, sender: str, to: str, kind: str, body: str, **extra: Any) -> int:
     """Store one outgoing message in the caller's transaction; its outbox row. ``extra``:
     a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py)."""
-    now, msg_id = time.time(), uuid.uuid4().hex
+    now, msg_id = time.time(), new_msg_id()
     item = {"id": msg_id, "from": sender, "to": to, "kind": kind, "body": body, "sent_at": now}
-    payload = json.dumps({**item, **extra}, ensure_ascii=False)
+    payload = _ENCODER.encode({**item, **extra} if extra else item)
     cur = tx.execute(
         "INSERT INTO swarm_outbox (msg_id, to_host, payload, created_at) VALUES (?, ?, ?, ?)",
         (msg_id, to_host, payload, now),
@@ -84,12 +102,15 @@ class SwarmStore:
         return Message(id=row, from_=sender, kind=kind, body=body, sent_at=time.time(), to=to)
 
     def unsent(self, limit: int) -> list[Outgoing]:
+        # The index named: left to choose, SQLite's planning cost more than the read (as
+        # for messages.unacked).
         rows = self._db.conn.execute(
-            "SELECT id, msg_id, to_host, payload FROM swarm_outbox WHERE sent_at IS NULL"
+            "SELECT id, msg_id, to_host, payload, json_extract(payload, '$.from')"
+            " FROM swarm_outbox INDEXED BY swarm_outbox_unsent WHERE sent_at IS NULL"
             " ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [Outgoing(r[0], r[1], r[2], r[3].encode()) for r in rows]
+        return [Outgoing(r[0], r[1], r[2], r[3].encode(), r[4]) for r in rows]
 
     def mark_sent(self, rows: list[int]) -> None:
         now = time.time()
@@ -105,31 +126,58 @@ class SwarmStore:
         return int(r[0]), int(r[1])
 
     def receive(self, items: list[dict[str, Any]], from_host: str = "") -> list[Message]:
+        """``receive_stored``, each stored message as a Message."""
+        return [
+            x
+            if isinstance(x, Message)
+            else Message(
+                id=x[0], from_=x[1][1], kind="message", body=x[1][2], sent_at=x[2], to=x[1][0]
+            )
+            for x in self.receive_stored(items, from_host)
+        ]
+
+    def receive_stored(self, items: list[dict[str, Any]], from_host: str = "") -> list[Stored]:
         """Put messages from host ``from_host`` (``id``, ``to``, ``from``, ``kind``,
         ``body`` each; a question or an answer also ``qid``: swarm/asks.py) in their
         recipients' inboxes and remember their ids, in one transaction; an id received
-        before is skipped, and so is an answer to no question asked of that host. The
-        messages stored, in order."""
-        out = []
+        before is skipped, and so is an answer to no question asked of that host. What
+        was stored, in order. A run of plain messages is one executemany (consecutive
+        ids, as in the group commit's message lane)."""
+        out: list[Stored] = []
+        now = time.time()
+        run: list[dict[str, Any]] = []  # plain messages not yet inserted
+        seen_rows: list[tuple[str, int, float]] = []
         with self._db.tx() as tx:
+
+            def insert_run() -> None:
+                if not run:
+                    return
+                stored = [(p["to"], p["from"], p["body"], 0) for p in run]
+                first = insert_messages(tx, stored, now) - len(run) + 1
+                for k, (p, item) in enumerate(zip(run, stored, strict=True)):
+                    seen_rows.append((p["id"], first + k, now))
+                    out.append((first + k, item, now))
+                run.clear()
+
             seen = self._seen(tx, [p["id"] for p in items])
             for p in items:
                 if p["id"] in seen:
                     continue
                 seen.add(p["id"])  # the same id twice in one bundle: once
                 if p["kind"] == "message":
-                    msg: Message | None = insert_message(
-                        tx, p["to"], p["from"], p["kind"], p["body"]
-                    )
-                else:
-                    msg = asks.receive(tx, from_host, p)
-                    self.dropped += msg is None
-                tx.execute(
-                    "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
-                    (p["id"], 0 if msg is None else msg.id, time.time()),
-                )
+                    run.append(p)
+                    continue
+                insert_run()  # in order: what came before it first
+                msg = asks.receive(tx, from_host, p)
+                self.dropped += msg is None
+                seen_rows.append((p["id"], 0 if msg is None else msg.id, now))
                 if msg is not None:
                     out.append(msg)
+            insert_run()
+            tx.executemany(
+                "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
+                seen_rows,
+            )
         return out
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from hyperhive.wire.common import Message, Question
+from hyperhive.wire.common import Question
 
 
 class SwarmPort(Protocol):
@@ -13,9 +13,9 @@ class SwarmPort(Protocol):
     def host_of(self, agent: str) -> str | None:
         """The host the roster gives ``agent`` to, if it is another host; else None."""
 
-    async def send(self, sender: str, to: str, body: str) -> Message:
+    async def send(self, sender: str, to: str, body: str) -> int:
         """Commit a message to an agent on another host to the outbox; the bridge
-        publishes it. The returned message's id is its outbox row."""
+        publishes it. Its id here: its outbox row."""
 
     def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> Question:
         """Store a question to an agent on another host and queue it there (one commit)."""
