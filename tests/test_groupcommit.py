@@ -16,7 +16,7 @@ from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import Store, StoreError
 from hyperhive.core.store.db import Tx
-from hyperhive.core.store.messages import ack_in, send_in
+from hyperhive.core.store.messages import MessageItem, ack_in, send_in
 
 
 @pytest.fixture
@@ -86,3 +86,70 @@ def test_a_cancelled_caller_write_still_commits(store: Store, tmp_path: Path) ->
 
     asyncio.run(turn())
     assert [m.body for m in delivered] == ["m"] and count(tmp_path / "hive.db") == 1
+
+
+class Hooks:
+    """The hive's side of the message lane, recorded."""
+
+    def __init__(self) -> None:
+        self.taken: list[MessageItem] = []
+        self.stored: list[tuple[int, MessageItem]] = []
+
+    def message_taken(self, item: MessageItem) -> None:
+        self.taken.append(item)
+
+    def message_stored(self, mid: int, item: MessageItem, sent_at: float) -> None:
+        self.stored.append((mid, item))
+
+
+def test_the_message_lane_keeps_order_and_ids_among_other_writes(
+    store: Store, tmp_path: Path
+) -> None:
+    """Lane messages around a generic write in one turn: one commit, each its own id in
+    queue order (a run is one executemany), the rows as queued, the hooks for each."""
+    hooks = Hooks()
+    items: list[MessageItem] = [("bob", "alice", f"l{i}", 2) for i in range(5)]
+
+    async def turn() -> list[Any]:
+        gc = GroupCommit(store.db, hooks)
+        before = store.db.commits
+        futs: list[asyncio.Future[Any]] = [gc.submit_message(it) for it in items[:3]]
+        futs.append(gc.submit(lambda tx: send_in(tx, ("bob", "carol", "message", "g"))))
+        futs += [gc.submit_message(it) for it in items[3:]]
+        out = await asyncio.gather(*futs)
+        assert store.db.commits == before + 1
+        return out
+
+    ids = asyncio.run(turn())
+    lane = ids[:3] + ids[4:]
+    generic = ids[3].id
+    assert lane[:3] == [generic - 3, generic - 2, generic - 1] and lane[3:] == [
+        generic + 1,
+        generic + 2,
+    ]
+    assert hooks.taken == items and hooks.stored == list(zip(lane, items, strict=True))
+    rows = [
+        r
+        for r in sqlite3.connect(tmp_path / "hive.db").execute(
+            "SELECT id, recipient, sender, kind, body, acked_at FROM messages ORDER BY id"
+        )
+    ]
+    assert [r[4] for r in rows] == ["l0", "l1", "l2", "g", "l3", "l4"]
+    assert all(r[3] == "message" and r[5] is None for r in rows)
+    assert [r[0] for r in rows] == sorted([*lane, generic])
+
+
+def test_an_error_refuses_the_lane_too(store: Store, tmp_path: Path) -> None:
+    hooks = Hooks()
+
+    def broken(tx: Tx) -> None:
+        tx.execute("INSERT INTO no_such_table VALUES (1)")
+
+    async def turn() -> list[Any]:
+        gc = GroupCommit(store.db, hooks)
+        futs = [gc.submit_message(("bob", "alice", "lost", 4)), gc.submit(broken)]
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    results = asyncio.run(turn())
+    assert all(isinstance(r, StoreError) for r in results), results
+    assert count(tmp_path / "hive.db") == 0 and hooks.stored == [] and len(hooks.taken) == 1

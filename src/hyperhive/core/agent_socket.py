@@ -30,8 +30,8 @@ from hyperhive.peercred import peer_cred
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire import agent as w
 from hyperhive.wire import harness as wh
-from hyperhive.wire.common import TEXT_CHARS, Message
-from hyperhive.wire.framing import dump_line, error, model_fields_only, ok
+from hyperhive.wire.common import TEXT_CHARS
+from hyperhive.wire.framing import dump_line, error, ok
 from hyperhive.wire.timestamps import rfc3339
 
 log = logging.getLogger("hive.core")
@@ -41,12 +41,6 @@ _conn_ids = itertools.count(1)
 # Sends a peer has written in a row are handled together: one group commit, one write of
 # their replies (jsonlines._take_pipelined). Their effects and replies keep their order.
 PIPELINED = frozenset({"send"})
-
-
-def _msg(m: Message) -> dict[str, Any]:
-    d = model_fields_only(m)
-    d.pop("to", None)  # the recipient is the caller
-    return d
 
 
 class AgentSession:
@@ -130,7 +124,7 @@ async def recv(s: AgentSession, req: w.Recv) -> Reply:
     # so a receiver's round is one request, not two. Refused: nothing acked, nothing read.
     acked = {} if req.ack is None else {"acked": await s.hive.ack(s.actor, req.ack)}
     page = await s.hive.recv(s.actor, s.conn, req.wait, req.max)
-    return ok(messages=[_msg(m) for m in page.items], **more(page), **acked)
+    return ok(messages=page.items, **more(page), **acked)
 
 
 async def ack(s: AgentSession, req: w.Ack) -> Reply:
@@ -174,7 +168,7 @@ async def harness_config(s: AgentSession, req: wh.HarnessConfig) -> Reply:
 
 async def turn_next(s: AgentSession, req: wh.TurnNext) -> Reply:
     msg = await s.hive.turn_next(s.actor, s.conn, req.wait)
-    return ok(message=_msg(msg)) if msg is not None else ok()
+    return ok(message=msg) if msg is not None else ok()
 
 
 async def turn_record(s: AgentSession, req: wh.TurnRecord) -> Reply:

@@ -406,19 +406,20 @@ class Hive:
         """A fresh byte budget for one reply (``[limits] reply_bytes``, core/replies.py)."""
         return ReplyBudget(self.config.limits.reply_bytes)
 
-    async def recv(self, actor: Agent, conn: int, wait: float, limit: int) -> Page[Message]:
+    async def recv(self, actor: Agent, conn: int, wait: float, limit: int) -> Page[dict[str, Any]]:
         """Up to ``limit`` unacked messages not held by another connection, and no more than
         fit one reply's byte budget, waiting up to ``wait`` seconds for the first; they stay
-        the caller's until acked or it hangs up. ``more``: others are waiting now."""
+        the caller's until acked or it hangs up. ``more``: others are waiting now. Each as
+        the recipient's line carries it (store/messages.py ``wire_for_recipient``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         while True:
             in_flight = self._in_flight[actor.name]
-            unacked = self.store.messages.unacked(actor.name, limit + 1, skip=set(in_flight))
-            page = take(unacked, self._reply_budget(), limit, _message_size)
+            unacked = self.store.messages.unacked_wire(actor.name, limit + 1, set(in_flight))
+            page = take(unacked, self._reply_budget(), limit, encoded_size)
             if page.items or loop.time() >= deadline:
                 for m in page.items:
-                    in_flight[m.id] = conn
+                    in_flight[m["id"]] = conn
                 return page
             await self.wakeups.wait(actor.name, deadline - loop.time())
 
@@ -658,7 +659,7 @@ class Hive:
         self.require_agent(name)
         return self._runtime_env(name)
 
-    async def turn_next(self, actor: Agent, conn: int, wait: float) -> Message | None:
+    async def turn_next(self, actor: Agent, conn: int, wait: float) -> dict[str, Any] | None:
         """The next message for a turn; while the agent is paused, none (messages
         stay queued, unacked). Resuming wakes the waiting harness."""
         loop = asyncio.get_running_loop()
@@ -1094,11 +1095,6 @@ class Hive:
         for n in targets:
             await fn(n)
         return targets
-
-
-def _message_size(msg: Message) -> int:
-    """A message's bytes in a ``recv`` reply (its recipient's rows carry no ``to``)."""
-    return encoded_size(model_fields_only(msg))
 
 
 def _page(

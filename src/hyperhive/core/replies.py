@@ -45,9 +45,14 @@ MAX_ITEM_BYTES = max(_TEXT_JSON + _OPTIONS_JSON, 2 * MAX_LINE) + 4096
 ENVELOPE_BYTES = 1024
 
 
+# framing.dump_line's encoding; one encoder for every call (json.dumps with options builds
+# one a call: a visible part of a recv of many messages).
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encoded_size(obj: Any) -> int:
     """Bytes ``obj`` takes in a reply line (as ``framing.dump_line`` encodes it)."""
-    return len(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode())
+    return len(_ENCODER.encode(obj).encode())
 
 
 class ReplyBudget:

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any, get_args
 
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.usage import make_room
 from hyperhive.core.summary import cut_sql, is_cut, options_prefix, shown
-from hyperhive.wire.common import Message
+from hyperhive.wire.agent import AT_MAX, AT_MIN
+from hyperhive.wire.common import Message, MessageKind
+from hyperhive.wire.framing import model_fields_only
+from hyperhive.wire.timestamps import rfc3339
 
 _COLUMNS = "id, sender, kind, body, sent_at, ref, options, recipient"
 _Row = tuple[int, str, str, str, float, "int | None", "str | None", str]
@@ -76,6 +81,37 @@ def _for_recipient(r: _Row) -> Message:
         body=f"[message {r[0]} is unreadable: {msg.reason}]",
         sent_at=r[4] if type(r[4]) in (int, float) else 0.0,
     )
+
+
+_KINDS = frozenset(get_args(MessageKind))
+
+
+def wire_for_recipient(r: _Row) -> dict[str, Any]:
+    """An unacked message as its recipient's ``recv`` line carries it: exactly
+    ``model_fields_only(_for_recipient(r))`` without ``to``, built straight from a row of
+    the usual types (the model's checks and dump were most of a recv's cost); any other
+    row goes through the model as before."""
+    mid, sender, kind, body, sent_at, ref, options = r[0], r[1], r[2], r[3], r[4], r[5], r[6]
+    if (
+        type(mid) is int
+        and type(sender) is str
+        and kind in _KINDS
+        and type(body) is str
+        and type(sent_at) is float
+        and math.isfinite(sent_at)
+        and AT_MIN <= sent_at <= AT_MAX
+        and (ref is None or type(ref) is int)
+        and options is None
+    ):
+        d: dict[str, Any] = {
+            "id": mid, "from": sender, "kind": kind, "body": body, "sent_at": rfc3339(sent_at)
+        }  # fmt: skip
+        if ref is not None:
+            d["ref"] = ref
+        return d
+    d = model_fields_only(_for_recipient(r))
+    d.pop("to", None)
+    return d
 
 
 def insert_message(
@@ -178,6 +214,14 @@ class MessageRepo:
             return [send_in(tx, item, quota) for item in batch]
 
     def unacked(self, recipient: str, limit: int, skip: set[int]) -> Iterator[Message]:
+        """``unacked_rows``, each as its Message."""
+        return (_for_recipient(r) for r in self.unacked_rows(recipient, limit, skip))
+
+    def unacked_wire(self, recipient: str, limit: int, skip: set[int]) -> Iterator[dict[str, Any]]:
+        """``unacked_rows``, each as its recipient's recv line carries it."""
+        return (wire_for_recipient(r) for r in self.unacked_rows(recipient, limit, skip))
+
+    def unacked_rows(self, recipient: str, limit: int, skip: set[int]) -> Iterator[_Row]:
         """Unacked messages to ``recipient`` not in ``skip``, oldest first, at most ``limit``,
         read one row at a time: the caller stops when its reply is full (core/replies.py).
         ``skip`` is left out by the query, so the rows held elsewhere are never read."""
@@ -193,7 +237,7 @@ class MessageRepo:
                 " AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY id LIMIT ?",
                 (recipient, json.dumps(sorted(skip)), limit),
             )
-        return (_for_recipient(r) for r in rows)
+        return rows
 
     def ack(self, recipient: str, ids: list[int]) -> int:
         """Ack ``ids``, all of which must be messages to ``recipient``; how many were new."""
