@@ -20,13 +20,12 @@ connection holds at most one reply, ``reply_bytes``, in its write buffer.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from hyperhive.wire.common import SHORT_TEXT_CHARS, TEXT_CHARS
-from hyperhive.wire.framing import MAX_LINE
+from hyperhive.wire.framing import MAX_LINE, dump_line
 
 T = TypeVar("T")
 
@@ -45,14 +44,9 @@ MAX_ITEM_BYTES = max(_TEXT_JSON + _OPTIONS_JSON, 2 * MAX_LINE) + 4096
 ENVELOPE_BYTES = 1024
 
 
-# framing.dump_line's encoding; one encoder for every call (json.dumps with options builds
-# one a call: a visible part of a recv of many messages).
-_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
-
-
 def encoded_size(obj: Any) -> int:
     """Bytes ``obj`` takes in a reply line (as ``framing.dump_line`` encodes it)."""
-    return len(_ENCODER.encode(obj).encode())
+    return len(dump_line(obj)) - 1  # the same encoder; its newline is not the row's
 
 
 class ReplyBudget:

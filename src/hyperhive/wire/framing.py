@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
+import orjson
 from pydantic import BaseModel, ValidationError
 
 MAX_LINE = 1024 * 1024  # bytes, excluding the newline
@@ -41,22 +43,30 @@ def _parse_float(text: str) -> float:
     return value
 
 
+# 19 digits in a row: a number orjson would read differently from our rules (past 64 bits
+# it gives a float, not a refusal); such a line is read by the stdlib decoder.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_NOT_READ = object()
+
+
 def parse_line(line: bytes) -> dict[str, Any]:
-    """Decode one request line into a JSON object, or raise WireError with a one-line reason."""
+    """Decode one request line into a JSON object, or raise WireError with a one-line reason.
+
+    orjson reads it when it can (~4x the stdlib's speed: every request is one line); a line
+    it refuses, or one with a number of 19 digits or more, is read by the stdlib decoder,
+    whose rules and words make the refusal (orjson refuses whatever that decoder refuses:
+    invalid UTF-8, a BOM, NaN and Infinity, numbers out of a double's range, lone
+    surrogates, nesting past 1024), so a refusal reads as it always has."""
     if len(line) > MAX_LINE:
         raise WireError(f"line exceeds {MAX_LINE} bytes")
-    try:
-        text = line.decode("utf-8")
-    except UnicodeDecodeError:
-        raise WireError("malformed request: line is not valid UTF-8") from None
-    try:
-        if text.startswith("\ufeff"):  # as json.loads says it (our decoder is called directly)
-            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
-        obj = _DECODER.decode(text)
-    except json.JSONDecodeError as e:
-        raise WireError(f"malformed JSON: {e.msg} at column {e.colno}") from None
-    except RecursionError:  # deeper than the interpreter's recursion limit (about 1000)
-        raise WireError(TOO_DEEP) from None
+    obj: Any = _NOT_READ
+    if _LONG_DIGITS.search(line) is None:
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            pass
+    if obj is _NOT_READ:
+        obj = _stdlib_parse(line)
     if not isinstance(obj, dict):
         raise WireError(f"request must be a JSON object, got {type(obj).__name__}")
     # Each level opens with a bracket: a line with no more brackets than MAX_DEPTH (in
@@ -64,6 +74,21 @@ def parse_line(line: bytes) -> dict[str, Any]:
     if line.count(b"[") + line.count(b"{") > MAX_DEPTH and depth(obj) > MAX_DEPTH:
         raise WireError(TOO_DEEP)
     return obj
+
+
+def _stdlib_parse(line: bytes) -> Any:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError("malformed request: line is not valid UTF-8") from None
+    try:
+        if text.startswith("\ufeff"):  # as json.loads says it (our decoder is called directly)
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
+    except json.JSONDecodeError as e:
+        raise WireError(f"malformed JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:  # deeper than the interpreter's recursion limit (about 1000)
+        raise WireError(TOO_DEEP) from None
 
 
 def depth(value: Any) -> int:
@@ -89,8 +114,19 @@ _DECODER = json.JSONDecoder(
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
+_ORJSON_OPTS = orjson.OPT_APPEND_NEWLINE | orjson.OPT_NON_STR_KEYS
+
+
 def dump_line(obj: dict[str, Any]) -> bytes:
-    return _ENCODER.encode(obj).encode() + b"\n"
+    """One reply line. orjson writes it (~5x the stdlib's speed); what it can't write (an
+    integer past 64 bits, nesting past 254) the stdlib encoder writes, or refuses as it
+    always has (a lone surrogate can't be UTF-8). One difference: a NaN or infinite float
+    (which no request can carry: parse_line refuses them) comes out as null, valid JSON,
+    where the stdlib wrote NaN."""
+    try:
+        return orjson.dumps(obj, option=_ORJSON_OPTS)
+    except TypeError:  # orjson.JSONEncodeError is one
+        return _ENCODER.encode(obj).encode() + b"\n"
 
 
 def ok(**fields: Any) -> dict[str, Any]:
