@@ -102,6 +102,15 @@ class Swarm(Generic[H]):
         wait_for(lambda: asyncio.run(whole()), timeout=timeout, interval=0.5)
 
 
+def listed(node: HostSocket, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
+    """Row ``rid`` of ``host`` in ``node``'s ``cmd`` listing (``questions`` / ``pending``:
+    the other hosts' rows under ``key``), or None."""
+    resp = node.host_call(cmd)
+    assert resp.get("ok"), resp
+    rows: list[dict[str, Any]] = resp.get(key, [])
+    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
+
+
 def admin_setup(net: SwarmNet) -> None:
     """As the admin: the stream, the inbox consumers and the roster bucket."""
 
@@ -186,12 +195,14 @@ def make_hive_swarm(subnet: int, agents: dict[str, dict[str, dict[str, Any]]]) -
             key = base / "net" / "operator-a.key"
             public = public_b64(load_or_create_key(key))
             swarm: Swarm[HiveProcess] = Swarm(net, operator_key=key)
+            owned = [key]
             for h in HOSTS:
                 (base / h).mkdir()
                 section = swarm_section(net, h, key, public)
+                owned.append(Path(section["credentials"]))
                 swarm.cores[h] = HiveProcess(agents[h], base=base / h, sections={"swarm": section},
                                              wrap=net.net_prefix(h), listen_host=net.addr[h])  # fmt: skip
-            for path in [key, *(net.credentials(h) for h in HOSTS)]:
+            for path in owned:
                 os.chown(path, core.pw_uid, core.pw_gid)
                 path.chmod(0o600)
             try:

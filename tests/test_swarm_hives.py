@@ -24,7 +24,7 @@ import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
 from hive_fixture import HIVE, HiveProcess, children, probe_result, proc_cmdline
-from swarm_fixture import Swarm, make_hive_swarm
+from swarm_fixture import Swarm, listed, make_hive_swarm
 from web_fixture import Web
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cages need root")
@@ -52,16 +52,13 @@ AGENTS: dict[str, dict[str, dict[str, Any]]] = {
 # HIVE_TEST_SWARM_SUBNET: these hosts' addresses must not be on two bridges at once.
 SUBNET_OFFSET = 64
 
-# In the cage: each [cmd, fields] on the agent's own socket, one connection, in turn;
-# "ack_last" acks the messages of the reply before it.
+# In the cage: each [cmd, fields] on the agent's own socket, one connection, in turn.
 CALLS = """
 s = socket.socket(socket.AF_UNIX)
 s.connect("/run/hive/agent.sock")
 lines = s.makefile("rb")
 replies = []
 for cmd, fields in P["calls"]:
-    if cmd == "ack_last":
-        cmd, fields = "ack", {"ids": [m["id"] for m in replies[-1]["messages"]]}
     s.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\\n")
     replies.append(json.loads(lines.readline()))
 result(replies=replies)
@@ -94,12 +91,6 @@ def hears(hive: HiveProcess, name: str, timeout: float = 20, **want: Any) -> dic
     got = wait_for(match, timeout=timeout, interval=0.1)
     assert len(got) == 1, got
     return got[0]
-
-
-def listed(hive: HiveProcess, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
-    """Row ``rid`` of ``host`` in ``hive``'s ``cmd`` listing (the other hosts' rows)."""
-    rows = assert_ok(hive.host_call(cmd)).get(key, [])
-    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
 
 
 def test_each_host_runs_a_whole_hive_in_its_network_namespace(hives: Swarm[HiveProcess]) -> None:
