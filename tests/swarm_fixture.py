@@ -1,6 +1,12 @@
-"""A swarm of three hive-cores for the tests: ``SwarmNet``'s three test hosts (network
-namespaces on one bridge, one NATS JetStream node each) and one hive-core per host,
-run inside that host's namespace with ``[swarm]`` pointing at its own node first.
+"""A swarm of three hives for the tests: ``SwarmNet``'s three test hosts (network
+namespaces on one bridge, one NATS JetStream node each) and one hive per host, run
+inside that host's network namespace with ``[swarm]`` pointing at its own node first.
+
+``make_swarm`` (the session's ``swarm``) runs a hive-core per host (``CoreProcess``:
+its store, host.sock and agent sockets; agents without cages), which is quick to start
+and to kill for the fault runs. ``make_hive_swarm`` runs a whole hive per host
+(``HiveProcess``, ``hive up``: hive-priv, hive-core, the nginx gateway and real cages),
+as tests/test_swarm_hives.py uses it.
 
     alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
 
@@ -12,16 +18,21 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
+import shutil
+import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import nats
 import pytest
 
 from helpers import CoreProcess, wait_for
+from hive_fixture import HiveProcess, _finish
+from hyperhive.cli.up import CORE_USER, ensure_user
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import ensure_streams
 from hyperhive.swarm.signing import load_or_create_key, public_b64
@@ -36,10 +47,20 @@ AGENTS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+class HostSocket(Protocol):
+    def host_call(self, cmd: str, **fields: Any) -> dict[str, Any]: ...
+
+
+H = TypeVar("H", bound=HostSocket)
+
+
 @dataclass
-class Swarm:
+class Swarm(Generic[H]):
+    """The test hosts and their hives: ``cores[h]`` is a ``CoreProcess`` (``make_swarm``)
+    or a ``HiveProcess`` (``make_hive_swarm``); both answer on host.sock."""
+
     net: SwarmNet
-    cores: dict[str, CoreProcess] = field(default_factory=dict)
+    cores: dict[str, H] = field(default_factory=dict)
     operator_key: Path | None = None  # host a's operator signing key (its file)
 
     def status(self, host: str) -> dict[str, Any]:
@@ -81,6 +102,15 @@ class Swarm:
         wait_for(lambda: asyncio.run(whole()), timeout=timeout, interval=0.5)
 
 
+def listed(node: HostSocket, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
+    """Row ``rid`` of ``host`` in ``node``'s ``cmd`` listing (``questions`` / ``pending``:
+    the other hosts' rows under ``key``), or None."""
+    resp = node.host_call(cmd)
+    assert resp.get("ok"), resp
+    rows: list[dict[str, Any]] = resp.get(key, [])
+    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
+
+
 def admin_setup(net: SwarmNet) -> None:
     """As the admin: the stream, the inbox consumers and the roster bucket."""
 
@@ -93,6 +123,20 @@ def admin_setup(net: SwarmNet) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def swarm_section(net: SwarmNet, host: str, operator_key: Path, public: str) -> dict[str, Any]:
+    """``host``'s ``[swarm]``: its own node first; a keeps the operator key, b and c obey it."""
+    return {
+        "host": host,
+        "urls": net.urls(host),
+        "credentials": str(net.credentials(host)),
+        **(
+            {"operator_key": str(operator_key)}
+            if host == OPERATOR_HOST
+            else {"operators": {OPERATOR_HOST: public}}
+        ),
+    }
 
 
 def make_swarm(
@@ -116,16 +160,7 @@ def make_swarm(
                     agents[h],
                     sections={
                         **({"limits": limits} if limits else {}),
-                        "swarm": {
-                            "host": h,
-                            "urls": net.urls(h),
-                            "credentials": str(net.credentials(h)),
-                            **(
-                                {"operator_key": str(swarm.operator_key)}
-                                if h == OPERATOR_HOST
-                                else {"operators": {OPERATOR_HOST: public}}
-                            ),
-                        }
+                        "swarm": swarm_section(net, h, swarm.operator_key, public),
                     },
                     wrap=net.netns_prefix(h),
                 )
@@ -143,6 +178,51 @@ def make_swarm(
         finally:
             with ThreadPoolExecutor(len(swarm.cores) or 1) as pool:
                 list(pool.map(_stop, swarm.cores.values()))
+
+
+def make_hive_swarm(subnet: int, agents: dict[str, dict[str, dict[str, Any]]]) -> Iterator[Swarm[HiveProcess]]:
+    """The three test hosts with a whole hive each (``hive up`` in the host's network
+    namespace, started at once): hive-core runs as user hive-core there, so the files
+    it reads (the NATS password, a's operator key) are its own, 0600, as in production,
+    under a directory it can reach (pytest's tmp is root's only)."""
+    ensure_user(CORE_USER)
+    core = pwd.getpwnam(CORE_USER)
+    base = Path(tempfile.mkdtemp(prefix="hsw", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "net").mkdir()
+    try:
+        with SwarmNet(subnet, HOSTS, base / "net") as net:
+            key = base / "net" / "operator-a.key"
+            public = public_b64(load_or_create_key(key))
+            swarm: Swarm[HiveProcess] = Swarm(net, operator_key=key)
+            owned = [key]
+            for h in HOSTS:
+                (base / h).mkdir()
+                section = swarm_section(net, h, key, public)
+                owned.append(Path(section["credentials"]))
+                swarm.cores[h] = HiveProcess(agents[h], base=base / h, sections={"swarm": section},
+                                             wrap=net.net_prefix(h), listen_host=net.addr[h])  # fmt: skip
+            for path in owned:
+                os.chown(path, core.pw_uid, core.pw_gid)
+                path.chmod(0o600)
+            try:
+                # All at once: the bridges retry until the admin has made the streams.
+                with ThreadPoolExecutor(len(HOSTS) + 1) as pool:
+                    jobs = [pool.submit(admin_setup, net)]
+                    jobs += [pool.submit(hive.start) for hive in swarm.cores.values()]
+                    for job in jobs:
+                        job.result()
+                for h in HOSTS:
+                    swarm.wait_roster(h, sum(len(agents[x]) for x in HOSTS))
+                yield swarm
+            finally:
+                # Each stopped (exit 0, its cages empty) at once; every failure reported.
+                with ThreadPoolExecutor(len(HOSTS)) as pool:
+                    jobs = [pool.submit(_finish, [hive]) for hive in swarm.cores.values()]
+                errors = [str(e) for job in jobs if (e := job.exception()) is not None]
+                assert not errors, "\n".join(errors)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

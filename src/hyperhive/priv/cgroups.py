@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -51,6 +52,15 @@ class Cgroup:
                 swap.write_text("0")
             return
         pids, memory = self.dirs
+        if not all(d.parents[2].is_dir() for d in (pids, memory)):
+            # No hierarchy at all, typically a sysfs mounted afresh on /sys (`ip netns exec`
+            # does that), which hides the host's cgroups: say so, not "no such file".
+            raise OSError(
+                errno.ENOENT,
+                f"no cgroup hierarchy under {self.dirs[0].parents[3]} (neither cgroup2 nor v1 "
+                "pids and memory): is hive-priv in a mount namespace with a fresh /sys, as "
+                "`ip netns exec` makes? Enter only the network namespace (nsenter --net=...)",
+            )
         for d in (pids, memory):
             d.mkdir(parents=True, exist_ok=True)
         (pids / "pids.max").write_text(str(pids_max))
