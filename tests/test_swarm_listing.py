@@ -21,11 +21,12 @@ import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
 from hive_fixture import HIVE
+from hyperhive.core import cockpit
 from hyperhive.core.store.common import canonical_json, sha256_hex
 from swarm_faults import drain
 from swarm_fixture import Swarm
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
 CHILD = {"runtime": "command", "command": ["true"]}
 
@@ -49,12 +50,39 @@ def dashboard(swarm: Swarm, host: str) -> Iterator[httpx.Client]:
         yield web
 
 
+def test_the_agents_table_pages_every_hosts_agents_together() -> None:
+    """1,000 agents here and 2,000 on two other hosts (one of them unreachable): one page
+    of 50 by name across hosts, the filter and the search over all of them, the counts
+    with ``unreachable``; without a swarm, the states and counts are as before."""
+    here = [{"name": f"a{i:04d}", "running": True} for i in range(1000)]
+    there = [
+        {"name": f"{h}{i:04d}", "host": h, "running": True, "paused": False,
+         "status_text": None, "reachable": h == "b"}
+        for h in ("b", "c") for i in range(1000)
+    ]  # fmt: skip
+    table = cockpit.agent_table([*here, *there], cockpit.View(), here="a")
+    assert (table.total, table.pages, len(table.rows), table.here) == (3000, 60, 50, "a")
+    assert table.counts == {**dict.fromkeys(cockpit.SWARM_STATES, 0), "running": 2000,
+                            "unreachable": 1000}  # fmt: skip
+    last = cockpit.agent_table([*here, *there], cockpit.View(page=60), here="a")
+    assert [r["name"] for r in last.rows][-1] == "c0999" and last.rows[0]["actions"] == []
+    down = cockpit.agent_table([*here, *there], cockpit.View(state="unreachable", q="c09"), "a")
+    assert (down.matching, down.pages) == (100, 2) and {r["host"] for r in down.rows} == {"c"}
+    mixed = cockpit.agent_table([*here, *there], cockpit.View(q="0999"), here="a")
+    assert [(r["name"], r.get("host")) for r in mixed.rows] == [
+        ("a0999", None), ("b0999", "b"), ("c0999", "c")]  # fmt: skip
+    assert mixed.rows[0]["actions"] == ["pause", "interrupt", "restart", "stop", "destroy"]
+    alone = cockpit.agent_table(here, cockpit.View())
+    assert alone.here is None and list(alone.counts) == list(cockpit.STATES)
+
+
 def elsewhere(swarm: Swarm, host: str) -> dict[tuple[str, str], dict[str, Any]]:
     """``host``'s ``agent_status`` rows of the other hosts' agents, by (host, name)."""
     rows = assert_ok(swarm.cores[host].host_call("agent_status")).get("swarm_agents", [])
     return {(r["host"], r["name"]): r for r in rows}
 
 
+@needs_root
 def test_other_hosts_agents_in_status_and_on_the_dashboard(swarm: Swarm) -> None:
     """a's ``hive status`` (and --json) and /api/state list bob (b) and carol (c) with
     their host; the cockpit's table pages and filters them with a's own; c's core stopped
@@ -97,6 +125,7 @@ def test_other_hosts_agents_in_status_and_on_the_dashboard(swarm: Swarm) -> None
         wait_for(lambda: elsewhere(swarm, "a")[("c", "carol")]["reachable"], timeout=15)
 
 
+@needs_root
 def test_another_hosts_approval_and_question_whole(swarm: Swarm) -> None:
     """An approval on b whose payload the roster cuts, and a question on c whose text it
     cuts: a's host.sock, CLI and HTTP give them whole, asked of their host; the payload
@@ -153,6 +182,7 @@ def test_another_hosts_approval_and_question_whole(swarm: Swarm) -> None:
         assert_ok(m.call("ack", ids=[x["id"] for x in msgs]))
 
 
+@needs_root
 def test_request_spawn_on_another_host(swarm: Swarm) -> None:
     """``hive request-spawn --host b``: the operator's spawn approval is queued on b (signed
     and carried), listed on a, and approved from a: the agent is spawned on b."""
@@ -192,6 +222,7 @@ def cancelled_on(swarm: Swarm, host: str, qid: int) -> bool:
     return bool(row and row[0])
 
 
+@needs_root
 def test_destroying_an_asker_or_a_target_closes_questions_across_hosts(swarm: Swarm) -> None:
     """askr (a) asks bob (b) and tgt (b). tgt destroyed on b: askr is told its question
     was cancelled. askr destroyed on a: b cancels its copy of the question to bob, which
