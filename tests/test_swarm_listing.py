@@ -164,6 +164,12 @@ def test_another_hosts_approval_and_question_whole(swarm: Swarm) -> None:
             r = web.get(f"/api/approvals/{aid}", params={"host": "b"})
             assert r.json()["approval"]["payload"] == payload, r.text
             assert web.get(f"/api/approvals/{aid}", params={"host": "B!"}).status_code == 422
+            # The cockpit's "show all" of a cut row on another host asks that host.
+            page = web.get("/").text
+            link = f'href="/cockpit/approvals/{aid}?host=b"'
+            assert link in page and f'href="/cockpit/questions/{qid}?host=c"' in page
+            shown = web.get(f"/cockpit/approvals/{aid}", params={"host": "b"}).text
+            assert "the last word" in shown and "long one" in shown
         # Only what the host's roster lists: not another host's, not a resolved one, not
         # a host the swarm doesn't know.
         assert_refused(a.host_call("show_approval", id=aid, host="c"), "host c:", "no pending")

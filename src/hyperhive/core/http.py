@@ -1072,10 +1072,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         kind: Literal["questions", "approvals", "messages"],
         rid: Id,
         session: Annotated[Session, Depends(require_session)],
+        host: OnHost = None,
     ) -> Response:
-        """A cut row's fields whole, as text (a listing's "show all")."""
+        """A cut row's fields whole, as text (a listing's "show all"); HOST: another swarm
+        host's question or approval, asked of that host."""
         verb, key, fields = WHOLE[kind]
-        row = (await operator({"cmd": verb, "id": rid})).get(key) or {}
+        on = _on(host) if kind != "messages" else {}
+        row = (await operator({"cmd": verb, "id": rid, **on})).get(key) or {}
         parts = [
             (f, v if isinstance(v, str) else payload_json(v)) for f in fields if (v := row.get(f))
         ]
