@@ -105,6 +105,32 @@ def test_a_host_cannot_answer_for_another_host_or_show_a_payload_it_did_not_list
         word = "subscription to" if op == "sub" else f'publish to "{subject}"'
         violation(as_host_c(swarm, go), word)
 
+    # c may ask b (its own subject), but b shows its items whole only to the hosts whose
+    # operator it obeys (a): c gets no more than the roster's summary.
+    bob = swarm.cores["b"].agent("bob")
+    bid = assert_ok(bob.call("request_approval", kind="custom", description="b's",
+                             payload={"secret-ish": "x" * 5000}))["id"]  # fmt: skip
+    answers: list[dict[str, Any]] = []
+
+    async def ask_b(nc: Any) -> None:
+        got = asyncio.Event()
+
+        async def on(m: Any) -> None:
+            answers.append(json.loads(m.data))
+            got.set()
+
+        await nc.subscribe(s.shown_subject("c", "b"), cb=on)
+        await nc.publish(s.show_subject("b", "c"),
+                         json.dumps({"rid": "r1", "kind": "approval", "id": bid}).encode())  # fmt: skip
+        await asyncio.wait_for(got.wait(), 5)
+
+    assert as_host_c(swarm, ask_b, settle=0) == []
+    assert [(x["rid"], x["ok"], x["status"]) for x in answers] == [("r1", False, 403)]
+    assert "approval" not in answers[0] and "obeys" in answers[0]["error"]
+    assert_ok(swarm.cores["b"].host_call("deny", id=bid))
+    msgs = assert_ok(bob.call("recv", wait=2.0))["messages"]
+    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+
     # c's own approval, answered by c with another payload than the roster lists: c's core
     # is stopped, so the attacker's connection is the one that answers a's requests.
     carol = swarm.cores["c"].agent("carol")

@@ -8,11 +8,13 @@ subscribe to ``hive.show.b.from.*`` (NATS's permissions), and b answers on
 subject names who gave it; neither side uses NATS reply subjects, so no host is ever
 allowed to publish to a subject another names.
 
-b answers only about what its roster already lists (a pending approval, an open question
-to the operator): what every host may read in summary. a checks what comes back: the id
-it asked for and, for an approval, that its payload's sha256 is its ``payload_sha256``
-and the one a's roster shows, so the payload shown is the one an approval from here is
-bound to (``operator.py``: an approve for another host carries that sha256).
+b answers only hosts whose operator it obeys (``[swarm] operators``: the ones that may
+act on its items; any other host reads the summaries only), and only about what its
+roster already lists (a pending approval, an open question to the operator). a checks
+what comes back: the id it asked for and, for an approval, that its payload's sha256 is
+its ``payload_sha256`` and the one a's roster shows, so the payload shown is the one an
+approval from here is bound to (``operator.py``: an approve for another host carries
+that sha256).
 """
 
 from __future__ import annotations
@@ -152,7 +154,12 @@ class ShowRelay:
                 and type(ident) is int and 0 < ident <= MAX_ID):  # fmt: skip
             log.info("swarm: a malformed request for an item from host %s", from_host)
             return
-        data = json.dumps({"rid": rid, **self.local(kind, ident)}).encode()
+        if from_host in self.bridge.operator.operators:
+            answer = self.local(kind, ident)
+        else:  # its operator can't act on them here: it needs no more than the summaries
+            why = f"host {self.host} shows its items whole only to hosts whose operator it obeys"
+            answer = {"ok": False, "status": 403, "error": why}
+        data = json.dumps({"rid": rid, **answer}).encode()
         if len(data) > nc.max_payload:
             why = f"{kind} {ident} is too large to carry"
             data = json.dumps({"rid": rid, "ok": False, "status": 503, "error": why}).encode()
