@@ -342,9 +342,24 @@ class Hive:
             return None
         return await self.swarm.carry(host, request)
 
+    async def fetch_remote(
+        self, actor: Operator, host: str, kind: str, ident: int
+    ) -> dict[str, Any] | None:
+        """Another host's pending approval or open question (``kind``), whole, with its
+        host; None if ``host`` is this one (the caller reads it here)."""
+        if self.swarm is None:
+            raise BadRequest(f"no host {host!r}: this hive is not in a swarm")
+        if host == self.swarm.host:
+            return None
+        return await self.swarm.fetch(host, kind, ident)
+
+    def swarm_host(self) -> str | None:
+        """This host's name in the swarm; None without [swarm]."""
+        return None if self.swarm is None else self.swarm.host
+
     def swarm_listing(self, actor: Operator, kind: str) -> list[dict[str, Any]] | None:
-        """The other hosts' open questions or pending approvals (``kind``), each with its
-        host; None without [swarm]."""
+        """The other hosts' ``agents`` (each with ``reachable``), open ``questions`` or
+        pending ``approvals``, each with its host; None without [swarm]."""
         return None if self.swarm is None else self.swarm.listed(kind)
 
     async def _queue_send(self, sender: str, to: str, body: str) -> Message:
@@ -1000,6 +1015,8 @@ class Hive:
     async def destroy(self, actor: Operator, name: str) -> None:
         self.require_agent(name)
         await self.lifecycle.destroy(name)
+        if self.swarm is not None:  # its questions across hosts: closed there too
+            self.swarm.forget(name)
         self.store.agents.delete(name)
         self._forget(name)
         self.reload_egress(name)

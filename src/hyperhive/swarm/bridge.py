@@ -36,6 +36,7 @@ from hyperhive.swarm.bus import connect
 from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore, queue_tx
 from hyperhive.swarm.settings import SwarmSection
+from hyperhive.swarm.show import ShowRelay
 from hyperhive.wire.common import SHORT_TEXT_CHARS, Message, Question
 
 if TYPE_CHECKING:
@@ -124,9 +125,11 @@ class Bridge:
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
+        self._reachable: set[str] = set()  # the other hosts reachable at the last look
         self.received = 0
         self.dropped = 0
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
+        self.show = ShowRelay(self)  # other hosts' items whole (show.py)
 
     # -- the port (called by core/hive.py) ---------------------------------------------
 
@@ -171,6 +174,10 @@ class Bridge:
             self._wake.set()
         return q
 
+    def forget(self, name: str) -> None:
+        if asks.forget(self.store.db, name):
+            self._wake.set()
+
     def status(self) -> dict[str, Any]:
         nc = self.nc
         connected = nc is not None and nc.is_connected
@@ -206,8 +213,21 @@ class Bridge:
     async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
         return await self.operator.carry(host, request)
 
+    async def fetch(self, host: str, kind: str, ident: int) -> dict[str, Any]:
+        return await self.show.fetch(host, kind, ident)
+
     def listed(self, kind: str) -> list[dict[str, Any]]:
-        return self.operator.listed(kind)
+        if kind != "agents":
+            return self.operator.listed(kind)
+        # The other hosts' agents, as listings beside this host's show them.
+        nc = self.nc
+        connected = nc is not None and nc.is_connected
+        up = {h: self.reachable(h, connected) for h in {h for h, _ in self.rows}}
+        return [
+            {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": up[host]}
+            for (host, _), row in sorted(self.rows.items())
+            if host != self.host
+        ][:MAX_LISTED]
 
     def reachable(self, host: str, connected: bool) -> bool:
         """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
@@ -238,7 +258,7 @@ class Bridge:
         loops: list[Callable[[], Awaitable[None]]] = [
             self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop
         ]  # fmt: skip
-        loops += self.operator.loops()
+        loops += self.operator.loops() + self.show.loops()
         try:
             await asyncio.gather(*(self._forever(f) for f in loops))
         finally:
@@ -284,7 +304,10 @@ class Bridge:
             for bundle in bundles(batch):
                 # Its senders' names are claimed before their messages go out, so the
                 # receiver finds them in the bucket (an agent spawned a moment ago, say).
-                senders = {json.loads(o.payload)["from"] for o in bundle}
+                # Not a withdraw's or cancel's: its sender was destroyed (asks.forget), and
+                # its name must stay free (the receiver checks those against its tables).
+                items = [json.loads(o.payload) for o in bundle]
+                senders = {i["from"] for i in items if i["kind"] not in asks.CLOSING}
                 for sender in senders - self._claimed - self._conflicts:
                     await self._claim(await self._bucket(), sender)
                 # One bundle at a time, retried until acked: a later one never overtakes it.
@@ -398,11 +421,15 @@ class Bridge:
             and 0 < len(p["id"]) <= 64
             and isinstance(p.get("body"), str)
             and len(p["body"]) <= MAX_BODY
-            and p.get("kind") in ("message", "question", "answer")
+            and p.get("kind") in ("message", *asks.KINDS)
             and all(isinstance(p.get(k), str) and NAME_RE.fullmatch(p[k]) for k in ("from", "to"))
             and (p["kind"] == "message" or asks.well_formed(p))
         ):
             return "malformed"
+        if p["kind"] in asks.CLOSING:
+            # Its sender (or recipient) may be gone already: what it may close is decided by
+            # the sending host alone (NATS vouches for it) and this host's tables (asks.py).
+            return None
         if (p["from"], p["to"]) in known:
             return None
         owner = self.names.get(p["from"])
@@ -425,10 +452,22 @@ class Bridge:
         rounds = 0
         while True:
             await self._publish_roster(kv)
+            self._reachability()
             if rounds % PRUNE_ROUNDS == 0:
                 self.store.prune()  # sent outbox rows and old received ids
             rounds += 1
             await asyncio.sleep(ROSTER_EVERY)
+
+    def _reachability(self) -> None:
+        """Tell open dashboards when another host turns unreachable or back (its agents'
+        state): a heartbeat going stale is no event of its own."""
+        nc = self.nc
+        connected = nc is not None and nc.is_connected
+        now = {h for h in self.heartbeats if h != self.host and self.reachable(h, connected)}
+        if now != self._reachable:
+            for host in now ^ self._reachable:
+                self.hive.bus.publish("swarm", {"host": host, "what": "reachable"})
+            self._reachable = now
 
     async def _publish_roster(self, kv: KeyValue) -> None:
         await kv.put(s.host_key(self.host), json.dumps({"at": time.time()}).encode())
@@ -526,6 +565,8 @@ class Bridge:
                 claims[parts[2]] = revision
             self._own(parts[1])
         elif parts[0] == "agents" and len(parts) == 3:
+            if parts[1] != self.host:  # dashboards draw the other hosts' agents again
+                self.hive.bus.publish("swarm", {"host": parts[1], "what": "agents"})
             if deleted:
                 self.rows.pop((parts[1], parts[2]), None)
             else:

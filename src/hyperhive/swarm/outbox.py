@@ -122,8 +122,9 @@ class SwarmStore:
                         tx, p["to"], p["from"], p["kind"], p["body"]
                     )
                 else:
-                    msg = asks.receive(tx, from_host, p)
-                    self.dropped += msg is None
+                    got = asks.receive(tx, from_host, p)
+                    self.dropped += got == "dropped"
+                    msg = got if isinstance(got, Message) else None
                 tx.execute(
                     "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
                     (p["id"], 0 if msg is None else msg.id, time.time()),

@@ -24,12 +24,20 @@ class SwarmPort(Protocol):
         """Answer question ``qid`` if another host asked it (queued back there); None if
         it was asked on this host."""
 
+    def forget(self, name: str) -> None:
+        """Local agent ``name`` is being destroyed: its open questions across hosts (asked
+        by it, or of it) are closed, and the other hosts told (swarm/asks.py)."""
+
     def status(self) -> dict[str, Any]:
         """Hosts, bus reachability and the roster (``hive swarm status``)."""
 
     async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
         """The operator's host.sock ``request`` for ``host``, signed and carried there;
         what it made of it (a refusal there is raised here)."""
+
+    async def fetch(self, host: str, kind: str, ident: int) -> dict[str, Any]:
+        """``host``'s pending approval or open question (``kind``) ``ident`` whole, asked
+        of that host; an approval checked against its payload_sha256 (swarm/show.py)."""
 
     def listed(self, kind: str) -> list[dict[str, Any]]:
         """The other hosts' open ``questions`` or pending ``approvals``, each with its host."""
