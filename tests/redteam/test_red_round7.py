@@ -36,6 +36,7 @@ from swarm_fixture import Swarm
 from testnet import TestNet
 
 from .conftest import MAX_CORE_LATENCY, cage_run
+from .test_budget_store import db_count
 from .test_secrets_egress import _cert, _pem
 from .test_swarm_hostile import as_host_c
 
@@ -52,6 +53,7 @@ header = "authorization: Bearer {{}}"
 env = "R7_TOKEN"
 """
 PENDING_MAX = 10  # r7x's storage quota (rows): the batching case fills it
+QUOTA = 10_000  # the default agent_pending_max: the session swarm's alice
 
 # A raw HTTPS/1.1 server (no http.server: it must be able to misbehave). Each request
 # is answered with its connection's number; state.json holds the open connections and
@@ -486,42 +488,48 @@ def test_a_hostile_host_cannot_wipe_the_roster_and_take_the_names(swarm: Swarm) 
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
-@pytest.mark.xfail(strict=True, reason=(
-    "open (red team round 7): a cross-host send is stored in the sender's swarm_outbox and then in the"
-    " receiver's inbox without either host checking the sender's storage quota (agent_pending_max,"
-    " agent_store_mib); only the rate limit bounds it. A fix needs per-sender accounting of outbox rows"
-    " (and of what the receiving host holds for a remote sender); docs/security.md, swarm limits"))
 @pytest.mark.attack("budget.store", ref="red team round 7: cross-host sends and the storage quota")
 def test_cross_host_sends_count_in_the_senders_storage_quota(swarm: Swarm) -> None:
     """alice (host a) may hold 10,000 undelivered messages (the default quota). bob (host
-    b) reads none; alice pipelines 10,001 sends to him: the last one should be refused
-    with the quota's line, as a local send is. All are taken (bob's host stores them
-    all under alice's name)."""
+    b) reads none; alice pipelines 10,001 sends to him. Before, all were taken (bob's host
+    stored them all under alice's name: neither host counted them). Now her messages count
+    in her quota on a from the outbox's commit until b says bob acked them (swarm/quota.py):
+    the ones past 10,000 are refused with the quota's line, as a local send is, and nothing
+    refused reaches bob. Once bob has read them, b's report gives her the quota back."""
     import socket
 
-    n = 10_001
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    usage = "SELECT coalesce(sum(pending), 0) FROM agent_usage WHERE agent='alice'"
+    before = db_count(a, usage)
+    n = QUOTA + 1
     lines = b"".join(json.dumps({"cmd": "send", "to": "bob", "body": f"r7q{i}"}).encode() + b"\n" for i in range(n))
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(60)
-        sock.connect(str(swarm.cores["a"].agent_sock("alice")))
+        sock.connect(str(a.agent_sock("alice")))
         writer = threading.Thread(target=sock.sendall, args=(lines,), daemon=True)
         writer.start()
         f = sock.makefile("rb")
         replies = [json.loads(f.readline()) for _ in range(n)]
         writer.join()
     sent = sum(1 for r in replies if r["ok"])
-    got: list[int] = []
+    got: list[str] = []
 
     def drained() -> bool:  # the session's swarm: bob's inbox as it was
-        msgs = assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.5, max=1000))["messages"]
+        msgs = assert_ok(b.agent_call("bob", "recv", wait=0.5, max=1000))["messages"]
         if msgs:
-            assert_ok(swarm.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
-        got.extend(m["id"] for m in msgs if m["body"].startswith("r7q"))
+            assert_ok(b.agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
+        got.extend(m["body"] for m in msgs if m["body"].startswith("r7q"))
         return len(got) >= sent
 
     try:
-        refused = [r["error"] for r in replies if not r["ok"]]
-        assert any(e.startswith("storage quota: agent alice holds") for e in refused), (
-            f"{sent} of {n} cross-host sends taken; refusals: {sorted(set(refused))[:3]}")
+        refused = {r["error"] for r in replies if not r["ok"]}
+        assert sent == QUOTA - before, f"{sent} of {n} cross-host sends taken; refusals: {sorted(refused)[:3]}"
+        assert refused == {f"storage quota: agent alice holds {QUOTA} undelivered messages, questions,"
+                           f" approvals and reminders, limit {QUOTA}"}, refused
     finally:
         wait_for(drained, timeout=60)
+    assert got == [f"r7q{i}" for i in range(sent)], (len(got), got[-3:])  # in order; none refused came
+    # bob acked them all: b reports it, and a gives alice her quota back.
+    wait_for(lambda: db_count(a, usage) == before, timeout=15)
+    assert_ok(a.agent_call("alice", "send", to="bob", body="r7q-again"))
+    wait_for(lambda: drained() and "r7q-again" in got, timeout=15)  # (taken: sent, and back)

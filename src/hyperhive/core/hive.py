@@ -315,7 +315,10 @@ class Hive:
         assert self.swarm is not None
         self._check_remote_peer(actor, to)
         self._take_rate(actor)
-        return await self.swarm.send(actor.name, to, body)
+        # The same storage quota as a local send: it counts from the outbox's commit until
+        # the other host releases it (its recipient acked it; swarm/quota.py).
+        taken = self._hold(actor.name, len(body.encode()), to_operator=False)
+        return await self.swarm.send(actor.name, to, body, taken)
 
     def _check_remote_peer(self, actor: Agent, to: str) -> None:
         """The peer ACL for an agent on another host: one of the caller's ``peers``."""
@@ -368,19 +371,24 @@ class Hive:
         Sends that arrive in the same turn of the event loop share one
         transaction: the reply still only goes out after the commit, and a
         failed commit refuses every send in it (none is half-stored)."""
-        nbytes = len(body.encode())
-        self.check_store_quota(sender, 1, nbytes, to_operator=to == OPERATOR)
-        rows, held = self._queued.get(sender, (0, 0))
-        self._queued[sender] = (rows + 1, held + nbytes)  # counted until the commit
+        taken = self._hold(sender, len(body.encode()), to_operator=to == OPERATOR)
         item = (to, sender, "message", body)
         quota = self.store_quota()
+        return await self.commits.submit(lambda tx: send_in(tx, item, quota), self.delivered, taken)
+
+    def _hold(self, sender: str, nbytes: int, to_operator: bool) -> Callable[[], None]:
+        """Check one more message of ``nbytes`` against ``sender``'s storage quota and count
+        it until the group commit takes it; the callback the commit calls then."""
+        self.check_store_quota(sender, 1, nbytes, to_operator=to_operator)
+        rows, held = self._queued.get(sender, (0, 0))
+        self._queued[sender] = (rows + 1, held + nbytes)  # counted until the commit
 
         def taken() -> None:  # in agent_usage from the commit on (or refused)
             rows, held = self._queued.pop(sender, (0, 0))
             if rows > 1:
                 self._queued[sender] = (rows - 1, held - nbytes)
 
-        return await self.commits.submit(lambda tx: send_in(tx, item, quota), self.delivered, taken)
+        return taken
 
     def _reply_budget(self) -> ReplyBudget:
         """A fresh byte budget for one reply (``[limits] reply_bytes``, core/replies.py)."""
@@ -491,7 +499,9 @@ class Hive:
         self._check_remote_peer(actor, to)
         self._take_rate(actor)
         nbytes = len(question.encode()) + len(json.dumps(options).encode() if options else b"")
-        self.check_store_quota(actor.name, 1, nbytes)
+        # Stored twice, as on one host: here, and in the target's inbox there (counted here
+        # until that host releases it; swarm/quota.py).
+        self.check_store_quota(actor.name, 2, 2 * nbytes)
         q = self.swarm.ask(actor.name, to, question, options)
         self.bus.publish("question", {"question": model_fields_only(q)})
         return q.id

@@ -7,7 +7,10 @@ Four loops share one connection, each restarting on its own after a failure:
 - ``_consume_loop``: one puller per other host, on this host's durable consumer of what
   that host sent: commit (dedup by id), then ack;
 - ``_roster_loop``: this host's agent rows and name claims into the KV bucket;
-- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch.
+- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch;
+- ``_quota_loop``: the storage quota across hosts (swarm/quota.py): what this host
+  released of other hosts' agents' messages out to the bucket, and what the others
+  released of this host's agents' in from it.
 """
 
 from __future__ import annotations
@@ -52,6 +55,13 @@ MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
 ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
+QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
+REPORTS = 1024  # released counts published in one round (the rest: the next rounds)
+
+
+class NoRecipient(str):
+    """A refusal of a message its host's own agent sent to no agent here: nothing is
+    delivered, and what it cost its sender is released at once (swarm/quota.py)."""
 
 
 def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -122,12 +132,14 @@ class Bridge:
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
         self._wake = asyncio.Event()
         self._claimed: set[str] = set()
+        self.waiting: set[str] = set()  # other hosts whose bundles wait for room here
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
         self._reachable: set[str] = set()  # the other hosts reachable at the last look
         self.received = 0
         self.dropped = 0
+        self._releases: dict[tuple[str, str], tuple[int, int]] = {}  # reports not yet applied
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
         self.show = ShowRelay(self)  # other hosts' items whole (show.py)
 
@@ -145,14 +157,23 @@ class Bridge:
                 host = await self._lookup(self.kv, agent)
         return host if host != self.host else None
 
-    async def send(self, sender: str, to: str, body: str) -> Message:
-        host = await self.locate(to)
+    async def send(
+        self, sender: str, to: str, body: str, taken: Callable[[], None] | None = None
+    ) -> Message:
+        try:
+            host = await self.locate(to)
+        except BaseException:
+            if taken is not None:
+                taken()
+            raise
         if host is None:
+            if taken is not None:
+                taken()
             raise NotFound(f"no agent named {to!r}")
         # Cross-host sends of one loop turn share the core's group commit (core/
         # groupcommit.py) with local sends and acks: one transaction, each reply after it.
         row = await self.hive.commits.submit(
-            lambda tx: queue_tx(tx, host, sender, to, "message", body)
+            lambda tx: queue_tx(tx, host, sender, to, "message", body), taken=taken
         )
         self._wake.set()
         # Built unchecked: every field is ours (pydantic's checks cost as much as the commit).
@@ -202,6 +223,8 @@ class Bridge:
             "outbox_sent": sent,
             "received": self.received,
             "dropped": self.dropped + self.store.dropped,
+            # Hosts whose messages wait here for room (swarm/quota.py: the bounds).
+            "waiting": sorted(self.waiting),
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
@@ -256,7 +279,8 @@ class Bridge:
         log.info("swarm: host %s connected to %s", self.host, self.nc.connected_url)
         print(f"hive-core: swarm host={self.host} connected", flush=True)
         loops: list[Callable[[], Awaitable[None]]] = [
-            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop
+            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop,
+            self._quota_loop,
         ]  # fmt: skip
         loops += self.operator.loops() + self.show.loops()
         try:
@@ -387,7 +411,7 @@ class Bridge:
             log.warning("swarm: dropped a bundle on %s: not a list of messages", m.subject)
             await m.ack()
             return True
-        good = []
+        good: list[tuple[dict[str, Any], bool]] = []
         known: set[tuple[str, str]] = set()  # (from, to) pairs found good in this bundle
         for p in items:
             try:
@@ -396,18 +420,34 @@ class Bridge:
                 log.info("swarm: can't check a sender on %s yet: %s", m.subject, e)
                 return False
             if why is None:
-                good.append(p)
+                good.append((p, True))
             else:
                 self.dropped += 1
                 log.warning("swarm: dropped a message on %s: %s", m.subject, why)
+                if isinstance(why, NoRecipient):  # sent by that host's own agent: released
+                    good.append((p, False))
+        limits = self.hive.config.limits
         try:
-            msgs = self.store.receive(good, from_host)
+            msgs, whole = self.store.take(
+                good,
+                from_host,
+                (limits.agent_pending_max, limits.agent_store_mib << 20),
+                (self.settings.host_pending_max, self.settings.host_store_mib << 20),
+            )
         except StoreError as e:
             log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
             return False
         self.received += len(msgs)
         for msg in msgs:
             self.hive.delivered(msg)
+        if not whole:
+            # Past what this host holds for a sender, or for that host: the rest of the
+            # bundle (and that host's later ones) wait until recipients read; never dropped.
+            if from_host not in self.waiting:
+                log.warning("swarm: host %s's messages wait: its storage bound here", from_host)
+            self.waiting.add(from_host)
+            return False
+        self.waiting.discard(from_host)
         await m.ack()  # only now: a crash before it means a redelivery, dropped as seen
         return True
 
@@ -441,7 +481,7 @@ class Bridge:
         if owner != from_host:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):
-            return f"no agent named {p['to']!r} here"
+            return NoRecipient(f"no agent named {p['to']!r} here")
         known.add((p["from"], p["to"]))
         return None
 
@@ -548,9 +588,46 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
 
+    # -- the storage quota across hosts (swarm/quota.py) ------------------------------
+
+    async def _quota_loop(self) -> None:
+        kv = await self._bucket()
+        while True:
+            done = self.store.unreported(REPORTS)
+            for host, agent, rows, nbytes in done:
+                value = json.dumps([rows, nbytes]).encode()
+                await kv.put(s.released_key(self.host, host, agent), value)
+            if done:
+                self.store.reported(done)
+            reports, self._releases = self._releases, {}
+            if reports:
+                self.store.release(reports)  # a commit: the quota's next read sees it
+            await asyncio.sleep(QUOTA_EVERY)
+
+    def _released(self, parts: list[str], value: bytes | None) -> None:
+        """``released.<host>.<us>.<agent>`` = [rows, bytes]: what ``host`` has released in
+        all of our ``agent``'s messages; applied by the quota loop (only upward, capped)."""
+        _, host, to, agent = parts
+        if to != self.host or host == self.host or value is None:
+            return
+        if not (NAME_RE.fullmatch(host) and NAME_RE.fullmatch(agent)):
+            return
+        with contextlib.suppress(ValueError, RecursionError):
+            got = json.loads(value)
+            if (
+                isinstance(got, list)
+                and len(got) == 2
+                and all(type(n) is int and 0 <= n < 1 << 62 for n in got)
+            ):
+                self._releases[(host, agent)] = (got[0], got[1])
+
     def _apply(self, key: str, value: bytes | None, op: str | None, revision: int | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if parts[0] == "released":
+            if len(parts) == 4 and not deleted:
+                self._released(parts, value)
+            return
         if self.operator.watched(parts, value, deleted):
             return
         if parts[0] == "hosts" and len(parts) == 2 and not deleted:

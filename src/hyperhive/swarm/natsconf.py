@@ -45,6 +45,7 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 f"$KV.{s.BUCKET}.agents.{host}.>",
                 f"$KV.{s.BUCKET}.{s.host_key(host)}",
                 f"$KV.{s.BUCKET}.{s.name_key('*', host)}",  # its own claims only
+                f"$KV.{s.BUCKET}.released.{host}.>",  # what it released (swarm/quota.py)
                 *inboxes,
                 "$JS.API.INFO",
                 f"$JS.API.STREAM.INFO.{roster}",

@@ -20,10 +20,11 @@ from typing import Any
 from hyperhive.core.store import Database
 from hyperhive.core.store.db import Tx
 from hyperhive.core.store.messages import insert_message
-from hyperhive.swarm import asks
+from hyperhive.swarm import asks, quota
 from hyperhive.wire.common import Message
 
 SEEN_KEEP = 1_000_000  # received ids remembered (far past any redelivery)
+NO_BOUND = (1 << 62, 1 << 62)
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS swarm_outbox (
@@ -53,8 +54,12 @@ class Outgoing:
 
 def queue_tx(tx: Tx, to_host: str, sender: str, to: str, kind: str, body: str, **extra: Any) -> int:
     """Store one outgoing message in the caller's transaction; its outbox row. ``extra``:
-    a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py)."""
+    a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py). One that
+    will sit in an inbox there counts in ``sender``'s quota until that host releases it
+    (swarm/quota.py)."""
     now, msg_id = time.time(), uuid.uuid4().hex
+    if kind in quota.COUNTED:
+        quota.sent_tx(tx, sender, to_host, quota.item_bytes(body, extra.get("options")))
     item = {"id": msg_id, "from": sender, "to": to, "kind": kind, "body": body, "sent_at": now}
     payload = json.dumps({**item, **extra}, ensure_ascii=False)
     cur = tx.execute(
@@ -69,9 +74,11 @@ class SwarmStore:
         self._db = db
         self.dropped = 0  # received questions and answers refused (swarm/asks.py)
         with db.tx() as tx:
-            for statement in (_TABLES + asks.TABLES).split(";"):
+            for statement in (_TABLES + asks.TABLES + quota.TABLES).split(";"):
                 if statement.strip():
                     tx.execute(statement)
+            for trigger in quota.TRIGGERS:
+                tx.execute(trigger)
 
     @property
     def db(self) -> Database:
@@ -105,33 +112,78 @@ class SwarmStore:
         return int(r[0]), int(r[1])
 
     def receive(self, items: list[dict[str, Any]], from_host: str = "") -> list[Message]:
+        """``take`` with every item deliverable and no bound (the tests' shorthand)."""
+        return self.take([(p, True) for p in items], from_host, NO_BOUND, NO_BOUND)[0]
+
+    def take(
+        self,
+        items: list[tuple[dict[str, Any], bool]],
+        from_host: str,
+        per_agent: tuple[int, int],
+        per_host: tuple[int, int],
+    ) -> tuple[list[Message], bool]:
         """Put messages from host ``from_host`` (``id``, ``to``, ``from``, ``kind``,
         ``body`` each; a question or an answer also ``qid``: swarm/asks.py) in their
         recipients' inboxes and remember their ids, in one transaction; an id received
-        before is skipped, and so is an answer to no question asked of that host. The
-        messages stored, in order."""
+        before is skipped, and so is an answer to no question asked of that host. Each
+        item comes with whether it may be delivered: one that may not (no such recipient)
+        is only released in its sender's quota (swarm/quota.py). The messages stored, in
+        order, and whether all were: storing stops at the first item past what this host
+        holds for one sender (``per_agent``: rows, bytes) or for ``from_host`` in all
+        (``per_host``); the rest wait for a later try."""
         out = []
+        whole = True
         with self._db.tx() as tx:
-            seen = self._seen(tx, [p["id"] for p in items])
-            for p in items:
+            seen = self._seen(tx, [p["id"] for p, _ in items])
+            room = quota.Room(tx, from_host, per_agent, per_host)
+            for p, deliverable in items:
                 if p["id"] in seen:
                     continue
+                counted = p["kind"] in quota.COUNTED
+                nbytes = quota.item_bytes(p["body"], p.get("options")) if counted else 0
+                if counted and deliverable and not room.fits(p["from"], nbytes):
+                    whole = False  # back-pressure: this one and the rest wait
+                    break
                 seen.add(p["id"])  # the same id twice in one bundle: once
-                if p["kind"] == "message":
-                    msg: Message | None = insert_message(
-                        tx, p["to"], p["from"], p["kind"], p["body"]
-                    )
+                msg: Message | None = None
+                if not deliverable:
+                    pass
+                elif p["kind"] == "message":
+                    msg = insert_message(tx, p["to"], p["from"], p["kind"], p["body"])
                 else:
                     got = asks.receive(tx, from_host, p)
                     self.dropped += got == "dropped"
                     msg = got if isinstance(got, Message) else None
+                if counted:
+                    if msg is not None:
+                        room.hold(msg.id, p["from"], nbytes)
+                    else:
+                        room.release(p["from"], nbytes)
                 tx.execute(
                     "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
                     (p["id"], 0 if msg is None else msg.id, time.time()),
                 )
                 if msg is not None:
                     out.append(msg)
-        return out
+        return out, whole
+
+    def unreported(self, limit: int) -> list[tuple[str, str, int, int]]:
+        """Released counts of other hosts' agents not yet published (swarm/quota.py)."""
+        with self._db.tx() as tx:
+            return quota.unreported(tx, limit)
+
+    def reported(self, done: list[tuple[str, str, int, int]]) -> None:
+        with self._db.tx() as tx:
+            quota.reported_tx(tx, done)
+
+    def release(self, reports: dict[tuple[str, str], tuple[int, int]]) -> int:
+        """Other hosts' reports of what they released of this host's agents' items, (host,
+        agent) -> (rows, bytes) in all, applied in one transaction; how many changed."""
+        with self._db.tx() as tx:
+            return sum(
+                quota.release_tx(tx, host, agent, rows, nbytes)
+                for (host, agent), (rows, nbytes) in reports.items()
+            )
 
     @staticmethod
     def _seen(tx: Tx, ids: list[str]) -> set[str]:

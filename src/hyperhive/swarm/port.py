@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from hyperhive.wire.common import Message, Question
@@ -13,9 +14,12 @@ class SwarmPort(Protocol):
     def host_of(self, agent: str) -> str | None:
         """The host the roster gives ``agent`` to, if it is another host; else None."""
 
-    async def send(self, sender: str, to: str, body: str) -> Message:
+    async def send(
+        self, sender: str, to: str, body: str, taken: Callable[[], None] | None = None
+    ) -> Message:
         """Commit a message to an agent on another host to the outbox; the bridge
-        publishes it. The returned message's id is its outbox row."""
+        publishes it. The returned message's id is its outbox row. ``taken`` runs once,
+        when the commit takes it or it is refused (the core's count of queued sends)."""
 
     def ask(self, asker: str, to: str, question: str, options: list[str] | None) -> Question:
         """Store a question to an agent on another host and queue it there (one commit)."""

@@ -63,6 +63,12 @@ def row_key(host: str, agent: str) -> str:
     return f"agents.{host}.{agent}"
 
 
+def released_key(host: str, from_host: str, agent: str) -> str:
+    """What ``host`` has released in all of ``from_host``'s ``agent``'s messages (the
+    storage quota across hosts, swarm/quota.py): only ``host`` may write it."""
+    return f"released.{host}.{from_host}.{agent}"
+
+
 def host_key(host: str) -> str:
     """``host``'s heartbeat (value: its clock), put every roster round."""
     return f"hosts.{host}"
