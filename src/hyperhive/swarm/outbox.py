@@ -169,8 +169,7 @@ class SwarmStore:
 
     def unreported(self, limit: int) -> list[tuple[str, str, int, int]]:
         """Released counts of other hosts' agents not yet published (swarm/quota.py)."""
-        with self._db.tx() as tx:
-            return quota.unreported(tx, limit)
+        return quota.unreported(self._db.conn, limit)
 
     def reported(self, done: list[tuple[str, str, int, int]]) -> None:
         with self._db.tx() as tx:

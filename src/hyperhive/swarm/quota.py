@@ -32,6 +32,7 @@ so the redelivery skips it). Nothing the bus acked is ever dropped for a bound.
 from __future__ import annotations
 
 import json
+import sqlite3
 from typing import Any
 
 from hyperhive.core.store.db import Tx
@@ -205,9 +206,10 @@ def _fits(held: tuple[int, int], nbytes: int, bound: tuple[int, int]) -> bool:
     return held[0] == 0 or (held[0] + 1 <= bound[0] and held[1] + nbytes <= bound[1])
 
 
-def unreported(tx: Tx, limit: int) -> list[tuple[str, str, int, int]]:
-    """(host, agent, released rows, released bytes) whose report is behind."""
-    rows = tx.execute(
+def unreported(conn: sqlite3.Connection, limit: int) -> list[tuple[str, str, int, int]]:
+    """(host, agent, released rows, released bytes) whose report is behind (a read, four
+    times a second: no write transaction)."""
+    rows = conn.execute(
         "SELECT host, agent, released_rows, released_bytes FROM swarm_from WHERE"
         " released_rows != reported_rows OR released_bytes != reported_bytes LIMIT ?",
         (limit,),
