@@ -3,7 +3,7 @@ hive-core and a NATS node killed with SIGKILL mid-stream of SUITE_N (10,000) mes
 alice sends from her cage, each host running a whole hive (the session's
 ``hive_swarm``, its agents paused: the test reads bob's inbox); and a partition that
 heals, on the hosts' hive-cores (the session's ``swarm``; a whole host cut off is
-tests/test_swarm_hives.py's; docs/swarm.md, "The test hosts", says why). Each time,
+tests/test_swarm_hives.py's; see docs/swarm.md, "The test hosts"). Each time,
 every message alice's host acknowledged is in bob's inbox once, in order.
 
 bench/swarm.py runs the same kills on hive-cores (`bench/run.py --only swarm`)."""
