@@ -3,10 +3,10 @@
 from alice (a) to bob (b), pipelined on alice's agent socket, with a fault partway
 through; then everything alice's host acknowledged must be in bob's inbox once, in order.
 
-The stream is sent by one process speaking as alice the way the kernel says so: on a
-whole hive it runs in alice's cage (``hive exec --as-agent``: her uid, her
-``/run/hive/agent.sock``, whose listener takes a connection from her uid only); on a
-hive-core, as root on her socket's path. It stops at each fault (a line on its stdout)
+The stream is sent by one process speaking as alice: on a whole hive it runs in alice's
+cage (``hive exec --as-agent``: her uid, on her ``/run/hive/agent.sock``, whose listener
+takes a connection only from her uids or root's, by SO_PEERCRED); on a hive-core, as
+root on her socket's path. It stops at each fault (a line on its stdout)
 until the test has done it (a line on its stdin).
 
 A message counts as acknowledged when alice's ``send`` replied ok: her host committed
@@ -104,7 +104,7 @@ def stream(swarm: Swarm, n: int, prefix: str, faults: dict[int, Callable[[], Non
     try:
         for line in proc.stdout:
             word, _, rest = line.rstrip("\n").partition(" ")
-            if word == "me":  # the kernel's word for who is on the socket, and the hive's
+            if word == "me":  # the uid it runs as, and whom the hive takes it for
                 uid, name = rest.split(" ")
                 assert name == sender, name
                 if isinstance(node, HiveProcess):
