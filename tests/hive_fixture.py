@@ -376,6 +376,11 @@ class HiveProcess:
         with Client(self.agent_sock(name), timeout=30) as c:
             return c.call(cmd, **fields)
 
+    def agent(self, name: str, timeout: float = 30.0) -> Client:
+        """A client on ``name``'s agent.sock from the host, kept open (as ``CoreProcess.agent``:
+        the swarm tests use either); it speaks as ``name``."""
+        return Client(self.agent_sock(name), timeout=timeout)
+
     def priv(self, cmd: str, **fields: Any) -> dict[str, Any]:
         return priv_send(str(self.priv_sock), json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
 

@@ -1,8 +1,10 @@
 """The swarm with a whole hive on each test host (docs/swarm.md, issue 18): ``hive up``
 (hive-priv, hive-core, the nginx gateway, real cages) in each of the three test hosts'
-network namespaces, each host's ``[swarm]`` pointing at its own NATS node first.
-Everything an agent does here it does from inside its cage, on its own agent socket
-(``/run/hive/agent.sock``, through ``hive exec --as-agent``), as the cage tests do.
+network namespaces, each host's ``[swarm]`` pointing at its own NATS node first: the
+session's ``hive_swarm`` (tests/swarm_fixture.py), shared with the fault runs and the
+hostile-host cases. Everything an agent does here it does from inside its cage, on its
+own agent socket (``/run/hive/agent.sock``, through ``hive exec --as-agent``), as the
+cage tests do.
 
     a: alice (peers: bob, carol)
     b: bob (peers: alice, bea), bea (peers: bob)
@@ -12,45 +14,19 @@ Host a is the operator's console (b and c pin its operator key)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
-import textwrap
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
 from hive_fixture import HIVE, HiveProcess, children, probe_result, proc_cmdline
-from swarm_fixture import Swarm, listed, make_hive_swarm
+from swarm_fixture import CAGED, HIVE_AGENTS, Swarm, heard, hears, listed
 from web_fixture import Web
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cages need root")
-
-# Every agent's runtime, run by its harness in its cage for each message it takes from its
-# inbox (a turn): it prints what it got (the hive records it in the agent's transcript)
-# and answers a "ping ..." from another agent with "pong ..." on its own socket.
-RUNTIME = ["python3", "-c", textwrap.dedent("""
-    import json, os, socket, sys
-    m = json.load(sys.stdin)
-    print(json.dumps({k: m.get(k) for k in ("kind", "from", "body", "ref")}), flush=True)
-    if m.get("kind") == "message" and m["body"].startswith("ping "):
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(os.environ["HIVE_SOCKET"])
-            s.sendall(json.dumps({"cmd": "send", "to": m["from"], "body": "pong " + m["body"][5:]}).encode() + b"\\n")
-            print("replied", json.loads(s.makefile("rb").readline())["ok"], flush=True)
-""")]
-CAGED = {"runtime": "command", "command": RUNTIME}
-AGENTS: dict[str, dict[str, dict[str, Any]]] = {
-    "a": {"alice": {**CAGED, "peers": ["bob", "carol"]}},
-    "b": {"bob": {**CAGED, "peers": ["alice", "bea"]}, "bea": {**CAGED, "peers": ["bob"]}},
-    "c": {"carol": {**CAGED, "peers": ["alice"]}},
-}
-# Beside the session's core swarm (test_swarm*.py), which may be up in the same run on
-# HIVE_TEST_SWARM_SUBNET: these hosts' addresses must not be on two bridges at once.
-SUBNET_OFFSET = 64
 
 # In the cage: each [cmd, fields] on the agent's own socket, one connection, in turn.
 CALLS = """
@@ -65,35 +41,13 @@ result(replies=replies)
 """
 
 
-@pytest.fixture(scope="module")
-def hives() -> Iterator[Swarm[HiveProcess]]:
-    subnet = int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "181")) + SUBNET_OFFSET
-    yield from make_hive_swarm(subnet, AGENTS)
-
-
 def in_cage(hive: HiveProcess, name: str, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """``calls`` made by ``name`` from inside its cage; their replies."""
     replies: list[dict[str, Any]] = probe_result(hive.probe(name, CALLS, calls=list(calls)))["replies"]
     return replies
 
 
-def heard(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
-    """What ``name``'s runtime got in its turns so far (its transcript's JSON lines)."""
-    entries = assert_ok(hive.host_call("transcript", name=name, limit=5000))["entries"]
-    return [json.loads(e["data"]) for e in entries if e["kind"] == "stdout" and e["data"].startswith("{")]
-
-
-def hears(hive: HiveProcess, name: str, timeout: float = 20, **want: Any) -> dict[str, Any]:
-    """Until ``name``'s runtime has got one message with the fields ``want``; that one."""
-    def match() -> list[dict[str, Any]]:
-        return [m for m in heard(hive, name) if all(m.get(k) == v for k, v in want.items())]
-
-    got = wait_for(match, timeout=timeout, interval=0.1)
-    assert len(got) == 1, got
-    return got[0]
-
-
-def test_each_host_runs_a_whole_hive_in_its_network_namespace(hives: Swarm[HiveProcess]) -> None:
+def test_each_host_runs_a_whole_hive_in_its_network_namespace(hive_swarm: Swarm[HiveProcess]) -> None:
     """hive-priv, hive-core and the gateway's nginx of each host's ``hive up`` are in that
     host's network namespace (not the machine's), and its agents' cages are up."""
     def netns(pid: int | None) -> int:
@@ -101,22 +55,22 @@ def test_each_host_runs_a_whole_hive_in_its_network_namespace(hives: Swarm[HiveP
         return os.stat(f"/proc/{pid}/ns/net").st_ino
 
     machine = netns(os.getpid())
-    for h, hive in hives.cores.items():
+    for h, hive in hive_swarm.cores.items():
         assert hive.proc is not None
-        own = os.stat(f"/run/netns/{hives.net.ns[h]}").st_ino
+        own = os.stat(f"/run/netns/{hive_swarm.net.ns[h]}").st_ino
         nginx = [p for p in children(hive.proc.pid) if "nginx" in " ".join(proc_cmdline(p))]
         assert len(nginx) == 1, nginx
         pids = {"hive up": hive.proc.pid, "hive-priv": hive.priv_pid(), "hive-core": hive.core_pid(),
                 "gateway": nginx[0]}  # fmt: skip
         assert {k: netns(p) for k, p in pids.items()} == dict.fromkeys(pids, own) and own != machine
-        for name in AGENTS[h]:
+        for name in HIVE_AGENTS[h]:
             assert hive.cage(name)["running"] and hive.cgroup(name).pids(), (h, name)
 
 
-def test_caged_agents_message_across_hosts_under_the_peer_acl(hives: Swarm[HiveProcess]) -> None:
+def test_caged_agents_message_across_hosts_under_the_peer_acl(hive_swarm: Swarm[HiveProcess]) -> None:
     """alice (a) pings bob (b) from her cage; bob's runtime, in its turn in its cage on b,
     answers on its own socket; alice's runtime gets the pong. bea (b) is not alice's peer."""
-    a, b = hives.cores["a"], hives.cores["b"]
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
     sent, refused = in_cage(a, "alice", ("send", {"to": "bob", "body": "ping 1"}),
                             ("send", {"to": "bea", "body": "not a peer"}))  # fmt: skip
     assert_ok(sent)
@@ -126,8 +80,8 @@ def test_caged_agents_message_across_hosts_under_the_peer_acl(hives: Swarm[HiveP
     assert not [m for m in heard(b, "bea") if m["body"] == "not a peer"]
 
 
-def test_operator_on_a_answers_c_and_approves_a_spawn_on_b(hives: Swarm[HiveProcess]) -> None:
-    a, b, c = hives.cores["a"], hives.cores["b"], hives.cores["c"]
+def test_operator_on_a_answers_c_and_approves_a_spawn_on_b(hive_swarm: Swarm[HiveProcess]) -> None:
+    a, b, c = hive_swarm.cores["a"], hive_swarm.cores["b"], hive_swarm.cores["c"]
     # carol, caged on c, asks the operator; the operator answers with `hive` on a (host.sock).
     [asked] = in_cage(c, "carol", ("ask", {"to": "operator", "question": "ship it?",
                                            "options": ["yes", "no"]}))  # fmt: skip
@@ -166,12 +120,12 @@ def test_operator_on_a_answers_c_and_approves_a_spawn_on_b(hives: Swarm[HiveProc
     assert hears(b, "bob", kind="approval", ref=aid)["body"] == "approved"
 
 
-def test_a_host_cut_off_works_alone_and_its_message_arrives_once_after(hives: Swarm[HiveProcess]) -> None:
+def test_a_host_cut_off_works_alone_and_its_message_arrives_once_after(hive_swarm: Swarm[HiveProcess]) -> None:
     """b cut off the bridge (its NATS node too): bob's send to bea (on b) is delivered and
     taken by bea's runtime; his send to alice (a) waits in b's outbox and arrives once
     after the heal."""
-    a, b = hives.cores["a"], hives.cores["b"]
-    hives.net.cut("b")
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
+    hive_swarm.net.cut("b")
     try:
         local, remote = in_cage(b, "bob", ("send", {"to": "bea", "body": "during the cut"}),
                                 ("send", {"to": "alice", "body": "across the cut"}))  # fmt: skip
@@ -181,7 +135,7 @@ def test_a_host_cut_off_works_alone_and_its_message_arrives_once_after(hives: Sw
         assert assert_ok(b.host_call("swarm_status"))["swarm"]["outbox_unsent"] == 1
         assert not [m for m in heard(a, "alice") if m["body"] == "across the cut"]
     finally:
-        hives.net.heal("b")
+        hive_swarm.net.heal("b")
     assert hears(a, "alice", timeout=40, body="across the cut")["from"] == "bob"
     time.sleep(1.0)  # a second copy would come right behind it
     assert len([m for m in heard(a, "alice") if m["body"] == "across the cut"]) == 1
