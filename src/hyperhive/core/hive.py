@@ -88,6 +88,11 @@ class Lifecycle:
     def failed(self, name: str) -> bool:
         return False
 
+    async def found_running(self, names: list[str], hive: Hive) -> list[str]:
+        """At start-up, before ``start``: which of ``names`` still run (a restart of the
+        core finds its cages again), already served again here; the rest are started."""
+        return []
+
 
 RESUME_AT_ONCE = 4  # agents started at once at start-up (resume_agents)
 
@@ -1012,6 +1017,9 @@ class Hive:
         # A few at once: hive-priv serves each request on a thread of its own and locks
         # per agent, so with hundreds of agents the start-up (and a restart's finding every
         # running cage again) is not one cage after another.
+        # Those still running (after a restart of the core: all of them) are found in one
+        # request and served at once; asking hive-priv twice per agent, four at a time,
+        # was most of a restart's 13.8 s with 600 cages.
         gate = asyncio.Semaphore(RESUME_AT_ONCE)
 
         async def resume(name: str) -> None:
@@ -1021,9 +1029,13 @@ class Hive:
                 except Refused as e:
                     log.error("agent %s did not start: %s", name, e)
 
-        await asyncio.gather(
-            *(resume(row.name) for row in self.store.agents.all() if not row.stopped)
-        )
+        wanted = [row.name for row in self.store.agents.all() if not row.stopped]
+        try:
+            found = set(await self.lifecycle.found_running(wanted, self))
+        except Refused as e:  # hive-priv away: each start below says so, one by one
+            log.warning("finding the running cages failed: %s", e)
+            found = set()
+        await asyncio.gather(*(resume(name) for name in wanted if name not in found))
 
     async def after_create(self, name: str) -> None:
         log.info("agent %s created", name)
