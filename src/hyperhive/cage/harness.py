@@ -21,7 +21,10 @@ from hyperhive.cage import layout
 from hyperhive.cage.initclient import InitChannel
 from hyperhive.cage.runtimes import RUNTIMES, Runtime
 
-MAX_BACKOFF = 1.0
+# Between attempts to (re)connect: from 50 ms, doubling, at most 0.5 s, each wait jittered
+# (50 to 100 %) so a thousand harnesses whose core restarted don't all knock at once. A
+# reconnect lands at most ~0.5 s after the core serves the agent's socket again.
+MAX_BACKOFF = 0.5
 MAX_TURN_OUTPUT = 1024 * 1024  # bytes of stdout+stderr kept per turn; the rest is drained
 # Output lines (entries) kept per turn: a whole turn (with its input, notes and exit) fits in
 # one host `transcript` request (at most 5000 entries), and a flood of short lines can't push
@@ -53,6 +56,12 @@ class Conn:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+
+def _pause(backoff: float) -> float:
+    """Sleep about ``backoff`` seconds (jittered); return the next backoff."""
+    time.sleep(backoff * (0.5 + os.urandom(1)[0] / 510))
+    return min(backoff * 2, MAX_BACKOFF)
 
 
 def log(text: str) -> None:
@@ -328,8 +337,7 @@ def main(args: list[str]) -> None:
         try:
             first = Conn(path)
         except OSError:
-            time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = _pause(backoff)
     # ... then the page and the egress bridge, whose imports (http.server: email, ssl) are
     # most of the harness's start-up; the turn loop's first request waits for them.
     from hyperhive.cage.egress_bridge import serve_bridge
@@ -348,7 +356,6 @@ def main(args: list[str]) -> None:
             # The core is (re)starting; the socket comes back in the same directory.
             if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
                 log(f"connection lost: {e}")
-            time.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            backoff = _pause(backoff)
             continue
         backoff = 0.05

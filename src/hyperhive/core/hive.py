@@ -88,6 +88,11 @@ class Lifecycle:
     def failed(self, name: str) -> bool:
         return False
 
+    async def found_running(self, names: list[str], hive: Hive) -> list[str]:
+        """At start-up, before ``start``: which of ``names`` still run (a restart of the
+        core finds its cages again), already served again here; the rest are started."""
+        return []
+
 
 RESUME_AT_ONCE = 4  # agents started at once at start-up (resume_agents)
 
@@ -1033,12 +1038,25 @@ class Hive:
         log.info("agent %s destroyed", name)
         self.publish_status(name)
 
-    async def resume_agents(self) -> None:
-        """At start-up: every agent not stopped by the operator runs again (a cage that
-        still runs is found again); one that can't start is logged, not fatal."""
+    async def resume_running(self) -> list[str]:
+        """At start-up, first: every agent not stopped by the operator whose cage still
+        runs (after a restart of the core: all of them) is found in one request and served
+        again at once. Returns the others, for ``resume_agents``."""
+        # Asking hive-priv twice per agent, four at a time, was most of a restart's 13.8 s
+        # with 600 cages.
+        wanted = [row.name for row in self.store.agents.all() if not row.stopped]
+        try:
+            found = set(await self.lifecycle.found_running(wanted, self))
+        except Refused as e:  # hive-priv away: each start says so, one by one
+            log.warning("finding the running cages failed: %s", e)
+            found = set()
+        return [name for name in wanted if name not in found]
+
+    async def resume_agents(self, names: list[str]) -> None:
+        """At start-up, then: start ``names`` (``resume_running``'s rest); one that can't
+        start is logged, not fatal."""
         # A few at once: hive-priv serves each request on a thread of its own and locks
-        # per agent, so with hundreds of agents the start-up (and a restart's finding every
-        # running cage again) is not one cage after another.
+        # per agent, so with hundreds of agents the start-up is not one cage after another.
         gate = asyncio.Semaphore(RESUME_AT_ONCE)
 
         async def resume(name: str) -> None:
@@ -1048,9 +1066,7 @@ class Hive:
                 except Refused as e:
                     log.error("agent %s did not start: %s", name, e)
 
-        await asyncio.gather(
-            *(resume(row.name) for row in self.store.agents.all() if not row.stopped)
-        )
+        await asyncio.gather(*(resume(name) for name in names))
 
     async def after_create(self, name: str) -> None:
         log.info("agent %s created", name)

@@ -91,6 +91,7 @@ class HiveCode:
         this code read-only, so a module without a current ``.pyc`` (a checkout, or a
         package installed without compiling: uv's default) is compiled again by every
         cage's init and harness: most of a cold start. For the cage's interpreter only."""
+        self.warm_core()
         if os.path.realpath(sys.executable) != os.path.realpath(layout.CAGE_PYTHON):
             log.info("not compiling the cage's code: this is not the cage's python")
             return
@@ -103,6 +104,27 @@ class HiveCode:
             elif path.is_file():
                 compileall.compile_file(path, quiet=2)
         log.info("cage code compiled in %.2f s", time.monotonic() - started)
+
+    @staticmethod
+    def warm_core() -> None:
+        """Import what hive-core imports, once, as root: the interpreter writes each
+        module's ``.pyc`` beside its source, which hive-core's own user may not. Without
+        them every start of the core (a restart: every agent waits for it) compiled
+        fastapi, httpx, pygments and the rest again: a third of its start-up."""
+        started = time.monotonic()
+        try:
+            subprocess.run(
+                [sys.executable, "-I", "-c", "import hyperhive.core.__main__"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=120,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            log.info("hive-core's bytecode not written: %s", e)
+            return
+        log.info("hive-core's bytecode written in %.2f s", time.monotonic() - started)
 
     @classmethod
     def of_this_install(cls) -> HiveCode:
