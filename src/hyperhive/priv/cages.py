@@ -71,6 +71,8 @@ ETC_ALLOW = (
     "inputrc",
     "terminfo",
 )
+ETC_VIEW = "etc-view"  # in state/priv: see Cages.__init__
+ETC_OWN = ("passwd", "group", "hosts")  # the cage's own, not the host's (_etc_files)
 # Merged-/usr hosts have these as symlinks into /usr; others get read-only binds.
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
@@ -176,6 +178,13 @@ class Cages:
         except (OSError, safefs.UnsafePath) as e:
             raise CageError(f"refusing to run on these directories: {e}") from None
         self.priv_dir = state_dir.root / "priv"
+        # Where each cage start's /etc is put together (cage_mounts.etc_view), in the
+        # starting child's own mount namespace; on the host an empty directory.
+        self.etc_view = self.priv_dir / ETC_VIEW
+        try:
+            os.close(safefs.ensure_dir(self.priv_fd, ETC_VIEW, 0, 0, 0o700, trusted=True))
+        except (OSError, safefs.UnsafePath) as e:
+            raise CageError(f"refusing to run on these directories: {e}") from None
         self.ids = IdAllocator(self.priv_fd, str(state_dir.root), registry)
         self.cgroup_key = hive_key(state_dir.root)
         self.locks = NameLocks()
@@ -253,6 +262,7 @@ class Cages:
             enter_cage_limits(cgroup)
             cage_mounts.lower_oom_score()
             cage_mounts.private_overlays(system_dirs)
+            cage_mounts.etc_view(str(self.etc_view), "/etc", ETC_ALLOW, ETC_OWN)
 
         with contextlib.ExitStack() as opened:
             binds = self._bind_fds(name, ids, opened)
@@ -371,12 +381,8 @@ class Cages:
                 a += ["--symlink", os.readlink(p), str(p)]
             elif p.is_dir():
                 a += ["--ro-bind", str(p), str(p)]
-        a += ["--perms", "0755", "--dir", "/etc"]
-        for entry in ETC_ALLOW:
-            p = Path("/etc") / entry
-            if p.exists():
-                a += ["--ro-bind", str(p), str(p)]
-        for f in ("passwd", "group", "hosts"):
+        a += ["--ro-bind", str(self.etc_view), "/etc"]  # ETC_ALLOW, put together in_child
+        for f in ETC_OWN:
             a += ["--perms", "0644", "--ro-bind-data", str(binds[f]), f"/etc/{f}"]
         a += [
             "--proc", "/proc",
