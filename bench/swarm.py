@@ -7,7 +7,8 @@ JetStream cluster, a hive-core per host: tests/swarm_fixture.py). Only when name
     his core when alice sends; the time is alice's send line written → bob's reply read;
   * cross-host messages/s: alice (a) and carol (c) each send N to bob (b) at once; from
     the first send to the last message in bob's inbox (recv + ack);
-  * the faults of tests/test_swarm_faults.py at 10,000 messages (the suite runs 2,000):
+  * the kills of tests/test_swarm_faults.py at 10,000 messages (the suite runs them on
+    whole hives, these on hive-cores):
     alice streams to bob while b's hive-core, then a's NATS node, is killed with SIGKILL;
     the figure is how many places bob's inbox differs from what alice's host
     acknowledged (lost, duplicated or out of order; target 0).

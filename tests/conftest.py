@@ -17,7 +17,7 @@ import pytest
 
 from helpers import CoreProcess
 from hive_fixture import caged_hive, hive_factory  # noqa: F401  (whole-hive fixtures)
-from swarm_fixture import swarm  # noqa: F401  (three test hosts, one session-wide swarm)
+from swarm_fixture import hive_swarm, hives, swarm  # noqa: F401  (three test hosts: hive-cores, whole hives)
 
 CoreFactory = Callable[..., CoreProcess]
 

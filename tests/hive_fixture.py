@@ -2,7 +2,8 @@
 ``hive exec`` tests. These need root (CI runs as root) and never skip.
 
 ``HiveProcess`` runs ``.venv/bin/hive --run-dir R up --config C --state-dir S
---listen 127.0.0.1:<free port>`` in a directory made with
+--listen 127.0.0.1:<free port>`` (``wrap`` goes before it, e.g. a network namespace's
+``nsenter``; ``listen_host`` replaces 127.0.0.1) in a directory made with
 ``tempfile.mkdtemp(dir="/tmp")`` and opened to 0755 (hive-core runs as user
 hive-core and must reach its state dir; pytest's /tmp/pytest-of-root is 0700).
 ``start()`` waits for ``hive: ready`` and then until ``agent_status`` shows every
@@ -179,7 +180,8 @@ class HiveProcess:
     """One ``hive up`` and helpers to look at and into it."""
 
     def __init__(self, agents: dict[str, dict[str, Any]] | None = None, base: Path | None = None,
-                 sections: dict[str, dict[str, Any]] | None = None) -> None:
+                 sections: dict[str, dict[str, Any]] | None = None, wrap: list[str] | None = None,
+                 listen_host: str = "127.0.0.1") -> None:
         if base is None:
             base = Path(tempfile.mkdtemp(prefix="hv", dir="/tmp"))
             os.chmod(base, 0o755)
@@ -189,8 +191,10 @@ class HiveProcess:
         self.config_path = base / "hive.toml"
         self.log_path = base / "up.log"
         self.port = free_port()
+        self.listen_host = listen_host  # the gateway's address (a test host's, in its namespace)
         self.agents: dict[str, dict[str, Any]] = {}
         self.sections = dict(sections or {})  # other hive.toml tables, e.g. limits, egress
+        self.wrap = list(wrap or [])  # e.g. SwarmNet.net_prefix(host): run `hive up` there
         self.write_config(AGENTS if agents is None else agents)
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout_lines: list[str] = []
@@ -238,8 +242,8 @@ class HiveProcess:
         for name in self.names:  # a cage left over from an earlier run would be "found again"
             assert not self.cgroup(name).pids(), f"cgroup of {name} is busy: a cage of this hive is left over"
         cmd = [
-            str(HIVE), "--run-dir", str(self.run_dir), "up", "--config", str(self.config_path),
-            "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{self.port}",
+            *self.wrap, str(HIVE), "--run-dir", str(self.run_dir), "up", "--config", str(self.config_path),
+            "--state-dir", str(self.state_dir), "--listen", f"{self.listen_host}:{self.port}",
         ]
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         try:
@@ -371,6 +375,11 @@ class HiveProcess:
         """On ``name``'s agent.sock from the host (root may connect; it speaks as ``name``)."""
         with Client(self.agent_sock(name), timeout=30) as c:
             return c.call(cmd, **fields)
+
+    def agent(self, name: str, timeout: float = 30.0) -> Client:
+        """A client on ``name``'s agent.sock from the host, kept open (as ``CoreProcess.agent``:
+        the swarm tests use either); it speaks as ``name``."""
+        return Client(self.agent_sock(name), timeout=timeout)
 
     def priv(self, cmd: str, **fields: Any) -> dict[str, Any]:
         return priv_send(str(self.priv_sock), json.dumps({"cmd": cmd, **fields}).encode() + b"\n")

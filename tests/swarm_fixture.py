@@ -1,8 +1,22 @@
-"""A swarm of three hive-cores for the tests: ``SwarmNet``'s three test hosts (network
-namespaces on one bridge, one NATS JetStream node each) and one hive-core per host,
-run inside that host's namespace with ``[swarm]`` pointing at its own node first.
+"""A swarm of three hives for the tests: ``SwarmNet``'s three test hosts (network
+namespaces on one bridge, one NATS JetStream node each) and one hive per host, run
+inside that host's network namespace with ``[swarm]`` pointing at its own node first.
+
+``make_swarm`` (the session's ``swarm``) runs a hive-core per host (``CoreProcess``:
+its store, host.sock and agent sockets; agents without cages), quick to start: the
+protocol tests (tests/test_swarm*.py) and bench/swarm.py use it.
 
     alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
+
+``make_hive_swarm`` (the session's ``hive_swarm``) runs a whole hive per host
+(``HiveProcess``, ``hive up``: hive-priv, hive-core, the nginx gateway and real cages):
+tests/test_swarm_hives.py, the fault runs (tests/test_swarm_faults.py) and the
+hostile-host cases (tests/redteam/test_swarm*.py, round 5 and 6) use it, the last two
+through ``hives`` (every agent paused: the test reads the inboxes, not the
+harnesses).
+
+    alice on a (peers: bob, carol), bob (peers: alice, bea) and bea (peers: bob) on b,
+    carol on c (peers: alice); each caged, its runtime HIVE_RUNTIME
 
 Host a is the operator's console: b and c pin a's operator key (``[swarm] operators``),
 so they carry out the operator actions a signs; c's own key is one nobody pins.
@@ -11,17 +25,24 @@ so they carry out the operator actions a signs; c's own key is one nobody pins.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pwd
+import shutil
+import tempfile
+import textwrap
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 import nats
 import pytest
 
-from helpers import CoreProcess, wait_for
+from helpers import CoreProcess, assert_ok, wait_for
+from hive_fixture import HiveProcess, _finish
+from hyperhive.cli.up import CORE_USER, ensure_user
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import ensure_streams
 from hyperhive.swarm.signing import load_or_create_key, public_b64
@@ -35,11 +56,47 @@ AGENTS: dict[str, dict[str, dict[str, Any]]] = {
     "c": {"carol": {"runtime": "command", "command": ["true"], "peers": ["alice"]}},
 }
 
+# Every caged agent's runtime, run by its harness in its cage for each message it takes
+# from its inbox (a turn): it prints what it got (the hive records it in the agent's
+# transcript) and answers a "ping ..." from another agent with "pong ..." on its own socket.
+HIVE_RUNTIME = ["python3", "-c", textwrap.dedent("""
+    import json, os, socket, sys
+    m = json.load(sys.stdin)
+    print(json.dumps({k: m.get(k) for k in ("kind", "from", "body", "ref")}), flush=True)
+    if m.get("kind") == "message" and m["body"].startswith("ping "):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(os.environ["HIVE_SOCKET"])
+            s.sendall(json.dumps({"cmd": "send", "to": m["from"], "body": "pong " + m["body"][5:]}).encode() + b"\\n")
+            print("replied", json.loads(s.makefile("rb").readline())["ok"], flush=True)
+""")]
+CAGED = {"runtime": "command", "command": HIVE_RUNTIME}
+HIVE_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
+    "a": {"alice": {**CAGED, "peers": ["bob", "carol"]}},
+    "b": {"bob": {**CAGED, "peers": ["alice", "bea"]}, "bea": {**CAGED, "peers": ["bob"]}},
+    "c": {"carol": {**CAGED, "peers": ["alice"]}},
+}
+# Beside the session's core swarm, which may be up at the same time on
+# HIVE_TEST_SWARM_SUBNET: these hosts' addresses must not be on two bridges at once.
+HIVE_SUBNET_OFFSET = 64
+# A burst big enough for the fault runs' pipelined streams (test_swarm_faults.py): the
+# rate limit is one host's, tested on its own elsewhere.
+FAULT_LIMITS = {"message_burst": 100_000}
+
+
+class HostSocket(Protocol):
+    def host_call(self, cmd: str, **fields: Any) -> dict[str, Any]: ...
+
+
+H = TypeVar("H", bound=HostSocket)
+
 
 @dataclass
-class Swarm:
+class Swarm(Generic[H]):
+    """The test hosts and their hives: ``cores[h]`` is a ``CoreProcess`` (``make_swarm``)
+    or a ``HiveProcess`` (``make_hive_swarm``); both answer on host.sock."""
+
     net: SwarmNet
-    cores: dict[str, CoreProcess] = field(default_factory=dict)
+    cores: dict[str, H] = field(default_factory=dict)
     operator_key: Path | None = None  # host a's operator signing key (its file)
 
     def status(self, host: str) -> dict[str, Any]:
@@ -81,6 +138,31 @@ class Swarm:
         wait_for(lambda: asyncio.run(whole()), timeout=timeout, interval=0.5)
 
 
+def listed(node: HostSocket, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
+    """Row ``rid`` of ``host`` in ``node``'s ``cmd`` listing (``questions`` / ``pending``:
+    the other hosts' rows under ``key``), or None."""
+    resp = node.host_call(cmd)
+    assert resp.get("ok"), resp
+    rows: list[dict[str, Any]] = resp.get(key, [])
+    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
+
+
+def heard(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
+    """What ``name``'s runtime got in its turns so far (its transcript's JSON lines)."""
+    entries = assert_ok(hive.host_call("transcript", name=name, limit=5000))["entries"]
+    return [json.loads(e["data"]) for e in entries if e["kind"] == "stdout" and e["data"].startswith("{")]
+
+
+def hears(hive: HiveProcess, name: str, timeout: float = 20, **want: Any) -> dict[str, Any]:
+    """Until ``name``'s runtime has got one message with the fields ``want``; that one."""
+    def match() -> list[dict[str, Any]]:
+        return [m for m in heard(hive, name) if all(m.get(k) == v for k, v in want.items())]
+
+    got = wait_for(match, timeout=timeout, interval=0.1)
+    assert len(got) == 1, got
+    return got[0]
+
+
 def admin_setup(net: SwarmNet) -> None:
     """As the admin: the stream, the inbox consumers and the roster bucket."""
 
@@ -93,6 +175,20 @@ def admin_setup(net: SwarmNet) -> None:
             await nc.close()
 
     asyncio.run(go())
+
+
+def swarm_section(net: SwarmNet, host: str, operator_key: Path, public: str) -> dict[str, Any]:
+    """``host``'s ``[swarm]``: its own node first; a keeps the operator key, b and c obey it."""
+    return {
+        "host": host,
+        "urls": net.urls(host),
+        "credentials": str(net.credentials(host)),
+        **(
+            {"operator_key": str(operator_key)}
+            if host == OPERATOR_HOST
+            else {"operators": {OPERATOR_HOST: public}}
+        ),
+    }
 
 
 def make_swarm(
@@ -116,16 +212,7 @@ def make_swarm(
                     agents[h],
                     sections={
                         **({"limits": limits} if limits else {}),
-                        "swarm": {
-                            "host": h,
-                            "urls": net.urls(h),
-                            "credentials": str(net.credentials(h)),
-                            **(
-                                {"operator_key": str(swarm.operator_key)}
-                                if h == OPERATOR_HOST
-                                else {"operators": {OPERATOR_HOST: public}}
-                            ),
-                        }
+                        "swarm": swarm_section(net, h, swarm.operator_key, public),
                     },
                     wrap=net.netns_prefix(h),
                 )
@@ -145,17 +232,89 @@ def make_swarm(
                 list(pool.map(_stop, swarm.cores.values()))
 
 
+def make_hive_swarm(
+    subnet: int, agents: dict[str, dict[str, dict[str, Any]]], limits: dict[str, Any] | None = None
+) -> Iterator[Swarm[HiveProcess]]:
+    """The three test hosts with a whole hive each (``hive up`` in the host's network
+    namespace, started at once): hive-core runs as user hive-core there, so the files
+    it reads (the NATS password, a's operator key) are its own, 0600, as in production,
+    under a directory it can reach (pytest's tmp is root's only)."""
+    ensure_user(CORE_USER)
+    core = pwd.getpwnam(CORE_USER)
+    base = Path(tempfile.mkdtemp(prefix="hsw", dir="/tmp"))
+    os.chmod(base, 0o755)
+    (base / "net").mkdir()
+    try:
+        with SwarmNet(subnet, HOSTS, base / "net") as net:
+            key = base / "net" / "operator-a.key"
+            public = public_b64(load_or_create_key(key))
+            swarm: Swarm[HiveProcess] = Swarm(net, operator_key=key)
+            owned = [key]
+            for h in HOSTS:
+                (base / h).mkdir()
+                section = swarm_section(net, h, key, public)
+                owned.append(Path(section["credentials"]))
+                sections = {**({"limits": limits} if limits else {}), "swarm": section}
+                swarm.cores[h] = HiveProcess(agents[h], base=base / h, sections=sections,
+                                             wrap=net.net_prefix(h), listen_host=net.addr[h])  # fmt: skip
+            for path in owned:
+                os.chown(path, core.pw_uid, core.pw_gid)
+                path.chmod(0o600)
+            try:
+                # All at once: the bridges retry until the admin has made the streams.
+                with ThreadPoolExecutor(len(HOSTS) + 1) as pool:
+                    jobs = [pool.submit(admin_setup, net)]
+                    jobs += [pool.submit(hive.start) for hive in swarm.cores.values()]
+                    for job in jobs:
+                        job.result()
+                for h in HOSTS:
+                    swarm.wait_roster(h, sum(len(agents[x]) for x in HOSTS))
+                yield swarm
+            finally:
+                # Each stopped (exit 0, its cages empty) at once; every failure reported.
+                with ThreadPoolExecutor(len(HOSTS)) as pool:
+                    jobs = [pool.submit(_finish, [hive]) for hive in swarm.cores.values()]
+                errors = [str(e) for job in jobs if (e := job.exception()) is not None]
+                assert not errors, "\n".join(errors)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
     test leaves it as it found it (every core and every NATS node running)."""
-    # A subnet of its own per concurrent suite (two suites on one machine, say).
-    subnet = int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "181"))
-    # A burst big enough for the fault runs' pipelined streams (test_swarm_faults.py):
-    # the rate limit is one host's, tested on its own elsewhere.
-    yield from make_swarm(
-        tmp_path_factory.mktemp("swarm"), subnet=subnet, limits={"message_burst": 100_000}
-    )
+    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=swarm_subnet())
+
+
+def swarm_subnet() -> int:
+    """A subnet of its own per concurrent suite (two suites on one machine, say)."""
+    return int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "181"))
+
+
+@pytest.fixture(scope="session")
+def hive_swarm() -> Iterator[Swarm[HiveProcess]]:
+    """One swarm of whole hives for the session (HIVE_AGENTS, on the subnet 64 above the
+    core swarm's): each test leaves it as it found it (every hive, every NATS node
+    running, no agent paused, no message left in an inbox)."""
+    yield from make_hive_swarm(swarm_subnet() + HIVE_SUBNET_OFFSET, HIVE_AGENTS, limits=FAULT_LIMITS)
+
+
+@pytest.fixture
+def hives(hive_swarm: Swarm[HiveProcess]) -> Iterator[Swarm[HiveProcess]]:
+    """The whole-hive swarm with every agent paused for the test: their harnesses take
+    no turns, so the test reads and acks their inboxes itself (as the fault runs and
+    the hostile-host cases do); unpaused after."""
+    hives = hive_swarm.cores.values()
+    for hive in hives:
+        for name in hive.names:
+            assert hive.host_call("set_paused", name=name, paused=True)["ok"]
+    try:
+        yield hive_swarm
+    finally:
+        for hive in hives:
+            for name in hive.names:
+                assert hive.host_call("set_paused", name=name, paused=False)["ok"]
 
 
 def _stop(core: CoreProcess) -> None:

@@ -60,6 +60,14 @@ class SwarmNet:
     def netns_prefix(self, host: str) -> list[str]:
         return ["ip", "netns", "exec", self.ns[host]]
 
+    def net_prefix(self, host: str) -> list[str]:
+        """Run in ``host``'s network namespace and nothing else of it: a whole hive
+        (``hive up``) must see the machine's own mounts. ``ip netns exec`` also makes a
+        mount namespace of its own and mounts a fresh sysfs on /sys, which hides
+        /sys/fs/cgroup (hive-priv could make no cage's cgroup) and keeps hive-priv's
+        mounts (the agents' homes) from the tests that look at them."""
+        return ["nsenter", f"--net=/run/netns/{self.ns[host]}", "--"]
+
     def __enter__(self) -> SwarmNet:
         self.close()
         try:

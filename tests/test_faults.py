@@ -326,6 +326,42 @@ def test_core_kill9_while_64_agents_send(hive_factory: HiveFactory) -> None:
     assert redelivered > 0
 
 
+@pytest.mark.timeout(120)
+def test_core_restart_serves_running_cages_at_once_and_starts_a_dead_one(hive_factory: HiveFactory) -> None:
+    """hive-core finds every running cage in one request to hive-priv at start-up and
+    serves it again as it is (the same processes); a cage that died while the core was
+    down is started again, one the operator stopped stays stopped. Across the restart each
+    acknowledged send is delivered exactly once, and the ones a connection held unacked
+    when the core died come again under their ids."""
+    hive = hive_factory({"ftr-run": TRUE, "ftr-dead": {**TRUE, "peers": ["ftr-run"]}, "ftr-off": TRUE})
+    ok(hive.host_call("stop", scope={"agent_names": ["ftr-off"]}))
+    ok(hive.host_call("set_paused", name="ftr-run", paused=True))  # its inbox is the test's
+    sent = [ok(hive.agent_call("ftr-dead", "send", to="ftr-run", body=f"m{i}"))["id"] for i in range(6)]
+    procs = {n: sorted(hive.cage_procs(n)) for n in ("ftr-run", "ftr-dead")}
+    assert all(procs.values()) and hive.cage_procs("ftr-off") == []
+    holder = Client(hive.agent_sock("ftr-run"), timeout=30)
+    held = ok(holder.call("recv", max=2))["messages"]  # received, not acked, when the core dies
+    assert [m["id"] for m in held] == sent[:2]
+    assert ok(hive.priv("stop", name="ftr-dead", timeout=0))["was_running"]
+    old_core = hive.core_pid()
+    assert old_core is not None
+    os.kill(old_core, signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_until(lambda: (p := hive.core_pid()) not in (None, old_core) and p, 30, "hive up to restart hive-core")
+    hive.wait_running(["ftr-run", "ftr-dead"], timeout=60)
+    back_after = time.monotonic() - killed_at
+    holder.close()
+    assert sorted(hive.cage_procs("ftr-run")) == procs["ftr-run"]  # found again, not restarted
+    assert set(hive.cage_procs("ftr-dead")).isdisjoint(procs["ftr-dead"])  # started again
+    assert hive.cage_procs("ftr-off") == [] and not hive.agent_status()["ftr-off"]["running"]
+    assert "found 1 of 2 cages running" in hive.log_path.read_text()
+    got = ok(hive.agent_call("ftr-run", "recv", max=100))["messages"]
+    assert [(m["id"], m["body"]) for m in got] == [(mid, f"m{i}") for i, mid in enumerate(sent)]
+    assert ok(hive.agent_call("ftr-run", "recv", max=100, ack=sent))["messages"] == []
+    assert ok(hive.agent_call("ftr-run", "recv", max=100))["messages"] == []
+    print(f"\ncore restart: both agents running again {back_after:.2f} s after the kill")
+
+
 # -- 2. hive-priv killed ------------------------------------------------------------------
 
 

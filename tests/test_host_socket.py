@@ -511,6 +511,21 @@ def test_non_admin_uid_refused_by_peercred(core: CoreProcess) -> None:
     assert assert_ok(core.host_call("list"))["agents"] == ["alice", "bob", "carol"]
 
 
+def test_a_peer_in_hive_admin_by_its_kernel_credentials_only_is_accepted(
+    admin_user: pwd.struct_passwd, core: CoreProcess
+) -> None:
+    """nobody, with hive-admin among its supplementary groups (as ``SupplementaryGroups=``
+    or ``sg`` give it) but not in the group database: SO_PEERGROUPS says it is an admin.
+    Until red team round 7 the groups were asked for with a 4 KiB buffer, which CPython
+    refuses, so they were never read and this peer was refused."""
+    admin = grp.getgrnam("hive-admin").gr_gid  # (admin_user: the group exists)
+    assert "nobody" not in grp.getgrgid(admin).gr_mem
+    os.chmod(core.host_sock, 0o666)  # the file mode aside: SO_PEERGROUPS decides
+    tag, reply = connect_as(core.host_sock, 65534, 65534, [admin])
+    assert tag == "ok", reply
+    assert assert_ok(strict_loads(reply))["agents"] == ["alice", "bob", "carol"]
+
+
 def test_non_admin_blocked_by_file_mode(core: CoreProcess) -> None:
     nobody = pwd.getpwnam("nobody")
     tag, reply = connect_as(core.host_sock, 65534, nobody.pw_gid, [])

@@ -27,7 +27,7 @@ from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, proc_start_time, 
 from hyperhive.cli.up import ADMIN_GROUP, CORE_USER, ensure_group, ensure_user
 from hyperhive.client import priv_send
 from hyperhive.names import NAME_RE
-from hyperhive.priv.cgroups import CGROUP_ROOT
+from hyperhive.priv.cgroups import CGROUP_ROOT, Cgroup
 from hyperhive.wire.framing import MAX_LINE
 
 HIVE_PRIV = VENV_BIN / "hive-priv"
@@ -106,6 +106,17 @@ def listening_unix(path: Path) -> socket.socket:
     s.bind(str(path))
     s.listen(8)
     return s
+
+
+def test_no_cgroup_hierarchy_is_said_in_one_line(tmp_path: Path) -> None:
+    """An empty /sys/fs/cgroup (a fresh sysfs on /sys, as `ip netns exec` mounts one): the
+    cage is refused with what is wrong, and nothing is made there."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    with pytest.raises(OSError) as e:
+        Cgroup("alice", "hkey", root=root).create(64, 32)
+    assert "no cgroup hierarchy under" in str(e.value) and "\n" not in str(e.value), e.value
+    assert list(root.iterdir()) == []
 
 
 def test_bare_start_is_refused(tmp_dir: Path) -> None:

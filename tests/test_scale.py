@@ -16,10 +16,10 @@ and whose ``command`` runtime writes the message it is given to ``$HOME/turn.jso
 4. Unpaused, each agent gets a message from the operator, and its runtime, run by its
    harness in its cage, writes it to its home: every agent is reachable end to end.
 
-1,000 agents don't fit this machine in one hive: its hard RLIMIT_NOFILE is 20,000 and
 hive-core's budget at the least per agent ([limits] agent_connections = 4, [egress]
-max_connections = 1) is 32 descriptors an agent plus a reserve of 512 (at most 609
-agents). ``bench/run.py --only scale`` runs the most that fit; here 300 fit CI's time.
+max_connections = 1) is 18 descriptors an agent plus a reserve of 512: 1,000 agents fit
+this machine's hard RLIMIT_NOFILE of 20,000 (``bench/run.py --only scale`` runs them);
+here 300 fit CI's time.
 ``HIVE_TEST_SCALE`` runs another count by hand.
 """
 

@@ -9,13 +9,14 @@ import ast
 import asyncio
 import json
 import os
+import sqlite3
 from pathlib import Path
 
 import nats
 import pytest
 
 import hyperhive
-from helpers import assert_ok, assert_refused, wait_for
+from helpers import CoreProcess, assert_ok, assert_refused, wait_for
 from hyperhive.config import ConfigError, load_config
 from swarm_faults import drain
 from swarm_fixture import Swarm
@@ -24,12 +25,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 
 
 def test_a_single_host_hive_never_imports_nats() -> None:
-    """Only swarm/bus.py, swarm/bridge.py and swarm/operator.py (the bridge's) import
-    nats, and every import of them elsewhere is inside a function (the daemon's, taken
-    only with [swarm])."""
+    """Only swarm/bus.py, swarm/bridge.py and the bridge's swarm/operator.py and
+    swarm/show.py import nats, and every import of them elsewhere is inside a function
+    (the daemon's, taken only with [swarm])."""
     src = Path(hyperhive.__file__).parent
-    loaders = {"hyperhive.swarm.bus", "hyperhive.swarm.bridge", "hyperhive.swarm.operator"}
-    nats_modules = ("swarm/bus.py", "swarm/bridge.py", "swarm/operator.py")
+    nats_modules = ("swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py")
+    loaders = {"hyperhive." + m.removesuffix(".py").replace("/", ".") for m in nats_modules}
     for path in src.rglob("*.py"):
         rel = path.relative_to(src).as_posix()
         tree = ast.parse(path.read_text())
@@ -66,17 +67,36 @@ def test_bad_swarm_section_is_one_line(tmp_path: Path, section: str, needle: str
     assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
 
 
+def usage(core: CoreProcess, agent: str) -> tuple[int, int]:
+    """What ``agent`` holds in its storage quota on ``core``'s host (rows, bytes)."""
+    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent=?", (agent,)).fetchone()
+        return (0, 0) if row is None else (row[0], row[1])
+    finally:
+        db.close()
+
+
 @needs_root
 def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
-    alice = swarm.cores["a"].agent("alice")
+    """50 messages within alice's quota arrive once, in order; they count in her quota on
+    a until bob has read them on b, and b's report gives it back (swarm/quota.py)."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    alice = a.agent("alice")
+    before = usage(a, "alice")
     for i in range(50):
         assert_ok(alice.call("send", to="bob", body=f"m{i}"))
+    assert usage(a, "alice") == (before[0] + 50, before[1] + sum(len(f"m{i}") for i in range(50)))
     got = drain(swarm, "b", "bob", 50)
     assert [m["body"] for m in got] == [f"m{i}" for i in range(50)]
     assert {m["from"] for m in got} == {"alice"}
-    # And back: bob answers alice from host b.
-    assert_ok(swarm.cores["b"].agent_call("bob", "send", to="alice", body="hi alice"))
+    wait_for(lambda: usage(a, "alice") == before, timeout=10)
+    # And back: bob answers alice from host b (counted on b until alice has read it).
+    bob_before = usage(b, "bob")
+    assert_ok(b.agent_call("bob", "send", to="alice", body="hi alice"))
+    assert usage(b, "bob") == (bob_before[0] + 1, bob_before[1] + 8)
     assert [m["body"] for m in drain(swarm, "a", "alice", 1)] == ["hi alice"]
+    wait_for(lambda: usage(b, "bob") == bob_before, timeout=10)
     status = swarm.status("a")
     assert status["connected"] and status["roster"] == 3
     assert [h["host"] for h in status["hosts"]] == ["a", "b", "c"]

@@ -1,6 +1,7 @@
 """Questions across hosts (swarm/asks.py) on two stores of their own, no bus: what host
 a queues is what host b receives, and back; an answer is applied only from the host and
-agent the question was asked of, once. The bus end to end: test_swarm.py and
+agent the question was asked of, once; an agent destroyed on one host closes its open
+questions on the other. The bus end to end: test_swarm.py, test_swarm_listing.py and
 redteam/test_swarm_answer_spoofing.py."""
 
 from __future__ import annotations
@@ -62,6 +63,56 @@ def test_a_question_and_its_answer_between_two_hosts(tmp_path: Path) -> None:
         b_store.close()
 
 
+def test_a_destroyed_agent_closes_its_questions_on_the_other_host(tmp_path: Path) -> None:
+    """alice (a) asks bob (b) twice and carol (c) once. alice is destroyed: a withdraws
+    her open questions (b cancels its copy, only of a question a asked). bob is then
+    destroyed with a question of dave's (a) open: b cancels it to a, and dave is told."""
+    a_store, b_store = Store(tmp_path / "a.db"), Store(tmp_path / "b.db")
+    a, b = SwarmStore(a_store.db), SwarmStore(b_store.db)
+    try:
+        asks.ask(a.db, "b", "alice", "bob", "one?", None)
+        q2 = asks.ask(a.db, "b", "alice", "bob", "two?", None)
+        asks.ask(a.db, "c", "alice", "carol", "three?", None)
+        qd = asks.ask(a.db, "b", "dave", "bob", "four?", None)
+        got = b.receive([i for i in carried(a) if i["to"] != "carol"], "a")  # c's: to c
+        assert [m.body for m in got] == ["one?", "two?", "four?"]
+        b1, b2, bd = (m.ref for m in got)
+        assert b1 is not None and b2 is not None and bd is not None
+        asks.answer(b.db, b2, "bob", "yes")  # answered before alice is gone: kept
+        assert [m.ref for m in a.receive(carried(b), "b")] == [q2.id]
+
+        assert asks.forget(a.db, "alice") == 2  # q1 to b and the one to c; q2 is answered
+        out = carried(a)
+        assert sorted((o["kind"], o["to"], o["from"]) for o in out) == [
+            ("withdraw", "bob", "alice", ), ("withdraw", "carol", "alice")]  # fmt: skip
+        assert a_store.questions.open(asker="alice") == []
+        to_b = [o for o in out if o["to"] == "bob"]
+        # From another host (c relaying it), or naming another asker: dropped, still open.
+        assert b.receive([{**to_b[0], "id": "w1"}], "c") == []
+        assert b.receive([{**to_b[0], "id": "w2", "qid": qd.id}], "a") == []
+        assert b.dropped == 2
+        assert sorted(x.id for x in b_store.questions.open(target="bob")) == [b1, bd]
+        assert b.receive(to_b, "a") == []  # applied: nothing delivered, nothing dropped
+        assert b.dropped == 2
+        assert [x.id for x in b_store.questions.open(target="bob")] == [bd]
+        with pytest.raises(Conflict, match="cancelled"):
+            asks.answer(b.db, b1, "bob", "late")
+
+        assert asks.forget(b.db, "bob") == 1  # dave's question, cancelled back to a
+        [cancel] = carried(b)
+        assert (cancel["kind"], cancel["qid"], cancel["to"]) == ("cancel", qd.id, "dave")
+        assert a.receive([{**cancel, "id": "c1"}], "c") == []  # not asked of c
+        [told] = a.receive([cancel], "b")
+        assert (told.kind, told.to, told.ref) == ("answer", "dave", qd.id)
+        assert told.body == "cancelled: bob was destroyed on host b"
+        assert a_store.questions.open(asker="dave") == []
+        assert a.receive([{**cancel, "id": "c2"}], "b") == []  # closed already
+        assert asks.forget(a.db, "alice") == 0  # nothing left open
+    finally:
+        a_store.close()
+        b_store.close()
+
+
 @pytest.mark.parametrize(
     "item",
     [
@@ -83,3 +134,5 @@ def test_well_formed_question_items() -> None:
     assert asks.well_formed({"kind": "question", "qid": 1, "options": None})
     assert asks.well_formed({"kind": "question", "qid": 7, "options": ["a", "b"]})
     assert asks.well_formed({"kind": "answer", "qid": 7})
+    assert asks.well_formed({"kind": "withdraw", "qid": 7})
+    assert not asks.well_formed({"kind": "cancel", "qid": 7, "options": ["x"]})

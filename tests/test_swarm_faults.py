@@ -1,9 +1,12 @@
 """The swarm's faults (docs/swarm.md, "Faults") on the three test hosts: a receiving
-hive-core and a NATS node killed with SIGKILL mid-stream, and a partition that heals.
-Each time, every message alice's host acknowledged is in bob's inbox once, in order.
+hive-core and a NATS node killed with SIGKILL mid-stream of SUITE_N (10,000) messages
+alice sends from her cage, each host running a whole hive (the session's
+``hive_swarm``, its agents paused: the test reads bob's inbox); and a partition that
+heals, on the hosts' hive-cores (the session's ``swarm``; a whole host cut off is
+tests/test_swarm_hives.py's; see docs/swarm.md, "The test hosts"). Each time,
+every message alice's host acknowledged is in bob's inbox once, in order.
 
-The suite streams SUITE_N messages per kill; bench/swarm.py runs the same faults with
-10,000 (`bench/run.py --only swarm`)."""
+bench/swarm.py runs the same kills on hive-cores (`bench/run.py --only swarm`)."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ import time
 import pytest
 
 from helpers import wait_for
+from hive_fixture import HiveProcess
 from swarm_faults import drain, kill9_nats_node, kill9_receiving_core, stream
 from swarm_fixture import Swarm
 
@@ -21,15 +25,21 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 SUITE_N = int(os.environ.get("HIVE_TEST_SWARM_FAULT_N", "10000"))
 
 
-def test_kill9_of_the_receiving_core_mid_stream(swarm: Swarm) -> None:
+def test_kill9_of_the_receiving_core_mid_stream(hives: Swarm[HiveProcess]) -> None:
+    """b's hive-core killed; b's ``hive up`` starts it again, its cages kept."""
+    swarm, b = hives, hives.cores["b"]
+    died = "hive-core exited with status -9"
+    before, cages = b.log_path.read_text().count(died), {n: b.cage(n)["pid"] for n in b.names}
     run = kill9_receiving_core(swarm, SUITE_N)
+    assert b.log_path.read_text().count(died) == before + 1
+    assert {n: b.cage(n)["pid"] for n in b.names} == cages  # hive-priv kept them; harnesses back
     assert len(run.acked) == SUITE_N  # b down: a still takes every message
     assert (run.lost, run.duplicates, run.in_order) == (0, 0, True)
-    # Meanwhile a showed b, and bob, as unreachable; now b is back.
     wait_for(lambda: all(r["reachable"] for r in swarm.status("a")["agents"]), timeout=15)
 
 
-def test_kill9_of_a_nats_node_loses_no_acknowledged_message(swarm: Swarm) -> None:
+def test_kill9_of_a_nats_node_loses_no_acknowledged_message(hives: Swarm[HiveProcess]) -> None:
+    swarm = hives
     run = kill9_nats_node(swarm, SUITE_N)
     swarm.wait_bus_whole()  # the node is back and caught up before the next test
     assert len(run.acked) == SUITE_N

@@ -29,6 +29,7 @@ from hyperhive.swarm.signing import (
     seal,
 )
 from swarm_fixture import Swarm
+from swarm_fixture import listed as listed_on
 from web_fixture import META_CSRF
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -38,8 +39,7 @@ CHILD = {"runtime": "command", "command": ["true"]}
 
 def listed(swarm: Swarm, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:
     """Row ``rid`` of ``host`` in host a's ``cmd`` listing (the other hosts' rows)."""
-    rows = assert_ok(swarm.cores["a"].host_call(cmd)).get(key, [])
-    return next((r for r in rows if (r["host"], r["id"]) == (host, rid)), None)
+    return listed_on(swarm.cores["a"], cmd, key, host, rid)
 
 
 @needs_root

@@ -72,7 +72,7 @@ class Web:
 
     def __init__(self, hive: HiveProcess) -> None:
         self.hive = hive
-        self.base = f"http://127.0.0.1:{hive.port}"
+        self.base = f"http://{hive.listen_host}:{hive.port}"
         self.origin = self.base
 
     @property

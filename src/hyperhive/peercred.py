@@ -30,7 +30,10 @@ SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 def peer_groups(sock: socket.socket) -> list[int] | None:
     """The peer's supplementary groups as the kernel saw them at connect time."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+        # 1024 bytes (256 groups): CPython refuses a longer buffer ("getsockopt buflen out
+        # of range"), so the 4 KiB asked for before always failed and the groups were
+        # never read (red team round 7); more than 256 groups is ERANGE, and None.
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
     except OSError:
         return None
     return list(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) - len(raw) % 4]))

@@ -15,7 +15,12 @@ from __future__ import annotations
 import os
 import socket
 import stat
-from pathlib import Path
+
+# pathlib only names a type here: importing it would cost every cage's harness ~1 MiB
+# (it binds the page socket with this module). mypy reads TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pathlib import Path
 
 BORN = 0o600  # the node's mode between bind and chmod: only our own uid
 

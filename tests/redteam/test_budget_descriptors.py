@@ -88,9 +88,12 @@ class Peak:
 def test_core_raised_its_nofile_and_logged_its_budget(bh: HiveProcess) -> None:
     soft, hard = core_limits(bh)
     assert soft == hard
-    per_agent = (2 * AGENT_CONNS + 1) + (6 * EGRESS_CONNS + 1) + 16
-    line = (f"hive-core: budget: {MAX_AGENTS} agents x ({2 * AGENT_CONNS + 1} agent.sock + {6 * EGRESS_CONNS + 1}"
-            f" egress + 16 spare) fds + reserve 512 = {MAX_AGENTS * per_agent + 512} <= NOFILE {soft};")
+    # agent.sock: its listener and the cap per uid; egress.sock: its listener, 6 a tunnel,
+    # one being refused, and the idle upstream connections kept (at most 4).
+    egress = 6 * EGRESS_CONNS + 1 + 1 + min(4, EGRESS_CONNS)
+    per_agent = (2 * AGENT_CONNS + 1) + egress
+    line = (f"hive-core: budget: {MAX_AGENTS} agents x ({2 * AGENT_CONNS + 1} agent.sock + {egress}"
+            f" egress) fds + reserve 512 = {MAX_AGENTS * per_agent + 512} <= NOFILE {soft};")
     assert line in bh.log_path.read_text(), bh.log_tail()
 
 
@@ -151,8 +154,9 @@ def test_agent_sock_connections_stop_at_the_budgeted_cap(bh: HiveProcess, n: int
             " closing connection")
     assert set(res["refusals"]) <= {line, "ECONNRESET", "EPIPE", "None"}, res["refusals"]
     assert res["after"] == {"version": 1, "ok": True, "name": "rtdflood"}
-    # The cap, the poller's connections and connections refused but not yet closed.
-    assert peak.fds < base + AGENT_CONNS + 64 < soft, (base, peak.fds)
+    # The cap and the poller's connections: a refused connection is closed in the accept
+    # callback, so a thousand refusals hold no descriptor (the budget has no spare for them).
+    assert peak.fds <= base + AGENT_CONNS + 8 < soft, (base, peak.fds)
 
 
 TUNNELS = """
@@ -209,7 +213,9 @@ def test_egress_tunnels_stop_at_the_cap_and_fit_the_budget(bh: HiveProcess, n: i
         n - ok), res
     assert res["alive"] == ok, res
     # 6 descriptors and 2 threads a tunnel (and the poller's connections) - the budget's own figures.
-    assert peak.fds - base_fds <= 6 * EGRESS_CONNS + 1 + 16 + 8, (base_fds, peak.fds)
+    # The tunnels, one connection being refused (the rest wait in the kernel's backlog) and
+    # the poller's connections.
+    assert peak.fds - base_fds <= 6 * EGRESS_CONNS + 1 + 8, (base_fds, peak.fds)
     assert peak.fds - base_fds >= 6 * ok - 2 if n == ok else True
     assert peak.threads - base_threads <= 2 * EGRESS_CONNS + 8 + 4, (base_threads, peak.threads)
     assert peak.fds < soft

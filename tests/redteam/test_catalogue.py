@@ -47,6 +47,9 @@ REQUIRED = {
     "cage.planted-bytecode", "wire.pipelining", "secrets.reflected", "surface.page-download",
     # red team round 6
     "secrets.binding-env", "cage.descriptor-limit", "swarm-name-claim",
+    # red team round 7: the egress pool, the early 200, the group commit
+    "egress.pool-cross-agent", "egress.pool-desync", "egress.connect-before-verify",
+    "core.groupcommit",
 }
 
 PLUGIN = r'''

@@ -28,7 +28,7 @@ import pytest
 from playwright.sync_api import Browser
 
 from hive_fixture import probe_result
-from web_fixture import Web, browser, wait_for, web_hive  # noqa: F401 (browser: a fixture)
+from web_fixture import Web, artifact, browser, wait_for, web_hive  # noqa: F401 (browser: a fixture)
 
 from .conftest import CLIENT
 
@@ -331,12 +331,16 @@ def test_link_is_one_use_and_bound_to_the_item(env: Env, browser: Browser) -> No
         page.wait_for_url(f"{q_links[0]}?again=1", wait_until="commit")
         page.wait_for_load_state("domcontentloaded")
         assert "not logged in" in page.content()
+        page.screenshot(path=str(artifact("notify-1-link-before-login.png")))
         page.goto(web.login_url, wait_until="commit")
         page.wait_for_url(f"{web.base}/?focus=question-{qid}", wait_until="commit")
+        page.wait_for_selector(f"#question-{qid}", timeout=10_000)
+        page.screenshot(path=str(artifact("notify-2-link-opens-the-question.png")))
         # Second use: a one-line 410, nothing else.
         resp = page.goto(q_links[0])
         assert resp is not None and resp.status == 410
         assert resp.text().strip() == "this link was already used; open the dashboard instead"
+        page.screenshot(path=str(artifact("notify-3-link-used-twice.png")))
         # Logged in, the link clicked on another site (as from a phone's app): the browser
         # leaves the SameSite=Strict cookie out; the hive's one same-origin step brings it.
         asked: list[str] = []

@@ -274,7 +274,7 @@ def test_a_fragment_or_an_overlong_escape_is_refused_not_read_one_way(
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("swarm-host-spoofing", ref="issue 18; docs/swarm.md, Permissions")
-def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(swarm: Swarm) -> None:
+def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(hives: Swarm[HiveProcess]) -> None:
     """Host c may write rows under agents.c.* (its own); the row's *value* is c's to say.
     It names a's agent alice, with fields of the wrong type and a status text far over
     what any agent may set: every host lists it as c's agent "x", with a bounded text."""
@@ -288,10 +288,10 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(swarm: Swarm) -
         await nc.publish(subject, json.dumps(row).encode())
         await nc.flush()
 
-    assert as_host_c(swarm, attack) == []
+    assert as_host_c(hives, attack) == []
 
     def listed() -> list[dict[str, Any]]:
-        return [r for r in swarm.status("a")["agents"] if r["host"] == "c" and r["name"] in ("x", "alice")
+        return [r for r in hives.status("a")["agents"] if r["host"] == "c" and r["name"] in ("x", "alice")
                 and (r.get("status_text") or "").startswith("A")]
 
     try:
@@ -301,14 +301,14 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(swarm: Swarm) -
             await nc.publish(subject, b"", headers={"KV-Operation": "DEL"})
             await nc.flush()
 
-        assert as_host_c(swarm, take_back) == []
-        wait_for(lambda: not [r for r in swarm.status("a")["agents"] if r["host"] == "c" and r["name"] == "x"],
+        assert as_host_c(hives, take_back) == []
+        wait_for(lambda: not [r for r in hives.status("a")["agents"] if r["host"] == "c" and r["name"] == "x"],
                  timeout=15)
     assert got["name"] == "x" and got["host"] == "c", got
     assert got["running"] is False and got["paused"] is False, got
     assert len(got["status_text"]) <= SHORT_TEXT_CHARS, len(got["status_text"])
-    assert [r for r in swarm.status("a")["agents"] if r["name"] == "alice"] == [
-        r for r in swarm.status("a")["agents"] if r["name"] == "alice" and r["host"] == "a"]
+    assert [r for r in hives.status("a")["agents"] if r["name"] == "alice"] == [
+        r for r in hives.status("a")["agents"] if r["name"] == "alice" and r["host"] == "a"]
 
 
 # -- the harness's page: a download from the operator's origin (issue 15) ----------------

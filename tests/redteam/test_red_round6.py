@@ -4,8 +4,8 @@ real cage, as a compromised swarm host with its own NATS credentials, and agains
 signed operator actions' own checks.
 
 One hive (web_hive: nginx, hive-core, hive-priv) with one agent rt6 for the cage, the
-dashboard and exec cases; the session's swarm (tests/swarm_fixture.py) for the hostile
-host; the sealed actions and the replay table on their own (no bus: their checks are
+dashboard and exec cases; the session's whole-hive swarm (``hives``: tests/swarm_fixture.py,
+a hive up on each test host, its agents paused) for the hostile host; the sealed actions and the replay table on their own (no bus: their checks are
 pure, and a race is best run many times in a second).
 """
 
@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from helpers import assert_ok, wait_for
-from hive_fixture import HIVE, probe_result
+from hive_fixture import HIVE, HiveProcess, probe_result
 from hyperhive.core.store import Store
 from hyperhive.swarm import signing
 from hyperhive.swarm import subjects as s
@@ -306,7 +306,7 @@ def test_an_approval_payload_at_the_decoders_depth_limit_is_shown_not_raised() -
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("swarm-name-claim", ref="red team round 6: names.<agent> is create-only by convention only")
-def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(swarm: Swarm) -> None:
+def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(hives: Swarm[HiveProcess]) -> None:
     """Host c, with its own NATS credentials, puts its own claim of ``alice`` (a's agent)
     in the roster bucket, then sends bob a message "from alice" on its own subject. Its
     claim is later than a's, so the name stays a's and b drops the message (round 6: c
@@ -326,31 +326,31 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(swarm: Swarm) 
     async def restore(nc: Any) -> None:  # the session's swarm: c's claim taken back
         await nc.request(key, b"", headers={"KV-Operation": "DEL"}, timeout=10)
 
-    dropped = swarm.status("b")["dropped"]
+    dropped = hives.status("b")["dropped"]
     got: list[dict[str, Any]] = []
 
     def settled() -> bool:  # b dropped it, or bob has it
-        got.extend(assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
-        return swarm.status("b")["dropped"] > dropped or any(m["body"].startswith("r6:") for m in got)
+        got.extend(assert_ok(hives.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
+        return hives.status("b")["dropped"] > dropped or any(m["body"].startswith("r6:") for m in got)
 
     try:
-        as_host_c(swarm, attack, settle=0)
+        as_host_c(hives, attack, settle=0)
         wait_for(settled, timeout=15)
         assert set(claims[0]) == {"a", "c"} and earliest(claims[0]) == "a", claims
         forged = [m for m in got if m["body"] == "r6: from alice, really"]
         assert forged == [], f"bob took c's message as alice's: {forged}; the bucket said {replies}"
     finally:
-        as_host_c(swarm, restore, settle=0)
+        as_host_c(hives, restore, settle=0)
         if got:  # the session's swarm: bob's inbox as it was for the next module
-            assert_ok(swarm.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
-        wait_for(lambda: all(r["host"] == "a" for r in swarm.status("b")["agents"] if r["name"] == "alice"),
+            assert_ok(hives.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
+        wait_for(lambda: all(r["host"] == "a" for r in hives.status("b")["agents"] if r["name"] == "alice"),
                  timeout=15)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("swarm-name-claim", ref="red team round 6: names.<agent> is create-only by convention only")
 @pytest.mark.parametrize("op", ["put", "delete"])
-def test_a_hostile_host_cannot_write_another_hosts_name_claim(swarm: Swarm, op: str) -> None:
+def test_a_hostile_host_cannot_write_another_hosts_name_claim(hives: Swarm[HiveProcess], op: str) -> None:
     """Host c may write only its own claims (names.<agent>.c): putting over or deleting
     a's claim of alice (names.alice.a) is a permissions violation, and alice stays a's."""
     subject = f"$KV.{s.BUCKET}.{s.name_key('alice', 'a')}"
@@ -361,14 +361,14 @@ def test_a_hostile_host_cannot_write_another_hosts_name_claim(swarm: Swarm, op: 
         await nc.flush()
 
     async def claim_of_a() -> bytes | None:  # as the admin: a's claim as the bucket has it
-        user, password = swarm.net.admin()
-        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        user, password = hives.net.admin()
+        nc = await nats.connect(hives.net.urls("a"), user=user, password=password)
         try:
             return (await (await nc.jetstream().key_value(s.BUCKET)).get(s.name_key("alice", "a"))).value
         finally:
             await nc.close()
 
-    violation(as_host_c(swarm, attack), f'publish to "{subject}"')
+    violation(as_host_c(hives, attack), f'publish to "{subject}"')
     assert asyncio.run(claim_of_a()) == b"a"
 
 
@@ -377,7 +377,7 @@ INJECTED = "</span><script>alert('r6')</script>\r\nevent: update\ndata: <img src
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("surface.cockpit-stream", ref="red team round 6: another host's roster rows on the dashboard")
-def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_stream(swarm: Swarm) -> None:
+def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_stream(hives: Swarm[HiveProcess]) -> None:
     """Host c writes its own roster keys (questions.c.*, approvals.c.*: NATS lets it),
     their text made to close the markup, start a script, end the SSE event and forge the
     next one, and flip the text's direction. On a's dashboard ("On other hosts") and its
@@ -403,10 +403,10 @@ def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_str
         for key in (qkey, akey):
             await nc.request(key, b"", headers={"KV-Operation": "DEL"}, timeout=10)
 
-    a = swarm.cores["a"]
+    a = hives.cores["a"]
     token = (a.state_dir / "operator.token").read_text().strip()
     transport = httpx.HTTPTransport(uds=str(a.run_dir / "core.sock"))
-    writer = threading.Thread(target=as_host_c, args=(swarm, write), kwargs={"settle": 0}, daemon=True)
+    writer = threading.Thread(target=as_host_c, args=(hives, write), kwargs={"settle": 0}, daemon=True)
     writer.start()
     ids = ('id="question-c-9001"', 'id="approval-c-9002"')
     try:
@@ -432,7 +432,7 @@ def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_str
     finally:
         stop.set()
         writer.join(15)
-        as_host_c(swarm, take_back, settle=0)
+        as_host_c(hives, take_back, settle=0)
     streamed = text.split("\n")
     for shown in (text, page):
         assert "<script>alert" not in shown and "<img src=x" not in shown and '"><b>x' not in shown
@@ -487,7 +487,7 @@ def test_a_compromised_core_cannot_set_a_clean_execs_path_through_agent_env(web:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("swarm-host-spoofing", ref="red team round 6: a hostile host stalling another host's inbox")
-def test_a_hostile_host_cannot_stall_another_hosts_inbox(swarm: Swarm) -> None:
+def test_a_hostile_host_cannot_stall_another_hosts_inbox(hives: Swarm[HiveProcess]) -> None:
     """Host c fills its own subject to b with poison: bundles nested past the decoder,
     1,024 messages each from a different name no one claimed (each one a look in the
     bucket), messages and questions to the operator and to no one. Each is dropped once
@@ -509,21 +509,21 @@ def test_a_hostile_host_cannot_stall_another_hosts_inbox(swarm: Swarm) -> None:
                      json.dumps(after).encode()):
             await js.publish(s.msg_subject("b", "c"), data, timeout=10)
 
-    dropped = swarm.status("b")["dropped"]
-    assert as_host_c(swarm, attack, settle=0) == []
-    assert_ok(swarm.cores["a"].agent_call("alice", "send", to="bob", body=body_a))
+    dropped = hives.status("b")["dropped"]
+    assert as_host_c(hives, attack, settle=0) == []
+    assert_ok(hives.cores["a"].agent_call("alice", "send", to="bob", body=body_a))
     got: list[dict[str, Any]] = []
 
     def both() -> bool:
-        got.extend(assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
+        got.extend(assert_ok(hives.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
         return {body_a, body_c} <= {m["body"] for m in got}
 
     try:
         wait_for(both, timeout=20)
     finally:
         if got:
-            assert_ok(swarm.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
+            assert_ok(hives.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
     assert [m for m in got if m["body"] in ("x", "to whom?")] == []
-    assert swarm.status("b")["dropped"] >= dropped + 1 + len(unknown)
-    questions = assert_ok(swarm.cores["b"].host_call("questions"))["questions"]
+    assert hives.status("b")["dropped"] >= dropped + 1 + len(unknown)
+    questions = assert_ok(hives.cores["b"].host_call("questions"))["questions"]
     assert all(q["question"] != "to whom?" for q in questions), questions

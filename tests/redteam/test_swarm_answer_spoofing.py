@@ -4,7 +4,8 @@
 integers). NATS lets c publish only on its own subjects, so c's forged answers come on
 ``hive.msg.a.from.c``; host a applies an answer only from the host the question was asked
 of, from the agent it was asked of: both forgeries are dropped, the question stays open,
-and bob's real answer is the one alice gets."""
+and bob's real answer is the one alice gets. Each host runs a whole hive (the session's
+``hives``: tests/swarm_fixture.py, the agents paused)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok, wait_for
+from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
 from swarm_fixture import Swarm
 from test_swarm import drain
@@ -27,11 +29,11 @@ pytestmark = [
 ]
 
 
-def test_a_host_cannot_answer_a_question_asked_of_another_hosts_agent(swarm: Swarm) -> None:
-    alice, bob = swarm.cores["a"].agent("alice"), swarm.cores["b"].agent("bob")
+def test_a_host_cannot_answer_a_question_asked_of_another_hosts_agent(hives: Swarm[HiveProcess]) -> None:
+    alice, bob = hives.cores["a"].agent("alice"), hives.cores["b"].agent("bob")
     qa = assert_ok(alice.call("ask", to="bob", question="deploy?", options=["yes", "no"]))["id"]
-    [q] = drain(swarm, "b", "bob", 1)
-    dropped = swarm.status("a")["dropped"]
+    [q] = drain(hives, "b", "bob", 1)
+    dropped = hives.status("a")["dropped"]
 
     def forged(n: int, sender: str) -> dict[str, Any]:
         return {"id": f"forged-answer-{qa}-{n}", "from": sender, "to": "alice",
@@ -45,12 +47,12 @@ def test_a_host_cannot_answer_a_question_asked_of_another_hosts_agent(swarm: Swa
             await js.publish(s.msg_subject("a", "c"), json.dumps([item]).encode(),
                              headers={"Nats-Msg-Id": item["id"]})
 
-    assert as_host_c(swarm, attack) == []  # NATS lets c publish on its own subject
-    wait_for(lambda: swarm.status("a")["dropped"] == dropped + 2, timeout=15)
+    assert as_host_c(hives, attack) == []  # NATS lets c publish on its own subject
+    wait_for(lambda: hives.status("a")["dropped"] == dropped + 2, timeout=15)
     assert assert_ok(alice.call("recv", wait=0.3))["messages"] == []
     assert [x["id"] for x in assert_ok(alice.call("loose_ends"))["questions"]] == [qa]
     # bob's own answer still goes through, once.
     assert_ok(bob.call("answer", id=q["ref"], answer="no"))
-    [a] = drain(swarm, "a", "alice", 1)
+    [a] = drain(hives, "a", "alice", 1)
     assert (a["kind"], a["from"], a["body"], a["ref"]) == ("answer", "bob", "no", qa)
     assert assert_ok(alice.call("loose_ends"))["questions"] == []

@@ -1,5 +1,6 @@
 """A compromised host in the swarm (docs/swarm.md, "Permissions"): host c's core is the
-attacker and uses c's own NATS credentials directly (nats-py, no hive code). NATS's
+attacker and uses c's own NATS credentials directly (nats-py, no hive code), against
+whole hives (the session's ``hive_swarm``: hive up, real cages, on each test host). NATS's
 authorization refuses it everything that would speak for another host or read its
 private subjects; what NATS lets through (a message on c's own subject that claims
 another host's agent) the receiving host drops against the roster."""
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,8 +18,9 @@ import nats
 import pytest
 
 from helpers import assert_ok, wait_for
+from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
-from swarm_fixture import Swarm
+from swarm_fixture import Swarm, heard, hears
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
@@ -74,9 +77,9 @@ def violation(errors: list[str], what: str) -> None:
     assert any("permissions violation" in e and what.lower() in e for e in errors), errors
 
 
-def test_host_cannot_publish_as_another_host(swarm: Swarm) -> None:
+def test_host_cannot_publish_as_another_host(hives: Swarm[HiveProcess]) -> None:
     subject = s.msg_subject("b", "a")
-    before = stream_seq(swarm, subject)
+    before = stream_seq(hives, subject)
     body = json.dumps([{"id": "forged1", "from": "alice", "to": "bob", "kind": "message",
                         "body": "forged", "sent_at": 0}]).encode()
 
@@ -84,16 +87,16 @@ def test_host_cannot_publish_as_another_host(swarm: Swarm) -> None:
         await nc.publish(subject, body, headers={"Nats-Msg-Id": "forged1"})
         await nc.flush()
 
-    violation(as_host_c(swarm, attack), f'publish to "{subject}"')
-    assert stream_seq(swarm, subject) == before
+    violation(as_host_c(hives, attack), f'publish to "{subject}"')
+    assert stream_seq(hives, subject) == before
 
 
-def test_host_cannot_read_another_hosts_inbox(swarm: Swarm) -> None:
+def test_host_cannot_read_another_hosts_inbox(hives: Swarm[HiveProcess]) -> None:
     async def subscribe(nc: Any) -> None:
         await nc.subscribe(s.inbox_filter("b"))
         await nc.flush()
 
-    violation(as_host_c(swarm, subscribe), "subscription to")
+    violation(as_host_c(hives, subscribe), "subscription to")
 
     for sender in ("a", "c"):  # b's inbox of a's messages, and even of c's own
         durable = s.consumer("b", sender)
@@ -103,34 +106,34 @@ def test_host_cannot_read_another_hosts_inbox(swarm: Swarm) -> None:
                              b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")
             await nc.flush()
 
-        violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.STREAM}.{durable}")
+        violation(as_host_c(hives, pull), f"consumer.msg.next.{s.STREAM}.{durable}")
 
     async def get(nc: Any) -> None:
         await nc.publish(f"$JS.API.STREAM.MSG.GET.{s.STREAM}", b'{"seq":1}',
                          reply=f"{s.inbox_prefix('c')}.x")
         await nc.flush()
 
-    violation(as_host_c(swarm, get), f"stream.msg.get.{s.STREAM}")
+    violation(as_host_c(hives, get), f"stream.msg.get.{s.STREAM}")
 
     async def snoop(nc: Any) -> None:  # another host's reply subjects (its pulled messages)
         await nc.subscribe(f"{s.inbox_prefix('b')}.>")
         await nc.flush()
 
-    violation(as_host_c(swarm, snoop), "subscription to")
+    violation(as_host_c(hives, snoop), "subscription to")
 
 
-def test_host_cannot_write_another_hosts_roster_rows(swarm: Swarm) -> None:
+def test_host_cannot_write_another_hosts_roster_rows(hives: Swarm[HiveProcess]) -> None:
     subject = f"$KV.{s.BUCKET}.{s.row_key('a', 'alice')}"
 
     async def attack(nc: Any) -> None:
         await nc.publish(subject, b'{"name": "alice", "host": "c"}')
         await nc.flush()
 
-    violation(as_host_c(swarm, attack), f'publish to "{subject}"')
+    violation(as_host_c(hives, attack), f'publish to "{subject}"')
 
 
 @pytest.mark.attack("swarm-host-spoofing", ref="red team round 5: the roster bucket had no size limits")
-def test_host_cannot_write_an_oversized_roster_row(swarm: Swarm) -> None:
+def test_host_cannot_write_an_oversized_roster_row(hives: Swarm[HiveProcess]) -> None:
     """Its own row key, but a value over the bucket's limit: JetStream refuses it."""
     subject = f"$KV.{s.BUCKET}.{s.row_key('c', 'bulky')}"
     replies: list[dict[str, Any]] = []
@@ -139,22 +142,25 @@ def test_host_cannot_write_an_oversized_roster_row(swarm: Swarm) -> None:
         reply = await nc.request(subject, b"x" * (s.ROSTER_VALUE_BYTES + 1), timeout=10)
         replies.append(json.loads(reply.data))
 
-    assert as_host_c(swarm, attack) == []  # its own key: no permission error ...
+    assert as_host_c(hives, attack) == []  # its own key: no permission error ...
     assert "error" in replies[0] and "size" in replies[0]["error"]["description"], replies
 
 
-def test_own_subject_claiming_another_hosts_agent_is_dropped(swarm: Swarm) -> None:
+def test_own_subject_claiming_another_hosts_agent_is_dropped(hive_swarm: Swarm[HiveProcess]) -> None:
     """NATS lets c publish on its own subject; b checks the claimed sender against the
-    roster (alice is a's) and drops it: bob never sees a forged alice."""
-    dropped = swarm.status("b")["dropped"]
-    body = json.dumps([{"id": "forged2", "from": "alice", "to": "bob", "kind": "message",
-                        "body": "forged", "sent_at": 0}]).encode()
+    roster (alice is a's) and drops it: bob's runtime, taking his inbox in his cage on
+    b, never gets a forged alice; alice's real message after it, it gets once."""
+    hives, b, tag = hive_swarm, hive_swarm.cores["b"], secrets.token_hex(4)
+    dropped = hives.status("b")["dropped"]
+    body = json.dumps([{"id": f"forged2-{tag}", "from": "alice", "to": "bob", "kind": "message",
+                        "body": f"forged {tag}", "sent_at": 0}]).encode()
 
     async def attack(nc: Any) -> None:
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)
 
-    assert as_host_c(swarm, attack) == []
+    assert as_host_c(hives, attack) == []
 
-    wait_for(lambda: swarm.status("b")["dropped"] == dropped + 1, timeout=15)
-    msgs = assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"]
-    assert all(m["body"] != "forged" for m in msgs)
+    wait_for(lambda: hives.status("b")["dropped"] == dropped + 1, timeout=15)
+    assert_ok(hives.cores["a"].agent_call("alice", "send", to="bob", body=f"real {tag}"))
+    assert hears(b, "bob", body=f"real {tag}")["from"] == "alice"
+    assert [m for m in heard(b, "bob") if m["body"] == f"forged {tag}"] == []

@@ -3,7 +3,9 @@ and actions"; docs/security.md). b and c obey only host a's operator (they pin a
 Host c, with its own NATS credentials and its own operator key, tries to answer and
 approve as the operator for an agent on b; a signed action of a's is replayed; an
 approval is signed for another payload; actions too large or malformed are sent. Each
-is refused, and b's question or approval stays as it was."""
+is refused, and b's question or approval stays as it was. Each host runs a whole hive
+(the session's ``hives``: tests/swarm_fixture.py; the agents paused, so the test reads
+bob's inbox itself)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
+from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.operator import KEY_FILE
 from hyperhive.swarm.signing import MAX_ACTION_BYTES, canonical, load_or_create_key, seal
@@ -94,7 +97,7 @@ def publish_all(swarm: Swarm, host: str, items: list[tuple[str, bytes]]) -> list
     return out
 
 
-def test_host_c_cannot_publish_as_host_a_or_write_its_rows(swarm: Swarm) -> None:
+def test_host_c_cannot_publish_as_host_a_or_write_its_rows(hives: Swarm[HiveProcess]) -> None:
     for subject in (
         s.op_subject("b", "a"),
         f"$KV.{s.BUCKET}.{s.result_key('b', 'f' * 32)}",
@@ -106,56 +109,56 @@ def test_host_c_cannot_publish_as_host_a_or_write_its_rows(swarm: Swarm) -> None
             await nc.publish(subject, b"{}")
             await nc.flush()
 
-        violation(as_host_c(swarm, attack), f'publish to "{subject}"')
+        violation(as_host_c(hives, attack), f'publish to "{subject}"')
 
     async def pull(nc: Any) -> None:  # b's actions are b's to take
         await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{s.ops_consumer('b')}",
                          b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")  # fmt: skip
         await nc.flush()
 
-    violation(as_host_c(swarm, pull), f"consumer.msg.next.{s.OPS_STREAM}.{s.ops_consumer('b')}")
+    violation(as_host_c(hives, pull), f"consumer.msg.next.{s.OPS_STREAM}.{s.ops_consumer('b')}")
 
 
-def test_host_c_cannot_answer_as_the_operator_for_bs_agent(swarm: Swarm) -> None:
+def test_host_c_cannot_answer_as_the_operator_for_bs_agent(hives: Swarm[HiveProcess]) -> None:
     """On its own subject (all NATS lets it): signed with its own operator key (b doesn't
     pin it), signed with it but saying it is from a, and a's genuine signature relayed."""
-    qid = open_question(swarm)
-    before = swarm.status("b")["actions_refused"]
-    c_key = load_or_create_key(swarm.cores["c"].state_dir / KEY_FILE)
-    a_key = load_or_create_key(swarm.operator_key)  # type: ignore[arg-type]
+    qid = open_question(hives)
+    before = hives.status("b")["actions_refused"]
+    c_key = load_or_create_key(hives.cores["c"].state_dir / KEY_FILE)
+    a_key = load_or_create_key(hives.operator_key)  # type: ignore[arg-type]
     answer = {"cmd": "answer_question", "id": qid, "answer": "forged"}
     own = seal(c_key, "c", "b", answer)[1]
     posing = seal(c_key, "a", "b", answer)[1]
     relayed = seal(a_key, "a", "b", answer)[1]
     subject = s.op_subject("b", "c")
-    assert publish_all(swarm, "c", [(subject, own), (subject, posing), (subject, relayed)]) == []
-    refused_on_b(swarm, before, 3)
-    still_open(swarm, qid)
+    assert publish_all(hives, "c", [(subject, own), (subject, posing), (subject, relayed)]) == []
+    refused_on_b(hives, before, 3)
+    still_open(hives, qid)
     # And an approval the same way: bob's stays pending.
-    asked = assert_ok(swarm.cores["b"].agent_call("bob", "request_approval", kind="custom",
+    asked = assert_ok(hives.cores["b"].agent_call("bob", "request_approval", kind="custom",
                                                   description="deploy", payload={"v": 1}))  # fmt: skip
     approve = {"cmd": "approve", "id": asked["id"], "payload_sha256": asked["payload_sha256"]}
-    assert publish_all(swarm, "c", [(subject, seal(c_key, "c", "b", approve)[1])]) == []
-    refused_on_b(swarm, before, 4)
-    a = assert_ok(swarm.cores["b"].host_call("show_approval", id=asked["id"]))["approval"]
+    assert publish_all(hives, "c", [(subject, seal(c_key, "c", "b", approve)[1])]) == []
+    refused_on_b(hives, before, 4)
+    a = assert_ok(hives.cores["b"].host_call("show_approval", id=asked["id"]))["approval"]
     assert a["status"] == "pending"
-    deny_on_b(swarm, asked["id"])
-    close_question(swarm, qid)
+    deny_on_b(hives, asked["id"])
+    close_question(hives, qid)
 
 
 @pytest.mark.attack("swarm-operator-forgery", ref="issue 18: replays refused, applied once")
-def test_a_replayed_or_stale_operator_action_is_refused(swarm: Swarm) -> None:
+def test_a_replayed_or_stale_operator_action_is_refused(hives: Swarm[HiveProcess]) -> None:
     """a's genuine signed answer, published twice (a's stolen NATS credentials, or the
     bus itself replaying it) with new Nats-Msg-Ids: applied once; one signed ten minutes
     ago: refused."""
-    qid = open_question(swarm)
-    a_key = load_or_create_key(swarm.operator_key)  # type: ignore[arg-type]
+    qid = open_question(hives)
+    a_key = load_or_create_key(hives.operator_key)  # type: ignore[arg-type]
     stale = sealed(a_key, "a", "b", {"cmd": "answer_question", "id": qid, "answer": "old"},
                    time.time() - 600)  # fmt: skip
-    before = swarm.status("b")["actions_refused"]
-    assert publish_all(swarm, "a", [(s.op_subject("b", "a"), stale)]) == []
-    refused_on_b(swarm, before, 1)
-    still_open(swarm, qid)
+    before = hives.status("b")["actions_refused"]
+    assert publish_all(hives, "a", [(s.op_subject("b", "a"), stale)]) == []
+    refused_on_b(hives, before, 1)
+    still_open(hives, qid)
 
     data = seal(a_key, "a", "b", {"cmd": "answer_question", "id": qid, "answer": "once"})[1]
 
@@ -164,48 +167,48 @@ def test_a_replayed_or_stale_operator_action_is_refused(swarm: Swarm) -> None:
         for n in range(2):
             await js.publish(s.op_subject("b", "a"), data, headers={"Nats-Msg-Id": f"r{n}{qid}"})
 
-    assert as_host_c(swarm, twice, "a", settle=0) == []  # both acked by JetStream
-    refused_on_b(swarm, before, 2)
-    msgs = assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=2.0))["messages"]
+    assert as_host_c(hives, twice, "a", settle=0) == []  # both acked by JetStream
+    refused_on_b(hives, before, 2)
+    msgs = assert_ok(hives.cores["b"].agent_call("bob", "recv", wait=2.0))["messages"]
     assert [(m["kind"], m["body"]) for m in msgs] == [("answer", "once")]
-    assert_ok(swarm.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
+    assert_ok(hives.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
 
 
 @pytest.mark.attack("swarm-operator-forgery", ref="issue 18: an approval bound to its sha256")
-def test_an_approval_for_another_payload_is_refused(swarm: Swarm) -> None:
+def test_an_approval_for_another_payload_is_refused(hives: Swarm[HiveProcess]) -> None:
     """The operator on a approves or denies bob's approval naming another payload_sha256
     (what a stale or doctored listing would show): b refuses; it stays pending. Signed by
     a with no sha256 at all: refused too."""
-    asked = assert_ok(swarm.cores["b"].agent_call("bob", "request_approval", kind="spawn",
+    asked = assert_ok(hives.cores["b"].agent_call("bob", "request_approval", kind="spawn",
                                                   description="x", payload={"name": "bobx",
                                                   "spec": {"runtime": "command",
                                                            "command": ["true"]}}))  # fmt: skip
     aid = asked["id"]
-    wait_for(lambda: any(r["id"] == aid for r in swarm.status("a")["approvals"]), timeout=10)
-    a = swarm.cores["a"]
+    wait_for(lambda: any(r["id"] == aid for r in hives.status("a")["approvals"]), timeout=10)
+    a = hives.cores["a"]
     for verb in ("approve", "deny"):
         resp = a.host_call(verb, id=aid, host="b", payload_sha256="0" * 64)
         assert_refused(resp, "host b:", "payload_sha256 is not 000000000000")
-    a_key = load_or_create_key(swarm.operator_key)  # type: ignore[arg-type]
+    a_key = load_or_create_key(hives.operator_key)  # type: ignore[arg-type]
     bare = seal(a_key, "a", "b", {"cmd": "approve", "id": aid})[1]
-    applied = swarm.status("b")["actions_applied"]
-    assert publish_all(swarm, "a", [(s.op_subject("b", "a"), bare)]) == []
-    wait_for(lambda: swarm.status("b")["actions_applied"] == applied + 1, timeout=15)
-    row = assert_ok(swarm.cores["b"].host_call("show_approval", id=aid))["approval"]
+    applied = hives.status("b")["actions_applied"]
+    assert publish_all(hives, "a", [(s.op_subject("b", "a"), bare)]) == []
+    wait_for(lambda: hives.status("b")["actions_applied"] == applied + 1, timeout=15)
+    row = assert_ok(hives.cores["b"].host_call("show_approval", id=aid))["approval"]
     assert row["status"] == "pending"
-    assert "bobx" not in assert_ok(swarm.cores["b"].host_call("list"))["agents"]
-    deny_on_b(swarm, aid)
+    assert "bobx" not in assert_ok(hives.cores["b"].host_call("list"))["agents"]
+    deny_on_b(hives, aid)
 
 
 @pytest.mark.attack("swarm-operator-forgery", ref="issue 18: bounded, malformed actions")
-def test_oversized_and_malformed_actions_are_refused(swarm: Swarm) -> None:
+def test_oversized_and_malformed_actions_are_refused(hives: Swarm[HiveProcess]) -> None:
     """Too large for the stream: JetStream refuses it. Malformed (not JSON, not sealed,
     a bad signature, a verb no host carries, deep nesting): b refuses each, nothing else."""
-    qid = open_question(swarm)
+    qid = open_question(hives)
     subject = s.op_subject("b", "c")
-    errors = publish_all(swarm, "c", [(subject, b"x" * (MAX_ACTION_BYTES + 1))])
+    errors = publish_all(hives, "c", [(subject, b"x" * (MAX_ACTION_BYTES + 1))])
     assert len(errors) == 1 and "size" in errors[0], errors
-    c_key = load_or_create_key(swarm.cores["c"].state_dir / KEY_FILE)
+    c_key = load_or_create_key(hives.cores["c"].state_dir / KEY_FILE)
     good = json.loads(seal(c_key, "c", "b", {"cmd": "answer_question", "id": qid,
                                              "answer": "x"})[1])  # fmt: skip
     bad = [
@@ -219,25 +222,25 @@ def test_oversized_and_malformed_actions_are_refused(swarm: Swarm) -> None:
              "sig": good["sig"]}
         ).encode(),
     ]
-    before = swarm.status("b")["actions_refused"]
-    assert publish_all(swarm, "c", [(subject, d) for d in bad]) == []
-    refused_on_b(swarm, before, len(bad))
-    still_open(swarm, qid)
-    assert "bob" in assert_ok(swarm.cores["b"].host_call("list"))["agents"]
-    close_question(swarm, qid)
+    before = hives.status("b")["actions_refused"]
+    assert publish_all(hives, "c", [(subject, d) for d in bad]) == []
+    refused_on_b(hives, before, len(bad))
+    still_open(hives, qid)
+    assert "bob" in assert_ok(hives.cores["b"].host_call("list"))["agents"]
+    close_question(hives, qid)
 
 
 @pytest.mark.attack("swarm-host-spoofing", ref="found with the operator's actions: a deeply"
                     " nested bundle stopped b's inbox (redelivered forever)")  # fmt: skip
-def test_a_deeply_nested_bundle_is_dropped_not_redelivered_forever(swarm: Swarm) -> None:
+def test_a_deeply_nested_bundle_is_dropped_not_redelivered_forever(hives: Swarm[HiveProcess]) -> None:
     """c puts a bundle nested too deep to decode on its own subject to b. b drops it (it
     used to raise in b's consumer, be redelivered, and hold every later bundle back), and
     alice's next message to bob arrives."""
-    dropped = swarm.status("b")["dropped"]
-    assert publish_all(swarm, "c", [(s.msg_subject("b", "c"), b"[" * 100_000)]) == []
-    wait_for(lambda: swarm.status("b")["dropped"] == dropped + 1, timeout=15)
-    assert_ok(swarm.cores["a"].agent_call("alice", "send", to="bob", body="after the pill"))
-    bob = swarm.cores["b"].agent("bob")
+    dropped = hives.status("b")["dropped"]
+    assert publish_all(hives, "c", [(s.msg_subject("b", "c"), b"[" * 100_000)]) == []
+    wait_for(lambda: hives.status("b")["dropped"] == dropped + 1, timeout=15)
+    assert_ok(hives.cores["a"].agent_call("alice", "send", to="bob", body="after the pill"))
+    bob = hives.cores["b"].agent("bob")
     msgs = assert_ok(bob.call("recv", wait=10.0))["messages"]
     assert [m["body"] for m in msgs] == ["after the pill"]
     assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
@@ -245,25 +248,25 @@ def test_a_deeply_nested_bundle_is_dropped_not_redelivered_forever(swarm: Swarm)
 
 @pytest.mark.attack("swarm-host-spoofing", ref="found with the operator's roster: a roster"
                     " value nested too deep stopped every host's roster watch")  # fmt: skip
-def test_a_deeply_nested_roster_value_does_not_stop_the_watch(swarm: Swarm) -> None:
+def test_a_deeply_nested_roster_value_does_not_stop_the_watch(hives: Swarm[HiveProcess]) -> None:
     """c writes its own keys (all NATS lets it) with values nested too deep to decode: an
     agent row and a question. Every host's watch used to raise on them and start over
     forever, its roster frozen; now they are ignored, and carol's question still shows."""
     pill = b"[" * 60_000
     keys = [s.row_key("c", "deep"), s.question_key("c", 99999)]
     try:
-        assert publish_all(swarm, "c", [(f"$KV.{s.BUCKET}.{k}", pill) for k in keys]) == []
-        carol = swarm.cores["c"].agent("carol")
+        assert publish_all(hives, "c", [(f"$KV.{s.BUCKET}.{k}", pill) for k in keys]) == []
+        carol = hives.cores["c"].agent("carol")
         qid = assert_ok(carol.call("ask", to="operator", question="still there?"))["id"]
         wait_for(lambda: any((q["host"], q["id"]) == ("c", qid)
-                             for q in swarm.status("a")["questions"]), timeout=10)  # fmt: skip
-        assert all(q["id"] != 99999 for q in swarm.status("a")["questions"])
-        assert "deep" not in {r["name"] for r in swarm.status("a")["agents"]}
-        assert_ok(swarm.cores["c"].host_call("answer_question", id=qid, answer="yes"))
+                             for q in hives.status("a")["questions"]), timeout=10)  # fmt: skip
+        assert all(q["id"] != 99999 for q in hives.status("a")["questions"])
+        assert "deep" not in {r["name"] for r in hives.status("a")["agents"]}
+        assert_ok(hives.cores["c"].host_call("answer_question", id=qid, answer="yes"))
         assert_ok(carol.call("ack", ids=[m["id"] for m in carol.call("recv", wait=2)["messages"]]))
     finally:
         async def clean(nc: Any) -> None:
             for k in keys:
                 await nc.request(f"$KV.{s.BUCKET}.{k}", b"", headers={"KV-Operation": "DEL"})
 
-        as_host_c(swarm, clean, settle=0)
+        as_host_c(hives, clean, settle=0)

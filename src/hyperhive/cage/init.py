@@ -21,14 +21,19 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
-import traceback
-from typing import NoReturn
 
 from hyperhive.cage import layout, seccomp
 from hyperhive.cage.setpriv import become, drop_to
+
+# Not imported: subprocess (fork_exec does what init needs of it; its modules were ~0.5 MiB
+# of every cage), traceback (only on an error) and typing (~7 ms of a cold start, together).
+# mypy reads TYPE_CHECKING as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import NoReturn
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
@@ -46,6 +51,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # keep what hive-priv gave the cage (lower, where the host lets it lower). The runtime
 # may lower itself again, but not below the cage's floor (oom_score_adj_min, inherited).
 RUNTIME_OOM_SCORE_ADJ = 500
+M_ARENA_MAX = -8  # mallopt's parameter, <malloc.h>
 
 
 def confine_self() -> None:
@@ -73,6 +79,17 @@ def confine_self() -> None:
         raise OSError(ctypes.get_errno(), "capset")
 
 
+def one_malloc_arena() -> None:
+    """glibc gives each thread that allocates an arena of its own (up to 8 a core), each
+    a few hundred KiB once touched; init has one thread and the harness a few, all of
+    them idle most of the time: one arena for all. Inherited by the harness's fork; not
+    by anything exec'd (the runtime keeps glibc's default)."""
+    try:
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to set
+
+
 def raise_oom_score() -> None:
     """In a runtime process, before it becomes the runtime uid: killed first."""
     with open("/proc/self/oom_score_adj", "w") as f:
@@ -94,12 +111,12 @@ def recv_request(sock: socket.socket) -> tuple[dict | None, list[int]]:
 class Init:
     def __init__(self, uid: int, gid: int, harness_uid: int) -> None:
         self.uid, self.gid, self.harness_uid = uid, gid, harness_uid
-        self.runtime: dict[int, subprocess.Popen[bytes]] = {}
+        self.runtime: dict[int, Forked] = {}
         # Process groups of runtime processes (each its own session, id = its first pid), kept
         # while any member lives: a child left behind by a runtime that exited can still be
         # signalled through its group.
         self.groups: set[int] = set()
-        self.harness: Forked | subprocess.Popen[bytes] | None = None
+        self.harness: Forked | None = None
         self.channel: socket.socket | None = None
         self.harness_starts = 0
 
@@ -115,12 +132,16 @@ class Init:
         self.harness_starts += 1
         if self.harness_starts > 1:
             env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
-            self.harness = subprocess.Popen(
-                drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
-                stdin=subprocess.DEVNULL,
-                pass_fds=(theirs.fileno(),),
-                env=env,
-            )
+            devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self.harness = fork_exec(
+                    drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
+                    (devnull, 1, 2),
+                    keep=(theirs.fileno(),),
+                    env=env,
+                )
+            finally:
+                os.close(devnull)
         else:
             gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
             pid = os.fork()
@@ -149,13 +170,8 @@ class Init:
             *("/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv),
         ]
         try:
-            proc = subprocess.Popen(  # init has one thread: preexec_fn is safe here
-                argv_full,
-                stdin=fds[0],
-                stdout=fds[1],
-                stderr=fds[2],
-                start_new_session=True,
-                preexec_fn=raise_oom_score,
+            proc = fork_exec(
+                argv_full, (fds[0], fds[1], fds[2]), session=True, before=raise_oom_score
             )
         except OSError as e:
             return {"ok": False, "error": str(e)}
@@ -277,7 +293,7 @@ class Init:
 
 
 class Forked:
-    """The harness's process, as much of Popen as ``Init.run`` uses."""
+    """A child of init (the harness, a runtime process): as much of Popen as init uses."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
@@ -289,6 +305,64 @@ class Forked:
             if pid == self.pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
+
+
+def fork_exec(
+    argv: list[str],
+    stdio: tuple[int, int, int],
+    *,
+    keep: tuple[int, ...] = (),
+    env: dict[str, str] | None = None,
+    session: bool = False,
+    before: Callable[[], None] | None = None,
+) -> Forked:
+    """What init used subprocess.Popen for: fork (init has one thread: safe), and in the
+    child ``stdio`` as 0, 1, 2, every other descriptor closed but ``keep``, a new session
+    if asked, ``before``, the signals Python ignores back to their defaults (as Popen's
+    restore_signals), then exec ``argv[0]`` (an absolute path) with ``env`` (default:
+    init's). An exec that fails raises OSError here, as Popen's does."""
+    r, w = os.pipe2(os.O_CLOEXEC)  # w closes with a successful exec: EOF, no error
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        err = 1
+        try:
+            src = [os.dup(fd) if fd < 3 else fd for fd in stdio]  # none overwritten below
+            for target, fd in enumerate(src):
+                os.dup2(fd, target)  # inheritable
+            for fd in keep:
+                os.set_inheritable(fd, True)
+            ends = sorted({w, *keep})  # w closes on exec; keep stays
+            low = 3
+            for fd in ends:
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, MAXFD)
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            if session:
+                os.setsid()
+            if before is not None:
+                before()
+            os.execve(argv[0], argv, os.environ if env is None else env)
+        except OSError as e:
+            err = e.errno or 1
+        finally:
+            try:
+                os.write(w, str(err).encode())
+            finally:
+                os._exit(127)
+    os.close(w)
+    try:
+        data = b""
+        while chunk := os.read(r, 32):
+            data += chunk
+    finally:
+        os.close(r)
+    if data:
+        os.waitpid(pid, 0)
+        err = int(data) if data.isdigit() else 1
+        raise OSError(err, f"{argv[0]}: {os.strerror(err)}")
+    return Forked(pid)
 
 
 def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
@@ -314,6 +388,8 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
     except BaseException:
+        import traceback
+
         traceback.print_exc()
     finally:
         sys.stderr.flush()
@@ -368,6 +444,7 @@ def main(args: list[str]) -> None:
     if 0 in ids.values():
         print("cage-init: refusing to run anything as root", file=sys.stderr)
         raise SystemExit(2)
+    one_malloc_arena()
     confine_self()
     seccomp.install()  # the cage's syscall policy, for init and everything it starts
 

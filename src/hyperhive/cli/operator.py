@@ -147,6 +147,8 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         resp = request(host_sock(ctx), "agent_status", as_json)
         if not as_json:
             _status_table(resp["agent_statuses"])
+            if resp.get("swarm_agents"):  # with [swarm]: the other hosts' agents
+                _swarm_table(resp["swarm_agents"])
 
     @group.command("send")
     @json_option
@@ -288,20 +290,31 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     def show() -> None:
         """Print one approval, question or message whole (listings cut long text)."""
 
+    def on_host(fn: F) -> F:
+        return click.option(
+            "--host",
+            help="The swarm host it is on (docs/swarm.md): asked of that host. Default: this host.",
+        )(fn)
+
     @show.command("approval")
     @json_option
+    @on_host
     @click.argument("approval_id", type=int)
     @click.pass_context
-    def show_approval(ctx: click.Context, as_json: bool, approval_id: int) -> None:
+    def show_approval(
+        ctx: click.Context, as_json: bool, host: str | None, approval_id: int
+    ) -> None:
         """Approval APPROVAL_ID whole: the exact payload (canonical JSON, the text its sha256
-        is of) that approving applies."""
-        a = request(host_sock(ctx), "show_approval", as_json, id=approval_id)["approval"]
+        is of) that approving applies. With --host, another host's pending approval, its
+        payload checked against its sha256 here."""
+        a = request(host_sock(ctx), "show_approval", as_json, id=approval_id, host=host)["approval"]
         if as_json:
             return
         if "unreadable" in a:
             say(f"approval {a['id']} is unreadable: {a['unreadable']}")
             return
         for field in (
+            "host",
             "id",
             "agent",
             "kind",
@@ -325,16 +338,22 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
     @show.command("question")
     @json_option
+    @on_host
     @click.argument("question_id", type=int)
     @click.pass_context
-    def show_question(ctx: click.Context, as_json: bool, question_id: int) -> None:
-        """Question QUESTION_ID whole, with its options (and answer, if answered)."""
-        q = request(host_sock(ctx), "show_question", as_json, id=question_id)["question"]
+    def show_question(
+        ctx: click.Context, as_json: bool, host: str | None, question_id: int
+    ) -> None:
+        """Question QUESTION_ID whole, with its options (and answer, if answered). With
+        --host, another host's open question to the operator."""
+        q = request(host_sock(ctx), "show_question", as_json, id=question_id, host=host)["question"]
         if as_json:
             return
         if "unreadable" in q:
             say(f"question {q['id']} is unreadable: {q['unreadable']}")
             return
+        if q.get("host"):
+            say(f"host: {q['host']}")
         say(f"id: {q['id']}")
         say(f"from: {q['asker']} to: {q['to']} asked: {when(q['asked_at'])}")
         say("question:")
@@ -454,23 +473,34 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
         make()
 
+    def spec_options(fn: F) -> F:
+        fn = click.option(
+            "--peer", "peers", multiple=True, help="A peer the agent may message (repeatable)."
+        )(fn)
+        fn = click.option(
+            "--command",
+            "command",
+            multiple=True,
+            help="Runtime 'command': one argv word per --command.",
+        )(fn)
+        return click.option(
+            "--spec",
+            "spec_json",
+            help='The agent spec as JSON, e.g. \'{"command": ["python3", "/srv/turn.py"]}\'.',
+        )(fn)
+
+    def spec_of(spec_json: str | None, command: tuple[str, ...], peers: tuple[str, ...]) -> Any:
+        if spec_json:
+            try:
+                return json.loads(spec_json)
+            except json.JSONDecodeError as e:
+                fail(f"--spec is not valid JSON: {e}")
+        return {"runtime": "command", "command": list(command), "peers": list(peers)}
+
     @group.command("spawn")
     @json_option
     @click.argument("name")
-    @click.option(
-        "--spec",
-        "spec_json",
-        help='The agent spec as JSON, e.g. \'{"command": ["python3", "/srv/turn.py"]}\'.',
-    )
-    @click.option(
-        "--command",
-        "command",
-        multiple=True,
-        help="Runtime 'command': one argv word per --command.",
-    )
-    @click.option(
-        "--peer", "peers", multiple=True, help="A peer the agent may message (repeatable)."
-    )
+    @spec_options
     @host_option
     @click.pass_context
     def spawn(
@@ -483,16 +513,40 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         host: str | None,
     ) -> None:
         """Create and start agent NAME."""
-        if spec_json:
-            try:
-                spec = json.loads(spec_json)
-            except json.JSONDecodeError as e:
-                fail(f"--spec is not valid JSON: {e}")
-        else:
-            spec = {"runtime": "command", "command": list(command), "peers": list(peers)}
+        spec = spec_of(spec_json, command, peers)
         resp = request(host_sock(ctx), "spawn", as_json, name=name, spec=spec, host=host)
         if not as_json:
             say(carried(resp, f"spawn {name}") if "applied" in resp else f"spawned {name}")
+
+    @group.command("request-spawn")
+    @json_option
+    @click.argument("name")
+    @spec_options
+    @click.option("--description", help="What the approval says it is for.")
+    @host_option
+    @click.pass_context
+    def request_spawn(
+        ctx: click.Context,
+        as_json: bool,
+        name: str,
+        spec_json: str | None,
+        command: tuple[str, ...],
+        peers: tuple[str, ...],
+        description: str | None,
+        host: str | None,
+    ) -> None:
+        """Queue a spawn approval for agent NAME (approve it to spawn it); with --host, on
+        that host of the swarm."""
+        spec = spec_of(spec_json, command, peers)
+        resp = request(host_sock(ctx), "request_spawn", as_json, name=name, spec=spec,
+                       description=description, host=host)  # fmt: skip
+        if as_json:
+            return
+        where = f" on host {resp['host']}" if "host" in resp else ""
+        if "id" in resp:
+            say(f"spawn approval {resp['id']}{where} (payload_sha256 {resp['payload_sha256']})")
+        else:
+            say(carried(resp, f"request-spawn {name}"))
 
     @group.command("set-parent")
     @json_option
@@ -609,6 +663,23 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
         fields: dict[str, Any] = {"kinds": list(kinds)} if kinds else {}
         stream(host_sock(ctx), "subscribe", as_json, render, **fields)
+
+
+def _swarm_table(rows: list[dict[str, Any]]) -> None:
+    table(
+        "other hosts' agents",
+        ["host", "name", "state", "paused", "status"],
+        (
+            [
+                a["host"],
+                a["name"],
+                "unreachable" if not a.get("reachable") else _state(a),
+                _yn(a.get("paused", False)),
+                a.get("status_text"),
+            ]
+            for a in rows
+        ),
+    )
 
 
 def _status_table(rows: list[dict[str, Any]]) -> None:

@@ -39,6 +39,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     say(f"host {sw['host']}: bus {bus}; roster {sw['roster']} agents")
     say(f"outbox: {sw['outbox_unsent']} waiting, {sw['outbox_sent']} sent; "
         f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
+    if sw.get("waiting"):
+        say(f"messages waiting for room here (storage bounds): from {', '.join(sw['waiting'])}")
     table(
         "hosts",
         ["host", "agents", "reachable"],

@@ -47,6 +47,9 @@ log = logging.getLogger("hive.up")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
 MAX_BACKOFF = 10.0
+# The first restart comes at once: every agent is unreachable until hive-core is back (the
+# restart's target is 5 s at 1,000 cages); a crash loop still backs off, doubling.
+FIRST_BACKOFF = 0.1
 EXIT_POLL = 0.05  # seconds between looks at whether a supervised process has exited
 ADMIN_GROUP = "hive-admin"
 AGENTS_TIMEOUT = 60.0  # seconds for every agent that should run to connect its harness
@@ -251,7 +254,7 @@ class Supervised:
                 log.warning("%s: killed the processes it left behind", self.name)
 
     async def supervise(self) -> None:
-        backoff = 0.5
+        backoff = FIRST_BACKOFF
         while not self.stop_requested():
             code = await self.exited()
             if self.stop_requested():
@@ -261,7 +264,7 @@ class Supervised:
             backoff = min(backoff * 2, MAX_BACKOFF)
             try:
                 await self.start()
-                backoff = 0.5
+                backoff = FIRST_BACKOFF
                 log.info("%s is back", self.name)
             except RuntimeError as e:
                 log.error("%s", e)

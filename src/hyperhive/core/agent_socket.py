@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -240,12 +241,13 @@ class AgentSockets:
         self.run_dir = run_dir
         self.connections_per_peer = connections_per_peer  # [limits] agent_connections
         self.manage_dirs = manage_dirs
-        self._servers: dict[str, asyncio.AbstractServer] = {}
+        self._listeners: dict[str, socket.socket] = {}
         self._writers: dict[str, set[asyncio.StreamWriter]] = {}
         self._hives: dict[str, Hive] = {}
         self._allowed: dict[str, frozenset[int]] = {}
         self._harness_uid: dict[str, int] = {}
         self._harness_conns: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     @property
     def socket_mode(self) -> int:
@@ -257,14 +259,14 @@ class AgentSockets:
         self._harness_uid[name] = harness_uid
 
     def serving(self, name: str) -> bool:
-        return name in self._servers
+        return name in self._listeners
 
     def harness_connected(self, name: str) -> bool:
         return self._harness_conns.get(name, 0) > 0
 
     async def start(self, name: str, hive: Hive) -> None:
         """Serve ``hive`` to agent ``name`` on its own socket (and its egress socket)."""
-        if name in self._servers:
+        if name in self._listeners:
             return
         directory = self.run_dir.agent_dir(name)
         if self.manage_dirs:
@@ -279,19 +281,54 @@ class AgentSockets:
         # its debt (red team round 4).
         pacer = BytePacer(limits.input_bytes_per_second, limits.input_burst_bytes)
         harness_pacer = BytePacer(limits.input_bytes_per_second, limits.input_burst_bytes)
+        loop = asyncio.get_running_loop()
 
-        async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            cred = peer_cred(writer.get_extra_info("socket"))
+        def on_accept() -> None:
+            # One connection per call, refused here and now (a uid not the agent's, or over
+            # its cap): a refused connection's descriptor is closed before the loop runs
+            # anything else, so refusals hold none (see budget: no spare per agent).
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE, say: the connection waits in the backlog
+                log.warning("agent %s: accept failed: %s", name, e)
+                return
+            cred = peer_cred(conn)
             allowed = self._allowed.get(name)
             if allowed is not None and cred.uid not in allowed:
                 log.warning(
                     "agent %s: refused uid %d (pid %d) on its socket", name, cred.uid, cred.pid
                 )
-                refusal = f"permission denied: uid {cred.uid} is not agent {name}"
-                writer.write(dump_line(error(refusal)))
-                writer.close()
+                _refuse(conn, f"permission denied: uid {cred.uid} is not agent {name}")
                 return
-            is_harness = cred.uid == self._harness_uid.get(name)
+            if not limiter.claim(cred.uid):
+                _refuse(conn, limiter.refusal(cred.uid))
+                return
+            task = loop.create_task(serve(conn, cred.uid))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        async def serve(conn: socket.socket, uid: int) -> None:
+            try:
+                if self._listeners.get(name) is not listener:  # stopped meanwhile
+                    conn.close()
+                    return
+                try:
+                    reader, writer = await asyncio.open_unix_connection(
+                        sock=conn, limit=STREAM_LIMIT
+                    )
+                except OSError:
+                    conn.close()
+                    return
+                await on_connect(reader, writer, uid)
+            finally:
+                limiter.release(uid)
+
+        async def on_connect(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uid: int
+        ) -> None:
+            is_harness = uid == self._harness_uid.get(name)
             session = AgentSession(hive, Agent(name, harness=is_harness))  # the listener's name
             writers.add(writer)
             if is_harness:
@@ -304,7 +341,7 @@ class AgentSockets:
                     reader,
                     writer,
                     session.handle,
-                    limiter,
+                    None,
                     is_harness,
                     paced,
                     PIPELINED,
@@ -315,16 +352,15 @@ class AgentSockets:
                 hive.release(name, session.conn)
                 if is_harness:
                     self._harness_conns[name] -= 1
-                    if name in self._servers:  # not once its socket is closed (stop, core stopping)
+                    if self._listeners.get(name) is listener:  # not once its socket is closed
                         hive.harness_changed(name)
 
-        # A small backlog: asyncio accepts up to that many per loop turn, which bounds the
-        # descriptors refused connections hold before they are closed (see budget).
-        sock = bind_listener(path, None, self.socket_mode, backlog=AGENT_SOCK_BACKLOG)
-        server = await asyncio.start_unix_server(
-            on_connect, sock=sock, limit=STREAM_LIMIT, backlog=AGENT_SOCK_BACKLOG
-        )
-        self._servers[name] = server
+        # A small backlog: connections beyond it wait in the connecting process (the kernel
+        # holds what is queued; no descriptor of ours until accepted).
+        listener = bind_listener(path, None, self.socket_mode, backlog=AGENT_SOCK_BACKLOG)
+        listener.setblocking(False)
+        loop.add_reader(listener.fileno(), on_accept)
+        self._listeners[name] = listener
         self._writers[name] = writers
         self._hives[name] = hive
         # Same directory, same mode: only the agent's own uids (and the gateway-less core).
@@ -335,22 +371,32 @@ class AgentSockets:
         log.info("agent %s: serving %s", name, path)
 
     async def stop(self, name: str) -> None:
-        server = self._servers.pop(name, None)
-        if server is None:
+        listener = self._listeners.pop(name, None)
+        if listener is None:
             return
-        server.close()
+        asyncio.get_running_loop().remove_reader(listener.fileno())
+        listener.close()
         hive = self._hives.pop(name, None)
         if hive is not None:
             hive.egress.close(name, self.run_dir.egress_sock(name))
         for writer in list(self._writers.pop(name, ())):
             writer.close()
-        await server.wait_closed()
         self.run_dir.agent_sock(name).unlink(missing_ok=True)
         log.info("agent %s: socket closed", name)
 
     async def close_all(self) -> None:
-        for name in list(self._servers):
+        for name in list(self._listeners):
             await self.stop(name)
+
+
+def _refuse(conn: socket.socket, text: str) -> None:
+    """One error line, if the peer's buffer takes it at once, and the connection closed."""
+    try:
+        conn.setblocking(False)
+        conn.send(dump_line(error(text)))
+    except OSError:
+        pass
+    conn.close()
 
 
 class SocketsOnly(Lifecycle):

@@ -8,6 +8,20 @@ the client, the upstream and two splice pipes; and two threads). Without a
 budget a few agents could use up the core's ``RLIMIT_NOFILE`` (systemd's
 default soft limit is 1024) and nobody, the operator included, could connect.
 
+Counted per agent, each a bound the code enforces (nothing is an estimate):
+
+- ``agent.sock``: its listener, and ``agent_connections`` per uid. A connection
+  from another uid, or over the cap, is refused in the accept callback itself
+  (core/agent_socket.py): its descriptor is closed before the loop does anything
+  else, so refusals hold none between loop turns.
+- ``egress.sock``: its listener, six per tunnel (``[egress] max_connections``),
+  ``EGRESS_REFUSING`` connections being refused (403, 503) by their threads (the
+  proxy accepts no more until one ends: the kernel's backlog holds the rest), and
+  the idle upstream connections kept for reuse (``egress_pool.pool_size``).
+
+Root's connections are not counted (root is trusted); the operator's surfaces,
+the store and priv.sock live in ``reserve_fds``.
+
 The budget is ``max_agents x per-agent cost + reserve <= limit`` for both
 descriptors and tasks. When the configured values don't fit, the core refuses
 to start with one line saying which numbers to change: clamping would silently
@@ -23,16 +37,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperhive.config import HiveConfig
+from hyperhive.core.egress_pool import pool_size
 
 LISTENERS_PER_AGENT = 2  # agent.sock and egress.sock
 UIDS_PER_AGENT = 2  # the runtime's and the harness's; each has its own agent.sock cap
 FDS_PER_TUNNEL = 6  # client, upstream, two pipes (splice) of two ends each
 THREADS_PER_TUNNEL = 2  # one per direction
-# Connections accepted and refused but not yet closed (the listener's accept backlog,
-# see AGENT_SOCK_BACKLOG), and egress connections refused over the cap.
-SPARE_FDS_PER_AGENT = 16
+# Egress connections accepted beyond max_connections whose thread is refusing them (403,
+# 503): one descriptor each, at most this many per agent at once (core/egress.py).
+EGRESS_REFUSING = 1
+# Threads of egress connections being refused, and of a tunnel still ending.
 SPARE_TASKS_PER_AGENT = 8
-AGENT_SOCK_BACKLOG = 8  # asyncio accepts up to this many per loop turn on one agent.sock
+AGENT_SOCK_BACKLOG = 8  # connections the kernel queues on one agent.sock before refusing
 RESERVE_TASKS = 64  # main thread, asyncio's default executor (to_thread), uvicorn
 
 
@@ -55,11 +71,12 @@ class Budget:
 
     @property
     def egress_fds(self) -> int:
-        return FDS_PER_TUNNEL * self.egress_connections + 1
+        e = self.egress_connections
+        return FDS_PER_TUNNEL * e + 1 + EGRESS_REFUSING + pool_size(e)
 
     @property
     def per_agent_fds(self) -> int:
-        return self.agent_sock_fds + self.egress_fds + SPARE_FDS_PER_AGENT
+        return self.agent_sock_fds + self.egress_fds
 
     @property
     def per_agent_tasks(self) -> int:
@@ -80,7 +97,7 @@ class Budget:
     def _fds(self) -> str:
         return (
             f"budget: {self.max_agents} agents x ({self.agent_sock_fds} agent.sock"
-            f" + {self.egress_fds} egress + {SPARE_FDS_PER_AGENT} spare) fds"
+            f" + {self.egress_fds} egress) fds"
             f" + reserve {self.reserve_fds} = {self.total_fds}"
         )
 

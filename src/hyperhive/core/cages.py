@@ -52,6 +52,29 @@ class CageLifecycle(Lifecycle):
             log.error("agent %s: %s", name, e)
             raise
 
+    async def found_running(self, names: list[str], hive: Hive) -> list[str]:
+        """One ``status`` request for every cage (hive-priv answers for all of them with
+        their uids): each that runs gets its sockets back here, with no per-agent request
+        (a harness reconnects as soon as its socket is back). Prepare's directories exist
+        while a cage runs: they are bind-mounted in it."""
+        if not names:
+            return []
+        cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
+        found = []
+        now = time.monotonic()
+        for name in names:
+            c = cages.get(name) or {}
+            if not (c.get("running") and "uid" in c and "harness_uid" in c):
+                continue
+            self._wanted[name] = now
+            self._errors.pop(name, None)
+            self._seen_harness.discard(name)
+            self.sockets.set_uids(name, c["uid"], c["harness_uid"])
+            await self.sockets.start(name, hive)
+            found.append(name)
+        log.info("found %d of %d cages running", len(found), len(names))
+        return found
+
     def _start_request(self, name: str, hive: Hive) -> wp.StartCage:
         """hive-priv's start, with the agent's own limits where its spec sets them
         (``set_resource_limits``), hive-priv's defaults otherwise."""

@@ -21,6 +21,9 @@ AGENTS_PER_PAGE = 50  # the agents table's page (server-side, any number of agen
 INBOX_SHOWN = 20  # the operator's inbox: the newest messages
 NO_RULES_NAMED = 100  # agents named on the egress table's one "no rules" line, at most
 STATES = ("running", "paused", "stopped", "failed", "needs-login")
+# With [swarm]: another host's agent whose host's heartbeat is stale (docs/swarm.md).
+UNREACHABLE = "unreachable"
+SWARM_STATES = (*STATES, UNREACHABLE)
 SECTIONS = ("attention", "agents", "inbox", "messages", "rules", "secrets", "log")
 
 # Which sections each event kind changes (the stream re-renders those).
@@ -32,14 +35,18 @@ TOUCHES: dict[str, frozenset[str]] = {
     "approval": frozenset({"attention"}),
     "message": frozenset({"inbox", "messages"}),
     "egress": frozenset({"rules", "log"}),
-    # Another swarm host's questions or approvals changed (swarm/operator.py).
-    "swarm": frozenset({"attention"}),
+    # Another swarm host's agents, questions or approvals changed, or its reachability
+    # (swarm/bridge.py, swarm/operator.py).
+    "swarm": frozenset({"attention", "agents"}),
     "secret": frozenset({"secrets"}),
 }
 
 
 def state_of(agent: Mapping[str, Any]) -> str:
-    """One word for an agent's state (failed and needs-login before the rest)."""
+    """One word for an agent's state (failed and needs-login before the rest; another
+    swarm host's agent whose host is unreachable: that, whatever its row said last)."""
+    if agent.get("reachable") is False:
+        return UNREACHABLE
     if agent.get("failed"):
         return "failed"
     if agent.get("needs_login"):
@@ -51,7 +58,10 @@ def state_of(agent: Mapping[str, Any]) -> str:
 
 def actions_for(agent: Mapping[str, Any]) -> list[str]:
     """The lifecycle actions that make sense now: no start on a running agent, no resume
-    on one that isn't paused, no pause or interrupt on one that isn't running."""
+    on one that isn't paused, no pause or interrupt on one that isn't running. None on
+    another swarm host's agent (its host's operator acts on it)."""
+    if agent.get("host") is not None:
+        return []
     if not agent.get("running"):
         return ["start", "destroy"]
     if agent.get("paused"):
@@ -77,7 +87,7 @@ class View:
             page = max(1, min(int(params.get("page", "1")), 10**6))
         except ValueError:
             page = 1
-        return View(state if state in STATES else "", q, page)
+        return View(state if state in SWARM_STATES else "", q, page)
 
     def query(self, **changes: Any) -> str:
         """This view's query string, with ``changes``; empty fields left out."""
@@ -95,11 +105,16 @@ class AgentTable:
     page: int
     pages: int
     counts: dict[str, int]  # agents by state
+    here: str | None = None  # with [swarm]: this host's name (the table shows a host column)
 
 
-def agent_table(agents: Iterable[Mapping[str, Any]], view: View) -> AgentTable:
-    """One page of the agents, by name, after the view's filter and search."""
-    counts = dict.fromkeys(STATES, 0)
+def agent_table(
+    agents: Iterable[Mapping[str, Any]], view: View, here: str | None = None
+) -> AgentTable:
+    """One page of the agents, by name, after the view's filter and search. With [swarm]
+    (``here``: this host), ``agents`` also holds the other hosts' rows (each with its
+    ``host`` and ``reachable``), paged and filtered with this host's."""
+    counts = dict.fromkeys(STATES if here is None else SWARM_STATES, 0)
     matching: list[dict[str, Any]] = []
     total = 0
     for a in agents:
@@ -116,7 +131,7 @@ def agent_table(agents: Iterable[Mapping[str, Any]], view: View) -> AgentTable:
     page = min(view.page, pages)
     start = (page - 1) * AGENTS_PER_PAGE
     return AgentTable(
-        matching[start : start + AGENTS_PER_PAGE], total, len(matching), page, pages, counts
+        matching[start : start + AGENTS_PER_PAGE], total, len(matching), page, pages, counts, here
     )
 
 

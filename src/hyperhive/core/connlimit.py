@@ -39,6 +39,13 @@ class ConnectionLimiter:
         self._open[uid] = self._open.get(uid, 0) + 1
         return True
 
+    def refusal(self, uid: int) -> str:
+        """The one line a connection over the cap gets before it is closed."""
+        return (
+            f"too many connections: uid {uid} may have at most {self.cap} open"
+            " on this socket at once; closing connection"
+        )
+
     def release(self, uid: int) -> None:
         if uid == 0:
             return

@@ -21,8 +21,6 @@ from hyperhive.core.cages import CageLifecycle
 from hyperhive.core.events import EventBus
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.host_socket import serve_host_socket
-from hyperhive.core.http import create_app, serve_http
-from hyperhive.core.notify import Notifier
 from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.store import Store, StoreError
@@ -87,6 +85,8 @@ async def run_core(opts: CoreOptions) -> None:
     scheduler = ReminderScheduler(hive, bus)
     notifier = None
     if opts.config.notify.webhooks:  # listening before any agent can ask anything
+        from hyperhive.core.notify import Notifier  # httpx: only for a hive with webhooks
+
         base_url = opts.config.notify.base_url or origin_of(opts.config.hive.listen)
         notifier = Notifier(opts.config.notify, base_url, store.links, bus)
         notifier.start()
@@ -95,6 +95,12 @@ async def run_core(opts: CoreOptions) -> None:
         )
 
     host = await serve_host_socket(hive, opts.run_dir.host_sock)
+    # The cages still running (a restart of the core) are served again before anything
+    # else: every agent waits for it, the dashboard can wait half a second. Its code
+    # (FastAPI, pydantic's schemas for it) is imported only then: a third of the start-up.
+    to_start = await hive.resume_running()
+    from hyperhive.core.http import create_app, serve_http
+
     sessions = Sessions(
         load_or_create_token(opts.state_dir.root / "operator.token"), store.sessions
     )
@@ -108,7 +114,7 @@ async def run_core(opts: CoreOptions) -> None:
             len(store.agents.all()),
             opts.config.limits.max_agents,
         )
-    await hive.resume_agents()
+    await hive.resume_agents(to_start)
     scheduling = asyncio.create_task(scheduler.run())
     checkpointer = asyncio.create_task(checkpoint_loop(store))
     pruner = asyncio.create_task(prune_loop(store))

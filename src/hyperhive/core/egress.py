@@ -17,6 +17,7 @@ Connections run in threads with blocking sockets and bytes move by splice(2)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ipaddress
 import itertools
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperhive.core import egress_tls
-from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool
+from hyperhive.core.budget import EGRESS_REFUSING
+from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool, pool_size
 from hyperhive.core.egress_tls import Plan
 from hyperhive.core.tls import HiveCA
 from hyperhive.peercred import peer_cred
@@ -53,6 +55,7 @@ log = logging.getLogger("hive.egress")
 
 MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
+TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
 CONNECT_TIMEOUT = 10.0
 _keys = itertools.count(1)
 HOP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"}
@@ -657,15 +660,22 @@ class EgressProxy:
         # The last TLS session per upstream name: resumed, it saves the next handshake's
         # certificate check (a ticket the server issued to the proxy, never to a cage).
         self._sessions: dict[tuple[str, int], ssl.SSLSession] = {}
-        self._pool = UpstreamPool()  # idle upstream connections, per agent (egress_pool.py)
+        # Idle upstream connections, per agent (egress_pool.py), as many as its budget counts.
+        self._pool = UpstreamPool(pool_size(max_connections))
         self.record = record
         self.resolver = resolver or Resolver()
         self.max_connections = max_connections  # per agent, at once
         self._listeners: dict[str, socket.socket] = {}
         self._allowed: dict[str, frozenset[int]] = {}
         self._active: dict[str, int] = {}
+        # Connections accepted whose thread has not ended, per agent: at most
+        # max_connections + EGRESS_REFUSING; past that the listener waits (the kernel's
+        # backlog holds the rest), so refusals can't pile up descriptors (see budget).
+        self._live: dict[str, int] = {}
+        self._waiting: set[str] = set()  # listeners not read until a thread ends
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._trust: tuple[float, tuple[tuple[str, bytes], ...]] | None = None
 
     def set_uids(self, name: str, uids: frozenset[int]) -> None:
         self._allowed[name] = uids
@@ -683,11 +693,24 @@ class EgressProxy:
         self._listeners[name] = listener
         self._loop.add_reader(listener.fileno(), self._accept, name, listener)
 
+    def _trust_files(self) -> tuple[tuple[str, bytes], ...]:
+        """What ``write_trust`` writes. The host's bundle is read again after
+        ``TRUST_REREAD`` seconds, not for each agent: a restart of the core serves every
+        agent's sockets again in a row (a thousand reads of ~200 KiB)."""
+        assert self.ca is not None
+        now = time.monotonic()
+        if self._trust is None or now - self._trust[0] > TRUST_REREAD:
+            self._trust = (now, (("hive-ca.pem", self.ca.pem), ("ca-bundle.pem", self.ca.bundle())))
+        return self._trust[1]
+
     def write_trust(self, directory: Path) -> None:
         """The hive CA (and the host bundle with it) where the cage sees them, read-only:
-        ``/run/hive/hive-ca.pem`` and ``/run/hive/ca-bundle.pem`` (layout.base_env)."""
-        assert self.ca is not None
-        for name, data in (("hive-ca.pem", self.ca.pem), ("ca-bundle.pem", self.ca.bundle())):
+        ``/run/hive/hive-ca.pem`` and ``/run/hive/ca-bundle.pem`` (layout.base_env).
+        A file that holds them already (a restart of the core) is left as it is: reading
+        it costs a fraction of writing it anew."""
+        for name, data in self._trust_files():
+            if _holds(directory / name, data):
+                continue
             tmp = directory / f".{name}.tmp"
             tmp.unlink(missing_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -712,17 +735,43 @@ class EgressProxy:
             self.close(name, paths(name))
 
     def _accept(self, name: str, listener: socket.socket) -> None:
-        try:
-            conn, _ = listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as e:
-            log.warning("egress %s: accept failed: %s", name, e)
-            return
+        with self._lock:
+            if self._live.get(name, 0) >= self.max_connections + EGRESS_REFUSING:
+                self._waiting.add(name)
+                if self._loop is not None:
+                    self._loop.remove_reader(listener.fileno())
+                return
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("egress %s: accept failed: %s", name, e)
+                return
+            self._live[name] = self._live.get(name, 0) + 1
         conn.setblocking(True)
         threading.Thread(
-            target=self._serve, args=(name, conn), name=f"egress-{name}", daemon=True
+            target=self._serve_counted, args=(name, conn), name=f"egress-{name}", daemon=True
         ).start()
+
+    def _serve_counted(self, name: str, conn: socket.socket) -> None:
+        try:
+            self._serve(name, conn)
+        finally:  # every descriptor of this connection closed by now
+            with self._lock:
+                self._live[name] -= 1
+                if not self._live[name]:
+                    del self._live[name]
+                resume = name in self._waiting
+                self._waiting.discard(name)
+            if resume and self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                    self._loop.call_soon_threadsafe(self._read_again, name)
+
+    def _read_again(self, name: str) -> None:
+        listener = self._listeners.get(name)
+        if listener is not None and self._loop is not None:
+            self._loop.add_reader(listener.fileno(), self._accept, name, listener)
 
     def _emit(self, decision: Decision) -> None:
         snapshot = Decision(**decision.__dict__)
@@ -822,12 +871,14 @@ class EgressProxy:
         except Exception:  # a bug must cost this connection only, never the proxy
             log.exception("egress %s: connection failed", agent)
         finally:
-            if counted:
-                with self._lock:
-                    self._active[agent] -= 1
+            # Closed before the count drops: a connection that holds more than its own
+            # descriptor is always one of the agent's max_connections (the budget's sum).
             if upstream is not None:
                 upstream.close()
             conn.close()
+            if counted:
+                with self._lock:
+                    self._active[agent] -= 1
 
     def _upstream_tls(self, upstream: socket.socket, plan: Plan) -> ssl.SSLSocket:
         ctx = self.upstream_tls or ssl.create_default_context()
@@ -945,3 +996,18 @@ class EgressProxy:
         raise Refusal(
             502, f"cannot connect to port {port}: {last.strerror if last else 'no address'}"
         )
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """Whether the file at ``path`` (not a link) holds exactly ``data``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read(len(data) + 1) == data
+    finally:
+        os.close(fd)

@@ -9,8 +9,9 @@ ended cleanly (both sides' h11 at a message boundary, nothing unread), only for
 servers, Node's and Apache's), only for the agent whose connection made it and the
 ``host:port`` whose certificate it verified, and only if its address is still one the
 destination's fresh check allows. One that has anything to read when taken (the server
-closed it, or sent bytes nobody asked for) is closed, never used. At most ``PER_AGENT``
-are kept per agent (within its descriptor budget's spare), none holds a thread.
+closed it, or sent bytes nobody asked for) is closed, never used. At most ``per_agent``
+are kept per agent (``PER_AGENT``, or the agent's ``[egress] max_connections`` if fewer:
+the core's descriptor budget counts them, core/budget.py), none holds a thread.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ from hyperhive.wire.egress import IPAddress
 
 IDLE_REUSE = 2.0
 PER_AGENT = 4
+
+
+def pool_size(max_connections: int) -> int:
+    """Idle connections kept per agent: PER_AGENT, or its tunnels' cap if fewer."""
+    return min(PER_AGENT, max_connections)
 
 
 @dataclass(frozen=True)
@@ -45,7 +51,8 @@ def _readable(sock: ssl.SSLSocket) -> bool:
 
 
 class UpstreamPool:
-    def __init__(self) -> None:
+    def __init__(self, per_agent: int = PER_AGENT) -> None:
+        self.per_agent = per_agent
         self._lock = threading.Lock()
         self._idle: dict[str, list[Idle]] = {}  # by agent, oldest first
 
@@ -80,8 +87,8 @@ class UpstreamPool:
         with self._lock:
             entries = self._idle.setdefault(agent, [])
             entries.append(entry)
-            evicted = entries[:-PER_AGENT]
-            del entries[:-PER_AGENT]
+            evicted = entries[: -self.per_agent]
+            del entries[: -self.per_agent]
         for e in evicted:
             e.sock.close()
 

@@ -50,7 +50,12 @@ async def list_(s: OperatorSession, req: w.List_) -> Reply:
 
 
 async def agent_status(s: OperatorSession, req: w.AgentStatusReq) -> Reply:
-    return ok(agent_statuses=s.hive.statuses())
+    # With [swarm]: the other hosts' agents beside this host's (docs/swarm.md).
+    elsewhere = s.hive.swarm_listing(s.actor, "agents")
+    return ok(
+        agent_statuses=s.hive.statuses(),
+        **({} if elsewhere is None else {"swarm_agents": elsewhere}),
+    )
 
 
 async def start(s: OperatorSession, req: w.Start) -> Reply:
@@ -88,7 +93,7 @@ async def transcript(s: OperatorSession, req: w.Transcript) -> Reply:
 
 
 async def carried(
-    s: OperatorSession, req: w.Approve | w.Deny | w.AnswerQuestion | w.Spawn
+    s: OperatorSession, req: w.Approve | w.Deny | w.AnswerQuestion | w.Spawn | w.RequestSpawn
 ) -> Reply | None:
     """A verb naming another host of the swarm: carried there (signed); None: act here."""
     if req.host is None:
@@ -115,10 +120,16 @@ async def pending(s: OperatorSession, req: w.Pending) -> Reply:
 
 
 async def show_approval(s: OperatorSession, req: w.ShowApproval) -> Reply:
+    if req.host is not None and (row := await s.hive.fetch_remote(
+            s.actor, req.host, "approval", req.id)) is not None:  # fmt: skip
+        return ok(approval=row)  # another host's, checked against its payload_sha256
     return ok(approval=shown(s.hive.approval(s.actor, req.id)))
 
 
 async def show_question(s: OperatorSession, req: w.ShowQuestion) -> Reply:
+    if req.host is not None and (row := await s.hive.fetch_remote(
+            s.actor, req.host, "question", req.id)) is not None:  # fmt: skip
+        return ok(question=row)
     return ok(question=row_out(s.hive.question(s.actor, req.id)))
 
 
@@ -175,6 +186,8 @@ async def spawn(s: OperatorSession, req: w.Spawn) -> Reply:
 
 
 async def request_spawn(s: OperatorSession, req: w.RequestSpawn) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply  # with that host's approval id and payload_sha256
     approval = s.hive.request_spawn(s.actor, req.name, req.spec, req.description)
     return ok(id=approval.id, payload_sha256=approval.payload_sha256)
 

@@ -126,8 +126,11 @@ class StateModel(BaseModel):
     messages: list[dict[str, Any]]
     egress_rules: dict[str, list[EgressRuleRow]]
     egress_log: list[EgressEntry]
-    # With [swarm] (docs/swarm.md): the other hosts' open questions and pending approvals,
-    # each with its ``host``; answer or approve one with ``host`` in the form.
+    # With [swarm] (docs/swarm.md): the other hosts' agents (``name, host, running, paused,
+    # status_text, reachable``: false when that host's heartbeat is stale), open questions
+    # and pending approvals, each with its ``host``; answer or approve one with ``host``
+    # in the form.
+    swarm_agents: list[dict[str, Any]] = []
     swarm_questions: list[dict[str, Any]] = []
     swarm_approvals: list[dict[str, Any]] = []
 
@@ -510,7 +513,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         context = {
             **cockpit_context(cockpit.SECTIONS, view, session),
             "csrf_token": csrf,
-            "states": cockpit.STATES,
+            "states": cockpit.STATES if hive.swarm_host() is None else cockpit.SWARM_STATES,
         }
         return templates.TemplateResponse(request, "dashboard.html", context)
 
@@ -568,7 +571,14 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 **elsewhere,
             )
         if "agents" in wanted:
-            ctx["table"] = cockpit.agent_table(agents, view)
+            # With [swarm]: the other hosts' agents too, in the same filter and paging.
+            elsewhere_agents = hive.swarm_listing(OPERATOR, "agents")
+            if elsewhere_agents is None:
+                ctx["table"] = cockpit.agent_table(agents, view)
+            else:
+                ctx["table"] = cockpit.agent_table(
+                    [*agents, *elsewhere_agents], view, here=hive.swarm_host()
+                )
         if "inbox" in wanted:
             seen = inbox_seen.get(session.id, 0)
             ctx.update(
@@ -738,7 +748,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items,
             **{
                 f"swarm_{kind}": rows
-                for kind in ("questions", "approvals")
+                for kind in ("agents", "questions", "approvals")
                 if (rows := hive.swarm_listing(OPERATOR, kind)) is not None
             },
         }
@@ -846,15 +856,23 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         """Open questions to the operator with an id above AFTER, oldest first, as summaries."""
         return Response(display.dumps(question_page(after, limit)), media_type="application/json")
 
+    # With [swarm]: another host's item, asked of that host (docs/swarm.md).
+    OnHost = Annotated[str | None, Query(pattern=NAME_RE.pattern)]
+
     @app.get("/api/approvals/{aid}", response_model=Reply, responses=GET_RESPONSES)
-    async def api_approval(aid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
-        """Approval AID whole (``approval``): the exact payload approving applies."""
-        return await operator({"cmd": "show_approval", "id": aid})
+    async def api_approval(
+        aid: Id, session: Annotated[Session, Depends(require_session)], host: OnHost = None
+    ) -> Any:
+        """Approval AID whole (``approval``): the exact payload approving applies. HOST:
+        another swarm host's pending approval, its payload checked against its sha256."""
+        return await operator({"cmd": "show_approval", "id": aid, **_on(host)})
 
     @app.get("/api/questions/{qid}", response_model=Reply, responses=GET_RESPONSES)
-    async def api_question(qid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
-        """Question QID whole (``question``)."""
-        return await operator({"cmd": "show_question", "id": qid})
+    async def api_question(
+        qid: Id, session: Annotated[Session, Depends(require_session)], host: OnHost = None
+    ) -> Any:
+        """Question QID whole (``question``); HOST: another swarm host's open question."""
+        return await operator({"cmd": "show_question", "id": qid, **_on(host)})
 
     @app.get("/api/messages/{mid}", response_model=Reply, responses=GET_RESPONSES)
     async def api_message(mid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
@@ -1054,10 +1072,13 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         kind: Literal["questions", "approvals", "messages"],
         rid: Id,
         session: Annotated[Session, Depends(require_session)],
+        host: OnHost = None,
     ) -> Response:
-        """A cut row's fields whole, as text (a listing's "show all")."""
+        """A cut row's fields whole, as text (a listing's "show all"); HOST: another swarm
+        host's question or approval, asked of that host."""
         verb, key, fields = WHOLE[kind]
-        row = (await operator({"cmd": verb, "id": rid})).get(key) or {}
+        on = _on(host) if kind != "messages" else {}
+        row = (await operator({"cmd": verb, "id": rid, **on})).get(key) or {}
         parts = [
             (f, v if isinstance(v, str) else payload_json(v)) for f in fields if (v := row.get(f))
         ]

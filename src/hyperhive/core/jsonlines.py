@@ -146,14 +146,7 @@ async def serve_lines(
     (see ``_take_pipelined``), each started by ``start`` (needed with ``pipelined``)."""
     uid = _peer_uid(writer) if limiter is not None else None
     if limiter is not None and uid is not None and not limiter.claim(uid):
-        writer.write(
-            dump_line(
-                error(
-                    f"too many connections: uid {uid} may have at most {limiter.cap} open"
-                    " on this socket at once; closing connection"
-                )
-            )
-        )
+        writer.write(dump_line(error(limiter.refusal(uid))))
         writer.close()
         return
     try:

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import os
+import stat
 from collections.abc import Iterable
 
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_SLAVE = 0x1, 0x2, 0x4, 0x4000, 0x80000
+MS_BIND = 0x1000
 NR_FSOPEN, NR_FSCONFIG, NR_FSMOUNT = 430, 431, 432  # the same on x86_64 and aarch64
 FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY = 0x1, 6, 0x1, 0x1
 
@@ -101,3 +103,33 @@ def private_overlays(paths: Iterable[str]) -> list[str]:
             os.close(real)
     os.close(empty)
     return failed
+
+
+def etc_view(view: str, etc: str, entries: Iterable[str], files: Iterable[str]) -> None:
+    """In the calling process's own mount namespace (after ``private_overlays``): a tmpfs
+    on ``view`` (an empty directory only root can reach) holding the ``entries`` of
+    ``etc`` that exist, each bound from ``etc`` (the overlay: the cage's own inodes), and
+    an empty file for each of ``files`` (bwrap binds the cage's passwd, group and hosts
+    onto them). bwrap then binds the view as the cage's /etc, read-only with every
+    entry in it, in one step. It used to bind each entry itself, and bwrap reads all of
+    /proc/self/mountinfo for every bind: 19 reads of a table that grows by a mount per
+    running cage (their homes), ~6 ms of a cold start with one cage and more with each."""
+    _check(
+        _libc.mount(b"tmpfs", view.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755"),
+        f"tmpfs on {view}",
+    )
+    for name in entries:
+        src, dst = f"{etc}/{name}", f"{view}/{name}"
+        try:
+            is_dir = stat.S_ISDIR(os.stat(src).st_mode)  # a link counts as what it names
+        except OSError:
+            continue  # not on this host
+        if is_dir:
+            os.mkdir(dst, 0o755)
+        else:
+            os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        _check(_libc.mount(src.encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src}")
+    for name in files:
+        os.close(
+            os.open(f"{view}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        )

@@ -71,6 +71,8 @@ ETC_ALLOW = (
     "inputrc",
     "terminfo",
 )
+ETC_VIEW = "etc-view"  # in state/priv: see Cages.__init__
+ETC_OWN = ("passwd", "group", "hosts")  # the cage's own, not the host's (_etc_files)
 # Merged-/usr hosts have these as symlinks into /usr; others get read-only binds.
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
@@ -91,6 +93,7 @@ class HiveCode:
         this code read-only, so a module without a current ``.pyc`` (a checkout, or a
         package installed without compiling: uv's default) is compiled again by every
         cage's init and harness: most of a cold start. For the cage's interpreter only."""
+        self.warm_core()
         if os.path.realpath(sys.executable) != os.path.realpath(layout.CAGE_PYTHON):
             log.info("not compiling the cage's code: this is not the cage's python")
             return
@@ -103,6 +106,27 @@ class HiveCode:
             elif path.is_file():
                 compileall.compile_file(path, quiet=2)
         log.info("cage code compiled in %.2f s", time.monotonic() - started)
+
+    @staticmethod
+    def warm_core() -> None:
+        """Import what hive-core imports, once, as root: the interpreter writes each
+        module's ``.pyc`` beside its source, which hive-core's own user may not. Without
+        them every start of the core (a restart: every agent waits for it) compiled
+        fastapi, httpx, pygments and the rest again: a third of its start-up."""
+        started = time.monotonic()
+        try:
+            subprocess.run(
+                [sys.executable, "-I", "-c", "import hyperhive.core.__main__"],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                timeout=120,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError) as e:
+            log.info("hive-core's bytecode not written: %s", e)
+            return
+        log.info("hive-core's bytecode written in %.2f s", time.monotonic() - started)
 
     @classmethod
     def of_this_install(cls) -> HiveCode:
@@ -154,6 +178,13 @@ class Cages:
         except (OSError, safefs.UnsafePath) as e:
             raise CageError(f"refusing to run on these directories: {e}") from None
         self.priv_dir = state_dir.root / "priv"
+        # Where each cage start's /etc is put together (cage_mounts.etc_view), in the
+        # starting child's own mount namespace; on the host an empty directory.
+        self.etc_view = self.priv_dir / ETC_VIEW
+        try:
+            os.close(safefs.ensure_dir(self.priv_fd, ETC_VIEW, 0, 0, 0o700, trusted=True))
+        except (OSError, safefs.UnsafePath) as e:
+            raise CageError(f"refusing to run on these directories: {e}") from None
         self.ids = IdAllocator(self.priv_fd, str(state_dir.root), registry)
         self.cgroup_key = hive_key(state_dir.root)
         self.locks = NameLocks()
@@ -231,6 +262,7 @@ class Cages:
             enter_cage_limits(cgroup)
             cage_mounts.lower_oom_score()
             cage_mounts.private_overlays(system_dirs)
+            cage_mounts.etc_view(str(self.etc_view), "/etc", ETC_ALLOW, ETC_OWN)
 
         with contextlib.ExitStack() as opened:
             binds = self._bind_fds(name, ids, opened)
@@ -349,12 +381,8 @@ class Cages:
                 a += ["--symlink", os.readlink(p), str(p)]
             elif p.is_dir():
                 a += ["--ro-bind", str(p), str(p)]
-        a += ["--perms", "0755", "--dir", "/etc"]
-        for entry in ETC_ALLOW:
-            p = Path("/etc") / entry
-            if p.exists():
-                a += ["--ro-bind", str(p), str(p)]
-        for f in ("passwd", "group", "hosts"):
+        a += ["--ro-bind", str(self.etc_view), "/etc"]  # ETC_ALLOW, put together in_child
+        for f in ETC_OWN:
             a += ["--perms", "0644", "--ro-bind-data", str(binds[f]), f"/etc/{f}"]
         a += [
             "--proc", "/proc",

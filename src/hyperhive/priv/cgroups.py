@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -51,6 +52,15 @@ class Cgroup:
                 swap.write_text("0")
             return
         pids, memory = self.dirs
+        if not all(d.parents[2].is_dir() for d in (pids, memory)):
+            # No hierarchy at all, typically a sysfs mounted afresh on /sys (`ip netns exec`
+            # does that), which hides the host's cgroups: say so, not "no such file".
+            raise OSError(
+                errno.ENOENT,
+                f"no cgroup hierarchy under {self.dirs[0].parents[3]} (neither cgroup2 nor v1 "
+                "pids and memory): is hive-priv in a mount namespace with a fresh /sys, as "
+                "`ip netns exec` makes? Enter only the network namespace (nsenter --net=...)",
+            )
         for d in (pids, memory):
             d.mkdir(parents=True, exist_ok=True)
         (pids / "pids.max").write_text(str(pids_max))
@@ -64,7 +74,19 @@ class Cgroup:
                 pass
 
     def join(self, pid: int = 0) -> None:
-        """Move ``pid`` (0: the calling process) into every cgroup of this cage."""
+        """Move ``pid`` into every cgroup of this cage; 0: the calling process, which must
+        have one thread (a child between fork and exec: every caller is a preexec_fn).
+
+        On v1 the calling process moves itself as a thread, "0" written to ``tasks``: a
+        write to ``cgroup.procs`` (or any pid but 0) takes the kernel's threadgroup lock
+        for writing, which waits for an RCU grace period (8 to 20 ms here, most of what
+        hive-priv spent on a cage start); moving the caller's only thread needs no
+        such lock, and with one thread, the thread is the process. On v2 a thread can't
+        leave its domain that way: the process moves, as before."""
+        if pid == 0 and not self.v2:
+            for d in self.dirs:
+                (d / "tasks").write_text("0")
+            return
         pid = pid or os.getpid()
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(pid))

@@ -17,13 +17,19 @@ belongs to.
 - ``a`` applies it only if that question was asked *of host b* (the subject's sending
   host, vouched for by NATS's permissions) *of bob by alice* and is still open: a host
   can only answer questions asked of its own agents.
+
+An agent destroyed on one host closes its open questions on the other (``forget``):
+alice destroyed on ``a`` queues a ``withdraw`` (qid: ``a``'s id) to ``b``, which cancels
+the question only if ``a`` asked it (``swarm_questions``); bob destroyed on ``b`` queues a
+``cancel`` (qid: ``a``'s id again) to ``a``, which cancels it only if it was asked of
+``b``'s bob by alice, and tells alice so. Each host applies them to its own rows only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Literal
 
 from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store import Database
@@ -37,6 +43,12 @@ log = logging.getLogger("hive.swarm")
 
 MAX_OPTIONS = 50  # as the agent's own ``ask`` (wire/agent.py)
 MAX_QID = (1 << 63) - 1  # a SQLite rowid
+# The items about a question: ``withdraw`` (its asker is gone) and ``cancel`` (its target is
+# gone) close it; neither needs its sender to hold its name any more (it was destroyed).
+KINDS = ("question", "answer", "withdraw", "cancel")
+CLOSING = frozenset({"withdraw", "cancel"})
+# What a cancelled cross-host question's asker gets (an ``answer`` message, ``ref`` = its id).
+CANCELLED = "cancelled: {target} was destroyed on host {host}"
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS swarm_asked (
@@ -58,7 +70,7 @@ def well_formed(p: dict[str, Any]) -> bool:
     qid = p.get("qid")
     if type(qid) is not int or not 0 < qid <= MAX_QID:
         return False
-    if p["kind"] == "answer":
+    if p["kind"] != "question":
         return "options" not in p or p["options"] is None
     options = p.get("options")
     return options is None or (
@@ -121,12 +133,61 @@ def answer(db: Database, qid: int, target: str, text: str) -> Question | None:
     )
 
 
-def receive(tx: Tx, from_host: str, p: dict[str, Any]) -> Message | None:
-    """A ``question`` or ``answer`` item from ``from_host``, in the bundle's transaction:
-    the message it puts in an inbox, or None if it is dropped (logged)."""
+def forget(db: Database, name: str) -> int:
+    """Agent ``name`` here is being destroyed: its open questions asked of other hosts'
+    agents are withdrawn there, and the open questions other hosts' agents asked of it are
+    cancelled to their askers; all of them cancelled here, in one commit with the items
+    queued. How many questions it closed."""
+    with db.tx() as tx:
+        asked = tx.execute(
+            "SELECT q.id, q.target, a.host FROM swarm_asked a JOIN questions q ON q.id = a.qid"
+            " WHERE q.asker=? AND q.answer IS NULL AND q.cancelled=0",
+            (name,),
+        ).fetchall()
+        for qid, target, host in asked:
+            outbox.queue_tx(tx, host, name, target, "withdraw", "", qid=int(qid))
+        held = tx.execute(
+            "SELECT q.id, q.asker, s.host, s.remote_qid FROM swarm_questions s"
+            " JOIN questions q ON q.id = s.qid"
+            " WHERE q.target=? AND q.answer IS NULL AND q.cancelled=0",
+            (name,),
+        ).fetchall()
+        for _, asker, host, remote in held:
+            outbox.queue_tx(tx, host, name, asker, "cancel", "", qid=int(remote))
+        closed = [(r[0],) for r in asked] + [(r[0],) for r in held]
+        tx.executemany("UPDATE questions SET cancelled=1 WHERE id=?", closed)
+    return len(closed)
+
+
+Received = Message | Literal["applied", "dropped"]
+
+
+def receive(tx: Tx, from_host: str, p: dict[str, Any]) -> Received:
+    """A question item from ``from_host``, in the bundle's transaction: the message it puts
+    in an inbox, ``applied`` (a question closed, nothing delivered) or ``dropped`` (logged:
+    not one of that host's to say, or asked again)."""
     if p["kind"] == "question":
-        return _question(tx, from_host, p)
-    return _answer(tx, from_host, p)
+        return _question(tx, from_host, p) or "dropped"
+    if p["kind"] == "withdraw":
+        return _withdraw(tx, from_host, p)
+    return _answer(tx, from_host, p) or "dropped"
+
+
+def _withdraw(tx: Tx, from_host: str, p: dict[str, Any]) -> Received:
+    """The asker of a question ``from_host`` asked here was destroyed there: the question
+    is cancelled, only if that host asked it (``swarm_questions``: its own id), of that
+    agent, by that agent."""
+    row = tx.execute(
+        "SELECT q.id, q.asker, q.target, q.answer, q.cancelled FROM swarm_questions s"
+        " JOIN questions q ON q.id = s.qid WHERE s.host=? AND s.remote_qid=?",
+        (from_host, p["qid"]),
+    ).fetchone()
+    if row is None or (row[1], row[2]) != (p["from"], p["to"]):
+        log.warning("swarm: host %s withdrew question %s, not one it asked", from_host, p["qid"])
+        return "dropped"
+    if row[3] is None and not row[4]:
+        tx.execute("UPDATE questions SET cancelled=1 WHERE id=?", (row[0],))
+    return "applied"
 
 
 def _question(tx: Tx, from_host: str, p: dict[str, Any]) -> Message | None:
@@ -149,6 +210,8 @@ def _question(tx: Tx, from_host: str, p: dict[str, Any]) -> Message | None:
 
 
 def _answer(tx: Tx, from_host: str, p: dict[str, Any]) -> Message | None:
+    """An ``answer`` or a ``cancel`` (the target was destroyed on its host) of a question
+    asked here: the message the asker gets, or None (dropped)."""
     qid = p["qid"]
     row = tx.execute(
         "SELECT q.asker, q.target, q.answer, q.cancelled, a.host FROM questions q"
@@ -163,6 +226,11 @@ def _answer(tx: Tx, from_host: str, p: dict[str, Any]) -> Message | None:
     if row[2] is not None or row[3]:
         log.info("swarm: question %s is answered or cancelled already; answer dropped", qid)
         return None
+    if p["kind"] == "cancel":
+        # Cancelled, not answered (as on one host); the asker is told in words of ours.
+        tx.execute("UPDATE questions SET cancelled=1 WHERE id=?", (qid,))
+        body = CANCELLED.format(target=p["from"], host=from_host)
+        return insert_message(tx, p["to"], p["from"], "answer", body, qid)
     tx.execute(
         "UPDATE questions SET answer=?, answered_at=? WHERE id=?", (p["body"], time.time(), qid)
     )

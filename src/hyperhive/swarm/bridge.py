@@ -7,7 +7,10 @@ Four loops share one connection, each restarting on its own after a failure:
 - ``_consume_loop``: one puller per other host, on this host's durable consumer of what
   that host sent: commit (dedup by id), then ack;
 - ``_roster_loop``: this host's agent rows and name claims into the KV bucket;
-- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch.
+- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch;
+- ``_quota_loop``: the storage quota across hosts (swarm/quota.py): what this host
+  released of other hosts' agents' messages out to the bucket, and what the others
+  released of this host's agents' in from it.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from hyperhive.swarm.bus import connect
 from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore, queue_tx
 from hyperhive.swarm.settings import SwarmSection
-from hyperhive.wire.common import SHORT_TEXT_CHARS, Message, Question
+from hyperhive.swarm.show import ShowRelay
+from hyperhive.wire.common import SHORT_TEXT_CHARS, Question
 
 if TYPE_CHECKING:
     from hyperhive.core.hive import Hive
@@ -51,6 +55,13 @@ MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
 ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
+QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
+REPORTS = 1024  # released counts published in one round (the rest: the next rounds)
+
+
+class NoRecipient(str):
+    """A refusal of a message its host's own agent sent to no agent here: nothing is
+    delivered, and what it cost its sender is released at once (swarm/quota.py)."""
 
 
 def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
@@ -121,12 +132,16 @@ class Bridge:
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
         self._wake = asyncio.Event()
         self._claimed: set[str] = set()
+        self.waiting: set[str] = set()  # other hosts whose bundles wait for room here
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
+        self._reachable: set[str] = set()  # the other hosts reachable at the last look
         self.received = 0
         self.dropped = 0
+        self._releases: dict[tuple[str, str], tuple[int, int]] = {}  # reports not yet applied
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
+        self.show = ShowRelay(self)  # other hosts' items whole (show.py)
 
     # -- the port (called by core/hive.py) ---------------------------------------------
 
@@ -142,14 +157,23 @@ class Bridge:
                 host = await self._lookup(self.kv, agent)
         return host if host != self.host else None
 
-    async def send(self, sender: str, to: str, body: str) -> int:
-        host = await self.locate(to)
+    async def send(
+        self, sender: str, to: str, body: str, taken: Callable[[], None] | None = None
+    ) -> int:
+        try:
+            host = await self.locate(to)
+        except BaseException:
+            if taken is not None:
+                taken()
+            raise
         if host is None:
+            if taken is not None:
+                taken()
             raise NotFound(f"no agent named {to!r}")
         # Cross-host sends of one loop turn share the core's group commit (core/
         # groupcommit.py) with local sends and acks: one transaction, each reply after it.
         row = await self.hive.commits.submit(
-            lambda tx: queue_tx(tx, host, sender, to, "message", body)
+            lambda tx: queue_tx(tx, host, sender, to, "message", body), taken=taken
         )
         self._wake.set()
         return row
@@ -167,6 +191,10 @@ class Bridge:
         if q is not None:
             self._wake.set()
         return q
+
+    def forget(self, name: str) -> None:
+        if asks.forget(self.store.db, name):
+            self._wake.set()
 
     def status(self) -> dict[str, Any]:
         nc = self.nc
@@ -192,6 +220,8 @@ class Bridge:
             "outbox_sent": sent,
             "received": self.received,
             "dropped": self.dropped + self.store.dropped,
+            # Hosts whose messages wait here for room (swarm/quota.py: the bounds).
+            "waiting": sorted(self.waiting),
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
@@ -203,8 +233,21 @@ class Bridge:
     async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
         return await self.operator.carry(host, request)
 
+    async def fetch(self, host: str, kind: str, ident: int) -> dict[str, Any]:
+        return await self.show.fetch(host, kind, ident)
+
     def listed(self, kind: str) -> list[dict[str, Any]]:
-        return self.operator.listed(kind)
+        if kind != "agents":
+            return self.operator.listed(kind)
+        # The other hosts' agents, as listings beside this host's show them.
+        nc = self.nc
+        connected = nc is not None and nc.is_connected
+        up = {h: self.reachable(h, connected) for h in {h for h, _ in self.rows}}
+        return [
+            {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": up[host]}
+            for (host, _), row in sorted(self.rows.items())
+            if host != self.host
+        ][:MAX_LISTED]
 
     def reachable(self, host: str, connected: bool) -> bool:
         """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""
@@ -233,9 +276,10 @@ class Bridge:
         log.info("swarm: host %s connected to %s", self.host, self.nc.connected_url)
         print(f"hive-core: swarm host={self.host} connected", flush=True)
         loops: list[Callable[[], Awaitable[None]]] = [
-            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop
+            self._publish_loop, self._consume_loop, self._roster_loop, self._watch_loop,
+            self._quota_loop,
         ]  # fmt: skip
-        loops += self.operator.loops()
+        loops += self.operator.loops() + self.show.loops()
         try:
             await asyncio.gather(*(self._forever(f) for f in loops))
         finally:
@@ -281,7 +325,9 @@ class Bridge:
             for bundle in bundles(batch):
                 # Its senders' names are claimed before their messages go out, so the
                 # receiver finds them in the bucket (an agent spawned a moment ago, say).
-                senders = {o.sender for o in bundle}
+                # Not a withdraw's or cancel's: its sender was destroyed (asks.forget), and
+                # its name must stay free (the receiver checks those against its tables).
+                senders = {o.sender for o in bundle if o.kind not in asks.CLOSING}
                 for sender in senders - self._claimed - self._conflicts:
                     await self._claim(await self._bucket(), sender)
                 # One bundle at a time, retried until acked: a later one never overtakes it.
@@ -361,7 +407,7 @@ class Bridge:
             log.warning("swarm: dropped a bundle on %s: not a list of messages", m.subject)
             await m.ack()
             return True
-        good = []
+        good: list[tuple[dict[str, Any], bool]] = []
         known: set[tuple[str, str]] = set()  # (from, to) pairs found good in this bundle
         for p in items:
             try:
@@ -370,21 +416,34 @@ class Bridge:
                 log.info("swarm: can't check a sender on %s yet: %s", m.subject, e)
                 return False
             if why is None:
-                good.append(p)
+                good.append((p, True))
             else:
                 self.dropped += 1
                 log.warning("swarm: dropped a message on %s: %s", m.subject, why)
+                if isinstance(why, NoRecipient):  # sent by that host's own agent: released
+                    good.append((p, False))
+        limits = self.hive.config.limits
         try:
-            stored = self.store.receive_stored(good, from_host)
+            msgs, whole = self.store.take(
+                good,
+                from_host,
+                (limits.agent_pending_max, limits.agent_store_mib << 20),
+                (self.settings.host_pending_max, self.settings.host_store_mib << 20),
+            )
         except StoreError as e:
             log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
             return False
-        self.received += len(stored)
-        for x in stored:
-            if isinstance(x, Message):
-                self.hive.delivered(x)
-            else:
-                self.hive.message_stored(*x)
+        self.received += len(msgs)
+        for msg in msgs:
+            self.hive.delivered(msg)
+        if not whole:
+            # Past what this host holds for a sender, or for that host: the rest of the
+            # bundle (and that host's later ones) wait until recipients read; never dropped.
+            if from_host not in self.waiting:
+                log.warning("swarm: host %s's messages wait: its storage bound here", from_host)
+            self.waiting.add(from_host)
+            return False
+        self.waiting.discard(from_host)
         await m.ack()  # only now: a crash before it means a redelivery, dropped as seen
         return True
 
@@ -398,11 +457,15 @@ class Bridge:
             and 0 < len(p["id"]) <= 64
             and isinstance(p.get("body"), str)
             and len(p["body"]) <= MAX_BODY
-            and p.get("kind") in ("message", "question", "answer")
+            and p.get("kind") in ("message", *asks.KINDS)
             and all(isinstance(p.get(k), str) and NAME_RE.fullmatch(p[k]) for k in ("from", "to"))
             and (p["kind"] == "message" or asks.well_formed(p))
         ):
             return "malformed"
+        if p["kind"] in asks.CLOSING:
+            # Its sender (or recipient) may be gone already: what it may close is decided by
+            # the sending host alone (NATS vouches for it) and this host's tables (asks.py).
+            return None
         if (p["from"], p["to"]) in known:
             return None
         owner = self.names.get(p["from"])
@@ -414,7 +477,7 @@ class Bridge:
         if owner != from_host:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):
-            return f"no agent named {p['to']!r} here"
+            return NoRecipient(f"no agent named {p['to']!r} here")
         known.add((p["from"], p["to"]))
         return None
 
@@ -425,10 +488,22 @@ class Bridge:
         rounds = 0
         while True:
             await self._publish_roster(kv)
+            self._reachability()
             if rounds % PRUNE_ROUNDS == 0:
                 self.store.prune()  # sent outbox rows and old received ids
             rounds += 1
             await asyncio.sleep(ROSTER_EVERY)
+
+    def _reachability(self) -> None:
+        """Tell open dashboards when another host turns unreachable or back (its agents'
+        state): a heartbeat going stale is no event of its own."""
+        nc = self.nc
+        connected = nc is not None and nc.is_connected
+        now = {h for h in self.heartbeats if h != self.host and self.reachable(h, connected)}
+        if now != self._reachable:
+            for host in now ^ self._reachable:
+                self.hive.bus.publish("swarm", {"host": host, "what": "reachable"})
+            self._reachable = now
 
     async def _publish_roster(self, kv: KeyValue) -> None:
         await kv.put(s.host_key(self.host), json.dumps({"at": time.time()}).encode())
@@ -509,9 +584,46 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
 
+    # -- the storage quota across hosts (swarm/quota.py) ------------------------------
+
+    async def _quota_loop(self) -> None:
+        kv = await self._bucket()
+        while True:
+            done = self.store.unreported(REPORTS)
+            for host, agent, rows, nbytes in done:
+                value = json.dumps([rows, nbytes]).encode()
+                await kv.put(s.released_key(self.host, host, agent), value)
+            if done:
+                self.store.reported(done)
+            reports, self._releases = self._releases, {}
+            if reports:
+                self.store.release(reports)  # a commit: the quota's next read sees it
+            await asyncio.sleep(QUOTA_EVERY)
+
+    def _released(self, parts: list[str], value: bytes | None) -> None:
+        """``released.<host>.<us>.<agent>`` = [rows, bytes]: what ``host`` has released in
+        all of our ``agent``'s messages; applied by the quota loop (only upward, capped)."""
+        _, host, to, agent = parts
+        if to != self.host or host == self.host or value is None:
+            return
+        if not (NAME_RE.fullmatch(host) and NAME_RE.fullmatch(agent)):
+            return
+        with contextlib.suppress(ValueError, RecursionError):
+            got = json.loads(value)
+            if (
+                isinstance(got, list)
+                and len(got) == 2
+                and all(type(n) is int and 0 <= n < 1 << 62 for n in got)
+            ):
+                self._releases[(host, agent)] = (got[0], got[1])
+
     def _apply(self, key: str, value: bytes | None, op: str | None, revision: int | None) -> None:
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
+        if parts[0] == "released":
+            if len(parts) == 4 and not deleted:
+                self._released(parts, value)
+            return
         if self.operator.watched(parts, value, deleted):
             return
         if parts[0] == "hosts" and len(parts) == 2 and not deleted:
@@ -526,6 +638,8 @@ class Bridge:
                 claims[parts[2]] = revision
             self._own(parts[1])
         elif parts[0] == "agents" and len(parts) == 3:
+            if parts[1] != self.host:  # dashboards draw the other hosts' agents again
+                self.hive.bus.publish("swarm", {"host": parts[1], "what": "agents"})
             if deleted:
                 self.rows.pop((parts[1], parts[2]), None)
             else:

@@ -129,17 +129,33 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
     # Bounded, so a hostile host can't fill the cluster's storage (or every host's roster
     # cache) with its own rows: one row is at most ROSTER_VALUE_BYTES, all of them together
     # at most ROSTER_BUCKET_BYTES (red team round 5).
-    bucket = js.create_key_value(
-        KeyValueConfig(
-            bucket=s.BUCKET,
-            history=1,
-            replicas=replicas,
-            storage=StorageType.FILE,
-            max_value_size=s.ROSTER_VALUE_BYTES,
-            max_bytes=s.ROSTER_BUCKET_BYTES,
+    await asyncio.gather(*consumers, _ensure_roster(js, replicas), _ensure_ops(js, hosts, replicas))
+
+
+async def _ensure_roster(js: nats.js.JetStreamContext, replicas: int) -> None:
+    """The roster bucket, its stream refusing rollup headers. nats-py makes a KV stream
+    with ``allow_rollup_hdrs`` (for ``kv.purge``, which the hive never uses), and a
+    ``Nats-Rollup: all`` header on any message purges the whole stream: a hostile host
+    publishing one on its own claim key (all NATS lets it write) wiped every host's
+    claims and rows, then claimed their agents' names first and spoke for them (red team
+    round 7). Without rollups a message can only add to its own key."""
+    try:
+        info = await js.stream_info(s.KV_STREAM)
+    except nats.js.errors.NotFoundError:
+        await js.create_key_value(
+            KeyValueConfig(
+                bucket=s.BUCKET,
+                history=1,
+                replicas=replicas,
+                storage=StorageType.FILE,
+                max_value_size=s.ROSTER_VALUE_BYTES,
+                max_bytes=s.ROSTER_BUCKET_BYTES,
+            )
         )
-    )
-    await asyncio.gather(*consumers, bucket, _ensure_ops(js, hosts, replicas))
+        info = await js.stream_info(s.KV_STREAM)
+    if info.config.allow_rollup_hdrs:  # (a bucket made before round 7 is fixed in place)
+        info.config.allow_rollup_hdrs = False
+        await js.update_stream(info.config)
 
 
 async def _ensure_ops(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: int) -> None:

@@ -45,6 +45,7 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 f"$KV.{s.BUCKET}.agents.{host}.>",
                 f"$KV.{s.BUCKET}.{s.host_key(host)}",
                 f"$KV.{s.BUCKET}.{s.name_key('*', host)}",  # its own claims only
+                f"$KV.{s.BUCKET}.released.{host}.>",  # what it released (swarm/quota.py)
                 *inboxes,
                 "$JS.API.INFO",
                 f"$JS.API.STREAM.INFO.{roster}",
@@ -65,9 +66,20 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{ops}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{ops}",
                 f"$JS.ACK.{s.OPS_STREAM}.{ops}.>",
+                # Another host's item whole (swarm/show.py): its requests and its answers
+                # on subjects of its own (not reply subjects: no allow_responses, which
+                # would let a host publish once to any subject it names as a reply).
+                s.show_subject("*", host),
+                s.shown_subject("*", host),
             ]
         },
-        "subscribe": {"allow": [f"{s.inbox_prefix(host)}.>"]},
+        "subscribe": {
+            "allow": [
+                f"{s.inbox_prefix(host)}.>",
+                s.show_subject(host, "*"),  # requests to it, and answers to it only
+                s.shown_subject(host, "*"),
+            ]
+        },
     }
 
 

@@ -5,7 +5,8 @@ and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
   (their summaries, as listings show them) as roster keys ``questions.<host>.<id>`` and
   ``approvals.<host>.<id>``; every host keeps a cache of them from the bridge's KV watch.
 - The operator on host A acting on host B's item (an answer, an approval bound to its
-  payload_sha256, a denial, a spawn) is a host.sock request, signed with A's operator key
+  payload_sha256, a denial, a spawn or a spawn request) is a host.sock request, signed with
+  A's operator key
   (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
 - B takes it from its own consumer, checks it (its pinned key for A, its time, its id
   never seen before), carries it out through host.sock's own table (one code path, one
@@ -52,7 +53,7 @@ from hyperhive.swarm.signing import (
     public_b64,
     seal,
 )
-from hyperhive.wire.common import SHORT_TEXT_CHARS
+from hyperhive.wire.common import SHORT_TEXT_CHARS, TEXT_CHARS
 
 if TYPE_CHECKING:
     from hyperhive.swarm.bridge import Bridge
@@ -65,7 +66,10 @@ PUBLISH_TRIES_SECONDS = 5.0  # how long an action is offered to the bus before "
 RESULT_KEEP = 600.0  # seconds this host's outcomes stay in the roster
 MAX_PAYLOAD_SHOWN = 8192  # bytes of an approval's (summary) payload kept from another host
 KEY_FILE = "swarm-operator.key"
+HEX = frozenset("0123456789abcdef")
+HEX0 = "0" * 64
 KINDS = ("questions", "approvals")
+REPLY_FIELDS = ("id", "payload_sha256")  # what a carried request_spawn's outcome gives back
 REFUSALS: dict[int, type[Refused]] = {
     c.status: c for c in (BadRequest, NotFound, Conflict, Gone, Forbidden, Busy, Unavailable)
 }
@@ -82,13 +86,18 @@ def _truncated(value: object) -> dict[str, int] | None:
     return out or None
 
 
+def _sha(value: object) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in HEX for c in value)
+
+
 def _name(value: object) -> str | None:
     return value if isinstance(value, str) and NAME_RE.fullmatch(value) else None
 
 
-def question_row(host: str, qid: int, row: dict[str, Any]) -> dict[str, Any]:
+def question_row(host: str, qid: int, row: dict[str, Any], whole: bool = False) -> dict[str, Any]:
     """An open question as another host published it: its host and id are the key's
-    (what NATS's permissions vouch for), each field of the type and size a listing's is."""
+    (what NATS's permissions vouch for), each field of the type and size a listing's is
+    (``whole``: its text as long as a question may be; swarm/show.py)."""
     options = row.get("options")
     if isinstance(options, list):
         options = [o[:SHORT_TEXT_CHARS] for o in options[:64] if isinstance(o, str)]
@@ -99,18 +108,19 @@ def question_row(host: str, qid: int, row: dict[str, Any]) -> dict[str, Any]:
         "id": qid,
         "asker": _name(row.get("asker")),
         "to": OPERATOR,
-        "question": _text(row.get("question")) or "",
+        "question": _text(row.get("question"), TEXT_CHARS if whole else SHORT_TEXT_CHARS) or "",
         "options": options,
         "asked_at": _text(row.get("asked_at"), 64),
-        "truncated": _truncated(row.get("truncated")),
+        "truncated": None if whole else _truncated(row.get("truncated")),
     }
 
 
-def approval_row(host: str, aid: int, row: dict[str, Any]) -> dict[str, Any]:
+def approval_row(host: str, aid: int, row: dict[str, Any], whole: bool = False) -> dict[str, Any]:
     """A pending approval as another host published it (see ``question_row``); its
-    payload_sha256 is what an approval from here is bound to."""
+    payload_sha256 is what an approval from here is bound to (``whole``: the payload
+    whole, which swarm/show.py checks against that sha256)."""
     payload = row.get("payload")
-    if len(json.dumps(payload)) > MAX_PAYLOAD_SHOWN:
+    if not whole and len(json.dumps(payload)) > MAX_PAYLOAD_SHOWN:
         payload = "(payload too long to show here; see it on its host)"
     sha = row.get("payload_sha256")
     return {
@@ -125,7 +135,7 @@ def approval_row(host: str, aid: int, row: dict[str, Any]) -> dict[str, Any]:
         "requested_at": _text(row.get("requested_at"), 64),
         "grants": _text(row.get("grants")),
         "allows": _text(row.get("allows")),
-        "truncated": _truncated(row.get("truncated")),
+        "truncated": None if whole else _truncated(row.get("truncated")),
     }
 
 
@@ -270,7 +280,11 @@ class OperatorRelay:
         finally:
             self._waiting.pop(action_id, None)
         if outcome.get("ok") is True:
-            return {"host": host, "action": action_id, "applied": True}
+            # Only as its types are (the outcome is the other host's to say).
+            extra = {k: outcome[k] for k in REPLY_FIELDS if k in outcome}
+            if not (type(extra.get("id", 1)) is int and _sha(extra.get("payload_sha256", HEX0))):
+                extra = {}
+            return {"host": host, "action": action_id, "applied": True, **extra}
         status = outcome.get("status")
         refusal = REFUSALS.get(status, Conflict) if isinstance(status, int) else Conflict
         raise refusal(f"host {host}: {_text(outcome.get('error')) or 'refused'}")
@@ -399,10 +413,12 @@ class OperatorRelay:
             return {"ok": False, "status": 422, "error": "an approval from another host"
                     " must be bound to its payload_sha256"}  # fmt: skip
         try:
-            await HOST.call(OperatorSession(self.hive), HOST.decode(request))
+            reply = await HOST.call(OperatorSession(self.hive), HOST.decode(request))
         except Refused as e:
             return {"ok": False, "status": e.status, "error": str(e)[:SHORT_TEXT_CHARS]}
         except Exception as e:  # its id is taken: say what happened rather than lose it
             log.exception("swarm: operator action %s failed", request["cmd"])
             return {"ok": False, "status": 503, "error": f"internal error: {type(e).__name__}"}
-        return {"ok": True}
+        # A request_spawn's approval, as its host numbered it (what the operator approves).
+        made = reply if isinstance(reply, dict) and request["cmd"] == "request_spawn" else {}
+        return {"ok": True, **{k: made[k] for k in REPLY_FIELDS if k in made}}

@@ -20,11 +20,12 @@ from typing import Any
 
 from hyperhive.core.store import Database
 from hyperhive.core.store.db import Tx
-from hyperhive.core.store.messages import MessageItem, insert_messages
-from hyperhive.swarm import asks
+from hyperhive.core.store.messages import insert_message
+from hyperhive.swarm import asks, quota
 from hyperhive.wire.common import Message
 
 SEEN_KEEP = 1_000_000  # received ids remembered (far past any redelivery)
+NO_BOUND = (1 << 62, 1 << 62)
 
 _TABLES = """
 CREATE TABLE IF NOT EXISTS swarm_outbox (
@@ -50,12 +51,9 @@ class Outgoing:
     msg_id: str
     to_host: str
     payload: bytes
-    sender: str  # the payload's "from" (read by SQLite: no parse of the payload here)
-
-
-# A message received, as stored: a plain message as (its id, what it is, when), for the
-# hive's message_stored; a question or an answer as its Message (swarm/asks.py).
-Stored = tuple[int, MessageItem, float] | Message
+    # The payload's "from" and "kind", read by SQLite: the publisher parses no payload.
+    sender: str
+    kind: str
 
 
 # A message's swarm-wide id (the receivers' dedup key): this process's 128 random bits and
@@ -71,8 +69,12 @@ def new_msg_id() -> str:
 
 def queue_tx(tx: Tx, to_host: str, sender: str, to: str, kind: str, body: str, **extra: Any) -> int:
     """Store one outgoing message in the caller's transaction; its outbox row. ``extra``:
-    a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py)."""
+    a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py). One that
+    will sit in an inbox there counts in ``sender``'s quota until that host releases it
+    (swarm/quota.py)."""
     now, msg_id = time.time(), new_msg_id()
+    if kind in quota.COUNTED:
+        quota.sent_tx(tx, sender, to_host, quota.item_bytes(body, extra.get("options")))
     item = {"id": msg_id, "from": sender, "to": to, "kind": kind, "body": body, "sent_at": now}
     payload = _ENCODER.encode({**item, **extra} if extra else item)
     cur = tx.execute(
@@ -87,9 +89,11 @@ class SwarmStore:
         self._db = db
         self.dropped = 0  # received questions and answers refused (swarm/asks.py)
         with db.tx() as tx:
-            for statement in (_TABLES + asks.TABLES).split(";"):
+            for statement in (_TABLES + asks.TABLES + quota.TABLES).split(";"):
                 if statement.strip():
                     tx.execute(statement)
+            for trigger in quota.TRIGGERS:
+                tx.execute(trigger)
 
     @property
     def db(self) -> Database:
@@ -105,12 +109,13 @@ class SwarmStore:
         # The index named: left to choose, SQLite's planning cost more than the read (as
         # for messages.unacked).
         rows = self._db.conn.execute(
-            "SELECT id, msg_id, to_host, payload, json_extract(payload, '$.from')"
+            "SELECT id, msg_id, to_host, payload, json_extract(payload, '$.from'),"
+            " json_extract(payload, '$.kind')"
             " FROM swarm_outbox INDEXED BY swarm_outbox_unsent WHERE sent_at IS NULL"
             " ORDER BY id LIMIT ?",
             (limit,),
         ).fetchall()
-        return [Outgoing(r[0], r[1], r[2], r[3].encode(), r[4]) for r in rows]
+        return [Outgoing(r[0], r[1], r[2], r[3].encode(), r[4], r[5]) for r in rows]
 
     def mark_sent(self, rows: list[int]) -> None:
         now = time.time()
@@ -126,59 +131,77 @@ class SwarmStore:
         return int(r[0]), int(r[1])
 
     def receive(self, items: list[dict[str, Any]], from_host: str = "") -> list[Message]:
-        """``receive_stored``, each stored message as a Message."""
-        return [
-            x
-            if isinstance(x, Message)
-            else Message(
-                id=x[0], from_=x[1][1], kind="message", body=x[1][2], sent_at=x[2], to=x[1][0]
-            )
-            for x in self.receive_stored(items, from_host)
-        ]
+        """``take`` with every item deliverable and no bound (the tests' shorthand)."""
+        return self.take([(p, True) for p in items], from_host, NO_BOUND, NO_BOUND)[0]
 
-    def receive_stored(self, items: list[dict[str, Any]], from_host: str = "") -> list[Stored]:
+    def take(
+        self,
+        items: list[tuple[dict[str, Any], bool]],
+        from_host: str,
+        per_agent: tuple[int, int],
+        per_host: tuple[int, int],
+    ) -> tuple[list[Message], bool]:
         """Put messages from host ``from_host`` (``id``, ``to``, ``from``, ``kind``,
         ``body`` each; a question or an answer also ``qid``: swarm/asks.py) in their
         recipients' inboxes and remember their ids, in one transaction; an id received
-        before is skipped, and so is an answer to no question asked of that host. What
-        was stored, in order. A run of plain messages is one executemany (consecutive
-        ids, as in the group commit's message lane)."""
-        out: list[Stored] = []
-        now = time.time()
-        run: list[dict[str, Any]] = []  # plain messages not yet inserted
-        seen_rows: list[tuple[str, int, float]] = []
+        before is skipped, and so is an answer to no question asked of that host. Each
+        item comes with whether it may be delivered: one that may not (no such recipient)
+        is only released in its sender's quota (swarm/quota.py). The messages stored, in
+        order, and whether all were: storing stops at the first item past what this host
+        holds for one sender (``per_agent``: rows, bytes) or for ``from_host`` in all
+        (``per_host``); the rest wait for a later try."""
+        out = []
+        whole = True
         with self._db.tx() as tx:
-
-            def insert_run() -> None:
-                if not run:
-                    return
-                stored = [(p["to"], p["from"], p["body"], 0) for p in run]
-                first = insert_messages(tx, stored, now) - len(run) + 1
-                for k, (p, item) in enumerate(zip(run, stored, strict=True)):
-                    seen_rows.append((p["id"], first + k, now))
-                    out.append((first + k, item, now))
-                run.clear()
-
-            seen = self._seen(tx, [p["id"] for p in items])
-            for p in items:
+            seen = self._seen(tx, [p["id"] for p, _ in items])
+            room = quota.Room(tx, from_host, per_agent, per_host)
+            for p, deliverable in items:
                 if p["id"] in seen:
                     continue
+                counted = p["kind"] in quota.COUNTED
+                nbytes = quota.item_bytes(p["body"], p.get("options")) if counted else 0
+                if counted and deliverable and not room.fits(p["from"], nbytes):
+                    whole = False  # back-pressure: this one and the rest wait
+                    break
                 seen.add(p["id"])  # the same id twice in one bundle: once
-                if p["kind"] == "message":
-                    run.append(p)
-                    continue
-                insert_run()  # in order: what came before it first
-                msg = asks.receive(tx, from_host, p)
-                self.dropped += msg is None
-                seen_rows.append((p["id"], 0 if msg is None else msg.id, now))
+                msg: Message | None = None
+                if not deliverable:
+                    pass
+                elif p["kind"] == "message":
+                    msg = insert_message(tx, p["to"], p["from"], p["kind"], p["body"])
+                else:
+                    got = asks.receive(tx, from_host, p)
+                    self.dropped += got == "dropped"
+                    msg = got if isinstance(got, Message) else None
+                if counted:
+                    if msg is not None:
+                        room.hold(msg.id, p["from"], nbytes)
+                    else:
+                        room.release(p["from"], nbytes)
+                tx.execute(
+                    "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
+                    (p["id"], 0 if msg is None else msg.id, time.time()),
+                )
                 if msg is not None:
                     out.append(msg)
-            insert_run()
-            tx.executemany(
-                "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
-                seen_rows,
+        return out, whole
+
+    def unreported(self, limit: int) -> list[tuple[str, str, int, int]]:
+        """Released counts of other hosts' agents not yet published (swarm/quota.py)."""
+        return quota.unreported(self._db.conn, limit)
+
+    def reported(self, done: list[tuple[str, str, int, int]]) -> None:
+        with self._db.tx() as tx:
+            quota.reported_tx(tx, done)
+
+    def release(self, reports: dict[tuple[str, str], tuple[int, int]]) -> int:
+        """Other hosts' reports of what they released of this host's agents' items, (host,
+        agent) -> (rows, bytes) in all, applied in one transaction; how many changed."""
+        with self._db.tx() as tx:
+            return sum(
+                quota.release_tx(tx, host, agent, rows, nbytes)
+                for (host, agent), (rows, nbytes) in reports.items()
             )
-        return out
 
     @staticmethod
     def _seen(tx: Tx, ids: list[str]) -> set[str]:

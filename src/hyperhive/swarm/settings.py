@@ -30,6 +30,12 @@ class SwarmSection(BaseModel):
         default_factory=dict, max_length=64
     )
 
+    # What this host holds for the agents of any one other host, in all (undelivered
+    # messages, swarm/quota.py): past it, that host's bundles wait (each remote agent is
+    # also held to this host's own [limits] storage quota).
+    host_pending_max: int = Field(default=100_000, ge=10, le=100_000_000)
+    host_store_mib: int = Field(default=1024, ge=1, le=1_048_576)
+
     @field_validator("credentials", "operator_key")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:

@@ -8,7 +8,8 @@ outside every cage), and a host applies one only if its ``[swarm] operators`` pi
 sending host's public key. A sealed action:
 
     {"action": {"v": 1, "id": <32 hex>, "from": <host>, "to": <host>, "at": <unix time>,
-                "request": {<a host.sock request: answer_question, approve, deny, spawn>}},
+                "request": {<a host.sock request: answer_question, approve, deny, spawn,
+                             request_spawn>}},
      "sig": <base64 Ed25519 signature of the action's canonical JSON>}
 """
 
@@ -32,7 +33,7 @@ from hyperhive.names import NAME_RE
 
 VERSION = 1
 # The host.sock verbs another host's operator may carry here; nothing else.
-CARRIED = frozenset({"answer_question", "approve", "deny", "spawn"})
+CARRIED = frozenset({"answer_question", "approve", "deny", "spawn", "request_spawn"})
 # An answer is up to 256 Ki characters (4 bytes each in UTF-8, more as JSON escapes):
 # a sealed action is bounded well above any honest one and far below NATS's max_payload.
 MAX_ACTION_BYTES = 1536 << 10

@@ -63,6 +63,12 @@ def row_key(host: str, agent: str) -> str:
     return f"agents.{host}.{agent}"
 
 
+def released_key(host: str, from_host: str, agent: str) -> str:
+    """What ``host`` has released in all of ``from_host``'s ``agent``'s messages (the
+    storage quota across hosts, swarm/quota.py): only ``host`` may write it."""
+    return f"released.{host}.{from_host}.{agent}"
+
+
 def host_key(host: str) -> str:
     """``host``'s heartbeat (value: its clock), put every roster round."""
     return f"hosts.{host}"
@@ -110,3 +116,27 @@ def approval_key(host: str, aid: int) -> str:
 def result_key(host: str, action_id: str) -> str:
     """What ``host`` made of a carried operator action (value: ok or the refusal)."""
     return f"results.{host}.{action_id}"
+
+
+# -- another host's item whole (swarm/show.py) ----------------------------------------
+
+SHOW_ROOT = "hive.show"  # a request: host <from> asks host <to> for one of its items
+SHOWN_ROOT = "hive.shown"  # the reply: host <from> answers host <to>
+
+
+def show_subject(to_host: str, from_host: str) -> str:
+    """``from_host`` asks ``to_host`` for one of its pending approvals or open questions."""
+    return f"{SHOW_ROOT}.{to_host}.from.{from_host}"
+
+
+def shown_subject(to_host: str, from_host: str) -> str:
+    """``from_host``'s answer to ``to_host``'s request (only ``to_host`` may read it)."""
+    return f"{SHOWN_ROOT}.{to_host}.from.{from_host}"
+
+
+def sender_of(root: str, subject: str) -> str | None:
+    """The sending host a ``<root>.<to>.from.<from>`` subject names (NATS vouches for it)."""
+    parts = subject.split(".")
+    if len(parts) != 5 or parts[:2] != root.split(".") or parts[3] != "from":
+        return None
+    return parts[4]

@@ -97,15 +97,18 @@ class Pending(Strict):
 
 
 class ShowApproval(Strict):
-    """One approval, whole: the exact payload approving applies (listings cut it)."""
+    """One approval, whole: the exact payload approving applies (listings cut it).
+    ``host``: another swarm host's pending approval, asked of that host."""
 
     cmd: Literal["show_approval"]
     id: Id
+    host: HostName | None = None
 
 
 class ShowQuestion(Strict):
     cmd: Literal["show_question"]
     id: Id
+    host: HostName | None = None
 
 
 class ShowMessage(Strict):
@@ -174,6 +177,7 @@ class RequestSpawn(Strict):
     name: AgentName
     spec: AgentSpec
     description: Annotated[str, Field(max_length=4096)] | None = None
+    host: HostName | None = None  # queue it on that host of the swarm (carried, signed)
 
 
 class SetParent(Strict):

@@ -1,0 +1,224 @@
+"""The storage quota across hosts (docs/swarm.md, "Quotas across hosts"). No ``nats``
+here: SQLite only, in the swarm's transactions.
+
+On one host a message counts in its sender's quota (``agent_usage``) from its commit
+until its recipient acks it. Across hosts the same holds, with the sending host keeping
+the count and the receiving host saying when it ends:
+
+- **Sending host** (``a``): an item that will put a message in an inbox on host ``b``
+  (a ``message``, a ``question``'s copy in the target's inbox, an ``answer``) adds to
+  its sender's ``agent_usage`` in the transaction that queues it, and to
+  ``swarm_sent(agent, host)`` (``rows``, ``bytes``: everything ever sent there). So
+  ``check_store_quota`` refuses an over-quota cross-host send exactly as a local one,
+  whether the item waits in the outbox, rides the bus or waits in b's inbox.
+- **Receiving host** (``b``): each such message it stores is noted in ``swarm_held``
+  (its message id, sending host, sender, bytes) and counted in ``swarm_from(host,
+  agent)``; a trigger on ``messages`` moves it from ``held`` to ``released`` when its
+  recipient acks it (or it is deleted). An item b can't deliver (no such recipient, a
+  question asked twice) is released at once. b publishes each sender's cumulative
+  ``released`` (rows, bytes) in the roster bucket, ``released.<b>.<a>.<agent>``.
+- ``a`` applies a report only upward and never past what it sent there
+  (``release_tx``): the released part leaves the sender's ``agent_usage``. A host that
+  never reports (or is gone) holds its agents' quota as a recipient that never reads
+  does on one host; a host can release no more than was sent to it.
+
+``b`` also bounds what it holds for other hosts (``Room``): per remote sender its own
+``[limits]`` quota, per sending host ``[swarm] host_pending_max`` / ``host_store_mib``.
+An item past a bound is not stored: the bundle is stored up to it, not acked, and tried
+again (back-pressure on that host's consumer only; what was stored is in ``swarm_seen``,
+so the redelivery skips it). Nothing the bus acked is ever dropped for a bound.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from hyperhive.core.store.db import Tx
+
+# Kinds whose item puts a message in an inbox on the receiving host (withdraw: nothing;
+# cancel: its sender was destroyed, nobody's quota to keep).
+COUNTED = frozenset({"message", "question", "answer"})
+
+TABLES = """
+CREATE TABLE IF NOT EXISTS swarm_sent (
+    agent TEXT NOT NULL,
+    host TEXT NOT NULL,
+    rows INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    released_rows INTEGER NOT NULL DEFAULT 0,
+    released_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (agent, host)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS swarm_held (
+    message_id INTEGER PRIMARY KEY,
+    host TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    bytes INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS swarm_from (
+    host TEXT NOT NULL,
+    agent TEXT NOT NULL,
+    held_rows INTEGER NOT NULL DEFAULT 0,
+    held_bytes INTEGER NOT NULL DEFAULT 0,
+    released_rows INTEGER NOT NULL DEFAULT 0,
+    released_bytes INTEGER NOT NULL DEFAULT 0,
+    reported_rows INTEGER NOT NULL DEFAULT 0,
+    reported_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (host, agent)
+) WITHOUT ROWID;
+"""
+
+# A message from another host leaves swarm_held (and its bytes move from held to released)
+# when its recipient acks it or it is deleted: the same two moments as agent_usage's.
+_RELEASE = """
+    UPDATE swarm_from SET held_rows = held_rows - 1,
+        held_bytes = held_bytes - (SELECT bytes FROM swarm_held WHERE message_id = OLD.id),
+        released_rows = released_rows + 1,
+        released_bytes = released_bytes + (SELECT bytes FROM swarm_held WHERE message_id = OLD.id)
+    WHERE (host, agent) = (SELECT host, agent FROM swarm_held WHERE message_id = OLD.id);
+    DELETE FROM swarm_held WHERE message_id = OLD.id;
+"""
+TRIGGERS = [
+    "CREATE TRIGGER IF NOT EXISTS swarm_held_acked AFTER UPDATE OF acked_at ON messages"
+    f" WHEN OLD.acked_at IS NULL AND NEW.acked_at IS NOT NULL BEGIN {_RELEASE} END",
+    "CREATE TRIGGER IF NOT EXISTS swarm_held_out AFTER DELETE ON messages"
+    f" WHEN OLD.acked_at IS NULL BEGIN {_RELEASE} END",
+]
+
+
+def item_bytes(body: str, options: Any) -> int:
+    """What an item costs in the quota: its body and options, as a message row counts
+    them (both hosts compute it alike, so a report matches what was sent)."""
+    extra = len(json.dumps(options).encode()) if isinstance(options, list) else 0
+    return len(body.encode()) + extra
+
+
+# -- the sending host ---------------------------------------------------------------------
+
+
+def sent_tx(tx: Tx, agent: str, host: str, nbytes: int) -> None:
+    """One counted item from ``agent`` queued to ``host``: in its quota until released."""
+    tx.execute(
+        "INSERT INTO swarm_sent (agent, host, rows, bytes) VALUES (?, ?, 1, ?) ON CONFLICT"
+        " (agent, host) DO UPDATE SET rows = rows + 1, bytes = bytes + excluded.bytes",
+        (agent, host, nbytes),
+    )
+    tx.execute(
+        "INSERT INTO agent_usage (agent, pending, bytes) VALUES (?, 1, ?) ON CONFLICT (agent)"
+        " DO UPDATE SET pending = pending + 1, bytes = bytes + excluded.bytes",
+        (agent, nbytes),
+    )
+
+
+def release_tx(tx: Tx, host: str, agent: str, rows: int, nbytes: int) -> bool:
+    """``host`` reports it has released ``rows`` / ``nbytes`` of ``agent``'s items in all:
+    the part not released before leaves ``agent``'s quota. Only upward, and never past
+    what was sent there (a hostile host can release only what was sent to it). Whether
+    anything changed."""
+    r = tx.execute(
+        "SELECT rows, bytes, released_rows, released_bytes FROM swarm_sent"
+        " WHERE agent=? AND host=?",
+        (agent, host),
+    ).fetchone()
+    if r is None:
+        return False
+    new_rows, new_bytes = min(max(rows, r[2]), r[0]), min(max(nbytes, r[3]), r[1])
+    d_rows, d_bytes = new_rows - r[2], new_bytes - r[3]
+    if not (d_rows or d_bytes):
+        return False
+    tx.execute(
+        "UPDATE swarm_sent SET released_rows=?, released_bytes=? WHERE agent=? AND host=?",
+        (new_rows, new_bytes, agent, host),
+    )
+    tx.execute(
+        "UPDATE agent_usage SET pending = pending - ?, bytes = bytes - ? WHERE agent=?",
+        (d_rows, d_bytes, agent),
+    )
+    return True
+
+
+# -- the receiving host -------------------------------------------------------------------
+
+
+class Room:
+    """What this host still takes from host ``host`` in one bundle's transaction: per
+    sender its own quota (``per_agent``: rows, bytes), in all ``per_host``."""
+
+    def __init__(
+        self, tx: Tx, host: str, per_agent: tuple[int, int], per_host: tuple[int, int]
+    ) -> None:
+        self._tx, self._host = tx, host
+        self._per_agent, self._per_host = per_agent, per_host
+        r = tx.execute(
+            "SELECT coalesce(sum(held_rows), 0), coalesce(sum(held_bytes), 0) FROM swarm_from"
+            " WHERE host=?",
+            (host,),
+        ).fetchone()
+        self._total = (int(r[0]), int(r[1]))
+        self._agents: dict[str, tuple[int, int]] = {}
+
+    def _of(self, agent: str) -> tuple[int, int]:
+        held = self._agents.get(agent)
+        if held is None:
+            r = self._tx.execute(
+                "SELECT held_rows, held_bytes FROM swarm_from WHERE host=? AND agent=?",
+                (self._host, agent),
+            ).fetchone()
+            held = self._agents[agent] = (0, 0) if r is None else (int(r[0]), int(r[1]))
+        return held
+
+    def fits(self, agent: str, nbytes: int) -> bool:
+        """One more item of ``nbytes`` from ``agent``. One alone always fits (nothing held):
+        a bound smaller than one item must not stop that sender for good."""
+        return _fits(self._of(agent), nbytes, self._per_agent) and _fits(
+            self._total, nbytes, self._per_host
+        )
+
+    def hold(self, message_id: int, agent: str, nbytes: int) -> None:
+        """A message from ``agent`` stored: held here until its recipient acks it."""
+        self._tx.execute(
+            "INSERT INTO swarm_held (message_id, host, agent, bytes) VALUES (?, ?, ?, ?)",
+            (message_id, self._host, agent, nbytes),
+        )
+        self._count(agent, 1, nbytes, 0, 0)
+        rows, held = self._of(agent)
+        self._agents[agent] = (rows + 1, held + nbytes)
+        self._total = (self._total[0] + 1, self._total[1] + nbytes)
+
+    def release(self, agent: str, nbytes: int) -> None:
+        """An item from ``agent`` that delivered nothing here: released at once."""
+        self._count(agent, 0, 0, 1, nbytes)
+
+    def _count(self, agent: str, hr: int, hb: int, rr: int, rb: int) -> None:
+        self._tx.execute(
+            "INSERT INTO swarm_from (host, agent, held_rows, held_bytes, released_rows,"
+            " released_bytes) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (host, agent) DO UPDATE"
+            " SET held_rows = held_rows + excluded.held_rows, held_bytes = held_bytes +"
+            " excluded.held_bytes, released_rows = released_rows + excluded.released_rows,"
+            " released_bytes = released_bytes + excluded.released_bytes",
+            (self._host, agent, hr, hb, rr, rb),
+        )
+
+
+def _fits(held: tuple[int, int], nbytes: int, bound: tuple[int, int]) -> bool:
+    return held[0] == 0 or (held[0] + 1 <= bound[0] and held[1] + nbytes <= bound[1])
+
+
+def unreported(conn: sqlite3.Connection, limit: int) -> list[tuple[str, str, int, int]]:
+    """(host, agent, released rows, released bytes) whose report is behind (a read, four
+    times a second: no write transaction)."""
+    rows = conn.execute(
+        "SELECT host, agent, released_rows, released_bytes FROM swarm_from WHERE"
+        " released_rows != reported_rows OR released_bytes != reported_bytes LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+
+
+def reported_tx(tx: Tx, done: list[tuple[str, str, int, int]]) -> None:
+    tx.executemany(
+        "UPDATE swarm_from SET reported_rows=?, reported_bytes=? WHERE host=? AND agent=?",
+        [(r, b, h, a) for h, a, r, b in done],
+    )

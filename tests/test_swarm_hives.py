@@ -1,0 +1,141 @@
+"""The swarm with a whole hive on each test host (docs/swarm.md, issue 18): ``hive up``
+(hive-priv, hive-core, the nginx gateway, real cages) in each of the three test hosts'
+network namespaces, each host's ``[swarm]`` pointing at its own NATS node first: the
+session's ``hive_swarm`` (tests/swarm_fixture.py), shared with the fault runs and the
+hostile-host cases. Everything an agent does here it does from inside its cage, on its
+own agent socket (``/run/hive/agent.sock``, through ``hive exec --as-agent``), as the
+cage tests do.
+
+    a: alice (peers: bob, carol)
+    b: bob (peers: alice, bea), bea (peers: bob)
+    c: carol (peers: alice)
+
+Host a is the operator's console (b and c pin its operator key)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from typing import Any
+
+import pytest
+
+from helpers import assert_ok, assert_refused, wait_for
+from hive_fixture import HIVE, HiveProcess, children, probe_result, proc_cmdline
+from swarm_fixture import CAGED, HIVE_AGENTS, Swarm, heard, hears, listed
+from web_fixture import Web
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cages need root")
+
+# In the cage: each [cmd, fields] on the agent's own socket, one connection, in turn.
+CALLS = """
+s = socket.socket(socket.AF_UNIX)
+s.connect("/run/hive/agent.sock")
+lines = s.makefile("rb")
+replies = []
+for cmd, fields in P["calls"]:
+    s.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\\n")
+    replies.append(json.loads(lines.readline()))
+result(replies=replies)
+"""
+
+
+def in_cage(hive: HiveProcess, name: str, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``calls`` made by ``name`` from inside its cage; their replies."""
+    replies: list[dict[str, Any]] = probe_result(hive.probe(name, CALLS, calls=list(calls)))["replies"]
+    return replies
+
+
+def test_each_host_runs_a_whole_hive_in_its_network_namespace(hive_swarm: Swarm[HiveProcess]) -> None:
+    """hive-priv, hive-core and the gateway's nginx of each host's ``hive up`` are in that
+    host's network namespace (not the machine's), and its agents' cages are up."""
+    def netns(pid: int | None) -> int:
+        assert pid is not None
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+    machine = netns(os.getpid())
+    for h, hive in hive_swarm.cores.items():
+        assert hive.proc is not None
+        own = os.stat(f"/run/netns/{hive_swarm.net.ns[h]}").st_ino
+        nginx = [p for p in children(hive.proc.pid) if "nginx" in " ".join(proc_cmdline(p))]
+        assert len(nginx) == 1, nginx
+        pids = {"hive up": hive.proc.pid, "hive-priv": hive.priv_pid(), "hive-core": hive.core_pid(),
+                "gateway": nginx[0]}  # fmt: skip
+        assert {k: netns(p) for k, p in pids.items()} == dict.fromkeys(pids, own) and own != machine
+        for name in HIVE_AGENTS[h]:
+            assert hive.cage(name)["running"] and hive.cgroup(name).pids(), (h, name)
+
+
+def test_caged_agents_message_across_hosts_under_the_peer_acl(hive_swarm: Swarm[HiveProcess]) -> None:
+    """alice (a) pings bob (b) from her cage; bob's runtime, in its turn in its cage on b,
+    answers on its own socket; alice's runtime gets the pong. bea (b) is not alice's peer."""
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
+    sent, refused = in_cage(a, "alice", ("send", {"to": "bob", "body": "ping 1"}),
+                            ("send", {"to": "bea", "body": "not a peer"}))  # fmt: skip
+    assert_ok(sent)
+    assert_refused(refused, "not one of alice's peers")
+    assert hears(b, "bob", kind="message", body="ping 1")["from"] == "alice"
+    assert hears(a, "alice", kind="message", body="pong 1")["from"] == "bob"
+    assert not [m for m in heard(b, "bea") if m["body"] == "not a peer"]
+
+
+def test_operator_on_a_answers_c_and_approves_a_spawn_on_b(hive_swarm: Swarm[HiveProcess]) -> None:
+    a, b, c = hive_swarm.cores["a"], hive_swarm.cores["b"], hive_swarm.cores["c"]
+    # carol, caged on c, asks the operator; the operator answers with `hive` on a (host.sock).
+    [asked] = in_cage(c, "carol", ("ask", {"to": "operator", "question": "ship it?",
+                                           "options": ["yes", "no"]}))  # fmt: skip
+    qid = assert_ok(asked)["id"]
+    row = wait_for(lambda: listed(a, "questions", "swarm_questions", "c", qid), timeout=10)
+    assert (row["asker"], row["question"]) == ("carol", "ship it?")
+    done = subprocess.run([str(HIVE), "--run-dir", str(a.run_dir), "answer", "--host", "c", str(qid), "yes"],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0 and "applied on host c" in done.stdout, (done.stdout, done.stderr)
+    assert hears(c, "carol", kind="answer", ref=qid) == {"kind": "answer", "from": "operator",
+                                                         "body": "yes", "ref": qid}  # fmt: skip
+
+    # bob, caged on b, asks for a child; the operator approves it on a; its cage starts on b.
+    [asked] = in_cage(b, "bob", ("request_approval", {"kind": "spawn", "description": "a helper",
+                                                      "payload": {"name": "bobkid", "spec": CAGED}}))  # fmt: skip
+    aid, sha = assert_ok(asked)["id"], asked["payload_sha256"]
+    # The operator, logged in to a's gateway (nginx, on a's address), sees it and approves it.
+    web = Web(a)
+    login = web.login()
+
+    def shown() -> dict[str, Any] | None:
+        rows = web.get("/api/state", login=login).json()["swarm_approvals"]
+        return next((r for r in rows if (r["host"], r["id"]) == ("b", aid)), None)
+
+    row = wait_for(shown, timeout=10)
+    assert (row["agent"], row["kind"], row["payload_sha256"]) == ("bob", "spawn", sha)
+    b.agents["bobkid"] = CAGED  # the teardown checks that its cage is emptied too
+    r = web.post(f"/approve/{aid}", login, data={"host": "b", "payload_sha256": row["payload_sha256"]})
+    assert r.status_code == 200 and r.json()["applied"] is True, r.text
+    rows = b.wait_running(["bobkid"])  # its harness, in its cage on b, has connected
+    assert rows["bobkid"]["running"] and b.cage("bobkid")["running"], rows["bobkid"]
+    assert b.cgroup("bobkid").pids(), "no process in bobkid's cage on b"
+    assert "bobkid" not in a.agent_status() and "bobkid" not in c.agent_status()
+    [whoami] = in_cage(b, "bobkid", ("whoami", {}))
+    assert assert_ok(whoami)["name"] == "bobkid"
+    assert hears(b, "bob", kind="approval", ref=aid)["body"] == "approved"
+
+
+def test_a_host_cut_off_works_alone_and_its_message_arrives_once_after(hive_swarm: Swarm[HiveProcess]) -> None:
+    """b cut off the bridge (its NATS node too): bob's send to bea (on b) is delivered and
+    taken by bea's runtime; his send to alice (a) waits in b's outbox and arrives once
+    after the heal."""
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
+    hive_swarm.net.cut("b")
+    try:
+        local, remote = in_cage(b, "bob", ("send", {"to": "bea", "body": "during the cut"}),
+                                ("send", {"to": "alice", "body": "across the cut"}))  # fmt: skip
+        assert_ok(local), assert_ok(remote)  # both committed on b: the outbox keeps alice's
+        assert hears(b, "bea", body="during the cut")["from"] == "bob"
+        time.sleep(1.0)  # across the bridge it would take milliseconds
+        assert assert_ok(b.host_call("swarm_status"))["swarm"]["outbox_unsent"] == 1
+        assert not [m for m in heard(a, "alice") if m["body"] == "across the cut"]
+    finally:
+        hive_swarm.net.heal("b")
+    assert hears(a, "alice", timeout=40, body="across the cut")["from"] == "bob"
+    time.sleep(1.0)  # a second copy would come right behind it
+    assert len([m for m in heard(a, "alice") if m["body"] == "across the cut"]) == 1
