@@ -78,7 +78,7 @@ HIVE_AGENTS: dict[str, dict[str, dict[str, Any]]] = {
 # Beside the session's core swarm, which may be up at the same time on
 # HIVE_TEST_SWARM_SUBNET: these hosts' addresses must not be on two bridges at once.
 HIVE_SUBNET_OFFSET = 64
-# A burst big enough for the fault runs' pipelined streams (test_swarm_faults.py): the
+# A burst big enough for pipelined streams (the fault runs, round 7's quota case): the
 # rate limit is one host's, tested on its own elsewhere.
 FAULT_LIMITS = {"message_burst": 100_000}
 
@@ -284,7 +284,8 @@ def make_hive_swarm(
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
     test leaves it as it found it (every core and every NATS node running)."""
-    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=swarm_subnet())
+    # The burst: the partition run's and round 7's pipelined streams (10,001 sends).
+    yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=swarm_subnet(), limits=FAULT_LIMITS)
 
 
 def swarm_subnet() -> int:
