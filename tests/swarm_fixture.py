@@ -109,9 +109,21 @@ class Swarm(Generic[H]):
         wait_for(lambda: self.status(host)["roster"] >= n, timeout=30)
 
     def wait_bus_whole(self, timeout: float = 60) -> None:
-        """Until every node answers for every stream, each with a leader and every replica
-        current: what the next test needs after a node was killed or a host cut off (a
-        node back on the bridge may take a while to rejoin the routes and catch up)."""
+        """Until every node answers for every stream and every durable consumer, each with
+        a leader and every replica current: what the next test, or the next fault, needs
+        after a node was killed or a host cut off. A node back on the bridge may take a
+        while to rejoin the routes and catch up; until it has, it is no help to a quorum
+        (NATS's raft: a follower still catching up doesn't stand for leader), so cutting
+        off another node meanwhile is two nodes away at once, which R3 doesn't survive."""
+        durable = {
+            s.STREAM: [s.consumer(h, o) for h in HOSTS for o in HOSTS if o != h],
+            s.OPS_STREAM: [s.ops_consumer(h) for h in HOSTS],
+            s.KV_STREAM: [],  # its consumers are the hosts' own watches
+        }
+
+        def led(cluster: Any) -> bool:
+            return cluster is not None and bool(cluster.leader) and all(
+                r.current for r in cluster.replicas or [])  # fmt: skip
 
         async def whole() -> bool:
             user, password = self.net.admin()
@@ -123,12 +135,12 @@ class Swarm(Generic[H]):
                     return False
                 try:
                     js = nc.jetstream(timeout=2)
-                    for stream in (s.STREAM, s.OPS_STREAM, s.KV_STREAM):
-                        info = await js.stream_info(stream)
-                        cluster = info.cluster
-                        if cluster is None or not cluster.leader or not all(
-                                r.current for r in cluster.replicas or []):
+                    for stream, consumers in durable.items():
+                        if not led((await js.stream_info(stream)).cluster):
                             return False
+                        for name in consumers:
+                            if not led((await js.consumer_info(stream, name)).cluster):
+                                return False
                 except Exception:
                     return False
                 finally:
