@@ -75,6 +75,7 @@ def mount_home(agent_dir: int, uid: int, gid: int, disk_mib: int) -> None:
                 dir_fd=agent_dir,
             )
             fresh = True
+        created = fresh  # by this call, O_EXCL: no loop device can be on it yet
         with safefs.opened(image):
             if fresh or os.fstat(image).st_size == 0:
                 os.ftruncate(image, disk_mib * 1024 * 1024)
@@ -97,8 +98,10 @@ def mount_home(agent_dir: int, uid: int, gid: int, disk_mib: int) -> None:
             # A mount namespace made elsewhere on the host while the cage ran (``ip netns
             # exec``, a service's PrivateTmp) may still hold the old mount, and with it a
             # loop device on this image: mount that device again rather than attach a
-            # second one (two devices on one ext4 image would corrupt it).
-            _mount_image(agent_dir, image, home)
+            # second one (two devices on one ext4 image would corrupt it). An image made
+            # just now can have no device yet: not looked for (without a record, that
+            # is a look at every loop device on the host, ~1 ms per 100 of them).
+            _mount_image(agent_dir, image, home, created=created)
     with safefs.opened(safefs.open_dir(agent_dir, HOME)) as root:
         if fresh:
             try:
@@ -121,13 +124,13 @@ def unmount_home(agent_dir: int) -> None:
                 raise HomeError(f"could not unmount the home: {os.strerror(err)}")
 
 
-def _mount_image(agent_dir: int, image: int, home: int) -> None:
+def _mount_image(agent_dir: int, image: int, home: int, *, created: bool = False) -> None:
     """Mount the ext4 image on ``home`` through a loop device: the one already on this
     image if there is one, else a new one that goes away with the mount. Done here with
     the loop ioctls and mount(2), not losetup and mount(8): those were two programs
     started from hive-priv for every cage start (~10 ms of a cold start), and each
     scanned every loop device on the host (a cage start grew with the cages running)."""
-    attached = _loop_of(agent_dir, image)
+    attached = None if created else _loop_of(agent_dir, image)
     flags = MS_NOSUID | MS_NODEV | MS_NOATIME
     if attached is not None:
         _mount(f"/dev/{attached}", home, flags)
