@@ -219,7 +219,7 @@ class Cages:
     def _home(self, name: str, ids: AgentIds, disk_mib: int) -> None:
         with safefs.opened(safefs.open_dir(self.agents_fd, name)) as agent_dir:
             try:
-                homes.mount_home(agent_dir, ids.uid, ids.gid, disk_mib)
+                homes.mount_home(agent_dir, ids.uid, ids.gid, disk_mib, templates=self.priv_fd)
             except (homes.HomeError, OSError, subprocess.SubprocessError) as e:
                 raise CageError(f"cage {name}: its home: {e}") from None
 
