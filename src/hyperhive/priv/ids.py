@@ -120,6 +120,7 @@ def _aligned(n: int) -> int:
 
 DB = "registry.db"
 MARK = "registry.json"  # the high-water mark, in the format older versions read and write
+HEADROOM = 64  # blocks registry.json's mark stays ahead of the table's: one rewrite per 64
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);"
     "CREATE TABLE IF NOT EXISTS owners (base INTEGER PRIMARY KEY, owner TEXT NOT NULL);"
@@ -136,8 +137,8 @@ class HostRegistry:
       parsed and rewritten whole, with an fsync, on every claim: ~40 ms with thousands
       of owners); ``claim_many`` commits many claims at once.
     * ``registry.json``: ``{"next": <mark>, "owners": {}}``, the format an older
-      hive-priv reads and writes: it is rewritten (small, before each commit) so an
-      older version on the same host still claims above every block handed out. Owners
+      hive-priv reads and writes: kept ahead of the table's mark (``_raise_json``) so
+      an older version on the same host still claims above every block handed out. Owners
       found in it (a whole older registry, read once; or an older version's claims
       since) go into the table, and the mark is the higher of the two."""
 
@@ -215,19 +216,33 @@ class HostRegistry:
                 f"{self.root / MARK} is unreadable ({e}): it is the record of every agent "
                 "id handed out on this host; restore it from a backup"
             ) from None
-        if not rows and mark <= self._mark(db):
-            return
+        if not rows and mark == self._meta(db, "json"):
+            return  # only the mark this version wrote
         db.execute("BEGIN IMMEDIATE")
         db.executemany("INSERT OR IGNORE INTO owners (base, owner) VALUES (?, ?)", rows)
         top = max([mark, self._mark(db), *(b + BLOCK for b, _ in rows)])
         db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (top,))
         # The rows are durable before the JSON forgets them (a crash in between reads
         # them again: INSERT OR IGNORE).
+        self._raise_json(db, top)
         db.execute("COMMIT")
-        self._write_mark(top)
 
-    def _write_mark(self, mark: int) -> None:
+    def _raise_json(self, db: sqlite3.Connection, used_to: int) -> None:
+        """Keep registry.json's mark at or above ``used_to`` (the table's next block),
+        with headroom: rewritten (an fsync) once per ``HEADROOM`` blocks, not per
+        claim. An older version claims above it; the blocks in between are this
+        version's to hand out. Called before the commit: a crash in between leaves a
+        mark the table doesn't know, taken as an older version's (blocks skipped)."""
+        if self._meta(db, "json") >= used_to:
+            return
+        mark = used_to + HEADROOM * BLOCK
         safefs.write_file(self._dir, MARK, json.dumps({"next": mark, "owners": {}}).encode())
+        db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('json', ?)", (mark,))
+
+    @staticmethod
+    def _meta(db: sqlite3.Connection, key: str) -> int:
+        row = db.execute("SELECT v FROM meta WHERE k = ?", (key,)).fetchone()
+        return int(row[0]) if row else 0
 
     @staticmethod
     def _mark(db: sqlite3.Connection) -> int:
@@ -251,9 +266,7 @@ class HostRegistry:
             db.execute(
                 "INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (bases[-1] + BLOCK,)
             )
-            # Before the commit: a crash in between leaves a mark above blocks never
-            # handed out (skipped), never one below a block in use.
-            self._write_mark(bases[-1] + BLOCK)
+            self._raise_json(db, bases[-1] + BLOCK)
             return bases
 
     def owner(self, base: int) -> str | None:
