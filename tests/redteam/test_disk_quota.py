@@ -8,7 +8,9 @@ doesn't show the host's path in the cage's mountinfo."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -132,3 +134,26 @@ result(keep=open('/home/agent/keep').read(), size_mib=s.f_blocks * s.f_frsize >>
 """)
     assert res["keep"] == "kept" and res["size_mib"] <= DISK_MIB
     assert cage_run(hive, "rtquota", CLEAN)["ok"]
+
+
+def test_new_homes_are_copies_of_one_template_per_hive(tmp_path: Path) -> None:
+    # mkfs once per hive, not per agent; a core asking for size after size keeps one.
+    from hyperhive.priv import homes
+
+    priv = tmp_path / "priv"
+    priv.mkdir(mode=0o700)
+    tpl = os.open(priv, os.O_RDONLY | os.O_DIRECTORY)
+    images = []
+    for i, mib in enumerate((DISK_MIB, DISK_MIB, DISK_MIB * 2)):
+        fd = os.open(tmp_path / f"img{i}", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        homes._new_filesystem(fd, mib, tpl)
+        os.close(fd)
+        images.append(tmp_path / f"img{i}")
+    os.close(tpl)
+    assert sorted(p.name for p in priv.iterdir()) == [f"home-{DISK_MIB * 2}.img"]
+    assert images[0].read_bytes() == images[1].read_bytes()  # the same bytes mkfs wrote
+    for img, mib in zip(images, (DISK_MIB, DISK_MIB, DISK_MIB * 2), strict=True):
+        st = img.stat()
+        assert st.st_size == mib << 20 and st.st_blocks * 512 < st.st_size // 4  # still sparse
+        fsck = subprocess.run(["e2fsck", "-fn", str(img)], capture_output=True, text=True)
+        assert fsck.returncode == 0, fsck.stdout + fsck.stderr

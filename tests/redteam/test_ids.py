@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from hive_fixture import HiveProcess, running_hive
 from hyperhive.priv.ids import (
     BASE_UID,
     BLOCK,
+    HEADROOM,
     LAST_UID,
     HostIds,
     HostRegistry,
@@ -108,8 +110,89 @@ def test_release_by_another_owner_changes_nothing(tmp_path: Path) -> None:
     reg = registry(tmp_path)
     b = reg.claim("h1:a")
     reg.release(b, "h2:a")
-    table = json.loads((tmp_path / "ids" / "registry.json").read_text())
-    assert table["owners"][str(b)] == "h1:a"
+    assert reg.owner(b) == "h1:a"
+    reg.release(b, "h1:a")
+    assert reg.owner(b) is None
+
+
+@UNIQUE
+def test_concurrent_allocations_in_one_hive_are_batched_and_distinct(tmp_path: Path) -> None:
+    # hive up starts several cages at once: their claims share a commit, never a block.
+    alloc = _allocator(tmp_path)
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(alloc.allocate, [f"a{i % 40}" for i in range(80)]))
+    by_name = {f"a{i % 40}": g.uid for i, g in enumerate(got)}
+    assert all(by_name[f"a{i % 40}"] == g.uid for i, g in enumerate(got))  # a name keeps its block
+    assert len(set(by_name.values())) == 40
+    assert {n: a.uid for n, a in alloc.all().items()} == by_name
+    assert all(alloc.registry.owner(u) == f"h:{n}" for n, u in by_name.items())
+
+
+def _legacy(tmp_path: Path, table: dict[str, Any]) -> Path:
+    (tmp_path / "ids").mkdir(mode=0o700)
+    (tmp_path / "ids" / "registry.json").write_text(json.dumps(table))
+    return tmp_path / "ids" / "registry.json"
+
+
+def _older_claim(root: Path, owner: str) -> int:
+    """A claim as the JSON-only hive-priv made it (a hive not yet upgraded, same host)."""
+    table = json.loads((root / "registry.json").read_text())
+    used = {int(b) + i for b in table["owners"] for i in range(BLOCK)}
+    base = HostIds(set, list).free_block(max(int(table["next"]), BASE_UID), used)
+    table["owners"][str(base)] = owner
+    table["next"] = base + BLOCK
+    (root / "registry.json").write_text(json.dumps(table, sort_keys=True))
+    return base
+
+
+@REUSE
+def test_a_json_registry_is_migrated_once_and_its_blocks_stay_taken(tmp_path: Path) -> None:
+    old = {"next": BASE_UID + 10, "owners": {str(BASE_UID + 4): "h:old", str(BASE_UID + 8): "h:older"}}
+    legacy = _legacy(tmp_path, old)
+    reg = registry(tmp_path)
+    assert reg.claim("h:new") == BASE_UID + 10  # above the old mark
+    assert reg.owner(BASE_UID + 4) == "h:old" and reg.owner(BASE_UID + 8) == "h:older"
+    # What is left of the JSON: the mark alone (ahead of the table's), a few bytes to read.
+    left = json.loads(legacy.read_text())
+    assert left["owners"] == {} and left["next"] >= BASE_UID + 12
+    assert registry(tmp_path).claim("h:next") == BASE_UID + 12
+
+
+@REUSE
+@UNIQUE
+def test_an_older_hive_priv_on_the_host_never_gets_the_same_block(tmp_path: Path) -> None:
+    reg = registry(tmp_path)
+    mine = reg.claim_many([f"h:a{i}" for i in range(3)])
+    theirs = _older_claim(tmp_path / "ids", "old:a")
+    assert theirs > max(mine)
+    again = reg.claim("h:b")
+    assert again > theirs
+    assert reg.owner(theirs) == "old:a"  # taken into the table
+    # Past the JSON's headroom, with older claims in between: never a block twice.
+    got = [*mine, theirs, again]
+    for i in range(3 * HEADROOM):
+        got.append(_older_claim(tmp_path / "ids", f"old:b{i}") if i % 50 == 0 else reg.claim(f"h:c{i}"))
+        assert json.loads((tmp_path / "ids" / "registry.json").read_text())["next"] > got[-1]
+    assert len(got) == len(set(got))
+
+
+@REUSE
+def test_a_json_registry_restored_later_never_lowers_the_mark(tmp_path: Path) -> None:
+    legacy = _legacy(tmp_path, {"next": BASE_UID + 2, "owners": {str(BASE_UID): "h:a"}})
+    reg = registry(tmp_path)
+    first = [reg.claim(f"h:b{i}") for i in range(3)]
+    legacy.write_text(json.dumps({"next": BASE_UID + 2, "owners": {str(BASE_UID): "h:a"}}))  # a backup
+    assert reg.claim("h:c") > max(first)
+
+
+@REUSE
+@pytest.mark.parametrize("content", [b"{", b'{"next": "x", "owners": {}}', b"[]"])
+def test_an_unreadable_json_registry_refuses_and_changes_nothing(tmp_path: Path, content: bytes) -> None:
+    legacy = _legacy(tmp_path, {})
+    legacy.write_bytes(content)
+    with pytest.raises(IdsExhausted, match=r"registry\.json is unreadable"):
+        registry(tmp_path).claim("h:a")
+    assert legacy.read_bytes() == content
 
 
 @UNIQUE

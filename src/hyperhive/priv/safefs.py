@@ -104,8 +104,11 @@ def opened(fd: int) -> Iterator[int]:
         os.close(fd)
 
 
-def write_file(parent: int, name: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``name`` in ``parent`` with ``data``, atomically, never through a link."""
+def write_file(
+    parent: int, name: str, data: bytes, mode: int = 0o600, *, durable: bool = True
+) -> None:
+    """Replace ``name`` in ``parent`` with ``data``, atomically, never through a link;
+    on disk before the rename unless not ``durable`` (what a reboot ends anyway)."""
     _check_name(name)
     tmp = f".{name}.tmp"
     with suppress_missing():
@@ -121,7 +124,8 @@ def write_file(parent: int, name: str, data: bytes, mode: int = 0o600) -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, name, src_dir_fd=parent, dst_dir_fd=parent)
