@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -283,3 +285,85 @@ def test_a_connection_churn_from_a_cage_stays_within_its_budget_and_leaves_nothi
     # egress proxy's max_connections + 1; +1 for r8b's call): measured 49 of 167.
     assert peak - before <= 32 + 16 + EGRESS_REFUSING + 1, (before, peak, out)
     wait_for(lambda: core_fds(hive) <= before, timeout=15)
+
+
+# -- the cgroup join: "0" written to v1's tasks by hive-priv's child ---------------------------------
+
+SPREAD = """
+import subprocess, threading
+stop = threading.Event()
+threads = [threading.Thread(target=stop.wait) for _ in range(4)]
+[t.start() for t in threads]
+kids = [subprocess.Popen(["sleep", "60"]), subprocess.Popen(["sleep", "60"], start_new_session=True)]
+if os.fork() == 0:  # a daemon: double fork, a session of its own, its parent gone
+    if os.fork() == 0:
+        os.setsid()
+        while not os.path.exists(P["release"]):
+            time.sleep(0.05)
+    os._exit(0)
+os.wait()
+open(P["flag"], "w").write("spread")
+while not os.path.exists(P["release"]):
+    time.sleep(0.05)
+stop.set()
+for k in kids:
+    k.kill()
+result(ok=True)
+"""
+
+
+def _tids(pid: int) -> set[int]:
+    try:
+        return {int(t) for t in os.listdir(f"/proc/{pid}/task")}
+    except FileNotFoundError:
+        return set()
+
+
+@pytest.mark.attack("cage.cgroup-join", ref="red team round 8: v1 cgroups joined by writing 0 to tasks")
+def test_every_thread_and_process_of_a_cage_stays_in_its_cgroups(hive: HiveProcess) -> None:
+    """On this host's cgroup v1 hierarchies, r8a spreads out: threads, a child, a child
+    in a session of its own, a double-forked daemon whose parent is gone. Every process
+    on the host with r8a's uid, and every one of their threads, is in r8a's pids and
+    memory cgroups (each listed in both ``tasks``), and the two hierarchies hold the same
+    processes: the join by thread moved whole processes, in both controllers. (On a
+    cgroup v2 host, the one hierarchy: every thread in ``cgroup.threads``.)"""
+    cg = hive.cgroup(A)
+    threads_file = "cgroup.threads" if cg.v2 else "tasks"  # v2: one hierarchy, the process moved
+    uid = hive.priv("status")["cages"][A]["uid"]
+    home = hive.state_dir / "agents" / A / "home"
+    flag, release = home / "r8-spread", home / "r8-release2"
+    for p in (flag, release):
+        p.unlink(missing_ok=True)
+    out: dict[str, Any] = {}
+    t = threading.Thread(target=lambda: out.update(cage_run(hive, A, SPREAD, flag=flag.name, release=release.name)))
+    t.start()
+    try:
+        wait_for(flag.exists, timeout=60)
+        mine = [int(p) for p in os.listdir("/proc") if p.isdigit() and _uid_of(int(p)) == uid]
+        tasks = [{int(x) for x in (d / threads_file).read_text().split()} for d in cg.dirs]
+        procs = [{int(x) for x in (d / "cgroup.procs").read_text().split()} for d in cg.dirs]
+    finally:
+        release.write_text("go")
+        t.join(timeout=60)
+    assert out.get("ok"), out
+    assert len(mine) >= 5, mine  # python, two sleeps, the daemon (and sh/env wrappers)
+    for pid in mine:
+        tids = _tids(pid)
+        for listed in tasks:
+            assert tids <= listed | _gone(tids), (pid, tids, cg.dirs)
+    assert all(p == procs[0] for p in procs) and all(t == tasks[0] for t in tasks), (procs, tasks)
+
+
+def _uid_of(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def _gone(tids: set[int]) -> set[int]:
+    """Threads that ended since (a process between reads)."""
+    return {t for t in tids if not Path(f"/proc/{t}").exists()}
