@@ -30,6 +30,9 @@ INTERNAL = {
     "reload_egress", "record_egress", "resume_running", "resume_agents", "after_create",
     # the egress proxy's threads ask whether to terminate TLS; bindings reload after a change
     "egress_plan", "reload_bindings",
+    # the group commit's hooks for its message lane (the sender was checked before it
+    # queued); this host's swarm name, for the listings
+    "message_taken", "message_stored", "swarm_host",
 }  # fmt: skip
 
 

@@ -50,6 +50,8 @@ REQUIRED = {
     # red team round 7: the egress pool, the early 200, the group commit
     "egress.pool-cross-agent", "egress.pool-desync", "egress.connect-before-verify",
     "core.groupcommit",
+    # red team round 8: init's own fork_exec, the v1 cgroup join by tasks
+    "init.runtime-inheritance", "cage.cgroup-join",
 }
 
 PLUGIN = r'''
