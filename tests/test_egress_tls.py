@@ -18,24 +18,19 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import os
-import shutil
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers import assert_ok
 from hive_fixture import HiveProcess, probe_result, running_hive
 from hyperhive.core.egress_pool import IDLE_REUSE, PER_AGENT, Idle, UpstreamPool
-from redteam.test_secrets_egress import _cert, _pem
+from redteam.test_secrets_egress import cert_dir
 from testnet import TestNet, ip
 
 AGENT = "tlsrelay"
@@ -203,16 +198,8 @@ result(**out)
 
 @pytest.fixture(scope="module")
 def certs() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hvtr", dir="/tmp"))
-    os.chmod(d, 0o755)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("relay test CA", ca_key, None, ca_key, None)
-    leaf = _cert("relay test server", key, ca, ca_key, ["bulk.test"])  # not wrong.test
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "server.pem").write_bytes(_pem(key) + leaf.public_bytes(serialization.Encoding.PEM))
-    os.chmod(d / "ca.pem", 0o644)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with cert_dir("hvtr", "relay test CA", "relay test server", ["bulk.test"]) as (d, _):  # not wrong.test
+        yield d
 
 
 @pytest.fixture(scope="module")

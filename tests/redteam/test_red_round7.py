@@ -15,9 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -25,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess, running_hive
@@ -37,7 +33,7 @@ from testnet import TestNet
 
 from .conftest import MAX_CORE_LATENCY, cage_run
 from .test_budget_store import db_count
-from .test_secrets_egress import _cert, _pem
+from .test_secrets_egress import cert_dir
 from .test_swarm_hostile import as_host_c
 
 X, Y = "r7x", "r7y"
@@ -208,16 +204,8 @@ result(out=out)
 
 @pytest.fixture(scope="module")
 def certs() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hvr7", dir="/tmp"))
-    os.chmod(d, 0o755)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("round 7 CA", ca_key, None, ca_key, None)
-    leaf = _cert("pool.test", key, ca, ca_key, ["pool.test"])
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (d / "server.pem").write_bytes(_pem(key) + leaf.public_bytes(serialization.Encoding.PEM))
-    os.chmod(d / "ca.pem", 0o644)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with cert_dir("hvr7", "round 7 CA", "pool.test", ["pool.test"]) as (d, _):
+        yield d
 
 
 @pytest.fixture(scope="module")

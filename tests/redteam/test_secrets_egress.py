@@ -22,6 +22,7 @@ host and finds the placeholder there, never the key.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -109,19 +110,31 @@ def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
+@contextlib.contextmanager
+def cert_dir(prefix: str, ca_name: str, leaf_name: str, names: list[str]) -> Iterator[tuple[Path, bytes]]:
+    """A test CA and a leaf for ``names`` in a fresh directory under /tmp (0755: the test
+    servers in their network namespace read it): ``ca.pem`` and ``server.pem`` (key and
+    leaf); yields the directory and the CA's PEM, and removes it after."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    try:
+        os.chmod(d, 0o755)
+        ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+        ca = _cert(ca_name, ca_key, None, ca_key, None)
+        leaf = _cert(leaf_name, key, ca, ca_key, names)
+        ca_pem = ca.public_bytes(serialization.Encoding.PEM)
+        (d / "ca.pem").write_bytes(ca_pem)
+        (d / "server.pem").write_bytes(_pem(key) + leaf.public_bytes(serialization.Encoding.PEM))
+        os.chmod(d / "ca.pem", 0o644)
+        yield d, ca_pem
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def certs() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hvsc", dir="/tmp"))
-    os.chmod(d, 0o755)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = _cert("test upstream CA", ca_key, None, ca_key, None)
-    leaf = _cert("test servers", key, ca, ca_key, list(HOSTS))
-    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    TEST_CA["pem"] = ca.public_bytes(serialization.Encoding.PEM).decode()
-    (d / "server.pem").write_bytes(_pem(key) + leaf.public_bytes(serialization.Encoding.PEM))
-    os.chmod(d / "ca.pem", 0o644)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
+    with cert_dir("hvsc", "test upstream CA", "test servers", list(HOSTS)) as (d, ca_pem):
+        TEST_CA["pem"] = ca_pem.decode()
+        yield d
 
 
 @pytest.fixture(scope="module")
