@@ -494,6 +494,8 @@ def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, br
         with page.expect_response(lambda r: urlsplit(r.url).path == f"/answer-question/{qid}") as refused:
             question.get_by_role("button", name="Answer").click()
         assert refused.value.status == 422 and "is not one of question" in refused.value.text()
+        expect(page.locator("#notice")).to_contain_text(f"refused: question {qid}: ")
+        expect(page.locator("#notice")).to_have_class(re.compile(r"\bbad\b"))
         assert box.input_value() == "green, half typed"
         # ... until the operator says it is meant.
         question.locator('input[name="other"]').check()

@@ -21,17 +21,22 @@
     live.className = "live bad";
   });
   var DONE = { "approve": "approved", "deny": "denied", "answer-question": "answered" };
-  document.body.addEventListener("htmx:afterRequest", function (ev) {
+  // Said from the request's own XHR, not from htmx:afterRequest: the live stream may take the
+  // item off the page before the POST's answer comes back, and htmx's events on a removed
+  // element never reach the body, so the operator would see no word of the outcome.
+  document.body.addEventListener("htmx:beforeRequest", function (ev) {
     var d = ev.detail, xhr = d.xhr;
     if (!xhr || !d.requestConfig || d.requestConfig.verb !== "post") return;
     var parts = String(d.requestConfig.path).split("/");  // "", verb, id
     var what = (DONE[parts[1]] || parts[1]) + " " + (parts[1] === "answer-question" ? "question " : "approval ") + parts[2];
-    if (d.successful) {
-      say(what);
-      return;
-    }
-    var reason = xhr.status ? String(xhr.status) : "no answer from the hive";
-    try { reason = JSON.parse(xhr.responseText).error || reason; } catch (e) { /* not JSON */ }
-    say("refused: " + what.replace(/^\S+ /, "") + ": " + reason, true);
+    xhr.addEventListener("loadend", function () {
+      if (xhr.status >= 200 && xhr.status < 300) {
+        say(what);
+        return;
+      }
+      var reason = xhr.status ? String(xhr.status) : "no answer from the hive";
+      try { reason = JSON.parse(xhr.responseText).error || reason; } catch (e) { /* not JSON */ }
+      say("refused: " + what.replace(/^\S+ /, "") + ": " + reason, true);
+    });
   });
 })();
