@@ -27,7 +27,7 @@ from itertools import zip_longest
 from typing import Any
 
 from helpers import assert_ok, wait_for
-from hive_fixture import HIVE, HiveProcess, probe_result
+from hive_fixture import HIVE, HiveProcess
 from swarm_fixture import Swarm
 
 WINDOW = 64  # sends written before their replies are read
@@ -124,60 +124,34 @@ def stream(swarm: Swarm, n: int, prefix: str, faults: dict[int, Callable[[], Non
     return acked
 
 
-# The receiver, in its cage: recv and ack on its own socket until P["n"] messages came or
-# P["seconds"] are up, then one more recv (P["extra"] s: a second copy would come right
-# behind); everything it took, acked.
-DRAIN = """
-import time
-s = socket.socket(socket.AF_UNIX)
-s.connect("/run/hive/agent.sock")
-lines = s.makefile("rb")
-
-def take(wait):
-    s.sendall(json.dumps({"cmd": "recv", "wait": wait, "max": 500}).encode() + b"\\n")
-    r = json.loads(lines.readline())
-    assert r["ok"], r
-    if r["messages"]:
-        s.sendall(json.dumps({"cmd": "ack", "ids": [m["id"] for m in r["messages"]]}).encode() + b"\\n")
-        assert json.loads(lines.readline())["ok"]
-    return r["messages"]
-
-got, end = [], time.monotonic() + P["seconds"]
-while len(got) < P["n"] and time.monotonic() < end:
-    got += take(1.0)
-came = len(got)
-got += take(P["extra"])
-result(messages=got, came=came)
-"""
-
-
 def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0, extra: float = 0.3) -> list[dict]:
     """Receive and ack until ``n`` messages came (or the time is up), then whatever
-    comes within ``extra`` seconds more; all of them. On a whole hive ``agent`` does it
-    from its cage (one process for the whole drain), on a hive-core root on its socket."""
+    comes within ``extra`` seconds more (acked too); all of them. On a whole hive
+    ``agent`` does it from its cage (``Caged``), on a hive-core root on its socket."""
+    got: list[dict] = []
     node = swarm.cores[host]
-    if isinstance(node, HiveProcess):
-        out = probe_result(node.probe(agent, DRAIN, timeout=timeout + 60, n=n, seconds=timeout, extra=extra))
-        got: list[dict] = out["messages"]
-        if out["came"] < n:
-            raise AssertionError(f"{out['came']} of {n} came in {timeout:.0f} s (the swarm: {swarm.status(host)})")
-        return got
-    got = []
-    c = node.agent(agent)
+    c = node.caged(agent) if isinstance(node, HiveProcess) else node.agent(agent)
 
-    def more() -> bool:
-        resp = assert_ok(c.call("recv", wait=1.0, max=500))
+    def more(wait: float = 1.0) -> bool:
+        resp = assert_ok(c.call("recv", wait=wait, max=500))
         if resp["messages"]:
             got.extend(resp["messages"])
             assert_ok(c.call("ack", ids=[m["id"] for m in resp["messages"]]))
         return len(got) >= n
 
     try:
-        wait_for(more, timeout=timeout, interval=0)
+        if n:
+            wait_for(more, timeout=timeout, interval=0)
     except AssertionError as e:
         raise AssertionError(f"{e}: {len(got)} of {n} came (the swarm: {swarm.status(host)})") from None
-    extra_msgs = assert_ok(c.call("recv", wait=extra, max=500))["messages"]
-    return got + extra_msgs
+    more(extra)
+    return got
+
+
+def take(swarm: Swarm, host: str, agent: str, wait: float = 0.3) -> list[dict]:
+    """What comes to ``agent``'s inbox within ``wait`` seconds, taken and acked (``drain``
+    of none: from its cage on a whole hive)."""
+    return drain(swarm, host, agent, 0, extra=wait)
 
 
 def kill9_receiving_core(swarm: Swarm, n: int) -> Run:
