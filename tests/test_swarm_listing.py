@@ -71,7 +71,9 @@ def test_the_agents_table_pages_every_hosts_agents_together() -> None:
     mixed = cockpit.agent_table([*here, *there], cockpit.View(q="0999"), here="a")
     assert [(r["name"], r.get("host")) for r in mixed.rows] == [
         ("a0999", None), ("b0999", "b"), ("c0999", "c")]  # fmt: skip
-    assert mixed.rows[0]["actions"] == ["pause", "interrupt", "restart", "stop", "destroy"]
+    # Another host's agent: the same actions (carried there), none while it is unreachable.
+    acts = ["pause", "interrupt", "restart", "stop", "destroy"]
+    assert [r["actions"] for r in mixed.rows] == [acts, acts, []]
     alone = cockpit.agent_table(here, cockpit.View())
     assert alone.here is None and list(alone.counts) == list(cockpit.STATES)
 
@@ -108,7 +110,10 @@ def test_other_hosts_agents_in_status_and_on_the_dashboard(swarm: Swarm) -> None
         assert 'id="agent-alice"' not in page and "<th>host</th>" in page
         row = page[page.index('id="agent-bob@b"'):]
         row = row[: row.index("</tr>")]
-        assert '<td class="host">b</td>' in row and "data-action" not in row  # no actions here
+        assert '<td class="host">b</td>' in row
+        # Its actions post to the same endpoints, the host in the form (carried there).
+        assert '<input type="hidden" name="host" value="b">' in row, row
+        assert 'hx-post="/api/agents/bob/stop" data-action="stop" data-confirm="stop"' in row
 
         core_c = swarm.cores["c"]
         assert core_c.proc is not None
