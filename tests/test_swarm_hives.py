@@ -197,7 +197,8 @@ def test_the_remote_rows_stop_button_carries_in_the_browser(
     """On a's dashboard (through a's nginx), bob's row (host b) has the local rows'
     buttons: stop takes two clicks and posts to the same endpoint with ``host=b`` and the
     CSRF token; the toast says it was carried and applied; bob's cage on b stops, and his
-    row, redrawn live from the roster, offers start, which starts it again."""
+    row, redrawn live from the roster, offers start, which starts it again. A message to
+    him posted to the send route with ``host=b`` is carried and taken by his runtime."""
     a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
     b.caged("bob").close()  # its caller in his cage ends with the cage: a new one after
     web = Web(a)
@@ -228,3 +229,7 @@ def test_the_remote_rows_stop_button_carries_in_the_browser(
         expect(row.locator(".state")).to_have_text("running", timeout=15_000)
     finally:
         ctx.close()
+    # The same send route as this host's agents, with the host: carried, b's message id.
+    r = web.post("/api/agents/bob/send", web.login(), data={"body": "from a's page", "host": "b"})
+    assert r.status_code == 200 and r.json()["applied"] is True and type(r.json()["id"]) is int, r.text
+    assert hears(b, "bob", body="from a's page")["from"] == "operator"

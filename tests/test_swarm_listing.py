@@ -78,6 +78,17 @@ def test_the_agents_table_pages_every_hosts_agents_together() -> None:
     assert alone.here is None and list(alone.counts) == list(cockpit.STATES)
 
 
+def test_the_toast_of_a_carried_action_says_so() -> None:
+    """The cockpit's toast for an action carried to another host: applied there, or carried
+    and not applied yet; this host's own actions say what they did, as before."""
+    words = cockpit.said("stop", name="bob")
+    assert cockpit.carried(words, {"ok": True, "stopped": ["bob"]}) == "stopped bob"
+    applied = {"host": "b", "action": "f" * 32, "applied": True}
+    assert cockpit.carried(words, applied) == "stopped bob on host b (carried there, applied)"
+    waiting = cockpit.carried(words, {**applied, "applied": False})
+    assert waiting.startswith("carried to host b, not applied yet: stopped bob"), waiting
+
+
 def elsewhere(swarm: Swarm, host: str) -> dict[tuple[str, str], dict[str, Any]]:
     """``host``'s ``agent_status`` rows of the other hosts' agents, by (host, name)."""
     rows = assert_ok(swarm.cores[host].host_call("agent_status")).get("swarm_agents", [])
