@@ -62,6 +62,8 @@ REPORTS = 1024  # released counts published in one round (the rest: the next rou
 BUCKETS_EVERY = 2.0  # seconds between two looks for the hosts' roster buckets
 SAY_EVERY = 30.0  # seconds between two log lines of "no roster bucket yet"
 CLAIM_WATCH_IDLE = 10.0  # a lookup's short watch: the server drops its consumer after this
+WATCH_IDLE = 30.0  # a roster watch whose subscriber is gone: the server drops it after this
+AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch starts again
 
 
 class NoRecipient(str):
@@ -656,7 +658,8 @@ class Bridge:
             await asyncio.gather(*watches.values(), return_exceptions=True)
 
     async def _watch(self, host: str) -> None:
-        watcher = await self.buckets[host].watchall()
+        watcher = await self.buckets[host].watchall(inactive_threshold=WATCH_IDLE)
+        quiet = 0
         try:
             while True:
                 try:
@@ -664,10 +667,19 @@ class Bridge:
                 except TimeoutError:
                     # A live host puts its heartbeat every second: a watch that brings
                     # nothing for this long is stuck (its node died, say), or the host is
-                    # away. A new watch replays every key's latest value, deletes included
-                    # (a replayed heartbeat is no news: its revision is the one seen).
-                    log.debug("swarm: the watch of %s's roster went quiet; watching afresh", host)
-                    return
+                    # away (then looked at again less often). A new watch replays every
+                    # key's latest value, deletes included (a replayed heartbeat is no
+                    # news: its revision is the one seen).
+                    quiet += 1
+                    seen = self.heartbeats.get(host)
+                    beating = seen is not None and time.monotonic() - seen < 2 * s.STALE_SECONDS
+                    if beating or quiet >= AWAY_QUIET:
+                        log.debug(
+                            "swarm: the watch of %s's roster went quiet; watching afresh", host
+                        )
+                        return
+                    continue
+                quiet = 0
                 if entry is not None:
                     self._apply(
                         host, entry.key, entry.value, entry.operation, entry.revision, entry.created
