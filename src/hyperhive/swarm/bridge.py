@@ -146,6 +146,7 @@ class Bridge:
         self.buckets: dict[str, KeyValue] = {}  # host -> its roster bucket (read, watched)
         self._listed_at = -1e9  # when the hosts' buckets were last looked for
         self._missing_said_at = -1e9  # when "no roster bucket yet" was last logged
+        self._bucket_missing = False  # the bus said it has no roster bucket of ours (yet)
         self.names: dict[str, str] = {}  # agent -> owning host, every host's (the roster cache)
         self.claims: dict[str, dict[str, datetime]] = {}  # agent -> {host: stored at}, live
         self._beats: dict[str, int] = {}  # host -> its heartbeat key's last revision seen
@@ -236,6 +237,9 @@ class Bridge:
                 for h, n in sorted(hosts.items())
             ],
             "roster": len(self.rows),
+            # False while the bus has no roster bucket of this host's (a layout of before:
+            # _bucket says what to do; `hive swarm status` says it too).
+            "roster_bucket": not self._bucket_missing,
             "outbox_unsent": unsent,
             "outbox_sent": sent,
             "received": self.received,
@@ -334,6 +338,7 @@ class Bridge:
             try:
                 self.kv = await self._js().key_value(s.bucket(self.host))
             except (nats.js.errors.BucketNotFoundError, nats.errors.TimeoutError) as e:
+                self._bucket_missing = True
                 if time.monotonic() - self._missing_said_at > SAY_EVERY:
                     self._missing_said_at = time.monotonic()
                     log.warning(
@@ -344,6 +349,7 @@ class Bridge:
                         type(e).__name__,
                     )
                 await asyncio.sleep(1.0)
+        self._bucket_missing = False
         return self.kv
 
     async def _buckets(self, fresh: bool = False) -> dict[str, KeyValue]:
