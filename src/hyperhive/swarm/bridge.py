@@ -315,7 +315,7 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
+    async def _forever(self, loop: Callable[[], Awaitable[None]], retry: float = RETRY) -> None:
         while True:
             try:
                 await loop()
@@ -324,7 +324,7 @@ class Bridge:
             except Exception as e:  # the bus went away mid-call, say: start the loop again
                 name = getattr(loop, "__name__", None) or repr(loop)
                 log.warning("swarm: %s failed (%s: %s); restarting it", name, type(e).__name__, e)
-                await asyncio.sleep(RETRY)
+                await asyncio.sleep(retry)
 
     def _js(self) -> nats.js.JetStreamContext:
         assert self.nc is not None
@@ -633,7 +633,8 @@ class Bridge:
 
     async def _lookup(self, agent: str) -> str | None:
         """``agent``'s owner as the buckets say now (the cache may be behind); cached."""
-        claims = await live_claims(await self._buckets(), agent)
+        # The buckets the watch loop has found (it looks every BUCKETS_EVERY seconds).
+        claims = await live_claims(self.buckets or await self._buckets(), agent)
         self.claims[agent] = claims  # the bucket now: the watch may be behind
         self._own(agent)
         return earliest(claims)
@@ -652,10 +653,19 @@ class Bridge:
         watches: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                for host in await self._buckets(fresh=True):
+                try:
+                    found = await self._buckets(fresh=True)
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                    # No answer while the bus elects its leaders, say: the watches go on.
+                    log.info("swarm: can't look for the hosts' roster buckets now (%s)", e)
+                    found = self.buckets
+                for host in list(found):
                     if host not in watches:
+                        # A watch that fails (no leader for that bucket yet) is tried
+                        # again after a second: each try is a consumer made, on a bus that
+                        # may be electing its leaders.
                         watches[host] = asyncio.create_task(
-                            self._forever(functools.partial(self._watch, host))
+                            self._forever(functools.partial(self._watch, host), retry=1.0)
                         )
                 await asyncio.sleep(BUCKETS_EVERY)
         finally:
