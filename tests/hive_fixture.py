@@ -199,6 +199,7 @@ class HiveProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.stdout_lines: list[str] = []
         self.starts = 0
+        self._caged: dict[str, Caged] = {}  # the agents' callers in their cages (caged())
 
     # -- configuration and paths -------------------------------------------------
 
@@ -298,6 +299,7 @@ class HiveProcess:
     def stop(self) -> int:
         """SIGTERM ``hive up`` and wait; returns its exit status."""
         assert self.proc is not None
+        self.close_caged()  # their hive exec ends with their cages, but not before
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
@@ -318,6 +320,7 @@ class HiveProcess:
 
     def kill_everything(self) -> None:
         """Last resort (a failed start or stop): kill hive up, its children and every cage."""
+        self.close_caged()
         if self.proc is not None and self.proc.poll() is None:
             for pid in children(self.proc.pid):
                 with contextlib.suppress(ProcessLookupError):
@@ -380,6 +383,17 @@ class HiveProcess:
         """A client on ``name``'s agent.sock from the host, kept open (as ``CoreProcess.agent``:
         the swarm tests use either); it speaks as ``name``."""
         return Client(self.agent_sock(name), timeout=timeout)
+
+    def caged(self, name: str) -> Caged:
+        """``name``'s calls made from inside its cage (``Caged``, one per agent, kept until
+        ``stop``): what ``agent`` is from the host."""
+        if name not in self._caged:
+            self._caged[name] = Caged(self, name)
+        return self._caged[name]
+
+    def close_caged(self) -> None:
+        for caged in self._caged.values():
+            caged.close()
 
     def priv(self, cmd: str, **fields: Any) -> dict[str, Any]:
         return priv_send(str(self.priv_sock), json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
@@ -483,6 +497,86 @@ def probe_result(proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT_PREFIX)]
     assert len(lines) == 1, f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr}"
     return json.loads(lines[0][len(RESULT_PREFIX):])
+
+
+# In the cage, for ``Caged``: first who and where it is (its uid, its hostname, which of
+# the host's paths in argv it can see), then each request line on stdin to the agent's
+# own socket (a connection each: a hive-core started again meanwhile is no matter) and
+# the reply line to stdout.
+RELAY = """
+import json, os, socket, sys
+seen = [p for p in sys.argv[1:] if os.path.lexists(p)]
+print(json.dumps({"uid": os.getuid(), "host": socket.gethostname(), "seen": seen}), flush=True)
+for line in sys.stdin:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(120)
+        s.connect("/run/hive/agent.sock")
+        s.sendall(line.encode())
+        sys.stdout.write(s.makefile("r").readline())
+        sys.stdout.flush()
+"""
+
+
+class Caged:
+    """An agent whose every ``call`` is made from inside its cage: one process there
+    (``hive exec --as-agent``: its uid, its pid namespace, on its ``/run/hive/agent.sock``,
+    whose listener takes it as the agent by SO_PEERCRED), started at the first call and
+    kept for the next ones (a call costs a socket round trip, not a cage entry), ended
+    by ``close`` (``HiveProcess.stop`` closes its own). A stand-in for
+    ``HiveProcess.agent``'s client where a test must show the agent itself acted, not
+    root on its socket. Before its first call it checks that it is in the cage: its uid
+    is the one hive-priv gave the agent, its hostname the agent's name, and none of the
+    host's paths (``HiveProcess.host_paths``) is visible."""
+
+    def __init__(self, hive: HiveProcess, name: str) -> None:
+        self.hive, self.name = hive, name
+        self.proc: subprocess.Popen[str] | None = None
+        self.lock = threading.Lock()  # one request in flight: replies come in order
+
+    def _start(self) -> subprocess.Popen[str]:
+        argv = [str(HIVE), "--run-dir", str(self.hive.run_dir), "exec", "--as-agent", self.name, "--",
+                "python3", "-u", "-c", RELAY, *self.hive.host_paths()]  # fmt: skip
+        proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        first = proc.stdout.readline()
+        uid = self.hive.cage(self.name)["uid"]
+        if not first or json.loads(first) != {"uid": uid, "host": self.name, "seen": []} or uid == 0:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{self.name}'s caller is not in its cage: {first!r} (its uid {uid})")
+        return proc
+
+    def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
+        with self.lock:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = self._start()
+            assert self.proc.stdin is not None and self.proc.stdout is not None
+            self.proc.stdin.write(json.dumps({"cmd": cmd, **fields}) + "\n")
+            self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            assert line, f"{self.name}'s caller in its cage ended (exit {self.proc.poll()})"
+            reply: dict[str, Any] = json.loads(line)
+            return reply
+
+    def close(self) -> None:
+        with self.lock:
+            proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        assert proc.stdin is not None
+        with contextlib.suppress(OSError):
+            proc.stdin.close()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def in_cage(hive: HiveProcess, name: str, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """``calls`` made in turn by ``name`` from inside its cage (``Caged``); their replies."""
+    caged = hive.caged(name)
+    return [caged.call(cmd, **fields) for cmd, fields in calls]
 
 
 def _finish(hives: list[HiveProcess]) -> None:

@@ -7,7 +7,8 @@ The stream is sent by one process speaking as alice: on a whole hive it runs in 
 cage (``hive exec --as-agent``: her uid, on her ``/run/hive/agent.sock``, whose listener
 takes a connection only from her uids or root's, by SO_PEERCRED); on a hive-core, as
 root on her socket's path. It stops at each fault (a line on its stdout)
-until the test has done it (a line on its stdin).
+until the test has done it (a line on its stdin). The receiver's inbox is read the same
+way (``drain``): from bob's cage on a whole hive, as root on his socket on a hive-core.
 
 A message counts as acknowledged when alice's ``send`` replied ok: her host committed
 it (to its outbox) before that reply, so from then on the swarm owes its delivery."""
@@ -123,24 +124,34 @@ def stream(swarm: Swarm, n: int, prefix: str, faults: dict[int, Callable[[], Non
     return acked
 
 
-def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0) -> list[dict]:
-    """Receive and ack until ``n`` messages came (or the time is up); all of them."""
+def drain(swarm: Swarm, host: str, agent: str, n: int, timeout: float = 30.0, extra: float = 0.3) -> list[dict]:
+    """Receive and ack until ``n`` messages came (or the time is up), then whatever
+    comes within ``extra`` seconds more (acked too); all of them. On a whole hive
+    ``agent`` does it from its cage (``Caged``), on a hive-core root on its socket."""
     got: list[dict] = []
-    c = swarm.cores[host].agent(agent)
+    node = swarm.cores[host]
+    c = node.caged(agent) if isinstance(node, HiveProcess) else node.agent(agent)
 
-    def more() -> bool:
-        resp = assert_ok(c.call("recv", wait=1.0, max=500))
+    def more(wait: float = 1.0) -> bool:
+        resp = assert_ok(c.call("recv", wait=wait, max=500))
         if resp["messages"]:
             got.extend(resp["messages"])
             assert_ok(c.call("ack", ids=[m["id"] for m in resp["messages"]]))
         return len(got) >= n
 
     try:
-        wait_for(more, timeout=timeout, interval=0)
+        if n:
+            wait_for(more, timeout=timeout, interval=0)
     except AssertionError as e:
         raise AssertionError(f"{e}: {len(got)} of {n} came (the swarm: {swarm.status(host)})") from None
-    extra = assert_ok(c.call("recv", wait=0.3, max=500))["messages"]
-    return got + extra
+    more(extra)
+    return got
+
+
+def take(swarm: Swarm, host: str, agent: str, wait: float = 0.3) -> list[dict]:
+    """What comes to ``agent``'s inbox within ``wait`` seconds, taken and acked (``drain``
+    of none: from its cage on a whole hive)."""
+    return drain(swarm, host, agent, 0, extra=wait)
 
 
 def kill9_receiving_core(swarm: Swarm, n: int) -> Run:

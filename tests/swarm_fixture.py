@@ -4,16 +4,17 @@ inside that host's network namespace with ``[swarm]`` pointing at its own node f
 
 ``make_swarm`` (the session's ``swarm``) runs a hive-core per host (``CoreProcess``:
 its store, host.sock and agent sockets; agents without cages), quick to start: the
-protocol tests (tests/test_swarm*.py) and bench/swarm.py use it.
+protocol tests (tests/test_swarm.py, test_swarm_operator.py, test_swarm_listing.py),
+round 7's cross-host storage quota and bench/swarm.py use it.
 
     alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
 
 ``make_hive_swarm`` (the session's ``hive_swarm``) runs a whole hive per host
 (``HiveProcess``, ``hive up``: hive-priv, hive-core, the nginx gateway and real cages):
-tests/test_swarm_hives.py, the fault runs (tests/test_swarm_faults.py) and the
-hostile-host cases (tests/redteam/test_swarm*.py, round 5 and 6) use it, the last two
-through ``hives`` (every agent paused: the test reads the inboxes, not the
-harnesses).
+tests/test_swarm_hives.py, the fault runs (tests/test_swarm_faults.py: the kills and
+the partition) and the hostile-host cases (tests/redteam/test_swarm*.py, rounds 5 to 7)
+use it, the last two through ``hives`` (every agent paused: the test reads the inboxes,
+from the agents' cages, not the harnesses).
 
     alice on a (peers: bob, carol), bob (peers: alice, bea) and bea (peers: bob) on b,
     carol on c (peers: alice); each caged, its runtime HIVE_RUNTIME
@@ -301,9 +302,10 @@ def make_hive_swarm(
 
 @pytest.fixture(scope="session")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    """One swarm for the session (test_swarm.py and redteam/test_swarm_hostile.py): each
-    test leaves it as it found it (every core and every NATS node running)."""
-    # The burst: the partition run's and round 7's pipelined streams (10,001 sends).
+    """One swarm of hive-cores for the session (the protocol's tests and round 7's
+    cross-host storage quota): each test leaves it as it found it (every
+    core and every NATS node running)."""
+    # The burst: round 7's pipelined stream (10,001 sends).
     yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=swarm_subnet(), limits=FAULT_LIMITS)
 
 
@@ -314,10 +316,16 @@ def swarm_subnet() -> int:
 
 @pytest.fixture(scope="session")
 def hive_swarm() -> Iterator[Swarm[HiveProcess]]:
-    """One swarm of whole hives for the session (HIVE_AGENTS, on the subnet 64 above the
-    core swarm's): each test leaves it as it found it (every hive, every NATS node
+    """One swarm of whole hives for the session (HIVE_AGENTS, on ``hive_subnet()``, apart
+    from the core swarm's): each test leaves it as it found it (every hive, every NATS node
     running, no agent paused, no message left in an inbox)."""
-    yield from make_hive_swarm(swarm_subnet() + HIVE_SUBNET_OFFSET, HIVE_AGENTS, limits=FAULT_LIMITS)
+    yield from make_hive_swarm(hive_subnet(), HIVE_AGENTS, limits=FAULT_LIMITS)
+
+
+def hive_subnet() -> int:
+    """The whole hives' subnet: 64 above the hive-cores', wrapped within 128..255 (a
+    suite on subnet 200 gets 136, not the 264 no address has)."""
+    return 128 + (swarm_subnet() + HIVE_SUBNET_OFFSET - 128) % 128
 
 
 @pytest.fixture

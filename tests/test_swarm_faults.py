@@ -1,10 +1,10 @@
-"""The swarm's faults (docs/swarm.md, "Faults") on the three test hosts: a receiving
-hive-core and a NATS node killed with SIGKILL mid-stream of SUITE_N (10,000) messages
-alice sends from her cage, each host running a whole hive (the session's
-``hive_swarm``, its agents paused: the test reads bob's inbox); and a partition that
-heals, on the hosts' hive-cores (the session's ``swarm``; a whole host cut off is
-tests/test_swarm_hives.py's; see docs/swarm.md, "The test hosts"). Each time,
-every message alice's host acknowledged is in bob's inbox once, in order.
+"""The swarm's faults (docs/swarm.md, "Faults") on the three test hosts, each running a
+whole hive (the session's ``hive_swarm``, its agents paused: the test reads the inboxes,
+from the agents' cages): a receiving hive-core and a NATS node killed with SIGKILL
+mid-stream of SUITE_N (10,000) messages alice sends from her cage, and a partition that
+heals (a host's veth cut off the bridge, then back; a whole host cut off alone is
+tests/test_swarm_hives.py's). Each time, every message alice's host acknowledged is in
+bob's inbox once, in order.
 
 bench/swarm.py runs the same kills on hive-cores (`bench/run.py --only swarm`)."""
 
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers import wait_for
+from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess
 from swarm_faults import drain, kill9_nats_node, kill9_receiving_core, stream
 from swarm_fixture import Swarm
@@ -46,22 +46,42 @@ def test_kill9_of_a_nats_node_loses_no_acknowledged_message(hives: Swarm[HivePro
     assert (run.lost, run.duplicates, run.in_order) == (0, 0, True)
 
 
-def test_a_partition_that_heals(swarm: Swarm) -> None:
-    """First a is cut off: alice's messages are acknowledged by her host and wait in its
-    outbox (a's node alone is no quorum), while carol's to alice go into the stream (b
-    and c are one). Then a is back and b is cut off: the stream takes alice's messages
-    and they wait for b. Once b is back too, everything acknowledged arrives once, in
-    order per sender. Each fault starts on a whole bus (every stream and consumer led, every
-    replica current): one node away at a time, what R3 survives. Cut b while a's node is
-    still catching up and two are away at once (a stream's leader went unelected for the
-    whole 30 s wait on the shared machine: a follower catching up stands for no leader)."""
-    swarm.wait_bus_whole()  # the session's swarm may still be settling from its start
-    net = swarm.net
+def serves_locally(swarm: Swarm[HiveProcess], host: str, agent: str, tag: str) -> None:
+    """Each side of a partition still serves its own agents, from their cages: on
+    ``host``, ``agent`` asks the operator, the host's operator answers, and the answer
+    is in her inbox; on b, bob's message to bea (both on b) is in hers."""
+    hive, b = swarm.cores[host], swarm.cores["b"]
+    qid = assert_ok(hive.caged(agent).call("ask", to="operator", question=f"still here? {tag}"))["id"]
+    assert_ok(hive.host_call("answer_question", id=qid, answer="yes"))
+    assert_ok(b.caged("bob").call("send", to="bea", body=f"local {tag}"))
+    [answer] = drain(swarm, host, agent, 1, timeout=10)
+    assert (answer["kind"], answer["from"], answer["body"], answer["ref"]) == ("answer", "operator", "yes", qid)
+    [local] = drain(swarm, "b", "bea", 1, timeout=10)
+    assert (local["from"], local["body"]) == ("bob", f"local {tag}")
+
+
+def test_a_partition_that_heals(hives: Swarm[HiveProcess]) -> None:
+    """First a is cut off (its veth's bridge end down, its NATS node with it): alice's
+    messages, sent from her cage, are acknowledged by her host and wait in its outbox
+    (a's node alone is no quorum), while carol's to alice, from her cage on c, go into
+    the stream (b and c are one). Then a is back and b is cut off: the stream takes
+    alice's messages and they wait for b. During each cut both sides serve their own
+    agents (a's, then c's, operator answers its agent's question; bob's message to bea,
+    both on b, arrives). Once b is back too, everything acknowledged is in the receivers'
+    inboxes (read from their cages) once, in order per sender. Each fault starts on a
+    whole bus (every stream and consumer led, every replica current): one node away at a
+    time, what R3 survives. Cut b while a's node is still catching up and two are away at once
+    (a stream's leader went unelected for the whole 30 s wait on the shared machine: a
+    follower catching up stands for no leader)."""
+    swarm, net = hives, hives.net
+    swarm.wait_bus_whole()  # the session's swarm may still be settling from the test before
     net.cut("a")
     try:
+        cut = time.monotonic()
         first = stream(swarm, 100, "p", {})
         from_carol = stream(swarm, 50, "c", {}, host="c", sender="carol", to="alice")
-        time.sleep(2.0)  # long enough for a publish to time out and be tried again
+        serves_locally(swarm, "a", "alice", "a cut")  # a alone; b with c
+        time.sleep(max(0.0, cut + 2.0 - time.monotonic()))  # for a publish to time out and be tried again
         assert swarm.status("a")["outbox_unsent"] == len(first) == 100  # nothing got out
         assert len(from_carol) == 50
         wait_for(lambda: swarm.status("c")["outbox_unsent"] == 0, timeout=20)
@@ -72,6 +92,7 @@ def test_a_partition_that_heals(swarm: Swarm) -> None:
     net.cut("b")
     try:
         second = stream(swarm, 100, "q", {})
+        serves_locally(swarm, "c", "carol", "b cut")  # c with a; b alone
         # The bus acknowledged all of alice's messages with b away (the first 100 went out
         # once a was back, maybe before b's cut: bob's inbox has them after the heal).
         wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0, timeout=30)

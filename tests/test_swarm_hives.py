@@ -22,29 +22,11 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
-from hive_fixture import HIVE, HiveProcess, children, probe_result, proc_cmdline
+from hive_fixture import HIVE, HiveProcess, children, in_cage, proc_cmdline
 from swarm_fixture import CAGED, HIVE_AGENTS, Swarm, heard, hears, listed
 from web_fixture import Web
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cages need root")
-
-# In the cage: each [cmd, fields] on the agent's own socket, one connection, in turn.
-CALLS = """
-s = socket.socket(socket.AF_UNIX)
-s.connect("/run/hive/agent.sock")
-lines = s.makefile("rb")
-replies = []
-for cmd, fields in P["calls"]:
-    s.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\\n")
-    replies.append(json.loads(lines.readline()))
-result(replies=replies)
-"""
-
-
-def in_cage(hive: HiveProcess, name: str, *calls: tuple[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """``calls`` made by ``name`` from inside its cage; their replies."""
-    replies: list[dict[str, Any]] = probe_result(hive.probe(name, CALLS, calls=list(calls)))["replies"]
-    return replies
 
 
 def test_each_host_runs_a_whole_hive_in_its_network_namespace(hive_swarm: Swarm[HiveProcess]) -> None:

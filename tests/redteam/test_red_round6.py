@@ -40,6 +40,7 @@ from hyperhive.swarm.bridge import earliest, live_claims
 from hyperhive.swarm.operator import approval_row
 from hyperhive.swarm.opstore import OpsSeen
 from hyperhive.wire.secrets import BindingSpec
+from swarm_faults import take
 from swarm_fixture import Swarm, roster_buckets
 from web_fixture import Web, web_hive
 
@@ -329,8 +330,8 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(hives: Swarm[H
     dropped = hives.status("b")["dropped"]
     got: list[dict[str, Any]] = []
 
-    def settled() -> bool:  # b dropped it, or bob has it
-        got.extend(assert_ok(hives.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
+    def settled() -> bool:  # b dropped it, or bob has it (his inbox read from his cage)
+        got.extend(take(hives, "b", "bob", wait=0.2))
         return hives.status("b")["dropped"] > dropped or any(m["body"].startswith("r6:") for m in got)
 
     try:
@@ -340,9 +341,7 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(hives: Swarm[H
         forged = [m for m in got if m["body"] == "r6: from alice, really"]
         assert forged == [], f"bob took c's message as alice's: {forged}; the bucket said {replies}"
     finally:
-        as_host_c(hives, restore, settle=0)
-        if got:  # the session's swarm: bob's inbox as it was for the next module
-            assert_ok(hives.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
+        as_host_c(hives, restore, settle=0)  # (what bob got, take acked)
         wait_for(lambda: all(r["host"] == "a" for r in hives.status("b")["agents"] if r["name"] == "alice"),
                  timeout=15)
 
@@ -511,18 +510,14 @@ def test_a_hostile_host_cannot_stall_another_hosts_inbox(hives: Swarm[HiveProces
 
     dropped = hives.status("b")["dropped"]
     assert as_host_c(hives, attack, settle=0) == []
-    assert_ok(hives.cores["a"].agent_call("alice", "send", to="bob", body=body_a))
+    assert_ok(hives.cores["a"].caged("alice").call("send", to="bob", body=body_a))
     got: list[dict[str, Any]] = []
 
-    def both() -> bool:
-        got.extend(assert_ok(hives.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"])
+    def both() -> bool:  # bob's inbox, read (and acked) from his cage
+        got.extend(take(hives, "b", "bob", wait=0.5))
         return {body_a, body_c} <= {m["body"] for m in got}
 
-    try:
-        wait_for(both, timeout=20)
-    finally:
-        if got:
-            assert_ok(hives.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in got]))
+    wait_for(both, timeout=20)
     assert [m for m in got if m["body"] in ("x", "to whom?")] == []
     assert hives.status("b")["dropped"] >= dropped + 1 + len(unknown)
     questions = assert_ok(hives.cores["b"].host_call("questions"))["questions"]

@@ -5,7 +5,8 @@ integers). NATS lets c publish only on its own subjects, so c's forged answers c
 ``hive.msg.a.from.c``; host a applies an answer only from the host the question was asked
 of, from the agent it was asked of: both forgeries are dropped, the question stays open,
 and bob's real answer is the one alice gets. Each host runs a whole hive (the session's
-``hives``: tests/swarm_fixture.py, the agents paused)."""
+``hives``: tests/swarm_fixture.py, the agents paused); alice's and bob's calls (the
+question, the answer, the inbox reads) are made from their cages."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ import pytest
 from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
+from swarm_faults import drain
 from swarm_fixture import Swarm
-from test_swarm import drain
 
 from .test_swarm_hostile import as_host_c
 
@@ -30,7 +31,7 @@ pytestmark = [
 
 
 def test_a_host_cannot_answer_a_question_asked_of_another_hosts_agent(hives: Swarm[HiveProcess]) -> None:
-    alice, bob = hives.cores["a"].agent("alice"), hives.cores["b"].agent("bob")
+    alice, bob = hives.cores["a"].caged("alice"), hives.cores["b"].caged("bob")
     qa = assert_ok(alice.call("ask", to="bob", question="deploy?", options=["yes", "no"]))["id"]
     [q] = drain(hives, "b", "bob", 1)
     dropped = hives.status("a")["dropped"]

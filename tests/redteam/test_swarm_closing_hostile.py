@@ -8,7 +8,11 @@ own NATS credentials (nats-py, no hive code).
   and the question is still answered.
 - It answers for another host's items, or lies about its own: NATS refuses c another
   host's show subjects; a payload that is not its sha256, or not the roster's, is refused
-  on a."""
+  on a.
+
+Each host runs a whole hive (the session's ``hives``: tests/swarm_fixture.py, the agents
+paused); the agents' own calls (the questions, the answer, the approval requests, the
+inbox reads) are made from their cages."""
 
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
+from hive_fixture import HiveProcess
 from hyperhive.core.store.common import canonical_json, sha256_hex
 from hyperhive.swarm import subjects as s
+from swarm_faults import drain
 from swarm_fixture import Swarm
-from test_swarm import drain
 
 from .test_swarm_hostile import as_host_c, violation
 
@@ -43,8 +48,9 @@ def open_on(swarm: Swarm, host: str, qid: int) -> bool:
 
 
 @pytest.mark.attack("swarm-host-spoofing", ref="issue 18: questions closed when an agent is destroyed")
-def test_a_host_cannot_close_questions_it_did_not_ask_or_was_not_asked(swarm: Swarm) -> None:
-    alice, bob = swarm.cores["a"].agent("alice"), swarm.cores["b"].agent("bob")
+def test_a_host_cannot_close_questions_it_did_not_ask_or_was_not_asked(hives: Swarm[HiveProcess]) -> None:
+    swarm = hives
+    alice, bob = swarm.cores["a"].caged("alice"), swarm.cores["b"].caged("bob")
     qa = assert_ok(alice.call("ask", to="bob", question="merge?", options=["yes", "no"]))["id"]
     [q] = drain(swarm, "b", "bob", 1)
     dropped = {h: swarm.status(h)["dropped"] for h in ("a", "b")}
@@ -85,8 +91,9 @@ def test_a_host_cannot_close_questions_it_did_not_ask_or_was_not_asked(swarm: Sw
 
 @pytest.mark.attack("swarm-host-spoofing", ref="issue 18: another host's item whole")
 def test_a_host_cannot_answer_for_another_host_or_show_a_payload_it_did_not_list(
-    swarm: Swarm,
+    hives: Swarm[HiveProcess],
 ) -> None:
+    swarm = hives
     # NATS: c can't take b's requests, answer as b, or read a's answers.
     for op, subject in (
         ("sub", s.show_subject("b", "a")),
@@ -107,7 +114,7 @@ def test_a_host_cannot_answer_for_another_host_or_show_a_payload_it_did_not_list
 
     # c may ask b (its own subject), but b shows its items whole only to the hosts whose
     # operator it obeys (a): c gets no more than the roster's summary.
-    bob = swarm.cores["b"].agent("bob")
+    bob = swarm.cores["b"].caged("bob")
     bid = assert_ok(bob.call("request_approval", kind="custom", description="b's",
                              payload={"secret-ish": "x" * 5000}))["id"]  # fmt: skip
     answers: list[dict[str, Any]] = []
@@ -128,12 +135,11 @@ def test_a_host_cannot_answer_for_another_host_or_show_a_payload_it_did_not_list
     assert [(x["rid"], x["ok"], x["status"]) for x in answers] == [("r1", False, 403)]
     assert "approval" not in answers[0] and "obeys" in answers[0]["error"]
     assert_ok(swarm.cores["b"].host_call("deny", id=bid))
-    msgs = assert_ok(bob.call("recv", wait=2.0))["messages"]
-    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+    drain(swarm, "b", "bob", 1, timeout=5)  # the denial
 
     # c's own approval, answered by c with another payload than the roster lists: c's core
     # is stopped, so the attacker's connection is the one that answers a's requests.
-    carol = swarm.cores["c"].agent("carol")
+    carol = swarm.cores["c"].caged("carol")
     listed = {"rule": "api.example.com:443"}
     aid = assert_ok(carol.call("request_approval", kind="custom", description="listed",
                                payload=listed))["id"]  # fmt: skip
@@ -160,12 +166,13 @@ def test_a_host_cannot_answer_for_another_host_or_show_a_payload_it_did_not_list
             shown.append(await asyncio.to_thread(a.host_call, "show_approval", id=aid, host="c"))
 
     core_c = swarm.cores["c"]
-    assert core_c.proc is not None
-    core_c.proc.send_signal(signal.SIGSTOP)
+    pid = core_c.core_pid()  # c's hive-core, not its hive up (which stays up)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
     try:
         assert as_host_c(swarm, lie, settle=0) == []
     finally:
-        core_c.proc.send_signal(signal.SIGCONT)
+        os.kill(pid, signal.SIGCONT)
     assert lies == []  # both were asked for, and answered by the attacker
     assert_refused(shown[0], "host c:", "is not its payload_sha256")
     assert_refused(shown[1], "host c:", "not the one the roster lists")
@@ -174,5 +181,4 @@ def test_a_host_cannot_answer_for_another_host_or_show_a_payload_it_did_not_list
                    timeout=15)  # fmt: skip
     assert got["approval"]["payload"] == listed
     assert_ok(core_c.host_call("deny", id=aid))
-    msgs = assert_ok(carol.call("recv", wait=2.0))["messages"]
-    assert_ok(carol.call("ack", ids=[m["id"] for m in msgs]))
+    drain(swarm, "c", "carol", 1, timeout=5)  # the denial

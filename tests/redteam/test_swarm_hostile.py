@@ -149,7 +149,8 @@ def test_host_cannot_write_an_oversized_roster_row(hives: Swarm[HiveProcess]) ->
 def test_own_subject_claiming_another_hosts_agent_is_dropped(hive_swarm: Swarm[HiveProcess]) -> None:
     """NATS lets c publish on its own subject; b checks the claimed sender against the
     roster (alice is a's) and drops it: bob's runtime, taking his inbox in his cage on
-    b, never gets a forged alice; alice's real message after it, it gets once."""
+    b, never gets a forged alice; alice's real message after it, sent from her cage on
+    a, it gets once."""
     hives, b, tag = hive_swarm, hive_swarm.cores["b"], secrets.token_hex(4)
     dropped = hives.status("b")["dropped"]
     body = json.dumps([{"id": f"forged2-{tag}", "from": "alice", "to": "bob", "kind": "message",
@@ -161,6 +162,6 @@ def test_own_subject_claiming_another_hosts_agent_is_dropped(hive_swarm: Swarm[H
     assert as_host_c(hives, attack) == []
 
     wait_for(lambda: hives.status("b")["dropped"] == dropped + 1, timeout=15)
-    assert_ok(hives.cores["a"].agent_call("alice", "send", to="bob", body=f"real {tag}"))
+    assert_ok(hives.cores["a"].caged("alice").call("send", to="bob", body=f"real {tag}"))
     assert hears(b, "bob", body=f"real {tag}")["from"] == "alice"
     assert [m for m in heard(b, "bob") if m["body"] == f"forged {tag}"] == []

@@ -5,7 +5,9 @@ approve as the operator for an agent on b; a signed action of a's is replayed; a
 approval is signed for another payload; actions too large or malformed are sent. Each
 is refused, and b's question or approval stays as it was. Each host runs a whole hive
 (the session's ``hives``: tests/swarm_fixture.py; the agents paused, so the test reads
-bob's inbox itself)."""
+their inboxes itself). The agents' own calls (bob's question and approval requests,
+alice's message, carol's question, every inbox read) are made from their cages; the
+operator's, on the hosts' host.sock."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from hyperhive.swarm import subjects as s
 from hyperhive.swarm.operator import KEY_FILE
 from hyperhive.swarm.signing import MAX_ACTION_BYTES, canonical, load_or_create_key, seal
 from redteam.test_swarm_hostile import as_host_c, violation
+from swarm_faults import drain, take
 from swarm_fixture import Swarm
 
 pytestmark = [
@@ -36,7 +39,7 @@ pytestmark = [
 
 def open_question(swarm: Swarm) -> int:
     """A question from bob (on b) to the operator, listed on a."""
-    bob = swarm.cores["b"].agent("bob")
+    bob = swarm.cores["b"].caged("bob")
     qid: int = assert_ok(bob.call("ask", to="operator", question="which way?"))["id"]
     wait_for(lambda: any(q["id"] == qid for q in swarm.status("a")["questions"]), timeout=10)
     return qid
@@ -47,7 +50,7 @@ def still_open(swarm: Swarm, qid: int) -> None:
     q = assert_ok(swarm.cores["b"].host_call("show_question", id=qid))["question"]
     assert q["question"] and "answer" not in q, q
     assert qid in [r["id"] for r in assert_ok(swarm.cores["b"].host_call("questions"))["questions"]]
-    assert assert_ok(swarm.cores["b"].agent_call("bob", "recv", wait=0.2))["messages"] == []
+    assert take(swarm, "b", "bob", wait=0.2) == []
 
 
 def close_question(swarm: Swarm, qid: int) -> None:
@@ -61,11 +64,8 @@ def deny_on_b(swarm: Swarm, aid: int) -> None:
 
 
 def empty_bobs_inbox(swarm: Swarm) -> None:
-    """What the clean-up delivered to bob (an answer, a denial), acked."""
-    bob = swarm.cores["b"].agent("bob")
-    msgs = assert_ok(bob.call("recv", wait=2))["messages"]
-    assert msgs, "the clean-up delivered nothing"
-    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+    """What the clean-up delivered to bob (an answer, a denial), acked (from his cage)."""
+    drain(swarm, "b", "bob", 1, timeout=5)
 
 
 def refused_on_b(swarm: Swarm, before: int, n: int) -> None:
@@ -135,8 +135,8 @@ def test_host_c_cannot_answer_as_the_operator_for_bs_agent(hives: Swarm[HiveProc
     refused_on_b(hives, before, 3)
     still_open(hives, qid)
     # And an approval the same way: bob's stays pending.
-    asked = assert_ok(hives.cores["b"].agent_call("bob", "request_approval", kind="custom",
-                                                  description="deploy", payload={"v": 1}))  # fmt: skip
+    asked = assert_ok(hives.cores["b"].caged("bob").call("request_approval", kind="custom",
+                                                        description="deploy", payload={"v": 1}))  # fmt: skip
     approve = {"cmd": "approve", "id": asked["id"], "payload_sha256": asked["payload_sha256"]}
     assert publish_all(hives, "c", [(subject, seal(c_key, "c", "b", approve)[1])]) == []
     refused_on_b(hives, before, 4)
@@ -169,9 +169,8 @@ def test_a_replayed_or_stale_operator_action_is_refused(hives: Swarm[HiveProcess
 
     assert as_host_c(hives, twice, "a", settle=0) == []  # both acked by JetStream
     refused_on_b(hives, before, 2)
-    msgs = assert_ok(hives.cores["b"].agent_call("bob", "recv", wait=2.0))["messages"]
+    msgs = drain(hives, "b", "bob", 1, timeout=2, extra=1.0)  # a second would come by then
     assert [(m["kind"], m["body"]) for m in msgs] == [("answer", "once")]
-    assert_ok(hives.cores["b"].agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
 
 
 @pytest.mark.attack("swarm-operator-forgery", ref="issue 18: an approval bound to its sha256")
@@ -179,10 +178,10 @@ def test_an_approval_for_another_payload_is_refused(hives: Swarm[HiveProcess]) -
     """The operator on a approves or denies bob's approval naming another payload_sha256
     (what a stale or doctored listing would show): b refuses; it stays pending. Signed by
     a with no sha256 at all: refused too."""
-    asked = assert_ok(hives.cores["b"].agent_call("bob", "request_approval", kind="spawn",
-                                                  description="x", payload={"name": "bobx",
-                                                  "spec": {"runtime": "command",
-                                                           "command": ["true"]}}))  # fmt: skip
+    asked = assert_ok(hives.cores["b"].caged("bob").call("request_approval", kind="spawn",
+                                                        description="x", payload={"name": "bobx",
+                                                        "spec": {"runtime": "command",
+                                                                 "command": ["true"]}}))  # fmt: skip
     aid = asked["id"]
     wait_for(lambda: any(r["id"] == aid for r in hives.status("a")["approvals"]), timeout=10)
     a = hives.cores["a"]
@@ -239,11 +238,9 @@ def test_a_deeply_nested_bundle_is_dropped_not_redelivered_forever(hives: Swarm[
     dropped = hives.status("b")["dropped"]
     assert publish_all(hives, "c", [(s.msg_subject("b", "c"), b"[" * 100_000)]) == []
     wait_for(lambda: hives.status("b")["dropped"] == dropped + 1, timeout=15)
-    assert_ok(hives.cores["a"].agent_call("alice", "send", to="bob", body="after the pill"))
-    bob = hives.cores["b"].agent("bob")
-    msgs = assert_ok(bob.call("recv", wait=10.0))["messages"]
+    assert_ok(hives.cores["a"].caged("alice").call("send", to="bob", body="after the pill"))
+    msgs = drain(hives, "b", "bob", 1, timeout=10)
     assert [m["body"] for m in msgs] == ["after the pill"]
-    assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
 
 
 @pytest.mark.attack("swarm-host-spoofing", ref="found with the operator's roster: a roster"
@@ -256,14 +253,15 @@ def test_a_deeply_nested_roster_value_does_not_stop_the_watch(hives: Swarm[HiveP
     keys = [s.row_key("c", "deep"), s.question_key("c", 99999)]
     try:
         assert publish_all(hives, "c", [(s.kv_subject("c", k), pill) for k in keys]) == []
-        carol = hives.cores["c"].agent("carol")
+        carol = hives.cores["c"].caged("carol")
         qid = assert_ok(carol.call("ask", to="operator", question="still there?"))["id"]
         wait_for(lambda: any((q["host"], q["id"]) == ("c", qid)
                              for q in hives.status("a")["questions"]), timeout=10)  # fmt: skip
         assert all(q["id"] != 99999 for q in hives.status("a")["questions"])
         assert "deep" not in {r["name"] for r in hives.status("a")["agents"]}
         assert_ok(hives.cores["c"].host_call("answer_question", id=qid, answer="yes"))
-        assert_ok(carol.call("ack", ids=[m["id"] for m in carol.call("recv", wait=2)["messages"]]))
+        [answer] = drain(hives, "c", "carol", 1, timeout=2)
+        assert (answer["kind"], answer["body"], answer["ref"]) == ("answer", "yes", qid)
     finally:
         async def clean(nc: Any) -> None:
             for k in keys:

@@ -4,7 +4,9 @@ it claims a name of its own and publishes bundles from it to bob on b, past what
 for one remote sender (b's own storage quota, 10,000 by default). b stores up to the
 bound and leaves the rest unacked on the bus (back-pressure on c's consumer only): a's
 messages to bob keep flowing, nothing the bus took is lost, and once bob reads, the
-rest arrive once, in order."""
+rest arrive once, in order. Each host runs a whole hive (the session's ``hives``:
+tests/swarm_fixture.py, the agents paused); alice's send and bob's inbox reads are made
+from their cages."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok, wait_for
+from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
 from swarm_fixture import Swarm
 
@@ -28,9 +31,9 @@ BUNDLE = 1024  # the most items a bundle carries (bridge.BATCH)
 
 
 @pytest.mark.attack("budget.store", ref="red team round 7: a hostile host past the receiving host's bound")
-def test_a_hostile_host_cannot_fill_another_hosts_store(swarm: Swarm) -> None:
-    n = BOUND + 240
-    b = swarm.cores["b"]
+def test_a_hostile_host_cannot_fill_another_hosts_store(hives: Swarm[HiveProcess]) -> None:
+    swarm, n = hives, BOUND + 240
+    bob = swarm.cores["b"].caged("bob")
     bodies = [f"flood{i}" for i in range(n)]
 
     async def flood(nc: Any) -> None:
@@ -48,9 +51,9 @@ def test_a_hostile_host_cannot_fill_another_hosts_store(swarm: Swarm) -> None:
     got: list[dict[str, Any]] = []
 
     def read() -> bool:
-        msgs = assert_ok(b.agent_call("bob", "recv", wait=0.3, max=1000))["messages"]
+        msgs = assert_ok(bob.call("recv", wait=0.3, max=1000))["messages"]
         if msgs:
-            assert_ok(b.agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
+            assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
         got.extend(msgs)
         return bool(msgs)
 
@@ -64,7 +67,7 @@ def test_a_hostile_host_cannot_fill_another_hosts_store(swarm: Swarm) -> None:
         # b holds exactly its bound of c's agent's messages; the rest wait on the bus, unacked.
         assert swarm.status("b")["received"] - received == BOUND
         # Another host's traffic still flows to bob meanwhile.
-        assert_ok(swarm.cores["a"].agent_call("alice", "send", to="bob", body="r7 still flowing"))
+        assert_ok(swarm.cores["a"].caged("alice").call("send", to="bob", body="r7 still flowing"))
         wait_for(lambda: swarm.status("b")["received"] - received == BOUND + 1, timeout=15)
         assert swarm.status("b")["waiting"] == ["c"]
         # bob reads: room again, and the rest arrive, each once, in order, none lost.

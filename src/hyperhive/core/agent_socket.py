@@ -19,7 +19,7 @@ from typing import Any
 
 from hyperhive.core.actors import Agent
 from hyperhive.core.budget import AGENT_SOCK_BACKLOG
-from hyperhive.core.connlimit import ConnectionLimiter
+from hyperhive.core.connlimit import ConnectionLimiter, rest_listener
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
 from hyperhive.core.ratelimit import BytePacer
@@ -291,8 +291,10 @@ class AgentSockets:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
+            except ConnectionAbortedError:
+                return
             except OSError as e:  # EMFILE, say: the connection waits in the backlog
-                log.warning("agent %s: accept failed: %s", name, e)
+                rest_listener(loop, listener, resume, f"agent {name}", e)
                 return
             cred = peer_cred(conn)
             allowed = self._allowed.get(name)
@@ -308,6 +310,10 @@ class AgentSockets:
             task = loop.create_task(serve(conn, cred.uid))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+        def resume() -> None:
+            if self._listeners.get(name) is listener:  # not stopped meanwhile
+                loop.add_reader(listener.fileno(), on_accept)
 
         async def serve(conn: socket.socket, uid: int) -> None:
             try:

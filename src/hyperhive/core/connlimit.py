@@ -9,8 +9,12 @@ Root is not counted.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+import socket
 import time
+from collections.abc import Callable
 
 log = logging.getLogger("hive.core")
 MAX_CONNECTIONS_PER_PEER = 32  # the default, per listening socket and peer uid
@@ -57,3 +61,24 @@ class ConnectionLimiter:
 
     def open_for(self, uid: int) -> int:
         return self._open.get(uid, 0)
+
+
+ACCEPT_RETRY = 1.0  # seconds a listener rests after accept(2) failed for want of a resource
+
+
+def rest_listener(
+    loop: asyncio.AbstractEventLoop,
+    listener: socket.socket,
+    resume: Callable[[], None],
+    where: str,
+    error: OSError,
+) -> None:
+    """Stop watching ``listener`` for ``ACCEPT_RETRY`` seconds after ``accept`` failed
+    (EMFILE, ENFILE, ENOBUFS, ENOMEM): the connection stays queued in the kernel, so a
+    level-triggered reader would otherwise be called again at once, forever, logging each
+    time and starving every other agent's socket. ``resume`` watches it again (it checks
+    that the listener still serves). asyncio's own servers do the same."""
+    log.warning("%s: accept failed (%s); accepting again in %.0f s", where, error, ACCEPT_RETRY)
+    with contextlib.suppress(ValueError, OSError):  # closed meanwhile
+        loop.remove_reader(listener.fileno())
+    loop.call_later(ACCEPT_RETRY, resume)

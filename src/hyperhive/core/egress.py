@@ -35,6 +35,7 @@ from pathlib import Path
 
 from hyperhive.core import egress_tls
 from hyperhive.core.budget import EGRESS_REFUSING
+from hyperhive.core.connlimit import rest_listener
 from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool, pool_size
 from hyperhive.core.egress_tls import Plan
 from hyperhive.core.tls import HiveCA
@@ -745,32 +746,47 @@ class EgressProxy:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:
-                log.warning("egress %s: accept failed: %s", name, e)
+            except ConnectionAbortedError:
+                return
+            except OSError as e:  # EMFILE, say: the connection waits in the backlog
+                if self._loop is not None:
+                    rest_listener(
+                        self._loop, listener, lambda: self._read_again(name), f"egress {name}", e
+                    )
                 return
             self._live[name] = self._live.get(name, 0) + 1
         conn.setblocking(True)
-        threading.Thread(
-            target=self._serve_counted, args=(name, conn), name=f"egress-{name}", daemon=True
-        ).start()
+        try:
+            threading.Thread(
+                target=self._serve_counted, args=(name, conn), name=f"egress-{name}", daemon=True
+            ).start()
+        except RuntimeError as e:  # no thread to be had (TasksMax): this one is refused
+            log.warning("egress %s: connection refused: %s", name, e)
+            conn.close()
+            self._release_slot(name)
 
     def _serve_counted(self, name: str, conn: socket.socket) -> None:
         try:
             self._serve(name, conn)
         finally:  # every descriptor of this connection closed by now
-            with self._lock:
-                self._live[name] -= 1
-                if not self._live[name]:
-                    del self._live[name]
-                resume = name in self._waiting
-                self._waiting.discard(name)
-            if resume and self._loop is not None:
-                with contextlib.suppress(RuntimeError):  # the loop is shutting down
-                    self._loop.call_soon_threadsafe(self._read_again, name)
+            self._release_slot(name)
+
+    def _release_slot(self, name: str) -> None:
+        """One connection of ``name``'s fewer; a listener paused at the cap reads again."""
+        with self._lock:
+            self._live[name] -= 1
+            if not self._live[name]:
+                del self._live[name]
+            resume = name in self._waiting
+            self._waiting.discard(name)
+        if resume and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                self._loop.call_soon_threadsafe(self._read_again, name)
 
     def _read_again(self, name: str) -> None:
         listener = self._listeners.get(name)
         if listener is not None and self._loop is not None:
+            # add_reader replaces a reader already there: resuming twice is harmless.
             self._loop.add_reader(listener.fileno(), self._accept, name, listener)
 
     def _emit(self, decision: Decision) -> None:
