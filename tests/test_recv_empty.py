@@ -10,16 +10,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_replies import hive  # noqa: F401  (the fixture: agents a and b, peers)
 
 from hyperhive.core.actors import Agent
 from hyperhive.core.hive import Hive
+from test_replies import hive  # noqa: F401  (the fixture: agents a and b, peers)
 
 A, B = Agent("a"), Agent("b")
 
 
 @pytest.fixture
-def reads(hive: Hive, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:  # noqa: F811
+def reads(hive: Hive, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The inbox reads recv makes, by recipient (the store's own query still runs)."""
     seen: list[str] = []
     real = hive.store.messages.unacked_wire
@@ -38,12 +38,12 @@ def bodies(hive: Hive) -> list[str]:
 
 
 def test_an_empty_inbox_is_not_read_again_over_messages_and_acks(
-    hive: Hive,  # noqa: F811
+    hive: Hive,
     reads: list[str],
 ) -> None:
     assert bodies(hive) == [] and reads == ["b"]
 
-    async def round_trip() -> None:  # a to b's peer... b's ack of nothing new: a lane batch
+    async def round_trip() -> None:  # b sends to a, a reads and acks: messages and acks only
         mid = await hive.send(B, "a", "to a")
         page = await hive.recv(A, 2, 0, 10)
         await hive.ack(A, [m["id"] for m in page.items])
@@ -56,7 +56,7 @@ def test_an_empty_inbox_is_not_read_again_over_messages_and_acks(
     assert bodies(hive) == ["lane"] and reads == ["b"]
 
 
-def test_a_message_stored_any_other_way_is_read(hive: Hive, reads: list[str]) -> None:  # noqa: F811
+def test_a_message_stored_any_other_way_is_read(hive: Hive, reads: list[str]) -> None:
     assert bodies(hive) == []
     # Stored in a transaction of its own, with no wake-up at all (not the group commit's
     # messages and acks): recv reads the inbox again all the same.
@@ -64,7 +64,7 @@ def test_a_message_stored_any_other_way_is_read(hive: Hive, reads: list[str]) ->
     assert bodies(hive) == ["direct"] and reads == ["b", "b"]
 
 
-def test_a_released_message_is_read_again(hive: Hive, reads: list[str]) -> None:  # noqa: F811
+def test_a_released_message_is_read_again(hive: Hive, reads: list[str]) -> None:
     asyncio.run(hive.send(A, "b", "held"))
     assert asyncio.run(hive.recv(B, 1, 0, 10)).items  # held by connection 1
     assert bodies(hive) == []  # connection 1 holds it: nothing for another
