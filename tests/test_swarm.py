@@ -21,6 +21,7 @@ from hyperhive.config import ConfigError, load_config
 from hyperhive.swarm import bus
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import Bridge
+from hyperhive.swarm.watch import RosterWatch
 from swarm_faults import drain
 from swarm_fixture import Swarm
 
@@ -28,11 +29,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 
 
 def test_a_single_host_hive_never_imports_nats() -> None:
-    """Only swarm/bus.py, swarm/bridge.py and the bridge's swarm/operator.py and
-    swarm/show.py import nats, and every import of them elsewhere is inside a function
+    """Only swarm/bus.py, swarm/bridge.py and the bridge's swarm/operator.py,
+    swarm/show.py and swarm/watch.py import nats, and every import of them elsewhere is inside a function
     (the daemon's, taken only with [swarm])."""
     src = Path(hyperhive.__file__).parent
-    nats_modules = ("swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py")
+    nats_modules = (
+        "swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py", "swarm/watch.py"
+    )
     loaders = {"hyperhive." + m.removesuffix(".py").replace("/", ".") for m in nats_modules}
     for path in src.rglob("*.py"):
         rel = path.relative_to(src).as_posix()
@@ -211,7 +214,8 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
     """The new code against a swarm set up before per-host roster buckets (its admin has
     not run ensure_streams again): the bridge's roster waits for its bucket, saying once
     (every 30 s) in one line what the admin must do, and goes on once the bucket is
-    there; in it, it purges its own old deletes and keeps its live keys. Here host ``zz``
+    there; in it, it purges its own old deletes (as its watch of its bucket saw them) and
+    keeps its live keys. Here host ``zz``
     (no bucket) on the test swarm's bus, as its admin."""
     async def go() -> tuple[bool, str]:
         user, password = swarm.net.admin()
@@ -232,6 +236,16 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
             await kv.put(s.row_key("zz", "x"), b"{}")
             await kv.put(s.row_key("zz", "y"), b"{}")
             await kv.delete(s.row_key("zz", "x"))
+            # Which are deletes, its watch of its own bucket says (its one consumer there).
+            bridge._deletes = {}
+            watch = RosterWatch(nc, "zz", "zz")
+            await watch.start()
+            try:
+                while (entry := await watch.updates(timeout=5)) is not None:
+                    bridge._own_entry(entry)
+            finally:
+                await watch.stop()
+            assert set(bridge._deletes) == {s.row_key("zz", "x")}, bridge._deletes
             await bridge._purge_deletes(kv, older=0)
             state = (await js.stream_info(s.kv_stream("zz"))).state
             assert state.messages == 1 and (await kv.get(s.row_key("zz", "y"))).value == b"{}"
