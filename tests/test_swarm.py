@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import nats
@@ -205,6 +206,50 @@ def test_swarm_tables(tmp_path: Path) -> None:
     sw.prune(keep_sent=0)
     assert sw.counts() == (2, 0)
     store.close()
+
+
+@needs_root
+def test_a_roster_watch_made_again_goes_on_from_the_next_sequence(swarm: Swarm) -> None:
+    """swarm/watch.py: host zz's watch of its bucket gives every key's last value (a delete
+    too), then the end-of-data marker; its consumer is ``w_zz`` alone. The admin deletes
+    it (as a node's loss would): the watch hears no heartbeat, makes it again, and gives
+    the next put only (no replay, nothing lost)."""
+
+    async def go() -> None:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        js = nc.jetstream()
+        stream = s.kv_stream("zz")
+        try:
+            await bus._ensure_roster(js, "zz", 1)
+            kv = await js.key_value(s.bucket("zz"))
+            for key in ("k1", "k2", "k1", "k3"):
+                await kv.put(s.row_key("zz", key), key.encode())
+            await kv.delete(s.row_key("zz", "k3"))
+            watch = RosterWatch(nc, "zz", "zz")
+            await watch.start()
+            try:
+                got = []
+                while (entry := await watch.updates(timeout=5)) is not None:
+                    got.append((entry.key.rsplit(".", 1)[1], entry.operation, entry.revision))
+                assert got == [("k2", None, 2), ("k1", None, 3), ("k3", "DEL", 5)], got
+                assert [c.name for c in await js.consumers_info(stream)] == [s.watcher("zz")]
+                await js.delete_consumer(stream, s.watcher("zz"))
+                await kv.put(s.row_key("zz", "k4"), b"k4")
+                entry = await watch.updates(timeout=15)
+                assert entry is not None and (entry.key, entry.revision) == (s.row_key("zz", "k4"), 6)
+                assert entry.value == b"k4" and abs(entry.created.timestamp() - time.time()) < 30
+                with pytest.raises(TimeoutError):
+                    await watch.updates(timeout=1)  # nothing replayed
+                assert [c.name for c in await js.consumers_info(stream)] == [s.watcher("zz")]
+            finally:
+                await watch.stop()
+            assert await js.consumers_info(stream) == []  # its own: deleted on stop
+        finally:
+            await js.delete_stream(stream)
+            await nc.close()
+
+    asyncio.run(go())
 
 
 @needs_root
