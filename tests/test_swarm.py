@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sqlite3
+import time
 from pathlib import Path
 
 import nats
@@ -21,6 +22,7 @@ from hyperhive.config import ConfigError, load_config
 from hyperhive.swarm import bus
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import Bridge
+from hyperhive.swarm.watch import RosterWatch
 from swarm_faults import drain
 from swarm_fixture import Swarm
 
@@ -28,11 +30,13 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 
 
 def test_a_single_host_hive_never_imports_nats() -> None:
-    """Only swarm/bus.py, swarm/bridge.py and the bridge's swarm/operator.py and
-    swarm/show.py import nats, and every import of them elsewhere is inside a function
+    """Only swarm/bus.py, swarm/bridge.py and the bridge's swarm/operator.py,
+    swarm/show.py and swarm/watch.py import nats, and every import of them elsewhere is inside a function
     (the daemon's, taken only with [swarm])."""
     src = Path(hyperhive.__file__).parent
-    nats_modules = ("swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py")
+    nats_modules = (
+        "swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py", "swarm/watch.py"
+    )
     loaders = {"hyperhive." + m.removesuffix(".py").replace("/", ".") for m in nats_modules}
     for path in src.rglob("*.py"):
         rel = path.relative_to(src).as_posix()
@@ -205,13 +209,58 @@ def test_swarm_tables(tmp_path: Path) -> None:
 
 
 @needs_root
+def test_a_roster_watch_made_again_goes_on_from_the_next_sequence(swarm: Swarm) -> None:
+    """swarm/watch.py: host zz's watch of its bucket gives every key's last value (a delete
+    too), then the end-of-data marker; its consumer is ``w_zz`` alone. The admin deletes
+    it (as a node's loss would): the watch hears no heartbeat, makes it again, and gives
+    the next put only (no replay, nothing lost)."""
+
+    async def go() -> None:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        js = nc.jetstream()
+        stream = s.kv_stream("zz")
+        try:
+            await bus._ensure_roster(js, "zz", 1)
+            kv = await js.key_value(s.bucket("zz"))
+            for key in ("k1", "k2", "k1", "k3"):
+                await kv.put(s.row_key("zz", key), key.encode())
+            await kv.delete(s.row_key("zz", "k3"))
+            watch = RosterWatch(nc, "zz", "zz")
+            await watch.start()
+            try:
+                got = []
+                while (entry := await watch.updates(timeout=5)) is not None:
+                    got.append((entry.key.rsplit(".", 1)[1], entry.operation, entry.revision))
+                assert got == [("k2", None, 2), ("k1", None, 3), ("k3", "DEL", 5)], got
+                assert [c.name for c in await js.consumers_info(stream)] == [s.watcher("zz")]
+                await js.delete_consumer(stream, s.watcher("zz"))
+                await kv.put(s.row_key("zz", "k4"), b"k4")
+                entry = await watch.updates(timeout=15)
+                assert entry is not None and (entry.key, entry.revision) == (s.row_key("zz", "k4"), 6)
+                assert entry.value == b"k4" and abs(entry.created.timestamp() - time.time()) < 30
+                with pytest.raises(TimeoutError):
+                    await watch.updates(timeout=1)  # nothing replayed
+                assert [c.name for c in await js.consumers_info(stream)] == [s.watcher("zz")]
+            finally:
+                await watch.stop()
+            assert await js.consumers_info(stream) == []  # its own: deleted on stop
+        finally:
+            await js.delete_stream(stream)
+            await nc.close()
+
+    asyncio.run(go())
+
+
+@needs_root
 def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
     swarm: Swarm, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The new code against a swarm set up before per-host roster buckets (its admin has
     not run ensure_streams again): the bridge's roster waits for its bucket, saying once
     (every 30 s) in one line what the admin must do, and goes on once the bucket is
-    there; in it, it purges its own old deletes and keeps its live keys. Here host ``zz``
+    there; in it, it purges its own old deletes (as its watch of its bucket saw them) and
+    keeps its live keys. Here host ``zz``
     (no bucket) on the test swarm's bus, as its admin."""
     async def go() -> tuple[bool, str]:
         user, password = swarm.net.admin()
@@ -232,6 +281,16 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
             await kv.put(s.row_key("zz", "x"), b"{}")
             await kv.put(s.row_key("zz", "y"), b"{}")
             await kv.delete(s.row_key("zz", "x"))
+            # Which are deletes, its watch of its own bucket says (its one consumer there).
+            bridge._deletes = {}
+            watch = RosterWatch(nc, "zz", "zz")
+            await watch.start()
+            try:
+                while (entry := await watch.updates(timeout=5)) is not None:
+                    bridge._own_entry(entry)
+            finally:
+                await watch.stop()
+            assert set(bridge._deletes) == {s.row_key("zz", "x")}, bridge._deletes
             await bridge._purge_deletes(kv, older=0)
             state = (await js.stream_info(s.kv_stream("zz"))).state
             assert state.messages == 1 and (await kv.get(s.row_key("zz", "y"))).value == b"{}"

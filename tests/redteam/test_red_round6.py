@@ -321,7 +321,7 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(hives: Swarm[H
     async def attack(nc: Any) -> None:
         replies.append((await nc.request(key, b"c", timeout=10)).data)  # a put, its own key
         # What a receiver whose cache is behind reads: both claims live, a's the earlier.
-        claims.append(await live_claims(await roster_buckets(nc), "alice"))
+        claims.append(await live_claims(nc, await roster_buckets(nc), "alice"))
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)
 
     async def restore(nc: Any) -> None:  # the session's swarm: c's claim taken back

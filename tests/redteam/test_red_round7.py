@@ -451,7 +451,7 @@ def test_a_hostile_host_cannot_wipe_the_roster_and_take_the_names(hives: Swarm[H
         for subject in (s.msg_subject("b", "c"), s.op_subject("b", "c")):  # (its other streams)
             replies.append((await nc.request(subject, b"[]", headers={"Nats-Rollup": "all"}, timeout=10)).data)
         await nc.request(claim, b"c", timeout=10)
-        claims.append(await live_claims(await roster_buckets(nc), "alice"))
+        claims.append(await live_claims(nc, await roster_buckets(nc), "alice"))
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)
 
     async def restore(nc: Any) -> None:  # the session's swarm: c's keys taken back

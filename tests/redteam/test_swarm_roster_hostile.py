@@ -3,10 +3,12 @@ credentials, host c tries to fill the roster so the other hosts can no longer wr
 their rows, heartbeats and name claims, and to delete the other hosts' roster watches.
 
 Each host's roster keys live in a bucket of its own (``HIVE_ROSTER_<host>``, bounded by
-NATS on its own), and no host may delete a consumer: c fills only its own bucket (NATS
-refuses its puts past the bound) while a and b go on writing theirs, and its delete of
-a's watch is a permissions violation. A watch the bus drops (the admin deletes it here)
-is started again by its host, and the roster goes on arriving.
+NATS on its own), and a host may create, and delete, one consumer a bucket only, under
+its own name (``w_<host>``, its watch): c fills only its own bucket (NATS refuses its
+puts past the bound) while a and b go on writing theirs; its delete of b's watch is a
+permissions violation, and so is any consumer it makes under another name (red team
+round 9). A watch the bus drops (the admin deletes it here) is started again by its
+host, and the roster goes on arriving.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 from typing import Any
 
 import nats
@@ -91,8 +94,8 @@ def test_a_hostile_host_fills_only_its_own_roster_bucket(swarm: Swarm) -> None:
 
 @pytest.mark.attack("swarm-roster-consumer", ref="issue 18: CONSUMER.DELETE on the roster allowed to every host")
 def test_a_hostile_host_cannot_delete_another_hosts_roster_watch(swarm: Swarm) -> None:
-    """c deletes a consumer of a's roster bucket (one of the hosts' watches, its name read
-    by the admin): a permissions violation, and the consumer is still there. Then the
+    """c deletes b's watch of a's roster bucket (and of its own): a permissions violation,
+    and the consumer is still there (c may delete only its own, ``w_c``). Then the
     admin deletes every watch of b's bucket (as a node's loss would): the hosts watch it
     afresh, and b's new agent still reaches a's roster."""
 
@@ -103,7 +106,8 @@ def test_a_hostile_host_cannot_delete_another_hosts_roster_watch(swarm: Swarm) -
         finally:
             await nc.close()
 
-    [victim, *_] = asyncio.run(consumers(s.kv_stream("a")))
+    victim = s.watcher("b")
+    assert victim in asyncio.run(consumers(s.kv_stream("a")))
     for stream in (s.kv_stream("a"), s.kv_stream("c")):  # another's, and even its own bucket's
         subject = f"$JS.API.CONSUMER.DELETE.{stream}.{victim}"
 
@@ -136,9 +140,10 @@ def test_a_hostile_host_cannot_delete_another_hosts_roster_watch(swarm: Swarm) -
 
 @pytest.mark.attack("swarm-push-delivery", ref="issue 18: a consumer's deliver subject is the creator's choice; NATS 2.9 checks no publish permission on it")
 def test_a_hostile_hosts_push_consumer_cannot_speak_for_another_host(swarm: Swarm) -> None:
-    """c may make consumers on every roster bucket (to watch it), and a push consumer's
-    deliver subject is whatever c writes in its config: the server then publishes c's own
-    bucket values on a subject c may not publish to. c aims one at a's show requests
+    """c may make a consumer on every roster bucket (its watch, ``w_c``), and a push
+    consumer's deliver subject is whatever c writes in its config: the server then
+    publishes c's own bucket values on a subject c may not publish to. c deletes its own
+    watch of its own bucket and makes it again aimed at a's show requests
     "from b" (``hive.show.a.from.b``) with a request it wrote in its own bucket: a must
     not take a delivery by the bus for a request from b (it would answer b, doing work
     on c's word), and answers nothing, while a real request from b is still answered.
@@ -158,8 +163,11 @@ def test_a_hostile_hosts_push_consumer_cannot_speak_for_another_host(swarm: Swar
             "ack_policy": "none",
             "inactive_threshold": 5_000_000_000,
         }
-        body = json.dumps({"stream_name": s.kv_stream("c"), "config": config}).encode()
-        made = json.loads((await nc.request(f"$JS.API.CONSUMER.CREATE.{s.kv_stream('c')}", body, timeout=10)).data)
+        stream, name = s.kv_stream("c"), s.watcher("c")
+        await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=10)
+        body = json.dumps({"stream_name": stream, "config": {**config, "name": name}}).encode()
+        create = f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{config['filter_subject']}"
+        made = json.loads((await nc.request(create, body, timeout=10)).data)
         seen.append(json.dumps(made).encode())
 
     async def listen_then_attack() -> None:
@@ -191,3 +199,71 @@ def test_a_hostile_hosts_push_consumer_cannot_speak_for_another_host(swarm: Swar
 
     asyncio.run(listen_then_attack())
     assert seen and b'"error"' not in seen[0], seen  # the consumer was made: the lever is real
+
+
+YEARS = 10 * 365 * 86400 * 10**9  # an inactive threshold, in nanoseconds
+
+
+@pytest.mark.attack("swarm-consumer-flood", ref="red team round 9: consumers a host leaves on the roster buckets")
+def test_a_hostile_host_holds_at_most_one_consumer_a_roster_bucket(swarm: Swarm) -> None:
+    """Red team round 9: c made consumers on a's bucket with nobody subscribed, on every
+    node (R3, on disk), with a ten-year inactive threshold, by the plain create and under
+    durable names of its own; 300 of them made b's name-claim reads fail, and only the
+    admin could remove them. Now c's plain create, its durable create and a create under
+    a's name (``w_a``) are permissions violations; under its own name, ``w_c``, c makes
+    (deleting it first, as it may) five such consumers in a row: a's bucket holds one of
+    c's, and only the hosts' watches. c's core then finds its watch gone quiet and makes
+    it again (threshold 30 s, in memory, one replica)."""
+    stream = s.kv_stream("a")
+    tag = secrets.token_hex(4)
+    base = {
+        "deliver_policy": "last_per_subject",
+        "ack_policy": "none",
+        "num_replicas": 3,
+        "filter_subject": s.kv_subject("a", ">"),
+        "inactive_threshold": YEARS,
+        "mem_storage": False,
+        "deliver_subject": f"{s.inbox_prefix('c')}.r9{tag}",
+    }
+    durable = f"r9dur{tag}"
+    refused = [
+        (f"$JS.API.CONSUMER.CREATE.{stream}", base),
+        (f"$JS.API.CONSUMER.DURABLE.CREATE.{stream}.{durable}", {**base, "durable_name": durable}),
+        (f"$JS.API.CONSUMER.CREATE.{stream}.{s.watcher('a')}", {**base, "name": s.watcher("a")}),
+        (f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{base['filter_subject']}", {**base, "name": durable}),
+    ]
+    for subject, config in refused:
+        body = json.dumps({"stream_name": stream, "config": config}).encode()
+
+        async def create(nc: Any, subject: str = subject, body: bytes = body) -> None:
+            await nc.publish(subject, body, reply=nc.new_inbox())
+            await nc.flush()
+
+        violation(as_host_c(swarm, create), f'publish to "{subject}"')
+
+    own = s.watcher("c")
+    replies: list[dict[str, Any]] = []
+
+    async def flood(nc: Any) -> None:
+        for i in range(5):
+            await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{own}", b"", timeout=10)
+            config = {**base, "name": own, "deliver_subject": f"{s.inbox_prefix('c')}.r9{tag}.{i}"}
+            body = json.dumps({"stream_name": stream, "config": config}).encode()
+            subject = f"$JS.API.CONSUMER.CREATE.{stream}.{own}.{base['filter_subject']}"
+            replies.append(json.loads((await nc.request(subject, body, timeout=10)).data))
+
+    async def left() -> dict[str, float]:  # as the admin: a's bucket's consumers, thresholds
+        nc = await _admin(swarm)
+        try:
+            infos = await nc.jetstream().consumers_info(stream)
+            return {c.name: c.config.inactive_threshold or 0.0 for c in infos}
+        finally:
+            await nc.close()
+
+    assert as_host_c(swarm, flood, settle=0) == []
+    assert all("error" not in r for r in replies), replies  # its own name: allowed
+    kept = asyncio.run(left())
+    assert set(kept) <= {s.watcher(h) for h in ("a", "b", "c")}, kept
+    assert kept[own] > 300, kept  # c's last one stands, alone (the lever, bounded)
+    # c's core sees its watch of a's bucket stall, deletes c's leftover and makes its own.
+    wait_for(lambda: 0 < asyncio.run(left()).get(own, 0) <= 60, timeout=30, interval=1.0)

@@ -7,8 +7,8 @@ Four loops share one connection, each restarting on its own after a failure:
 - ``_consume_loop``: one puller per other host, on this host's durable consumer of what
   that host sent: commit (dedup by id), then ack;
 - ``_roster_loop``: this host's agent rows and name claims into its own KV bucket;
-- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch of every
-  host's bucket;
+- ``_watch_loop``: the roster cache (agent -> host, rows) from a watch of every
+  host's bucket (swarm/watch.py: the one consumer this host may have on each);
 - ``_quota_loop``: the storage quota across hosts (swarm/quota.py): what this host
   released of other hosts' agents' messages out to the bucket, and what the others
   released of this host's agents' in from it.
@@ -22,7 +22,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,7 @@ from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore, queue_tx
 from hyperhive.swarm.settings import SwarmSection
 from hyperhive.swarm.show import ShowRelay
+from hyperhive.swarm.watch import Entry, RosterWatch
 from hyperhive.wire.common import SHORT_TEXT_CHARS, Question
 
 if TYPE_CHECKING:
@@ -61,8 +62,6 @@ QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
 REPORTS = 1024  # released counts published in one round (the rest: the next rounds)
 BUCKETS_EVERY = 2.0  # seconds between two looks for the hosts' roster buckets
 SAY_EVERY = 30.0  # seconds between two log lines of "no roster bucket yet"
-CLAIM_WATCH_IDLE = 10.0  # a lookup's short watch: the server drops its consumer after this
-WATCH_IDLE = 30.0  # a roster watch whose subscriber is gone: the server drops it after this
 PURGE_EVERY = 300.0  # seconds between two purges of this host's old deletes (its bucket)
 AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch starts again
 
@@ -96,27 +95,27 @@ def earliest(claims: dict[str, datetime]) -> str | None:
     return min(claims, key=lambda host: (claims[host], host)) if claims else None
 
 
-async def live_claims(buckets: Mapping[str, KeyValue], agent: str) -> dict[str, datetime]:
-    """``agent``'s live claims, host -> when the bus stored it: in each host's bucket, a
-    short watch of ``names.<agent>.<host>`` up to its end-of-data marker (a delete skipped)."""
+async def live_claims(nc: NATS, hosts: Iterable[str], agent: str) -> dict[str, datetime]:
+    """``agent``'s live claims, host -> when the bus stored it: in each host's bucket, the
+    last message on ``names.<agent>.<host>`` (a delete or purge: none), read from the
+    stream's leader by STREAM.MSG.GET. No consumer: a lookup makes none (red team round
+    9: consumers a hostile host piled up made these reads fail)."""
+    js = nc.jetstream(timeout=5.0)
 
-    async def one(host: str, kv: KeyValue) -> datetime | None:
-        watcher = await kv.watch(
-            s.name_key(agent, host),
-            ignore_deletes=True,
-            meta_only=True,
-            inactive_threshold=CLAIM_WATCH_IDLE,
-        )
+    async def one(host: str) -> datetime | None:
         try:
-            entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
-            return None if entry is None else entry.created
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+            msg = await js.get_last_msg(
+                s.kv_stream(host), s.kv_subject(host, s.name_key(agent, host))
+            )
+        except nats.js.errors.NotFoundError:
+            return None
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or msg.time is None:
+            return None
+        return msg.time
 
-    hosts = sorted(buckets)
-    got = await asyncio.gather(*(one(h, buckets[h]) for h in hosts))
-    return {h: when for h, when in zip(hosts, got, strict=True) if when is not None}
+    names = sorted(hosts)
+    got = await asyncio.gather(*(one(h) for h in names))
+    return {h: when for h, when in zip(names, got, strict=True) if when is not None}
 
 
 def bundles(batch: list[Outgoing]) -> list[list[Outgoing]]:
@@ -151,6 +150,7 @@ class Bridge:
         self._purged_at = time.monotonic()  # old deletes purged from our bucket (not at start)
         self.names: dict[str, str] = {}  # agent -> owning host, every host's (the roster cache)
         self.claims: dict[str, dict[str, datetime]] = {}  # agent -> {host: stored at}, live
+        self._deletes: dict[str, datetime] = {}  # our own bucket's deletes, key -> stored at
         self._beats: dict[str, int] = {}  # host -> its heartbeat key's last revision seen
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
         self._wake = asyncio.Event()
@@ -605,22 +605,22 @@ class Bridge:
         """Purge this host's own deletes older than ``older`` seconds (every question,
         approval and outcome leaves one), so its bucket's bound is spent on live keys.
         Every watcher has seen them by then; a new one needs no delete of a key it never
-        saw. (nats-py's ``purge_deletes`` leaves its watch running.)"""
-        watcher = await kv.watchall(meta_only=True, inactive_threshold=CLAIM_WATCH_IDLE)
-        old: list[str] = []
-        try:
-            now = time.time()
-            while (entry := await watcher.updates(timeout=5.0)) is not None:  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
-                gone = entry.operation in ("DEL", "PURGE") and entry.created is not None
-                if gone and now - entry.created.timestamp() > older:
-                    old.append(entry.key)
-        finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+        saw. Which they are, our watch of our own bucket says (``_own_entry``): a scan of
+        its own would be a second consumer, and NATS lets us have one a bucket."""
+        now = time.time()
+        old = [k for k, at in self._deletes.items() if now - at.timestamp() > older]
         for key in old:
             await self._js().purge_stream(
                 s.kv_stream(self.host), subject=s.kv_subject(self.host, key)
             )
+            self._deletes.pop(key, None)
+
+    def _own_entry(self, entry: Entry) -> None:
+        """Note a delete in our own bucket (to purge it later), or a put that undoes one."""
+        if entry.operation in ("DEL", "PURGE"):
+            self._deletes[entry.key] = entry.created
+        else:
+            self._deletes.pop(entry.key, None)
 
     async def _claim(self, kv: KeyValue, name: str) -> None:
         """Make ``name`` this host's swarm-wide: write our own claim (a create keeps an
@@ -643,7 +643,8 @@ class Bridge:
     async def _lookup(self, agent: str) -> str | None:
         """``agent``'s owner as the buckets say now (the cache may be behind); cached."""
         # The buckets the watch loop has found (it looks every BUCKETS_EVERY seconds).
-        claims = await live_claims(self.buckets or await self._buckets(), agent)
+        assert self.nc is not None
+        claims = await live_claims(self.nc, self.buckets or await self._buckets(), agent)
         self.claims[agent] = claims  # the bucket now: the watch may be behind
         self._own(agent)
         return earliest(claims)
@@ -683,12 +684,14 @@ class Bridge:
             await asyncio.gather(*watches.values(), return_exceptions=True)
 
     async def _watch(self, host: str) -> None:
-        watcher = await self.buckets[host].watchall(inactive_threshold=WATCH_IDLE)
+        assert self.nc is not None
+        watcher = RosterWatch(self.nc, self.host, host)
         quiet = 0
         try:
+            await watcher.start()
             while True:
                 try:
-                    entry = await watcher.updates(timeout=s.STALE_SECONDS)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+                    entry = await watcher.updates(timeout=s.STALE_SECONDS)
                 except TimeoutError:
                     # A live host puts its heartbeat every second: a watch that brings
                     # nothing for this long is stuck (its node died, say), or the host is
@@ -705,13 +708,15 @@ class Bridge:
                         return
                     continue
                 quiet = 0
-                if entry is not None:
-                    self._apply(
-                        host, entry.key, entry.value, entry.operation, entry.revision, entry.created
-                    )
+                if entry is None:
+                    continue  # the initial load is through
+                if host == self.host:
+                    self._own_entry(entry)
+                self._apply(
+                    host, entry.key, entry.value, entry.operation, entry.revision, entry.created
+                )
         finally:
-            with contextlib.suppress(Exception):
-                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+            await watcher.stop()
 
     # -- the storage quota across hosts (swarm/quota.py) ------------------------------
 

@@ -37,9 +37,13 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
             f"$JS.ACK.{s.STREAM}.{durable}.>",
         ]
     ops = s.ops_consumer(host)
-    # Every host's roster bucket is read by every host (its watch: an ordered consumer the
-    # server names, removed by the server once unused; no host may delete a consumer, so
-    # none can cut another's watch). Stream names are single tokens, so each is listed.
+    # Every host's roster bucket is read by every host: its watch is one push consumer
+    # under the one name the host may create there (s.watcher: NATS matches whole tokens,
+    # so the name is exact), which it alone may delete and make again; no unnamed or
+    # durable create, so a host holds at most one consumer a bucket, whatever its config
+    # (red team round 9). Name claims are read by STREAM.MSG.GET, no consumer at all.
+    # Stream names are single tokens, so each bucket is listed.
+    watch = s.watcher(host)
     roster: list[str] = ["$JS.API.STREAM.NAMES"]  # to find the hosts' buckets
     for other in sorted({*hosts, host}):
         bucket = s.kv_stream(other)
@@ -47,10 +51,11 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
             f"$JS.API.STREAM.INFO.{bucket}",
             f"$JS.API.STREAM.MSG.GET.{bucket}",
             f"$JS.API.DIRECT.GET.{bucket}.>",
-            f"$JS.API.CONSUMER.CREATE.{bucket}",
-            f"$JS.API.CONSUMER.CREATE.{bucket}.>",
-            f"$JS.API.CONSUMER.INFO.{bucket}.>",
-            f"$JS.FC.{bucket}.>",  # flow control replies of its roster watchers
+            f"$JS.API.CONSUMER.CREATE.{bucket}.{watch}",
+            f"$JS.API.CONSUMER.CREATE.{bucket}.{watch}.>",  # (the filter, in the subject)
+            f"$JS.API.CONSUMER.INFO.{bucket}.{watch}",
+            f"$JS.API.CONSUMER.DELETE.{bucket}.{watch}",
+            f"$JS.FC.{bucket}.>",  # flow control replies of its watch
         ]
     own = s.kv_subject(host, "")  # "$KV.HIVE_ROSTER_<host>.": writes to its own bucket only
     return {

@@ -71,6 +71,12 @@ def host_of_stream(stream: str) -> str | None:
     return stream[len(prefix) :] if stream.startswith(prefix) else None
 
 
+def watcher(reader: str) -> str:
+    """The one consumer ``reader`` may have on each roster bucket (its watch of it): NATS
+    lets it create consumers under this name only, so it holds at most one a bucket."""
+    return f"w_{reader}"
+
+
 def kv_subject(host: str, key: str) -> str:
     """The subject a put of ``key`` in ``host``'s bucket is published on."""
     return f"$KV.{bucket(host)}.{key}"
