@@ -54,6 +54,7 @@ REQUIRED = {
     "init.runtime-inheritance", "cage.cgroup-join",
     # session 7: steering other hosts' agents
     "swarm-remote-steering", "swarm-roster-fill", "swarm-roster-consumer", "swarm-push-delivery",
+    "swarm-consumer-flood",
 }
 
 PLUGIN = r'''
