@@ -45,6 +45,7 @@ from typing import Any
 import pytest
 
 from helpers import render_toml
+from hyperhive.cage import layout
 from hyperhive.client import Client, HiveUnavailable, priv_send
 from hyperhive.priv.cgroups import Cgroup, hive_key
 
@@ -224,7 +225,11 @@ class HiveProcess:
         return self.run_dir / "agents" / name / "agent.sock"
 
     def home(self, name: str) -> Path:
-        return self.state_dir / "agents" / name / "home"
+        """The agent's home as the host reaches it: through its running cage's root.
+        The home is mounted in the cage's own mount namespace only (homes.open_home);
+        on the host, ``agents/<name>/home`` is an empty root-only directory."""
+        info = json.loads((self.state_dir / "priv" / "cages" / name / "info.json").read_text())
+        return Path(f"/proc/{info['child_pid']}/root{layout.HOME}")
 
     # -- process -----------------------------------------------------------------
 

@@ -268,8 +268,12 @@ def runtime_procs(hive: HiveProcess, name: str) -> list[int]:
 
 
 def home(hive: HiveProcess, name: str, file: str) -> list[str]:
-    path = hive.home(name) / file
-    return path.read_text().splitlines() if path.exists() else []
+    """The lines of ``file`` in the agent's home; none while its cage is not running
+    (the host reaches the home through the running cage)."""
+    try:
+        return (hive.home(name) / file).read_text().splitlines()
+    except OSError:
+        return []
 
 
 class StatusEvents:

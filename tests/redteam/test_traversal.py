@@ -186,6 +186,8 @@ def _plant_restart_destroy(h: HiveProcess, canary: Path) -> None:
         assert h.host_call("restart", name="rtsym")["ok"]
         h.wait_running(["rtsym"])
         assert canary_state(canary) == before
+        home = h.home("rtsym")  # through the new cage's root
+        assert os.readlink(home / "to-dir") == str(canary)
         assert stat.S_IMODE(home.stat().st_mode) == 0o700 and not home.is_symlink()
     finally:
         assert h.host_call("destroy", name="rtsym")["ok"]

@@ -23,11 +23,11 @@ import os
 import stat
 from collections.abc import Iterable
 
+from hyperhive.priv import mountapi
+
 CLONE_NEWNS = 0x00020000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REC, MS_SLAVE = 0x1, 0x2, 0x4, 0x4000, 0x80000
 MS_BIND = 0x1000
-NR_FSOPEN, NR_FSCONFIG, NR_FSMOUNT = 430, 431, 432  # the same on x86_64 and aarch64
-FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY = 0x1, 6, 0x1, 0x1
 
 # The cage (bwrap, init, the harness: all inherit it) sits below ordinary processes
 # in the OOM order where the host lets hive-priv lower it (CAP_SYS_RESOURCE); the
@@ -35,13 +35,6 @@ FSOPEN_CLOEXEC, FSCONFIG_CMD_CREATE, FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY = 0x1, 6
 CAGE_OOM_SCORE_ADJ = -500
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(rc: int, what: str) -> int:
-    if rc < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-    return rc
 
 
 def lower_oom_score() -> None:
@@ -56,12 +49,7 @@ def lower_oom_score() -> None:
 def _empty_layer() -> int:
     """A detached, empty, read-only tmpfs: overlay wants two lower layers when it
     has no upper one, and this one is in no directory anyone could write into."""
-    fs = _check(_libc.syscall(NR_FSOPEN, b"tmpfs", FSOPEN_CLOEXEC), "fsopen(tmpfs)")
-    try:
-        _check(_libc.syscall(NR_FSCONFIG, fs, FSCONFIG_CMD_CREATE, None, None, 0), "fsconfig")
-        return _check(_libc.syscall(NR_FSMOUNT, fs, FSMOUNT_CLOEXEC, MOUNT_ATTR_RDONLY), "fsmount")
-    finally:
-        os.close(fs)
+    return mountapi.detached("tmpfs", mountapi.MOUNT_ATTR_RDONLY)
 
 
 def private_overlays(paths: Iterable[str]) -> list[str]:
@@ -69,11 +57,13 @@ def private_overlays(paths: Iterable[str]) -> list[str]:
     mount namespace where each directory of ``paths`` is a read-only overlay of
     itself. Returns the paths that could not be covered (they stay plain binds:
     the cage still starts, and says so in its log)."""
-    _check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
-    # Slave, not private: the overlays stay here, but an agent home unmounted on the
-    # host later (its cage stopped) is unmounted here too where the host's mounts are
-    # shared (systemd's default), so no other cage's start keeps its loop device busy.
-    _check(_libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /")
+    mountapi.check(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    # Slave, not private: the overlays and the home stay here, but a filesystem the host
+    # unmounts later is unmounted here too where the host's mounts are shared (systemd's
+    # default), so no running cage keeps a host's device busy.
+    mountapi.check(
+        _libc.mount(b"none", b"/", None, MS_REC | MS_SLAVE, None), "mount --make-rslave /"
+    )
     paths = list(paths)
     try:
         empty = _empty_layer()
@@ -89,7 +79,7 @@ def private_overlays(paths: Iterable[str]) -> list[str]:
             continue
         opts = f"lowerdir=/proc/self/fd/{real}:/proc/self/fd/{empty}".encode()
         try:
-            _check(
+            mountapi.check(
                 _libc.mount(
                     b"overlay", path.encode(), b"overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, opts
                 ),
@@ -113,8 +103,8 @@ def etc_view(view: str, etc: str, entries: Iterable[str], files: Iterable[str]) 
     onto them). bwrap then binds the view as the cage's /etc, read-only with every
     entry in it, in one step. It used to bind each entry itself, and bwrap reads all of
     /proc/self/mountinfo for every bind: 19 reads of a table that grows by a mount per
-    running cage (their homes), ~6 ms of a cold start with one cage and more with each."""
-    _check(
+    running cage (their homes, then), ~6 ms of a cold start with one cage and more with each."""
+    mountapi.check(
         _libc.mount(b"tmpfs", view.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, b"mode=0755"),
         f"tmpfs on {view}",
     )
@@ -128,8 +118,21 @@ def etc_view(view: str, etc: str, entries: Iterable[str], files: Iterable[str]) 
             os.mkdir(dst, 0o755)
         else:
             os.close(os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
-        _check(_libc.mount(src.encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src}")
+        mountapi.check(
+            _libc.mount(src.encode(), dst.encode(), None, MS_BIND | MS_REC, None), f"bind {src}"
+        )
     for name in files:
         os.close(
             os.open(f"{view}/{name}", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         )
+
+
+def attach_home(mount: int, view: str) -> None:
+    """In the calling process's own mount namespace (after ``private_overlays``): the
+    agent's home, a detached mount hive-priv made (homes.open_home), attached on ``view``
+    (an empty directory only root can reach, the same for every cage), where bwrap binds
+    it from (``--bind-fd`` of the same descriptor). The home is mounted in this namespace
+    and the cage's only: the host's mount table, which every cage start copies (twice:
+    here and in bwrap), stays the same size whatever number of cages run. The namespace
+    is a slave of the host's, so nothing mounted here propagates back."""
+    mountapi.attach(mount, view)

@@ -72,6 +72,7 @@ ETC_ALLOW = (
     "terminfo",
 )
 ETC_VIEW = "etc-view"  # in state/priv: see Cages.__init__
+HOME_VIEW = "home-view"  # in state/priv: where each start attaches its home (cage_mounts)
 ETC_OWN = ("passwd", "group", "hosts")  # the cage's own, not the host's (_etc_files)
 # Merged-/usr hosts have these as symlinks into /usr; others get read-only binds.
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -181,8 +182,11 @@ class Cages:
         # Where each cage start's /etc is put together (cage_mounts.etc_view), in the
         # starting child's own mount namespace; on the host an empty directory.
         self.etc_view = self.priv_dir / ETC_VIEW
+        # Likewise the agent's home (cage_mounts.attach_home): on the host, empty.
+        self.home_view = self.priv_dir / HOME_VIEW
         try:
-            os.close(safefs.ensure_dir(self.priv_fd, ETC_VIEW, 0, 0, 0o700, trusted=True))
+            for view in (ETC_VIEW, HOME_VIEW):
+                os.close(safefs.ensure_dir(self.priv_fd, view, 0, 0, 0o700, trusted=True))
         except (OSError, safefs.UnsafePath) as e:
             raise CageError(f"refusing to run on these directories: {e}") from None
         self.ids = IdAllocator(self.priv_fd, str(state_dir.root), registry)
@@ -200,7 +204,7 @@ class Cages:
 
     def prepare(self, name: str) -> AgentIds:
         """Allocate ids; create the home's directory (root's: the home itself is made
-        and mounted by ``start``), the socket directory (the core's, group = the
+        by ``start``, and mounted in the cage only), the socket directory (the core's, group = the
         agent's, setgid so sockets inherit the group) and the page directory."""
         check_name(name)
         try:
@@ -216,10 +220,12 @@ class Cages:
             os.close(safefs.ensure_dir(parent, name, *mode_args))
         return ids
 
-    def _home(self, name: str, ids: AgentIds, disk_mib: int) -> None:
+    def _home(self, name: str, ids: AgentIds, disk_mib: int) -> homes.Home:
         with safefs.opened(safefs.open_dir(self.agents_fd, name)) as agent_dir:
             try:
-                homes.mount_home(agent_dir, ids.uid, ids.gid, disk_mib, templates=self.priv_fd)
+                return homes.open_home(
+                    agent_dir, ids.uid, ids.gid, disk_mib, templates=self.priv_fd
+                )
             except (homes.HomeError, OSError, subprocess.SubprocessError) as e:
                 raise CageError(f"cage {name}: its home: {e}") from None
 
@@ -254,20 +260,24 @@ class Cages:
         info = self.info(name)
         if cgroup.pids():
             return (info or {}).get("child_pid", 0), False
-        self._home(name, ids, disk_mib)
-        t_home = time.monotonic()
-        cgroup.create(memory_mib, pids_max)
-        read_fd, write_fd = os.pipe()
-        system_dirs = self.system_dirs()
-
-        def in_child() -> None:  # the cgroup, the OOM order, limits, the system overlays
-            enter_cage_limits(cgroup)
-            cage_mounts.lower_oom_score()
-            cage_mounts.private_overlays(system_dirs)
-            cage_mounts.etc_view(str(self.etc_view), "/etc", ETC_ALLOW, ETC_OWN)
-
         with contextlib.ExitStack() as opened:
-            binds = self._bind_fds(name, ids, opened)
+            home = self._home(name, ids, disk_mib)
+            opened.callback(os.close, home.fd)  # the child's attach holds the mount after
+            t_home = time.monotonic()
+            cgroup.create(memory_mib, pids_max)
+            read_fd, write_fd = os.pipe()
+            system_dirs = self.system_dirs()
+            home_view = str(self.home_view)
+
+            def in_child() -> None:  # the cgroup, the OOM order, limits, the mounts
+                enter_cage_limits(cgroup)
+                cage_mounts.lower_oom_score()
+                cage_mounts.private_overlays(system_dirs)
+                cage_mounts.etc_view(str(self.etc_view), "/etc", ETC_ALLOW, ETC_OWN)
+                if home.detached:
+                    cage_mounts.attach_home(home.fd, home_view)
+
+            binds = self._bind_fds(name, ids, home.fd, opened)
             cage_dir = opened.enter_context(safefs.opened(safefs.open_dir(self.cages_fd, name)))
             log_fd = opened.enter_context(safefs.opened(safefs.open_append(cage_dir, "cage.log")))
             argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds)]
@@ -325,9 +335,12 @@ class Cages:
             "hosts": f"127.0.0.1 localhost {name}\n::1 localhost\n",
         }
 
-    def _bind_fds(self, name: str, ids: AgentIds, stack: contextlib.ExitStack) -> dict[str, int]:
+    def _bind_fds(
+        self, name: str, ids: AgentIds, home: int, stack: contextlib.ExitStack
+    ) -> dict[str, int]:
         """Descriptors of everything bound into the cage, opened here without following
         links: bwrap binds exactly these (``--bind-fd``), never a path it would resolve.
+        The home is its mount's descriptor (homes.open_home; the caller closes it).
         passwd, group and hosts are memfds bwrap copies (``--ro-bind-data``): no host
         file, and no host path in the cage's mountinfo."""
 
@@ -335,9 +348,8 @@ class Cages:
             stack.callback(os.close, fd)
             return fd
 
-        agent_dir = keep(safefs.open_dir(self.agents_fd, name))
         fds = {
-            "home": keep(safefs.open_dir(agent_dir, homes.HOME)),
+            "home": home,
             "sockets": keep(safefs.open_dir(self.run_agents_fd, name)),
             "web": keep(safefs.open_dir(self.run_ui_fd, name)),
         }
@@ -428,7 +440,8 @@ class Cages:
             raise CageError(f"cage {name}: processes survived SIGKILL")
         with contextlib.suppress(FileNotFoundError):
             self._write_info(name, None)
-        # The home's filesystem is mounted only while its cage runs.
+        # The home's filesystem went with the cage's namespaces; one a hive-priv from
+        # before mounted on the host is unmounted there.
         try:
             with safefs.opened(safefs.open_dir(self.agents_fd, name)) as agent_dir:
                 homes.unmount_home(agent_dir)

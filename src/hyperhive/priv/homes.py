@@ -1,5 +1,7 @@
 """Agent homes with a disk quota: each home is an ext4 filesystem of its own, in a
-sparse image file, loop-mounted by hive-priv on ``agents/<name>/home``.
+sparse image file (``agents/<name>/home.img``), on a loop device, mounted only in its
+cage's own mount namespace: hive-priv mounts it detached (open_home), the cage's
+starting child attaches it, and it goes with the cage.
 
 Why a filesystem per home and not project quotas: the state directory's
 filesystem rarely has project quotas enabled, and on ext4 the owner of a file may
@@ -9,8 +11,7 @@ escaped: writes past its size fail with ENOSPC inside the cage, and nothing else
 on the host notices. The image is sparse, so it costs only what the agent wrote.
 It also hides the host's path of the home from the cage's mountinfo.
 
-Every path here is opened from descriptors (``safefs``); ``mount`` gets
-``/proc/self/fd/N`` names, which the kernel resolves from the descriptor.
+Every path here is opened from descriptors (``safefs``); the mount is a descriptor too.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import stat
 import struct
 import subprocess
 import threading
+from dataclasses import dataclass
 
-from hyperhive.priv import safefs
+from hyperhive.priv import mountapi, safefs
 
 log = logging.getLogger("hive.priv")
 
@@ -33,7 +35,6 @@ IMAGE = "home.img"
 LOOP_RECORD = "home.loop"  # the loop device last attached to the image: checked first
 HOME = "home"
 MNT_DETACH = 2
-MS_NOSUID, MS_NODEV, MS_NOATIME = 0x2, 0x4, 0x400
 # <linux/loop.h>: the ioctls, LO_FLAGS_AUTOCLEAR (the device goes with its last user: the
 # mount), and struct loop_info64 (232 bytes: lo_device and lo_inode first) inside struct
 # loop_config (fd, block_size, loop_info64, 8 reserved u64).
@@ -51,22 +52,33 @@ class HomeError(Exception):
     """The home could not be made or mounted (one line)."""
 
 
-def mount_home(
+@dataclass(frozen=True)
+class Home:
+    """One cage start's home: ``fd`` is a detached mount of the agent's filesystem (the
+    starting child attaches it in the cage's own mount namespace: cage_mounts.attach_home),
+    or, ``detached`` False, a plain directory on the host (a home from before quotas)."""
+
+    fd: int
+    detached: bool
+
+
+def open_home(
     agent_dir: int, uid: int, gid: int, disk_mib: int, templates: int | None = None
-) -> None:
-    """Make sure ``home`` in ``agent_dir`` is the agent's own filesystem, mounted, owned
-    by ``uid:gid`` with mode 0700. Idempotent: a mounted home is left as it is. A new
-    filesystem is a copy of the template in ``templates`` (a root-only directory; made
-    there on first use), or without one, made by mkfs."""
-    home = (
-        safefs.ensure_dir(agent_dir, HOME, 0, 0, 0o700)
-        if not safefs.is_mount_point(agent_dir, HOME)
-        else safefs.open_dir(agent_dir, HOME)
-    )
+) -> Home:
+    """The agent's home for one cage start: its own filesystem, its root owned by
+    ``uid:gid`` with mode 0700, mounted *detached* (mountapi): in no mount namespace,
+    held by the returned descriptor only, which the caller closes once the cage's child
+    has attached it. It is never mounted on the host: each mount there was copied by every
+    later cage start and kept by every running cage's namespace (the host's table, and
+    each cage's start and memory, grew with the cages running). A new filesystem is a
+    copy of the template in ``templates`` (a root-only directory; made there on first
+    use), or without one, made by mkfs. On the host, ``home`` stays an empty root-only
+    directory."""
+    # A home mounted on the host by a hive-priv from before: detached there (lazily; its
+    # loop device, still on the image while anything holds the mount, is reused below).
+    unmount_home(agent_dir)
+    home = safefs.ensure_dir(agent_dir, HOME, 0, 0, 0o700)
     with safefs.opened(home):
-        if safefs.is_mount_point(agent_dir, HOME):
-            _own(home, uid, gid)
-            return
         fresh = False
         try:
             image = os.open(IMAGE, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=agent_dir)
@@ -75,7 +87,7 @@ def mount_home(
                 # A home from before quotas: keep it (unlimited) rather than hide its files.
                 log.warning("home of uid %d predates disk quotas; it stays a plain directory", uid)
                 _own(home, uid, gid)
-                return
+                return Home(os.dup(home), detached=False)
             image = os.open(
                 IMAGE,
                 os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -83,25 +95,25 @@ def mount_home(
                 dir_fd=agent_dir,
             )
             fresh = True
-        created = fresh  # by this call, O_EXCL: no loop device can be on it yet
-        with safefs.opened(image):
-            if fresh or os.fstat(image).st_size == 0:
-                _new_filesystem(image, disk_mib, templates)
-                fresh = True
-            # A mount namespace made elsewhere on the host while the cage ran (``ip netns
-            # exec``, a service's PrivateTmp) may still hold the old mount, and with it a
-            # loop device on this image: mount that device again rather than attach a
-            # second one (two devices on one ext4 image would corrupt it). An image made
-            # just now can have no device yet: not looked for (without a record, that
-            # is a look at every loop device on the host, ~1 ms per 100 of them).
-            _mount_image(agent_dir, image, home, created=created)
-    with safefs.opened(safefs.open_dir(agent_dir, HOME)) as root:
-        if fresh:
-            try:
-                os.rmdir("lost+found", dir_fd=root)
-            except OSError:
-                pass
-        _own(root, uid, gid)
+    created = fresh  # by this call, O_EXCL: no loop device can be on it yet
+    with safefs.opened(image):
+        if fresh or os.fstat(image).st_size == 0:
+            _new_filesystem(image, disk_mib, templates)
+            fresh = True
+        mount = _mount_image(agent_dir, image, created=created)
+    try:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        with safefs.opened(os.open(".", flags, dir_fd=mount)) as root:
+            if fresh:
+                try:
+                    os.rmdir("lost+found", dir_fd=root)
+                except OSError:
+                    pass
+            _own(root, uid, gid)
+    except BaseException:
+        os.close(mount)
+        raise
+    return Home(mount, detached=True)
 
 
 def _new_filesystem(image: int, disk_mib: int, templates: int | None) -> None:
@@ -205,8 +217,9 @@ def _mkfs(image: int) -> None:
 
 
 def unmount_home(agent_dir: int) -> None:
-    """Detach the home's filesystem (lazily: the cage is gone, but a descriptor may
-    linger); the loop device goes with the last reference."""
+    """Detach a home a hive-priv from before mounted on the host (lazily: a descriptor
+    may linger); the loop device goes with the last reference. Homes are mounted in
+    their cages' namespaces only now, and go with them."""
     if not safefs.is_mount_point(agent_dir, HOME):
         return
     with safefs.opened(safefs.open_dir(agent_dir, HOME)) as home:
@@ -217,23 +230,32 @@ def unmount_home(agent_dir: int) -> None:
                 raise HomeError(f"could not unmount the home: {os.strerror(err)}")
 
 
-def _mount_image(agent_dir: int, image: int, home: int, *, created: bool = False) -> None:
-    """Mount the ext4 image on ``home`` through a loop device: the one already on this
+def _mount_image(agent_dir: int, image: int, *, created: bool = False) -> int:
+    """A detached mount of the ext4 image through a loop device: the one still on this
     image if there is one, else a new one that goes away with the mount. Done here with
-    the loop ioctls and mount(2), not losetup and mount(8): those were two programs
-    started from hive-priv for every cage start (~10 ms of a cold start), and each
-    scanned every loop device on the host (a cage start grew with the cages running)."""
+    the loop ioctls and the mount syscalls, not losetup and mount(8): those were two
+    programs started from hive-priv for every cage start (~10 ms of a cold start), and
+    each scanned every loop device on the host (a cage start grew with the cages running).
+
+    A stopped cage's namespace may still hold its mount for a moment (the kernel lets go
+    of a dead namespace's mounts as its last process exits), and with it the loop device:
+    that device is mounted again rather than a second one attached (two devices on one
+    ext4 image would corrupt it; one device is one filesystem instance, however many
+    mounts)."""
     attached = None if created else _loop_of(agent_dir, image)
-    flags = MS_NOSUID | MS_NODEV | MS_NOATIME
     if attached is not None:
-        _mount(f"/dev/{attached}", home, flags)
-        return
+        try:
+            return _mount(f"/dev/{attached}")
+        except HomeError:
+            if _loop_of(agent_dir, image) is not None:
+                raise
+            # Its last mount let go of it meanwhile (autoclear): attach a new one.
     number, fd = _attach(image)
     try:
         # Recorded before the mount: whatever happens next, the device on this image is
         # the recorded one (hive-priv is the only one to attach it, under the name's lock).
         _write_record(agent_dir, f"loop{number}")
-        _mount(f"/dev/loop{number}", home, flags)
+        return _mount(f"/dev/loop{number}")
     finally:
         os.close(fd)  # autoclear: the mount now holds the device (or, failed, nobody)
 
@@ -323,11 +345,15 @@ def _configure(fd: int, image: int) -> None:
             raise
 
 
-def _mount(device: str, home: int, flags: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    target = safefs.fd_path(home).encode()
-    if libc.mount(device.encode(), target, b"ext4", ctypes.c_ulong(flags), None) != 0:
-        raise HomeError(f"mount: {os.strerror(ctypes.get_errno())}")
+def _mount(device: str) -> int:
+    try:
+        return mountapi.detached(
+            "ext4",
+            mountapi.MOUNT_ATTR_NOSUID | mountapi.MOUNT_ATTR_NODEV | mountapi.MOUNT_ATTR_NOATIME,
+            {"source": device},
+        )
+    except OSError as e:
+        raise HomeError(f"mount: {e.strerror}") from None
 
 
 def _own(fd: int, uid: int, gid: int) -> None:
