@@ -119,7 +119,8 @@ class Swarm(Generic[H]):
         durable = {
             s.STREAM: [s.consumer(h, o) for h in HOSTS for o in HOSTS if o != h],
             s.OPS_STREAM: [s.ops_consumer(h) for h in HOSTS],
-            s.KV_STREAM: [],  # its consumers are the hosts' own watches
+            # the hosts' roster buckets: their consumers are the hosts' own watches
+            **{s.kv_stream(h): [] for h in HOSTS},
         }
 
         def led(cluster: Any) -> bool:
@@ -149,6 +150,12 @@ class Swarm(Generic[H]):
             return True
 
         wait_for(lambda: asyncio.run(whole()), timeout=timeout, interval=0.5)
+
+
+async def roster_buckets(nc: Any) -> dict[str, Any]:
+    """Every test host's roster bucket on connection ``nc`` (for bridge.live_claims)."""
+    js = nc.jetstream()
+    return {h: await js.key_value(s.bucket(h)) for h in HOSTS}
 
 
 def listed(node: HostSocket, cmd: str, key: str, host: str, rid: int) -> dict[str, Any] | None:

@@ -18,6 +18,9 @@ import pytest
 import hyperhive
 from helpers import CoreProcess, assert_ok, assert_refused, wait_for
 from hyperhive.config import ConfigError, load_config
+from hyperhive.swarm import bus
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.bridge import Bridge
 from swarm_faults import drain
 from swarm_fixture import Swarm
 
@@ -199,3 +202,36 @@ def test_swarm_tables(tmp_path: Path) -> None:
     sw.prune(keep_sent=0)
     assert sw.counts() == (2, 0)
     store.close()
+
+
+@needs_root
+def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
+    swarm: Swarm, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The new code against a swarm set up before per-host roster buckets (its admin has
+    not run ensure_streams again): the bridge's roster waits for its bucket, saying once
+    (every 30 s) in one line what the admin must do, and goes on once the bucket is
+    there. Here host ``zz`` (no bucket) on the test swarm's bus, as its admin."""
+    async def go() -> tuple[bool, str]:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        js = nc.jetstream()
+        bridge = Bridge.__new__(Bridge)  # only what _bucket reads: no hive behind it
+        bridge.nc, bridge.host, bridge.kv, bridge._missing_said_at = nc, "zz", None, -1e9
+        try:
+            task = asyncio.create_task(bridge._bucket())
+            await asyncio.sleep(2.5)
+            waited = not task.done()
+            await bus._ensure_roster(js, "zz", s.REPLICAS)  # what ensure_streams does
+            kv = await asyncio.wait_for(task, timeout=10)
+            return waited, kv._name
+        finally:
+            await js.delete_stream(s.kv_stream("zz"))
+            await nc.close()
+
+    caplog.set_level("WARNING", logger="hive.swarm")
+    waited, name = asyncio.run(go())
+    assert waited and name == "HIVE_ROSTER_zz"
+    said = [r.getMessage() for r in caplog.records if "no roster bucket" in r.getMessage()]
+    assert len(said) == 1 and "HIVE_ROSTER_zz" in said[0] and "ensure_streams" in said[0], said
+    assert "\n" not in said[0]

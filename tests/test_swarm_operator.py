@@ -49,7 +49,9 @@ def test_operator_on_a_answers_a_question_from_an_agent_on_c(swarm: Swarm) -> No
     # Listed on a with its host (host.sock's questions; and in `hive swarm status`).
     row = wait_for(lambda: listed(swarm, "questions", "swarm_questions", "c", qid), timeout=10)
     assert (row["asker"], row["question"], row["options"]) == ("carol", "ship it?", ["yes", "no"])
-    assert any(q["host"] == "c" and q["id"] == qid for q in swarm.status("b")["questions"])
+    # b's own watch of c's bucket brings it too (not necessarily the same instant as a's).
+    wait_for(lambda: any(q["host"] == "c" and q["id"] == qid for q in swarm.status("b")["questions"]),
+             timeout=10)
     applied = swarm.status("c")["actions_applied"]
 
     reply = assert_ok(swarm.cores["a"].host_call("answer_question", id=qid, answer="yes", host="c"))

@@ -282,7 +282,7 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(hives: Swarm[Hi
     # over that is refused by JetStream: test_swarm_hostile.py's oversized row).
     row = {"name": "alice", "host": "a", "running": "yes", "paused": {"a": 1},
            "status_text": "A" * 20_000}
-    subject = f"$KV.{s.BUCKET}.{s.row_key('c', 'x')}"
+    subject = s.kv_subject("c", s.row_key("c", "x"))
 
     async def attack(nc: Any) -> None:
         await nc.publish(subject, json.dumps(row).encode())

@@ -41,7 +41,7 @@ from hyperhive.swarm.operator import approval_row
 from hyperhive.swarm.opstore import OpsSeen
 from hyperhive.wire.secrets import BindingSpec
 from swarm_faults import take
-from swarm_fixture import Swarm
+from swarm_fixture import Swarm, roster_buckets
 from web_fixture import Web, web_hive
 
 from .test_swarm_hostile import as_host_c, violation
@@ -312,16 +312,16 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(hives: Swarm[H
     in the roster bucket, then sends bob a message "from alice" on its own subject. Its
     claim is later than a's, so the name stays a's and b drops the message (round 6: c
     could overwrite the one key names.alice, and bob took the message as alice's)."""
-    key = f"$KV.{s.BUCKET}.{s.name_key('alice', 'c')}"
+    key = s.kv_subject("c", s.name_key("alice", "c"))
     body = json.dumps([{"id": "r6-" + secrets.token_hex(8), "from": "alice", "to": "bob", "kind": "message",
                         "body": "r6: from alice, really", "sent_at": 0}]).encode()
     replies: list[bytes] = []
-    claims: list[dict[str, int]] = []
+    claims: list[dict[str, Any]] = []
 
     async def attack(nc: Any) -> None:
         replies.append((await nc.request(key, b"c", timeout=10)).data)  # a put, its own key
         # What a receiver whose cache is behind reads: both claims live, a's the earlier.
-        claims.append(await live_claims(await nc.jetstream().key_value(s.BUCKET), "alice"))
+        claims.append(await live_claims(await roster_buckets(nc), "alice"))
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)
 
     async def restore(nc: Any) -> None:  # the session's swarm: c's claim taken back
@@ -352,7 +352,7 @@ def test_a_hostile_host_cannot_take_over_another_hosts_agent_name(hives: Swarm[H
 def test_a_hostile_host_cannot_write_another_hosts_name_claim(hives: Swarm[HiveProcess], op: str) -> None:
     """Host c may write only its own claims (names.<agent>.c): putting over or deleting
     a's claim of alice (names.alice.a) is a permissions violation, and alice stays a's."""
-    subject = f"$KV.{s.BUCKET}.{s.name_key('alice', 'a')}"
+    subject = s.kv_subject("a", s.name_key("alice", "a"))
 
     async def attack(nc: Any) -> None:
         headers = {"KV-Operation": "DEL"} if op == "delete" else None
@@ -363,7 +363,7 @@ def test_a_hostile_host_cannot_write_another_hosts_name_claim(hives: Swarm[HiveP
         user, password = hives.net.admin()
         nc = await nats.connect(hives.net.urls("a"), user=user, password=password)
         try:
-            return (await (await nc.jetstream().key_value(s.BUCKET)).get(s.name_key("alice", "a"))).value
+            return (await (await nc.jetstream().key_value(s.bucket("a"))).get(s.name_key("alice", "a"))).value
         finally:
             await nc.close()
 
@@ -381,7 +381,7 @@ def test_a_hostile_hosts_roster_rows_cannot_inject_into_the_dashboard_or_its_str
     their text made to close the markup, start a script, end the SSE event and forge the
     next one, and flip the text's direction. On a's dashboard ("On other hosts") and its
     live stream the text stays text: escaped, no CR, no forged event line, no raw bidi."""
-    qkey, akey = f"$KV.{s.BUCKET}.questions.c.9001", f"$KV.{s.BUCKET}.approvals.c.9002"
+    qkey, akey = s.kv_subject("c", "questions.c.9001"), s.kv_subject("c", "approvals.c.9002")
     question = {"id": 9001, "asker": "carol", "question": INJECTED, "options": [INJECTED, '"><b>x'],
                 "asked_at": INJECTED}
     approval = {"id": 9002, "agent": "carol", "kind": INJECTED, "description": INJECTED,

@@ -29,7 +29,7 @@ from hive_fixture import HiveProcess, running_hive
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import earliest, live_claims
 from swarm_faults import take
-from swarm_fixture import Swarm
+from swarm_fixture import Swarm, roster_buckets
 from testnet import TestNet
 
 from .conftest import MAX_CORE_LATENCY, cage_run
@@ -439,19 +439,19 @@ def test_a_hostile_host_cannot_wipe_the_roster_and_take_the_names(hives: Swarm[H
     did): a's claim stays, c's later claim loses, and b drops c's message "from alice"
     (on whole hives: bob's inbox read from his cage)."""
     swarm = hives
-    wipe = f"$KV.{s.BUCKET}.{s.name_key('r7wipe', 'c')}"
-    claim = f"$KV.{s.BUCKET}.{s.name_key('alice', 'c')}"
+    wipe = s.kv_subject("c", s.name_key("r7wipe", "c"))
+    claim = s.kv_subject("c", s.name_key("alice", "c"))
     body = json.dumps([{"id": "r7-" + secrets.token_hex(8), "from": "alice", "to": "bob", "kind": "message",
                         "body": "r7: from alice, really", "sent_at": 0}]).encode()
     replies: list[bytes] = []
-    claims: list[dict[str, int]] = []
+    claims: list[dict[str, Any]] = []
 
     async def attack(nc: Any) -> None:
         replies.append((await nc.request(wipe, b"c", headers={"Nats-Rollup": "all"}, timeout=10)).data)
         for subject in (s.msg_subject("b", "c"), s.op_subject("b", "c")):  # (its other streams)
             replies.append((await nc.request(subject, b"[]", headers={"Nats-Rollup": "all"}, timeout=10)).data)
         await nc.request(claim, b"c", timeout=10)
-        claims.append(await live_claims(await nc.jetstream().key_value(s.BUCKET), "alice"))
+        claims.append(await live_claims(await roster_buckets(nc), "alice"))
         await nc.jetstream().publish(s.msg_subject("b", "c"), body)
 
     async def restore(nc: Any) -> None:  # the session's swarm: c's keys taken back

@@ -123,7 +123,7 @@ def test_host_cannot_read_another_hosts_inbox(hives: Swarm[HiveProcess]) -> None
 
 
 def test_host_cannot_write_another_hosts_roster_rows(hives: Swarm[HiveProcess]) -> None:
-    subject = f"$KV.{s.BUCKET}.{s.row_key('a', 'alice')}"
+    subject = s.kv_subject("a", s.row_key("a", "alice"))
 
     async def attack(nc: Any) -> None:
         await nc.publish(subject, b'{"name": "alice", "host": "c"}')
@@ -135,7 +135,7 @@ def test_host_cannot_write_another_hosts_roster_rows(hives: Swarm[HiveProcess]) 
 @pytest.mark.attack("swarm-host-spoofing", ref="red team round 5: the roster bucket had no size limits")
 def test_host_cannot_write_an_oversized_roster_row(hives: Swarm[HiveProcess]) -> None:
     """Its own row key, but a value over the bucket's limit: JetStream refuses it."""
-    subject = f"$KV.{s.BUCKET}.{s.row_key('c', 'bulky')}"
+    subject = s.kv_subject("c", s.row_key("c", "bulky"))
     replies: list[dict[str, Any]] = []
 
     async def attack(nc: Any) -> None:

@@ -100,9 +100,9 @@ def publish_all(swarm: Swarm, host: str, items: list[tuple[str, bytes]]) -> list
 def test_host_c_cannot_publish_as_host_a_or_write_its_rows(hives: Swarm[HiveProcess]) -> None:
     for subject in (
         s.op_subject("b", "a"),
-        f"$KV.{s.BUCKET}.{s.result_key('b', 'f' * 32)}",
-        f"$KV.{s.BUCKET}.{s.question_key('a', 1)}",
-        f"$KV.{s.BUCKET}.{s.approval_key('b', 1)}",
+        s.kv_subject("b", s.result_key("b", "f" * 32)),
+        s.kv_subject("a", s.question_key("a", 1)),
+        s.kv_subject("b", s.approval_key("b", 1)),
     ):
 
         async def attack(nc: Any, subject: str = subject) -> None:
@@ -252,7 +252,7 @@ def test_a_deeply_nested_roster_value_does_not_stop_the_watch(hives: Swarm[HiveP
     pill = b"[" * 60_000
     keys = [s.row_key("c", "deep"), s.question_key("c", 99999)]
     try:
-        assert publish_all(hives, "c", [(f"$KV.{s.BUCKET}.{k}", pill) for k in keys]) == []
+        assert publish_all(hives, "c", [(s.kv_subject("c", k), pill) for k in keys]) == []
         carol = hives.cores["c"].caged("carol")
         qid = assert_ok(carol.call("ask", to="operator", question="still there?"))["id"]
         wait_for(lambda: any((q["host"], q["id"]) == ("c", qid)
@@ -265,6 +265,6 @@ def test_a_deeply_nested_roster_value_does_not_stop_the_watch(hives: Swarm[HiveP
     finally:
         async def clean(nc: Any) -> None:
             for k in keys:
-                await nc.request(f"$KV.{s.BUCKET}.{k}", b"", headers={"KV-Operation": "DEL"})
+                await nc.request(s.kv_subject("c", k), b"", headers={"KV-Operation": "DEL"})
 
         as_host_c(hives, clean, settle=0)

@@ -37,7 +37,7 @@ def test_a_hostile_host_cannot_fill_another_hosts_store(hives: Swarm[HiveProcess
     bodies = [f"flood{i}" for i in range(n)]
 
     async def flood(nc: Any) -> None:
-        kv = await nc.jetstream().key_value(s.BUCKET)
+        kv = await nc.jetstream().key_value(s.bucket("c"))
         await kv.create(s.name_key(NAME, "c"), b"c")
         js = nc.jetstream()
         for start in range(0, n, BUNDLE):
@@ -46,7 +46,7 @@ def test_a_hostile_host_cannot_fill_another_hosts_store(hives: Swarm[HiveProcess
             await js.publish(s.msg_subject("b", "c"), json.dumps(items).encode(), timeout=10)
 
     async def unclaim(nc: Any) -> None:
-        await (await nc.jetstream().key_value(s.BUCKET)).delete(s.name_key(NAME, "c"))
+        await (await nc.jetstream().key_value(s.bucket("c"))).delete(s.name_key(NAME, "c"))
 
     got: list[dict[str, Any]] = []
 

@@ -6,8 +6,9 @@ Four loops share one connection, each restarting on its own after a failure:
   only on JetStream's ack;
 - ``_consume_loop``: one puller per other host, on this host's durable consumer of what
   that host sent: commit (dedup by id), then ack;
-- ``_roster_loop``: this host's agent rows and name claims into the KV bucket;
-- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch;
+- ``_roster_loop``: this host's agent rows and name claims into its own KV bucket;
+- ``_watch_loop``: the roster cache (agent -> host, rows) from a KV watch of every
+  host's bucket;
 - ``_quota_loop``: the storage quota across hosts (swarm/quota.py): what this host
   released of other hosts' agents' messages out to the bucket, and what the others
   released of this host's agents' in from it.
@@ -21,7 +22,8 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import nats.errors
@@ -57,6 +59,11 @@ MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a pa
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
 QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
 REPORTS = 1024  # released counts published in one round (the rest: the next rounds)
+BUCKETS_EVERY = 2.0  # seconds between two looks for the hosts' roster buckets
+SAY_EVERY = 30.0  # seconds between two log lines of "no roster bucket yet"
+CLAIM_WATCH_IDLE = 10.0  # a lookup's short watch: the server drops its consumer after this
+WATCH_IDLE = 30.0  # a roster watch whose subscriber is gone: the server drops it after this
+AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch starts again
 
 
 class NoRecipient(str):
@@ -80,26 +87,35 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def earliest(claims: dict[str, int]) -> str | None:
-    """The owner of a name: the host of its live claim with the lowest revision (an
-    earlier claim can't be forged: each host may write only its own)."""
-    return min(claims, key=lambda host: claims[host]) if claims else None
+def earliest(claims: dict[str, datetime]) -> str | None:
+    """The owner of a name: the host of its live claim the bus stored first (its time
+    is the server's, not the host's; a tie goes to the lower host name). An earlier claim
+    can't be forged: each host may write only its own, and a claim it already has keeps
+    its time (a create)."""
+    return min(claims, key=lambda host: (claims[host], host)) if claims else None
 
 
-async def live_claims(kv: KeyValue, agent: str) -> dict[str, int]:
-    """``agent``'s live claims in the bucket, host -> revision: a short watch of
-    ``names.<agent>.*``, its values up to the end-of-data marker (deletes skipped)."""
-    watcher = await kv.watch(s.claims_filter(agent), ignore_deletes=True, meta_only=True)
-    claims: dict[str, int] = {}
-    try:
-        while True:
+async def live_claims(buckets: Mapping[str, KeyValue], agent: str) -> dict[str, datetime]:
+    """``agent``'s live claims, host -> when the bus stored it: in each host's bucket, a
+    short watch of ``names.<agent>.<host>`` up to its end-of-data marker (a delete skipped)."""
+
+    async def one(host: str, kv: KeyValue) -> datetime | None:
+        watcher = await kv.watch(
+            s.name_key(agent, host),
+            ignore_deletes=True,
+            meta_only=True,
+            inactive_threshold=CLAIM_WATCH_IDLE,
+        )
+        try:
             entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
-            if entry is None:
-                return claims
-            claims[entry.key.split(".")[2]] = entry.revision
-    finally:
-        with contextlib.suppress(Exception):
-            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+            return None if entry is None else entry.created
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+
+    hosts = sorted(buckets)
+    got = await asyncio.gather(*(one(h, buckets[h]) for h in hosts))
+    return {h: when for h, when in zip(hosts, got, strict=True) if when is not None}
 
 
 def bundles(batch: list[Outgoing]) -> list[list[Outgoing]]:
@@ -126,9 +142,13 @@ class Bridge:
         self.host = settings.host
         self.store = SwarmStore(hive.store.db)
         self.nc: NATS | None = None
-        self.kv: KeyValue | None = None
+        self.kv: KeyValue | None = None  # this host's own roster bucket (it writes only this)
+        self.buckets: dict[str, KeyValue] = {}  # host -> its roster bucket (read, watched)
+        self._listed_at = -1e9  # when the hosts' buckets were last looked for
+        self._missing_said_at = -1e9  # when "no roster bucket yet" was last logged
         self.names: dict[str, str] = {}  # agent -> owning host, every host's (the roster cache)
-        self.claims: dict[str, dict[str, int]] = {}  # agent -> {host: revision}, live claims
+        self.claims: dict[str, dict[str, datetime]] = {}  # agent -> {host: stored at}, live
+        self._beats: dict[str, int] = {}  # host -> its heartbeat key's last revision seen
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
         self._wake = asyncio.Event()
         self._claimed: set[str] = set()
@@ -154,7 +174,7 @@ class Bridge:
         host = self.names.get(agent)
         if host is None and self.kv is not None and NAME_RE.fullmatch(agent):
             with contextlib.suppress(Exception):  # the bus is away: unknown
-                host = await self._lookup(self.kv, agent)
+                host = await self._lookup(agent)
         return host if host != self.host else None
 
     async def send(
@@ -307,9 +327,43 @@ class Bridge:
         return self.nc.jetstream(timeout=2.0)
 
     async def _bucket(self) -> KeyValue:
-        if self.kv is None:
-            self.kv = await self._js().key_value(s.BUCKET)
+        """This host's own roster bucket, waiting (and saying so every SAY_EVERY seconds)
+        while the bus has none for it: a swarm set up before per-host buckets, whose
+        admin has not run ``ensure_streams`` (nor rendered the nodes' configs) again."""
+        while self.kv is None:
+            try:
+                self.kv = await self._js().key_value(s.bucket(self.host))
+            except (nats.js.errors.BucketNotFoundError, nats.errors.TimeoutError) as e:
+                if time.monotonic() - self._missing_said_at > SAY_EVERY:
+                    self._missing_said_at = time.monotonic()
+                    log.warning(
+                        "swarm: no roster bucket %s on the bus yet (%s): as the admin, render"
+                        " the nodes' configs again (python -m hyperhive.swarm.natsconf), restart"
+                        " them one at a time and run ensure_streams (docs/swarm.md, Upgrading)",
+                        s.bucket(self.host),
+                        type(e).__name__,
+                    )
+                await asyncio.sleep(1.0)
         return self.kv
+
+    async def _buckets(self, fresh: bool = False) -> dict[str, KeyValue]:
+        """Every host's roster bucket, found by the streams' names (the admin makes one per
+        host; only the admin can), looked for again at most every BUCKETS_EVERY seconds."""
+        now = time.monotonic()
+        if self.buckets and not fresh and now - self._listed_at < BUCKETS_EVERY:
+            return self.buckets
+        self._listed_at = now
+        own = await self._bucket()
+        self.buckets.setdefault(self.host, own)
+        assert self.nc is not None
+        reply = await self.nc.request("$JS.API.STREAM.NAMES", b"{}", timeout=2.0)
+        names = json.loads(reply.data).get("streams") or []
+        for stream in names if isinstance(names, list) else []:
+            host = s.host_of_stream(stream) if isinstance(stream, str) else None
+            if host is not None and NAME_RE.fullmatch(host) and host not in self.buckets:
+                with contextlib.suppress(nats.js.errors.BucketNotFoundError):
+                    self.buckets[host] = await self._js().key_value(s.bucket(host))
+        return self.buckets
 
     # -- outgoing ------------------------------------------------------------------------
 
@@ -473,7 +527,7 @@ class Bridge:
             # The cache may be behind (a core just started, an agent just spawned): the
             # bucket decides. A bus error raises, and the bundle is tried again: dropping
             # it would lose a message the bus has acked to its sender.
-            owner = await self._lookup(await self._bucket(), p["from"])
+            owner = await self._lookup(p["from"])
         if owner != from_host:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):
@@ -491,6 +545,7 @@ class Bridge:
             self._reachability()
             if rounds % PRUNE_ROUNDS == 0:
                 self.store.prune()  # sent outbox rows and old received ids
+                await self._purge_deletes(kv)
             rounds += 1
             await asyncio.sleep(ROSTER_EVERY)
 
@@ -531,6 +586,27 @@ class Bridge:
                 await kv.delete(s.name_key(name, self.host))  # free again, swarm-wide
                 self._claimed.discard(name)
 
+    async def _purge_deletes(self, kv: KeyValue) -> None:
+        """Purge this host's own deletes older than PURGE_AFTER_SECONDS (every question,
+        approval and outcome leaves one), so its bucket's bound is spent on live keys.
+        Every watcher has seen them by then; a new one needs no delete of a key it never
+        saw. (nats-py's ``purge_deletes`` leaves its watch running.)"""
+        watcher = await kv.watchall(meta_only=True, inactive_threshold=CLAIM_WATCH_IDLE)
+        old: list[str] = []
+        try:
+            now = time.time()
+            while (entry := await watcher.updates(timeout=5.0)) is not None:  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+                gone = entry.operation in ("DEL", "PURGE") and entry.created is not None
+                if gone and now - entry.created.timestamp() > s.PURGE_AFTER_SECONDS:
+                    old.append(entry.key)
+        finally:
+            with contextlib.suppress(Exception):
+                await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
+        for key in old:
+            await self._js().purge_stream(
+                s.kv_stream(self.host), subject=s.kv_subject(self.host, key)
+            )
+
     async def _claim(self, kv: KeyValue, name: str) -> None:
         """Make ``name`` this host's swarm-wide: write our own claim (a create keeps an
         existing claim's revision), then the earliest live claim owns it. A name another
@@ -539,7 +615,7 @@ class Bridge:
         if holder in (None, self.host):
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):  # ours already
                 await kv.create(s.name_key(name, self.host), self.host.encode())
-            holder = await self._lookup(kv, name)
+            holder = await self._lookup(name)
             if holder == self.host:
                 self._claimed.add(name)
                 self._conflicts.discard(name)
@@ -549,9 +625,9 @@ class Bridge:
             self._conflicts.add(name)
             log.error("swarm: agent name %r is held by host %s; not claimed here", name, holder)
 
-    async def _lookup(self, kv: KeyValue, agent: str) -> str | None:
-        """``agent``'s owner as the bucket says now (the cache may be behind); cached."""
-        claims = await live_claims(kv, agent)
+    async def _lookup(self, agent: str) -> str | None:
+        """``agent``'s owner as the buckets say now (the cache may be behind); cached."""
+        claims = await live_claims(await self._buckets(), agent)
         self.claims[agent] = claims  # the bucket now: the watch may be behind
         self._own(agent)
         return earliest(claims)
@@ -566,20 +642,48 @@ class Bridge:
             self.names[agent] = owner
 
     async def _watch_loop(self) -> None:
-        kv = await self._bucket()
-        watcher = await kv.watchall()
+        """One watch per host's bucket, started as the bucket is found."""
+        watches: dict[str, asyncio.Task[None]] = {}
+        try:
+            while True:
+                for host in await self._buckets(fresh=True):
+                    if host not in watches:
+                        watches[host] = asyncio.create_task(
+                            self._forever(functools.partial(self._watch, host))
+                        )
+                await asyncio.sleep(BUCKETS_EVERY)
+        finally:
+            for task in watches.values():
+                task.cancel()
+            await asyncio.gather(*watches.values(), return_exceptions=True)
+
+    async def _watch(self, host: str) -> None:
+        watcher = await self.buckets[host].watchall(inactive_threshold=WATCH_IDLE)
+        quiet = 0
         try:
             while True:
                 try:
                     entry = await watcher.updates(timeout=s.STALE_SECONDS)  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
                 except TimeoutError:
-                    # This host puts its own heartbeat every second: a watch that brings
-                    # nothing for this long is stuck (its node died, say). A new watch
-                    # replays every key's latest value, deletes included.
-                    log.info("swarm: the roster watch went quiet; watching afresh")
-                    return
+                    # A live host puts its heartbeat every second: a watch that brings
+                    # nothing for this long is stuck (its node died, say), or the host is
+                    # away (then looked at again less often). A new watch replays every
+                    # key's latest value, deletes included (a replayed heartbeat is no
+                    # news: its revision is the one seen).
+                    quiet += 1
+                    seen = self.heartbeats.get(host)
+                    beating = seen is not None and time.monotonic() - seen < 2 * s.STALE_SECONDS
+                    if beating or quiet >= AWAY_QUIET:
+                        log.debug(
+                            "swarm: the watch of %s's roster went quiet; watching afresh", host
+                        )
+                        return
+                    continue
+                quiet = 0
                 if entry is not None:
-                    self._apply(entry.key, entry.value, entry.operation, entry.revision)
+                    self._apply(
+                        host, entry.key, entry.value, entry.operation, entry.revision, entry.created
+                    )
         finally:
             with contextlib.suppress(Exception):
                 await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
@@ -617,7 +721,19 @@ class Bridge:
             ):
                 self._releases[(host, agent)] = (got[0], got[1])
 
-    def _apply(self, key: str, value: bytes | None, op: str | None, revision: int | None) -> None:
+    def _apply(
+        self,
+        bucket: str,
+        key: str,
+        value: bytes | None,
+        op: str | None,
+        revision: int | None,
+        created: datetime | None,
+    ) -> None:
+        """One key of ``bucket``'s host's roster. A key that names another host is not
+        that host's word (NATS lets no host write one; checked here too) and is skipped."""
+        if s.key_host(key) != bucket:
+            return
         parts = key.split(".")
         deleted = op in ("DEL", "PURGE") or not value
         if parts[0] == "released":
@@ -626,16 +742,20 @@ class Bridge:
             return
         if self.operator.watched(parts, value, deleted):
             return
-        if parts[0] == "hosts" and len(parts) == 2 and not deleted:
+        # A heartbeat is fresh only if it is a new put: a watch started again replays the last.
+        beat = parts[0] == "hosts" and len(parts) == 2 and not deleted
+        if beat and (revision is None or revision != self._beats.get(parts[1])):
             self.heartbeats[parts[1]] = time.monotonic()
+            if revision is not None:
+                self._beats[parts[1]] = revision
         if parts[0] == "names" and len(parts) == 3:
             # A claim is live until deleted or purged, whatever its value (as live_claims
             # sees it); the name is the earliest live claim's.
             claims = self.claims.setdefault(parts[1], {})
-            if op in ("DEL", "PURGE") or revision is None:
+            if op in ("DEL", "PURGE") or created is None:
                 claims.pop(parts[2], None)
             else:
-                claims[parts[2]] = revision
+                claims[parts[2]] = created
             self._own(parts[1])
         elif parts[0] == "agents" and len(parts) == 3:
             if parts[1] != self.host:  # dashboards draw the other hosts' agents again

@@ -126,35 +126,40 @@ async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: 
         for sender in hosts
         if sender != host
     ]
-    # Bounded, so a hostile host can't fill the cluster's storage (or every host's roster
-    # cache) with its own rows: one row is at most ROSTER_VALUE_BYTES, all of them together
-    # at most ROSTER_BUCKET_BYTES (red team round 5).
-    await asyncio.gather(*consumers, _ensure_roster(js, replicas), _ensure_ops(js, hosts, replicas))
+    await asyncio.gather(
+        *consumers,
+        *(_ensure_roster(js, host, replicas) for host in hosts),
+        _ensure_ops(js, hosts, replicas),
+    )
 
 
-async def _ensure_roster(js: nats.js.JetStreamContext, replicas: int) -> None:
-    """The roster bucket, its stream refusing rollup headers. nats-py makes a KV stream
-    with ``allow_rollup_hdrs`` (for ``kv.purge``, which the hive never uses), and a
-    ``Nats-Rollup: all`` header on any message purges the whole stream: a hostile host
-    publishing one on its own claim key (all NATS lets it write) wiped every host's
-    claims and rows, then claimed their agents' names first and spoke for them (red team
-    round 7). Without rollups a message can only add to its own key."""
+async def _ensure_roster(js: nats.js.JetStreamContext, host: str, replicas: int) -> None:
+    """``host``'s roster bucket: only ``host`` writes it (natsconf.py), and NATS bounds it
+    on its own (ROSTER_HOST_BYTES, ROSTER_HOST_KEYS, ROSTER_VALUE_BYTES a key; past them
+    a put is refused), so a hostile host that fills its bucket stops no other host's rows,
+    heartbeats, claims, questions, approvals or counts (one shared bucket before: filled
+    by one host, it took every host's writes). Its stream refuses rollup headers: a
+    ``Nats-Rollup: all`` on one key purges the whole stream (red team round 7, on the
+    shared bucket); in a host's own bucket that would only harm itself, but the hive
+    never uses rollups (nats-py makes KV streams allowing them, for ``kv.purge``)."""
+    stream = s.kv_stream(host)
     try:
-        info = await js.stream_info(s.KV_STREAM)
+        info = await js.stream_info(stream)
     except nats.js.errors.NotFoundError:
         await js.create_key_value(
             KeyValueConfig(
-                bucket=s.BUCKET,
+                bucket=s.bucket(host),
                 history=1,
                 replicas=replicas,
                 storage=StorageType.FILE,
                 max_value_size=s.ROSTER_VALUE_BYTES,
-                max_bytes=s.ROSTER_BUCKET_BYTES,
+                max_bytes=s.ROSTER_HOST_BYTES,
             )
         )
-        info = await js.stream_info(s.KV_STREAM)
-    if info.config.allow_rollup_hdrs:  # (a bucket made before round 7 is fixed in place)
+        info = await js.stream_info(stream)
+    if info.config.allow_rollup_hdrs or info.config.max_msgs != s.ROSTER_HOST_KEYS:
         info.config.allow_rollup_hdrs = False
+        info.config.max_msgs = s.ROSTER_HOST_KEYS  # (nats-py's KeyValueConfig has no field)
         await js.update_stream(info.config)
 
 

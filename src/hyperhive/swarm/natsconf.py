@@ -37,32 +37,43 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
             f"$JS.ACK.{s.STREAM}.{durable}.>",
         ]
     ops = s.ops_consumer(host)
-    roster = s.KV_STREAM
+    # Every host's roster bucket is read by every host (its watch: an ordered consumer the
+    # server names, removed by the server once unused; no host may delete a consumer, so
+    # none can cut another's watch). Stream names are single tokens, so each is listed.
+    roster: list[str] = ["$JS.API.STREAM.NAMES"]  # to find the hosts' buckets
+    for other in sorted({*hosts, host}):
+        bucket = s.kv_stream(other)
+        roster += [
+            f"$JS.API.STREAM.INFO.{bucket}",
+            f"$JS.API.STREAM.MSG.GET.{bucket}",
+            f"$JS.API.DIRECT.GET.{bucket}.>",
+            f"$JS.API.CONSUMER.CREATE.{bucket}",
+            f"$JS.API.CONSUMER.CREATE.{bucket}.>",
+            f"$JS.API.CONSUMER.INFO.{bucket}.>",
+            f"$JS.FC.{bucket}.>",  # flow control replies of its roster watchers
+        ]
+    own = s.kv_subject(host, "")  # "$KV.HIVE_ROSTER_<host>.": writes to its own bucket only
     return {
         "publish": {
             "allow": [
                 s.msg_subject("*", host),
-                f"$KV.{s.BUCKET}.agents.{host}.>",
-                f"$KV.{s.BUCKET}.{s.host_key(host)}",
-                f"$KV.{s.BUCKET}.{s.name_key('*', host)}",  # its own claims only
-                f"$KV.{s.BUCKET}.released.{host}.>",  # what it released (swarm/quota.py)
+                # Its own keys, each naming it, in its own bucket (bounded there by NATS).
+                f"{own}agents.{host}.>",
+                f"{own}{s.host_key(host)}",
+                f"{own}{s.name_key('*', host)}",  # its own claims only
+                f"{own}released.{host}.>",  # what it released (swarm/quota.py)
+                # Its own bucket's old deletes (bridge.py): a purge there harms only itself.
+                f"$JS.API.STREAM.PURGE.{s.kv_stream(host)}",
                 *inboxes,
                 "$JS.API.INFO",
-                f"$JS.API.STREAM.INFO.{roster}",
-                f"$JS.API.STREAM.MSG.GET.{roster}",
-                f"$JS.API.DIRECT.GET.{roster}.>",
-                f"$JS.API.CONSUMER.CREATE.{roster}",
-                f"$JS.API.CONSUMER.CREATE.{roster}.>",
-                f"$JS.API.CONSUMER.DELETE.{roster}.>",
-                f"$JS.API.CONSUMER.INFO.{roster}.>",
-                f"$JS.FC.{roster}.>",  # flow control replies of its roster watchers
+                *roster,
                 # The operator's roster and actions (swarm/operator.py): its own agents'
                 # questions and approvals and its own results; actions it signs, on its
                 # own subject; only its own consumer of the actions carried to it.
                 s.op_subject("*", host),
-                f"$KV.{s.BUCKET}.questions.{host}.>",
-                f"$KV.{s.BUCKET}.approvals.{host}.>",
-                f"$KV.{s.BUCKET}.results.{host}.>",
+                f"{own}questions.{host}.>",
+                f"{own}approvals.{host}.>",
+                f"{own}results.{host}.>",
                 f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{ops}",
                 f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{ops}",
                 f"$JS.ACK.{s.OPS_STREAM}.{ops}.>",

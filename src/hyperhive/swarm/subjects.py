@@ -5,13 +5,20 @@ from __future__ import annotations
 
 STREAM = "HIVE_MSGS"
 MSG_ROOT = "hive.msg"
-BUCKET = "HIVE_ROSTER"
-KV_STREAM = f"KV_{BUCKET}"
+# Each host's roster keys (its rows, heartbeat, name claims, questions, approvals,
+# outcomes, released counts) live in a bucket of its own, HIVE_ROSTER_<host>, bounded by
+# NATS on its own: a host that fills its bucket fills nothing another host writes.
+BUCKET_PREFIX = "HIVE_ROSTER_"
+LEGACY_BUCKET = "HIVE_ROSTER"  # the one shared bucket before (left alone: docs/swarm.md)
 MAX_AGE_SECONDS = 7 * 24 * 3600  # a host may be away this long before its mail expires
 # A roster row is an agent's name, host, flags and status text (at most 4,096 characters,
-# up to 6 bytes each as JSON): 64 KiB holds any; the bucket holds 2,048 of the largest.
+# up to 6 bytes each as JSON): 64 KiB holds any; a host's bucket holds 1,024 of the
+# largest, and ROSTER_HOST_KEYS keys in all (its live keys and the deletes it has not
+# purged yet: bridge.py purges deletes older than PURGE_AFTER_SECONDS).
 ROSTER_VALUE_BYTES = 64 << 10
-ROSTER_BUCKET_BYTES = 128 << 20
+ROSTER_HOST_BYTES = 64 << 20
+ROSTER_HOST_KEYS = 65_536
+PURGE_AFTER_SECONDS = 600
 DEDUP_SECONDS = 600  # JetStream drops a republished Nats-Msg-Id within this window
 ACK_WAIT_SECONDS = 5.0  # a pulled message not acked within this is redelivered
 REPLICAS = 3
@@ -48,15 +55,42 @@ def inbox_prefix(host: str) -> str:
     return f"_INBOX_{host}"
 
 
+def bucket(host: str) -> str:
+    """``host``'s roster bucket: only ``host`` writes it, every host reads it."""
+    return f"{BUCKET_PREFIX}{host}"
+
+
+def kv_stream(host: str) -> str:
+    """The stream behind ``host``'s roster bucket."""
+    return f"KV_{bucket(host)}"
+
+
+def host_of_stream(stream: str) -> str | None:
+    """The host whose roster bucket ``stream`` is, or None (the caller checks the name)."""
+    prefix = f"KV_{BUCKET_PREFIX}"
+    return stream[len(prefix) :] if stream.startswith(prefix) else None
+
+
+def kv_subject(host: str, key: str) -> str:
+    """The subject a put of ``key`` in ``host``'s bucket is published on."""
+    return f"$KV.{bucket(host)}.{key}"
+
+
+def key_host(key: str) -> str | None:
+    """The host a roster key names (its writer: NATS lets only that host write a key
+    naming it, in its own bucket); None for a key of no known form."""
+    parts = key.split(".")
+    if parts[0] == "names" and len(parts) == 3:
+        return parts[2]
+    if parts[0] in ("agents", "released", "questions", "approvals", "results", "hosts"):
+        return parts[1] if len(parts) >= 2 else None
+    return None
+
+
 def name_key(agent: str, host: str) -> str:
-    """``host``'s claim of agent name ``agent`` (value: the host). NATS lets each host
-    write only its own claims; the name is the earliest live claim's (lowest revision)."""
+    """``host``'s claim of agent name ``agent`` (value: the host), in ``host``'s bucket.
+    The name is the earliest live claim's: the lowest (time the bus stored it, host)."""
     return f"names.{agent}.{host}"
-
-
-def claims_filter(agent: str) -> str:
-    """Every host's claim of agent name ``agent``."""
-    return f"names.{agent}.*"
 
 
 def row_key(host: str, agent: str) -> str:

@@ -1,0 +1,134 @@
+"""A hostile host and the swarm's roster (issue 18): with its core's real NATS
+credentials, host c tries to fill the roster so the other hosts can no longer write
+their rows, heartbeats and name claims, and to delete the other hosts' roster watches.
+
+Each host's roster keys live in a bucket of its own (``HIVE_ROSTER_<host>``, bounded by
+NATS on its own), and no host may delete a consumer: c fills only its own bucket (NATS
+refuses its puts past the bound) while a and b go on writing theirs, and its delete of
+a's watch is a permissions violation. A watch the bus drops (the admin deletes it here)
+is started again by its host, and the roster goes on arriving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any
+
+import nats
+import pytest
+
+from helpers import assert_ok, wait_for
+from hyperhive.swarm import subjects as s
+from swarm_fixture import Swarm
+
+from .test_swarm_hostile import as_host_c, violation
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+FILL = "rfill"  # c's filler keys: results.c.rfill-<i>, purged (by c itself) afterwards
+VALUE = b"x" * (s.ROSTER_VALUE_BYTES - 1024)  # just under the largest value a key may hold
+SPEC = {"runtime": "command", "command": ["true"]}
+
+
+async def _admin(swarm: Swarm) -> Any:
+    user, password = swarm.net.admin()
+    return await nats.connect(swarm.net.urls("a"), user=user, password=password)
+
+
+def _rows(swarm: Swarm, host: str) -> set[tuple[str, str]]:
+    return {(r["name"], r["host"]) for r in swarm.status(host)["agents"]}
+
+
+@pytest.mark.attack("swarm-roster-fill", ref="issue 18: one shared 128 MiB roster bucket, fillable by one host")
+def test_a_hostile_host_fills_only_its_own_roster_bucket(swarm: Swarm) -> None:
+    """c puts 64 KiB values under its own keys until NATS refuses them (its bucket's
+    bound, ROSTER_HOST_BYTES); with c's bucket full, a spawns an agent and b sees its
+    row and its claim (b's owner of the name is a), and b's and a's heartbeats go on (each
+    sees the other reachable). c then purges its own filler (all a purge of it can reach)."""
+    refused: list[str] = []
+    stored = [0]
+
+    async def fill(nc: Any) -> None:
+        async def put(i: int) -> str | None:
+            reply = await nc.request(s.kv_subject("c", s.result_key("c", f"{FILL}-{i}")), VALUE, timeout=10)
+            answer = json.loads(reply.data)
+            return answer["error"]["description"] if "error" in answer else None
+
+        limit = s.ROSTER_HOST_BYTES // len(VALUE) + 64  # past the bound, whatever c held before
+        for start in range(0, limit, 32):
+            for err in await asyncio.gather(*(put(i) for i in range(start, min(limit, start + 32)))):
+                if err is None:
+                    stored[0] += 1
+                else:
+                    refused.append(err)
+            if refused:
+                return
+
+    async def purge(nc: Any) -> None:  # c's own bucket only: its permissions allow that
+        await nc.jetstream().purge_stream(s.kv_stream("c"), subject=s.kv_subject("c", s.result_key("c", ">")))
+
+    name = "rfill-new"
+    try:
+        assert as_host_c(swarm, fill, settle=0) == []  # its own keys: no permissions error
+        assert refused and all("maximum bytes" in e for e in refused), (refused[:3], stored)
+        assert stored[0] * len(VALUE) > s.ROSTER_HOST_BYTES // 2, stored  # most of the bound
+        # The others' writes go on: a's new agent (its row, its claim) reaches b's roster.
+        assert_ok(swarm.cores["a"].host_call("spawn", name=name, spec=SPEC))
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        resp = swarm.cores["c"].host_call("spawn", name=name, spec=SPEC)
+        assert not resp.get("ok"), resp  # a's claim stands: taken, even for c
+        for host, other in (("a", "b"), ("b", "a")):
+            wait_for(lambda host=host, other=other: any(  # type: ignore[misc]
+                h["host"] == other and h["reachable"] for h in swarm.status(host)["hosts"]), timeout=10)
+    finally:
+        as_host_c(swarm, purge, settle=0)
+        swarm.cores["a"].host_call("destroy", name=name)
+    # c's heartbeat is written again once its own bucket has room: back for the next tests.
+    wait_for(lambda: any(h["host"] == "c" and h["reachable"] for h in swarm.status("a")["hosts"]), timeout=15)
+
+
+@pytest.mark.attack("swarm-roster-consumer", ref="issue 18: CONSUMER.DELETE on the roster allowed to every host")
+def test_a_hostile_host_cannot_delete_another_hosts_roster_watch(swarm: Swarm) -> None:
+    """c deletes a consumer of a's roster bucket (one of the hosts' watches, its name read
+    by the admin): a permissions violation, and the consumer is still there. Then the
+    admin deletes every watch of b's bucket (as a node's loss would): the hosts watch it
+    afresh, and b's new agent still reaches a's roster."""
+
+    async def consumers(stream: str) -> list[str]:
+        nc = await _admin(swarm)
+        try:
+            return [c.name for c in await nc.jetstream().consumers_info(stream)]
+        finally:
+            await nc.close()
+
+    [victim, *_] = asyncio.run(consumers(s.kv_stream("a")))
+    for stream in (s.kv_stream("a"), s.kv_stream("c")):  # another's, and even its own bucket's
+        subject = f"$JS.API.CONSUMER.DELETE.{stream}.{victim}"
+
+        async def delete(nc: Any, subject: str = subject) -> None:
+            await nc.publish(subject, b"", reply=nc.new_inbox())
+            await nc.flush()
+
+        violation(as_host_c(swarm, delete), f'publish to "{subject}"')
+    assert victim in asyncio.run(consumers(s.kv_stream("a")))
+
+    async def drop_all(stream: str) -> int:
+        nc = await _admin(swarm)
+        try:
+            js = nc.jetstream()
+            names = [c.name for c in await js.consumers_info(stream)]
+            for n in names:
+                await js.delete_consumer(stream, n)
+            return len(names)
+        finally:
+            await nc.close()
+
+    name = "rwatch-new"
+    assert asyncio.run(drop_all(s.kv_stream("b"))) >= 2  # a's and c's watches (b's own, too)
+    try:
+        assert_ok(swarm.cores["b"].host_call("spawn", name=name, spec=SPEC))
+        wait_for(lambda: (name, "b") in _rows(swarm, "a") and (name, "b") in _rows(swarm, "c"), timeout=20)
+    finally:
+        swarm.cores["b"].host_call("destroy", name=name)
