@@ -94,12 +94,17 @@ class Hooks:
     def __init__(self) -> None:
         self.taken: list[MessageItem] = []
         self.stored: list[tuple[int, MessageItem]] = []
+        self.lanes: list[tuple[int, int]] = []
 
     def message_taken(self, item: MessageItem) -> None:
         self.taken.append(item)
 
     def message_stored(self, mid: int, item: MessageItem, sent_at: float) -> None:
         self.stored.append((mid, item))
+
+    def lane_committed(self, before: int, after: int) -> None:
+        assert not self.stored, "lane_committed runs before the batch's message_stored"
+        self.lanes.append((before, after))
 
 
 def test_the_message_lane_keeps_order_and_ids_among_other_writes(
@@ -153,3 +158,42 @@ def test_an_error_refuses_the_lane_too(store: Store, tmp_path: Path) -> None:
     results = asyncio.run(turn())
     assert all(isinstance(r, StoreError) for r in results), results
     assert count(tmp_path / "hive.db") == 0 and hooks.stored == [] and len(hooks.taken) == 1
+
+
+def test_a_batch_of_messages_and_acks_alone_is_said_to_be_one(store: Store) -> None:
+    """lane_committed (what lets the hive keep its quota reads) for a batch of lane messages
+    and ``shrinks`` writes, with the commit count before and after; never for a batch with
+    any other write, nor for one rolled back."""
+    first = store.messages.send("bob", "alice", "message", "old").id
+
+    async def turn(generic: bool) -> list[Any]:
+        gc = GroupCommit(store.db, hooks)
+        futs: list[asyncio.Future[Any]] = [gc.submit_message(("bob", "alice", "m", 1))]
+        futs.append(gc.submit(lambda tx: ack_in(tx, "bob", [first]), shrinks=True))
+        futs.append(gc.submit_message(("bob", "alice", "n", 1)))
+        if generic:
+            futs.append(gc.submit(lambda tx: send_in(tx, ("bob", "carol", "message", "g"))))
+        return await asyncio.gather(*futs)
+
+    hooks = Hooks()
+    before = store.db.commits
+    # The ack between two messages: both messages one executemany (consecutive ids, in
+    # queue order), the ack applied, each reply its own.
+    m, acked, n = asyncio.run(turn(generic=False))
+    assert (m, n, acked) == (first + 1, first + 2, 1)
+    assert hooks.lanes == [(before, before + 1)] and [i for i, _ in hooks.stored] == [m, n]
+    hooks = Hooks()
+    assert asyncio.run(turn(generic=True))[1] == 0  # acked before
+    assert hooks.lanes == [] and len(hooks.stored) == 2
+
+    async def broken() -> list[Any]:
+        gc = GroupCommit(store.db, hooks)
+        futs = [
+            gc.submit_message(("bob", "alice", "lost", 4)),
+            gc.submit(lambda tx: tx.execute("INSERT INTO no_such_table VALUES (1)"), shrinks=True),
+        ]
+        return await asyncio.gather(*futs, return_exceptions=True)
+
+    hooks = Hooks()
+    assert all(isinstance(r, StoreError) for r in asyncio.run(broken()))
+    assert hooks.lanes == [] and hooks.stored == []

@@ -1,6 +1,6 @@
 """The message hot path's shortcuts agree with the models they skip: a send checked
-without ``w.Send`` (core/agent_socket.py) is taken exactly when the model takes it, and a
-recv row built without ``Message`` (store/messages.py) is the line the model would give."""
+without ``w.Send`` (core/agent_socket.py) is taken exactly when the model takes it, a recv
+checked without ``w.Recv`` is one the model takes with the same values, and a recv row built without ``Message`` (store/messages.py) is the line the model would give."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from hyperhive.core.agent_socket import _plain_send
+from hyperhive.core.agent_socket import _plain_send, plain_recv
 from hyperhive.core.store.messages import _for_recipient, wire_for_recipient
 from hyperhive.wire import agent as w
 from hyperhive.wire import framing
@@ -54,6 +56,70 @@ def test_a_plain_send_is_one_the_model_takes_as_it_is(obj: dict[str, Any]) -> No
     assert _plain_send(obj) == taken
     if taken:
         assert (req.to, req.body) == (obj["to"], obj["body"])
+
+
+# Any JSON value a recv field could carry, the edges of each bound drawn most often.
+_EDGES = st.sampled_from(
+    [0, 1, -1, 2, 999, 1000, 1001, 3599, 3600, 3601, 2**63 - 1, -(2**63), 0.0, 0.5, -0.0,
+     -0.5, 3600.0, 3600.5, 3599.999, 1e-320, 1e308, True, False, None, "1", [], {}]
+)
+_SCALARS = st.one_of(
+    _EDGES,
+    _EDGES,
+    _EDGES,
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+_ACKS = st.one_of(
+    st.none(),
+    st.lists(_EDGES, max_size=3),
+    st.lists(st.sampled_from([1, 2, 2**63 - 1]), max_size=3).map(lambda a: [*a, 0]),
+    st.lists(st.integers(1, 2**63 - 1), max_size=5),
+    st.sampled_from([10_000, 10_001]).map(lambda n: [1] * n),
+    _SCALARS,
+)
+_RECV_FIELDS = {"wait": _SCALARS, "max": _SCALARS, "ack": _ACKS}
+_RECVS = st.one_of(
+    st.fixed_dictionaries({"cmd": st.just("recv")}, optional=_RECV_FIELDS),
+    st.fixed_dictionaries({"cmd": st.just("recv")}, optional=_RECV_FIELDS),
+    st.fixed_dictionaries(
+        {"cmd": st.sampled_from(["recv", "ack", "Recv", "recv "])},
+        optional={**_RECV_FIELDS, "ids": st.just([1]), "from": st.just("carol"),
+                  "version": st.just(1)},
+    ),
+)
+# Each bound's two sides, whatever the draw.
+_BOUNDS: list[dict[str, Any]] = [
+    {"cmd": "recv", "wait": w_} for w_ in (0, -0.0, 3600, 3600.0, 3600.000001, 3601, -1e-9, True, False)
+] + [
+    {"cmd": "recv", "max": m} for m in (0, 1, 1000, 1001, 1.0, True)
+] + [
+    {"cmd": "recv", "ack": a} for a in ([], [0], [1], [True], [1.0], [1] * 10_000, [1] * 10_001)
+]
+
+
+def _recv_agrees(obj: dict[str, Any]) -> None:
+    """plain_recv takes exactly what the model takes, with the same wait, max and ack (what
+    it passes over goes through the model, which refuses it in its own words)."""
+    try:
+        req = w.agent_request.validate_python(obj)
+        model: tuple[Any, ...] | None = (
+            (req.wait, req.max, req.ack) if isinstance(req, w.Recv) else None
+        )
+    except ValidationError:
+        model = None
+    assert plain_recv(obj) == model  # True == 1, but the model refuses a bool for a number
+
+
+@settings(max_examples=500, deadline=None)
+@given(obj=_RECVS)
+def test_a_plain_recv_is_one_the_model_takes_with_the_same_values(obj: dict[str, Any]) -> None:
+    _recv_agrees(obj)
+
+
+@pytest.mark.parametrize("obj", _BOUNDS, ids=lambda o: json.dumps(o)[:50])
+def test_a_plain_recv_keeps_the_models_bounds(obj: dict[str, Any]) -> None:
+    _recv_agrees(obj)
 
 
 ROWS: list[tuple[Any, ...]] = [

@@ -32,7 +32,7 @@ INTERNAL = {
     "egress_plan", "reload_bindings",
     # the group commit's hooks for its message lane (the sender was checked before it
     # queued); this host's swarm name, for the listings
-    "message_taken", "message_stored", "swarm_host",
+    "message_taken", "message_stored", "lane_committed", "swarm_host",
 }  # fmt: skip
 
 

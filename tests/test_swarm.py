@@ -218,12 +218,14 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
         js = nc.jetstream()
         bridge = Bridge.__new__(Bridge)  # only what _bucket reads: no hive behind it
         bridge.nc, bridge.host, bridge.kv, bridge._missing_said_at = nc, "zz", None, -1e9
+        bridge._bucket_missing = False
         try:
             task = asyncio.create_task(bridge._bucket())
             await asyncio.sleep(2.5)
-            waited = not task.done()
+            waited = not task.done() and bridge._bucket_missing  # (status: roster_bucket false)
             await bus._ensure_roster(js, "zz", s.REPLICAS)  # what ensure_streams does
             kv = await asyncio.wait_for(task, timeout=10)
+            assert not bridge._bucket_missing
             return waited, kv._name
         finally:
             await js.delete_stream(s.kv_stream("zz"))

@@ -37,6 +37,10 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     bus = f"connected to {sw['server']}" if sw["connected"] else "unreachable"
     say(f"host {sw['host']}: bus {bus}; roster {sw['roster']} agents")
+    if sw["connected"] and sw.get("roster_bucket") is False:
+        say(f"no roster bucket HIVE_ROSTER_{sw['host']} on the bus yet: as the admin, render the"
+            " nodes' configs again (python -m hyperhive.swarm.natsconf), restart them one at a"
+            " time and run ensure_streams (docs/swarm.md, Upgrading)")  # fmt: skip
     say(f"outbox: {sw['outbox_unsent']} waiting, {sw['outbox_sent']} sent; "
         f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
     if sw.get("waiting"):

@@ -68,6 +68,12 @@ class AgentSession:
 
     async def handle(self, obj: dict[str, Any]) -> Reply:
         cmd = obj.get("cmd")
+        if cmd == "recv" and (plain := plain_recv(obj)) is not None:  # a receiver's round
+            try:
+                self.hive.require_self(self.actor)
+                return await _recv(self, *plain)
+            except Refused as e:
+                return error(str(e))
         harness_verb = isinstance(cmd, str) and cmd in wh.HARNESS_VERBS  # any JSON: {"cmd": []}
         dispatcher = HARNESS if harness_verb else AGENT
         try:
@@ -100,6 +106,36 @@ def _plain_send(obj: dict[str, Any]) -> bool:
     return NAME_RE.fullmatch(to) is not None and to not in RESERVED
 
 
+_RECV_KEYS = frozenset({"cmd", "wait", "max", "ack"})
+_RECV_WAIT = w.Recv.model_fields["wait"].default
+_RECV_MAX = w.Recv.model_fields["max"].default
+
+
+def plain_recv(obj: dict[str, Any]) -> tuple[float, int, list[int] | None] | None:
+    """A ``recv`` that ``w.Recv`` takes as it is, as (wait, max, ack); None for anything
+    else, which goes through the model and is accepted or refused in its words. The same
+    bounds as the model's (tests/test_agent_socket_fastpath.py checks it against the model
+    with hypothesis); JSON's true/false are bools, which the strict model refuses as
+    numbers, hence ``type(...) is``, not isinstance."""
+    if obj["cmd"] != "recv" or not _RECV_KEYS.issuperset(obj.keys()):
+        return None
+    wait, limit, ack = obj.get("wait", _RECV_WAIT), obj.get("max", _RECV_MAX), obj.get("ack")
+    if type(wait) is int or type(wait) is float:
+        if not 0 <= wait <= 3600:
+            return None
+    else:
+        return None
+    if type(limit) is not int or not 1 <= limit <= 1000:
+        return None
+    if ack is not None:
+        if type(ack) is not list or len(ack) > 10_000:
+            return None
+        for i in ack:
+            if type(i) is not int or i < 1:
+                return None
+    return float(wait), limit, ack
+
+
 async def _sent(committed: Awaitable[int]) -> dict[str, Any]:
     try:
         return ok(id=await committed)
@@ -121,10 +157,14 @@ async def send(s: AgentSession, req: w.Send) -> Reply:
 
 
 async def recv(s: AgentSession, req: w.Recv) -> Reply:
+    return await _recv(s, req.wait, req.max, req.ack)
+
+
+async def _recv(s: AgentSession, wait: float, limit: int, ack_ids: list[int] | None) -> Reply:
     # ``ack``: the messages the last recv returned, acked (committed) before this one reads,
     # so a receiver's round is one request, not two. Refused: nothing acked, nothing read.
-    acked = {} if req.ack is None else {"acked": await s.hive.ack(s.actor, req.ack)}
-    page = await s.hive.recv(s.actor, s.conn, req.wait, req.max)
+    acked = {} if ack_ids is None else {"acked": await s.hive.ack(s.actor, ack_ids)}
+    page = await s.hive.recv(s.actor, s.conn, wait, limit)
     return ok(messages=page.items, **more(page), **acked)
 
 

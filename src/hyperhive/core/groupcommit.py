@@ -42,6 +42,10 @@ class MessageHooks(Protocol):
     def message_stored(self, mid: int, item: MessageItem, sent_at: float) -> None:
         """It is committed, as message ``mid``: before its sender's reply."""
 
+    def lane_committed(self, before: int, after: int) -> None:
+        """A batch of only lane messages and ``shrinks`` writes was committed: the database's
+        commit count went from ``before`` to ``after``. Called before ``message_stored``."""
+
 
 @dataclass(slots=True)
 class _Write:
@@ -50,6 +54,13 @@ class _Write:
     taken: Callable[[], None] | None  # when the batch is taken, whatever becomes of it
     fut: asyncio.Future[Any]
     item: MessageItem | None = None
+    shrinks: bool = False  # holds nobody more in the store (an ack): see lane_committed
+
+    @property
+    def runs_in_place(self) -> bool:
+        """A write the batch's others keep their order around: neither a message of the
+        lane nor a ``shrinks`` write (those two commute: see GroupCommit._segment)."""
+        return self.work is not None and not self.shrinks
 
 
 class GroupCommit:
@@ -59,20 +70,31 @@ class GroupCommit:
         self._db = db
         self._queue: list[_Write] = []
         self._hooks = hooks
+        # The loop, looked up again only once it has stopped (a test's next loop): on 3.11
+        # asyncio.get_running_loop() is a getpid() system call each time it is asked.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def submit(
         self,
         work: Callable[[Tx], T],
         done: Callable[[T], None] | None = None,
         taken: Callable[[], None] | None = None,
+        shrinks: bool = False,
     ) -> asyncio.Future[T]:
         """Queue ``work`` (run in order with the rest of this turn's writes); ``done`` runs
         with its result once committed, even if the caller is gone by then (a message
         committed is delivered whether or not its sender still waits for the reply);
         ``taken`` runs just before the transaction, committed or not (a count of what is
-        queued goes down)."""
-        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._enqueue(_Write(work, done, taken, fut))
+        queued goes down). ``shrinks``: an ack's work, which adds to no agent's storage and
+        needs no message of its own batch (see _segment and MessageHooks.lane_committed)."""
+        fut: asyncio.Future[T] = self._running_loop().create_future()
+        self._enqueue(_Write(work, done, taken, fut, shrinks=shrinks))
         return fut
 
     def submit_message(self, item: MessageItem) -> asyncio.Future[int]:
@@ -80,14 +102,14 @@ class GroupCommit:
         resolves to its id once committed. The hooks run for it as ``taken`` and ``done``
         would."""
         assert self._hooks is not None, "a GroupCommit without hooks has no message lane"
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[int] = self._running_loop().create_future()
         self._enqueue(_Write(None, None, None, fut, item))
         return fut
 
     def _enqueue(self, w: _Write) -> None:
         self._queue.append(w)
         if len(self._queue) == 1:  # after every handler this turn has started
-            asyncio.get_running_loop().call_soon(self._flush)
+            self._running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
@@ -97,33 +119,27 @@ class GroupCommit:
                 w.taken()
             elif w.item is not None and hooks is not None:
                 hooks.message_taken(w.item)
-        results: list[tuple[bool, Any]] = []
+        n = len(batch)
+        results: list[tuple[bool, Any]] = [(False, None)] * n
         now = time.time()
+        before = self._db.commits
         try:
             with self._db.tx() as tx:
-                i, n = 0, len(batch)
+                i = 0
                 while i < n:
-                    work = batch[i].work
-                    if work is not None:
-                        try:
-                            results.append((True, work(tx)))
-                        except Refused as e:  # this write alone; it wrote nothing
-                            results.append((False, e))
-                        i += 1
+                    if not batch[i].runs_in_place:  # messages and acks up to the next other
+                        i = self._segment(tx, batch, i, now, results)
                         continue
-                    j = i  # a run of messages: one executemany, consecutive ids
-                    while j < n and batch[j].work is None:
-                        j += 1
-                    items = [w.item for w in batch[i:j] if w.item is not None]
-                    last = insert_messages(tx, items, now)
-                    results.extend((True, last - (j - 1 - k)) for k in range(i, j))
-                    i = j
+                    results[i] = _run(batch[i], tx)
+                    i += 1
         except Exception as e:  # rolled back whole: every write in it is refused alike
             for w in batch:
                 if not w.fut.done():
                     w.fut.set_exception(e)
             return
-        for w, (ok, value) in zip(batch, results, strict=True):
+        if hooks is not None and not any(w.runs_in_place for w in batch):
+            hooks.lane_committed(before, self._db.commits)
+        for w, (ok, value) in zip(batch, results, strict=True):  # in queue order
             if ok:
                 if w.done is not None:
                     w.done(value)
@@ -135,3 +151,36 @@ class GroupCommit:
                 w.fut.set_result(value)
             else:
                 w.fut.set_exception(value)
+
+    @staticmethod
+    def _segment(
+        tx: Tx, batch: list[_Write], i: int, now: float, results: list[tuple[bool, Any]]
+    ) -> int:
+        """The messages and ``shrinks`` writes from ``i`` up to the next other write: the
+        messages first, as one executemany (consecutive ids), then the acks in order. An
+        ack can't need to come before a message of its own batch (no client has that id
+        before the commit), and a 64-pair round alternates the two: in queue order, each
+        message was an executemany of its own. Where the next segment starts."""
+        n = len(batch)
+        j = i
+        while j < n and not batch[j].runs_in_place:
+            j += 1
+        lane = [k for k in range(i, j) if batch[k].item is not None]
+        if lane:
+            items = [it for k in lane if (it := batch[k].item) is not None]
+            last = insert_messages(tx, items, now)
+            for pos, k in enumerate(lane):
+                results[k] = (True, last - (len(lane) - 1 - pos))
+        for k in range(i, j):
+            if batch[k].item is None:
+                results[k] = _run(batch[k], tx)
+        return j
+
+
+def _run(w: _Write, tx: Tx) -> tuple[bool, Any]:
+    """One write's work in the transaction: (True, its result) or (False, its refusal)."""
+    assert w.work is not None
+    try:
+        return True, w.work(tx)
+    except Refused as e:  # this write alone; it wrote nothing
+        return False, e

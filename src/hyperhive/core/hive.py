@@ -121,8 +121,15 @@ class Hive:
         store.history_keep = config.limits.history_keep
         # Sends queued for the next group commit, per sender: (rows, bytes) not yet in agent_usage.
         self._queued: dict[str, tuple[int, int]] = {}
-        self._usage: dict[str, Usage] = {}  # agent_usage rows read since commit _usage_at
+        # agent_usage rows read since commit _usage_at, or more: carried over the group
+        # commit's batches of messages and acks (lane_committed), they only ever overstate
+        # what an agent holds (an ack frees room unseen), so a check that passes on them is
+        # right, and one that fails reads the row again (check_store_quota).
+        self._usage: dict[str, Usage] = {}
         self._usage_at = -1
+        # The last run of commits that were all batches of messages and acks (lane_committed):
+        # from commit count _lane_from to _lane_to.
+        self._lane_from = self._lane_to = -1
         # Egress: the rules the proxy threads read (replaced whole, never mutated in place).
         self._egress_rules: dict[str, tuple[Rule, ...]] = {}
         self._egress_open: dict[
@@ -263,12 +270,12 @@ class Hive:
         own oldest messages to the operator (see Store.send_many), so those don't count."""
         if agent == OPERATOR:
             return  # the operator's own messages are not an agent's to bound
+        if self._fits(self._usage_of(agent), agent, rows, nbytes, to_operator):
+            return
+        # Over, on a read that may overstate (see _usage): read the row again to be sure.
+        usage = self._usage[agent] = self.store.usage.of(agent)
+        held_rows, held_bytes = self._held(usage, agent, to_operator)
         limits = self.config.limits
-        held_rows, held_bytes, op_rows, op_bytes = self._usage_of(agent)
-        q_rows, q_bytes = self._queued.get(agent, (0, 0))
-        held_rows, held_bytes = held_rows + q_rows, held_bytes + q_bytes
-        if to_operator:
-            held_rows, held_bytes = held_rows - op_rows, held_bytes - op_bytes
         if held_rows + rows > limits.agent_pending_max:
             raise Busy(
                 f"storage quota: agent {agent} holds {held_rows} undelivered messages,"
@@ -279,6 +286,39 @@ class Hive:
                 f"storage quota: agent {agent} holds {held_bytes / (1 << 20):.1f} MiB of"
                 f" undelivered messages, limit {limits.agent_store_mib} MiB"
             )
+
+    def _held(self, usage: Usage, agent: str, to_operator: bool) -> tuple[int, int]:
+        """The rows and bytes ``agent`` holds on ``usage``, with its queued sends."""
+        q_rows, q_bytes = self._queued.get(agent, (0, 0))
+        held_rows, held_bytes = usage.rows + q_rows, usage.bytes + q_bytes
+        if to_operator:
+            held_rows, held_bytes = held_rows - usage.op_rows, held_bytes - usage.op_bytes
+        return held_rows, held_bytes
+
+    def _fits(self, usage: Usage, agent: str, rows: int, nbytes: int, to_operator: bool) -> bool:
+        """Whether ``rows`` more of ``nbytes`` fit ``agent``'s quota on ``usage``."""
+        held_rows, held_bytes = self._held(usage, agent, to_operator)
+        limits = self.config.limits
+        return (
+            held_rows + rows <= limits.agent_pending_max
+            and held_bytes + nbytes <= limits.agent_store_mib << 20
+        )
+
+    def lane_committed(self, before: int, after: int) -> None:
+        """GroupCommit hook: a batch of messages and acks only was committed. What was read
+        before it still bounds what each agent holds (acks only free room), once the
+        batch's messages are added (message_stored), so the reads are kept."""
+        if self._usage_at == before:
+            self._usage_at = after
+        if self._lane_to != before:  # another write came between: a new run starts here
+            self._lane_from = before
+        self._lane_to = after
+
+    def _unchanged_since(self, at: int) -> bool:
+        """Whether every commit since the database's commit count was ``at`` was a batch of
+        messages and acks only (each of those messages woke its recipient)."""
+        now = self.store.db.commits
+        return at == now or (self._lane_to == now and self._lane_from <= at)
 
     def _usage_of(self, agent: str) -> Usage:
         """``store.usage.of(agent)``, read once per commit: pipelined sends check their
@@ -314,6 +354,12 @@ class Hive:
         """GroupCommit hook: a message of the lane is committed (``delivered``, with the
         Message built only for a subscriber that wants it)."""
         to = item[0]
+        if self._usage_at == self.store.db.commits:  # carried over this commit: add it
+            usage = self._usage.get(item[1])
+            if usage is not None:
+                self._usage[item[1]] = usage._replace(
+                    rows=usage.rows + 1, bytes=usage.bytes + item[3]
+                )
         self.wakeups.notify(to)
         self.bus.version += 1
         if self.bus.wants("message"):
@@ -447,15 +493,25 @@ class Hive:
         the recipient's line carries it (store/messages.py ``wire_for_recipient``)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
+        name, wakeups = actor.name, self.wakeups
         while True:
-            in_flight = self._in_flight[actor.name]
-            unacked = self.store.messages.unacked_wire(actor.name, limit + 1, set(in_flight))
-            page = take(unacked, self._reply_budget(), limit, encoded_size)
+            in_flight = self._in_flight[name]
+            # An inbox read empty, with nothing held, is empty still if no message came for it
+            # since (each wakes it: notify forgets the read) and only batches of messages and
+            # acks were committed: a receiver's recv that acks is not a second read a round.
+            empty_at = wakeups.empty.get(name)
+            if empty_at is not None and not in_flight and self._unchanged_since(empty_at):
+                page: Page[dict[str, Any]] = Page()
+            else:
+                unacked = self.store.messages.unacked_wire(name, limit + 1, set(in_flight))
+                page = take(unacked, self._reply_budget(), limit, encoded_size)
+                if not page.items and not in_flight:
+                    wakeups.empty[name] = self.store.db.commits
             if page.items or loop.time() >= deadline:
                 for m in page.items:
                     in_flight[m["id"]] = conn
                 return page
-            await self.wakeups.wait(actor.name, deadline - loop.time())
+            await wakeups.wait(name, deadline - loop.time())
 
     async def ack(self, actor: Agent, ids: list[int]) -> int:
         """Ack messages to the caller (committed with this turn's other sends and acks);
@@ -467,7 +523,7 @@ class Hive:
             for i in ids:
                 in_flight.pop(i, None)
 
-        return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done)
+        return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""

@@ -146,6 +146,7 @@ class Bridge:
         self.buckets: dict[str, KeyValue] = {}  # host -> its roster bucket (read, watched)
         self._listed_at = -1e9  # when the hosts' buckets were last looked for
         self._missing_said_at = -1e9  # when "no roster bucket yet" was last logged
+        self._bucket_missing = False  # the bus said it has no roster bucket of ours (yet)
         self.names: dict[str, str] = {}  # agent -> owning host, every host's (the roster cache)
         self.claims: dict[str, dict[str, datetime]] = {}  # agent -> {host: stored at}, live
         self._beats: dict[str, int] = {}  # host -> its heartbeat key's last revision seen
@@ -236,6 +237,9 @@ class Bridge:
                 for h, n in sorted(hosts.items())
             ],
             "roster": len(self.rows),
+            # False while the bus has no roster bucket of this host's (a layout of before:
+            # _bucket says what to do; `hive swarm status` says it too).
+            "roster_bucket": not self._bucket_missing,
             "outbox_unsent": unsent,
             "outbox_sent": sent,
             "received": self.received,
@@ -311,7 +315,7 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _forever(self, loop: Callable[[], Awaitable[None]]) -> None:
+    async def _forever(self, loop: Callable[[], Awaitable[None]], retry: float = RETRY) -> None:
         while True:
             try:
                 await loop()
@@ -320,7 +324,7 @@ class Bridge:
             except Exception as e:  # the bus went away mid-call, say: start the loop again
                 name = getattr(loop, "__name__", None) or repr(loop)
                 log.warning("swarm: %s failed (%s: %s); restarting it", name, type(e).__name__, e)
-                await asyncio.sleep(RETRY)
+                await asyncio.sleep(retry)
 
     def _js(self) -> nats.js.JetStreamContext:
         assert self.nc is not None
@@ -334,6 +338,7 @@ class Bridge:
             try:
                 self.kv = await self._js().key_value(s.bucket(self.host))
             except (nats.js.errors.BucketNotFoundError, nats.errors.TimeoutError) as e:
+                self._bucket_missing = True
                 if time.monotonic() - self._missing_said_at > SAY_EVERY:
                     self._missing_said_at = time.monotonic()
                     log.warning(
@@ -344,6 +349,7 @@ class Bridge:
                         type(e).__name__,
                     )
                 await asyncio.sleep(1.0)
+        self._bucket_missing = False
         return self.kv
 
     async def _buckets(self, fresh: bool = False) -> dict[str, KeyValue]:
@@ -627,7 +633,8 @@ class Bridge:
 
     async def _lookup(self, agent: str) -> str | None:
         """``agent``'s owner as the buckets say now (the cache may be behind); cached."""
-        claims = await live_claims(await self._buckets(), agent)
+        # The buckets the watch loop has found (it looks every BUCKETS_EVERY seconds).
+        claims = await live_claims(self.buckets or await self._buckets(), agent)
         self.claims[agent] = claims  # the bucket now: the watch may be behind
         self._own(agent)
         return earliest(claims)
@@ -646,10 +653,19 @@ class Bridge:
         watches: dict[str, asyncio.Task[None]] = {}
         try:
             while True:
-                for host in await self._buckets(fresh=True):
+                try:
+                    found = await self._buckets(fresh=True)
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                    # No answer while the bus elects its leaders, say: the watches go on.
+                    log.info("swarm: can't look for the hosts' roster buckets now (%s)", e)
+                    found = self.buckets
+                for host in list(found):
                     if host not in watches:
+                        # A watch that fails (no leader for that bucket yet) is tried
+                        # again after a second: each try is a consumer made, on a bus that
+                        # may be electing its leaders.
                         watches[host] = asyncio.create_task(
-                            self._forever(functools.partial(self._watch, host))
+                            self._forever(functools.partial(self._watch, host), retry=1.0)
                         )
                 await asyncio.sleep(BUCKETS_EVERY)
         finally:
