@@ -4,20 +4,26 @@
   the starting child attaches it): a restart racing the old namespace's release of the
   loop device (a compromised hive-core picks the timing of every stop and start); what a
   cage sees of other homes and of the host; a home pinned from the cage past its destroy.
+- The agent socket's recv fast path (wt-pairs) against the model, one by one and
+  pipelined; a listener resting after accept(2) failed (main 4395a26): how long one
+  agent holding the core's descriptors keeps another's listener resting.
 - One roster bucket per host: a hostile host (c's real NATS credentials) has the bus
-  publish for it through a push consumer's deliver subject, and dates its own claim.
+  publish for it through a push consumer's deliver subject, dates its own claim, and
+  leaves consumers on another host's bucket that no host may delete.
 
-One hive (r9a, r9b: command runtimes, paused: nothing runs a turn) for the cage cases;
-the session's swarm of hive-cores for the hostile host.
+One hive (r9a, r9b: command runtimes) for the cage cases; the session's swarm of
+hive-cores for the hostile host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import secrets
 import shutil
+import subprocess
 import tempfile
 import threading
 import time
@@ -36,11 +42,14 @@ from hyperhive.swarm.bridge import earliest, live_claims
 from swarm_faults import take
 from swarm_fixture import Swarm, roster_buckets
 
+from .conftest import CLIENT
 from .test_swarm_hostile import as_host_c, stream_seq
 
 A, B = "r9a", "r9b"
 TRUE = {"runtime": "command", "command": ["true"]}
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="loop devices and network namespaces need root")
+root_only = pytest.mark.skipif(
+    os.geteuid() != 0, reason="loop devices and network namespaces need root"
+)
 
 
 # -- homes: the loop device a restart mounts again ----------------------------------------
@@ -54,7 +63,9 @@ def _agent_dir(base: str, name: str) -> int:
 def _write(mount: int, text: bytes) -> None:
     root = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=mount)
     try:
-        fd = os.open("who", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=root)
+        fd = os.open(
+            "who", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600, dir_fd=root
+        )
         os.write(fd, text)
         os.close(fd)
     finally:
@@ -73,7 +84,10 @@ def _who(mount: int) -> tuple[bytes, int]:
 
 
 @root_only
-@pytest.mark.attack("home.loop-reuse", ref="red team round 9: homes mounted detached, a restart mounts the recorded loop device again")
+@pytest.mark.attack(
+    "home.loop-reuse",
+    ref="red team round 9: homes mounted detached, a restart mounts the recorded loop device again",
+)
 def test_a_restart_racing_the_old_mounts_release_never_mounts_another_agents_home() -> None:
     """A's cage stops; its dying namespace still holds A's home, so A's next start finds
     the recorded loop device still on A's image and mounts it again. If the old mount lets
@@ -89,7 +103,9 @@ def test_a_restart_racing_the_old_mounts_release_never_mounts_another_agents_hom
     try:
         a_dir, b_dir = _agent_dir(base, "a"), _agent_dir(base, "b")
         held += [a_dir, b_dir]
-        old_a = homes.open_home(a_dir, 60901, 60901, 16)  # the stopped cage's namespace, still holding it
+        old_a = homes.open_home(
+            a_dir, 60901, 60901, 16
+        )  # the stopped cage's namespace, still holding it
         _write(old_a.fd, b"A")
         b = homes.open_home(b_dir, 60902, 60902, 16)
         _write(b.fd, b"B")
@@ -176,7 +192,9 @@ result(dev=f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}", mountinfo=text, tries
 """
 
 
-@pytest.mark.attack("home.namespace-reach", ref="red team round 9: homes mounted in their cages' namespaces only")
+@pytest.mark.attack(
+    "home.namespace-reach", ref="red team round 9: homes mounted in their cages' namespaces only"
+)
 def test_a_cage_sees_its_own_home_only_and_the_host_none(hive: HiveProcess) -> None:
     """From r9a's cage: one ext4 mount (its home), no device of r9b's home in its mount
     table, no host path (state directory, home-view) in it; the views the cage can list
@@ -218,7 +236,9 @@ time.sleep(120)  # until the destroy kills it
 """
 
 
-@pytest.mark.attack("home.pinned-past-destroy", ref="red team round 9: homes go with their cages' namespaces")
+@pytest.mark.attack(
+    "home.pinned-past-destroy", ref="red team round 9: homes go with their cages' namespaces"
+)
 def test_a_home_pinned_from_its_cage_is_let_go_soon_after_destroy(hive: HiveProcess) -> None:
     """r9b hands the egress proxy a socketpair end with a file of its home in flight on
     it (the only holder outside the cage it can make), then is destroyed: its loop device
@@ -228,7 +248,9 @@ def test_a_home_pinned_from_its_cage_is_let_go_soon_after_destroy(hive: HiveProc
     loop = (hive.state_dir / "agents" / B / homes.LOOP_RECORD).read_text().strip()
     image = str((hive.state_dir / "agents" / B / homes.IMAGE).resolve())
     out: list[Any] = []
-    probe = threading.Thread(target=lambda: out.append(hive.probe(B, PIN_PROBE, timeout=150)), daemon=True)
+    probe = threading.Thread(
+        target=lambda: out.append(hive.probe(B, PIN_PROBE, timeout=150)), daemon=True
+    )
     probe.start()
     wait_for(lambda: (hive.home(B) / "pin").exists(), timeout=30)
     time.sleep(0.3)  # the handover sent
@@ -251,6 +273,181 @@ def test_a_home_pinned_from_its_cage_is_let_go_soon_after_destroy(hive: HiveProc
     assert not (hive.home(B) / "pin").exists()
 
 
+# -- the agent socket: the recv fast path, a listener resting -----------------------------
+
+# recv lines that the fast path (agent_socket.plain_recv) and the model (w.Recv) could
+# disagree on; every accepted one has wait 0 (3600 would be accepted: an hour's wait).
+RECV_LINES = [
+    b'{"cmd":"recv"}',
+    b'{"cmd":"recv","wait":0,"max":1}',
+    b'{"cmd":"recv","wait":-0.0}',
+    b'{"cmd":"recv","wait":1e-320}',
+    b'{"cmd":"recv","wait":true}',
+    b'{"cmd":"recv","wait":null}',
+    b'{"cmd":"recv","wait":3600.0000001}',
+    b'{"cmd":"recv","wait":-1e-300}',
+    b'{"cmd":"recv","wait":"0"}',
+    b'{"cmd":"recv","max":true}',
+    b'{"cmd":"recv","max":1.0}',
+    b'{"cmd":"recv","max":0}',
+    b'{"cmd":"recv","max":1001}',
+    b'{"cmd":"recv","max":0,"max":1}',
+    b'{"cmd":"recv","ack":[]}',
+    b'{"cmd":"recv","ack":null}',
+    b'{"cmd":"recv","ack":[0]}',
+    b'{"cmd":"recv","ack":[true]}',
+    b'{"cmd":"recv","ack":[1.0]}',
+    b'{"cmd":"recv","ack":"1"}',
+    b'{"cmd":"recv","ack":{}}',
+    b'{"cmd":"recv","ack":[9223372036854775807]}',
+    b'{"cmd":"recv","ack":[9223372036854775808]}',
+    b'{"cmd":"recv","ack":[18446744073709551616]}',
+    b'{"cmd":"recv","ack":[-1]}',
+    b'{"cmd":"recv","extra":1}',
+    b'{"cmd":"recv","version":1}',
+    b'{"cmd":"recv","wait":NaN}',
+    b'{"cmd":"recv","wait":Infinity}',
+    b'{"cmd":"recv","ack":[1],"ack":[]}',
+    b'{"cmd":"recv","ack":[1]}',
+]
+
+RECV_PROBE = """
+import base64
+replies = []
+c = Conn()
+for line in P["lines"]:
+    replies.append(c.raw(base64.b64decode(line) + b"\\n"))
+c.send(b"".join(base64.b64decode(x) + b"\\n" for x in P["lines"]))  # pipelined, in one write
+piped = [c.line() for _ in P["lines"]]
+result(replies=replies, piped=piped)
+"""
+
+
+def _model_takes(line: bytes) -> bool:
+    from hyperhive.wire import agent as wa
+    from hyperhive.wire.framing import parse_line
+
+    try:
+        wa.Recv.model_validate(parse_line(line))
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.attack(
+    "wire.recv-fastpath", ref="red team round 9: a plain recv checked without the model"
+)
+def test_the_recv_fast_path_takes_exactly_what_the_model_takes(hive: HiveProcess) -> None:
+    """From r9a's cage, recv lines at the edges of w.Recv (bools for numbers, floats for
+    ints, -0.0, subnormals, ids past 64 bits, duplicate keys, extra keys), one by one and
+    then pipelined in one write: a line the model refuses is refused, one it takes is
+    answered (an ack of an id not in the inbox: its NotFound, and nothing else in the
+    hive's batch is refused with it), the same both ways."""
+    lines = [base64.b64encode(x).decode() for x in RECV_LINES]
+    got = probe_result(hive.probe(A, CLIENT + RECV_PROBE, lines=lines))
+    assert got["piped"] == got["replies"], (got["piped"], got["replies"])
+    wrong = []
+    for line, reply in zip(RECV_LINES, got["replies"], strict=True):
+        taken = reply.get("ok") is True or str(reply.get("error", "")).startswith("no message")
+        if taken != _model_takes(line):
+            wrong.append((line, reply))
+    assert wrong == [], wrong
+    assert_ok(hive.agent_call(B, "whoami"))
+
+
+HOLD_PROBE = """
+import socket, time
+held = []
+for _ in range(P["n"]):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.setblocking(False)
+    try:
+        s.connect("/run/hive/agent.sock")
+    except BlockingIOError:
+        pass
+    held.append(s)
+time.sleep(P["hold"])
+for s in held:
+    s.close()
+result(released=time.time())
+"""
+
+VICTIM_PROBE = """
+import time
+time.sleep(P["after"])
+asked = time.time()
+reply = Conn(timeout=30).call({"cmd": "whoami"})
+result(asked=asked, answered=time.time(), reply=reply)
+"""
+
+
+@pytest.mark.attack(
+    "budget.accept-rest", ref="main 4395a26: a listener whose accept fails rests 1 s"
+)
+def test_an_agent_out_of_the_cores_descriptors_starves_another_no_longer_than_it_holds(
+    hive: HiveProcess,
+) -> None:
+    """With the core left a few descriptors (its NOFILE lowered, as if every other agent
+    held its whole budget), r9a's cage holds 30 connections to its agent.sock: the core
+    runs out, and r9b's whoami, asked meanwhile from its cage, hits a listener resting
+    (accept failed). Once r9a lets go, r9b is answered within one rest (1 s) and a
+    little: an agent can make another's listener rest only while it holds the core's
+    descriptors, never past that."""
+    pid = hive.core_pid()
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    uid = next(ln.split()[1] for ln in status if ln.startswith("Uid:"))
+    gid = next(ln.split()[1] for ln in status if ln.startswith("Gid:"))
+    soft, hard = next(
+        ln.split()[3:5]
+        for ln in Path(f"/proc/{pid}/limits").read_text().splitlines()
+        if ln.startswith("Max open files")
+    )
+
+    def nofile(value: str) -> None:  # as the core's own user: root here may lack CAP_SYS_RESOURCE
+        subprocess.run(
+            [
+                "setpriv",
+                f"--reuid={uid}",
+                f"--regid={gid}",
+                "--clear-groups",
+                "prlimit",
+                f"--pid={pid}",
+                f"--nofile={value}:{hard}",
+            ],
+            check=True,
+        )
+
+    outs: dict[str, Any] = {}
+    hold = 2.5
+
+    def run(who: str, name: str, script: str, **params: Any) -> None:
+        outs[who] = probe_result(hive.probe(name, CLIENT + script, **params))
+
+    nofile(str(len(os.listdir(f"/proc/{pid}/fd")) + 4))
+    try:
+        threads = [
+            threading.Thread(target=run, args=("a", A, HOLD_PROBE), kwargs={"n": 30, "hold": hold}),
+            threading.Thread(target=run, args=("b", B, VICTIM_PROBE), kwargs={"after": 1.0}),
+        ]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+    finally:
+        nofile(soft)
+    log = hive.log_tail(2000)
+    assert f"agent {B}: accept failed" in log, (
+        "r9b's listener never ran out: the case tested nothing"
+    )
+    late = outs["b"]["answered"] - outs["a"]["released"]
+    print(
+        f"\nr9b answered {late:.2f} s after r9a let go ({outs['b']['answered'] - outs['b']['asked']:.2f} s after asking)"
+    )
+    assert outs["b"]["reply"].get("name") == B, outs["b"]
+    assert late < 1.8, late
+
+
 # -- the swarm: a hostile host and the bus ------------------------------------------------
 
 
@@ -260,7 +457,10 @@ async def _admin(swarm: Swarm) -> Any:
 
 
 @root_only
-@pytest.mark.attack("swarm-deliver-subject", ref="red team round 9: CONSUMER.CREATE's body is not in NATS's permissions")
+@pytest.mark.attack(
+    "swarm-deliver-subject",
+    ref="red team round 9: CONSUMER.CREATE's body is not in NATS's permissions",
+)
 def test_a_hostile_host_cannot_have_the_bus_publish_a_message_for_it(swarm: Swarm) -> None:
     """Host c may create consumers on the roster buckets (its watches), and NATS's
     permissions see the subject, not the body: c puts a bundle "from alice" under its own
@@ -272,17 +472,39 @@ def test_a_hostile_host_cannot_have_the_bus_publish_a_message_for_it(swarm: Swar
     tag = "r9-" + secrets.token_hex(6)
     key = s.kv_subject("c", s.row_key("c", "r9inject"))
     subject = s.msg_subject("b", "a")
-    body = json.dumps([{"id": tag, "from": "alice", "to": "bob", "kind": "message",
-                        "body": f"{tag}: from alice, really", "sent_at": 0}]).encode()
+    body = json.dumps(
+        [
+            {
+                "id": tag,
+                "from": "alice",
+                "to": "bob",
+                "kind": "message",
+                "body": f"{tag}: from alice, really",
+                "sent_at": 0,
+            }
+        ]
+    ).encode()
     created: list[dict[str, Any]] = []
     before = stream_seq(swarm, subject)
 
     async def attack(nc: Any) -> None:
         assert "error" not in json.loads((await nc.request(key, body, timeout=10)).data)
-        config = {"deliver_subject": subject, "filter_subject": key, "deliver_policy": "last_per_subject",
-                  "ack_policy": "none", "inactive_threshold": 5_000_000_000, "mem_storage": True}
+        config = {
+            "deliver_subject": subject,
+            "filter_subject": key,
+            "deliver_policy": "last_per_subject",
+            "ack_policy": "none",
+            "inactive_threshold": 5_000_000_000,
+            "mem_storage": True,
+        }
         req = json.dumps({"stream_name": s.kv_stream("c"), "config": config}).encode()
-        created.append(json.loads((await nc.request(f"$JS.API.CONSUMER.CREATE.{s.kv_stream('c')}", req, timeout=10)).data))
+        created.append(
+            json.loads(
+                (
+                    await nc.request(f"$JS.API.CONSUMER.CREATE.{s.kv_stream('c')}", req, timeout=10)
+                ).data
+            )
+        )
         await asyncio.sleep(0.5)
 
     async def watched() -> tuple[list[str], list[str]]:
@@ -306,7 +528,11 @@ def test_a_hostile_host_cannot_have_the_bus_publish_a_message_for_it(swarm: Swar
 
     try:
         errors, seen = asyncio.run(watched())
-        assert errors == [] and created and created[0].get("config", {}).get("deliver_subject") == subject, created
+        assert (
+            errors == []
+            and created
+            and created[0].get("config", {}).get("deliver_subject") == subject
+        ), created
         assert seen == [key], seen  # delivered under c's own subject, never a's
         got = take(swarm, "b", "bob", wait=1.0)
         assert stream_seq(swarm, subject) == before
@@ -316,7 +542,9 @@ def test_a_hostile_host_cannot_have_the_bus_publish_a_message_for_it(swarm: Swar
 
 
 @root_only
-@pytest.mark.attack("swarm-claim-time", ref="red team round 9: name claims ordered by the bus's store time")
+@pytest.mark.attack(
+    "swarm-claim-time", ref="red team round 9: name claims ordered by the bus's store time"
+)
 def test_a_hostile_host_cannot_date_its_own_claim_back(swarm: Swarm) -> None:
     """c claims ``alice`` (a's) with headers that name a time of its own choosing
     (``Nats-Time-Stamp`` in 2001), then deletes and makes
@@ -326,7 +554,10 @@ def test_a_hostile_host_cannot_date_its_own_claim_back(swarm: Swarm) -> None:
     claims: list[dict[str, Any]] = []
 
     def forged() -> dict[str, str]:
-        return {"Nats-Time-Stamp": "2001-01-01T00:00:00Z", "Nats-Msg-Id": "r9-" + secrets.token_hex(6)}
+        return {
+            "Nats-Time-Stamp": "2001-01-01T00:00:00Z",
+            "Nats-Msg-Id": "r9-" + secrets.token_hex(6),
+        }
 
     async def attack(nc: Any) -> None:
         t0 = time.time()
@@ -347,3 +578,76 @@ def test_a_hostile_host_cannot_date_its_own_claim_back(swarm: Swarm) -> None:
         assert all(r["host"] == "a" for r in swarm.status("b")["agents"] if r["name"] == "alice")
     finally:
         as_host_c(swarm, restore, settle=0)
+
+
+YEARS = 10 * 365 * 86400 * 10**9  # an inactive threshold, in nanoseconds
+
+
+@root_only
+@pytest.mark.attack(
+    "swarm-consumer-flood", ref="red team round 9: consumers a host leaves on the roster buckets"
+)
+def test_a_hostile_host_cannot_leave_consumers_the_server_never_removes(swarm: Swarm) -> None:
+    """No host may delete a consumer (round 8's lever), so what a host creates must go by
+    itself: c creates, on a's bucket, a consumer with nobody subscribed, replicated on
+    every node (R3, on disk), with an inactive threshold of ten years, once by the plain
+    create and once under a durable name of its own. Measured (not run here): 100 such
+    consumers took the cluster ~10 s to make, and while c made 300, b's reads of the name
+    claims (three watches) failed; none is ever removed but by the admin. The server must
+    refuse them, or remove them soon after (here: still there 1 s later, threshold kept)."""
+    stream = s.kv_stream("a")
+    tag = secrets.token_hex(4)
+    asks = [
+        (f"$JS.API.CONSUMER.CREATE.{stream}", {}),
+        (
+            f"$JS.API.CONSUMER.CREATE.{stream}.r9dur{tag}",
+            {"durable_name": f"r9dur{tag}", "name": f"r9dur{tag}"},
+        ),
+    ]
+    replies: list[dict[str, Any]] = []
+
+    async def attack(nc: Any) -> None:
+        for subject, extra in asks:
+            config = {
+                "deliver_policy": "last_per_subject",
+                "ack_policy": "none",
+                "num_replicas": 3,
+                "filter_subject": s.kv_subject("a", ">"),
+                "inactive_threshold": YEARS,
+                "mem_storage": False,
+                "deliver_subject": f"{s.inbox_prefix('c')}.r9{tag}",
+                **extra,
+            }
+            req = json.dumps({"stream_name": stream, "config": config}).encode()
+            replies.append(json.loads((await nc.request(subject, req, timeout=10)).data))
+
+    async def left() -> list[
+        tuple[str, float]
+    ]:  # as the admin: c's consumers still there, and their thresholds
+        adm = await _admin(swarm)
+        try:
+            js = adm.jetstream()
+            out = []
+            for r in replies:
+                name = r.get("name")
+                if name:
+                    try:
+                        info = await js.consumer_info(stream, name)
+                    except nats.js.errors.NotFoundError:
+                        continue
+                    out.append((name, info.config.inactive_threshold or 0.0))
+                    await js.delete_consumer(
+                        stream, name
+                    )  # the admin may: the session's swarm as it was
+            return out
+        finally:
+            await adm.close()
+
+    assert as_host_c(swarm, attack, settle=0) == []
+    time.sleep(1.0)
+    kept = asyncio.run(left())
+    long_lived = [(n, t) for n, t in kept if t > 300]
+    assert long_lived == [], (
+        f"c left consumers on a's bucket that only the admin can remove: {long_lived} (inactive threshold,"
+        f" seconds); replies {[r.get('error') or r.get('config', {}).get('num_replicas') for r in replies]}"
+    )
