@@ -750,3 +750,44 @@ def test_a_hostile_host_cannot_leave_consumers_the_server_never_removes(swarm: S
         f"c left consumers on a's bucket that only the admin can remove: {long_lived} (inactive threshold,"
         f" seconds); replies {[r.get('error') or r.get('config', {}).get('num_replicas') for r in replies]}"
     )
+
+
+@root_only
+@pytest.mark.attack("swarm-name-claim", ref="red team round 9: a losing claim kept live inherits the name")
+def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: Swarm) -> None:
+    """a spawns r9heir (its claim first); c claims r9heir too, loses (later), and keeps its
+    claim live (an honest host deletes a claim it lost). a destroys r9heir (its claim
+    deleted) and spawns it again a moment later: the name must still be a's to give (the
+    spawn accepted, b's roster says a), not c's by a claim it made while a held the name."""
+    name = "r9heir"
+    key = s.kv_subject("c", s.name_key(name, "c"))
+
+    async def claim(nc: Any) -> None:
+        assert "error" not in json.loads((await nc.request(key, b"c", timeout=10)).data)
+
+    async def unclaim(nc: Any) -> None:
+        await nc.request(key, b"", headers={"KV-Operation": "DEL"}, timeout=10)
+
+    a = swarm.cores["a"]
+    assert_ok(a.host_call("spawn", name=name, spec=TRUE))
+    try:
+        wait_for(lambda: (name, "a") in {(r["name"], r["host"]) for r in swarm.status("b")["agents"]}, timeout=15)
+        assert as_host_c(swarm, claim, settle=0) == []
+        assert_ok(a.host_call("destroy", name=name))
+        wait_for(lambda: "a" not in asyncio.run(_owners(swarm, name)), timeout=15)  # a let it go
+        again = a.host_call("spawn", name=name, spec=TRUE)
+        owners = asyncio.run(_owners(swarm, name))
+        assert again.get("ok") is True and earliest(owners) == "a", (
+            f"a could not take its own agent's name back: {again}; claims {owners}"
+        )
+    finally:
+        as_host_c(swarm, unclaim, settle=0)
+        a.host_call("destroy", name=name)
+
+
+async def _owners(swarm: Swarm, name: str) -> dict[str, Any]:
+    adm = await _admin(swarm)
+    try:
+        return await live_claims(await roster_buckets(adm), name)
+    finally:
+        await adm.close()
