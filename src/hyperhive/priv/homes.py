@@ -242,6 +242,8 @@ def _mount_image(agent_dir: int, image: int, *, created: bool = False) -> int:
     that device is mounted again rather than a second one attached (two devices on one
     ext4 image would corrupt it; one device is one filesystem instance, however many
     mounts)."""
+    # An image made just now can have no device yet: not looked for (without a record,
+    # that is a look at every loop device on the host, ~1 ms per 100 of them).
     found = None if created else _loop_of(agent_dir, image)
     if found is not None:
         name, held = found
