@@ -211,7 +211,8 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
     """The new code against a swarm set up before per-host roster buckets (its admin has
     not run ensure_streams again): the bridge's roster waits for its bucket, saying once
     (every 30 s) in one line what the admin must do, and goes on once the bucket is
-    there. Here host ``zz`` (no bucket) on the test swarm's bus, as its admin."""
+    there; in it, it purges its own old deletes and keeps its live keys. Here host ``zz``
+    (no bucket) on the test swarm's bus, as its admin."""
     async def go() -> tuple[bool, str]:
         user, password = swarm.net.admin()
         nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
@@ -226,6 +227,14 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
             await bus._ensure_roster(js, "zz", s.REPLICAS)  # what ensure_streams does
             kv = await asyncio.wait_for(task, timeout=10)
             assert not bridge._bucket_missing
+            # Its old deletes are purged (each question, approval, outcome leaves one),
+            # its live keys kept.
+            await kv.put(s.row_key("zz", "x"), b"{}")
+            await kv.put(s.row_key("zz", "y"), b"{}")
+            await kv.delete(s.row_key("zz", "x"))
+            await bridge._purge_deletes(kv, older=0)
+            state = (await js.stream_info(s.kv_stream("zz"))).state
+            assert state.messages == 1 and (await kv.get(s.row_key("zz", "y"))).value == b"{}"
             return waited, kv._name
         finally:
             await js.delete_stream(s.kv_stream("zz"))

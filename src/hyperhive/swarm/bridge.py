@@ -63,6 +63,7 @@ BUCKETS_EVERY = 2.0  # seconds between two looks for the hosts' roster buckets
 SAY_EVERY = 30.0  # seconds between two log lines of "no roster bucket yet"
 CLAIM_WATCH_IDLE = 10.0  # a lookup's short watch: the server drops its consumer after this
 WATCH_IDLE = 30.0  # a roster watch whose subscriber is gone: the server drops it after this
+PURGE_EVERY = 300.0  # seconds between two purges of this host's old deletes (its bucket)
 AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch starts again
 
 
@@ -147,6 +148,7 @@ class Bridge:
         self._listed_at = -1e9  # when the hosts' buckets were last looked for
         self._missing_said_at = -1e9  # when "no roster bucket yet" was last logged
         self._bucket_missing = False  # the bus said it has no roster bucket of ours (yet)
+        self._purged_at = time.monotonic()  # old deletes purged from our bucket (not at start)
         self.names: dict[str, str] = {}  # agent -> owning host, every host's (the roster cache)
         self.claims: dict[str, dict[str, datetime]] = {}  # agent -> {host: stored at}, live
         self._beats: dict[str, int] = {}  # host -> its heartbeat key's last revision seen
@@ -551,7 +553,14 @@ class Bridge:
             self._reachability()
             if rounds % PRUNE_ROUNDS == 0:
                 self.store.prune()  # sent outbox rows and old received ids
-                await self._purge_deletes(kv)
+            if time.monotonic() - self._purged_at > PURGE_EVERY:
+                self._purged_at = time.monotonic()  # (a failure waits for the next turn)
+                try:
+                    await self._purge_deletes(kv)
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as e:
+                    log.info(
+                        "swarm: can't purge old deletes from %s now (%s)", s.bucket(self.host), e
+                    )
             rounds += 1
             await asyncio.sleep(ROSTER_EVERY)
 
@@ -592,8 +601,8 @@ class Bridge:
                 await kv.delete(s.name_key(name, self.host))  # free again, swarm-wide
                 self._claimed.discard(name)
 
-    async def _purge_deletes(self, kv: KeyValue) -> None:
-        """Purge this host's own deletes older than PURGE_AFTER_SECONDS (every question,
+    async def _purge_deletes(self, kv: KeyValue, older: float = s.PURGE_AFTER_SECONDS) -> None:
+        """Purge this host's own deletes older than ``older`` seconds (every question,
         approval and outcome leaves one), so its bucket's bound is spent on live keys.
         Every watcher has seen them by then; a new one needs no delete of a key it never
         saw. (nats-py's ``purge_deletes`` leaves its watch running.)"""
@@ -603,7 +612,7 @@ class Bridge:
             now = time.time()
             while (entry := await watcher.updates(timeout=5.0)) is not None:  # type: ignore[no-untyped-call]  # nats-py leaves it untyped
                 gone = entry.operation in ("DEL", "PURGE") and entry.created is not None
-                if gone and now - entry.created.timestamp() > s.PURGE_AFTER_SECONDS:
+                if gone and now - entry.created.timestamp() > older:
                     old.append(entry.key)
         finally:
             with contextlib.suppress(Exception):
