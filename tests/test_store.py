@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from hyperhive.core import approvals as kinds
-from hyperhive.core.refusals import Conflict
+from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store import AgentRow, ApplyError, ApprovalTx, Store, StoreError, Usage
 from hyperhive.core.store.agents import AgentRepo
 from hyperhive.core.store.schema import MIGRATIONS
@@ -241,3 +241,21 @@ def test_migration_6_keeps_rows_ids_and_triggers_and_puts_summaries_first(tmp_pa
         assert getattr(q, "truncated", None) == {"question": 6000}
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("many", [False, True], ids=["one id", "several ids"])
+def test_an_ack_takes_only_the_recipients_messages(store: Store, many: bool) -> None:
+    """One id (its own path, a receiver's usual ack) or several: another's message or a
+    missing id refuses the ack whole, nothing written; acking twice counts 0; usage drops."""
+    mine = store.messages.send("bob", "boss", "message", "for bob").id
+    other = store.messages.send("carol", "boss", "message", "for carol").id
+    extra = [store.messages.send("bob", "boss", "message", "too").id] if many else []
+    for bad in (other, other + 1000):
+        with pytest.raises(NotFound, match=f"no message {bad} in this inbox"):
+            store.messages.ack("bob", [*extra, bad])
+    assert store.usage.of("boss").rows == 2 + len(extra)  # nothing acked
+    assert store.messages.ack("bob", [mine, *extra]) == 1 + len(extra)
+    assert store.messages.ack("bob", [mine, *extra]) == 0
+    assert store.usage.of("boss").rows == 1
+    assert [m.id for m in store.messages.unacked("bob", 10, set())] == []
+    assert [m.id for m in store.messages.unacked("carol", 10, set())] == [other]
