@@ -14,17 +14,20 @@ Host a is the operator's console (b and c pin its operator key)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
+from playwright.sync_api import Browser, expect
 
 from helpers import assert_ok, assert_refused, wait_for
 from hive_fixture import HIVE, HiveProcess, children, in_cage, proc_cmdline
 from swarm_fixture import CAGED, HIVE_AGENTS, Swarm, heard, hears, listed
-from web_fixture import Web
+from web_fixture import Web, browser  # noqa: F401 (browser: the module's chromium)
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cages need root")
 
@@ -124,3 +127,109 @@ def test_a_host_cut_off_works_alone_and_its_message_arrives_once_after(hive_swar
     assert hears(a, "alice", timeout=40, body="across the cut")["from"] == "bob"
     time.sleep(1.0)  # a second copy would come right behind it
     assert len([m for m in heard(a, "alice") if m["body"] == "across the cut"]) == 1
+
+
+def hive_on(hive: HiveProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """The ``hive`` CLI on ``hive``'s host.sock (the operator's terminal on that host)."""
+    done = subprocess.run([str(HIVE), "--run-dir", str(hive.run_dir), *args],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    return done
+
+
+def roster_row(hive: HiveProcess, host: str, name: str) -> dict[str, Any] | None:
+    """``hive``'s row of agent ``name`` on ``host`` among the other hosts' agents."""
+    rows = assert_ok(hive.host_call("agent_status")).get("swarm_agents", [])
+    return next((r for r in rows if (r["host"], r["name"]) == (host, name)), None)
+
+
+def cage_stopped(hive: HiveProcess, name: str) -> None:
+    """``name``'s cage on ``hive`` really stopped: hive-priv says so, its cgroup is empty,
+    its core shows it stopped."""
+    assert not hive.cage(name)["running"] and hive.cgroup(name).pids() == []
+    assert not hive.agent_status()[name]["running"]
+
+
+def test_operator_on_a_steers_bob_on_b_and_destroys_an_agent_on_c(hive_swarm: Swarm[HiveProcess]) -> None:
+    """From a's ``hive`` with ``--host``, each verb signed and carried, applied on the
+    agent's host: bob's cage on b stopped and started (checked on b), restarted (a new
+    harness), paused and resumed; a message to him as the operator, which his runtime takes
+    in his cage; a throwaway agent on c destroyed (its cage emptied, its name gone from a's
+    roster); c's refusal comes back to a's terminal."""
+    a, b, c = hive_swarm.cores["a"], hive_swarm.cores["b"], hive_swarm.cores["c"]
+    b.caged("bob").close()  # its caller in his cage ends with the cage: a new one after
+    assert "stop bob: applied on host b" in hive_on(a, "stop", "--host", "b", "bob").stdout
+    cage_stopped(b, "bob")
+    wait_for(lambda: roster_row(a, "b", "bob")["running"] is False, timeout=10)  # type: ignore[index]
+    reply = json.loads(hive_on(a, "start", "--host", "b", "bob", "--json").stdout)
+    assert (reply["ok"], reply["host"], reply["applied"]) == (True, "b", True), reply
+    b.wait_running(["bob"])
+    assert b.cage("bob")["running"]
+    harness = b.harness_pid("bob")
+    # The rest on a's host.sock, as the CLI calls it (a `hive` process is about a second here).
+    assert assert_ok(a.host_call("restart", name="bob", host="b"))["applied"]
+    b.wait_running(["bob"])
+    assert b.harness_pid("bob") != harness
+    for paused in (True, False):
+        assert assert_ok(a.host_call("set_paused", name="bob", paused=paused, host="b"))["applied"]
+        assert b.agent_status()["bob"]["paused"] is paused
+    out = hive_on(a, "send", "--host", "b", "bob", "from the console").stdout
+    assert "message to bob: applied on host b (message " in out, out
+    assert hears(b, "bob", body="from the console") == {
+        "kind": "message", "from": "operator", "body": "from the console", "ref": None}  # fmt: skip
+
+    assert_ok(c.host_call("spawn", name="ctmp", spec=CAGED))
+    c.wait_running(["ctmp"])
+    assert c.cgroup("ctmp").pids()
+    wait_for(lambda: roster_row(a, "c", "ctmp"), timeout=10)
+    out = hive_on(a, "destroy", "--host", "c", "ctmp", "--yes").stdout
+    assert "destroy ctmp: applied on host c" in out, out
+    assert "ctmp" not in c.agent_status() and c.cgroup("ctmp").pids() == []
+    assert "ctmp" not in assert_ok(c.host_call("list"))["agents"]
+    wait_for(lambda: roster_row(a, "c", "ctmp") is None, timeout=10)
+    assert_refused(a.host_call("stop", scope={"agent_names": ["ctmp"]}, host="c"),
+                   "host c: no agent named 'ctmp'")  # fmt: skip
+
+
+def test_the_remote_rows_stop_button_carries_in_the_browser(
+    hive_swarm: Swarm[HiveProcess], browser: Browser
+) -> None:
+    """On a's dashboard (through a's nginx), bob's row (host b) has the local rows'
+    buttons: stop takes two clicks and posts to the same endpoint with ``host=b`` and the
+    CSRF token; the toast says it was carried and applied; bob's cage on b stops, and his
+    row, redrawn live from the roster, offers start, which starts it again. A message to
+    him posted to the send route with ``host=b`` is carried and taken by his runtime."""
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
+    b.caged("bob").close()  # its caller in his cage ends with the cage: a new one after
+    web = Web(a)
+    ctx = browser.new_context()
+    try:
+        page = ctx.new_page()
+        page.goto(web.login_url)
+        expect(page.locator("#conn")).to_have_text("live", timeout=30_000)
+        row = page.locator('#agents tr[data-name="bob"][data-host="b"]')
+        expect(row.locator(".state")).to_have_text("running", timeout=15_000)
+        stop = row.locator('button[data-action="stop"]')
+        stop.click()  # the first click only arms it
+        expect(stop).to_have_text("confirm stop")
+        assert b.cage("bob")["running"]
+        with page.expect_request(lambda r: r.method == "POST"
+                                 and urlsplit(r.url).path == "/api/agents/bob/stop") as req:  # fmt: skip
+            stop.click()
+        csrf = page.locator('meta[name="csrf-token"]').get_attribute("content")
+        assert parse_qs(req.value.post_data or "")["host"] == ["b"], req.value.post_data
+        assert csrf and req.value.headers.get("x-csrf-token") == csrf
+        toasts = page.locator("#toasts")
+        expect(toasts).to_contain_text("stopped bob on host b (carried there, applied)", timeout=20_000)
+        cage_stopped(b, "bob")
+        expect(row.locator(".state")).to_have_text("stopped", timeout=15_000)
+        row.locator('button[data-action="start"]').click()
+        expect(toasts).to_contain_text("started bob on host b (carried there, applied)", timeout=20_000)
+        b.wait_running(["bob"])
+        expect(row.locator(".state")).to_have_text("running", timeout=15_000)
+    finally:
+        ctx.close()
+    # The same send route as this host's agents, with the host: carried, b's message id.
+    r = web.post("/api/agents/bob/send", web.login(), data={"body": "from a's page", "host": "b"})
+    assert r.status_code == 200 and r.json()["applied"] is True and type(r.json()["id"]) is int, r.text
+    assert hears(b, "bob", body="from a's page")["from"] == "operator"

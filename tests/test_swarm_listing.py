@@ -71,9 +71,22 @@ def test_the_agents_table_pages_every_hosts_agents_together() -> None:
     mixed = cockpit.agent_table([*here, *there], cockpit.View(q="0999"), here="a")
     assert [(r["name"], r.get("host")) for r in mixed.rows] == [
         ("a0999", None), ("b0999", "b"), ("c0999", "c")]  # fmt: skip
-    assert mixed.rows[0]["actions"] == ["pause", "interrupt", "restart", "stop", "destroy"]
+    # Another host's agent: the same actions (carried there), none while it is unreachable.
+    acts = ["pause", "interrupt", "restart", "stop", "destroy"]
+    assert [r["actions"] for r in mixed.rows] == [acts, acts, []]
     alone = cockpit.agent_table(here, cockpit.View())
     assert alone.here is None and list(alone.counts) == list(cockpit.STATES)
+
+
+def test_the_toast_of_a_carried_action_says_so() -> None:
+    """The cockpit's toast for an action carried to another host: applied there, or carried
+    and not applied yet; this host's own actions say what they did, as before."""
+    words = cockpit.said("stop", name="bob")
+    assert cockpit.carried(words, {"ok": True, "stopped": ["bob"]}) == "stopped bob"
+    applied = {"host": "b", "action": "f" * 32, "applied": True}
+    assert cockpit.carried(words, applied) == "stopped bob on host b (carried there, applied)"
+    waiting = cockpit.carried(words, {**applied, "applied": False})
+    assert waiting.startswith("carried to host b, not applied yet: stopped bob"), waiting
 
 
 def elsewhere(swarm: Swarm, host: str) -> dict[tuple[str, str], dict[str, Any]]:
@@ -108,7 +121,10 @@ def test_other_hosts_agents_in_status_and_on_the_dashboard(swarm: Swarm) -> None
         assert 'id="agent-alice"' not in page and "<th>host</th>" in page
         row = page[page.index('id="agent-bob@b"'):]
         row = row[: row.index("</tr>")]
-        assert '<td class="host">b</td>' in row and "data-action" not in row  # no actions here
+        assert '<td class="host">b</td>' in row
+        # Its actions post to the same endpoints, the host in the form (carried there).
+        assert '<input type="hidden" name="host" value="b">' in row, row
+        assert 'hx-post="/api/agents/bob/stop" data-action="stop" data-confirm="stop"' in row
 
         core_c = swarm.cores["c"]
         assert core_c.proc is not None

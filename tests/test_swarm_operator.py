@@ -160,6 +160,10 @@ def test_sealed_actions(tmp_path: Path) -> None:
     req = {"cmd": "approve", "id": 3, "payload_sha256": "0" * 64}
     _, data = seal(key, "a", "b", req)
     assert open_sealed(data, "a", "b", pinned)["request"] == req
+    # Steering another host's agent (docs/swarm.md): carried as the roster's actions are.
+    for verb in ({"cmd": "destroy", "name": "x"}, {"cmd": "stop", "scope": {"agent_names": ["x"]}},
+                 {"cmd": "send", "to": "x", "body": "hi"}, {"cmd": "set_paused", "name": "x", "paused": True}):
+        assert open_sealed(seal(key, "a", "b", verb)[1], "a", "b", pinned)["request"] == verb
     other = load_or_create_key(tmp_path / "c.key")
     env = json.loads(data)
     cases = {
@@ -168,7 +172,8 @@ def test_sealed_actions(tmp_path: Path) -> None:
         "not one this host obeys": (data, "a", "b", {}),
         "bad signature": (seal(other, "a", "b", req)[1], "a", "b", pinned),
         "bad signature ": (json.dumps({**env, "action": {**env["action"], "at": env["action"]["at"] + 1}}).encode(), "a", "b", pinned),
-        "carries out": (seal(key, "a", "b", {"cmd": "destroy", "name": "x"})[1], "a", "b", pinned),
+        "carries out": (seal(key, "a", "b", {"cmd": "egress_allow", "name": "x", "rule": "x.example:443"})[1], "a", "b", pinned),
+        "carries out  ": (seal(key, "a", "b", {"cmd": "secret_set", "name": "x", "value": "v"})[1], "a", "b", pinned),
         "carries out ": (seal(key, "a", "b", {**req, "host": "b"})[1], "a", "b", pinned),
         "not JSON": (b"[" * 100_000, "a", "b", pinned),
         "bytes; at most": (b" " * (MAX_ACTION_BYTES + 1), "a", "b", pinned),

@@ -217,7 +217,8 @@ def test_oversized_and_malformed_actions_are_refused(hives: Swarm[HiveProcess]) 
         json.dumps({**good, "sig": "!!"}).encode(),
         json.dumps({**good, "extra": 1}).encode(),
         json.dumps(
-            {"action": {**good["action"], "request": {"cmd": "destroy", "name": "bob"}},
+            {"action": {**good["action"], "request": {"cmd": "egress_allow", "name": "bob",
+                                                      "rule": "evil.example:443"}},
              "sig": good["sig"]}
         ).encode(),
     ]

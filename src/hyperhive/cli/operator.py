@@ -152,14 +152,20 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
     @group.command("send")
     @json_option
+    @host_option
     @click.argument("name")
     @click.argument("body")
     @click.pass_context
-    def send(ctx: click.Context, as_json: bool, name: str, body: str) -> None:
+    def send(ctx: click.Context, as_json: bool, host: str | None, name: str, body: str) -> None:
         """Message agent NAME as the operator."""
-        resp = request(host_sock(ctx), "send", as_json, to=name, body=body)
-        if not as_json:
+        resp = request(host_sock(ctx), "send", as_json, to=name, body=body, host=host)
+        if as_json:
+            return
+        if "applied" not in resp:
             say(f"sent message {resp['id']} to {name}")
+        else:  # its id is the one the other host gave it
+            number = f" (message {resp['id']} there)" if "id" in resp else ""
+            say(carried(resp, f"message to {name}") + (number if resp["applied"] else ""))
 
     @group.command("inbox")
     @json_option
@@ -422,36 +428,48 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 
     @group.command("start")
     @json_option
+    @host_option
     @click.argument("names", nargs=-1)
     @click.pass_context
-    def start(ctx: click.Context, as_json: bool, names: tuple[str, ...]) -> None:
-        """Start NAMES (default: every agent)."""
-        resp = request(host_sock(ctx), "start", as_json, scope={"agent_names": list(names)})
+    def start(ctx: click.Context, as_json: bool, host: str | None, names: tuple[str, ...]) -> None:
+        """Start NAMES (default: every agent; with --host, every agent of that host)."""
+        resp = request(
+            host_sock(ctx), "start", as_json, scope={"agent_names": list(names)}, host=host
+        )
         if not as_json:
-            say(f"started: {', '.join(resp['started']) or 'nothing'}")
+            if "applied" in resp:
+                say(carried(resp, f"start {' '.join(names) or 'every agent'}"))
+            else:
+                say(f"started: {', '.join(resp['started']) or 'nothing'}")
 
     @group.command("stop")
     @json_option
     @click.argument("names", nargs=-1)
     @click.option("--force", is_flag=True, help="Don't wait for the current turn to end.")
+    @host_option
     @click.pass_context
-    def stop(ctx: click.Context, as_json: bool, names: tuple[str, ...], force: bool) -> None:
-        """Stop NAMES (default: every agent)."""
-        resp = request(
-            host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)}, graceful=not force
-        )
+    def stop(
+        ctx: click.Context, as_json: bool, names: tuple[str, ...], force: bool, host: str | None
+    ) -> None:
+        """Stop NAMES (default: every agent; with --host, every agent of that host)."""
+        resp = request(host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)},
+                       graceful=not force, host=host)  # fmt: skip
         if not as_json:
-            say(f"stopped: {', '.join(resp['stopped']) or 'nothing'}")
+            if "applied" in resp:
+                say(carried(resp, f"stop {' '.join(names) or 'every agent'}"))
+            else:
+                say(f"stopped: {', '.join(resp['stopped']) or 'nothing'}")
 
     @group.command("restart")
     @json_option
+    @host_option
     @click.argument("name")
     @click.pass_context
-    def restart(ctx: click.Context, as_json: bool, name: str) -> None:
+    def restart(ctx: click.Context, as_json: bool, host: str | None, name: str) -> None:
         """Restart agent NAME."""
-        request(host_sock(ctx), "restart", as_json, name=name)
+        resp = request(host_sock(ctx), "restart", as_json, name=name, host=host)
         if not as_json:
-            say(f"restarted {name}")
+            say(carried(resp, f"restart {name}") if "applied" in resp else f"restarted {name}")
 
     for verb, paused in (("pause", True), ("resume", False)):
 
@@ -464,11 +482,18 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                 ),
             )
             @json_option
+            @host_option
             @click.argument("name")
             @click.pass_context
-            def cmd(ctx: click.Context, as_json: bool, name: str) -> None:
-                request(host_sock(ctx), "set_paused", as_json, name=name, paused=paused)
-                if not as_json:
+            def cmd(ctx: click.Context, as_json: bool, host: str | None, name: str) -> None:
+                resp = request(
+                    host_sock(ctx), "set_paused", as_json, name=name, paused=paused, host=host
+                )
+                if as_json:
+                    return
+                if "applied" in resp:
+                    say(carried(resp, f"{verb} {name}"))
+                else:
                     say(f"{name}: {'paused' if paused else 'resumed'}")
 
         make()
@@ -582,24 +607,27 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @json_option
     @click.argument("name")
     @click.option("--yes", is_flag=True, help="Don't ask for confirmation.")
+    @host_option
     @click.pass_context
-    def destroy(ctx: click.Context, as_json: bool, name: str, yes: bool) -> None:
+    def destroy(ctx: click.Context, as_json: bool, name: str, yes: bool, host: str | None) -> None:
         """Stop agent NAME and delete it and its undelivered messages."""
         if not yes and not as_json:
-            click.confirm(f"destroy agent {name}?", abort=True)
-        request(host_sock(ctx), "destroy", as_json, name=name)
+            click.confirm(f"destroy agent {name}{f' on host {host}' if host else ''}?", abort=True)
+        resp = request(host_sock(ctx), "destroy", as_json, name=name, host=host)
         if not as_json:
-            say(f"destroyed {name}")
+            say(carried(resp, f"destroy {name}") if "applied" in resp else f"destroyed {name}")
 
     @group.command("interrupt")
     @json_option
+    @host_option
     @click.argument("name")
     @click.pass_context
-    def interrupt(ctx: click.Context, as_json: bool, name: str) -> None:
+    def interrupt(ctx: click.Context, as_json: bool, host: str | None, name: str) -> None:
         """Stop agent NAME's current turn."""
-        request(host_sock(ctx), "interrupt", as_json, name=name)
+        resp = request(host_sock(ctx), "interrupt", as_json, name=name, host=host)
         if not as_json:
-            say(f"{name}: interrupt sent")
+            here = f"{name}: interrupt sent"
+            say(carried(resp, f"interrupt {name}") if "applied" in resp else here)
 
     @group.command("transcript")
     @json_option

@@ -58,9 +58,10 @@ def state_of(agent: Mapping[str, Any]) -> str:
 
 def actions_for(agent: Mapping[str, Any]) -> list[str]:
     """The lifecycle actions that make sense now: no start on a running agent, no resume
-    on one that isn't paused, no pause or interrupt on one that isn't running. None on
-    another swarm host's agent (its host's operator acts on it)."""
-    if agent.get("host") is not None:
+    on one that isn't paused, no pause or interrupt on one that isn't running. Another
+    swarm host's agent gets the same (each carried to its host, signed), by the state its
+    roster row says; none while that host is unreachable (an action would only wait)."""
+    if agent.get("reachable") is False:
         return []
     if not agent.get("running"):
         return ["start", "destroy"]
@@ -191,6 +192,20 @@ def iso(at: object) -> str:
 def no_rules(names: list[str]) -> tuple[list[str], int]:
     """The agents named on the "no rules" line, and how many more there are."""
     return names[:NO_RULES_NAMED], max(0, len(names) - NO_RULES_NAMED)
+
+
+def carried(words: str, reply: Mapping[str, Any]) -> str:
+    """The toast of an action carried to another swarm host (its reply has ``applied``):
+    that it was carried, and whether that host has applied it yet."""
+    if "applied" not in reply:
+        return words
+    host = reply.get("host", "")
+    if reply["applied"]:
+        return f"{words} on host {host} (carried there, applied)"
+    return (
+        f"carried to host {host}, not applied yet: {words} (applied when that host takes it,"
+        " refused as too old after 5 minutes)"
+    )
 
 
 # What a finished action says, in words (the toast), by host.sock verb.

@@ -59,6 +59,8 @@ async def agent_status(s: OperatorSession, req: w.AgentStatusReq) -> Reply:
 
 
 async def start(s: OperatorSession, req: w.Start) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     names = req.scope.agent_targets()
     if names == []:  # only services this hive doesn't run (forge, matrix, ...)
         return ok(started=[])
@@ -66,6 +68,8 @@ async def start(s: OperatorSession, req: w.Start) -> Reply:
 
 
 async def stop(s: OperatorSession, req: w.Stop) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     names = req.scope.agent_targets()
     if names == []:
         return ok(stopped=[])
@@ -73,16 +77,22 @@ async def stop(s: OperatorSession, req: w.Stop) -> Reply:
 
 
 async def restart(s: OperatorSession, req: w.Restart) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     await s.hive.restart(s.actor, req.name)
     return ok()
 
 
 async def set_paused(s: OperatorSession, req: w.SetPaused) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     s.hive.set_paused(s.actor, req.name, req.paused)
     return ok(name=req.name, paused=req.paused)
 
 
 async def interrupt(s: OperatorSession, req: w.Interrupt) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     s.hive.interrupt(s.actor, req.name)
     return ok(name=req.name)
 
@@ -92,9 +102,15 @@ async def transcript(s: OperatorSession, req: w.Transcript) -> Reply:
     return ok(entries=page.items, **more(page))
 
 
-async def carried(
-    s: OperatorSession, req: w.Approve | w.Deny | w.AnswerQuestion | w.Spawn | w.RequestSpawn
-) -> Reply | None:
+# The verbs that take a ``host``: carried to that host of the swarm (swarm/signing.py's
+# CARRIED: the roster's items, and steering another host's agents).
+Carried = (
+    w.Approve | w.Deny | w.AnswerQuestion | w.Spawn | w.RequestSpawn | w.OperatorSend
+    | w.Start | w.Stop | w.Restart | w.SetPaused | w.Interrupt | w.Destroy
+)  # fmt: skip
+
+
+async def carried(s: OperatorSession, req: Carried) -> Reply | None:
     """A verb naming another host of the swarm: carried there (signed); None: act here."""
     if req.host is None:
         return None
@@ -170,6 +186,8 @@ async def answer_question(s: OperatorSession, req: w.AnswerQuestion) -> Reply:
 
 
 async def send(s: OperatorSession, req: w.OperatorSend) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply  # with that host's message id
     return ok(id=await s.hive.send(s.actor, req.to, req.body))
 
 
@@ -210,6 +228,8 @@ async def set_resource_limits(s: OperatorSession, req: w.SetResourceLimits) -> R
 
 
 async def destroy(s: OperatorSession, req: w.Destroy) -> Reply:
+    if (reply := await carried(s, req)) is not None:
+        return reply
     await s.hive.destroy(s.actor, req.name)
     return ok(name=req.name)
 

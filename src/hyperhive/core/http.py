@@ -391,10 +391,12 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         return reply
 
     def done(request: Request, reply: dict[str, Any], words: str = "done") -> Response:
-        """JSON for scripts; a toast in words for the cockpit's htmx post; back to the page
-        for a plain form."""
+        """JSON for scripts; a toast in words for the cockpit's htmx post (an action carried
+        to another swarm host: that it was, and what became of it); back to the page for a
+        plain form."""
         if "application/json" in request.headers.get("accept", ""):
             return JSONResponse(reply)
+        words = cockpit.carried(words, reply)
         if request.headers.get("hx-request") == "true":
             return HTMLResponse(f'<div class="toast">{escape(visible(words))}</div>')
         return RedirectResponse(back_to(request.headers.get("referer")), status_code=303)
@@ -1015,21 +1017,29 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         body: Annotated[str, Form(max_length=262144)],
         session: Annotated[Session, Depends(require_post)],
         to: Annotated[str | None, Form(max_length=64)] = None,
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Message agent NAME as the operator (NAME ``_``: the form's ``to`` field)."""
+        """Message agent NAME as the operator (NAME ``_``: the form's ``to`` field;
+        ``host``: the swarm host the agent is on, where the message is carried)."""
         name = to if name == "_" and to else name
-        reply = await operator({"cmd": "send", "to": name, "body": body})
+        reply = await operator({"cmd": "send", "to": name, "body": body, **_on(host)})
         return done(request, reply, cockpit.said("send", name=name))
 
     @app.post("/api/agents/{name}/{action}", responses=POST_RESPONSES)
     async def lifecycle(
-        request: Request, name: str, action: str, session: Annotated[Session, Depends(require_post)]
+        request: Request,
+        name: str,
+        action: str,
+        session: Annotated[Session, Depends(require_post)],
+        host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """start, stop, restart, pause, resume, destroy or interrupt agent NAME."""
+        """start, stop, restart, pause, resume, destroy or interrupt agent NAME (``host``:
+        the swarm host the agent is on; the action is signed and carried there)."""
         make = ACTIONS.get(action)
         if make is None:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-        return done(request, await operator(make(name)), cockpit.said(action, name=name))
+        reply = await operator({**make(name), **_on(host)})
+        return done(request, reply, cockpit.said(action, name=name))
 
     @app.post("/api/spawn", responses=POST_RESPONSES)
     async def spawn(

@@ -5,7 +5,9 @@ and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
   (their summaries, as listings show them) as roster keys ``questions.<host>.<id>`` and
   ``approvals.<host>.<id>``; every host keeps a cache of them from the bridge's KV watch.
 - The operator on host A acting on host B's item (an answer, an approval bound to its
-  payload_sha256, a denial, a spawn or a spawn request) is a host.sock request, signed with
+  payload_sha256, a denial, a spawn or a spawn request) or steering one of B's agents (a
+  message as the operator, start, stop, restart, pause or resume, interrupt, destroy) is
+  a host.sock request, signed with
   A's operator key
   (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
 - B takes it from its own consumer, checks it (its pinned key for A, its time, its id
@@ -70,6 +72,7 @@ HEX = frozenset("0123456789abcdef")
 HEX0 = "0" * 64
 KINDS = ("questions", "approvals")
 REPLY_FIELDS = ("id", "payload_sha256")  # what a carried request_spawn's outcome gives back
+REPLY_VERBS = frozenset({"request_spawn", "send"})  # the verbs whose outcome gives them back
 REFUSALS: dict[int, type[Refused]] = {
     c.status: c for c in (BadRequest, NotFound, Conflict, Gone, Forbidden, Busy, Unavailable)
 }
@@ -419,6 +422,7 @@ class OperatorRelay:
         except Exception as e:  # its id is taken: say what happened rather than lose it
             log.exception("swarm: operator action %s failed", request["cmd"])
             return {"ok": False, "status": 503, "error": f"internal error: {type(e).__name__}"}
-        # A request_spawn's approval, as its host numbered it (what the operator approves).
-        made = reply if isinstance(reply, dict) and request["cmd"] == "request_spawn" else {}
+        # A request_spawn's approval, as its host numbered it (what the operator approves);
+        # a send's message id there.
+        made = reply if isinstance(reply, dict) and request["cmd"] in REPLY_VERBS else {}
         return {"ok": True, **{k: made[k] for k in REPLY_FIELDS if k in made}}

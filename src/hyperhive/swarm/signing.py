@@ -9,7 +9,8 @@ sending host's public key. A sealed action:
 
     {"action": {"v": 1, "id": <32 hex>, "from": <host>, "to": <host>, "at": <unix time>,
                 "request": {<a host.sock request: answer_question, approve, deny, spawn,
-                             request_spawn>}},
+                             request_spawn, send, start, stop, restart, set_paused,
+                             interrupt, destroy>}},
      "sig": <base64 Ed25519 signature of the action's canonical JSON>}
 """
 
@@ -32,8 +33,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hyperhive.names import NAME_RE
 
 VERSION = 1
-# The host.sock verbs another host's operator may carry here; nothing else.
-CARRIED = frozenset({"answer_question", "approve", "deny", "spawn", "request_spawn"})
+# The host.sock verbs another host's operator may carry here; nothing else. The first
+# five act on the roster's items; the rest steer an agent of this host (docs/swarm.md,
+# "Steering another host's agents").
+CARRIED = frozenset(
+    {"answer_question", "approve", "deny", "spawn", "request_spawn"}
+    | {"send", "start", "stop", "restart", "set_paused", "interrupt", "destroy"}
+)
 # An answer is up to 256 Ki characters (4 bytes each in UTF-8, more as JSON escapes):
 # a sealed action is bounded well above any honest one and far below NATS's max_payload.
 MAX_ACTION_BYTES = 1536 << 10

@@ -64,23 +64,27 @@ class AgentStatusReq(Strict):
 class Start(Strict):
     cmd: Literal["start"]
     scope: Scope = Scope()
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 class Stop(Strict):
     cmd: Literal["stop"]
     scope: Scope = Scope()
     graceful: bool = True
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 class Restart(Strict):
     cmd: Literal["restart"]
     name: AgentName
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 class SetPaused(Strict):
     cmd: Literal["set_paused"]
     name: AgentName
     paused: bool
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 # Paging of a listing: rows with an id above ``after``, oldest first, at most ``limit``
@@ -151,6 +155,7 @@ class OperatorSend(Strict):
     cmd: Literal["send"]
     to: AgentName
     body: Text
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 class Inbox(Strict):
@@ -204,6 +209,7 @@ class SetResourceLimits(Strict):
 class Destroy(Strict):
     cmd: Literal["destroy"]
     name: AgentName
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 class Interrupt(Strict):
@@ -211,6 +217,7 @@ class Interrupt(Strict):
 
     cmd: Literal["interrupt"]
     name: AgentName
+    host: HostName | None = None  # that swarm host's agent (carried, signed)
 
 
 class Transcript(Strict):

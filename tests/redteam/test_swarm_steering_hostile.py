@@ -1,0 +1,109 @@
+"""A compromised host steers another host's agent (docs/swarm.md, "Steering another host's
+agents"): host c, with its own NATS credentials and its own operator key, forges a
+carried stop or destroy of bob (on b), and a's genuine ones are replayed. b obeys only
+a's operator (it pins a's key). Each is refused before anything is done, counted in b's
+``actions_refused``: bob's cage keeps running, the same harness process in it, his row
+and his name stay. The whole hives of the session (``hive_swarm``: real cages); the
+operator's own calls on the hosts' host.sock."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import pytest
+
+from helpers import assert_ok, wait_for
+from hive_fixture import HiveProcess
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.operator import KEY_FILE
+from hyperhive.swarm.signing import load_or_create_key, seal
+from redteam.test_swarm_hostile import as_host_c, violation
+from redteam.test_swarm_operator_hostile import publish_all, refused_on_b, sealed
+from swarm_fixture import Swarm
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and cages need root"),
+    pytest.mark.attack(
+        "swarm-remote-steering",
+        ref="issue 18: the operator steers other hosts' agents; a compromised host can't",
+    ),
+]
+
+STOP_BOB = {"cmd": "stop", "scope": {"agent_names": ["bob"]}, "graceful": False}
+DESTROY_BOB = {"cmd": "destroy", "name": "bob"}
+
+
+def untouched(swarm: Swarm[HiveProcess], harness: int) -> None:
+    """bob on b as he was: his cage running with the same harness, listed, not stopped."""
+    b = swarm.cores["b"]
+    assert b.cage("bob")["running"] and b.harness_pid("bob") == harness
+    assert b.agent_status()["bob"]["running"]
+    assert "bob" in assert_ok(b.host_call("list"))["agents"]
+
+
+def test_host_c_cannot_stop_or_destroy_bob_on_b(hive_swarm: Swarm[HiveProcess]) -> None:
+    """On its own subject (all NATS lets it): a stop and a destroy of bob signed with c's own
+    key (b doesn't pin it), a destroy signed with it but saying it is from a, and a's
+    genuine signed destroy relayed; on a's subject: a permissions violation."""
+    b = hive_swarm.cores["b"]
+    b.wait_running(["bob"])
+    harness = b.harness_pid("bob")
+    c_key = load_or_create_key(hive_swarm.cores["c"].state_dir / KEY_FILE)
+    a_key = load_or_create_key(hive_swarm.operator_key)  # type: ignore[arg-type]
+    before = hive_swarm.status("b")["actions_refused"]
+    subject = s.op_subject("b", "c")
+    forged = [
+        seal(c_key, "c", "b", STOP_BOB)[1],
+        seal(c_key, "c", "b", DESTROY_BOB)[1],
+        seal(c_key, "a", "b", DESTROY_BOB)[1],
+        seal(a_key, "a", "b", DESTROY_BOB)[1],  # a's, relayed (c can't read a's; say it got one)
+    ]
+    assert publish_all(hive_swarm, "c", [(subject, data) for data in forged]) == []
+    refused_on_b(hive_swarm, before, len(forged))
+    untouched(hive_swarm, harness)
+
+    async def as_a(nc: Any) -> None:
+        await nc.publish(s.op_subject("b", "a"), seal(a_key, "a", "b", STOP_BOB)[1])
+        await nc.flush()
+
+    violation(as_host_c(hive_swarm, as_a), f'publish to "{s.op_subject("b", "a")}"')
+    time.sleep(0.5)  # had b taken it, its cage would be stopping by now
+    assert hive_swarm.status("b")["actions_refused"] == before + len(forged)
+    untouched(hive_swarm, harness)
+
+
+def test_a_replayed_stop_or_a_stale_destroy_does_nothing(hive_swarm: Swarm[HiveProcess]) -> None:
+    """a's genuine stop of bob, published on a's subject (a's stolen NATS credentials, or
+    the bus replaying it): applied once, bob's cage stops; started again on b. The same
+    bytes again with a fresh ``Nats-Msg-Id``, and a genuine destroy signed ten minutes
+    ago: refused, and bob keeps running."""
+    b = hive_swarm.cores["b"]
+    b.caged("bob").close()  # its caller in his cage ends with the cage: a new one after
+    a_key = load_or_create_key(hive_swarm.operator_key)  # type: ignore[arg-type]
+    stop = seal(a_key, "a", "b", STOP_BOB)[1]
+    stale = sealed(a_key, "a", "b", DESTROY_BOB, time.time() - 600)
+    subject = s.op_subject("b", "a")
+
+    def publish(*items: tuple[bytes, str]) -> None:
+        async def attack(nc: Any) -> None:
+            js = nc.jetstream()
+            for data, msg_id in items:
+                await js.publish(subject, data, headers={"Nats-Msg-Id": msg_id})
+
+        assert as_host_c(hive_swarm, attack, "a", settle=0) == []  # each acked by JetStream
+
+    tag = os.urandom(4).hex()
+    applied = hive_swarm.status("b")["actions_applied"]
+    publish((stop, f"first-{tag}"))
+    wait_for(lambda: hive_swarm.status("b")["actions_applied"] == applied + 1, timeout=15)
+    assert not b.cage("bob")["running"] and b.cgroup("bob").pids() == []
+    assert_ok(b.host_call("start", scope={"agent_names": ["bob"]}))
+    b.wait_running(["bob"])
+    harness = b.harness_pid("bob")
+    before = hive_swarm.status("b")["actions_refused"]
+    publish((stop, f"again-{tag}"), (stale, f"stale-{tag}"))
+    refused_on_b(hive_swarm, before, 2)
+    assert hive_swarm.status("b")["actions_applied"] == applied + 1
+    untouched(hive_swarm, harness)
