@@ -52,6 +52,8 @@ REQUIRED = {
     "core.groupcommit",
     # red team round 8: init's own fork_exec, the v1 cgroup join by tasks
     "init.runtime-inheritance", "cage.cgroup-join",
+    # session 7: steering other hosts' agents
+    "swarm-remote-steering", "swarm-roster-fill", "swarm-roster-consumer", "swarm-push-delivery",
 }
 
 PLUGIN = r'''

@@ -132,3 +132,62 @@ def test_a_hostile_host_cannot_delete_another_hosts_roster_watch(swarm: Swarm) -
         wait_for(lambda: (name, "b") in _rows(swarm, "a") and (name, "b") in _rows(swarm, "c"), timeout=20)
     finally:
         swarm.cores["b"].host_call("destroy", name=name)
+
+
+@pytest.mark.attack("swarm-push-delivery", ref="issue 18: a consumer's deliver subject is the creator's choice; NATS 2.9 checks no publish permission on it")
+def test_a_hostile_hosts_push_consumer_cannot_speak_for_another_host(swarm: Swarm) -> None:
+    """c may make consumers on every roster bucket (to watch it), and a push consumer's
+    deliver subject is whatever c writes in its config: the server then publishes c's own
+    bucket values on a subject c may not publish to. c aims one at a's show requests
+    "from b" (``hive.show.a.from.b``) with a request it wrote in its own bucket: a must
+    not take a delivery by the bus for a request from b (it would answer b, doing work
+    on c's word), and answers nothing, while a real request from b is still answered.
+    (The server delivers it under the subject it was stored with, c's own: the sender
+    read from the subject could not be b. a drops any delivery first all the same.)"""
+    forged = {"rid": "forged-by-c", "kind": "question", "id": 1}
+    key = s.result_key("c", "pushed")
+    seen: list[bytes] = []
+
+    async def attack(nc: Any) -> None:
+        reply = await nc.request(s.kv_subject("c", key), json.dumps(forged).encode(), timeout=10)
+        assert "error" not in json.loads(reply.data), reply.data
+        config = {
+            "deliver_subject": s.show_subject("a", "b"),
+            "filter_subject": s.kv_subject("c", key),
+            "deliver_policy": "last_per_subject",
+            "ack_policy": "none",
+            "inactive_threshold": 5_000_000_000,
+        }
+        body = json.dumps({"stream_name": s.kv_stream("c"), "config": config}).encode()
+        made = json.loads((await nc.request(f"$JS.API.CONSUMER.CREATE.{s.kv_stream('c')}", body, timeout=10)).data)
+        seen.append(json.dumps(made).encode())
+
+    async def listen_then_attack() -> None:
+        admin = await _admin(swarm)
+        got: list[bytes] = []
+
+        async def on_shown(m: Any) -> None:
+            got.append(m.data)
+
+        await admin.subscribe(s.shown_subject("b", "a"), cb=on_shown)
+        await admin.subscribe(s.show_subject("a", "b"), cb=on_shown)
+        await admin.flush()
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, lambda: as_host_c(swarm, attack, settle=0))
+            await asyncio.sleep(2.0)  # a delivery, if the server makes one, comes at once
+            real = {"rid": "really-from-b", "kind": "question", "id": 1}
+            await admin.publish(s.show_subject("a", "b"), json.dumps(real).encode())
+            await asyncio.sleep(1.0)
+        finally:
+            await admin.close()
+        # The server did deliver it (the lever is real), and a took nothing from it.
+        assert got[0] == json.dumps(forged).encode(), got
+        assert not [d for d in got[1:] if b"forged-by-c" in d], got
+        assert any(b'"really-from-b", "ok"' in d for d in got), got  # b's own is answered
+        log = swarm.cores["a"].log_path.read_text(errors="replace")
+        # The delivery keeps the subject it was stored under (c's own), so the sender
+        # read from the subject would be c anyway; a drops it before that, as a delivery.
+        assert f"dropped a delivery by the bus on {s.kv_subject('c', key)}" in log
+
+    asyncio.run(listen_then_attack())
+    assert seen and b'"error"' not in seen[0], seen  # the consumer was made: the lever is real

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -47,6 +48,26 @@ WAIT = 5.0  # seconds a request waits for its host's answer
 IN_FLIGHT = 64  # requests waiting at once (each holds an operator's request open)
 ITEMS = ("approval", "question")
 MAX_ID = (1 << 63) - 1
+
+
+def pushed_by_the_bus(m: Msg) -> bool:
+    """A JetStream consumer's delivery, not a host's publish. Any host may make a push
+    consumer on a roster bucket (to watch it) and its deliver subject is the host's to
+    choose; NATS (2.9) checks no publish permission on it, so a host can have the server
+    deliver its own bucket's values to a's subscription on ``hive.show.a.*``. The delivery
+    keeps the subject it was stored under (the host's own, so the sender read from it
+    could not be another host), but it is dropped here first: it has a ``$JS.ACK`` reply
+    subject (and maybe headers), which a host's own publish here has not."""
+    if not ((m.reply or "").startswith("$JS.") or m.headers):
+        return False
+    now = time.monotonic()
+    if now - _dropped_said_at[0] > 10:  # a host could push many: one line in 10 s
+        _dropped_said_at[0] = now
+        log.warning("swarm: dropped a delivery by the bus on %s: not a host's publish", m.subject)
+    return True
+
+
+_dropped_said_at = [-1e9]
 
 
 class ShowRelay:
@@ -128,6 +149,8 @@ class ShowRelay:
 
     async def _answer(self, m: Msg) -> None:
         """An answer to one of this host's requests: only from the host it went to."""
+        if pushed_by_the_bus(m):
+            return
         from_host = s.sender_of(s.SHOWN_ROOT, m.subject)
         with contextlib.suppress(ValueError, RecursionError):
             answer = json.loads(m.data)
@@ -141,6 +164,8 @@ class ShowRelay:
     async def _request(self, m: Msg) -> None:
         """Another host asks for one of this host's items: answered to that host only."""
         nc = self.bridge.nc
+        if pushed_by_the_bus(m):
+            return
         from_host = s.sender_of(s.SHOW_ROOT, m.subject)
         if nc is None or from_host is None or not NAME_RE.fullmatch(from_host):
             return
