@@ -54,7 +54,7 @@ def hive() -> Iterator[HiveProcess]:
     for hv in running_hive(h):
         assert_ok(hv.host_call("set_paused", name=B, paused=True))  # its inbox is the test's
         assert_ok(hv.agent_call(B, "send", to=A, body="start your turn"))  # r8a's command runs once
-        home = hv.state_dir / "agents" / A / "home"
+        home = hv.home(A)
         oom = home / "r8-oom"  # written last
         wait_for(lambda: oom.exists() and oom.read_text().strip() != "", timeout=30)  # noqa: B023
         yield hv
@@ -75,7 +75,7 @@ def test_a_runtime_inherits_no_descriptor_signal_or_session_of_init(hive: HivePr
     channel to the harness, its wake-up pipe, the listener it may hold: none), no signal
     blocked or ignored, a session of its own, not root, no capabilities, no new
     privileges, and the runtime's OOM score (killed before the harness)."""
-    home = hive.state_dir / "agents" / A / "home"
+    home = hive.home(A)
     status = (home / "r8-status").read_text()
     fds = sorted(int(x) for x in (home / "r8-fds").read_text().split())
     # ls's own: 0-2 inherited, 3 the directory it lists. Nothing of init's.
@@ -255,7 +255,7 @@ def test_a_connection_churn_from_a_cage_stays_within_its_budget_and_leaves_nothi
     budget = Budget(max_agents=1, agent_connections=32, egress_connections=16, reserve_fds=0, nofile=1 << 20,
                     tasks=None)
     before = core_fds(hive)
-    home = hive.state_dir / "agents" / A / "home"
+    home = hive.home(A)
     flag, release = home / "r8-holding", home / "r8-release"
     for p in (flag, release):
         p.unlink(missing_ok=True)
@@ -330,7 +330,7 @@ def test_every_thread_and_process_of_a_cage_stays_in_its_cgroups(hive: HiveProce
     cg = hive.cgroup(A)
     threads_file = "cgroup.threads" if cg.v2 else "tasks"  # v2: one hierarchy, the process moved
     uid = hive.priv("status")["cages"][A]["uid"]
-    home = hive.state_dir / "agents" / A / "home"
+    home = hive.home(A)
     flag, release = home / "r8-spread", home / "r8-release2"
     for p in (flag, release):
         p.unlink(missing_ok=True)

@@ -244,14 +244,17 @@ def _mount_image(agent_dir: int, image: int, *, created: bool = False) -> int:
     mounts)."""
     # An image made just now can have no device yet: not looked for (without a record,
     # that is a look at every loop device on the host, ~1 ms per 100 of them).
-    attached = None if created else _loop_of(agent_dir, image)
-    if attached is not None:
+    found = None if created else _loop_of(agent_dir, image)
+    if found is not None:
+        name, held = found
         try:
-            return _mount(f"/dev/{attached}")
-        except HomeError:
-            if _loop_of(agent_dir, image) is not None:
-                raise
-            # Its last mount let go of it meanwhile (autoclear): attach a new one.
+            # Mounted while the descriptor that checked it is still open: autoclear frees
+            # a device only at its last close, so it can't be cleared and given to another
+            # agent's image between the check and the mount (red team round 9: a restart
+            # racing the old namespace's release mounted the other agent's home).
+            return _mount(f"/dev/{name}")
+        finally:
+            os.close(held)
     number, fd = _attach(image)
     try:
         # Recorded before the mount: whatever happens next, the device on this image is
@@ -262,12 +265,14 @@ def _mount_image(agent_dir: int, image: int, *, created: bool = False) -> int:
         os.close(fd)  # autoclear: the mount now holds the device (or, failed, nobody)
 
 
-def _loop_of(agent_dir: int, image: int) -> str | None:
-    """The loop device already backed by ``image`` (same device and inode), if any. The
-    recorded device is the only candidate: every attach records its device first, so
-    any other device on the image would be one hive-priv never attached. Without a
-    record (a home from before it), every attached device is checked (only attached
-    devices have a ``loop`` directory in sysfs)."""
+def _loop_of(agent_dir: int, image: int) -> tuple[str, int] | None:
+    """The loop device already backed by ``image`` (same device and inode), if any, with
+    a descriptor on it that the caller closes after mounting it: held open, the device
+    can't be cleared (autoclear) and attached to another image meanwhile. The recorded
+    device is the only candidate: every attach records its device first, so any other
+    device on the image would be one hive-priv never attached. Without a record (a home
+    from before it), every attached device is checked (only attached devices have a
+    ``loop`` directory in sysfs)."""
     st = os.fstat(image)
     record = safefs.read_file(agent_dir, LOOP_RECORD, limit=64)
     if record is not None:
@@ -287,12 +292,12 @@ def _loop_of(agent_dir: int, image: int) -> str | None:
         try:
             info = fcntl.ioctl(fd, LOOP_GET_STATUS64, bytes(LOOP_INFO64_SIZE))
         except OSError:
-            continue  # not attached (ENXIO), or detached meanwhile
-        finally:
             os.close(fd)
+            continue  # not attached (ENXIO), or detached meanwhile
         device, inode = struct.unpack_from("=QQ", info)
         if (device, inode) == (st.st_dev, st.st_ino):
-            return name
+            return name, fd
+        os.close(fd)
     return None
 
 
