@@ -55,6 +55,10 @@ REQUIRED = {
     # session 7: steering other hosts' agents
     "swarm-remote-steering", "swarm-roster-fill", "swarm-roster-consumer", "swarm-push-delivery",
     "swarm-consumer-flood",
+    # red team round 9: homes in their cages' namespaces, the recv fast path, the resting
+    # listener, what a host can make the bus do
+    "home.loop-reuse", "home.namespace-reach", "home.pinned-past-destroy", "wire.recv-fastpath",
+    "wire.recv-ack-kill9", "budget.accept-rest", "swarm-deliver-subject", "swarm-claim-time",
 }
 
 PLUGIN = r'''

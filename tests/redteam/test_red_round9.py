@@ -598,14 +598,12 @@ def test_a_hostile_host_cannot_have_the_bus_publish_a_message_for_it(swarm: Swar
             "inactive_threshold": 5_000_000_000,
             "mem_storage": True,
         }
-        req = json.dumps({"stream_name": s.kv_stream("c"), "config": config}).encode()
-        created.append(
-            json.loads(
-                (
-                    await nc.request(f"$JS.API.CONSUMER.CREATE.{s.kv_stream('c')}", req, timeout=10)
-                ).data
-            )
-        )
+        # c's one consumer name on a bucket (its watch's, w_c): made again with this config.
+        stream, name = s.kv_stream("c"), s.watcher("c")
+        await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=10)
+        req = json.dumps({"stream_name": stream, "config": {**config, "name": name}}).encode()
+        create = f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{key}"
+        created.append(json.loads((await nc.request(create, req, timeout=10)).data))
         await asyncio.sleep(0.5)
 
     async def watched() -> tuple[list[str], list[str]]:
@@ -665,7 +663,7 @@ def test_a_hostile_host_cannot_date_its_own_claim_back(swarm: Swarm) -> None:
         for headers in (forged(), {"KV-Operation": "DEL"}, forged()):
             reply = json.loads((await nc.request(key, b"c", headers=headers, timeout=10)).data)
             assert "error" not in reply, reply
-        got = await live_claims(await roster_buckets(nc), "alice")
+        got = await live_claims(nc, await roster_buckets(nc), "alice")
         claims.append(got)
         assert got["c"].timestamp() >= t0 - 5, got  # the bus's time, not the header's
 
@@ -681,80 +679,12 @@ def test_a_hostile_host_cannot_date_its_own_claim_back(swarm: Swarm) -> None:
         as_host_c(swarm, restore, settle=0)
 
 
-YEARS = 10 * 365 * 86400 * 10**9  # an inactive threshold, in nanoseconds
-
-
 @root_only
-@pytest.mark.attack(
-    "swarm-consumer-flood", ref="red team round 9: consumers a host leaves on the roster buckets"
+@pytest.mark.xfail(
+    strict=True,
+    reason="open (issue 18): a losing claim a host keeps live inherits the name when its owner"
+    " lets it go; the claims keep no history to tell a losing claim from a later one",
 )
-def test_a_hostile_host_cannot_leave_consumers_the_server_never_removes(swarm: Swarm) -> None:
-    """No host may delete a consumer (round 8's lever), so what a host creates must go by
-    itself: c creates, on a's bucket, a consumer with nobody subscribed, replicated on
-    every node (R3, on disk), with an inactive threshold of ten years, once by the plain
-    create and once under a durable name of its own. Measured (not run here): 100 such
-    consumers took the cluster ~10 s to make, and while c made 300, b's reads of the name
-    claims (three watches) failed; none is ever removed but by the admin. The server must
-    refuse them, or remove them soon after (here: still there 1 s later, threshold kept)."""
-    stream = s.kv_stream("a")
-    tag = secrets.token_hex(4)
-    asks = [
-        (f"$JS.API.CONSUMER.CREATE.{stream}", {}),
-        (
-            f"$JS.API.CONSUMER.CREATE.{stream}.r9dur{tag}",
-            {"durable_name": f"r9dur{tag}", "name": f"r9dur{tag}"},
-        ),
-    ]
-    replies: list[dict[str, Any]] = []
-
-    async def attack(nc: Any) -> None:
-        for subject, extra in asks:
-            config = {
-                "deliver_policy": "last_per_subject",
-                "ack_policy": "none",
-                "num_replicas": 3,
-                "filter_subject": s.kv_subject("a", ">"),
-                "inactive_threshold": YEARS,
-                "mem_storage": False,
-                "deliver_subject": f"{s.inbox_prefix('c')}.r9{tag}",
-                **extra,
-            }
-            req = json.dumps({"stream_name": stream, "config": config}).encode()
-            replies.append(json.loads((await nc.request(subject, req, timeout=10)).data))
-
-    async def left() -> list[
-        tuple[str, float]
-    ]:  # as the admin: c's consumers still there, and their thresholds
-        adm = await _admin(swarm)
-        try:
-            js = adm.jetstream()
-            out = []
-            for r in replies:
-                name = r.get("name")
-                if name:
-                    try:
-                        info = await js.consumer_info(stream, name)
-                    except nats.js.errors.NotFoundError:
-                        continue
-                    out.append((name, info.config.inactive_threshold or 0.0))
-                    await js.delete_consumer(
-                        stream, name
-                    )  # the admin may: the session's swarm as it was
-            return out
-        finally:
-            await adm.close()
-
-    assert as_host_c(swarm, attack, settle=0) == []
-    time.sleep(1.0)
-    kept = asyncio.run(left())
-    long_lived = [(n, t) for n, t in kept if t > 300]
-    assert long_lived == [], (
-        f"c left consumers on a's bucket that only the admin can remove: {long_lived} (inactive threshold,"
-        f" seconds); replies {[r.get('error') or r.get('config', {}).get('num_replicas') for r in replies]}"
-    )
-
-
-@root_only
 @pytest.mark.attack("swarm-name-claim", ref="red team round 9: a losing claim kept live inherits the name")
 def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: Swarm) -> None:
     """a spawns r9heir (its claim first); c claims r9heir too, loses (later), and keeps its
@@ -790,6 +720,6 @@ def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: S
 async def _owners(swarm: Swarm, name: str) -> dict[str, Any]:
     adm = await _admin(swarm)
     try:
-        return await live_claims(await roster_buckets(adm), name)
+        return await live_claims(adm, await roster_buckets(adm), name)
     finally:
         await adm.close()
