@@ -1,0 +1,188 @@
+"""Red team round 10: a hostile host (c, with its core's real NATS credentials, as
+``as_host_c`` does) against round 9's roster watches (each host's one push consumer
+``w_<host>`` a bucket, swarm/watch.py), the claims read by STREAM.MSG.GET, and the
+rendered NATS permissions (docs/swarm.md, "Permissions").
+
+The break: a watch takes any delivery with a ``Status: 100`` header as the server's
+flow control or idle heartbeat and publishes, as its own host, an empty message to the
+subject named in its ``Nats-Consumer-Stalled`` header. A stored message keeps the
+headers its writer gave it, and every host watches c's bucket: so c puts one value in
+its own bucket with those two headers, naming ``$JS.API.STREAM.PURGE.KV_HIVE_ROSTER_a``,
+and a purges its own roster bucket (an empty purge request: every row, heartbeat and
+name claim of a's), which a never writes again (its rows and claims are cached as
+published). Its name claims gone, c's claim of a's agent is the only live one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.bridge import earliest, live_claims
+from hyperhive.swarm.natsconf import host_permissions, server_config
+from swarm_fixture import Swarm
+
+from .test_swarm_hostile import as_host_c, violation
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+async def _admin(swarm: Swarm) -> Any:
+    user, password = swarm.net.admin()
+    return await nats.connect(swarm.net.urls("a"), user=user, password=password)
+
+
+def _consumers(swarm: Swarm, stream: str) -> dict[str, str]:
+    """As the admin: ``stream``'s consumers, name -> deliver subject."""
+
+    async def go() -> dict[str, str]:
+        nc = await _admin(swarm)
+        try:
+            return {c.name: c.config.deliver_subject or "" for c in await nc.jetstream().consumers_info(stream)}
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def _claim_seq(swarm: Swarm, host: str, agent: str) -> int:
+    """As the admin: the stream sequence of ``host``'s live claim of ``agent`` (0: none)."""
+
+    async def go() -> int:
+        nc = await _admin(swarm)
+        try:
+            msg = await nc.jetstream().get_last_msg(s.kv_stream(host), s.kv_subject(host, s.name_key(agent, host)))
+            return 0 if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") else msg.seq or 0
+        except nats.js.errors.NotFoundError:
+            return 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 10: the rendered permissions against docs/swarm.md")
+def test_rendered_permissions_name_only_own_consumers() -> None:
+    """Read the rendered config: every JetStream consumer a host's user may create, read,
+    delete, pull or ack is its own (``w_<host>`` on a bucket, ``inbox-<host>_*`` and
+    ``ops-<host>``), every token exact (no wildcard before the filter's ``.>``); no
+    ``>`` or ``*`` anywhere in a ``$JS.API`` subject but the DIRECT.GET key and the
+    create's filter; subscribe is the three entries docs/swarm.md lists."""
+    conf = server_config(name="n1", listen="10.0.0.1", routes=[], store_dir=Path("/x"),
+                         admin_password="p", hosts={h: "pw" for h in "abc"})
+    assert conf.count("permissions:") == 3
+    for host in ("a", "b", "c"):
+        perms = host_permissions(host, ["a", "b", "c"])
+        for subject in perms["publish"]["allow"]:
+            assert f'"{subject}"' in conf
+            if not subject.startswith("$JS.API.CONSUMER."):
+                if subject.startswith("$JS.API."):
+                    assert "*" not in subject, subject
+                    assert not subject.endswith(">") or subject.startswith("$JS.API.DIRECT.GET.KV_HIVE_ROSTER_"), subject
+                continue
+            tokens = subject.split(".")
+            verb, stream, name = tokens[3], tokens[4], tokens[5] if len(tokens) > 5 else ""
+            if verb == "MSG":  # MSG.NEXT.<stream>.<consumer>
+                stream, name = tokens[5], tokens[6]
+            assert "*" not in stream and ">" not in stream and "*" not in name and ">" not in name, subject
+            own = {s.watcher(host)} if stream.startswith("KV_HIVE_ROSTER_") else (
+                {s.ops_consumer(host)} if stream == s.OPS_STREAM else {s.consumer(host, o) for o in "abc" if o != host})
+            assert name in own, subject
+            assert tokens[6:] in ([], [">"]) or verb == "MSG", subject
+        assert perms["subscribe"]["allow"] == [f"_INBOX_{host}.>", s.show_subject(host, "*"), s.shown_subject(host, "*")]
+
+
+@pytest.mark.attack("swarm-roster-consumer", ref="red team round 10: a create under c's own name whose config names another host's watch")
+def test_c_cannot_reconfigure_another_hosts_watch_through_its_own_name(swarm: Swarm) -> None:
+    """c's create subject names its own watch (``w_c``, allowed) while the config it sends
+    names a's (``w_a``, as ``name`` or as ``durable_name``), with c's own deliver subject: had
+    the server taken the config's name, c would redirect a's watch of b's bucket to itself
+    (a's watch would stall, or replay from where c chose). The server refuses the mismatch;
+    a's watch keeps a's own deliver subject; and c can't read a's watch (INFO) to learn
+    its deliver subject to aim at."""
+    stream = s.kv_stream("b")
+    before = _consumers(swarm, stream)
+    assert before[s.watcher("a")].startswith(s.inbox_prefix("a") + ".")
+    replies: list[dict[str, Any]] = []
+    own = s.watcher("c")
+    base = {"deliver_subject": f"{s.inbox_prefix('c')}.r10", "ack_policy": "none",
+            "deliver_policy": "all", "filter_subject": s.kv_subject("b", ">")}
+
+    async def attack(nc: Any) -> None:
+        for config in ({**base, "name": s.watcher("a")}, {**base, "durable_name": s.watcher("a")},
+                       {**base, "name": s.watcher("a"), "durable_name": s.watcher("a")}):
+            body = json.dumps({"stream_name": stream, "config": config}).encode()
+            for subject in (f"$JS.API.CONSUMER.CREATE.{stream}.{own}",
+                            f"$JS.API.CONSUMER.CREATE.{stream}.{own}.{base['filter_subject']}"):
+                replies.append(json.loads((await nc.request(subject, body, timeout=10)).data))
+
+    assert as_host_c(swarm, attack, settle=0) == []
+    assert replies and all("error" in r for r in replies), replies
+    after = _consumers(swarm, stream)
+    assert after[s.watcher("a")].startswith(s.inbox_prefix("a") + "."), after
+    assert set(after) <= {s.watcher(h) for h in "abc"}, after
+
+    subject = f"$JS.API.CONSUMER.INFO.{stream}.{s.watcher('a')}"
+
+    async def info(nc: Any) -> None:
+        await nc.publish(subject, b"", reply=nc.new_inbox())
+        await nc.flush()
+
+    violation(as_host_c(swarm, info), f'publish to "{subject}"')
+
+
+def _owner(swarm: Swarm, agent: str) -> str | None:
+    """As the admin: ``agent``'s owner as every host's lookup decides it (bridge.py)."""
+
+    async def go() -> str | None:
+        nc = await _admin(swarm)
+        try:
+            return earliest(await live_claims(nc, "abc", agent))
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.attack("swarm-watch-header-forgery", ref="red team round 10: a stored value's headers read as the server's control message")
+def test_a_value_in_cs_bucket_with_control_headers_makes_no_host_publish(swarm: Swarm) -> None:
+    """c puts one value under its own key with ``Status: 100`` and
+    ``Nats-Consumer-Stalled: $JS.API.STREAM.PURGE.KV_HIVE_ROSTER_a``, and claims a's
+    alice in its own bucket (a later claim: owns nothing while a's stands). a's watch of
+    c's bucket must take the value as c's (or skip it), never as the server's heartbeat:
+    a's roster bucket keeps its claim, and alice stays a's. (Run last: when it breaks,
+    a's bucket is purged for the rest of the session.)"""
+    assert _claim_seq(swarm, "a", "alice") > 0 and _owner(swarm, "alice") == "a"
+    target = f"$JS.API.STREAM.PURGE.{s.kv_stream('a')}"
+    key = s.kv_subject("c", s.row_key("c", "r10hdr"))
+    claim = s.kv_subject("c", s.name_key("alice", "c"))
+
+    async def attack(nc: Any) -> None:
+        headers = {"Status": "100", "Description": "Idle Heartbeat", "Nats-Consumer-Stalled": target}
+        reply = await nc.request(key, b"{}", headers=headers, timeout=10)
+        assert "error" not in json.loads(reply.data), reply.data
+        await asyncio.sleep(2.0)  # each watch of c's bucket gets it at once (a live push consumer)
+        reply = await nc.request(claim, b"", timeout=10)  # its own claim subject: allowed
+        assert "error" not in json.loads(reply.data), reply.data
+
+    async def tidy(nc: Any) -> None:  # c's own keys, c's own bucket
+        js = nc.jetstream()
+        for subject in (key, claim):
+            await js.purge_stream(s.kv_stream("c"), subject=subject)
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        seq, owner = _claim_seq(swarm, "a", "alice"), _owner(swarm, "alice")
+        assert (seq > 0, owner) == (True, "a"), (
+            f"a purged its own roster bucket on c's word (a's claim of alice: {seq or 'gone'});"
+            f" alice's owner now: {owner}"
+        )
+    finally:
+        as_host_c(swarm, tidy, settle=0)
