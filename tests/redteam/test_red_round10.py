@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,59 @@ def test_c_cannot_reconfigure_another_hosts_watch_through_its_own_name(swarm: Sw
         await nc.flush()
 
     violation(as_host_c(swarm, info), f'publish to "{subject}"')
+
+
+def _ops_ack_pending(swarm: Swarm, host: str) -> tuple[int, int]:
+    """As the admin: ``host``'s actions consumer, (ack pending, its bound)."""
+
+    async def go() -> tuple[int, int]:
+        nc = await _admin(swarm)
+        try:
+            info = await nc.jetstream().consumer_info(s.OPS_STREAM, s.ops_consumer(host))
+            return info.num_ack_pending or 0, info.config.max_ack_pending or 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.attack("swarm-ops-jam", ref="red team round 10: stored messages whose headers read as a status, never acked")
+def test_c_cannot_jam_bs_operator_actions_with_status_headers(swarm: Swarm) -> None:
+    """c may publish on its own actions subject to b (``hive.op.b.from.c``): each is
+    refused by b (no pinned key) and acked. c gives 20 of them a ``Status: 100`` header:
+    nats-py's fetch takes a stored message with it for the server's idle heartbeat, drops
+    it unacked and waits out its 1 s timeout; ``ops-b`` (b's one actions consumer, every
+    sender's) hands it over again after 5 s, before anything newer. So b spends every
+    fetch on c's, until the stream's max age (an hour). a's (the operator's) pause of bob
+    must still be applied on b within the 10 s its request waits. (R10N=0: the control
+    run, no forged message, is applied.)"""
+    n = int(os.environ.get("R10N", "20"))
+    subject = s.op_subject("b", "c")
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for start in range(0, n, 200):
+            await asyncio.gather(*(js.publish(subject, b"{}", headers={"Status": "100"})
+                                   for _ in range(start, min(n, start + 200))))
+
+    async def tidy() -> None:
+        nc = await _admin(swarm)
+        try:
+            await nc.jetstream().purge_stream(s.OPS_STREAM, subject=subject)
+        finally:
+            await nc.close()
+
+    a = swarm.cores["a"]
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        time.sleep(2.0)  # b's puller hands them out (one fetch each)
+        pending = _ops_ack_pending(swarm, "b")
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") and reply.get("applied"), (reply, "ops-b ack pending", pending)
+    finally:
+        asyncio.run(tidy())
+        a.host_call("set_paused", name="bob", paused=False, host="b")
+        swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
 
 
 def _owner(swarm: Swarm, agent: str) -> str | None:
