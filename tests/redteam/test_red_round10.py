@@ -11,6 +11,16 @@ its own bucket with those two headers, naming ``$JS.API.STREAM.PURGE.KV_HIVE_ROS
 and a purges its own roster bucket (an empty purge request: every row, heartbeat and
 name claim of a's), which a never writes again (its rows and claims are cached as
 published). Its name claims gone, c's claim of a's agent is the only live one.
+(The forged value also leaves the watch's sequence behind it, so the next delivery is a
+"gap" and the watch is made again from it: the value is replayed, and obeyed, again.)
+
+The same header on an operator action c publishes on its own subject to b jams b's one
+actions consumer: nats-py's fetch drops the stored message as a heartbeat, unacked, and
+the bus hands it back first every 5 s, so the operator's actions to b wait an hour.
+
+Held: a create under ``w_c`` whose config names ``w_a``; INFO of another's watch; a
+push consumer aimed at the JetStream API or at another host's stream subjects; the
+rendered permissions (every consumer a host may touch is its own, every token exact).
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ from hyperhive.swarm.bridge import earliest, live_claims
 from hyperhive.swarm.natsconf import host_permissions, server_config
 from swarm_fixture import Swarm
 
-from .test_swarm_hostile import as_host_c, violation
+from .test_swarm_hostile import as_host_c, stream_seq, violation
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -137,6 +147,112 @@ def test_c_cannot_reconfigure_another_hosts_watch_through_its_own_name(swarm: Sw
         await nc.flush()
 
     violation(as_host_c(swarm, info), f'publish to "{subject}"')
+
+
+def _stored(swarm: Swarm, host: str) -> int:
+    """As the admin: how many messages ``host``'s roster bucket holds."""
+
+    async def go() -> int:
+        nc = await _admin(swarm)
+        try:
+            return (await nc.jetstream().stream_info(s.kv_stream(host))).state.messages
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.attack(
+    "swarm-push-delivery",
+    ref="red team round 10: a push consumer's deliver subject aimed at the JetStream API",
+)
+def test_c_push_consumer_aimed_at_the_js_api_purges_nothing(swarm: Swarm) -> None:
+    """c remakes its watch of its own bucket with the deliver subject
+    ``$JS.API.STREAM.PURGE.KV_HIVE_ROSTER_b`` (NATS 2.9 checks no publish permission on
+    a deliver subject) and puts a value there, once plain and once with a forged
+    ``Nats-Request-Info`` header naming b's user: the server's delivery must not be
+    taken as an API request; b's bucket keeps what it holds."""
+    key = s.kv_subject("c", s.row_key("c", "r10api"))
+    before = _stored(swarm, "b")
+    assert before > 0
+    made: list[dict[str, Any]] = []
+    stream, name = s.kv_stream("c"), s.watcher("c")
+
+    async def attack(nc: Any) -> None:
+        config = {"name": name, "deliver_subject": f"$JS.API.STREAM.PURGE.{s.kv_stream('b')}",
+                  "filter_subject": key, "deliver_policy": "new", "ack_policy": "none",
+                  "inactive_threshold": 5_000_000_000}
+        await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=10)
+        body = json.dumps({"stream_name": stream, "config": config}).encode()
+        made.append(json.loads((await nc.request(f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{key}", body, timeout=10)).data))
+        info = json.dumps({"acc": "HIVE", "user": "host-b", "server": "n1"})
+        for headers in (None, {"Nats-Request-Info": info}):
+            reply = await nc.request(key, b"", headers=headers, timeout=10)
+            assert "error" not in json.loads(reply.data), reply.data
+        await asyncio.sleep(1.0)
+
+    async def tidy(nc: Any) -> None:
+        await nc.jetstream().purge_stream(stream, subject=key)
+        await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=10)
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        assert made and "error" not in made[0], made  # the consumer was made: the lever is real
+        assert _stored(swarm, "b") >= before, (before, _stored(swarm, "b"))
+    finally:
+        as_host_c(swarm, tidy, settle=0)
+
+
+@pytest.mark.attack(
+    "swarm-push-delivery",
+    ref="red team round 10: a push consumer's deliver subject aimed at a stream's subject",
+)
+def test_c_push_consumer_aimed_at_a_stream_subject_stores_nothing(swarm: Swarm) -> None:
+    """c remakes its watch of its own bucket with the deliver subject of a's claim of
+    alice (``$KV.HIVE_ROSTER_a.names.alice.a``), then of a message from a to b
+    (``hive.msg.b.from.a``), and puts values there (a delete, by its header; a bundle from
+    alice to bob): a stream listening on that subject must not store the server's
+    delivery as a's write. a's claim stands, alice stays a's, and no message from a is
+    stored on c's word."""
+    key = s.kv_subject("c", s.row_key("c", "r10kv"))
+    stream, name = s.kv_stream("c"), s.watcher("c")
+    msgs_subject = s.msg_subject("b", "a")
+    before = stream_seq(swarm, msgs_subject)
+    assert _claim_seq(swarm, "a", "alice") > 0
+    made: list[dict[str, Any]] = []
+    bundle = json.dumps([{"id": "r10-forged", "from": "alice", "to": "bob", "kind": "message",
+                          "body": "forged by c", "sent_at": 0}]).encode()
+
+    async def attack(nc: Any) -> None:
+        for target, data, headers in (
+            (s.kv_subject("a", s.name_key("alice", "a")), b"", {"KV-Operation": "DEL"}),
+            (msgs_subject, bundle, {"Nats-Msg-Id": "r10-forged"}),
+        ):
+            config = {"name": name, "deliver_subject": target, "filter_subject": key,
+                      "deliver_policy": "new", "ack_policy": "none",
+                      "inactive_threshold": 5_000_000_000}
+            await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=10)
+            body = json.dumps({"stream_name": stream, "config": config}).encode()
+            create = f"$JS.API.CONSUMER.CREATE.{stream}.{name}.{key}"
+            made.append(json.loads((await nc.request(create, body, timeout=10)).data))
+            reply = await nc.request(key, data, headers=headers, timeout=10)
+            assert "error" not in json.loads(reply.data), reply.data
+            await asyncio.sleep(0.5)
+
+    async def tidy(nc: Any) -> None:
+        await nc.jetstream().purge_stream(stream, subject=key)
+        await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{name}", b"", timeout=10)
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        assert len(made) == 2 and all("error" not in m for m in made), made
+        seq, owner = _claim_seq(swarm, "a", "alice"), _owner(swarm, "alice")
+        after = stream_seq(swarm, msgs_subject)
+        assert (seq > 0, owner, after) == (True, "a", before), (
+            f"a's claim of alice: {seq or 'deleted'}; owner {owner}; hive.msg.b.from.a: {before} -> {after}"
+        )
+    finally:
+        as_host_c(swarm, tidy, settle=0)
 
 
 def _ops_ack_pending(swarm: Swarm, host: str) -> tuple[int, int]:
