@@ -35,9 +35,11 @@ from typing import Any
 import nats
 import pytest
 
+from helpers import assert_ok
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import earliest, live_claims
 from hyperhive.swarm.natsconf import host_permissions, server_config
+from swarm_faults import drain
 from swarm_fixture import Swarm
 
 from .test_swarm_hostile import as_host_c, stream_seq, violation
@@ -253,6 +255,37 @@ def test_c_push_consumer_aimed_at_a_stream_subject_stores_nothing(swarm: Swarm) 
         )
     finally:
         as_host_c(swarm, tidy, settle=0)
+
+
+@pytest.mark.attack(
+    "swarm-ops-jam",
+    ref="red team round 10: status headers on c's own messages to b jam only c's own inbox",
+)
+def test_status_headers_on_cs_messages_to_b_jam_only_cs_own_inbox(swarm: Swarm) -> None:
+    """The same ``Status: 100`` header on bundles c publishes on its own subject to b
+    (``hive.msg.b.from.c``): b's fetch drops them unacked, but each sending host has its
+    own consumer on b (``inbox-b_c``): alice's message from a still reaches bob."""
+    subject = s.msg_subject("b", "c")
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for _ in range(3):
+            await js.publish(subject, b"[]", headers={"Status": "100"})
+
+    async def tidy() -> None:
+        nc = await _admin(swarm)
+        try:
+            await nc.jetstream().purge_stream(s.STREAM, subject=subject)
+        finally:
+            await nc.close()
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        assert_ok(swarm.cores["a"].agent("alice").call("send", to="bob", body="r10 after c's"))
+        got = drain(swarm, "b", "bob", 1, timeout=10)
+        assert [(m["from"], m["body"]) for m in got] == [("alice", "r10 after c's")], got
+    finally:
+        asyncio.run(tidy())
 
 
 def _ops_ack_pending(swarm: Swarm, host: str) -> tuple[int, int]:
