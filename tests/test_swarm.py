@@ -31,11 +31,12 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces ne
 
 def test_a_single_host_hive_never_imports_nats() -> None:
     """Only swarm/bus.py, swarm/bridge.py and the bridge's swarm/operator.py,
-    swarm/show.py and swarm/watch.py import nats, and every import of them elsewhere is inside a function
+    swarm/show.py, swarm/watch.py and swarm/pull.py import nats, and every import of them elsewhere is inside a function
     (the daemon's, taken only with [swarm])."""
     src = Path(hyperhive.__file__).parent
     nats_modules = (
-        "swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py", "swarm/watch.py"
+        "swarm/bus.py", "swarm/bridge.py", "swarm/operator.py", "swarm/show.py", "swarm/watch.py",
+        "swarm/pull.py",
     )
     loaders = {"hyperhive." + m.removesuffix(".py").replace("/", ".") for m in nats_modules}
     for path in src.rglob("*.py"):

@@ -59,6 +59,8 @@ REQUIRED = {
     # listener, what a host can make the bus do
     "home.loop-reuse", "home.namespace-reach", "home.pinned-past-destroy", "wire.recv-fastpath",
     "wire.recv-ack-kill9", "budget.accept-rest", "swarm-deliver-subject", "swarm-claim-time",
+    # red team round 10: a stored message's own Status headers
+    "swarm-watch-header-forgery", "swarm-ops-jam",
 }
 
 PLUGIN = r'''

@@ -47,6 +47,7 @@ from hyperhive.core.summary import PAGE_MAX
 from hyperhive.names import NAME_RE, OPERATOR
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.opstore import OpsSeen
+from hyperhive.swarm.pull import Puller
 from hyperhive.swarm.signing import (
     ActionError,
     load_or_create_key,
@@ -339,7 +340,7 @@ class OperatorRelay:
 
     async def _consume_loop(self) -> None:
         js = self.bridge._js()
-        prefix = f"{s.inbox_prefix(self.host)}.".encode()
+        prefix = s.inbox_prefix(self.host)
         try:
             await js.consumer_info(s.OPS_STREAM, s.ops_consumer(self.host))
         except nats.js.errors.NotFoundError:
@@ -356,20 +357,19 @@ class OperatorRelay:
                 )
             await asyncio.sleep(1)
             return
-        sub = await js.pull_subscribe_bind(
-            durable=s.ops_consumer(self.host), stream=s.OPS_STREAM, inbox_prefix=prefix
-        )
+        # Read raw, not with nats-py's fetch: a stored action's own Status header is not
+        # the server's (pull.py; red team round 10's jam of this one consumer).
+        assert self.bridge.nc is not None
+        puller = Puller(self.bridge.nc, s.OPS_STREAM, s.ops_consumer(self.host), prefix)
+        await puller.start()
         try:
             while True:
-                try:
-                    msgs = await sub.fetch(1, timeout=1.0)
-                except TimeoutError:
-                    continue
-                for m in msgs:
+                m = await puller.next(wait=1.0)
+                if m is not None:
                     await self._take(m)
         finally:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await puller.stop()
 
     async def _take(self, m: Msg) -> None:
         """One action: refused (logged, counted, acked) unless it is sealed by a pinned

@@ -40,6 +40,12 @@ def stored_at_ns(ns: int) -> datetime:
     return _EPOCH + timedelta(microseconds=ns // 1000)
 
 
+def is_delivery(m: Msg) -> bool:
+    """A message JetStream delivers from a stream (its reply is the ack subject), not one
+    of the server's own status messages."""
+    return (m.reply or "").startswith("$JS.ACK.")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One key's value as the bucket stored it (``operation`` DEL/PURGE: gone)."""
@@ -165,13 +171,22 @@ class RosterWatch:
             return  # a remade consumer's predecessor
         self._heard = time.monotonic()
         headers = m.headers or {}
-        if headers.get("Status") == "100":
+        # A stored message keeps the headers its writer gave it, and NATS's permissions
+        # don't see headers: a host's own value with "Status: 100" was taken for the
+        # server's heartbeat, and its "Nats-Consumer-Stalled" made every watcher publish
+        # where it said (a's own bucket purged; red team round 10). Whatever comes with a
+        # $JS.ACK reply is a stored message; the server's own have none, or a $JS.FC one,
+        # and carry no data.
+        if headers.get("Status") == "100" and not m.data and not is_delivery(m):
             # Flow control asks for a reply on m.reply; an idle heartbeat names the last
-            # delivery (behind it: a gap) and, if the consumer stalled, where to answer.
+            # delivery (behind it: a gap) and, if the consumer stalled, where to answer:
+            # only ever a flow-control subject of this stream.
+            flow = f"$JS.FC.{self.stream}."
             with contextlib.suppress(nats.errors.Error):
-                if m.reply:
+                if m.reply and m.reply.startswith(flow):
                     await self.nc.publish(m.reply, b"")
-                if stalled := headers.get("Nats-Consumer-Stalled"):
+                stalled = headers.get("Nats-Consumer-Stalled")
+                if stalled and stalled.startswith(flow):
                     await self.nc.publish(stalled, b"")
             last = headers.get("Nats-Last-Consumer")
             if last is not None and last.isdigit() and int(last) != self._dseq:
