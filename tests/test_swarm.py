@@ -106,7 +106,7 @@ def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
     assert [m["body"] for m in drain(swarm, "a", "alice", 1)] == ["hi alice"]
     wait_for(lambda: usage(b, "bob") == bob_before, timeout=10)
     status = swarm.status("a")
-    assert status["connected"] and status["roster"] == 3
+    assert status["connected"] and status["roster"] == 3, status["agents"]
     assert [h["host"] for h in status["hosts"]] == ["a", "b", "c"]
     wait_for(lambda: all(h["reachable"] for h in swarm.status("a")["hosts"]))
     assert {(r["name"], r["host"]) for r in status["agents"]} == {
