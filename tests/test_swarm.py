@@ -200,6 +200,8 @@ def test_swarm_tables(tmp_path: Path) -> None:
     sw.mark_sent([out[0].row])
     assert [o.row for o in sw.unsent(10)] == [m.id for m in queued[1:]]
     assert sw.counts() == (2, 1)
+    payloads = store.db.conn.execute("SELECT id, payload FROM swarm_outbox ORDER BY id").fetchall()
+    assert payloads[0] == (out[0].row, "") and all(p for _, p in payloads[1:])  # sent: no body kept
     item = {"id": "x1", "to": "bob", "from": "alice", "kind": "message", "body": "hi"}
     assert [m.body for m in sw.receive([item, {**item, "id": "x2"}])] == ["hi", "hi"]
     assert sw.receive([item]) == []  # seen: dropped, nothing written

@@ -118,9 +118,14 @@ class SwarmStore:
         return [Outgoing(r[0], r[1], r[2], r[3].encode(), r[4], r[5]) for r in rows]
 
     def mark_sent(self, rows: list[int]) -> None:
+        """The bus has these: their payloads go at once (a sent row is only counted, and
+        ``prune`` keeps up to 10,000 of them: at up to a message's size each, that was up
+        to a GiB of bodies nobody reads)."""
         now = time.time()
         with self._db.tx() as tx:
-            tx.executemany("UPDATE swarm_outbox SET sent_at=? WHERE id=?", [(now, r) for r in rows])
+            tx.executemany(
+                "UPDATE swarm_outbox SET sent_at=?, payload='' WHERE id=?", [(now, r) for r in rows]
+            )
 
     def counts(self) -> tuple[int, int]:
         """(unsent, sent) rows of the outbox."""
