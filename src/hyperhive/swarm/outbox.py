@@ -119,8 +119,8 @@ class SwarmStore:
 
     def mark_sent(self, rows: list[int]) -> None:
         """The bus has these: their payloads go at once (a sent row is only counted, and
-        ``prune`` keeps up to 10,000 of them: at up to a message's size each, that was up
-        to a GiB of bodies nobody reads)."""
+        ``prune`` keeps up to 10,000 of them: at up to 1 MiB a message, that was up to
+        10 GiB of bodies nobody reads)."""
         now = time.time()
         with self._db.tx() as tx:
             tx.executemany(
