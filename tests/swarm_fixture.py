@@ -4,16 +4,16 @@ inside that host's network namespace with ``[swarm]`` pointing at its own node f
 
 ``make_swarm`` (the session's ``swarm``) runs a hive-core per host (``CoreProcess``:
 its store, host.sock and agent sockets; agents without cages), quick to start: the
-protocol tests (tests/test_swarm.py, test_swarm_operator.py, test_swarm_listing.py),
-round 7's cross-host storage quota and bench/swarm.py use it.
+protocol tests (tests/test_swarm.py, test_swarm_operator.py, test_swarm_listing.py)
+and bench/swarm.py use it.
 
     alice on a (peers: bob), bob on b (peers: alice), carol on c (peers: alice)
 
 ``make_hive_swarm`` (the session's ``hive_swarm``) runs a whole hive per host
 (``HiveProcess``, ``hive up``: hive-priv, hive-core, the nginx gateway and real cages):
 tests/test_swarm_hives.py, the fault runs (tests/test_swarm_faults.py: the kills and
-the partition) and the hostile-host cases (tests/redteam/test_swarm*.py, rounds 5 to 7)
-use it, the last two through ``hives`` (every agent paused: the test reads the inboxes,
+the partition), the hostile-host cases (tests/redteam/test_swarm*.py, rounds 5 to 7)
+and round 7's cross-host storage quota use it, the last two through ``hives`` (every agent paused: the test reads the inboxes,
 from the agents' cages, not the harnesses).
 
     alice on a (peers: bob, carol), bob (peers: alice, bea) and bea (peers: bob) on b,
@@ -302,10 +302,9 @@ def make_hive_swarm(
 
 @pytest.fixture(scope="session")
 def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
-    """One swarm of hive-cores for the session (the protocol's tests and round 7's
-    cross-host storage quota): each test leaves it as it found it (every
-    core and every NATS node running)."""
-    # The burst: round 7's pipelined stream (10,001 sends).
+    """One swarm of hive-cores for the session (the protocol's tests): each test leaves
+    it as it found it (every core and every NATS node running)."""
+    # The burst as on the whole hives: a test may pipeline its sends.
     yield from make_swarm(tmp_path_factory.mktemp("swarm"), subnet=swarm_subnet(), limits=FAULT_LIMITS)
 
 

@@ -61,6 +61,8 @@ REQUIRED = {
     "wire.recv-ack-kill9", "budget.accept-rest", "swarm-deliver-subject", "swarm-claim-time",
     # red team round 10: a stored message's own Status headers
     "swarm-watch-header-forgery", "swarm-ops-jam",
+    # issue 18 (session 8): the bundle consumers read raw too
+    "swarm-bundle-header-forgery",
 }
 
 PLUGIN = r'''

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import subprocess
 import sys
 import threading
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok, wait_for
-from hive_fixture import HiveProcess, running_hive
+from hive_fixture import HIVE, HiveProcess, running_hive
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import earliest, live_claims
 from swarm_faults import take
@@ -476,49 +477,74 @@ def test_a_hostile_host_cannot_wipe_the_roster_and_take_the_names(hives: Swarm[H
         as_host_c(swarm, restore, settle=0)
 
 
+# alice's pipelined sends, from her cage (``hive exec --as-agent``: her uid, on her
+# /run/hive/agent.sock): argv is the socket, the recipient, the bodies' prefix and n; all
+# n lines are written at once (a thread) while the replies are read. It prints who the
+# hive took it for and its uid, then each reply's ok and the refusals' lines.
+PIPELINED = """
+import json, os, socket, sys, threading
+path, to, prefix, n = sys.argv[1:]
+n = int(n)
+lines = b"".join(json.dumps({"cmd": "send", "to": to, "body": prefix + str(i)}).encode() + b"\\n"
+                 for i in range(n))
+with socket.socket(socket.AF_UNIX) as s:
+    s.settimeout(120)
+    s.connect(path)
+    f = s.makefile("rb")
+    s.sendall(b'{"cmd": "whoami"}\\n')
+    me = json.loads(f.readline())["name"]
+    writer = threading.Thread(target=s.sendall, args=(lines,), daemon=True)
+    writer.start()
+    replies = [json.loads(f.readline()) for _ in range(n)]
+    writer.join()
+print(json.dumps({"me": me, "uid": os.getuid(), "ok": [bool(r.get("ok")) for r in replies],
+                  "refused": sorted({r.get("error") for r in replies if not r.get("ok")})}))
+"""
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.attack("budget.store", ref="red team round 7: cross-host sends and the storage quota")
-def test_cross_host_sends_count_in_the_senders_storage_quota(swarm: Swarm) -> None:
+def test_cross_host_sends_count_in_the_senders_storage_quota(hives: Swarm[HiveProcess]) -> None:
     """alice (host a) may hold 10,000 undelivered messages (the default quota). bob (host
-    b) reads none; alice pipelines 10,001 sends to him. Before, all were taken (bob's host
-    stored them all under alice's name: neither host counted them). Now her messages count
-    in her quota on a from the outbox's commit until b says bob acked them (swarm/quota.py):
-    the ones past 10,000 are refused with the quota's line, as a local send is, and nothing
-    refused reaches bob. Once bob has read them, b's report gives her the quota back."""
-    import socket
-
+    b) reads none; alice pipelines 10,001 sends to him from her cage. Before, all were
+    taken (bob's host stored them all under alice's name: neither host counted them). Now
+    her messages count in her quota on a from the outbox's commit until b says bob acked
+    them (swarm/quota.py): the ones past 10,000 are refused with the quota's line, as a
+    local send is, and nothing refused reaches bob. Once bob has read them (from his cage
+    on b), b's report gives her the quota back. Whole hives (the session's ``hives``, the
+    agents paused: the test reads bob's inbox itself)."""
+    swarm = hives
     a, b = swarm.cores["a"], swarm.cores["b"]
     usage = "SELECT coalesce(sum(pending), 0) FROM agent_usage WHERE agent='alice'"
     before = db_count(a, usage)
     n = QUOTA + 1
-    lines = b"".join(json.dumps({"cmd": "send", "to": "bob", "body": f"r7q{i}"}).encode() + b"\n" for i in range(n))
-    with socket.socket(socket.AF_UNIX) as sock:
-        sock.settimeout(60)
-        sock.connect(str(a.agent_sock("alice")))
-        writer = threading.Thread(target=sock.sendall, args=(lines,), daemon=True)
-        writer.start()
-        f = sock.makefile("rb")
-        replies = [json.loads(f.readline()) for _ in range(n)]
-        writer.join()
-    sent = sum(1 for r in replies if r["ok"])
+    argv = [str(HIVE), "--run-dir", str(a.run_dir), "exec", "--as-agent", "alice", "--",
+            "python3", "-u", "-c", PIPELINED, "/run/hive/agent.sock", "bob", "r7q", str(n)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    out = json.loads(proc.stdout.splitlines()[-1])
+    # It ran in alice's cage and spoke as her.
+    assert out["me"] == "alice" and out["uid"] == a.cage("alice")["uid"] != 0, (out["me"], out["uid"])
+    sent = sum(out["ok"])
+    bob = b.caged("bob")
     got: list[str] = []
 
     def drained() -> bool:  # the session's swarm: bob's inbox as it was
-        msgs = assert_ok(b.agent_call("bob", "recv", wait=0.5, max=1000))["messages"]
+        msgs = assert_ok(bob.call("recv", wait=0.5, max=1000))["messages"]
         if msgs:
-            assert_ok(b.agent_call("bob", "ack", ids=[m["id"] for m in msgs]))
+            assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
         got.extend(m["body"] for m in msgs if m["body"].startswith("r7q"))
         return len(got) >= sent
 
     try:
-        refused = {r["error"] for r in replies if not r["ok"]}
-        assert sent == QUOTA - before, f"{sent} of {n} cross-host sends taken; refusals: {sorted(refused)[:3]}"
-        assert refused == {f"storage quota: agent alice holds {QUOTA} undelivered messages, questions,"
-                           f" approvals and reminders, limit {QUOTA}"}, refused
+        assert sent == QUOTA - before, f"{sent} of {n} cross-host sends taken; refusals: {out['refused'][:3]}"
+        assert out["ok"] == [True] * sent + [False] * (n - sent)  # the first ones, in order
+        assert out["refused"] == [f"storage quota: agent alice holds {QUOTA} undelivered messages,"
+                                  f" questions, approvals and reminders, limit {QUOTA}"], out["refused"]
     finally:
-        wait_for(drained, timeout=60)
+        wait_for(drained, timeout=120)
     assert got == [f"r7q{i}" for i in range(sent)], (len(got), got[-3:])  # in order; none refused came
     # bob acked them all: b reports it, and a gives alice her quota back.
     wait_for(lambda: db_count(a, usage) == before, timeout=15)
-    assert_ok(a.agent_call("alice", "send", to="bob", body="r7q-again"))
+    assert_ok(a.caged("alice").call("send", to="bob", body="r7q-again"))
     wait_for(lambda: drained() and "r7q-again" in got, timeout=15)  # (taken: sent, and back)

@@ -5,7 +5,7 @@ Four loops share one connection, each restarting on its own after a failure:
 - ``_publish_loop``: the outbox, in order, one publish at a time, each marked sent
   only on JetStream's ack;
 - ``_consume_loop``: one puller per other host, on this host's durable consumer of what
-  that host sent: commit (dedup by id), then ack;
+  that host sent, read raw (swarm/pull.py): commit (dedup by id), then ack;
 - ``_roster_loop``: this host's agent rows and name claims into its own KV bucket;
 - ``_watch_loop``: the roster cache (agent -> host, rows) from a watch of every
   host's bucket (swarm/watch.py: the one consumer this host may have on each);
@@ -40,6 +40,7 @@ from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.operator import OperatorRelay
 from hyperhive.swarm.outbox import Outgoing, SwarmStore, queue_tx
+from hyperhive.swarm.pull import Puller
 from hyperhive.swarm.settings import SwarmSection
 from hyperhive.swarm.show import ShowRelay
 from hyperhive.swarm.watch import Entry, RosterWatch
@@ -162,6 +163,10 @@ class Bridge:
         self._reachable: set[str] = set()  # the other hosts reachable at the last look
         self.received = 0
         self.dropped = 0
+        # Loop -> how often it failed and was started again since the core started: a
+        # bundle consumer's ("bundles from c") must not move whatever c stores (issue 18,
+        # after red team round 10: c's own Status headers made nats-py's fetch raise).
+        self.restarts: dict[str, int] = {}
         self._releases: dict[tuple[str, str], tuple[int, int]] = {}  # reports not yet applied
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
         self.show = ShowRelay(self)  # other hosts' items whole (show.py)
@@ -248,6 +253,7 @@ class Bridge:
             "dropped": self.dropped + self.store.dropped,
             # Hosts whose messages wait here for room (swarm/quota.py: the bounds).
             "waiting": sorted(self.waiting),
+            "restarts": dict(sorted(self.restarts.items())),
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
@@ -317,14 +323,19 @@ class Bridge:
             with contextlib.suppress(Exception):
                 await nc.close()
 
-    async def _forever(self, loop: Callable[[], Awaitable[None]], retry: float = RETRY) -> None:
+    async def _forever(
+        self, loop: Callable[[], Awaitable[None]], retry: float = RETRY, name: str | None = None
+    ) -> None:
+        """Run ``loop`` again after each failure (counted in ``restarts[name]``; a bound
+        method's name by default, its class's too: the operator has a _consume_loop)."""
+        name = name or getattr(loop, "__qualname__", None) or repr(loop)
         while True:
             try:
                 await loop()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the bus went away mid-call, say: start the loop again
-                name = getattr(loop, "__name__", None) or repr(loop)
+                self.restarts[name] = self.restarts.get(name, 0) + 1
                 log.warning("swarm: %s failed (%s: %s); restarting it", name, type(e).__name__, e)
                 await asyncio.sleep(retry)
 
@@ -422,7 +433,10 @@ class Bridge:
                 for host in [h for h in self.heartbeats if h != self.host]:
                     if host not in pullers:
                         pullers[host] = asyncio.create_task(
-                            self._forever(functools.partial(self._consume_from, host))
+                            self._forever(
+                                functools.partial(self._consume_from, host),
+                                name=f"bundles from {host}",
+                            )
                         )
                 await asyncio.sleep(ROSTER_EVERY / 4)
         finally:
@@ -431,42 +445,48 @@ class Bridge:
             await asyncio.gather(*pullers.values(), return_exceptions=True)
 
     async def _consume_from(self, from_host: str) -> None:
-        js = self._js()
-        prefix = f"{s.inbox_prefix(self.host)}.".encode()
-        sub = await js.pull_subscribe_bind(
-            durable=s.consumer(self.host, from_host), stream=s.STREAM, inbox_prefix=prefix
+        # Read raw, not with nats-py's fetch: fetch takes a stored message's own Status
+        # header for the server's (a 400, 404, 408 or 409 raised, a 100 was dropped
+        # unacked), and c may store any header on its own subject to us. The Puller
+        # tells the server's replies from stored messages by their reply subject (pull.py).
+        assert self.nc is not None
+        puller = Puller(
+            self.nc, s.STREAM, s.consumer(self.host, from_host), s.inbox_prefix(self.host)
         )
+        await puller.start()
         try:
             while True:
-                try:
-                    # One: the consumer hands out one bundle at a time (bus.py), and a
-                    # larger fetch would wait out its timeout for the rest.
-                    msgs = await sub.fetch(1, timeout=1.0)
-                except TimeoutError:  # nothing waiting (nats' TimeoutError is one too)
-                    continue
-                for m in msgs:
-                    # Until it is stored (a full disk, say): the ones after it wait, so
-                    # the order per sender holds; the bus is told it is still in hand.
-                    while not await self._receive(m):
-                        with contextlib.suppress(Exception):
-                            await m.in_progress()
-                        await asyncio.sleep(RETRY * 4)
+                # One at a time: the consumer hands out one bundle at a time (bus.py).
+                m = await puller.next(wait=1.0)
+                if m is None:
+                    continue  # nothing waiting
+                # Until it is stored (a full disk, say): the ones after it wait, so the
+                # order per sender holds; the bus is told it is still in hand.
+                while not await self._receive(m):
+                    with contextlib.suppress(Exception):
+                        await m.in_progress()
+                    await asyncio.sleep(RETRY * 4)
         finally:
             with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+                await puller.stop()
 
     async def _receive(self, m: Msg) -> bool:
         """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
         be stored (left unacked: try again). A message that can never be delivered is
         dropped."""
         from_host = s.from_host_of(m.subject)
+        # A bridge publishes a bundle with a Nats-Msg-Id header and no other: a Status
+        # header is its sending host's forgery (the server's statuses never reach here:
+        # pull.py), and the whole bundle is refused with it (issue 18).
+        forged = "Status" in (m.headers or {})
         try:
-            items = json.loads(m.data) if from_host is not None else None
+            items = json.loads(m.data) if from_host is not None and not forged else None
         except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
             items = None
         if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
             self.dropped += 1
-            log.warning("swarm: dropped a bundle on %s: not a list of messages", m.subject)
+            what = "a Status header of its own" if forged else "not a list of messages"
+            log.warning("swarm: dropped a bundle on %s: %s", m.subject, what)
             await m.ack()
             return True
         good: list[tuple[dict[str, Any], bool]] = []
@@ -675,7 +695,11 @@ class Bridge:
                         # again after a second: each try is a consumer made, on a bus that
                         # may be electing its leaders.
                         watches[host] = asyncio.create_task(
-                            self._forever(functools.partial(self._watch, host), retry=1.0)
+                            self._forever(
+                                functools.partial(self._watch, host),
+                                retry=1.0,
+                                name=f"watch of {host}",
+                            )
                         )
                 await asyncio.sleep(BUCKETS_EVERY)
         finally:

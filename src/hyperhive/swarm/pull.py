@@ -12,6 +12,7 @@ everything else is the server's status for the request, and ends it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -22,6 +23,8 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from hyperhive.swarm.watch import is_delivery
+
+PAUSE = 0.25  # seconds after a status that came at once (503: no consumer, no leader)
 
 
 class Puller:
@@ -56,5 +59,10 @@ class Puller:
                 return None
             if is_delivery(m):
                 return m
-            return None  # the server's status (404, 408, 409): this request is over
+            # The server's status: this request is over. A 408 is its end after ``wait``;
+            # the others (409 a leader change, 503 no consumer or no leader yet) come at
+            # once, and a caller asking again at once would spin.
+            if (m.headers or {}).get("Status") != "408":
+                await asyncio.sleep(PAUSE)
+            return None
         return None
