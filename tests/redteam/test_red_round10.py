@@ -263,8 +263,9 @@ def test_c_push_consumer_aimed_at_a_stream_subject_stores_nothing(swarm: Swarm) 
 )
 def test_status_headers_on_cs_messages_to_b_jam_only_cs_own_inbox(swarm: Swarm) -> None:
     """The same ``Status: 100`` header on bundles c publishes on its own subject to b
-    (``hive.msg.b.from.c``): b's fetch drops them unacked, but each sending host has its
-    own consumer on b (``inbox-b_c``): alice's message from a still reaches bob."""
+    (``hive.msg.b.from.c``): b's fetch dropped them unacked, but each sending host has its
+    own consumer on b (``inbox-b_c``): alice's message from a still reaches bob. (Since
+    issue 18 b reads them raw and refuses them: test_swarm_bundle_headers.py.)"""
     subject = s.msg_subject("b", "c")
 
     async def attack(nc: Any) -> None:
