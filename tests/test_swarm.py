@@ -22,6 +22,7 @@ from hyperhive.config import ConfigError, load_config
 from hyperhive.swarm import bus
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import Bridge
+from hyperhive.swarm.pull import PAUSE, Puller
 from hyperhive.swarm.watch import RosterWatch
 from swarm_faults import drain
 from swarm_fixture import Swarm
@@ -253,6 +254,36 @@ def test_a_roster_watch_made_again_goes_on_from_the_next_sequence(swarm: Swarm) 
             await nc.close()
 
     asyncio.run(go())
+
+
+@needs_root
+def test_a_puller_of_no_consumer_does_not_spin(swarm: Swarm) -> None:
+    """swarm/pull.py: a pull of a consumer that doesn't exist (a host whose consumers the
+    admin hasn't made yet) is answered by nothing within its wait (the account's
+    JetStream API takes the request: no 503), and a status that does come at once ends
+    the pull only after a pause: a consumer loop asking again at once doesn't spin (a
+    few requests a second at most, not thousands, and little CPU)."""
+
+    async def go() -> tuple[int, float]:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        try:
+            puller = Puller(nc, s.STREAM, "no-such-consumer", "_INBOX")
+            await puller.start()
+            try:
+                t0, cpu0, asked = time.monotonic(), time.process_time(), 0
+                while time.monotonic() - t0 < 2.0:
+                    assert await puller.next(wait=1.0) is None
+                    asked += 1
+                return asked, time.process_time() - cpu0
+            finally:
+                await puller.stop()
+        finally:
+            await nc.close()
+
+    asked, cpu = asyncio.run(go())
+    assert 1 <= asked <= 2.0 / PAUSE + 2, asked
+    assert cpu < 0.5, cpu
 
 
 @needs_root
