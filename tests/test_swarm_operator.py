@@ -6,7 +6,9 @@ carried, signed, to its host and applied there once."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import os
 import subprocess
 import time
@@ -243,3 +245,134 @@ def test_the_dashboard_on_a_lists_and_denies_an_approval_on_b(swarm: Swarm) -> N
         ("approval", "denied: web says no", aid)
     ]
     assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+
+
+def _web(swarm: Swarm, host: str) -> tuple[httpx.Client, str]:
+    """A logged-in client of ``host``'s core HTTP (what the gateway serves) and its CSRF token."""
+    core = swarm.cores[host]
+    token = (core.state_dir / "operator.token").read_text().strip()
+    transport = httpx.HTTPTransport(uds=str(core.run_dir / "core.sock"))
+    web = httpx.Client(transport=transport, base_url="http://core", timeout=30)
+    assert web.get("/login", params={"token": token}).status_code == 303
+    m = META_CSRF.search(web.get("/").text)
+    assert m and m.group(1), "no csrf token on the dashboard"
+    return web, m.group(1)
+
+
+@needs_root
+def test_the_dashboards_send_box_carries_a_message_to_bob_on_b(swarm: Swarm) -> None:
+    """a's send box has a host field (with [swarm]; the roster's hosts offered): to=bob,
+    host=b, posted as the cockpit posts it, is carried to b and lands in bob's inbox
+    once; the toast says so. Without the CSRF token, with a host that could not be one
+    or one the swarm doesn't know: a one-line refusal, nothing delivered."""
+    web, csrf = _web(swarm, "a")
+    bob = swarm.cores["b"].agent("bob")
+    posted = {"Origin": "http://core", "X-CSRF-Token": csrf, "HX-Request": "true"}
+    try:
+        wait_for(lambda: '<option value="b">' in web.get("/").text, timeout=10)
+        page = web.get("/").text
+        form = page[page.index('id="send-form"'):]
+        form = form[: form.index("</form>")]
+        assert 'name="host" list="swarm-hosts"' in form and "host (empty: a)" in form, form
+        datalist = page[page.index('<datalist id="swarm-hosts">'):]
+        assert datalist[: datalist.index("</datalist>")].count("<option") == 2  # b and c
+        # The row's name leads to bob's page on this host, as the roster shows him.
+        assert '<a href="/swarm/b/agent/bob/">bob</a>' in page
+
+        refusals = {
+            "missing or wrong CSRF token": ({"Origin": "http://core", "HX-Request": "true"}, "b"),
+            "field 'host'": (posted, "B!"),
+            "no host 'zz' in the swarm": (posted, "zz"),
+        }
+        for needle, (headers, host) in refusals.items():
+            r = web.post("/api/agents/bob/send", data={"body": "never", "host": host}, headers=headers)
+            assert r.status_code in (403, 404, 422) and needle in html.unescape(r.text), (needle, r.text)
+            assert r.text.startswith('<div class="toast bad">') and "\n" not in r.text.strip()
+        # As the page's script posts it: the to field in the path, the host in the body.
+        r = web.post("/api/agents/bob/send", data={"body": "from a's send box", "host": "b"},
+                     headers=posted)  # fmt: skip
+        assert r.status_code == 200, r.text
+        assert "sent the message to bob on host b (carried there, applied)" in r.text, r.text
+        # The same form without a script: /api/agents/_/send with to, host and the token.
+        r = web.post("/api/agents/_/send", data={"to": "bob", "host": "b", "body": "plain form",
+                                                 "csrf_token": csrf},
+                     headers={"Origin": "http://core", "Referer": "http://core/"})  # fmt: skip
+        assert r.status_code == 303 and r.headers["location"] == "/", r.text
+        msgs = assert_ok(bob.call("recv", wait=5.0))["messages"]
+        while len(msgs) < 2:
+            more = assert_ok(bob.call("recv", wait=5.0))["messages"]
+            assert more, msgs
+            msgs += more
+        assert [(m["kind"], m["from"], m["body"]) for m in msgs] == [
+            ("message", "operator", "from a's send box"), ("message", "operator", "plain form")]  # fmt: skip
+        assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+        assert assert_ok(bob.call("recv", wait=1.0))["messages"] == []  # once each
+    finally:
+        web.close()
+
+
+@needs_root
+def test_bobs_page_on_a_shows_the_roster_and_steers_him_on_b(swarm: Swarm) -> None:
+    """``/swarm/b/agent/bob/`` on a: bob as the roster shows him (state, host b), his
+    question to the operator with its answer forms naming host b, the actions carried to
+    b; pause from it pauses bob on b, and the page's live stream draws him paused. This
+    host's own agent: its own page; no such host or agent: 404."""
+    web, csrf = _web(swarm, "a")
+    b = swarm.cores["b"]
+    bob = b.agent("bob")
+    qid = assert_ok(bob.call("ask", to="operator", question="from bob's page?"))["id"]
+    posted = {"Origin": "http://core", "X-CSRF-Token": csrf, "Accept": "application/json",
+              "Referer": "http://core/swarm/b/agent/bob/"}  # fmt: skip
+    try:
+        def page() -> str:
+            r = web.get("/swarm/b/agent/bob/")
+            assert r.status_code == 200, r.text
+            return r.text
+
+        def with_question() -> str | None:
+            text = page()
+            return text if f'id="question-b-{qid}"' in text else None
+
+        text = wait_for(with_question, timeout=10)
+        assert '<h1><a href="/">hyperhive</a> / bob <span class="on-host">on host b</span></h1>' in text
+        assert 'data-host="b" data-name="bob" data-state="running"' in text, text
+        assert '<input type="hidden" name="host" value="b">' in text
+        assert 'hx-post="/api/agents/bob/pause" data-action="pause"' in text
+        assert "from bob&#39;s page?" in text or "from bob's page?" in text
+        assert f'hx-post="/answer-question/{qid}"' in text
+        assert 'id="remote-send-form" method="post" action="/api/agents/bob/send"' in text
+        # Every host field on the page names b; every action is bob's.
+        assert set(re.findall(r'name="host" value="([^"]*)"', text)) == {"b"}
+        assert {p.split("/")[3] for p in re.findall(r'hx-post="(/api/agents/[^"]*)"', text)} == {"bob"}
+        with web.stream("GET", "/swarm/b/agent/bob/events") as live:
+            lines = live.iter_lines()
+            assert next(lines) == "event: update"
+            assert 'id="remote-agent"' in next(lines)
+            r = web.post("/api/agents/bob/pause", data={"host": "b"}, headers=posted)
+            assert r.status_code == 200 and r.json()["applied"] is True, r.text
+            assert b.status("bob")["paused"] is True
+            deadline = time.monotonic() + 10
+            for line in lines:  # the roster's new row, drawn live
+                assert time.monotonic() < deadline, "bob's pause was not drawn live"
+                if 'data-state="paused"' in line:
+                    break
+        # A plain form post from the page goes back to it.
+        r = web.post("/api/agents/bob/resume", data={"host": "b", "csrf_token": csrf},
+                     headers={"Origin": "http://core", "Referer": "http://core/swarm/b/agent/bob/"})  # fmt: skip
+        assert r.status_code == 303 and r.headers["location"] == "/swarm/b/agent/bob/", r.text
+        assert b.status("bob")["paused"] is False
+
+        r = web.get("/swarm/a/agent/alice/")
+        assert r.status_code == 303 and r.headers["location"] == "/agent/alice/"
+        for path, needle in (("/swarm/zz/agent/bob/", "no host 'zz'"),
+                             ("/swarm/b/agent/nobody/", "no agent 'nobody' on host b"),
+                             ("/swarm/B/agent/bob/", "no such host or agent"),
+                             ("/swarm/b/agent/carol/", "no agent 'carol' on host b")):  # fmt: skip
+            r = web.get(path)
+            assert r.status_code == 404 and needle in r.text, (path, r.text)
+    finally:
+        b.host_call("set_paused", name="bob", paused=False)
+        assert_ok(b.host_call("answer_question", id=qid, answer="done"))
+        msgs = assert_ok(bob.call("recv", wait=2.0))["messages"]
+        assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
+        web.close()

@@ -312,7 +312,20 @@ def back_to(referer: str | None) -> str:
         return "/"
     if len(parts) >= 4 and parts[:2] == ["", "agent"] and NAME_RE.fullmatch(parts[2]):
         return f"/agent/{parts[2]}/"
+    if (
+        len(parts) >= 6
+        and parts[:2] == ["", "swarm"]
+        and parts[3] == "agent"
+        and NAME_RE.fullmatch(parts[2])
+        and NAME_RE.fullmatch(parts[4])
+    ):
+        return remote_page(parts[2], parts[4])
     return "/"
+
+
+def remote_page(host: str, name: str) -> str:
+    """Another swarm host's agent's page (both names already NAME_RE's)."""
+    return f"/swarm/{host}/agent/{name}/"
 
 
 async def display_js() -> Response:
@@ -581,6 +594,8 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 ctx["table"] = cockpit.agent_table(
                     [*agents, *elsewhere_agents], view, here=hive.swarm_host()
                 )
+                # The send box's hosts (its datalist lives in this section, so it is fresh).
+                ctx["swarm_hosts"] = sorted({str(r["host"]) for r in elsewhere_agents})
         if "inbox" in wanted:
             seen = inbox_seen.get(session.id, 0)
             ctx.update(
@@ -713,6 +728,102 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                         event = await sub.get()
                         if event is None:
                             return
+            finally:
+                hive.bus.unsubscribe(sub)
+
+        return sse_response(events())
+
+    def remote_context(host: str, name: str) -> dict[str, Any]:
+        """What this host's copy of the swarm's roster knows of agent NAME on host HOST: its
+        row (None: not listed), with its state and the actions that make sense now, and its
+        open questions to the operator and pending approvals. Rows are matched on the roster
+        key's host and name (what NATS vouches for), never on a field a row's value says."""
+        row = next(
+            (
+                r
+                for r in hive.swarm_listing(OPERATOR, "agents") or []
+                if r.get("host") == host and r.get("name") == name
+            ),
+            None,
+        )
+        if row is not None:
+            row = {**row, "state": cockpit.state_of(row), "actions": cockpit.actions_for(row)}
+        mine = {"questions": "asker", "approvals": "agent"}
+        items = {
+            f"remote_{kind}": [
+                r
+                for r in hive.swarm_listing(OPERATOR, kind) or []
+                if r.get("host") == host and r.get(who) == name
+            ]
+            for kind, who in mine.items()
+        }
+        return {"host": host, "name": name, "here": hive.swarm_host(), "row": row, **items}
+
+    def remote_or_refuse(host: str, name: str) -> str | None:
+        """None when agent NAME on host HOST can have a page here; else this host's own
+        name (its page is /agent/NAME/). Refused (404) without a swarm or with a name
+        that could not be a host's or an agent's."""
+        here = hive.swarm_host()
+        if here is None:
+            raise HTTPException(404, "this hive is not in a swarm")
+        if not (NAME_RE.fullmatch(host) and NAME_RE.fullmatch(name)):
+            raise HTTPException(404, "no such host or agent")
+        return here if host == here else None
+
+    @app.get("/swarm/{host}/agent/{name}/", response_class=HTMLResponse, include_in_schema=False)
+    async def remote_agent_view(
+        request: Request,
+        host: str,
+        name: str,
+        session: Annotated[Session, Depends(require_session)],
+    ) -> Response:
+        """Agent NAME on another swarm host HOST, as the roster shows it (docs/swarm.md):
+        its state, status and questions and approvals, with the steering actions carried
+        there. This host's own name: its agent page."""
+        if remote_or_refuse(host, name) is not None:
+            return RedirectResponse(f"/agent/{name}/", status_code=303)
+        context = remote_context(host, name)
+        if context["row"] is None:
+            hosts = {h["host"] for h in (hive.swarm_status(OPERATOR) or {}).get("hosts", [])}
+            if host not in hosts:
+                raise HTTPException(404, f"no host {host!r} in the swarm")
+            raise HTTPException(404, f"no agent {name!r} on host {host} in the swarm's roster")
+        csrf = session.csrf if navigation(request) else ""
+        return templates.TemplateResponse(
+            request, "remote_agent.html", {**context, "oob": False, "csrf_token": csrf}
+        )
+
+    @app.get("/swarm/{host}/agent/{name}/events", include_in_schema=False)
+    async def remote_agent_events(
+        host: str, name: str, session: Annotated[Session, Depends(require_session)]
+    ) -> Response:
+        """That page, live: its section drawn again (an out-of-band morph, no CSRF token)
+        once, then after each burst of changes to the other hosts' roster."""
+        if remote_or_refuse(host, name) is not None:
+            raise HTTPException(404, "this host's agent: see /agent/NAME/")
+        section = templates.get_template("cockpit/remote_agent.html")
+
+        def draw() -> bytes:
+            context = {**remote_context(host, name), "oob": True, "csrf_token": ""}
+            return sse("update", section.render(context))
+
+        async def events() -> AsyncIterator[bytes]:
+            sub = hive.events(OPERATOR, frozenset({"swarm"}), lossy=True)
+            loop = asyncio.get_running_loop()
+            try:
+                yield draw()
+                async for event in events_or_quiet(sub):
+                    if event is None:
+                        yield KEEP_ALIVE
+                        continue
+                    until = loop.time() + LIVE_COALESCE
+                    while (left := until - loop.time()) > 0:  # a burst: one redraw
+                        try:
+                            if await asyncio.wait_for(sub.get(), left) is None:
+                                return
+                        except TimeoutError:
+                            break
+                    yield draw()
             finally:
                 hive.bus.unsubscribe(sub)
 

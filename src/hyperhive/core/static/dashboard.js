@@ -84,7 +84,9 @@
     connection("down", "disconnected: reconnecting…");
   });
   function title() {
-    var n = Number((document.getElementById("attention") || {}).dataset.count || 0);
+    var attention = document.getElementById("attention");
+    if (!attention) return;  // another host's agent's page (its own title)
+    var n = Number(attention.dataset.count || 0);
     document.title = (n ? "(" + n + ") " : "") + "hyperhive";
   }
   document.body.addEventListener("htmx:oobAfterSwap", title);
