@@ -99,7 +99,8 @@ def elsewhere(swarm: Swarm, host: str) -> dict[tuple[str, str], dict[str, Any]]:
 def test_other_hosts_agents_in_status_and_on_the_dashboard(swarm: Swarm) -> None:
     """a's ``hive status`` (and --json) and /api/state list bob (b) and carol (c) with
     their host; the cockpit's table pages and filters them with a's own; c's core stopped
-    (SIGSTOP) past the heartbeat's 5 s: carol shows unreachable, then back."""
+    (SIGSTOP) past the heartbeat's 5 s: carol shows unreachable (her page on a too, with no
+    action), then back."""
     wait_for(lambda: len(elsewhere(swarm, "a")) >= 2, timeout=10)
     rows = elsewhere(swarm, "a")
     assert ("a", "alice") not in rows  # a's own are the agent_statuses, as without a swarm
@@ -136,6 +137,10 @@ def test_other_hosts_agents_in_status_and_on_the_dashboard(swarm: Swarm) -> None
             page = web.get("/", params={"state": "unreachable"}).text
             assert 'id="agent-carol@c"' in page and 'id="agent-bob@b"' not in page
             assert "unreachable 1" in page
+            # carol's page on a says so, from her last roster row, with no action to carry.
+            page = web.get("/swarm/c/agent/carol/").text
+            assert 'id="remote-unreachable"' in page and "host c is unreachable" in page, page
+            assert 'data-state="unreachable"' in page and "/api/agents/carol/stop" not in page
         finally:
             core_c.proc.send_signal(signal.SIGCONT)
         wait_for(lambda: elsewhere(swarm, "a")[("c", "carol")]["reachable"], timeout=15)

@@ -63,6 +63,8 @@ REQUIRED = {
     "swarm-watch-header-forgery", "swarm-ops-jam",
     # issue 18 (session 8): the bundle consumers read raw too
     "swarm-bundle-header-forgery",
+    # issue 18 (session 8): another host's agent's page in the cockpit
+    "swarm-page-injection",
 }
 
 PLUGIN = r'''
