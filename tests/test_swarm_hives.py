@@ -233,3 +233,74 @@ def test_the_remote_rows_stop_button_carries_in_the_browser(
     r = web.post("/api/agents/bob/send", web.login(), data={"body": "from a's page", "host": "b"})
     assert r.status_code == 200 and r.json()["applied"] is True and type(r.json()["id"]) is int, r.text
     assert hears(b, "bob", body="from a's page")["from"] == "operator"
+
+
+def test_the_send_box_and_bobs_page_on_a_in_the_browser(
+    hive_swarm: Swarm[HiveProcess], browser: Browser
+) -> None:
+    """On a's dashboard (through a's nginx), the send box's host field: what the operator
+    typed stays through a live redraw and through a refusal (a host the swarm doesn't know:
+    a red toast); with host b it is carried, the toast says applied, and bob's runtime on
+    b takes it once. bob's row leads to his page on a (host b), whose pause and resume are
+    carried to b and drawn live from the roster, with a half-typed message kept; that
+    message, sent from his page, reaches him once too."""
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
+    web = Web(a)
+    ctx = browser.new_context()
+    errors: list[str] = []
+    try:
+        page = ctx.new_page()
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(web.login_url)
+        expect(page.locator("#conn")).to_have_text("live", timeout=30_000)
+        form = page.locator("#send-form")
+        expect(page.locator('#swarm-hosts option[value="b"]')).to_have_count(1, timeout=15_000)
+        form.locator('input[name="to"]').fill("bob")
+        form.locator('input[name="host"]').fill("zz")
+        form.locator('input[name="body"]').fill("from a's send box")
+        # A live redraw of the agents section (alice paused and back on a): nothing typed is lost.
+        alice = page.locator('#agents tr[data-name="alice"]:not([data-host]) .state')
+        for paused, state in ((True, "paused"), (False, "running")):
+            assert_ok(a.host_call("set_paused", name="alice", paused=paused))
+            expect(alice).to_have_text(state, timeout=15_000)
+        typed = {n: form.locator(f'input[name="{n}"]').input_value() for n in ("to", "host", "body")}
+        assert typed == {"to": "bob", "host": "zz", "body": "from a's send box"}, typed
+        toasts = page.locator("#toasts")
+        form.locator("button").click()
+        expect(toasts.locator(".toast.bad")).to_contain_text("no host 'zz' in the swarm", timeout=20_000)
+        assert form.locator('input[name="body"]').input_value() == "from a's send box"  # kept to fix
+        form.locator('input[name="host"]').fill("b")
+        form.locator("button").click()
+        expect(toasts).to_contain_text("sent the message to bob on host b (carried there, applied)",
+                                       timeout=20_000)  # fmt: skip
+        expect(form.locator('input[name="body"]')).to_have_value("")  # done: the form is cleared
+        assert hears(b, "bob", body="from a's send box")["from"] == "operator"
+
+        # bob's page on a, from his row.
+        page.locator('#agents tr[data-name="bob"][data-host="b"] a[href="/swarm/b/agent/bob/"]').click()
+        page.wait_for_url("**/swarm/b/agent/bob/")
+        expect(page.locator("h1")).to_contain_text("bob on host b")
+        expect(page.locator("#conn")).to_have_text("live", timeout=30_000)
+        state = page.locator("#remote-state")
+        expect(state).to_have_text("running", timeout=15_000)
+        body = page.locator('#remote-send-form input[name="body"]')
+        body.fill("from bob's page")
+        page.locator('#remote-actions button[data-action="pause"]').click()
+        expect(page.locator("#toasts")).to_contain_text("paused bob on host b (carried there, applied)",
+                                                        timeout=20_000)  # fmt: skip
+        assert b.agent_status()["bob"]["paused"] is True
+        expect(state).to_have_text("paused", timeout=15_000)  # the roster's row, drawn live
+        assert body.input_value() == "from bob's page"
+        page.locator('#remote-actions button[data-action="resume"]').click()
+        expect(state).to_have_text("running", timeout=20_000)
+        assert b.agent_status()["bob"]["paused"] is False
+        page.locator("#remote-send-form button").click()
+        expect(page.locator("#toasts")).to_contain_text("sent the message to bob on host b", timeout=20_000)
+        assert hears(b, "bob", body="from bob's page")["from"] == "operator"
+        assert errors == [], errors
+    finally:
+        ctx.close()
+        b.host_call("set_paused", name="bob", paused=False)
+    time.sleep(1)  # anything carried twice would have arrived by now: each was taken once
+    bodies = [m.get("body") for m in heard(b, "bob")]
+    assert (bodies.count("from a's send box"), bodies.count("from bob's page")) == (1, 1), bodies
