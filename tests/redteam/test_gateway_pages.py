@@ -297,6 +297,12 @@ REFERERS: dict[str, str] = {
     "{base}/agent/" + ASKER + "/": f"/agent/{ASKER}/",
     "{base}/agent/" + ASKER + "/../../evil.example/": f"/agent/{ASKER}/",
     "http://evil.example/agent/" + ASKER + "/": f"/agent/{ASKER}/",  # a path of this origin all the same
+    # Another swarm host's agent's page (docs/swarm.md): both names valid, or the dashboard.
+    "{base}/swarm/b/agent/" + ASKER + "/": f"/swarm/b/agent/{ASKER}/",
+    "{base}/swarm/B/agent/" + ASKER + "/": "/",
+    "{base}/swarm/b/agent/" + ASKER: "/",
+    "{base}/swarm/b/page/" + ASKER + "/": "/",
+    "{base}/swarm/evil.example/agent/" + ASKER + "/": "/",
 }
 
 
