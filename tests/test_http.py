@@ -233,7 +233,8 @@ def test_logout_ends_session(web: Web, login: Login) -> None:
                                   f"/agent/{ECHO}/page/", f"/agent/{ECHO}/page/x.js",
                                   f"/agent/{ECHO}/static/agent.js", "/agent/nosuch/", "/", "/api/state",
                                   "/api/dashboard/stream", f"/api/agents/{ECHO}/transcript",
-                                  "/api/openapi.json"])
+                                  "/api/openapi.json", f"/swarm/b/agent/{ECHO}/",
+                                  f"/swarm/b/agent/{ECHO}/events"])
 def test_pages_need_a_session(web: Web, path: str) -> None:
     for cookie in [None, Login("x" * 43, "")]:
         r = web.get(path, login=cookie)
@@ -262,6 +263,14 @@ def test_agent_page_with_session(web: Web, login: Login) -> None:
         assert "no such agent" in assert_one_line_reason(r)
         assert r.headers["content-type"].startswith("text/plain"), r.headers
         assert_csp(r)
+    # Without [swarm]: no other host's agent page, and the send box has no host field.
+    for path in [f"/swarm/b/agent/{ECHO}/", f"/swarm/b/agent/{ECHO}/events"]:
+        r = web.get(path, login=login)
+        assert r.status_code == 404 and "this hive is not in a swarm" in assert_one_line_reason(r), r.text
+    page = web.get("/", login=login).text
+    form = page[page.index('id="send-form"'):]
+    assert 'name="to"' in form[: form.index("</form>")] and 'name="host"' not in form[: form.index("</form>")]
+    assert "swarm-hosts" not in page
 
 
 def test_csp_on_every_response(web: Web, login: Login, targets: dict[str, int]) -> None:
