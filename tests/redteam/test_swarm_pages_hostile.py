@@ -13,16 +13,20 @@ import json
 import os
 import re
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, expect
 
 from helpers import wait_for
+from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
 from hyperhive.wire.common import SHORT_TEXT_CHARS
 from swarm_fixture import Swarm
-from web_fixture import META_CSRF
+from test_browser import INSTRUMENT
+from web_fixture import META_CSRF, Web, browser  # noqa: F401 (browser: the module's chromium)
 
 from .test_swarm_hostile import as_host_c
 
@@ -35,7 +39,7 @@ MARKUP = '<script>window.__pwned=1</script><img src=x onerror="alert(1)"><a href
 QID, AID = 990001, 990002
 
 
-def put(swarm: Swarm, items: dict[str, Any], delete: bool = False) -> None:
+def put(swarm: Swarm[Any], items: dict[str, Any], delete: bool = False) -> None:
     """As host c: put (or delete) keys of its own roster bucket, values as given."""
     async def attack(nc: Any) -> None:
         for key, value in items.items():
@@ -46,10 +50,13 @@ def put(swarm: Swarm, items: dict[str, Any], delete: bool = False) -> None:
                 reply = await nc.request(subject, json.dumps(value).encode(), timeout=10)
                 assert "error" not in json.loads(reply.data), reply.data
 
-    assert as_host_c(swarm, attack, settle=0) == []  # its own keys: NATS lets them through
+    # In a thread of its own: playwright's sync API holds this thread's event loop.
+    with ThreadPoolExecutor(1) as pool:
+        errors = pool.submit(as_host_c, swarm, attack, settle=0).result()
+    assert errors == []  # its own keys: NATS lets them through
 
 
-def hostile_fields(swarm: Swarm, page: str) -> None:
+def hostile_fields(swarm: Swarm[Any], page: str) -> None:
     """What a page of a's must never have: c's markup as markup, a host or agent c named."""
     assert "<script>window.__pwned" not in page and "<img src=x" not in page, page
     assert 'href="//evil.example/' not in page
@@ -155,3 +162,42 @@ def web_gone(swarm: Swarm) -> bool:
     names = {(r["host"], r["name"]) for r in st["agents"]}
     up = any(h["host"] == "c" and h["reachable"] for h in st["hosts"])
     return up and not names & {("c", "evil"), ("c", "bob")}
+
+
+def test_c_s_row_runs_no_script_in_a_s_browser(hive_swarm: Swarm[HiveProcess], browser: Browser) -> None:
+    """Whole hives, a's nginx, Debian's chromium: c's row ``agents.c.evil`` with markup in
+    its status shows as text in a's agents table and on evil's page on a, drawn first and
+    again by the page's live stream; no script of it runs (the page is instrumented as
+    tests/test_browser.py's are), and every button on the page carries to host c."""
+    rows = {s.row_key("c", "evil"): {"name": "bob", "host": "b", "running": True, "status_text": MARKUP}}
+    a = hive_swarm.cores["a"]
+    web = Web(a)
+    ctx = browser.new_context()
+    ctx.add_init_script(INSTRUMENT)
+    dialogs: list[str] = []
+    try:
+        put(hive_swarm, rows)
+        page = ctx.new_page()
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(web.login_url)
+        expect(page.locator("#conn")).to_have_text("live", timeout=30_000)
+        row = page.locator('#agents tr[data-name="evil"][data-host="c"]')
+        expect(row.locator(".status-text")).to_have_text(MARKUP, timeout=15_000)
+        row.locator('a[href="/swarm/c/agent/evil/"]').click()
+        page.wait_for_url("**/swarm/c/agent/evil/")
+        expect(page.locator("#conn")).to_have_text("live", timeout=30_000)  # redrawn once by now
+        expect(page.locator("#remote-status-text")).to_have_text(MARKUP)
+        hosts = page.locator('input[name="host"]')
+        assert hosts.count() >= 2 and {hosts.nth(i).input_value() for i in range(hosts.count())} == {"c"}
+        actions = page.locator("#remote-actions button")
+        assert actions.count() >= 2
+        for i in range(actions.count()):
+            assert (actions.nth(i).get_attribute("hx-post") or "").startswith("/api/agents/evil/")
+            assert (actions.nth(i).text_content() or "").endswith(" on host c")
+        assert page.evaluate("window.__hits") == [] and page.evaluate("window.__csp") == []
+        assert dialogs == [] and page.locator("img[src='x'], a[href^='//evil']").count() == 0
+    finally:
+        ctx.close()
+        put(hive_swarm, rows, delete=True)
+    wait_for(lambda: not [r for r in hive_swarm.status("a")["agents"] if r["host"] == "c"
+                          and r["name"] == "evil"], timeout=15)  # fmt: skip
