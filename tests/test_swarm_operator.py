@@ -376,3 +376,32 @@ def test_bobs_page_on_a_shows_the_roster_and_steers_him_on_b(swarm: Swarm) -> No
         msgs = assert_ok(bob.call("recv", wait=2.0))["messages"]
         assert_ok(bob.call("ack", ids=[m["id"] for m in msgs]))
         web.close()
+
+
+@needs_root
+def test_a_remote_agents_page_says_when_it_is_gone(swarm: Swarm) -> None:
+    """An open page of ``onbgone`` on b (a's ``/swarm/b/agent/onbgone/``): destroyed on b,
+    its live stream draws that b's roster lists it no more, with nothing to act on; the
+    page itself is then a 404."""
+    web, _ = _web(swarm, "a")
+    b = swarm.cores["b"]
+    try:
+        assert_ok(b.host_call("spawn", name="onbgone", spec=CHILD))
+        wait_for(lambda: web.get("/swarm/b/agent/onbgone/").status_code == 200, timeout=10)
+        with web.stream("GET", "/swarm/b/agent/onbgone/events") as live:
+            lines = live.iter_lines()
+            assert next(lines) == "event: update"
+            first = next(lines)
+            assert 'data-name="onbgone"' in first and "remote-gone" not in first, first
+            assert_ok(b.host_call("destroy", name="onbgone"))
+            deadline = time.monotonic() + 10
+            for line in lines:
+                assert time.monotonic() < deadline, "the page did not say onbgone is gone"
+                if 'id="remote-gone"' in line:
+                    assert "/api/agents/onbgone/" not in line
+                    break
+        r = web.get("/swarm/b/agent/onbgone/")
+        assert r.status_code == 404 and "no agent 'onbgone' on host b" in r.text, r.text
+    finally:
+        b.host_call("destroy", name="onbgone")
+        web.close()
