@@ -762,7 +762,9 @@ def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: S
         # The honest path cleans up: c's claim gone, the destroyed name is let go (free).
         assert as_host_c(swarm, _c_unclaims(name), settle=0) == []
         assert_ok(a.host_call("destroy", name=name))
+        destroyed = time.monotonic()
         wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
+        print(f"\nr9heir let go {time.monotonic() - destroyed:.2f} s after its destroy (c's claim gone)")
     finally:
         as_host_c(swarm, _c_unclaims(name), settle=0)
         a.host_call("destroy", name=name)
