@@ -753,11 +753,13 @@ def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: S
         assert set(owners) == {"a", "c"} and _claim_msg(swarm, "a", name) == held, (
             f"a let its claim go with c's standing: {owners}"
         )
+        assert swarm.status("a")["held"] == [name]
         again = a.host_call("spawn", name=name, spec=TRUE)
         owners = asyncio.run(_owners(swarm, name))
         assert again.get("ok") is True and earliest(owners) == "a", (
             f"a could not take its own agent's name back: {again}; claims {owners}"
         )
+        wait_for(lambda: swarm.status("a")["held"] == [], timeout=10)  # its agent back: simply a's
         wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
         # The honest path cleans up: c's claim gone, the destroyed name is let go (free).
         assert as_host_c(swarm, _c_unclaims(name), settle=0) == []

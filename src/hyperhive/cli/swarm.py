@@ -45,6 +45,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
     if sw.get("waiting"):
         say(f"messages waiting for room here (storage bounds): from {', '.join(sw['waiting'])}")
+    if sw.get("held"):
+        say(f"names held here, no agent (another host claimed them while they were this"
+            f" host's): {', '.join(sw['held'])}")  # fmt: skip
     table(
         "hosts",
         ["host", "agents", "reachable"],

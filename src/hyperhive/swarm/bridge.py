@@ -261,6 +261,9 @@ class Bridge:
             "dropped": self.dropped + self.store.dropped,
             # Hosts whose messages wait here for room (swarm/quota.py: the bounds).
             "waiting": sorted(self.waiting),
+            # Names this host holds with no agent: another host claimed them while they
+            # were ours, and would inherit them (_let_go).
+            "held": sorted(self._held)[:MAX_LISTED],
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
