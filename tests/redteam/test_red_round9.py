@@ -32,9 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 
-from helpers import assert_ok, wait_for
+from helpers import assert_ok, assert_refused, wait_for
 from hive_fixture import HiveProcess, probe_result, running_hive
 from hyperhive.priv import homes
 from hyperhive.swarm import subjects as s
@@ -679,42 +680,244 @@ def test_a_hostile_host_cannot_date_its_own_claim_back(swarm: Swarm) -> None:
         as_host_c(swarm, restore, settle=0)
 
 
-@root_only
-@pytest.mark.xfail(
-    strict=True,
-    reason="open (issue 18): a losing claim a host keeps live inherits the name when its owner"
-    " lets it go; the claims keep no history to tell a losing claim from a later one",
-)
-@pytest.mark.attack("swarm-name-claim", ref="red team round 9: a losing claim kept live inherits the name")
-def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: Swarm) -> None:
-    """a spawns r9heir (its claim first); c claims r9heir too, loses (later), and keeps its
-    claim live (an honest host deletes a claim it lost). a destroys r9heir (its claim
-    deleted) and spawns it again a moment later: the name must still be a's to give (the
-    spawn accepted, b's roster says a), not c's by a claim it made while a held the name."""
-    name = "r9heir"
+def _rows(swarm: Swarm, host: str) -> set[tuple[str, str]]:
+    return {(r["name"], r["host"]) for r in swarm.status(host)["agents"]}
+
+
+def _claim_msg(swarm: Swarm, host: str, name: str) -> tuple[int, Any]:
+    """As the admin: (stream sequence, stored time) of ``host``'s live claim of ``name``
+    ((0, None): none)."""
+
+    async def go() -> tuple[int, Any]:
+        adm = await _admin(swarm)
+        try:
+            msg = await adm.jetstream().get_last_msg(
+                s.kv_stream(host), s.kv_subject(host, s.name_key(name, host))
+            )
+        except nats.js.errors.NotFoundError:
+            return 0, None
+        finally:
+            await adm.close()
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE"):
+            return 0, None
+        return msg.seq or 0, msg.time
+
+    return asyncio.run(go())
+
+
+def _c_claims(name: str, headers: dict[str, str] | None = None) -> Any:
     key = s.kv_subject("c", s.name_key(name, "c"))
 
     async def claim(nc: Any) -> None:
-        assert "error" not in json.loads((await nc.request(key, b"c", timeout=10)).data)
+        reply = json.loads((await nc.request(key, b"c", headers=headers, timeout=10)).data)
+        assert "error" not in reply, reply
+
+    return claim
+
+
+def _c_unclaims(name: str) -> Any:
+    key = s.kv_subject("c", s.name_key(name, "c"))
 
     async def unclaim(nc: Any) -> None:
         await nc.request(key, b"", headers={"KV-Operation": "DEL"}, timeout=10)
 
+    return unclaim
+
+
+def _let_go_rounds() -> None:
+    """Long enough for a's roster rounds (1 s apart) to let a name go, if they would."""
+    time.sleep(3.0)
+
+
+@root_only
+@pytest.mark.attack("swarm-name-claim", ref="red team round 9: a losing claim kept live inherits the name")
+def test_a_hostile_host_cannot_inherit_a_name_by_keeping_a_losing_claim(swarm: Swarm) -> None:
+    """a spawns r9heir (its claim first); c claims r9heir too, loses (later), and keeps its
+    claim live (an honest host deletes a claim it lost). a destroys r9heir and spawns it
+    again a moment later: the name must still be a's to give (the spawn accepted, b's
+    roster says a), not c's by a claim it made while a held the name. (Before the fix a
+    deleted its claim on the destroy, c's became the earliest live one, and the spawn was
+    refused: "an agent named 'r9heir' already exists on host c".) a now holds the name
+    (its claim stays, no agent) while c's claim stands, and lets it go once c's is gone."""
+    name = "r9heir"
     a = swarm.cores["a"]
     assert_ok(a.host_call("spawn", name=name, spec=TRUE))
     try:
-        wait_for(lambda: (name, "a") in {(r["name"], r["host"]) for r in swarm.status("b")["agents"]}, timeout=15)
-        assert as_host_c(swarm, claim, settle=0) == []
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        assert as_host_c(swarm, _c_claims(name), settle=0) == []
+        held = _claim_msg(swarm, "a", name)
         assert_ok(a.host_call("destroy", name=name))
-        wait_for(lambda: "a" not in asyncio.run(_owners(swarm, name)), timeout=15)  # a let it go
+        wait_for(lambda: (name, "a") not in _rows(swarm, "b"), timeout=15)  # its row gone
+        _let_go_rounds()
+        owners = asyncio.run(_owners(swarm, name))
+        assert set(owners) == {"a", "c"} and _claim_msg(swarm, "a", name) == held, (
+            f"a let its claim go with c's standing: {owners}"
+        )
+        assert swarm.status("a")["held"] == [name]
         again = a.host_call("spawn", name=name, spec=TRUE)
         owners = asyncio.run(_owners(swarm, name))
         assert again.get("ok") is True and earliest(owners) == "a", (
             f"a could not take its own agent's name back: {again}; claims {owners}"
         )
+        wait_for(lambda: swarm.status("a")["held"] == [], timeout=10)  # its agent back: simply a's
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        # The honest path cleans up: c's claim gone, the destroyed name is let go (free).
+        assert as_host_c(swarm, _c_unclaims(name), settle=0) == []
+        assert_ok(a.host_call("destroy", name=name))
+        destroyed = time.monotonic()
+        wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
+        print(f"\nr9heir let go {time.monotonic() - destroyed:.2f} s after its destroy (c's claim gone)")
     finally:
-        as_host_c(swarm, unclaim, settle=0)
+        as_host_c(swarm, _c_unclaims(name), settle=0)
         a.host_call("destroy", name=name)
+
+
+@root_only
+@pytest.mark.attack("swarm-name-claim", ref="issue 18: a held name across a restart of its host's core")
+def test_a_held_name_stays_held_across_a_restart_of_its_hosts_core(swarm: Swarm) -> None:
+    """As above, then a's hive-core is restarted while it holds r9keep (no agent, c's
+    later claim live): the hold is on the bus (a's claim), not in the old process, so the
+    new one keeps it (it finds its claim in its bucket and reads c's), and a spawns
+    r9keep again. (c's claim stays, so a restarted core that let every claim of a name it
+    has no agent for go would hand the name to c.)"""
+    name = "r9keep"
+    a = swarm.cores["a"]
+    assert_ok(a.host_call("spawn", name=name, spec=TRUE))
+    try:
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        assert as_host_c(swarm, _c_claims(name), settle=0) == []
+        held = _claim_msg(swarm, "a", name)
+        assert_ok(a.host_call("destroy", name=name))
+        a.restart()
+        wait_for(lambda: swarm.status("a")["connected"], timeout=30)
+        wait_for(lambda: (name, "a") not in _rows(swarm, "b"), timeout=15)
+        _let_go_rounds()
+        assert _claim_msg(swarm, "a", name) == held, "a's restarted core let its held claim go"
+        again = a.host_call("spawn", name=name, spec=TRUE)
+        owners = asyncio.run(_owners(swarm, name))
+        assert again.get("ok") is True and earliest(owners) == "a", (again, owners)
+    finally:
+        as_host_c(swarm, _c_unclaims(name), settle=0)
+        a.host_call("destroy", name=name)
+        wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
+
+
+@root_only
+@pytest.mark.attack("swarm-name-claim", ref="issue 18: a forged tombstone of c's own claim")
+def test_a_forged_tombstone_does_not_void_or_date_back_a_claim(swarm: Swarm) -> None:
+    """c claims a's r9tomb (later: it loses), then writes what a tombstone design might
+    trust: its claim deleted with headers saying it was claimed at seq 1 in
+    2001 (``Hive-Claimed-At``, ``Hive-Claim-Seq``, ``Nats-Time-Stamp``), a "release"
+    record of a's claim by its sequence under its own row key, and its claim made again,
+    also with a forged time and with its first claim's ``Nats-Msg-Id`` (a replay). No
+    host reads a tombstone's word: once a destroys r9tomb, its claim is the same message
+    (same sequence and time), still the earliest (c's, stored while a held the name, is
+    later), held, and a spawns r9tomb again."""
+    name = "r9tomb"
+    a = swarm.cores["a"]
+    key = s.kv_subject("c", s.name_key(name, "c"))
+    first_id = "r9t-" + secrets.token_hex(6)
+    assert_ok(a.host_call("spawn", name=name, spec=TRUE))
+    try:
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        assert as_host_c(swarm, _c_claims(name, {"Nats-Msg-Id": first_id}), settle=0) == []
+        seq, at = held = _claim_msg(swarm, "a", name)
+        forged = {"Hive-Claimed-At": "2001-01-01T00:00:00Z", "Hive-Claim-Seq": "1",
+                  "Nats-Time-Stamp": "2001-01-01T00:00:00Z"}
+
+        async def forge(nc: Any) -> None:
+            for subject, data, headers in (
+                (key, b"", {"KV-Operation": "DEL", **forged}),
+                (s.kv_subject("c", s.row_key("c", name)),
+                 json.dumps({"released": {"host": "a", "seq": seq, "at": str(at)}}).encode(), None),
+                (key, b"c", {"Nats-Msg-Id": first_id}),  # the first claim, replayed
+                (key, b"c", {"Nats-Msg-Id": "r9t-" + secrets.token_hex(6), **forged}),
+            ):
+                reply = json.loads((await nc.request(subject, data, headers=headers, timeout=10)).data)
+                assert "error" not in reply, reply
+
+        # (While r9tomb lives on a: c's delete leaves a moment with no claim of c's, and a
+        # name a destroyed in that moment would be let go, free for anyone's next claim.)
+        assert as_host_c(swarm, forge, settle=0) == []
+        assert_ok(a.host_call("destroy", name=name))
+        wait_for(lambda: (name, "a") not in _rows(swarm, "b"), timeout=15)
+        _let_go_rounds()
+        owners = asyncio.run(_owners(swarm, name))
+        assert _claim_msg(swarm, "a", name) == held and set(owners) == {"a", "c"}, owners
+        assert earliest(owners) == "a" and owners["c"] > owners["a"], owners
+        again = a.host_call("spawn", name=name, spec=TRUE)
+        assert again.get("ok") is True, again
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+    finally:
+        async def tidy(nc: Any) -> None:
+            await _c_unclaims(name)(nc)
+            await nc.request(s.kv_subject("c", s.row_key("c", name)), b"",
+                             headers={"KV-Operation": "DEL"}, timeout=10)
+
+        as_host_c(swarm, tidy, settle=0)
+        a.host_call("destroy", name=name)
+        wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
+
+
+@root_only
+@pytest.mark.attack("swarm-name-claim", ref="issue 18: an old claim revived after its release")
+def test_a_released_claim_cannot_be_revived(swarm: Swarm) -> None:
+    """c claims r9old first (a name nobody holds: c's, as any first claim is), then lets
+    it go (deletes its claim); a spawns r9old (now a's). c tries to have its old claim
+    back: it purges its delete marker (its own bucket, as its permissions allow),
+    republishes its first claim with the same ``Nats-Msg-Id`` (a replay within the
+    dedup window) and makes its claim again with ``Nats-Expected-Last-Subject-Sequence``
+    of the first. None brings back the first claim's time: c's claim is later than a's,
+    r9old stays a's (b's roster, a spawn on c's own core refused), and when a destroys
+    r9old it holds it rather than hand it to c."""
+    name = "r9old"
+    a = swarm.cores["a"]
+    key = s.kv_subject("c", s.name_key(name, "c"))
+    first_id = "r9o-" + secrets.token_hex(6)
+    first: dict[str, Any] = {}
+
+    async def squat(nc: Any) -> None:
+        reply = json.loads((await nc.request(key, b"c", headers={"Nats-Msg-Id": first_id}, timeout=10)).data)
+        assert "error" not in reply, reply
+        first["seq"] = reply["seq"]
+        first["owners"] = await live_claims(nc, await roster_buckets(nc), name)
+        await nc.request(key, b"", headers={"KV-Operation": "DEL"}, timeout=10)
+
+    async def revive(nc: Any) -> None:
+        await nc.jetstream().purge_stream(s.kv_stream("c"), subject=key)  # its delete gone
+        replies = [
+            json.loads((await nc.request(key, b"c", headers=headers, timeout=10)).data)
+            for headers in (
+                {"Nats-Msg-Id": first_id},
+                {"Nats-Msg-Id": "r9o-" + secrets.token_hex(6),
+                 "Nats-Expected-Last-Subject-Sequence": str(first["seq"])},
+                {"Nats-Msg-Id": "r9o-" + secrets.token_hex(6)},
+            )
+        ]
+        first["revived"] = replies
+
+    try:
+        assert as_host_c(swarm, squat, settle=0) == []
+        assert earliest(first["owners"]) == "c", first  # c's while it held it
+        wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
+        assert_ok(a.host_call("spawn", name=name, spec=TRUE))
+        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        held = _claim_msg(swarm, "a", name)
+        assert as_host_c(swarm, revive, settle=0) == []
+        owners = asyncio.run(_owners(swarm, name))
+        assert earliest(owners) == "a" and owners.get("c", owners["a"]) >= owners["a"], (owners, first)
+        assert "c" in owners, first  # the last claim stored: later than a's (checked above)
+        assert_refused(swarm.cores["c"].host_call("spawn", name=name, spec=TRUE), "already exists on host a")
+        time.sleep(1.0)
+        assert (name, "a") in _rows(swarm, "b")
+        assert_ok(a.host_call("destroy", name=name))
+        wait_for(lambda: (name, "a") not in _rows(swarm, "b"), timeout=15)
+        _let_go_rounds()
+        assert _claim_msg(swarm, "a", name) == held, "a handed r9old to c's revived claim"
+    finally:
+        as_host_c(swarm, _c_unclaims(name), settle=0)
+        a.host_call("destroy", name=name)
+        wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
 
 
 async def _owners(swarm: Swarm, name: str) -> dict[str, Any]:

@@ -48,6 +48,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if sw.get("restarts"):
         loops = ", ".join(f"{name} {n}x" for name, n in sw["restarts"].items())
         say(f"loops started again after a failure (see hive-core's log): {loops}")
+    if sw.get("held"):
+        say(f"names held here, no agent (another host claimed them while they were this"
+            f" host's): {', '.join(sw['held'])}")  # fmt: skip
     table(
         "hosts",
         ["host", "agents", "reachable"],

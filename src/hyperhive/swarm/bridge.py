@@ -65,6 +65,13 @@ BUCKETS_EVERY = 2.0  # seconds between two looks for the hosts' roster buckets
 SAY_EVERY = 30.0  # seconds between two log lines of "no roster bucket yet"
 PURGE_EVERY = 300.0  # seconds between two purges of this host's old deletes (its bucket)
 AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch starts again
+# Names held (ours, no agent here: another host's claim came while we held them; see
+# _let_go): at most this many (each one key in our bucket: a hostile host's claims must
+# not fill it), each read from the bus again every HELD_RECHECK seconds (a purge is no
+# message for the watch), and at most LET_GO_EACH_ROUND such reads a roster round.
+HELD_MAX = s.ROSTER_HOST_KEYS // 8
+HELD_RECHECK = 30.0
+LET_GO_EACH_ROUND = 32
 
 
 class NoRecipient(str):
@@ -155,7 +162,13 @@ class Bridge:
         self._beats: dict[str, int] = {}  # host -> its heartbeat key's last revision seen
         self.rows: dict[tuple[str, str], dict[str, Any]] = {}  # (host, agent) -> row
         self._wake = asyncio.Event()
-        self._claimed: set[str] = set()
+        self._claimed: set[str] = set()  # local agents' names this host owns (claimed)
+        # Names whose claim in our bucket is our doing: made by this process, or found there
+        # when it started (our watch's first load). A claim that turns up later without
+        # being ours to make (our credentials in another's hands) is not ours to let go.
+        self._mine: set[str] = set()
+        self._own_loaded = False  # our watch of our own bucket has loaded once
+        self._held: dict[str, float] = {}  # name -> when to read its claims again (_let_go)
         self.waiting: set[str] = set()  # other hosts whose bundles wait for room here
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
@@ -254,6 +267,9 @@ class Bridge:
             # Hosts whose messages wait here for room (swarm/quota.py: the bounds).
             "waiting": sorted(self.waiting),
             "restarts": dict(sorted(self.restarts.items())),
+            # Names this host holds with no agent: another host claimed them while they
+            # were ours, and would inherit them (_let_go).
+            "held": sorted(self._held)[:MAX_LISTED],
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
@@ -617,9 +633,69 @@ class Bridge:
         for name in [n for n in self._published if n not in local]:
             await kv.delete(s.row_key(self.host, name))
             del self._published[name]
-            if name in self._claimed:
-                await kv.delete(s.name_key(name, self.host))  # free again, swarm-wide
-                self._claimed.discard(name)
+            self._claimed.discard(name)
+        await self._let_go(kv)
+
+    async def _let_go(self, kv: KeyValue) -> None:
+        """Delete our claims of names no agent here has (destroyed, or gone while this
+        core was down): free again, swarm-wide. Unless we own the name and another host's
+        claim of it is live: that claim was stored while the name was ours, and with ours
+        gone it would be the earliest, its host the owner (red team round 9: a hostile
+        host kept each losing claim and inherited every name its owner let go, even one
+        destroyed and spawned again a moment later). Such a name is **held**: our claim
+        stays, with no agent, until no other host claims it (then it is let go), or an
+        agent of that name is spawned here again (then it is simply ours). The decision
+        is the bus's claims, read afresh (the cache may be behind), right before a delete.
+        A hold costs one key of our bucket: past HELD_MAX, the oldest are let go."""
+        now = time.monotonic()
+        reads = 0
+        for name in sorted(n for n in self._mine if n not in self._claimed):
+            cached = self.claims.get(name, {})
+            held = earliest(cached) == self.host and len(cached) > 1
+            if held and now < self._held.get(name, 0.0):
+                continue  # held; read again later
+            if reads >= LET_GO_EACH_ROUND or self.hive.exists(name):
+                continue  # the next round's (or being spawned: _claim's)
+            if not reads:
+                await self._buckets()  # every host's bucket (one found since, say)
+            reads += 1
+            await self._lookup(name)
+            claims = self.claims.get(name, {})
+            if self.host not in claims:
+                self._mine.discard(name)  # gone already (deleted before a restart, say)
+                self._held.pop(name, None)
+            elif earliest(claims) == self.host and len(claims) > 1:
+                if name not in self._held:
+                    others = sorted(h for h in claims if h != self.host)
+                    log.warning(
+                        "swarm: agent name %r is gone here but stays claimed: host(s) %s"
+                        " claimed it while it was ours, and would inherit it",
+                        name,
+                        ", ".join(others),
+                    )
+                self._held[name] = now + HELD_RECHECK
+            elif not self.hive.exists(name):
+                await self._unclaim(kv, name)
+        if len(self._held) > HELD_MAX:
+
+            def claimed_at(name: str) -> float:
+                at = self.claims.get(name, {}).get(self.host)
+                return at.timestamp() if at is not None else 0.0
+
+            for name in sorted(self._held, key=claimed_at)[: len(self._held) - HELD_MAX]:
+                log.warning("swarm: agent name %r let go: more than %d held", name, HELD_MAX)
+                await self._unclaim(kv, name)
+
+    async def _unclaim(self, kv: KeyValue, name: str) -> None:
+        """Delete our claim of ``name`` (free again, swarm-wide, unless an earlier one
+        stands)."""
+        await kv.delete(s.name_key(name, self.host))
+        self._mine.discard(name)
+        self._held.pop(name, None)
+        self.claims.get(name, {}).pop(self.host, None)
+        self._own(name)
+        if self.hive.exists(name):  # spawned meanwhile: claimed again next round
+            self._claimed.discard(name)
 
     async def _purge_deletes(self, kv: KeyValue, older: float = s.PURGE_AFTER_SECONDS) -> None:
         """Purge this host's own deletes older than ``older`` seconds (every question,
@@ -635,12 +711,25 @@ class Bridge:
             )
             self._deletes.pop(key, None)
 
-    def _own_entry(self, entry: Entry) -> None:
-        """Note a delete in our own bucket (to purge it later), or a put that undoes one."""
+    def _own_entry(self, entry: Entry | None) -> None:
+        """Note a delete in our own bucket (to purge it later), or a put that undoes one;
+        and, in the first load of our bucket (None: through), the claims and rows found
+        there (what a core of before left: _let_go and _publish_roster see to them)."""
+        if entry is None:
+            self._own_loaded = True
+            return
         if entry.operation in ("DEL", "PURGE"):
             self._deletes[entry.key] = entry.created
         else:
             self._deletes.pop(entry.key, None)
+            parts = entry.key.split(".")
+            if not self._own_loaded and len(parts) == 3:
+                if parts[0] == "names" and parts[2] == self.host:
+                    self._mine.add(parts[1])
+                elif parts[0] == "agents" and parts[1] == self.host:
+                    # A row left by a core stopped before its next round (an agent
+                    # destroyed just before): put again if the agent is here, else deleted.
+                    self._published.setdefault(parts[2], "")
 
     async def _claim(self, kv: KeyValue, name: str) -> None:
         """Make ``name`` this host's swarm-wide: write our own claim (a create keeps an
@@ -650,12 +739,15 @@ class Bridge:
         if holder in (None, self.host):
             with contextlib.suppress(nats.js.errors.KeyWrongLastSequenceError):  # ours already
                 await kv.create(s.name_key(name, self.host), self.host.encode())
+            self._mine.add(name)
             holder = await self._lookup(name)
             if holder == self.host:
                 self._claimed.add(name)
                 self._conflicts.discard(name)
+                self._held.pop(name, None)  # held no more: its agent is here again
                 return
             await kv.delete(s.name_key(name, self.host))
+            self._mine.discard(name)
         if holder is not None and name not in self._conflicts:
             self._conflicts.add(name)
             log.error("swarm: agent name %r is held by host %s; not claimed here", name, holder)
@@ -732,10 +824,10 @@ class Bridge:
                         return
                     continue
                 quiet = 0
-                if entry is None:
-                    continue  # the initial load is through
                 if host == self.host:
                     self._own_entry(entry)
+                if entry is None:
+                    continue  # the initial load is through
                 self._apply(
                     host, entry.key, entry.value, entry.operation, entry.revision, entry.created
                 )
