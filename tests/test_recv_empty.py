@@ -1,7 +1,8 @@
-"""A receiver's inbox read empty is not read again on its next recv (the one that acks)
-while nothing could have come for it (core/hive.py ``recv``): only batches of messages and
-acks were committed since, and no message woke it. In process, on a real store: the read is
-skipped when it may be, and never when a message came by any other way."""
+"""A receiver's inbox read empty is not read again while only batches of lane messages and
+acks were committed since (core/inboxes.py, core/hive.py ``recv``): the messages that came
+are served from what their commits stored, and acks take them out. In process, on a real
+store: the read is skipped when it may be, and never when a message came by any other way;
+what is served is what the query returns."""
 
 from __future__ import annotations
 
@@ -52,8 +53,55 @@ def test_an_empty_inbox_is_not_read_again_over_messages_and_acks(
     asyncio.run(round_trip())
     reads.clear()
     assert bodies(hive) == [] and reads == []  # b's inbox: skipped, still empty
-    asyncio.run(hive.send(A, "b", "lane"))  # woke b: read again
+    mid = asyncio.run(hive.send(A, "b", "lane"))  # woke b: known from its commit
+    assert bodies(hive) == ["lane"] and reads == []
+    assert asyncio.run(hive.ack(B, [mid])) == 1
+    assert bodies(hive) == [] and reads == []  # acked: known empty again
+
+
+def test_a_known_inbox_serves_what_the_query_would(hive: Hive, reads: list[str]) -> None:
+    """The same lines, held messages left out, the limit and ``more`` as the query's."""
+    assert bodies(hive) == []
+    ids = [asyncio.run(hive.send(A, "b", f"m{i}")) for i in range(4)]
+
+    async def pages() -> list[Any]:
+        first = await hive.recv(B, 1, 0, 2)  # connection 1 holds m0, m1
+        second = await hive.recv(B, 2, 0, 10)  # the rest, for connection 2
+        return [first, second]
+
+    reads.clear()
+    first, second = asyncio.run(pages())
+    assert reads == []
+    assert [m["id"] for m in first.items] == ids[:2] and first.more
+    assert [m["id"] for m in second.items] == ids[2:] and not second.more
+    queried = list(hive.store.messages.unacked_wire("b", 10, set()))  # the query's lines
+    assert first.items + second.items == queried
+    assert asyncio.run(hive.ack(B, [ids[1], ids[3]])) == 2
+    hive.release("b", 1)
+    hive.release("b", 2)
+    reads.clear()
+    assert bodies(hive) == ["m0", "m2"] and reads == []
+
+
+def test_a_write_of_another_kind_makes_the_next_recv_read(hive: Hive, reads: list[str]) -> None:
+    assert bodies(hive) == []
+    asyncio.run(hive.send(A, "b", "lane"))
+    hive.set_status(A, "busy")  # a commit that is not the lane's: the inbox may have changed
+    reads.clear()
     assert bodies(hive) == ["lane"] and reads == ["b"]
+
+
+def test_an_inbox_past_its_bound_is_read_from_the_store(hive: Hive, reads: list[str]) -> None:
+    """A receiver that stops reading holds no more than KNOWN_MESSAGES in the core."""
+    from hyperhive.core.inboxes import KNOWN_MESSAGES
+
+    assert bodies(hive) == []
+    for i in range(KNOWN_MESSAGES + 1):
+        asyncio.run(hive.send(A, "b", f"m{i}"))
+    assert hive.inboxes.since("b") is None  # forgotten
+    reads.clear()
+    page = asyncio.run(hive.recv(B, 1, 0, 100))
+    assert len(page.items) == KNOWN_MESSAGES + 1 and reads == ["b"]
 
 
 def test_a_message_stored_any_other_way_is_read(hive: Hive, reads: list[str]) -> None:

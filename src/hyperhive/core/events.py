@@ -34,12 +34,8 @@ class InboxWakeups:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
-        # recipient -> the commit count its inbox was read empty at (Hive.recv); forgotten
-        # when told to look again.
-        self.empty: dict[str, int] = {}
 
     def notify(self, recipient: str) -> None:
-        self.empty.pop(recipient, None)
         for fut in self._waiters.pop(recipient, ()):
             if not fut.done():
                 fut.set_result(None)
