@@ -118,3 +118,20 @@ def test_a_released_message_is_read_again(hive: Hive, reads: list[str]) -> None:
     assert bodies(hive) == []  # connection 1 holds it: nothing for another
     hive.release("b", 1)  # connection 1 hung up without acking
     assert bodies(hive) == ["held"]
+
+
+def test_a_known_inbox_fits_any_reply() -> None:
+    """recv counts no byte budget for a known inbox: the largest one fits the smallest
+    reply_bytes config.py allows, the worst-escaping body and longest names included."""
+    from hyperhive.core.inboxes import KNOWN_BYTES_MAX, KNOWN_CHARS, KNOWN_MESSAGES
+    from hyperhive.core.replies import ENVELOPE_BYTES, MAX_ITEM_BYTES, encoded_size
+    from hyperhive.core.store.messages import wire_for_recipient
+    from hyperhive.wire.agent import AT_MAX
+
+    name = "a" + "-" * 30  # NAME_RE's longest
+    body = "\x01" * (KNOWN_CHARS // KNOWN_MESSAGES)  # six bytes each, escaped
+    row = (2**63 - 1, name, "message", body, AT_MAX, None, None, name)
+    # Each message: 6 bytes a body character and under 256 for the rest (and its comma).
+    assert encoded_size(wire_for_recipient(row)) + 1 <= 6 * len(body) + 256
+    assert 6 * KNOWN_CHARS + 256 * KNOWN_MESSAGES <= KNOWN_BYTES_MAX
+    assert KNOWN_BYTES_MAX <= MAX_ITEM_BYTES - ENVELOPE_BYTES

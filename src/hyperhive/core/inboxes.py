@@ -27,6 +27,11 @@ from hyperhive.core.store.messages import wire_for_recipient
 
 KNOWN_MESSAGES = 16  # an inbox holding more is read from the store
 KNOWN_CHARS = 16 * 1024  # characters of bodies, likewise
+# The most a known inbox's messages take in a reply: a body's character escapes to at most
+# 6 bytes, and the rest of a message (id, sender, kind, time, keys) takes under 256. Far
+# below ``[limits] reply_bytes`` (at least replies.MAX_ITEM_BYTES, config.py), so no byte
+# budget ever cuts a page of a known inbox: recv does not count one (tests/test_recv_empty.py).
+KNOWN_BYTES_MAX = 6 * KNOWN_CHARS + 256 * KNOWN_MESSAGES
 
 
 @dataclass(slots=True)
