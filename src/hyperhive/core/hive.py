@@ -360,8 +360,9 @@ class Hive:
         if self._usage_at == self.store.db.commits:  # carried over this commit: add it
             usage = self._usage.get(item[1])
             if usage is not None:
-                self._usage[item[1]] = usage._replace(
-                    rows=usage.rows + 1, bytes=usage.bytes + item[3]
+                # Built whole: NamedTuple._replace is a map over its fields, a call a message.
+                self._usage[item[1]] = Usage(
+                    usage.rows + 1, usage.bytes + item[3], usage.op_rows, usage.op_bytes
                 )
         self.inboxes.stored(to, mid, item[1], item[2], sent_at)
         self.wakeups.notify(to)
