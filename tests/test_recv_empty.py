@@ -11,6 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hyperhive.core.actors import Agent
 from hyperhive.core.hive import Hive
@@ -135,3 +137,79 @@ def test_a_known_inbox_fits_any_reply() -> None:
     assert encoded_size(wire_for_recipient(row)) + 1 <= 6 * len(body) + 256
     assert 6 * KNOWN_CHARS + 256 * KNOWN_MESSAGES <= KNOWN_BYTES_MAX
     assert KNOWN_BYTES_MAX <= MAX_ITEM_BYTES - ENVELOPE_BYTES
+
+
+# One step of an exchange between a and b, as drawn: what b's recv returns must be what
+# the store's query returns at that moment, whichever way recv served it.
+_STEP = st.one_of(
+    st.tuples(st.just("send"), st.integers(0, 3000)),  # a body of that many characters
+    st.tuples(st.just("sends"), st.integers(2, 5)),  # several in one turn: one batch
+    st.tuples(st.just("recv"), st.integers(1, 2), st.integers(1, 5)),  # connection, max
+    st.tuples(st.just("ack"), st.integers(0, 3)),  # how many of the ids b got last
+    st.tuples(st.just("ack_send"), st.integers(0, 3)),  # an ack and a send in one batch
+    st.tuples(st.just("ack_foreign")),  # an id not b's: refused, nothing acked
+    st.tuples(st.just("release"), st.integers(1, 2)),
+    st.tuples(st.just("status")),  # a write of another kind
+    st.tuples(st.just("direct")),  # a message stored outside the group commit
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(_STEP, max_size=40))
+def test_recv_returns_what_the_query_returns(steps: list[tuple[Any, ...]]) -> None:
+    import tempfile
+    from pathlib import Path
+
+    from hyperhive.config import HiveConfig
+    from hyperhive.core.events import EventBus
+    from hyperhive.core.hive import Lifecycle
+    from hyperhive.core.refusals import Refused
+    from hyperhive.core.replies import ReplyBudget, encoded_size, take
+    from hyperhive.core.store import Store
+    from test_replies import BUDGET, spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Store(Path(tmp) / "hive.db")
+        store.agents.sync_config({"a": spec("b"), "b": spec("a")})
+        config = HiveConfig.model_validate(
+            {"limits": {"reply_bytes": BUDGET, "agent_pending_max": 100_000}}
+        )
+        h = Hive(store, config, Lifecycle(), EventBus())
+        foreign = store.messages.send("a", "b", "message", "to a").id
+        got: list[int] = []
+        real = store.messages.unacked_wire  # the query, as recv would make it
+
+        async def run() -> None:
+            nonlocal got
+            for step in steps:
+                kind = step[0]
+                if kind == "send":
+                    await h.send(A, "b", "é\x01" * (step[1] // 2))
+                elif kind == "sends":
+                    await asyncio.gather(*(h.send(A, "b", f"m{i}") for i in range(step[1])))
+                elif kind == "recv":
+                    held = set(h._in_flight["b"])
+                    want = take(
+                        real("b", step[2] + 1, held), ReplyBudget(BUDGET), step[2], encoded_size
+                    )
+                    page = await h.recv(B, step[1], 0, step[2])
+                    assert (page.items, page.more) == (want.items, want.more)
+                    got = [m["id"] for m in page.items]
+                elif kind in ("ack", "ack_send"):
+                    ids = got[: step[1]]
+                    if kind == "ack":
+                        await h.ack(B, ids)
+                    else:
+                        await asyncio.gather(h.ack(B, ids), h.send(A, "b", "with an ack"))
+                elif kind == "ack_foreign":
+                    with pytest.raises(Refused):
+                        await h.ack(B, [foreign])
+                elif kind == "release":
+                    h.release("b", step[1])
+                elif kind == "status":
+                    h.set_status(A, "busy")
+                else:
+                    store.messages.send("b", "a", "message", "direct")
+
+        asyncio.run(run())
+        store.close()
