@@ -382,7 +382,7 @@ class AgentSockets:
                 hive.harness_changed(name)
             try:
                 # A harness's long-polls end when it dies: it stops counting as running at once.
-                paced = (harness_pacer if is_harness else pacer).pace
+                paced = (harness_pacer if is_harness else pacer).debt
                 await serve_lines(
                     reader,
                     writer,

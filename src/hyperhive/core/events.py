@@ -34,18 +34,25 @@ class InboxWakeups:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = defaultdict(set)
-        # recipient -> the commit count its inbox was read empty at (Hive.recv); forgotten
-        # when told to look again.
-        self.empty: dict[str, int] = {}
+        # The loop, looked up again only once it has stopped (a test's next loop): on 3.11
+        # asyncio.get_running_loop() is a getpid() system call each time it is asked, and
+        # a receiver waits once a message.
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The running loop (see ``_loop``)."""
+        loop = self._loop
+        if loop is None or not loop.is_running():
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     def notify(self, recipient: str) -> None:
-        self.empty.pop(recipient, None)
         for fut in self._waiters.pop(recipient, ()):
             if not fut.done():
                 fut.set_result(None)
 
     async def wait(self, recipient: str, timeout: float) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self.loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters[recipient].add(fut)
         # A timer that resolves the future, not asyncio.wait_for (a second future, a done

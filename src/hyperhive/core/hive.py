@@ -27,6 +27,7 @@ from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.egress_tls import Injection, Plan
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.groupcommit import GroupCommit
+from hyperhive.core.inboxes import KnownInboxes
 from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import (
@@ -111,6 +112,8 @@ class Hive:
         self.wakeups = InboxWakeups()
         # message id -> connection id holding it unacked; released when that connection ends
         self._in_flight: dict[str, dict[int, int]] = defaultdict(dict)
+        # Inboxes read empty and kept up to date by the lane's hooks: recv without a query.
+        self.inboxes = KnownInboxes()
         # Sends and acks of one turn of the loop share one commit (core/groupcommit.py).
         self.commits = GroupCommit(store.db, self)  # self: its message lane's hooks
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
@@ -357,9 +360,11 @@ class Hive:
         if self._usage_at == self.store.db.commits:  # carried over this commit: add it
             usage = self._usage.get(item[1])
             if usage is not None:
-                self._usage[item[1]] = usage._replace(
-                    rows=usage.rows + 1, bytes=usage.bytes + item[3]
+                # Built whole: NamedTuple._replace is a map over its fields, a call a message.
+                self._usage[item[1]] = Usage(
+                    usage.rows + 1, usage.bytes + item[3], usage.op_rows, usage.op_bytes
                 )
+        self.inboxes.stored(to, mid, item[1], item[2], sent_at)
         self.wakeups.notify(to)
         self.bus.version += 1
         if self.bus.wants("message"):
@@ -491,22 +496,29 @@ class Hive:
         fit one reply's byte budget, waiting up to ``wait`` seconds for the first; they stay
         the caller's until acked or it hangs up. ``more``: others are waiting now. Each as
         the recipient's line carries it (store/messages.py ``wire_for_recipient``)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait
         name, wakeups = actor.name, self.wakeups
+        loop = wakeups.loop()
+        deadline = loop.time() + wait
         while True:
             in_flight = self._in_flight[name]
-            # An inbox read empty, with nothing held, is empty still if no message came for it
-            # since (each wakes it: notify forgets the read) and only batches of messages and
-            # acks were committed: a receiver's recv that acks is not a second read a round.
-            empty_at = wakeups.empty.get(name)
-            if empty_at is not None and not in_flight and self._unchanged_since(empty_at):
-                page: Page[dict[str, Any]] = Page()
+            # An inbox read empty, with nothing held, is known still if only batches of lane
+            # messages and acks were committed since (core/inboxes.py): a receiver's round
+            # reads no query.
+            known_at = self.inboxes.since(name)
+            if known_at is not None and self._unchanged_since(known_at):
+                known = self.inboxes.items(name)
+                if in_flight:
+                    known = [m for m in known if m["id"] not in in_flight]
+                # No byte budget to count: a known inbox is too small to reach one
+                # (inboxes.KNOWN_BYTES_MAX; config.py keeps reply_bytes above it).
+                page = Page(known[:limit], len(known) > limit)
             else:
+                if known_at is not None:
+                    self.inboxes.forget(name)  # out of date: read until read empty again
                 unacked = self.store.messages.unacked_wire(name, limit + 1, set(in_flight))
                 page = take(unacked, self._reply_budget(), limit, encoded_size)
                 if not page.items and not in_flight:
-                    wakeups.empty[name] = self.store.db.commits
+                    self.inboxes.read_empty(name, self.store.db.commits)
             if page.items or loop.time() >= deadline:
                 for m in page.items:
                     in_flight[m["id"]] = conn
@@ -522,6 +534,7 @@ class Hive:
             in_flight = self._in_flight[name]
             for i in ids:
                 in_flight.pop(i, None)
+            self.inboxes.acked(name, ids)
 
         return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
 
@@ -1186,6 +1199,7 @@ class Hive:
 
     def _forget(self, name: str) -> None:
         self._in_flight.pop(name, None)
+        self.inboxes.forget(name)
         self._interrupts.discard(name)
         self.harness_state.pop(name, None)
         self.rates.forget(name)

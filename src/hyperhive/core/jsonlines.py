@@ -123,9 +123,22 @@ def _decode(raw: bytes) -> dict[str, Any]:
     return obj
 
 
+async def _wait(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
+
+
 async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
     writer.write(dump_line(obj))
-    await writer.drain()
+    await _drain(writer)
+
+
+async def _drain(writer: asyncio.StreamWriter) -> None:
+    """``writer.drain()`` when the reply is not all written yet; a reply the socket took
+    whole (nearly every one: the transport writes at once) leaves nothing to wait for,
+    and a peer gone is seen by the next read."""
+    if writer.transport.get_write_buffer_size():
+        await writer.drain()
 
 
 async def serve_lines(
@@ -134,14 +147,15 @@ async def serve_lines(
     handle: Handler,
     limiter: ConnectionLimiter | None = None,
     watch_hangup: bool = False,
-    pace: Callable[[int], Awaitable[None]] | None = None,
+    pace: Callable[[int], float] | None = None,
     pipelined: frozenset[str] = frozenset(),
     start: Starter | None = None,
 ) -> None:
     """With ``watch_hangup``, a request still being handled (a long-poll) is cancelled as
     soon as the peer hangs up, so the connection ends then and not when the poll would.
-    ``limiter``: this listener's bound on connections per peer uid. ``pace``: awaited with
-    each line's size before it is decoded (the peer's byte rate). ``pipelined``: verbs
+    ``limiter``: this listener's bound on connections per peer uid. ``pace``: called with
+    each line's size before it is decoded, the seconds to wait first (the peer's byte rate;
+    a plain call, not a coroutine: it is 0 for nearly every line). ``pipelined``: verbs
     whose requests, when the peer has sent several in a row already, are handled together
     (see ``_take_pipelined``), each started by ``start`` (needed with ``pipelined``)."""
     uid = _peer_uid(writer) if limiter is not None else None
@@ -161,7 +175,7 @@ async def _serve_lines(
     writer: asyncio.StreamWriter,
     handle: Handler,
     watch_hangup: bool,
-    pace: Callable[[int], Awaitable[None]] | None,
+    pace: Callable[[int], float] | None,
     pipelined: frozenset[str] = frozenset(),
     start: Starter | None = None,
 ) -> None:
@@ -180,15 +194,15 @@ async def _serve_lines(
                     line = await reader.readline()
             except ValueError:
                 if pace is not None:  # the core read (and dropped) that much of it
-                    await pace(MAX_LINE)
+                    await _wait(pace(MAX_LINE))
                 await _write(writer, error(f"line exceeds {MAX_LINE} bytes; closing connection"))
                 return
             if not line:
                 return
             # Every line is paced, a blank one too (read and scanned all the same: 1 MiB of
             # spaces unpaced let one agent push ~470 MiB/s through the loop; red team round 4).
-            if pace is not None and decoded is None:
-                await pace(len(line))
+            if pace is not None and decoded is None and (owed := pace(len(line))) > 0:
+                await asyncio.sleep(owed)
             raw = line.rstrip(b"\r\n")
             if not raw.strip():
                 continue
@@ -207,7 +221,7 @@ async def _serve_lines(
                     # replies awaited in order: no task per request.
                     replies = await _replies([_start(start, o) for o in objs])
                     writer.write(b"".join(map(dump_line, replies)))  # one write for them all
-                    await writer.drain()
+                    await _drain(writer)
                     if overflow:
                         await _write(
                             writer,
@@ -249,7 +263,7 @@ PIPELINE_MAX = 64  # requests of one connection handled together, at most
 async def _take_pipelined(
     reader: asyncio.StreamReader,
     first: dict[str, Any],
-    pace: Callable[[int], Awaitable[None]] | None,
+    pace: Callable[[int], float] | None,
     pipelined: frozenset[str],
 ) -> tuple[list[dict[str, Any] | WireError], dict[str, Any] | None, bool]:
     """``first`` and the pipelined requests right after it that the peer has sent already
@@ -270,10 +284,10 @@ async def _take_pipelined(
             line = await reader.readline()  # a whole line is buffered: returns at once
         except ValueError:
             if pace is not None:
-                await pace(MAX_LINE)
+                await _wait(pace(MAX_LINE))
             return objs, None, True
-        if pace is not None:
-            await pace(len(line))
+        if pace is not None and (owed := pace(len(line))) > 0:
+            await asyncio.sleep(owed)
         raw = line.rstrip(b"\r\n")
         if not raw.strip():
             continue

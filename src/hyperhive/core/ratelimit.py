@@ -4,7 +4,6 @@ the bytes an agent's connections send the core, paced (reading waits) rather tha
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 
@@ -65,8 +64,3 @@ class BytePacer:
         self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second) - nbytes
         self._at = now
         return max(0.0, -self._tokens / self.per_second)
-
-    async def pace(self, nbytes: int) -> None:
-        wait = self.debt(nbytes)
-        if wait > 0:
-            await asyncio.sleep(wait)

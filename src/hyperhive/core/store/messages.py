@@ -174,15 +174,20 @@ def send_in(
 def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
     """Ack ``ids`` in the caller's transaction, all of which must be messages to
     ``recipient`` (NotFound before anything is written, if one is not); how many were new."""
-    if len(ids) == 1:  # a receiver's ack a round: one row by its key, ~3 µs less
+    if len(ids) == 1:  # a receiver's ack a round: one row by its key
         mid = ids[0]
+        # The usual ack (its own, not acked yet) is this one statement; only when it changes
+        # no row is the row read, to tell "already acked" (0) from "not yours" (refused,
+        # and nothing was written).
+        if tx.execute(
+            "UPDATE messages SET acked_at=? WHERE id=? AND recipient=? AND acked_at IS NULL",
+            (time.time(), mid, recipient),
+        ).rowcount:
+            return 1
         row = tx.execute("SELECT recipient, acked_at FROM messages WHERE id=?", (mid,)).fetchone()
         if row is None or row[0] != recipient:
             raise NotFound(f"no message {mid} in this inbox")
-        if row[1] is not None:
-            return 0
-        tx.execute("UPDATE messages SET acked_at=? WHERE id=?", (time.time(), mid))
-        return 1
+        return 0  # its own, and acked already (the update above took any other)
     unique = sorted(set(ids))
     found: dict[int, float | None] = (
         dict(
