@@ -17,6 +17,7 @@ from run import ROOT, Context, Row, Target, percentile  # type: ignore[import-no
 
 sys.path.insert(0, str(ROOT / "src"))
 from hyperhive.client import Client, priv_call
+from hyperhive.priv.cgroups import hive_key, remove_hive
 from hyperhive.wire.priv import CageStatus
 
 HIVE = str(Path(sys.executable).parent / "hive")
@@ -99,7 +100,11 @@ class Hive:
                 self.proc.wait(120)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+        key = hive_key(self.state_dir)  # while the path resolves as the hive's did
         subprocess.run(["rm", "-rf", str(self.base)], check=False)
+        # Its cages' cgroups: nothing else would remove them once the state dir is gone
+        # (a run at 1,000 left 1,000 memory cgroups; see cgroups.remove_hive).
+        remove_hive(key)
 
 
 def _until_running(hive: Hive, name: str, timeout: float = 30) -> float:

@@ -47,7 +47,7 @@ import pytest
 from helpers import render_toml
 from hyperhive.cage import layout
 from hyperhive.client import Client, HiveUnavailable, priv_send
-from hyperhive.priv.cgroups import Cgroup, hive_key
+from hyperhive.priv.cgroups import Cgroup, hive_key, remove_hive
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
@@ -337,8 +337,12 @@ class HiveProcess:
             self.cgroup(name).kill_all(1.0)
 
     def cleanup(self) -> None:
+        key = hive_key(self.state_dir)  # while the path resolves as the hive's did
         unmount_below(self.base)
         shutil.rmtree(self.base, ignore_errors=True)
+        # Its cages' cgroups: nothing else would remove them once the state dir is gone
+        # (each a memory cgroup the kernel keeps; see cgroups.remove_hive).
+        remove_hive(key)
 
     # -- processes of the hive ------------------------------------------------------
 

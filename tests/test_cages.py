@@ -41,6 +41,7 @@ from hive_fixture import (
     host_abstract_listeners,
     host_addresses,
     probe_result,
+    proc_cmdline,
     proc_start_time,
     proc_uid,
 )
@@ -747,3 +748,54 @@ def test_other_cages_untouched_by_all_of_the_above(caged_hive: HiveProcess, worl
     for name in h.names:
         assert h.cage(name)["pid"] == world.ids[name]["pid"], name
     assert all(row["running"] and not row["failed"] for row in h.agent_status().values())
+
+
+# --------------------------------------------------------------------------------------
+# Idle
+
+
+def _switches(pids: list[int]) -> dict[tuple[int, str], int]:
+    """Voluntary context switches so far (each one a wake-up) of every thread of ``pids``."""
+    out = {}
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue  # gone meanwhile
+        for task in tasks:
+            try:
+                status = (task / "status").read_text()
+            except OSError:
+                continue
+            out[pid, task.name] = int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+    return out
+
+
+def _wakeups(pids: list[int], seconds: float) -> int:
+    """Wake-ups of the threads of ``pids`` that lived through ``seconds`` from now."""
+    before = _switches(pids)
+    time.sleep(seconds)
+    after = _switches(pids)
+    return sum(n - before[t] for t, n in after.items() if t in before)
+
+
+def test_an_idle_cage_sleeps(caged_hive: HiveProcess, world: World) -> None:
+    """An idle cage wakes nothing, so a thousand of them take no CPU from a cold start
+    (issue 17): init woke every second, and the harness's long-polls every 30 s (with the
+    core serving each). Three windows of 4 s: one without a wake-up of any thread of the
+    cage's init or harness is enough, should a turn or a probe of another test
+    still be settling; init alone woke 4 times in each."""
+    h = caged_hive
+    inits = [
+        p for p in h.cage_procs("bob")
+        if proc_cmdline(p)[:1] != ["bwrap"] and "--harness-uid" in proc_cmdline(p)
+    ]
+    assert len(inits) == 1, inits  # bwrap execs init, which forks the harness
+    pids = [inits[0], h.harness_pid("bob")]
+    seen = []
+    for _ in range(3):
+        seen.append(_wakeups(pids, 4.0))
+        if seen[-1] <= 1:
+            break
+    assert min(seen) <= 1, f"an idle cage woke {seen} times in 4 s windows"
+    assert h.harness_pid("bob") == pids[1] and h.agent_status()["bob"]["running"]

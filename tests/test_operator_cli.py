@@ -31,6 +31,7 @@ from hyperhive.cli.event_lines import event_line
 from hyperhive.cli.main import cli as hive_cli
 from hyperhive.client import Client
 from hyperhive.display import visible
+from hyperhive.priv.cgroups import hive_dirs, hive_key
 
 AGENTS = {
     "alice": {"runtime": "command", "command": ["true"], "peers": ["bob"]},
@@ -329,12 +330,18 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     asked_on_a_tty = on_a_terminal(hive, *args, answer=b"n\n")
     assert f"delete {hive.state_dir / 'hive.db'}, " in asked_on_a_tty and "? [y/N]" in asked_on_a_tty
     assert (hive.state_dir / "hive.db").exists()  # said no: nothing removed
+    tops = hive_dirs(hive_key(hive.state_dir))
+    assert all((top / name).is_dir() for top in tops for name in AGENTS), tops  # kept at stop
     done = run_hive(hive, *args, "--yes", "--json")
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)
     assert out["ok"] is True and str(hive.state_dir / "hive.db") in out["removed"]
     assert str(hive.state_dir / "agents") in out["removed"] and str(hive.run_dir / "agents") in out["removed"]
     assert str(hive.state_dir / "ca") in out["removed"]  # the hive CA: made again at start
+    # The cages' cgroups went too (a stopped cage keeps them; nothing else removes them):
+    # each agent's, in each hierarchy, and the hive's own directory.
+    assert out["cgroups"] == len(tops) * (len(AGENTS) + 1), out
+    assert not any(top.exists() for top in tops), tops
     # Only the operator's secrets are kept (hive secret rm removes them).
     assert sorted(p.name for p in hive.state_dir.iterdir()) in ([], ["secrets"])
     assert sorted(p.name for p in hive.run_dir.iterdir()) == []

@@ -93,8 +93,55 @@ def test_only_agent_writes_drop_the_cache(store: Store, monkeypatch: pytest.Monk
     store.history.prune("boss")
     store.agents.get("boss")
     assert reads[0] == 1, "a write that leaves the agents table alone dropped the cache"
-    store.agents.set_flag("boss", "paused", True)
-    assert _row(store, "boss").paused and reads[0] == 2
+    store.agents.create("kid", SPEC, "boss", "operator")
+    assert _row(store, "kid").parent == "boss" and reads[0] == 2
+
+
+def _fresh(store: Store) -> dict[str, AgentRow]:
+    """The agents table as a read of the database gives it now (the cache bypassed)."""
+    return AgentRepo(store.db)._table()
+
+
+def test_a_write_of_one_row_updates_the_cache_in_place(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A start, stop, pause, status, move or new limits writes one agent's row: the table
+    is not read again (it was, whole, for each: O(agents) per cold start), and what the
+    cache then holds is what the database holds."""
+    store.agents.create("kid", SPEC, "boss", "operator")
+    reads = rows_read(store, monkeypatch)
+    store.agents.all()
+    writes = [
+        lambda: store.agents.set_flag("kid", "paused", True),
+        lambda: store.agents.set_flag("kid", "stopped", True),
+        lambda: store.agents.set_flag("kid", "paused", False),
+        lambda: store.agents.set_status_text("kid", "busy"),
+        lambda: store.agents.set_parent("kid", None),
+        lambda: store.agents.set_spec("kid", SPEC.model_copy(update={"memory_mib": 300})),
+        lambda: store.agents.set_flag("nobody", "paused", True),  # no such row: nothing
+    ]
+    for write in writes:
+        write()
+        assert {r.name: r for r in store.agents.all()} == _fresh(store)
+    assert reads[0] == 1, "a write of one agent's row read the whole table again"
+    kid = _row(store, "kid")
+    assert (kid.paused, kid.stopped, kid.status_text, kid.parent) == (False, True, "busy", None)
+    assert kid.spec.memory_mib == 300 and [r.name for r in store.agents.all()] == ["boss", "kid"]
+
+
+def test_a_failed_write_of_one_row_leaves_no_stale_cache(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.agents.get("boss")
+
+    def full(*args: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    with monkeypatch.context() as m:
+        m.setattr("hyperhive.core.store.db.Tx.execute", full)
+        with pytest.raises(StoreError):
+            store.agents.set_flag("boss", "paused", True)
+    assert not _row(store, "boss").paused and store.agents.all() == list(_fresh(store).values())
 
 
 def test_a_failed_agent_write_drops_the_cache_too(store: Store) -> None:

@@ -37,6 +37,16 @@ MAX_TURN_LINES = 4000
 MAX_ENTRY = 16 * 1024  # characters per transcript line entry
 FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
 KILL_GRACE = 3.0
+# An idle harness's long-polls (its next turn, the operator's interrupts) last this long at
+# most, each cut to 50 to 100 % of it at random. Every poll that ends empty is a request the
+# core serves and a wake-up of the harness for nothing: two per agent every 30 s were, with
+# 1,000 agents, 67 requests a second; and harnesses that connected together (a core
+# restart: all of them within a second) polled in step, so every 30 s the core and the cages
+# had ~2,000 requests to serve at once, and a cold start that fell on one waited behind them
+# (cold start p99). The jitter spreads a herd over half the period within a round or two.
+# Nothing is lost by polling seldom: a message, a pause or an interrupt ends a poll at once,
+# and a closed connection (the core restarting) ends it too.
+LONG_POLL = 300.0
 
 
 class Conn:
@@ -60,6 +70,18 @@ class Conn:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
+
+    def abort(self) -> None:
+        """End the connection from another thread: a call waiting on it returns at once."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def long_poll_wait() -> float:
+    """A long-poll's wait: LONG_POLL, cut to 50 to 100 % of it at random."""
+    return round(LONG_POLL * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070), 3)
 
 
 def _pause(backoff: float) -> float:
@@ -245,16 +267,40 @@ def _feed(fd: int, data: bytes) -> None:
             pass
 
 
-def control_loop(path: str, interrupt: threading.Event, stop: threading.Event) -> None:
-    """The operator's interrupts arrive on a second connection (long-poll)."""
-    while not stop.is_set():
-        try:
-            conn = Conn(path)
-            while not stop.is_set():
-                if conn.call("control", wait=30).get("interrupt"):
-                    interrupt.set()
-        except (OSError, ValueError, RuntimeError, ConnectionError):
-            time.sleep(0.2)
+class ControlPoll:
+    """The operator's interrupts arrive on a second connection (long-poll), served by a
+    thread of its own until ``end``: which cuts its connection at once, so a poll of up to
+    LONG_POLL seconds never outlives the turn connection it belongs to (it would hold one
+    of the harness uid's few connections to the core meanwhile)."""
+
+    def __init__(self, path: str, interrupt: threading.Event) -> None:
+        self.path, self.interrupt = path, interrupt
+        self.stop = threading.Event()
+        self.conn: Conn | None = None
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        threading.Thread(target=self.run, name="control", daemon=True).start()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn = Conn(self.path)
+                with self.lock:
+                    self.conn = conn
+                    if self.stop.is_set():  # ended while connecting
+                        conn.abort()
+                while not self.stop.is_set():
+                    if conn.call("control", wait=long_poll_wait()).get("interrupt"):
+                        self.interrupt.set()
+            except (OSError, ValueError, RuntimeError, ConnectionError):
+                time.sleep(0.2)
+
+    def end(self) -> None:
+        with self.lock:
+            self.stop.set()
+            if self.conn is not None:
+                self.conn.abort()
 
 
 def report_state(conn: Conn, init: InitChannel, runtime: Runtime) -> None:
@@ -274,7 +320,7 @@ def report_state(conn: Conn, init: InitChannel, runtime: Runtime) -> None:
 
 def serve(path: str, init: InitChannel, conn: Conn | None = None) -> None:
     conn = conn or Conn(path)
-    stop = threading.Event()
+    control: ControlPoll | None = None
     try:
         config = conn.call("harness_config")
         spec = config["spec"]
@@ -283,9 +329,10 @@ def serve(path: str, init: InitChannel, conn: Conn | None = None) -> None:
         log(f"connected as {config['name']} (runtime {spec['runtime']})")
         report_state(conn, init, runtime)
         interrupt = threading.Event()
-        threading.Thread(target=control_loop, args=(path, interrupt, stop), daemon=True).start()
+        control = ControlPoll(path, interrupt)
+        control.start()
         while True:
-            reply = conn.call("turn_next", wait=30)
+            reply = conn.call("turn_next", wait=long_poll_wait())
             message = reply.get("message")
             if message is None:
                 continue
@@ -297,7 +344,8 @@ def serve(path: str, init: InitChannel, conn: Conn | None = None) -> None:
             if (runtime.needs_login, runtime.active_model) != before:
                 report_state(conn, init, runtime)
     finally:
-        stop.set()
+        if control is not None:
+            control.end()
         conn.close()
 
 

@@ -211,6 +211,15 @@ class Init:
                 pids.append(int(entry))
         return pids
 
+    def tick(self) -> float | None:
+        """How long init may sleep without news. A child's exit wakes it (SIGCHLD, on the
+        wakeup pipe), and so does the harness; only a group whose leader is gone, and
+        whose other members exit unseen (they are not init's children), needs looking
+        at now and then. An idle cage has none, and init sleeps until woken: it woke
+        once a second for nothing, which with 1,000 cages was 1,000 wake-ups a second
+        (~8% of a CPU) taken from every other cage, and from each cold start."""
+        return 1.0 if self.groups.difference(self.runtime) else None
+
     def reap(self) -> None:
         for pid, proc in list(self.runtime.items()):
             code = proc.poll()
@@ -257,7 +266,7 @@ class Init:
             assert self.channel is not None and self.harness is not None
             sel.register(self.channel, selectors.EVENT_READ)
             while self.harness.poll() is None:
-                for key, _ in sel.select(timeout=1.0):
+                for key, _ in sel.select(timeout=self.tick()):
                     if key.fileobj == wake_r:
                         os.read(wake_r, 4096)
                         self.reap()

@@ -5,7 +5,8 @@ It removes, in the state dir, what a hive keeps there: ``hive.db`` (and its
 and its image), ``priv/`` (hive-priv's name -> uid table) and ``ca/`` (the hive CA the
 egress proxy terminates TLS with; a new one is made at the next start); in the run dir, what a
 stopped hive leaves there: ``priv.sock``, ``host.sock``, ``core.sock``, ``agents/``,
-``ui/`` and ``gateway/``. Nothing else: never ``secrets/`` (the operator's credentials,
+``ui/`` and ``gateway/``; and the cages' cgroups (``hive/<key>`` in /sys/fs/cgroup).
+Nothing else: never ``secrets/`` (the operator's credentials,
 ``hive secret rm`` removes them) and never the host-wide uid registry
 (``/var/lib/hyperhive/ids``): ids are still never reused.
 
@@ -34,7 +35,7 @@ from hyperhive.cli import instance_lock
 from hyperhive.cli.output import fail, json_option, say
 from hyperhive.display import dumps
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
-from hyperhive.priv.cgroups import CGROUP_ROOT, GROUP, Cgroup, hive_key, is_v2
+from hyperhive.priv.cgroups import CGROUP_ROOT, GROUP, Cgroup, hive_key, is_v2, remove_hive
 
 STATE_ENTRIES = ("hive.db", "hive.db-wal", "hive.db-shm", "hive.db-journal", "operator.token")
 STATE_DIRS = ("agents", "priv", "ca")
@@ -119,7 +120,8 @@ def reset(
     Removes the store (hive.db: agents, messages, questions, approvals, transcripts;
     ids start at 1 again), operator.token (a new login URL), agents/ (every agent's
     home), priv/ (its uid table) and ca/ (the hive CA) from the state dir, and the sockets, agents/,
-    ui/ and gateway/ a stopped hive leaves in the run dir. Refuses while a hive runs
+    ui/ and gateway/ a stopped hive leaves in the run dir, and its cages' cgroups. Refuses
+    while a hive runs
     there. Keeps secrets/ (use hive secret rm). Asks first on a terminal; elsewhere it
     needs --yes."""
     run_dir = (reset_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR).absolute()
@@ -168,13 +170,17 @@ def reset(
                 _remove(path)
             except OSError as e:
                 refuse(f"could not remove {path}: {e.strerror}")
+        # The cages' cgroups too (empty: no process is left in them, checked above): a
+        # stopped cage keeps its own for its next start, and nothing else removes them.
+        cgroups = remove_hive(hive_key(state_dir))
     finally:
         lock.release()
     if as_json:
         out = {"version": 1, "ok": True, "state_dir": str(state_dir), "run_dir": str(run_dir)}
-        out |= {"removed": [str(p) for p in doomed], "unmounted": unmounted}
+        out |= {"removed": [str(p) for p in doomed], "unmounted": unmounted, "cgroups": cgroups}
         click.echo(dumps(out))
     elif doomed:
-        say(f"reset: removed {', '.join(map(str, doomed))}")
+        cages = f" and {cgroups} cgroups" if cgroups else ""
+        say(f"reset: removed {', '.join(map(str, doomed))}{cages}")
     else:
         say(f"reset: nothing to remove in {state_dir} or {run_dir}")

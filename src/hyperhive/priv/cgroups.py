@@ -131,3 +131,44 @@ class Cgroup:
             return int(f.read_text())
         except (FileNotFoundError, ValueError):
             return None
+
+
+def hive_dirs(key: str, root: Path = CGROUP_ROOT) -> list[Path]:
+    """The directory of one hive's subtree (``hive/<key>``) in each hierarchy a cage uses."""
+    key = check_name(key)
+    if is_v2(root):
+        return [root / GROUP / key]
+    return [root / c / GROUP / key for c in ("pids", "memory")]
+
+
+def remove_hive(key: str, root: Path = CGROUP_ROOT) -> int:
+    """Remove one hive's cgroups: each cage's that is empty, then the hive's own directory
+    once it is. Returns how many cgroups went; one with a process in it (EBUSY) stays.
+
+    A stopped cage keeps its cgroups (a start reuses them: making a memory cgroup again
+    would leave a dying one behind each time), and only ``destroy`` removed them, so a
+    hive whose state was deleted (a test's, a benchmark's; ``hive reset``) left one per
+    agent forever. Each costs the kernel a memory cgroup, and its per-cgroup shrinker
+    info grows with the most superblocks ever mounted at once (every cage's /proc, /dev,
+    /tmp and overlays): found on a CI machine at 37,000 left over, 8 GiB of unreclaimable
+    kernel memory, and 65,535 memory cgroups is the kernel's limit (then no cage starts)."""
+    removed = 0
+    for top in hive_dirs(key, root):
+        try:
+            children = [d for d in top.iterdir() if d.is_dir()]
+        except OSError:
+            continue  # no such subtree
+        for d in children:
+            try:
+                d.rmdir()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue  # a process in it (EBUSY): left as it is
+        try:
+            top.rmdir()
+            removed += 1
+        except OSError:
+            pass  # gone already, or something left in it
+    return removed

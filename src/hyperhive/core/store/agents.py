@@ -1,13 +1,15 @@
-"""The agents table, read through a cache that only this repository's writes drop."""
+"""The agents table, read through a cache that only this repository's writes drop (or, for
+a write of one agent's row, update)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.egress import insert_rule
@@ -114,27 +116,46 @@ class AgentRepo:
         with self._write() as tx:
             _delete(tx, name)
 
+    def _update_row(self, name: str, sql: str, params: tuple[object, ...], **changes: Any) -> None:
+        """One UPDATE of ``name``'s row only. Once it committed, the table read before it
+        holds as it was but for that row, which is replaced in it with ``changes`` (the
+        columns the UPDATE set, as a read would give them): dropping the whole cache made
+        the next read parse every agent again, O(agents) for each start, stop, pause or
+        status (1.7 ms of the core's loop each with 1,000 agents, twice per cold start)."""
+        before = self._cache
+        with self._write() as tx:
+            tx.execute(sql, (*params, name))
+        row = before.get(name) if before is not None else None
+        if before is not None and self._cache is None:
+            self._cache = (
+                before if row is None else {**before, name: dataclasses.replace(row, **changes)}
+            )
+
     def set_flag(self, name: str, column: Literal["paused", "stopped"], value: bool) -> None:
         assert column in ("paused", "stopped")
-        with self._write() as tx:
-            tx.execute(f"UPDATE agents SET {column}=? WHERE name=?", (int(value), name))
+        self._update_row(
+            name, f"UPDATE agents SET {column}=? WHERE name=?", (int(value),), **{column: value}
+        )
 
     def set_parent(self, name: str, parent: str | None) -> None:
-        with self._write() as tx:
-            tx.execute("UPDATE agents SET parent=? WHERE name=?", (parent, name))
+        self._update_row(name, "UPDATE agents SET parent=? WHERE name=?", (parent,), parent=parent)
 
     def set_spec(self, name: str, spec: AgentSpec) -> None:
         """Replace an agent's spec (its limits); its egress rules are not touched."""
-        with self._write() as tx:
-            tx.execute("UPDATE agents SET spec=? WHERE name=?", (spec.model_dump_json(), name))
+        text = spec.model_dump_json()
+        self._update_row(
+            name, "UPDATE agents SET spec=? WHERE name=?", (text,), spec=_parse_spec(text)
+        )
 
     def set_status_text(self, name: str, text: str) -> float:
         now = time.time()
-        with self._write() as tx:
-            tx.execute(
-                "UPDATE agents SET status_text=?, status_set_at=? WHERE name=?",
-                (text, now, name),
-            )
+        self._update_row(
+            name,
+            "UPDATE agents SET status_text=?, status_set_at=? WHERE name=?",
+            (text, now),
+            status_text=text,
+            status_set_at=now,
+        )
         return now
 
     def exists_in(self, tx: Tx, name: str) -> bool:
