@@ -34,7 +34,7 @@ from nats.js.kv import KeyValue
 
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import StoreError
-from hyperhive.names import NAME_RE
+from hyperhive.names import NAME_RE, RESERVED
 from hyperhive.swarm import asks
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
@@ -85,6 +85,12 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
         "status_text": text[:SHORT_TEXT_CHARS] if isinstance(text, str) else None,
         "seen": time.time(),
     }
+
+
+def _reserved(parts: list[str]) -> bool:
+    """A name claim (``names.<agent>.<host>``) or agent row (``agents.<host>.<agent>``)
+    of a reserved name (``operator``, ...): no host's agent has one."""
+    return (parts[1] if parts[0] == "names" else parts[2]) in RESERVED
 
 
 def earliest(claims: dict[str, datetime]) -> str | None:
@@ -524,6 +530,12 @@ class Bridge:
             and (p["kind"] == "message" or asks.well_formed(p))
         ):
             return "malformed"
+        if p["from"] in RESERVED or p["to"] in RESERVED:
+            # Between hosts a message is always an agent's to an agent: no host claims
+            # "operator" (no agent may be named so), but a hostile one could, in its own
+            # bucket, and speak as the operator to our agents (red team round 11). The
+            # operator's word reaches another host only as a signed action (operator.py).
+            return f"{p['from']!r} to {p['to']!r}: a reserved name is no agent's"
         if p["kind"] in asks.CLOSING:
             # Its sender (or recipient) may be gone already: what it may close is decided by
             # the sending host alone (NATS vouches for it) and this host's tables (asks.py).
@@ -765,6 +777,8 @@ class Bridge:
         if s.key_host(key) != bucket:
             return
         parts = key.split(".")
+        if parts[0] in ("names", "agents") and len(parts) == 3 and _reserved(parts):
+            return  # no agent has a reserved name: a claim or row of one is a lie
         deleted = op in ("DEL", "PURGE") or not value
         if parts[0] == "released":
             if len(parts) == 4 and not deleted:
