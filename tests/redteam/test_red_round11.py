@@ -68,3 +68,59 @@ def test_c_cannot_speak_to_bob_as_the_operator(swarm: Swarm, reserved: str) -> N
         assert [(m["from"], m["body"]) for m in got] == [("carol", marker["body"])], got
     finally:
         as_host_c(swarm, tidy, settle=0)
+
+
+def _ops_pending(swarm: Swarm, consumer: str) -> int:
+    """As the admin: what ``consumer`` of HIVE_OPS has yet to hand out."""
+
+    async def go() -> int:
+        nc = await _admin(swarm)
+        try:
+            return (await nc.jetstream().consumer_info(s.OPS_STREAM, consumer)).num_pending or 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def _purge_ops(swarm: Swarm, subject: str) -> None:
+    async def go() -> None:
+        nc = await _admin(swarm)
+        try:
+            await nc.jetstream().purge_stream(s.OPS_STREAM, subject=subject)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+@pytest.mark.attack("swarm-ops-flood", ref="red team round 11: c's refused actions queue ahead of the operator's on b's one actions consumer")
+def test_cs_refused_actions_do_not_delay_the_operators(swarm: Swarm) -> None:
+    """c may publish on its own actions subject to b (``hive.op.b.from.c``); b obeys no
+    operator of c's, so each is refused and acked, but one at a time, in the stream's
+    order, on the one consumer every sender's actions share. c publishes R11N (20,000)
+    small ones (a few seconds for c, 0.2 MB); a's pause of bob, published after them, must
+    still be applied on b within the 10 s the operator's request waits, and so well
+    before its 5 minutes are up (behind a backlog of minutes it would be refused as too
+    old when b reached it: c would silence the operator on b for as long as it liked)."""
+    n = int(os.environ.get("R11N", "20000"))
+    subject = s.op_subject("b", "c")
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=30)
+        for start in range(0, n, 500):
+            await asyncio.gather(*(js.publish(subject, b"{}") for _ in range(start, min(n, start + 500))))
+
+    a = swarm.cores["a"]
+    try:
+        t0 = time.monotonic()
+        assert as_host_c(swarm, attack, settle=0) == []
+        published = time.monotonic() - t0
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        backlog = _ops_pending(swarm, s.ops_consumer("b"))
+        print(f"c published {n} actions in {published:.1f} s; a's reply {reply}; b's backlog after it: {backlog}")
+        assert reply.get("ok") and reply.get("applied"), (reply, "b's actions consumer still holds", backlog)
+    finally:
+        _purge_ops(swarm, subject)
+        a.host_call("set_paused", name="bob", paused=False, host="b")
+        swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
