@@ -126,3 +126,80 @@ def test_cs_refused_actions_do_not_delay_the_operators(swarm: Swarm) -> None:
         _purge_ops(swarm, subject)
         a.host_call("set_paused", name="bob", paused=False, host="b")
         swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
+
+
+@pytest.mark.attack("swarm-ops-jam", ref="red team round 11: stored actions with any status header, on an obeyed host's own subject")
+def test_stored_status_headers_on_a_pinned_hosts_subject_jam_nothing(swarm: Swarm) -> None:
+    """b now reads only its pinned operators' hosts' consumers (``ops-b_a``), so round
+    10's forged ``Status`` headers on c's subject reach no reader. Someone with a's NATS
+    password but not its operator key (they are two files) may still publish on a's
+    subject: stored actions carrying each status the server's own replies use (100 with
+    and without ``Nats-Last-Consumer``, 404, 408 with ``Nats-Pending-Messages``, 409, 503,
+    an empty body or a sealed-looking one) must each be read as data (the puller tells
+    a stored message by its ``$JS.ACK`` reply: pull.py), refused and acked, and a's real
+    pause of bob after them applied within its 10 s."""
+    subject = s.op_subject("b", "a")
+    headers = [
+        {"Status": "100"}, {"Status": "100", "Description": "Idle Heartbeat", "Nats-Last-Consumer": "999"},
+        {"Status": "404", "Description": "No Messages"},
+        {"Status": "408", "Description": "Request Timeout", "Nats-Pending-Messages": "1", "Nats-Pending-Bytes": "0"},
+        {"Status": "409", "Description": "Consumer Deleted"}, {"Status": "503"},
+    ]
+    bodies = [b"", b'{"action": {}, "sig": ""}']
+    before = swarm.status("b")["actions_refused"]
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for h in headers:
+            for body in bodies:
+                await js.publish(subject, body, headers=h)
+
+    a = swarm.cores["a"]
+    try:
+        assert as_host_c(swarm, attack, host="a", settle=0) == []
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") and reply.get("applied"), reply
+        rows = swarm.cores["b"].host_call("agent_status")["agent_statuses"]
+        assert [r["paused"] for r in rows if r["name"] == "bob"] == [True], rows
+        status = swarm.status("b")
+        assert status["actions_refused"] == before + len(headers) * len(bodies), status
+        assert _ops_pending(swarm, s.ops_consumer("b", "a")) == 0
+    finally:
+        _purge_ops(swarm, subject)
+        a.host_call("set_paused", name="bob", paused=False, host="b")
+        swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
+
+
+@pytest.mark.attack("swarm-push-delivery", ref="red team round 11: c's watch delivering to a wildcard under b's reply subjects")
+def test_cs_watch_cannot_deliver_into_bs_reply_subjects_by_wildcard(swarm: Swarm) -> None:
+    """b's roster watches and its actions puller listen on ``_INBOX_b.<random>`` subjects:
+    a delivery there with a ``$JS.ACK`` reply is taken as data (round 10's rule). c can't
+    learn them (no INFO of b's consumers, no subscription outside ``_INBOX_c``), so it
+    names a wildcard as its own watch's deliver subject: ``_INBOX_b.>``,
+    ``_INBOX_b.pull.*``, ``_INBOX_b.w.c.*``. The server must refuse each create (a
+    deliver subject is a literal), and c's consumer must not exist after."""
+    stream = s.kv_stream("c")
+    own = s.watcher("c")
+    replies: list[dict[str, Any]] = []
+
+    async def attack(nc: Any) -> None:
+        for deliver in (f"{s.inbox_prefix('b')}.>", f"{s.inbox_prefix('b')}.pull.*", f"{s.inbox_prefix('b')}.w.c.*"):
+            config = {"name": own, "deliver_subject": deliver, "ack_policy": "none", "deliver_policy": "all",
+                      "filter_subject": s.kv_subject("c", ">")}
+            body = json.dumps({"stream_name": stream, "config": config}).encode()
+            replies.append(json.loads((await nc.request(f"$JS.API.CONSUMER.CREATE.{stream}.{own}.{config['filter_subject']}",
+                                                        body, timeout=10)).data))
+
+    async def info(nc: Any) -> None:
+        reply = json.loads((await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{own}", b"", timeout=10)).data)
+        replies.append(reply)
+        if "error" not in reply:  # put c's own watch back as its core makes it
+            await nc.request(f"$JS.API.CONSUMER.DELETE.{stream}.{own}", b"", timeout=10)
+
+    assert as_host_c(swarm, attack, settle=0) == []
+    made = [r for r in replies if "error" not in r]
+    assert as_host_c(swarm, info, settle=0) == []
+    assert not made, made
+    assert all("deliver subject" in r["error"]["description"].lower() for r in replies[:3]), replies
+    deliver = replies[-1].get("config", {}).get("deliver_subject", "")
+    assert not deliver.startswith(s.inbox_prefix("b")), replies[-1]
