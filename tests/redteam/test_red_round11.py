@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import nats
 import pytest
 
+from helpers import assert_ok, wait_for
 from hyperhive.swarm import subjects as s
 from swarm_faults import drain
 from swarm_fixture import Swarm
@@ -203,3 +206,59 @@ def test_cs_watch_cannot_deliver_into_bs_reply_subjects_by_wildcard(swarm: Swarm
     assert all("deliver subject" in r["error"]["description"].lower() for r in replies[:3]), replies
     deliver = replies[-1].get("config", {}).get("deliver_subject", "")
     assert not deliver.startswith(s.inbox_prefix("b")), replies[-1]
+
+
+def _cpu(pid: int) -> float:
+    """A process's CPU time (user + system), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.attack("swarm-roster-fill", ref="red team round 11: every host watches c's bucket: c's puts cost every host's core")
+def test_cs_put_flood_costs_each_watcher_little(swarm: Swarm) -> None:
+    """Every host watches every bucket, so each put c makes in its own bucket is work for
+    every host's core (a push delivery, a JSON row, a roster event): c overwrites 50 rows
+    of its own as fast as the bus takes them for R11S (6) seconds, then one last row.
+    a's core must have taken every one (the last row in its roster) at a small CPU cost a
+    put (measured: 13–22 µs; bounded at 150 µs, so c's puts can't keep a's core busy),
+    and alice's calls on a's agent socket stay answered meanwhile."""
+    secs = float(os.environ.get("R11S", "6"))
+    a = swarm.cores["a"]
+    assert a.proc is not None
+    puts = [0]
+    stop = time.monotonic() + secs
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=30)
+        row = json.dumps({"name": "r11f", "host": "c", "running": True, "paused": False, "status_text": "x"}).encode()
+        while time.monotonic() < stop:
+            await asyncio.gather(*(js.publish(s.kv_subject("c", s.row_key("c", f"r11f{k}")), row) for k in range(50)))
+            puts[0] += 50
+        await js.publish(s.kv_subject("c", s.row_key("c", "r11fend")), row)
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for name in [f"r11f{k}" for k in range(50)] + ["r11fend"]:
+            await js.publish(s.kv_subject("c", s.row_key("c", name)), b"", headers={"KV-Operation": "DEL"})
+
+    alice = a.agent("alice")
+    slowest = 0.0
+    cpu0 = _cpu(a.proc.pid)
+    flood = threading.Thread(target=as_host_c, args=(swarm, attack), kwargs={"settle": 0})
+    flood.start()
+    try:
+        while flood.is_alive():
+            t = time.perf_counter()
+            assert_ok(alice.call("whoami"))
+            slowest = max(slowest, time.perf_counter() - t)
+            time.sleep(0.01)
+        flood.join()
+        wait_for(lambda: any(r["name"] == "r11fend" for r in swarm.status("a")["agents"]), timeout=30)
+        cost = (_cpu(a.proc.pid) - cpu0) / puts[0]
+        print(f"c put {puts[0]} rows in {secs:.0f} s; a's core {cost * 1e6:.1f} µs of CPU a put; "
+              f"alice's slowest whoami {slowest * 1e3:.0f} ms")
+        assert puts[0] > 10_000 and cost < 150e-6, (puts[0], cost)
+        assert slowest < 2.0, slowest
+    finally:
+        flood.join()
+        as_host_c(swarm, tidy, settle=0)
