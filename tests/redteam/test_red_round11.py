@@ -262,3 +262,77 @@ def test_cs_put_flood_costs_each_watcher_little(swarm: Swarm) -> None:
     finally:
         flood.join()
         as_host_c(swarm, tidy, settle=0)
+
+
+def _stored_on(swarm: Swarm, stream: str, subject: str) -> int:
+    """As the admin: the bytes ``stream`` holds on ``subject``."""
+
+    async def go() -> int:
+        nc = await _admin(swarm)
+        try:
+            reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}",
+                                     json.dumps({"subjects_filter": subject}).encode(), timeout=10)
+            info = json.loads(reply.data)
+            msgs = sum((info["state"].get("subjects") or {}).values())
+            # Every message c sent here is the same size: its count is what it holds.
+            return int(msgs)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+@pytest.mark.attack("swarm-store-fill", ref="red team round 11: what c publishes stays in the cluster's store, read or not")
+@pytest.mark.xfail(strict=True, reason="open: HIVE_MSGS and HIVE_OPS keep what a host publishes for their max age"
+                   " (7 days, 1 hour) whether or not anyone reads it, bounded only by each node's JetStream store")
+def test_c_cannot_keep_the_clusters_store_full(swarm: Swarm) -> None:
+    """Each host's roster is bounded in a bucket of its own (64 MiB), but the message and
+    action streams are shared and bounded by age only (limits retention): c publishes
+    1 MB payloads on its own subjects, one that b reads and drops (``hive.msg.b.from.c``:
+    not a bundle), and two no host reads (``hive.msg.zz.from.c``, ``hive.op.zz.from.c``:
+    ``*`` in c's permissions takes any token). Each node's JetStream store is 4 GB
+    (natsconf.py), R3, so about 4,000 such messages (a minute of c's link) fill every node:
+    then every host's sends, heartbeats, rows, claims and actions are refused by the bus
+    for a week. The secure behaviour asserted: after b has read and dropped c's, and with
+    no host named ``zz``, the streams hold at most 4 of the R11M (16) messages c put on
+    each subject."""
+    n = int(os.environ.get("R11M", "16"))
+    body = b"x" * 1_000_000
+    subjects = [(s.STREAM, s.msg_subject("b", "c")), (s.STREAM, s.msg_subject("zz", "c")),
+                (s.OPS_STREAM, s.op_subject("zz", "c"))]
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=30)
+        for _, subject in subjects:
+            for _ in range(n):
+                await js.publish(subject, body)
+
+    async def tidy() -> None:
+        nc = await _admin(swarm)
+        try:
+            for stream, subject in subjects:
+                await nc.jetstream().purge_stream(stream, subject=subject)
+        finally:
+            await nc.close()
+
+    try:
+        refused = as_host_c(swarm, attack, settle=0)
+        dropped = swarm.status("b")["dropped"]
+        wait_for(lambda: _pending(swarm, s.STREAM, s.consumer("b", "c")) == 0, timeout=30)
+        held = {subject: _stored_on(swarm, stream, subject) for stream, subject in subjects}
+        print(f"c's 1 MB messages the streams hold after b read its own: {held}; bus refused {refused}; b dropped {dropped}")
+        assert all(k <= 4 for k in held.values()), held
+    finally:
+        asyncio.run(tidy())
+
+
+def _pending(swarm: Swarm, stream: str, consumer: str) -> int:
+    async def go() -> int:
+        nc = await _admin(swarm)
+        try:
+            info = await nc.jetstream().consumer_info(stream, consumer)
+            return (info.num_pending or 0) + (info.num_ack_pending or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
