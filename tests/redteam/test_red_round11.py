@@ -20,7 +20,9 @@ import nats
 import pytest
 
 from helpers import assert_ok, wait_for
+from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
+from hyperhive.swarm.signing import load_or_create_key, seal
 from swarm_faults import drain
 from swarm_fixture import Swarm
 
@@ -336,3 +338,81 @@ def _pending(swarm: Swarm, stream: str, consumer: str) -> int:
             await nc.close()
 
     return asyncio.run(go())
+
+
+@pytest.mark.attack("swarm-remote-steering", ref="red team round 11: an agent in its cage reaching for the operator's steering of other hosts")
+def test_a_caged_agent_cannot_steer_another_hosts_agent(hives: Swarm[HiveProcess]) -> None:
+    """alice, in her cage on a, asks her agent socket for what the operator's host.sock
+    carries to other hosts: each steering verb with a ``host`` (stop, destroy, unpause,
+    send as the operator), and her own verbs with a ``host`` added (send, request_spawn).
+    Each must be refused on a, one line; nothing may be carried (b applies and refuses no
+    action), bob stays as he was (running, paused by the fixture, listed). Then she sends
+    bob a message whose body is a sealed action (a's operator's own, as if she had one):
+    it arrives as alice's message, data only, and b carries out nothing."""
+    a, b = hives.cores["a"], hives.cores["b"]
+    alice = a.caged("alice")
+    before = hives.status("b")
+    harness = b.harness_pid("bob")
+    key = load_or_create_key(hives.operator_key)  # (alice can't read it: the test hands it over)
+    calls: list[tuple[str, dict[str, Any]]] = [
+        ("stop", {"scope": {"agent_names": ["bob"]}, "host": "b"}),
+        ("destroy", {"name": "bob", "host": "b"}),
+        ("set_paused", {"name": "bob", "paused": False, "host": "b"}),
+        ("send", {"to": "bob", "body": "r11 as the operator", "host": "b"}),
+        ("request_spawn", {"name": "r11child", "spec": {"runtime": "command", "command": ["true"]}, "host": "b"}),
+    ]
+    for cmd, fields in calls:
+        reply = alice.call(cmd, **fields)
+        assert reply.get("ok") is False and "\n" not in reply.get("error", "x\n"), (cmd, reply)
+    sealed_body = seal(key, "a", "b", {"cmd": "destroy", "name": "bob"})[1].decode()
+    assert_ok(alice.call("send", to="bob", body=sealed_body))
+    got = drain(hives, "b", "bob", 1, timeout=15)
+    assert [(m["from"], m["body"]) for m in got] == [("alice", sealed_body)], got
+    time.sleep(0.5)
+    after = hives.status("b")
+    assert (after["actions_applied"], after["actions_refused"]) == (before["actions_applied"], before["actions_refused"]), after
+    assert b.harness_pid("bob") == harness and b.agent_status()["bob"]["paused"] is True
+    assert "r11child" not in str(assert_ok(b.host_call("pending")))
+
+
+@pytest.mark.attack("swarm-operator-forgery", ref="red team round 11: a's signed action re-targeted, re-labelled, or spelled otherwise")
+def test_a_signed_action_cannot_be_retargeted(tmp_path: Path) -> None:
+    """What a host holding one of a's signed actions for b (say b itself, compromised)
+    could try with it elsewhere: present it to c as is (its ``to`` is b); change its
+    ``to``, its agent, its verb or its time (the signature covers the canonical JSON of
+    the whole action); spell b as a look-alike (fullwidth ``ｂ``, ``b`` with a trailing
+    NUL, an escaped ``\\u0062``, which is b again and verifies); give the action twice in
+    one envelope (JSON's last key wins, and the signature is checked on what is used);
+    a ``v`` of ``true`` (equal to 1 in Python) or an ``at`` of ``true``. Only the
+    untouched action, at b, opens; every other is refused with a one-line reason."""
+    from hyperhive.swarm.signing import ActionError, open_sealed, parse_public, public_b64
+
+    key = load_or_create_key(tmp_path / "a.key")
+    pinned = {"a": parse_public(public_b64(key))}
+    _, data = seal(key, "a", "b", {"cmd": "destroy", "name": "bob"})
+    env = json.loads(data)
+    act, sig = env["action"], env["sig"]
+
+    def envelope(action: dict[str, Any]) -> bytes:
+        return json.dumps({"action": action, "sig": sig}, ensure_ascii=False).encode()
+
+    assert open_sealed(data, "a", "b", pinned)["request"] == {"cmd": "destroy", "name": "bob"}
+    escaped = data.replace(b'"to": "b"', b'"to": "\\u0062"')
+    assert escaped != data and open_sealed(escaped, "a", "b", pinned)["to"] == "b"  # the same action
+    refused = {
+        "to c as is": (data, "c"),
+        "to changed": (envelope({**act, "to": "c"}), "c"),
+        "agent changed": (envelope({**act, "request": {"cmd": "destroy", "name": "bea"}}), "b"),
+        "verb changed": (envelope({**act, "request": {"cmd": "stop", "scope": {"agent_names": ["bob"]}}}), "b"),
+        "time moved": (envelope({**act, "at": act["at"] + 0.001}), "b"),
+        "fullwidth b": (envelope({**act, "to": "ｂ"}), "b"),
+        "b and NUL": (envelope({**act, "to": "b\x00"}), "b"),
+        "v true": (envelope({**act, "v": True}), "b"),
+        "at true": (envelope({**act, "at": True}), "b"),
+        "two actions": (b'{"action": %s, "sig": "%s", "action": %s}' % (
+            json.dumps(act).encode(), sig.encode(), json.dumps({**act, "request": {"cmd": "destroy", "name": "bea"}}).encode()), "b"),
+    }
+    for what, (raw, here) in refused.items():
+        with pytest.raises(ActionError) as e:
+            open_sealed(raw, "a", here, pinned)
+        assert "\n" not in str(e.value), (what, e.value)
