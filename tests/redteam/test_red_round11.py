@@ -8,6 +8,7 @@ roster buckets.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -416,3 +417,87 @@ def test_a_signed_action_cannot_be_retargeted(tmp_path: Path) -> None:
         with pytest.raises(ActionError) as e:
             open_sealed(raw, "a", here, pinned)
         assert "\n" not in str(e.value), (what, e.value)
+
+
+def _next_ids_of_a(swarm: Swarm) -> tuple[str, int]:
+    """What c knows of a's message ids: alice writes carol (on c) one message; c's own
+    store (c is compromised: its files are the attacker's) has its id in ``swarm_seen``,
+    a's process prefix (32 hex) and its count (hex) after it. (The same is in every bundle
+    a publishes to c.) Returns (prefix, the count of that message)."""
+    before = _seen_ids(swarm, "c")
+    assert_ok(swarm.cores["a"].agent("alice").call("send", to="carol", body="r11 tell me your ids"))
+    drain(swarm, "c", "carol", 1, timeout=15)
+    new = [i for i in _seen_ids(swarm, "c") if i not in before and len(i) > 32]
+    assert len(new) == 1, new
+    return new[0][:32], int(new[0][32:], 16)
+
+
+def _seen_ids(swarm: Swarm, host: str) -> list[str]:
+    import sqlite3
+
+    [db] = [p for p in swarm.cores[host].state_dir.glob("*.db")]
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+        return [r[0].rsplit("/", 1)[-1] for r in conn.execute("SELECT msg_id FROM swarm_seen")]
+
+
+def _alice_writes_bob(swarm: Swarm, n: int, tag: str) -> list[tuple[str, str]]:
+    """alice sends bob ``n`` messages, one at a time (each a bundle of one), each
+    acknowledged to her; what bob's inbox gets of them (the ones with ``tag``)."""
+    alice = swarm.cores["a"].agent("alice")
+    for i in range(n):
+        assert_ok(alice.call("send", to="bob", body=f"{tag} {i}"))
+        wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0, timeout=15)
+    got = drain(swarm, "b", "bob", n, timeout=10) if n else []
+    return [(m["from"], m["body"]) for m in got if m["body"].startswith(tag)]
+
+
+@pytest.mark.attack("swarm-msg-id-poisoning", ref="red team round 11: c publishes a's next Nats-Msg-Ids first; JetStream drops a's bundles as duplicates")
+def test_c_cannot_make_the_bus_drop_as_bundles_as_duplicates(swarm: Swarm) -> None:
+    """A bundle's ``Nats-Msg-Id`` was its first row's id and its length, and a row's id is
+    a's process prefix and a count: c reads both off any message a sends it, and so knows
+    a's next ids. JetStream's dedup window is the stream's, whatever the subject: c
+    publishes, on its own subject to nowhere (``hive.msg.zz.from.c``), one message under
+    each of a's next 60 bundle ids (lengths 1 to 3). Then alice's three messages to bob,
+    each acknowledged to her (a's outbox marks them sent: the bus acked them, as
+    duplicates), must reach bob."""
+    prefix, count = _next_ids_of_a(swarm)
+    ids = [f"{prefix}{k:x}.{n}" for k in range(count + 1, count + 61) for n in (1, 2, 3)]
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for msg_id in ids:
+            await js.publish(s.msg_subject("zz", "c"), b"[]", headers={"Nats-Msg-Id": msg_id})
+
+    async def tidy() -> None:
+        nc = await _admin(swarm)
+        try:
+            await nc.jetstream().purge_stream(s.STREAM, subject=s.msg_subject("zz", "c"))
+        finally:
+            await nc.close()
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        got = _alice_writes_bob(swarm, 3, "r11 dedup")
+        assert got == [("alice", f"r11 dedup {i}") for i in range(3)], got
+    finally:
+        asyncio.run(tidy())
+
+
+@pytest.mark.attack("swarm-msg-id-poisoning", ref="red team round 11: c sends b its own messages under a's next row ids; b skips a's as seen")
+def test_c_cannot_make_b_skip_as_messages_as_seen(swarm: Swarm) -> None:
+    """The receiver's dedup (``swarm_seen``) remembered a row id whatever host sent it: c
+    sends bob, on its own subject, messages from its own carol (all NATS and b's checks
+    let it) under a's next 60 row ids; b stores them and remembers the ids. Then
+    alice's three messages to bob (new ids to a, old ones to b) must reach bob."""
+    prefix, count = _next_ids_of_a(swarm)
+    rows = [{**_row("carol", "bob", "r11 squat"), "id": f"{prefix}{k:x}"} for k in range(count + 1, count + 61)]
+
+    async def attack(nc: Any) -> None:
+        await nc.jetstream(timeout=10).publish(s.msg_subject("b", "c"), json.dumps(rows).encode(),
+                                               headers={"Nats-Msg-Id": f"r11-{uuid.uuid4().hex}"})
+
+    assert as_host_c(swarm, attack, settle=0) == []
+    squatted = drain(swarm, "b", "bob", len(rows), timeout=15)
+    assert [m["from"] for m in squatted] == ["carol"] * len(rows)  # c's own, delivered as c's
+    got = _alice_writes_bob(swarm, 3, "r11 seen")
+    assert got == [("alice", f"r11 seen {i}") for i in range(3)], got
