@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -399,16 +400,21 @@ class Bridge:
                 for sender in senders - self._claimed - self._conflicts:
                     await self._claim(await self._bucket(), sender)
                 # One bundle at a time, retried until acked: a later one never overtakes it.
-                # Its Nats-Msg-Id is fixed by its rows: a retry of the same bundle is
+                # Its Nats-Msg-Id is fixed for its tries: a retry of the same bundle is
                 # dropped by JetStream; the receiver drops each message it has already.
+                # Random, not only its rows' ids: the dedup window is the stream's, whatever
+                # the subject, and a row id is a prefix and a count that every host we
+                # write reads off our bundles: c published our next ids first, and the bus
+                # dropped our bundles as duplicates (red team round 11).
                 payload = b"[" + b",".join(o.payload for o in bundle) + b"]"
+                dedup = f"{bundle[0].msg_id}.{len(bundle)}.{secrets.token_hex(8)}"
                 while True:
                     try:
                         await js.publish(
                             s.msg_subject(bundle[0].to_host, self.host),
                             payload,
                             timeout=2.0,
-                            headers={"Nats-Msg-Id": f"{bundle[0].msg_id}.{len(bundle)}"},
+                            headers={"Nats-Msg-Id": dedup},
                         )
                         break
                     except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
