@@ -61,6 +61,8 @@ REQUIRED = {
     "wire.recv-ack-kill9", "budget.accept-rest", "swarm-deliver-subject", "swarm-claim-time",
     # red team round 10: a stored message's own Status headers
     "swarm-watch-header-forgery", "swarm-ops-jam",
+    # red team round 11: the operator's steering across hosts, what the bus keeps and drops
+    "swarm-reserved-sender", "swarm-ops-flood", "swarm-msg-id-poisoning", "swarm-store-fill",
 }
 
 PLUGIN = r'''
