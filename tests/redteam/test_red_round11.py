@@ -2,9 +2,24 @@
 ``as_host_c`` does) against the operator's steering of other hosts' agents (signed
 actions carried on ``hive.op.<r>.from.<s>``, read raw by ``swarm/pull.py``), round 10's
 fixes (the watch's and the puller's reading of stored Status headers) and the per-host
-roster buckets.
-"""
+roster buckets; and a hostile agent in its cage reaching for that steering.
 
+Broke (fixed in this round):
+
+- ``swarm-reserved-sender``: no agent may be named ``operator``, so no honest host
+  claims it; c did, in its own bucket, owned it, and b delivered c's message "from
+  operator" to bob.
+- ``swarm-ops-flood``: b read every sender's actions on one consumer, one at a time;
+  20,000 refused ones c published in a second kept a's pause of bob from being applied
+  within its 10 s (enough would outlast its 5 minutes).
+- ``swarm-msg-id-poisoning``: a message id is a prefix and a count that c reads off a's
+  messages to it; c published a's next bundle ids first and JetStream's stream-wide
+  dedup dropped a's bundles to bob; c sent bob its own messages under a's next row ids and
+  b's ``swarm_seen`` skipped alice's.
+
+Open: ``swarm-store-fill`` (a strict xfail): the streams keep what c publishes for their
+max age, read or not.
+"""
 from __future__ import annotations
 
 import asyncio
