@@ -516,3 +516,50 @@ def test_c_cannot_make_b_skip_as_messages_as_seen(swarm: Swarm) -> None:
     assert [m["from"] for m in squatted] == ["carol"] * len(rows)  # c's own, delivered as c's
     got = _alice_writes_bob(swarm, 3, "r11 seen")
     assert got == [("alice", f"r11 seen {i}") for i in range(3)], got
+
+
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 11: lone surrogates in c's roster values and messages")
+def test_lone_surrogates_from_c_break_nothing(swarm: Swarm) -> None:
+    """JSON may spell a lone UTF-16 surrogate (``"\\ud800"``), which Python decodes into a
+    str that can't be encoded as UTF-8 again (SQLite, a reply, a page). c writes one into
+    its own agent row's status text and into a question to the operator it lists, and
+    sends bob a message whose body is one, then an ordinary row and an ordinary message
+    from carol. Before the fix a's host.sock closed the connection on ``swarm_status``
+    (its reply could not be encoded), and so on every host, for as long as c kept the
+    row. a's host.sock must answer ``swarm_status``, ``questions`` and ``agent_status``
+    (c's ordinary row listed, the bad row and question refused as malformed), and b must
+    take alice's message to bob and carol's ordinary one after the bad one (which is
+    dropped, not redelivered forever)."""
+    row = b'{"name": "r11u", "host": "c", "running": true, "paused": false, "status_text": "x\\ud800y"}'
+    question = b'{"id": 424242, "asker": "carol", "question": "which \\udfff way?", "options": ["\\ud800"], "asked_at": "now"}'
+    bad = {**_row("carol", "bob", "placeholder"), "body": "\ud800"}
+    after = _row("carol", "bob", "r11 after the surrogate")
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        await js.publish(s.kv_subject("c", s.row_key("c", "r11u")), row)
+        await js.publish(s.kv_subject("c", s.question_key("c", 424242)), question)
+        await js.publish(s.kv_subject("c", s.row_key("c", "r11ok")), row.replace(b"\\ud800", b"-").replace(b"r11u", b"r11ok"))
+        for r in (bad, after):
+            data = json.dumps([r]).encode()  # ensure_ascii: "\\ud800" in the JSON text
+            await js.publish(s.msg_subject("b", "c"), data, headers={"Nats-Msg-Id": r["id"]})
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key in (s.row_key("c", "r11u"), s.row_key("c", "r11ok"), s.question_key("c", 424242)):
+            await js.publish(s.kv_subject("c", key), b"", headers={"KV-Operation": "DEL"})
+
+    a = swarm.cores["a"]
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        wait_for(lambda: any(r["name"] == "r11ok" for r in swarm.status("a")["agents"]), timeout=15)
+        status = swarm.status("a")
+        assert "r11u" not in [r["name"] for r in status["agents"]] and 424242 not in [q["id"] for q in status["questions"]]
+        assert_ok(a.host_call("questions"))
+        assert_ok(a.host_call("agent_status"))
+        assert_ok(a.agent("alice").call("send", to="bob", body="r11 alice after c's surrogates"))
+        got = drain(swarm, "b", "bob", 2, timeout=20, extra=1.0)
+        bodies = sorted((m["from"], m["body"]) for m in got)
+        assert bodies == [("alice", "r11 alice after c's surrogates"), ("carol", after["body"])], got
+    finally:
+        as_host_c(swarm, tidy, settle=0)
