@@ -36,7 +36,7 @@ from nats.js.kv import KeyValue
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import StoreError
 from hyperhive.names import NAME_RE, RESERVED
-from hyperhive.swarm import asks
+from hyperhive.swarm import asks, jsontext
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.operator import OperatorRelay
@@ -473,7 +473,7 @@ class Bridge:
         dropped."""
         from_host = s.from_host_of(m.subject)
         try:
-            items = json.loads(m.data) if from_host is not None else None
+            items = jsontext.loads(m.data) if from_host is not None else None
         except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
             items = None
         if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
@@ -761,7 +761,7 @@ class Bridge:
         if not (NAME_RE.fullmatch(host) and NAME_RE.fullmatch(agent)):
             return
         with contextlib.suppress(ValueError, RecursionError):
-            got = json.loads(value)
+            got = jsontext.loads(value)
             if (
                 isinstance(got, list)
                 and len(got) == 2
@@ -815,6 +815,6 @@ class Bridge:
             else:
                 assert value is not None
                 with contextlib.suppress(ValueError, RecursionError):  # nested too deep too
-                    row = json.loads(value)
+                    row = jsontext.loads(value)
                     if isinstance(row, dict) and NAME_RE.fullmatch(parts[2]):
                         self.rows[(parts[1], parts[2])] = roster_row(parts[1], parts[2], row)

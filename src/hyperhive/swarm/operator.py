@@ -46,6 +46,7 @@ from hyperhive.core.refusals import (
 from hyperhive.core.store import StoreError
 from hyperhive.core.summary import PAGE_MAX
 from hyperhive.names import NAME_RE, OPERATOR
+from hyperhive.swarm import jsontext
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.opstore import OpsSeen
 from hyperhive.swarm.pull import Puller
@@ -213,7 +214,7 @@ class OperatorRelay:
             table.pop(key, None)
             return True
         try:
-            row = json.loads(value)
+            row = jsontext.loads(value)
         except (ValueError, RecursionError):  # nesting too deep must not stop the watch
             return True
         # A host shows at most PAGE_MAX of each (as it publishes them): a hostile one can't
@@ -234,7 +235,7 @@ class OperatorRelay:
         if waiting is None or waiting[0] != host or waiting[1].done():
             return  # only the host the action went to says what became of it
         with contextlib.suppress(ValueError, RecursionError):
-            outcome = json.loads(value)
+            outcome = jsontext.loads(value)
             if isinstance(outcome, dict):
                 waiting[1].set_result(outcome)
 
