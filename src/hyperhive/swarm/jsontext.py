@@ -5,7 +5,8 @@ can't be encoded as UTF-8 again, so a value holding one fails wherever it is wri
 (a host.sock reply, a page, SQLite). A hostile host put one in its own agent row's status
 text and every host's ``swarm_status``, listings and dashboard failed while the row was in
 the roster (red team round 11). What another host sends is decoded here and refused (a
-``ValueError``, as any malformed JSON) if it holds one.
+``ValueError``, as any malformed JSON) if it holds one, as a local request holding one
+is refused on the sockets (core/jsonlines.py).
 """
 
 from __future__ import annotations
