@@ -563,3 +563,22 @@ def test_lone_surrogates_from_c_break_nothing(swarm: Swarm) -> None:
         assert bodies == [("alice", "r11 alice after c's surrogates"), ("carol", after["body"])], got
     finally:
         as_host_c(swarm, tidy, settle=0)
+
+
+@pytest.mark.attack("swarm-operator-forgery", ref="red team round 11: c writes outcomes of b's under keys of its own bucket")
+def test_c_cannot_publish_outcomes_for_another_host(swarm: Swarm) -> None:
+    """a waits for ``results.b.<id>`` of each action it carries to b. c may write only
+    ``results.c.>`` in its own bucket: ``results.b.<id>`` in c's bucket or in b's, and an
+    outcome under a's or b's heartbeat or claim keys, are permissions violations (nothing
+    stored; and a watcher skips a key in c's bucket that names another host anyway)."""
+    action = uuid.uuid4().hex
+    subjects = [s.kv_subject("c", s.result_key("b", action)), s.kv_subject("b", s.result_key("b", action)),
+                s.kv_subject("c", s.result_key("a", action)), s.kv_subject("c", s.host_key("b"))]
+    for subject in subjects:
+
+        async def attack(nc: Any, subject: str = subject) -> None:
+            await nc.publish(subject, b'{"ok": true, "at": 0}')
+            await nc.flush()
+
+        errors = as_host_c(swarm, attack)
+        assert any("permissions violation" in e and subject.lower() in e for e in errors), (subject, errors)
