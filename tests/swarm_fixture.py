@@ -118,7 +118,7 @@ class Swarm(Generic[H]):
         off another node meanwhile is two nodes away at once, which R3 doesn't survive."""
         durable = {
             s.STREAM: [s.consumer(h, o) for h in HOSTS for o in HOSTS if o != h],
-            s.OPS_STREAM: [s.ops_consumer(h) for h in HOSTS],
+            s.OPS_STREAM: [s.ops_consumer(h, o) for h in HOSTS for o in HOSTS if o != h],
             # the hosts' roster buckets: their consumers are the hosts' own watches
             **{s.kv_stream(h): [] for h in HOSTS},
         }

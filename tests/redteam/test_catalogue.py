@@ -65,6 +65,8 @@ REQUIRED = {
     "swarm-bundle-header-forgery",
     # issue 18 (session 8): another host's agent's page in the cockpit
     "swarm-page-injection",
+    # red team round 11: the operator's steering across hosts, what the bus keeps and drops
+    "swarm-reserved-sender", "swarm-ops-flood", "swarm-msg-id-poisoning", "swarm-store-fill",
 }
 
 PLUGIN = r'''

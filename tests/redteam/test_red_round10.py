@@ -106,7 +106,7 @@ def test_rendered_permissions_name_only_own_consumers() -> None:
                 stream, name = tokens[5], tokens[6]
             assert "*" not in stream and ">" not in stream and "*" not in name and ">" not in name, subject
             own = {s.watcher(host)} if stream.startswith("KV_HIVE_ROSTER_") else (
-                {s.ops_consumer(host)} if stream == s.OPS_STREAM else {s.consumer(host, o) for o in "abc" if o != host})
+                {s.ops_consumer(host, o) for o in "abc" if o != host} if stream == s.OPS_STREAM else {s.consumer(host, o) for o in "abc" if o != host})
             assert name in own, subject
             assert tokens[6:] in ([], [">"]) or verb == "MSG", subject
         assert perms["subscribe"]["allow"] == [f"_INBOX_{host}.>", s.show_subject(host, "*"), s.shown_subject(host, "*")]
@@ -295,7 +295,7 @@ def _ops_ack_pending(swarm: Swarm, host: str) -> tuple[int, int]:
     async def go() -> tuple[int, int]:
         nc = await _admin(swarm)
         try:
-            info = await nc.jetstream().consumer_info(s.OPS_STREAM, s.ops_consumer(host))
+            info = await nc.jetstream().consumer_info(s.OPS_STREAM, s.ops_consumer(host, "c"))
             return info.num_ack_pending or 0, info.config.max_ack_pending or 0
         finally:
             await nc.close()

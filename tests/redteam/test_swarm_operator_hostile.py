@@ -11,12 +11,14 @@ operator's, on the hosts' host.sock."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
 import time
 from typing import Any
 
+import nats
 import pytest
 
 from helpers import assert_ok, assert_refused, wait_for
@@ -73,6 +75,38 @@ def refused_on_b(swarm: Swarm, before: int, n: int) -> None:
     assert swarm.status("b")["actions_refused"] == before + n
 
 
+def c_pending_on_b(swarm: Swarm) -> int:
+    """As the admin: the actions on c's subject to b that b has not read (``ops-b_c``)."""
+
+    async def go() -> int:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        try:
+            info = await nc.jetstream().consumer_info(s.OPS_STREAM, s.ops_consumer("b", "c"))
+            return (info.num_pending or 0) + (info.num_ack_pending or 0)
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
+def unread_on_b(swarm: Swarm, before: tuple[int, int], n: int) -> None:
+    """b obeys no operator of c's, so it reads nothing c publishes on its own actions
+    subject to b (red team round 11: each sending host has its own consumer, and b pulls
+    only its pinned operators' hosts'): c's ``n`` actions wait unread in ``ops-b_c``, and b
+    refused and applied none. ``before``: (c's pending there, b's refused + applied)."""
+    wait_for(lambda: c_pending_on_b(swarm) >= before[0] + n, timeout=15)
+    time.sleep(0.5)  # had b read any, it would have by now
+    assert c_pending_on_b(swarm) == before[0] + n
+    status = swarm.status("b")
+    assert status["actions_refused"] + status["actions_applied"] == before[1], status
+
+
+def unread_before(swarm: Swarm) -> tuple[int, int]:
+    status = swarm.status("b")
+    return c_pending_on_b(swarm), status["actions_refused"] + status["actions_applied"]
+
+
 def sealed(key: Any, frm: str, to: str, request: dict[str, Any], at: float) -> bytes:
     """An action as signing.seal makes it, with a chosen time."""
     action = {"v": 1, "id": os.urandom(16).hex(), "from": frm, "to": to, "at": at,
@@ -112,18 +146,18 @@ def test_host_c_cannot_publish_as_host_a_or_write_its_rows(hives: Swarm[HiveProc
         violation(as_host_c(hives, attack), f'publish to "{subject}"')
 
     async def pull(nc: Any) -> None:  # b's actions are b's to take
-        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{s.ops_consumer('b')}",
+        await nc.publish(f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{s.ops_consumer('b', 'a')}",
                          b'{"batch":1}', reply=f"{s.inbox_prefix('c')}.x")  # fmt: skip
         await nc.flush()
 
-    violation(as_host_c(hives, pull), f"consumer.msg.next.{s.OPS_STREAM}.{s.ops_consumer('b')}")
+    violation(as_host_c(hives, pull), f"consumer.msg.next.{s.OPS_STREAM}.{s.ops_consumer('b', 'a')}")
 
 
 def test_host_c_cannot_answer_as_the_operator_for_bs_agent(hives: Swarm[HiveProcess]) -> None:
     """On its own subject (all NATS lets it): signed with its own operator key (b doesn't
     pin it), signed with it but saying it is from a, and a's genuine signature relayed."""
     qid = open_question(hives)
-    before = hives.status("b")["actions_refused"]
+    before = unread_before(hives)
     c_key = load_or_create_key(hives.cores["c"].state_dir / KEY_FILE)
     a_key = load_or_create_key(hives.operator_key)  # type: ignore[arg-type]
     answer = {"cmd": "answer_question", "id": qid, "answer": "forged"}
@@ -132,14 +166,14 @@ def test_host_c_cannot_answer_as_the_operator_for_bs_agent(hives: Swarm[HiveProc
     relayed = seal(a_key, "a", "b", answer)[1]
     subject = s.op_subject("b", "c")
     assert publish_all(hives, "c", [(subject, own), (subject, posing), (subject, relayed)]) == []
-    refused_on_b(hives, before, 3)
+    unread_on_b(hives, before, 3)
     still_open(hives, qid)
     # And an approval the same way: bob's stays pending.
     asked = assert_ok(hives.cores["b"].caged("bob").call("request_approval", kind="custom",
                                                         description="deploy", payload={"v": 1}))  # fmt: skip
     approve = {"cmd": "approve", "id": asked["id"], "payload_sha256": asked["payload_sha256"]}
     assert publish_all(hives, "c", [(subject, seal(c_key, "c", "b", approve)[1])]) == []
-    refused_on_b(hives, before, 4)
+    unread_on_b(hives, before, 4)
     a = assert_ok(hives.cores["b"].host_call("show_approval", id=asked["id"]))["approval"]
     assert a["status"] == "pending"
     deny_on_b(hives, asked["id"])
@@ -222,9 +256,9 @@ def test_oversized_and_malformed_actions_are_refused(hives: Swarm[HiveProcess]) 
              "sig": good["sig"]}
         ).encode(),
     ]
-    before = hives.status("b")["actions_refused"]
+    before = unread_before(hives)
     assert publish_all(hives, "c", [(subject, d) for d in bad]) == []
-    refused_on_b(hives, before, len(bad))
+    unread_on_b(hives, before, len(bad))
     still_open(hives, qid)
     assert "bob" in assert_ok(hives.cores["b"].host_call("list"))["agents"]
     close_question(hives, qid)

@@ -1,8 +1,9 @@
 """A compromised host steers another host's agent (docs/swarm.md, "Steering another host's
 agents"): host c, with its own NATS credentials and its own operator key, forges a
 carried stop or destroy of bob (on b), and a's genuine ones are replayed. b obeys only
-a's operator (it pins a's key). Each is refused before anything is done, counted in b's
-``actions_refused``: bob's cage keeps running, the same harness process in it, his row
+a's operator (it pins a's key). c's, on its own subject, are never read by b (it pulls
+only its pinned operators' hosts' consumers: red team round 11); a's replayed ones are
+refused before anything is done, counted in b's ``actions_refused``: bob's cage keeps running, the same harness process in it, his row
 and his name stay. The whole hives of the session (``hive_swarm``: real cages); the
 operator's own calls on the hosts' host.sock."""
 
@@ -20,7 +21,13 @@ from hyperhive.swarm import subjects as s
 from hyperhive.swarm.operator import KEY_FILE
 from hyperhive.swarm.signing import load_or_create_key, seal
 from redteam.test_swarm_hostile import as_host_c, violation
-from redteam.test_swarm_operator_hostile import publish_all, refused_on_b, sealed
+from redteam.test_swarm_operator_hostile import (
+    publish_all,
+    refused_on_b,
+    sealed,
+    unread_before,
+    unread_on_b,
+)
 from swarm_fixture import Swarm
 
 pytestmark = [
@@ -52,7 +59,7 @@ def test_host_c_cannot_stop_or_destroy_bob_on_b(hive_swarm: Swarm[HiveProcess]) 
     harness = b.harness_pid("bob")
     c_key = load_or_create_key(hive_swarm.cores["c"].state_dir / KEY_FILE)
     a_key = load_or_create_key(hive_swarm.operator_key)  # type: ignore[arg-type]
-    before = hive_swarm.status("b")["actions_refused"]
+    before = unread_before(hive_swarm)
     subject = s.op_subject("b", "c")
     forged = [
         seal(c_key, "c", "b", STOP_BOB)[1],
@@ -61,7 +68,7 @@ def test_host_c_cannot_stop_or_destroy_bob_on_b(hive_swarm: Swarm[HiveProcess]) 
         seal(a_key, "a", "b", DESTROY_BOB)[1],  # a's, relayed (c can't read a's; say it got one)
     ]
     assert publish_all(hive_swarm, "c", [(subject, data) for data in forged]) == []
-    refused_on_b(hive_swarm, before, len(forged))
+    unread_on_b(hive_swarm, before, len(forged))
     untouched(hive_swarm, harness)
 
     async def as_a(nc: Any) -> None:
@@ -70,7 +77,7 @@ def test_host_c_cannot_stop_or_destroy_bob_on_b(hive_swarm: Swarm[HiveProcess]) 
 
     violation(as_host_c(hive_swarm, as_a), f'publish to "{s.op_subject("b", "a")}"')
     time.sleep(0.5)  # had b taken it, its cage would be stopping by now
-    assert hive_swarm.status("b")["actions_refused"] == before + len(forged)
+    unread_on_b(hive_swarm, before, len(forged))
     untouched(hive_swarm, harness)
 
 

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
@@ -34,8 +35,8 @@ from nats.js.kv import KeyValue
 
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import StoreError
-from hyperhive.names import NAME_RE
-from hyperhive.swarm import asks
+from hyperhive.names import NAME_RE, RESERVED
+from hyperhive.swarm import asks, jsontext
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.operator import OperatorRelay
@@ -93,6 +94,12 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
         "status_text": text[:SHORT_TEXT_CHARS] if isinstance(text, str) else None,
         "seen": time.time(),
     }
+
+
+def _reserved(parts: list[str]) -> bool:
+    """A name claim (``names.<agent>.<host>``) or agent row (``agents.<host>.<agent>``)
+    of a reserved name (``operator``, ...): no host's agent has one."""
+    return (parts[1] if parts[0] == "names" else parts[2]) in RESERVED
 
 
 def earliest(claims: dict[str, datetime]) -> str | None:
@@ -420,16 +427,21 @@ class Bridge:
                 for sender in senders - self._claimed - self._conflicts:
                     await self._claim(await self._bucket(), sender)
                 # One bundle at a time, retried until acked: a later one never overtakes it.
-                # Its Nats-Msg-Id is fixed by its rows: a retry of the same bundle is
+                # Its Nats-Msg-Id is fixed for its tries: a retry of the same bundle is
                 # dropped by JetStream; the receiver drops each message it has already.
+                # Random, not only its rows' ids: the dedup window is the stream's, whatever
+                # the subject, and a row id is a prefix and a count that every host we
+                # write reads off our bundles: c published our next ids first, and the bus
+                # dropped our bundles as duplicates (red team round 11).
                 payload = b"[" + b",".join(o.payload for o in bundle) + b"]"
+                dedup = f"{bundle[0].msg_id}.{len(bundle)}.{secrets.token_hex(8)}"
                 while True:
                     try:
                         await js.publish(
                             s.msg_subject(bundle[0].to_host, self.host),
                             payload,
                             timeout=2.0,
-                            headers={"Nats-Msg-Id": f"{bundle[0].msg_id}.{len(bundle)}"},
+                            headers={"Nats-Msg-Id": dedup},
                         )
                         break
                     except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
@@ -496,7 +508,7 @@ class Bridge:
         # pull.py), and the whole bundle is refused with it (issue 18).
         forged = "Status" in (m.headers or {})
         try:
-            items = json.loads(m.data) if from_host is not None and not forged else None
+            items = jsontext.loads(m.data) if from_host is not None and not forged else None
         except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
             items = None
         if from_host is None or not isinstance(items, list) or not 0 < len(items) <= BATCH:
@@ -560,6 +572,12 @@ class Bridge:
             and (p["kind"] == "message" or asks.well_formed(p))
         ):
             return "malformed"
+        if p["from"] in RESERVED or p["to"] in RESERVED:
+            # Between hosts a message is always an agent's to an agent: no host claims
+            # "operator" (no agent may be named so), but a hostile one could, in its own
+            # bucket, and speak as the operator to our agents (red team round 11). The
+            # operator's word reaches another host only as a signed action (operator.py).
+            return f"{p['from']!r} to {p['to']!r}: a reserved name is no agent's"
         if p["kind"] in asks.CLOSING:
             # Its sender (or recipient) may be gone already: what it may close is decided by
             # the sending host alone (NATS vouches for it) and this host's tables (asks.py).
@@ -859,7 +877,7 @@ class Bridge:
         if not (NAME_RE.fullmatch(host) and NAME_RE.fullmatch(agent)):
             return
         with contextlib.suppress(ValueError, RecursionError):
-            got = json.loads(value)
+            got = jsontext.loads(value)
             if (
                 isinstance(got, list)
                 and len(got) == 2
@@ -881,6 +899,8 @@ class Bridge:
         if s.key_host(key) != bucket:
             return
         parts = key.split(".")
+        if parts[0] in ("names", "agents") and len(parts) == 3 and _reserved(parts):
+            return  # no agent has a reserved name: a claim or row of one is a lie
         deleted = op in ("DEL", "PURGE") or not value
         if parts[0] == "released":
             if len(parts) == 4 and not deleted:
@@ -911,6 +931,6 @@ class Bridge:
             else:
                 assert value is not None
                 with contextlib.suppress(ValueError, RecursionError):  # nested too deep too
-                    row = json.loads(value)
+                    row = jsontext.loads(value)
                     if isinstance(row, dict) and NAME_RE.fullmatch(parts[2]):
                         self.rows[(parts[1], parts[2])] = roster_row(parts[1], parts[2], row)

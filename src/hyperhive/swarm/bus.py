@@ -164,9 +164,13 @@ async def _ensure_roster(js: nats.js.JetStreamContext, host: str, replicas: int)
 
 
 async def _ensure_ops(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: int) -> None:
-    """The signed operator actions (swarm/operator.py): one stream, one consumer per host.
-    A message is bounded (MAX_ACTION_BYTES), and old ones expire (each is refused after
-    TTL_SECONDS anyway); a replayed Nats-Msg-Id is dropped, a replayed action id refused."""
+    """The signed operator actions (swarm/operator.py): one stream, one consumer per
+    (receiving, sending) host, as the inboxes: a host that floods its own subject to b
+    (each action refused by b, one at a time) queues nothing ahead of another host's
+    operator (red team round 11: 20,000 of c's held a's pause of bob past its 10 s wait;
+    enough of them would have held it past its 5 minutes). A message is bounded
+    (MAX_ACTION_BYTES), and old ones expire (each is refused after TTL_SECONDS anyway); a
+    replayed Nats-Msg-Id is dropped, a replayed action id refused."""
     await js.add_stream(
         StreamConfig(
             name=s.OPS_STREAM,
@@ -185,13 +189,15 @@ async def _ensure_ops(js: nats.js.JetStreamContext, hosts: Sequence[str], replic
             js.add_consumer(
                 s.OPS_STREAM,
                 ConsumerConfig(
-                    durable_name=s.ops_consumer(host),
-                    filter_subject=s.ops_filter(host),
+                    durable_name=s.ops_consumer(host, sender),
+                    filter_subject=s.ops_filter(host, sender),
                     ack_policy=AckPolicy.EXPLICIT,
                     ack_wait=s.ACK_WAIT_SECONDS,
                     num_replicas=replicas,
                 ),
             )
             for host in hosts
+            for sender in hosts
+            if sender != host
         )
     )  # each is a round of the cluster's consensus

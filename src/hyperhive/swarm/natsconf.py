@@ -36,7 +36,14 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
             f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
             f"$JS.ACK.{s.STREAM}.{durable}.>",
         ]
-    ops = s.ops_consumer(host)
+    # Its consumers of the actions each other host's operator carries to it (one a pair).
+    ops: list[str] = []
+    for durable in (s.ops_consumer(host, other) for other in sorted(hosts) if other != host):
+        ops += [
+            f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{durable}",
+            f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{durable}",
+            f"$JS.ACK.{s.OPS_STREAM}.{durable}.>",
+        ]
     # Every host's roster bucket is read by every host: its watch is one push consumer
     # under the one name the host may create there (s.watcher: NATS matches whole tokens,
     # so the name is exact), which it alone may delete and make again; no unnamed or
@@ -74,14 +81,12 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 *roster,
                 # The operator's roster and actions (swarm/operator.py): its own agents'
                 # questions and approvals and its own results; actions it signs, on its
-                # own subject; only its own consumer of the actions carried to it.
+                # own subject; only its own consumers of the actions carried to it.
                 s.op_subject("*", host),
                 f"{own}questions.{host}.>",
                 f"{own}approvals.{host}.>",
                 f"{own}results.{host}.>",
-                f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{ops}",
-                f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{ops}",
-                f"$JS.ACK.{s.OPS_STREAM}.{ops}.>",
+                *ops,
                 # Another host's item whole (swarm/show.py): its requests and its answers
                 # on subjects of its own (not reply subjects: no allow_responses, which
                 # would let a host publish once to any subject it names as a reply).

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -45,6 +46,7 @@ from hyperhive.core.refusals import (
 from hyperhive.core.store import StoreError
 from hyperhive.core.summary import PAGE_MAX
 from hyperhive.names import NAME_RE, OPERATOR
+from hyperhive.swarm import jsontext
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.opstore import OpsSeen
 from hyperhive.swarm.pull import Puller
@@ -166,7 +168,11 @@ class OperatorRelay:
         self.refused = 0  # actions refused before anything was done (forged, replayed, ...)
 
     def loops(self) -> list[Callable[[], Awaitable[None]]]:
-        return [self._rows_loop, self._consume_loop]
+        # One reader per host whose operator this host obeys, each on that pair's own
+        # consumer: no other host's actions are read at all (each would be refused), and
+        # none queue ahead of an obeyed operator's (red team round 11).
+        hosts = sorted(h for h in self.operators if h != self.host)
+        return [self._rows_loop, *(functools.partial(self._consume_loop, h) for h in hosts)]
 
     # -- what this host shows ---------------------------------------------------------
 
@@ -208,7 +214,7 @@ class OperatorRelay:
             table.pop(key, None)
             return True
         try:
-            row = json.loads(value)
+            row = jsontext.loads(value)
         except (ValueError, RecursionError):  # nesting too deep must not stop the watch
             return True
         # A host shows at most PAGE_MAX of each (as it publishes them): a hostile one can't
@@ -229,7 +235,7 @@ class OperatorRelay:
         if waiting is None or waiting[0] != host or waiting[1].done():
             return  # only the host the action went to says what became of it
         with contextlib.suppress(ValueError, RecursionError):
-            outcome = json.loads(value)
+            outcome = jsontext.loads(value)
             if isinstance(outcome, dict):
                 waiting[1].set_result(outcome)
 
@@ -338,11 +344,13 @@ class OperatorRelay:
 
     # -- actions carried here ---------------------------------------------------------
 
-    async def _consume_loop(self) -> None:
+    async def _consume_loop(self, from_host: str) -> None:
+        """The actions ``from_host``'s operator carries here, one at a time."""
         js = self.bridge._js()
         prefix = s.inbox_prefix(self.host)
+        consumer = s.ops_consumer(self.host, from_host)
         try:
-            await js.consumer_info(s.OPS_STREAM, s.ops_consumer(self.host))
+            await js.consumer_info(s.OPS_STREAM, consumer)
         except nats.js.errors.NotFoundError:
             # A swarm set up before the operator's actions: the admin has to run
             # ensure_streams again (and the nodes need the new permissions). Until then
@@ -350,17 +358,13 @@ class OperatorRelay:
             # them right now, as a new swarm starts), saying so every 30 s.
             if time.monotonic() - self._missing_said_at > 30:
                 self._missing_said_at = time.monotonic()
-                log.warning(
-                    "swarm: no stream %s or consumer %s yet",
-                    s.OPS_STREAM,
-                    s.ops_consumer(self.host),
-                )
+                log.warning("swarm: no stream %s or consumer %s yet", s.OPS_STREAM, consumer)
             await asyncio.sleep(1)
             return
         # Read raw, not with nats-py's fetch: a stored action's own Status header is not
         # the server's (pull.py; red team round 10's jam of this one consumer).
         assert self.bridge.nc is not None
-        puller = Puller(self.bridge.nc, s.OPS_STREAM, s.ops_consumer(self.host), prefix)
+        puller = Puller(self.bridge.nc, s.OPS_STREAM, consumer, prefix)
         await puller.start()
         try:
             while True:

@@ -67,6 +67,15 @@ def new_msg_id() -> str:
     return f"{_ID_PREFIX}{next(_id_count):x}"
 
 
+def seen_key(from_host: str, msg_id: str) -> str:
+    """A received id as ``swarm_seen`` remembers it: per sending host. An id is unique,
+    not secret (every host we write reads our prefix and count off our messages), so a
+    host could send its own messages under another host's next ids; remembered whoever
+    sent them, they made the receiver skip the real ones as seen (red team round 11).
+    ``/`` is in no host name."""
+    return f"{from_host}/{msg_id}"
+
+
 def queue_tx(tx: Tx, to_host: str, sender: str, to: str, kind: str, body: str, **extra: Any) -> int:
     """Store one outgoing message in the caller's transaction; its outbox row. ``extra``:
     a question's ``qid`` and ``options``, an answer's ``qid`` (swarm/asks.py). One that
@@ -158,7 +167,7 @@ class SwarmStore:
         out = []
         whole = True
         with self._db.tx() as tx:
-            seen = self._seen(tx, [p["id"] for p, _ in items])
+            seen = self._seen(tx, from_host, [p["id"] for p, _ in items])
             room = quota.Room(tx, from_host, per_agent, per_host)
             for p, deliverable in items:
                 if p["id"] in seen:
@@ -185,7 +194,7 @@ class SwarmStore:
                         room.release(p["from"], nbytes)
                 tx.execute(
                     "INSERT INTO swarm_seen (msg_id, message_id, received_at) VALUES (?, ?, ?)",
-                    (p["id"], 0 if msg is None else msg.id, time.time()),
+                    (seen_key(from_host, p["id"]), 0 if msg is None else msg.id, time.time()),
                 )
                 if msg is not None:
                     out.append(msg)
@@ -209,14 +218,17 @@ class SwarmStore:
             )
 
     @staticmethod
-    def _seen(tx: Tx, ids: list[str]) -> set[str]:
-        """Which of ``ids`` were received before (one query per bundle, not per message)."""
+    def _seen(tx: Tx, from_host: str, ids: list[str]) -> set[str]:
+        """Which of ``ids`` were received from ``from_host`` before (one query per bundle,
+        not per message)."""
         found: set[str] = set()
-        for i in range(0, len(ids), 500):  # under SQLite's bound on parameters
-            chunk = ids[i : i + 500]
+        prefix = seen_key(from_host, "")
+        keys = [seen_key(from_host, i) for i in ids]
+        for i in range(0, len(keys), 500):  # under SQLite's bound on parameters
+            chunk = keys[i : i + 500]
             marks = ",".join("?" * len(chunk))
             rows = tx.execute(f"SELECT msg_id FROM swarm_seen WHERE msg_id IN ({marks})", chunk)
-            found.update(r[0] for r in rows.fetchall())
+            found.update(r[0][len(prefix) :] for r in rows.fetchall())
         return found
 
     def prune(self, keep_sent: int = 10_000) -> None:

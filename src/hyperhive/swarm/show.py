@@ -36,6 +36,7 @@ from hyperhive.core.refusals import Busy, Conflict, NotFound, Unavailable
 from hyperhive.core.store import Unreadable
 from hyperhive.core.store.common import canonical_json, sha256_hex
 from hyperhive.names import NAME_RE, OPERATOR
+from hyperhive.swarm import jsontext
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.operator import REFUSALS, approval_row, question_row
 
@@ -153,7 +154,7 @@ class ShowRelay:
             return
         from_host = s.sender_of(s.SHOWN_ROOT, m.subject)
         with contextlib.suppress(ValueError, RecursionError):
-            answer = json.loads(m.data)
+            answer = jsontext.loads(m.data)
             rid = answer.get("rid") if isinstance(answer, dict) else None
             waiting = self._waiting.get(rid) if isinstance(rid, str) else None
             if waiting is not None and waiting[0] == from_host and not waiting[1].done():
@@ -170,7 +171,7 @@ class ShowRelay:
         if nc is None or from_host is None or not NAME_RE.fullmatch(from_host):
             return
         try:
-            req = json.loads(m.data)
+            req = jsontext.loads(m.data)
         except (ValueError, RecursionError):
             return
         req = req if isinstance(req, dict) else {}

@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from hyperhive.names import NAME_RE
+from hyperhive.swarm import jsontext
 
 VERSION = 1
 # The host.sock verbs another host's operator may carry here; nothing else. The first
@@ -122,7 +123,7 @@ def open_sealed(
     if len(data) > MAX_ACTION_BYTES:
         raise ActionError(f"action of {len(data)} bytes; at most {MAX_ACTION_BYTES}")
     try:
-        env = json.loads(data)
+        env = jsontext.loads(data)
     except (ValueError, RecursionError):  # deep nesting: refused, not a poison pill
         raise ActionError("not JSON (or nested too deep)") from None
     if not (

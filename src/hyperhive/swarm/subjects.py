@@ -126,8 +126,9 @@ def op_subject(to_host: str, from_host: str) -> str:
     return f"{OPS_ROOT}.{to_host}.from.{from_host}"
 
 
-def ops_filter(host: str) -> str:
-    return f"{OPS_ROOT}.{host}.from.*"
+def ops_filter(host: str, from_host: str) -> str:
+    """What ``host``'s consumer of ``from_host``'s actions takes: that pair's subject."""
+    return op_subject(host, from_host)
 
 
 def op_from_host_of(subject: str) -> str | None:
@@ -138,8 +139,17 @@ def op_from_host_of(subject: str) -> str | None:
     return parts[4]
 
 
-def ops_consumer(host: str) -> str:
-    """The durable pull consumer of the operator actions carried to ``host``."""
+def ops_consumer(host: str, from_host: str) -> str:
+    """The durable pull consumer of the operator actions ``from_host`` carries to
+    ``host``: one per pair, as the inboxes are, so what one host publishes to ``host``
+    (refused, but one at a time) never queues ahead of another host's operator's actions
+    (red team round 11); ``host`` pulls only its pinned operators' hosts' consumers."""
+    return f"ops-{host}_{from_host}"
+
+
+def legacy_ops_consumer(host: str) -> str:
+    """The one consumer of before (every sender's actions to ``host``): left in place by
+    ensure_streams, read by no one (an admin may delete it)."""
     return f"ops-{host}"
 
 

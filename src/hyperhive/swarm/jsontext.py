@@ -1,0 +1,31 @@
+"""JSON from another host, as text this host can store and show (docs/security.md).
+
+JSON may spell a lone UTF-16 surrogate (``"\\ud800"``): Python decodes it into a str that
+can't be encoded as UTF-8 again, so a value holding one fails wherever it is written out
+(a host.sock reply, a page, SQLite). A hostile host put one in its own agent row's status
+text and every host's ``swarm_status``, listings and dashboard failed while the row was in
+the roster (red team round 11). What another host sends is decoded here and refused (a
+``ValueError``, as any malformed JSON) if it holds one, as a local request holding one
+is refused on the sockets (core/jsonlines.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+# A \\u escape of a surrogate (D800-DFFF), however cased: only then is the value walked
+# again (a pair escaped by an honest encoder is legal and passes the walk).
+_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89abAB]|\\[uU][dD][c-fC-F]")
+
+
+def loads(data: bytes | str) -> Any:
+    """``json.loads(data)``; ValueError also if a string in it (a key or a value) is not
+    valid Unicode text. RecursionError passes through, as from json.loads."""
+    value = json.loads(data)
+    raw = data.encode() if isinstance(data, str) else data
+    if _SURROGATE_ESCAPE.search(raw):
+        # UnicodeEncodeError is a ValueError: a lone surrogate anywhere refuses the whole.
+        json.dumps(value, ensure_ascii=False).encode()
+    return value
