@@ -265,7 +265,7 @@ def test_the_replay_table_takes_an_action_once_under_a_race(tmp_path: Path) -> N
 
         def claim(i: int) -> None:
             start.wait()
-            wins[i].extend(tables[i].claim(aid, "a") for aid in ids)
+            wins[i].extend(tables[i].claim("a", aid, "0" * 64, n) for n, aid in enumerate(ids))
 
         threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
         for t in threads:
@@ -274,7 +274,8 @@ def test_the_replay_table_takes_an_action_once_under_a_race(tmp_path: Path) -> N
             t.join(60)
         assert all(not t.is_alive() for t in threads)
         assert [x + y for x, y in zip(wins[0], wins[1], strict=True)] == [1] * len(ids)
-        assert not any(tables[0].claim(aid, "c") for aid in ids)  # nor from another host
+        assert not any(tables[0].claim("c", aid, "0" * 64, 0) for aid in ids)  # nor from another host
+        assert all(tables[0].used_by_another("c", aid) for aid in ids)
     finally:
         for st in stores:
             st.close()
