@@ -25,7 +25,7 @@ import nats
 import pytest
 
 from helpers import assert_ok, wait_for
-from hive_fixture import HiveProcess
+from hive_fixture import HiveProcess, proc_cmdline
 from hyperhive.swarm import subjects as s
 from swarm_faults import drain
 from swarm_fixture import CAGED, Swarm
@@ -64,14 +64,7 @@ def flag(hive: HiveProcess, name: str, column: str) -> Any:
 
 def turn_running(hive: HiveProcess, name: str) -> bool:
     """A ``sleep`` of ``name``'s runtime is running in its cage."""
-    for pid in hive.cage_procs(name):
-        try:
-            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if argv[:1] == [b"sleep"]:
-            return True
-    return False
+    return any(proc_cmdline(pid)[:1] == ["sleep"] for pid in hive.cage_procs(name))
 
 
 def test_a_slow_stop_on_b_does_not_hold_up_an_answer_to_another_agent_there(
@@ -111,13 +104,13 @@ def test_a_slow_stop_on_b_does_not_hold_up_an_answer_to_another_agent_there(
 
 
 async def result_on_bus(swarm: Swarm[HiveProcess], host: str, action: str) -> dict[str, Any] | None:
-    """``host``'s outcome of ``action`` in its roster bucket (read as the admin)."""
+    """``host``'s outcome of host a's ``action`` in its roster bucket (read as the admin)."""
     user, password = swarm.net.admin()
     nc = await nats.connect([swarm.net.url("a")], user=user, password=password, connect_timeout=5)
     try:
         kv = await nc.jetstream().key_value(s.bucket(host))
         try:
-            entry = await kv.get(s.result_key(host, action))
+            entry = await kv.get(s.result_key(host, "a", action))
         except Exception:
             return None
         return json.loads(entry.value or b"null")

@@ -12,7 +12,7 @@ and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
   (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
 - B takes it from its own consumer, checks it (its pinned key for A, its time, its id
   never seen before), carries it out through host.sock's own table (one code path, one
-  set of refusals), and writes the outcome to ``results.B.<action id>``, which A waits for.
+  set of refusals), and writes the outcome to ``results.B.A-<action id>``, which A waits for.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class OperatorRelay:
         self._published: dict[str, str] = {}  # this host's keys -> their values
         self._missing_said_at = -1e9  # when "no stream HIVE_OPS yet" was last logged
         self._waiting: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
-        self._results: dict[str, float] = {}  # this host's result keys -> when seen
+        self._results: dict[str, float] = {}  # this host's results' <from>-<id> -> when seen
         self.applied = 0  # actions carried out here (what the hive made of them: outcome)
         self.refused = 0  # actions refused before anything was done (forged, replayed, ...)
         self.recovered = 0  # delivered again after a crash: their recorded outcome published
@@ -235,12 +235,14 @@ class OperatorRelay:
             table[key] = make(host, key[1], row)
         return True
 
-    def _result(self, host: str, action_id: str, value: bytes | None, deleted: bool) -> None:
+    def _result(self, host: str, ident: str, value: bytes | None, deleted: bool) -> None:
+        """``results.<host>.<ident>``, ident ``<from>-<action id>``: what ``host`` made of
+        an action; the one this host's operator waits for if ``from`` is this host."""
         if deleted or value is None:
             return
         if host == self.host:
-            self._results[action_id] = time.monotonic()
-        waiting = self._waiting.get(action_id)
+            self._results[ident] = time.monotonic()
+        waiting = self._waiting.get(ident)
         if waiting is None or waiting[0] != host or waiting[1].done():
             return  # only the host the action went to says what became of it
         with contextlib.suppress(ValueError, RecursionError):
@@ -268,7 +270,8 @@ class OperatorRelay:
             raise Unavailable(f"the swarm's bus is unreachable: nothing was carried to {host}")
         action_id, data = seal(self.key, self.host, host, request)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[action_id] = (host, future)
+        ident = s.result_ident(self.host, action_id)  # its outcome's key: results.<host>.<ident>
+        self._waiting[ident] = (host, future)
         try:
             # Tried again for a few seconds (a stream electing its leader answers no one
             # meanwhile): the same Nats-Msg-Id, so JetStream keeps one copy whatever
@@ -297,7 +300,7 @@ class OperatorRelay:
             except TimeoutError:
                 return {"host": host, "action": action_id, "applied": False}
         finally:
-            self._waiting.pop(action_id, None)
+            self._waiting.pop(ident, None)
         if outcome.get("ok") is True:
             # Only as its types are (the outcome is the other host's to say).
             extra = {k: outcome[k] for k in REPLY_FIELDS if k in outcome}
@@ -346,9 +349,9 @@ class OperatorRelay:
 
     async def _prune_results(self, kv: Any) -> None:
         cutoff = time.monotonic() - RESULT_KEEP
-        for action_id in [a for a, t in self._results.items() if t < cutoff]:
-            await kv.delete(s.result_key(self.host, action_id))
-            del self._results[action_id]
+        for ident in [a for a, t in self._results.items() if t < cutoff]:
+            await kv.delete(s.results_key(self.host, ident))
+            del self._results[ident]
         self.seen.prune()
 
     # -- actions carried here ---------------------------------------------------------
@@ -413,8 +416,6 @@ class OperatorRelay:
             row = self.seen.get(from_host, action_id)
             if row is None:
                 check_fresh(action)
-                if self.seen.used_by_another(from_host, action_id):
-                    raise ActionError(f"action id {action_id} is another host's")
                 # Recorded before it is carried out (see opstore.py for after a crash).
                 if not self.seen.claim(from_host, action_id, digest, seq):
                     raise ActionError(f"action {action_id} was taken before")
@@ -512,7 +513,7 @@ class OperatorRelay:
         data = json.dumps({**outcome, "at": time.time()}).encode()
         for _ in range(20):  # its sender waits for this; the bus may be changing leaders
             try:
-                await kv.put(s.result_key(self.host, action_id), data)
+                await kv.put(s.result_key(self.host, from_host, action_id), data)
                 break
             except (nats.errors.Error, TimeoutError, nats.js.errors.Error):
                 await asyncio.sleep(0.25)

@@ -2,14 +2,15 @@
 (``swarm_ops``), so each is carried out once and its outcome survives a crash.
 
 A row is keyed by the sending host and the action id (an id is bound to the host whose
-operator signed it: another host's action can never take it), and holds the sha256 of
+operator signed it: another host's action under the same id is another row, and can
+neither take this one's place nor pre-empt it), and holds the sha256 of
 the signed action and the stream sequence of the message that brought it. Its state:
 
 - ``taken``: committed before the action is carried out; nothing of it is in the store yet;
 - ``applied``: its effect is committed. For the verbs that change the hive's store (an
   answer, an approval, a message, a spawn, ...) this is written in the same transaction
   as the effect (``rider``: store/db.py's ``riding``), so a crash can't fall between them;
-- ``done``: its outcome is recorded (``outcome``), as published to ``results.<host>.<id>``.
+- ``done``: its outcome is recorded (``outcome``), as published to ``results.<host>.<from>-<id>``.
 
 The same message delivered again (the core died before its ack) finds the row: ``done``
 or ``applied`` re-publishes the outcome without carrying anything out; ``taken`` carries
@@ -45,7 +46,6 @@ CREATE TABLE IF NOT EXISTS swarm_ops (
     PRIMARY KEY (from_host, action_id)
 )
 """
-_BY_ID = "CREATE INDEX IF NOT EXISTS swarm_ops_id ON swarm_ops (action_id)"
 _BY_AGE = "CREATE INDEX IF NOT EXISTS swarm_ops_age ON swarm_ops (received_at)"
 
 
@@ -92,7 +92,6 @@ class OpsSeen:
         self._db = db
         with db.tx() as tx:
             tx.execute(_TABLE)
-            tx.execute(_BY_ID)
             tx.execute(_BY_AGE)
             # The table before this one kept only ids (taken = done, no outcome): its
             # rows still refuse their replays until they are pruned.
@@ -118,23 +117,15 @@ class OpsSeen:
         outcome = json.loads(row[5]) if row[5] is not None else None
         return Taken(row[0], row[1], row[2], row[3], row[4], outcome, row[6])
 
-    def used_by_another(self, from_host: str, action_id: str) -> bool:
-        """Some other host's action had this id (its outcome is under it: never shadowed)."""
-        row = self._db.conn.execute(
-            "SELECT 1 FROM swarm_ops WHERE action_id=? AND from_host<>? LIMIT 1",
-            (action_id, from_host),
-        ).fetchone()
-        return row is not None
-
     def claim(self, from_host: str, action_id: str, digest: str, stream_seq: int) -> bool:
-        """Record the action as taken (committed on return); False if its id was taken
-        before, by this host's action or another's (whose outcome it would shadow)."""
+        """Record the action as taken (committed on return); False if it was before.
+        Another host's action with the same id is another row: it neither takes nor
+        blocks this one (and its outcome has a key of its own: subjects.result_key)."""
         with self._db.tx() as tx:
             cur = tx.execute(
                 "INSERT OR IGNORE INTO swarm_ops (from_host, action_id, digest, stream_seq,"
-                " state, received_at) SELECT ?, ?, ?, ?, 'taken', ?"
-                " WHERE NOT EXISTS (SELECT 1 FROM swarm_ops WHERE action_id=?)",
-                (from_host, action_id, digest, stream_seq, time.time(), action_id),
+                " state, received_at) VALUES (?, ?, ?, ?, 'taken', ?)",
+                (from_host, action_id, digest, stream_seq, time.time()),
             )
         return cur.rowcount == 1
 
