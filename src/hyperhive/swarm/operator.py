@@ -71,8 +71,10 @@ log = logging.getLogger("hive.swarm")
 AT_ONCE = 8  # actions carried out at a time (each agent's in order: lanes.py)
 IN_FLIGHT = 64  # actions taken from the bus and not finished; the rest wait in the stream
 # Carried out again if this host died in the middle (no rider): each leaves the agent as
-# asked whatever it found, so running it again finishes what the crash cut short.
-AGAIN = frozenset({"start", "stop", "restart", "set_paused", "interrupt"})
+# asked whatever it found, so running it again finishes what the crash cut short (a stop
+# marks the agent stopped in the store before its cage is stopped; a destroy deletes the
+# row last, after the cage and the agent's questions across hosts).
+AGAIN = frozenset({"start", "stop", "restart", "set_paused", "interrupt", "destroy"})
 ROWS_EVERY = 1.0  # seconds between two looks at this host's questions and approvals
 CARRY_WAIT = 10.0  # seconds the operator's request waits for the other host's outcome
 PUBLISH_TRIES_SECONDS = 5.0  # how long an action is offered to the bus before "not taken"
@@ -176,7 +178,8 @@ class OperatorRelay:
         self.refused = 0  # actions refused before anything was done (forged, replayed, ...)
         self.recovered = 0  # delivered again after a crash: their recorded outcome published
         self._lanes = Lanes(AT_ONCE)  # the actions taken, in order per agent (lanes.py)
-        self._carrying: set[tuple[str, str]] = set()  # (from host, action id) taken, not done
+        # (from host, action id) -> its message's stream sequence: taken, not finished
+        self._carrying: dict[tuple[str, str], int] = {}
 
     def loops(self) -> list[Callable[[], Awaitable[None]]]:
         return [self._rows_loop, self._consume_loop]
@@ -406,12 +409,12 @@ class OperatorRelay:
         except ActionError as e:
             return await self._refuse(m, str(e))
         action_id = action["id"]
-        if (from_host, action_id) in self._carrying:
-            return  # delivered again while being carried out: acked once it is
         # Bound to what was signed and to the one message that brought it: a replay (a new
         # message, even of the same bytes) or another action under its id is refused.
         digest = hashlib.sha256(canonical(action)).hexdigest()
         seq = _stream_seq(m)
+        if self._carrying.get((from_host, action_id)) == seq:
+            return  # delivered again while being carried out: acked once it is
         try:
             row = self.seen.get(from_host, action_id)
             if row is None:
@@ -435,7 +438,7 @@ class OperatorRelay:
         except StoreError as e:
             log.warning("swarm: can't record operator action %s yet: %s", action_id, e)
             return  # not acked: the bus hands it over again
-        self._carrying.add((from_host, action_id))
+        self._carrying[(from_host, action_id)] = seq
         self._lanes.run(
             self._lane_keys(action["request"]), lambda: self._carry_out(m, from_host, action)
         )
@@ -485,7 +488,7 @@ class OperatorRelay:
         except Exception:  # one action's failure is its own: the lanes go on
             log.exception("swarm: operator action %s failed", action_id)
         finally:
-            self._carrying.discard((from_host, action_id))
+            self._carrying.pop((from_host, action_id), None)
 
     async def _recovered(self, m: Msg, from_host: str, row: Taken) -> None:
         """The same message again, once this host carried it out (it died before the ack):
