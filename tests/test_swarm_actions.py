@@ -81,6 +81,7 @@ def test_a_slow_stop_on_b_does_not_hold_up_an_answer_to_another_agent_there(
         qid = assert_ok(b.caged("bea").call("ask", to="operator", question="go on?"))["id"]
         wait_for(lambda: listed_on(a, "questions", "swarm_questions", "b", qid), timeout=10)
 
+        counts = hives.status("b")
         stop, stopped = in_thread(lambda: a.host_call(
             "stop", scope={"agent_names": ["slowb"]}, host="b"))  # fmt: skip
         # b took the stop (its store says slowb is stopped: the stop's first step), and
@@ -97,6 +98,13 @@ def test_a_slow_stop_on_b_does_not_hold_up_an_answer_to_another_agent_there(
         assert assert_ok(stopped["reply"])["applied"] is True, stopped
         assert stopped["seconds"] > 4.0  # it was slow (5 s of grace), and the answer didn't wait
         assert answered_in < 2.5
+        # The stop outlasted the consumer's ack wait (5 s): carried out once all the same
+        # (b tells the bus it is in progress, and ignores a delivery of it meanwhile), and
+        # nothing refused (a delivery again is no replay).
+        after = hives.status("b")
+        assert after["actions_applied"] == counts["actions_applied"] + 2
+        assert after["actions_refused"] == counts["actions_refused"]
+        assert after["actions_carrying"] == 0
         [got] = drain(hives, "b", "bea", 1, timeout=10)
         assert (got["kind"], got["body"], got["ref"]) == ("answer", "yes", qid)
     finally:
