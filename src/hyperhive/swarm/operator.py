@@ -11,8 +11,12 @@ and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
   A's operator key
   (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
 - B takes it from its own consumer, checks it (its pinned key for A, its time, its id
-  never seen before), carries it out through host.sock's own table (one code path, one
-  set of refusals), and writes the outcome to ``results.B.A-<action id>``, which A waits for.
+  never seen before from A), carries it out through host.sock's own table (one code
+  path, one set of refusals), and writes the outcome to ``results.B.A-<action id>``,
+  which A waits for. Actions for different agents are carried out at once, each
+  agent's in order (``swarm/lanes.py``); each is carried out once across a crash of B's
+  core: its row in ``swarm_ops`` (``swarm/opstore.py``) is marked applied in the
+  transaction of its effect, and a delivery again gets the recorded outcome.
 """
 
 from __future__ import annotations
