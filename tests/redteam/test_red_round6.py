@@ -255,7 +255,7 @@ def test_a_sealed_action_cannot_be_retargeted_tampered_or_made_eternal() -> None
 def test_the_replay_table_takes_an_action_once_under_a_race(tmp_path: Path) -> None:
     """The same sealed action handed over twice at once (a redelivery racing the first, or
     two cores on one store after a restart): two connections claim each id together; each
-    id is taken exactly once."""
+    id is taken exactly once, per host whose operator signed it."""
     stores = [Store(tmp_path / "hive.db") for _ in range(2)]
     try:
         tables = [OpsSeen(st.db) for st in stores]
@@ -265,7 +265,7 @@ def test_the_replay_table_takes_an_action_once_under_a_race(tmp_path: Path) -> N
 
         def claim(i: int) -> None:
             start.wait()
-            wins[i].extend(tables[i].claim(aid, "a") for aid in ids)
+            wins[i].extend(tables[i].claim("a", aid, "0" * 64, n) for n, aid in enumerate(ids))
 
         threads = [threading.Thread(target=claim, args=(i,)) for i in range(2)]
         for t in threads:
@@ -274,7 +274,11 @@ def test_the_replay_table_takes_an_action_once_under_a_race(tmp_path: Path) -> N
             t.join(60)
         assert all(not t.is_alive() for t in threads)
         assert [x + y for x, y in zip(wins[0], wins[1], strict=True)] == [1] * len(ids)
-        assert not any(tables[0].claim(aid, "c") for aid in ids)  # nor from another host
+        assert not any(tables[i].claim("a", aid, "0" * 64, 0) for i in (0, 1) for aid in ids)
+        # Bound to its host: another host's action under a's ids takes rows of its own
+        # (it can't pre-empt a's, nor be taken for one), each once too.
+        assert all(tables[0].claim("c", aid, "1" * 64, 0) for aid in ids)
+        assert not any(tables[1].claim("c", aid, "1" * 64, 0) for aid in ids)
     finally:
         for st in stores:
             st.close()

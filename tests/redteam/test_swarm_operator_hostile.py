@@ -134,7 +134,7 @@ def publish_all(swarm: Swarm, host: str, items: list[tuple[str, bytes]]) -> list
 def test_host_c_cannot_publish_as_host_a_or_write_its_rows(hives: Swarm[HiveProcess]) -> None:
     for subject in (
         s.op_subject("b", "a"),
-        s.kv_subject("b", s.result_key("b", "f" * 32)),
+        s.kv_subject("b", s.result_key("b", "a", "f" * 32)),
         s.kv_subject("a", s.question_key("a", 1)),
         s.kv_subject("b", s.approval_key("b", 1)),
     ):

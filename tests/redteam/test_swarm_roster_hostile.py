@@ -55,7 +55,7 @@ def test_a_hostile_host_fills_only_its_own_roster_bucket(swarm: Swarm) -> None:
 
     async def fill(nc: Any) -> None:
         async def put(i: int) -> str | None:
-            reply = await nc.request(s.kv_subject("c", s.result_key("c", f"{FILL}-{i}")), VALUE, timeout=10)
+            reply = await nc.request(s.kv_subject("c", s.results_key("c", f"{FILL}-{i}")), VALUE, timeout=10)
             answer = json.loads(reply.data)
             return answer["error"]["description"] if "error" in answer else None
 
@@ -70,7 +70,7 @@ def test_a_hostile_host_fills_only_its_own_roster_bucket(swarm: Swarm) -> None:
                 return
 
     async def purge(nc: Any) -> None:  # c's own bucket only: its permissions allow that
-        await nc.jetstream().purge_stream(s.kv_stream("c"), subject=s.kv_subject("c", s.result_key("c", ">")))
+        await nc.jetstream().purge_stream(s.kv_stream("c"), subject=s.kv_subject("c", s.results_key("c", ">")))
 
     name = "rfill-new"
     try:
@@ -150,7 +150,7 @@ def test_a_hostile_hosts_push_consumer_cannot_speak_for_another_host(swarm: Swar
     (The server delivers it under the subject it was stored with, c's own: the sender
     read from the subject could not be b. a drops any delivery first all the same.)"""
     forged = {"rid": "forged-by-c", "kind": "question", "id": 1}
-    key = s.result_key("c", "pushed")
+    key = s.results_key("c", "pushed")
     seen: list[bytes] = []
 
     async def attack(nc: Any) -> None:

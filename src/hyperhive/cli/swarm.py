@@ -58,7 +58,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
     )
     say(f"operator key (pin it on the hosts that obey this one): {sw['operator_key']}")
     say(f"obeys the operator of: {', '.join(sw['operators']) or 'no other host'}; actions"
-        f" applied {sw['actions_applied']}, refused {sw['actions_refused']}")  # fmt: skip
+        f" applied {sw['actions_applied']}, refused {sw['actions_refused']},"
+        f" delivered again after a crash {sw.get('actions_recovered', 0)}")  # fmt: skip
     table(
         "questions to the operator",
         ["host", "id", "from", "question"],

@@ -21,13 +21,14 @@ hooks (``MessageHooks``) are the hive's, set once.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from hyperhive.core.refusals import Refused
-from hyperhive.core.store.db import Database, Tx
+from hyperhive.core.store.db import Database, Rider, Tx, current_rider
 from hyperhive.core.store.messages import MessageItem, insert_messages
 
 T = TypeVar("T")
@@ -55,6 +56,7 @@ class _Write:
     fut: asyncio.Future[Any]
     item: MessageItem | None = None
     shrinks: bool = False  # holds nobody more in the store (an ack): see lane_committed
+    rider: Rider | None = None  # its submitter's (store/db.py's ``riding``), run if it stood
 
     @property
     def runs_in_place(self) -> bool:
@@ -94,7 +96,7 @@ class GroupCommit:
         queued goes down). ``shrinks``: an ack's work, which adds to no agent's storage and
         needs no message of its own batch (see _segment and MessageHooks.lane_committed)."""
         fut: asyncio.Future[T] = self._running_loop().create_future()
-        self._enqueue(_Write(work, done, taken, fut, shrinks=shrinks))
+        self._enqueue(_Write(work, done, taken, fut, shrinks=shrinks, rider=current_rider()))
         return fut
 
     def submit_message(self, item: MessageItem) -> asyncio.Future[int]:
@@ -103,13 +105,15 @@ class GroupCommit:
         would."""
         assert self._hooks is not None, "a GroupCommit without hooks has no message lane"
         fut: asyncio.Future[int] = self._running_loop().create_future()
-        self._enqueue(_Write(None, None, None, fut, item))
+        self._enqueue(_Write(None, None, None, fut, item, rider=current_rider()))
         return fut
 
     def _enqueue(self, w: _Write) -> None:
         self._queue.append(w)
         if len(self._queue) == 1:  # after every handler this turn has started
-            self._running_loop().call_soon(self._flush)
+            # In a context of its own: the batch is many submitters' writes, each with its
+            # own rider (run below), not the first submitter's for all of them.
+            self._running_loop().call_soon(self._flush, context=contextvars.Context())
 
     def _flush(self) -> None:
         batch, self._queue = self._queue, []
@@ -132,6 +136,9 @@ class GroupCommit:
                         continue
                     results[i] = _run(batch[i], tx)
                     i += 1
+                for w, (ok, _) in zip(batch, results, strict=True):
+                    if ok and w.rider is not None:  # in the transaction of the write it rides
+                        w.rider(tx)
         except Exception as e:  # rolled back whole: every write in it is refused alike
             for w in batch:
                 if not w.fut.done():

@@ -11,8 +11,12 @@ and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
   A's operator key
   (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
 - B takes it from its own consumer, checks it (its pinned key for A, its time, its id
-  never seen before), carries it out through host.sock's own table (one code path, one
-  set of refusals), and writes the outcome to ``results.B.<action id>``, which A waits for.
+  never seen before from A), carries it out through host.sock's own table (one code
+  path, one set of refusals), and writes the outcome to ``results.B.A-<action id>``,
+  which A waits for. Actions for different agents are carried out at once, each
+  agent's in order (``swarm/lanes.py``); each is carried out once across a crash of B's
+  core: its row in ``swarm_ops`` (``swarm/opstore.py``) is marked applied in the
+  transaction of its effect, and a delivery again gets the recorded outcome.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -44,14 +49,18 @@ from hyperhive.core.refusals import (
     Unavailable,
 )
 from hyperhive.core.store import StoreError
+from hyperhive.core.store.db import riding
 from hyperhive.core.summary import PAGE_MAX
 from hyperhive.names import NAME_RE, OPERATOR
 from hyperhive.swarm import jsontext
 from hyperhive.swarm import subjects as s
-from hyperhive.swarm.opstore import OpsSeen
+from hyperhive.swarm.lanes import Lanes
+from hyperhive.swarm.opstore import Applied, OpsSeen, Taken
 from hyperhive.swarm.pull import Puller
 from hyperhive.swarm.signing import (
     ActionError,
+    canonical,
+    check_fresh,
     load_or_create_key,
     open_sealed,
     parse_public,
@@ -65,6 +74,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hive.swarm")
 
+AT_ONCE = 8  # actions carried out at a time (each agent's in order: lanes.py)
+IN_FLIGHT = 64  # actions taken from the bus and not finished; the rest wait in the stream
+# Carried out again if this host died in the middle (no rider): each leaves the agent as
+# asked whatever it found, so running it again finishes what the crash cut short (a stop
+# marks the agent stopped in the store before its cage is stopped; a destroy deletes the
+# row last, after the cage and the agent's questions across hosts).
+AGAIN = frozenset({"start", "stop", "restart", "set_paused", "interrupt", "destroy"})
 ROWS_EVERY = 1.0  # seconds between two looks at this host's questions and approvals
 CARRY_WAIT = 10.0  # seconds the operator's request waits for the other host's outcome
 PUBLISH_TRIES_SECONDS = 5.0  # how long an action is offered to the bus before "not taken"
@@ -163,9 +179,13 @@ class OperatorRelay:
         self._published: dict[str, str] = {}  # this host's keys -> their values
         self._missing_said_at = -1e9  # when "no stream HIVE_OPS yet" was last logged
         self._waiting: dict[str, tuple[str, asyncio.Future[dict[str, Any]]]] = {}
-        self._results: dict[str, float] = {}  # this host's result keys -> when seen
+        self._results: dict[str, float] = {}  # this host's results' <from>-<id> -> when seen
         self.applied = 0  # actions carried out here (what the hive made of them: outcome)
         self.refused = 0  # actions refused before anything was done (forged, replayed, ...)
+        self.recovered = 0  # delivered again after a crash: their recorded outcome published
+        self._lanes = Lanes(AT_ONCE)  # the actions taken, in order per agent (lanes.py)
+        # (from host, action id) -> its message's stream sequence: taken, not finished
+        self._carrying: dict[tuple[str, str], int] = {}
 
     def loops(self) -> list[Callable[[], Awaitable[None]]]:
         # One reader per host whose operator this host obeys, each on that pair's own
@@ -191,6 +211,8 @@ class OperatorRelay:
             "approvals": self.listed("approvals", others_only=False),
             "actions_applied": self.applied,
             "actions_refused": self.refused,
+            "actions_recovered": self.recovered,
+            "actions_carrying": len(self._carrying),
         }
 
     def watched(self, parts: list[str], value: bytes | None, deleted: bool) -> bool:
@@ -226,12 +248,14 @@ class OperatorRelay:
             table[key] = make(host, key[1], row)
         return True
 
-    def _result(self, host: str, action_id: str, value: bytes | None, deleted: bool) -> None:
+    def _result(self, host: str, ident: str, value: bytes | None, deleted: bool) -> None:
+        """``results.<host>.<ident>``, ident ``<from>-<action id>``: what ``host`` made of
+        an action; the one this host's operator waits for if ``from`` is this host."""
         if deleted or value is None:
             return
         if host == self.host:
-            self._results[action_id] = time.monotonic()
-        waiting = self._waiting.get(action_id)
+            self._results[ident] = time.monotonic()
+        waiting = self._waiting.get(ident)
         if waiting is None or waiting[0] != host or waiting[1].done():
             return  # only the host the action went to says what became of it
         with contextlib.suppress(ValueError, RecursionError):
@@ -259,7 +283,8 @@ class OperatorRelay:
             raise Unavailable(f"the swarm's bus is unreachable: nothing was carried to {host}")
         action_id, data = seal(self.key, self.host, host, request)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._waiting[action_id] = (host, future)
+        ident = s.result_ident(self.host, action_id)  # its outcome's key: results.<host>.<ident>
+        self._waiting[ident] = (host, future)
         try:
             # Tried again for a few seconds (a stream electing its leader answers no one
             # meanwhile): the same Nats-Msg-Id, so JetStream keeps one copy whatever
@@ -288,7 +313,7 @@ class OperatorRelay:
             except TimeoutError:
                 return {"host": host, "action": action_id, "applied": False}
         finally:
-            self._waiting.pop(action_id, None)
+            self._waiting.pop(ident, None)
         if outcome.get("ok") is True:
             # Only as its types are (the outcome is the other host's to say).
             extra = {k: outcome[k] for k in REPLY_FIELDS if k in outcome}
@@ -337,9 +362,9 @@ class OperatorRelay:
 
     async def _prune_results(self, kv: Any) -> None:
         cutoff = time.monotonic() - RESULT_KEEP
-        for action_id in [a for a, t in self._results.items() if t < cutoff]:
-            await kv.delete(s.result_key(self.host, action_id))
-            del self._results[action_id]
+        for ident in [a for a, t in self._results.items() if t < cutoff]:
+            await kv.delete(s.results_key(self.host, ident))
+            del self._results[ident]
         self.seen.prune()
 
     # -- actions carried here ---------------------------------------------------------
@@ -368,6 +393,10 @@ class OperatorRelay:
         await puller.start()
         try:
             while True:
+                # Bounded: beyond IN_FLIGHT taken and not finished, the rest wait in the
+                # stream (a carried-out action goes on if this loop restarts: it acks itself).
+                while len(self._lanes.jobs) >= IN_FLIGHT:
+                    await asyncio.wait(set(self._lanes.jobs), return_when=asyncio.FIRST_COMPLETED)
                 m = await puller.next(wait=1.0)
                 if m is not None:
                     await self._take(m)
@@ -376,34 +405,126 @@ class OperatorRelay:
                 await puller.stop()
 
     async def _take(self, m: Msg) -> None:
-        """One action: refused (logged, counted, acked) unless it is sealed by a pinned
-        operator, recent and new; else carried out once, its outcome published, acked."""
+        """One delivery: refused (logged, counted, acked) unless it is sealed by a pinned
+        operator, recent and new, or the same message again; a new one is recorded as
+        taken and queued in its agent's lane (``_carry_out``); one delivered again after
+        this host died gets its recorded outcome, or is carried out if nothing of it was
+        committed (opstore.py)."""
         from_host = s.op_from_host_of(m.subject) or ""
         try:
-            action = open_sealed(m.data, from_host, self.host, self.operators)
+            # Its time is checked below: a delivery again of one taken is answered anyway.
+            action = open_sealed(m.data, from_host, self.host, self.operators, check_time=False)
         except ActionError as e:
             return await self._refuse(m, str(e))
+        action_id = action["id"]
+        # Bound to what was signed and to the one message that brought it: a replay (a new
+        # message, even of the same bytes) or another action under its id is refused.
+        digest = hashlib.sha256(canonical(action)).hexdigest()
+        seq = _stream_seq(m)
+        if self._carrying.get((from_host, action_id)) == seq:
+            return  # delivered again while being carried out: acked once it is
         try:
-            # Remembered before it is carried out: a crash in between loses the action
-            # (its sender hears nothing and may send a new one) rather than doing it twice.
-            first = self.seen.claim(action["id"], from_host)
+            row = self.seen.get(from_host, action_id)
+            if row is None:
+                check_fresh(action)
+                # Recorded before it is carried out (see opstore.py for after a crash).
+                if not self.seen.claim(from_host, action_id, digest, seq):
+                    raise ActionError(f"action {action_id} was taken before")
+            elif row.digest != digest or row.stream_seq != seq:
+                raise ActionError(f"action {action_id} was carried out before (a replay)")
+            elif row.state != "taken":
+                return await self._recovered(m, from_host, row)
+            else:  # this host died carrying it out, before anything of it was committed
+                try:
+                    check_fresh(action)
+                except ActionError as e:  # too late now: said so, once, as its outcome
+                    outcome = {"ok": False, "status": 409,
+                               "error": f"{e} (this host was down): nothing was done"}  # fmt: skip
+                    return await self._finish(m, from_host, action_id, outcome)
+        except ActionError as e:
+            return await self._refuse(m, str(e))
         except StoreError as e:
-            log.warning("swarm: can't record operator action %s yet: %s", action["id"], e)
+            log.warning("swarm: can't record operator action %s yet: %s", action_id, e)
             return  # not acked: the bus hands it over again
-        if not first:
-            return await self._refuse(m, f"action {action['id']} was carried out before (a replay)")
-        outcome = await self._apply(action["request"])
-        self.applied += 1
+        self._carrying[(from_host, action_id)] = seq
+        self._lanes.run(
+            self._lane_keys(action["request"]), lambda: self._carry_out(m, from_host, action)
+        )
+
+    def _lane_keys(self, request: dict[str, Any]) -> list[str] | None:
+        """The agents ``request`` acts on (None: every agent), whose earlier actions it
+        follows; none if it doesn't decode (its refusal waits for nothing)."""
+        try:
+            req: Any = HOST.decode(request)
+        except Exception:
+            return []
+        cmd = request["cmd"]
+        if cmd in ("start", "stop"):
+            targets: list[str] | None = req.scope.agent_targets()
+            return targets
+        if cmd == "send":
+            return [req.to]
+        if cmd == "answer_question":
+            asker = getattr(self.hive.store.questions.get(req.id), "asker", None)
+            return [asker if isinstance(asker, str) else f"#question {req.id}"]
+        if cmd in ("approve", "deny"):
+            agent = getattr(self.hive.store.approvals.get(req.id), "agent", None)
+            return [agent if isinstance(agent, str) else f"#approval {req.id}"]
+        return [req.name]  # spawn, request_spawn, restart, set_paused, interrupt, destroy
+
+    async def _carry_out(self, m: Msg, from_host: str, action: dict[str, Any]) -> None:
+        """Carry ``action`` out (its turn in its lanes came), record and publish what it
+        made, ack. The bus is told it is in progress meanwhile (a stop may take longer
+        than the consumer's ack wait, and must not be handed over again meanwhile)."""
+        action_id, request = action["id"], action["request"]
+        try:
+            progress = asyncio.get_running_loop().create_task(_in_progress(m))
+            rider = None if request["cmd"] in AGAIN else self.seen.rider(from_host, action_id)
+            try:
+                outcome = await self._apply(request, rider)
+            finally:
+                progress.cancel()
+                if rider is not None:
+                    rider.end()
+            self.applied += 1
+            log.info(
+                "swarm: operator action %s from host %s (%s): %s",
+                action_id, from_host, request["cmd"],
+                "applied" if outcome["ok"] else outcome["error"],
+            )  # fmt: skip
+            await self._finish(m, from_host, action_id, outcome)
+        except Exception:  # one action's failure is its own: the lanes go on
+            log.exception("swarm: operator action %s failed", action_id)
+        finally:
+            self._carrying.pop((from_host, action_id), None)
+
+    async def _recovered(self, m: Msg, from_host: str, row: Taken) -> None:
+        """The same message again, once this host carried it out (it died before the ack):
+        its outcome as recorded, nothing carried out again. One applied whose outcome was
+        not recorded yet was applied: so it says (a send's message id is not known)."""
+        self.recovered += 1
+        outcome = row.outcome if row.state == "done" and row.outcome else {"ok": True}
         log.info(
-            "swarm: operator action %s from host %s (%s): %s",
-            action["id"], from_host, action["request"]["cmd"],
-            "applied" if outcome["ok"] else outcome["error"],
+            "swarm: operator action %s from host %s delivered again: was %s, not carried out"
+            " again", row.action_id, from_host, row.state,
         )  # fmt: skip
+        await self._finish(m, from_host, row.action_id, outcome)
+
+    async def _finish(
+        self, m: Msg, from_host: str, action_id: str, outcome: dict[str, Any]
+    ) -> None:
+        """Record the outcome, publish it where its sender waits for it, then ack: a crash
+        anywhere before the ack hands the same message over again, which finds it here."""
+        try:
+            self.seen.done(from_host, action_id, outcome)
+        except StoreError as e:
+            log.warning("swarm: can't record operator action %s's outcome: %s", action_id, e)
+            return  # not acked: delivered again, it is found applied (or taken) then
         kv = await self.bridge._bucket()
         data = json.dumps({**outcome, "at": time.time()}).encode()
         for _ in range(20):  # its sender waits for this; the bus may be changing leaders
             try:
-                await kv.put(s.result_key(self.host, action["id"]), data)
+                await kv.put(s.result_key(self.host, from_host, action_id), data)
                 break
             except (nats.errors.Error, TimeoutError, nats.js.errors.Error):
                 await asyncio.sleep(0.25)
@@ -414,13 +535,15 @@ class OperatorRelay:
         log.warning("swarm: refused an operator action on %s: %s", m.subject, why)
         await m.ack()
 
-    async def _apply(self, request: dict[str, Any]) -> dict[str, Any]:
-        """The request as if the operator had made it on this host's host.sock."""
+    async def _apply(self, request: dict[str, Any], rider: Applied | None) -> dict[str, Any]:
+        """The request as if the operator had made it on this host's host.sock; ``rider``
+        marks it applied in the transaction of its effect."""
         if request["cmd"] in ("approve", "deny") and not request.get("payload_sha256"):
             return {"ok": False, "status": 422, "error": "an approval from another host"
                     " must be bound to its payload_sha256"}  # fmt: skip
         try:
-            reply = await HOST.call(OperatorSession(self.hive), HOST.decode(request))
+            with riding(rider) if rider is not None else contextlib.nullcontext():
+                reply = await HOST.call(OperatorSession(self.hive), HOST.decode(request))
         except Refused as e:
             return {"ok": False, "status": e.status, "error": str(e)[:SHORT_TEXT_CHARS]}
         except Exception as e:  # its id is taken: say what happened rather than lose it
@@ -430,3 +553,19 @@ class OperatorRelay:
         # a send's message id there.
         made = reply if isinstance(reply, dict) and request["cmd"] in REPLY_VERBS else {}
         return {"ok": True, **{k: made[k] for k in REPLY_FIELDS if k in made}}
+
+
+def _stream_seq(m: Msg) -> int:
+    """The stream sequence of a stored message (the same in each of its deliveries)."""
+    try:
+        return int(m.metadata.sequence.stream)
+    except Exception:  # no $JS.ACK reply: never handed here by the Puller
+        return -1
+
+
+async def _in_progress(m: Msg) -> None:
+    """Tell the bus every half ack wait that ``m`` is still being carried out."""
+    while True:
+        await asyncio.sleep(s.ACK_WAIT_SECONDS / 2)
+        with contextlib.suppress(Exception):
+            await m.in_progress()

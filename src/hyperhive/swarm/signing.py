@@ -116,10 +116,13 @@ def open_sealed(
     this_host: str,
     operators: dict[str, Ed25519PublicKey],
     now: float | None = None,
+    check_time: bool = True,
 ) -> dict[str, Any]:
     """The action in ``data``, published on ``subject_host``'s subject, if this host
     obeys it: well formed, from that host, to this one, signed by the key pinned for
-    it, and recent. Its id is not checked against replays here (the caller's table)."""
+    it, and recent (``check_time``; else the caller checks it with ``check_fresh``: a
+    delivery again of an action this host took is answered whatever its age). Its id is
+    not checked against replays here (the caller's table)."""
     if len(data) > MAX_ACTION_BYTES:
         raise ActionError(f"action of {len(data)} bytes; at most {MAX_ACTION_BYTES}")
     try:
@@ -149,18 +152,25 @@ def open_sealed(
         public.verify(base64.b64decode(env["sig"], validate=True), canonical(a))
     except (InvalidSignature, ValueError, binascii.Error):
         raise ActionError(f"bad signature for host {subject_host}'s operator") from None
+    req = a["request"]
+    if not isinstance(req, dict) or req.get("cmd") not in CARRIED or "host" in req:
+        raise ActionError("not an operator action this host carries out")
+    if check_time:
+        check_fresh(a, now)
+    return a
+
+
+def check_fresh(action: dict[str, Any], now: float | None = None) -> None:
+    """Refuse an opened action whose time is not within the last TTL_SECONDS (or too far
+    ahead of this host's clock)."""
     now = time.time() if now is None else now
-    at = a["at"]
+    at = action["at"]
     # Finite: a NaN or infinite time (JSON as Python reads it) compares false both ways, so
     # it would pass the window below and never expire, replayable once its id is pruned.
     if not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at):
         raise ActionError("bad action time")
     if at < now - TTL_SECONDS or at > now + SKEW_SECONDS:
-        raise ActionError(f"action {a['id']} is {now - at:.0f} s old; refused")
-    req = a["request"]
-    if not isinstance(req, dict) or req.get("cmd") not in CARRIED or "host" in req:
-        raise ActionError("not an operator action this host carries out")
-    return a
+        raise ActionError(f"action {action['id']} is {now - at:.0f} s old; refused")
 
 
 def _is_hex(text: str) -> bool:

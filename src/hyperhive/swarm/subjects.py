@@ -163,9 +163,21 @@ def approval_key(host: str, aid: int) -> str:
     return f"approvals.{host}.{aid}"
 
 
-def result_key(host: str, action_id: str) -> str:
-    """What ``host`` made of a carried operator action (value: ok or the refusal)."""
-    return f"results.{host}.{action_id}"
+def result_key(host: str, from_host: str, action_id: str) -> str:
+    """What ``host`` made of the operator action ``from_host`` carried there (value: ok or
+    the refusal). The sending host is part of the key: an action id is that host's own,
+    so another host's action under the same id can't write over its outcome."""
+    return results_key(host, result_ident(from_host, action_id))
+
+
+def results_key(host: str, ident: str) -> str:
+    """``result_key`` by its last token, as a watch hands it over."""
+    return f"results.{host}.{ident}"
+
+
+def result_ident(from_host: str, action_id: str) -> str:
+    """The last token of ``result_key``: the sender, then its action id (32 hex)."""
+    return f"{from_host}-{action_id}"
 
 
 # -- another host's item whole (swarm/show.py) ----------------------------------------

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeAlias
 
@@ -18,6 +19,29 @@ from hyperhive.core.store.common import StoreError
 from hyperhive.core.store.schema import MIGRATIONS, apply_migration
 
 Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
+
+# A write that rides along in every transaction its task commits (``riding``): what makes
+# "this was done" commit in the same transaction as the doing (swarm/opstore.py marks a
+# carried operator action applied so; a redelivery after a crash then finds it done).
+Rider: TypeAlias = Callable[["Tx"], None]
+_RIDER: ContextVar[Rider | None] = ContextVar("hive_store_rider", default=None)
+
+
+@contextmanager
+def riding(rider: Rider) -> Iterator[None]:
+    """Within this block (this task, and tasks it starts), every ``Database.tx`` and every
+    write queued to a group commit (core/groupcommit.py) also runs ``rider`` in its
+    transaction, just before the commit; it must be idempotent and cheap."""
+    token = _RIDER.set(rider)
+    try:
+        yield
+    finally:
+        _RIDER.reset(token)
+
+
+def current_rider() -> Rider | None:
+    """The rider of the running task, if any (a group commit takes it at submit time)."""
+    return _RIDER.get()
 
 
 class Tx:
@@ -100,7 +124,10 @@ class Database:
             raise StoreError(f"storage error: {e}") from None
         try:
             try:
-                yield Tx(conn)
+                tx = Tx(conn)
+                yield tx
+                if (rider := _RIDER.get()) is not None:
+                    rider(tx)
             except sqlite3.Error as e:
                 self._rollback()
                 raise StoreError(f"storage error: {e}") from None
