@@ -36,7 +36,8 @@ PORT = int(os.environ.get("HIVE_BENCH_PORT") or _free_port())
 REPLY_AT_ONCE = (
     "import json,os,socket,sys; m=json.load(sys.stdin); s=socket.socket(socket.AF_UNIX);"
     "s.connect(os.environ['HIVE_SOCKET']);"
-    "s.sendall(json.dumps({'cmd':'send','to':'operator','body':'re %d' % m['id']}).encode()+b'\\n');"
+    "s.sendall(json.dumps({'cmd':'send','to':'operator','body':'re %d' % m['id']})"
+    ".encode()+b'\\n');"
     "s.recv(999)"
 )
 
@@ -61,9 +62,21 @@ class Hive:
 
     def start(self, timeout: float = 120) -> None:
         self.proc = subprocess.Popen(
-            [HIVE, "--run-dir", str(self.run_dir), "up", "--config", str(self.base / "hive.toml"),
-             "--state-dir", str(self.state_dir), "--listen", f"127.0.0.1:{PORT}"],
-            stdout=subprocess.PIPE, stderr=open(self.base / "up.log", "wb"), stdin=subprocess.DEVNULL,
+            [
+                HIVE,
+                "--run-dir",
+                str(self.run_dir),
+                "up",
+                "--config",
+                str(self.base / "hive.toml"),
+                "--state-dir",
+                str(self.state_dir),
+                "--listen",
+                f"127.0.0.1:{PORT}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=open(self.base / "up.log", "wb"),  # noqa: SIM115 (the hive's log, for its life)
+            stdin=subprocess.DEVNULL,
             env={"HIVE_LOG_LEVEL": "WARNING", **os.environ},
         )
         assert self.proc.stdout is not None
@@ -137,14 +150,31 @@ def bench_cage_start(ctx: Context) -> list[Row]:
         hive.stop()
     ms = [s * 1000 for s in samples]
     return [
-        Row("cages", "cold start p50", percentile(ms, 50), "ms", Target("<=", 60), f"{len(ms)} starts"),
-        Row("cages", "cold start p99", percentile(ms, 99), "ms", Target("<=", 100), f"{len(ms)} starts"),
+        Row(
+            "cages",
+            "cold start p50",
+            percentile(ms, 50),
+            "ms",
+            Target("<=", 60),
+            f"{len(ms)} starts",
+        ),
+        Row(
+            "cages",
+            "cold start p99",
+            percentile(ms, 99),
+            "ms",
+            Target("<=", 100),
+            f"{len(ms)} starts",
+        ),
         Row("cages", "idle memory per cage", mem, "MiB", Target("<=", 10), "cgroup memory usage"),
     ]
 
 
 def _latency_between(hive: Hive, a: str, b: str, n: int) -> list[float]:
-    ca, cb = Client(hive.run_dir / "agents" / a / "agent.sock"), Client(hive.run_dir / "agents" / b / "agent.sock")
+    ca, cb = (
+        Client(hive.run_dir / "agents" / a / "agent.sock"),
+        Client(hive.run_dir / "agents" / b / "agent.sock"),
+    )
     out = []
     try:
         for i in range(n):
@@ -180,11 +210,29 @@ def bench_density(ctx: Context) -> list[Row]:
         gateway_rows = _gateway(hive, ctx)
     finally:
         hive.stop()
-    return gateway_rows + [
-        Row("density", f"{n} cages running", started, "s", None, "hive up → all harnesses connected"),
-        Row("density", "total cage memory", cage_mem, "MiB", None, f"{cage_mem / n:.1f} MiB per cage"),
-        Row("density", "message p50 under load", percentile(lat, 50), "ms", None, f"{len(lat)} messages"),
-        Row("density", "message p99 under load", percentile(lat, 99), "ms", Target("<=", 10), f"{n} cages"),
+    per_cage = f"{cage_mem / n:.1f} MiB per cage"
+    return [
+        *gateway_rows,
+        Row(
+            "density", f"{n} cages running", started, "s", None, "hive up → all harnesses connected"
+        ),
+        Row("density", "total cage memory", cage_mem, "MiB", None, per_cage),
+        Row(
+            "density",
+            "message p50 under load",
+            percentile(lat, 50),
+            "ms",
+            None,
+            f"{len(lat)} messages",
+        ),
+        Row(
+            "density",
+            "message p99 under load",
+            percentile(lat, 99),
+            "ms",
+            Target("<=", 10),
+            f"{n} cages",
+        ),
     ]
 
 
@@ -206,11 +254,26 @@ def _login(hive: Hive) -> tuple[str, str]:
 
 def _wrk(path: str, cookie: str, seconds: int) -> tuple[float, float]:
     """Requests/s and p99 (ms) from wrk, 2 threads, 32 connections."""
-    out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", "--latency", "-H", f"Cookie: {cookie}",
-                          f"http://127.0.0.1:{PORT}{path}"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "wrk",
+            "-t2",
+            "-c32",
+            f"-d{seconds}s",
+            "--latency",
+            "-H",
+            f"Cookie: {cookie}",
+            f"http://127.0.0.1:{PORT}{path}",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     rps = float(out.split("Requests/sec:")[1].split()[0])
     p99 = out.split(" 99%")[1].split()[0]
-    unit = 1000.0 if p99.endswith("s") and not p99.endswith("ms") and not p99.endswith("us") else 1.0
+    unit = (
+        1000.0 if p99.endswith("s") and not p99.endswith("ms") and not p99.endswith("us") else 1.0
+    )
     value = float(p99.rstrip("msu"))
     if p99.endswith("us"):
         value /= 1000
@@ -224,8 +287,10 @@ def _gateway(hive: Hive, ctx: Context) -> list[Row]:
     rows: list[Row] = []
     cookie, csrf = _login(hive)
     rps, p99 = _wrk("/api/state", cookie, ctx.n(10, 2))
-    rows += [Row("gateway", "GET /api/state", rps, "req/s", Target(">=", 1000), "100 agents, wrk 2×32"),
-             Row("gateway", "GET /api/state p99", p99, "ms", None, "")]
+    rows += [
+        Row("gateway", "GET /api/state", rps, "req/s", Target(">=", 1000), "100 agents, wrk 2×32"),
+        Row("gateway", "GET /api/state p99", p99, "ms", None, ""),
+    ]
     stream = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
     stream.request("GET", "/api/dashboard/stream", headers={"Cookie": cookie})
     sse = stream.getresponse()
@@ -237,18 +302,32 @@ def _gateway(hive: Hive, ctx: Context) -> list[Row]:
             qid = agent.call("ask", to="operator", question=f"q{i}")["id"]
             while True:  # the event on the open dashboard's stream …
                 line = sse.readline()
-                if line.startswith(b"data:") and json.loads(line[5:]).get("question", {}).get("id") == qid:
+                if (
+                    line.startswith(b"data:")
+                    and json.loads(line[5:]).get("question", {}).get("id") == qid
+                ):
                     break
             conn = http.client.HTTPConnection("127.0.0.1", PORT, timeout=10)
-            conn.request("GET", "/api/state", headers={"Cookie": cookie})  # … and the redraw's fetch
+            conn.request(
+                "GET", "/api/state", headers={"Cookie": cookie}
+            )  # … and the redraw's fetch
             conn.getresponse().read()
             asks.append((time.perf_counter() - t0) * 1000)
             agent.send_raw(b'{"cmd":"recv","wait":10}\n')
             time.sleep(0.001)
             t1 = time.perf_counter()
-            conn.request("POST", f"/answer-question/{qid}", body=f"answer=a{i}",
-                         headers={"Cookie": cookie, "X-CSRF-Token": csrf, "Origin": f"http://127.0.0.1:{PORT}",
-                                  "Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"})
+            conn.request(
+                "POST",
+                f"/answer-question/{qid}",
+                body=f"answer=a{i}",
+                headers={
+                    "Cookie": cookie,
+                    "X-CSRF-Token": csrf,
+                    "Origin": f"http://127.0.0.1:{PORT}",
+                    "Content-Type": "application/x-www-form-urlencoded",
+                    "Accept": "application/json",
+                },
+            )
             conn.getresponse().read()
             got = agent.read()
             answers.append((time.perf_counter() - t1) * 1000)
@@ -258,10 +337,22 @@ def _gateway(hive: Hive, ctx: Context) -> list[Row]:
         agent.close()
         stream.close()
     rows += [
-        Row("gateway", "ask → open dashboard p99", percentile(asks, 99), "ms", Target("<=", 100),
-            f"p50 {percentile(asks, 50):.1f} ms; SSE event + /api/state"),
-        Row("gateway", "answer → agent recv p99", percentile(answers, 99), "ms", Target("<=", 100),
-            f"p50 {percentile(answers, 50):.1f} ms; POST /answer-question"),
+        Row(
+            "gateway",
+            "ask → open dashboard p99",
+            percentile(asks, 99),
+            "ms",
+            Target("<=", 100),
+            f"p50 {percentile(asks, 50):.1f} ms; SSE event + /api/state",
+        ),
+        Row(
+            "gateway",
+            "answer → agent recv p99",
+            percentile(answers, 99),
+            "ms",
+            Target("<=", 100),
+            f"p50 {percentile(answers, 50):.1f} ms; POST /answer-question",
+        ),
     ]
     return rows
 
@@ -288,13 +379,28 @@ def bench_turn_overhead(ctx: Context) -> list[Row]:
                 turns.append((time.perf_counter() - t0) * 1000)
         bare_prog = (
             "import subprocess,time,json; ts=[]\n"
-            "for i in range(%d):\n"
-            "    t=time.perf_counter(); subprocess.run(['python3','-c',%r], input=json.dumps({'id':i}).encode()); "
+            f"for i in range({ctx.n(50, 5)}):\n"
+            f"    t=time.perf_counter(); subprocess.run(['python3','-c',{REPLY_AT_ONCE!r}],"
+            " input=json.dumps({'id':i}).encode()); "
             "ts.append((time.perf_counter()-t)*1000)\n"
-            "print(json.dumps(ts))" % (ctx.n(50, 5), REPLY_AT_ONCE)
+            "print(json.dumps(ts))"
         )
-        out = subprocess.run([HIVE, "--run-dir", str(hive.run_dir), "exec", "echo", "--", "python3", "-c", bare_prog],
-                             capture_output=True, check=True, timeout=300)
+        out = subprocess.run(
+            [
+                HIVE,
+                "--run-dir",
+                str(hive.run_dir),
+                "exec",
+                "echo",
+                "--",
+                "python3",
+                "-c",
+                bare_prog,
+            ],
+            capture_output=True,
+            check=True,
+            timeout=300,
+        )
         bare = json.loads(out.stdout)
     finally:
         hive.stop()
@@ -302,8 +408,22 @@ def bench_turn_overhead(ctx: Context) -> list[Row]:
     return [
         Row("turns", "send → reply in inbox p50", p50_turn, "ms", None, f"{len(turns)} turns"),
         Row("turns", "send → reply in inbox p99", percentile(turns, 99), "ms", None, ""),
-        Row("turns", "bare command in the cage p50", p50_bare, "ms", None, "same command, run in the cage"),
-        Row("turns", "hive overhead p50", p50_turn - p50_bare, "ms", Target("<=", 20), "turn p50 − bare p50"),
+        Row(
+            "turns",
+            "bare command in the cage p50",
+            p50_bare,
+            "ms",
+            None,
+            "same command, run in the cage",
+        ),
+        Row(
+            "turns",
+            "hive overhead p50",
+            p50_turn - p50_bare,
+            "ms",
+            Target("<=", 20),
+            "turn p50 − bare p50",
+        ),
     ]
 
 

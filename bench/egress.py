@@ -56,8 +56,20 @@ print(json.dumps(out))
 
 def _curl_mb_s(argv_prefix: list[str], url: str, mib: int, *curl_args: str) -> float:
     proc = subprocess.run(
-        [*argv_prefix, "curl", *curl_args, "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{speed_download}",
-         f"{url}/bytes/{mib << 20}"], capture_output=True, text=True, timeout=300,
+        [
+            *argv_prefix,
+            "curl",
+            *curl_args,
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{speed_download}",
+            f"{url}/bytes/{mib << 20}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     code, size, speed = proc.stdout.split()
     if code != "200" or int(size) != mib << 20:
@@ -69,10 +81,30 @@ def _in_cage_host_net(hive: Hive, name: str) -> list[str]:
     """argv prefix: like `hive exec NAME --` (see priv/cages.py exec_argv), minus --net."""
     cage = priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=[name]))["cages"][name]
     return [
-        "nsenter", "--target", str(cage["pid"]), "--mount", "--uts", "--ipc", "--pid", "--root",
-        f"--wdns={layout.HOME}", "/usr/bin/setpriv", "--reuid", str(cage["uid"]), "--regid", str(cage["gid"]),
-        "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--no-new-privs",
-        "--", "/usr/bin/env", "-i", f"PATH={layout.PATH}", f"HOME={layout.HOME}",
+        "nsenter",
+        "--target",
+        str(cage["pid"]),
+        "--mount",
+        "--uts",
+        "--ipc",
+        "--pid",
+        "--root",
+        f"--wdns={layout.HOME}",
+        "/usr/bin/setpriv",
+        "--reuid",
+        str(cage["uid"]),
+        "--regid",
+        str(cage["gid"]),
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        "/usr/bin/env",
+        "-i",
+        f"PATH={layout.PATH}",
+        f"HOME={layout.HOME}",
         *layout.python_argv("exec", "--"),
     ]
 
@@ -85,12 +117,29 @@ def bench_egress(ctx: Context) -> list[Row]:
         try:
             hive.start()
             hive.wait_running({"net"})
-            in_cage = [str(Path(sys.executable).parent / "hive"), "--run-dir", str(hive.run_dir), "exec", "net", "--"]
+            in_cage = [
+                str(Path(sys.executable).parent / "hive"),
+                "--run-dir",
+                str(hive.run_dir),
+                "exec",
+                "net",
+                "--",
+            ]
             direct_from_cage = _in_cage_host_net(hive, "net")
-            who = subprocess.run([*direct_from_cage, "sh", "-c", "id -u; hostname"], capture_output=True,
-                                 text=True, timeout=60).stdout.split()
-            if who != [str(priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=["net"]))
-                           ["cages"]["net"]["uid"]), "net"]:
+            who = subprocess.run(
+                [*direct_from_cage, "sh", "-c", "id -u; hostname"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.split()
+            if who != [
+                str(
+                    priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=["net"]))["cages"][
+                        "net"
+                    ]["uid"]
+                ),
+                "net",
+            ]:
                 raise RuntimeError(f"the direct client is not in the cage: {who}")
             url = f"http://{SERVER_ADDRESS}"
             direct, proxied = [], []
@@ -98,9 +147,16 @@ def bench_egress(ctx: Context) -> list[Row]:
                 direct.append(_curl_mb_s(direct_from_cage, url, mib, "--noproxy", "*"))
                 proxied.append(_curl_mb_s(in_cage, url, mib))
             lat: dict[str, list[float]] = {}
-            for mode, prefix in (("direct", [*direct_from_cage, "python3"]), ("proxied", [*in_cage, "python3"])):
-                proc = subprocess.run([*prefix, "-c", LATENCY, mode, str(n), SERVER_ADDRESS],
-                                      capture_output=True, text=True, timeout=300)
+            for mode, prefix in (
+                ("direct", [*direct_from_cage, "python3"]),
+                ("proxied", [*in_cage, "python3"]),
+            ):
+                proc = subprocess.run(
+                    [*prefix, "-c", LATENCY, mode, str(n), SERVER_ADDRESS],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"latency ({mode}) failed: {proc.stderr[-500:]}")
                 lat[mode] = json.loads(proc.stdout)
@@ -110,14 +166,23 @@ def bench_egress(ctx: Context) -> list[Row]:
     ld, lp = percentile(lat["direct"], 50), percentile(lat["proxied"], 50)
     section = "egress"
     return [
-        Row(section, f"direct download ({mib} MiB) from the cage, host netns, median of {rounds}", d50, "MB/s"),
+        Row(
+            section,
+            f"direct download ({mib} MiB) from the cage, host netns, median of {rounds}",
+            d50,
+            "MB/s",
+        ),
         Row(section, f"through the proxy from a cage, median of {rounds}", p50, "MB/s"),
         Row(section, "proxied ÷ direct throughput", 100 * p50 / d50, "%", Target(">=", 50)),
-        Row(section, f"small GET p50 direct / proxied ({n} requests)", lp, "ms",
-            note=f"direct {ld:.3f} ms"),
+        Row(
+            section,
+            f"small GET p50 direct / proxied ({n} requests)",
+            lp,
+            "ms",
+            note=f"direct {ld:.3f} ms",
+        ),
         Row(section, "added latency per request p50", lp - ld, "ms", Target("<=", 2)),
     ]
-
 
 
 # -- TLS termination (issue 16) --------------------------------------------------------------
@@ -166,7 +231,8 @@ for i in range(n + 5):
     t0 = time.perf_counter()
     if mode == "direct":  # to the address, TLS to the name (the cage has no resolver)
         c = http.client.HTTPSConnection(addr, 443, timeout=10, context=ctx)
-        c.sock = ctx.wrap_socket(socket.create_connection((addr, 443), timeout=10), server_hostname=host)
+        raw = socket.create_connection((addr, 443), timeout=10)
+        c.sock = ctx.wrap_socket(raw, server_hostname=host)
     else:
         c = http.client.HTTPSConnection("127.0.0.1", 3128, timeout=10, context=ctx)
         c.set_tunnel(host, 443)
@@ -191,14 +257,27 @@ def _test_ca(directory: Path) -> tuple[Path, Path]:
 
     now = datetime.datetime.now(datetime.UTC)
 
-    def cert(cn: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name, signer: ec.EllipticCurvePrivateKey,
-             ca: bool) -> x509.Certificate:
-        b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-             .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
-             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    def cert(
+        cn: str,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Name,
+        signer: ec.EllipticCurvePrivateKey,
+        ca: bool,
+    ) -> x509.Certificate:
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if not ca:
-            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+            b = b.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False
+            )
         return b.sign(signer, hashes.SHA256())
 
     ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
@@ -207,8 +286,14 @@ def _test_ca(directory: Path) -> tuple[Path, Path]:
     leaf = cert(TLS_NAME, key, ca_name, ca_key, False)
     ca_path, server_path = directory / "bench-ca.pem", directory / "bench-server.pem"
     ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    server_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                              serialization.NoEncryption()) + leaf.public_bytes(serialization.Encoding.PEM))
+    server_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        + leaf.public_bytes(serialization.Encoding.PEM)
+    )
     ca_path.chmod(0o644)
     return ca_path, server_path
 
@@ -224,41 +309,91 @@ def bench_egress_tls(ctx: Context) -> list[Row]:
     certs.chmod(0o755)
     ca_path, server_path = _test_ca(certs)
     rules = [f"{TLS_NAME}:443", f"{TLS_ADDRESS}:443"]
-    toml = "\n".join([
-        "[egress]", f'hosts = {{ "{TLS_NAME}" = "{TLS_ADDRESS}" }}', f'upstream_ca = "{ca_path}"', "",
-        "[[secret_binding]]", 'secret = "bench"', 'agents = ["term"]', f'to = "{TLS_NAME}:443"',
-        'header = "authorization: Bearer {}"', 'env = "BENCH_TOKEN"', "",
-    ])
+    toml = "\n".join(
+        [
+            "[egress]",
+            f'hosts = {{ "{TLS_NAME}" = "{TLS_ADDRESS}" }}',
+            f'upstream_ca = "{ca_path}"',
+            "",
+            "[[secret_binding]]",
+            'secret = "bench"',
+            'agents = ["term"]',
+            f'to = "{TLS_NAME}:443"',
+            'header = "authorization: Bearer {}"',
+            'env = "BENCH_TOKEN"',
+            "",
+        ]
+    )
     with TestNet(44, prefix="hvbt") as net:
-        net.serve(TLS_ADDRESS, 443, [sys.executable, "-c", TLS_SERVER, TLS_ADDRESS, "443", str(server_path)])
-        hive = Hive({"tun": {"command": ["true"], "egress": rules},
-                     "term": {"command": ["true"], "egress": rules}}, toml)
+        net.serve(
+            TLS_ADDRESS,
+            443,
+            [sys.executable, "-c", TLS_SERVER, TLS_ADDRESS, "443", str(server_path)],
+        )
+        hive = Hive(
+            {
+                "tun": {"command": ["true"], "egress": rules},
+                "term": {"command": ["true"], "egress": rules},
+            },
+            toml,
+        )
         try:
             hive.start()
             hive.wait_running({"tun", "term"})
             hive.call("secret_set", name="bench", value="bench-token")
             hive_bin = str(Path(sys.executable).parent / "hive")
-            cages = {name: [hive_bin, "--run-dir", str(hive.run_dir), "exec", name, "--"] for name in ("tun", "term")}
-            for prefix in cages.values():  # the test CA where each cage's clients find it (its home)
-                subprocess.run([*prefix, "sh", "-c", "cat > /home/agent/bench-ca.pem"], input=ca_path.read_text(),
-                               text=True, check=True, timeout=60)
+            cages = {
+                name: [hive_bin, "--run-dir", str(hive.run_dir), "exec", name, "--"]
+                for name in ("tun", "term")
+            }
+            for (
+                prefix
+            ) in cages.values():  # the test CA where each cage's clients find it (its home)
+                subprocess.run(
+                    [*prefix, "sh", "-c", "cat > /home/agent/bench-ca.pem"],
+                    input=ca_path.read_text(),
+                    text=True,
+                    check=True,
+                    timeout=60,
+                )
             direct_from_cage = _in_cage_host_net(hive, "tun")
             url = f"https://{TLS_NAME}"
             resolve = ("--resolve", f"{TLS_NAME}:443:{TLS_ADDRESS}")
             tput: dict[str, list[float]] = {"direct": [], "tunnel": [], "terminated": []}
             core, core_cpu = _core_pid(hive), 0.0
             for _ in range(rounds):
-                tput["direct"].append(_curl_mb_s(direct_from_cage, url, mib, "--noproxy", "*", *resolve,
-                                                 "--cacert", "/home/agent/bench-ca.pem"))
-                tput["tunnel"].append(_curl_mb_s(cages["tun"], url, mib, "--cacert", "/home/agent/bench-ca.pem"))
+                tput["direct"].append(
+                    _curl_mb_s(
+                        direct_from_cage,
+                        url,
+                        mib,
+                        "--noproxy",
+                        "*",
+                        *resolve,
+                        "--cacert",
+                        "/home/agent/bench-ca.pem",
+                    )
+                )
+                tput["tunnel"].append(
+                    _curl_mb_s(cages["tun"], url, mib, "--cacert", "/home/agent/bench-ca.pem")
+                )
                 cpu0 = _cpu_seconds(core)
-                tput["terminated"].append(_curl_mb_s(cages["term"], url, mib))  # the hive CA, from SSL_CERT_FILE
+                tput["terminated"].append(
+                    _curl_mb_s(cages["term"], url, mib)
+                )  # the hive CA, from SSL_CERT_FILE
                 core_cpu += _cpu_seconds(core) - cpu0
             lat: dict[str, list[float]] = {}
-            for mode, prefix in (("direct", direct_from_cage), ("tunnel", cages["tun"]),
-                                 ("terminated", cages["term"])):
-                proc = subprocess.run([*prefix, "python3", "-c", TLS_LATENCY, mode, str(n), TLS_NAME, TLS_ADDRESS],
-                                      capture_output=True, text=True, timeout=600)
+            for mode, prefix in (
+                ("direct", direct_from_cage),
+                ("tunnel", cages["tun"]),
+                ("terminated", cages["term"]),
+            ):
+                proc = subprocess.run(
+                    [*prefix, "python3", "-c", TLS_LATENCY, mode, str(n), TLS_NAME, TLS_ADDRESS],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
                 if proc.returncode != 0:
                     raise RuntimeError(f"latency ({mode}) failed: {proc.stderr[-800:]}")
                 lat[mode] = json.loads(proc.stdout)
@@ -269,17 +404,49 @@ def bench_egress_tls(ctx: Context) -> list[Row]:
     p = {k: percentile(v, 50) for k, v in lat.items()}
     section = "egress (TLS)"
     return [
-        Row(section, f"HTTPS download ({mib} MiB) direct from the cage, median of {rounds}", t["direct"], "MB/s"),
+        Row(
+            section,
+            f"HTTPS download ({mib} MiB) direct from the cage, median of {rounds}",
+            t["direct"],
+            "MB/s",
+        ),
         Row(section, "through the proxy, CONNECT tunnel", t["tunnel"], "MB/s"),
         Row(section, "through the proxy, TLS terminated (a binding)", t["terminated"], "MB/s"),
-        Row(section, "tunnel ÷ direct throughput", 100 * t["tunnel"] / t["direct"], "%", Target(">=", 75)),
-        Row(section, "TLS-terminated ÷ direct throughput", 100 * t["terminated"] / t["direct"], "%",
-            Target(">=", 50)),
+        Row(
+            section,
+            "tunnel ÷ direct throughput",
+            100 * t["tunnel"] / t["direct"],
+            "%",
+            Target(">=", 75),
+        ),
+        Row(
+            section,
+            "TLS-terminated ÷ direct throughput",
+            100 * t["terminated"] / t["direct"],
+            "%",
+            Target(">=", 50),
+        ),
         # What the proxy spends on it, which other load on the machine does not change.
-        Row(section, "hive-core CPU per GiB relayed, TLS terminated", core_cpu / (rounds * mib / 1024), "s/GiB"),
-        Row(section, f"HTTPS GET on a fresh connection p50, direct ({n} requests)", p["direct"], "ms"),
+        Row(
+            section,
+            "hive-core CPU per GiB relayed, TLS terminated",
+            core_cpu / (rounds * mib / 1024),
+            "s/GiB",
+        ),
+        Row(
+            section,
+            f"HTTPS GET on a fresh connection p50, direct ({n} requests)",
+            p["direct"],
+            "ms",
+        ),
         Row(section, "added latency p50, tunnel", p["tunnel"] - p["direct"], "ms"),
-        Row(section, "added latency p50, TLS terminated", p["terminated"] - p["direct"], "ms", Target("<=", 3)),
+        Row(
+            section,
+            "added latency p50, TLS terminated",
+            p["terminated"] - p["direct"],
+            "ms",
+            Target("<=", 3),
+        ),
     ]
 
 

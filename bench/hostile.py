@@ -120,8 +120,10 @@ def _requests() -> list[dict[str, Any]]:
 def _writer(hive: Hive, stop: threading.Event, out: dict[str, Any]) -> None:
     conn = Conn(hive.run_dir / "agents" / HOG / "agent.sock")
     accepted, refused, nbytes = Counter[str](), Counter[str](), 0
-    lines = [(r["cmd"] + (" operator" if r.get("to") == "operator" else ""), _wire(r))
-             for r in _requests()]  # encoded once: the bench's own cost stays small
+    lines = [
+        (r["cmd"] + (" operator" if r.get("to") == "operator" else ""), _wire(r))
+        for r in _requests()
+    ]  # encoded once: the bench's own cost stays small
     i = 0
     try:
         while not stop.is_set():
@@ -258,24 +260,62 @@ def bench_hostile(ctx: Context) -> list[Row]:
     section = "hostile"
     note = f"{seconds} s of writes"
     return [
-        Row(section, "accepted writes", sum(accepted.values()), "req",
-            note=", ".join(f"{k} {v}" for k, v in sorted(accepted.items()))),
+        Row(
+            section,
+            "accepted writes",
+            sum(accepted.values()),
+            "req",
+            note=", ".join(f"{k} {v}" for k, v in sorted(accepted.items())),
+        ),
         Row(section, "bytes accepted", mib_written, "MiB", note=f"in {seconds} s"),
-        Row(section, "refused writes", sum(refused.values()), "req",
-            note=", ".join(f"{k} {v}" for k, v in refused.most_common(3))),
+        Row(
+            section,
+            "refused writes",
+            sum(refused.values()),
+            "req",
+            note=", ".join(f"{k} {v}" for k, v in refused.most_common(3)),
+        ),
         Row(section, "core RSS before", rss_before, "MiB"),
         Row(section, "core RSS peak", peak, "MiB", note="VmHWM / sampled VmRSS"),
-        Row(section, "core RSS growth (peak − before)", peak - rss_before, "MiB",
-            Target("<=", 200), note),
+        Row(
+            section,
+            "core RSS growth (peak − before)",
+            peak - rss_before,
+            "MiB",
+            Target("<=", 200),
+            note,
+        ),
         Row(section, "core RSS after", rss_after, "MiB", note="2 s after the writes stop"),
-        Row(section, "/api/state size (largest)", max(sizes) / 2**20, "MiB", Target("<=", 1),
-            f"before {state_before / 1024:.0f} KiB; {len(sizes)} fetches"),
-        Row(section, "/api/state fetch (slowest)", max(fetch_ms), "ms",
-            note=f"p50 {percentile(fetch_ms, 50):.0f} ms, through the gateway"),
-        Row(section, "host.sock p50 (list, polled)", percentile(lat, 50), "ms",
-            note=f"{len(lat)} samples"),
-        Row(section, "host.sock p99 (list, polled)", percentile(lat, 99), "ms", Target("<=", 50),
-            f"max {max(lat):.0f} ms; due every {POLL_PERIOD * 1000:.0f} ms"),
+        Row(
+            section,
+            "/api/state size (largest)",
+            max(sizes) / 2**20,
+            "MiB",
+            Target("<=", 1),
+            f"before {state_before / 1024:.0f} KiB; {len(sizes)} fetches",
+        ),
+        Row(
+            section,
+            "/api/state fetch (slowest)",
+            max(fetch_ms),
+            "ms",
+            note=f"p50 {percentile(fetch_ms, 50):.0f} ms, through the gateway",
+        ),
+        Row(
+            section,
+            "host.sock p50 (list, polled)",
+            percentile(lat, 50),
+            "ms",
+            note=f"{len(lat)} samples",
+        ),
+        Row(
+            section,
+            "host.sock p99 (list, polled)",
+            percentile(lat, 99),
+            "ms",
+            Target("<=", 50),
+            f"max {max(lat):.0f} ms; due every {POLL_PERIOD * 1000:.0f} ms",
+        ),
     ]
 
 

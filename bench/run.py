@@ -145,8 +145,15 @@ class Core:
         # The benchmarks measure the core at full speed: the per-agent rate limit is off.
         # max_agents: all of them; these agents open no tunnels, so a small egress cap keeps
         # the core's descriptor budget within this machine's NOFILE.
-        lines = ["[limits]", "messages_per_second = 0", f"max_agents = {len(AGENTS)}", "",
-                 "[egress]", "max_connections = 4", ""]
+        lines = [
+            "[limits]",
+            "messages_per_second = 0",
+            f"max_agents = {len(AGENTS)}",
+            "",
+            "[egress]",
+            "max_connections = 4",
+            "",
+        ]
         for name, peers in AGENTS.items():
             lines += [f"[agents.{name}]", 'command = ["true"]', f"peers = {json.dumps(peers)}", ""]
         self.config.write_text("\n".join(lines))
@@ -547,13 +554,26 @@ def bench_latency_64(ctx: Context) -> list[Row]:
     rows = _latency_rows(sect, samples, targets=False)
     rows[0].target, rows[1].target = Target("<=", 2.0), Target("<=", 10.0)
     rounds = pairs * ctx.n(110, 7)  # warm-up rounds too: the CPU time covers them
-    return rows + [
-        Row(sect, "core CPU per round", cpu * 1e6 / rounds, "µs", None,
-            "send + recv + ack, hive-core's user+system time"),
+    return [
+        *rows,
+        Row(
+            sect,
+            "core CPU per round",
+            cpu * 1e6 / rounds,
+            "µs",
+            None,
+            "send + recv + ack, hive-core's user+system time",
+        ),
         # The client shares this 2-core machine: the core's rounds/s is also bounded by
         # 2 / (core + client CPU per round), so the client's cost is part of the figure.
-        Row(sect, "bench client CPU per round", mine * 1e6 / rounds, "µs", None,
-            "this process's user+system time (one uvloop loop, 128 connections)"),
+        Row(
+            sect,
+            "bench client CPU per round",
+            mine * 1e6 / rounds,
+            "µs",
+            None,
+            "this process's user+system time (one uvloop loop, 128 connections)",
+        ),
     ]
 
 
@@ -713,12 +733,24 @@ def bench_cockpit(ctx: Context) -> list[Row]:
             rows += [
                 Row("cockpit", f"{label} p50", percentile(times, 50), "ms", None, note),
                 # Both at most 100 ms p99 at 1,000 agents (issues 15 and 17).
-                Row("cockpit", f"{label} p99", percentile(times, 99), "ms", Target("<=", 100.0),
-                    note),
+                Row(
+                    "cockpit",
+                    f"{label} p99",
+                    percentile(times, 99),
+                    "ms",
+                    Target("<=", 100.0),
+                    note,
+                ),
                 # The core's own CPU per request: what the machine's load can't inflate.
                 Row("cockpit", f"{label} core CPU", cpu_ms, "ms/request", None, note),
-                Row("cockpit", f"{label} size", size / 1024, "KiB",
-                    Target("<=", 300.0) if path == "/" else None, note),
+                Row(
+                    "cockpit",
+                    f"{label} size",
+                    size / 1024,
+                    "KiB",
+                    Target("<=", 300.0) if path == "/" else None,
+                    note,
+                ),
             ]
     return rows
 
@@ -804,9 +836,13 @@ def print_markdown(rows: list[Row], meta: dict[str, Any]) -> None:
     for r in rows:
         flag = {None: "", True: "ok", False: "**MISS**"}[r.passed]
         target = "" if r.target is None else r.target.text(r.unit)
-        print(f"| {r.section} | {r.name} | {_fmt(r.value)} {r.unit} | {target} | {flag} | {r.note} |")
-    print(f"\n{len(rows)} figures; {meta['wall_s']:.0f} s on {meta['cpus']} CPU(s), "
-          f"Python {meta['python']}")
+        print(
+            f"| {r.section} | {r.name} | {_fmt(r.value)} {r.unit} | {target} | {flag} | {r.note} |"
+        )
+    print(
+        f"\n{len(rows)} figures; {meta['wall_s']:.0f} s on {meta['cpus']} CPU(s), "
+        f"Python {meta['python']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -843,8 +879,12 @@ def main(argv: list[str] | None = None) -> int:
         core = Core(base, profile=args.profile_core.resolve() if args.profile_core else None)
         core.start()
         try:
-            ctx = Context(quick=args.quick, core=core, base=base,
-                          plot=args.plot.resolve() if args.plot else None)
+            ctx = Context(
+                quick=args.quick,
+                core=core,
+                base=base,
+                plot=args.plot.resolve() if args.plot else None,
+            )
             for fn in all_benchmarks():
                 if args.only and not any(o in fn.__name__ for o in args.only):
                     continue

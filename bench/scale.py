@@ -90,8 +90,11 @@ def _most_cages(want: int) -> int:
     if hard == resource.RLIM_INFINITY or cost(want) <= hard:
         return want
     most = max(100, (hard - cost(0)) // (cost(1) - cost(0)) // 100 * 100)
-    print(f"scale: {want} cages need {cost(want)} descriptors in hive-core, the hard NOFILE "
-          f"is {hard} and may not be raised here: {most} cages", file=sys.stderr)
+    print(
+        f"scale: {want} cages need {cost(want)} descriptors in hive-core, the hard NOFILE "
+        f"is {hard} and may not be raised here: {most} cages",
+        file=sys.stderr,
+    )
     return most
 
 
@@ -102,8 +105,10 @@ def bench_scale(ctx: Context) -> list[Row]:
     agents = {f"a{i}": {"command": ["true"], "peers": [f"a{(i + 1) % n}"]} for i in range(n)}
     # The least each agent may cost the core (4 connections per uid, one tunnel): the budget
     # that lets N agents fit this machine's descriptors (hive up raises NOFILE to it).
-    toml = (f"[limits]\nmax_agents = {n}\nmessages_per_second = 0\nagent_connections = 4\n\n"
-            "[egress]\nmax_connections = 1\n")
+    toml = (
+        f"[limits]\nmax_agents = {n}\nmessages_per_second = 0\nagent_connections = 4\n\n"
+        "[egress]\nmax_connections = 1\n"
+    )
     hive = Hive(agents, toml)
     sect = f"scale: {n} cages"
     rows: list[Row] = []
@@ -112,33 +117,81 @@ def bench_scale(ctx: Context) -> list[Row]:
         hive.start(timeout=1800)
         hive.wait_running(names, timeout=1800)
         up = time.perf_counter() - t0
-        rows.append(Row(sect, "hive up → every harness connected", up, "s",
-                        Target("<=", 60.0) if n >= 1000 else None, f"{n} cages"))
+        rows.append(
+            Row(
+                sect,
+                "hive up → every harness connected",
+                up,
+                "s",
+                Target("<=", 60.0) if n >= 1000 else None,
+                f"{n} cages",
+            )
+        )
         time.sleep(3)
         status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus())
         mem = [c.get("memory_bytes", 0) / 2**20 for c in status["cages"].values()]
-        rows.append(Row(sect, "idle memory per cage", sum(mem) / max(1, len(mem)), "MiB",
-                        Target("<=", 10.0), f"mean of {len(mem)}; {sum(mem) / 1024:.1f} GiB in all"))
+        rows.append(
+            Row(
+                sect,
+                "idle memory per cage",
+                sum(mem) / max(1, len(mem)),
+                "MiB",
+                Target("<=", 10.0),
+                f"mean of {len(mem)}; {sum(mem) / 1024:.1f} GiB in all",
+            )
+        )
         (core,) = _pids(f"hyperhive.core --run-dir {hive.run_dir}")
         fds, threads, nofile = _fds_threads(core)
-        rows.append(Row(sect, "hive-core descriptors", fds, "fds", Target("<=", nofile),
-                        f"{threads} threads; NOFILE {nofile}"))
+        rows.append(
+            Row(
+                sect,
+                "hive-core descriptors",
+                fds,
+                "fds",
+                Target("<=", nofile),
+                f"{threads} threads; NOFILE {nofile}",
+            )
+        )
         conf = (hive.run_dir / "gateway" / "nginx.conf").read_text()
         wc = int(re.search(r"worker_connections\s+(\d+)", conf).group(1))  # type: ignore[union-attr]
         nginx = _pids(f"nginx: .*{hive.run_dir}/gateway") or _pids("nginx: worker")
         worst = max((_fds_threads(p) for p in nginx), default=(0, 0, 0))
-        rows.append(Row(sect, "nginx descriptors (busiest)", worst[0], "fds", Target("<=", wc),
-                        f"worker_connections {wc}; NOFILE {worst[2]}"))
+        rows.append(
+            Row(
+                sect,
+                "nginx descriptors (busiest)",
+                worst[0],
+                "fds",
+                Target("<=", wc),
+                f"worker_connections {wc}; NOFILE {worst[2]}",
+            )
+        )
         for name in ("a0", "a1"):  # the bench reads their inboxes itself
             hive.call("set_paused", name=name, paused=True)
         lat = _latency_between(hive, "a0", "a1", ctx.n(500, 20))
-        rows.append(Row(sect, "message p99", percentile(lat, 99), "ms", Target("<=", 10.0),
-                        f"p50 {percentile(lat, 50):.2f} ms, {len(lat)} messages"))
+        rows.append(
+            Row(
+                sect,
+                "message p99",
+                percentile(lat, 99),
+                "ms",
+                Target("<=", 10.0),
+                f"p50 {percentile(lat, 50):.2f} ms, {len(lat)} messages",
+            )
+        )
         cookie, _ = _login(hive)
         for path, what in (("/", "dashboard first screen"), ("/api/state", "GET /api/state")):
             p50, p99 = _get_p99(cookie, path, ctx.n(50, 5))
-            rows.append(Row(sect, f"{what} p99", p99, "ms", Target("<=", 100.0),
-                            f"p50 {p50:.1f} ms, one at a time"))
+            rows.append(
+                Row(
+                    sect,
+                    f"{what} p99",
+                    p99,
+                    "ms",
+                    Target("<=", 100.0),
+                    f"p50 {p50:.1f} ms, one at a time",
+                )
+            )
         # hive-core killed with every cage running: `hive up` starts it again, and each
         # harness reconnects on its own (the sockets come back in the same directories).
         os.kill(core, signal.SIGKILL)
@@ -150,21 +203,33 @@ def bench_scale(ctx: Context) -> list[Row]:
             time.sleep(0.2)
         back = time.perf_counter() - t0
         got = _reachable(hive, names)
-        rows.append(Row(sect, "core restart → every agent reachable", back, "s",
-                        Target("<=", 5.0), f"{got}/{n} reachable; kill -9 of hive-core"))
+        rows.append(
+            Row(
+                sect,
+                "core restart → every agent reachable",
+                back,
+                "s",
+                Target("<=", 5.0),
+                f"{got}/{n} reachable; kill -9 of hive-core",
+            )
+        )
         points = _sweep(hive, n, ctx.n(20, 2))
     finally:
         hive.stop()
     for p in points:
-        note = (f"p99 {p.start_p99:.0f} ms of {p.starts}; idle {p.mem_mib:.1f} MiB/cage;"
-                f" load {p.load:.1f}")
+        note = (
+            f"p99 {p.start_p99:.0f} ms of {p.starts}; idle {p.mem_mib:.1f} MiB/cage;"
+            f" load {p.load:.1f}"
+        )
         rows.append(Row(sect, f"cold start p50, {p.running} running", p.start_p50, "ms", note=note))
     if ctx.plot is not None:
         from plot import plot_scale  # type: ignore[import-not-found]
 
         loads = [p.load for p in points]
-        title = (f"hyperhive, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}: one cage started"
-                 f" among N idle\n(load average {min(loads):.1f} to {max(loads):.1f} meanwhile)")
+        title = (
+            f"hyperhive, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}: one cage started"
+            f" among N idle\n(load average {min(loads):.1f} to {max(loads):.1f} meanwhile)"
+        )
         plot_scale(points, ctx.plot, title=title)
         print(f"scale: wrote {ctx.plot}", file=sys.stderr)
     return rows
@@ -201,12 +266,22 @@ def _sweep(hive: Hive, n: int, starts: int) -> list[Point]:
         time.sleep(2)  # idle: the started cage's harness settles
         status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=running))
         mem = [c["memory_bytes"] / 2**20 for c in status["cages"].values() if "memory_bytes" in c]
-        points.append(Point(count, percentile(ms, 50), percentile(ms, 99), len(ms),
-                            sum(mem) / max(1, len(mem)), os.getloadavg()[0]))
+        points.append(
+            Point(
+                count,
+                percentile(ms, 50),
+                percentile(ms, 99),
+                len(ms),
+                sum(mem) / max(1, len(mem)),
+                os.getloadavg()[0],
+            )
+        )
         p = points[-1]
-        print(f"scale: {count} running: cold start p50 {p.start_p50:.0f} ms, "
-              f"p99 {p.start_p99:.0f} ms; {p.mem_mib:.1f} MiB/cage; load {p.load:.1f}",
-              file=sys.stderr)
+        print(
+            f"scale: {count} running: cold start p50 {p.start_p50:.0f} ms, "
+            f"p99 {p.start_p99:.0f} ms; {p.mem_mib:.1f} MiB/cage; load {p.load:.1f}",
+            file=sys.stderr,
+        )
     return points[::-1]
 
 

@@ -90,6 +90,7 @@ def _throughput(swarm: Swarm, n: int) -> tuple[float, float]:
     machine's other load moves far less than the rate."""
     pids = _pids(swarm)
     cpu0 = sum(_cpu_seconds(p) for p in pids)
+
     def sender(host: str, name: str) -> None:
         c = Line(swarm.cores[host].agent_sock(name))
         for i in range(n):
@@ -126,7 +127,8 @@ def bench_swarm(ctx: Context) -> list[Row]:
         gen = make_swarm(
             Path(tmp),
             subnet=int(os.environ.get("HIVE_TEST_SWARM_SUBNET", "182")),
-            agents=AGENTS, limits={"messages_per_second": 0}
+            agents=AGENTS,
+            limits={"messages_per_second": 0},
         )
         swarm = next(gen)
         try:

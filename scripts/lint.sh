@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The gates: ruff's lint rules (src and tests), ruff's format (src) and mypy strict (src,
+# The gates: ruff's lint rules (src, tests and bench), ruff's format (src and bench) and mypy strict (src,
 # from pyproject). Stops at the first gate that fails, saying which.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -14,7 +14,7 @@ gate() {
     fi
 }
 
-gate "ruff check" .venv/bin/ruff check src tests
-gate "ruff format" .venv/bin/ruff format --check src
+gate "ruff check" .venv/bin/ruff check src tests bench
+gate "ruff format" .venv/bin/ruff format --check src bench
 gate "mypy" .venv/bin/mypy
 echo "lint: all gates pass"
