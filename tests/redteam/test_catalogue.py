@@ -67,6 +67,8 @@ REQUIRED = {
     "swarm-page-injection",
     # red team round 11: the operator's steering across hosts, what the bus keeps and drops
     "swarm-reserved-sender", "swarm-ops-flood", "swarm-msg-id-poisoning", "swarm-store-fill",
+    # red team round 12: recv's known inboxes, riders beside agents' writes
+    "core.known-inbox", "swarm-ops-rider",
 }
 
 PLUGIN = r'''

@@ -530,11 +530,11 @@ class Hive:
         how many were not acked before. One not in its inbox: refused, nothing acked."""
         name = actor.name
 
-        def done(_: int) -> None:
+        def done(fresh: int) -> None:
             in_flight = self._in_flight[name]
             for i in ids:
                 in_flight.pop(i, None)
-            self.inboxes.acked(name, ids)
+            self.inboxes.acked(name, ids, fresh)
 
         return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
 
