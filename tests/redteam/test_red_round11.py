@@ -567,13 +567,13 @@ def test_lone_surrogates_from_c_break_nothing(swarm: Swarm) -> None:
 
 @pytest.mark.attack("swarm-operator-forgery", ref="red team round 11: c writes outcomes of b's under keys of its own bucket")
 def test_c_cannot_publish_outcomes_for_another_host(swarm: Swarm) -> None:
-    """a waits for ``results.b.<id>`` of each action it carries to b. c may write only
-    ``results.c.>`` in its own bucket: ``results.b.<id>`` in c's bucket or in b's, and an
+    """a waits for ``results.b.a-<id>`` of each action it carries to b. c may write only
+    ``results.c.>`` in its own bucket: ``results.b.a-<id>`` in c's bucket or in b's, and an
     outcome under a's or b's heartbeat or claim keys, are permissions violations (nothing
     stored; and a watcher skips a key in c's bucket that names another host anyway)."""
     action = uuid.uuid4().hex
-    subjects = [s.kv_subject("c", s.result_key("b", action)), s.kv_subject("b", s.result_key("b", action)),
-                s.kv_subject("c", s.result_key("a", action)), s.kv_subject("c", s.host_key("b"))]
+    subjects = [s.kv_subject("c", s.result_key("b", "a", action)), s.kv_subject("b", s.result_key("b", "a", action)),
+                s.kv_subject("c", s.result_key("a", "b", action)), s.kv_subject("c", s.host_key("b"))]
     for subject in subjects:
 
         async def attack(nc: Any, subject: str = subject) -> None:
