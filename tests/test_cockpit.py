@@ -330,8 +330,9 @@ def test_secrets_section_binds_and_unbinds_in_place(web: Web, context: BrowserCo
 
 
 def insert_agents(web: Web, n: int) -> None:
-    """``n`` agent rows straight into the hive's SQLite (stopped: no cage is started);
-    the core's agents cache is dropped by the next write of an agent (a set_status)."""
+    """``n`` agent rows straight into the hive's SQLite (stopped: no cage is started).
+    The core's agents cache replaces one row on a one-row write (a status, a pause), so
+    a whole-table write makes it read them: an agent spawned and destroyed."""
     db = sqlite3.connect(web.hive.state_dir / "hive.db", timeout=30)
     try:
         spec = db.execute("SELECT spec FROM agents WHERE name=?", (CALM,)).fetchone()[0]
@@ -343,6 +344,9 @@ def insert_agents(web: Web, n: int) -> None:
                 [(f"bulk-{i:04d}", spec, i % 7 == 0, f"idle {i}", now, now) for i in range(n)])
     finally:
         db.close()
+    for cmd, fields in (("spawn", {"spec": {"runtime": "command", "command": ["true"]}}), ("destroy", {})):
+        done = web.hive.host_call(cmd, name="bulk-gone", **fields)
+        assert done["ok"], done
     assert web.hive.agent_call(CALM, "set_status", text="a thousand neighbours")["ok"]
     wait_for(lambda: len(web.hive.agent_status()) == n + len(AGENTS), "the bulk agents")
 
