@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 
 from hyperhive.swarm.natsconf import ADMIN, server_config
+from testnet import clear_stale
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/bin/nats-server"
 
@@ -70,6 +71,7 @@ class SwarmNet:
 
     def __enter__(self) -> SwarmNet:
         self.close()
+        clear_stale(self.subnet)  # a killed run's bridge would keep the subnet's route
         try:
             ip("link", "add", self.bridge, "type", "bridge")
             ip("addr", "add", f"198.18.{self.subnet}.1/24", "dev", self.bridge)

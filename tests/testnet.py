@@ -9,7 +9,9 @@ pair. Used by the egress tests and the egress benchmark (root only).
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -59,6 +61,46 @@ def ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
 
 
+def _is_python(pid: str) -> bool:
+    """Whether /proc/<pid> is a live Python process (a test run; pids are reused)."""
+    try:
+        return pid.isdigit() and b"python" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def clear_stale(subnet: int) -> None:
+    """Remove what a killed test run left on 198.18.<subnet>.0/24: its host-side link
+    (a bridge or a veth end) would keep the subnet's route, and this run's packets
+    would go to the dead run's namespaces. Refuses (one line) when the address is held
+    by something that is not a test network of a dead process."""
+    shown = subprocess.run(["ip", "-j", "addr", "show"], check=True, capture_output=True, text=True)
+    mine = str(os.getpid() % 100000)
+    for link in json.loads(shown.stdout):
+        name = link["ifname"]
+        if not any(a.get("local", "").startswith(f"198.18.{subnet}.") for a in link.get("addr_info", [])):
+            continue
+        # A test network's names: a prefix, the subnet, "x", the creating process's pid
+        # (cut short where a link name reaches 15 characters), a suffix.
+        found = re.match(rf"^([a-z][a-z0-9]*){subnet}x(\d+)", name)
+        if not found:
+            raise RuntimeError(f"198.18.{subnet}.0/24 is taken by {name}, not a test network")
+        pid = found[2]
+        if not mine.startswith(pid) and any(p.startswith(pid) and _is_python(p) for p in os.listdir("/proc")):
+            raise RuntimeError(f"198.18.{subnet}.0/24 is in use by {name}, a running process's test network")
+        for ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n"):
+            ns = ns.split(" ")[0]
+            if ns.startswith(f"{found[1]}{subnet}x{pid}"):
+                pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout.split()
+                for p in pids:
+                    try:
+                        os.kill(int(p), 9)
+                    except ProcessLookupError:
+                        pass
+                subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", name], capture_output=True)
+
+
 class TestNet:
     """A namespace ``ns`` with addresses 198.18.<subnet>.2.. and the host at .1."""
 
@@ -80,6 +122,7 @@ class TestNet:
 
     def __enter__(self) -> TestNet:
         self.close()  # leftovers of a crashed run with the same pid
+        clear_stale(self.subnet)  # and of one with another pid
         ip("netns", "add", self.ns)
         try:
             ip("link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if, "netns", self.ns)
