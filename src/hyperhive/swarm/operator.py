@@ -579,12 +579,13 @@ class OperatorRelay:
         if cmd in ("approve", "deny") and not request.get("payload_sha256"):
             return {"ok": False, "status": 422, "error": "an approval from another host"
                     " must be bound to its payload_sha256"}  # fmt: skip
-        if cmd in LIFECYCLE and not _bound(request):
-            return {"ok": False, "status": 422, "error": f"a {cmd} from another host must be"
-                    " bound to the created_at of each agent it names"}  # fmt: skip
         try:
+            req: Any = HOST.decode(request)
+            if cmd in LIFECYCLE and not _bound(req):
+                return {"ok": False, "status": 422, "error": f"a {cmd} from another host must"
+                        " be bound to the created_at of each agent it names"}  # fmt: skip
             with riding(rider, at_completion=cmd in LIFECYCLE):
-                reply = await HOST.call(OperatorSession(self.hive), HOST.decode(request))
+                reply = await HOST.call(OperatorSession(self.hive), req)
         except Refused as e:
             return {"ok": False, "status": e.status, "error": str(e)[:SHORT_TEXT_CHARS]}
         except Exception as e:  # its id is taken: say what happened rather than lose it
@@ -596,14 +597,14 @@ class OperatorRelay:
         return {"ok": True, **{k: made[k] for k in REPLY_FIELDS if k in made}}
 
 
-def _bound(request: dict[str, Any]) -> bool:
-    """A lifecycle request names each agent's incarnation (a stop or start of every agent
-    names none)."""
-    created_at = request.get("created_at")
-    if request["cmd"] not in ("start", "stop"):
-        return created_at is not None
-    names = request.get("scope", {}).get("agent_names") or []
-    return not names or (isinstance(created_at, dict) and set(created_at) >= set(names))
+def _bound(req: Any) -> bool:
+    """A lifecycle request (decoded) names each agent's incarnation (a stop or start of
+    every agent names none)."""
+    scope = getattr(req, "scope", None)
+    if scope is None:  # restart, set_paused, interrupt, destroy: one agent
+        return req.created_at is not None
+    names = scope.agent_names
+    return not names or (req.created_at is not None and set(req.created_at) >= set(names))
 
 
 def _stream_seq(m: Msg) -> int:
