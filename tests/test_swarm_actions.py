@@ -215,6 +215,18 @@ def recovered_after_kill(swarm: Swarm[HiveProcess], old_pid: int) -> None:
     assert swarm.status("b")["actions_applied"] == 0  # nothing carried out again
 
 
+def test_a_roster_rows_created_at_is_kept_only_as_a_number_a_store_could_hold() -> None:
+    """Another host's row's ``created_at`` (what the operator's lifecycle actions on its
+    agent are bound to) is the writing host's to say: kept only as a finite number >= 0,
+    else None (and an action on that agent is refused on this host, nothing carried)."""
+    from hyperhive.swarm.bridge import incarnation
+
+    assert incarnation(1764739000.5) == 1764739000.5
+    assert incarnation(0) == 0.0 and isinstance(incarnation(7), float)
+    for bad in (True, False, None, "1764739000.5", -1.0, float("nan"), float("inf"), [1.0], {"a": 1}):
+        assert incarnation(bad) is None, bad
+
+
 def test_a_carried_lifecycle_action_bound_to_an_earlier_incarnation_is_refused(
     hives: Swarm[HiveProcess],
 ) -> None:
