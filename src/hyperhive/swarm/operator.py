@@ -303,6 +303,13 @@ class OperatorRelay:
                     if time.monotonic() < deadline:
                         await asyncio.sleep(0.25)
                         continue
+                    if isinstance(e, nats.js.errors.APIError) and e.err_code == s.PAIR_FULL:
+                        # The stream holds its bound of this pair's actions, unread by that
+                        # host (bus.py): refused by the bus, so certainly not carried out.
+                        raise Unavailable(
+                            f"host {host} has not read the {s.ACTIONS_PAIR_MSGS} actions the"
+                            " bus holds from this host: not carried, try again later"
+                        ) from None
                     raise Unavailable(
                         f"the bus did not take the action for host {host} ({type(e).__name__});"
                         " it may or may not be carried out"
