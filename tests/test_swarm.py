@@ -174,7 +174,7 @@ def test_a_redelivered_message_is_stored_once(swarm: Swarm) -> None:
         try:
             js = nc.jetstream()
             for n in range(2):
-                await js.publish("hive.msg.b.from.a", json.dumps([item]).encode(),
+                await js.publish(s.msg_subject("b", "a"), json.dumps([item]).encode(),
                                  headers={"Nats-Msg-Id": f"dup-1-try{n}"})
         finally:
             await nc.close()

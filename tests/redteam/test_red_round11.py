@@ -17,8 +17,9 @@ Broke (fixed in this round):
   dedup dropped a's bundles to bob; c sent bob its own messages under a's next row ids and
   b's ``swarm_seen`` skipped alice's.
 
-Open: ``swarm-store-fill`` (a strict xfail): the streams keep what c publishes for their
-max age, read or not.
+- ``swarm-store-fill`` (fixed in session 9): the streams kept what c published for their
+  max age, read or not, on any receiving token: now work queues bounded per pair of hosts
+  (``swarm-pair-bound``), each permission naming a configured host.
 """
 from __future__ import annotations
 
@@ -33,16 +34,18 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.js.errors
 import pytest
 
 from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess
 from hyperhive.swarm import subjects as s
+from hyperhive.swarm.natsconf import host_permissions
 from hyperhive.swarm.signing import load_or_create_key, seal
-from swarm_faults import drain
+from swarm_faults import drain, take
 from swarm_fixture import Swarm
 
-from .test_swarm_hostile import as_host_c
+from .test_swarm_hostile import as_host_c, violation
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -128,10 +131,14 @@ def test_cs_refused_actions_do_not_delay_the_operators(swarm: Swarm) -> None:
     n = int(os.environ.get("R11N", "20000"))
     subject = s.op_subject("b", "c")
 
+    refused: list[BaseException] = []
+
     async def attack(nc: Any) -> None:
         js = nc.jetstream(timeout=30)
         for start in range(0, n, 500):
-            await asyncio.gather(*(js.publish(subject, b"{}") for _ in range(start, min(n, start + 500))))
+            got = await asyncio.gather(*(js.publish(subject, b"{}") for _ in range(start, min(n, start + 500))),
+                                       return_exceptions=True)
+            refused.extend(r for r in got if isinstance(r, BaseException))
 
     a = swarm.cores["a"]
     try:
@@ -140,9 +147,15 @@ def test_cs_refused_actions_do_not_delay_the_operators(swarm: Swarm) -> None:
         published = time.monotonic() - t0
         reply = a.host_call("set_paused", name="bob", paused=True, host="b")
         backlog = {c: _ops_pending(swarm, s.ops_consumer("b", c)) for c in "ac"}
-        print(f"c published {n} actions in {published:.1f} s; a's reply {reply}; b's backlog after it: {backlog}")
+        print(f"c published {n} actions in {published:.1f} s ({len(refused)} refused); a's reply {reply};"
+              f" b's backlog after it: {backlog}")
         assert reply.get("ok") and reply.get("applied"), (reply, "b's actions consumer still holds", backlog)
-        assert backlog == {"a": 0, "c": n}, backlog  # b reads none of c's: it obeys no operator of c's
+        # b reads none of c's (it obeys no operator of c's), and the bus holds at most the
+        # pair's bound of them (session 9: the rest refused, none of a's).
+        kept = min(n, s.ACTIONS_PAIR_MSGS)
+        assert backlog == {"a": 0, "c": kept}, backlog
+        assert len(refused) == n - kept and all(
+            isinstance(r, nats.js.errors.APIError) and r.err_code == s.PAIR_FULL for r in refused), refused[:3]
     finally:
         _purge_ops(swarm, subject)
         a.host_call("set_paused", name="bob", paused=False, host="b")
@@ -301,47 +314,134 @@ def _stored_on(swarm: Swarm, stream: str, subject: str) -> int:
 
 
 @pytest.mark.attack("swarm-store-fill", ref="red team round 11: what c publishes stays in the cluster's store, read or not")
-@pytest.mark.xfail(strict=True, reason="open: HIVE_MSGS and HIVE_OPS keep what a host publishes for their max age"
-                   " (7 days, 1 hour) whether or not anyone reads it, bounded only by each node's JetStream store")
 def test_c_cannot_keep_the_clusters_store_full(swarm: Swarm) -> None:
     """Each host's roster is bounded in a bucket of its own (64 MiB), but the message and
-    action streams are shared and bounded by age only (limits retention): c publishes
-    1 MB payloads on its own subjects, one that b reads and drops (``hive.msg.b.from.c``:
-    not a bundle), and two no host reads (``hive.msg.zz.from.c``, ``hive.op.zz.from.c``:
-    ``*`` in c's permissions takes any token). Each node's JetStream store is 4 GB
-    (natsconf.py), R3, so about 4,000 such messages (a minute of c's link) fill every node:
-    then every host's sends, heartbeats, rows, claims and actions are refused by the bus
-    for a week. The secure behaviour asserted: after b has read and dropped c's, and with
-    no host named ``zz``, the streams hold at most 4 of the R11M (16) messages c put on
-    each subject."""
+    action streams were shared and bounded by age only (limits retention): c publishes
+    1 MB payloads on its own subjects, one that b reads and drops (its pair to b: not a
+    bundle), and two no host reads (to ``zz``, no such host, on both streams: ``*`` in
+    c's permissions took any token). Each node's JetStream store is 4 GB (natsconf.py),
+    R3, so about 4,000 such messages (a minute of c's link) filled every node: then every
+    host's sends, heartbeats, rows, claims and actions were refused by the bus for a week.
+    The secure behaviour asserted: after b has read and dropped c's, the streams hold at
+    most 4 of the R11M (16) messages c put on each subject. Fixed: a work queue (what b
+    acked left the stream) and each host's permission names the configured hosts (c's
+    publishes to ``zz`` are permissions violations, stored nowhere)."""
     n = int(os.environ.get("R11M", "16"))
     body = b"x" * 1_000_000
-    subjects = [(s.STREAM, s.msg_subject("b", "c")), (s.STREAM, s.msg_subject("zz", "c")),
-                (s.OPS_STREAM, s.op_subject("zz", "c"))]
+    read = (s.STREAM, s.msg_subject("b", "c"))
+    nowhere = [(s.STREAM, s.msg_subject("zz", "c")), (s.OPS_STREAM, s.op_subject("zz", "c"))]
 
     async def attack(nc: Any) -> None:
         js = nc.jetstream(timeout=30)
-        for _, subject in subjects:
+        for _ in range(n):
+            await js.publish(read[1], body)
+        # Refused by the server (no reply: JetStream never sees them); its -ERR comes back.
+        for _, subject in nowhere:
             for _ in range(n):
-                await js.publish(subject, body)
+                await nc.publish(subject, body)
+        await nc.flush()
 
     async def tidy() -> None:
         nc = await _admin(swarm)
         try:
-            for stream, subject in subjects:
+            for stream, subject in [read, *nowhere]:
                 await nc.jetstream().purge_stream(stream, subject=subject)
         finally:
             await nc.close()
 
     try:
-        refused = as_host_c(swarm, attack, settle=0)
+        errors = as_host_c(swarm, attack, settle=2.0)
         dropped = swarm.status("b")["dropped"]
         wait_for(lambda: _pending(swarm, s.STREAM, s.consumer("b", "c")) == 0, timeout=30)
-        held = {subject: _stored_on(swarm, stream, subject) for stream, subject in subjects}
-        print(f"c's 1 MB messages the streams hold after b read its own: {held}; bus refused {refused}; b dropped {dropped}")
+        held = {subject: _stored_on(swarm, stream, subject) for stream, subject in [read, *nowhere]}
+        print(f"c's 1 MB messages the streams hold after b read its own: {held}; bus refused {errors[:2]}; b dropped {dropped}")
         assert all(k <= 4 for k in held.values()), held
+        assert held[nowhere[0][1]] == held[nowhere[1][1]] == 0, held
+        for _, subject in nowhere:
+            violation(errors, subject)
     finally:
         asyncio.run(tidy())
+
+
+def test_rendered_permissions_name_each_configured_receiver() -> None:
+    """What c may publish on the two streams names each other configured host, no
+    wildcard and not itself (no consumer reads a pair to itself); a host name that is a
+    wildcard (or anything but a name) is refused when the config is rendered."""
+    perms = host_permissions("c", ["a", "b", "c"])["publish"]["allow"]
+    stored = [p for p in perms if p.startswith((s.MSG_ROOT + ".", s.OPS_ROOT + "."))]
+    assert sorted(stored) == sorted([s.msg_subject("a", "c"), s.msg_subject("b", "c"),
+                                     s.op_subject("a", "c"), s.op_subject("b", "c")]), stored
+    assert not [p for p in perms if p.startswith((s.LEGACY_MSG_ROOT + ".", "hive.op."))], perms
+    for bad in ("*", ">", "b.x", "B"):
+        with pytest.raises(ValueError):
+            host_permissions("c", ["a", bad, "c"])
+
+
+@pytest.mark.attack("swarm-pair-bound", ref="issue 18 (session 9): c at its pair's bound on each stream, and a's pairs")
+def test_c_at_its_pairs_bound_holds_up_no_other_sender(swarm: Swarm) -> None:
+    """Each pair of hosts holds at most s.ACTIONS_PAIR_MSGS actions and s.MAIL_PAIR_MSGS
+    bundles its receiver has not acked, a publish past them refused (discard new per
+    subject: nothing stored is dropped for it). c fills both its pairs to b: its actions
+    (b obeys no operator of c's: never read) and its bundles (b holds its bound of c's
+    agent's messages, 10,000, and reads no more of c's until bob reads). Past the bound c
+    is refused; a's pause of bob is still applied on b, and alice's message reaches bob:
+    c's pairs are c's only. Then bob reads: c's bundles come, each once, in order."""
+    a = swarm.cores["a"]
+    name = "r11pair"
+    actions, mail = s.op_subject("b", "c"), s.msg_subject("b", "c")
+    extra = 8
+    flood = [f"r11p{i}" for i in range(10_000 + 1)]  # b's agent_pending_max, and one waits
+    refused: dict[str, list[str]] = {actions: [], mail: []}
+
+    async def publish_past(js: Any, subject: str, data: list[bytes]) -> None:
+        for d in data:
+            try:
+                await js.publish(subject, d)
+            except nats.js.errors.APIError as e:
+                refused[subject].append(f"{e.err_code} {e.description}")
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        await publish_past(js, actions, [b"{}"] * (s.ACTIONS_PAIR_MSGS + extra))
+        await (await js.key_value(s.bucket("c"))).create(s.name_key(name, "c"), b"c")
+        bundles = [json.dumps([{"id": f"r11p-{i}", "from": name, "to": "bob", "kind": "message",
+                                "body": flood[i], "sent_at": 0} for i in range(k, min(len(flood), k + 1024))]).encode()
+                   for k in range(0, len(flood), 1024)]
+        await publish_past(js, mail, bundles)  # b takes 10,000 and holds the last, unacked
+        wait_until = time.monotonic() + 30
+        while "c" not in swarm.status("b")["waiting"] and time.monotonic() < wait_until:
+            await asyncio.sleep(0.2)
+        # b holds c's last bundle unacked: the pair has room for MAIL_PAIR_MSGS - 1 more.
+        await publish_past(js, mail, [b"not a bundle"] * (s.MAIL_PAIR_MSGS - 1 + extra))
+
+    async def tidy(nc: Any) -> None:
+        await (await nc.jetstream().key_value(s.bucket("c"))).delete(s.name_key(name, "c"))
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        held = {subject: _stored_on(swarm, stream, subject) for stream, subject in
+                [(s.OPS_STREAM, actions), (s.STREAM, mail)]}
+        print(f"c's pairs to b hold {held}; refused {[len(r) for r in refused.values()]}: {refused[actions][:1]}")
+        assert held == {actions: s.ACTIONS_PAIR_MSGS, mail: s.MAIL_PAIR_MSGS}, held
+        assert all(len(r) == extra for r in refused.values()), refused
+        assert all("maximum messages per subject exceeded" in x for r in refused.values() for x in r), refused
+        assert swarm.status("b")["waiting"] == ["c"]
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") and reply.get("applied"), reply
+        body = "r11 alice past c's full pairs " + uuid.uuid4().hex
+        assert_ok(a.agent_call("alice", "send", to="bob", body=body))
+        got = drain(swarm, "b", "bob", 10_000 + 1 + 1, timeout=60)
+        assert [m["body"] for m in got if m["from"] == "alice"] == [body], len(got)
+        assert [m["body"] for m in got if m["from"] == name] == flood
+        wait_for(lambda: _pending(swarm, s.STREAM, s.consumer("b", "c")) == 0, timeout=30)
+        assert _stored_on(swarm, s.STREAM, mail) == 0
+    finally:
+        as_host_c(swarm, tidy, settle=0)
+        _purge_ops(swarm, actions)
+        a.host_call("set_paused", name="bob", paused=False, host="b")
+        swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
+        while take(swarm, "b", "bob"):
+            pass
 
 
 def _pending(swarm: Swarm, stream: str, consumer: str) -> int:
