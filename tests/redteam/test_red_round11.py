@@ -363,6 +363,7 @@ def test_c_cannot_keep_the_clusters_store_full(swarm: Swarm) -> None:
         asyncio.run(tidy())
 
 
+@pytest.mark.attack("swarm-store-fill", ref="issue 18 (session 9): c's publish permissions name each configured receiving host")
 def test_rendered_permissions_name_each_configured_receiver() -> None:
     """What c may publish on the two streams names each other configured host, no
     wildcard and not itself (no consumer reads a pair to itself); a host name that is a
