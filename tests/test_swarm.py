@@ -357,25 +357,27 @@ def _admin_js(swarm: Swarm, go: Any) -> Any:
 
 
 def test_a_full_pair_holds_only_its_hosts_messages(swarm: Swarm) -> None:
-    """b is down: a's pair to b fills to its bound (s.MAIL_PAIR_MSGS bundles, refused
-    past it: a work queue bounded per pair, red team round 11's store fill). a's later
-    rows to b wait in a's outbox, in order, and a's messages to c go on meanwhile (one
-    publish loop for every host: held on b's pair, it held them all). b back: bob gets
-    every one of alice's messages once, in order, and a's outbox empties."""
+    """b is down: a publishes s.MAIL_WINDOW bundles on its pair to b and no more (the pair
+    keeps only its newest s.MAIL_PAIR_MSGS, red team round 11's store fill: a must never
+    have more unacked there, or the bus would drop its oldest). a's later rows to b wait
+    in a's outbox, in order, and a's messages to c go on meanwhile (one publish loop for
+    every host: held on b, it must not hold them all). b back: bob gets every one of
+    alice's messages once, in order, and a's outbox empties."""
     a, b = swarm.cores["a"], swarm.cores["b"]
     alice = a.agent("alice")
-    n = s.MAIL_PAIR_MSGS + 6
+    n = s.MAIL_PAIR_MSGS + 6  # past the bus's bound, not only a's window
     bodies = [f"full pair {i} {time.time_ns()}" for i in range(n)]
     b.kill9()
     try:
         wait_for(lambda: not swarm.status("a")["hosts"][1]["reachable"], timeout=15)
-        for body in bodies:  # one at a time: each its own bundle, until the pair is full
+        for body in bodies:  # one at a time: each its own bundle, until a holds them
             assert_ok(alice.call("send", to="bob", body=body))
             wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0 or swarm.status("a")["full"] == ["b"])
         status = swarm.status("a")
         assert status["full"] == ["b"] and status["outbox_unsent"] > 0, status
-        held = _admin_js(swarm, lambda js: js.stream_info(s.STREAM, subjects_filter=s.msg_subject("b", "a")))
-        assert held.state.subjects == {s.msg_subject("b", "a"): s.MAIL_PAIR_MSGS}, held.state
+        held = _admin_js(swarm, lambda js: js.consumer_info(s.STREAM, s.consumer("b", "a")))
+        assert (held.num_pending, held.num_ack_pending) == (s.MAIL_WINDOW, 0), held
+        assert status["outbox_unsent"] == n - s.MAIL_WINDOW, status
         to_carol = "meanwhile to carol " + str(time.time_ns())
         assert_ok(alice.call("send", to="carol", body=to_carol))
         assert [m["body"] for m in drain(swarm, "c", "carol", 1, timeout=15)] == [to_carol]

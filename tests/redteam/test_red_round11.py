@@ -150,12 +150,10 @@ def test_cs_refused_actions_do_not_delay_the_operators(swarm: Swarm) -> None:
         print(f"c published {n} actions in {published:.1f} s ({len(refused)} refused); a's reply {reply};"
               f" b's backlog after it: {backlog}")
         assert reply.get("ok") and reply.get("applied"), (reply, "b's actions consumer still holds", backlog)
-        # b reads none of c's (it obeys no operator of c's), and the bus holds at most the
-        # pair's bound of them (session 9: the rest refused, none of a's).
-        kept = min(n, s.ACTIONS_PAIR_MSGS)
-        assert backlog == {"a": 0, "c": kept}, backlog
-        assert len(refused) == n - kept and all(
-            isinstance(r, nats.js.errors.APIError) and r.err_code == s.PAIR_FULL for r in refused), refused[:3]
+        # b reads none of c's (it obeys no operator of c's), and the bus keeps only the
+        # pair's newest (session 9: c's older ones trimmed, none of a's).
+        assert backlog == {"a": 0, "c": min(n, s.ACTIONS_PAIR_MSGS)}, backlog
+        assert refused == [], refused[:3]
     finally:
         _purge_ops(swarm, subject)
         a.host_call("set_paused", name="bob", paused=False, host="b")
@@ -378,64 +376,60 @@ def test_rendered_permissions_name_each_configured_receiver() -> None:
             host_permissions("c", ["a", bad, "c"])
 
 
-@pytest.mark.attack("swarm-pair-bound", ref="issue 18 (session 9): c at its pair's bound on each stream, and a's pairs")
-def test_c_at_its_pairs_bound_holds_up_no_other_sender(swarm: Swarm) -> None:
-    """Each pair of hosts holds at most s.ACTIONS_PAIR_MSGS actions and s.MAIL_PAIR_MSGS
-    bundles its receiver has not acked, a publish past them refused (discard new per
-    subject: nothing stored is dropped for it). c fills both its pairs to b: its actions
-    (b obeys no operator of c's: never read) and its bundles (b holds its bound of c's
-    agent's messages, 10,000, and reads no more of c's until bob reads). Past the bound c
-    is refused; a's pause of bob is still applied on b, and alice's message reaches bob:
-    c's pairs are c's only. Then bob reads: c's bundles come, each once, in order."""
+@pytest.mark.attack("swarm-pair-bound", ref="issue 18 (session 9): c past its pair's bound on each stream, and a's pairs")
+def test_c_past_its_pairs_bound_holds_up_no_other_sender(swarm: Swarm) -> None:
+    """Each pair of hosts keeps at most its newest s.ACTIONS_PAIR_MSGS actions and
+    s.MAIL_PAIR_MSGS bundles its receiver has not acked (the oldest dropped past it:
+    bus.py). c floods both its pairs to b: its actions (b obeys no operator of c's: never
+    read) and its bundles (b holds its bound of c's agent's messages, 10,000, and reads no
+    more of c's until bob reads). The bus keeps the bound of each, and no more; a's pause
+    of bob is still applied on b, and alice's message reaches bob: c's pairs are c's only.
+    Then bob reads: c's messages come in order, once (a prefix of what c sent: past the
+    bound c's own oldest went)."""
     a = swarm.cores["a"]
     name = "r11pair"
     actions, mail = s.op_subject("b", "c"), s.msg_subject("b", "c")
     extra = 8
     flood = [f"r11p{i}" for i in range(10_000 + 1)]  # b's agent_pending_max, and one waits
-    refused: dict[str, list[str]] = {actions: [], mail: []}
-
-    async def publish_past(js: Any, subject: str, data: list[bytes]) -> None:
-        for d in data:
-            try:
-                await js.publish(subject, d)
-            except nats.js.errors.APIError as e:
-                refused[subject].append(f"{e.err_code} {e.description}")
 
     async def attack(nc: Any) -> None:
         js = nc.jetstream(timeout=10)
-        await publish_past(js, actions, [b"{}"] * (s.ACTIONS_PAIR_MSGS + extra))
+        for _ in range(s.ACTIONS_PAIR_MSGS + extra):
+            await js.publish(actions, b"{}")
         await (await js.key_value(s.bucket("c"))).create(s.name_key(name, "c"), b"c")
-        bundles = [json.dumps([{"id": f"r11p-{i}", "from": name, "to": "bob", "kind": "message",
-                                "body": flood[i], "sent_at": 0} for i in range(k, min(len(flood), k + 1024))]).encode()
-                   for k in range(0, len(flood), 1024)]
-        await publish_past(js, mail, bundles)  # b takes 10,000 and holds the last, unacked
+        for k in range(0, len(flood), 1024):  # b takes 10,000 and holds the last, unacked
+            await js.publish(mail, json.dumps([{"id": f"r11p-{i}", "from": name, "to": "bob", "kind": "message",
+                                                "body": flood[i], "sent_at": 0}
+                                               for i in range(k, min(len(flood), k + 1024))]).encode())
         wait_until = time.monotonic() + 30
-        while "c" not in swarm.status("b")["waiting"] and time.monotonic() < wait_until:
+        while "c" not in (status := swarm.status("b"))["waiting"]:
+            assert time.monotonic() < wait_until, f"b never held c's bundles back: {status}"
             await asyncio.sleep(0.2)
-        # b holds c's last bundle unacked: the pair has room for MAIL_PAIR_MSGS - 1 more.
-        await publish_past(js, mail, [b"not a bundle"] * (s.MAIL_PAIR_MSGS - 1 + extra))
+        for _ in range(s.MAIL_PAIR_MSGS + extra):
+            await js.publish(mail, b"not a bundle")
 
     async def tidy(nc: Any) -> None:
         await (await nc.jetstream().key_value(s.bucket("c"))).delete(s.name_key(name, "c"))
 
     try:
         assert as_host_c(swarm, attack, settle=0) == []
-        held = {subject: _stored_on(swarm, stream, subject) for stream, subject in
-                [(s.OPS_STREAM, actions), (s.STREAM, mail)]}
-        print(f"c's pairs to b hold {held}; refused {[len(r) for r in refused.values()]}: {refused[actions][:1]}")
+        # What the pairs' consumers have yet to hand out (STREAM.INFO's per-subject counts
+        # on nats-server 2.9.10 said 0 for a work queue's subject holding 64, after other
+        # deletes there: not what the bound is kept on).
+        held = {actions: _pending(swarm, s.OPS_STREAM, s.ops_consumer("b", "c")),
+                mail: _pending(swarm, s.STREAM, s.consumer("b", "c"))}
+        print(f"c's pairs to b hold {held} after {s.ACTIONS_PAIR_MSGS + extra} actions and {s.MAIL_PAIR_MSGS + extra} more bundles")
         assert held == {actions: s.ACTIONS_PAIR_MSGS, mail: s.MAIL_PAIR_MSGS}, held
-        assert all(len(r) == extra for r in refused.values()), refused
-        assert all("maximum messages per subject exceeded" in x for r in refused.values() for x in r), refused
         assert swarm.status("b")["waiting"] == ["c"]
         reply = a.host_call("set_paused", name="bob", paused=True, host="b")
         assert reply.get("ok") and reply.get("applied"), reply
         body = "r11 alice past c's full pairs " + uuid.uuid4().hex
         assert_ok(a.agent_call("alice", "send", to="bob", body=body))
-        got = drain(swarm, "b", "bob", 10_000 + 1 + 1, timeout=60)
+        got = drain(swarm, "b", "bob", 10_000 + 1, timeout=60, extra=2.0)
         assert [m["body"] for m in got if m["from"] == "alice"] == [body], len(got)
-        assert [m["body"] for m in got if m["from"] == name] == flood
+        mine = [m["body"] for m in got if m["from"] == name]
+        assert len(mine) >= 10_000 and mine == flood[:len(mine)], (len(mine), mine[-2:])
         wait_for(lambda: _pending(swarm, s.STREAM, s.consumer("b", "c")) == 0, timeout=30)
-        assert _stored_on(swarm, s.STREAM, mail) == 0
     finally:
         as_host_c(swarm, tidy, settle=0)
         _purge_ops(swarm, actions)
@@ -572,22 +566,25 @@ def test_c_cannot_make_the_bus_drop_as_bundles_as_duplicates(swarm: Swarm) -> No
     """A bundle's ``Nats-Msg-Id`` was its first row's id and its length, and a row's id is
     a's process prefix and a count: c reads both off any message a sends it, and so knows
     a's next ids. JetStream's dedup window is the stream's, whatever the subject: c
-    publishes, on its own subject to nowhere (``hive.msg.zz.from.c``), one message under
-    each of a's next 60 bundle ids (lengths 1 to 3). Then alice's three messages to bob,
-    each acknowledged to her (a's outbox marks them sent: the bus acked them, as
-    duplicates), must reach bob."""
+    publishes, on its own subject to a (``hive.mail.a.from.c``: a host it may write; one to
+    nowhere, as in round 11, is refused since session 9), one message under each of a's
+    next 60 bundle ids (lengths 1 to 3), each stored (its pair keeps its newest 64: the
+    dedup window remembers them all). Then alice's three messages to bob, each
+    acknowledged to her (a's outbox marks them sent: the bus acked them, as duplicates),
+    must reach bob."""
     prefix, count = _next_ids_of_a(swarm)
     ids = [f"{prefix}{k:x}.{n}" for k in range(count + 1, count + 61) for n in (1, 2, 3)]
+    subject = s.msg_subject("a", "c")
 
     async def attack(nc: Any) -> None:
         js = nc.jetstream(timeout=10)
         for msg_id in ids:
-            await js.publish(s.msg_subject("zz", "c"), b"[]", headers={"Nats-Msg-Id": msg_id})
+            await js.publish(subject, b"[]", headers={"Nats-Msg-Id": msg_id})
 
     async def tidy() -> None:
         nc = await _admin(swarm)
         try:
-            await nc.jetstream().purge_stream(s.STREAM, subject=s.msg_subject("zz", "c"))
+            await nc.jetstream().purge_stream(s.STREAM, subject=subject)
         finally:
             await nc.close()
 

@@ -53,7 +53,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("hive.swarm")
 
 RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
-PAIR_FULL_RETRY = 1.0  # seconds before a full pair's first bundle is tried again
 LEGACY_EVERY = 30.0  # seconds between two looks at a pair's consumer on HIVE_MSGS
 BATCH = 1024  # outbox rows read at once, and the most rows one bundle carries
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
@@ -179,7 +178,7 @@ class Bridge:
         self._own_loaded = False  # our watch of our own bucket has loaded once
         self._held: dict[str, float] = {}  # name -> when to read its claims again (_let_go)
         self.waiting: set[str] = set()  # other hosts whose bundles wait for room here
-        self.full: set[str] = set()  # other hosts whose pair on the bus is at its bound
+        self.full: set[str] = set()  # other hosts that have not read our last MAIL_WINDOW
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
@@ -415,11 +414,13 @@ class Bridge:
 
     async def _publish_loop(self) -> None:
         js = self._js()
-        # Hosts whose pair on the bus is at its bound (s.MAIL_PAIR_MSGS bundles: that host
-        # has not read them, down or slow) -> when to try their first bundle again. Their
-        # rows wait in the outbox, in order; the other hosts' go on meanwhile (one pair's
-        # bound held them all, and the bound is what keeps a host's share of the store).
+        # Hosts with s.MAIL_WINDOW of our bundles unacked on their pair (down, or slow) ->
+        # when to ask again. Their rows wait in the outbox, in order; the other hosts' go
+        # on meanwhile. Past the pair's bound (s.MAIL_PAIR_MSGS) the bus drops its oldest
+        # (bus.py): an honest sender must never get there, and so counts: what it published
+        # since it last asked the pair's consumer, plus what that had yet to ack.
         full: dict[str, float] = {}
+        unacked: dict[str, int] = {}  # host -> at most this many of our bundles unacked
         while True:
             now = time.monotonic()
             for host in [h for h, at in full.items() if at <= now]:
@@ -437,7 +438,18 @@ class Bridge:
             for bundle in bundles(batch):
                 to_host = bundle[0].to_host
                 if to_host in held:
-                    continue  # an earlier bundle to it was refused: this one waits behind it
+                    continue  # an earlier bundle to it waits: so does this one, behind it
+                if unacked.get(to_host, s.MAIL_WINDOW) >= s.MAIL_WINDOW:
+                    unacked[to_host] = await self._unacked(to_host)
+                    if unacked[to_host] >= s.MAIL_WINDOW:
+                        if to_host not in self.full:
+                            log.info(
+                                "swarm: messages to host %s wait: it has not read ours", to_host
+                            )
+                        self.full.add(to_host)
+                        full[to_host] = time.monotonic() + RETRY
+                        held.add(to_host)
+                        continue
                 # Its senders' names are claimed before their messages go out, so the
                 # receiver finds them in the bucket (an agent spawned a moment ago, say).
                 # Not a withdraw's or cancel's: its sender was destroyed (asks.forget), and
@@ -465,23 +477,23 @@ class Bridge:
                         )
                         break
                     except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
-                        if isinstance(e, nats.js.errors.APIError) and e.err_code == s.PAIR_FULL:
-                            # Its pair is at its bound: this bundle and the later ones to
-                            # that host wait (unsent: read again, in order, once it has room).
-                            if to_host not in self.full:
-                                log.info("swarm: messages to host %s wait: %s", to_host, e)
-                            self.full.add(to_host)
-                            full[to_host] = time.monotonic() + PAIR_FULL_RETRY
-                            held.add(to_host)
-                            break
                         if not said:
                             log.info("swarm: publish of %s waits (%s)", bundle[0].msg_id, e)
                             said = True
                         await asyncio.sleep(RETRY)
-                if to_host in held:
-                    continue
+                unacked[to_host] += 1
                 self.full.discard(to_host)
                 self.store.mark_sent([o.row for o in bundle])
+
+    async def _unacked(self, to_host: str) -> int:
+        """How many of our bundles ``to_host``'s consumer of them has yet to ack (pending
+        and in hand); the window, so that we wait, when the bus can't say."""
+        try:
+            info = await self._js().consumer_info(s.STREAM, s.consumer(to_host, self.host))
+        except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+            log.info("swarm: can't see how far host %s has read: %s", to_host, e)
+            return s.MAIL_WINDOW
+        return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
     # -- incoming ------------------------------------------------------------------------
 

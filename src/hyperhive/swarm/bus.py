@@ -98,20 +98,25 @@ def _work_queue(
 ) -> StreamConfig:
     """A stream of ``<root>.<to>.from.<from>``, one subject per pair of hosts, each read by
     its pair's one consumer: what the receiver acks leaves the stream (work queue), and a
-    pair holds at most ``pair_msgs`` messages of ``msg_bytes``, a publish past them
-    refused (discard new, per subject: never an older one dropped to make room, which
-    would lose what the bus acked). Limits retention kept everything for ``max_age``,
-    read or not: one host could fill every node's store (red team round 11,
-    ``swarm-store-fill``). A message published before its pair's consumer exists waits
-    for it (interest retention would drop it). NATS 2.9 has both (discard new per subject
-    since 2.9.0)."""
+    pair keeps at most its newest ``pair_msgs`` messages of ``msg_bytes``. Limits retention
+    kept everything for ``max_age``, read or not: one host could fill every node's store
+    (red team round 11, ``swarm-store-fill``). A message published before its pair's
+    consumer exists waits for it (interest retention would drop it at once).
+
+    Past the bound the oldest of the pair goes (discard old), not the new one refused
+    (discard new per subject): nats-server 2.9.10 checks that limit on each replica as it
+    stores, and a replica that has applied the receiver's latest ack (the message gone)
+    stores what one that hasn't refuses, and from then numbers the stream's messages one
+    off (its ``clfs``). Trimming the oldest converges instead: the pair's oldest is the one
+    its consumer (one in hand at a time, in order) acks next. An honest sender never gets
+    there (bridge.py and operator.py keep below the bound): only a host's own flood of
+    its own pair is trimmed."""
     return StreamConfig(
         name=name,
         subjects=[f"{root}.*.from.*"],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
-        discard=DiscardPolicy.NEW,
-        discard_new_per_subject=True,
+        discard=DiscardPolicy.OLD,
         max_msgs_per_subject=pair_msgs,
         max_msg_size=msg_bytes,
         max_age=max_age,

@@ -41,6 +41,13 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
                 f"$JS.ACK.{stream}.{durable}.>",
             ]
+    # How far each other host has read what this one sent it (INFO only, of the consumers
+    # of its own pairs): a sender keeps below its pairs' bound (bridge.py, operator.py).
+    for other in others:
+        inboxes += [
+            f"$JS.API.CONSUMER.INFO.{s.STREAM}.{s.consumer(other, host)}",
+            f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{s.ops_consumer(other, host)}",
+        ]
     # Its consumers of the actions each other host's operator carries to it (one a pair).
     ops: list[str] = []
     for durable in (s.ops_consumer(host, other) for other in others):

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 # The messages between hosts: a work queue, one subject per (receiving, sending) pair, each
 # read by that pair's one consumer; a bundle the receiver has committed and acked leaves
-# the stream, and a pair holds at most MAIL_PAIR_MSGS bundles of MAIL_MSG_BYTES (a publish
-# past them is refused and waits in the sender's outbox), so no host holds more of the
-# store than its pairs' bounds (red team round 11, ``swarm-store-fill``). JetStream can't
-# change a stream's retention in place, so these are new names (docs/swarm.md, "Upgrading
-# from HIVE_MSGS and HIVE_OPS"); the old limits-retention streams are only drained.
+# the stream, and a pair keeps at most its newest MAIL_PAIR_MSGS bundles of MAIL_MSG_BYTES,
+# so no host holds more of the store than its pairs' bounds (red team round 11,
+# ``swarm-store-fill``). An honest sender never has more than MAIL_WINDOW of its bundles
+# unacked on a pair (bridge.py asks the pair's consumer), so the bound only ever drops a
+# host's own flood. JetStream can't change a stream's retention in place, so these are new
+# names (docs/swarm.md, "Upgrading to the work queues"); the old streams are only drained.
 STREAM = "HIVE_MAIL"
 MSG_ROOT = "hive.mail"
 MAIL_PAIR_MSGS = 64
+MAIL_WINDOW = 48
 # A bundle is at most 512 KiB of rows, or one row alone (its body came in one line of at
 # most 1 MiB: wire/framing.py); twice that is refused as no honest host's.
 MAIL_MSG_BYTES = 2 << 20
-# JetStream's err_code for "maximum messages per subject exceeded": a pair at its bound.
-PAIR_FULL = 10077
 LEGACY_STREAM = "HIVE_MSGS"  # before: limits retention, hive.msg.>, read to its end
 LEGACY_MSG_ROOT = "hive.msg"
 # Each host's roster keys (its rows, heartbeat, name claims, questions, approvals,
@@ -134,12 +134,14 @@ def host_key(host: str) -> str:
 # -- the operator's roster and actions (swarm/operator.py) -------------------------------
 
 # A work queue as HIVE_MAIL is (one subject and one consumer a pair, an action acked by
-# its receiver leaves it), each pair bounded to ACTIONS_PAIR_MSGS actions of at most
-# MAX_ACTION_BYTES: what a host publishes to a host that obeys no operator of its own
-# waits unread, but never more than that (red team round 11, ``swarm-store-fill``).
+# its receiver leaves it), each pair keeping its newest ACTIONS_PAIR_MSGS actions of at
+# most MAX_ACTION_BYTES: what a host publishes to a host that obeys no operator of its
+# own waits unread, but never more than that (red team round 11, ``swarm-store-fill``);
+# an operator is refused an action past ACTIONS_WINDOW unread ones (operator.py).
 OPS_STREAM = "HIVE_ACTIONS"
 OPS_ROOT = "hive.action"
 ACTIONS_PAIR_MSGS = 64
+ACTIONS_WINDOW = 48
 LEGACY_OPS_STREAM = "HIVE_OPS"  # before: limits retention, hive.op.>, not read any more
 OPS_MAX_AGE_SECONDS = 3600  # a signed action is refused after 5 minutes anyway
 
