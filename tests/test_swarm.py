@@ -429,3 +429,43 @@ def test_bundles_on_the_stream_of_before_arrive_first(swarm: Swarm) -> None:
         assert (info.num_pending, info.num_ack_pending) == (0, 0), info
     finally:
         _admin_js(swarm, drop_old)
+
+
+def test_the_operator_is_refused_past_its_window_of_unread_actions(swarm: Swarm) -> None:
+    """b is down with s.ACTIONS_WINDOW of a's actions unread on their pair (published
+    here with a's NATS credentials, as someone holding them could; unsigned, so b refuses
+    each once it reads them). The pair keeps only its newest s.ACTIONS_PAIR_MSGS, so a's
+    operator must not add to it: the next action is refused on a, one line, nothing
+    published. b back: it reads and refuses them, and a's next action is applied."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    subject = s.op_subject("b", "a")
+
+    async def fill(js: Any) -> None:
+        for _ in range(s.ACTIONS_WINDOW):
+            await js.publish(subject, b"{}")
+
+    async def as_a(use: Any) -> Any:
+        nc = await nats.connect(swarm.net.urls("a"), user="host-a", password=swarm.net.passwords["a"],
+                                inbox_prefix=s.inbox_prefix("a"))
+        try:
+            return await use(nc.jetstream(timeout=10))
+        finally:
+            await nc.close()
+
+    refused = swarm.status("b")["actions_refused"]
+    b.kill9()
+    try:
+        wait_for(lambda: not swarm.status("a")["hosts"][1]["reachable"], timeout=15)
+        asyncio.run(as_a(fill))
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") is False and "has not read" in reply["error"] and "\n" not in reply["error"], reply
+        info = _admin_js(swarm, lambda js: js.consumer_info(s.OPS_STREAM, s.ops_consumer("b", "a")))
+        assert info.num_pending == s.ACTIONS_WINDOW, info  # nothing more published
+    finally:
+        b.start()
+    wait_for(lambda: swarm.status("b")["actions_refused"] - refused == s.ACTIONS_WINDOW, timeout=30)
+    try:
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") and reply.get("applied"), reply
+    finally:
+        b.host_call("set_paused", name="bob", paused=False)
