@@ -267,6 +267,25 @@ class OperatorRelay:
 
     # -- carrying the operator's action to another host -------------------------------
 
+    async def _below_window(self, host: str) -> None:
+        """Refuse an action while ``host`` has ACTIONS_WINDOW of ours unread: its pair keeps
+        only its newest ACTIONS_PAIR_MSGS (bus.py), and an action the bus took must not be
+        dropped for a later one (the slack above the window covers carries at once). If the
+        bus can't say (an older config without the permission), the action goes."""
+        try:
+            info = await self.bridge._js().consumer_info(
+                s.OPS_STREAM, s.ops_consumer(host, self.host)
+            )
+        except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+            log.info("swarm: can't see how far host %s has read our actions: %s", host, e)
+            return
+        unread = (info.num_pending or 0) + (info.num_ack_pending or 0)
+        if unread >= s.ACTIONS_WINDOW:
+            raise Unavailable(
+                f"host {host} has not read this host's last {unread} actions: nothing was"
+                " carried, try again once it has"
+            )
+
     async def carry(self, host: str, request: dict[str, Any]) -> dict[str, Any]:
         """Sign ``request`` (a host.sock request) as this host's operator, carry it to
         ``host`` and wait for what it made of it: applied, refused (raised, with its
@@ -285,6 +304,7 @@ class OperatorRelay:
         nc = self.bridge.nc
         if nc is None or not nc.is_connected:
             raise Unavailable(f"the swarm's bus is unreachable: nothing was carried to {host}")
+        await self._below_window(host)
         action_id, data = seal(self.key, self.host, host, request)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         ident = s.result_ident(self.host, action_id)  # its outcome's key: results.<host>.<ident>
