@@ -71,6 +71,8 @@ REQUIRED = {
     "core.known-inbox", "swarm-ops-rider",
     # issue 18 (session 9): the streams as work queues, bounded per pair of hosts
     "swarm-pair-bound",
+    # red team round 13: init asleep until woken, the agents cache's one-row writes
+    "init.idle-sleep", "core.agents-cache",
 }
 
 PLUGIN = r'''

@@ -17,15 +17,22 @@ from typing import Any
 
 # A \\u escape of a surrogate (D800-DFFF), however cased: only then is the value walked
 # again (a pair escaped by an honest encoder is legal and passes the walk).
-_SURROGATE_ESCAPE = re.compile(rb"\\[uU][dD][89abAB]|\\[uU][dD][c-fC-F]")
+_SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89abAB]|\\[uU][dD][c-fC-F]")
 
 
 def loads(data: bytes | str) -> Any:
     """``json.loads(data)``; ValueError also if a string in it (a key or a value) is not
-    valid Unicode text. RecursionError passes through, as from json.loads."""
-    value = json.loads(data)
-    raw = data.encode() if isinstance(data, str) else data
-    if _SURROGATE_ESCAPE.search(raw):
+    valid Unicode text. RecursionError passes through, as from json.loads.
+
+    Bytes are read as strict UTF-8 here, not by json.loads: it guesses UTF-16 or UTF-32
+    from the first bytes and decodes with ``surrogatepass``, so a lone surrogate written
+    raw (UTF-8's ED A0 80, or any in UTF-16) came through with no ``\\u`` escape for the
+    check below to find (red team round 13). Every honest host writes UTF-8."""
+    # UnicodeError is a ValueError: bytes that are not UTF-8 (or a str holding a lone
+    # surrogate already) refuse the whole.
+    text = data.decode("utf-8") if isinstance(data, bytes) else data.encode("utf-8").decode()
+    value = json.loads(text)
+    if _SURROGATE_ESCAPE.search(text):
         # UnicodeEncodeError is a ValueError: a lone surrogate anywhere refuses the whole.
         json.dumps(value, ensure_ascii=False).encode()
     return value

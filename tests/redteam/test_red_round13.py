@@ -1,0 +1,355 @@
+"""Red team, round 13: session 8's changes on a boundary, attacked.
+
+Broke (fixed in this round):
+
+- ``swarm-host-spoofing``: swarm/jsontext.py refused a lone surrogate only when it was
+  spelled as a ``\\u`` escape, and left the bytes to ``json.loads``, which guesses UTF-16
+  or UTF-32 from the first bytes and decodes with ``surrogatepass``: c's roster row with
+  its status text's surrogate written raw (UTF-8's ED A0 80, or a whole row in UTF-16)
+  passed, and every host's ``swarm_status`` failed again (round 11's case, bypassed).
+  jsontext reads bytes as strict UTF-8 now.
+
+Held:
+
+- The cage start path (init sleeps until woken; the harness long-polls 150 to 300 s):
+  an agent's turn leaves a group with no leader, a stopped process, a zombie under a
+  process that never reaps, a setsid daemon and a process ignoring SIGTERM; its next
+  turn is still served at once, the operator's interrupt still ends a turn that ignores
+  SIGTERM within the harness's grace, and destroy takes all of it and the cage's cgroup
+  with it, in bounded time (class ``init.idle-sleep``).
+- The agents cache (one row replaced on a write): an agent's status writes between the
+  operator's writes of other rows, and a status write whose transaction fails, never make
+  the cache serve anything but what the table holds (class ``core.agents-cache``).
+- The form posts' way back (``back_to``): a Referer whose host or agent name looks like a
+  path, a scheme-relative or an encoded one, never leaves the origin or a known route.
+
+One hive (r13x: a command runtime that runs its turn's message as Python, behind the
+cage check) for the cage case; a real store in process for the cache; whole hives (the
+swarm fixture, host c with its own credentials) for the roster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import assert_ok, wait_for
+from hive_fixture import HiveProcess, proc_start_time, running_hive
+from hyperhive.core.actors import Agent
+from hyperhive.core.hive import Hive
+from hyperhive.core.http import back_to
+from hyperhive.core.store.agents import AgentRepo
+from hyperhive.core.store.db import riding
+from hyperhive.swarm import jsontext
+from hyperhive.swarm import subjects as s
+from swarm_faults import drain
+from swarm_fixture import Swarm
+from test_replies import hive as store_hive  # noqa: F401  (agents a and b, peers)
+from test_turns import transcript, wait_turn
+
+from .test_swarm_hostile import as_host_c
+
+# -- the cage start path: init sleeps, the harness long-polls ------------------------------
+
+X = "r13x"
+# The runtime: each turn runs its message's body as Python, as the runtime uid, in the
+# cage, after the same check a probe makes (never as root, never with the host's paths,
+# only under the cage's hostname).
+RUNNER = (
+    "import json, os, socket, sys\n"
+    "m = json.loads(sys.stdin.readline())\n"
+    f"if os.getuid() == 0 or os.geteuid() == 0 or socket.gethostname() != {X!r}"
+    " or not os.path.exists('/run/hive/agent.sock'):\n"
+    "    print('NOT IN A CAGE', flush=True); sys.exit(3)\n"
+    "exec(m['body'])\n"
+)
+AGENTS = {X: {"runtime": "command", "command": ["python3", "-c", RUNNER]}}
+
+# Left behind by a turn, each a way to keep something alive or to keep init busy.
+LEAVE_BEHIND = """
+import os, signal, subprocess, time
+quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+kids = []
+# in the turn's session and group, whose leader (this process) exits: a group with no leader
+kids.append(subprocess.Popen(["sleep", "600"], **quiet).pid)
+# stopped
+p = subprocess.Popen(["sleep", "600"], **quiet); os.kill(p.pid, signal.SIGSTOP); kids.append(p.pid)
+# a zombie under a process that never reaps it (sh execs sleep: the child's exit is never waited)
+kids.append(subprocess.Popen(["sh", "-c", "sleep 0 & exec sleep 600"], **quiet).pid)
+# deaf to SIGTERM
+kids.append(subprocess.Popen(["python3", "-c",
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"], **quiet).pid)
+# a daemon: a session of its own, its parent gone (not init's child, nor in any of its groups)
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(600)
+    os._exit(0)
+os.wait()
+time.sleep(0.3)
+print("left", len(kids), flush=True)
+"""
+# A turn that won't end by itself, deaf to SIGTERM: only the interrupt's SIGKILL ends it.
+DEAF_TURN = """
+import signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+print("deaf", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture(scope="module")
+def r13() -> Iterator[HiveProcess]:
+    yield from running_hive(HiveProcess(AGENTS))
+
+
+def _send(hive: HiveProcess, body: str) -> int:
+    return int(assert_ok(hive.host_call("send", to=X, body=body))["id"])
+
+
+def _uid_procs(uids: set[int]) -> list[int]:
+    """Host pids whose real uid is one of ``uids``."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/status") as f:
+                    line = next(x for x in f if x.startswith("Uid:"))
+            except (OSError, StopIteration):
+                continue
+            if int(line.split()[1]) in uids:
+                out.append(int(entry))
+    return out
+
+
+@pytest.mark.attack("init.idle-sleep", ref="red team round 13: leftovers keep init and the harness asleep or the cage alive")
+def test_leftovers_neither_wedge_the_cage_nor_outlive_its_destroy(r13: HiveProcess) -> None:
+    """init sleeps until a child's exit or the harness wakes it, and the harness's polls
+    last up to 300 s: the agent leaves behind, from a turn, what init never sees exit (a
+    group whose leader is gone, a stopped process, a zombie under a process that never
+    reaps, a setsid daemon, processes deaf to SIGTERM). Then: a message is still a turn at
+    once (init spawns it; the harness's turn poll is woken, not left to its 300 s), the
+    operator's interrupt ends a turn deaf to SIGTERM within the harness's grace (the control
+    poll is woken), and destroy ends every process of the agent's uids on the host and
+    removes the cage's cgroup, in bounded time."""
+    h = r13
+    cage = h.cage(X)
+    uids = {cage["uid"], cage["harness_uid"]}
+    cgroup = h.cgroup(X)
+    first = _send(h, LEAVE_BEHIND)
+    entries = wait_turn(h, X, first, timeout=30)
+    assert any(e["kind"] == "stdout" and e["data"] == "left 4" for e in entries), entries
+    left = {pid: proc_start_time(pid) for pid in cgroup.pids()}
+    assert len(left) >= 4 + 3, left  # bwrap, init, the harness and what the turn left
+
+    # A message now: a turn at once, though the harness has been polling since the last.
+    time.sleep(2.0)
+    t0 = time.monotonic()
+    second = _send(h, "print('second', flush=True)")
+    entries = wait_turn(h, X, second, timeout=20)
+    took = time.monotonic() - t0
+    assert any(e["data"] == "second" for e in entries if e["kind"] == "stdout"), entries
+    assert took < 10, f"the second turn took {took:.1f} s"
+
+    # A turn deaf to SIGTERM, interrupted by the operator: ended within the grace.
+    third = _send(h, DEAF_TURN)
+    wait_for(lambda: any(e["turn"] == third and e["data"] == "deaf" for e in transcript(h, X)), timeout=20)
+    t0 = time.monotonic()
+    assert_ok(h.host_call("interrupt", name=X))
+    wait_turn(h, X, third, timeout=20)
+    took = time.monotonic() - t0
+    assert took < 10, f"the interrupt took {took:.1f} s"
+
+    # Destroy: nothing of the agent's uids left on the host, the cgroup gone, in bounded time.
+    t0 = time.monotonic()
+    assert_ok(h.host_call("destroy", name=X))
+    took = time.monotonic() - t0
+    assert took < 20, f"destroy took {took:.1f} s"
+    wait_for(lambda: not _uid_procs(uids), timeout=10)
+    assert not any(d.exists() for d in cgroup.dirs), [str(d) for d in cgroup.dirs if d.exists()]
+    # The same process (its pid and its start time), and not a zombie: the outer bwrap was
+    # orphaned at its start (setsid --fork) and is the host's pid 1's to reap, once it exits.
+    alive = [pid for pid, started in left.items() if proc_start_time(pid) == started and not _zombie(pid)]
+    assert not alive, f"the cage's processes outlived its destroy: {[_what(pid) for pid in alive]}"
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True  # gone
+
+
+def _what(pid: int) -> str:
+    """A process as /proc has it: its command line, ids, state and cgroup."""
+    proc = Path(f"/proc/{pid}")
+    try:
+        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        status = {k: v.strip() for k, _, v in (x.partition(":") for x in (proc / "status").read_text().splitlines())}
+        cgroup = (proc / "cgroup").read_text().strip()
+    except OSError as e:
+        return f"gone ({e})"
+    return f"{cmdline!r} state {status.get('State')} uid {status.get('Uid')} ppid {status.get('PPid')} cgroup {cgroup}"
+
+
+# -- the agents cache: one row replaced on a write ----------------------------------------
+
+
+def _fresh(hive: Hive) -> list[Any]:
+    """The table as a fresh read gives it (a repository of its own, no cache)."""
+    return AgentRepo(hive.store.db).all()
+
+
+@pytest.mark.attack("core.agents-cache", ref="red team round 13: status writes between others' writes, and one that fails")
+def test_status_writes_never_make_the_cache_serve_another_row(store_hive: Hive) -> None:
+    """a sets its status as fast as it likes, with texts that look like another agent's row
+    (b's name, JSON of a row, a NUL, 64 KiB), between the operator's writes of b's row (its
+    spec, pause, stop, parent) and of a's own; and a status write whose transaction fails
+    after its UPDATE (a rider that raises: rolled back). After each, what the cache serves
+    (every row, and each by name) is what a fresh read of the table gives."""
+    hive, a = store_hive, Agent("a")
+    agents = hive.store.agents
+    spec_b = agents.get("b")
+    assert spec_b is not None
+    texts = ["b", '{"name": "b", "paused": true}', "x\x00b", "é" * 32768, "", "a"]
+    writes = [
+        lambda: agents.set_flag("b", "paused", True),
+        lambda: agents.set_spec("b", spec_b.spec.model_copy(update={"peers": ["a", "c"]})),
+        lambda: agents.set_flag("b", "stopped", True),
+        lambda: agents.set_parent("b", "a"),
+        lambda: agents.set_flag("a", "paused", True),
+        lambda: agents.set_flag("b", "paused", False),
+    ]
+    for text, write in zip(texts, writes, strict=True):
+        agents.all()  # the cache filled
+        hive.set_status(a, text)
+        assert agents.all() == _fresh(hive)
+        write()
+        assert agents.all() == _fresh(hive)
+        hive.set_status(a, text + "!")
+        assert [agents.get(n) for n in ("a", "b")] == _fresh(hive)
+
+    def fail(tx: Any) -> None:
+        raise RuntimeError("the rider fails: the transaction rolls back")
+
+    agents.all()
+    before = _fresh(hive)
+    with riding(fail), pytest.raises(RuntimeError):
+        hive.set_status(a, "never committed")
+    assert agents.all() == before == _fresh(hive)
+    assert agents.get("a") is not None and agents.get("a").status_text == "a!"  # type: ignore[union-attr]
+
+
+# -- the form posts' way back --------------------------------------------------------------
+
+
+@pytest.mark.attack("surface.open-redirect", ref="red team round 13: a Referer naming a swarm page that looks like a path")
+@pytest.mark.parametrize(
+    ("referer", "expected"),
+    [
+        ("https://a.example/swarm/b/agent/bob/", "/swarm/b/agent/bob/"),
+        ("//evil.example/swarm/b/agent/bob/", "/swarm/b/agent/bob/"),
+        ("https://a.example/swarm/../agent/bob/", "/"),
+        ("https://a.example/swarm/b/agent/..%2f..%2fevil/", "/"),
+        ("https://a.example/swarm/%2f%2fevil.example/agent/bob/", "/"),
+        ("https://a.example/swarm/b/agent/bob%0d%0aLocation:%20//evil/", "/"),
+        ("https://a.example/swarm/b/agent/b@evil.example/", "/"),
+        ("https://a.example/swarm/b/agent", "/"),
+        ("https://a.example/swarm//agent/bob/", "/"),
+        ("https://a.example/swarm/b/agent/bob/../../../../evil", "/swarm/b/agent/bob/"),
+        ("https://a.example/swarm/B.x/agent/bob/", "/"),
+        ("http://[::1/swarm/b/agent/bob/", "/"),
+    ],
+)
+def test_back_to_never_leaves_the_known_routes(referer: str, expected: str) -> None:
+    to = back_to(referer)
+    assert to == expected
+    assert to.startswith("/") and not to.startswith("//") and "\\" not in to and "%" not in to
+
+
+# -- the swarm: JSON from another host ------------------------------------------------------
+
+
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 13: a lone surrogate written raw, not escaped")
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'{"status_text": "x\xed\xa0\x80y"}',  # UTF-8's spelling of U+D800 (not UTF-8)
+        b'{"status_text": "x\xed\xbf\xbfy"}',  # U+DFFF
+        '{"status_text": "x\\ud800y"}'.encode("utf-16-le"),
+        '{"status_text": "ok"}'.encode("utf-16"),
+        '{"status_text": "ok"}'.encode("utf-32"),
+        b'\xef\xbb\xbf{"status_text": "ok"}',  # a BOM
+    ],
+)
+def test_jsontext_reads_only_utf8(data: bytes) -> None:
+    """A value from another host is UTF-8 JSON or refused (ValueError, as any malformed
+    JSON): json.loads of bytes would guess UTF-16 or UTF-32 and decode with surrogatepass."""
+    with pytest.raises(ValueError):
+        jsontext.loads(data)
+    assert jsontext.loads('{"t": "\\ud83d\\ude00 é"}'.encode()) == {"t": "\U0001f600 é"}
+
+
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 13: a lone surrogate written raw in c's row, question and message")
+def test_raw_surrogates_from_c_break_nothing(swarm: Swarm) -> None:
+    """Round 11's case with the surrogate written raw instead of escaped: c's own agent row
+    with ED A0 80 in its status text, a row in UTF-16, a question to the operator it lists
+    with one, and a message to bob whose body holds one, then an ordinary row and an
+    ordinary message from carol. a's host.sock must answer ``swarm_status``, ``questions``
+    and ``agent_status`` (c's ordinary row listed, the bad ones not), and b must take
+    alice's message to bob and carol's ordinary one (the bad one dropped, not redelivered)."""
+    raw = "\ud800".encode("utf-8", "surrogatepass")
+    row = b'{"name": "r13u", "host": "c", "running": true, "paused": false, "status_text": "x' + raw + b'y"}'
+    wide = '{"name": "r13w", "host": "c", "running": true, "paused": false, "status_text": "x\\ud800y"}'.encode("utf-16")
+    question = b'{"id": 434343, "asker": "carol", "question": "which ' + raw + b' way?", "asked_at": "now"}'
+    ok_row = b'{"name": "r13ok", "host": "c", "running": true, "paused": false, "status_text": "fine"}'
+    bad_id, after = f"r13-{uuid.uuid4().hex}", f"r13-{uuid.uuid4().hex}"
+    bad = (b'[{"id": "' + bad_id.encode() + b'", "from": "carol", "to": "bob", "kind": "message", "body": "'
+           + raw + b'", "sent_at": ' + str(time.time()).encode() + b"}]")
+    good = {"id": after, "from": "carol", "to": "bob", "kind": "message", "body": "r13 after the raw surrogate",
+            "sent_at": time.time()}
+    keys = (s.row_key("c", "r13u"), s.row_key("c", "r13w"), s.row_key("c", "r13ok"), s.question_key("c", 434343))
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        await js.publish(s.kv_subject("c", s.row_key("c", "r13u")), row)
+        await js.publish(s.kv_subject("c", s.row_key("c", "r13w")), wide)
+        await js.publish(s.kv_subject("c", s.question_key("c", 434343)), question)
+        await js.publish(s.kv_subject("c", s.row_key("c", "r13ok")), ok_row)
+        await js.publish(s.msg_subject("b", "c"), bad, headers={"Nats-Msg-Id": bad_id})
+        await js.publish(s.msg_subject("b", "c"), json.dumps([good]).encode(), headers={"Nats-Msg-Id": after})
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key in keys:
+            await js.publish(s.kv_subject("c", key), b"", headers={"KV-Operation": "DEL"})
+
+    a = swarm.cores["a"]
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        wait_for(lambda: any(r["name"] == "r13ok" for r in swarm.status("a")["agents"]), timeout=15)
+        status = swarm.status("a")
+        names = [r["name"] for r in status["agents"]]
+        assert "r13u" not in names and "r13w" not in names, names
+        assert 434343 not in [q["id"] for q in status["questions"]]
+        assert_ok(a.host_call("questions"))
+        assert_ok(a.host_call("agent_status"))
+        assert_ok(a.agent("alice").call("send", to="bob", body="r13 alice after c's raw surrogates"))
+        got = drain(swarm, "b", "bob", 2, timeout=20, extra=1.0)
+        bodies = sorted((m["from"], m["body"]) for m in got)
+        assert bodies == [("alice", "r13 alice after c's raw surrogates"), ("carol", good["body"])], got
+    finally:
+        as_host_c(swarm, tidy, settle=0)
