@@ -53,8 +53,10 @@ from swarm_faults import drain
 from swarm_fixture import Swarm
 from test_replies import hive as store_hive  # noqa: F401  (agents a and b, peers)
 from test_turns import transcript, wait_turn
+from web_fixture import META_CSRF
 
 from .test_swarm_hostile import as_host_c
+from .test_swarm_pages_hostile import login
 
 # -- the cage start path: init sleeps, the harness long-polls ------------------------------
 
@@ -353,3 +355,37 @@ def test_raw_surrogates_from_c_break_nothing(swarm: Swarm) -> None:
         assert bodies == [("alice", "r13 alice after c's raw surrogates"), ("carol", good["body"])], got
     finally:
         as_host_c(swarm, tidy, settle=0)
+
+
+# -- another host's agent's page: names that look like paths, the host field ---------------
+
+
+@pytest.mark.attack("swarm-page-injection", ref="red team round 13: an agent or host name that looks like a path; the host field")
+def test_remote_pages_take_only_names_and_the_host_field_only_a_host(swarm: Swarm) -> None:
+    """``/swarm/HOST/agent/NAME/`` with a HOST or NAME that looks like a path (dots, an
+    encoded slash or NUL, upper case, a name of this host's own that would redirect) is a
+    404 on a, never a redirect elsewhere nor another agent's page; and the send box's host
+    field spelled as a NATS wildcard, a subject, with white space or as a list is refused
+    (422) and carries nothing: bob on b gets only the one message sent with host b."""
+    web = login(swarm)
+    try:
+        wait_for(lambda: web.get("/swarm/b/agent/bob/").status_code == 200, timeout=20)
+        for host, name in [("b", ".."), ("b", "%2e%2e"), ("b", "bob%2f..%2f..%2fa"), ("b", "Bob"),
+                           ("b", "bob%00"), ("b", "-x"), ("..", "bob"), ("B", "bob"), ("b%2fagent", "bob"),
+                           ("a", "..%2f..%2fevil.example"), ("a", "%2f%2fevil.example"), ("*", "bob"), ("b", "*")]:
+            r = web.get(f"/swarm/{host}/agent/{name}/", follow_redirects=False)
+            assert r.status_code == 404, (host, name, r.status_code, r.headers.get("location"))
+        r = web.get("/swarm/a/agent/alice/", follow_redirects=False)  # this host's own: its page
+        assert r.status_code == 303 and r.headers["location"] == "/agent/alice/"
+        m = META_CSRF.search(web.get("/").text)
+        assert m, "no CSRF token on a's dashboard"
+        posted = {"Origin": "http://core", "X-CSRF-Token": m.group(1), "Accept": "application/json"}
+        for host in ["b\n", " b", "b ", "b.>", "*", ">", "b.bob", "b,c", "b/../c", "hive.op.b.from.a", "b\x00"]:
+            r = web.post("/api/agents/bob/send", data={"body": "r13 never", "host": host}, headers=posted)
+            assert r.status_code == 422 and r.json()["ok"] is False, (host, r.text)
+        r = web.post("/api/agents/bob/send", data={"body": "r13 the one", "host": "b"}, headers=posted)
+        assert r.status_code == 200 and r.json()["ok"] is True, r.text
+        got = drain(swarm, "b", "bob", 1, timeout=20, extra=2.0)
+        assert [(m["from"], m["body"]) for m in got] == [("operator", "r13 the one")], got
+    finally:
+        web.close()
