@@ -30,6 +30,7 @@ swarm fixture, host c with its own credentials) for the roster.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
@@ -38,6 +39,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
 
 from helpers import assert_ok, wait_for
@@ -389,3 +391,88 @@ def test_remote_pages_take_only_names_and_the_host_field_only_a_host(swarm: Swar
         assert [(m["from"], m["body"]) for m in got] == [("operator", "r13 the one")], got
     finally:
         web.close()
+
+
+# -- the swarm: what c's messages from names not its own cost b ----------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """A process's CPU time so far (user and system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _spoofed(senders: list[str]) -> bytes:
+    """A bundle of c's: one message to bob from each of ``senders`` (none of them c's)."""
+    rows = [{"id": f"r13-{uuid.uuid4().hex}", "from": who, "to": "bob", "kind": "message", "body": "r13 spoof",
+             "sent_at": time.time()} for who in senders]  # fmt: skip
+    return json.dumps(rows).encode()
+
+
+def _publish_as_c(swarm: Swarm, bundles: list[bytes]) -> None:
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for data in bundles:
+            await js.publish(s.msg_subject("b", "c"), data, headers={"Nats-Msg-Id": uuid.uuid4().hex})
+
+    assert as_host_c(swarm, attack, settle=0) == []
+
+
+def _purge_msgs(swarm: Swarm, subject: str) -> None:
+    """As the admin: drop what is stored on ``subject`` of HIVE_MSGS."""
+
+    async def go() -> None:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        try:
+            await nc.jetstream().purge_stream(s.STREAM, subject=subject)
+        finally:
+            await nc.close()
+
+    asyncio.run(go())
+
+
+BUNDLES, PER_BUNDLE = 5, 1024  # c's: 5 publishes of 1,024 messages (BATCH), ~60 KB each
+
+
+@pytest.mark.attack("swarm-consumer-flood", ref="red team round 13: c's messages from names not its own, each a bucket lookup on b")
+def test_cs_spoofed_senders_cost_b_little(swarm: Swarm) -> None:
+    """b checks a received message's sender against the buckets (three reads, one a host)
+    whenever its cache gives the name to another host: c, at no cost to itself, sends
+    bundles of 1,024 messages from alice (a's) or from 1,024 names of no one's. Each was
+    a lookup: ~0.5 ms of b's core's CPU a message (5,120 of them in 5 publishes: 2.7 s of
+    CPU; a lane kept ~50% of b's core busy for as long as c kept sending). Now a sender is
+    looked up once a bundle (the 5,120 from alice: under 0.1 ms each), and a bundle's try
+    looks up at most LOOKUPS_PER_TRY (c's distinct names: b's core under a quarter of a
+    CPU meanwhile), and alice's messages to bob go on at once."""
+    b = swarm.cores["b"]
+    assert b.proc is not None
+    pid = b.proc.pid
+    dropped = swarm.status("b")["dropped"]
+
+    # The same sender, alice (a's), 5,120 times.
+    cpu0 = _cpu_seconds(pid)
+    _publish_as_c(swarm, [_spoofed(["alice"] * PER_BUNDLE) for _ in range(BUNDLES)])
+    wait_for(lambda: swarm.status("b")["dropped"] >= dropped + BUNDLES * PER_BUNDLE, timeout=60, interval=0.25)
+    per_message = (_cpu_seconds(pid) - cpu0) / (BUNDLES * PER_BUNDLE)
+    print(f"\nb's core: {per_message * 1e6:.0f} us of CPU per message from alice sent by c")
+    assert per_message < 150e-6, f"{per_message * 1e6:.0f} us of b's CPU per spoofed message"
+
+    # 5,120 names of no one's: b's core's share of a CPU while it works through them.
+    _publish_as_c(swarm, [_spoofed([f"r13n{k}x{i}" for i in range(PER_BUNDLE)]) for k in range(BUNDLES)])
+    try:
+        time.sleep(1.0)  # under way
+        cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+        sent = time.monotonic()
+        assert_ok(swarm.cores["a"].agent("alice").call("send", to="bob", body="r13 alice meanwhile"))
+        got = drain(swarm, "b", "bob", 1, timeout=20, extra=0)
+        latency = time.monotonic() - sent
+        time.sleep(max(0.0, 5.0 - (time.monotonic() - t0)))
+        share = (_cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+        print(f"b's core: {share:.0%} of a CPU while c's spoofed senders are looked up;"
+              f" alice's message took {latency:.2f} s")
+        assert [(m["from"], m["body"]) for m in got] == [("alice", "r13 alice meanwhile")], got
+        assert share < 0.25, f"b's core took {share:.0%} of a CPU on c's spoofed senders"
+        assert latency < 5.0
+    finally:
+        _purge_msgs(swarm, s.msg_subject("b", "c"))

@@ -63,6 +63,14 @@ MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
 ROW_FIELDS = ("name", "host", "running", "paused", "status_text", "created_at")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
+# A received message whose sender the cache gives to another host (or to none) is checked
+# against the buckets (a lookup: one read per host's bucket, ~0.5 ms of the core's CPU). A
+# host sends any sender names it likes at no cost to itself: 1,024 a bundle, each looked
+# up, kept ~50% of the receiver's core busy for as long as it kept sending (red team
+# round 13). A sender is looked up once a bundle, and each try of a bundle looks up at most
+# this many, the next ones in its next try (after the retry's pause, a second): an honest
+# host's bundle of senders this host has not seen yet (a core just started) goes on then.
+LOOKUPS_PER_TRY = 64
 QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
 REPORTS = 1024  # released counts published in one round (the rest: the next rounds)
 BUCKETS_EVERY = 2.0  # seconds between two looks for the hosts' roster buckets
@@ -76,6 +84,10 @@ AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch
 HELD_MAX = s.ROSTER_HOST_KEYS // 8
 HELD_RECHECK = 30.0
 LET_GO_EACH_ROUND = 32
+
+
+class _LookupsSpent(Exception):
+    """A bundle's try has looked up as many senders as it may (LOOKUPS_PER_TRY)."""
 
 
 class NoRecipient(str):
@@ -560,8 +572,10 @@ class Bridge:
 
     async def _commit(self, m: Msg) -> None:
         # Until it is stored (a full disk, say): the ones after it wait, so the order per
-        # sender holds; the bus is told it is still in hand.
-        while not await self._receive(m):
+        # sender holds; the bus is told it is still in hand. Its senders looked up so far
+        # are kept between its tries (LOOKUPS_PER_TRY).
+        looked: dict[str, str | None] = {}
+        while not await self._receive(m, looked):
             with contextlib.suppress(Exception):
                 await m.in_progress()
             await asyncio.sleep(RETRY * 4)
@@ -599,10 +613,11 @@ class Bridge:
                 with contextlib.suppress(Exception):
                     await puller.stop()
 
-    async def _receive(self, m: Msg) -> bool:
+    async def _receive(self, m: Msg, looked: dict[str, str | None]) -> bool:
         """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
         be stored (left unacked: try again). A message that can never be delivered is
-        dropped."""
+        dropped. ``looked``: its senders' owners as the buckets said in its earlier tries."""
+        budget = [LOOKUPS_PER_TRY]  # lookups left to this try
         from_host = s.from_host_of(m.subject)
         # A bridge publishes a bundle with a Nats-Msg-Id header and no other: a Status
         # header is its sending host's forgery (the server's statuses never reach here:
@@ -620,19 +635,24 @@ class Bridge:
             return True
         good: list[tuple[dict[str, Any], bool]] = []
         known: set[tuple[str, str]] = set()  # (from, to) pairs found good in this bundle
+        refused: list[str] = []  # counted and said once the whole bundle is checked
         for p in items:
             try:
-                why = await self._refusal(from_host, p, known)
+                why = await self._refusal(from_host, p, known, looked, budget)
             except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
                 log.info("swarm: can't check a sender on %s yet: %s", m.subject, e)
                 return False
+            except _LookupsSpent:
+                return False  # the rest in the next try, after the caller's pause
             if why is None:
                 good.append((p, True))
             else:
-                self.dropped += 1
-                log.warning("swarm: dropped a message on %s: %s", m.subject, why)
+                refused.append(why)
                 if isinstance(why, NoRecipient):  # sent by that host's own agent: released
                     good.append((p, False))
+        for why in refused:
+            self.dropped += 1
+            log.warning("swarm: dropped a message on %s: %s", m.subject, why)
         limits = self.hive.config.limits
         try:
             msgs, whole = self.store.take(
@@ -658,10 +678,19 @@ class Bridge:
         await m.ack()  # only now: a crash before it means a redelivery, dropped as seen
         return True
 
-    async def _refusal(self, from_host: str, p: object, known: set[tuple[str, str]]) -> str | None:
+    async def _refusal(
+        self,
+        from_host: str,
+        p: object,
+        known: set[tuple[str, str]],
+        looked: dict[str, str | None],
+        budget: list[int],
+    ) -> str | None:
         """Why a received message can't be delivered, or None. The subject's sending host
         is vouched for by NATS's permissions; its agent must be that host's in the roster.
-        ``known``: the (from, to) pairs of the bundle found good so far (checked once)."""
+        ``known``: the (from, to) pairs of the bundle found good so far (checked once);
+        ``looked``: the senders the bucket was read for in this bundle, and ``budget``
+        what is left of this try's lookups (_LookupsSpent when none is)."""
         if not (
             isinstance(p, dict)
             and isinstance(p.get("id"), str)
@@ -689,8 +718,15 @@ class Bridge:
         if owner != from_host:
             # The cache may be behind (a core just started, an agent just spawned): the
             # bucket decides. A bus error raises, and the bundle is tried again: dropping
-            # it would lose a message the bus has acked to its sender.
-            owner = await self._lookup(p["from"])
+            # it would lose a message the bus has acked to its sender. Once a bundle per
+            # sender, and no more than the try's budget (LOOKUPS_PER_TRY).
+            if p["from"] in looked:
+                owner = looked[p["from"]]
+            else:
+                if budget[0] <= 0:
+                    raise _LookupsSpent
+                budget[0] -= 1
+                owner = looked[p["from"]] = await self._lookup(p["from"])
         if owner != from_host:
             return f"host {from_host} spoke for agent {p['from']!r}, which is {owner or 'no one'}'s"
         if not self.hive.exists(p["to"]):
