@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -476,3 +477,52 @@ def test_cs_spoofed_senders_cost_b_little(swarm: Swarm) -> None:
         assert latency < 5.0
     finally:
         _purge_msgs(swarm, s.msg_subject("b", "c"))
+
+
+@pytest.mark.attack("swarm-page-injection", ref="red team round 13: an approval's payload nested deep in c's roster")
+@pytest.mark.parametrize("depth", [300, 950])
+def test_cs_deeply_nested_payload_breaks_no_listing(swarm: Swarm, depth: int) -> None:
+    """An approval's payload is the one free-form JSON value in another host's roster rows:
+    c lists one (its core stopped, so its relay doesn't delete it) whose payload nests
+    ``depth`` lists deep, well under MAX_PAYLOAD_SHOWN's 8 KiB, 950 just under what a's
+    watch's json.loads takes (980 is refused there) and past orjson's 254. a's host.sock must answer ``swarm_status`` and ``pending``, and a's dashboard
+    and evil's page on a must draw, the approval listed on both."""
+    aid = 990300 + depth
+    payload = b"[" * depth + b"]" * depth
+    row = (b'{"agent": "evil", "kind": "custom", "description": "deep", "payload": ' + payload
+           + b', "payload_sha256": "' + b"a" * 64 + b'"}')  # fmt: skip
+    evil = {"name": "evil", "running": True, "paused": False, "status_text": "deep"}
+    core_c = swarm.cores["c"]
+    assert core_c.proc is not None
+    a = swarm.cores["a"]
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        await js.publish(s.kv_subject("c", s.row_key("c", "evil")), json.dumps(evil).encode())
+        await js.publish(s.kv_subject("c", s.approval_key("c", aid)), row)
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key in (s.row_key("c", "evil"), s.approval_key("c", aid)):
+            await js.publish(s.kv_subject("c", key), b"", headers={"KV-Operation": "DEL"})
+
+    web = login(swarm)
+    core_c.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        time.sleep(2.0)  # a's watch has it by now, if it keeps it
+        status = a.host_call("swarm_status")
+        assert status.get("ok"), status
+        listed = [r["id"] for r in status["swarm"]["approvals"] if r["host"] == "c"]
+        assert aid in listed, listed  # taken, as deep as it is
+        assert_ok(a.host_call("pending"))
+        page = web.get("/")
+        assert page.status_code == 200, page.text[-500:]
+        assert f'id="approval-c-{aid}"' in page.text
+        remote = web.get("/swarm/c/agent/evil/")
+        assert remote.status_code == 200, remote.text[-500:]
+        assert f'id="approval-c-{aid}"' in remote.text
+    finally:
+        core_c.proc.send_signal(signal.SIGCONT)
+        as_host_c(swarm, tidy, settle=0)
+        web.close()
