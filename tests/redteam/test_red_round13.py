@@ -8,6 +8,11 @@ Broke (fixed in this round):
   its status text's surrogate written raw (UTF-8's ED A0 80, or a whole row in UTF-16)
   passed, and every host's ``swarm_status`` failed again (round 11's case, bypassed).
   jsontext reads bytes as strict UTF-8 now.
+- ``swarm-consumer-flood``: b looked up (three bucket reads) the sender of each message
+  of c's that its cache gave to another host or to none: c's bundles of 1,024 messages
+  from alice, or from names of no one's, cost b's core ~0.5 ms of CPU each (~50% of a
+  CPU for as long as c kept sending, at no cost to c). A sender is looked up once a
+  bundle now, and a bundle's try looks up at most 64 (swarm/bridge.py LOOKUPS_PER_TRY).
 
 Held:
 
@@ -22,6 +27,10 @@ Held:
   the cache serve anything but what the table holds (class ``core.agents-cache``).
 - The form posts' way back (``back_to``): a Referer whose host or agent name looks like a
   path, a scheme-relative or an encoded one, never leaves the origin or a known route.
+- Another host's agent's page with a host or name that looks like a path (a 404), the
+  send box's host field as a subject, a wildcard or a list (a 422, nothing carried), and
+  an approval of c's whose payload nests 950 lists deep (listed; every listing and page
+  answers).
 
 One hive (r13x: a command runtime that runs its turn's message as Python, behind the
 cage check) for the cage case; a real store in process for the cache; whole hives (the
