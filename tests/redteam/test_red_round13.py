@@ -67,24 +67,35 @@ from test_replies import hive as store_hive  # noqa: F401  (agents a and b, peer
 from test_turns import transcript, wait_turn
 from web_fixture import META_CSRF
 
+from .conftest import cage_run
 from .test_swarm_hostile import as_host_c
 from .test_swarm_pages_hostile import login
 
 # -- the cage start path: init sleeps, the harness long-polls ------------------------------
 
 X = "r13x"
-# The runtime: each turn runs its message's body as Python, as the runtime uid, in the
-# cage, after the same check a probe makes (never as root, never with the host's paths,
-# only under the cage's hostname).
-RUNNER = (
-    "import json, os, socket, sys\n"
-    "m = json.loads(sys.stdin.readline())\n"
-    f"if os.getuid() == 0 or os.geteuid() == 0 or socket.gethostname() != {X!r}"
-    " or not os.path.exists('/run/hive/agent.sock'):\n"
-    "    print('NOT IN A CAGE', flush=True); sys.exit(3)\n"
-    "exec(m['body'])\n"
-)
-AGENTS = {X: {"runtime": "command", "command": ["python3", "-c", RUNNER]}}
+# The runtimes: each turn runs its message's body as Python, as the runtime uid, in the
+# cage, after the same check a probe makes (never as root, only under the cage's hostname,
+# only where the cage's agent socket is).
+
+
+def runner(name: str) -> str:
+    """The runtime's program for agent ``name``."""
+    return (
+        "import json, os, socket, sys\n"
+        "m = json.loads(sys.stdin.readline())\n"
+        f"if os.getuid() == 0 or os.geteuid() == 0 or socket.gethostname() != {name!r}"
+        " or not os.path.exists('/run/hive/agent.sock'):\n"
+        "    print('NOT IN A CAGE', flush=True); sys.exit(3)\n"
+        "exec(m['body'])\n"
+    )
+
+
+Y, W, Z = "r13y", "r13w", "r13z"  # z writes to w
+AGENTS: dict[str, dict[str, Any]] = {
+    n: {"runtime": "command", "command": ["python3", "-c", runner(n)]} for n in (X, Y, W)
+}
+AGENTS[Z] = {"runtime": "command", "command": ["true"], "peers": [W]}
 
 # Left behind by a turn, each a way to keep something alive or to keep init busy.
 LEAVE_BEHIND = """
@@ -129,8 +140,30 @@ def r13() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(AGENTS))
 
 
-def _send(hive: HiveProcess, body: str) -> int:
-    return int(assert_ok(hive.host_call("send", to=X, body=body))["id"])
+def _entries(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
+    """``name``'s whole transcript: every page (a reply holds what fits its byte budget)."""
+    out: list[dict[str, Any]] = []
+    while True:
+        reply = assert_ok(hive.host_call("transcript", name=name, after=out[-1]["id"] if out else 0, limit=5000))
+        out += reply["entries"]
+        if not reply.get("more") or not reply["entries"]:
+            return out
+
+
+def _ended(hive: HiveProcess, name: str, turn: int, timeout: float) -> list[dict[str, Any]]:
+    """Turn ``turn``'s entries once its exit is recorded (else a one-line failure, with
+    the cage's log: a harness that lost its connection says so there)."""
+    try:
+        wait_for(lambda: any(e["turn"] == turn and e["kind"] == "exit" for e in _entries(hive, name)), timeout=timeout)
+    except AssertionError:
+        kinds = [e["kind"] for e in _entries(hive, name) if e["turn"] == turn]
+        log = (hive.state_dir / "priv" / "cages" / name / "cage.log").read_text(errors="replace")[-1500:]
+        raise AssertionError(f"turn {turn} never ended: its entries {kinds}; the cage's log:\n{log}") from None
+    return [e for e in _entries(hive, name) if e["turn"] == turn]
+
+
+def _send(hive: HiveProcess, body: str, to: str = X) -> int:
+    return int(assert_ok(hive.host_call("send", to=to, body=body))["id"])
 
 
 def _uid_procs(uids: set[int]) -> list[int]:
@@ -217,6 +250,64 @@ def _what(pid: int) -> str:
     except OSError as e:
         return f"gone ({e})"
     return f"{cmdline!r} state {status.get('State')} uid {status.get('Uid')} ppid {status.get('PPid')} cgroup {cgroup}"
+
+
+# Output whose JSON is six times its bytes: each control character is ``\\u0001`` in the
+# harness's turn_record (json.dumps, ensure_ascii), 64 lines of 16,000 (MAX_ENTRY) in one
+# flush: ~6 MiB on one line to a core that takes lines of 1 MiB.
+ESCAPED = """
+import sys
+for _ in range(64):
+    sys.stdout.write("\\x01" * 16000 + "\\n")
+sys.stdout.flush()
+"""
+
+
+@pytest.mark.attack("init.idle-sleep", ref="red team round 13: a turn's output whose JSON is six times its size")
+def test_output_that_escapes_large_neither_loops_nor_loses_the_turn(r13: HiveProcess) -> None:
+    """A turn's output is bounded in bytes (1 MiB) and lines, but the harness sends it as
+    JSON with every control character escaped (6 bytes for 1): 64 lines of 16,000 \\x01
+    flushed together. The turn must end once, with its exit recorded, and the next message
+    be a turn of its own, promptly: not the core closing the harness's connection on an
+    oversized line, the turn run again and again."""
+    h = r13
+    first = _send(h, ESCAPED, to=Y)
+    entries = _ended(h, Y, first, timeout=60)
+    assert [e["kind"] for e in entries] == ["input", *["stdout"] * 64, "exit"], [e["kind"] for e in entries]
+    assert all(e["data"] == "\x01" * 16000 for e in entries[1:-1])
+    second = _send(h, "print('after', flush=True)", to=Y)
+    entries = _ended(h, Y, second, timeout=30)
+    assert any(e["kind"] == "stdout" and e["data"] == "after" for e in entries), entries
+    assert [e["kind"] for e in _entries(h, Y) if e["turn"] == first].count("exit") == 1
+
+
+# Sent from z's cage: 200,000 characters outside the BMP (800 KB as UTF-8 on z's line, as
+# its body may be), which w's harness records as its turn's input (12 bytes each as JSON).
+EMOJI = """
+c = Conn()
+reply = c.raw(json.dumps({"cmd": "send", "to": P["to"], "body": "\\U0001F600" * 200_000},
+                         ensure_ascii=False).encode() + b"\\n")
+result(reply=reply)
+"""
+
+
+@pytest.mark.attack("init.idle-sleep", ref="red team round 13: another agent's message whose JSON is three times its size")
+def test_a_message_that_escapes_large_does_not_wedge_its_recipient(r13: HiveProcess) -> None:
+    """Another agent (z, from its cage) sends w a message of 200,000 emoji: 800 KB on its
+    own line, as a message may be. w's harness records the message as its turn's input,
+    each emoji 12 bytes of JSON: a 2.4 MiB line. w's turn must end once and its next
+    message be a turn of its own: not w's harness losing its connection to the core on
+    every try, the message delivered again and again, w wedged by a message it got."""
+    h = r13
+    reply = cage_run(h, Z, EMOJI, to=W)["reply"]
+    assert reply["ok"] is True, reply
+    first = int(reply["id"])
+    entries = _ended(h, W, first, timeout=60)
+    inputs = [e for e in entries if e["kind"] == "input"]
+    assert len(inputs) == 1 and inputs[0]["data"].endswith("more characters dropped]"), [str(e)[:200] for e in inputs]
+    second = _send(h, "print('after the emoji', flush=True)", to=W)
+    entries = _ended(h, W, second, timeout=30)
+    assert any(e["kind"] == "stdout" and e["data"] == "after the emoji" for e in entries), entries
 
 
 # -- the agents cache: one row replaced on a write ----------------------------------------

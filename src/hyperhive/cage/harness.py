@@ -35,6 +35,16 @@ MAX_TURN_OUTPUT = 1024 * 1024  # bytes of stdout+stderr kept per turn; the rest 
 # the agent's other turns out of the 20,000 entries it keeps.
 MAX_TURN_LINES = 4000
 MAX_ENTRY = 16 * 1024  # characters per transcript line entry
+# What the core keeps of one entry (wire/harness.py's MAX_ENTRY_CHARS, not imported: pydantic
+# is no part of the cage), and what one turn_record request carries at most, as JSON. The
+# request is one line to a core that reads lines of 1 MiB at most (wire/framing.py), and
+# JSON is up to 6 bytes a character (a control character: \\u0001) or 12 (outside the
+# BMP: a surrogate pair): 64 lines of 16,000 \\x01 flushed together were a 6 MiB line, and
+# a message of 250,000 emoji recorded as the turn's input a 3 MiB one. The core closed the
+# connection, the turn was delivered again, and again: the agent (or any sender of a
+# message to it) kept its turns from ever ending (red team round 13).
+ENTRY_CHARS = 64 * 1024
+RECORD_BYTES = 512 * 1024
 FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
 KILL_GRACE = 3.0
 # An idle harness's long-polls (its next turn, the operator's interrupts) last this long at
@@ -79,6 +89,18 @@ class Conn:
             pass
 
 
+def fit_entry(data: Any) -> Any:
+    """``data`` cut to ENTRY_CHARS characters (its JSON text, for anything but a string),
+    as the core would keep it (core/hive.py ``_bounded``), so one entry's request is never
+    more than ~0.8 MiB however its characters escape; the marker fits within the bound,
+    and the core keeps the entry as it is."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    if len(text) <= ENTRY_CHARS:
+        return data
+    keep = ENTRY_CHARS - 64
+    return text[:keep] + f"… [{len(text) - keep} more characters dropped]"
+
+
 def long_poll_wait() -> float:
     """A long-poll's wait: LONG_POLL, cut to 50 to 100 % of it at random."""
     return round(LONG_POLL * (0.5 + int.from_bytes(os.urandom(2), "big") / 131070), 3)
@@ -115,11 +137,19 @@ class Turn:
         self.full = False  # over a bound: everything after is drained, not kept
 
     def record(self, kind: str, data: Any) -> None:
-        self.pending.append({"kind": kind, "data": data})
+        self.pending.append({"kind": kind, "data": fit_entry(data)})
 
     def flush(self) -> None:
+        """The pending entries, in requests of at most 200 entries and RECORD_BYTES (one
+        entry alone may be more: at most ENTRY_CHARS characters, under 1 MiB as JSON)."""
         while self.pending:
-            batch, self.pending = self.pending[:200], self.pending[200:]
+            size = count = 0
+            for entry in self.pending[:200]:
+                size += len(json.dumps(entry)) + 2
+                if count and size > RECORD_BYTES:
+                    break
+                count += 1
+            batch, self.pending = self.pending[:count], self.pending[count:]
             self.conn.call("turn_record", turn=self.message["id"], entries=batch)
 
     def line(self, stream: str, raw: bytes, size: int) -> None:
