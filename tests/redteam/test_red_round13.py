@@ -13,6 +13,12 @@ Broke (fixed in this round):
   from alice, or from names of no one's, cost b's core ~0.5 ms of CPU each (~50% of a
   CPU for as long as c kept sending, at no cost to c). A sender is looked up once a
   bundle now, and a bundle's try looks up at most 64 (swarm/bridge.py LOOKUPS_PER_TRY).
+- ``init.idle-sleep`` (the harness's side of a turn): the harness sent a turn's entries
+  200 at a time as JSON (a control character 6 bytes, an emoji 12): a turn printing 64
+  lines of 16,000 \\x01, or another agent's message of 200,000 emoji recorded as the
+  turn's input, was a line past the core's 1 MiB; the core closed the connection, the
+  message was delivered again and again, and the turn never ended (a peer wedged its
+  recipient). The harness cuts an entry to what the core keeps and a request to 512 KiB.
 
 Held:
 
