@@ -316,6 +316,36 @@ def test_a_message_that_escapes_large_does_not_wedge_its_recipient(r13: HiveProc
     assert any(e["kind"] == "stdout" and e["data"] == "after the emoji" for e in entries), entries
 
 
+@pytest.mark.attack("init.idle-sleep", ref="red team round 13: entries the core would refuse or cut, cut first")
+@pytest.mark.parametrize(
+    "data",
+    [
+        "\x01" * 200_000,
+        "\U0001f600" * 200_000,
+        {"type": "assistant", "text": "\x01" * 100_000},
+        {"type": "result", "result": "x\ud800y"},  # a runtime's JSON line may spell a lone surrogate
+        "short",
+        {"type": "system", "ok": True},
+    ],
+)
+def test_a_harness_entry_always_fits_a_request(data: Any) -> None:
+    """What the harness sends of any entry: at most what the core keeps (its constant is the
+    wire's), Unicode the core takes, and a request under the core's 1 MiB line however
+    its characters escape; an entry that fits is sent as it is."""
+    from hyperhive.cage import harness
+    from hyperhive.wire.harness import MAX_ENTRY_CHARS
+
+    assert harness.ENTRY_CHARS == MAX_ENTRY_CHARS
+    fit = harness.fit_entry(data)
+    text = fit if isinstance(fit, str) else json.dumps(fit, ensure_ascii=False)
+    text.encode()  # no lone surrogate
+    assert len(text) <= MAX_ENTRY_CHARS
+    line = json.dumps({"cmd": "turn_record", "turn": 1, "entries": [{"kind": "stdout", "data": fit}]})
+    assert len(line) < 1 << 20
+    if (isinstance(data, str) and len(data) <= MAX_ENTRY_CHARS) or data == {"type": "system", "ok": True}:
+        assert fit == data
+
+
 # -- the agents cache: one row replaced on a write ----------------------------------------
 
 
