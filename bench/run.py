@@ -124,6 +124,8 @@ for _i in range(MAX_PAIRS):
 for _i in range(TPUT_SENDERS):
     _s, _r = tput_names(_i)
     AGENTS[_s], AGENTS[_r] = [_r], [_s]
+FLOODER = "flood"  # floods the core with acks that change nothing (bench_latency_ack_flood)
+AGENTS[FLOODER] = []
 
 
 class Core:
@@ -476,6 +478,169 @@ def bench_latency_1(ctx: Context) -> list[Row]:
     return _latency_rows("latency 1 pair", samples, targets=True)
 
 
+def _rounds_1(ctx: Context, warm: int, n: int) -> list[float]:
+    """bench_latency_1's rounds, on the pair s1/r1: its send→recv times."""
+    s, r = pair_names(1)
+    a, b = BlockingConn(ctx.core.sock(s)), BlockingConn(ctx.core.sock(r))
+    req = send_line(r)
+    samples = []
+    b.write(RECV)
+    time.sleep(0.05)
+    for i in range(warm + n):
+        t0 = time.perf_counter()
+        a.write(req)
+        raw = b.readline()
+        t1 = time.perf_counter()
+        if i >= warm:
+            samples.append(t1 - t0)
+        ids = delivered_ids(raw)
+        expect_ok(a.readline(), "send")
+        b.write(recv_ack_line(ids))
+    a.close()
+    b.close()
+    return samples
+
+
+# A hostile agent's flood: on each of its connections, batches of acks of a message that
+# is not its own (id 1: s0's to r0), written as fast as the core answers them. Each
+# reply must be the refusal; it prints how many it got.
+ACK_FLOOD = r"""
+import socket, sys, threading, time
+path, conns, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+BATCH = 64
+req = b'{"cmd":"ack","ids":[1]}\n' * BATCH
+counts = [0] * conns
+bad = []
+
+def flood(k):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    f = s.makefile("rb")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        s.sendall(req)
+        for _ in range(BATCH):
+            line = f.readline()
+            if b"no message 1 in this inbox" not in line:
+                bad.append(line)
+                return
+        counts[k] += BATCH
+    s.close()
+
+threads = [threading.Thread(target=flood, args=(k,)) for k in range(conns)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(counts), len(bad), bad[:1])
+"""
+FLOOD_CONNECTIONS = 4
+
+
+def _core_commits(ctx: Context) -> int | None:
+    """The core's write transactions so far (host.sock ``core_stats``); None if host.sock
+    refuses this process (not root, not in hive-admin)."""
+    conn = BlockingConn(str(ctx.core.run_dir / "host.sock"))
+    try:
+        conn.write(line({"cmd": "core_stats"}))
+        reply = orjson.loads(conn.readline())
+    finally:
+        conn.close()
+    return int(reply["commits"]) if reply.get("ok") else None
+
+
+def bench_latency_ack_flood(ctx: Context) -> list[Row]:
+    """bench_latency_1's round trip (on the pair s1/r1) unloaded, then while one agent
+    floods the core with acks that change nothing (a message not its own) on
+    FLOOD_CONNECTIONS connections: how much one agent's cheap requests raise another's
+    latency, and how many commits they cost (none: an ack that changes nothing never
+    reaches the group commit; red team ``cheap-verb-flood``)."""
+    warm, n = ctx.n(100, 10), ctx.n(2000, 100)
+    quiet = _rounds_1(ctx, warm, n)
+    seconds = ctx.n(30.0, 3.0)
+    assert ctx.core.proc is not None
+    cpu0 = _cpu_seconds(ctx.core.proc.pid)
+    commits0 = _core_commits(ctx)
+    flooder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            ACK_FLOOD,
+            ctx.core.sock(FLOODER),
+            str(FLOOD_CONNECTIONS),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    time.sleep(0.5)  # the flood is under way
+    t0 = time.perf_counter()
+    loaded: list[float] = []
+    batches = 0
+    while time.perf_counter() - t0 < seconds - 1.0 and len(loaded) < 50 * n:
+        loaded += _rounds_1(ctx, 0, min(n, 500))
+        batches += 1
+    out, _ = flooder.communicate(timeout=seconds + 30)
+    cpu = _cpu_seconds(ctx.core.proc.pid) - cpu0
+    commits1 = _core_commits(ctx)
+    acks_text, bad, first_bad = out.decode().split(" ", 2)
+    if int(bad):
+        raise RuntimeError(f"the flood's ack got an unexpected reply: {first_bad.strip()}")
+    acks = int(acks_text)
+    sect = "latency 1 pair, one agent flooding empty acks"
+    flood_note = f"{acks / seconds:,.0f} acks/s on {FLOOD_CONNECTIONS} connections"
+    rows = [
+        Row(
+            sect,
+            "send→recv p99, unloaded",
+            percentile(quiet, 99) * 1e3,
+            "ms",
+            None,
+            f"{len(quiet)} samples",
+        ),
+        Row(
+            sect,
+            "send→recv p50, flooded",
+            percentile(loaded, 50) * 1e3,
+            "ms",
+            None,
+            f"{len(loaded)} samples; {flood_note}",
+        ),
+        Row(
+            sect,
+            "send→recv p99, flooded",
+            percentile(loaded, 99) * 1e3,
+            "ms",
+            Target("<=", 10.0),
+            f"{len(loaded)} samples; {flood_note}",
+        ),
+        Row(
+            sect,
+            "core CPU per empty ack",
+            cpu * 1e6 / max(1, acks),
+            "µs",
+            None,
+            "hive-core's user+system time over the flood (the pair's rounds in it too)",
+        ),
+    ]
+    if commits0 is not None and commits1 is not None:
+        # The pair's rounds commit (a send and an ack each, at most two; one more ack as
+        # each batch of rounds ends) and the core's own upkeep now and then (pruning the
+        # logs every 60 s); the flood's acks add none. Before, ~1 commit per 4 acks.
+        pair = 2 * len(loaded) + batches
+        extra = max(0, commits1 - commits0 - pair)
+        rows.append(
+            Row(
+                sect,
+                "commits beyond the pair's, per 1,000 empty acks",
+                extra * 1000 / max(1, acks),
+                "",
+                Target("<=", 1.0),
+                f"{commits1 - commits0} commits: {acks} acks, the pair's {pair} at most",
+            )
+        )
+    return rows
+
+
 async def _pair(
     a: LineProtocol,
     b: LineProtocol,
@@ -670,6 +835,7 @@ def _cpu_seconds(pid: int) -> float:
 BENCHMARKS: list[Callable[[Context], list[Row]]] = [
     bench_floor,
     bench_latency_1,
+    bench_latency_ack_flood,
     bench_ratio,
     bench_latency_64,
     bench_latency_64_paced,
