@@ -69,6 +69,8 @@ REQUIRED = {
     "swarm-reserved-sender", "swarm-ops-flood", "swarm-msg-id-poisoning", "swarm-store-fill",
     # red team round 12: recv's known inboxes, riders beside agents' writes
     "core.known-inbox", "swarm-ops-rider",
+    # issue 17 (session 9): requests that change nothing, as fast as a cage can write them
+    "core.cheap-verb-flood",
 }
 
 PLUGIN = r'''

@@ -252,6 +252,13 @@ class Hive:
         self.publish_status(name)
 
     def set_status(self, actor: Agent, text: str) -> float:
+        """Set the caller's status text; when it was set. The text it has already is not
+        set again: no write, no event, and the time it was set to that text (a cage
+        repeating one status as fast as it could wrote a commit and published an event
+        to every dashboard each time: red team cheap-verb-flood)."""
+        row = self.require_self(actor)
+        if row.status_text == text and row.status_set_at is not None:
+            return row.status_set_at
         at = self.store.agents.set_status_text(actor.name, text)
         self.publish_status(actor.name)
         return at
