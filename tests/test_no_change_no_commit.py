@@ -11,7 +11,7 @@ import pytest
 
 from hyperhive.core.actors import Agent
 from hyperhive.core.hive import Hive
-from hyperhive.core.refusals import NotFound
+from hyperhive.core.refusals import Conflict, NotFound
 from test_replies import hive  # noqa: F401  (agents a and b, peers)
 
 A, B = Agent("a"), Agent("b")
@@ -75,3 +75,19 @@ def test_set_status_of_the_text_it_has_writes_nothing(hive: Hive) -> None:
     assert hive.store.db.commits == before
     assert hive.set_status(A, "free") >= at
     assert hive.store.db.commits == before + 1
+
+
+def test_a_refused_answer_opens_no_write_transaction(hive: Hive) -> None:
+    """No such question, another's, answered already: refused on a read. Before, each was
+    a write transaction rolled back (the commit count a cache's key: every known inbox
+    read again)."""
+    qid = hive.ask(A, "b", "ready?", None)
+    assert hive.answer(B, qid, "yes") == qid
+    before = hive.store.db.commits
+    with pytest.raises(Conflict, match=f"^question {qid} is already answered$"):
+        hive.answer(B, qid, "again")
+    with pytest.raises(NotFound, match=f"^no question {qid} addressed to a$"):
+        hive.answer(A, qid, "not mine")
+    with pytest.raises(NotFound, match=r"^no question 999999 addressed to b$"):
+        hive.answer(B, 999999, "nothing")
+    assert hive.store.db.commits == before

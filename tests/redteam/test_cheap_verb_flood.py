@@ -2,8 +2,9 @@
 
 An agent may write requests as fast as its socket takes them. The cheap ones change
 nothing: an ack of an id that is not its own or is acked already, a ``recv`` of an empty
-inbox, ``whoami``, ``peers``, ``set_status`` of the text it has. Before, each such ack was
-queued to the group commit and paid for an empty commit (one cage made ~10,000 a second),
+inbox, ``whoami``, ``peers``, an ``answer`` to no question, ``set_status`` of the text it
+has. Before, each such ack was queued to the group commit and paid for an empty commit
+(one cage made ~10,000 a second), a refused answer was a write transaction rolled back,
 and the requests that wait on nothing let one connection's buffer of them hold the event
 loop (~40 ms for 8,700 acks).
 
@@ -73,6 +74,8 @@ KINDS = [
     ({"cmd": "recv"}, lambda r: r == {"version": 1, "ok": True, "messages": []}),
     ({"cmd": "whoami"}, lambda r: r.get("ok") is True and r.get("name") == P["me"]),
     ({"cmd": "peers"}, lambda r: r.get("ok") is True),
+    ({"cmd": "answer", "id": ghost, "answer": "x"},
+     lambda r: r.get("error") == f"no question {ghost} addressed to {P['me']}"),
     ({"cmd": "set_status", "text": P["status"]},
      lambda r: r == {"version": 1, "ok": True, "status_set_at": status_at}),
 ]
