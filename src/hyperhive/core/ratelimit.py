@@ -56,7 +56,8 @@ class BytePacer:
     verbs are as many requests as an agent can write). Past ``burst`` bytes, reading its
     next line waits until the bucket refills at ``per_second``; nothing is refused, and a
     request never waits more than its own cost's worth (at most ``(MAX_LINE +
-    LINE_COST_BYTES) / per_second``). 0 turns it off."""
+    LINE_COST_BYTES) / per_second``) beyond the debt its connection may run up first
+    (``jsonlines.PACE_SLACK``, 10 ms). 0 turns it off."""
 
     def __init__(
         self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
