@@ -187,6 +187,9 @@ async def _serve_lines(
     ahead: asyncio.Future[bytes] | None = None  # the next line, read while handling a request
     # A request read (paced and decoded) ahead by _take_pipelined, not yet handled.
     carried: dict[str, Any] | None = None
+    # The last request awaited what was not done yet (a pipelined send's commit): the
+    # loop has turned since, and the next buffered line needs no turn of its own.
+    waited = False
     try:
         while True:
             decoded, carried = carried, None
@@ -196,7 +199,7 @@ async def _serve_lines(
                 elif decoded is not None:
                     line = b"-"  # stands for the carried request: read and paced already
                 else:
-                    if _line_buffered(reader):
+                    if not waited and _line_buffered(reader):
                         # The next request is here already, so reading it would not give
                         # the loop back: a request that changes nothing (an empty ack, a
                         # whoami) waits on nothing either, and one connection's buffer of
@@ -204,6 +207,7 @@ async def _serve_lines(
                         # (red team cheap-verb-flood). One request a turn per connection.
                         await asyncio.sleep(0)
                     line = await reader.readline()
+                waited = False
             except ValueError:
                 if pace is not None:  # the core read (and dropped) that much of it
                     await _wait(pace(MAX_LINE))
@@ -231,7 +235,11 @@ async def _serve_lines(
                     )
                     # All started in order (their writes queued in order), then their
                     # replies awaited in order: no task per request.
-                    replies = await _replies([_start(start, o) for o in objs])
+                    started = [_start(start, o) for o in objs]
+                    # Awaiting one not done yet gives the loop back: a send waits for its
+                    # group commit, which runs in a later callback.
+                    waited = any(not isinstance(r, dict) for r in started)
+                    replies = await _replies(started)
                     writer.write(b"".join(map(dump_line, replies)))  # one write for them all
                     await _drain(writer)
                     if overflow:
