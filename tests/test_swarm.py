@@ -12,6 +12,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
@@ -174,7 +175,7 @@ def test_a_redelivered_message_is_stored_once(swarm: Swarm) -> None:
         try:
             js = nc.jetstream()
             for n in range(2):
-                await js.publish("hive.msg.b.from.a", json.dumps([item]).encode(),
+                await js.publish(s.msg_subject("b", "a"), json.dumps([item]).encode(),
                                  headers={"Nats-Msg-Id": f"dup-1-try{n}"})
         finally:
             await nc.close()
@@ -341,3 +342,130 @@ def test_a_host_on_a_layout_without_its_bucket_waits_and_says_what_to_do(
     said = [r.getMessage() for r in caplog.records if "no roster bucket" in r.getMessage()]
     assert len(said) == 1 and "HIVE_ROSTER_zz" in said[0] and "ensure_streams" in said[0], said
     assert "\n" not in said[0]
+
+
+def _admin_js(swarm: Swarm, go: Any) -> Any:
+    async def run() -> Any:
+        user, password = swarm.net.admin()
+        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        try:
+            return await go(nc.jetstream(timeout=10))
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+def test_a_full_pair_holds_only_its_hosts_messages(swarm: Swarm) -> None:
+    """b is down: a publishes s.MAIL_WINDOW bundles on its pair to b and no more (the pair
+    keeps only its newest s.MAIL_PAIR_MSGS, red team round 11's store fill: a must never
+    have more unacked there, or the bus would drop its oldest). a's later rows to b wait
+    in a's outbox, in order, and a's messages to c go on meanwhile (one publish loop for
+    every host: held on b, it must not hold them all). b back: bob gets every one of
+    alice's messages once, in order, and a's outbox empties."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    alice = a.agent("alice")
+    n = s.MAIL_PAIR_MSGS + 6  # past the bus's bound, not only a's window
+    bodies = [f"full pair {i} {time.time_ns()}" for i in range(n)]
+    b.kill9()
+    try:
+        wait_for(lambda: not swarm.status("a")["hosts"][1]["reachable"], timeout=15)
+        for body in bodies:  # one at a time: each its own bundle, until a holds them
+            assert_ok(alice.call("send", to="bob", body=body))
+            wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0 or swarm.status("a")["full"] == ["b"])
+        status = swarm.status("a")
+        assert status["full"] == ["b"] and status["outbox_unsent"] > 0, status
+        held = _admin_js(swarm, lambda js: js.consumer_info(s.STREAM, s.consumer("b", "a")))
+        assert (held.num_pending, held.num_ack_pending) == (s.MAIL_WINDOW, 0), held
+        assert status["outbox_unsent"] == n - s.MAIL_WINDOW, status
+        to_carol = "meanwhile to carol " + str(time.time_ns())
+        assert_ok(alice.call("send", to="carol", body=to_carol))
+        assert [m["body"] for m in drain(swarm, "c", "carol", 1, timeout=15)] == [to_carol]
+    finally:
+        b.start()
+    got = drain(swarm, "b", "bob", n, timeout=60)
+    assert [m["body"] for m in got] == bodies
+    wait_for(lambda: swarm.status("a")["full"] == [] and swarm.status("a")["outbox_unsent"] == 0, timeout=15)
+
+
+def test_bundles_on_the_stream_of_before_arrive_first(swarm: Swarm) -> None:
+    """An upgrade from HIVE_MSGS (limits retention, the stream of before): what a
+    published there and b had not read yet must still reach bob, before a's bundles on
+    HIVE_MAIL. The admin makes the old stream and b's consumer of a's there (as an old
+    ensure_streams did) and stores two of a's bundles on it (as a's old code did) while b
+    is down; alice sends one more (HIVE_MAIL). b, started again, reads the old pair to
+    its end first: bob gets the three in order, once."""
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+    b = swarm.cores["b"]
+    tag = str(time.time_ns())
+    old = [[{"id": f"legacy-{tag}-{i}", "from": "alice", "to": "bob", "kind": "message",
+             "body": f"before the upgrade {i} {tag}", "sent_at": 0}] for i in range(2)]
+
+    async def make_old(js: Any) -> None:
+        await js.add_stream(StreamConfig(name=s.LEGACY_STREAM, subjects=[f"{s.LEGACY_MSG_ROOT}.>"],
+                                         retention=RetentionPolicy.LIMITS, num_replicas=s.REPLICAS))
+        await js.add_consumer(s.LEGACY_STREAM, ConsumerConfig(
+            durable_name=s.consumer("b", "a"), filter_subject=f"{s.LEGACY_MSG_ROOT}.b.from.a",
+            ack_policy=AckPolicy.EXPLICIT, max_ack_pending=1, num_replicas=s.REPLICAS))
+        for bundle in old:
+            await js.publish(f"{s.LEGACY_MSG_ROOT}.b.from.a", json.dumps(bundle).encode())
+
+    async def drop_old(js: Any) -> None:
+        await js.delete_stream(s.LEGACY_STREAM)
+
+    b.kill9()
+    try:
+        _admin_js(swarm, make_old)
+        after = f"after the upgrade {tag}"
+        assert_ok(swarm.cores["a"].agent_call("alice", "send", to="bob", body=after))
+        wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0, timeout=15)
+    finally:
+        b.start()
+    try:
+        got = drain(swarm, "b", "bob", 3, timeout=30)
+        assert [m["body"] for m in got] == [*(x[0]["body"] for x in old), after]
+        info = _admin_js(swarm, lambda js: js.consumer_info(s.LEGACY_STREAM, s.consumer("b", "a")))
+        assert (info.num_pending, info.num_ack_pending) == (0, 0), info
+    finally:
+        _admin_js(swarm, drop_old)
+
+
+def test_the_operator_is_refused_past_its_window_of_unread_actions(swarm: Swarm) -> None:
+    """b is down with s.ACTIONS_WINDOW of a's actions unread on their pair (published
+    here with a's NATS credentials, as someone holding them could; unsigned, so b refuses
+    each once it reads them). The pair keeps only its newest s.ACTIONS_PAIR_MSGS, so a's
+    operator must not add to it: the next action is refused on a, one line, nothing
+    published. b back: it reads and refuses them, and a's next action is applied."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    subject = s.op_subject("b", "a")
+
+    async def fill(js: Any) -> None:
+        for _ in range(s.ACTIONS_WINDOW):
+            await js.publish(subject, b"{}")
+
+    async def as_a(use: Any) -> Any:
+        nc = await nats.connect(swarm.net.urls("a"), user="host-a", password=swarm.net.passwords["a"],
+                                inbox_prefix=s.inbox_prefix("a"))
+        try:
+            return await use(nc.jetstream(timeout=10))
+        finally:
+            await nc.close()
+
+    refused = swarm.status("b")["actions_refused"]
+    b.kill9()
+    try:
+        wait_for(lambda: not swarm.status("a")["hosts"][1]["reachable"], timeout=15)
+        asyncio.run(as_a(fill))
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") is False and "has not read" in reply["error"] and "\n" not in reply["error"], reply
+        info = _admin_js(swarm, lambda js: js.consumer_info(s.OPS_STREAM, s.ops_consumer("b", "a")))
+        assert info.num_pending == s.ACTIONS_WINDOW, info  # nothing more published
+    finally:
+        b.start()
+    wait_for(lambda: swarm.status("b")["actions_refused"] - refused == s.ACTIONS_WINDOW, timeout=30)
+    try:
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") and reply.get("applied"), reply
+    finally:
+        b.host_call("set_paused", name="bob", paused=False)

@@ -71,6 +71,8 @@ REQUIRED = {
     "core.known-inbox", "swarm-ops-rider",
     # issue 17 (session 9): requests that change nothing, as fast as a cage can write them
     "core.cheap-verb-flood",
+    # issue 18 (session 9): the streams as work queues, bounded per pair of hosts
+    "swarm-pair-bound",
 }
 
 PLUGIN = r'''

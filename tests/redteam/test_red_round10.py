@@ -107,6 +107,9 @@ def test_rendered_permissions_name_only_own_consumers() -> None:
             assert "*" not in stream and ">" not in stream and "*" not in name and ">" not in name, subject
             own = {s.watcher(host)} if stream.startswith("KV_HIVE_ROSTER_") else (
                 {s.ops_consumer(host, o) for o in "abc" if o != host} if stream == s.OPS_STREAM else {s.consumer(host, o) for o in "abc" if o != host})
+            if verb == "INFO" and stream in (s.STREAM, s.OPS_STREAM):  # (session 9) how far the
+                # others have read its own pairs: INFO of their consumers of them, nothing else
+                own |= {(s.ops_consumer if stream == s.OPS_STREAM else s.consumer)(o, host) for o in "abc" if o != host}
             assert name in own, subject
             assert tokens[6:] in ([], [">"]) or verb == "MSG", subject
         assert perms["subscribe"]["allow"] == [f"_INBOX_{host}.>", s.show_subject(host, "*"), s.shown_subject(host, "*")]

@@ -68,21 +68,6 @@ def bundle(tag: str, kind: str, i: int) -> bytes:
                         "body": f"{kind} {tag} {i}", "sent_at": 0}]).encode()  # fmt: skip
 
 
-def _stored(swarm: Swarm, subject: str) -> int:
-    """As the admin: how many messages the stream holds on ``subject``."""
-
-    async def go() -> int:
-        user, password = swarm.net.admin()
-        nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
-        try:
-            info = await nc.jetstream().stream_info(s.STREAM, subjects_filter=subject)
-            return int((info.state.subjects or {}).get(subject, 0))
-        finally:
-            await nc.close()
-
-    return asyncio.run(go())
-
-
 def _inbox_consumer(swarm: Swarm) -> tuple[int, int]:
     """As the admin: b's consumer of c's bundles, (pending, ack pending)."""
 
@@ -115,7 +100,6 @@ def test_status_headers_on_cs_bundles_are_refused_and_nothing_honest_is_lost(hiv
         return b.log_path.read_text(errors="replace").count(REFUSED_LINE.format(subject))
 
     log_before = refusals()
-    stored_before = _stored(swarm, subject)
 
     async def attack(nc: Any) -> None:
         js = nc.jetstream(timeout=10)
@@ -143,8 +127,10 @@ def test_status_headers_on_cs_bundles_are_refused_and_nothing_honest_is_lost(hiv
         finally:
             sender.join()
         assert all(r.get("ok") for r in replies), replies
-        # Every forged bundle is in the stream (the raw one too): b must refuse what it reads.
-        assert _stored(swarm, subject) - stored_before == 2 * len(forged) + 1
+        # Every forged bundle was stored (the raw one too): b must refuse what it reads (each
+        # refusal is counted below). HIVE_MAIL is a work queue: what b acked is gone, and
+        # c's pair never holds more than its bound (session 9).
+        assert sum(_inbox_consumer(swarm)) <= s.MAIL_PAIR_MSGS
 
         got = drain(swarm, "b", "bob", len(honest) + len(from_alice), timeout=60, extra=1.0)
         bodies = [(m["from"], m["body"]) for m in got]

@@ -45,6 +45,9 @@ def status(ctx: click.Context, as_json: bool) -> None:
         f"received {sw['received']}, dropped {sw['dropped']}")  # fmt: skip
     if sw.get("waiting"):
         say(f"messages waiting for room here (storage bounds): from {', '.join(sw['waiting'])}")
+    if sw.get("full"):
+        say(f"messages to {', '.join(sw['full'])} wait here: that host has not read the"
+            " last of ours on the bus (48 bundles)")  # fmt: skip
     if sw.get("restarts"):
         loops = ", ".join(f"{name} {n}x" for name, n in sw["restarts"].items())
         say(f"loops started again after a failure (see hive-core's log): {loops}")

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -53,11 +54,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("hive.swarm")
 
 RETRY = 0.25  # seconds between two tries of a failed publish or a broken loop
+LEGACY_EVERY = 30.0  # seconds between two looks at a pair's consumer on HIVE_MSGS
 BATCH = 1024  # outbox rows read at once, and the most rows one bundle carries
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
 PRUNE_ROUNDS = 300  # roster rounds between two prunes of the swarm's tables
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
-ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
+# created_at: the agent's incarnation, what the operator's lifecycle actions on it are bound to
+ROW_FIELDS = ("name", "host", "running", "paused", "status_text", "created_at")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
 QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
@@ -92,8 +95,19 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
         "running": row.get("running") is True,
         "paused": row.get("paused") is True,
         "status_text": text[:SHORT_TEXT_CHARS] if isinstance(text, str) else None,
+        "created_at": incarnation(row.get("created_at")),
         "seen": time.time(),
     }
+
+
+def incarnation(value: object) -> float | None:
+    """A row's ``created_at`` if it is one a store could hold (a finite, non-negative
+    number; a bool is no number), else None: an action then binds to none and is refused
+    by the sending host (operator.py's ``carry``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def _reserved(parts: list[str]) -> bool:
@@ -177,6 +191,7 @@ class Bridge:
         self._own_loaded = False  # our watch of our own bucket has loaded once
         self._held: dict[str, float] = {}  # name -> when to read its claims again (_let_go)
         self.waiting: set[str] = set()  # other hosts whose bundles wait for room here
+        self.full: set[str] = set()  # other hosts that have not read our last MAIL_WINDOW
         self._published: dict[str, str] = {}
         self._conflicts: set[str] = set()
         self.heartbeats: dict[str, float] = {}  # host -> when (our monotonic clock) seen
@@ -273,6 +288,7 @@ class Bridge:
             "dropped": self.dropped + self.store.dropped,
             # Hosts whose messages wait here for room (swarm/quota.py: the bounds).
             "waiting": sorted(self.waiting),
+            "full": sorted(self.full),
             "restarts": dict(sorted(self.restarts.items())),
             # Names this host holds with no agent: another host claimed them while they
             # were ours, and would inherit them (_let_go).
@@ -411,14 +427,42 @@ class Bridge:
 
     async def _publish_loop(self) -> None:
         js = self._js()
+        # Hosts with s.MAIL_WINDOW of our bundles unacked on their pair (down, or slow) ->
+        # when to ask again. Their rows wait in the outbox, in order; the other hosts' go
+        # on meanwhile. Past the pair's bound (s.MAIL_PAIR_MSGS) the bus drops its oldest
+        # (bus.py): an honest sender must never get there, and so counts: what it published
+        # since it last asked the pair's consumer, plus what that had yet to ack.
+        full: dict[str, float] = {}
+        unacked: dict[str, int] = {}  # host -> at most this many of our bundles unacked
         while True:
-            batch = self.store.unsent(BATCH)
+            now = time.monotonic()
+            for host in [h for h, at in full.items() if at <= now]:
+                del full[host]
+            batch = self.store.unsent(BATCH, skip=full)
             if not batch:
                 self._wake.clear()
-                if not self.store.unsent(1):  # nothing queued between the read and the clear
-                    await self._wake.wait()
+                if not self.store.unsent(1, skip=full):  # nothing queued since the read
+                    soonest = min(full.values(), default=None)
+                    wait = None if soonest is None else max(0.0, soonest - time.monotonic())
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), wait)
                 continue
+            held: set[str] = set()
             for bundle in bundles(batch):
+                to_host = bundle[0].to_host
+                if to_host in held:
+                    continue  # an earlier bundle to it waits: so does this one, behind it
+                if unacked.get(to_host, s.MAIL_WINDOW) >= s.MAIL_WINDOW:
+                    unacked[to_host] = await self._unacked(to_host)
+                    if unacked[to_host] >= s.MAIL_WINDOW:
+                        if to_host not in self.full:
+                            log.info(
+                                "swarm: messages to host %s wait: it has not read ours", to_host
+                            )
+                        self.full.add(to_host)
+                        full[to_host] = time.monotonic() + RETRY
+                        held.add(to_host)
+                        continue
                 # Its senders' names are claimed before their messages go out, so the
                 # receiver finds them in the bucket (an agent spawned a moment ago, say).
                 # Not a withdraw's or cancel's: its sender was destroyed (asks.forget), and
@@ -435,19 +479,34 @@ class Bridge:
                 # dropped our bundles as duplicates (red team round 11).
                 payload = b"[" + b",".join(o.payload for o in bundle) + b"]"
                 dedup = f"{bundle[0].msg_id}.{len(bundle)}.{secrets.token_hex(8)}"
+                said = False
                 while True:
                     try:
                         await js.publish(
-                            s.msg_subject(bundle[0].to_host, self.host),
+                            s.msg_subject(to_host, self.host),
                             payload,
                             timeout=2.0,
                             headers={"Nats-Msg-Id": dedup},
                         )
                         break
                     except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
-                        log.info("swarm: publish of %s waits (%s)", bundle[0].msg_id, e)
+                        if not said:
+                            log.info("swarm: publish of %s waits (%s)", bundle[0].msg_id, e)
+                            said = True
                         await asyncio.sleep(RETRY)
+                unacked[to_host] += 1
+                self.full.discard(to_host)
                 self.store.mark_sent([o.row for o in bundle])
+
+    async def _unacked(self, to_host: str) -> int:
+        """How many of our bundles ``to_host``'s consumer of them has yet to ack (pending
+        and in hand); the window, so that we wait, when the bus can't say."""
+        try:
+            info = await self._js().consumer_info(s.STREAM, s.consumer(to_host, self.host))
+        except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+            log.info("swarm: can't see how far host %s has read: %s", to_host, e)
+            return s.MAIL_WINDOW
+        return (info.num_pending or 0) + (info.num_ack_pending or 0)
 
     # -- incoming ------------------------------------------------------------------------
 
@@ -482,21 +541,63 @@ class Bridge:
             self.nc, s.STREAM, s.consumer(self.host, from_host), s.inbox_prefix(self.host)
         )
         await puller.start()
+        legacy_left, legacy_at = True, -1e9
         try:
             while True:
+                # What that host sent us on the stream of before, first (an upgrade from
+                # HIVE_MSGS: subjects.py), and again now and then while it may hold some.
+                if legacy_left and time.monotonic() - legacy_at >= LEGACY_EVERY:
+                    legacy_left = await self._drain_legacy(from_host)
+                    legacy_at = time.monotonic()
                 # One at a time: the consumer hands out one bundle at a time (bus.py).
                 m = await puller.next(wait=1.0)
                 if m is None:
                     continue  # nothing waiting
-                # Until it is stored (a full disk, say): the ones after it wait, so the
-                # order per sender holds; the bus is told it is still in hand.
-                while not await self._receive(m):
-                    with contextlib.suppress(Exception):
-                        await m.in_progress()
-                    await asyncio.sleep(RETRY * 4)
+                await self._commit(m)
         finally:
             with contextlib.suppress(Exception):
                 await puller.stop()
+
+    async def _commit(self, m: Msg) -> None:
+        # Until it is stored (a full disk, say): the ones after it wait, so the order per
+        # sender holds; the bus is told it is still in hand.
+        while not await self._receive(m):
+            with contextlib.suppress(Exception):
+                await m.in_progress()
+            await asyncio.sleep(RETRY * 4)
+
+    async def _drain_legacy(self, from_host: str) -> bool:
+        """Read what ``from_host`` sent here on the limits-retention stream of before
+        (``HIVE_MSGS``), to its end, before its bundles on ``HIVE_MAIL``: no host may
+        publish there any more (natsconf.py), and an acked bundle there must still arrive,
+        in order. False once there is no such stream or consumer (nothing to read, ever);
+        True if it is read to its end for now, or the bus could not say (tried again
+        after LEGACY_EVERY seconds)."""
+        assert self.nc is not None
+        js, durable = self._js(), s.consumer(self.host, from_host)
+        puller: Puller | None = None
+        try:
+            while True:
+                try:
+                    info = await js.consumer_info(s.LEGACY_STREAM, durable)
+                except nats.js.errors.NotFoundError:
+                    return False
+                except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+                    log.info("swarm: can't read %s on %s yet: %s", durable, s.LEGACY_STREAM, e)
+                    return True
+                if not (info.num_pending or info.num_ack_pending):
+                    return True
+                if puller is None:
+                    log.info("swarm: reading host %s's bundles on %s", from_host, s.LEGACY_STREAM)
+                    puller = Puller(self.nc, s.LEGACY_STREAM, durable, s.inbox_prefix(self.host))
+                    await puller.start()
+                m = await puller.next(wait=1.0)
+                if m is not None:
+                    await self._commit(m)
+        finally:
+            if puller is not None:
+                with contextlib.suppress(Exception):
+                    await puller.stop()
 
     async def _receive(self, m: Msg) -> bool:
         """Commit one bundle to its recipients' inboxes, then ack it; False if it could not
@@ -642,6 +743,7 @@ class Bridge:
                     "running": self.hive.lifecycle.running(name),
                     "paused": bool(row.paused),
                     "status_text": row.status_text,
+                    "created_at": row.created_at,
                 },
                 sort_keys=True,
             )

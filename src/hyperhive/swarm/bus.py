@@ -75,8 +75,9 @@ async def connect(
 async def ensure_streams(
     nc: NATS, hosts: Sequence[str], replicas: int = s.REPLICAS, timeout: float = 30.0
 ) -> None:
-    """As the admin: the message stream, one durable inbox consumer per (receiving,
-    sending) host, and the roster bucket. Idempotent; retries while the cluster elects
+    """As the admin: the message and action streams, one durable consumer of each per
+    (receiving, sending) host, and each host's roster bucket. Idempotent (for a swarm
+    already running too: the streams of before are left alone); retries while the cluster elects
     its leaders."""
     js = nc.jetstream(timeout=2.0)  # short: while leaders are elected, try again soon
     loop = asyncio.get_running_loop()
@@ -92,17 +93,45 @@ async def ensure_streams(
             await asyncio.sleep(0.2)
 
 
+def _work_queue(
+    name: str, root: str, max_age: float, pair_msgs: int, msg_bytes: int, replicas: int
+) -> StreamConfig:
+    """A stream of ``<root>.<to>.from.<from>``, one subject per pair of hosts, each read by
+    its pair's one consumer: what the receiver acks leaves the stream (work queue), and a
+    pair keeps at most its newest ``pair_msgs`` messages of ``msg_bytes``. Limits retention
+    kept everything for ``max_age``, read or not: one host could fill every node's store
+    (red team round 11, ``swarm-store-fill``). A message published before its pair's
+    consumer exists waits for it (interest retention would drop it at once).
+
+    Past the bound the oldest of the pair goes (discard old), not the new one refused
+    (discard new per subject): nats-server 2.9.10 checks that limit on each replica as it
+    stores, and a replica that has applied the receiver's latest ack (the message gone)
+    stores what one that hasn't refuses, and from then numbers the stream's messages one
+    off (its ``clfs``). Trimming the oldest converges instead: the pair's oldest is the one
+    its consumer (one in hand at a time, in order) acks next. An honest sender never gets
+    there (bridge.py and operator.py keep below the bound): only a host's own flood of
+    its own pair is trimmed."""
+    return StreamConfig(
+        name=name,
+        subjects=[f"{root}.*.from.*"],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.OLD,
+        max_msgs_per_subject=pair_msgs,
+        max_msg_size=msg_bytes,
+        max_age=max_age,
+        duplicate_window=s.DEDUP_SECONDS,
+        num_replicas=replicas,
+    )
+
+
 async def _ensure(js: nats.js.JetStreamContext, hosts: Sequence[str], replicas: int) -> None:
+    # New names, not the limits-retention HIVE_MSGS / HIVE_OPS of before (a stream's
+    # retention can't change in place): those are left as they are, for the receivers to
+    # read their pairs' bundles to the end (bridge.py), then for an admin to delete.
     await js.add_stream(
-        StreamConfig(
-            name=s.STREAM,
-            subjects=[f"{s.MSG_ROOT}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            max_age=s.MAX_AGE_SECONDS,
-            duplicate_window=s.DEDUP_SECONDS,
-            num_replicas=replicas,
+        _work_queue(
+            s.STREAM, s.MSG_ROOT, s.MAX_AGE_SECONDS, s.MAIL_PAIR_MSGS, s.MAIL_MSG_BYTES, replicas
         )
     )
     consumers = [
@@ -172,16 +201,13 @@ async def _ensure_ops(js: nats.js.JetStreamContext, hosts: Sequence[str], replic
     (MAX_ACTION_BYTES), and old ones expire (each is refused after TTL_SECONDS anyway); a
     replayed Nats-Msg-Id is dropped, a replayed action id refused."""
     await js.add_stream(
-        StreamConfig(
-            name=s.OPS_STREAM,
-            subjects=[f"{s.OPS_ROOT}.>"],
-            retention=RetentionPolicy.LIMITS,
-            storage=StorageType.FILE,
-            discard=DiscardPolicy.OLD,
-            max_age=s.OPS_MAX_AGE_SECONDS,
-            max_msg_size=MAX_ACTION_BYTES,
-            duplicate_window=s.DEDUP_SECONDS,
-            num_replicas=replicas,
+        _work_queue(
+            s.OPS_STREAM,
+            s.OPS_ROOT,
+            s.OPS_MAX_AGE_SECONDS,
+            s.ACTIONS_PAIR_MSGS,
+            MAX_ACTION_BYTES,
+            replicas,
         )
     )
     await asyncio.gather(

@@ -27,18 +27,30 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
     """What host ``host``'s user may publish and subscribe to: speak for itself only,
     read and ack only its own inboxes (one per other host of ``hosts``), read the shared
     roster, write only its own rows and its own name claims."""
-    if not NAME_RE.fullmatch(host):
-        raise ValueError(f"bad host name {host!r}")
+    others = [other for other in sorted(hosts) if other != host]
+    for name in (host, *others):  # a `*` or `>` in a name would be a wildcard in a permission
+        if not NAME_RE.fullmatch(name):
+            raise ValueError(f"bad host name {name!r}")
     inboxes = []
-    for durable in (s.consumer(host, other) for other in sorted(hosts) if other != host):
+    for durable in (s.consumer(host, other) for other in others):
+        # Its pairs' consumers on the message stream, and on the one of before (read to
+        # its end after an upgrade: bridge.py; no host may publish there any more).
+        for stream in (s.STREAM, s.LEGACY_STREAM):
+            inboxes += [
+                f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                f"$JS.ACK.{stream}.{durable}.>",
+            ]
+    # How far each other host has read what this one sent it (INFO only, of the consumers
+    # of its own pairs): a sender keeps below its pairs' bound (bridge.py, operator.py).
+    for other in others:
         inboxes += [
-            f"$JS.API.CONSUMER.INFO.{s.STREAM}.{durable}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{s.STREAM}.{durable}",
-            f"$JS.ACK.{s.STREAM}.{durable}.>",
+            f"$JS.API.CONSUMER.INFO.{s.STREAM}.{s.consumer(other, host)}",
+            f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{s.ops_consumer(other, host)}",
         ]
     # Its consumers of the actions each other host's operator carries to it (one a pair).
     ops: list[str] = []
-    for durable in (s.ops_consumer(host, other) for other in sorted(hosts) if other != host):
+    for durable in (s.ops_consumer(host, other) for other in others):
         ops += [
             f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{durable}",
             f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{durable}",
@@ -68,7 +80,11 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
     return {
         "publish": {
             "allow": [
-                s.msg_subject("*", host),
+                # A message from one of its agents, to each configured host by name: a
+                # `*` took any token (`hive.msg.zz.from.c`, read by no one, kept for a
+                # week: red team round 11, ``swarm-store-fill``). Each pair's subject is
+                # bounded in the stream (bus.py), so a host holds at most its pairs' share.
+                *(s.msg_subject(other, host) for other in others),
                 # Its own keys, each naming it, in its own bucket (bounded there by NATS).
                 f"{own}agents.{host}.>",
                 f"{own}{s.host_key(host)}",
@@ -82,7 +98,7 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
                 # The operator's roster and actions (swarm/operator.py): its own agents'
                 # questions and approvals and its own results; actions it signs, on its
                 # own subject; only its own consumers of the actions carried to it.
-                s.op_subject("*", host),
+                *(s.op_subject(other, host) for other in others),
                 f"{own}questions.{host}.>",
                 f"{own}approvals.{host}.>",
                 f"{own}results.{host}.>",

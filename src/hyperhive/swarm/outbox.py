@@ -15,6 +15,7 @@ import itertools
 import json
 import secrets
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,15 +115,18 @@ class SwarmStore:
             row = queue_tx(tx, to_host, sender, to, kind, body)
         return Message(id=row, from_=sender, kind=kind, body=body, sent_at=time.time(), to=to)
 
-    def unsent(self, limit: int) -> list[Outgoing]:
+    def unsent(self, limit: int, skip: Collection[str] = ()) -> list[Outgoing]:
+        """The oldest unsent rows, but none to the hosts in ``skip`` (whose pair on the bus
+        is at its bound: bridge.py; theirs wait, in order, and the others' go on)."""
         # The index named: left to choose, SQLite's planning cost more than the read (as
         # for messages.unacked).
+        but = f" AND to_host NOT IN ({','.join('?' * len(skip))})" if skip else ""
         rows = self._db.conn.execute(
             "SELECT id, msg_id, to_host, payload, json_extract(payload, '$.from'),"
             " json_extract(payload, '$.kind')"
-            " FROM swarm_outbox INDEXED BY swarm_outbox_unsent WHERE sent_at IS NULL"
+            f" FROM swarm_outbox INDEXED BY swarm_outbox_unsent WHERE sent_at IS NULL{but}"
             " ORDER BY id LIMIT ?",
-            (limit,),
+            (*sorted(skip), limit),
         ).fetchall()
         return [Outgoing(r[0], r[1], r[2], r[3].encode(), r[4], r[5]) for r in rows]
 

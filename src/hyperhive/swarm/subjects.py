@@ -3,8 +3,23 @@
 
 from __future__ import annotations
 
-STREAM = "HIVE_MSGS"
-MSG_ROOT = "hive.msg"
+# The messages between hosts: a work queue, one subject per (receiving, sending) pair, each
+# read by that pair's one consumer; a bundle the receiver has committed and acked leaves
+# the stream, and a pair keeps at most its newest MAIL_PAIR_MSGS bundles of MAIL_MSG_BYTES,
+# so no host holds more of the store than its pairs' bounds (red team round 11,
+# ``swarm-store-fill``). An honest sender never has more than MAIL_WINDOW of its bundles
+# unacked on a pair (bridge.py asks the pair's consumer), so the bound only ever drops a
+# host's own flood. JetStream can't change a stream's retention in place, so these are new
+# names (docs/swarm.md, "Upgrading to the work queues"); the old streams are only drained.
+STREAM = "HIVE_MAIL"
+MSG_ROOT = "hive.mail"
+MAIL_PAIR_MSGS = 64
+MAIL_WINDOW = 48
+# A bundle is at most 512 KiB of rows, or one row alone (its body came in one line of at
+# most 1 MiB: wire/framing.py); twice that is refused as no honest host's.
+MAIL_MSG_BYTES = 2 << 20
+LEGACY_STREAM = "HIVE_MSGS"  # before: limits retention, hive.msg.>, read to its end
+LEGACY_MSG_ROOT = "hive.msg"
 # Each host's roster keys (its rows, heartbeat, name claims, questions, approvals,
 # outcomes, released counts) live in a bucket of its own, HIVE_ROSTER_<host>, bounded by
 # NATS on its own: a host that fills its bucket fills nothing another host writes.
@@ -36,9 +51,11 @@ def inbox_filter(host: str) -> str:
 
 
 def from_host_of(subject: str) -> str | None:
-    """The sending host named by a message subject (what NATS's permissions vouch for)."""
+    """The sending host named by a message subject (what NATS's permissions vouch for),
+    on the stream of now or of before (its pairs' bundles, drained after an upgrade)."""
     parts = subject.split(".")
-    if len(parts) != 5 or parts[:2] != MSG_ROOT.split(".") or parts[3] != "from":
+    roots = (MSG_ROOT.split("."), LEGACY_MSG_ROOT.split("."))
+    if len(parts) != 5 or parts[:2] not in roots or parts[3] != "from":
         return None
     return parts[4]
 
@@ -116,8 +133,16 @@ def host_key(host: str) -> str:
 
 # -- the operator's roster and actions (swarm/operator.py) -------------------------------
 
-OPS_STREAM = "HIVE_OPS"
-OPS_ROOT = "hive.op"
+# A work queue as HIVE_MAIL is (one subject and one consumer a pair, an action acked by
+# its receiver leaves it), each pair keeping its newest ACTIONS_PAIR_MSGS actions of at
+# most MAX_ACTION_BYTES: what a host publishes to a host that obeys no operator of its
+# own waits unread, but never more than that (red team round 11, ``swarm-store-fill``);
+# an operator is refused an action past ACTIONS_WINDOW unread ones (operator.py).
+OPS_STREAM = "HIVE_ACTIONS"
+OPS_ROOT = "hive.action"
+ACTIONS_PAIR_MSGS = 64
+ACTIONS_WINDOW = 48
+LEGACY_OPS_STREAM = "HIVE_OPS"  # before: limits retention, hive.op.>, not read any more
 OPS_MAX_AGE_SECONDS = 3600  # a signed action is refused after 5 minutes anyway
 
 
@@ -145,12 +170,6 @@ def ops_consumer(host: str, from_host: str) -> str:
     (refused, but one at a time) never queues ahead of another host's operator's actions
     (red team round 11); ``host`` pulls only its pinned operators' hosts' consumers."""
     return f"ops-{host}_{from_host}"
-
-
-def legacy_ops_consumer(host: str) -> str:
-    """The one consumer of before (every sender's actions to ``host``): left in place by
-    ensure_streams, read by no one (an admin may delete it)."""
-    return f"ops-{host}"
 
 
 def question_key(host: str, qid: int) -> str:
