@@ -124,6 +124,8 @@ for _i in range(MAX_PAIRS):
 for _i in range(TPUT_SENDERS):
     _s, _r = tput_names(_i)
     AGENTS[_s], AGENTS[_r] = [_r], [_s]
+FLOODER = "flood"  # floods the core with acks that change nothing (bench_latency_ack_flood)
+AGENTS[FLOODER] = []
 
 
 class Core:
@@ -476,6 +478,178 @@ def bench_latency_1(ctx: Context) -> list[Row]:
     return _latency_rows("latency 1 pair", samples, targets=True)
 
 
+def _rounds_1(ctx: Context, warm: int, n: int) -> list[float]:
+    """bench_latency_1's rounds, on the pair s1/r1: its send→recv times."""
+    s, r = pair_names(1)
+    a, b = BlockingConn(ctx.core.sock(s)), BlockingConn(ctx.core.sock(r))
+    req = send_line(r)
+    samples = []
+    b.write(RECV)
+    time.sleep(0.05)
+    for i in range(warm + n):
+        t0 = time.perf_counter()
+        a.write(req)
+        raw = b.readline()
+        t1 = time.perf_counter()
+        if i >= warm:
+            samples.append(t1 - t0)
+        ids = delivered_ids(raw)
+        expect_ok(a.readline(), "send")
+        b.write(recv_ack_line(ids))
+    a.close()
+    b.close()
+    return samples
+
+
+# A hostile agent's flood: on each of its connections, batches of acks of a message that
+# is not its own (id 1: s0's to r0), written as fast as the core answers them. Each
+# reply must be the refusal; it prints how many it got.
+ACK_FLOOD = r"""
+import socket, sys, threading, time
+path, conns, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+BATCH = 64
+req = b'{"cmd":"ack","ids":[1]}\n' * BATCH
+counts = [0] * conns
+bad = []
+
+def flood(k):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    f = s.makefile("rb")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        s.sendall(req)
+        for _ in range(BATCH):
+            line = f.readline()
+            if b"no message 1 in this inbox" not in line:
+                bad.append(line)
+                return
+        counts[k] += BATCH
+    s.close()
+
+threads = [threading.Thread(target=flood, args=(k,)) for k in range(conns)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print(sum(counts), len(bad), bad[:1])
+"""
+FLOOD_CONNECTIONS = 4
+
+
+def _core_commits(ctx: Context) -> int | None:
+    """The core's write transactions so far (host.sock ``core_stats``); None if host.sock
+    refuses this process (not root, not in hive-admin)."""
+    conn = BlockingConn(str(ctx.core.run_dir / "host.sock"))
+    try:
+        conn.write(line({"cmd": "core_stats"}))
+        reply = orjson.loads(conn.readline())
+    finally:
+        conn.close()
+    return int(reply["commits"]) if reply.get("ok") else None
+
+
+def _flood(ctx: Context, seconds: float) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            ACK_FLOOD,
+            ctx.core.sock(FLOODER),
+            str(FLOOD_CONNECTIONS),
+            str(seconds),
+        ],
+        stdout=subprocess.PIPE,
+    )
+
+
+def _flood_acks(flooder: subprocess.Popen[bytes], seconds: float) -> int:
+    """How many acks the flood got answered (each the refusal it must be)."""
+    out, _ = flooder.communicate(timeout=seconds + 30)
+    acks, bad, first_bad = out.decode().split(" ", 2)
+    if int(bad):
+        raise RuntimeError(f"the flood's ack got an unexpected reply: {first_bad.strip()}")
+    return int(acks)
+
+
+def bench_latency_ack_flood(ctx: Context) -> list[Row]:
+    """One agent floods the core with acks that change nothing (a message not its own) on
+    FLOOD_CONNECTIONS connections, as fast as the core answers. First alone: what each
+    costs the core (CPU, commits: none, as an ack that changes nothing never reaches the
+    group commit; red team ``cheap-verb-flood``); its first 64 MiB of pacing burst (32 Ki
+    lines at 2 KiB a line) go then. Then bench_latency_1's round trip (on the pair s1/r1)
+    while it goes on, paced (4,096 lines/s), beside the same rounds unloaded: how much
+    one agent's cheap requests raise another's latency."""
+    warm, n = ctx.n(100, 10), ctx.n(2000, 100)
+    quiet = _rounds_1(ctx, warm, n)
+    assert ctx.core.proc is not None
+    alone = ctx.n(10.0, 2.0)
+    cpu0, commits0 = _cpu_seconds(ctx.core.proc.pid), _core_commits(ctx)
+    acks_alone = _flood_acks(_flood(ctx, alone), alone)
+    cpu_alone = _cpu_seconds(ctx.core.proc.pid) - cpu0
+    commits_alone = _core_commits(ctx)
+    seconds = ctx.n(30.0, 3.0)
+    flooder = _flood(ctx, seconds)
+    time.sleep(0.5)  # the flood is under way
+    t0 = time.perf_counter()
+    loaded: list[float] = []
+    while time.perf_counter() - t0 < seconds - 1.0 and len(loaded) < 50 * n:
+        loaded += _rounds_1(ctx, 0, min(n, 500))
+    acks = _flood_acks(flooder, seconds)
+    sect = "latency 1 pair, one agent flooding empty acks"
+    alone_note = f"{acks_alone:,} acks in {alone:.0f} s alone on {FLOOD_CONNECTIONS} connections"
+    flood_note = f"{len(loaded)} samples; {acks / seconds:,.0f} acks/s meanwhile"
+    rows = [
+        Row(
+            sect,
+            "send→recv p50, unloaded",
+            percentile(quiet, 50) * 1e3,
+            "ms",
+            None,
+            f"{len(quiet)} samples",
+        ),
+        Row(
+            sect,
+            "send→recv p99, unloaded",
+            percentile(quiet, 99) * 1e3,
+            "ms",
+            None,
+            f"{len(quiet)} samples",
+        ),
+        Row(sect, "send→recv p50, flooded", percentile(loaded, 50) * 1e3, "ms", None, flood_note),
+        Row(
+            sect,
+            "send→recv p99, flooded",
+            percentile(loaded, 99) * 1e3,
+            "ms",
+            Target("<=", 10.0),
+            flood_note,
+        ),
+        Row(
+            sect,
+            "core CPU per empty ack",
+            cpu_alone * 1e6 / max(1, acks_alone),
+            "µs",
+            None,
+            f"hive-core's user+system time; {alone_note}",
+        ),
+    ]
+    if commits0 is not None and commits_alone is not None:
+        # None but the core's own upkeep now and then (pruning the logs every 60 s).
+        # Before, each ack was queued to the group commit: ~1 commit for 4 acks here.
+        rows.append(
+            Row(
+                sect,
+                "commits per 1,000 empty acks",
+                (commits_alone - commits0) * 1000 / max(1, acks_alone),
+                "",
+                Target("<=", 1.0),
+                f"{commits_alone - commits0} commits; {alone_note}",
+            )
+        )
+    return rows
+
+
 async def _pair(
     a: LineProtocol,
     b: LineProtocol,
@@ -670,6 +844,7 @@ def _cpu_seconds(pid: int) -> float:
 BENCHMARKS: list[Callable[[Context], list[Row]]] = [
     bench_floor,
     bench_latency_1,
+    bench_latency_ack_flood,
     bench_ratio,
     bench_latency_64,
     bench_latency_64_paced,

@@ -249,3 +249,27 @@ def test_prune_history_keeps_the_newest_of_each_log(store: Store) -> None:
     assert store.db.conn.execute("SELECT COUNT(*) FROM questions WHERE asker='x'").fetchone()[0] == 10
     assert store.db.conn.execute("SELECT COUNT(*) FROM approvals WHERE agent='x'").fetchone()[0] == 10
     assert store.usage.of("x")[:2] == summed(store, "x")
+
+
+def test_a_prune_with_nothing_past_keep_commits_nothing(store: Store) -> None:
+    """Every agent's logs are pruned every minute, nearly always within ``keep``: that
+    must be reads only, not a write transaction per agent (each commit but the message
+    lane's makes every known inbox be read again; issue 17's cheap-verb-flood case counts
+    commits). One row past ``keep`` is a prune as before."""
+    store.history_keep = 3
+    ids = []
+    for i in range(3):
+        m = store.messages.send("x", "y", "message", f"m{i}")
+        store.messages.ack("x", [m.id])
+        ids.append(m.id)
+    before = store.db.commits
+    assert store.history.prune("x") == 0
+    assert store.history.prune("nobody") == 0
+    assert store.db.commits == before
+    m = store.messages.send("x", "y", "message", "m3")
+    store.messages.ack("x", [m.id])
+    before = store.db.commits
+    assert store.history.prune("x") == 1
+    assert store.db.commits == before + 1
+    left = [r[0] for r in store.db.conn.execute("SELECT id FROM messages WHERE recipient='x' ORDER BY id")]
+    assert left == [*ids[1:], m.id]

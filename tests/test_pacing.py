@@ -10,7 +10,7 @@ import time
 
 from conftest import CoreFactory
 from helpers import DEFAULT_AGENTS, render_toml
-from hyperhive.core.ratelimit import BytePacer
+from hyperhive.core.ratelimit import LINE_COST_BYTES, BytePacer
 from hyperhive.wire.framing import MAX_LINE
 
 MIB = 1 << 20
@@ -27,15 +27,34 @@ class FakeClock:
 def test_the_pacer_lets_a_burst_through_then_waits_in_proportion() -> None:
     clock = FakeClock()
     pacer = BytePacer(per_second=MIB, burst=2 * MIB, clock=clock)
-    assert pacer.debt(MIB) == 0.0  # within the burst
-    assert pacer.debt(MIB) == 0.0
-    assert pacer.debt(MIB) == 1.0  # a MiB past it: a second at 1 MiB/s
+    line = MIB - LINE_COST_BYTES  # a line that costs a MiB, its overhead counted
+    assert pacer.debt(line) == 0.0  # within the burst
+    assert pacer.debt(line) == 0.0
+    assert pacer.debt(line) == 1.0  # a MiB past it: a second at 1 MiB/s
     clock.now += 1.0
-    assert pacer.debt(MIB // 2) == 0.5  # the second refilled what the last one owed
+    assert pacer.debt(MIB // 2 - LINE_COST_BYTES) == 0.5  # the second refilled what it owed
     clock.now += 100.0
     assert pacer.debt(0) == 0.0  # refills to the burst, not beyond
-    assert pacer.debt(2 * MIB) == 0.0
-    assert pacer.debt(MIB) == 1.0
+    assert pacer.debt(2 * MIB - 2 * LINE_COST_BYTES) == 0.0
+    assert pacer.debt(line) == 1.0
+
+
+def test_every_line_costs_its_overhead_so_small_requests_are_paced_too() -> None:
+    """An empty ack is 24 bytes; counted by its bytes alone, 8 MiB/s let one agent make
+    ~350,000 requests a second. Each line also counts LINE_COST_BYTES: past the burst,
+    an agent's requests come at most per_second / LINE_COST_BYTES a second."""
+    clock = FakeClock()
+    pacer = BytePacer(per_second=8 * MIB, burst=2 * MIB, clock=clock)
+    ack = len(b'{"cmd":"ack","ids":[1]}\n')
+    free = 0
+    while pacer.debt(ack) == 0.0:
+        free += 1
+    assert free == 2 * MIB // (ack + LINE_COST_BYTES)  # the burst, in lines
+    clock.now += 1.0  # a second's refill: 8 MiB, about 4,000 lines' worth
+    lines = 0
+    while pacer.debt(ack) == 0.0:
+        lines += 1
+    assert lines < 8 * MIB // LINE_COST_BYTES
 
 
 def test_zero_turns_pacing_off() -> None:

@@ -69,6 +69,8 @@ REQUIRED = {
     "swarm-reserved-sender", "swarm-ops-flood", "swarm-msg-id-poisoning", "swarm-store-fill",
     # red team round 12: recv's known inboxes, riders beside agents' writes
     "core.known-inbox", "swarm-ops-rider",
+    # issue 17 (session 9): requests that change nothing, as fast as a cage can write them
+    "core.cheap-verb-flood",
     # issue 18 (session 9): the streams as work queues, bounded per pair of hosts
     "swarm-pair-bound",
     # red team round 13: init asleep until woken, the agents cache's one-row writes

@@ -256,6 +256,13 @@ class Hive:
         self.publish_status(name)
 
     def set_status(self, actor: Agent, text: str) -> float:
+        """Set the caller's status text; when it was set. The text it has already is not
+        set again: no write, no event, and the time it was set to that text (a cage
+        repeating one status as fast as it could wrote a commit and published an event
+        to every dashboard each time: red team cheap-verb-flood)."""
+        row = self.require_self(actor)
+        if row.status_text == text and row.status_set_at is not None:
+            return row.status_set_at
         at = self.store.agents.set_status_text(actor.name, text)
         self.publish_status(actor.name)
         return at
@@ -448,6 +455,12 @@ class Hive:
             return None
         return await self.swarm.fetch(host, kind, ident)
 
+    def core_stats(self, actor: Operator) -> dict[str, int]:
+        """Counters since this core started. ``commits``: write transactions ended
+        (committed or rolled back; a group commit is one however many writes it holds):
+        a request that changes nothing adds none (red team ``cheap-verb-flood``)."""
+        return {"commits": self.store.db.commits}
+
     def swarm_host(self) -> str | None:
         """This host's name in the swarm; None without [swarm]."""
         return None if self.swarm is None else self.swarm.host
@@ -531,8 +544,22 @@ class Hive:
 
     async def ack(self, actor: Agent, ids: list[int]) -> int:
         """Ack messages to the caller (committed with this turn's other sends and acks);
-        how many were not acked before. One not in its inbox: refused, nothing acked."""
+        how many were not acked before. One not in its inbox: refused, nothing acked.
+
+        An ack that would change nothing is answered without the group commit: one of ids
+        all in flight to the caller (handed out by its ``recv``, not acked since) changes
+        a row; any other is read first (``unacked_among``), and if none of its ids is
+        unacked it is answered (0) or refused there and then, writing nothing and waiting
+        on no commit. A cage flooding acks of ids not its own, or acked already, made one
+        empty commit each (~10,000 a second); the write transaction still checks
+        everything again (``ack_in``), so the read only ever saves a commit."""
         name = actor.name
+        if not ids:
+            return 0
+        in_flight = self._in_flight.get(name)
+        held = in_flight is not None and all(i in in_flight for i in ids)
+        if not held and self.store.messages.unacked_among(name, ids) == 0:
+            return 0
 
         def done(fresh: int) -> None:
             in_flight = self._in_flight[name]

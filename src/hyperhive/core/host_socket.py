@@ -296,6 +296,10 @@ async def swarm_status(s: OperatorSession, req: w.SwarmStatus) -> Reply:
     return ok(swarm=s.hive.swarm_status(s.actor))
 
 
+async def core_stats(s: OperatorSession, req: w.CoreStats) -> Reply:
+    return ok(**s.hive.core_stats(s.actor))
+
+
 async def subscribe_agent_status(s: OperatorSession, req: w.SubscribeAgentStatus) -> Reply:
     return _status_feed(s)
 
@@ -354,6 +358,7 @@ HOST_VERBS: dict[type, Verb] = {
     w.Destroy: destroy,
     w.Urls: urls,
     w.SwarmStatus: swarm_status,
+    w.CoreStats: core_stats,
     w.SubscribeAgentStatus: subscribe_agent_status,
     w.Subscribe: subscribe,
     w.Interrupt: interrupt,

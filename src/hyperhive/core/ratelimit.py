@@ -40,13 +40,24 @@ class TokenBuckets:
         self._buckets.pop(agent, None)
 
 
+# What any line costs the core's event loop besides its bytes, as bytes of the pacer's
+# bucket: reading it, dispatching it and writing its reply took ~16 µs of the core's CPU
+# for a 24-byte ack that changed nothing (bench/run.py, the empty-ack flood), what
+# decoding ~2 KiB of JSON takes. Charged per line, it bounds the requests an agent makes
+# past its burst (8 MiB/s: 4,096 a second), whatever they are (red team cheap-verb-flood).
+LINE_COST_BYTES = 2048
+
+
 class BytePacer:
     """Paces the request bytes one agent sends on all its connections together: decoding
     and checking a request costs the core's one event loop time in proportion to its size,
-    so an agent writing as fast as it can would slow every other socket. Past ``burst``
-    bytes, reading its next line waits until the bucket refills at ``per_second``; nothing
-    is refused, and a request never waits more than its own size's worth (at most
-    ``MAX_LINE / per_second``). 0 turns it off."""
+    so an agent writing as fast as it can would slow every other socket. Each line counts
+    its size plus ``LINE_COST_BYTES`` (what any request costs, small or not: the cheap
+    verbs are as many requests as an agent can write). Past ``burst`` bytes, reading its
+    next line waits until the bucket refills at ``per_second``; nothing is refused, and a
+    request never waits more than its own cost's worth (at most ``(MAX_LINE +
+    LINE_COST_BYTES) / per_second``) beyond the debt its connection may run up first
+    (``jsonlines.PACE_SLACK``, 10 ms). 0 turns it off."""
 
     def __init__(
         self, per_second: float, burst: int, clock: Callable[[], float] = time.monotonic
@@ -57,10 +68,12 @@ class BytePacer:
         self._tokens, self._at = float(burst), clock()
 
     def debt(self, nbytes: int) -> float:
-        """Take ``nbytes`` from the bucket; the seconds to wait before handling them."""
+        """Take a line of ``nbytes`` (and ``LINE_COST_BYTES``) from the bucket; the seconds
+        to wait before handling it."""
         if self.per_second <= 0:
             return 0.0
         now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second) - nbytes
+        refilled = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+        self._tokens = refilled - nbytes - LINE_COST_BYTES
         self._at = now
         return max(0.0, -self._tokens / self.per_second)

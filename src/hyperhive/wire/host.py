@@ -327,6 +327,12 @@ class SwarmStatus(Strict):
     cmd: Literal["swarm_status"]
 
 
+class CoreStats(Strict):
+    """Counters of this hive-core since it started: what a flood costs it (docs/protocol.md)."""
+
+    cmd: Literal["core_stats"]
+
+
 class SubscribeAgentStatus(Strict):
     cmd: Literal["subscribe_agent_status"]
 
@@ -359,6 +365,7 @@ HostRequest = Annotated[
     | Destroy
     | Urls
     | SwarmStatus
+    | CoreStats
     | SubscribeAgentStatus
     | Subscribe
     | Interrupt

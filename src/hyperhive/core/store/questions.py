@@ -92,15 +92,13 @@ class QuestionRepo:
         """Answer question ``qid`` addressed to ``target``; deliver the answer to the asker."""
         now = time.time()
         select = f"SELECT {_COLUMNS} FROM questions WHERE id=?"
+        # Read first: a refusal (no such question, not the caller's, answered already)
+        # opens no write transaction; an agent may answer as fast as it writes (issue 17).
+        _answerable(self._db.conn.execute(select, (qid,)).fetchone(), qid, target)
         with self._db.tx() as tx:
             row: _Row | None = tx.execute(select, (qid,)).fetchone()
-            if row is None or row[2] != target:
-                # Same words whether it doesn't exist or isn't yours: no probing.
-                raise NotFound(f"no question {qid} addressed to {target}")
-            if row[8]:
-                raise Conflict(f"question {qid} was cancelled")
-            if row[6] is not None:
-                raise Conflict(f"question {qid} is already answered")
+            _answerable(row, qid, target)  # again: the transaction's word is the one that holds
+            assert row is not None
             tx.execute(
                 "UPDATE questions SET answer=?, answered_at=? WHERE id=?", (answer, now, qid)
             )
@@ -168,3 +166,14 @@ class QuestionRepo:
             f"SELECT {_COLUMNS} FROM questions WHERE {' AND '.join(where)} ORDER BY id", args
         )
         return (readable(_to_question, r) for r in rows)
+
+
+def _answerable(row: _Row | None, qid: int, target: str) -> None:
+    """Refuse an answer to question ``qid`` (its row) by ``target`` unless it may give it."""
+    if row is None or row[2] != target:
+        # Same words whether it doesn't exist or isn't yours: no probing.
+        raise NotFound(f"no question {qid} addressed to {target}")
+    if row[8]:
+        raise Conflict(f"question {qid} was cancelled")
+    if row[6] is not None:
+        raise Conflict(f"question {qid} is already answered")
