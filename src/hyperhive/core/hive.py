@@ -378,7 +378,7 @@ class Hive:
         The new message's id, once committed."""
         return await self.start_send(actor, to, body)
 
-    def start_send(self, actor: Actor, to: str, body: str) -> Awaitable[int]:
+    def start_send(self, actor: Actor, to: str, body: str) -> asyncio.Future[int]:
         """``send`` up to its message being queued: the checks run now (a refusal is raised
         now, nothing queued); what is left to await is the id once committed. One
         connection's pipelined sends start one after another, so they are stored in order
@@ -500,34 +500,45 @@ class Hive:
         loop = wakeups.loop()
         deadline = loop.time() + wait
         while True:
-            in_flight = self._in_flight[name]
-            # An inbox read empty, with nothing held, is known still if only batches of lane
-            # messages and acks were committed since (core/inboxes.py): a receiver's round
-            # reads no query.
-            known_at = self.inboxes.since(name)
-            if known_at is not None and self._unchanged_since(known_at):
-                known = self.inboxes.items(name)
-                if in_flight:
-                    known = [m for m in known if m["id"] not in in_flight]
-                # No byte budget to count: a known inbox is too small to reach one
-                # (inboxes.KNOWN_BYTES_MAX; config.py keeps reply_bytes above it).
-                page = Page(known[:limit], len(known) > limit)
-            else:
-                if known_at is not None:
-                    self.inboxes.forget(name)  # out of date: read until read empty again
-                unacked = self.store.messages.unacked_wire(name, limit + 1, set(in_flight))
-                page = take(unacked, self._reply_budget(), limit, encoded_size)
-                if not page.items and not in_flight:
-                    self.inboxes.read_empty(name, self.store.db.commits)
+            page = self.recv_now(name, conn, limit)
             if page.items or loop.time() >= deadline:
-                for m in page.items:
-                    in_flight[m["id"]] = conn
                 return page
             await wakeups.wait(name, deadline - loop.time())
+
+    def recv_now(self, name: str, conn: int, limit: int) -> Page[dict[str, Any]]:
+        """One look at ``name``'s inbox for ``recv`` (without waiting): what it returns now,
+        held by ``conn`` from here on; empty if nothing is there. agent_conn.py waits for
+        the wake-up itself (a callback, not a task)."""
+        in_flight = self._in_flight[name]
+        # An inbox read empty, with nothing held, is known still if only batches of lane
+        # messages and acks were committed since (core/inboxes.py): a receiver's round
+        # reads no query.
+        known_at = self.inboxes.since(name)
+        if known_at is not None and self._unchanged_since(known_at):
+            known = self.inboxes.items(name)
+            if in_flight:
+                known = [m for m in known if m["id"] not in in_flight]
+            # No byte budget to count: a known inbox is too small to reach one
+            # (inboxes.KNOWN_BYTES_MAX; config.py keeps reply_bytes above it).
+            page = Page(known[:limit], len(known) > limit)
+        else:
+            if known_at is not None:
+                self.inboxes.forget(name)  # out of date: read until read empty again
+            unacked = self.store.messages.unacked_wire(name, limit + 1, set(in_flight))
+            page = take(unacked, self._reply_budget(), limit, encoded_size)
+            if not page.items and not in_flight:
+                self.inboxes.read_empty(name, self.store.db.commits)
+        for m in page.items:
+            in_flight[m["id"]] = conn
+        return page
 
     async def ack(self, actor: Agent, ids: list[int]) -> int:
         """Ack messages to the caller (committed with this turn's other sends and acks);
         how many were not acked before. One not in its inbox: refused, nothing acked."""
+        return await self.start_ack(actor, ids)
+
+    def start_ack(self, actor: Agent, ids: list[int]) -> asyncio.Future[int]:
+        """``ack`` queued for the next group commit: its future resolves once committed."""
         name = actor.name
 
         def done(fresh: int) -> None:
@@ -536,7 +547,7 @@ class Hive:
                 in_flight.pop(i, None)
             self.inboxes.acked(name, ids, fresh)
 
-        return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
+        return self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""
