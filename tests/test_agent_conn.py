@@ -1,0 +1,134 @@
+"""agent.sock's connection loop driven by protocol callbacks (core/agent_conn.py): the
+edges of serve_lines it must keep, on raw sockets against a live hive-core."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from helpers import CoreProcess, assert_ok, strict_loads
+from hyperhive.wire.framing import MAX_LINE
+
+
+def _connect(core: CoreProcess, name: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(str(core.agent_sock(name)))
+    return s
+
+
+def _lines(s: socket.socket, n: int) -> list[dict[str, Any]]:
+    """``n`` reply lines (fewer if the core closes first)."""
+    f = s.makefile("rb")
+    out = []
+    for _ in range(n):
+        raw = f.readline()
+        if not raw:
+            break
+        out.append(strict_loads(raw))
+    return out
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def test_one_write_of_mixed_requests_is_answered_in_order(core: CoreProcess) -> None:
+    """Pipelined sends, a recv, bad JSON and a blank line in one write: one reply each
+    (none for the blank), in order; the sends are stored in order."""
+    with _connect(core, "alice") as s:
+        s.sendall(
+            _line({"cmd": "send", "to": "bob", "body": "one"})
+            + _line({"cmd": "send", "to": "bob", "body": "two"})
+            + b"{not json\n"
+            + _line({"cmd": "send", "to": "nobody", "body": "x"})
+            + b"   \n"
+            + _line({"cmd": "recv", "wait": 0})
+            + _line({"cmd": "send", "to": "bob", "body": "three"})
+            + _line({"cmd": "whoami"})
+        )
+        replies = _lines(s, 7)
+    assert [r["ok"] for r in replies] == [True, True, False, False, True, True, True]
+    assert replies[0]["id"] < replies[1]["id"] < replies[5]["id"]
+    assert replies[4]["messages"] == []
+    assert replies[6]["name"] == "alice"
+    with core.agent("bob") as bob:
+        got = assert_ok(bob.call("recv", wait=5))["messages"]
+    assert [m["body"] for m in got] == ["one", "two", "three"]
+
+
+def test_an_oversized_line_after_a_send_answers_the_send_then_closes(core: CoreProcess) -> None:
+    """The send before it in the same write is stored and answered; then the one error
+    line, and the connection ends (no resync)."""
+    with _connect(core, "alice") as s:
+        try:
+            s.sendall(
+                _line({"cmd": "send", "to": "bob", "body": "before"})
+                + b'{"cmd":"send","to":"bob","body":"'
+                + b"x" * (MAX_LINE + 10)
+                + b'"}\n'
+            )
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the core may hang up before it all went: its replies are readable still
+        replies = _lines(s, 3)
+    assert replies[0]["ok"] is True
+    assert replies[1] == {
+        "version": 1,
+        "ok": False,
+        "error": f"line exceeds {MAX_LINE} bytes; closing connection",
+    }
+    assert len(replies) == 2  # closed after it
+    with core.agent("bob") as bob:
+        got = assert_ok(bob.call("recv", wait=5))["messages"]
+    assert [m["body"] for m in got] == ["before"]
+
+
+def test_a_last_line_without_newline_is_answered_after_a_half_close(core: CoreProcess) -> None:
+    with _connect(core, "alice") as s:
+        s.sendall(b'{"cmd":"whoami"}\n{"cmd":"peers"}')
+        s.shutdown(socket.SHUT_WR)  # nothing more is coming; the replies still go out
+        replies = _lines(s, 3)
+    assert [r.get("name", r.get("peers")) for r in replies] == ["alice", ["bob"]]
+
+
+def test_a_recv_waiting_when_its_peer_hangs_up_takes_nothing(core: CoreProcess) -> None:
+    """A hang-up ends a recv's wait at once: the next message is not held for the dead
+    connection (and handed back only when the wait would have ended), it is for the next
+    recv now."""
+    s = _connect(core, "bob")
+    s.sendall(_line({"cmd": "recv", "wait": 60}))
+    time.sleep(0.3)  # the recv waits in the core
+    s.close()
+    time.sleep(0.3)  # the core has seen the hang-up
+    assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
+    t0 = time.monotonic()
+    with core.agent("bob") as bob:
+        got = assert_ok(bob.call("recv", wait=10))["messages"]
+    assert [m["body"] for m in got] == ["after"]
+    assert time.monotonic() - t0 < 5
+
+
+def test_thousands_of_answered_at_once_requests_in_one_write(core: CoreProcess) -> None:
+    """Requests answered without waiting (recv of an empty inbox, wait 0) are taken in a
+    loop, not by the loop calling itself: 5,000 in one write are all answered."""
+    n = 5000
+    with _connect(core, "carol") as s:
+        s.sendall(_line({"cmd": "recv", "wait": 0}) * n)
+        replies = _lines(s, n)
+    assert len(replies) == n
+    assert all(r == {"version": 1, "ok": True, "messages": []} for r in replies)
+    assert assert_ok(core.agent_call("carol", "whoami"))["name"] == "carol"
+
+
+def test_a_refused_recv_ack_reads_nothing_and_the_connection_goes_on(core: CoreProcess) -> None:
+    sent = assert_ok(core.agent_call("alice", "send", to="bob", body="mine"))["id"]
+    with _connect(core, "carol") as s:  # not carol's message: refused, nothing read
+        s.sendall(_line({"cmd": "recv", "wait": 0, "ack": [sent]}) + _line({"cmd": "whoami"}))
+        refused, who = _lines(s, 2)
+    assert refused["ok"] is False and str(sent) in refused["error"]
+    assert who["name"] == "carol"
+    with core.agent("bob") as bob:
+        got = assert_ok(bob.call("recv", wait=5))["messages"]
+    assert [m["id"] for m in got] == [sent]
