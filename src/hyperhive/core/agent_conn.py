@@ -250,8 +250,8 @@ class AgentConnection(LineConnection):
     # -- any request but the hot two: a task -----------------------------------------
 
     def _handled(self, task: asyncio.Future[Any]) -> None:
-        if task.cancelled():
-            self._done(error(INTERNAL))
+        if task.cancelled():  # the core is stopping: no reply (as serve_lines' task)
+            self.close()
             return
         exc = task.exception()
         if exc is not None:
