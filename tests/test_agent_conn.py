@@ -8,6 +8,8 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from helpers import CoreProcess, assert_ok, strict_loads
 from hyperhive.wire.framing import MAX_LINE
 
@@ -132,3 +134,91 @@ def test_a_refused_recv_ack_reads_nothing_and_the_connection_goes_on(core: CoreP
     with core.agent("bob") as bob:
         got = assert_ok(bob.call("recv", wait=5))["messages"]
     assert [m["id"] for m in got] == [sent]
+
+
+# -- the line buffer itself (core/lineconn.py), on a real socket pair -------------------
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def loop_kind(request: pytest.FixtureRequest) -> str:
+    """Both loops: the core runs on uvloop, whose transports are not asyncio's."""
+    return str(request.param)
+
+
+def _on_socketpair(kind: str, limit: int, peer_writes: bytes, close: bool, then: Any) -> Any:
+    """Run ``then(conn)`` on a LineConnection over one end of a socket pair, the peer
+    having written ``peer_writes`` (and half-closed when ``close``)."""
+    import asyncio
+
+    import uvloop
+
+    from hyperhive.core.lineconn import LineConnection
+
+    async def main() -> Any:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_unix_connection(lambda: LineConnection(limit), sock=ours)
+        theirs.setblocking(False)
+        sent = 0
+        while sent < len(peer_writes):  # as much as the core takes (it may stop reading)
+            try:
+                sent += theirs.send(peer_writes[sent : sent + 65536])
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+                if not conn._paused:
+                    continue
+                break
+        if close:
+            theirs.shutdown(socket.SHUT_WR)
+        await asyncio.sleep(0.1)
+        try:
+            return await then(conn), sent
+        finally:
+            conn.close()
+            theirs.close()
+
+    factory = uvloop.new_event_loop if kind == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main())
+
+
+def test_the_line_buffer_splits_lines_and_returns_the_last_one_at_the_end(loop_kind: str) -> None:
+    async def read_all(conn: Any) -> list[bytes]:
+        out = [await conn.readline() for _ in range(4)]
+        return out
+
+    lines, _ = _on_socketpair(loop_kind, 100, b'{"a":1}\n\n{"b":2}', True, read_all)
+    assert lines == [b'{"a":1}\n', b"\n", b'{"b":2}', b""]
+
+
+def test_a_line_over_the_limit_is_refused_and_dropped(loop_kind: str) -> None:
+    async def read_one(conn: Any) -> str:
+        try:
+            await conn.readline()
+        except ValueError as e:
+            return str(e)
+        return "read"
+
+    err, _ = _on_socketpair(loop_kind, 100, b"x" * 101 + b"\n", False, read_one)
+    assert err == "a line exceeds 100 bytes"
+    ok_line, _ = _on_socketpair(loop_kind, 100, b"x" * 100 + b"\n", False, lambda c: c.readline())
+    assert ok_line == b"x" * 100 + b"\n"  # exactly the limit before the newline: taken
+
+
+def test_the_line_buffer_stops_reading_past_twice_the_limit(loop_kind: str) -> None:
+    """A peer writing whole lines faster than they are taken: what the core holds stays
+    about twice the limit (one read's chunk over it at most), the rest waits in the
+    kernel; taking lines lets it read again."""
+
+    async def held(conn: Any) -> tuple[int, bool, bytes]:
+        size, paused = len(conn._buffer), conn._paused
+        first = await conn.readline()
+        return size, paused, first
+
+    limit = 1000
+    flood = (b"y" * 99 + b"\n") * 100_000  # 10 MB of 100-byte lines
+    (size, paused, first), sent = _on_socketpair(loop_kind, limit, flood, False, held)
+    assert paused is True
+    assert size <= 2 * limit + 256 * 1024  # one read's chunk past the bound at most
+    assert sent < len(flood)  # the rest was never taken from the peer
+    assert first == b"y" * 99 + b"\n"
