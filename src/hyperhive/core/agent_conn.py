@@ -313,7 +313,7 @@ class AgentConnection(LineConnection):
             self._recv = (wait, limit, deadline, acked)
         session = self.session
         try:
-            page = session.hive.recv_now(session.actor.name, session.conn, limit)
+            page = session.hive.recv_now(session.actor, session.conn, limit)
         except Exception as e:  # a store error reading the inbox, say
             self._recv = None
             self._done(_failure(e))

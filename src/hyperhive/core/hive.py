@@ -500,15 +500,16 @@ class Hive:
         loop = wakeups.loop()
         deadline = loop.time() + wait
         while True:
-            page = self.recv_now(name, conn, limit)
+            page = self.recv_now(actor, conn, limit)
             if page.items or loop.time() >= deadline:
                 return page
             await wakeups.wait(name, deadline - loop.time())
 
-    def recv_now(self, name: str, conn: int, limit: int) -> Page[dict[str, Any]]:
-        """One look at ``name``'s inbox for ``recv`` (without waiting): what it returns now,
+    def recv_now(self, actor: Agent, conn: int, limit: int) -> Page[dict[str, Any]]:
+        """One look at the caller's inbox for ``recv`` (without waiting): what it returns now,
         held by ``conn`` from here on; empty if nothing is there. agent_conn.py waits for
         the wake-up itself (a callback, not a task)."""
+        name = actor.name
         in_flight = self._in_flight[name]
         # An inbox read empty, with nothing held, is known still if only batches of lane
         # messages and acks were committed since (core/inboxes.py): a receiver's round
