@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from testnet import TestNet
 SUBNET = 41
 NET = TestNet(SUBNET, prefix="hveg")
 ALLOWED, OTHER, THIRD, PORT_SERVER = NET.address(2), NET.address(3), NET.address(4), NET.address(5)
+STREAM = NET.address(6)  # a raw TCP server on 8080 (inside egal's CIDR rule) for the tunnel's byte tests
 HOSTS = {
     "allowed.test": ALLOWED, "other.test": OTHER, "third.test": THIRD,
     "sneaky.test": "127.0.0.1", "gateway.test": NET.host_address,
@@ -39,6 +41,34 @@ AGENTS: dict[str, dict[str, Any]] = {
 }
 
 
+# One line says what the connection is for. "sum": read to the end of stream (the
+# client's half-close), answer with the count and sha256, then 8 MiB of a known pattern,
+# then close. "flood": send until the peer goes away, then close.
+STREAM_SERVER = r"""
+import hashlib, socket, sys, threading
+def serve(c):
+    with c:
+        f = c.makefile("rb")
+        mode = f.readline().strip()
+        if mode == b"sum":
+            h, n = hashlib.sha256(), 0
+            while chunk := f.read1(1 << 16):
+                h.update(chunk); n += len(chunk)
+            c.sendall(b"%d %s\n" % (n, h.hexdigest().encode()))
+            c.sendall(bytes(range(256)) * (8 << 12))
+        elif mode == b"flood":
+            try:
+                while True:
+                    c.sendall(b"y" * (1 << 16))
+            except OSError:
+                pass
+s = socket.create_server((sys.argv[1], int(sys.argv[2])))
+while True:
+    conn, _ = s.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+
 @pytest.fixture(scope="module")
 def net() -> Iterator[TestNet]:
     with NET as n:
@@ -46,6 +76,7 @@ def net() -> Iterator[TestNet]:
             n.serve(address, 80)
         n.serve(PORT_SERVER, 8080)
         n.serve(ALLOWED, 8080)
+        n.serve(STREAM, 8080, [sys.executable, "-c", STREAM_SERVER, STREAM, "8080"])
         yield n
 
 
@@ -90,6 +121,64 @@ def test_an_allowed_host_answers_through_the_proxy(hive: HiveProcess) -> None:
                10, "the tunnel's close to be logged")
     closed = next(e for e in log_entries(hive, "egal") if e["id"] == tunnel["id"])
     assert closed["bytes_down"] > len("hello from") and closed["bytes_up"] > 0
+
+
+TUNNEL = """
+def tunnel(line):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    s.sendall(("CONNECT %s HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (P["target"], P["target"])).encode())
+    head = b""
+    while not head.endswith(b"\\r\\n\\r\\n"):
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    s.sendall(line)
+    return s
+"""
+
+
+def test_a_tunnel_carries_bulk_both_ways_and_a_half_close(hive: HiveProcess) -> None:
+    """16 MiB up, the cage's half-close through to the server, whose answer (its sum of
+    what came, then 8 MiB) still comes back, then the end: the relay's buffers grow
+    and every byte arrives, in order, once."""
+    res = probe_result(hive.probe("egal", TUNNEL + """
+import hashlib
+s = tunnel(b"sum\\n")
+data = hashlib.sha256(b"cage").digest() * (1 << 19)  # 16 MiB
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+got = b""
+while chunk := s.recv(1 << 20):
+    got += chunk
+line, _, rest = got.partition(b"\\n")
+result(line=line.decode(), want="%d %s" % (len(data), hashlib.sha256(data).hexdigest()),
+       rest_ok=rest == bytes(range(256)) * (8 << 12), rest_len=len(rest))
+""", target=f"{STREAM}:8080"))
+    assert res["line"] == res["want"] and res["rest_ok"], res
+    entry = next(e for e in log_entries(hive, "egal") if e["host"] == STREAM and e["reason"] == "CONNECT")
+    wait_until(lambda: next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])["closed_at"],
+               10, "the tunnel's close to be logged")
+    closed = next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])
+    assert closed["bytes_up"] == len(b"sum\n") + (16 << 20)
+    assert closed["bytes_down"] == len(res["want"]) + 1 + (8 << 20)
+
+
+def test_a_cage_that_never_reads_holds_its_tunnel_only_until_it_closes(hive: HiveProcess) -> None:
+    """The server floods, the cage reads nothing and then closes: the proxy's relay,
+    stuck on a full window meanwhile, ends at once and logs the close."""
+    before = {e["id"] for e in log_entries(hive, "egal")}
+    probe_result(hive.probe("egal", TUNNEL + """
+import time
+s = tunnel(b"flood\\n")
+time.sleep(1)  # every buffer between the server and this socket fills
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\\1\\0\\0\\0\\0\\0\\0\\0")
+s.close()
+result(ok=True)
+""", target=f"{STREAM}:8080"))
+    entry = next(e for e in log_entries(hive, "egal") if e["id"] not in before and e["host"] == STREAM)
+    wait_until(lambda: next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])["closed_at"],
+               10, "the flooded tunnel's close to be logged")
+    closed = next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])
+    assert closed["bytes_up"] == len(b"flood\n") and closed["bytes_down"] > 0
 
 
 def test_a_cidr_rule_allows_addresses_in_it_on_its_port_only(hive: HiveProcess) -> None:

@@ -556,7 +556,7 @@ def test_full_disk_gives_one_clear_line_keeps_everything_and_recovers() -> None:
             assert hive.core_pid() == core
             assert ok(a.call("whoami"))["name"] == "ftd-a"
             rows = hive.agent_status()
-            assert all(rows[n]["running"] for n in agents), rows
+            assert all(rows[n]["running"] for n in agents), (rows, hive.log_tail())
 
             filler.unlink()  # room again
             t = time.monotonic()

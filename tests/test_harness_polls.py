@@ -53,3 +53,39 @@ def test_a_control_poll_ends_with_its_turn_connection(tmp_path: Path) -> None:
         raise AssertionError("the ended control poll connected again")
     conn.close()
     listener.close()
+
+
+def test_a_refused_request_does_not_end_the_harness(tmp_path: Path) -> None:
+    """A core that refuses a harness request (a full disk refused a write, say) gets the
+    harness back on a new connection; it used to exit, and the agent showed as failed."""
+    path = str(tmp_path / "agent.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(4)
+    listener.settimeout(10)
+    threading.Thread(target=harness.serve_forever, args=(path, None), daemon=True).start()
+
+    def reply(conn: socket.socket, **fields: object) -> None:
+        conn.sendall(json.dumps({"version": 1, **fields}).encode() + b"\n")
+
+    first, _ = listener.accept()
+    first.settimeout(10)
+    assert json.loads(first.makefile("rb").readline())["cmd"] == "harness_config"
+    reply(first, ok=False, error="the disk is full: nothing was stored; try again later")
+    again, _ = listener.accept()  # a new connection, after a short pause
+    again.settimeout(10)
+    reader = again.makefile("rb")
+
+    def next_request() -> dict:
+        line = reader.readline()
+        assert line, "the harness closed its connection"
+        return json.loads(line)
+
+    assert next_request()["cmd"] == "harness_config"
+    reply(again, ok=True, name="a", spec={"runtime": "command", "command": ["true"]}, env={})
+    assert next_request()["cmd"] == "harness_state"
+    reply(again, ok=True)
+    assert next_request()["cmd"] == "turn_next"  # serving turns again
+    first.close()
+    again.close()
+    listener.close()

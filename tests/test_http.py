@@ -347,7 +347,7 @@ def test_answer_reaches_the_agent(web: Web, login: Login) -> None:
     # The agent page's free-text form asks the core to check the options, and says when
     # an answer outside them is meant (as the dashboard's does).
     page = web.get(f"/agent/{ECHO}/", login=login).text
-    form = page[page.index(f'id="q-{qid}"'):]
+    form = page[page.index(f'id="question-{qid}"'):]
     form = form[: form.index("</li>")]
     assert 'name="check_options" value="1"' in form and 'name="other" value="1"' in form
 
@@ -470,10 +470,10 @@ def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, br
 
         call = web.hive.agent_call
         qid = call(ECHO, "ask", to="operator", question="live: which colour?", options=["red", "blue"])["id"]
-        question = page.locator(f"#q-{qid}")
+        question = page.locator(f"#question-{qid}")
         expect(question.locator(".q-text")).to_have_text("live: which colour?")
         aid = call(ECHO, "request_approval", kind="custom", description="live: rotate", payload={"n": 1})["id"]
-        approval = page.locator(f"#a-{aid}")
+        approval = page.locator(f"#approval-{aid}")
         expect(approval.locator(".description")).to_have_text("live: rotate")
         expect(approval.locator(".sha")).to_contain_text("sha256 ")
         shot(page, "1-appeared")
@@ -485,12 +485,12 @@ def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, br
         for i in range(8):  # a burst of turns: each writes its input, its output and its exit
             assert web.hive.host_call("send", to=ECHO, body=f"live burst {i}")["ok"]
         qid2 = call(ECHO, "ask", to="operator", question="live: and the second?")["id"]
-        expect(page.locator(f"#q-{qid2}")).to_be_visible()  # the list was redrawn around it
+        expect(page.locator(f"#question-{qid2}")).to_be_visible()  # the list was redrawn around it
         expect(page.locator("#transcript li.entry.exit").filter(has_text="exit_status 0")).not_to_have_count(0)
         wait_for(lambda: page.locator("#transcript li").count() >= before + 24, "the burst's entries")
         assert box.input_value() == "green, half typ"
         assert page.evaluate("sel => document.activeElement === document.querySelector(sel)",
-                             f'#q-{qid} input[name="answer"]')
+                             f'#question-{qid} input[name="answer"]')
         box.press_sequentially("ed")  # where the caret was
         burst = page.locator("#transcript li.entry.input").filter(has_text="live burst 3")
         expect(burst.locator(".who")).to_contain_text("from operator")
@@ -520,8 +520,8 @@ def test_agent_page_goes_live_and_keeps_what_is_typed(web: Web, login: Login, br
         denied = web.hive.host_call("show_approval", id=aid)["approval"]
         assert (denied["status"], denied.get("note")) == ("denied", "not this week"), denied
         aid2 = call(ECHO, "request_approval", kind="custom", description="live: second", payload={"n": 2})["id"]
-        page.locator(f"#a-{aid2}").get_by_role("button", name="Approve").click()
-        expect(page.locator(f"#a-{aid2}")).to_have_count(0)
+        page.locator(f"#approval-{aid2}").get_by_role("button", name="Approve").click()
+        expect(page.locator(f"#approval-{aid2}")).to_have_count(0)
         assert web.hive.host_call("show_approval", id=aid2)["approval"]["status"] == "approved"
         expect(page.locator("#notice")).to_have_text(f"approved approval {aid2}")
         shot(page, "3-resolved-in-place")

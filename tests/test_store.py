@@ -306,3 +306,28 @@ def test_an_ack_takes_only_the_recipients_messages(store: Store, many: bool) -> 
     assert store.usage.of("boss").rows == 1
     assert [m.id for m in store.messages.unacked("bob", 10, set())] == []
     assert [m.id for m in store.messages.unacked("carol", 10, set())] == [other]
+
+
+def test_a_rider_at_completion_rides_only_the_completing_write(store: Store) -> None:
+    """A carried lifecycle verb's mark (swarm/opstore.py) commits with the write that
+    completes the verb (``completing``), or in ``completed()``'s transaction of its own,
+    never with an earlier step; with no rider, ``completed()`` commits nothing."""
+    from hyperhive.core.store.db import completing, riding
+
+    rode: list[str] = []
+    commits = store.db.commits
+    store.db.completed()  # no rider: no transaction at all
+    assert store.db.commits == commits
+    with riding(lambda tx: rode.append("rode"), at_completion=True):
+        store.agents.set_flag("boss", "stopped", True)  # an earlier step: not marked
+        assert rode == []
+        with completing():
+            store.agents.set_flag("boss", "stopped", False)
+        assert rode == ["rode"]
+        store.db.completed()
+        assert rode == ["rode", "rode"]
+    with riding(lambda tx: rode.append("any")):  # a store verb's: every write
+        store.agents.set_flag("boss", "paused", True)
+    assert rode == ["rode", "rode", "any"]
+    store.db.completed()  # the rider's block ended: nothing rides, nothing commits
+    assert rode[-1] == "any"

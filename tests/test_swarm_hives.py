@@ -187,8 +187,10 @@ def test_operator_on_a_steers_bob_on_b_and_destroys_an_agent_on_c(hive_swarm: Sw
     assert "ctmp" not in c.agent_status() and c.cgroup("ctmp").pids() == []
     assert "ctmp" not in assert_ok(c.host_call("list"))["agents"]
     wait_for(lambda: roster_row(a, "c", "ctmp") is None, timeout=10)
+    # Gone from the roster: refused here, nothing carried (a stop is bound to the
+    # incarnation the roster shows, and it shows none).
     assert_refused(a.host_call("stop", scope={"agent_names": ["ctmp"]}, host="c"),
-                   "host c: no agent named 'ctmp'")  # fmt: skip
+                   "no agent 'ctmp' on host c in the swarm's roster: nothing was carried")  # fmt: skip
 
 
 def test_the_remote_rows_stop_button_carries_in_the_browser(

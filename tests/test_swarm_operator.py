@@ -17,9 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
+from playwright.sync_api import Browser, expect
 
 from helpers import assert_ok, assert_refused, wait_for
-from hive_fixture import HIVE
+from hive_fixture import HIVE, HiveProcess
 from hyperhive.config import ConfigError, load_config
 from hyperhive.swarm.signing import (
     MAX_ACTION_BYTES,
@@ -30,9 +31,10 @@ from hyperhive.swarm.signing import (
     public_b64,
     seal,
 )
-from swarm_fixture import Swarm
+from swarm_fixture import Swarm, hears
 from swarm_fixture import listed as listed_on
-from web_fixture import META_CSRF
+from test_browser import INSTRUMENT, Watch
+from web_fixture import META_CSRF, Web, artifact, browser  # noqa: F401 (browser: the module's chromium)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -405,3 +407,66 @@ def test_a_remote_agents_page_says_when_it_is_gone(swarm: Swarm) -> None:
     finally:
         b.host_call("destroy", name="onbgone")
         web.close()
+
+
+@needs_root
+def test_typing_on_bobs_page_on_a_survives_its_redraws(hive_swarm: Swarm[HiveProcess], browser: Browser) -> None:
+    """test_cockpit.py's ``test_typing_survives_a_burst_of_events`` on another host's
+    agent's page: a's ``/swarm/b/agent/bob/`` in Debian's chromium (whole hives, a's nginx),
+    its section morphed again by each change to b's roster row. An answer half typed into
+    bob's question (focused) and a deny note into his approval keep their text and the
+    focus through bob's statuses, each drawn live; the page shows what it lacks. Then the
+    answer goes with Enter and the denial with its note, each carried to b: bob hears
+    both, once, and both items go from the page."""
+    a, b = hive_swarm.cores["a"], hive_swarm.cores["b"]
+    qid = assert_ok(b.agent_call("bob", "ask", to="operator", question="which tag, from b?"))["id"]
+    aid = assert_ok(b.agent_call("bob", "request_approval", kind="custom", description="rotate b's keys",
+                                 payload={"rotate": True}))["id"]  # fmt: skip
+    wait_for(lambda: listed_on(a, "questions", "swarm_questions", "b", qid), timeout=10)
+    wait_for(lambda: listed_on(a, "pending", "swarm_approvals", "b", aid), timeout=10)
+    web = Web(a)
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.add_init_script(INSTRUMENT)
+    try:
+        page = ctx.new_page()
+        watch = Watch(page)
+        page.goto(web.login_url)
+        page.goto(web.url("/swarm/b/agent/bob/"))
+        expect(page.locator("#conn")).to_have_text("live", timeout=30_000)  # drawn once more by now
+        page.evaluate("window.__sameDocument = true")
+        item = page.locator(f"#question-b-{qid}")
+        expect(item.locator(".q-text")).to_have_text("which tag, from b?")
+        expect(page.locator("#remote-state")).to_have_text("running")
+        expect(page.locator("#remote-lacks")).to_contain_text("transcript")
+        expect(page.locator(f"#approval-b-{aid} .description")).to_have_text("rotate b's keys")
+
+        note = page.locator(f"#note-b-{aid}")
+        note.fill("not this week")
+        box = page.locator(f"#answer-b-{qid}")
+        box.click()
+        box.press_sequentially("v2, after the")
+        for i in range(3):  # each a new roster row from b, each a redraw of the section
+            assert_ok(b.agent_call("bob", "set_status", text=f"tagging {i}"))
+            expect(page.locator("#remote-status-text")).to_have_text(f"tagging {i}", timeout=15_000)
+        assert box.input_value() == "v2, after the"
+        assert note.input_value() == "not this week"
+        assert page.evaluate("document.activeElement && document.activeElement.id") == f"answer-b-{qid}"
+        box.press_sequentially(" freeze")  # the focus never left: typing goes on
+        assert box.input_value() == "v2, after the freeze"
+        page.screenshot(path=str(artifact("swarm-remote-agent-page.png")))
+
+        box.press("Enter")
+        expect(page.locator(".toast").filter(has_text=f"answered question {qid}")).to_have_count(1)
+        assert hears(b, "bob", kind="answer", ref=qid)["body"] == "v2, after the freeze"
+        expect(item).to_have_count(0, timeout=15_000)  # gone from b's roster, drawn live
+        page.locator(f"#approval-b-{aid}").get_by_role("button", name="deny").click()
+        expect(page.locator(".toast").filter(has_text=f"denied approval {aid}")).to_have_count(1)
+        assert "not this week" in hears(b, "bob", kind="approval", ref=aid)["body"]
+        expect(page.locator(f"#approval-b-{aid}")).to_have_count(0, timeout=15_000)
+        assert page.evaluate("window.__sameDocument") is True, "the page reloaded"
+        watch.assert_clean()
+    finally:
+        ctx.close()
+        b.host_call("answer_question", id=qid, answer="done")
+        b.host_call("deny", id=aid)
+        assert_ok(b.agent_call("bob", "set_status", text=""))

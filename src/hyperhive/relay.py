@@ -1,64 +1,61 @@
 """Copying bytes between two connected sockets, both ways, until both sides
 end, for the egress proxy (hive-core); and the handover byte the cage's bridge
-(harness) sends it. Standard library only. Bytes move with ``splice(2)``
-through a pipe, so they never enter Python and the GIL is released while they
-move; that is what keeps the proxy close to a direct connection in throughput.
+(harness) sends it. Standard library only.
+
+Bytes move with ``recv_into`` a buffer of the direction's own and ``send`` from
+it; both release the GIL while they wait or copy. It was ``splice(2)`` through a
+pipe (no copy in userspace) until measured end to end (session 9, bench/egress.py
+and a loopback model of it): the proxy's own CPU per GiB was lower with splice
+(0.2 s against 0.4 s) but the cage's client spent 0.35 s/GiB more receiving the
+spliced pages (still referenced from the upstream socket's page fragments, so the
+sender allocates new ones and the receiver frees them), and the three together
+used about 10 % more CPU than with the copy: on a machine whose cores the server,
+the proxy and the client share, that CPU is the throughput. A copy also needs no
+pipe: two descriptors a tunnel, not six (core/budget.py).
 """
 
 from __future__ import annotations
 
-import os
 import socket
 import threading
 
 # The cage's egress bridge sends this one byte with the client's fd attached
 # (SCM_RIGHTS); a proxy request never starts with NUL.
 HANDOVER = b"\0"
-CHUNK = 1 << 20
-PIPE_SIZE = 1 << 20
-F_SETPIPE_SZ = 1031
-
-
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    try:
-        import fcntl
-
-        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-    except OSError:
-        pass  # over /proc/sys/fs/pipe-max-size: the default size still works
-    return r, w
+# A direction's buffer starts small (most tunnels carry a request and its answer,
+# or sit idle) and doubles each time one read fills it, up to BUFFER_MAX: a bulk
+# transfer then moves up to 1 MiB a wake-up, and an idle tunnel holds 64 KiB a side.
+BUFFER_START = 64 * 1024
+BUFFER_MAX = 1 << 20
 
 
 def pump(src: socket.socket, dst: socket.socket) -> int:
     """Move bytes src -> dst until src's end of stream (or an error); then shut
     down dst's sending side so the peer sees the end too. Returns bytes moved.
 
-    Each write splices exactly what the read brought in. Asking splice(2) for
-    more than the pipe holds, with a writer still attached (e.g. a second thread
-    filling the pipe), makes the kernel treat the data as "more to come" and
-    cork it on a TCP socket: a small request then never leaves."""
+    Each read is sent whole before the next: what a peer wrote goes on at once,
+    however small (a request line never waits for more to fill a buffer)."""
     moved = 0
-    r, w = _pipe()
+    buf = memoryview(bytearray(BUFFER_START))
     try:
         while True:
             try:
-                n = os.splice(src.fileno(), w, CHUNK)
+                n = src.recv_into(buf)
             except OSError:
                 break
             if n == 0:
                 break
-            left = n
-            while left:
+            view = buf[:n]
+            while view:
                 try:
-                    sent = os.splice(r, dst.fileno(), left)
+                    sent = dst.send(view)
                 except OSError:
                     return moved
-                left -= sent
+                view = view[sent:]
                 moved += sent
+            if n == len(buf) and n < BUFFER_MAX:
+                buf = memoryview(bytearray(min(2 * n, BUFFER_MAX)))
     finally:
-        os.close(r)
-        os.close(w)
         try:
             dst.shutdown(socket.SHUT_WR)
         except OSError:

@@ -281,7 +281,7 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(hives: Swarm[Hi
     # A status text over what an agent may set, yet under the bucket's row limit (a row
     # over that is refused by JetStream: test_swarm_hostile.py's oversized row).
     row = {"name": "alice", "host": "a", "running": "yes", "paused": {"a": 1},
-           "status_text": "A" * 20_000}
+           "status_text": "A" * 20_000, "created_at": "1764739000.5"}
     subject = s.kv_subject("c", s.row_key("c", "x"))
 
     async def attack(nc: Any) -> None:
@@ -306,6 +306,7 @@ def test_a_hostile_hosts_roster_row_cannot_pose_as_another_agent(hives: Swarm[Hi
                  timeout=15)
     assert got["name"] == "x" and got["host"] == "c", got
     assert got["running"] is False and got["paused"] is False, got
+    assert got["created_at"] is None, got  # not a number: a's actions on it are refused on a
     assert len(got["status_text"]) <= SHORT_TEXT_CHARS, len(got["status_text"])
     assert [r for r in hives.status("a")["agents"] if r["name"] == "alice"] == [
         r for r in hives.status("a")["agents"] if r["name"] == "alice" and r["host"] == "a"]

@@ -10,6 +10,7 @@ operator's own calls on the hosts' host.sock."""
 from __future__ import annotations
 
 import os
+import sqlite3
 import time
 from typing import Any
 
@@ -85,12 +86,14 @@ def test_a_replayed_stop_or_a_stale_destroy_does_nothing(hive_swarm: Swarm[HiveP
     """a's genuine stop of bob, published on a's subject (a's stolen NATS credentials, or
     the bus replaying it): applied once, bob's cage stops; started again on b. The same
     bytes again with a fresh ``Nats-Msg-Id``, and a genuine destroy signed ten minutes
-    ago: refused, and bob keeps running."""
+    ago: refused, and bob keeps running. a's genuine destroys of bob bound to no
+    incarnation, or to another than his: refused there (an outcome each), bob stays."""
     b = hive_swarm.cores["b"]
     b.caged("bob").close()  # its caller in his cage ends with the cage: a new one after
     a_key = load_or_create_key(hive_swarm.operator_key)  # type: ignore[arg-type]
-    stop = seal(a_key, "a", "b", STOP_BOB)[1]
-    stale = sealed(a_key, "a", "b", DESTROY_BOB, time.time() - 600)
+    born = created_at(b, "bob")
+    stop = seal(a_key, "a", "b", {**STOP_BOB, "created_at": {"bob": born}})[1]
+    stale = sealed(a_key, "a", "b", {**DESTROY_BOB, "created_at": born}, time.time() - 600)
     subject = s.op_subject("b", "a")
 
     def publish(*items: tuple[bytes, str]) -> None:
@@ -114,3 +117,23 @@ def test_a_replayed_stop_or_a_stale_destroy_does_nothing(hive_swarm: Swarm[HiveP
     refused_on_b(hive_swarm, before, 2)
     assert hive_swarm.status("b")["actions_applied"] == applied + 1
     untouched(hive_swarm, harness)
+    # a's genuine destroys, fresh, but bound to no incarnation of bob or to another (one
+    # destroyed since, say): opened, then refused as their outcomes; bob stays.
+    unbound = seal(a_key, "a", "b", DESTROY_BOB)[1]
+    earlier = seal(a_key, "a", "b", {**DESTROY_BOB, "created_at": born - 1.0})[1]
+    publish((unbound, f"unbound-{tag}"), (earlier, f"earlier-{tag}"))
+    wait_for(lambda: hive_swarm.status("b")["actions_applied"] == applied + 3, timeout=15)
+    assert hive_swarm.status("b")["actions_refused"] == before + 2
+    untouched(hive_swarm, harness)
+    assert created_at(b, "bob") == born
+
+
+def created_at(hive: HiveProcess, name: str) -> float:
+    """Agent ``name``'s incarnation in ``hive``'s store, as committed."""
+    db = sqlite3.connect(f"file:{hive.state_dir / 'hive.db'}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT created_at FROM agents WHERE name=?", (name,)).fetchone()
+    finally:
+        db.close()
+    assert row is not None, name
+    return float(row[0])

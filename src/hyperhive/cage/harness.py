@@ -400,13 +400,19 @@ def main(args: list[str]) -> None:
         serve_bridge()
     except OSError as e:  # e.g. the port is taken: turns still run, egress is refused
         log(f"egress bridge not started: {e}")
+    serve_forever(path, init, first)
+
+
+def serve_forever(path: str, init: InitChannel, first: Conn | None = None) -> None:
+    """Serve turns for good: ``first`` once, then a new connection whenever one ends."""
     backoff = 0.05
     while True:
         try:
             conn, first = first, None  # the first connection serves once
             serve(path, init, conn)
-        except (OSError, ConnectionError, ValueError) as e:
-            # The core is (re)starting; the socket comes back in the same directory.
+        except (OSError, ConnectionError, ValueError, RuntimeError) as e:
+            # The core is (re)starting (the socket comes back in the same directory), or it
+            # refused a request (a full disk, say): either way connect again, never exit.
             if not isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
                 log(f"connection lost: {e}")
             backoff = _pause(backoff)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import ValidationError
 
+from hyperhive import faults
 from hyperhive.core.listing import row_out
 from hyperhive.core.refusals import BadRequest, Conflict, NotFound
 from hyperhive.core.store import ApplyError, ApprovalTx, Unreadable, canonical_json
@@ -190,6 +191,8 @@ async def resolve(
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
     apply = None if handler is None else handler.apply
     approval, msg = hive.store.approvals.resolve(aid, decision, note, apply)
+    # A crash here (tests/test_swarm_actions.py): approved, with its agent's row, not started.
+    faults.point(hive.store.path.parent, "approval-committed")
     hive.delivered(msg)
     hive.bus.publish("approval", {"approval": row_out(approval)})
     if handler is not None and not isinstance(approval, Unreadable):

@@ -10,8 +10,9 @@ private or other non-public ranges only through an IP or CIDR rule within them,
 so an allowlisted name can't lead back into the host or the network around it.
 A plain-HTTP request goes upstream with the destination as its Host.
 
-Connections run in threads with blocking sockets and bytes move by splice(2)
-(``hyperhive.relay``): the event loop only accepts, and hears about decisions.
+Connections run in threads with blocking sockets, a tunnel's bytes copied through
+a buffer per direction (``hyperhive.relay``): the event loop only accepts, and hears
+about decisions.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ call one method, encode the result. Nothing here reads an identity out of a requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import json
@@ -51,6 +52,7 @@ from hyperhive.core.store import (
     TranscriptEntry,
     Unreadable,
 )
+from hyperhive.core.store.db import completing
 from hyperhive.core.store.links import LinkUsed
 from hyperhive.core.store.messages import MessageItem, ack_in, send_in
 from hyperhive.core.store.usage import Usage
@@ -67,6 +69,8 @@ from hyperhive.wire.secrets import parse_destination, parse_header
 from hyperhive.wire.timestamps import rfc3339, stamped, stamped_all
 
 log = logging.getLogger("hive.core")
+# Agents' incarnations (created_at) a lifecycle verb is bound to, by name (None: any).
+Incarnations = dict[str, float] | None
 
 __all__ = ["Hive", "Lifecycle", "Refused"]
 
@@ -1082,29 +1086,62 @@ class Hive:
 
     # -- lifecycle (the operator's) -----------------------------------------------
 
-    async def start_all(self, actor: Operator, names: list[str]) -> list[str]:
-        return await self._run_all(self._start, names)
+    # ``created_at``: each named agent's as the operator saw it (a carried action is bound
+    # to it, docs/swarm.md): refused, nothing done, if that agent was destroyed and one of
+    # the same name spawned since. Each verb marks the write that completes it
+    # (``completing``: what a carried action's "applied" commits with, so a crash never
+    # leaves it marked with a step undone, nor carried out twice once it was).
 
-    async def stop_all(self, actor: Operator, names: list[str], graceful: bool) -> list[str]:
+    async def start_all(
+        self, actor: Operator, names: list[str], created_at: Incarnations = None
+    ) -> list[str]:
+        async def start_one(name: str) -> None:
+            await self._start(name, complete=len(names) == 1)
+
+        return await self._run_all(start_one, names, created_at)
+
+    async def stop_all(
+        self, actor: Operator, names: list[str], graceful: bool, created_at: Incarnations = None
+    ) -> list[str]:
         async def stop_one(name: str) -> None:
             await self._stop(name, graceful)
 
-        return await self._run_all(stop_one, names)
+        return await self._run_all(stop_one, names, created_at)
 
-    async def restart(self, actor: Operator, name: str) -> None:
+    async def restart(self, actor: Operator, name: str, created_at: float | None = None) -> None:
+        self._require_incarnation(name, created_at)
+        # Its start's write completes it: a crash after it is finished by the core's own
+        # start-up (the agent is not stopped); before it, the restart is carried out again.
         await self._stop(name, graceful=True)
-        await self._start(name)
+        await self._start(name, complete=True)
 
-    def set_paused(self, actor: Operator, name: str, paused: bool) -> None:
-        self.require_agent(name)
-        self.store.agents.set_flag(name, "paused", paused)
+    def set_paused(
+        self, actor: Operator, name: str, paused: bool, created_at: float | None = None
+    ) -> None:
+        self._require_incarnation(name, created_at)
+        with completing():
+            self.store.agents.set_flag(name, "paused", paused)
         self.wakeups.notify(name)  # a harness waiting for its next turn looks again
         self.publish_status(name)
 
-    def interrupt(self, actor: Operator, name: str) -> None:
-        self.require_agent(name)
+    def interrupt(self, actor: Operator, name: str, created_at: float | None = None) -> None:
+        self._require_incarnation(name, created_at)
         self._interrupts.add(name)
         self.controls.notify(name)
+        # At most once: an interrupt carried out again after a crash would stop a turn the
+        # operator never saw (the one it meant ended with the crash, or long ago).
+        self.store.db.completed()
+
+    def _require_incarnation(self, name: str, created_at: float | None) -> AgentRow:
+        """Agent ``name``'s row, refused unless it is the one created at ``created_at``
+        (None: any). Checked with no await before the verb's first write."""
+        row = self.require_agent(name)
+        if created_at is not None and row.created_at != created_at:
+            raise Conflict(
+                f"agent {name!r} is not the one acted on: it was created at {row.created_at!r},"
+                f" not {created_at!r} (destroyed and spawned again since); nothing was done"
+            )
+        return row
 
     async def spawn(self, actor: Operator, name: str, spec: AgentSpec) -> None:
         if self.exists(name):
@@ -1150,12 +1187,13 @@ class Hive:
         self.store.agents.set_spec(name, spec)
         return spec
 
-    async def destroy(self, actor: Operator, name: str) -> None:
-        self.require_agent(name)
+    async def destroy(self, actor: Operator, name: str, created_at: float | None = None) -> None:
+        self._require_incarnation(name, created_at)
         await self.lifecycle.destroy(name)
         if self.swarm is not None:  # its questions across hosts: closed there too
             self.swarm.forget(name)
-        self.store.agents.delete(name)
+        with completing():  # the row goes last: each step before it may be taken again
+            self.store.agents.delete(name)
         self._forget(name)
         self.reload_egress(name)
         log.info("agent %s destroyed", name)
@@ -1197,9 +1235,12 @@ class Hive:
         await self.lifecycle.start(name, self)
         self.publish_status(name)
 
-    async def _start(self, name: str) -> None:
+    async def _start(self, name: str, complete: bool = False) -> None:
+        """``complete``: this write completes the verb (a crash after it: the core's own
+        start-up starts the agent, whose row says it is not stopped)."""
         self.require_agent(name)
-        self.store.agents.set_flag(name, "stopped", False)
+        with completing() if complete else contextlib.nullcontext():
+            self.store.agents.set_flag(name, "stopped", False)
         await self.lifecycle.start(name, self)
         self.publish_status(name)
 
@@ -1219,12 +1260,18 @@ class Hive:
         self.store.bindings.forget_agent(name)
         self.reload_bindings()
 
-    async def _run_all(self, fn: Callable[[str], Awaitable[None]], names: list[str]) -> list[str]:
+    async def _run_all(
+        self, fn: Callable[[str], Awaitable[None]], names: list[str], created_at: Incarnations
+    ) -> list[str]:
+        """``fn`` of each of ``names`` (none: every agent), in turn; complete once all are
+        (a stop's cage, the last of several starts): carried out again after a crash
+        before that, each leaves its agent as asked whatever it finds."""
         targets = names or [r.name for r in self.store.agents.all()]
-        for n in targets:
-            self.require_agent(n)  # refuse the whole request before changing anything
+        for n in targets:  # refuse the whole request before changing anything
+            self._require_incarnation(n, None if created_at is None else created_at.get(n))
         for n in targets:
             await fn(n)
+        self.store.db.completed()
         return targets
 
 

@@ -64,7 +64,7 @@ async def start(s: OperatorSession, req: w.Start) -> Reply:
     names = req.scope.agent_targets()
     if names == []:  # only services this hive doesn't run (forge, matrix, ...)
         return ok(started=[])
-    return ok(started=await s.hive.start_all(s.actor, names or []))
+    return ok(started=await s.hive.start_all(s.actor, names or [], req.created_at))
 
 
 async def stop(s: OperatorSession, req: w.Stop) -> Reply:
@@ -73,27 +73,27 @@ async def stop(s: OperatorSession, req: w.Stop) -> Reply:
     names = req.scope.agent_targets()
     if names == []:
         return ok(stopped=[])
-    return ok(stopped=await s.hive.stop_all(s.actor, names or [], req.graceful))
+    return ok(stopped=await s.hive.stop_all(s.actor, names or [], req.graceful, req.created_at))
 
 
 async def restart(s: OperatorSession, req: w.Restart) -> Reply:
     if (reply := await carried(s, req)) is not None:
         return reply
-    await s.hive.restart(s.actor, req.name)
+    await s.hive.restart(s.actor, req.name, req.created_at)
     return ok()
 
 
 async def set_paused(s: OperatorSession, req: w.SetPaused) -> Reply:
     if (reply := await carried(s, req)) is not None:
         return reply
-    s.hive.set_paused(s.actor, req.name, req.paused)
+    s.hive.set_paused(s.actor, req.name, req.paused, req.created_at)
     return ok(name=req.name, paused=req.paused)
 
 
 async def interrupt(s: OperatorSession, req: w.Interrupt) -> Reply:
     if (reply := await carried(s, req)) is not None:
         return reply
-    s.hive.interrupt(s.actor, req.name)
+    s.hive.interrupt(s.actor, req.name, req.created_at)
     return ok(name=req.name)
 
 
@@ -230,7 +230,7 @@ async def set_resource_limits(s: OperatorSession, req: w.SetResourceLimits) -> R
 async def destroy(s: OperatorSession, req: w.Destroy) -> Reply:
     if (reply := await carried(s, req)) is not None:
         return reply
-    await s.hive.destroy(s.actor, req.name)
+    await s.hive.destroy(s.actor, req.name, req.created_at)
     return ok(name=req.name)
 
 

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -57,7 +58,8 @@ BATCH = 1024  # outbox rows read at once, and the most rows one bundle carries
 ROSTER_EVERY = 1.0  # seconds between two looks at this host's agents
 PRUNE_ROUNDS = 300  # roster rounds between two prunes of the swarm's tables
 MAX_BODY = 1 << 20  # a received message larger than a line could be is dropped
-ROW_FIELDS = ("name", "host", "running", "paused", "status_text")
+# created_at: the agent's incarnation, what the operator's lifecycle actions on it are bound to
+ROW_FIELDS = ("name", "host", "running", "paused", "status_text", "created_at")
 MAX_LISTED = 10_000  # roster rows in one status reply (a sanity bound, not a page)
 BUNDLE_BYTES = 512 << 10  # outbox rows to one host ride one JetStream message up to this
 QUOTA_EVERY = 0.25  # seconds between two rounds of quota reports, out and in
@@ -92,8 +94,19 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
         "running": row.get("running") is True,
         "paused": row.get("paused") is True,
         "status_text": text[:SHORT_TEXT_CHARS] if isinstance(text, str) else None,
+        "created_at": incarnation(row.get("created_at")),
         "seen": time.time(),
     }
+
+
+def incarnation(value: object) -> float | None:
+    """A row's ``created_at`` if it is one a store could hold (a finite, non-negative
+    number; a bool is no number), else None: an action then binds to none and is refused
+    by the sending host (operator.py's ``carry``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and value >= 0 else None
 
 
 def _reserved(parts: list[str]) -> bool:
@@ -642,6 +655,7 @@ class Bridge:
                     "running": self.hive.lifecycle.running(name),
                     "paused": bool(row.paused),
                     "status_text": row.status_text,
+                    "created_at": row.created_at,
                 },
                 sort_keys=True,
             )

@@ -35,6 +35,7 @@ import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 
+from hyperhive import faults
 from hyperhive.core.approvals import shown
 from hyperhive.core.host_socket import HOST, OperatorSession
 from hyperhive.core.listing import rows_out
@@ -76,11 +77,12 @@ log = logging.getLogger("hive.swarm")
 
 AT_ONCE = 8  # actions carried out at a time (each agent's in order: lanes.py)
 IN_FLIGHT = 64  # actions taken from the bus and not finished; the rest wait in the stream
-# Carried out again if this host died in the middle (no rider): each leaves the agent as
-# asked whatever it found, so running it again finishes what the crash cut short (a stop
-# marks the agent stopped in the store before its cage is stopped; a destroy deletes the
-# row last, after the cage and the agent's questions across hosts).
-AGAIN = frozenset({"start", "stop", "restart", "set_paused", "interrupt", "destroy"})
+# The lifecycle verbs: bound to the incarnation of each agent they name (its created_at,
+# as the roster showed it when the operator acted), and marked applied by the write that
+# completes each (core/hive.py's ``completing``: a destroy's row deletion, a restart's
+# start, a stop once its cage is stopped), not by their first: cut short by a crash before
+# it, one is carried out again, each step leaving the agent as asked whatever it finds.
+LIFECYCLE = frozenset({"start", "stop", "restart", "set_paused", "interrupt", "destroy"})
 ROWS_EVERY = 1.0  # seconds between two looks at this host's questions and approvals
 CARRY_WAIT = 10.0  # seconds the operator's request waits for the other host's outcome
 PUBLISH_TRIES_SECONDS = 5.0  # how long an action is offered to the bus before "not taken"
@@ -273,6 +275,8 @@ class OperatorRelay:
         if host not in known:
             raise NotFound(f"no host {host!r} in the swarm")
         request = dict(request)
+        if request["cmd"] in LIFECYCLE:
+            self._bind(host, request)
         if request["cmd"] in ("approve", "deny") and request.get("payload_sha256") is None:
             row = self.rows["approvals"].get((host, request["id"]))
             if row is None:
@@ -323,6 +327,37 @@ class OperatorRelay:
         status = outcome.get("status")
         refusal = REFUSALS.get(status, Conflict) if isinstance(status, int) else Conflict
         raise refusal(f"host {host}: {_text(outcome.get('error')) or 'refused'}")
+
+    def _bind(self, host: str, request: dict[str, Any]) -> None:
+        """Bind a lifecycle verb to the incarnation of each agent it names: the created_at
+        the operator gave, else the one the roster shows now (what the operator saw
+        listed). Carried out there only if that agent is still the one created then: a
+        destroy that waited in the stream (its host down) or was delivered again after a
+        crash never hits an agent spawned under the name since. A stop or start of every
+        agent there names none: it acts on those there when it arrives."""
+        if request["cmd"] in ("start", "stop"):
+            names = request.get("scope", {}).get("agent_names") or []
+            given = dict(request.get("created_at") or {})
+            if names:
+                request["created_at"] = {
+                    n: given[n] if n in given else self._created_at(host, n) for n in names
+                }
+        elif request.get("created_at") is None:
+            request["created_at"] = self._created_at(host, request["name"])
+
+    def _created_at(self, host: str, name: str) -> float:
+        row = self.bridge.rows.get((host, name))
+        if row is None:
+            raise NotFound(
+                f"no agent {name!r} on host {host} in the swarm's roster: nothing was carried"
+            )
+        created_at = row.get("created_at")
+        if not isinstance(created_at, float):
+            raise Conflict(
+                f"host {host}'s roster row of {name!r} has no created_at (an older hive?):"
+                " nothing was carried"
+            )
+        return created_at
 
     # -- this host's rows -------------------------------------------------------------
 
@@ -479,13 +514,14 @@ class OperatorRelay:
         action_id, request = action["id"], action["request"]
         try:
             progress = asyncio.get_running_loop().create_task(_in_progress(m))
-            rider = None if request["cmd"] in AGAIN else self.seen.rider(from_host, action_id)
+            rider = self.seen.rider(from_host, action_id)
             try:
                 outcome = await self._apply(request, rider)
             finally:
                 progress.cancel()
-                if rider is not None:
-                    rider.end()
+                rider.end()
+            # A crash here (tests/test_swarm_actions.py): applied, its outcome not recorded.
+            faults.point(self.hive.store.path.parent, "carried-applied")
             self.applied += 1
             log.info(
                 "swarm: operator action %s from host %s (%s): %s",
@@ -535,15 +571,21 @@ class OperatorRelay:
         log.warning("swarm: refused an operator action on %s: %s", m.subject, why)
         await m.ack()
 
-    async def _apply(self, request: dict[str, Any], rider: Applied | None) -> dict[str, Any]:
+    async def _apply(self, request: dict[str, Any], rider: Applied) -> dict[str, Any]:
         """The request as if the operator had made it on this host's host.sock; ``rider``
-        marks it applied in the transaction of its effect."""
-        if request["cmd"] in ("approve", "deny") and not request.get("payload_sha256"):
+        marks it applied in the transaction of its effect (a lifecycle verb's: the one
+        that completes it)."""
+        cmd = request["cmd"]
+        if cmd in ("approve", "deny") and not request.get("payload_sha256"):
             return {"ok": False, "status": 422, "error": "an approval from another host"
                     " must be bound to its payload_sha256"}  # fmt: skip
         try:
-            with riding(rider) if rider is not None else contextlib.nullcontext():
-                reply = await HOST.call(OperatorSession(self.hive), HOST.decode(request))
+            req: Any = HOST.decode(request)
+            if cmd in LIFECYCLE and not _bound(req):
+                return {"ok": False, "status": 422, "error": f"a {cmd} from another host must"
+                        " be bound to the created_at of each agent it names"}  # fmt: skip
+            with riding(rider, at_completion=cmd in LIFECYCLE):
+                reply = await HOST.call(OperatorSession(self.hive), req)
         except Refused as e:
             return {"ok": False, "status": e.status, "error": str(e)[:SHORT_TEXT_CHARS]}
         except Exception as e:  # its id is taken: say what happened rather than lose it
@@ -553,6 +595,16 @@ class OperatorRelay:
         # a send's message id there.
         made = reply if isinstance(reply, dict) and request["cmd"] in REPLY_VERBS else {}
         return {"ok": True, **{k: made[k] for k in REPLY_FIELDS if k in made}}
+
+
+def _bound(req: Any) -> bool:
+    """A lifecycle request (decoded) names each agent's incarnation (a stop or start of
+    every agent names none)."""
+    scope = getattr(req, "scope", None)
+    if scope is None:  # restart, set_paused, interrupt, destroy: one agent
+        return req.created_at is not None
+    names = scope.agent_names
+    return not names or (req.created_at is not None and set(req.created_at) >= set(names))
 
 
 def _stream_seq(m: Msg) -> int:

@@ -10,6 +10,9 @@ the signed action and the stream sequence of the message that brought it. Its st
 - ``applied``: its effect is committed. For the verbs that change the hive's store (an
   answer, an approval, a message, a spawn, ...) this is written in the same transaction
   as the effect (``rider``: store/db.py's ``riding``), so a crash can't fall between them;
+  for a lifecycle verb (a stop, a destroy, ...: a cage's steps and the store's), in the
+  transaction of the write that completes it (store/db.py's ``completing``), so one cut
+  short is carried out again and one completed is not;
 - ``done``: its outcome is recorded (``outcome``), as published to ``results.<host>.<from>-<id>``.
 
 The same message delivered again (the core died before its ack) finds the row: ``done``

@@ -15,6 +15,10 @@ from hyperhive.wire.secrets import Destination, EnvName, HeaderTemplate, SecretN
 # without it, or with this host's own name, a verb acts here.
 HostName = Annotated[str, Field(pattern=NAME_RE.pattern)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+# An agent's incarnation: its ``created_at`` as its host's store (and the swarm's roster)
+# shows it. A lifecycle verb given one is refused, nothing done, unless the agent of that
+# name is still the one created then (docs/swarm.md, "Bound to the agent the operator saw").
+CreatedAt = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 EventKind = Literal[
     "message",
@@ -65,6 +69,8 @@ class Start(Strict):
     cmd: Literal["start"]
     scope: Scope = Scope()
     host: HostName | None = None  # that swarm host's agent (carried, signed)
+    # each named agent's, as the operator saw it (a carried one is always bound)
+    created_at: dict[AgentName, CreatedAt] | None = Field(default=None, max_length=10_000)
 
 
 class Stop(Strict):
@@ -72,12 +78,15 @@ class Stop(Strict):
     scope: Scope = Scope()
     graceful: bool = True
     host: HostName | None = None  # that swarm host's agent (carried, signed)
+    # each named agent's, as the operator saw it (a carried one is always bound)
+    created_at: dict[AgentName, CreatedAt] | None = Field(default=None, max_length=10_000)
 
 
 class Restart(Strict):
     cmd: Literal["restart"]
     name: AgentName
     host: HostName | None = None  # that swarm host's agent (carried, signed)
+    created_at: CreatedAt | None = None  # the agent's, as the operator saw it
 
 
 class SetPaused(Strict):
@@ -85,6 +94,7 @@ class SetPaused(Strict):
     name: AgentName
     paused: bool
     host: HostName | None = None  # that swarm host's agent (carried, signed)
+    created_at: CreatedAt | None = None  # the agent's, as the operator saw it
 
 
 # Paging of a listing: rows with an id above ``after``, oldest first, at most ``limit``
@@ -210,6 +220,7 @@ class Destroy(Strict):
     cmd: Literal["destroy"]
     name: AgentName
     host: HostName | None = None  # that swarm host's agent (carried, signed)
+    created_at: CreatedAt | None = None  # the agent's, as the operator saw it
 
 
 class Interrupt(Strict):
@@ -218,6 +229,7 @@ class Interrupt(Strict):
     cmd: Literal["interrupt"]
     name: AgentName
     host: HostName | None = None  # that swarm host's agent (carried, signed)
+    created_at: CreatedAt | None = None  # the agent's, as the operator saw it
 
 
 class Transcript(Strict):

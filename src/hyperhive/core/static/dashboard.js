@@ -72,8 +72,10 @@
     if (b.dataset.armed === "1") { b.dataset.armed = ""; return; }
     ev.preventDefault();
     b.dataset.armed = "1";
-    b.textContent = "confirm " + b.dataset.confirm;
-    setTimeout(function () { b.dataset.armed = ""; b.textContent = b.dataset.confirm; }, 3000);
+    // "stop", or "stop on host b" (another host's agent's page): kept from the first click.
+    var label = b.dataset.label || (b.dataset.label = b.textContent);
+    b.textContent = "confirm " + label;
+    setTimeout(function () { b.dataset.armed = ""; b.textContent = label; }, 3000);
   });
 
   // The connection's state, visible; the title counts what needs the operator.

@@ -24,24 +24,45 @@ Params: TypeAlias = Sequence[Any] | Mapping[str, Any]
 # "this was done" commit in the same transaction as the doing (swarm/opstore.py marks a
 # carried operator action applied so; a redelivery after a crash then finds it done).
 Rider: TypeAlias = Callable[["Tx"], None]
-_RIDER: ContextVar[Rider | None] = ContextVar("hive_store_rider", default=None)
+# The rider, and whether it waits for the write that completes its verb (``completing``).
+_RIDER: ContextVar[tuple[Rider, bool] | None] = ContextVar("hive_store_rider", default=None)
+_COMPLETING: ContextVar[bool] = ContextVar("hive_store_completing", default=False)
 
 
 @contextmanager
-def riding(rider: Rider) -> Iterator[None]:
+def riding(rider: Rider, at_completion: bool = False) -> Iterator[None]:
     """Within this block (this task, and tasks it starts), every ``Database.tx`` and every
     write queued to a group commit (core/groupcommit.py) also runs ``rider`` in its
-    transaction, just before the commit; it must be idempotent and cheap."""
-    token = _RIDER.set(rider)
+    transaction, just before the commit; it must be idempotent and cheap.
+
+    ``at_completion``: only the transactions inside a ``completing`` block: a verb with
+    several steps (a destroy: the cage, then the row) says which write completes it, so
+    "done" is never committed with a step that a crash could leave the later ones undone
+    after (the lifecycle verbs of core/hive.py)."""
+    token = _RIDER.set((rider, at_completion))
     try:
         yield
     finally:
         _RIDER.reset(token)
 
 
+@contextmanager
+def completing() -> Iterator[None]:
+    """The writes in this block complete the verb being carried out (see ``riding``)."""
+    token = _COMPLETING.set(True)
+    try:
+        yield
+    finally:
+        _COMPLETING.reset(token)
+
+
 def current_rider() -> Rider | None:
-    """The rider of the running task, if any (a group commit takes it at submit time)."""
-    return _RIDER.get()
+    """The rider of the running task that rides a write made now, if any (a group commit
+    takes it at submit time)."""
+    held = _RIDER.get()
+    if held is None or (held[1] and not _COMPLETING.get()):
+        return None
+    return held[0]
 
 
 class Tx:
@@ -126,7 +147,7 @@ class Database:
             try:
                 tx = Tx(conn)
                 yield tx
-                if (rider := _RIDER.get()) is not None:
+                if (rider := current_rider()) is not None:
                     rider(tx)
             except sqlite3.Error as e:
                 self._rollback()
@@ -142,6 +163,16 @@ class Database:
         finally:
             # Committed or rolled back: a read made inside or before it may be stale now.
             self.commits += 1
+
+    def completed(self) -> None:
+        """A verb whose last step is not a store write (a stop's cage) is complete now: a
+        transaction of its own for what rides its completion (``riding``), if anything
+        does; nothing at all otherwise (an operator's own stop costs no commit)."""
+        with completing():
+            if current_rider() is None:
+                return
+            with self.tx():
+                pass
 
     def _rollback(self) -> None:
         if self.conn.in_transaction:  # SQLite may already have rolled back (e.g. SQLITE_FULL)
