@@ -18,10 +18,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from hyperhive.core.actors import Agent
+from hyperhive.core.agent_conn import AgentConnection, Started
 from hyperhive.core.budget import AGENT_SOCK_BACKLOG
 from hyperhive.core.connlimit import ConnectionLimiter, rest_listener
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
+from hyperhive.core.lineconn import LineConnection
 from hyperhive.core.ratelimit import BytePacer
 from hyperhive.core.refusals import Forbidden, Refused
 from hyperhive.core.replies import more
@@ -65,6 +67,24 @@ class AgentSession:
         except Refused as e:
             return error(str(e))
         return _sent(committed)
+
+    def start_send(self, obj: dict[str, Any]) -> Started:
+        """``start`` for agent_conn.py: a refusal's line now, or the future to wait on and
+        whether it gives the message's id (a plain send: no coroutine around the commit's
+        future) or the whole reply (anything else: a task)."""
+        if not _plain_send(obj):
+            return asyncio.ensure_future(self.handle(obj)), False
+        try:
+            self.hive.require_self(self.actor)
+            committed = self.hive.start_send(self.actor, obj["to"], obj["body"])
+        except Refused as e:
+            return error(str(e))
+        return committed, True
+
+    @staticmethod
+    def recv_args(obj: dict[str, Any]) -> tuple[float, int, list[int] | None] | None:
+        """``plain_recv``, for agent_conn.py."""
+        return plain_recv(obj)
 
     async def handle(self, obj: dict[str, Any]) -> Reply:
         cmd = obj.get("cmd")
@@ -282,7 +302,7 @@ class AgentSockets:
         self.connections_per_peer = connections_per_peer  # [limits] agent_connections
         self.manage_dirs = manage_dirs
         self._listeners: dict[str, socket.socket] = {}
-        self._writers: dict[str, set[asyncio.StreamWriter]] = {}
+        self._writers: dict[str, set[LineConnection]] = {}
         self._hives: dict[str, Hive] = {}
         self._allowed: dict[str, frozenset[int]] = {}
         self._harness_uid: dict[str, int] = {}
@@ -313,7 +333,7 @@ class AgentSockets:
             directory.mkdir(parents=True, exist_ok=True)
             os.chmod(directory, 0o755)
         path = self.run_dir.agent_sock(name)
-        writers: set[asyncio.StreamWriter] = set()
+        writers: set[LineConnection] = set()
         limiter = ConnectionLimiter(str(path), self.connections_per_peer)
         limits = hive.config.limits
         # One bucket for all the runtime's connections, one for the harness's: the runtime
@@ -360,39 +380,49 @@ class AgentSockets:
                 if self._listeners.get(name) is not listener:  # stopped meanwhile
                     conn.close()
                     return
-                try:
-                    reader, writer = await asyncio.open_unix_connection(
-                        sock=conn, limit=STREAM_LIMIT
+                is_harness = uid == self._harness_uid.get(name)
+                session = AgentSession(hive, Agent(name, harness=is_harness))  # the listener's
+                # Protocols of our own, not asyncio's streams: the runtime's connections are
+                # served from callbacks (core/agent_conn.py), the harness's by serve_lines,
+                # which watches for its hang-up during a long-poll (core/lineconn.py).
+                factory: Callable[[], LineConnection]
+                if is_harness:
+                    factory = lambda: LineConnection(STREAM_LIMIT)  # noqa: E731
+                else:
+                    factory = lambda: AgentConnection(  # noqa: E731
+                        STREAM_LIMIT, session, pacer.debt, PIPELINED
                     )
+                try:
+                    _, line_conn = await loop.create_unix_connection(factory, sock=conn)
                 except OSError:
                     conn.close()
                     return
-                await on_connect(reader, writer, uid)
+                await on_connect(line_conn, session)
             finally:
                 limiter.release(uid)
 
-        async def on_connect(
-            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, uid: int
-        ) -> None:
-            is_harness = uid == self._harness_uid.get(name)
-            session = AgentSession(hive, Agent(name, harness=is_harness))  # the listener's name
+        async def on_connect(writer: LineConnection, session: AgentSession) -> None:
+            is_harness = session.actor.harness
             writers.add(writer)
             if is_harness:
                 self._harness_conns[name] = self._harness_conns.get(name, 0) + 1
                 hive.harness_changed(name)
             try:
-                # A harness's long-polls end when it dies: it stops counting as running at once.
-                paced = (harness_pacer if is_harness else pacer).debt
-                await serve_lines(
-                    reader,
-                    writer,
-                    session.handle,
-                    None,
-                    is_harness,
-                    paced,
-                    PIPELINED,
-                    session.start,
-                )
+                if isinstance(writer, AgentConnection):
+                    await writer.wait_closed()  # served from its own callbacks meanwhile
+                else:
+                    # A harness's long-polls end when it dies: it stops counting as running
+                    # at once.
+                    await serve_lines(
+                        writer,  # the reader too
+                        writer,
+                        session.handle,
+                        None,
+                        True,
+                        harness_pacer.debt,
+                        PIPELINED,
+                        session.start,
+                    )
             finally:
                 writers.discard(writer)
                 hive.release(name, session.conn)

@@ -52,21 +52,34 @@ class InboxWakeups:
                 fut.set_result(None)
 
     async def wait(self, recipient: str, timeout: float) -> None:
+        fut, timer = self.watch(recipient, timeout)
+        try:
+            await fut
+        finally:
+            self.unwatch(recipient, fut, timer)
+
+    def watch(
+        self, recipient: str, timeout: float
+    ) -> tuple[asyncio.Future[None], asyncio.TimerHandle]:
+        """A future resolved by the next ``notify`` of ``recipient`` or after ``timeout``
+        seconds, whichever is first; ``unwatch`` it once done (or to give up)."""
         loop = self.loop()
         fut: asyncio.Future[None] = loop.create_future()
         self._waiters[recipient].add(fut)
         # A timer that resolves the future, not asyncio.wait_for (a second future, a done
         # callback and a timeout context each wait: a receiver waits once a message).
         timer = loop.call_later(timeout, _resolve, fut)
-        try:
-            await fut
-        finally:
-            timer.cancel()
-            waiters = self._waiters.get(recipient)
-            if waiters is not None:
-                waiters.discard(fut)
-                if not waiters:
-                    del self._waiters[recipient]
+        return fut, timer
+
+    def unwatch(
+        self, recipient: str, fut: asyncio.Future[None], timer: asyncio.TimerHandle
+    ) -> None:
+        timer.cancel()
+        waiters = self._waiters.get(recipient)
+        if waiters is not None:
+            waiters.discard(fut)
+            if not waiters:
+                del self._waiters[recipient]
 
 
 LOSSY_QUEUE = 256  # a lossy subscriber's backlog: the newest changes, the oldest dropped

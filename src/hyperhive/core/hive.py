@@ -389,7 +389,7 @@ class Hive:
         The new message's id, once committed."""
         return await self.start_send(actor, to, body)
 
-    def start_send(self, actor: Actor, to: str, body: str) -> Awaitable[int]:
+    def start_send(self, actor: Actor, to: str, body: str) -> asyncio.Future[int]:
         """``send`` up to its message being queued: the checks run now (a refusal is raised
         now, nothing queued); what is left to await is the id once committed. One
         connection's pipelined sends start one after another, so they are stored in order
@@ -517,30 +517,38 @@ class Hive:
         loop = wakeups.loop()
         deadline = loop.time() + wait
         while True:
-            in_flight = self._in_flight[name]
-            # An inbox read empty, with nothing held, is known still if only batches of lane
-            # messages and acks were committed since (core/inboxes.py): a receiver's round
-            # reads no query.
-            known_at = self.inboxes.since(name)
-            if known_at is not None and self._unchanged_since(known_at):
-                known = self.inboxes.items(name)
-                if in_flight:
-                    known = [m for m in known if m["id"] not in in_flight]
-                # No byte budget to count: a known inbox is too small to reach one
-                # (inboxes.KNOWN_BYTES_MAX; config.py keeps reply_bytes above it).
-                page = Page(known[:limit], len(known) > limit)
-            else:
-                if known_at is not None:
-                    self.inboxes.forget(name)  # out of date: read until read empty again
-                unacked = self.store.messages.unacked_wire(name, limit + 1, set(in_flight))
-                page = take(unacked, self._reply_budget(), limit, encoded_size)
-                if not page.items and not in_flight:
-                    self.inboxes.read_empty(name, self.store.db.commits)
+            page = self.recv_now(actor, conn, limit)
             if page.items or loop.time() >= deadline:
-                for m in page.items:
-                    in_flight[m["id"]] = conn
                 return page
             await wakeups.wait(name, deadline - loop.time())
+
+    def recv_now(self, actor: Agent, conn: int, limit: int) -> Page[dict[str, Any]]:
+        """One look at the caller's inbox for ``recv`` (without waiting): what it returns now,
+        held by ``conn`` from here on; empty if nothing is there. agent_conn.py waits for
+        the wake-up itself (a callback, not a task)."""
+        name = actor.name
+        in_flight = self._in_flight[name]
+        # An inbox read empty, with nothing held, is known still if only batches of lane
+        # messages and acks were committed since (core/inboxes.py): a receiver's round
+        # reads no query.
+        known_at = self.inboxes.since(name)
+        if known_at is not None and self._unchanged_since(known_at):
+            known = self.inboxes.items(name)
+            if in_flight:
+                known = [m for m in known if m["id"] not in in_flight]
+            # No byte budget to count: a known inbox is too small to reach one
+            # (inboxes.KNOWN_BYTES_MAX; config.py keeps reply_bytes above it).
+            page = Page(known[:limit], len(known) > limit)
+        else:
+            if known_at is not None:
+                self.inboxes.forget(name)  # out of date: read until read empty again
+            unacked = self.store.messages.unacked_wire(name, limit + 1, set(in_flight))
+            page = take(unacked, self._reply_budget(), limit, encoded_size)
+            if not page.items and not in_flight:
+                self.inboxes.read_empty(name, self.store.db.commits)
+        for m in page.items:
+            in_flight[m["id"]] = conn
+        return page
 
     async def ack(self, actor: Agent, ids: list[int]) -> int:
         """Ack messages to the caller (committed with this turn's other sends and acks);
@@ -553,13 +561,23 @@ class Hive:
         on no commit. A cage flooding acks of ids not its own, or acked already, made one
         empty commit each (~10,000 a second); the write transaction still checks
         everything again (``ack_in``), so the read only ever saves a commit."""
+        return await self.start_ack(actor, ids)
+
+    def start_ack(self, actor: Agent, ids: list[int]) -> asyncio.Future[int]:
+        """``ack`` queued for the next group commit: its future resolves once committed
+        (at once when it would change nothing; a refusal is its exception)."""
         name = actor.name
-        if not ids:
-            return 0
         in_flight = self._in_flight.get(name)
         held = in_flight is not None and all(i in in_flight for i in ids)
-        if not held and self.store.messages.unacked_among(name, ids) == 0:
-            return 0
+        if not ids or not held:
+            answered = self.wakeups.loop().create_future()
+            try:
+                if not ids or self.store.messages.unacked_among(name, ids) == 0:
+                    answered.set_result(0)
+                    return answered
+            except Exception as e:  # refused (not in its inbox) or the store failed
+                answered.set_exception(e)
+                return answered
 
         def done(fresh: int) -> None:
             in_flight = self._in_flight[name]
@@ -567,7 +585,7 @@ class Hive:
                 in_flight.pop(i, None)
             self.inboxes.acked(name, ids, fresh)
 
-        return await self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
+        return self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""

@@ -25,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from hyperhive.core.connlimit import MAX_CONNECTIONS_PER_PEER, ConnectionLimiter
+from hyperhive.core.lineconn import LineConnection
 from hyperhive.core.refusals import BadRequest, Refused
 from hyperhive.core.store import StoreError
 from hyperhive.peercred import peer_cred
@@ -44,6 +45,9 @@ Handler = Callable[[dict[str, Any]], Awaitable[Reply]]
 # Starts a pipelined request: its reply line now (a refusal), or what to await for it.
 Starter = Callable[[dict[str, Any]], dict[str, Any] | Awaitable[Reply]]
 S = TypeVar("S")  # what a handler serves: a connection's session
+# A connection's two sides: asyncio's streams, or one LineConnection (agent.sock: both).
+Reader = asyncio.StreamReader | LineConnection
+Writer = asyncio.StreamWriter | LineConnection
 
 STREAM_LIMIT = MAX_LINE  # asyncio's readline limit: bytes before the newline
 # Seconds of pacing debt a peer may run up before reading its next line waits (the whole
@@ -90,7 +94,7 @@ class Dispatcher(Generic[S]):
             return error(str(e))
 
 
-def _peer_uid(writer: asyncio.StreamWriter) -> int | None:
+def _peer_uid(writer: Writer) -> int | None:
     """The peer's uid on a unix socket; None when there is nothing to count."""
     sock = writer.get_extra_info("socket")
     if sock is None or sock.family != socket.AF_UNIX:
@@ -133,22 +137,29 @@ async def _wait(seconds: float) -> None:
         await asyncio.sleep(seconds)
 
 
-async def _write(writer: asyncio.StreamWriter, obj: dict[str, Any]) -> None:
+async def _write(writer: Writer, obj: dict[str, Any]) -> None:
     writer.write(dump_line(obj))
-    await _drain(writer)
+    if _unsent(writer):
+        await writer.drain()
 
 
-async def _drain(writer: asyncio.StreamWriter) -> None:
-    """``writer.drain()`` when the reply is not all written yet; a reply the socket took
-    whole (nearly every one: the transport writes at once) leaves nothing to wait for,
-    and a peer gone is seen by the next read."""
-    if writer.transport.get_write_buffer_size():
+def _unsent(writer: Writer) -> int:
+    """Bytes of the replies written that the transport still holds: ``writer.drain()`` is
+    awaited only then. A reply the socket took whole (nearly every one: the transport
+    writes at once) leaves nothing to wait for, and a peer gone is seen by the next read."""
+    if isinstance(writer, LineConnection):
+        return writer.pending_write_bytes()
+    return writer.transport.get_write_buffer_size()
+
+
+async def _drain(writer: Writer) -> None:
+    if _unsent(writer):
         await writer.drain()
 
 
 async def serve_lines(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: Reader,
+    writer: Writer,
     handle: Handler,
     limiter: ConnectionLimiter | None = None,
     watch_hangup: bool = False,
@@ -176,8 +187,8 @@ async def serve_lines(
 
 
 async def _serve_lines(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: Reader,
+    writer: Writer,
     handle: Handler,
     watch_hangup: bool,
     pace: Callable[[int], float] | None,
@@ -280,14 +291,8 @@ async def _serve_lines(
 PIPELINE_MAX = 64  # requests of one connection handled together, at most
 
 
-def _line_buffered(reader: asyncio.StreamReader) -> bool:
-    """Whether a whole line waits in the reader's buffer (asyncio's, read-only; if the
-    attribute ever goes, this says no and requests are read as before)."""
-    return b"\n" in getattr(reader, "_buffer", b"")
-
-
 async def _take_pipelined(
-    reader: asyncio.StreamReader,
+    reader: Reader,
     first: dict[str, Any],
     pace: Callable[[int], float] | None,
     pipelined: frozenset[str],
@@ -301,10 +306,7 @@ async def _take_pipelined(
     overflowed."""
     objs: list[dict[str, Any] | WireError] = [first]
     while len(objs) < PIPELINE_MAX:
-        # asyncio's buffer, read-only: is the next line here already? (if the attribute
-        # ever goes, requests are simply handled one at a time again)
-        buffered = getattr(reader, "_buffer", b"")
-        if b"\n" not in buffered:
+        if not _line_buffered(reader):
             break
         try:
             line = await reader.readline()  # a whole line is buffered: returns at once
@@ -326,6 +328,15 @@ async def _take_pipelined(
             return objs, obj, False
         objs.append(obj)
     return objs, None, False
+
+
+def _line_buffered(reader: Reader) -> bool:
+    """Is the next line here already (its readline returns without waiting)?"""
+    if isinstance(reader, LineConnection):
+        return reader.has_line()
+    # asyncio's buffer, read-only (if the attribute ever goes, requests are simply
+    # handled one at a time again)
+    return b"\n" in getattr(reader, "_buffer", b"")
 
 
 def _is_pipelined(obj: dict[str, Any], pipelined: frozenset[str]) -> bool:
@@ -403,8 +414,8 @@ async def _handle_watching(request: Awaitable[Reply], ahead: asyncio.Future[byte
 
 
 async def _stream(
-    reader: asyncio.StreamReader,
-    writer: asyncio.StreamWriter,
+    reader: Reader,
+    writer: Writer,
     events: AsyncIterator[dict[str, Any]],
 ) -> None:
     """Forward a stream until it ends or the client hangs up."""

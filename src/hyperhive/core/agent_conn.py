@@ -1,0 +1,426 @@
+"""An agent's connection on ``agent.sock`` (the runtime's, not the harness's): the
+JSON-lines loop of ``jsonlines.serve_lines`` driven by the protocol's callbacks, not by a
+task awaiting a reader.
+
+A receiver's round (64 pairs in a closed loop: bench/run.py) was the connection task
+woken to read a line, a coroutine per request, a task step when its ack committed and
+another when its message came. Here the line is taken in ``data_received``, a plain
+``send`` or ``recv`` is started there, and its reply is written from the callback of the
+future it waits on (the group commit's, or the inbox's wake-up), with no task at all.
+Any other request runs as a task (``AgentSession.handle``), one at a time, as before.
+
+The rules are ``serve_lines``' (tests/test_agent_socket.py, tests/test_pacing.py and the
+red team check them on this loop):
+
+* One request at a time, in order: the next line is taken only once the reply to the
+  last one is written, and not while the transport holds more than its high-water mark
+  of unsent replies (``pause_writing``): the core holds one reply per connection.
+* Sends the peer has pipelined (whole lines buffered already, up to ``PIPELINE_MAX``)
+  are started together, in order, and their replies go out in order in one write.
+* Every line is paced (``pace``: the agent's byte bucket) before it is decoded, a blank
+  one too; a line owing time waits for it with nothing else taken meanwhile.
+* A line longer than the limit: paced as ``MAX_LINE`` bytes, one error line, closed.
+* Bad input (not JSON, not a request): one error line, and the connection goes on.
+* The input buffer is bounded (lineconn.py: reading pauses past twice the limit).
+* A hang-up ends what waits on it: a ``recv`` waiting for its inbox stops waiting (its
+  ack, committed or not, stands), a send's write stands, a task is let finish, and only
+  then are the messages this connection holds released (``wait_closed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from hyperhive.core.jsonlines import PACE_SLACK, PIPELINE_MAX, _decode, _is_pipelined, _stream
+from hyperhive.core.lineconn import LineConnection
+from hyperhive.core.refusals import Refused
+from hyperhive.core.replies import more
+from hyperhive.core.store import StoreError
+from hyperhive.wire.framing import MAX_LINE, WireError, dump_line, error, ok
+
+if TYPE_CHECKING:
+    from hyperhive.core.agent_socket import AgentSession
+
+log = logging.getLogger("hive.core")
+
+INTERNAL = "internal error; see the hive-core log"
+# A started pipelined request: its reply line now, or a future and whether its result is
+# a message id (the group commit's lane) rather than a whole reply (a task's).
+Started = dict[str, Any] | tuple["asyncio.Future[Any]", bool]
+
+
+def _failure(e: BaseException) -> dict[str, Any]:
+    """A request's exception as its one-line reply (serve_lines' mapping)."""
+    if isinstance(e, Refused | WireError | StoreError):
+        return error(str(e))
+    log.error("internal error handling a request", exc_info=e)
+    return error(INTERNAL)
+
+
+def _reply_of(fut: asyncio.Future[Any], is_id: bool) -> dict[str, Any]:
+    """A finished pipelined request's reply line, whatever became of it."""
+    if fut.cancelled():
+        return error(INTERNAL)
+    exc = fut.exception()
+    if exc is not None:
+        return _failure(exc)
+    if is_id:
+        return ok(id=fut.result())
+    reply = fut.result()
+    if not isinstance(reply, dict):  # a pipelined verb never streams
+        log.error("a pipelined request got a stream; refused")
+        return error(INTERNAL)
+    return reply
+
+
+class AgentConnection(LineConnection):
+    """One agent connection, served from the protocol's callbacks (see the module)."""
+
+    def __init__(
+        self,
+        limit: int,
+        session: AgentSession,
+        pace: Callable[[int], float],
+        pipelined: frozenset[str],
+    ) -> None:
+        super().__init__(limit)
+        self.session = session  # the agent's: hive, actor, connection id
+        self._pace = pace
+        self._pipelined = pipelined
+        self._loop = asyncio.get_running_loop()
+        self._closed: asyncio.Future[None] = self._loop.create_future()
+        self._busy = False  # a request is being handled: no line is taken meanwhile
+        # _pump is on the stack: a request answered at once returns to its loop rather than
+        # calling it again (no recursion a request, whatever the peer pipelines).
+        self._pumping = False
+        self._task: asyncio.Future[Any] | None = None  # a request handled by a task
+        self._carried: dict[str, Any] | None = None  # decoded after a batch: handled next
+        # A recv between its ack and its reply: its wait, limit, deadline and ack count.
+        self._recv: tuple[float, int, float | None, int | None] | None = None
+        self._watch: tuple[asyncio.Future[None], asyncio.TimerHandle] | None = None
+        # A batch of pipelined sends: what each was started as, and how many still wait.
+        self._batch: list[Started] = []
+        self._batch_left = 0
+        self._batch_overflow = False
+        self._batch_next: tuple[bytes, float] | None = None  # a line owing time, after it
+
+    # -- asyncio.Protocol ----------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if not self._busy:
+            self._pump()
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        if not self._busy:
+            self._pump()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._watch is not None:
+            self._watch[0].cancel()  # a recv waiting for its inbox: nobody to reply to
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if not self._busy:
+            self._pump()
+
+    async def wait_closed(self) -> None:
+        """Until the connection is gone and the request a task was handling is done (the
+        messages this connection holds can be released then, not before)."""
+        await self._closed
+        if self._task is not None and not self._task.done():
+            await asyncio.wait({self._task})
+
+    # -- the loop ------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Take and handle lines until one waits (a commit, an inbox, a task, pacing) or
+        none is whole yet."""
+        if self._pumping:
+            return
+        self._pumping = True
+        try:
+            while not self._busy and not self._lost:
+                if self._write_paused:
+                    return  # resume_writing goes on
+                if self._carried is not None:
+                    obj, self._carried = self._carried, None
+                    self._request(obj)
+                    continue
+                line = self._next_line()
+                if line is None:
+                    return
+                if (owed := self._pace(len(line))) > PACE_SLACK:
+                    self._busy = True
+                    self._loop.call_later(owed, self._paced, line)
+                    return
+                self._line(line)
+                if not self._busy and not self._lost and b"\n" in self._buffer:
+                    # Answered at once, and the next request is here already: taking it
+                    # now would not give the loop back, and a buffer of requests that
+                    # change nothing held every other socket (red team cheap-verb-flood).
+                    # One request a loop turn per connection, as in serve_lines.
+                    self._busy = True
+                    self._loop.call_soon(self._next_turn)
+                    return
+        finally:
+            self._pumping = False
+
+    def _next_line(self) -> bytes | None:
+        """The next whole line (at the end of input, what is left of one); None when none
+        is here yet, or the connection is over (an overflow, the end of input)."""
+        buf = self._buffer
+        i = buf.find(b"\n", self._scanned)
+        if i > self._limit or (i < 0 and len(buf) > self._limit):
+            self._overflow(0.0)
+            return None
+        if i >= 0:
+            line = bytes(buf[: i + 1])
+            del buf[: i + 1]
+            self._scanned = 0
+            self._maybe_resume()
+            return line
+        self._scanned = len(buf)
+        if not self._eof:
+            if self._paused:  # nothing whole to take, and the peer is held: let it send
+                self._paused = False
+                assert self.transport is not None
+                self.transport.resume_reading()
+            return None
+        if buf:  # the last line, without its newline
+            line = bytes(buf)
+            buf.clear()
+            self._scanned = 0
+            return line
+        self._busy = True  # the end of input: nothing more to serve
+        self.close()
+        return None
+
+    def _next_turn(self) -> None:
+        self._busy = False
+        if not self._lost:
+            self._pump()
+
+    def _paced(self, line: bytes) -> None:
+        self._busy = False
+        if self._lost:
+            return
+        self._line(line)
+        self._pump()
+
+    def _overflow(self, owed_before: float) -> None:
+        """A line over the limit: dropped, paced as ``MAX_LINE`` bytes (what the core read
+        of it), then one error line and the connection closed: no resync."""
+        self._busy = True
+        self._buffer.clear()
+        self._scanned = 0
+        owed = max(0.0, owed_before) + max(0.0, self._pace(MAX_LINE))
+        self._loop.call_later(owed, self._close_with, f"line exceeds {MAX_LINE} bytes")
+
+    def _close_with(self, text: str) -> None:
+        if not self._lost:
+            self.write(dump_line(error(f"{text}; closing connection")))
+            self.close()
+
+    def _line(self, line: bytes) -> None:
+        raw = line.rstrip(b"\r\n")
+        if not raw.strip():
+            return
+        try:
+            obj = _decode(raw)
+        except WireError as e:
+            self.write(dump_line(error(str(e))))
+            return
+        self._request(obj)
+
+    def _request(self, obj: dict[str, Any]) -> None:
+        if _is_pipelined(obj, self._pipelined):
+            self._sends(obj)
+            return
+        if obj.get("cmd") == "recv" and (plain := self.session.recv_args(obj)) is not None:
+            self._start_recv(*plain)
+            return
+        self._busy = True
+        task = self._task = asyncio.ensure_future(self.session.handle(obj))
+        task.add_done_callback(self._handled)
+
+    def _done(self, reply: dict[str, Any]) -> None:
+        """A request that waited is answered: its reply written, the next line taken."""
+        self._busy = False
+        if self._lost:
+            return
+        self.write(dump_line(reply))
+        self._pump()  # returns at once when called from within it
+
+    # -- any request but the hot two: a task -----------------------------------------
+
+    def _handled(self, task: asyncio.Future[Any]) -> None:
+        if task.cancelled():  # the core is stopping: no reply (as serve_lines' task)
+            self.close()
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._done(_failure(exc))
+            return
+        reply = task.result()
+        if isinstance(reply, dict):
+            self._done(reply)
+            return
+        # A stream (ended at once if the peer is gone: _stream sees the end of input).
+        self._task = asyncio.ensure_future(self._streaming(reply))
+
+    async def _streaming(self, events: Any) -> None:
+        """A stream's events until it ends or the peer hangs up; then the connection ends
+        (as in serve_lines)."""
+        try:
+            await _stream(self, self, events)
+        except ConnectionError:
+            pass
+        finally:
+            self.close()
+
+    # -- recv: ack (a group commit), look, wait for the inbox's wake-up ---------------
+
+    def _start_recv(self, wait: float, limit: int, ack: list[int] | None) -> None:
+        session = self.session
+        try:
+            session.hive.require_self(session.actor)
+        except Refused as e:
+            self.write(dump_line(error(str(e))))
+            return
+        self._busy = True
+        self._recv = (wait, limit, None, None)
+        if ack is None:
+            self._look()
+            return
+        # The messages the last recv returned, acked (committed) before this one reads.
+        session.hive.start_ack(session.actor, ack).add_done_callback(self._acked)
+
+    def _acked(self, fut: asyncio.Future[int]) -> None:
+        if self._lost:
+            return  # the ack stands; nobody waits for the read
+        exc = asyncio.CancelledError() if fut.cancelled() else fut.exception()
+        if exc is not None:  # refused: nothing acked, nothing read
+            self._recv = None
+            self._done(_failure(exc))
+            return
+        assert self._recv is not None
+        wait, limit, _, _ = self._recv
+        self._recv = (wait, limit, None, fut.result())
+        self._look()
+
+    def _look(self) -> None:
+        assert self._recv is not None
+        wait, limit, deadline, acked = self._recv
+        now = self._loop.time()
+        if deadline is None:  # the wait starts once the ack is committed (as Hive.recv)
+            deadline = now + wait
+            self._recv = (wait, limit, deadline, acked)
+        session = self.session
+        try:
+            page = session.hive.recv_now(session.actor, session.conn, limit)
+        except Exception as e:  # a store error reading the inbox, say
+            self._recv = None
+            self._done(_failure(e))
+            return
+        if page.items or now >= deadline:
+            self._recv = None
+            extra = more(page) if acked is None else {**more(page), "acked": acked}
+            self._done(ok(messages=page.items, **extra))
+            return
+        watch = self._watch = session.hive.wakeups.watch(session.actor.name, deadline - now)
+        watch[0].add_done_callback(self._woken)
+
+    def _woken(self, fut: asyncio.Future[None]) -> None:
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            self.session.hive.wakeups.unwatch(self.session.actor.name, *watch)
+        if self._lost or self._recv is None:
+            return
+        self._look()
+
+    # -- pipelined sends: started together, answered in one write ------------------
+
+    def _sends(self, first: dict[str, Any]) -> None:
+        """``first`` and the pipelined requests right after it that are buffered whole
+        already (taking them never waits for the peer), started in order."""
+        objs: list[dict[str, Any] | WireError] = [first]
+        buf = self._buffer
+        while len(objs) < PIPELINE_MAX:
+            i = buf.find(b"\n")
+            if i < 0:
+                break
+            if i > self._limit:
+                buf.clear()
+                self._scanned = 0
+                self._batch_overflow = True
+                break
+            line = bytes(buf[: i + 1])
+            del buf[: i + 1]
+            self._scanned = 0
+            owed = self._pace(len(line))
+            if owed > PACE_SLACK:  # it waits its time after this batch, then is handled
+                self._batch_next = (line, owed)
+                break
+            raw = line.rstrip(b"\r\n")
+            if not raw.strip():
+                continue
+            try:
+                obj = _decode(raw)
+            except WireError as e:
+                objs.append(e)
+                continue
+            if not _is_pipelined(obj, self._pipelined):
+                self._carried = obj
+                break
+            objs.append(obj)
+        self._maybe_resume()
+        batch = self._batch = [self._start_send(o) for o in objs]
+        waiting = [s for s in batch if not isinstance(s, dict)]
+        self._batch_left = len(waiting)
+        if not waiting:  # all answered now (refusals): written, and _pump goes on
+            self._batch_done()
+            return
+        self._busy = True
+        for fut, _ in waiting:
+            fut.add_done_callback(self._sent)
+
+    def _start_send(self, obj: dict[str, Any] | WireError) -> Started:
+        if isinstance(obj, WireError):
+            return error(str(obj))
+        try:
+            return self.session.start_send(obj)  # refused now, or queued
+        except Exception as e:
+            return _failure(e)
+
+    def _sent(self, fut: asyncio.Future[Any]) -> None:
+        self._batch_left -= 1
+        if self._batch_left == 0:
+            self._batch_done()
+
+    def _batch_done(self) -> None:
+        batch, self._batch = self._batch, []
+        self._busy = False
+        if self._lost:
+            return  # the writes stand
+        self.write(b"".join(dump_line(s if isinstance(s, dict) else _reply_of(*s)) for s in batch))
+        if self._batch_overflow:
+            self._batch_overflow = False
+            self._carried = None
+            self._overflow(0.0)
+            return
+        if self._batch_next is not None:
+            line, owed = self._batch_next
+            self._batch_next = None
+            self._busy = True
+            self._loop.call_later(owed, self._paced, line)
+            return
+        self._pump()
