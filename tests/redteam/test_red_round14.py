@@ -233,7 +233,8 @@ def test_c_reaches_no_other_pair_on_the_work_queues(swarm: Swarm) -> None:
 
 
 @pytest.mark.attack("swarm-host-spoofing", ref="red team round 14: c's row with a created_at past a double's range")
-@pytest.mark.parametrize("created", [b"9" * 400, b"-" + b"9" * 400, b"1e400", b"true", b'"1.5"'])
+@pytest.mark.parametrize("created", [b"9" * 400, b"-" + b"9" * 400, b"1e400", b"true", b'"1.5"'],
+                         ids=["digits400", "minus-digits400", "1e400", "true", "string"])
 def test_cs_row_with_an_unreadable_incarnation_stops_no_watch(swarm: Swarm, created: bytes) -> None:
     """c's own agent row whose ``created_at`` is an integer of 400 digits (JSON's numbers
     have no bound; Python reads it as an int, and float() of it raises OverflowError, not a
