@@ -270,3 +270,55 @@ def test_cs_row_with_an_unreadable_incarnation_stops_no_watch(swarm: Swarm, crea
         as_host_c(swarm, tidy, settle=0)
         a.host_call("set_paused", name="bob", paused=False, host="b")
         swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
+
+
+@pytest.mark.attack("swarm-consumer-flood", ref="red team round 14: c floods the consumer info it may read, while a's sends to b ask theirs")
+def test_cs_consumer_info_flood_stalls_no_others_pair(swarm: Swarm) -> None:
+    """The senders' window gave c INFO on b's consumer of c's bundles, a JetStream API
+    request each. c sends them as fast as its link goes (replies unread) for the whole
+    test; meanwhile a's carried action asks b's consumer of its actions first, and alice
+    sends bob 60 messages one at a time (past the window of 48: a asks b's consumer again). Each must reach bob
+    within MAX_LATENCY seconds, a's pause of bob must be applied, and a must never hold b
+    as full (an INFO that timed out counts as a full window: bridge.py's ``_unacked``)."""
+    stop = threading.Event()
+    sent = [0]
+    errors: list[list[str]] = []
+
+    async def flood(nc: Any) -> None:
+        subject = f"$JS.API.CONSUMER.INFO.{s.STREAM}.{s.consumer('b', 'c')}"
+        reply = f"{s.inbox_prefix('c')}.r14flood"
+        while not stop.is_set():
+            for _ in range(500):
+                await nc.publish(subject, b"", reply=reply)
+            sent[0] += 500
+            await nc.flush()
+
+    flooder = threading.Thread(target=lambda: errors.append(as_host_c(swarm, flood, settle=0)), daemon=True)
+    a = swarm.cores["a"]
+    latencies: list[float] = []
+    full_seen: list[list[str]] = []
+    try:
+        flooder.start()
+        wait_for(lambda: sent[0] >= 5000, timeout=30)
+        reply = a.host_call("set_paused", name="bob", paused=True, host="b")
+        assert reply.get("ok") and reply.get("applied"), reply
+        a.host_call("set_paused", name="bob", paused=False, host="b")
+        for i in range(s.MAIL_WINDOW + 12):  # a's count passes the window: it asks again
+            body = f"r14 alice under c's info flood {i} {time.time()}"
+            started = time.monotonic()
+            assert_ok(a.agent("alice").call("send", to="bob", body=body))
+            got = drain(swarm, "b", "bob", 1, timeout=30, extra=0)
+            latencies.append(time.monotonic() - started)
+            full_seen.append(swarm.status("a")["full"])
+            assert [(m["from"], m["body"]) for m in got] == [("alice", body)], got
+    finally:
+        stop.set()
+        flooder.join(timeout=30)
+        swarm.cores["b"].host_call("set_paused", name="bob", paused=False)
+    print(f"c sent {sent[0]} consumer infos; alice -> bob took at most {max(latencies):.2f} s (median {sorted(latencies)[len(latencies) // 2]:.3f}); a's full: {sorted(set(map(tuple, full_seen)))}")
+    assert errors == [[]], errors
+    assert max(latencies) < MAX_LATENCY, latencies
+    assert not any("b" in f for f in full_seen), full_seen
+
+
+MAX_LATENCY = 5.0
