@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import signal
 import socket
 import threading
 import time
@@ -322,3 +323,56 @@ def test_cs_consumer_info_flood_stalls_no_others_pair(swarm: Swarm) -> None:
 
 
 MAX_LATENCY = 5.0
+
+
+def _raw_reply(sock_path: Any, request: dict[str, Any]) -> bytes:
+    """One host.sock reply line as the core wrote it (the test client's json.loads would
+    take NaN; a strict reader does not)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(30)
+        conn.connect(str(sock_path))
+        conn.sendall(json.dumps(request).encode() + b"\n")
+        with conn.makefile("rb") as f:
+            return f.readline()
+
+
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 14: NaN and a 70-bit integer in c's approval payload")
+def test_cs_nan_payload_makes_no_reply_invalid_json(swarm: Swarm) -> None:
+    """The wire writes a reply with orjson, and with the stdlib's encoder what orjson
+    can't (an integer past 64 bits), which writes NaN as ``NaN``: not JSON. c's approval
+    whose payload holds both (the watch's json.loads took NaN) was listed by a, and a's
+    ``swarm_status`` and ``pending`` replies were invalid JSON for any strict reader (the
+    core's own refuses them) while it stood. Every reply must be strict JSON (the row is
+    refused as any malformed JSON from another host is)."""
+    from hyperhive.wire.framing import parse_line
+
+    aid = 991400
+    row = (b'{"agent": "evil", "kind": "custom", "description": "nan", "payload": {"x": NaN, "y": -Infinity, "big": '
+           + str(2**70).encode() + b'}, "payload_sha256": "' + b"a" * 64 + b'"}')  # fmt: skip
+    evil = {"name": "evil", "running": True, "paused": False, "status_text": "nan"}
+    core_c = swarm.cores["c"]
+    assert core_c.proc is not None
+    a = swarm.cores["a"]
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        await js.publish(s.kv_subject("c", s.row_key("c", "evil")), json.dumps(evil).encode())
+        await js.publish(s.kv_subject("c", s.approval_key("c", aid)), row)
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key in (s.row_key("c", "evil"), s.approval_key("c", aid)):
+            await js.publish(s.kv_subject("c", key), b"", headers={"KV-Operation": "DEL"})
+
+    core_c.proc.send_signal(signal.SIGSTOP)  # its relay would delete the row it did not publish
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        wait_for(lambda: any(r["name"] == "evil" for r in swarm.status("a")["agents"]), timeout=15)
+        time.sleep(1.0)  # the approval's key came after the row's
+        assert aid not in [r["id"] for r in swarm.status("a")["approvals"] if r["host"] == "c"]
+        for cmd in ("swarm_status", "pending"):
+            line = _raw_reply(a.host_sock, {"cmd": cmd})
+            parse_line(line.rstrip(b"\n"))  # strict: NaN and Infinity refused
+    finally:
+        core_c.proc.send_signal(signal.SIGCONT)
+        as_host_c(swarm, tidy, settle=0)
