@@ -376,3 +376,57 @@ def test_cs_nan_payload_makes_no_reply_invalid_json(swarm: Swarm) -> None:
     finally:
         core_c.proc.send_signal(signal.SIGCONT)
         as_host_c(swarm, tidy, settle=0)
+
+
+EVIL = "\"'><i id=r14x onmouseover=alert(1)></textarea></pre></li></form><script>r14()</script>"
+
+
+@pytest.mark.attack("swarm-page-injection", ref="red team round 14: markup in every field of c's rows, through cockpit/items.html")
+def test_cs_markup_in_every_item_field_is_text_on_a(swarm: Swarm) -> None:
+    """The cockpit's items are one macro each now (cockpit/items.html), drawn on a's
+    dashboard and on a's page of c's agent. c lists a question and an approval (its core
+    stopped, so nothing deletes them) with markup that closes attributes and elements in
+    every field it controls: status text, question, options, asked_at, description, kind,
+    grants, allows, requested_at, a payload that is a string, and cut counts in
+    ``truncated``. Both pages must draw them as text: none of the markup's elements or
+    attributes appears as markup, and the rows are listed (their ids, per host)."""
+    from .test_swarm_pages_hostile import login
+
+    qid, aid = 991401, 991402
+    evil = {"name": "evil", "running": True, "paused": False, "status_text": EVIL, "created_at": 1.0}
+    question = {"id": qid, "asker": "evil", "question": EVIL, "options": [EVIL, EVIL + "2"], "asked_at": EVIL,
+                "truncated": {"question": 99, "options": 7, EVIL: 1}}
+    approval = {"agent": "evil", "kind": EVIL, "description": EVIL, "payload": EVIL, "payload_sha256": "b" * 64,
+                "requested_at": EVIL, "grants": EVIL, "allows": EVIL,
+                "truncated": {"description": 5, "payload": 3}}
+    keys = {s.row_key("c", "evil"): evil, s.question_key("c", qid): question, s.approval_key("c", aid): approval}
+    core_c = swarm.cores["c"]
+    assert core_c.proc is not None
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key, value in keys.items():
+            await js.publish(s.kv_subject("c", key), json.dumps(value).encode())
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key in keys:
+            await js.publish(s.kv_subject("c", key), b"", headers={"KV-Operation": "DEL"})
+
+    web = login(swarm)
+    core_c.proc.send_signal(signal.SIGSTOP)
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        wait_for(lambda: aid in [r["id"] for r in swarm.status("a")["approvals"] if r["host"] == "c"], timeout=15)
+        for path in ("/", "/swarm/c/agent/evil/"):
+            page = web.get(path)
+            assert page.status_code == 200, (path, page.text[-500:])
+            text = page.text
+            assert f'id="question-c-{qid}"' in text and f'id="approval-c-{aid}"' in text, path
+            for raw in ("<i id=r14x", "<script>r14()", "onmouseover=alert(1)>", "'><i", "</textarea></pre></li></form><script"):
+                assert raw not in text, (path, raw, text[max(0, text.find(raw) - 300):text.find(raw) + 100])
+            assert "&lt;i id=r14x" in text, path
+    finally:
+        core_c.proc.send_signal(signal.SIGCONT)
+        as_host_c(swarm, tidy, settle=0)
+        web.close()
