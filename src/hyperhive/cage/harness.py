@@ -45,6 +45,12 @@ MAX_ENTRY = 16 * 1024  # characters per transcript line entry
 # message to it) kept its turns from ever ending (red team round 13).
 ENTRY_CHARS = 64 * 1024
 RECORD_BYTES = 512 * 1024
+# How deep an entry's data may nest and still go as it is: the core refuses a request
+# nesting past 64 (wire/framing.py's MAX_DEPTH), and a turn_record's entry data sits 3
+# below its top (the request, its entries, the entry). A runtime's JSON event (a model's
+# tool call input, say) nested deeper was refused, the harness connected again and the
+# turn was delivered again, and again (red team round 14): sent as its JSON text instead.
+ENTRY_DEPTH = 48
 FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
 KILL_GRACE = 3.0
 # An idle harness's long-polls (its next turn, the operator's interrupts) last this long at
@@ -95,6 +101,8 @@ def fit_entry(data: Any) -> Any:
     more than ~0.8 MiB however its characters escape; the marker fits within the bound,
     and the core keeps the entry as it is."""
     text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    if not isinstance(data, str) and _depth(data) > ENTRY_DEPTH:
+        data = text = f"[nested deeper than {ENTRY_DEPTH}, kept as text] {text}"
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -106,6 +114,23 @@ def fit_entry(data: Any) -> Any:
         return data
     keep = ENTRY_CHARS - 64
     return text[:keep] + f"… [{len(text) - keep} more characters dropped]"
+
+
+def _depth(value: Any) -> int:
+    """How many containers deep ``value`` nests, level by level (no recursion)."""
+    level = [value] if isinstance(value, dict | list) else []
+    n = 0
+    while level:
+        n += 1
+        below: list[Any] = []
+        for item in level:
+            below.extend(
+                c
+                for c in (item.values() if isinstance(item, dict) else item)
+                if isinstance(c, dict | list)
+            )
+        level = below
+    return n
 
 
 def long_poll_wait() -> float:

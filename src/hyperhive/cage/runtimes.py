@@ -169,7 +169,10 @@ class ClaudeRuntime(Runtime):
     def stdout_entry(self, line: str) -> tuple[str, Any]:
         try:
             event = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
+            # RecursionError: a line nested past the decoder's ~1,000 levels (16 Ki
+            # characters hold 8,000); it ended the turn, and since the harness connects
+            # again after an error, the turn was delivered again for good (red team round 14).
             return "stdout", line
         if not isinstance(event, dict):
             return "stdout", line

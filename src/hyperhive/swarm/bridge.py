@@ -118,7 +118,14 @@ def incarnation(value: object) -> float | None:
     by the sending host (operator.py's ``carry``)."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        # An integer past a double's range (JSON's digits have no bound): raised, it
+        # ended the watch of that host's bucket at its row, every try, so none of its
+        # later keys were seen and its whole bucket was replayed each second (red team
+        # round 14).
+        return None
     return value if math.isfinite(value) and value >= 0 else None
 
 

@@ -20,9 +20,18 @@ from typing import Any
 _SURROGATE_ESCAPE = re.compile(r"\\[uU][dD][89abAB]|\\[uU][dD][c-fC-F]")
 
 
+def _no_constant(name: str) -> Any:
+    # NaN, Infinity and -Infinity are no JSON, and no honest host writes one (what it
+    # publishes came through the wire, which refuses them): taken, c's NaN in an approval's
+    # payload went out in a's host.sock replies as ``NaN`` (the stdlib's encoder writes
+    # what orjson can't, a 70-bit integer beside it): not JSON (red team round 14).
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def loads(data: bytes | str) -> Any:
     """``json.loads(data)``; ValueError also if a string in it (a key or a value) is not
-    valid Unicode text. RecursionError passes through, as from json.loads.
+    valid Unicode text, or if it holds NaN or an infinity. RecursionError passes through,
+    as from json.loads.
 
     Bytes are read as strict UTF-8 here, not by json.loads: it guesses UTF-16 or UTF-32
     from the first bytes and decodes with ``surrogatepass``, so a lone surrogate written
@@ -31,7 +40,7 @@ def loads(data: bytes | str) -> Any:
     # UnicodeError is a ValueError: bytes that are not UTF-8 (or a str holding a lone
     # surrogate already) refuse the whole.
     text = data.decode("utf-8") if isinstance(data, bytes) else data.encode("utf-8").decode()
-    value = json.loads(text)
+    value = json.loads(text, parse_constant=_no_constant)
     if _SURROGATE_ESCAPE.search(text):
         # UnicodeEncodeError is a ValueError: a lone surrogate anywhere refuses the whole.
         json.dumps(value, ensure_ascii=False).encode()
