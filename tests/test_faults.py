@@ -29,6 +29,7 @@ import functools
 import http.client
 import json
 import os
+import pwd
 import signal
 import sqlite3
 import subprocess
@@ -51,6 +52,7 @@ from hive_fixture import (
     proc_status,
     wait_until,
 )
+from hyperhive.cli.up import CORE_USER
 from hyperhive.client import Client, HiveUnavailable
 
 BIG_RUNNING_TIMEOUT = 120.0  # many cages on a small, shared machine
@@ -360,6 +362,34 @@ def test_core_restart_serves_running_cages_at_once_and_starts_a_dead_one(hive_fa
     assert ok(hive.agent_call("ftr-run", "recv", max=100, ack=sent))["messages"] == []
     assert ok(hive.agent_call("ftr-run", "recv", max=100))["messages"] == []
     print(f"\ncore restart: both agents running again {back_after:.2f} s after the kill")
+
+
+def test_a_stop_cut_short_by_a_kill9_is_finished_by_the_next_core(hive_factory: HiveFactory) -> None:
+    """A stop marks the agent stopped, then stops its cage: a core killed between the two
+    left the cage running for good (start-up looked only at agents not stopped). The
+    next core stops it, and the agent stays stopped."""
+    hive = hive_factory({"fts-a": TRUE, "fts-b": TRUE})
+    before = sorted(hive.cage_procs("fts-a"))
+    assert before
+    old_core = hive.core_pid()
+    assert old_core is not None
+    fault = hive.state_dir / "fault.kill"  # the core kills itself there (hyperhive/faults.py)
+    fault.write_text("stop-marked")
+    core_user = pwd.getpwnam(CORE_USER)
+    os.chown(fault, core_user.pw_uid, core_user.pw_gid)  # its own to remove (sticky dir)
+    try:
+        with contextlib.suppress(HiveUnavailable, OSError, ConnectionError):
+            hive.host_call("stop", scope={"agent_names": ["fts-a"]})
+        wait_until(lambda: (p := hive.core_pid()) not in (None, old_core) and p, 30, "hive up to restart hive-core")
+        assert not fault.exists()  # the core passed the point, and died there
+        hive.wait_running(["fts-b"], timeout=60)
+        wait_until(lambda: hive.cage_procs("fts-a") == [], 30, "the stopped agent's cage to stop")
+        assert not hive.cage("fts-a")["running"]
+        row = hive.agent_status()["fts-a"]
+        assert not row["running"] and not row["failed"], row
+        assert "is stopped but its cage runs" in hive.log_path.read_text()
+    finally:
+        fault.unlink(missing_ok=True)
 
 
 # -- 2. hive-priv killed ------------------------------------------------------------------

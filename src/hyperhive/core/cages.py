@@ -75,6 +75,12 @@ class CageLifecycle(Lifecycle):
         log.info("found %d of %d cages running", len(found), len(names))
         return found
 
+    async def still_running(self, names: list[str]) -> list[str]:
+        if not names:
+            return []
+        cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
+        return [name for name in names if (cages.get(name) or {}).get("running")]
+
     def _start_request(self, name: str, hive: Hive) -> wp.StartCage:
         """hive-priv's start, with the agent's own limits where its spec sets them
         (``set_resource_limits``), hive-priv's defaults otherwise."""
