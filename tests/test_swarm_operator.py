@@ -381,6 +381,42 @@ def test_bobs_page_on_a_shows_the_roster_and_steers_him_on_b(swarm: Swarm) -> No
 
 
 @needs_root
+def test_an_action_from_a_remote_agents_page_is_bound_to_the_agent_it_drew(swarm: Swarm) -> None:
+    """a's page of ``twin`` on b carries the roster's created_at in its action form; twin
+    destroyed and spawned again on b meanwhile, the page's pause (the old created_at) is
+    refused and the new twin is left alone; the redrawn page's pause pauses it. The
+    dashboard's agents table carries it too."""
+    web, csrf = _web(swarm, "a")
+    b = swarm.cores["b"]
+    posted = {"Origin": "http://core", "X-CSRF-Token": csrf, "Accept": "application/json"}
+    drawn = re.compile(r'name="created_at" value="([^"]+)"')
+
+    def incarnation_drawn(path: str) -> float | None:
+        r = web.get(path)
+        m = drawn.search(r.text) if r.status_code == 200 else None
+        return float(m.group(1)) if m else None
+
+    try:
+        assert_ok(b.host_call("spawn", name="twin", spec=CHILD))
+        old = wait_for(lambda: incarnation_drawn("/swarm/b/agent/twin/"), timeout=10)
+        assert_ok(b.host_call("destroy", name="twin"))
+        assert_ok(b.host_call("spawn", name="twin", spec=CHILD))
+        new = wait_for(lambda: (c := incarnation_drawn("/swarm/b/agent/twin/")) != old and c, timeout=10)
+        assert new > old
+        r = web.post("/api/agents/twin/pause", data={"host": "b", "created_at": repr(old)}, headers=posted)
+        assert r.status_code == 409 and "is not the one acted on" in r.text, r.text
+        assert b.status("twin")["paused"] is False
+        dashboard = web.get("/", params={"q": "twin"}).text
+        assert f'name="created_at" value="{new!r}"' in dashboard
+        r = web.post("/api/agents/twin/pause", data={"host": "b", "created_at": repr(new)}, headers=posted)
+        assert r.status_code == 200 and r.json()["applied"] is True, r.text
+        assert b.status("twin")["paused"] is True
+    finally:
+        b.host_call("destroy", name="twin")
+        web.close()
+
+
+@needs_root
 def test_a_remote_agents_page_says_when_it_is_gone(swarm: Swarm) -> None:
     """An open page of ``onbgone`` on b (a's ``/swarm/b/agent/onbgone/``): destroyed on b,
     its live stream draws that b's roster lists it no more, with nothing to act on; the

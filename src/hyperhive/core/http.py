@@ -1143,13 +1143,19 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         action: str,
         session: Annotated[Session, Depends(require_post)],
         host: Annotated[str | None, Form(max_length=64)] = None,
+        created_at: Annotated[float | None, Form(ge=0, allow_inf_nan=False)] = None,
     ) -> Response:
         """start, stop, restart, pause, resume, destroy or interrupt agent NAME (``host``:
-        the swarm host the agent is on; the action is signed and carried there)."""
+        the swarm host the agent is on; the action is signed and carried there;
+        ``created_at``: the agent as the page drew it, the action refused if it is not
+        that one any more)."""
         make = ACTIONS.get(action)
         if make is None:
             raise HTTPException(404, f"unknown action {action!r}; one of {', '.join(ACTIONS)}")
-        reply = await operator({**make(name), **_on(host)})
+        wanted = make(name)
+        if created_at is not None:  # start and stop name agents in a scope: bound by name
+            wanted["created_at"] = {name: created_at} if "scope" in wanted else created_at
+        reply = await operator({**wanted, **_on(host)})
         return done(request, reply, cockpit.said(action, name=name))
 
     @app.post("/api/spawn", responses=POST_RESPONSES)
