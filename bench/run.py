@@ -642,7 +642,7 @@ def bench_latency_ack_flood(ctx: Context) -> list[Row]:
                 sect,
                 "commits per 1,000 empty acks",
                 (commits_alone - commits0) * 1000 / max(1, acks_alone),
-                "",
+                "commits",
                 Target("<=", 1.0),
                 f"{commits_alone - commits0} commits; {alone_note}",
             )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,7 +87,8 @@ def watcher(module_core: CoreProcess) -> Iterator[Client]:
 
 def assert_no_events(core: CoreProcess, sub: Client) -> None:
     """Publish a sentinel event; it must be the first event the watcher sees."""
-    marker = json.dumps(["sentinel", id(sub)])
+    # A new text each time: carol's status set again to the text it has publishes nothing.
+    marker = json.dumps(["sentinel", secrets.token_hex(8)])
     assert_ok(core.agent_call("carol", "set_status", text=marker))
     ev = assert_ok(sub.read())["event"]
     assert ev["kind"] == "agent_status" and ev["agent"]["status_text"] == marker, ev

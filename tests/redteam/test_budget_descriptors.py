@@ -212,11 +212,13 @@ def test_egress_tunnels_stop_at_the_cap_and_fit_the_budget(bh: HiveProcess, n: i
     assert res["statuses"] == ["HTTP/1.1 200 Connection established"] * ok + ["HTTP/1.1 503 Service Unavailable"] * (
         n - ok), res
     assert res["alive"] == ok, res
-    # 6 descriptors and 2 threads a tunnel (and the poller's connections) - the budget's own figures.
-    # The tunnels, one connection being refused (the rest wait in the kernel's backlog) and
-    # the poller's connections.
+    # At most 6 descriptors and 2 threads a tunnel (and the poller's connections) - the
+    # budget's own figures: the tunnels, one connection being refused (the rest wait in the
+    # kernel's backlog) and the poller's connections. A tunnel relaying holds 2 (the
+    # cage's connection and the upstream one; relay.py copies, no pipes): every tunnel is
+    # counted while held.
     assert peak.fds - base_fds <= 6 * EGRESS_CONNS + 1 + 8, (base_fds, peak.fds)
-    assert peak.fds - base_fds >= 6 * ok - 2 if n == ok else True
+    assert peak.fds - base_fds >= 2 * ok - 2 if n == ok else True, (base_fds, peak.fds)
     assert peak.threads - base_threads <= 2 * EGRESS_CONNS + 8 + 4, (base_threads, peak.threads)
     assert peak.fds < soft
     wait_until(lambda: core_threads(h) <= base_threads + 2, 20, "the tunnels' threads to end")
