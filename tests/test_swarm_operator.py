@@ -416,6 +416,84 @@ def test_an_action_from_a_remote_agents_page_is_bound_to_the_agent_it_drew(swarm
         web.close()
 
 
+def _roster_incarnation(hive: Any, host: str, name: str) -> float | None:
+    """``name``'s created_at on ``host`` as ``hive status --json`` on a lists it."""
+    rows = json.loads(hive("status", "--json"))["swarm_agents"]
+    return next((r["created_at"] for r in rows if (r["host"], r["name"]) == (host, name)), None)
+
+
+def _read_until(proc: subprocess.Popen[bytes], end: bytes, timeout: float = 30) -> bytes:
+    """What ``proc`` printed up to and with ``end`` (a prompt: no newline after it)."""
+    import select
+
+    assert proc.stdout is not None
+    got, deadline = b"", time.monotonic() + timeout
+    while end not in got:
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([proc.stdout], [], [], left)[0], got
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+@needs_root
+def test_the_cli_binds_a_lifecycle_verb_to_the_agent_it_looked_up(swarm: Swarm) -> None:
+    """The CLI's lifecycle verbs for another host's agent bind the incarnation the operator
+    saw, as the dashboard's forms do. ``twin`` on b is destroyed and spawned again after
+    ``hive status --json`` on a listed it: ``hive pause --host b --created-at <the old one>``
+    is refused (409's line), the new twin left alone; with none given the reply says the
+    one a's roster bound (the new one). ``hive destroy --host b twin`` asks about the twin
+    a's roster shows and binds it: twin spawned again on b while the question waits, the
+    yes is refused there and the newest twin runs on (without the binding a's core would
+    bind whatever its roster showed when the yes came: the newest, destroyed)."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+
+    def hive(*args: str, ok: bool = True) -> Any:
+        done = subprocess.run([str(HIVE), "--run-dir", str(a.run_dir), *args],
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert (done.returncode == 0) is ok, (done.stdout, done.stderr)
+        return done.stdout if ok else done.stderr
+
+    def respawned(seen: float) -> float:
+        assert_ok(b.host_call("destroy", name="twin"))
+        assert_ok(b.host_call("spawn", name="twin", spec=CHILD))
+        return wait_for(lambda: (c := _roster_incarnation(hive, "b", "twin")) != seen and c, timeout=10)
+
+    try:
+        assert_ok(b.host_call("spawn", name="twin", spec=CHILD))
+        old = wait_for(lambda: _roster_incarnation(hive, "b", "twin"), timeout=10)
+        new = respawned(old)
+        err = hive("pause", "--host", "b", "--created-at", repr(old), "twin", ok=False)
+        assert "is not the one acted on" in err and err.count("\n") == 1, err
+        assert b.status("twin")["paused"] is False
+        reply = json.loads(hive("pause", "--host", "b", "--json", "twin"))
+        assert reply["applied"] is True and reply["created_at"] == new, reply
+        assert b.status("twin")["paused"] is True
+        out = hive("resume", "--host", "b", "--created-at", repr(new), "twin")
+        assert "resume twin: applied on host b" in out, out
+        err = hive("stop", "--host", "b", "--created-at", repr(new), "--created-at", "1", "twin", ok=False)
+        assert "give one for each NAME" in err, err
+        reply = json.loads(hive("stop", "--host", "b", "--json", "--created-at", repr(new), "twin"))
+        assert reply["applied"] is True and reply["created_at"] == {"twin": new}, reply
+
+        asking = subprocess.Popen([str(HIVE), "--run-dir", str(a.run_dir), "destroy", "--host", "b", "twin"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+        try:
+            prompt = _read_until(asking, b"[y/N]: ").decode()
+            assert f"created_at {new!r}" in prompt, prompt
+            newest = respawned(new)  # while the operator reads the question
+            out, err = asking.communicate(b"y\n", timeout=60)
+        finally:
+            if asking.poll() is None:
+                asking.kill()
+        assert asking.returncode == 1 and b"is not the one acted on" in err, (out, err)
+        assert b.host_call("agent_status")["ok"] and _roster_incarnation(hive, "b", "twin") == newest
+        assert any(r["name"] == "twin" for r in b.host_call("agent_status")["agent_statuses"])
+    finally:
+        b.host_call("destroy", name="twin")
+
+
 @needs_root
 def test_a_remote_agents_page_says_when_it_is_gone(swarm: Swarm) -> None:
     """An open page of ``onbgone`` on b (a's ``/swarm/b/agent/onbgone/``): destroyed on b,

@@ -86,6 +86,46 @@ def host_option(fn: F) -> F:
     )(fn)
 
 
+INCARNATION_HELP = (
+    "The agent's incarnation to act on: its created_at, as `hive status --json` shows it"
+    " (swarm_agents). Refused, nothing done, if the agent was destroyed and spawned again"
+    " since. With --host and none given, the one this host's roster shows (the reply's"
+    " created_at, with --json; `destroy` asks about the one it looked up and binds it)."
+)
+
+
+def incarnation_option(fn: F) -> F:
+    return click.option(
+        "--created-at", "created_at", type=click.FloatRange(0), help=INCARNATION_HELP
+    )(fn)
+
+
+def incarnations_option(fn: F) -> F:
+    return click.option(
+        "--created-at",
+        "created_at",
+        type=click.FloatRange(0),
+        multiple=True,
+        help=INCARNATION_HELP + " One for each NAME, in order.",
+    )(fn)
+
+
+def bound_names(names: tuple[str, ...], created_at: tuple[float, ...]) -> dict[str, float] | None:
+    """``--created-at`` of ``start``/``stop``: one for each NAME, in order (none: unbound)."""
+    if not created_at:
+        return None
+    if len(created_at) != len(names):
+        fail(f"{len(created_at)} --created-at for {len(names)} NAMES: give one for each NAME")
+    return dict(zip(names, created_at, strict=True))
+
+
+def roster_row(ctx: click.Context, host: str, name: str) -> dict[str, Any] | None:
+    """Agent ``name``'s row on swarm host ``host`` as this host's roster shows it (what
+    ``hive status`` lists): the incarnation a prompt shows is the one acted on."""
+    rows = request(host_sock(ctx), "agent_status", False).get("swarm_agents") or []
+    return next((r for r in rows if r.get("host") == host and r.get("name") == name), None)
+
+
 def carried(resp: dict[str, Any], what: str) -> str:
     """What became of an action carried to another host."""
     if resp.get("applied"):
@@ -429,13 +469,19 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("start")
     @json_option
     @host_option
+    @incarnations_option
     @click.argument("names", nargs=-1)
     @click.pass_context
-    def start(ctx: click.Context, as_json: bool, host: str | None, names: tuple[str, ...]) -> None:
+    def start(
+        ctx: click.Context,
+        as_json: bool,
+        host: str | None,
+        created_at: tuple[float, ...],
+        names: tuple[str, ...],
+    ) -> None:
         """Start NAMES (default: every agent; with --host, every agent of that host)."""
-        resp = request(
-            host_sock(ctx), "start", as_json, scope={"agent_names": list(names)}, host=host
-        )
+        resp = request(host_sock(ctx), "start", as_json, scope={"agent_names": list(names)},
+                       host=host, created_at=bound_names(names, created_at))  # fmt: skip
         if not as_json:
             if "applied" in resp:
                 say(carried(resp, f"start {' '.join(names) or 'every agent'}"))
@@ -447,13 +493,20 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @click.argument("names", nargs=-1)
     @click.option("--force", is_flag=True, help="Don't wait for the current turn to end.")
     @host_option
+    @incarnations_option
     @click.pass_context
     def stop(
-        ctx: click.Context, as_json: bool, names: tuple[str, ...], force: bool, host: str | None
+        ctx: click.Context,
+        as_json: bool,
+        names: tuple[str, ...],
+        force: bool,
+        host: str | None,
+        created_at: tuple[float, ...],
     ) -> None:
         """Stop NAMES (default: every agent; with --host, every agent of that host)."""
         resp = request(host_sock(ctx), "stop", as_json, scope={"agent_names": list(names)},
-                       graceful=not force, host=host)  # fmt: skip
+                       graceful=not force, host=host,
+                       created_at=bound_names(names, created_at))  # fmt: skip
         if not as_json:
             if "applied" in resp:
                 say(carried(resp, f"stop {' '.join(names) or 'every agent'}"))
@@ -463,11 +516,16 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @group.command("restart")
     @json_option
     @host_option
+    @incarnation_option
     @click.argument("name")
     @click.pass_context
-    def restart(ctx: click.Context, as_json: bool, host: str | None, name: str) -> None:
+    def restart(
+        ctx: click.Context, as_json: bool, host: str | None, created_at: float | None, name: str
+    ) -> None:
         """Restart agent NAME."""
-        resp = request(host_sock(ctx), "restart", as_json, name=name, host=host)
+        resp = request(
+            host_sock(ctx), "restart", as_json, name=name, host=host, created_at=created_at
+        )
         if not as_json:
             say(carried(resp, f"restart {name}") if "applied" in resp else f"restarted {name}")
 
@@ -483,12 +541,18 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
             )
             @json_option
             @host_option
+            @incarnation_option
             @click.argument("name")
             @click.pass_context
-            def cmd(ctx: click.Context, as_json: bool, host: str | None, name: str) -> None:
-                resp = request(
-                    host_sock(ctx), "set_paused", as_json, name=name, paused=paused, host=host
-                )
+            def cmd(
+                ctx: click.Context,
+                as_json: bool,
+                host: str | None,
+                created_at: float | None,
+                name: str,
+            ) -> None:
+                resp = request(host_sock(ctx), "set_paused", as_json, name=name, paused=paused,
+                               host=host, created_at=created_at)  # fmt: skip
                 if as_json:
                     return
                 if "applied" in resp:
@@ -608,23 +672,49 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
     @click.argument("name")
     @click.option("--yes", is_flag=True, help="Don't ask for confirmation.")
     @host_option
+    @incarnation_option
     @click.pass_context
-    def destroy(ctx: click.Context, as_json: bool, name: str, yes: bool, host: str | None) -> None:
+    def destroy(
+        ctx: click.Context,
+        as_json: bool,
+        name: str,
+        yes: bool,
+        host: str | None,
+        created_at: float | None,
+    ) -> None:
         """Stop agent NAME and delete it and its undelivered messages."""
         if not yes and not as_json:
-            click.confirm(f"destroy agent {name}{f' on host {host}' if host else ''}?", abort=True)
-        resp = request(host_sock(ctx), "destroy", as_json, name=name, host=host)
+            what = f"agent {name}"
+            if host:
+                # The one asked about is the one destroyed: looked up in this host's
+                # roster now and bound, so an agent destroyed and spawned again under the
+                # name while the question waits is refused there, not destroyed.
+                row = roster_row(ctx, host, name) if created_at is None else None
+                if row is not None and isinstance(row.get("created_at"), float):
+                    created_at = row["created_at"]
+                what += f" on host {host}"
+                if created_at is not None:
+                    what += f" (created {when(created_at)}, created_at {created_at!r})"
+            click.confirm(f"destroy {what}?", abort=True)
+        resp = request(
+            host_sock(ctx), "destroy", as_json, name=name, host=host, created_at=created_at
+        )
         if not as_json:
             say(carried(resp, f"destroy {name}") if "applied" in resp else f"destroyed {name}")
 
     @group.command("interrupt")
     @json_option
     @host_option
+    @incarnation_option
     @click.argument("name")
     @click.pass_context
-    def interrupt(ctx: click.Context, as_json: bool, host: str | None, name: str) -> None:
+    def interrupt(
+        ctx: click.Context, as_json: bool, host: str | None, created_at: float | None, name: str
+    ) -> None:
         """Stop agent NAME's current turn."""
-        resp = request(host_sock(ctx), "interrupt", as_json, name=name, host=host)
+        resp = request(
+            host_sock(ctx), "interrupt", as_json, name=name, host=host, created_at=created_at
+        )
         if not as_json:
             here = f"{name}: interrupt sent"
             say(carried(resp, f"interrupt {name}") if "applied" in resp else here)

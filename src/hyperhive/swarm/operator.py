@@ -294,8 +294,13 @@ class OperatorRelay:
         if host not in known:
             raise NotFound(f"no host {host!r} in the swarm")
         request = dict(request)
+        bound: dict[str, Any] = {}  # the incarnation(s) a lifecycle verb was bound to
         if request["cmd"] in LIFECYCLE:
             self._bind(host, request)
+            # Said back (the CLI's --json prints it): which agent the action was for,
+            # whether the operator gave it or this host's roster did.
+            if request.get("created_at") is not None:
+                bound["created_at"] = request["created_at"]
         if request["cmd"] in ("approve", "deny") and request.get("payload_sha256") is None:
             row = self.rows["approvals"].get((host, request["id"]))
             if row is None:
@@ -335,7 +340,7 @@ class OperatorRelay:
             try:
                 outcome = await asyncio.wait_for(future, CARRY_WAIT)
             except TimeoutError:
-                return {"host": host, "action": action_id, "applied": False}
+                return {"host": host, "action": action_id, "applied": False, **bound}
         finally:
             self._waiting.pop(ident, None)
         if outcome.get("ok") is True:
@@ -343,7 +348,7 @@ class OperatorRelay:
             extra = {k: outcome[k] for k in REPLY_FIELDS if k in outcome}
             if not (type(extra.get("id", 1)) is int and _sha(extra.get("payload_sha256", HEX0))):
                 extra = {}
-            return {"host": host, "action": action_id, "applied": True, **extra}
+            return {"host": host, "action": action_id, "applied": True, **extra, **bound}
         status = outcome.get("status")
         refusal = REFUSALS.get(status, Conflict) if isinstance(status, int) else Conflict
         raise refusal(f"host {host}: {_text(outcome.get('error')) or 'refused'}")
