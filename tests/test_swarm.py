@@ -431,6 +431,57 @@ def test_bundles_on_the_stream_of_before_arrive_first(swarm: Swarm) -> None:
         _admin_js(swarm, drop_old)
 
 
+def test_actions_on_the_stream_of_before_are_carried_out_once(swarm: Swarm) -> None:
+    """An upgrade from HIVE_OPS (limits retention, ``hive.op.>``, the stream of before): an
+    action a's operator published there that b had not taken yet must still be carried
+    out, once, checked as any. The admin makes the old stream and b's consumer of a's
+    actions there (as an old ensure_streams did) and stores, as a's old code did while b
+    was down: a's signed send to bob; the same bytes again under a fresh Nats-Msg-Id (a
+    replay); a send signed with a key b doesn't pin. b, started again, reads the old pair
+    to its end: bob gets the one message once, the other two are refused, and nothing is
+    left pending there."""
+    from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StreamConfig
+
+    from hyperhive.swarm.signing import load_or_create_key, seal
+
+    assert swarm.operator_key is not None
+    b = swarm.cores["b"]
+    body = f"carried before the upgrade {time.time_ns()}"
+    request = {"cmd": "send", "to": "bob", "body": body}
+    action_id, sealed = seal(load_or_create_key(swarm.operator_key), "a", "b", request)
+    _, forged = seal(load_or_create_key(swarm.net.base / "not-a.key"), "a", "b", request)
+    subject = f"{s.LEGACY_OPS_ROOT}.b.from.a"
+
+    async def make_old(js: Any) -> None:
+        await js.add_stream(StreamConfig(name=s.LEGACY_OPS_STREAM, subjects=[f"{s.LEGACY_OPS_ROOT}.>"],
+                                         retention=RetentionPolicy.LIMITS, num_replicas=s.REPLICAS))
+        await js.add_consumer(s.LEGACY_OPS_STREAM, ConsumerConfig(
+            durable_name=s.ops_consumer("b", "a"), filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=s.ACK_WAIT_SECONDS, num_replicas=s.REPLICAS))
+        await js.publish(subject, sealed, headers={"Nats-Msg-Id": action_id})
+        await js.publish(subject, sealed, headers={"Nats-Msg-Id": f"replay-{action_id}"})
+        await js.publish(subject, forged)
+
+    async def drop_old(js: Any) -> None:
+        await js.delete_stream(s.LEGACY_OPS_STREAM)
+
+    b.kill9()
+    try:
+        _admin_js(swarm, make_old)
+    finally:
+        b.start()
+    try:
+        got = drain(swarm, "b", "bob", 1, timeout=30, extra=2.0)
+        assert [(m["from"], m["body"]) for m in got] == [("operator", body)], got
+        wait_for(lambda: swarm.status("b")["actions_refused"] == 2, timeout=15)
+        assert swarm.status("b")["actions_applied"] == 1
+        info = _admin_js(swarm, lambda js: js.consumer_info(s.LEGACY_OPS_STREAM, s.ops_consumer("b", "a")))
+        assert (info.num_pending, info.num_ack_pending) == (0, 0), info
+        assert drain(swarm, "b", "bob", 0, extra=1.0) == []  # once
+    finally:
+        _admin_js(swarm, drop_old)
+
+
 def test_the_operator_is_refused_past_its_window_of_unread_actions(swarm: Swarm) -> None:
     """b is down with s.ACTIONS_WINDOW of a's actions unread on their pair (published
     here with a's NATS credentials, as someone holding them could; unsigned, so b refuses

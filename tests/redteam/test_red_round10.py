@@ -85,7 +85,8 @@ def _claim_seq(swarm: Swarm, host: str, agent: str) -> int:
 def test_rendered_permissions_name_only_own_consumers() -> None:
     """Read the rendered config: every JetStream consumer a host's user may create, read,
     delete, pull or ack is its own (``w_<host>`` on a bucket, ``inbox-<host>_*`` and
-    ``ops-<host>``), every token exact (no wildcard before the filter's ``.>``); no
+    ``ops-<host>_*``, on the streams of now and of before: HIVE_MSGS, HIVE_OPS, read to
+    their end after an upgrade), every token exact (no wildcard before the filter's ``.>``); no
     ``>`` or ``*`` anywhere in a ``$JS.API`` subject but the DIRECT.GET key and the
     create's filter; subscribe is the three entries docs/swarm.md lists."""
     conf = server_config(name="n1", listen="10.0.0.1", routes=[], store_dir=Path("/x"),
@@ -106,7 +107,7 @@ def test_rendered_permissions_name_only_own_consumers() -> None:
                 stream, name = tokens[5], tokens[6]
             assert "*" not in stream and ">" not in stream and "*" not in name and ">" not in name, subject
             own = {s.watcher(host)} if stream.startswith("KV_HIVE_ROSTER_") else (
-                {s.ops_consumer(host, o) for o in "abc" if o != host} if stream == s.OPS_STREAM else {s.consumer(host, o) for o in "abc" if o != host})
+                {s.ops_consumer(host, o) for o in "abc" if o != host} if stream in (s.OPS_STREAM, s.LEGACY_OPS_STREAM) else {s.consumer(host, o) for o in "abc" if o != host})
             if verb == "INFO" and stream in (s.STREAM, s.OPS_STREAM):  # (session 9) how far the
                 # others have read its own pairs: INFO of their consumers of them, nothing else
                 own |= {(s.ops_consumer if stream == s.OPS_STREAM else s.consumer)(o, host) for o in "abc" if o != host}

@@ -48,14 +48,17 @@ def host_permissions(host: str, hosts: Iterable[str]) -> dict[str, Any]:
             f"$JS.API.CONSUMER.INFO.{s.STREAM}.{s.consumer(other, host)}",
             f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{s.ops_consumer(other, host)}",
         ]
-    # Its consumers of the actions each other host's operator carries to it (one a pair).
+    # Its consumers of the actions each other host's operator carries to it (one a pair),
+    # and the same pairs' on the stream of before (read to its end after an upgrade:
+    # operator.py; no host may publish there any more).
     ops: list[str] = []
     for durable in (s.ops_consumer(host, other) for other in others):
-        ops += [
-            f"$JS.API.CONSUMER.INFO.{s.OPS_STREAM}.{durable}",
-            f"$JS.API.CONSUMER.MSG.NEXT.{s.OPS_STREAM}.{durable}",
-            f"$JS.ACK.{s.OPS_STREAM}.{durable}.>",
-        ]
+        for stream in (s.OPS_STREAM, s.LEGACY_OPS_STREAM):
+            ops += [
+                f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+                f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+                f"$JS.ACK.{stream}.{durable}.>",
+            ]
     # Every host's roster bucket is read by every host: its watch is one push consumer
     # under the one name the host may create there (s.watcher: NATS matches whole tokens,
     # so the name is exact), which it alone may delete and make again; no unnamed or

@@ -9,7 +9,9 @@ and actions"). Imports ``nats``; loaded only by ``swarm/bridge.py``.
   message as the operator, start, stop, restart, pause or resume, interrupt, destroy) is
   a host.sock request, signed with
   A's operator key
-  (``swarm/signing.py``) and published on ``hive.op.B.from.A`` (stream ``HIVE_OPS``).
+  (``swarm/signing.py``) and published on ``hive.action.B.from.A`` (stream
+  ``HIVE_ACTIONS``; what an older host published on ``hive.op.B.from.A``, stream
+  ``HIVE_OPS``, is read first after an upgrade).
 - B takes it from its own consumer, checks it (its pinned key for A, its time, its id
   never seen before from A), carries it out through host.sock's own table (one code
   path, one set of refusals), and writes the outcome to ``results.B.A-<action id>``,
@@ -87,6 +89,7 @@ ROWS_EVERY = 1.0  # seconds between two looks at this host's questions and appro
 CARRY_WAIT = 10.0  # seconds the operator's request waits for the other host's outcome
 PUBLISH_TRIES_SECONDS = 5.0  # how long an action is offered to the bus before "not taken"
 RESULT_KEEP = 600.0  # seconds this host's outcomes stay in the roster
+LEGACY_EVERY = 30.0  # seconds between two looks at a pair's consumer on HIVE_OPS
 MAX_PAYLOAD_SHOWN = 8192  # bytes of an approval's (summary) payload kept from another host
 KEY_FILE = "swarm-operator.key"
 HEX = frozenset("0123456789abcdef")
@@ -451,18 +454,73 @@ class OperatorRelay:
         assert self.bridge.nc is not None
         puller = Puller(self.bridge.nc, s.OPS_STREAM, consumer, prefix)
         await puller.start()
+        legacy_left, legacy_at = True, -1e9
         try:
             while True:
-                # Bounded: beyond IN_FLIGHT taken and not finished, the rest wait in the
-                # stream (a carried-out action goes on if this loop restarts: it acks itself).
-                while len(self._lanes.jobs) >= IN_FLIGHT:
-                    await asyncio.wait(set(self._lanes.jobs), return_when=asyncio.FIRST_COMPLETED)
+                # What that host's operator carried here on the stream of before, first
+                # (an upgrade from HIVE_OPS: subjects.py), and again now and then while
+                # its consumer there is left.
+                if legacy_left and time.monotonic() - legacy_at >= LEGACY_EVERY:
+                    legacy_left = await self._drain_legacy(from_host)
+                    legacy_at = time.monotonic()
+                await self._room()
                 m = await puller.next(wait=1.0)
                 if m is not None:
                     await self._take(m)
         finally:
             with contextlib.suppress(Exception):
                 await puller.stop()
+
+    async def _room(self) -> None:
+        """Bounded: beyond IN_FLIGHT taken and not finished, the rest wait in the stream (a
+        carried-out action goes on if its loop restarts: it acks itself)."""
+        while len(self._lanes.jobs) >= IN_FLIGHT:
+            await asyncio.wait(set(self._lanes.jobs), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _drain_legacy(self, from_host: str) -> bool:
+        """Take what ``from_host``'s operator carried here on the limits-retention stream
+        of before (``HIVE_OPS``, its pair's consumer ``ops-<this>_<from>``) to its end,
+        ahead of its actions on ``HIVE_ACTIONS``: an action published there and not yet
+        applied when this host was upgraded is carried out, checked as any (``_take``: the
+        subject's host, the pinned key's signature, its time, once only by its row in
+        ``swarm_ops``). No host may publish there any more (natsconf.py). False once there
+        is no such stream or consumer (nothing to read, ever: stop looking); True if it
+        is read to its end for now, or the bus could not say (looked at again after
+        LEGACY_EVERY seconds, as for ``HIVE_MSGS``: bridge.py)."""
+        assert self.bridge.nc is not None
+        js, durable = self.bridge._js(), s.ops_consumer(self.host, from_host)
+        puller: Puller | None = None
+        try:
+            while True:
+                try:
+                    info = await js.consumer_info(s.LEGACY_OPS_STREAM, durable)
+                except nats.js.errors.NotFoundError:
+                    return False
+                except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
+                    log.info("swarm: can't read %s on %s yet: %s", durable, s.LEGACY_OPS_STREAM, e)
+                    return True
+                # Taken and being carried out (acked once done): not waiting for us.
+                in_hand = sum(
+                    1 for (h, _), seq in self._carrying.items() if h == from_host and seq < -1
+                )
+                if not info.num_pending and (info.num_ack_pending or 0) <= in_hand:
+                    return True
+                if puller is None:
+                    log.info(
+                        "swarm: reading host %s's actions on %s", from_host, s.LEGACY_OPS_STREAM
+                    )
+                    puller = Puller(
+                        self.bridge.nc, s.LEGACY_OPS_STREAM, durable, s.inbox_prefix(self.host)
+                    )
+                    await puller.start()
+                await self._room()
+                m = await puller.next(wait=1.0)
+                if m is not None:
+                    await self._take(m)
+        finally:
+            if puller is not None:
+                with contextlib.suppress(Exception):
+                    await puller.stop()
 
     async def _take(self, m: Msg) -> None:
         """One delivery: refused (logged, counted, acked) unless it is sealed by a pinned
@@ -633,11 +691,17 @@ def _bound(req: Any) -> bool:
 
 
 def _stream_seq(m: Msg) -> int:
-    """The stream sequence of a stored message (the same in each of its deliveries)."""
+    """The stream sequence of a stored message (the same in each of its deliveries). The
+    stream of before (``HIVE_OPS``) numbers its own messages: its are kept apart as
+    ``-1 - seq`` (at most -2), so an action there and one of the same bytes on
+    ``HIVE_ACTIONS`` are two messages (the second refused as a replay), never taken for
+    one message delivered again."""
     try:
-        return int(m.metadata.sequence.stream)
+        meta = m.metadata
+        seq = int(meta.sequence.stream)
     except Exception:  # no $JS.ACK reply: never handed here by the Puller
         return -1
+    return -1 - seq if meta.stream == s.LEGACY_OPS_STREAM else seq
 
 
 async def _in_progress(m: Msg) -> None:

@@ -142,7 +142,8 @@ OPS_STREAM = "HIVE_ACTIONS"
 OPS_ROOT = "hive.action"
 ACTIONS_PAIR_MSGS = 64
 ACTIONS_WINDOW = 48
-LEGACY_OPS_STREAM = "HIVE_OPS"  # before: limits retention, hive.op.>, not read any more
+LEGACY_OPS_STREAM = "HIVE_OPS"  # before: limits retention, hive.op.>, read to its end
+LEGACY_OPS_ROOT = "hive.op"
 OPS_MAX_AGE_SECONDS = 3600  # a signed action is refused after 5 minutes anyway
 
 
@@ -157,9 +158,12 @@ def ops_filter(host: str, from_host: str) -> str:
 
 
 def op_from_host_of(subject: str) -> str | None:
-    """The sending host named by an action's subject (NATS's permissions vouch for it)."""
+    """The sending host named by an action's subject (NATS's permissions vouch for it),
+    on the stream of now or of before (its pairs' actions, read to the end after an
+    upgrade: each stream holds only its own root's subjects)."""
     parts = subject.split(".")
-    if len(parts) != 5 or parts[:2] != OPS_ROOT.split(".") or parts[3] != "from":
+    roots = (OPS_ROOT.split("."), LEGACY_OPS_ROOT.split("."))
+    if len(parts) != 5 or parts[:2] not in roots or parts[3] != "from":
         return None
     return parts[4]
 
