@@ -9,6 +9,7 @@ import ast
 import asyncio
 import json
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 import hyperhive
 from helpers import CoreProcess, assert_ok, assert_refused, wait_for
 from hyperhive.config import ConfigError, load_config
-from hyperhive.swarm import bus
+from hyperhive.swarm import bus, natsconf
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import Bridge
 from hyperhive.swarm.pull import PAUSE, Puller
@@ -75,6 +76,57 @@ def test_bad_swarm_section_is_one_line(tmp_path: Path, section: str, needle: str
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def _rendered_store(tmp_path: Path, hosts: int, **kw: Any) -> int:
+    """The JetStream file store a node's rendered config gives, in bytes."""
+    conf = natsconf.server_config(name="n1", listen="10.0.0.1", routes=[], store_dir=tmp_path / "js",
+                                  admin_password="p", hosts={f"h{i}": "pw" for i in range(hosts)}, **kw)  # fmt: skip
+    found = re.search(r"max_file_store: (\d+) ", conf)
+    assert found, conf
+    return int(found.group(1))
+
+
+def test_the_nodes_store_is_sized_from_the_number_of_hosts(tmp_path: Path) -> None:
+    """docs/swarm.md, "What the streams hold": every ordered pair of hosts may hold its
+    newest s.MAIL_PAIR_MSGS bundles of s.MAIL_MSG_BYTES and s.ACTIONS_PAIR_MSGS actions of
+    MAX_ACTION_BYTES, and each host its roster bucket; a node's rendered store holds all
+    of it at once for any number of hosts (4 GB whatever the hosts, before: 5 hosts' worst
+    is 4.7 GiB). A store given too small is refused when rendered, one line, nothing
+    written."""
+    import subprocess
+    import sys
+
+    from hyperhive.swarm.signing import MAX_ACTION_BYTES
+
+    pair = s.MAIL_PAIR_MSGS * s.MAIL_MSG_BYTES + s.ACTIONS_PAIR_MSGS * MAX_ACTION_BYTES
+    for n in (1, 3, 5, 10, 40):
+        worst = n * (n - 1) * pair + n * s.ROSTER_HOST_BYTES
+        assert _rendered_store(tmp_path, n) >= worst + worst // 4, n  # and a quarter more
+    assert _rendered_store(tmp_path, 3) == 4 << 30  # never less than before
+    assert _rendered_store(tmp_path, 5, max_file_store=5 << 30) == 5 << 30  # the admin's own
+    with pytest.raises(ValueError, match="can't hold it") as e:
+        _rendered_store(tmp_path, 5, max_file_store=4 << 30)
+    assert "\n" not in str(e.value)
+    (tmp_path / "pw").write_text("pw\n")
+    argv = [sys.executable, "-m", "hyperhive.swarm.natsconf", "--name", "n1", "--listen", "10.0.0.1",
+            "--store", str(tmp_path / "js"), "--admin-password-file", str(tmp_path / "pw"),
+            *(f"--host=h{i}={tmp_path / 'pw'}" for i in range(5))]  # fmt: skip
+    done = subprocess.run([*argv, "--max-store", "4GB"], capture_output=True, text=True, timeout=30)
+    assert (done.returncode, done.stdout, done.stderr.count("\n")) == (1, "", 1), done
+    assert done.stderr.startswith("natsconf: 5 hosts' streams may hold 4.7 GiB"), done.stderr
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and f"max_file_store: {6 << 30} " in done.stdout, done
+    # The store's own filesystem, when it is here: a real 64 MiB one can't hold 4 GiB.
+    small = tmp_path / "js"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(small)], check=True)
+    try:
+        done = subprocess.run(argv[:-4], capture_output=True, text=True, timeout=30)  # 1 host
+        assert (done.returncode, done.stdout, done.stderr.count("\n")) == (1, "", 1), done
+        assert "filesystem has 0.1 GiB" in done.stderr and "can't hold the 4.0 GiB" in done.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
 
 
 def usage(core: CoreProcess, agent: str) -> tuple[int, int]:

@@ -317,8 +317,8 @@ def test_c_cannot_keep_the_clusters_store_full(swarm: Swarm) -> None:
     action streams were shared and bounded by age only (limits retention): c publishes
     1 MB payloads on its own subjects, one that b reads and drops (its pair to b: not a
     bundle), and two no host reads (to ``zz``, no such host, on both streams: ``*`` in
-    c's permissions took any token). Each node's JetStream store is 4 GB (natsconf.py),
-    R3, so about 4,000 such messages (a minute of c's link) filled every node: then every
+    c's permissions took any token). Each node's JetStream store was 4 GB (natsconf.py;
+    now sized from the hosts, at least that), R3, so about 4,000 such messages (a minute of c's link) filled every node: then every
     host's sends, heartbeats, rows, claims and actions were refused by the bus for a week.
     The secure behaviour asserted: after b has read and dropped c's, the streams hold at
     most 4 of the R11M (16) messages c put on each subject. Fixed: a work queue (what b
