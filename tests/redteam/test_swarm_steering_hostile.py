@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import time
 from typing import Any
 
 import pytest
 
 from helpers import assert_ok, wait_for
-from hive_fixture import HiveProcess
+from hive_fixture import HIVE, HiveProcess
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.operator import KEY_FILE
 from hyperhive.swarm.signing import load_or_create_key, seal
@@ -137,3 +138,45 @@ def created_at(hive: HiveProcess, name: str) -> float:
         db.close()
     assert row is not None, name
     return float(row[0])
+
+
+def test_cs_rows_make_a_s_cli_destroy_ask_in_one_line(swarm: Swarm) -> None:
+    """``hive destroy --host c NAME`` on a asks about the row a's roster shows for c's
+    agent, and c writes that row: a created_at of 1e300 (finite, ≥ 0: a number a store
+    could hold, and no date) and one of ``true`` (none). The question is one line, with
+    the number and no date; the other is refused in one line (no created_at: nothing
+    carried); neither is a traceback."""
+    rows = {"r18far": b"1e300", "r18none": b"true"}
+    keys = {n: s.row_key("c", n) for n in rows}
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for name, created in rows.items():
+            row = (b'{"name": "%s", "host": "c", "running": true, "paused": false,'
+                   b' "status_text": "x", "created_at": %s}') % (name.encode(), created)  # fmt: skip
+            await js.publish(s.kv_subject("c", keys[name]), row)
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        for key in keys.values():
+            await js.publish(s.kv_subject("c", key), b"", headers={"KV-Operation": "DEL"})
+
+    a = swarm.cores["a"]
+
+    def destroy(name: str, answer: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([str(HIVE), "--run-dir", str(a.run_dir), "destroy", "--host", "c", name],
+                              input=answer, capture_output=True, text=True, timeout=60)  # fmt: skip
+
+    try:
+        assert as_host_c(swarm, attack, settle=0) == []
+        listed = lambda: {r["name"] for r in swarm.status("a")["agents"] if r["host"] == "c"}  # noqa: E731
+        wait_for(lambda: set(rows) <= listed(), timeout=15)
+        far = destroy("r18far", "n\n")
+        assert far.returncode == 1 and "Traceback" not in far.stderr, far
+        assert far.stdout.startswith("destroy agent r18far on host c (created_at 1e+300)? [y/N]"), far
+        assert "\n" not in far.stdout, far  # the question alone, on its line
+        none = destroy("r18none", "y\n")
+        assert none.returncode == 1 and "Traceback" not in none.stderr, none
+        assert none.stderr.count("\n") == 1 and "has no created_at" in none.stderr, none
+    finally:
+        as_host_c(swarm, tidy, settle=0)

@@ -126,6 +126,15 @@ def roster_row(ctx: click.Context, host: str, name: str) -> dict[str, Any] | Non
     return next((r for r in rows if r.get("host") == host and r.get("name") == name), None)
 
 
+def created(created_at: float) -> str:
+    """``created <local time>, `` for a person, or nothing: another host's row says its
+    agent's created_at, any finite number ≥ 0 (1e300 is no time a date can show)."""
+    try:
+        return f"created {when(created_at)}, "
+    except (OverflowError, ValueError, OSError):
+        return ""
+
+
 def carried(resp: dict[str, Any], what: str) -> str:
     """What became of an action carried to another host."""
     if resp.get("applied"):
@@ -694,7 +703,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                     created_at = row["created_at"]
                 what += f" on host {host}"
                 if created_at is not None:
-                    what += f" (created {when(created_at)}, created_at {created_at!r})"
+                    what += f" ({created(created_at)}created_at {created_at!r})"
             click.confirm(f"destroy {what}?", abort=True)
         resp = request(
             host_sock(ctx), "destroy", as_json, name=name, host=host, created_at=created_at
