@@ -221,7 +221,8 @@ class Bridge:
         # bundle consumer's ("bundles from c") must not move whatever c stores (issue 18,
         # after red team round 10: c's own Status headers made nats-py's fetch raise).
         self.restarts: dict[str, int] = {}
-        self._releases: dict[tuple[str, str], tuple[int, int]] = {}  # reports not yet applied
+        self._releases: dict[tuple[str, str], tuple[int, int, str]] = {}  # not yet applied
+        self._epochs: dict[str, str] = {}  # host -> its store's epoch, as its heartbeat said
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
         self.show = ShowRelay(self)  # other hosts' items whole (show.py)
 
@@ -774,7 +775,10 @@ class Bridge:
             self._reachable = now
 
     async def _publish_roster(self, kv: KeyValue) -> None:
-        await kv.put(s.host_key(self.host), json.dumps({"at": time.time()}).encode())
+        # The store's epoch: a new one tells the others this host's store was reset (the
+        # quota it held for their agents is theirs again: quota.host_epoch_tx).
+        beat = {"at": time.time(), "epoch": self.store.epoch}
+        await kv.put(s.host_key(self.host), json.dumps(beat).encode())
         local = {r.name: r for r in self.hive.store.agents.all()}
         for name, row in local.items():
             if name not in self._claimed:
@@ -1004,7 +1008,7 @@ class Bridge:
         while True:
             done = self.store.unreported(REPORTS)
             for host, agent, rows, nbytes in done:
-                value = json.dumps([rows, nbytes]).encode()
+                value = json.dumps([rows, nbytes, self.store.epoch]).encode()
                 await kv.put(s.released_key(self.host, host, agent), value)
             if done:
                 self.store.reported(done)
@@ -1014,8 +1018,10 @@ class Bridge:
             await asyncio.sleep(QUOTA_EVERY)
 
     def _released(self, parts: list[str], value: bytes | None) -> None:
-        """``released.<host>.<us>.<agent>`` = [rows, bytes]: what ``host`` has released in
-        all of our ``agent``'s messages; applied by the quota loop (only upward, capped)."""
+        """``released.<host>.<us>.<agent>`` = [rows, bytes, epoch]: what ``host``'s store
+        ``epoch`` has released in all of our ``agent``'s messages; applied by the quota
+        loop (only upward, capped; a new epoch: a store reset there, quota.release_tx).
+        [rows, bytes] is a report of before epochs (the same store counting on)."""
         _, host, to, agent = parts
         if to != self.host or host == self.host or value is None:
             return
@@ -1025,10 +1031,29 @@ class Bridge:
             got = jsontext.loads(value)
             if (
                 isinstance(got, list)
-                and len(got) == 2
-                and all(type(n) is int and 0 <= n < 1 << 62 for n in got)
+                and len(got) in (2, 3)
+                and all(type(n) is int and 0 <= n < 1 << 62 for n in got[:2])
+                and (len(got) == 2 or (isinstance(got[2], str) and 0 < len(got[2]) <= 64))
             ):
-                self._releases[(host, agent)] = (got[0], got[1])
+                self._releases[(host, agent)] = (got[0], got[1], got[2] if len(got) == 3 else "")
+
+    def _epoch(self, host: str, value: bytes) -> None:
+        """A heartbeat's store epoch: a new one is a store reset there (quota.host_epoch_tx),
+        applied once (a commit only when it changes, not each beat)."""
+        with contextlib.suppress(ValueError, RecursionError):
+            beat = jsontext.loads(value)
+            epoch = beat.get("epoch") if isinstance(beat, dict) else None
+            if isinstance(epoch, str) and 0 < len(epoch) <= 64 and self._epochs.get(host) != epoch:
+                freed = self.store.host_epoch(host, epoch)
+                if freed:
+                    log.warning(
+                        "swarm: host %s's store is new (epoch %s): what %d agent(s) of ours"
+                        " had sent there is released",
+                        host,
+                        epoch,
+                        freed,
+                    )
+                self._epochs[host] = epoch
 
     def _apply(
         self,
@@ -1059,6 +1084,8 @@ class Bridge:
             self.heartbeats[parts[1]] = time.monotonic()
             if revision is not None:
                 self._beats[parts[1]] = revision
+            if parts[1] != self.host and value is not None:
+                self._epoch(parts[1], value)
         if parts[0] == "names" and len(parts) == 3:
             # A claim is live until deleted or purged, whatever its value (as live_claims
             # sees it); the name is the earliest live claim's.
