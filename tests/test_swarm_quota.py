@@ -162,7 +162,7 @@ def test_a_report_from_a_new_store_releases_what_the_old_one_held(hosts: Any) ->
     than the last one's releases what was sent there and then counts on from that; a
     hostile host switching stores gains nothing it could not release anyway (what was
     sent to it, no more)."""
-    a_store, a, _, b = hosts
+    a_store, a, _, _ = hosts
     for i in range(4):
         a.queue("b", "alice", "bob", "message", f"m{i}")
     assert a.release({("b", "alice"): (1, 2, "one")}) == 1
