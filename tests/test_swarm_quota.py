@@ -153,6 +153,10 @@ def test_a_receiver_whose_store_is_reset_gives_the_quota_back(hosts: Any, tmp_pa
         # n1, n2 unread; m5, in flight at the reset, was released twice (by the reset and
         # by the new store's count): the quota undercounts by what was in flight, never more.
         assert usage(a_store, "alice") == (1, 2)
+        # The old store's last report, replayed (a's watch started again): not the store
+        # b's heartbeat names, so nothing (taken for a new store, it released n1 and n2).
+        assert a.release({("b", "alice"): (10**6, 10**9, old_epoch)}) == 0
+        assert usage(a_store, "alice") == (1, 2)
     finally:
         new_store.close()
 

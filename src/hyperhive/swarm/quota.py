@@ -149,6 +149,13 @@ def release_tx(tx: Tx, host: str, agent: str, rows: int, nbytes: int, epoch: str
     ).fetchone()
     if r is None:
         return False
+    h = tx.execute("SELECT epoch FROM swarm_host_epoch WHERE host=?", (host,)).fetchone()
+    if h is not None and h[0] != epoch:
+        # Not the store the host's heartbeat names: the old one's last report, replayed by
+        # a watch started again after the reset (taken for a new store, it released again
+        # what the new one holds), or the new one's ahead of its heartbeat (whose rebase
+        # releases what it would have).
+        return False
     e = tx.execute(
         "SELECT epoch, base_rows, base_bytes FROM swarm_sent_epoch WHERE agent=? AND host=?",
         (agent, host),
