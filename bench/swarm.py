@@ -7,6 +7,9 @@ JetStream cluster, a hive-core per host: tests/swarm_fixture.py). Only when name
     his core when alice sends; the time is alice's send line written → bob's reply read;
   * cross-host messages/s: alice (a) and carol (c) each send N to bob (b) at once; from
     the first send to the last message in bob's inbox (recv + ack);
+  * messages/s at the window: b's hive-core stopped (SIGSTOP) while alice sends N to bob
+    one at a time, so a holds 48 bundles on the pair and the rest in its outbox; from b's
+    SIGCONT to the last message in bob's inbox (tests/test_swarm_limits.py asserts it);
   * the kills of tests/test_swarm_faults.py at 10,000 messages (the suite runs them on
     whole hives, these on hive-cores):
     alice streams to bob while b's hive-core, then a's NATS node, is killed with SIGKILL;
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
@@ -120,6 +124,29 @@ def _throughput(swarm: Swarm, n: int) -> tuple[float, float]:
     return 2 * n / dt, cpu / (2 * n) * 1e6
 
 
+def _window(swarm: Swarm, n: int) -> tuple[float, int]:
+    """Messages/s from b's resume to bob's last, with a held at the window meanwhile; and
+    how many waited in a's outbox (the rest: the window's bundles on the bus)."""
+    b = swarm.cores["b"]
+    assert b.proc is not None
+    alice = Line(swarm.cores["a"].agent_sock("alice"))
+    os.kill(b.proc.pid, signal.SIGSTOP)
+    try:
+        for i in range(n):
+            alice.call(cmd="send", to="bob", body=f"w{i}")
+        waited = swarm.status("a")["outbox_unsent"]
+    finally:
+        os.kill(b.proc.pid, signal.SIGCONT)
+    bob, got, t0 = Line(b.agent_sock("bob")), 0, time.perf_counter()
+    while got < n:
+        msgs = bob.call(cmd="recv", wait=10.0, max=500)["messages"]
+        if not msgs:
+            raise RuntimeError(f"bob got {got} of {n}")
+        got += len(msgs)
+        bob.call(cmd="ack", ids=[m["id"] for m in msgs])
+    return n / (time.perf_counter() - t0), waited
+
+
 def bench_swarm(ctx: Context) -> list[Row]:
     if os.geteuid() != 0:
         return []
@@ -137,6 +164,7 @@ def bench_swarm(ctx: Context) -> list[Row]:
             cross = _latency(swarm, "b", "bob", n)
             _throughput(swarm, ctx.n(500, 50))  # warm-up: the pullers, the roster cache
             rate, cpu = _throughput(swarm, ctx.n(5000, 500))
+            at_window, waited = _window(swarm, ctx.n(3000, 100))
             faults = {
                 "kill -9 of the receiving hive-core": kill9_receiving_core(swarm, n_faults),
                 "kill -9 of the sender's NATS node": kill9_nats_node(swarm, n_faults),
@@ -156,6 +184,8 @@ def bench_swarm(ctx: Context) -> list[Row]:
             f"{2 * ctx.n(5000, 500)} messages"),
         Row("swarm", "CPU per cross-host message", cpu, "µs", None,
             "3 hive-cores + 3 NATS nodes, user+system"),
+        Row("swarm", "cross-host messages/s from the window (b stopped, resumed)", at_window,
+            "msg/s", None, f"{ctx.n(3000, 100)} sent, {waited} waited in a's outbox"),
     ] + [
         Row("swarm", f"{what} mid-stream: acked not once in order", run.wrong, "msgs",
             Target("<=", 0), _fault_note(run))

@@ -54,13 +54,13 @@ def test_a_cross_host_message_counts_until_the_other_host_releases_it(hosts: Any
     assert report == [("a", "alice", 2, 4)]
     b.reported(report)
     assert b.unreported(10) == []
-    assert a.release({("b", "alice"): (2, 4)}) == 1
+    assert a.release({("b", "alice"): (2, 4, b.epoch)}) == 1
     assert usage(a_store, "alice") == (1, 2)
-    assert a.release({("b", "alice"): (2, 4)}) == 0  # the same report again: nothing
-    assert a.release({("b", "alice"): (1, 2)}) == 0  # never downward
+    assert a.release({("b", "alice"): (2, 4, b.epoch)}) == 0  # the same report again: nothing
+    assert a.release({("b", "alice"): (1, 2, b.epoch)}) == 0  # never downward
     # A hostile b can release no more than was sent to it, and nothing sent elsewhere.
     a.queue("c", "alice", "carol", "message", "to c")
-    assert a.release({("b", "alice"): (10**9, 10**12), ("b", "zed"): (5, 5)}) == 1
+    assert a.release({("b", "alice"): (10**9, 10**12, b.epoch), ("b", "zed"): (5, 5, b.epoch)}) == 1
     assert usage(a_store, "alice") == (1, 4)  # "to c" only
 
 
@@ -101,3 +101,81 @@ def test_the_receiving_host_bounds_each_sender_and_each_host(hosts: Any) -> None
     # One item alone always fits (a bound smaller than one message stops no sender for good).
     msgs, whole = b.take([(item(0, "dora", "x" * 100), True)], "d", (10, 10), (10, 10))
     assert whole and len(msgs) == 1
+
+
+def test_a_receiver_whose_store_is_reset_gives_the_quota_back(hosts: Any, tmp_path: Path) -> None:
+    """b's store is reset (installed again: its counts start at 0, under a new epoch).
+    Before, a applied reports only upward: alice, who had sent b more than her quota
+    ever held, got nothing back until b's new counts passed the old ones, and with her
+    quota full of messages the old store took with it she could send nothing to anyone.
+    Now b's heartbeat names its new store: what alice sent there and b never released is
+    released, and the new store's reports count from there (what was in flight at the reset: twice)."""
+    a_store, a, b_store, b = hosts
+    old_epoch = b.epoch
+    assert SwarmStore(b_store.db).epoch == old_epoch  # drawn once per store, kept
+    assert a.host_epoch("b", old_epoch) == 0  # the first heartbeat a hears: nothing to do
+    for i in range(5):
+        a.queue("b", "alice", "bob", "message", f"m{i}")
+    msgs = b.receive(carried(a), "a")
+    b_store.messages.ack("bob", [m.id for m in msgs[:2]])
+    [(_, _, rows, nbytes)] = b.unreported(10)
+    assert a.release({("b", "alice"): (rows, nbytes, b.epoch)}) == 1
+    assert usage(a_store, "alice") == (3, 6)  # 3 unread on b
+    # b's store is lost with its 3 unread messages; a new one (a new epoch) starts at 0.
+    new_store = Store(tmp_path / "b-new.db")
+    try:
+        new_b = SwarmStore(new_store.db)
+        assert new_b.epoch != old_epoch
+        a.queue("b", "alice", "bob", "message", "m5")  # in flight as the store is reset
+        # The old store's counts are higher than anything the new one reports for a while:
+        # before, a report of (1, 2) was "downward" and released nothing.
+        assert a.release({("b", "alice"): (0, 0, old_epoch)}) == 0
+        assert usage(a_store, "alice") == (4, 8)
+        assert a.host_epoch("b", new_b.epoch) == 1  # b's heartbeat: a new store
+        assert usage(a_store, "alice") == (0, 0)  # the 3 lost and m5 in flight: released
+        assert a.host_epoch("b", new_b.epoch) == 0  # each heartbeat after: nothing
+        # The new store reads m5 (counted twice: released already, capped at what was sent).
+        got = new_b.receive(carried(a), "a")
+        new_store.messages.ack("bob", [got[0].id])
+        [(_, _, rows, nbytes)] = new_b.unreported(10)
+        assert (rows, nbytes) == (1, 2)
+        assert a.release({("b", "alice"): (rows, nbytes, new_b.epoch)}) == 0
+        assert usage(a_store, "alice") == (0, 0)
+        # Later messages count and are released as before, from the new store's counts.
+        for i in range(3):
+            a.queue("b", "alice", "bob", "message", f"n{i}")
+        assert usage(a_store, "alice") == (3, 6)
+        got = new_b.receive(carried(a), "a")
+        new_store.messages.ack("bob", [got[0].id])
+        [(_, _, rows, nbytes)] = new_b.unreported(10)
+        assert (rows, nbytes) == (2, 4)  # m5 and n0
+        assert a.release({("b", "alice"): (rows, nbytes, new_b.epoch)}) == 1
+        # n1, n2 unread; m5, in flight at the reset, was released twice (by the reset and
+        # by the new store's count): the quota undercounts by what was in flight, never more.
+        assert usage(a_store, "alice") == (1, 2)
+        # The old store's last report, replayed (a's watch started again): not the store
+        # b's heartbeat names, so nothing (taken for a new store, it released n1 and n2).
+        assert a.release({("b", "alice"): (10**6, 10**9, old_epoch)}) == 0
+        assert usage(a_store, "alice") == (1, 2)
+    finally:
+        new_store.close()
+
+
+def test_a_report_from_a_new_store_releases_what_the_old_one_held(hosts: Any) -> None:
+    """The report (not only the heartbeat) names its store: a report from another store
+    than the last one's releases what was sent there and then counts on from that; a
+    hostile host switching stores gains nothing it could not release anyway (what was
+    sent to it, no more)."""
+    a_store, a, _, _ = hosts
+    for i in range(4):
+        a.queue("b", "alice", "bob", "message", f"m{i}")
+    assert a.release({("b", "alice"): (1, 2, "one")}) == 1
+    assert usage(a_store, "alice") == (3, 6)
+    assert a.release({("b", "alice"): (0, 0, "two")}) == 1  # a new store: all released
+    assert usage(a_store, "alice") == (0, 0)
+    a.queue("b", "alice", "bob", "message", "m4")
+    assert a.release({("b", "alice"): (10**9, 10**12, "three")}) == 1
+    assert usage(a_store, "alice") == (0, 0)  # never past what was sent
+    a.queue("c", "alice", "carol", "message", "to c")
+    assert a.release({("b", "alice"): (0, 0, "four")}) == 0
+    assert usage(a_store, "alice") == (1, 4)  # what went to c is c's to release

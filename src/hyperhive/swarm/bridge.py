@@ -209,6 +209,7 @@ class Bridge:
         self._mine: set[str] = set()
         self._own_loaded = False  # our watch of our own bucket has loaded once
         self._held: dict[str, float] = {}  # name -> when to read its claims again (_let_go)
+        self._read_at: dict[str, float] = {}  # a name of _mine -> when _let_go last read it
         self.waiting: set[str] = set()  # other hosts whose bundles wait for room here
         self.full: set[str] = set()  # other hosts that have not read our last MAIL_WINDOW
         self._published: dict[str, str] = {}
@@ -221,7 +222,8 @@ class Bridge:
         # bundle consumer's ("bundles from c") must not move whatever c stores (issue 18,
         # after red team round 10: c's own Status headers made nats-py's fetch raise).
         self.restarts: dict[str, int] = {}
-        self._releases: dict[tuple[str, str], tuple[int, int]] = {}  # reports not yet applied
+        self._releases: dict[tuple[str, str], tuple[int, int, str]] = {}  # not yet applied
+        self._epochs: dict[str, str] = {}  # host -> its store's epoch, as its heartbeat said
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
         self.show = ShowRelay(self)  # other hosts' items whole (show.py)
 
@@ -774,7 +776,10 @@ class Bridge:
             self._reachable = now
 
     async def _publish_roster(self, kv: KeyValue) -> None:
-        await kv.put(s.host_key(self.host), json.dumps({"at": time.time()}).encode())
+        # The store's epoch: a new one tells the others this host's store was reset (the
+        # quota it held for their agents is theirs again: quota.host_epoch_tx).
+        beat = {"at": time.time(), "epoch": self.store.epoch}
+        await kv.put(s.host_key(self.host), json.dumps(beat).encode())
         local = {r.name: r for r in self.hive.store.agents.all()}
         for name, row in local.items():
             if name not in self._claimed:
@@ -812,21 +817,43 @@ class Bridge:
         A hold costs one key of our bucket: past HELD_MAX, the oldest are let go."""
         now = time.monotonic()
         reads = 0
-        for name in sorted(n for n in self._mine if n not in self._claimed):
+
+        def turn(name: str) -> tuple[int, float]:
+            """When ``name`` is next read. First the names the cache says no other host
+            claims (to be let go) or that are not held yet (to be held), the one read
+            longest ago first; then the held ones whose recheck is due, soonest first.
+            By name, the reads went to the first ~930 held names over and over (32 a
+            round, each again after 30 s): the holds stopped growing there, and a name past
+            them was never read again, not even once the other host's claim was deleted
+            (tests/test_swarm_limits.py). Longest ago first, a host that deletes and
+            makes again its claims of names that sort first can't keep a let-go waiting:
+            each such name, once read, waits behind the others."""
             cached = self.claims.get(name, {})
-            held = earliest(cached) == self.host and len(cached) > 1
-            if held and now < self._held.get(name, 0.0):
-                continue  # held; read again later
-            if reads >= LET_GO_EACH_ROUND or self.hive.exists(name):
-                continue  # the next round's (or being spawned: _claim's)
+            if not (earliest(cached) == self.host and len(cached) > 1):
+                return (0, self._read_at.get(name, 0.0))
+            if name not in self._held:
+                return (0, self._read_at.get(name, 0.0))
+            return (1, self._held[name])
+
+        gone = [n for n in self._mine if n not in self._claimed]
+        for _, name in sorted((turn(n), n) for n in gone):
+            kind, at = turn(name)
+            if kind == 1 and at > now:
+                break  # held, and the rest's rechecks are later still
+            if reads >= LET_GO_EACH_ROUND:
+                break  # the rest: the next rounds'
+            if self.hive.exists(name):
+                continue  # being spawned: _claim's
             if not reads:
                 await self._buckets()  # every host's bucket (one found since, say)
             reads += 1
+            self._read_at[name] = now
             await self._lookup(name)
             claims = self.claims.get(name, {})
             if self.host not in claims:
                 self._mine.discard(name)  # gone already (deleted before a restart, say)
                 self._held.pop(name, None)
+                self._read_at.pop(name, None)
             elif earliest(claims) == self.host and len(claims) > 1:
                 if name not in self._held:
                     others = sorted(h for h in claims if h != self.host)
@@ -855,6 +882,7 @@ class Bridge:
         await kv.delete(s.name_key(name, self.host))
         self._mine.discard(name)
         self._held.pop(name, None)
+        self._read_at.pop(name, None)
         self.claims.get(name, {}).pop(self.host, None)
         self._own(name)
         if self.hive.exists(name):  # spawned meanwhile: claimed again next round
@@ -1004,7 +1032,7 @@ class Bridge:
         while True:
             done = self.store.unreported(REPORTS)
             for host, agent, rows, nbytes in done:
-                value = json.dumps([rows, nbytes]).encode()
+                value = json.dumps([rows, nbytes, self.store.epoch]).encode()
                 await kv.put(s.released_key(self.host, host, agent), value)
             if done:
                 self.store.reported(done)
@@ -1014,8 +1042,10 @@ class Bridge:
             await asyncio.sleep(QUOTA_EVERY)
 
     def _released(self, parts: list[str], value: bytes | None) -> None:
-        """``released.<host>.<us>.<agent>`` = [rows, bytes]: what ``host`` has released in
-        all of our ``agent``'s messages; applied by the quota loop (only upward, capped)."""
+        """``released.<host>.<us>.<agent>`` = [rows, bytes, epoch]: what ``host``'s store
+        ``epoch`` has released in all of our ``agent``'s messages; applied by the quota
+        loop (only upward, capped; a new epoch: a store reset there, quota.release_tx).
+        [rows, bytes] is a report of before epochs (the same store counting on)."""
         _, host, to, agent = parts
         if to != self.host or host == self.host or value is None:
             return
@@ -1025,10 +1055,29 @@ class Bridge:
             got = jsontext.loads(value)
             if (
                 isinstance(got, list)
-                and len(got) == 2
-                and all(type(n) is int and 0 <= n < 1 << 62 for n in got)
+                and len(got) in (2, 3)
+                and all(type(n) is int and 0 <= n < 1 << 62 for n in got[:2])
+                and (len(got) == 2 or (isinstance(got[2], str) and 0 < len(got[2]) <= 64))
             ):
-                self._releases[(host, agent)] = (got[0], got[1])
+                self._releases[(host, agent)] = (got[0], got[1], got[2] if len(got) == 3 else "")
+
+    def _epoch(self, host: str, value: bytes) -> None:
+        """A heartbeat's store epoch: a new one is a store reset there (quota.host_epoch_tx),
+        applied once (a commit only when it changes, not each beat)."""
+        with contextlib.suppress(ValueError, RecursionError):
+            beat = jsontext.loads(value)
+            epoch = beat.get("epoch") if isinstance(beat, dict) else None
+            if isinstance(epoch, str) and 0 < len(epoch) <= 64 and self._epochs.get(host) != epoch:
+                freed = self.store.host_epoch(host, epoch)
+                if freed:
+                    log.warning(
+                        "swarm: host %s's store is new (epoch %s): what %d agent(s) of ours"
+                        " had sent there is released",
+                        host,
+                        epoch,
+                        freed,
+                    )
+                self._epochs[host] = epoch
 
     def _apply(
         self,
@@ -1059,6 +1108,8 @@ class Bridge:
             self.heartbeats[parts[1]] = time.monotonic()
             if revision is not None:
                 self._beats[parts[1]] = revision
+            if parts[1] != self.host and value is not None:
+                self._epoch(parts[1], value)
         if parts[0] == "names" and len(parts) == 3:
             # A claim is live until deleted or purged, whatever its value (as live_claims
             # sees it); the name is the earliest live claim's.

@@ -104,6 +104,7 @@ class SwarmStore:
                     tx.execute(statement)
             for trigger in quota.TRIGGERS:
                 tx.execute(trigger)
+            self.epoch = quota.store_epoch(tx)  # named in this store's quota reports
 
     @property
     def db(self) -> Database:
@@ -212,14 +213,20 @@ class SwarmStore:
         with self._db.tx() as tx:
             quota.reported_tx(tx, done)
 
-    def release(self, reports: dict[tuple[str, str], tuple[int, int]]) -> int:
+    def release(self, reports: dict[tuple[str, str], tuple[int, int, str]]) -> int:
         """Other hosts' reports of what they released of this host's agents' items, (host,
-        agent) -> (rows, bytes) in all, applied in one transaction; how many changed."""
+        agent) -> (rows, bytes in all, the reporting store's epoch), applied in one
+        transaction; how many changed."""
         with self._db.tx() as tx:
             return sum(
-                quota.release_tx(tx, host, agent, rows, nbytes)
-                for (host, agent), (rows, nbytes) in reports.items()
+                quota.release_tx(tx, host, agent, rows, nbytes, epoch)
+                for (host, agent), (rows, nbytes, epoch) in reports.items()
             )
+
+    def host_epoch(self, host: str, epoch: str) -> int:
+        """``host``'s heartbeat named its store (quota.host_epoch_tx); agents freed."""
+        with self._db.tx() as tx:
+            return quota.host_epoch_tx(tx, host, epoch)
 
     @staticmethod
     def _seen(tx: Tx, from_host: str, ids: list[str]) -> set[str]:

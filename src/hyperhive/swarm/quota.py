@@ -21,6 +21,12 @@ the count and the receiving host saying when it ends:
   (``release_tx``): the released part leaves the sender's ``agent_usage``. A host that
   never reports (or is gone) holds its agents' quota as a recipient that never reads
   does on one host; a host can release no more than was sent to it.
+- Each report also names the receiving store (``swarm_epoch``: random, drawn once per
+  store). A store reset (a host installed again) starts its counts at 0: reports applied
+  only upward gave nothing back until the new counts passed the old ones, and an honest
+  sender whose quota filled meanwhile could send nothing to anyone. A report from a new
+  store releases what was sent there and not yet released (the old store, with what it
+  held, is gone), and its counts add to that (``swarm_sent_epoch``).
 
 ``b`` also bounds what it holds for other hosts (``Room``): per remote sender its own
 ``[limits]`` quota, per sending host ``[swarm] host_pending_max`` / ``host_store_mib``.
@@ -32,6 +38,7 @@ so the redelivery skips it). Nothing the bus acked is ever dropped for a bound.
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 from typing import Any
 
@@ -51,6 +58,22 @@ CREATE TABLE IF NOT EXISTS swarm_sent (
     released_bytes INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (agent, host)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS swarm_sent_epoch (
+    agent TEXT NOT NULL,
+    host TEXT NOT NULL,
+    epoch TEXT NOT NULL,
+    base_rows INTEGER NOT NULL DEFAULT 0,
+    base_bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (agent, host)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS swarm_host_epoch (
+    host TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS swarm_epoch (
+    one INTEGER PRIMARY KEY CHECK (one = 1),
+    epoch TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS swarm_held (
     message_id INTEGER PRIMARY KEY,
     host TEXT NOT NULL,
@@ -112,11 +135,13 @@ def sent_tx(tx: Tx, agent: str, host: str, nbytes: int) -> None:
     )
 
 
-def release_tx(tx: Tx, host: str, agent: str, rows: int, nbytes: int) -> bool:
-    """``host`` reports it has released ``rows`` / ``nbytes`` of ``agent``'s items in all:
-    the part not released before leaves ``agent``'s quota. Only upward, and never past
-    what was sent there (a hostile host can release only what was sent to it). Whether
-    anything changed."""
+def release_tx(tx: Tx, host: str, agent: str, rows: int, nbytes: int, epoch: str = "") -> bool:
+    """``host`` reports it has released ``rows`` / ``nbytes`` of ``agent``'s items in all,
+    counted by its store ``epoch``: the part not released before leaves ``agent``'s
+    quota. Only upward, and never past what was sent there (a hostile host can release
+    only what was sent to it). A report from another store than the last one's (its
+    store was reset: its counts start again at 0) first releases everything sent there
+    until now, and its counts then add to that. Whether anything changed."""
     r = tx.execute(
         "SELECT rows, bytes, released_rows, released_bytes FROM swarm_sent"
         " WHERE agent=? AND host=?",
@@ -124,6 +149,31 @@ def release_tx(tx: Tx, host: str, agent: str, rows: int, nbytes: int) -> bool:
     ).fetchone()
     if r is None:
         return False
+    h = tx.execute("SELECT epoch FROM swarm_host_epoch WHERE host=?", (host,)).fetchone()
+    if h is not None and h[0] != epoch:
+        # Not the store the host's heartbeat names: the old one's last report, replayed by
+        # a watch started again after the reset (taken for a new store, it released again
+        # what the new one holds), or the new one's ahead of its heartbeat (whose rebase
+        # releases what it would have).
+        return False
+    e = tx.execute(
+        "SELECT epoch, base_rows, base_bytes FROM swarm_sent_epoch WHERE agent=? AND host=?",
+        (agent, host),
+    ).fetchone()
+    base = (0, 0)
+    if e is None or not e[0]:
+        # The first report of a store (or the first since an upgrade from reports without
+        # one, the same store counting on): its counts are the cumulative ones.
+        _epoch_tx(tx, agent, host, epoch, base)
+    elif e[0] != epoch:
+        # A new store there: what the old one held is gone with it, and what it had yet
+        # to receive the new one counts again (released twice: at worst the sender's
+        # quota undercounts what was in flight, which a hostile host could release anyway).
+        base = (int(r[0]), int(r[1]))
+        _epoch_tx(tx, agent, host, epoch, base)
+    else:
+        base = (int(e[1]), int(e[2]))
+    rows, nbytes = base[0] + rows, base[1] + nbytes
     new_rows, new_bytes = min(max(rows, r[2]), r[0]), min(max(nbytes, r[3]), r[1])
     d_rows, d_bytes = new_rows - r[2], new_bytes - r[3]
     if not (d_rows or d_bytes):
@@ -137,6 +187,51 @@ def release_tx(tx: Tx, host: str, agent: str, rows: int, nbytes: int) -> bool:
         (d_rows, d_bytes, agent),
     )
     return True
+
+
+def _epoch_tx(tx: Tx, agent: str, host: str, epoch: str, base: tuple[int, int]) -> None:
+    tx.execute(
+        "INSERT INTO swarm_sent_epoch (agent, host, epoch, base_rows, base_bytes)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (agent, host) DO UPDATE SET epoch ="
+        " excluded.epoch, base_rows = excluded.base_rows, base_bytes = excluded.base_bytes",
+        (agent, host, epoch, *base),
+    )
+
+
+def host_epoch_tx(tx: Tx, host: str, epoch: str) -> int:
+    """``host``'s heartbeat names its store ``epoch``. A new one (its store was reset):
+    each of our agents' items sent there and not yet released is released, whether or not
+    that agent ever hears from the new store (one whose quota the lost store filled would
+    send nothing more there, and so get no report: wedged). How many agents it freed."""
+    r = tx.execute("SELECT epoch FROM swarm_host_epoch WHERE host=?", (host,)).fetchone()
+    tx.execute(
+        "INSERT INTO swarm_host_epoch (host, epoch) VALUES (?, ?) ON CONFLICT (host)"
+        " DO UPDATE SET epoch = excluded.epoch",
+        (host, epoch),
+    )
+    if r is None or r[0] == epoch:
+        return 0  # the first we hear of it (its counts are cumulative): as reports say
+    agents = tx.execute(
+        "SELECT s.agent FROM swarm_sent s LEFT JOIN swarm_sent_epoch e ON (e.agent, e.host)"
+        " = (s.agent, s.host) WHERE s.host=? AND coalesce(e.epoch, '') != ?",
+        (host, epoch),
+    ).fetchall()
+    freed = 0
+    for (agent,) in agents:
+        # Marked as of an old store, so that the report of 0 in the new one rebases.
+        _epoch_tx(tx, agent, host, str(r[0]) or "-", (0, 0))
+        freed += release_tx(tx, host, agent, 0, 0, epoch)
+    return freed
+
+
+def store_epoch(tx: Tx) -> str:
+    """This store's name in its reports: drawn once, when its swarm tables are made."""
+    r = tx.execute("SELECT epoch FROM swarm_epoch WHERE one = 1").fetchone()
+    if r is not None:
+        return str(r[0])
+    epoch = secrets.token_hex(8)
+    tx.execute("INSERT INTO swarm_epoch (one, epoch) VALUES (1, ?)", (epoch,))
+    return epoch
 
 
 # -- the receiving host -------------------------------------------------------------------

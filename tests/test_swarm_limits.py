@@ -1,0 +1,275 @@
+"""The swarm's bounds driven to their limits (docs/swarm.md, issue 18), on the session's
+three test hosts (hive-cores): the window of unacked bundles a sender keeps on a pair
+(s.MAIL_WINDOW of the bus's s.MAIL_PAIR_MSGS) with its receiver stopped while the
+sender's agents send far more, and the names a host holds (HELD_MAX) with the let-go
+round trip at that bound. The quota's store reset is tests/test_swarm_quota.py's."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nats
+import pytest
+
+from helpers import assert_ok, wait_for
+from hyperhive.swarm import subjects as s
+from hyperhive.swarm.bridge import HELD_MAX, LET_GO_EACH_ROUND, live_claims
+from swarm_faults import drain
+from swarm_fixture import HOSTS, Swarm
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+
+
+def as_host(swarm: Swarm, host: str | None, use: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``use(nc)`` on a connection with ``host``'s own NATS credentials (what a
+    hostile host has), or the admin's (None)."""
+
+    async def run() -> Any:
+        if host is None:
+            user, password = swarm.net.admin()
+            nc = await nats.connect(swarm.net.urls("a"), user=user, password=password)
+        else:
+            nc = await nats.connect(swarm.net.urls(host), user=f"host-{host}",
+                                    password=swarm.net.passwords[host],
+                                    inbox_prefix=s.inbox_prefix(host))  # fmt: skip
+        try:
+            return await use(nc)
+        finally:
+            await nc.close()
+
+    return asyncio.run(run())
+
+
+# -- the window ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+def test_a_stopped_receiver_holds_its_sender_at_the_window(swarm: Swarm) -> None:
+    """b's hive-core is stopped (SIGSTOP: connected, reading nothing, one bundle perhaps
+    in hand) while alice and ana on a send bob far more than s.MAIL_PAIR_MSGS bundles'
+    worth, one message a send. A reads b's consumer of its bundles throughout: the pair
+    never holds more than s.MAIL_WINDOW (past s.MAIL_PAIR_MSGS the bus would drop a's
+    oldest, acked to its agents); a's later rows wait in its outbox. b resumed: bob gets
+    every message once, in order per sender; the pair's throughput while the window is
+    the limit (b working through the window's small bundles, a's outbox behind them) is
+    printed."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    assert_ok(a.host_call("spawn", name="ana", spec={"runtime": "command", "command": ["true"],
+                                                     "peers": ["bob"]}))  # fmt: skip
+    senders = ("alice", "ana")
+    per_sender = 1_500
+    tag = time.time_ns()
+    bodies = {who: [f"{who} {i} {tag}" for i in range(per_sender)] for who in senders}
+    seen: list[tuple[int, int]] = []  # (pending, ack pending) of b's consumer of a's bundles
+    stop_watching = threading.Event()
+
+    async def watch(nc: Any) -> None:
+        js = nc.jetstream(timeout=5)
+        while not stop_watching.is_set():
+            info = await js.consumer_info(s.STREAM, s.consumer("b", "a"))
+            seen.append((info.num_pending or 0, info.num_ack_pending or 0))
+            await asyncio.sleep(0.02)
+
+    watcher = threading.Thread(target=as_host, args=(swarm, None, watch))
+    try:
+        wait_for(lambda: swarm.status("b")["outbox_unsent"] == 0)
+        assert b.proc is not None
+        os.kill(b.proc.pid, signal.SIGSTOP)
+        watcher.start()
+
+        def send(who: str) -> None:
+            agent = a.agent(who)
+            for body in bodies[who]:
+                assert_ok(agent.call("send", to="bob", body=body))
+
+        threads = [threading.Thread(target=send, args=(who,)) for who in senders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wait_for(lambda: swarm.status("a")["full"] == ["b"], timeout=15)
+        time.sleep(6)  # past the consumer's ack wait (5 s): a bundle b held is pending again
+        status = swarm.status("a")
+        assert status["full"] == ["b"] and status["outbox_unsent"] > 0, status
+        held = as_host(swarm, None, lambda nc: nc.jetstream(timeout=5).consumer_info(
+            s.STREAM, s.consumer("b", "a")))  # fmt: skip
+        on_pair = (held.num_pending or 0) + (held.num_ack_pending or 0)
+        assert on_pair == s.MAIL_WINDOW, held  # the window, no more and (held) no less
+    finally:
+        if b.proc is not None and b.running:
+            os.kill(b.proc.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    total = per_sender * len(senders)
+    try:
+        got = drain(swarm, "b", "bob", total, timeout=120)
+        took = time.monotonic() - resumed
+    finally:
+        stop_watching.set()
+        if watcher.is_alive():
+            watcher.join()
+        assert_ok(a.host_call("destroy", name="ana"))
+    most = max(p + ap for p, ap in seen)
+    assert len(seen) > 50 and most <= s.MAIL_WINDOW, most
+    for who in senders:
+        assert [m["body"] for m in got if m["from"] == who] == bodies[who]  # once, in order
+    assert len(got) == total
+    wait_for(lambda: swarm.status("a")["full"] == [] and swarm.status("a")["outbox_unsent"] == 0)
+    print(f"\nwindow: {status['outbox_unsent']} of {total} waited in a's outbox behind"
+          f" {s.MAIL_WINDOW} bundles; the pair at most {most} unacked; b resumed:"
+          f" {total} messages in {took:.2f} s, {total / took:.0f} msg/s")
+
+
+# -- held names ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(900)  # ~HELD_MAX / LET_GO_EACH_ROUND roster rounds: minutes
+@pytest.mark.attack("swarm-name-claim", ref="issue 18: held names at HELD_MAX; reads by name starved the let-go")
+def test_held_names_at_their_bound_and_the_let_go_round_trip(swarm: Swarm) -> None:
+    """HELD_MAX + 1 names a claimed (its agents destroyed while its core was down), each
+    claimed later by c, a hostile host that keeps its losing claims: a holds them all,
+    at LET_GO_EACH_ROUND reads a round, up to HELD_MAX; the one past it, the oldest
+    claimed, is let go (one log line) and c, next in line, owns it; nothing else
+    changes. Then c deletes its claim of the name that sorts last: a lets it go within a
+    couple of rounds (before: reads went by name to the first ~960 held names over and
+    over, the holds stopped growing there and the names past them were never let go)."""
+    a = swarm.cores["a"]
+    n = HELD_MAX + 1
+    names = [f"held-{i:05d}" for i in range(n)]
+
+    def claim(host: str, only: list[str]) -> Callable[[Any], Awaitable[None]]:
+        async def go(nc: Any) -> None:
+            js = nc.jetstream(timeout=30)
+            subject = lambda name: s.kv_subject(host, s.name_key(name, host))  # noqa: E731
+            await js.publish(subject(only[0]), host.encode())  # the oldest, alone first
+            for i in range(1, len(only), 512):
+                await asyncio.gather(*(js.publish(subject(x), host.encode()) for x in only[i : i + 512]))
+
+        return go
+
+    a.stop()
+    try:
+        as_host(swarm, "a", claim("a", names))
+        as_host(swarm, "c", claim("c", names))
+    finally:
+        logged = a.log_path.read_text() if a.log_path.exists() else ""
+        a.start()
+    start = time.monotonic()
+    try:
+        # LET_GO_EACH_ROUND reads a roster round (a second and its work): ~n / 32 seconds.
+        grew: list[tuple[float, int]] = []
+
+        def held_all() -> bool:
+            grew.append((time.monotonic() - start, len(swarm.status("a")["held"])))
+            return grew[-1][1] >= HELD_MAX and "more than" in a.log_path.read_text()[len(logged):]
+
+        wait_for(held_all, timeout=n / LET_GO_EACH_ROUND * 2.5, interval=2)
+        took = time.monotonic() - start
+        time.sleep(3)  # a few more rounds: nothing more is let go
+        log = a.log_path.read_text()[len(logged):]
+        let_go = [line for line in log.splitlines() if "let go: more than" in line]
+        assert len(let_go) == 1 and f"'{names[0]}'" in let_go[0], let_go
+        held = swarm.status("a")["held"]
+        assert len(held) == HELD_MAX and names[0] not in held, len(held)
+
+        async def owners(nc: Any, which: list[str]) -> dict[str, dict[str, Any]]:
+            return {x: await live_claims(nc, HOSTS, x) for x in which}
+
+        claims = as_host(swarm, None, lambda nc: owners(nc, [names[0], names[1], names[-1]]))
+        assert set(claims[names[0]]) == {"c"}, claims  # c, next in line, owns the one let go
+        assert set(claims[names[1]]) == set(claims[names[-1]]) == {"a", "c"}, claims
+
+        # The let-go round trip at the bound: c lets the last name (by sort) go.
+        async def c_lets_go(nc: Any) -> None:
+            await nc.jetstream(timeout=10).publish(
+                s.kv_subject("c", s.name_key(names[-1], "c")), b"", headers={"KV-Operation": "DEL"}
+            )
+
+        as_host(swarm, "c", c_lets_go)
+        deleted = time.monotonic()
+        wait_for(lambda: as_host(swarm, None, lambda nc: owners(nc, [names[-1]]))[names[-1]] == {},
+                 timeout=10, interval=0.05)  # fmt: skip
+        round_trip = time.monotonic() - deleted
+        assert round_trip < 5, round_trip
+        assert len(swarm.status("a")["held"]) == HELD_MAX - 1
+        print(f"\nheld names: {HELD_MAX} held after {took:.0f} s ({HELD_MAX / took:.0f} a second);"
+              f" hold {n} let the oldest go; a let-go at the bound came back in {round_trip:.2f} s")
+    finally:
+        # As found: a's claims of them purged while its core is down, c's deleted.
+        a.stop()
+        try:
+            async def purge(nc: Any) -> None:
+                await nc.jetstream(timeout=30).purge_stream(
+                    s.kv_stream("a"), subject=s.kv_subject("a", s.name_key("*", "a"))
+                )
+
+            async def unclaim(nc: Any) -> None:
+                js = nc.jetstream(timeout=30)
+                for i in range(0, n, 512):
+                    await asyncio.gather(*(
+                        js.publish(s.kv_subject("c", s.name_key(x, "c")), b"", headers={"KV-Operation": "DEL"})
+                        for x in names[i : i + 512]
+                    ))  # fmt: skip
+
+            as_host(swarm, None, purge)
+            as_host(swarm, "c", unclaim)
+        finally:
+            a.start()
+        swarm.wait_roster("a")
+
+
+# -- the quota across a receiver's store reset ----------------------------------------------
+
+
+def usage(core: Any, agent: str) -> tuple[int, int]:
+    """What ``agent`` holds in its storage quota on ``core``'s host (rows, bytes)."""
+    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent=?", (agent,)).fetchone()
+        return (0, 0) if row is None else (row[0], row[1])
+    finally:
+        db.close()
+
+
+def test_a_receivers_store_reset_gives_its_senders_quota_back(swarm: Swarm) -> None:
+    """alice's messages wait unread in bob's inbox on b (in her quota on a) when b's store
+    is lost (b installed again: its hive.db gone, its core started on a new one). Before,
+    b's counts started again at 0 and a, applying reports only upward, gave alice nothing
+    back (and nothing at all had she sent b nothing more): her quota stayed spent for
+    good. Now b's heartbeat names its new store, and a releases what alice had sent there;
+    later messages count and are released as before."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    alice = a.agent("alice")
+    before = usage(a, "alice")
+    tag = time.time_ns()
+    for i in range(5):
+        assert_ok(alice.call("send", to="bob", body=f"lost {i} {tag}"))
+    wait_for(lambda: swarm.status("b")["received"] >= 5 and swarm.status("a")["outbox_unsent"] == 0)
+    time.sleep(1)  # into bob's inbox, unread: held on b, counted on a
+    assert usage(a, "alice")[0] == before[0] + 5
+    logged = a.log_path.read_text()
+    b.stop()
+    try:
+        for path in b.state_dir.glob("hive.db*"):
+            path.unlink()
+    finally:
+        b.start()
+    swarm.wait_roster("b")
+    wait_for(lambda: usage(a, "alice") == before, timeout=15)
+    said = [line for line in a.log_path.read_text()[len(logged):].splitlines() if "store is new" in line]
+    assert len(said) == 1 and "host b" in said[0], said
+    # The new store counts on: a message read there is released, one unread is not.
+    assert_ok(alice.call("send", to="bob", body=f"after {tag}"))
+    assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"after {tag}"]
+    wait_for(lambda: usage(a, "alice") == before, timeout=10)
+    assert_ok(alice.call("send", to="bob", body=f"unread {tag}"))
+    time.sleep(2)
+    assert usage(a, "alice")[0] == before[0] + 1
+    assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"unread {tag}"]
+    wait_for(lambda: usage(a, "alice") == before, timeout=10)
