@@ -177,32 +177,21 @@ class AgentConnection(LineConnection):
     def _next_line(self) -> bytes | None:
         """The next whole line (at the end of input, what is left of one); None when none
         is here yet, or the connection is over (an overflow, the end of input)."""
-        buf = self._buffer
-        i = buf.find(b"\n", self._scanned)
-        if i > self._limit or (i < 0 and len(buf) > self._limit):
+        try:
+            line = self.take_line()
+        except ValueError:
             self._overflow(0.0)
             return None
-        if i >= 0:
-            line = bytes(buf[: i + 1])
-            del buf[: i + 1]
-            self._scanned = 0
-            self._maybe_resume()
-            return line
-        self._scanned = len(buf)
-        if not self._eof:
+        if line is None:
             if self._paused:  # nothing whole to take, and the peer is held: let it send
                 self._paused = False
                 assert self.transport is not None
                 self.transport.resume_reading()
             return None
-        if buf:  # the last line, without its newline
-            line = bytes(buf)
-            buf.clear()
-            self._scanned = 0
-            return line
-        self._busy = True  # the end of input: nothing more to serve
-        self.close()
-        return None
+        if not line:
+            self._busy = True  # the end of input: nothing more to serve
+            self.close()
+        return line or None
 
     def _next_turn(self) -> None:
         self._busy = False
