@@ -116,6 +116,48 @@ def test_a_recv_waiting_when_its_peer_hangs_up_takes_nothing(core: CoreProcess) 
     assert time.monotonic() - t0 < 5
 
 
+def test_closed_connections_waiting_in_recv_are_dropped_at_once(core: CoreProcess) -> None:
+    """A connection closed while its recv waits is gone when the peer is: it holds no
+    descriptor, no wake-up and no claim on the agent's connection cap (32 per uid) until
+    its wait would have ended. Kept, a runtime reconnecting that often within a recv's
+    wait was refused, and each woke for every message (bench/warm.py)."""
+    fds = Path(f"/proc/{core.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    for _ in range(2):  # twice the cap, closed as they go: every one must be accepted
+        conns = []
+        for _ in range(32):
+            for _retry in range(100):  # the listener's backlog is small: one at a time
+                try:
+                    conns.append(_connect(core, "bob"))
+                    break
+                except BlockingIOError:
+                    time.sleep(0.02)
+            conns[-1].sendall(_line({"cmd": "recv", "wait": 60}))
+        assert len(conns) == 32
+        time.sleep(0.5)  # every recv waits in the core
+        for s in conns:
+            s.close()
+        time.sleep(0.5)  # the core has seen the hang-ups
+    assert len(list(fds.iterdir())) <= before + 2
+    assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
+    with core.agent("bob") as bob:
+        got = assert_ok(bob.call("recv", wait=10))["messages"]
+    assert [m["body"] for m in got] == ["after"]
+
+
+def test_a_recv_waiting_after_a_half_close_still_gets_its_reply(core: CoreProcess) -> None:
+    """A peer that only shut its writing half is still there: its recv waits on and its
+    message comes (only a socket closed whole ends the wait)."""
+    with _connect(core, "bob") as s:
+        s.sendall(_line({"cmd": "recv", "wait": 10}))
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)  # the core has seen the end of input
+        assert_ok(core.agent_call("alice", "send", to="bob", body="still here"))
+        replies = _lines(s, 2)
+    assert [m["body"] for m in assert_ok(replies[0])["messages"]] == ["still here"]
+    assert len(replies) == 1  # and then closed, at the end of input
+
+
 def test_thousands_of_answered_at_once_requests_in_one_write(core: CoreProcess) -> None:
     """Requests answered without waiting (recv of an empty inbox, wait 0) are taken in a
     loop, not by the loop calling itself: 5,000 in one write are all answered."""

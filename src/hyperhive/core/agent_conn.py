@@ -23,14 +23,17 @@ red team check them on this loop):
 * Bad input (not JSON, not a request): one error line, and the connection goes on.
 * The input buffer is bounded (lineconn.py: reading pauses past twice the limit).
 * A hang-up ends what waits on it: a ``recv`` waiting for its inbox stops waiting (its
-  ack, committed or not, stands), a send's write stands, a task is let finish, and only
-  then are the messages this connection holds released (``wait_closed``).
+  ack, committed or not, stands) as soon as the peer has closed its socket (the end of
+  input with POLLHUP; a peer that only shut its writing half still gets the reply), a
+  send's write stands, a task is let finish, and only then are the messages this
+  connection holds released (``wait_closed``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import select
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -117,6 +120,20 @@ class AgentConnection(LineConnection):
 
     def eof_received(self) -> bool:
         super().eof_received()
+        if self._watch is not None and not self._buffer and self._peer_gone():
+            # A recv waiting for its inbox, and nobody left to read its reply: the wait
+            # ends now, not when it would have (up to the recv's wait). Kept, it held the
+            # connection's descriptor and its claim on the agent's connection cap, and its
+            # wake-up was answered each time a message came for the agent: the read of
+            # the inbox, often the message taken, written to nobody and handed back only
+            # once the write failed. A runtime reconnecting after each closed loop paid
+            # ~3 µs a round for each such connection (bench/warm.py, docs/performance.md).
+            # Its ack, committed or not, stands. Lines the peer wrote after the recv are
+            # still taken in turn, as before (the buffer is empty here).
+            self._recv = None
+            self._watch[0].cancel()  # _woken unwatches it
+            self.close()
+            return True
         if not self._busy:
             self._pump()
         return True
@@ -132,6 +149,17 @@ class AgentConnection(LineConnection):
         super().resume_writing()
         if not self._busy:
             self._pump()
+
+    def _peer_gone(self) -> bool:
+        """Whether the peer closed its socket (not only its writing half): a Unix socket's
+        peer gone whole shows as POLLHUP, a ``shutdown(SHUT_WR)`` only as the end of input,
+        and a half-closed peer still reads the replies (test_agent_conn.py)."""
+        sock = self.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
     async def wait_closed(self) -> None:
         """Until the connection is gone and the request a task was handling is done (the
