@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -121,8 +122,7 @@ def test_closed_connections_waiting_in_recv_are_dropped_at_once(core: CoreProces
     descriptor, no wake-up and no claim on the agent's connection cap (32 per uid) until
     its wait would have ended. Kept, a runtime reconnecting that often within a recv's
     wait was refused, and each woke for every message (bench/warm.py)."""
-    fds = Path(f"/proc/{core.proc.pid}/fd")
-    before = len(list(fds.iterdir()))
+    before = _open_sockets(core)
     for _ in range(2):  # twice the cap, closed as they go: every one must be accepted
         conns = []
         for _ in range(32):
@@ -138,11 +138,41 @@ def test_closed_connections_waiting_in_recv_are_dropped_at_once(core: CoreProces
         for s in conns:
             s.close()
         time.sleep(0.5)  # the core has seen the hang-ups
-    assert len(list(fds.iterdir())) <= before + 2
+    assert _open_sockets(core) <= before
     assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
     with core.agent("bob") as bob:
         got = assert_ok(bob.call("recv", wait=10))["messages"]
     assert [m["body"] for m in got] == ["after"]
+
+
+def _open_sockets(core: CoreProcess) -> int:
+    """The core's open sockets (its other descriptors come and go with SQLite's files)."""
+    assert core.proc is not None
+    fds = Path(f"/proc/{core.proc.pid}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
+
+
+def test_a_recv_whose_peer_left_during_its_ack_does_not_wait(core: CoreProcess) -> None:
+    """A recv with an ack, the peer gone before or while the ack commits: the ack stands,
+    and the recv does not wait for the inbox with nobody to reply to (on main its
+    connection stayed open until the wait's end, or until the next message woke it, took
+    the message and wrote it to nobody)."""
+    assert_ok(core.agent_call("alice", "whoami"))
+    before = _open_sockets(core)
+
+    for i in range(3):
+        assert_ok(core.agent_call("alice", "send", to="bob", body=f"m{i}"))
+        with _connect(core, "bob") as s:
+            s.sendall(_line({"cmd": "recv", "wait": 5}))
+            (got,) = _lines(s, 1)
+            ids = [m["id"] for m in assert_ok(got)["messages"]]
+            assert len(ids) == 1
+            s.sendall(_line({"cmd": "recv", "wait": 60, "ack": ids}))
+        # closed at once: the ack may still be committing
+        time.sleep(0.2)
+    assert _open_sockets(core) <= before
+    with core.agent("bob") as bob:  # every ack stood: nothing comes back
+        assert assert_ok(bob.call("recv", wait=0))["messages"] == []
 
 
 def test_a_recv_waiting_after_a_half_close_still_gets_its_reply(core: CoreProcess) -> None:

@@ -120,16 +120,7 @@ class AgentConnection(LineConnection):
 
     def eof_received(self) -> bool:
         super().eof_received()
-        if self._watch is not None and not self._buffer and self._peer_gone():
-            # A recv waiting for its inbox, and nobody left to read its reply: the wait
-            # ends now, not when it would have (up to the recv's wait). Kept, it held the
-            # connection's descriptor and its claim on the agent's connection cap, and its
-            # wake-up was answered each time a message came for the agent: the read of
-            # the inbox, often the message taken, written to nobody and handed back only
-            # once the write failed. A runtime reconnecting after each closed loop paid
-            # ~3 µs a round for each such connection (bench/warm.py, docs/performance.md).
-            # Its ack, committed or not, stands. Lines the peer wrote after the recv are
-            # still taken in turn, as before (the buffer is empty here).
+        if self._watch is not None and self._hung_up():
             self._recv = None
             self._watch[0].cancel()  # _woken unwatches it
             self.close()
@@ -150,10 +141,22 @@ class AgentConnection(LineConnection):
         if not self._busy:
             self._pump()
 
-    def _peer_gone(self) -> bool:
-        """Whether the peer closed its socket (not only its writing half): a Unix socket's
-        peer gone whole shows as POLLHUP, a ``shutdown(SHUT_WR)`` only as the end of input,
-        and a half-closed peer still reads the replies (test_agent_conn.py)."""
+    def _hung_up(self) -> bool:
+        """Whether a recv about to wait (or waiting) for its inbox has nobody to reply to:
+        the input is over with no line left to take, and the peer closed its socket (not
+        only its writing half: a Unix socket's peer gone whole shows as POLLHUP, a
+        ``shutdown(SHUT_WR)`` only as the end of input, and a half-closed peer still reads
+        the replies; test_agent_conn.py).
+
+        Such a wait used to last until its end (up to the recv's wait): it held the
+        connection's descriptor and its claim on the agent's connection cap, and its
+        wake-up was answered each time a message came for the agent: the read of the
+        inbox, often the message taken, written to nobody and handed back only once the
+        write failed. A runtime reconnecting after each closed loop paid for each such
+        connection on every round (bench/warm.py, docs/performance.md). Its ack,
+        committed or not, stands."""
+        if not self._eof or self._buffer:
+            return False
         sock = self.get_extra_info("socket")
         if sock is None:
             return False
@@ -353,6 +356,10 @@ class AgentConnection(LineConnection):
             self._recv = None
             extra = more(page) if acked is None else {**more(page), "acked": acked}
             self._done(ok(messages=page.items, **extra))
+            return
+        if self._hung_up():  # the peer left while the ack committed: no wait at all
+            self._recv = None
+            self.close()
             return
         watch = self._watch = session.hive.wakeups.watch(session.actor.name, deadline - now)
         watch[0].add_done_callback(self._woken)
