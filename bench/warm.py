@@ -217,7 +217,7 @@ def wal_frames(db: Path) -> dict[str, Any]:
 
 
 def maintenance(db: Path, checkpoint: bool, prune: bool) -> None:
-    conn = sqlite3.connect(db, timeout=10)
+    conn = sqlite3.connect(db, timeout=10, isolation_level=None)  # each its own transaction
     try:
         if prune:
             conn.execute("DELETE FROM messages WHERE acked_at IS NOT NULL")
