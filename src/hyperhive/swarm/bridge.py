@@ -24,6 +24,7 @@ import logging
 import math
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -110,6 +111,32 @@ def roster_row(host: str, name: str, row: dict[str, Any]) -> dict[str, Any]:
         "created_at": incarnation(row.get("created_at")),
         "seen": time.time(),
     }
+
+
+Row = tuple[tuple[str, str], dict[str, Any]]
+
+
+def shares(rows: list[Row], limit: int) -> list[Row]:
+    """``rows`` (sorted by host, then name) cut to ``limit``, each host given an equal
+    share of it and a host with fewer rows leaving the rest of its share to the others.
+    Cut in that order alone, the rows of one host that sorts first, as many as it likes
+    in its own bucket, left none of the hosts after it listed: ``hive status`` showed
+    none of their agents and ``hive destroy --host`` asked about no incarnation of theirs
+    (red team round 15)."""
+    counts = Counter(host for (host, _), _ in rows)
+    share: dict[str, int] = {}
+    left = limit
+    for i, (host, n) in enumerate(sorted(counts.items(), key=lambda hn: hn[1])):
+        share[host] = min(n, left // (len(counts) - i))
+        left -= share[host]
+    taken: Counter[str] = Counter()
+    out: list[Row] = []
+    for row in rows:
+        host = row[0][0]
+        if taken[host] < share[host]:
+            taken[host] += 1
+            out.append(row)
+    return out
 
 
 def incarnation(value: object) -> float | None:
@@ -317,8 +344,8 @@ class Bridge:
             # The one roster: every host's agents, this host's own included.
             "agents": [
                 {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": reachable.get(host, False)}
-                for (host, _), row in sorted(self.rows.items())
-            ][:MAX_LISTED],
+                for (host, _), row in shares(sorted(self.rows.items()), MAX_LISTED)
+            ],
             **self.operator.status(),
         }
 
@@ -335,11 +362,11 @@ class Bridge:
         nc = self.nc
         connected = nc is not None and nc.is_connected
         up = {h: self.reachable(h, connected) for h in {h for h, _ in self.rows}}
+        others = sorted((key, row) for key, row in self.rows.items() if key[0] != self.host)
         return [
             {**{k: row.get(k) for k in ROW_FIELDS}, "reachable": up[host]}
-            for (host, _), row in sorted(self.rows.items())
-            if host != self.host
-        ][:MAX_LISTED]
+            for (host, _), row in shares(others, MAX_LISTED)
+        ]
 
     def reachable(self, host: str, connected: bool) -> bool:
         """This host: the bus answers. Another: its heartbeat came within STALE_SECONDS."""

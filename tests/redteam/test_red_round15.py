@@ -1,0 +1,125 @@
+"""Red team round 15: session 10's changes from outside: the swarm quota's store epochs
+(a heartbeat's ``epoch``, a report's third field), the old ``HIVE_OPS`` drained after an
+upgrade, the CLI's lifecycle verbs bound to another host's incarnation, and the core's
+recv timer heap, send fast path, ``peers`` and the client's connect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import assert_ok, wait_for
+from hive_fixture import HIVE
+from hyperhive.swarm import subjects as s
+from swarm_fixture import Swarm
+
+from .test_swarm_hostile import as_host_c
+
+
+def _cpu(pid: int) -> float:
+    """A process's CPU time (user + system), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- the quota's store epochs --------------------------------------------------------------
+
+
+@pytest.mark.attack("swarm-roster-fill", ref="red team round 15: c's heartbeat names a new store epoch on every put")
+def test_cs_epoch_flips_cost_each_watcher_little(swarm: Swarm) -> None:
+    """A heartbeat's ``epoch`` that differs from the last is a store reset there: the
+    watcher releases, in a write transaction, everything its agents sent there. c's
+    heartbeat key is c's own to write as often as the bus takes it: c puts ``hosts.c``
+    with a new epoch each time for R15S (6) seconds (alice has sent carol a message
+    first, so a's store has a quota row for c). a's core must spend no more CPU a put
+    than on any other row of c's (round 11's bound: 150 µs), and alice's calls stay
+    answered."""
+    secs = float(os.environ.get("R15S", "6"))
+    a = swarm.cores["a"]
+    assert a.proc is not None
+    alice = a.agent("alice")
+    assert_ok(alice.call("send", to="carol", body="r15 before the epoch flood"))
+    puts = [0]
+    stop = time.monotonic() + secs
+    beat = s.kv_subject("c", s.host_key("c"))
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=30)
+        while time.monotonic() < stop:
+            values = [json.dumps({"at": time.time(), "epoch": uuid.uuid4().hex}).encode() for _ in range(50)]
+            await asyncio.gather(*(js.publish(beat, v) for v in values))
+            puts[0] += 50
+
+    slowest = 0.0
+    cpu0 = _cpu(a.proc.pid)
+    flood = threading.Thread(target=as_host_c, args=(swarm, attack), kwargs={"settle": 0})
+    flood.start()
+    try:
+        while flood.is_alive():
+            t = time.perf_counter()
+            assert_ok(alice.call("whoami"))
+            slowest = max(slowest, time.perf_counter() - t)
+            time.sleep(0.01)
+        flood.join()
+        time.sleep(3.0)  # what a's watch had yet to take
+        cost = (_cpu(a.proc.pid) - cpu0) / puts[0]
+        print(f"c put {puts[0]} heartbeats in {secs:.0f} s; a's core {cost * 1e6:.1f} µs of CPU a put; "
+              f"alice's slowest whoami {slowest * 1e3:.0f} ms")
+        assert puts[0] > 10_000 and cost < 150e-6, (puts[0], cost)
+        assert slowest < 2.0, slowest
+    finally:
+        flood.join()
+
+
+# -- the CLI's lifecycle verbs bound to the incarnation the roster listing shows ------------
+
+CUT = 10_001  # bridge.MAX_LISTED + 1: rows of b's alone fill a's whole listing
+
+
+@pytest.mark.attack("swarm-roster-fill", ref="red team round 15: b's rows crowd c's out of a's listing, and a's destroy --host c binds nothing")
+def test_a_hosts_rows_cannot_crowd_anothers_out_of_the_listing(swarm: Swarm) -> None:
+    """``hive destroy --host c NAME`` asks about, and binds, the row a's listing
+    (``agent_status``'s ``swarm_agents``) shows for c's agent; the listing is cut at
+    MAX_LISTED rows sorted by host. b (its stolen NATS credentials: a host that sorts
+    before c) writes 10,001 rows of its own: every row of c's fell past the cut, so a's
+    question named no incarnation (and ``hive status`` showed none of c's agents). Each
+    host must keep its share of the listing: carol stays listed, and the question names
+    her created_at."""
+    names = [f"r15cut{k:05d}" for k in range(CUT)]
+    row = b'{"running": false, "paused": false, "status_text": "r15", "created_at": 1.0}'
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=30)
+        for i in range(0, len(names), 500):
+            await asyncio.gather(*(js.publish(s.kv_subject("b", s.row_key("b", n)), row) for n in names[i : i + 500]))
+
+    async def tidy(nc: Any) -> None:
+        js = nc.jetstream(timeout=30)
+        for i in range(0, len(names), 500):
+            await asyncio.gather(*(js.publish(s.kv_subject("b", s.row_key("b", n)), b"", headers={"KV-Operation": "DEL"})
+                                   for n in names[i : i + 500]))
+
+    a = swarm.cores["a"]
+    try:
+        assert as_host_c(swarm, attack, host="b", settle=0) == []
+        wait_for(lambda: swarm.status("a")["roster"] >= CUT, timeout=60)
+        listed = a.host_call("agent_status")["swarm_agents"]
+        carol = [r for r in listed if (r["host"], r["name"]) == ("c", "carol")]
+        assert carol and isinstance(carol[0]["created_at"], float), len(listed)
+        asked = subprocess.run([str(HIVE), "--run-dir", str(a.run_dir), "destroy", "--host", "c", "carol"],
+                               input="n\n", capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert asked.returncode == 1 and "Traceback" not in asked.stderr, asked
+        assert f"created_at {carol[0]['created_at']!r})?" in asked.stdout, asked
+    finally:
+        as_host_c(swarm, tidy, host="b", settle=0)
+        wait_for(lambda: swarm.status("a")["roster"] < CUT, timeout=60)
