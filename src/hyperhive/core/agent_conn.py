@@ -34,6 +34,7 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from hyperhive.core.events import Deadline
 from hyperhive.core.jsonlines import PACE_SLACK, PIPELINE_MAX, _decode, _is_pipelined, _stream
 from hyperhive.core.lineconn import LineConnection
 from hyperhive.core.refusals import Refused
@@ -100,7 +101,7 @@ class AgentConnection(LineConnection):
         self._carried: dict[str, Any] | None = None  # decoded after a batch: handled next
         # A recv between its ack and its reply: its wait, limit, deadline and ack count.
         self._recv: tuple[float, int, float | None, int | None] | None = None
-        self._watch: tuple[asyncio.Future[None], asyncio.TimerHandle] | None = None
+        self._watch: tuple[asyncio.Future[None], Deadline] | None = None
         # A batch of pipelined sends: what each was started as, and how many still wait.
         self._batch: list[Started] = []
         self._batch_left = 0
@@ -177,32 +178,21 @@ class AgentConnection(LineConnection):
     def _next_line(self) -> bytes | None:
         """The next whole line (at the end of input, what is left of one); None when none
         is here yet, or the connection is over (an overflow, the end of input)."""
-        buf = self._buffer
-        i = buf.find(b"\n", self._scanned)
-        if i > self._limit or (i < 0 and len(buf) > self._limit):
+        try:
+            line = self.take_line()
+        except ValueError:
             self._overflow(0.0)
             return None
-        if i >= 0:
-            line = bytes(buf[: i + 1])
-            del buf[: i + 1]
-            self._scanned = 0
-            self._maybe_resume()
-            return line
-        self._scanned = len(buf)
-        if not self._eof:
+        if line is None:
             if self._paused:  # nothing whole to take, and the peer is held: let it send
                 self._paused = False
                 assert self.transport is not None
                 self.transport.resume_reading()
             return None
-        if buf:  # the last line, without its newline
-            line = bytes(buf)
-            buf.clear()
-            self._scanned = 0
-            return line
-        self._busy = True  # the end of input: nothing more to serve
-        self.close()
-        return None
+        if not line:
+            self._busy = True  # the end of input: nothing more to serve
+            self.close()
+        return line or None
 
     def _next_turn(self) -> None:
         self._busy = False
@@ -352,6 +342,18 @@ class AgentConnection(LineConnection):
     def _sends(self, first: dict[str, Any]) -> None:
         """``first`` and the pipelined requests right after it that are buffered whole
         already (taking them never waits for the peer), started in order."""
+        if b"\n" not in self._buffer:  # nothing pipelined after it (a closed loop's send)
+            started = self._start_send(first)
+            if isinstance(started, dict):
+                self.write(dump_line(started))  # refused now: _pump goes on
+                return
+            if started[1]:  # a plain send: its id once committed, no batch to keep
+                self._busy = True
+                started[0].add_done_callback(self._sent_alone)
+                return
+            self._batch, self._batch_left, self._busy = [started], 1, True
+            started[0].add_done_callback(self._sent)
+            return
         objs: list[dict[str, Any] | WireError] = [first]
         buf = self._buffer
         while len(objs) < PIPELINE_MAX:
@@ -400,6 +402,9 @@ class AgentConnection(LineConnection):
             return self.session.start_send(obj)  # refused now, or queued
         except Exception as e:
             return _failure(e)
+
+    def _sent_alone(self, fut: asyncio.Future[Any]) -> None:
+        self._done(_reply_of(fut, True))
 
     def _sent(self, fut: asyncio.Future[Any]) -> None:
         self._batch_left -= 1

@@ -92,31 +92,39 @@ class LineConnection(asyncio.Protocol):
         """A whole line is buffered: ``readline`` returns it without waiting."""
         return self._buffer.find(b"\n", self._scanned) >= 0
 
+    def take_line(self) -> bytes | None:
+        """The next line with its newline, without waiting: at end of input what is left
+        (no newline), then b""; None while no whole line is buffered. ValueError for a line
+        longer than the limit (what is buffered of it is dropped). ``readline`` and the
+        agent connection's callbacks (agent_conn.py) both take their lines here."""
+        buf = self._buffer
+        i = buf.find(b"\n", self._scanned)
+        if i >= 0:
+            if i > self._limit:
+                self._overrun(i + 1)
+            line = bytes(buf[: i + 1])
+            del buf[: i + 1]
+            self._scanned = 0
+            self._maybe_resume()
+            return line
+        self._scanned = len(buf)
+        if len(buf) > self._limit:
+            self._overrun(len(buf))
+        if not self._eof:
+            return None
+        line = bytes(buf)
+        buf.clear()
+        self._scanned = 0
+        return line
+
     async def readline(self) -> bytes:
         """The next line with its newline; at end of input what is left (no newline),
         then b"". ValueError for a line longer than the limit (dropped)."""
-        while True:
-            buf = self._buffer
-            i = buf.find(b"\n", self._scanned)
-            if i >= 0:
-                if i > self._limit:
-                    self._overrun(i + 1)
-                line = bytes(buf[: i + 1])
-                del buf[: i + 1]
-                self._scanned = 0
-                self._maybe_resume()
-                return line
-            self._scanned = len(buf)
-            if len(buf) > self._limit:
-                self._overrun(len(buf))
-            if self._eof:
-                if self._error is not None and not buf:
-                    raise self._error
-                line = bytes(buf)
-                buf.clear()
-                self._scanned = 0
-                return line
+        while (line := self.take_line()) is None:
             await self._wait()
+        if not line and self._error is not None:
+            raise self._error
+        return line
 
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes, waiting for some; b"" at end of input."""

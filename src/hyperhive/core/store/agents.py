@@ -41,6 +41,9 @@ class AgentRepo:
     def __init__(self, db: Database) -> None:
         self._db = db
         self._cache: dict[str, AgentRow] | None = None  # the whole table, by name
+        # Each agent's children, by name, in the table they were read from: the table is
+        # a new dict after every write, and this holds it, so ``is`` tells a stale index.
+        self._children: tuple[dict[str, AgentRow], dict[str, list[str]]] | None = None
 
     def _table(self) -> dict[str, AgentRow]:
         if self._cache is None:
@@ -59,6 +62,19 @@ class AgentRepo:
     def all(self) -> list[AgentRow]:
         """Every agent, by name."""
         return list(self._table().values())
+
+    def children_of(self, name: str) -> list[str]:
+        """The agents ``name`` spawned (their parent), by name; one pass over the table
+        after each change of it, then a lookup (``peers`` asks for every request)."""
+        table = self._table()
+        index = self._children
+        if index is None or index[0] is not table:
+            by_parent: dict[str, list[str]] = {}
+            for row in table.values():
+                if row.parent is not None:
+                    by_parent.setdefault(row.parent, []).append(row.name)
+            index = self._children = (table, by_parent)
+        return index[1].get(name, [])
 
     # -- writes: each drops the cache
 
