@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -123,3 +124,76 @@ def test_a_hosts_rows_cannot_crowd_anothers_out_of_the_listing(swarm: Swarm) -> 
     finally:
         as_host_c(swarm, tidy, host="b", settle=0)
         wait_for(lambda: swarm.status("a")["roster"] < CUT, timeout=60)
+
+
+# -- the core's send fast path and recv deadlines (agent.sock, every byte the agent's) ----
+
+
+def _lines(sock: socket.socket, n: int) -> list[dict[str, Any]]:
+    got = b""
+    while got.count(b"\n") < n:
+        chunk = sock.recv(65536)
+        assert chunk, got
+        got += chunk
+    return [json.loads(line) for line in got.splitlines()]
+
+
+@pytest.mark.attack("wire.pipelining", ref="red team round 15: a send answered alone while the next request arrives in pieces")
+def test_a_send_then_a_request_in_pieces_is_answered_in_order(core_factory: Any) -> None:
+    """A send with no whole line after it is answered alone (no batch); the agent writes
+    a send and the first bytes of the next request, then the rest of it once the send's
+    commit is under way, again and again with a recv, a whoami and a second send next.
+    Every reply must come in the order of the requests (the send's id first), each send
+    stored once, in order."""
+    core = core_factory({"r15a": {"runtime": "command", "command": ["true"], "peers": ["r15b"]},
+                         "r15b": {"runtime": "command", "command": ["true"], "peers": ["r15a"]}})
+    sent: list[int] = []
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(core.agent_sock("r15a")))
+        for k in range(30):
+            nxt = [b'{"cmd": "whoami"}\n', b'{"cmd": "recv", "wait": 0.01}\n',
+                   b'{"cmd": "send", "to": "r15b", "body": "r15 second %d"}\n' % k][k % 3]  # fmt: skip
+            sock.sendall(b'{"cmd": "send", "to": "r15b", "body": "r15 first %d"}\n' % k + nxt[:7])
+            time.sleep(0.002 * (k % 4))
+            sock.sendall(nxt[7:])
+            first, second = _lines(sock, 2)
+            assert first["ok"] and set(first) == {"version", "ok", "id"}, (k, first, second)
+            sent.append(first["id"])
+            assert second["ok"], (k, second)
+            if k % 3 == 2:
+                assert set(second) == {"version", "ok", "id"}, (k, second)
+                sent.append(second["id"])
+            else:
+                assert "id" not in second, (k, second)
+    assert sent == sorted(sent) and len(set(sent)) == len(sent), sent
+    got = assert_ok(core.agent_call("r15b", "recv", max=100))["messages"]
+    assert [m["id"] for m in got] == sent, (got, sent)
+
+
+@pytest.mark.attack("budget.exhaustion", ref="red team round 15: recv waits withdrawn in a loop, then a short one")
+def test_withdrawn_recv_deadlines_are_dropped_and_the_earliest_still_fires() -> None:
+    """The core's one timer for every waiting recv (core/events.py Deadlines): 100,000
+    waits each withdrawn at once (woken by a message first, as an agent that receives in
+    a loop does) leave the heap no bigger than the waits in progress and 64; a wait of 30 s
+    and one of 0.05 s added after it: the short one fires within its time."""
+    from hyperhive.core.events import Deadlines
+
+    async def go() -> tuple[int, float]:
+        loop = asyncio.get_running_loop()
+        d = Deadlines()
+        long_fut: asyncio.Future[None] = loop.create_future()
+        d.add(loop, loop.time() + 30, long_fut)
+        for _ in range(100_000):
+            f: asyncio.Future[None] = loop.create_future()
+            d.withdraw(d.add(loop, loop.time() + 60, f))
+        size = len(d._heap)
+        short: asyncio.Future[None] = loop.create_future()
+        t = time.monotonic()
+        d.add(loop, loop.time() + 0.05, short)
+        await asyncio.wait_for(short, 2)
+        return size, time.monotonic() - t
+
+    size, took = asyncio.run(go())
+    assert size <= 1 + 64 + 1, size
+    assert took < 1.0, took
