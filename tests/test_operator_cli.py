@@ -288,6 +288,24 @@ def test_events_one_readable_line_each_and_ndjson(hive: HiveProcess) -> None:
 # -- hive inbox --------------------------------------------------------------------------
 
 
+def test_core_stats_prints_the_cores_commits(hive: HiveProcess, tmp_path: Path) -> None:
+    """``hive core-stats``: host.sock's ``core_stats``, its commits growing with what the
+    hive stores; one line of error, exit 1, when no hive serves the run dir."""
+    raw = run_hive(hive, "core-stats", "--json")
+    assert raw.returncode == 0 and raw.stderr == "", raw
+    before = ok(json.loads(raw.stdout))
+    assert set(before) == {"version", "ok", "commits"} and type(before["commits"]) is int, before
+    ok(hive.host_call("send", to="bob", body="core-stats: a message stored is a commit"))
+    human = run_hive(hive, "core-stats")
+    assert human.returncode == 0 and human.stderr == "", human
+    m = re.fullmatch(r"commits: (\d+)\n", human.stdout)
+    assert m and int(m[1]) > before["commits"], (human.stdout, before)
+    down = run_hive(None, "--run-dir", str(tmp_path), "core-stats")
+    assert (down.returncode, down.stdout) == (1, ""), down
+    assert down.stderr == (f"hive: the hive is not running: can't connect to {tmp_path}/host.sock"
+                           " (No such file or directory)\n"), down.stderr
+
+
 def test_inbox_is_a_page_with_all_and_after(hive: HiveProcess) -> None:
     with Client(hive.agent_sock("bob"), timeout=30) as bob:
         for i in range(55):

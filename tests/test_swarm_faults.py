@@ -90,6 +90,7 @@ def test_a_partition_that_heals(hives: Swarm[HiveProcess]) -> None:
     # of it must be back on a before she sends again (on a loaded machine, after round 11's
     # floods, they came after this test's first asks: "storage quota: ... limit 10000").
     wait_for(lambda: quota_held(swarm.cores["a"], "alice") < 100, timeout=60)
+    stored_on_b = swarm.status("b")["received"]  # messages from other hosts b stored so far
     net.cut("a")
     try:
         cut = time.monotonic()
@@ -103,6 +104,10 @@ def test_a_partition_that_heals(hives: Swarm[HiveProcess]) -> None:
     finally:
         net.heal("a")
     swarm.wait_bus_whole()  # a's node back in the cluster and caught up before b goes
+    # b has stored alice's first 100 (a's outbox sends them once a is back, and b may still
+    # be taking them in when the bus is whole): read before that, the count could grow
+    # after the cut with bundles b had before it, and the check below would fail.
+    wait_for(lambda: swarm.status("b")["received"] >= stored_on_b + len(first), timeout=30)
     received = swarm.status("b")["received"]
     net.cut("b")
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,9 +21,8 @@ class Client:
     def __init__(self, path: Path | str, timeout: float | None = 30.0) -> None:
         self.path = Path(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
         try:
-            self.sock.connect(str(self.path))
+            connect_waiting(self.sock, str(self.path), timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             self.sock.close()
             raise HiveUnavailable(
@@ -31,6 +31,12 @@ class Client:
         except PermissionError:
             self.sock.close()
             raise HiveUnavailable(f"permission denied connecting to {self.path}") from None
+        except BlockingIOError:
+            self.sock.close()
+            raise HiveUnavailable(
+                f"the hive is busy: {self.path} took no connection within {timeout:g} s"
+            ) from None
+        self.sock.settimeout(timeout)
         self._file = self.sock.makefile("rb")
 
     def __enter__(self) -> Client:
@@ -60,6 +66,23 @@ class Client:
         self.send_raw(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
         while True:
             yield self.read()
+
+
+def connect_waiting(sock: socket.socket, path: str, timeout: float | None) -> None:
+    """Connect ``sock`` (blocking, as made) to the unix socket ``path``, waiting up to
+    ``timeout`` seconds (None: for good) for room in its listen backlog. A socket given a
+    timeout first is non-blocking underneath, and a unix connect to a full backlog then
+    fails at once with EAGAIN, where a TCP one would wait: agent.sock's backlog is 8, so
+    an agent's parallel ``hive agent`` or MCP calls to a core slow to accept (a loaded
+    machine) failed with BlockingIOError. The kernel bounds a blocking unix connect's wait
+    by SO_SNDTIMEO; once it is over, BlockingIOError (EAGAIN) as before."""
+    if timeout is not None and timeout > 0:
+        whole = int(timeout)
+        wait = struct.pack("ll", whole, int((timeout - whole) * 1_000_000))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, wait)
+    elif timeout is not None:
+        sock.setblocking(False)  # 0: no wait at all
+    sock.connect(path)
 
 
 def call(path: Path | str, cmd: str, **fields: Any) -> dict[str, Any]:

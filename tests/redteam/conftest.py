@@ -51,7 +51,7 @@ MAX_CORE_LATENCY = 3.0  # seconds: the core must keep answering others while a c
 
 # Prepended to every probe: a JSON-lines client for the cage's own agent.sock.
 CLIENT = '''
-import errno, json, socket, time
+import errno, json, socket, struct, time
 
 AGENT_SOCK = "/run/hive/agent.sock"
 
@@ -61,8 +61,16 @@ def errname(e):
 class Conn:
     def __init__(self, path=AGENT_SOCK, timeout=30):
         self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(timeout)
+        # A blocking connect, bounded by SO_SNDTIMEO: it waits for room in the listen
+        # backlog. With settimeout first the socket is non-blocking underneath, and a unix
+        # connect to a full backlog (8 on agent.sock; the core slow to accept on a loaded
+        # machine) fails at once with EAGAIN instead of waiting.
+        if timeout is not None:
+            whole = int(timeout)
+            self.s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                              struct.pack("ll", whole, int((timeout - whole) * 1e6)))
         self.s.connect(path)
+        self.s.settimeout(timeout)
         self.f = self.s.makefile("rb")
 
     def send(self, data):

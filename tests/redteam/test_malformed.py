@@ -9,6 +9,7 @@ without ever reading a reply (backpressure)."""
 
 from __future__ import annotations
 
+import secrets
 import threading
 
 import pytest
@@ -151,7 +152,7 @@ replies = {}
 
 def dribble(i):
     c = Conn(timeout=60)
-    req = {"cmd": "set_status", "text": "slow"} if i == 0 else {"cmd": "whoami"}
+    req = {"cmd": "set_status", "text": P["text"]} if i == 0 else {"cmd": "whoami"}
     line = json.dumps(req).encode() + b"\\n"
     for b in line:  # one byte at a time, for several seconds
         c.send(bytes([b]))
@@ -180,13 +181,14 @@ def test_slow_loris_on_agent_sock(rt: HiveProcess, world: World) -> None:
     on many connections: the core answers everyone else meanwhile, and still answers the
     slow requests correctly in the end."""
     n = 12
+    text = "slow " + secrets.token_hex(4)  # new each run: setting the same text again changes no row
     with changes(rt) as ch, others_keep_working(rt) as lat:
-        res = cage_run(rt, "rtmule", SLOW, n=n, seconds=4.0)
+        res = cage_run(rt, "rtmule", SLOW, n=n, seconds=4.0, text=text)
     assert ch.count() == {"agents": (1, 1)}  # the one slow set_status, and nothing else
     assert len(lat.samples) >= 10
     assert res["replies"][0]["ok"] is True and set(res["replies"][0]) == {"version", "ok", "status_set_at"}
     assert res["replies"][1:] == [{"version": 1, "ok": True, "name": "rtmule"}] * (n - 1)
-    assert rt.agent_status()["rtmule"]["status_text"] == "slow"
+    assert rt.agent_status()["rtmule"]["status_text"] == text
 
 
 FLOOD = """

@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from hive_fixture import HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
+from hyperhive.cage.setpriv import SETPRIV
 
 from .conftest import cage_run
 
@@ -421,9 +422,13 @@ def test_restarted_harness_is_as_clean_as_the_first(hive: HiveProcess) -> None:
     init_layout, first_layout = layout_of(init_pid(hive, SLOW)), layout_of(first)
     assert first_layout == init_layout  # the first harness: a fork (see the xfail below)
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: hive.cage_procs(SLOW) and any(
-        proc_uid(p) == hive.cage(SLOW)["harness_uid"] and proc_cmdline(p)[-1:] == ["harness"] and p != first
-        for p in hive.cage_procs(SLOW)), 30, "the harness to be restarted")
+    # The new harness as the program it is: exec'd, not setpriv on its way to it (setpriv
+    # already has the harness uid and argv, but is not dumpable, so its /proc files are
+    # root's), and not the first (agent_status says running until the core has read its
+    # hang-up, which comes late on a loaded machine).
+    wait_until(lambda: any(
+        p != first and proc_uid(p) == hive.cage(SLOW)["harness_uid"] and proc_cmdline(p)[-1:] == ["harness"]
+        and proc_cmdline(p)[:1] != [SETPRIV] for p in hive.cage_procs(SLOW)), 30, "the harness to be restarted")
     hive.wait_running([SLOW])
     facts = check_harness_as_forked(hive, SLOW, forked=False)
     assert facts["harness"] != first

@@ -900,8 +900,10 @@ def test_a_released_claim_cannot_be_revived(swarm: Swarm) -> None:
         assert as_host_c(swarm, squat, settle=0) == []
         assert earliest(first["owners"]) == "c", first  # c's while it held it
         wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
-        assert_ok(a.host_call("spawn", name=name, spec=TRUE))
-        wait_for(lambda: (name, "a") in _rows(swarm, "b"), timeout=15)
+        _spawn_once_seen_free(swarm, "a", name, "c")
+        # c's core too must have a's claim (b's roster having a's row says nothing of c's
+        # watch, late on a loaded machine): its spawn is refused from its cache below.
+        wait_for(lambda: all((name, "a") in _rows(swarm, h) for h in ("b", "c")), timeout=15)
         held = _claim_msg(swarm, "a", name)
         assert as_host_c(swarm, revive, settle=0) == []
         owners = asyncio.run(_owners(swarm, name))
@@ -918,6 +920,23 @@ def test_a_released_claim_cannot_be_revived(swarm: Swarm) -> None:
         as_host_c(swarm, _c_unclaims(name), settle=0)
         a.host_call("destroy", name=name)
         wait_for(lambda: not asyncio.run(_owners(swarm, name)), timeout=15)
+
+
+def _spawn_once_seen_free(swarm: Swarm, host: str, name: str, released_by: str) -> None:
+    """Spawn ``name`` on ``host`` once its core has seen ``released_by``'s claim deleted:
+    the bus shows it gone before the core's watch of that bucket does (its roster cache,
+    which spawn checks, is late on a loaded machine). Until then spawn is refused, and the
+    refusal changes nothing; any other refusal fails the test at once."""
+    late = f"an agent named {name!r} already exists on host {released_by}"
+
+    def spawned() -> bool:
+        reply = swarm.cores[host].host_call("spawn", name=name, spec=TRUE)
+        if reply.get("ok") is False and reply.get("error") == late:
+            return False
+        assert_ok(reply)
+        return True
+
+    wait_for(spawned, timeout=15, interval=0.2)
 
 
 async def _owners(swarm: Swarm, name: str) -> dict[str, Any]:

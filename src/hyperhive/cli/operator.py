@@ -768,6 +768,16 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
             for k, v in resp["urls"].items():
                 say(f"{k}: {v}")
 
+    @group.command("core-stats")
+    @json_option
+    @click.pass_context
+    def core_stats(ctx: click.Context, as_json: bool) -> None:
+        """hive-core's counters since it started: its store's commits (a group commit is
+        one, however many sends and acks it holds)."""
+        resp = request(host_sock(ctx), "core_stats", as_json)
+        if not as_json:
+            say(f"commits: {resp['commits']}")
+
     @group.command("events")
     @json_option
     @click.option(
