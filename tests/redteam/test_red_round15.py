@@ -82,6 +82,59 @@ def test_cs_epoch_flips_cost_each_watcher_little(swarm: Swarm) -> None:
         flood.join()
 
 
+SENDERS = 90  # a's agents that have sent to c: a new epoch of c's releases each of them
+
+
+@pytest.mark.attack("swarm-roster-fill", ref="red team round 15: c flips its store epoch as fast as a's core takes each")
+def test_cs_paced_epoch_flips_cost_a_little_whatever_its_senders(swarm: Swarm) -> None:
+    """A new epoch in c's heartbeat was applied as the watch took it: a write transaction
+    releasing, agent by agent, what each of a's agents sent to c (~10 µs an agent). c's
+    heartbeat key is its own, so c flips its epoch, paced so a's watch takes each
+    (every 2 ms for R15S seconds), once 90 of a's agents have sent carol a message: a's
+    core spent ~1.3 ms of CPU a flip, on its event loop, against ~0.2 ms a put of the same
+    epoch (a watch delivery taken alone). A flip must cost about what the same epoch does
+    (now applied once a quota round, each host's newest)."""
+    secs = float(os.environ.get("R15S", "6"))
+    a = swarm.cores["a"]
+    assert a.proc is not None
+    names = [f"r15s{k:03d}" for k in range(SENDERS)]
+    beat = s.kv_subject("c", s.host_key("c"))
+    def paced(flip: bool) -> float:
+        """c puts its heartbeat every 2 ms for ``secs`` seconds, a new epoch each time or
+        the same one; a's core's CPU a put."""
+        puts = [0]
+
+        async def attack(nc: Any) -> None:
+            js = nc.jetstream(timeout=30)
+            stop = time.monotonic() + secs
+            while time.monotonic() < stop:
+                epoch = uuid.uuid4().hex if flip else "r15same"
+                await js.publish(beat, json.dumps({"at": time.time(), "epoch": epoch}).encode())
+                puts[0] += 1
+                await asyncio.sleep(0.002)
+
+        cpu0 = _cpu(a.proc.pid)
+        assert as_host_c(swarm, attack, settle=0) == []
+        time.sleep(1.0)  # what a's watch had yet to take
+        return (_cpu(a.proc.pid) - cpu0) / puts[0]
+
+    try:
+        for name in names:
+            assert_ok(a.host_call("spawn", name=name, spec={"runtime": "command", "command": ["true"], "peers": ["carol"]}))
+            assert_ok(a.agent_call(name, "send", to="carol", body="r15 before the epoch flips"))
+        wait_for(lambda: swarm.status("a").get("outbox_unsent") == 0, timeout=30)
+        same, flips = paced(False), paced(True)
+        print(f"c's heartbeat every 2 ms for {secs:.0f} s, {SENDERS} senders on a: a's core "
+              f"{same * 1e6:.0f} µs of CPU a put of the same epoch, {flips * 1e6:.0f} µs a new one")
+        assert flips < 1.5 * same + 50e-6, (same, flips)
+    finally:
+        for name in names:
+            a.host_call("destroy", name=name)
+        carol = swarm.cores["c"].agent("carol")
+        while msgs := carol.call("recv", max=100).get("messages"):
+            carol.call("ack", ids=[m["id"] for m in msgs])
+
+
 # -- the CLI's lifecycle verbs bound to the incarnation the roster listing shows ------------
 
 CUT = 10_001  # bridge.MAX_LISTED + 1: rows of b's alone fill a's whole listing
