@@ -250,3 +250,47 @@ def test_withdrawn_recv_deadlines_are_dropped_and_the_earliest_still_fires() -> 
     size, took = asyncio.run(go())
     assert size <= 1 + 64 + 1, size
     assert took < 1.0, took
+
+
+# -- the old HIVE_OPS, read to its end after an upgrade -------------------------------------
+
+LEGACY_OPS_REACH = [
+    # another pair's consumer on the stream of before: a's actions to b, b's to a
+    f"$JS.API.CONSUMER.INFO.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('b', 'a')}",
+    f"$JS.API.CONSUMER.MSG.NEXT.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('b', 'a')}",
+    f"$JS.ACK.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('b', 'a')}.1.1.1.0.0",
+    f"$JS.ACK.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('a', 'b')}.1.1.1.0.0",
+    # its own pair as b's receiver: c's own actions to b, taken or acked before b reads them
+    f"$JS.API.CONSUMER.MSG.NEXT.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('b', 'c')}",
+    f"$JS.ACK.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('b', 'c')}.1.1.1.0.0",
+    # a consumer of its own making (from the start of a's old actions), the stream itself
+    f"$JS.API.CONSUMER.CREATE.{s.LEGACY_OPS_STREAM}",
+    f"$JS.API.CONSUMER.DURABLE.CREATE.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('c', 'a')}",
+    f"$JS.API.CONSUMER.DELETE.{s.LEGACY_OPS_STREAM}.{s.ops_consumer('c', 'a')}",
+    f"$JS.API.STREAM.MSG.GET.{s.LEGACY_OPS_STREAM}",
+    f"$JS.API.DIRECT.GET.{s.LEGACY_OPS_STREAM}",
+    f"$JS.API.STREAM.PURGE.{s.LEGACY_OPS_STREAM}",
+    # an action of before, replayed into the stream of before (read first after an upgrade)
+    f"{s.LEGACY_OPS_ROOT}.b.from.a",
+    f"{s.LEGACY_OPS_ROOT}.b.from.c",
+]
+
+
+@pytest.mark.attack("swarm-remote-steering", ref="red team round 15: c's reach on HIVE_OPS, which hosts now read and ack")
+def test_c_reaches_no_other_pair_on_the_old_ops_stream(swarm: Swarm) -> None:
+    """Hosts may now read and ack their own pairs' consumers on the old ``HIVE_OPS`` (an
+    upgraded host carries out what they still hold). As host c: another pair's consumer
+    (INFO, pull, ack), its own pair to b as the receiver, a consumer of its own making or
+    deleting, the stream's messages and purge, and a publish into ``hive.op`` (an old
+    action replayed where b reads first) are each a permissions violation."""
+
+    async def attack(nc: Any) -> None:
+        reply = f"{s.inbox_prefix('c')}.r15"
+        for subject in LEGACY_OPS_REACH:
+            await nc.publish(subject, b"{}", reply=reply)
+            await nc.flush()
+        await asyncio.sleep(2.0)  # the server's -ERRs come asynchronously
+
+    errors = as_host_c(swarm, attack, settle=0)
+    missing = [x for x in LEGACY_OPS_REACH if not any("permissions violation" in e and x.lower() in e for e in errors)]
+    assert not missing, (missing, errors[:5])
