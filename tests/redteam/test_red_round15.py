@@ -135,6 +135,31 @@ def test_cs_paced_epoch_flips_cost_a_little_whatever_its_senders(swarm: Swarm) -
             carol.call("ack", ids=[m["id"] for m in msgs])
 
 
+
+@pytest.mark.attack("swarm-host-spoofing", ref="red team round 15: c's store epoch carries a line of its own into a's log")
+def test_cs_epoch_writes_no_line_of_its_own_in_as_log(swarm: Swarm) -> None:
+    """A new store epoch in c's heartbeat, once a's agents had sent c something, is a
+    warning in a's log naming it ("host c's store is new (epoch ...)"). The epoch is c's to
+    write (any string of 1 to 64 characters was taken): c names one holding a newline and
+    a line that reads as a's own, then its own core beats its true epoch again. a's log
+    must hold no line that c wrote: an epoch is what a store draws (hex), nothing else."""
+    a = swarm.cores["a"]
+    forged = "r15 forged ERROR a's own"
+    assert_ok(a.agent("alice").call("send", to="carol", body="r15 before the forged epoch"))
+    wait_for(lambda: swarm.status("a").get("outbox_unsent") == 0, timeout=30)
+    before = a.log_path.read_text(errors="replace")
+    beat = s.kv_subject("c", s.host_key("c"))
+
+    async def attack(nc: Any) -> None:
+        js = nc.jetstream(timeout=10)
+        await js.publish(beat, json.dumps({"at": time.time(), "epoch": "e\n" + forged}).encode())
+
+    assert as_host_c(swarm, attack, settle=0) == []
+    time.sleep(3.0)  # a's quota rounds, and c's own beats after
+    added = a.log_path.read_text(errors="replace")[len(before):]
+    assert not any(line.startswith(forged) for line in added.splitlines()), added[-2000:]
+
+
 # -- the CLI's lifecycle verbs bound to the incarnation the roster listing shows ------------
 
 CUT = 10_001  # bridge.MAX_LISTED + 1: rows of b's alone fill a's whole listing

@@ -38,7 +38,7 @@ from nats.js.kv import KeyValue
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import StoreError
 from hyperhive.names import NAME_RE, RESERVED
-from hyperhive.swarm import asks, jsontext
+from hyperhive.swarm import asks, jsontext, quota
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import connect
 from hyperhive.swarm.operator import OperatorRelay
@@ -1086,7 +1086,7 @@ class Bridge:
                 isinstance(got, list)
                 and len(got) in (2, 3)
                 and all(type(n) is int and 0 <= n < 1 << 62 for n in got[:2])
-                and (len(got) == 2 or (isinstance(got[2], str) and 0 < len(got[2]) <= 64))
+                and (len(got) == 2 or quota.is_epoch(got[2]))
             ):
                 self._releases[(host, agent)] = (got[0], got[1], got[2] if len(got) == 3 else "")
 
@@ -1096,7 +1096,7 @@ class Bridge:
         with contextlib.suppress(ValueError, RecursionError):
             beat = jsontext.loads(value)
             epoch = beat.get("epoch") if isinstance(beat, dict) else None
-            if isinstance(epoch, str) and 0 < len(epoch) <= 64 and self._epochs.get(host) != epoch:
+            if quota.is_epoch(epoch) and self._epochs.get(host) != epoch:
                 # Applied by the quota loop, the newest a host's only: the heartbeat key is
                 # that host's to write as often as it likes, and a new epoch costs a write
                 # transaction over each of our agents that sent there (~10 µs an agent):
