@@ -1109,9 +1109,9 @@ class Bridge:
         """The new store epochs heartbeats named since the last round (``_epoch``), each
         host's newest, before that round's reports (a report of a new store is then taken
         against it, not refused as ahead of its heartbeat)."""
-        epochs, self._epochs_due = self._epochs_due, {}
-        for host, epoch in epochs.items():
+        for host, epoch in list(self._epochs_due.items()):
             freed = self.store.host_epoch(host, epoch)
+            del self._epochs_due[host]  # once committed: a store error leaves it to retry
             if freed:
                 log.warning(
                     "swarm: host %s's store is new (epoch %s): what %d agent(s) of ours"
