@@ -1,7 +1,22 @@
 """Red team round 15: session 10's changes from outside: the swarm quota's store epochs
 (a heartbeat's ``epoch``, a report's third field), the old ``HIVE_OPS`` drained after an
 upgrade, the CLI's lifecycle verbs bound to another host's incarnation, and the core's
-recv timer heap, send fast path, ``peers`` and the client's connect.
+recv timer heap and send fast path.
+
+Broke (fixed in this round):
+
+- ``swarm-roster-fill``: a's listings of the other hosts' agents were cut at 10,000 rows
+  sorted by host: b's 10,001 rows of its own left none of c's, and a's ``hive destroy
+  --host c carol`` asked about, and bound, no incarnation. Now each host an equal share.
+- ``swarm-roster-fill``: a new epoch in c's heartbeat was a write transaction over each of
+  a's agents that had sent c, as the watch took it: c flipping it every 2 ms cost a's core
+  ~1.3 ms a flip with 90 senders. Now applied once a quota round, each host's newest.
+- ``swarm-host-spoofing``: any string was an epoch, and a new one is a warning in a's
+  log naming it: c's newline wrote a line of its own there. Now hex only.
+
+Held: c's epoch flood at full speed (the watch takes a key's newest), c's reach on the
+old ``HIVE_OPS``, a send answered alone while the next request arrives in pieces, and the
+recv deadline heap under 100,000 withdrawn waits.
 """
 
 from __future__ import annotations
