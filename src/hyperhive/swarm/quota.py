@@ -40,13 +40,16 @@ from __future__ import annotations
 import json
 import secrets
 import sqlite3
-from typing import Any
+import string
+from typing import Any, TypeGuard
 
 from hyperhive.core.store.db import Tx
 
 # Kinds whose item puts a message in an inbox on the receiving host (withdraw: nothing;
 # cancel: its sender was destroyed, nobody's quota to keep).
 COUNTED = frozenset({"message", "question", "answer"})
+
+HEX = frozenset(string.hexdigits.lower())  # what a store epoch is spelled with
 
 TABLES = """
 CREATE TABLE IF NOT EXISTS swarm_sent (
@@ -222,6 +225,14 @@ def host_epoch_tx(tx: Tx, host: str, epoch: str) -> int:
         _epoch_tx(tx, agent, host, str(r[0]) or "-", (0, 0))
         freed += release_tx(tx, host, agent, 0, 0, epoch)
     return freed
+
+
+def is_epoch(value: object) -> TypeGuard[str]:
+    """Whether another host's heartbeat or report names a store as stores name themselves
+    (``store_epoch``: hex, here at most 64 digits). Any other string was taken too, and a
+    new epoch is a warning in this host's log naming it: a newline in it was a line of
+    that host's own in ours (red team round 15)."""
+    return isinstance(value, str) and 0 < len(value) <= 64 and HEX.issuperset(value)
 
 
 def store_epoch(tx: Tx) -> str:
