@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from hyperhive.cli.output import (
+    FiniteRange,
     fail,
     json_option,
     print_messages,
@@ -79,7 +80,9 @@ def send(ctx: click.Context, as_json: bool, to: str, body: str) -> None:
 
 @agent_group.command()
 @json_option
-@click.option("--wait", type=float, default=0, help="Seconds to wait for a message.")
+@click.option(
+    "--wait", type=FiniteRange(0, 3600), default=0, help="Seconds to wait for a message (0–3600)."
+)
 @click.option("--max", "max_", type=int, default=100)
 @click.option("--ack", is_flag=True, help="Acknowledge what was received.")
 @click.pass_context
@@ -186,7 +189,12 @@ def set_status(ctx: click.Context, as_json: bool, text: str) -> None:
 
 @agent_group.command()
 @json_option
-@click.option("--in", "in_seconds", type=float, help="Seconds from now.")
+@click.option(
+    "--in",
+    "in_seconds",
+    type=FiniteRange(0, 31_622_400, min_open=True),
+    help="Seconds from now (at most 366 days).",
+)
 @click.option("--at", help="An ISO 8601 time with timezone.")
 @click.argument("text")
 @click.pass_context

@@ -12,6 +12,7 @@ import click
 
 from hyperhive.cli.event_lines import event_line
 from hyperhive.cli.output import (
+    FiniteRange,
     fail,
     json_option,
     paged,
@@ -95,16 +96,16 @@ INCARNATION_HELP = (
 
 
 def incarnation_option(fn: F) -> F:
-    return click.option(
-        "--created-at", "created_at", type=click.FloatRange(0), help=INCARNATION_HELP
-    )(fn)
+    return click.option("--created-at", "created_at", type=FiniteRange(0), help=INCARNATION_HELP)(
+        fn
+    )
 
 
 def incarnations_option(fn: F) -> F:
     return click.option(
         "--created-at",
         "created_at",
-        type=click.FloatRange(0),
+        type=FiniteRange(0),
         multiple=True,
         help=INCARNATION_HELP + " One for each NAME, in order.",
     )(fn)

@@ -6,6 +6,7 @@ and into rich only as ``Text``, never as markup."""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,19 @@ from hyperhive.wire.timestamps import parse_timestamp
 console = Console()
 F = TypeVar("F", bound=Callable[..., Any])
 BATCH_MAX = 10_000  # the largest count (max, limit) a listing request may ask for
+
+
+class FiniteRange(click.FloatRange):
+    """A number in a range that is also finite: click's FloatRange lets ``nan`` through
+    (no comparison with it is true), and ``inf`` where a side is open-ended."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def json_option(fn: F) -> F:
