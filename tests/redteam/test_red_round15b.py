@@ -1,0 +1,134 @@
+"""Red team round 15b: the root boundary (hive-priv and the cage it builds), attacked by a
+hostile agent from inside its cage and by a compromised hive-core on priv.sock.
+
+Broke (fixed in this round):
+
+- ``priv.pid-reuse``: ``stop`` (and ``destroy``) signalled the cage by pid: hive-priv
+  read the cage's cgroup, then sent SIGTERM (and later SIGKILL) to each pid read, one
+  after the other. The first of them is bwrap's, and the cage's init exits on SIGTERM,
+  so the kernel ends the cage's whole pid namespace while hive-priv is still going down
+  its list: every pid after the first few is freed before root's signal reaches it, and
+  a host process that gets one of them meanwhile (the host's pids wrap: 32,768 here, and
+  an agent drives the host's pid counter with every fork) was signalled by root. The
+  more processes the agent keeps (up to its ``pids_max``), the longer that window. Now
+  each pid is pinned first (``pidfd_open``), the cgroup read again, and only a pinned
+  process still listed there is signalled, through its pidfd (cgroups.py): a process
+  that took a freed pid is in no cage's cgroup.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from hive_fixture import HIVE, HiveProcess, running_hive
+
+NAME = "rpkill"
+ROUNDS = 6
+SPREAD = 1500  # processes the agent keeps in its cage: the longer root's list, the wider the window
+AGENTS = {NAME: {"runtime": "command", "command": ["true"], "pids_max": 4096, "memory_mib": 4096}}
+
+# Run as the agent in its cage (hive exec --as-agent): leave SPREAD sleeping processes in
+# the cage's pid namespace (a session of their own, the exec's init killed: like anything
+# an earlier turn left running), then say how many processes the cage has.
+SPREAD_OUT = r"""
+import os, signal, sys, time
+n = int(sys.argv[1])
+init = os.getppid()
+r, w = os.pipe()
+ready_r, ready_w = os.pipe()
+if os.fork() == 0:
+    os.setsid()
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    # Children are reaped as they exit (their pids are free at once), and nobody here
+    # ends on SIGTERM: root's SIGKILL round comes, its first SIGKILLs (bwrap's, lower
+    # pids than any here) end the cage's pid namespace, and the kernel ends every
+    # process here while root is still going down its list of their pids.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for i in range(n):
+        if os.fork() == 0:
+            os.close(w)
+            os.read(r, 1)  # until the cage ends
+            os._exit(0)
+    os.write(ready_w, b"!")
+    os.read(r, 1)
+    os._exit(0)
+os.read(ready_r, 1)  # every child forked
+print(len([p for p in os.listdir("/proc") if p.isdigit()]), flush=True)
+if init > 1:
+    os.kill(init, signal.SIGKILL)
+"""
+
+
+@pytest.fixture(scope="module")
+def hive() -> Iterator[HiveProcess]:
+    yield from running_hive(HiveProcess(AGENTS))
+
+
+def _set_next_pid(pid: int) -> None:
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(pid - 1))
+
+
+def _spread_and_stop(hive: HiveProcess) -> tuple[int, dict[int, int]]:
+    """One round: the agent spreads out, the core stops its cage while host processes take
+    the freed pids. Returns (host processes that took a cage pid, those signalled: exit codes)."""
+    argv = [str(HIVE), "--run-dir", str(hive.run_dir), "exec", "--as-agent", NAME, "--",
+            "python3", "-c", SPREAD_OUT, str(SPREAD)]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    cage_pids = hive.cgroup(NAME).pids()
+    assert len(cage_pids) >= SPREAD, (len(cage_pids), out.stdout, out.stderr[-300:])
+    # The ones root reaches last: the first to be freed before root gets to them.
+    watch = sorted(cage_pids)[-SPREAD // 2 :][::-1]
+    victims: list[int] = []
+    done = threading.Event()
+
+    def take_freed_pids() -> None:
+        # Highest first. A spin on the kernel's word for each (ESRCH once the pid is
+        # free, not merely exited), then a host process started on it at once.
+        for pid in watch:
+            while not done.is_set():
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+            if done.is_set():
+                return
+            _set_next_pid(pid)
+            victims.append(os.posix_spawn("/bin/sleep", ["sleep", "2"], {}))
+
+    taker = threading.Thread(target=take_freed_pids, daemon=True)
+    taker.start()
+    reply = hive.priv("stop", name=NAME, timeout=1)
+    done.set()
+    taker.join(10)
+    assert reply.get("ok"), reply
+    codes = {v: os.waitstatus_to_exitcode(os.waitpid(v, 0)[1]) for v in victims}
+    took = [pid for pid in codes if pid in set(cage_pids)]
+    return len(took), {pid: code for pid, code in codes.items() if code != 0}
+
+
+@pytest.mark.attack("priv.pid-reuse", ref="red team round 15b: root signals pids read from the cage's cgroup; CWE-367")
+def test_stop_never_signals_a_host_process_that_took_a_cage_pid(hive: HiveProcess) -> None:
+    """The agent keeps SPREAD processes in its cage, none ending on SIGTERM, each reaped as
+    it exits; the core asks hive-priv to stop the cage. Meanwhile a host process (the
+    test's ``sleep``, in no cage) is started on each cage pid freed before hive-priv is
+    done, as a host process gets one when the host's pids wrap (here forced with
+    ``ns_last_pid``, as root on the host). None may be signalled: each ends on its own.
+    ROUNDS stops (before the fix, one in two or three signalled some; it stops at the
+    first that does)."""
+    took_total = 0
+    for _ in range(ROUNDS):
+        took, signalled = _spread_and_stop(hive)
+        took_total += took
+        assert not signalled, f"root signalled {len(signalled)} host processes on freed cage pids: {signalled}"
+        start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
+        assert start.get("ok"), start
+    assert took_total >= ROUNDS, f"host processes took {took_total} freed cage pids: the probe proved too little"
