@@ -14,18 +14,29 @@ Broke (fixed in this round):
   each pid is pinned first (``pidfd_open``), the cgroup read again, and only a pinned
   process still listed there is signalled, through its pidfd (cgroups.py): a process
   that took a freed pid is in no cage's cgroup.
+- ``privsep.core-misuse``: a compromised hive-core could hold any number of priv.sock
+  connections, each a thread of root's and up to MAX_LINE of an unfinished request (200
+  half-written lines grew hive-priv by 271 MiB; TasksMax, 4,096 in the unit, would have
+  been ~5.5 GiB and no thread left for root's ``hive exec``); a failed accept or thread
+  start ended hive-priv's accept loop. Now the core may hold MAX_CORE_CONNECTIONS (64)
+  at once, more are refused in one line, root's are not counted, and a failed accept or
+  thread start drops that one connection (priv/server.py).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, running_hive
+from hive_fixture import HIVE, HiveProcess, as_user, running_hive
 
 NAME = "rpkill"
 ROUNDS = 6
@@ -132,3 +143,91 @@ def test_stop_never_signals_a_host_process_that_took_a_cage_pid(hive: HiveProces
         start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
         assert start.get("ok"), start
     assert took_total >= ROUNDS, f"host processes took {took_total} freed cage pids: the probe proved too little"
+
+
+# -- a compromised hive-core holding half-written requests ------------------------------
+
+# Runs as hive-core: opens N connections to priv.sock, sends each a request line that never
+# ends (just under MAX_LINE), holds them all, and says how many were refused (a reply
+# line and EOF) while it holds the rest; it exits when its stdin closes.
+HOLD_HALF_LINES = r"""
+import json, os, socket, sys
+path, n, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+chunk = b'{"cmd": "status", "pad": "' + b"x" * size
+import select
+held, refused, replies, errors = [], 0, set(), []
+def reply_of(s):
+    try:
+        return s.makefile("rb").readline()
+    except OSError:
+        return b""
+for i in range(n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    try:
+        s.connect(path)
+        s.sendall(chunk)
+    except OSError as e:
+        line = reply_of(s)  # refused: hive-priv said why and hung up
+        if line:
+            refused += 1
+            replies.add(line.decode())
+        else:
+            errors.append(repr(e)[:80])
+        s.close()
+        continue
+    held.append(s)
+ready, _, _ = select.select(held, [], [], 2.0)
+for s in ready:
+    if line := reply_of(s):
+        refused += 1
+        replies.add(line.decode())
+print(json.dumps({"uid": os.getuid(), "held": len(held) - len(ready), "refused": refused,
+                  "replies": sorted(replies), "errors": errors[:3]}), flush=True)
+sys.stdin.read()
+"""
+HELD = 200  # the core's priv calls run in a thread pool of at most 32
+HALF_LINE = (1 << 20) - 100  # just under MAX_LINE: kept in hive-priv until the line ends
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.attack("privsep.core-misuse", ref="red team round 15b: half-written requests held on priv.sock")
+def test_core_holding_half_written_requests_is_bounded(hive: HiveProcess) -> None:
+    """A compromised hive-core opens HELD connections to priv.sock, sends each a request
+    of just under MAX_LINE without its newline, and holds them. hive-priv (root) kept every
+    one (a thread and up to a MiB each, and at TasksMax, 4,096 in the unit, no thread for
+    root's ``hive exec`` or the accept loop). Now the core may hold MAX_CORE_CONNECTIONS at
+    once; more are refused with one line; root is still served at once; hive-priv's memory
+    grows by at most what those hold."""
+    from hyperhive.priv.server import MAX_CORE_CONNECTIONS
+
+    pid = hive.priv_pid()
+    assert pid is not None
+    before = _rss_kib(pid)
+    proc = subprocess.Popen(
+        [str(HIVE.parent / "python"), "-c", HOLD_HALF_LINES, str(hive.priv_sock), str(HELD), str(HALF_LINE)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user("hive-core"),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        out = json.loads(proc.stdout.readline())
+        assert out["uid"] == pwd.getpwnam("hive-core").pw_uid
+        t0 = time.monotonic()
+        status = hive.priv("status", names=[NAME])
+        answered_in = time.monotonic() - t0
+        grown_mib = (_rss_kib(pid) - before) / 1024
+    finally:
+        proc.communicate("", timeout=30)
+    print(json.dumps({**out, "grown_mib": round(grown_mib, 1), "root_answered_s": round(answered_in, 3)}))
+    assert status.get("ok"), status
+    assert answered_in < 2.0
+    assert (out["held"], out["refused"], out["errors"]) == (MAX_CORE_CONNECTIONS, HELD - MAX_CORE_CONNECTIONS, []), out
+    refusal = json.dumps({"version": 1, "ok": False, "error": f"hive-core holds {MAX_CORE_CONNECTIONS} connections already"})
+    assert [json.loads(r) for r in out["replies"]] == [json.loads(refusal)], out["replies"]
+    assert grown_mib < MAX_CORE_CONNECTIONS * 2 + 16, f"hive-priv grew by {grown_mib:.0f} MiB"
