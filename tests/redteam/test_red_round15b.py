@@ -21,6 +21,10 @@ Broke (fixed in this round):
   start ended hive-priv's accept loop. Now the core may hold MAX_CORE_CONNECTIONS (64)
   at once, more are refused in one line, root's are not counted, and a failed accept or
   thread start drops that one connection (priv/server.py).
+
+Held: a core pipelining 20,000 requests on one connection and never reading a reply
+(that connection's thread blocks in its send, holding no lock; the core's next connection
+and root's stop are answered at once).
 """
 
 from __future__ import annotations
@@ -231,3 +235,63 @@ def test_core_holding_half_written_requests_is_bounded(hive: HiveProcess) -> Non
     refusal = json.dumps({"version": 1, "ok": False, "error": f"hive-core holds {MAX_CORE_CONNECTIONS} connections already"})
     assert [json.loads(r) for r in out["replies"]] == [json.loads(refusal)], out["replies"]
     assert grown_mib < MAX_CORE_CONNECTIONS * 2 + 16, f"hive-priv grew by {grown_mib:.0f} MiB"
+
+
+# Runs as hive-core: pipelines N status requests on one connection and never reads a
+# reply (hive-priv's send blocks once the socket's buffers are full), then, on a second
+# connection, asks status once and reads it; waits for stdin to close.
+SLOW_READER = r"""
+import json, os, socket, sys, time
+path, n, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+slow.connect(path)
+slow.setblocking(False)
+line = (json.dumps({"cmd": "status", "names": [name] * 50}) + "\n").encode()
+sent = 0
+deadline = time.monotonic() + 10
+data = line * n
+while data and time.monotonic() < deadline:
+    try:
+        k = slow.send(data)
+        data, sent = data[k:], sent + k
+    except BlockingIOError:
+        time.sleep(0.01)
+other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+other.settimeout(10)
+other.connect(path)
+t0 = time.monotonic()
+other.sendall((json.dumps({"cmd": "status", "names": [name]}) + "\n").encode())
+reply = json.loads(other.makefile("rb").readline())
+print(json.dumps({"uid": os.getuid(), "sent_requests": sent // len(line), "other_ok": reply.get("ok"),
+                  "other_s": round(time.monotonic() - t0, 3)}), flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.attack("privsep.core-misuse", ref="red team round 15b: a core that never reads hive-priv's replies")
+def test_core_that_never_reads_its_replies_holds_only_its_connection(hive: HiveProcess) -> None:
+    """Held: a compromised hive-core pipelines 20,000 ``status`` requests on one connection
+    and never reads a reply. hive-priv's thread for that connection blocks in its send
+    once the buffers are full (no lock is held by then: a verb's reply is sent after its
+    name's lock is released), the core's next connection and root are answered at once."""
+    pid = hive.priv_pid()
+    assert pid is not None
+    proc = subprocess.Popen(
+        [str(HIVE.parent / "python"), "-c", SLOW_READER, str(hive.priv_sock), "20000", NAME],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user("hive-core"),
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        out = json.loads(proc.stdout.readline())
+        t0 = time.monotonic()
+        status = hive.priv("stop", name=NAME, timeout=1)  # takes the name's lock
+        root_s = time.monotonic() - t0
+        start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
+    finally:
+        proc.communicate("", timeout=30)
+    print(json.dumps({**out, "root_stop_s": round(root_s, 3)}))
+    assert out["uid"] == pwd.getpwnam("hive-core").pw_uid
+    assert out["sent_requests"] > 100  # hive-priv answered many before its send blocked
+    assert out["other_ok"] is True and out["other_s"] < 2.0, out
+    assert status.get("ok") and start.get("ok"), (status, start)
+    assert root_s < 5.0
