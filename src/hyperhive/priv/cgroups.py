@@ -14,7 +14,9 @@ from hyperhive.names import check_name
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "hive"
-PIN_BATCH = 256  # pidfds signal_all holds at once
+# pidfds signal_all holds at once: few, since stops of many cages run at once (the core's
+# 64 connections) and the exec relay's select() fails on a descriptor past 1,023.
+PIN_BATCH = 16
 
 
 def hive_key(state_root: Path) -> str:
@@ -128,7 +130,8 @@ class Cgroup:
 
     def _signal_pinned(self, pids: list[int], sig: int) -> None:
         """One batch of ``signal_all``: PIN_BATCH descriptors at most, not one per process
-        of a cage (up to its pids_max, 8,192) held at once in hive-priv."""
+        of a cage (up to its pids_max, 8,192) held at once in hive-priv. The cgroup is read
+        again for each batch (a cage of a few processes is one batch)."""
         pinned: dict[int, int] = {}
         try:
             for pid in pids:
