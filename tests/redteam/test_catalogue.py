@@ -75,6 +75,8 @@ REQUIRED = {
     "swarm-pair-bound",
     # red team round 13: init asleep until woken, the agents cache's one-row writes
     "init.idle-sleep", "core.agents-cache",
+    # red team round 15b: the root boundary
+    "priv.pid-reuse",
 }
 
 PLUGIN = r'''

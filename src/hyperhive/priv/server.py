@@ -10,6 +10,7 @@ import os
 import pwd
 import socket
 import threading
+import time
 from typing import Any
 
 from pydantic import ValidationError
@@ -29,12 +30,20 @@ from hyperhive.wire.priv import priv_request
 
 log = logging.getLogger("hive.priv")
 
+# Connections hive-core may hold at once. Its priv calls run in a thread pool of at most
+# 32 (asyncio.to_thread); each connection is a thread of root's and up to MAX_LINE of an
+# unfinished line: unbounded, a compromised core held 1.4 MiB of root's memory a
+# connection, up to TasksMax (4,096: ~5.5 GiB), and then no thread was left for root's
+# `hive exec` (red team round 15b). Root's own connections are not counted.
+MAX_CORE_CONNECTIONS = 64
+
 
 class PrivServer:
     def __init__(self, listener: socket.socket, cages: Cages, core_user: str) -> None:
         self.listener = listener
         self.cages = cages
         self.core_uid, self.core_gid = _ids_of(core_user)
+        self.core_slots = threading.BoundedSemaphore(MAX_CORE_CONNECTIONS)
 
     def caller_class(self, cred: PeerCred) -> Caller | None:
         if cred.uid == 0:
@@ -47,8 +56,17 @@ class PrivServer:
 
     def serve_forever(self) -> None:
         while True:
-            conn, _ = self.listener.accept()
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as e:  # EMFILE, ENOMEM, ...: the next connection may fare better
+                log.error("accept failed: %s", e)
+                time.sleep(0.1)
+                continue
+            try:
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+            except RuntimeError as e:  # no thread to be had (TasksMax): this one is refused
+                log.error("connection dropped: %s", e)
+                conn.close()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -63,26 +81,43 @@ class PrivServer:
                 )
                 _send(conn, error(f"permission denied: uid {cred.uid} may not use priv.sock"))
                 return
-            buf = b""
-            while True:
-                try:
-                    line, buf, fds, closed = _read_line(conn, buf)
-                except TooManyFds:
-                    log.warning(
-                        "refused uid %d pid %d: more than %d file descriptors with one request",
-                        cred.uid,
-                        cred.pid,
-                        MAX_FDS,
-                    )
-                    too_many = f"more than {MAX_FDS} file descriptors with one request"
-                    _send(conn, error(f"{too_many}; closing connection"))
-                    return
-                if line is None:
-                    if closed and buf:
-                        _send(conn, error(f"line exceeds {MAX_LINE} bytes"))
-                    return
-                reply = self.handle(line, fds, caller, cred)
-                _send(conn, reply)
+            if caller is Caller.ROOT:
+                self._serve_requests(conn, caller, cred)
+                return
+            if not self.core_slots.acquire(blocking=False):
+                log.warning(
+                    "refused pid %d: hive-core holds %d connections already",
+                    cred.pid,
+                    MAX_CORE_CONNECTIONS,
+                )
+                _send(conn, error(f"hive-core holds {MAX_CORE_CONNECTIONS} connections already"))
+                return
+            try:
+                self._serve_requests(conn, caller, cred)
+            finally:
+                self.core_slots.release()
+
+    def _serve_requests(self, conn: socket.socket, caller: Caller, cred: PeerCred) -> None:
+        buf = b""
+        while True:
+            try:
+                line, buf, fds, closed = _read_line(conn, buf)
+            except TooManyFds:
+                log.warning(
+                    "refused uid %d pid %d: more than %d file descriptors with one request",
+                    cred.uid,
+                    cred.pid,
+                    MAX_FDS,
+                )
+                too_many = f"more than {MAX_FDS} file descriptors with one request"
+                _send(conn, error(f"{too_many}; closing connection"))
+                return
+            if line is None:
+                if closed and buf:
+                    _send(conn, error(f"line exceeds {MAX_LINE} bytes"))
+                return
+            reply = self.handle(line, fds, caller, cred)
+            _send(conn, reply)
 
     def handle(self, line: bytes, fds: list[int], caller: Caller, cred: PeerCred) -> dict[str, Any]:
         keep_fds = False
