@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import sqlite3
 import subprocess
 import tempfile
 import threading
@@ -286,3 +287,13 @@ def wire_time(value: Any) -> float:
 
     assert isinstance(value, str) and re.match(RFC3339_UTC, value), f"not RFC 3339 UTC: {value!r}"
     return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC).timestamp()
+
+
+def quota_usage(core: CoreProcess, agent: str) -> tuple[int, int]:
+    """What ``agent`` holds in its storage quota on ``core``'s host (rows, bytes)."""
+    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent=?", (agent,)).fetchone()
+        return (0, 0) if row is None else (row[0], row[1])
+    finally:
+        db.close()

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import re
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import nats
 import pytest
 
 import hyperhive
-from helpers import CoreProcess, assert_ok, assert_refused, wait_for
+from helpers import assert_ok, assert_refused, quota_usage, wait_for
 from hyperhive.config import ConfigError, load_config
 from hyperhive.swarm import bus, natsconf
 from hyperhive.swarm import subjects as s
@@ -129,36 +128,26 @@ def test_the_nodes_store_is_sized_from_the_number_of_hosts(tmp_path: Path) -> No
         subprocess.run(["umount", str(small)], check=True)
 
 
-def usage(core: CoreProcess, agent: str) -> tuple[int, int]:
-    """What ``agent`` holds in its storage quota on ``core``'s host (rows, bytes)."""
-    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        row = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent=?", (agent,)).fetchone()
-        return (0, 0) if row is None else (row[0], row[1])
-    finally:
-        db.close()
-
-
 @needs_root
 def test_cross_host_send_arrives_once_in_order(swarm: Swarm) -> None:
     """50 messages within alice's quota arrive once, in order; they count in her quota on
     a until bob has read them on b, and b's report gives it back (swarm/quota.py)."""
     a, b = swarm.cores["a"], swarm.cores["b"]
     alice = a.agent("alice")
-    before = usage(a, "alice")
+    before = quota_usage(a, "alice")
     for i in range(50):
         assert_ok(alice.call("send", to="bob", body=f"m{i}"))
-    assert usage(a, "alice") == (before[0] + 50, before[1] + sum(len(f"m{i}") for i in range(50)))
+    assert quota_usage(a, "alice") == (before[0] + 50, before[1] + sum(len(f"m{i}") for i in range(50)))
     got = drain(swarm, "b", "bob", 50)
     assert [m["body"] for m in got] == [f"m{i}" for i in range(50)]
     assert {m["from"] for m in got} == {"alice"}
-    wait_for(lambda: usage(a, "alice") == before, timeout=10)
+    wait_for(lambda: quota_usage(a, "alice") == before, timeout=10)
     # And back: bob answers alice from host b (counted on b until alice has read it).
-    bob_before = usage(b, "bob")
+    bob_before = quota_usage(b, "bob")
     assert_ok(b.agent_call("bob", "send", to="alice", body="hi alice"))
-    assert usage(b, "bob") == (bob_before[0] + 1, bob_before[1] + 8)
+    assert quota_usage(b, "bob") == (bob_before[0] + 1, bob_before[1] + 8)
     assert [m["body"] for m in drain(swarm, "a", "alice", 1)] == ["hi alice"]
-    wait_for(lambda: usage(b, "bob") == bob_before, timeout=10)
+    wait_for(lambda: quota_usage(b, "bob") == bob_before, timeout=10)
     status = swarm.status("a")
     assert status["connected"] and status["roster"] == 3, status["agents"]
     assert [h["host"] for h in status["hosts"]] == ["a", "b", "c"]

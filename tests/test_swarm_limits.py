@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +17,7 @@ from typing import Any
 import nats
 import pytest
 
-from helpers import assert_ok, wait_for
+from helpers import assert_ok, quota_usage, wait_for
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import HELD_MAX, LET_GO_EACH_ROUND, live_claims
 from swarm_faults import drain
@@ -227,16 +226,6 @@ def test_held_names_at_their_bound_and_the_let_go_round_trip(swarm: Swarm) -> No
 # -- the quota across a receiver's store reset ----------------------------------------------
 
 
-def usage(core: Any, agent: str) -> tuple[int, int]:
-    """What ``agent`` holds in its storage quota on ``core``'s host (rows, bytes)."""
-    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
-    try:
-        row = db.execute("SELECT pending, bytes FROM agent_usage WHERE agent=?", (agent,)).fetchone()
-        return (0, 0) if row is None else (row[0], row[1])
-    finally:
-        db.close()
-
-
 def test_a_receivers_store_reset_gives_its_senders_quota_back(swarm: Swarm) -> None:
     """alice's messages wait unread in bob's inbox on b (in her quota on a) when b's store
     is lost (b installed again: its hive.db gone, its core started on a new one). Before,
@@ -246,13 +235,13 @@ def test_a_receivers_store_reset_gives_its_senders_quota_back(swarm: Swarm) -> N
     later messages count and are released as before."""
     a, b = swarm.cores["a"], swarm.cores["b"]
     alice = a.agent("alice")
-    before = usage(a, "alice")
+    before = quota_usage(a, "alice")
     tag = time.time_ns()
     for i in range(5):
         assert_ok(alice.call("send", to="bob", body=f"lost {i} {tag}"))
     wait_for(lambda: swarm.status("b")["received"] >= 5 and swarm.status("a")["outbox_unsent"] == 0)
     time.sleep(1)  # into bob's inbox, unread: held on b, counted on a
-    assert usage(a, "alice")[0] == before[0] + 5
+    assert quota_usage(a, "alice")[0] == before[0] + 5
     logged = a.log_path.read_text()
     b.stop()
     try:
@@ -261,15 +250,15 @@ def test_a_receivers_store_reset_gives_its_senders_quota_back(swarm: Swarm) -> N
     finally:
         b.start()
     swarm.wait_roster("b")
-    wait_for(lambda: usage(a, "alice") == before, timeout=15)
+    wait_for(lambda: quota_usage(a, "alice") == before, timeout=15)
     said = [line for line in a.log_path.read_text()[len(logged):].splitlines() if "store is new" in line]
     assert len(said) == 1 and "host b" in said[0], said
     # The new store counts on: a message read there is released, one unread is not.
     assert_ok(alice.call("send", to="bob", body=f"after {tag}"))
     assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"after {tag}"]
-    wait_for(lambda: usage(a, "alice") == before, timeout=10)
+    wait_for(lambda: quota_usage(a, "alice") == before, timeout=10)
     assert_ok(alice.call("send", to="bob", body=f"unread {tag}"))
     time.sleep(2)
-    assert usage(a, "alice")[0] == before[0] + 1
+    assert quota_usage(a, "alice")[0] == before[0] + 1
     assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"unread {tag}"]
-    wait_for(lambda: usage(a, "alice") == before, timeout=10)
+    wait_for(lambda: quota_usage(a, "alice") == before, timeout=10)

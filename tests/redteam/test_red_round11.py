@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import json
 import os
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -45,7 +44,7 @@ from hyperhive.swarm.signing import load_or_create_key, seal
 from swarm_faults import drain, take
 from swarm_fixture import Swarm
 
-from .test_swarm_hostile import as_host_c, violation
+from .test_swarm_hostile import as_host_c, cpu_seconds, flood_while_calling, violation
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 
@@ -237,12 +236,6 @@ def test_cs_watch_cannot_deliver_into_bs_reply_subjects_by_wildcard(swarm: Swarm
     assert not deliver.startswith(s.inbox_prefix("b")), replies[-1]
 
 
-def _cpu(pid: int) -> float:
-    """A process's CPU time (user + system), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.mark.attack("swarm-roster-fill", ref="red team round 11: every host watches c's bucket: c's puts cost every host's core")
 def test_cs_put_flood_costs_each_watcher_little(swarm: Swarm) -> None:
     """Every host watches every bucket, so each put c makes in its own bucket is work for
@@ -271,25 +264,16 @@ def test_cs_put_flood_costs_each_watcher_little(swarm: Swarm) -> None:
             await js.publish(s.kv_subject("c", s.row_key("c", name)), b"", headers={"KV-Operation": "DEL"})
 
     alice = a.agent("alice")
-    slowest = 0.0
-    cpu0 = _cpu(a.proc.pid)
-    flood = threading.Thread(target=as_host_c, args=(swarm, attack), kwargs={"settle": 0})
-    flood.start()
+    cpu0 = cpu_seconds(a.proc.pid)
     try:
-        while flood.is_alive():
-            t = time.perf_counter()
-            assert_ok(alice.call("whoami"))
-            slowest = max(slowest, time.perf_counter() - t)
-            time.sleep(0.01)
-        flood.join()
+        slowest = flood_while_calling(swarm, attack, alice)
         wait_for(lambda: any(r["name"] == "r11fend" for r in swarm.status("a")["agents"]), timeout=30)
-        cost = (_cpu(a.proc.pid) - cpu0) / puts[0]
+        cost = (cpu_seconds(a.proc.pid) - cpu0) / puts[0]
         print(f"c put {puts[0]} rows in {secs:.0f} s; a's core {cost * 1e6:.1f} µs of CPU a put; "
               f"alice's slowest whoami {slowest * 1e3:.0f} ms")
         assert puts[0] > 10_000 and cost < 150e-6, (puts[0], cost)
         assert slowest < 2.0, slowest
     finally:
-        flood.join()
         as_host_c(swarm, tidy, settle=0)
 
 

@@ -26,10 +26,8 @@ import json
 import os
 import socket
 import subprocess
-import threading
 import time
 import uuid
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,14 +37,7 @@ from hive_fixture import HIVE
 from hyperhive.swarm import subjects as s
 from swarm_fixture import Swarm
 
-from .test_swarm_hostile import as_host_c
-
-
-def _cpu(pid: int) -> float:
-    """A process's CPU time (user + system), seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
+from .test_swarm_hostile import as_host_c, cpu_seconds, flood_while_calling
 
 # -- the quota's store epochs --------------------------------------------------------------
 
@@ -76,25 +67,14 @@ def test_cs_epoch_flips_cost_each_watcher_little(swarm: Swarm) -> None:
             await asyncio.gather(*(js.publish(beat, v) for v in values))
             puts[0] += 50
 
-    slowest = 0.0
-    cpu0 = _cpu(a.proc.pid)
-    flood = threading.Thread(target=as_host_c, args=(swarm, attack), kwargs={"settle": 0})
-    flood.start()
-    try:
-        while flood.is_alive():
-            t = time.perf_counter()
-            assert_ok(alice.call("whoami"))
-            slowest = max(slowest, time.perf_counter() - t)
-            time.sleep(0.01)
-        flood.join()
-        time.sleep(3.0)  # what a's watch had yet to take
-        cost = (_cpu(a.proc.pid) - cpu0) / puts[0]
-        print(f"c put {puts[0]} heartbeats in {secs:.0f} s; a's core {cost * 1e6:.1f} µs of CPU a put; "
-              f"alice's slowest whoami {slowest * 1e3:.0f} ms")
-        assert puts[0] > 10_000 and cost < 150e-6, (puts[0], cost)
-        assert slowest < 2.0, slowest
-    finally:
-        flood.join()
+    cpu0 = cpu_seconds(a.proc.pid)
+    slowest = flood_while_calling(swarm, attack, alice)
+    time.sleep(3.0)  # what a's watch had yet to take
+    cost = (cpu_seconds(a.proc.pid) - cpu0) / puts[0]
+    print(f"c put {puts[0]} heartbeats in {secs:.0f} s; a's core {cost * 1e6:.1f} µs of CPU a put; "
+          f"alice's slowest whoami {slowest * 1e3:.0f} ms")
+    assert puts[0] > 10_000 and cost < 150e-6, (puts[0], cost)
+    assert slowest < 2.0, slowest
 
 
 SENDERS = 90  # a's agents that have sent to c: a new epoch of c's releases each of them
@@ -128,10 +108,10 @@ def test_cs_paced_epoch_flips_cost_a_little_whatever_its_senders(swarm: Swarm) -
                 puts[0] += 1
                 await asyncio.sleep(0.002)
 
-        cpu0 = _cpu(a.proc.pid)
+        cpu0 = cpu_seconds(a.proc.pid)
         assert as_host_c(swarm, attack, settle=0) == []
         time.sleep(1.0)  # what a's watch had yet to take
-        return (_cpu(a.proc.pid) - cpu0) / puts[0]
+        return (cpu_seconds(a.proc.pid) - cpu0) / puts[0]
 
     try:
         for name in names:

@@ -11,7 +11,10 @@ import asyncio
 import json
 import os
 import secrets
+import threading
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -55,6 +58,29 @@ def as_host_c(swarm: Swarm, attack: Attack, host: str = "c", settle: float = 2.0
 
     asyncio.run(go())
     return errors
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's CPU time (user + system), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def flood_while_calling(swarm: Swarm, attack: Attack, agent: Any) -> float:
+    """Run ``attack`` as host c in a thread while ``agent`` asks ``whoami`` every 10 ms
+    (each call must succeed); the slowest call, seconds."""
+    slowest = 0.0
+    flood = threading.Thread(target=as_host_c, args=(swarm, attack), kwargs={"settle": 0})
+    flood.start()
+    try:
+        while flood.is_alive():
+            t = time.perf_counter()
+            assert_ok(agent.call("whoami"))
+            slowest = max(slowest, time.perf_counter() - t)
+            time.sleep(0.01)
+    finally:
+        flood.join()
+    return slowest
 
 
 def stream_seq(swarm: Swarm, subject: str) -> int:
