@@ -17,6 +17,9 @@ GROUP = "hive"
 # pidfds signal_all holds at once: few, since stops of many cages run at once (the core's
 # 64 connections) and the exec relay's select() fails on a descriptor past 1,023.
 PIN_BATCH = 16
+# pidfd_open's answers for a pid that names no process now: ESRCH (no such pid), ENOENT
+# (a thread's pid, Linux 6.9 on) or EINVAL (a thread's pid, before).
+NOT_A_PROCESS = frozenset({errno.ESRCH, errno.ENOENT, errno.EINVAL})
 
 
 def hive_key(state_root: Path) -> str:
@@ -137,8 +140,13 @@ class Cgroup:
             for pid in pids:
                 try:
                     pinned[pid] = os.pidfd_open(pid)
-                except ProcessLookupError:
-                    pass  # gone already
+                except OSError as e:
+                    if e.errno not in NOT_A_PROCESS:
+                        raise
+                    # Gone already, or freed and taken by a thread (of anyone's: the host's
+                    # pids wrap), which no pidfd of a process names: a thread is never listed
+                    # in cgroup.procs, its process is, under its own pid. Raised, it ended the
+                    # stop there, the rest of the cage unsignalled (red team round 16).
             still_here = set(self.pids())
             for pid, fd in pinned.items():
                 if pid not in still_here:
