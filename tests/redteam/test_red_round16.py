@@ -14,8 +14,14 @@ Broke (fixed in this round):
   gone (cgroups.py): a thread's pid is never in a cgroup's ``cgroup.procs``, its process
   is listed under its own pid.
 
-Held (round 16, listed in docs/security.md's rounds table): see the tests below and the
-round's row.
+- ``priv.pid-reuse`` (cost): to signal only pinned processes still in the cage,
+  ``signal_all`` read the cage's cgroup again for each batch of 16 pidfds: quadratic in
+  the cage's processes, which the agent chooses (up to its pids_max). A stop of 4,000
+  processes cost hive-priv 1.97 s of CPU (0.38 s read once). Now each pinned process's
+  ``/proc/<pid>/cgroup`` is read and the pidfd checked alive after it (a process not
+  yet reaped keeps its pid): 0.40 s.
+
+Held: see docs/security.md's rounds table (red team round 16).
 """
 
 from __future__ import annotations
@@ -133,3 +139,35 @@ def test_stop_survives_a_cage_pid_taken_by_a_thread(hive: HiveProcess) -> None:
         start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
         assert start.get("ok"), start
     assert took_total >= ROUNDS, f"threads took {took_total} freed cage pids: the probe proved too little"
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+BIG_SPREAD = 4000  # near the agent's pids_max (4,096): 250 batches of PIN_BATCH
+
+
+@pytest.mark.attack("priv.pid-reuse", ref="red team round 16: the cgroup read again for each batch of 16 pidfds")
+def test_stop_of_a_full_cage_costs_root_little(hive: HiveProcess) -> None:
+    """signal_all read the cage's cgroup again for each batch of 16 pinned processes: a
+    cage of 4,000 processes was 250 reads of up to 4,000 pids, 1.97 s of hive-priv's CPU
+    for one stop (0.38 s with one read; quadratic: a cage at pids_max 8,192 is four
+    times that, and stops run side by side). Now each pinned process's own cgroup is
+    checked: the stop is answered ok, the cage empty, and hive-priv spends under 1 s."""
+    pid = hive.priv_pid()
+    assert pid is not None
+    argv = [str(HIVE), "--run-dir", str(hive.run_dir), "exec", "--as-agent", NAME, "--",
+            "python3", "-c", SPREAD_OUT, str(BIG_SPREAD)]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert len(hive.cgroup(NAME).pids()) >= BIG_SPREAD, (out.stdout, out.stderr[-300:])
+    before = _cpu_seconds(pid)
+    reply = hive.priv("stop", name=NAME, timeout=1)
+    spent = _cpu_seconds(pid) - before
+    print(f"hive-priv CPU for the stop of {BIG_SPREAD} processes: {spent:.2f} s")
+    assert reply.get("ok"), reply
+    assert not hive.cgroup(NAME).pids()
+    assert spent < 1.0, f"hive-priv spent {spent:.2f} s of CPU on one stop"
+    start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
+    assert start.get("ok"), start
