@@ -124,9 +124,9 @@ class Cgroup:
         process could take one and be signalled by root (red team round 15b, an agent
         keeping thousands of processes to widen the window). Each pid is pinned first
         (a pidfd), and only a pinned process found in the cage's cgroup after that
-        (``_holds``) is signalled, through its pidfd: a pid freed and taken meanwhile is in no cage's
-        cgroup (only root moves processes between cgroups), and a pidfd of a process that
-        has since exited signals nothing."""
+        (``_holds``) is signalled, through its pidfd: a pid freed and taken meanwhile is
+        in no cage's cgroup (only root moves processes between cgroups), and a pidfd of a
+        process that has since exited signals nothing."""
         pids = self.pids()
         for at in range(0, len(pids), PIN_BATCH):
             self._signal_pinned(pids[at : at + PIN_BATCH], sig)
