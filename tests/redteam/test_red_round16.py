@@ -26,14 +26,19 @@ Held: see docs/security.md's rounds table (red team round 16).
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from helpers import assert_ok
 from hive_fixture import HIVE, HiveProcess, running_hive
 
 NAME = "r16kill"
@@ -172,3 +177,103 @@ def test_stop_of_a_full_cage_costs_root_little(hive: HiveProcess) -> None:
     assert spent < 1.0, f"hive-priv spent {spent:.2f} s of CPU on one stop"
     start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
     assert start.get("ok"), start
+
+
+# -- agent.sock: recv waits ended by a hang-up (agent_conn.py, POLLHUP at the end of input) --
+
+
+def _connect(core: Any, name: str) -> socket.socket:
+    for _ in range(100):  # the listener's backlog is small: retried, one at a time
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(20)
+        try:
+            s.connect(str(core.agent_sock(name)))
+            return s
+        except BlockingIOError:
+            s.close()
+            time.sleep(0.02)
+    raise AssertionError("agent.sock never took the connection")
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj).encode() + b"\n"
+
+
+def _reply(s: socket.socket) -> dict[str, Any] | None:
+    raw = s.makefile("rb").readline()
+    return json.loads(raw) if raw else None
+
+
+@pytest.mark.attack("wire.recv-ack-kill9", ref="red team round 16: recv waits ended by POLLHUP, every way of leaving")
+def test_hang_ups_around_recv_waits_lose_or_double_nothing(core: Any) -> None:
+    """bob, three rounds of 30 connections (the cap is 32 per uid: a claim kept would be
+    refused by the second round), each a recv waiting 60 s left three ways: closed whole,
+    ``shutdown(SHUT_RDWR)`` with the socket kept open (POLLHUP, the process alive), and a
+    recv with the ack of a message read just before, closed at once (the ack committing
+    meanwhile). Beside them a live recv waits, and a half-closed one (SHUT_WR: still a
+    reader). Held: every connection is accepted, every ack stands (nothing acked comes
+    back), and the live reader, acking as it goes, gets each message alice sends then
+    once (the half-closed one's, never acked, are handed out again: by design)."""
+    kept: list[socket.socket] = []
+    acked: list[int] = []
+    try:
+        for rnd in range(3):
+            conns = []
+            for k in sorted(range(30), key=lambda k: k % 3 != 2):  # the acks first: no waiter takes theirs
+                s = _connect(core, "bob")
+                if k % 3 == 2:
+                    assert_ok(core.agent_call("alice", "send", to="bob", body=f"ack {rnd} {k}"))
+                    s.sendall(_line({"cmd": "recv", "wait": 5}))
+                    got = _reply(s)
+                    assert got is not None and got["ok"], got
+                    ids = [m["id"] for m in got["messages"]]
+                    assert len(ids) == 1, got
+                    acked += ids
+                    s.sendall(_line({"cmd": "recv", "wait": 60, "ack": ids}))
+                    s.close()
+                    continue
+                s.sendall(_line({"cmd": "recv", "wait": 60}))
+                conns.append((k, s))
+            time.sleep(0.3)  # every recv waits in the core
+            for k, s in conns:
+                if k % 3 == 0:
+                    s.close()
+                else:
+                    s.shutdown(socket.SHUT_RDWR)
+                    kept.append(s)
+            time.sleep(0.3)  # the core has seen the hang-ups
+        live = _connect(core, "bob")
+        live.sendall(_line({"cmd": "recv", "wait": 20, "max": 100}))
+        half = _connect(core, "bob")
+        half.sendall(_line({"cmd": "recv", "wait": 20, "max": 100}))
+        half.shutdown(socket.SHUT_WR)
+        time.sleep(0.3)
+        sent = [assert_ok(core.agent_call("alice", "send", to="bob", body=f"m{i}"))["id"] for i in range(10)]
+        # The half-closed reader's reply comes, then its connection ends (the end of
+        # input) and what it was given, never acked, is handed out again: at least once,
+        # by design. The live reader acks as it goes: it must see each message once.
+        got = _reply(half)
+        assert got is not None and got["ok"], got
+        seen: list[int] = []
+        reply = _reply(live)
+        deadline = time.monotonic() + 15
+        while reply is not None and time.monotonic() < deadline:
+            assert reply["ok"], reply
+            ids = [m["id"] for m in reply["messages"]]
+            seen += ids
+            if len(seen) >= len(sent):
+                live.sendall(_line({"cmd": "recv", "wait": 0, "ack": ids}))
+                assert _reply(live) == {"version": 1, "ok": True, "messages": [], "acked": len(ids)}
+                break
+            live.sendall(_line({"cmd": "recv", "wait": 5, "max": 100, "ack": ids}))
+            reply = _reply(live)
+        live.close()
+        half.close()
+    finally:
+        for s in kept:
+            s.close()
+    assert sorted(seen) == sorted(sent), (seen, sent)  # each once, none lost
+    assert not set(seen) & set(acked)
+    with core.agent("bob") as bob:
+        left = assert_ok(bob.call("recv", wait=0, max=100))["messages"]
+    assert not {m["id"] for m in left} & (set(acked) | set(sent)), left
