@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok
-from hive_fixture import HIVE, HiveProcess, running_hive
+from hive_fixture import HIVE, HiveProcess, as_user, running_hive
 
 NAME = "r16kill"
 ROUNDS = 3
@@ -277,3 +277,93 @@ def test_hang_ups_around_recv_waits_lose_or_double_nothing(core: Any) -> None:
     with core.agent("bob") as bob:
         left = assert_ok(bob.call("recv", wait=0, max=100))["messages"]
     assert not {m["id"] for m in left} & (set(acked) | set(sent)), left
+
+
+# -- priv.sock: a compromised hive-core at its 64 connections, then churning more ---------
+
+# Runs as hive-core: holds HELD connections (a request line never ended), then for
+# FLOOD_S seconds connects and hangs up as fast as it can (each refused: one line), and
+# says how many it was refused and what the refusals said.
+HOLD_AND_CHURN = r"""
+import json, socket, sys, time
+path, held_n, flood_s = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+held = []
+for _ in range(held_n):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    s.sendall(b'{"cmd": "status", "pad": "')
+    held.append(s)
+time.sleep(0.5)
+churned, replies = 0, set()
+end = time.monotonic() + flood_s
+while time.monotonic() < end:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect(path)
+        replies.add(s.makefile("rb").readline().decode())
+        churned += 1
+    except OSError:
+        pass
+    s.close()
+print(json.dumps({"churned": churned, "replies": sorted(replies)}), flush=True)
+sys.stdin.read()
+"""
+FLOOD_S = 5.0
+
+
+@pytest.mark.attack("privsep.core-misuse", ref="red team round 16: the core at MAX_CORE_CONNECTIONS, churning refused connections")
+def test_core_churning_refused_connections_does_not_starve_root(hive: HiveProcess) -> None:
+    """A compromised hive-core holds MAX_CORE_CONNECTIONS (each an unfinished line), then
+    connects and hangs up as fast as it can for FLOOD_S seconds (each accepted, given a
+    thread, refused in one line). Held: every refusal is the one line; root's ``status``
+    meanwhile is answered each time, within 1 s; hive-priv's threads go back to where
+    they were once the core lets go (printed: refusals, root's slowest answer, CPU).
+    Broke: each refusal was a warning line in hive-priv's log (11,288 to 12,995 in 5 s),
+    enough for journald's per-unit rate limit (10,000 in 30 s by default) to drop
+    hive-priv's lines, the record of what the core asks next among them; now one every
+    REFUSAL_LOG_EVERY seconds, with the count."""
+    from hyperhive.priv.server import MAX_CORE_CONNECTIONS, REFUSAL_LOG_EVERY
+
+    pid = hive.priv_pid()
+    assert pid is not None
+    threads_before = len(os.listdir(f"/proc/{pid}/task"))
+    cpu_before = _cpu_seconds(pid)
+    proc = subprocess.Popen(
+        [str(HIVE.parent / "python"), "-c", HOLD_AND_CHURN, str(hive.priv_sock),
+         str(MAX_CORE_CONNECTIONS), str(FLOOD_S)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user("hive-core"),
+    )  # fmt: skip
+    slowest = 0.0
+    answered = 0
+    try:
+        time.sleep(1.0)
+        end = time.monotonic() + FLOOD_S - 1.0
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            status = hive.priv("status", names=[NAME])
+            slowest = max(slowest, time.monotonic() - t0)
+            assert status.get("ok"), status
+            answered += 1
+            time.sleep(0.1)
+        assert proc.stdout is not None
+        out = json.loads(proc.stdout.readline())
+    finally:
+        proc.communicate("", timeout=30)
+    cpu = _cpu_seconds(pid) - cpu_before
+    time.sleep(0.5)
+    threads_after = len(os.listdir(f"/proc/{pid}/task"))
+    logged = sum(  # hive-priv's warnings of refused core connections, in either wording
+        1
+        for line in hive.log_path.read_text(errors="replace").splitlines()
+        if "hive.priv WARNING" in line and "refused" in line and "hive-core" in line
+    )
+    print(json.dumps({**out, "logged": logged, "root_answered": answered, "root_slowest_s": round(slowest, 3),
+                      "priv_cpu_s": round(cpu, 2), "threads": [threads_before, threads_after]}))  # fmt: skip
+    refusal = {"version": 1, "ok": False, "error": f"hive-core holds {MAX_CORE_CONNECTIONS} connections already"}
+    assert [json.loads(r) for r in out["replies"]] == [refusal], out["replies"]
+    assert out["churned"] > 100, out
+    assert answered >= 10 and slowest < 1.0, (answered, slowest)
+    assert threads_after <= threads_before + 2, (threads_before, threads_after)
+    # One warning at most every REFUSAL_LOG_EVERY seconds (main: one a refusal).
+    assert 1 <= logged <= FLOOD_S / REFUSAL_LOG_EVERY + 2, logged

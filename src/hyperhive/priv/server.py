@@ -36,6 +36,11 @@ log = logging.getLogger("hive.priv")
 # connection, up to TasksMax (4,096: ~5.5 GiB), and then no thread was left for root's
 # `hive exec` (red team round 15b). Root's own connections are not counted.
 MAX_CORE_CONNECTIONS = 64
+# At most one warning in this long for the core's connections refused at that bound: one
+# a refusal was ~2,000 lines a second of root's log from a core connecting and hanging up
+# in a loop, and journald's per-unit rate limit then drops hive-priv's lines, the record
+# of the verbs the core calls among them (red team round 16). As core/connlimit.py.
+REFUSAL_LOG_EVERY = 10.0
 
 
 class PrivServer:
@@ -44,6 +49,9 @@ class PrivServer:
         self.cages = cages
         self.core_uid, self.core_gid = _ids_of(core_user)
         self.core_slots = threading.BoundedSemaphore(MAX_CORE_CONNECTIONS)
+        self._refusals_lock = threading.Lock()
+        self._refused = 0  # core connections refused since the last warning
+        self._refusal_logged_at = -REFUSAL_LOG_EVERY
 
     def caller_class(self, cred: PeerCred) -> Caller | None:
         if cred.uid == 0:
@@ -85,17 +93,29 @@ class PrivServer:
                 self._serve_requests(conn, caller, cred)
                 return
             if not self.core_slots.acquire(blocking=False):
-                log.warning(
-                    "refused pid %d: hive-core holds %d connections already",
-                    cred.pid,
-                    MAX_CORE_CONNECTIONS,
-                )
+                self._log_refusal(cred)
                 _send(conn, error(f"hive-core holds {MAX_CORE_CONNECTIONS} connections already"))
                 return
             try:
                 self._serve_requests(conn, caller, cred)
             finally:
                 self.core_slots.release()
+
+    def _log_refusal(self, cred: PeerCred) -> None:
+        """A core connection refused at MAX_CORE_CONNECTIONS: a warning at most once in
+        REFUSAL_LOG_EVERY seconds, with how many were refused since the last one."""
+        with self._refusals_lock:
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._refusal_logged_at < REFUSAL_LOG_EVERY:
+                return
+            refused, self._refused, self._refusal_logged_at = self._refused, 0, now
+        log.warning(
+            "refused %d connection(s) of hive-core (pid %d the last): it holds %d already",
+            refused,
+            cred.pid,
+            MAX_CORE_CONNECTIONS,
+        )
 
     def _serve_requests(self, conn: socket.socket, caller: Caller, cred: PeerCred) -> None:
         buf = b""
