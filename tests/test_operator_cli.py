@@ -209,6 +209,12 @@ def test_event_line_of_each_kind(event: dict[str, Any], line: str) -> None:
 
 
 
+def _interruptible() -> None:
+    """SIGINT at its default in the child: a suite run as a shell's background job
+    ignores it, and Python then leaves it ignored (the test's SIGINT would do nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Follow:
     """``hive events ARGS`` on a pipe, read line by line as they come."""
 
@@ -216,7 +222,7 @@ class Follow:
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "COLUMNS": NARROW}
         self.proc = subprocess.Popen([str(HIVE), "--run-dir", str(h.run_dir), "events", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                                     stdin=subprocess.DEVNULL)
+                                     stdin=subprocess.DEVNULL, preexec_fn=_interruptible)
         assert self.proc.stdout is not None
         self.fd = self.proc.stdout.fileno()
         self.data = b""

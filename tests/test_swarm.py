@@ -25,7 +25,7 @@ from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import Bridge
 from hyperhive.swarm.pull import PAUSE, Puller
 from hyperhive.swarm.watch import RosterWatch
-from swarm_faults import drain
+from swarm_faults import drain, take
 from swarm_fixture import Swarm
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -191,7 +191,10 @@ def test_cross_host_ask_and_answer(swarm: Swarm) -> None:
     # The peer ACL as on one host: bob's only peer is alice.
     assert_refused(bob.call("ask", to="carol", question="x"), "not one of bob's peers")
     assert_refused(bob.call("ask", to="zed", question="x"), "no agent named 'zed'")
-    # Two hosts' questions to one agent, answered in the opposite order.
+    # Two hosts' questions to one agent, answered in the opposite order. What other
+    # modules on this session's swarm left in these inboxes is read first.
+    for host, agent in (("a", "alice"), ("b", "bob"), ("c", "carol")):
+        take(swarm, host, agent, wait=1.0)
     qb = assert_ok(bob.call("ask", to="alice", question="from b"))["id"]
     qc = assert_ok(carol.call("ask", to="alice", question="from c"))["id"]
     got = {m["from"]: m for m in drain(swarm, "a", "alice", 2)}

@@ -327,7 +327,7 @@ def fork_exec(
 ) -> Forked:
     """What init used subprocess.Popen for: fork (init has one thread: safe), and in the
     child ``stdio`` as 0, 1, 2, every other descriptor closed but ``keep``, a new session
-    if asked, ``before``, the signals Python ignores back to their defaults (as Popen's
+    if asked, ``before``, every signal back to its default (more than Popen's
     restore_signals), then exec ``argv[0]`` (an absolute path) with ``env`` (default:
     init's). An exec that fails raises OSError here, as Popen's does."""
     r, w = os.pipe2(os.O_CLOEXEC)  # w closes with a successful exec: EOF, no error
@@ -346,8 +346,7 @@ def fork_exec(
                 os.closerange(low, fd)
                 low = fd + 1
             os.closerange(low, MAXFD)
-            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(sig, signal.SIG_DFL)
+            signals_to_default()
             if session:
                 os.setsid()
             if before is not None:
@@ -374,6 +373,20 @@ def fork_exec(
     return Forked(pid)
 
 
+def signals_to_default() -> None:
+    """Every signal a handler or an ignore could hold back to its default, in a child
+    before it becomes the harness or a runtime: what Python ignores (PIPE, XFSZ), init's
+    own handlers, and anything ignored by whoever started the hive (``nohup hive up`` or a
+    shell's background job ignores HUP, INT and QUIT, and an ignore survives exec)."""
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):  # the real-time signals Python can't name, say
+            pass
+
+
 def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
     """In init's fork: become the harness (as a fresh ``setpriv … python -m hyperhive.cage
     harness`` would be) and run it; never returns. Init's signal handling and descriptors
@@ -381,8 +394,7 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
     code = 1
     try:
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, signal.SIG_DFL)
+        signals_to_default()
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.closerange(3, channel_fd)  # only stdio and the channel stay open
