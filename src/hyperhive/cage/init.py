@@ -395,6 +395,8 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
     try:
         signal.set_wakeup_fd(-1)
         signals_to_default()
+        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as a fresh interpreter sets them
+            signal.signal(sig, signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.closerange(3, channel_fd)  # only stdio and the channel stay open
