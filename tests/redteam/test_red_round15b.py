@@ -33,7 +33,6 @@ import json
 import os
 import pwd
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,44 +41,12 @@ import pytest
 
 from hive_fixture import HIVE, HiveProcess, as_user, running_hive
 
+from .pid_spread import AGENT, freed_pids_taken, restart, spread_out
+
 NAME = "rpkill"
 ROUNDS = 6
 SPREAD = 1500  # processes the agent keeps in its cage: the longer root's list, the wider the window
-AGENTS = {NAME: {"runtime": "command", "command": ["true"], "pids_max": 4096, "memory_mib": 4096}}
-
-# Run as the agent in its cage (hive exec --as-agent): leave SPREAD sleeping processes in
-# the cage's pid namespace (a session of their own, the exec's init killed: like anything
-# an earlier turn left running), then say how many processes the cage has.
-SPREAD_OUT = r"""
-import os, signal, sys, time
-n = int(sys.argv[1])
-init = os.getppid()
-r, w = os.pipe()
-ready_r, ready_w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    null = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    # Children are reaped as they exit (their pids are free at once), and nobody here
-    # ends on SIGTERM: root's SIGKILL round comes, its first SIGKILLs (bwrap's, lower
-    # pids than any here) end the cage's pid namespace, and the kernel ends every
-    # process here while root is still going down its list of their pids.
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for i in range(n):
-        if os.fork() == 0:
-            os.close(w)
-            os.read(r, 1)  # until the cage ends
-            os._exit(0)
-    os.write(ready_w, b"!")
-    os.read(r, 1)
-    os._exit(0)
-os.read(ready_r, 1)  # every child forked
-print(len([p for p in os.listdir("/proc") if p.isdigit()]), flush=True)
-if init > 1:
-    os.kill(init, signal.SIGKILL)
-"""
+AGENTS = {NAME: AGENT}
 
 
 @pytest.fixture(scope="module")
@@ -87,43 +54,17 @@ def hive() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(AGENTS))
 
 
-def _set_next_pid(pid: int) -> None:
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-
-
 def _spread_and_stop(hive: HiveProcess) -> tuple[int, dict[int, int]]:
     """One round: the agent spreads out, the core stops its cage while host processes take
     the freed pids. Returns (host processes that took a cage pid, those signalled: exit codes)."""
-    argv = [str(HIVE), "--run-dir", str(hive.run_dir), "exec", "--as-agent", NAME, "--",
-            "python3", "-c", SPREAD_OUT, str(SPREAD)]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    cage_pids = hive.cgroup(NAME).pids()
-    assert len(cage_pids) >= SPREAD, (len(cage_pids), out.stdout, out.stderr[-300:])
-    # The ones root reaches last: the first to be freed before root gets to them.
-    watch = sorted(cage_pids)[-SPREAD // 2 :][::-1]
+    cage_pids = spread_out(hive, NAME, SPREAD)
     victims: list[int] = []
-    done = threading.Event()
 
-    def take_freed_pids() -> None:
-        # Highest first. A spin on the kernel's word for each (ESRCH once the pid is
-        # free, not merely exited), then a host process started on it at once.
-        for pid in watch:
-            while not done.is_set():
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-            if done.is_set():
-                return
-            _set_next_pid(pid)
-            victims.append(os.posix_spawn("/bin/sleep", ["sleep", "2"], {}))
+    def take() -> None:  # a host process, started on the freed pid
+        victims.append(os.posix_spawn("/bin/sleep", ["sleep", "2"], {}))
 
-    taker = threading.Thread(target=take_freed_pids, daemon=True)
-    taker.start()
-    reply = hive.priv("stop", name=NAME, timeout=1)
-    done.set()
-    taker.join(10)
+    with freed_pids_taken(cage_pids, SPREAD // 2, take):
+        reply = hive.priv("stop", name=NAME, timeout=1)
     assert reply.get("ok"), reply
     codes = {v: os.waitstatus_to_exitcode(os.waitpid(v, 0)[1]) for v in victims}
     took = [pid for pid in codes if pid in set(cage_pids)]
@@ -144,8 +85,7 @@ def test_stop_never_signals_a_host_process_that_took_a_cage_pid(hive: HiveProces
         took, signalled = _spread_and_stop(hive)
         took_total += took
         assert not signalled, f"root signalled {len(signalled)} host processes on freed cage pids: {signalled}"
-        start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
-        assert start.get("ok"), start
+        restart(hive, NAME)
     assert took_total >= ROUNDS, f"host processes took {took_total} freed cage pids: the probe proved too little"
 
 

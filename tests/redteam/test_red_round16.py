@@ -41,39 +41,12 @@ import pytest
 from helpers import assert_ok
 from hive_fixture import HIVE, HiveProcess, as_user, running_hive
 
+from .pid_spread import AGENT, freed_pids_taken, restart, spread_out
+
 NAME = "r16kill"
 ROUNDS = 3
 SPREAD = 1500  # processes the agent keeps: the longer root's list, the wider the window
-AGENTS = {NAME: {"runtime": "command", "command": ["true"], "pids_max": 4096, "memory_mib": 4096}}
-
-# As round 15b's: SPREAD sleeping processes left in the cage's pid namespace, none ending
-# on SIGTERM, each reaped as it exits; prints how many processes the cage has.
-SPREAD_OUT = r"""
-import os, signal, sys
-n = int(sys.argv[1])
-init = os.getppid()
-r, w = os.pipe()
-ready_r, ready_w = os.pipe()
-if os.fork() == 0:
-    os.setsid()
-    null = os.open("/dev/null", os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    for i in range(n):
-        if os.fork() == 0:
-            os.close(w)
-            os.read(r, 1)
-            os._exit(0)
-    os.write(ready_w, b"!")
-    os.read(r, 1)
-    os._exit(0)
-os.read(ready_r, 1)
-print(len([p for p in os.listdir("/proc") if p.isdigit()]), flush=True)
-if init > 1:
-    os.kill(init, signal.SIGKILL)
-"""
+AGENTS = {NAME: AGENT}
 
 
 @pytest.fixture(scope="module")
@@ -81,48 +54,26 @@ def hive() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(AGENTS))
 
 
-def _set_next_pid(pid: int) -> None:
-    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-        f.write(str(pid - 1))
-
-
 def _spread_and_stop_with_threads(hive: HiveProcess) -> tuple[dict[str, object], int]:
     """The agent spreads out; the core stops its cage while host *threads* (this test's)
     take the cage pids freed before hive-priv pins them. Returns (stop's reply, threads
     that took a cage pid)."""
-    argv = [str(HIVE), "--run-dir", str(hive.run_dir), "exec", "--as-agent", NAME, "--",
-            "python3", "-c", SPREAD_OUT, str(SPREAD)]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    cage_pids = set(hive.cgroup(NAME).pids())
-    assert len(cage_pids) >= SPREAD, (len(cage_pids), out.stdout, out.stderr[-300:])
-    watch = sorted(cage_pids)[-SPREAD // 2 :][::-1]
-    done, release = threading.Event(), threading.Event()
+    cage_pids = set(spread_out(hive, NAME, SPREAD))
+    release = threading.Event()
     tids: list[int] = []
     holders: list[threading.Thread] = []
 
-    def take_freed_pids() -> None:
-        for pid in watch:
-            while not done.is_set():
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-            if done.is_set():
-                return
-            _set_next_pid(pid)
-            t = threading.Thread(target=release.wait, daemon=True)
-            t.start()
-            holders.append(t)
-            if t.native_id is not None:
-                tids.append(t.native_id)
+    def take() -> None:
+        t = threading.Thread(target=release.wait, daemon=True)
+        t.start()
+        holders.append(t)
+        if t.native_id is not None:
+            tids.append(t.native_id)
 
-    taker = threading.Thread(target=take_freed_pids, daemon=True)
-    taker.start()
     try:
-        reply = hive.priv("stop", name=NAME, timeout=1)
+        with freed_pids_taken(list(cage_pids), SPREAD // 2, take):
+            reply = hive.priv("stop", name=NAME, timeout=1)
     finally:
-        done.set()
-        taker.join(10)
         release.set()
         for t in holders:
             t.join(5)
@@ -142,8 +93,7 @@ def test_stop_survives_a_cage_pid_taken_by_a_thread(hive: HiveProcess) -> None:
         took_total += took
         assert reply.get("ok"), f"stop failed with threads on {took} freed cage pids: {reply}"
         assert not hive.cgroup(NAME).pids(), "processes left in the cage after its stop"
-        start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
-        assert start.get("ok"), start
+        restart(hive, NAME)
     assert took_total >= ROUNDS, f"threads took {took_total} freed cage pids: the probe proved too little"
 
 
@@ -164,10 +114,7 @@ def test_stop_of_a_full_cage_costs_root_little(hive: HiveProcess) -> None:
     checked: the stop is answered ok, the cage empty, and hive-priv spends under 1 s."""
     pid = hive.priv_pid()
     assert pid is not None
-    argv = [str(HIVE), "--run-dir", str(hive.run_dir), "exec", "--as-agent", NAME, "--",
-            "python3", "-c", SPREAD_OUT, str(BIG_SPREAD)]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
-    assert len(hive.cgroup(NAME).pids()) >= BIG_SPREAD, (out.stdout, out.stderr[-300:])
+    spread_out(hive, NAME, BIG_SPREAD)
     before = _cpu_seconds(pid)
     reply = hive.priv("stop", name=NAME, timeout=1)
     spent = _cpu_seconds(pid) - before
@@ -175,8 +122,7 @@ def test_stop_of_a_full_cage_costs_root_little(hive: HiveProcess) -> None:
     assert reply.get("ok"), reply
     assert not hive.cgroup(NAME).pids()
     assert spent < 1.0, f"hive-priv spent {spent:.2f} s of CPU on one stop"
-    start = hive.priv("start", name=NAME, pids_max=4096, memory_mib=4096)
-    assert start.get("ok"), start
+    restart(hive, NAME)
 
 
 # -- agent.sock: recv waits ended by a hang-up (agent_conn.py, POLLHUP at the end of input) --
