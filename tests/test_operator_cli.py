@@ -291,6 +291,97 @@ def test_events_one_readable_line_each_and_ndjson(hive: HiveProcess) -> None:
     assert raw.proc.stderr is not None and raw.proc.stderr.read() == b""
 
 
+# -- hive status: other hosts' agents, each with its incarnation ------------------------
+
+# As a swarm host's core answers ``agent_status`` (docs/protocol.md): this host's agents and
+# the roster's rows of the other hosts' (one from an older host, with no created_at).
+SWARM_ROWS = [
+    {"name": "bob", "host": "b", "running": True, "paused": False, "status_text": "reviewing PR 12",
+     "created_at": 1764739001.2345679, "reachable": True},
+    {"name": "carol", "host": "c", "running": False, "paused": True, "status_text": None,
+     "created_at": 1764739002.0, "reachable": False},
+    {"name": "dave", "host": "d", "running": True, "paused": False, "status_text": None, "reachable": True},
+]  # fmt: skip
+
+
+@contextlib.contextmanager
+def fake_host_sock(run_dir: Path, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """A host.sock in ``run_dir`` answering each request line with ``answer(request)``:
+    a swarm host's replies without a swarm. Yields the requests it was sent."""
+    import socket
+    import threading
+
+    seen: list[dict[str, Any]] = []
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(run_dir / "host.sock"))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:  # closed: the test is done
+                return
+            with conn, conn.makefile("rwb") as f:
+                for line in f:
+                    seen.append(json.loads(line))
+                    f.write(json.dumps({"version": 1, **answer(seen[-1])}).encode() + b"\n")
+                    f.flush()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        thread.join(10)
+
+
+def cells(table: str, name: str) -> dict[str, str]:
+    """The row of agent ``name`` in a rich table printed by the CLI, as {column: cell}
+    (a cell folded over lines joined, with a space)."""
+    heads = [line.split("┃")[1:-1] for line in table.splitlines() if line.startswith("┃")]
+    columns = ["".join(c.strip() for c in col) for col in zip(*heads, strict=True)]  # folded: no space
+    body = [line.split("│")[1:-1] for line in table.splitlines() if line.startswith("│")]
+    rows: list[list[str]] = []
+    for line in body:
+        if line[columns.index("name")].strip() or not rows:
+            rows.append([c.strip() for c in line])
+        else:  # the rest of the row above, folded
+            rows[-1] = [f"{a} {b.strip()}".strip() for a, b in zip(rows[-1], line, strict=True)]
+    return next(dict(zip(columns, r, strict=True)) for r in rows if r[columns.index("name")] == name)
+
+
+def test_status_shows_each_other_hosts_agents_created_at_to_paste(tmp_path: Path) -> None:
+    """``hive status``'s table of the other hosts' agents has each one's ``created_at``
+    (issue 18): the text ``--json`` prints for it, whole on a narrow terminal, and pasted
+    into ``--created-at`` it binds the verb to that very number; an older host's row
+    without one shows nothing."""
+
+    def answer(req: dict[str, Any]) -> dict[str, Any]:
+        if req["cmd"] == "agent_status":
+            return {"ok": True, "agent_statuses": [], "swarm_agents": SWARM_ROWS}
+        return {"ok": True, "host": req["host"], "action": "a1", "applied": True, "created_at": req["created_at"]}
+
+    with fake_host_sock(tmp_path, answer) as seen:
+        raw = run_hive(None, "--run-dir", str(tmp_path), "status", "--json")
+        human = run_hive(None, "--run-dir", str(tmp_path), "status")
+        assert raw.returncode == human.returncode == 0 and raw.stderr == human.stderr == "", (raw, human)
+        listed = {r["name"]: r for r in json.loads(raw.stdout)["swarm_agents"]}
+        shown = human.stdout[human.stdout.index("other hosts' agents"):]
+        bob, carol, dave = (cells(shown, n) for n in ("bob", "carol", "dave"))
+        # Exactly what --json gives, as text: the same characters
+        as_json = {n: re.search(r'"created_at": ?([^,}]+)', json.dumps(listed[n]))[1] for n in ("bob", "carol")}  # type: ignore[index]
+        assert (bob["created_at"], carol["created_at"], dave["created_at"]) == (as_json["bob"], as_json["carol"], ""), shown
+        assert bob["created_at"] in raw.stdout
+        states = [r["state"].replace(" ", "") for r in (bob, carol)]  # the rest is folded at NARROW
+        assert (bob["host"], states) == ("b", ["running", "unreachable"]), shown
+        pasted = run_hive(None, "--run-dir", str(tmp_path), "restart", "--host", "b", "--created-at", bob["created_at"], "bob")
+        assert pasted.returncode == 0 and pasted.stderr == "", pasted
+    assert seen[-1] == {"cmd": "restart", "name": "bob", "host": "b", "created_at": SWARM_ROWS[0]["created_at"]}, seen[-1]
+
+
 # -- hive inbox --------------------------------------------------------------------------
 
 

@@ -806,18 +806,28 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
 def _swarm_table(rows: list[dict[str, Any]]) -> None:
     table(
         "other hosts' agents",
-        ["host", "name", "state", "paused", "status"],
+        ["host", "name", "state", "paused", "created_at", "status"],
         (
             [
                 a["host"],
                 a["name"],
                 "unreachable" if not a.get("reachable") else _state(a),
                 _yn(a.get("paused", False)),
+                _incarnation(a.get("created_at")),
                 a.get("status_text"),
             ]
             for a in rows
         ),
+        whole={"host", "name", "created_at"},
     )
+
+
+def _incarnation(created_at: Any) -> str:
+    """A row's created_at as ``--json`` prints it (JSON's shortest repr of the float), to be
+    pasted into ``--created-at``; nothing for a row without one (an older host's)."""
+    if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+        return ""
+    return json.dumps(created_at)
 
 
 def _status_table(rows: list[dict[str, Any]]) -> None:

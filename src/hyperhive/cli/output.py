@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -149,11 +149,18 @@ def when(ts: float | str | None) -> str:
     return datetime.fromtimestamp(parse_timestamp(ts)).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def table(title: str, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
+def table(
+    title: str,
+    columns: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    whole: Collection[str] = (),
+) -> None:
+    """``whole``: columns whose values are copied and pasted (a name, an incarnation
+    into ``--created-at``): not wrapped, they are the last a narrow terminal squeezes."""
     # Text(), not str: agent-written strings must never be read as rich markup.
     t = Table(title=Text(visible(title, one_line=True)), title_justify="left")
     for col in columns:
-        t.add_column(col, overflow="fold")
+        t.add_column(col, overflow="fold", no_wrap=col in whole)
     count = 0
     for row in rows:
         t.add_row(*(Text(visible("" if v is None else str(v))) for v in row))
