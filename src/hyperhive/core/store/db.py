@@ -179,7 +179,15 @@ class Database:
             self.conn.execute("ROLLBACK")
 
     def checkpoint(self) -> None:
-        """Copy the WAL into the database, on a connection of its own (call from a thread)."""
+        """Copy the WAL into the database, on a connection of its own (call from a thread).
+
+        Its close leaves one descriptor of hive.db open, by design (SQLite's unix VFS):
+        ``conn`` holds a POSIX read lock on hive.db for as long as it is open (WAL mode),
+        and closing any descriptor of a file drops every POSIX lock this process holds on
+        it. So SQLite keeps the closed connection's descriptor and reuses it for the next
+        connection to hive.db (this method's, a second later): one, never more, closed with
+        ``conn`` (tests/test_store.py). The checkpoint stays off ``conn``: on it, a request
+        would wait for the checkpoint's copying and fsync."""
         db = sqlite3.connect(self.path, timeout=5)
         try:
             db.execute("PRAGMA wal_checkpoint(PASSIVE)")
