@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, strict_loads
+from helpers import CoreProcess, assert_ok, strict_loads, wait_for
 from hyperhive.core.agent_conn import AgentConnection
 from hyperhive.wire.framing import MAX_LINE
 
@@ -191,6 +191,38 @@ def test_a_recv_waiting_after_a_half_close_still_gets_its_reply(core: CoreProces
         replies = _lines(s, 2)
     assert [m["body"] for m in assert_ok(replies[0])["messages"]] == ["still here"]
     assert len(replies) == 1  # and then closed, at the end of input
+
+
+def test_a_recv_waiting_after_a_half_close_ends_when_the_socket_closes_whole(core: CoreProcess) -> None:
+    """A peer that shut its writing half, then closed its socket whole, while its recv
+    waits: the close ends the wait as a plain close does (the half-close alone keeps the
+    reply, above). Twice the cap (32 per uid) of such connections, each gone with its
+    descriptor and its claim at once, not when its wait of 60 s would have ended (the end
+    of input came first, so the close itself was never read: on main every one stayed,
+    and the second round was refused at the cap); the next message is the next recv's."""
+    before = _open_sockets(core)
+    for _ in range(2):
+        conns = []
+        for _ in range(32):
+            for _retry in range(100):  # the listener's backlog is small: one at a time
+                try:
+                    conns.append(_connect(core, "bob"))
+                    break
+                except BlockingIOError:
+                    time.sleep(0.02)
+            conns[-1].sendall(_line({"cmd": "recv", "wait": 60}))
+            conns[-1].shutdown(socket.SHUT_WR)
+        assert len(conns) == 32
+        time.sleep(0.5)  # every recv waits in the core, its input over
+        for s in conns:
+            s.close()
+        wait_for(lambda: _open_sockets(core) <= before, timeout=10)
+    assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
+    t0 = time.monotonic()
+    with core.agent("bob") as bob:
+        got = assert_ok(bob.call("recv", wait=10))["messages"]
+    assert [m["body"] for m in got] == ["after"]
+    assert time.monotonic() - t0 < 5
 
 
 def test_thousands_of_answered_at_once_requests_in_one_write(core: CoreProcess) -> None:

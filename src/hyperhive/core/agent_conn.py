@@ -24,9 +24,10 @@ red team check them on this loop):
 * The input buffer is bounded (lineconn.py: reading pauses past twice the limit).
 * A hang-up ends what waits on it: a ``recv`` waiting for its inbox stops waiting (its
   ack, committed or not, stands) as soon as the peer has closed its socket (the end of
-  input with POLLHUP; a peer that only shut its writing half still gets the reply), a
-  send's write stands, a task is let finish, and only then are the messages this
-  connection holds released (``wait_closed``).
+  input with POLLHUP; a peer that only shut its writing half still gets the reply, and
+  its wait ends when it closes the socket whole: ``_HangUps``), a send's write stands, a
+  task is let finish, and only then are the messages this connection holds released
+  (``wait_closed``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import select
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +56,67 @@ INTERNAL = "internal error; see the hive-core log"
 # A started pipelined request: its reply line now, or a future and whether its result is
 # a message id (the group commit's lane) rather than a whole reply (a task's).
 Started = dict[str, Any] | tuple["asyncio.Future[Any]", bool]
+
+
+class _HangUps:
+    """The connections whose input is over (the peer shut its writing half) while a recv
+    waits, told when their peer closes the socket whole. The loop can't watch for that on
+    the socket: a socket at the end of input is always readable (a reader on it would
+    spin), and the transport stopped reading it at the end of input; so the close itself
+    was never seen, and the wait lasted to its end. One epoll of the loop's for all of
+    them, no descriptor per connection (the agents' descriptor budget, core/budget.py),
+    each socket registered for no event: epoll reports a hang-up (EPOLLHUP) whatever is
+    asked; one-shot, so an entry whose socket closed before it was taken off (epoll keeps
+    it while the socket is open anywhere) fires once, not on every turn."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._epoll: select.epoll | None = None
+        self._conns: dict[int, AgentConnection] = {}
+
+    def watch(self, fd: int, conn: AgentConnection) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            self._loop.add_reader(self._epoll.fileno(), self._ready)
+        if fd in self._conns:
+            self._epoll.modify(fd, select.EPOLLONESHOT)  # armed again
+        else:
+            self._epoll.register(fd, select.EPOLLONESHOT)
+        self._conns[fd] = conn
+
+    def unwatch(self, fd: int, conn: AgentConnection) -> None:
+        if self._conns.get(fd) is not conn:
+            return
+        del self._conns[fd]
+        assert self._epoll is not None
+        try:
+            self._epoll.unregister(fd)
+        except OSError:  # closed already (epoll dropped it)
+            pass
+        if not self._conns:
+            self._loop.remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+
+    def _ready(self) -> None:
+        if self._epoll is None:
+            return
+        for fd, _ in self._epoll.poll(0):
+            conn = self._conns.get(fd)
+            if conn is not None:
+                self.unwatch(fd, conn)
+                conn._peer_closed()  # it checks the socket itself: an old entry's is no hang-up
+
+
+_HANG_UPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _HangUps] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _hang_ups(loop: asyncio.AbstractEventLoop) -> _HangUps:
+    if (watcher := _HANG_UPS.get(loop)) is None:
+        watcher = _HANG_UPS[loop] = _HangUps(loop)
+    return watcher
 
 
 def _failure(e: BaseException) -> dict[str, Any]:
@@ -110,6 +173,7 @@ class AgentConnection(LineConnection):
         self._batch_left = 0
         self._batch_overflow = False
         self._batch_next: tuple[bytes, float] | None = None  # a line owing time, after it
+        self._hup_fd: int | None = None  # watched for the peer's close (_HangUps)
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -120,16 +184,15 @@ class AgentConnection(LineConnection):
 
     def eof_received(self) -> bool:
         super().eof_received()
-        if self._watch is not None and self._hung_up():
-            self._recv = None
-            self._watch[0].cancel()  # _woken unwatches it
-            self.close()
+        if self._watch is not None:
+            self._peer_closed()
             return True
         if not self._busy:
             self._pump()
         return True
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._unwatch_hang_up()  # the socket is still open here (asyncio's and uvloop's)
         super().connection_lost(exc)
         if self._watch is not None:
             self._watch[0].cancel()  # a recv waiting for its inbox: nobody to reply to
@@ -163,6 +226,29 @@ class AgentConnection(LineConnection):
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         return any(ev & select.POLLHUP for _, ev in poller.poll(0))
+
+    def _peer_closed(self) -> None:
+        """The input ended, or the peer's close was seen, while a recv waits: nobody to
+        reply to if the peer closed whole; else (a half-close) its close is watched for."""
+        if self._watch is None or self._lost:
+            return
+        if self._hung_up():
+            self._recv = None
+            self._watch[0].cancel()  # _woken unwatches it
+            self.close()
+        elif self._eof and not self._buffer:
+            self._watch_hang_up()
+
+    def _watch_hang_up(self) -> None:
+        sock = self.get_extra_info("socket")
+        if sock is not None:
+            self._hup_fd = sock.fileno()
+            _hang_ups(self._loop).watch(self._hup_fd, self)
+
+    def _unwatch_hang_up(self) -> None:
+        if self._hup_fd is not None:
+            _hang_ups(self._loop).unwatch(self._hup_fd, self)
+            self._hup_fd = None
 
     async def wait_closed(self) -> None:
         """Until the connection is gone and the request a task was handling is done (the
@@ -363,9 +449,12 @@ class AgentConnection(LineConnection):
             return
         watch = self._watch = session.hive.wakeups.watch(session.actor.name, deadline - now)
         watch[0].add_done_callback(self._woken)
+        if self._eof and not self._buffer:  # half-closed: its close ends the wait
+            self._watch_hang_up()
 
     def _woken(self, fut: asyncio.Future[None]) -> None:
         watch, self._watch = self._watch, None
+        self._unwatch_hang_up()
         if watch is not None:
             self.session.hive.wakeups.unwatch(self.session.actor.name, *watch)
         if self._lost or self._recv is None:
