@@ -100,21 +100,43 @@ def test_a_last_line_without_newline_is_answered_after_a_half_close(core: CorePr
     assert [r.get("name", r.get("peers")) for r in replies] == ["alice", ["bob"]]
 
 
-def test_a_recv_waiting_when_its_peer_hangs_up_takes_nothing(core: CoreProcess) -> None:
-    """A hang-up ends a recv's wait at once: the next message is not held for the dead
-    connection (and handed back only when the wait would have ended), it is for the next
-    recv now."""
-    s = _connect(core, "bob")
-    s.sendall(_line({"cmd": "recv", "wait": 60}))
-    time.sleep(0.3)  # the recv waits in the core
-    s.close()
-    time.sleep(0.3)  # the core has seen the hang-up
+def _recvs_waiting(core: CoreProcess, n: int, half_close: bool = False) -> list[socket.socket]:
+    """``n`` of bob's connections, each a recv waiting 60 s (and its writing half shut,
+    with ``half_close``)."""
+    conns = []
+    for _ in range(n):
+        for _retry in range(100):  # the listener's backlog is small: one at a time
+            try:
+                conns.append(_connect(core, "bob"))
+                break
+            except BlockingIOError:
+                time.sleep(0.02)
+        conns[-1].sendall(_line({"cmd": "recv", "wait": 60}))
+        if half_close:
+            conns[-1].shutdown(socket.SHUT_WR)
+    assert len(conns) == n
+    return conns
+
+
+def _next_message_is_the_next_recvs(core: CoreProcess) -> None:
+    """A message sent now comes at once to a new recv: no connection gone took it."""
     assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
     t0 = time.monotonic()
     with core.agent("bob") as bob:
         got = assert_ok(bob.call("recv", wait=10))["messages"]
     assert [m["body"] for m in got] == ["after"]
     assert time.monotonic() - t0 < 5
+
+
+def test_a_recv_waiting_when_its_peer_hangs_up_takes_nothing(core: CoreProcess) -> None:
+    """A hang-up ends a recv's wait at once: the next message is not held for the dead
+    connection (and handed back only when the wait would have ended), it is for the next
+    recv now."""
+    (s,) = _recvs_waiting(core, 1)
+    time.sleep(0.3)  # the recv waits in the core
+    s.close()
+    time.sleep(0.3)  # the core has seen the hang-up
+    _next_message_is_the_next_recvs(core)
 
 
 def test_closed_connections_waiting_in_recv_are_dropped_at_once(core: CoreProcess) -> None:
@@ -124,25 +146,13 @@ def test_closed_connections_waiting_in_recv_are_dropped_at_once(core: CoreProces
     wait was refused, and each woke for every message (bench/warm.py)."""
     before = _open_sockets(core)
     for _ in range(2):  # twice the cap, closed as they go: every one must be accepted
-        conns = []
-        for _ in range(32):
-            for _retry in range(100):  # the listener's backlog is small: one at a time
-                try:
-                    conns.append(_connect(core, "bob"))
-                    break
-                except BlockingIOError:
-                    time.sleep(0.02)
-            conns[-1].sendall(_line({"cmd": "recv", "wait": 60}))
-        assert len(conns) == 32
+        conns = _recvs_waiting(core, 32)
         time.sleep(0.5)  # every recv waits in the core
         for s in conns:
             s.close()
         time.sleep(0.5)  # the core has seen the hang-ups
     assert _open_sockets(core) <= before
-    assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
-    with core.agent("bob") as bob:
-        got = assert_ok(bob.call("recv", wait=10))["messages"]
-    assert [m["body"] for m in got] == ["after"]
+    _next_message_is_the_next_recvs(core)
 
 
 def _open_sockets(core: CoreProcess) -> int:
@@ -202,27 +212,12 @@ def test_a_recv_waiting_after_a_half_close_ends_when_the_socket_closes_whole(cor
     and the second round was refused at the cap); the next message is the next recv's."""
     before = _open_sockets(core)
     for _ in range(2):
-        conns = []
-        for _ in range(32):
-            for _retry in range(100):  # the listener's backlog is small: one at a time
-                try:
-                    conns.append(_connect(core, "bob"))
-                    break
-                except BlockingIOError:
-                    time.sleep(0.02)
-            conns[-1].sendall(_line({"cmd": "recv", "wait": 60}))
-            conns[-1].shutdown(socket.SHUT_WR)
-        assert len(conns) == 32
+        conns = _recvs_waiting(core, 32, half_close=True)
         time.sleep(0.5)  # every recv waits in the core, its input over
         for s in conns:
             s.close()
         wait_for(lambda: _open_sockets(core) <= before, timeout=10)
-    assert_ok(core.agent_call("alice", "send", to="bob", body="after"))
-    t0 = time.monotonic()
-    with core.agent("bob") as bob:
-        got = assert_ok(bob.call("recv", wait=10))["messages"]
-    assert [m["body"] for m in got] == ["after"]
-    assert time.monotonic() - t0 < 5
+    _next_message_is_the_next_recvs(core)
 
 
 def test_thousands_of_answered_at_once_requests_in_one_write(core: CoreProcess) -> None:
