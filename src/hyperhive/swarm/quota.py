@@ -104,23 +104,19 @@ CREATE TABLE IF NOT EXISTS swarm_from (
 """
 
 # A message from another host leaves swarm_held (and its bytes move from held to released)
-# when its recipient acks it or it is deleted: the same two moments as agent_usage's. Only
-# one its sending host's current store counted (``gen``: sender_gen_tx) adds to what is
-# reported; any other leaves what this host holds and nothing else. A row's released and
-# reported counts are of generation ``swarm_from.gen``: one of an older generation starts
-# at 0 as it is next touched (a new generation writes nothing else: sender_gen_tx).
-_GEN = "coalesce((SELECT gen FROM swarm_sender WHERE host = swarm_from.host), 0)"
-_SAME = f"(gen = {_GEN})"
+# when its recipient acks it or it is deleted: the same two moments as agent_usage's. A
+# row's released and reported counts are of its sending host's store generation
+# ``swarm_from.gen`` (sender_gen_tx): only a message held in that generation adds to them;
+# any other leaves what this host holds and nothing else. A row is moved to a new
+# generation (its counts from 0) by the next message of that sender's taken here (Room),
+# and is reported only while its generation is the current one (``unreported``).
 _BYTES = "(SELECT bytes FROM swarm_held WHERE message_id = OLD.id)"
-_COUNTS = f"(SELECT coalesce(gen, 0) = {_GEN} FROM swarm_held WHERE message_id = OLD.id)"
+_COUNTS = "(SELECT coalesce(gen, 0) = swarm_from.gen FROM swarm_held WHERE message_id = OLD.id)"
 _RELEASE = f"""
     UPDATE swarm_from SET held_rows = held_rows - 1,
         held_bytes = held_bytes - {_BYTES},
-        released_rows = {_SAME} * released_rows + {_COUNTS},
-        released_bytes = {_SAME} * released_bytes + {_COUNTS} * {_BYTES},
-        reported_rows = {_SAME} * reported_rows,
-        reported_bytes = {_SAME} * reported_bytes,
-        gen = {_GEN}
+        released_rows = released_rows + {_COUNTS},
+        released_bytes = released_bytes + {_COUNTS} * {_BYTES}
     WHERE (host, agent) = (SELECT host, agent FROM swarm_held WHERE message_id = OLD.id);
     DELETE FROM swarm_held WHERE message_id = OLD.id;
 """
@@ -374,7 +370,7 @@ class Room:
             self._count(agent, 0, 0, 1, nbytes)
 
     def _count(self, agent: str, hr: int, hb: int, rr: int, rb: int) -> None:
-        # Released and reported counts of an older generation start at 0 (_RELEASE).
+        # A row of an older generation moves to the current one, its counts from 0.
         self._tx.execute(
             "INSERT INTO swarm_from (host, agent, held_rows, held_bytes, released_rows,"
             " released_bytes, gen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, agent) DO"
