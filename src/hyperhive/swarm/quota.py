@@ -16,7 +16,9 @@ the count and the receiving host saying when it ends:
   agent)``; a trigger on ``messages`` moves it from ``held`` to ``released`` when its
   recipient acks it (or it is deleted). An item b can't deliver (no such recipient, a
   question asked twice) is released at once. b publishes each sender's cumulative
-  ``released`` (rows, bytes) in the roster bucket, ``released.<b>.<a>.<agent>``.
+  ``released`` (rows, bytes) in the roster bucket, ``released.<b>.<a>.<agent>``, of
+  only what came in the bundles of ``a``'s current store (each names it; the report
+  does too: ``sender_gen_tx``), so that both hosts count the same messages.
 - ``a`` applies a report only upward and never past what it sent there
   (``release_tx``): the released part leaves the sender's ``agent_usage``. A host that
   never reports (or is gone) holds its agents' quota as a recipient that never reads
