@@ -7,8 +7,10 @@ round trip at that bound. The quota's store reset is tests/test_swarm_quota.py's
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -20,7 +22,7 @@ import pytest
 from helpers import assert_ok, quota_usage, wait_for
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import HELD_MAX, LET_GO_EACH_ROUND, live_claims
-from swarm_faults import drain
+from swarm_faults import drain, take
 from swarm_fixture import HOSTS, Swarm
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -234,8 +236,10 @@ def test_a_receivers_store_reset_gives_its_senders_quota_back(swarm: Swarm) -> N
     good. Now b's heartbeat names its new store, and a releases what alice had sent there;
     later messages count and are released as before."""
     a, b = swarm.cores["a"], swarm.cores["b"]
-    # A sender of its own: alice's counts carry what earlier modules on this session's
-    # swarm did (in the whole suite her usage once read +2 for these 5 sends).
+    # A sender of its own: alice's messages to b that earlier modules on this session's
+    # swarm left unread are released with the rest at the reset. (In the whole suite her
+    # usage once read +2 for these 5 sends: test_swarm.py's three messages published as
+    # alice, never counted on a, were in b's report; see the test after this one.)
     tag = time.time_ns()
     sender = f"reset{tag % 10**9}"
     assert_ok(a.host_call("spawn", name=sender, spec={"runtime": "command", "command": ["true"], "peers": ["bob"]}))
@@ -267,5 +271,111 @@ def test_a_receivers_store_reset_gives_its_senders_quota_back(swarm: Swarm) -> N
         assert quota_usage(a, sender)[0] == before[0] + 1
         assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"unread {tag}"]
         wait_for(lambda: quota_usage(a, sender) == before, timeout=10)
+    finally:
+        a.host_call("destroy", name=sender)
+
+
+# -- the quota's report counts only what its sender counted --------------------------------
+
+
+def _released_on(core: Any, agent: str, host: str) -> int:
+    """What ``core``'s host has taken off ``agent``'s quota of what it sent ``host``."""
+    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute(
+            "SELECT released_rows FROM swarm_sent WHERE agent=? AND host=?", (agent, host)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+    finally:
+        db.close()
+
+
+def _reported_on(core: Any, host: str, agent: str) -> bool:
+    """Whether ``core``'s host has put in its bucket all it released of ``host``'s
+    ``agent``'s messages."""
+    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute(
+            "SELECT released_rows = reported_rows AND released_bytes = reported_bytes"
+            " FROM swarm_from WHERE host=? AND agent=?",
+            (host, agent),
+        ).fetchone()
+        return row is not None and bool(row[0])
+    finally:
+        db.close()
+
+
+def _held_on(core: Any, host: str, agent: str) -> int:
+    """How many of ``host``'s ``agent``'s messages ``core``'s host holds unread."""
+    db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
+    try:
+        row = db.execute(
+            "SELECT held_rows FROM swarm_from WHERE host=? AND agent=?", (host, agent)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+    finally:
+        db.close()
+
+
+def test_a_message_its_sender_never_counted_releases_none_of_its_later_ones(swarm: Swarm) -> None:
+    """A message on a's pair to b that a's store never counted (published with a's
+    credentials: by a core of before, a's store before it was reset, or, here, the test;
+    test_swarm.py's redelivery and upgrade cases publish three as alice): b stores it and
+    bob reads it. Before, b counted it in what it released of the sender's, and its
+    cumulative report stayed one ahead of what a counted, for good: a clipped it at what
+    was sent, and then gave each later message back one early (in the whole suite
+    alice's usage read +2 for 5 unread sends: 3 ahead). Now b reports only what came in
+    a's store's bundles, and names that store; the sender's quota holds its unread
+    message."""
+    a, b = swarm.cores["a"], swarm.cores["b"]
+    tag = time.time_ns()
+    sender = f"uncounted{tag % 10**9}"
+    assert_ok(
+        a.host_call(
+            "spawn", name=sender, spec={"runtime": "command", "command": ["true"], "peers": ["bob"]}
+        )
+    )
+    try:
+        agent = a.agent(sender)
+        take(swarm, "b", "bob")  # what other tests left there
+        before = quota_usage(a, sender)
+        assert_ok(agent.call("send", to="bob", body=f"first {tag}"))
+        assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"first {tag}"]
+        wait_for(lambda: _released_on(a, sender, "b") == 1 and quota_usage(a, sender) == before)
+        uncounted = {"id": f"uncounted-{tag}", "from": sender, "to": "bob", "kind": "message",
+                     "body": f"uncounted {tag}", "sent_at": 0}  # fmt: skip
+
+        async def publish(nc: Any) -> None:
+            await nc.jetstream(timeout=10).publish(
+                s.msg_subject("b", "a"), json.dumps([uncounted]).encode(),
+                headers={"Nats-Msg-Id": f"uncounted-{tag}"},
+            )  # fmt: skip
+
+        as_host(swarm, "a", publish)
+        assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [f"uncounted {tag}"]
+        wait_for(lambda: _reported_on(b, "a", sender))
+        unread = f"unread {tag}"
+        for body in (f"second {tag}", unread):
+            assert_ok(agent.call("send", to="bob", body=body))
+        # Both are in bob's inbox (b received both) before he reads the first, alone.
+        wait_for(lambda: swarm.status("a")["outbox_unsent"] == 0 and _held_on(b, "a", sender) == 2)
+        bob = b.agent("bob")
+        [second] = assert_ok(bob.call("recv", wait=5, max=1))["messages"]
+        assert second["body"] == f"second {tag}"
+        assert_ok(bob.call("ack", ids=[second["id"]]))
+        wait_for(lambda: _reported_on(b, "a", sender))
+
+        async def report(nc: Any) -> list[Any]:
+            kv = await nc.jetstream(timeout=10).key_value(s.bucket("b"))
+            return list(json.loads((await kv.get(s.released_key("b", "a", sender))).value))
+
+        said = as_host(swarm, None, report)
+        wait_for(lambda: _released_on(a, sender, "b") >= 2)  # a applied it
+        # Before: b said 3 (first, the uncounted one, second), a took off all 3 it had sent,
+        # and the unread message counted nowhere (usage as before).
+        held = (quota_usage(a, sender), _released_on(a, sender, "b"), said[0])
+        assert held == ((before[0] + 1, before[1] + len(unread)), 2, 2), (before, held)
+        assert [m["body"] for m in drain(swarm, "b", "bob", 1)] == [unread]
+        wait_for(lambda: quota_usage(a, sender) == before)
     finally:
         a.host_call("destroy", name=sender)

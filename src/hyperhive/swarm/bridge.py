@@ -249,7 +249,7 @@ class Bridge:
         # bundle consumer's ("bundles from c") must not move whatever c stores (issue 18,
         # after red team round 10: c's own Status headers made nats-py's fetch raise).
         self.restarts: dict[str, int] = {}
-        self._releases: dict[tuple[str, str], tuple[int, int, str]] = {}  # not yet applied
+        self._releases: dict[tuple[str, str], tuple[int, int, str, str]] = {}  # not yet applied
         self._epochs: dict[str, str] = {}  # host -> its store's epoch, as its heartbeat said
         self._epochs_due: dict[str, str] = {}  # new ones not yet applied (the quota loop)
         self.operator = OperatorRelay(self)  # the operator's roster and actions (operator.py)
@@ -535,7 +535,8 @@ class Bridge:
                             s.msg_subject(to_host, self.host),
                             payload,
                             timeout=2.0,
-                            headers={"Nats-Msg-Id": dedup},
+                            # The store whose count these rows are in (quota.sender_gen_tx).
+                            headers={"Nats-Msg-Id": dedup, s.STORE_HEADER: self.store.epoch},
                         )
                         break
                     except (nats.errors.Error, TimeoutError, nats.js.errors.Error) as e:
@@ -656,10 +657,12 @@ class Bridge:
         dropped. ``looked``: its senders' owners as the buckets said in its earlier tries."""
         budget = [LOOKUPS_PER_TRY]  # lookups left to this try
         from_host = s.from_host_of(m.subject)
-        # A bridge publishes a bundle with a Nats-Msg-Id header and no other: a Status
-        # header is its sending host's forgery (the server's statuses never reach here:
-        # pull.py), and the whole bundle is refused with it (issue 18).
+        # A bridge publishes a bundle with a Nats-Msg-Id header and its store's (no
+        # other): a Status header is its sending host's forgery (the server's statuses
+        # never reach here: pull.py), and the whole bundle is refused with it (issue 18).
         forged = "Status" in (m.headers or {})
+        store = (m.headers or {}).get(s.STORE_HEADER)
+        sender_epoch = store if quota.is_epoch(store) else None
         try:
             items = jsontext.loads(m.data) if from_host is not None and not forged else None
         except (ValueError, RecursionError):  # deep nesting too: dropped, not redelivered forever
@@ -697,6 +700,7 @@ class Bridge:
                 from_host,
                 (limits.agent_pending_max, limits.agent_store_mib << 20),
                 (self.settings.host_pending_max, self.settings.host_store_mib << 20),
+                sender_epoch,
             )
         except StoreError as e:
             log.warning("swarm: can't store %d message(s) yet: %s", len(good), e)
@@ -1059,8 +1063,10 @@ class Bridge:
         kv = await self._bucket()
         while True:
             done = self.store.unreported(REPORTS)
-            for host, agent, rows, nbytes in done:
-                value = json.dumps([rows, nbytes, self.store.epoch]).encode()
+            for host, agent, rows, nbytes, theirs in done:
+                # Which store of theirs this counts for: the one whose bundles it came in.
+                said = [rows, nbytes, self.store.epoch, *([theirs] if theirs else [])]
+                value = json.dumps(said).encode()
                 await kv.put(s.released_key(self.host, host, agent), value)
             if done:
                 self.store.reported(done)
@@ -1071,10 +1077,12 @@ class Bridge:
             await asyncio.sleep(QUOTA_EVERY)
 
     def _released(self, parts: list[str], value: bytes | None) -> None:
-        """``released.<host>.<us>.<agent>`` = [rows, bytes, epoch]: what ``host``'s store
-        ``epoch`` has released in all of our ``agent``'s messages; applied by the quota
-        loop (only upward, capped; a new epoch: a store reset there, quota.release_tx).
-        [rows, bytes] is a report of before epochs (the same store counting on)."""
+        """``released.<host>.<us>.<agent>`` = [rows, bytes, epoch, ours]: what ``host``'s
+        store ``epoch`` has released in all of our ``agent``'s messages that came in the
+        bundles of our store ``ours``; applied by the quota loop (only upward, capped; a
+        new epoch: a store reset there, quota.release_tx; another ``ours``: not this
+        store's count). [rows, bytes, epoch] is a report of before (counting whatever came),
+        [rows, bytes] one of before epochs (the same store counting on)."""
         _, host, to, agent = parts
         if to != self.host or host == self.host or value is None:
             return
@@ -1084,11 +1092,12 @@ class Bridge:
             got = jsontext.loads(value)
             if (
                 isinstance(got, list)
-                and len(got) in (2, 3)
+                and len(got) in (2, 3, 4)
                 and all(type(n) is int and 0 <= n < 1 << 62 for n in got[:2])
-                and (len(got) == 2 or quota.is_epoch(got[2]))
+                and all(quota.is_epoch(e) for e in got[2:])
             ):
-                self._releases[(host, agent)] = (got[0], got[1], got[2] if len(got) == 3 else "")
+                epoch, ours = [*got[2:], "", ""][:2]
+                self._releases[(host, agent)] = (got[0], got[1], epoch, ours)
 
     def _epoch(self, host: str, value: bytes) -> None:
         """A heartbeat's store epoch: a new one is a store reset there (quota.host_epoch_tx),

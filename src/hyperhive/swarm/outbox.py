@@ -102,8 +102,7 @@ class SwarmStore:
             for statement in (_TABLES + asks.TABLES + quota.TABLES).split(";"):
                 if statement.strip():
                     tx.execute(statement)
-            for trigger in quota.TRIGGERS:
-                tx.execute(trigger)
+            quota.migrate_tx(tx)  # swarm_held's gen and the triggers that read it
             self.epoch = quota.store_epoch(tx)  # named in this store's quota reports
 
     @property
@@ -149,9 +148,11 @@ class SwarmStore:
         ).fetchone()
         return int(r[0]), int(r[1])
 
-    def receive(self, items: list[dict[str, Any]], from_host: str = "") -> list[Message]:
+    def receive(
+        self, items: list[dict[str, Any]], from_host: str = "", sender_epoch: str | None = None
+    ) -> list[Message]:
         """``take`` with every item deliverable and no bound (the tests' shorthand)."""
-        return self.take([(p, True) for p in items], from_host, NO_BOUND, NO_BOUND)[0]
+        return self.take([(p, True) for p in items], from_host, NO_BOUND, NO_BOUND, sender_epoch)[0]
 
     def take(
         self,
@@ -159,6 +160,7 @@ class SwarmStore:
         from_host: str,
         per_agent: tuple[int, int],
         per_host: tuple[int, int],
+        sender_epoch: str | None = None,
     ) -> tuple[list[Message], bool]:
         """Put messages from host ``from_host`` (``id``, ``to``, ``from``, ``kind``,
         ``body`` each; a question or an answer also ``qid``: swarm/asks.py) in their
@@ -168,12 +170,15 @@ class SwarmStore:
         is only released in its sender's quota (swarm/quota.py). The messages stored, in
         order, and whether all were: storing stops at the first item past what this host
         holds for one sender (``per_agent``: rows, bytes) or for ``from_host`` in all
-        (``per_host``); the rest wait for a later try."""
+        (``per_host``); the rest wait for a later try. ``sender_epoch``: the store of
+        ``from_host`` that published them (None: it named none), whose count what this
+        host reports of them is (quota.sender_gen_tx)."""
         out = []
         whole = True
         with self._db.tx() as tx:
             seen = self._seen(tx, from_host, [p["id"] for p, _ in items])
-            room = quota.Room(tx, from_host, per_agent, per_host)
+            gen = quota.sender_gen_tx(tx, from_host, sender_epoch)
+            room = quota.Room(tx, from_host, per_agent, per_host, gen)
             for p, deliverable in items:
                 if p["id"] in seen:
                     continue
@@ -205,22 +210,25 @@ class SwarmStore:
                     out.append(msg)
         return out, whole
 
-    def unreported(self, limit: int) -> list[tuple[str, str, int, int]]:
+    def unreported(self, limit: int) -> list[quota.Unreported]:
         """Released counts of other hosts' agents not yet published (swarm/quota.py)."""
         return quota.unreported(self._db.conn, limit)
 
-    def reported(self, done: list[tuple[str, str, int, int]]) -> None:
+    def reported(self, done: list[quota.Unreported]) -> None:
         with self._db.tx() as tx:
             quota.reported_tx(tx, done)
 
-    def release(self, reports: dict[tuple[str, str], tuple[int, int, str]]) -> int:
+    def release(self, reports: dict[tuple[str, str], tuple[int, int, str, str]]) -> int:
         """Other hosts' reports of what they released of this host's agents' items, (host,
-        agent) -> (rows, bytes in all, the reporting store's epoch), applied in one
-        transaction; how many changed."""
+        agent) -> (rows, bytes in all, the reporting store's epoch, the store of ours they
+        count for: "" if none is named), applied in one transaction; how many changed. A
+        report counting for another store of ours (this one's before its reset) is not
+        this store's count: ignored."""
         with self._db.tx() as tx:
             return sum(
                 quota.release_tx(tx, host, agent, rows, nbytes, epoch)
-                for (host, agent), (rows, nbytes, epoch) in reports.items()
+                for (host, agent), (rows, nbytes, epoch, ours) in reports.items()
+                if ours in ("", self.epoch)
             )
 
     def host_epoch(self, host: str, epoch: str) -> int:

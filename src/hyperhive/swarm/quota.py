@@ -16,7 +16,9 @@ the count and the receiving host saying when it ends:
   agent)``; a trigger on ``messages`` moves it from ``held`` to ``released`` when its
   recipient acks it (or it is deleted). An item b can't deliver (no such recipient, a
   question asked twice) is released at once. b publishes each sender's cumulative
-  ``released`` (rows, bytes) in the roster bucket, ``released.<b>.<a>.<agent>``.
+  ``released`` (rows, bytes) in the roster bucket, ``released.<b>.<a>.<agent>``, of
+  only what came in the bundles of ``a``'s current store (each names it; the report
+  does too: ``sender_gen_tx``), so that both hosts count the same messages.
 - ``a`` applies a report only upward and never past what it sent there
   (``release_tx``): the released part leaves the sender's ``agent_usage``. A host that
   never reports (or is gone) holds its agents' quota as a recipient that never reads
@@ -81,8 +83,14 @@ CREATE TABLE IF NOT EXISTS swarm_held (
     message_id INTEGER PRIMARY KEY,
     host TEXT NOT NULL,
     agent TEXT NOT NULL,
-    bytes INTEGER NOT NULL
+    bytes INTEGER NOT NULL,
+    gen INTEGER
 );
+CREATE TABLE IF NOT EXISTS swarm_sender (
+    host TEXT PRIMARY KEY,
+    epoch TEXT NOT NULL,
+    gen INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS swarm_from (
     host TEXT NOT NULL,
     agent TEXT NOT NULL,
@@ -92,26 +100,37 @@ CREATE TABLE IF NOT EXISTS swarm_from (
     released_bytes INTEGER NOT NULL DEFAULT 0,
     reported_rows INTEGER NOT NULL DEFAULT 0,
     reported_bytes INTEGER NOT NULL DEFAULT 0,
+    gen INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (host, agent)
 ) WITHOUT ROWID;
 """
 
 # A message from another host leaves swarm_held (and its bytes move from held to released)
-# when its recipient acks it or it is deleted: the same two moments as agent_usage's.
-_RELEASE = """
+# when its recipient acks it or it is deleted: the same two moments as agent_usage's. A
+# row's released and reported counts are of its sending host's store generation
+# ``swarm_from.gen`` (sender_gen_tx): only a message held in that generation adds to them;
+# any other leaves what this host holds and nothing else. A row is moved to a new
+# generation (its counts from 0) by the next message of that sender's taken here (Room),
+# and is reported only while its generation is the current one (``unreported``).
+_BYTES = "(SELECT bytes FROM swarm_held WHERE message_id = OLD.id)"
+_COUNTS = "(SELECT coalesce(gen, 0) = swarm_from.gen FROM swarm_held WHERE message_id = OLD.id)"
+_RELEASE = f"""
     UPDATE swarm_from SET held_rows = held_rows - 1,
-        held_bytes = held_bytes - (SELECT bytes FROM swarm_held WHERE message_id = OLD.id),
-        released_rows = released_rows + 1,
-        released_bytes = released_bytes + (SELECT bytes FROM swarm_held WHERE message_id = OLD.id)
+        held_bytes = held_bytes - {_BYTES},
+        released_rows = released_rows + {_COUNTS},
+        released_bytes = released_bytes + {_COUNTS} * {_BYTES}
     WHERE (host, agent) = (SELECT host, agent FROM swarm_held WHERE message_id = OLD.id);
     DELETE FROM swarm_held WHERE message_id = OLD.id;
 """
+# Made again at each start (dropped first): a store of before has them without ``gen``.
 TRIGGERS = [
-    "CREATE TRIGGER IF NOT EXISTS swarm_held_acked AFTER UPDATE OF acked_at ON messages"
+    "CREATE TRIGGER swarm_held_acked AFTER UPDATE OF acked_at ON messages"
     f" WHEN OLD.acked_at IS NULL AND NEW.acked_at IS NOT NULL BEGIN {_RELEASE} END",
-    "CREATE TRIGGER IF NOT EXISTS swarm_held_out AFTER DELETE ON messages"
+    "CREATE TRIGGER swarm_held_out AFTER DELETE ON messages"
     f" WHEN OLD.acked_at IS NULL BEGIN {_RELEASE} END",
 ]
+TRIGGER_NAMES = ("swarm_held_acked", "swarm_held_out")
+UNCOUNTED = -1  # swarm_held.gen of a message no store of its sending host counted
 
 
 def item_bytes(body: str, options: Any) -> int:
@@ -248,14 +267,67 @@ def store_epoch(tx: Tx) -> str:
 # -- the receiving host -------------------------------------------------------------------
 
 
+_FROM_GEN = "gen INTEGER NOT NULL DEFAULT 0"
+
+
+def migrate_tx(tx: Tx) -> None:
+    """A store of before: swarm_held and swarm_from without ``gen`` (their rows: 0, the
+    generation a host with no swarm_sender row counts in), the triggers without it."""
+    for table, column in (("swarm_held", "gen INTEGER"), ("swarm_from", _FROM_GEN)):
+        cols = {r[1] for r in tx.execute(f"PRAGMA table_info({table})").fetchall()}
+        if "gen" not in cols:
+            tx.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    for name in TRIGGER_NAMES:
+        tx.execute(f"DROP TRIGGER IF EXISTS {name}")
+    for trigger in TRIGGERS:
+        tx.execute(trigger)
+
+
+def sender_gen_tx(tx: Tx, host: str, epoch: str | None) -> int:
+    """A bundle from ``host`` whose publisher's store is ``epoch`` (its header; None: it
+    named none). The generation its counted items are held in: what ``host``'s current
+    store counted, and so what this host reports to it, is only what came in that store's
+    bundles. A report counting anything else stayed ahead of the sender's count for good
+    (a clipped it at what was sent, then gave each later message back early): a bundle
+    its store never counted (its store reset, a core of before, anyone with its NATS
+    password) was released like the others. A new epoch (the sender's store reset: its
+    counts start at 0) starts a new generation, the counts reported to it at 0; a pair's
+    bundles come in order, so an old store's never follow a new one's. None (a core of
+    before names no store): counted, until that host's bundles have named one
+    (``UNCOUNTED`` then)."""
+    r = tx.execute("SELECT epoch, gen FROM swarm_sender WHERE host=?", (host,)).fetchone()
+    if epoch is None:
+        return 0 if r is None else UNCOUNTED
+    if r is None:
+        # The first named: what was counted before came from that host's one store (a
+        # core of before, upgraded), and goes on.
+        tx.execute("INSERT INTO swarm_sender (host, epoch, gen) VALUES (?, ?, 0)", (host, epoch))
+        return 0
+    if r[0] == epoch:
+        return int(r[1])
+    # One row written, whatever that host's agents: its counts start again as each is next
+    # touched (swarm_from.gen), not all here (a host may name a new store every bundle).
+    gen = int(r[1]) + 1
+    tx.execute("UPDATE swarm_sender SET epoch=?, gen=? WHERE host=?", (epoch, gen, host))
+    return gen
+
+
 class Room:
     """What this host still takes from host ``host`` in one bundle's transaction: per
-    sender its own quota (``per_agent``: rows, bytes), in all ``per_host``."""
+    sender its own quota (``per_agent``: rows, bytes), in all ``per_host``; what it holds
+    counted in generation ``gen`` (sender_gen_tx)."""
 
     def __init__(
-        self, tx: Tx, host: str, per_agent: tuple[int, int], per_host: tuple[int, int]
+        self,
+        tx: Tx,
+        host: str,
+        per_agent: tuple[int, int],
+        per_host: tuple[int, int],
+        gen: int = 0,
     ) -> None:
-        self._tx, self._host = tx, host
+        self._tx, self._host, self._gen = tx, host, gen
+        g = tx.execute("SELECT gen FROM swarm_sender WHERE host=?", (host,)).fetchone()
+        self._current = 0 if g is None else int(g[0])  # gen unless UNCOUNTED
         self._per_agent, self._per_host = per_agent, per_host
         r = tx.execute(
             "SELECT coalesce(sum(held_rows), 0), coalesce(sum(held_bytes), 0) FROM swarm_from"
@@ -285,8 +357,8 @@ class Room:
     def hold(self, message_id: int, agent: str, nbytes: int) -> None:
         """A message from ``agent`` stored: held here until its recipient acks it."""
         self._tx.execute(
-            "INSERT INTO swarm_held (message_id, host, agent, bytes) VALUES (?, ?, ?, ?)",
-            (message_id, self._host, agent, nbytes),
+            "INSERT INTO swarm_held (message_id, host, agent, bytes, gen) VALUES (?, ?, ?, ?, ?)",
+            (message_id, self._host, agent, nbytes, self._gen),
         )
         self._count(agent, 1, nbytes, 0, 0)
         rows, held = self._of(agent)
@@ -294,17 +366,22 @@ class Room:
         self._total = (self._total[0] + 1, self._total[1] + nbytes)
 
     def release(self, agent: str, nbytes: int) -> None:
-        """An item from ``agent`` that delivered nothing here: released at once."""
-        self._count(agent, 0, 0, 1, nbytes)
+        """An item from ``agent`` that delivered nothing here: released at once (reported
+        if its sending host's store counted it)."""
+        if self._gen != UNCOUNTED:
+            self._count(agent, 0, 0, 1, nbytes)
 
     def _count(self, agent: str, hr: int, hb: int, rr: int, rb: int) -> None:
+        # A row of an older generation moves to the current one, its counts from 0.
         self._tx.execute(
             "INSERT INTO swarm_from (host, agent, held_rows, held_bytes, released_rows,"
-            " released_bytes) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (host, agent) DO UPDATE"
-            " SET held_rows = held_rows + excluded.held_rows, held_bytes = held_bytes +"
-            " excluded.held_bytes, released_rows = released_rows + excluded.released_rows,"
-            " released_bytes = released_bytes + excluded.released_bytes",
-            (self._host, agent, hr, hb, rr, rb),
+            " released_bytes, gen) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (host, agent) DO"
+            " UPDATE SET held_rows = held_rows + excluded.held_rows, held_bytes = held_bytes"
+            " + excluded.held_bytes, released_rows = (gen = excluded.gen) * released_rows +"
+            " excluded.released_rows, released_bytes = (gen = excluded.gen) * released_bytes"
+            " + excluded.released_bytes, reported_rows = (gen = excluded.gen) * reported_rows,"
+            " reported_bytes = (gen = excluded.gen) * reported_bytes, gen = excluded.gen",
+            (self._host, agent, hr, hb, rr, rb, self._current),
         )
 
 
@@ -312,19 +389,28 @@ def _fits(held: tuple[int, int], nbytes: int, bound: tuple[int, int]) -> bool:
     return held[0] == 0 or (held[0] + 1 <= bound[0] and held[1] + nbytes <= bound[1])
 
 
-def unreported(conn: sqlite3.Connection, limit: int) -> list[tuple[str, str, int, int]]:
-    """(host, agent, released rows, released bytes) whose report is behind (a read, four
-    times a second: no write transaction)."""
+Unreported = tuple[str, str, int, int, str]
+
+
+def unreported(conn: sqlite3.Connection, limit: int) -> list[Unreported]:
+    """(host, agent, released rows, released bytes, the store of that host they count
+    for: "" if it named none) whose report is behind (a read, four times a second: no
+    write transaction)."""
     rows = conn.execute(
-        "SELECT host, agent, released_rows, released_bytes FROM swarm_from WHERE"
-        " released_rows != reported_rows OR released_bytes != reported_bytes LIMIT ?",
+        "SELECT f.host, f.agent, f.released_rows, f.released_bytes, coalesce(g.epoch, '')"
+        " FROM swarm_from f LEFT JOIN swarm_sender g ON g.host = f.host WHERE"
+        " f.gen = coalesce(g.gen, 0) AND (f.released_rows != f.reported_rows"
+        " OR f.released_bytes != f.reported_bytes) LIMIT ?",
         (limit,),
     ).fetchall()
-    return [(r[0], r[1], int(r[2]), int(r[3])) for r in rows]
+    return [(r[0], r[1], int(r[2]), int(r[3]), str(r[4])) for r in rows]
 
 
-def reported_tx(tx: Tx, done: list[tuple[str, str, int, int]]) -> None:
+def reported_tx(tx: Tx, done: list[Unreported]) -> None:
+    """``done`` is in the bucket; not a count of a store of that host's gone meanwhile
+    (sender_gen_tx set its counts at 0: the new ones are reported as they come)."""
     tx.executemany(
-        "UPDATE swarm_from SET reported_rows=?, reported_bytes=? WHERE host=? AND agent=?",
-        [(r, b, h, a) for h, a, r, b in done],
+        "UPDATE swarm_from SET reported_rows=?, reported_bytes=? WHERE host=? AND agent=?"
+        " AND coalesce((SELECT epoch FROM swarm_sender WHERE host=?), '') = ?",
+        [(r, b, h, a, h, e) for h, a, r, b, e in done],
     )

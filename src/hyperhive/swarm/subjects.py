@@ -18,6 +18,9 @@ MAIL_WINDOW = 48
 # A bundle is at most 512 KiB of rows, or one row alone (its body came in one line of at
 # most 1 MiB: wire/framing.py); twice that is refused as no honest host's.
 MAIL_MSG_BYTES = 2 << 20
+# A bundle's header naming the publishing host's store (its quota epoch): what the
+# receiver reports of its rows counts for that store only (swarm/quota.py, sender_gen_tx).
+STORE_HEADER = "Hive-Store"
 LEGACY_STREAM = "HIVE_MSGS"  # before: limits retention, hive.msg.>, read to its end
 LEGACY_MSG_ROOT = "hive.msg"
 # Each host's roster keys (its rows, heartbeat, name claims, questions, approvals,
