@@ -258,3 +258,14 @@ def test_operator_that_stops_reading_ends_the_command(caged_hive: HiveProcess) -
                           shell=True, capture_output=True, text=True, timeout=60, check=False)
     assert proc.stdout == "y\ny\n"
     assert time.monotonic() - t0 < 30
+
+
+def test_command_gets_no_descriptor_of_the_entry(caged_hive: HiveProcess) -> None:
+    """hive-priv holds the cage's namespaces and root while the exec runs (nsenter opens
+    them as /proc/<hive-priv>/fd/N): none reaches the command, which has 0-2 only (a copy
+    of the cage's original root would reach past the clean exec's own /tmp and /home)."""
+    for flags in ((), ("--as-agent",)):
+        proc = run(caged_hive, "alice", "sh", "-c", "ls /proc/$$/fd", flags=flags)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(proc.stdout.split()) == ["0", "1", "2"], (flags, proc.stdout)
+
