@@ -12,6 +12,7 @@ import compileall
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import select
@@ -620,10 +621,13 @@ def _dir(path: Path, uid: int, gid: int, mode: int) -> None:
 
 
 def _read_all(fd: int, timeout: float) -> bytes:
+    """bwrap's info (a JSON object) from ``fd``: until EOF, a ``}`` or ``timeout``. poll, not
+    select: hive-priv's descriptors may be numbered past select's 1,023."""
     chunks, deadline = [], time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        if not poller.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000)):
             break
         chunk = os.read(fd, 65536)
         if not chunk:
