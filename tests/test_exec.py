@@ -9,14 +9,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import secrets
+import signal
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess
+from hive_fixture import HIVE, HiveProcess, children
 from hyperhive.priv.cgroups import is_v2
 
 AGENT_NAMES = ("alice", "bob", "carol")
@@ -258,3 +262,118 @@ def test_operator_that_stops_reading_ends_the_command(caged_hive: HiveProcess) -
                           shell=True, capture_output=True, text=True, timeout=60, check=False)
     assert proc.stdout == "y\ny\n"
     assert time.monotonic() - t0 < 30
+
+
+def test_command_gets_no_descriptor_of_the_entry(caged_hive: HiveProcess) -> None:
+    """hive-priv holds the cage's namespaces and root while the exec runs (nsenter opens
+    them as /proc/<hive-priv>/fd/N): none reaches the command, which has 0-2 only (a copy
+    of the cage's original root would reach past the clean exec's own /tmp and /home)."""
+    for flags in ((), ("--as-agent",)):
+        proc = run(caged_hive, "alice", "sh", "-c", "ls /proc/$$/fd", flags=flags)
+        assert proc.returncode == 0, proc.stderr
+        assert sorted(proc.stdout.split()) == ["0", "1", "2"], (flags, proc.stdout)
+
+
+# -- the relay with descriptors past select()'s 1,023 (exec_relay, poll) ------------------
+
+
+@pytest.fixture
+def high_descriptors() -> Iterator[int]:
+    """Every descriptor number below FLOOR taken in this process (RLIMIT_NOFILE raised for
+    it): whatever is opened next, the relay's pipes, pty and wake pipe among them, is
+    numbered past select's limit of 1,023. Yields FLOOR."""
+    floor = 1100
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), max(hard, 4096)))
+    filler: list[int] = []
+    try:
+        while not filler or filler[-1] < floor:
+            filler.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+        yield floor
+    finally:
+        for fd in filler:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+RELAY_TIMEOUT = 20.0
+
+
+def _relay(argv: list[str], stdin: bytes, tty: tuple[int, int] | None) -> tuple[int, bytes, bytes, list[int]]:
+    """exec_relay.run in this process (no cage: the relay doesn't care), the operator's
+    three descriptors pipes of our own. Returns (status, stdout, stderr, their numbers)."""
+    from hyperhive.priv import exec_relay
+
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    os.write(in_w, stdin)
+    os.close(in_w)
+    got: dict[int, bytes] = {}
+
+    def drain(fd: int) -> None:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        got[fd] = b"".join(chunks)
+
+    readers = [threading.Thread(target=drain, args=(fd,)) for fd in (out_r, err_r)]
+    for t in readers:
+        t.start()
+    result: list[int] = []
+    relay = threading.Thread(
+        target=lambda: result.append(exec_relay.run(argv, [in_r, out_w, err_w], tty=tty, preexec_fn=lambda: None)),
+        daemon=True,
+    )
+    relay.start()
+    try:
+        relay.join(RELAY_TIMEOUT)
+        if relay.is_alive():  # select() raised in the pumps: nothing relays, the command waits for ever
+            for pid in children(os.getpid()):
+                os.kill(pid, signal.SIGKILL)
+            relay.join(10)
+            raise AssertionError(f"the relay hung (its pumps died?) for {RELAY_TIMEOUT} s")
+        code = result[0]
+    finally:
+        for fd in (in_r, out_w, err_w):
+            os.close(fd)
+        for t in readers:
+            t.join(10)
+        os.close(out_r)
+        os.close(err_r)
+    return code, got[out_r], got[err_r], [in_r, out_w, err_w]
+
+
+def test_relay_with_descriptors_past_1023(high_descriptors: int) -> None:
+    """hive-priv may hold a pidfd per process of each cage being stopped and up to 64 of
+    the core's connections: the exec relay's descriptors can be numbered past 1,023,
+    where select() failed ("filedescriptor out of range in select()": the pumps died, the
+    exec's output never came). With poll the relay is the same: input and its EOF, both
+    outputs whole (more than a pipe's buffer), the exit status."""
+    script = "cat; head -c 300000 /dev/zero | tr '\\0' x; echo err >&2; exit 3"
+    code, out, err, numbers = _relay(["/bin/sh", "-c", script], b"hello\n", None)
+    assert min(numbers) >= high_descriptors
+    assert code == 3
+    assert out == b"hello\n" + b"x" * 300000
+    assert err == b"err\n"
+
+
+def test_relay_on_a_pty_with_descriptors_past_1023(high_descriptors: int) -> None:
+    code, out, _, _ = _relay(["/bin/sh", "-c", "stty size; cat; exit 4"], b"hello there\n", (33, 101))
+    assert code == 4
+    assert b"33 101" in out.split(b"\r\n")  # after the echo of the input, which comes at once
+    assert out.count(b"hello there") == 2  # the pty's echo, then cat's copy; then EOF ended cat
+
+
+def test_bwrap_info_read_with_a_descriptor_past_1023(high_descriptors: int) -> None:
+    """hive-priv's read of bwrap's --info-fd at a cage's start (cages._read_all)."""
+    from hyperhive.priv.cages import _read_all
+
+    r, w = os.pipe()
+    try:
+        assert r >= high_descriptors
+        os.write(w, b'{"child-pid": 42}')
+        assert _read_all(r, 5.0) == b'{"child-pid": 42}'
+    finally:
+        os.close(r)
+        os.close(w)

@@ -253,6 +253,36 @@ def activated(hive_users: None) -> Iterator[ActivatedPriv]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_dir: Path) -> None:
+    """Started with a soft RLIMIT_NOFILE of 1,024 (a `hive up` from a shell may leave it
+    so), hive-priv raises it to the hard one: every wait in it is poll, and stops side by
+    side hold a batch of pidfds each (64 x 16 and their connections are past 1,024)."""
+    run_dir, state_dir = tmp_dir / "run", tmp_dir / "state"
+    run_dir.mkdir()
+    state_dir.mkdir()
+    sock = run_dir / "priv.sock"
+    with open(tmp_dir / "priv.log", "ab") as log:
+        proc = subprocess.Popen(
+            ["prlimit", "--nofile=1024:8192", "systemd-socket-activate", "-l", str(sock), str(HIVE_PRIV),
+             "--run-dir", str(run_dir), "--state-dir", str(state_dir), "--core-user", CORE_USER],
+            stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+        )
+    try:
+        wait_until(sock.is_socket, 10, "systemd-socket-activate to bind priv.sock")
+        reply = priv_send(str(sock), b'{"cmd": "status"}\n', timeout=30)
+        assert reply["ok"] is True, reply
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+        assert row.split()[3:5] == ["8192", "8192"], row
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def test_systemd_socket_activate_serves_status(activated: ActivatedPriv) -> None:
     reply = activated.call({"cmd": "status"})
     assert reply == {"version": 1, "ok": True, "cages": {}}

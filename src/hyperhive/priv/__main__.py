@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -26,6 +28,20 @@ def refuse_unsafe_path() -> None:
 
 
 refuse_unsafe_path()
+
+
+def raise_nofile() -> None:
+    """The soft descriptor limit up to the hard one (systemd's LimitNOFILE sets both; a
+    ``hive up`` from a shell may leave a soft 1,024). Every wait in hive-priv is poll(2),
+    so a descriptor's number never matters; how many it holds does: up to 64 stops side
+    by side each hold a batch of pidfds (cgroups.PIN_BATCH) besides their connection,
+    64 x (16 + 1) past a soft 1,024 (EMFILE: a stop refused). Cages and execs get an
+    ordinary limit of their own (cages.enter_cage_limits)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
 
 # Only once the path is known to be safe (so not at the top: E402).
 import click  # noqa: E402
@@ -72,6 +88,7 @@ def main(run_dir: Path, state_dir: Path, core_user: str, gateway_group: str) -> 
     if os.geteuid() != 0:
         print("hive-priv: must run as root", file=sys.stderr)
         raise SystemExit(1)
+    raise_nofile()
     core_uid, _ = _ids_of(core_user)
     _, gateway_gid = _ids_of(gateway_group)
     try:

@@ -12,6 +12,7 @@ import compileall
 import contextlib
 import json
 import logging
+import math
 import os
 import resource
 import select
@@ -28,7 +29,7 @@ from hyperhive.cage import layout, setpriv
 from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
 from hyperhive.priv import cage_mounts, homes, safefs
-from hyperhive.priv.cgroups import Cgroup, hive_key
+from hyperhive.priv.cgroups import Cgroup, Pinned, hive_key
 from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
 from hyperhive.priv.namelocks import NameLocks
 
@@ -80,6 +81,49 @@ TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
 
 class CageError(Exception):
     """A refusal or failure, one line."""
+
+
+class CageEntry:
+    """The way into a running cage for ``hive exec`` (``Cages.enter``): the cage's init
+    (bwrap's pid 1), pinned and checked to be that very process, and its namespaces and
+    root opened through its own /proc directory. nsenter gets them as
+    /proc/<hive-priv>/fd/N, which it opens before it enters anything (as it opens every
+    file it is given); hive-priv keeps them until the exec is over, and no copy reaches
+    the exec's processes (passed down instead, nothing would close them before the
+    command: the cage's original root would reach past the clean exec's private /tmp
+    and /home)."""
+
+    def __init__(self, name: str, cgroup: Cgroup, init: Pinned) -> None:
+        self.name, self.cgroup, self.init = name, cgroup, init
+        self.fds: dict[str, int] = {}
+
+    def open(self) -> None:
+        for what in ("mnt", "uts", "ipc", "net", "pid"):
+            self.fds[what] = self.init.open_in(f"ns/{what}")
+        self.fds["root"] = self.init.open_in("root", os.O_RDONLY | os.O_DIRECTORY)
+
+    def nsenter(self, *, pid: bool) -> list[str]:
+        """nsenter's options: the cage's mount, uts, ipc and net namespaces (and its pid
+        namespace if ``pid``), its root, and / in it as the working directory."""
+        fd = {what: f"/proc/{os.getpid()}/fd/{n}" for what, n in self.fds.items()}
+        a = ["nsenter", f"--mount={fd['mnt']}", f"--uts={fd['uts']}", f"--ipc={fd['ipc']}"]
+        a += [f"--net={fd['net']}", f"--root={fd['root']}", "--wdns=/"]
+        return a + ([f"--pid={fd['pid']}"] if pid else [])
+
+    def join(self) -> None:
+        """In the exec's child, before it executes anything: the cage's cgroup and limits,
+        then the cage's init found still running. A stop that ended the cage since it was
+        pinned saw no such child in the cgroup; the exec would have run in what is left of
+        the cage's namespaces, in a cgroup its stop had found empty."""
+        enter_cage_limits(self.cgroup)
+        if not self.init.running():
+            raise CageError(f"cage {self.name} is not running")
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+        self.init.close()
 
 
 @dataclass(frozen=True)
@@ -301,9 +345,20 @@ class Cages:
             child_pid = int(json.loads(data)["child-pid"])
         except (ValueError, KeyError, TypeError):
             raise CageError(f"cage {name} failed to start: {self._log_tail(name)}") from None
-        if not cgroup.pids():
-            raise CageError(f"cage {name} exited at once: {self._log_tail(name)}")
-        self._write_info(name, {"child_pid": child_pid, "started_at": time.time()})
+        # The init's start time with its pid: what makes it that process for `enter`.
+        init = cgroup.pin(child_pid)
+        try:
+            if init is None:
+                raise FileNotFoundError
+            start_time = init.start_time()
+        except OSError:
+            raise CageError(f"cage {name} exited at once: {self._log_tail(name)}") from None
+        finally:
+            if init is not None:
+                init.close()
+        self._write_info(
+            name, {"child_pid": child_pid, "start_time": start_time, "started_at": time.time()}
+        )
         t_end = time.monotonic()
         log.info(
             "cage %s started (init pid %d, uid %d, harness uid %d) in %.1f ms"
@@ -467,37 +522,74 @@ class Cages:
         self.ids.release(name)
         log.info("cage %s destroyed", name)
 
+    def enter(self, name: str) -> CageEntry:
+        """The cage's init, pinned (``Cgroup.pin``: in the cage's cgroup), checked to be
+        the process that started as the cage's init (its start time, recorded with its pid
+        at ``start``), and its namespaces and root opened through it (``CageEntry``); the
+        caller closes it. Not nsenter --target <pid>: that opened /proc/<pid>/ns/* by number
+        later, when the cage's init may have ended and a host process taken its pid (the
+        host's pids wrap), and the exec ran in that process's namespaces and root. Being in
+        the cage's cgroup is not enough either: root's own processes are put there (the
+        next start's bwrap, still in the host's namespaces; an exec's chain before it
+        enters)."""
+        info = self.info(name) or {}
+        cgroup = self.cgroup(name)
+        init = cgroup.pin(info["child_pid"]) if "child_pid" in info else None
+        if init is None:
+            raise CageError(f"cage {name} is not running")
+        entry = CageEntry(name, cgroup, init)
+        try:
+            if not self._is_init(init, info):
+                raise CageError(f"cage {name} is not running")
+            entry.open()
+        except OSError:  # reaped meanwhile: what it held is gone
+            entry.close()
+            raise CageError(f"cage {name} is not running") from None
+        except BaseException:
+            entry.close()
+            raise
+        return entry
+
+    @staticmethod
+    def _is_init(init: Pinned, info: dict[str, int]) -> bool:
+        if "start_time" in info:
+            return init.start_time() == info["start_time"]
+        # Started by a hive-priv that recorded no start time: at least pid 1 of a pid
+        # namespace below hive-priv's, as a cage's init is (NSpid: its pid in each).
+        for line in init.read("status").splitlines():
+            if line.startswith("NSpid:"):
+                pids = line.split()[1:]
+                return len(pids) >= 2 and pids[-1] == "1"
+        return False
+
     def exec_argv(
-        self, name: str, argv: list[str], env: dict[str, str], *,
+        self, entry: CageEntry, argv: list[str], env: dict[str, str], *,
         tty: bool = False, trust_home: bool = False, as_agent: bool = False,
     ) -> list[str]:
-        """The chain ``hive exec`` runs (hyperhive.cage.exec_ has the in-cage steps).
+        """The chain ``hive exec`` runs (hyperhive.cage.exec_ has the in-cage steps), run
+        with ``entry.join`` as its preexec_fn and ``entry`` open until it is over.
 
-        nsenter the cage's mount, uts, ipc and net namespaces and its root; then, unless
-        ``as_agent``, ``unshare`` a NEW pid namespace (a sibling of the cage's, not
-        inside it: nothing the agent runs can see, signal, trace or read any process
-        of this exec) with its own /proc, in a private copy of the mount namespace,
-        where a fresh empty HOME is mounted (unless ``trust_home``); then become the
-        agent for good (setpriv), a clean environment (env -i), and the exec's init,
-        which installs the cage's seccomp filter and runs argv."""
+        nsenter the cage's mount, uts, ipc and net namespaces and its root (``entry``'s
+        descriptors); then, unless ``as_agent``, ``unshare`` a NEW pid namespace (a
+        sibling of the cage's, not inside it: nothing the agent runs can see, signal,
+        trace or read any process of this exec) with its own /proc, in a private copy of
+        the mount namespace, where a fresh empty HOME is mounted (unless ``trust_home``);
+        then become the agent for good (setpriv), a clean environment (env -i), and the
+        exec's init, which installs the cage's seccomp filter and runs argv."""
         from hyperhive.cage import exec_  # here: this method is all of exec in this module
 
+        name = entry.name
         ids = self.ids.get(name)
-        info = self.info(name)
-        cgroup = self.cgroup(name)
-        if ids is None or info is None or info.get("child_pid") not in cgroup.pids():
+        if ids is None:
             raise CageError(f"cage {name} is not running")
         trust_home = trust_home or as_agent
         clean = {} if trust_home else {
             "HOME": exec_.EXEC_HOME, "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1",
         }
         base_env = {**layout.base_env(name), **clean, **env}
-        enter = [
-            "nsenter", "--target", str(info["child_pid"]),
-            "--mount", "--uts", "--ipc", "--net", "--root", "--wdns=/",
-        ]
+        enter = entry.nsenter(pid=as_agent)
         if as_agent:
-            enter += ["--pid", "--"]
+            enter += ["--"]
         else:
             enter += ["--", "/usr/bin/unshare", "--pid", "--fork", "--kill-child", "--mount-proc",
                       "--propagation", "private", "--"]
@@ -529,10 +621,13 @@ def _dir(path: Path, uid: int, gid: int, mode: int) -> None:
 
 
 def _read_all(fd: int, timeout: float) -> bytes:
+    """bwrap's info (a JSON object) from ``fd``: until EOF, a ``}`` or ``timeout``. poll, not
+    select: hive-priv's descriptors may be numbered past select's 1,023."""
     chunks, deadline = [], time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
+        if not poller.poll(math.ceil(max(0.0, deadline - time.monotonic()) * 1000)):
             break
         chunk = os.read(fd, 65536)
         if not chunk:

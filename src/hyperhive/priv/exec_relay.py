@@ -11,12 +11,17 @@ it, its pid namespace), the outputs are drained to EOF. A copy of our pipe or pt
 that got out anyway (passed over a socket) can keep them open: then the drain
 stops after a short grace (DRAIN_IDLE without data, DRAIN_MAX in all) and our
 ends are closed, so such a copy only ever reaches a pipe nobody reads.
+
+Waits are poll(2), not select(2): hive-priv's descriptors may be numbered past
+select's 1,023 (a pidfd per process of a cage being stopped, up to 64 of the core's
+connections), and select fails on those.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import select
 import struct
@@ -31,6 +36,17 @@ CHUNK = 65536
 _Pump = tuple[Callable[..., None], tuple[object, object, bytes | None]]
 DRAIN_IDLE = 0.5  # seconds without output, once the process has exited
 DRAIN_MAX = 10.0  # seconds of output at most, once the process has exited
+
+
+def _ready(want: dict[int, int], timeout: float | None = None) -> set[int]:
+    """Which of ``want`` (descriptor: POLLIN or POLLOUT) are ready, as select() would have
+    said: a hang-up or an error counts as ready too (poll reports them whatever was asked;
+    the read or write that follows sees what it is). ``timeout`` in seconds, None: forever."""
+    poller = select.poll()
+    for fd, events in want.items():
+        poller.register(fd, events)
+    ms = None if timeout is None else math.ceil(max(0.0, timeout) * 1000)
+    return {fd for fd, _ in poller.poll(ms)}
 
 
 class _Done:
@@ -136,12 +152,12 @@ def run(
 
 
 def _pump_in(src: int, dst: _Fd, eof: bytes | None, done: _Done, kill: Callable[[], None]) -> None:
-    """Operator -> exec. Reads only what select says is there (never blocks on the
+    """Operator -> exec. Reads only what poll says is there (never blocks on the
     operator's terminal after the exec ended); EOF closes the pipe (or sends the
     pty's EOF character)."""
     try:
         while not done.event.is_set():
-            ready, _, _ = select.select([src, done.wake_r], [], [])
+            ready = _ready({src: select.POLLIN, done.wake_r: select.POLLIN})
             if done.wake_r in ready:
                 return
             try:
@@ -163,7 +179,7 @@ def _write_all(dst: int, data: bytes, done: _Done) -> bool:
     """Write to our own (non-blocking) end, giving up when the exec is over."""
     view = memoryview(data)
     while view:
-        _, ready, _ = select.select([done.wake_r], [dst], [])
+        ready = _ready({done.wake_r: select.POLLIN, dst: select.POLLOUT})
         if dst not in ready:
             return False
         try:
@@ -180,8 +196,7 @@ def _pump_out(src: _Fd, dst: int, _unused: None, done: _Done, kill: Callable[[],
     If the operator stops reading, the exec is killed (as ssh's remote side would
     lose its session): nothing would ever read what it writes."""
     while True:
-        ready, _, _ = select.select([src.fd], [], [], 0.1)
-        if not ready:
+        if not _ready({src.fd: select.POLLIN}, 0.1):
             if done.event.is_set() and time.monotonic() - done.at > DRAIN_IDLE:
                 return
             continue
@@ -210,7 +225,7 @@ def _write_blocking(fd: int, data: bytes) -> None:
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:  # the operator's descriptor happened to be non-blocking
-            select.select([], [fd], [])
+            _ready({fd: select.POLLOUT})
 
 
 def _close(fd: int) -> None:

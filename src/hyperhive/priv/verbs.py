@@ -30,13 +30,14 @@ from __future__ import annotations
 import enum
 import os
 import signal
+import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Generic, TypeVar
 
 from hyperhive.priv import exec_relay, safefs
-from hyperhive.priv.cages import CageError, Cages, enter_cage_limits
+from hyperhive.priv.cages import CageError, Cages
 from hyperhive.wire import priv as w
 from hyperhive.wire.common import Strict
 from hyperhive.wire.framing import ok
@@ -139,22 +140,29 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> Reply:
                 raise CageError(
                     f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it"
                 )
-        argv = cages.exec_argv(
-            req.name,
-            req.argv,
-            req.env,
-            tty=req.tty is not None,
-            trust_home=req.trust_home,
-            as_agent=req.as_agent,
-        )
-        cgroup = cages.cgroup(req.name)
-        code = exec_relay.run(
-            argv,
-            r.fds,
-            tty=(req.tty.rows, req.tty.cols) if req.tty else None,
-            # the agent's limits apply from the first instruction
-            preexec_fn=lambda: enter_cage_limits(cgroup),
-        )
+        entry = cages.enter(req.name)  # the cage's init pinned, its namespaces and root held
+        try:
+            argv = cages.exec_argv(
+                entry,
+                req.argv,
+                req.env,
+                tty=req.tty is not None,
+                trust_home=req.trust_home,
+                as_agent=req.as_agent,
+            )
+            code = exec_relay.run(
+                argv,
+                r.fds,
+                tty=(req.tty.rows, req.tty.cols) if req.tty else None,
+                # the agent's limits apply from the first instruction; the cage still runs
+                preexec_fn=entry.join,
+            )
+        except subprocess.SubprocessError:  # entry.join raised in the child: nothing ran
+            if not entry.init.running():
+                raise CageError(f"cage {req.name} is not running") from None
+            raise CageError(f"cage {req.name}: the exec could not join the cage") from None
+        finally:
+            entry.close()
     finally:
         # Ours to close, also when refused: a kept copy of the caller's stdout would
         # keep its pipe open, and whoever reads it would wait forever.
