@@ -284,3 +284,45 @@ def test_a_forged_uid_line_in_comm_does_not_fool_init(hive: HiveProcess) -> None
     assert out["set"] == 0, out
     assert out["name"].startswith("Name:\tx\\nUid:"), out  # the newline shown as \n
     assert out["uid_lines"] == [f"Uid:\t{out['uid']}\t{out['uid']}\t{out['uid']}\t{out['uid']}"], out
+
+
+SCHED = """
+import resource
+out = {"rtprio": list(resource.getrlimit(resource.RLIMIT_RTPRIO)),
+       "nice": list(resource.getrlimit(resource.RLIMIT_NICE))}
+for which, lim in (("rtprio", resource.RLIMIT_RTPRIO), ("nice", resource.RLIMIT_NICE)):
+    hard = resource.getrlimit(lim)[1]
+    try:
+        resource.setrlimit(lim, (hard, hard))
+    except (ValueError, OSError) as e:
+        out[which + "_raise"] = type(e).__name__
+try:
+    # A real-time policy, dropped again at once: a busy loop at SCHED_FIFO would take 95%
+    # of a CPU from every ordinary process of the host (hive-core, hive-priv, sshd).
+    os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+    out["fifo"] = "OK"
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+except OSError as e:
+    out["fifo"] = errname(e)
+try:
+    os.setpriority(os.PRIO_PROCESS, 0, -10)
+    out["nice_minus_10"] = "OK"
+except OSError as e:
+    out["nice_minus_10"] = errname(e)
+result(**out)
+"""
+
+
+@pytest.mark.attack("cage.scheduling",
+                    ref="sched(7) RLIMIT_RTPRIO for unprivileged real-time policies; LimitRTPRIO= in "
+                        "systemd.exec(5); the cage has no CPU limit (docs/security.md, Known limits)")
+def test_a_cage_can_not_take_a_real_time_policy(hive: HiveProcess) -> None:
+    """A cage gets RLIMIT_RTPRIO and RLIMIT_NICE 0, soft and hard, whatever hive-priv was
+    given (a unit's LimitRTPRIO=, a shell's ``ulimit -r``): no SCHED_FIFO, no nice below 0.
+    With a real-time policy a busy loop (cages have no CPU limit) would take 95% of a CPU
+    from every ordinary process of the host. (This host's root has no CAP_SYS_RESOURCE, so
+    the test can't give hive-priv a nonzero limit to show the cage dropping it: it checks
+    what the cage gets.)"""
+    out = cage_run(hive, HOLDER, SCHED)
+    assert out["rtprio"] == [0, 0] and out["nice"] == [0, 0], out
+    assert out["fifo"] == "EPERM" and out["nice_minus_10"] == "EACCES", out
