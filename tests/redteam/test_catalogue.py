@@ -79,6 +79,7 @@ REQUIRED = {
     "priv.pid-reuse",
     # red team round 17: host-wide kernel counters, core dumps, init's reading of /proc
     "kernel.host-counters", "cage.core-dumps", "init.status-parse", "cage.scheduling",
+    "gateway.page-socket-link",
 }
 
 PLUGIN = r'''

@@ -326,3 +326,82 @@ def test_a_cage_can_not_take_a_real_time_policy(hive: HiveProcess) -> None:
     out = cage_run(hive, HOLDER, SCHED)
     assert out["rtprio"] == [0, 0] and out["nice"] == [0, 0], out
     assert out["fifo"] == "EPERM" and out["nice_minus_10"] == "EACCES", out
+
+
+LINK = """
+import json, os, sys
+ui, target = sys.argv[1], sys.argv[2]
+sock = os.path.join(ui, "web.sock")
+if target == "restore":
+    os.rename(sock + ".r17", sock) if os.path.lexists(sock + ".r17") else None
+    if os.path.islink(sock):
+        os.unlink(sock)
+        os.rename(sock + ".r17", sock)
+else:
+    if not os.path.lexists(sock + ".r17"):
+        os.rename(sock, sock + ".r17")
+    tmp = os.path.join(ui, "r17.tmp")
+    os.symlink(target, tmp)
+    os.rename(tmp, sock)
+print(json.dumps(sorted(os.listdir(ui))))
+"""
+
+
+@pytest.mark.attack("gateway.page-socket-link",
+                    ref="a compromised harness (its uid owns run/ui/NAME): nginx follows a link at web.sock "
+                        "as the core's user; CVE-2026-39861 class (a privileged reader following links)")
+def test_a_harness_linking_its_page_socket_elsewhere_reaches_nothing(hive: HiveProcess) -> None:
+    """As the harness's uid (a compromised harness: its uid owns ``run/ui/NAME``), web.sock
+    is replaced by a link to the core's HTTP socket, hive-priv's, host.sock, another
+    agent's agent.sock and its page socket. The gateway (nginx, as the core's user, which
+    priv.sock and core.sock let in) then proxies the operator's own visit to the page,
+    with the session, there. None of it may serve the operator's state or act: the core's
+    surface sees no cookie (the page location strips it) and answers as to a stranger;
+    priv.sock, host.sock and agent.sock speak no HTTP (and host.sock and agent.sock refuse
+    the core's uid)."""
+    import subprocess
+    import sys
+
+    from web_fixture import Web
+
+    web = Web(hive)
+    login = web.login()
+    cage = hive.cage(HOLDER)
+    ui = hive.run_dir / "ui" / HOLDER
+    run = hive.run_dir
+    targets = {
+        "core.sock": run / "core.sock", "priv.sock": hive.priv_sock, "host.sock": hive.host_sock,
+        "other agent.sock": run / "agents" / VICTIM / "agent.sock",
+        "other web.sock": run / "ui" / VICTIM / "web.sock",
+    }
+    state = web.get("/api/state", login=login)
+    assert state.status_code == 200 and HOLDER in state.text, state.status_code
+
+    def link(target: str) -> None:
+        done = subprocess.run([sys.executable, "-c", LINK, str(ui), target], capture_output=True, text=True,
+                              timeout=30, user=cage["harness_uid"], group=ui.stat().st_gid, extra_groups=[])
+        assert done.returncode == 0, done.stderr
+
+    seen: dict[str, list[tuple[int, str]]] = {}
+    def cages() -> dict[str, Any]:
+        reply = hive.priv("status")
+        assert reply.get("ok"), reply
+        return {n: {k: v for k, v in row.items() if k != "memory_bytes"} for n, row in reply["cages"].items()}
+
+    priv_before = cages()
+    try:
+        for label, path in targets.items():
+            link(str(path))
+            seen[label] = [(r.status_code, r.text[:300]) for r in (
+                web.get(f"/agent/{HOLDER}/page/", login=login),
+                web.get(f"/agent/{HOLDER}/page/api/state", login=login),
+                web.get(f"/agent/{HOLDER}/page/agent/{VICTIM}/", login=login))]
+    finally:
+        link("restore")
+    assert cages() == priv_before
+    for label, replies in seen.items():
+        for status, text in replies:
+            # Nothing of the operator's view: no state, no dashboard, no other agent's page.
+            assert "agent_statuses" not in text and "csrf-token" not in text, (label, status, text)
+            assert not (status == 200 and label != "other web.sock"), (label, status, text)
+    assert web.get(f"/agent/{HOLDER}/page/", login=login).status_code in (200, 404)
