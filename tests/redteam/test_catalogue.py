@@ -77,6 +77,9 @@ REQUIRED = {
     "init.idle-sleep", "core.agents-cache",
     # red team round 15b: the root boundary
     "priv.pid-reuse",
+    # red team round 17: host-wide kernel counters, core dumps, init's reading of /proc
+    "kernel.host-counters", "cage.core-dumps", "init.status-parse", "cage.scheduling",
+    "gateway.page-socket-link",
 }
 
 PLUGIN = r'''

@@ -73,12 +73,13 @@ except OSError as e:
 TRUSTED = [
     "state/priv", "state/agents", "state/agents/rtalice", "state/agents/rtalice/home",
     "state/agents/rtalice/home.img", "state/agents/rtalice/home.loop", "state/priv/ids.json", "state/priv/cages",
-    "state/priv/etc-view",
+    "state/priv/etc-view", "state/priv/pts-view",
     "state/priv/cages/rtalice", "run/agents", "run/ui", "run/ui/rtalice", "run/priv.sock", "run/gateway",
 ]
 OPS = ["rename-away", "replace-with-link", "remove", "chmod"]
 # Directories the core may not add to (it could plant a link for root to follow).
 NO_ADD = ["state/priv", "state/agents", "state/agents/rtalice", "state/priv/cages", "state/priv/etc-view",
+          "state/priv/pts-view",
           "run/agents", "run/ui",
           "run/gateway"]
 

@@ -116,7 +116,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "perf_event_open": 298, "fanotify_init": 300, "open_by_handle_at": 304,
         "clock_adjtime": 305, "setns": 308, "process_vm_readv": 310, "process_vm_writev": 311,
         "kcmp": 312, "finit_module": 313, "kexec_file_load": 320, "bpf": 321,
-        "userfaultfd": 323, **_SHARED,
+        "userfaultfd": 323, "io_setup": 206, **_SHARED,
     },
     "aarch64": {
         "lookup_dcookie": 18, "ioctl": 29, "umount2": 39, "mount": 40, "pivot_root": 41,
@@ -128,7 +128,7 @@ SYSCALLS: dict[str, dict[str, int]] = {
         "perf_event_open": 241, "fanotify_init": 262, "open_by_handle_at": 265,
         "clock_adjtime": 266, "setns": 268, "process_vm_readv": 270, "process_vm_writev": 271,
         "kcmp": 272, "finit_module": 273, "bpf": 280, "userfaultfd": 282,
-        "kexec_file_load": 294, **_SHARED,
+        "kexec_file_load": 294, "io_setup": 0, **_SHARED,
     },
 }
 # fmt: on
@@ -206,6 +206,10 @@ POLICY: list[tuple[str, Check, int]] = [
     ("io_uring_setup", None, ENOSYS),
     ("io_uring_enter", None, ENOSYS),
     ("io_uring_register", None, ENOSYS),
+    # Linux AIO: every context is counted against one host-wide budget (fs.aio-max-nr),
+    # which one cage took whole and held (red team round 17). Without a context the other
+    # io_* calls do nothing; glibc's POSIX aio is threads, libaio users fall back.
+    ("io_setup", None, ENOSYS),
     # Kernel keyrings are keyed by uid, not by cage: a channel between agents.
     ("add_key", None, ENOSYS),
     ("request_key", None, ENOSYS),

@@ -127,6 +127,27 @@ def etc_view(view: str, etc: str, entries: Iterable[str], files: Iterable[str]) 
         )
 
 
+# Pseudo-terminals one cage may hold at once. Every devpts instance but the host's draws
+# on one host-wide count (kernel.pty.max less kernel.pty.reserve: 3,072 by default), and
+# bwrap's own instance sets no bound of its own: one cage took all 3,071 left and every
+# other cage's openpty failed with ENOSPC (red team round 17). Enough for a tmux of many
+# panes; (pty.max - pty.reserve) / CAGE_PTYS cages at their bound still take them all.
+CAGE_PTYS = 64
+MS_NOEXEC = 0x8
+
+
+def pts_view(view: str) -> None:
+    """In the calling process's own mount namespace (after ``private_overlays``): a new
+    devpts instance on ``view`` (an empty directory only root can reach), bwrap's options
+    (``newinstance,ptmxmode=0666,mode=620``) and ``max=CAGE_PTYS``. bwrap binds it over
+    the cage's ``/dev/pts`` (``--dev-bind``: its nodes must stay usable)."""
+    opts = f"newinstance,ptmxmode=0666,mode=620,max={CAGE_PTYS}".encode()
+    mountapi.check(
+        _libc.mount(b"devpts", view.encode(), b"devpts", MS_NOSUID | MS_NOEXEC, opts),
+        f"devpts on {view}",
+    )
+
+
 def attach_home(mount: int, view: str) -> None:
     """In the calling process's own mount namespace (after ``private_overlays``): the
     agent's home, a detached mount hive-priv made (homes.open_home), attached on ``view``

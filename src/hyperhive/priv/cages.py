@@ -74,6 +74,7 @@ ETC_ALLOW = (
 )
 ETC_VIEW = "etc-view"  # in state/priv: see Cages.__init__
 HOME_VIEW = "home-view"  # in state/priv: where each start attaches its home (cage_mounts)
+PTS_VIEW = "pts-view"  # in state/priv: where each start mounts its cage's devpts (cage_mounts)
 ETC_OWN = ("passwd", "group", "hosts")  # the cage's own, not the host's (_etc_files)
 # Merged-/usr hosts have these as symlinks into /usr; others get read-only binds.
 TOP_LEVEL = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
@@ -184,10 +185,22 @@ class HiveCode:
 def enter_cage_limits(cgroup: Cgroup) -> None:
     """In a child about to become (or enter) a cage: the cage's cgroup, and not hive-priv's
     descriptor limit, raised for max_agents (budget.fit_nofile), but an ordinary one that
-    nothing in the cage can raise past CAGE_NOFILE[1]. Syscalls only: safe in preexec_fn."""
+    nothing in the cage can raise past CAGE_NOFILE[1]. Syscalls only: safe in preexec_fn.
+
+    No core dumps, soft or hard: a crash would hand the process's memory to the host's
+    core_pattern (a root program of the host's, systemd-coredump or apport, whose store
+    and journal no quota of the agent's bounds; or a file in the crashing process's
+    directory, where an operator's ``hive exec`` crashing in the agent's home left its
+    memory for the agent; red team round 17)."""
     cgroup.join()
     hard = min(CAGE_NOFILE[1], resource.getrlimit(resource.RLIMIT_NOFILE)[1])
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(CAGE_NOFILE[0], hard), hard))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    # No real-time policy and no nice below 0, whatever hive-priv was given (a unit's
+    # LimitRTPRIO=): cages have no CPU limit, and a SCHED_FIFO busy loop would take 95%
+    # of a CPU from every ordinary process of the host (red team round 17).
+    resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
+    resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
 
 
 class Cages:
@@ -228,8 +241,10 @@ class Cages:
         self.etc_view = self.priv_dir / ETC_VIEW
         # Likewise the agent's home (cage_mounts.attach_home): on the host, empty.
         self.home_view = self.priv_dir / HOME_VIEW
+        # And its devpts instance, with a bound of its own (cage_mounts.pts_view).
+        self.pts_view = self.priv_dir / PTS_VIEW
         try:
-            for view in (ETC_VIEW, HOME_VIEW):
+            for view in (ETC_VIEW, HOME_VIEW, PTS_VIEW):
                 os.close(safefs.ensure_dir(self.priv_fd, view, 0, 0, 0o700, trusted=True))
         except (OSError, safefs.UnsafePath) as e:
             raise CageError(f"refusing to run on these directories: {e}") from None
@@ -318,6 +333,7 @@ class Cages:
                 cage_mounts.lower_oom_score()
                 cage_mounts.private_overlays(system_dirs)
                 cage_mounts.etc_view(str(self.etc_view), "/etc", ETC_ALLOW, ETC_OWN)
+                cage_mounts.pts_view(str(self.pts_view))
                 if home.detached:
                     cage_mounts.attach_home(home.fd, home_view)
 
@@ -456,6 +472,9 @@ class Cages:
         a += [
             "--proc", "/proc",
             "--dev", "/dev",
+            # bwrap's devpts has no bound but the host's (kernel.pty.max, shared by every
+            # instance): this one, mounted in_child, has CAGE_PTYS (its /dev/ptmx is pts/ptmx).
+            "--dev-bind", str(self.pts_view), "/dev/pts",
             "--perms", "1777", "--size", str(256 * 1024 * 1024), "--tmpfs", "/tmp",
             "--perms", "0755", "--dir", "/run",
             "--perms", "0755", "--dir", "/home",
