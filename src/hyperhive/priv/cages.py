@@ -82,6 +82,9 @@ class CageError(Exception):
     """A refusal or failure, one line."""
 
 
+WARM_CORE = "import hyperhive.core.__main__, hyperhive.core.http, anyio._backends._asyncio"
+
+
 @dataclass(frozen=True)
 class HiveCode:
     """Where the hive's own code is on the host, mounted read-only into every cage."""
@@ -117,7 +120,11 @@ class HiveCode:
         started = time.monotonic()
         try:
             subprocess.run(
-                [sys.executable, "-I", "-c", "import hyperhive.core.__main__"],
+                # And what the core imports later: the dashboard's code (fastapi,
+                # starlette, uvicorn: loaded once the agents are served) and anyio's
+                # backend (on its first thread-pool hop); these were compiled from
+                # source by every start of the core.
+                [sys.executable, "-I", "-c", WARM_CORE],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
