@@ -38,6 +38,16 @@ def _pids(pattern: str) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def _rss_mib(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"^VmRSS:\s+(\d+)", status, re.M).group(1)) / 1024  # type: ignore[union-attr]
+
+
 def _fds_threads(pid: int) -> tuple[int, int, int]:
     """Open descriptors, threads and the soft RLIMIT_NOFILE of ``pid``."""
     fds = len(os.listdir(f"/proc/{pid}/fd"))
@@ -149,12 +159,15 @@ def bench_scale(ctx: Context) -> list[Row]:
                 fds,
                 "fds",
                 Target("<=", nofile),
-                f"{threads} threads; NOFILE {nofile}",
+                f"{threads} threads; NOFILE {nofile}; RSS {_rss_mib(core):.0f} MiB",
             )
         )
         conf = (hive.run_dir / "gateway" / "nginx.conf").read_text()
         wc = int(re.search(r"worker_connections\s+(\d+)", conf).group(1))  # type: ignore[union-attr]
-        nginx = _pids(f"nginx: .*{hive.run_dir}/gateway") or _pids("nginx: worker")
+        # The master's title names the config; its workers' ("nginx: worker process") don't,
+        # and they hold the connections: the master and its children.
+        nginx = _pids(f"nginx: master .*{hive.run_dir}/gateway")
+        nginx += [w for m in nginx for w in _children(m)]
         worst = max((_fds_threads(p) for p in nginx), default=(0, 0, 0))
         rows.append(
             Row(
@@ -163,7 +176,8 @@ def bench_scale(ctx: Context) -> list[Row]:
                 worst[0],
                 "fds",
                 Target("<=", wc),
-                f"worker_connections {wc}; NOFILE {worst[2]}",
+                f"worker_connections {wc}; NOFILE {worst[2]};"
+                f" RSS {max(map(_rss_mib, nginx), default=0):.0f} MiB",
             )
         )
         for name in ("a0", "a1"):  # the bench reads their inboxes itself

@@ -12,7 +12,7 @@ import unicodedata
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from hyperhive.display import dumps, visible, visible_json_text, visible_value
+from hyperhive.display import dumps, dumps_bytes, visible, visible_json_text, visible_value
 
 BIDI = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -66,6 +66,10 @@ def test_dumps_is_the_same_json_with_nothing_raw(value: object) -> None:
     assert json.loads(shown) == json.loads(json.dumps(value))
     assert not any(acts(ch) for ch in shown), ascii(shown)
     assert visible_json_text(json.dumps(value, ensure_ascii=False)) == shown
+    # The HTTP bodies' writer (orjson, or dumps for what it refuses): the same value.
+    body = dumps_bytes(value)
+    assert json.loads(body) == json.loads(shown)
+    assert not any(acts(ch) for ch in body.decode()), ascii(body)
 
 
 def test_examples() -> None:
@@ -73,3 +77,9 @@ def test_examples() -> None:
     assert visible("one\ntwo\r", one_line=True) == "one\\ntwo\\r"
     assert dumps({"k": "\x1b\x9b\u202e é"}) == '{"k": "\\u001b\\u009b\\u202e é"}'
     assert visible_value(3) == 3 and visible_value(None) is None
+    every = "\x1b\x7f\x80\x9b\x9f\u061c\u200e\u200f\u2028\u202a\u202e\u2066\u2069 é日本😀"
+    assert dumps_bytes({"k": every}) == (
+        '{"k":"\\u001b\\u007f\\u0080\\u009b\\u009f\\u061c\\u200e\\u200f\\u2028\\u202a'
+        '\\u202e\\u2066\\u2069 é日本😀"}'
+    ).encode()
+    assert dumps_bytes({"lone": "\ud800", 1: 2}) == dumps({"lone": "\ud800", 1: 2}).encode()

@@ -341,3 +341,21 @@ def test_bind_socket_leaves_listening_to_the_caller(tmp_path: Path) -> None:
         assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600
         with socket.socket(socket.AF_UNIX) as c, pytest.raises(ConnectionRefusedError):
             c.connect(str(path))
+
+
+@pytest.mark.parametrize("module", ["hyperhive.core.http", "fastapi.applications", "anyio._backends._asyncio"])
+def test_warm_core_writes_the_bytecode_of_what_the_core_imports_after_start_up(module: str) -> None:
+    """hive-core's user can't write a .pyc beside the root-owned install, so hive-priv
+    imports what the core will, once, as root. The dashboard's code (fastapi and the rest)
+    and anyio's backend load only after start-up: missed, every start of the core compiled
+    them from source (the first /api/state of a start took 80-240 ms)."""
+    import importlib.util
+
+    from hyperhive.priv.cages import HiveCode
+
+    spec = importlib.util.find_spec(module)
+    assert spec is not None and spec.origin is not None
+    cached = Path(importlib.util.cache_from_source(spec.origin))
+    cached.unlink(missing_ok=True)
+    HiveCode.warm_core()
+    assert cached.is_file(), f"{module}: no {cached} after warm_core"

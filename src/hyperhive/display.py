@@ -39,6 +39,12 @@ _JSON_UNSAFE = re.compile(f"[\x7f-\x9f{_BIDI}{_SEPARATORS}{_SURROGATES}]")
 _MULTI_LINE_UNSAFE = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}{_SEPARATORS}{_SURROGATES}]")
 _ONE_LINE_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}{_SEPARATORS}{_SURROGATES}]")
 _SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# The same characters as _JSON_UNSAFE, as orjson writes them (UTF-8; it refuses lone
+# surrogates): DEL, C1 (U+0080-009F), U+061C, U+200E/F, U+2028-202E, U+2066-2069. UTF-8
+# never has a lead byte inside another character, so no match starts mid-character.
+_JSON_UNSAFE_UTF8 = re.compile(
+    rb"\x7f|\xc2[\x80-\x9f]|\xd8\x9c|\xe2\x80[\x8e\x8f\xa8-\xae]|\xe2\x81[\xa6-\xa9]"
+)
 
 
 def _escape(m: re.Match[str]) -> str:
@@ -80,3 +86,23 @@ def dumps(value: Any, **kwargs: Any) -> str:
     """``json.dumps`` for a person or a terminal: other non-ASCII text stays readable,
     controls, C1, bidi and separators are ``\\uXXXX``."""
     return visible_json_text(json.dumps(value, ensure_ascii=False, **kwargs))
+
+
+def _json_escape_utf8(m: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(m.group().decode())
+
+
+def dumps_bytes(value: Any) -> bytes:
+    """``dumps`` for an HTTP body: the same JSON value, compact, as UTF-8, through orjson
+    (GET /api/state of 1,000 agents: 1.3 ms to write instead of 7.5, plus the escapes'
+    scan, once a second while a dashboard is open). What orjson refuses (a lone surrogate,
+    a key that is not a string, an integer past 64 bits) goes through ``dumps``."""
+    import orjson  # here: the cage's page and the CLI import this module without it
+
+    # What json.dumps refuses, orjson refuses too (datetimes, dataclasses).
+    refuse = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+    try:
+        raw = orjson.dumps(value, option=refuse)
+    except TypeError:  # orjson.JSONEncodeError is a TypeError
+        return dumps(value).encode()
+    return _JSON_UNSAFE_UTF8.sub(_json_escape_utf8, raw)

@@ -360,7 +360,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     def session_of(request: Request) -> Session | None:
         return sessions.get(request.cookies.get(COOKIE))
 
-    def require_session(request: Request) -> Session:
+    # async: a plain def dependency runs on the thread pool, a hop per request for a dict
+    # lookup, and the first one imported anyio's thread backend (compiled from source: the
+    # core's user can't write its bytecode): 80-240 ms on a start's first /api/state.
+    async def require_session(request: Request) -> Session:
         session = session_of(request)
         if session is None:
             raise HTTPException(401, "not logged in: open the login URL that `hive up` printed")
@@ -672,7 +675,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             state = hive.agent_page(OPERATOR, name, AGENT_EGRESS_SHOWN)
         except Refused:
             raise HTTPException(404, "no such agent") from None
-        return Response(display.dumps(state), media_type="application/json")
+        return Response(display.dumps_bytes(state), media_type="application/json")
 
     @app.get("/agent/{name}/events", include_in_schema=False)
     async def agent_events(
@@ -876,7 +879,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         # Rendered once per change (and at least once a second, for time-based flags like failed).
         key = (hive.bus.version, int(time.monotonic()))
         if cache["key"] != key:
-            cache["key"], cache["body"] = key, display.dumps(state()).encode()
+            cache["key"], cache["body"] = key, display.dumps_bytes(state())
         return Response(cache["body"], media_type="application/json")
 
     def as_listed(event: dict[str, Any]) -> dict[str, Any]:
@@ -960,14 +963,18 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         session: Annotated[Session, Depends(require_session)], after: After = 0, limit: Page = PAGE
     ) -> Response:
         """Pending approvals with an id above AFTER, oldest first, as summaries."""
-        return Response(display.dumps(approval_page(after, limit)), media_type="application/json")
+        return Response(
+            display.dumps_bytes(approval_page(after, limit)), media_type="application/json"
+        )
 
     @app.get("/api/questions", response_model=QuestionPage, responses=GET_RESPONSES)
     async def api_questions(
         session: Annotated[Session, Depends(require_session)], after: After = 0, limit: Page = PAGE
     ) -> Response:
         """Open questions to the operator with an id above AFTER, oldest first, as summaries."""
-        return Response(display.dumps(question_page(after, limit)), media_type="application/json")
+        return Response(
+            display.dumps_bytes(question_page(after, limit)), media_type="application/json"
+        )
 
     # With [swarm]: another host's item, asked of that host (docs/swarm.md).
     OnHost = Annotated[str | None, Query(pattern=NAME_RE.pattern)]

@@ -84,6 +84,9 @@ class CageError(Exception):
     """A refusal or failure, one line."""
 
 
+WARM_CORE = "import hyperhive.core.__main__, hyperhive.core.http, anyio._backends._asyncio"
+
+
 class CageEntry:
     """The way into a running cage for ``hive exec`` (``Cages.enter``): the cage's init
     (bwrap's pid 1), pinned and checked to be that very process, and its namespaces and
@@ -162,7 +165,11 @@ class HiveCode:
         started = time.monotonic()
         try:
             subprocess.run(
-                [sys.executable, "-I", "-c", "import hyperhive.core.__main__"],
+                # And what the core imports later: the dashboard's code (fastapi,
+                # starlette, uvicorn: loaded once the agents are served) and anyio's
+                # backend (on its first thread-pool hop); these were compiled from
+                # source by every start of the core.
+                [sys.executable, "-I", "-c", WARM_CORE],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
