@@ -415,7 +415,8 @@ class Hive:
             self.require_agent(to)
         if to == OPERATOR:  # makes room first: a write of its own (send_in)
             return asyncio.ensure_future(_id_of(self._queue_send(actor.name, to, body)))
-        nbytes = len(body.encode())
+        # An ASCII body's length is its UTF-8 size: no copy to count it (most bodies).
+        nbytes = len(body) if body.isascii() else len(body.encode())
         self._count(actor.name, nbytes, to_operator=False)  # uncounted by message_taken
         return self.commits.submit_message((to, actor.name, body, nbytes))
 
