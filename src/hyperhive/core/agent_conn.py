@@ -281,7 +281,7 @@ class AgentConnection(LineConnection):
                     self._loop.call_later(owed, self._paced, line)
                     return
                 self._line(line)
-                if not self._busy and not self._lost and b"\n" in self._buffer:
+                if not self._busy and not self._lost and self._buffer.find(b"\n") >= 0:
                     # Answered at once, and the next request is here already: taking it
                     # now would not give the loop back, and a buffer of requests that
                     # change nothing held every other socket (red team cheap-verb-flood).
@@ -466,7 +466,9 @@ class AgentConnection(LineConnection):
     def _sends(self, first: dict[str, Any]) -> None:
         """``first`` and the pipelined requests right after it that are buffered whole
         already (taking them never waits for the peer), started in order."""
-        if b"\n" not in self._buffer:  # nothing pipelined after it (a closed loop's send)
+        # find, not ``in``: a bytearray's ``in`` first tries its operand as an integer, and
+        # raises and clears a formatted TypeError for a bytes one (~70 ns, twice a round).
+        if self._buffer.find(b"\n") < 0:  # nothing pipelined after it (a closed loop's send)
             started = self._start_send(first)
             if isinstance(started, dict):
                 self.write(dump_line(started))  # refused now: _pump goes on

@@ -415,7 +415,8 @@ class Hive:
             self.require_agent(to)
         if to == OPERATOR:  # makes room first: a write of its own (send_in)
             return asyncio.ensure_future(_id_of(self._queue_send(actor.name, to, body)))
-        nbytes = len(body.encode())
+        # An ASCII body's length is its UTF-8 size: no copy to count it (most bodies).
+        nbytes = len(body) if body.isascii() else len(body.encode())
         self._count(actor.name, nbytes, to_operator=False)  # uncounted by message_taken
         return self.commits.submit_message((to, actor.name, body, nbytes))
 
@@ -580,7 +581,12 @@ class Hive:
         (at once when it would change nothing; a refusal is its exception)."""
         name = actor.name
         in_flight = self._in_flight.get(name)
-        held = in_flight is not None and all(i in in_flight for i in ids)
+        if in_flight is None:
+            held = False
+        elif len(ids) == 1:  # a receiver's ack a round: no generator for one id
+            held = ids[0] in in_flight
+        else:
+            held = all(i in in_flight for i in ids)
         if not ids or not held:
             answered = self.wakeups.loop().create_future()
             try:

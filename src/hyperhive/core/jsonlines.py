@@ -111,7 +111,8 @@ def _decode(raw: bytes) -> dict[str, Any]:
     ``str`` takes but a free-form one (an approval's payload) would, and which
     can't be encoded, hashed or stored later (it was an internal error)."""
     obj = parse_line(raw)
-    if b"\\u" not in raw:  # a surrogate can only come from a \u escape (UTF-8 has none)
+    # find, not ``in`` (bytes' ``in`` raises and clears a TypeError first: agent_conn.py)
+    if raw.find(b"\\u") < 0:  # a surrogate can only come from a \u escape (UTF-8 has none)
         return obj
     stack: list[Any] = [obj]
     while stack:
@@ -336,7 +337,7 @@ def _line_buffered(reader: Reader) -> bool:
         return reader.has_line()
     # asyncio's buffer, read-only (if the attribute ever goes, requests are simply
     # handled one at a time again)
-    return b"\n" in getattr(reader, "_buffer", b"")
+    return getattr(reader, "_buffer", b"").find(b"\n") >= 0
 
 
 def _is_pipelined(obj: dict[str, Any], pipelined: frozenset[str]) -> bool:
