@@ -283,9 +283,11 @@ class Hive:
             await asyncio.sleep(every)
 
     async def check_limits(self) -> None:
-        """Read every running agent's cage limit hits in one request; tell the operator of
-        each that grew (core/limit_hits.py)."""
-        rows = {r.name: r for r in self.store.agents.all() if not r.stopped}
+        """Read every agent's cage limit hits in one request; tell the operator of each
+        that grew (core/limit_hits.py). Stopped ones too: a stopped cage keeps its cgroup
+        and counts, which the first read must take as the baseline, or its next start
+        would tell them as new."""
+        rows = {r.name: r for r in self.store.agents.all()}
         try:
             hits = await self.lifecycle.limit_hits(sorted(rows))
         except Refused as e:
