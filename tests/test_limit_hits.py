@@ -240,6 +240,43 @@ def test_a_restarted_core_does_not_tell_old_hits_again(hive: HiveProcess) -> Non
         troubles.close()
 
 
+def restart_core(h: HiveProcess) -> None:
+    pid = h.core_pid()
+    assert pid is not None
+    subprocess.run(["kill", "-9", str(pid)], check=True)
+
+    def core_back() -> bool:
+        try:
+            return h.core_pid() not in (None, pid) and h.host_call("agent_status")["ok"]
+        except HiveUnavailable:
+            return False
+
+    wait_until(core_back, 30, "hive-core to come back")
+
+
+def test_a_cage_stopped_over_a_core_restart_does_not_tell_old_hits_on_its_start(hive: HiveProcess) -> None:
+    """A stopped cage keeps its cgroup and counts: the restarted core's first read takes
+    them as the baseline too, or the next start would tell them as new."""
+    h = hive
+    assert h.host_call("stop", scope={"agent_names": [AGENT]})["ok"]
+    restart_core(h)
+    wait_until(lambda: h.agent_status()[AGENT].get("pids_refused") is not None, 30, "the first read")
+    before = h.agent_status()[AGENT]
+    troubles = Troubles(h)
+    try:
+        assert h.host_call("start", scope={"agent_names": [AGENT]})["ok"]
+        h.wait_running([AGENT])
+        proc = h.probe(AGENT, FORKS, timeout=120)
+        assert_caged(proc)
+        line = troubles.wait_for(lambda x: "process limit" in x, "the refused fork after the start")
+        m = re.search(r"refused (a fork|(\d+) forks) \((\d+) so far\)", line)
+        assert m, line
+        assert int(m.group(2) or 1) == int(m.group(3)) - before["pids_refused"], (line, before)
+        assert not [x for x in troubles.lines if "out of memory" in x], troubles.lines
+    finally:
+        troubles.close()
+
+
 def test_status_rows_carry_the_counts(hive: HiveProcess) -> None:
     row = hive.cage(AGENT)
     assert row["oom_kills"] == kernel_count(hive, "oom_kills") >= 1
