@@ -159,7 +159,7 @@ def digest_parts(hive: HiveProcess) -> dict[str, Any]:
     homes = tuple(f"agents/{n}/home" for n in hive.names)
     return {
         **web_snapshot(hive),
-        "cages": {n: {k: v for k, v in row.items() if k != "memory_bytes"}
+        "cages": {n: {k: v for k, v in row.items() if k not in ("memory_bytes", "oom_kills", "pids_refused")}
                   for n, row in sorted(cages["cages"].items())},
         "run_tree": tree(hive.run_dir, skip=("gateway",)),
         "state_tree": tree(hive.state_dir, skip=homes),

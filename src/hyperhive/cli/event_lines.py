@@ -74,6 +74,8 @@ def _agent_status(e: dict[str, Any]) -> tuple[str, str]:
     if e.get("destroyed"):
         return str(e.get("name")), "destroyed"
     a = e["agent"]
+    if e.get("trouble"):  # the hive's own line (a cage limit hit), not the agent's
+        return str(a.get("name")), short(e["trouble"])
     if a.get("failed"):
         state = "failed"
     elif a.get("needs_login"):

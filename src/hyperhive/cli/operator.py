@@ -830,6 +830,16 @@ def _incarnation(created_at: Any) -> str:
     return json.dumps(created_at)
 
 
+def _hits(a: dict[str, Any]) -> str:
+    """An agent's cage limit hits, as its state column shows them; nothing if none."""
+    hits = []
+    if a.get("oom_kills"):
+        hits.append(f"{a['oom_kills']} OOM-killed")
+    if a.get("pids_refused"):
+        hits.append(f"{a['pids_refused']} forks refused")
+    return f" ({', '.join(hits)})" if hits else ""
+
+
 def _status_table(rows: list[dict[str, Any]]) -> None:
     table(
         "agents",
@@ -837,7 +847,7 @@ def _status_table(rows: list[dict[str, Any]]) -> None:
         (
             [
                 a["name"],
-                _state(a),
+                _state(a) + _hits(a),
                 _yn(a.get("paused", False)),
                 a.get("parent"),
                 a.get("pending_reminders") or "",

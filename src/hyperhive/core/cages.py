@@ -13,6 +13,7 @@ from typing import Any
 from hyperhive.client import priv_call
 from hyperhive.core.agent_socket import AgentSockets
 from hyperhive.core.hive import Hive, Lifecycle
+from hyperhive.core.limit_hits import COUNTERS
 from hyperhive.core.refusals import Conflict, Refused, Unavailable
 from hyperhive.wire import priv as wp
 
@@ -80,6 +81,18 @@ class CageLifecycle(Lifecycle):
             return []
         cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
         return [name for name in names if (cages.get(name) or {}).get("running")]
+
+    async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
+        if not names:
+            return {}
+        cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
+        out = {}
+        for name, raw in cages.items():
+            row = wp.CageRow.model_validate(raw)
+            counts = {k: v for k in COUNTERS if (v := getattr(row, k)) is not None}
+            if counts:
+                out[name] = counts
+        return out
 
     def _start_request(self, name: str, hive: Hive) -> wp.StartCage:
         """hive-priv's start, with the agent's own limits where its spec sets them

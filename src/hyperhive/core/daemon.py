@@ -118,6 +118,7 @@ async def run_core(opts: CoreOptions) -> None:
     scheduling = asyncio.create_task(scheduler.run())
     checkpointer = asyncio.create_task(checkpoint_loop(store))
     pruner = asyncio.create_task(prune_loop(store))
+    limit_watch = asyncio.create_task(hive.watch_limits())
     swarm_task: asyncio.Task[None] | None = None
     if opts.config.swarm is not None:
         # Only here is nats imported: a hive without [swarm] never loads it.
@@ -149,6 +150,7 @@ async def run_core(opts: CoreOptions) -> None:
     scheduling.cancel()
     checkpointer.cancel()
     pruner.cancel()
+    limit_watch.cancel()
     if swarm_task is not None:
         swarm_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

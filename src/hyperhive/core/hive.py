@@ -30,6 +30,7 @@ from hyperhive.core.egress_tls import Injection, Plan
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.inboxes import KnownInboxes
+from hyperhive.core.limit_hits import LIMITS_POLL, LimitWatch, describe
 from hyperhive.core.listing import row_out, rows_out
 from hyperhive.core.ratelimit import RateLimited, TokenBuckets
 from hyperhive.core.refusals import (
@@ -61,6 +62,7 @@ from hyperhive.core.summary import PAGE, Listing
 from hyperhive.core.tls import HiveCA, upstream_context
 from hyperhive.names import OPERATOR
 from hyperhive.swarm.port import SwarmPort
+from hyperhive.wire import priv as wp
 from hyperhive.wire.agent import MAX_REMIND_SECONDS
 from hyperhive.wire.common import AgentSpec, AgentStatus, Approval, Message, Question
 from hyperhive.wire.egress import Rule, parse_rules
@@ -104,6 +106,11 @@ class Lifecycle:
         served again here (a stop cut short by a crash of the core)."""
         return []
 
+    async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
+        """Each of ``names``' cage limit hits (``limit_hits.COUNTERS``) as the kernel
+        counts them; no entry for one that has no cage (or no such count)."""
+        return {}
+
 
 # Agents started at once at start-up (resume_agents). 8, not 4: a start waits mostly on
 # hive-priv's forks, mounts and fsyncs, and concurrent prepares share one id commit
@@ -127,6 +134,7 @@ class Hive:
         # Sends and acks of one turn of the loop share one commit (core/groupcommit.py).
         self.commits = GroupCommit(store.db, self)  # self: its message lane's hooks
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
+        self.limit_watch = LimitWatch()  # cages' OOM kills and refused forks (watch_limits)
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
@@ -245,6 +253,7 @@ class Hive:
             status_text=row.status_text,
             status_set_at=row.status_set_at,
             url=f"http://{self.config.hive.listen}/agent/{row.name}/",
+            **self.limit_watch.counts.get(row.name, {}),
         )
 
     def statuses(self) -> list[dict[str, Any]]:
@@ -254,14 +263,47 @@ class Hive:
     def status_of(self, actor: Agent) -> AgentStatus:
         return self.status_row(self.require_agent(actor.name), self.store.reminders.pending())
 
-    def publish_status(self, name: str) -> None:
+    def publish_status(self, name: str, trouble: str | None = None) -> None:
+        """``trouble``: one line for the operator on what befell the agent (its cage
+        hitting a limit), with its status as it is now."""
         row = self.store.agents.get(name)
         if row is None:
             self.bus.publish("agent_status", {"name": name, "destroyed": True})
             return
         reminders = self.store.reminders.pending()
         status = model_fields_only(self.status_row(row, reminders))
-        self.bus.publish("agent_status", {"agent": status})
+        extra = {"trouble": trouble} if trouble is not None else {}
+        self.bus.publish("agent_status", {"agent": status, **extra})
+
+    async def watch_limits(self, every: float = LIMITS_POLL) -> None:
+        """For the core's lifetime: ``check_limits`` now (the baseline), then every
+        ``every`` seconds."""
+        while True:
+            await self.check_limits()
+            await asyncio.sleep(every)
+
+    async def check_limits(self) -> None:
+        """Read every agent's cage limit hits in one request; tell the operator of each
+        that grew (core/limit_hits.py). Stopped ones too: a stopped cage keeps its cgroup
+        and counts, which the first read must take as the baseline, or its next start
+        would tell them as new."""
+        rows = {r.name: r for r in self.store.agents.all()}
+        try:
+            hits = await self.lifecycle.limit_hits(sorted(rows))
+        except Refused as e:
+            log.warning("reading the cages' limit hits failed: %s", e)
+            return
+        at = time.monotonic()
+        for name, counts in hits.items():
+            row = rows.get(name)
+            if row is None:
+                continue
+            for counter, total, new in self.limit_watch.observe(name, counts, at):
+                pids_max = row.spec.pids_max or wp.StartCage(name=name).pids_max
+                text = describe(name, counter, total, new, pids_max)
+                log.warning("%s", text)
+                self.publish_status(name, trouble=text)
+        self.limit_watch.started = True
 
     def harness_changed(self, name: str) -> None:
         """The agent's harness connected or went away (its socket's listener says so)."""
@@ -1324,6 +1366,7 @@ class Hive:
 
     def _forget(self, name: str) -> None:
         self._in_flight.pop(name, None)
+        self.limit_watch.forget(name)
         self.inboxes.forget(name)
         self._interrupts.discard(name)
         self.harness_state.pop(name, None)

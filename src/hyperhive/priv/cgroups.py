@@ -257,12 +257,42 @@ class Cgroup:
                 except OSError:
                     break  # other cages of this hive are still there
 
+    def limit_hits(self) -> dict[str, int]:
+        """The kernel's own counts of this cage's limit hits since its cgroup was made:
+        ``oom_kills``, processes the OOM killer killed at the memory limit, and
+        ``pids_refused``, forks (and clones) the pids limit refused. A count the kernel
+        does not keep (v1's ``oom_kill`` came in Linux 4.13) is left out, not given as 0."""
+        out: dict[str, int] = {}
+        if self.v2:
+            memory, pids = self.dirs[0] / "memory.events", self.dirs[0] / "pids.events"
+        else:
+            memory, pids = self.dirs[1] / "memory.oom_control", self.dirs[0] / "pids.events"
+        for key, f, field in (("oom_kills", memory, "oom_kill"), ("pids_refused", pids, "max")):
+            n = _flat_keyed(f).get(field)
+            if n is not None:
+                out[key] = n
+        return out
+
     def memory_usage(self) -> int | None:
         f = self.dirs[-1] / ("memory.current" if self.v2 else "memory.usage_in_bytes")
         try:
             return int(f.read_text())
         except (FileNotFoundError, ValueError):
             return None
+
+
+def _flat_keyed(f: Path) -> dict[str, int]:
+    """A cgroup "flat keyed" file (``key value`` lines); nothing if it is not there."""
+    try:
+        text = f.read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return {}
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
 
 
 def hive_dirs(key: str, root: Path = CGROUP_ROOT) -> list[Path]:

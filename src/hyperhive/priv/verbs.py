@@ -121,12 +121,15 @@ def status(cages: Cages, req: w.CageStatus, r: Request) -> Reply:
         ids = table.get(name)
         info = cages.info(name) or {}
         cg = cages.cgroup(name)
-        out[name] = {
-            "running": bool(cg.pids()),
-            **({"pid": info["child_pid"]} if "child_pid" in info else {}),
-            **({"uid": ids.uid, "gid": ids.gid, "harness_uid": ids.harness_uid} if ids else {}),
-            **({"memory_bytes": m} if (m := cg.memory_usage()) is not None else {}),
-        }
+        out[name] = w.CageRow(
+            running=bool(cg.pids()),
+            pid=info.get("child_pid"),
+            uid=ids.uid if ids else None,
+            gid=ids.gid if ids else None,
+            harness_uid=ids.harness_uid if ids else None,
+            memory_bytes=cg.memory_usage(),
+            **cg.limit_hits(),
+        ).reply()
     return ok(cages=out)
 
 

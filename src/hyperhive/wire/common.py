@@ -148,3 +148,8 @@ class AgentStatus(BaseModel):
     status_text: str | None = None
     status_set_at: Timestamp | None = None
     url: str | None = None
+    # The cage's limit hits since its cgroup was made (hive-priv's ``status``, read by
+    # the core every LIMITS_POLL seconds): processes the OOM killer killed, forks its
+    # pids limit refused. Absent: not read yet, or no cage.
+    oom_kills: int | None = None
+    pids_refused: int | None = None

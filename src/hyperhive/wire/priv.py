@@ -51,6 +51,31 @@ class CageStatus(Strict):
     names: list[AgentName] | None = Field(default=None, max_length=10_000)
 
 
+Count = Annotated[int, Field(ge=0)]
+
+
+class CageRow(Strict):
+    """One cage in ``status``'s reply (``cages``: name -> row). Not a request: hive-priv
+    builds each row with it and the core reads each with it, so a field the other side
+    does not know is an error on either side, not a silent zero."""
+
+    running: bool
+    pid: int | None = None  # its bwrap's, while it runs
+    uid: int | None = None  # the ids, once prepared
+    gid: int | None = None
+    harness_uid: int | None = None
+    memory_bytes: Count | None = None
+    # The kernel's counts since the cage's cgroup was made (a start reuses it; a
+    # destroy removes it): processes the OOM killer killed at the memory limit, and
+    # forks the pids limit refused. None: the kernel keeps no such count here.
+    oom_kills: Count | None = None
+    pids_refused: Count | None = None
+
+    def reply(self) -> dict[str, Any]:
+        """The row on the wire: the fields it has, none of the Nones."""
+        return self.model_dump(exclude_none=True)
+
+
 # Names an operator's --env may not set unless it trusts the agent's home: each
 # would make the clean default run (or look for) code the agent could have planted.
 # hive-priv's exec handler refuses them (after the caller check, so hive-core only
