@@ -608,7 +608,7 @@ def test_closed_waits_with_input_left_stay_within_the_agents_connection_cap(hive
     are still to be taken: their effects stand), so a peer that closes (whole, or after
     a half-close) leaves it waiting in the core until its wait ends (up to an hour), as
     before session 11. What bounds it is the agent's connection cap (32 per uid): 60
-    such connections leave at most 32 in the core (the rest refused at accept), and the
+    such connections tried leave at most 32 in the core (the rest refused at accept), and the
     other agent is served. (Last in this module: the agent's own connections stay
     refused until those waits end.)"""
     before = _core_sockets(hive)
@@ -616,7 +616,7 @@ def test_closed_waits_with_input_left_stay_within_the_agents_connection_cap(hive
     time.sleep(1)  # the core has taken every connection (or refused it)
     held = _core_sockets(hive) - before
     print(f"closed waits with input left still in the core: {held} of {out['opened']}, {out['refused']} refused")
-    assert out["opened"] == 60, out
+    assert out["opened"] >= 40, out  # (a connect may find the listener's backlog full)
     assert held <= 32, (held, out)
-    assert out["refused"] >= 60 - 32 - 1, out
+    assert out["refused"] >= out["opened"] - 32 - 1, out
     assert hive.agent_call(OTHER, "whoami").get("name") == OTHER
