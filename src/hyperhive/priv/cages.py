@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import select
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -84,6 +85,7 @@ class CageError(Exception):
     """A refusal or failure, one line."""
 
 
+SET_UP_WAIT = 2.0  # seconds an exec waits for a cage just started to finish building its root
 WARM_CORE = "import hyperhive.core.__main__, hyperhive.core.http, anyio._backends._asyncio"
 
 
@@ -106,6 +108,30 @@ class CageEntry:
             self.fds[what] = self.init.open_in(f"ns/{what}")
         self.fds["root"] = self.init.open_in("root", os.O_RDONLY | os.O_DIRECTORY)
 
+    def set_up(self) -> bool:
+        """Whether the init's root (as opened) is the cage's own, built: not the host's
+        root, and the hive's code is there. bwrap writes the init's pid (``start``'s
+        info) as soon as it has cloned it, while the init is still building the cage:
+        its root is the host's / until its pivot_root (8 of 20 right after ``start``
+        answered, red team round 18), and nsenter given that root ran the exec's chain,
+        root's steps first, in a copy of the host's whole mount tree."""
+        root = os.fstat(self.fds["root"])
+        host = os.stat("/")
+        if (root.st_dev, root.st_ino) == (host.st_dev, host.st_ino):
+            return False
+        try:
+            code = os.stat(
+                layout.HIVE_SRC.lstrip("/"), dir_fd=self.fds["root"], follow_symlinks=False
+            )
+        except OSError:
+            return False
+        return stat.S_ISDIR(code.st_mode)
+
+    def close_fds(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
     def nsenter(self, *, pid: bool) -> list[str]:
         """nsenter's options: the cage's mount, uts, ipc and net namespaces (and its pid
         namespace if ``pid``), its root, and / in it as the working directory."""
@@ -124,9 +150,7 @@ class CageEntry:
             raise CageError(f"cage {self.name} is not running")
 
     def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
+        self.close_fds()
         self.init.close()
 
 
@@ -567,7 +591,15 @@ class Cages:
         try:
             if not self._is_init(init, info):
                 raise CageError(f"cage {name} is not running")
+            # A cage just started may still be building its root: waited for, briefly.
+            deadline = time.monotonic() + SET_UP_WAIT
             entry.open()
+            while not entry.set_up():
+                entry.close_fds()
+                if time.monotonic() > deadline or not init.running():
+                    raise CageError(f"cage {name} is not running (still starting?)")
+                time.sleep(0.01)
+                entry.open()
         except OSError:  # reaped meanwhile: what it held is gone
             entry.close()
             raise CageError(f"cage {name} is not running") from None
