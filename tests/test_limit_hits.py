@@ -213,17 +213,7 @@ def test_a_restarted_core_does_not_tell_old_hits_again(hive: HiveProcess) -> Non
     h = hive
     before = h.agent_status()[AGENT]
     assert before.get("oom_kills") and before.get("pids_refused"), before  # the test above ran
-    pid = h.core_pid()
-    assert pid is not None
-    subprocess.run(["kill", "-9", str(pid)], check=True)
-
-    def core_back() -> bool:
-        try:
-            return h.core_pid() not in (None, pid) and h.host_call("agent_status")["ok"]
-        except HiveUnavailable:
-            return False
-
-    wait_until(core_back, 30, "hive-core to come back")
+    restart_core(h)
     troubles = Troubles(h)
     try:
         # The first read (the baseline) is done once the counts show again.
