@@ -33,6 +33,8 @@ INTERNAL = {
     # the group commit's hooks for its message lane (the sender was checked before it
     # queued); this host's swarm name, for the listings
     "message_taken", "message_stored", "lane_committed", "swarm_host",
+    # the core's own loop reading the cages' limit hits (OOM kills, refused forks)
+    "watch_limits", "check_limits",
 }  # fmt: skip
 
 
