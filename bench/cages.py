@@ -143,7 +143,7 @@ def bench_cage_start(ctx: Context) -> list[Row]:
         for _ in range(ctx.n(40, 3)):
             hive.call("stop", scope={"agent_names": ["solo"]})
             samples.append(_until_running(hive, "solo"))
-        time.sleep(2)  # idle
+        time.sleep(ctx.n(2.0, 0.5))  # idle
         status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus(names=["solo"]))
         mem = status["cages"]["solo"].get("memory_bytes", 0) / 2**20
     finally:
@@ -201,7 +201,7 @@ def bench_density(ctx: Context) -> list[Row]:
         hive.start(timeout=600)
         hive.wait_running(set(agents), timeout=600)
         started = time.perf_counter() - t0
-        time.sleep(3)
+        time.sleep(ctx.n(3.0, 0.5))
         for name in ("d0", "d1"):  # the bench reads their inboxes itself: keep their harnesses out
             hive.call("set_paused", name=name, paused=True)
         status = priv_call(str(hive.run_dir / "priv.sock"), CageStatus())

@@ -110,7 +110,7 @@ def _in_cage_host_net(hive: Hive, name: str) -> list[str]:
 
 
 def bench_egress(ctx: Context) -> list[Row]:
-    rounds, mib, n = ctx.n(5, 3), ctx.n(256, 64), ctx.n(300, 60)
+    rounds, mib, n = ctx.n(5, 2), ctx.n(256, 16), ctx.n(300, 30)
     with TestNet(43, prefix="hvbe") as net:
         net.serve(SERVER_ADDRESS, 80)
         hive = Hive({"net": {"command": ["true"], "egress": [f"{SERVER_ADDRESS}:80"]}})
@@ -304,7 +304,7 @@ def bench_egress_tls(ctx: Context) -> list[Row]:
     secret binding for the destination: two TLS sessions and h11 in between)."""
     import tempfile
 
-    rounds, mib, n = ctx.n(5, 3), ctx.n(256, 64), ctx.n(300, 60)
+    rounds, mib, n = ctx.n(5, 2), ctx.n(256, 16), ctx.n(300, 30)
     certs = Path(tempfile.mkdtemp(prefix="hive-bench-tls-", dir="/tmp"))
     certs.chmod(0o755)
     ca_path, server_path = _test_ca(certs)

@@ -583,12 +583,12 @@ def bench_latency_ack_flood(ctx: Context) -> list[Row]:
     warm, n = ctx.n(100, 10), ctx.n(2000, 100)
     quiet = _rounds_1(ctx, warm, n)
     assert ctx.core.proc is not None
-    alone = ctx.n(10.0, 2.0)
+    alone = ctx.n(10.0, 1.0)
     cpu0, commits0 = _cpu_seconds(ctx.core.proc.pid), _core_commits(ctx)
     acks_alone = _flood_acks(_flood(ctx, alone), alone)
     cpu_alone = _cpu_seconds(ctx.core.proc.pid) - cpu0
     commits_alone = _core_commits(ctx)
-    seconds = ctx.n(30.0, 3.0)
+    seconds = ctx.n(30.0, 2.0)
     flooder = _flood(ctx, seconds)
     time.sleep(0.5)  # the flood is under way
     t0 = time.perf_counter()

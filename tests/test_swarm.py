@@ -22,7 +22,7 @@ from helpers import assert_ok, assert_refused, quota_usage, wait_for
 from hyperhive.config import ConfigError, load_config
 from hyperhive.swarm import bus, natsconf
 from hyperhive.swarm import subjects as s
-from hyperhive.swarm.bridge import Bridge
+from hyperhive.swarm.bridge import HELD_MAX, Bridge
 from hyperhive.swarm.pull import PAUSE, Puller
 from hyperhive.swarm.watch import RosterWatch
 from swarm_faults import drain, take
@@ -67,6 +67,9 @@ def test_a_single_host_hive_never_imports_nats() -> None:
         ('host = "a"\nurls = ["http://x"]\ncredentials = "/s"', "swarm.urls"),
         ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "rel"', "absolute"),
         ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nx = 1', "swarm.x"),
+        # held_names_max: below 64, or past an eighth of the bucket's keys (HELD_MAX)
+        ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_names_max = 63', "held_names_max': Input should be greater than or equal to 64"),
+        ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_names_max = 8193', "held_names_max': Input should be less than or equal to 8192"),
     ],
 )
 def test_bad_swarm_section_is_one_line(tmp_path: Path, section: str, needle: str) -> None:
@@ -75,6 +78,17 @@ def test_bad_swarm_section_is_one_line(tmp_path: Path, section: str, needle: str
     with pytest.raises(ConfigError) as e:
         load_config(path)
     assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_held_names_max_is_the_operators_within_its_bounds(tmp_path: Path) -> None:
+    """[swarm] held_names_max: HELD_MAX when not given (an eighth of the bucket's keys), as
+    given from 64 up to it (refused past either: the cases above)."""
+    path = tmp_path / "hive.toml"
+    for given, want in (("", HELD_MAX), ("held_names_max = 64", 64), (f"held_names_max = {HELD_MAX}", HELD_MAX)):
+        path.write_text(f'[swarm]\nhost = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\n{given}\n')
+        swarm = load_config(path).swarm
+        assert swarm is not None and swarm.held_names_max == want, given
+    assert HELD_MAX == s.ROSTER_HOST_KEYS // 8
 
 
 def _rendered_store(tmp_path: Path, hosts: int, **kw: Any) -> int:

@@ -37,16 +37,30 @@ def hive() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(AGENTS, sections={"limits": LIMITS}))
 
 
+# How long setting them takes decides when they can fall due: first the same request
+# PROBE times, due a month ahead (never delivered here), timed; ``at`` is then four times
+# the time all N would take at that pace, and LEAD more, ahead (the later ones are slower:
+# measured 0.06 s for the probes, 2.8 s for the 1,500). A fixed minute before: the test
+# slept through most of it, the set taking 2-3 s.
+PROBE = 100
+LEAD = 5.0
 SET = """
 c = Conn(timeout=120)
 text = "r" * P["size"]
-ids = []
-for i in range(P["n"]):
-    reply = c.call({"cmd": "remind", "at": P["at"], "text": text})
+
+def remind(i, **when):
+    reply = c.call({"cmd": "remind", "text": text, **when})
     if not reply.get("ok"):
         result(error=reply, after=i)
-    ids.append(reply["id"])
-result(ids=ids)
+    return reply["id"]
+
+t0 = time.monotonic()
+probes = [remind(i, in_seconds=30 * 86400) for i in range(P["probe"])]
+took = time.monotonic() - t0
+at = time.time() + P["lead"] + 4 * took * P["n"] / P["probe"]
+t0 = time.monotonic()
+ids = [remind(i, at=at) for i in range(P["n"])]
+result(ids=ids, at=at, probes=probes, probe_s=took, set_s=time.monotonic() - t0)
 """
 
 
@@ -62,12 +76,15 @@ def db_rows(hive: HiveProcess, sql: str, args: tuple[Any, ...] = ()) -> list[tup
 def test_mass_due_reminders_do_not_stall_host_sock(hive: HiveProcess) -> None:
     # Paused: the reminders stay queued as messages (no 1500 turns), which is what we count.
     assert hive.host_call("set_paused", name="rtmass", paused=True)["ok"]
-    at = time.time() + 60  # far enough ahead to set them all first
-    res = cage_run(hive, "rtmass", SET, n=N, at=at, size=TEXT, timeout=240)
+    res = cage_run(hive, "rtmass", SET, n=N, probe=PROBE, lead=LEAD, size=TEXT, timeout=240)
     assert "error" not in res, res
-    ids = res["ids"]
+    ids, at = res["ids"], res["at"]
     assert len(set(ids)) == N
-    assert time.time() < at - 2, "setting the reminders took too long for this test's timing"
+    assert time.time() < at - 2, f"setting the reminders took too long for this test's timing: {res}"
+    print(f"\n{PROBE} reminders set in {res['probe_s']:.2f} s, {N} in {res['set_s']:.2f} s;"
+          f" due {at - time.time():.1f} s after")
+    # The probes stay, due a month ahead: not among the ones counted below.
+    due = "agent='rtmass' AND delivered_at IS NULL AND due_at <= ?"
 
     samples: list[tuple[float, float]] = []  # (when, seconds to answer)
     errors: list[str] = []
@@ -90,7 +107,7 @@ def test_mass_due_reminders_do_not_stall_host_sock(hive: HiveProcess) -> None:
     try:
         deadline = at + 60
         while time.time() < deadline:
-            left = db_rows(hive, "SELECT COUNT(*) FROM reminders WHERE agent='rtmass' AND delivered_at IS NULL")
+            left = db_rows(hive, f"SELECT COUNT(*) FROM reminders WHERE {due}", (at,))
             if left[0][0] == 0:
                 break
             time.sleep(0.05)
@@ -104,7 +121,9 @@ def test_mass_due_reminders_do_not_stall_host_sock(hive: HiveProcess) -> None:
     assert max(during) < MAX_LATENCY, f"host.sock was slow while reminders were delivered: max {max(during):.2f} s"
 
     # Every reminder delivered, exactly once.
-    left = db_rows(hive, "SELECT COUNT(*) FROM reminders WHERE agent='rtmass' AND delivered_at IS NULL")
+    left = db_rows(hive, f"SELECT COUNT(*) FROM reminders WHERE {due}", (at,))
     assert left == [(0,)]
+    probes = db_rows(hive, "SELECT COUNT(*) FROM reminders WHERE agent='rtmass' AND delivered_at IS NULL")
+    assert probes == [(PROBE,)], probes  # and only the probes, not delivered
     refs = [r[0] for r in db_rows(hive, "SELECT ref FROM messages WHERE recipient='rtmass' AND kind='reminder'")]
     assert sorted(refs) == sorted(ids)

@@ -82,6 +82,7 @@ AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch
 # _let_go): at most this many (each one key in our bucket: a hostile host's claims must
 # not fill it), each read from the bus again every HELD_RECHECK seconds (a purge is no
 # message for the watch), and at most LET_GO_EACH_ROUND such reads a roster round.
+# HELD_MAX: the default and the most of [swarm] held_names_max (swarm/settings.py).
 HELD_MAX = s.ROSTER_HOST_KEYS // 8
 HELD_RECHECK = 30.0
 LET_GO_EACH_ROUND = 32
@@ -846,7 +847,8 @@ class Bridge:
         stays, with no agent, until no other host claims it (then it is let go), or an
         agent of that name is spawned here again (then it is simply ours). The decision
         is the bus's claims, read afresh (the cache may be behind), right before a delete.
-        A hold costs one key of our bucket: past HELD_MAX, the oldest are let go."""
+        A hold costs one key of our bucket: past [swarm] held_names_max (at most
+        HELD_MAX), the oldest are let go."""
         now = time.monotonic()
         reads = 0
 
@@ -898,14 +900,15 @@ class Bridge:
                 self._held[name] = now + HELD_RECHECK
             elif not self.hive.exists(name):
                 await self._unclaim(kv, name)
-        if len(self._held) > HELD_MAX:
+        most = self.settings.held_names_max
+        if len(self._held) > most:
 
             def claimed_at(name: str) -> float:
                 at = self.claims.get(name, {}).get(self.host)
                 return at.timestamp() if at is not None else 0.0
 
-            for name in sorted(self._held, key=claimed_at)[: len(self._held) - HELD_MAX]:
-                log.warning("swarm: agent name %r let go: more than %d held", name, HELD_MAX)
+            for name in sorted(self._held, key=claimed_at)[: len(self._held) - most]:
+                log.warning("swarm: agent name %r let go: more than %d held", name, most)
                 await self._unclaim(kv, name)
 
     async def _unclaim(self, kv: KeyValue, name: str) -> None:

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from hyperhive.names import NAME_RE
+from hyperhive.swarm.subjects import ROSTER_HOST_KEYS
 
 # A host name is an agent-name-like word: it becomes a subject token and a NATS user.
 HostName = Annotated[str, Field(pattern=NAME_RE.pattern)]
@@ -35,6 +36,11 @@ class SwarmSection(BaseModel):
     # also held to this host's own [limits] storage quota).
     host_pending_max: int = Field(default=100_000, ge=10, le=100_000_000)
     host_store_mib: int = Field(default=1024, ge=1, le=1_048_576)
+    # Names this host holds at most (swarm/bridge.py _let_go: ours, no agent here, another
+    # host's later claim live): each is one key of our roster bucket, so the default and
+    # the most is an eighth of its keys (a hostile host's claims can't fill it); fewer
+    # holds, and a hostile host's claims make the oldest go sooner.
+    held_names_max: int = Field(default=ROSTER_HOST_KEYS // 8, ge=64, le=ROSTER_HOST_KEYS // 8)
 
     @field_validator("credentials", "operator_key")
     @classmethod
