@@ -531,6 +531,6 @@ def main(args: list[str]) -> None:
     init = Init(ids["--uid"], ids["--gid"], ids["--harness-uid"])
     init.catch_children()
     # The first harness at once, with only what is loaded so far: it connects to the core
-    # (the cold start's end), then loads its own modules while init loads its loop's.
+    # (the cold start's end), then loads its own modules while init waits in poll.
     init.start_harness()
     init.run()
