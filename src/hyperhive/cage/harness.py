@@ -68,9 +68,14 @@ LONG_POLL = 300.0
 class Conn:
     """A JSON-lines connection to the agent's socket."""
 
-    def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
+    def __init__(self, path: str, fd: int | None = None) -> None:
+        """Connected to ``path``, or the connection ``fd`` already is (init's fork connects
+        before this module loads)."""
+        if fd is not None:
+            self.sock = socket.socket(fileno=fd)
+        else:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.connect(path)
         self.reader = self.sock.makefile("rb")
 
     def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
@@ -442,10 +447,12 @@ def serve_page_on_demand(web_socket: str, agent_socket: str) -> None:
     threading.Thread(target=on_first_request, name="page", daemon=True).start()
 
 
-def main(args: list[str]) -> None:
+def main(args: list[str], connected: int | None = None) -> None:
+    """``connected``: the first connection, made by init's fork before this module loaded
+    (``init.run_harness``); None for an exec'd harness, or if that connect failed."""
     path = os.environ.get("HIVE_SOCKET", layout.AGENT_SOCKET)
     backoff = 0.05
-    first: Conn | None = None
+    first: Conn | None = None if connected is None else Conn(path, connected)
     while first is None:  # connected first: the agent runs from here (cold start's end) ...
         try:
             first = Conn(path)

@@ -14,13 +14,10 @@ first, not the cage's plumbing. On SIGTERM it exits, which ends the whole cage."
 
 from __future__ import annotations
 
+import _socket
 import ctypes
 import gc
-import json
 import os
-import selectors
-import signal
-import socket
 import sys
 import time
 
@@ -29,11 +26,19 @@ from hyperhive.cage.setpriv import become, drop_to
 
 # Not imported: subprocess (fork_exec does what init needs of it; its modules were ~0.5 MiB
 # of every cage), traceback (only on an error) and typing (~7 ms of a cold start, together).
-# mypy reads TYPE_CHECKING as true.
+# Not imported before the first harness's fork: json, signal, socket and selectors (enum,
+# re, collections and the regular expressions json compiles: ~13 ms of CPU, half of a cage's
+# cold start). The fork connects to the core with what is loaded here (_socket, _signal: C
+# modules), and only then loads the harness's modules; the cold start ends at that connect.
+# Init itself waits in select's poll and loads json at the harness's first request. mypy
+# reads TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal  # _signal has no stubs; signal re-exports it
     from collections.abc import Callable
     from typing import NoReturn
+else:
+    import _signal
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
@@ -96,10 +101,19 @@ def raise_oom_score() -> None:
         f.write(str(RUNTIME_OOM_SCORE_ADJ))
 
 
-def recv_request(sock: socket.socket) -> tuple[dict | None, list[int]]:
+def recv_request(sock: _socket.socket) -> tuple[dict | None, list[int]]:
+    import array
+    import json
+
     # Room for one more descriptor than a spawn takes: a request with too many is then
     # seen, and refused, rather than cut to three (the kernel closes any beyond four).
-    data, fds, _, _ = socket.recv_fds(sock, MSG_MAX, MAX_FDS + 1)
+    # socket.recv_fds's steps, on the C module's socket.
+    got = array.array("i")
+    data, ancdata, _, _ = sock.recvmsg(MSG_MAX, _socket.CMSG_LEN((MAX_FDS + 1) * got.itemsize))
+    for level, kind, raw in ancdata:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            got.frombytes(raw[: len(raw) - (len(raw) % got.itemsize)])
+    fds = list(got)
     if not data:
         return None, fds
     try:
@@ -117,18 +131,24 @@ class Init:
         # signalled through its group.
         self.groups: set[int] = set()
         self.harness: Forked | None = None
-        self.channel: socket.socket | None = None
+        self.channel: _socket.socket | None = None
+        # The wake-up pipe for SIGCHLD (set up before the first fork: a harness that dies
+        # at once still wakes the loop).
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.started = time.monotonic()
         self.harness_starts = 0
 
     def start_harness(self) -> None:
-        """The first harness is a fork of init, not a new interpreter: it starts with the
-        modules init has loaded (no interpreter start-up, no setpriv exec: most of a cage's
-        cold start) and shares their pages until it writes them (a few MiB of every cage).
+        """The first harness is a fork of init, not a new interpreter: no interpreter
+        start-up, no setpriv exec (most of a cage's cold start). It is forked before init
+        loads more than it needs to confine itself (``main``), connects, and only then
+        loads the harness's modules.
         A restart (the last harness died: perhaps the runtime crashed it on purpose) is a
         new interpreter exec'd through setpriv: every fork of init has init's address-space
         layout and stack canary, which a crash-and-retry attack could learn bit by bit (as
         against Android's zygote); each exec gets its own."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.harness_starts += 1
         if self.harness_starts > 1:
             env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
@@ -180,8 +200,8 @@ class Init:
         return {"ok": True, "pid": proc.pid}
 
     def kill(self, req: dict) -> dict:
-        pid, sig = req.get("pid"), req.get("signal", signal.SIGTERM)
-        if pid not in self.groups or sig not in (signal.SIGTERM, signal.SIGKILL, signal.SIGINT):
+        pid, sig = req.get("pid"), req.get("signal", _signal.SIGTERM)
+        if pid not in self.groups or sig not in (_signal.SIGTERM, _signal.SIGKILL, _signal.SIGINT):
             return {"ok": False, "error": "no such runtime process"}
         try:
             os.killpg(pid, sig)  # its whole session: children of the runtime too
@@ -239,6 +259,8 @@ class Init:
                     pass
 
     def send(self, obj: dict) -> None:
+        import json
+
         if self.channel is not None:
             try:
                 self.channel.send(json.dumps(obj).encode())
@@ -248,26 +270,38 @@ class Init:
     def kill_runtime(self) -> None:
         for pid in self.groups | set(self.runtime):
             try:
-                os.killpg(pid, signal.SIGKILL)
+                os.killpg(pid, _signal.SIGKILL)
             except ProcessLookupError:
                 pass
 
+    def catch_children(self) -> None:
+        """A child's exit wakes the loop (SIGCHLD on the wake-up pipe): before any fork."""
+        _signal.set_wakeup_fd(self.wake_w)
+        _signal.signal(_signal.SIGCHLD, lambda *_: None)
+
     def run(self) -> None:
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
-        sel = selectors.DefaultSelector()
-        sel.register(wake_r, selectors.EVENT_READ)
+        """Serve the harness, restarting it when it dies; the first was started already
+        (``main``: before this loop's modules were loaded)."""
+        # select's poll, not selectors (which loads collections, enum and more): this runs in
+        # init while its first harness is connecting, on the same CPUs.
+        import select
+
+        wake_r = self.wake_r
+        poller = select.poll()
+        poller.register(wake_r, select.POLLIN)
         backoff = 0.5
         while True:
-            started = time.monotonic()
-            self.start_harness()
+            started = self.started
+            if self.harness is None:
+                started = time.monotonic()
+                self.start_harness()
             assert self.channel is not None and self.harness is not None
-            sel.register(self.channel, selectors.EVENT_READ)
+            channel = self.channel.fileno()
+            poller.register(channel, select.POLLIN)  # a hang-up is reported too
             while self.harness.poll() is None:
-                for key, _ in sel.select(timeout=self.tick()):
-                    if key.fileobj == wake_r:
+                tick = self.tick()
+                for fd, _ in poller.poll(None if tick is None else tick * 1000):
+                    if fd == wake_r:
                         os.read(wake_r, 4096)
                         self.reap()
                         continue
@@ -286,11 +320,12 @@ class Init:
                         os.close(fd)
                     self.send({"reply": reply, "seq": req.get("seq")})
                 self.reap()
-            sel.unregister(self.channel)
+            poller.unregister(channel)
             self.channel.close()
             self.channel = None
             self.kill_runtime()  # its turn will be redelivered to the next harness
             code = self.harness.returncode
+            self.harness = None
             print(
                 f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s",
                 file=sys.stderr,
@@ -378,11 +413,11 @@ def signals_to_default() -> None:
     before it becomes the harness or a runtime: what Python ignores (PIPE, XFSZ), init's
     own handlers, and anything ignored by whoever started the hive (``nohup hive up`` or a
     shell's background job ignores HUP, INT and QUIT, and an ignore survives exec)."""
-    for sig in signal.valid_signals():
-        if sig in (signal.SIGKILL, signal.SIGSTOP):
+    for sig in _signal.valid_signals():  # _signal: no enum module in the harness's fork
+        if sig in (_signal.SIGKILL, _signal.SIGSTOP):
             continue
         try:
-            signal.signal(sig, signal.SIG_DFL)
+            _signal.signal(sig, _signal.SIG_DFL)
         except (OSError, ValueError):  # the real-time signals Python can't name, say
             pass
 
@@ -393,10 +428,10 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
     are not the harness's; its capabilities and ids go before any harness code runs."""
     code = 1
     try:
-        signal.set_wakeup_fd(-1)
+        _signal.set_wakeup_fd(-1)
         signals_to_default()
-        for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # as a fresh interpreter sets them
-            signal.signal(sig, signal.SIG_IGN)
+        for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):  # as a fresh interpreter sets them
+            _signal.signal(sig, _signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.closerange(3, channel_fd)  # only stdio and the channel stay open
@@ -404,9 +439,12 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
         become(uid, gid)
         os.environ["HIVE_INIT_FD"] = str(channel_fd)
         retitle("harness")
+        # Connected (as the harness uid: the core reads its peer's credentials at connect)
+        # before the harness's modules load: the agent runs from here.
+        first = connect_first(os.environ.get("HIVE_SOCKET", layout.AGENT_SOCKET))
         from hyperhive.cage.harness import main as harness_main
 
-        harness_main([])
+        harness_main([], connected=first)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
@@ -417,6 +455,19 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
     finally:
         sys.stderr.flush()
         os._exit(code)
+
+
+def connect_first(path: str) -> int | None:
+    """The harness's first connection to the agent's socket, made with the C module only
+    (socket.py loads enum and selectors: ~5 ms before the connect); its descriptor, or None
+    if the core does not serve it yet (the harness then tries again, with backoff)."""
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock.detach()
 
 
 def retitle(last: str) -> None:
@@ -475,11 +526,11 @@ def main(args: list[str]) -> None:
         # When init exits, bwrap ends the pid namespace and the kernel kills the rest.
         os._exit(0)
 
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
-    # The harness's own modules, loaded here once: every fork of the harness (the first and
-    # each restart) starts with them, their pages shared with init. Loading is all this
-    # does: no harness code runs in init.
-    import hyperhive.cage.harness  # noqa: F401
-
-    Init(ids["--uid"], ids["--gid"], ids["--harness-uid"]).run()
+    _signal.signal(_signal.SIGTERM, on_term)
+    _signal.signal(_signal.SIGINT, on_term)
+    init = Init(ids["--uid"], ids["--gid"], ids["--harness-uid"])
+    init.catch_children()
+    # The first harness at once, with only what is loaded so far: it connects to the core
+    # (the cold start's end), then loads its own modules while init waits in poll.
+    init.start_harness()
+    init.run()

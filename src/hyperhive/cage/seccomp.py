@@ -29,10 +29,12 @@ before it runs the operator's command. Standard library only: it runs in the cag
 
 from __future__ import annotations
 
+# _socket, not socket: socket.py loads enum and selectors, and init installs this before
+# the harness's fork, which connects to the core with only what init has loaded.
+import _socket as socket
 import ctypes
 import errno
 import os
-import socket
 import struct
 
 PR_SET_NO_NEW_PRIVS = 38
