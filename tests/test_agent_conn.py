@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any, cast
@@ -218,6 +219,119 @@ def test_a_recv_waiting_after_a_half_close_ends_when_the_socket_closes_whole(cor
             s.close()
         wait_for(lambda: _open_sockets(core) <= before, timeout=10)
     _next_message_is_the_next_recvs(core)
+
+
+# What a peer may send after its recv line before it goes (red team round 18): a byte, a
+# partial line, a blank line, a whole request, many, more than the core buffers (its
+# reading pauses past twice the line limit, so it no longer reads the socket at all).
+TAILS: dict[str, bytes] = {
+    "space": b" ",
+    "partial line": b'{"cmd":"whoami"',
+    "blank line": b"\n",
+    "a request": _line({"cmd": "whoami"}),
+    "64 requests": _line({"cmd": "whoami"}) * 64,
+    "past the buffer": b"x" * (3 * MAX_LINE),
+}
+GOES = ("close", "half, then close", "shut both, kept open", "linger 0, a reply unread")
+
+
+def _put(s: socket.socket, data: bytes) -> int:
+    """As much of ``data`` as the core takes (it stops reading past its buffer's bound)."""
+    s.setblocking(False)
+    sent = idle = 0
+    while sent < len(data) and idle < 10:
+        try:
+            sent += s.send(data[sent : sent + 65536])
+            idle = 0
+        except BlockingIOError:
+            idle += 1
+            time.sleep(0.05)
+    s.settimeout(20)
+    return sent
+
+
+def _recv_then_go(core: CoreProcess, tail: bytes, how: str, kept: list[socket.socket]) -> None:
+    """One of bob's connections: a recv waiting 60 s, ``tail`` after its line, then the
+    peer goes ``how``."""
+    s = _connect(core, "bob")
+    head = _line({"cmd": "whoami"}) if how.startswith("linger") else b""  # its reply unread
+    s.sendall(head + _line({"cmd": "recv", "wait": 60}))
+    _put(s, tail)
+    time.sleep(0.1)  # the recv waits in the core (or it goes first: the same must hold)
+    if how == "half, then close":
+        s.shutdown(socket.SHUT_WR)
+        time.sleep(0.1)  # the core reads the end of input before the close
+    elif how == "shut both, kept open":
+        s.shutdown(socket.SHUT_RDWR)
+        kept.append(s)
+        return
+    elif how.startswith("linger"):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+
+
+def _cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_recv_waiting_with_input_left_ends_when_its_peer_goes(core: CoreProcess) -> None:
+    """A recv's peer that sent anything after the recv line (each of TAILS) and then went
+    (closed whole, half-closed then closed, shut both halves and kept the socket, closed
+    with the core's reply unread): the wait ends then, not when its 60 s would. Two rounds
+    of every pair, 48 connections of bob's against a cap of 32: each gone from the core
+    (its descriptor, its claim) once its peer is, and the core's loop idle meanwhile (no
+    spin on the sockets kept open); the next message is the next recv's. Before the fix
+    only the ones with nothing after the recv line (none here) or a reset went: the rest
+    waited out their 60 s, and the second round was refused at the cap."""
+    assert core.proc is not None
+    before = _open_sockets(core)
+    kept: list[socket.socket] = []
+    try:
+        for _ in range(2):
+            for tail in TAILS.values():
+                for how in GOES:
+                    _recv_then_go(core, tail, how, kept)
+            wait_for(lambda: _open_sockets(core) <= before, timeout=10)
+        cpu0 = _cpu(core.proc.pid)
+        time.sleep(2)  # the shut-both peers still hold their sockets
+        assert _cpu(core.proc.pid) - cpu0 < 0.3
+        _next_message_is_the_next_recvs(core)
+    finally:
+        for s in kept:
+            s.close()
+
+
+def test_the_lines_a_closed_recv_left_are_taken_and_its_ack_stands(core: CoreProcess) -> None:
+    """bob's recv waits with requests pipelined after it: two sends, a recv acking the
+    message bob holds on another connection, and a last send without its newline; then
+    bob closes. The wait ends at once and reads nothing; the lines left are taken as at
+    any end of input, in order, with no one to answer: the three sends stored in order
+    (the last line too, as on any connection that ends without a newline), the ack stands
+    (the held message is not handed out again when its connection closes), and the
+    next message is the next recv's. Before the fix all of it waited in the core for the
+    recv's 60 s."""
+    held = assert_ok(core.agent_call("alice", "send", to="bob", body="held"))["id"]
+    with _connect(core, "bob") as first:
+        first.sendall(_line({"cmd": "recv", "wait": 5}))
+        (got,) = _lines(first, 1)
+        assert [m["id"] for m in assert_ok(got)["messages"]] == [held]  # in flight on `first`
+        before = _open_sockets(core)
+        s = _connect(core, "bob")
+        s.sendall(
+            _line({"cmd": "recv", "wait": 60})
+            + _line({"cmd": "send", "to": "alice", "body": "left-1"})
+            + _line({"cmd": "send", "to": "alice", "body": "left-2"})
+            + _line({"cmd": "recv", "wait": 60, "ack": [held]})
+            + b'{"cmd":"send","to":"alice","body":"left-3"}'
+        )
+        time.sleep(0.3)  # the recv waits in the core
+        s.close()
+        wait_for(lambda: _open_sockets(core) <= before, timeout=10)
+    with core.agent("alice") as alice:
+        got = assert_ok(alice.call("recv", wait=5))["messages"]
+    assert [m["body"] for m in got] == ["left-1", "left-2", "left-3"]
+    _next_message_is_the_next_recvs(core)  # not "held": acked
 
 
 def test_thousands_of_answered_at_once_requests_in_one_write(core: CoreProcess) -> None:

@@ -23,11 +23,16 @@ red team check them on this loop):
 * Bad input (not JSON, not a request): one error line, and the connection goes on.
 * The input buffer is bounded (lineconn.py: reading pauses past twice the limit).
 * A hang-up ends what waits on it: a ``recv`` waiting for its inbox stops waiting (its
-  ack, committed or not, stands) as soon as the peer has closed its socket (the end of
-  input with POLLHUP; a peer that only shut its writing half still gets the reply, and
-  its wait ends when it closes the socket whole: ``_HangUps``), a send's write stands, a
-  task is let finish, and only then are the messages this connection holds released
-  (``wait_closed``).
+  ack, committed or not, stands; it reads nothing, so what the inbox holds is the next
+  recv's) as soon as the peer has closed its socket (POLLHUP: closed whole, or both
+  halves shut; a peer that only shut its writing half still gets the reply, and its wait
+  ends when it closes the socket whole: ``_HangUps``), whatever it sent after the recv
+  line. The lines it left are then taken as at any end of input, in order and paced (a
+  last one without its newline too), their effects standing and their replies written
+  to nobody (``_gone``), and the connection ends (a reset, the peer gone with replies
+  unread, ends it at once: what was not taken yet is dropped, as on any connection). A
+  send's write stands, a task is let finish, and only then are the messages this
+  connection holds released (``wait_closed``).
 """
 
 from __future__ import annotations
@@ -59,15 +64,17 @@ Started = dict[str, Any] | tuple["asyncio.Future[Any]", bool]
 
 
 class _HangUps:
-    """The connections whose input is over (the peer shut its writing half) while a recv
-    waits, told when their peer closes the socket whole. The loop can't watch for that on
-    the socket: a socket at the end of input is always readable (a reader on it would
-    spin), and the transport stopped reading it at the end of input; so the close itself
-    was never seen, and the wait lasted to its end. One epoll of the loop's for all of
-    them, no descriptor per connection (the agents' descriptor budget, core/budget.py),
-    each socket registered for no event: epoll reports a hang-up (EPOLLHUP) whatever is
-    asked; one-shot, so an entry whose socket closed before it was taken off (epoll keeps
-    it while the socket is open anywhere) fires once, not on every turn."""
+    """The connections the loop no longer reads while a recv waits (the peer shut its
+    writing half, or reading is paused on a full buffer: lines sent after the recv line),
+    told when their peer closes the socket. The loop can't watch for that on the socket:
+    a socket at the end of input is always readable (a reader on it would spin), and the
+    transport stopped reading it at the end of input, or while its buffer is full; so the
+    close itself was never seen, and the wait lasted to its end. One epoll of the loop's
+    for all of them, no descriptor per connection (the agents' descriptor budget,
+    core/budget.py), each socket registered for no event: epoll reports a hang-up
+    (EPOLLHUP) whatever is asked; one-shot, so an entry whose socket closed before it was
+    taken off (epoll keeps it while the socket is open anywhere) fires once, not on every
+    turn."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -174,6 +181,9 @@ class AgentConnection(LineConnection):
         self._batch_overflow = False
         self._batch_next: tuple[bytes, float] | None = None  # a line owing time, after it
         self._hup_fd: int | None = None  # watched for the peer's close (_HangUps)
+        # The peer closed its socket while a recv waited: the lines it left are still
+        # taken, their replies written to nobody.
+        self._gone = False
 
     # -- asyncio.Protocol ----------------------------------------------------------
 
@@ -181,13 +191,14 @@ class AgentConnection(LineConnection):
         super().data_received(data)
         if not self._busy:
             self._pump()
+        elif self._paused and self._watch is not None and self._hup_fd is None:
+            self._watch_hang_up()  # a recv waits, and the loop stopped reading: a full buffer
 
     def eof_received(self) -> bool:
         super().eof_received()
         if self._watch is not None:
             self._peer_closed()
-            return True
-        if not self._busy:
+        elif not self._busy:
             self._pump()
         return True
 
@@ -204,12 +215,20 @@ class AgentConnection(LineConnection):
         if not self._busy:
             self._pump()
 
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self._gone:  # gone: a reply to nobody
+            transport.write(data)
+
     def _hung_up(self) -> bool:
         """Whether a recv about to wait (or waiting) for its inbox has nobody to reply to:
-        the input is over with no line left to take, and the peer closed its socket (not
-        only its writing half: a Unix socket's peer gone whole shows as POLLHUP, a
-        ``shutdown(SHUT_WR)`` only as the end of input, and a half-closed peer still reads
-        the replies; test_agent_conn.py).
+        the peer closed its socket (not only its writing half: a Unix socket's peer gone
+        whole, or with both halves shut, shows as POLLHUP, a ``shutdown(SHUT_WR)`` only as
+        the end of input, and a half-closed peer still reads the replies;
+        test_agent_conn.py). Whatever it sent after the recv line: that used to keep the
+        wait (session 11 asked for an empty buffer, the lines left being still to take),
+        so a peer that wrote a byte more and closed held its wait to its end (red team
+        round 18); the lines left are taken all the same (``_hang_up``).
 
         Such a wait used to last until its end (up to the recv's wait): it held the
         connection's descriptor and its claim on the agent's connection cap, and its
@@ -218,8 +237,6 @@ class AgentConnection(LineConnection):
         write failed. A runtime reconnecting after each closed loop paid for each such
         connection on every round (bench/warm.py, docs/performance.md). Its ack,
         committed or not, stands."""
-        if not self._eof or self._buffer:
-            return False
         sock = self.get_extra_info("socket")
         if sock is None:
             return False
@@ -233,11 +250,27 @@ class AgentConnection(LineConnection):
         if self._watch is None or self._lost:
             return
         if self._hung_up():
-            self._recv = None
-            self._watch[0].cancel()  # _woken unwatches it
-            self.close()
-        elif self._eof and not self._buffer:
+            self._hang_up()
+        elif self._eof or self._paused:
             self._watch_hang_up()
+
+    def _hang_up(self) -> None:
+        """The peer is gone while a recv waits (or was about to): the wait ends with no
+        reply and nothing read, and the loop goes on with the lines the peer left, as at
+        any end of input (the transport reads what the kernel still holds if a full buffer
+        had paused it): each taken in order and paced, its effects standing, its reply
+        written to nobody; then the connection ends. Nothing is left waiting for a peer
+        that can't read: a hostile agent's closed waits no longer hold its connections (and
+        the core's descriptors) to the waits' end (red team round 18)."""
+        self._gone = True
+        self._recv = None
+        self._unwatch_hang_up()
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            self.session.hive.wakeups.unwatch(self.session.actor.name, *watch)
+            watch[0].cancel()  # _woken sees it is no longer the connection's watch
+        self._busy = False
+        self._pump()  # at once, or (called from it) when control returns to it
 
     def _watch_hang_up(self) -> None:
         sock = self.get_extra_info("socket")
@@ -431,6 +464,9 @@ class AgentConnection(LineConnection):
         if deadline is None:  # the wait starts once the ack is committed (as Hive.recv)
             deadline = now + wait
             self._recv = (wait, limit, deadline, acked)
+        if self._gone or ((self._eof or self._paused) and self._hung_up()):
+            self._hang_up()  # nobody to reply to (it left while the ack committed, say)
+            return
         session = self.session
         try:
             page = session.hive.recv_now(session.actor, session.conn, limit)
@@ -443,20 +479,18 @@ class AgentConnection(LineConnection):
             extra = more(page) if acked is None else {**more(page), "acked": acked}
             self._done(ok(messages=page.items, **extra))
             return
-        if self._hung_up():  # the peer left while the ack committed: no wait at all
-            self._recv = None
-            self.close()
-            return
         watch = self._watch = session.hive.wakeups.watch(session.actor.name, deadline - now)
         watch[0].add_done_callback(self._woken)
-        if self._eof and not self._buffer:  # half-closed: its close ends the wait
+        if self._eof or self._paused:  # the loop reads no more: its close ends the wait
             self._watch_hang_up()
 
     def _woken(self, fut: asyncio.Future[None]) -> None:
-        watch, self._watch = self._watch, None
+        watch = self._watch
+        if watch is None or watch[0] is not fut:
+            return  # ended already (_hang_up)
+        self._watch = None
         self._unwatch_hang_up()
-        if watch is not None:
-            self.session.hive.wakeups.unwatch(self.session.actor.name, *watch)
+        self.session.hive.wakeups.unwatch(self.session.actor.name, *watch)
         if self._lost or self._recv is None:
             return
         self._look()
