@@ -12,10 +12,12 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -272,6 +274,107 @@ def test_command_gets_no_descriptor_of_the_entry(caged_hive: HiveProcess) -> Non
         proc = run(caged_hive, "alice", "sh", "-c", "ls /proc/$$/fd", flags=flags)
         assert proc.returncode == 0, proc.stderr
         assert sorted(proc.stdout.split()) == ["0", "1", "2"], (flags, proc.stdout)
+
+
+# -- a stop racing an exec (the agent's name lock) -----------------------------------------
+
+RACER = "racer"
+ROUNDS = 2
+SPREAD = 1000  # processes the agent leaves in its cage, each below its init's pid
+PF_EXITING = 0x4  # /proc/<pid>/stat's flags: the process has begun to exit
+
+
+def _marked(marker: str) -> list[int]:
+    """Every process of the host with ``marker`` as one of its arguments."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read().split(b"\0")
+            except OSError:
+                continue
+            if marker.encode() in argv:
+                out.append(int(entry))
+    return out
+
+
+def _argv(pid: int) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")
+    except OSError:
+        return []
+
+
+def _exiting(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            flags = int(f.read().rpartition(")")[2].split()[6])
+    except (OSError, IndexError, ValueError):
+        return True  # gone already
+    return bool(flags & PF_EXITING)
+
+
+def _cli(h: HiveProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(HIVE), "--run-dir", str(h.run_dir), *args],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("flags", [(), ("--as-agent",)], ids=["clean", "as-agent"])
+def test_stop_racing_an_exec_never_leaves_it_running(hive_factory: Any, flags: tuple[str, ...]) -> None:
+    """The operator's ``hive stop --force`` and an exec of the same agent at once. The
+    stop's SIGKILL round goes up the cage's pids in order; here the agent has left
+    SPREAD processes (each ignoring SIGTERM) on pids below its init's (the cage started
+    just under the host's pid_max, theirs wrapped around), so the round reaches the init
+    ~0.3 s after its first SIGKILL, and the exec is sent at that first SIGKILL. Before
+    the exec took the agent's name lock to enter the cage, it entered the still running
+    init's namespaces, joined the cgroup after the round had listed it, and (the clean
+    exec's pid namespace is its own) ran on once the init was gone: the stop failed with
+    "processes survived SIGKILL" and the exec's command was left running in what was
+    left of the cage, its reply never coming. Now the exec waits for the stop and is
+    refused in one line, the stop succeeds, and nothing of the exec is left (ROUNDS
+    times: stop, start, spread, race)."""
+    from redteam.pid_spread import spread_out
+
+    h = hive_factory({RACER: {"runtime": "command", "command": ["true"], "pids_max": 2048, "memory_mib": 2048}})
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    for round_ in range(ROUNDS):
+        stopped = _cli(h, "stop", "--force", RACER)
+        assert stopped.returncode == 0, stopped.stderr
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(pid_max - 300))
+        started = _cli(h, "start", RACER)
+        assert started.returncode == 0, started.stderr
+        h.wait_running([RACER])
+        init = h.cage(RACER)["pid"]
+        spread = sorted(p for p in spread_out(h, RACER, SPREAD) if _argv(p)[:2] == [b"python3", b"-c"])
+        below = [p for p in spread if p < init]
+        assert len(below) >= SPREAD // 2, ("the agent's pids did not wrap below its init's", init, spread[:5])
+        mark = f"racing-{secrets.token_hex(4)}"
+        request = json.dumps({"cmd": "exec", "name": RACER, "as_agent": bool(flags),
+                              "argv": ["python3", "-c", "import time; time.sleep(600)", mark]}).encode() + b"\n"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s, open(os.devnull, "rb+") as null:
+            s.connect(str(h.priv_sock))  # ready before the stop: the request then goes in one call
+            stop = subprocess.Popen([str(HIVE), "--run-dir", str(h.run_dir), "stop", "--force", RACER],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 60
+            while not _exiting(below[0]):  # the SIGKILL round has begun (SIGTERM is ignored)
+                assert time.monotonic() < deadline, "the stop's SIGKILL never reached the cage"
+            sent = socket.send_fds(s, [request], [null.fileno()] * 3)
+            s.sendall(request[sent:])
+            out = stop.communicate(timeout=60)
+            s.settimeout(20)
+            try:
+                reply = json.loads(s.makefile("rb").readline())
+            except TimeoutError:
+                reply = {"exec": "no reply 20 s after the stop"}
+        left = _marked(mark)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        assert (stop.returncode, out) == (0, (f"stopped: {RACER}\n", "")), (round_, out)
+        assert not left, (round_, "the exec outlived the cage's stop", [_argv(p) for p in left])
+        assert reply == {"version": 1, "ok": False, "error": f"cage {RACER} is not running"}, (round_, reply)
+        assert not h.cgroup(RACER).pids()
 
 
 # -- the relay with descriptors past select()'s 1,023 (exec_relay, poll) ------------------

@@ -23,6 +23,7 @@ from hyperhive.client import Client, HiveUnavailable
 ROW_FIELDS = {
     "name", "running", "failed", "needs_update", "needs_login", "deployed_sha", "pending_reminders",
     "paused", "parent", "active_model", "status_text", "status_set_at", "url",
+    "created_at",  # ours, beside hyperhive's: the agent's incarnation (``--created-at``)
 }
 APPROVAL_FIELDS = {
     "id", "agent", "kind", "commit_ref", "requested_at", "status", "resolved_at", "note", "description",
@@ -80,6 +81,7 @@ def test_agent_status_rows(core: CoreProcess) -> None:
         assert r["paused"] is False
         assert r["pending_reminders"] == 0
         assert r["url"] == f"http://127.0.0.1:8080/agent/{r['name']}/"
+        assert type(r["created_at"]) is float and r["created_at"] > 0  # a number: pasted, compared exactly
         # optional fields with no value are absent, not null
         for absent in ("parent", "active_model", "status_text", "status_set_at", "deployed_sha"):
             assert absent not in r

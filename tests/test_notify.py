@@ -1,15 +1,24 @@
-"""core/notify.py without a hive: the queue bound, the per-agent coalescing and the link's
-store (the whole path, with real receivers and a real hive: tests/redteam/test_notify.py)."""
+"""core/notify.py without a hive: the queue bound, the per-agent coalescing, the link's
+store, and a cage's limit hits sent to a local receiver (the whole path, with real
+receivers and a real hive: tests/redteam/test_notify.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from hyperhive.config import NotifySection
+from hyperhive.core.events import EventBus
+from hyperhive.core.limit_hits import describe
 from hyperhive.core.notify import Item, Notifier
 from hyperhive.core.store import Store
 from hyperhive.core.store.links import LinkTarget, LinkUsed
@@ -75,3 +84,88 @@ def test_item_of_an_egress_approval_says_what_it_allows() -> None:
         "id": 3, "agent": "bob", "status": "pending", "kind": "egress", "description": "d",
         "payload": {"host": "pypi.org", "port": 443}, "payload_sha256": "x"}})
     assert item == Item("approval", 3, "bob", "d", "x", "egress: allows pypi.org:443")
+
+
+# -- a cage's limit hits, to a local receiver ----------------------------------------------
+
+
+class Receiver:
+    """An HTTP receiver on loopback that records what each webhook was sent."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[str, bytes]] = []  # (path, body)
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with outer.lock:
+                    outer.hits.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def sent(self, path: str) -> list[str]:
+        """What a person reads of each notification ``path`` got, in order."""
+        with self.lock:
+            bodies = [body for p, body in self.hits if p == path]
+        return [json.loads(b)["text"] if path == "/slack" else b.decode() for b in bodies]
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    rx = Receiver()
+    yield rx
+    rx.server.shutdown()
+    rx.server.server_close()
+
+
+def status_event(name: str, trouble: str | None = None) -> dict[str, Any]:
+    return {"agent": {"name": name, "running": True}, **({"trouble": trouble} if trouble else {})}
+
+
+def test_a_limit_hit_reaches_every_webhook_as_one_line_within_the_agents_rate(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    """The ``trouble`` line of an ``agent_status`` event (a cage's OOM kill or refused
+    forks, core/limit_hits.py) goes to each webhook once, as that line and a link to the
+    agent's page; agent_status events without one (a start, a status text) are not sent;
+    an agent past its burst is held for the digest, as questions and approvals are."""
+    url = f"http://127.0.0.1:{receiver.port}"
+    config = NotifySection.model_validate({
+        "webhooks": [{"url": f"{url}/ntfy", "format": "ntfy"}, {"url": f"{url}/slack", "format": "slack"}],
+        "agent_burst": 1, "agent_interval_seconds": 1.0, "backoff_seconds": 0.1,
+    })
+    oom = describe("bob", "oom_kills", 3, 1, 64)
+    forks = describe("bob", "pids_refused", 40, 12, 64)
+
+    async def run() -> None:
+        bus = EventBus()
+        n = Notifier(config, "http://hive.test", Store(tmp_path / "hive.db").links, bus)
+        n.start()
+        try:
+            bus.publish("agent_status", status_event("bob"))  # started, say: not the operator's
+            bus.publish("agent_status", status_event("bob", oom))
+            bus.publish("agent_status", status_event("bob", forks))  # past bob's burst of 1: held
+            bus.publish("agent_status", status_event("carol"))
+            deadline = time.monotonic() + 20
+            while n.sent != [2, 2]:  # bob's line, then the digest of the one held
+                assert time.monotonic() < deadline, (n.sent, receiver.hits)
+                await asyncio.sleep(0.05)
+        finally:
+            await n.close()
+
+    asyncio.run(run())
+    ntfy = receiver.sent("/ntfy")
+    assert ntfy[0] == f"{oom}\nhttp://hive.test/agent/bob/"
+    assert ntfy[1] == "bob: 1 limit hit(s) more (rate-limited, not sent one by one)\nhttp://hive.test/"
+    assert receiver.sent("/slack")[0] == f"{oom}\n<http://hive.test/agent/bob/|open agent>"
+    assert len(receiver.hits) == 4

@@ -382,6 +382,27 @@ def test_status_shows_each_other_hosts_agents_created_at_to_paste(tmp_path: Path
     assert seen[-1] == {"cmd": "restart", "name": "bob", "host": "b", "created_at": SWARM_ROWS[0]["created_at"]}, seen[-1]
 
 
+def test_status_gives_this_hosts_agents_created_at_too(hive: HiveProcess) -> None:
+    """This host's agents' rows carry ``created_at`` as the other hosts' do (issue 18
+    gave only those one): in ``hive status --json`` (``agent_statuses``) the number the
+    store holds, in ``hive status``'s table the same text, whole; pasted into
+    ``--created-at`` it binds a local verb to that agent, and another number is refused
+    with nothing done. Before, a local row had none, and nothing showed what to pass."""
+    raw = run_hive(hive, "status", "--json")
+    human = run_hive(hive, "status")
+    assert raw.returncode == human.returncode == 0 and raw.stderr == human.stderr == "", (raw, human)
+    rows = {r["name"]: r for r in json.loads(raw.stdout)["agent_statuses"]}
+    assert all(type(r.get("created_at")) is float for r in rows.values()), rows
+    as_json = re.search(r'"created_at": ?([^,}]+)', json.dumps(rows["bob"]))[1]  # type: ignore[index]
+    assert cells(human.stdout, "bob")["created_at"] == as_json, human.stdout
+    pasted = run_hive(hive, "interrupt", "--created-at", as_json, "bob")
+    assert (pasted.returncode, pasted.stdout, pasted.stderr) == (0, "bob: interrupt sent\n", ""), pasted
+    other = run_hive(hive, "interrupt", "--created-at", str(rows["bob"]["created_at"] + 1), "bob")
+    assert other.returncode == 1 and "is not the one acted on" in other.stderr, other
+    on_the_socket = {r["name"]: r for r in ok(hive.host_call("agent_status"))["agent_statuses"]}
+    assert {n: r["created_at"] for n, r in on_the_socket.items()} == {n: r["created_at"] for n, r in rows.items()}
+
+
 # -- hive inbox --------------------------------------------------------------------------
 
 

@@ -15,7 +15,9 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,6 +119,50 @@ def test_no_cgroup_hierarchy_is_said_in_one_line(tmp_path: Path) -> None:
         Cgroup("alice", "hkey", root=root).create(64, 32)
     assert "no cgroup hierarchy under" in str(e.value) and "\n" not in str(e.value), e.value
     assert list(root.iterdir()) == []
+
+
+PF_EXITING = 0x4  # /proc/<pid>/stat's flags: the process has begun to exit
+# Ignores SIGTERM and holds 256 MiB, so its exit (the memory freed) takes a while after
+# the SIGKILL that ends it: long enough to see it begin.
+SLOW_TO_DIE = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+               "b = bytearray(256 << 20); b[::4096] = b'x' * len(b[::4096]); print('ready', flush=True); "
+               "time.sleep(600)")
+
+
+def test_stop_kills_what_joined_the_cgroup_after_its_sigkill_round() -> None:
+    """A stop's SIGKILL round signals the processes it listed. One that entered the
+    cgroup after the listing (a fork as the round went, a process put there by root)
+    was never signalled: the stop waited 5 s and failed ("processes survived
+    SIGKILL"). Here a process joins the moment the round's SIGKILL reached the cage;
+    the stop still ends with the cgroup empty, the late one killed."""
+    cg = Cgroup("late", f"h{os.urandom(6).hex()}")
+    cg.create(512, 64)
+    first = subprocess.Popen([sys.executable, "-c", SLOW_TO_DIE], stdout=subprocess.PIPE, text=True)
+    late = subprocess.Popen(["sleep", "600"])
+    try:
+        cg.join(first.pid)
+        assert first.stdout is not None and first.stdout.readline() == "ready\n"
+
+        def exiting() -> bool:
+            with open(f"/proc/{first.pid}/stat") as f:
+                return bool(int(f.read().rpartition(")")[2].split()[6]) & PF_EXITING)
+
+        def join_late() -> None:
+            while not exiting():
+                pass
+            cg.join(late.pid)
+
+        joiner = threading.Thread(target=join_late, daemon=True)
+        joiner.start()
+        assert cg.kill_all(0.0)
+        joiner.join(10)
+        assert late.wait(10) == -signal.SIGKILL
+        assert cg.pids() == []
+    finally:
+        for p in (first, late):
+            p.kill()
+            p.wait()
+        cg.remove()
 
 
 def test_bare_start_is_refused(tmp_dir: Path) -> None:

@@ -117,7 +117,8 @@ class Webhook(BaseModel):
 
 class NotifySection(BaseModel):
     """``[notify]``: each new question to the operator and each new approval request goes
-    to every webhook (core/notify.py), with a one-use link to the item."""
+    to every webhook (core/notify.py), with a one-use link to the item; so does each limit
+    hit of a cage (one line, linking to the agent's page)."""
 
     model_config = ConfigDict(extra="forbid")
     webhooks: list[Webhook] = Field(default_factory=list, max_length=8)

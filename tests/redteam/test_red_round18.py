@@ -78,9 +78,13 @@ def test_exec_while_the_cage_restarts_in_a_loop_runs_in_the_cage_or_nowhere(hive
     again: every exec is refused in one line or runs in a cage of that agent (its
     hostname, its cgroup, never the host's mount or net namespace); no stop fails with a
     survivor (an exec left in the namespaces of a cage that is gone), and hive-priv still
-    serves afterwards."""
+    serves afterwards. An exec waits for a stop or start under way (it enters under the
+    agent's name lock, session 12): with no moment between a start and the next stop,
+    none would ever find the cage running, so the loop leaves it up after each start
+    until an exec has ended (1 s at most)."""
     host_mnt, host_net = os.readlink("/proc/self/ns/mnt"), os.readlink("/proc/self/ns/net")
     stop = threading.Event()
+    exec_ended = threading.Event()
     errors: list[str] = []
     cycles = [0]
 
@@ -91,6 +95,8 @@ def test_exec_while_the_cage_restarts_in_a_loop_runs_in_the_cage_or_nowhere(hive
                 if not r.get("ok") and "already running" not in str(r.get("error")):
                     errors.append(f"{cmd}: {r.get('error')}")
             cycles[0] += 1
+            exec_ended.wait(1)
+            exec_ended.clear()
 
     t = threading.Thread(target=churn, daemon=True)
     t.start()
@@ -102,6 +108,7 @@ def test_exec_while_the_cage_restarts_in_a_loop_runs_in_the_cage_or_nowhere(hive
             flags = ("--as-agent",) if n % 2 else ()
             p = hive.exec(NAME, "/bin/sh", "-c", WHERE, flags=flags, timeout=60)
             seen.append((p.returncode, p.stdout, p.stderr))
+            exec_ended.set()
             n += 1
     finally:
         stop.set()

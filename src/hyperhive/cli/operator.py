@@ -88,10 +88,11 @@ def host_option(fn: F) -> F:
 
 
 INCARNATION_HELP = (
-    "The agent's incarnation to act on: its created_at, as `hive status --json` shows it"
-    " (swarm_agents). Refused, nothing done, if the agent was destroyed and spawned again"
-    " since. With --host and none given, the one this host's roster shows (the reply's"
-    " created_at, with --json; `destroy` asks about the one it looked up and binds it)."
+    "The agent's incarnation to act on: its created_at, as `hive status` and its --json show"
+    " it (agent_statuses, swarm_agents). Refused, nothing done, if the agent was destroyed"
+    " and spawned again since. With --host and none given, the one this host's roster shows"
+    " (the reply's created_at, with --json; `destroy` asks about the one it looked up and"
+    " binds it)."
 )
 
 
@@ -843,7 +844,7 @@ def _hits(a: dict[str, Any]) -> str:
 def _status_table(rows: list[dict[str, Any]]) -> None:
     table(
         "agents",
-        ["name", "state", "paused", "parent", "reminders", "status", "since"],
+        ["name", "state", "paused", "parent", "reminders", "created_at", "status", "since"],
         (
             [
                 a["name"],
@@ -851,9 +852,11 @@ def _status_table(rows: list[dict[str, Any]]) -> None:
                 _yn(a.get("paused", False)),
                 a.get("parent"),
                 a.get("pending_reminders") or "",
+                _incarnation(a.get("created_at")),
                 a.get("status_text"),
                 when(a.get("status_set_at")),
             ]
             for a in rows
         ),
+        whole={"name", "created_at"},
     )

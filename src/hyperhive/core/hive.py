@@ -253,6 +253,7 @@ class Hive:
             status_text=row.status_text,
             status_set_at=row.status_set_at,
             url=f"http://{self.config.hive.listen}/agent/{row.name}/",
+            created_at=row.created_at,
             **self.limit_watch.counts.get(row.name, {}),
         )
 

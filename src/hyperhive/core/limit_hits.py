@@ -2,8 +2,9 @@
 enforced them and nobody heard). hive-priv's ``status`` gives each cage's counts since its
 cgroup was made (``oom_kills``, ``pids_refused``); the core reads them every
 ``LIMITS_POLL`` seconds and, when one grew, publishes one line on the agent's
-``agent_status`` event (``trouble``), at most once per ``NOTE_INTERVAL`` per agent and
-counter: a fork bomb refused 10,000 times is one line with the total, not 10,000.
+``agent_status`` event (``trouble``; core/notify.py sends it to the operator's webhooks),
+at most once per ``NOTE_INTERVAL`` per agent and counter: a fork bomb refused 10,000 times
+is one line with the total, not 10,000.
 
 Baseline: the first read after the core starts. The counts live in the cgroup, which
 outlives the core (a restart finds its cages running), so what was there then is old news

@@ -1,6 +1,8 @@
 """Notifications (``[notify]`` in hive.toml): each new question to the operator and each
 new approval request goes to the operator's webhooks (ntfy, Matrix, Slack-compatible),
-carrying a one-use link to that item.
+carrying a one-use link to that item; so does each limit hit of a cage (the ``trouble``
+line of the agent's ``agent_status`` event, core/limit_hits.py), one line linking to the
+agent's page.
 
 Fed by the event bus, it never blocks the hive: the bus's listener only puts the item on
 a bounded queue per webhook (memory only; no I/O, no database); a worker task per webhook
@@ -58,17 +60,22 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 CUT = 200  # characters of agent-written text a notification shows, at most
 MAX_BACKOFF = 300.0  # seconds between two attempts, at most
 MATRIX_SEND = "/send/m.room.message"
+# What a digest counts of each kind ("2 question(s), 1 limit hit(s)").
+NOUNS = {"question": "question", "approval": "approval", "limit": "limit hit"}
+# What a Slack message's link opens, by the item's kind.
+LABELS = {"question": "question", "approval": "approval", "limit": "agent", "digest": "digest"}
 
 
 @dataclass(frozen=True, slots=True)
 class Item:
-    """Something that needs the operator: a question or an approval (or a digest of an
-    agent's items that were coalesced, ``id`` 0 and no link)."""
+    """Something that needs the operator: a question or an approval, a limit hit of the
+    agent's cage (``id`` 0, hive-written text, a link to the agent's page), or a digest of
+    an agent's items that were coalesced (``id`` 0, a link to the dashboard)."""
 
-    kind: Literal["question", "approval", "digest"]
+    kind: Literal["question", "approval", "limit", "digest"]
     id: int
     agent: str
-    text: str  # agent-written: the question, the approval's description
+    text: str  # agent-written: the question, the approval's description; a limit's: the hive's
     payload_sha256: str | None = None
     detail: str | None = None  # hive-written: an approval's kind and what it allows/grants
 
@@ -130,6 +137,7 @@ class Notifier:
         if bus is not None:
             bus.listen("question", self.on_event)
             bus.listen("approval", self.on_event)
+            bus.listen("agent_status", self.on_event)  # only those with a limit hit's line
 
     # -- the bus's side: memory only, never raises ------------------------------------
 
@@ -143,6 +151,11 @@ class Notifier:
 
     @staticmethod
     def _item(event: dict[str, Any]) -> Item | None:
+        if event.get("kind") == "agent_status":
+            trouble, agent = event.get("trouble"), event.get("agent") or {}
+            if trouble is None or "name" not in agent:
+                return None  # a start, a stop, a status text: not the operator's to hear of
+            return Item("limit", 0, str(agent["name"]), str(trouble))
         if event.get("kind") == "question":
             q = event.get("question") or {}
             if q.get("to") != OPERATOR or q.get("answer") is not None:
@@ -239,7 +252,9 @@ class Notifier:
                 b.at = now
                 if b.held and b.tokens >= 1:
                     b.tokens -= 1
-                    counts = ", ".join(f"{n} {kind}(s)" for kind, n in sorted(b.held.items()))
+                    counts = ", ".join(
+                        f"{n} {NOUNS.get(kind, kind)}(s)" for kind, n in sorted(b.held.items())
+                    )
                     b.held.clear()
                     self._enqueue(Item("digest", 0, agent, counts))
                 elif not b.held and b.tokens >= self.config.agent_burst:
@@ -262,11 +277,15 @@ class Notifier:
 
     def note(self, item: Item, dropped: int = 0) -> Note:
         """The notification for ``item``, with a fresh one-use link (a digest links to the
-        dashboard itself)."""
+        dashboard itself, a limit hit to the agent's page: nothing there to act on once)."""
         if item.kind == "digest":
             title = f"hive: {item.agent} has more waiting"
             text = f"{item.agent}: {item.text} more (rate-limited, not sent one by one)"
             link = f"{self.base_url}/"
+        elif item.kind == "limit":
+            title = f"hive: {item.agent} hit a limit of its cage"
+            text = cut(item.text)
+            link = f"{self.base_url}/agent/{item.agent}/"
         else:
             token = secrets.token_urlsafe(32)
             target = LinkTarget(item.kind, item.id, item.payload_sha256)
@@ -358,7 +377,7 @@ def request_for(hook: Webhook, note: Note) -> tuple[str, str, dict[str, str], by
     json_headers = {"Content-Type": "application/json"}
     if hook.format == "slack":
         body = {
-            "text": f"{slack_escape(note.text)}\n<{note.link}|open {note.item.kind}>",
+            "text": f"{slack_escape(note.text)}\n<{note.link}|open {LABELS[note.item.kind]}>",
             "unfurl_links": False,
             "unfurl_media": False,
         }

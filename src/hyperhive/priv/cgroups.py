@@ -21,6 +21,10 @@ GROUP = "hive"
 # syscalls whatever the batch (red team round 16's stop of 4,000 processes, hive-priv's
 # CPU: 0.39, 0.63, 0.31 s at 16; 0.64, 0.59, 0.43 s at 256, run alternately).
 PIN_BATCH = 16
+# A stop's SIGKILL rounds: one every KILL_AGAIN seconds while the cage is not empty, for
+# KILL_WAIT seconds in all (what one round had to end the cage in before).
+KILL_AGAIN = 0.5
+KILL_WAIT = 5.0
 # pidfd_open's answers for a pid that names no process now: ESRCH (no such pid), ENOENT
 # (a thread's pid, Linux 6.9 on) or EINVAL (a thread's pid, before).
 NOT_A_PROCESS = frozenset({errno.ESRCH, errno.ENOENT, errno.EINVAL})
@@ -145,15 +149,30 @@ class Cgroup:
         return sorted(out)
 
     def kill_all(self, timeout: float) -> bool:
-        """SIGTERM everything in the cage, then SIGKILL what is left. True if empty."""
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-            self.signal_all(sig)
-            deadline = time.monotonic() + wait
-            while self.pids() and time.monotonic() < deadline:
-                time.sleep(0.02)
-            if not self.pids():
+        """SIGTERM everything in the cage, then SIGKILL what is left, again every
+        KILL_AGAIN seconds while anything is (for KILL_WAIT in all): a round signals the
+        processes it listed, and one that entered the cgroup after that (forked as the
+        round went, or put there by root) was left running and the stop failed.
+        True if empty."""
+        self.signal_all(signal.SIGTERM)
+        if self._emptied(timeout):
+            return True
+        deadline = time.monotonic() + KILL_WAIT
+        while True:
+            self.signal_all(signal.SIGKILL)
+            if self._emptied(min(KILL_AGAIN, deadline - time.monotonic())):
                 return True
-        return not self.pids()
+            if time.monotonic() >= deadline:
+                return False
+
+    def _emptied(self, wait: float) -> bool:
+        """Whether the cgroup is empty within ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        while self.pids():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+        return True
 
     def signal_all(self, sig: int) -> None:
         """Send ``sig`` to every process in the cage, and to no other. Not by pid: the

@@ -89,9 +89,11 @@ def run(
     *,
     tty: tuple[int, int] | None,
     preexec_fn: Callable[[], None],
+    spawned: Callable[[], None] = lambda: None,
 ) -> int:
     """Run argv with the relay between it and the operator's ``fds`` (stdin, stdout,
-    stderr; the caller closes them). Returns the exit status (128 + signal)."""
+    stderr; the caller closes them). ``spawned`` is called once the process is started
+    (``preexec_fn`` has run in it), before the relay. Returns the exit status (128 + signal)."""
     op_in, op_out, op_err = fds
     done = _Done()
     ours: list[_Fd] = []  # our ends, closed at the end whatever happens
@@ -134,6 +136,7 @@ def run(
         finally:
             for fd in set(child):
                 os.close(fd)  # only the exec's processes hold these now: EOF/EIO when they are gone
+        spawned()
         threads = [
             threading.Thread(target=pump, args=(*args, done, proc.kill), daemon=True)
             for pump, args in plan

@@ -18,7 +18,8 @@ A row is a ``Verb``; its columns:
   (0 unless said); any other count is refused before the handler runs, and the
   descriptors are closed.
 - ``locks_name``: the handler runs holding ``Cages.lock(name)``, so two requests
-  about one agent never interleave.
+  about one agent never interleave. ``exec`` has it False and takes the lock itself,
+  only while it enters the cage (see ``exec_``).
 
 A verb missing from the caller's table is refused ("permission denied: <verb> is
 not allowed for <caller>") after the arguments are checked and before its
@@ -27,6 +28,7 @@ descriptors are counted.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import signal
@@ -135,7 +137,15 @@ def status(cages: Cages, req: w.CageStatus, r: Request) -> Reply:
 
 def exec_(cages: Cages, req: w.Exec, r: Request) -> Reply:
     """Run argv in the cage as the agent; the caller's stdin/stdout/stderr stay here
-    and hive-priv relays bytes (exec_relay): none of them ever enters the cage."""
+    and hive-priv relays bytes (exec_relay): none of them ever enters the cage.
+
+    The agent's name lock is held while the exec enters the cage (the init pinned, up
+    to its child in the cage's cgroup), not while it runs: a stop then either comes
+    first (the exec finds no cage) or finds the exec's processes in the cgroup it
+    kills. Without it, a child that joined after the stop had listed the cgroup, while
+    the dying init still counted as running, ran on in the namespaces of a cage that
+    was gone and the stop failed ("processes survived SIGKILL"). Held for the whole
+    exec, an interactive one would keep the agent from being stopped for its length."""
     try:
         if not (req.trust_home or req.as_agent):
             bad = sorted(w.CLEAN_ENV_GUARDED & set(req.env))
@@ -143,29 +153,32 @@ def exec_(cages: Cages, req: w.Exec, r: Request) -> Reply:
                 raise CageError(
                     f"--env {bad[0]} would undo the clean environment; add --trust-home to allow it"
                 )
-        entry = cages.enter(req.name)  # the cage's init pinned, its namespaces and root held
-        try:
-            argv = cages.exec_argv(
-                entry,
-                req.argv,
-                req.env,
-                tty=req.tty is not None,
-                trust_home=req.trust_home,
-                as_agent=req.as_agent,
-            )
-            code = exec_relay.run(
-                argv,
-                r.fds,
-                tty=(req.tty.rows, req.tty.cols) if req.tty else None,
-                # the agent's limits apply from the first instruction; the cage still runs
-                preexec_fn=entry.join,
-            )
-        except subprocess.SubprocessError:  # entry.join raised in the child: nothing ran
-            if not entry.init.running():
-                raise CageError(f"cage {req.name} is not running") from None
-            raise CageError(f"cage {req.name}: the exec could not join the cage") from None
-        finally:
-            entry.close()
+        with contextlib.ExitStack() as entering:
+            entering.enter_context(cages.lock(req.name))
+            entry = cages.enter(req.name)  # the cage's init pinned, its namespaces and root held
+            try:
+                argv = cages.exec_argv(
+                    entry,
+                    req.argv,
+                    req.env,
+                    tty=req.tty is not None,
+                    trust_home=req.trust_home,
+                    as_agent=req.as_agent,
+                )
+                code = exec_relay.run(
+                    argv,
+                    r.fds,
+                    tty=(req.tty.rows, req.tty.cols) if req.tty else None,
+                    # the agent's limits apply from the first instruction; the cage still runs
+                    preexec_fn=entry.join,
+                    spawned=entering.close,  # in the cgroup now: the lock is released
+                )
+            except subprocess.SubprocessError:  # entry.join raised in the child: nothing ran
+                if not entry.init.running():
+                    raise CageError(f"cage {req.name} is not running") from None
+                raise CageError(f"cage {req.name}: the exec could not join the cage") from None
+            finally:
+                entry.close()
     finally:
         # Ours to close, also when refused: a kept copy of the caller's stdout would
         # keep its pipe open, and whoever reads it would wait forever.

@@ -148,6 +148,10 @@ class AgentStatus(BaseModel):
     status_text: str | None = None
     status_set_at: Timestamp | None = None
     url: str | None = None
+    # The agent's incarnation: when its row was created, unix seconds as the store holds
+    # them (as the swarm roster's rows say it). A number, not a Timestamp: it is what
+    # ``created_at`` (``--created-at``) binds a lifecycle verb to, compared exactly.
+    created_at: float | None = None
     # The cage's limit hits since its cgroup was made (hive-priv's ``status``, read by
     # the core every LIMITS_POLL seconds): processes the OOM killer killed, forks its
     # pids limit refused. Absent: not read yet, or no cage.
