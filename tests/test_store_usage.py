@@ -304,3 +304,13 @@ def test_a_migrated_store_keeps_its_counts_and_keeps_them_right(
         assert check(s)["x"] == (5, 6 + 8 + 2 + 3 + 4, 1, 2)
     finally:
         s.close()
+
+
+def test_room_is_made_counting_the_same_transactions_sends(store: Store) -> None:
+    """Two messages to the operator in one transaction (one group commit), a quota of one:
+    the second makes room by dropping the first, which only its own transaction counts."""
+    with store.db.tx() as tx:
+        send_in(tx, ("operator", "x", "message", "first"), (1, 1 << 20))
+        send_in(tx, ("operator", "x", "message", "second"), (1, 1 << 20))
+    assert check(store)["x"] == (1, len("second"), 1, len("second"))
+    assert [m.body for m in store.messages.inbox("operator", 0, 10)] == ["second"]
