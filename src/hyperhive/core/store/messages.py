@@ -24,6 +24,13 @@ _Row = tuple[int, str, str, str, float, "int | None", "str | None", str]
 # a run on an empty inbox, against ~2.4 µs with the index named (SQLite 3.40, measured on
 # a cached statement), and a receiver runs it at least once a message (bench 64 pairs).
 _UNACKED = "messages INDEXED BY messages_unacked"
+# What a row holds of its sender's quota, in bytes (agent_usage): its stored text, read
+# from the generated lengths (no overflow page), the text itself only for a row whose
+# body or options is not text (a store written by hand).
+HELD_BYTES = (
+    "coalesce(body_bytes, length(CAST(body AS BLOB)))"
+    " + coalesce(options_bytes, length(CAST(options AS BLOB)), 0)"
+)
 
 
 def to_message(r: _Row, with_to: bool = False) -> Message:
@@ -125,12 +132,17 @@ def insert_message(
 ) -> Message:
     """Store one message in the caller's transaction."""
     now = time.time()
+    stored = None if options is None else json.dumps(options)
     cur = tx.execute(
         "INSERT INTO messages (recipient, sender, kind, body, ref, options, sent_at)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
         # json.dumps inline, not dump_options: one call fewer per message on the send path
-        (recipient, sender, kind, body, ref, None if options is None else json.dumps(options), now),
+        (recipient, sender, kind, body, ref, stored, now),
     )
+    nbytes = len(body) if body.isascii() else len(body.encode())  # its UTF-8 size
+    if stored is not None:
+        nbytes += len(stored.encode())
+    tx.held(sender, 1, nbytes, recipient == "operator")
     return Message(
         id=int(cur.lastrowid or 0),
         from_=sender,
@@ -157,6 +169,9 @@ def insert_messages(tx: Tx, items: list[MessageItem], now: float) -> int:
         " VALUES (?, ?, 'message', ?, ?)",
         [(it[0], it[1], it[2], now) for it in items],
     )
+    held = tx.held
+    for it in items:
+        held(it[1], 1, it[3], it[0] == "operator")
     return tx.last_insert_rowid()
 
 
@@ -183,29 +198,36 @@ def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
             "UPDATE messages SET acked_at=? WHERE id=? AND recipient=? AND acked_at IS NULL",
             (time.time(), mid, recipient),
         ).rowcount:
+            sender, nbytes = tx.execute(
+                f"SELECT sender, {HELD_BYTES} FROM messages WHERE id=?", (mid,)
+            ).fetchone()
+            tx.held(sender, -1, -nbytes, recipient == "operator")
             return 1
         row = tx.execute("SELECT recipient, acked_at FROM messages WHERE id=?", (mid,)).fetchone()
         if row is None or row[0] != recipient:
             raise NotFound(f"no message {mid} in this inbox")
         return 0  # its own, and acked already (the update above took any other)
     unique = sorted(set(ids))
-    found: dict[int, float | None] = (
-        dict(
-            tx.execute(
-                "SELECT id, acked_at FROM messages WHERE recipient=? AND id IN"
-                f" ({','.join('?' * len(unique))})",
+    found: dict[int, tuple[float | None, str, int]] = (
+        {
+            r[0]: (r[1], r[2], r[3])
+            for r in tx.execute(
+                f"SELECT id, acked_at, sender, {HELD_BYTES} FROM messages WHERE recipient=?"
+                f" AND id IN ({','.join('?' * len(unique))})",
                 (recipient, *unique),
-            ).fetchall()
-        )
+            )
+        }
         if unique
         else {}
     )
     missing = [i for i in unique if i not in found]
     if missing:
         raise NotFound(f"no message {missing[0]} in this inbox")
-    fresh = [i for i in unique if found[i] is None]
+    fresh = [i for i in unique if found[i][0] is None]
     now = time.time()
     tx.executemany("UPDATE messages SET acked_at=? WHERE id=?", [(now, i) for i in fresh])
+    for i in fresh:
+        tx.held(found[i][1], -1, -found[i][2], recipient == "operator")
     return len(fresh)
 
 

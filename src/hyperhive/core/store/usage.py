@@ -1,5 +1,7 @@
-"""What each agent holds in the hive (its storage quota). Triggers keep agent_usage
-right in the same transaction as every change, so a check is one primary-key read."""
+"""What each agent holds in the hive (its storage quota). agent_usage is kept right in
+the same transaction as every change, so a check is one primary-key read: by triggers
+for questions, approvals, reminders and a message's delete, by the code that inserts or
+acks a message for those (``Tx.held``, store/messages.py; schema migration 9)."""
 
 from __future__ import annotations
 
@@ -34,9 +36,10 @@ class UsageRepo:
 
 def make_room(tx: Tx, sender: str, need: int, quota: tuple[int, int]) -> None:
     """Delete ``sender``'s oldest messages to the operator until one more of ``need``
-    bytes fits its quota (or none is left). The triggers keep agent_usage right."""
+    bytes fits its quota (or none is left). The delete trigger keeps agent_usage right."""
     max_rows, max_bytes = quota
     while True:
+        tx.flush_usage()  # this transaction's counts so far, before reading them
         row = tx.execute(
             "SELECT pending, bytes FROM agent_usage WHERE agent=?", (sender,)
         ).fetchone()
