@@ -297,3 +297,15 @@ def quota_usage(core: CoreProcess, agent: str) -> tuple[int, int]:
         return (0, 0) if row is None else (row[0], row[1])
     finally:
         db.close()
+
+
+def store_at_version(path: Path, version: int) -> None:
+    """A store at ``path`` made by the first ``version`` migrations only: an older hive's
+    database, for the migrations' tests."""
+    from hyperhive.core.store.schema import MIGRATIONS, apply_migration
+
+    db = sqlite3.connect(path, isolation_level=None)
+    for n, migration in enumerate(MIGRATIONS[:version], start=1):
+        apply_migration(db, migration)
+        db.execute(f"PRAGMA user_version={n}")
+    db.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import store_at_version
 from hyperhive.core import approvals as kinds
 from hyperhive.core.refusals import Conflict, NotFound
 from hyperhive.core.store import AgentRow, ApplyError, ApprovalTx, Store, StoreError, Usage
@@ -237,25 +238,15 @@ def test_an_apply_error_of_egress_kind(store: Store) -> None:
 def test_a_hive_db_of_every_earlier_version_opens(tmp_path: Path) -> None:
     for version in range(len(MIGRATIONS) + 1):
         path = tmp_path / f"v{version}.db"
-        Store(path).close() if version == len(MIGRATIONS) else _old(path, version)
+        Store(path).close() if version == len(MIGRATIONS) else store_at_version(path, version)
         s = Store(path)
         assert s.schema_version == len(MIGRATIONS)
         s.close()
 
 
-def _old(path: Path, version: int) -> None:
-    from hyperhive.core.store.schema import apply_migration
-
-    db = sqlite3.connect(path, isolation_level=None)
-    for n, migration in enumerate(MIGRATIONS[:version], start=1):
-        apply_migration(db, migration)
-        db.execute(f"PRAGMA user_version={n}")
-    db.close()
-
-
 def test_migration_6_keeps_rows_ids_and_triggers_and_puts_summaries_first(tmp_path: Path) -> None:
     path = tmp_path / "v5.db"
-    _old(path, 5)
+    store_at_version(path, 5)
     db = sqlite3.connect(path, isolation_level=None)
     long = "é" * 3000  # 6000 bytes: cut in listings
     db.execute("INSERT INTO messages (recipient, sender, kind, body, sent_at) VALUES ('bob', 'alice', 'message', ?, 1)", (long,))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import store_at_version
 from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import Store, StoreError
@@ -27,7 +28,6 @@ from hyperhive.core.store.messages import (
     insert_messages,
     send_in,
 )
-from hyperhive.core.store.schema import MIGRATIONS, apply_migration
 from hyperhive.wire.common import AgentSpec
 
 SPEC = AgentSpec.model_validate({"runtime": "command", "command": ["true"]})
@@ -264,14 +264,6 @@ def test_a_random_mix_of_every_path(store: Store) -> None:
         check(store)
 
 
-def _old(path: Path, version: int) -> None:
-    db = sqlite3.connect(path, isolation_level=None)
-    for n, migration in enumerate(MIGRATIONS[:version], start=1):
-        apply_migration(db, migration)
-        db.execute(f"PRAGMA user_version={n}")
-    db.close()
-
-
 @pytest.mark.parametrize("version", [5, 8])
 def test_a_migrated_store_keeps_its_counts_and_keeps_them_right(
     tmp_path: Path, version: int
@@ -279,7 +271,7 @@ def test_a_migrated_store_keeps_its_counts_and_keeps_them_right(
     """A store of before (counted by its triggers) opens with its counts as they were, and
     every later change keeps them right."""
     path = tmp_path / "old.db"
-    _old(path, version)
+    store_at_version(path, version)
     db = sqlite3.connect(path, isolation_level=None)
     for i in range(5):
         db.execute(
