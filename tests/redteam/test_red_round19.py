@@ -33,7 +33,7 @@ from helpers import CoreProcess, assert_ok, wait_for
 from hyperhive.cage import init as cage_init
 from hyperhive.cage import layout
 
-from .conftest import MAX_CORE_LATENCY
+from .conftest import MAX_CORE_LATENCY, cage_run
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -609,3 +609,89 @@ def test_held_names_max_is_an_integer_within_its_bounds_whatever_toml_gives(tmp_
     max_agents = LimitsSection.model_fields["max_agents"].metadata
     most = max(m.le for m in max_agents if getattr(m, "le", None) is not None)
     assert most + HELD_MAX <= subjects.ROSTER_HOST_KEYS
+
+
+# -- from inside a cage: the runtime's gone connections and its harness -----------------
+
+CAPPED, CAP_OTHER = "r19cap", "r19oth"
+
+
+@pytest.fixture(scope="module")
+def capped_hive() -> Iterator[Any]:
+    from hive_fixture import HiveProcess, running_hive
+
+    yield from running_hive(HiveProcess({
+        CAPPED: {"runtime": "command", "command": ["true"]},
+        CAP_OTHER: {"runtime": "command", "command": ["true"]},
+    }))
+
+
+# The runtime's uid at its cap: 32 recv waits, each with as many whoami lines after it as
+# the core takes, all closed; then what a new connection of its own gets.
+FILL_THE_CAP = """
+import socket, time
+line = b'{"cmd":"whoami"}\\n'
+cheap = line * ((3 << 20) // len(line))
+opened, left = 0, 0
+socks = []
+for _ in range(32):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(AGENT_SOCK)
+        s.sendall(b'{"cmd":"recv","wait":3600}\\n')
+    except OSError:
+        s.close()
+        continue
+    s.setblocking(False)
+    sent = idle = 0
+    while sent < len(cheap) and idle < 10:
+        try:
+            sent += s.send(cheap[sent:sent + 65536])
+            idle = 0
+        except BlockingIOError:
+            idle += 1
+            time.sleep(0.02)
+    left += sent
+    opened += 1
+    socks.append(s)
+for s in socks:
+    s.close()
+time.sleep(1)
+try:
+    own = call({"cmd": "whoami"})
+except OSError as e:
+    own = {"error": errname(e)}
+result(opened=opened, left=left, own=own)
+"""
+
+
+@pytest.mark.attack("budget.core-descriptors",
+                    ref="session 12 _hang_up: a gone connection's lines hold the runtime's cap; the harness's own")
+def test_the_runtimes_gone_connections_at_its_cap_leave_its_harness_served(capped_hive: Any) -> None:
+    """From inside the cage, the runtime's uid fills its 32 connections with closed recv
+    waits, each with 3 MiB of ``whoami`` after the recv line (taken after the close at the
+    runtime's pace, replies to nobody: they keep its connections for minutes). Its
+    harness is another uid, with its own cap and its own pacer: an operator's message
+    to the agent is still taken as a turn (its transcript grows) within 30 s, and the
+    other agent is served at once meanwhile. Figures: what the runtime's own next
+    connection got."""
+    hive = capped_hive
+
+    def entries() -> int:
+        reply = hive.host_call("transcript", name=CAPPED, limit=5000)
+        assert reply.get("ok"), reply
+        return len(reply.get("entries") or reply.get("transcript") or [])
+
+    assert hive.host_call("send", to=CAPPED, body="r19 before").get("ok")
+    wait_for(lambda: entries() > 0, timeout=60, interval=0.5)
+    before = entries()
+    out = cage_run(hive, CAPPED, FILL_THE_CAP, timeout=120)
+    print(f"the runtime's 32 gone connections with {out['left'] / 2**20:.1f} MiB left: its own next one got {out['own']}")
+    assert out["opened"] == 32, out
+    t0 = time.monotonic()
+    assert hive.host_call("send", to=CAPPED, body="r19 after").get("ok")
+    wait_for(lambda: entries() > before, timeout=30, interval=0.5)
+    print(f"the harness took the operator's message as a turn after {time.monotonic() - t0:.1f} s")
+    t1 = time.monotonic()
+    assert hive.agent_call(CAP_OTHER, "whoami").get("name") == CAP_OTHER
+    assert time.monotonic() - t1 < MAX_CORE_LATENCY
