@@ -143,9 +143,12 @@ def bench_egress(ctx: Context) -> list[Row]:
                 raise RuntimeError(f"the direct client is not in the cage: {who}")
             url = f"http://{SERVER_ADDRESS}"
             direct, proxied = [], []
+            core, core_cpu = _core_pid(hive), 0.0
             for _ in range(rounds):  # interleaved, so drift hits both alike
                 direct.append(_curl_mb_s(direct_from_cage, url, mib, "--noproxy", "*"))
+                cpu0 = _cpu_seconds(core)
                 proxied.append(_curl_mb_s(in_cage, url, mib))
+                core_cpu += _cpu_seconds(core) - cpu0
             lat: dict[str, list[float]] = {}
             for mode, prefix in (
                 ("direct", [*direct_from_cage, "python3"]),
@@ -174,6 +177,13 @@ def bench_egress(ctx: Context) -> list[Row]:
         ),
         Row(section, f"through the proxy from a cage, median of {rounds}", p50, "MB/s"),
         Row(section, "proxied ÷ direct throughput", 100 * p50 / d50, "%", Target(">=", 50)),
+        # What the proxy spends on it, which other load on the machine changes less.
+        Row(
+            section,
+            "hive-core CPU per GiB relayed, plain HTTP",
+            core_cpu / (rounds * mib / 1024),
+            "s/GiB",
+        ),
         Row(
             section,
             f"small GET p50 direct / proxied ({n} requests)",

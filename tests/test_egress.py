@@ -43,14 +43,44 @@ AGENTS: dict[str, dict[str, Any]] = {
 
 # One line says what the connection is for. "sum": read to the end of stream (the
 # client's half-close), answer with the count and sha256, then 8 MiB of a known pattern,
-# then close. "flood": send until the peer goes away, then close.
+# then close. "flood": send until the peer goes away, then close. A plain-HTTP GET (the
+# proxy's forwarded head) for a body that goes wrong: "/cut" announces 4 MiB, sends 1 MiB
+# and closes; "/long" announces 1000 bytes and sends 3 MiB; "/stall" announces 4 MiB,
+# sends 1 MiB and then waits, reading, until the proxy ends its side ("/stalled" then
+# says how that went: the bytes it read after the head, and whether the end came).
 STREAM_SERVER = r"""
 import hashlib, socket, sys, threading
+MIB = bytes(range(256)) * 4096
+stalled = {}
+def http(c, f, line):
+    while f.readline() not in (b"\r\n", b""):
+        pass
+    path = line.split()[1].decode()
+    if path == "/stalled":
+        body = repr(stalled).encode()
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return
+    length = 1000 if path == "/long" else 4 << 20
+    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % length)
+    c.sendall(MIB * (3 if path == "/long" else 1))
+    if path == "/stall":
+        stalled["state"] = "stalling"
+        n = 0
+        c.settimeout(60)
+        try:
+            while chunk := c.recv(65536):
+                n += len(chunk)
+            stalled["state"] = "ended"
+        except OSError as e:
+            stalled["state"] = "error " + type(e).__name__
+        stalled["read"] = n
 def serve(c):
     with c:
         f = c.makefile("rb")
         mode = f.readline().strip()
-        if mode == b"sum":
+        if mode.startswith(b"GET "):
+            http(c, f, mode)
+        elif mode == b"sum":
             h, n = hashlib.sha256(), 0
             while chunk := f.read1(1 << 16):
                 h.update(chunk); n += len(chunk)
@@ -90,6 +120,12 @@ def curl(hive: HiveProcess, name: str, *args: str) -> tuple[int, str, str]:
     proc = hive.exec(name, "curl", "-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}", *args, timeout=60)
     body, _, code = proc.stdout.rpartition("\n")
     return int(code or 0), body.rstrip("\n"), proc.stderr
+
+
+def core_fds(hive: HiveProcess) -> int:
+    pid = hive.core_pid()
+    assert pid is not None
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def log_entries(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
@@ -179,6 +215,85 @@ result(ok=True)
                10, "the flooded tunnel's close to be logged")
     closed = next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])
     assert closed["bytes_up"] == len(b"flood\n") and closed["bytes_down"] > 0
+
+
+PLAIN_GET = """
+def get(path, timeout=30):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=timeout)
+    s.sendall(("GET http://%s%s HTTP/1.1\\r\\nHost: %s\\r\\n\\r\\n" % (P["target"], path, P["target"])).encode())
+    return s
+def read_all(s):
+    got = b""
+    while chunk := s.recv(1 << 20):
+        got += chunk
+    return got
+HEAD_LEN = len(b"HTTP/1.1 200 OK\\r\\nContent-Length: 4194304\\r\\n\\r\\n")
+MIB = bytes(range(256)) * 4096
+"""
+
+
+def _closed_entry(hive: HiveProcess, before: set[int]) -> dict[str, Any]:
+    entry = next(e for e in log_entries(hive, "egal") if e["id"] not in before and e["host"] == STREAM)
+    wait_until(lambda: next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])["closed_at"],
+               15, "the connection's close to be logged")
+    return next(e for e in log_entries(hive, "egal") if e["id"] == entry["id"])
+
+
+def test_an_answer_cut_short_upstream_ends_at_the_cage_with_what_came(hive: HiveProcess) -> None:
+    """The server announces 4 MiB, sends 1 MiB and closes: the cage gets that 1 MiB and
+    then the end (not a hang), and the log counts exactly what came."""
+    before = {e["id"] for e in log_entries(hive, "egal")}
+    res = probe_result(hive.probe("egal", PLAIN_GET + """
+got = read_all(get("/cut"))
+result(n=len(got), body_ok=got[HEAD_LEN:] == MIB, head=got[:HEAD_LEN].decode())
+""", target=f"{STREAM}:8080"))
+    assert res["head"].startswith("HTTP/1.1 200") and res["body_ok"], res
+    closed = _closed_entry(hive, before)
+    assert closed["bytes_down"] == res["n"] == len("HTTP/1.1 200 OK\r\nContent-Length: 4194304\r\n\r\n") + (1 << 20)
+
+
+def test_a_body_longer_than_its_content_length_is_relayed_as_bytes_and_counted(hive: HiveProcess) -> None:
+    """A plain-HTTP answer is not parsed past the request: 3 MiB behind a Content-Length
+    of 1000 reach the cage byte for byte, and the log counts every one."""
+    before = {e["id"] for e in log_entries(hive, "egal")}
+    res = probe_result(hive.probe("egal", PLAIN_GET + """
+got = read_all(get("/long"))
+head, _, body = got.partition(b"\\r\\n\\r\\n")
+result(n=len(got), head=head.decode(), body_ok=body == MIB * 3)
+""", target=f"{STREAM}:8080"))
+    assert "Content-Length: 1000" in res["head"] and res["body_ok"], res
+    assert _closed_entry(hive, before)["bytes_down"] == res["n"]
+
+
+def test_an_upstream_that_stalls_mid_body_is_ended_when_the_cage_gives_up(hive: HiveProcess) -> None:
+    """The server sends 1 MiB of 4 and stalls, the connection open: the cage has that
+    1 MiB (nothing held back in the relay's pipe), gives up and closes. The proxy passes
+    the end on upstream (the server reads its end of stream), the server closes, and the
+    connection ends: logged with exactly what came, no descriptor of it left."""
+    fds = core_fds(hive)
+    before = {e["id"] for e in log_entries(hive, "egal")}
+    res = probe_result(hive.probe("egal", PLAIN_GET + """
+s = get("/stall")
+got = b""
+while len(got) < HEAD_LEN + len(MIB):
+    chunk = s.recv(1 << 20)
+    assert chunk, "ended early"
+    got += chunk
+s.settimeout(1.0)
+try:
+    more = s.recv(1 << 20)
+    stalled = False
+except TimeoutError:
+    stalled = True
+s.close()
+result(n=len(got), stalled=stalled, body_ok=got[HEAD_LEN:] == MIB)
+""", target=f"{STREAM}:8080"))
+    assert res["stalled"] and res["body_ok"], res
+    closed = _closed_entry(hive, before)
+    assert closed["bytes_down"] == res["n"]
+    code, body, _ = curl(hive, "egal", f"http://{STREAM}:8080/stalled")
+    assert code == 200 and "'state': 'ended'" in body and "'read': 0" in body, body
+    wait_until(lambda: core_fds(hive) <= fds, 10, "the core's descriptors back to where they were")
 
 
 def test_a_cidr_rule_allows_addresses_in_it_on_its_port_only(hive: HiveProcess) -> None:

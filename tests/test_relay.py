@@ -139,3 +139,42 @@ def test_a_cage_that_never_reads_holds_the_tunnel_only_until_it_goes(tunnel: Tun
     flooder.join(10)
     assert not flooder.is_alive()
     assert up == 0 and down > 0
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_the_pipes_are_closed_when_the_tunnel_ends() -> None:
+    """Each direction splices through a pipe of its own (two descriptors): both are
+    closed with the relay's end, whichever side ended it."""
+    before = _fds()
+    t = Tunnel()
+    t.cage.sendall(b"x" * (1 << 20))  # past PIPE_GROW: the pipe grows
+    t.cage.shutdown(socket.SHUT_WR)
+    t.upstream.settimeout(5)
+    assert len(_read_all(t.upstream)) == 1 << 20
+    t.upstream.close()
+    assert t.join() == (1 << 20, 0)
+    t.close()
+    assert _fds() == before
+
+
+def test_without_a_pipe_a_direction_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No pipe to be had (descriptors short, or the user past its pipe pages): the same
+    bytes through the copying pump."""
+    from hyperhive import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "_pipe", lambda: None)
+    t = Tunnel()
+    up, down = os.urandom(BUFFER_MAX + 3), os.urandom(3 * BUFFER_START + 1)
+    t.cage.sendall(up)
+    t.cage.shutdown(socket.SHUT_WR)
+    t.upstream.settimeout(5)
+    assert _read_all(t.upstream) == up
+    t.upstream.sendall(down)
+    t.upstream.shutdown(socket.SHUT_WR)
+    t.cage.settimeout(5)
+    assert _read_all(t.cage) == down
+    assert t.join() == (len(up), len(down))
+    t.close()

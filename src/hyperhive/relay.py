@@ -1,21 +1,24 @@
-"""Copying bytes between two connected sockets, both ways, until both sides
-end, for the egress proxy (hive-core); and the handover byte the cage's bridge
+"""Moving bytes between two connected sockets, both ways, until both sides end,
+for the egress proxy (hive-core); and the handover byte the cage's bridge
 (harness) sends it. Standard library only.
 
-Bytes move with ``recv_into`` a buffer of the direction's own and ``send`` from
-it; both release the GIL while they wait or copy. It was ``splice(2)`` through a
-pipe (no copy in userspace) until measured end to end (session 9, bench/egress.py
-and a loopback model of it): the proxy's own CPU per GiB was lower with splice
-(0.2 s against 0.4 s) but the cage's client spent 0.35 s/GiB more receiving the
-spliced pages (still referenced from the upstream socket's page fragments, so the
-sender allocates new ones and the receiver frees them), and the three together
-used about 10 % more CPU than with the copy: on a machine whose cores the server,
-the proxy and the client share, that CPU is the throughput. A copy also needs no
-pipe: two descriptors a tunnel, not six (core/budget.py).
+Bytes move with ``splice(2)`` through a pipe a direction: the kernel moves page
+references from one socket to the pipe and on to the other, with no copy into
+userspace and back. Session 9 chose a copy (``recv_into`` a buffer, ``send``
+from it) over splice: then the cage's client spent more receiving spliced pages
+than the proxy saved. Session 12 measured again on this machine (kernel 6.x,
+docs/performance.md, "Egress: splice again"): hive-core's CPU per GiB relayed
+fell from 0.31–0.39 to 0.13–0.16 s (plain HTTP) while curl's rose from 0.24–0.29
+to 0.31–0.39, the three parties together ~10 % less, and plain HTTP through the
+proxy moved 1,978 against 1,754 MB/s (medians of four alternate runs). The copy
+(``pump``) stays for a direction whose pipe can't be had: descriptors short, or
+the core's user past ``fs/pipe-user-pages-soft``, whose new pipes hold two pages.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import threading
 
@@ -66,16 +69,89 @@ def pump(src: socket.socket, dst: socket.socket) -> int:
     return moved
 
 
+# A direction's pipe starts at the kernel's default (16 pages: the user's soft limit
+# counts them, fs/pipe-user-pages-soft) and grows to PIPE_MAX once a read brings
+# PIPE_GROW or more (a bulk transfer): then up to 1 MiB moves a wake-up, as the copy's
+# buffer did. A pipe holds pages only between a read and its write: the write drains
+# it before the next read, so an idle tunnel pins none.
+PIPE_MAX = 1 << 20
+PIPE_GROW = 16 * 1024
+PIPE_MIN = 16 * 4096  # a smaller new pipe: past the soft limit, where splicing 2 pages a call loses
+
+
+def _pipe() -> tuple[int, int] | None:
+    """A pipe for one direction (read end, write end), or None (then it copies)."""
+    try:
+        r, w = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return None
+    if fcntl.fcntl(w, fcntl.F_GETPIPE_SZ) < PIPE_MIN:
+        os.close(r)
+        os.close(w)
+        return None
+    return r, w
+
+
+def splice_pump(src: socket.socket, dst: socket.socket, pipe: tuple[int, int]) -> int:
+    """``pump``, through ``pipe`` (closed here) with splice(2): no copy in userspace.
+    The same ends: src's end of stream, or an error either side, ends it and shuts
+    down dst's sending side; each read is written whole before the next."""
+    r, w = pipe
+    moved = 0
+    size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
+    s, d = src.fileno(), dst.fileno()
+    try:
+        while True:
+            try:
+                n = os.splice(s, w, size, flags=os.SPLICE_F_MOVE)
+            except OSError:
+                break
+            if n == 0:
+                break
+            while n:
+                try:
+                    sent = os.splice(r, d, n, flags=os.SPLICE_F_MOVE)
+                except OSError:
+                    return moved
+                n -= sent
+                moved += sent
+            if n == 0 and size < PIPE_MAX and moved >= PIPE_GROW:
+                try:
+                    size = fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_MAX)
+                except OSError:  # EPERM past the user's soft limit: it stays as it is
+                    size = PIPE_MAX  # (asked once)
+    finally:
+        os.close(r)
+        os.close(w)
+        try:
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+    return moved
+
+
+def _direction(src: socket.socket, dst: socket.socket, pipe: tuple[int, int] | None) -> int:
+    return pump(src, dst) if pipe is None else splice_pump(src, dst, pipe)
+
+
 def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
     """Both directions at once (one in a helper thread); returns (a->b, b->a) bytes.
-    Both sockets must be blocking. Closes neither."""
+    Both sockets must be blocking. Closes neither (the pipes, yes)."""
     up: list[int] = [0]
+    pipes = (_pipe(), _pipe())
 
     def upstream() -> None:
-        up[0] = pump(a, b)
+        up[0] = _direction(a, b, pipes[0])
 
-    t = threading.Thread(target=upstream, daemon=True)
-    t.start()
-    down = pump(b, a)
+    try:
+        t = threading.Thread(target=upstream, daemon=True)
+        t.start()
+    except BaseException:
+        for p in pipes:
+            if p is not None:
+                os.close(p[0])
+                os.close(p[1])
+        raise
+    down = _direction(b, a, pipes[1])
     t.join()
     return up[0], down

@@ -5,8 +5,8 @@ Every agent costs hive-core file descriptors and threads that the agent decides
 to spend: connections to its ``agent.sock`` (one descriptor each, per uid:
 the runtime's and the harness's) and egress tunnels (six descriptors each, a
 bound: at most five at once while a handover is received, the connection and
-up to four descriptors with it, the extras closed at once; two, the client and
-the upstream, while bytes are relayed; and two threads). Without a
+up to four descriptors with it, the extras closed at once; six while bytes are
+relayed, the client, the upstream and a pipe each way; and two threads). Without a
 budget a few agents could use up the core's ``RLIMIT_NOFILE`` (systemd's
 default soft limit is 1024) and nobody, the operator included, could connect.
 
@@ -43,7 +43,8 @@ from hyperhive.core.egress_pool import pool_size
 
 LISTENERS_PER_AGENT = 2  # agent.sock and egress.sock
 UIDS_PER_AGENT = 2  # the runtime's and the harness's; each has its own agent.sock cap
-FDS_PER_TUNNEL = 6  # at most 5 at once (egress.sock's connection + recv_fds' 4), 2 relaying
+FDS_PER_TUNNEL = 6  # at most 5 at once (egress.sock's connection + recv_fds' 4), 6 relaying
+# (its two sockets and a pipe each way: hyperhive.relay splices)
 THREADS_PER_TUNNEL = 2  # one per direction
 # Egress connections accepted beyond max_connections whose thread is refusing them (403,
 # 503): one descriptor each, at most this many per agent at once (core/egress.py).
