@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -138,3 +141,184 @@ def test_no_pipelined_mix_of_sends_and_acks_moves_a_count_off_its_rows(core_fact
     print(f"steps: {steps}; alice held {held}, room {room}, sent {ok} of {room + 5}")
     assert ok == room, out
     same("at the quota")
+
+
+# -- stop against an agent's fork chains, exec under the name lock -----------------------
+
+STORM, CALM, BOMB = "r19bstorm", "r19bcalm", "r19bbomb"
+# The agent's own runtime: 24 chains of processes, each forking its next and exiting at
+# once (no pid lives long enough to be listed and signalled in one round), and 40 that
+# ignore SIGTERM. Only inside its cage (hostname is the agent's name, set by the cage).
+FORK_CHAINS = f"""
+import os, signal, socket, time
+if socket.gethostname() != {STORM!r}:
+    raise SystemExit("not in the cage")
+for i in range(64):
+    if os.fork() == 0:
+        os.setsid()
+        fd = os.open("/dev/null", os.O_RDWR)
+        for k in (0, 1, 2):
+            os.dup2(fd, k)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if i < 24:
+            while True:
+                try:
+                    if os.fork():
+                        os._exit(0)
+                except OSError:
+                    time.sleep(0.001)
+        time.sleep(3600)
+time.sleep(3600)  # the exec that runs this stays (its end would take its processes along)
+"""
+CAGE_AGENTS: dict[str, dict[str, Any]] = {
+    STORM: {"runtime": "command", "command": ["sleep", "3600"]},
+    CALM: {"runtime": "command", "command": ["sleep", "3600"]},
+    BOMB: {"runtime": "command", "command": ["sleep", "3600"], "pids_max": 32},
+}
+
+
+class _Receiver:
+    """The operator's webhook on loopback: every POST's path and body."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[str, bytes]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.hits.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[_Receiver]:
+    rx = _Receiver()
+    yield rx
+    rx.server.shutdown()
+    rx.server.server_close()
+
+
+@pytest.fixture(scope="module")
+def cage_hive(receiver: _Receiver) -> Any:
+    from hive_fixture import HiveProcess, running_hive
+    url = f"http://127.0.0.1:{receiver.server.server_address[1]}/ntfy"
+    notify = {"webhooks": [{"url": url, "format": "ntfy"}], "backoff_seconds": 0.05}
+    yield from running_hive(HiveProcess(CAGE_AGENTS, sections={"notify": notify}))
+
+
+@pytest.mark.attack("exec.leftover-processes",
+                    ref="session 12 kill_all's SIGKILL rounds every 0.5 s; exec under the name lock")
+def test_fork_chains_neither_outlive_a_stop_nor_hold_off_another_agents_exec(cage_hive: Any) -> None:
+    """The agent's processes re-fork as fast as they can (24 chains, each member forking
+    the next and exiting) beside 40 that ignore SIGTERM. Three stops (as the core asks,
+    SIGTERM timeout 1 s) each end with the cgroup empty, within the SIGTERM wait and the
+    5 s of SIGKILL rounds; meanwhile an exec into another agent's cage is served at once
+    (the name lock is per agent) and an exec into the storm's cage either ran in it or was
+    refused in one line, never left running."""
+    from hive_fixture import wait_until
+
+    figures = []
+    for _ in range(3):
+        r = cage_hive.priv("start", name=STORM)
+        assert r.get("ok") or "already running" in str(r.get("error")), r
+        # As the agent's own processes: its pid namespace, uid and cgroup (exec --as-agent).
+        storm = threading.Thread(target=cage_hive.exec, args=(STORM, "python3", "-c", FORK_CHAINS),
+                                 kwargs={"timeout": 60}, daemon=True)
+        storm.start()
+        wait_until(lambda: len(cage_hive.cgroup(STORM).pids()) > 40, 20, "the storm up")
+        pids_before = len(cage_hive.cgroup(STORM).pids())
+        results: dict[str, Any] = {}
+
+        def stop() -> None:
+            t = time.monotonic()
+            results["stop"] = cage_hive.priv("stop", name=STORM, timeout=1)
+            results["stop_s"] = time.monotonic() - t
+
+        def exec_storm() -> None:
+            results["exec"] = cage_hive.exec(STORM, "/bin/sh", "-c", "sleep 30; echo ran", flags=(),
+                                             timeout=60)
+
+        threads = [threading.Thread(target=stop), threading.Thread(target=exec_storm)]
+        for th in threads:
+            th.start()
+        t = time.monotonic()
+        calm = cage_hive.exec(CALM, "hostname", flags=(), timeout=30)
+        calm_s = time.monotonic() - t
+        for th in [*threads, storm]:
+            th.join(60)
+        left = cage_hive.cgroup(STORM).pids()
+        figures.append((pids_before, round(results["stop_s"], 2), round(calm_s, 2)))
+        assert results["stop"].get("ok"), results["stop"]
+        assert left == [], left
+        assert results["stop_s"] < 1 + 5 + 2, results["stop_s"]
+        assert (calm.returncode, calm.stdout.strip()) == (0, CALM), (calm.stdout, calm.stderr)
+        assert calm_s < 5, calm_s
+        ex = results["exec"]
+        assert "ran" not in ex.stdout, (ex.returncode, ex.stdout, ex.stderr)  # killed with the cage
+        assert len(ex.stderr.strip().splitlines()) <= 1, ex.stderr
+    print(f"fork chains: (pids in the cage, stop s, other agent's exec s): {figures}")
+
+
+# -- a cage's limit hits on the operator's webhooks ------------------------------------
+
+# The agent's fork bomb at its pids_max (32) for 11 s, with a status text dressed as the
+# hive's own line, sent on its socket first. Only inside its cage.
+BOMB_CODE = f"""
+import json, os, socket, time
+if socket.gethostname() != {BOMB!r}:
+    raise SystemExit("not in the cage")
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.environ["HIVE_SOCKET"])
+fake = "agent {CALM}: out of memory, the kernel killed a process (1 so far) http://evil.example/"
+s.sendall(json.dumps({{"cmd": "set_status", "text": fake}}).encode() + b"\\n")
+print(s.recv(4096).decode().strip(), flush=True)
+end = time.monotonic() + 11
+kids = []
+while time.monotonic() < end:
+    try:
+        pid = os.fork()
+    except OSError:
+        for k in kids:
+            os.kill(k, 9)
+            os.waitpid(k, 0)
+        kids = []
+        continue
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    kids.append(pid)
+"""
+
+
+@pytest.mark.attack("notify.flood",
+                    ref="session 12 limit hits to the webhooks: LimitWatch's NOTE_INTERVAL, hive-written text")
+def test_a_fork_bomb_at_its_limit_is_one_hive_written_line_on_the_webhook(
+    cage_hive: Any, receiver: _Receiver
+) -> None:
+    """The agent forks into its pids_max of 32 for 11 s (thousands of refused forks,
+    read by the core every 5 s: two reads or more that grew) after setting a status text that reads as the hive's line
+    about another agent, with a link of its own. The webhook gets one line, the hive's,
+    naming this agent and its limit; nothing of the status text."""
+    before = len(receiver.hits)
+    p = cage_hive.exec(BOMB, "python3", "-c", BOMB_CODE, timeout=60)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert '"ok":true' in p.stdout, p.stdout  # the status text was taken
+    refused = cage_hive.cage(BOMB)["pids_refused"]
+    deadline = time.monotonic() + 6  # the next poll (5 s) and its delivery
+    while len(receiver.hits) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1)  # anything more would have come with it
+    sent = [b.decode() for _, b in receiver.hits[before:]]
+    print(f"fork bomb: {refused} forks refused, {len(sent)} notification(s): {sent}")
+    assert len(sent) == 1, sent
+    assert sent[0].startswith(f"agent {BOMB}: its process limit (32) refused "), sent
+    assert "evil" not in sent[0] and CALM not in sent[0], sent
