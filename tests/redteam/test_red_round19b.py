@@ -8,6 +8,7 @@ See docs/security.md's rounds table (red team round 19b).
 
 from __future__ import annotations
 
+import itertools
 import json
 import socket
 import sqlite3
@@ -20,8 +21,7 @@ from typing import Any
 import pytest
 
 from helpers import CoreProcess, assert_ok
-from hyperhive.core.limit_hits import NOTE_INTERVAL, LimitWatch, describe
-from hyperhive.core.notify import Notifier
+from hyperhive.core.limit_hits import LIMITS_POLL, NOTE_INTERVAL, LimitWatch
 
 # -- agent_usage against the rows: a hostile agent's every byte on its socket ------------
 
@@ -40,8 +40,13 @@ def _drift(core: CoreProcess) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what agent_usage says, what a SUM over the rows says), agents holding anything."""
     db = sqlite3.connect(f"file:{core.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=10)
     try:
-        counted = {r[0]: tuple(r[1:]) for r in db.execute(
-            "SELECT agent, pending, bytes, op_pending, op_bytes FROM agent_usage") if any(r[1:])}
+        counted = {
+            r[0]: tuple(r[1:])
+            for r in db.execute(
+                "SELECT agent, pending, bytes, op_pending, op_bytes FROM agent_usage"
+            )
+            if any(r[1:])
+        }
         summed = {r[0]: tuple(r[1:]) for r in db.execute(_SUM)}
     finally:
         db.close()
@@ -73,8 +78,10 @@ def _inbox(core: CoreProcess, name: str) -> list[int]:
         return [m["id"] for m in assert_ok(c.call("recv", wait=0, max=1000))["messages"]]
 
 
-@pytest.mark.attack("budget.store",
-                    ref="session 12 Tx.held: every pipelined path bob and alice can take, then kill -9")
+@pytest.mark.attack(
+    "budget.store",
+    ref="session 12 Tx.held: every pipelined path bob and alice can take, then kill -9",
+)
 def test_no_pipelined_mix_of_sends_and_acks_moves_a_count_off_its_rows(core_factory: Any) -> None:
     """bob (pending quota 20) and alice pipeline, each in one write so one group commit
     takes many: sends to each other and to the operator (making room), acks of the other's
@@ -91,17 +98,23 @@ def test_no_pipelined_mix_of_sends_and_acks_moves_a_count_off_its_rows(core_fact
         assert counted == summed, (step, counted, summed)
 
     # Sends, and acks racing them in one write.
-    out = _raw(core, "bob", b"".join(_line({"cmd": "send", "to": "alice", "body": f"é{j}"})
-                                     for j in range(8)), 8)
+    out = _raw(
+        core,
+        "bob",
+        b"".join(_line({"cmd": "send", "to": "alice", "body": f"é{j}"}) for j in range(8)),
+        8,
+    )
     ids = [r["id"] for r in out]
     same("bob's 8 pipelined sends")
-    mix = [_line({"cmd": "ack", "ids": [ids[0], ids[0]]}),  # twice in one batch
-           _line({"cmd": "ack", "ids": [ids[0]]}),  # acked already
-           _line({"cmd": "ack", "ids": [ids[1], 10 ** 9]}),  # one not there: refused whole
-           _line({"cmd": "ack", "ids": [ids[2], ids[3], ids[2]]}),
-           _line({"cmd": "send", "to": "bob", "body": "from alice"}),
-           _line({"cmd": "recv", "wait": 0, "max": 1, "ack": [ids[4]]}),
-           _line({"cmd": "ack", "ids": [ids[5]]})]
+    mix = [
+        _line({"cmd": "ack", "ids": [ids[0], ids[0]]}),  # twice in one batch
+        _line({"cmd": "ack", "ids": [ids[0]]}),  # acked already
+        _line({"cmd": "ack", "ids": [ids[1], 10**9]}),  # one not there: refused whole
+        _line({"cmd": "ack", "ids": [ids[2], ids[3], ids[2]]}),
+        _line({"cmd": "send", "to": "bob", "body": "from alice"}),
+        _line({"cmd": "recv", "wait": 0, "max": 1, "ack": [ids[4]]}),
+        _line({"cmd": "ack", "ids": [ids[5]]}),
+    ]
     out = _raw(core, "alice", b"".join(mix), len(mix))
     assert out[2].get("ok") is False, out[2]
     same("alice's acks (dup, again, missing, racing)")
@@ -116,16 +129,38 @@ def test_no_pipelined_mix_of_sends_and_acks_moves_a_count_off_its_rows(core_fact
     # The operator's side: 40 sends to the operator (room made past 20), a question, an
     # approval and a reminder, pipelined.
     mix = [_line({"cmd": "send", "to": "operator", "body": f"op{j}" * 50}) for j in range(40)]
-    mix += [_line({"cmd": "ask", "to": "operator", "question": "which?", "options": ["a", "b"]}),
-            _line({"cmd": "request_approval", "kind": "note", "description": "d", "payload": {"k": 1}}),
-            _line({"cmd": "remind", "in_seconds": 3600, "text": "later"})]
+    mix += [
+        _line({"cmd": "ask", "to": "operator", "question": "which?", "options": ["a", "b"]}),
+        _line({"cmd": "request_approval", "kind": "note", "description": "d", "payload": {"k": 1}}),
+        _line({"cmd": "remind", "in_seconds": 3600, "text": "later"}),
+    ]
     out = _raw(core, "bob", b"".join(mix), len(mix))
     same("bob to the operator, a question, an approval, a reminder")
+    # A question between agents, answered twice in one write, and its answer acked twice.
+    out = _raw(
+        core,
+        "alice",
+        _line({"cmd": "ask", "to": "bob", "question": "ça va?", "options": ["oui"]}),
+        1,
+    )
+    qid = out[0]["id"]
+    out = _raw(
+        core,
+        "bob",
+        _line({"cmd": "answer", "id": qid, "answer": "oui"}) * 2
+        + _line({"cmd": "ack", "ids": _inbox(core, "bob")}),
+        3,
+    )
+    out = _raw(core, "alice", _line({"cmd": "ack", "ids": _inbox(core, "alice") * 2}) * 2, 2)
+    same("a question between agents, answered twice, its answer acked twice")
     # kill -9 in the midst of 300 pipelined sends (to alice, to the operator), then a restart.
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(str(core.agent_sock("carol")))
-    s.sendall(b"".join(_line({"cmd": "send", "to": "operator", "body": "c" * (j % 97)})
-                       for j in range(300)))
+    s.sendall(
+        b"".join(
+            _line({"cmd": "send", "to": "operator", "body": "c" * (j % 97)}) for j in range(300)
+        )
+    )
     time.sleep(0.01)
     core.kill9()
     s.close()
@@ -135,8 +170,12 @@ def test_no_pipelined_mix_of_sends_and_acks_moves_a_count_off_its_rows(core_fact
     # The quota still holds at exactly 20 rows for alice (to bob), whatever happened above.
     held = _drift(core)[0].get("alice", (0, 0, 0, 0))
     room = 20 - held[0]
-    out = _raw(core, "alice", b"".join(_line({"cmd": "send", "to": "bob", "body": "q"})
-                                       for _ in range(room + 5)), room + 5)
+    out = _raw(
+        core,
+        "alice",
+        b"".join(_line({"cmd": "send", "to": "bob", "body": "q"}) for _ in range(room + 5)),
+        room + 5,
+    )
     ok = sum(1 for r in out if "id" in r)
     print(f"steps: {steps}; alice held {held}, room {room}, sent {ok} of {room + 5}")
     assert ok == room, out
@@ -210,14 +249,19 @@ def receiver() -> Iterator[_Receiver]:
 @pytest.fixture(scope="module")
 def cage_hive(receiver: _Receiver) -> Any:
     from hive_fixture import HiveProcess, running_hive
+
     url = f"http://127.0.0.1:{receiver.server.server_address[1]}/ntfy"
     notify = {"webhooks": [{"url": url, "format": "ntfy"}], "backoff_seconds": 0.05}
     yield from running_hive(HiveProcess(CAGE_AGENTS, sections={"notify": notify}))
 
 
-@pytest.mark.attack("exec.leftover-processes",
-                    ref="session 12 kill_all's SIGKILL rounds every 0.5 s; exec under the name lock")
-def test_fork_chains_neither_outlive_a_stop_nor_hold_off_another_agents_exec(cage_hive: Any) -> None:
+@pytest.mark.attack(
+    "exec.leftover-processes",
+    ref="session 12 kill_all's SIGKILL rounds every 0.5 s; exec under the name lock",
+)
+def test_fork_chains_neither_outlive_a_stop_nor_hold_off_another_agents_exec(
+    cage_hive: Any,
+) -> None:
     """The agent's processes re-fork as fast as they can (24 chains, each member forking
     the next and exiting) beside 40 that ignore SIGTERM. Three stops (as the core asks,
     SIGTERM timeout 1 s) each end with the cgroup empty, within the SIGTERM wait and the
@@ -231,21 +275,26 @@ def test_fork_chains_neither_outlive_a_stop_nor_hold_off_another_agents_exec(cag
         r = cage_hive.priv("start", name=STORM)
         assert r.get("ok") or "already running" in str(r.get("error")), r
         # As the agent's own processes: its pid namespace, uid and cgroup (exec --as-agent).
-        storm = threading.Thread(target=cage_hive.exec, args=(STORM, "python3", "-c", FORK_CHAINS),
-                                 kwargs={"timeout": 60}, daemon=True)
+        storm = threading.Thread(
+            target=cage_hive.exec,
+            args=(STORM, "python3", "-c", FORK_CHAINS),
+            kwargs={"timeout": 60},
+            daemon=True,
+        )
         storm.start()
         wait_until(lambda: len(cage_hive.cgroup(STORM).pids()) > 40, 20, "the storm up")
         pids_before = len(cage_hive.cgroup(STORM).pids())
         results: dict[str, Any] = {}
 
-        def stop() -> None:
+        def stop(results: dict[str, Any] = results) -> None:
             t = time.monotonic()
             results["stop"] = cage_hive.priv("stop", name=STORM, timeout=1)
             results["stop_s"] = time.monotonic() - t
 
-        def exec_storm() -> None:
-            results["exec"] = cage_hive.exec(STORM, "/bin/sh", "-c", "sleep 30; echo ran", flags=(),
-                                             timeout=60)
+        def exec_storm(results: dict[str, Any] = results) -> None:
+            results["exec"] = cage_hive.exec(
+                STORM, "/bin/sh", "-c", "sleep 30; echo ran", flags=(), timeout=60
+            )
 
         threads = [threading.Thread(target=stop), threading.Thread(target=exec_storm)]
         for th in threads:
@@ -299,8 +348,10 @@ while time.monotonic() < end:
 """
 
 
-@pytest.mark.attack("notify.flood",
-                    ref="session 12 limit hits to the webhooks: LimitWatch's NOTE_INTERVAL, hive-written text")
+@pytest.mark.attack(
+    "notify.flood",
+    ref="session 12 limit hits to the webhooks: LimitWatch's NOTE_INTERVAL, hive-written text",
+)
 def test_a_fork_bomb_at_its_limit_is_one_hive_written_line_on_the_webhook(
     cage_hive: Any, receiver: _Receiver
 ) -> None:
@@ -322,3 +373,31 @@ def test_a_fork_bomb_at_its_limit_is_one_hive_written_line_on_the_webhook(
     assert len(sent) == 1, sent
     assert sent[0].startswith(f"agent {BOMB}: its process limit (32) refused "), sent
     assert "evil" not in sent[0] and CALM not in sent[0], sent
+
+
+@pytest.mark.attack(
+    "notify.flood", ref="session 12 limit hits to the webhooks: LimitWatch across cgroups made anew"
+)
+def test_limit_hits_with_the_cgroup_made_anew_each_poll_stay_one_line_a_minute() -> None:
+    """Ten minutes of polls (every LIMITS_POLL s) where both counters grow at every read
+    and the cage's cgroup is made anew every other read (its counts from 0 again: a
+    restart of the cage between two reads), the core's own restart in the middle (a new
+    LimitWatch, its first read the baseline): at most one line per counter a minute."""
+    told: list[tuple[float, str]] = []
+    watch = LimitWatch()
+    at, total = 0.0, 0
+    while at < 600:
+        if at == 300:  # the core restarted: its first read is old news
+            watch = LimitWatch()
+        total = 0 if int(at / LIMITS_POLL) % 2 else total + 1000
+        for counter, _, _ in watch.observe("evil", {"oom_kills": total, "pids_refused": total}, at):
+            told.append((at, counter))
+        watch.started = True
+        at += LIMITS_POLL
+    per_minute = {c: [t for t, k in told if k == c] for c in ("oom_kills", "pids_refused")}
+    print(f"cgroup made anew every other poll for 600 s: lines told {per_minute}")
+    for times in per_minute.values():
+        assert (
+            all(b - a >= NOTE_INTERVAL for a, b in itertools.pairwise(times)) or len(times) <= 1
+        ), times
+        assert len(times) <= 600 / NOTE_INTERVAL + 1, times
