@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +311,63 @@ def store_at_version(path: Path, version: int) -> None:
         apply_migration(db, migration)
         db.execute(f"PRAGMA user_version={n}")
     db.close()
+
+
+def send_until_full(s: socket.socket, data: bytes) -> int:
+    """As much of ``data`` as the peer takes (the core stops reading past its buffer's
+    bound): sent until 0.2 s pass with no room. The socket is left blocking."""
+    s.setblocking(False)
+    sent = idle = 0
+    while sent < len(data) and idle < 10:
+        try:
+            sent += s.send(data[sent : sent + 65536])
+            idle = 0
+        except BlockingIOError:
+            idle += 1
+            time.sleep(0.02)
+    s.setblocking(True)
+    return sent
+
+
+# What agent_usage must say, by a SUM over every row it counts (per agent: pending, bytes,
+# pending to the operator, bytes to the operator).
+USAGE_SUM = """SELECT who, COUNT(*), SUM(b), SUM(op), SUM(op * b) FROM (
+    SELECT sender AS who, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0) AS b,
+        recipient = 'operator' AS op FROM messages WHERE acked_at IS NULL
+    UNION ALL SELECT asker, length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0), 0
+        FROM questions WHERE answer IS NULL AND cancelled = 0
+    UNION ALL SELECT agent, length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB))
+        + length(CAST(payload AS BLOB)), 0 FROM approvals WHERE status = 'pending'
+    UNION ALL SELECT agent, length(CAST(text AS BLOB)), 0 FROM reminders WHERE delivered_at IS NULL
+) GROUP BY who"""
+
+
+class WebhookReceiver:
+    """An HTTP receiver on loopback that records what each webhook was sent."""
+
+    def __init__(self) -> None:
+        self.hits: list[tuple[str, bytes]] = []  # (path, body)
+        self.lock = threading.Lock()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                with outer.lock:
+                    outer.hits.append((self.path, body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def sent(self, path: str) -> list[str]:
+        """What a person reads of each notification ``path`` got, in order."""
+        with self.lock:
+            bodies = [body for p, body in self.hits if p == path]
+        return [json.loads(b)["text"] if path == "/slack" else b.decode() for b in bodies]

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, strict_loads, wait_for
+from helpers import CoreProcess, assert_ok, send_until_full, strict_loads, wait_for
 from hyperhive.core.agent_conn import AgentConnection
 from hyperhive.wire.framing import MAX_LINE
 
@@ -235,28 +235,14 @@ TAILS: dict[str, bytes] = {
 GOES = ("close", "half, then close", "shut both, kept open", "linger 0, a reply unread")
 
 
-def _put(s: socket.socket, data: bytes) -> int:
-    """As much of ``data`` as the core takes (it stops reading past its buffer's bound)."""
-    s.setblocking(False)
-    sent = idle = 0
-    while sent < len(data) and idle < 10:
-        try:
-            sent += s.send(data[sent : sent + 65536])
-            idle = 0
-        except BlockingIOError:
-            idle += 1
-            time.sleep(0.05)
-    s.settimeout(20)
-    return sent
-
-
 def _recv_then_go(core: CoreProcess, tail: bytes, how: str, kept: list[socket.socket]) -> None:
     """One of bob's connections: a recv waiting 60 s, ``tail`` after its line, then the
     peer goes ``how``."""
     s = _connect(core, "bob")
     head = _line({"cmd": "whoami"}) if how.startswith("linger") else b""  # its reply unread
     s.sendall(head + _line({"cmd": "recv", "wait": 60}))
-    _put(s, tail)
+    send_until_full(s, tail)
+    s.settimeout(20)
     time.sleep(0.1)  # the recv waits in the core (or it goes first: the same must hold)
     if how == "half, then close":
         s.shutdown(socket.SHUT_WR)

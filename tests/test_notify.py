@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from helpers import WebhookReceiver
 from hyperhive.config import NotifySection
 from hyperhive.core.events import EventBus
 from hyperhive.core.limit_hits import describe
@@ -89,40 +87,9 @@ def test_item_of_an_egress_approval_says_what_it_allows() -> None:
 # -- a cage's limit hits, to a local receiver ----------------------------------------------
 
 
-class Receiver:
-    """An HTTP receiver on loopback that records what each webhook was sent."""
-
-    def __init__(self) -> None:
-        self.hits: list[tuple[str, bytes]] = []  # (path, body)
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                with outer.lock:
-                    outer.hits.append((self.path, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def sent(self, path: str) -> list[str]:
-        """What a person reads of each notification ``path`` got, in order."""
-        with self.lock:
-            bodies = [body for p, body in self.hits if p == path]
-        return [json.loads(b)["text"] if path == "/slack" else b.decode() for b in bodies]
-
-
 @pytest.fixture
-def receiver() -> Iterator[Receiver]:
-    rx = Receiver()
+def receiver() -> Iterator[WebhookReceiver]:
+    rx = WebhookReceiver()
     yield rx
     rx.server.shutdown()
     rx.server.server_close()
@@ -133,7 +100,7 @@ def status_event(name: str, trouble: str | None = None) -> dict[str, Any]:
 
 
 def test_a_limit_hit_reaches_every_webhook_as_one_line_within_the_agents_rate(
-    tmp_path: Path, receiver: Receiver
+    tmp_path: Path, receiver: WebhookReceiver
 ) -> None:
     """The ``trouble`` line of an ``agent_status`` event (a cage's OOM kill or refused
     forks, core/limit_hits.py) goes to each webhook once, as that line and a link to the

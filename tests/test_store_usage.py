@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import store_at_version
+from helpers import USAGE_SUM, store_at_version
 from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import Store, StoreError
@@ -32,20 +32,10 @@ from hyperhive.wire.common import AgentSpec
 
 SPEC = AgentSpec.model_validate({"runtime": "command", "command": ["true"]})
 
-_SUM = """SELECT who, COUNT(*), SUM(b), SUM(op), SUM(op * b) FROM (
-    SELECT sender AS who, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0) AS b,
-        recipient = 'operator' AS op FROM messages WHERE acked_at IS NULL
-    UNION ALL SELECT asker, length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0), 0
-        FROM questions WHERE answer IS NULL AND cancelled = 0
-    UNION ALL SELECT agent, length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB))
-        + length(CAST(payload AS BLOB)), 0 FROM approvals WHERE status = 'pending'
-    UNION ALL SELECT agent, length(CAST(text AS BLOB)), 0 FROM reminders WHERE delivered_at IS NULL
-) GROUP BY who"""
-
 
 def summed(conn: sqlite3.Connection) -> dict[str, tuple[int, int, int, int]]:
     """What agent_usage must say, by a SUM over every row."""
-    return {r[0]: (r[1], r[2], r[3], r[4]) for r in conn.execute(_SUM)}
+    return {r[0]: (r[1], r[2], r[3], r[4]) for r in conn.execute(USAGE_SUM)}
 
 
 def counted(conn: sqlite3.Connection) -> dict[str, tuple[int, int, int, int]]:

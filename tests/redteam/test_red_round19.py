@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, wait_for
+from helpers import CoreProcess, assert_ok, send_until_full, wait_for
 from hyperhive.cage import init as cage_init
 from hyperhive.cage import layout
 
@@ -326,21 +326,6 @@ def _line(obj: dict[str, Any]) -> bytes:
     return json.dumps(obj).encode() + b"\n"
 
 
-def _put(s: socket.socket, data: bytes) -> int:
-    """As much of ``data`` as the core takes (it stops reading past its buffer's bound)."""
-    s.setblocking(False)
-    sent = idle = 0
-    while sent < len(data) and idle < 10:
-        try:
-            sent += s.send(data[sent:sent + 65536])
-            idle = 0
-        except BlockingIOError:
-            idle += 1
-            time.sleep(0.02)
-    s.setblocking(True)
-    return sent
-
-
 def _go(s: socket.socket, how: str) -> None:
     if how == "reset":  # gone with what the core wrote unread
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -446,7 +431,7 @@ def test_closed_waits_at_the_cap_with_megabytes_left_cost_no_more_than_a_live_ag
     for _ in range(32):
         s = _connect(core, "bob")
         s.sendall(_line({"cmd": "recv", "wait": 3600}))
-        left += _put(s, cheap)
+        left += send_until_full(s, cheap)
         conns.append(s)
     worst, stop = [0.0], threading.Event()
 
@@ -483,7 +468,7 @@ def test_closed_waits_at_the_cap_with_megabytes_left_cost_no_more_than_a_live_ag
     s = _connect(core, "carol")
     s.sendall(_line({"cmd": "whoami"}) + _line({"cmd": "recv", "wait": 3600}))
     s.recv(1)  # the whoami's reply begun: the rest of it stays unread
-    _put(s, cheap)
+    send_until_full(s, cheap)
     n = _fds(core).get("socket", 0)
     _go(s, "reset")
     wait_for(lambda: _fds(core).get("socket", 0) < n, timeout=10)
@@ -535,7 +520,7 @@ def test_paused_waits_on_reused_descriptors_end_only_their_own(core: CoreProcess
     for i in range(4):  # (12 in the round: 40 s of the suite; each round is the same)
         old = _connect(core, "bob")
         old.sendall(_line({"cmd": "recv", "wait": 60}))
-        assert _put(old, BIG) > 2 << 20
+        assert send_until_full(old, BIG) > 2 << 20
         old.close()
         try:
             wait_for(lambda: _fds(core).get("socket", 0) <= before.get("socket", 0), timeout=20)
@@ -543,7 +528,7 @@ def test_paused_waits_on_reused_descriptors_end_only_their_own(core: CoreProcess
             raise AssertionError(f"round {i}: {_fds(core)} {before}") from None
         new = _connect(core, "bob")
         new.sendall(_line({"cmd": "recv", "wait": 30}))
-        sent = _put(new, BIG)
+        sent = send_until_full(new, BIG)
         assert sent > 2 << 20
         time.sleep(0.1)
         assert_ok(core.agent_call("alice", "send", to="bob", body=f"r19p-{i}"))
@@ -564,7 +549,7 @@ def test_paused_waits_on_reused_descriptors_end_only_their_own(core: CoreProcess
         for _ in range(32):
             s = _connect(core, name)
             s.sendall(_line({"cmd": "recv", "wait": 60}))
-            _put(s, BIG)
+            send_until_full(s, BIG)
             conns.append(s)
     during = _fds(core)
     assert during.get("anon_inode:[eventpoll]", 0) <= before.get("anon_inode:[eventpoll]", 0) + 1, during

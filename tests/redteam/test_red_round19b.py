@@ -15,25 +15,14 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 
-from helpers import CoreProcess, assert_ok
+from helpers import USAGE_SUM, CoreProcess, WebhookReceiver, assert_ok
 from hyperhive.core.limit_hits import LIMITS_POLL, NOTE_INTERVAL, LimitWatch
 
 # -- agent_usage against the rows: a hostile agent's every byte on its socket ------------
-
-_SUM = """SELECT who, COUNT(*), SUM(b), SUM(op), SUM(op * b) FROM (
-    SELECT sender AS who, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0) AS b,
-        recipient = 'operator' AS op FROM messages WHERE acked_at IS NULL
-    UNION ALL SELECT asker, length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0), 0
-        FROM questions WHERE answer IS NULL AND cancelled = 0
-    UNION ALL SELECT agent, length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB))
-        + length(CAST(payload AS BLOB)), 0 FROM approvals WHERE status = 'pending'
-    UNION ALL SELECT agent, length(CAST(text AS BLOB)), 0 FROM reminders WHERE delivered_at IS NULL
-) GROUP BY who"""
 
 
 def _drift(core: CoreProcess) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -47,7 +36,7 @@ def _drift(core: CoreProcess) -> tuple[dict[str, Any], dict[str, Any]]:
             )
             if any(r[1:])
         }
-        summed = {r[0]: tuple(r[1:]) for r in db.execute(_SUM)}
+        summed = {r[0]: tuple(r[1:]) for r in db.execute(USAGE_SUM)}
     finally:
         db.close()
     return counted, summed
@@ -216,41 +205,19 @@ CAGE_AGENTS: dict[str, dict[str, Any]] = {
 }
 
 
-class _Receiver:
-    """The operator's webhook on loopback: every POST's path and body."""
-
-    def __init__(self) -> None:
-        self.hits: list[tuple[str, bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                outer.hits.append((self.path, body))
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture(scope="module")
-def receiver() -> Iterator[_Receiver]:
-    rx = _Receiver()
+def receiver() -> Iterator[WebhookReceiver]:
+    rx = WebhookReceiver()
     yield rx
     rx.server.shutdown()
     rx.server.server_close()
 
 
 @pytest.fixture(scope="module")
-def cage_hive(receiver: _Receiver) -> Any:
+def cage_hive(receiver: WebhookReceiver) -> Any:
     from hive_fixture import HiveProcess, running_hive
 
-    url = f"http://127.0.0.1:{receiver.server.server_address[1]}/ntfy"
+    url = f"http://127.0.0.1:{receiver.port}/ntfy"
     notify = {"webhooks": [{"url": url, "format": "ntfy"}], "backoff_seconds": 0.05}
     yield from running_hive(HiveProcess(CAGE_AGENTS, sections={"notify": notify}))
 
@@ -353,7 +320,7 @@ while time.monotonic() < end:
     ref="session 12 limit hits to the webhooks: LimitWatch's NOTE_INTERVAL, hive-written text",
 )
 def test_a_fork_bomb_at_its_limit_is_one_hive_written_line_on_the_webhook(
-    cage_hive: Any, receiver: _Receiver
+    cage_hive: Any, receiver: WebhookReceiver
 ) -> None:
     """The agent forks into its pids_max of 32 for 11 s (thousands of refused forks,
     read by the core every 5 s: two reads or more that grew) after setting a status text that reads as the hive's line
