@@ -256,3 +256,38 @@ def test_idle_grown_tunnels_past_the_pipe_pages_make_the_rest_copy_not_fail() ->
     # and either way the next tunnel relays every byte (copy fallback), nothing fails
     for k in results:
         assert "extra_ok=True" in results[k] and "ended" in results[k], results
+
+
+@pytest.mark.attack("budget.exhaustion", ref="red team round 19c: the cage's copy of a handed-over socket set O_NONBLOCK (shared file flags) mid-tunnel")
+def test_a_socket_turned_nonblocking_under_the_relay_ends_it_without_spinning() -> None:
+    import fcntl
+
+    before = _fds()
+    t = Tunnel()
+    t.cage.sendall(b"a" * (64 << 10))
+    t.upstream.settimeout(5)
+    got = 0
+    while got < 64 << 10:
+        got += len(t.upstream.recv(1 << 20))
+    # A handed-over socket shares its open file description with the cage: its
+    # O_NONBLOCK is the cage's to set. Here on the core's ends directly.
+    for s in (t.proxy_in, t.proxy_out):
+        fl = fcntl.fcntl(s.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(s.fileno(), fcntl.F_SETFL, fl | os.O_NONBLOCK)
+    cpu0 = _cpu()
+    flooder = threading.Thread(target=_flood, args=(t.upstream, 4 << 20), daemon=True)
+    flooder.start()
+    try:
+        t.cage.sendall(b"b" * (256 << 10))
+    except OSError:
+        pass
+    time.sleep(1.5)
+    cpu = _cpu() - cpu0
+    assert cpu < 0.5, f"{cpu:.2f} s of CPU in 1.5 s: a busy loop on EAGAIN"
+    t.cage.close()
+    t.upstream.close()
+    up, down = t.join(10)
+    flooder.join(5)
+    assert up >= 64 << 10
+    t.close()
+    assert _fds() == before
