@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -148,7 +149,7 @@ def test_ragged_writes_are_counted_to_the_byte_both_ways() -> None:
     sink_up, sink_down = hashlib.sha256(), hashlib.sha256()
     n = {"up": 0, "down": 0}
 
-    def reader(sock: socket.socket, h: "hashlib._Hash", key: str) -> None:
+    def reader(sock: socket.socket, h: hashlib._Hash, key: str) -> None:
         sock.settimeout(10)
         while chunk := sock.recv(rng.choice([1, 100, 65536])):
             h.update(chunk)
@@ -159,7 +160,7 @@ def test_ragged_writes_are_counted_to_the_byte_both_ways() -> None:
     r1.start()
     r2.start()
 
-    def writer(sock: socket.socket, parts: list[bytes], h: "hashlib._Hash") -> None:
+    def writer(sock: socket.socket, parts: list[bytes], h: hashlib._Hash) -> None:
         for p in parts:
             h.update(p)
             sock.sendall(p)
@@ -220,7 +221,7 @@ def _pipe_pages_child(k: int, wfd: int) -> None:
             t2.join(5)
             t2.close()
         out.append("ended")
-    except BaseException as e:  # noqa: BLE001
+    except BaseException as e:
         out.append(f"error={e!r}")
     os.write(wfd, " ".join(out).encode())
     os._exit(0)
@@ -235,8 +236,8 @@ def fcntl_size(fd: int) -> int:
 @pytest.mark.attack("budget.exhaustion", ref="red team round 19c: one agent's idle grown tunnels fill hive-core's pipe-user-pages-soft")
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_idle_grown_tunnels_past_the_pipe_pages_make_the_rest_copy_not_fail() -> None:
-    soft = int(open("/proc/sys/fs/pipe-user-pages-soft").read())
-    hard = int(open("/proc/sys/fs/pipe-user-pages-hard").read())
+    soft = int(Path("/proc/sys/fs/pipe-user-pages-soft").read_text())
+    hard = int(Path("/proc/sys/fs/pipe-user-pages-hard").read_text())
     if soft != 16384 or hard != 0:
         pytest.skip(f"pipe-user-pages soft {soft} hard {hard}: figures below assume the defaults")
     results = {}
@@ -247,9 +248,10 @@ def test_idle_grown_tunnels_past_the_pipe_pages_make_the_rest_copy_not_fail() ->
             os.close(r)
             _pipe_pages_child(k, w)
         os.close(w)
-        _, status = os.waitpid(pid, 0)
         with os.fdopen(r, "rb") as f:
             results[k] = f.read().decode()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0, (k, results[k])
     # Below the limit a new pipe is a full 16 pages; past it, none (two pages, refused)
     assert "newpipe=65536" in results[31], results
     assert "newpipe=none" in results[33], results
@@ -286,7 +288,7 @@ def test_a_socket_turned_nonblocking_under_the_relay_ends_it_without_spinning() 
     assert cpu < 0.5, f"{cpu:.2f} s of CPU in 1.5 s: a busy loop on EAGAIN"
     t.cage.close()
     t.upstream.close()
-    up, down = t.join(10)
+    up, _ = t.join(10)
     flooder.join(5)
     assert up >= 64 << 10
     t.close()
