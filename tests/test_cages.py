@@ -44,6 +44,7 @@ from hive_fixture import (
     proc_cmdline,
     proc_start_time,
     proc_uid,
+    wait_until,
 )
 from hyperhive.client import Client
 from hyperhive.priv.cgroups import is_v2
@@ -181,7 +182,9 @@ def test_cage_reaches_no_hive_socket_but_its_own(caged_hive: HiveProcess, world:
     host_paths = [R / "host.sock", R / "priv.sock", R / "core.sock", R / "agents/bob/agent.sock",
                   R / "agents/carol/agent.sock", R / "agents/alice/agent.sock", R / "ui/alice/web.sock",
                   R / "ui/bob/web.sock"]
-    assert all(p.is_socket() for p in host_paths)  # they all exist on the host
+    # They all exist on the host (a harness binds its page's web.sock just after it connects,
+    # so "running" can come a moment before it).
+    wait_until(lambda: all(p.is_socket() for p in host_paths), 10, f"{host_paths} to be sockets")
     paths = [str(p) for p in host_paths] + [
         "/run/hive/host.sock", "/run/hive/priv.sock", "/run/hive/../host.sock", "/run/hive/../priv.sock",
         "/run/hive/agents/bob/agent.sock", "/run/hive/../agents/bob/agent.sock", "/run/hive/bob/agent.sock",

@@ -165,6 +165,7 @@ for i in range(P["n"]):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)
     s.connect("/run/hive/egress.sock")
+    time.sleep(P.get("late", 0))  # a client slow to send its request, refused meanwhile
     s.sendall(b"CONNECT tunnel.test:80 HTTP/1.1\\r\\n\\r\\n")
     head = b""
     while b"\\r\\n\\r\\n" not in head:
@@ -222,6 +223,15 @@ def test_egress_tunnels_stop_at_the_cap_and_fit_the_budget(bh: HiveProcess, n: i
     assert peak.threads - base_threads <= 2 * EGRESS_CONNS + 8 + 4, (base_threads, peak.threads)
     assert peak.fds < soft
     wait_until(lambda: core_threads(h) <= base_threads + 2, 20, "the tunnels' threads to end")
+
+
+def test_a_client_refused_at_the_cap_before_it_wrote_still_reads_its_503(bh: HiveProcess) -> None:
+    """At the cap, a connection that writes its request a moment after connecting gets the
+    503 (the refusal reads the request first), not a broken pipe on its write."""
+    with unchanged_but_egress_log(bh):
+        res = cage_run(bh, "rtdtunnel", TUNNELS, n=EGRESS_CONNS + 1, hold=0.1, late=0.3, timeout=60)
+    assert res["statuses"] == ["HTTP/1.1 200 Connection established"] * EGRESS_CONNS + [
+        "HTTP/1.1 503 Service Unavailable"], res
 
 
 class unchanged_but_egress_log:

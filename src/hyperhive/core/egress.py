@@ -57,6 +57,7 @@ log = logging.getLogger("hive.egress")
 
 MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
+REFUSE_READ = 1.0  # seconds a connection refused before its head is read may take to send it
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
 CONNECT_TIMEOUT = 10.0
 _keys = itertools.count(1)
@@ -611,6 +612,19 @@ def _reply(conn: socket.socket, status: int, reason: str) -> None:
         pass
 
 
+def _refuse_unread(conn: socket.socket, status: int, reason: str) -> None:
+    """Refuse before reading the request: take what the client sent first (one read, within
+    ``REFUSE_READ`` s) so that its own write of the request does not meet a closed socket
+    (EPIPE) and lose the reply. A plain read: descriptors handed over with it are closed
+    by the kernel, so the refusal still holds one descriptor."""
+    conn.settimeout(REFUSE_READ)
+    try:
+        conn.recv(65536)
+    except OSError:
+        pass
+    _reply(conn, status, reason)
+
+
 class _Opening(threading.Thread):
     """The upstream of a terminated connection: TCP to the first address that answers,
     then TLS with the server's certificate verified; ``result`` is the socket and the
@@ -808,18 +822,19 @@ class EgressProxy:
                 log.warning(
                     "egress %s: refused uid %d (pid %d) on its socket", agent, cred.uid, cred.pid
                 )
-                _reply(conn, 403, f"uid {cred.uid} is not agent {agent}")
+                _refuse_unread(conn, 403, f"uid {cred.uid} is not agent {agent}")
                 return
             with self._lock:
-                if self._active.get(agent, 0) >= self.max_connections:
-                    _reply(
-                        conn,
-                        503,
-                        f"at most {self.max_connections} egress connections at once per agent",
-                    )
-                    return
-                self._active[agent] = self._active.get(agent, 0) + 1
-                counted = True
+                if self._active.get(agent, 0) < self.max_connections:
+                    self._active[agent] = self._active.get(agent, 0) + 1
+                    counted = True
+            if not counted:  # refused outside the lock: the refusal waits for the request
+                _refuse_unread(
+                    conn,
+                    503,
+                    f"at most {self.max_connections} egress connections at once per agent",
+                )
+                return
             try:
                 deadline = time.monotonic() + HEAD_TIMEOUT
                 conn, first = _receive(conn, deadline)
