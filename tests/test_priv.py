@@ -332,6 +332,8 @@ def test_soft_descriptor_limit_is_raised_to_the_hard_one(tmp_dir: Path) -> None:
 def test_systemd_socket_activate_serves_status(activated: ActivatedPriv) -> None:
     reply = activated.call({"cmd": "status"})
     assert reply == {"version": 1, "ok": True, "cages": {}}
+    # A name with no cgroup (never started) has no entry, not zeros.
+    assert activated.call({"cmd": "limit_hits", "names": ["alice"]}) == {"version": 1, "ok": True, "hits": {}}
     # It is the process systemd-socket-activate exec'd: same pid, now hive-priv.
     assert activated.proc is not None and activated.proc.poll() is None
     argv = Path(f"/proc/{activated.proc.pid}/cmdline").read_text().split("\0")

@@ -96,12 +96,12 @@ def name_error(name: str, where: str = "name") -> str:
     return f"field {where!r}: bad agent name {name!r}: must match {NAME_RE.pattern}"
 
 
-@pytest.mark.parametrize("verb", [*NAME_VERBS, "status"])
+@pytest.mark.parametrize("verb", [*NAME_VERBS, "status", "limit_hits"])
 def test_traversal_names_refused_to_the_core(rt: HiveProcess, world: World, verb: str) -> None:
     h = rt
     names = BAD_NAMES + RESERVED
-    if verb == "status":
-        cases = [(repr(n), {"cmd": "status", "names": ["rtalice", n]}, 0) for n in names]
+    if verb in ("status", "limit_hits"):
+        cases = [(repr(n), {"cmd": verb, "names": ["rtalice", n]}, 0) for n in names]
         want = {repr(n): refusal(name_error(n, "names.1")) for n in names}
     else:
         cases = [(repr(n), {"cmd": verb, "name": n, **NAME_VERBS[verb]}, 0) for n in names]
@@ -191,6 +191,9 @@ NUMBERS: list[tuple[str, dict[str, Any] | str, str]] = [
     ("timeout nan", '{"cmd": "stop", "name": "rtalice", "timeout": NaN}\n', "malformed JSON: NaN is not valid JSON"),
     ("status too many", {"cmd": "status", "names": ["rtalice"] * 10_001},
      "field 'names': List should have at most 10000 items after validation, not 10001"),
+    ("limit_hits too many", {"cmd": "limit_hits", "names": ["rtalice"] * 10_001},
+     "field 'names': List should have at most 10000 items after validation, not 10001"),
+    ("limit_hits no names", {"cmd": "limit_hits"}, "missing field 'names'"),
 ]
 
 
@@ -207,6 +210,7 @@ def test_file_descriptors_where_none_belong_refused_to_the_core(rt: HiveProcess,
     fds = priv_fds(h)
     cases = [
         ("status", {"cmd": "status"}, 3),
+        ("limit_hits", {"cmd": "limit_hits", "names": ["rtalice"]}, 1),
         ("prepare", {"cmd": "prepare", "name": "rtalice"}, 1),
         ("stop", {"cmd": "stop", "name": "rtalice", "timeout": 0}, 2),
         ("reload_gateway", {"cmd": "reload_gateway"}, 3),
@@ -215,6 +219,7 @@ def test_file_descriptors_where_none_belong_refused_to_the_core(rt: HiveProcess,
         out = as_core(h, cases)
     assert out == {
         "status": refusal("status takes 0 file descriptors, got 3"),
+        "limit_hits": refusal("limit_hits takes 0 file descriptors, got 1"),
         "prepare": refusal("prepare takes 0 file descriptors, got 1"),
         "stop": refusal("stop takes 0 file descriptors, got 2"),
         "reload_gateway": refusal("reload_gateway takes 0 file descriptors, got 3"),

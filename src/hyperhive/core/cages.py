@@ -85,10 +85,11 @@ class CageLifecycle(Lifecycle):
     async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
         if not names:
             return {}
-        cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
+        hits = wp.limit_hits_reply.validate_python(
+            (await self.priv(wp.CageLimitHits(names=names)))["hits"]
+        )
         out = {}
-        for name, raw in cages.items():
-            row = wp.CageRow.model_validate(raw)
+        for name, row in hits.items():
             counts = {k: v for k in COUNTERS if (v := getattr(row, k)) is not None}
             if counts:
                 out[name] = counts

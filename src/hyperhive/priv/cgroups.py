@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import os
 import select
@@ -35,7 +36,10 @@ def hive_key(state_root: Path) -> str:
     return "h" + hashlib.sha256(str(Path(state_root).resolve()).encode()).hexdigest()[:12]
 
 
+@functools.cache
 def is_v2(root: Path = CGROUP_ROOT) -> bool:
+    # Once per root: a host does not change its cgroup layout under a running hive, and
+    # the stat was a third of making a Cgroup (every cage, every limits poll).
     return (root / "cgroup.controllers").exists()
 
 
@@ -303,7 +307,11 @@ class Cgroup:
 def _flat_keyed(f: Path) -> dict[str, int]:
     """A cgroup "flat keyed" file (``key value`` lines); nothing if it is not there."""
     try:
-        text = f.read_text()
+        fd = os.open(f, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 65536).decode()  # a few short lines: one read
+        finally:
+            os.close(fd)
     except (FileNotFoundError, ProcessLookupError):
         return {}
     out = {}

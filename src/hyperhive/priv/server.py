@@ -161,9 +161,9 @@ class PrivServer:
             except (CageError, OSError) as e:
                 log.error("%s %s failed: %s", req.cmd, getattr(req, "name", ""), e)
                 return error(str(e))
-            # status, read-only, is the core's every 5 s (core/limit_hits.py): not a line each.
+            # The read-only polls (core/limit_hits.py every 5 s, and restarts): not a line each.
             log.log(
-                logging.DEBUG if req.cmd == "status" else logging.INFO,
+                logging.DEBUG if req.cmd in ("status", "limit_hits") else logging.INFO,
                 "%s %s by %s (uid %d pid %d): ok",
                 req.cmd,
                 getattr(req, "name", ""),

@@ -135,6 +135,16 @@ def status(cages: Cages, req: w.CageStatus, r: Request) -> Reply:
     return ok(cages=out)
 
 
+def limit_hits(cages: Cages, req: w.CageLimitHits, r: Request) -> Reply:
+    # A cage with no cgroup (never started, or destroyed) has no entry.
+    out = {}
+    for name in req.names:
+        counts = cages.cgroup(name).limit_hits()
+        if counts:
+            out[name] = counts
+    return ok(hits=out)
+
+
 def exec_(cages: Cages, req: w.Exec, r: Request) -> Reply:
     """Run argv in the cage as the agent; the caller's stdin/stdout/stderr stay here
     and hive-priv relays bytes (exec_relay): none of them ever enters the cage.
@@ -227,6 +237,7 @@ CORE_TABLE: Table = _table(
     Verb(w.StopCage,      stop,           locks_name=True),
     Verb(w.DestroyCage,   destroy,        locks_name=True),
     Verb(w.CageStatus,    status),
+    Verb(w.CageLimitHits, limit_hits),
     Verb(w.ReloadGateway, reload_gateway),
 )
 # What root (the launcher, the operator's `hive exec`) may ask on top: hive-core never
