@@ -30,7 +30,7 @@ from run import Context, Row, Target, percentile  # type: ignore[import-not-foun
 
 from hyperhive.client import HiveUnavailable, priv_call
 from hyperhive.core.budget import Budget
-from hyperhive.wire.priv import CageStatus
+from hyperhive.wire.priv import CageLimitHits, CageStatus
 
 
 def _pids(pattern: str) -> list[int]:
@@ -180,6 +180,20 @@ def bench_scale(ctx: Context) -> list[Row]:
                 f" RSS {max(map(_rss_mib, nginx), default=0):.0f} MiB",
             )
         )
+        # The core's limits poll (every 5 s, core/limit_hits.py): one limit_hits request
+        # for every cage; hive-priv's `status` beside it, what the poll asked until
+        # session 13 (and what a restarted core still asks once).
+        every = sorted(names)
+        for label, req in (
+            ("limits poll (limit_hits, every cage)", CageLimitHits(names=every)),
+            ("status of every cage", CageStatus(names=every)),
+        ):
+            took = []
+            for _ in range(ctx.n(7, 2)):
+                t1 = time.perf_counter()
+                priv_call(str(hive.run_dir / "priv.sock"), req)
+                took.append((time.perf_counter() - t1) * 1e3)
+            rows.append(Row(sect, label, percentile(took, 50), "ms", note=f"median of {len(took)}"))
         for name in ("a0", "a1"):  # the bench reads their inboxes itself
             hive.call("set_paused", name=name, paused=True)
         lat = _latency_between(hive, "a0", "a1", ctx.n(500, 20))
