@@ -16,6 +16,7 @@ import pytest
 
 from hive_fixture import HiveProcess
 from hyperhive.config import EgressSection
+from hyperhive.core.egress import REFUSE_READ
 from hyperhive.core.jsonlines import MAX_CONNECTIONS_PER_PEER
 from hyperhive.wire.framing import MAX_LINE
 
@@ -433,7 +434,7 @@ for i in range(P["n"]):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect("/run/hive/egress.sock")  # blocking: waits for room in the listen backlog
     conns.append(s)
-time.sleep(1.0)
+time.sleep(P["settle"])
 for s in conns:
     s.setblocking(False)
     try:
@@ -452,7 +453,9 @@ def test_connection_flood_on_egress_sock_is_capped(rt: HiveProcess, world: World
     h = rt
     n = 400
     with unchanged(h), others_keep_working(h):
-        res = cage_run(h, "rtcarol", EGRESS_FLOOD, n=n, timeout=120)
+        # The last refusal waits REFUSE_READ for a request that never comes (no other
+        # connection behind it): then its 503.
+        res = cage_run(h, "rtcarol", EGRESS_FLOOD, n=n, settle=REFUSE_READ + 1.0, timeout=120)
     cap = EgressSection().max_connections  # the budgeted default (see hyperhive.core.budget)
     busy = f"HTTP/1.1 503 Service Unavailable | hive egress: at most {cap} egress connections at once per agent"
     assert res["statuses"] == {"(waiting)": cap, busy: n - cap}

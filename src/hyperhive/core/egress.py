@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import re
+import select
 import socket
 import ssl
 import stat
@@ -612,16 +613,27 @@ def _reply(conn: socket.socket, status: int, reason: str) -> None:
         pass
 
 
-def _refuse_unread(conn: socket.socket, status: int, reason: str) -> None:
-    """Refuse before reading the request: take what the client sent first (one read, within
-    ``REFUSE_READ`` s) so that its own write of the request does not meet a closed socket
-    (EPIPE) and lose the reply. A plain read: descriptors handed over with it are closed
-    by the kernel, so the refusal still holds one descriptor."""
-    conn.settimeout(REFUSE_READ)
-    try:
-        conn.recv(65536)
-    except OSError:
-        pass
+def _refuse_unread(
+    conn: socket.socket, status: int, reason: str, listener: socket.socket | None
+) -> None:
+    """Refuse before reading the request, but first take what the client sends (one read,
+    within ``REFUSE_READ`` s), so that its own write of the request does not meet a closed
+    socket (EPIPE) and lose the reply: a client that connects at the cap and is slow to
+    write (descheduled, say) reads its 503. The wait ends at once when the agent's
+    ``listener`` has another connection waiting: a flood of silent connections is refused
+    at the pace it comes, not one a second. A plain read: descriptors handed over with it
+    are closed by the kernel, so the refusal still holds one descriptor."""
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    lfd = listener.fileno() if listener is not None else -1
+    if lfd >= 0:
+        poller.register(lfd, select.POLLIN)
+    ready = {fd for fd, _ in poller.poll(REFUSE_READ * 1000)}
+    if conn.fileno() in ready:
+        try:
+            conn.recv(65536, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
     _reply(conn, status, reason)
 
 
@@ -822,7 +834,9 @@ class EgressProxy:
                 log.warning(
                     "egress %s: refused uid %d (pid %d) on its socket", agent, cred.uid, cred.pid
                 )
-                _refuse_unread(conn, 403, f"uid {cred.uid} is not agent {agent}")
+                _refuse_unread(
+                    conn, 403, f"uid {cred.uid} is not agent {agent}", self._listeners.get(agent)
+                )
                 return
             with self._lock:
                 if self._active.get(agent, 0) < self.max_connections:
@@ -833,6 +847,7 @@ class EgressProxy:
                     conn,
                     503,
                     f"at most {self.max_connections} egress connections at once per agent",
+                    self._listeners.get(agent),
                 )
                 return
             try:
