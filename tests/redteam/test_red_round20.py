@@ -37,7 +37,11 @@ SECTIONS = {"egress": {"max_connections": E}}
 
 @pytest.fixture(scope="module")
 def h() -> Iterator[HiveProcess]:
-    yield from running_hive(HiveProcess(AGENTS, sections=SECTIONS))
+    for hive in running_hive(HiveProcess(AGENTS, sections=SECTIONS)):
+        # A harness binds its page's web.sock just after it connects: in the digests' tree.
+        socks = [hive.run_dir / "ui" / name / "web.sock" for name in AGENTS]
+        wait_until(lambda: all(p.is_socket() for p in socks), 20, f"{socks} to be sockets")
+        yield hive
 
 
 # -- the egress refusals that read first -------------------------------------------------
@@ -186,9 +190,20 @@ def half_then_close():
         s.close()
     return "closed 5"
 
+def behind_3_silent():
+    # Its own request queued behind three connections that send nothing: each refusal
+    # waits its REFUSE_READ in turn (the listener paused at E + 1), then its own 503.
+    silent3 = [connect() for _ in range(3)]
+    s = connect()
+    s.sendall(REQ)
+    st = status(s)
+    s.close()
+    return {"status": st, "silent": [status(x) for x in silent3]}
+
 for name, fn in [("fds_with_request", fds_with_request), ("fds_after_64k", fds_after_64k),
                  ("fds_alone", fds_alone), ("silent", silent), ("slow", slow),
-                 ("a_mebibyte", a_mebibyte), ("reset", reset), ("half_then_close", half_then_close)]:
+                 ("a_mebibyte", a_mebibyte), ("reset", reset), ("half_then_close", half_then_close),
+                 ("behind_3_silent", behind_3_silent)]:
     case(name, fn)
 # The cap still holds after all that: one more is refused, and once the holders go,
 # E requests are served (each refused 403 by the rules, after its head is read).
@@ -282,6 +297,10 @@ def test_what_a_refused_egress_connection_sends_costs_the_core_nothing_and_slows
     assert res["slow"] == {"status": s503, "bytes_sent": 1}, res
     # A MiB written: the 503 is read (the write then meets the closed socket).
     assert res["a_mebibyte"]["status"] == s503, res
+    # The agent can pin its own listener (its own next connections wait 1 s a silent one
+    # ahead of them; nobody else's): what the read costs, at its cap only.
+    assert res["behind_3_silent"] == {"status": s503, "silent": [s503] * 3}, res
+    assert 3 * REFUSE_READ - 0.1 <= res["behind_3_silent_s"] < 3 * REFUSE_READ + 3, res
     assert res["at_cap_after"] == s503, res
     assert [st for st, _ in res["served_after"]] == ["HTTP/1.1 403 Forbidden"] * E, res
     # The other agent: served all along, quickly (its own refusals read at once).
