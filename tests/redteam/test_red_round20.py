@@ -37,11 +37,12 @@ SECTIONS = {"egress": {"max_connections": E}}
 
 @pytest.fixture(scope="module")
 def h() -> Iterator[HiveProcess]:
-    for hive in running_hive(HiveProcess(AGENTS, sections=SECTIONS)):
-        # A harness binds its page's web.sock just after it connects: in the digests' tree.
-        socks = [hive.run_dir / "ui" / name / "web.sock" for name in AGENTS]
+    hive = HiveProcess(AGENTS, sections=SECTIONS)
+    # A harness binds its page's web.sock just after it connects: in the digests' tree.
+    socks = [hive.run_dir / "ui" / name / "web.sock" for name in AGENTS]
+    for running in running_hive(hive):
         wait_until(lambda: all(p.is_socket() for p in socks), 20, f"{socks} to be sockets")
-        yield hive
+        yield running
 
 
 # -- the egress refusals that read first -------------------------------------------------
@@ -532,3 +533,57 @@ def test_limit_hits_reads_only_its_own_hives_cgroups_and_takes_only_names(h: Hiv
         "numbers": {"version": 1, "ok": False, "error": "field 'names.0': Input should be a valid string"},
     }, refused
     assert not any(d.exists() for d in other.dirs)
+
+
+# As a host uid that is not the agent's but may reach its egress.sock (the agent's group):
+# descriptors with the request, then nothing at all.
+OTHER_UID = r"""
+import array, json, os, select, socket, sys, time
+path = sys.argv[1]
+REQ = b"CONNECT example.com:443 HTTP/1.1\r\n\r\n"
+def status(s):
+    head = b""
+    while True:  # Connection: close: the whole reply, to its EOF
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head.decode(errors="replace")
+out = {"uid": os.getuid()}
+r, w = os.pipe()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(path)
+s.sendmsg([REQ], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [w] * 50))])
+os.close(w)
+out["with_fds"] = status(s)
+s.close()
+out["pipe_eof"] = bool(select.select([r], [], [], 3)[0]) and os.read(r, 1) == b""
+t0 = time.monotonic()
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(20)
+s.connect(path)
+out["silent"] = status(s).split("\r\n")[0]
+out["silent_s"] = time.monotonic() - t0
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.attack("budget.core-descriptors",
+                    ref="session 13 _refuse_unread on the 403 path (SO_PEERCRED uid not the agent's)")
+def test_a_uid_not_the_agents_is_refused_after_one_read_and_its_descriptors_closed(h: HiveProcess) -> None:
+    """A host process of another uid in the agent's group (the socket is 0660): its
+    request with 50 descriptors is refused 403 naming its uid, the descriptors closed by
+    the kernel (the pipe reads EOF); a connection that sends nothing gets its 403 after
+    the one read's timeout."""
+    gid = h.cage(ATK)["gid"]
+    with unchanged(h):
+        proc = subprocess.run([str(HIVE.parent / "python"), "-c", OTHER_UID, str(h.run_dir / "agents" / ATK / "egress.sock")],
+                              capture_output=True, text=True, timeout=60, user=65534, group=gid, extra_groups=[])
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    print(out)
+    assert out["with_fds"].startswith("HTTP/1.1 403 Forbidden\r\n"), out
+    assert out["with_fds"].endswith(f"\r\n\r\nhive egress: uid 65534 is not agent {ATK}\n"), out
+    assert out["pipe_eof"] and out["silent"] == "HTTP/1.1 403 Forbidden", out
+    assert REFUSE_READ - 0.1 <= out["silent_s"] < REFUSE_READ + 2, out
