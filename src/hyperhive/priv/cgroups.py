@@ -77,6 +77,18 @@ class Pinned:
             os.close(fd)
 
 
+# On cgroup v1 the hive's own cgroup holds a file ``tasks``, and ``tasks`` is a valid agent
+# name: that agent's "cgroup" is a file (``.../tasks/cgroup.procs`` is ENOTDIR). Its cage is
+# refused at create; every read of its cgroup reads as none there (no pids, no counts), so
+# it can still be stopped and destroyed, and the reads of every cage at once (`status`, the
+# core's `limit_hits` poll) do not fail for all (red team round 20: they did, and no cage's
+# OOM kills or refused forks reached the operator while an agent named "tasks" existed).
+NOT_A_CGROUP = (
+    "a file of the hive's own cgroup (cgroup v1), not a cgroup: "
+    "this host can't cage an agent of that name"
+)
+
+
 class Cgroup:
     """The cgroup(s) of one cage: ``hive/<hive key>/<agent name>`` in each hierarchy."""
 
@@ -114,6 +126,8 @@ class Cgroup:
                 "`ip netns exec` makes? Enter only the network namespace (nsenter --net=...)",
             )
         for d in (pids, memory):
+            if d.exists() and not d.is_dir():
+                raise OSError(errno.ENOTDIR, f"cage {self.name}: {d} is {NOT_A_CGROUP}")
             d.mkdir(parents=True, exist_ok=True)
         (pids / "pids.max").write_text(str(pids_max))
         limit = str(memory_mib * 1024 * 1024)
@@ -148,7 +162,7 @@ class Cgroup:
         for d in self.dirs:
             try:
                 out.update(int(p) for p in (d / "cgroup.procs").read_text().split())
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # no cgroup (see NOT_A_CGROUP)
                 pass
         return sorted(out)
 
@@ -300,7 +314,7 @@ class Cgroup:
         f = self.dirs[-1] / ("memory.current" if self.v2 else "memory.usage_in_bytes")
         try:
             return int(f.read_text())
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, NotADirectoryError, ValueError):
             return None
 
 
@@ -312,8 +326,13 @@ def _flat_keyed(f: Path) -> dict[str, int]:
             text = os.read(fd, 65536).decode()  # a few short lines: one read
         finally:
             os.close(fd)
-    except (FileNotFoundError, ProcessLookupError):
-        return {}
+    except OSError as e:
+        # Not there (ENOENT), not a cgroup (ENOTDIR: see NOT_A_CGROUP), removed between
+        # the open and the read (ENODEV): no counts. One cage's must never fail the reply
+        # for all (the core's limits poll: every cage's hits would go untold).
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENODEV, errno.ESRCH):
+            return {}
+        raise
     out = {}
     for line in text.splitlines():
         key, _, value = line.partition(" ")
