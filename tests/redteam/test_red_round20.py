@@ -193,7 +193,7 @@ def half_then_close():
 
 def behind_3_silent():
     # Its own request queued behind three connections that send nothing: each refusal
-    # waits its REFUSE_READ in turn (the listener paused at E + 1), then its own 503.
+    # ends as soon as the next connection waits (the listener paused at E + 1).
     silent3 = [connect() for _ in range(3)]
     s = connect()
     s.sendall(REQ)
@@ -290,18 +290,24 @@ def test_what_a_refused_egress_connection_sends_costs_the_core_nothing_and_slows
     assert res["first"] == s503 and res["holders_quiet"], res
     extra = {"fds_with_request": {"pair_eof": True}, "fds_after_64k": {"pinned": s503}, "fds_alone": {}}
     for case, more in extra.items():
+        if case == "fds_after_64k" and res[case] == {"error": "EPIPE"}:
+            # The silent pin's refusal ends as soon as this one waits behind it, so this
+            # one's refusal may read its first 64 KiB and close before the descriptor is
+            # written (a client descheduled in between): then it never reached the core.
+            continue
         assert res[case] == {"status": s503, "pipe_eof": True, **more}, (case, res[case])
-    # The one behind the silent refusal waited for it: the listener paused at E + 1.
-    assert REFUSE_READ - 0.1 <= res["fds_after_64k_s"] < REFUSE_READ + 2, res
+    # The silent pin's refusal did not wait its REFUSE_READ: a connection waited behind it.
+    assert res["fds_after_64k_s"] < REFUSE_READ, res
     # Nothing sent: the 503 after the one read's timeout; a byte: at once.
     assert res["silent"] == s503 and REFUSE_READ - 0.1 <= res["silent_s"] < REFUSE_READ + 2, res
     assert res["slow"] == {"status": s503, "bytes_sent": 1}, res
     # A MiB written: the 503 is read (the write then meets the closed socket).
     assert res["a_mebibyte"]["status"] == s503, res
-    # The agent can pin its own listener (its own next connections wait 1 s a silent one
-    # ahead of them; nobody else's): what the read costs, at its cap only.
+    # Silent connections ahead of its own request do not hold it up: each silent one's
+    # refusal ends as soon as another connection waits behind it (the round found 3.07 s
+    # here, a REFUSE_READ each, before the refusal looked at the listener).
     assert res["behind_3_silent"] == {"status": s503, "silent": [s503] * 3}, res
-    assert 3 * REFUSE_READ - 0.1 <= res["behind_3_silent_s"] < 3 * REFUSE_READ + 3, res
+    assert res["behind_3_silent_s"] < REFUSE_READ, res
     assert res["at_cap_after"] == s503, res
     assert [st for st, _ in res["served_after"]] == ["HTTP/1.1 403 Forbidden"] * E, res
     # The other agent: served all along, quickly (its own refusals read at once).
