@@ -295,7 +295,15 @@ class HiveProcess:
                 rows = self.agent_status()
             except (OSError, ValueError, HiveUnavailable):  # the core may be (re)starting
                 return None
-            return rows if all(rows.get(n, {}).get("running") for n in names) else None
+            if not all(rows.get(n, {}).get("running") for n in names):
+                return None
+            # A caged harness binds its page's web.sock just after it connects (cold start:
+            # init.connect_first), so "running" can come a moment before it: the tests that
+            # compare the run directory before and after want it there.
+            ui = self.run_dir / "ui"
+            if not all((ui / n / "web.sock").is_socket() for n in names if (ui / n).is_dir()):
+                return None
+            return rows
 
         try:
             return wait_until(all_up, timeout, f"{names} to be running", interval=0.1)
