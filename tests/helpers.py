@@ -329,6 +329,39 @@ def send_until_full(s: socket.socket, data: bytes) -> int:
     return sent
 
 
+def send_until_full_all(socks: list[socket.socket], data: bytes) -> list[int]:
+    """``send_until_full`` on every socket at once: each is sent ``data`` until 0.2 s pass
+    with no room on it (its own clock), so the idle waits overlap rather than add up (64
+    sockets: 0.2 s, not 13). What each took, in order; the sockets are left blocking."""
+    for s in socks:
+        s.setblocking(False)
+    sent = [0] * len(socks)
+    idle_since: list[float | None] = [None] * len(socks)
+    open_ = set(range(len(socks)))
+    while open_:
+        moved = False
+        now = time.monotonic()
+        for i in sorted(open_):
+            try:
+                n = socks[i].send(data[sent[i] : sent[i] + 65536])
+            except BlockingIOError:
+                if idle_since[i] is None:
+                    idle_since[i] = now
+                elif now - idle_since[i] >= 0.2:
+                    open_.discard(i)
+                continue
+            sent[i] += n
+            idle_since[i] = None
+            moved = True
+            if sent[i] >= len(data):
+                open_.discard(i)
+        if not moved:
+            time.sleep(0.02)
+    for s in socks:
+        s.setblocking(True)
+    return sent
+
+
 # What agent_usage must say, by a SUM over every row it counts (per agent: pending, bytes,
 # pending to the operator, bytes to the operator).
 USAGE_SUM = """SELECT who, COUNT(*), SUM(b), SUM(op), SUM(op * b) FROM (
