@@ -92,8 +92,9 @@ def test_unicode_body_round_trips(core: CoreProcess) -> None:
         ("alice", "alice", "itself"),
     ],
 )
-def test_send_refused(core: CoreProcess, sender: str, to: str, needle: str) -> None:
-    assert_refused(core.agent(sender).call("send", to=to, body="x"), needle)
+def test_send_refused(module_core: CoreProcess, sender: str, to: str, needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call(sender, "send", to=to, body="x"), needle)
     for name in ("alice", "bob", "carol"):
         assert inbox_is_empty(core, name)
     assert core.host_call("inbox")["messages"] == []
@@ -337,8 +338,9 @@ def test_request_approval_spawn(core: CoreProcess) -> None:
         ("spawn", {"name": "bob", "spec": {"command": ["true"]}}, "already exists"),
     ],
 )
-def test_request_approval_refused(core: CoreProcess, kind: str, payload: Any, needle: str) -> None:
-    assert_refused(core.agent("alice").call("request_approval", kind=kind, description="d", payload=payload), needle)
+def test_request_approval_refused(module_core: CoreProcess, kind: str, payload: Any, needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call("alice", "request_approval", kind=kind, description="d", payload=payload), needle)
     assert core.host_call("pending")["approvals"] == []
 
 
@@ -400,8 +402,9 @@ def test_remind_counts_pending(core: CoreProcess) -> None:
         ({"at": "2999-01-01T00:00:00+00:00"}, "a year"),
     ],
 )
-def test_remind_refused(core: CoreProcess, fields: dict[str, Any], needle: str) -> None:
-    assert_refused(core.agent("alice").call("remind", text="t", **fields), needle)
+def test_remind_refused(module_core: CoreProcess, fields: dict[str, Any], needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call("alice", "remind", text="t", **fields), needle)
     assert core.status("alice")["pending_reminders"] == 0
 
 
