@@ -629,17 +629,25 @@ for _ in range(32):
         s.close()
         continue
     s.setblocking(False)
-    sent = idle = 0
-    while sent < len(cheap) and idle < 10:
-        try:
-            sent += s.send(cheap[sent:sent + 65536])
-            idle = 0
-        except BlockingIOError:
-            idle += 1
-            time.sleep(0.02)
-    left += sent
     opened += 1
     socks.append(s)
+# All filled together (as helpers.send_until_full_all): until 0.2 s pass with room on none.
+sent, idle = [0] * len(socks), 0
+while idle < 10:
+    moved = False
+    for i, s in enumerate(socks):
+        if sent[i] < len(cheap):
+            try:
+                sent[i] += s.send(cheap[sent[i]:sent[i] + 65536])
+                moved = True
+            except BlockingIOError:
+                pass
+    if not any(n < len(cheap) for n in sent):
+        break
+    idle = 0 if moved else idle + 1
+    if not moved:
+        time.sleep(0.02)
+left = sum(sent)
 for s in socks:
     s.close()
 time.sleep(1)
