@@ -19,6 +19,8 @@ from helpers import CoreProcess
 from hive_fixture import caged_hive, hive_factory  # noqa: F401  (whole-hive fixtures)
 from swarm_fixture import hive_swarm, hives, swarm  # noqa: F401  (three test hosts: hive-cores, whole hives)
 
+pytest_plugins = ["file_durations"]  # the slowest test files, in the terminal summary
+
 CoreFactory = Callable[..., CoreProcess]
 
 

@@ -329,6 +329,36 @@ def send_until_full(s: socket.socket, data: bytes) -> int:
     return sent
 
 
+def send_until_full_all(socks: list[socket.socket], data: bytes) -> list[int]:
+    """``send_until_full`` on every socket at once: each is sent ``data`` until 0.2 s pass
+    in which none of them took anything (so one the peer reads later than the others is
+    not taken for full), the idle waits overlapping rather than adding up (64 sockets:
+    0.2 s, not 13). What each took, in order; the sockets are left blocking."""
+    for s in socks:
+        s.setblocking(False)
+    sent = [0] * len(socks)
+    open_ = [i for i in range(len(socks)) if data]
+    idle = 0
+    while open_ and idle < 10:
+        moved = False
+        for i in list(open_):
+            try:
+                sent[i] += socks[i].send(data[sent[i] : sent[i] + 65536])
+            except BlockingIOError:
+                continue
+            moved = True
+            if sent[i] >= len(data):
+                open_.remove(i)
+        if moved:
+            idle = 0
+        else:
+            idle += 1
+            time.sleep(0.02)
+    for s in socks:
+        s.setblocking(True)
+    return sent
+
+
 # What agent_usage must say, by a SUM over every row it counts (per agent: pending, bytes,
 # pending to the operator, bytes to the operator).
 USAGE_SUM = """SELECT who, COUNT(*), SUM(b), SUM(op), SUM(op * b) FROM (

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, send_until_full, strict_loads, wait_for
+from helpers import CoreProcess, assert_ok, send_until_full_all, strict_loads, wait_for
 from hyperhive.core.agent_conn import AgentConnection
 from hyperhive.wire.framing import MAX_LINE
 
@@ -101,17 +101,21 @@ def test_a_last_line_without_newline_is_answered_after_a_half_close(core: CorePr
     assert [r.get("name", r.get("peers")) for r in replies] == ["alice", ["bob"]]
 
 
+def _connect_when_accepted(core: CoreProcess, name: str) -> socket.socket:
+    for _retry in range(100):  # the listener's backlog is small: one at a time
+        try:
+            return _connect(core, name)
+        except BlockingIOError:
+            time.sleep(0.02)
+    raise AssertionError(f"{name}'s agent.sock never took the connection")
+
+
 def _recvs_waiting(core: CoreProcess, n: int, half_close: bool = False) -> list[socket.socket]:
     """``n`` of bob's connections, each a recv waiting 60 s (and its writing half shut,
     with ``half_close``)."""
     conns = []
     for _ in range(n):
-        for _retry in range(100):  # the listener's backlog is small: one at a time
-            try:
-                conns.append(_connect(core, "bob"))
-                break
-            except BlockingIOError:
-                time.sleep(0.02)
+        conns.append(_connect_when_accepted(core, "bob"))
         conns[-1].sendall(_line({"cmd": "recv", "wait": 60}))
         if half_close:
             conns[-1].shutdown(socket.SHUT_WR)
@@ -235,25 +239,33 @@ TAILS: dict[str, bytes] = {
 GOES = ("close", "half, then close", "shut both, kept open", "linger 0, a reply unread")
 
 
-def _recv_then_go(core: CoreProcess, tail: bytes, how: str, kept: list[socket.socket]) -> None:
-    """One of bob's connections: a recv waiting 60 s, ``tail`` after its line, then the
-    peer goes ``how``."""
-    s = _connect(core, "bob")
-    head = _line({"cmd": "whoami"}) if how.startswith("linger") else b""  # its reply unread
-    s.sendall(head + _line({"cmd": "recv", "wait": 60}))
-    send_until_full(s, tail)
-    s.settimeout(20)
-    time.sleep(0.1)  # the recv waits in the core (or it goes first: the same must hold)
-    if how == "half, then close":
-        s.shutdown(socket.SHUT_WR)
-        time.sleep(0.1)  # the core reads the end of input before the close
-    elif how == "shut both, kept open":
-        s.shutdown(socket.SHUT_RDWR)
-        kept.append(s)
-        return
-    elif how.startswith("linger"):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
+def _recvs_then_go(core: CoreProcess, pairs: list[tuple[bytes, str]], kept: list[socket.socket]) -> None:
+    """One of bob's connections for each (``tail``, ``how``): a recv waiting 60 s, ``tail``
+    after its line, then the peer goes ``how``. All are set up first and go together, so
+    one pause (not one each) lets every recv reach the core before its peer goes."""
+    conns = []
+    for _tail, how in pairs:
+        s = _connect_when_accepted(core, "bob")
+        head = _line({"cmd": "whoami"}) if how.startswith("linger") else b""  # its reply unread
+        s.sendall(head + _line({"cmd": "recv", "wait": 60}))
+        conns.append((s, how))
+    for tail in {tail for tail, _ in pairs}:  # each tail on its sockets at once
+        send_until_full_all([s for (s, _), (t, _) in zip(conns, pairs, strict=True) if t == tail], tail)
+    for s, _ in conns:
+        s.settimeout(20)
+    time.sleep(0.1)  # the recvs wait in the core (or one goes first: the same must hold)
+    for s, how in conns:
+        if how == "half, then close":
+            s.shutdown(socket.SHUT_WR)
+    time.sleep(0.1)  # the core reads the ends of input before the closes
+    for s, how in conns:
+        if how == "shut both, kept open":
+            s.shutdown(socket.SHUT_RDWR)
+            kept.append(s)
+            continue
+        if how.startswith("linger"):
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
 
 
 def _cpu(pid: int) -> float:
@@ -274,10 +286,8 @@ def test_a_recv_waiting_with_input_left_ends_when_its_peer_goes(core: CoreProces
     before = _open_sockets(core)
     kept: list[socket.socket] = []
     try:
-        for _ in range(2):
-            for tail in TAILS.values():
-                for how in GOES:
-                    _recv_then_go(core, tail, how, kept)
+        for _ in range(2):  # 24 a round (under the cap): the second round only fits if the first went
+            _recvs_then_go(core, [(tail, how) for tail in TAILS.values() for how in GOES], kept)
             wait_for(lambda: _open_sockets(core) <= before, timeout=10)
         cpu0 = _cpu(core.proc.pid)
         time.sleep(2)  # the shut-both peers still hold their sockets

@@ -29,24 +29,26 @@ def inbox_is_empty(core: CoreProcess, name: str) -> bool:
 # -- whoami / peers ------------------------------------------------------------------
 
 
-def test_whoami_names_the_socket_owner(core: CoreProcess) -> None:
+def test_whoami_names_the_socket_owner(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at
     for name in ("alice", "bob", "carol"):
-        resp = assert_ok(core.agent(name).call("whoami"))
+        resp = assert_ok(core.agent_call(name, "whoami"))
         assert resp["name"] == name
         assert "parent" not in resp  # config agents have none; absent, not null
         no_nulls(resp)
 
 
-def test_peers(core: CoreProcess) -> None:
-    assert assert_ok(core.agent("alice").call("peers"))["peers"] == ["bob"]
-    assert assert_ok(core.agent("bob").call("peers"))["peers"] == ["alice", "carol"]
-    assert assert_ok(core.agent("carol").call("peers"))["peers"] == []
+def test_peers(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at
+    assert assert_ok(core.agent_call("alice", "peers"))["peers"] == ["bob"]
+    assert assert_ok(core.agent_call("bob", "peers"))["peers"] == ["alice", "carol"]
+    assert assert_ok(core.agent_call("carol", "peers"))["peers"] == []
 
 
-def test_many_requests_on_one_connection(core: CoreProcess) -> None:
-    c = core.agent("bob")
-    for _ in range(50):
-        assert assert_ok(c.call("whoami"))["name"] == "bob"
+def test_many_requests_on_one_connection(module_core: CoreProcess) -> None:
+    with module_core.agent("bob") as c:  # shared core: only looked at
+        for _ in range(50):
+            assert assert_ok(c.call("whoami"))["name"] == "bob"
 
 
 # -- send / recv / ack ----------------------------------------------------------------
@@ -92,22 +94,23 @@ def test_unicode_body_round_trips(core: CoreProcess) -> None:
         ("alice", "alice", "itself"),
     ],
 )
-def test_send_refused(core: CoreProcess, sender: str, to: str, needle: str) -> None:
-    assert_refused(core.agent(sender).call("send", to=to, body="x"), needle)
+def test_send_refused(module_core: CoreProcess, sender: str, to: str, needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call(sender, "send", to=to, body="x"), needle)
     for name in ("alice", "bob", "carol"):
         assert inbox_is_empty(core, name)
     assert core.host_call("inbox")["messages"] == []
 
 
-def test_recv_empty_returns_immediately_without_wait(core: CoreProcess) -> None:
-    t = time.monotonic()
-    assert assert_ok(core.agent("alice").call("recv"))["messages"] == []
+def test_recv_empty_returns_immediately_without_wait(module_core: CoreProcess) -> None:
+    t = time.monotonic()  # shared core: alice's inbox is empty there (its sends are refused)
+    assert assert_ok(module_core.agent_call("alice", "recv"))["messages"] == []
     assert time.monotonic() - t < 2
 
 
-def test_recv_wait_expires_empty(core: CoreProcess) -> None:
-    t = time.monotonic()
-    assert assert_ok(core.agent("alice").call("recv", wait=0.5))["messages"] == []
+def test_recv_wait_expires_empty(module_core: CoreProcess) -> None:
+    t = time.monotonic()  # shared core: alice's inbox is empty there (its sends are refused)
+    assert assert_ok(module_core.agent_call("alice", "recv", wait=0.5))["messages"] == []
     assert time.monotonic() - t >= 0.45
 
 
@@ -286,16 +289,17 @@ def test_ask_peer_and_answer(core: CoreProcess) -> None:
     assert recv_all(core, "alice", wait=0) == []
 
 
-def test_ask_refused_to_non_peer_and_unknown(core: CoreProcess) -> None:
-    assert_refused(core.agent("carol").call("ask", to="alice", question="?"), "not one of carol's peers")
-    assert_refused(core.agent("alice").call("ask", to="nobody-here", question="?"), "no agent named")
-    assert_refused(core.agent("alice").call("ask", to="alice", question="?"), "itself")
+def test_ask_refused_to_non_peer_and_unknown(module_core: CoreProcess) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call("carol", "ask", to="alice", question="?"), "not one of carol's peers")
+    assert_refused(core.agent_call("alice", "ask", to="nobody-here", question="?"), "no agent named")
+    assert_refused(core.agent_call("alice", "ask", to="alice", question="?"), "itself")
     assert core.host_call("questions")["questions"] == []
     assert inbox_is_empty(core, "alice")
 
 
-def test_answer_unknown_question_refused(core: CoreProcess) -> None:
-    assert_refused(core.agent("bob").call("answer", id=999, answer="x"), "no question 999")
+def test_answer_unknown_question_refused(module_core: CoreProcess) -> None:
+    assert_refused(module_core.agent_call("bob", "answer", id=999, answer="x"), "no question 999")
 
 
 # -- approvals -------------------------------------------------------------------------
@@ -337,8 +341,9 @@ def test_request_approval_spawn(core: CoreProcess) -> None:
         ("spawn", {"name": "bob", "spec": {"command": ["true"]}}, "already exists"),
     ],
 )
-def test_request_approval_refused(core: CoreProcess, kind: str, payload: Any, needle: str) -> None:
-    assert_refused(core.agent("alice").call("request_approval", kind=kind, description="d", payload=payload), needle)
+def test_request_approval_refused(module_core: CoreProcess, kind: str, payload: Any, needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call("alice", "request_approval", kind=kind, description="d", payload=payload), needle)
     assert core.host_call("pending")["approvals"] == []
 
 
@@ -400,8 +405,9 @@ def test_remind_counts_pending(core: CoreProcess) -> None:
         ({"at": "2999-01-01T00:00:00+00:00"}, "a year"),
     ],
 )
-def test_remind_refused(core: CoreProcess, fields: dict[str, Any], needle: str) -> None:
-    assert_refused(core.agent("alice").call("remind", text="t", **fields), needle)
+def test_remind_refused(module_core: CoreProcess, fields: dict[str, Any], needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    assert_refused(core.agent_call("alice", "remind", text="t", **fields), needle)
     assert core.status("alice")["pending_reminders"] == 0
 
 

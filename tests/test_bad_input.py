@@ -126,8 +126,11 @@ def send_line(c: Client, raw: bytes) -> dict[str, Any]:
 
 
 @pytest.fixture(params=["agent", "host"])
-def conn(request: pytest.FixtureRequest, core: CoreProcess) -> Client:
-    return core.agent("alice") if request.param == "agent" else core.host()
+def conn(request: pytest.FixtureRequest, module_core: CoreProcess) -> Iterator[Client]:
+    """A connection to the module's shared core (these lines change nothing: the tests
+    below that share it check that; a fresh core each cost a second of start-up)."""
+    with module_core.agent("alice") if request.param == "agent" else module_core.host() as c:
+        yield c
 
 
 def probe(c: Client) -> None:
@@ -159,13 +162,14 @@ def test_malformed_lines_refused_and_connection_survives(conn: Client) -> None:
         ("host", b'{"cmd":"inbox","after":100000000000000000000000}'),
     ],
 )
-def test_out_of_range_numbers_refused(core: CoreProcess, sock: str, line: bytes) -> None:
+def test_out_of_range_numbers_refused(module_core: CoreProcess, sock: str, line: bytes) -> None:
     """Numbers JSON can carry but the hive can't store: a clear refusal, never an
     internal error, and never a non-JSON ``Infinity`` in a reply."""
-    c = core.agent("alice") if sock == "agent" else core.host()
-    resp = send_line(c, line)
-    assert "out of range" in resp["error"], resp
-    probe(c)
+    core = module_core  # shared: a refusal changes nothing, and that is checked
+    with core.agent("alice") if sock == "agent" else core.host() as c:
+        resp = send_line(c, line)
+        assert "out of range" in resp["error"], resp
+        probe(c)
     assert core.status("alice")["pending_reminders"] == 0
     assert core.host_call("pending")["approvals"] == []
 
@@ -200,7 +204,8 @@ def test_pipelined_requests_answered_in_order(core: CoreProcess) -> None:
 
 
 @pytest.mark.parametrize(("req", "needle"), AGENT_TYPE_ERRORS)
-def test_agent_wrong_types(core: CoreProcess, req: dict[str, Any], needle: str) -> None:
+def test_agent_wrong_types(module_core: CoreProcess, req: dict[str, Any], needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
     with core.agent("alice") as c:
         resp = send_line(c, json.dumps(req).encode())
         assert needle.lower() in resp["error"].lower(), resp
@@ -215,7 +220,8 @@ def test_agent_wrong_types(core: CoreProcess, req: dict[str, Any], needle: str) 
 
 
 @pytest.mark.parametrize(("req", "needle"), HOST_TYPE_ERRORS)
-def test_host_wrong_types(core: CoreProcess, req: dict[str, Any], needle: str) -> None:
+def test_host_wrong_types(module_core: CoreProcess, req: dict[str, Any], needle: str) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
     before = [core.host_call(c) for c in ("agent_status", "pending", "questions", "inbox")]
     with core.host() as c:
         resp = send_line(c, json.dumps(req).encode())

@@ -71,18 +71,21 @@ def sha256_of(value: Any) -> str:
 # -- whoami / peers ----------------------------------------------------------------------
 
 
-def test_whoami(core: CoreProcess) -> None:
+def test_whoami(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at
     for name in ("alice", "bob", "carol"):
         assert ok_out(agent(core, name, "whoami")) == f"{name}\n"
         assert ok_json(agent(core, name, "whoami", "--json")) == {"version": 1, "ok": True, "name": name}
 
 
-def test_socket_from_hive_socket_env(core: CoreProcess) -> None:
+def test_socket_from_hive_socket_env(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at
     proc = run_hive("agent", "whoami", env={"HIVE_SOCKET": str(core.agent_sock("bob"))})
     assert ok_out(proc) == "bob\n"
 
 
-def test_peers(core: CoreProcess) -> None:
+def test_peers(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at
     assert ok_out(agent(core, "alice", "peers")) == "bob\n"
     assert ok_out(agent(core, "bob", "peers")) == "alice\ncarol\n"
     assert ok_out(agent(core, "carol", "peers")) == ""
@@ -190,7 +193,8 @@ def test_request_approval_spawn(core: CoreProcess) -> None:
     )
 
 
-def test_request_approval_bad_input(core: CoreProcess) -> None:
+def test_request_approval_bad_input(module_core: CoreProcess) -> None:
+    core = module_core  # shared: a refusal changes nothing, and that is checked
     err = one_line_error(agent(core, "alice", "request-approval", "custom", "x", "--payload", "{not json"))
     assert "--payload is not valid JSON" in err
     bad_kind = agent(core, "alice", "request-approval", "root", "x")

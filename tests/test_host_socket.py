@@ -64,12 +64,14 @@ def inbox(core: CoreProcess, name: str) -> list[dict[str, Any]]:
 # -- list / agent_status -------------------------------------------------------------------
 
 
-def test_list(core: CoreProcess) -> None:
+def test_list(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at (no test sharing it changes it)
     resp = assert_ok(core.host_call("list"))
     assert resp["agents"] == ["alice", "bob", "carol"]
 
 
-def test_agent_status_rows(core: CoreProcess) -> None:
+def test_agent_status_rows(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at (no test sharing it changes it)
     resp = assert_ok(core.host_call("agent_status"))
     no_nulls(resp)
     rows = resp["agent_statuses"]
@@ -371,7 +373,8 @@ def test_destroy(core: CoreProcess) -> None:
     assert_refused(core.host_call("approve", id=aid), "already cancelled")
 
 
-def test_urls(core: CoreProcess) -> None:
+def test_urls(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at (no test sharing it changes it)
     resp = assert_ok(core.host_call("urls"))
     no_nulls(resp)
     assert resp["urls"]["domain"] == "127.0.0.1"
@@ -491,7 +494,8 @@ def connect_as(path: Path, uid: int, gid: int, groups: list[int], request: bytes
     return tag.decode(), rest
 
 
-def test_host_sock_mode(core: CoreProcess) -> None:
+def test_host_sock_mode(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at (no test sharing it changes it)
     st = core.host_sock.stat()
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == 0o660
@@ -528,13 +532,15 @@ def test_a_peer_in_hive_admin_by_its_kernel_credentials_only_is_accepted(
     assert assert_ok(strict_loads(reply))["agents"] == ["alice", "bob", "carol"]
 
 
-def test_non_admin_blocked_by_file_mode(core: CoreProcess) -> None:
+def test_non_admin_blocked_by_file_mode(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at (no test sharing it changes it)
     nobody = pwd.getpwnam("nobody")
     tag, reply = connect_as(core.host_sock, 65534, nobody.pw_gid, [])
     assert (tag, reply) == ("error", b"13")  # EACCES: 0660, not owner, not in the group
 
 
-def test_agent_sock_not_connectable_by_other_uid(core: CoreProcess) -> None:
+def test_agent_sock_not_connectable_by_other_uid(module_core: CoreProcess) -> None:
+    core = module_core  # shared: only looked at (no test sharing it changes it)
     tag, reply = connect_as(core.agent_sock("alice"), 65534, 65534, [], b'{"cmd":"whoami"}\n')
     assert (tag, reply) == ("error", b"13")
 

@@ -116,7 +116,8 @@ class LineReader:
 # -- the tool list -----------------------------------------------------------------------
 
 
-def test_lists_the_agent_verbs_as_tools(core: CoreProcess, mcp_errlog: Path) -> None:
+def test_lists_the_agent_verbs_as_tools(module_core: CoreProcess, mcp_errlog: Path) -> None:
+    core = module_core  # shared: this changes nothing
     async def body(s: ClientSession) -> Any:
         return (await s.list_tools()).tools
 
@@ -141,7 +142,8 @@ def test_lists_the_agent_verbs_as_tools(core: CoreProcess, mcp_errlog: Path) -> 
 # -- each tool, its effect seen through host.sock -----------------------------------------
 
 
-def test_whoami_and_peers(core: CoreProcess, mcp_errlog: Path) -> None:
+def test_whoami_and_peers(module_core: CoreProcess, mcp_errlog: Path) -> None:
+    core = module_core  # shared: this changes nothing
     async def body(s: ClientSession) -> tuple[dict[str, Any], dict[str, Any]]:
         return ok_result(await s.call_tool("whoami", {})), ok_result(await s.call_tool("peers", {}))
 
@@ -149,7 +151,8 @@ def test_whoami_and_peers(core: CoreProcess, mcp_errlog: Path) -> None:
     assert run_mcp(core.agent_sock("bob"), body, mcp_errlog) == ({"name": "bob"}, {"peers": ["alice", "carol"]})
 
 
-def test_socket_from_hive_socket_env(core: CoreProcess, mcp_errlog: Path) -> None:
+def test_socket_from_hive_socket_env(module_core: CoreProcess, mcp_errlog: Path) -> None:
+    core = module_core  # shared: this changes nothing
     async def body(s: ClientSession) -> dict[str, Any]:
         return ok_result(await s.call_tool("whoami", {}))
 
@@ -178,7 +181,8 @@ def test_send_message_to_peer_reaches_it(core: CoreProcess, mcp_errlog: Path) ->
     assert assert_ok(core.host_call("inbox"))["messages"] == []
 
 
-def test_refused_calls_are_tool_errors_with_the_reason(core: CoreProcess, mcp_errlog: Path) -> None:
+def test_refused_calls_are_tool_errors_with_the_reason(module_core: CoreProcess, mcp_errlog: Path) -> None:
+    core = module_core  # shared: this changes nothing (checked)
     # What the socket itself says to the same requests, for comparison.
     not_peer = core.agent_call("alice", "send", to="carol", body="psst")["error"]
     no_question = core.agent_call("alice", "answer", id=4242, answer="yes")["error"]
@@ -269,7 +273,8 @@ def test_request_approval_shows_in_pending_with_its_sha256(core: CoreProcess, mc
     assert row["payload_sha256"] == req["payload_sha256"]
 
 
-def test_request_approval_refused_kind(core: CoreProcess, mcp_errlog: Path) -> None:
+def test_request_approval_refused_kind(module_core: CoreProcess, mcp_errlog: Path) -> None:
+    core = module_core  # shared: this changes nothing (checked)
     reason = core.agent_call("alice", "request_approval", kind="root-me", description="x")["error"]
 
     async def body(s: ClientSession) -> str:

@@ -66,7 +66,10 @@ NO_JSON = {
 
 
 def leaves(group: click.Group, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], click.Command]]:
-    for name, cmd in sorted(group.commands.items()):
+    ctx = click.Context(group)  # list_commands: the top group imports its verbs when asked (main.LazyGroup)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None, name
         if isinstance(cmd, click.Group):
             yield from leaves(cmd, (*path, name))
         else:

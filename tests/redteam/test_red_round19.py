@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from helpers import CoreProcess, assert_ok, send_until_full, wait_for
+from helpers import CoreProcess, assert_ok, send_until_full, send_until_full_all, wait_for
 from hyperhive.cage import init as cage_init
 from hyperhive.cage import layout
 
@@ -426,13 +426,13 @@ def test_closed_waits_at_the_cap_with_megabytes_left_cost_no_more_than_a_live_ag
     pid = core.proc.pid
     before = _fds(core)
     rss0 = int(_status(pid)["VmRSS"].split()[0])
-    conns, left = [], 0
+    conns = []
     cheap = _line({"cmd": "whoami"}) * ((3 << 20) // len(_line({"cmd": "whoami"})))
     for _ in range(32):
         s = _connect(core, "bob")
         s.sendall(_line({"cmd": "recv", "wait": 3600}))
-        left += send_until_full(s, cheap)
         conns.append(s)
+    left = sum(send_until_full_all(conns, cheap))  # filled together: their idle waits overlap
     worst, stop = [0.0], threading.Event()
 
     def other() -> None:
@@ -549,8 +549,9 @@ def test_paused_waits_on_reused_descriptors_end_only_their_own(core: CoreProcess
         for _ in range(32):
             s = _connect(core, name)
             s.sendall(_line({"cmd": "recv", "wait": 60}))
-            send_until_full(s, BIG)
             conns.append(s)
+    sent = send_until_full_all(conns, BIG)  # filled together: their idle waits overlap
+    assert min(sent) > 2 << 20, sent  # every one paused: the core stopped reading it
     during = _fds(core)
     assert during.get("anon_inode:[eventpoll]", 0) <= before.get("anon_inode:[eventpoll]", 0) + 1, during
     for s in conns:
@@ -628,17 +629,25 @@ for _ in range(32):
         s.close()
         continue
     s.setblocking(False)
-    sent = idle = 0
-    while sent < len(cheap) and idle < 10:
-        try:
-            sent += s.send(cheap[sent:sent + 65536])
-            idle = 0
-        except BlockingIOError:
-            idle += 1
-            time.sleep(0.02)
-    left += sent
     opened += 1
     socks.append(s)
+# All filled together (as helpers.send_until_full_all): until 0.2 s pass with room on none.
+sent, idle = [0] * len(socks), 0
+while idle < 10:
+    moved = False
+    for i, s in enumerate(socks):
+        if sent[i] < len(cheap):
+            try:
+                sent[i] += s.send(cheap[sent[i]:sent[i] + 65536])
+                moved = True
+            except BlockingIOError:
+                pass
+    if not any(n < len(cheap) for n in sent):
+        break
+    idle = 0 if moved else idle + 1
+    if not moved:
+        time.sleep(0.02)
+left = sum(sent)
 for s in socks:
     s.close()
 time.sleep(1)

@@ -366,6 +366,12 @@ def read_token(state_dir: Path) -> str:
         return f.read(256).strip()
 
 
+# Cages stopped at once when the hive stops: one at a time, each waited for its cgroup to
+# empty (~0.1 s), 100 cages took 12 s and 1,000 two minutes; hive-priv serves each of
+# root's connections in a thread of its own.
+STOP_AT_ONCE = 8
+
+
 async def stop_all_cages(priv_sock: Path) -> bool:
     """Stop every running cage. False (the reasons logged) if any may still be running."""
     try:
@@ -373,16 +379,19 @@ async def stop_all_cages(priv_sock: Path) -> bool:
         if not status.get("ok"):
             log.error("could not stop the cages: hive-priv: %s", status.get("error"))
             return False
-        stopped = True
-        for name, cage in status.get("cages", {}).items():
-            if cage.get("running"):
+        slots = asyncio.Semaphore(STOP_AT_ONCE)
+
+        async def stop(name: str) -> bool:
+            async with slots:
                 reply = await asyncio.to_thread(priv_call, str(priv_sock), wp.StopCage(name=name))
-                if reply.get("ok"):
-                    log.info("cage %s stopped", name)
-                else:
-                    log.error("could not stop cage %s: %s", name, reply.get("error"))
-                    stopped = False
-        return stopped
+            if reply.get("ok"):
+                log.info("cage %s stopped", name)
+                return True
+            log.error("could not stop cage %s: %s", name, reply.get("error"))
+            return False
+
+        running = [name for name, cage in status.get("cages", {}).items() if cage.get("running")]
+        return all(await asyncio.gather(*(stop(name) for name in running)))
     except (OSError, ValueError) as e:
         log.error("could not stop the cages: %s", e)
         return False
