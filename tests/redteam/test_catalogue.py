@@ -80,6 +80,8 @@ REQUIRED = {
     # red team round 17: host-wide kernel counters, core dumps, init's reading of /proc
     "kernel.host-counters", "cage.core-dumps", "init.status-parse", "cage.scheduling",
     "gateway.page-socket-link",
+    # session 13: a CPU share per cage
+    "budget.cpu",
 }
 
 PLUGIN = r'''
