@@ -15,8 +15,9 @@ agent's one gets, and hive-core wins over the whole hive.
 Measured on the 2-core test host (shared, load 30-90), three runs each. Before: the other
 agent's 0.42-0.50 s task took 4.9-8.9 s (median) while the loops spun, 4-12 whoami and
 agent_status samples in 5-8 s, the slowest 1.06-1.54 s, 500 sends 3.6-4.5 s (0.02-0.05 s
-without the hog). After: the task 0.50-1.22 s (0.50-0.81 s without), the slowest whoami
-4.8-8.2 ms and agent_status 8.1-11.1 ms in ~200 samples, 500 sends 0.02-0.03 s."""
+without the hog). After (six runs): the task 0.50-1.22 s (0.22-0.81 s without, at most
+3.1 times as long), the slowest whoami 4.7-8.2 ms and agent_status 4.4-46.8 ms in
+161-217 samples, 500 sends 0.01-0.03 s."""
 
 from __future__ import annotations
 
@@ -254,8 +255,9 @@ def test_busy_loops_of_one_agent_do_not_starve_the_others_or_the_core(cpu_hive: 
 
     # The other agent's one process against the hog's 200: the two cages have equal weights,
     # so it has about half of what the hog has (2/3 of one CPU against 1/3 of it and all of
-    # the other); as a task of its own, about 1/100 of a CPU: its task took the hog's 8 s.
-    assert statistics.median(w for w, _ in busy) < 4 * statistics.median(w for w, _ in base), (base, busy)
+    # the other; 3.1 times as long at most, measured); as a task of its own, about 1/100 of a
+    # CPU: its task took the hog's 8 s (at least 9.8 times as long, measured).
+    assert statistics.median(w for w, _ in busy) < 5 * statistics.median(w for w, _ in base), (base, busy)
     # The core: a whoami and an agent_status answered as they were, give or take, and the
     # pipelined sends about as fast.
     assert len(whoami[1]) >= 10 and len(status[1]) >= 10  # 4 to 12 in 5 to 8 s before
