@@ -684,6 +684,27 @@ def cage_back_to_baseline(hive: HiveProcess, name: str) -> Iterator[set[int]]:
     assert not stragglers, f"processes left over in {name}'s cage: {stragglers}"
 
 
+def test_every_process_of_a_cage_is_in_its_cpu_cgroup(caged_hive: HiveProcess, world: World) -> None:
+    """The cage's init, harness and an exec'd process: in the cage's cpu cgroup
+    (hive/<key>/<name>), at the default weight, as every other cage of the hive."""
+    h = caged_hive
+    for name in h.names:
+        assert h.cgroup(name).cpu_weight() == 100, name
+    cg = h.cgroup("carol")
+    probe = h.exec("carol", "cat", "/proc/self/cgroup")
+    assert probe.returncode == 0, probe.stderr
+    key = "" if is_v2() else "cpu"
+    for pid, text in [*((p, Path(f"/proc/{p}/cgroup").read_text()) for p in h.cage_procs("carol")), (0, probe.stdout)]:
+        where = {c: path for _, cs, path in (line.split(":", 2) for line in text.splitlines()) for c in cs.split(",")}
+        # The exec's own view (pid 0 here) would be relative to a cgroup namespace of the
+        # cage's, had it one: its cpu cgroup is where its pids cgroup is, either way.
+        assert where[key] == where["pids"] and where["pids"] in ("/", f"/hive/{cg.key}/carol"), (pid, text)
+        assert pid == 0 or where["pids"] == f"/hive/{cg.key}/carol", (pid, text)
+    if not is_v2():
+        assert cg.cpu_dir is not None
+        assert set(h.cage_procs("carol")) <= {int(x) for x in (cg.cpu_dir / "cgroup.procs").read_text().split()}
+
+
 FORK_BOMB = """
 import subprocess, time
 t0 = time.monotonic()

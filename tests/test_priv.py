@@ -29,7 +29,7 @@ from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, proc_start_time, 
 from hyperhive.cli.up import ADMIN_GROUP, CORE_USER, ensure_group, ensure_user
 from hyperhive.client import priv_send
 from hyperhive.names import NAME_RE
-from hyperhive.priv.cgroups import CGROUP_ROOT, Cgroup
+from hyperhive.priv.cgroups import CGROUP_ROOT, Cgroup, has_cpu, hive_dirs, is_v2, remove_hive
 from hyperhive.wire.framing import MAX_LINE
 
 HIVE_PRIV = VENV_BIN / "hive-priv"
@@ -119,6 +119,76 @@ def test_no_cgroup_hierarchy_is_said_in_one_line(tmp_path: Path) -> None:
         Cgroup("alice", "hkey", root=root).create(64, 32)
     assert "no cgroup hierarchy under" in str(e.value) and "\n" not in str(e.value), e.value
     assert list(root.iterdir()) == []
+
+
+def test_a_cage_joins_its_cpu_cgroup_with_equal_weights_and_leaves_none_behind() -> None:
+    """A process joined to a cage is in its cpu cgroup (v1: the cpu hierarchy's
+    hive/<key>/<name>; v2: the one cgroup, cpu enabled down to it), the cage and its hive
+    at the default weight, all hives a quarter of it; remove takes the cage's and the
+    hive's cpu cgroups too, and remove_hive every one of them."""
+    assert has_cpu(), "no cpu controller on this host"
+    key = f"h{os.urandom(6).hex()}"
+    cg = Cgroup("cpu", key)
+    assert cg.cpu_dir is not None
+    cg.create(64, 16)
+    proc = subprocess.Popen(["sleep", "600"])
+    try:
+        cg.join(proc.pid)
+        lines = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()
+        where = {c: path for _, cs, path in (line.split(":", 2) for line in lines) for c in cs.split(",")}
+        assert where["" if is_v2() else "cpu"] == f"/hive/{key}/cpu", lines
+        assert cg.cpu_weight() == 100
+        name, scale = ("cpu.weight", 1) if is_v2() else ("cpu.shares", 1024 / 100)
+        weights = [int((d / name).read_text()) for d in (cg.cpu_dir, cg.cpu_dir.parent, cg.cpu_dir.parent.parent)]
+        assert weights == [round(100 * scale), round(100 * scale), round(25 * scale)], weights
+        if is_v2():
+            assert "cpu" in (cg.cpu_dir.parent / "cgroup.subtree_control").read_text().split()
+    finally:
+        proc.kill()
+        proc.wait()
+        wait_until(lambda: not cg.pids(), 10, "the sleep to leave the cgroup")
+    cg.remove()
+    assert not cg.cpu_dir.exists() and not cg.cpu_dir.parent.exists()
+    assert not any(d.exists() for d in cg.dirs)
+    # And from a hive's key: every hierarchy's (the cpu one too).
+    cg.create(64, 16)
+    assert all(d.is_dir() for d in hive_dirs(key))
+    assert remove_hive(key) == 2 * len(hive_dirs(key))
+    assert not cg.cpu_dir.exists() and not any(d.exists() for d in hive_dirs(key))
+
+
+def test_cgroup_v2_enables_cpu_down_the_subtree(tmp_path: Path) -> None:
+    """v2 (not this host's: a tree of plain files): +cpu with +pids +memory in one write
+    at each level, and the weights."""
+    (tmp_path / "cgroup.controllers").write_text("cpuset cpu io memory pids\n")
+    cg = Cgroup("bob", "hkey", tmp_path)
+    assert cg.v2 and cg.cpu_dir == tmp_path / "hive" / "hkey" / "bob"
+    cg.create(64, 32)
+    for d in (tmp_path, tmp_path / "hive", tmp_path / "hive" / "hkey"):
+        assert (d / "cgroup.subtree_control").read_text() == "+pids +memory +cpu"
+    assert [(d / "cpu.weight").read_text() for d in (cg.cpu_dir, cg.cpu_dir.parent, cg.cpu_dir.parent.parent)] == [
+        "100", "100", "25"]
+    assert cg.cpu_weight() == 100
+
+
+def test_no_cpu_controller_still_makes_the_cage(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A host without the cpu controller (v1 with no cpu hierarchy; v2 without cpu in its
+    controllers): the cage's pids and memory cgroups are made, and that is said once."""
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for c in ("pids", "memory"):
+        (v1 / c).mkdir(parents=True)
+    v2.mkdir()
+    (v2 / "cgroup.controllers").write_text("pids memory\n")
+    for root in (v1, v2):
+        for name in ("alice", "bob"):
+            cg = Cgroup(name, "hkey", root)
+            assert cg.cpu_dir is None
+            cg.create(64, 32)
+            assert (cg.dirs[0] / "pids.max").read_text() == "32"
+            assert cg.cpu_weight() is None
+        assert not (root / "cpu").exists()
+    said = [r.getMessage() for r in caplog.records if "no CPU share" in r.getMessage()]
+    assert len(said) == 2, said  # once for each root, not for each cage
 
 
 PF_EXITING = 0x4  # /proc/<pid>/stat's flags: the process has begun to exit

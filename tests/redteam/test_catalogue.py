@@ -82,6 +82,8 @@ REQUIRED = {
     "gateway.page-socket-link",
     # red team round 20: a cage's limit hits hidden from the operator
     "cage.limit-hits-hidden",
+    # session 13: a CPU share per cage
+    "budget.cpu",
 }
 
 PLUGIN = r'''

@@ -228,8 +228,9 @@ def enter_cage_limits(cgroup: Cgroup) -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(CAGE_NOFILE[0], hard), hard))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     # No real-time policy and no nice below 0, whatever hive-priv was given (a unit's
-    # LimitRTPRIO=): cages have no CPU limit, and a SCHED_FIFO busy loop would take 95%
-    # of a CPU from every ordinary process of the host (red team round 17).
+    # LimitRTPRIO=): a cage's CPU share is a weight among ordinary tasks, and a SCHED_FIFO
+    # busy loop would take 95% of a CPU from every ordinary process of the host (red team
+    # round 17).
     resource.setrlimit(resource.RLIMIT_RTPRIO, (0, 0))
     resource.setrlimit(resource.RLIMIT_NICE, (0, 0))
 

@@ -1,21 +1,38 @@
-"""Per-cage pids and memory limits: cgroup v2 where the host has it, v1 (the
-``pids`` and ``memory`` controllers) where that is what it has."""
+"""Per-cage pids and memory limits, and a fair share of the CPU: cgroup v2 where the
+host has it, v1 (the ``pids``, ``memory`` and ``cpu`` controllers) where that is what it
+has."""
 
 from __future__ import annotations
 
 import errno
 import functools
 import hashlib
+import logging
 import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hyperhive.names import check_name
 
+log = logging.getLogger("hive.priv")
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 GROUP = "hive"
+# CPU weights (cgroup v2's cpu.weight; v1's cpu.shares is 1024 for 100). Every cage gets
+# the default, and so does every hive under ``hive``: a cage competes with the other cages
+# of its hive as one group whatever it runs (250 busy processes get what one busy process
+# of another cage gets), and its hive with other hives. The whole ``hive`` subtree,
+# every hive's cages together, gets a quarter of a default group's weight: the host's own
+# processes (hive-core, hive-priv, nginx, the operator's shell, each a default weight:
+# a task, an autogroup or a systemd unit's group) win the CPU from the agents when both
+# want it, and when the host is otherwise idle the agents still have all of it (a weight
+# is a share under contention, not a cap).
+CAGE_CPU_WEIGHT = 100
+HIVE_CPU_WEIGHT = 100
+ALL_HIVES_CPU_WEIGHT = 25
 # pidfds signal_all holds at once. Not select()'s 1,023 any more (every wait in hive-priv
 # is poll), but descriptors all the same: up to 64 stops run side by side (the core's
 # connections), a batch each. A bigger batch buys nothing: each pid costs the same
@@ -41,6 +58,35 @@ def is_v2(root: Path = CGROUP_ROOT) -> bool:
     # Once per root: a host does not change its cgroup layout under a running hive, and
     # the stat was a third of making a Cgroup (every cage, every limits poll).
     return (root / "cgroup.controllers").exists()
+
+
+@functools.cache
+def has_cpu(root: Path = CGROUP_ROOT) -> bool:
+    """Whether the host has the cpu controller: v2, in the root's ``cgroup.controllers``
+    (a container's delegated tree may lack it); v1, a ``cpu`` hierarchy (possibly
+    mounted with cpuacct, ``cpu`` then a link to ``cpu,cpuacct``)."""
+    if is_v2(root):
+        try:
+            return "cpu" in (root / "cgroup.controllers").read_text().split()
+        except OSError:
+            return False
+    return (root / "cpu" / "cpu.shares").exists()
+
+
+def _v1_shares(weight: int) -> int:
+    return weight * 1024 // 100
+
+
+_CPU_SAID: set[str] = set()
+
+
+def _cpu_unavailable(why: str) -> None:
+    """Said once per reason in hive-priv's life: cages start without a CPU share of their
+    own (as before there was one), they are not refused. The pids and memory cgroups are
+    the boundary; the CPU share is fairness between agents and the host."""
+    if why not in _CPU_SAID:
+        _CPU_SAID.add(why)
+        log.warning("cages get no CPU share of their own (they compete as host processes): %s", why)
 
 
 class Pinned:
@@ -96,24 +142,49 @@ class Cgroup:
         self.name = check_name(name)
         self.key = check_name(key)
         self.v2 = is_v2(root)
+        self.root = root
         if self.v2:
             self.dirs = [root / GROUP / self.key / self.name]
         else:
             self.dirs = [root / c / GROUP / self.key / self.name for c in ("pids", "memory")]
+        # Where the cage's cpu.weight (v2) or cpu.shares (v1) is; None without the cpu
+        # controller. Not in ``dirs``: those are the boundary (what ``pids`` lists, what a
+        # stop empties, what ``pin`` checks), this is fairness only.
+        self.cpu_dir: Path | None = None
+        if has_cpu(root):
+            self.cpu_dir = self.dirs[0] if self.v2 else root / "cpu" / GROUP / self.key / self.name
 
     def create(self, memory_mib: int, pids_max: int) -> None:
         if self.v2:
             hive_dir = self.dirs[0].parent
             hive_dir.mkdir(parents=True, exist_ok=True)
-            # Delegate the controllers we limit down the hive's subtree.
+            # Delegate the controllers we use down the hive's subtree.
+            cpu = self.cpu_dir is not None
             for d in (hive_dir.parent.parent, hive_dir.parent, hive_dir):
-                (d / "cgroup.subtree_control").write_text("+pids +memory")
+                control = d / "cgroup.subtree_control"
+                if cpu:
+                    try:
+                        # One write: the kernel enables all three or none.
+                        control.write_text("+pids +memory +cpu")
+                        continue
+                    except OSError as e:
+                        # EINVAL with a real-time process outside the root (RT group
+                        # scheduling), EBUSY with processes in an inner cgroup of a tree
+                        # that is not ours: the cage starts all the same.
+                        _cpu_unavailable(f"+cpu in {control}: {e.strerror}")
+                        cpu = False
+                control.write_text("+pids +memory")
             self.dirs[0].mkdir(exist_ok=True)
             (self.dirs[0] / "pids.max").write_text(str(pids_max))
             (self.dirs[0] / "memory.max").write_text(str(memory_mib * 1024 * 1024))
             swap = self.dirs[0] / "memory.swap.max"
             if swap.exists():
                 swap.write_text("0")
+            if cpu:
+                self._set_cpu_weights("cpu.weight", lambda w: w)
+            elif self.cpu_dir is None:
+                where = self.dirs[0].parents[2] / "cgroup.controllers"
+                _cpu_unavailable(f"no cpu controller in {where}")
             return
         pids, memory = self.dirs
         if not all(d.parents[2].is_dir() for d in (pids, memory)):
@@ -138,6 +209,44 @@ class Cgroup:
                 memsw.write_text(limit)  # no swapping around the limit
             except OSError:
                 pass
+        if self.cpu_dir is None:
+            _cpu_unavailable(f"no cpu hierarchy under {self.dirs[0].parents[3]}")
+            return
+        try:
+            self.cpu_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            _cpu_unavailable(f"{self.cpu_dir}: {e.strerror}")
+            return
+        self._set_cpu_weights("cpu.shares", _v1_shares)
+
+    def _set_cpu_weights(self, filename: str, value: Callable[[int], int]) -> None:
+        """The weights of the cage, its hive and all hives (see CAGE_CPU_WEIGHT), written
+        each start: a cgroup kept from before (a stopped cage keeps its own) or changed by
+        hand gets them again."""
+        assert self.cpu_dir is not None
+        levels = (
+            (self.cpu_dir.parent.parent, ALL_HIVES_CPU_WEIGHT),
+            (self.cpu_dir.parent, HIVE_CPU_WEIGHT),
+            (self.cpu_dir, CAGE_CPU_WEIGHT),
+        )
+        for d, weight in levels:
+            try:
+                (d / filename).write_text(str(value(weight)))
+            except OSError as e:
+                _cpu_unavailable(f"{d / filename}: {e.strerror}")
+                return
+
+    def cpu_weight(self) -> int | None:
+        """The cage's CPU weight as its cgroup has it, on v2's scale (v1's shares / 10.24);
+        None without one."""
+        if self.cpu_dir is None:
+            return None
+        try:
+            if self.v2:
+                return int((self.cpu_dir / "cpu.weight").read_text())
+            return int((self.cpu_dir / "cpu.shares").read_text()) * 100 // 1024
+        except (FileNotFoundError, ValueError):
+            return None
 
     def join(self, pid: int = 0) -> None:
         """Move ``pid`` into every cgroup of this cage; 0: the calling process, which must
@@ -148,14 +257,30 @@ class Cgroup:
         for writing, which waits for an RCU grace period (8 to 20 ms here, most of what
         hive-priv spent on a cage start); moving the caller's only thread needs no
         such lock, and with one thread, the thread is the process. On v2 a thread can't
-        leave its domain that way: the process moves, as before."""
+        leave its domain that way: the process moves, as before (and with it its CPU
+        share: v2 has one cgroup for every controller).
+
+        On v1 the cpu cgroup is joined last, and a failure there is not the caller's: the
+        process stays in hive-priv's cpu cgroup (as every cage did before cages had one),
+        in its cage's pids and memory cgroups all the same, which are the boundary. No log
+        here (a preexec_fn takes no locks); ``create`` said why the cgroup is missing."""
         if pid == 0 and not self.v2:
             for d in self.dirs:
                 (d / "tasks").write_text("0")
+            self._join_cpu("tasks", "0")
             return
         pid = pid or os.getpid()
         for d in self.dirs:
             (d / "cgroup.procs").write_text(str(pid))
+        self._join_cpu("cgroup.procs", str(pid))
+
+    def _join_cpu(self, filename: str, what: str) -> None:
+        if self.v2 or self.cpu_dir is None:
+            return
+        try:
+            (self.cpu_dir / filename).write_text(what)
+        except OSError:
+            pass
 
     def pids(self) -> list[int]:
         out: set[int] = set()
@@ -285,7 +410,8 @@ class Cgroup:
         return False
 
     def remove(self) -> None:
-        for d in self.dirs:
+        extra = [self.cpu_dir] if self.cpu_dir is not None and not self.v2 else []
+        for d in [*self.dirs, *extra]:
             for gone in (d, d.parent):  # the hive's own directory too, once empty
                 try:
                     gone.rmdir()
@@ -346,7 +472,7 @@ def hive_dirs(key: str, root: Path = CGROUP_ROOT) -> list[Path]:
     key = check_name(key)
     if is_v2(root):
         return [root / GROUP / key]
-    return [root / c / GROUP / key for c in ("pids", "memory")]
+    return [root / c / GROUP / key for c in ("pids", "memory", *(["cpu"] if has_cpu(root) else []))]
 
 
 def remove_hive(key: str, root: Path = CGROUP_ROOT) -> int:

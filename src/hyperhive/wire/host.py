@@ -207,7 +207,8 @@ class SetParent(Strict):
 class SetResourceLimits(Strict):
     """An agent's cage limits (hyperhive's ``SetResourceLimits``), kept in its spec and
     applied when its cage next starts. An omitted field is left as it is; null puts
-    it back to the hive's default. Cages have no CPU limit: ``cpu_max`` is refused."""
+    it back to the hive's default. Cages have no CPU cap (an equal share each):
+    ``cpu_max`` is refused."""
 
     cmd: Literal["set_resource_limits"]
     name: AgentName
