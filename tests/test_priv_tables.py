@@ -38,6 +38,7 @@ SAMPLES: dict[str, wp.PrivModel] = {
     "stop": wp.StopCage(name="alice", timeout=0.0),
     "destroy": wp.DestroyCage(name="alice"),
     "status": wp.CageStatus(names=["alice", "bob"]),
+    "limit_hits": wp.CageLimitHits(names=["alice", "bob"]),
     "exec": wp.Exec(
         name="alice",
         argv=["sh", "-c", "echo héllo ☃"],
@@ -103,7 +104,8 @@ def refusal(text: str) -> dict[str, Any]:
 def test_one_table_per_caller_and_root_adds_exec_only() -> None:
     assert set(TABLES) == set(Caller) == {Caller.CORE, Caller.ROOT}
     assert TABLES[Caller.CORE] is CORE_TABLE and TABLES[Caller.ROOT] is ROOT_TABLE
-    assert set(CORE_TABLE) == {"prepare", "start", "stop", "destroy", "status", "reload_gateway"}
+    assert set(CORE_TABLE) == {
+        "prepare", "start", "stop", "destroy", "status", "limit_hits", "reload_gateway"}
     assert set(ROOT_ONLY) == {"exec"}
     assert dict(ROOT_TABLE) == {**CORE_TABLE, **ROOT_ONLY}
     assert {v.model for t in TABLES.values() for v in t.values()} == set(wp.PRIV_MODELS)
@@ -120,6 +122,7 @@ def test_each_row_is_named_by_its_model_and_its_columns_are_as_documented() -> N
         "stop": (0, True),
         "destroy": (0, True),
         "status": (0, False),
+        "limit_hits": (0, False),
         "reload_gateway": (0, False),
         "exec": (3, False),
     }
