@@ -337,9 +337,12 @@ def test_a_fork_bomb_at_its_limit_is_one_hive_written_line_on_the_webhook(
     time.sleep(1)  # anything more would have come with it
     sent = [b.decode() for _, b in receiver.hits[before:]]
     print(f"fork bomb: {refused} forks refused, {len(sent)} notification(s): {sent}")
-    assert len(sent) == 1, sent
-    assert sent[0].startswith(f"agent {BOMB}: its process limit (32) refused "), sent
-    assert "evil" not in sent[0] and CALM not in sent[0], sent
+    # Other agents' own limit hits may come in the same poll (the fork chains' cage of the
+    # test before can reach its 256): this agent's is one line, and no line is the forgery.
+    mine = [line for line in sent if line.startswith(f"agent {BOMB}:")]
+    assert len(mine) == 1, sent
+    assert mine[0].startswith(f"agent {BOMB}: its process limit (32) refused "), sent
+    assert not any("evil" in line or line.startswith(f"agent {CALM}:") for line in sent), sent
 
 
 @pytest.mark.attack(
