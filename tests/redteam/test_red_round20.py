@@ -215,11 +215,19 @@ last.close()
 for s in holders:
     s.close()
 def one(i, got):
+    # The holders' slots come back as the core's tunnel threads see them close, a moment
+    # after: a 503 meanwhile is asked again (within 10 s), so what is asserted is that the
+    # cap recovers, not how fast those threads end.
     t0 = time.monotonic()
-    s = connect()
-    s.sendall(REQ)
-    got[i] = (status(s), round(time.monotonic() - t0, 3))
-    s.close()
+    while True:
+        s = connect()
+        s.sendall(REQ)
+        st = status(s)
+        s.close()
+        if not st.startswith("HTTP/1.1 503") or time.monotonic() - t0 > 10:
+            break
+        time.sleep(0.05)
+    got[i] = (st, round(time.monotonic() - t0, 3))
 got = {}
 ts = [threading.Thread(target=one, args=(i, got)) for i in range(P["E"])]
 for t in ts:
