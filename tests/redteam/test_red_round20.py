@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from hive_fixture import HIVE, HiveProcess, as_user, running_hive, wait_until
-from hyperhive.core.egress import REFUSE_READ
+from hyperhive.core.egress import REFUSE_READ, STRANGER_LOG_EVERY
 from hyperhive.priv.cgroups import hive_key, is_v2
 
 from .conftest import MAX_CORE_LATENCY, cage_run, core_fds, others_keep_working, unchanged
@@ -550,7 +550,8 @@ def test_limit_hits_reads_only_its_own_hives_cgroups_and_takes_only_names(h: Hiv
 
 
 # As a host uid that is not the agent's but may reach its egress.sock (the agent's group):
-# descriptors with the request, then nothing at all.
+# descriptors with the request, then nothing at all, then argv[2] requests in a row.
+MANY = 300
 OTHER_UID = r"""
 import array, json, os, select, socket, sys, time
 path = sys.argv[1]
@@ -579,6 +580,14 @@ s.settimeout(20)
 s.connect(path)
 out["silent"] = status(s).split("\r\n")[0]
 out["silent_s"] = time.monotonic() - t0
+out["many"] = []
+for _ in range(int(sys.argv[2])):  # as fast as the proxy refuses them
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(path)
+    s.sendall(REQ)
+    out["many"].append(status(s).split("\r\n")[0])
+    s.close()
 print(json.dumps(out))
 """
 
@@ -591,13 +600,36 @@ def test_a_uid_not_the_agents_is_refused_after_one_read_and_its_descriptors_clos
     the kernel (the pipe reads EOF); a connection that sends nothing gets its 403 after
     the one read's timeout."""
     gid = h.cage(ATK)["gid"]
-    with unchanged(h):
-        proc = subprocess.run([str(HIVE.parent / "python"), "-c", OTHER_UID, str(h.run_dir / "agents" / ATK / "egress.sock")],
+    sock = str(h.run_dir / "agents" / ATK / "egress.sock")
+
+    def other_uid(many: int) -> dict[str, Any]:
+        proc = subprocess.run([str(HIVE.parent / "python"), "-c", OTHER_UID, sock, str(many)],
                               capture_output=True, text=True, timeout=60, user=65534, group=gid, extra_groups=[])
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout)
-    print(out)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def warnings() -> list[str]:
+        return [line for line in h.log_path.read_text(errors="replace").splitlines()
+                if f"egress {ATK}: refused" in line and "of uid 65534" in line]
+
+    before = len(warnings())
+    t0 = time.monotonic()
+    with unchanged(h):
+        out = other_uid(MANY)
+    short = {k: v for k, v in out.items() if k != "many"}
+    print(short, len(out["many"]))
     assert out["with_fds"].startswith("HTTP/1.1 403 Forbidden\r\n"), out
     assert out["with_fds"].endswith(f"\r\n\r\nhive egress: uid 65534 is not agent {ATK}\n"), out
     assert out["pipe_eof"] and out["silent"] == "HTTP/1.1 403 Forbidden", out
     assert REFUSE_READ - 0.1 <= out["silent_s"] < REFUSE_READ + 2, out
+    # Each refusal was a warning line (the red team's note): a stranger's loop of
+    # connections wrote one each. Now one line per STRANGER_LOG_EVERY seconds, counting.
+    assert out["many"] == ["HTTP/1.1 403 Forbidden"] * MANY, short
+    logged = warnings()[before:]
+    assert 1 <= len(logged) <= (time.monotonic() - t0) / STRANGER_LOG_EVERY + 1, logged
+    assert logged[0].split(f"egress {ATK}: ")[1].startswith("refused 1 connection(s) of uid 65534"), logged
+    wait_until(lambda: time.monotonic() - t0 > STRANGER_LOG_EVERY * len(logged), STRANGER_LOG_EVERY * 3, "a period")
+    other_uid(0)  # after the period: its line counts every refusal held back
+    logged = warnings()[before:]
+    counts = [int(line.split(" refused ")[1].split(" ")[0]) for line in logged]
+    assert sum(counts) == MANY + 3, logged

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Callable
+
+from hyperhive.logthrottle import LogThrottle
 
 log = logging.getLogger("hive.core")
 MAX_CONNECTIONS_PER_PEER = 32  # the default, per listening socket and peer uid
@@ -26,18 +27,20 @@ class ConnectionLimiter:
         self.where = where  # for the log: the socket's path
         self.cap = cap
         self._open: dict[int, int] = {}  # peer uid -> connections open now
-        self._last_refusal_log: dict[int, float] = {}
+        self._refusal_log: LogThrottle[int] = LogThrottle(REFUSAL_LOG_EVERY)
 
     def claim(self, uid: int) -> bool:
         """Count one more connection from ``uid``; False (and nothing counted) at the cap."""
         if uid == 0:
             return True
         if self._open.get(uid, 0) >= self.cap:
-            now = time.monotonic()
-            if now - self._last_refusal_log.get(uid, -REFUSAL_LOG_EVERY) >= REFUSAL_LOG_EVERY:
-                self._last_refusal_log[uid] = now
+            if refused := self._refusal_log.count(uid):
                 log.warning(
-                    "%s: refused connections from uid %d: it has %d open", self.where, uid, self.cap
+                    "%s: refused %d connection(s) from uid %d: it has %d open",
+                    self.where,
+                    refused,
+                    uid,
+                    self.cap,
                 )
             return False
         self._open[uid] = self._open.get(uid, 0) + 1

@@ -41,6 +41,7 @@ from hyperhive.core.connlimit import rest_listener
 from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool, pool_size
 from hyperhive.core.egress_tls import Plan
 from hyperhive.core.tls import HiveCA
+from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
 from hyperhive.relay import HANDOVER, relay
 from hyperhive.unixsock import bind_listener
@@ -58,6 +59,7 @@ log = logging.getLogger("hive.egress")
 
 MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
+STRANGER_LOG_EVERY = 10.0  # seconds between warnings of a foreign uid refused on one socket
 REFUSE_READ = 1.0  # seconds a connection refused before its head is read may take to send it
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
 CONNECT_TIMEOUT = 10.0
@@ -702,6 +704,9 @@ class EgressProxy:
         self._live: dict[str, int] = {}
         self._waiting: set[str] = set()  # listeners not read until a thread ends
         self._lock = threading.Lock()
+        # A host process in the agent's group can connect as fast as it likes: one line
+        # per agent and uid every STRANGER_LOG_EVERY seconds, with the count.
+        self._stranger_log: LogThrottle[tuple[str, int]] = LogThrottle(STRANGER_LOG_EVERY)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trust: tuple[float, tuple[tuple[str, bytes], ...]] | None = None
 
@@ -831,9 +836,15 @@ class EgressProxy:
             cred = peer_cred(conn)
             allowed = self._allowed.get(agent)
             if allowed is not None and cred.uid not in allowed:
-                log.warning(
-                    "egress %s: refused uid %d (pid %d) on its socket", agent, cred.uid, cred.pid
-                )
+                if refused := self._stranger_log.count((agent, cred.uid)):
+                    log.warning(
+                        "egress %s: refused %d connection(s) of uid %d (pid %d the last)"
+                        " on its socket",
+                        agent,
+                        refused,
+                        cred.uid,
+                        cred.pid,
+                    )
                 _refuse_unread(
                     conn, 403, f"uid {cred.uid} is not agent {agent}", self._listeners.get(agent)
                 )

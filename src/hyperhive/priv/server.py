@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import PeerCred, peer_cred
 from hyperhive.priv.cages import CageError, Cages
 from hyperhive.priv.verbs import MAX_FDS, TABLES, Caller, Request
@@ -49,9 +50,7 @@ class PrivServer:
         self.cages = cages
         self.core_uid, self.core_gid = _ids_of(core_user)
         self.core_slots = threading.BoundedSemaphore(MAX_CORE_CONNECTIONS)
-        self._refusals_lock = threading.Lock()
-        self._refused = 0  # core connections refused since the last warning
-        self._refusal_logged_at = -REFUSAL_LOG_EVERY
+        self._refusal_log: LogThrottle[str] = LogThrottle(REFUSAL_LOG_EVERY)
 
     def caller_class(self, cred: PeerCred) -> Caller | None:
         if cred.uid == 0:
@@ -104,12 +103,9 @@ class PrivServer:
     def _log_refusal(self, cred: PeerCred) -> None:
         """A core connection refused at MAX_CORE_CONNECTIONS: a warning at most once in
         REFUSAL_LOG_EVERY seconds, with how many were refused since the last one."""
-        with self._refusals_lock:
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._refusal_logged_at < REFUSAL_LOG_EVERY:
-                return
-            refused, self._refused, self._refusal_logged_at = self._refused, 0, now
+        refused = self._refusal_log.count("core")
+        if not refused:
+            return
         log.warning(
             "refused %d connection(s) of hive-core (pid %d the last): it holds %d already",
             refused,
