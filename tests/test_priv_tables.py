@@ -115,16 +115,16 @@ def test_each_row_is_named_by_its_model_and_its_columns_are_as_documented() -> N
     for table in TABLES.values():
         for name, verb in table.items():
             assert verb.name == name == wp.verb_of(verb.model)
-    columns = {n: (v.fds, v.locks_name) for n, v in ROOT_TABLE.items()}
+    columns = {n: (v.fds, v.locks_name, v.scans) for n, v in ROOT_TABLE.items()}
     assert columns == {
-        "prepare": (0, True),
-        "start": (0, True),
-        "stop": (0, True),
-        "destroy": (0, True),
-        "status": (0, False),
-        "limit_hits": (0, False),
-        "reload_gateway": (0, False),
-        "exec": (3, False),
+        "prepare": (0, True, False),
+        "start": (0, True, False),
+        "stop": (0, True, False),
+        "destroy": (0, True, False),
+        "status": (0, False, True),
+        "limit_hits": (0, False, True),
+        "reload_gateway": (0, False, False),
+        "exec": (3, False, False),
     }
     assert verbs.MAX_FDS == server.MAX_FDS == 3
 
@@ -157,6 +157,54 @@ def test_locks_name_runs_the_handler_under_the_agents_lock() -> None:
     seen.clear()
     Verb(wp.Prepare, handler).run(cast(Cages, cages), req, r)
     assert seen == [("alice", False)]
+
+
+def test_the_cores_scans_run_one_at_a_time_and_roots_dont_wait_for_them() -> None:
+    """``scans``: the core's 8 connections asking ``limit_hits`` at once run it one after
+    another (hive-priv's one interpreter stays free for root's verbs); root's own scan
+    runs while a core's is under way."""
+
+    class Scans:
+        scan_lock = threading.Lock()
+
+    cages = cast(Cages, Scans())
+    inside, most, count_lock = [0], [0], threading.Lock()
+    release = threading.Event()  # ends the core's long scan below
+
+    def handler(c: Cages, req: wp.CageLimitHits, r: verbs.Request) -> dict[str, Any]:
+        with count_lock:
+            inside[0] += 1
+            most[0] = max(most[0], inside[0])
+        if r.caller is Caller.CORE:
+            time.sleep(0.01)
+        with count_lock:
+            inside[0] -= 1
+        return {"by": str(r.caller)}
+
+    row = Verb(wp.CageLimitHits, handler, scans=True)
+    req = wp.CageLimitHits(names=["alice"])
+    as_core = verbs.Request(req, Caller.CORE, [])
+    core = [threading.Thread(target=row.run, args=(cages, req, as_core)) for _ in range(8)]
+    for t in core:
+        t.start()
+    for t in core:
+        t.join()
+    assert most[0] == 1  # one at a time (without the column: 8)
+
+    held = threading.Event()
+
+    def long_core_scan(c: Cages, req: wp.CageLimitHits, r: verbs.Request) -> dict[str, Any]:
+        held.set()
+        release.wait(5)
+        return {}
+
+    slow = threading.Thread(target=Verb(wp.CageLimitHits, long_core_scan, scans=True).run, args=(cages, req, as_core))
+    slow.start()
+    assert held.wait(5)
+    assert row.run(cages, req, verbs.Request(req, Caller.ROOT, [])) == {"by": "root"}  # not queued
+    assert Scans.scan_lock.locked()  # the core's scan still under way
+    release.set()
+    slow.join()
 
 
 # -- the server refuses from the tables -----------------------------------------------

@@ -283,6 +283,7 @@ class Cages:
         self.ids = IdAllocator(self.priv_fd, str(state_dir.root), registry)
         self.cgroup_key = hive_key(state_dir.root)
         self.locks = NameLocks()
+        self.scan_lock = threading.Lock()  # the core's verbs that read every cage (verbs.py)
         # In the background: only the first run after an install has work to do. A cage
         # started meanwhile compiles in memory as before (.pyc files are written atomically).
         threading.Thread(target=self.code.compile, name="compile", daemon=True).start()
