@@ -19,12 +19,12 @@ import pytest
 
 from hyperhive.cage import init as cage_init
 from hyperhive.cage import setpriv
+from hyperhive.cage.layout import HANDOVER
 from hyperhive.core import egress
 from hyperhive.peercred import PeerCred
 from hyperhive.priv import server, verbs
 from hyperhive.priv.cages import Cages
 from hyperhive.priv.verbs import CORE_TABLE, ROOT_ONLY, ROOT_TABLE, TABLES, Caller, Verb
-from hyperhive.relay import HANDOVER
 from hyperhive.unixsock import bind_listener, bind_socket
 from hyperhive.wire import priv as wp
 from hyperhive.wire.framing import parse_line

@@ -1,6 +1,5 @@
 """Moving bytes between two connected sockets, both ways, until both sides end,
-for the egress proxy (hive-core); and the handover byte the cage's bridge
-(harness) sends it. Standard library only.
+for the egress proxy (hive-core). Standard library only.
 
 Bytes move with ``splice(2)`` through a pipe a direction: the kernel moves page
 references from one socket to the pipe and on to the other, with no copy into
@@ -22,9 +21,6 @@ import os
 import socket
 import threading
 
-# The cage's egress bridge sends this one byte with the client's fd attached
-# (SCM_RIGHTS); a proxy request never starts with NUL.
-HANDOVER = b"\0"
 # A direction's buffer starts small (most tunnels carry a request and its answer,
 # or sit idle) and doubles each time one read fills it, up to BUFFER_MAX: a bulk
 # transfer then moves up to 1 MiB a wake-up, and an idle tunnel holds 64 KiB a side.

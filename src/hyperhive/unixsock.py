@@ -13,20 +13,22 @@ harness uses it in the cage.
 from __future__ import annotations
 
 import os
-import socket
 import stat
 
-# pathlib only names a type here: importing it would cost every cage's harness ~1 MiB
-# (it binds the page socket with this module). mypy reads TYPE_CHECKING as true.
+# pathlib and socket only name types here: importing them would cost every cage's harness
+# ~1 MiB and ~2 ms (it binds the page socket with this module, a _socket.socket). mypy reads
+# TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import _socket
+    import socket
     from pathlib import Path
 
 BORN = 0o600  # the node's mode between bind and chmod: only our own uid
 
 
 def bind_socket(
-    sock: socket.socket,
+    sock: socket.socket | _socket.socket,
     path: Path | str,
     *,
     uid: int | None = None,
@@ -58,6 +60,8 @@ def bind_listener(
     uid: int | None = None,
 ) -> socket.socket:
     """A listening AF_UNIX stream socket at ``path`` with this owner and mode."""
+    import socket
+
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         bind_socket(sock, path, uid=uid, gid=gid, mode=mode)

@@ -11,23 +11,26 @@ Standard library only (it runs in the harness)."""
 
 from __future__ import annotations
 
-import socket
+import _socket
 import sys
 import threading
 
 from hyperhive.cage import layout
-from hyperhive.relay import HANDOVER
+from hyperhive.cage.layout import HANDOVER
+
+# _socket, not socket: see harness.py.
 
 CONNECT_TIMEOUT = 5.0
 
 
-def _hand_over(client: socket.socket, egress_path: str) -> None:
-    upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def _hand_over(client: _socket.socket, egress_path: str) -> None:
+    upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     upstream.settimeout(CONNECT_TIMEOUT)
     try:
         try:
             upstream.connect(egress_path)
-            socket.send_fds(upstream, [HANDOVER], [client.fileno()])
+            rights = client.fileno().to_bytes(4, sys.byteorder, signed=True)
+            upstream.sendmsg([HANDOVER], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
         except OSError as e:
             reason = f"hive egress: the hive's egress proxy is not reachable ({e.strerror or e})"
             client.settimeout(CONNECT_TIMEOUT)
@@ -44,22 +47,30 @@ def _hand_over(client: socket.socket, egress_path: str) -> None:
 
 def serve_bridge(
     port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET
-) -> socket.socket:
+) -> _socket.socket:
     """Listen on 127.0.0.1:port now (so the runtime finds it from its first turn);
     serve from a daemon thread."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", port))
-    listener.listen(128)
+    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(128)
+    except BaseException:
+        listener.close()
+        raise
 
     def accept_loop() -> None:
         while True:
             try:
-                client, _ = listener.accept()
+                fd, _ = listener._accept()  # type: ignore[attr-defined]  # (fd, address)
             except OSError as e:
                 print(f"harness: egress bridge stopped: {e}", file=sys.stderr, flush=True)
                 return
-            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            client = _socket.socket(fileno=fd)
+            try:
+                client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            except OSError:
+                pass  # reset already: the hand-over fails and closes it
             _hand_over(client, egress_path)
 
     threading.Thread(target=accept_loop, name="egress-bridge", daemon=True).start()

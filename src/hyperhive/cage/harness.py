@@ -7,23 +7,26 @@ Standard library only, so it starts fast."""
 
 from __future__ import annotations
 
-import json
+import _socket
 import os
-import selectors
-import signal
-import socket
+import select
 import sys
 import threading
 import time
 
-from hyperhive.cage import layout
+from hyperhive.cage import layout, wirejson
 from hyperhive.cage.initclient import InitChannel
 from hyperhive.cage.runtimes import RUNTIMES, Runtime
 
 # typing costs the cage ~2 ms of its cold start; annotations are never evaluated here.
+# Nor json, socket, signal or selectors: their enums and json's regular expressions were
+# ~7.7 ms of CPU of every harness start (cage/wirejson.py); the C modules do the work.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal as _signal
     from typing import Any
+else:
+    import _signal
 
 # Between attempts to (re)connect: from 50 ms, doubling, at most 0.5 s, each wait jittered
 # (50 to 100 %) so a thousand harnesses whose core restarted don't all knock at once. A
@@ -72,30 +75,50 @@ class Conn:
         """Connected to ``path``, or the connection ``fd`` already is (init's fork connects
         before this module loads)."""
         if fd is not None:
-            self.sock = socket.socket(fileno=fd)
+            self.sock = _socket.socket(fileno=fd)
         else:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.connect(path)
-        self.reader = self.sock.makefile("rb")
+            self.sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+            except BaseException:
+                self.sock.close()
+                raise
+        self._chunks: list[bytes] = []  # what came after the last line read
+
+    def readline(self) -> bytes:
+        """The next line with its newline; at the end of the stream what is left (b"": the
+        core closed the connection, or ``abort``)."""
+        chunks = self._chunks
+        while True:
+            last = chunks[-1] if chunks else b""
+            end = last.find(b"\n")
+            if end >= 0:
+                line = b"".join(chunks[:-1]) + last[: end + 1]
+                self._chunks = [last[end + 1 :]] if end + 1 < len(last) else []
+                return line
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                self._chunks = []
+                return b"".join(chunks)
+            chunks.append(chunk)
 
     def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
-        self.sock.sendall(json.dumps({"cmd": cmd, **fields}).encode() + b"\n")
-        line = self.reader.readline()
+        self.sock.sendall(wirejson.dumps({"cmd": cmd, **fields}).encode() + b"\n")
+        line = self.readline()
         if not line:
             raise ConnectionError("the core closed the connection")
-        reply = json.loads(line)
+        reply = wirejson.loads(line)
         if not reply.get("ok"):
             raise RuntimeError(f"{cmd}: {reply.get('error')}")
         return reply
 
     def close(self) -> None:
-        self.reader.close()
         self.sock.close()
 
     def abort(self) -> None:
         """End the connection from another thread: a call waiting on it returns at once."""
         try:
-            self.sock.shutdown(socket.SHUT_RDWR)
+            self.sock.shutdown(_socket.SHUT_RDWR)
         except OSError:
             pass
 
@@ -105,7 +128,7 @@ def fit_entry(data: Any) -> Any:
     as the core would keep it (core/hive.py ``_bounded``), so one entry's request is never
     more than ~0.8 MiB however its characters escape; the marker fits within the bound,
     and the core keeps the entry as it is."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    text = data if isinstance(data, str) else wirejson.dumps(data, ensure_ascii=False)
     if not isinstance(data, str) and _depth(data) > ENTRY_DEPTH:
         data = text = f"[nested deeper than {ENTRY_DEPTH}, kept as text] {text}"
     try:
@@ -182,7 +205,7 @@ class Turn:
         while self.pending:
             size = count = 0
             for entry in self.pending[:200]:
-                size += len(json.dumps(entry)) + 2
+                size += len(wirejson.dumps(entry)) + 2
                 if count and size > RECORD_BYTES:
                     break
                 count += 1
@@ -235,12 +258,12 @@ class Turn:
             target=_feed, args=(in_w, self.runtime.stdin(self.message)), daemon=True
         ).start()
         interrupted = timed_out = False
-        sel = selectors.DefaultSelector()
+        poll = select.poll()
         bufs = {out_r: b"", err_r: b""}
         names = {out_r: "stdout", err_r: "stderr"}
         for fd in bufs:
             os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
+            poll.register(fd, select.POLLIN)
         deadline = started + self.timeout
         last_flush = time.monotonic()
         killed_at: float | None = None  # SIGTERM sent
@@ -254,13 +277,15 @@ class Turn:
                 if not bufs:
                     code = self.init.wait(pid, timeout=0.1)
                     exited = code is not None
-                for key, _ in sel.select(timeout=0.1) if bufs else ():
-                    fd = key.fd
-                    chunk = os.read(fd, 65536)
+                for fd, _ in poll.poll(100) if bufs else ():  # ms
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:  # POLLHUP or POLLERR with nothing to read yet
+                        continue
                     if not chunk:
                         if bufs[fd]:
                             self.line(names[fd], bufs[fd], len(bufs[fd]))
-                        sel.unregister(fd)
+                        poll.unregister(fd)
                         os.close(fd)
                         del bufs[fd]
                         continue
@@ -288,10 +313,10 @@ class Turn:
                         if interrupted
                         else f"turn timed out after {self.timeout:.0f} s",
                     )
-                    self.init.kill(pid, signal.SIGTERM)
+                    self.init.kill(pid, _signal.SIGTERM)
                     killed_at = now
                 elif killed_at is not None and sigkill_at is None and now - killed_at > KILL_GRACE:
-                    self.init.kill(pid, signal.SIGKILL)
+                    self.init.kill(pid, _signal.SIGKILL)
                     sigkill_at = now
                 elif sigkill_at is not None and now - sigkill_at > KILL_GRACE + 5:
                     self.record("note", "the runtime's processes did not end after SIGKILL")
@@ -303,9 +328,8 @@ class Turn:
             if not exited:
                 # The core went away mid-turn (the message will be redelivered) or the runtime
                 # would not die: never leave it running into a retry or the next turn.
-                self.init.kill(pid, signal.SIGKILL)
+                self.init.kill(pid, _signal.SIGKILL)
                 code = self.init.wait(pid, timeout=KILL_GRACE + 5 if sigkill_at is None else 1.0)
-            sel.close()
             for fd in bufs:
                 os.close(fd)
         if self.dropped:
@@ -424,25 +448,28 @@ def serve_page_on_demand(web_socket: str, agent_socket: str) -> None:
         return
     from hyperhive.unixsock import bind_socket
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    raw = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        bind_socket(sock, web_socket, mode=0o660)
-        sock.listen(5)  # socketserver's request_queue_size
+        bind_socket(raw, web_socket, mode=0o660)
+        raw.listen(5)  # socketserver's request_queue_size
     except OSError as e:
-        sock.close()
+        raw.close()
         log(f"no page: can't serve {web_socket}: {e}")
         return
 
     def on_first_request() -> None:
-        with selectors.DefaultSelector() as sel:  # until a connection is waiting
-            sel.register(sock, selectors.EVENT_READ)
-            sel.select()
+        waiting = select.poll()  # until a connection is waiting
+        waiting.register(raw.fileno(), select.POLLIN)
+        while not waiting.poll():
+            pass
         # No TLS in the harness (the runtime's own TLS is its business): http.client
         # imports ssl only if it can, and libssl would cost the cage ~1.3 MiB.
         sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # None: not importable
+        import socket
+
         from hyperhive.cage.page import serve_page
 
-        serve_page(web_socket, agent_socket, sock)
+        serve_page(web_socket, agent_socket, socket.socket(fileno=raw.detach()))
 
     threading.Thread(target=on_first_request, name="page", daemon=True).start()
 

@@ -3,15 +3,17 @@ process as the runtime uid, signal it, learn when it exits."""
 
 from __future__ import annotations
 
+import _socket
 import itertools
-import json
-import socket
+import sys
 import threading
+
+from hyperhive.cage import wirejson  # not json nor socket: see harness.py
 
 
 class InitChannel:
     def __init__(self, fd: int) -> None:
-        self.sock = socket.socket(fileno=fd)
+        self.sock = _socket.socket(fileno=fd)
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._replies: dict[int, dict] = {}
@@ -27,7 +29,7 @@ class InitChannel:
                 data = b""
             if not data:
                 return
-            msg = json.loads(data)
+            msg = wirejson.loads(data)
             with self._cond:
                 if msg.get("event") == "exited":
                     self._exits[msg["pid"]] = msg["status"]
@@ -37,10 +39,11 @@ class InitChannel:
 
     def _request(self, req: dict, fds: list[int] | None = None) -> dict:
         seq = next(self._seq)
-        data = json.dumps({**req, "seq": seq}).encode()
+        data = wirejson.dumps({**req, "seq": seq}).encode()
         with self._lock:
-            if fds:
-                socket.send_fds(self.sock, [data], fds)
+            if fds:  # socket.send_fds, without the socket module
+                rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+                self.sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             else:
                 self.sock.send(data)
         with self._cond:

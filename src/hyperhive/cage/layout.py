@@ -12,6 +12,9 @@ AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
 # Egress: the harness listens on the cage's own loopback and bridges to this socket.
 EGRESS_SOCKET = f"{SOCKET_DIR}/egress.sock"
 EGRESS_PORT = 3128
+# The one byte the egress bridge sends with the client's connection attached (SCM_RIGHTS);
+# a proxy request never starts with NUL (hyperhive/relay.py, core/egress.py).
+HANDOVER = b"\0"
 # The hive CA (TLS termination at the proxy), written there by hive-core: alone, and
 # appended to the host's bundle. Trusted through the usual variables (base_env).
 HIVE_CA = f"{SOCKET_DIR}/hive-ca.pem"

@@ -5,9 +5,7 @@ To add one, subclass Runtime and register it in RUNTIMES (and in AgentSpec's
 
 from __future__ import annotations
 
-import json
-
-from hyperhive.cage import layout
+from hyperhive.cage import layout, wirejson  # wirejson, not json: see harness.py
 
 # typing costs the cage ~2 ms of its cold start; annotations are never evaluated here.
 TYPE_CHECKING = False
@@ -30,7 +28,7 @@ class Runtime:
         raise NotImplementedError
 
     def stdin(self, message: dict[str, Any]) -> bytes:
-        return json.dumps(message, ensure_ascii=False).encode() + b"\n"
+        return wirejson.dumps(message, ensure_ascii=False).encode() + b"\n"
 
     def env(self, message: dict[str, Any]) -> dict[str, str]:
         return {
@@ -125,7 +123,7 @@ class ClaudeRuntime(Runtime):
         return {**super().env(message), "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1"}
 
     def mcp_config(self) -> str:
-        return json.dumps(
+        return wirejson.dumps(
             {"mcpServers": {"hive": {"command": f"{layout.BIN}/hive", "args": ["mcp"]}}}
         )
 
@@ -134,7 +132,7 @@ class ClaudeRuntime(Runtime):
         """The turn's prompt: one JSON object. What the hive vouches for (id, kind, sender,
         ref) is in ``hive_item``; the sender's text is a JSON string beside it, so nothing
         in it can pose as those fields (SYSTEM_PROMPT tells the model so)."""
-        return json.dumps(frame(message), ensure_ascii=False)
+        return wirejson.dumps(frame(message), ensure_ascii=False)
 
     def argv(self, message: dict[str, Any]) -> list[str]:
         # The prompt goes on stdin (`claude -p` with no prompt argument reads it there):
@@ -168,7 +166,7 @@ class ClaudeRuntime(Runtime):
 
     def stdout_entry(self, line: str) -> tuple[str, Any]:
         try:
-            event = json.loads(line)
+            event = wirejson.loads(line)
         except (ValueError, RecursionError):
             # RecursionError: a line nested past the decoder's ~1,000 levels (16 Ki
             # characters hold 8,000); it ended the turn, and since the harness connects

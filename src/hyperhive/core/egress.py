@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperhive.cage.layout import HANDOVER
 from hyperhive.core import egress_tls
 from hyperhive.core.budget import EGRESS_REFUSING
 from hyperhive.core.connlimit import rest_listener
@@ -43,7 +44,7 @@ from hyperhive.core.egress_tls import Plan
 from hyperhive.core.tls import HiveCA
 from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
-from hyperhive.relay import HANDOVER, relay
+from hyperhive.relay import relay
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.egress import (
     IPAddress,
