@@ -129,10 +129,9 @@ def _busy(window: float) -> float:
 
 
 def _settle() -> tuple[float, float]:
-    """Wait (up to SETTLE_MAX) for the machine to be quiet: the kernel tears a stopped
-    hive's 1,000 network namespaces and cgroups down in the background for minutes after
-    `hive down` returns, and a `hive up` timed meanwhile measured that too (60.6 and
-    64.5 s against 46.8 s on a quiet machine, session 13). (seconds waited, busy share)."""
+    """Wait (up to SETTLE_MAX) for the machine to be quiet: a stopped hive's cages (1,000
+    network namespaces and cgroups) may still be going away when the next run starts, and
+    a `hive up` timed meanwhile would measure that too. (seconds waited, busy share)."""
     t0 = time.perf_counter()
     busy = _busy(SETTLE_WINDOW)
     while busy > SETTLE_BUSY and time.perf_counter() - t0 < SETTLE_MAX:
