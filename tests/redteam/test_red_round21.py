@@ -369,3 +369,47 @@ def test_log_throttle_counts_every_event_and_bounds_its_keys() -> None:
     for k in range(MAX_KEYS, 3 * MAX_KEYS):
         many.count(k)
     assert len(many._logged_at) <= MAX_KEYS + 1 and len(many._held) <= MAX_KEYS + 1
+
+
+# -- init's channel: out of the agent's reach -----------------------------------------------
+
+INIT_CHANNEL = r"""
+import os, stat
+me = os.getpid()
+seen, refused, reached = 0, 0, []
+for pid in os.listdir("/proc"):
+    if not pid.isdigit() or int(pid) == me:
+        continue
+    seen += 1
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except PermissionError:
+        refused += 1
+        continue
+    except FileNotFoundError:
+        continue
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            os.close(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDONLY))
+            reached.append((pid, fd, link))
+        except OSError:
+            pass
+own = sorted(os.listdir("/proc/self/fd"))
+result(seen=seen, refused=refused, reached=reached, own=own,
+       sockets=[os.readlink(f"/proc/self/fd/{fd}") for fd in own if os.path.exists(f"/proc/self/fd/{fd}")
+                and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")])
+"""
+
+
+@pytest.mark.attack("init.capabilities", ref="red team round 21: initclient's hand-made SCM_RIGHTS channel from the agent's side")
+def test_the_agent_cannot_reach_inits_channel(h: HiveProcess) -> None:
+    """initclient now sends its descriptors by hand (sendmsg on ``_socket``): the
+    harness↔init SEQPACKET pair must still be out of the agent's reach: no descriptor of
+    the harness or init readable through /proc, and the agent's own process holds no
+    socket it was not given."""
+    out = cage_run(h, BRIDGE, INIT_CHANNEL)
+    print(f"agent saw {out['seen']} other processes, {out['refused']} refused; own fds {out['own']}")
+    assert out["reached"] == [], out["reached"]
+    assert out["refused"] >= 2, out  # init and the harness at least
+    assert out["sockets"] == [], out["sockets"]
