@@ -12,6 +12,7 @@ Standard library only (it runs in the harness)."""
 from __future__ import annotations
 
 import _socket
+import _struct
 import sys
 import threading
 
@@ -25,7 +26,14 @@ CONNECT_TIMEOUT = 5.0
 
 def _hand_over(client: _socket.socket, egress_path: str) -> None:
     upstream = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    upstream.settimeout(CONNECT_TIMEOUT)
+    # SO_SNDTIMEO, not settimeout: a unix connect waits for room in a full backlog (the
+    # proxy busy, or paused at the agent's cap) only on a blocking socket; settimeout made
+    # it non-blocking underneath and such a connect failed at once with EAGAIN, a 502 for
+    # a burst of the runtime's own connections (red team round 21). The bound also
+    # holds for the sendmsg.
+    upstream.setsockopt(
+        _socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _struct.pack("ll", int(CONNECT_TIMEOUT), 0)
+    )
     try:
         try:
             upstream.connect(egress_path)

@@ -37,20 +37,18 @@ def _default(o: object) -> Any:
     raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
 
 
-# json.JSONEncoder's defaults: circular check, separators ", " and ": ", no sort, NaN allowed.
-_ascii = _json.make_encoder(
-    {}, _default, _json.encode_basestring_ascii, None, ": ", ", ", False, False, True
-)
-_unicode = _json.make_encoder(
-    {}, _default, _json.encode_basestring, None, ": ", ", ", False, False, True
-)
-
-
 def dumps(obj: Any, *, ensure_ascii: bool = True) -> str:
     """``json.dumps(obj, ensure_ascii=ensure_ascii)``."""
+    escape = _json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring
     if isinstance(obj, str):
-        return (_json.encode_basestring_ascii if ensure_ascii else _json.encode_basestring)(obj)
-    return "".join((_ascii if ensure_ascii else _unicode)(obj, 0))
+        return escape(obj)
+    # json.JSONEncoder's defaults: circular check, separators ", " and ": ", no sort, NaN
+    # allowed. An encoder (its circular-check dict) per call, as json's: the C encoder
+    # leaves the containers it was in on an error (RecursionError, an unserializable
+    # value) in that dict, so a shared one kept them alive for good and took the same
+    # object, dumped again, for a circular reference (red team round 21).
+    encode = _json.make_encoder({}, _default, escape, None, ": ", ", ", False, False, True)
+    return "".join(encode(obj, 0))
 
 
 def loads(s: str | bytes | bytearray) -> Any:
