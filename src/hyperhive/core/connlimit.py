@@ -27,24 +27,26 @@ class ConnectionLimiter:
         self.where = where  # for the log: the socket's path
         self.cap = cap
         self._open: dict[int, int] = {}  # peer uid -> connections open now
-        self._refusal_log: LogThrottle[int] = LogThrottle(REFUSAL_LOG_EVERY)
+        self._refusal_log: LogThrottle[int] = LogThrottle(REFUSAL_LOG_EVERY, self._log_refused)
 
     def claim(self, uid: int) -> bool:
         """Count one more connection from ``uid``; False (and nothing counted) at the cap."""
         if uid == 0:
             return True
         if self._open.get(uid, 0) >= self.cap:
-            if refused := self._refusal_log.count(uid):
-                log.warning(
-                    "%s: refused %d connection(s) from uid %d: it has %d open",
-                    self.where,
-                    refused,
-                    uid,
-                    self.cap,
-                )
+            self._refusal_log.event(uid)
             return False
         self._open[uid] = self._open.get(uid, 0) + 1
         return True
+
+    def _log_refused(self, uid: int, refused: int) -> None:
+        log.warning(
+            "%s: refused %d connection(s) from uid %d: it has %d open",
+            self.where,
+            refused,
+            uid,
+            self.cap,
+        )
 
     def refusal(self, uid: int) -> str:
         """The one line a connection over the cap gets before it is closed."""

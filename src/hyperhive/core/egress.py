@@ -616,6 +616,12 @@ def _reply(conn: socket.socket, status: int, reason: str) -> None:
         pass
 
 
+def _log_stranger(key: tuple[str, int], refused: int) -> None:
+    log.warning(
+        "egress %s: refused %d connection(s) of uid %d on its socket", *key[:1], refused, key[1]
+    )
+
+
 def _refuse_unread(
     conn: socket.socket, status: int, reason: str, listener: socket.socket | None
 ) -> None:
@@ -707,7 +713,9 @@ class EgressProxy:
         self._lock = threading.Lock()
         # A host process in the agent's group can connect as fast as it likes: one line
         # per agent and uid every STRANGER_LOG_EVERY seconds, with the count.
-        self._stranger_log: LogThrottle[tuple[str, int]] = LogThrottle(STRANGER_LOG_EVERY)
+        self._stranger_log: LogThrottle[tuple[str, int]] = LogThrottle(
+            STRANGER_LOG_EVERY, _log_stranger
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._trust: tuple[float, tuple[tuple[str, bytes], ...]] | None = None
 
@@ -837,15 +845,7 @@ class EgressProxy:
             cred = peer_cred(conn)
             allowed = self._allowed.get(agent)
             if allowed is not None and cred.uid not in allowed:
-                if refused := self._stranger_log.count((agent, cred.uid)):
-                    log.warning(
-                        "egress %s: refused %d connection(s) of uid %d (pid %d the last)"
-                        " on its socket",
-                        agent,
-                        refused,
-                        cred.uid,
-                        cred.pid,
-                    )
+                self._stranger_log.event((agent, cred.uid))
                 _refuse_unread(
                     conn, 403, f"uid {cred.uid} is not agent {agent}", self._listeners.get(agent)
                 )

@@ -50,7 +50,7 @@ class PrivServer:
         self.cages = cages
         self.core_uid, self.core_gid = _ids_of(core_user)
         self.core_slots = threading.BoundedSemaphore(MAX_CORE_CONNECTIONS)
-        self._refusal_log: LogThrottle[str] = LogThrottle(REFUSAL_LOG_EVERY)
+        self._refusal_log: LogThrottle[int] = LogThrottle(REFUSAL_LOG_EVERY, self._log_refused)
 
     def caller_class(self, cred: PeerCred) -> Caller | None:
         if cred.uid == 0:
@@ -103,13 +103,13 @@ class PrivServer:
     def _log_refusal(self, cred: PeerCred) -> None:
         """A core connection refused at MAX_CORE_CONNECTIONS: a warning at most once in
         REFUSAL_LOG_EVERY seconds, with how many were refused since the last one."""
-        refused = self._refusal_log.count("core")
-        if not refused:
-            return
+        self._refusal_log.event(cred.uid)  # one key: the core's processes are one caller
+
+    def _log_refused(self, uid: int, refused: int) -> None:
         log.warning(
-            "refused %d connection(s) of hive-core (pid %d the last): it holds %d already",
+            "refused %d connection(s) of hive-core (uid %d): it holds %d already",
             refused,
-            cred.pid,
+            uid,
             MAX_CORE_CONNECTIONS,
         )
 
