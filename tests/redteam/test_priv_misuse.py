@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -79,15 +80,22 @@ def refusal(text: str) -> dict[str, Any]:
 
 
 def priv_fds(h: HiveProcess) -> int:
+    """hive-priv's descriptors when it serves no one: the fewest of three looks 50 ms apart
+    (the core's limits poll connects every 5 s, so one look may count its request in
+    flight; CI's baseline did once: 16, then 15)."""
     pid = h.priv_pid()
     assert pid is not None
-    return len(os.listdir(f"/proc/{pid}/fd"))
+    seen = []
+    for i in range(3):
+        if i:
+            time.sleep(0.05)
+        seen.append(len(os.listdir(f"/proc/{pid}/fd")))
+    return min(seen)
 
 
 def priv_fds_back_to(h: HiveProcess, fds: int) -> None:
-    """hive-priv holds ``fds`` descriptors again (within 5 s): the core's limits poll
-    connects every 5 s, so at any instant one more may be its request in flight."""
-    wait_until(lambda: priv_fds(h) == fds, 5, f"hive-priv's descriptors back to {fds} (now {priv_fds(h)})")
+    """No descriptor left behind: hive-priv holds at most ``fds`` again within 5 s."""
+    wait_until(lambda: priv_fds(h) <= fds, 5, f"hive-priv's descriptors back to {fds} (now {priv_fds(h)})")
 
 
 BAD_NAMES = ["../rtalice", "rtalice/../rtbob", ".", "..", "a/b", "/etc", "../../../../etc/passwd", "rt" + "a" * 30,
