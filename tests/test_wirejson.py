@@ -72,3 +72,9 @@ def test_what_json_refuses_it_refuses_alike(bad: Any) -> None:
 def test_a_line_nested_past_the_recursion_limit_raises_as_json_does() -> None:
     line = "[" * 100_000 + "]" * 100_000
     assert outcome(wirejson.loads, line)[0] == outcome(json.loads, line)[0] == "RecursionError"
+
+
+@pytest.mark.parametrize("bad", [3, None, 1.5, ["[]"], memoryview(b"[]")])
+def test_loads_of_neither_str_nor_bytes_is_json_loads_type_error(bad: Any) -> None:
+    assert outcome(wirejson.loads, bad) == outcome(json.loads, bad)
+    assert outcome(wirejson.loads, bad)[0] == "TypeError"

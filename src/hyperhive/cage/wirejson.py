@@ -54,6 +54,10 @@ def dumps(obj: Any, *, ensure_ascii: bool = True) -> str:
 def loads(s: str | bytes | bytearray) -> Any:
     """``json.loads(s)``."""
     if not isinstance(s, str):
+        if not isinstance(s, bytes | bytearray):  # json's error, not decode's AttributeError
+            raise TypeError(
+                f"the JSON object must be str, bytes or bytearray, not {type(s).__name__}"
+            )
         s = s.decode(_encoding(s), "surrogatepass")
     elif s.startswith("\ufeff"):
         raise _error("Unexpected UTF-8 BOM (decode using utf-8-sig)", s, 0)
