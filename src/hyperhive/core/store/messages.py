@@ -191,17 +191,16 @@ def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
     ``recipient`` (NotFound before anything is written, if one is not); how many were new."""
     if len(ids) == 1:  # a receiver's ack a round: one row by its key
         mid = ids[0]
-        # The usual ack (its own, not acked yet) is this one statement, which returns what
-        # the sender held; only when it changes no row is the row read, to tell "already
-        # acked" (0) from "not yours" (refused, and nothing was written). fetchall: the
-        # statement run to its end, none left in progress at the commit.
-        changed = tx.execute(
-            "UPDATE messages SET acked_at=? WHERE id=? AND recipient=? AND acked_at IS NULL"
-            f" RETURNING sender, {HELD_BYTES}",
+        # The usual ack (its own, not acked yet) is this one statement; only when it changes
+        # no row is the row read, to tell "already acked" (0) from "not yours" (refused,
+        # and nothing was written).
+        if tx.execute(
+            "UPDATE messages SET acked_at=? WHERE id=? AND recipient=? AND acked_at IS NULL",
             (time.time(), mid, recipient),
-        ).fetchall()
-        if changed:
-            sender, nbytes = changed[0]
+        ).rowcount:
+            sender, nbytes = tx.execute(
+                f"SELECT sender, {HELD_BYTES} FROM messages WHERE id=?", (mid,)
+            ).fetchone()
             tx.held(sender, -1, -nbytes, recipient == "operator")
             return 1
         row = tx.execute("SELECT recipient, acked_at FROM messages WHERE id=?", (mid,)).fetchone()
