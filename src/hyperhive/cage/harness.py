@@ -83,24 +83,32 @@ class Conn:
             except BaseException:
                 self.sock.close()
                 raise
-        self._chunks: list[bytes] = []  # what came after the last line read
+        # What came after the last line read: the last chunk received and where its unread
+        # part starts (an offset, not a copy of the rest a line: 64 KiB of short lines in
+        # one recv cost ~0.1 s of copies; red team round 21).
+        self._buf = b""
+        self._pos = 0
 
     def readline(self) -> bytes:
         """The next line with its newline; at the end of the stream what is left (b"": the
         core closed the connection, or ``abort``)."""
-        chunks = self._chunks
+        buf, pos = self._buf, self._pos
+        end = buf.find(b"\n", pos)
+        if end >= 0:
+            self._pos = end + 1
+            return buf[pos : end + 1]
+        parts = [buf[pos:]] if pos < len(buf) else []
         while True:
-            last = chunks[-1] if chunks else b""
-            end = last.find(b"\n")
-            if end >= 0:
-                line = b"".join(chunks[:-1]) + last[: end + 1]
-                self._chunks = [last[end + 1 :]] if end + 1 < len(last) else []
-                return line
             chunk = self.sock.recv(65536)
             if not chunk:
-                self._chunks = []
-                return b"".join(chunks)
-            chunks.append(chunk)
+                self._buf, self._pos = b"", 0
+                return b"".join(parts)
+            end = chunk.find(b"\n")
+            if end >= 0:
+                parts.append(chunk[: end + 1])
+                self._buf, self._pos = chunk, end + 1
+                return b"".join(parts)
+            parts.append(chunk)
 
     def call(self, cmd: str, **fields: Any) -> dict[str, Any]:
         self.sock.sendall(wirejson.dumps({"cmd": cmd, **fields}).encode() + b"\n")
