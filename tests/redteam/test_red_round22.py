@@ -16,6 +16,7 @@ import json
 import os
 import pwd
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,12 +26,21 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok
-from hive_fixture import HIVE, HiveProcess, proc_cmdline, proc_status, proc_uid, wait_until
+from hive_fixture import (
+    HIVE,
+    HiveProcess,
+    proc_cmdline,
+    proc_status,
+    proc_uid,
+    running_hive,
+    wait_until,
+)
 from hyperhive.cage import layout
 from testnet import TestNet
 
 from .conftest import cage_run, changes, unchanged
 from .egress_kit import seen, serve_recorder
+from .test_secrets_egress import cert_dir
 
 CORE_USER = "hive-core"
 VICTIM = "rtcarol"  # the shared hive's agent whose cage is looked at (read only)
@@ -747,3 +757,157 @@ def test_the_harness_cannot_fill_the_run_dirs_filesystem(rt: HiveProcess) -> Non
         f"({why}); on the host {size >> 20} MiB in {rt.run_dir}/ui/{name}"
     )
     assert int(written) < (1 << 20) and int(files) < 100, (written, files, why)
+
+
+# -- an unbound secret and a removed L7 rule on a kept-alive terminated connection ----------
+
+TLS_AGENT = "r22tls"
+TLS_NET = TestNet(123, prefix="hvr22t")
+TLS_ADDR = TLS_NET.address(2)
+TLS_HOSTS = {"l7.r22.test": TLS_ADDR, "echo.r22.test": TLS_ADDR}
+L7_RULE = "GET l7.r22.test:443/ok/*"
+KEY = "sk-live-R22-" + "k3y" * 10
+# Records each request's method, path and Authorization header, keeps connections alive.
+TLS_SERVER = r"""
+import json, ssl, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+ADDR, CERT, SEEN = sys.argv[1], sys.argv[2], sys.argv[3]
+class H(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def log_message(self, *a):
+        pass
+    def do_GET(self):
+        with open(SEEN, "a") as f:
+            f.write(json.dumps({"path": self.path, "host": self.headers.get("Host"),
+                                "auth": self.headers.get("Authorization")}) + "\n")
+        body = f"did {self.path}".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+ThreadingHTTPServer.daemon_threads = True
+srv = ThreadingHTTPServer((ADDR, 443), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(CERT)
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
+"""
+KEPT = r"""
+import os, ssl
+go = "/home/agent/" + P["go"]
+def opened(host):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+    return ctx.wrap_socket(s, server_hostname=host)
+def ask(t, host, path, auth=None):
+    t.sendall((f"GET {path} HTTP/1.1\r\nHost: {host}\r\n" + (f"Authorization: Bearer {auth}\r\n" if auth else "")
+               + "\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = t.recv(65536)
+        if not chunk:
+            return "closed"
+        data += chunk
+    top, _, rest = data.partition(b"\r\n\r\n")
+    n = int([l.split(b":")[1] for l in top.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+    while len(rest) < n:
+        rest += t.recv(65536)
+    return top.split(b"\r\n")[0].decode() + " " + rest.decode(errors="replace")[:120]
+out = {}
+l7, echo = opened("l7.r22.test"), opened("echo.r22.test")
+out["l7-before"] = ask(l7, "l7.r22.test", "/ok/before")
+out["echo-before"] = ask(echo, "echo.r22.test", "/echo/before", P["placeholder"])
+deadline = time.monotonic() + 30
+while not os.path.exists(go) and time.monotonic() < deadline:
+    time.sleep(0.05)
+for key, fn in (("l7-after", lambda: ask(l7, "l7.r22.test", "/ok/after-rm")),
+                ("echo-after", lambda: ask(echo, "echo.r22.test", "/echo/after-unbind", P["placeholder"]))):
+    try:
+        out[key] = fn()
+    except (OSError, ssl.SSLError, IndexError) as e:
+        out[key] = "cut: " + type(e).__name__
+result(**out)
+"""
+
+
+@pytest.fixture(scope="module")
+def tls_hive() -> Iterator[tuple[HiveProcess, Path]]:
+    with (
+        cert_dir("hvr22", "round22 upstream CA", "round22 server", list(TLS_HOSTS)) as (d, _),
+        TLS_NET as n,
+    ):
+        n.serve(TLS_ADDR, 443, [sys.executable, "-c", TLS_SERVER, TLS_ADDR, str(d / "server.pem"),
+                                str(d / "seen.jsonl")])  # fmt: skip
+        h = HiveProcess({TLS_AGENT: {"runtime": "command", "command": ["true"]}},
+                        sections={"egress": {"hosts": TLS_HOSTS, "upstream_ca": str(d / "ca.pem")}})  # fmt: skip
+        for hv in running_hive(h):
+            yield hv, d
+
+
+@pytest.mark.attack(
+    "secrets.placeholder-elsewhere",
+    ref="red team round 22: secret_unbind / egress rm against a kept-alive terminated connection (Plan is a snapshot)",
+)
+def test_an_unbound_secret_and_a_removed_l7_rule_end_on_open_connections(
+    tls_hive: tuple[HiveProcess, Path],
+) -> None:
+    """**Broke (not fixed).** The proxy decides a terminated connection's plan once, at its
+    CONNECT: the L7 rules each request is checked against and the bindings it injects. The
+    agent keeps a connection alive under an L7 rule and another to a bound destination;
+    the operator removes the rule and unbinds the secret. The next request on each must be
+    refused, or at least carry no key: before, the removed rule still allowed its path and
+    the server got the operator's real key after the unbind, for as long as the agent keeps
+    the connection alive."""
+    h, d = tls_hive
+    assert_ok(
+        h.host_call("egress_allow", name=TLS_AGENT, rule=f"{TLS_ADDR}:443")
+    )  # the private address at all
+    assert_ok(h.host_call("egress_allow", name=TLS_AGENT, rule=L7_RULE))
+    assert_ok(h.host_call("egress_allow", name=TLS_AGENT, rule="echo.r22.test:443"))
+    assert_ok(h.host_call("secret_set", name="r22", value=KEY))
+    assert_ok(h.host_call("secret_bind", name="r22", agents=[TLS_AGENT], to="echo.r22.test:443",
+                          header="authorization: Bearer {}", env="R22_TOKEN"))  # fmt: skip
+    env = assert_ok(h.host_call("agent_env", name=TLS_AGENT))
+    placeholder = json.dumps(env).split("hive-placeholder-")[1].split('"')[0]
+    placeholder = "hive-placeholder-" + placeholder
+    go = h.home(TLS_AGENT) / GO
+    holder: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            holder.update(cage_run(h, TLS_AGENT, KEPT, go=GO, placeholder=placeholder, timeout=60))
+        except BaseException as e:  # shown below
+            holder["error"] = repr(e)[:2000]
+
+    seen_file = d / "seen.jsonl"
+
+    def seen_tls() -> list[dict[str, Any]]:
+        return (
+            [json.loads(x) for x in seen_file.read_text().splitlines()]
+            if seen_file.exists()
+            else []
+        )
+
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        wait_until(lambda: {"/ok/before", "/echo/before"} <= {r["path"] for r in seen_tls()}, 30,
+                   "both first requests")  # fmt: skip
+    finally:
+        assert_ok(h.host_call("egress_remove", name=TLS_AGENT, rule=L7_RULE))
+        assert_ok(h.host_call("secret_unbind", name="r22", agents=[TLS_AGENT]))
+        go.write_text("go")
+        t.join(60)
+    got = seen_tls()
+    print(f"in the cage: {holder}; the server saw: {got}")
+    assert "error" not in holder, holder["error"]
+    before = {r["path"]: r for r in got}
+    assert before["/echo/before"]["auth"] == f"Bearer {KEY}", got  # the binding worked at first
+    late = [r for r in got if r["path"] in ("/ok/after-rm", "/echo/after-unbind")]
+    leaked = [r for r in late if r["auth"] and KEY in r["auth"]]
+    assert leaked == [], f"the key went out after the unbind: {leaked}"
+    assert [r["path"] for r in late] == [], f"passed after the operator took them back: {late}"
