@@ -38,7 +38,7 @@ from hive_fixture import (
 from hyperhive.cage import layout
 from testnet import TestNet
 
-from .conftest import cage_run, changes, unchanged
+from .conftest import cage_run, changes, others_keep_working, unchanged
 from .egress_kit import seen, serve_recorder
 from .test_secrets_egress import cert_dir
 
@@ -911,3 +911,62 @@ def test_an_unbound_secret_and_a_removed_l7_rule_end_on_open_connections(
     leaked = [r for r in late if r["auth"] and KEY in r["auth"]]
     assert leaked == [], f"the key went out after the unbind: {leaked}"
     assert [r["path"] for r in late] == [], f"passed after the operator took them back: {late}"
+
+
+# -- refused egress requests, as fast as a cage makes them: one commit each? -----------------
+
+REFUSALS = r"""
+import threading
+stop = time.monotonic() + P["seconds"]
+counts, errors = [0] * 16, []
+def loop(i):
+    n = 0
+    while time.monotonic() < stop:
+        try:
+            s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+            s.sendall(f"CONNECT r22-{i}-{n}.invalid:443 HTTP/1.1\r\n\r\n".encode())
+            while s.recv(4096):
+                pass
+            s.close()
+            counts[i] += 1
+        except OSError as e:
+            if len(errors) < 5:
+                errors.append(errname(e))
+        n += 1
+ts = [threading.Thread(target=loop, args=(i,)) for i in range(16)]
+for t in ts: t.start()
+for t in ts: t.join()
+result(refused=sum(counts), errors=errors)
+"""
+
+
+def _cpu_seconds(pid: int | None) -> float:
+    assert pid is not None
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.attack(
+    "core.cheap-verb-flood",
+    ref="red team round 22: every refused egress request a write transaction in the core's loop (issue 17's ack flood, by the proxy)",
+)
+def test_refused_egress_requests_do_not_cost_a_commit_each(rt: HiveProcess) -> None:
+    """From rtmule's cage, 16 threads making CONNECTs the allowlist refuses, for 4 s. Each
+    decision is logged (egress_log), and each was its own write transaction on the core's
+    event loop (issue 17 made an ack that changes nothing write nothing, and the sends
+    share group commits): the core's commits must not grow by one per refusal, and the
+    others must be served meanwhile."""
+    core = rt.core_pid()
+    before = assert_ok(rt.host_call("core_stats"))["commits"]
+    cpu0 = _cpu_seconds(core)
+    with others_keep_working(rt) as lat:
+        out = cage_run(rt, "rtmule", REFUSALS, seconds=4, timeout=120)
+    cpu = _cpu_seconds(core) - cpu0
+    commits = assert_ok(rt.host_call("core_stats"))["commits"] - before
+    print(
+        f"{out['refused']} refused CONNECTs in 4 s ({out['errors']}): {commits} commits of the core; "
+        f"{cpu:.2f} s of the core's CPU; others' slowest {max(lat.samples) * 1000:.0f} ms over "
+        f"{len(lat.samples)} rounds"
+    )
+    assert out["refused"] > 100, out
+    assert commits < out["refused"] / 10, (commits, out["refused"])
