@@ -81,6 +81,15 @@ try:
     db.close()
 except Exception as e:
     out["db_agents"] = type(e).__name__
+for d in ("ca", "secrets"):  # the hive CA's key, every stored secret (hive-core's 0700 dirs)
+    try:
+        names = os.listdir(os.path.join(state, d))
+        for n in names:
+            with open(os.path.join(state, d, n), "rb") as f:
+                f.read(1)
+        out[d] = len(names)
+    except OSError as e:
+        out[d] = type(e).__name__
 try:  # the other hive's core process itself (same uid; its secrets and CA key in memory)
     out["core_environ"] = len(open(f"/proc/{core_pid}/environ", "rb").read())
     with open(f"/proc/{core_pid}/maps") as f:
@@ -115,7 +124,9 @@ def test_a_compromised_core_does_not_own_the_other_hives_on_its_host(rt: HivePro
     OTHER hive on the host, is the operator on this hive's host.sock (the kernel's
     ``SO_PEERGROUPS`` holds hive-admin), hive-priv's core on its priv.sock (stop and destroy
     any of its cages), and reads its ``operator.token`` (the gateway's login) and its
-    ``hive.db`` (the owner's own files), and the other core's own process (its /proc
+    ``hive.db``, its CA's key and its stored secrets (the owner's own files; docs/security.md
+    says a compromised core can't make another hive trust its CA nor put a secret into a
+    cage of another hive), and the other core's own process (its /proc
     files; ptrace and /proc/PID/mem where Yama allows, 0 here). A core must reach its own
     hive only."""
     with unchanged(rt):
@@ -129,6 +140,8 @@ def test_a_compromised_core_does_not_own_the_other_hives_on_its_host(rt: HivePro
             ("operator.token", isinstance(out["token_bytes"], int)),
             ("hive.db", isinstance(out["db_agents"], list)),
             ("its core's /proc files", isinstance(out["core_environ"], int)),
+            ("its CA directory (the key)", isinstance(out["ca"], int)),
+            ("its secrets directory", isinstance(out["secrets"], int)),
         )
         if got
     ]
@@ -541,6 +554,7 @@ def test_agent_verbs_at_the_edges_of_their_arguments(rt: HiveProcess) -> None:
     assert set(ch.count()) <= {"reminders", "messages"} and ch.count()["reminders"][0] == 1, (
         ch.count()
     )
+    # (rtmule's harness takes that reminder as a turn of its own, as any message.)
 
 
 # -- a rule taken back while a tunnel it opened is still up ----------------------------------
