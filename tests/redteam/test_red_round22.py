@@ -1,9 +1,18 @@
-"""Red team round 22: what the 21 rounds before did not try. A compromised hive-core
-against OTHER hives on the same host (every hive's core is one user), the cage's root
-(init) against the kernel's global sysctls (bwrap's cover of ``/proc/sys`` skipped), the
-host paths a cage reads in its own mountinfo, the agent's text in the hive's log, the
-egress bridge's port squatted by the runtime, and hostile arguments at the edges of the
-agent verbs.
+"""Red team round 22: what the 21 rounds before did not try.
+
+Broke (each case fails on the code it was written against; none fixed in this round):
+a compromised hive-core against the OTHER hives on its host (every hive's core is the one
+user ``hive-core`` with the groups ``hive-admin`` and ``hive-gateway``); the cage's root
+(init) and the kernel's global sysctls (bwrap's read-only cover of ``/proc/sys`` is
+skipped); the hive's host paths in what a cage reads (mountinfo, bwrap's cmdline); an
+egress rule taken back while a tunnel it opened is still up; a bare LF or CR in a
+plain-HTTP head carrying a second Host past the proxy's check; the harness's page
+directory, the one host filesystem a cage writes outside its home, with no bound; an
+unbound secret and a removed L7 rule still applied on a kept-alive terminated connection;
+a write transaction of the core's for every refused egress request.
+
+Held: the agent's text in the hive's log, the egress bridge's port against the runtime,
+the agent's writes under /proc, agent verbs at the edges of their arguments.
 
 See docs/security.md's rounds table (red team round 22).
 """
