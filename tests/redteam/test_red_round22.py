@@ -226,6 +226,7 @@ def _as_init(mask: int, paths: list[str]) -> dict[str, str]:
 
 
 SYSCTLS = [
+    "../sysrq-trigger",  # where the kernel has it (CONFIG_MAGIC_SYSRQ)
     "kernel/core_pattern",
     "kernel/modprobe",
     "vm/drop_caches",
@@ -239,7 +240,9 @@ SYSCTLS = [
     ref="red team round 22: bwrap --proc skips covering /proc/sys (access(W_OK) is EACCES on its root); runc/LXC mount /proc/sys read-only",
 )
 def test_the_cages_root_cannot_write_the_hosts_sysctls(rt: HiveProcess) -> None:
-    """**Broke (not fixed).** bwrap covers ``/proc/sys`` read-only only if ``access(W_OK)``
+    """**Broke, fixed** (priv/cages.py ``PROC_READ_ONLY``: /proc/sys, /proc/sysrq-trigger,
+    /proc/fs, /proc/irq and /proc/bus read-only binds over the cage's proc, runc's set).
+    bwrap covers ``/proc/sys`` read-only only if ``access(W_OK)``
     on it succeeds, and the kernel answers EACCES for the root of /proc/sys whatever the
     caller, so bwrap 0.8 leaves it as it is: in every cage ``/proc/sys`` is the kernel's,
     writable by euid 0 (sysctl files check the mode, not a capability). The cage's init is
@@ -295,7 +298,9 @@ def test_the_agent_writes_no_sysctl_and_no_other_processs_proc(rt: HiveProcess) 
     print(out)
     written = sorted(p for p, v in out.items() if v == "written")
     assert written == ["/proc/self/oom_score_adj"], out
-    assert out["/proc/sys/kernel/ns_last_pid"] in ("EPERM", "EACCES"), out
+    # EROFS since this round's fix (the cage's /proc/sys is a read-only bind); EPERM or
+    # EACCES before it.
+    assert out["/proc/sys/kernel/ns_last_pid"] in ("EPERM", "EACCES", "EROFS"), out
 
 
 # -- what a cage reads of the host's paths ------------------------------------------------------

@@ -34,6 +34,10 @@ from hyperhive.priv.cgroups import Cgroup, Pinned, hive_key
 from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
 from hyperhive.priv.namelocks import NameLocks
 
+# What of /proc a cage sees read-only, where the kernel has it (bwrap covers /proc/irq and
+# /proc/bus itself, when it can).
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/fs", "/proc/irq", "/proc/bus")
+
 log = logging.getLogger("hive.priv")
 
 START_TIMEOUT = 10.0
@@ -504,6 +508,13 @@ class Cages:
             a += ["--perms", "0644", "--ro-bind-data", str(binds[f]), f"/etc/{f}"]
         a += [
             "--proc", "/proc",
+            # Read-only over the cage's proc: bwrap covers /proc/sys only if access(W_OK)
+            # on it succeeds, and the kernel answers EACCES for the root of /proc/sys, so
+            # it was left writable to the cage's euid 0 (init): a sysctl checks the mode,
+            # not a capability (kernel/core_pattern is run as host root). runc's read-only
+            # set (red team round 22). The host's /proc/sys shows what the cage's own
+            # would: a sysctl answers for the reader's namespaces.
+            *(arg for p in PROC_READ_ONLY for arg in ("--ro-bind-try", p, p)),
             "--dev", "/dev",
             # bwrap's devpts has no bound but the host's (kernel.pty.max, shared by every
             # instance): this one, mounted in_child, has CAGE_PTYS (its /dev/ptmx is pts/ptmx).
