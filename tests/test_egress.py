@@ -403,6 +403,13 @@ def test_connect_to_the_gateway_the_core_or_loopback_is_refused(hive: HiveProces
     ("CONNECT allowed.test:99999 HTTP/1.1\r\n\r\n", 400, "port must be 1-65535"),
     ("CONNECT bad_name!:80 HTTP/1.1\r\n\r\n", 400, "not a valid hostname"),
     ("garbage\r\n\r\n", 400, "malformed request line"),
+    # One reading only (red team round 22): what a server might split or read otherwise.
+    ("GET http://allowed.test/ HTTP/1.1\r\nX: a\nHost: other.test\r\n\r\n", 400, "a bare CR or LF"),
+    ("GET http://allowed.test/ HTTP/1.1\r\nX: a\rHost: other.test\r\n\r\n", 400, "a bare CR or LF"),
+    ("GET http://allowed.test/ HTTP/1.1\nHost: other.test\r\n\r\n", 400, "a bare CR or LF"),
+    ("GET http://allowed.test/ HTTP/1.2\r\n\r\n", 400, "unsupported protocol"),
+    ("G(T http://allowed.test/ HTTP/1.1\r\n\r\n", 400, "the method is not a token"),
+    ("GET http://allowed.test/ HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400, "a control character in a header value"),
     ("GET http://allowed.test/ HTTP/1.1\r\nX: " + "a" * 20000 + "\r\n\r\n", 431, "request head over"),
 ])
 def test_malformed_proxy_requests_get_one_line_errors(hive: HiveProcess, request_head: str, status: int,

@@ -702,8 +702,10 @@ BARE = {
 def test_a_bare_line_feed_smuggles_no_host_past_the_proxy(
     rt: HiveProcess, revoke_net: TestNet
 ) -> None:
-    """The proxy forwards a plain-HTTP request with exactly one Host, the destination it
-    checked; a client Host naming anything else is a 403. Its reader splits the head on
+    """**Broke, fixed** (core/egress.py ``parse_request``: a bare CR or LF anywhere in the
+    head, a method that is no token, a version other than HTTP/1.0 or 1.1, or a control
+    character in a header value is a 400). The proxy forwards a plain-HTTP request with
+    exactly one Host, the destination it checked; a client Host naming anything else is a 403. Its reader splits the head on
     CRLF only, and a header value (or the request line's version) may hold a bare LF or CR:
     forwarded as they are, a server that ends lines at LF alone (Python's http.server here,
     nginx, most others) reads a second Host of the agent's choosing, first in the case of

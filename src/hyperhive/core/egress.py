@@ -479,6 +479,7 @@ class Request:
 
 
 _TOKEN = re.compile(rb"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value: all but HTAB (RFC 9110 5.5)
 
 
 def _headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
@@ -490,7 +491,10 @@ def _headers(lines: list[bytes]) -> list[tuple[bytes, bytes]]:
         name, colon, value = line.partition(b":")
         if not colon or not _TOKEN.match(name):
             raise Refusal(400, "malformed header line (obsolete folding, or a bad header name)")
-        out.append((name, value.strip(b" \t")))
+        value = value.strip(b" \t")
+        if _CONTROL.search(value):
+            raise Refusal(400, "a control character in a header value")
+        out.append((name, value))
     return out
 
 
@@ -515,12 +519,18 @@ def _host_value(host: str, port: int) -> bytes:
 
 def parse_request(head: bytes) -> Request:
     lines = head.split(b"\r\n")
+    # A bare CR or LF ends a line for some servers and not for us: a second Host (or a
+    # request line of its own) would reach the server past the check (red team round 22).
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        raise Refusal(400, "a bare CR or LF in the request head")
     try:
         method, target, version = lines[0].decode("ascii").split(" ")
     except (UnicodeDecodeError, ValueError):
         raise Refusal(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
         raise Refusal(400, f"unsupported protocol {version[:20]!r}")
+    if not _TOKEN.match(method.encode()):
+        raise Refusal(400, "malformed request line (the method is not a token)")
     headers = _headers(lines[1:])
     if method == "CONNECT":
         # The tunnel goes to the authority on the request line; a Host header is not
