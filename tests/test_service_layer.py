@@ -27,7 +27,7 @@ INTERNAL = {
     "exists", "require_agent", "require_self", "spec", "may_address", "status_row", "statuses",
     "publish_status", "harness_changed", "check_agent_room", "check_store_quota", "store_quota",
     "delivered", "release", "deliver_due_reminders", "pending_approvals", "egress_rules_for",
-    "reload_egress", "record_egress", "resume_running", "resume_agents", "after_create",
+    "reload_egress", "record_egress", "write_pending_egress", "resume_running", "resume_agents", "after_create",
     # the egress proxy's threads ask whether to terminate TLS; bindings reload after a change
     "egress_plan", "reload_bindings",
     # the group commit's hooks for its message lane (the sender was checked before it

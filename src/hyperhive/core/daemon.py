@@ -165,6 +165,7 @@ async def run_core(opts: CoreOptions) -> None:
     opts.run_dir.core_sock.unlink(missing_ok=True)
     host.close()
     await sockets.close_all()
+    await hive.write_pending_egress()
     opts.run_dir.host_sock.unlink(missing_ok=True)
     store.close()
     log.info("stopped")

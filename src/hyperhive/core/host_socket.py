@@ -275,6 +275,7 @@ async def secret_unbind(s: OperatorSession, req: w.SecretUnbind) -> Reply:
 
 
 async def egress_log(s: OperatorSession, req: w.EgressLog) -> Reply:
+    await s.hive.write_pending_egress()  # every decision made before this request, shown
     page = s.hive.egress_log(s.actor, req.name, req.limit, req.before)
     return ok(entries=page.items, **more(page))
 
