@@ -88,6 +88,9 @@ class EgressSection(BaseModel):
     hosts: dict[str, IPvAnyAddress] = Field(default_factory=dict, max_length=10_000)
     # Tunnels per agent, at once: each costs the core 6 descriptors and 2 threads (see budget).
     max_connections: int = Field(default=16, ge=1, le=10_000)
+    # New connections per agent and second the proxy accepts (a burst of twice that); past
+    # it they wait in the socket's backlog. 0: no bound.
+    connections_per_second: float = Field(default=100.0, ge=0, le=1_000_000)
     # An extra CA the proxy trusts for upstream servers whose TLS it terminates (beside
     # the host's trust store): for a test server, or an internal CA.
     upstream_ca: Path | None = None

@@ -454,8 +454,11 @@ def test_connection_flood_on_egress_sock_is_capped(rt: HiveProcess, world: World
     n = 400
     with unchanged(h), others_keep_working(h):
         # The last refusal waits REFUSE_READ for a request that never comes (no other
-        # connection behind it): then its 503.
-        res = cage_run(h, "rtcarol", EGRESS_FLOOD, n=n, settle=REFUSE_READ + 1.0, timeout=120)
+        # connection behind it): then its 503. Past a burst of twice [egress]
+        # connections_per_second the listener takes them at that rate.
+        rate = EgressSection().connections_per_second
+        paced = max(0.0, (n - 2 * rate) / rate)
+        res = cage_run(h, "rtcarol", EGRESS_FLOOD, n=n, settle=REFUSE_READ + 1.0 + paced, timeout=120)
     cap = EgressSection().max_connections  # the budgeted default (see hyperhive.core.budget)
     busy = f"HTTP/1.1 503 Service Unavailable | hive egress: at most {cap} egress connections at once per agent"
     assert res["statuses"] == {"(waiting)": cap, busy: n - cap}

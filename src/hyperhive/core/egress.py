@@ -698,6 +698,7 @@ class EgressProxy:
         plan_for: Callable[[str, str, int, tuple[Rule, ...]], Plan | None] | None = None,
         ca: HiveCA | None = None,
         upstream_tls: ssl.SSLContext | None = None,
+        connections_per_second: float = 0.0,
     ) -> None:
         self.rules_for = rules_for
         # TLS termination (core/egress_tls.py): which destinations get it, and how.
@@ -720,6 +721,12 @@ class EgressProxy:
         # backlog holds the rest), so refusals can't pile up descriptors (see budget).
         self._live: dict[str, int] = {}
         self._waiting: set[str] = set()  # listeners not read until a thread ends
+        # Connections accepted per agent and second (0: no bound), a burst of twice that:
+        # each is a thread, a parse, a decision and its log row, and a cage connecting as
+        # fast as it can held a core's worth of CPU with refusals (red team round 22).
+        # Past it the listener rests; the kernel's backlog holds the rest.
+        self.connections_per_second = connections_per_second
+        self._accept_tokens: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
         self._lock = threading.Lock()
         # A host process in the agent's group can connect as fast as it likes: one line
         # per agent and uid every STRANGER_LOG_EVERY seconds, with the count.
@@ -781,10 +788,26 @@ class EgressProxy:
         listener.close()
         path.unlink(missing_ok=True)
         self._pool.drop(name)
+        self._accept_tokens.pop(name, None)
 
     def close_all(self, paths: Callable[[str], Path]) -> None:
         for name in list(self._listeners):
             self.close(name, paths(name))
+
+    def _accept_wait(self, name: str) -> float:
+        """Seconds until ``name`` may have another connection accepted (0: one taken now)."""
+        rate = self.connections_per_second
+        if rate <= 0:
+            return 0.0
+        now = time.monotonic()
+        burst = max(1.0, 2 * rate)
+        tokens, at = self._accept_tokens.get(name, (burst, now))
+        tokens = min(burst, tokens + (now - at) * rate)
+        if tokens < 1.0:
+            self._accept_tokens[name] = (tokens, now)
+            return (1.0 - tokens) / rate
+        self._accept_tokens[name] = (tokens - 1.0, now)
+        return 0.0
 
     def _accept(self, name: str, listener: socket.socket) -> None:
         with self._lock:
@@ -792,6 +815,11 @@ class EgressProxy:
                 self._waiting.add(name)
                 if self._loop is not None:
                     self._loop.remove_reader(listener.fileno())
+                return
+            if (wait := self._accept_wait(name)) > 0:
+                if self._loop is not None:
+                    self._loop.remove_reader(listener.fileno())
+                    self._loop.call_later(wait, self._read_again, name)
                 return
             try:
                 conn, _ = listener.accept()

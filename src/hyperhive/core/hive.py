@@ -184,6 +184,7 @@ class Hive:
             plan_for=self.egress_plan,
             ca=self.ca,
             upstream_tls=upstream_context(config.egress.upstream_ca),
+            connections_per_second=config.egress.connections_per_second,
         )
         self.reload_egress()
         # The swarm bridge (swarm/bridge.py), set by the daemon only with [swarm].
