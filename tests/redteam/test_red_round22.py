@@ -630,7 +630,9 @@ def revoke_net() -> Iterator[TestNet]:
     ref="red team round 22: `hive egress rm` against a tunnel opened under the rule (no idle timeout)",
 )
 def test_a_rule_taken_back_ends_what_it_let_through(rt: HiveProcess, revoke_net: TestNet) -> None:
-    """README: ``hive egress allow`` is live at once and ``hive egress rm`` takes it back.
+    """**Broke, fixed** (Hive.reload_egress asks the proxy to ``revalidate`` the agent: its
+    open connections that the rules no longer allow are shut down, both sockets).
+    README: ``hive egress allow`` is live at once and ``hive egress rm`` takes it back.
     An agent opens a CONNECT tunnel under an operator's rule and keeps it; the operator
     removes the rule (the agent's exfiltration seen, say). A new connection is refused; the
     open tunnel must not carry the agent's next request either (it has no idle timeout:
@@ -887,7 +889,9 @@ def tls_hive() -> Iterator[tuple[HiveProcess, Path]]:
 def test_an_unbound_secret_and_a_removed_l7_rule_end_on_open_connections(
     tls_hive: tuple[HiveProcess, Path],
 ) -> None:
-    """**Broke (not fixed).** The proxy decides a terminated connection's plan once, at its
+    """**Broke, fixed** (egress_tls.Terminated asks ``replan`` before each request: the
+    plan as the rules and bindings make it now, or the connection ends with a 403 if it
+    would not be made now). The proxy decided a terminated connection's plan once, at its
     CONNECT: the L7 rules each request is checked against and the bindings it injects. The
     agent keeps a connection alive under an L7 rule and another to a bound destination;
     the operator removes the rule and unbinds the secret. The next request on each must be

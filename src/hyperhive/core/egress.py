@@ -95,6 +95,16 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class _Open:
+    """An allowed connection while it lasts (EgressProxy.revalidate)."""
+
+    host: str
+    port: int
+    address: IPAddress
+    sockets: tuple[socket.socket, socket.socket]
+
+
+@dataclass(frozen=True)
 class Block:
     """A range the proxy does not connect into by default."""
 
@@ -313,6 +323,20 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
         if why is not None:
             raise Refusal(403, f"{_show(name, port)} resolves to {a}, {why}")
     return addresses
+
+
+def still_allowed(rules: tuple[Rule, ...], host: str, port: int, address: IPAddress) -> bool:
+    """Whether ``rules`` would allow a connection to ``host:port`` at ``address`` (one the
+    proxy made): ``check`` without a lookup (the address is the one connected to)."""
+    try:
+        name, literal = destination(host, port)
+    except RuleError:
+        return False
+    if literal is not None:
+        covered = any(r.matches_address(literal, port) for r in rules)
+    else:
+        covered = any(r.matches_name(name, port) for r in rules)
+    return covered and refusal(address, port, rules) is None
 
 
 def l7_by_address(
@@ -726,6 +750,9 @@ class EgressProxy:
         # fast as it can held a core's worth of CPU with refusals (red team round 22).
         # Past it the listener rests; the kernel's backlog holds the rest.
         self.connections_per_second = connections_per_second
+        # Each agent's allowed connections while they last: what ``revalidate`` ends when
+        # the rules that allowed one are taken back.
+        self._open: dict[str, dict[int, _Open]] = {}
         self._accept_tokens: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
         self._lock = threading.Lock()
         # A host process in the agent's group can connect as fast as it likes: one line
@@ -793,6 +820,48 @@ class EgressProxy:
     def close_all(self, paths: Callable[[str], Path]) -> None:
         for name in list(self._listeners):
             self.close(name, paths(name))
+
+    def _track(
+        self,
+        agent: str,
+        decision: Decision,
+        host: str,
+        port: int,
+        address: IPAddress,
+        sockets: tuple[socket.socket, socket.socket],
+    ) -> None:
+        with self._lock:
+            self._open.setdefault(agent, {})[decision.key] = _Open(host, port, address, sockets)
+
+    def _untrack(self, agent: str, decision: Decision) -> None:
+        with self._lock:
+            live = self._open.get(agent)
+            if live is not None:
+                live.pop(decision.key, None)
+                if not live:
+                    del self._open[agent]
+
+    def revalidate(self, agent: str) -> int:
+        """``agent``'s rules changed: end its open connections (tunnels, plain HTTP,
+        terminated TLS) to a destination they no longer allow, both sockets shut down so
+        the thread relaying them ends (red team round 22: a tunnel outlived the rule that
+        opened it, with no idle timeout). How many were ended."""
+        rules = self.rules_for(agent)
+        with self._lock:
+            gone = [
+                o
+                for o in self._open.get(agent, {}).values()
+                if not still_allowed(rules, o.host, o.port, o.address)
+            ]
+        for o in gone:
+            for sock in o.sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+        if gone:
+            log.info(
+                "egress %s: ended %d open connection(s) its rules no longer allow", agent, len(gone)
+            )
+        return len(gone)
 
     def _accept_wait(self, name: str) -> float:
         """Seconds until ``name`` may have another connection accepted (0: one taken now)."""
@@ -958,7 +1027,11 @@ class EgressProxy:
             if rest:
                 upstream.sendall(rest)
                 decision.bytes_up += len(rest)
-            up, down = relay(conn, upstream)
+            self._track(agent, decision, req.host, req.port, address, (conn, upstream))
+            try:
+                up, down = relay(conn, upstream)
+            finally:
+                self._untrack(agent, decision)
             decision.bytes_up += up
             decision.bytes_down += down
             decision.closed = True
@@ -1044,12 +1117,23 @@ class EgressProxy:
             self._emit(decision)
             upstream.close()
             return conn
-        t = egress_tls.Terminated(agent, client, upstream, plan, refuse)
+
+        def replan() -> Plan | None:
+            rules = self.rules_for(agent)
+            if not still_allowed(rules, plan.host, plan.port, address):
+                return None
+            return (
+                plan if self.plan_for is None else self.plan_for(agent, plan.host, plan.port, rules)
+            )
+
+        t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan)
+        self._track(agent, decision, plan.host, plan.port, address, (client, upstream))
         try:
             t.run()
         except OSError as e:
             log.info("egress %s: terminated connection ended: %s", agent, e)
         finally:
+            self._untrack(agent, decision)
             decision.bytes_up += t.up
             decision.bytes_down += t.down
             decision.closed = True

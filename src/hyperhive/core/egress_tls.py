@@ -191,6 +191,11 @@ def refusal_events(status: int, reason: str) -> list[Any]:
     ]
 
 
+# A kept-alive connection's next request after the agent's rules or bindings changed so
+# that this connection would not be made now.
+CHANGED = "{}:{}: this agent's egress rules or secret bindings changed; connect again"
+
+
 class Terminated:
     """One terminated connection: ``client`` (TLS, the cage) and ``upstream`` (TLS,
     verified). ``refuse(reason)`` logs a refused request."""
@@ -202,12 +207,17 @@ class Terminated:
         upstream: ssl.SSLSocket,
         plan: Plan,
         refuse: Callable[[str], None],
+        replan: Callable[[], Plan | None] | None = None,
     ) -> None:
         self.agent = agent
         self.client = client
         self.upstream = upstream
         self.plan = plan
         self.refuse = refuse
+        # The plan as the hive's rules and bindings make it now, asked before each request:
+        # a rule taken back, a secret unbound, an L7 rule removed reach a kept-alive
+        # connection at its next request (red team round 22); None: it ends there.
+        self.replan = replan
         self.srv = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         self.cli = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
         self.up = 0
@@ -320,6 +330,12 @@ class Terminated:
                 )
                 return
             assert isinstance(ev, h11.Request), ev
+            if self.replan is not None:
+                plan = self.replan()
+                if plan is None:
+                    self._refused(Refused(403, CHANGED.format(self.plan.host, self.plan.port)))
+                    return
+                self.plan = plan
             try:
                 headers = self._check(ev)
             except Refused as e:

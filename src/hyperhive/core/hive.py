@@ -1021,6 +1021,7 @@ class Hive:
         self._egress_rules = fresh
         for n in names:
             self.bus.publish("egress", {"agent": n, "rules": [r.text for r in fresh[n]]})
+            self.egress.revalidate(n)  # what a rule taken back allowed ends now
 
     def record_egress(self, d: Decision) -> None:
         """Every decision of the proxy, in the log (and to subscribers); called in the loop.
