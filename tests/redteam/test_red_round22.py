@@ -128,6 +128,11 @@ def _as_another_hives_core(h: HiveProcess) -> dict[str, Any]:
     "privsep.core-misuse",
     ref="red team round 22: every hive's core is one user (cli/up.py extra_groups); OpenSSH privsep per-session users",
 )
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/security.md): every hive on a host shares the hive-core user;"
+    " a core of its own per hive is the fix, not made yet",
+)
 def test_a_compromised_core_does_not_own_the_other_hives_on_its_host(rt: HiveProcess) -> None:
     """**Broke (not fixed).** Every hive on a host runs its core as the one user
     ``hive-core``, with the groups ``hive-admin`` (to give host.sock its group) and
@@ -327,6 +332,11 @@ result(found={k: [n for n in needles if n in v] for k, v in texts.items() if any
 @pytest.mark.attack(
     "observe.host-activity",
     ref="red team round 22: the run dir's host path in the cage's mountinfo (root field of a bind)",
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit, low (docs/security.md): a bind's root field and bwrap's cmdline name"
+    " the run and state dirs; not fixed yet",
 )
 def test_the_cage_reads_no_host_path_of_the_hive(rt: HiveProcess) -> None:
     """**Broke (not fixed), low.** docs/security.md: mountinfo shows ``/proc/self/fd/N``
@@ -757,6 +767,12 @@ print(written, files, why)
 @pytest.mark.attack(
     "budget.disk-quota",
     ref="red team round 22: run/ui/NAME is bound read-write into the cage for the harness; round 17's compromised harness",
+)
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limit (docs/security.md): a compromised harness can write the run dir's"
+    " filesystem through its page directory (on /run's tmpfs: charged to the cage's memory);"
+    " a listener handed in by hive-priv is the fix, not made yet",
 )
 def test_the_harness_cannot_fill_the_run_dirs_filesystem(rt: HiveProcess) -> None:
     """**Broke (not fixed).** The cage's ``/run/hive-ui`` is the host's ``run/ui/NAME``
