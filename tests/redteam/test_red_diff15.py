@@ -1,14 +1,22 @@
 """Red team of session 15's change (egress revalidation, pacing, batched decisions, the
 plain-HTTP head's one reading, /proc read-only in cages, the harness's readline).
 
-Broke (each case fails on the code it was written against):
+Broke (each case fails on the code it was written against; none fixed here):
 - a tunnel whose CONNECT was decided before a rule was taken back, but whose relay starts
   after ``revalidate`` ran, is never tracked when revalidate looks: it outlives the rule
   (the agent holds the window open: a port with L7 rules makes the proxy wait up to 10 s
-  for the tunnel's first record before it relays);
+  for the tunnel's first record before it relays, and the bytes that come then go
+  upstream before ``_track``);
 - a byte tunnel opened under a plain name rule outlives the operator narrowing that name
   to L7 rules (``still_allowed`` asks only whether some rule covers the name; an L7 rule
-  does, but would never let a byte tunnel through).
+  does, but would never let a byte tunnel through);
+- a terminated connection's request body that never ends goes on reaching the server
+  after its L7 rule is taken back (``replan`` runs between requests only, and
+  ``revalidate`` keeps it while another L7 rule covers the name);
+- ``revalidate`` shuts a terminated connection's ``SSLSocket``s down with
+  ``SSLSocket.shutdown``, which drops the SSL object before the descriptor is shut: a
+  write of the connection's thread in between goes out in cleartext (the injected secret
+  with it).
 
 Held: see each case.
 """
@@ -17,9 +25,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import os
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -32,7 +42,7 @@ import pytest
 from helpers import assert_ok
 from hive_fixture import HiveProcess, running_hive, wait_until
 from hyperhive.cage import harness, wirejson
-from hyperhive.core.egress import EgressProxy
+from hyperhive.core.egress import Decision, EgressProxy
 from testnet import TestNet
 
 from .conftest import cage_run
@@ -52,9 +62,10 @@ HOSTS = {NAME: ADDR, L7_NAME: ADDR, UP_NAME: UP_ADDR}
 READY, GO = "d15-ready", "d15-go"
 
 
-# Appends every byte a connection sends (after TLS) to SEEN; answers nothing.
+# Appends every byte a connection sends (after TLS) to SEEN; answers nothing but
+# ``GET /stream``, which gets an answer that never ends.
 SINK = r"""
-import socket, ssl, sys, threading
+import socket, ssl, sys, threading, time
 ADDR, CERT, SEEN = sys.argv[1:4]
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(CERT)
@@ -68,6 +79,13 @@ def serve(c):
                 break
             with open(SEEN, "ab") as f:
                 f.write(d)
+            if d.startswith(b"GET /stream"):  # an answer that never ends, a chunk each 20 ms
+                t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                i = 0
+                while True:
+                    t.sendall(b"%x\r\n%s\r\n" % (len(b"tick%06d" % i), b"tick%06d" % i))
+                    i += 1
+                    time.sleep(0.02)
     except Exception:
         pass
 while True:
@@ -366,6 +384,79 @@ def test_an_endless_upload_ends_when_its_l7_rule_is_taken_back(d15: HiveProcess)
     )
 
 
+# -- 2e. an endless answer on a terminated connection when its last rule goes ----------------
+
+STREAM = r"""
+import os, ssl
+home = "/home/agent/"
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(f"CONNECT {P['host']}:443 HTTP/1.1\r\n\r\n".encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+t = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem").wrap_socket(s, server_hostname=P["host"])
+t.sendall(f"GET /stream HTTP/1.1\r\nHost: {P['host']}\r\n\r\n".encode())
+got = b""
+while got.count(b"tick") < 5:
+    got += t.recv(65536)
+open(home + P["ready"], "w").close()
+deadline = time.monotonic() + 30
+while not os.path.exists(home + P["go"]) and time.monotonic() < deadline:
+    time.sleep(0.01)
+t0, after, why = time.monotonic(), 0, "still streaming after 5 s"
+t.settimeout(5)
+while time.monotonic() - t0 < 5:
+    try:
+        d = t.recv(65536)
+    except (OSError, ssl.SSLError) as e:
+        why = "error " + type(e).__name__
+        break
+    if not d:
+        why = "EOF"
+        break
+    after += d.count(b"tick")
+for f in (P["ready"], P["go"]):
+    try:
+        os.unlink(home + f)
+    except OSError:
+        pass
+result(before=got.count(b"tick"), after=after, why=why, seconds=time.monotonic() - t0)
+"""
+
+
+@pytest.mark.attack(
+    "egress.l7-bypass",
+    ref="session 15 diff: revalidate shuts down a terminated connection's SSL sockets from the loop thread while its thread relays",
+)
+def test_an_endless_answer_ends_when_the_last_rule_goes(d15: HiveProcess) -> None:
+    """**Held.** A terminated connection relaying an answer that never ends (a chunk each
+    20 ms); the operator takes back the only L7 rule for the name: ``revalidate`` shuts
+    both SSL sockets down from the event loop while the connection's thread is in them,
+    and the cage's stream ends (EOF or a TLS error) at once, a chunk or two after at most;
+    the proxy's thread ends (the core's log has no traceback of it)."""
+    rules = (f"{UP_ADDR}:443", f"GET {UP_NAME}:443/stream")
+    _allow(d15, *rules)
+    log_before = d15.log_path.stat().st_size
+    try:
+        out = _held_script(d15, STREAM, lambda: _remove(d15, rules[1]), host=UP_NAME)
+    finally:
+        _remove(d15, *rules)
+    with open(d15.log_path, "rb") as f:
+        f.seek(log_before)
+        logged = f.read().decode(errors="replace")
+    print(
+        f"in the cage: {out}; logged: {[ln for ln in logged.splitlines() if 'egress' in ln][-4:]}"
+    )
+    assert "error" not in out, out["error"]
+    assert out["before"] >= 5 and out["why"] in (
+        "EOF",
+        "error SSLError",
+        "error ConnectionResetError",
+    ), out
+    assert out["after"] <= 5 and out["seconds"] < 1.0, out
+    assert "Traceback" not in logged, logged[-3000:]
+
+
 # -- 2c. a terminated connection whose rule goes while its handshake is held ------------------
 
 LATE_HELLO = r"""
@@ -581,6 +672,8 @@ PASSED = {
     "latin1-in-value": "GET http://{a}/d15-l1 HTTP/1.1\r\nX-A: 1\x85Host: evil.d15.test\r\n\r\n",
     "tab-in-value": "GET http://{a}/d15-tv HTTP/1.1\r\nX-A: 1\tHost: evil.d15.test\r\n\r\n",
     "tab-in-target": "GET http://{a}/d15-tt\tHTTP/1.1 HTTP/1.1\r\n\r\n",
+    "vt-in-target": "GET http://{a}/d15-vt\x0bhttp://evil.d15.test/ HTTP/1.1\r\n\r\n",
+    "nul-del-in-target": "GET http://{a}/d15-n\x00\x7f HTTP/1.1\r\n\r\n",
 }
 
 
@@ -699,7 +792,13 @@ for i in range(P["n"]):
     s.sendall(f"CONNECT d15-log-{P['tag']}-{i}.invalid:443 HTTP/1.1\r\n\r\n".encode())
     out.append(s.recv(4096).split(b"\r\n")[0].decode())
     s.close()
-result(answers=out)
+# one allowed, opened and closed within a batch: its row must carry the close
+s = socket.create_connection(("127.0.0.1", 3128), timeout=10)
+s.sendall(f"GET http://{P['addr']}/d15-log-{P['tag']} HTTP/1.1\r\n\r\n".encode())
+got = b""
+while chunk := s.recv(65536):
+    got += chunk
+result(answers=out, allowed=got.split(b"\r\n")[0].decode(), size=len(got))
 """
 
 
@@ -708,12 +807,22 @@ result(answers=out)
     ref="session 15 diff: record_egress batches (50 ms); host.sock egress_log writes what is pending first",
 )
 def test_egress_log_shows_every_decision_made_before_it(d15: HiveProcess) -> None:
-    """**Held.** 30 refused CONNECTs in a row, then at once (no sleep) ``egress_log`` on
-    host.sock: all 30 are there, in order, one row each (the pending batch written before
-    the read)."""
+    """**Held.** 30 refused CONNECTs in a row and an allowed GET (its open and its close
+    in the same 50 ms batch), then at once (no sleep) ``egress_log`` on host.sock: all 30
+    are there, one row each (the pending batch written before the read), and the allowed
+    one is one row with its close (closed_at, bytes down to the byte the cage got)."""
     tag = f"{os.getpid()}{int(time.time())}"
-    out = cage_run(d15, AGENT, BURST, n=30, tag=tag)
-    rows = assert_ok(d15.host_call("egress_log", name=AGENT, limit=200))["entries"]
+    _allow(d15, f"{ADDR}:80")
+    try:
+        out = cage_run(d15, AGENT, BURST, n=30, tag=tag, addr=ADDR)
+        rows = assert_ok(d15.host_call("egress_log", name=AGENT, limit=200))["entries"]
+    finally:
+        _remove(d15, f"{ADDR}:80")
+    allowed = [r for r in rows if r["host"] == ADDR and r["allowed"]][:1]
+    print(f"the allowed one: {out['allowed']} {out['size']} B; its row {allowed}")
+    assert out["allowed"] == "HTTP/1.1 200 OK", out
+    assert len(allowed) == 1 and allowed[0]["closed_at"] is not None, allowed
+    assert allowed[0]["bytes_up"] > 0 and allowed[0]["bytes_down"] == out["size"], allowed
     mine = [r["host"] for r in rows if r["host"].startswith(f"d15-log-{tag}-")]
     print(f"{len(mine)} rows of 30: {mine[:3]}...")
     assert out["answers"] == ["HTTP/1.1 403 Forbidden"] * 30, out
@@ -930,3 +1039,92 @@ def test_pacing_survives_a_listener_closed_and_served_again(tmp_path: Path) -> N
     assert got[0] == 4 and got[1] == 3, got
     assert 1 <= got[2] <= 4, got
     assert got[3] == 1, got
+
+
+# -- 10. revalidate's shutdown of an SSL socket while its thread writes -----------------------
+
+SECRET = b"authorization: Bearer sk-live-D15-plaintext"
+
+
+@pytest.mark.attack(
+    "secrets.placeholder-elsewhere",
+    ref="session 15 diff: revalidate calls SSLSocket.shutdown from the loop thread: it drops _sslobj before the descriptor is shut down",
+)
+def test_revalidate_never_lets_a_terminated_connection_write_cleartext(tmp_path: Path) -> None:
+    """**Broke.** ``revalidate`` ends a terminated connection with ``sock.shutdown()`` on
+    its ``ssl.SSLSocket``s, from the event loop while the connection's own thread relays
+    through them. ``SSLSocket.shutdown`` sets ``self._sslobj = None`` and only then shuts
+    the descriptor down; an ``SSLSocket.send``/``sendall`` that runs between the two sees
+    no SSL object and writes with the plain socket's ``send``: the request bytes (the
+    secret the proxy injected among them) go to the server's address in cleartext. Seen
+    without help: 1 run in 4,000 (``sys.setswitchinterval(1e-6)``, a writer thread and a
+    shutdown from another). Here the loop thread is held 50 ms at that point (a tracer
+    sleeping on ``super().shutdown(how)``: what a preemption there does) while the
+    connection's thread writes: the server's raw stream must hold no cleartext. Fix: shut
+    the descriptor down without the SSL object's help,
+    ``socket.socket.shutdown(sock, socket.SHUT_RDWR)`` (the base class's method: the
+    SSL object stays, a write after it fails inside TLS), or ``os`` level on ``fileno()``."""
+    with cert_dir("hvd15r", "d15 race CA", "d15 race server", ["race.d15.test"]) as (d, _):
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(str(d / "server.pem"))
+        cctx = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        srv = socket.create_server(("127.0.0.1", 0))
+        raw: list[bytes] = []
+
+        def server() -> None:
+            c, _ = srv.accept()
+            t = sctx.wrap_socket(c, server_side=True)
+            under = socket.socket(fileno=os.dup(t.fileno()))  # the bytes as they come
+            with contextlib.suppress(OSError):
+                while d := under.recv(65536):
+                    raw.append(d)
+            under.close()
+            t.close()
+
+        st = threading.Thread(target=server, daemon=True)
+        st.start()
+        up = cctx.wrap_socket(
+            socket.create_connection(srv.getsockname()), server_hostname="race.d15.test"
+        )
+        cage_end, proxy_end = socket.socketpair()
+        proxy = EgressProxy(lambda a: (), lambda d: None)
+        decision = Decision("a", "race.d15.test", 443, True, "CONNECT (TLS terminated)")
+        address = ipaddress.ip_address("192.0.2.7")
+        proxy._track("a", decision, "race.d15.test", 443, address, (proxy_end, up))
+        writes = {"tls": 0, "error": ""}
+
+        def writer() -> None:  # the Terminated thread, forwarding a request
+            try:
+                while True:
+                    up.sendall(SECRET)
+                    writes["tls"] += 1
+                    time.sleep(0.001)
+            except (OSError, ValueError) as e:
+                writes["error"] = type(e).__name__
+
+        def held(frame: Any, event: str, arg: Any) -> Any:
+            if event == "call":
+                return held if frame.f_code is ssl.SSLSocket.shutdown.__code__ else None
+            if event == "line" and frame.f_locals["self"]._sslobj is None:
+                time.sleep(0.05)  # preempted between `_sslobj = None` and the shutdown
+            return held
+
+        wt = threading.Thread(target=writer, daemon=True)
+        wt.start()
+        time.sleep(0.05)
+        sys.settrace(held)
+        try:
+            ended = proxy.revalidate("a")
+        finally:
+            sys.settrace(None)
+        wt.join(5)
+        st.join(5)
+        for s in (up, cage_end, proxy_end, srv):
+            s.close()
+    stream = b"".join(raw)
+    print(
+        f"revalidate ended {ended}; {writes['tls']} writes, then {writes['error']}; "
+        f"cleartext in the server's stream: {stream.count(SECRET)} times"
+    )
+    assert ended == 1 and writes["tls"] > 0, (ended, writes)
+    assert SECRET not in stream, f"cleartext reached the server: {stream.count(SECRET)} writes"
