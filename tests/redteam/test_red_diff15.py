@@ -1128,3 +1128,50 @@ def test_revalidate_never_lets_a_terminated_connection_write_cleartext(tmp_path:
     )
     assert ended == 1 and writes["tls"] > 0, (ended, writes)
     assert SECRET not in stream, f"cleartext reached the server: {stream.count(SECRET)} writes"
+
+
+# -- 11. the egress log's row for a tunnel refused after its open (fronting) ------------------
+
+FRONT = r"""
+import ssl
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(f"CONNECT {P['target']} HTTP/1.1\r\n\r\n".encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += s.recv(4096)
+ctx = ssl.create_default_context()
+try:  # TLS to the L7 name inside the plain name's tunnel: refused after the 200
+    ctx.wrap_socket(s, server_hostname=P["sni"]).close()
+    tls = "handshake done"
+except (OSError, ssl.SSLError) as e:
+    tls = type(e).__name__
+result(head=head.split(b"\r\n")[0].decode(), tls=tls)
+"""
+
+
+@pytest.mark.attack(
+    "egress.tls-sni-host",
+    ref="session 15 diff: record_egress's close of an open row writes bytes and closed_at only (fronted_l7_name refuses after the open)",
+)
+def test_a_fronted_tunnel_is_logged_as_refused(d15: HiveProcess) -> None:
+    """**Broke (before this change too; the batched write kept it).** A byte tunnel is
+    logged as allowed when the proxy answers its 200; the fronting check (a ClientHello
+    whose SNI names another name with L7 rules) refuses it after that, and emits the same
+    decision again, now refused and closed. ``record_egress`` takes any decision whose key
+    is open for its close and writes only the byte counts and ``closed_at``: the egress
+    log keeps the row as allowed, ``CONNECT``, and the fronting attempt, which the check
+    exists to catch, is nowhere in it (only a throttled log line). Fix: the close's write
+    also sets ``allowed`` and ``reason`` when they changed (``close_in`` with them)."""
+    rules = (f"{ADDR}:443", f"{NAME}:443", f"GET {L7_NAME}:443/only/*")
+    _allow(d15, *rules)
+    try:
+        out = cage_run(d15, AGENT, FRONT, target=f"{NAME}:443", sni=L7_NAME)
+        rows = assert_ok(d15.host_call("egress_log", name=AGENT, limit=5))["entries"]
+    finally:
+        _remove(d15, *rules)
+    row = next(r for r in rows if r["host"] == NAME and r["port"] == 443)
+    print(f"in the cage: {out}; its row: {row}")
+    assert out["head"].startswith("HTTP/1.1 200"), out
+    assert out["tls"] != "handshake done", out
+    assert row["closed_at"] is not None, row
+    assert not row["allowed"] and "L7" in row["reason"], row
