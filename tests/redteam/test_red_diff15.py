@@ -6,7 +6,8 @@ Broke (each case fails on the code it was written against; none fixed here):
   after ``revalidate`` ran, is never tracked when revalidate looks: it outlives the rule
   (the agent holds the window open: a port with L7 rules makes the proxy wait up to 10 s
   for the tunnel's first record before it relays, and the bytes that come then go
-  upstream before ``_track``);
+  upstream before ``_track``); the same for a plain-HTTP request (a body as long as
+  the agent likes) whose connect to a slow-accepting server outlasts the removal;
 - a byte tunnel opened under a plain name rule outlives the operator narrowing that name
   to L7 rules (``still_allowed`` asks only whether some rule covers the name; an L7 rule
   does, but would never let a byte tunnel through);
@@ -44,6 +45,7 @@ from helpers import assert_ok
 from hive_fixture import HiveProcess, running_hive, wait_until
 from hyperhive.cage import harness, wirejson
 from hyperhive.core.egress import Decision, EgressProxy
+from hyperhive.wire.egress import parse_rules
 from testnet import TestNet
 
 from .conftest import cage_run
@@ -1088,7 +1090,8 @@ def test_revalidate_never_lets_a_terminated_connection_write_cleartext(tmp_path:
             socket.create_connection(srv.getsockname()), server_hostname="race.d15.test"
         )
         cage_end, proxy_end = socket.socketpair()
-        proxy = EgressProxy(lambda a: (), lambda d: None)
+        rules = {"a": parse_rules(["race.d15.test:443", "192.0.2.0/24:443"])}
+        proxy = EgressProxy(lambda a: rules[a], lambda d: None)
         decision = Decision("a", "race.d15.test", 443, True, "CONNECT (TLS terminated)")
         address = ipaddress.ip_address("192.0.2.7")
         proxy._track("a", decision, "race.d15.test", 443, address, (proxy_end, up))
@@ -1113,6 +1116,7 @@ def test_revalidate_never_lets_a_terminated_connection_write_cleartext(tmp_path:
         wt = threading.Thread(target=writer, daemon=True)
         wt.start()
         time.sleep(0.05)
+        rules["a"] = ()  # the operator takes the rules back
         sys.settrace(held)
         try:
             ended = proxy.revalidate("a")
@@ -1245,3 +1249,101 @@ def test_a_kill9_of_the_core_loses_at_most_a_batch_of_decisions(d15: HiveProcess
     )
     assert len(answered) > 100, holder
     assert len(lost) <= 20, sorted(lost)
+
+
+# -- 1b. the same window on a plain-HTTP request: an upstream slow to accept -----------------
+
+SLOW = r"""
+import os, socket, sys, threading, time
+ADDR, PORT, GO, SEEN = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ADDR, PORT))
+s.listen(0)  # its queue is filled by the test: a SYN now is dropped, and retried 1 s later
+while not os.path.exists(GO):
+    time.sleep(0.01)
+def serve(c):
+    c.settimeout(5)
+    try:
+        while d := c.recv(65536):
+            with open(SEEN, "ab") as f:
+                f.write(d)
+    except OSError:
+        pass
+    c.close()
+while True:
+    threading.Thread(target=serve, args=(s.accept()[0],), daemon=True).start()
+"""
+SLOW_PORT = 8080
+
+UPLOAD_PLAIN = r"""
+import os
+home = "/home/agent/"
+s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+s.sendall(f"POST http://{P['host']}:{P['port']}/d15-up HTTP/1.1\r\nContent-Length: 100000\r\n\r\nd15-BEFORE".encode())
+open(home + P["ready"], "w").close()
+deadline = time.monotonic() + 30
+while not os.path.exists(home + P["go"]) and time.monotonic() < deadline:
+    time.sleep(0.02)
+sent, why = 0, "all sent"
+try:
+    for i in range(10):
+        s.sendall(f"d15-AFTER-{i}".encode())
+        sent += 1
+        time.sleep(0.05)
+except OSError as e:
+    why = errname(e)
+for f in (P["ready"], P["go"]):
+    try:
+        os.unlink(home + f)
+    except OSError:
+        pass
+result(sent=sent, why=why)
+"""
+
+
+@pytest.mark.attack(
+    "egress.l7-bypass",
+    ref="session 15 diff: _serve connects before it tracks; revalidate during the connect sees nothing",
+)
+def test_a_plain_request_whose_connect_outlasts_the_removal_is_ended(d15: HiveProcess) -> None:
+    """**Broke** (the first case's window, without L7 rules: the upstream's connect). The
+    agent's own server (its exfiltration endpoint, say) accepts slowly: its SYN queue is
+    full, so the proxy's connect waits for a retry a second later. The agent sends a
+    plain-HTTP POST with a 100 kB body, the proxy checks it and connects; meanwhile the
+    operator takes the rule back; the connect completes after ``revalidate`` ran, and the
+    head and the body after it reach the server. Fix: as the first case (``_track``
+    before any byte goes upstream, checking the rules once more after it)."""
+    d = CERTS["dir"]
+    go, sink = d / "slow-go", d / "slow-seen"
+    NET.serve(
+        ADDR, SLOW_PORT, [sys.executable, "-c", SLOW, ADDR, str(SLOW_PORT), str(go), str(sink)]
+    )
+    fill = []
+    for _ in range(3):  # the listen queue full (the test's own connections)
+        f = socket.socket()
+        f.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            f.connect((ADDR, SLOW_PORT))
+        fill.append(f)
+    time.sleep(0.2)
+    rules = (f"{ADDR}:{SLOW_PORT}", f"{NAME}:{SLOW_PORT}")
+    _allow(d15, *rules)
+
+    def between() -> None:
+        time.sleep(0.3)  # the proxy is in its connect by now
+        _remove(d15, rules[1])
+        go.write_text("go")  # the server accepts: the proxy's retried SYN gets through
+        time.sleep(1.5)
+
+    try:
+        out = _held_script(d15, UPLOAD_PLAIN, between, host=NAME, port=SLOW_PORT)
+    finally:
+        _remove(d15, *rules)
+        for f in fill:
+            f.close()
+    got = sink.read_bytes() if sink.exists() else b""
+    rows = assert_ok(d15.host_call("egress_log", name=AGENT, limit=3))["entries"]
+    print(f"in the cage: {out}; the server got {len(got)} B: {got[:120]!r}; log {rows[:2]}")
+    assert "error" not in out, out["error"]
+    assert b"d15-up" not in got and b"d15-AFTER" not in got, got[:300]
