@@ -48,7 +48,7 @@ from hyperhive.core.egress import Decision, EgressProxy
 from hyperhive.wire.egress import parse_rules
 from testnet import TestNet
 
-from .conftest import cage_run
+from .conftest import cage_run, core_fds
 from .egress_kit import seen, serve_recorder
 from .test_red_round22 import CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID, _init_pid
 from .test_secrets_egress import cert_dir
@@ -595,8 +595,9 @@ result(opened=opened, ended=ended, seconds=time.monotonic() - t0)
 )
 def test_a_rule_taken_back_ends_every_open_tunnel_at_once(d15: HiveProcess) -> None:
     """**Held.** 14 tunnels open (under max_connections, 16), each relaying; the rule
-    removed: every one ends (EOF in the cage) within a second or so, and the core keeps
-    answering meanwhile (revalidate shuts sockets down, it does not wait for threads)."""
+    removed: every one ends (EOF in the cage) within a second or so, the core keeps
+    answering meanwhile (revalidate shuts sockets down, it does not wait for threads), and
+    its descriptors come back to where they were (none left behind)."""
     _allow(d15, f"{ADDR}:80", f"{NAME}:80")
     ready = d15.home(AGENT) / READY
     holder: dict[str, Any] = {}
@@ -609,6 +610,7 @@ def test_a_rule_taken_back_ends_every_open_tunnel_at_once(d15: HiveProcess) -> N
         except BaseException as e:
             holder["error"] = repr(e)[:2000]
 
+    fds = core_fds(d15)
     t = threading.Thread(target=run)
     t.start()
     try:
@@ -622,7 +624,10 @@ def test_a_rule_taken_back_ends_every_open_tunnel_at_once(d15: HiveProcess) -> N
         t.join(60)
         with contextlib.suppress(OSError):
             ready.unlink()
-    print(f"egress_remove took {took:.3f} s; in the cage: {holder}")
+    wait_until(lambda: core_fds(d15) <= fds, 10, "the core's descriptors back")
+    print(
+        f"egress_remove took {took:.3f} s; core fds {fds} -> {core_fds(d15)}; in the cage: {holder}"
+    )
     assert "error" not in holder, holder["error"]
     assert all(o.startswith("HTTP/1.1 200") for o in holder["opened"]), holder
     assert holder["ended"] == [True] * 14, holder
