@@ -42,15 +42,16 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok
-from hive_fixture import HiveProcess, running_hive, wait_until
+from hive_fixture import HiveProcess, proc_status, running_hive, wait_until
 from hyperhive.cage import harness, wirejson
 from hyperhive.core.egress import Decision, EgressProxy
+from hyperhive.priv.cages import PROC_READ_ONLY
 from hyperhive.wire.egress import parse_rules
 from testnet import TestNet
 
 from .conftest import cage_run, core_fds
 from .egress_kit import seen, serve_recorder
-from .test_red_round22 import CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID, _init_pid
+from .test_red_round22 import CAP_KILL, CAP_SETGID, CAP_SETPCAP, CAP_SETUID, _as_init, _init_pid
 from .test_secrets_egress import cert_dir
 
 AGENT = "rtd15"
@@ -1352,3 +1353,43 @@ def test_a_plain_request_whose_connect_outlasts_the_removal_is_ended(d15: HivePr
     print(f"in the cage: {out}; the server got {len(got)} B: {got[:120]!r}; log {rows[:2]}")
     assert "error" not in out, out["error"]
     assert b"d15-up" not in got and b"d15-AFTER" not in got, got[:300]
+
+
+# -- 13. the rest of the cage's /proc: anything init's root may still open for writing ---------
+
+
+@pytest.mark.attack(
+    "init.capabilities",
+    ref="session 15 diff: PROC_READ_ONLY is runc's read-only set; runc also masks files this change does not",
+)
+def test_init_opens_nothing_else_of_proc_for_writing(d15: HiveProcess) -> None:
+    """**Held.** Every file of the cage's ``/proc`` outside the pid directories and the
+    read-only binds (``/proc/scsi``, ``/proc/tty``, ``/proc/driver``, ``/proc/acpi``,
+    ``/proc/sysvipc``, ``/proc/kmsg``, ``/proc/kcore``, ``/proc/timer_list``, ...) with a
+    write bit, opened for writing (nothing written) with exactly init's capabilities as
+    host uid 0: none opens but ``/proc/pressure/{cpu,io,memory}``, which are 0666 (any
+    user may register a PSI trigger on them; the agent as much as init)."""
+    init = _init_pid(d15, AGENT)
+    eff = int(proc_status(init)["CapEff"], 16)
+    root = Path(f"/proc/{init}/root/proc")
+    skip = {p.removeprefix("/proc/") for p in PROC_READ_ONLY} | {"self", "thread-self"}
+    paths: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = os.path.relpath(dirpath, root)
+        if rel == ".":
+            dirnames[:] = [n for n in dirnames if not n.isdigit() and n not in skip]
+        for n in filenames:
+            p = os.path.join(dirpath, n)
+            with contextlib.suppress(OSError):
+                st = os.lstat(p)
+                if st.st_mode & 0o222 and not n.isdigit() and (rel != "." or n not in skip):
+                    paths.append(p)
+    got = _as_init(eff, paths)
+    opened = sorted(p.removeprefix(str(root)) for p in paths if got[p] == "opened")
+    print(
+        f"{len(paths)} writable-looking files of the cage's /proc; opened by init's root: {opened}"
+    )
+    assert len(paths) > 5, paths
+    # /proc/pressure/* are 0666 by the kernel's design (a PSI trigger per open file, any
+    # user's, the agent's too: not root's reach; runc leaves them as well).
+    assert [p for p in opened if not p.startswith("/pressure/")] == [], opened
