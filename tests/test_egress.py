@@ -409,6 +409,8 @@ def test_connect_to_the_gateway_the_core_or_loopback_is_refused(hive: HiveProces
     ("GET http://allowed.test/ HTTP/1.1\nHost: other.test\r\n\r\n", 400, "a bare CR or LF"),
     ("GET http://allowed.test/ HTTP/1.2\r\n\r\n", 400, "unsupported protocol"),
     ("G(T http://allowed.test/ HTTP/1.1\r\n\r\n", 400, "the method is not a token"),
+    ("GET http://allowed.test/a\tb HTTP/1.1\r\n\r\n", 400, "a control character in the request target"),
+    ("GET http://allowed.test/a\x7f HTTP/1.1\r\n\r\n", 400, "a control character in the request target"),
     ("GET http://allowed.test/ HTTP/1.1\r\nX: a\x00b\r\n\r\n", 400, "a control character in a header value"),
     ("GET http://allowed.test/ HTTP/1.1\r\nX: " + "a" * 20000 + "\r\n\r\n", 431, "request head over"),
 ])

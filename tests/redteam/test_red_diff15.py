@@ -1,7 +1,10 @@
 """Red team of session 15's change (egress revalidation, pacing, batched decisions, the
 plain-HTTP head's one reading, /proc read-only in cages, the harness's readline).
 
-Broke (each case fails on the code it was written against; none fixed here):
+Broke (each case failed on the code it was written against; all fixed the same session:
+``_track`` before any byte moves, with the rules asked again; ``_allows``: the same kind
+of connection as the rules would make now; ``_shut``: the plain socket's shutdown;
+``close_in`` writes what became of a tunnel refused at its first record):
 - a tunnel whose CONNECT was decided before a rule was taken back, but whose relay starts
   after ``revalidate`` ran, is never tracked when revalidate looks: it outlives the rule
   (the agent holds the window open: a port with L7 rules makes the proxy wait up to 10 s
@@ -44,7 +47,7 @@ import pytest
 from helpers import assert_ok
 from hive_fixture import HiveProcess, proc_status, running_hive, wait_until
 from hyperhive.cage import harness, wirejson
-from hyperhive.core.egress import Decision, EgressProxy
+from hyperhive.core.egress import Decision, EgressProxy, _Open
 from hyperhive.priv.cages import PROC_READ_ONLY
 from hyperhive.wire.egress import parse_rules
 from testnet import TestNet
@@ -215,7 +218,7 @@ def _remove(h: HiveProcess, *rules: str) -> None:
 def test_a_tunnel_decided_before_the_removal_and_relayed_after_it_ends_too(
     d15: HiveProcess,
 ) -> None:
-    """**Broke.** ``_serve`` checks the rules, connects, answers 200, and only then (for a
+    """**Broke, fixed.** ``_serve`` checks the rules, connects, answers 200, and only then (for a
     port with L7 rules: after waiting up to HEAD_TIMEOUT for the tunnel's first record,
     the fronting check) calls ``_track``. ``revalidate`` run in that window sees nothing to
     end, and the relay that starts after it is never looked at again: a tunnel that
@@ -255,7 +258,7 @@ def test_a_tunnel_decided_before_the_removal_and_relayed_after_it_ends_too(
     ref="session 15 diff: still_allowed counts an L7 rule as covering a byte tunnel to its name",
 )
 def test_narrowing_a_name_to_l7_rules_ends_its_open_byte_tunnel(d15: HiveProcess) -> None:
-    """**Broke.** The operator had ``n.d15.test:443`` (a byte tunnel: nothing inside is
+    """**Broke, fixed.** The operator had ``n.d15.test:443`` (a byte tunnel: nothing inside is
     checked) and narrows it to ``GET n.d15.test:443/ok/*`` (add the L7 rule, remove the
     plain one): from now on the proxy terminates TLS to that name and checks each request.
     A fresh CONNECT gets that; but ``revalidate`` keeps the agent's open byte tunnel,
@@ -338,7 +341,7 @@ result(head=head.split(b"\r\n")[0].decode(), sent=sent, why=why, end=end)
     ref="session 15 diff: replan runs only between requests; revalidate's still_allowed asks whether some rule covers the name, not the request under way",
 )
 def test_an_endless_upload_ends_when_its_l7_rule_is_taken_back(d15: HiveProcess) -> None:
-    """**Broke.** Rules: ``UP_ADDR:443`` (the private address), ``POST up.d15.test:443/up/*``
+    """**Broke, fixed.** Rules: ``UP_ADDR:443`` (the private address), ``POST up.d15.test:443/up/*``
     and ``GET up.d15.test:443/status``. The agent opens a terminated connection and starts
     ``POST /up/d15`` with a chunked body it never ends; the operator takes the POST rule
     back. ``revalidate`` keeps the connection (the GET rule still covers the name), and
@@ -1060,7 +1063,7 @@ SECRET = b"authorization: Bearer sk-live-D15-plaintext"
     ref="session 15 diff: revalidate calls SSLSocket.shutdown from the loop thread: it drops _sslobj before the descriptor is shut down",
 )
 def test_revalidate_never_lets_a_terminated_connection_write_cleartext(tmp_path: Path) -> None:
-    """**Broke.** ``revalidate`` ends a terminated connection with ``sock.shutdown()`` on
+    """**Broke, fixed.** ``revalidate`` ends a terminated connection with ``sock.shutdown()`` on
     its ``ssl.SSLSocket``s, from the event loop while the connection's own thread relays
     through them. ``SSLSocket.shutdown`` sets ``self._sslobj = None`` and only then shuts
     the descriptor down; an ``SSLSocket.send``/``sendall`` that runs between the two sees
@@ -1100,7 +1103,8 @@ def test_revalidate_never_lets_a_terminated_connection_write_cleartext(tmp_path:
         proxy = EgressProxy(lambda a: rules[a], lambda d: None)
         decision = Decision("a", "race.d15.test", 443, True, "CONNECT (TLS terminated)")
         address = ipaddress.ip_address("192.0.2.7")
-        proxy._track("a", decision, "race.d15.test", 443, address, (proxy_end, up))
+        opened = _Open("race.d15.test", 443, address, (proxy_end, up), "terminated", None)
+        proxy._track("a", decision, opened)
         writes = {"tls": 0, "error": ""}
 
         def writer() -> None:  # the Terminated thread, forwarding a request
@@ -1165,7 +1169,7 @@ result(head=head.split(b"\r\n")[0].decode(), tls=tls)
     ref="session 15 diff: record_egress's close of an open row writes bytes and closed_at only (fronted_l7_name refuses after the open)",
 )
 def test_a_fronted_tunnel_is_logged_as_refused(d15: HiveProcess) -> None:
-    """**Broke (before this change too; the batched write kept it).** A byte tunnel is
+    """**Broke, fixed (before this change too; the batched write kept it).** A byte tunnel is
     logged as allowed when the proxy answers its 200; the fronting check (a ClientHello
     whose SNI names another name with L7 rules) refuses it after that, and emits the same
     decision again, now refused and closed. ``record_egress`` takes any decision whose key
@@ -1313,7 +1317,7 @@ result(sent=sent, why=why)
     ref="session 15 diff: _serve connects before it tracks; revalidate during the connect sees nothing",
 )
 def test_a_plain_request_whose_connect_outlasts_the_removal_is_ended(d15: HiveProcess) -> None:
-    """**Broke** (the first case's window, without L7 rules: the upstream's connect). The
+    """**Broke, fixed** (the first case's window, without L7 rules: the upstream's connect). The
     agent's own server (its exfiltration endpoint, say) accepts slowly: its SYN queue is
     full, so the proxy's connect waits for a retry a second later. The agent sends a
     plain-HTTP POST with a 100 kB body, the proxy checks it and connects; meanwhile the

@@ -102,6 +102,8 @@ class _Open:
     port: int
     address: IPAddress
     sockets: tuple[socket.socket, socket.socket]
+    kind: str  # "tunnel" (bytes), "plain" (a plain-HTTP request) or "terminated" (TLS)
+    plan: Plan | None = None  # a terminated connection's, as it was made
 
 
 @dataclass(frozen=True)
@@ -323,6 +325,15 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
         if why is not None:
             raise Refusal(403, f"{_show(name, port)} resolves to {a}, {why}")
     return addresses
+
+
+def _shut(o: _Open) -> None:
+    """Both sockets shut down, from another thread than the one relaying them. The plain
+    socket's shutdown, never SSLSocket's: that drops its TLS object first, and a send
+    racing it went out in cleartext, an injected secret with it (red team of session 15)."""
+    for sock in o.sockets:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def still_allowed(rules: tuple[Rule, ...], host: str, port: int, address: IPAddress) -> bool:
@@ -555,6 +566,8 @@ def parse_request(head: bytes) -> Request:
         raise Refusal(400, f"unsupported protocol {version[:20]!r}")
     if not _TOKEN.match(method.encode()):
         raise Refusal(400, "malformed request line (the method is not a token)")
+    if _CONTROL.search(target.encode()) or "\t" in target:
+        raise Refusal(400, "a control character in the request target")
     headers = _headers(lines[1:])
     if method == "CONNECT":
         # The tunnel goes to the authority on the request line; a Host header is not
@@ -821,17 +834,15 @@ class EgressProxy:
         for name in list(self._listeners):
             self.close(name, paths(name))
 
-    def _track(
-        self,
-        agent: str,
-        decision: Decision,
-        host: str,
-        port: int,
-        address: IPAddress,
-        sockets: tuple[socket.socket, socket.socket],
-    ) -> None:
+    def _track(self, agent: str, decision: Decision, opened: _Open) -> None:
+        """``opened`` is live until ``_untrack``; ended at once if the rules changed since
+        it was decided (``reload_egress`` swaps the rules before it calls ``revalidate``:
+        one of the two sees the other). A terminated connection is not: its ``replan``
+        asks before its first request, and answers the cage a 403."""
         with self._lock:
-            self._open.setdefault(agent, {})[decision.key] = _Open(host, port, address, sockets)
+            self._open.setdefault(agent, {})[decision.key] = opened
+        if opened.kind != "terminated" and not self._allows(agent, opened):
+            _shut(opened)
 
     def _untrack(self, agent: str, decision: Decision) -> None:
         with self._lock:
@@ -841,22 +852,32 @@ class EgressProxy:
                 if not live:
                     del self._open[agent]
 
+    def _allows(self, agent: str, o: _Open) -> bool:
+        """Whether ``agent``'s rules now would make connection ``o`` as it is: the
+        destination still allowed, and the same kind of connection (a byte tunnel to a
+        destination now terminated, for a binding or L7 rules, is not; a terminated one
+        whose L7 rules changed is not: a request in flight, an endless upload, was checked
+        against the old ones; its bindings are asked again at its next request)."""
+        rules = self.rules_for(agent)
+        if not still_allowed(rules, o.host, o.port, o.address):
+            return False
+        plan = None if self.plan_for is None else self.plan_for(agent, o.host, o.port, rules)
+        if o.kind == "tunnel":
+            return plan is None
+        if o.kind == "plain":
+            return plan is None or plan.rules is None
+        return plan is not None and o.plan is not None and plan.rules == o.plan.rules
+
     def revalidate(self, agent: str) -> int:
         """``agent``'s rules changed: end its open connections (tunnels, plain HTTP,
-        terminated TLS) to a destination they no longer allow, both sockets shut down so
-        the thread relaying them ends (red team round 22: a tunnel outlived the rule that
+        terminated TLS) that they would not make now (``_allows``), both sockets shut down
+        so the thread relaying them ends (red team round 22: a tunnel outlived the rule that
         opened it, with no idle timeout). How many were ended."""
-        rules = self.rules_for(agent)
         with self._lock:
-            gone = [
-                o
-                for o in self._open.get(agent, {}).values()
-                if not still_allowed(rules, o.host, o.port, o.address)
-            ]
+            live = list(self._open.get(agent, {}).values())
+        gone = [o for o in live if not self._allows(agent, o)]
         for o in gone:
-            for sock in o.sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+            _shut(o)
         if gone:
             log.info(
                 "egress %s: ended %d open connection(s) its rules no longer allow", agent, len(gone)
@@ -1009,26 +1030,30 @@ class EgressProxy:
             decision.allowed, decision.address = True, str(address)
             decision.reason = "CONNECT" if req.forward is None else f"HTTP {req.method}"
             self._emit(decision)
-            if req.forward is None:
-                conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
-                # (only on a port with L7 rules: a server-speaks-first protocol on
-                # another port must not wait for a ClientHello that never comes)
-                if any(r.l7 and r.port == req.port for r in rules):
-                    rest = _first_record(conn, rest, time.monotonic() + HEAD_TIMEOUT)
-                    conn.settimeout(None)
-                    why = fronted_l7_name(rules, req.host, req.port, rest)
-                    if why is not None:
-                        decision.allowed, decision.reason, decision.closed = False, why, True
-                        self._emit(decision)
-                        return
-            else:
-                upstream.sendall(req.forward)
-                decision.bytes_up += len(req.forward)
-            if rest:
-                upstream.sendall(rest)
-                decision.bytes_up += len(rest)
-            self._track(agent, decision, req.host, req.port, address, (conn, upstream))
+            # Tracked before any byte goes either way (the 200, the head): a rule taken back
+            # from here on ends it (a tunnel waiting for its first record, a slow connect
+            # outlasted the removal: red team of session 15).
+            kind = "tunnel" if req.forward is None else "plain"
+            self._track(agent, decision, _Open(req.host, req.port, address, (conn, upstream), kind))
             try:
+                if req.forward is None:
+                    conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    # (only on a port with L7 rules: a server-speaks-first protocol on
+                    # another port must not wait for a ClientHello that never comes)
+                    if any(r.l7 and r.port == req.port for r in rules):
+                        rest = _first_record(conn, rest, time.monotonic() + HEAD_TIMEOUT)
+                        conn.settimeout(None)
+                        why = fronted_l7_name(rules, req.host, req.port, rest)
+                        if why is not None:
+                            decision.allowed, decision.reason, decision.closed = False, why, True
+                            self._emit(decision)
+                            return
+                else:
+                    upstream.sendall(req.forward)
+                    decision.bytes_up += len(req.forward)
+                if rest:
+                    upstream.sendall(rest)
+                    decision.bytes_up += len(rest)
                 up, down = relay(conn, upstream)
             finally:
                 self._untrack(agent, decision)
@@ -1127,7 +1152,8 @@ class EgressProxy:
             )
 
         t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan)
-        self._track(agent, decision, plan.host, plan.port, address, (client, upstream))
+        opened_ = _Open(plan.host, plan.port, address, (client, upstream), "terminated", plan)
+        self._track(agent, decision, opened_)
         try:
             t.run()
         except OSError as e:

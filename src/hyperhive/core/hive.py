@@ -1041,7 +1041,7 @@ class Hive:
             ended = closed_at if closed_at is not None else time.time()
 
             def work(tx: Tx) -> int:
-                close_in(tx, opened[0], d.bytes_up, d.bytes_down, ended)
+                close_in(tx, opened[0], d.bytes_up, d.bytes_down, ended, (d.allowed, d.reason))
                 return opened[0]
 
         else:

@@ -48,12 +48,28 @@ def insert_rule(tx: Tx, agent: str, rule: str, source: str, now: float) -> bool:
     return cur.rowcount == 1
 
 
-def close_in(tx: Tx, rowid: int, bytes_up: int, bytes_down: int, closed_at: float) -> None:
-    """A logged connection ended (in the caller's transaction): its byte counts and when."""
-    tx.execute(
-        "UPDATE egress_log SET bytes_up=?, bytes_down=?, closed_at=? WHERE id=?",
-        (bytes_up, bytes_down, closed_at, rowid),
-    )
+def close_in(
+    tx: Tx,
+    rowid: int,
+    bytes_up: int,
+    bytes_down: int,
+    closed_at: float,
+    decided: tuple[bool, str] | None = None,
+) -> None:
+    """A logged connection ended (in the caller's transaction): its byte counts and when;
+    ``decided``: what became of it, if that changed once it was open (a tunnel refused at
+    its first record for fronting an L7 name was left "allowed": red team of session 15)."""
+    if decided is None:
+        tx.execute(
+            "UPDATE egress_log SET bytes_up=?, bytes_down=?, closed_at=? WHERE id=?",
+            (bytes_up, bytes_down, closed_at, rowid),
+        )
+    else:
+        tx.execute(
+            "UPDATE egress_log SET bytes_up=?, bytes_down=?, closed_at=?, allowed=?, reason=?"
+            " WHERE id=?",
+            (bytes_up, bytes_down, closed_at, decided[0], decided[1], rowid),
+        )
 
 
 class EgressRepo:
