@@ -583,3 +583,81 @@ def test_an_upload_under_a_rule_added_in_the_handshake_ends_when_it_goes(
         with contextlib.suppress(OSError):
             tls.close()
         assert b"AFTER" not in got, "the upload outlived its L7 rule's removal"
+
+
+# -- 10. held: a pooled upstream after its rule is taken back ---------------------------------
+
+
+@pytest.mark.attack(
+    "egress.pool-cross-agent",
+    ref="session 15 recheck: an idle upstream given back to the pool, reused after the rule was removed or changed",
+)
+def test_a_pooled_upstream_serves_nothing_the_rules_now_refuse(
+    rig_factory: Callable[..., Rig], tmp_path: Any
+) -> None:
+    """**Held.** A terminated connection to b (``GET b:443/a/*``) ends cleanly after one
+    answered GET: its upstream goes to the pool. The operator takes the rule back: a
+    fresh CONNECT is refused 403 at its check (the pool is never asked), and another
+    agent never gets it. The operator then allows ``GET b:443/other/*`` only: the next
+    connection reuses the pooled upstream (no new connect), and its ``GET /a/...`` is
+    refused 403 by the new rules: nothing more reaches the server."""
+    from hyperhive.core.tls import HiveCA
+
+    from .test_secrets_egress import cert_dir
+
+    with cert_dir("hvrc15p", "rc15 CA", "rc15 server", [B]) as (d, _):
+        sctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        sctx.load_cert_chain(str(d / "server.pem"))
+        ca = HiveCA(tmp_path / "ca")
+        first = parse_rules([CIDR, f"GET {B}:443/a/*"])
+        rig = rig_factory({AGENT: first, OTHER: first})
+        rig.proxy.ca = ca
+        rig.proxy.upstream_tls = ssl.create_default_context(cafile=str(d / "ca.pem"))
+        seen: list[bytes] = []
+        real = rig.proxy._connect
+
+        def connect(addresses: list[Any], port: int) -> tuple[socket.socket, Any]:
+            near, addr = real(addresses, port)
+            far = rig.ups[-1]
+
+            def serve() -> None:
+                with contextlib.suppress(OSError, ssl.SSLError):
+                    t = sctx.wrap_socket(far, server_side=True)
+                    while data := t.recv(65536):
+                        seen.append(data)
+                        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+            threading.Thread(target=serve, daemon=True).start()
+            return near, addr
+
+        rig.proxy._connect = connect  # type: ignore[method-assign]
+        cctx = ssl.create_default_context(cadata=ca.pem.decode())
+
+        def get(agent: str, path: str) -> bytes:
+            cage = rig.open(agent, f"CONNECT {B}:443 HTTP/1.1\r\n\r\n".encode())
+            status = _status(cage)
+            if not status.startswith(b"HTTP/1.1 200"):
+                return status
+            tls = cctx.wrap_socket(cage, server_hostname=B)
+            tls.sendall(f"GET {path} HTTP/1.1\r\nHost: {B}\r\n\r\n".encode())
+            answer = tls.recv(4096).split(b"\r\n")[0]
+            tls.close()
+            return answer
+
+        assert get(AGENT, "/a/1") == b"HTTP/1.1 200 OK"
+        assert _wait(lambda: bool(rig.proxy._pool._idle.get(AGENT)))
+        before = len(rig.ups)
+        assert get(OTHER, "/a/other-agent") == b"HTTP/1.1 200 OK"
+        assert len(rig.ups) == before + 1, "another agent got this agent's pooled upstream"
+        rig.rules[AGENT] = parse_rules([CIDR])
+        rig.proxy.revalidate(AGENT)
+        assert get(AGENT, "/a/2").startswith(b"HTTP/1.1 403")
+        rig.rules[AGENT] = parse_rules([CIDR, f"GET {B}:443/other/*"])
+        rig.proxy.revalidate(AGENT)
+        connects = len(rig.ups)
+        answer = get(AGENT, "/a/3")
+        reused = len(rig.ups) == connects
+        got = b"".join(seen)
+        print(f"after the change: {answer!r}, pooled upstream reused: {reused}; seen {got!r}")
+        assert answer.startswith(b"HTTP/1.1 403"), answer
+        assert b"/a/2" not in got and b"/a/3" not in got, got
