@@ -4,7 +4,11 @@
 ``rules_for``/``plan_for`` (``plan_for`` as hive.egress_plan makes it: TLS terminated
 for a name with L7 rules and no plain rule).
 
-Broke:
+Broke (each failed on the code it was written against; all fixed the same session: an
+open tunnel or plain relay remembers the port's L7-only names and ends when one is
+added; a terminated connection is compared with the plan it runs under now; ``_track``
+inside the ``try`` that untracks; a check that raises ends its connection, the others
+are checked all the same):
 - a byte tunnel to an allowed name A carrying TLS whose SNI is another name B (a CDN
   serving both: domain fronting) outlives the operator narrowing B to L7 rules.
   ``fronted_l7_name`` refuses that for a fresh tunnel, but ``_allows`` asks only whether
@@ -164,7 +168,7 @@ def _wait(cond: Callable[[], bool], seconds: float = 3.0) -> bool:
 def test_a_fronted_tunnel_ends_when_its_sni_is_narrowed_to_l7(
     rig_factory: Callable[..., Rig],
 ) -> None:
-    """**Broke.** Rules ``a:443``, ``b:443`` (one CDN address, opened by a CIDR rule). The
+    """**Broke, fixed.** Rules ``a:443``, ``b:443`` (one CDN address, opened by a CIDR rule). The
     agent opens ``CONNECT a:443`` and starts TLS to ``b`` inside it (its ClientHello names
     b): no L7 rule on the port, so the proxy does not look at the first record. The
     operator narrows b to ``GET b:443/ok/*`` (adds it, removes ``b:443``). A fresh tunnel
@@ -213,7 +217,7 @@ def test_a_fronted_tunnel_ends_when_its_sni_is_narrowed_to_l7(
     ref="session 15 recheck: revalidate evaluates _allows for all entries before it shuts any; an exception (plan_for, refusal's socket() on EMFILE) aborts it and reload_egress",
 )
 def test_one_failing_entry_does_not_stop_revalidate_ending_the_others() -> None:
-    """**Broke (hardening: no input found that makes hive.egress_plan raise; refusal's
+    """**Broke, fixed (hardening: no input found that makes hive.egress_plan raise; refusal's
     ``_is_own_address`` opens a socket outside its try, EMFILE would).** Two tracked
     tunnels: one to ``gone.test`` (its rule is taken back), one to ``odd.test`` for
     which ``plan_for`` raises. ``revalidate`` computes ``_allows`` for all before it
@@ -380,7 +384,7 @@ def test_no_open_entry_outlives_its_connection(rig_factory: Callable[..., Rig]) 
 def test_a_literal_tunnel_ends_when_a_name_at_its_address_is_narrowed_to_l7(
     rig_factory: Callable[..., Rig],
 ) -> None:
-    """**Broke.** Rules ``198.51.100.7:443`` (an address rule) and ``b:443`` (b resolves
+    """**Broke, fixed.** Rules ``198.51.100.7:443`` (an address rule) and ``b:443`` (b resolves
     there). The agent opens ``CONNECT 198.51.100.7:443`` and speaks TLS to b in it. The
     operator narrows b to ``GET b:443/ok/*``. A fresh CONNECT to the literal is refused
     now (``l7_by_address``: "is b's address, which has L7 rules"); ``revalidate`` keeps
@@ -477,7 +481,7 @@ def test_track_racing_swap_and_revalidate_never_leaves_one_open() -> None:
     ref="session 15 recheck: _serve calls _track outside the try whose finally untracks",
 )
 def test_an_exception_in_track_leaves_nothing_in_open(rig_factory: Callable[..., Rig]) -> None:
-    """**Broke (hardening, as case 2: needs ``_allows`` to raise in ``_track``, e.g.
+    """**Broke, fixed (hardening, as case 2: needs ``_allows`` to raise in ``_track``, e.g.
     ``_is_own_address``'s ``socket()`` on EMFILE, which the connection's ``except
     OSError`` then swallows).** ``_serve`` calls ``_track`` just before the ``try`` whose
     ``finally`` calls ``_untrack``: when ``_allows`` raises inside ``_track``, the entry
@@ -516,7 +520,7 @@ def test_an_exception_in_track_leaves_nothing_in_open(rig_factory: Callable[...,
 def test_an_upload_under_a_rule_added_in_the_handshake_ends_when_it_goes(
     rig_factory: Callable[..., Rig], tmp_path: Any
 ) -> None:
-    """**Broke.** Rules: the CIDR and ``GET b:443/a/*`` (P1). The agent asks for
+    """**Broke, fixed.** Rules: the CIDR and ``GET b:443/a/*`` (P1). The agent asks for
     ``POST b:443/up/*`` (request_approval kind=egress) and opens ``CONNECT b:443`` but
     holds its TLS handshake (up to HANDSHAKE_TIMEOUT, 10 s); the operator approves
     (``reload_egress``: the rules are P2 now; ``revalidate`` sees nothing, the connection

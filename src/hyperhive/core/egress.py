@@ -103,7 +103,12 @@ class _Open:
     address: IPAddress
     sockets: tuple[socket.socket, socket.socket]
     kind: str  # "tunnel" (bytes), "plain" (a plain-HTTP request) or "terminated" (TLS)
-    plan: Plan | None = None  # a terminated connection's, as it was made
+    # The names with L7 rules (and no plain rule) on its port when it was made: a byte
+    # tunnel may carry TLS to any name at its address, so one more of those ends it.
+    l7_names: frozenset[str] = frozenset()
+    # A terminated connection's current plan (egress_tls.Terminated, whose replan may
+    # adopt a newer one than it was made with); None for the others.
+    current: Callable[[], Plan | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +330,13 @@ def check(rules: tuple[Rule, ...], host: str, port: int, resolver: Resolver) -> 
         if why is not None:
             raise Refusal(403, f"{_show(name, port)} resolves to {a}, {why}")
     return addresses
+
+
+def l7_only_names(rules: tuple[Rule, ...], port: int) -> frozenset[str]:
+    """The names with L7 rules on ``port`` and no plain rule there (l7_by_address's set):
+    a tunnel on that port must not carry TLS to one of them."""
+    plain = {r.name for r in rules if not r.l7 and r.name is not None and r.port == port}
+    return frozenset(r.name for r in rules if r.l7 and r.port == port and r.name) - plain
 
 
 def _shut(o: _Open) -> None:
@@ -838,10 +850,11 @@ class EgressProxy:
         """``opened`` is live until ``_untrack``; ended at once if the rules changed since
         it was decided (``reload_egress`` swaps the rules before it calls ``revalidate``:
         one of the two sees the other). A terminated connection is not: its ``replan``
-        asks before its first request, and answers the cage a 403."""
+        asks before its first request, and answers the cage a 403. Called inside the
+        ``try`` whose ``finally`` untracks it."""
         with self._lock:
             self._open.setdefault(agent, {})[decision.key] = opened
-        if opened.kind != "terminated" and not self._allows(agent, opened):
+        if opened.kind != "terminated" and not self._allows_or_not(agent, opened):
             _shut(opened)
 
     def _untrack(self, agent: str, decision: Decision) -> None:
@@ -854,28 +867,43 @@ class EgressProxy:
 
     def _allows(self, agent: str, o: _Open) -> bool:
         """Whether ``agent``'s rules now would make connection ``o`` as it is: the
-        destination still allowed, and the same kind of connection (a byte tunnel to a
-        destination now terminated, for a binding or L7 rules, is not; a terminated one
-        whose L7 rules changed is not: a request in flight, an endless upload, was checked
-        against the old ones; its bindings are asked again at its next request)."""
+        destination still allowed, and the same kind of connection: a byte tunnel (or a
+        plain relay) neither to a destination now terminated for L7 rules or a binding nor
+        on a port where a name got L7 rules since (it may carry TLS to that name: fronting,
+        an IP literal); a terminated connection whose L7 rules are still those of the plan
+        it runs under (a request in flight, an endless upload, was checked against them;
+        its bindings are asked again at its next request)."""
         rules = self.rules_for(agent)
         if not still_allowed(rules, o.host, o.port, o.address):
             return False
         plan = None if self.plan_for is None else self.plan_for(agent, o.host, o.port, rules)
+        if o.kind == "terminated":
+            current = None if o.current is None else o.current()
+            return plan is not None and current is not None and plan.rules == current.rules
+        if not l7_only_names(rules, o.port) <= o.l7_names:
+            return False
         if o.kind == "tunnel":
             return plan is None
-        if o.kind == "plain":
-            return plan is None or plan.rules is None
-        return plan is not None and o.plan is not None and plan.rules == o.plan.rules
+        return plan is None or plan.rules is None
+
+    def _allows_or_not(self, agent: str, o: _Open) -> bool:
+        """``_allows``, closed on any failure: a check that raised (EMFILE in the own-address
+        check, say) ends the connection, never lets it on (red team of session 15)."""
+        try:
+            return self._allows(agent, o)
+        except Exception:
+            log.exception("egress %s: checking an open connection failed; ending it", agent)
+            return False
 
     def revalidate(self, agent: str) -> int:
         """``agent``'s rules changed: end its open connections (tunnels, plain HTTP,
         terminated TLS) that they would not make now (``_allows``), both sockets shut down
         so the thread relaying them ends (red team round 22: a tunnel outlived the rule that
-        opened it, with no idle timeout). How many were ended."""
+        opened it, with no idle timeout). How many were ended. Each checked on its own: one
+        that fails is ended, the others are checked all the same."""
         with self._lock:
             live = list(self._open.get(agent, {}).values())
-        gone = [o for o in live if not self._allows(agent, o)]
+        gone = [o for o in live if not self._allows_or_not(agent, o)]
         for o in gone:
             _shut(o)
         if gone:
@@ -1034,8 +1062,10 @@ class EgressProxy:
             # from here on ends it (a tunnel waiting for its first record, a slow connect
             # outlasted the removal: red team of session 15).
             kind = "tunnel" if req.forward is None else "plain"
-            self._track(agent, decision, _Open(req.host, req.port, address, (conn, upstream), kind))
+            l7_names = l7_only_names(rules, req.port)
+            opened_ = _Open(req.host, req.port, address, (conn, upstream), kind, l7_names)
             try:
+                self._track(agent, decision, opened_)
                 if req.forward is None:
                     conn.sendall(b"HTTP/1.1 200 Connection established\r\n\r\n")
                     # (only on a port with L7 rules: a server-speaks-first protocol on
@@ -1152,9 +1182,12 @@ class EgressProxy:
             )
 
         t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan)
-        opened_ = _Open(plan.host, plan.port, address, (client, upstream), "terminated", plan)
-        self._track(agent, decision, opened_)
+        # The plan it runs under now: replan may adopt a newer one than it was made with.
+        opened_ = _Open(
+            plan.host, plan.port, address, (client, upstream), "terminated", current=lambda: t.plan
+        )
         try:
+            self._track(agent, decision, opened_)
             t.run()
         except OSError as e:
             log.info("egress %s: terminated connection ended: %s", agent, e)
