@@ -35,3 +35,35 @@ PRIVATE = ip_address("10.1.2.3")
 )
 def test_still_allowed(rules: list[str], host: str, port: int, address: object, allowed: bool) -> None:
     assert still_allowed(parse_rules(rules), host, port, address) is allowed  # type: ignore[arg-type]
+
+
+def test_revalidate_ends_what_the_rules_no_longer_allow_and_the_log_says_why() -> None:
+    """A tunnel whose rule is taken back: both sockets shut down (its peers read the end),
+    and its decision's reason, written to the log row when the relay ends, says why. A
+    tunnel the rules still allow is left as it is."""
+    import socket
+
+    from hyperhive.core.egress import ENDED, Decision, EgressProxy, _Open
+
+    rules = {"a": parse_rules(["example.com:443", "other.test:443"])}
+    proxy = EgressProxy(lambda agent: rules[agent], lambda d: None)
+    pairs = [socket.socketpair() for _ in range(4)]
+    try:
+        ended = Decision("a", "example.com", 443, True, "CONNECT")
+        kept = Decision("a", "other.test", 443, True, "CONNECT")
+        proxy._track("a", ended, _Open("example.com", 443, PUBLIC, (pairs[0][0], pairs[1][0]), "tunnel"))
+        proxy._track("a", kept, _Open("other.test", 443, PUBLIC, (pairs[2][0], pairs[3][0]), "tunnel"))
+        assert proxy.revalidate("a") == 0  # nothing changed
+        rules["a"] = parse_rules(["other.test:443"])
+        assert proxy.revalidate("a") == 1
+        assert ended.reason == "CONNECT" + ENDED and kept.reason == "CONNECT"
+        for peer in (pairs[0][1], pairs[1][1]):
+            peer.settimeout(2)
+            assert peer.recv(1) == b""  # shut down: the end of input
+        pairs[3][1].setblocking(False)
+        with pytest.raises(BlockingIOError):  # still open: nothing to read, no end
+            pairs[3][1].recv(1)
+    finally:
+        for x, y in pairs:
+            x.close()
+            y.close()

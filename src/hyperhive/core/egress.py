@@ -339,10 +339,17 @@ def l7_only_names(rules: tuple[Rule, ...], port: int) -> frozenset[str]:
     return frozenset(r.name for r in rules if r.l7 and r.port == port and r.name) - plain
 
 
-def _shut(o: _Open) -> None:
-    """Both sockets shut down, from another thread than the one relaying them. The plain
-    socket's shutdown, never SSLSocket's: that drops its TLS object first, and a send
-    racing it went out in cleartext, an injected secret with it (red team of session 15)."""
+# What the log row of a connection ``revalidate`` ended says after its reason.
+ENDED = " (ended: the agent's egress rules changed)"
+
+
+def _end(o: _Open, decision: Decision) -> None:
+    """Both sockets shut down, from another thread than the one relaying them, and the
+    decision's log row (written when the relay ends) saying why. The plain socket's
+    shutdown, never SSLSocket's: that drops its TLS object first, and a send racing it
+    went out in cleartext, an injected secret with it (red team of session 15)."""
+    if not decision.reason.endswith(ENDED):
+        decision.reason += ENDED
     for sock in o.sockets:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -777,7 +784,7 @@ class EgressProxy:
         self.connections_per_second = connections_per_second
         # Each agent's allowed connections while they last: what ``revalidate`` ends when
         # the rules that allowed one are taken back.
-        self._open: dict[str, dict[int, _Open]] = {}
+        self._open: dict[str, dict[int, tuple[_Open, Decision]]] = {}
         self._accept_tokens: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
         self._lock = threading.Lock()
         # A host process in the agent's group can connect as fast as it likes: one line
@@ -853,9 +860,9 @@ class EgressProxy:
         asks before its first request, and answers the cage a 403. Called inside the
         ``try`` whose ``finally`` untracks it."""
         with self._lock:
-            self._open.setdefault(agent, {})[decision.key] = opened
+            self._open.setdefault(agent, {})[decision.key] = (opened, decision)
         if opened.kind != "terminated" and not self._allows_or_not(agent, opened):
-            _shut(opened)
+            _end(opened, decision)
 
     def _untrack(self, agent: str, decision: Decision) -> None:
         with self._lock:
@@ -903,9 +910,9 @@ class EgressProxy:
         that fails is ended, the others are checked all the same."""
         with self._lock:
             live = list(self._open.get(agent, {}).values())
-        gone = [o for o in live if not self._allows_or_not(agent, o)]
-        for o in gone:
-            _shut(o)
+        gone = [(o, d) for o, d in live if not self._allows_or_not(agent, o)]
+        for o, d in gone:
+            _end(o, d)
         if gone:
             log.info(
                 "egress %s: ended %d open connection(s) its rules no longer allow", agent, len(gone)
