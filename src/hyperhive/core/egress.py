@@ -378,8 +378,7 @@ def l7_by_address(
     are the operator's, so looking them up tells no one anything the agent chose."""
     if destination(host, port)[1] is None:
         return
-    plain = {r.name for r in rules if not r.l7 and r.name is not None and r.port == port}
-    for name in sorted({r.name for r in rules if r.l7 and r.port == port and r.name} - plain):
+    for name in sorted(l7_only_names(rules, port)):
         try:
             theirs = resolver.resolve(name, port)
         except Refusal:
