@@ -242,14 +242,27 @@ def test_fork_chains_neither_outlive_a_stop_nor_hold_off_another_agents_exec(
         r = cage_hive.priv("start", name=STORM)
         assert r.get("ok") or "already running" in str(r.get("error")), r
         # As the agent's own processes: its pid namespace, uid and cgroup (exec --as-agent).
-        storm = threading.Thread(
-            target=cage_hive.exec,
-            args=(STORM, "python3", "-c", FORK_CHAINS),
-            kwargs={"timeout": 60},
-            daemon=True,
-        )
+        storm_ended: list[Any] = []
+
+        def run_storm(storm_ended: list[Any] = storm_ended) -> None:
+            storm_ended.append(cage_hive.exec(STORM, "python3", "-c", FORK_CHAINS, timeout=60))
+
+        storm = threading.Thread(target=run_storm, daemon=True)
         storm.start()
-        wait_until(lambda: len(cage_hive.cgroup(STORM).pids()) > 40, 20, "the storm up")
+
+        def storm_up(storm_ended: list[Any] = storm_ended) -> bool:
+            # An exec that ended before its processes were counted says why (it failed once
+            # in CI with no trace: the wait timed out).
+            if storm_ended and len(cage_hive.cgroup(STORM).pids()) <= 40:
+                ex = storm_ended[0]
+                raise AssertionError(f"the storm's exec ended: {ex.returncode} {ex.stdout!r} {ex.stderr!r}")
+            return len(cage_hive.cgroup(STORM).pids()) > 40
+
+        try:
+            wait_until(storm_up, 30, "the storm up")
+        except AssertionError as e:
+            pids = cage_hive.cgroup(STORM).pids()
+            raise AssertionError(f"{e}; {len(pids)} pids in the cage, exec ended: {storm_ended}") from e
         pids_before = len(cage_hive.cgroup(STORM).pids())
         results: dict[str, Any] = {}
 
