@@ -158,11 +158,14 @@ def children(ppid: int) -> list[int]:
     return out
 
 
-def as_user(user: str | int | None) -> dict[str, Any]:
+def as_user(user: str | int | tuple[int, int] | None) -> dict[str, Any]:
     """subprocess keyword arguments to run as ``user`` (name or uid) with its primary
-    group and no supplementary groups."""
+    group and no supplementary groups; or as ids with no account, ``(uid, gid)`` (a
+    hive's core)."""
     if user is None:
         return {}
+    if isinstance(user, tuple):
+        return {"user": user[0], "group": user[1], "extra_groups": []}
     pw = pwd.getpwnam(user) if isinstance(user, str) else pwd.getpwuid(user)
     return {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
 
@@ -363,6 +366,19 @@ class HiveProcess:
                 return pid
         return None
 
+    @property
+    def core_ids(self) -> tuple[int, int]:
+        """(uid, gid) this hive's core runs under: its own, in STATE/core.id (made as
+        ``hive core-id`` makes it if the hive never ran)."""
+        from hyperhive.cli.core_identity import core_ids
+
+        ids = core_ids(self.state_dir)
+        return ids.uid, ids.gid
+
+    def as_core(self) -> dict[str, Any]:
+        """subprocess keyword arguments to run as this hive's core (no supplementary group)."""
+        return as_user(self.core_ids)
+
     def core_pid(self) -> int | None:
         return self._child_running("hyperhive.core")
 
@@ -455,7 +471,7 @@ class HiveProcess:
 
     def exec(
         self, name: str, *argv: str, input: str | bytes | None = None, timeout: float = 60,
-        user: str | int | None = None, flags: tuple[str, ...] = ("--as-agent",),
+        user: str | int | tuple[int, int] | None = None, flags: tuple[str, ...] = ("--as-agent",),
     ) -> subprocess.CompletedProcess[Any]:
         """``hive --run-dir R exec FLAGS NAME -- ARGV...``; text unless ``input`` is bytes.
         By default ``--as-agent``: probes must act exactly as the agent's own processes

@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import shutil
 import tempfile
 import textwrap
@@ -43,7 +42,7 @@ import pytest
 
 from helpers import CoreProcess, assert_ok, wait_for
 from hive_fixture import HiveProcess, _finish
-from hyperhive.cli.up import CORE_USER, ensure_user
+from hyperhive.cli.core_identity import core_ids
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bus import ensure_streams
 from hyperhive.swarm.signing import load_or_create_key, public_b64
@@ -260,11 +259,10 @@ def make_hive_swarm(
     subnet: int, agents: dict[str, dict[str, dict[str, Any]]], limits: dict[str, Any] | None = None
 ) -> Iterator[Swarm[HiveProcess]]:
     """The three test hosts with a whole hive each (``hive up`` in the host's network
-    namespace, started at once): hive-core runs as user hive-core there, so the files
-    it reads (the NATS password, a's operator key) are its own, 0600, as in production,
-    under a directory it can reach (pytest's tmp is root's only)."""
-    ensure_user(CORE_USER)
-    core = pwd.getpwnam(CORE_USER)
+    namespace, started at once): each host's hive-core runs under its own ids there
+    (``hive core-id``), so the files it reads (the NATS password, a's operator key) are
+    its own, 0600, as in production, under a directory it can reach (pytest's tmp is
+    root's only)."""
     base = Path(tempfile.mkdtemp(prefix="hsw", dir="/tmp"))
     os.chmod(base, 0o755)
     (base / "net").mkdir()
@@ -273,16 +271,17 @@ def make_hive_swarm(
             key = base / "net" / "operator-a.key"
             public = public_b64(load_or_create_key(key))
             swarm: Swarm[HiveProcess] = Swarm(net, operator_key=key)
-            owned = [key]
+            owned = [(key, OPERATOR_HOST)]
             for h in HOSTS:
                 (base / h).mkdir()
                 section = swarm_section(net, h, key, public)
-                owned.append(Path(section["credentials"]))
+                owned.append((Path(section["credentials"]), h))
                 sections = {**({"limits": limits} if limits else {}), "swarm": section}
                 swarm.cores[h] = HiveProcess(agents[h], base=base / h, sections=sections,
                                              wrap=net.net_prefix(h), listen_host=net.addr[h])  # fmt: skip
-            for path in owned:
-                os.chown(path, core.pw_uid, core.pw_gid)
+            for path, h in owned:
+                core = core_ids(swarm.cores[h].state_dir)
+                os.chown(path, core.uid, core.gid)
                 path.chmod(0o600)
             try:
                 # All at once: the bridges retry until the admin has made the streams.

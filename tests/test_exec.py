@@ -167,16 +167,17 @@ def test_environment_is_the_agents_not_the_callers(caged_hive: HiveProcess) -> N
     assert inside["HIVE_SOCKET"] == "/run/hive/agent.sock"
 
 
-@pytest.mark.parametrize("user", ["nobody", "hive-core"])
+@pytest.mark.parametrize("user", ["nobody", "the hive's core"])
 def test_only_root_may_exec(caged_hive: HiveProcess, user: str) -> None:
     marker = f"exec-marker-{secrets.token_hex(6)}"
-    proc = run(caged_hive, "alice", "touch", f"/home/agent/{marker}", user=user)
+    as_who = caged_hive.core_ids if user != "nobody" else user
+    proc = run(caged_hive, "alice", "touch", f"/home/agent/{marker}", user=as_who)
     assert proc.returncode == 1
     err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
-    if user == "nobody":  # stopped by the socket's file permissions (root:hive-core 0660)
+    if user == "nobody":  # stopped by the socket's file permissions (root:the core's group 0660)
         assert "needs root" in err
-    else:  # hive-core may connect, but exec is root-only in the verb table
+    else:  # the core may connect, but exec is root-only in the verb table
         assert "exec is not allowed for core" in err
     assert not (caged_hive.home("alice") / marker).exists()
 

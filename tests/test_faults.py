@@ -29,7 +29,6 @@ import functools
 import http.client
 import json
 import os
-import pwd
 import signal
 import sqlite3
 import subprocess
@@ -52,7 +51,6 @@ from hive_fixture import (
     proc_status,
     wait_until,
 )
-from hyperhive.cli.up import CORE_USER
 from hyperhive.client import Client, HiveUnavailable
 
 BIG_RUNNING_TIMEOUT = 120.0  # many cages on a small, shared machine
@@ -375,8 +373,7 @@ def test_a_stop_cut_short_by_a_kill9_is_finished_by_the_next_core(hive_factory: 
     assert old_core is not None
     fault = hive.state_dir / "fault.kill"  # the core kills itself there (hyperhive/faults.py)
     fault.write_text("stop-marked")
-    core_user = pwd.getpwnam(CORE_USER)
-    os.chown(fault, core_user.pw_uid, core_user.pw_gid)  # its own to remove (sticky dir)
+    os.chown(fault, *hive.core_ids)  # its own to remove (sticky dir)
     try:
         with contextlib.suppress(HiveUnavailable, OSError, ConnectionError):
             hive.host_call("stop", scope={"agent_names": ["fts-a"]})

@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 
 from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, proc_start_time, wait_until
-from hyperhive.cli.up import ADMIN_GROUP, CORE_USER, ensure_group, ensure_user
+from hyperhive.cli.core_identity import LEGACY_USER
+from hyperhive.cli.up import ADMIN_GROUP, GATEWAY_USER, ensure_group, ensure_user
 from hyperhive.client import priv_send
 from hyperhive.names import NAME_RE
 from hyperhive.priv.cgroups import CGROUP_ROOT, Cgroup, has_cpu, hive_dirs, is_v2, remove_hive
@@ -34,6 +35,9 @@ from hyperhive.wire.framing import MAX_LINE
 
 HIVE_PRIV = VENV_BIN / "hive-priv"
 PYTHON = VENV_BIN / "python"
+# The core user of hive-priv run by hand here (and of the systemd units); `hive up` gives
+# each hive's core ids of its own (test_hive_up_binds_priv_sock_like_the_socket_unit).
+CORE_USER = LEGACY_USER
 UNITS = REPO / "deploy" / "systemd"
 
 
@@ -688,20 +692,37 @@ def test_oversized_line_is_refused(activated: ActivatedPriv, newline: bool) -> N
 
 def test_hive_up_binds_priv_sock_like_the_socket_unit(hive_factory: HiveFactory) -> None:
     h = hive_factory()
+    core_uid, core_gid = h.core_ids
+    # The hive's own core ids: no account, no group of the host's.
+    assert core_uid >= 200_000 and core_gid == core_uid
+    with pytest.raises(KeyError):
+        pwd.getpwuid(core_uid)
     st = h.priv_sock.stat()
     assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
-    assert (st.st_uid, st.st_gid) == (0, grp.getgrnam(CORE_USER).gr_gid)
+    assert (st.st_uid, st.st_gid) == (0, core_gid)
+    # host.sock and core.sock are bound by hive up (root's) and handed to the core.
     st = h.host_sock.stat()
     assert stat.S_IMODE(st.st_mode) == 0o660
-    assert (st.st_uid, st.st_gid) == (pwd.getpwnam(CORE_USER).pw_uid, grp.getgrnam(ADMIN_GROUP).gr_gid)
-    # hive-core runs as hive-core, hive-priv as root, each started by hive up.
+    assert (st.st_uid, st.st_gid) == (0, grp.getgrnam(ADMIN_GROUP).gr_gid)
+    st = (h.run_dir / "core.sock").stat()
+    assert stat.S_IMODE(st.st_mode) == 0o660
+    assert (st.st_uid, st.st_gid) == (0, grp.getgrnam(GATEWAY_USER).gr_gid)
+    core_id_file = (h.state_dir / "core.id").stat()
+    assert (core_id_file.st_uid, stat.S_IMODE(core_id_file.st_mode)) == (0, 0o644)
+    # hive-core runs under those ids with no supplementary group, hive-priv as root.
     core, priv = h.core_pid(), h.priv_pid()
     assert core and priv
-    assert Path(f"/proc/{core}/status").read_text().count(f"\t{pwd.getpwnam(CORE_USER).pw_uid}\t") >= 1
+    status = Path(f"/proc/{core}/status").read_text()
+    assert re.search(rf"^Uid:\s+{core_uid}\s+{core_uid}\s+{core_uid}\s+{core_uid}$", status, re.M)
+    assert re.search(rf"^Gid:\s+{core_gid}\s+{core_gid}\s+{core_gid}\s+{core_gid}$", status, re.M)
+    assert re.search(r"^Groups:\s*$", status, re.M), status
     assert re.search(r"^Uid:\s+0\s", Path(f"/proc/{priv}/status").read_text(), re.M)
-    assert re.search(rf"^Uid:\s+{pwd.getpwnam(CORE_USER).pw_uid}\s", Path(f"/proc/{core}/status").read_text(), re.M)
-    # hive-priv inherited its socket: fd 3 is the listener bound by hive up.
+    # hive-priv inherited its socket: fd 3 is the listener bound by hive up; the core
+    # holds host.sock and core.sock as hive up's own listeners (the same sockets).
     assert os.readlink(f"/proc/{priv}/fd/3").startswith("socket:")
+    up_sockets = {os.readlink(f"/proc/{h.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{h.proc.pid}/fd")}
+    for fd in (3, 4):
+        assert os.readlink(f"/proc/{core}/fd/{fd}") in up_sockets
 
 
 def cage_identity(h: Any) -> dict[str, tuple[int, int | None, int]]:
@@ -757,7 +778,8 @@ def test_runtime_uid_is_stable_across_a_restart_of_the_whole_hive(hive_factory: 
 
 def unit_copy(dest: Path) -> dict[str, Path]:
     out = {}
-    for unit in ("hive-priv.socket", "hive-priv.service", "hive-core.service"):
+    for unit in ("hive-priv.socket", "hive-host.socket", "hive-web.socket", "hive-priv.service",
+                 "hive-core.service"):
         text = (UNITS / unit).read_text().replace("/opt/hyperhive/.venv", str(REPO / ".venv"))
         (dest / unit).write_text(text)
         out[unit] = dest / unit
@@ -816,9 +838,19 @@ def test_systemd_unit_settings() -> None:
     assert sock["ListenStream"] == ["/run/hive/priv.sock"]
     assert sock.get("Accept", ["no"]) == ["no"]  # one hive-priv gets the listener, as fd 3
 
+    for unit, path, group, name in (("hive-host.socket", "/run/hive/host.sock", "hive-admin", "host.sock"),
+                                    ("hive-web.socket", "/run/hive/core.sock", "hive-gateway", "core.sock")):
+        handed = unit_settings(UNITS / unit)["Socket"]
+        assert handed["ListenStream"] == [path]
+        assert (handed["SocketUser"], handed["SocketGroup"], handed["SocketMode"]) == (["root"], [group], ["0660"])
+        assert handed["FileDescriptorName"] == [name]
+        assert handed["Service"] == ["hive-core.service"]
+
     core = unit_settings(UNITS / "hive-core.service")["Service"]
     assert core["User"] == ["hive-core"]
     assert core["Group"] == ["hive-core"]
+    assert "SupplementaryGroups" not in core  # host.sock and core.sock are handed in
+    assert core["Sockets"] == ["hive-host.socket hive-web.socket"]
     assert core["NoNewPrivileges"] == ["yes"]
     assert core["CapabilityBoundingSet"] == [""]
     assert "--priv-sock /run/hive/priv.sock" in core["ExecStart"][0]

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import pwd
 import signal
 import sqlite3
 import threading
@@ -35,7 +34,6 @@ import pytest
 
 from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess, proc_cmdline
-from hyperhive.cli.up import CORE_USER
 from hyperhive.swarm import subjects as s
 from swarm_faults import drain
 from swarm_fixture import CAGED, Swarm
@@ -198,8 +196,7 @@ def fault(hive: HiveProcess, point: str) -> None:
     """``hive``'s core kills itself at ``point`` next time it passes it (faults.py)."""
     path = hive.state_dir / "fault.kill"
     path.write_text(point)
-    core = pwd.getpwnam(CORE_USER)
-    os.chown(path, core.pw_uid, core.pw_gid)  # its own to remove (the directory is sticky)
+    os.chown(path, *hive.core_ids)  # its own to remove (the directory is sticky)
 
 
 def cage_pid(hive: HiveProcess, name: str) -> int:

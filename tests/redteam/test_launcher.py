@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pwd
 import signal
 import socket
 import subprocess
@@ -38,7 +37,6 @@ from hive_fixture import (
     READY_TIMEOUT,
     VENV_BIN,
     HiveProcess,
-    as_user,
     children,
     proc_cmdline,
     wait_until,
@@ -48,9 +46,8 @@ from hyperhive.cli.instance_lock import LOCK_DIR, lock_name
 REF_PATH = "CVE-2008-5983 (Python puts the working directory on sys.path)"
 REF_SINGLE = "systemd socket activation: one owner per socket; lock files only root can create"
 REF_READY = "omnigent PR#1717: fail closed when the sandbox cannot be applied"
-CORE_USER = "hive-core"
 # What a Python child of `hive up` may find in its environment, and nothing else.
-CHILD_ENV = {"PATH", "LANG", "HIVE_LOG_LEVEL", "LISTEN_FDS", "LISTEN_PID"}
+CHILD_ENV = {"PATH", "LANG", "HIVE_LOG_LEVEL", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
 REFUSE_TIMEOUT = 20.0  # seconds: a refusal happens before anything starts
 
 
@@ -391,7 +388,7 @@ def test_the_lock_directory_is_roots_alone(launch: Any) -> None:
     assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o700)
     lock = LOCK_DIR / lock_name(h.run_dir)
     assert lock.lstat().st_uid == 0
-    # The hive-core user can neither create a lock file, nor open (and so flock) a held one.
+    # The hive's core can neither create a lock file, nor open (and so flock) a held one.
     probe = ("import os, sys\n"
              "for f in sys.argv[1:]:\n"
              "    try:\n"
@@ -400,13 +397,13 @@ def test_the_lock_directory_is_roots_alone(launch: Any) -> None:
              "    except OSError as e:\n"
              "        print('refused', e.errno)\n")
     proc = subprocess.run([sys.executable, "-c", probe, str(lock), str(LOCK_DIR / lock_name(Path("/x")))],
-                          capture_output=True, text=True, timeout=30, check=False, **as_user(CORE_USER))
+                          capture_output=True, text=True, timeout=30, check=False, **h.as_core())
     assert proc.stdout.split("\n")[:2] == ["refused 13", "refused 13"], proc
 
 
 @contextlib.contextmanager
-def core_holds(paths: list[Path]) -> Iterator[None]:
-    """The hive-core user creates these files and holds a flock on each (a decoy lock)."""
+def core_holds(h: HiveProcess, paths: list[Path]) -> Iterator[None]:
+    """``h``'s core creates these files and holds a flock on each (a decoy lock)."""
     script = ("import fcntl, os, sys, time\n"
               "fds = []\n"
               "for f in sys.argv[1:]:\n"
@@ -417,7 +414,7 @@ def core_holds(paths: list[Path]) -> Iterator[None]:
               "print('held', flush=True)\n"
               "time.sleep(600)\n")
     proc = subprocess.Popen([sys.executable, "-c", script, *map(str, paths)], stdout=subprocess.PIPE,
-                            text=True, **as_user(CORE_USER))
+                            text=True, **h.as_core())
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
         yield
@@ -426,12 +423,11 @@ def core_holds(paths: list[Path]) -> Iterator[None]:
         proc.wait()
 
 
-def core_writable(*dirs: Path) -> None:
-    """Dirs as hive-core finds them once a hive ran: run dir root:hive-core 1775."""
-    core = pwd.getpwnam(CORE_USER)
+def core_writable(h: HiveProcess, *dirs: Path) -> None:
+    """Dirs as ``h``'s core finds them once the hive ran: root and the core's group, 1775."""
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)
-        os.chown(d, 0, core.pw_gid)
+        os.chown(d, 0, h.core_ids[1])
         os.chmod(d, 0o1775)
 
 
@@ -441,8 +437,8 @@ def test_core_decoy_locks_neither_deny_nor_fake_the_lock(launch: Any, decoy: str
     """Files hive-core can create (in the run dir, the state dir) and hold do not keep a
     hive from starting; and the real lock still refuses a second hive."""
     first = launch(start=False)
-    core_writable(first.run_dir, first.state_dir)
-    with core_holds([first.base / decoy]):
+    core_writable(first, first.run_dir, first.state_dir)
+    with core_holds(first, [first.base / decoy]):
         first.start()
     assert first.proc is not None
     second = launch(start=False, run_dir=first.run_dir)
@@ -452,14 +448,14 @@ def test_core_decoy_locks_neither_deny_nor_fake_the_lock(launch: Any, decoy: str
 @pytest.mark.attack("launcher.second-hive", ref=REF_SINGLE)
 def test_a_socket_hive_core_leaves_at_priv_sock_does_not_deny_the_hive(launch: Any) -> None:
     first = launch(start=False)
-    core_writable(first.run_dir)
+    core_writable(first, first.run_dir)
     script = ("import socket, sys, time\n"
               "s = socket.socket(socket.AF_UNIX)\n"
               "s.bind(sys.argv[1]); s.listen(1)\n"
               "print('listening', flush=True)\n"
               "time.sleep(600)\n")
     squatter = subprocess.Popen([sys.executable, "-c", script, str(first.priv_sock)], stdout=subprocess.PIPE,
-                                text=True, **as_user(CORE_USER))
+                                text=True, **first.as_core())
     try:
         assert squatter.stdout is not None and squatter.stdout.readline().strip() == "listening"
         first.start()
@@ -499,7 +495,7 @@ def test_a_tampered_lock_file_refuses_and_is_never_followed(launch: Any, kind: s
         lock.symlink_to(target)
     else:
         lock.write_text("")
-        os.chown(lock, pwd.getpwnam(CORE_USER).pw_uid, 0)
+        os.chown(lock, h.core_ids[0], 0)
     try:
         proc = h.attempt()
         assert proc.returncode != 0, proc

@@ -8,27 +8,29 @@ login URL)."""
 from __future__ import annotations
 
 import os
-import pwd
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from hyperhive.cli.up import CORE_USER, read_token
+from hyperhive.cli.up import read_token
 
 pytestmark = pytest.mark.attack(
     "launcher.readiness", ref="issue 11 re-attack: a FIFO renamed over operator.token hung hive up")
 
 
+CORE_UID = 200_000_000 + os.getpid() % 1000  # a hive's core: ids of its own, no account
+
+
 def _core() -> int:
-    return pwd.getpwnam(CORE_USER).pw_uid
+    return CORE_UID
 
 
 def test_a_plain_token_is_read(tmp_path: Path) -> None:
     (tmp_path / "operator.token").write_text("tok\n")
     os.chown(tmp_path / "operator.token", _core(), -1)
-    assert read_token(tmp_path) == "tok"
+    assert read_token(tmp_path, CORE_UID) == "tok"
 
 
 def _fifo(p: Path) -> None:
@@ -64,7 +66,7 @@ def test_a_swapped_token_is_refused_at_once(tmp_path: Path, swap) -> None:  # ty
 
     def read() -> None:
         try:
-            box["value"] = read_token(tmp_path)
+            box["value"] = read_token(tmp_path, CORE_UID)
         except BaseException as e:  # reported below
             box["error"] = e
 

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 import time
 from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, as_user, wait_until
+from hive_fixture import HIVE, HiveProcess, wait_until
 from hyperhive.names import NAME_RE
 from hyperhive.wire.framing import MAX_LINE
 
@@ -27,7 +26,6 @@ from .conftest import World, unchanged
 
 pytestmark = pytest.mark.attack('privsep.core-misuse', ref='OpenSSH monitor.c')
 
-CORE_USER = "hive-core"
 
 # Runs as hive-core: sends each request (a JSON value, or raw bytes as a latin-1
 # string) with N file descriptors (copies of /dev/null) and reads one reply line.
@@ -67,11 +65,11 @@ def as_core(h: HiveProcess, cases: list[tuple[str, Any, int]]) -> dict[str, Any]
     payload = json.dumps(cases)
     proc = subprocess.run(
         [str(HIVE.parent / "python"), "-c", CALLER, str(h.priv_sock), "-"], input=payload, capture_output=True,
-        text=True, timeout=120, **as_user(CORE_USER),
+        text=True, timeout=120, **h.as_core(),
     )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out.pop("uid") == pwd.getpwnam(CORE_USER).pw_uid
+    assert out.pop("uid") == h.core_ids[0]
     return out
 
 
@@ -271,7 +269,7 @@ def test_descriptor_flood_without_a_newline_refused_to_the_core(rt: HiveProcess,
     with unchanged(h):
         proc = subprocess.run([str(HIVE.parent / "python"), "-c", FD_FLOOD, str(h.priv_sock), "3000"],
                               capture_output=True, text=True, timeout=120,
-                              **as_user(CORE_USER))
+                              **h.as_core())
         assert proc.returncode == 0, proc.stderr
         out = json.loads(proc.stdout)
         # Still serving root, with its descriptor table as before.

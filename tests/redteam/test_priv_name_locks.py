@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, as_user
+from hive_fixture import HIVE, HiveProcess
 
 from .conftest import unchanged
 
@@ -66,11 +65,11 @@ def test_name_locks_do_not_grow_root_memory_without_bound(rt: HiveProcess) -> No
     with unchanged(rt):
         proc = subprocess.run(
             [str(HIVE.parent / "python"), "-c", FLOOD, str(rt.priv_sock), str(NAMES), "4"],
-            capture_output=True, text=True, timeout=600, **as_user("hive-core"),
+            capture_output=True, text=True, timeout=600, **rt.as_core(),
         )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["uid"] == pwd.getpwnam("hive-core").pw_uid
+    assert out["uid"] == rt.core_ids[0]
     assert out["nbad"] == 0, out  # every one of them accepted: stop of a name nobody has
     time.sleep(0.5)
     grown = rss_kib(pid) - before

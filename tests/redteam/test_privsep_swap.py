@@ -15,10 +15,8 @@ directory of another owner where it keeps its state (a core that got there first
 
 from __future__ import annotations
 
-import grp
 import json
 import os
-import pwd
 import subprocess
 import tempfile
 from pathlib import Path
@@ -37,7 +35,6 @@ pytestmark = pytest.mark.attack(
     ref="issue 11 item 2; firejail CVE-2017-5180; CVE-2026-39861 (root following links a lesser user planted)",
 )
 
-CORE_USER = "hive-core"
 
 # Runs as hive-core: performs one operation on one path and prints what the kernel said.
 ATTEMPT = r"""
@@ -84,11 +81,10 @@ NO_ADD = ["state/priv", "state/agents", "state/agents/rtalice", "state/priv/cage
           "run/gateway"]
 
 
-def as_core(*args: str) -> str:
-    pw = pwd.getpwnam(CORE_USER)
-    groups = [g.gr_gid for g in grp.getgrall() if CORE_USER in g.gr_mem]
+def as_core(h: HiveProcess, *args: str) -> str:
+    """As ``h``'s core: its own ids, the groups it has (none)."""
     proc = subprocess.run([str(HIVE.parent / "python"), "-c", ATTEMPT, *args], capture_output=True, text=True,
-                          timeout=60, user=pw.pw_uid, group=pw.pw_gid, extra_groups=groups, cwd="/")
+                          timeout=60, cwd="/", **h.as_core())
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -105,7 +101,7 @@ def test_core_cannot_swap_what_priv_trusts(rt: HiveProcess, world: World, target
     assert path.exists() or path.is_symlink(), f"{path} should exist in a running hive"
     before = os.lstat(path)
     with unchanged(rt):
-        result = as_core(op, str(path))
+        result = as_core(rt, op, str(path))
     assert result in ("EPERM", "EACCES"), f"hive-core could {op} {target}: {result}"
     after = os.lstat(path)
     assert (after.st_ino, after.st_uid, after.st_mode) == (before.st_ino, before.st_uid, before.st_mode)
@@ -116,7 +112,7 @@ def test_core_cannot_swap_what_priv_trusts(rt: HiveProcess, world: World, target
 @pytest.mark.parametrize("target", NO_ADD)
 def test_core_cannot_plant_in_what_priv_trusts(rt: HiveProcess, world: World, target: str, op: str) -> None:
     with unchanged(rt):
-        result = as_core(op, str(rt.base / target))
+        result = as_core(rt, op, str(rt.base / target))
     assert result in ("EPERM", "EACCES"), f"hive-core could {op} {target}: {result}"
     assert not (rt.base / target / "planted").exists()
 
@@ -153,7 +149,7 @@ PLANTS = {
 
 @pytest.mark.parametrize("plant", sorted(PLANTS))
 def test_priv_refuses_a_layout_the_core_shaped(plant: str) -> None:
-    core = pwd.getpwnam(CORE_USER).pw_uid
+    core = 200_000_000 + os.getpid() % 1000  # a core's own ids (no account)
     with tempfile.TemporaryDirectory(prefix="hvswap") as tmp:
         state, run = _layout(Path(tmp))
         PLANTS[plant](state, run, core)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, as_user, running_hive
+from hive_fixture import HIVE, HiveProcess, running_hive
 
 from .pid_spread import AGENT, freed_pids_taken, restart, spread_out
 
@@ -156,12 +155,12 @@ def test_core_holding_half_written_requests_is_bounded(hive: HiveProcess) -> Non
     before = _rss_kib(pid)
     proc = subprocess.Popen(
         [str(HIVE.parent / "python"), "-c", HOLD_HALF_LINES, str(hive.priv_sock), str(HELD), str(HALF_LINE)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user("hive-core"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **hive.as_core(),
     )  # fmt: skip
     try:
         assert proc.stdout is not None
         out = json.loads(proc.stdout.readline())
-        assert out["uid"] == pwd.getpwnam("hive-core").pw_uid
+        assert out["uid"] == hive.core_ids[0]
         t0 = time.monotonic()
         status = hive.priv("status", names=[NAME])
         answered_in = time.monotonic() - t0
@@ -220,7 +219,7 @@ def test_core_that_never_reads_its_replies_holds_only_its_connection(hive: HiveP
     assert pid is not None
     proc = subprocess.Popen(
         [str(HIVE.parent / "python"), "-c", SLOW_READER, str(hive.priv_sock), "20000", NAME],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user("hive-core"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **hive.as_core(),
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -232,7 +231,7 @@ def test_core_that_never_reads_its_replies_holds_only_its_connection(hive: HiveP
     finally:
         proc.communicate("", timeout=30)
     print(json.dumps({**out, "root_stop_s": round(root_s, 3)}))
-    assert out["uid"] == pwd.getpwnam("hive-core").pw_uid
+    assert out["uid"] == hive.core_ids[0]
     assert out["sent_requests"] > 100  # hive-priv answered many before its send blocked
     assert out["other_ok"] is True and out["other_s"] < 2.0, out
     assert status.get("ok") and start.get("ok"), (status, start)

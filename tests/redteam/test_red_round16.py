@@ -39,7 +39,7 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok
-from hive_fixture import HIVE, HiveProcess, as_user, running_hive
+from hive_fixture import HIVE, HiveProcess, running_hive
 
 from .pid_spread import AGENT, freed_pids_taken, restart, spread_out
 
@@ -280,7 +280,7 @@ def test_core_churning_refused_connections_does_not_starve_root(hive: HiveProces
     proc = subprocess.Popen(
         [str(HIVE.parent / "python"), "-c", HOLD_AND_CHURN, str(hive.priv_sock),
          str(MAX_CORE_CONNECTIONS), str(FLOOD_S)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **as_user("hive-core"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **hive.as_core(),
     )  # fmt: skip
     slowest = 0.0
     answered = 0

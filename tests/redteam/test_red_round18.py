@@ -242,7 +242,7 @@ def test_the_entry_record_and_pts_view_are_out_of_the_cores_reach(hive: HiveProc
     )
     done = subprocess.run(
         [sys.executable, "-c", probe, str(priv / "cages" / OTHER / "info.json"), str(view)],
-        capture_output=True, text=True, timeout=30, user="hive-core", group="hive-core", extra_groups=[],
+        capture_output=True, text=True, timeout=30, **hive.as_core(),
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"write": "PermissionError", "list": "PermissionError",
@@ -351,7 +351,7 @@ def test_the_bytecode_root_writes_is_roots_and_out_of_the_cores_reach(hive: Hive
     target = Path(fastapi.__file__ or "").parent / "__pycache__"
     done = subprocess.run(
         [sys.executable, "-c", "import sys; open(sys.argv[1] + '/r18.pyc', 'wb')", str(target)],
-        capture_output=True, text=True, timeout=30, user="hive-core", group="hive-core", extra_groups=[],
+        capture_output=True, text=True, timeout=30, **hive.as_core(),
     )
     assert done.returncode != 0 and "PermissionError" in done.stderr, done.stderr
     # The warm-up's interpreter ran isolated (-I): an agent's or the core's PYTHON*

@@ -9,7 +9,6 @@ See docs/security.md's rounds table (red team round 20).
 from __future__ import annotations
 
 import json
-import pwd
 import subprocess
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, as_user, running_hive, wait_until
+from hive_fixture import HIVE, HiveProcess, running_hive, wait_until
 from hyperhive.core.egress import REFUSE_READ, STRANGER_LOG_EVERY
 from hyperhive.priv.cgroups import hive_key, is_v2
 
@@ -331,7 +330,6 @@ def test_what_a_refused_egress_connection_sends_costs_the_core_nothing_and_slows
 
 # -- limit_hits from a compromised core ---------------------------------------------------
 
-CORE_USER = "hive-core"
 
 # As hive-core: ``threads`` connections, each asking ``req`` again and again for
 # ``seconds``; how many were answered, the slowest, and every distinct reply shape.
@@ -366,10 +364,10 @@ print(json.dumps({"uid": __import__("os").getuid(), "done": done[0], "slowest": 
 def as_core(h: HiveProcess, req: dict[str, Any], threads: int = 1, seconds: float = 0.0) -> dict[str, Any]:
     proc = subprocess.run(
         [str(HIVE.parent / "python"), "-c", HAMMER, str(h.priv_sock), json.dumps(req), str(threads), str(seconds)],
-        capture_output=True, text=True, timeout=120, **as_user(CORE_USER))
+        capture_output=True, text=True, timeout=120, **h.as_core())
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out.pop("uid") == pwd.getpwnam(CORE_USER).pw_uid
+    assert out.pop("uid") == h.core_ids[0]
     return out
 
 

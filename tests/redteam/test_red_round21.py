@@ -287,12 +287,12 @@ def test_queued_core_scans_never_hold_root_or_the_cores_start(h: HiveProcess) ->
     names = [HOSTILE, BRIDGE] * 500 + [f"x{i}" for i in range(3000)]
     req = (json.dumps({"cmd": "status", "names": names}) + "\n").encode()
     silent: list[socket.socket] = []
-    user = __import__("pwd").getpwnam("hive-core")
+    core_uid, core_gid = h.core_ids
 
     def connect_as_core() -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        os.setegid(user.pw_gid)
-        os.seteuid(user.pw_uid)
+        os.setegid(core_gid)
+        os.seteuid(core_uid)
         try:
             s.connect(str(h.priv_sock))
         finally:

@@ -23,7 +23,7 @@ import contextlib
 import ctypes
 import json
 import os
-import pwd
+import re
 import subprocess
 import sys
 import threading
@@ -53,17 +53,16 @@ from .conftest import cage_run, changes, others_keep_working, unchanged
 from .egress_kit import seen, serve_recorder
 from .test_secrets_egress import cert_dir
 
-CORE_USER = "hive-core"
 VICTIM = "rtcarol"  # the shared hive's agent whose cage is looked at (read only)
 
 
 # -- a compromised core against another hive on the same host --------------------------------
 
-# Run as the core's own credentials (uid hive-core, groups hive-admin and hive-gateway: what
-# `hive up` gives every hive's core, cli/up.py). What it reaches of a hive that is NOT its own.
+# Run with the credentials of another running hive's core (what `hive up` gave it, cli/up.py
+# and cli/core_identity.py). What it reaches of a hive that is NOT its own.
 CROSS = r"""
 import json, os, socket, sqlite3, sys
-host_sock, priv_sock, state, core_pid = sys.argv[1:5]
+host_sock, priv_sock, core_sock, state, core_pid = sys.argv[1:6]
 out = {"uid": os.getuid(), "groups": sorted(os.getgroups())}
 def call(path, req):
     s = socket.socket(socket.AF_UNIX)
@@ -78,9 +77,17 @@ def call(path, req):
     finally:
         s.close()
 r = call(host_sock, {"cmd": "agent_status"})
-out["host_sock"] = (r or {}).get("ok"), (r or {}).get("error"), sorted(a["name"] for a in (r or {}).get("agent_statuses", []))
+out["host_sock"] = (r or {}).get("ok"), (r or {}).get("error"), sorted(a["name"] for a in (r or {}).get("agent_statuses", [])), (r or {}).get("oserror")
 r = call(priv_sock, {"cmd": "status"})
-out["priv_sock"] = (r or {}).get("ok"), (r or {}).get("error"), sorted((r or {}).get("cages", {}))
+out["priv_sock"] = (r or {}).get("ok"), (r or {}).get("error"), sorted((r or {}).get("cages", {})), (r or {}).get("oserror")
+s = socket.socket(socket.AF_UNIX)  # the dashboard's HTTP, behind the gateway
+try:
+    s.connect(core_sock)
+    s.sendall(b"GET /api/state HTTP/1.0\r\n\r\n")
+    out["core_sock"] = s.recv(12).decode()
+except OSError as e:
+    out["core_sock"] = type(e).__name__
+s.close()
 try:
     with open(os.path.join(state, "operator.token"), "rb") as f:
         out["token_bytes"] = len(f.read().strip())
@@ -111,48 +118,60 @@ print(json.dumps(out))
 """
 
 
-def _as_another_hives_core(h: HiveProcess) -> dict[str, Any]:
-    core = pwd.getpwnam(CORE_USER)
+def _as_another_hives_core(h: HiveProcess, other: HiveProcess) -> dict[str, Any]:
+    """CROSS against ``h``, run exactly as ``other``'s core runs (its ids, its groups: read
+    from its live process)."""
+    pid = other.core_pid()
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text()
+    uid = int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    gid = int(re.search(r"^Gid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+    groups = [int(g) for g in re.search(r"^Groups:(.*)$", status, re.M).group(1).split()]  # type: ignore[union-attr]
     proc = subprocess.run(
-        [str(HIVE.parent / "python"), "-I", "-c", CROSS, str(h.host_sock), str(h.priv_sock), str(h.state_dir), str(h.core_pid())],
-        capture_output=True, text=True, timeout=60,
-        user=core.pw_uid, group=core.pw_gid, extra_groups=["hive-admin", "hive-gateway"], cwd="/",
+        [str(HIVE.parent / "python"), "-I", "-c", CROSS, str(h.host_sock), str(h.priv_sock),
+         str(h.run_dir / "core.sock"), str(h.state_dir), str(h.core_pid())],
+        capture_output=True, text=True, timeout=60, user=uid, group=gid, extra_groups=groups, cwd="/",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
-    assert out["uid"] == core.pw_uid, out
+    assert (out["uid"], out["groups"]) == (uid, sorted(groups)), out
+    assert uid != h.core_ids[0]
     return out
 
 
 @pytest.mark.attack(
     "privsep.core-misuse",
-    ref="red team round 22: every hive's core is one user (cli/up.py extra_groups); OpenSSH privsep per-session users",
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/security.md): every hive on a host shares the hive-core user;"
-    " a core of its own per hive is the fix, not made yet",
+    ref="red team round 22: every hive's core was one user (cli/up.py extra_groups); OpenSSH privsep per-session users",
 )
 def test_a_compromised_core_does_not_own_the_other_hives_on_its_host(rt: HiveProcess) -> None:
-    """**Broke (not fixed).** Every hive on a host runs its core as the one user
-    ``hive-core``, with the groups ``hive-admin`` (to give host.sock its group) and
-    ``hive-gateway``. A process with those credentials, i.e. the compromised core of any
-    OTHER hive on the host, is the operator on this hive's host.sock (the kernel's
-    ``SO_PEERGROUPS`` holds hive-admin), hive-priv's core on its priv.sock (stop and destroy
-    any of its cages), and reads its ``operator.token`` (the gateway's login) and its
-    ``hive.db``, its CA's key and its stored secrets (the owner's own files; docs/security.md
-    says a compromised core can't make another hive trust its CA nor put a secret into a
-    cage of another hive), and the other core's own process (its /proc
-    files; ptrace and /proc/PID/mem where Yama allows, 0 here). A core must reach its own
-    hive only."""
-    with unchanged(rt):
-        out = _as_another_hives_core(rt)
+    """**Broke (fixed).** Every hive on a host ran its core as the one user ``hive-core``,
+    with the groups ``hive-admin`` (to give host.sock its group) and ``hive-gateway``. The
+    compromised core of any OTHER hive on the host was the operator on this hive's
+    host.sock (the kernel's ``SO_PEERGROUPS`` held hive-admin), hive-priv's core on its
+    priv.sock (stop and destroy any of its cages), read its ``operator.token`` (the
+    gateway's login), its ``hive.db``, its CA's key and its stored secrets, and reached the
+    other core's own process (its /proc files). Now each hive's core runs under ids of its
+    own with no supplementary group (cli/core_identity.py), and ``hive up`` binds host.sock
+    and core.sock and hands them in. Checked with a second real hive's core credentials,
+    read from its live process."""
+    for d in ("ca", "secrets"):  # there to be reached (not a FileNotFoundError)
+        assert (rt.state_dir / d).is_dir(), d
+    assert (rt.state_dir / "operator.token").is_file() and (rt.state_dir / "hive.db").is_file()
+    other = HiveProcess({"rt22other": {"runtime": "command", "command": ["sleep", "3600"]}})
+    try:
+        other.start()
+        assert other.core_ids != rt.core_ids
+        with unchanged(rt):
+            out = _as_another_hives_core(rt, other)
+    finally:
+        other.stop_clean()
     print(f"as another hive's core: {out}")
     reached = [
         what
         for what, got in (
-            ("host.sock as the operator", out["host_sock"][0] is True),
-            ("priv.sock as its core", out["priv_sock"][0] is True),
+            ("host.sock as the operator", out["host_sock"][0] is not None),
+            ("priv.sock as its core", out["priv_sock"][0] is not None),
+            ("core.sock (the dashboard)", not out["core_sock"].endswith("Error")),
             ("operator.token", isinstance(out["token_bytes"], int)),
             ("hive.db", isinstance(out["db_agents"], list)),
             ("its core's /proc files", isinstance(out["core_environ"], int)),
@@ -161,7 +180,9 @@ def test_a_compromised_core_does_not_own_the_other_hives_on_its_host(rt: HivePro
         )
         if got
     ]
-    assert reached == [], f"another hive's core reached: {reached}"
+    assert reached == [], f"another hive's core reached: {reached} ({out})"
+    # Refused by the kernel (the sockets' modes), not by a reply.
+    assert out["host_sock"][3] == out["priv_sock"][3] == out["core_sock"] == "PermissionError", out
 
 
 # -- the cage's root and the kernel's sysctls -------------------------------------------------

@@ -24,7 +24,11 @@ from typing import Any
 import pytest
 
 from hive_fixture import HIVE, as_user
-from hyperhive.cli.up import CORE_USER, ensure_user
+from hyperhive.cli.up import ensure_user
+
+# What a compromised core may leave behind is what any user but root may: a stand-in user
+# (hive up gives each hive's core ids of its own, with no account).
+CORE_USER = "hive-core"
 
 REF = "issue 15 item 6 (hive reset); CVE-2022-21658 (Rust std::fs::remove_dir_all symlink race)"
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import stat
 import subprocess
 from typing import Any, get_args
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, as_user
+from hive_fixture import HIVE, HiveProcess
 from hyperhive.config import LimitsSection
 from hyperhive.wire import harness as wh
 from hyperhive.wire import host as whost
@@ -324,7 +323,6 @@ def test_egress_still_serves_after_bad_handovers(agent_side: dict[str, Any]) -> 
 
 # -- priv.sock as the hive-core user ------------------------------------------------------------
 
-CORE_USER = "hive-core"
 PRIV_CALLER = r"""
 import array, json, os, socket, sys, threading, time
 path = sys.argv[1]
@@ -444,11 +442,11 @@ def core_side(rt: HiveProcess) -> dict[str, Any]:
     with unchanged(rt):
         proc = subprocess.run(
             [str(HIVE.parent / "python"), "-c", PRIV_CALLER, str(rt.priv_sock)], input=json.dumps(cases),
-            capture_output=True, text=True, timeout=180, **as_user(CORE_USER),
+            capture_output=True, text=True, timeout=180, **rt.as_core(),
         )
     assert proc.returncode == 0, proc.stderr
     out: dict[str, Any] = json.loads(proc.stdout)
-    assert out.pop("uid") == pwd.getpwnam(CORE_USER).pw_uid
+    assert out.pop("uid") == rt.core_ids[0]
     out["fds-before"], out["fds-after"] = fds, len(os.listdir(f"/proc/{pid}/fd"))
     return out
 

@@ -18,6 +18,7 @@ from hyperhive.paths import DEFAULT_RUN_DIR
 LAZY_VERBS: dict[str, tuple[str, str]] = {
     "up": ("hyperhive.cli.up", "up"),
     "reset": ("hyperhive.cli.reset", "reset"),
+    "core-id": ("hyperhive.cli.core_identity", "core_id"),
     "agent": ("hyperhive.cli.agent", "agent_group"),
     "exec": ("hyperhive.cli.exec_", "exec_cmd"),
     "egress": ("hyperhive.cli.egress", "egress_group"),

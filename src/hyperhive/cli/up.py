@@ -34,12 +34,15 @@ from typing import Any
 import click
 
 from hyperhive.cli import instance_lock
+from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_legacy_files, core_ids
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
 from hyperhive.display import dumps
 from hyperhive.gateway import config as gateway_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
+from hyperhive.priv import safefs
+from hyperhive.priv.ids import IdsExhausted
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire import priv as wp
 
@@ -120,7 +123,6 @@ def ensure_group(name: str) -> None:
         log.info("created group %s", name)
 
 
-CORE_USER = "hive-core"
 GATEWAY_USER = "hive-gateway"  # the gateway's workers; its group may reach the agents' pages
 
 
@@ -322,22 +324,36 @@ class SocketActivated(Supervised):
                 await asyncio.sleep(1.0)
 
 
-def bind_priv_socket(path: Path, group: str) -> socket.socket:
-    """priv.sock exactly as hive-priv.socket makes it: root:hive-core 0660 (we are root)."""
-    return bind_listener(path, grp.getgrnam(group).gr_gid, 0o660)
+def bind_priv_socket(path: Path, core: CoreIds) -> socket.socket:
+    """priv.sock as hive-priv.socket makes it: root and the hive's core group, 0660."""
+    return bind_listener(path, core.gid, 0o660)
 
 
-def prepare_dirs(state_dir: Path, run_dir: Path) -> None:
-    """Root owns the state and run directories; hive-core may add its own files
-    (the database, its token, its sockets) but, both being sticky, never rename or
-    replace root's (``priv/``, ``agents/``, ``priv.sock``): hive-priv trusts those."""
-    core = pwd.getpwnam(CORE_USER)
+def bind_core_listeners(run_dir: Path) -> dict[str, socket.socket]:
+    """host.sock (root:hive-admin 0660) and core.sock (root:hive-gateway 0660), bound by
+    us and handed to the core: the core needs neither group, and a restarted core finds
+    them where they were (connections wait in the backlog meanwhile)."""
+    admin, gateway = grp.getgrnam(ADMIN_GROUP).gr_gid, grp.getgrnam(GATEWAY_USER).gr_gid
+    host = bind_listener(run_dir / "host.sock", admin, 0o660)
+    try:
+        web = bind_listener(run_dir / "core.sock", gateway, 0o660, backlog=512)
+    except BaseException:
+        host.close()
+        raise
+    return {"host.sock": host, "core.sock": web}
+
+
+def prepare_dirs(state_dir: Path, run_dir: Path, core: CoreIds) -> None:
+    """Root owns the state and run directories; this hive's core (its group) may add its
+    own files (the database, its token, its sockets) but, both being sticky, never
+    rename or replace root's (``priv/``, ``agents/``, ``core.id``, the sockets): hive-priv
+    and we trust those."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(state_dir, 0, core.pw_gid)
+    os.chown(state_dir, 0, core.gid)
     os.chmod(state_dir, 0o1770)
     # Sockets only. hive-core creates its own there; sticky, so it can't remove priv.sock.
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(run_dir, 0, core.pw_gid)
+    os.chown(run_dir, 0, core.gid)
     os.chmod(run_dir, 0o1775)
     for sub in ("agents", "ui"):
         path = run_dir / sub
@@ -348,7 +364,7 @@ def prepare_dirs(state_dir: Path, run_dir: Path) -> None:
         os.chmod(path, 0o711)
 
 
-def read_token(state_dir: Path) -> str:
+def read_token(state_dir: Path, core_uid: int) -> str:
     """The operator's token, which hive-core wrote. hive-core owns that name, so it is
     opened without following a link and without blocking (a FIFO renamed over it would
     hang us, locks held), and must be a regular file of hive-core's with one link (a
@@ -357,12 +373,8 @@ def read_token(state_dir: Path) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd) as f:
         st = os.fstat(fd)
-        if (
-            not stat.S_ISREG(st.st_mode)
-            or st.st_nlink != 1
-            or st.st_uid != pwd.getpwnam(CORE_USER).pw_uid
-        ):
-            raise RuntimeError(f"{path} is not a plain file of {CORE_USER}'s; not reading it")
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != core_uid:
+            raise RuntimeError(f"{path} is not a plain file of the core's; not reading it")
         return f.read(256).strip()
 
 
@@ -617,11 +629,17 @@ async def run_locked(
     config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
 ) -> int:
     ensure_group(ADMIN_GROUP)
-    ensure_user(CORE_USER)
     ensure_user(GATEWAY_USER)
-    prepare_dirs(state_dir, run_dir)
+    try:
+        core_as = core_ids(state_dir)
+        adopt_legacy_files(state_dir, core_as)
+    except (CoreIdentityError, IdsExhausted, safefs.UnsafePath, OSError) as e:
+        PROGRESS.error(f"the core's ids: {e}")
+        return 1
+    prepare_dirs(state_dir, run_dir, core_as)
     priv_sock = run_dir / "priv.sock"
-    listener = bind_priv_socket(priv_sock, CORE_USER)
+    listener = bind_priv_socket(priv_sock, core_as)
+    handed = bind_core_listeners(run_dir)
     priv = SocketActivated(
         "hive-priv",
         python_argv(
@@ -631,13 +649,14 @@ async def run_locked(
             "--state-dir",
             str(state_dir),
             "--core-user",
-            CORE_USER,
+            core_as.spec,
             "--gateway-group",
             GATEWAY_USER,
         ),
         listener,
     )
-    argv = python_argv(
+    handing = [f"{sock.fileno()}:{name}" for name, sock in handed.items()]
+    argv = python_argv("hyperhive.cli.socket_activate", *handing, "--") + python_argv(
         "hyperhive.core",
         "--run-dir",
         str(run_dir),
@@ -654,10 +673,11 @@ async def run_locked(
         "hive-core",
         argv,
         "hive-core: ready",
-        # Member of hive-admin and hive-gateway only to give host.sock and core.sock their groups.
-        user=CORE_USER,
-        group=CORE_USER,
-        extra_groups=[ADMIN_GROUP, GATEWAY_USER],
+        # This hive's own ids, no supplementary group: another hive's core is a stranger.
+        user=core_as.uid,
+        group=core_as.gid,
+        extra_groups=[],
+        pass_fds=tuple(sock.fileno() for sock in handed.values()),
         # The core is ready once it has started every agent: more time for more of them.
         ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
     )
@@ -710,6 +730,9 @@ async def run_locked(
         await priv.stop()
         listener.close()
         priv_sock.unlink(missing_ok=True)
+        for name, sock in handed.items():
+            sock.close()
+            (run_dir / name).unlink(missing_ok=True)
         return cages_stopped
 
     starting = asyncio.ensure_future(start_all())
@@ -730,7 +753,7 @@ async def run_locked(
         await shutdown(False)
         return 1
     try:
-        token = read_token(state_dir)
+        token = read_token(state_dir, core_as.uid)
     except (OSError, RuntimeError) as e:
         PROGRESS.error(f"the operator's token: {e}")
         await shutdown(False)
@@ -798,7 +821,7 @@ def up(
         if os.geteuid() != 0:
             raise click.ClickException(
                 "hive up must run as root: like systemd, it creates users, binds priv.sock "
-                "and starts hive-priv; hive-core itself runs as user hive-core"
+                "and starts hive-priv; hive-core itself runs under ids of its own, never root"
             )
         from hyperhive.core.budget import fit_nofile
 

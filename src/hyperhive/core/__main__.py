@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
+from hyperhive.activation import NotActivated, inherited_listeners
 from hyperhive.config import ConfigError, load_config
-from hyperhive.core.daemon import CoreOptions, default_paths, main_with
+from hyperhive.core.daemon import CORE_SOCK, HOST_SOCK, CoreOptions, default_paths, main_with
 
 
 @click.command(help="The hive's core daemon (normally started by `hive up` or systemd).")
@@ -40,7 +41,12 @@ def main(
     except ConfigError as e:
         raise click.ClickException(str(e)) from None
     runs, states = default_paths(run_dir, state_dir)
-    raise SystemExit(main_with(CoreOptions(config, runs, states, synchronous, priv_sock)))
+    try:
+        handed = inherited_listeners((HOST_SOCK, CORE_SOCK))
+    except NotActivated as e:
+        raise click.ClickException(str(e)) from None
+    opts = CoreOptions(config, runs, states, synchronous, priv_sock, handed)
+    raise SystemExit(main_with(opts))
 
 
 if __name__ == "__main__":

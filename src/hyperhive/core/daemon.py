@@ -9,9 +9,10 @@ import gc
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperhive.config import HiveConfig, origin_of
@@ -28,6 +29,7 @@ from hyperhive.paths import RunDir, StateDir
 from hyperhive.wire.secrets import parse_destination
 
 log = logging.getLogger("hive.core")
+HOST_SOCK, CORE_SOCK = "host.sock", "core.sock"  # LISTEN_FDNAMES of the handed listeners
 PRUNE_EVERY = 60.0  # seconds between two prunes of the per-agent logs
 
 
@@ -38,6 +40,9 @@ class CoreOptions:
     state_dir: StateDir
     synchronous: str = "NORMAL"
     priv_sock: Path | None = None  # with it, agents run in cages started by hive-priv
+    # host.sock and core.sock as `hive up` or systemd bound them (socket activation);
+    # empty: the core binds its own.
+    handed: dict[str, socket.socket] = field(default_factory=dict)
 
 
 def _own_dir(path: Path, mode: int) -> None:
@@ -94,7 +99,7 @@ async def run_core(opts: CoreOptions) -> None:
             "notify: %d webhook(s), links to %s/n/…", len(opts.config.notify.webhooks), base_url
         )
 
-    host = await serve_host_socket(hive, opts.run_dir.host_sock)
+    host = await serve_host_socket(hive, opts.run_dir.host_sock, opts.handed.get(HOST_SOCK))
     # The cages still running (a restart of the core) are served again before anything
     # else: every agent waits for it, the dashboard can wait half a second. Its code
     # (FastAPI, pydantic's schemas for it) is imported only then: a third of the start-up.
@@ -104,7 +109,9 @@ async def run_core(opts: CoreOptions) -> None:
     sessions = Sessions(
         load_or_create_token(opts.state_dir.root / "operator.token"), store.sessions
     )
-    http_task, http_server = await serve_http(create_app(hive, sessions), opts.run_dir.core_sock)
+    http_task, http_server = await serve_http(
+        create_app(hive, sessions), opts.run_dir.core_sock, opts.handed.get(CORE_SOCK)
+    )
     if (
         len(store.agents.all()) > opts.config.limits.max_agents
     ):  # spawned before the limit was lowered
@@ -162,11 +169,13 @@ async def run_core(opts: CoreOptions) -> None:
         await asyncio.wait_for(http_task, 5)
     except (TimeoutError, asyncio.CancelledError):
         http_task.cancel()
-    opts.run_dir.core_sock.unlink(missing_ok=True)
+    if CORE_SOCK not in opts.handed:  # a handed one is root's: it outlives us (a restart)
+        opts.run_dir.core_sock.unlink(missing_ok=True)
     host.close()
     await sockets.close_all()
     await hive.write_pending_egress()
-    opts.run_dir.host_sock.unlink(missing_ok=True)
+    if HOST_SOCK not in opts.handed:
+        opts.run_dir.host_sock.unlink(missing_ok=True)
     store.close()
     log.info("stopped")
 

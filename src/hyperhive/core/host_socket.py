@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -393,7 +394,11 @@ def operator_allowed(uid: int, gid: int, groups: list[int] | None = None) -> boo
     return (groups is not None and admin in groups) or uid_in_group(uid, gid, admin)
 
 
-async def serve_host_socket(hive: Hive, path: os.PathLike[str]) -> asyncio.AbstractServer:
+async def serve_host_socket(
+    hive: Hive, path: os.PathLike[str], handed: socket.socket | None = None
+) -> asyncio.AbstractServer:
+    """Serve host.sock: the listener ``hive up`` (or systemd) bound and ``handed`` us, or
+    one of our own at ``path`` (a core run by hand: it needs the group hive-admin)."""
     limiter = ConnectionLimiter(os.fspath(path))
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -415,5 +420,5 @@ async def serve_host_socket(hive: Hive, path: os.PathLike[str]) -> asyncio.Abstr
             return
         await serve_lines(reader, writer, OperatorSession(hive).handle, limiter)
 
-    sock = bind_listener(Path(path), group_gid(ADMIN_GROUP), 0o660)
+    sock = handed or bind_listener(Path(path), group_gid(ADMIN_GROUP), 0o660)
     return await asyncio.start_unix_server(on_connect, sock=sock, limit=STREAM_LIMIT)

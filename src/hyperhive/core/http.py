@@ -1242,8 +1242,13 @@ def bind_core_socket(path: Path) -> socket.socket:
     return sock
 
 
-async def serve_http(app: FastAPI, path: Path) -> tuple[asyncio.Task[None], _Server]:
-    sock = bind_core_socket(path)
+async def serve_http(
+    app: FastAPI, path: Path, handed: socket.socket | None = None
+) -> tuple[asyncio.Task[None], _Server]:
+    """Serve core.sock: the listener ``hive up`` (or systemd) ``handed`` us, or our own."""
+    if handed is not None:
+        handed.setblocking(False)
+    sock = handed or bind_core_socket(path)
     server = _Server(
         uvicorn.Config(
             app, log_level="warning", lifespan="off", access_log=False, timeout_graceful_shutdown=2

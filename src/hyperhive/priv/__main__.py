@@ -46,8 +46,8 @@ def raise_nofile() -> None:
 # Only once the path is known to be safe (so not at the top: E402).
 import click  # noqa: E402
 
+from hyperhive.activation import NotActivated, inherited_listener  # noqa: E402
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, RunDir, StateDir  # noqa: E402
-from hyperhive.priv.activation import NotActivated, inherited_listener  # noqa: E402
 from hyperhive.priv.cages import CageError, Cages  # noqa: E402
 from hyperhive.priv.server import PrivServer, _ids_of  # noqa: E402
 
@@ -66,7 +66,8 @@ from hyperhive.priv.server import PrivServer, _ids_of  # noqa: E402
     "--core-user",
     default="hive-core",
     show_default=True,
-    help="The user (and group) hive-core runs as.",
+    help="The user (and group) hive-core runs as: a name, or UID:GID (`hive up` runs each "
+    "hive's core under ids of its own).",
 )
 @click.option(
     "--gateway-group",

@@ -175,6 +175,11 @@ class PrivServer:
 
 
 def _ids_of(user: str) -> tuple[int | None, int | None]:
+    """A user's (uid, gid): a name, or ``UID:GID`` (a hive's own core, which `hive up`
+    runs under ids of the host's registry with no account; docs/security.md)."""
+    uid, sep, gid = user.partition(":")
+    if sep and uid.isdigit() and gid.isdigit():
+        return int(uid), int(gid)
     try:
         pw = pwd.getpwnam(user)
         return pw.pw_uid, pw.pw_gid
