@@ -151,10 +151,11 @@ def _adopt(dir_fd: int, name: str, legacy: pwd.struct_passwd, ids: CoreIds) -> i
 )
 @json_option
 def core_id(state_dir: Path, as_json: bool) -> None:
-    """The uid and gid this hive's core runs under (root only; made on first use).
+    """The uid and gid this hive's core runs under, as UID:GID (root only; made on
+    first use).
 
     Give a file the core must read to these ids, 0600: the swarm's credentials, an
-    operator key kept outside the state dir (chown UID:GID FILE)."""
+    operator key kept outside the state dir: chown "$(hive core-id)" FILE."""
     if os.geteuid() != 0:
         fail("hive core-id needs root (the state dir and the host's id registry are root's)")
     try:
@@ -165,4 +166,4 @@ def core_id(state_dir: Path, as_json: bool) -> None:
     if as_json:
         click.echo(dumps({"version": 1, "ok": True, "uid": ids.uid, "gid": ids.gid}))
     else:
-        click.echo(f"uid {ids.uid} gid {ids.gid}")
+        click.echo(ids.spec)
