@@ -231,3 +231,39 @@ def test_hive_core_id_prints_the_ids_hive_up_will_use(tmp_path: Path) -> None:
     assert as_nobody.stderr.strip().splitlines() == [
         "hive: hive core-id needs root (the state dir and the host's id registry are root's)"
     ]
+
+
+def test_a_hive_of_the_shared_user_upgrades_in_place(legacy: pwd.struct_passwd) -> None:
+    """A state dir an older version ran (every core file the shared ``hive-core`` user's,
+    no core.id) starts under new ids of its own: its agents, its token and its secrets
+    are the new core's, and the agent's messages and the operator's login survive."""
+    from hive_fixture import HiveProcess
+
+    h = HiveProcess({"upg": {"runtime": "command", "command": ["sleep", "3600"]}})
+    try:
+        h.start()
+        h.host_call("secret_set", name="upgkey", value="s3cret-value")
+        token = (h.state_dir / "operator.token").read_text()
+        h.stop_clean()
+        first = h.core_ids
+        # As the older version left it: the core's files the shared user's, no core.id.
+        for dirpath, dirs, files in os.walk(h.state_dir):
+            dirs[:] = [d for d in dirs if d not in ("priv", "agents")] if dirpath == str(h.state_dir) else dirs
+            for n in [*dirs, *files]:
+                p = os.path.join(dirpath, n)
+                if os.lstat(p).st_uid == first[0]:
+                    os.lchown(p, legacy.pw_uid, legacy.pw_gid)
+        (h.state_dir / "core.id").unlink()
+        h.start()
+        uid, gid = h.core_ids
+        assert (uid, gid) != first and uid != legacy.pw_uid
+        for p in (h.state_dir / "hive.db", h.state_dir / "operator.token", h.state_dir / "secrets"):
+            assert p.stat().st_uid == uid, p
+        assert (h.state_dir / "operator.token").read_text() == token
+        assert [s["name"] for s in h.host_call("secret_ls")["secrets"]] == ["upgkey"]
+        assert "gave " in h.log_path.read_text() and "shared user hive-core" in h.log_path.read_text()
+        h.stop_clean()
+    finally:
+        if h.proc is not None and h.proc.poll() is None:
+            h.kill_everything()
+        h.cleanup()
