@@ -481,8 +481,9 @@ def test_reset_refuses_while_running_then_starts_fresh(hive: HiveProcess) -> Non
     # each agent's, in each hierarchy, and the hive's own directory.
     assert out["cgroups"] == len(tops) * (len(AGENTS) + 1), out
     assert not any(top.exists() for top in tops), tops
-    # Only the operator's secrets are kept (hive secret rm removes them).
-    assert sorted(p.name for p in hive.state_dir.iterdir()) in ([], ["secrets"])
+    # Only the operator's secrets are kept (hive secret rm removes them), and the ids of
+    # the core they belong to.
+    assert sorted(p.name for p in hive.state_dir.iterdir()) in (["core.id"], ["core.id", "secrets"])
     assert sorted(p.name for p in hive.run_dir.iterdir()) == []
     # Up again, with --json: its progress as JSON lines, `ready` with the login URL.
     env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}

@@ -7,8 +7,9 @@ egress proxy terminates TLS with; a new one is made at the next start); in the r
 stopped hive leaves there: ``priv.sock``, ``host.sock``, ``core.sock``, ``agents/``,
 ``ui/`` and ``gateway/``; and the cages' cgroups (``hive/<key>`` in /sys/fs/cgroup).
 Nothing else: never ``secrets/`` (the operator's credentials,
-``hive secret rm`` removes them) and never the host-wide uid registry
-(``/var/lib/hyperhive/ids``): ids are still never reused.
+``hive secret rm`` removes them), never ``core.id`` (the ids the hive's core runs under:
+``secrets/`` is theirs, and the next core must read it) and never the host-wide uid
+registry (``/var/lib/hyperhive/ids``): ids are still never reused.
 
 It holds ``hive up``'s own instance locks on both directories while it works, so it
 refuses while a hive runs there (and no hive can start meanwhile); it also refuses
@@ -122,8 +123,8 @@ def reset(
     home), priv/ (its uid table) and ca/ (the hive CA) from the state dir, and the sockets, agents/,
     ui/ and gateway/ a stopped hive leaves in the run dir, and its cages' cgroups. Refuses
     while a hive runs
-    there. Keeps secrets/ (use hive secret rm). Asks first on a terminal; elsewhere it
-    needs --yes."""
+    there. Keeps secrets/ (use hive secret rm) and core.id (the ids of the core that
+    owns secrets/). Asks first on a terminal; elsewhere it needs --yes."""
     run_dir = (reset_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR).absolute()
     state_dir = state_dir.absolute()
 
