@@ -267,3 +267,23 @@ def test_a_hive_of_the_shared_user_upgrades_in_place(legacy: pwd.struct_passwd) 
         if h.proc is not None and h.proc.poll() is None:
             h.kill_everything()
         h.cleanup()
+
+
+def test_a_tree_too_deep_to_walk_is_one_line(tmp_path: Path, legacy: pwd.struct_passwd) -> None:
+    """The shared user could leave any tree in the state dir: one deeper than fwalk's
+    recursion is refused in one line, not a traceback of hive up's."""
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        for _ in range(1200):
+            os.mkdir("d", dir_fd=fd)
+            os.chown("d", legacy.pw_uid, legacy.pw_gid, dir_fd=fd)
+            fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+    finally:
+        os.close(fd)
+    try:
+        with pytest.raises(CoreIdentityError, match="too deep to walk") as e:
+            adopt_legacy_files(tmp_path, CoreIds(210_000_003, 210_000_003))
+        assert len(str(e.value).splitlines()) == 1
+    finally:  # rm walks without recursion; pytest's own cleanup might not
+        subprocess.run(["rm", "-rf", "--one-file-system", str(tmp_path / "d")], check=True, timeout=60)

@@ -22,6 +22,7 @@ import logging
 import os
 import pwd
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,12 +112,14 @@ def adopt_legacy_files(state_dir: Path, ids: CoreIds) -> int:
     if legacy.pw_uid == ids.uid:
         return 0
     changed = 0
-    for _, dirs, files, dir_fd in os.fwalk(state_dir, follow_symlinks=False):
-        if os.path.samestat(os.fstat(dir_fd), os.stat(state_dir, follow_symlinks=False)):
-            dirs[:] = [d for d in dirs if d not in NOT_THE_CORES]
-            files = [f for f in files if f not in NOT_THE_CORES]
-        for name in (*dirs, *files):
-            changed += _adopt(dir_fd, name, legacy, ids)
+    try:
+        for names, dir_fd in _walk(state_dir):
+            for name in names:
+                changed += _adopt(dir_fd, name, legacy, ids)
+    except RecursionError:  # os.fwalk recurses: a tree deeper than the interpreter's limit
+        raise CoreIdentityError(
+            f"{state_dir} holds a tree too deep to walk; move it away and start again"
+        ) from None
     if changed:
         log.info(
             "gave %d entries of the shared user %s to this hive's core (uid %d)",
@@ -125,6 +128,17 @@ def adopt_legacy_files(state_dir: Path, ids: CoreIds) -> int:
             ids.uid,
         )
     return changed
+
+
+def _walk(state_dir: Path) -> Iterator[tuple[list[str], int]]:
+    """Each directory's entries and its descriptor (open only until the next one), root's
+    and the agents' places left out."""
+    top = os.stat(state_dir, follow_symlinks=False)
+    for _, dirs, files, dir_fd in os.fwalk(state_dir, follow_symlinks=False):
+        if os.path.samestat(os.fstat(dir_fd), top):
+            dirs[:] = [d for d in dirs if d not in NOT_THE_CORES]
+            files = [f for f in files if f not in NOT_THE_CORES]
+        yield [*dirs, *files], dir_fd
 
 
 def _adopt(dir_fd: int, name: str, legacy: pwd.struct_passwd, ids: CoreIds) -> int:

@@ -34,7 +34,13 @@ from typing import Any
 import click
 
 from hyperhive.cli import instance_lock
-from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_legacy_files, core_ids
+from hyperhive.cli.core_identity import (
+    ID_FILE,
+    CoreIdentityError,
+    CoreIds,
+    adopt_legacy_files,
+    core_ids,
+)
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
@@ -631,15 +637,27 @@ async def run_locked(
     ensure_group(ADMIN_GROUP)
     ensure_user(GATEWAY_USER)
     try:
+        known = os.path.lexists(state_dir / ID_FILE)
         core_as = core_ids(state_dir)
-        adopt_legacy_files(state_dir, core_as)
+        if not known:  # the first start of this version on it: an older one's files
+            adopt_legacy_files(state_dir, core_as)
     except (CoreIdentityError, IdsExhausted, safefs.UnsafePath, OSError) as e:
         PROGRESS.error(f"the core's ids: {e}")
         return 1
     prepare_dirs(state_dir, run_dir, core_as)
     priv_sock = run_dir / "priv.sock"
-    listener = bind_priv_socket(priv_sock, core_as)
-    handed = bind_core_listeners(run_dir)
+    try:
+        listener = bind_priv_socket(priv_sock, core_as)
+    except OSError as e:  # e.g. a directory a core of an earlier run left at that name
+        PROGRESS.error(f"could not bind {priv_sock}: {e}")
+        return 1
+    try:
+        handed = bind_core_listeners(run_dir)
+    except OSError as e:
+        listener.close()
+        priv_sock.unlink(missing_ok=True)
+        PROGRESS.error(f"could not bind the core's sockets in {run_dir}: {e}")
+        return 1
     priv = SocketActivated(
         "hive-priv",
         python_argv(
