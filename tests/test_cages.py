@@ -192,7 +192,7 @@ def test_cage_reaches_no_hive_socket_but_its_own(caged_hive: HiveProcess, world:
         *(f"/proc/{pid}/root{R}/host.sock" for pid in (1, 2, 3, "self")),
         *(f"/proc/{pid}/root{R}/agents/bob/agent.sock" for pid in (1, 2, 3)),
         f"/proc/1/cwd/{R}/priv.sock",
-        "/run/hive-ui/web.sock",  # alice's own page socket: the harness's, not the runtime's
+        "/run/hive-ui/web.sock",  # where the page's socket was (now only on the host, handed in)
     ]
     with h.unchanged():
         res = probe_result(h.probe("alice", UNIX_CONNECT, paths=paths))

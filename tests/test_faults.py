@@ -30,6 +30,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -474,6 +475,13 @@ def test_killed_harness_restarts_with_backoff_and_shows_failed_meanwhile(hive_fa
     assert all("status -9" in line for line in restarts), restarts
     assert hive.cage("ftk")["pid"] == init_pid  # the cage itself kept running
     assert hive.harness_pid("ftk-calm") == calm
+    # The page's socket, bound once by hive-priv and kept by init, is served by the
+    # fourth harness (exec'd, handed the same listener): the same node, an HTTP answer.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(hive.run_dir / "ui" / "ftk" / "web.sock"))
+        s.sendall(b"GET / HTTP/1.0\r\nHost: page\r\n\r\n")
+        assert s.recv(12).startswith(b"HTTP/1."), "no page after the harness's restarts"
     print(f"\nharness down windows after kill -9: {', '.join(f'{w:.2f}' for w in windows)} s, "
           f"agent_status read {', '.join(str(len(d)) for d in seen_down)} times in each: failed, not running")
 

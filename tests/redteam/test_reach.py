@@ -65,8 +65,8 @@ def targets(h: HiveProcess, which: str) -> dict[str, str]:
             f"/proc/2/root{host}": "EACCES",
             f"/proc/1/cwd/{rel}": "EACCES",
         })
-    else:  # the harness's page socket, in the cage itself: the runtime can't enter its directory
-        out.update({"/run/hive-ui/web.sock": "EACCES", "/run/hive-ui/../hive-ui/web.sock": "EACCES",
+    else:  # the page's socket: hive-priv binds it on the host and init holds it; no path in the cage
+        out.update({"/run/hive-ui/web.sock": "ENOENT", "/run/hive-ui/../hive-ui/web.sock": "ENOENT",
                     f"{R}/ui/rtalice/web.sock": "ENOENT", "/proc/3/root/run/hive-ui/web.sock": "EACCES"})
     return out
 
@@ -123,7 +123,7 @@ def test_host_system_sockets_unreachable(rt: HiveProcess, world: World) -> None:
     assert set(res["sockets"]) <= {"/run/hive/agent.sock", "/run/hive/egress.sock"}
     assert "/run/hive/agent.sock" in res["sockets"]
     assert res["sys"] is False  # no /sys: no cgroupfs to raise its own limits with
-    assert res["run"] == ["hive", "hive-ui"]
+    assert res["run"] == ["hive"]
 
 
 TCP = """

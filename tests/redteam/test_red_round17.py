@@ -351,14 +351,15 @@ print(json.dumps(sorted(os.listdir(ui))))
                     ref="a compromised harness (its uid owns run/ui/NAME): nginx follows a link at web.sock "
                         "as the core's user; CVE-2026-39861 class (a privileged reader following links)")
 def test_a_harness_linking_its_page_socket_elsewhere_reaches_nothing(hive: HiveProcess) -> None:
-    """As the harness's uid (a compromised harness: its uid owns ``run/ui/NAME``), web.sock
-    is replaced by a link to the core's HTTP socket, hive-priv's, host.sock, another
-    agent's agent.sock and its page socket. The gateway (nginx, as the core's user, which
-    priv.sock and core.sock let in) then proxies the operator's own visit to the page,
-    with the session, there. None of it may serve the operator's state or act: the core's
-    surface sees no cookie (the page location strips it) and answers as to a stranger;
-    priv.sock, host.sock and agent.sock speak no HTTP (and host.sock and agent.sock refuse
-    the core's uid)."""
+    """As the harness's uid (a compromised harness), web.sock is to be replaced by a link
+    to the core's HTTP socket, hive-priv's, host.sock, another agent's agent.sock and its
+    page socket. Since session 16 the harness owns nothing there (hive-priv binds web.sock
+    in a directory root:hive-gateway 0750 and hands the listener in): the rename is
+    refused. In depth, the same links planted by root: the gateway (nginx's workers,
+    user hive-gateway) then proxies the operator's own visit to the page, with the
+    session, there. None of it may serve the operator's state or act: the core's surface
+    sees no cookie (the page location strips it) and answers as to a stranger; priv.sock,
+    host.sock and agent.sock speak no HTTP or refuse the gateway's user."""
     import subprocess
     import sys
 
@@ -377,10 +378,16 @@ def test_a_harness_linking_its_page_socket_elsewhere_reaches_nothing(hive: HiveP
     state = web.get("/api/state", login=login)
     assert state.status_code == 200 and HOLDER in state.text, state.status_code
 
-    def link(target: str) -> None:
+    def link(target: str) -> None:  # as root: a directory the harness could write, were it so
         done = subprocess.run([sys.executable, "-c", LINK, str(ui), target], capture_output=True, text=True,
-                              timeout=30, user=cage["harness_uid"], group=ui.stat().st_gid, extra_groups=[])
+                              timeout=30)  # fmt: skip
         assert done.returncode == 0, done.stderr
+
+    as_harness = subprocess.run([sys.executable, "-c", LINK, str(ui), str(run / "core.sock")], capture_output=True,
+                                text=True, timeout=30, user=cage["harness_uid"], group=cage["gid"],
+                                extra_groups=[ui.stat().st_gid])  # fmt: skip
+    assert as_harness.returncode != 0 and "PermissionError" in as_harness.stderr, as_harness
+    assert sorted(p.name for p in ui.iterdir()) == ["web.sock"] and (ui / "web.sock").is_socket()
 
     seen: dict[str, list[tuple[int, str]]] = {}
     def cages() -> dict[str, Any]:

@@ -24,6 +24,7 @@ import ctypes
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import threading
@@ -789,45 +790,46 @@ print(written, files, why)
     "budget.disk-quota",
     ref="red team round 22: run/ui/NAME is bound read-write into the cage for the harness; round 17's compromised harness",
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (docs/security.md): a compromised harness can write the run dir's"
-    " filesystem through its page directory (on /run's tmpfs: charged to the cage's memory);"
-    " a listener handed in by hive-priv is the fix, not made yet",
-)
 def test_the_harness_cannot_fill_the_run_dirs_filesystem(rt: HiveProcess) -> None:
-    """**Broke (not fixed).** The cage's ``/run/hive-ui`` is the host's ``run/ui/NAME``
-    bound read-write (the harness binds web.sock there): the one host filesystem a cage
-    writes outside its home image, with no quota, and on a disk (a ``--run-dir`` under
-    /tmp, as the README's) not charged to the cage's memory either. As the harness's uid
-    inside the cage (what round 17's compromised harness is), a file of 32 MiB and 2,000
-    more files there: the write must stop at a small bound (a page directory holds one
-    socket), not at the host's free space, which the hive's store and every other agent
-    share."""
+    """**Broke (fixed in session 16).** The cage's ``/run/hive-ui`` was the host's
+    ``run/ui/NAME`` bound read-write (the harness bound web.sock there): the one host
+    filesystem a cage wrote outside its home image, with no quota, and on a disk (a
+    ``--run-dir`` under /tmp, as the README's) not charged to the cage's memory either
+    (32 MiB and 2,000 files went in). Now hive-priv binds web.sock itself (root and the
+    gateway's group, 0660, in a directory root:hive-gateway 0750) and hands the listener
+    to init, which keeps it for each harness: nothing of the run dir is writable in the
+    cage. As the harness's uid inside the cage (round 17's compromised harness), every
+    place under ``/run`` it might write: at most a small bound, nothing on the host."""
     name = VICTIM
     harness = rt.harness_pid(name)
     row = rt.cage(name)
-    target = "/run/hive-ui/r22-fill"
     cap = 32 << 20
+    ui = rt.run_dir / "ui" / name
+    st = ui.stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o750), (st.st_uid, oct(st.st_mode))
+    before = sorted(p.name for p in ui.iterdir())
+    results = {}
     try:
-        proc = subprocess.run(
-            ["nsenter", f"--target={harness}", "--mount", "--",
-             "setpriv", f"--reuid={row['harness_uid']}", f"--regid={row['gid']}", "--clear-groups",
-             "--", "/usr/bin/python3", "-I", "-c", FILL, target, str(cap)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        written, files, why = proc.stdout.split()
-        on_host = rt.run_dir / "ui" / name / "r22-fill"
-        size = on_host.stat().st_size if on_host.exists() else 0
+        for target in ("/run/hive-ui/r22-fill", "/run/r22-fill", "/run/hive/r22-fill"):
+            proc = subprocess.run(
+                ["nsenter", f"--target={harness}", "--mount", "--",
+                 "setpriv", f"--reuid={row['harness_uid']}", f"--regid={row['gid']}", "--clear-groups",
+                 "--", "/usr/bin/python3", "-I", "-c", FILL, target, str(cap)],
+                capture_output=True, text=True, timeout=60,
+            )  # fmt: skip
+            assert proc.returncode == 0, proc.stderr
+            written, files, why = proc.stdout.split()
+            results[target] = (int(written), int(files), why)
+        after = sorted(p.name for p in ui.iterdir())
     finally:
-        for p in (rt.run_dir / "ui" / name).glob("r22-fill*"):
+        for p in ui.glob("r22-fill*"):
             p.unlink()
-    print(
-        f"as the harness uid in {name}'s cage: {int(written) >> 20} MiB and {files} files written "
-        f"({why}); on the host {size >> 20} MiB in {rt.run_dir}/ui/{name}"
-    )
-    assert int(written) < (1 << 20) and int(files) < 100, (written, files, why)
+    print(f"as the harness uid in {name}'s cage: {results}; {ui} before {before}, after {after}")
+    assert after == before == ["web.sock"], (before, after)
+    for target, (written, files, why) in results.items():
+        assert written < (1 << 20) and files < 100, (target, written, files, why)
+    # The page is still served: through the handed-in listener.
+    assert (ui / "web.sock").is_socket() and (ui / "web.sock").stat().st_uid == 0
 
 
 # -- an unbound secret and a removed L7 rule on a kept-alive terminated connection ----------

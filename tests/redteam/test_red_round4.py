@@ -318,7 +318,7 @@ def test_runtime_flood_does_not_delay_its_harness(rt: HiveProcess) -> None:
     at once (the docstring's bound for one request, its own size's worth, 0.125 s for a
     whole line), not after the runtime's ~4 s of debt (the harness relays the operator's
     messages and the agent's turns: the runtime could hold them up)."""
-    harness_uid = os.stat(rt.run_dir / "ui" / "rtmule" / "web.sock").st_uid
+    harness_uid = rt.cage("rtmule")["harness_uid"]
     flood: dict[str, object] = {}
 
     def run_flood() -> None:

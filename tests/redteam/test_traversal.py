@@ -177,7 +177,7 @@ def _plant_restart_destroy(h: HiveProcess, canary: Path) -> None:
         res = cage_run(h, "rtsym", PLANT, links=links, canary_dir=str(canary))
         assert res["attempts"] == {
             "/home/agent/to-dir": "PLANTED", "/home/agent/to-file": "PLANTED", "/home/agent/to-shadow": "PLANTED",
-            "/run/hive/planted": "EROFS", "/run/hive-ui/planted": "EACCES",
+            "/run/hive/planted": "EROFS", "/run/hive-ui/planted": "ENOENT",
             "rename /run/hive/agent.sock": "EROFS", "rename /run/hive": "EACCES",
         }
         home = h.home("rtsym")

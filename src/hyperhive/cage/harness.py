@@ -456,21 +456,19 @@ def serve(path: str, init: InitChannel, conn: Conn | None = None) -> None:
         conn.close()
 
 
-def serve_page_on_demand(web_socket: str, agent_socket: str) -> None:
-    """web.sock bound and listening now (the gateway reaches the page at once); the page's
-    code (http.server, email, Jinja2: ~3 MiB) loaded when its first request arrives, so
-    a cage nobody looks at never holds it."""
-    if not os.path.isdir(os.path.dirname(web_socket)):
+def serve_page_on_demand(agent_socket: str) -> None:
+    """The page on web.sock, which hive-priv bound and init handed over (``HIVE_PAGE_FD``:
+    nothing of the harness's on the host's filesystem, red team round 22); its code
+    (http.server, email, Jinja2: ~3 MiB) loaded when the first request arrives, so a
+    cage nobody looks at never holds it."""
+    fd = os.environ.pop(layout.PAGE_FD_ENV, None)
+    if fd is None:
+        log("no page: no web.sock was handed in (a cage started by an older hive-priv)")
         return
-    from hyperhive.unixsock import bind_socket
-
-    raw = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        bind_socket(raw, web_socket, mode=0o660)
-        raw.listen(5)  # socketserver's request_queue_size
-    except OSError as e:
-        raw.close()
-        log(f"no page: can't serve {web_socket}: {e}")
+        raw = _socket.socket(fileno=int(fd))
+    except (OSError, ValueError) as e:
+        log(f"no page: {layout.PAGE_FD_ENV}={fd}: {e}")
         return
 
     def on_first_request() -> None:
@@ -485,7 +483,7 @@ def serve_page_on_demand(web_socket: str, agent_socket: str) -> None:
 
         from hyperhive.cage.page import serve_page
 
-        serve_page(web_socket, agent_socket, socket.socket(fileno=raw.detach()))
+        serve_page(agent_socket, socket.socket(fileno=raw.detach()))
 
     threading.Thread(target=on_first_request, name="page", daemon=True).start()
 
@@ -507,7 +505,7 @@ def main(args: list[str], connected: int | None = None) -> None:
     init = InitChannel(int(os.environ["HIVE_INIT_FD"]))
     from hyperhive.cage.egress_bridge import serve_bridge
 
-    serve_page_on_demand(layout.WEB_SOCKET, path)
+    serve_page_on_demand(path)
     try:
         serve_bridge()
     except OSError as e:  # e.g. the port is taken: turns still run, egress is refused

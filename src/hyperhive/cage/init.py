@@ -133,8 +133,9 @@ def recv_request(sock: _socket.socket) -> tuple[dict | None, list[int]]:
 
 
 class Init:
-    def __init__(self, uid: int, gid: int, harness_uid: int) -> None:
+    def __init__(self, uid: int, gid: int, harness_uid: int, page_fd: int = -1) -> None:
         self.uid, self.gid, self.harness_uid = uid, gid, harness_uid
+        self.page_fd = page_fd  # web.sock's listener, for each harness (-1: none handed in)
         self.runtime: dict[int, Forked] = {}
         # Process groups of runtime processes (each its own session, id = its first pid), kept
         # while any member lives: a child left behind by a runtime that exited can still be
@@ -160,14 +161,17 @@ class Init:
         against Android's zygote); each exec gets its own."""
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.harness_starts += 1
+        page = () if self.page_fd < 0 else (self.page_fd,)
         if self.harness_starts > 1:
             env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
+            if page:
+                env[layout.PAGE_FD_ENV] = str(self.page_fd)
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self.harness = fork_exec(
                     drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
                     (devnull, 1, 2),
-                    keep=(theirs.fileno(),),
+                    keep=(theirs.fileno(), *page),
                     env=env,
                 )
             finally:
@@ -176,7 +180,7 @@ class Init:
             gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
             pid = os.fork()
             if pid == 0:
-                run_harness(self.harness_uid, self.gid, theirs.fileno())  # never returns
+                run_harness(self.harness_uid, self.gid, theirs.fileno(), self.page_fd)
             self.harness = Forked(pid)
         theirs.close()
         self.channel = ours
@@ -432,7 +436,7 @@ def signals_to_default() -> None:
             pass
 
 
-def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
+def run_harness(uid: int, gid: int, channel_fd: int, page_fd: int = -1) -> NoReturn:
     """In init's fork: become the harness (as a fresh ``setpriv … python -m hyperhive.cage
     harness`` would be) and run it; never returns. Init's signal handling and descriptors
     are not the harness's; its capabilities and ids go before any harness code runs."""
@@ -444,10 +448,15 @@ def run_harness(uid: int, gid: int, channel_fd: int) -> NoReturn:
             _signal.signal(sig, _signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.closerange(3, channel_fd)  # only stdio and the channel stay open
-        os.closerange(channel_fd + 1, MAXFD)
+        low = 3  # only stdio, the channel and the page's listener stay open
+        for fd in sorted({channel_fd, page_fd} - {-1}):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, MAXFD)
         become(uid, gid)
         os.environ["HIVE_INIT_FD"] = str(channel_fd)
+        if page_fd >= 0:
+            os.environ[layout.PAGE_FD_ENV] = str(page_fd)
         retitle("harness")
         # Connected (as the harness uid: the core reads its peer's credentials at connect)
         # before the harness's modules load: the agent runs from here.
@@ -523,6 +532,27 @@ def parse_ids(args: list[str]) -> dict[str, int]:
     return ids
 
 
+def handed_page_fd() -> int:
+    """web.sock's listener, which hive-priv bound and bwrap passed through (its number in
+    ``HIVE_PAGE_FD``), kept from everything init starts but the harness; -1 if none."""
+    raw = os.environ.pop(layout.PAGE_FD_ENV, "")
+    if not raw.isdigit():
+        return -1
+    fd = int(raw)
+    try:
+        sock = _socket.socket(fileno=fd)
+    except OSError:
+        return -1
+    if sock.family != _socket.AF_UNIX or not sock.getsockopt(
+        _socket.SOL_SOCKET, _socket.SO_ACCEPTCONN
+    ):
+        sock.close()
+        return -1
+    sock.detach()
+    os.set_inheritable(fd, False)
+    return fd
+
+
 def main(args: list[str]) -> None:
     ids = parse_ids(args)
     if 0 in ids.values():
@@ -538,7 +568,7 @@ def main(args: list[str]) -> None:
 
     _signal.signal(_signal.SIGTERM, on_term)
     _signal.signal(_signal.SIGINT, on_term)
-    init = Init(ids["--uid"], ids["--gid"], ids["--harness-uid"])
+    init = Init(ids["--uid"], ids["--gid"], ids["--harness-uid"], handed_page_fd())
     init.catch_children()
     # The first harness at once, with only what is loaded so far: it connects to the core
     # (the cold start's end), then loads its own modules while init waits in poll.

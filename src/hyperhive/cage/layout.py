@@ -20,9 +20,9 @@ HANDOVER = b"\0"
 HIVE_CA = f"{SOCKET_DIR}/hive-ca.pem"
 CA_BUNDLE = f"{SOCKET_DIR}/ca-bundle.pem"
 PROXY_URL = f"http://127.0.0.1:{EGRESS_PORT}"
-# The page socket's directory: the harness uid's, the gateway's group; the runtime can't enter it.
-WEB_DIR = "/run/hive-ui"
-WEB_SOCKET = f"{WEB_DIR}/web.sock"
+# The page's listening socket (web.sock, bound by hive-priv on the host): its descriptor
+# in init and in each harness. Nothing of the page is in the cage's filesystem.
+PAGE_FD_ENV = "HIVE_PAGE_FD"
 BIN = "/opt/hive/bin"  # the `hive` command
 PATH = f"{BIN}:/usr/local/bin:/usr/bin:/bin"
 

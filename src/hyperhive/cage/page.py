@@ -15,7 +15,6 @@ characters are shown as escapes (``hyperhive.display`` as Jinja's ``finalize``).
 
 from __future__ import annotations
 
-import os
 import socket
 import socketserver
 import sys
@@ -26,7 +25,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from hyperhive import unixsock
 from hyperhive.display import dumps, visible_value
 
 # As the gateway sets it for this page (it drops the page's own): a sandbox, no script.
@@ -67,25 +65,15 @@ def destination(host: str, port: int) -> str:
 
 
 class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
-    """HTTP on web.sock: the harness's and the gateway group's (0660; the directory's
-    setgid group is the gateway's)."""
+    """HTTP on web.sock, which hive-priv bound (root and the gateway's group, 0660) and
+    the cage's init handed to the harness: the harness never binds anything on the host."""
 
     daemon_threads = True
 
-    def __init__(
-        self,
-        path: str,
-        handler: type[BaseHTTPRequestHandler],
-        listener: socket.socket | None = None,
-    ) -> None:
-        self.path = path  # before the base class binds
-        super().__init__(path, handler, bind_and_activate=listener is None)
-        if listener is not None:  # bound and listening already (the harness's, at its start)
-            self.socket.close()
-            self.socket = listener
-
-    def server_bind(self) -> None:
-        unixsock.bind_socket(self.socket, self.path, mode=0o660)
+    def __init__(self, handler: type[BaseHTTPRequestHandler], listener: socket.socket) -> None:
+        super().__init__("web.sock", handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listener
 
     def get_request(self) -> tuple[socket.socket, Any]:
         conn, _ = self.socket.accept()
@@ -159,18 +147,13 @@ class PageHandler(BaseHTTPRequestHandler):
         self.send_body(200, "text/html; charset=utf-8", html.encode())
 
 
-def serve_page(
-    web_socket: str, agent_socket: str, listener: socket.socket | None = None
-) -> threading.Thread | None:
-    """Serve the page in a background thread; a cage without a page directory has no page.
-    ``listener``: web.sock, bound and listening already."""
-    if not os.path.isdir(os.path.dirname(web_socket)):
-        return None
+def serve_page(agent_socket: str, listener: socket.socket) -> threading.Thread | None:
+    """Serve the page in a background thread on ``listener`` (web.sock, handed in)."""
     handler = type("Handler", (PageHandler,), {"agent_socket": agent_socket})
     try:
-        server = UnixHTTPServer(web_socket, handler, listener)
+        server = UnixHTTPServer(handler, listener)
     except OSError as e:
-        print(f"harness: no page: can't serve {web_socket}: {e}", file=sys.stderr, flush=True)
+        print(f"harness: no page: can't serve web.sock: {e}", file=sys.stderr, flush=True)
         return None
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -16,6 +16,7 @@ import math
 import os
 import resource
 import select
+import socket
 import stat
 import subprocess
 import sys
@@ -33,6 +34,7 @@ from hyperhive.priv import cage_mounts, homes, safefs
 from hyperhive.priv.cgroups import Cgroup, Pinned, hive_key
 from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
 from hyperhive.priv.namelocks import NameLocks
+from hyperhive.unixsock import bind_listener
 
 # What of /proc a cage sees read-only, where the kernel has it (bwrap covers /proc/irq and
 # /proc/bus itself, when it can).
@@ -310,7 +312,9 @@ class Cages:
         for parent, mode_args in (
             (self.agents_fd, (0, 0, 0o711)),
             (self.run_agents_fd, (self.core_uid, ids.gid, 0o2750)),
-            (self.run_ui_fd, (ids.harness_uid, self.gateway_gid, 0o2750)),
+            # root's and the gateway's: web.sock is bound here by start and handed in, so
+            # nothing in the cage can write the host's run dir (red team round 22)
+            (self.run_ui_fd, (0, self.gateway_gid, 0o750)),
             (self.cages_fd, (0, 0, 0o700)),
         ):
             os.close(safefs.ensure_dir(parent, name, *mode_args))
@@ -375,16 +379,22 @@ class Cages:
                     cage_mounts.attach_home(home.fd, home_view)
 
             binds = self._bind_fds(name, ids, home.fd, opened)
+            page = self._page_listener(name)
+            opened.callback(page.close)
             cage_dir = opened.enter_context(safefs.opened(safefs.open_dir(self.cages_fd, name)))
             log_fd = opened.enter_context(safefs.opened(safefs.open_append(cage_dir, "cage.log")))
-            argv = ["setsid", "--fork", *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds)]
+            argv = [
+                "setsid",
+                "--fork",
+                *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds, page_fd=page.fileno()),
+            ]
             # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(write_fd, *binds.values()),
+                pass_fds=(write_fd, page.fileno(), *binds.values()),
                 close_fds=True,
                 preexec_fn=in_child,  # file writes and syscalls only, no locks: safe with threads
             )
@@ -459,7 +469,6 @@ class Cages:
         fds = {
             "home": home,
             "sockets": keep(safefs.open_dir(self.run_agents_fd, name)),
-            "web": keep(safefs.open_dir(self.run_ui_fd, name)),
         }
         for f, text in self._etc_files(name, ids).items():
             fd = keep(os.memfd_create(f"cage-{f}", os.MFD_CLOEXEC))
@@ -486,8 +495,19 @@ class Cages:
 
     # fmt: off
     # The argv lists below keep each option with its arguments on one line.
+    def _page_listener(self, name: str) -> socket.socket:
+        """The cage's web.sock, bound here (root and the gateway's group, 0660) in the
+        cage's page directory, through its descriptor (no path to race), and handed to
+        init, which keeps it for each harness. Before red team round 22 the directory was
+        the harness's, bound read-write into the cage so it could bind web.sock itself:
+        a compromised harness could fill the run dir's filesystem through it."""
+        with safefs.opened(safefs.open_dir(self.run_ui_fd, name)) as ui:
+            return bind_listener(
+                f"/proc/self/fd/{ui}/web.sock", self.gateway_gid, 0o660, backlog=5, uid=0
+            )
+
     def bwrap_argv(
-        self, name: str, ids: AgentIds, info_fd: int, binds: dict[str, int]
+        self, name: str, ids: AgentIds, info_fd: int, binds: dict[str, int], page_fd: int = -1
     ) -> list[str]:
         a = [
             "bwrap",
@@ -523,7 +543,6 @@ class Cages:
             "--perms", "0755", "--dir", "/run",
             "--perms", "0755", "--dir", "/home",
             "--ro-bind-fd", str(binds["sockets"]), layout.SOCKET_DIR,
-            "--bind-fd", str(binds["web"]), layout.WEB_DIR,
             "--bind-fd", str(binds["home"]), layout.HOME,
             "--perms", "0755", "--dir", "/opt",
             "--perms", "0755", "--dir", "/opt/hive",
@@ -537,6 +556,7 @@ class Cages:
             "--chdir", "/",  # init has no CAP_DAC_OVERRIDE to enter the runtime's 0700 home
             "--clearenv",
             *(arg for k, v in layout.base_env(name).items() for arg in ("--setenv", k, v)),
+            *(("--setenv", layout.PAGE_FD_ENV, str(page_fd)) if page_fd >= 0 else ()),
             # The cage's init keeps only what it needs to start the harness and the
             # runtime's processes under their own uids, and to signal the latter.
             "--cap-drop", "ALL",
