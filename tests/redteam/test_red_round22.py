@@ -351,27 +351,46 @@ result(found={k: [n for n in needles if n in v] for k, v in texts.items() if any
 """
 
 
+def _host_paths_read(rt: HiveProcess) -> dict[str, list[str]]:
+    needles = [str(rt.base), str(rt.run_dir), str(rt.state_dir)]
+    with unchanged(rt):
+        out = cage_run(rt, VICTIM, LEAKS, needles=needles)
+    print(f"read {len(out['read'])} texts; host paths found: {out['found']}")
+    found: dict[str, list[str]] = out["found"]
+    return found
+
+
+@pytest.mark.attack(
+    "observe.host-activity",
+    ref="red team round 22: bwrap's cmdline (the cage's pid 1) names the run and state dirs",
+)
+def test_the_cage_reads_no_host_path_of_the_hive(rt: HiveProcess) -> None:
+    """**Broke (fixed in session 16), low.** The cage's pid 1 is bwrap, and its cmdline
+    (``--ro-bind …/state/priv/etc-view /etc``, ``--dev-bind …/pts-view``, …) named the
+    hive's state dir. Now bwrap takes its options from a memfd (``--args``): its cmdline
+    is ``bwrap --args N -- <init>``. Nothing a cage reads but mountinfo (next case: every
+    process's cmdline, environ and cgroup it may read) may name the hive's base, run or
+    state dir."""
+    found = _host_paths_read(rt)
+    found.pop("mountinfo", None)
+    assert found == {}, found
+
+
 @pytest.mark.attack(
     "observe.host-activity",
     ref="red team round 22: the run dir's host path in the cage's mountinfo (root field of a bind)",
 )
 @pytest.mark.xfail(
     strict=True,
-    reason="known limit, low (docs/security.md): a bind's root field and bwrap's cmdline name"
-    " the run and state dirs; not fixed yet",
+    reason="known limit, low (docs/security.md): a bind's root field names the run dir"
+    " (/hive/agents/NAME on /run's tmpfs); a tmpfs of its own at run/agents would hide it",
 )
-def test_the_cage_reads_no_host_path_of_the_hive(rt: HiveProcess) -> None:
-    """**Broke (not fixed), low.** docs/security.md: mountinfo shows ``/proc/self/fd/N``
-    rather than the hive's paths (the overlays), and round 9 found no state path there.
-    But a bind's root field is its directory's path within its filesystem: the cage's
-    ``/run/hive`` and ``/run/hive-ui`` lines name the hive's run directory on the host
-    (``/tmp/hv…/run/agents/NAME``). Nothing a cage reads (mountinfo, every process's
-    cmdline, environ and cgroup it may read) may name the hive's base, run or state dir."""
-    needles = [str(rt.base), str(rt.run_dir), str(rt.state_dir)]
-    with unchanged(rt):
-        out = cage_run(rt, VICTIM, LEAKS, needles=needles)
-    print(f"read {len(out['read'])} texts; host paths found: {out['found']}")
-    assert out["found"] == {}, out["found"]
+def test_the_cages_mountinfo_names_no_host_path_of_the_hive(rt: HiveProcess) -> None:
+    """**Broke (not fixed), low.** A bind's root field in mountinfo is its directory's
+    path within its filesystem: the cage's ``/run/hive`` line names the hive's run
+    directory (``/tmp/hv…/run/agents/NAME`` here; ``/hive/agents/NAME`` on the default
+    ``/run`` tmpfs)."""
+    assert "mountinfo" not in _host_paths_read(rt)
 
 
 # -- the egress bridge's port -----------------------------------------------------------------

@@ -383,18 +383,23 @@ class Cages:
             opened.callback(page.close)
             cage_dir = opened.enter_context(safefs.opened(safefs.open_dir(self.cages_fd, name)))
             log_fd = opened.enter_context(safefs.opened(safefs.open_append(cage_dir, "cage.log")))
-            argv = [
-                "setsid",
-                "--fork",
-                *self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds, page_fd=page.fileno()),
-            ]
+            bwrap = self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds, page_fd=page.fileno())
+            # Its options from a memfd (--args; bwrap takes the command itself only on its
+            # command line): bwrap is the cage's pid 1, and its cmdline, readable in the
+            # cage, named the run and state dirs (red team round 22).
+            cut = bwrap.index("--")
+            args_fd = os.memfd_create("cage-bwrap-args", os.MFD_CLOEXEC)
+            opened.callback(os.close, args_fd)
+            os.write(args_fd, b"".join(arg.encode() + b"\0" for arg in bwrap[1:cut]))
+            os.lseek(args_fd, 0, os.SEEK_SET)
+            argv = ["setsid", "--fork", bwrap[0], "--args", str(args_fd), *bwrap[cut:]]
             # setsid --fork: bwrap is orphaned at once, so the cage outlives hive-priv.
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,
-                pass_fds=(write_fd, page.fileno(), *binds.values()),
+                pass_fds=(write_fd, page.fileno(), args_fd, *binds.values()),
                 close_fds=True,
                 preexec_fn=in_child,  # file writes and syscalls only, no locks: safe with threads
             )
