@@ -41,6 +41,7 @@ from hyperhive.core.budget import EGRESS_REFUSING
 from hyperhive.core.connlimit import rest_listener
 from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool, pool_size
 from hyperhive.core.egress_tls import Plan
+from hyperhive.core.ratelimit import TokenBuckets
 from hyperhive.core.tls import HiveCA
 from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
@@ -784,7 +785,9 @@ class EgressProxy:
         # Each agent's allowed connections while they last: what ``revalidate`` ends when
         # the rules that allowed one are taken back.
         self._open: dict[str, dict[int, tuple[_Open, Decision]]] = {}
-        self._accept_tokens: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
+        self._accepts = TokenBuckets(
+            connections_per_second, burst=max(1, int(2 * connections_per_second))
+        )
         self._lock = threading.Lock()
         # A host process in the agent's group can connect as fast as it likes: one line
         # per agent and uid every STRANGER_LOG_EVERY seconds, with the count.
@@ -846,7 +849,7 @@ class EgressProxy:
         listener.close()
         path.unlink(missing_ok=True)
         self._pool.drop(name)
-        self._accept_tokens.pop(name, None)
+        self._accepts.forget(name)
 
     def close_all(self, paths: Callable[[str], Path]) -> None:
         for name in list(self._listeners):
@@ -918,21 +921,6 @@ class EgressProxy:
             )
         return len(gone)
 
-    def _accept_wait(self, name: str) -> float:
-        """Seconds until ``name`` may have another connection accepted (0: one taken now)."""
-        rate = self.connections_per_second
-        if rate <= 0:
-            return 0.0
-        now = time.monotonic()
-        burst = max(1.0, 2 * rate)
-        tokens, at = self._accept_tokens.get(name, (burst, now))
-        tokens = min(burst, tokens + (now - at) * rate)
-        if tokens < 1.0:
-            self._accept_tokens[name] = (tokens, now)
-            return (1.0 - tokens) / rate
-        self._accept_tokens[name] = (tokens - 1.0, now)
-        return 0.0
-
     def _accept(self, name: str, listener: socket.socket) -> None:
         with self._lock:
             if self._live.get(name, 0) >= self.max_connections + EGRESS_REFUSING:
@@ -940,7 +928,7 @@ class EgressProxy:
                 if self._loop is not None:
                     self._loop.remove_reader(listener.fileno())
                 return
-            if (wait := self._accept_wait(name)) > 0:
+            if (wait := self._accepts.wait(name)) > 0:
                 if self._loop is not None:
                     self._loop.remove_reader(listener.fileno())
                     self._loop.call_later(wait, self._read_again, name)

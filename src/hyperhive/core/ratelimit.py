@@ -22,19 +22,25 @@ class TokenBuckets:
         self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (tokens, at)
 
     def take(self, agent: str) -> None:
+        """A token of ``agent``'s, or RateLimited (one line, with when to retry)."""
+        if (wait := self.wait(agent)) > 0:
+            raise RateLimited(
+                f"rate limit: an agent may send, ask or request at most {self.per_second:g}/s"
+                f" (burst {self.burst}); retry in {wait:.2f} s"
+            )
+
+    def wait(self, agent: str) -> float:
+        """0 if a token of ``agent``'s was taken now, else the seconds until one will be."""
         if self.per_second <= 0:
-            return  # 0 turns the limit off
+            return 0.0  # 0 turns the limit off
         now = self.clock()
         tokens, at = self._buckets.get(agent, (float(self.burst), now))
         tokens = min(float(self.burst), tokens + (now - at) * self.per_second)
         if tokens < 1.0:
             self._buckets[agent] = (tokens, now)
-            wait = (1.0 - tokens) / self.per_second
-            raise RateLimited(
-                f"rate limit: an agent may send, ask or request at most {self.per_second:g}/s"
-                f" (burst {self.burst}); retry in {wait:.2f} s"
-            )
+            return (1.0 - tokens) / self.per_second
         self._buckets[agent] = (tokens - 1.0, now)
+        return 0.0
 
     def forget(self, agent: str) -> None:
         self._buckets.pop(agent, None)
