@@ -882,10 +882,10 @@ class EgressProxy:
         an IP literal); a terminated connection whose L7 rules are still those of the plan
         it runs under (a request in flight, an endless upload, was checked against them;
         its bindings are asked again at its next request)."""
-        rules = self.rules_for(agent)
-        if not still_allowed(rules, o.host, o.port, o.address):
+        now = self._rules_and_plan(agent, o.host, o.port, o.address)
+        if now is None:
             return False
-        plan = None if self.plan_for is None else self.plan_for(agent, o.host, o.port, rules)
+        rules, plan = now
         if o.kind == "terminated":
             current = None if o.current is None else o.current()
             return plan is not None and current is not None and plan.rules == current.rules
@@ -894,6 +894,16 @@ class EgressProxy:
         if o.kind == "tunnel":
             return plan is None
         return plan is None or plan.rules is None
+
+    def _rules_and_plan(
+        self, agent: str, host: str, port: int, address: IPAddress
+    ) -> tuple[tuple[Rule, ...], Plan | None] | None:
+        """``agent``'s rules now and the plan they give ``host:port`` (None: no
+        termination), or None if they no longer allow it at all."""
+        rules = self.rules_for(agent)
+        if not still_allowed(rules, host, port, address):
+            return None
+        return rules, None if self.plan_for is None else self.plan_for(agent, host, port, rules)
 
     def _allows_or_not(self, agent: str, o: _Open) -> bool:
         """``_allows``, closed on any failure: a check that raised (EMFILE in the own-address
@@ -1168,12 +1178,10 @@ class EgressProxy:
             return conn
 
         def replan() -> Plan | None:
-            rules = self.rules_for(agent)
-            if not still_allowed(rules, plan.host, plan.port, address):
+            now = self._rules_and_plan(agent, plan.host, plan.port, address)
+            if now is None:
                 return None
-            return (
-                plan if self.plan_for is None else self.plan_for(agent, plan.host, plan.port, rules)
-            )
+            return plan if self.plan_for is None else now[1]
 
         t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan)
         # The plan it runs under now: replan may adopt a newer one than it was made with.
