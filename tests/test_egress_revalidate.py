@@ -67,3 +67,29 @@ def test_revalidate_ends_what_the_rules_no_longer_allow_and_the_log_says_why() -
         for x, y in pairs:
             x.close()
             y.close()
+
+
+def test_a_batch_of_decisions_not_written_is_one_log_line(caplog: pytest.LogCaptureFixture) -> None:
+    """A full disk fails a whole batch (up to 50 ms of a refused-egress flood): one line
+    with each agent's count and the last decision, not a line a decision."""
+    import asyncio
+    import logging
+
+    from hyperhive.core.hive import _egress_written
+
+    rows = [{"agent": "a" if i % 3 else "b", "host": f"h{i}.test", "port": 443} for i in range(600)]
+    loop = asyncio.new_event_loop()
+    try:
+        fut: asyncio.Future[list[int]] = loop.create_future()
+        fut.set_exception(OSError(28, "No space left on device"))
+        with caplog.at_level(logging.ERROR, logger="hive"):
+            _egress_written(rows, fut)  # type: ignore[arg-type]
+        ok: asyncio.Future[list[int]] = loop.create_future()
+        ok.set_result([1])
+        _egress_written(rows[:1], ok)  # type: ignore[arg-type]
+    finally:
+        loop.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("egress: 600 decision(s) not logged ([Errno 28] No space left on device): a 400, b 200;")
+    assert "h599.test" in lines[0]

@@ -10,6 +10,7 @@ call one method, encode the result. Nothing here reads an identity out of a requ
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import hashlib
@@ -1478,11 +1479,19 @@ def _page(
 
 
 def _egress_written(rows: list[EgressDecision], fut: asyncio.Future[list[int]]) -> None:
-    """A batch of decisions failed to be written (a full disk): each said in the log;
-    their connections go on."""
-    if not fut.cancelled() and (exc := fut.exception()) is not None:
-        for row in rows:
-            log.error("egress %s: decision not logged (%s): %s", row["agent"], exc, row)
+    """A batch of decisions failed to be written (a full disk): said in one line (a batch
+    holds up to EGRESS_LOG_BATCH's worth of a flood: a line each was a flood of its own),
+    with each agent's count and the last decision; their connections go on."""
+    if fut.cancelled() or (exc := fut.exception()) is None:
+        return
+    per_agent = collections.Counter(row["agent"] for row in rows)
+    log.error(
+        "egress: %d decision(s) not logged (%s): %s; the last: %s",
+        len(rows),
+        exc,
+        ", ".join(f"{agent} {n}" for agent, n in sorted(per_agent.items())),
+        rows[-1],
+    )
 
 
 def _egress_log(rows: Iterable[Any], budget: ReplyBudget, limit: int) -> dict[str, Any]:
