@@ -27,6 +27,8 @@ import pytest
 from hive_fixture import HIVE, HiveProcess, _finish, proc_cmdline, proc_status, wait_until
 from hyperhive.client import HiveUnavailable
 
+from .conftest import cage_run
+
 PY = str(HIVE.parent / "python")
 LEGACY = "hive-core"
 
@@ -292,6 +294,48 @@ def test_no_handed_listener_or_listen_variable_reaches_a_cage_or_hive_priv(
             if leaked and pid != priv_pid:
                 wrong.append(f"pid {pid} {proc_cmdline(pid)[:3]} has {leaked}")
     assert not wrong, wrong
+
+
+CAGE_PROBE = r"""
+import errno, os, socket
+fds = sorted(int(f) for f in os.listdir("/proc/self/fd"))
+def link(f):
+    try:
+        return os.readlink(f"/proc/self/fd/{f}")
+    except OSError:
+        return ""
+socks = [f for f in fds if link(f).startswith("socket:")]
+def conn(path):
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        return "connected"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e))
+    finally:
+        s.close()
+reach = {p: conn(p) for p in P["paths"]}
+result(listen=sorted(k for k in os.environ if k.startswith("LISTEN_")), socks=socks, reach=reach,
+       groups=sorted(os.getgroups()), uid=os.getuid(), gid=os.getgid())
+"""
+
+
+@pytest.mark.attack("reach.other-surfaces", ref="session 16: host.sock and core.sock from a cage")
+def test_a_cage_reaches_neither_handed_socket_nor_gets_a_core_id(
+    pair: tuple[HiveProcess, HiveProcess],
+) -> None:
+    """From inside a cage: no LISTEN_* variable, no inherited socket, neither hive's
+    host.sock, core.sock or priv.sock reachable by any path, and neither hive's core
+    ids among the caller's uid, gid or groups."""
+    b = pair[1]
+    paths = [str(h.run_dir / n) for h in pair for n in ("host.sock", "core.sock", "priv.sock")]
+    paths += ["/run/hive/host.sock", "/run/hive/core.sock", "/run/hive/priv.sock"]
+    out = cage_run(b, b.names[0], CAGE_PROBE, paths=paths)
+    print(out)
+    assert out["listen"] == [] and out["socks"] == [], out
+    assert all(v != "connected" for v in out["reach"].values()), out
+    cores = {i for h in pair for i in h.core_ids}
+    assert not cores & {out["uid"], out["gid"], *out["groups"]}, (cores, out)
 
 
 # -- the core against its own hive's sockets and core.id --------------------------------------------
