@@ -194,6 +194,30 @@ def test_no_agent_id_is_a_core_id_and_no_core_id_is_an_account(
             pwd.getpwuid(i)
 
 
+@pytest.mark.attack(
+    "privsep.core-misuse", ref="session 16: systemd's User= takes its groups from /etc/group"
+)
+def test_the_systemd_core_account_is_in_no_group_of_the_hives(
+    pair: tuple[HiveProcess, HiveProcess],
+) -> None:
+    """The docs: the systemd-run core is "user hive-core, no supplementary group". systemd
+    gives ``User=`` the groups the group database lists it in (``initgroups``), and the
+    sysusers.d file of the older version added ``m hive-core hive-admin`` and ``m
+    hive-core hive-gateway``, which the new one does not take back (systemd-sysusers
+    never removes a membership). With either left, the systemd hive's core is the
+    operator of every `hive up` hive on the host (round 22 again). Checked on this host's
+    group database, with ``hive up`` having run here (it leaves the account alone)."""
+    import grp
+    import pwd
+
+    legacy = pwd.getpwnam(LEGACY)
+    groups = set(os.getgrouplist(LEGACY, legacy.pw_gid)) - {legacy.pw_gid}
+    hives = {grp.getgrnam(n).gr_gid: n for n in ("hive-admin", "hive-gateway")}
+    assert not groups & set(hives), f"{LEGACY} is in {[hives[g] for g in groups & set(hives)]}"
+    conf = (Path(__file__).resolve().parents[2] / "deploy" / "sysusers.d" / "hive.conf").read_text()
+    assert not re.search(r"^m\s+hive-core\s", conf, re.M), conf
+
+
 # -- hive A's core against hive B ------------------------------------------------------------------
 
 CROSS = r"""
