@@ -719,6 +719,96 @@ def test_hive_core_id_before_the_first_start_does_not_skip_the_adoption(
     assert owners == dict.fromkeys(owners, uid), f"left to the shared user ({luid}): {owners}"
 
 
+@pytest.mark.attack(
+    "fs.traversal-symlink", ref="session 16: the run dir is the core's group's (1775)"
+)
+def test_a_link_the_core_leaves_at_run_gateway_gives_root_nothing_to_write(
+    pair: tuple[HiveProcess, HiveProcess],
+) -> None:
+    """The run dir is ``root:<core gid> 1775``: the core (or what it left running, which
+    outlives `hive up`'s stop: the case above) may add names there. After ``hive reset``
+    (which removes ``gateway/``) it puts a symlink at ``gateway``; ``hive up`` then makes
+    the gateway's directory through it as root (``gateway.config.write``: mkdir, chown
+    root:hive-gateway, chmod 0750, nginx.conf written, all by path): another directory of
+    the host gets its owner and mode changed and a file written by root."""
+    h = pair[1]
+    if h.running:
+        h.stop_clean()
+    _reset(h)
+    victim = h.base / "victim"  # e.g. /etc/nginx: root's, 0755, with an nginx.conf of its own
+    victim.mkdir()
+    os.chmod(victim, 0o755)
+    (victim / "nginx.conf").write_text("the host's own\n")
+    before = (os.stat(victim).st_uid, os.stat(victim).st_gid, stat.S_IMODE(os.stat(victim).st_mode))
+    link = h.run_dir / "gateway"
+    as_ids(h.core_ids, "import json,os,sys; os.symlink(sys.argv[1], sys.argv[2]); print(json.dumps(1))",
+           str(victim), str(link))  # fmt: skip
+    try:
+        try:
+            h.start()
+            started = "ready"
+        except AssertionError:
+            started = h.log_tail(3)
+        st = os.stat(victim)
+        after = (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode))
+        conf = (victim / "nginx.conf").read_text()
+    finally:
+        if h.running:
+            h.stop()
+        if link.is_symlink():
+            link.unlink()
+    print(f"start: {started}")
+    assert (after, conf) == (before, "the host's own\n"), (
+        f"root followed the core's link at {link}: {victim} {before} -> {after}, nginx.conf now {conf[:60]!r}"
+    )
+
+
+@pytest.mark.attack(
+    "fs.traversal-symlink", ref="session 16: the state dir is the core's group's (1770)"
+)
+def test_links_the_core_leaves_for_roots_state_entries_after_reset_give_root_nothing(
+    pair: tuple[HiveProcess, HiveProcess],
+) -> None:
+    """The same after ``hive reset`` in the state dir (``root:<core gid> 1770``): links at
+    ``priv`` and ``agents`` (root's, removed by the reset) to directories of the host.
+    ``hive up`` and hive-priv must neither change those directories nor write in them
+    (the start may refuse)."""
+    h = pair[1]
+    if h.running:
+        h.stop_clean()
+    _reset(h)
+    victims = {}
+    for n in ("priv", "agents"):
+        v = h.base / f"victim-{n}"
+        v.mkdir()
+        os.chmod(v, 0o755)
+        victims[n] = v
+        as_ids(h.core_ids, "import json,os,sys; os.symlink(sys.argv[1], sys.argv[2]); print(json.dumps(1))",
+               str(v), str(h.state_dir / n))  # fmt: skip
+    snap = {
+        n: (os.stat(v).st_uid, os.stat(v).st_gid, os.stat(v).st_mode, sorted(os.listdir(v)))
+        for n, v in victims.items()
+    }
+    try:
+        try:
+            h.start()
+            started = "ready"
+        except AssertionError:
+            started = h.log_tail(2)
+        after = {
+            n: (os.stat(v).st_uid, os.stat(v).st_gid, os.stat(v).st_mode, sorted(os.listdir(v)))
+            for n, v in victims.items()
+        }
+    finally:
+        if h.running:
+            h.stop()
+        for n in victims:
+            if (h.state_dir / n).is_symlink():
+                (h.state_dir / n).unlink()
+    print(f"start: {started}")
+    assert after == snap, f"root followed the core's links: {snap} -> {after}"
+
+
 @pytest.mark.attack("launcher.readiness", ref="session 16: adopt_legacy_files walks the state dir")
 def test_a_deep_tree_in_the_state_dir_does_not_stop_the_upgrade_for_good(
     pair: tuple[HiveProcess, HiveProcess],
