@@ -693,6 +693,80 @@ def test_the_token_the_core_wrote_reaches_roots_terminal_as_text_only(
     assert not bad, f"hive up printed the core's terminal controls: {bad!r}"
 
 
+def _hive_up_on_a_terminal(h: HiveProcess) -> tuple[subprocess.Popen[bytes], list[bytes], int]:
+    """``hive up`` for ``h`` started as the operator starts it: from a shell on a terminal
+    (a pty that is its controlling terminal, on stdin, stdout and stderr)."""
+    import fcntl
+    import pty
+    import termios
+
+    master, slave = pty.openpty()
+    cmd = [str(HIVE), "--run-dir", str(h.run_dir), "up", "--config", str(h.config_path),
+           "--state-dir", str(h.state_dir), "--listen", f"127.0.0.1:{h.port}"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdin=slave, stdout=slave, stderr=slave, cwd=h.base, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+    )  # fmt: skip
+    os.close(slave)
+    out: list[bytes] = []
+
+    def pump() -> None:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            out.append(chunk)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return proc, out, master
+
+
+@pytest.mark.attack(
+    "exec.operator-terminal", ref="session 16: the core is started from root's terminal"
+)
+def test_the_core_holds_no_terminal_of_the_operators(pair: tuple[HiveProcess, HiveProcess]) -> None:
+    """The operator runs ``hive up`` in a root shell. The core (unprivileged, its own ids)
+    must get no descriptor of that terminal and must not have it as its controlling
+    terminal: with it, a compromised core writes terminal controls to root's screen
+    whenever it likes (OSC 52 puts a command in the clipboard) and, where TIOCSTI is
+    allowed (``dev.tty.legacy_tiocsti=1``, as on this host), types a command into the
+    root shell that started it (root). Today the core inherits ``hive up``'s stderr and
+    its session."""
+    c = HiveProcess(_agents("d16t"))
+    proc, out, master = _hive_up_on_a_terminal(c)
+    c.proc = proc  # type: ignore[assignment]
+    try:
+        wait_until(
+            lambda: b"hive: ready" in b"".join(out) or proc.poll() is not None,
+            60,
+            "hive up on a pty",
+        )
+        assert proc.poll() is None, b"".join(out)[-2000:]
+        pid = c.core_pid()
+        assert pid is not None
+        tty_nr = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[4])
+        ttys = []
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(("/dev/pts/", "/dev/tty", "/dev/console")):
+                ttys.append((int(fd), target))
+    finally:
+        try:
+            _finish([c])
+        finally:
+            os.close(master)
+            c.cleanup()
+    assert (tty_nr, ttys) == (0, []), (
+        f"the core has the operator's terminal: tty_nr {tty_nr}, fds {ttys}"
+    )
+
+
 LEFTOVER = r"""
 import time
 time.sleep(600)
