@@ -693,6 +693,20 @@ def test_the_token_the_core_wrote_reaches_roots_terminal_as_text_only(
     assert not bad, f"hive up printed the core's terminal controls: {bad!r}"
 
 
+def _terminal_of(pid: int) -> tuple[int, list[tuple[int, str]]]:
+    """``pid``'s controlling terminal (tty_nr, 0: none) and its descriptors of a terminal."""
+    tty_nr = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[4])
+    ttys = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(("/dev/pts/", "/dev/tty", "/dev/console")):
+            ttys.append((int(fd), target))
+    return tty_nr, ttys
+
+
 def _hive_up_on_a_terminal(h: HiveProcess) -> tuple[subprocess.Popen[bytes], list[bytes], int]:
     """``hive up`` for ``h`` started as the operator starts it: from a shell on a terminal
     (a pty that is its controlling terminal, on stdin, stdout and stderr)."""
@@ -745,17 +759,12 @@ def test_the_core_holds_no_terminal_of_the_operators(pair: tuple[HiveProcess, Hi
             "hive up on a pty",
         )
         assert proc.poll() is None, b"".join(out)[-2000:]
+        c.wait_running()
         pid = c.core_pid()
         assert pid is not None
-        tty_nr = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[4])
-        ttys = []
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith(("/dev/pts/", "/dev/tty", "/dev/console")):
-                ttys.append((int(fd), target))
+        tty_nr, ttys = _terminal_of(pid)
+        caged = {p: _terminal_of(p) for n in c.names for p in c.cage_procs(n)}
+        caged = {p: t for p, t in caged.items() if t != (0, [])}
     finally:
         try:
             _finish([c])
