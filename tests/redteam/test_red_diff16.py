@@ -93,6 +93,17 @@ def unix_listeners() -> dict[str, int]:
     return out
 
 
+def _tcp_listeners() -> set[int]:
+    """Inodes of the host's listening TCP sockets (this network namespace)."""
+    out = set()
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(name).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A":
+                out.add(int(f[9]))
+    return out
+
+
 def socket_inodes(pid: int) -> list[int]:
     """The socket inodes among ``pid``'s descriptors."""
     out = []
@@ -339,6 +350,16 @@ def test_no_handed_listener_or_listen_variable_reaches_a_cage_or_hive_priv(
             )
         if priv in core_socks:
             wrong.append("the core holds priv.sock's listener")
+        # Every listener of the core is a path under its own run dir: no abstract name and
+        # no TCP port another hive's core could reach.
+        by_inode = {ino: path for path, ino in listeners.items()}
+        for ino in core_socks:
+            path = by_inode.get(ino)
+            if path is not None and not path.startswith(f"{h.run_dir}/"):
+                wrong.append(f"the core listens on {path!r}")
+        tcp = _tcp_listeners()
+        if tcp & set(core_socks):
+            wrong.append(f"the core listens on TCP ({tcp & set(core_socks)})")
         for pid in {priv_pid, *[p for n in h.names for p in h.cage_procs(n)]}:
             held = {host, web} & set(socket_inodes(pid))
             if held:
