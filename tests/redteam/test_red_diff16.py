@@ -6,6 +6,32 @@ legacy ``hive-core`` user's files adopted at start.
 Two real hives share the module (``d16a``, ``d16b``); the attacks run as a hive's core
 ids (``HiveProcess.as_core``: exactly what a compromised core is to the kernel), as the
 legacy user, or from a cage. The destructive cases come last (they stop and restart).
+Run against main at d51589b (the diff plus its first fixes).
+
+Broke (each case fails on that code):
+- a process the compromised core leaves (its own session) outlives `hive up`'s stop and
+  start; the next core has the same ids (core.id), so it owns it (pidfd_getfd, /proc),
+  and it can put a directory at RUN/host.sock (every later start refuses);
+- host.sock's listener outlives the core: a copy the old core passed on keeps taking the
+  operator's connections after the core's restart; a listener it shut down stays dead;
+- the run dir is still the core's group's (1775) though the core binds nothing there: a
+  symlink it leaves at RUN/gateway after ``hive reset`` has root chown, chmod and write
+  nginx.conf in any directory;
+- the core inherits root's terminal from `hive up` (its controlling terminal and fd 2):
+  TIOCSTI (dev.tty.legacy_tiocsti=1 here) types into the root shell; the token it
+  writes is printed to that terminal with its control characters;
+- adoption runs only when core.id is missing: ``hive core-id`` before the first start (as
+  the docs suggest), or a tree too deep that stopped the first walk, leave the shared
+  user's hive.db, token, CA key to it for good (the hive can't start);
+- a copied state dir's core.id runs a second hive's core under the first one's ids.
+
+Held: the docs' owners, modes and groups; cross-hive reach (every socket, the run and
+state dirs, the core's process, pidfd_getfd); no LISTEN_* or listener in cages or
+hive-priv, no abstract or TCP listener of the core; the core can't unlink, rename,
+chmod or rebind its handed sockets or touch core.id (protected_hardlinks); ``hive
+reset`` keeps the ids and the secrets; the adoption never through a link or a second
+link; links at state/priv and state/agents after a reset are refused; cage ids never a
+core's.
 """
 
 from __future__ import annotations
