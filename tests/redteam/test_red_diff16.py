@@ -1058,3 +1058,46 @@ def test_a_deep_tree_in_the_state_dir_does_not_stop_the_upgrade_for_good(
     }
     left = {n: o for n, o in owners.items() if o != uid}
     assert not left, f"left to the shared user after the upgrade (core uid {uid}): {left}"
+
+
+@pytest.mark.attack(
+    "launcher.readiness", ref="session 16: adopt_legacy_files at every start (d2ac3a5)"
+)
+def test_a_deep_tree_the_core_plants_does_not_stop_every_later_start(
+    pair: tuple[HiveProcess, HiveProcess],
+) -> None:
+    """The (new-ids) core plants a directory tree 1,100 deep in its own ``secrets/``
+    (kept by ``hive reset``). The hive must still start after a reset: on the diff as
+    first committed (d2ac3a5) ``hive up`` walked the whole state dir at every start while
+    the legacy user exists and died with a RecursionError traceback, every time."""
+    import pwd
+
+    pwd.getpwnam(LEGACY)  # the walk ran only while the legacy user exists (it does here)
+    h = pair[1]
+    if h.running:
+        h.stop_clean()
+    uid, gid = h.core_ids
+    plant = r"""
+import json, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for _ in range(1100):
+    os.mkdir("d", dir_fd=fd)
+    nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    os.close(fd)
+    fd = nfd
+print(json.dumps("planted"))
+"""
+    top = h.state_dir / "secrets" / "d16-deep"
+    top.mkdir()
+    os.chown(top, uid, gid)
+    try:
+        assert as_ids((uid, gid), plant, str(top)) == "planted"  # type: ignore[comparison-overlap]
+        _reset(h)
+        try:
+            h.start()
+            started, why = True, ""
+        except AssertionError:
+            started, why = False, h.log_tail(4)
+    finally:
+        subprocess.run(["rm", "-rf", str(top)], check=True)
+    assert started, f"hive up no longer starts: {why}"
