@@ -24,6 +24,8 @@ Broke (each case fails on that code):
   the docs suggest), or a tree too deep that stopped the first walk, leave the shared
   user's hive.db, token, CA key to it for good (the hive can't start);
 - a copied state dir's core.id runs a second hive's core under the first one's ids.
+- on the diff as first committed (d2ac3a5) also: a tree 1,100 deep the core plants in its
+  secrets/ made every later ``hive up`` die with a RecursionError (held on d51589b).
 
 Held: the docs' owners, modes and groups; cross-hive reach (every socket, the run and
 state dirs, the core's process, pidfd_getfd); no LISTEN_* or listener in cages or
