@@ -261,7 +261,8 @@ def test_a_hive_of_the_shared_user_upgrades_in_place(legacy: pwd.struct_passwd) 
             assert p.stat().st_uid == uid, p
         assert (h.state_dir / "operator.token").read_text() == token
         assert [s["name"] for s in h.host_call("secret_ls")["secrets"]] == ["upgkey"]
-        assert "gave " in h.log_path.read_text() and "shared user hive-core" in h.log_path.read_text()
+        log = h.log_path.read_text()
+        assert "gave " in log and "entries of earlier cores to this hive's core" in log, log
         h.stop_clean()
     finally:
         if h.proc is not None and h.proc.poll() is None:
@@ -269,21 +270,58 @@ def test_a_hive_of_the_shared_user_upgrades_in_place(legacy: pwd.struct_passwd) 
         h.cleanup()
 
 
-def test_a_tree_too_deep_to_walk_is_one_line(tmp_path: Path, legacy: pwd.struct_passwd) -> None:
-    """The shared user could leave any tree in the state dir: one deeper than fwalk's
-    recursion is refused in one line, not a traceback of hive up's."""
-    fd = os.open(tmp_path, os.O_RDONLY)
+def test_a_deep_tree_is_walked_and_one_too_deep_is_one_line(
+    tmp_path: Path, legacy: pwd.struct_passwd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared user could leave any tree in the state dir: 1,200 levels (past
+    os.fwalk's recursion) are walked and adopted; one past MAX_DEPTH is refused in one
+    line, not a traceback of hive up's, and what was given so far stays given."""
+    state = tmp_path / "state"
+    state.mkdir()
+    fd = os.open(state, os.O_RDONLY)
     try:
         for _ in range(1200):
             os.mkdir("d", dir_fd=fd)
             os.chown("d", legacy.pw_uid, legacy.pw_gid, dir_fd=fd)
             fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
             os.close(old)
+        os.close(os.open("leaf", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=fd))
+        os.chown("leaf", legacy.pw_uid, legacy.pw_gid, dir_fd=fd)
     finally:
         os.close(fd)
+    ids = CoreIds(210_000_003, 210_000_003)
     try:
-        with pytest.raises(CoreIdentityError, match="too deep to walk") as e:
-            adopt_legacy_files(tmp_path, CoreIds(210_000_003, 210_000_003))
+        assert adopt_legacy_files(state, ids) == 1201
+        assert (state / "d").stat().st_uid == ids.uid
+        assert adopt_legacy_files(state, ids) == 0  # nothing of theirs left at the top
+        os.chown(state / "d", legacy.pw_uid, legacy.pw_gid)
+        monkeypatch.setattr(core_identity, "MAX_DEPTH", 50)
+        with pytest.raises(CoreIdentityError, match="over 50 directories deep") as e:
+            adopt_legacy_files(state, ids)
         assert len(str(e.value).splitlines()) == 1
+        assert (state / "d").stat().st_uid == legacy.pw_uid  # its top given only after all below
     finally:  # rm walks without recursion; pytest's own cleanup might not
-        subprocess.run(["rm", "-rf", "--one-file-system", str(tmp_path / "d")], check=True, timeout=60)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(state / "d")], check=True, timeout=60)
+
+
+def test_a_copied_state_dir_gets_ids_of_its_own_and_its_files(
+    tmp_path: Path, registry: HostRegistry
+) -> None:
+    """``core.id`` copied with a state dir names ids the registry gives to the original:
+    the copy gets new ids, and the files the original's core owns in it are given to them."""
+    from hyperhive.cli.core_identity import adopt_files, core_identity
+
+    first = tmp_path / "a" / "state"
+    ids = core_ids(first, registry)
+    (first / "hive.db").write_text("x")
+    os.chown(first / "hive.db", ids.uid, ids.gid)
+    copy = tmp_path / "b" / "state"
+    copy.parent.mkdir()
+    subprocess.run(["cp", "-a", str(first), str(copy)], check=True)
+    identity = core_identity(copy, registry)
+    assert identity.former == ids and identity.ids != ids
+    assert core_ids(first, registry) == ids  # the original keeps its own
+    assert adopt_files(copy, identity.ids, identity.former) == 1
+    assert (copy / "hive.db").stat().st_uid == identity.ids.uid
+    assert (first / "hive.db").stat().st_uid == ids.uid
+    assert core_identity(copy, registry).ids == identity.ids  # kept from now on

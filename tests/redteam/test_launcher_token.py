@@ -20,6 +20,7 @@ pytestmark = pytest.mark.attack(
     "launcher.readiness", ref="issue 11 re-attack: a FIFO renamed over operator.token hung hive up")
 
 
+TOKEN = "Zm9vYmFyYmF6cXV4LXRva2VuXzEyMzQ1Njc4OQ"
 CORE_UID = 200_000_000 + os.getpid() % 1000  # a hive's core: ids of its own, no account
 
 
@@ -28,9 +29,9 @@ def _core() -> int:
 
 
 def test_a_plain_token_is_read(tmp_path: Path) -> None:
-    (tmp_path / "operator.token").write_text("tok\n")
+    (tmp_path / "operator.token").write_text(TOKEN + "\n")
     os.chown(tmp_path / "operator.token", _core(), -1)
-    assert read_token(tmp_path, CORE_UID) == "tok"
+    assert read_token(tmp_path, CORE_UID) == TOKEN
 
 
 def _fifo(p: Path) -> None:

@@ -27,6 +27,17 @@ Broke (each case fails on that code):
 - on the diff as first committed (d2ac3a5) also: a tree 1,100 deep the core plants in its
   secrets/ made every later ``hive up`` die with a RecursionError (held on d51589b).
 
+All fixed the same session (the cases assert the fixed behaviour): the core runs in a
+session of its own with its stderr relayed escaped (no terminal of the operator's), the
+token must be URL-safe base64 and every progress line is shown escaped, every process of
+the core's ids is killed before each start of the core and after the hive stops, the
+core is not dumpable, host.sock and core.sock are bound afresh before each start, the
+run dir is root's alone (0755) and a non-root ``gateway`` there refuses the start, the
+adoption runs at every start while a top-level entry is an earlier core's (iterative,
+post-order, MAX_DEPTH), and core.id is kept only if the registry gives its ids to this
+state dir (else new ids, the old ones' files adopted). The core also refuses to start in
+any group but its own (a systemd host's old memberships).
+
 Held: the docs' owners, modes and groups; cross-hive reach (every socket, the run and
 state dirs, the core's process, pidfd_getfd); no LISTEN_* or listener in cages or
 hive-priv, no abstract or TCP listener of the core; the core can't unlink, rename,
@@ -201,7 +212,7 @@ def test_the_sockets_directories_and_core_ids_are_as_documented(
         check(h.run_dir / "host.sock", (0, admin, 0o660), stat.S_IFSOCK)
         check(h.run_dir / "core.sock", (0, gateway, 0o660), stat.S_IFSOCK)
         check(h.run_dir / "priv.sock", (0, gid, 0o660), stat.S_IFSOCK)
-        check(h.run_dir, (0, gid, 0o1775), stat.S_IFDIR)
+        check(h.run_dir, (0, 0, 0o755), stat.S_IFDIR)  # root's alone since this red team
         check(h.state_dir, (0, gid, 0o1770), stat.S_IFDIR)
         check(h.state_dir / "core.id", (0, 0, 0o644), stat.S_IFREG)
         if (h.state_dir / "core.id").stat().st_nlink != 1:
@@ -453,7 +464,7 @@ def tryit(what, f):
     except OSError as e:
         out[what] = errno.errorcode.get(e.errno, str(e))
 decoy = os.path.join(run, "d16-decoy")
-open(decoy, "w").close()
+tryit("create in the run dir", lambda: open(decoy, "w").close())
 for n in ("host.sock", "core.sock", "priv.sock"):
     p = os.path.join(run, n)
     tryit(f"unlink {n}", lambda: os.unlink(p))
@@ -467,7 +478,7 @@ for n in ("host.sock", "core.sock", "priv.sock"):
         finally:
             s.close()
     tryit(f"bind {n}", rebind)
-os.unlink(decoy)
+tryit("unlink the decoy", lambda: os.unlink(decoy))
 cid = os.path.join(state, "core.id")
 tryit("hardlink core.id", lambda: os.link(cid, os.path.join(state, "d16-link")))
 tryit("unlink core.id", lambda: os.unlink(cid))
@@ -504,9 +515,12 @@ def test_the_core_can_not_unlink_rebind_or_replace_its_handed_sockets_or_core_id
 
 # -- a restart of the core, and what a core that was compromised keeps ----------------------------
 
+# Run as root: takes the core's host.sock listener (pidfd_getfd: what the core itself could
+# hand a process of its own by SCM_RIGHTS; since this red team the core is not dumpable, so
+# a process of its ids can no longer take it this way), then becomes the core's ids.
 STEAL = r"""
 import ctypes, json, os, socket, sys, time
-core_pid, host_inode = int(sys.argv[1]), int(sys.argv[2])
+core_pid, host_inode, uid, gid = (int(a) for a in sys.argv[1:5])
 libc = ctypes.CDLL(None, use_errno=True)
 pfd = os.pidfd_open(core_pid)
 got = None
@@ -518,6 +532,9 @@ if got is None or got < 0:
     print(json.dumps({"stolen": False, "errno": ctypes.get_errno()}), flush=True)
     sys.exit(0)
 s = socket.socket(fileno=got)
+os.setgroups([])
+os.setresgid(gid, gid, gid)
+os.setresuid(uid, uid, uid)
 print(json.dumps({"stolen": True}), flush=True)
 # Wait for the restarted core, then take the operator's connections from it.
 sys.stdin.readline()
@@ -561,17 +578,19 @@ def test_a_core_restart_leaves_no_listener_with_what_the_compromised_core_left_b
     host_inode = unix_listeners()[str(h.run_dir / "host.sock")]
     uid, gid = h.core_ids
     thief = subprocess.Popen(
-        [PY, "-I", "-c", STEAL, str(h.core_pid()), str(host_inode)], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, text=True, user=uid, group=gid, extra_groups=[], cwd="/",
-        start_new_session=True,
+        [PY, "-I", "-c", STEAL, str(h.core_pid()), str(host_inode), str(uid), str(gid)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/", start_new_session=True,
     )  # fmt: skip
     try:
         assert thief.stdout is not None and thief.stdin is not None
         first = json.loads(thief.stdout.readline())
         assert first == {"stolen": True}, first
         _kill_core_and_wait(h)
-        thief.stdin.write("go\n")
-        thief.stdin.flush()
+        try:
+            thief.stdin.write("go\n")
+            thief.stdin.flush()
+        except BrokenPipeError:
+            pass  # fixed: hive up killed every process of the core's ids before its restart
         forged = 0
         for _ in range(20):
             reply = h.host_call("agent_status")
@@ -580,9 +599,11 @@ def test_a_core_restart_leaves_no_listener_with_what_the_compromised_core_left_b
                 break
         last = thief.stdout.readline()
         print("thief:", last)
+        ended = thief.poll()
     finally:
         thief.kill()
         thief.wait()
+    assert ended == -signal.SIGKILL, f"the process left with the core's ids was not killed: {ended}"
     assert forged == 0, (
         "a process the compromised core left answered the operator on host.sock after the restart"
     )
@@ -600,8 +621,11 @@ def test_a_listener_shut_by_a_compromised_core_serves_again_after_its_restart(
     script = STEAL.split("s = socket.socket(fileno=got)")[0] + (
         "s = socket.socket(fileno=got)\ns.shutdown(socket.SHUT_RDWR)\nprint(json.dumps({'shut': True}))\n"
     )
-    out = as_ids(h.core_ids, script, str(h.core_pid()), str(host_inode))
-    assert out == {"shut": True}, out
+    # As root (what the core does to its own listener, done from outside it).
+    proc = subprocess.run([PY, "-I", "-c", script, str(h.core_pid()), str(host_inode), "0", "0"],
+                          capture_output=True, text=True, timeout=60, cwd="/")  # fmt: skip
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"shut": True}, (out, proc.stderr)
     old = h.core_pid()
     assert old is not None
     os.kill(old, signal.SIGKILL)
@@ -734,11 +758,20 @@ def test_the_token_the_core_wrote_reaches_roots_terminal_as_text_only(
     as_ids(h.core_ids, "import json,sys; open(sys.argv[1],'w').write(sys.argv[2] + '\\n'); print(json.dumps(1))",
            str(h.state_dir / "operator.token"), evil)  # fmt: skip
     h.stop_clean()
-    seen = len(h.stdout_lines)
+    seen, logged = len(h.stdout_lines), len(h.log_path.read_bytes())
+    # Fixed: hive up refuses a token that is not one (URL-safe base64) in one line.
+    with pytest.raises(AssertionError):
+        h.start()
+    if h.proc is not None and h.proc.poll() is None:
+        h.kill_everything()
+    printed = h.stdout_lines[seen:]
+    tail = h.log_path.read_bytes()[logged:].decode(errors="replace").splitlines()
+    refusal = [line for line in tail if "does not hold a token" in line]
+    (h.state_dir / "operator.token").unlink()  # the next core makes a new one
     h.start()
-    ready = [line for line in h.stdout_lines[seen:] if line.startswith("hive: ready")]
-    assert ready, h.stdout_lines[seen:]
-    bad = [line for line in ready if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in line)]
+    assert not [line for line in printed if line.startswith("hive: ready")], printed
+    assert len(refusal) == 1, tail
+    bad = [line for line in printed + tail if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in line)]
     assert not bad, f"hive up printed the core's terminal controls: {bad!r}"
 
 
@@ -922,8 +955,13 @@ def test_a_link_the_core_leaves_at_run_gateway_gives_root_nothing_to_write(
     (victim / "nginx.conf").write_text("the host's own\n")
     before = (os.stat(victim).st_uid, os.stat(victim).st_gid, stat.S_IMODE(os.stat(victim).st_mode))
     link = h.run_dir / "gateway"
-    as_ids(h.core_ids, "import json,os,sys; os.symlink(sys.argv[1], sys.argv[2]); print(json.dumps(1))",
-           str(victim), str(link))  # fmt: skip
+    planted = as_ids(h.core_ids, "import json,os,sys\ntry:\n    os.symlink(sys.argv[1], sys.argv[2]); print(json.dumps('planted'))\n"
+                     "except OSError as e:\n    print(json.dumps(e.strerror))", str(victim), str(link))  # fmt: skip
+    # Fixed: the run dir is root's alone (0755), so the core can't. A link an earlier
+    # version's core left there (its run dir was the core's group's) is planted by root
+    # here: hive up must refuse it, not follow it.
+    assert planted == "Permission denied", planted
+    link.symlink_to(victim)
     try:
         try:
             h.start()
@@ -939,6 +977,7 @@ def test_a_link_the_core_leaves_at_run_gateway_gives_root_nothing_to_write(
         if link.is_symlink():
             link.unlink()
     print(f"start: {started}")
+    assert "is not root's: refusing to start" in started, started
     assert (after, conf) == (before, "the host's own\n"), (
         f"root followed the core's link at {link}: {victim} {before} -> {after}, nginx.conf now {conf[:60]!r}"
     )

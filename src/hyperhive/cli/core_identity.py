@@ -22,7 +22,6 @@ import logging
 import os
 import pwd
 import stat
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,20 +56,49 @@ class CoreIds:
         return f"{self.uid}:{self.gid}"
 
 
+@dataclass(frozen=True)
+class Identity:
+    """The core's ids, and those ``core.id`` named that the host's registry gives to
+    another state dir (a copy of this one, or this one moved): their files here are to be
+    given to the new ids (``adopt_files``)."""
+
+    ids: CoreIds
+    former: CoreIds | None = None
+
+
 def core_ids(state_dir: Path, registry: HostRegistry | None = None) -> CoreIds:
-    """This hive's core ids: read from ``STATE/core.id``, or claimed and written there."""
+    """This hive's core ids (``core_identity``)."""
+    return core_identity(state_dir, registry).ids
+
+
+def core_identity(state_dir: Path, registry: HostRegistry | None = None) -> Identity:
+    """Read from ``STATE/core.id`` if the host's registry gives those ids to this state
+    dir, else claimed and written there. A ``cp -a`` of a state dir would otherwise run a
+    second hive's core under the first's ids (red team of session 16)."""
     state_dir.mkdir(parents=True, exist_ok=True)
+    reg = registry or HostRegistry()
+    owner = f"{state_dir.absolute()}#core"
     anchor = safefs.open_anchor(state_dir.absolute())
     with safefs.opened(anchor):
         known = _read(anchor, state_dir)
         if known is not None:
-            return known
-        base = (registry or HostRegistry()).claim(f"{state_dir.absolute()}#core")
+            holder = reg.owner(known.uid)
+            if holder == owner:
+                return Identity(known)
+            log.warning(
+                "%s names uid %d, which the host's id registry gives to %s, not to %s: "
+                "new ids for this hive's core (a copied or moved state dir?)",
+                state_dir / ID_FILE,
+                known.uid,
+                holder or "no one",
+                owner,
+            )
+        base = reg.claim(owner)
         ids = CoreIds(uid=base, gid=base)
         data = json.dumps({"uid": ids.uid, "gid": ids.gid}).encode() + b"\n"
         safefs.write_file(anchor, ID_FILE, data, 0o644)
         log.info("this hive's core runs as uid %d gid %d (new)", ids.uid, ids.gid)
-        return ids
+        return Identity(ids, known)
 
 
 def _read(anchor: int, state_dir: Path) -> CoreIds | None:
@@ -100,55 +128,120 @@ def _read(anchor: int, state_dir: Path) -> CoreIds | None:
     return ids
 
 
-def adopt_legacy_files(state_dir: Path, ids: CoreIds) -> int:
-    """Give what the shared ``hive-core`` user of an older version owns in the state
-    directory (its database, token, CA, secrets) to this hive's core; the number of
-    entries changed. Never through a link (``fwalk`` without following, ``lchown`` by
-    directory descriptor); root's ``priv/`` and the agents' ``agents/`` are not walked."""
+MAX_DEPTH = 4096  # directories deep; past it the walk refuses in one line
+
+
+def adopt_files(state_dir: Path, ids: CoreIds, former: CoreIds | None = None) -> int:
+    """Give this hive's core what earlier cores own in the state dir (its database,
+    token, CA, secrets): the shared ``hive-core`` user of an older version, and the ids
+    ``core.id`` named before (``Identity.former``). The number of entries changed.
+
+    Walked only if a top-level entry is still theirs (checked at every start, so a walk
+    cut short is finished at the next: each directory is given after everything in it);
+    iteratively, one descriptor a level, never through a link (``O_NOFOLLOW``, ``lchown``
+    by directory descriptor); a regular file with more than one link is left alone (the
+    shared user could have linked another hive's file here); root's ``priv/`` and the
+    agents' ``agents/`` are not walked."""
+    uids, gids = set(), set()
     try:
         legacy = pwd.getpwnam(LEGACY_USER)
+        uids.add(legacy.pw_uid)
+        gids.add(legacy.pw_gid)
     except KeyError:
+        pass
+    if former is not None:
+        uids.add(former.uid)
+        gids.add(former.gid)
+    uids.discard(ids.uid)
+    gids.discard(ids.gid)
+    uids.discard(0)
+    gids.discard(0)
+    if not uids and not gids:
         return 0
-    if legacy.pw_uid == ids.uid:
-        return 0
-    changed = 0
-    try:
-        for names, dir_fd in _walk(state_dir):
-            for name in names:
-                changed += _adopt(dir_fd, name, legacy, ids)
-    except RecursionError:  # os.fwalk recurses: a tree deeper than the interpreter's limit
-        raise CoreIdentityError(
-            f"{state_dir} holds a tree too deep to walk; move it away and start again"
-        ) from None
+    top = safefs.open_anchor(state_dir.absolute())
+    with safefs.opened(top):
+        names = [n for n in os.listdir(top) if n not in NOT_THE_CORES]
+        if not any(_theirs(top, n, uids, gids) for n in names):
+            return 0
+        changed = _adopt_tree(top, names, uids, gids, ids)
     if changed:
-        log.info(
-            "gave %d entries of the shared user %s to this hive's core (uid %d)",
-            changed,
-            LEGACY_USER,
-            ids.uid,
-        )
+        log.info("gave %d entries of earlier cores to this hive's core (uid %d)", changed, ids.uid)
     return changed
 
 
-def _walk(state_dir: Path) -> Iterator[tuple[list[str], int]]:
-    """Each directory's entries and its descriptor (open only until the next one), root's
-    and the agents' places left out."""
-    top = os.stat(state_dir, follow_symlinks=False)
-    for _, dirs, files, dir_fd in os.fwalk(state_dir, follow_symlinks=False):
-        if os.path.samestat(os.fstat(dir_fd), top):
-            dirs[:] = [d for d in dirs if d not in NOT_THE_CORES]
-            files = [f for f in files if f not in NOT_THE_CORES]
-        yield [*dirs, *files], dir_fd
+def adopt_legacy_files(state_dir: Path, ids: CoreIds) -> int:
+    """``adopt_files`` from the shared ``hive-core`` user alone."""
+    return adopt_files(state_dir, ids)
 
 
-def _adopt(dir_fd: int, name: str, legacy: pwd.struct_passwd, ids: CoreIds) -> int:
-    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+def _theirs(dir_fd: int, name: str, uids: set[int], gids: set[int]) -> bool:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return st.st_uid in uids or st.st_gid in gids
+
+
+def _adopt_tree(top: int, names: list[str], uids: set[int], gids: set[int], ids: CoreIds) -> int:
+    """Post-order: a directory's entries after everything below them."""
+    changed = 0
+    # Each level: its descriptor, its entries, its subdirectories not walked yet.
+    stack: list[tuple[int, list[str], list[str]]] = [(top, names, _subdirs(top, names))]
+    try:
+        while stack:
+            fd, entries, pending = stack[-1]
+            if pending:
+                name = pending.pop()
+                try:
+                    child = os.open(name, DIR_FLAGS, dir_fd=fd)
+                except OSError:  # gone, or no longer a directory
+                    continue
+                if len(stack) >= MAX_DEPTH:
+                    os.close(child)
+                    raise CoreIdentityError(
+                        f"the state dir holds a tree over {MAX_DEPTH} directories deep; "
+                        "move it away and start again"
+                    )
+                below = os.listdir(child)
+                stack.append((child, below, _subdirs(child, below)))
+                continue
+            stack.pop()
+            for name in entries:
+                changed += _adopt(fd, name, uids, gids, ids)
+            if fd != top:
+                os.close(fd)
+    finally:
+        for fd, _, _ in stack:
+            if fd != top:
+                os.close(fd)
+    return changed
+
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _subdirs(dir_fd: int, names: list[str]) -> list[str]:
+    out = []
+    for name in names:
+        try:
+            if stat.S_ISDIR(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+                out.append(name)
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def _adopt(dir_fd: int, name: str, uids: set[int], gids: set[int], ids: CoreIds) -> int:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
     if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
-        # A hard link the shared user could have made to another hive's file: not ours.
+        # A hard link an earlier core could have made to another hive's file: not ours.
         log.warning("not adopting %s: a file with %d links", name, st.st_nlink)
         return 0
-    uid = ids.uid if st.st_uid == legacy.pw_uid else -1
-    gid = ids.gid if st.st_gid == legacy.pw_gid else -1
+    uid = ids.uid if st.st_uid in uids else -1
+    gid = ids.gid if st.st_gid in gids else -1
     if uid == -1 and gid == -1:
         return 0
     os.chown(name, uid, gid, dir_fd=dir_fd, follow_symlinks=False)

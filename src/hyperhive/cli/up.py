@@ -20,6 +20,7 @@ import grp
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -34,21 +35,15 @@ from typing import Any
 import click
 
 from hyperhive.cli import instance_lock
-from hyperhive.cli.core_identity import (
-    ID_FILE,
-    CoreIdentityError,
-    CoreIds,
-    adopt_legacy_files,
-    core_ids,
-)
+from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_files, core_identity
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
-from hyperhive.display import dumps
+from hyperhive.display import dumps, visible
 from hyperhive.gateway import config as gateway_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
 from hyperhive.priv import safefs
-from hyperhive.priv.ids import IdsExhausted
+from hyperhive.priv.ids import BASE_UID, IdsExhausted
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire import priv as wp
 
@@ -82,20 +77,20 @@ class Progress:
             line = {"version": 1, "ok": True, "phase": phase, **fields}
             print(dumps(line), flush=True)
         else:
-            print(f"hive: {text}", flush=True)
+            print(f"hive: {visible(text, one_line=True)}", flush=True)
 
     def warn(self, phase: str, text: str, **fields: Any) -> None:
         if self.as_json:
             self.say(phase, text, message=text, **fields)
         else:
-            print(f"hive: {text}", file=sys.stderr, flush=True)
+            print(f"hive: {visible(text, one_line=True)}", file=sys.stderr, flush=True)
 
     def error(self, text: str) -> None:
         if self.as_json:
             line = {"version": 1, "ok": False, "phase": "error", "error": text}
             print(dumps(line), flush=True)
         else:
-            print(f"hive: {text}", file=sys.stderr, flush=True)
+            print(f"hive: {visible(text, one_line=True)}", file=sys.stderr, flush=True)
 
 
 PROGRESS = Progress()
@@ -172,9 +167,18 @@ class Supervised:
         ready_check: Callable[[], Awaitable[bool]] | None = None,
         own_group: bool = False,
         ready_timeout: float = READY_TIMEOUT,
+        before_start: Callable[[], Awaitable[None]] | None = None,
+        relay_stderr: bool = False,
         **popen: Any,
     ) -> None:
         self.name = name
+        # Run before each start (a restart too): the core's leftovers killed, its
+        # listeners bound afresh.
+        self.before_start = before_start
+        # Its stderr through a pipe, each line shown escaped on ours: a child that is not
+        # root (the core) never holds the operator's terminal (TIOCSTI, escape sequences).
+        self.relay_stderr = relay_stderr
+        self.relayer: asyncio.Future[None] | None = None
         self.ready_timeout = ready_timeout
         self.argv = argv
         self.ready_prefix = ready_prefix
@@ -192,6 +196,8 @@ class Supervised:
         return self.stopping
 
     async def start(self) -> None:
+        if self.before_start is not None:
+            await self.before_start()
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdout=asyncio.subprocess.PIPE,
@@ -199,9 +205,13 @@ class Supervised:
             start_new_session=self.own_group,
             env=child_env(),
             cwd="/",
+            stderr=asyncio.subprocess.PIPE if self.relay_stderr else None,
             **self.popen,
         )
         assert self.proc.stdout is not None
+        if self.relay_stderr:
+            assert self.proc.stderr is not None
+            self.relayer = asyncio.ensure_future(self._relay(self.proc.stderr))
         deadline = time.monotonic() + self.ready_timeout
         while self.ready_check is not None:
             if await self.ready_check():
@@ -238,6 +248,21 @@ class Supervised:
     async def _drain(stream: asyncio.StreamReader) -> None:
         while await stream.readline():
             pass
+
+    @staticmethod
+    async def _relay(stream: asyncio.StreamReader) -> None:
+        """Each line of the child's stderr on ours, escaped (a line past the reader's limit
+        is dropped: asyncio discards it)."""
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:
+                continue
+            if not line:
+                return
+            text = visible(line.decode(errors="replace").rstrip("\n"), one_line=True)
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
 
     async def exited(self) -> int:
         """Its exit status, as soon as it has exited (and its group, if its own, is cleared).
@@ -335,39 +360,88 @@ def bind_priv_socket(path: Path, core: CoreIds) -> socket.socket:
     return bind_listener(path, core.gid, 0o660)
 
 
+# host.sock (root:hive-admin 0660) and core.sock (root:hive-gateway 0660): bound by us and
+# handed to the core, so the core needs neither group.
+HANDED = {"host.sock": (ADMIN_GROUP, 128), "core.sock": (GATEWAY_USER, 512)}
+
+
+def _bind_handed(run_dir: Path, name: str) -> socket.socket:
+    group, backlog = HANDED[name]
+    return bind_listener(run_dir / name, grp.getgrnam(group).gr_gid, 0o660, backlog=backlog)
+
+
 def bind_core_listeners(run_dir: Path) -> dict[str, socket.socket]:
-    """host.sock (root:hive-admin 0660) and core.sock (root:hive-gateway 0660), bound by
-    us and handed to the core: the core needs neither group, and a restarted core finds
-    them where they were (connections wait in the backlog meanwhile)."""
-    admin, gateway = grp.getgrnam(ADMIN_GROUP).gr_gid, grp.getgrnam(GATEWAY_USER).gr_gid
-    host = bind_listener(run_dir / "host.sock", admin, 0o660)
+    """The core's listeners, bound; ``rebind_core_listeners`` binds them afresh before
+    each start of the core."""
+    socks: dict[str, socket.socket] = {}
     try:
-        web = bind_listener(run_dir / "core.sock", gateway, 0o660, backlog=512)
+        for name in HANDED:
+            socks[name] = _bind_handed(run_dir, name)
     except BaseException:
-        host.close()
+        for sock in socks.values():
+            sock.close()
         raise
-    return {"host.sock": host, "core.sock": web}
+    return socks
+
+
+def rebind_core_listeners(run_dir: Path, socks: dict[str, socket.socket]) -> None:
+    """New listeners in place of the last core's, on the same descriptor numbers (the
+    core's argv names them): a copy a compromised core kept elsewhere, or a listener it
+    shut down, is not what the next core serves (red team of session 16)."""
+    for name, sock in socks.items():
+        fresh = _bind_handed(run_dir, name)
+        os.dup2(fresh.fileno(), sock.fileno(), inheritable=False)
+        fresh.close()
+
+
+KILL_ALL_OF_MY_UID = (
+    "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass"
+)
+
+
+async def kill_all_of(core: CoreIds) -> None:
+    """SIGKILL every process running as this hive's core: its uid is the hive's alone
+    (the host's id registry), so whatever a core left running (a compromised one's
+    helpers, which could read a later core's /proc or take its descriptors) is ended
+    before the next core starts and after the hive stops. A process of that uid sends
+    ``kill(-1, SIGKILL)``: the kernel signals exactly the processes that uid may."""
+    if core.uid < BASE_UID or core.gid < BASE_UID:  # never an account's, never root's
+        raise RuntimeError(f"refusing to kill the processes of uid {core.uid}")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-S", "-c",
+        KILL_ALL_OF_MY_UID,
+        user=core.uid, group=core.gid, extra_groups=[], env={}, cwd="/",
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    await proc.wait()
 
 
 def prepare_dirs(state_dir: Path, run_dir: Path, core: CoreIds) -> None:
-    """Root owns the state and run directories; this hive's core (its group) may add its
-    own files (the database, its token, its sockets) but, both being sticky, never
-    rename or replace root's (``priv/``, ``agents/``, ``core.id``, the sockets): hive-priv
-    and we trust those."""
+    """Root owns the state and run directories. This hive's core (its group) may add its
+    own files to the state dir (the database, its token, ca/, secrets/) but, it being
+    sticky, never rename or replace root's (``priv/``, ``agents/``, ``core.id``): hive-priv
+    and we trust those. The run dir is root's alone (0755): we bind its sockets, hive-priv
+    makes agents/NAME and ui/NAME; the core binds only in agents/NAME, which hive-priv
+    gives it. (It was the core's group's, sticky: an earlier core could leave a link at
+    gateway/ for root to follow, red team of session 16.)"""
     state_dir.mkdir(parents=True, exist_ok=True)
     os.chown(state_dir, 0, core.gid)
     os.chmod(state_dir, 0o1770)
-    # Sockets only. hive-core creates its own there; sticky, so it can't remove priv.sock.
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.chown(run_dir, 0, core.gid)
-    os.chmod(run_dir, 0o1775)
-    for sub in ("agents", "ui"):
+    os.chown(run_dir, 0, 0)
+    os.chmod(run_dir, 0o755)
+    for sub in ("agents", "ui", "gateway"):  # what root writes in, by path
         path = run_dir / sub
         if path.is_symlink() or (path.exists() and path.stat().st_uid != 0):
             raise click.ClickException(f"{path} is not root's: refusing to start (remove it)")
+    for sub in ("agents", "ui"):
+        path = run_dir / sub
         path.mkdir(exist_ok=True)
         os.chown(path, 0, 0)
         os.chmod(path, 0o711)
+
+
+TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{20,200}")
 
 
 def read_token(state_dir: Path, core_uid: int) -> str:
@@ -377,11 +451,16 @@ def read_token(state_dir: Path, core_uid: int) -> str:
     hard link to a root-only file would have us print that file)."""
     path = state_dir / "operator.token"
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd) as f:
+    with os.fdopen(fd, "rb") as f:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != core_uid:
             raise RuntimeError(f"{path} is not a plain file of the core's; not reading it")
-        return f.read(256).strip()
+        raw = f.read(256).strip()
+    # The core wrote it and we print it: only what secrets.token_urlsafe makes (an escape
+    # sequence in it would reach root's terminal: red team of session 16).
+    if not TOKEN_RE.fullmatch(raw):
+        raise RuntimeError(f"{path} does not hold a token (URL-safe base64, 20 to 200 characters)")
+    return raw.decode()
 
 
 # Cages stopped at once when the hive stops: one at a time, each waited for its cgroup to
@@ -637,10 +716,11 @@ async def run_locked(
     ensure_group(ADMIN_GROUP)
     ensure_user(GATEWAY_USER)
     try:
-        known = os.path.lexists(state_dir / ID_FILE)
-        core_as = core_ids(state_dir)
-        if not known:  # the first start of this version on it: an older one's files
-            adopt_legacy_files(state_dir, core_as)
+        identity = core_identity(state_dir)
+        core_as = identity.ids
+        # What earlier cores own here (an older version's shared user, the ids of a state
+        # dir this was copied from): checked at every start, walked only if some is left.
+        adopt_files(state_dir, core_as, identity.former)
     except (CoreIdentityError, IdsExhausted, safefs.UnsafePath, OSError) as e:
         PROGRESS.error(f"the core's ids: {e}")
         return 1
@@ -687,10 +767,20 @@ async def run_locked(
     )
     if config is not None:
         argv += ["--config", str(config)]
+
+    async def before_core() -> None:
+        await kill_all_of(core_as)
+        rebind_core_listeners(run_dir, handed)
+
     core = Supervised(
         "hive-core",
         argv,
         "hive-core: ready",
+        # A session of its own (no controlling terminal) and its stderr relayed: the core
+        # never holds the operator's terminal.
+        own_group=True,
+        relay_stderr=True,
+        before_start=before_core,
         # This hive's own ids, no supplementary group: another hive's core is a stranger.
         user=core_as.uid,
         group=core_as.gid,
@@ -715,7 +805,6 @@ async def run_locked(
         ],
         None,
         own_group=True,
-        stderr=None,
     )
     gateway.ready_check = gateway_ready(gateway, listen)
     PROGRESS.say(
@@ -742,6 +831,7 @@ async def run_locked(
     async def shutdown(supervised: bool) -> bool:
         await gateway.stop()
         await core.stop()
+        await kill_all_of(core_as)
         # During start-up nothing reactivates hive-priv: ask only a live one.
         running = priv.proc is not None and priv.proc.returncode is None
         cages_stopped = await stop_all_cages(priv_sock) if supervised or running else True

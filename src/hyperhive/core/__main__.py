@@ -8,6 +8,7 @@ import click
 
 from hyperhive.activation import NotActivated, inherited_listeners
 from hyperhive.config import ConfigError, load_config
+from hyperhive.core.confine import NotConfined, check_groups, not_dumpable
 from hyperhive.core.daemon import CORE_SOCK, HOST_SOCK, CoreOptions, default_paths, main_with
 
 
@@ -42,8 +43,10 @@ def main(
         raise click.ClickException(str(e)) from None
     runs, states = default_paths(run_dir, state_dir)
     try:
+        check_groups()
+        not_dumpable()
         handed = inherited_listeners((HOST_SOCK, CORE_SOCK))
-    except NotActivated as e:
+    except (NotActivated, NotConfined) as e:
         raise click.ClickException(str(e)) from None
     opts = CoreOptions(config, runs, states, synchronous, priv_sock, handed)
     raise SystemExit(main_with(opts))
