@@ -19,7 +19,7 @@ import pytest
 from hive_fixture import HIVE
 from hyperhive.activation import NotActivated, inherited_listeners
 from hyperhive.cli import core_identity
-from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_legacy_files, core_ids
+from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_files, core_ids
 from hyperhive.cli.socket_activate import parse
 from hyperhive.cli.up import ensure_user
 from hyperhive.priv.ids import HostIds, HostRegistry
@@ -100,20 +100,20 @@ def test_the_shared_users_files_are_adopted_once_and_never_through_a_link(
     os.lchown(state / "link", legacy.pw_uid, legacy.pw_gid)
     ids = CoreIds(uid=210_000_001, gid=210_000_001)
 
-    assert adopt_legacy_files(state, ids) == len(theirs) + 3  # 4 files, ca/, secrets/, the link
+    assert adopt_files(state, ids) == len(theirs) + 3  # 4 files, ca/, secrets/, the link
     for p in [*theirs, state / "ca", state / "secrets"]:
         assert (p.stat().st_uid, p.stat().st_gid) == (ids.uid, ids.gid), p
     assert os.lstat(state / "link").st_uid == ids.uid
     assert outside.stat().st_uid == 0  # the link's target untouched
     for p in (state / "priv" / "ids.json", state / "agents" / "x" / "f", other_hives):
         assert p.stat().st_uid == legacy.pw_uid, p  # root's and the agents' places, a hard link
-    assert adopt_legacy_files(state, ids) == 0  # once
+    assert adopt_files(state, ids) == 0  # once
 
 
 def test_no_legacy_user_or_the_same_ids_adopts_nothing(tmp_path: Path, legacy: pwd.struct_passwd) -> None:
     (tmp_path / "f").write_text("x")
     os.chown(tmp_path / "f", legacy.pw_uid, legacy.pw_gid)
-    assert adopt_legacy_files(tmp_path, CoreIds(legacy.pw_uid, legacy.pw_gid)) == 0
+    assert adopt_files(tmp_path, CoreIds(legacy.pw_uid, legacy.pw_gid)) == 0
     assert (tmp_path / "f").stat().st_uid == legacy.pw_uid
 
 
@@ -291,13 +291,13 @@ def test_a_deep_tree_is_walked_and_one_too_deep_is_one_line(
         os.close(fd)
     ids = CoreIds(210_000_003, 210_000_003)
     try:
-        assert adopt_legacy_files(state, ids) == 1201
+        assert adopt_files(state, ids) == 1201
         assert (state / "d").stat().st_uid == ids.uid
-        assert adopt_legacy_files(state, ids) == 0  # nothing of theirs left at the top
+        assert adopt_files(state, ids) == 0  # nothing of theirs left at the top
         os.chown(state / "d", legacy.pw_uid, legacy.pw_gid)
         monkeypatch.setattr(core_identity, "MAX_DEPTH", 50)
         with pytest.raises(CoreIdentityError, match="over 50 directories deep") as e:
-            adopt_legacy_files(state, ids)
+            adopt_files(state, ids)
         assert len(str(e.value).splitlines()) == 1
         assert (state / "d").stat().st_uid == legacy.pw_uid  # its top given only after all below
     finally:  # rm walks without recursion; pytest's own cleanup might not

@@ -12,7 +12,7 @@ The ids are kept in ``STATE/core.id`` (root's, 0644; the state directory is stic
 core can neither replace nor remove it), so the same hive's core keeps owning its files
 across restarts, and across ``hive reset`` (which keeps ``secrets/``, the core's). Files an
 older version's shared ``hive-core`` user made in the state directory are given to the new
-ids once (``adopt_legacy_files``).
+ids (``adopt_files``).
 """
 
 from __future__ import annotations
@@ -167,11 +167,6 @@ def adopt_files(state_dir: Path, ids: CoreIds, former: CoreIds | None = None) ->
     if changed:
         log.info("gave %d entries of earlier cores to this hive's core (uid %d)", changed, ids.uid)
     return changed
-
-
-def adopt_legacy_files(state_dir: Path, ids: CoreIds) -> int:
-    """``adopt_files`` from the shared ``hive-core`` user alone."""
-    return adopt_files(state_dir, ids)
 
 
 def _theirs(dir_fd: int, name: str, uids: set[int], gids: set[int]) -> bool:
