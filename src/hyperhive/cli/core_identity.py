@@ -17,6 +17,7 @@ ids (``adopt_files``).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -66,6 +67,13 @@ class Identity:
     former: CoreIds | None = None
 
 
+@functools.cache
+def host_registry() -> HostRegistry:
+    """The host's id registry, opened once per process (it keeps its table and directory
+    open for the process's life, as hive-priv's does)."""
+    return HostRegistry()
+
+
 def core_ids(state_dir: Path, registry: HostRegistry | None = None) -> CoreIds:
     """This hive's core ids (``core_identity``)."""
     return core_identity(state_dir, registry).ids
@@ -76,7 +84,7 @@ def core_identity(state_dir: Path, registry: HostRegistry | None = None) -> Iden
     dir, else claimed and written there. A ``cp -a`` of a state dir would otherwise run a
     second hive's core under the first's ids (red team of session 16)."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    reg = registry or HostRegistry()
+    reg = registry or host_registry()
     owner = f"{state_dir.absolute()}#core"
     anchor = safefs.open_anchor(state_dir.absolute())
     with safefs.opened(anchor):
