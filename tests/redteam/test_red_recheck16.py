@@ -385,6 +385,72 @@ def test_the_relay_of_the_cores_stderr_stays_bounded_and_escaped(
         assert max(len(line) for line in text.splitlines()) <= 4 * (1 << 16)
 
 
+PROC_PROBE = r"""
+import errno, os
+found, opened = [], {}
+needles = [n.encode() for n in P["needles"]]
+def look(pid, what, data):
+    for n in needles:
+        if n in data:
+            found.append(f"/proc/{pid}/{what} names {n.decode()}")
+for p in sorted(x for x in os.listdir("/proc") if x.isdigit() and x != str(os.getpid())):
+    for what in ("cmdline", "environ", "maps", "fd"):
+        try:
+            if what == "fd":
+                links = []
+                for f in os.listdir(f"/proc/{p}/fd"):
+                    try:
+                        links.append(os.readlink(f"/proc/{p}/fd/{f}"))
+                    except OSError:
+                        pass
+                data = "\n".join(links).encode()
+                if "memfd:" in data.decode() and p != str(os.getpid()):
+                    found.append(f"/proc/{p}/fd holds {[x for x in links if 'memfd' in x]}")
+            else:
+                with open(f"/proc/{p}/{what}", "rb") as f:
+                    data = f.read()
+            opened.setdefault(p, []).append(what)
+            look(p, what, data)
+        except OSError:
+            pass
+    try:
+        with open(f"/proc/{p}/maps") as f:
+            regions = [l.split()[0].split("-") for l in f if " rw" in l]
+        with open(f"/proc/{p}/mem", "rb", buffering=0) as m:
+            for lo, hi in regions[:200]:
+                try:
+                    m.seek(int(lo, 16))
+                    look(p, "mem", m.read(min(int(hi, 16) - int(lo, 16), 1 << 24)))
+                except OSError:
+                    pass
+        opened.setdefault(p, []).append("mem")
+    except OSError:
+        pass
+cmds = {}
+for p in opened:
+    try:
+        cmds[p] = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")[:4]
+    except OSError:
+        pass
+result(found=found, opened=opened, me=os.getpid(), cmds={k: [x.decode() for x in v] for k, v in cmds.items()})
+"""
+
+
+@pytest.mark.attack("reach.other-surfaces", ref="session 16 re-check: bwrap --args from the cage")
+def test_no_process_in_the_cage_gives_the_runtime_the_host_paths_bwrap_was_given(
+    hive: HiveProcess,
+) -> None:
+    """bwrap now takes its options from a memfd (--args): its cmdline no longer names the
+    run and state dirs. The runtime reads what it can of every process in the cage (pid 1
+    is bwrap): cmdline, environ, maps, the memfd among its descriptors, its memory
+    (/proc/PID/mem: a file, not the ptrace syscall seccomp refuses). None may name the
+    host's run dir, state dir or the hive's base directory."""
+    needles = [str(hive.run_dir), str(hive.state_dir), str(hive.base)]
+    res = probe_result(hive.probe(NAME, PROC_PROBE, needles=needles))
+    print(res["opened"], res["cmds"], res["me"])
+    assert not res["found"], res["found"]
+
+
 @pytest.mark.attack(
     "privsep.core-misuse", ref="session 16 re-check: kill_all_of's killer killed at stop"
 )
