@@ -478,3 +478,53 @@ def test_a_leftover_that_kills_the_killer_does_not_outlive_hive_up_stop(
         left.kill()
         left.wait()
     assert not alive, f"a process of the core's ids outlived `hive up`'s stop: {log.read_text()!r}"
+
+
+@pytest.mark.attack(
+    "launcher.readiness", ref="session 16 re-check: adoption's gate held open by a linked file"
+)
+def test_an_unadoptable_legacy_entry_and_a_deep_tree_do_not_stop_every_start(
+    hive: HiveProcess,
+) -> None:
+    """After the stop above. The adoption walks the whole state dir at each `hive up`
+    while some top-level entry is an earlier core's; a regular file with two links is
+    never adopted. The shared legacy ``hive-core`` (every hive's core before the upgrade)
+    leaves one at the top: a file of its own linked twice (it may link its own files).
+    The gate then never closes, and the new core plants a tree past MAX_DEPTH anywhere in
+    its own files: every later `hive up` refuses ("move it away"), or, with a flat
+    directory of millions of entries, walks them all at each start."""
+    import pwd
+
+    legacy = pwd.getpwnam("hive-core")
+    if hive.running:
+        hive.stop()
+    uid, gid = hive.core_ids
+    a, b = hive.state_dir / "legacy-a", hive.state_dir / "legacy-b"
+    a.write_text("x")
+    os.chown(a, legacy.pw_uid, legacy.pw_gid)
+    os.link(a, b)
+    plant = r"""
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)
+for _ in range(4200):
+    os.mkdir("d", dir_fd=fd)
+    nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+    os.close(fd)
+    fd = nfd
+"""
+    top = hive.state_dir / "secrets" / "rc16-deep"
+    top.parent.mkdir(exist_ok=True)
+    top.mkdir()
+    os.chown(top, uid, gid)
+    subprocess.run([PY, "-I", "-c", plant, str(top)], check=True, cwd="/", **hive.as_core())
+    try:
+        try:
+            hive.start()
+            started, why = True, ""
+        except AssertionError:
+            started, why = False, hive.log_tail(4)
+    finally:
+        subprocess.run(["rm", "-rf", str(top)], check=True)
+        for f in (a, b):
+            f.unlink(missing_ok=True)
+    assert started, f"hive up no longer starts: {why}"
