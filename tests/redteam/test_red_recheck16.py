@@ -385,6 +385,76 @@ def test_the_relay_of_the_cores_stderr_stays_bounded_and_escaped(
         assert max(len(line) for line in text.splitlines()) <= 4 * (1 << 16)
 
 
+# Root (a subreaper, so the chain's exited parents are reaped here, not by the host's
+# pid 1) forks a chain of processes of the core's ids whose pid changes all the time:
+# each forks and exits at once. kill(-1) must take the chain in one go.
+CHURN = r"""
+import ctypes, os, sys, time
+uid, gid = int(sys.argv[1]), int(sys.argv[2])
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+if os.fork() == 0:
+    os.setsid()
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    end = time.monotonic() + 40
+    while time.monotonic() < end:
+        if os.fork():
+            os._exit(0)
+        time.sleep(0.0005)
+    os._exit(0)
+print("churning", flush=True)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+print("chain ended", flush=True)
+"""
+
+
+def _kill_chain(h: HiveProcess, uid: int) -> None:
+    core = h.core_pid()
+    for p in os.listdir("/proc"):
+        if not p.isdigit() or int(p) == core:
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            st = Path(f"/proc/{p}/status").read_text()
+            real = int(st.split("\nUid:", 1)[1].split()[0])
+            if real == uid and "hyperhive" not in " ".join(proc_cmdline(int(p))):
+                os.kill(int(p), signal.SIGKILL)
+
+
+@pytest.mark.attack("privsep.core-misuse", ref="session 16 re-check: kill(-1) against a fork chain")
+def test_a_fork_chain_of_the_cores_ids_does_not_survive_a_core_restart(hive: HiveProcess) -> None:
+    """A leftover that never keeps its pid (each generation forks and exits) against
+    `hive up`'s kill(-1) before the core's restart: none of the chain may live on."""
+    uid, gid = hive.core_ids
+    ended = False
+    reaper = subprocess.Popen(
+        [PY, "-I", "-S", "-c", CHURN, str(uid), str(gid)],
+        stdout=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        assert reaper.stdout is not None
+        assert reaper.stdout.readline().strip() == "churning"
+        time.sleep(0.3)
+        _restart_core(hive)
+        try:
+            reaper.wait(5)
+            ended = True
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        deadline = time.monotonic() + 45
+        while reaper.poll() is None and time.monotonic() < deadline:
+            _kill_chain(hive, uid)  # every process of the core's ids but the core's own
+            time.sleep(0.01)
+        reaper.kill()
+        reaper.wait()
+    assert ended, "a fork chain of the core's ids outlived kill(-1) and the core's restart"
+
+
 PROC_PROBE = r"""
 import errno, os
 found, opened = [], {}
