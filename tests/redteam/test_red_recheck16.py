@@ -1,9 +1,26 @@
 """Red team re-check of session 16's fixes (after tests/redteam/test_red_diff16.py):
 ``kill_all_of`` before each core start and after stop, the handed listeners bound afresh,
 the core's stderr relayed, the page's web.sock handed through bwrap to init and the
-harness (HIVE_PAGE_FD). One hive (``rc16``) serves the module.
+harness (HIVE_PAGE_FD), bwrap's options from a memfd, the adoption's gate. One hive
+(``rc16``) serves the module; the cases that stop it come last.
 
-Run against main at 30f217e.
+Run against main at 30f217e. Broke:
+- ``kill_all_of``'s killer runs as the core's uid, so a process the compromised core
+  left (its ids, its own session) may signal it: it watches /proc, SIGKILLs the killer
+  before its kill(-1) (its exit status is not looked at) and lives on, at a core restart
+  and at `hive up`'s stop; it then takes the next core's new host.sock and core.sock
+  listeners with pidfd_getfd (the shim and the core are dumpable until the core's prctl).
+  With SIGSTOP instead, `hive up` waits on the killer forever: no core.
+- a regular file with two links of the legacy ``hive-core``'s at the state dir's top is
+  never adopted, so the adoption's gate never closes: a tree past MAX_DEPTH the new core
+  plants in its own files then stops every later `hive up`.
+- (hardening) an exec'd harness holds the page listener inheritable (``keep=``).
+
+Held: the runtime reaches no copy of the page listener (its fds, /proc/PID/fd,
+pidfd_getfd, env; also after a harness restart); nothing the runtime can read in the
+cage (bwrap's cmdline, environ, maps, fds, /proc/PID/mem) names the run or state dir;
+the stderr relay stays bounded and escaped (a 10 MiB line, escapes); kill(-1) takes a
+fork chain of the core's ids whole.
 """
 
 from __future__ import annotations
