@@ -466,6 +466,7 @@ def serve_page_on_demand(agent_socket: str) -> None:
         log("no page: no web.sock was handed in (a cage started by an older hive-priv)")
         return
     try:
+        os.set_inheritable(int(fd), False)  # an exec'd harness got it inheritable
         raw = _socket.socket(fileno=int(fd))
     except (OSError, ValueError) as e:
         log(f"no page: {layout.PAGE_FD_ENV}={fd}: {e}")

@@ -178,9 +178,13 @@ def adopt_files(state_dir: Path, ids: CoreIds, former: CoreIds | None = None) ->
 
 
 def _theirs(dir_fd: int, name: str, uids: set[int], gids: set[int]) -> bool:
+    """An entry the walk would give (a file with a second link never is: it must not keep
+    the walk going at every start, red team of session 16)."""
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
+        return False
+    if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
         return False
     return st.st_uid in uids or st.st_gid in gids
 
@@ -198,6 +202,12 @@ def _adopt_tree(top: int, names: list[str], uids: set[int], gids: set[int], ids:
                 try:
                     child = os.open(name, DIR_FLAGS, dir_fd=fd)
                 except OSError:  # gone, or no longer a directory
+                    continue
+                if os.fstat(child).st_uid == ids.uid:
+                    # The core's own already: given after all below it (post-order), or
+                    # made by it (it can't make an earlier core's files). Not walked: a
+                    # tree the core planted can't make the walk refuse every start.
+                    os.close(child)
                     continue
                 if len(stack) >= MAX_DEPTH:
                     os.close(child)

@@ -394,26 +394,72 @@ def rebind_core_listeners(run_dir: Path, socks: dict[str, socket.socket]) -> Non
         fresh.close()
 
 
-KILL_ALL_OF_MY_UID = (
-    "import os, signal\ntry:\n    os.kill(-1, signal.SIGKILL)\nexcept ProcessLookupError:\n    pass"
-)
+KILL_ROUNDS = 50  # scans of /proc before a fork chain of the core's is given up on
 
 
-async def kill_all_of(core: CoreIds) -> None:
+def _uids_of(pid: int) -> set[int]:
+    """Real, effective, saved and filesystem uid of ``pid`` (empty if it is gone), read by
+    root from /proc/PID/status: a process made non-dumpable shows /proc/PID as root's."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return {int(x) for x in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+def processes_of(uid: int) -> list[int]:
+    """Pids of the processes running with ``uid`` as any of their uids."""
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and uid in _uids_of(int(e))]
+
+
+def kill_all_of(core: CoreIds) -> int:
     """SIGKILL every process running as this hive's core: its uid is the hive's alone
     (the host's id registry), so whatever a core left running (a compromised one's
-    helpers, which could read a later core's /proc or take its descriptors) is ended
-    before the next core starts and after the hive stops. A process of that uid sends
-    ``kill(-1, SIGKILL)``: the kernel signals exactly the processes that uid may."""
+    helpers, which could take a later core's descriptors) is ended before the next core
+    starts and after the hive stops. A fork of ours takes the core's ids and at once
+    sends ``kill(-1, SIGKILL)`` (the kernel signals, in one pass, exactly the processes
+    that uid may: a fork chain can't slip through); no exec, so the moment a leftover
+    could stop or kill it is a few microseconds, and a killer that doesn't end within a
+    second is killed by us and sent again (red team of session 16: an exec'd killer was
+    killed, or stopped and hung the restart). Rounds until /proc shows none of that uid;
+    the number seen."""
     if core.uid < BASE_UID or core.gid < BASE_UID:  # never an account's, never root's
         raise RuntimeError(f"refusing to kill the processes of uid {core.uid}")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-S", "-c",
-        KILL_ALL_OF_MY_UID,
-        user=core.uid, group=core.gid, extra_groups=[], env={}, cwd="/",
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    await proc.wait()
+    seen = 0
+    for _ in range(KILL_ROUNDS):
+        left = processes_of(core.uid)
+        if not left:
+            return seen
+        seen = max(seen, len(left))
+        _kill_as(core)
+    left = processes_of(core.uid)
+    if left:
+        log.error("processes of the core's uid %d still running: %s", core.uid, left[:20])
+    return seen
+
+
+def _kill_as(core: CoreIds) -> None:
+    """One ``kill(-1, SIGKILL)`` sent with the core's ids, from a fork of ours."""
+    pid = os.fork()
+    if pid == 0:  # the child: syscalls only, then out
+        try:
+            os.setgroups([])
+            os.setresgid(core.gid, core.gid, core.gid)
+            os.setresuid(core.uid, core.uid, core.uid)
+            os.kill(-1, signal.SIGKILL)
+        except BaseException:
+            pass
+        os._exit(0)
+    deadline = time.monotonic() + 1.0
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:  # stopped by a leftover: ours to end
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.002)
 
 
 def prepare_dirs(state_dir: Path, run_dir: Path, core: CoreIds) -> None:
@@ -769,7 +815,8 @@ async def run_locked(
         argv += ["--config", str(config)]
 
     async def before_core() -> None:
-        await kill_all_of(core_as)
+        if killed := await asyncio.to_thread(kill_all_of, core_as):
+            log.warning("killed %d process(es) a core of this hive left running", killed)
         rebind_core_listeners(run_dir, handed)
 
     core = Supervised(
@@ -831,7 +878,8 @@ async def run_locked(
     async def shutdown(supervised: bool) -> bool:
         await gateway.stop()
         await core.stop()
-        await kill_all_of(core_as)
+        if killed := await asyncio.to_thread(kill_all_of, core_as):
+            log.warning("killed %d process(es) the core left running", killed)
         # During start-up nothing reactivates hive-priv: ask only a live one.
         running = priv.proc is not None and priv.proc.returncode is None
         cages_stopped = await stop_all_cages(priv_sock) if supervised or running else True
