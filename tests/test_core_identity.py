@@ -291,15 +291,15 @@ def test_a_deep_tree_is_walked_and_one_too_deep_is_one_line(
         os.close(fd)
     ids = CoreIds(210_000_003, 210_000_003)
     try:
-        assert adopt_files(state, ids) == 1201
-        assert (state / "d").stat().st_uid == ids.uid
-        assert adopt_files(state, ids) == 0  # nothing of theirs left at the top
-        os.chown(state / "d", legacy.pw_uid, legacy.pw_gid)
-        monkeypatch.setattr(core_identity, "MAX_DEPTH", 50)
-        with pytest.raises(CoreIdentityError, match="over 50 directories deep") as e:
-            adopt_files(state, ids)
+        with monkeypatch.context() as m:
+            m.setattr(core_identity, "MAX_DEPTH", 50)
+            with pytest.raises(CoreIdentityError, match="over 50 directories deep") as e:
+                adopt_files(state, ids)
         assert len(str(e.value).splitlines()) == 1
         assert (state / "d").stat().st_uid == legacy.pw_uid  # its top given only after all below
+        assert adopt_files(state, ids) == 1201  # the next start finishes it
+        assert (state / "d").stat().st_uid == ids.uid
+        assert adopt_files(state, ids) == 0  # nothing of theirs left at the top
     finally:  # rm walks without recursion; pytest's own cleanup might not
         subprocess.run(["rm", "-rf", "--one-file-system", str(state / "d")], check=True, timeout=60)
 
