@@ -394,15 +394,18 @@ def rebind_core_listeners(run_dir: Path, socks: dict[str, socket.socket]) -> Non
         fresh.close()
 
 
-KILL_ROUNDS = 50  # scans of /proc before a fork chain of the core's is given up on
+KILL_ROUNDS = 50  # kill(-1) rounds before the core's leftovers are given up on (logged)
 
 
 def _uids_of(pid: int) -> set[int]:
-    """Real, effective, saved and filesystem uid of ``pid`` (empty if it is gone), read by
-    root from /proc/PID/status: a process made non-dumpable shows /proc/PID as root's."""
+    """Real, effective, saved and filesystem uid of ``pid``, empty if it is gone or a
+    zombie (dead: only its parent's wait is left), read by root from /proc/PID/status (a
+    process made non-dumpable shows /proc/PID as root's; its status still says)."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
+                if line.startswith(b"State:") and line.split()[1:2] in ([b"Z"], [b"X"]):
+                    return set()
                 if line.startswith(b"Uid:"):
                     return {int(x) for x in line.split()[1:]}
     except (OSError, ValueError):
@@ -411,7 +414,7 @@ def _uids_of(pid: int) -> set[int]:
 
 
 def processes_of(uid: int) -> list[int]:
-    """Pids of the processes running with ``uid`` as any of their uids."""
+    """Pids of the live processes running with ``uid`` as any of their uids."""
     return [int(e) for e in os.listdir("/proc") if e.isdigit() and uid in _uids_of(int(e))]
 
 
@@ -420,46 +423,54 @@ def kill_all_of(core: CoreIds) -> int:
     (the host's id registry), so whatever a core left running (a compromised one's
     helpers, which could take a later core's descriptors) is ended before the next core
     starts and after the hive stops. A fork of ours takes the core's ids and at once
-    sends ``kill(-1, SIGKILL)`` (the kernel signals, in one pass, exactly the processes
-    that uid may: a fork chain can't slip through); no exec, so the moment a leftover
-    could stop or kill it is a few microseconds, and a killer that doesn't end within a
-    second is killed by us and sent again (red team of session 16: an exec'd killer was
-    killed, or stopped and hung the restart). Rounds until /proc shows none of that uid;
-    the number seen."""
+    sends ``kill(-1, SIGKILL)``: the kernel signals, in one pass, every process that uid
+    may (a fork chain can't slip through: a fork with SIGKILL pending fails), so a round
+    whose fork reports it sent it leaves none. No exec, so the moment a leftover could
+    stop or kill that fork is a few microseconds; one that doesn't end within a second
+    is killed by us and the round sent again (red team of session 16: an exec'd killer
+    was killed, or stopped and hung the restart). Rounds until one was sent and /proc
+    shows none of that uid alive (a scan alone can miss a fork chain). The number of
+    processes seen before."""
     if core.uid < BASE_UID or core.gid < BASE_UID:  # never an account's, never root's
         raise RuntimeError(f"refusing to kill the processes of uid {core.uid}")
-    seen = 0
+    seen = len(processes_of(core.uid))
     for _ in range(KILL_ROUNDS):
-        left = processes_of(core.uid)
-        if not left:
+        sent = _kill_as(core)
+        deadline = time.monotonic() + 1.0
+        while (left := processes_of(core.uid)) and sent and time.monotonic() < deadline:
+            time.sleep(0.005)  # SIGKILLed, still exiting
+        if sent and not left:
             return seen
-        seen = max(seen, len(left))
-        _kill_as(core)
-    left = processes_of(core.uid)
-    if left:
-        log.error("processes of the core's uid %d still running: %s", core.uid, left[:20])
+    log.error("processes of the core's uid %d still running: %s", core.uid, left[:20])
     return seen
 
 
-def _kill_as(core: CoreIds) -> None:
-    """One ``kill(-1, SIGKILL)`` sent with the core's ids, from a fork of ours."""
+def _kill_as(core: CoreIds) -> bool:
+    """One ``kill(-1, SIGKILL)`` sent with the core's ids, from a fork of ours: whether
+    it was sent (the fork exited 0 only after it)."""
     pid = os.fork()
     if pid == 0:  # the child: syscalls only, then out
+        code = 1
         try:
             os.setgroups([])
             os.setresgid(core.gid, core.gid, core.gid)
             os.setresuid(core.uid, core.uid, core.uid)
-            os.kill(-1, signal.SIGKILL)
+            try:
+                os.kill(-1, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # none to signal
+            code = 0
         except BaseException:
             pass
-        os._exit(0)
+        os._exit(code)
     deadline = time.monotonic() + 1.0
-    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+    while (done := os.waitpid(pid, os.WNOHANG)) == (0, 0):
         if time.monotonic() > deadline:  # stopped by a leftover: ours to end
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
-            return
+            return False
         time.sleep(0.002)
+    return os.waitstatus_to_exitcode(done[1]) == 0
 
 
 def prepare_dirs(state_dir: Path, run_dir: Path, core: CoreIds) -> None:
