@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -119,8 +120,13 @@ def test_core_cannot_plant_in_what_priv_trusts(rt: HiveProcess, world: World, ta
 
 @pytest.mark.parametrize("name", ["state", "run"])
 def test_the_roots_are_roots_and_sticky(rt: HiveProcess, world: World, name: str) -> None:
+    """The state dir is root's and sticky (the core adds its files, can't replace root's);
+    the run dir is root's alone since session 16 (0755: the core adds nothing there)."""
     st = os.stat(rt.base / name)
-    assert st.st_uid == 0 and st.st_mode & 0o1000, oct(st.st_mode)
+    if name == "state":
+        assert st.st_uid == 0 and st.st_mode & 0o1000, oct(st.st_mode)
+    else:
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o755), oct(st.st_mode)
 
 
 # -- hive-priv refuses a layout someone else shaped -------------------------------------------------
