@@ -779,7 +779,7 @@ def test_runtime_uid_is_stable_across_a_restart_of_the_whole_hive(hive_factory: 
 def unit_copy(dest: Path) -> dict[str, Path]:
     out = {}
     for unit in ("hive-priv.socket", "hive-host.socket", "hive-web.socket", "hive-priv.service",
-                 "hive-core.service"):
+                 "hive-core.service", "run-hive-agents.mount"):
         text = (UNITS / unit).read_text().replace("/opt/hyperhive/.venv", str(REPO / ".venv"))
         (dest / unit).write_text(text)
         out[unit] = dest / unit
@@ -854,6 +854,16 @@ def test_systemd_unit_settings() -> None:
     assert core["NoNewPrivileges"] == ["yes"]
     assert core["CapabilityBoundingSet"] == [""]
     assert "--priv-sock /run/hive/priv.sock" in core["ExecStart"][0]
+
+    # run/agents is a tmpfs of its own (the cages' mountinfo; agents_fs.py), before either.
+    mount = unit_settings(UNITS / "run-hive-agents.mount")
+    assert mount["Mount"]["Where"] == ["/run/hive/agents"] and mount["Mount"]["Type"] == ["tmpfs"]
+    options = mount["Mount"]["Options"][0].split(",")
+    assert {"mode=0711", "uid=0", "gid=0", "nosuid", "nodev", "noexec"} <= set(options)
+    for unit in ("hive-priv.service", "hive-core.service"):
+        deps = unit_settings(UNITS / unit)["Unit"]
+        assert "run-hive-agents.mount" in deps["Requires"][0].split(), unit
+        assert "run-hive-agents.mount" in deps["After"][0].split(), unit
 
     priv = unit_settings(UNITS / "hive-priv.service")["Service"]
     assert "User" not in priv  # root

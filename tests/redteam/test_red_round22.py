@@ -376,21 +376,28 @@ def test_the_cage_reads_no_host_path_of_the_hive(rt: HiveProcess) -> None:
     assert found == {}, found
 
 
+MOUNTINFO = r"""
+lines = open("/proc/self/mountinfo").read().splitlines()
+result(run_hive=[ln for ln in lines if ln.split()[4] == "/run/hive"])
+"""
+
+
 @pytest.mark.attack(
     "observe.host-activity",
     ref="red team round 22: the run dir's host path in the cage's mountinfo (root field of a bind)",
 )
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit, low (docs/security.md): a bind's root field names the run dir"
-    " (/hive/agents/NAME on /run's tmpfs); a tmpfs of its own at run/agents would hide it",
-)
 def test_the_cages_mountinfo_names_no_host_path_of_the_hive(rt: HiveProcess) -> None:
-    """**Broke (not fixed), low.** A bind's root field in mountinfo is its directory's
-    path within its filesystem: the cage's ``/run/hive`` line names the hive's run
-    directory (``/tmp/hv…/run/agents/NAME`` here; ``/hive/agents/NAME`` on the default
-    ``/run`` tmpfs)."""
+    """**Broke (fixed in session 17), low.** A bind's root field in mountinfo is its
+    directory's path within its filesystem: the cage's ``/run/hive`` line named the
+    hive's run directory (``/tmp/hv…/run/agents/NAME`` here; ``/hive/agents/NAME`` on the
+    default ``/run`` tmpfs). ``run/agents`` is now a tmpfs of its own while the hive runs
+    (cli/agents_fs.py; systemd: run-hive-agents.mount), so the root field is ``/NAME``."""
     assert "mountinfo" not in _host_paths_read(rt)
+    with unchanged(rt):
+        line = cage_run(rt, VICTIM, MOUNTINFO)["run_hive"]
+    print(line)
+    assert len(line) == 1 and line[0].split()[3] == f"/{VICTIM}", line
+    assert " - tmpfs hive-agents " in line[0], line
 
 
 # -- the egress bridge's port -----------------------------------------------------------------

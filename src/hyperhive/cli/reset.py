@@ -20,10 +20,7 @@ descriptors), so nothing an agent planted in its home reaches outside it."""
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
-import re
 import shutil
 import stat
 import sys
@@ -33,6 +30,7 @@ from typing import NoReturn
 import click
 
 from hyperhive.cli import instance_lock
+from hyperhive.cli.agents_fs import mount_points_below, unmount
 from hyperhive.cli.output import fail, json_option, say
 from hyperhive.display import dumps
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
@@ -42,29 +40,6 @@ STATE_ENTRIES = ("hive.db", "hive.db-wal", "hive.db-shm", "hive.db-journal", "op
 STATE_DIRS = ("agents", "priv", "ca")
 RUN_ENTRIES = ("priv.sock", "host.sock", "core.sock")
 RUN_DIRS = ("agents", "ui", "gateway")
-MNT_DETACH = 2
-_OCTAL = re.compile(r"\\([0-7]{3})")
-
-
-def _mount_points_below(root: Path) -> list[str]:
-    """Mount points under ``root`` (deepest first), from our mountinfo."""
-    prefix = str(root) + "/"
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        # mountinfo escapes space, tab, newline and backslash as octal
-        point = _OCTAL.sub(lambda m: chr(int(m[1], 8)), fields[4]) if len(fields) > 4 else ""
-        if point.startswith(prefix):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
-def _unmount(point: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.umount2(point.encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        if err not in (errno.EINVAL, errno.ENOENT):
-            fail(f"could not unmount {point}: {os.strerror(err)}; nothing was removed")
 
 
 def _caged_pids(state_dir: Path) -> list[int]:
@@ -160,10 +135,13 @@ def reset(
             listing = ", ".join(map(str, doomed))
             click.confirm(f"delete {listing}?", abort=True, err=True)
         unmounted = []
-        for point in _mount_points_below(state_dir) + _mount_points_below(run_dir):
-            _unmount(point)
+        for point in mount_points_below(state_dir) + mount_points_below(run_dir):
+            try:
+                unmount(point)
+            except OSError as e:
+                refuse(f"{e.strerror}; nothing was removed")
             unmounted.append(point)
-        still = _mount_points_below(state_dir) + _mount_points_below(run_dir)
+        still = mount_points_below(state_dir) + mount_points_below(run_dir)
         if still:
             refuse(f"{still[0]} is still mounted; nothing was removed")
         for path in doomed:

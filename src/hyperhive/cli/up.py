@@ -34,7 +34,7 @@ from typing import Any
 
 import click
 
-from hyperhive.cli import instance_lock
+from hyperhive.cli import agents_fs, instance_lock
 from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_files, core_identity
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
@@ -764,6 +764,12 @@ async def run_hive(
     try:
         return await run_locked(config, state_dir, run_dir, listen, max_agents)
     finally:
+        # After every cage was stopped: a cage still running keeps its own view of it.
+        if agents_fs.mounted(run_dir / "agents"):
+            try:
+                agents_fs.unmount(str(run_dir / "agents"))
+            except OSError as e:
+                log.warning("%s", e)
         lock.release()
 
 
@@ -782,6 +788,11 @@ async def run_locked(
         PROGRESS.error(f"the core's ids: {e}")
         return 1
     prepare_dirs(state_dir, run_dir, core_as)
+    try:
+        agents_fs.mount(run_dir, max_agents)
+    except OSError as e:
+        PROGRESS.error(f"could not mount a tmpfs on {run_dir / 'agents'}: {e}")
+        return 1
     priv_sock = run_dir / "priv.sock"
     try:
         listener = bind_priv_socket(priv_sock, core_as)
