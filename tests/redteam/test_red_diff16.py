@@ -63,7 +63,7 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, _finish, proc_cmdline, proc_status, wait_until
+from hive_fixture import HIVE, HiveProcess, _finish, children, proc_cmdline, proc_status, wait_until
 from hyperhive.client import HiveUnavailable
 
 from .conftest import cage_run
@@ -847,6 +847,12 @@ def test_the_core_holds_no_terminal_of_the_operators(pair: tuple[HiveProcess, Hi
         tty_nr, ttys = _terminal_of(pid)
         caged = {p: _terminal_of(p) for n in c.names for p in c.cage_procs(n)}
         caged = {p: t for p, t in caged.items() if t != (0, [])}
+        # nginx's master and its workers (hive-gateway: they parse what the network
+        # sends) got the operator's terminal as fd 2 until session 17.
+        masters = [p for p in children(proc.pid) if Path(f"/proc/{p}/comm").read_text() == "nginx\n"]
+        nginx = masters + [w for m in masters for w in children(m)]
+        assert len(nginx) >= 2, nginx
+        gateway = {p: _terminal_of(p) for p in nginx}
     finally:
         try:
             _finish([c])
@@ -856,6 +862,8 @@ def test_the_core_holds_no_terminal_of_the_operators(pair: tuple[HiveProcess, Hi
     assert (tty_nr, ttys) == (0, []), (
         f"the core has the operator's terminal: tty_nr {tty_nr}, fds {ttys}"
     )
+    assert all(t == (0, []) for t in gateway.values()), f"nginx has the operator's terminal: {gateway}"
+
 
 
 LEFTOVER = r"""

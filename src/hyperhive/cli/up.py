@@ -176,7 +176,8 @@ class Supervised:
         # listeners bound afresh.
         self.before_start = before_start
         # Its stderr through a pipe, each line shown escaped on ours: a child that is not
-        # root (the core) never holds the operator's terminal (TIOCSTI, escape sequences).
+        # root (the core, nginx's workers) never holds the operator's terminal (TIOCSTI,
+        # escape sequences, reading what is typed).
         self.relay_stderr = relay_stderr
         self.relayer: asyncio.Future[None] | None = None
         self.ready_timeout = ready_timeout
@@ -874,6 +875,9 @@ async def run_locked(
         ],
         None,
         own_group=True,
+        # Its workers (hive-gateway, parsing what the network sends) get a pipe, not the
+        # operator's terminal: no terminal controls on root's screen, no keystrokes read.
+        relay_stderr=True,
     )
     gateway.ready_check = gateway_ready(gateway, listen)
     PROGRESS.say(
