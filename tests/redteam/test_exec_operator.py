@@ -366,7 +366,8 @@ def test_leftover_process_cannot_take_the_operators_terminal(
     if technique == "scm-rights":
         argv = ["python3", "-c", SENDER, marker, attacker.id]
     else:
-        argv = ["sh", "-c", "sleep 4; echo done", marker]
+        # 2 s: about 100 of the attacker's scans (one each 20 ms) while it runs
+        argv = ["sh", "-c", "sleep 2; echo done", marker]
     if mode == "tty":
         master, slave = pty.openpty()
         before = termios.tcgetattr(slave)
@@ -441,12 +442,14 @@ MEMORY = [
     "pidfd_open",
     "kill-all",
 ]
+# 2.5 s: kill-all starts 1.5 s after the attacker is ready (its launcher gone), and the
+# exec starts ~0.4 s after that: a second of kill(-1) while the operator's command runs.
 SHAPES = {
-    "command": ["python3", "-c", "import time; time.sleep(4)", "MARK", "TOKEN"],
+    "command": ["python3", "-c", "import time; time.sleep(2.5)", "MARK", "TOKEN"],
     "grandchild": [
         "sh",
         "-c",
-        "python3 -c 'import time; time.sleep(4)' MARK TOKEN & wait",
+        "python3 -c 'import time; time.sleep(2.5)' MARK TOKEN & wait",
         "MARK",
         "TOKEN",
     ],
