@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, proc_start_time, wait_until
+from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, children, proc_start_time, wait_until
 from hyperhive.cli.core_identity import LEGACY_USER
-from hyperhive.cli.up import ADMIN_GROUP, GATEWAY_USER, ensure_group, ensure_user
+from hyperhive.cli.up import ADMIN_GROUP, ensure_group, ensure_user
 from hyperhive.client import priv_send
 from hyperhive.names import NAME_RE
 from hyperhive.priv.cgroups import CGROUP_ROOT, Cgroup, has_cpu, hive_dirs, is_v2, remove_hive
@@ -706,7 +706,9 @@ def test_hive_up_binds_priv_sock_like_the_socket_unit(hive_factory: HiveFactory)
     assert (st.st_uid, st.st_gid) == (0, grp.getgrnam(ADMIN_GROUP).gr_gid)
     st = (h.run_dir / "core.sock").stat()
     assert stat.S_IMODE(st.st_mode) == 0o660
-    assert (st.st_uid, st.st_gid) == (0, grp.getgrnam(GATEWAY_USER).gr_gid)
+    # The group of this hive's own gateway (the second id of the core's block), not
+    # the host's hive-gateway: another hive's nginx workers can't connect (session 17).
+    assert (st.st_uid, st.st_gid) == (0, core_gid + 1)
     core_id_file = (h.state_dir / "core.id").stat()
     assert (core_id_file.st_uid, stat.S_IMODE(core_id_file.st_mode)) == (0, 0o644)
     # hive-core runs under those ids with no supplementary group, hive-priv as root.
@@ -723,6 +725,18 @@ def test_hive_up_binds_priv_sock_like_the_socket_unit(hive_factory: HiveFactory)
     up_sockets = {os.readlink(f"/proc/{h.proc.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{h.proc.pid}/fd")}
     for fd in (3, 4):
         assert os.readlink(f"/proc/{core}/fd/{fd}") in up_sockets
+    # nginx's workers: this hive's gateway ids, no supplementary group, no account.
+    masters = [p for p in children(h.proc.pid) if Path(f"/proc/{p}/comm").read_text() == "nginx\n"]
+    workers = [w for m in masters for w in children(m)]
+    assert len(masters) == 1 and workers, (masters, workers)
+    for w in workers:
+        status = Path(f"/proc/{w}/status").read_text()
+        assert re.search(rf"^Uid:\s+{core_uid + 1}\s+{core_uid + 1}\s+{core_uid + 1}\s", status, re.M), status
+        assert re.search(rf"^Gid:\s+{core_gid + 1}\s+{core_gid + 1}\s+{core_gid + 1}\s", status, re.M), status
+        # nginx's initgroups: its own group alone
+        assert re.search(rf"^Groups:\s*({core_gid + 1}\s*)?$", status, re.M), status
+    with pytest.raises(KeyError):
+        pwd.getpwuid(core_uid + 1)
 
 
 def cage_identity(h: Any) -> dict[str, tuple[int, int | None, int]]:

@@ -57,6 +57,13 @@ class CoreIds:
         return f"{self.uid}:{self.gid}"
 
 
+def gateway_ids(core: CoreIds) -> CoreIds:
+    """This hive's gateway ids (its nginx workers; ``cli/gateway_users.py``): the second
+    id of the core's block in the host's registry (a block is two ids, an agent's runtime
+    and harness; the core uses the first). No account, no other hive's."""
+    return CoreIds(uid=core.uid + 1, gid=core.gid + 1)
+
+
 @dataclass(frozen=True)
 class Identity:
     """The core's ids, and those ``core.id`` named that the host's registry gives to

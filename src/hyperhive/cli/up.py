@@ -35,7 +35,13 @@ from typing import Any
 import click
 
 from hyperhive.cli import agents_fs, instance_lock
-from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_files, core_identity
+from hyperhive.cli.core_identity import (
+    CoreIdentityError,
+    CoreIds,
+    adopt_files,
+    core_identity,
+    gateway_ids,
+)
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
 from hyperhive.config import ConfigError, load_config, parse_listen
@@ -124,7 +130,9 @@ def ensure_group(name: str) -> None:
         log.info("created group %s", name)
 
 
-GATEWAY_USER = "hive-gateway"  # the gateway's workers; its group may reach the agents' pages
+# The gateway's workers, under systemd (sysusers.d). `hive up` runs each hive's gateway
+# under ids of its own that this name means only in nginx's namespace (gateway_users.py).
+GATEWAY_USER = "hive-gateway"
 
 
 def ensure_user(name: str) -> None:
@@ -361,23 +369,29 @@ def bind_priv_socket(path: Path, core: CoreIds) -> socket.socket:
     return bind_listener(path, core.gid, 0o660)
 
 
-# host.sock (root:hive-admin 0660) and core.sock (root:hive-gateway 0660): bound by us and
-# handed to the core, so the core needs neither group.
-HANDED = {"host.sock": (ADMIN_GROUP, 128), "core.sock": (GATEWAY_USER, 512)}
+# host.sock (root:hive-admin 0660) and core.sock (root and this hive's gateway group, 0660):
+# bound by us and handed to the core, so the core needs neither group. Their backlogs.
+HANDED = {"host.sock": 128, "core.sock": 512}
 
 
-def _bind_handed(run_dir: Path, name: str) -> socket.socket:
-    group, backlog = HANDED[name]
-    return bind_listener(run_dir / name, grp.getgrnam(group).gr_gid, 0o660, backlog=backlog)
+def _handed_gid(name: str, core: CoreIds) -> int:
+    if name == "core.sock":
+        return gateway_ids(core).gid
+    return grp.getgrnam(ADMIN_GROUP).gr_gid
 
 
-def bind_core_listeners(run_dir: Path) -> dict[str, socket.socket]:
+def _bind_handed(run_dir: Path, name: str, core: CoreIds) -> socket.socket:
+    gid = _handed_gid(name, core)
+    return bind_listener(run_dir / name, gid, 0o660, backlog=HANDED[name])
+
+
+def bind_core_listeners(run_dir: Path, core: CoreIds) -> dict[str, socket.socket]:
     """The core's listeners, bound; ``rebind_core_listeners`` binds them afresh before
     each start of the core."""
     socks: dict[str, socket.socket] = {}
     try:
         for name in HANDED:
-            socks[name] = _bind_handed(run_dir, name)
+            socks[name] = _bind_handed(run_dir, name, core)
     except BaseException:
         for sock in socks.values():
             sock.close()
@@ -385,12 +399,12 @@ def bind_core_listeners(run_dir: Path) -> dict[str, socket.socket]:
     return socks
 
 
-def rebind_core_listeners(run_dir: Path, socks: dict[str, socket.socket]) -> None:
+def rebind_core_listeners(run_dir: Path, socks: dict[str, socket.socket], core: CoreIds) -> None:
     """New listeners in place of the last core's, on the same descriptor numbers (the
     core's argv names them): a copy a compromised core kept elsewhere, or a listener it
     shut down, is not what the next core serves (red team of session 16)."""
     for name, sock in socks.items():
-        fresh = _bind_handed(run_dir, name)
+        fresh = _bind_handed(run_dir, name, core)
         os.dup2(fresh.fileno(), sock.fileno(), inheritable=False)
         fresh.close()
 
@@ -778,10 +792,10 @@ async def run_locked(
     config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
 ) -> int:
     ensure_group(ADMIN_GROUP)
-    ensure_user(GATEWAY_USER)
     try:
         identity = core_identity(state_dir)
         core_as = identity.ids
+        gateway_as = gateway_ids(core_as)
         # What earlier cores own here (an older version's shared user, the ids of a state
         # dir this was copied from): checked at every start, walked only if some is left.
         adopt_files(state_dir, core_as, identity.former)
@@ -801,7 +815,7 @@ async def run_locked(
         PROGRESS.error(f"could not bind {priv_sock}: {e}")
         return 1
     try:
-        handed = bind_core_listeners(run_dir)
+        handed = bind_core_listeners(run_dir, core_as)
     except OSError as e:
         listener.close()
         priv_sock.unlink(missing_ok=True)
@@ -818,7 +832,7 @@ async def run_locked(
             "--core-user",
             core_as.spec,
             "--gateway-group",
-            GATEWAY_USER,
+            gateway_as.spec,
         ),
         listener,
     )
@@ -840,7 +854,7 @@ async def run_locked(
     async def before_core() -> None:
         if killed := await asyncio.to_thread(kill_all_of, core_as):
             log.warning("killed %d process(es) a core of this hive left running", killed)
-        rebind_core_listeners(run_dir, handed)
+        rebind_core_listeners(run_dir, handed, core_as)
 
     core = Supervised(
         "hive-core",
@@ -859,13 +873,25 @@ async def run_locked(
         # The core is ready once it has started every agent: more time for more of them.
         ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
     )
-    nginx_conf = gateway_config.write(listen, run_dir, GATEWAY_USER, max_agents)
+    nginx_conf = gateway_config.write(listen, run_dir, gateway_as.uid, gateway_as.gid, max_agents)
+
+    async def before_gateway() -> None:
+        if killed := await asyncio.to_thread(kill_all_of, gateway_as):
+            log.warning("killed %d process(es) a gateway of this hive left running", killed)
+
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
-    # of nginx's compiled-in paths or of the working directory is used.
+    # of nginx's compiled-in paths or of the working directory is used. In a mount
+    # namespace where the config's `hive-gateway` is this hive's gateway ids.
     gateway = Supervised(
         "gateway",
         [
-            shutil.which("nginx", path=CHILD_PATH) or "nginx",
+            *python_argv(
+                "hyperhive.cli.gateway_users",
+                gateway_as.spec,
+                *map(str, gateway_config.user_files(run_dir)),
+                "--",
+            ),
+            shutil.which("nginx", path=CHILD_PATH) or "/usr/sbin/nginx",
             "-p",
             f"{nginx_conf.parent}/",
             "-e",
@@ -878,6 +904,9 @@ async def run_locked(
         # Its workers (hive-gateway, parsing what the network sends) get a pipe, not the
         # operator's terminal: no terminal controls on root's screen, no keystrokes read.
         relay_stderr=True,
+        # Whatever a compromised worker left running (its own session) is not the next
+        # gateway's: the same ids.
+        before_start=before_gateway,
     )
     gateway.ready_check = gateway_ready(gateway, listen)
     PROGRESS.say(
@@ -904,8 +933,9 @@ async def run_locked(
     async def shutdown(supervised: bool) -> bool:
         await gateway.stop()
         await core.stop()
-        if killed := await asyncio.to_thread(kill_all_of, core_as):
-            log.warning("killed %d process(es) the core left running", killed)
+        for ids, what in ((core_as, "the core"), (gateway_as, "the gateway")):
+            if killed := await asyncio.to_thread(kill_all_of, ids):
+                log.warning("killed %d process(es) %s left running", killed, what)
         # During start-up nothing reactivates hive-priv: ask only a live one.
         running = priv.proc is not None and priv.proc.returncode is None
         cages_stopped = await stop_all_cages(priv_sock) if supervised or running else True

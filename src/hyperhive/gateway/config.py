@@ -89,17 +89,34 @@ def render(
     )
 
 
-def write(listen: str, run_dir: Path, user: str = USER, max_agents: int = 100) -> Path:
-    """Write RUN/gateway/nginx.conf (root's: the master reads it as root); the
-    workers get RUN/gateway/tmp, which nginx hands to their user itself."""
-    import grp
+def write(listen: str, run_dir: Path, uid: int, gid: int, max_agents: int = 100) -> Path:
+    """Write RUN/gateway/nginx.conf (root's: the master reads it as root), and the
+    ``passwd`` and ``group`` that make ``hive-gateway`` this hive's gateway ids (``uid``,
+    ``gid``) in nginx's own mount namespace (cli/gateway_users.py). The workers get
+    RUN/gateway/tmp, which nginx hands to their user itself."""
     import os
+
+    from hyperhive.priv import safefs
 
     gateway_dir = run_dir / "gateway"
     for sub in ("", "tmp"):
         (gateway_dir / sub).mkdir(parents=True, exist_ok=True)
-    os.chown(gateway_dir, 0, grp.getgrnam(user).gr_gid)
+    os.chown(gateway_dir, 0, gid)
     os.chmod(gateway_dir, 0o750)
-    conf = gateway_dir / "nginx.conf"
-    conf.write_text(render(listen, run_dir, gateway_dir, user, max_agents))
-    return conf
+    with safefs.opened(safefs.open_anchor(gateway_dir)) as anchor:
+        for name, text in (
+            (
+                "passwd",
+                f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                f"{USER}:x:{uid}:{gid}:hive gateway:/nonexistent:/usr/sbin/nologin\n",
+            ),
+            ("group", f"root:x:0:\n{USER}:x:{gid}:\n"),
+            ("nginx.conf", render(listen, run_dir, gateway_dir, USER, max_agents)),
+        ):
+            safefs.write_file(anchor, name, text.encode(), 0o644, durable=False)
+    return gateway_dir / "nginx.conf"
+
+
+def user_files(run_dir: Path) -> tuple[Path, Path]:
+    """The ``passwd`` and ``group`` files ``write`` made."""
+    return run_dir / "gateway" / "passwd", run_dir / "gateway" / "group"
