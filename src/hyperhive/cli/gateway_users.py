@@ -15,32 +15,22 @@ runs, so a lookup that would answer otherwise refuses the start.
 
 from __future__ import annotations
 
-import ctypes
 import grp
 import os
 import pwd
 import sys
 from typing import NoReturn
 
+from hyperhive.cli import mountns
+
 USAGE = "usage: python -I -m hyperhive.cli.gateway_users UID:GID PASSWD GROUP -- /PROGRAM ARGS..."
 NAME = "hive-gateway"  # what the nginx config's `user` names (gateway/config.py USER)
-CLONE_NEWNS = 0x20000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
-MS_REMOUNT, MS_BIND, MS_REC, MS_SLAVE = 0x20, 0x1000, 0x4000, 0x80000
 NSCD_DIRS = ("/run/nscd", "/var/run/nscd", "/var/db/nscd")
-
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def _fail(line: str) -> NoReturn:
     print(f"gateway_users: {line}", file=sys.stderr)
     raise SystemExit(2)
-
-
-def _mount(source: str, target: str, fstype: str | None, flags: int, what: str) -> None:
-    rc = _libc.mount(source.encode(), target.encode(), fstype and fstype.encode(), flags, None)
-    if rc != 0:
-        _fail(f"{what}: {os.strerror(ctypes.get_errno())}")
 
 
 def parse(args: list[str]) -> tuple[int, int, str, str, list[str]]:
@@ -58,16 +48,18 @@ def parse(args: list[str]) -> tuple[int, int, str, str, list[str]]:
 
 def main() -> None:
     uid, gid, passwd, group, argv = parse(sys.argv[1:])
-    if _libc.unshare(CLONE_NEWNS) != 0:
-        _fail(f"unshare: {os.strerror(ctypes.get_errno())}")
-    # Nothing mounted here reaches the host; the host's mounts still reach here.
-    _mount("none", "/", None, MS_REC | MS_SLAVE, "making / a slave")
-    for source, target in ((passwd, "/etc/passwd"), (group, "/etc/group")):
-        _mount(source, target, None, MS_BIND, f"binding {source} on {target}")
-        _mount("none", target, None, MS_REMOUNT | MS_BIND | MS_RDONLY, f"{target} read-only")
-    for d in NSCD_DIRS:  # glibc asks nscd first, and nscd reads the host's files
-        if os.path.isdir(d) and not os.path.islink(d):
-            _mount("none", d, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, f"hiding {d}")
+    try:
+        mountns.private()
+        for source, target in ((passwd, "/etc/passwd"), (group, "/etc/group")):
+            mountns.bind(source, target, readonly=True)
+        for d in NSCD_DIRS:  # glibc asks nscd first, and nscd reads the host's files
+            if os.path.isdir(d) and not os.path.islink(d):
+                flags = mountns.MS_NOSUID | mountns.MS_NODEV | mountns.MS_NOEXEC
+                mountns.mount("none", d, "tmpfs", flags, f"hiding {d}")
+        # nginx never execs; a worker that is made to gains nothing from a setuid program.
+        mountns.no_new_privileges()
+    except OSError as e:
+        _fail(e.strerror or str(e))
     try:
         pw, gr = pwd.getpwnam(NAME), grp.getgrnam(NAME)
     except KeyError:

@@ -837,16 +837,24 @@ async def run_locked(
         listener,
     )
     handing = [f"{sock.fileno()}:{name}" for name, sock in handed.items()]
-    argv = python_argv("hyperhive.cli.socket_activate", *handing, "--") + python_argv(
-        "hyperhive.core",
-        "--run-dir",
-        str(run_dir),
-        "--state-dir",
-        str(state_dir),
-        "--listen",
-        listen,
-        "--priv-sock",
-        str(priv_sock),
+    # As root into a sandbox like the systemd unit's (the host read-only but for the
+    # state and run dirs, no new privileges, no capabilities), then the core's own ids;
+    # then systemd's socket activation; then the core.
+    sandbox = [os.path.abspath(state_dir), os.path.abspath(run_dir)]
+    argv = (
+        python_argv("hyperhive.cli.core_sandbox", core_as.spec, *sandbox, "--")
+        + python_argv("hyperhive.cli.socket_activate", *handing, "--")
+        + python_argv(
+            "hyperhive.core",
+            "--run-dir",
+            str(run_dir),
+            "--state-dir",
+            str(state_dir),
+            "--listen",
+            listen,
+            "--priv-sock",
+            str(priv_sock),
+        )
     )
     if config is not None:
         argv += ["--config", str(config)]
@@ -865,10 +873,8 @@ async def run_locked(
         own_group=True,
         relay_stderr=True,
         before_start=before_core,
-        # This hive's own ids, no supplementary group: another hive's core is a stranger.
-        user=core_as.uid,
-        group=core_as.gid,
-        extra_groups=[],
+        # core_sandbox takes this hive's own ids, no supplementary group: another hive's
+        # core is a stranger.
         pass_fds=tuple(sock.fileno() for sock in handed.values()),
         # The core is ready once it has started every agent: more time for more of them.
         ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
