@@ -130,11 +130,6 @@ def ensure_group(name: str) -> None:
         log.info("created group %s", name)
 
 
-# The gateway's workers, under systemd (sysusers.d). `hive up` runs each hive's gateway
-# under ids of its own that this name means only in nginx's namespace (gateway_users.py).
-GATEWAY_USER = "hive-gateway"
-
-
 def ensure_user(name: str) -> None:
     """Create a system user with its own group, no home, no shell (idempotent)."""
     try:
