@@ -224,7 +224,8 @@ def test_hive_core_id_prints_the_ids_hive_up_will_use(tmp_path: Path) -> None:
                         text=True, timeout=30)  # fmt: skip
     table = json.loads((state / "core.id").read_text())
     assert plain.stdout.strip() == f"{table['uid']}:{table['gid']}"
-    assert json.loads(js.stdout) == {"version": 1, "ok": True, **table}
+    gateway = {"uid": table["uid"] + 1, "gid": table["gid"] + 1}  # the block's second id
+    assert json.loads(js.stdout) == {"version": 1, "ok": True, **table, "gateway": gateway}
     as_nobody = subprocess.run([str(HIVE), "core-id", "--state-dir", str(state)], capture_output=True,
                                text=True, timeout=30, user="nobody")  # fmt: skip
     assert as_nobody.returncode == 1

@@ -279,7 +279,7 @@ def _adopt(dir_fd: int, name: str, uids: set[int], gids: set[int], ids: CoreIds)
 @json_option
 def core_id(state_dir: Path, as_json: bool) -> None:
     """The uid and gid this hive's core runs under, as UID:GID (root only; made on
-    first use).
+    first use). ``--json`` also gives its gateway's (the nginx workers').
 
     Give a file the core must read to these ids, 0600: the swarm's credentials, an
     operator key kept outside the state dir: chown "$(hive core-id)" FILE."""
@@ -291,6 +291,10 @@ def core_id(state_dir: Path, as_json: bool) -> None:
         fail(f"the core's ids: {e}")
         return
     if as_json:
-        click.echo(dumps({"version": 1, "ok": True, "uid": ids.uid, "gid": ids.gid}))
+        gw = gateway_ids(ids)
+        gateway = {"uid": gw.uid, "gid": gw.gid}  # its nginx workers' (hive up)
+        click.echo(
+            dumps({"version": 1, "ok": True, "uid": ids.uid, "gid": ids.gid, "gateway": gateway})
+        )
     else:
         click.echo(ids.spec)
