@@ -4,6 +4,7 @@ registry of their own (never the host's)."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -40,6 +41,44 @@ def test_ids_are_claimed_once_kept_and_distinct_per_hive(tmp_path: Path, registr
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o644)
     assert json.loads((a / "core.id").read_text()) == {"uid": first.uid, "gid": first.gid}
     assert first.spec == f"{first.uid}:{first.gid}"
+
+
+@pytest.mark.parametrize("taken", ["core uid", "gateway uid", "gateway gid", "subordinate range"])
+def test_ids_the_host_gave_away_since_are_left_for_new_ones(
+    tmp_path: Path, registry: HostRegistry, monkeypatch: pytest.MonkeyPatch, taken: str
+) -> None:
+    """The registry checks the host's accounts and subordinate ranges when it hands a
+    block out; an account made later with one of its ids (``useradd -u``, a directory
+    service's user) would share it with the hive's core or gateway (red team of session
+    17). Each start looks the ids up one by one: taken, the hive gets new ones, and
+    ``former`` names the old (their files here are adopted)."""
+    state = tmp_path / "state"
+    first = core_ids(state, registry)
+    gw = core_identity.gateway_ids(first)
+    real_pw, real_gr = core_identity.pwd.getpwuid, core_identity.grp.getgrgid
+
+    def getpwuid(uid: int) -> pwd.struct_passwd:
+        if (taken, uid) in (("core uid", first.uid), ("gateway uid", gw.uid)):
+            return pwd.struct_passwd(("intruder", "x", uid, uid, "", "/", "/bin/sh"))
+        return real_pw(uid)
+
+    def getgrgid(gid: int) -> grp.struct_group:
+        if (taken, gid) == ("gateway gid", gw.gid):
+            return grp.struct_group(("intruders", "x", gid, []))
+        return real_gr(gid)
+
+    monkeypatch.setattr(core_identity.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(core_identity.grp, "getgrgid", getgrgid)
+    if taken == "subordinate range":
+        monkeypatch.setattr(core_identity, "subordinate_ranges", lambda: [(gw.uid, gw.uid + 65535)])
+    said = core_identity.given_away(first)
+    assert said is not None and ("intruder" in said or "subordinate" in said), said
+    again = core_identity.core_identity(state, registry)
+    assert again.former == first and again.ids != first
+    assert json.loads((state / "core.id").read_text()) == {"uid": again.ids.uid, "gid": again.ids.gid}
+    monkeypatch.undo()
+    assert core_identity.given_away(again.ids) is None
+    assert core_identity.core_identity(state, registry) == core_identity.Identity(again.ids)  # kept now
 
 
 @pytest.mark.parametrize("plant", ["symlink", "not root's", "hard link", "garbage", "uid 0", "directory"])

@@ -46,8 +46,9 @@ from hyperhive.cli.instance_lock import LOCK_DIR, lock_name
 REF_PATH = "CVE-2008-5983 (Python puts the working directory on sys.path)"
 REF_SINGLE = "systemd socket activation: one owner per socket; lock files only root can create"
 REF_READY = "omnigent PR#1717: fail closed when the sandbox cannot be applied"
-# What a Python child of `hive up` may find in its environment, and nothing else.
-CHILD_ENV = {"PATH", "LANG", "HIVE_LOG_LEVEL", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"}
+# What a Python child of `hive up` may find in its environment, and nothing else (TMPDIR:
+# the core's, its state dir, set by core_sandbox: its /tmp is read-only).
+CHILD_ENV = {"PATH", "LANG", "HIVE_LOG_LEVEL", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "TMPDIR"}
 REFUSE_TIMEOUT = 20.0  # seconds: a refusal happens before anything starts
 
 
@@ -164,6 +165,7 @@ def assert_isolated(h: Launched) -> None:
         assert argv[1:3] == ["-I", "-m"], f"{name} runs without -I: {argv}"
         env = proc_environ(pid)
         assert set(env) <= CHILD_ENV, f"{name} got the operator's environment: {sorted(set(env) - CHILD_ENV)}"
+        assert env.get("TMPDIR", str(h.state_dir)) == str(h.state_dir), f"{name}'s TMPDIR: {env['TMPDIR']}"
         assert os.readlink(f"/proc/{pid}/cwd") == "/", f"{name} runs in {os.readlink(f'/proc/{pid}/cwd')}"
     ngx = nginx_pid(h)
     argv = " ".join(proc_cmdline(ngx)).split()  # nginx rewrites its title: "nginx: master process ..."

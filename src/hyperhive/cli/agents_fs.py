@@ -17,7 +17,8 @@ import os
 import re
 from pathlib import Path
 
-from hyperhive.priv import mountapi
+from hyperhive.cli import mountns
+from hyperhive.priv import mountapi, safefs
 
 MNT_DETACH = 2
 # ca-bundle.pem (the host's bundle and the hive's CA, ~220 KiB here), hive-ca.pem and
@@ -63,24 +64,32 @@ def mounted(agents: Path) -> bool:
     return any(p == str(agents) and t == "tmpfs" for p, t in mounts())
 
 
+def _bounds(max_agents: int) -> dict[str, str]:
+    return {
+        "size": str(SPARE_BYTES + BYTES_PER_AGENT * max_agents),
+        "nr_inodes": str(SPARE_INODES + INODES_PER_AGENT * max_agents),
+    }
+
+
 def mount(run_dir: Path, max_agents: int) -> bool:
-    """Mount a fresh tmpfs (root's, 0711) on ``run_dir/agents`` unless one is there.
-    Returns whether one was mounted now. The run dir is root's alone (0755, checked by
-    prepare_dirs), so the path names what root made."""
+    """Mount a fresh tmpfs (root's, 0711) on ``run_dir/agents`` unless one is there (then
+    it is sized for ``max_agents`` again). Returns whether one was mounted now.
+    ``run_dir`` must be absolute and normalized, with no link on the way (what
+    mountinfo names, and what hive-priv opens): else ``safefs.UnsafePath`` and nothing
+    is mounted. The run dir is root's alone (0755, prepare_dirs)."""
+    if os.path.normpath(run_dir) != str(run_dir):
+        raise safefs.UnsafePath(f"{run_dir}: not a normalized absolute path")
+    os.close(safefs.open_anchor(run_dir / "agents"))  # no link, root's
     agents = run_dir / "agents"
     if mounted(agents):
+        options = ",".join(f"{k}={v}" for k, v in _bounds(max_agents).items())
+        flags = mountns.MS_REMOUNT | mountns.MS_NOSUID | mountns.MS_NODEV | mountns.MS_NOEXEC
+        mountns.mount("hive-agents", str(agents), "tmpfs", flags, f"resizing {agents}", options)
         return False
     fd = mountapi.detached(
         "tmpfs",
         mountapi.MOUNT_ATTR_NOSUID | mountapi.MOUNT_ATTR_NODEV | mountapi.MOUNT_ATTR_NOEXEC,
-        {
-            "source": "hive-agents",
-            "mode": "0711",
-            "uid": "0",
-            "gid": "0",
-            "size": str(SPARE_BYTES + BYTES_PER_AGENT * max_agents),
-            "nr_inodes": str(SPARE_INODES + INODES_PER_AGENT * max_agents),
-        },
+        {"source": "hive-agents", "mode": "0711", "uid": "0", "gid": "0", **_bounds(max_agents)},
     )
     try:
         mountapi.attach(fd, str(agents))

@@ -18,6 +18,7 @@ ids (``adopt_files``).
 from __future__ import annotations
 
 import functools
+import grp
 import json
 import logging
 import os
@@ -32,7 +33,7 @@ from hyperhive.cli.output import fail, json_option
 from hyperhive.display import dumps
 from hyperhive.paths import DEFAULT_STATE_DIR
 from hyperhive.priv import safefs
-from hyperhive.priv.ids import HostRegistry, IdsExhausted
+from hyperhive.priv.ids import HostRegistry, IdsExhausted, subordinate_ranges
 
 log = logging.getLogger("hive.up")
 
@@ -58,7 +59,7 @@ class CoreIds:
 
 
 def gateway_ids(core: CoreIds) -> CoreIds:
-    """This hive's gateway ids (its nginx workers; ``cli/gateway_users.py``): the second
+    """This hive's gateway ids (its nginx master and workers, never root): the second
     id of the core's block in the host's registry (a block is two ids, an agent's runtime
     and harness; the core uses the first). No account, no other hive's."""
     return CoreIds(uid=core.uid + 1, gid=core.gid + 1)
@@ -98,22 +99,53 @@ def core_identity(state_dir: Path, registry: HostRegistry | None = None) -> Iden
         known = _read(anchor, state_dir)
         if known is not None:
             holder = reg.owner(known.uid)
-            if holder == owner:
+            taken = given_away(known) if holder == owner else None
+            if holder == owner and taken is None:
                 return Identity(known)
-            log.warning(
-                "%s names uid %d, which the host's id registry gives to %s, not to %s: "
-                "new ids for this hive's core (a copied or moved state dir?)",
-                state_dir / ID_FILE,
-                known.uid,
-                holder or "no one",
-                owner,
-            )
+            if taken is not None:
+                log.warning(
+                    "%s: %s since it was claimed: new ids for this hive's core and gateway "
+                    "(its files here are given to them)",
+                    state_dir / ID_FILE,
+                    taken,
+                )
+            else:
+                log.warning(
+                    "%s names uid %d, which the host's id registry gives to %s, not to %s: "
+                    "new ids for this hive's core (a copied or moved state dir?)",
+                    state_dir / ID_FILE,
+                    known.uid,
+                    holder or "no one",
+                    owner,
+                )
         base = reg.claim(owner)
         ids = CoreIds(uid=base, gid=base)
         data = json.dumps({"uid": ids.uid, "gid": ids.gid}).encode() + b"\n"
         safefs.write_file(anchor, ID_FILE, data, 0o644)
         log.info("this hive's core runs as uid %d gid %d (new)", ids.uid, ids.gid)
         return Identity(ids, known)
+
+
+def given_away(core: CoreIds) -> str | None:
+    """Whether the host gave an id of the hive's block (the core's and the gateway's)
+    to something else after the registry handed it out (``useradd -u``, a directory
+    service's users, a new subordinate range), said in a few words; None if not. Looked
+    up id by id: a directory service may list none of its users."""
+    gw = gateway_ids(core)
+    for uid in (core.uid, gw.uid):
+        try:
+            return f"uid {uid} is now the account {pwd.getpwuid(uid).pw_name!r}"
+        except KeyError:
+            pass
+    for gid in (core.gid, gw.gid):
+        try:
+            return f"gid {gid} is now the group {grp.getgrgid(gid).gr_name!r}"
+        except KeyError:
+            pass
+    for lo, hi in subordinate_ranges():
+        if lo <= max(gw.uid, gw.gid) and min(core.uid, core.gid) <= hi:
+            return f"ids {lo}-{hi} are now a subordinate range (/etc/subuid, /etc/subgid)"
+    return None
 
 
 def _read(anchor: int, state_dir: Path) -> CoreIds | None:

@@ -1,6 +1,6 @@
-"""Steps of a mount namespace of its own, for what `hive up` starts as root and narrows
-before it execs (cli/core_sandbox.py: the core's view of the host; cli/gateway_users.py:
-nginx's user database). Plain syscalls (ctypes): these shims import nothing else.
+"""Steps of a mount namespace of its own, and of dropping privilege, for what `hive up`
+starts as root and narrows before it execs (cli/core_sandbox.py: the core's view of the
+host). Plain syscalls (ctypes): the shim imports nothing else.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ def private() -> None:
     mount("none", "/", None, MS_REC | MS_SLAVE, "making / a slave")
 
 
-def mount(source: str, target: str, fstype: str | None, flags: int, what: str) -> None:
-    rc = _libc.mount(source.encode(), target.encode(), fstype and fstype.encode(), flags, None)
+def mount(
+    source: str, target: str, fstype: str | None, flags: int, what: str, data: str | None = None
+) -> None:
+    rc = _libc.mount(
+        source.encode(), target.encode(), fstype and fstype.encode(), flags, data and data.encode()
+    )
     _check(rc, what)
 
 

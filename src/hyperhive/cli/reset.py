@@ -100,8 +100,9 @@ def reset(
     while a hive runs
     there. Keeps secrets/ (use hive secret rm) and core.id (the ids of the core that
     owns secrets/). Asks first on a terminal; elsewhere it needs --yes."""
-    run_dir = (reset_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR).absolute()
-    state_dir = state_dir.absolute()
+    # Normalized (no `..`), as `hive up` takes them: the mount points mountinfo names.
+    run_dir = Path(os.path.abspath(reset_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR))
+    state_dir = Path(os.path.abspath(state_dir))
 
     def refuse(message: str) -> NoReturn:
         if as_json:

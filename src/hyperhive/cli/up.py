@@ -14,6 +14,7 @@ Only one ``hive up`` may use a run dir or a state dir (``instance_lock``), and
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import grp
@@ -27,6 +28,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -89,14 +91,14 @@ class Progress:
         if self.as_json:
             self.say(phase, text, message=text, **fields)
         else:
-            print(f"hive: {visible(text, one_line=True)}", file=sys.stderr, flush=True)
+            RELAY.put(f"hive: {visible(text, one_line=True)}", own=True)
 
     def error(self, text: str) -> None:
         if self.as_json:
             line = {"version": 1, "ok": False, "phase": "error", "error": text}
             print(dumps(line), flush=True)
         else:
-            print(f"hive: {visible(text, one_line=True)}", file=sys.stderr, flush=True)
+            RELAY.put(f"hive: {visible(text, one_line=True)}", own=True)
 
 
 PROGRESS = Progress()
@@ -153,6 +155,77 @@ def ensure_user(name: str) -> None:
         log.info("created user %s", name)
 
 
+class StderrRelay:
+    """The children's stderr lines onto ours from a thread of its own: a terminal that
+    stops reading (Ctrl-S, a stalled ssh session) stalls that thread, never `hive up`'s
+    loop (which supervises, and takes SIGTERM), and never the children, whose pipes are
+    still read. Past ``limit`` characters waiting, lines are dropped and counted; the
+    count is told once there is room again (red team of session 17: a worker's flood on
+    a stalled terminal froze `hive up`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.lines: collections.deque[str] = collections.deque()
+        self.held = 0  # characters waiting
+        self.unwritten = 0  # lines taken and not yet written out
+        self.dropped = 0
+        self.ready = threading.Condition()
+        self.thread: threading.Thread | None = None
+
+    def put(self, text: str, own: bool = False) -> None:
+        """``own``: a line of `hive up`'s own (its log, its failures), never dropped."""
+        with self.ready:
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._write, name="stderr-relay", daemon=True)
+                self.thread.start()
+            if not own and self.held + len(text) > self.limit:
+                self.dropped += 1
+                return
+            if self.dropped:
+                self.lines.append(f"hive: {self.dropped} line(s) of the children's dropped")
+                self.unwritten += 1
+                self.dropped = 0
+            self.lines.append(text)
+            self.unwritten += 1
+            self.held += len(text)
+            self.ready.notify()
+
+    def drain(self, timeout: float) -> None:
+        """Wait until every line was written (at most ``timeout`` s: a stalled terminal)."""
+        deadline = time.monotonic() + timeout
+        while self.unwritten and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _write(self) -> None:
+        while True:
+            with self.ready:
+                while not self.lines:
+                    self.ready.wait()
+                text = self.lines.popleft()
+                self.held -= len(text)
+            try:
+                sys.stderr.write(text + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # our stderr gone: nothing to tell it
+            with self.ready:
+                self.unwritten -= 1
+
+
+RELAY = StderrRelay(4 << 20)  # characters waiting for a stalled terminal, at most
+
+
+class RelayedLog(logging.Handler):
+    """`hive up`'s own log lines, through RELAY: in order with the children's, and never
+    a write from the event loop to a terminal that may have stalled."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            RELAY.put(self.format(record), own=True)
+        except Exception:
+            self.handleError(record)
+
+
 class Supervised:
     """One child process, restarted with backoff if it dies while the hive runs.
 
@@ -172,9 +245,14 @@ class Supervised:
         ready_timeout: float = READY_TIMEOUT,
         before_start: Callable[[], Awaitable[None]] | None = None,
         relay_stderr: bool = False,
+        extra_env: dict[str, str] | None = None,
+        after_start: Callable[[int], None] | None = None,
         **popen: Any,
     ) -> None:
         self.name = name
+        self.extra_env = extra_env or {}
+        # Told the pid of each start once it is ready (nginx's pid file for hive-priv).
+        self.after_start = after_start
         # Run before each start (a restart too): the core's leftovers killed, its
         # listeners bound afresh.
         self.before_start = before_start
@@ -207,7 +285,7 @@ class Supervised:
             stdout=asyncio.subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             start_new_session=self.own_group,
-            env=child_env(),
+            env={**child_env(), **self.extra_env},
             cwd="/",
             stderr=asyncio.subprocess.PIPE if self.relay_stderr else None,
             **self.popen,
@@ -247,16 +325,18 @@ class Supervised:
             if self.ready_prefix and line.decode(errors="replace").startswith(self.ready_prefix):
                 break
         self.drainer = asyncio.ensure_future(self._drain(self.proc.stdout))
+        if self.after_start is not None:
+            self.after_start(self.proc.pid)
 
     @staticmethod
     async def _drain(stream: asyncio.StreamReader) -> None:
         while await stream.readline():
             pass
 
-    @staticmethod
-    async def _relay(stream: asyncio.StreamReader) -> None:
-        """Each line of the child's stderr on ours, escaped (a line past the reader's limit
-        is dropped: asyncio discards it)."""
+    async def _relay(self, stream: asyncio.StreamReader) -> None:
+        """Each line of the child's stderr on ours, escaped and named (``gateway: …``: no
+        child's line reads as ``hive: …``), through RELAY's thread (a line past the
+        reader's limit is dropped: asyncio discards it)."""
         while True:
             try:
                 line = await stream.readline()
@@ -264,9 +344,10 @@ class Supervised:
                 continue
             if not line:
                 return
-            text = visible(line.decode(errors="replace").rstrip("\n"), one_line=True)
-            sys.stderr.write(text + "\n")
-            sys.stderr.flush()
+            RELAY.put(
+                f"{self.name}: "
+                + visible(line.decode(errors="replace").rstrip("\n"), one_line=True)
+            )
 
     async def exited(self) -> int:
         """Its exit status, as soon as it has exited (and its group, if its own, is cleared).
@@ -327,7 +408,15 @@ class SocketActivated(Supervised):
     def __init__(self, name: str, argv: list[str], listener: socket.socket) -> None:
         self.listener = listener
         activate = python_argv("hyperhive.cli.socket_activate", str(listener.fileno()), "--")
-        super().__init__(name, activate + argv, "hive-priv: ready", pass_fds=(listener.fileno(),))
+        super().__init__(
+            name,
+            activate + argv,
+            "hive-priv: ready",
+            pass_fds=(listener.fileno(),),
+            # Through RELAY too: a terminal that stalled must not block root's log lines
+            # (and with them the cages' stop).
+            relay_stderr=True,
+        )
 
     async def supervise(self) -> None:
         loop = asyncio.get_running_loop()
@@ -635,6 +724,30 @@ def port_problem(listen: str) -> str | None:
     return None
 
 
+def bind_gateway_listeners(listen: str) -> list[socket.socket]:
+    """The gateway's listening sockets, bound by us (root: any port) and handed to nginx
+    (``NGINX=FD;…``, nginx's own way to inherit them), whose master then needs no root:
+    one for each address ``listen`` names, as nginx would bind them."""
+    host, port = parse_listen(listen)
+    socks: list[socket.socket] = []
+    try:
+        for family, type_, proto, _, addr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        ):
+            sock = socket.socket(family, type_, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as nginx's default
+            sock.bind(addr)
+            sock.listen(511)  # nginx's default backlog
+    except BaseException:
+        for sock in socks:
+            sock.close()
+        raise
+    return socks
+
+
 async def http_status(host: str, port: int, path: str) -> int | None:
     """The status of ``GET path`` on host:port, or None if nothing sensible answered."""
     try:
@@ -800,7 +913,7 @@ async def run_locked(
     prepare_dirs(state_dir, run_dir, core_as)
     try:
         agents_fs.mount(run_dir, max_agents)
-    except OSError as e:
+    except (OSError, safefs.UnsafePath) as e:
         PROGRESS.error(f"could not mount a tmpfs on {run_dir / 'agents'}: {e}")
         return 1
     priv_sock = run_dir / "priv.sock"
@@ -875,23 +988,25 @@ async def run_locked(
         ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
     )
     nginx_conf = gateway_config.write(listen, run_dir, gateway_as.uid, gateway_as.gid, max_agents)
+    try:
+        web = bind_gateway_listeners(listen)
+    except OSError as e:
+        listener.close()
+        for core_sock in handed.values():
+            core_sock.close()
+        PROGRESS.error(f"could not listen on {listen}: {e.strerror}")
+        return 1
 
     async def before_gateway() -> None:
         if killed := await asyncio.to_thread(kill_all_of, gateway_as):
             log.warning("killed %d process(es) a gateway of this hive left running", killed)
 
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
-    # of nginx's compiled-in paths or of the working directory is used. In a mount
-    # namespace where the config's `hive-gateway` is this hive's gateway ids.
+    # of nginx's compiled-in paths or of the working directory is used. Master and
+    # workers run as this hive's gateway ids, never root: we bound its port.
     gateway = Supervised(
         "gateway",
         [
-            *python_argv(
-                "hyperhive.cli.gateway_users",
-                gateway_as.spec,
-                *map(str, gateway_config.user_files(run_dir)),
-                "--",
-            ),
             shutil.which("nginx", path=CHILD_PATH) or "/usr/sbin/nginx",
             "-p",
             f"{nginx_conf.parent}/",
@@ -902,12 +1017,18 @@ async def run_locked(
         ],
         None,
         own_group=True,
-        # Its workers (hive-gateway, parsing what the network sends) get a pipe, not the
-        # operator's terminal: no terminal controls on root's screen, no keystrokes read.
+        # Its workers (parsing what the network sends) get a pipe, not the operator's
+        # terminal: no terminal controls on root's screen, no keystrokes read.
         relay_stderr=True,
         # Whatever a compromised worker left running (its own session) is not the next
         # gateway's: the same ids.
         before_start=before_gateway,
+        user=gateway_as.uid,
+        group=gateway_as.gid,
+        extra_groups=[],
+        pass_fds=tuple(sock.fileno() for sock in web),
+        extra_env={"NGINX": "".join(f"{sock.fileno()};" for sock in web)},
+        after_start=lambda pid: gateway_config.write_pid(run_dir, pid),
     )
     gateway.ready_check = gateway_ready(gateway, listen)
     PROGRESS.say(
@@ -943,6 +1064,9 @@ async def run_locked(
         await priv.stop()
         listener.close()
         priv_sock.unlink(missing_ok=True)
+        for web_sock in web:
+            web_sock.close()
+        (run_dir / "gateway" / "nginx.pid").unlink(missing_ok=True)
         for name, sock in handed.items():
             sock.close()
             (run_dir / name).unlink(missing_ok=True)
@@ -1023,7 +1147,14 @@ def up(
     as_json: bool,
 ) -> None:
     """Run the whole hive in the foreground until SIGINT / SIGTERM."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # What root creates (run/, gateway/, sockets) is exactly the mode it is given, not
+    # group- or world-writable under a shell's umask 000 (red team of session 17).
+    os.umask(0o022)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        handlers=[RelayedLog()],
+    )
     PROGRESS.as_json = as_json
     run_dir = up_run_dir or ctx.obj.get("run_dir") or DEFAULT_RUN_DIR
     try:
@@ -1039,11 +1170,12 @@ def up(
         from hyperhive.core.budget import fit_nofile
 
         fit_nofile(cfg)  # [limits] max_agents' descriptors, for every child (LimitNOFILE's part)
+        # Normalized (no `..`): the paths mountinfo shows and hive-priv opens.
         code = asyncio.run(
             run_hive(
-                config.absolute() if config else None,
-                state_dir.absolute(),
-                Path(run_dir).absolute(),
+                Path(os.path.abspath(config)) if config else None,
+                Path(os.path.abspath(state_dir)),
+                Path(os.path.abspath(run_dir)),
                 cfg.hive.listen,
                 cfg.limits.max_agents,
             )
@@ -1053,4 +1185,5 @@ def up(
             raise
         PROGRESS.error(e.format_message())
         code = 1
+    RELAY.drain(2.0)  # the children's last lines, unless the terminal is stalled
     raise SystemExit(code)

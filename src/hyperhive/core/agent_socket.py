@@ -25,7 +25,7 @@ from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.jsonlines import STREAM_LIMIT, Dispatcher, Reply, serve_lines
 from hyperhive.core.lineconn import LineConnection
 from hyperhive.core.ratelimit import BytePacer
-from hyperhive.core.refusals import Forbidden, Refused
+from hyperhive.core.refusals import Conflict, Forbidden, Refused
 from hyperhive.core.replies import more
 from hyperhive.names import NAME_RE, OPERATOR, RESERVED
 from hyperhive.paths import RunDir
@@ -432,8 +432,13 @@ class AgentSockets:
                         hive.harness_changed(name)
 
         # A small backlog: connections beyond it wait in the connecting process (the kernel
-        # holds what is queued; no descriptor of ours until accepted).
-        listener = bind_listener(path, None, self.socket_mode, backlog=AGENT_SOCK_BACKLOG)
+        # holds what is queued; no descriptor of ours until accepted). A directory that
+        # refuses it (full, or something left where the socket goes) refuses this agent
+        # in one line, never the core (red team of session 17: a crash loop).
+        try:
+            listener = bind_listener(path, None, self.socket_mode, backlog=AGENT_SOCK_BACKLOG)
+        except OSError as e:
+            raise Conflict(f"agent {name}: could not serve its socket: {e}") from None
         listener.setblocking(False)
         loop.add_reader(listener.fileno(), on_accept)
         self._listeners[name] = listener
@@ -443,7 +448,11 @@ class AgentSockets:
         allowed = self._allowed.get(name)
         if allowed is not None:
             hive.egress.set_uids(name, allowed)
-        hive.egress.listen(name, self.run_dir.egress_sock(name), self.socket_mode)
+        try:
+            hive.egress.listen(name, self.run_dir.egress_sock(name), self.socket_mode)
+        except OSError as e:
+            await self.stop(name)
+            raise Conflict(f"agent {name}: could not serve its egress socket: {e}") from None
         log.info("agent %s: serving %s", name, path)
 
     async def stop(self, name: str) -> None:

@@ -71,7 +71,12 @@ class CageLifecycle(Lifecycle):
             self._errors.pop(name, None)
             self._seen_harness.discard(name)
             self.sockets.set_uids(name, c["uid"], c["harness_uid"])
-            await self.sockets.start(name, hive)
+            try:
+                await self.sockets.start(name, hive)
+            except Refused as e:  # its socket directory refused: this agent, not the core
+                self._errors[name] = str(e)
+                log.error("agent %s: %s", name, e)
+                continue
             found.append(name)
         log.info("found %d of %d cages running", len(found), len(names))
         return found

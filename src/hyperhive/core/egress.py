@@ -29,6 +29,7 @@ import select
 import socket
 import ssl
 import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -807,7 +808,12 @@ class EgressProxy:
             return
         self._loop = asyncio.get_running_loop()
         if self.ca is not None:
-            self.write_trust(path.parent)
+            try:
+                self.write_trust(path.parent)
+            except OSError as e:  # its TLS through the proxy fails; the agent is served
+                log.error(
+                    "agent %s: could not write the hive CA where its cage reads it: %s", name, e
+                )
         listener = bind_listener(path, mode=mode)
         listener.setblocking(False)
         self._listeners[name] = listener
@@ -831,14 +837,22 @@ class EgressProxy:
         for name, data in self._trust_files():
             if _holds(directory / name, data):
                 continue
-            tmp = directory / f".{name}.tmp"
-            tmp.unlink(missing_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            # A name of its own each time: nothing left at a fixed one (a directory, a
+            # full file system's half-written file) can stop the next write.
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
             try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            os.replace(tmp, directory / name)
+                try:
+                    view = memoryview(data)
+                    while view:  # a short write (ENOSPC comes on the next one)
+                        view = view[os.write(fd, view) :]
+                    os.fchmod(fd, 0o644)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, directory / name)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
 
     def close(self, name: str, path: Path) -> None:
         listener = self._listeners.pop(name, None)

@@ -66,9 +66,15 @@ PAGE_HIDDEN_HEADERS = (
 
 
 def render(
-    listen: str, run_dir: Path, gateway_dir: Path, user: str = USER, max_agents: int = 100
+    listen: str,
+    run_dir: Path,
+    gateway_dir: Path,
+    user: str | None = USER,
+    max_agents: int = 100,
+    pid_path: Path | None = None,
 ) -> str:
-    """``max_agents``: [limits] max_agents, which sizes nginx's worker connections."""
+    """``max_agents``: [limits] max_agents, which sizes nginx's worker connections.
+    ``user`` None: no ``user`` directive (a master that is not root: `hive up`'s)."""
     from hyperhive.core.budget import gateway_connections
 
     env = jinja2.Environment(
@@ -81,6 +87,7 @@ def render(
         run_dir=run_dir,
         gateway_dir=gateway_dir,
         user=user,
+        pid_path=pid_path or gateway_dir / "nginx.pid",
         worker_connections=gateway_connections(max_agents),
         csp=CSP,
         page_csp=PAGE_CSP,
@@ -90,33 +97,32 @@ def render(
 
 
 def write(listen: str, run_dir: Path, uid: int, gid: int, max_agents: int = 100) -> Path:
-    """Write RUN/gateway/nginx.conf (root's: the master reads it as root), and the
-    ``passwd`` and ``group`` that make ``hive-gateway`` this hive's gateway ids (``uid``,
-    ``gid``) in nginx's own mount namespace (cli/gateway_users.py). The workers get
-    RUN/gateway/tmp, which nginx hands to their user itself."""
+    """RUN/gateway/nginx.conf for `hive up`'s nginx, whose master and workers are this
+    hive's gateway ids (``uid``, ``gid``), never root: the config root's, 0640, in
+    ``gateway/`` (root and that group, 0750); ``gateway/tmp`` (0700) theirs, for nginx's
+    temporary files and its own pid file. The pid file hive-priv's ``reload_gateway``
+    trusts, ``gateway/nginx.pid``, is root's: `hive up` writes it."""
     import os
 
     from hyperhive.priv import safefs
 
     gateway_dir = run_dir / "gateway"
-    for sub in ("", "tmp"):
-        (gateway_dir / sub).mkdir(parents=True, exist_ok=True)
+    gateway_dir.mkdir(parents=True, exist_ok=True)
     os.chown(gateway_dir, 0, gid)
     os.chmod(gateway_dir, 0o750)
+    conf = render(listen, run_dir, gateway_dir, None, max_agents, gateway_dir / "tmp" / "nginx.pid")
     with safefs.opened(safefs.open_anchor(gateway_dir)) as anchor:
-        for name, text in (
-            (
-                "passwd",
-                f"root:x:0:0:root:/root:/usr/sbin/nologin\n"
-                f"{USER}:x:{uid}:{gid}:hive gateway:/nonexistent:/usr/sbin/nologin\n",
-            ),
-            ("group", f"root:x:0:\n{USER}:x:{gid}:\n"),
-            ("nginx.conf", render(listen, run_dir, gateway_dir, USER, max_agents)),
-        ):
-            safefs.write_file(anchor, name, text.encode(), 0o644, durable=False)
+        # An earlier nginx's temporary files stay its ids' (the same ids: this hive's).
+        os.close(safefs.ensure_dir(anchor, "tmp", uid, gid, 0o700))
+        safefs.write_file(anchor, "nginx.conf", conf.encode(), 0o640, durable=False)
+        os.chown("nginx.conf", 0, gid, dir_fd=anchor, follow_symlinks=False)
     return gateway_dir / "nginx.conf"
 
 
-def user_files(run_dir: Path) -> tuple[Path, Path]:
-    """The ``passwd`` and ``group`` files ``write`` made."""
-    return run_dir / "gateway" / "passwd", run_dir / "gateway" / "group"
+def write_pid(run_dir: Path, pid: int) -> None:
+    """``gateway/nginx.pid``, root's 0644: the master `hive up` started (hive-priv's
+    ``reload_gateway`` signals only what a root-owned pid file names)."""
+    from hyperhive.priv import safefs
+
+    with safefs.opened(safefs.open_anchor(run_dir / "gateway")) as anchor:
+        safefs.write_file(anchor, "nginx.pid", f"{pid}\n".encode(), 0o644, durable=False)
