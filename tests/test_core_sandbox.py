@@ -107,3 +107,28 @@ def test_bad_arguments_are_one_line_and_run_nothing(args: list[str]) -> None:
     assert out.returncode == 2
     assert out.stderr.startswith(("core_sandbox: ", "usage: ")), out.stderr
     assert out.stdout == ""
+
+
+UNPRIVILEGED = [sys.executable, "-I", "-m", "hyperhive.cli.unprivileged"]
+
+
+def test_unprivileged_runs_a_program_with_the_ids_and_nothing_else() -> None:
+    """nginx's start (cli/unprivileged.py): no namespace, the ids, NoNewPrivs, no capability."""
+    out = subprocess.run([*UNPRIVILEGED, "4242:4343", "--", "/bin/sh", "-c",
+                          'id -u; id -g; id -G; grep -E "^(NoNewPrivs|CapBnd)" /proc/self/status;'
+                          ' readlink /proc/self/ns/mnt'],
+                         capture_output=True, text=True, timeout=30, env={"NGINX": "3;", "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[:3] == ["4242", "4343", "4343"], out.stdout
+    assert "NoNewPrivs:\t1" in out.stdout and "CapBnd:\t0000000000000000" in out.stdout, out.stdout
+    assert lines[5] == os.readlink("/proc/self/ns/mnt"), "a mount namespace of its own"
+
+
+@pytest.mark.parametrize("args", [
+    ["0:0", "--", "/bin/true"], ["5", "--", "/bin/true"], ["5:5", "--", "true"], ["5:5", "/bin/true"],
+], ids=["root", "no-gid", "relative-program", "no-separator"])
+def test_unprivileged_refuses_bad_arguments_in_one_line(args: list[str]) -> None:
+    out = subprocess.run([*UNPRIVILEGED, *args], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(("unprivileged: ", "usage: ")), out.stderr

@@ -118,12 +118,29 @@ def core_identity(state_dir: Path, registry: HostRegistry | None = None) -> Iden
                     holder or "no one",
                     owner,
                 )
-        base = reg.claim(owner)
-        ids = CoreIds(uid=base, gid=base)
+        ids = _claim_clear(reg, owner)
         data = json.dumps({"uid": ids.uid, "gid": ids.gid}).encode() + b"\n"
         safefs.write_file(anchor, ID_FILE, data, 0o644)
         log.info("this hive's core runs as uid %d gid %d (new)", ids.uid, ids.gid)
         return Identity(ids, known)
+
+
+CLAIM_TRIES = 64  # blocks a directory service's unlisted users may hold in a row
+
+
+def _claim_clear(reg: HostRegistry, owner: str) -> CoreIds:
+    """A new block whose ids no account, group or subordinate range holds, looked up one
+    by one: the registry skips the accounts it can list, and a directory service may
+    list none (red team of session 17). A block found taken stays claimed (never
+    handed out again) and the next is tried."""
+    for _ in range(CLAIM_TRIES):
+        base = reg.claim(owner)
+        ids = CoreIds(uid=base, gid=base)
+        taken = given_away(ids)
+        if taken is None:
+            return ids
+        log.warning("ids %d-%d of the host's registry: %s; claiming others", base, base + 1, taken)
+    raise IdsExhausted(f"{CLAIM_TRIES} blocks in a row held by the host's accounts; none claimed")
 
 
 def given_away(core: CoreIds) -> str | None:

@@ -56,11 +56,7 @@ def main() -> None:
         for d in writable:
             mountns.bind(d, d)
             mountns.tree_attrs(d, clear=mountns.MOUNT_ATTR_RDONLY)
-        mountns.no_new_privileges()
-        mountns.drop_bounding_set()
-        os.setgroups([])
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
+        mountns.become(uid, gid)
     except OSError as e:
         _fail(e.strerror or str(e))
     env = dict(os.environ, TMPDIR=writable[0])

@@ -83,3 +83,13 @@ def drop_bounding_set() -> None:
     for cap in range(LAST_CAP + 1):
         if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:
             _check(-1, f"prctl(PR_CAPBSET_DROP, {cap})")
+
+
+def become(uid: int, gid: int) -> None:
+    """No exec gains a privilege from here on, no capability is left to take back, then
+    ``uid``/``gid`` with no supplementary group (as root, which may do each)."""
+    no_new_privileges()
+    drop_bounding_set()
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)

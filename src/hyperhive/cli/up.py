@@ -247,12 +247,15 @@ class Supervised:
         relay_stderr: bool = False,
         extra_env: dict[str, str] | None = None,
         after_start: Callable[[int], None] | None = None,
+        on_exit: Callable[[], None] | None = None,
         **popen: Any,
     ) -> None:
         self.name = name
         self.extra_env = extra_env or {}
-        # Told the pid of each start once it is ready (nginx's pid file for hive-priv).
+        # Told the pid of each start once it is ready (nginx's pid file for hive-priv),
+        # and that it exited (the pid file removed).
         self.after_start = after_start
+        self.on_exit = on_exit
         # Run before each start (a restart too): the core's leftovers killed, its
         # listeners bound afresh.
         self.before_start = before_start
@@ -358,6 +361,8 @@ class Supervised:
         assert self.proc is not None
         while self.proc.returncode is None:
             await asyncio.sleep(EXIT_POLL)
+        if self.on_exit is not None:
+            self.on_exit()
         self.kill_group()
         return self.proc.returncode
 
@@ -1000,6 +1005,10 @@ async def run_locked(
     async def before_gateway() -> None:
         if killed := await asyncio.to_thread(kill_all_of, gateway_as):
             log.warning("killed %d process(es) a gateway of this hive left running", killed)
+        # Its own directory afresh (as root, never through a link): nothing an earlier
+        # nginx of the same ids left there (a directory where its pid file goes) holds
+        # this one off.
+        gateway_config.fresh_tmp(run_dir, gateway_as.uid, gateway_as.gid)
 
     # Its own prefix (-p) and error log (-e) before it reads the config we wrote: nothing
     # of nginx's compiled-in paths or of the working directory is used. Master and
@@ -1007,6 +1016,7 @@ async def run_locked(
     gateway = Supervised(
         "gateway",
         [
+            *python_argv("hyperhive.cli.unprivileged", gateway_as.spec, "--"),
             shutil.which("nginx", path=CHILD_PATH) or "/usr/sbin/nginx",
             "-p",
             f"{nginx_conf.parent}/",
@@ -1023,12 +1033,11 @@ async def run_locked(
         # Whatever a compromised worker left running (its own session) is not the next
         # gateway's: the same ids.
         before_start=before_gateway,
-        user=gateway_as.uid,
-        group=gateway_as.gid,
-        extra_groups=[],
         pass_fds=tuple(sock.fileno() for sock in web),
         extra_env={"NGINX": "".join(f"{sock.fileno()};" for sock in web)},
         after_start=lambda pid: gateway_config.write_pid(run_dir, pid),
+        # A dead master's pid is no name for root to signal (its pid may be reused).
+        on_exit=lambda: (run_dir / "gateway" / "nginx.pid").unlink(missing_ok=True),
     )
     gateway.ready_check = gateway_ready(gateway, listen)
     PROGRESS.say(

@@ -119,6 +119,21 @@ def write(listen: str, run_dir: Path, uid: int, gid: int, max_agents: int = 100)
     return gateway_dir / "nginx.conf"
 
 
+def fresh_tmp(run_dir: Path, uid: int, gid: int) -> None:
+    """``gateway/tmp`` removed and made again, the gateway ids' 0700 (as root, never
+    through a link): before each start of nginx, whose pid file and temporary files it
+    holds and whose ids could have left anything there."""
+    import contextlib
+    import os
+
+    from hyperhive.priv import safefs
+
+    with safefs.opened(safefs.open_anchor(run_dir / "gateway")) as anchor:
+        with contextlib.suppress(FileNotFoundError):
+            safefs.remove_tree(anchor, "tmp")
+        os.close(safefs.ensure_dir(anchor, "tmp", uid, gid, 0o700))
+
+
 def write_pid(run_dir: Path, pid: int) -> None:
     """``gateway/nginx.pid``, root's 0644: the master `hive up` started (hive-priv's
     ``reload_gateway`` signals only what a root-owned pid file names)."""
