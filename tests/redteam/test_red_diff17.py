@@ -69,7 +69,15 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, HiveFactory, HiveProcess, _finish, as_user, children, wait_until
+from hive_fixture import (
+    HIVE,
+    HiveFactory,
+    HiveProcess,
+    as_user,
+    children,
+    running_hive,
+    wait_until,
+)
 from hyperhive.cli import agents_fs
 from hyperhive.client import HiveUnavailable
 
@@ -84,16 +92,7 @@ def _agents(*names: str) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def d17() -> Iterator[HiveProcess]:
-    h = HiveProcess(_agents("d17a", "d17b"))
-    try:
-        h.start()
-    except BaseException:
-        h.cleanup()
-        raise
-    try:
-        yield h
-    finally:
-        _finish([h])
+    yield from running_hive(HiveProcess(_agents("d17a", "d17b")))
 
 
 def as_ids(user: Any, script: str, *args: str, timeout: float = 120) -> dict[str, Any]:

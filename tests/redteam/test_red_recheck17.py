@@ -75,7 +75,7 @@ from typing import Any
 import httpx
 import pytest
 
-from hive_fixture import HiveProcess, _finish, as_user, children, wait_until
+from hive_fixture import HiveProcess, _finish, as_user, children, running_hive, wait_until
 
 REF = "red team of session 17, fixed (1204150): re-check"
 CMD = {"runtime": "command", "command": ["sleep", "3600"]}
@@ -214,16 +214,7 @@ def priv_call_as_core(h: HiveProcess, cmd: str) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def r17() -> Iterator[HiveProcess]:
-    h = HiveProcess({"rc17a": CMD})
-    try:
-        h.start()
-    except BaseException:
-        h.cleanup()
-        raise
-    try:
-        yield h
-    finally:
-        _finish([h])
+    yield from running_hive(HiveProcess({"rc17a": CMD}))
 
 
 # -- nginx, no longer root ------------------------------------------------------------------
