@@ -70,7 +70,7 @@ def test_ids_the_host_gave_away_since_are_left_for_new_ones(
     monkeypatch.setattr(core_identity.pwd, "getpwuid", getpwuid)
     monkeypatch.setattr(core_identity.grp, "getgrgid", getgrgid)
     if taken == "subordinate range":
-        monkeypatch.setattr(core_identity, "subordinate_ranges", lambda: [(gw.uid, gw.uid + 65535)])
+        monkeypatch.setattr(core_identity, "subordinate_ranges", lambda: [(gw.uid, gw.uid)])
     said = core_identity.given_away(first)
     assert said is not None and ("intruder" in said or "subordinate" in said), said
     again = core_identity.core_identity(state, registry)

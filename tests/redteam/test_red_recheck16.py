@@ -372,14 +372,15 @@ def test_the_relay_of_the_cores_stderr_stays_bounded_and_escaped(
     unescaped, and never hold or print more than about one reader's limit a line."""
     import io
 
-    from hyperhive.cli.up import Supervised
+    from hyperhive.cli.up import RELAY, Supervised
 
     out = io.StringIO()
     monkeypatch.setattr("sys.stderr", out)
+    core = Supervised("hive-core", ["/bin/true"], None)
 
     async def run(chunked: bool) -> None:
         reader = asyncio.StreamReader(limit=2**16)
-        relay = asyncio.ensure_future(Supervised._relay(reader))
+        relay = asyncio.ensure_future(core._relay(reader))
         blob = b"A" * (10 << 20)
         if chunked:
             for i in range(0, len(blob), 1 << 16):
@@ -396,8 +397,10 @@ def test_the_relay_of_the_cores_stderr_stays_bounded_and_escaped(
         out.seek(0)
         out.truncate()
         asyncio.run(run(chunked))
+        RELAY.drain(10)  # written by the relay's thread (session 17)
         text = out.getvalue()
         assert "plain line" in text, text[-300:]
+        assert all(line.startswith("hive-core: ") for line in text.splitlines()), text[:300]
         assert "\x1b" not in text and "\x07" not in text and "\r" not in text
         assert max(len(line) for line in text.splitlines()) <= 4 * (1 << 16)
 

@@ -217,7 +217,10 @@ def test_a_cage_sees_its_own_home_only_and_the_host_none(hive: HiveProcess) -> N
     assert all(B not in str(v) for v in got["tries"].values()), got["tries"]
     host = Path("/proc/self/mountinfo").read_text().splitlines()
     base = str(hive.base.resolve())
-    assert not [ln for ln in host if base in ln.split()[4] or ln.split()[2] in (mine, theirs)], host
+    # The one mount of the hive's on the host: run/agents, a tmpfs of its own (session 17).
+    agents = str(hive.run_dir.resolve() / "agents")
+    mounted = [ln for ln in host if base in ln.split()[4] or ln.split()[2] in (mine, theirs)]
+    assert [ln.split()[4] for ln in mounted] == [agents] and " - tmpfs hive-agents " in mounted[0], host
     for empty in (hive.state_dir / "agents" / B / "home", hive.state_dir / "priv" / "home-view"):
         st = os.lstat(empty)
         assert (st.st_uid, st.st_mode & 0o777, os.listdir(empty)) == (0, 0o700, []), empty
