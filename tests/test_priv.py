@@ -494,6 +494,29 @@ def test_root_may_call(activated: ActivatedPriv) -> None:
     assert activated.call({"cmd": "status"})["ok"] is True
 
 
+def test_prepare_refuses_ids_the_host_gave_away_since(activated: ActivatedPriv) -> None:
+    """An agent's block was free when claimed; a ``useradd -u`` (or a directory service's
+    new user) since then makes one of its ids a host account's. Each prepare (every
+    start) looks its ids up again and refuses in one line: a cage run as that account
+    would share its files and signals."""
+    first = activated.call({"cmd": "prepare", "name": "gaveaway"})
+    assert first["ok"] is True, first
+    account = f"hvtaken{os.getpid() % 100000}"
+    subprocess.run(["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-u", str(first["harness_uid"]),
+                    account], check=True, capture_output=True)
+    try:
+        before = activated.snapshot()
+        again = activated.call({"cmd": "prepare", "name": "gaveaway"})
+        assert again == {"version": 1, "ok": False, "error": (
+            f"agent 'gaveaway' runs as ids {first['uid']}-{first['harness_uid']}, but uid"
+            f" {first['harness_uid']} is now the account '{account}' since the hive took them:"
+            " not started (free the ids, or destroy the agent)")}, again
+        assert activated.snapshot() == before
+    finally:
+        subprocess.run(["userdel", account], check=True, capture_output=True)
+    assert activated.call({"cmd": "prepare", "name": "gaveaway"}) == first
+
+
 def test_hive_core_may_call_status_but_not_exec(activated: ActivatedPriv, world_writable: None) -> None:
     before = activated.snapshot()
     core = pwd.getpwnam(CORE_USER)

@@ -71,6 +71,41 @@ def test_blocks_skip_host_accounts_and_groups(tmp_path: Path, taken: set[int]) -
 
 
 @UNIQUE
+@pytest.mark.parametrize("kind", ["user", "group"])
+def test_blocks_skip_ids_a_directory_service_answers_for_but_does_not_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """sssd or LDAP with ``enumerate = false`` lists none of its users in ``getpwall``
+    but answers ``getpwuid`` for each: agents' blocks were checked against the listing
+    only (session 17's note), so an agent could run as a directory user. Each id is now
+    also looked up one by one."""
+    import grp
+    import pwd
+
+    import hyperhive.priv.ids as ids
+
+    directory = range(BASE_UID, BASE_UID + 7)  # a user (or group) in each of the first blocks
+    real_pw, real_gr = ids.pwd.getpwuid, ids.grp.getgrgid
+
+    def getpwuid(uid: int) -> Any:
+        if kind == "user" and uid in directory:
+            return pwd.struct_passwd((f"ldap{uid}", "x", uid, 100, "", "/home/x", "/bin/sh"))
+        return real_pw(uid)
+
+    def getgrgid(gid: int) -> Any:
+        if kind == "group" and gid in directory:
+            return grp.struct_group((f"ldapg{gid}", "x", gid, []))
+        return real_gr(gid)
+
+    monkeypatch.setattr(ids.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(ids.grp, "getgrgid", getgrgid)
+    reg = registry(tmp_path)  # the listing holds none of them
+    bases = [reg.claim("h:a"), *reg.claim_many(["h:b", "h:c"])]
+    assert bases == [BASE_UID + 8, BASE_UID + 10, BASE_UID + 12]
+    assert not any(i in directory for b in bases for i in range(b, b + BLOCK))
+
+
+@UNIQUE
 def test_subuid_file_format(tmp_path: Path) -> None:
     f = tmp_path / "subuid"
     f.write_text("alice:100000:65536\nbob:165536:65536\n# comment\nbroken\ncarol:x:1\n")

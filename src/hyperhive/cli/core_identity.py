@@ -18,7 +18,6 @@ ids (``adopt_files``).
 from __future__ import annotations
 
 import functools
-import grp
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from hyperhive.cli.output import fail, json_option
 from hyperhive.display import dumps
 from hyperhive.paths import DEFAULT_STATE_DIR
 from hyperhive.priv import safefs
-from hyperhive.priv.ids import HostRegistry, IdsExhausted, subordinate_ranges
+from hyperhive.priv.ids import HostRegistry, IdsExhausted, given_to_host
 
 log = logging.getLogger("hive.up")
 
@@ -145,24 +144,9 @@ def _claim_clear(reg: HostRegistry, owner: str) -> CoreIds:
 
 def given_away(core: CoreIds) -> str | None:
     """Whether the host gave an id of the hive's block (the core's and the gateway's)
-    to something else after the registry handed it out (``useradd -u``, a directory
-    service's users, a new subordinate range), said in a few words; None if not. Looked
-    up id by id: a directory service may list none of its users."""
+    to something else after the registry handed it out (see ``given_to_host``)."""
     gw = gateway_ids(core)
-    for uid in (core.uid, gw.uid):
-        try:
-            return f"uid {uid} is now the account {pwd.getpwuid(uid).pw_name!r}"
-        except KeyError:
-            pass
-    for gid in (core.gid, gw.gid):
-        try:
-            return f"gid {gid} is now the group {grp.getgrgid(gid).gr_name!r}"
-        except KeyError:
-            pass
-    for lo, hi in subordinate_ranges():
-        if lo <= max(gw.uid, gw.gid) and min(core.uid, core.gid) <= hi:
-            return f"ids {lo}-{hi} are now a subordinate range (/etc/subuid, /etc/subgid)"
-    return None
+    return given_to_host((core.uid, core.gid, gw.uid, gw.gid))
 
 
 def _read(anchor: int, state_dir: Path) -> CoreIds | None:

@@ -32,7 +32,13 @@ from hyperhive.names import check_name
 from hyperhive.paths import RunDir, StateDir
 from hyperhive.priv import cage_mounts, homes, safefs
 from hyperhive.priv.cgroups import Cgroup, Pinned, hive_key
-from hyperhive.priv.ids import AgentIds, HostRegistry, IdAllocator, IdsExhausted
+from hyperhive.priv.ids import (
+    AgentIds,
+    HostRegistry,
+    IdAllocator,
+    IdsExhausted,
+    given_to_host,
+)
 from hyperhive.priv.namelocks import NameLocks
 from hyperhive.unixsock import bind_listener
 
@@ -309,6 +315,14 @@ class Cages:
             ids = self.ids.allocate(name)
         except IdsExhausted as e:
             raise CageError(str(e)) from None
+        # Checked at every start: the host may have given an id away since the claim, and
+        # a cage run as a host account would share its files and signals.
+        taken = given_to_host((ids.uid, ids.harness_uid))
+        if taken is not None:
+            raise CageError(
+                f"agent {name!r} runs as ids {ids.uid}-{ids.harness_uid}, but {taken} since"
+                " the hive took them: not started (free the ids, or destroy the agent)"
+            )
         for parent, mode_args in (
             (self.agents_fd, (0, 0, 0o711)),
             (self.run_agents_fd, (self.core_uid, ids.gid, 0o2750)),

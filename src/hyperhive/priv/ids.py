@@ -12,8 +12,10 @@ the same uid. The registry keeps a high-water mark and only moves it up, so a
 destroyed agent's uid is never given to a later agent (whatever the old one left
 behind — a file in a shared place, a kernel object keyed by uid — can't be
 inherited). A block is skipped when any id in it belongs to a host account or group
-(NSS) or lies in a subordinate range of ``/etc/subuid`` or ``/etc/subgid`` (a
-rootless container user's range often covers 200000). Each hive also keeps its own
+(NSS: listed, or looked up id by id, since a directory service such as sssd or LDAP
+with ``enumerate = false`` answers for its users but lists none) or lies in a
+subordinate range of ``/etc/subuid`` or ``/etc/subgid`` (a rootless container user's
+range often covers 200000). Each hive also keeps its own
 name -> block table in its root-only ``priv/`` directory.
 """
 
@@ -75,12 +77,48 @@ def host_ids() -> set[int]:
     return {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
 
 
+def held_by_host(i: int) -> bool:
+    """Whether NSS knows ``i`` as a uid or a gid when asked for it: a directory service
+    may list none of its users (``getpwall``) yet answer for each."""
+    try:
+        pwd.getpwuid(i)
+        return True
+    except KeyError:
+        pass
+    try:
+        grp.getgrgid(i)
+        return True
+    except KeyError:
+        return False
+
+
+def given_to_host(ids: Iterable[int]) -> str | None:
+    """Whether the host gave one of ``ids`` to something else after the registry handed
+    it out (``useradd -u``, a directory service's users, a new subordinate range), said
+    in a few words; None if not. Looked up id by id, each as a uid and as a gid."""
+    ids = sorted(set(ids))
+    for i in ids:
+        try:
+            return f"uid {i} is now the account {pwd.getpwuid(i).pw_name!r}"
+        except KeyError:
+            pass
+        try:
+            return f"gid {i} is now the group {grp.getgrgid(i).gr_name!r}"
+        except KeyError:
+            pass
+    for lo, hi in subordinate_ranges():
+        if lo <= ids[-1] and ids[0] <= hi:
+            return f"ids {lo}-{hi} are now a subordinate range (/etc/subuid, /etc/subgid)"
+    return None
+
+
 @dataclass
 class HostIds:
-    """What the host already uses; a function so tests can give their own."""
+    """What the host already uses; functions so tests can give their own."""
 
     accounts: Callable[[], set[int]] = host_ids
     ranges: Callable[[], list[tuple[int, int]]] = subordinate_ranges
+    held: Callable[[int], bool] = held_by_host
 
     def free_block(self, start: int, used: set[int]) -> int:
         return self.free_blocks(start, 1, used)[0]
@@ -92,19 +130,21 @@ class HostIds:
         out: list[int] = []
         base = start
         while len(out) < count:
-            base = _next_free(base, taken, ranges)
+            base = _next_free(base, taken, ranges, self.held)
             out.append(base)
             base += BLOCK
         return out
 
 
-def _next_free(base: int, taken: set[int], ranges: list[tuple[int, int]]) -> int:
+def _next_free(
+    base: int, taken: set[int], ranges: list[tuple[int, int]], held: Callable[[int], bool]
+) -> int:
     while base + BLOCK - 1 <= LAST_UID:
         ids = range(base, base + BLOCK)
         clash = [hi for lo, hi in ranges if lo <= ids[-1] and ids[0] <= hi]
         if clash:
             base = _aligned(max(clash) + 1)
-        elif any(i in taken for i in ids):
+        elif any(i in taken or held(i) for i in ids):
             base += BLOCK
         else:
             return base
