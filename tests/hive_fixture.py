@@ -71,6 +71,31 @@ CAGE_CHECK_OK = "cage-check: ok"
 RESULT_PREFIX = "PROBE-RESULT "
 
 
+def ensure_user(name: str) -> None:
+    """Create a system user with its own group, no home, no shell (idempotent): the
+    accounts of the legacy layout, which `hive up` no longer makes (it gives the core and
+    the gateway ids of the host's registry, with no account)."""
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+
+
+
 def host_addresses() -> list[str]:
     """The host's own non-loopback addresses (IPv4 and IPv6, global scope)."""
     out = subprocess.run(["ip", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from hive_fixture import HIVE
+from hive_fixture import HIVE, ensure_user
 from hyperhive.activation import NotActivated, inherited_listeners
 from hyperhive.cli import core_identity
 from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_files, core_ids
 from hyperhive.cli.socket_activate import parse
-from hyperhive.cli.up import ensure_user
+from hyperhive.priv import ids
 from hyperhive.priv.ids import HostIds, HostRegistry
 
 
@@ -55,7 +55,7 @@ def test_ids_the_host_gave_away_since_are_left_for_new_ones(
     state = tmp_path / "state"
     first = core_ids(state, registry)
     gw = core_identity.gateway_ids(first)
-    real_pw, real_gr = core_identity.pwd.getpwuid, core_identity.grp.getgrgid
+    real_pw, real_gr = ids.pwd.getpwuid, ids.grp.getgrgid
 
     def getpwuid(uid: int) -> pwd.struct_passwd:
         if (taken, uid) in (("core uid", first.uid), ("gateway uid", gw.uid)):
@@ -67,10 +67,10 @@ def test_ids_the_host_gave_away_since_are_left_for_new_ones(
             return grp.struct_group(("intruders", "x", gid, []))
         return real_gr(gid)
 
-    monkeypatch.setattr(core_identity.pwd, "getpwuid", getpwuid)
-    monkeypatch.setattr(core_identity.grp, "getgrgid", getgrgid)
+    monkeypatch.setattr(ids.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(ids.grp, "getgrgid", getgrgid)
     if taken == "subordinate range":
-        monkeypatch.setattr(core_identity, "subordinate_ranges", lambda: [(gw.uid, gw.uid)])
+        monkeypatch.setattr(ids, "subordinate_ranges", lambda: [(gw.uid, gw.uid)])
     said = core_identity.given_away(first)
     assert said is not None and ("intruder" in said or "subordinate" in said), said
     again = core_identity.core_identity(state, registry)

@@ -25,9 +25,18 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import REPO, VENV_BIN, HiveFactory, as_user, children, proc_start_time, wait_until
+from hive_fixture import (
+    REPO,
+    VENV_BIN,
+    HiveFactory,
+    as_user,
+    children,
+    ensure_user,
+    proc_start_time,
+    wait_until,
+)
 from hyperhive.cli.core_identity import LEGACY_USER
-from hyperhive.cli.up import ADMIN_GROUP, ensure_group, ensure_user
+from hyperhive.cli.up import ADMIN_GROUP, ensure_group
 from hyperhive.client import priv_send
 from hyperhive.names import NAME_RE
 from hyperhive.priv.cgroups import CGROUP_ROOT, Cgroup, has_cpu, hive_dirs, is_v2, remove_hive
@@ -514,7 +523,10 @@ def test_prepare_refuses_ids_the_host_gave_away_since(activated: ActivatedPriv) 
         assert activated.snapshot() == before
     finally:
         subprocess.run(["userdel", account], check=True, capture_output=True)
-    assert activated.call({"cmd": "prepare", "name": "gaveaway"}) == first
+    try:
+        assert activated.call({"cmd": "prepare", "name": "gaveaway"}) == first
+    finally:  # the module's hive-priv is shared: leave it no agent
+        assert activated.call({"cmd": "destroy", "name": "gaveaway"})["ok"] is True
 
 
 def test_hive_core_may_call_status_but_not_exec(activated: ActivatedPriv, world_writable: None) -> None:

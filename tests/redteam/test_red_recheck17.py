@@ -527,13 +527,14 @@ def test_new_ids_claimed_for_ids_given_away_are_not_given_away_themselves(
     range, another of its users. That start runs the core and nginx as a user of the
     directory; each later start moves one block on."""
     from hyperhive.cli import core_identity
+    from hyperhive.priv import ids
     from hyperhive.priv.ids import HostIds, HostRegistry
 
     registry = HostRegistry(tmp_path / "ids", HostIds(accounts=set, ranges=list))  # lists none
     state = tmp_path / "state"
     first = core_identity.core_ids(state, registry)
     directory = range(first.uid, first.uid + 64)  # its users, from the hive's first id up
-    real_pw = core_identity.pwd.getpwuid
+    real_pw = ids.pwd.getpwuid
 
     def getpwuid(uid: int) -> Any:
         if uid in directory:

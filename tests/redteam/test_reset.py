@@ -23,8 +23,7 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, as_user
-from hyperhive.cli.up import ensure_user
+from hive_fixture import HIVE, as_user, ensure_user
 
 # What a compromised core may leave behind is what any user but root may: a stand-in user
 # (hive up gives each hive's core ids of its own, with no account).

@@ -20,7 +20,6 @@ import errno
 import grp
 import logging
 import os
-import pwd
 import re
 import shutil
 import signal
@@ -130,29 +129,6 @@ def ensure_group(name: str) -> None:
     except KeyError:
         subprocess.run(["groupadd", "--system", name], check=True, capture_output=True)
         log.info("created group %s", name)
-
-
-def ensure_user(name: str) -> None:
-    """Create a system user with its own group, no home, no shell (idempotent)."""
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            [
-                "useradd",
-                "--system",
-                "--user-group",
-                "--no-create-home",
-                "--home-dir",
-                "/nonexistent",
-                "--shell",
-                "/usr/sbin/nologin",
-                name,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        log.info("created user %s", name)
 
 
 class StderrRelay:
