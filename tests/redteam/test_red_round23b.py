@@ -1,0 +1,425 @@
+"""Red team round 23b: a hostile agent against the operator's cockpit, by what it is shown
+first rather than by how it is escaped.
+
+Earlier rounds made every character the agent writes inert (escapes, markup, SSE framing,
+sandboxed pages). This round asks what the operator's first screen leaves out when one
+agent fills it: the dashboard's queues show the oldest page of questions and approvals
+(50 of each) across all agents, and its inbox the newest 20 messages to the operator with a
+"mark read" for everything up to the newest. One agent's flood, each item within its
+quota and its rate, decides which of the *other* agents' items the operator sees, can act
+on from the dashboard, or has marked read unseen. A notification's link
+(``/?focus=question-N``) then lands on a page without the item.
+
+Each attack is played from inside the hostile agent's cage (``cage_run``); the victims
+(rtalice, rtbob) speak on their own agent sockets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser
+
+from hive_fixture import HiveProcess
+from hyperhive.display import visible
+from web_fixture import Web, browser  # noqa: F401 (fixture)
+
+from .conftest import World, cage_run
+
+REF = "red team round 23b (the operator's first screen, filled by one agent)"
+FLOODER = "rtmule"
+QUEUE_PAGE = 50  # core.summary.PAGE: the dashboard's queues show the oldest 50
+INBOX_SHOWN = 20  # core.cockpit.INBOX_SHOWN: the dashboard's inbox shows the newest 20
+
+FLOOD = """
+out = []
+c = Conn()
+for i in range(P["n"]):
+    if P["what"] == "ask":
+        r = c.call({"cmd": "ask", "to": "operator", "question": f"mule question {i}", "options": ["ok"]})
+    elif P["what"] == "approval":
+        r = c.call({"cmd": "request_approval", "kind": "custom", "description": f"mule approval {i}",
+                    "payload": {"i": i}})
+    else:
+        r = c.call({"cmd": "send", "to": "operator", "body": f"mule note {i}"})
+    out.append(r)
+result(out=out)
+"""
+
+
+def flood(rt: HiveProcess, what: str, n: int) -> list[dict[str, Any]]:
+    out = cage_run(rt, FLOODER, FLOOD, what=what, n=n)["out"]
+    assert all(r.get("ok") for r in out), [r for r in out if not r.get("ok")][:3]
+    return out
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply.get("ok") is True, reply
+    return reply
+
+
+@pytest.fixture(scope="module")
+def web(rt: HiveProcess, world: World) -> Web:
+    return Web(rt)
+
+
+@pytest.fixture
+def cleanup(rt: HiveProcess) -> Iterator[list[tuple[str, int]]]:
+    """What a test left open, answered or denied afterwards (the package's hive is shared)."""
+    left: list[tuple[str, int]] = []
+    yield left
+    for kind, ident in left:
+        with contextlib.suppress(Exception):
+            if kind == "question":
+                rt.host_call("answer_question", id=ident, answer="red team: done")
+            else:
+                rt.host_call("deny", id=ident, note="red team")
+
+
+def open_question_ids(rt: HiveProcess) -> list[int]:
+    ids: list[int] = []
+    after = 0
+    while True:
+        r = ok(rt.host_call("questions", after=after, limit=200))
+        ids += [q["id"] for q in r["questions"]]
+        if not r.get("more") or not r["questions"]:
+            return ids
+        after = r["questions"][-1]["id"]
+
+
+# -- the queues: the oldest page, across all agents --------------------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_a_flood_of_questions_hides_no_later_question_of_another_agent(
+    rt: HiveProcess, web: Web, cleanup: list[tuple[str, int]]
+) -> None:
+    """rtmule keeps 50 short questions open (within its quota of 10,000 rows and its rate);
+    then rtalice asks the operator something that matters. The dashboard shows the oldest
+    50 open questions of all agents: rtalice's is not among them, has no answer form there,
+    and the notification's link to it (``/?focus=question-N``) lands on a page without it."""
+    before = open_question_ids(rt)
+    shown_room = max(0, QUEUE_PAGE - len(before))
+    mule = flood(rt, "ask", shown_room + 1)
+    cleanup += [("question", r["id"]) for r in mule]
+    urgent = ok(
+        rt.agent_call(
+            "rtalice",
+            "ask",
+            to="operator",
+            question="may I rotate the prod keys now?",
+            options=["yes", "no"],
+        )
+    )["id"]
+    cleanup.append(("question", urgent))
+    login = web.login()
+    page = web.get(f"/?focus=question-{urgent}", login=login)
+    assert page.status_code == 200, page.status_code
+    problems = []
+    if f'id="question-{urgent}"' not in page.text:
+        problems.append(
+            f"question {urgent} (rtalice's) is not on the dashboard its notification opens"
+        )
+    if f'action="/answer-question/{urgent}"' not in page.text:
+        problems.append(f"the dashboard has no answer form for question {urgent}")
+    mule_shown = sum(f'id="question-{r["id"]}"' in page.text for r in mule)
+    assert not problems, (
+        f"{problems}; rtmule's questions fill the queue instead ({mule_shown} shown)"
+    )
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_a_flood_of_approvals_hides_no_later_approval_of_another_agent(
+    rt: HiveProcess, web: Web, cleanup: list[tuple[str, int]]
+) -> None:
+    """The same with approvals: rtmule's 50 pending custom approvals, then rtbob's."""
+    pending = ok(rt.host_call("pending", limit=200))["approvals"]
+    mule = flood(rt, "approval", max(0, QUEUE_PAGE - len(pending)) + 1)
+    cleanup += [("approval", r["id"]) for r in mule]
+    wanted = ok(
+        rt.agent_call(
+            "rtbob",
+            "request_approval",
+            kind="custom",
+            description="rotate the prod keys",
+            payload={"keys": "prod"},
+        )
+    )
+    cleanup.append(("approval", wanted["id"]))
+    login = web.login()
+    page = web.get(f"/?focus=approval-{wanted['id']}", login=login)
+    assert page.status_code == 200, page.status_code
+    problems = []
+    if f'id="approval-{wanted["id"]}"' not in page.text:
+        problems.append(
+            f"approval {wanted['id']} (rtbob's) is not on the dashboard its notification opens"
+        )
+    if f'action="/approve/{wanted["id"]}"' not in page.text:
+        problems.append(f"the dashboard has no approve or deny form for approval {wanted['id']}")
+    assert not problems, problems
+
+
+# -- the inbox: the newest 20, and "mark read" up to the newest -------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_a_flood_of_messages_hides_no_unread_message_nor_marks_it_read_unseen(
+    rt: HiveProcess, web: Web
+) -> None:
+    """rtalice writes to the operator; rtmule then sends 20 one-line notes (its quota lets
+    it, and the operator's inbox keeps every sender's). The dashboard's inbox shows the
+    newest 20 and no way to the older ones; its "mark read" (``upto`` = the newest shown)
+    marks rtalice's message read though the operator never saw it."""
+    alice = ok(
+        rt.agent_call("rtalice", "send", to="operator", body="the prod database is being deleted")
+    )["id"]
+    flood(rt, "send", INBOX_SHOWN)
+    login = web.login()
+    page = web.get("/", login=login)
+    assert page.status_code == 200, page.status_code
+    problems = []
+    if f'id="inbox-{alice}"' not in page.text:
+        problems.append(f"message {alice} (rtalice's, unread) is not in the dashboard's inbox")
+    m = re.search(r'name="upto" value="(\d+)"', page.text)
+    assert m, "no mark-read form though messages are unread"
+    if int(m.group(1)) >= alice and f'id="inbox-{alice}"' not in page.text:
+        r = web.post("/inbox/read", login, data={"upto": m.group(1)})
+        assert r.status_code == 200, (r.status_code, r.text[:200])
+        after = web.get("/", login=login).text
+        unread = re.search(r'id="inbox-unread" class="count[^"]*">(\d+) unread', after)
+        problems.append(
+            f"'mark read' on what was shown left {unread.group(1) if unread else '?'} unread:"
+            f" message {alice} was marked read unseen"
+        )
+    assert not problems, problems
+
+
+# -- held: what the first screen shows of an item is the item --------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_invisible_and_lookalike_text_in_an_option_posts_what_the_button_says(
+    rt: HiveProcess, web: Web, cleanup: list[tuple[str, int]]
+) -> None:
+    """An option's button carries the option as its value, shown through the same escapes
+    as its label: a bidi override in an option posts the text the operator read, never a
+    reordered one (``yes`` vs ``\\u202eon``), and the label equals the value sent."""
+    options = ["no", "\u202eon", "yes\u200b"]
+    q = cage_run(
+        rt,
+        "rtmallory",
+        """
+c = Conn()
+result(r=c.call({"cmd": "ask", "to": "operator", "question": "delete it?", "options": P["options"]}))
+""",
+        options=options,
+    )["r"]
+    assert q.get("ok"), q
+    cleanup.append(("question", q["id"]))
+    login = web.login()
+    page = web.get("/agent/rtmallory/", login=login)
+    assert page.status_code == 200
+    buttons = re.findall(
+        rf'<form [^>]*action="/answer-question/{q["id"]}"[^>]*class="options">(.*?)</form>',
+        page.text,
+        re.S,
+    )
+    assert buttons, "no options form"
+    pairs = re.findall(r'<button name="answer" value="([^"]*)">([^<]*)</button>', buttons[0])
+    shown = [(html.unescape(v), html.unescape(label)) for v, label in pairs]
+    assert [label for _, label in shown] == [visible(o) for o in options], shown
+    assert all(v == label for v, label in shown), shown
+    assert "\u202e" not in json.dumps(shown, ensure_ascii=False)
+
+
+# -- the agent's page: what its own transcript costs the operator -----------------------
+
+# The page opens with what one reply's byte budget holds ([limits] reply_bytes, 4 MiB),
+# drawn as its text and its raw JSON: bounded, though not by the dashboard's 1 MiB.
+PAGE_BYTES_MAX = 2 * (4 << 20) + (1 << 20)
+BIG = """
+c = Conn()
+out = []
+for i in range(P["n"]):
+    text = f"{i}-big " + "\\x01" * 150000
+    out.append(c.call({"cmd": "remind", "in_seconds": 0.1, "text": text}))
+result(out=out)
+"""
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_the_agents_own_transcript_keeps_its_page_small_and_quick(
+    rt: HiveProcess, web: Web, browser: Browser
+) -> None:
+    """rtmallory's reminders to itself (150,000 characters of \\x01 each) become turns whose
+    input entries (64 Ki characters, 6 bytes each as JSON) and ``cat``'s echo fill its
+    transcript: its own turns, no quota spent but the reminders'. The operator's view of
+    it (``/agent/rtmallory/``) opens with the newest 200 entries as fit 4 MiB, each drawn
+    twice (its text with \\x01 shown as 4 characters, and its raw JSON). Held: 4.5 MiB,
+    served in 0.2 s and live in chromium in about 1 s; bounded by the reply budget."""
+    import time
+
+    out = cage_run(rt, "rtmallory", BIG, n=12)["out"]
+    assert all(r.get("ok") for r in out), out
+
+    def echoed() -> bool:
+        entries = rt.host_call("transcript", name="rtmallory", limit=5000)["entries"]
+        return (
+            sum(e["kind"] == "stdout" and "11-big " in json.dumps(e["data"]) for e in entries) > 0
+        )
+
+    from hive_fixture import wait_until
+
+    wait_until(echoed, 60, "rtmallory's echoed reminders")
+    login = web.login()
+    t0 = time.monotonic()
+    page = web.get("/agent/rtmallory/", login=login)
+    served = time.monotonic() - t0
+    assert page.status_code == 200, page.status_code
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        tab = ctx.new_page()
+        tab.goto(web.login_url)
+        t0 = time.monotonic()
+        tab.goto(web.url("/agent/rtmallory/"), wait_until="load")
+        tab.wait_for_function(
+            "document.getElementById('live').textContent === 'live'", timeout=60_000
+        )
+        shown = time.monotonic() - t0
+    finally:
+        ctx.close()
+    print(
+        f"/agent/rtmallory/: {len(page.content)} bytes, served in {served:.2f} s, live in {shown:.2f} s"
+    )
+    assert len(page.content) <= PAGE_BYTES_MAX and shown < 3.0, (
+        f"/agent/rtmallory/ is {len(page.content) / (1 << 20):.1f} MiB, served in {served:.2f} s,"
+        f" live in the browser after {shown:.2f} s"
+    )
+
+
+# -- the queue moves under the operator's pointer ----------------------------------------
+
+MEASURE = """([clone, bob, text]) => {
+  // The approve button's centre (viewport) after a question like CLONE with TEXT is
+  // appended to the questions list, as the live stream would append rtmule's.
+  const src = document.getElementById(clone);
+  const li = src.cloneNode(true);
+  li.id = "rt23b-probe";
+  li.querySelectorAll("[id]").forEach((e) => e.removeAttribute("id"));
+  li.querySelector(".q-text").textContent = text;
+  const btn = () => document.querySelector("#" + bob + " form.approve button").getBoundingClientRect();
+  const before = btn().top;
+  document.getElementById("questions").appendChild(li);
+  const after = btn().top;
+  li.remove();
+  return after - before;
+}"""
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_an_agents_new_question_moves_no_approve_button_under_the_operators_pointer(
+    rt: HiveProcess, web: Web, browser: Browser, cleanup: list[tuple[str, int]]
+) -> None:
+    """rtmule and rtbob each have a pending approval, rtmule's just above rtbob's. The
+    operator, on the dashboard, aims at rtbob's "approve". rtmule asks one question, sized
+    so that the questions list (drawn above the approvals) grows by exactly the distance
+    between the two approve buttons: the live stream morphs it in, every approval moves
+    down, and the operator's click lands on rtmule's "approve", which approves rtmule's
+    payload (its sha256 is the one its own form carries). Nothing pins the queue while the
+    pointer is on it, and an agent chooses the height of what it adds above it. (The size
+    is worked out here in the operator's browser for the test; an agent works it out from
+    the templates and CSS, which are the hive's own.)"""
+    mule = ok(
+        rt.agent_call(
+            FLOODER,
+            "request_approval",
+            kind="custom",
+            description="rotate the test keys",
+            payload={"keys": "test"},
+        )
+    )
+    cleanup.append(("approval", mule["id"]))
+    bob = ok(
+        rt.agent_call(
+            "rtbob",
+            "request_approval",
+            kind="custom",
+            description="rotate the prod keys",
+            payload={"keys": "prod"},
+        )
+    )
+    cleanup.append(("approval", bob["id"]))
+    model = ok(rt.agent_call("rtalice", "ask", to="operator", question="q", options=["yes", "no"]))[
+        "id"
+    ]
+    cleanup.append(("question", model))
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        tab = ctx.new_page()
+        tab.goto(web.login_url)
+        tab.wait_for_function(
+            "document.getElementById('conn').dataset.state === 'live'", timeout=30_000
+        )
+        bob_sel, mule_sel = (
+            f"#approval-{bob['id']} form.approve button",
+            f"#approval-{mule['id']} form.approve button",
+        )
+        tab.locator(bob_sel).scroll_into_view_if_needed()
+        tab.evaluate(f"document.querySelector('{bob_sel}').scrollIntoView({{block: 'end'}})")
+        aim = tab.locator(bob_sel).bounding_box()
+        below = tab.locator(mule_sel).bounding_box()
+        assert aim and below, "both approve buttons are drawn"
+        x, y = aim["x"] + aim["width"] / 2, aim["y"] + aim["height"] / 2
+        distance = aim["y"] - below["y"]
+        # The question text that moves rtbob's button by that distance, within half the
+        # button's height: the point aimed at is then inside rtmule's button.
+        best: tuple[float, str] | None = None
+        for words in range(1, 600, 3):
+            candidate = " ".join(["lorem"] * words)
+            off = abs(
+                tab.evaluate(MEASURE, [f"question-{model}", f"approval-{bob['id']}", candidate])
+                - distance
+            )
+            if best is None or off < best[0]:
+                best = (off, candidate)
+        assert best is not None and best[0] < aim["height"] / 2 - 1, (
+            f"no question moves the queue by {distance} px"
+        )
+        text = best[1]
+        # The attack, from inside rtmule's cage: one question to the operator.
+        q = cage_run(
+            rt,
+            FLOODER,
+            """
+c = Conn()
+result(r=c.call({"cmd": "ask", "to": "operator", "question": P["text"], "options": ["yes", "no"]}))
+""",
+            text=text,
+        )["r"]
+        assert q.get("ok"), q
+        cleanup.append(("question", q["id"]))
+        tab.wait_for_selector(f"#question-{q['id']}", timeout=30_000)
+        tab.wait_for_timeout(200)
+        under = tab.evaluate(
+            "([x, y]) => { const e = document.elementFromPoint(x, y); const li = e && e.closest('li.item');"
+            " return [e ? e.tagName + '.' + (e.closest('form') || {}).className : null, li ? li.id : null]; }",
+            [x, y],
+        )
+        tab.mouse.click(x, y)  # the operator's click, aimed at rtbob's approve
+        tab.wait_for_timeout(1000)
+    finally:
+        ctx.close()
+    decided = {
+        a: ok(rt.host_call("show_approval", id=a))["approval"]["status"]
+        for a in (mule["id"], bob["id"])
+    }
+    assert under[1] == f"approval-{bob['id']}" and decided[mule["id"]] == "pending", (
+        f"the point the operator aimed at (rtbob's approve, approval {bob['id']}) is now {under};"
+        f" the click decided {decided}"
+    )
