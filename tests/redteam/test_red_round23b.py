@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser
 
-from hive_fixture import HiveProcess
+from hive_fixture import HiveProcess, wait_until
 from hyperhive.display import visible
 from web_fixture import Web, browser  # noqa: F401 (fixture)
 
@@ -274,8 +274,6 @@ def test_the_agents_own_transcript_keeps_its_page_small_and_quick(
             sum(e["kind"] == "stdout" and "11-big " in json.dumps(e["data"]) for e in entries) > 0
         )
 
-    from hive_fixture import wait_until
-
     wait_until(echoed, 60, "rtmallory's echoed reminders")
     login = web.login()
     t0 = time.monotonic()
@@ -422,4 +420,56 @@ result(r=c.call({"cmd": "ask", "to": "operator", "question": P["text"], "options
     assert under[1] == f"approval-{bob['id']}" and decided[mule["id"]] == "pending", (
         f"the point the operator aimed at (rtbob's approve, approval {bob['id']}) is now {under};"
         f" the click decided {decided}"
+    )
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_an_open_agent_page_does_not_grow_without_bound_with_the_agents_output(
+    rt: HiveProcess, web: Web, browser: Browser
+) -> None:
+    """The operator keeps rtmallory's page open. Its live stream appends each new batch
+    of transcript entries to the page (``hx-swap="beforeend"``) and nothing ever takes
+    old ones off: rtmallory's reminders to itself (its runtime is ``cat``) add about
+    0.6 MB of text to the page per turn, as fast as turns run. The page the operator has
+    open should stay within what it opens with (the reply budget, drawn twice)."""
+    import time
+
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        tab = ctx.new_page()
+        tab.goto(web.login_url)
+        tab.goto(web.url("/agent/rtmallory/"))
+        wait_until(
+            lambda: tab.evaluate("() => document.getElementById('live').textContent") == "live",
+            30,
+            "live",
+        )
+        start = tab.evaluate("document.getElementById('transcript').textContent.length")
+        n = 40
+        t0 = time.monotonic()
+        out = cage_run(rt, "rtmallory", BIG.replace("-big ", "-grow "), n=n)["out"]
+        assert all(r.get("ok") for r in out), out
+        last = f"{n - 1}-grow "
+        wait_until(
+            lambda: tab.evaluate(
+                "(s) => document.getElementById('transcript').textContent.includes(s)", last
+            ),
+            120,
+            "the last turn on the open page",
+        )
+        took = time.monotonic() - t0
+        size = tab.evaluate("document.getElementById('transcript').textContent.length")
+        items = tab.evaluate("document.querySelectorAll('#transcript > li').length")
+        t1 = time.monotonic()
+        tab.evaluate("() => document.body.offsetHeight")  # a forced layout: what a click costs now
+        layout = time.monotonic() - t1
+    finally:
+        ctx.close()
+    print(
+        f"transcript text on the open page: {start} -> {size} characters, {items} entries,"
+        f" {took:.1f} s, a layout {layout:.2f} s"
+    )
+    assert size <= PAGE_BYTES_MAX, (
+        f"the open agent page holds {size / (1 << 20):.1f} Mi characters of transcript in {items} entries"
+        f" after {n} turns ({took:.0f} s; it opened with {start / (1 << 20):.1f} Mi), and grows with every turn"
     )
