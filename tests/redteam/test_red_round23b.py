@@ -473,3 +473,67 @@ def test_an_open_agent_page_does_not_grow_without_bound_with_the_agents_output(
         f"the open agent page holds {size / (1 << 20):.1f} Mi characters of transcript in {items} entries"
         f" after {n} turns ({took:.0f} s; it opened with {start / (1 << 20):.1f} Mi), and grows with every turn"
     )
+
+
+# -- right-to-left letters, no control character: numbers change places ---------------
+
+VISUAL_ORDER = """([sel, needles]) => {
+  // The left edge, on screen, of the first character of each needle in SEL's text.
+  const el = document.querySelector(sel);
+  const walker = document.createTreeWalker(el, NodeFilter.SHOW_TEXT);
+  let node, text = "", nodes = [];
+  while ((node = walker.nextNode())) { nodes.push([node, text.length]); text += node.data; }
+  return needles.map((n) => {
+    const at = text.indexOf(n);
+    if (at < 0) return null;
+    const [tn, base] = nodes.filter(([_, b]) => b <= at).pop();
+    const r = document.createRange();
+    r.setStart(tn, at - base);
+    r.setEnd(tn, at - base + 1);
+    return r.getBoundingClientRect().left;
+  });
+}"""
+
+
+@pytest.mark.attack(
+    "surface.terminal-injection", ref=REF + "; CVE-2021-42574 (Trojan Source) without its controls"
+)
+def test_rtl_letters_in_a_payload_do_not_reorder_what_the_operator_reads(
+    rt: HiveProcess, web: Web, browser: Browser, cleanup: list[tuple[str, int]]
+) -> None:
+    """The hive escapes the bidi controls (overrides, embeddings, isolates, marks), but a
+    strong right-to-left letter is ordinary text: between two Hebrew letters, the
+    quotes, commas and numbers of a JSON array are neutral or weak and take the letters'
+    direction. rtmule's payload ``{"pay":["א","100","5000000","ב"]}`` (as stored, as
+    hashed, as approving applies it) is drawn in the approval's payload box with 5000000
+    to the left of 100: the operator reads the amounts in the other order."""
+    payload = {"pay": ["\u05d0", "100", "5000000", "\u05d1"]}
+    a = cage_run(
+        rt,
+        FLOODER,
+        """
+c = Conn()
+result(r=c.call({"cmd": "request_approval", "kind": "custom", "description": "pay the invoice",
+                 "payload": P["payload"]}))
+""",
+        payload=payload,
+    )["r"]
+    assert a.get("ok"), a
+    cleanup.append(("approval", a["id"]))
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    try:
+        tab = ctx.new_page()
+        tab.goto(web.login_url)
+        tab.goto(web.url(f"/agent/{FLOODER}/"))
+        sel = f"#approval-{a['id']} pre.payload"
+        tab.wait_for_selector(sel)
+        logical = tab.evaluate(f"document.querySelector({json.dumps(sel)}).textContent")
+        left = tab.evaluate(VISUAL_ORDER, [sel, ['"100"', '"5000000"']])
+    finally:
+        ctx.close()
+    assert logical.index('"100"') < logical.index('"5000000"'), logical
+    assert None not in left, left
+    assert left[0] < left[1], (
+        f'payload {logical!r}: "100" is drawn at x={left[0]:.0f}, "5000000" at x={left[1]:.0f}:'
+        " the operator reads 5000000 first"
+    )
