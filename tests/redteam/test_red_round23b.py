@@ -1,17 +1,26 @@
-"""Red team round 23b: a hostile agent against the operator's cockpit, by what it is shown
-first rather than by how it is escaped.
+"""Red team round 23b: a hostile agent against the operator's cockpit, by what the
+operator is shown, where and when, rather than by how a character is escaped.
 
 Earlier rounds made every character the agent writes inert (escapes, markup, SSE framing,
-sandboxed pages). This round asks what the operator's first screen leaves out when one
-agent fills it: the dashboard's queues show the oldest page of questions and approvals
-(50 of each) across all agents, and its inbox the newest 20 messages to the operator with a
-"mark read" for everything up to the newest. One agent's flood, each item within its
-quota and its rate, decides which of the *other* agents' items the operator sees, can act
-on from the dashboard, or has marked read unseen. A notification's link
-(``/?focus=question-N``) then lands on a page without the item.
+sandboxed pages). This round asks what the operator's screen leaves out or moves when one
+agent fills it, each item within the agent's quota and rate:
 
-Each attack is played from inside the hostile agent's cage (``cage_run``); the victims
-(rtalice, rtbob) speak on their own agent sockets.
+- the dashboard's queues show the oldest page (50) of questions and of approvals across
+  all agents: one agent's 50 keep every later item of any other agent off the dashboard,
+  with no form to act on it there, and a notification's link (``/?focus=question-N``)
+  lands on a page without it;
+- its inbox shows the newest 20 messages, with no way to older ones, and "mark read"
+  marks everything up to the newest read, the unseen ones too;
+- a new question is drawn above every approval: sized by the agent, it moves the queue
+  under the operator's pointer so a click aimed at one agent's "approve" approves the
+  attacker's;
+- an open agent page appends the agent's transcript forever;
+- strong right-to-left letters (no control character) reorder the numbers of a payload
+  as drawn.
+
+Held: option buttons post what they show; an agent page opens within the reply budget;
+a status flood's redraws are coalesced. Each attack is played from inside the hostile
+agent's cage (``cage_run``); the victims (rtalice, rtbob) speak on their own sockets.
 """
 
 from __future__ import annotations
@@ -536,4 +545,96 @@ result(r=c.call({"cmd": "request_approval", "kind": "custom", "description": "pa
     assert left[0] < left[1], (
         f'payload {logical!r}: "100" is drawn at x={left[0]:.0f}, "5000000" at x={left[1]:.0f}:'
         " the operator reads 5000000 first"
+    )
+
+
+# -- redraws the agent asks for: the open dashboard kept busy --------------------------
+
+PLANT_BIG = """
+c = Conn()
+out = []
+for i in range(P["n"]):
+    head = f"big question {i}: "
+    out.append(c.call({"cmd": "ask", "to": "operator", "question": head + "q" * (P["chars"] - len(head)),
+                       "options": [f"option {k} " + "o" * 4000 for k in range(50)]}))
+result(out=out)
+"""
+STATUS_FLOOD = """
+import time
+c = Conn()
+n, end, refused = 0, time.monotonic() + P["seconds"], 0
+while time.monotonic() < end:
+    r = c.call({"cmd": "set_status", "text": f"busy {n}"})
+    n += 1
+    refused += not r.get("ok")
+    time.sleep(1 / P["rate"])
+result(n=n, refused=refused)
+"""
+SAMPLE = """async (ms) => {
+  // How late a 10 ms timer fires, for MS milliseconds: the main thread's free time.
+  let updates = 0;
+  const count = () => { updates += 1; };
+  document.body.addEventListener("htmx:sseMessage", count);
+  const gaps = [];
+  let last = performance.now();
+  const end = last + ms;
+  await new Promise((done) => {
+    const tick = () => {
+      const now = performance.now();
+      gaps.push(now - last);
+      last = now;
+      if (now < end) setTimeout(tick, 10); else done();
+    };
+    setTimeout(tick, 10);
+  });
+  document.body.removeEventListener("htmx:sseMessage", count);
+  const late = gaps.filter((g) => g > 60);
+  return {max: Math.max(...gaps), blocked: late.reduce((a, g) => a + g, 0) / ms, updates};
+}"""
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_an_agents_status_flood_keeps_no_open_dashboard_busy(
+    rt: HiveProcess, web: Web, browser: Browser, cleanup: list[tuple[str, int]]
+) -> None:
+    """rtmule keeps 50 questions of the largest size open (the first screen's whole
+    queue, within its quota), then sets its status 20 times a second (no quota: a status
+    is one row it overwrites). Every status change touches the attention section
+    (``TOUCHES["agent_status"]``), so every open dashboard gets the whole section (50
+    cut questions with their options) and the agents table again, every 0.2 s, and
+    morphs it in, though nothing in it changed but one status text. Held: the redraws are
+    coalesced (at most 5 a second) and idiomorph's pass is cheap: about 24 redraws in 5 s,
+    no timer late by more than ~40 ms."""
+    import threading
+
+    planted = cage_run(rt, FLOODER, PLANT_BIG, n=QUEUE_PAGE, chars=200_000, timeout=180)["out"]
+    assert all(r.get("ok") for r in planted), [r for r in planted if not r.get("ok")][:2]
+    cleanup += [("question", r["id"]) for r in planted]
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    flood: dict[str, Any] = {}
+    try:
+        tab = ctx.new_page()
+        tab.goto(web.login_url)
+        wait_until(
+            lambda: tab.evaluate("() => document.getElementById('conn').dataset.state") == "live",
+            30,
+            "live",
+        )
+        quiet = tab.evaluate(SAMPLE, 3000)
+        runner = threading.Thread(
+            target=lambda: flood.update(cage_run(rt, FLOODER, STATUS_FLOOD, seconds=8, rate=20)),
+            daemon=True,
+        )
+        runner.start()
+        tab.wait_for_timeout(1500)
+        busy = tab.evaluate(SAMPLE, 5000)
+        runner.join(60)
+    finally:
+        ctx.close()
+    print(f"quiet {quiet}; during rtmule's status flood {busy}; flood {flood}")
+    assert flood.get("n", 0) > 50 and flood.get("refused") == 0, flood
+    assert busy["blocked"] < 0.25 and busy["max"] < 500, (
+        f"while rtmule sets its status 20 times a second, the operator's dashboard got {busy['updates']}"
+        f" redraws in 5 s and its main thread was blocked {busy['blocked']:.0%} of the time (longest"
+        f" {busy['max']:.0f} ms; quiet: {quiet['blocked']:.0%}, {quiet['max']:.0f} ms)"
     )
