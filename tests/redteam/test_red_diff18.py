@@ -33,7 +33,14 @@ groups); a directory user (or a real ``useradd -u`` / ``groupadd -g``) that appe
 refuses ``prepare`` and ``start`` in one line, nothing created, the cage can still be
 destroyed, and the agent's next ids are new, never the given-away ones; an account name
 with terminal controls, a newline, bidi controls, quotes or 60 KiB reaches the reply and
-hive-priv's log escaped (``useradd`` itself refuses such a name).
+hive-priv's log escaped (``useradd`` refuses controls and newlines, takes a bidi override
+and quotes: a real account's name is escaped the same); in a real hive, the operator's
+``restart`` of an agent whose harness uid a new account took is refused through the core
+in one line, no process of the agent's ids is left, and once the account is gone the
+agent starts again under the same ids (a cage already running keeps running: the check is
+at each start, as documented).
+
+Run against 7c0f612.
 """
 
 from __future__ import annotations
@@ -577,3 +584,53 @@ def test_a_slow_directory_does_not_hold_every_start(nspriv: NsPriv) -> None:
     assert took < 2.0, (
         f"one prepare of a known agent took {took:.1f} s with a directory answering in 1 s"
     )
+
+
+@pytest.mark.attack(
+    "ids.host-unique",
+    ref=REF + ": the operator's restart, through the core, of an agent whose uid was taken",
+)
+def test_a_restart_through_the_core_is_refused_in_one_line(hive_factory: Any) -> None:
+    """A real hive: its agent runs; the host then gives the agent's harness uid to a new
+    account. The cage that runs keeps running (the check is at each start, as documented);
+    the operator's ``restart`` stops it and the start is refused, in one line, through the
+    core's reply; no process of the agent's ids is left. Once the account is gone the
+    agent starts again under the same ids."""
+    hive = hive_factory({"rtd18real": {"runtime": "command", "command": ["cat"]}})
+    hive.wait_running(["rtd18real"])
+    row = hive.cage("rtd18real")
+    u = row["uid"]
+    account = f"rt18r{os.getpid() % 10000}"
+    subprocess.run(
+        ["useradd", "-M", "-N", "-s", "/usr/sbin/nologin", "-u", str(u + 1), account],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        assert hive.cage("rtd18real")["running"] is True
+        got = hive.host_call("restart", name="rtd18real")
+        want = refusal("rtd18real", u, f"uid {u + 1} is now the account {account!r}")["error"]
+        assert got.get("ok") is False and want in got.get("error", ""), got
+        assert "\n" not in got["error"], got
+        assert hive.cage("rtd18real")["running"] is False
+        left = [
+            pid
+            for pid in os.listdir("/proc")
+            if pid.isdigit() and (proc_uids(int(pid)) or set()) & {u, u + 1}
+        ]
+        assert left == [], left
+    finally:
+        subprocess.run(["userdel", account], check=True, capture_output=True)
+    assert hive.host_call("restart", name="rtd18real").get("ok") is True
+    hive.wait_running(["rtd18real"])
+    assert hive.cage("rtd18real")["uid"] == u
+
+
+def proc_uids(pid: int) -> set[int] | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("Uid:"):
+                return {int(x) for x in line.split()[1:]}
+    except OSError:
+        return None
+    return None
