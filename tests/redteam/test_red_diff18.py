@@ -26,7 +26,11 @@ Broke (each a failing test here):
   every start of every agent of every hive on the host fails (before the change, only
   new agents' claims read the file); ``hive up``'s ``given_away`` raises the same;
 - the lookups have no deadline: with a directory that answers slowly every start waits
-  for four serial lookups per ``prepare`` (and the core sends two ``prepare``s per start).
+  for four serial lookups per ``prepare`` (and the core sends two ``prepare``s per start);
+- a claim walks a directory's range (machined's users of a container's 65,536 ids, an
+  sssd slice) block by block with no bound, holding the hive's id table: a known agent's
+  start waited 12.5 s behind one new agent's claim (0.3 ms a lookup), and the host
+  registry's lock (every hive's claims) as long.
 
 Held: ids a directory answers for but doesn't list are skipped by a real claim (users and
 groups); a directory user (or a real ``useradd -u`` / ``groupadd -g``) that appears since
@@ -51,6 +55,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,7 +77,7 @@ NSS_SLOT = Path("/usr/lib/x86_64-linux-gnu/libnss_hesiod.so.2")  # bound over, i
 # is listed (no *ent functions: getpwall/getgrall see none of it). CONF lines:
 #   u LO HI NAME   users NAME<id> for LO..HI      g LO HI NAME   groups likewise
 #   x LO HI        the directory can't answer (UNAVAIL, ECONNREFUSED: sssd stopped)
-#   sleep MS       every lookup that reaches it takes MS milliseconds
+#   sleep MS       every lookup that reaches it takes MS milliseconds (usleep US: microseconds)
 # "\n" in a NAME is a newline.
 NSS_MODULE = r"""
 #include <nss.h>
@@ -87,12 +92,13 @@ static enum nss_status look(char kind, unsigned long id, char *name, size_t n, i
     FILE *f = fopen(CONF, "r");
     char line[70000];
     enum nss_status st = NSS_STATUS_NOTFOUND;
-    long sleep_ms = 0;
+    long sleep_ms = 0, sleep_us = 0;
     if (!f) return NSS_STATUS_NOTFOUND;
     while (fgets(line, sizeof line, f)) {
         char k; unsigned long lo, hi; int off = 0;
         line[strcspn(line, "\n")] = 0;
         if (sscanf(line, "sleep %ld", &sleep_ms) == 1) continue;
+        if (sscanf(line, "usleep %ld", &sleep_us) == 1) continue;
         if (sscanf(line, "%c %lu %lu %n", &k, &lo, &hi, &off) < 3 || !off) continue;
         if (id < lo || id > hi) continue;
         if (k == 'x') { st = NSS_STATUS_UNAVAIL; *errnop = ECONNREFUSED; break; }
@@ -108,6 +114,10 @@ static enum nss_status look(char kind, unsigned long id, char *name, size_t n, i
     fclose(f);
     if (sleep_ms) {
         struct timespec ts = {sleep_ms / 1000, (sleep_ms % 1000) * 1000000L};
+        nanosleep(&ts, NULL);
+    }
+    if (sleep_us) {
+        struct timespec ts = {0, sleep_us * 1000L};
         nanosleep(&ts, NULL);
     }
     return st;
@@ -634,3 +644,44 @@ def proc_uids(pid: int) -> set[int] | None:
     except OSError:
         return None
     return None
+
+
+@pytest.mark.attack(
+    "budget.exhaustion", ref=REF + ": one claim's walk past a directory's range holds every start"
+)
+def test_a_claim_walking_a_directory_range_does_not_hold_the_hives_starts(nspriv: NsPriv) -> None:
+    """A directory that answers for a whole range and lists none of it: machined's userdb
+    gives every uid of an ``nspawn --private-users=pick`` container a user (``vu-NAME-N``,
+    65,536 of them, from 524,288 up), sssd a domain's slice. A new agent's claim now walks
+    it block by block, one lookup each (0.3 ms here: a varlink or socket round trip), with
+    no bound, holding the hive's id table (every ``prepare`` of the hive, known agents
+    too, waits on it) and the host registry's lock (every claim of every hive, ``hive
+    up``'s for its core too). Before the change the claim asked NSS nothing per id."""
+    prepared(nspriv, "rtd18known")
+    lo = mark(nspriv)
+    walk: dict[str, Any] = {}
+
+    def claim() -> None:
+        t0 = time.monotonic()
+        walk["reply"] = nspriv.call({"cmd": "prepare", "name": "rtd18walk"}, timeout=300)
+        walk["took"] = time.monotonic() - t0
+
+    nspriv.directory(f"usleep 300\nu {lo} {lo + 65535} vu-ct-\n")
+    try:
+        t = threading.Thread(target=claim)
+        t.start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        known = nspriv.call({"cmd": "prepare", "name": "rtd18known"}, timeout=300)
+        took = time.monotonic() - t0
+        t.join(300)
+    finally:
+        nspriv.directory("")
+        nspriv.call({"cmd": "destroy", "name": "rtd18known"})
+        nspriv.call({"cmd": "destroy", "name": "rtd18walk"})
+    assert known["ok"] is True, known
+    assert walk["reply"]["ok"] is True and walk["reply"]["uid"] > lo + 65535, walk
+    assert took < 1.0, (
+        f"a known agent's prepare took {took:.1f} s: it waited for another agent's claim, "
+        f"which walked 32,768 blocks of the directory's range in {walk['took']:.1f} s"
+    )
