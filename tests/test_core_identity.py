@@ -4,7 +4,6 @@ registry of their own (never the host's)."""
 
 from __future__ import annotations
 
-import grp
 import json
 import os
 import pwd
@@ -22,7 +21,7 @@ from hyperhive.activation import NotActivated, inherited_listeners
 from hyperhive.cli import core_identity
 from hyperhive.cli.core_identity import CoreIdentityError, CoreIds, adopt_files, core_ids
 from hyperhive.cli.socket_activate import parse
-from hyperhive.priv import ids
+from hyperhive.priv import ids, nss
 from hyperhive.priv.ids import HostIds, HostRegistry
 
 
@@ -55,20 +54,16 @@ def test_ids_the_host_gave_away_since_are_left_for_new_ones(
     state = tmp_path / "state"
     first = core_ids(state, registry)
     gw = core_identity.gateway_ids(first)
-    real_pw, real_gr = ids.pwd.getpwuid, ids.grp.getgrgid
+    real = nss.name_of
 
-    def getpwuid(uid: int) -> pwd.struct_passwd:
-        if (taken, uid) in (("core uid", first.uid), ("gateway uid", gw.uid)):
-            return pwd.struct_passwd(("intruder", "x", uid, uid, "", "/", "/bin/sh"))
-        return real_pw(uid)
+    def name_of(kind: str, i: int) -> str | None:
+        if (taken, kind, i) in (
+            ("core uid", "uid", first.uid), ("gateway uid", "uid", gw.uid), ("gateway gid", "gid", gw.gid)
+        ):
+            return "intruder"
+        return real(kind, i)
 
-    def getgrgid(gid: int) -> grp.struct_group:
-        if (taken, gid) == ("gateway gid", gw.gid):
-            return grp.struct_group(("intruders", "x", gid, []))
-        return real_gr(gid)
-
-    monkeypatch.setattr(ids.pwd, "getpwuid", getpwuid)
-    monkeypatch.setattr(ids.grp, "getgrgid", getgrgid)
+    monkeypatch.setattr(nss, "name_of", name_of)
     if taken == "subordinate range":
         monkeypatch.setattr(ids, "subordinate_ranges", lambda: [(gw.uid, gw.uid)])
     said = core_identity.given_away(first)

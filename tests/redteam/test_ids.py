@@ -79,26 +79,15 @@ def test_blocks_skip_ids_a_directory_service_answers_for_but_does_not_list(
     but answers ``getpwuid`` for each: agents' blocks were checked against the listing
     only (session 17's note), so an agent could run as a directory user. Each id is now
     also looked up one by one."""
-    import grp
-    import pwd
-
-    import hyperhive.priv.ids as ids
+    from hyperhive.priv import nss
 
     directory = range(BASE_UID, BASE_UID + 7)  # a user (or group) in each of the first blocks
-    real_pw, real_gr = ids.pwd.getpwuid, ids.grp.getgrgid
+    real = nss.name_of
 
-    def getpwuid(uid: int) -> Any:
-        if kind == "user" and uid in directory:
-            return pwd.struct_passwd((f"ldap{uid}", "x", uid, 100, "", "/home/x", "/bin/sh"))
-        return real_pw(uid)
+    def name_of(k: str, i: int) -> str | None:
+        return f"ldap{i}" if k == ("uid" if kind == "user" else "gid") and i in directory else real(k, i)
 
-    def getgrgid(gid: int) -> Any:
-        if kind == "group" and gid in directory:
-            return grp.struct_group((f"ldapg{gid}", "x", gid, []))
-        return real_gr(gid)
-
-    monkeypatch.setattr(ids.pwd, "getpwuid", getpwuid)
-    monkeypatch.setattr(ids.grp, "getgrgid", getgrgid)
+    monkeypatch.setattr(nss, "name_of", name_of)
     reg = registry(tmp_path)  # the listing holds none of them
     bases = [reg.claim("h:a"), *reg.claim_many(["h:b", "h:c"])]
     assert bases == [BASE_UID + 8, BASE_UID + 10, BASE_UID + 12]

@@ -534,16 +534,12 @@ def test_new_ids_claimed_for_ids_given_away_are_not_given_away_themselves(
     state = tmp_path / "state"
     first = core_identity.core_ids(state, registry)
     directory = range(first.uid, first.uid + 64)  # its users, from the hive's first id up
-    real_pw = ids.pwd.getpwuid
+    real = ids.nss.name_of
 
-    def getpwuid(uid: int) -> Any:
-        if uid in directory:
-            import pwd
+    def name_of(kind: str, i: int) -> str | None:
+        return f"ldap{i}" if kind == "uid" and i in directory else real(kind, i)
 
-            return pwd.struct_passwd((f"ldap{uid}", "x", uid, 100, "", "/home/x", "/bin/sh"))
-        return real_pw(uid)
-
-    monkeypatch.setattr(core_identity.pwd, "getpwuid", getpwuid)
+    monkeypatch.setattr(ids.nss, "name_of", name_of)
     assert core_identity.given_away(first) is not None
     again = core_identity.core_identity(state, registry)
     assert again.ids != first

@@ -317,7 +317,10 @@ class Cages:
             raise CageError(str(e)) from None
         # Checked at every start: the host may have given an id away since the claim, and
         # a cage run as a host account would share its files and signals.
-        taken = given_to_host((ids.uid, ids.harness_uid))
+        try:
+            taken = given_to_host((ids.uid, ids.harness_uid))
+        except IdsExhausted as e:  # the host's user database did not answer
+            raise CageError(f"agent {name!r}: {e}: not started") from None
         if taken is not None:
             raise CageError(
                 f"agent {name!r} runs as ids {ids.uid}-{ids.harness_uid}, but {taken} since"

@@ -33,13 +33,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyperhive.priv import safefs
+from hyperhive.priv import nss, safefs
 
 BASE_UID = 200_000
 BLOCK = 2
 LAST_UID = 2**31 - 2  # ids above 2^31 confuse too many tools
 HOST_REGISTRY = Path("/var/lib/hyperhive/ids")
 MAX_AGENTS_PER_HIVE = 10_000  # hive-priv's bound (the core's [limits] max_agents is at most this)
+HELD_SKIPS_MAX = 512  # blocks one claim passes over because NSS answered for an id in them
 TABLE_LIMIT = 16 << 20  # ids.json holds at most MAX_AGENTS_PER_HIVE short lines: far below this
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
 
@@ -56,7 +57,9 @@ class AgentIds:
 
 
 def subordinate_ranges(files: Iterable[Path] = SUBID_FILES) -> list[tuple[int, int]]:
-    """(first, last) of every range in /etc/subuid and /etc/subgid (``user:start:count``)."""
+    """(first, last) of every range in /etc/subuid and /etc/subgid (``user:start:count``),
+    the numbers read as shadow's ``newuidmap`` reads them (``_shadow_number``); a line
+    shadow would not take is skipped, as shadow skips it."""
     out = []
     for path in files:
         try:
@@ -64,12 +67,32 @@ def subordinate_ranges(files: Iterable[Path] = SUBID_FILES) -> list[tuple[int, i
         except OSError:
             continue
         for line in text.splitlines():
-            parts = line.strip().split(":")
-            if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                start, count = int(parts[1]), int(parts[2])
-                if count:
-                    out.append((start, start + count - 1))
+            parts = line.split(":")
+            if len(parts) != 3:
+                continue
+            start, count = _shadow_number(parts[1]), _shadow_number(parts[2])
+            if start is not None and count:
+                out.append((start, start + count - 1))
     return out
+
+
+def _shadow_number(text: str) -> int | None:
+    """A number as shadow's ``getulong`` reads it (``strtoul(s, &end, 0)``, the whole field):
+    leading white space, an optional ``+``, then ``0x`` hexadecimal, a leading ``0`` octal,
+    or decimal, ASCII digits only; None if it takes none (a reading that differed let a
+    range newuidmap maps into a user namespace pass as free: red team of session 18)."""
+    s = text.lstrip(" \t\n\v\f\r")
+    if s.startswith("+"):
+        s = s[1:]
+    base, digits = 10, "0123456789"
+    if s[:2] in ("0x", "0X"):
+        base, digits, s = 16, "0123456789abcdefABCDEF", s[2:]
+    elif s.startswith("0"):
+        base, digits = 8, "01234567"
+    if not s or any(c not in digits for c in s):
+        return None
+    value = int(s, base)
+    return value if value < 1 << 64 else None
 
 
 def host_ids() -> set[int]:
@@ -77,35 +100,35 @@ def host_ids() -> set[int]:
     return {p.pw_uid for p in pwd.getpwall()} | {g.gr_gid for g in grp.getgrall()}
 
 
+class HostLookupFailed(IdsExhausted):
+    """The host's user database (NSS) did not answer for an id: not known to be free, so
+    neither handed out nor started as."""
+
+
 def held_by_host(i: int) -> bool:
     """Whether NSS knows ``i`` as a uid or a gid when asked for it: a directory service
-    may list none of its users (``getpwall``) yet answer for each."""
+    may list none of its users (``getpwall``) yet answer for each. HostLookupFailed if it
+    did not answer."""
     try:
-        pwd.getpwuid(i)
-        return True
-    except KeyError:
-        pass
-    try:
-        grp.getgrgid(i)
-        return True
-    except KeyError:
-        return False
+        return nss.name_of("uid", i) is not None or nss.name_of("gid", i) is not None
+    except nss.LookupFailed as e:
+        raise HostLookupFailed(f"{e}: no agent ids handed out") from None
 
 
 def given_to_host(ids: Iterable[int]) -> str | None:
     """Whether the host gave one of ``ids`` to something else after the registry handed
     it out (``useradd -u``, a directory service's users, a new subordinate range), said
-    in a few words; None if not. Looked up id by id, each as a uid and as a gid."""
+    in a few words; None if not. Looked up id by id, each as a uid and as a gid;
+    HostLookupFailed if the host's user database did not answer."""
     ids = sorted(set(ids))
-    for i in ids:
-        try:
-            return f"uid {i} is now the account {pwd.getpwuid(i).pw_name!r}"
-        except KeyError:
-            pass
-        try:
-            return f"gid {i} is now the group {grp.getgrgid(i).gr_name!r}"
-        except KeyError:
-            pass
+    try:
+        for i in ids:
+            if (name := nss.name_of("uid", i)) is not None:
+                return f"uid {i} is now the account {name!r}"
+            if (name := nss.name_of("gid", i)) is not None:
+                return f"gid {i} is now the group {name!r}"
+    except nss.LookupFailed as e:
+        raise HostLookupFailed(f"{e}: its ids can't be checked") from None
     for lo, hi in subordinate_ranges():
         if lo <= ids[-1] and ids[0] <= hi:
             return f"ids {lo}-{hi} are now a subordinate range (/etc/subuid, /etc/subgid)"
@@ -124,27 +147,46 @@ class HostIds:
         return self.free_blocks(start, 1, used)[0]
 
     def free_blocks(self, start: int, count: int, used: set[int] | None = None) -> list[int]:
-        """``count`` free blocks from ``start`` up: NSS and the subordinate ranges are
-        read once for all of them."""
+        """``count`` free blocks from ``start`` up: NSS's listing and the subordinate ranges
+        are read once for all of them; each candidate's ids are then looked up one by one
+        (``held``). WalkedFar past ``HELD_SKIPS_MAX`` blocks the lookups found held."""
         taken, ranges = self.accounts() | (used or set()), self.ranges()
         out: list[int] = []
-        base = start
+        base, skipped = start, 0
         while len(out) < count:
-            base = _next_free(base, taken, ranges, self.held)
-            out.append(base)
+            base = _next_free(base, taken, ranges)
+            if any(self.held(i) for i in range(base, base + BLOCK)):
+                skipped += 1
+                if skipped > HELD_SKIPS_MAX:
+                    raise WalkedFar(start, base)
+            else:
+                out.append(base)
             base += BLOCK
         return out
 
 
-def _next_free(
-    base: int, taken: set[int], ranges: list[tuple[int, int]], held: Callable[[int], bool]
-) -> int:
+class WalkedFar(IdsExhausted):
+    """A claim found ``HELD_SKIPS_MAX`` blocks held by accounts NSS answers for but does
+    not list (a directory's range): the claim stops there, and the registry's mark moves
+    past what it walked, so the next claim goes on from ``upto`` (each walk is short: the
+    registry's lock, and every hive's claims, wait on it)."""
+
+    def __init__(self, start: int, upto: int) -> None:
+        super().__init__(
+            f"ids {start}-{upto - 1} are held by accounts of the host's user database that"
+            f" it does not list (a directory's range?): no agent ids handed out this time;"
+            f" the next claim goes on from {upto}"
+        )
+        self.upto = upto
+
+
+def _next_free(base: int, taken: set[int], ranges: list[tuple[int, int]]) -> int:
     while base + BLOCK - 1 <= LAST_UID:
         ids = range(base, base + BLOCK)
         clash = [hi for lo, hi in ranges if lo <= ids[-1] and ids[0] <= hi]
         if clash:
             base = _aligned(max(clash) + 1)
-        elif any(i in taken or held(i) for i in ids):
+        elif any(i in taken for i in ids):
             base += BLOCK
         else:
             return base
@@ -298,16 +340,23 @@ class HostRegistry:
         if not owners:
             return []
         with self._locked() as db:
-            bases = self.host.free_blocks(self._mark(db), len(owners))
-            db.executemany(
-                "INSERT INTO owners (base, owner) VALUES (?, ?)",
-                list(zip(bases, owners, strict=True)),
-            )
-            db.execute(
-                "INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (bases[-1] + BLOCK,)
-            )
-            self._raise_json(db, bases[-1] + BLOCK)
-            return bases
+            try:
+                bases = self.host.free_blocks(self._mark(db), len(owners))
+            except WalkedFar as e:
+                walked = e  # never handed out: the mark moves past what was walked
+                db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (e.upto,))
+                self._raise_json(db, e.upto)
+            else:
+                db.executemany(
+                    "INSERT INTO owners (base, owner) VALUES (?, ?)",
+                    list(zip(bases, owners, strict=True)),
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (bases[-1] + BLOCK,)
+                )
+                self._raise_json(db, bases[-1] + BLOCK)
+                return bases
+        raise walked
 
     def owner(self, base: int) -> str | None:
         with self._locked() as db:
