@@ -399,6 +399,7 @@ def test_an_agents_new_question_moves_no_approve_button_under_the_operators_poin
             f"no question moves the queue by {distance} px"
         )
         text = best[1]
+        tab.mouse.move(x, y)  # the operator's pointer rests on rtbob's approve, reading it
         # The attack, from inside rtmule's cage: one question to the operator.
         q = cage_run(
             rt,

@@ -9,6 +9,7 @@ focus). So the page and its updates come from one template, and no script draws 
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ STATES = ("running", "paused", "stopped", "failed", "needs-login")
 # With [swarm]: another host's agent whose host's heartbeat is stale (docs/swarm.md).
 UNREACHABLE = "unreachable"
 SWARM_STATES = (*STATES, UNREACHABLE)
+FOCUS = re.compile(r"(question|approval)-[1-9][0-9]{0,17}")
 SECTIONS = ("attention", "agents", "inbox", "messages", "rules", "secrets", "log")
 
 # Which sections each event kind changes (the stream re-renders those).
@@ -79,6 +81,9 @@ class View:
     state: str = ""
     q: str = ""
     page: int = 1
+    # ``question-N`` or ``approval-N``: a notification's link shows that item (while it is
+    # open) wherever it stands in the queue, on the page and in its stream's redraws.
+    focus: str = ""
 
     @staticmethod
     def of(params: Mapping[str, str]) -> View:
@@ -88,11 +93,19 @@ class View:
             page = max(1, min(int(params.get("page", "1")), 10**6))
         except ValueError:
             page = 1
-        return View(state if state in SWARM_STATES else "", q, page)
+        focus = params.get("focus", "")
+        focus = focus if FOCUS.fullmatch(focus) else ""
+        return View(state if state in SWARM_STATES else "", q, page, focus)
 
     def query(self, **changes: Any) -> str:
         """This view's query string, with ``changes``; empty fields left out."""
-        fields = {"state": self.state, "q": self.q, "page": self.page, **changes}
+        fields = {
+            "state": self.state,
+            "q": self.q,
+            "page": self.page,
+            "focus": self.focus,
+            **changes,
+        }
         if fields["page"] == 1:
             fields["page"] = ""
         return urlencode({k: v for k, v in fields.items() if v})

@@ -692,6 +692,12 @@ class Hive:
         """The newest messages to the operator, newest first, as summaries."""
         return self.store.messages.newest_to(OPERATOR, limit)
 
+    def inbox_unread(self, actor: Operator, after: int, limit: int) -> list[Message | Unreadable]:
+        """The oldest ``limit`` messages to the operator above id ``after`` (the last one
+        marked read), newest first, as summaries: what the dashboard shows while any is
+        unread, so "mark read" marks read only what was shown (red team round 23b)."""
+        return self.store.messages.oldest_to(OPERATOR, after, limit)
+
     def inbox_count(self, actor: Operator, after: int = 0) -> int:
         """How many messages to the operator have an id above ``after`` (unread: above the
         last one the dashboard's session marked read)."""
@@ -755,6 +761,14 @@ class Hive:
     ) -> Listing[Question | Unreadable]:
         """One page of the open questions to the operator, oldest first, as summaries."""
         return self.store.questions.open_page(target=OPERATOR, after=after, limit=limit)
+
+    def questions_first_screen(
+        self, actor: Operator, per_agent: int, limit: int
+    ) -> Listing[Question | Unreadable]:
+        """The dashboard's open questions to the operator: the oldest, at most ``per_agent``
+        from any one agent (the rest on its own page), so one agent's questions never push
+        another's off the operator's first screen (red team round 23b)."""
+        return self.store.questions.first_screen(target=OPERATOR, per_agent=per_agent, limit=limit)
 
     def question(self, actor: Operator, qid: int) -> Question | Unreadable:
         """One question, whole (a listing's "show all")."""
@@ -840,6 +854,13 @@ class Hive:
         """One page of the pending approvals, oldest first, as summaries (a cut payload says
         so in ``truncated``; ``approval`` shows it whole, as approving would apply it)."""
         return self.store.approvals.page(status="pending", after=after, limit=limit)
+
+    def pending_first_screen(
+        self, actor: Operator, per_agent: int, limit: int
+    ) -> Listing[Approval | Unreadable]:
+        """The dashboard's pending approvals: the oldest, at most ``per_agent`` from any one
+        agent (see ``questions_first_screen``)."""
+        return self.store.approvals.first_screen(per_agent=per_agent, limit=limit)
 
     def approval(self, actor: Operator, aid: int) -> Approval | Unreadable:
         """One approval, whole: the exact payload its sha256 was taken of."""

@@ -50,7 +50,7 @@ from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.sse import CONNECTED, KEEP_ALIVE, events_or_quiet, sse, sse_response
 from hyperhive.core.store import canonical_json
-from hyperhive.core.summary import PAGE, PAGE_MAX, summarise_event
+from hyperhive.core.summary import PAGE, PAGE_MAX, PER_AGENT_SHOWN, summarise_event
 from hyperhive.display import visible, visible_json_text, visible_value
 from hyperhive.names import NAME_RE
 from hyperhive.unixsock import bind_listener
@@ -567,7 +567,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         ctx: dict[str, Any] = {"view": view, "oob": False, "csrf_token": ""}
         agents = statuses() if wanted & {"attention", "agents", "rules"} else []
         if "attention" in wanted:
-            approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)
+            approvals, questions = first_screen(view.focus)
             troubled = cockpit.troubled(agents)
             # With [swarm]: the other hosts' questions and approvals (docs/swarm.md).
             elsewhere = {
@@ -581,6 +581,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 questions=questions["questions"],
                 questions_total=questions["total"],
                 questions_more=questions["more"],
+                questions_capped=questions["capped"],
+                approvals_capped=approvals["capped"],
+                per_agent=PER_AGENT_SHOWN,
                 troubled=troubled,
                 attention_count=approvals["total"]
                 + questions["total"]
@@ -601,10 +604,18 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 ctx["swarm_hosts"] = sorted({str(r["host"]) for r in elsewhere_agents})
         if "inbox" in wanted:
             seen = inbox_seen.get(session.id, 0)
+            unread = hive.inbox_count(OPERATOR, seen)
+            # While any is unread: the oldest unread, so no message is passed over and "mark
+            # read" (up to the newest shown) marks read only what was shown; else the newest.
+            shown_rows = (
+                hive.inbox_unread(OPERATOR, seen, cockpit.INBOX_SHOWN)
+                if unread
+                else hive.inbox_newest(OPERATOR, cockpit.INBOX_SHOWN)
+            )
             ctx.update(
-                inbox=rows_out(hive.inbox_newest(OPERATOR, cockpit.INBOX_SHOWN)),
+                inbox=rows_out(shown_rows),
                 inbox_total=hive.inbox_count(OPERATOR),
-                inbox_unread=hive.inbox_count(OPERATOR, seen),
+                inbox_unread=unread,
                 inbox_seen=seen,
             )
         if "messages" in wanted:
@@ -661,6 +672,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 **context,
                 "entries": entries,
                 "last_id": entries[-1]["id"] if entries else 0,
+                # What the open page keeps of the stream's entries (static/agent.js): what it
+                # opens with at most, each entry drawn as its text and its JSON.
+                "transcript_max_entries": TRANSCRIPT_SHOWN,
+                "transcript_max_chars": 2 * hive.config.limits.reply_bytes,
                 "csrf_token": csrf,
             },
         )
@@ -846,6 +861,38 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     def question_page(after: int, limit: int) -> dict[str, Any]:
         page = hive.questions_for(OPERATOR, after, limit)
         return {"questions": rows_out(page.items), "total": page.total, "more": page.more}
+
+    def first_screen(focus: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The cockpit's pending approvals and open questions: the oldest, at most
+        PER_AGENT_SHOWN of any one agent; and the item a notification's link names
+        (``?focus=question-N``), if it is still open, wherever it stands in the queue."""
+        apage = hive.pending_first_screen(OPERATOR, PER_AGENT_SHOWN, PAGE)
+        qpage = hive.questions_first_screen(OPERATOR, PER_AGENT_SHOWN, PAGE)
+        approvals = [shown(a) for a in apage.items]
+        questions = rows_out(qpage.items)
+        kind, _, ident = (focus or "").partition("-")
+        if kind == "question" and all(q["id"] != int(ident) for q in questions):
+            page = hive.questions_for(OPERATOR, int(ident) - 1, 1)
+            if page.items and page.items[0].id == int(ident):
+                questions += rows_out(page.items)
+        elif kind == "approval" and all(a["id"] != int(ident) for a in approvals):
+            pending = hive.pending_page(OPERATOR, int(ident) - 1, 1)
+            if pending.items and pending.items[0].id == int(ident):
+                approvals.append(shown(pending.items[0]))
+        return (
+            {
+                "approvals": approvals,
+                "total": apage.total,
+                "more": apage.more,
+                "capped": apage.capped,
+            },
+            {
+                "questions": questions,
+                "total": qpage.total,
+                "more": qpage.more,
+                "capped": qpage.capped,
+            },
+        )
 
     def state() -> dict[str, Any]:
         approvals, questions = approval_page(0, PAGE), question_page(0, PAGE)

@@ -8,7 +8,9 @@ the cut are kept (a cut option would be a different answer)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -17,6 +19,7 @@ T = TypeVar("T")
 CUT = 2048  # bytes (UTF-8) of each agent-written field a listing shows, at most
 PAGE = 50  # rows per page, unless the caller asks for fewer or more
 PAGE_MAX = 200  # the most rows one page may hold
+PER_AGENT_SHOWN = 5  # a fair first screen's rows of any one agent (``fair_ids``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +30,32 @@ class Listing(Generic[T]):
     items: list[T]
     total: int
     more: bool
+    # A fair page (``fair_ids``): the agents with more than their share, whose other rows
+    # are left for their own pages.
+    capped: list[str] = dataclasses.field(default_factory=list)
+
+
+def fair_ids(
+    rows: Iterable[tuple[int, str]], per_agent: int, limit: int
+) -> tuple[list[int], list[str]]:
+    """The ids of a first screen: from ``rows`` (id, agent; oldest first), the first
+    ``limit`` taking at most ``per_agent`` of any one agent, so no agent's rows fill the
+    screen and push another's off it (red team round 23b: one agent's 50 questions hid
+    every later one); and the agents passed over, in the order met. Stops reading once
+    ``limit`` are taken."""
+    taken: list[int] = []
+    counts: dict[str, int] = {}
+    capped: dict[str, None] = {}
+    for rid, who in rows:
+        n = counts.get(who, 0)
+        if n >= per_agent:
+            capped[who] = None
+            continue
+        counts[who] = n + 1
+        taken.append(rid)
+        if len(taken) == limit:
+            break
+    return taken, list(capped)
 
 
 def cut_sql(column: str) -> str:

@@ -20,6 +20,29 @@
     live.textContent = "disconnected: reconnecting…";
     live.className = "live bad";
   });
+  // The open page holds no more than it opened with (red team round 23b: an agent's output
+  // was appended to it forever): after each batch the stream appends, the oldest entries go
+  // past data-max-entries entries or data-max-chars characters of text.
+  var transcript = document.getElementById("transcript");
+  var maxEntries = Number(transcript.dataset.maxEntries) || 200;
+  var maxChars = Number(transcript.dataset.maxChars) || 8388608;
+  var chars = 0;
+  function keepWithin() {
+    Array.prototype.forEach.call(transcript.children, function (li) {
+      if (li.dataset.chars === undefined) {
+        li.dataset.chars = String(li.textContent.length);
+        chars += Number(li.dataset.chars);
+      }
+    });
+    while (transcript.children.length > 1 &&
+           (transcript.children.length > maxEntries || chars > maxChars)) {
+      chars -= Number(transcript.firstElementChild.dataset.chars || 0);
+      transcript.firstElementChild.remove();
+    }
+  }
+  keepWithin();
+  transcript.addEventListener("htmx:sseMessage", keepWithin);
+
   var DONE = { "approve": "approved", "deny": "denied", "answer-question": "answered" };
   // Said from the request's own XHR, not from htmx:afterRequest: the live stream may take the
   // item off the page before the POST's answer comes back, and htmx's events on a removed

@@ -15,6 +15,7 @@ from hyperhive.core.store.common import (
     ApplyError,
     Unreadable,
     canonical_json,
+    fair_page,
     load_json,
     readable,
     sha256_hex,
@@ -158,6 +159,21 @@ class ApprovalRepo:
         ).fetchall()
         items = [readable(_to_summary, r) for r in rows[:limit]]
         return Listing(items, int(total), len(rows) > limit)
+
+    def first_screen(self, *, per_agent: int, limit: int) -> Listing[Approval | Unreadable]:
+        """The dashboard's pending approvals: the oldest, at most ``per_agent`` of any one
+        agent (``common.fair_page``)."""
+        return fair_page(
+            self._db,
+            "approvals",
+            "agent",
+            ["status=?"],
+            ["pending"],
+            _SUMMARY,
+            _to_summary,
+            per_agent,
+            limit,
+        )
 
     def list(
         self, *, status: str | None = None, agent: str | None = None

@@ -5,12 +5,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import ValidationError
 
+from hyperhive.core.summary import Listing, fair_ids
 from hyperhive.wire.framing import MAX_DEPTH, depth, describe_validation_error
+
+if TYPE_CHECKING:  # db.py imports this module
+    from hyperhive.core.store.db import Database
 
 T = TypeVar("T")
 
@@ -88,3 +93,36 @@ def readable(convert: Callable[[Any], T], row: Sequence[Any]) -> T | Unreadable:
     except Exception as e:  # whatever a bad row makes a converter raise
         rid = row[0] if row and type(row[0]) is int else None
         return Unreadable(rid, why(e))
+
+
+def fair_page(
+    db: Database,
+    table: str,
+    who: str,
+    where: list[str],
+    args: list[object],
+    columns: str,
+    convert: Callable[[Any], T],
+    per_agent: int,
+    limit: int,
+) -> Listing[T | Unreadable]:
+    """A first screen of ``table``'s rows matching ``where``: oldest first, at most
+    ``per_agent`` of any one ``who`` (``summary.fair_ids``), as ``columns`` converted;
+    ``more`` when any row is not on it, ``capped`` the agents with rows left off."""
+    clause = " AND ".join(where)
+    conn = db.conn
+    total = int(conn.execute(f"SELECT count(*) FROM {table} WHERE {clause}", args).fetchone()[0])
+    with closing(
+        db.rows(f"SELECT id, {who} FROM {table} WHERE {clause} ORDER BY id", args)
+    ) as rows:
+        ids, capped = fair_ids(rows, per_agent, limit)
+    found = (
+        conn.execute(
+            f"SELECT {columns} FROM {table} WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
+            ids,
+        ).fetchall()
+        if ids
+        else []
+    )
+    items = [readable(convert, r) for r in found]
+    return Listing(items, total, total > len(items), capped)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -170,7 +170,7 @@ class Database:
     def close(self) -> None:
         self.conn.close()
 
-    def rows(self, sql: str, params: Params = ()) -> Iterator[Any]:
+    def rows(self, sql: str, params: Params = ()) -> Generator[Any, None, None]:
         """A query's rows one at a time, for a caller that may stop early (a reply's byte
         budget): only the rows it takes are read. Closing the iterator ends the query."""
         cur = self.conn.execute(sql, params)

@@ -326,6 +326,16 @@ class MessageRepo:
         ).fetchall()
         return [readable(_to_summary, r) for r in rows]
 
+    def oldest_to(self, recipient: str, after: int, limit: int) -> list[Message | Unreadable]:
+        """The oldest ``limit`` messages to ``recipient`` with an id above ``after``, newest
+        first, as summaries (the operator's unread inbox on the dashboard: none passed
+        over, however many came after it)."""
+        rows = self._db.conn.execute(
+            f"SELECT {_SUMMARY} FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
+            (recipient, after, limit),
+        ).fetchall()
+        return [readable(_to_summary, r) for r in reversed(rows)]
+
     def count_to(self, recipient: str, after: int) -> int:
         """How many messages to ``recipient`` have an id above ``after``."""
         row = self._db.conn.execute(

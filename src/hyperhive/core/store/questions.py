@@ -6,7 +6,13 @@ import time
 from collections.abc import Iterator
 
 from hyperhive.core.refusals import Conflict, NotFound
-from hyperhive.core.store.common import Unreadable, dump_options, load_options, readable
+from hyperhive.core.store.common import (
+    Unreadable,
+    dump_options,
+    fair_page,
+    load_options,
+    readable,
+)
 from hyperhive.core.store.db import Database
 from hyperhive.core.store.messages import insert_message
 from hyperhive.core.summary import Listing, cut_sql, is_cut, options_prefix, shown
@@ -122,6 +128,16 @@ class QuestionRepo:
         ).fetchall()
         items = [readable(_to_summary, r) for r in rows[:limit]]
         return Listing(items, int(total), len(rows) > limit)
+
+    def first_screen(
+        self, *, target: str, per_agent: int, limit: int
+    ) -> Listing[Question | Unreadable]:
+        """The dashboard's open questions to ``target``: the oldest, at most ``per_agent``
+        of any one asker (``common.fair_page``)."""
+        where, args = self._open_where(target, None)
+        return fair_page(
+            self._db, "questions", "asker", where, args, _SUMMARY, _to_summary, per_agent, limit
+        )
 
     @staticmethod
     def _open_where(target: str | None, asker: str | None) -> tuple[list[str], list[object]]:
