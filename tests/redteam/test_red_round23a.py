@@ -1,6 +1,25 @@
-"""Red team round 23a: what the 22 rounds before did not try.
+"""Red team round 23a: the core's one event loop and one GIL, against what one agent sends.
 
-See docs/security.md's rounds table (red team round 23a) and the report of this round.
+The byte pacer (``core/ratelimit.BytePacer``, 8 MiB/s past a 64 MiB burst, each line
+counted 2 KiB more) bounds an agent's requests by their size, on the premise that a
+request costs the core's loop about 16 us per 2 KiB. This round looks for input whose cost
+to the core grows faster than its size, from inside a real cage, while another agent's
+``whoami`` is timed from the host (host.sock is served by the same loop).
+
+Broke (each case fails on the code it was written against; none fixed in this round):
+- a terminated egress connection's chunked upload of one-byte chunks: h11 parses each
+  chunk in pure Python in a thread of the core, ~9 us of the GIL per 6 bytes; 16 MiB held
+  the core at a whole CPU for ~20 s and other agents' requests at ~0.8 s (p95);
+- 1 MiB lines of empty containers (``framing.depth`` and ``jsonlines._decode``'s surrogate
+  walk, in Python, before any check): ~0.36 s of the loop each; 64 of them (the burst)
+  stalled every other request for up to 2 to 5 s at a time;
+- ``loose_ends`` of big rows: a 21-byte request builds a 3.8 MB reply in the loop; 960 of
+  them (charged 0.24 s by the pacer) cost the core 9 s of CPU.
+
+Held: the same upload in big pieces; 24,000 new statuses (group commits); 10,000-id acks
+of ids not its own (barely: ~0.75 CPUs for as long as the agent goes on); 20 wide sends
+pipelined on one connection (one line a turn, however many are sent).
+
 """
 
 from __future__ import annotations
