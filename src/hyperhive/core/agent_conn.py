@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from hyperhive.core.events import Deadline
 from hyperhive.core.jsonlines import PACE_SLACK, PIPELINE_MAX, _decode, _is_pipelined, _stream
 from hyperhive.core.lineconn import LineConnection
+from hyperhive.core.ratelimit import REPLY_FREE_BYTES, line_cost
 from hyperhive.core.refusals import Refused
 from hyperhive.core.replies import more
 from hyperhive.core.store import StoreError
@@ -159,10 +160,12 @@ class AgentConnection(LineConnection):
         session: AgentSession,
         pace: Callable[[int], float],
         pipelined: frozenset[str],
+        charge: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(limit)
         self.session = session  # the agent's: hive, actor, connection id
-        self._pace = pace
+        self._pace = pace  # a line's cost: the seconds to wait before handling it
+        self._charge = charge  # a large reply's bytes, taken from the same bucket
         self._pipelined = pipelined
         self._loop = asyncio.get_running_loop()
         self._closed: asyncio.Future[None] = self._loop.create_future()
@@ -219,6 +222,8 @@ class AgentConnection(LineConnection):
         transport = self.transport
         if transport is not None and not self._gone:  # gone: a reply to nobody
             transport.write(data)
+        if len(data) > REPLY_FREE_BYTES and self._charge is not None:
+            self._charge(len(data) - REPLY_FREE_BYTES)  # built for the agent all the same
 
     def _hung_up(self) -> bool:
         """Whether a recv about to wait (or waiting) for its inbox has nobody to reply to:
@@ -309,7 +314,7 @@ class AgentConnection(LineConnection):
                 line = self._next_line()
                 if line is None:
                     return
-                if (owed := self._pace(len(line))) > PACE_SLACK:
+                if (owed := self._pace(line_cost(line))) > PACE_SLACK:
                     self._busy = True
                     self._loop.call_later(owed, self._paced, line)
                     return
@@ -528,7 +533,7 @@ class AgentConnection(LineConnection):
             line = bytes(buf[: i + 1])
             del buf[: i + 1]
             self._scanned = 0
-            owed = self._pace(len(line))
+            owed = self._pace(line_cost(line))
             if owed > PACE_SLACK:  # it waits its time after this batch, then is handled
                 self._batch_next = (line, owed)
                 break

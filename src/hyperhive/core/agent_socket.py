@@ -390,7 +390,7 @@ class AgentSockets:
                     factory = lambda: LineConnection(STREAM_LIMIT)  # noqa: E731
                 else:
                     factory = lambda: AgentConnection(  # noqa: E731
-                        STREAM_LIMIT, session, pacer.debt, PIPELINED
+                        STREAM_LIMIT, session, pacer.debt, PIPELINED, pacer.charge
                     )
                 try:
                     _, line_conn = await loop.create_unix_connection(factory, sock=conn)

@@ -35,6 +35,12 @@ MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
 CHUNK = 256 * 1024
+# h11 parses a request body in Python, under the core's one GIL: ~9 us an event, whatever
+# its size. Past BODY_EVENTS_FREE events a body must come in pieces of BODY_PIECE_MIN
+# bytes on average, or it is refused (red team round 23a: 16 connections of one-byte
+# chunks held the core at a whole CPU for ~20 s, every other agent's request waiting).
+BODY_EVENTS_FREE = 256
+BODY_PIECE_MIN = 4096
 DROP = {b"proxy-authorization", b"proxy-connection", b"keep-alive", b"expect"}
 # TRACE (and IIS's TRACK) make the server echo the request it received: with a secret
 # swapped in, the answer would carry it back to the cage (cross-site tracing). Refused in
@@ -345,10 +351,23 @@ class Terminated:
                 self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
             self._request_closes = not _keeps_alive(ev)
             self._to_upstream(h11.Request(method=ev.method, target=ev.target, headers=headers))
+            pieces = received = 0
             try:
                 while True:
                     body = self._srv_event()
                     if isinstance(body, h11.Data):
+                        pieces += 1
+                        received += len(body.data)
+                        if pieces > BODY_EVENTS_FREE and received < pieces * BODY_PIECE_MIN:
+                            self._refused(
+                                Refused(
+                                    400,
+                                    f"request body in pieces of {received // pieces} bytes on"
+                                    f" average (after {BODY_EVENTS_FREE}, at least"
+                                    f" {BODY_PIECE_MIN}): send it in larger chunks",
+                                )
+                            )
+                            return
                         self._to_upstream(body)
                     elif isinstance(body, h11.EndOfMessage):
                         self._to_upstream(h11.EndOfMessage())

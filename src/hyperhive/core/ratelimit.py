@@ -52,6 +52,25 @@ class TokenBuckets:
 # decoding ~2 KiB of JSON takes. Charged per line, it bounds the requests an agent makes
 # past its burst (8 MiB/s: 4,096 a second), whatever they are (red team cheap-verb-flood).
 LINE_COST_BYTES = 2048
+# What a container (``[`` or ``{``) of a long line costs besides its bytes: decoding walks
+# each one in Python (framing.depth), ~0.5 us, what ~64 bytes of the bucket stand for (red
+# team round 23a: a 1 MiB line of 350,000 empty lists cost the loop ~45 times its bytes'
+# worth). Counted in lines past CONTAINERS_COUNTED_FROM bytes: a shorter one's few
+# containers are paid for by its bytes and LINE_COST_BYTES.
+CONTAINER_COST_BYTES = 64
+CONTAINERS_COUNTED_FROM = 4096
+# A reply's bytes past this are taken from its agent's bucket: reading and writing them
+# cost the loop in proportion (red team round 23a: a 21-byte ``loose_ends`` built 3.8 MB).
+REPLY_FREE_BYTES = 4096
+
+
+def line_cost(line: bytes) -> int:
+    """What a request line takes from its agent's bucket (with LINE_COST_BYTES, added by
+    ``BytePacer.debt``): its bytes, and its containers when it is long."""
+    n = len(line)
+    if n > CONTAINERS_COUNTED_FROM:
+        n += CONTAINER_COST_BYTES * (line.count(b"[") + line.count(b"{"))
+    return n
 
 
 class BytePacer:
@@ -59,10 +78,11 @@ class BytePacer:
     and checking a request costs the core's one event loop time in proportion to its size,
     so an agent writing as fast as it can would slow every other socket. Each line counts
     its size plus ``LINE_COST_BYTES`` (what any request costs, small or not: the cheap
-    verbs are as many requests as an agent can write). Past ``burst`` bytes, reading its
-    next line waits until the bucket refills at ``per_second``; nothing is refused, and a
-    request never waits more than its own cost's worth (at most ``(MAX_LINE +
-    LINE_COST_BYTES) / per_second``) beyond the debt its connection may run up first
+    verbs are as many requests as an agent can write), and a long line its containers
+    (``line_cost``); a reply's bytes past REPLY_FREE_BYTES are taken too (``charge``).
+    Past ``burst`` bytes, reading its next line waits until the bucket refills at
+    ``per_second``; nothing is refused, and a request never waits more than its own cost's
+    worth and what its replies took beyond the debt its connection may run up first
     (``jsonlines.PACE_SLACK``, 10 ms). 0 turns it off."""
 
     def __init__(
@@ -83,3 +103,12 @@ class BytePacer:
         self._tokens = refilled - nbytes - LINE_COST_BYTES
         self._at = now
         return max(0.0, -self._tokens / self.per_second)
+
+    def charge(self, nbytes: int) -> None:
+        """Take ``nbytes`` from the bucket, no line's cost with them (a reply's bytes past
+        REPLY_FREE_BYTES): the agent's next line, on any of its connections, waits for it."""
+        if self.per_second <= 0:
+            return
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second) - nbytes
+        self._at = now
