@@ -10,7 +10,13 @@ import time
 
 from conftest import CoreFactory
 from helpers import DEFAULT_AGENTS, render_toml
-from hyperhive.core.ratelimit import LINE_COST_BYTES, BytePacer
+from hyperhive.core.ratelimit import (
+    CONTAINER_COST_BYTES,
+    CONTAINERS_COUNTED_FROM,
+    LINE_COST_BYTES,
+    BytePacer,
+    line_cost,
+)
 from hyperhive.wire.framing import MAX_LINE
 
 MIB = 1 << 20
@@ -55,6 +61,32 @@ def test_every_line_costs_its_overhead_so_small_requests_are_paced_too() -> None
     while pacer.debt(ack) == 0.0:
         lines += 1
     assert lines < 8 * MIB // LINE_COST_BYTES
+
+
+def test_a_long_line_pays_for_its_containers_and_a_short_one_for_its_bytes() -> None:
+    """Decoding walks every container in Python: a long line's ``[`` and ``{`` are
+    charged on top of its bytes (red team round 23a); a short one's are not counted."""
+    short = b'{"cmd":"send","to":"b","body":"[[[{{{"}\n'
+    assert line_cost(short) == len(short)
+    wide = b'{"x":[' + b",".join([b"[]"] * 5000) + b"]}\n"
+    assert len(wide) > CONTAINERS_COUNTED_FROM
+    assert line_cost(wide) == len(wide) + CONTAINER_COST_BYTES * 5002
+    text = b'{"body":"' + b"x" * 8000 + b'"}\n'  # long, but one container
+    assert line_cost(text) == len(text) + CONTAINER_COST_BYTES
+
+
+def test_a_charge_is_waited_for_by_the_next_line() -> None:
+    """A reply's bytes taken from the bucket (``charge``): no line's cost with them, and
+    the agent's next line waits for them."""
+    clock = FakeClock()
+    pacer = BytePacer(per_second=MIB, burst=MIB, clock=clock)
+    pacer.charge(3 * MIB)
+    assert abs(pacer.debt(0) - (2 * MIB + LINE_COST_BYTES) / MIB) < 1e-9
+    clock.now += 10
+    assert pacer.debt(0) == 0.0
+    off = BytePacer(per_second=0, burst=MIB, clock=clock)
+    off.charge(10 * MIB)
+    assert off.debt(0) == 0.0
 
 
 def test_zero_turns_pacing_off() -> None:

@@ -95,6 +95,21 @@ def test_blocks_skip_ids_a_directory_service_answers_for_but_does_not_list(
 
 
 @UNIQUE
+def test_subuid_numbers_are_read_as_shadow_reads_them(tmp_path: Path) -> None:
+    """shadow's newuidmap reads each number with ``strtoul(s, &end, 0)`` (the whole field):
+    hexadecimal, octal, a leading blank or ``+`` count; anything else skips the line, as
+    shadow skips it (a stray character no longer raises: red team of session 18)."""
+    f = tmp_path / "subuid"
+    f.write_text(
+        "hex:0x30d40:2\noct:0606500:2\nblank: 200010:2\nplus:+200020:2\n"
+        "super:\u00b2:1\nminus:-1:5\nbad:08:1\nempty::1\nzero:300000:0\nsix:1:2:3\n"
+    )
+    assert subordinate_ranges([f]) == [
+        (200_000, 200_001), (200_000, 200_001), (200_010, 200_011), (200_020, 200_021)
+    ]
+
+
+@UNIQUE
 def test_subuid_file_format(tmp_path: Path) -> None:
     f = tmp_path / "subuid"
     f.write_text("alice:100000:65536\nbob:165536:65536\n# comment\nbroken\ncarol:x:1\n")
