@@ -87,6 +87,11 @@ def serve(c):
                 return
             got += len(chunk)
             last = (last + chunk)[-16:]
+        if head.split(b"\r\n")[0].startswith(b"POST /drip "):  # one-byte chunks, endless
+            t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+            piece = b"1\r\nx\r\n" * 4096
+            while True:
+                t.sendall(piece)
         t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
         t.close()
     except (OSError, ssl.SSLError, ValueError):
@@ -281,8 +286,10 @@ def test_a_terminated_upload_of_tiny_chunks_does_not_starve_the_core(
     # (a client still writing when the refusal closes the connection sees the close first)
     assert "HTTP/1.1 200 OK" not in answers and answers.count("HTTP/1.1 400 ") >= 1, holder
     assert all(
-        (isinstance(o, dict) and o["answer"] == "HTTP/1.1 400 ") or "SSLEOFError" in str(o)
-        or "Connection reset" in str(o) or "Broken pipe" in str(o)
+        (isinstance(o, dict) and o["answer"] == "HTTP/1.1 400 ")
+        or "SSLEOFError" in str(o)
+        or "Connection reset" in str(o)
+        or "Broken pipe" in str(o)
         for o in holder["out"]
     ), holder
     assert_others_quick(
@@ -307,6 +314,74 @@ def test_a_terminated_upload_of_the_same_bytes_in_one_piece_leaves_the_core_free
         holder
     )  # each sent it all, then hung up
     assert_others_quick(base, during, cpu, "one agent uploaded 16 MiB in big pieces")
+
+
+# In the cage: P["conns"] connections, each CONNECT sink, TLS, a POST /drip that the sink
+# answers with one-byte chunks for good; each reads for P["seconds"] s, then hangs up.
+DRIP = r"""
+import ssl, threading
+HOST = P["host"]
+def one(i, out):
+    try:
+        s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+        s.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(4096)
+        ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+        t = ctx.wrap_socket(s, server_hostname=HOST)
+        t.sendall(f"POST /drip HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\n\r\n".encode())
+        got, first, end = 0, b"", time.monotonic() + P["seconds"]
+        t.settimeout(1)
+        while time.monotonic() < end:
+            try:
+                chunk = t.recv(65536)
+            except (TimeoutError, socket.timeout):
+                continue
+            if not chunk:
+                break
+            first = first or chunk[:15]
+            got += len(chunk)
+        t.close()
+        out[i] = {"got": got, "first": first.decode(errors="replace")}
+    except Exception as e:
+        out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
+out = {}
+threads = [threading.Thread(target=one, args=(i, out)) for i in range(P["conns"])]
+for th in threads:
+    th.start()
+for th in threads:
+    th.join()
+result(out=[out[i] for i in range(P["conns"])])
+"""
+
+
+@pytest.mark.attack(
+    "budget.exhaustion",
+    ref="red team round 23a: the answer's side, an upstream the agent controls sending one-byte chunks",
+)
+def test_a_terminated_answer_of_tiny_chunks_does_not_starve_the_core(
+    sink_hive: HiveProcess,
+) -> None:
+    """The answer's side of the upload above (session 18): an upstream on a host the
+    operator allowed with an L7 rule answers in one-byte chunks for as long as the cage
+    reads, on the agent's 16 connections. An answer is not refused for small pieces (a
+    model's event stream is nothing else), but past 256 pieces averaging under 4 KiB the
+    agent's connections together get 2,000 a second (``egress_tls.SMALL_PIECES``), the
+    relay's threads asleep with the GIL free: the core stays light, and the others quick."""
+    h = sink_hive
+    base, during, cpu, holder = flood_while_timing(
+        h, DRIP, settle=1.0, host="sink.r23a.test", conns=16, seconds=6.0
+    )
+    got = [o["got"] for o in holder["out"] if isinstance(o, dict)]
+    assert len(got) == 16 and all(o["first"].startswith("HTTP/1.1 200") for o in holder["out"]), (
+        holder
+    )
+    # Each piece reaches the cage as 6 bytes of chunked framing (h11 frames it again).
+    pieces = sum(got) / 6
+    assert pieces <= 16 * 256 + 2000 * 7 * 1.5, (pieces, holder)
+    assert cpu < 0.25, (cpu, holder["_cpu_s"])  # (1.04 CPUs unpaced)
+    assert_others_quick(base, during, cpu, "an upstream answered 16 connections in one-byte chunks")
 
 
 # -- set_status of a new text each time: a write each, not rate-limited --------------------

@@ -20,6 +20,7 @@ import re
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,6 +42,34 @@ CHUNK = 256 * 1024
 # chunks held the core at a whole CPU for ~20 s, every other agent's request waiting).
 BODY_EVENTS_FREE = 256
 BODY_PIECE_MIN = 4096
+# An answer's body is not refused for small pieces (an event stream is nothing else), but
+# past BODY_EVENTS_FREE pieces averaging under BODY_PIECE_MIN its agent's connections
+# together take at most SMALL_PIECES_PER_SECOND of them (a burst as many), the relay's
+# thread sleeping meanwhile with the GIL free: an upstream the agent controls can't hold
+# the core (a model's stream sends tens of events a second).
+SMALL_PIECES_PER_SECOND = 2000.0
+PIECES_PAUSE_MIN = 0.05  # a pause owed is taken once this long: a write and a sleep a batch
+
+
+class PiecePacer:
+    """Small pieces of answers, per agent, across its terminated connections' threads."""
+
+    def __init__(self, per_second: float = SMALL_PIECES_PER_SECOND) -> None:
+        self.per_second = per_second
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def owed(self, agent: str) -> float:
+        """Take one piece of ``agent``'s; the seconds to wait before relaying it."""
+        with self._lock:
+            now = time.monotonic()
+            tokens, at = self._buckets.get(agent, (self.per_second, now))
+            tokens = min(self.per_second, tokens + (now - at) * self.per_second) - 1.0
+            self._buckets[agent] = (tokens, now)
+        return max(0.0, -tokens / self.per_second)
+
+
+SMALL_PIECES = PiecePacer()
 DROP = {b"proxy-authorization", b"proxy-connection", b"keep-alive", b"expect"}
 # TRACE (and IIS's TRACK) make the server echo the request it received: with a secret
 # swapped in, the answer would carry it back to the cage (cross-site tracing). Refused in
@@ -400,6 +429,7 @@ class Terminated:
             self._fresh_cli = False
 
     def _relay_response(self) -> bool:
+        pieces = received = 0
         try:
             while True:
                 ev = self._cli_event()
@@ -415,6 +445,15 @@ class Terminated:
                     if length is not None:
                         return self._relay_body(ev, length)
                 elif isinstance(ev, h11.Data):
+                    pieces += 1
+                    received += len(ev.data)
+                    if (
+                        pieces > BODY_EVENTS_FREE
+                        and received < pieces * BODY_PIECE_MIN
+                        and (wait := SMALL_PIECES.owed(self.agent)) > PIECES_PAUSE_MIN
+                    ):
+                        self._flush()  # what was relayed goes out before the pause
+                        time.sleep(wait)
                     self._to_client(ev)
                 elif isinstance(ev, h11.EndOfMessage):
                     self._to_client(h11.EndOfMessage())
