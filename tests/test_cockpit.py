@@ -46,7 +46,8 @@ AGENTS: dict[str, dict[str, Any]] = {
 }
 BULK = 1000  # agent rows put straight into the store
 SCRIPTS = ["/static/vendor/htmx-2.0.11.min.js", "/static/vendor/htmx-ext-sse-2.2.4.min.js",
-           "/static/vendor/idiomorph-ext-0.7.4.min.js", "/static/display.js", "/static/dashboard.js"]
+           "/static/vendor/idiomorph-ext-0.7.4.min.js", "/static/display.js", "/static/steady.js",
+           "/static/dashboard.js"]
 
 expect.set_options(timeout=30_000)
 

@@ -46,9 +46,11 @@ DASHBOARD_VENDOR = ["/static/vendor/htmx-2.0.11.min.js", "/static/vendor/htmx-ex
 
 def page_scripts(script: str, vendored: tuple[str, ...] | list[str] = ()) -> list[str]:
     """The scripts a page loads: its vendored libraries (the dashboard's by default), the
-    shared escaping (display.js, beside the page's own script) and the page's own."""
+    shared escaping (display.js, beside the page's own script), on the core's own pages
+    the pointer's steadiness (steady.js), and the page's own."""
     vendor = DASHBOARD_VENDOR if script == "/static/dashboard.js" and not vendored else vendored
-    return [*vendor, script.rsplit("/", 1)[0] + "/display.js", script]
+    steady = ["/static/steady.js"] if script.startswith("/static/") else []
+    return [*vendor, script.rsplit("/", 1)[0] + "/display.js", *steady, script]
 
 
 READY_LINE = re.compile(r"^hive: ready: log in at (http://\S+/login\?token=\S+)")

@@ -43,6 +43,9 @@
   keepWithin();
   transcript.addEventListener("htmx:sseMessage", keepWithin);
 
+  // What is under the pointer stays there across the stream's redraws (steady.js).
+  window.hiveSteady(function (text) { say(text, true); });
+
   var DONE = { "approve": "approved", "deny": "denied", "answer-question": "answered" };
   // Said from the request's own XHR, not from htmx:afterRequest: the live stream may take the
   // item off the page before the POST's answer comes back, and htmx's events on a removed

@@ -79,53 +79,8 @@
     setTimeout(function () { b.dataset.armed = ""; b.textContent = label; }, 3000);
   });
 
-  // Nothing moves under the operator's pointer (red team round 23b: an agent's question,
-  // sized to the gap between two "approve" buttons, moved another agent's under it). Before
-  // a redraw from the stream, the element under the pointer (the nearest with an id: an
-  // item, a row) and its place are noted; after it, the page scrolls by what it moved. If
-  // a button that was not under the pointer is under it still (its item gone, the page at
-  // its end), a click on that button within HOLD_MS does nothing but say so.
-  var HOLD_MS = 800;
-  var px = -1, py = -1, before = null, arrived = null, arrivedAt = -Infinity;
-  document.addEventListener("mousemove", function (ev) { px = ev.clientX; py = ev.clientY; },
-    { passive: true, capture: true });
-  function atPointer() {
-    return px < 0 ? null : document.elementFromPoint(px, py);
-  }
-  function buttonOf(el) { return el ? el.closest("button") : null; }
-  document.body.addEventListener("htmx:sseBeforeMessage", function () {
-    var el = atPointer(), item = el;
-    while (item && item !== document.body && !item.id) item = item.parentElement;
-    before = el ? {
-      button: buttonOf(el),
-      id: item && item !== document.body ? item.id : null,
-      top: item && item !== document.body ? item.getBoundingClientRect().top : 0,
-    } : null;
-  });
-  document.body.addEventListener("htmx:sseMessage", function () {
-    var was = before;
-    before = null;
-    if (!was) return;
-    var item = was.id ? document.getElementById(was.id) : null;
-    if (item) {
-      var moved = item.getBoundingClientRect().top - was.top;
-      if (Math.abs(moved) >= 1) window.scrollBy(0, moved);
-    }
-    var now = buttonOf(atPointer());
-    if (now && now !== was.button) {
-      arrived = now;
-      arrivedAt = performance.now();
-    }
-  });
-  document.addEventListener("click", function (ev) {
-    if (!arrived || performance.now() - arrivedAt > HOLD_MS) return;
-    var b = ev.target instanceof Element ? ev.target.closest("button") : null;
-    if (b !== arrived) return;
-    arrived = null;
-    ev.preventDefault();
-    ev.stopPropagation();
-    toast("the page moved under the pointer: nothing was done; click again if that is what you meant", true);
-  }, true);
+  // What is under the pointer stays there across the stream's redraws (steady.js).
+  window.hiveSteady(function (text) { toast(text, true); });
 
   // The connection's state, visible; the title counts what needs the operator.
   var conn = document.getElementById("conn");

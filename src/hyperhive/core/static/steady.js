@@ -1,0 +1,55 @@
+// Nothing moves under the operator's pointer, on the dashboard and on an agent page (red
+// team round 23b: an agent's question, sized to the gap between two "approve" buttons,
+// moved another agent's under the operator's click). Before a redraw from the page's live
+// stream, the element under the pointer (the nearest with an id: an item, a row) and its
+// place are noted; after it, the page scrolls by what it moved (the browser's own scroll
+// anchoring is off: the pages' CSS). If a button that was not under the pointer is under
+// it still (its item gone, the page at its end), a click on that button within HOLD_MS
+// does nothing but say so (``refused``, the page's own way of saying things).
+(function () {
+  "use strict";
+  var HOLD_MS = 800;
+  window.hiveSteady = function (refused) {
+    var px = -1, py = -1, before = null, arrived = null, arrivedAt = -Infinity;
+    document.addEventListener("mousemove", function (ev) { px = ev.clientX; py = ev.clientY; },
+      { passive: true, capture: true });
+    function atPointer() {
+      return px < 0 ? null : document.elementFromPoint(px, py);
+    }
+    function buttonOf(el) { return el ? el.closest("button") : null; }
+    document.body.addEventListener("htmx:sseBeforeMessage", function () {
+      var el = atPointer(), item = el;
+      while (item && item !== document.body && !item.id) item = item.parentElement;
+      var kept = item && item !== document.body;
+      before = el ? {
+        button: buttonOf(el),
+        id: kept ? item.id : null,
+        top: kept ? item.getBoundingClientRect().top : 0,
+      } : null;
+    });
+    document.body.addEventListener("htmx:sseMessage", function () {
+      var was = before;
+      before = null;
+      if (!was) return;
+      var item = was.id ? document.getElementById(was.id) : null;
+      if (item) {
+        var moved = item.getBoundingClientRect().top - was.top;
+        if (Math.abs(moved) >= 1) window.scrollBy(0, moved);
+      }
+      var now = buttonOf(atPointer());
+      if (now && now !== was.button) {
+        arrived = now;
+        arrivedAt = performance.now();
+      }
+    });
+    document.addEventListener("click", function (ev) {
+      if (!arrived || performance.now() - arrivedAt > HOLD_MS) return;
+      var b = ev.target instanceof Element ? ev.target.closest("button") : null;
+      if (b !== arrived) return;
+      arrived = null;
+      ev.preventDefault();
+      ev.stopPropagation();
+      refused("the page moved under the pointer: nothing was done; click again if that is what you meant");
+    }, true);
+  };
+})();
