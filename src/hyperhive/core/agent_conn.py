@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 from hyperhive.core.events import Deadline
 from hyperhive.core.jsonlines import PACE_SLACK, PIPELINE_MAX, _decode, _is_pipelined, _stream
 from hyperhive.core.lineconn import LineConnection
-from hyperhive.core.ratelimit import REPLY_FREE_BYTES, line_cost
+from hyperhive.core.ratelimit import ID_COST_BYTES, IDS_FREE, REPLY_FREE_BYTES, line_cost
 from hyperhive.core.refusals import Refused
 from hyperhive.core.replies import more
 from hyperhive.core.store import StoreError
@@ -390,12 +390,22 @@ class AgentConnection(LineConnection):
         if _is_pipelined(obj, self._pipelined):
             self._sends(obj)
             return
-        if obj.get("cmd") == "recv" and (plain := self.session.recv_args(obj)) is not None:
+        cmd = obj.get("cmd")
+        if cmd == "recv" and (plain := self.session.recv_args(obj)) is not None:
+            if plain[2] is not None and len(plain[2]) > IDS_FREE:
+                self._charge_ids(plain[2])
             self._start_recv(*plain)
             return
+        if cmd == "ack":
+            self._charge_ids(obj.get("ids"))
         self._busy = True
         task = self._task = asyncio.ensure_future(self.session.handle(obj))
         task.add_done_callback(self._handled)
+
+    def _charge_ids(self, ids: object) -> None:
+        """An ack's ids past IDS_FREE, taken from the agent's bucket (ratelimit.py)."""
+        if isinstance(ids, list) and len(ids) > IDS_FREE and self._charge is not None:
+            self._charge(ID_COST_BYTES * len(ids))
 
     def _done(self, reply: dict[str, Any]) -> None:
         """A request that waited is answered: its reply written, the next line taken."""

@@ -62,6 +62,11 @@ CONTAINERS_COUNTED_FROM = 4096
 # A reply's bytes past this are taken from its agent's bucket: reading and writing them
 # cost the loop in proportion (red team round 23a: a 21-byte ``loose_ends`` built 3.8 MB).
 REPLY_FREE_BYTES = 4096
+# An ack's ids past IDS_FREE are each taken from the bucket as ID_COST_BYTES: each is
+# looked up (~0.6 us of the loop), past what its few bytes pay for (red team round 23a:
+# acks of 10,000 ids not its own held ~0.75 of a CPU for as long as an agent kept at it).
+IDS_FREE = 64
+ID_COST_BYTES = 96
 
 
 def line_cost(line: bytes) -> int:
