@@ -1,0 +1,352 @@
+"""Red team re-check of session 18's second fix (diff18b): the dashboard's fair first
+screen, ``?focus=``, the inbox's oldest-unread, the narrowed surrogate check, the pacer's
+container and reply charges, and the terminated body's piece refusal.
+
+Broke:
+- the inbox now shows the oldest 20 unread: one agent's 20 notes keep a later message of
+  another agent off the first screen (the mirror of round 23b's attack), and a session
+  that never marked anything read (every new login, every restart of the core: the mark
+  is in the core's memory) starts from the oldest message the hive holds;
+- the fair scan reads, in Python, every open row of every agent met before it has 50: at
+  9 agents of 10,000 open questions (their ``agent_pending_max``) each redraw of the
+  attention section costs ~10x what the old page did, on every open cockpit's stream;
+- a legitimate chunked upload written line by line (``requests.post(data=generator)``)
+  is refused past 256 lines.
+
+Held: a focus on an item not the operator's, closed, or malformed shows nothing and
+costs nothing; the per-agent cap; every lone-surrogate form (upper/lower case, keys,
+stdlib path, an escaped backslash before an escape); a walk forced by a literal
+``\\\\ud800`` costs less than the line's charge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hive_fixture import HiveProcess, running_hive
+from hyperhive.core.jsonlines import _decode
+from hyperhive.core.ratelimit import LINE_COST_BYTES, line_cost
+from hyperhive.core.store import Store
+from hyperhive.core.summary import PAGE, PER_AGENT_SHOWN
+from hyperhive.wire.framing import WireError
+from testnet import TestNet
+from web_fixture import Web
+
+from .conftest import World, cage_run
+from .test_red_round23a import SINK_SERVER, UPLOAD
+from .test_secrets_egress import cert_dir
+
+REF = "red team re-check of session 18 (diff18b)"
+INBOX_SHOWN = 20  # core.cockpit.INBOX_SHOWN
+
+
+def ok(reply: dict[str, Any]) -> dict[str, Any]:
+    assert reply.get("ok") is True, reply
+    return reply
+
+
+@pytest.fixture(scope="module")
+def web(rt: HiveProcess, world: World) -> Web:
+    return Web(rt)
+
+
+@pytest.fixture
+def cleanup(rt: HiveProcess) -> Iterator[list[tuple[str, int]]]:
+    left: list[tuple[str, int]] = []
+    yield left
+    for kind, ident in left:
+        with contextlib.suppress(Exception):
+            if kind == "question":
+                rt.host_call("answer_question", id=ident, answer="red team: done")
+            else:
+                rt.host_call("deny", id=ident, note="red team")
+
+
+ASK = """
+c = Conn()
+result(out=[c.call({"cmd": "ask", "to": "operator", "question": f"mule q {i}", "options": ["ok"]})
+            for i in range(P["n"])])
+"""
+SEND = """
+c = Conn()
+result(out=[c.call({"cmd": "send", "to": "operator", "body": f"mule note {i}"}) for i in range(P["n"])])
+"""
+
+
+# -- the queues: the per-agent cap and ?focus= ---------------------------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_the_per_agent_cap_holds_and_a_focus_shows_a_capped_item_once(
+    rt: HiveProcess, web: Web, world: World, cleanup: list[tuple[str, int]]
+) -> None:
+    """rtmule asks 7 questions: at most 5 of them are on the first screen, rtalice's
+    (world.q_op) is; a focus on rtmule's 7th shows it, once, and the stream the page
+    opens carries the focus (its redraws keep it)."""
+    mule = cage_run(rt, "rtmule", ASK, n=PER_AGENT_SHOWN + 2)["out"]
+    assert all(r.get("ok") for r in mule), mule
+    cleanup += [("question", r["id"]) for r in mule]
+    login = web.login()
+    page = web.get("/", login=login).text
+    shown = [r["id"] for r in mule if f'id="question-{r["id"]}"' in page]
+    assert len(shown) <= PER_AGENT_SHOWN, shown
+    assert f'id="question-{world.q_op}"' in page
+    last = mule[-1]["id"]
+    focused = web.get(f"/?focus=question-{last}", login=login).text
+    assert focused.count(f'id="question-{last}"') == 1, "the focused item is not shown once"
+    assert f"focus=question-{last}" in focused, "the page's stream does not carry the focus"
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_a_focus_shows_nothing_that_is_not_an_open_item_of_the_operators(
+    rt: HiveProcess, web: Web, world: World
+) -> None:
+    """A notification link is a URL: anyone who can make the operator open one picks the
+    focus. A question to another agent (world.q_bob: rtalice asked rtbob), an answered
+    one, and malformed or huge ids show nothing
+    extra and are answered 200."""
+    answered = ok(rt.agent_call("rtmule", "ask", to="operator", question="answered soon"))["id"]
+    ok(rt.host_call("answer_question", id=answered, answer="done"))
+    login = web.login()
+    base = web.get("/", login=login)
+    assert base.status_code == 200
+    cases = {
+        f"question-{world.q_bob}": f'id="question-{world.q_bob}"',
+        f"question-{answered}": f'id="question-{answered}"',
+    }
+    for focus, marker in cases.items():
+        r = web.get(f"/?focus={focus}", login=login)
+        assert r.status_code == 200, (focus, r.status_code)
+        assert marker not in r.text, f"?focus={focus} drew {marker}"
+    for junk, kept in (
+        ("question-0", False),
+        ("question-007", False),
+        ("question-" + "9" * 18, True),  # the largest the pattern takes: looked up, not found
+        ("approval-" + "9" * 19, False),
+        ("question--1", False),
+        ("question-1%0a", False),
+        ("questions-1", False),
+        ("question-%EF%BC%91", False),  # a fullwidth digit one
+    ):
+        r = web.get(f"/?focus={junk}", login=login)
+        assert r.status_code == 200, (junk, r.status_code, r.text[:200])
+        assert ("&amp;focus=" in r.text) is kept, junk
+
+
+# -- the inbox: the oldest unread -------------------------------------------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_a_flood_of_notes_hides_no_later_message_of_another_agent(
+    rt: HiveProcess, web: Web
+) -> None:
+    """**Broke.** rtmule sends 20 one-line notes, then rtalice writes something that
+    matters. The inbox now shows the oldest 20 unread (so "mark read" marks only what was
+    shown): rtalice's message is not on the first screen, and a new session (every login,
+    every restart of the core: the mark lives in the core's memory) starts from the oldest
+    message the hive holds, however old. Round 23b's flood hid older messages; the same
+    flood now hides newer ones. Fix: a fair inbox (at most a few unread per sender, the
+    rest one click away, like the queues), and the read mark kept per operator in the
+    store, not per session in memory."""
+    out = cage_run(rt, "rtmule", SEND, n=INBOX_SHOWN)["out"]
+    assert all(r.get("ok") for r in out), out
+    urgent = ok(rt.agent_call("rtalice", "send", to="operator", body="prod is on fire"))["id"]
+    login = web.login()
+    page = web.get("/", login=login).text
+    unread = re.search(r'id="inbox-unread" class="count[^"]*">(\d+) unread', page)
+    ids = sorted(int(i) for i in re.findall(r'id="inbox-(\d+)"', page))
+    assert f'id="inbox-{urgent}"' in page, (
+        f"rtalice's message {urgent} is not in a fresh session's inbox: it shows"
+        f" {ids[:3]}… ({len(ids)} messages)"
+        f" of {unread.group(1) if unread else '?'} unread"
+    )
+
+
+# -- the fair scan's cost ------------------------------------------------------------------
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_the_fair_scan_costs_a_redraw_no_more_than_the_page_it_replaced(tmp_path: Path) -> None:
+    """**Broke (low).** ``fair_page`` reads ``SELECT id, asker`` of every open row in id
+    order and counts in Python until it has 50: 9 agents at their ``agent_pending_max``
+    (10,000 open questions each, the oldest) make every redraw of the attention section
+    read 90,000 rows (and as many approvals), ~55 ms, where the page it replaced took
+    ~5 ms; each open cockpit redraws up to 5 times a second while the agents ask.
+    Fix: per agent, ``SELECT id ... WHERE asker=? ... ORDER BY id LIMIT 5`` on the
+    (asker, id) index for each asker with open rows, merged: ~agents x 5 rows."""
+    store = Store(tmp_path / "h.db")
+    now = time.time()
+    with store.db.tx() as tx:
+        for a in range(9):
+            tx.executemany(
+                "INSERT INTO questions (asker, target, question, options, asked_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(f"agent{a}", "operator", "q" * 100, None, now)] * 10_000,
+            )
+    fair = old = 9.0
+    for _ in range(3):
+        t = time.perf_counter()
+        page = store.questions.first_screen(
+            target="operator", per_agent=PER_AGENT_SHOWN, limit=PAGE
+        )
+        fair = min(fair, time.perf_counter() - t)
+        t = time.perf_counter()
+        store.questions.open_page(target="operator", after=0, limit=PAGE)
+        old = min(old, time.perf_counter() - t)
+    store.close()
+    assert len(page.items) == 45 and page.total == 90_000
+    assert fair <= max(3 * old, 0.010), (
+        f"the fair first screen took {fair * 1000:.1f} ms at 90,000 open questions of 9"
+        f" agents; the page it replaced {old * 1000:.1f} ms"
+    )
+
+
+# -- the narrowed surrogate check ---------------------------------------------------------
+
+LONE = [
+    rb'{"a":"\ud800"}',
+    rb'{"a":"\uD800"}',
+    rb'{"a":"\uDfFf"}',
+    rb'{"a":"\udc00\ud800"}',  # reversed pair
+    rb'{"\udbff":1}',  # a key
+    rb'{"a":{"b":["x",{"\uDC01":"y"}]}}',
+    rb'{"a":"\\\ud800"}',  # an escaped backslash, then a real escape
+    rb'{"n":1000000000000000000,"a":"\ud800"}',  # the stdlib decoder's path
+    rb'{"a":"\ud800\u0041"}',
+    rb'{"a":"\ud83d"}',
+]
+FINE = [
+    (rb'{"a":"\\ud800"}', {"a": "\\ud800"}),  # a literal backslash and text
+    (rb'{"a":"\uD83D\uDE00"}', {"a": "\U0001f600"}),
+    (rb'{"a":"\u00e9\u0041"}', {"a": "\u00e9A"}),
+    (rb'{"a":"\ud7ff\ue000"}', {"a": "\ud7ff\ue000"}),
+]
+
+
+@pytest.mark.attack("wire.malformed", ref=REF)
+def test_every_lone_surrogate_form_is_refused_and_text_passes() -> None:
+    """Held: the regex ``\\\\u[dD][89a-fA-F]`` catches every escape that decodes to a
+    surrogate (any case, in a key, after an escaped backslash, on the stdlib path); raw
+    UTF-8 surrogate bytes are refused as invalid UTF-8 first."""
+    for line in LONE:
+        with pytest.raises(WireError, match="lone surrogate"):
+            _decode(line)
+    with pytest.raises(WireError, match="not valid UTF-8"):
+        _decode(b'{"a":"\xed\xa0\x80"}')
+    for line, want in FINE:
+        assert _decode(line) == want, line
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_a_walk_forced_by_a_literal_escape_costs_less_than_the_line_is_charged() -> None:
+    """The regex also matches a literal ``\\\\ud800`` (an escaped backslash and text), so
+    an agent can force the walk on any line. Held: a 1 MiB line of 500,000 integers (the
+    walk's worst per byte; nested lists pay 64 bytes a container) decodes and walks in
+    less time than the pacer charges it (8 MiB/s)."""
+    per_second = 8 << 20
+    n = (1 << 20) // 2 - 60
+    line = b'{"cmd":"x","k":"\\\\ud800","p":[' + b",".join([b"0"] * n) + b"]}"
+    assert len(line) <= 1 << 20
+    best = 9.0
+    for _ in range(5):
+        t = time.perf_counter()
+        _decode(line)
+        best = min(best, time.perf_counter() - t)
+    charged = (line_cost(line) + LINE_COST_BYTES) / per_second
+    assert best < charged, f"walk {best * 1000:.1f} ms, charged {charged * 1000:.1f} ms"
+
+
+# -- the terminated body's pieces: a legitimate streamed upload -----------------------------
+
+SINK_NET = TestNet(238, prefix="hvr18r")
+SINK_ADDR = SINK_NET.address(2)
+SINK_HOSTS = {"sink.r18r.test": SINK_ADDR}
+UPLOADER = "rt18up"
+
+
+@pytest.fixture(scope="module")
+def sink_hive() -> Iterator[HiveProcess]:
+    with (
+        cert_dir("hvr18r", "recheck18 upstream CA", "recheck18 sink", list(SINK_HOSTS)) as (d, _),
+        SINK_NET as n,
+    ):
+        n.serve(
+            SINK_ADDR, 443, [sys.executable, "-c", SINK_SERVER, SINK_ADDR, str(d / "server.pem")]
+        )
+        agents = {
+            UPLOADER: {
+                "runtime": "command",
+                "command": ["true"],
+                "egress": ["POST sink.r18r.test:443/*", f"{SINK_ADDR}:443"],
+            }
+        }
+        h = HiveProcess(
+            agents, sections={"egress": {"hosts": SINK_HOSTS, "upstream_ca": str(d / "ca.pem")}}
+        )
+        yield from running_hive(h)
+
+
+def answer(out: list[Any]) -> str:
+    """The one connection's status line, or what the client saw instead (a refusal that
+    closes the connection while the client still writes: a reset or a broken pipe)."""
+    assert len(out) == 1, out
+    return out[0]["answer"] if isinstance(out[0], dict) else str(out[0])
+
+
+def chunked_upload(h: HiveProcess, data: int, total: int) -> list[Any]:
+    """One POST through the terminated proxy: chunks of ``data`` bytes, ``total`` or more
+    bytes of chunks in all (64 KiB writes, as a buffered client sends them)."""
+    line = "x" * data
+    chunk = f"{len(line):x}\r\n{line}\r\n"
+    return cage_run(
+        h, UPLOADER, UPLOAD, timeout=120, host="sink.r18r.test", conns=1, bytes=total,
+        framing="Transfer-Encoding: chunked", chunk=chunk, tail="0\r\n\r\n",
+    )["out"]  # fmt: skip
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_a_big_chunked_upload_in_16_kib_chunks_passes(sink_hive: HiveProcess) -> None:
+    """The control: 2 MiB in chunks of 16 KiB."""
+    out = chunked_upload(sink_hive, 16384, 2 << 20)
+    assert answer(out) == "HTTP/1.1 200 OK", out
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_a_jdk_chunked_upload_of_default_chunks_is_not_refused(sink_hive: HiveProcess) -> None:
+    """**Broke (medium: common clients refused).** Java's ``HttpURLConnection`` in
+    chunked streaming mode (``setChunkedStreamingMode(0)``: ``sun.net.www.http.
+    ChunkedOutputStream``, DEFAULT_CHUNK_SIZE 4,096 with its header and trailer, 4,089
+    bytes of data) averages under BODY_PIECE_MIN: any upload of more than ~1 MiB from it
+    is refused 400 past its 256th piece; Apache HttpCore 4's ``ChunkedOutputStream``
+    (2,048) past ~512 KiB. So is one in chunks of exactly 4,096 (a chunk that straddles
+    the core's reads is two h11 events).
+    2 MiB of 4,089-byte chunks here. Fix: a floor of ~1 KiB a piece on average (h11's
+    ~9 us an event is then ~9 ms of the GIL a MiB), or pace the connection by its pieces
+    rather than refuse it."""
+    out = chunked_upload(sink_hive, 4089, 2 << 20)
+    assert answer(out) == "HTTP/1.1 200 OK", f"2 MiB in the JDK's default chunks: {out}"
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_a_line_by_line_chunked_upload_is_not_refused(sink_hive: HiveProcess) -> None:
+    """**Broke (low).** A client that streams a file line by line (``requests.post(url,
+    data=(line for line in f))``, a generator: one chunk per line) sends 762 chunks of an
+    80-byte CSV line, 61 KB in all: refused 400 past its 256th piece. The refusal is
+    meant for a flood, not a 61 KB body. Fix: count pieces against bytes only past a
+    floor (say refuse once pieces exceed 256 + received // 4096 AND pieces > 4,096), or
+    pace by pieces (sleep the connection) rather than refuse."""
+    line = "2026-12-05,agent,ok," + "y" * 59 + "\n"
+    chunk = f"{len(line):x}\r\n{line}\r\n"
+    out = cage_run(
+        sink_hive, UPLOADER, UPLOAD, timeout=120, host="sink.r18r.test", conns=1, bytes=1,
+        framing="Transfer-Encoding: chunked", chunk=chunk, tail="0\r\n\r\n",
+    )["out"]  # fmt: skip
+    assert answer(out) == "HTTP/1.1 200 OK", f"a 61 KB body streamed line by line: {out}"
