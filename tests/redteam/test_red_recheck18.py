@@ -289,7 +289,11 @@ def sink_hive() -> Iterator[HiveProcess]:
             }
         }
         h = HiveProcess(
-            agents, sections={"egress": {"hosts": SINK_HOSTS, "upstream_ca": str(d / "ca.pem")}}
+            agents,
+            sections={
+                "egress": {"hosts": SINK_HOSTS, "upstream_ca": str(d / "ca.pem")},
+                "limits": {"input_burst_bytes": 2 << 20},
+            },
         )
         yield from running_hive(h)
 
@@ -350,3 +354,80 @@ def test_a_line_by_line_chunked_upload_is_not_refused(sink_hive: HiveProcess) ->
         framing="Transfer-Encoding: chunked", chunk=chunk, tail="0\r\n\r\n",
     )["out"]  # fmt: skip
     assert answer(out) == "HTTP/1.1 200 OK", f"a 61 KB body streamed line by line: {out}"
+
+
+# -- lines just under the container charge's threshold --------------------------------------
+
+SHORT = r"""
+import threading
+head = b'{"cmd":"whoami","k":"\\\\ud800","p":['
+n = (4096 - len(head) - 2) // (len(P["item"]) + 1)
+line = head + b",".join([P["item"].encode()] * n) + b"]}\n"
+assert len(line) <= 4097, len(line)
+def flood(i, out):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(AGENT_SOCK)
+    s.settimeout(170)
+    t0 = time.monotonic()
+    threading.Thread(target=s.sendall, args=(line * P["per_conn"],), daemon=True).start()
+    got, buf = 0, b""
+    while got < P["per_conn"]:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+        got = buf.count(b"\n")
+    out[i] = {"n": got, "s": round(time.monotonic() - t0, 2), "first": buf.split(b"\n")[0].decode()[:200]}
+out = {}
+ths = [threading.Thread(target=flood, args=(i, out)) for i in range(P["conns"])]
+for th in ths:
+    th.start()
+for th in ths:
+    th.join()
+result(out=[out.get(i) for i in range(P["conns"])], size=len(line) - 1)
+"""
+
+
+def short_flood(h: HiveProcess, item: str) -> tuple[float, float, float]:
+    """8 connections of 2,000 lines of 4,093 bytes (``item`` repeated, and a literal
+    ``\\\\ud800``): (seconds, the core's CPU seconds, what the pacer charged past the
+    2 MiB burst in seconds)."""
+    from .test_red_round23a import core_cpu
+
+    cpu0, t0 = core_cpu(h), time.monotonic()
+    got = cage_run(h, UPLOADER, SHORT, timeout=170, conns=8, per_conn=2000, item=item)
+    took, cpu = time.monotonic() - t0, core_cpu(h) - cpu0
+    refusal = '{"version":1,"ok":false,"error":"unknown field \'k\'"}'
+    assert [(o["n"], o["first"]) for o in got["out"]] == [(2000, refusal)] * 8, got
+    charged = (16_000 * (got["size"] + LINE_COST_BYTES) - (2 << 20)) / (8 << 20)
+    print(f"{item}: {took:.1f} s, core CPU {cpu:.2f} s, charged past the burst {charged:.2f} s")
+    return took, cpu, charged
+
+
+@pytest.mark.attack("wire.malformed", ref=REF)
+def test_short_lines_of_strings_cost_less_than_charged(sink_hive: HiveProcess) -> None:
+    """The control: the same lines of 1,360 one-letter strings."""
+    took, cpu, charged = short_flood(sink_hive, '"a"')
+    assert cpu <= 0.6 * charged, (took, cpu, charged)
+
+
+@pytest.mark.attack("wire.malformed", ref=REF)
+def test_lines_just_under_the_container_threshold_cost_no_more_than_charged(
+    sink_hive: HiveProcess,
+) -> None:
+    """**Broke (medium).** Containers are charged only in lines past 4,096 bytes
+    (``CONTAINERS_COUNTED_FROM``): a 4,093-byte line of 1,360 empty objects (and a literal
+    ``\\\\ud800``, which forces the surrogate walk) is charged its bytes and
+    LINE_COST_BYTES, 6 KiB (0.73 ms at 8 MiB/s), and costs the core about that much to
+    decode, walk twice and refuse. 8 connections send 2,000 each: the core spent 11.6 s of
+    CPU in 12.1 s (0.96 CPUs) against 11.5 s charged past the burst; one agent holds the
+    core's one loop busy for as long as it goes on, two oversubscribe it. The control
+    (strings instead of objects) costs a fraction. Fix: count containers in every line
+    (``line.count`` is C speed, ~1 us for 4 KiB), or from ~256 bytes; and charge the
+    forced surrogate walk (or skip it when orjson parsed the line: orjson refuses lone
+    surrogates itself, so only the stdlib path needs the walk)."""
+    took, cpu, charged = short_flood(sink_hive, "{}")
+    assert cpu <= 0.6 * charged, (
+        f"16,000 lines of 4,093 bytes of empty objects: the core spent {cpu:.2f} s of CPU"
+        f" in {took:.1f} s; the pacer charged {charged:.2f} s past the burst"
+    )
