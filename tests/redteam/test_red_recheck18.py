@@ -22,6 +22,7 @@ stdlib path, an escaped backslash before an escape); a walk forced by a literal
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import sys
 import time
@@ -430,4 +431,39 @@ def test_lines_just_under_the_container_threshold_cost_no_more_than_charged(
     assert cpu <= 0.6 * charged, (
         f"16,000 lines of 4,093 bytes of empty objects: the core spent {cpu:.2f} s of CPU"
         f" in {took:.1f} s; the pacer charged {charged:.2f} s past the burst"
+    )
+
+
+# -- the swarm's rows: another host's queue, uncapped ------------------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF)
+def test_a_swarm_hosts_published_rows_keep_no_agent_off_the_other_dashboards(
+    tmp_path: Path,
+) -> None:
+    """**Broke (medium, with [swarm]).** Each host publishes to the swarm the rows the
+    other hosts' dashboards draw under "On other hosts": ``OperatorRelay._local_rows``
+    still takes the oldest PAGE_MAX (200) open questions and pending approvals across all
+    agents (``open_page``, ``page``), not a fair page. One agent's 200 open questions (2%
+    of its ``agent_pending_max``) keep every later question of every other agent of its
+    host off every other host's dashboard: round 23b's attack, one hop away, and the
+    per-agent cap bypassed. Fix: publish ``first_screen(per_agent=…, limit=PAGE_MAX)``
+    (and the focused item a notification names), and cap per (host, agent) when drawing."""
+    from types import SimpleNamespace
+
+    from hyperhive.core.summary import PAGE_MAX
+    from hyperhive.swarm import subjects as s
+    from hyperhive.swarm.operator import OperatorRelay
+
+    store = Store(tmp_path / "h.db")
+    for i in range(PAGE_MAX):
+        store.questions.ask("rtmule", "operator", f"mule q {i}", ["ok"])
+    urgent, _ = store.questions.ask("rtalice", "operator", "may I rotate the prod keys?", None)
+    relay = SimpleNamespace(hive=SimpleNamespace(store=store), host="hosta")
+    rows = OperatorRelay._local_rows(relay)  # type: ignore[arg-type]
+    store.close()
+    mule = sum(1 for k in rows if json.loads(rows[k]).get("asker") == "rtmule")
+    assert s.question_key("hosta", urgent.id) in rows, (
+        f"host hosta publishes {len(rows)} rows, {mule} of them rtmule's; rtalice's"
+        f" question {urgent.id} is not among them"
     )
