@@ -467,3 +467,44 @@ def test_a_swarm_hosts_published_rows_keep_no_agent_off_the_other_dashboards(
         f"host hosta publishes {len(rows)} rows, {mule} of them rtmule's; rtalice's"
         f" question {urgent.id} is not among them"
     )
+
+
+# -- /etc/subuid read as shadow reads it ---------------------------------------------------
+
+
+def shadow_getulong(text: str) -> int | None:
+    """shadow 4.13's ``getulong`` (Debian 12's newuidmap): ``strtoul(s, &end, 0)``, the
+    whole field, no ERANGE; libc's own strtoul, so its sign handling too."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.strtoul.restype = ctypes.c_ulong
+    libc.strtoul.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_int]
+    raw = text.encode()
+    end = ctypes.c_char_p()
+    ctypes.set_errno(0)
+    value = libc.strtoul(raw, ctypes.byref(end), 0)
+    if not raw or end.value or ctypes.get_errno():
+        return None
+    return int(value)
+
+
+@pytest.mark.attack("ids.host-overlap", ref=REF)
+def test_subordinate_numbers_read_as_shadow_reads_them() -> None:
+    """**Broke (low: the host's own file).** ``_shadow_number`` refuses a sign, but
+    strtoul takes ``-``: shadow 4.13 reads ``-0`` (and ``-0x0``, `` -00``) as 0, so a line
+    ``user:-0:300000`` gives ``user`` ids 0-299,999 to map (agent ids from 200,000 among
+    them) while hyperhive skips the line and hands those ids out. A negative other than
+    zero wraps past 2^64 and shadow maps nothing from it (its ranges are checked without
+    wrapping), so only the zero forms matter. Fix: take a leading ``-`` as strtoul does
+    (negate modulo 2^64) and keep a range only when it doesn't wrap."""
+    from hyperhive.priv.ids import _shadow_number
+
+    agree = ["0", "16", " 16", "\t+020", "0x1F", "0X10", "+0x0", "08", "0x", "", " ", "1_0"]
+    agree += ["18446744073709551615", "18446744073709551616", "1 ", "٣", "+"]
+    for text in agree:
+        assert _shadow_number(text) == shadow_getulong(text), text
+    wrong = {t: (_shadow_number(t), shadow_getulong(t)) for t in ("-0", "-0x0", " -00")}
+    assert all(ours == theirs for ours, theirs in wrong.values()), (
+        f"hyperhive's reading vs shadow's: {wrong}"
+    )
