@@ -1,22 +1,29 @@
 """Red team re-check of session 18's second fix (diff18b): the dashboard's fair first
 screen, ``?focus=``, the inbox's oldest-unread, the narrowed surrogate check, the pacer's
-container and reply charges, and the terminated body's piece refusal.
+container and reply charges, the terminated body's piece refusal, /etc/subuid parsing.
 
 Broke:
 - the inbox now shows the oldest 20 unread: one agent's 20 notes keep a later message of
   another agent off the first screen (the mirror of round 23b's attack), and a session
   that never marked anything read (every new login, every restart of the core: the mark
   is in the core's memory) starts from the oldest message the hive holds;
+- with [swarm], each host still publishes its oldest 200 open questions and pending
+  approvals across all agents (``OperatorRelay._local_rows``): one agent's 200 keep every
+  other agent of its host off every other host's dashboard;
+- lines just under ``CONTAINERS_COUNTED_FROM`` (4,093 bytes of ``{}``, and a literal
+  ``\\\\ud800`` that forces the surrogate walk) cost the core about what they are charged:
+  one agent holds the core at ~0.96 CPUs for as long as it goes on (strings: ~0.33);
 - the fair scan reads, in Python, every open row of every agent met before it has 50: at
-  9 agents of 10,000 open questions (their ``agent_pending_max``) each redraw of the
-  attention section costs ~10x what the old page did, on every open cockpit's stream;
-- a legitimate chunked upload written line by line (``requests.post(data=generator)``)
-  is refused past 256 lines.
+  9 agents of 10,000 open questions each redraw of the attention section costs ~10x what
+  the old page did, on every open cockpit's stream;
+- the body-piece refusal refuses legitimate clients: the JDK's chunked streaming mode
+  (4,089-byte chunks), Apache HttpCore 4's (2,048), a generator upload line by line;
+- ``_shadow_number`` refuses ``-0``, which shadow's strtoul reads as 0.
 
-Held: a focus on an item not the operator's, closed, or malformed shows nothing and
-costs nothing; the per-agent cap; every lone-surrogate form (upper/lower case, keys,
-stdlib path, an escaped backslash before an escape); a walk forced by a literal
-``\\\\ud800`` costs less than the line's charge.
+Held: a focus on an item not the operator's, closed, or malformed shows nothing extra;
+the per-agent cap; every lone-surrogate form (any case, keys, the stdlib path, an escaped
+backslash before an escape); a forced walk on a 1 MiB line costs less than its charge;
+big and tiny chunks mixed stay within the average (one h11 event per ~4 KiB).
 """
 
 from __future__ import annotations
@@ -508,3 +515,26 @@ def test_subordinate_numbers_read_as_shadow_reads_them() -> None:
     assert all(ours == theirs for ours, theirs in wrong.values()), (
         f"hyperhive's reading vs shadow's: {wrong}"
     )
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF)
+def test_big_and_tiny_chunks_mixed_stay_within_what_4_kib_pieces_cost(
+    sink_hive: HiveProcess,
+) -> None:
+    """Held by construction: the rule is an average, so big chunks buy tiny ones (a
+    60 KiB chunk, then 6 one-byte chunks, again and again: the big one arrives as ~4 h11 events of a
+    TLS record each, so ~6 KiB a piece). That is
+    accepted, and it costs what the same bytes in 4 KiB pieces cost: one h11 event per
+    4 KiB. 8 connections of 4 MiB each: all answered 200, the core's CPU small."""
+    from .test_red_round23a import core_cpu
+
+    mixed = "f000\r\n" + "x" * 0xF000 + "\r\n" + "1\r\nx\r\n" * 6
+    cpu0 = core_cpu(sink_hive)
+    out = cage_run(
+        sink_hive, UPLOADER, UPLOAD, timeout=120, host="sink.r18r.test", conns=8, bytes=4 << 20,
+        framing="Transfer-Encoding: chunked", chunk=mixed, tail="0\r\n\r\n",
+    )["out"]  # fmt: skip
+    cpu = core_cpu(sink_hive) - cpu0
+    print(f"mixed chunks, 32 MiB: the core's CPU {cpu:.2f} s")
+    assert [o["answer"] if isinstance(o, dict) else o for o in out] == ["HTTP/1.1 200 OK"] * 8
+    assert cpu < 3.0, cpu
