@@ -12,7 +12,7 @@ from conftest import CoreFactory
 from helpers import DEFAULT_AGENTS, render_toml
 from hyperhive.core.ratelimit import (
     CONTAINER_COST_BYTES,
-    CONTAINERS_COUNTED_FROM,
+    CONTAINERS_FREE,
     LINE_COST_BYTES,
     BytePacer,
     line_cost,
@@ -63,16 +63,16 @@ def test_every_line_costs_its_overhead_so_small_requests_are_paced_too() -> None
     assert lines < 8 * MIB // LINE_COST_BYTES
 
 
-def test_a_long_line_pays_for_its_containers_and_a_short_one_for_its_bytes() -> None:
-    """Decoding walks every container in Python: a long line's ``[`` and ``{`` are
-    charged on top of its bytes (red team round 23a); a short one's are not counted."""
+def test_a_line_pays_for_its_containers_past_a_few() -> None:
+    """Decoding walks every container in Python: a line's ``[`` and ``{`` past
+    CONTAINERS_FREE are charged on top of its bytes (red team round 23a, and its
+    re-check: 4 KiB lines of empty objects)."""
     short = b'{"cmd":"send","to":"b","body":"[[[{{{"}\n'
     assert line_cost(short) == len(short)
-    wide = b'{"x":[' + b",".join([b"[]"] * 5000) + b"]}\n"
-    assert len(wide) > CONTAINERS_COUNTED_FROM
-    assert line_cost(wide) == len(wide) + CONTAINER_COST_BYTES * 5002
+    wide = b'{"x":[' + b",".join([b"{}"] * 1360) + b"]}\n"
+    assert line_cost(wide) == len(wide) + CONTAINER_COST_BYTES * (1362 - CONTAINERS_FREE)
     text = b'{"body":"' + b"x" * 8000 + b'"}\n'  # long, but one container
-    assert line_cost(text) == len(text) + CONTAINER_COST_BYTES
+    assert line_cost(text) == len(text)
 
 
 def test_a_charge_is_waited_for_by_the_next_line() -> None:

@@ -103,9 +103,11 @@ def test_subuid_numbers_are_read_as_shadow_reads_them(tmp_path: Path) -> None:
     f.write_text(
         "hex:0x30d40:2\noct:0606500:2\nblank: 200010:2\nplus:+200020:2\n"
         "super:\u00b2:1\nminus:-1:5\nbad:08:1\nempty::1\nzero:300000:0\nsix:1:2:3\n"
+        "negzero:-0:300000\n"
     )
     assert subordinate_ranges([f]) == [
-        (200_000, 200_001), (200_000, 200_001), (200_010, 200_011), (200_020, 200_021)
+        (200_000, 200_001), (200_000, 200_001), (200_010, 200_011), (200_020, 200_021),
+        (2**64 - 1, 2**64 + 3), (0, 299_999),
     ]
 
 

@@ -129,7 +129,7 @@ def one(i, out):
         ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
         t = ctx.wrap_socket(s, server_hostname=HOST)
         t.sendall(f"POST /up HTTP/1.1\r\nHost: {HOST}\r\n{P['framing']}\r\n\r\n".encode())
-        block = P["chunk"].encode("latin-1") * (65536 // len(P["chunk"]))
+        block = P["chunk"].encode("latin-1") * max(1, min(65536, P["bytes"]) // len(P["chunk"]))
         sent = 0
         while sent < P["bytes"]:
             t.sendall(block)
@@ -275,25 +275,27 @@ def test_a_terminated_upload_of_tiny_chunks_does_not_starve_the_core(
     0.95 s (p95; max 1.3 to 2.3 s), the core at 0.96 to 0.98 CPUs for ~20 s (17.8 MB, sent
     in under 2 s); 4 s of upload (57 MB) held it so for ~65 s. They must stay within 100 ms
     (p95) and 0.5 s (max) while one agent uploads."""
+    from hyperhive.core import egress_tls
+
     h = sink_hive
+    t0 = time.monotonic()
     base, during, cpu, holder = flood_while_timing(
-        h, UPLOAD, settle=1.5, host="sink.r23a.test", conns=16, bytes=1 << 20,
+        h, UPLOAD, settle=1.5, host="sink.r23a.test", conns=16, bytes=8 << 10,
         framing="Transfer-Encoding: chunked", chunk="1\r\nx\r\n", tail="0\r\n\r\n",
     )  # fmt: skip
+    took = time.monotonic() - t0
+    # Fixed (session 18): past 256 pieces averaging under 1 KiB, the agent's small pieces
+    # come at most 2,000 a second for all its connections (egress_tls.SMALL_PIECES), the
+    # relay's threads asleep with the GIL free; every upload is served, paced (refusing
+    # them refused Java's default chunks: test_red_recheck18.py).
     answers = [o["answer"] for o in holder["out"] if isinstance(o, dict)]
-    # Fixed (session 18): past 256 pieces a body must average 4 KiB a piece, or it is
-    # refused in one line (core/egress_tls.py, BODY_PIECE_MIN); each of the 16 is.
-    # (a client still writing when the refusal closes the connection sees the close first)
-    assert "HTTP/1.1 200 OK" not in answers and answers.count("HTTP/1.1 400 ") >= 1, holder
-    assert all(
-        (isinstance(o, dict) and o["answer"] == "HTTP/1.1 400 ")
-        or "SSLEOFError" in str(o)
-        or "Connection reset" in str(o)
-        or "Broken pipe" in str(o)
-        for o in holder["out"]
-    ), holder
+    assert answers == ["HTTP/1.1 200 OK"] * 16, holder
+    pieces = 16 * ((8 << 10) // 6)
+    paced = pieces - 16 * egress_tls.BODY_EVENTS_FREE - egress_tls.SMALL_PIECES_PER_SECOND
+    assert took >= 0.7 * paced / egress_tls.SMALL_PIECES_PER_SECOND, (took, paced)
+    assert cpu < 0.25, (cpu, holder["_cpu_s"])
     assert_others_quick(
-        base, during, cpu, "one agent uploaded 16 MiB of one-byte chunks on terminated connections"
+        base, during, cpu, "one agent uploaded 16 bodies of one-byte chunks on terminated connections"
     )
 
 

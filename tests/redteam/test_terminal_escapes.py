@@ -89,12 +89,26 @@ result(out=out)
 """
 
 
+def last_entry(rt: HiveProcess) -> int:
+    """The id of the agent's newest transcript entry (0 if none): the listing is paged
+    oldest first, and another module may have filled it (red team round 23b's turns)."""
+    after = 0
+    while True:
+        r = rt.host_call("transcript", name=AGENT, after=after, limit=5000)
+        if not r["entries"]:
+            return after
+        after = r["entries"][-1]["id"]
+        if not r.get("more"):
+            return after
+
+
 def plant(rt: HiveProcess, label: str) -> dict[str, Any]:
+    since = last_entry(rt)
     out = cage_run(rt, AGENT, PLANT, text=hostile(label), pieces=PIECES)["out"]
     assert all(r["ok"] for r in out.values()), out
 
     def turn_done() -> bool:
-        entries = rt.host_call("transcript", name=AGENT, limit=5000)["entries"]
+        entries = rt.host_call("transcript", name=AGENT, after=since, limit=5000)["entries"]
         return any(e["kind"] == "stdout" and label in json.dumps(e["data"]) for e in entries)
 
     wait_until(turn_done, 30, f"{AGENT}'s reminder turn ({label})")

@@ -36,17 +36,16 @@ MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
 CHUNK = 256 * 1024
-# h11 parses a request body in Python, under the core's one GIL: ~9 us an event, whatever
-# its size. Past BODY_EVENTS_FREE events a body must come in pieces of BODY_PIECE_MIN
-# bytes on average, or it is refused (red team round 23a: 16 connections of one-byte
-# chunks held the core at a whole CPU for ~20 s, every other agent's request waiting).
+# h11 parses a body in Python, under the core's one GIL: ~9 us a piece (a chunk, or what
+# one read brought), whatever its size. Past BODY_EVENTS_FREE pieces averaging under
+# BODY_PIECE_MIN bytes, a request's or an answer's small pieces come at most
+# SMALL_PIECES_PER_SECOND for all of its agent's connections together (a burst as many),
+# the relay's thread asleep meanwhile with the GIL free (red team round 23a: 16
+# connections of one-byte chunks held the core at a whole CPU for ~20 s; refusing them
+# refused Java's 4,089-byte chunks and a CSV streamed a line a chunk: its re-check). A
+# model's event stream sends tens of small pieces a second: never paced.
 BODY_EVENTS_FREE = 256
-BODY_PIECE_MIN = 4096
-# An answer's body is not refused for small pieces (an event stream is nothing else), but
-# past BODY_EVENTS_FREE pieces averaging under BODY_PIECE_MIN its agent's connections
-# together take at most SMALL_PIECES_PER_SECOND of them (a burst as many), the relay's
-# thread sleeping meanwhile with the GIL free: an upstream the agent controls can't hold
-# the core (a model's stream sends tens of events a second).
+BODY_PIECE_MIN = 1024
 SMALL_PIECES_PER_SECOND = 2000.0
 PIECES_PAUSE_MIN = 0.05  # a pause owed is taken once this long: a write and a sleep a batch
 
@@ -387,16 +386,7 @@ class Terminated:
                     if isinstance(body, h11.Data):
                         pieces += 1
                         received += len(body.data)
-                        if pieces > BODY_EVENTS_FREE and received < pieces * BODY_PIECE_MIN:
-                            self._refused(
-                                Refused(
-                                    400,
-                                    f"request body in pieces of {received // pieces} bytes on"
-                                    f" average (after {BODY_EVENTS_FREE}, at least"
-                                    f" {BODY_PIECE_MIN}): send it in larger chunks",
-                                )
-                            )
-                            return
+                        self._pace_pieces(pieces, received)
                         self._to_upstream(body)
                     elif isinstance(body, h11.EndOfMessage):
                         self._to_upstream(h11.EndOfMessage())
@@ -428,6 +418,17 @@ class Terminated:
                 return
             self._fresh_cli = False
 
+    def _pace_pieces(self, pieces: int, received: int) -> None:
+        """A body's small pieces, paced per agent (``SMALL_PIECES``): the pause, once owed
+        long enough, taken here with what was relayed sent first."""
+        if (
+            pieces > BODY_EVENTS_FREE
+            and received < pieces * BODY_PIECE_MIN
+            and (wait := SMALL_PIECES.owed(self.agent)) > PIECES_PAUSE_MIN
+        ):
+            self._flush()
+            time.sleep(wait)
+
     def _relay_response(self) -> bool:
         pieces = received = 0
         try:
@@ -447,13 +448,7 @@ class Terminated:
                 elif isinstance(ev, h11.Data):
                     pieces += 1
                     received += len(ev.data)
-                    if (
-                        pieces > BODY_EVENTS_FREE
-                        and received < pieces * BODY_PIECE_MIN
-                        and (wait := SMALL_PIECES.owed(self.agent)) > PIECES_PAUSE_MIN
-                    ):
-                        self._flush()  # what was relayed goes out before the pause
-                        time.sleep(wait)
+                    self._pace_pieces(pieces, received)
                     self._to_client(ev)
                 elif isinstance(ev, h11.EndOfMessage):
                     self._to_client(h11.EndOfMessage())

@@ -692,11 +692,17 @@ class Hive:
         """The newest messages to the operator, newest first, as summaries."""
         return self.store.messages.newest_to(OPERATOR, limit)
 
-    def inbox_unread(self, actor: Operator, after: int, limit: int) -> list[Message | Unreadable]:
-        """The oldest ``limit`` messages to the operator above id ``after`` (the last one
-        marked read), newest first, as summaries: what the dashboard shows while any is
-        unread, so "mark read" marks read only what was shown (red team round 23b)."""
-        return self.store.messages.oldest_to(OPERATOR, after, limit)
+    def inbox_older_unread(
+        self, actor: Operator, after: int, below: int, read: set[int], per_sender: int, limit: int
+    ) -> list[Message | Unreadable]:
+        """Unread messages to the operator older than the dashboard's newest page (id
+        ``below``): above ``after`` (the last one marked read in a row), not in ``read``,
+        the oldest, at most ``per_sender`` of any one sender (red team round 23b)."""
+        return self.store.messages.older_unread(OPERATOR, after, below, read, per_sender, limit)
+
+    def inbox_ids(self, actor: Operator, after: int, limit: int) -> list[int]:
+        """The ids of the messages to the operator above ``after``, oldest first."""
+        return self.store.messages.ids_to(OPERATOR, after, limit)
 
     def inbox_count(self, actor: Operator, after: int = 0) -> int:
         """How many messages to the operator have an id above ``after`` (unread: above the

@@ -55,10 +55,10 @@ LINE_COST_BYTES = 2048
 # What a container (``[`` or ``{``) of a long line costs besides its bytes: decoding walks
 # each one in Python (framing.depth), ~0.5 us, what ~64 bytes of the bucket stand for (red
 # team round 23a: a 1 MiB line of 350,000 empty lists cost the loop ~45 times its bytes'
-# worth). Counted in lines past CONTAINERS_COUNTED_FROM bytes: a shorter one's few
-# containers are paid for by its bytes and LINE_COST_BYTES.
+# worth; the re-check: 4 KiB lines of 1,360 empty objects, as costly). Counted in every
+# line (``bytes.count``, C speed) past CONTAINERS_FREE, which its LINE_COST_BYTES pays for.
 CONTAINER_COST_BYTES = 64
-CONTAINERS_COUNTED_FROM = 4096
+CONTAINERS_FREE = 16
 # A reply's bytes past this are taken from its agent's bucket: reading and writing them
 # cost the loop in proportion (red team round 23a: a 21-byte ``loose_ends`` built 3.8 MB).
 REPLY_FREE_BYTES = 4096
@@ -71,11 +71,11 @@ ID_COST_BYTES = 96
 
 def line_cost(line: bytes) -> int:
     """What a request line takes from its agent's bucket (with LINE_COST_BYTES, added by
-    ``BytePacer.debt``): its bytes, and its containers when it is long."""
-    n = len(line)
-    if n > CONTAINERS_COUNTED_FROM:
-        n += CONTAINER_COST_BYTES * (line.count(b"[") + line.count(b"{"))
-    return n
+    ``BytePacer.debt``): its bytes, and its containers past CONTAINERS_FREE."""
+    containers = line.count(b"[") + line.count(b"{")
+    if containers <= CONTAINERS_FREE:
+        return len(line)
+    return len(line) + CONTAINER_COST_BYTES * (containers - CONTAINERS_FREE)
 
 
 class BytePacer:

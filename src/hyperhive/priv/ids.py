@@ -78,11 +78,12 @@ def subordinate_ranges(files: Iterable[Path] = SUBID_FILES) -> list[tuple[int, i
 
 def _shadow_number(text: str) -> int | None:
     """A number as shadow's ``getulong`` reads it (``strtoul(s, &end, 0)``, the whole field):
-    leading white space, an optional ``+``, then ``0x`` hexadecimal, a leading ``0`` octal,
+    leading white space, an optional ``+`` or ``-``, then ``0x`` hexadecimal, a leading ``0`` octal,
     or decimal, ASCII digits only; None if it takes none (a reading that differed let a
     range newuidmap maps into a user namespace pass as free: red team of session 18)."""
     s = text.lstrip(" \t\n\v\f\r")
-    if s.startswith("+"):
+    negative = s.startswith("-")
+    if s[:1] in ("+", "-"):
         s = s[1:]
     base, digits = 10, "0123456789"
     if s[:2] in ("0x", "0X"):
@@ -92,7 +93,11 @@ def _shadow_number(text: str) -> int | None:
     if not s or any(c not in digits for c in s):
         return None
     value = int(s, base)
-    return value if value < 1 << 64 else None
+    if value >= 1 << 64:
+        return None
+    # strtoul negates a "-" number in unsigned arithmetic: "-0" is 0 (the re-check of
+    # session 18), any other lies far above the agents' range.
+    return (-value) % (1 << 64) if negative else value
 
 
 def host_ids() -> set[int]:

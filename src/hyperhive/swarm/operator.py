@@ -53,7 +53,7 @@ from hyperhive.core.refusals import (
 )
 from hyperhive.core.store import StoreError
 from hyperhive.core.store.db import riding
-from hyperhive.core.summary import PAGE_MAX
+from hyperhive.core.summary import PAGE_MAX, PER_AGENT_SHOWN
 from hyperhive.names import NAME_RE, OPERATOR
 from hyperhive.swarm import jsontext
 from hyperhive.swarm import subjects as s
@@ -398,8 +398,12 @@ class OperatorRelay:
 
     def _local_rows(self) -> dict[str, str]:
         store = self.hive.store
-        questions = store.questions.open_page(target=OPERATOR, after=0, limit=PAGE_MAX)
-        pending = store.approvals.page(status="pending", after=0, limit=PAGE_MAX)
+        # The oldest, at most PER_AGENT_SHOWN of any one agent (as this host's dashboard):
+        # one agent's 200 kept every later one off the other hosts' (re-check of session 18).
+        questions = store.questions.first_screen(
+            target=OPERATOR, per_agent=PER_AGENT_SHOWN, limit=PAGE_MAX
+        )
+        pending = store.approvals.first_screen(per_agent=PER_AGENT_SHOWN, limit=PAGE_MAX)
         out: dict[str, str] = {}
         for row in rows_out(questions.items):
             if "unreadable" not in row:

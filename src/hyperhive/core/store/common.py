@@ -95,6 +95,9 @@ def readable(convert: Callable[[Any], T], row: Sequence[Any]) -> T | Unreadable:
         return Unreadable(rid, why(e))
 
 
+FAIR_SCAN_ROWS = 1000  # rows a first screen reads in id order before it seeks agent by agent
+
+
 def fair_page(
     db: Database,
     table: str,
@@ -108,14 +111,25 @@ def fair_page(
 ) -> Listing[T | Unreadable]:
     """A first screen of ``table``'s rows matching ``where``: oldest first, at most
     ``per_agent`` of any one ``who`` (``summary.fair_ids``), as ``columns`` converted;
-    ``more`` when any row is not on it, ``capped`` the agents with rows left off."""
+    ``more`` when any row is not on it, ``capped`` the agents with rows left off.
+
+    The oldest FAIR_SCAN_ROWS rows in id order fill it, nearly always; when a few agents'
+    many rows come first (90,000 open questions of 9 agents: ~50 ms a redraw, the re-check
+    of session 18), it is made agent by agent instead: each agent with rows, and its
+    oldest ``per_agent``, a seek each on the table's ``(…, who, id)`` partial index
+    (schema migration 10), merged."""
     clause = " AND ".join(where)
     conn = db.conn
     total = int(conn.execute(f"SELECT count(*) FROM {table} WHERE {clause}", args).fetchone()[0])
     with closing(
-        db.rows(f"SELECT id, {who} FROM {table} WHERE {clause} ORDER BY id", args)
+        db.rows(
+            f"SELECT id, {who} FROM {table} WHERE {clause} ORDER BY id LIMIT ?",
+            [*args, FAIR_SCAN_ROWS],
+        )
     ) as rows:
         ids, capped = fair_ids(rows, per_agent, limit)
+    if len(ids) < limit and total > FAIR_SCAN_ROWS:
+        ids, capped = _fair_by_agent(conn, table, who, clause, args, per_agent, limit)
     found = (
         conn.execute(
             f"SELECT {columns} FROM {table} WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id",
@@ -126,3 +140,36 @@ def fair_page(
     )
     items = [readable(convert, r) for r in found]
     return Listing(items, total, total > len(items), capped)
+
+
+def _fair_by_agent(
+    conn: Any,
+    table: str,
+    who: str,
+    clause: str,
+    args: list[object],
+    per_agent: int,
+    limit: int,
+) -> tuple[list[int], list[str]]:
+    """``fair_ids`` by seeks: each ``who`` with rows in name order, its oldest
+    ``per_agent`` (one more: whether it has more), the oldest ``limit`` of them all."""
+    taken: list[tuple[int, str]] = []
+    capped: list[str] = []
+    at = ""
+    while True:
+        row = conn.execute(
+            f"SELECT {who} FROM {table} WHERE {clause} AND {who}>? ORDER BY {who} LIMIT 1",
+            [*args, at],
+        ).fetchone()
+        if row is None:
+            break
+        at = str(row[0])
+        mine = conn.execute(
+            f"SELECT id FROM {table} WHERE {clause} AND {who}=? ORDER BY id LIMIT ?",
+            [*args, at, per_agent + 1],
+        ).fetchall()
+        if len(mine) > per_agent:
+            capped.append(at)
+        taken += [(int(r[0]), at) for r in mine[:per_agent]]
+    taken.sort()
+    return [i for i, _ in taken[:limit]], capped

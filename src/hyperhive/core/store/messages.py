@@ -6,13 +6,14 @@ import json
 import math
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from typing import Any, get_args
 
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, load_options, readable
 from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.usage import make_room
-from hyperhive.core.summary import cut_sql, is_cut, options_prefix, shown
+from hyperhive.core.summary import cut_sql, fair_ids, is_cut, options_prefix, shown
 from hyperhive.wire.agent import AT_MAX, AT_MIN
 from hyperhive.wire.common import Message, MessageKind
 from hyperhive.wire.framing import model_fields_only
@@ -326,15 +327,36 @@ class MessageRepo:
         ).fetchall()
         return [readable(_to_summary, r) for r in rows]
 
-    def oldest_to(self, recipient: str, after: int, limit: int) -> list[Message | Unreadable]:
-        """The oldest ``limit`` messages to ``recipient`` with an id above ``after``, newest
-        first, as summaries (the operator's unread inbox on the dashboard: none passed
-        over, however many came after it)."""
+    def older_unread(
+        self, recipient: str, after: int, below: int, read: set[int], per_sender: int, limit: int
+    ) -> list[Message | Unreadable]:
+        """Messages to ``recipient`` with an id above ``after`` and below ``below``, not in
+        ``read``: the oldest, at most ``per_sender`` of any one sender (summary.fair_ids),
+        newest first, as summaries (the dashboard's unread inbox past its newest page: one
+        sender's flood pushes no other's off it, older or newer: red team round 23b and its
+        re-check)."""
+        rows = self._db.rows(
+            "SELECT id, sender FROM messages WHERE recipient=? AND id>? AND id<? ORDER BY id",
+            (recipient, after, below),
+        )
+        with closing(rows):
+            ids, _ = fair_ids(((i, w) for i, w in rows if i not in read), per_sender, limit)
+        if not ids:
+            return []
+        found = self._db.conn.execute(
+            f"SELECT {_SUMMARY} FROM messages WHERE id IN ({','.join('?' * len(ids))})"
+            " ORDER BY id DESC",
+            ids,
+        ).fetchall()
+        return [readable(_to_summary, r) for r in found]
+
+    def ids_to(self, recipient: str, after: int, limit: int) -> list[int]:
+        """The ids of the messages to ``recipient`` above ``after``, oldest first."""
         rows = self._db.conn.execute(
-            f"SELECT {_SUMMARY} FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
+            "SELECT id FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
             (recipient, after, limit),
         ).fetchall()
-        return [readable(_to_summary, r) for r in reversed(rows)]
+        return [int(r[0]) for r in rows]
 
     def count_to(self, recipient: str, after: int) -> int:
         """How many messages to ``recipient`` have an id above ``after``."""
