@@ -215,6 +215,23 @@ def test_forms_work_without_a_script(web: Web) -> None:
     assert page.status_code == 200 and f'data-name="{ASKER}"' in page.text
 
 
+def test_read_marks_are_the_operators_in_every_login(web: Web) -> None:
+    """"mark read" in one login marks the messages read in another (and across a core
+    restart: they are in the store, tests/test_inbox_read.py); before, each session had
+    its own marks in the core's memory, and a new login started with everything unread."""
+    first = web.login()
+    sent = [web.hive.agent_call(ASKER, "send", to="operator", body=f"read me {i}")["id"] for i in range(2)]
+    page = web.get("/", login=first).text
+    for mid in sent:
+        assert re.search(rf'id="inbox-{mid}" data-id="{mid}" class="unread"', page), mid
+    r = web.request("POST", "/inbox/read", login=first, csrf=first.csrf, origin=web.origin,
+                    headers={"HX-Request": "true"}, data={"shown": str(sent[0])})
+    assert r.status_code == 200, r.text
+    other = web.get("/", login=web.login()).text
+    assert re.search(rf'id="inbox-{sent[0]}" data-id="{sent[0]}" class="read"', other), other[:300]
+    assert re.search(rf'id="inbox-{sent[1]}" data-id="{sent[1]}" class="unread"', other)
+
+
 class StreamTap:
     """Reads a live stream (as the operator's browser would) in a thread until ``until``
     says it read enough, or ``seconds`` pass; ``text`` is all of it."""

@@ -583,15 +583,17 @@ def test_wide_pipelined_sends_never_hold_the_loop_for_one_turn(sink_hive: HivePr
     """Held (but for the cost of each line, above). ``send`` is the one pipelined verb:
     after a send, ``_take_pipelined`` reads and decodes every whole line already buffered
     (up to 64) in the same turn of the event loop, and the pacer sleeps only past the
-    agent's 64 MiB burst. One connection writes 20 lines of ``{"cmd":"send",...}`` with
-    1 MiB of ``[]``s each: had they been taken together, 20 decodes of ~0.36 s back to
+    agent's 64 MiB burst. One connection writes 6 lines of ``{"cmd":"send",...}`` with
+    1 MiB of ``[]``s each: had they been taken together, 6 decodes of ~0.36 s back to
     back. They are not: the connection buffers at most one line of 1 MiB (``LineConnection``
     stops reading), so each turn decodes one, and every other request waits for one line's
-    decode at most (~0.36 s), then 20 refusals (``missing field 'to'``)."""
+    decode at most (~0.36 s), then 6 refusals (``missing field 'to'``)."""
     h = sink_hive
-    _, during, cpu, holder = flood_while_timing(h, WIDE, conns=1, per_conn=20, cmd="send")
+    # 6 lines: taken together their decodes would hold the loop ~2 s, twice the bound
+    # below (each line is paced for its containers, ~4 s apiece, so 20 took ~60 s of CI)
+    _, during, cpu, holder = flood_while_timing(h, WIDE, conns=1, per_conn=6, cmd="send")
     refusal = '{"version":1,"ok":false,"error":"missing field \'to\'"}'
-    assert [(o["n"], o["first"]) for o in holder["out"]] == [(20, refusal)], holder
+    assert [(o["n"], o["first"]) for o in holder["out"]] == [(6, refusal)], holder
     assert max(during) < 1.0, (max(during), p(during, 0.95), cpu)
 
 

@@ -700,13 +700,21 @@ class Hive:
         the oldest, at most ``per_sender`` of any one sender (red team round 23b)."""
         return self.store.messages.older_unread(OPERATOR, after, below, read, per_sender, limit)
 
-    def inbox_ids(self, actor: Operator, after: int, limit: int) -> list[int]:
-        """The ids of the messages to the operator above ``after``, oldest first."""
-        return self.store.messages.ids_to(OPERATOR, after, limit)
+    def inbox_read_state(self, actor: Operator) -> tuple[int, set[int]]:
+        """The operator's read marks (store/inbox.py): every message up to the mark is
+        read, and the ids of the set above it."""
+        return self.store.inbox_read.state()
+
+    def inbox_unread(self, actor: Operator) -> int:
+        """How many messages to the operator are unread."""
+        return self.store.inbox_read.unread()
+
+    def inbox_mark_read(self, actor: Operator, ids: set[int]) -> None:
+        """Mark read the messages to the operator of ``ids`` (the ones the page showed)."""
+        self.store.inbox_read.take(ids)
 
     def inbox_count(self, actor: Operator, after: int = 0) -> int:
-        """How many messages to the operator have an id above ``after`` (unread: above the
-        last one the dashboard's session marked read)."""
+        """How many messages to the operator have an id above ``after``."""
         return self.store.messages.count_to(OPERATOR, after)
 
     def message(self, actor: Operator, mid: int) -> Message | Unreadable:

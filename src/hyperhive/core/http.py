@@ -16,7 +16,6 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -134,30 +133,6 @@ class StateModel(BaseModel):
     swarm_agents: list[dict[str, Any]] = []
     swarm_questions: list[dict[str, Any]] = []
     swarm_approvals: list[dict[str, Any]] = []
-
-
-READ_MAX = 10_000  # messages a session keeps marked read above its mark
-
-
-@dataclass
-class InboxRead:
-    """One session's read marks: every message to the operator up to ``mark``, and the
-    ones of ``read`` above it."""
-
-    mark: int = 0
-    read: set[int] = field(default_factory=set)
-
-    def take(self, ids: set[int], above_mark: list[int]) -> None:
-        """Mark ``ids`` read (those of ``above_mark``: the operator's messages above the
-        mark, oldest first), then move the mark over what is read in a row."""
-        mine = set(above_mark)
-        room = READ_MAX - len(self.read)
-        self.read |= set(sorted(i for i in ids if i in mine)[: max(0, room)])
-        for i in above_mark:
-            if i not in self.read:
-                break
-            self.mark = i
-            self.read.discard(i)
 
 
 def _on(host: str | None) -> dict[str, str]:
@@ -582,10 +557,6 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             status_cache["second"] = second
         return list(status_cache["rows"])
 
-    # Per session: every message to the operator up to ``mark`` is read, and those of
-    # ``read`` above it (marked read as shown, with unread ones between).
-    inbox_reads: dict[str, InboxRead] = {}
-
     def cockpit_context(
         wanted: Iterable[str], view: cockpit.View, session: Session
     ) -> dict[str, Any]:
@@ -630,17 +601,17 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 # The send box's hosts (its datalist lives in this section, so it is fresh).
                 ctx["swarm_hosts"] = sorted({str(r["host"]) for r in elsewhere_agents})
         if "inbox" in wanted:
-            state = inbox_reads.get(session.id) or InboxRead()
+            mark, read = hive.inbox_read_state(OPERATOR)
             newest = hive.inbox_newest(OPERATOR, cockpit.INBOX_SHOWN)
-            unread = hive.inbox_count(OPERATOR, state.mark) - len(state.read)
+            unread = hive.inbox_unread(OPERATOR)
             # Unread messages older than the newest page, fair by sender: no flood, before or
             # after another agent's message, keeps it off the screen (red team round 23b).
             older = (
                 hive.inbox_older_unread(
                     OPERATOR,
-                    state.mark,
+                    mark,
                     min(m.id or 0 for m in newest),
-                    state.read,
+                    read,
                     PER_AGENT_SHOWN,
                     cockpit.INBOX_SHOWN,
                 )
@@ -650,7 +621,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             shown_unread = [
                 m.id
                 for m in [*newest, *older]
-                if m.id is not None and m.id > state.mark and m.id not in state.read
+                if m.id is not None and m.id > mark and m.id not in read
             ]
             ctx.update(
                 inbox=rows_out(newest),
@@ -1278,11 +1249,10 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         upto: Annotated[int, Form(ge=0, lt=2**63)] = 0,
         shown: Annotated[str, Form(max_length=64 * 21)] = "",
     ) -> Response:
-        """Mark read, for this session, the unread messages the page showed (``shown``:
-        their ids); one not shown stays unread (red team round 23b: "mark read" up to the
-        newest marked read what a flood had pushed off the page). Without ``shown``, those
-        up to UPTO of the newest page."""
-        state = inbox_reads.setdefault(session.id, InboxRead())
+        """Mark read the unread messages the page showed (``shown``: their ids), for the
+        operator (every session: store/inbox.py); one not shown stays unread (red team
+        round 23b: "mark read" up to the newest marked read what a flood had pushed off
+        the page). Without ``shown``, those up to UPTO of the newest page."""
         try:
             ids = {int(i) for i in shown.split(",") if i.strip()}
         except ValueError:
@@ -1290,7 +1260,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if not ids and upto:
             ids = {m.id for m in hive.inbox_newest(OPERATOR, cockpit.INBOX_SHOWN) if m.id}
             ids = {i for i in ids if i <= upto}
-        state.take(ids, hive.inbox_ids(OPERATOR, state.mark, READ_MAX + 1))
+        hive.inbox_mark_read(OPERATOR, ids)
         reply = done(request, {"version": 1, "ok": True}, cockpit.said("inbox_read"))
         if request.headers.get("hx-request") == "true":  # no event says so: the inbox too
             inbox = render_sections(["inbox"], cockpit.View(), session)

@@ -2,9 +2,9 @@
 
 ``Store`` composes them: ``store.agents``, ``store.messages``, ``store.questions``,
 ``store.approvals``, ``store.transcripts``, ``store.reminders``, ``store.egress``,
-``store.sessions``, ``store.usage``, ``store.history``. Each repository writes only
-through ``Database.tx()``; rows come back typed (frozen dataclasses, the wire models,
-or TypedDicts where a row goes out as JSON as it is).
+``store.sessions``, ``store.usage``, ``store.history``, ``store.inbox_read``. Each
+repository writes only through ``Database.tx()``; rows come back typed (frozen
+dataclasses, the wire models, or TypedDicts where a row goes out as JSON as it is).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from hyperhive.core.store.egress import (
     EgressRule,
 )
 from hyperhive.core.store.history import HistoryRepo
+from hyperhive.core.store.inbox import InboxReadRepo
 from hyperhive.core.store.links import LinkRepo
 from hyperhive.core.store.messages import MessageRepo
 from hyperhive.core.store.questions import QuestionRepo
@@ -83,6 +84,7 @@ class Store:
         self.usage = UsageRepo(self.db)
         self.history = HistoryRepo(self.db)
         self.bindings = SecretBindingRepo(self.db)
+        self.inbox_read = InboxReadRepo(self.db)
 
     @property
     def history_keep(self) -> int:

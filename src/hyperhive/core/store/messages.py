@@ -350,14 +350,6 @@ class MessageRepo:
         ).fetchall()
         return [readable(_to_summary, r) for r in found]
 
-    def ids_to(self, recipient: str, after: int, limit: int) -> list[int]:
-        """The ids of the messages to ``recipient`` above ``after``, oldest first."""
-        rows = self._db.conn.execute(
-            "SELECT id FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
-            (recipient, after, limit),
-        ).fetchall()
-        return [int(r[0]) for r in rows]
-
     def count_to(self, recipient: str, after: int) -> int:
         """How many messages to ``recipient`` have an id above ``after``."""
         row = self._db.conn.execute(

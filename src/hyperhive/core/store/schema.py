@@ -383,6 +383,18 @@ MIGRATIONS: list[Migration] = [
     CREATE INDEX questions_open_asker ON questions (target, asker, id) WHERE answer IS NULL AND cancelled = 0;
     CREATE INDEX approvals_pending_agent ON approvals (agent, id) WHERE status = 'pending';
     """,
+    # 11: the operator's read marks on their inbox (store/inbox.py), kept here rather than
+    # per session in the core's memory: every message to the operator up to ``mark`` is
+    # read, and those of ``inbox_read`` above it.
+    """
+    CREATE TABLE inbox_mark (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 0),
+        mark INTEGER NOT NULL
+    );
+    CREATE TABLE inbox_read (
+        id INTEGER PRIMARY KEY
+    );
+    """,
 ]
 
 

@@ -1,0 +1,75 @@
+"""The operator's read marks on their inbox (the messages to the operator), kept in the
+store: one operator, so every session and browser sees the same unread ones, and a
+login or a core restart marks nothing unread again. Every message up to ``mark`` is
+read, and those of ``inbox_read`` above it (marked read as shown, with unread ones
+between: "mark read" marks the ids the page showed, and no other; red team round 23b)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hyperhive.core.store.db import Database, Tx
+
+OPERATOR = "operator"
+READ_MAX = 10_000  # ids kept marked read above the mark; past them a mark stays unread
+
+
+class InboxReadRepo:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def mark(self) -> int:
+        row = self._db.conn.execute("SELECT mark FROM inbox_mark").fetchone()
+        return int(row[0]) if row else 0
+
+    def state(self) -> tuple[int, set[int]]:
+        """(mark, the ids marked read above it)."""
+        ids = self._db.conn.execute("SELECT id FROM inbox_read").fetchall()
+        return self.mark(), {int(r[0]) for r in ids}
+
+    def unread(self) -> int:
+        """How many messages to the operator are unread (never below 0: an id marked read
+        whose message the sender's quota has dropped since counts for nothing)."""
+        row = self._db.conn.execute(
+            "SELECT count(*) FROM messages m WHERE m.recipient=? AND m.id>? AND NOT EXISTS"
+            " (SELECT 1 FROM inbox_read r WHERE r.id = m.id)",
+            (OPERATOR, self.mark()),
+        ).fetchone()
+        return int(row[0])
+
+    def take(self, ids: Iterable[int]) -> None:
+        """Mark ``ids`` read (those of them that are messages to the operator above the
+        mark), then move the mark over what is read in a row and forget what is under it
+        or gone."""
+        with self._db.tx() as tx:
+            mark = self.mark()
+            above = [
+                int(r[0])
+                for r in tx.execute(
+                    "SELECT id FROM messages WHERE recipient=? AND id>? ORDER BY id LIMIT ?",
+                    (OPERATOR, mark, READ_MAX + 1),
+                )
+            ]
+            mine = set(above)
+            held = int(tx.execute("SELECT count(*) FROM inbox_read").fetchone()[0])
+            fresh = sorted(i for i in set(ids) if i in mine)[: max(0, READ_MAX - held)]
+            tx.executemany("INSERT OR IGNORE INTO inbox_read VALUES (?)", ((i,) for i in fresh))
+            read = {int(r[0]) for r in tx.execute("SELECT id FROM inbox_read")}
+            for i in above:
+                if i not in read:
+                    break
+                mark = i
+            self._save(tx, mark)
+
+    @staticmethod
+    def _save(tx: Tx, mark: int) -> None:
+        tx.execute(
+            "INSERT INTO inbox_mark (singleton, mark) VALUES (0, ?)"
+            " ON CONFLICT (singleton) DO UPDATE SET mark = excluded.mark",
+            (mark,),
+        )
+        tx.execute(
+            "DELETE FROM inbox_read WHERE id <= ? OR id NOT IN"
+            " (SELECT id FROM messages WHERE recipient=? AND id > ?)",
+            (mark, OPERATOR, mark),
+        )
