@@ -8,6 +8,8 @@ import json
 import threading
 import time
 
+import pytest
+
 from conftest import CoreFactory
 from helpers import DEFAULT_AGENTS, render_toml
 from hyperhive.core.ratelimit import (
@@ -130,3 +132,22 @@ def test_a_flooding_agent_is_slowed_and_the_operator_is_not(core_factory: CoreFa
     assert took and took[0] >= 2.5, took
     # While the agent waits, the operator's socket answers.
     assert len(operator_waits) >= 10
+
+
+def test_piece_pacer_forgets_the_buckets_of_agents_gone_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """egress_tls.PiecePacer: a bucket refilled is dropped once there are more than
+    FORGET_PAST (a new one starts full, so nothing changes); one still owing is kept."""
+    from hyperhive.core import egress_tls
+
+    clock = [1000.0]
+    monkeypatch.setattr(egress_tls.time, "monotonic", lambda: clock[0])
+    pacer = egress_tls.PiecePacer(per_second=10)
+    for _ in range(30):
+        pacer.owed("busy")  # 20 pieces past its 10: owes 2 s
+    for i in range(egress_tls.FORGET_PAST - 1):  # at the bound: none swept yet
+        pacer.owed(f"gone-{i}")
+    assert len(pacer._buckets) == egress_tls.FORGET_PAST
+    clock[0] += 1.0  # every one-piece bucket refilled; "busy" still owes 1 s
+    pacer.owed("new")
+    assert set(pacer._buckets) == {"busy", "new"}, len(pacer._buckets)
+    assert pacer.owed("busy") > 0.9

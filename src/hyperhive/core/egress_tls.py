@@ -50,6 +50,9 @@ SMALL_PIECES_PER_SECOND = 2000.0
 PIECES_PAUSE_MIN = 0.05  # a pause owed is taken once this long: a write and a sleep a batch
 
 
+FORGET_PAST = 256  # buckets kept before the full ones are dropped
+
+
 class PiecePacer:
     """Small pieces of answers, per agent, across its terminated connections' threads."""
 
@@ -57,6 +60,7 @@ class PiecePacer:
         self.per_second = per_second
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
+        self._forget_past = FORGET_PAST
 
     def owed(self, agent: str) -> float:
         """Take one piece of ``agent``'s; the seconds to wait before relaying it."""
@@ -65,7 +69,22 @@ class PiecePacer:
             tokens, at = self._buckets.get(agent, (self.per_second, now))
             tokens = min(self.per_second, tokens + (now - at) * self.per_second) - 1.0
             self._buckets[agent] = (tokens, now)
+            if len(self._buckets) > self._forget_past:
+                self._forget_full(now)
         return max(0.0, -tokens / self.per_second)
+
+    def _forget_full(self, now: float) -> None:
+        """Drop the buckets refilled by now (a new one starts full: nothing changes), so
+        agents come and gone leave none behind."""
+        full = [
+            a
+            for a, (tokens, at) in self._buckets.items()
+            if tokens + (now - at) * self.per_second >= self.per_second
+        ]
+        for a in full:
+            del self._buckets[a]
+        # twice what is left before the next sweep: each costs what the growth since
+        self._forget_past = max(FORGET_PAST, 2 * len(self._buckets))
 
 
 SMALL_PIECES = PiecePacer()
