@@ -130,3 +130,55 @@ def seen(address: str, port: int = 80) -> list[dict[str, Any]]:
         while chunk := s.recv(65536):
             data += chunk
     return json.loads(data.partition(b"\r\n\r\n")[2])
+
+
+# In the cage, for scripts that open many terminated TLS connections at once: ``tls_to``
+# (CONNECT through the proxy, on 127.0.0.1:3128 or egress.sock itself, then TLS with the
+# hive's CA) and ``each_conn`` (``one(i, out)`` on P["conns"] threads; the result's
+# ``out`` lists what each put). ``one`` reports a refused CONNECT as the string raised.
+TLS_CONNS = r"""
+import ssl, threading
+
+
+class NoTunnel(Exception):
+    pass
+
+
+def tls_to(host, port, unix=False, timeout=150):
+    if unix:  # the proxy's own socket: no TCP (no Nagle, no delayed ACK)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(timeout)
+        s.connect("/run/hive/egress.sock")
+    else:
+        s = socket.create_connection(("127.0.0.1", 3128), timeout=timeout)
+    s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            raise NoTunnel("connect closed: " + head.decode(errors="replace"))
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise NoTunnel("connect: " + head.decode(errors="replace")[:200])
+    ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+    return ctx.wrap_socket(s, server_hostname=host)
+
+
+def each_conn(one):
+    out = {}
+
+    def run(i):
+        try:
+            one(i, out)
+        except NoTunnel as e:
+            out[i] = str(e)
+        except Exception as e:
+            out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(P["conns"])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    result(out=[out.get(i) for i in range(P["conns"])])
+"""

@@ -49,6 +49,7 @@ from testnet import TestNet
 from web_fixture import Web
 
 from .conftest import World, cage_run
+from .egress_kit import TLS_CONNS
 from .test_red_round23a import SINK_SERVER, UPLOAD
 from .test_secrets_egress import cert_dir
 
@@ -596,54 +597,27 @@ def test_big_and_tiny_chunks_mixed_stay_within_what_4_kib_pieces_cost(
     assert cpu < 3.0, cpu
 
 
-DOWNLOAD = r"""
-import os, ssl, threading
+DOWNLOAD = TLS_CONNS + r"""
+import os
 HOST, PORT = P["host"], P["port"]
 def one(i, out):
-    try:
-        if P["unix"]:  # the proxy's own socket: no TCP (no Nagle, no delayed ACK)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(150)
-            s.connect("/run/hive/egress.sock")
-        else:
-            s = socket.create_connection(("127.0.0.1", 3128), timeout=150)
-        s.sendall(f"CONNECT {HOST}:{PORT} HTTP/1.1\r\nHost: {HOST}:{PORT}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                out[i] = "connect closed: " + head.decode(errors="replace")
-                return
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 200"):
-            out[i] = "connect: " + head.decode(errors="replace")[:200]
-            return
-        ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
-        t = ctx.wrap_socket(s, server_hostname=HOST)
-        t.sendall(f"POST /down HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nContent-Length: 0\r\n\r\n".encode())
-        # The answer's TLS records are read raw and thrown away: no decryption in the cage,
-        # so the cage reads as fast as the core can write.
-        raw = socket.socket(fileno=os.dup(t.fileno()))
-        raw.settimeout(150)
-        got = 0
-        while True:
-            try:
-                chunk = raw.recv(1 << 20)
-            except OSError:
-                break
-            if not chunk:
-                break
-            got += len(chunk)
-        out[i] = {"raw_bytes": got}
-    except Exception as e:
-        out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
-out = {}
-threads = [threading.Thread(target=one, args=(i, out)) for i in range(P["conns"])]
-for th in threads:
-    th.start()
-for th in threads:
-    th.join()
-result(out=[out[i] for i in range(P["conns"])])
+    t = tls_to(HOST, PORT, unix=P["unix"])
+    t.sendall(f"POST /down HTTP/1.1\r\nHost: {HOST}:{PORT}\r\nContent-Length: 0\r\n\r\n".encode())
+    # The answer's TLS records are read raw and thrown away: no decryption in the cage,
+    # so the cage reads as fast as the core can write.
+    raw = socket.socket(fileno=os.dup(t.fileno()))
+    raw.settimeout(150)
+    got = 0
+    while True:
+        try:
+            chunk = raw.recv(1 << 20)
+        except OSError:
+            break
+        if not chunk:
+            break
+        got += len(chunk)
+    out[i] = {"raw_bytes": got}
+each_conn(one)
 """
 
 

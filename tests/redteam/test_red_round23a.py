@@ -45,6 +45,7 @@ from hyperhive.client import Client
 from testnet import TestNet
 
 from .conftest import cage_run
+from .egress_kit import TLS_CONNS
 from .test_secrets_egress import cert_dir
 
 # -- one agent's terminated upload against the core's GIL ----------------------------------
@@ -109,55 +110,32 @@ while True:
 
 # In the cage: P["conns"] connections, each CONNECT sink, TLS (the hive's CA), a POST whose
 # body is P["chunk"] repeated for P["bytes"] bytes, then the body's end; the answers.
-UPLOAD = r"""
-import ssl, threading
+UPLOAD = TLS_CONNS + r"""
 HOST = P["host"]
 def one(i, out):
-    try:
-        s = socket.create_connection(("127.0.0.1", 3128), timeout=150)
-        s.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                out[i] = "connect closed: " + head.decode(errors="replace")
-                return
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 200"):
-            out[i] = "connect: " + head.decode(errors="replace")[:200]
-            return
-        ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
-        t = ctx.wrap_socket(s, server_hostname=HOST)
-        t.sendall(f"POST /up HTTP/1.1\r\nHost: {HOST}\r\n{P['framing']}\r\n\r\n".encode())
-        block = P["chunk"].encode("latin-1") * max(1, min(65536, P["bytes"]) // len(P["chunk"]))
-        sent = 0
-        while sent < P["bytes"]:
-            t.sendall(block)
-            sent += len(block)
-        if not P["tail"]:  # a body with no end: hang up
-            t.close()
-            out[i] = {"sent": sent, "answer": None}
-            return
-        t.sendall(P["tail"].encode("latin-1"))
-        data = b""
-        while True:
-            try:
-                chunk = t.recv(65536)
-            except (OSError, ssl.SSLError):
-                break
-            if not chunk:
-                break
-            data += chunk
-        out[i] = {"sent": sent, "answer": data.split(b"\r\n")[0].decode(errors="replace")}
-    except Exception as e:
-        out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
-out = {}
-threads = [threading.Thread(target=one, args=(i, out)) for i in range(P["conns"])]
-for th in threads:
-    th.start()
-for th in threads:
-    th.join()
-result(out=[out[i] for i in range(P["conns"])])
+    t = tls_to(HOST, 443)
+    t.sendall(f"POST /up HTTP/1.1\r\nHost: {HOST}\r\n{P['framing']}\r\n\r\n".encode())
+    block = P["chunk"].encode("latin-1") * max(1, min(65536, P["bytes"]) // len(P["chunk"]))
+    sent = 0
+    while sent < P["bytes"]:
+        t.sendall(block)
+        sent += len(block)
+    if not P["tail"]:  # a body with no end: hang up
+        t.close()
+        out[i] = {"sent": sent, "answer": None}
+        return
+    t.sendall(P["tail"].encode("latin-1"))
+    data = b""
+    while True:
+        try:
+            chunk = t.recv(65536)
+        except (OSError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        data += chunk
+    out[i] = {"sent": sent, "answer": data.split(b"\r\n")[0].decode(errors="replace")}
+each_conn(one)
 """
 
 
@@ -320,41 +298,25 @@ def test_a_terminated_upload_of_the_same_bytes_in_one_piece_leaves_the_core_free
 
 # In the cage: P["conns"] connections, each CONNECT sink, TLS, a POST /drip that the sink
 # answers with one-byte chunks for good; each reads for P["seconds"] s, then hangs up.
-DRIP = r"""
-import ssl, threading
+DRIP = TLS_CONNS + r"""
 HOST = P["host"]
 def one(i, out):
-    try:
-        s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
-        s.sendall(f"CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            head += s.recv(4096)
-        ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
-        t = ctx.wrap_socket(s, server_hostname=HOST)
-        t.sendall(f"POST /drip HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\n\r\n".encode())
-        got, first, end = 0, b"", time.monotonic() + P["seconds"]
-        t.settimeout(1)
-        while time.monotonic() < end:
-            try:
-                chunk = t.recv(65536)
-            except (TimeoutError, socket.timeout):
-                continue
-            if not chunk:
-                break
-            first = first or chunk[:15]
-            got += len(chunk)
-        t.close()
-        out[i] = {"got": got, "first": first.decode(errors="replace")}
-    except Exception as e:
-        out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
-out = {}
-threads = [threading.Thread(target=one, args=(i, out)) for i in range(P["conns"])]
-for th in threads:
-    th.start()
-for th in threads:
-    th.join()
-result(out=[out[i] for i in range(P["conns"])])
+    t = tls_to(HOST, 443, timeout=30)
+    t.sendall(f"POST /drip HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 0\r\n\r\n".encode())
+    got, first, end = 0, b"", time.monotonic() + P["seconds"]
+    t.settimeout(1)
+    while time.monotonic() < end:
+        try:
+            chunk = t.recv(65536)
+        except (TimeoutError, socket.timeout):
+            continue
+        if not chunk:
+            break
+        first = first or chunk[:15]
+        got += len(chunk)
+    t.close()
+    out[i] = {"got": got, "first": first.decode(errors="replace")}
+each_conn(one)
 """
 
 
