@@ -132,16 +132,40 @@ def seen(address: str, port: int = 80) -> list[dict[str, Any]]:
     return json.loads(data.partition(b"\r\n\r\n")[2])
 
 
-# In the cage, for scripts that open many terminated TLS connections at once: ``tls_to``
-# (CONNECT through the proxy, on 127.0.0.1:3128 or egress.sock itself, then TLS with the
-# hive's CA) and ``each_conn`` (``one(i, out)`` on P["conns"] threads; the result's
-# ``out`` lists what each put). ``one`` reports a refused CONNECT as the string raised.
-TLS_CONNS = r"""
-import ssl, threading
+# In the cage: ``each_conn(one, **extra)`` runs ``one(i, out)`` on P["conns"] threads; the
+# result's ``out`` lists what each put (an exception: its line), with ``extra`` beside it.
+EACH_CONN = r"""
+import threading
 
 
 class NoTunnel(Exception):
     pass
+
+
+def each_conn(one, **extra):
+    out = {}
+
+    def run(i):
+        try:
+            one(i, out)
+        except NoTunnel as e:
+            out[i] = str(e)
+        except Exception as e:
+            out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(P["conns"])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    result(out=[out.get(i) for i in range(P["conns"])], **extra)
+"""
+
+# In the cage, with EACH_CONN: ``tls_to`` (CONNECT through the proxy, on 127.0.0.1:3128 or
+# egress.sock itself, then TLS with the hive's CA); a refused CONNECT raises NoTunnel,
+# which ``each_conn`` reports as that connection's line.
+TLS_CONNS = EACH_CONN + r"""
+import ssl
 
 
 def tls_to(host, port, unix=False, timeout=150):
@@ -162,23 +186,4 @@ def tls_to(host, port, unix=False, timeout=150):
         raise NoTunnel("connect: " + head.decode(errors="replace")[:200])
     ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
     return ctx.wrap_socket(s, server_hostname=host)
-
-
-def each_conn(one):
-    out = {}
-
-    def run(i):
-        try:
-            one(i, out)
-        except NoTunnel as e:
-            out[i] = str(e)
-        except Exception as e:
-            out[i] = "error: " + type(e).__name__ + ": " + str(e)[:200]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(P["conns"])]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    result(out=[out.get(i) for i in range(P["conns"])])
 """

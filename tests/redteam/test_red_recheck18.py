@@ -49,7 +49,7 @@ from testnet import TestNet
 from web_fixture import Web
 
 from .conftest import World, cage_run
-from .egress_kit import TLS_CONNS
+from .egress_kit import EACH_CONN, TLS_CONNS
 from .test_red_round23a import SINK_SERVER, UPLOAD
 from .test_secrets_egress import cert_dir
 
@@ -417,8 +417,7 @@ def test_a_line_by_line_chunked_upload_is_not_refused(sink_hive: HiveProcess) ->
 
 # -- lines just under the container charge's threshold --------------------------------------
 
-SHORT = r"""
-import threading
+SHORT = EACH_CONN + r"""
 head = b'{"cmd":"whoami","k":"\\\\ud800","p":['
 n = (4096 - len(head) - 2) // (len(P["item"]) + 1)
 line = head + b",".join([P["item"].encode()] * n) + b"]}\n"
@@ -437,13 +436,7 @@ def flood(i, out):
         buf += chunk
         got = buf.count(b"\n")
     out[i] = {"n": got, "s": round(time.monotonic() - t0, 2), "first": buf.split(b"\n")[0].decode()[:200]}
-out = {}
-ths = [threading.Thread(target=flood, args=(i, out)) for i in range(P["conns"])]
-for th in ths:
-    th.start()
-for th in ths:
-    th.join()
-result(out=[out.get(i) for i in range(P["conns"])], size=len(line) - 1)
+each_conn(flood, size=len(line) - 1)
 """
 
 

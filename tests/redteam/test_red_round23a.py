@@ -45,7 +45,7 @@ from hyperhive.client import Client
 from testnet import TestNet
 
 from .conftest import cage_run
-from .egress_kit import TLS_CONNS
+from .egress_kit import EACH_CONN, TLS_CONNS
 from .test_secrets_egress import cert_dir
 
 # -- one agent's terminated upload against the core's GIL ----------------------------------
@@ -350,8 +350,7 @@ def test_a_terminated_answer_of_tiny_chunks_does_not_starve_the_core(
 
 # -- set_status of a new text each time: a write each, not rate-limited --------------------
 
-STATUS_FLOOD = r"""
-import threading
+STATUS_FLOOD = EACH_CONN + r"""
 def flood(i, out):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(AGENT_SOCK)
@@ -371,13 +370,7 @@ def flood(i, out):
             got += buf.count(b"\n")
             buf = buf[buf.rfind(b"\n") + 1:]
     out[i] = {"n": got, "s": round(time.monotonic() - t0, 2)}
-out = {}
-ths = [threading.Thread(target=flood, args=(i, out)) for i in range(P["conns"])]
-for th in ths:
-    th.start()
-for th in ths:
-    th.join()
-result(out=[out.get(i) for i in range(P["conns"])])
+each_conn(flood)
 """
 
 
@@ -404,8 +397,7 @@ def test_a_status_flood_of_new_texts_does_not_starve_the_core(sink_hive: HivePro
 
 # -- acks of 10,000 ids, each read in the event loop -----------------------------------------
 
-ACK_FLOOD = r"""
-import threading
+ACK_FLOOD = EACH_CONN + r"""
 line = json.dumps({"cmd": "ack", "ids": list(range(P["first"], P["first"] + P["ids"]))}).encode() + b"\n"
 def flood(i, out):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -427,13 +419,7 @@ def flood(i, out):
             got += buf.count(b"\n")
             buf = buf[buf.rfind(b"\n") + 1:]
     out[i] = {"n": got, "s": round(time.monotonic() - t0, 2), "first": first}
-out = {}
-ths = [threading.Thread(target=flood, args=(i, out)) for i in range(P["conns"])]
-for th in ths:
-    th.start()
-for th in ths:
-    th.join()
-result(out=[out.get(i) for i in range(P["conns"])])
+each_conn(flood)
 """
 
 
@@ -472,8 +458,7 @@ def test_an_ack_flood_of_ten_thousand_ids_does_not_starve_the_core(sink_hive: Hi
 
 # -- lines that cost the event loop 30x what the byte pacer charges for them -------------------
 
-WIDE = r"""
-import threading
+WIDE = EACH_CONN + r"""
 n = (1048576 - 200) // 3
 line = b'{"cmd":"%s","y":"\\u0041","x":[' % P["cmd"].encode() + b",".join([b"[]"] * n) + b"]}\n"
 assert len(line) <= 1048576, len(line)
@@ -491,13 +476,7 @@ def flood(i, out):
         buf += chunk
         got = buf.count(b"\n")
     out[i] = {"n": got, "s": round(time.monotonic() - t0, 2), "first": buf.split(b"\n")[0].decode()[:200]}
-out = {}
-ths = [threading.Thread(target=flood, args=(i, out)) for i in range(P["conns"])]
-for th in ths:
-    th.start()
-for th in ths:
-    th.join()
-result(out=[out.get(i) for i in range(P["conns"])], size=len(line))
+each_conn(flood, size=len(line))
 """
 
 
@@ -561,8 +540,7 @@ def test_wide_pipelined_sends_never_hold_the_loop_for_one_turn(sink_hive: HivePr
 
 # -- a 20-byte request whose reply is 4 MiB read and built in the event loop ------------------
 
-LOOSE = r"""
-import threading
+LOOSE = EACH_CONN + r"""
 def flood(i, out):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.connect(AGENT_SOCK)
@@ -583,13 +561,7 @@ def flood(i, out):
         size = len(reply)
         got += 1
     out[i] = {"n": got, "s": round(time.monotonic() - t0, 2), "size": size, "first": first}
-out = {}
-ths = [threading.Thread(target=flood, args=(i, out)) for i in range(P["conns"])]
-for th in ths:
-    th.start()
-for th in ths:
-    th.join()
-result(out=[out.get(i) for i in range(P["conns"])])
+each_conn(flood)
 """
 
 
