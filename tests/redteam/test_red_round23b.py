@@ -294,8 +294,8 @@ def test_the_agents_own_transcript_keeps_its_page_small_and_quick(
         tab.goto(web.login_url)
         t0 = time.monotonic()
         tab.goto(web.url("/agent/rtmallory/"), wait_until="load")
-        tab.wait_for_function(
-            "document.getElementById('live').textContent === 'live'", timeout=60_000
+        wait_until(  # (wait_for_function polls with eval: the page's CSP refuses it)
+            lambda: tab.evaluate("document.getElementById('live').textContent === 'live'"), 60, "the agent page live"
         )
         shown = time.monotonic() - t0
     finally:
@@ -369,8 +369,8 @@ def test_an_agents_new_question_moves_no_approve_button_under_the_operators_poin
     try:
         tab = ctx.new_page()
         tab.goto(web.login_url)
-        tab.wait_for_function(
-            "document.getElementById('conn').dataset.state === 'live'", timeout=30_000
+        wait_until(  # (wait_for_function polls with eval: the page's CSP refuses it)
+            lambda: tab.evaluate("document.getElementById('conn').dataset.state === 'live'"), 30, "the dashboard live"
         )
         bob_sel, mule_sel = (
             f"#approval-{bob['id']} form.approve button",
@@ -430,6 +430,66 @@ result(r=c.call({"cmd": "ask", "to": "operator", "question": P["text"], "options
         f"the point the operator aimed at (rtbob's approve, approval {bob['id']}) is now {under};"
         f" the click decided {decided}"
     )
+
+
+@pytest.mark.attack(
+    "surface.first-screen",
+    ref="re-check of session 18: a removal above the pointer with the page at its top",
+)
+def test_an_item_gone_above_the_pointer_at_the_pages_top_moves_nothing_under_it(
+    rt: HiveProcess, web: Web, browser: Browser, cleanup: list[tuple[str, int]]
+) -> None:
+    """The page is at its top and the operator's pointer rests on rtbob's "approve";
+    rtmule's approval is just below it, and a tall question is open above both. The
+    question is answered elsewhere (the operator's phone, ``hive answer``): the live
+    stream takes it off, and with no scroll above to take up its height every approval
+    moved up under the pointer (session 18 held only a button that arrived under it, for
+    0.8 s). Now the page's top is padded by what scrolling could not take: the operator's
+    click, 1.5 s later, still lands on rtbob's approve."""
+    bob = ok(rt.agent_call("rtbob", "request_approval", kind="custom",
+                           description="rotate the prod keys", payload={"keys": "prod"}))  # fmt: skip
+    cleanup.append(("approval", bob["id"]))
+    mule = ok(rt.agent_call(FLOODER, "request_approval", kind="custom",
+                            description="rotate the test keys", payload={"keys": "test"}))  # fmt: skip
+    cleanup.append(("approval", mule["id"]))
+    tall = ok(rt.agent_call("rtalice", "ask", to="operator", question=" ".join(["lorem"] * 400),
+                            options=["yes", "no"]))["id"]  # fmt: skip
+    cleanup.append(("question", tall))
+    ctx = browser.new_context(viewport={"width": 1280, "height": 1600})
+    try:
+        tab = ctx.new_page()
+        tab.goto(web.login_url)
+        wait_until(  # (wait_for_function polls with eval: the page's CSP refuses it)
+            lambda: tab.evaluate("document.getElementById('conn').dataset.state === 'live'"), 30, "the dashboard live"
+        )
+        assert tab.evaluate("window.scrollY") == 0
+        bob_sel = f"#approval-{bob['id']} form.approve button"
+        aim = tab.locator(bob_sel).bounding_box()
+        height = tab.locator(f"#question-{tall}").bounding_box()
+        assert aim and height and aim["y"] + aim["height"] < 1600, "rtbob's approve is on the first screen"
+        x, y = aim["x"] + aim["width"] / 2, aim["y"] + aim["height"] / 2
+        tab.mouse.move(x, y)
+        ok(rt.host_call("answer_question", id=tall, answer="yes"))
+        tab.wait_for_selector(f"#question-{tall}", state="detached", timeout=30_000)
+        tab.wait_for_timeout(1500)  # past the 0.8 s a newly arrived button is held for
+        under = tab.evaluate(
+            "([x, y]) => { const e = document.elementFromPoint(x, y); const li = e && e.closest('li.item');"
+            " return [e ? e.tagName : null, li ? li.id : null, window.scrollY]; }",
+            [x, y],
+        )
+        tab.mouse.click(x, y)
+        tab.wait_for_timeout(1000)
+    finally:
+        ctx.close()
+    decided = {
+        a: ok(rt.host_call("show_approval", id=a))["approval"]["status"]
+        for a in (mule["id"], bob["id"])
+    }
+    assert under[:2] == ["BUTTON", f"approval-{bob['id']}"] and decided[mule["id"]] == "pending", (
+        f"after question {tall} ({height['height']:.0f} px) went, the point aimed at"
+        f" (rtbob's approve) is {under}; the click decided {decided}"
+    )
+    assert decided[bob["id"]] == "approved", decided
 
 
 @pytest.mark.attack("surface.first-screen", ref=REF)

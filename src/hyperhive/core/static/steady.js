@@ -3,14 +3,40 @@
 // moved another agent's under the operator's click). Before a redraw from the page's live
 // stream, the element under the pointer (the nearest with an id: an item, a row) and its
 // place are noted; after it, the page scrolls by what it moved (the browser's own scroll
-// anchoring is off: the pages' CSS). If a button that was not under the pointer is under
-// it still (its item gone, the page at its end), a click on that button within HOLD_MS
+// anchoring is off: the pages' CSS). What scrolling can't take (an item above it gone with
+// the page at its top; one below it gone with the page at its end) is taken by padding on
+// the page's top or bottom (re-check of session 18), given back unseen as the operator
+// scrolls, or once the pointer leaves the page. If a button that was not under the
+// pointer is under it still (its own item gone), a click on that button within HOLD_MS
 // does nothing but say so (``refused``, the page's own way of saying things).
 (function () {
   "use strict";
   var HOLD_MS = 800;
   window.hiveSteady = function (refused) {
     var px = -1, py = -1, before = null, arrived = null, arrivedAt = -Infinity;
+    var root = document.documentElement, pad = { top: 0, bottom: 0 };
+    // The padding goes as it can go unseen: the top's as scroll (content stays put), the
+    // bottom's once out of view; all of it when the pointer is off the page.
+    function giveBack(all) {
+      if (pad.top > 0) {
+        var t = all ? pad.top : Math.min(pad.top, window.scrollY);
+        if (t > 0) {
+          pad.top -= t;
+          root.style.paddingTop = pad.top ? pad.top + "px" : "";
+          if (!all) window.scrollBy(0, -t);
+        }
+      }
+      if (pad.bottom > 0) {
+        var hidden = root.scrollHeight - (window.scrollY + window.innerHeight);
+        var b = all ? pad.bottom : Math.min(pad.bottom, Math.max(0, hidden));
+        if (b > 0) {
+          pad.bottom -= b;
+          root.style.paddingBottom = pad.bottom ? pad.bottom + "px" : "";
+        }
+      }
+    }
+    window.addEventListener("scroll", function () { giveBack(false); }, { passive: true });
+    root.addEventListener("mouseleave", function () { px = py = -1; giveBack(true); });
     document.addEventListener("mousemove", function (ev) { px = ev.clientX; py = ev.clientY; },
       { passive: true, capture: true });
     function atPointer() {
@@ -35,6 +61,15 @@
       if (item) {
         var moved = item.getBoundingClientRect().top - was.top;
         if (Math.abs(moved) >= 1) window.scrollBy(0, moved);
+        var left = item.getBoundingClientRect().top - was.top;
+        if (left <= -1) {  // at the top: room above, so the item stays where it was
+          pad.top += -left;
+          root.style.paddingTop = pad.top + "px";
+        } else if (left >= 1) {  // at the end: room below, to scroll on by what is left
+          pad.bottom += left;
+          root.style.paddingBottom = pad.bottom + "px";
+          window.scrollBy(0, left);
+        }
       }
       var now = buttonOf(atPointer());
       if (now && now !== was.button) {
