@@ -290,6 +290,9 @@ def test_one_hives_worker_reaches_nothing_of_another_hives_gateway(
     b = hive_factory({"rwb": CMD})
     a_gw, b_gw = gateway_ids(a), gateway_ids(b)
     assert a_gw != b_gw
+    # Both on 127.0.0.1: B's `hive up` said that A serves there too (session 19)
+    told = f"hive: warning: the hive of {a.run_dir} serves on this address too (port {a.port})"
+    assert told in b.log_path.read_text(), b.log_tail()
     a_master, a_workers = master(a), workers(a)
     b_workers = workers(b)
     assert a_workers and b_workers

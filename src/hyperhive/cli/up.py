@@ -679,6 +679,76 @@ def holds_listener(pid: int, port: int) -> bool:
     return False
 
 
+def _addresses(host: str, port: int) -> set[str]:
+    """The addresses ``host`` names, as text (``0.0.0.0`` and ``::`` for every address)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return set()
+    return {str(info[4][0]) for info in infos}
+
+
+def _listeners() -> list[tuple[str, int, int]]:
+    """(address, port, inode) of every TCP socket listening in our network namespace."""
+    found = []
+    for table, family in (("/proc/net/tcp", socket.AF_INET), ("/proc/net/tcp6", socket.AF_INET6)):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if len(f) <= 9 or f[3] != "0A":
+                continue
+            hex_addr, hex_port = f[1].rsplit(":", 1)
+            raw = bytes.fromhex(hex_addr)
+            # /proc prints each 32-bit word in host order (little-endian here)
+            raw = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+            found.append((socket.inet_ntop(family, raw), int(hex_port, 16), int(f[9])))
+    return found
+
+
+def _gateway_run_dir(pid: int) -> str | None:
+    """The run dir of the hive whose nginx ``pid`` is (its ``-c RUN/gateway/nginx.conf``)."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    # (nginx's master rewrites its title: "nginx: master process nginx -p … -c …")
+    for word in raw.replace(b"\0", b" ").decode(errors="replace").split():
+        if word.endswith("/gateway/nginx.conf"):
+            return word.removesuffix("/gateway/nginx.conf")
+    return None
+
+
+def hives_sharing_address(listen: str) -> list[tuple[str, int]]:
+    """Other hives' gateways listening on an address of ``listen``'s (or on every
+    address) at another port: (their run dir, port). A browser sends a host's cookies to
+    every port of it, so the operator's session of one goes to the other as well (Known
+    limits in docs/security.md)."""
+    host, port = parse_listen(listen)
+    mine = _addresses(host, port)
+    wild = {"0.0.0.0", "::"}
+    inodes: dict[int, int] = {}
+    for address, other_port, inode in _listeners():
+        if other_port != port and (address in mine or address in wild or mine & wild):
+            inodes[inode] = other_port
+    if not inodes:
+        return []
+    found: dict[str, int] = {}
+    for pid in socket_holders(set(inodes)):
+        run_dir = _gateway_run_dir(pid)
+        if run_dir is None:
+            continue
+        wanted = {f"socket:[{i}]" for i in inodes}
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link in wanted:
+                    found.setdefault(run_dir, inodes[int(link[8:-1])])
+    return sorted(found.items())
+
+
 def port_problem(listen: str) -> str | None:
     """Why the gateway could not listen on ``listen`` (taken, not an address of this
     host), found before anything starts; None if it can."""
@@ -865,6 +935,17 @@ async def run_hive(
     if lock is None:
         PROGRESS.error(str(problem))
         return 1
+    for other, port in hives_sharing_address(listen):
+        PROGRESS.warn(
+            "starting",
+            f"warning: the hive of {other} serves on this address too (port {port}): a browser"
+            " sends one hive's login cookie to the other, so each could act as the operator"
+            " of both if compromised; give each hive its own address"
+            ' ([hive] listen = "127.0.0.2:8080", or --listen)',
+            warning="address_shared",
+            run_dir=other,
+            port=port,
+        )
     try:
         return await run_locked(config, state_dir, run_dir, listen, max_agents)
     finally:
