@@ -49,3 +49,25 @@ def test_nss_that_does_not_answer_is_not_no_such_id(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(nss, "_libc", Failing())
     with pytest.raises(nss.LookupFailed, match=r"did not answer for uid 5 \(ECONNREFUSED"):
         nss.name_of("uid", 5)
+
+
+def test_names_of_asks_at_once_in_order_and_within_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nss.names_of: the answers in the order asked; four lookups of 0.3 s each take one
+    answer's time (at once); one past the deadline is LookupFailed, in one line."""
+    import time
+
+    assert nss.names_of([("uid", 0), ("uid", 2**31 - 3), ("gid", 0)]) == ["root", None, "root"]
+    real = nss.name_of
+
+    def slow(kind: str, i: int) -> str | None:
+        time.sleep(0.3 if i < 100 else 5)
+        return real(kind, i)
+
+    monkeypatch.setattr(nss, "name_of", slow)
+    t0 = time.monotonic()
+    assert nss.names_of([("uid", 0), ("gid", 0), ("uid", 1), ("gid", 1)]) == ["root", "root", "daemon", "daemon"]
+    assert time.monotonic() - t0 < 0.9
+    t0 = time.monotonic()
+    with pytest.raises(nss.LookupFailed, match=r"^the host's user database did not answer for gid 500 within 0.5 s$"):
+        nss.names_of([("uid", 0), ("gid", 500)], deadline=0.5)
+    assert time.monotonic() - t0 < 1.0

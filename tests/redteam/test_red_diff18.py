@@ -582,23 +582,16 @@ def test_a_stray_subuid_line_does_not_refuse_every_start(nspriv: NsPriv) -> None
     assert core_said is None, f"hive up's check of the core's ids: {core_said}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "known limit (docs/security.md): each start looks its ids up in the host's user"
-        " database, one after another, for as long as the database takes (a host whose"
-        " directory is slow is slow for every program that asks it)"
-    ),
-)
 @pytest.mark.attack(
     "budget.exhaustion", ref=REF + ": every start waits on serial NSS lookups with no deadline"
 )
 def test_a_slow_directory_does_not_hold_every_start(nspriv: NsPriv) -> None:
-    """Before the change a known agent's start asked NSS nothing. Now each ``prepare``
-    makes four serial lookups (uid and gid, of each id) with no deadline, and the core
+    """Before the change a known agent's start asked NSS nothing. Then each ``prepare``
+    made four serial lookups (uid and gid, of each id) with no deadline, and the core
     sends two per start (``prepare``, then ``start``, which prepares again). A directory
-    that answers in 1 s holds each start 8 s; nss_sss's client waits up to 300 s a request
-    (a hung sssd: 40 minutes a start, each holding one of the core's 64 connections)."""
+    that answers in 1 s held each start 8 s; nss_sss's client waits up to 300 s a request
+    (a hung sssd: 40 minutes a start, each holding one of the core's 64 connections).
+    Fixed (session 19): the four are asked at once (``nss.names_of``), within 10 s."""
     prepared(nspriv, "rtd18slow")
     try:
         nspriv.directory("sleep 1000\n")
@@ -612,6 +605,33 @@ def test_a_slow_directory_does_not_hold_every_start(nspriv: NsPriv) -> None:
     assert took < 2.0, (
         f"one prepare of a known agent took {took:.1f} s with a directory answering in 1 s"
     )
+
+
+@pytest.mark.attack(
+    "budget.exhaustion", ref=REF + ": a hung directory (sssd waits 300 s a request) holds each start"
+)
+def test_a_hung_directory_refuses_the_start_in_one_line_within_the_deadline(
+    nspriv: NsPriv,
+) -> None:
+    """Session 19: a directory that answers no lookup within ``nss.LOOKUP_DEADLINE`` (10 s;
+    13 s here) refuses the start in one line once the deadline has passed, fail-closed,
+    rather than holding it (and one of the core's connections) for as long as NSS waits."""
+    first = prepared(nspriv, "rtd18hung")
+    u = first["uid"]
+    try:
+        nspriv.directory("sleep 13000\n")
+        t0 = time.monotonic()
+        got = nspriv.call({"cmd": "prepare", "name": "rtd18hung"})
+        took = time.monotonic() - t0
+    finally:
+        nspriv.directory("")
+        nspriv.call({"cmd": "destroy", "name": "rtd18hung"})
+    want = (
+        f"agent 'rtd18hung': the host's user database did not answer for uid {u} within 10 s:"
+        " its ids can't be checked: not started"
+    )
+    assert got == {"version": 1, "ok": False, "error": want}, got
+    assert 9.5 < took < 12.5, took
 
 
 @pytest.mark.attack(

@@ -123,17 +123,18 @@ def held_by_host(i: int) -> bool:
 def given_to_host(ids: Iterable[int]) -> str | None:
     """Whether the host gave one of ``ids`` to something else after the registry handed
     it out (``useradd -u``, a directory service's users, a new subordinate range), said
-    in a few words; None if not. Looked up id by id, each as a uid and as a gid;
-    HostLookupFailed if the host's user database did not answer."""
+    in a few words; None if not. Each id looked up as a uid and as a gid, all at once;
+    HostLookupFailed if the host's user database did not answer (in time)."""
     ids = sorted(set(ids))
+    queries = [(kind, i) for i in ids for kind in ("uid", "gid")]
     try:
-        for i in ids:
-            if (name := nss.name_of("uid", i)) is not None:
-                return f"uid {i} is now the account {name!r}"
-            if (name := nss.name_of("gid", i)) is not None:
-                return f"gid {i} is now the group {name!r}"
+        names = nss.names_of(queries)  # at once, within nss.LOOKUP_DEADLINE
     except nss.LookupFailed as e:
         raise HostLookupFailed(f"{e}: its ids can't be checked") from None
+    for (kind, i), name in zip(queries, names, strict=True):
+        if name is not None:
+            what = "account" if kind == "uid" else "group"
+            return f"{kind} {i} is now the {what} {name!r}"
     for lo, hi in subordinate_ranges():
         if lo <= ids[-1] and ids[0] <= hi:
             return f"ids {lo}-{hi} are now a subordinate range (/etc/subuid, /etc/subgid)"
