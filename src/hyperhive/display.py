@@ -57,6 +57,31 @@ def _json_escape(m: re.Match[str]) -> str:
     return f"\\u{ord(m.group()):04x}"
 
 
+# Strong right-to-left letters (Hebrew, Arabic, Syriac, Thaana, NKo and the rest of
+# U+0590-08FF, their presentation forms, the right-to-left scripts past U+FFFF): ordinary
+# text, yet a terminal that lays out bidi text draws the digits, quotes and commas between
+# two of them right to left: ["\u05d0","100","5000000","\u05d1"] reads 5000000 first.
+_RTL = re.compile(
+    "[\u0590-\u08ff\ufb1d-\ufdff\ufe70-\ufefe\U00010800-\U00010fff\U0001e800-\U0001efff]"
+)
+
+
+def _json_escape_any(m: re.Match[str]) -> str:
+    cp = ord(m.group())
+    if cp < 0x10000:
+        return f"\\u{cp:04x}"
+    cp -= 0x10000
+    return f"\\u{0xD800 + (cp >> 10):04x}\\u{0xDC00 + (cp & 0x3FF):04x}"
+
+
+def left_to_right_json_text(text: str) -> tuple[str, bool]:
+    """A JSON text with its right-to-left letters as JSON escapes (the same JSON value,
+    drawn in stored order by any terminal), and whether it had any: for the one place the
+    exact order is the point (``hive show approval``'s payload)."""
+    shown, n = _RTL.subn(_json_escape_any, text)
+    return shown, n > 0
+
+
 def visible(text: str, *, one_line: bool = False) -> str:
     """``text`` with every character that could act on a terminal or page escaped.
 

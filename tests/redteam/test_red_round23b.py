@@ -29,13 +29,14 @@ import contextlib
 import html
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from playwright.sync_api import Browser
 
-from hive_fixture import HiveProcess, wait_until
+from hive_fixture import HIVE, HiveProcess, wait_until
 from hyperhive.display import visible
 from web_fixture import Web, browser  # noqa: F401 (fixture)
 
@@ -606,6 +607,17 @@ result(r=c.call({"cmd": "request_approval", "kind": "custom", "description": "pa
         f'payload {logical!r}: "100" is drawn at x={left[0]:.0f}, "5000000" at x={left[1]:.0f}:'
         " the operator reads 5000000 first"
     )
+    # `hive show approval` (session 19): a terminal that lays out bidi text reorders the
+    # same way, so the payload's right-to-left letters are printed as JSON escapes, said so
+    shown = subprocess.run(
+        [str(HIVE), "--run-dir", str(rt.run_dir), "show", "approval", str(a["id"])],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout  # fmt: skip
+    lines = shown.splitlines()
+    at = lines.index("payload (its right-to-left letters as \\u escapes, so nothing is reordered):")
+    printed = lines[at + 1]
+    assert printed == '{"pay":["\\u05d0","100","5000000","\\u05d1"]}', printed
+    assert json.loads(printed) == payload and not re.search("[\u0590-\u08ff]", shown), shown
 
 
 # -- redraws the agent asks for: the open dashboard kept busy --------------------------

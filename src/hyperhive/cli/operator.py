@@ -23,7 +23,7 @@ from hyperhive.cli.output import (
     table,
     when,
 )
-from hyperhive.display import dumps, visible, visible_json_text
+from hyperhive.display import dumps, left_to_right_json_text, visible, visible_json_text
 from hyperhive.wire.host import EVENT_KINDS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -386,12 +386,16 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         say(f"requested: {when(a['requested_at'])}")
         say("description:")
         click.echo(visible(a["description"]))
-        say("payload:")
         # Canonical JSON: the text payload_sha256 is the sha256 of.
         text = json.dumps(
             a.get("payload"), sort_keys=True, separators=(",", ":"), ensure_ascii=False
         )
-        click.echo(visible_json_text(text))
+        shown, escaped = left_to_right_json_text(visible_json_text(text))
+        if escaped:  # the same JSON value; the sha256 is of the text with the letters
+            say("payload (its right-to-left letters as \\u escapes, so nothing is reordered):")
+        else:
+            say("payload:")
+        click.echo(shown)
 
     @show.command("question")
     @json_option
