@@ -72,7 +72,8 @@ CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 class Progress:
     """What ``hive up`` tells whoever started it: ``hive: …`` lines (failures on
     stderr), or with ``--json`` one JSON object a line on stdout, flushed at once:
-    ``{"version": 1, "ok": true, "phase": PHASE, ...}`` for starting, waiting (agents),
+    ``{"version": 1, "ok": true, "phase": PHASE, ...}`` for starting, address_shared
+    (run_dir, port: another hive's gateway on this address), waiting (agents),
     agent_failed (agents; the rest go on), ready (login, host_sock), stopping and
     stopped; ``{"version": 1, "ok": false, "phase": "error", "error": ...}`` when it
     can't start or stop cleanly (exit 1). The log lines stay on stderr."""
@@ -937,12 +938,11 @@ async def run_hive(
         return 1
     for other, port in hives_sharing_address(listen):
         PROGRESS.warn(
-            "starting",
+            "address_shared",
             f"warning: the hive of {other} serves on this address too (port {port}): a browser"
             " sends one hive's login cookie to the other, so each could act as the operator"
             " of both if compromised; give each hive its own address"
             ' ([hive] listen = "127.0.0.2:8080", or --listen)',
-            warning="address_shared",
             run_dir=other,
             port=port,
         )
