@@ -634,23 +634,13 @@ async def stop_all_cages(priv_sock: Path) -> bool:
 
 def listening_inodes(port: int) -> set[int]:
     """Inodes of the TCP sockets listening on ``port`` (any address) in our network namespace."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            f = line.split()
-            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(int(f[9]))
-    return inodes
+    return {inode for _, at, inode in _listeners() if at == port}
 
 
-def socket_holders(inodes: set[int]) -> list[int]:
-    """Pids of the processes with a descriptor on one of these sockets."""
-    wanted = {f"socket:[{i}]" for i in inodes}
-    pids = []
+def _holders(inodes: set[int]) -> dict[int, set[int]]:
+    """The processes with a descriptor on one of these sockets: pid -> the inodes it holds."""
+    wanted = {f"socket:[{i}]": i for i in inodes}
+    held: dict[int, set[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -660,10 +650,14 @@ def socket_holders(inodes: set[int]) -> list[int]:
             continue
         for fd in fds:
             with contextlib.suppress(OSError):
-                if os.readlink(f"/proc/{entry}/fd/{fd}") in wanted:
-                    pids.append(int(entry))
-                    break
-    return pids
+                if (inode := wanted.get(os.readlink(f"/proc/{entry}/fd/{fd}"))) is not None:
+                    held.setdefault(int(entry), set()).add(inode)
+    return held
+
+
+def socket_holders(inodes: set[int]) -> list[int]:
+    """Pids of the processes with a descriptor on one of these sockets."""
+    return sorted(_holders(inodes))
 
 
 def holds_listener(pid: int, port: int) -> bool:
@@ -730,23 +724,17 @@ def hives_sharing_address(listen: str) -> list[tuple[str, int]]:
     host, port = parse_listen(listen)
     mine = _addresses(host, port)
     wild = {"0.0.0.0", "::"}
-    inodes: dict[int, int] = {}
-    for address, other_port, inode in _listeners():
-        if other_port != port and (address in mine or address in wild or mine & wild):
-            inodes[inode] = other_port
-    if not inodes:
+    ports = {
+        inode: at
+        for address, at, inode in _listeners()
+        if at != port and (address in mine or address in wild or mine & wild)
+    }
+    if not ports:
         return []
     found: dict[str, int] = {}
-    for pid in socket_holders(set(inodes)):
-        run_dir = _gateway_run_dir(pid)
-        if run_dir is None:
-            continue
-        wanted = {f"socket:[{i}]" for i in inodes}
-        with contextlib.suppress(OSError):
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link in wanted:
-                    found.setdefault(run_dir, inodes[int(link[8:-1])])
+    for pid, held in _holders(set(ports)).items():
+        if (run_dir := _gateway_run_dir(pid)) is not None:
+            found.setdefault(run_dir, ports[min(held)])
     return sorted(found.items())
 
 
