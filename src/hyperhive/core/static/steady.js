@@ -17,13 +17,17 @@
     var root = document.documentElement, pad = { top: 0, bottom: 0 };
     // The padding goes as it can go unseen: the top's as scroll (content stays put), the
     // bottom's once out of view; all of it when the pointer is off the page.
+    // The scroll back comes first: t is within scrollY, so nothing clamps it, and the page,
+    // shorter by t after, still holds the scroll (padding taken away first let the page's
+    // end clamp it: the content came down by up to t, unheld; red team of session 19).
     function giveBack(all) {
+      var under = all ? null : buttonOf(atPointer());
       if (pad.top > 0) {
         var t = all ? pad.top : Math.min(pad.top, window.scrollY);
         if (t > 0) {
+          if (!all) window.scrollBy(0, -t);
           pad.top -= t;
           root.style.paddingTop = pad.top ? pad.top + "px" : "";
-          if (!all) window.scrollBy(0, -t);
         }
       }
       if (pad.bottom > 0) {
@@ -34,8 +38,18 @@
           root.style.paddingBottom = pad.bottom ? pad.bottom + "px" : "";
         }
       }
+      if (!all) heldIfArrived(under);  // meant to move nothing: if it did, as a redraw's
     }
-    window.addEventListener("scroll", function () { giveBack(false); }, { passive: true });
+    function heldIfArrived(was) {
+      var now = buttonOf(atPointer());
+      if (now && now !== was) {
+        arrived = now;
+        arrivedAt = performance.now();
+      }
+    }
+    window.addEventListener("scroll", function () {
+      if (pad.top > 0 || pad.bottom > 0) giveBack(false);
+    }, { passive: true });
     root.addEventListener("mouseleave", function () { px = py = -1; giveBack(true); });
     document.addEventListener("mousemove", function (ev) { px = ev.clientX; py = ev.clientY; },
       { passive: true, capture: true });
@@ -71,11 +85,7 @@
           window.scrollBy(0, left);
         }
       }
-      var now = buttonOf(atPointer());
-      if (now && now !== was.button) {
-        arrived = now;
-        arrivedAt = performance.now();
-      }
+      heldIfArrived(was.button);
     });
     document.addEventListener("click", function (ev) {
       if (!arrived || performance.now() - arrivedAt > HOLD_MS) return;
