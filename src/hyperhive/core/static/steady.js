@@ -21,7 +21,7 @@
     // shorter by t after, still holds the scroll (padding taken away first let the page's
     // end clamp it: the content came down by up to t, unheld; red team of session 19).
     function giveBack(all) {
-      var under = all ? null : buttonOf(atPointer());
+      var under = all ? null : whatIs(buttonOf(atPointer()));
       if (pad.top > 0) {
         var t = all ? pad.top : Math.min(pad.top, window.scrollY);
         if (t > 0) {
@@ -40,10 +40,20 @@
       }
       if (!all) heldIfArrived(under);  // meant to move nothing: if it did, as a redraw's
     }
+    // A button is what it does: its form's action, its name and value, its label. A morph
+    // keeps the element and may change all of those under the pointer (an agent's row:
+    // "stop" becoming "start"; red team of session 19), so that counts as arriving too.
+    function whatIs(b) {
+      if (!b) return null;
+      var form = b.form ? (b.form.getAttribute("action") || "") + " " +
+        (b.form.getAttribute("hx-post") || "") : "";
+      var key = [form, b.getAttribute("hx-post") || "", b.name, b.value, b.textContent];
+      return { el: b, key: key.join("\u0000") };
+    }
     function heldIfArrived(was) {
-      var now = buttonOf(atPointer());
-      if (now && now !== was) {
-        arrived = now;
+      var now = whatIs(buttonOf(atPointer()));
+      if (now && (!was || now.el !== was.el || now.key !== was.key)) {
+        arrived = now.el;
         arrivedAt = performance.now();
       }
     }
@@ -62,7 +72,7 @@
       while (item && item !== document.body && !item.id) item = item.parentElement;
       var kept = item && item !== document.body;
       before = el ? {
-        button: buttonOf(el),
+        button: whatIs(buttonOf(el)),
         id: kept ? item.id : null,
         top: kept ? item.getBoundingClientRect().top : 0,
       } : null;
