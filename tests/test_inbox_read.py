@@ -12,6 +12,7 @@ import pytest
 
 from hyperhive.core.store import Store
 from hyperhive.core.store import inbox as inbox_module
+from hyperhive.wire.common import AgentSpec
 
 
 @pytest.fixture
@@ -80,12 +81,45 @@ def test_the_inbox_counts_read_the_operators_messages_only(store: Store) -> None
     operator's messages by id; without it they read every message above the mark, the
     agents' to each other too (16 ms a count at 300,000 messages)."""
     queries = [
-        ("SELECT count(*) FROM messages m WHERE m.recipient=? AND m.id>? AND NOT EXISTS"
-         " (SELECT 1 FROM inbox_read r WHERE r.id = m.id)", ("operator", 0)),
-        ("SELECT count(*) FROM messages WHERE recipient=? AND id>?", ("operator", 0)),
+        ("SELECT count(*) FROM (SELECT 1 FROM messages m WHERE m.recipient=? AND m.id>?"
+         " AND NOT EXISTS (SELECT 1 FROM inbox_read r WHERE r.id = m.id) LIMIT ?)",
+         ("operator", 0, 10)),
         ("SELECT id, sender FROM messages WHERE recipient=? AND id>? AND id<? ORDER BY id",
          ("operator", 0, 10)),
     ]  # fmt: skip
     for sql, args in queries:
         plan = " ".join(r[3] for r in store.db.conn.execute("EXPLAIN QUERY PLAN " + sql, args))
         assert "USING INDEX messages_operator" in plan, (sql, plan)
+
+
+def test_the_inbox_total_is_the_senders_held_messages_to_the_operator(store: Store) -> None:
+    """store.usage.to_operator (the inbox's "of N", one row an agent) agrees with a count
+    of the messages to the operator through sends, messages between agents and their
+    acks, quota drops and a sender destroyed (its messages to the operator stay)."""
+    from hyperhive.core.store.messages import ack_in
+
+    def count() -> int:
+        return int(store.db.conn.execute(
+            "SELECT count(*) FROM messages WHERE recipient='operator'").fetchone()[0])
+
+    to_operator(store, "alice", 5)
+    to_operator(store, "bob", 3)
+    between = store.messages.send("bob", "alice", "message", "hi").id
+    with store.db.tx() as tx:
+        ack_in(tx, "bob", [between])
+    store.messages.send_many([("operator", "alice", "message", "x")], quota=(3, 1 << 20))
+    assert store.usage.to_operator() == count() == 6
+    spec = AgentSpec.model_validate({"runtime": "command", "command": ["true"]})
+    store.agents.create("carol", spec, None, "operator")
+    to_operator(store, "carol", 2)
+    store.messages.send("carol", "alice", "message", "to carol, unread")
+    store.agents.delete("carol")  # its inbox goes, its messages to the operator stay
+    assert store.usage.to_operator() == count() == 8
+
+
+def test_unread_is_counted_up_to_its_bound(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inbox_module, "UNREAD_COUNTED", 5)
+    ids = to_operator(store, "alice", 9)
+    assert store.inbox_read.unread() == 6  # past the bound: 5 + 1 ("5+" on the page)
+    store.inbox_read.take(set(ids[:6]))
+    assert store.inbox_read.unread() == 3

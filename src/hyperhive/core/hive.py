@@ -713,9 +713,9 @@ class Hive:
         """Mark read the messages to the operator of ``ids`` (the ones the page showed)."""
         self.store.inbox_read.take(ids)
 
-    def inbox_count(self, actor: Operator, after: int = 0) -> int:
-        """How many messages to the operator have an id above ``after``."""
-        return self.store.messages.count_to(OPERATOR, after)
+    def inbox_count(self, actor: Operator) -> int:
+        """How many messages to the operator the store holds (store/usage.py)."""
+        return self.store.usage.to_operator()
 
     def message(self, actor: Operator, mid: int) -> Message | Unreadable:
         """One message between anyone, whole (a listing's "show all")."""

@@ -350,13 +350,6 @@ class MessageRepo:
         ).fetchall()
         return [readable(_to_summary, r) for r in found]
 
-    def count_to(self, recipient: str, after: int) -> int:
-        """How many messages to ``recipient`` have an id above ``after``."""
-        row = self._db.conn.execute(
-            "SELECT count(*) FROM messages WHERE recipient=? AND id>?", (recipient, after)
-        ).fetchone()
-        return int(row[0])
-
     def get(self, mid: int) -> Message | Unreadable | None:
         """One message, whole (with its recipient)."""
         r = self._db.conn.execute(f"SELECT {_COLUMNS} FROM messages WHERE id=?", (mid,)).fetchone()
