@@ -29,7 +29,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -637,11 +637,13 @@ def listening_inodes(port: int) -> set[int]:
     return {inode for _, at, inode in _listeners() if at == port}
 
 
-def _holders(inodes: set[int]) -> dict[int, set[int]]:
-    """The processes with a descriptor on one of these sockets: pid -> the inodes it holds."""
+def _holders(inodes: set[int], pids: Iterable[int] | None = None) -> dict[int, set[int]]:
+    """The processes (of ``pids``, or all) with a descriptor on one of these sockets:
+    pid -> the inodes it holds."""
     wanted = {f"socket:[{i}]": i for i in inodes}
     held: dict[int, set[int]] = {}
-    for entry in os.listdir("/proc"):
+    entries = os.listdir("/proc") if pids is None else [str(pid) for pid in pids]
+    for entry in entries:
         if not entry.isdigit():
             continue
         try:
@@ -716,11 +718,44 @@ def _gateway_run_dir(pid: int) -> str | None:
     return None
 
 
-def hives_sharing_address(listen: str) -> list[tuple[str, int]]:
+SHARING_SAID = 3  # other hives named in `hive up`'s warning; the rest counted
+
+
+def _hive_gateways(deadline: float) -> dict[int, str]:
+    """pid -> run dir of the processes that are a hive's nginx: the nginx binary
+    (``/proc/PID/exe``) with ``-c RUN/gateway/nginx.conf``, that file root's (as `hive up`
+    writes it). A host user's process with such a command line is not one (red team of
+    session 19); past ``deadline`` (monotonic) the rest are not looked at."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        if time.monotonic() > deadline:
+            break
+        try:
+            exe = os.readlink(f"/proc/{entry}/exe")
+        except OSError:
+            continue
+        if os.path.basename(exe.removesuffix(" (deleted)")) != "nginx":
+            continue
+        if (run_dir := _gateway_run_dir(int(entry))) is None:
+            continue
+        try:
+            st = os.lstat(f"{run_dir}/gateway/nginx.conf")
+        except (OSError, ValueError):
+            continue
+        if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
+            found[int(entry)] = run_dir
+    return found
+
+
+def hives_sharing_address(listen: str, seconds: float = 2.0) -> list[tuple[str, int]]:
     """Other hives' gateways listening on an address of ``listen``'s (or on every
     address) at another port: (their run dir, port). A browser sends a host's cookies to
     every port of it, so the operator's session of one goes to the other as well (Known
-    limits in docs/security.md)."""
+    limits in docs/security.md). Only hives' nginx processes are read (their descriptors),
+    for ``seconds`` at most: a host user's thousands of descriptors hold no `hive up`."""
+    deadline = time.monotonic() + seconds
     host, port = parse_listen(listen)
     mine = _addresses(host, port)
     wild = {"0.0.0.0", "::"}
@@ -731,10 +766,10 @@ def hives_sharing_address(listen: str) -> list[tuple[str, int]]:
     }
     if not ports:
         return []
+    gateways = _hive_gateways(deadline)
     found: dict[str, int] = {}
-    for pid, held in _holders(set(ports)).items():
-        if (run_dir := _gateway_run_dir(pid)) is not None:
-            found.setdefault(run_dir, ports[min(held)])
+    for pid, held in _holders(set(ports), gateways).items():
+        found.setdefault(gateways[pid], ports[min(held)])
     return sorted(found.items())
 
 
@@ -924,7 +959,9 @@ async def run_hive(
     if lock is None:
         PROGRESS.error(str(problem))
         return 1
-    for other, port in hives_sharing_address(listen):
+    sharing = hives_sharing_address(listen)
+    for other, port in sharing[:SHARING_SAID]:
+        other = other if len(other) <= 200 else other[:200] + "…"
         PROGRESS.warn(
             "address_shared",
             f"warning: the hive of {other} serves on this address too (port {port}): a browser"
@@ -933,6 +970,12 @@ async def run_hive(
             ' ([hive] listen = "127.0.0.2:8080", or --listen)',
             run_dir=other,
             port=port,
+        )
+    if len(sharing) > SHARING_SAID:
+        PROGRESS.warn(
+            "address_shared",
+            f"warning: and {len(sharing) - SHARING_SAID} more hives serve on this address too",
+            more=len(sharing) - SHARING_SAID,
         )
     try:
         return await run_locked(config, state_dir, run_dir, listen, max_agents)

@@ -11,13 +11,18 @@ as held (never as free), refusing in one line.
 deadline: a start's lookups cost one answer's time, not four (a directory answering in
 1 s held each start 8 s), and a directory that does not answer in time (sssd waits up to
 300 s a request) refuses the start in one line rather than holding it. A lookup left
-running keeps its thread until NSS gives up; at most ``LOOKUP_THREADS`` are in flight,
-so a hung directory holds that many threads at most, and a lookup that waits for one
-past the deadline is refused like one that was asked.
+running keeps its thread until NSS gives up, so at most ``LOOKUP_THREADS`` are in flight:
+a call takes a slot for each of its lookups at once, first come first served, and its
+deadline runs from then (a start waiting behind others' lookups to a slow directory is
+not refused for their wait: red team of session 19, 32 starts at once against a directory
+answering in 2 s); one that waits ``SLOT_WAIT`` for slots is refused as busy. Whatever a
+lookup raises, or a thread that can't start, fails the call (never "no such id"), and
+every slot taken is given back.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import errno
 import os
@@ -27,9 +32,9 @@ import time
 _libc = ctypes.CDLL(None, use_errno=True)
 BUFFER_MAX = 1 << 20  # a record larger than this (a group of thousands) is still "held"
 NAME_SHOWN = 64  # characters of an account's name in a refusal
-LOOKUP_THREADS = 16  # lookups in flight at once, across every start of every hive's priv
-LOOKUP_DEADLINE = 10.0  # seconds a start waits for its lookups' answers
-_in_flight = threading.BoundedSemaphore(LOOKUP_THREADS)
+LOOKUP_THREADS = 64  # lookups in flight at once, across every start of every hive's priv
+LOOKUP_DEADLINE = 10.0  # seconds a start waits for its lookups' answers, once asked
+SLOT_WAIT = 30.0  # seconds a call waits for threads before it is refused as busy
 
 
 class LookupFailed(Exception):
@@ -85,38 +90,92 @@ def name_of(kind: str, i: int) -> str | None:
         return name if len(name) <= NAME_SHOWN else name[:NAME_SHOWN] + "…"
 
 
+class _Slots:
+    """Lookup threads to be had: a call takes all it needs at once, in the order asked."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.free = size
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[object] = collections.deque()
+
+    def take(self, n: int, timeout: float) -> bool:
+        ticket = object()
+        end = time.monotonic() + timeout
+        with self._cond:
+            self._waiting.append(ticket)
+            try:
+                while self._waiting[0] is not ticket or self.free < n:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        return False
+                    self._cond.wait(left)
+                self.free -= n
+                return True
+            finally:
+                self._waiting.remove(ticket)
+                self._cond.notify_all()
+
+    def give(self, n: int = 1) -> None:
+        with self._cond:
+            self.free += n
+            self._cond.notify_all()
+
+
+_slots = _Slots(LOOKUP_THREADS)
+
+
 def names_of(queries: list[tuple[str, int]], deadline: float = LOOKUP_DEADLINE) -> list[str | None]:
     """``name_of`` of each (kind, id), asked at once; in the order asked. LookupFailed if
-    one did not answer, or not within ``deadline`` seconds in all (waiting for a thread
-    included). Daemon threads: one left in a hung lookup holds no exit."""
+    one did not answer (or raised), not within ``deadline`` seconds of being asked, or
+    found no thread within ``SLOT_WAIT``. Daemon threads: one left in a hung lookup holds
+    no exit."""
+    if not queries:
+        return []
+    n = min(len(queries), _slots.size)
+    if len(queries) > n:  # more than the pool: in turns (a caller asks for a few)
+        return names_of(queries[:n], deadline) + names_of(queries[n:], deadline)
+    if not _slots.take(n, SLOT_WAIT):
+        raise LookupFailed(
+            f"the host's user database is busy: lookups for other starts have not come back"
+            f" in {SLOT_WAIT:g} s"
+        )
     end = time.monotonic() + deadline
-    names: list[str | None] = [None] * len(queries)
-    failed: list[LookupFailed | None] = [None] * len(queries)
+    names: list[str | None] = [None] * n
+    failed: list[LookupFailed | None] = [None] * n
     answered = [threading.Event() for _ in queries]
 
     def ask(k: int) -> None:
+        kind, i = queries[k]
         try:
-            names[k] = name_of(*queries[k])
+            names[k] = name_of(kind, i)
         except LookupFailed as e:
             failed[k] = e
+        except BaseException as e:  # MemoryError, anything: never read as "no such id"
+            failed[k] = LookupFailed(
+                f"the lookup of {kind} {i} in the host's user database failed ({type(e).__name__})"
+            )
         finally:
-            _in_flight.release()
+            _slots.give()
             answered[k].set()
 
-    def late(k: int) -> LookupFailed:
-        kind, i = queries[k]
-        return LookupFailed(
-            f"the host's user database did not answer for {kind} {i} within {deadline:g} s"
-        )
-
-    for k in range(len(queries)):
-        if not _in_flight.acquire(timeout=max(0.0, end - time.monotonic())):
-            raise late(k)  # every thread is in a lookup that has not come back
-        threading.Thread(target=ask, args=(k,), name="nss", daemon=True).start()
-    for k in range(len(queries)):
+    for k in range(n):
+        try:
+            threading.Thread(target=ask, args=(k,), name="nss", daemon=True).start()
+        except BaseException as e:  # no thread to be had: the slots not used go back
+            _slots.give(n - k)
+            raise LookupFailed(
+                f"no thread to look {queries[k][0]} {queries[k][1]} up in the host's user"
+                f" database ({type(e).__name__})"
+            ) from None
+    for k in range(n):
         if not answered[k].wait(max(0.0, end - time.monotonic())):
-            raise late(k)
-    for e in failed:
-        if e is not None:
-            raise e
+            kind, i = queries[k]
+            raise LookupFailed(
+                f"the host's user database did not answer for {kind} {i} within"
+                f" {round(deadline, 1):g} s"
+            )
+    for error in failed:
+        if error is not None:
+            raise error
     return names

@@ -385,11 +385,8 @@ MIGRATIONS: list[Migration] = [
     """,
     # 11: the operator's read marks on their inbox (store/inbox.py), kept here rather than
     # per session in the core's memory: every message to the operator up to ``mark`` is
-    # read, and those of ``inbox_read`` above it. And the operator's messages by id: the
-    # inbox's counts (all, unread) scanned every message above the mark, the agents' own
-    # too (16 ms a count at 300,000 messages; agent messages never touch this index).
+    # read, and those of ``inbox_read`` above it.
     """
-    CREATE INDEX messages_operator ON messages (id) WHERE recipient = 'operator';
     CREATE TABLE inbox_mark (
         singleton INTEGER PRIMARY KEY CHECK (singleton = 0),
         mark INTEGER NOT NULL
@@ -397,6 +394,12 @@ MIGRATIONS: list[Migration] = [
     CREATE TABLE inbox_read (
         id INTEGER PRIMARY KEY
     );
+    """,
+    # 12: the operator's messages by id: the inbox's counts and pages walked every message
+    # above the mark, the agents' own too (16 ms a count at 300,000 messages); agent
+    # messages never touch this index. (IF NOT EXISTS: a copy of 11 from the same day had it.)
+    """
+    CREATE INDEX IF NOT EXISTS messages_operator ON messages (id) WHERE recipient = 'operator';
     """,
 ]
 
