@@ -637,15 +637,19 @@ def listening_inodes(port: int) -> set[int]:
     return {inode for _, at, inode in _listeners() if at == port}
 
 
-def _holders(inodes: set[int], pids: Iterable[int] | None = None) -> dict[int, set[int]]:
+def _holders(
+    inodes: set[int], pids: Iterable[int] | None = None, deadline: float | None = None
+) -> dict[int, set[int]]:
     """The processes (of ``pids``, or all) with a descriptor on one of these sockets:
-    pid -> the inodes it holds."""
+    pid -> the inodes it holds; past ``deadline`` (monotonic) no more are read."""
     wanted = {f"socket:[{i}]": i for i in inodes}
     held: dict[int, set[int]] = {}
     entries = os.listdir("/proc") if pids is None else [str(pid) for pid in pids]
     for entry in entries:
         if not entry.isdigit():
             continue
+        if deadline is not None and time.monotonic() > deadline:
+            break
         try:
             fds = os.listdir(f"/proc/{entry}/fd")
         except OSError:
@@ -727,18 +731,18 @@ def _hive_gateways(deadline: float) -> dict[int, str]:
     writes it). A host user's process with such a command line is not one (red team of
     session 19); past ``deadline`` (monotonic) the rest are not looked at."""
     found: dict[int, str] = {}
+    nginx = os.path.realpath(shutil.which("nginx", path=CHILD_PATH) or "/usr/sbin/nginx")
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         if time.monotonic() > deadline:
             break
-        try:
-            exe = os.readlink(f"/proc/{entry}/exe")
+        try:  # the host's nginx itself, not a user's file of that name (re-check of 19)
+            if os.readlink(f"/proc/{entry}/exe") != nginx:
+                continue
         except OSError:
             continue
-        if os.path.basename(exe.removesuffix(" (deleted)")) != "nginx":
-            continue
-        if (run_dir := _gateway_run_dir(int(entry))) is None:
+        if (run_dir := _gateway_run_dir(int(entry))) is None or not _roots_path(run_dir):
             continue
         try:
             st = os.lstat(f"{run_dir}/gateway/nginx.conf")
@@ -747,6 +751,19 @@ def _hive_gateways(deadline: float) -> dict[int, str]:
         if stat.S_ISREG(st.st_mode) and st.st_uid == 0:
             found[int(entry)] = run_dir
     return found
+
+
+def _roots_path(run_dir: str) -> bool:
+    """Whether RUN/gateway is a path of root's own directories, no link on the way (a
+    user's link to /etc/nginx is not a hive's gateway directory)."""
+    path = os.path.join(run_dir, "gateway")
+    if not os.path.isabs(path) or os.path.realpath(path) != os.path.normpath(path):
+        return False
+    try:
+        st = os.lstat(path)
+    except (OSError, ValueError):
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == 0
 
 
 def hives_sharing_address(listen: str, seconds: float = 2.0) -> list[tuple[str, int]]:
@@ -768,7 +785,7 @@ def hives_sharing_address(listen: str, seconds: float = 2.0) -> list[tuple[str, 
         return []
     gateways = _hive_gateways(deadline)
     found: dict[str, int] = {}
-    for pid, held in _holders(set(ports), gateways).items():
+    for pid, held in _holders(set(ports), gateways, deadline).items():
         found.setdefault(gateways[pid], ports[min(held)])
     return sorted(found.items())
 

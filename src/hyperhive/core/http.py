@@ -62,6 +62,7 @@ from hyperhive.wire.timestamps import Timestamp, rfc3339
 
 HERE = Path(__file__).parent
 EGRESS_LOG_SHOWN = 100  # the dashboard's recent decisions, all agents
+MARK_READ_SETTLE = 1.0  # seconds a message is on the page before "mark read" marks it
 LIVE_COALESCE = 0.2  # seconds: a burst of events becomes one redraw of what it touched
 AGENT_EGRESS_SHOWN = 50  # an agent page's recent decisions
 TRANSCRIPT_SHOWN = 200  # entries an agent page opens with (and the stream's batch)
@@ -620,18 +621,23 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 else []
             )
             shown_unread = [
-                m.id
+                m
                 for m in [*newest, *older]
                 if m.id is not None and m.id > mark and m.id not in read
             ]
+            # "mark read" marks what the page has shown for a moment: a message drawn just
+            # now (below the button: nothing moves) is left for the next redraw (re-check
+            # of session 19: one arriving under the operator's click was marked read)
+            settled = time.time() - MARK_READ_SETTLE
+            to_mark = [m.id for m in shown_unread if getattr(m, "sent_at", 0) <= settled]
             ctx.update(
                 inbox=rows_out(newest),
                 inbox_older=rows_out(older),
                 inbox_total=hive.inbox_count(OPERATOR),
                 inbox_unread=unread,
                 inbox_unread_shown=f"{UNREAD_COUNTED}+" if unread > UNREAD_COUNTED else unread,
-                inbox_unread_ids=set(shown_unread),
-                inbox_shown=",".join(map(str, shown_unread)),
+                inbox_unread_ids={m.id for m in shown_unread},
+                inbox_shown=",".join(map(str, to_mark)),
                 per_agent=PER_AGENT_SHOWN,
             )
         if "messages" in wanted:

@@ -116,11 +116,13 @@ class HostLookupFailed(IdsExhausted):
 
 def held_by_host(ids: Iterable[int], deadline: float = nss.LOOKUP_DEADLINE) -> bool:
     """Whether NSS knows one of ``ids`` as a uid or a gid when asked for it (all at once,
-    within ``deadline``): a directory service may list none of its users (``getpwall``)
-    yet answer for each. HostLookupFailed if it did not answer (in time)."""
+    within ``deadline``, the wait for lookup threads included: a claim holds the registry's
+    lock meanwhile): a directory service may list none of its users (``getpwall``) yet
+    answer for each. HostLookupFailed if it did not answer (in time)."""
     queries = [(kind, i) for i in ids for kind in ("uid", "gid")]
     try:
-        return any(name is not None for name in nss.names_of(queries, deadline))
+        names = nss.names_of(queries, deadline, slot_wait=deadline)
+        return any(name is not None for name in names)
     except nss.LookupFailed as e:
         raise HostLookupFailed(f"{e}: no agent ids handed out") from None
 
@@ -171,12 +173,23 @@ class HostIds:
         while len(out) < count:
             base = _next_free(base, taken, ranges)
             left = end - time.monotonic()
-            if left <= 0:
-                raise HostLookupFailed(
-                    f"the host's user database took over {CLAIM_DEADLINE:g} s to answer for"
-                    f" the ids from {start} to {base - 1}: no agent ids handed out"
-                )
-            if self.held(range(base, base + BLOCK), left):
+            try:
+                if left <= 0:
+                    raise HostLookupFailed(
+                        f"the host's user database took over {CLAIM_DEADLINE:g} s to answer"
+                        f" for the ids from {start} to {base - 1}"
+                    )
+                held = self.held(range(base, base + BLOCK), left)
+            except HostLookupFailed as e:
+                # What was answered stands (re-check of session 19: a claim cut here walked
+                # the same slow range again each time and never got past it): the blocks
+                # found free are handed out, else the mark moves past those found held.
+                if out:
+                    return out
+                if base == start:
+                    raise
+                raise ClaimCut(start, base, str(e)) from None
+            if held:
                 skipped += 1
                 if skipped > HELD_SKIPS_MAX:
                     raise WalkedFar(start, base)
@@ -197,6 +210,18 @@ class WalkedFar(IdsExhausted):
             f"ids {start}-{upto - 1} are held by accounts of the host's user database that"
             f" it does not list (a directory's range?): no agent ids handed out this time;"
             f" the next claim goes on from {upto}"
+        )
+        self.upto = upto
+
+
+class ClaimCut(WalkedFar):
+    """A claim's lookups ran past its deadline (or the host's user database stopped
+    answering) after blocks it found held: the registry's mark moves past those, as for
+    WalkedFar, so the next claim goes on from ``upto``."""
+
+    def __init__(self, start: int, upto: int, why: str) -> None:
+        IdsExhausted.__init__(
+            self, f"{why}: no agent ids handed out this time; the next claim goes on from {upto}"
         )
         self.upto = upto
 
@@ -357,7 +382,8 @@ class HostRegistry:
         return self.claim_many([owner])[0]
 
     def claim_many(self, owners: list[str]) -> list[int]:
-        """A new block for each of ``owners``, in one commit."""
+        """A new block for each of ``owners``, in one commit; for the first ones only if the
+        host's user database took the claim's deadline to answer for the rest."""
         if not owners:
             return []
         with self._locked() as db:
@@ -367,10 +393,10 @@ class HostRegistry:
                 walked = e  # never handed out: the mark moves past what was walked
                 db.execute("INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (e.upto,))
                 self._raise_json(db, e.upto)
-            else:
+            else:  # (fewer than asked: the rest of the batch waits for the next claim)
                 db.executemany(
                     "INSERT INTO owners (base, owner) VALUES (?, ?)",
-                    list(zip(bases, owners, strict=True)),
+                    list(zip(bases, owners[: len(bases)], strict=True)),
                 )
                 db.execute(
                     "INSERT OR REPLACE INTO meta (k, v) VALUES ('next', ?)", (bases[-1] + BLOCK,)
@@ -467,15 +493,23 @@ class IdAllocator:
         # hive-priv's own bound, whatever the core asks: the table (read whole on every
         # verb) stays small, and a core can't use up the host's id range fast.
         room = max(0, MAX_AGENTS_PER_HIVE - len(table))
+        claimed = 0
         if new[:room]:
             bases = self.registry.claim_many([f"{self.hive}:{n}" for n in new[:room]])
-            table.update(zip(new[:room], bases, strict=True))
+            claimed = len(bases)
+            table.update(zip(new[:claimed], bases, strict=True))
             self._save(table)
         full = IdsExhausted(
             f"this hive has {len(table)} agents: hive-priv keeps at most "
             f"{MAX_AGENTS_PER_HIVE} per hive"
         )
-        return {n: table.get(n, full) for n in names}
+        later = IdsExhausted(
+            f"the host's user database took over {CLAIM_DEADLINE:g} s to answer for a claim of"
+            f" {len(new[:room])} blocks: {claimed} handed out, none for this agent yet"
+            " (start it again)"
+        )
+        cut = set(new[claimed:room])
+        return {n: table.get(n, later if n in cut else full) for n in names}
 
     def release(self, name: str) -> None:
         with self._lock:

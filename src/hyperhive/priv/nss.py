@@ -125,22 +125,30 @@ class _Slots:
 _slots = _Slots(LOOKUP_THREADS)
 
 
-def names_of(queries: list[tuple[str, int]], deadline: float = LOOKUP_DEADLINE) -> list[str | None]:
+def names_of(
+    queries: list[tuple[str, int]],
+    deadline: float = LOOKUP_DEADLINE,
+    slot_wait: float = SLOT_WAIT,
+) -> list[str | None]:
     """``name_of`` of each (kind, id), asked at once; in the order asked. LookupFailed if
     one did not answer (or raised), not within ``deadline`` seconds of being asked, or
-    found no thread within ``SLOT_WAIT``. Daemon threads: one left in a hung lookup holds
+    found no thread within ``slot_wait``. Daemon threads: one left in a hung lookup holds
     no exit."""
     if not queries:
         return []
     n = min(len(queries), _slots.size)
     if len(queries) > n:  # more than the pool: in turns (a caller asks for a few)
-        return names_of(queries[:n], deadline) + names_of(queries[n:], deadline)
-    if not _slots.take(n, SLOT_WAIT):
+        return names_of(queries[:n], deadline, slot_wait) + names_of(
+            queries[n:], deadline, slot_wait
+        )
+    asked = time.monotonic()
+    if not _slots.take(n, slot_wait):
         raise LookupFailed(
             f"the host's user database is busy: lookups for other starts have not come back"
-            f" in {SLOT_WAIT:g} s"
+            f" in {round(slot_wait, 1):g} s"
         )
-    end = time.monotonic() + deadline
+    # a caller whose deadline covers the wait too (a claim: slot_wait == deadline)
+    end = (asked if slot_wait <= deadline else time.monotonic()) + deadline
     names: list[str | None] = [None] * n
     failed: list[LookupFailed | None] = [None] * n
     answered = [threading.Event() for _ in queries]

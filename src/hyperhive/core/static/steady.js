@@ -14,6 +14,13 @@
   var HOLD_MS = 800;
   window.hiveSteady = function (refused) {
     var px = -1, py = -1, before = null, arrived = null, arrivedAt = -Infinity;
+    // The keyboard's too: the focused button morphed into another takes no Enter or Space
+    // for HOLD_MS (re-check of session 19: "restart" became "destroy" under the focus).
+    var focusWas = null, keyed = null, keyedAt = -Infinity;
+    function focusedButton() {
+      var el = document.activeElement;
+      return el && el.tagName === "BUTTON" ? el : null;
+    }
     var root = document.documentElement, pad = { top: 0, bottom: 0 };
     // The padding goes as it can go unseen: the top's as scroll (content stays put), the
     // bottom's once out of view; all of it when the pointer is off the page.
@@ -68,6 +75,7 @@
     }
     function buttonOf(el) { return el ? el.closest("button") : null; }
     document.body.addEventListener("htmx:sseBeforeMessage", function () {
+      focusWas = whatIs(focusedButton());
       var el = atPointer(), item = el;
       while (item && item !== document.body && !item.id) item = item.parentElement;
       var kept = item && item !== document.body;
@@ -78,6 +86,12 @@
       } : null;
     });
     document.body.addEventListener("htmx:sseMessage", function () {
+      var f = whatIs(focusedButton());
+      if (f && focusWas && f.el === focusWas.el && f.key !== focusWas.key) {
+        keyed = f.el;
+        keyedAt = performance.now();
+      }
+      focusWas = null;
       var was = before;
       before = null;
       if (!was) return;
@@ -98,13 +112,18 @@
       heldIfArrived(was.button);
     });
     document.addEventListener("click", function (ev) {
-      if (!arrived || performance.now() - arrivedAt > HOLD_MS) return;
       var b = ev.target instanceof Element ? ev.target.closest("button") : null;
-      if (b !== arrived) return;
-      arrived = null;
+      var now = performance.now();
+      var byPointer = b && b === arrived && now - arrivedAt <= HOLD_MS;
+      var byKey = b && ev.detail === 0 && b === keyed && now - keyedAt <= HOLD_MS;
+      if (!byPointer && !byKey) return;
+      if (byPointer) arrived = null;
+      if (byKey) keyed = null;
       ev.preventDefault();
       ev.stopPropagation();
-      refused("the page moved under the pointer: nothing was done; click again if that is what you meant");
+      refused(byPointer
+        ? "the page moved under the pointer: nothing was done; click again if that is what you meant"
+        : "the focused button changed: nothing was done; press it again if that is what you meant");
     }, true);
   };
 })();
