@@ -293,6 +293,9 @@ def test_the_send_box_and_bobs_page_on_a_in_the_browser(
         assert b.agent_status()["bob"]["paused"] is True
         expect(state).to_have_text("paused", timeout=15_000)  # the roster's row, drawn live
         assert body.input_value() == "from bob's page"
+        # "pause" became "resume" under the pointer: steady.js holds that button's clicks
+        # for 0.8 s (a button morphed into another), as it would an agent's change
+        page.wait_for_timeout(900)
         page.locator('#remote-actions button[data-action="resume"]').click()
         expect(state).to_have_text("running", timeout=20_000)
         assert b.agent_status()["bob"]["paused"] is False

@@ -47,6 +47,7 @@ from hyperhive.core.store import inbox as inbox_module
 from web_fixture import Web, browser  # noqa: F401 (fixture)
 
 from .conftest import cage_run
+from .test_red_round23b import on_first_screen
 
 REF = "red team of session 19's change: "
 QUOTA = (10_000, 1 << 30)  # [limits] agent_pending_max's default, bytes not the bound
@@ -465,8 +466,7 @@ def test_questions_gone_and_asked_above_the_pointer_leave_no_padding_to_creep(
             30,
             "live",
         )
-        aim = tab.locator(f"#approval-{bob['id']} form.approve button").bounding_box()
-        assert aim and aim["y"] + aim["height"] < 1000 and tab.evaluate("window.scrollY") == 0
+        aim = on_first_screen(tab, f"#approval-{bob['id']} form.approve button")
         x, y = aim["x"] + aim["width"] / 2, aim["y"] + aim["height"] / 2
         tab.mouse.move(x, y)
         tall, heights = first, []

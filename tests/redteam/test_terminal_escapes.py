@@ -232,6 +232,14 @@ COMMANDS = {
 TERMINALS = {"pipe": False, "pty": True}
 
 
+def args_for(command: str, planted: dict[str, Any]) -> list[str]:
+    """The command's words; the inbox's from the planted message on (the other modules'
+    messages to the operator before it fill more than ``hive inbox``'s first page)."""
+    if command == "inbox":
+        return [*COMMANDS[command], "--after", str(planted["send"]["id"] - 1)]
+    return COMMANDS[command]
+
+
 @pytest.mark.parametrize("terminal", list(TERMINALS))
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_listings_show_agent_escapes_as_text(rt: HiveProcess, planted: dict[str, Any], command: str,
@@ -239,7 +247,7 @@ def test_listings_show_agent_escapes_as_text(rt: HiveProcess, planted: dict[str,
     tty = TERMINALS[terminal]
     text = hostile("esc-1")
     with unchanged(rt):
-        out = human(run(rt, COMMANDS[command], tty), tty)
+        out = human(run(rt, args_for(command, planted), tty), tty)
     if command == "transcript":
         # cat echoed its input (a JSON line with C1 and bidi raw): shown escaped, in the table.
         assert "esc-1" in out and "\\u202egnp.exe\\u202c" in out and "\\x9b2J" in out, out[-3000:]
@@ -260,7 +268,7 @@ def test_listings_json_escapes_c1_and_bidi(rt: HiveProcess, planted: dict[str, A
     tty = TERMINALS[terminal]
     text = hostile("esc-1")
     with unchanged(rt):
-        raw = run(rt, [*COMMANDS[command], "--json"], tty)
+        raw = run(rt, [*args_for(command, planted), "--json"], tty)
     resp = as_json(raw)
     assert resp["ok"] is True
     found = list(strings(resp))

@@ -56,6 +56,7 @@ from hyperhive.core.store import (
 )
 from hyperhive.core.store.db import Tx, completing
 from hyperhive.core.store.egress import close_in
+from hyperhive.core.store.inbox import UNREAD_COUNTED
 from hyperhive.core.store.links import LinkUsed
 from hyperhive.core.store.messages import MessageItem, ack_in, send_in
 from hyperhive.core.store.usage import Usage
@@ -705,8 +706,10 @@ class Hive:
         read, and the ids of the set above it."""
         return self.store.inbox_read.state()
 
+    UNREAD_COUNTED = UNREAD_COUNTED  # past it, inbox_unread says UNREAD_COUNTED + 1
+
     def inbox_unread(self, actor: Operator) -> int:
-        """How many messages to the operator are unread."""
+        """How many messages to the operator are unread (up to UNREAD_COUNTED + 1)."""
         return self.store.inbox_read.unread()
 
     def inbox_mark_read(self, actor: Operator, ids: set[int]) -> None:

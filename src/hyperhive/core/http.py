@@ -50,7 +50,6 @@ from hyperhive.core.refusals import Refused
 from hyperhive.core.sessions import COOKIE, SESSION_TTL, Session, Sessions
 from hyperhive.core.sse import CONNECTED, KEEP_ALIVE, events_or_quiet, sse, sse_response
 from hyperhive.core.store import canonical_json
-from hyperhive.core.store.inbox import UNREAD_COUNTED
 from hyperhive.core.summary import PAGE, PAGE_MAX, PER_AGENT_SHOWN, summarise_event
 from hyperhive.display import visible, visible_json_text, visible_value
 from hyperhive.names import NAME_RE
@@ -635,7 +634,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
                 inbox_older=rows_out(older),
                 inbox_total=hive.inbox_count(OPERATOR),
                 inbox_unread=unread,
-                inbox_unread_shown=f"{UNREAD_COUNTED}+" if unread > UNREAD_COUNTED else unread,
+                inbox_unread_shown=f"{hive.UNREAD_COUNTED}+"
+                if unread > hive.UNREAD_COUNTED
+                else unread,
                 inbox_unread_ids={m.id for m in shown_unread},
                 inbox_shown=",".join(map(str, to_mark)),
                 per_agent=PER_AGENT_SHOWN,
