@@ -80,7 +80,9 @@ class InboxReadRepo:
             (mark,),
         )
         tx.execute(
-            "DELETE FROM inbox_read WHERE id <= ? OR id NOT IN"
-            " (SELECT id FROM messages WHERE recipient=? AND id > ?)",
-            (mark, OPERATOR, mark),
+            # (each read id looked up by its key: NOT IN would list every message to the
+            # operator above the mark first)
+            "DELETE FROM inbox_read WHERE id <= ? OR NOT EXISTS"
+            " (SELECT 1 FROM messages m WHERE m.id = inbox_read.id AND m.recipient = ?)",
+            (mark, OPERATOR),
         )
