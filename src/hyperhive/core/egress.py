@@ -756,8 +756,11 @@ class EgressProxy:
         ca: HiveCA | None = None,
         upstream_tls: ssl.SSLContext | None = None,
         connections_per_second: float = 0.0,
+        terminated_cpu: egress_tls.CpuPacer | None = None,
     ) -> None:
         self.rules_for = rules_for
+        # What terminated connections' threads may spend of the core's CPU (egress_tls.py).
+        self.terminated_cpu = terminated_cpu
         # TLS termination (core/egress_tls.py): which destinations get it, and how.
         self.plan_for = plan_for
         self.ca = ca
@@ -1150,6 +1153,7 @@ class EgressProxy:
         up. Nothing goes upstream before both are done, and a server that can't be
         reached or doesn't verify is the answer to the cage's first request (502)."""
         assert self.ca is not None
+        cpu_since = time.thread_time()  # the cage's handshake is charged with the relay
 
         def refuse(reason: str) -> None:
             self._emit(Decision(agent, plan.host, plan.port, False, reason, closed=True))
@@ -1197,7 +1201,9 @@ class EgressProxy:
                 return None
             return plan if self.plan_for is None else now[1]
 
-        t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan)
+        t = egress_tls.Terminated(
+            agent, client, upstream, plan, refuse, replan, self.terminated_cpu, cpu_since
+        )
         # The plan it runs under now: replan may adopt a newer one than it was made with.
         opened_ = _Open(
             plan.host, plan.port, address, (client, upstream), "terminated", current=lambda: t.plan

@@ -16,6 +16,7 @@ on requests to this destination only.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import select
 import socket
@@ -53,21 +54,24 @@ PIECES_PAUSE_MIN = 0.05  # a pause owed is taken once this long: a write and a s
 FORGET_PAST = 256  # buckets kept before the full ones are dropped
 
 
-class PiecePacer:
-    """Small pieces of answers, per agent, across its terminated connections' threads."""
+class AgentBuckets:
+    """A token bucket per agent, shared by its terminated connections' threads: each
+    holds ``capacity`` and refills at ``per_second``; ``owed`` takes an amount and says how
+    long to wait for the bucket to be paid back."""
 
-    def __init__(self, per_second: float = SMALL_PIECES_PER_SECOND) -> None:
+    def __init__(self, per_second: float, capacity: float) -> None:
         self.per_second = per_second
+        self.capacity = capacity
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
         self._forget_past = FORGET_PAST
 
-    def owed(self, agent: str) -> float:
-        """Take one piece of ``agent``'s; the seconds to wait before relaying it."""
+    def owed(self, agent: str, amount: float = 1.0) -> float:
+        """Take ``amount`` of ``agent``'s; the seconds to wait before going on."""
         with self._lock:
             now = time.monotonic()
-            tokens, at = self._buckets.get(agent, (self.per_second, now))
-            tokens = min(self.per_second, tokens + (now - at) * self.per_second) - 1.0
+            tokens, at = self._buckets.get(agent, (self.capacity, now))
+            tokens = min(self.capacity, tokens + (now - at) * self.per_second) - amount
             self._buckets[agent] = (tokens, now)
             if len(self._buckets) > self._forget_past:
                 self._forget_full(now)
@@ -79,12 +83,57 @@ class PiecePacer:
         full = [
             a
             for a, (tokens, at) in self._buckets.items()
-            if tokens + (now - at) * self.per_second >= self.per_second
+            if tokens + (now - at) * self.per_second >= self.capacity
         ]
         for a in full:
             del self._buckets[a]
         # twice what is left before the next sweep: each costs what the growth since
         self._forget_past = max(FORGET_PAST, 2 * len(self._buckets))
+
+
+class PiecePacer(AgentBuckets):
+    """Small pieces of answers, per agent, across its terminated connections' threads."""
+
+    def __init__(self, per_second: float = SMALL_PIECES_PER_SECOND) -> None:
+        super().__init__(per_second, per_second)
+
+
+# What a terminated connection costs the core besides Python: decrypting what one side
+# sent and encrypting it for the other, ~1.6 s of CPU a GiB (bench/run.py) in the relay's
+# thread with the GIL free, so on the core's other CPUs, where no cgroup of the agent's
+# charges it. Each thread measures its own CPU (``time.thread_time``) as it relays and
+# takes it from its agent's bucket and the hive's (``CpuPacer``); when either is in debt
+# the thread sleeps it off. A bucket holds CPU_BURST_SECONDS of its rate.
+CPU_BURST_SECONDS = 1.0
+CPU_PAUSE_MIN = 0.02  # a debt is slept off once this long: a sleep every few chunks at most
+HIVE = ""  # the hive-wide bucket's key (no agent is named "")
+
+
+def default_terminated_cpu_total() -> float:
+    """The hive's terminated connections together: half the CPUs the core may run on, at
+    least one."""
+    return max(1.0, len(os.sched_getaffinity(0)) / 2)
+
+
+class CpuPacer:
+    """The CPU seconds terminated connections' relay threads spend, a second: at most
+    ``per_agent`` for one agent's connections together and ``total`` for all agents'
+    (0: no bound)."""
+
+    def __init__(self, per_agent: float, total: float) -> None:
+        self.per_agent = per_agent
+        self.total = total
+        self._agents = AgentBuckets(per_agent, per_agent * CPU_BURST_SECONDS) if per_agent else None
+        self._hive = AgentBuckets(total, total * CPU_BURST_SECONDS) if total else None
+
+    def owed(self, agent: str, spent: float) -> float:
+        """Take ``spent`` CPU seconds of ``agent``'s; the seconds its thread waits."""
+        wait = 0.0
+        if self._agents is not None:
+            wait = self._agents.owed(agent, spent)
+        if self._hive is not None:
+            wait = max(wait, self._hive.owed(HIVE, spent))
+        return wait
 
 
 SMALL_PIECES = PiecePacer()
@@ -261,8 +310,14 @@ class Terminated:
         plan: Plan,
         refuse: Callable[[str], None],
         replan: Callable[[], Plan | None] | None = None,
+        cpu: CpuPacer | None = None,
+        cpu_since: float | None = None,
     ) -> None:
         self.agent = agent
+        # The CPU this thread spends relaying (and, from ``cpu_since``, the cage's TLS
+        # handshake before), charged as it goes (``_pace_cpu``).
+        self.cpu = cpu
+        self._cpu_at = time.thread_time() if cpu_since is None else cpu_since
         self.client = client
         self.upstream = upstream
         self.plan = plan
@@ -349,6 +404,17 @@ class Terminated:
             else:
                 self.client.sendall(b"".join(out))
         self._pending = 0
+        self._pace_cpu()
+
+    def _pace_cpu(self) -> None:
+        """What this thread's CPU has cost since it last asked, taken from its agent's and
+        the hive's buckets (``CpuPacer``); a debt long enough is slept off here."""
+        if self.cpu is None:
+            return
+        now = time.thread_time()
+        spent, self._cpu_at = now - self._cpu_at, now
+        if (wait := self.cpu.owed(self.agent, spent)) > CPU_PAUSE_MIN:
+            time.sleep(wait)
 
     def _reply(self, status: int, reason: str) -> None:
         """A refusal to the cage (then the connection closes)."""
@@ -514,6 +580,7 @@ class Terminated:
             data = cast(bytes, view[:n])
             for out in self.srv.send_with_data_passthrough(h11.Data(data=data)) or ():
                 self.client.sendall(out)
+            self._pace_cpu()
         self._to_client(h11.EndOfMessage())
         self._flush()
         if self._request_closes or not _keeps_alive(response):
