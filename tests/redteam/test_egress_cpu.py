@@ -189,3 +189,34 @@ def test_every_agents_terminated_downloads_together_cost_the_core_the_hives_shar
         assert "error" not in out, (agent, out)
         assert all(isinstance(n, int) and n > 1 << 20 for n in out["out"]), (agent, out)
     assert rate < TOTAL * 1.25 + 0.05, rate
+
+
+@pytest.mark.attack(
+    "egress.l7-bypass", ref="session 19's note: a paused relay saw a revoked rule after its pause"
+)
+def test_a_paused_relay_ends_as_soon_as_its_connection_is_ended() -> None:
+    """A relay thread sleeping off a debt (of CPU or of small pieces) ends its pause when
+    the proxy ends its connection (a rule taken back shuts its sockets down and wakes it),
+    not after the debt: it sees the shut-down sockets at once."""
+    import ipaddress
+    import socket
+
+    from hyperhive.core import egress
+    from hyperhive.core.egress_tls import Plan, Terminated
+
+    a, b = socket.socketpair()
+    try:
+        plan = Plan(host=HOST, port=443, rules=None, injections=())
+        t = Terminated("cpu1", a, b, plan, lambda _r: None)  # type: ignore[arg-type]
+        paused = threading.Thread(target=t._pause, args=(30.0,))
+        t0 = time.monotonic()
+        paused.start()
+        address = ipaddress.ip_address(ADDR)
+        opened = egress._Open(HOST, 443, address, (a, b), "terminated", wake=t.wake)
+        egress._end(opened, egress.Decision("cpu1", HOST, 443, True, "CONNECT (TLS terminated)"))
+        paused.join(5.0)
+        assert not paused.is_alive() and time.monotonic() - t0 < 1.0
+        assert a.recv(1) == b""  # and its sockets are shut down
+    finally:
+        a.close()
+        b.close()

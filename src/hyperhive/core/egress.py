@@ -111,6 +111,8 @@ class _Open:
     # A terminated connection's current plan (egress_tls.Terminated, whose replan may
     # adopt a newer one than it was made with); None for the others.
     current: Callable[[], Plan | None] | None = None
+    # Ends a terminated connection's pause (egress_tls.Terminated.wake) when it is ended.
+    wake: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -355,6 +357,8 @@ def _end(o: _Open, decision: Decision) -> None:
     for sock in o.sockets:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    if o.wake is not None:
+        o.wake()
 
 
 def still_allowed(rules: tuple[Rule, ...], host: str, port: int, address: IPAddress) -> bool:
@@ -1206,7 +1210,13 @@ class EgressProxy:
         )
         # The plan it runs under now: replan may adopt a newer one than it was made with.
         opened_ = _Open(
-            plan.host, plan.port, address, (client, upstream), "terminated", current=lambda: t.plan
+            plan.host,
+            plan.port,
+            address,
+            (client, upstream),
+            "terminated",
+            current=lambda: t.plan,
+            wake=t.wake,
         )
         try:
             self._track(agent, decision, opened_)

@@ -318,6 +318,8 @@ class Terminated:
         # handshake before), charged as it goes (``_pace_cpu``).
         self.cpu = cpu
         self._cpu_at = time.thread_time() if cpu_since is None else cpu_since
+        # Set when the proxy ends this connection (a rule taken back): a pause ends at once.
+        self._ended = threading.Event()
         self.client = client
         self.upstream = upstream
         self.plan = plan
@@ -414,7 +416,16 @@ class Terminated:
         now = time.thread_time()
         spent, self._cpu_at = now - self._cpu_at, now
         if (wait := self.cpu.owed(self.agent, spent)) > CPU_PAUSE_MIN:
-            time.sleep(wait)
+            self._pause(wait)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait ``seconds`` with the GIL free, or until ``wake``."""
+        self._ended.wait(seconds)
+
+    def wake(self) -> None:
+        """The connection was ended from another thread (its sockets shut down): a pause
+        ends now, so the relay sees it at once, not after its debt."""
+        self._ended.set()
 
     def _reply(self, status: int, reason: str) -> None:
         """A refusal to the cage (then the connection closes)."""
@@ -512,7 +523,7 @@ class Terminated:
             and (wait := SMALL_PIECES.owed(self.agent)) > PIECES_PAUSE_MIN
         ):
             self._flush()
-            time.sleep(wait)
+            self._pause(wait)
 
     def _relay_response(self) -> bool:
         pieces = received = 0
