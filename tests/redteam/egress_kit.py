@@ -187,3 +187,38 @@ def tls_to(host, port, unix=False, timeout=150):
     ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
     return ctx.wrap_socket(s, server_hostname=host)
 """
+
+
+# A TLS test server for a test network namespace (argv: address, port, the key and
+# leaf's PEM, then the server's own): ``TLS_SERVER_HEAD + <def answer(t, head)> +
+# TLS_SERVER_LOOP``. Each connection is a thread; ``answer`` gets its TLS socket and
+# what was read up to the end of the request's head (with any body bytes after it).
+TLS_SERVER_HEAD = r"""
+import socket, ssl, sys, threading
+ADDR, PORT, CERT = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(CERT)
+"""
+TLS_SERVER_LOOP = r"""
+def serve(c):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = t.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        answer(t, data)
+    except (OSError, ssl.SSLError, ValueError):
+        pass
+    finally:
+        c.close()
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((ADDR, PORT))
+s.listen(256)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""

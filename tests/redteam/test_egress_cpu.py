@@ -11,12 +11,10 @@ test network namespace, and the core's CPU is read from /proc while they downloa
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,7 +24,8 @@ from hyperhive.core import egress_tls
 from testnet import TestNet
 
 from .conftest import cage_run
-from .egress_kit import TLS_CONNS
+from .egress_kit import TLS_CONNS, TLS_SERVER_HEAD, TLS_SERVER_LOOP
+from .test_red_round23a import core_cpu
 from .test_secrets_egress import cert_dir
 
 NET = TestNet(240, prefix="hvcpu")
@@ -37,36 +36,13 @@ PER_AGENT, TOTAL = 0.2, 0.3  # CPU seconds a second
 
 # A TLS server answering every request with an endless body (a huge Content-Length), as
 # fast as the cage reads it.
-SERVER = r"""
-import socket, ssl, sys, threading
-ADDR, CERT = sys.argv[1], sys.argv[2]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(CERT)
+SERVER = TLS_SERVER_HEAD + r"""
 BLOCK = b"\0" * 262144
-def serve(c):
-    try:
-        t = ctx.wrap_socket(c, server_side=True)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = t.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n")
-        while True:
-            t.sendall(BLOCK)
-    except (OSError, ssl.SSLError, ValueError):
-        pass
-    finally:
-        c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ADDR, 443))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
+def answer(t, head):
+    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1099511627776\r\n\r\n")
+    while True:
+        t.sendall(BLOCK)
+""" + TLS_SERVER_LOOP
 
 # In the cage: P["conns"] connections, each a GET of the endless body, read for
 # P["seconds"] s; the bytes each got.
@@ -92,7 +68,7 @@ each_conn(one)
 @pytest.fixture(scope="module")
 def hive() -> Iterator[HiveProcess]:
     with cert_dir("hvcpu", "cpu test CA", "cpu test upstream", [HOST]) as (d, _), NET as n:
-        n.serve(ADDR, 443, [sys.executable, "-c", SERVER, ADDR, str(d / "server.pem")])
+        n.serve(ADDR, 443, [sys.executable, "-c", SERVER, ADDR, "443", str(d / "server.pem")])
         # an L7 rule: the proxy terminates TLS to check each request
         egress = [f"GET {HOST}:443/*", f"{ADDR}:443"]
         agents = {a: {"runtime": "command", "command": ["true"], "egress": egress} for a in AGENTS}
@@ -105,14 +81,6 @@ def hive() -> Iterator[HiveProcess]:
             }
         }
         yield from running_hive(HiveProcess(agents, sections=sections))
-
-
-def core_cpu(h: HiveProcess) -> float:
-    """The core's CPU seconds so far (user + system)."""
-    pid = h.core_pid()
-    assert pid is not None
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def download(h: HiveProcess, agents: tuple[str, ...], conns: int) -> tuple[float, dict[str, Any]]:

@@ -49,7 +49,7 @@ from testnet import TestNet
 from web_fixture import Web
 
 from .conftest import World, cage_run
-from .egress_kit import EACH_CONN, TLS_CONNS
+from .egress_kit import EACH_CONN, TLS_CONNS, TLS_SERVER_HEAD, TLS_SERVER_LOOP
 from .test_red_round23a import SINK_SERVER, UPLOAD
 from .test_secrets_egress import cert_dir
 
@@ -282,40 +282,18 @@ UPLOADER = "rt18up"
 TINY_PORT = 8443
 # A TLS server that answers any request with a chunked body of one-byte chunks: BYTES of
 # them on the wire (``1\r\nx\r\n``, 6 bytes each), then the end.
-TINY_SERVER = r"""
-import socket, ssl, sys, threading
-ADDR, PORT, CERT, BYTES = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(CERT)
+TINY_SERVER = TLS_SERVER_HEAD + r"""
+BYTES = int(sys.argv[4])
 block = b"1\r\nx\r\n" * (65536 // 6)
-def serve(c):
-    try:
-        t = ctx.wrap_socket(c, server_side=True)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = t.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-        sent = 0
-        while sent < BYTES:
-            t.sendall(block)
-            sent += len(block)
-        t.sendall(b"0\r\n\r\n")
-        t.close()
-    except (OSError, ssl.SSLError, ValueError):
-        pass
-    finally:
-        c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ADDR, PORT))
-s.listen(64)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
+def answer(t, data):
+    t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+    sent = 0
+    while sent < BYTES:
+        t.sendall(block)
+        sent += len(block)
+    t.sendall(b"0\r\n\r\n")
+    t.close()
+""" + TLS_SERVER_LOOP
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +303,7 @@ def sink_hive() -> Iterator[HiveProcess]:
         SINK_NET as n,
     ):
         n.serve(
-            SINK_ADDR, 443, [sys.executable, "-c", SINK_SERVER, SINK_ADDR, str(d / "server.pem")]
+            SINK_ADDR, 443, [sys.executable, "-c", SINK_SERVER, SINK_ADDR, "443", str(d / "server.pem")]
         )
         n.serve(
             SINK_ADDR,

@@ -45,7 +45,7 @@ from hyperhive.client import Client
 from testnet import TestNet
 
 from .conftest import cage_run
-from .egress_kit import EACH_CONN, TLS_CONNS
+from .egress_kit import EACH_CONN, TLS_CONNS, TLS_SERVER_HEAD, TLS_SERVER_LOOP
 from .test_secrets_egress import cert_dir
 
 # -- one agent's terminated upload against the core's GIL ----------------------------------
@@ -60,53 +60,30 @@ FLOODER, BYSTANDER = "rt23flood", "rt23calm"
 
 # A TLS server that takes any request, reads its body to the end of a chunked body (or
 # Content-Length), answers 200 "ok" and closes.
-SINK_SERVER = r"""
-import socket, ssl, sys, threading
-ADDR, CERT = sys.argv[1], sys.argv[2]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(CERT)
-def serve(c):
-    try:
-        t = ctx.wrap_socket(c, server_side=True)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = t.recv(65536)
-            if not chunk:
-                return
-            data += chunk
-        head, _, tail = data.partition(b"\r\n\r\n")
-        length = None
-        for line in head.split(b"\r\n")[1:]:
-            k, _, v = line.partition(b":")
-            if k.strip().lower() == b"content-length":
-                length = int(v.strip())
-        got = len(tail)
-        last = tail[-16:]
-        while (got < length) if length is not None else not last.endswith(b"0\r\n\r\n"):
-            chunk = t.recv(262144)
-            if not chunk:
-                return
-            got += len(chunk)
-            last = (last + chunk)[-16:]
-        if head.split(b"\r\n")[0].startswith(b"POST /drip "):  # one-byte chunks, endless
-            t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
-            piece = b"1\r\nx\r\n" * 4096
-            while True:
-                t.sendall(piece)
-        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-        t.close()
-    except (OSError, ssl.SSLError, ValueError):
-        pass
-    finally:
-        c.close()
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((ADDR, 443))
-s.listen(256)
-while True:
-    c, _ = s.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"""
+SINK_SERVER = TLS_SERVER_HEAD + r"""
+def answer(t, data):
+    head, _, tail = data.partition(b"\r\n\r\n")
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        k, _, v = line.partition(b":")
+        if k.strip().lower() == b"content-length":
+            length = int(v.strip())
+    got = len(tail)
+    last = tail[-16:]
+    while (got < length) if length is not None else not last.endswith(b"0\r\n\r\n"):
+        chunk = t.recv(262144)
+        if not chunk:
+            return
+        got += len(chunk)
+        last = (last + chunk)[-16:]
+    if head.split(b"\r\n")[0].startswith(b"POST /drip "):  # one-byte chunks, endless
+        t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        piece = b"1\r\nx\r\n" * 4096
+        while True:
+            t.sendall(piece)
+    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+    t.close()
+""" + TLS_SERVER_LOOP
 
 # In the cage: P["conns"] connections, each CONNECT sink, TLS (the hive's CA), a POST whose
 # body is P["chunk"] repeated for P["bytes"] bytes, then the body's end; the answers.
@@ -146,7 +123,7 @@ def sink_hive() -> Iterator[HiveProcess]:
         SINK_NET as n,
     ):
         n.serve(
-            SINK_ADDR, 443, [sys.executable, "-c", SINK_SERVER, SINK_ADDR, str(d / "server.pem")]
+            SINK_ADDR, 443, [sys.executable, "-c", SINK_SERVER, SINK_ADDR, "443", str(d / "server.pem")]
         )
         agents = {
             FLOODER: {
