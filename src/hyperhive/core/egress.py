@@ -733,8 +733,10 @@ class _Opening(threading.Thread):
         super().__init__(name="egress-upstream", daemon=True)
         self.proxy, self.addresses, self.plan, self.opened = proxy, addresses, plan, opened
         self.result: tuple[ssl.SSLSocket, IPAddress] | Refusal | None = None
+        self.cpu = 0.0  # this thread's CPU (the upstream's handshake), charged to the agent
 
     def run(self) -> None:
+        started = time.thread_time()
         try:
             sock, address = self.proxy._connect(self.addresses, self.plan.port)
             self.result = (self.proxy._upstream_tls(sock, self.plan), address)
@@ -744,6 +746,8 @@ class _Opening(threading.Thread):
         except Exception as e:  # a bug costs this connection only
             log.exception("egress: upstream %s:%d failed", self.plan.host, self.plan.port)
             self.result = Refusal(502, f"{self.plan.host}:{self.plan.port}: {type(e).__name__}")
+        finally:
+            self.cpu = time.thread_time() - started
 
 
 class EgressProxy:
@@ -1020,6 +1024,10 @@ class EgressProxy:
                 pass  # the loop is shutting down
 
     def _serve(self, agent: str, conn: socket.socket) -> None:
+        # This thread is the connection's own: its CPU from here (the CONNECT read and
+        # checked, then a terminated connection's handshakes and relay) is what a terminated
+        # connection charges its agent (egress_tls.CpuPacer).
+        started = time.thread_time()
         upstream: socket.socket | None = None
         counted = False
         try:
@@ -1072,7 +1080,7 @@ class EgressProxy:
                 if plan is not None and rest:
                     raise Refusal(400, "send the TLS handshake after the CONNECT's 200")
                 if plan is not None:
-                    conn = self._terminate(agent, conn, addresses, plan, decision)
+                    conn = self._terminate(agent, conn, addresses, plan, decision, started)
                     return
                 upstream, address = self._connect(addresses, req.port)
             except Refusal as e:
@@ -1149,15 +1157,17 @@ class EgressProxy:
         addresses: list[IPAddress],
         plan: Plan,
         decision: Decision,
+        cpu_since: float,
     ) -> socket.socket:
         """Serve one terminated connection; returns the socket to close. The upstream is
         an idle one of this agent's to this destination (egress_pool.py), or is
         connected and its certificate verified in a helper thread while the cage makes
         its TLS handshake with the proxy: the two handshakes overlap instead of adding
         up. Nothing goes upstream before both are done, and a server that can't be
-        reached or doesn't verify is the answer to the cage's first request (502)."""
+        reached or doesn't verify is the answer to the cage's first request (502).
+        This thread's CPU since ``cpu_since`` and the helper thread's are charged to the
+        agent with the relay's (``egress_tls.CpuPacer``)."""
         assert self.ca is not None
-        cpu_since = time.thread_time()  # the cage's handshake is charged with the relay
 
         def refuse(reason: str) -> None:
             self._emit(Decision(agent, plan.host, plan.port, False, reason, closed=True))
@@ -1185,11 +1195,13 @@ class EgressProxy:
             refuse(f"TLS handshake with the cage failed ({reason}); SNI must be {plan.host}")
         if pooled is None:
             opening.join()
+            cpu_since -= opening.cpu  # as if this thread had made the upstream's handshake
         if isinstance(opening.result, Refusal):
             decision.reason, decision.closed = opening.result.reason, True
             self._emit(decision)
             if client is not None:
                 egress_tls.answer_first(client, opening.result.status, opening.result.reason)
+            self._pace_cpu(agent, cpu_since)
             return client or conn
         assert opening.result is not None
         upstream, address = opening.result
@@ -1197,6 +1209,7 @@ class EgressProxy:
             decision.closed = True
             self._emit(decision)
             upstream.close()
+            self._pace_cpu(agent, cpu_since)
             return conn
 
         def replan() -> Plan | None:
@@ -1240,6 +1253,15 @@ class EgressProxy:
                     self._sessions[(plan.host, plan.port)] = session
                 upstream.close()
         return client
+
+    def _pace_cpu(self, agent: str, since: float) -> None:
+        """A terminated connection that ended before its relay: the handshakes' CPU since
+        ``since`` taken from the buckets, a debt slept off before the cage's connection is
+        closed (its slot held meanwhile), as the relay would (egress_tls.CpuPacer)."""
+        if self.terminated_cpu is not None:
+            spent = time.thread_time() - since
+            if (wait := self.terminated_cpu.owed(agent, spent)) > egress_tls.CPU_PAUSE_MIN:
+                time.sleep(wait)
 
     def _sweep_later(self) -> None:
         loop = self._loop
