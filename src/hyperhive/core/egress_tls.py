@@ -101,12 +101,14 @@ class PiecePacer(AgentBuckets):
 # What a terminated connection costs the core besides Python: decrypting what one side
 # sent and encrypting it for the other, ~1.6 s of CPU a GiB (bench/run.py) in the relay's
 # thread with the GIL free, so on the core's other CPUs, where no cgroup of the agent's
-# charges it. Each thread measures its own CPU (``time.thread_time``) as it relays and
-# takes it from its agent's bucket and the hive's (``CpuPacer``); when either is in debt
-# the thread sleeps it off. A bucket holds CPU_BURST_SECONDS of its rate.
+# charges it. Each connection's thread measures its own CPU (``time.thread_time``) as it
+# goes and takes it from its agent's bucket (``CpuPacer``); in debt, the thread sleeps it
+# off. An agent's rate is ``per_agent``, or the hive's ``total`` shared evenly by the
+# agents that used some in the last ACTIVE_SECONDS, whichever is less: however many
+# connections one agent opens, another's get as much. A bucket holds CPU_BURST_SECONDS.
 CPU_BURST_SECONDS = 1.0
 CPU_PAUSE_MIN = 0.02  # a debt is slept off once this long: a sleep every few chunks at most
-HIVE = ""  # the hive-wide bucket's key (no agent is named "")
+ACTIVE_SECONDS = 1.0
 
 
 def default_terminated_cpu_total() -> float:
@@ -116,24 +118,49 @@ def default_terminated_cpu_total() -> float:
 
 
 class CpuPacer:
-    """The CPU seconds terminated connections' relay threads spend, a second: at most
-    ``per_agent`` for one agent's connections together and ``total`` for all agents'
+    """The CPU seconds terminated connections' threads spend, a second: for one agent's
+    together at most ``per_agent``, and ``total`` shared evenly by the agents using some
     (0: no bound)."""
 
     def __init__(self, per_agent: float, total: float) -> None:
         self.per_agent = per_agent
         self.total = total
-        self._agents = AgentBuckets(per_agent, per_agent * CPU_BURST_SECONDS) if per_agent else None
-        self._hive = AgentBuckets(total, total * CPU_BURST_SECONDS) if total else None
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (CPU seconds, at)
+        self._swept = time.monotonic()
+
+    def rate(self, active: int) -> float:
+        """An agent's CPU seconds a second with ``active`` agents using some; 0: no bound."""
+        rates = [r for r in (self.per_agent, self.total / max(1, active)) if r > 0]
+        return min(rates, default=0.0)
 
     def owed(self, agent: str, spent: float) -> float:
         """Take ``spent`` CPU seconds of ``agent``'s; the seconds its thread waits."""
-        wait = 0.0
-        if self._agents is not None:
-            wait = self._agents.owed(agent, spent)
-        if self._hive is not None:
-            wait = max(wait, self._hive.owed(HIVE, spent))
-        return wait
+        if self.per_agent <= 0 and self.total <= 0:
+            return 0.0
+        with self._lock:
+            now = time.monotonic()
+            if now - self._swept > ACTIVE_SECONDS / 4:
+                self._sweep(now)
+            rate = self.rate(len(self._buckets) + (agent not in self._buckets))
+            capacity = rate * CPU_BURST_SECONDS
+            tokens, at = self._buckets.get(agent, (capacity, now))
+            tokens = min(capacity, tokens + (now - at) * rate) - spent
+            self._buckets[agent] = (tokens, now)
+        return max(0.0, -tokens / rate)
+
+    def _sweep(self, now: float) -> None:
+        """Forget the agents that used none for ACTIVE_SECONDS and owe nothing: the hive's
+        share is split among the others (a debt is never forgotten)."""
+        self._swept = now
+        rate = self.rate(len(self._buckets))
+        quiet = [
+            a
+            for a, (tokens, at) in self._buckets.items()
+            if now - at > ACTIVE_SECONDS and tokens + (now - at) * rate >= 0
+        ]
+        for a in quiet:
+            del self._buckets[a]
 
 
 SMALL_PIECES = PiecePacer()
