@@ -95,9 +95,9 @@ class EgressSection(BaseModel):
     # the host's trust store): for a test server, or an internal CA.
     upstream_ca: Path | None = None
     # CPU seconds a second an agent's TLS-terminated connections may cost the core
-    # together (decrypting and re-encrypting: ~1.6 s a GiB), and all agents' together
-    # (default: half the CPUs the core may run on, at least 1); past it their relays wait
-    # (core/egress_tls.CpuPacer). 0: no bound.
+    # together (decrypting and re-encrypting: ~1.6 s a GiB), and all agents' together,
+    # shared evenly by those using some (default: half the CPUs the core may run on, at
+    # least 1); past it their relays wait (core/egress_tls.CpuPacer). 0: no bound.
     terminated_cpu: float = Field(default=1.0, ge=0, le=1024)
     terminated_cpu_total: float | None = Field(default=None, ge=0, le=1024)
 
