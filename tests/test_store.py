@@ -369,3 +369,36 @@ def test_checkpoints_leave_hive_db_one_descriptor_for_the_next(store: Store) -> 
     assert len(kept) == 1, kept  # one descriptor, taken again by each checkpoint
     store.close()
     assert _open_files(path) == {}
+
+
+# -- hive.toml against the rows (red team round 24) ------------------------------------
+
+
+def test_hive_toml_never_adopts_a_spawned_agent_of_a_declared_name(store: Store) -> None:
+    """A declared name held by a spawned agent: the start is refused in one line and
+    nothing changes (adopting it kept its parent and home, with hive.toml's grants)."""
+    from hyperhive.core.store.agents import DeclaredNameTaken
+
+    store.agents.create("kid", SPEC, "boss", "spawn")
+    with pytest.raises(DeclaredNameTaken) as e:
+        store.agents.sync_config({"boss": SPEC, "kid": SPEC, "new": SPEC})
+    assert str(e.value) == (
+        "hive.toml declares agent 'kid', but 'kid' is an agent spawned by 'boss', not one"
+        " hive.toml made: rename it in hive.toml, or take it out, start the hive and"
+        " `hive destroy kid` first; nothing was changed"
+    )
+    assert _row(store, "kid").parent == "boss" and _row(store, "kid").origin == "spawn"
+    assert store.agents.get("new") is None
+
+
+def test_an_agent_out_of_hive_toml_leaves_no_binding_to_its_name(store: Store) -> None:
+    """Taken out of hive.toml, an agent's row goes with the operator's bindings of it (a
+    later agent of its name got them), and sync_config names it for its cage's destroy."""
+    store.agents.sync_config({"boss": SPEC, "gone": SPEC})
+    store.bindings.bind(
+        "key", ["gone"], "a.example", 443, "authorization: Bearer {}", None, "operator", "PH"
+    )
+    assert [b.agent for b in store.bindings.all()] == ["gone"]
+    assert store.agents.sync_config({"boss": SPEC}) == ["gone"]
+    assert store.bindings.all() == []
+    assert store.agents.get("gone") is None

@@ -69,6 +69,7 @@ class Spawn:
                     raise BadRequest(f"spawn payload: unknown field 'spec.{field}'")
         if hive.exists(spawn.name):
             raise Conflict(f"spawn payload: an agent named {spawn.name!r} already exists")
+        hive.check_not_declared(spawn.name)
         hive.check_agent_room()
 
     def apply(self, tx: ApprovalTx, approval: Approval) -> None:
@@ -189,6 +190,10 @@ async def resolve(
         and existing.status == "pending"
     ):
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
+        if isinstance(existing.payload, dict) and isinstance(
+            name := existing.payload.get("name"), str
+        ):
+            hive.check_not_declared(name)  # (hive.toml changed since the request): deny it
     apply = None if handler is None else handler.apply
     approval, msg = hive.store.approvals.resolve(aid, decision, note, apply)
     # A crash here (tests/test_swarm_actions.py): approved, with its agent's row, not started.

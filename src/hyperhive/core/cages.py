@@ -87,6 +87,12 @@ class CageLifecycle(Lifecycle):
         cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
         return [name for name in names if (cages.get(name) or {}).get("running")]
 
+    async def leftovers(self, agents: set[str]) -> list[str]:
+        """One ``status`` of every cage hive-priv knows (its ids table: every name prepared
+        and not destroyed); those that are no agent."""
+        cages = (await self.priv(wp.CageStatus(names=None)))["cages"]
+        return sorted(name for name in cages if name not in agents)
+
     async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
         if not names:
             return {}

@@ -69,7 +69,9 @@ async def run_core(opts: CoreOptions) -> None:
         _own_dir(opts.run_dir.agents, 0o755)
 
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
-    store.agents.sync_config(opts.config.agents)
+    removed = store.agents.sync_config(opts.config.agents)
+    for name in removed:
+        log.info("agent %s is no longer in hive.toml: deleted", name)
     store.bindings.replace_config(
         [
             (b.secret, list(b.agents), *parse_destination(b.to), b.header, b.env)
@@ -104,6 +106,7 @@ async def run_core(opts: CoreOptions) -> None:
     # else: every agent waits for it, the dashboard can wait half a second. Its code
     # (FastAPI, pydantic's schemas for it) is imported only then: a third of the start-up.
     to_start = await hive.resume_running()
+    await hive.destroy_leftovers()
     from hyperhive.core.http import create_app, serve_http
 
     sessions = Sessions(

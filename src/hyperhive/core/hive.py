@@ -114,6 +114,10 @@ class Lifecycle:
         served again here (a stop cut short by a crash of the core)."""
         return []
 
+    async def leftovers(self, agents: set[str]) -> list[str]:
+        """At start-up: the names with a cage, home or ids but not in ``agents``."""
+        return []
+
     async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
         """Each of ``names``' cage limit hits (``limit_hits.COUNTERS``) as the kernel
         counts them; no entry for one that has no cage (or no such count)."""
@@ -132,6 +136,9 @@ class Hive:
     ) -> None:
         self.store = store
         self.config = config
+        # Set but while destroy_leftovers runs at start-up (after_create waits for it).
+        self._leftovers_done = asyncio.Event()
+        self._leftovers_done.set()
         self.lifecycle = lifecycle
         self.bus = bus
         self.wakeups = InboxWakeups()
@@ -354,6 +361,17 @@ class Hive:
         n, limit = len(self.store.agents.all()), self.config.limits.max_agents
         if n >= limit:
             raise Busy(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
+
+    def check_not_declared(self, name: str) -> None:
+        """Refuse a spawn of a name hive.toml declares: at the next start hive.toml would
+        adopt it, parent, home and all, with what hive.toml gives that name (its secrets,
+        rules and peers: red team round 24). Destroyed, a declared agent is created again,
+        empty, by the next start."""
+        if name in self.config.agents:
+            raise Conflict(
+                f"{name!r} is declared in hive.toml: only hive.toml makes it (a destroyed one"
+                " is created again, empty, when the hive next starts)"
+            )
 
     def check_store_quota(
         self, agent: str, rows: int, nbytes: int, to_operator: bool = False
@@ -1364,6 +1382,7 @@ class Hive:
     async def spawn(self, actor: Operator, name: str, spec: AgentSpec) -> None:
         if self.exists(name):
             raise Conflict(f"an agent named {name!r} already exists")
+        self.check_not_declared(name)
         if self.swarm is not None and (host := self.swarm.host_of(name)) is not None:
             raise Conflict(f"an agent named {name!r} already exists on host {host}")
         self.check_agent_room()
@@ -1433,6 +1452,35 @@ class Hive:
         await self._finish_stops([row.name for row in rows if row.stopped])
         return [name for name in wanted if name not in found]
 
+    async def destroy_leftovers(self) -> None:
+        """At start-up: destroy every cage, home and block of ids hive-priv holds for a name
+        that is no agent (taken out of hive.toml, or a destroy cut short by a crash), and
+        what the core kept of it: a later agent of that name starts from nothing, never on
+        the old one's home, ids, running processes or secrets (red team round 24). Spawns
+        wait for it (``after_create``)."""
+        self._leftovers_done.clear()
+        try:
+            agents = {row.name for row in self.store.agents.all()}
+            try:
+                gone = await self.lifecycle.leftovers(agents)
+            except Refused as e:  # hive-priv away: the next start tries again
+                log.warning("finding cages of agents gone failed: %s", e)
+                return
+            for name in gone:
+                log.warning(
+                    "agent %s is gone (taken out of hive.toml, or its destroy cut short):"
+                    " destroying its cage, home and ids",
+                    name,
+                )
+                try:
+                    await self.lifecycle.destroy(name)
+                except Refused as e:
+                    log.error("agent %s: destroying what was left failed: %s", name, e)
+                    continue
+                self._forget(name)
+        finally:
+            self._leftovers_done.set()
+
     async def _finish_stops(self, stopped: list[str]) -> None:
         """Stop the cages of agents marked stopped that still run: a stop marks the row
         first, and a core killed before the cage was stopped left it running for good."""
@@ -1467,6 +1515,7 @@ class Hive:
         await asyncio.gather(*(resume(name) for name in names))
 
     async def after_create(self, name: str) -> None:
+        await self._leftovers_done.wait()  # a new agent never starts on what a gone one left
         log.info("agent %s created", name)
         self.reload_egress(name)  # the spec's rules
         await self.lifecycle.start(name, self)

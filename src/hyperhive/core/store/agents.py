@@ -44,6 +44,7 @@ class AgentRepo:
         # Each agent's children, by name, in the table they were read from: the table is
         # a new dict after every write, and this holds it, so ``is`` tells a stale index.
         self._children: tuple[dict[str, AgentRow], dict[str, list[str]]] | None = None
+        self._peered: tuple[dict[str, AgentRow], dict[str, list[str]]] | None = None
 
     def _table(self) -> dict[str, AgentRow]:
         if self._cache is None:
@@ -76,6 +77,19 @@ class AgentRepo:
             index = self._children = (table, by_parent)
         return index[1].get(name, [])
 
+    def peered_by(self, name: str) -> list[str]:
+        """The agents whose spec names ``name`` as a peer, by name (an index built once
+        after each change of the table, as ``children_of``)."""
+        table = self._table()
+        index = self._peered
+        if index is None or index[0] is not table:
+            by_peer: dict[str, list[str]] = {}
+            for row in table.values():
+                for peer in row.spec.peers:
+                    by_peer.setdefault(peer, []).append(row.name)
+            index = self._peered = (table, by_peer)
+        return index[1].get(name, [])
+
     # -- writes: each drops the cache
 
     def invalidate(self) -> None:
@@ -92,10 +106,20 @@ class AgentRepo:
         finally:
             self._cache = None
 
-    def sync_config(self, declared: dict[str, AgentSpec]) -> None:
-        """Make the config-declared agents match hive.toml; spawned agents are kept."""
+    def sync_config(self, declared: dict[str, AgentSpec]) -> list[str]:
+        """Make the config-declared agents match hive.toml; spawned agents are kept. Returns
+        the names taken out of hive.toml, whose rows (and what only they held) are gone:
+        their cages, homes and ids are the lifecycle's to destroy (``Hive.resume_running``).
+        A declared name that a spawned agent holds is refused (``DeclaredNameTaken``), and
+        nothing is changed: adopting it kept its parent and home (red team round 24)."""
         now = time.time()
         with self._write() as tx:
+            held = tx.execute(
+                "SELECT name, origin, parent FROM agents WHERE origin != 'config'"
+            ).fetchall()
+            for name, origin, parent in held:
+                if name in declared:
+                    raise DeclaredNameTaken(name, origin, parent)
             for name, spec in declared.items():
                 tx.execute(
                     "INSERT INTO agents (name, spec, origin, created_at) VALUES (?, ?, 'config', ?)"
@@ -106,9 +130,10 @@ class AgentRepo:
                 tx.execute("DELETE FROM egress_rules WHERE agent=? AND source='spec'", (name,))
                 _add_spec_rules(tx, name, spec, now)
             rows = tx.execute("SELECT name FROM agents WHERE origin='config'").fetchall()
-            for (name,) in rows:
-                if name not in declared:
-                    _delete(tx, name)
+            removed = [name for (name,) in rows if name not in declared]
+            for name in removed:
+                _delete(tx, name)
+        return removed
 
     def create(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
         with self._write() as tx:
@@ -179,6 +204,18 @@ class AgentRepo:
         return tx.execute("SELECT 1 FROM agents WHERE name=?", (name,)).fetchone() is not None
 
 
+class DeclaredNameTaken(Exception):
+    """hive.toml declares a name a spawned agent holds: one line saying how to go on."""
+
+    def __init__(self, name: str, origin: str, parent: str | None) -> None:
+        by = f" by {parent!r}" if parent else " by the operator" if origin == "operator" else ""
+        super().__init__(
+            f"hive.toml declares agent {name!r}, but {name!r} is an agent spawned{by}, not one"
+            f" hive.toml made: rename it in hive.toml, or take it out, start the hive and"
+            f" `hive destroy {name}` first; nothing was changed"
+        )
+
+
 def _add_spec_rules(tx: Tx, name: str, spec: AgentSpec, now: float) -> None:
     for rule in spec.egress:
         insert_rule(tx, name, rule, "spec", now)
@@ -201,3 +238,6 @@ def _delete(tx: Tx, name: str) -> None:
     tx.execute("UPDATE agents SET parent=NULL WHERE parent=?", (name,))
     tx.execute("DELETE FROM transcript WHERE agent=?", (name,))
     tx.execute("DELETE FROM egress_rules WHERE agent=?", (name,))
+    # the operator's secret_bind of it: never a later agent's of the same name (hive.toml's
+    # own come back at each start, named in hive.toml)
+    tx.execute("DELETE FROM secret_bindings WHERE agent=?", (name,))

@@ -32,7 +32,7 @@ _COLUMNS = (
 _Row = tuple[int, str, str, float, str, "float | None", "str | None", str, str, str]
 
 
-def _to_approval(r: _Row) -> Approval:
+def _to_approval(r: _Row, reach: Callable[[Any], list[str]]) -> Approval:
     payload = load_json(r[8], "payload")
     return Approval(
         id=r[0],
@@ -45,7 +45,9 @@ def _to_approval(r: _Row) -> Approval:
         description=r[7],
         payload=payload,
         payload_sha256=r[9],
-        grants=grants_of(r[2], payload),
+        grants=grants_of(
+            r[2], payload, reach(payload.get("name") if isinstance(payload, dict) else None)
+        ),
     )
 
 
@@ -56,7 +58,7 @@ _SUMMARY = (
 )
 
 
-def _to_summary(r: tuple[Any, ...]) -> Approval:
+def _to_summary(r: tuple[Any, ...], reach: Callable[[Any], list[str]]) -> Approval:
     truncated = {f: n for f, n in (("description", r[8]), ("payload", r[10])) if is_cut(n)}
     if "payload" in truncated:  # the first bytes of the canonical JSON, as text
         payload = shown(r[9], r[10])
@@ -75,8 +77,12 @@ def _to_summary(r: tuple[Any, ...]) -> Approval:
         payload_sha256=r[11],
         truncated=truncated or None,
         # Read out of the whole payload in SQL: a cut payload would hide it.
-        grants=None if r[12] is None else grants_line(json.loads(r[12])),
+        grants=None if r[12] is None else _grants(json.loads(r[12]), reach),
     )
+
+
+def _grants(parts: dict[str, Any], reach: Callable[[Any], list[str]]) -> str:
+    return grants_line(parts, reach(parts.get("name")))
 
 
 class ApprovalTx(Protocol):
@@ -122,6 +128,16 @@ class ApprovalRepo:
         self._db = db
         self._agents = agents
 
+    def _reach(self, name: Any) -> list[str]:
+        """The agents whose peers name ``name`` (a spawn's grants line says so)."""
+        return self._agents.peered_by(name) if isinstance(name, str) else []
+
+    def _full(self, r: _Row) -> Approval:
+        return _to_approval(r, self._reach)
+
+    def _summary(self, r: tuple[Any, ...]) -> Approval:
+        return _to_summary(r, self._reach)
+
     def request(self, agent: str, kind: str, description: str, payload: Any) -> Approval:
         text = canonical_json(payload)
         now = time.time()
@@ -134,12 +150,12 @@ class ApprovalRepo:
             row = tx.execute(
                 f"SELECT {_COLUMNS} FROM approvals WHERE id=?", (cur.lastrowid,)
             ).fetchone()
-        return _to_approval(row)
+        return self._full(row)
 
     def get(self, aid: int) -> Approval | Unreadable | None:
         row = self._db.conn.execute(f"SELECT {_COLUMNS} FROM approvals WHERE id=?", (aid,))
         r = row.fetchone()
-        return None if r is None else readable(_to_approval, r)
+        return None if r is None else readable(self._full, r)
 
     def page(
         self, *, status: str, agent: str | None = None, after: int = 0, limit: int
@@ -157,7 +173,7 @@ class ApprovalRepo:
             f"SELECT {_SUMMARY} FROM approvals WHERE {clause} AND id>? ORDER BY id LIMIT ?",
             [*args, after, limit + 1],  # one more: is there a next page?
         ).fetchall()
-        items = [readable(_to_summary, r) for r in rows[:limit]]
+        items = [readable(self._summary, r) for r in rows[:limit]]
         return Listing(items, int(total), len(rows) > limit)
 
     def first_screen(self, *, per_agent: int, limit: int) -> Listing[Approval | Unreadable]:
@@ -170,7 +186,7 @@ class ApprovalRepo:
             ["status='pending'"],
             [],
             _SUMMARY,
-            _to_summary,
+            self._summary,
             per_agent,
             limit,
         )
@@ -190,7 +206,7 @@ class ApprovalRepo:
         rows = self._db.conn.execute(
             f"SELECT {_COLUMNS} FROM approvals {clause} ORDER BY id", args
         ).fetchall()
-        return [readable(_to_approval, r) for r in rows]
+        return [readable(self._full, r) for r in rows]
 
     def pending_after(self, agent: str, after: int) -> Iterator[Approval | Unreadable]:
         """``agent``'s pending approvals from id ``after`` on, oldest first, read one row
@@ -200,7 +216,7 @@ class ApprovalRepo:
             " ORDER BY id",
             (agent, after),
         )
-        return (readable(_to_approval, r) for r in rows)
+        return (readable(self._full, r) for r in rows)
 
     def resolve(
         self,
@@ -228,7 +244,7 @@ class ApprovalRepo:
                     raise Conflict(f"approval {aid} is already {row[4]}")
                 status = decision
                 if decision == "approved":
-                    approval = readable(_to_approval, row)
+                    approval = readable(self._full, row)
                     if isinstance(approval, Unreadable):
                         raise Conflict(
                             f"approval {aid} is unreadable ({approval.reason}); it can only be"
@@ -254,4 +270,4 @@ class ApprovalRepo:
             if handle is not None and handle.wrote_agents:
                 self._agents.invalidate()  # committed or rolled back: reread either way
         assert row is not None
-        return readable(_to_approval, row), msg
+        return readable(self._full, row), msg
