@@ -25,9 +25,11 @@ LISTENERS = {"core/agent_socket.py", "core/host_socket.py", "core/http.py", "cor
 # and the start-up call these with what the kernel or the store said, never a request.
 INTERNAL = {
     "exists", "require_agent", "require_self", "spec", "may_address", "status_row", "statuses",
-    "publish_status", "harness_changed", "check_agent_room", "check_store_quota", "store_quota",
+    "publish_status", "harness_changed", "check_agent_room", "check_not_declared",
+    "check_store_quota", "store_quota",
     "delivered", "release", "deliver_due_reminders", "pending_approvals", "egress_rules_for",
     "reload_egress", "record_egress", "write_pending_egress", "resume_running", "resume_agents", "after_create",
+    "destroy_leftovers",
     # the egress proxy's threads ask whether to terminate TLS; bindings reload after a change
     "egress_plan", "reload_bindings",
     # the group commit's hooks for its message lane (the sender was checked before it
