@@ -101,6 +101,13 @@ class EgressSection(BaseModel):
     terminated_cpu: float = Field(default=1.0, ge=0, le=1024)
     terminated_cpu_total: float | None = Field(default=None, ge=0, le=1024)
 
+    @field_validator("terminated_cpu", "terminated_cpu_total")
+    @classmethod
+    def _cpu_share(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < 0.01:
+            raise ValueError("must be 0 (no bound) or at least 0.01 CPU")
+        return value
+
     @field_validator("hosts")
     @classmethod
     def _names(cls, value: dict[str, Any]) -> dict[str, Any]:

@@ -232,11 +232,11 @@ def test_a_paused_relay_ends_as_soon_as_its_connection_is_ended() -> None:
     try:
         plan = Plan(host=HOST, port=443, rules=None, injections=())
         t = Terminated("cpu1", a, b, plan, lambda _r: None)  # type: ignore[arg-type]
-        paused = threading.Thread(target=t._pause, args=(30.0,))
+        paused = threading.Thread(target=t.meter.pause, args=(30.0,))
         t0 = time.monotonic()
         paused.start()
         address = ipaddress.ip_address(ADDR)
-        opened = egress._Open(HOST, 443, address, (a, b), "terminated", wake=t.wake)
+        opened = egress._Open(HOST, 443, address, (a, b), "terminated", wake=t.meter.wake)
         egress._end(opened, egress.Decision("cpu1", HOST, 443, True, "CONNECT (TLS terminated)"))
         paused.join(5.0)
         assert not paused.is_alive() and time.monotonic() - t0 < 1.0

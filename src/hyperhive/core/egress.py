@@ -111,7 +111,7 @@ class _Open:
     # A terminated connection's current plan (egress_tls.Terminated, whose replan may
     # adopt a newer one than it was made with); None for the others.
     current: Callable[[], Plan | None] | None = None
-    # Ends a terminated connection's pause (egress_tls.Terminated.wake) when it is ended.
+    # Ends a terminated connection's pauses (egress_tls.CpuMeter.wake) when it is ended.
     wake: Callable[[], None] | None = None
 
 
@@ -1159,14 +1159,31 @@ class EgressProxy:
         decision: Decision,
         cpu_since: float,
     ) -> socket.socket:
+        """``_terminate_metered`` with its thread's CPU since ``cpu_since`` and the helper
+        thread's charged to the agent as it goes, and what is left when it ends, however it
+        ends (an exception too: red team of session 20), slept off before the cage's
+        connection is closed, its slot held meanwhile (``egress_tls.CpuMeter``)."""
+        meter = egress_tls.CpuMeter(self.terminated_cpu, agent, cpu_since)
+        try:
+            return self._terminate_metered(agent, conn, addresses, plan, decision, meter)
+        finally:
+            meter.pace()
+
+    def _terminate_metered(
+        self,
+        agent: str,
+        conn: socket.socket,
+        addresses: list[IPAddress],
+        plan: Plan,
+        decision: Decision,
+        meter: egress_tls.CpuMeter,
+    ) -> socket.socket:
         """Serve one terminated connection; returns the socket to close. The upstream is
         an idle one of this agent's to this destination (egress_pool.py), or is
         connected and its certificate verified in a helper thread while the cage makes
         its TLS handshake with the proxy: the two handshakes overlap instead of adding
         up. Nothing goes upstream before both are done, and a server that can't be
-        reached or doesn't verify is the answer to the cage's first request (502).
-        This thread's CPU since ``cpu_since`` and the helper thread's are charged to the
-        agent with the relay's (``egress_tls.CpuPacer``)."""
+        reached or doesn't verify is the answer to the cage's first request (502)."""
         assert self.ca is not None
 
         def refuse(reason: str) -> None:
@@ -1195,13 +1212,12 @@ class EgressProxy:
             refuse(f"TLS handshake with the cage failed ({reason}); SNI must be {plan.host}")
         if pooled is None:
             opening.join()
-            cpu_since -= opening.cpu  # as if this thread had made the upstream's handshake
+            meter.add(opening.cpu)  # as if this thread had made the upstream's handshake
         if isinstance(opening.result, Refusal):
             decision.reason, decision.closed = opening.result.reason, True
             self._emit(decision)
             if client is not None:
                 egress_tls.answer_first(client, opening.result.status, opening.result.reason)
-            self._pace_cpu(agent, cpu_since)
             return client or conn
         assert opening.result is not None
         upstream, address = opening.result
@@ -1209,7 +1225,6 @@ class EgressProxy:
             decision.closed = True
             self._emit(decision)
             upstream.close()
-            self._pace_cpu(agent, cpu_since)
             return conn
 
         def replan() -> Plan | None:
@@ -1218,9 +1233,7 @@ class EgressProxy:
                 return None
             return plan if self.plan_for is None else now[1]
 
-        t = egress_tls.Terminated(
-            agent, client, upstream, plan, refuse, replan, self.terminated_cpu, cpu_since
-        )
+        t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan, meter)
         # The plan it runs under now: replan may adopt a newer one than it was made with.
         opened_ = _Open(
             plan.host,
@@ -1229,7 +1242,7 @@ class EgressProxy:
             (client, upstream),
             "terminated",
             current=lambda: t.plan,
-            wake=t.wake,
+            wake=meter.wake,
         )
         try:
             self._track(agent, decision, opened_)
@@ -1253,15 +1266,6 @@ class EgressProxy:
                     self._sessions[(plan.host, plan.port)] = session
                 upstream.close()
         return client
-
-    def _pace_cpu(self, agent: str, since: float) -> None:
-        """A terminated connection that ended before its relay: the handshakes' CPU since
-        ``since`` taken from the buckets, a debt slept off before the cage's connection is
-        closed (its slot held meanwhile), as the relay would (egress_tls.CpuPacer)."""
-        if self.terminated_cpu is not None:
-            spent = time.thread_time() - since
-            if (wait := self.terminated_cpu.owed(agent, spent)) > egress_tls.CPU_PAUSE_MIN:
-                time.sleep(wait)
 
     def _sweep_later(self) -> None:
         loop = self._loop

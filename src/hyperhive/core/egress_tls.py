@@ -163,6 +163,45 @@ class CpuPacer:
             del self._buckets[a]
 
 
+# A pause is at most this long: a longer debt is slept in turns, the relay's connection
+# seen between (and a rate of 1e-300 in hive.toml is a long pause, never an overflow).
+MAX_PAUSE = 60.0
+
+
+class CpuMeter:
+    """One terminated connection's CPU, in the thread serving it: what the thread spent
+    since it last asked (``time.thread_time``, from ``since``), and another thread's on its
+    behalf (``add``), taken from its agent's bucket (``CpuPacer``), a debt slept off
+    (``pace``). ``wake`` ends a pause, and every later one, at once (the connection was
+    ended): the debt stays the agent's for its next connection."""
+
+    def __init__(self, pacer: CpuPacer | None, agent: str, since: float | None = None) -> None:
+        self.pacer = pacer
+        self.agent = agent
+        self._at = time.thread_time() if since is None else since
+        self._ended = threading.Event()
+
+    def add(self, seconds: float) -> None:
+        """Charge ``seconds`` of another thread's CPU with this one's, at the next ``pace``."""
+        self._at -= seconds
+
+    def pace(self) -> None:
+        """Take what was spent since the last call; sleep a debt off once it is long enough."""
+        if self.pacer is None:
+            return
+        now = time.thread_time()
+        spent, self._at = now - self._at, now
+        if (wait := self.pacer.owed(self.agent, spent)) > CPU_PAUSE_MIN:
+            self.pause(wait)
+
+    def pause(self, seconds: float) -> None:
+        """Wait ``seconds`` (at most MAX_PAUSE) with the GIL free, or until ``wake``."""
+        self._ended.wait(min(seconds, MAX_PAUSE))
+
+    def wake(self) -> None:
+        self._ended.set()
+
+
 SMALL_PIECES = PiecePacer()
 DROP = {b"proxy-authorization", b"proxy-connection", b"keep-alive", b"expect"}
 # TRACE (and IIS's TRACK) make the server echo the request it received: with a secret
@@ -211,11 +250,18 @@ def sni_check(host: str) -> Callable[[ssl.SSLObject, str, ssl.SSLContext], int |
     return check
 
 
+# Reads a batch makes after its first: 16 KiB records fill CHUNK in 16; one-byte records
+# (decrypting each costs ~3 us) would take 262,144 reads, ~0.8 s of CPU before the relay
+# could charge it (red team of session 20): this many, then the batch goes through.
+BATCH_READS = 64
+
+
 def recv_batch(sock: ssl.SSLSocket, limit: int = CHUNK) -> bytes:
     """One read that may wait (as the socket's timeout says), then whatever else has
-    already arrived, without waiting again, up to ``limit``. An SSL read gives one TLS
-    record (16 KiB at most) and each pass through h11 costs about the same whatever its
-    size, so a bulk transfer goes through in batches, not records. b"" at the end."""
+    already arrived, without waiting again, up to ``limit`` (and BATCH_READS reads). An SSL
+    read gives one TLS record (16 KiB at most) and each pass through h11 costs about the
+    same whatever its size, so a bulk transfer goes through in batches, not records. b""
+    at the end."""
     data = sock.recv(limit)
     if not data or len(data) >= limit or not _waiting(sock):
         return data
@@ -223,7 +269,7 @@ def recv_batch(sock: ssl.SSLSocket, limit: int = CHUNK) -> bytes:
     timeout = sock.gettimeout()
     sock.settimeout(0.0)
     try:
-        while n < limit:
+        while n < limit and len(parts) <= BATCH_READS:
             try:
                 more = sock.recv(limit - n)
             except (ssl.SSLWantReadError, BlockingIOError):
@@ -246,7 +292,9 @@ def recv_batch_into(sock: ssl.SSLSocket, view: memoryview) -> int:
     timeout = sock.gettimeout()
     sock.settimeout(0.0)
     try:
-        while n < len(view):
+        for _ in range(BATCH_READS):
+            if n >= len(view):
+                break
             try:
                 more = sock.recv_into(view[n:])
             except (ssl.SSLWantReadError, BlockingIOError):
@@ -337,16 +385,12 @@ class Terminated:
         plan: Plan,
         refuse: Callable[[str], None],
         replan: Callable[[], Plan | None] | None = None,
-        cpu: CpuPacer | None = None,
-        cpu_since: float | None = None,
+        meter: CpuMeter | None = None,
     ) -> None:
         self.agent = agent
-        # The CPU this thread spends relaying (and, from ``cpu_since``, the cage's TLS
-        # handshake before), charged as it goes (``_pace_cpu``).
-        self.cpu = cpu
-        self._cpu_at = time.thread_time() if cpu_since is None else cpu_since
-        # Set when the proxy ends this connection (a rule taken back): a pause ends at once.
-        self._ended = threading.Event()
+        # The CPU this thread spends relaying, charged as it goes, and its pauses (woken
+        # when the proxy ends the connection: a rule taken back).
+        self.meter = meter or CpuMeter(None, agent)
         self.client = client
         self.upstream = upstream
         self.plan = plan
@@ -433,26 +477,7 @@ class Terminated:
             else:
                 self.client.sendall(b"".join(out))
         self._pending = 0
-        self._pace_cpu()
-
-    def _pace_cpu(self) -> None:
-        """What this thread's CPU has cost since it last asked, taken from its agent's and
-        the hive's buckets (``CpuPacer``); a debt long enough is slept off here."""
-        if self.cpu is None:
-            return
-        now = time.thread_time()
-        spent, self._cpu_at = now - self._cpu_at, now
-        if (wait := self.cpu.owed(self.agent, spent)) > CPU_PAUSE_MIN:
-            self._pause(wait)
-
-    def _pause(self, seconds: float) -> None:
-        """Wait ``seconds`` with the GIL free, or until ``wake``."""
-        self._ended.wait(seconds)
-
-    def wake(self) -> None:
-        """The connection was ended from another thread (its sockets shut down): a pause
-        ends now, so the relay sees it at once, not after its debt."""
-        self._ended.set()
+        self.meter.pace()
 
     def _reply(self, status: int, reason: str) -> None:
         """A refusal to the cage (then the connection closes)."""
@@ -550,7 +575,7 @@ class Terminated:
             and (wait := SMALL_PIECES.owed(self.agent)) > PIECES_PAUSE_MIN
         ):
             self._flush()
-            self._pause(wait)
+            self.meter.pause(wait)
 
     def _relay_response(self) -> bool:
         pieces = received = 0
@@ -618,7 +643,7 @@ class Terminated:
             data = cast(bytes, view[:n])
             for out in self.srv.send_with_data_passthrough(h11.Data(data=data)) or ():
                 self.client.sendall(out)
-            self._pace_cpu()
+            self.meter.pace()
         self._to_client(h11.EndOfMessage())
         self._flush()
         if self._request_closes or not _keeps_alive(response):
