@@ -29,7 +29,7 @@ INTERNAL = {
     "check_store_quota", "store_quota",
     "delivered", "release", "deliver_due_reminders", "pending_approvals", "egress_rules_for",
     "reload_egress", "record_egress", "write_pending_egress", "resume_running", "resume_agents", "after_create",
-    "destroy_leftovers",
+    "destroy_leftovers", "clear_leftovers",
     # the egress proxy's threads ask whether to terminate TLS; bindings reload after a change
     "egress_plan", "reload_bindings",
     # the group commit's hooks for its message lane (the sender was checked before it

@@ -399,6 +399,6 @@ def test_an_agent_out_of_hive_toml_leaves_no_binding_to_its_name(store: Store) -
         "key", ["gone"], "a.example", 443, "authorization: Bearer {}", None, "operator", "PH"
     )
     assert [b.agent for b in store.bindings.all()] == ["gone"]
-    assert store.agents.sync_config({"boss": SPEC}) == ["gone"]
+    assert store.agents.sync_config({"boss": SPEC}) == (["gone"], [])
     assert store.bindings.all() == []
     assert store.agents.get("gone") is None

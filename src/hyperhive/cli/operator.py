@@ -155,6 +155,16 @@ def cut_note(row: dict[str, Any], field: str, what: str) -> str:
     return f" … [cut: {full} bytes in all; hive show {what} {row['id']}]"
 
 
+def _granted(approval: dict[str, Any]) -> str:
+    """What approving gives, worked out by the hive from the whole payload (a spawn's
+    ``grants``, an egress request's ``allows``), on a line of its own above the payload,
+    which a listing cuts (re-check of session 20: a long ``command`` hid it here)."""
+    for field in ("grants", "allows"):
+        if approval.get(field):
+            return f"{field}: {approval[field]}\n"
+    return ""
+
+
 def cut(row: dict[str, Any], field: str, what: str) -> str:
     return str(row.get(field) or "") + cut_note(row, field, what)
 
@@ -320,7 +330,8 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         a["kind"],
                         when(a["requested_at"]),
                         cut(a, "description", "approval"),
-                        (
+                        _granted(a)
+                        + (
                             a["payload"] + cut_note(a, "payload", "approval")
                             if "payload" in (a.get("truncated") or {})
                             else dumps(a.get("payload"))

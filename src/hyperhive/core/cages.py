@@ -93,6 +93,13 @@ class CageLifecycle(Lifecycle):
         cages = (await self.priv(wp.CageStatus(names=None)))["cages"]
         return sorted(name for name in cages if name not in agents)
 
+    async def holding(self, names: list[str]) -> list[str]:
+        """One ``status`` of ``names``: those with ids (prepared, not destroyed) or a cage."""
+        if not names:
+            return []
+        cages = (await self.priv(wp.CageStatus(names=names)))["cages"]
+        return [n for n in names if (c := cages.get(n)) and (c.get("running") or "uid" in c)]
+
     async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
         if not names:
             return {}

@@ -22,6 +22,7 @@ from hyperhive.core.cages import CageLifecycle
 from hyperhive.core.events import EventBus
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.host_socket import serve_host_socket
+from hyperhive.core.refusals import Refused
 from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.store import Store, StoreError
@@ -69,7 +70,7 @@ async def run_core(opts: CoreOptions) -> None:
         _own_dir(opts.run_dir.agents, 0o755)
 
     store = Store(opts.state_dir.db, synchronous=opts.synchronous)
-    removed = store.agents.sync_config(opts.config.agents)
+    removed, created = store.agents.sync_config(opts.config.agents)
     for name in removed:
         log.info("agent %s is no longer in hive.toml: deleted", name)
     store.bindings.replace_config(
@@ -105,8 +106,13 @@ async def run_core(opts: CoreOptions) -> None:
     # The cages still running (a restart of the core) are served again before anything
     # else: every agent waits for it, the dashboard can wait half a second. Its code
     # (FastAPI, pydantic's schemas for it) is imported only then: a third of the start-up.
+    # hive.toml's new agents first: what hive-priv holds of their names is a gone agent's.
+    try:
+        await hive.clear_leftovers(created)
+    except Refused as e:  # that agent fails to start, as any start that fails
+        log.error("%s", e)
     to_start = await hive.resume_running()
-    await hive.destroy_leftovers()
+    leftovers = asyncio.create_task(hive.destroy_leftovers())
     from hyperhive.core.http import create_app, serve_http
 
     sessions = Sessions(
@@ -161,6 +167,7 @@ async def run_core(opts: CoreOptions) -> None:
     checkpointer.cancel()
     pruner.cancel()
     limit_watch.cancel()
+    leftovers.cancel()
     if swarm_task is not None:
         swarm_task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -109,6 +109,7 @@ class PiecePacer(AgentBuckets):
 CPU_BURST_SECONDS = 1.0
 CPU_PAUSE_MIN = 0.02  # a debt is slept off once this long: a sleep every few chunks at most
 ACTIVE_SECONDS = 1.0
+ACTIVE_FLOOR = 0.01  # CPU seconds within ACTIVE_SECONDS to count as using some
 
 
 def default_terminated_cpu_total() -> float:
@@ -120,13 +121,17 @@ def default_terminated_cpu_total() -> float:
 class CpuPacer:
     """The CPU seconds terminated connections' threads spend, a second: for one agent's
     together at most ``per_agent``, and ``total`` shared evenly by the agents using some
-    (0: no bound)."""
+    (0: no bound). An agent counts as using some while it spent ACTIVE_FLOOR in the last
+    ACTIVE_SECONDS, or owes: charges of a few ms now and then (a handshake dropped) don't
+    halve the others' share (re-check of session 20)."""
 
     def __init__(self, per_agent: float, total: float) -> None:
         self.per_agent = per_agent
         self.total = total
         self._lock = threading.Lock()
-        self._buckets: dict[str, tuple[float, float]] = {}  # agent -> (CPU seconds, at)
+        # agent -> (CPU seconds in its bucket, at, CPU seconds spent lately, decaying)
+        self._buckets: dict[str, tuple[float, float, float]] = {}
+        self._active: set[str] = set()  # as of the last sweep
         self._swept = time.monotonic()
 
     def rate(self, active: int) -> float:
@@ -142,25 +147,33 @@ class CpuPacer:
             now = time.monotonic()
             if now - self._swept > ACTIVE_SECONDS / 4:
                 self._sweep(now)
-            rate = self.rate(len(self._buckets) + (agent not in self._buckets))
+            rate = self.rate(len(self._active) + (agent not in self._active))
             capacity = rate * CPU_BURST_SECONDS
-            tokens, at = self._buckets.get(agent, (capacity, now))
+            tokens, at, used = self._buckets.get(agent, (capacity, now, 0.0))
             tokens = min(capacity, tokens + (now - at) * rate) - spent
-            self._buckets[agent] = (tokens, now)
+            self._buckets[agent] = (tokens, now, _decayed(used, now - at) + spent)
         return max(0.0, -tokens / rate)
 
     def _sweep(self, now: float) -> None:
-        """Forget the agents that used none for ACTIVE_SECONDS and owe nothing: the hive's
-        share is split among the others (a debt is never forgotten)."""
+        """Who uses some now (the hive's share is split among them); forget the agents
+        that used none for ACTIVE_SECONDS and owe nothing (a debt is never forgotten)."""
         self._swept = now
-        rate = self.rate(len(self._buckets))
-        quiet = [
-            a
-            for a, (tokens, at) in self._buckets.items()
-            if now - at > ACTIVE_SECONDS and tokens + (now - at) * rate >= 0
-        ]
+        rate = self.rate(len(self._active))
+        active, quiet = set(), []
+        for a, (tokens, at, used) in self._buckets.items():
+            owes = tokens + (now - at) * rate < 0
+            if owes or _decayed(used, now - at) >= ACTIVE_FLOOR:
+                active.add(a)
+            elif now - at > ACTIVE_SECONDS:
+                quiet.append(a)
         for a in quiet:
             del self._buckets[a]
+        self._active = active
+
+
+def _decayed(used: float, elapsed: float) -> float:
+    """CPU seconds spent lately, ``elapsed`` seconds on: gone after ACTIVE_SECONDS."""
+    return used * max(0.0, 1.0 - elapsed / ACTIVE_SECONDS)
 
 
 # A pause is at most this long: a longer debt is slept in turns, the relay's connection

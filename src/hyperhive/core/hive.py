@@ -115,7 +115,11 @@ class Lifecycle:
         return []
 
     async def leftovers(self, agents: set[str]) -> list[str]:
-        """At start-up: the names with a cage, home or ids but not in ``agents``."""
+        """The names with a cage, home or ids but not in ``agents``."""
+        return []
+
+    async def holding(self, names: list[str]) -> list[str]:
+        """Those of ``names`` with a cage, home or ids."""
         return []
 
     async def limit_hits(self, names: list[str]) -> dict[str, dict[str, int]]:
@@ -128,6 +132,8 @@ class Lifecycle:
 # hive-priv's forks, mounts and fsyncs, and concurrent prepares share one id commit
 # (`hive up` of 1,000 on 2 CPUs: 87-92 s with 4, 66-76 s with 8).
 RESUME_AT_ONCE = 8
+# Seconds between tries of destroy_leftovers while hive-priv doesn't answer or a destroy fails.
+LEFTOVERS_RETRY = 30.0
 
 
 class Hive:
@@ -136,9 +142,6 @@ class Hive:
     ) -> None:
         self.store = store
         self.config = config
-        # Set but while destroy_leftovers runs at start-up (after_create waits for it).
-        self._leftovers_done = asyncio.Event()
-        self._leftovers_done.set()
         self.lifecycle = lifecycle
         self.bus = bus
         self.wakeups = InboxWakeups()
@@ -1452,21 +1455,27 @@ class Hive:
         await self._finish_stops([row.name for row in rows if row.stopped])
         return [name for name in wanted if name not in found]
 
-    async def destroy_leftovers(self) -> None:
-        """At start-up: destroy every cage, home and block of ids hive-priv holds for a name
-        that is no agent (taken out of hive.toml, or a destroy cut short by a crash), and
-        what the core kept of it: a later agent of that name starts from nothing, never on
-        the old one's home, ids, running processes or secrets (red team round 24). Spawns
-        wait for it (``after_create``)."""
-        self._leftovers_done.clear()
-        try:
+    async def destroy_leftovers(self, retry_every: float = LEFTOVERS_RETRY) -> None:
+        """After start-up, in the background: destroy every cage, home and block of ids
+        hive-priv holds for a name that is no agent (taken out of hive.toml, or a destroy
+        cut short by a crash), and what the core kept of it, so no cage runs out of every
+        verb's reach (red team round 24). Again every ``retry_every`` seconds while
+        hive-priv doesn't answer or a destroy fails. A new agent never depends on it: its
+        own name's leftovers are destroyed before it starts (``after_create``)."""
+        while True:
             agents = {row.name for row in self.store.agents.all()}
             try:
                 gone = await self.lifecycle.leftovers(agents)
-            except Refused as e:  # hive-priv away: the next start tries again
-                log.warning("finding cages of agents gone failed: %s", e)
-                return
+            except Refused as e:
+                log.warning(
+                    "finding cages of agents gone failed (again in %gs): %s", retry_every, e
+                )
+                await asyncio.sleep(retry_every)
+                continue
+            failed = 0
             for name in gone:
+                if self.exists(name):  # spawned meanwhile: after_create cleared it
+                    continue
                 log.warning(
                     "agent %s is gone (taken out of hive.toml, or its destroy cut short):"
                     " destroying its cage, home and ids",
@@ -1475,11 +1484,29 @@ class Hive:
                 try:
                     await self.lifecycle.destroy(name)
                 except Refused as e:
+                    failed += 1
                     log.error("agent %s: destroying what was left failed: %s", name, e)
                     continue
                 self._forget(name)
-        finally:
-            self._leftovers_done.set()
+            if not failed:
+                return
+            await asyncio.sleep(retry_every)
+
+    async def clear_leftovers(self, names: list[str]) -> None:
+        """``names`` are new agents (just spawned, or just declared in hive.toml): whatever
+        hive-priv still holds for them is a gone agent's (its home, its ids, its running
+        processes) and is destroyed before they start, or they don't start (Refused)."""
+        for name in await self.lifecycle.holding(names):
+            log.warning("agent %s is new: destroying what a gone agent of its name left", name)
+            try:
+                await self.lifecycle.destroy(name)
+            except Refused as e:
+                raise Refused(
+                    f"agent {name}: what a gone agent of that name left could not be destroyed"
+                    f" ({e}); it was not started"
+                ) from None
+            # (not _forget: the store's rows of the name are the new agent's, hive.toml's
+            # bindings of it among them; the gone one's went with its row)
 
     async def _finish_stops(self, stopped: list[str]) -> None:
         """Stop the cages of agents marked stopped that still run: a stop marks the row
@@ -1515,7 +1542,7 @@ class Hive:
         await asyncio.gather(*(resume(name) for name in names))
 
     async def after_create(self, name: str) -> None:
-        await self._leftovers_done.wait()  # a new agent never starts on what a gone one left
+        await self.clear_leftovers([name])  # a new agent never starts on what a gone one left
         log.info("agent %s created", name)
         self.reload_egress(name)  # the spec's rules
         await self.lifecycle.start(name, self)

@@ -106,10 +106,11 @@ class AgentRepo:
         finally:
             self._cache = None
 
-    def sync_config(self, declared: dict[str, AgentSpec]) -> list[str]:
+    def sync_config(self, declared: dict[str, AgentSpec]) -> tuple[list[str], list[str]]:
         """Make the config-declared agents match hive.toml; spawned agents are kept. Returns
-        the names taken out of hive.toml, whose rows (and what only they held) are gone:
-        their cages, homes and ids are the lifecycle's to destroy (``Hive.resume_running``).
+        the names taken out of hive.toml, whose rows (and what only they held) are gone, and
+        those new to it: the cages, homes and ids hive-priv holds of either are a gone
+        agent's, the lifecycle's to destroy (``Hive.destroy_leftovers``, ``clear_leftovers``).
         A declared name that a spawned agent holds is refused (``DeclaredNameTaken``), and
         nothing is changed: adopting it kept its parent and home (red team round 24)."""
         now = time.time()
@@ -120,6 +121,8 @@ class AgentRepo:
             for name, origin, parent in held:
                 if name in declared:
                     raise DeclaredNameTaken(name, origin, parent)
+            existing = {n for (n,) in tx.execute("SELECT name FROM agents")}
+            created = [name for name in declared if name not in existing]
             for name, spec in declared.items():
                 tx.execute(
                     "INSERT INTO agents (name, spec, origin, created_at) VALUES (?, ?, 'config', ?)"
@@ -133,7 +136,7 @@ class AgentRepo:
             removed = [name for (name,) in rows if name not in declared]
             for name in removed:
                 _delete(tx, name)
-        return removed
+        return removed, created
 
     def create(self, name: str, spec: AgentSpec, parent: str | None, origin: str) -> None:
         with self._write() as tx:
