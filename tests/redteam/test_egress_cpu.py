@@ -169,17 +169,23 @@ def download(
 @pytest.mark.attack(
     "budget.exhaustion", ref="Known limits: terminated TLS's CPU charged to no bucket"
 )
-def test_the_pacer_charges_each_agent_and_the_hive() -> None:
-    """The buckets' arithmetic: a second's worth of burst, then the debt's time."""
+def test_the_pacer_charges_each_agent_and_the_hive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The buckets' arithmetic on a clock of the test's: a second's worth of burst, then the
+    debt's time; the hive's share split among the agents using some, as the sweep (every
+    quarter second) sees them."""
+    clock = [1000.0]
+    monkeypatch.setattr(egress_tls.time, "monotonic", lambda: clock[0])
     p = egress_tls.CpuPacer(per_agent=1.0, total=0)
     assert p.owed("a", 0.5) == 0.0
-    assert p.owed("a", 1.0) == pytest.approx(0.5, abs=0.01)  # 0.5 s of CPU owed at 1 CPU
+    assert p.owed("a", 1.0) == pytest.approx(0.5)  # 0.5 s of CPU owed at 1 CPU
     assert p.owed("b", 0.5) == 0.0  # another agent's bucket is its own
     hive_wide = egress_tls.CpuPacer(per_agent=0, total=2.0)
-    assert hive_wide.owed("a", 1.5) == 0.0
-    assert hive_wide.owed("b", 1.5) == pytest.approx(0.5, abs=0.01)  # the hive's 2 s of burst
+    assert hive_wide.owed("a", 1.5) == 0.0  # alone: the hive's 2 CPUs, 2 s of burst
+    assert hive_wide.owed("b", 0.5) == 0.0
+    clock[0] += 0.3  # a sweep: both used some, 1 CPU each, 1 s of burst
+    assert hive_wide.owed("b", 1.5) == pytest.approx(0.5)
     both = egress_tls.CpuPacer(per_agent=0.5, total=4.0)
-    assert both.owed("a", 1.0) == pytest.approx(1.0, abs=0.01)  # its own bucket binds
+    assert both.owed("a", 1.0) == pytest.approx(1.0)  # its own bucket binds
     assert egress_tls.CpuPacer(0, 0).owed("a", 100.0) == 0.0  # 0: no bound
 
 
