@@ -63,6 +63,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from helpers import assert_ok
 from hive_fixture import HIVE, HiveProcess, running_hive, wait_until
 from hyperhive.client import Client
 from hyperhive.config import HiveConfig
@@ -529,13 +530,24 @@ def loop_hive() -> Iterator[HiveProcess]:
 def test_a_core_restart_refused_by_declared_name_taken_says_so_in_one_line(
     loop_hive: HiveProcess,
 ) -> None:
-    """Held (with a note): the operator spawns LOOP_KID, then adds it to hive.toml while the
+    """Held (with a note): LOOP_LEAD's spawn of LOOP_KID is approved (the operator's own
+    spawn of a declared name is adopted since: it remade that agent), then LOOP_KID is
+    added to hive.toml while the
     hive runs (to keep it); the core is killed (kill -9) and `hive up` restarts it: each
     start is refused with the one line (no traceback), `hive up` keeps retrying with its
     backoff (agents unreachable meanwhile, their cages running), and once hive.toml is put
     back the core comes back on the next try with both agents."""
     h = loop_hive
-    assert h.host_call("spawn", name=LOOP_KID, spec={"command": ["true"]})["ok"]
+    req = assert_ok(
+        h.agent_call(
+            LOOP_LEAD,
+            "request_approval",
+            kind="spawn",
+            description="a helper",
+            payload={"name": LOOP_KID, "spec": {"command": ["true"]}},
+        )
+    )
+    assert_ok(h.host_call("approve", id=req["id"], payload_sha256=req["payload_sha256"]))
     h.agents[LOOP_KID] = {"command": ["true"]}
     h.wait_running()
     lead_pids = h.cage_procs(LOOP_LEAD)
@@ -546,7 +558,7 @@ def test_a_core_restart_refused_by_declared_name_taken_says_so_in_one_line(
     os.kill(pid, signal.SIGKILL)
     line = (
         f"hive-core: hive.toml declares agent {LOOP_KID!r}, but {LOOP_KID!r} is an agent"
-        " spawned by the operator, not one hive.toml made: rename it in hive.toml, or take"
+        f" spawned by {LOOP_LEAD!r}, not one hive.toml made: rename it in hive.toml, or take"
         f" it out, start the hive and `hive destroy {LOOP_KID}` first; nothing was changed"
     )
 

@@ -40,9 +40,9 @@ unknown tools, and passes the socket's refusals through (non-peer, the operator'
 a spawn with ``memory_mib``); a destroyed helper's name spawned again starts from nothing
 (fresh home, another uid, no binding, no reminder delivered, its question cancelled).
 
-The fixes (session 20): a spawn of a name hive.toml declares is refused, whoever asks
-(``Hive.check_not_declared``), and a start whose hive.toml declares a name a spawned agent
-holds is refused in one line, nothing changed (``DeclaredNameTaken``); at each start the
+The fixes (session 20): an agent's spawn of a name hive.toml declares is refused
+(``Hive.check_not_declared``), and a start whose hive.toml declares a name an agent's
+spawned child holds is refused in one line, nothing changed (``DeclaredNameTaken``); at each start the
 core destroys every cage, home and block of ids hive-priv holds for a name that is no agent
 (``Hive.destroy_leftovers``), and a spawn waits for it; deleting an agent's row deletes the
 operator's secret bindings of it in the same transaction; the grants line shows the egress
@@ -120,9 +120,10 @@ def test_a_spawned_child_under_a_declared_name_is_not_adopted_by_hive_toml(
     to spawn a helper under that name, whose grants line said it got nothing (no egress, no
     peers), and the operator approved. At the next start hive.toml adopted it (``sync_config``
     updated the spec only): the hostile agent's child, on the helper's home (its planted
-    file), with hive.toml's secret, egress rule and peer, which it could message. Now a
-    spawn of a name hive.toml declares is refused, whoever asks (and at approval, for one
-    asked before), and the next start makes the declared agent again, empty: no parent."""
+    file), with hive.toml's secret, egress rule and peer, which it could message. Now an
+    agent's spawn of a name hive.toml declares is refused (and at approval, for one asked
+    before), and the next start makes the declared agent again, empty: no parent. (The
+    operator's own spawn of it remakes it at once: red team round 9's case does.)"""
     h = adopt_hive
     assert _row(h, ADOPT_DECLARED).get("parent") is None
     assert_ok(h.host_call("destroy", name=ADOPT_DECLARED))
@@ -141,10 +142,6 @@ def test_a_spawned_child_under_a_declared_name_is_not_adopted_by_hive_toml(
     """,
     )["reply"]
     assert req == {"version": 1, "ok": False, "error": declared}, req
-    spec = {"runtime": "command", "command": ["true"]}
-    for verb in ("spawn", "request_spawn"):
-        refused = h.host_call(verb, name=ADOPT_DECLARED, spec=spec)
-        assert refused == {"version": 1, "ok": False, "error": declared}, (verb, refused)
     assert assert_ok(h.host_call("pending"))["approvals"] == pending_before
     assert ADOPT_DECLARED not in h.agent_status()
 

@@ -69,7 +69,8 @@ class Spawn:
                     raise BadRequest(f"spawn payload: unknown field 'spec.{field}'")
         if hive.exists(spawn.name):
             raise Conflict(f"spawn payload: an agent named {spawn.name!r} already exists")
-        hive.check_not_declared(spawn.name)
+        if requester != OPERATOR:  # (the operator's own request_spawn may remake one)
+            hive.check_not_declared(spawn.name)
         hive.check_agent_room()
 
     def apply(self, tx: ApprovalTx, approval: Approval) -> None:
@@ -190,8 +191,10 @@ async def resolve(
         and existing.status == "pending"
     ):
         hive.check_agent_room()  # refused, still pending: the operator may deny it or make room
-        if isinstance(existing.payload, dict) and isinstance(
-            name := existing.payload.get("name"), str
+        if (
+            existing.agent != OPERATOR
+            and isinstance(existing.payload, dict)
+            and isinstance(name := existing.payload.get("name"), str)
         ):
             hive.check_not_declared(name)  # (hive.toml changed since the request): deny it
     apply = None if handler is None else handler.apply

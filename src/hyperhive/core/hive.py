@@ -366,10 +366,10 @@ class Hive:
             raise Busy(f"agent limit: the hive has {n} agents, [limits] max_agents is {limit}")
 
     def check_not_declared(self, name: str) -> None:
-        """Refuse a spawn of a name hive.toml declares: at the next start hive.toml would
-        adopt it, parent, home and all, with what hive.toml gives that name (its secrets,
-        rules and peers: red team round 24). Destroyed, a declared agent is created again,
-        empty, by the next start."""
+        """Refuse an agent's spawn of a name hive.toml declares: at the next start hive.toml
+        would adopt its child, parent, home and all, with what hive.toml gives that name
+        (its secrets, rules and peers: red team round 24). Destroyed, a declared agent is
+        created again, empty, by the next start (or by the operator's own spawn)."""
         if name in self.config.agents:
             raise Conflict(
                 f"{name!r} is declared in hive.toml: only hive.toml makes it (a destroyed one"
@@ -1385,7 +1385,6 @@ class Hive:
     async def spawn(self, actor: Operator, name: str, spec: AgentSpec) -> None:
         if self.exists(name):
             raise Conflict(f"an agent named {name!r} already exists")
-        self.check_not_declared(name)
         if self.swarm is not None and (host := self.swarm.host_of(name)) is not None:
             raise Conflict(f"an agent named {name!r} already exists on host {host}")
         self.check_agent_room()

@@ -111,12 +111,14 @@ class AgentRepo:
         the names taken out of hive.toml, whose rows (and what only they held) are gone, and
         those new to it: the cages, homes and ids hive-priv holds of either are a gone
         agent's, the lifecycle's to destroy (``Hive.destroy_leftovers``, ``clear_leftovers``).
-        A declared name that a spawned agent holds is refused (``DeclaredNameTaken``), and
-        nothing is changed: adopting it kept its parent and home (red team round 24)."""
+        A declared name that an agent's spawned child holds is refused
+        (``DeclaredNameTaken``), and nothing is changed: adopting it kept its parent and
+        home (red team round 24)."""
         now = time.time()
         with self._write() as tx:
+            # (the operator's own spawn of a declared name is adopted: it remade that agent)
             held = tx.execute(
-                "SELECT name, origin, parent FROM agents WHERE origin != 'config'"
+                "SELECT name, origin, parent FROM agents WHERE origin = 'spawn'"
             ).fetchall()
             for name, origin, parent in held:
                 if name in declared:
@@ -211,7 +213,7 @@ class DeclaredNameTaken(Exception):
     """hive.toml declares a name a spawned agent holds: one line saying how to go on."""
 
     def __init__(self, name: str, origin: str, parent: str | None) -> None:
-        by = f" by {parent!r}" if parent else " by the operator" if origin == "operator" else ""
+        by = f" by {parent!r}" if parent else ""  # (its parent destroyed since: none)
         super().__init__(
             f"hive.toml declares agent {name!r}, but {name!r} is an agent spawned{by}, not one"
             f" hive.toml made: rename it in hive.toml, or take it out, start the hive and"
