@@ -54,14 +54,13 @@ PIECES_PAUSE_MIN = 0.05  # a pause owed is taken once this long: a write and a s
 FORGET_PAST = 256  # buckets kept before the full ones are dropped
 
 
-class AgentBuckets:
-    """A token bucket per agent, shared by its terminated connections' threads: each
-    holds ``capacity`` and refills at ``per_second``; ``owed`` takes an amount and says how
-    long to wait for the bucket to be paid back."""
+class PiecePacer:
+    """Small pieces of answers, per agent, across its terminated connections' threads: a
+    token bucket each, ``per_second`` a second and as many at most."""
 
-    def __init__(self, per_second: float, capacity: float) -> None:
+    def __init__(self, per_second: float = SMALL_PIECES_PER_SECOND) -> None:
         self.per_second = per_second
-        self.capacity = capacity
+        self.capacity = per_second
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}
         self._forget_past = FORGET_PAST
@@ -89,13 +88,6 @@ class AgentBuckets:
             del self._buckets[a]
         # twice what is left before the next sweep: each costs what the growth since
         self._forget_past = max(FORGET_PAST, 2 * len(self._buckets))
-
-
-class PiecePacer(AgentBuckets):
-    """Small pieces of answers, per agent, across its terminated connections' threads."""
-
-    def __init__(self, per_second: float = SMALL_PIECES_PER_SECOND) -> None:
-        super().__init__(per_second, per_second)
 
 
 # What a terminated connection costs the core besides Python: decrypting what one side
