@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
@@ -94,14 +95,22 @@ class EgressSection(BaseModel):
     # An extra CA the proxy trusts for upstream servers whose TLS it terminates (beside
     # the host's trust store): for a test server, or an internal CA.
     upstream_ca: Path | None = None
-    # CPU seconds a second an agent's TLS-terminated connections may cost the core
-    # together (decrypting and re-encrypting: ~1.6 s a GiB), and all agents' together,
-    # shared evenly by those using some (default: half the CPUs the core may run on, at
-    # least 1); past it their relays wait (core/egress_tls.CpuPacer). 0: no bound.
-    terminated_cpu: float = Field(default=1.0, ge=0, le=1024)
-    terminated_cpu_total: float | None = Field(default=None, ge=0, le=1024)
+    # CPU seconds a second an agent's egress connections may cost the core together (a
+    # terminated one decrypting and re-encrypting: ~1.6 s a GiB; a tunnel splicing: ~0.2),
+    # and all agents' together, shared evenly by those using some (default: half the CPUs
+    # the core may run on, at least 1); past it their relays wait (core/egress_tls.CpuPacer).
+    # 0: no bound. Session 20's names, when only terminated TLS was charged, still read.
+    cpu: float = Field(
+        default=1.0, ge=0, le=1024, validation_alias=AliasChoices("cpu", "terminated_cpu")
+    )
+    cpu_total: float | None = Field(
+        default=None,
+        ge=0,
+        le=1024,
+        validation_alias=AliasChoices("cpu_total", "terminated_cpu_total"),
+    )
 
-    @field_validator("terminated_cpu", "terminated_cpu_total")
+    @field_validator("cpu", "cpu_total")
     @classmethod
     def _cpu_share(cls, value: float | None) -> float | None:
         if value is not None and 0 < value < 0.01:

@@ -12,6 +12,11 @@ to 0.31–0.39, the three parties together ~10 % less, and plain HTTP through th
 proxy moved 1,978 against 1,754 MB/s (medians of four alternate runs). The copy
 (``pump``) stays for a direction whose pipe can't be had: descriptors short, or
 the core's user past ``fs/pipe-user-pages-soft``, whose new pipes hold two pages.
+
+Each direction's thread may carry a ``Meter`` (hive-core's ``egress_tls.CpuMeter``): what
+the thread spends, the kernel's splicing too, is charged to its agent every PACE_EVERY
+passes and once more when the direction ends, and a debt is slept off in the thread, so
+an agent's tunnels cost the core no more CPU than its share (docs/security.md, "Egress").
 """
 
 from __future__ import annotations
@@ -20,6 +25,23 @@ import fcntl
 import os
 import socket
 import threading
+from typing import Protocol
+
+# A pass is one read and its write: a thread's CPU is read (a system call) and charged
+# every this many, and whatever is left when the direction ends. A pass is ~10 µs of
+# 1-byte pieces, or up to 1 MiB of a bulk transfer (~0.2 ms).
+PACE_EVERY = 16
+
+
+class Meter(Protocol):
+    """One direction's CPU, charged in the thread that moves its bytes."""
+
+    def begin(self) -> None:
+        """This thread's CPU counts from now (a direction run in a thread of its own)."""
+
+    def pace(self) -> None:
+        """Charge what this thread spent since the last call; sleep off a debt."""
+
 
 # A direction's buffer starts small (most tunnels carry a request and its answer,
 # or sit idle) and doubles each time one read fills it, up to BUFFER_MAX: a bulk
@@ -28,16 +50,19 @@ BUFFER_START = 64 * 1024
 BUFFER_MAX = 1 << 20
 
 
-def pump(src: socket.socket, dst: socket.socket) -> int:
+def pump(src: socket.socket, dst: socket.socket, meter: Meter | None = None) -> int:
     """Move bytes src -> dst until src's end of stream (or an error); then shut
     down dst's sending side so the peer sees the end too. Returns bytes moved.
 
     Each read is sent whole before the next: what a peer wrote goes on at once,
     however small (a request line never waits for more to fill a buffer)."""
-    moved = 0
+    moved = passes = 0
     buf = memoryview(bytearray(BUFFER_START))
     try:
         while True:
+            passes += 1
+            if meter is not None and passes % PACE_EVERY == 0:
+                meter.pace()
             try:
                 n = src.recv_into(buf)
             except OSError:
@@ -62,6 +87,8 @@ def pump(src: socket.socket, dst: socket.socket) -> int:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        if meter is not None:
+            meter.pace()
     return moved
 
 
@@ -88,16 +115,21 @@ def _pipe() -> tuple[int, int] | None:
     return r, w
 
 
-def splice_pump(src: socket.socket, dst: socket.socket, pipe: tuple[int, int]) -> int:
+def splice_pump(
+    src: socket.socket, dst: socket.socket, pipe: tuple[int, int], meter: Meter | None = None
+) -> int:
     """``pump``, through ``pipe`` (closed here) with splice(2): no copy in userspace.
     The same ends: src's end of stream, or an error either side, ends it and shuts
     down dst's sending side; each read is written whole before the next."""
     r, w = pipe
-    moved = 0
+    moved = passes = 0
     size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
     s, d = src.fileno(), dst.fileno()
     try:
         while True:
+            passes += 1
+            if meter is not None and passes % PACE_EVERY == 0:
+                meter.pace()
             try:
                 n = os.splice(s, w, size, flags=os.SPLICE_F_MOVE)
             except OSError:
@@ -123,21 +155,32 @@ def splice_pump(src: socket.socket, dst: socket.socket, pipe: tuple[int, int]) -
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        if meter is not None:
+            meter.pace()
     return moved
 
 
-def _direction(src: socket.socket, dst: socket.socket, pipe: tuple[int, int] | None) -> int:
-    return pump(src, dst) if pipe is None else splice_pump(src, dst, pipe)
+def _direction(
+    src: socket.socket, dst: socket.socket, pipe: tuple[int, int] | None, meter: Meter | None
+) -> int:
+    return pump(src, dst, meter) if pipe is None else splice_pump(src, dst, pipe, meter)
 
 
-def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
+def relay(
+    a: socket.socket, b: socket.socket, meters: tuple[Meter, Meter] | None = None
+) -> tuple[int, int]:
     """Both directions at once (one in a helper thread); returns (a->b, b->a) bytes.
-    Both sockets must be blocking. Closes neither (the pipes, yes)."""
+    Both sockets must be blocking. Closes neither (the pipes, yes). ``meters``: a->b's
+    (begun in the helper thread) and b->a's (this thread's); each direction's last debt is
+    slept off before it ends, so before this returns."""
     up: list[int] = [0]
     pipes = (_pipe(), _pipe())
+    up_meter, down_meter = (None, None) if meters is None else meters
 
     def upstream() -> None:
-        up[0] = _direction(a, b, pipes[0])
+        if up_meter is not None:
+            up_meter.begin()
+        up[0] = _direction(a, b, pipes[0], up_meter)
 
     try:
         t = threading.Thread(target=upstream, daemon=True)
@@ -148,6 +191,6 @@ def relay(a: socket.socket, b: socket.socket) -> tuple[int, int]:
                 os.close(p[0])
                 os.close(p[1])
         raise
-    down = _direction(b, a, pipes[1])
+    down = _direction(b, a, pipes[1], down_meter)
     t.join()
     return up[0], down

@@ -764,11 +764,11 @@ class EgressProxy:
         ca: HiveCA | None = None,
         upstream_tls: ssl.SSLContext | None = None,
         connections_per_second: float = 0.0,
-        terminated_cpu: egress_tls.CpuPacer | None = None,
+        cpu: egress_tls.CpuPacer | None = None,
     ) -> None:
         self.rules_for = rules_for
-        # What terminated connections' threads may spend of the core's CPU (egress_tls.py).
-        self.terminated_cpu = terminated_cpu
+        # What connections' threads may spend of the core's CPU (egress_tls.CpuPacer).
+        self.cpu = cpu
         # TLS termination (core/egress_tls.py): which destinations get it, and how.
         self.plan_for = plan_for
         self.ca = ca
@@ -1025,8 +1025,8 @@ class EgressProxy:
 
     def _serve(self, agent: str, conn: socket.socket) -> None:
         # This thread is the connection's own: its CPU from here (the CONNECT read and
-        # checked, then a terminated connection's handshakes and relay) is what a terminated
-        # connection charges its agent (egress_tls.CpuPacer).
+        # checked, then a terminated connection's handshakes and relay, or one direction of
+        # a tunnel's) is what the connection charges its agent (egress_tls.CpuPacer).
         started = time.thread_time()
         upstream: socket.socket | None = None
         counted = False
@@ -1096,7 +1096,19 @@ class EgressProxy:
             # outlasted the removal: red team of session 15).
             kind = "tunnel" if req.forward is None else "plain"
             l7_names = l7_only_names(rules, req.port)
-            opened_ = _Open(req.host, req.port, address, (conn, upstream), kind, l7_names)
+            # Each direction's thread charges its CPU (the kernel's splicing too) as it goes,
+            # this one's since it started; a debt is slept off with the slot held.
+            down_meter = egress_tls.CpuMeter(self.cpu, agent, started)
+            meters = (down_meter.sibling(), down_meter)
+            opened_ = _Open(
+                req.host,
+                req.port,
+                address,
+                (conn, upstream),
+                kind,
+                l7_names,
+                wake=down_meter.wake,
+            )
             try:
                 self._track(agent, decision, opened_)
                 if req.forward is None:
@@ -1117,7 +1129,7 @@ class EgressProxy:
                 if rest:
                     upstream.sendall(rest)
                     decision.bytes_up += len(rest)
-                up, down = relay(conn, upstream)
+                up, down = relay(conn, upstream, meters)
             finally:
                 self._untrack(agent, decision)
             decision.bytes_up += up
@@ -1163,7 +1175,7 @@ class EgressProxy:
         thread's charged to the agent as it goes, and what is left when it ends, however it
         ends (an exception too: red team of session 20), slept off before the cage's
         connection is closed, its slot held meanwhile (``egress_tls.CpuMeter``)."""
-        meter = egress_tls.CpuMeter(self.terminated_cpu, agent, cpu_since)
+        meter = egress_tls.CpuMeter(self.cpu, agent, cpu_since)
         try:
             return self._terminate_metered(agent, conn, addresses, plan, decision, meter)
         finally:

@@ -90,10 +90,11 @@ class PiecePacer:
         self._forget_past = max(FORGET_PAST, 2 * len(self._buckets))
 
 
-# What a terminated connection costs the core besides Python: decrypting what one side
-# sent and encrypting it for the other, ~1.6 s of CPU a GiB (bench/run.py) in the relay's
-# thread with the GIL free, so on the core's other CPUs, where no cgroup of the agent's
-# charges it. Each connection's thread measures its own CPU (``time.thread_time``) as it
+# What an egress connection costs the core besides Python: a terminated one decrypting
+# what one side sent and encrypting it for the other, ~1.6 s of CPU a GiB (bench/run.py),
+# a tunnel or plain relay splicing, ~0.2 s a GiB, in the relay's threads with the GIL free,
+# so on the core's other CPUs, where no cgroup of the agent's charges it. Each thread
+# serving a connection (a tunnel's two: relay.py) measures its own CPU (``time.thread_time``) as it
 # goes and takes it from its agent's bucket (``CpuPacer``); in debt, the thread sleeps it
 # off. An agent's rate is ``per_agent``, or the hive's ``total`` shared evenly by the
 # agents that used some in the last ACTIVE_SECONDS, whichever is less: however many
@@ -104,14 +105,14 @@ ACTIVE_SECONDS = 1.0
 ACTIVE_FLOOR = 0.01  # CPU seconds within ACTIVE_SECONDS to count as using some
 
 
-def default_terminated_cpu_total() -> float:
-    """The hive's terminated connections together: half the CPUs the core may run on, at
+def default_cpu_total() -> float:
+    """Every agent's egress connections together: half the CPUs the core may run on, at
     least one."""
     return max(1.0, len(os.sched_getaffinity(0)) / 2)
 
 
 class CpuPacer:
-    """The CPU seconds terminated connections' threads spend, a second: for one agent's
+    """The CPU seconds egress connections' threads spend, a second: for one agent's
     together at most ``per_agent``, and ``total`` shared evenly by the agents using some
     (0: no bound). An agent counts as using some while it spent ACTIVE_FLOOR in the last
     ACTIVE_SECONDS, or owes: charges of a few ms now and then (a handshake dropped) don't
@@ -174,7 +175,8 @@ MAX_PAUSE = 60.0
 
 
 class CpuMeter:
-    """One terminated connection's CPU, in the thread serving it: what the thread spent
+    """One terminated connection's CPU, or one direction of a tunnel's, in the thread
+    serving it: what the thread spent
     since it last asked (``time.thread_time``, from ``since``), and another thread's on its
     behalf (``add``), taken from its agent's bucket (``CpuPacer``), a debt slept off
     (``pace``). ``wake`` ends a pause, and every later one, at once (the connection was
@@ -185,6 +187,17 @@ class CpuMeter:
         self.agent = agent
         self._at = time.thread_time() if since is None else since
         self._ended = threading.Event()
+
+    def sibling(self) -> CpuMeter:
+        """A meter for another thread of the same connection (a tunnel's other direction):
+        the same agent's, ended by the same ``wake``; ``begin`` it in its thread."""
+        other = CpuMeter(self.pacer, self.agent)
+        other._ended = self._ended
+        return other
+
+    def begin(self) -> None:
+        """The calling thread's CPU counts from now (a relay direction's own thread)."""
+        self._at = time.thread_time()
 
     def add(self, seconds: float) -> None:
         """Charge ``seconds`` of another thread's CPU with this one's, at the next ``pace``."""

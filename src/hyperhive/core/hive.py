@@ -27,7 +27,7 @@ from hyperhive.config import HiveConfig
 from hyperhive.core import approvals
 from hyperhive.core.actors import Actor, Agent, Operator
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
-from hyperhive.core.egress_tls import CpuPacer, Injection, Plan, default_terminated_cpu_total
+from hyperhive.core.egress_tls import CpuPacer, Injection, Plan, default_cpu_total
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
 from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.inboxes import KnownInboxes
@@ -197,11 +197,9 @@ class Hive:
             ca=self.ca,
             upstream_tls=upstream_context(config.egress.upstream_ca),
             connections_per_second=config.egress.connections_per_second,
-            terminated_cpu=CpuPacer(
-                config.egress.terminated_cpu,
-                default_terminated_cpu_total()
-                if config.egress.terminated_cpu_total is None
-                else config.egress.terminated_cpu_total,
+            cpu=CpuPacer(
+                config.egress.cpu,
+                default_cpu_total() if config.egress.cpu_total is None else config.egress.cpu_total,
             ),
         )
         self.reload_egress()
