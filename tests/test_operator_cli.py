@@ -444,6 +444,26 @@ def test_inbox_is_a_page_with_all_and_after(hive: HiveProcess) -> None:
     assert rest["messages"] == every[50:] and not rest.get("more")
 
 
+def test_show_question_says_a_destroyed_askers_question_is_cancelled(hive: HiveProcess) -> None:
+    """Red team round 24 noticed: ``hive show question`` of a question cancelled with its
+    asker printed it as an open one. Now its last line says so, and ``--json`` carries
+    ``cancelled``; an open question has neither."""
+    ok(hive.host_call("spawn", name="qkid", spec={"runtime": "command", "command": ["true"]}))
+    with Client(hive.agent_sock("qkid"), timeout=30) as kid:
+        qid = ok(kid.call("ask", to="operator", question="deploy?", options=["yes", "no"]))["id"]
+    with Client(hive.agent_sock("bob"), timeout=30) as bob:
+        open_id = ok(bob.call("ask", to="operator", question="still open?"))["id"]
+    ok(hive.host_call("destroy", name="qkid"))
+    shown = run_hive(hive, "show", "question", str(qid))
+    assert shown.returncode == 0 and shown.stderr == "", shown
+    assert shown.stdout.splitlines()[-1] == (
+        "cancelled: its asker or the agent it asked was destroyed; it takes no answer"), shown.stdout
+    assert json.loads(run_hive(hive, "show", "question", "--json", str(qid)).stdout)["question"]["cancelled"] is True
+    still = run_hive(hive, "show", "question", str(open_id))
+    assert still.returncode == 0 and "cancelled" not in still.stdout, still
+    assert "cancelled" not in json.loads(run_hive(hive, "show", "question", "--json", str(open_id)).stdout)["question"]
+
+
 # -- hive reset (last: it stops and restarts the module's hive) ------------------------
 
 

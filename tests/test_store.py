@@ -232,6 +232,24 @@ def test_an_apply_error_of_egress_kind(store: Store) -> None:
     assert "c.example:443" in {r["rule"] for r in store.egress.rules("boss")["boss"]}
 
 
+def test_a_question_of_a_destroyed_agent_reads_as_cancelled(store: Store) -> None:
+    """Red team round 24 noticed: the whole read of a question cancelled with its asker
+    looked like an open one (no answer, nothing more). Now it says ``cancelled``; an open
+    or answered question has no such field (hyperhive's rows don't)."""
+    from hyperhive.wire.framing import model_fields_only
+
+    store.agents.create("kid", SPEC, None, "operator")
+    open_q, _ = store.questions.ask("boss", "operator", "still open?", None)
+    gone_q, _ = store.questions.ask("kid", "operator", "will I be cancelled?", ["yes"])
+    store.agents.delete("kid")
+    gone, still = store.questions.get(gone_q.id), store.questions.get(open_q.id)
+    assert gone is not None and still is not None
+    assert model_fields_only(gone)["cancelled"] is True  # type: ignore[arg-type]
+    assert "cancelled" not in model_fields_only(still)  # type: ignore[arg-type]
+    with pytest.raises(Conflict, match="was cancelled"):
+        store.questions.answer(gone_q.id, "operator", "yes")
+
+
 # -- the schema --------------------------------------------------------------------------------
 
 

@@ -519,6 +519,7 @@ def test_a_destroyed_helpers_name_spawned_again_starts_from_nothing(
     assert not any("rt24 reminder of the first" in json.dumps(e) for e in entries), entries
     question = assert_ok(h.host_call("show_question", id=first["ask"]["id"]))["question"]
     assert question.get("answer") is None and question["asker"] == REUSED
+    assert question.get("cancelled") is True, question  # (session 21: it says so)
     refused = h.host_call("answer_question", id=first["ask"]["id"], answer="yes")
     assert refused == {
         "version": 1,

@@ -435,6 +435,8 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
         if q.get("answer") is not None:
             say(f"answered: {when(q.get('answered_at'))}")
             click.echo(visible(q["answer"]))
+        elif q.get("cancelled"):
+            say("cancelled: its asker or the agent it asked was destroyed; it takes no answer")
 
     @show.command("message")
     @json_option

@@ -92,6 +92,9 @@ class Question(BaseModel):
     asked_at: Timestamp
     answer: str | None = None
     answered_at: Timestamp | None = None
+    # True when its asker or target was destroyed before an answer (it takes none); absent
+    # otherwise, as hyperhive's rows have no such field.
+    cancelled: bool | None = None
     # In a listing (a summary): the fields cut to their first bytes, with their full
     # length in bytes (UTF-8); the one-item read gives the row whole.
     truncated: dict[str, int] | None = None

@@ -32,6 +32,7 @@ def _to_question(r: _Row) -> Question:
         asked_at=r[5],
         answer=r[6],
         answered_at=r[7],
+        cancelled=True if r[8] else None,
     )
 
 
@@ -61,6 +62,7 @@ def _to_summary(r: tuple[object, ...]) -> Question:
         asked_at=r[7],
         answer=shown(r[8], r[9]),
         answered_at=r[10],
+        cancelled=True if r[11] else None,
         truncated=truncated or None,
     )
 
