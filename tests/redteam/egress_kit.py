@@ -164,11 +164,13 @@ def each_conn(one, **extra):
 # In the cage, with EACH_CONN: ``tls_to`` (CONNECT through the proxy, on 127.0.0.1:3128 or
 # egress.sock itself, then TLS with the hive's CA); a refused CONNECT raises NoTunnel,
 # which ``each_conn`` reports as that connection's line.
-TLS_CONNS = EACH_CONN + r"""
-import ssl
+# ``tunnel_to``: a CONNECT through the proxy (its TCP port, or with ``unix`` its own
+# socket), the 200 read; the socket, or NoTunnel with what the proxy said.
+TUNNEL_TO = EACH_CONN + r"""
+import socket
 
 
-def tls_to(host, port, unix=False, timeout=150):
+def tunnel_to(host, port, unix=False, timeout=150):
     if unix:  # the proxy's own socket: no TCP (no Nagle, no delayed ACK)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(timeout)
@@ -184,6 +186,15 @@ def tls_to(host, port, unix=False, timeout=150):
         head += chunk
     if not head.startswith(b"HTTP/1.1 200"):
         raise NoTunnel("connect: " + head.decode(errors="replace")[:200])
+    return s
+"""
+
+TLS_CONNS = TUNNEL_TO + r"""
+import ssl
+
+
+def tls_to(host, port, unix=False, timeout=150):
+    s = tunnel_to(host, port, unix, timeout)
     ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
     return ctx.wrap_socket(s, server_hostname=host)
 """

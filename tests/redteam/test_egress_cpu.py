@@ -131,10 +131,14 @@ def churn_hive(upstream: Path) -> Iterator[HiveProcess]:
 
 
 def download(
-    h: HiveProcess, agents: tuple[str, ...], conns: int | dict[str, int], script: str = ""
+    h: HiveProcess,
+    agents: tuple[str, ...],
+    conns: int | dict[str, int],
+    script: str = "",
+    **params: Any,
 ) -> tuple[float, dict[str, Any]]:
     """Each of ``agents`` downloads on ``conns`` terminated connections (or its own number
-    of them) for 8 s at once;
+    of them; ``script`` with ``params``: its own kind) for 8 s at once;
     (the core's CPU a second from 2.5 s in to 6.5 s in, past the buckets' first second of
     burst and the probes' starts; the bytes each agent's connections got)."""
     got: dict[str, Any] = {}
@@ -149,6 +153,7 @@ def download(
                 host=HOST,
                 conns=conns if isinstance(conns, int) else conns[agent],
                 seconds=8.0,
+                **params,
             )
         except BaseException as e:  # shown by the caller
             got[agent] = {"error": repr(e)[:2000]}

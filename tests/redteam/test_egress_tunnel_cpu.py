@@ -21,7 +21,7 @@ import pytest
 from hive_fixture import HiveProcess, running_hive
 from testnet import TestNet
 
-from .egress_kit import EACH_CONN
+from .egress_kit import TUNNEL_TO
 from .test_egress_cpu import download
 
 NET = TestNet(241, prefix="hvtun")
@@ -52,26 +52,17 @@ while True:
 # ones a plain-HTTP GET (the proxy's other relay), each read for P["seconds"] s; the
 # bytes each got.
 DOWNLOAD = (
-    (
-        EACH_CONN
-        + r"""
-import socket, time
+    TUNNEL_TO
+    + r"""
+import time
 def one(i, out):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect("/run/hive/egress.sock")
     target = f"{P['addr']}:{P['port']}"
     if i % 2 == 0:
-        s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(4096)
-            if not chunk:
-                raise NoTunnel("connect closed: " + head.decode(errors="replace"))
-            head += chunk
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise NoTunnel("connect: " + head.decode(errors="replace")[:200])
+        s = tunnel_to(P["addr"], P["port"], unix=True, timeout=30)
     else:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(30)
+        s.connect("/run/hive/egress.sock")
         s.sendall(f"GET http://{target}/ HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     got, end = 0, time.monotonic() + P["seconds"]
     buf = bytearray(1 << 20)
@@ -84,9 +75,6 @@ def one(i, out):
     out[i] = got
 each_conn(one)
 """
-    )
-    .replace("P['addr']", repr(ADDR))
-    .replace("P['port']", repr(PORT))
 )
 
 
@@ -111,7 +99,7 @@ def test_an_agents_tunnels_cost_the_core_its_share_only(hive: HiveProcess) -> No
     """One agent downloads as fast as the upstream sends on 2 tunnels and 2 plain-HTTP
     relays. Uncharged (main before this change), the core ran at ~0.4 CPUs on the 2-CPU
     test machine for as long as the agent kept at it; it must stay near the agent's 0.1."""
-    rate, got = download(hive, AGENTS[:1], conns=4, script=DOWNLOAD)
+    rate, got = download(hive, AGENTS[:1], conns=4, script=DOWNLOAD, addr=ADDR, port=PORT)
     served(got, AGENTS[0])
     assert rate < PER_AGENT * 1.25 + 0.05, rate
 
@@ -120,7 +108,7 @@ def test_an_agents_tunnels_cost_the_core_its_share_only(hive: HiveProcess) -> No
 def test_every_agents_tunnels_together_cost_the_core_the_hives_share(hive: HiveProcess) -> None:
     """Three agents at once, 2 connections each: 0.1 each would be 0.3 CPUs; the hive's
     0.15 is shared, 0.05 each, and each agent still gets its downloads served."""
-    rate, got = download(hive, AGENTS, conns=2, script=DOWNLOAD)
+    rate, got = download(hive, AGENTS, conns=2, script=DOWNLOAD, addr=ADDR, port=PORT)
     for agent in AGENTS:
         served(got, agent)
     assert rate < TOTAL * 1.25 + 0.05, rate
