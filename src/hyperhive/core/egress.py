@@ -46,7 +46,7 @@ from hyperhive.core.ratelimit import TokenBuckets
 from hyperhive.core.tls import HiveCA
 from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
-from hyperhive.relay import relay
+from hyperhive.relay import PACE_EVERY, relay
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.egress import (
     IPAddress,
@@ -345,15 +345,16 @@ def l7_only_names(rules: tuple[Rule, ...], port: int) -> frozenset[str]:
 
 # What the log row of a connection ``revalidate`` ended says after its reason.
 ENDED = " (ended: the agent's egress rules changed)"
+ENDED_STOPPED = " (ended: the agent stopped)"
 
 
-def _end(o: _Open, decision: Decision) -> None:
+def _end(o: _Open, decision: Decision, why: str = ENDED) -> None:
     """Both sockets shut down, from another thread than the one relaying them, and the
     decision's log row (written when the relay ends) saying why. The plain socket's
     shutdown, never SSLSocket's: that drops its TLS object first, and a send racing it
     went out in cleartext, an injected secret with it (red team of session 15)."""
-    if not decision.reason.endswith(ENDED):
-        decision.reason += ENDED
+    if not decision.reason.endswith((ENDED, ENDED_STOPPED)):
+        decision.reason += why
     for sock in o.sockets:
         with contextlib.suppress(OSError):
             socket.socket.shutdown(sock, socket.SHUT_RDWR)
@@ -505,14 +506,26 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
     return client, b""
 
 
-def _read_head(conn: socket.socket, buf: bytes, deadline: float) -> tuple[bytes, bytes]:
+def _read_head(
+    conn: socket.socket, first: bytes, deadline: float, meter: egress_tls.CpuMeter | None = None
+) -> tuple[bytes, bytes]:
     """The request head (up to the blank line) and whatever came after it, all
-    within one deadline (a client sending a byte at a time gets no longer)."""
-    while b"\r\n\r\n" not in buf:
+    within one deadline (a client sending a byte at a time gets no longer). Each read
+    looks for the blank line only in what it added (and the 3 bytes before), and
+    ``meter`` charges the reads every PACE_EVERY of them: a head sent a byte at a
+    time and refused held the core at 1.5 CPUs, uncharged and each read searching the
+    whole head again (red team of session 21)."""
+    buf = bytearray(first)
+    end = buf.find(b"\r\n\r\n")
+    reads = 0
+    while end < 0:
         if len(buf) > MAX_HEAD:
             raise Refusal(431, f"request head over {MAX_HEAD} bytes")
         if time.monotonic() > deadline:
             raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s")
+        reads += 1
+        if meter is not None and reads % PACE_EVERY == 0:
+            meter.pace()
         conn.settimeout(max(0.01, deadline - time.monotonic()))
         try:
             chunk = conn.recv(65536)
@@ -520,12 +533,13 @@ def _read_head(conn: socket.socket, buf: bytes, deadline: float) -> tuple[bytes,
             raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s") from None
         if not chunk:
             raise Refusal(400, "connection closed before a complete request")
+        start = max(0, len(buf) - 3)
         buf += chunk
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    if len(head) > MAX_HEAD:
+        end = buf.find(b"\r\n\r\n", start)
+    if end > MAX_HEAD:
         raise Refusal(431, f"request head over {MAX_HEAD} bytes")
     conn.settimeout(None)
-    return head, rest
+    return bytes(buf[:end]), bytes(buf[end + 4 :])
 
 
 @dataclass
@@ -875,6 +889,12 @@ class EgressProxy:
         path.unlink(missing_ok=True)
         self._pool.drop(name)
         self._accepts.forget(name)
+        # Its connections end with it: a relay asleep on a CPU debt would hold its sockets
+        # (an upstream's too) for up to a pause, MAX_PAUSE (red team of session 21).
+        with self._lock:
+            live = list(self._open.get(name, {}).values())
+        for opened, decision in live:
+            _end(opened, decision, ENDED_STOPPED)
 
     def close_all(self, paths: Callable[[str], Path]) -> None:
         for name in list(self._listeners):
@@ -1024,10 +1044,11 @@ class EgressProxy:
                 pass  # the loop is shutting down
 
     def _serve(self, agent: str, conn: socket.socket) -> None:
-        # This thread is the connection's own: its CPU from here (the CONNECT read and
-        # checked, then a terminated connection's handshakes and relay, or one direction of
-        # a tunnel's) is what the connection charges its agent (egress_tls.CpuPacer).
-        started = time.thread_time()
+        # This thread is the connection's own: its CPU from here (the head read and
+        # checked, a refusal, a terminated connection's handshakes and relay, or one
+        # direction of a tunnel's) is what the connection charges its agent
+        # (egress_tls.CpuPacer), as it goes and, whatever the ending, in the ``finally``.
+        meter = egress_tls.CpuMeter(self.cpu, agent)
         upstream: socket.socket | None = None
         counted = False
         try:
@@ -1054,7 +1075,7 @@ class EgressProxy:
             try:
                 deadline = time.monotonic() + HEAD_TIMEOUT
                 conn, first = _receive(conn, deadline)
-                head, rest = _read_head(conn, first, deadline)
+                head, rest = _read_head(conn, first, deadline, meter)
                 req = parse_request(head)
             except Refusal as e:
                 _reply(conn, e.status, e.reason)
@@ -1080,7 +1101,7 @@ class EgressProxy:
                 if plan is not None and rest:
                     raise Refusal(400, "send the TLS handshake after the CONNECT's 200")
                 if plan is not None:
-                    conn = self._terminate(agent, conn, addresses, plan, decision, started)
+                    conn = self._terminate(agent, conn, addresses, plan, decision, meter)
                     return
                 upstream, address = self._connect(addresses, req.port)
             except Refusal as e:
@@ -1097,9 +1118,8 @@ class EgressProxy:
             kind = "tunnel" if req.forward is None else "plain"
             l7_names = l7_only_names(rules, req.port)
             # Each direction's thread charges its CPU (the kernel's splicing too) as it goes,
-            # this one's since it started; a debt is slept off with the slot held.
-            down_meter = egress_tls.CpuMeter(self.cpu, agent, started)
-            meters = (down_meter.sibling(), down_meter)
+            # this one's on the connection's meter; a debt is slept off with the slot held.
+            meters = (meter.sibling(), meter)
             opened_ = _Open(
                 req.host,
                 req.port,
@@ -1107,7 +1127,7 @@ class EgressProxy:
                 (conn, upstream),
                 kind,
                 l7_names,
-                wake=down_meter.wake,
+                wake=meter.wake,
             )
             try:
                 self._track(agent, decision, opened_)
@@ -1146,6 +1166,10 @@ class EgressProxy:
             if upstream is not None:
                 upstream.close()
             conn.close()
+            # A refused connection's CPU too (a head sent a byte at a time, then refused,
+            # cost the core 1.5 CPUs uncharged: red team of session 21), slept off with
+            # the connection's slot held.
+            meter.pace()
             if counted:
                 with self._lock:
                     self._active[agent] -= 1
@@ -1169,25 +1193,6 @@ class EgressProxy:
         addresses: list[IPAddress],
         plan: Plan,
         decision: Decision,
-        cpu_since: float,
-    ) -> socket.socket:
-        """``_terminate_metered`` with its thread's CPU since ``cpu_since`` and the helper
-        thread's charged to the agent as it goes, and what is left when it ends, however it
-        ends (an exception too: red team of session 20), slept off before the cage's
-        connection is closed, its slot held meanwhile (``egress_tls.CpuMeter``)."""
-        meter = egress_tls.CpuMeter(self.cpu, agent, cpu_since)
-        try:
-            return self._terminate_metered(agent, conn, addresses, plan, decision, meter)
-        finally:
-            meter.pace()
-
-    def _terminate_metered(
-        self,
-        agent: str,
-        conn: socket.socket,
-        addresses: list[IPAddress],
-        plan: Plan,
-        decision: Decision,
         meter: egress_tls.CpuMeter,
     ) -> socket.socket:
         """Serve one terminated connection; returns the socket to close. The upstream is
@@ -1195,7 +1200,9 @@ class EgressProxy:
         connected and its certificate verified in a helper thread while the cage makes
         its TLS handshake with the proxy: the two handshakes overlap instead of adding
         up. Nothing goes upstream before both are done, and a server that can't be
-        reached or doesn't verify is the answer to the cage's first request (502)."""
+        reached or doesn't verify is the answer to the cage's first request (502).
+        ``meter``: the connection's, charged as it goes (the helper thread's CPU too); what
+        is left when it ends, however it ends, is charged in ``_serve``'s ``finally``."""
         assert self.ca is not None
 
         def refuse(reason: str) -> None:
