@@ -97,8 +97,9 @@ class EgressSection(BaseModel):
     upstream_ca: Path | None = None
     # CPU seconds a second an agent's egress connections may cost the core together (a
     # terminated one decrypting and re-encrypting: ~1.6 s a GiB; a tunnel splicing: ~0.2),
-    # and all agents' together, shared evenly by those using some (default: half the CPUs
-    # the core may run on, at least 1); past it their relays wait (core/egress_tls.CpuPacer).
+    # and all agents' together, shared by those using some: an even part each, or what the
+    # others leave if more (default: half the CPUs the core may run on, at least 1); past it
+    # their relays wait (core/egress_tls.CpuPacer).
     # 0: no bound. Session 20's names, when only terminated TLS was charged, still read.
     cpu: float = Field(
         default=1.0, ge=0, le=1024, validation_alias=AliasChoices("cpu", "terminated_cpu")

@@ -289,3 +289,58 @@ def test_an_agents_handshakes_cost_the_core_its_share_only(churn_hive: HiveProce
     assert "error" not in out, out
     assert all(isinstance(n, int) and n > 0 for n in out["out"]), out
     assert rate < CHURN_CPU * 1.25 + 0.04, rate
+
+
+def simulate(
+    pacer: egress_tls.CpuPacer,
+    demand: dict[str, float],
+    seconds: float,
+    joins: dict[str, float] | None = None,
+    monkeypatch: pytest.MonkeyPatch | None = None,
+) -> dict[str, float]:
+    """Agents each wanting ``demand`` CPU seconds a second (from ``joins``' time on, if
+    given), simulated in 10 ms steps on a clock of the test's: each step's CPU charged,
+    its debt slept off as a relay does. The CPU seconds a second each got after the
+    last join."""
+    assert monkeypatch is not None
+    clock = [1000.0]
+    monkeypatch.setattr(egress_tls.time, "monotonic", lambda: clock[0])
+    pacer._swept = clock[0]
+    start = {a: clock[0] + (joins or {}).get(a, 0.0) for a in demand}
+    counted_from = max(start.values())
+    end = clock[0] + seconds
+    nxt = dict(start)
+    got = dict.fromkeys(demand, 0.0)
+    while True:
+        agent = min(nxt, key=nxt.__getitem__)
+        clock[0] = nxt[agent]
+        if clock[0] >= end:
+            break
+        spent = demand[agent] * 0.01
+        wait = pacer.owed(agent, spent)
+        if clock[0] >= counted_from:
+            got[agent] += spent
+        nxt[agent] = clock[0] + 0.01 + wait
+    return {a: n / (end - counted_from) for a, n in got.items()}
+
+
+@pytest.mark.attack(
+    "budget.exhaustion", ref="Known limits: the hive's egress CPU share was not work-conserving"
+)
+def test_the_hives_share_goes_to_whoever_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Session 21: what one agent leaves of the hive's share goes to the others. Before,
+    an agent using 0.05 of a 1 CPU share held the downloader beside it at 0.5; and
+    however an agent's part grows, the hive's total stays near its share and an agent
+    starting late gets its even part at once."""
+    lone = simulate(egress_tls.CpuPacer(0, 1.0), {"dl": 2.0, "light": 0.05}, 30, None, monkeypatch)
+    assert lone["light"] == pytest.approx(0.05, rel=0.05), lone
+    assert lone["dl"] > 0.85, lone  # was 0.5: the light agent's half went to nobody
+    assert lone["dl"] + lone["light"] < 1.05, lone
+    pair = simulate(egress_tls.CpuPacer(0, 1.0), {"a": 2.0, "b": 2.0}, 30, None, monkeypatch)
+    assert pair["a"] == pytest.approx(0.5, abs=0.05) and pair["b"] == pytest.approx(0.5, abs=0.05), pair
+    late = simulate(
+        egress_tls.CpuPacer(0, 1.0), {"a": 2.0, "b": 2.0}, 40, {"b": 10.0}, monkeypatch
+    )
+    assert late["b"] == pytest.approx(0.5, abs=0.07) and late["a"] + late["b"] < 1.1, late
+    capped = simulate(egress_tls.CpuPacer(0.3, 1.0), {"dl": 2.0, "light": 0.05}, 30, None, monkeypatch)
+    assert capped["dl"] == pytest.approx(0.3, rel=0.05), capped  # per_agent still binds

@@ -113,10 +113,14 @@ def default_cpu_total() -> float:
 
 class CpuPacer:
     """The CPU seconds egress connections' threads spend, a second: for one agent's
-    together at most ``per_agent``, and ``total`` shared evenly by the agents using some
-    (0: no bound). An agent counts as using some while it spent ACTIVE_FLOOR in the last
+    together at most ``per_agent``, and ``total`` shared by the agents using some (0: no
+    bound). An agent counts as using some while it spent ACTIVE_FLOOR in the last
     ACTIVE_SECONDS, or owes: charges of a few ms now and then (a handshake dropped) don't
-    halve the others' share (re-check of session 20)."""
+    halve the others' share (re-check of session 20). Each of them gets an even part of
+    ``total``, or what the others leave of it (their use in the last ACTIVE_SECONDS, as the
+    last sweep saw it), whichever is more: what one agent doesn't use goes to the others
+    (session 21; before, to nobody), and one that starts using more gets its even part at
+    once, the others' allowance shrinking at the next sweeps."""
 
     def __init__(self, per_agent: float, total: float) -> None:
         self.per_agent = per_agent
@@ -125,11 +129,26 @@ class CpuPacer:
         # agent -> (CPU seconds in its bucket, at, CPU seconds spent lately, decaying)
         self._buckets: dict[str, tuple[float, float, float]] = {}
         self._active: set[str] = set()  # as of the last sweep
+        # CPU seconds spent lately (ACTIVE_SECONDS), as of the last sweep: each active
+        # agent's, and all of them together
+        self._used: dict[str, float] = {}
+        self._used_sum = 0.0
         self._swept = time.monotonic()
 
     def rate(self, active: int) -> float:
-        """An agent's CPU seconds a second with ``active`` agents using some; 0: no bound."""
+        """An agent's even part, CPU seconds a second with ``active`` agents using some
+        (what it gets at least); 0: no bound."""
         rates = [r for r in (self.per_agent, self.total / max(1, active)) if r > 0]
+        return min(rates, default=0.0)
+
+    def rate_of(self, agent: str, active: int) -> float:
+        """``agent``'s CPU seconds a second: its even part, or what the others leave of
+        the hive's share if more (never past ``per_agent``); 0: no bound."""
+        share = self.total / max(1, active)
+        if self.total > 0:
+            others = (self._used_sum - self._used.get(agent, 0.0)) / ACTIVE_SECONDS
+            share = max(share, self.total - others)
+        rates = [r for r in (self.per_agent, share) if r > 0]
         return min(rates, default=0.0)
 
     def owed(self, agent: str, spent: float) -> float:
@@ -140,7 +159,7 @@ class CpuPacer:
             now = time.monotonic()
             if now - self._swept > ACTIVE_SECONDS / 4:
                 self._sweep(now)
-            rate = self.rate(len(self._active) + (agent not in self._active))
+            rate = self.rate_of(agent, len(self._active) + (agent not in self._active))
             capacity = rate * CPU_BURST_SECONDS
             tokens, at, used = self._buckets.get(agent, (capacity, now, 0.0))
             tokens = min(capacity, tokens + (now - at) * rate) - spent
@@ -151,17 +170,20 @@ class CpuPacer:
         """Who uses some now (the hive's share is split among them); forget the agents
         that used none for ACTIVE_SECONDS and owe nothing (a debt is never forgotten)."""
         self._swept = now
-        rate = self.rate(len(self._active))
-        active, quiet = set(), []
+        active_before = len(self._active)
+        active, quiet, used_by = set(), [], {}
         for a, (tokens, at, used) in self._buckets.items():
-            owes = tokens + (now - at) * rate < 0
-            if owes or _decayed(used, now - at) >= ACTIVE_FLOOR:
+            owes = tokens + (now - at) * self.rate_of(a, active_before) < 0
+            lately = _decayed(used, now - at)
+            if owes or lately >= ACTIVE_FLOOR:
                 active.add(a)
+                used_by[a] = lately
             elif now - at > ACTIVE_SECONDS:
                 quiet.append(a)
         for a in quiet:
             del self._buckets[a]
         self._active = active
+        self._used, self._used_sum = used_by, sum(used_by.values())
 
 
 def _decayed(used: float, elapsed: float) -> float:
