@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -146,3 +147,39 @@ def test_a_tunnels_two_directions_wake_together_when_it_is_ended() -> None:
     t0 = time.monotonic()
     up.pause(30.0)  # every later pause of the connection is none
     assert time.monotonic() - t0 < 1.0
+
+
+@pytest.mark.attack("budget.exhaustion", ref="red team of session 21: a relay asleep when its agent stops")
+def test_an_agents_stop_ends_its_connections_and_wakes_their_relays(tmp_path: Path) -> None:
+    """The red team of session 21 noticed: stopping an agent closed its egress listener
+    but not its connections, so a relay asleep on a CPU debt held its sockets (an
+    upstream's too) for up to a pause (60 s). Now ``close`` ends each of them: sockets
+    shut down, the pause woken, the log row saying why."""
+    import socket
+    import threading
+    import time
+    from ipaddress import ip_address
+
+    from hyperhive.core import egress
+    from hyperhive.core.egress_tls import CpuMeter, CpuPacer
+
+    proxy = egress.EgressProxy(lambda _a: (), lambda _d: None)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    proxy._listeners[AGENTS[0]] = listener  # (as listen() leaves it, without a loop)
+    a, b = socket.socketpair()
+    meter = CpuMeter(CpuPacer(0.01, 0), AGENTS[0])
+    asleep = threading.Thread(target=meter.pause, args=(30.0,))
+    t0 = time.monotonic()
+    asleep.start()
+    opened = egress._Open(ADDR, PORT, ip_address(ADDR), (a, b), "tunnel", wake=meter.wake)
+    decision = egress.Decision(AGENTS[0], ADDR, PORT, True, "CONNECT")
+    proxy._open[AGENTS[0]] = {decision.key: (opened, decision)}
+    try:
+        proxy.close(AGENTS[0], tmp_path / "egress.sock")
+        asleep.join(5.0)
+        assert not asleep.is_alive() and time.monotonic() - t0 < 1.0
+        assert a.recv(1) == b"" and b.recv(1) == b""  # both sides shut down
+        assert decision.reason == "CONNECT (ended: the agent stopped)", decision.reason
+    finally:
+        a.close()
+        b.close()
