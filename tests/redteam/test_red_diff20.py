@@ -47,10 +47,10 @@ import pytest
 from pydantic import ValidationError
 
 from hive_fixture import HiveProcess, running_hive
-from hyperhive.client import Client
 from hyperhive.config import EgressSection
 from testnet import TestNet
 
+from . import test_red_round23a as round23a
 from .conftest import cage_run
 from .egress_kit import EACH_CONN, TLS_CONNS
 from .test_egress_cpu import core_cpu
@@ -617,25 +617,11 @@ def tiny_flood(hive: HiveProcess) -> dict[str, Any]:
 
 
 def latencies(h: HiveProcess, seconds: float, start: float = 0.0) -> list[float]:
-    """Round trips, back to back, of CALM's whoami on its agent.sock and the operator's
-    ``agent_status`` on host.sock (a fresh connection each), from ``start`` s on."""
-    time.sleep(start)
-    out: list[float] = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        with Client(h.agent_sock(CALM), timeout=30) as c:
-            assert c.call("whoami")["name"] == CALM
-        t1 = time.monotonic()
-        with Client(h.host_sock, timeout=30) as c:
-            assert c.call("agent_status")["ok"]
-        out += [t1 - t0, time.monotonic() - t1]
-        time.sleep(0.01)
-    return out
+    """CALM's whoami and the operator's agent_status, timed (round 23a's)."""
+    return round23a.latencies(h, seconds, start, agent=CALM)
 
 
-def p(samples: list[float], q: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))]
+p = round23a.p
 
 
 @pytest.mark.attack(

@@ -40,9 +40,9 @@ from typing import Any
 import pytest
 
 from hive_fixture import HiveProcess, running_hive
-from hyperhive.client import Client
 from testnet import TestNet
 
+from . import test_red_round23a as round23a
 from .conftest import cage_run
 from .egress_kit import EACH_CONN
 from .test_egress_cpu import core_cpu
@@ -167,24 +167,11 @@ result(sent=sent, refused=refused, finished=finished)
 
 
 def latencies(h: HiveProcess, seconds: float, start: float = 0.0) -> list[float]:
-    """Round trips of CALM's whoami and the operator's agent_status (fresh connections)."""
-    time.sleep(start)
-    out: list[float] = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        with Client(h.agent_sock(CALM), timeout=30) as c:
-            assert c.call("whoami")["name"] == CALM
-        t1 = time.monotonic()
-        with Client(h.host_sock, timeout=30) as c:
-            assert c.call("agent_status")["ok"]
-        out += [t1 - t0, time.monotonic() - t1]
-        time.sleep(0.01)
-    return out
+    """CALM's whoami and the operator's agent_status, timed (round 23a's)."""
+    return round23a.latencies(h, seconds, start, agent=CALM)
 
 
-def pct(samples: list[float], q: float) -> float:
-    return sorted(samples)[min(len(samples) - 1, int(q * len(samples)))]
+pct = round23a.p
 
 
 @pytest.mark.attack(

@@ -147,15 +147,19 @@ def core_cpu(h: HiveProcess) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def latencies(h: HiveProcess, seconds: float) -> list[float]:
-    """Round trips, back to back, of the bystander's whoami and of the operator's
-    ``agent_status`` on host.sock (a fresh connection each): both are samples."""
+def latencies(
+    h: HiveProcess, seconds: float, start: float = 0.0, agent: str = BYSTANDER
+) -> list[float]:
+    """Round trips, back to back, of ``agent``'s whoami (the bystander's) and of the
+    operator's ``agent_status`` on host.sock (a fresh connection each), from ``start`` s
+    on: both are samples."""
+    time.sleep(start)
     out: list[float] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         t0 = time.monotonic()
-        with Client(h.agent_sock(BYSTANDER), timeout=30) as c:
-            assert c.call("whoami")["name"] == BYSTANDER
+        with Client(h.agent_sock(agent), timeout=30) as c:
+            assert c.call("whoami")["name"] == agent
         t1 = time.monotonic()
         with Client(h.host_sock, timeout=30) as c:
             assert c.call("agent_status")["ok"]
