@@ -63,7 +63,16 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess, _finish, children, proc_cmdline, proc_status, wait_until
+from hive_fixture import (
+    HIVE,
+    HiveProcess,
+    _finish,
+    children,
+    ensure_user,
+    proc_cmdline,
+    proc_status,
+    wait_until,
+)
 from hyperhive.client import HiveUnavailable
 
 from .conftest import cage_run
@@ -74,6 +83,14 @@ LEGACY = "hive-core"
 
 def _agents(name: str) -> dict[str, dict[str, Any]]:
     return {name: {"runtime": "command", "command": ["sleep", "3600"]}}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _legacy_account() -> None:
+    """The legacy ``hive-core`` account these cases adopt from: a fresh host has none until
+    a test makes it (on session 21's fresh machine this module ran before any of those,
+    and its 5 cases that read the account failed with KeyError)."""
+    ensure_user(LEGACY)
 
 
 @pytest.fixture(scope="module")

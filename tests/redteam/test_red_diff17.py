@@ -75,6 +75,7 @@ from hive_fixture import (
     HiveProcess,
     as_user,
     children,
+    ensure_user,
     running_hive,
     wait_until,
 )
@@ -88,6 +89,14 @@ PY = str(HIVE.parent / "python")
 
 def _agents(*names: str) -> dict[str, dict[str, Any]]:
     return {n: {"runtime": "command", "command": ["sleep", "3600"]} for n in names}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _legacy_gateway_account() -> None:
+    """The legacy ``hive-gateway`` account, whose ids a compromised worker runs under here:
+    a fresh host has none until a test makes it (session 21's fresh machine ran this
+    module first; its 2 cases failed with KeyError)."""
+    ensure_user("hive-gateway")
 
 
 @pytest.fixture(scope="module")
