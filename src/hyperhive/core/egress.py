@@ -111,7 +111,7 @@ class _Open:
     # A terminated connection's current plan (egress_tls.Terminated, whose replan may
     # adopt a newer one than it was made with); None for the others.
     current: Callable[[], Plan | None] | None = None
-    # Ends a terminated connection's pauses (egress_tls.CpuMeter.wake) when it is ended.
+    # Ends the connection's pauses (egress_tls.CpuMeter.wake: a tunnel's two directions too).
     wake: Callable[[], None] | None = None
 
 
