@@ -390,6 +390,40 @@ def test_a_stop_cut_short_by_a_kill9_is_finished_by_the_next_core(hive_factory: 
         fault.unlink(missing_ok=True)
 
 
+def test_a_core_restart_refused_for_a_broken_hive_toml_waits_for_the_file(hive_factory: HiveFactory) -> None:
+    """hive.toml broken while the hive runs, then hive-core killed: the next core refuses
+    the file in one line with exit status 78 (EX_CONFIG), and `hive up` says once that it
+    waits for the file to change instead of starting it again every 10 s (session 22).
+    Fixed: the core comes back within a poll, serving the same cage."""
+    hive = hive_factory({"ftc-a": TRUE})
+    procs = sorted(hive.cage_procs("ftc-a"))
+    good = hive.config_path.read_text()
+    at = hive.log_path.stat().st_size
+
+    def since() -> str:
+        return hive.log_path.read_bytes()[at:].decode(errors="replace")
+
+    hive.config_path.write_text(good + "\nnot toml = = 1\n")
+    old_core = hive.core_pid()
+    assert old_core is not None
+    os.kill(old_core, signal.SIGKILL)
+    waiting = f"hive-core refused {hive.config_path} (see its line above); it starts again once the file changes"
+    wait_until(lambda: waiting in since(), 30, "the refusal")
+    time.sleep(4)  # the old backoff would have started it three more times by now
+    text = since()
+    assert text.count("hive-core exited with status 78 before it was ready") == 1, text[-3000:]
+    assert text.count(waiting) == 1 and "Traceback" not in text, text[-3000:]
+    assert f"hive-core: hive-core: {hive.config_path}: not valid TOML: " in text, text[-3000:]  # its one line
+    assert hive.core_pid() is None
+    assert sorted(hive.cage_procs("ftc-a")) == procs  # the cage runs on
+    hive.config_path.write_text(good)
+    hive.wait_running(["ftc-a"], timeout=30)
+    assert hive.core_pid() not in (None, old_core)
+    assert sorted(hive.cage_procs("ftc-a")) == procs
+    text = since()
+    assert "changed: starting hive-core again" in text and text.count("status 78") == 1, text[-3000:]
+
+
 # -- 2. hive-priv killed ------------------------------------------------------------------
 
 

@@ -31,6 +31,11 @@ class ConfigError(Exception):
     """One line saying what is wrong with the configuration."""
 
 
+# hive-core's exit status when it refuses its hive.toml (sysexits' EX_CONFIG): starting it
+# again changes nothing until the file does, so `hive up` waits for that (cli/up.py).
+CONFIG_REFUSED = 78
+
+
 class HiveSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
     listen: str = DEFAULT_LISTEN

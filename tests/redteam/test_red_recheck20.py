@@ -533,10 +533,12 @@ def test_a_core_restart_refused_by_declared_name_taken_says_so_in_one_line(
     """Held (with a note): LOOP_LEAD's spawn of LOOP_KID is approved (the operator's own
     spawn of a declared name is adopted since: it remade that agent), then LOOP_KID is
     added to hive.toml while the
-    hive runs (to keep it); the core is killed (kill -9) and `hive up` restarts it: each
-    start is refused with the one line (no traceback), `hive up` keeps retrying with its
-    backoff (agents unreachable meanwhile, their cages running), and once hive.toml is put
-    back the core comes back on the next try with both agents."""
+    hive runs (to keep it); the core is killed (kill -9) and `hive up` restarts it: the
+    start is refused with the one line (no traceback) and exit status 78, and `hive up`
+    says once that it waits for hive.toml to change (session 22: it retried every 10 s
+    before, a core start each time), agents unreachable meanwhile, their cages running.
+    hive.toml rewritten as it was: one more refusal, no more. Put back: the core comes
+    back with both agents."""
     h = loop_hive
     req = assert_ok(
         h.agent_call(
@@ -567,17 +569,29 @@ def test_a_core_restart_refused_by_declared_name_taken_says_so_in_one_line(
             f.seek(log_at)
             return [ln for ln in f.read().decode(errors="replace").splitlines() if line in ln]
 
-    wait_until(lambda: len(refusals()) >= 3, 20, "three refused restarts")
-    with open(h.log_path, "rb") as f:
-        f.seek(log_at)
-        text = f.read().decode(errors="replace")
-    assert "Traceback" not in text, text[-3000:]
-    assert h.proc is not None and h.proc.poll() is None  # `hive up` retries
+    waiting = f"hive-core refused {h.config_path} (see its line above); it starts again once"
+
+    def log_text() -> str:
+        with open(h.log_path, "rb") as f:
+            f.seek(log_at)
+            return f.read().decode(errors="replace")
+
+    wait_until(lambda: waiting in log_text(), 20, "the refusal and the wait")
+    time.sleep(3 * 1.0 + 1)  # past three of the old backoff's retries (and CONFIG_POLL)
+    text = log_text()
+    assert len(refusals()) == 1, text[-3000:]  # no start again while hive.toml is the same
+    assert text.count(waiting) == 1, text[-3000:]
+    assert "status 78" in text and "Traceback" not in text, text[-3000:]
+    assert h.proc is not None and h.proc.poll() is None  # `hive up` runs on
     assert h.cage_procs(LOOP_LEAD) == lead_pids  # the cages run on
+    h.write_config({**LOOP_AGENTS, LOOP_KID: {"runtime": "command", "command": ["true"]}})
+    wait_until(lambda: len(refusals()) == 2, 20, "a second refusal after the rewrite")
+    wait_until(lambda: log_text().count(waiting) == 2, 20, "waiting again")
     h.write_config({**LOOP_AGENTS})
     h.agents[LOOP_KID] = {"command": ["true"]}
     h.wait_running(timeout=30)
     assert sorted(h.agent_status()) == sorted([LOOP_LEAD, LOOP_KID])
+    assert len(refusals()) == 2
 
 
 # -- the grants line ----------------------------------------------------------------------

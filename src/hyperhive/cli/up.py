@@ -45,7 +45,7 @@ from hyperhive.cli.core_identity import (
 )
 from hyperhive.cli.instance_lock import InUse
 from hyperhive.client import Client, HiveUnavailable, priv_call
-from hyperhive.config import ConfigError, load_config, parse_listen
+from hyperhive.config import CONFIG_REFUSED, ConfigError, load_config, parse_listen
 from hyperhive.display import dumps, visible
 from hyperhive.gateway import config as gateway_config
 from hyperhive.paths import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR
@@ -62,6 +62,7 @@ MAX_BACKOFF = 10.0
 # restart's target is 5 s at 1,000 cages); a crash loop still backs off, doubling.
 FIRST_BACKOFF = 0.1
 EXIT_POLL = 0.05  # seconds between looks at whether a supervised process has exited
+CONFIG_POLL = 1.0  # seconds between looks at hive.toml while the core waits for a change
 ADMIN_GROUP = "hive-admin"
 AGENTS_TIMEOUT = 60.0  # seconds for every agent that should run to connect its harness
 PROGRESS_EVERY = 5.0  # seconds between "waiting for N agents" lines
@@ -203,6 +204,16 @@ class RelayedLog(logging.Handler):
             self.handleError(record)
 
 
+def _file_state(path: Path) -> tuple[int, ...] | str:
+    """What tells a file's change: its inode, size and times (an editor's rename too), or
+    why it can't be read."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        return e.strerror or str(e)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class Supervised:
     """One child process, restarted with backoff if it dies while the hive runs.
 
@@ -225,9 +236,13 @@ class Supervised:
         extra_env: dict[str, str] | None = None,
         after_start: Callable[[int], None] | None = None,
         on_exit: Callable[[], None] | None = None,
+        config: Path | None = None,
         **popen: Any,
     ) -> None:
         self.name = name
+        # The file whose refusal (exit status CONFIG_REFUSED) only a change of it can
+        # undo: no start again until it changes (None: none ever will, hive.toml embedded).
+        self.config = config
         self.extra_env = extra_env or {}
         # Told the pid of each start once it is ready (nginx's pid file for hive-priv),
         # and that it exited (the pid file removed).
@@ -359,15 +374,47 @@ class Supervised:
             code = await self.exited()
             if self.stop_requested():
                 return
-            log.error("%s exited with status %s; restarting in %.1f s", self.name, code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF)
+            if code == CONFIG_REFUSED:
+                await self._config_changed()
+            else:
+                log.error(
+                    "%s exited with status %s; restarting in %.1f s", self.name, code, backoff
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            if self.stop_requested():  # asked while it waited: not started again
+                return
             try:
                 await self.start()
                 backoff = FIRST_BACKOFF
                 log.info("%s is back", self.name)
             except RuntimeError as e:
                 log.error("%s", e)
+
+    async def _config_changed(self) -> None:
+        """After a refusal of its configuration (its line is above): wait, saying so once,
+        until the file changes; forever if there is none (the hive runs on, its agents
+        unreachable until then)."""
+        path = self.config
+        if path is None:
+            log.error(
+                "%s refused its embedded configuration; it will not start again until"
+                " `hive up` is restarted",
+                self.name,
+            )
+            await asyncio.Event().wait()
+            return
+        log.error(
+            "%s refused %s (see its line above); it starts again once the file changes",
+            self.name,
+            path,
+        )
+        seen = await asyncio.to_thread(_file_state, path)
+        while not self.stop_requested():
+            await asyncio.sleep(CONFIG_POLL)
+            if await asyncio.to_thread(_file_state, path) != seen:
+                log.info("%s changed: starting %s again", path, self.name)
+                return
 
     async def stop(self) -> None:
         self.stopping = True
@@ -1091,6 +1138,7 @@ async def run_locked(
         own_group=True,
         relay_stderr=True,
         before_start=before_core,
+        config=config,
         # core_sandbox takes this hive's own ids, no supplementary group: another hive's
         # core is a stranger.
         pass_fds=tuple(sock.fileno() for sock in handed.values()),

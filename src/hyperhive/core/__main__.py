@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from hyperhive.activation import NotActivated, inherited_listeners
-from hyperhive.config import ConfigError, load_config
+from hyperhive.config import CONFIG_REFUSED, ConfigError, load_config
 from hyperhive.core.confine import NotConfined, check_groups, not_dumpable
 from hyperhive.core.daemon import CORE_SOCK, HOST_SOCK, CoreOptions, default_paths, main_with
 
@@ -40,7 +41,8 @@ def main(
     try:
         config = load_config(config_path, listen)
     except ConfigError as e:
-        raise click.ClickException(str(e)) from None
+        print(f"hive-core: {e}", file=sys.stderr)
+        raise SystemExit(CONFIG_REFUSED) from None
     runs, states = default_paths(run_dir, state_dir)
     try:
         check_groups()

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hyperhive.config import HiveConfig, origin_of
+from hyperhive.config import CONFIG_REFUSED, HiveConfig, origin_of
 from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
 from hyperhive.core.budget import Budget, plan, raise_nofile, task_limit
 from hyperhive.core.cages import CageLifecycle
@@ -26,6 +26,7 @@ from hyperhive.core.refusals import Refused
 from hyperhive.core.reminders import ReminderScheduler
 from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.store import Store, StoreError
+from hyperhive.core.store.agents import DeclaredNameTaken
 from hyperhive.paths import RunDir, StateDir
 from hyperhive.wire.secrets import parse_destination
 
@@ -237,6 +238,9 @@ def main_with(opts: CoreOptions) -> int:
     try:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
             runner.run(run_core(opts))
+    except DeclaredNameTaken as e:  # hive.toml is refused: no start succeeds until it changes
+        print(f"hive-core: {e}", file=sys.stderr)
+        return CONFIG_REFUSED
     except Exception as e:  # one line for the operator; the traceback goes to the log
         log.debug("fatal", exc_info=True)
         print(f"hive-core: {e}", file=sys.stderr)
