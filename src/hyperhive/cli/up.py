@@ -237,12 +237,18 @@ class Supervised:
         after_start: Callable[[int], None] | None = None,
         on_exit: Callable[[], None] | None = None,
         config: Path | None = None,
+        after_exit: Callable[[], Awaitable[None]] | None = None,
         **popen: Any,
     ) -> None:
         self.name = name
         # The file whose refusal (exit status CONFIG_REFUSED) only a change of it can
         # undo: no start again until it changes (None: none ever will, hive.toml embedded).
+        # What it was as the last start began: an edit made while that start read it counts.
         self.config = config
+        self.config_seen: tuple[int, ...] | str | None = None
+        # Run as soon as it has exited, before any wait (the core's leftovers killed and
+        # its listeners bound afresh: nothing of its ids serves while none runs).
+        self.after_exit = after_exit
         self.extra_env = extra_env or {}
         # Told the pid of each start once it is ready (nginx's pid file for hive-priv),
         # and that it exited (the pid file removed).
@@ -275,6 +281,10 @@ class Supervised:
     async def start(self) -> None:
         if self.before_start is not None:
             await self.before_start()
+        if self.stop_requested():  # asked meanwhile: nothing is started after a stop
+            return
+        if self.config is not None:
+            self.config_seen = await asyncio.to_thread(_file_state, self.config)
         self.proc = await asyncio.create_subprocess_exec(
             *self.argv,
             stdout=asyncio.subprocess.PIPE,
@@ -285,6 +295,10 @@ class Supervised:
             stderr=asyncio.subprocess.PIPE if self.relay_stderr else None,
             **self.popen,
         )
+        if self.stop_requested():  # asked while it was being spawned: stop() saw none
+            self.proc.kill()
+            await self.exited()
+            return
         assert self.proc.stdout is not None
         if self.relay_stderr:
             assert self.proc.stderr is not None
@@ -374,6 +388,8 @@ class Supervised:
             code = await self.exited()
             if self.stop_requested():
                 return
+            if self.after_exit is not None:
+                await self.after_exit()
             if code == CONFIG_REFUSED:
                 await self._config_changed()
             else:
@@ -386,6 +402,8 @@ class Supervised:
                 return
             try:
                 await self.start()
+                if self.stop_requested():
+                    return
                 backoff = FIRST_BACKOFF
                 log.info("%s is back", self.name)
             except RuntimeError as e:
@@ -409,12 +427,12 @@ class Supervised:
             self.name,
             path,
         )
-        seen = await asyncio.to_thread(_file_state, path)
+        seen = self.config_seen
         while not self.stop_requested():
-            await asyncio.sleep(CONFIG_POLL)
             if await asyncio.to_thread(_file_state, path) != seen:
                 log.info("%s changed: starting %s again", path, self.name)
                 return
+            await asyncio.sleep(CONFIG_POLL)
 
     async def stop(self) -> None:
         self.stopping = True
@@ -1139,6 +1157,7 @@ async def run_locked(
         relay_stderr=True,
         before_start=before_core,
         config=config,
+        after_exit=before_core,
         # core_sandbox takes this hive's own ids, no supplementary group: another hive's
         # core is a stranger.
         pass_fds=tuple(sock.fileno() for sock in handed.values()),
