@@ -362,7 +362,7 @@ def send_until_full_all(socks: list[socket.socket], data: bytes) -> list[int]:
 # What agent_usage must say, by a SUM over every row it counts (per agent: pending, bytes,
 # pending to the operator, bytes to the operator).
 USAGE_SUM = """SELECT who, COUNT(*), SUM(b), SUM(op), SUM(op * b) FROM (
-    SELECT sender AS who, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0) AS b,
+    SELECT CASE WHEN sender = 'hive' THEN recipient ELSE sender END AS who, length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0) AS b,
         recipient = 'operator' AS op FROM messages WHERE acked_at IS NULL
     UNION ALL SELECT asker, length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0), 0
         FROM questions WHERE answer IS NULL AND cancelled = 0

@@ -156,7 +156,7 @@ def summed(store: Store, agent: str) -> tuple[int, int]:
     """What agent_usage must say, by a SUM over every row (what the triggers avoid)."""
     q = """SELECT COUNT(*), COALESCE(SUM(b), 0) FROM (
         SELECT length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0) AS b FROM messages
-            WHERE sender=:a AND acked_at IS NULL
+            WHERE (CASE WHEN sender = 'hive' THEN recipient ELSE sender END)=:a AND acked_at IS NULL
         UNION ALL SELECT length(CAST(question AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0)
             FROM questions WHERE asker=:a AND answer IS NULL AND cancelled=0
         UNION ALL SELECT length(CAST(kind AS BLOB)) + length(CAST(description AS BLOB)) + length(CAST(payload AS BLOB))

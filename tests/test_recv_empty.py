@@ -25,13 +25,13 @@ A, B = Agent("a"), Agent("b")
 def reads(hive: Hive, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
     """The inbox reads recv makes, by recipient (the store's own query still runs)."""
     seen: list[str] = []
-    real = hive.store.messages.unacked_wire
+    real = hive.store.messages.unacked_above
 
     def counted(recipient: str, *args: Any) -> Any:
         seen.append(recipient)
         return real(recipient, *args)
 
-    monkeypatch.setattr(hive.store.messages, "unacked_wire", counted)
+    monkeypatch.setattr(hive.store.messages, "unacked_above", counted)
     yield seen
 
 

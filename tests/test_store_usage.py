@@ -111,10 +111,18 @@ def test_every_path_keeps_the_counters(store: Store) -> None:
     check(store)
     store.approvals.resolve(a.id, "denied", "no")
     check(store)
-    # A reminder, delivered as a message from the hive.
+    # A reminder, delivered as a message from the hive: held by the agent that set it
+    # until acked (red team round 25a), like a message it sent.
+    before = check(store).get("z", (0, 0, 0, 0))
     store.reminders.add("z", 0.0, "ping")
     check(store)
-    store.reminders.deliver_due(1.0)
+    (delivered,) = store.reminders.deliver_due(1.0)
+    held = check(store)
+    assert held["z"][:2] == (before[0] + 1, before[1] + 4) and "hive" not in held
+    assert store.messages.ack("z", [delivered.id]) == 1
+    assert check(store).get("z", (0, 0, 0, 0)) == before
+    store.reminders.add("z", 0.0, "pong")
+    store.reminders.deliver_due(1.0)  # left unacked: the agent's deletion below takes it
     check(store)
     # A history prune: x's messages to the operator past keep go, unacked as they are.
     store.history_keep = 2
@@ -284,6 +292,34 @@ def test_a_migrated_store_keeps_its_counts_and_keeps_them_right(
         s.history_keep = 1
         s.history.prune("x")
         assert check(s)["x"] == (5, 6 + 8 + 2 + 3 + 4, 1, 2)
+    finally:
+        s.close()
+
+
+def test_migration_13_moves_delivered_reminders_to_the_agents_that_set_them(tmp_path: Path) -> None:
+    """A store of before (its delivered, unacked reminders counted in the "hive" row) opens
+    with them in their agents' counts, and an ack or a deletion takes them out there."""
+    path = tmp_path / "old.db"
+    store_at_version(path, 12)
+    db = sqlite3.connect(path, isolation_level=None)
+    for recipient, body in (("x", "ping"), ("x", "été"), ("y", "p")):
+        db.execute(
+            "INSERT INTO messages (recipient, sender, kind, body, sent_at) VALUES (?, 'hive', 'reminder', ?, 1)",
+            (recipient, body),
+        )
+    db.execute("INSERT INTO messages (recipient, sender, kind, body, sent_at, acked_at) VALUES ('x', 'hive', 'reminder', 'old', 1, 2)")
+    # What session 21's code counted for them: the "hive" row; and x's own message to y.
+    db.execute("INSERT INTO agent_usage (agent, pending, bytes) VALUES ('hive', 3, 4 + 5 + 1)")
+    db.execute("INSERT INTO messages (recipient, sender, kind, body, sent_at) VALUES ('y', 'x', 'message', 'hi', 1)")
+    db.execute("INSERT INTO agent_usage (agent, pending, bytes) VALUES ('x', 1, 2)")
+    db.close()
+    s = Store(path)
+    try:
+        assert check(s) == {"x": (3, 2 + 4 + 5, 0, 0), "y": (1, 1, 0, 0)}
+        assert s.messages.ack("x", [1]) == 1
+        assert check(s)["x"] == (2, 2 + 5, 0, 0)
+        s.db.conn.execute("DELETE FROM messages WHERE recipient='y' AND sender='hive'")
+        assert check(s) == {"x": (2, 2 + 5, 0, 0)}
     finally:
         s.close()
 

@@ -34,6 +34,20 @@ HELD_BYTES = (
 )
 
 
+# Who holds a message in its quota (agent_usage): its sender, but a reminder delivered
+# (sender "hive", a reserved name) is held by the agent that set it, its recipient, until
+# acked: it was the quota's while undelivered, and an agent taking its due reminders and
+# never acking them stored without bound (red team round 25a). The delete trigger
+# (schema.py, migration 13) and the tests' sums say the same.
+REMINDER_SENDER = "hive"
+HOLDER = f"CASE WHEN sender = '{REMINDER_SENDER}' THEN recipient ELSE sender END"
+
+
+def holder_of(recipient: str, sender: str) -> str:
+    """``HOLDER`` for a message being stored."""
+    return recipient if sender == REMINDER_SENDER else sender
+
+
 def to_message(r: _Row, with_to: bool = False) -> Message:
     return Message(
         id=r[0],
@@ -143,7 +157,7 @@ def insert_message(
     nbytes = len(body) if body.isascii() else len(body.encode())  # its UTF-8 size
     if stored is not None:
         nbytes += len(stored.encode())
-    tx.held(sender, 1, nbytes, recipient == "operator")
+    tx.held(holder_of(recipient, sender), 1, nbytes, recipient == "operator")
     return Message(
         id=int(cur.lastrowid or 0),
         from_=sender,
@@ -199,10 +213,10 @@ def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
             "UPDATE messages SET acked_at=? WHERE id=? AND recipient=? AND acked_at IS NULL",
             (time.time(), mid, recipient),
         ).rowcount:
-            sender, nbytes = tx.execute(
-                f"SELECT sender, {HELD_BYTES} FROM messages WHERE id=?", (mid,)
+            holder, nbytes = tx.execute(
+                f"SELECT {HOLDER}, {HELD_BYTES} FROM messages WHERE id=?", (mid,)
             ).fetchone()
-            tx.held(sender, -1, -nbytes, recipient == "operator")
+            tx.held(holder, -1, -nbytes, recipient == "operator")
             return 1
         row = tx.execute("SELECT recipient, acked_at FROM messages WHERE id=?", (mid,)).fetchone()
         if row is None or row[0] != recipient:
@@ -213,7 +227,7 @@ def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
         {
             r[0]: (r[1], r[2], r[3])
             for r in tx.execute(
-                f"SELECT id, acked_at, sender, {HELD_BYTES} FROM messages WHERE recipient=?"
+                f"SELECT id, acked_at, {HOLDER}, {HELD_BYTES} FROM messages WHERE recipient=?"
                 f" AND id IN ({','.join('?' * len(unique))})",
                 (recipient, *unique),
             )
@@ -275,6 +289,24 @@ class MessageRepo:
                 (recipient, json.dumps(sorted(skip)), limit),
             )
         return rows
+
+    def unacked_above(self, recipient: str, limit: int, above: int) -> Iterator[_Row]:
+        """Unacked messages to ``recipient`` with an id above ``above``, oldest first, at
+        most ``limit``, read one row at a time: a seek in the index, whatever lies below."""
+        return self._db.rows(
+            f"SELECT {_COLUMNS} FROM {_UNACKED} WHERE recipient=? AND acked_at IS NULL"
+            " AND id>? ORDER BY id LIMIT ?",
+            (recipient, above, limit),
+        )
+
+    def unacked_of(self, recipient: str, ids: list[int]) -> list[_Row]:
+        """Those of ``ids`` (at most 1,001) that are unacked messages to ``recipient``,
+        oldest first: one look up by key each."""
+        return self._db.conn.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE id IN ({','.join('?' * len(ids))})"
+            " AND recipient=? AND acked_at IS NULL ORDER BY id",
+            (*ids, recipient),
+        ).fetchall()
 
     def unacked_among(self, recipient: str, ids: list[int]) -> int:
         """How many of ``ids`` an ack by ``recipient`` would ack now, read without a write

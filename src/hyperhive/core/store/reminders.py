@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from hyperhive.core.store.db import Database
-from hyperhive.core.store.messages import insert_message
+from hyperhive.core.store.messages import REMINDER_SENDER, insert_message
 from hyperhive.wire.common import Message
 
 # One delivery transaction's bounds: a mass of reminders falling due at once is delivered
@@ -54,7 +54,7 @@ class ReminderRepo:
             cur.close()
             out = []
             for rid, agent, text in due:
-                out.append(insert_message(tx, agent, "hive", "reminder", text, rid))
+                out.append(insert_message(tx, agent, REMINDER_SENDER, "reminder", text, rid))
                 tx.execute("UPDATE reminders SET delivered_at=? WHERE id=?", (now, rid))
         return out
 

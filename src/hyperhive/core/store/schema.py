@@ -401,6 +401,30 @@ MIGRATIONS: list[Migration] = [
     """
     CREATE INDEX IF NOT EXISTS messages_operator ON messages (id) WHERE recipient = 'operator';
     """,
+    # 13: a delivered reminder (sender 'hive') is held in the quota of the agent that set
+    # it, its recipient, until acked (store/messages.py HOLDER): the delete trigger says so,
+    # and what the 'hive' row held of the reminders delivered so far moves to them.
+    """
+    DROP TRIGGER IF EXISTS usage_message_out;
+    CREATE TRIGGER usage_message_out AFTER DELETE ON messages WHEN OLD.acked_at IS NULL BEGIN
+        INSERT INTO agent_usage (agent, pending, bytes, op_pending, op_bytes) VALUES (
+            CASE WHEN OLD.sender = 'hive' THEN OLD.recipient ELSE OLD.sender END, -1,
+            -(length(CAST(OLD.body AS BLOB)) + coalesce(length(CAST(OLD.options AS BLOB)), 0)),
+            -(OLD.recipient = 'operator'),
+            -(OLD.recipient = 'operator') * (length(CAST(OLD.body AS BLOB)) + coalesce(length(CAST(OLD.options AS BLOB)), 0)))
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + excluded.pending, bytes = bytes + excluded.bytes,
+            op_pending = op_pending + excluded.op_pending, op_bytes = op_bytes + excluded.op_bytes;
+    END;
+    INSERT INTO agent_usage (agent, pending, bytes, op_pending, op_bytes)
+        SELECT recipient, count(*), sum(length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0)), 0, 0
+        FROM messages WHERE sender = 'hive' AND acked_at IS NULL GROUP BY recipient
+        ON CONFLICT (agent) DO UPDATE SET pending = pending + excluded.pending, bytes = bytes + excluded.bytes;
+    UPDATE agent_usage SET
+        pending = pending - (SELECT count(*) FROM messages WHERE sender = 'hive' AND acked_at IS NULL),
+        bytes = bytes - (SELECT coalesce(sum(length(CAST(body AS BLOB)) + coalesce(length(CAST(options AS BLOB)), 0)), 0)
+            FROM messages WHERE sender = 'hive' AND acked_at IS NULL)
+        WHERE agent = 'hive';
+    """,
 ]
 
 

@@ -9,7 +9,7 @@ from typing import Any, TypedDict
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, canonical_json, load_json, readable
 from hyperhive.core.store.db import Database
-from hyperhive.core.store.messages import HELD_BYTES
+from hyperhive.core.store.messages import HELD_BYTES, HOLDER
 
 TRANSCRIPT_KEEP = 20_000  # entries per agent
 
@@ -54,7 +54,7 @@ class TranscriptRepo:
         now = time.time()
         with self._db.tx() as tx:
             row = tx.execute(
-                f"SELECT acked_at, sender, {HELD_BYTES} FROM messages WHERE id=? AND recipient=?",
+                f"SELECT acked_at, {HOLDER}, {HELD_BYTES} FROM messages WHERE id=? AND recipient=?",
                 (turn, agent),
             ).fetchone()
             if row is None:
@@ -65,7 +65,7 @@ class TranscriptRepo:
             )
             if row[0] is None:
                 tx.execute("UPDATE messages SET acked_at=? WHERE id=?", (now, turn))
-                tx.held(row[1], -1, -row[2], agent == "operator")
+                tx.held(row[1], -1, -row[2], agent == "operator")  # row[1]: its holder
             tx.execute(
                 "DELETE FROM transcript WHERE agent=? AND id <= ("
                 " SELECT id FROM transcript WHERE agent=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
