@@ -10,6 +10,7 @@ call one method, encode the result. Nothing here reads an identity out of a requ
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import contextlib
 import functools
@@ -154,6 +155,9 @@ class Hive:
         # then seeks above it, never walking past what other connections hold (red team
         # round 25a: 30,000 held made each recv's skip list cost the loop ~12 ms).
         self._handed_high: dict[str, int] = {}
+        # connection id (unique in the core) -> the ids of _in_flight it holds: a
+        # connection's end gives back its own, never walking what the others hold.
+        self._held_by: dict[int, set[int]] = {}
         self._given_back: dict[str, list[int]] = {}
         # Inboxes read empty and kept up to date by the lane's hooks: recv without a query.
         self.inboxes = KnownInboxes()
@@ -681,15 +685,31 @@ class Hive:
     def _hand_out(self, name: str, conn: int, ids: list[int]) -> None:
         """``ids`` (a recv's page) are held by ``conn`` from now on."""
         in_flight = self._in_flight[name]
+        held = self._held_by.get(conn)
+        if held is None:
+            held = self._held_by[conn] = set()
         for i in ids:
             in_flight[i] = conn
+            held.add(i)
+        high = self._handed_high.get(name, 0)
         top = max(ids)
-        if top > self._handed_high.get(name, 0):
+        if top > high:
             self._handed_high[name] = top
         back = self._given_back.get(name)
-        if back:
-            taken = set(ids)
-            back[:] = [i for i in back if i not in taken]
+        if back and min(ids) <= high:  # some were given back: they leave the list
+            again = {i for i in ids if i <= high}
+            # Only the list up to the last of them is walked: in a page read from the store
+            # they are its first entries (the list's stale ids went as they were met).
+            end = bisect.bisect_right(back, max(again))
+            back[:end] = [i for i in back[:end] if i not in again]
+
+    def _let_go(self, name: str, ids: Iterable[int]) -> None:
+        """``ids`` are no longer in flight (acked)."""
+        in_flight = self._in_flight[name]
+        for i in ids:
+            conn = in_flight.pop(i, None)
+            if conn is not None and (held := self._held_by.get(conn)) is not None:
+                held.discard(i)
 
     async def ack(self, actor: Agent, ids: list[int]) -> int:
         """Ack messages to the caller (committed with this turn's other sends and acks);
@@ -726,26 +746,23 @@ class Hive:
                 return answered
 
         def done(fresh: int) -> None:
-            in_flight = self._in_flight[name]
-            for i in ids:
-                in_flight.pop(i, None)
+            self._let_go(name, ids)
             self.inboxes.acked(name, ids, fresh)
 
         return self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""
-        in_flight = self._in_flight.get(name)
-        if not in_flight:
+        released = self._held_by.pop(conn, None)  # what it holds alone: never all in flight
+        if not released:
             return
-        released = [i for i, c in in_flight.items() if c == conn]
+        in_flight = self._in_flight[name]
         for i in released:
-            del in_flight[i]
-        if released:
-            back = self._given_back.setdefault(name, [])
-            back.extend(released)
-            back.sort()
-            self.wakeups.notify(name)
+            in_flight.pop(i, None)
+        back = self._given_back.setdefault(name, [])
+        back.extend(released)
+        back.sort()
+        self.wakeups.notify(name)
 
     def inbox(self, actor: Operator, after: int, limit: int) -> Page[dict[str, Any]]:
         """Messages to the operator after id ``after``, as sent: at most ``limit`` and one
@@ -1025,7 +1042,7 @@ class Hive:
 
     def turn_done(self, actor: Agent, turn: int, end: dict[str, Any]) -> None:
         entry = self.store.transcripts.finish_turn(actor.name, turn, end)
-        self._in_flight[actor.name].pop(turn, None)
+        self._let_go(actor.name, (turn,))
         self._transcript_grew(actor.name, [entry])
 
     def _transcript_grew(self, name: str, entries: list[TranscriptEntry]) -> None:
@@ -1607,7 +1624,8 @@ class Hive:
         self.publish_status(name)
 
     def _forget(self, name: str) -> None:
-        self._in_flight.pop(name, None)
+        for conn in set(self._in_flight.pop(name, {}).values()):
+            self._held_by.pop(conn, None)
         self._handed_high.pop(name, None)
         self._given_back.pop(name, None)
         self.limit_watch.forget(name)
