@@ -28,7 +28,6 @@ in what the agent had given back; ``release`` sorts the whole list at each hang-
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -38,10 +37,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hive_fixture import HiveProcess, running_hive
-from hyperhive.client import Client
 
 from .conftest import cage_run, core_rss_kib
-from .test_red_round23a import core_cpu, p
+from .test_red_round23a import p
+from .test_red_round25a import while_timing as timing_of
 
 FLOOD, PEER, CALM = "rc22flood", "rc22peer", "rc22calm"
 REF = "re-check of session 22: "
@@ -59,53 +58,11 @@ def hive() -> Iterator[HiveProcess]:
     yield from running_hive(h)
 
 
-def samples(h: HiveProcess, seconds: float) -> list[tuple[float, float]]:
-    """(when, round trip) of CALM's whoami and of host.sock's agent_status, back to back."""
-    out: list[tuple[float, float]] = []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.monotonic()
-        with Client(h.agent_sock(CALM), timeout=60) as c:
-            assert c.call("whoami")["name"] == CALM
-        t1 = time.monotonic()
-        with Client(h.host_sock, timeout=60) as c:
-            assert c.call("agent_status")["ok"]
-        t2 = time.monotonic()
-        out += [(t0, t1 - t0), (t1, t2 - t1)]
-        time.sleep(0.01)
-    return out
-
-
 def while_timing(
     h: HiveProcess, who: str, script: str, *, timeout: float = 240, **params: Any
 ) -> tuple[list[float], list[float], float, dict[str, Any]]:
-    """Run ``script`` in ``who``'s cage while others are timed from the host; the samples
-    between the probe's ``t0`` and ``t1`` (its flood) are returned, with the core's CPU."""
-    base = [x for _, x in samples(h, 1.0)]
-    holder: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            holder.update(cage_run(h, who, script, timeout=timeout, **params))
-        except BaseException as e:  # shown by the caller
-            holder["error"] = repr(e)[:3000]
-
-    t = threading.Thread(target=run)
-    cpu0, t0 = core_cpu(h), time.monotonic()
-    t.start()
-    got: list[tuple[float, float]] = []
-    while t.is_alive():
-        got += samples(h, 0.5)
-    cpu = (core_cpu(h) - cpu0) / (time.monotonic() - t0)
-    assert "error" not in holder, holder
-    during = [x for at, x in got if holder["t0"] <= at <= holder["t1"]] or [0.0]
-    shown = {k: v for k, v in holder.items() if k not in ("t0", "t1")}
-    print(
-        f"before: p95 {p(base, 0.95):.4f}; during ({holder['t1'] - holder['t0']:.1f} s):"
-        f" p50 {p(during, 0.5):.4f} p95 {p(during, 0.95):.4f} max {max(during):.4f},"
-        f" {len(during)} samples; the core at {cpu:.2f} CPUs; cage: {str(shown)[:1500]}"
-    )
-    return base, during, cpu, holder
+    """Round 25a's, with this module's calm agent."""
+    return timing_of(h, who, script, calm=CALM, timeout=timeout, **params)
 
 
 # In FLOOD's cage: P["n"] reminders of P["size"] characters, due at once (its own storage

@@ -58,15 +58,15 @@ def hive() -> Iterator[HiveProcess]:
     yield from running_hive(h)
 
 
-def samples(h: HiveProcess, seconds: float) -> list[tuple[float, float]]:
-    """(when, round trip) of CALM's whoami and of host.sock's agent_status, back to back,
-    a fresh connection each, for ``seconds`` s (time.monotonic: the cage's clock too)."""
+def samples(h: HiveProcess, seconds: float, calm: str = CALM) -> list[tuple[float, float]]:
+    """(when, round trip) of ``calm``'s whoami and of host.sock's agent_status, back to
+    back, a fresh connection each, for ``seconds`` s (time.monotonic: the cage's clock too)."""
     out: list[tuple[float, float]] = []
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         t0 = time.monotonic()
-        with Client(h.agent_sock(CALM), timeout=60) as c:
-            assert c.call("whoami")["name"] == CALM
+        with Client(h.agent_sock(calm), timeout=60) as c:
+            assert c.call("whoami")["name"] == calm
         t1 = time.monotonic()
         with Client(h.host_sock, timeout=60) as c:
             assert c.call("agent_status")["ok"]
@@ -77,13 +77,13 @@ def samples(h: HiveProcess, seconds: float) -> list[tuple[float, float]]:
 
 
 def while_timing(
-    h: HiveProcess, who: str, script: str, *, timeout: float = 170, **params: Any
+    h: HiveProcess, who: str, script: str, *, calm: str = CALM, timeout: float = 170, **params: Any
 ) -> tuple[list[float], list[float], float, dict[str, Any]]:
-    """Run ``script`` in ``who``'s cage while CALM's whoami and host.sock's agent_status
+    """Run ``script`` in ``who``'s cage while ``calm``'s whoami and host.sock's agent_status
     are timed from the host. The probe's result carries ``t0`` and ``t1``, its flood's
     start and end (time.monotonic in the cage: the host's clock); the samples taken
     between them are the ones returned, with the core's CPU (in cores) over the run."""
-    base = [x for _, x in samples(h, 1.0)]
+    base = [x for _, x in samples(h, 1.0, calm)]
     holder: dict[str, Any] = {}
 
     def run() -> None:
@@ -97,7 +97,7 @@ def while_timing(
     t.start()
     got: list[tuple[float, float]] = []
     while t.is_alive():
-        got += samples(h, 0.5)
+        got += samples(h, 0.5, calm)
     cpu_s = core_cpu(h) - cpu0
     cpu = cpu_s / (time.monotonic() - t0)
     assert "error" not in holder, holder

@@ -195,9 +195,10 @@ while True:
 """
 
 
-@pytest.mark.attack("launcher.core-leftovers", ref=REF + "a compromised core exits 78 and its helper keeps host.sock")
-def test_a_core_that_exits_78_leaves_nothing_of_its_ids_running(hive: HiveProcess) -> None:
-    h = hive
+@contextlib.contextmanager
+def core_helper(h: HiveProcess) -> Iterator[subprocess.Popen[bytes]]:
+    """A process of the core's ids serving a copy of the live core's host.sock listener
+    (what a compromised core could leave behind), killed at the end whatever happened."""
     uid, _ = h.core_ids
     core = h.core_pid()
     assert core is not None
@@ -209,6 +210,18 @@ def test_a_core_that_exits_78_leaves_nothing_of_its_ids_running(hive: HiveProces
     os.close(fd)
     try:
         wait_until(lambda: helper.pid in processes_of(uid), 10, "the helper to run as the core")
+        yield helper
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(helper.pid, signal.SIGKILL)
+        helper.wait(10)
+
+
+@pytest.mark.attack("launcher.core-leftovers", ref=REF + "a compromised core exits 78 and its helper keeps host.sock")
+def test_a_core_that_exits_78_leaves_nothing_of_its_ids_running(hive: HiveProcess) -> None:
+    h = hive
+    uid, _ = h.core_ids
+    with core_helper(h):
         make_core_exit(h, 78)
         wait_refused(h)
         time.sleep(3.0)  # before the change: a restart within 0.1 s, and the kill of its ids' processes first
@@ -220,10 +233,6 @@ def test_a_core_that_exits_78_leaves_nothing_of_its_ids_running(hive: HiveProces
         # is answered by no process of a dead core's.
         assert left == [], f"processes of the core's uid {uid} still running: {left}; host.sock: {answer!r}"
         assert "a leftover of the core" not in answer
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(helper.pid, signal.SIGKILL)
-        helper.wait(10)
 
 
 @pytest.mark.attack("launcher.core-leftovers", ref=REF + "the control: a core exiting 1 has its helper killed at the restart")
@@ -231,17 +240,8 @@ def test_a_core_that_exits_1_has_what_it_left_killed_at_once(hive: HiveProcess) 
     """The same helper, the core exiting with status 1: restarted within 0.1 s, its ids'
     processes killed first and host.sock bound afresh (what the 78 above no longer gets)."""
     h = hive
-    uid, _ = h.core_ids
     core = h.core_pid()
-    assert core is not None
-    fd = listener_of(core, h.host_sock)
-    helper = subprocess.Popen(
-        [sys.executable, "-c", LEFTOVER, str(fd)], pass_fds=(fd,), start_new_session=True,
-        stdin=subprocess.DEVNULL, **h.as_core(),
-    )
-    os.close(fd)
-    try:
-        wait_until(lambda: helper.pid in processes_of(uid), 10, "the helper to run as the core")
+    with core_helper(h) as helper:
         make_core_exit(h, 1)
         assert helper.wait(10) == -signal.SIGKILL
         wait_until(lambda: (p := h.core_pid()) is not None and p != core, 20, "the core back")
@@ -249,10 +249,6 @@ def test_a_core_that_exits_1_has_what_it_left_killed_at_once(hive: HiveProcess) 
         answer = raw_host_call(h, timeout=10)
         assert "a leftover of the core" not in answer and '"ok": true' in answer.replace('"ok":true', '"ok": true'), answer
         assert "killed 1 process(es) a core of this hive left running" in log_text(h)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(helper.pid, signal.SIGKILL)
-        helper.wait(10)
 
 
 IN_CLOSE_NOWRITE = 0x10
