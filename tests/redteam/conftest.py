@@ -270,6 +270,17 @@ def core_fds(hive: HiveProcess) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_targets(hive: HiveProcess) -> list[str]:
+    """What the core's descriptors name (sockets, pipes, files), for a failure's message."""
+    pid = hive.core_pid()
+    assert pid is not None
+    out = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            out.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return sorted(out)
+
+
 def core_rss_kib(hive: HiveProcess) -> int:
     pid = hive.core_pid()
     assert pid is not None

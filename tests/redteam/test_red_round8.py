@@ -34,7 +34,7 @@ from hive_fixture import HiveProcess, running_hive
 from hyperhive.core.budget import EGRESS_REFUSING, Budget
 from hyperhive.wire.common import TEXT_CHARS
 
-from .conftest import cage_run, core_fds
+from .conftest import cage_run, core_fds, fd_targets
 
 A, B = "r8a", "r8b"
 # r8a's runtime: what it inherited from init's fork_exec, read by programs that set
@@ -284,7 +284,14 @@ def test_a_connection_churn_from_a_cage_stays_within_its_budget_and_leaves_nothi
     # Tighter: what the caps say one uid holding connections gets (agent.sock's cap, the
     # egress proxy's max_connections + 1; +1 for r8b's call): measured 49 of 167.
     assert peak - before <= 32 + 16 + EGRESS_REFUSING + 1, (before, peak, out)
-    wait_for(lambda: core_fds(hive) <= before, timeout=15)
+    # Back where it was: within 30 s (15 s was once not enough in a full CI run on a busy
+    # machine, session 22, not reproduced alone: the backlog's connections are accepted
+    # at connections_per_second and each thread's CPU paced). A leak never comes back;
+    # what is left is named.
+    deadline = time.monotonic() + 30
+    while (now := core_fds(hive)) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert now <= before, (before, now, fd_targets(hive))
 
 
 # -- the cgroup join: "0" written to v1's tasks by hive-priv's child ---------------------------------
