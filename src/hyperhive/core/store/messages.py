@@ -274,8 +274,10 @@ class MessageRepo:
 
     def unacked_rows(self, recipient: str, limit: int, skip: set[int]) -> Iterator[_Row]:
         """Unacked messages to ``recipient`` not in ``skip``, oldest first, at most ``limit``,
-        read one row at a time: the caller stops when its reply is full (core/replies.py).
-        ``skip`` is left out by the query, so the rows held elsewhere are never read."""
+        read one row at a time. Not recv's path since session 22 (``Hive.recv_now`` seeks
+        past what it handed out: this walks ``skip`` whole, O(held) a call); kept as the
+        plain statement of what recv returns, which the tests check recv against, and for
+        readers of a whole inbox (``unacked``)."""
         if not skip:  # the usual case (a receiver that acks as it goes): no json_each to scan
             rows = self._db.rows(
                 f"SELECT {_COLUMNS} FROM {_UNACKED} WHERE recipient=? AND acked_at IS NULL"
