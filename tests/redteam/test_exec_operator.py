@@ -159,7 +159,7 @@ open(D + ".ready", "w").close()
 deadline = time.monotonic() + 60
 while not os.path.exists(D + ".go") and time.monotonic() < deadline:
     # Every process this uid may signal, seen or not (once its own launcher is gone).
-    if P["technique"] == "kill-all" and time.monotonic() > deadline - 58.5:
+    if P["technique"] == "kill-all" and time.monotonic() > deadline - 59.2:
         try:
             os.kill(-1, signal.SIGKILL)
         except OSError as e:
@@ -366,8 +366,8 @@ def test_leftover_process_cannot_take_the_operators_terminal(
     if technique == "scm-rights":
         argv = ["python3", "-c", SENDER, marker, attacker.id]
     else:
-        # 2 s: about 100 of the attacker's scans (one each 20 ms) while it runs
-        argv = ["sh", "-c", "sleep 2; echo done", marker]
+        # 1.2 s: about 60 of the attacker's scans (one each 20 ms) while it runs
+        argv = ["sh", "-c", "sleep 1.2; echo done", marker]
     if mode == "tty":
         master, slave = pty.openpty()
         before = termios.tcgetattr(slave)
@@ -442,14 +442,15 @@ MEMORY = [
     "pidfd_open",
     "kill-all",
 ]
-# 2.5 s: kill-all starts 1.5 s after the attacker is ready (its launcher gone), and the
-# exec starts ~0.4 s after that: a second of kill(-1) while the operator's command runs.
+# 1.5 s: kill-all starts 0.8 s after the attacker is ready (its launcher gone 0.2 s after
+# its start), about when the exec starts: over a second of kill(-1) while the operator's
+# command runs.
 SHAPES = {
-    "command": ["python3", "-c", "import time; time.sleep(2.5)", "MARK", "TOKEN"],
+    "command": ["python3", "-c", "import time; time.sleep(1.5)", "MARK", "TOKEN"],
     "grandchild": [
         "sh",
         "-c",
-        "python3 -c 'import time; time.sleep(2.5)' MARK TOKEN & wait",
+        "python3 -c 'import time; time.sleep(1.5)' MARK TOKEN & wait",
         "MARK",
         "TOKEN",
     ],

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from helpers import assert_ok
+from helpers import assert_ok, wait_for
 from hive_fixture import HiveProcess, running_hive
 from hyperhive.core.actors import OPERATOR, Agent
 from hyperhive.core.hive import Hive
@@ -274,6 +274,7 @@ conns = [Conn() for _ in range(P["conns"])]
 for c in conns:
     c.send(line)
     sel.register(c.s, selectors.EVENT_READ, c)
+open(P["flag"], "w").close()  # the acks are spinning: the test sends now
 acked, tries, end = None, 0, time.monotonic() + P["seconds"]
 while acked is None and time.monotonic() < end:
     for key, _ in sel.select(timeout=0.5):
@@ -302,17 +303,20 @@ def test_from_a_cage_an_ack_racing_its_message_is_never_served_after_it(hive: Hi
         assert_ok(hive.host_call("set_paused", name=name, paused=True))
     rounds: list[dict[str, Any]] = []
     try:
-        for _ in range(10):
+        for k in range(10):
             while page := assert_ok(hive.agent_call(B, "recv", wait=0, max=1000))["messages"]:
                 assert_ok(hive.agent_call(B, "ack", ids=[m["id"] for m in page]))
             out: dict[str, Any] = {}
+            flag = hive.home(B) / f"r12-spinning-{k}"
+            flag.unlink(missing_ok=True)
 
-            def probe(out: dict[str, Any] = out) -> None:
-                out.update(cage_run(hive, B, GUESS_PROBE, a=A, conns=8, seconds=6))
+            def probe(out: dict[str, Any] = out, flag: str = flag.name) -> None:
+                out.update(cage_run(hive, B, GUESS_PROBE, a=A, conns=8, seconds=6, flag=flag))
 
             th = threading.Thread(target=probe)
             th.start()
-            time.sleep(2.5)  # the probe's exec started (~0.7 s), its send made, acks spinning
+            wait_for(flag.exists, timeout=30)  # the probe's send made, its acks spinning
+            time.sleep(0.2)
             out["sent"] = assert_ok(hive.agent_call(A, "send", to=B, body="raced"))["id"]
             th.join(60)
             rounds.append(out)
