@@ -409,8 +409,9 @@ def measured(
     rate: list[float] = []
 
     series: list[float] = []
+    ran = threading.Event()
 
-    def watch() -> None:
+    def watch() -> None:  # every half second's too, for the print: up to 12 s, or the runs' end
         last = core_cpu(h)
         for k in range(24):
             time.sleep(0.5)
@@ -421,11 +422,14 @@ def measured(
                 cpu0, t0 = now, time.monotonic()
             if k == 12:
                 rate.append((now - cpu0) / (time.monotonic() - t0))
+            if k >= 12 and ran.is_set():
+                break
         print("SERIES", series)
 
     w = threading.Thread(target=watch)
     w.start()
     got = in_cages(h, runs)
+    ran.set()
     w.join()
     print(f"the core at {rate[0]:.3f} CPUs; got {got}")
     return rate[0], got

@@ -322,7 +322,7 @@ def test_runtime_flood_does_not_delay_its_harness(rt: HiveProcess) -> None:
     flood: dict[str, object] = {}
 
     def run_flood() -> None:
-        flood.update(cage_run(rt, "rtmule", FLOOD_LINES, fill=" ", seconds=10, conns=31, sock_timeout=10,
+        flood.update(cage_run(rt, "rtmule", FLOOD_LINES, fill=" ", seconds=7, conns=31, sock_timeout=10,
                               timeout=90))
 
     t = threading.Thread(target=run_flood)
