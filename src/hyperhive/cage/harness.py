@@ -137,8 +137,15 @@ def fit_entry(data: Any) -> Any:
     more than ~0.8 MiB however its characters escape; the marker fits within the bound,
     and the core keeps the entry as it is."""
     text = data if isinstance(data, str) else wirejson.dumps(data, ensure_ascii=False)
-    if not isinstance(data, str) and _depth(data) > ENTRY_DEPTH:
-        data = text = f"[nested deeper than {ENTRY_DEPTH}, kept as text] {text}"
+    if not isinstance(data, str):
+        depth, numbers_fit = _shape(data)
+        if depth > ENTRY_DEPTH:
+            data = text = f"[nested deeper than {ENTRY_DEPTH}, kept as text] {text}"
+        elif not numbers_fit:
+            # NaN, ±Infinity (1e400 reads as one) or an integer past 64 bits: json reads
+            # and writes them, the core's wire refuses them, and the refused turn_record
+            # was the turn's again and again (red team round 26). Kept as text, marked.
+            data = text = f"[numbers JSON has no room for, kept as text] {text}"
     try:
         text.encode()
     except UnicodeEncodeError:
@@ -152,21 +159,32 @@ def fit_entry(data: Any) -> Any:
     return text[:keep] + f"… [{len(text) - keep} more characters dropped]"
 
 
-def _depth(value: Any) -> int:
-    """How many containers deep ``value`` nests, level by level (no recursion)."""
+def _shape(value: Any) -> tuple[int, bool]:
+    """How many containers deep ``value`` nests, and whether every number in it is one the
+    core's wire takes (a finite float, an integer from -2**63 to 2**64 - 1); level by
+    level, no recursion."""
     level = [value] if isinstance(value, dict | list) else []
+    fits = _number_fits(value)
     n = 0
     while level:
         n += 1
         below: list[Any] = []
         for item in level:
-            below.extend(
-                c
-                for c in (item.values() if isinstance(item, dict) else item)
-                if isinstance(c, dict | list)
-            )
+            for c in item.values() if isinstance(item, dict) else item:
+                if isinstance(c, dict | list):
+                    below.append(c)
+                elif fits and not _number_fits(c):
+                    fits = False
         level = below
-    return n
+    return n, fits
+
+
+def _number_fits(value: Any) -> bool:
+    if isinstance(value, float):
+        return value - value == 0.0  # finite (NaN and ±inf give NaN); math not loaded for it
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**64
+    return True
 
 
 def long_poll_wait() -> float:
@@ -232,14 +250,16 @@ class Turn:
         if len(text) > MAX_ENTRY:
             text = text[:MAX_ENTRY] + f"… [{len(text) - MAX_ENTRY} more characters dropped]"
         if stream == "stdout":
-            kind, data = self.runtime.stdout_entry(text)
             try:
+                kind, data = self.runtime.stdout_entry(text)
                 self.record(kind, data)
-            except RecursionError:
-                # An event the decoder just read but the encoder, a frame deeper, can't
-                # write (fit_entry's dumps): out of the turn it was a refused request to
-                # serve_forever, the turn delivered again for good. A plain line, as a
-                # line too deep to decode is (red team round 21).
+            except Exception:
+                # The runtime's line is its own to shape: nothing in it may end the turn.
+                # Out of the turn, an exception ended the harness (serve_forever catches
+                # the connection's errors only: red team round 26) or was a refused
+                # request to it (an event the decoder read but the encoder, a frame
+                # deeper, can't write: round 21), the turn delivered again for good.
+                # A plain line, as a line too deep to decode is.
                 self.record("stdout", text)
         else:
             self.record("stderr", text)

@@ -43,6 +43,7 @@ else:
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
+KILL_PASSES = 8  # looks at what of the runtime is left once its harness is gone
 MSG_MAX = 256 * 1024
 MAX_FDS = 3  # a spawn's stdin, stdout and stderr
 MAXFD = 1 << 20  # closerange's end in the harness's fork: past any descriptor init may hold
@@ -231,18 +232,23 @@ class Init:
                 pass
         return {"ok": True}
 
-    def runtime_uid_pids(self) -> list[int]:
+    def runtime_uid_pids(self, living: bool = False) -> list[int]:
+        """The runtime uid's processes (``living``: not those already dead, unreaped)."""
         pids = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
             try:
                 with open(f"/proc/{entry}/status") as f:
-                    uid_line = next(line for line in f if line.startswith("Uid:"))
-            except (OSError, StopIteration):
+                    lines = [line for line in f if line.startswith(("State:", "Uid:"))]
+            except OSError:
                 continue  # gone meanwhile
-            if int(uid_line.split()[1]) == self.uid:  # the real uid
-                pids.append(int(entry))
+            uid = next((line for line in lines if line.startswith("Uid:")), None)
+            if uid is None or int(uid.split()[1]) != self.uid:  # the real uid
+                continue
+            if living and any(line.split()[1:2] in (["Z"], ["X"]) for line in lines):
+                continue
+            pids.append(int(entry))
         return pids
 
     def tick(self) -> float | None:
@@ -282,11 +288,23 @@ class Init:
                 pass
 
     def kill_runtime(self) -> None:
+        """Everything of the runtime, its turns' sessions and what left them (setsid), as
+        ``kill`` does: a process left running past its harness could take what the next
+        harness binds as it starts (the egress bridge's port: red team round 26)."""
         for pid in self.groups | set(self.runtime):
             try:
                 os.killpg(pid, _signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for _ in range(KILL_PASSES):  # again while a fork raced the listing
+            left = self.runtime_uid_pids(living=True)
+            if not left:
+                break
+            for pid in left:
+                try:
+                    os.kill(pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def catch_children(self) -> None:
         """A child's exit wakes the loop (SIGCHLD on the wake-up pipe): before any fork."""

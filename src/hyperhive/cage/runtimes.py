@@ -176,23 +176,42 @@ class ClaudeRuntime(Runtime):
             return "stdout", line
         if event.get("type") == "system" and event.get("subtype") == "init":
             # (Not apiKeySource: it is "none" for a claude.ai (OAuth) login too.)
-            self.session_id = event.get("session_id") or self.session_id
-            self.active_model = event.get("model") or self.active_model
+            # Strings only, as argv (--resume) and harness_state (200 characters) take
+            # them: anything else made every later turn refused (red team round 26).
+            self.session_id = _state_text(event.get("session_id")) or self.session_id
+            self.active_model = _state_text(event.get("model")) or self.active_model
         if event.get("type") == "result":
             text = str(event.get("result", ""))
             if event.get("is_error") and ("Not logged in" in text or "/login" in text):
                 self.needs_login, self.login_known = True, True
             elif not event.get("is_error"):
                 self.needs_login, self.login_known = False, True
-            elif any("No conversation found" in str(e) for e in event.get("errors") or []):
+            elif any("No conversation found" in str(e) for e in _list(event.get("errors"))):
                 # The session to resume is gone (e.g. ~/.claude was cleared): without
                 # this every later turn would fail the same way. Start a new one.
                 self.session_id = None
         if event.get("type") == "assistant":
-            for block in (event.get("message") or {}).get("content") or []:
+            message = event.get("message")
+            content = message.get("content") if isinstance(message, dict) else None
+            for block in _list(content):
                 if isinstance(block, dict) and block.get("type") == "tool_use":
                     return "tool_call", event
         return "event", event
+
+
+STATE_TEXT_MAX = 200  # harness_state's active_model bound (wire/harness.py)
+
+
+def _state_text(value: Any) -> str | None:
+    """A runtime's session id or model name, if it is one the harness can use."""
+    if isinstance(value, str) and 0 < len(value) <= STATE_TEXT_MAX:
+        return value
+    return None
+
+
+def _list(value: Any) -> list[Any]:
+    """``value`` if a list, else empty: an event's fields are the runtime's to shape."""
+    return value if isinstance(value, list) else []
 
 
 RUNTIMES: dict[str, type[Runtime]] = {"command": CommandRuntime, "claude": ClaudeRuntime}

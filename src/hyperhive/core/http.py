@@ -157,6 +157,10 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else display.dumps(value)
 
 
+# Claude Code's stream-json event types (--output-format stream-json), shown as named.
+RUNTIME_EVENT_TYPES = frozenset({"system", "assistant", "user", "result", "stream_event"})
+
+
 def readable(entry: Mapping[str, Any]) -> dict[str, Any]:
     """A transcript entry as the agent page shows it: who or what (``who``), its text
     (``text``, or None), and what is folded (``fold``, its summary; ``folded``, its body).
@@ -178,7 +182,14 @@ def readable(entry: Mapping[str, Any]) -> dict[str, Any]:
         blocks = [b for b in blocks if isinstance(b, dict)] if isinstance(blocks, list) else []
         texts = [_text(b.get("text", "")) for b in blocks if b.get("type") == "text"]
         tools = [b for b in blocks if b.get("type") == "tool_use"]
-        out["who"] = _text(data.get("type", ""))
+        # The runtime names its event: Claude Code's own types as they are, any other
+        # quoted and marked, so no event reads as the hive's "from operator (message N)"
+        # or "turn ended" (red team round 26).
+        kind_of = data.get("type")
+        if isinstance(kind_of, str) and kind_of in RUNTIME_EVENT_TYPES:
+            out["who"] = kind_of
+        else:
+            out["who"] = "runtime event" + ("" if kind_of in (None, "") else f" {kind_of!r}")
         if texts:
             out["text"] = "\n".join(texts)
         elif data.get("type") == "result":
