@@ -161,7 +161,7 @@ def fit_entry(data: Any) -> Any:
 
 def _shape(value: Any) -> tuple[int, bool]:
     """How many containers deep ``value`` nests, and whether every number in it is one the
-    core's wire takes (a finite float, an integer from -2**63 to 2**64 - 1); level by
+    core's wire takes (a finite float, an integer from -2**63 to 2**63 - 1); level by
     level, no recursion."""
     level = [value] if isinstance(value, dict | list) else []
     fits = _number_fits(value)
@@ -183,7 +183,7 @@ def _number_fits(value: Any) -> bool:
     if isinstance(value, float):
         return value - value == 0.0  # finite (NaN and ±inf give NaN); math not loaded for it
     if isinstance(value, int) and not isinstance(value, bool):
-        return -(2**63) <= value < 2**64
+        return -(2**63) <= value < 2**63  # the core's wire: a signed 64-bit integer
     return True
 
 

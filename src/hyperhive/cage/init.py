@@ -43,7 +43,7 @@ else:
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
-KILL_PASSES = 8  # looks at what of the runtime is left once its harness is gone
+KILL_PASSES = 8  # sweeps of the runtime uid once its harness is gone, while any is left
 MSG_MAX = 256 * 1024
 MAX_FDS = 3  # a spawn's stdin, stdout and stderr
 MAXFD = 1 << 20  # closerange's end in the harness's fork: past any descriptor init may hold
@@ -240,13 +240,20 @@ class Init:
                 continue
             try:
                 with open(f"/proc/{entry}/status") as f:
-                    lines = [line for line in f if line.startswith(("State:", "Uid:"))]
+                    lines = [line for line in f if line.startswith(("State:", "Uid:", "Threads:"))]
             except OSError:
                 continue  # gone meanwhile
             uid = next((line for line in lines if line.startswith("Uid:")), None)
             if uid is None or int(uid.split()[1]) != self.uid:  # the real uid
                 continue
-            if living and any(line.split()[1:2] in (["Z"], ["X"]) for line in lines):
+            # (A zombie leader whose threads live on is living: Threads > 1.)
+            if (
+                living
+                and any(line.split()[1:2] in (["Z"], ["X"]) for line in lines)
+                and not any(
+                    line.startswith("Threads:") and int(line.split()[1]) > 1 for line in lines
+                )
+            ):
                 continue
             pids.append(int(entry))
         return pids
@@ -296,15 +303,27 @@ class Init:
                 os.killpg(pid, _signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for _ in range(KILL_PASSES):  # again while a fork raced the listing
-            left = self.runtime_uid_pids(living=True)
-            if not left:
+        # kill(-1) as the runtime uid: the kernel sweeps every process that uid may
+        # signal in the cage's pid namespace under the lock fork takes, so no child of a
+        # fork loop slips between a listing and its kill, and a process whose main thread
+        # exited (State Z, its threads alive) is signalled too (re-check of round 26).
+        for _ in range(KILL_PASSES):
+            self.sweep_runtime_uid()
+            if not self.runtime_uid_pids(living=True):
                 break
-            for pid in left:
-                try:
-                    os.kill(pid, _signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+
+    def sweep_runtime_uid(self) -> None:
+        """SIGKILL to every process of the runtime uid, from a child that is that uid."""
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.setresgid(self.gid, self.gid, self.gid)
+                os.setresuid(self.uid, self.uid, self.uid)
+                os.kill(-1, _signal.SIGKILL)  # all it may signal but itself
+            except BaseException:
+                os._exit(1)
+            os._exit(0)
+        os.waitpid(pid, 0)
 
     def catch_children(self) -> None:
         """A child's exit wakes the loop (SIGCHLD on the wake-up pipe): before any fork."""

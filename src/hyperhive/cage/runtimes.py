@@ -178,7 +178,7 @@ class ClaudeRuntime(Runtime):
             # (Not apiKeySource: it is "none" for a claude.ai (OAuth) login too.)
             # Strings only, as argv (--resume) and harness_state (200 characters) take
             # them: anything else made every later turn refused (red team round 26).
-            self.session_id = _state_text(event.get("session_id")) or self.session_id
+            self.session_id = _session_id(event.get("session_id")) or self.session_id
             self.active_model = _state_text(event.get("model")) or self.active_model
         if event.get("type") == "result":
             text = str(event.get("result", ""))
@@ -203,10 +203,28 @@ STATE_TEXT_MAX = 200  # harness_state's active_model bound (wire/harness.py)
 
 
 def _state_text(value: Any) -> str | None:
-    """A runtime's session id or model name, if it is one the harness can use."""
-    if isinstance(value, str) and 0 < len(value) <= STATE_TEXT_MAX:
+    """A runtime's model name, if it is one harness_state carries: printable, no lone
+    surrogate, at most STATE_TEXT_MAX characters."""
+    if isinstance(value, str) and 0 < len(value) <= STATE_TEXT_MAX and value.isprintable():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return None
         return value
     return None
+
+
+def _session_id(value: Any) -> str | None:
+    """A session id the next turn's ``--resume`` can take: letters, digits, ``_``, ``.``,
+    ``:`` and ``-``, not first (execve refuses a NUL, and an argument starting with ``-``
+    would be read as the CLI's next option: re-check of round 26)."""
+    text = _state_text(value)
+    if text is None or text.startswith("-") or not all(c in _SESSION_CHARS for c in text):
+        return None
+    return text
+
+
+_SESSION_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.:-")
 
 
 def _list(value: Any) -> list[Any]:
