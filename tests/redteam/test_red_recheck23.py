@@ -38,6 +38,7 @@ See docs/security.md's rounds table and the report of this re-check.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -396,3 +397,68 @@ def test_kill_runtime_kills_a_process_that_keeps_changing_its_pid() -> None:
         os.close(r)
     print(f"kill_runtime listed /proc {listings} times; chains alive to their end: {survived} of 2")
     assert survived == 0, f"{survived} of 2 chains outlived kill_runtime ({listings} listings)"
+
+
+# Loops kill(-1, SIGSTOP) as the runtime uid for 2 s: whatever of init's it may signal stops.
+STOPPER = """
+import os, signal, time
+end = time.monotonic() + 2
+while time.monotonic() < end:
+    try:
+        os.kill(-1, signal.SIGSTOP)
+    except OSError:
+        pass
+"""
+
+
+@pytest.mark.attack("reach.other-surfaces", ref=REF + "; the sweep's child had the runtime's uid: a runtime could stop it")
+def test_a_runtime_cannot_stop_the_sweep_and_hold_init() -> None:
+    """Second re-check of round 26's fixes. A runtime process loops ``kill(-1, SIGSTOP)``
+    while init sweeps the runtime uid, 10 times. The sweep must return (init is the only
+    one to restart the harness) and the stopper must be dead. Before: the sweep's child
+    took the runtime's uid, the runtime stopped it, and init waited on it for good (15 of
+    20 trials; in 3 more the stopper outlived the sweep)."""
+    uid = _unused_uid()
+
+    class Hung(Exception):
+        pass
+
+    def on_alarm(*_: Any) -> None:
+        raise Hung
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    hung = survived = 0
+    try:
+        for _ in range(10):
+            stopper = os.fork()
+            if stopper == 0:
+                try:
+                    os.setgid(uid)
+                    os.setuid(uid)
+                    os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", STOPPER])
+                finally:
+                    os._exit(1)
+            time.sleep(0.05)  # its loop started
+            init = cage_init.Init(uid, uid, uid + 1)
+            signal.setitimer(signal.ITIMER_REAL, 2.0)
+            try:
+                init.kill_runtime()
+            except Hung:
+                hung += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                os.close(init.wake_r)
+                os.close(init.wake_w)
+            waited, status = os.waitpid(stopper, os.WNOHANG | os.WUNTRACED)
+            if waited == 0 or os.WIFSTOPPED(status):
+                survived += 1
+            for pid in init.runtime_uid_pids():  # what is left, for the next trial
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(stopper, 0)
+    finally:
+        signal.signal(signal.SIGALRM, old)
+    print(f"10 sweeps beside a stopper: init held {hung}, the stopper alive after {survived}")
+    assert hung == 0, f"init's sweep was held {hung} times in 10"
+    assert survived == 0, f"the stopper outlived the sweep {survived} times in 10"

@@ -44,6 +44,7 @@ else:
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
 KILL_PASSES = 8  # sweeps of the runtime uid once its harness is gone, while any is left
+SWEEP_ID = 65534  # the sweep's real and saved ids: no process of a cage has them
 MSG_MAX = 256 * 1024
 MAX_FDS = 3  # a spawn's stdin, stdout and stderr
 MAXFD = 1 << 20  # closerange's end in the harness's fork: past any descriptor init may hold
@@ -313,17 +314,32 @@ class Init:
                 break
 
     def sweep_runtime_uid(self) -> None:
-        """SIGKILL to every process of the runtime uid, from a child that is that uid."""
-        pid = os.fork()
+        """SIGKILL to every process of the runtime uid, from a child whose effective uid
+        is the runtime's (it may signal them) and whose real and saved uids are SWEEP_ID,
+        which no process in the cage has (none of them may signal it: a runtime that
+        stopped it held init in its wait for good, second re-check of round 26)."""
+        try:
+            pid = os.fork()
+        except OSError:  # the cage at its pids limit: the listing's kills, as root
+            for other in self.runtime_uid_pids(living=True):
+                try:
+                    os.kill(other, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
         if pid == 0:
             try:
-                os.setresgid(self.gid, self.gid, self.gid)
-                os.setresuid(self.uid, self.uid, self.uid)
+                os.setresgid(SWEEP_ID, SWEEP_ID, SWEEP_ID)
+                os.setresuid(SWEEP_ID, self.uid, SWEEP_ID)
                 os.kill(-1, _signal.SIGKILL)  # all it may signal but itself
             except BaseException:
                 os._exit(1)
             os._exit(0)
-        os.waitpid(pid, 0)
+        while True:  # (stopped by whom it can't be; if it is, it is killed)
+            _, status = os.waitpid(pid, os.WUNTRACED)
+            if not os.WIFSTOPPED(status):
+                return
+            os.kill(pid, _signal.SIGKILL)
 
     def catch_children(self) -> None:
         """A child's exit wakes the loop (SIGCHLD on the wake-up pipe): before any fork."""
