@@ -281,9 +281,11 @@ def test_migration_6_keeps_rows_ids_and_triggers_and_puts_summaries_first(tmp_pa
         conn = s.db.conn
         assert s.schema_version == len(MIGRATIONS)
         # Migration 9 drops the insert's and the ack's usage triggers (the code counts those);
-        # migration 10 adds the fair first screen's two partial indexes, 11 the inbox's.
-        kept = triggers - {"usage_message_in", "usage_message_acked"}
+        # migration 10 adds the fair first screen's two partial indexes, 11 the inbox's;
+        # 14 puts each transcript entry's size in its index.
+        kept = triggers - {"usage_message_in", "usage_message_acked", "transcript_agent"}
         kept |= {"questions_open_asker", "approvals_pending_agent", "messages_operator"}
+        kept |= {"transcript_agent_size"}
         assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")} == kept
         assert conn.execute("SELECT pending, bytes FROM agent_usage WHERE agent='alice'").fetchone() == usage
         # The summary columns come before the long ones, and are filled for old rows.

@@ -103,6 +103,8 @@ BAD_CMDS = {
     "lines": "yes | head -c 50000000",  # 25 million short lines
     "line": "head -c 50000000 /dev/zero | tr '\\0' y",  # one line of 50 MB
     "both": "yes out | head -c 20000000 & yes err | head -c 20000000 >&2; wait",
+    # 512 KiB of \x01 in 16 KiB lines: each byte is stored escaped, six bytes (~3.1 MB a turn)
+    "controls": "head -c 524288 /dev/zero | tr '\\0' '\\1' | fold -w 16384",
 }
 BAD = py(f"""
     import json, os, sys
@@ -158,11 +160,14 @@ AGENTS: dict[str, dict[str, Any]] = {
 }
 
 
+TRANSCRIPT_MIB = 8  # each agent's transcript, in stored bytes ([limits] transcript_mib)
+
+
 @pytest.fixture(scope="module")
 def hive() -> Iterator[HiveProcess]:
     """One hive with this module's agents; at the end ``hive up`` must stop cleanly
     and leave nothing in the agents' cages."""
-    h = HiveProcess(AGENTS)
+    h = HiveProcess(AGENTS, sections={"limits": {"transcript_mib": TRANSCRIPT_MIB}})
     try:
         h.start()
     except BaseException:
@@ -571,6 +576,49 @@ def test_flooding_runtime_keeps_the_transcript_bounded(hive: HiveProcess, body: 
     assert stored == earlier
     _healthy(hive, name, after)
     assert hive.harness_pid(name) == harness
+
+
+def _stored_bytes(hive: HiveProcess, name: str) -> tuple[int, int, int, tuple[int, int]]:
+    """(entries, bytes of kind and data, oldest id) the database holds for agent ``name``,
+    and what its transcript_usage row says it holds."""
+    db = sqlite3.connect(f"file:{hive.state_dir / 'hive.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        count, size, oldest = db.execute(
+            "SELECT count(*), sum(length(CAST(kind AS BLOB)) + length(CAST(data AS BLOB))), min(id)"
+            " FROM transcript WHERE agent=?", (name,),
+        ).fetchone()
+        usage = db.execute("SELECT entries, bytes FROM transcript_usage WHERE agent=?", (name,)).fetchone()
+    finally:
+        db.close()
+    return count, size, oldest, tuple(usage)
+
+
+def test_a_transcript_is_bounded_in_stored_bytes(hive: HiveProcess) -> None:
+    """Red team round 26 (noticed): control characters are stored escaped, six bytes each,
+    so 20,000 entries could hold ~1.75 GiB. Three turns of 512 KiB of \\x01 store ~9.4 MB:
+    the oldest entries go, the newest turn stays whole, the counts stay exact."""
+    name = "turn-flood"
+    hive.wait_running([name])
+    after = last_id(hive, name)
+    _, _, oldest_before, _ = _stored_bytes(hive, name)
+    turns: list[tuple[int, int]] = []
+    for _ in range(3):
+        mid = send(hive, name, "controls")
+        entries = wait_turn(hive, name, mid, timeout=60, after=after)
+        assert exit_of(entries)["exit_status"] == 0, exit_of(entries)
+        assert sum(len(e["data"]) for e in entries if e["kind"] == "stdout") >= 500_000
+        turns.append((mid, len(entries)))
+        after = entries[-1]["id"]
+
+    count, size, oldest, usage = _stored_bytes(hive, name)
+    assert size <= TRANSCRIPT_MIB << 20, size
+    assert size > (TRANSCRIPT_MIB << 20) - 200_000, "trimmed far more than it had to"
+    assert usage == (count, size)
+    assert oldest > oldest_before
+    stored = _stored(hive, name)
+    assert set(stored) <= {mid for mid, _ in turns}, "an older turn was kept over a newer one"
+    assert stored[turns[-1][0]][0] == turns[-1][1], "the newest turn is whole"
+    _healthy(hive, name, after)
 
 
 # -- the runtime's identity and what it can't do ----------------------------------------------

@@ -62,7 +62,8 @@ class LimitsSection(BaseModel):
     What one agent may hold in the hive: ``agent_pending_max`` undelivered messages, open
     questions, pending approvals and reminders it created, of at most ``agent_store_mib``
     MiB in all; of every per-agent log (egress decisions, delivered messages, resolved
-    questions and approvals, delivered reminders) the newest ``history_keep`` are kept.
+    questions and approvals, delivered reminders) the newest ``history_keep`` are kept;
+    of its transcript, the newest entries of at most ``transcript_mib`` MiB.
 
     Every listing reply (``recv``, ``inbox``, transcripts, egress logs, loose ends) is at
     most ``reply_bytes`` long as well as its count; the rest comes in the next batch
@@ -79,6 +80,9 @@ class LimitsSection(BaseModel):
     agent_store_mib: int = Field(default=64, ge=1, le=1_048_576)
     agent_pending_max: int = Field(default=10_000, ge=10, le=10_000_000)
     history_keep: int = Field(default=5_000, ge=10, le=10_000_000)
+    # Stored bytes of each agent's transcript (its newest 20,000 entries at most), oldest
+    # trimmed first; outside agent_store_mib, which counts what an agent holds of others'.
+    transcript_mib: int = Field(default=32, ge=1, le=1_048_576)
     reply_bytes: int = Field(default=DEFAULT_REPLY_BYTES, ge=MAX_ITEM_BYTES, le=1 << 30)
     # Request bytes per second an agent's connections may send the core together, past a
     # burst; beyond it reading waits (core/ratelimit.BytePacer). 0: off.

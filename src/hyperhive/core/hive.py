@@ -175,6 +175,7 @@ class Hive:
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
         self.rates = TokenBuckets(config.limits.messages_per_second, config.limits.message_burst)
         store.history_keep = config.limits.history_keep
+        store.transcripts.max_bytes = config.limits.transcript_mib << 20
         # Sends queued for the next group commit, per sender: (rows, bytes) not yet in agent_usage.
         self._queued: dict[str, tuple[int, int]] = {}
         # agent_usage rows read since commit _usage_at, or more: carried over the group

@@ -242,6 +242,7 @@ def _delete(tx: Tx, name: str) -> None:
     )
     tx.execute("UPDATE agents SET parent=NULL WHERE parent=?", (name,))
     tx.execute("DELETE FROM transcript WHERE agent=?", (name,))
+    tx.execute("DELETE FROM transcript_usage WHERE agent=?", (name,))
     tx.execute("DELETE FROM egress_rules WHERE agent=?", (name,))
     # the operator's secret_bind of it: never a later agent's of the same name (hive.toml's
     # own come back at each start, named in hive.toml)

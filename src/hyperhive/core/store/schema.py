@@ -425,6 +425,25 @@ MIGRATIONS: list[Migration] = [
             FROM messages WHERE sender = 'hive' AND acked_at IS NULL)
         WHERE agent = 'hive';
     """,
+    # 14: each transcript entry's stored bytes (its kind and data), beside its id in the
+    # index so trimming the oldest reads no data pages, and each agent's entries and bytes,
+    # kept by store/transcripts.py in the same transaction as each change: the transcript
+    # is bounded in bytes as well as entries (red team round 26: 20,000 entries of escaped
+    # control characters held ~1.75 GiB). Old rows are counted here, then trimmed as new
+    # ones come.
+    """
+    ALTER TABLE transcript ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+    UPDATE transcript SET size = length(CAST(kind AS BLOB)) + length(CAST(data AS BLOB));
+    DROP INDEX IF EXISTS transcript_agent;
+    CREATE INDEX transcript_agent_size ON transcript (agent, id, size);
+    CREATE TABLE transcript_usage (
+        agent TEXT PRIMARY KEY,
+        entries INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO transcript_usage (agent, entries, bytes)
+        SELECT agent, count(*), sum(size) FROM transcript GROUP BY agent;
+    """,
 ]
 
 

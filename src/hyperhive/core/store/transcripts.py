@@ -8,10 +8,18 @@ from typing import Any, TypedDict
 
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store.common import Unreadable, canonical_json, load_json, readable
-from hyperhive.core.store.db import Database
+from hyperhive.core.store.db import Database, Tx
 from hyperhive.core.store.messages import HELD_BYTES, HOLDER
 
 TRANSCRIPT_KEEP = 20_000  # entries per agent
+TRANSCRIPT_MIB = 32  # stored bytes per agent (the default of [limits] transcript_mib)
+
+# One entry: its stored size (kind and data, as SQLite counts them) is written beside it.
+_INSERT = (
+    "INSERT INTO transcript (agent, turn, kind, data, at, size)"
+    " VALUES (?1, ?2, ?3, ?4, ?5, length(CAST(?3 AS BLOB)) + length(CAST(?4 AS BLOB)))"
+    " RETURNING id, size"
+)
 
 
 class TranscriptEntry(TypedDict):
@@ -31,26 +39,33 @@ def _to_entry(r: Any) -> TranscriptEntry:
 
 
 class TranscriptRepo:
+    """Each agent's transcript: its newest ``keep`` entries of at most ``max_bytes`` stored
+    bytes in all, trimmed oldest first in the transaction that adds (a harness that never
+    ends its turn is bounded too)."""
+
     def __init__(self, db: Database) -> None:
         self._db = db
+        self.keep = TRANSCRIPT_KEEP
+        self.max_bytes = TRANSCRIPT_MIB << 20  # [limits] transcript_mib, set by Store
 
     def add(
         self, agent: str, turn: int, entries: list[tuple[str, object]]
     ) -> list[TranscriptEntry]:
         now = time.time()
         out: list[TranscriptEntry] = []
+        added = 0
         with self._db.tx() as tx:
             for kind, data in entries:
-                cur = tx.execute(
-                    "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, ?, ?, ?)",
-                    (agent, turn, kind, canonical_json(data), now),
-                )
-                rowid = int(cur.lastrowid or 0)
+                rowid, size = tx.execute(
+                    _INSERT, (agent, turn, kind, canonical_json(data), now)
+                ).fetchone()
+                added += size
                 out.append({"id": rowid, "turn": turn, "kind": kind, "data": data, "at": now})
+            self._grew(tx, agent, len(out), added)
         return out
 
     def finish_turn(self, agent: str, turn: int, end: dict[str, object]) -> TranscriptEntry:
-        """Record the end of a turn and ack its message, in one transaction; trim old entries."""
+        """Record the end of a turn and ack its message, in one transaction."""
         now = time.time()
         with self._db.tx() as tx:
             row = tx.execute(
@@ -59,19 +74,46 @@ class TranscriptRepo:
             ).fetchone()
             if row is None:
                 raise NotFound(f"no message {turn} in this inbox")
-            cur = tx.execute(
-                "INSERT INTO transcript (agent, turn, kind, data, at) VALUES (?, ?, 'exit', ?, ?)",
-                (agent, turn, canonical_json(end), now),
-            )
+            rowid, size = tx.execute(
+                _INSERT, (agent, turn, "exit", canonical_json(end), now)
+            ).fetchone()
             if row[0] is None:
                 tx.execute("UPDATE messages SET acked_at=? WHERE id=?", (now, turn))
                 tx.held(row[1], -1, -row[2], agent == "operator")  # row[1]: its holder
-            tx.execute(
-                "DELETE FROM transcript WHERE agent=? AND id <= ("
-                " SELECT id FROM transcript WHERE agent=? ORDER BY id DESC LIMIT 1 OFFSET ?)",
-                (agent, agent, TRANSCRIPT_KEEP),
-            )
-        return {"id": int(cur.lastrowid or 0), "turn": turn, "kind": "exit", "data": end, "at": now}
+            self._grew(tx, agent, 1, size)
+        return {"id": rowid, "turn": turn, "kind": "exit", "data": end, "at": now}
+
+    def usage(self, agent: str) -> tuple[int, int]:
+        """The entries and stored bytes ``agent``'s transcript holds."""
+        row = self._db.conn.execute(
+            "SELECT entries, bytes FROM transcript_usage WHERE agent=?", (agent,)
+        ).fetchone()
+        return (0, 0) if row is None else (int(row[0]), int(row[1]))
+
+    def _grew(self, tx: Tx, agent: str, entries: int, size: int) -> None:
+        """Count what was added, then drop the oldest entries past either bound."""
+        held, held_bytes = tx.execute(
+            "INSERT INTO transcript_usage (agent, entries, bytes) VALUES (?, ?, ?)"
+            " ON CONFLICT (agent) DO UPDATE SET entries = entries + excluded.entries,"
+            " bytes = bytes + excluded.bytes RETURNING entries, bytes",
+            (agent, entries, size),
+        ).fetchone()
+        over, over_bytes = held - self.keep, held_bytes - self.max_bytes
+        if over <= 0 and over_bytes <= 0:
+            return
+        cut, dropped, freed = 0, 0, 0
+        # (agent, id, size) is an index: this walk reads no entry's data.
+        oldest = tx.execute("SELECT id, size FROM transcript WHERE agent=? ORDER BY id", (agent,))
+        for rowid, entry_size in oldest:
+            if dropped >= over and freed >= over_bytes:
+                break
+            cut, dropped, freed = rowid, dropped + 1, freed + entry_size
+        oldest.close()
+        tx.execute("DELETE FROM transcript WHERE agent=? AND id<=?", (agent, cut))
+        tx.execute(
+            "UPDATE transcript_usage SET entries = entries - ?, bytes = bytes - ? WHERE agent=?",
+            (dropped, freed, agent),
+        )
 
     def entries(
         self, agent: str, after: int = 0, limit: int = 500
