@@ -92,6 +92,17 @@ def listening_page_sockets() -> set[str]:
     return out
 
 
+def listening_bridge_sockets(pid: int) -> set[str]:
+    """``socket:[INODE]`` of every TCP socket listening on 127.0.0.1:3128 in ``pid``'s
+    network namespace (a cage's: the egress bridge)."""
+    out = set()
+    for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+        f = line.split()  # sl local_address rem_address st ... inode
+        if f[1] == "0100007F:0C38" and f[3] == "0A":
+            out.add(f"socket:[{f[9]}]")
+    return out
+
+
 def check_harness_as_forked(hive: HiveProcess, name: str, forked: bool = True) -> dict[str, Any]:
     """What the harness kept of init, seen from the host: asserts, returns the facts.
     ``forked``: the first harness (a fork of init); a restart is exec'd through setpriv."""
@@ -126,14 +137,15 @@ def check_harness_as_forked(hive: HiveProcess, name: str, forked: bool = True) -
     assert int(st["SigIgn"], 16) & ~(1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)) == 0
     # No descriptor of init's but stdio: nothing the harness holds is an open file init
     # holds too (its wake pipe, its selector, its end of the channel, bwrap's pipes).
-    # But one: the page's web.sock listener, which hive-priv bound and init keeps for each
-    # harness (session 16), the same descriptor number in both.
+    # But two, the same descriptor number in both: the page's web.sock listener, which
+    # hive-priv bound and init keeps for each harness (session 16), and the egress
+    # bridge's listener, which init binds once for the cage's life (session 24).
     mine, inits = open_files(harness), open_files(init)
     shared = {(fd, ifd): t for fd, t in mine.items() for ifd in inits if same_file(harness, fd, init, ifd)}
-    page = set(shared) - {(1, 1), (1, 2), (2, 1), (2, 2)}
-    assert len(page) == 1, (shared, mine, inits)
-    (page_fd, init_fd), = page
-    assert page_fd == init_fd and mine[page_fd] in listening_page_sockets(), (mine[page_fd], shared)
+    handed = set(shared) - {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert len(handed) == 2 and all(fd == ifd for fd, ifd in handed), (shared, mine, inits)
+    assert {mine[fd] in listening_page_sockets() for fd, _ in handed} == {True, False}, shared
+    assert {mine[fd] for fd, _ in handed} - listening_page_sockets() == listening_bridge_sockets(harness)
     assert mine[0] == "/dev/null" and (1, 1) in shared and (2, 2) in shared
     # Its command line reads as the program it was, and holds nothing past its arguments.
     raw = Path(f"/proc/{harness}/cmdline").read_bytes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _socket
 import _struct
+import os
 import sys
 import threading
 
@@ -53,19 +54,40 @@ def _hand_over(client: _socket.socket, egress_path: str) -> None:
         client.close()  # the proxy holds its own copy now
 
 
+def handed_listener() -> _socket.socket | None:
+    """The listener init bound for the cage's life (``HIVE_BRIDGE_FD``), if it handed one:
+    a TCP socket listening on the cage's loopback, else None."""
+    raw = os.environ.pop(layout.BRIDGE_FD_ENV, "")
+    if not raw.isdigit():
+        return None
+    try:
+        os.set_inheritable(int(raw), False)  # an exec'd harness got it inheritable
+        listener = _socket.socket(fileno=int(raw))
+    except OSError:
+        return None
+    if listener.family != _socket.AF_INET or not listener.getsockopt(
+        _socket.SOL_SOCKET, _socket.SO_ACCEPTCONN
+    ):
+        listener.detach()
+        return None
+    return listener
+
+
 def serve_bridge(
     port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET
 ) -> _socket.socket:
-    """Listen on 127.0.0.1:port now (so the runtime finds it from its first turn);
-    serve from a daemon thread."""
-    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
-    try:
-        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", port))
-        listener.listen(128)
-    except BaseException:
-        listener.close()
-        raise
+    """Serve init's listener, or listen on 127.0.0.1:port now if init handed none (so the
+    runtime finds it from its first turn); serve from a daemon thread."""
+    listener = handed_listener()
+    if listener is None:
+        listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", port))
+            listener.listen(128)
+        except BaseException:
+            listener.close()
+            raise
 
     def accept_loop() -> None:
         while True:

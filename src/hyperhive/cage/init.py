@@ -135,9 +135,12 @@ def recv_request(sock: _socket.socket) -> tuple[dict | None, list[int]]:
 
 
 class Init:
-    def __init__(self, uid: int, gid: int, harness_uid: int, page_fd: int = -1) -> None:
+    def __init__(
+        self, uid: int, gid: int, harness_uid: int, page_fd: int = -1, bridge_fd: int = -1
+    ) -> None:
         self.uid, self.gid, self.harness_uid = uid, gid, harness_uid
         self.page_fd = page_fd  # web.sock's listener, for each harness (-1: none handed in)
+        self.bridge_fd = bridge_fd  # the egress bridge's listener, likewise (-1: none)
         self.runtime: dict[int, Forked] = {}
         # Process groups of runtime processes (each its own session, id = its first pid), kept
         # while any member lives: a child left behind by a runtime that exited can still be
@@ -163,17 +166,17 @@ class Init:
         against Android's zygote); each exec gets its own."""
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.harness_starts += 1
-        page = () if self.page_fd < 0 else (self.page_fd,)
+        handed = {layout.PAGE_FD_ENV: self.page_fd, layout.BRIDGE_FD_ENV: self.bridge_fd}
+        handed = {env: fd for env, fd in handed.items() if fd >= 0}
         if self.harness_starts > 1:
             env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
-            if page:
-                env[layout.PAGE_FD_ENV] = str(self.page_fd)
+            env.update((name, str(fd)) for name, fd in handed.items())
             devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 self.harness = fork_exec(
                     drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
                     (devnull, 1, 2),
-                    keep=(theirs.fileno(), *page),
+                    keep=(theirs.fileno(), *handed.values()),
                     env=env,
                 )
             finally:
@@ -182,7 +185,7 @@ class Init:
             gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
             pid = os.fork()
             if pid == 0:
-                run_harness(self.harness_uid, self.gid, theirs.fileno(), self.page_fd)
+                run_harness(self.harness_uid, self.gid, theirs.fileno(), handed)
             self.harness = Forked(pid)
         theirs.close()
         self.channel = ours
@@ -489,7 +492,7 @@ def signals_to_default() -> None:
             pass
 
 
-def run_harness(uid: int, gid: int, channel_fd: int, page_fd: int = -1) -> NoReturn:
+def run_harness(uid: int, gid: int, channel_fd: int, handed: dict[str, int]) -> NoReturn:
     """In init's fork: become the harness (as a fresh ``setpriv … python -m hyperhive.cage
     harness`` would be) and run it; never returns. Init's signal handling and descriptors
     are not the harness's; its capabilities and ids go before any harness code runs."""
@@ -501,15 +504,14 @@ def run_harness(uid: int, gid: int, channel_fd: int, page_fd: int = -1) -> NoRet
             _signal.signal(sig, _signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        low = 3  # only stdio, the channel and the page's listener stay open
-        for fd in sorted({channel_fd, page_fd} - {-1}):
+        low = 3  # only stdio, the channel and the listeners handed on stay open
+        for fd in sorted({channel_fd, *handed.values()}):
             os.closerange(low, fd)
             low = fd + 1
         os.closerange(low, MAXFD)
         become(uid, gid)
         os.environ["HIVE_INIT_FD"] = str(channel_fd)
-        if page_fd >= 0:
-            os.environ[layout.PAGE_FD_ENV] = str(page_fd)
+        os.environ.update((name, str(fd)) for name, fd in handed.items())
         retitle("harness")
         # Connected (as the harness uid: the core reads its peer's credentials at connect)
         # before the harness's modules load: the agent runs from here.
@@ -606,6 +608,21 @@ def handed_page_fd() -> int:
     return fd
 
 
+def bind_bridge() -> int:
+    """The egress bridge's listener on the cage's loopback, bound once for the cage's
+    life (each harness serves it in turn); -1 if it can't be bound (turns still run,
+    egress is refused, each harness says so)."""
+    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    try:
+        listener.bind(("127.0.0.1", layout.EGRESS_PORT))
+        listener.listen(128)
+    except OSError as e:
+        print(f"cage-init: egress bridge port not bound: {e}", file=sys.stderr, flush=True)
+        listener.close()
+        return -1
+    return listener.detach()  # close-on-exec: only the harness is handed it
+
+
 def main(args: list[str]) -> None:
     ids = parse_ids(args)
     if 0 in ids.values():
@@ -621,7 +638,7 @@ def main(args: list[str]) -> None:
 
     _signal.signal(_signal.SIGTERM, on_term)
     _signal.signal(_signal.SIGINT, on_term)
-    init = Init(ids["--uid"], ids["--gid"], ids["--harness-uid"], handed_page_fd())
+    init = Init(ids["--uid"], ids["--gid"], ids["--harness-uid"], handed_page_fd(), bind_bridge())
     init.catch_children()
     # The first harness at once, with only what is loaded so far: it connects to the core
     # (the cold start's end), then loads its own modules while init waits in poll.

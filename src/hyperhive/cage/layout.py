@@ -23,6 +23,10 @@ PROXY_URL = f"http://127.0.0.1:{EGRESS_PORT}"
 # The page's listening socket (web.sock, bound by hive-priv on the host): its descriptor
 # in init and in each harness. Nothing of the page is in the cage's filesystem.
 PAGE_FD_ENV = "HIVE_PAGE_FD"
+# The egress bridge's listener (127.0.0.1:EGRESS_PORT), bound by init once and handed to
+# each harness: the port is never free while the cage runs, so nothing of the runtime's
+# can take it between one harness and the next (re-check of red team round 26).
+BRIDGE_FD_ENV = "HIVE_BRIDGE_FD"
 BIN = "/opt/hive/bin"  # the `hive` command
 PATH = f"{BIN}:/usr/local/bin:/usr/bin:/bin"
 
