@@ -287,7 +287,7 @@ class HiveProcess:
             )
         finally:
             log.close()
-        ready = threading.Event()
+        ready, said_ready = threading.Event(), threading.Event()
         proc = self.proc
 
         def pump() -> None:
@@ -296,11 +296,15 @@ class HiveProcess:
                 line = raw.decode(errors="replace").rstrip("\n")
                 self.stdout_lines.append(line)
                 if line.startswith("hive: ready"):
+                    said_ready.set()
                     ready.set()
-            ready.set()
+            ready.set()  # its stdout closed: it is exiting (not reaped yet, maybe)
 
         threading.Thread(target=pump, daemon=True).start()
-        if not ready.wait(READY_TIMEOUT) or proc.poll() is not None:
+        if not ready.wait(READY_TIMEOUT) or not said_ready.is_set() or proc.poll() is not None:
+            if not said_ready.is_set():
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(5)  # its exit status, for the message
             rc = proc.poll()
             self.kill_everything()
             raise AssertionError(

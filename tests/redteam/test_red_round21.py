@@ -223,7 +223,7 @@ def resets(n):
         except OSError as e:
             errors.append(errname(e))
 t0 = time.monotonic()
-ts = [threading.Thread(target=resets, args=(250,)) for _ in range(8)]
+ts = [threading.Thread(target=resets, args=(100,)) for _ in range(8)]
 for t in ts: t.start()
 for t in ts: t.join()
 held = []
@@ -256,7 +256,7 @@ def _fds(pid: int) -> int:
 
 @pytest.mark.attack("budget.core-descriptors", ref="red team round 21: the bridge's _accept + TCP_NODELAY on reset connections")
 def test_bridge_floods_and_resets_leave_the_harness_its_descriptors(h: HiveProcess) -> None:
-    """2,000 connections reset right after connect (the new ``_accept`` then
+    """800 connections reset right after connect (the new ``_accept`` then
     TCP_NODELAY on a reset socket) and 200 held at once: the harness's descriptors come
     back to what they were, the bridge still hands a request over (the proxy's 403 for a
     host not allowed), the harness is the same process."""
