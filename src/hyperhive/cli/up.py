@@ -445,6 +445,10 @@ class Supervised:
         if self.proc is None or self.proc.returncode is not None:
             return
         self.proc.send_signal(signal.SIGTERM)
+        # A process of its own ids may have stopped it (SIGSTOP: a compromised nginx
+        # worker stopping its master, red team re-check 17): continued, it takes the
+        # SIGTERM now rather than being killed after STOP_TIMEOUT.
+        self.proc.send_signal(signal.SIGCONT)
         try:
             await asyncio.wait_for(self.exited(), STOP_TIMEOUT)
         except TimeoutError:
