@@ -82,7 +82,7 @@ class LimitsSection(BaseModel):
     history_keep: int = Field(default=5_000, ge=10, le=10_000_000)
     # Stored bytes of each agent's transcript (its newest 20,000 entries at most), oldest
     # trimmed first; outside agent_store_mib, which counts what an agent holds of others'.
-    transcript_mib: int = Field(default=32, ge=1, le=1_048_576)
+    transcript_mib: int = Field(default=32, ge=8, le=1_048_576)  # 8: a whole turn's ~6.3 MB
     reply_bytes: int = Field(default=DEFAULT_REPLY_BYTES, ge=MAX_ITEM_BYTES, le=1 << 30)
     # Request bytes per second an agent's connections may send the core together, past a
     # burst; beyond it reading waits (core/ratelimit.BytePacer). 0: off.

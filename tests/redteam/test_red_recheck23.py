@@ -384,10 +384,10 @@ def test_kill_runtime_kills_a_process_that_keeps_changing_its_pid() -> None:
         listings = 0
         listing = init.runtime_uid_pids
 
-        def counted(living: bool = False) -> list[int]:
+        def counted(living: bool = False, uid: int | None = None) -> list[int]:
             nonlocal listings
             listings += 1
-            return listing(living)
+            return listing(living, uid)
 
         init.runtime_uid_pids = counted  # type: ignore[method-assign]
         init.kill_runtime()

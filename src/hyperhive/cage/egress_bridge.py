@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import _socket
 import _struct
+import errno as _errno
 import os
 import sys
 import threading
+import time
 
 from hyperhive.cage import layout
 from hyperhive.cage.layout import HANDOVER
@@ -23,6 +25,7 @@ from hyperhive.cage.layout import HANDOVER
 # _socket, not socket: see harness.py.
 
 CONNECT_TIMEOUT = 5.0
+ACCEPT_FAILURES = 1000  # accept errors in a row (each 50 ms apart) before the loop gives up
 
 
 def _hand_over(client: _socket.socket, egress_path: str) -> None:
@@ -79,6 +82,11 @@ def serve_bridge(
     """Serve init's listener, or listen on 127.0.0.1:port now if init handed none (so the
     runtime finds it from its first turn); serve from a daemon thread."""
     listener = handed_listener()
+    if listener is not None:
+        # Blocking and listening, whatever a harness before this one did to the open file
+        # description init shares with it (init does the same before it starts each one).
+        listener.setblocking(True)
+        listener.listen(128)
     if listener is None:
         listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         try:
@@ -90,12 +98,27 @@ def serve_bridge(
             raise
 
     def accept_loop() -> None:
+        failures = 0
         while True:
             try:
                 fd, _ = listener._accept()  # type: ignore[attr-defined]  # (fd, address)
             except OSError as e:
-                print(f"harness: egress bridge stopped: {e}", file=sys.stderr, flush=True)
-                return
+                # Out of descriptors or memory for a moment, a peer gone before its accept:
+                # wait and go on (the runtime's proxy URL must not die with one error).
+                # Closed under it (EBADF), or made unusable: say so, and stop.
+                if e.errno == _errno.EBADF or failures >= ACCEPT_FAILURES:
+                    print(f"harness: egress bridge stopped: {e}", file=sys.stderr, flush=True)
+                    return
+                failures += 1
+                if e.errno == _errno.EINVAL:  # no longer listening (shut down): again
+                    try:
+                        listener.listen(128)
+                    except OSError:
+                        pass
+                os.set_blocking(listener.fileno(), True)  # (EAGAIN: made non-blocking)
+                time.sleep(0.05)
+                continue
+            failures = 0
             client = _socket.socket(fileno=fd)
             try:
                 client.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)

@@ -168,6 +168,10 @@ class Init:
         self.harness_starts += 1
         handed = {layout.PAGE_FD_ENV: self.page_fd, layout.BRIDGE_FD_ENV: self.bridge_fd}
         handed = {env: fd for env, fd in handed.items() if fd >= 0}
+        if self.harness_starts > 1 and self.bridge_fd >= 0:
+            self.bridge_fd = handed[layout.BRIDGE_FD_ENV] = rebind_bridge(self.bridge_fd)
+        if self.harness_starts > 1 and self.page_fd >= 0:
+            rearm_listener(self.page_fd)
         if self.harness_starts > 1:
             env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
             env.update((name, str(fd)) for name, fd in handed.items())
@@ -236,8 +240,10 @@ class Init:
                 pass
         return {"ok": True}
 
-    def runtime_uid_pids(self, living: bool = False) -> list[int]:
-        """The runtime uid's processes (``living``: not those already dead, unreaped)."""
+    def runtime_uid_pids(self, living: bool = False, uid: int | None = None) -> list[int]:
+        """The runtime uid's processes, or ``uid``'s (``living``: not those already dead,
+        unreaped)."""
+        uid_wanted = self.uid if uid is None else uid
         pids = []
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
@@ -247,8 +253,8 @@ class Init:
                     lines = [line for line in f if line.startswith(("State:", "Uid:", "Threads:"))]
             except OSError:
                 continue  # gone meanwhile
-            uid = next((line for line in lines if line.startswith("Uid:")), None)
-            if uid is None or int(uid.split()[1]) != self.uid:  # the real uid
+            uid_line = next((line for line in lines if line.startswith("Uid:")), None)
+            if uid_line is None or int(uid_line.split()[1]) != uid_wanted:  # the real uid
                 continue
             # (A zombie leader whose threads live on is living: Threads > 1.)
             if (
@@ -311,20 +317,25 @@ class Init:
         # signal in the cage's pid namespace under the lock fork takes, so no child of a
         # fork loop slips between a listing and its kill, and a process whose main thread
         # exited (State Z, its threads alive) is signalled too (re-check of round 26).
+        self.kill_uid(self.uid)
+
+    def kill_uid(self, uid: int) -> None:
+        """Sweep ``uid`` until none of its processes lives (at most KILL_PASSES times)."""
         for _ in range(KILL_PASSES):
-            self.sweep_runtime_uid()
-            if not self.runtime_uid_pids(living=True):
+            self.sweep_runtime_uid(uid)
+            if not self.runtime_uid_pids(living=True, uid=uid):
                 break
 
-    def sweep_runtime_uid(self) -> None:
-        """SIGKILL to every process of the runtime uid, from a child whose effective uid
-        is the runtime's (it may signal them) and whose real and saved uids are SWEEP_ID,
-        which no process in the cage has (none of them may signal it: a runtime that
-        stopped it held init in its wait for good, second re-check of round 26)."""
+    def sweep_runtime_uid(self, uid: int | None = None) -> None:
+        """SIGKILL to every process of the runtime uid (or ``uid``), from a child whose
+        effective uid is that one (it may signal them) and whose real and saved uids are
+        SWEEP_ID, which no process in the cage has (none of them may signal it: a runtime
+        that stopped it held init in its wait for good, second re-check of round 26)."""
+        target = self.uid if uid is None else uid
         try:
             pid = os.fork()
         except OSError:  # the cage at its pids limit: the listing's kills, as root
-            for other in self.runtime_uid_pids(living=True):
+            for other in self.runtime_uid_pids(living=True, uid=target):
                 try:
                     os.kill(other, _signal.SIGKILL)
                 except ProcessLookupError:
@@ -333,7 +344,7 @@ class Init:
         if pid == 0:
             try:
                 os.setresgid(SWEEP_ID, SWEEP_ID, SWEEP_ID)
-                os.setresuid(SWEEP_ID, self.uid, SWEEP_ID)
+                os.setresuid(SWEEP_ID, target, SWEEP_ID)
                 os.kill(-1, _signal.SIGKILL)  # all it may signal but itself
             except BaseException:
                 os._exit(1)
@@ -394,6 +405,9 @@ class Init:
             self.channel.close()
             self.channel = None
             self.kill_runtime()  # its turn will be redelivered to the next harness
+            # And anything the harness left (a compromised one's child could hold a copy of
+            # the bridge's listener and take the runtime's proxy connections: round 27).
+            self.kill_uid(self.harness_uid)
             code = self.harness.returncode
             self.harness = None
             print(
@@ -608,12 +622,31 @@ def handed_page_fd() -> int:
     return fd
 
 
+def rearm_listener(fd: int) -> None:
+    """A listener the last harness held, blocking and listening again. Its open file
+    description is init's too: a compromised harness could have set O_NONBLOCK on it (the
+    next harness's accept loop ended on EAGAIN; red team round 27). (One it shut down
+    stays dead, listening or not: the page's, bound by hive-priv, until the cage
+    restarts; the bridge's is bound afresh, ``rebind_bridge``.)"""
+    try:
+        os.set_blocking(fd, True)
+        listener = _socket.socket(fileno=fd)
+        try:
+            listener.listen(128)
+        finally:
+            listener.detach()
+    except OSError as e:
+        print(f"cage-init: handed listener (fd {fd}) not re-armed: {e}", file=sys.stderr)
+
+
 def bind_bridge() -> int:
-    """The egress bridge's listener on the cage's loopback, bound once for the cage's
-    life (each harness serves it in turn); -1 if it can't be bound (turns still run,
-    egress is refused, each harness says so)."""
+    """The egress bridge's listener on the cage's loopback, for the next harness; -1 if
+    it can't be bound (turns still run, egress is refused, each harness says so).
+    SO_REUSEPORT: only a socket of init's uid may be bound beside it (the kernel's rule),
+    which ``rebind_bridge`` does, so the port is never free while the cage runs."""
     listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
     try:
+        listener.setsockopt(_socket.SOL_SOCKET, _socket.SO_REUSEPORT, 1)
         listener.bind(("127.0.0.1", layout.EGRESS_PORT))
         listener.listen(128)
     except OSError as e:
@@ -621,6 +654,20 @@ def bind_bridge() -> int:
         listener.close()
         return -1
     return listener.detach()  # close-on-exec: only the harness is handed it
+
+
+def rebind_bridge(old: int) -> int:
+    """A new listener for the next harness, bound beside the last one's before that is
+    closed: whatever the last harness did to the old one's open file description (shut
+    it down, made it non-blocking: red team round 27), the next serves a whole one.
+    Connections still queued on the old one are reset, as when each harness bound its
+    own."""
+    new = bind_bridge()
+    if new < 0:
+        rearm_listener(old)
+        return old
+    os.close(old)
+    return new
 
 
 def main(args: list[str]) -> None:

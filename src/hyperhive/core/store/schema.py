@@ -115,6 +115,48 @@ def _summaries_first(db: Executor) -> None:
             db.execute(sql)
 
 
+# Migration 14: each transcript entry's stored bytes (its kind and data), beside its id in
+# the index so trimming the oldest reads no data pages, and each agent's entries and bytes,
+# kept by store/transcripts.py in the same transaction as each change: the transcript is
+# bounded in bytes as well as entries (red team round 26: 20,000 entries of escaped control
+# characters held ~1.75 GiB). Old rows are not rewritten (that copied the whole old
+# transcript into the WAL before the core served: red team round 27): past the default
+# bounds (20,000 entries, 32 MiB) they are deleted, the rest keep size -1 and are measured
+# from their data when trimmed.
+_TRANSCRIPT_SIZES = """
+    ALTER TABLE transcript ADD COLUMN size INTEGER NOT NULL DEFAULT -1;
+    DELETE FROM transcript WHERE id IN (
+        SELECT id FROM (
+            SELECT id, row_number() OVER newest AS n,
+                sum(length(CAST(kind AS BLOB)) + length(CAST(data AS BLOB))) OVER newest AS held
+            FROM transcript WINDOW newest AS (PARTITION BY agent ORDER BY id DESC)
+        ) WHERE n > 20000 OR held > 33554432
+    );
+    DROP INDEX IF EXISTS transcript_agent;
+    CREATE INDEX transcript_agent_size ON transcript (agent, id, size);
+    CREATE TABLE transcript_usage (
+        agent TEXT PRIMARY KEY,
+        entries INTEGER NOT NULL,
+        bytes INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    INSERT INTO transcript_usage (agent, entries, bytes)
+        SELECT agent, count(*), sum(length(CAST(kind AS BLOB)) + length(CAST(data AS BLOB)))
+        FROM transcript GROUP BY agent;
+"""
+
+
+def _transcript_sizes(db: Executor) -> None:
+    # secure_delete FAST for the delete: Debian's SQLite zeroes freed pages by default,
+    # which wrote every deleted row's pages into the WAL again (60 MiB for 60 MiB deleted).
+    before = db.execute("PRAGMA secure_delete").fetchone()[0]
+    db.execute("PRAGMA secure_delete=FAST")
+    try:
+        for statement in split_sql(_TRANSCRIPT_SIZES):
+            db.execute(statement)
+    finally:
+        db.execute(f"PRAGMA secure_delete={int(before)}")
+
+
 Migration: TypeAlias = "str | Callable[[Executor], None]"
 
 MIGRATIONS: list[Migration] = [
@@ -425,25 +467,8 @@ MIGRATIONS: list[Migration] = [
             FROM messages WHERE sender = 'hive' AND acked_at IS NULL)
         WHERE agent = 'hive';
     """,
-    # 14: each transcript entry's stored bytes (its kind and data), beside its id in the
-    # index so trimming the oldest reads no data pages, and each agent's entries and bytes,
-    # kept by store/transcripts.py in the same transaction as each change: the transcript
-    # is bounded in bytes as well as entries (red team round 26: 20,000 entries of escaped
-    # control characters held ~1.75 GiB). Old rows are counted here, then trimmed as new
-    # ones come.
-    """
-    ALTER TABLE transcript ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
-    UPDATE transcript SET size = length(CAST(kind AS BLOB)) + length(CAST(data AS BLOB));
-    DROP INDEX IF EXISTS transcript_agent;
-    CREATE INDEX transcript_agent_size ON transcript (agent, id, size);
-    CREATE TABLE transcript_usage (
-        agent TEXT PRIMARY KEY,
-        entries INTEGER NOT NULL,
-        bytes INTEGER NOT NULL
-    ) WITHOUT ROWID;
-    INSERT INTO transcript_usage (agent, entries, bytes)
-        SELECT agent, count(*), sum(size) FROM transcript GROUP BY agent;
-    """,
+    # 14: transcripts bounded in bytes too (a function: see _transcript_sizes)
+    _transcript_sizes,
 ]
 
 

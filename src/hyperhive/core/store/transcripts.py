@@ -20,6 +20,9 @@ _INSERT = (
     " VALUES (?1, ?2, ?3, ?4, ?5, length(CAST(?3 AS BLOB)) + length(CAST(?4 AS BLOB)))"
     " RETURNING id, size"
 )
+_MEASURE = (
+    "SELECT length(CAST(kind AS BLOB)) + length(CAST(data AS BLOB)) FROM transcript WHERE id=?"
+)
 
 
 class TranscriptEntry(TypedDict):
@@ -102,11 +105,14 @@ class TranscriptRepo:
         if over <= 0 and over_bytes <= 0:
             return
         cut, dropped, freed = 0, 0, 0
-        # (agent, id, size) is an index: this walk reads no entry's data.
+        # (agent, id, size) is an index: this walk reads no entry's data (but a row from
+        # before migration 14's, size -1, measured once as it goes).
         oldest = tx.execute("SELECT id, size FROM transcript WHERE agent=? ORDER BY id", (agent,))
         for rowid, entry_size in oldest:
             if dropped >= over and freed >= over_bytes:
                 break
+            if entry_size < 0:
+                entry_size = tx.execute(_MEASURE, (rowid,)).fetchone()[0]
             cut, dropped, freed = rowid, dropped + 1, freed + entry_size
         oldest.close()
         tx.execute("DELETE FROM transcript WHERE agent=? AND id<=?", (agent, cut))
