@@ -175,7 +175,7 @@ async def run_core(opts: CoreOptions) -> None:
             await swarm_task
     if notifier is not None:
         await notifier.close()
-    http_server.should_exit = True
+    http_server.stop()
     try:
         await asyncio.wait_for(http_task, 5)
     except (TimeoutError, asyncio.CancelledError):
