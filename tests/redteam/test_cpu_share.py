@@ -50,7 +50,7 @@ CPU_AGENTS: dict[str, dict[str, Any]] = {
     SINK: {"runtime": "command", "command": ["true"]},
 }
 LOOPS = 200
-HOG_SECONDS = 8.0
+HOG_SECONDS = 6.0  # (8 before session 24: the same tasks and calls measured, in less time)
 SENDS = 500
 WORK = 2_500_000  # iterations of the other agent's task: ~0.5 s of CPU on this host
 
@@ -256,7 +256,7 @@ def test_busy_loops_of_one_agent_do_not_starve_the_others_or_the_core(cpu_hive: 
     # The other agent's one process against the hog's 200: the two cages have equal weights,
     # so it has about half of what the hog has (2/3 of one CPU against 1/3 of it and all of
     # the other; 3.1 times as long at most, measured); as a task of its own, about 1/100 of a
-    # CPU: its task took the hog's 8 s (at least 9.8 times as long, measured).
+    # CPU: its task took the hog's whole run (at least 9.8 times as long, measured).
     assert statistics.median(w for w, _ in busy) < 5 * statistics.median(w for w, _ in base), (base, busy)
     # The core: a whoami and an agent_status answered as they were, give or take, and the
     # pipelined sends about as fast.

@@ -502,6 +502,17 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
     if client.type != socket.SOCK_STREAM or client.family not in families:
         client.close()
         raise Refusal(400, "a handed-over connection must be a stream socket")
+    # Connected, not a listener: a harness handing its bridge listener over left a copy
+    # in the core that outlived the harness and took a share of the next one's
+    # connections (re-check of session 24).
+    try:
+        listening = client.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        client.getpeername()
+    except OSError:
+        listening = 1
+    if listening:
+        client.close()
+        raise Refusal(400, "a handed-over connection must be a connected socket")
     conn.close()
     return client, b""
 
