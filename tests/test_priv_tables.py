@@ -357,13 +357,27 @@ def test_cage_init_sees_a_spawn_with_too_many_descriptors() -> None:
 
 def test_egress_handover_arrives_close_on_exec() -> None:
     a, b = socket.socketpair()
-    tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    with a, tcp:
+    server = socket.create_server(("127.0.0.1", 0))
+    tcp = socket.create_connection(server.getsockname())
+    with a, tcp, server:
         socket.send_fds(a, [HANDOVER], [tcp.fileno()])
         client, data = egress._receive(b, time.monotonic() + 5)
         with client:
             assert data == b"" and client.family == socket.AF_INET
             assert not os.get_inheritable(client.fileno())
+
+
+@pytest.mark.parametrize("what", ["listener", "unconnected"])
+def test_egress_handover_of_anything_but_a_connection_is_refused(what: str) -> None:
+    """A harness handing its bridge listener over (re-check of session 24) left the core
+    a copy that took connections after the harness died; an unconnected socket is no
+    client either."""
+    a, b = socket.socketpair()
+    sock = socket.create_server(("127.0.0.1", 0)) if what == "listener" else socket.socket()
+    with a, b, sock:
+        socket.send_fds(a, [HANDOVER], [sock.fileno()])
+        with pytest.raises(egress.Refusal, match="must be a connected socket"):
+            egress._receive(b, time.monotonic() + 5)
 
 
 # -- binding with an owner and a mode ---------------------------------------------------

@@ -106,6 +106,13 @@ print(json.dumps(out))
 """
 
 
+def _listening_on_3128(pid: int) -> set[str]:
+    """``socket:[INODE]`` of each TCP socket listening on 127.0.0.1:3128 in ``pid``'s
+    network namespace."""
+    rows = [line.split() for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]]
+    return {f"socket:[{f[9]}]" for f in rows if f[1] == "0100007F:0C38" and f[3] == "0A"}
+
+
 @pytest.fixture
 def init_at_connect() -> Iterator[dict[str, Any]]:
     """The cage's init (its own code, as root, its own argv), its first harness held in
@@ -123,9 +130,12 @@ def init_at_connect() -> Iterator[dict[str, Any]]:
     log = (tmp_path / "init.log").open("wb")
     code = (f"import sys; sys.path[:0] = [{str(SRC)!r}]; "
             "from hyperhive.cage.init import main; main(sys.argv[1:])")
+    # In a network namespace of its own, as in a cage (its loopback up): init binds the
+    # egress bridge's 127.0.0.1:3128 there, not on the host (session 24).
+    init_argv = [layout.CAGE_PYTHON, "-I", "-S", "-c", code, "--uid", str(RUNTIME_UID), "--gid", str(CAGE_GID),
+                 "--harness-uid", str(HARNESS_UID)]
     proc = subprocess.Popen(
-        [layout.CAGE_PYTHON, "-I", "-S", "-c", code, "--uid", str(RUNTIME_UID), "--gid", str(CAGE_GID),
-         "--harness-uid", str(HARNESS_UID)],
+        ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *init_argv],
         stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         env={"HIVE_SOCKET": str(path), "PATH": "/usr/bin:/bin"},
     )
@@ -189,9 +199,14 @@ def test_the_first_harness_is_confined_and_itself_while_in_its_connect(init_at_c
     mine = [int(fd) for fd in os.listdir(f"/proc/{h}/fd")]
     inits = [int(fd) for fd in os.listdir(f"/proc/{i}/fd")]
     shared = {(fd, ifd) for fd in mine for ifd in inits if _same_file(h, fd, i, ifd)}
-    assert shared == {(1, 1), (1, 2), (2, 1), (2, 2)}, (shared, mine, inits)
-    # stdio, the channel to init and the socket it is connecting: nothing else yet.
-    assert len(mine) == 5 and os.readlink(f"/proc/{h}/fd/0") == "/dev/null", mine
+    # stdio and, since session 24, the egress bridge's listener init bound (the same number).
+    bridge = shared - {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert len(bridge) == 1 and all(fd == ifd for fd, ifd in bridge), (shared, mine, inits)
+    ((fd, _),) = bridge
+    assert os.readlink(f"/proc/{h}/fd/{fd}") in _listening_on_3128(h), (fd, shared)
+    # stdio, the channel to init, the bridge's listener and the socket it is connecting:
+    # nothing else yet.
+    assert len(mine) == 6 and os.readlink(f"/proc/{h}/fd/0") == "/dev/null", mine
     # The runtime's uid at it.
     done = subprocess.run([sys.executable, "-I", "-c", AT_THE_HARNESS, str(h)], user=RUNTIME_UID,
                           group=CAGE_GID, extra_groups=[], capture_output=True, text=True, timeout=30)
