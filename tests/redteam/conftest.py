@@ -21,9 +21,11 @@ cage) with ``CLIENT`` prepended: a tiny JSON-lines client for the cage's
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
+import socket
 import textwrap
 import threading
 import time
@@ -35,6 +37,7 @@ from typing import Any
 import pytest
 
 from hive_fixture import HiveProcess, host_addresses, probe_result, running_hive  # noqa: F401 (host_addresses: for the tests)
+from hyperhive.cage import layout
 from hyperhive.client import Client
 from web_fixture import snapshot as web_snapshot
 
@@ -345,3 +348,42 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(item.path).parents and item.get_closest_marker("attack") is None:
             raise pytest.UsageError(f"{item.nodeid}: a red-team case needs @pytest.mark.attack(CLASS, ref=...)")
+
+
+# -- the harness and its bridge listener, from the host (round 27, re-checks) ----------------
+
+
+def harness_or_none(h: HiveProcess, name: str) -> int | None:
+    """The agent's harness pid, or None while init restarts it."""
+    try:
+        return h.harness_pid(name)
+    except (AssertionError, OSError):
+        return None
+
+
+def grab_bridge_listener(pid: int) -> socket.socket:
+    """The harness's copy of init's bridge listener, as root on the host (pidfd_getfd):
+    what the harness itself holds, to act as a compromised harness would."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            got = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
+            if got < 0:
+                continue
+            s = socket.socket(fileno=got)
+            try:
+                if (s.family == socket.AF_INET and s.getsockname() == ("127.0.0.1", layout.EGRESS_PORT)
+                        and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                    return s
+            except OSError:
+                pass
+            s.close()
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"no listener on 127.0.0.1:{layout.EGRESS_PORT} in the harness {pid}")

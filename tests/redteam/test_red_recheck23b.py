@@ -29,7 +29,7 @@ from helpers import assert_ok
 from hive_fixture import HiveProcess, proc_status, proc_uid, running_hive, wait_until
 from hyperhive.cage import layout
 
-from .conftest import cage_run
+from .conftest import cage_run, harness_or_none
 
 REF = "re-check of round 26's fixes: Init.kill_runtime's sweep from a real cage"
 
@@ -165,13 +165,6 @@ def h() -> Iterator[HiveProcess]:
     }))
 
 
-def _harness_or_none(h: HiveProcess, name: str) -> int | None:
-    try:
-        return h.harness_pid(name)
-    except (AssertionError, OSError):
-        return None
-
-
 def _runtime_procs(h: HiveProcess, name: str) -> list[tuple[int, str]]:
     uid = h.cage(name)["uid"]
     return [(p, proc_status(p).get("State", "?")) for p in h.cage_procs(name) if proc_uid(p) == uid]
@@ -191,7 +184,7 @@ def _attack(h: HiveProcess, name: str, script: str, marks: set[str]) -> None:
     old = h.harness_pid(name)
     os.kill(old, signal.SIGKILL)  # as the OOM killer would
     t0 = time.monotonic()
-    wait_until(lambda: (p := _harness_or_none(h, name)) and p != old, 30, "init to start a new harness",
+    wait_until(lambda: (p := harness_or_none(h, name)) and p != old, 30, "init to start a new harness",
                interval=0.05)
     took = time.monotonic() - t0
     time.sleep(1.0)  # the new harness binds the port as it starts

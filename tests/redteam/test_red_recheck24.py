@@ -46,7 +46,7 @@ from hyperhive.cage import layout
 from hyperhive.core.store import Store
 from hyperhive.wire.common import AgentSpec
 
-from .conftest import cage_run
+from .conftest import cage_run, grab_bridge_listener, harness_or_none
 
 REF = "re-check of session 24"
 PORT = layout.EGRESS_PORT
@@ -152,40 +152,9 @@ def _fds(pid: int) -> dict[int, str]:
     return out
 
 
-def _grab_listener(pid: int) -> socket.socket:
-    """The harness's copy of init's listener (pidfd_getfd, as root on the host)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        for fd, target in _fds(pid).items():
-            if not target.startswith("socket:"):
-                continue
-            got = libc.syscall(438, pidfd, fd, 0)
-            if got < 0:
-                continue
-            s = socket.socket(fileno=got)
-            try:
-                if (s.family == socket.AF_INET and s.getsockname() == ("127.0.0.1", PORT)
-                        and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                    return s
-            except OSError:
-                pass
-            s.close()
-    finally:
-        os.close(pidfd)
-    raise AssertionError(f"no listener on 127.0.0.1:{PORT} in the harness {pid}")
-
-
-def _harness_or_none(h: HiveProcess, name: str) -> int | None:
-    try:
-        return h.harness_pid(name)
-    except (AssertionError, OSError):
-        return None
-
-
 def _restart(h: HiveProcess, name: str, old: int) -> int:
     os.kill(old, signal.SIGKILL)
-    wait_until(lambda: (p := _harness_or_none(h, name)) and p != old, 30, "init to start a new harness",
+    wait_until(lambda: (p := harness_or_none(h, name)) and p != old, 30, "init to start a new harness",
                interval=0.05)
     return h.harness_pid(name)
 
@@ -243,7 +212,7 @@ def test_socket_sabotage_dies_with_the_harness_and_restarts_leak_nothing(h: Hive
     init = _init_pid(h, name)
     fds0, listen0 = _fds(init), _listening_3128(init)
     old = h.harness_pid(name)
-    listener = _grab_listener(old)
+    listener = grab_bridge_listener(old)
     old_inode = os.fstat(listener.fileno()).st_ino
     done = _sabotage_socket(listener)
     listener.close()  # our copy only
@@ -302,7 +271,7 @@ def test_a_harness_childs_copy_of_the_listener_dies_with_the_harness(h: HiveProc
     name = SQUAT
     cage = h.cage(name)
     old = h.harness_pid(name)
-    listener = _grab_listener(old)
+    listener = grab_bridge_listener(old)
     fd = listener.fileno()
     os.set_inheritable(fd, True)
     child = subprocess.Popen(
@@ -365,7 +334,7 @@ def test_the_listener_handed_to_the_proxy_does_not_outlive_the_harness(h: HivePr
     name = HANDER
     cage = h.cage(name)
     old = h.harness_pid(name)
-    listener = _grab_listener(old)
+    listener = grab_bridge_listener(old)
     old_inode = os.fstat(listener.fileno()).st_ino
     fd = listener.fileno()
     os.set_inheritable(fd, True)

@@ -22,10 +22,10 @@ Broke, fixed in session 24 (each case below failed at 8b1c805):
   found it unusable (not listening → its own bind, which init's still-bound socket
   refuses: connections refused; non-blocking → ``accept`` EAGAIN ended the accept loop
   while the kernel still queued connections: every client of the proxy URL hung), and
-  the cage had no egress until it restarted. Now init re-arms each handed listener
-  (blocking, ``listen``) before it starts a harness, the harness does too, its accept
-  loop rides out errors, and init sweeps the harness uid's leftovers as it does the
-  runtime's.
+  the cage had no egress until it restarted. Now init binds a fresh listener beside
+  the old for each harness (SO_REUSEPORT, init's uid only) and closes the old, the
+  bridge's accept loop rides out errors, and init sweeps the harness uid's leftovers as
+  it does the runtime's.
 - (low–medium, at the upgrade) migration 14 rewrote every old transcript row (``UPDATE …
   SET size``): the WAL grew by the whole old transcript (round 26: up to ~1.75 GiB per
   agent) before the core served; and the first add of each bloated agent trimmed
@@ -36,7 +36,6 @@ Broke, fixed in session 24 (each case below failed at 8b1c805):
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -56,7 +55,7 @@ from hyperhive.cage import layout
 from hyperhive.core.store import Store
 from hyperhive.wire.common import AgentSpec
 
-from .conftest import cage_run
+from .conftest import cage_run, grab_bridge_listener, harness_or_none
 
 REF = "red team round 27"
 PORT = layout.EGRESS_PORT
@@ -281,41 +280,6 @@ def test_a_reset_flood_does_not_stop_the_bridge(h: HiveProcess) -> None:
 # -- a compromised harness: what it leaves for the next one ----------------------------------
 
 
-def _grab_listener(pid: int) -> socket.socket:
-    """The harness's copy of init's listener, as root on the host (pidfd_getfd): what the
-    harness itself holds, to act as a compromised harness would."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            except OSError:
-                continue
-            got = libc.syscall(438, pidfd, int(name), 0)
-            if got < 0:
-                continue
-            s = socket.socket(fileno=got)
-            try:
-                if (s.family == socket.AF_INET and s.getsockname() == ("127.0.0.1", PORT)
-                        and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                    return s
-            except OSError:
-                pass
-            s.close()
-    finally:
-        os.close(pidfd)
-    raise AssertionError(f"no listener on 127.0.0.1:{PORT} in the harness {pid}")
-
-
-def _harness_or_none(h: HiveProcess, name: str) -> int | None:
-    try:
-        return h.harness_pid(name)
-    except (AssertionError, OSError):
-        return None
-
-
 @pytest.mark.attack("harness.fork-inheritance", ref=REF + "; the listener's socket and open file description are init's too")
 @pytest.mark.parametrize("what", ["shutdown", "nonblocking"])
 def test_a_dead_compromised_harness_leaves_the_next_one_a_working_bridge(h: HiveProcess, what: str) -> None:
@@ -328,14 +292,14 @@ def test_a_dead_compromised_harness_leaves_the_next_one_a_working_bridge(h: Hive
     before = cage_run(h, name, BRIDGE_ANSWER + "result(status=answer())", port=PORT)
     assert before == {"status": FORBIDDEN}, before  # the control
     old = h.harness_pid(name)
-    listener = _grab_listener(old)
+    listener = grab_bridge_listener(old)
     if what == "shutdown":
         listener.shutdown(socket.SHUT_RD)
     else:
         listener.setblocking(False)
     listener.close()  # our copy only
     os.kill(old, signal.SIGKILL)  # the compromised harness dies (or crashes itself)
-    wait_until(lambda: (p := _harness_or_none(h, name)) and p != old, 30, "init to start a new harness")
+    wait_until(lambda: (p := harness_or_none(h, name)) and p != old, 30, "init to start a new harness")
     time.sleep(1.0)  # the new harness serves the bridge as it starts
     after = cage_run(h, name, BRIDGE_ANSWER + """
 try:

@@ -79,14 +79,10 @@ def handed_listener() -> _socket.socket | None:
 def serve_bridge(
     port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET
 ) -> _socket.socket:
-    """Serve init's listener, or listen on 127.0.0.1:port now if init handed none (so the
-    runtime finds it from its first turn); serve from a daemon thread."""
+    """Serve init's listener (a fresh one for each harness: ``init.rebind_bridge``), or
+    listen on 127.0.0.1:port now if init handed none (so the runtime finds it from its
+    first turn); serve from a daemon thread."""
     listener = handed_listener()
-    if listener is not None:
-        # Blocking and listening, whatever a harness before this one did to the open file
-        # description init shares with it (init does the same before it starts each one).
-        listener.setblocking(True)
-        listener.listen(128)
     if listener is None:
         listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
         try:
@@ -105,17 +101,11 @@ def serve_bridge(
             except OSError as e:
                 # Out of descriptors or memory for a moment, a peer gone before its accept:
                 # wait and go on (the runtime's proxy URL must not die with one error).
-                # Closed under it (EBADF), or made unusable: say so, and stop.
+                # Closed under it (EBADF), or failing for good: say so, and stop.
                 if e.errno == _errno.EBADF or failures >= ACCEPT_FAILURES:
                     print(f"harness: egress bridge stopped: {e}", file=sys.stderr, flush=True)
                     return
                 failures += 1
-                if e.errno == _errno.EINVAL:  # no longer listening (shut down): again
-                    try:
-                        listener.listen(128)
-                    except OSError:
-                        pass
-                os.set_blocking(listener.fileno(), True)  # (EAGAIN: made non-blocking)
                 time.sleep(0.05)
                 continue
             failures = 0
