@@ -182,7 +182,13 @@ import os, signal, socket, time
 if socket.gethostname() != {STORM!r}:
     raise SystemExit("not in the cage")
 for i in range(64):
-    if os.fork() == 0:
+    while True:  # the chains' zombies, not yet reaped, can hold the cage at pids_max
+        try:
+            pid = os.fork()
+            break
+        except OSError:
+            time.sleep(0.001)
+    if pid == 0:
         os.setsid()
         fd = os.open("/dev/null", os.O_RDWR)
         for k in (0, 1, 2):
