@@ -60,6 +60,12 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 # may lower itself again, but not below the cage's floor (oom_score_adj_min, inherited).
 RUNTIME_OOM_SCORE_ADJ = 500
 M_ARENA_MAX = -8  # mallopt's parameter, <malloc.h>
+# The harnesses' stdout and stderr reach cage.log (on the host's disk) only through init,
+# up to this many bytes a cage start: a harness held cage.log itself before, and a
+# compromised one could fill the disk hive.db is on. A harness's own lines are a few a
+# start and a traceback.
+HARNESS_LOG_MAX = 1 << 20
+LOG_READ = 64 * 1024
 
 
 def confine_self() -> None:
@@ -154,6 +160,10 @@ class Init:
         os.set_blocking(self.wake_w, False)
         self.started = time.monotonic()
         self.harness_starts = 0
+        # The read end of the harness's stdout and stderr (-1: none; the harness has
+        # /dev/null once HARNESS_LOG_MAX is spent), and what is left of that budget.
+        self.log_r = -1
+        self.log_left = HARNESS_LOG_MAX
 
     def start_harness(self) -> None:
         """The first harness is a fork of init, not a new interpreter: no interpreter
@@ -172,27 +182,70 @@ class Init:
             self.bridge_fd = handed[layout.BRIDGE_FD_ENV] = rebind_bridge(self.bridge_fd)
         if self.harness_starts > 1 and self.page_fd >= 0:
             rearm_listener(self.page_fd)
-        if self.harness_starts > 1:
-            env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
-            env.update((name, str(fd)) for name, fd in handed.items())
-            devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                self.harness = fork_exec(
-                    drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
-                    (devnull, 1, 2),
-                    keep=(theirs.fileno(), *handed.values()),
-                    env=env,
-                )
-            finally:
-                os.close(devnull)
-        else:
-            gc.freeze()  # init's objects out of the collector's reach: the fork keeps them shared
-            pid = os.fork()
-            if pid == 0:
-                run_harness(self.harness_uid, self.gid, theirs.fileno(), handed)
-            self.harness = Forked(pid)
+        log_w = self.harness_log()
+        try:
+            if self.harness_starts > 1:
+                env = dict(os.environ, HIVE_INIT_FD=str(theirs.fileno()))
+                env.update((name, str(fd)) for name, fd in handed.items())
+                devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self.harness = fork_exec(
+                        drop_to(self.harness_uid, self.gid) + layout.python_argv("harness"),
+                        (devnull, log_w, log_w),
+                        keep=(theirs.fileno(), *handed.values()),
+                        env=env,
+                    )
+                finally:
+                    os.close(devnull)
+            else:
+                # init's objects out of the collector's reach: the fork keeps them shared
+                gc.freeze()
+                pid = os.fork()
+                if pid == 0:
+                    run_harness(self.harness_uid, self.gid, theirs.fileno(), handed, log_w)
+                self.harness = Forked(pid)
+        finally:
+            os.close(log_w)
         theirs.close()
         self.channel = ours
+
+    def harness_log(self) -> int:
+        """The next harness's stdout and stderr: a new pipe's write end, its read end
+        ``log_r`` (relayed by ``relay_log``); /dev/null once HARNESS_LOG_MAX is spent."""
+        if self.log_left <= 0:
+            return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self.log_r, log_w = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.log_r, False)
+        return log_w
+
+    def relay_log(self, drain: bool = False) -> bool:
+        """What the harness wrote, to cage.log while the budget lasts (one read; every
+        read there is with ``drain``). False at the pipe's end: no writer is left."""
+        while True:
+            try:
+                chunk = os.read(self.log_r, LOG_READ)
+            except BlockingIOError:
+                return True
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return False
+            if self.log_left > 0:
+                keep = chunk[: self.log_left]
+                self.log_left -= len(chunk)
+                if self.log_left <= 0:
+                    keep += (
+                        f"\ncage-init: the harness's output reached {HARNESS_LOG_MAX} bytes;"
+                        " the rest is dropped until the cage restarts\n"
+                    ).encode()
+                say(keep)
+            if not drain:
+                return True
+
+    def close_log(self) -> None:
+        if self.log_r >= 0:
+            os.close(self.log_r)
+            self.log_r = -1
 
     def spawn(self, req: dict, fds: list[int]) -> dict:
         """A runtime process, as the runtime uid, in its own session, in the agent's home."""
@@ -379,12 +432,19 @@ class Init:
             assert self.channel is not None and self.harness is not None
             channel = self.channel.fileno()
             poller.register(channel, select.POLLIN)  # a hang-up is reported too
+            if self.log_r >= 0:
+                poller.register(self.log_r, select.POLLIN)
             while self.harness.poll() is None:
                 tick = self.tick()
                 for fd, _ in poller.poll(None if tick is None else tick * 1000):
                     if fd == wake_r:
                         os.read(wake_r, 4096)
                         self.reap()
+                        continue
+                    if fd == self.log_r:
+                        if not self.relay_log():
+                            poller.unregister(fd)
+                            self.close_log()
                         continue
                     req, fds = recv_request(self.channel)
                     if req is None:
@@ -408,13 +468,13 @@ class Init:
             # And anything the harness left (a compromised one's child could hold a copy of
             # the bridge's listener and take the runtime's proxy connections: round 27).
             self.kill_uid(self.harness_uid)
+            if self.log_r >= 0:  # its last words (a traceback) before init's line
+                poller.unregister(self.log_r)
+                self.relay_log(drain=True)
+                self.close_log()
             code = self.harness.returncode
             self.harness = None
-            print(
-                f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+            say(f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s\n")
             time.sleep(backoff)
             self.reap()
             backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
@@ -492,6 +552,16 @@ def fork_exec(
     return Forked(pid)
 
 
+def say(text: str | bytes) -> None:
+    """To init's stderr, cage.log: never raises (a full disk must not end the cage)."""
+    view = memoryview(text.encode(errors="replace") if isinstance(text, str) else text)
+    try:
+        while view:
+            view = view[os.write(2, view) :]
+    except OSError:
+        pass
+
+
 def signals_to_default() -> None:
     """Every signal a handler or an ignore could hold back to its default, in a child
     before it becomes the harness or a runtime: what Python ignores (PIPE, XFSZ), init's
@@ -506,10 +576,13 @@ def signals_to_default() -> None:
             pass
 
 
-def run_harness(uid: int, gid: int, channel_fd: int, handed: dict[str, int]) -> NoReturn:
+def run_harness(
+    uid: int, gid: int, channel_fd: int, handed: dict[str, int], log_fd: int
+) -> NoReturn:
     """In init's fork: become the harness (as a fresh ``setpriv … python -m hyperhive.cage
     harness`` would be) and run it; never returns. Init's signal handling and descriptors
-    are not the harness's; its capabilities and ids go before any harness code runs."""
+    are not the harness's (``log_fd`` becomes its stdout and stderr); its capabilities and
+    ids go before any harness code runs."""
     code = 1
     try:
         _signal.set_wakeup_fd(-1)
@@ -518,6 +591,8 @@ def run_harness(uid: int, gid: int, channel_fd: int, handed: dict[str, int]) -> 
             _signal.signal(sig, _signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
         low = 3  # only stdio, the channel and the listeners handed on stay open
         for fd in sorted({channel_fd, *handed.values()}):
             os.closerange(low, fd)
@@ -636,7 +711,7 @@ def rearm_listener(fd: int) -> None:
         finally:
             listener.detach()
     except OSError as e:
-        print(f"cage-init: handed listener (fd {fd}) not re-armed: {e}", file=sys.stderr)
+        say(f"cage-init: handed listener (fd {fd}) not re-armed: {e}\n")
 
 
 def bind_bridge() -> int:
@@ -650,7 +725,7 @@ def bind_bridge() -> int:
         listener.bind(("127.0.0.1", layout.EGRESS_PORT))
         listener.listen(128)
     except OSError as e:
-        print(f"cage-init: egress bridge port not bound: {e}", file=sys.stderr, flush=True)
+        say(f"cage-init: egress bridge port not bound: {e}\n")
         listener.close()
         return -1
     return listener.detach()  # close-on-exec: only the harness is handed it

@@ -49,6 +49,11 @@ PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/fs", "/proc/irq", "
 log = logging.getLogger("hive.priv")
 
 START_TIMEOUT = 10.0
+# cage.log past this at a cage's start becomes cage.log.1 (the last one's replaced). In a
+# cage's life init writes at most the harnesses' HARNESS_LOG_MAX (1 MiB) and its own
+# restart lines, so one cage keeps about 2 × 1 MiB of log.
+CAGE_LOG_ROTATE = 1 << 20
+LOG_TAIL = 64 * 1024  # bytes of cage.log read for a failed start's last line
 # A cage's descriptor limit (soft, hard): an ordinary process's, at most hive-priv's.
 CAGE_NOFILE = (1024, 65536)
 # Third-party code the harness may import (the agent page: jinja2; its egress log's times:
@@ -399,6 +404,7 @@ class Cages:
             page = self._page_listener(name)
             opened.callback(page.close)
             cage_dir = opened.enter_context(safefs.opened(safefs.open_dir(self.cages_fd, name)))
+            safefs.rotate(cage_dir, "cage.log", CAGE_LOG_ROTATE)
             log_fd = opened.enter_context(safefs.opened(safefs.open_append(cage_dir, "cage.log")))
             bwrap = self.bwrap_argv(name, ids, info_fd=write_fd, binds=binds, page_fd=page.fileno())
             # Its options from a memfd (--args; bwrap takes the command itself only on its
@@ -460,7 +466,7 @@ class Cages:
 
     def _log_tail(self, name: str) -> str:
         with safefs.opened(safefs.open_dir(self.cages_fd, name)) as cage_dir:
-            raw = safefs.read_file(cage_dir, "cage.log", limit=1 << 24) or b""
+            raw = safefs.read_tail(cage_dir, "cage.log", LOG_TAIL) or b""
         return (raw.decode(errors="replace").strip().splitlines()[-1:] or ["no output"])[0]
 
     @staticmethod

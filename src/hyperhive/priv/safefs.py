@@ -146,6 +146,35 @@ def read_file(parent: int, name: str, limit: int = 1 << 20) -> bytes | None:
         return os.read(fd, limit)
 
 
+def read_tail(parent: int, name: str, limit: int) -> bytes | None:
+    """The last ``limit`` bytes of a regular file in ``parent`` (None if missing), never
+    through a link."""
+    _check_name(name)
+    try:
+        fd = os.open(
+            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent
+        )
+    except FileNotFoundError:
+        return None
+    with opened(fd):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePath(f"{name} is not a regular file")
+        return os.pread(fd, limit, max(0, st.st_size - limit))
+
+
+def rotate(parent: int, name: str, past: int) -> None:
+    """``name`` becomes ``name.1`` (replacing it) if it is a regular file of more than
+    ``past`` bytes; a link or anything else there is left to the open that follows."""
+    _check_name(name)
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_size > past:
+        os.rename(name, f"{name}.1", src_dir_fd=parent, dst_dir_fd=parent)
+
+
 def open_append(parent: int, name: str, mode: int = 0o600) -> int:
     """A log file in ``parent``, opened for appending, never through a link."""
     _check_name(name)
