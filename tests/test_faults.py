@@ -507,6 +507,10 @@ def test_killed_harness_restarts_with_backoff_and_shows_failed_meanwhile(hive_fa
     restarts = [line for line in log.splitlines() if line.startswith("cage-init: harness exited")]
     assert [line.rsplit("restarting in ", 1)[1] for line in restarts] == ["0.5 s", "1.0 s", "2.0 s", "4.0 s"], restarts
     assert all("status -9" in line for line in restarts), restarts
+    # Each harness's own lines reach cage.log through init's pipe, the exec'd ones' too.
+    wait_until(lambda: len([line for line in (hive.state_dir / "priv" / "cages" / "ftk" / "cage.log")
+                            .read_text().splitlines() if line.startswith("harness: connected as ftk")]) >= 5,
+               10, "five harnesses' 'connected' lines in cage.log")
     assert hive.cage("ftk")["pid"] == init_pid  # the cage itself kept running
     assert hive.harness_pid("ftk-calm") == calm
     # The page's socket, bound once by hive-priv and kept by init, is served by the

@@ -66,6 +66,7 @@ M_ARENA_MAX = -8  # mallopt's parameter, <malloc.h>
 # start and a traceback.
 HARNESS_LOG_MAX = 1 << 20
 LOG_READ = 64 * 1024
+LOG_DRAIN_READS = 64  # reads of a dead harness's pipe at most (a writer left can't hold init)
 
 
 def confine_self() -> None:
@@ -219,9 +220,10 @@ class Init:
         return log_w
 
     def relay_log(self, drain: bool = False) -> bool:
-        """What the harness wrote, to cage.log while the budget lasts (one read; every
-        read there is with ``drain``). False at the pipe's end: no writer is left."""
-        while True:
+        """What the harness wrote, to cage.log while the budget lasts (one read; with
+        ``drain``, what is there, up to LOG_DRAIN_READS reads). False at the pipe's end:
+        no writer is left."""
+        for _ in range(LOG_DRAIN_READS if drain else 1):
             try:
                 chunk = os.read(self.log_r, LOG_READ)
             except BlockingIOError:
@@ -239,8 +241,7 @@ class Init:
                         " the rest is dropped until the cage restarts\n"
                     ).encode()
                 say(keep)
-            if not drain:
-                return True
+        return True
 
     def close_log(self) -> None:
         if self.log_r >= 0:
