@@ -157,6 +157,8 @@ AGENTS: dict[str, dict[str, Any]] = {
     "turn-bad": {"runtime": "command", "command": BAD, "turn_timeout": 2},
     "turn-flood": {"runtime": "command", "command": BAD},
     "turn-env": {"runtime": "command", "command": ENV},
+    # Ends at once, leaving a process of its own session that holds its stdin, unread.
+    "turn-stdin": {"runtime": "command", "command": ["sh", "-c", "exec 3<&0; setsid sleep 600 <&3 3<&- >/dev/null 2>&1 & echo kept"]},
 }
 
 
@@ -622,6 +624,34 @@ def test_a_transcript_is_bounded_in_stored_bytes(hive: HiveProcess) -> None:
 
 
 # -- the runtime's identity and what it can't do ----------------------------------------------
+
+
+def test_a_runtime_that_leaves_its_stdin_unread_costs_the_harness_nothing(hive: HiveProcess) -> None:
+    """Each turn's runtime exits at once, leaving a process that holds its stdin and never
+    reads it; each message is 256 KiB, past a pipe's capacity. The harness wrote stdin
+    from a thread of its own, which blocked for good: one thread and one descriptor of
+    the harness's a turn (threads count against the cage's pids_max). Now the turn's loop
+    writes it as it is read and closes it at the turn's end."""
+    name = "turn-stdin"
+    hive.wait_running([name])
+    harness = hive.harness_pid(name)
+
+    def turn() -> None:
+        after = last_id(hive, name)
+        mid = send(hive, name, "x" * (256 * 1024))
+        assert stdout(wait_turn(hive, name, mid, after=after)) == ["kept"]
+
+    def counts() -> tuple[int, int]:
+        return len(os.listdir(f"/proc/{harness}/task")), len(os.listdir(f"/proc/{harness}/fd"))
+
+    turn()  # what the harness starts once (its page's thread) is there
+    time.sleep(0.3)
+    before = counts()
+    for _ in range(4):
+        turn()
+    poll(lambda: counts() == before, f"the harness's threads and descriptors back to {before}",
+         timeout=5)
+    assert hive.harness_pid(name) == harness
 
 
 def test_runtime_runs_as_the_runtime_uid_in_its_home_with_its_environment(hive: HiveProcess) -> None:

@@ -32,6 +32,7 @@ else:
 # (50 to 100 %) so a thousand harnesses whose core restarted don't all knock at once. A
 # reconnect lands at most ~0.5 s after the core serves the agent's socket again.
 MAX_BACKOFF = 0.5
+STDIN_CHUNK = 65536  # bytes of the runtime's stdin a write: a pipe's default capacity
 MAX_TURN_OUTPUT = 1024 * 1024  # bytes of stdout+stderr kept per turn; the rest is drained
 # Output lines (entries) kept per turn: a whole turn (with its input, notes and exit) fits in
 # one host `transcript` request (at most 5000 entries), and a flood of short lines can't push
@@ -290,9 +291,6 @@ class Turn:
             return
         for fd in (in_r, out_w, err_w):
             os.close(fd)
-        threading.Thread(
-            target=_feed, args=(in_w, self.runtime.stdin(self.message)), daemon=True
-        ).start()
         interrupted = timed_out = False
         poll = select.poll()
         bufs = {out_r: b"", err_r: b""}
@@ -300,6 +298,13 @@ class Turn:
         for fd in bufs:
             os.set_blocking(fd, False)
             poll.register(fd, select.POLLIN)
+        # The runtime's stdin, written as it reads it, in this loop: never a thread that
+        # blocks (a runtime that never reads, while a process it left holds the pipe, kept
+        # one thread and descriptor of the harness's for good, a turn at a time).
+        stdin = memoryview(self.runtime.stdin(self.message))
+        feeding = in_w
+        os.set_blocking(in_w, False)
+        poll.register(in_w, select.POLLOUT)
         deadline = started + self.timeout
         last_flush = time.monotonic()
         killed_at: float | None = None  # SIGTERM sent
@@ -313,7 +318,19 @@ class Turn:
                 if not bufs:
                     code = self.init.wait(pid, timeout=0.1)
                     exited = code is not None
-                for fd, _ in poll.poll(100) if bufs else ():  # ms
+                for fd, _ in poll.poll(100) if bufs or feeding >= 0 else ():  # ms
+                    if fd == feeding:
+                        try:
+                            stdin = stdin[os.write(fd, stdin[:STDIN_CHUNK]) :]
+                        except BlockingIOError:
+                            continue
+                        except OSError:  # EPIPE: no reader left
+                            stdin = stdin[:0]
+                        if not stdin:
+                            poll.unregister(fd)
+                            os.close(fd)
+                            feeding = -1
+                        continue
                     try:
                         chunk = os.read(fd, 65536)
                     except BlockingIOError:  # POLLHUP or POLLERR with nothing to read yet
@@ -368,6 +385,8 @@ class Turn:
                 code = self.init.wait(pid, timeout=KILL_GRACE + 5 if sigkill_at is None else 1.0)
             for fd in bufs:
                 os.close(fd)
+            if feeding >= 0:
+                os.close(feeding)
         if self.dropped:
             self.record(
                 "note",
@@ -383,15 +402,6 @@ class Turn:
             interrupted=interrupted,
             timed_out=timed_out,
         )
-
-
-def _feed(fd: int, data: bytes) -> None:
-    """Write the runtime's stdin without ever blocking the turn (it may not read it)."""
-    with os.fdopen(fd, "wb") as f:
-        try:
-            f.write(data)
-        except OSError:
-            pass
 
 
 class ControlPoll:
