@@ -487,8 +487,9 @@ def serve(path: str, init: InitChannel, conn: Conn | None = None) -> None:
 
 
 def serve_page_on_demand(agent_socket: str) -> None:
-    """The page on web.sock, which hive-priv bound and init handed over (``HIVE_PAGE_FD``:
-    nothing of the harness's on the host's filesystem, red team round 22); its code
+    """The page on web.sock's connections, which init hands over on the harness's page
+    pair (``HIVE_PAGE_FD``: nothing of the harness's on the host's filesystem, red team
+    round 22; not the listener itself, session 25); its code
     (http.server, email, Jinja2: ~3 MiB) loaded when the first request arrives, so a
     cage nobody looks at never holds it."""
     fd = os.environ.pop(layout.PAGE_FD_ENV, None)

@@ -67,6 +67,7 @@ M_ARENA_MAX = -8  # mallopt's parameter, <malloc.h>
 HARNESS_LOG_MAX = 1 << 20
 LOG_READ = 64 * 1024
 LOG_DRAIN_READS = 64  # reads of a dead harness's pipe at most (a writer left can't hold init)
+PAGE_ACCEPTS = 8  # page connections init accepts and hands over a wake-up, at most
 
 
 def confine_self() -> None:
@@ -146,7 +147,11 @@ class Init:
         self, uid: int, gid: int, harness_uid: int, page_fd: int = -1, bridge_fd: int = -1
     ) -> None:
         self.uid, self.gid, self.harness_uid = uid, gid, harness_uid
-        self.page_fd = page_fd  # web.sock's listener, for each harness (-1: none handed in)
+        # web.sock's listener (-1: none handed in). Init accepts its connections and hands
+        # each to the harness (``hand_page_connections``): a harness holding the listener
+        # could shut it down, and the page was refused until the cage restarted.
+        self.page_fd = page_fd
+        self.page_ours: _socket.socket | None = None  # init's end of the harness's page pair
         self.bridge_fd = bridge_fd  # the egress bridge's listener, likewise (-1: none)
         self.runtime: dict[int, Forked] = {}
         # Process groups of runtime processes (each its own session, id = its first pid), kept
@@ -177,12 +182,18 @@ class Init:
         against Android's zygote); each exec gets its own."""
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         self.harness_starts += 1
-        handed = {layout.PAGE_FD_ENV: self.page_fd, layout.BRIDGE_FD_ENV: self.bridge_fd}
+        page_theirs = None
+        if self.page_fd >= 0:
+            self.page_ours, page_theirs = _socket.socketpair(
+                _socket.AF_UNIX, _socket.SOCK_SEQPACKET
+            )
+            self.page_ours.setblocking(False)
+        handed = {layout.BRIDGE_FD_ENV: self.bridge_fd}
+        if page_theirs is not None:
+            handed[layout.PAGE_FD_ENV] = page_theirs.fileno()
         handed = {env: fd for env, fd in handed.items() if fd >= 0}
         if self.harness_starts > 1 and self.bridge_fd >= 0:
             self.bridge_fd = handed[layout.BRIDGE_FD_ENV] = rebind_bridge(self.bridge_fd)
-        if self.harness_starts > 1 and self.page_fd >= 0:
-            rearm_listener(self.page_fd)
         log_w = self.harness_log()
         try:
             if self.harness_starts > 1:
@@ -207,8 +218,37 @@ class Init:
                 self.harness = Forked(pid)
         finally:
             os.close(log_w)
+            if page_theirs is not None:
+                page_theirs.close()
         theirs.close()
         self.channel = ours
+
+    def hand_page_connections(self) -> None:
+        """Connections waiting on web.sock, each sent to the harness (SCM_RIGHTS on its
+        page pair) and closed here; one the harness can't take now (its pair full) is
+        closed, and the gateway answers 502. Never blocks: the listener and the pair are
+        non-blocking."""
+        import array
+
+        listener = _socket.socket(fileno=self.page_fd)
+        try:
+            for _ in range(PAGE_ACCEPTS):
+                try:
+                    fd, _ = listener._accept()  # type: ignore[attr-defined]  # (fd, address)
+                except OSError:  # none left (EAGAIN), or gone before its accept
+                    return
+                try:
+                    if self.page_ours is not None:
+                        rights = array.array("i", [fd]).tobytes()
+                        self.page_ours.sendmsg(
+                            [b"c"], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)]
+                        )
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+        finally:
+            listener.detach()
 
     def harness_log(self) -> int:
         """The next harness's stdout and stderr: a new pipe's write end, its read end
@@ -424,6 +464,9 @@ class Init:
         wake_r = self.wake_r
         poller = select.poll()
         poller.register(wake_r, select.POLLIN)
+        if self.page_fd >= 0:  # (no harness, no poll: connections wait in the backlog)
+            os.set_blocking(self.page_fd, False)
+            poller.register(self.page_fd, select.POLLIN)
         backoff = 0.5
         while True:
             started = self.started
@@ -447,6 +490,9 @@ class Init:
                             poller.unregister(fd)
                             self.close_log()
                         continue
+                    if fd == self.page_fd:
+                        self.hand_page_connections()
+                        continue
                     req, fds = recv_request(self.channel)
                     if req is None:
                         continue  # the harness hung up; poll() will tell
@@ -465,6 +511,9 @@ class Init:
             poller.unregister(channel)
             self.channel.close()
             self.channel = None
+            if self.page_ours is not None:  # what it had not taken is closed with it
+                self.page_ours.close()
+                self.page_ours = None
             self.kill_runtime()  # its turn will be redelivered to the next harness
             # And anything the harness left (a compromised one's child could hold a copy of
             # the bridge's listener and take the runtime's proxy connections: round 27).
@@ -679,7 +728,8 @@ def parse_ids(args: list[str]) -> dict[str, int]:
 
 def handed_page_fd() -> int:
     """web.sock's listener, which hive-priv bound and bwrap passed through (its number in
-    ``HIVE_PAGE_FD``), kept from everything init starts but the harness; -1 if none."""
+    ``HIVE_PAGE_FD``), kept from everything init starts (init accepts on it and hands the
+    harness each connection); -1 if none."""
     raw = os.environ.pop(layout.PAGE_FD_ENV, "")
     if not raw.isdigit():
         return -1
@@ -699,11 +749,10 @@ def handed_page_fd() -> int:
 
 
 def rearm_listener(fd: int) -> None:
-    """A listener the last harness held, blocking and listening again. Its open file
-    description is init's too: a compromised harness could have set O_NONBLOCK on it (the
-    next harness's accept loop ended on EAGAIN; red team round 27). (One it shut down
-    stays dead, listening or not: the page's, bound by hive-priv, until the cage
-    restarts; the bridge's is bound afresh, ``rebind_bridge``.)"""
+    """The bridge's listener the last harness held, blocking and listening again, when
+    ``rebind_bridge`` can't bind a fresh one. Its open file description is init's too: a
+    compromised harness could have set O_NONBLOCK on it (the next harness's accept loop
+    ended on EAGAIN; red team round 27). (One it shut down stays dead, listening or not.)"""
     try:
         os.set_blocking(fd, True)
         listener = _socket.socket(fileno=fd)

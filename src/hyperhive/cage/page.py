@@ -65,19 +65,31 @@ def destination(host: str, port: int) -> str:
 
 
 class UnixHTTPServer(socketserver.ThreadingUnixStreamServer):
-    """HTTP on web.sock, which hive-priv bound (root and the gateway's group, 0660) and
-    the cage's init handed to the harness: the harness never binds anything on the host."""
+    """HTTP on web.sock's connections, which hive-priv's listener (root and the gateway's
+    group, 0660) took and the cage's init hands the harness one at a time, each on the
+    harness's page pair (``source``, a SOCK_SEQPACKET socket; SCM_RIGHTS): the harness
+    never binds anything on the host, nor holds the listener (one it shut down was dead
+    until the cage restarted). A listener as ``source`` is accepted on, as from an init
+    of an older hive that handed its listener over."""
 
     daemon_threads = True
 
-    def __init__(self, handler: type[BaseHTTPRequestHandler], listener: socket.socket) -> None:
+    def __init__(self, handler: type[BaseHTTPRequestHandler], source: socket.socket) -> None:
         super().__init__("web.sock", handler, bind_and_activate=False)
         self.socket.close()
-        self.socket = listener
+        self.socket = source
+        self.handed = source.type == socket.SOCK_SEQPACKET
 
     def get_request(self) -> tuple[socket.socket, Any]:
-        conn, _ = self.socket.accept()
-        return conn, ("gateway", 0)
+        if not self.handed:
+            conn, _ = self.socket.accept()
+            return conn, ("gateway", 0)
+        msg, fds, _, _ = socket.recv_fds(self.socket, 1, 1)
+        if not fds:
+            if not msg:  # init closed its end: this harness is ending
+                time.sleep(1.0)
+            raise OSError("no connection handed over")  # socketserver skips the request
+        return socket.socket(fileno=fds[0]), ("gateway", 0)
 
 
 class PageHandler(BaseHTTPRequestHandler):
