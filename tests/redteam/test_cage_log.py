@@ -131,7 +131,7 @@ def test_the_next_start_moves_a_full_cage_log_aside(h: HiveProcess) -> None:
     assert r.get("ok") or "already running" in str(r.get("error")), r
     pid = wait_until(lambda: harness_or_none(h, NAME), 30, "the harness")
     assert cage_log(h, ".1").read_bytes()[: len(old)] == old
-    assert os.readlink(f"/proc/{pid}/fd/2").startswith("pipe:"), os.readlink(f"/proc/{pid}/fd/2")
+    assert os.readlink(f"/proc/{pid}/fd/2").startswith("socket:"), os.readlink(f"/proc/{pid}/fd/2")
     fd = harness_fd(pid, 2)
     try:
         os.write(fd, b"harness: a line after the restart\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from hive_fixture import HiveProcess, running_hive, wait_until
+from hive_fixture import HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
 
 from .conftest import harness_or_none
 
@@ -119,8 +119,9 @@ def test_a_harness_that_takes_no_page_connection_holds_init_up_in_nothing(h: Hiv
                 pass
             conns.append(s)
         time.sleep(1.0)
-        init_pid = h.cage(NAME)["pid"]
-        wchan = Path(f"/proc/{init_pid}/wchan").read_text()
+        inits = [p for p in h.cage_procs(NAME) if proc_uid(p) == 0 and proc_cmdline(p)[:1] != ["bwrap"]]
+        assert len(inits) == 1, inits
+        wchan = Path(f"/proc/{inits[0]}/wchan").read_text()
         assert "poll" in wchan, wchan  # waiting in its poll, not in a send to the harness
     finally:
         os.kill(pid, signal.SIGCONT)

@@ -218,20 +218,20 @@ result(seen=seen, mine=mine, env=sorted(k for k in os.environ if "PAGE" in k), g
 
 def _page_inode(h: HiveProcess) -> int:
     """The page's listener: bound by hive-priv through /proc/self/fd/N/web.sock, so found
-    as the harness's listening socket of that name."""
-    pid = _harness(h)
-    assert pid
+    as the listening socket of that name a process of the cage holds (init, since session
+    25; init and each harness before)."""
     held = set()
-    for f in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            link = os.readlink(f"/proc/{pid}/fd/{f}")
-            if link.startswith("socket:["):
-                held.add(int(link[8:-1]))
+    for pid in h.cage_procs(NAME):
+        for f in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                link = os.readlink(f"/proc/{pid}/fd/{f}")
+                if link.startswith("socket:["):
+                    held.add(int(link[8:-1]))
     for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
         f = line.split()
         if len(f) >= 8 and f[7].endswith("/web.sock") and int(f[6]) in held:
             return int(f[6])
-    raise AssertionError(f"no web.sock listener in {NAME}'s harness")
+    raise AssertionError(f"no web.sock listener in {NAME}'s cage")
 
 
 def _runtime_reaches_page(h: HiveProcess) -> list[str]:
@@ -282,25 +282,25 @@ def _harness(h: HiveProcess) -> int | None:
 )
 def test_an_execd_harness_keeps_the_page_listener_close_on_exec(hive: HiveProcess) -> None:
     """The first harness (init's fork) inherits init's close-on-exec page descriptor; a
-    restarted one is exec'd with ``keep=`` (inheritable) and wraps it with
-    ``socket.socket(fileno=)``, which leaves it inheritable: anything it exec'd would get
-    the operator's page listener. (Hardening: the harness execs nothing today.)"""
+    restarted one is exec'd with ``keep=`` (inheritable) and wrapped it with
+    ``socket.socket(fileno=)``, which left it inheritable: anything it exec'd would get
+    the operator's page listener. (Hardening: the harness execs nothing today.) Since
+    session 25 no harness holds the listener (init hands it each connection on a page
+    pair): the exec'd harness holds no listener, and its pair is close-on-exec."""
     old = _harness(hive)
     assert old
     os.kill(old, signal.SIGKILL)
     pid = wait_until(lambda: (p := _harness(hive)) and p != old and p, 30, "a new harness")
     time.sleep(0.5)
     inode = _page_inode(hive)
-    flags = None
-    for f in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{f}") == f"socket:[{inode}]":
-                info = Path(f"/proc/{pid}/fdinfo/{f}").read_text()
-                flags = int(info.split("flags:")[1].split()[0], 8)
-        except OSError:
-            continue
-    assert flags is not None, "the harness holds no page listener"
-    assert flags & 0o2000000, f"the harness's page listener is inheritable (flags {flags:o})"
+    held = [f for f in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{f}") == f"socket:[{inode}]"]
+    assert held == [], "the harness holds the page listener"
+    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+    fd = env["HIVE_PAGE_FD"]
+    assert os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")
+    flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+    assert flags & 0o2000000, f"the harness's page pair is inheritable (flags {flags:o})"
 
 
 def _answers(h: HiveProcess) -> bool:

@@ -169,18 +169,29 @@ def kill_tree(proc: subprocess.Popen[str]) -> None:
     proc.wait()
 
 
-def hold_init_in_send(chan: socket.socket, ipid: int) -> int:
+def hold_init_in_send(chan: socket.socket, ipid: int) -> tuple[int, list[str]]:
     """As a harness that no longer reads its channel: requests until init's replies fill
-    its send buffer and init blocks in send(); the requests sent."""
-    sent, t0 = 0, time.monotonic()
+    its send buffer (init blocked in send() before session 25's fix; now it kills the
+    harness, and the channel is reset); the requests sent, and where init waited."""
+    sent, t0, seen = 0, time.monotonic(), []
     while time.monotonic() - t0 < 1.0 and "sock_alloc_send" not in wchan(ipid):
         try:
             chan.send(json.dumps({"op": "r28" + "x" * 1000, "seq": 1000 + sent}).encode(), socket.MSG_DONTWAIT)
             sent += 1
         except BlockingIOError:
             time.sleep(0.01)
+        except OSError:  # ECONNRESET, EPIPE: init killed the harness and closed its end
+            break
+        seen.append(wchan(ipid))
     time.sleep(0.1)
-    return sent
+    return sent, seen
+
+
+def kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def spawn_through(chan: socket.socket, argv: list[str]) -> None:
@@ -242,9 +253,11 @@ def test_a_harness_holding_init_in_send_makes_init_write_cage_log_without_bound(
     traceback to init's stderr: cage.log. The harness writes nothing to its own stderr;
     cage.log may grow by a few of init's lines.
 
-    FAILS at 2727d0f: 1 MiB in ~3 s (the wake-up pipe's 65,536 SIGCHLDs first; then
+    FAILED at 2727d0f: 1 MiB in ~3 s (the wake-up pipe's 65,536 SIGCHLDs first; then
     ~280 bytes a SIGCHLD, ~1.4 MB/s: 4.9 MB, 17,274 tracebacks in 3.5 s when let run),
-    stopped here at 1 MiB by killing the harness."""
+    stopped here at 1 MiB by killing the harness. Fixed: init's sends never wait (a
+    harness whose channel is full is killed and restarted), the wake-up pair's overflow
+    warns nothing, and init's own lines have a budget."""
     name = WAKE
     log = cage_log(h, name)
     harness = h.harness_pid(name)
@@ -255,7 +268,7 @@ def test_a_harness_holding_init_in_send_makes_init_write_cage_log_without_bound(
     grew, took, sent, where = 0, 0.0, 0, "?"
     try:
         spawn_through(chan, ["/usr/bin/python3", "-c", FLIPPER, "1.2", "10"])
-        sent = hold_init_in_send(chan, ipid)
+        sent, seen = hold_init_in_send(chan, ipid)
         where = wchan(ipid)
         t0 = time.monotonic()
         while time.monotonic() - t0 < 8 and log.stat().st_size - before < 1 << 20:
@@ -264,9 +277,10 @@ def test_a_harness_holding_init_in_send_makes_init_write_cage_log_without_bound(
         grew = log.stat().st_size - before
     finally:
         chan.close()
-        os.kill(harness, signal.SIGKILL)
+        kill_quietly(harness)
     wait_new_harness(h, name, harness)
     tail = log.read_bytes()[before:before + grew]
+    assert not any("sock_alloc_send" in w for w in seen), seen
     print(f"requests sent {sent}; init waits in {where}; cage.log grew {grew} bytes in {took:.1f} s,"
           f" {tail.count(WAKEUP_NOISE)} wake-up tracebacks")
     assert grew <= 64 * 1024, (grew, tail[:300])
@@ -278,22 +292,23 @@ def test_a_channel_copy_left_behind_holds_init_past_the_harness(h: HiveProcess) 
     uid holding its channel end (never reading) and dies. Init must see the death, sweep
     the harness uid (the child too) and start a new harness, as after any death.
 
-    FAILS at 2727d0f: no new harness in 5 s, init still in sock_alloc_send_pskb, the child
-    alive (it would be for good; killed here from the host)."""
+    FAILED at 2727d0f: no new harness in 5 s, init still in sock_alloc_send_pskb, the child
+    alive (it would be for good; killed here from the host). Fixed: init kills a harness
+    whose channel is full (its sends never wait), then sweeps the harness uid."""
     name = WEDGE
     harness = h.harness_pid(name)
     ipid = init_pid(h, name)
     chan = init_channel(harness)
-    os.kill(harness, signal.SIGSTOP)
     holder = None
     try:
-        sent = hold_init_in_send(chan, ipid)
         holder = as_harness_uid(h, name, harness, "import sys, time; print('holding', flush=True); time.sleep(60)",
                                 fd=chan.fileno())
         assert (holder.stdout.readline() if holder.stdout else "").startswith("holding")
-        chan.close()
         held_by = [p for p in tree_of(holder.pid) if proc_uid(p) == h.cage(name)["harness_uid"]]
-        os.kill(harness, signal.SIGKILL)
+        os.kill(harness, signal.SIGSTOP)
+        sent, _ = hold_init_in_send(chan, ipid)
+        chan.close()
+        kill_quietly(harness)
         t0 = time.monotonic()
         new = None
         while time.monotonic() - t0 < 5 and new is None:
@@ -322,8 +337,9 @@ def test_a_hung_up_channel_does_not_make_init_spin(h: HiveProcess) -> None:
     not close it) and lives on. Init's poll reports the hang-up at once each time,
     ``recv_request`` reads nothing and the loop goes on: init must not spin.
 
-    FAILS at 2727d0f (and before session 25): 100 of 100 ticks of a second (one CPU) in
-    init until the harness dies."""
+    FAILED at 2727d0f (and before session 25): 100 of 100 ticks of a second (one CPU) in
+    init until the harness dies. Fixed: a hung-up channel is no longer polled, and its
+    harness is killed (and restarted)."""
     name = SPIN
     harness = h.harness_pid(name)
     ipid = init_pid(h, name)
@@ -338,7 +354,7 @@ def test_a_hung_up_channel_does_not_make_init_spin(h: HiveProcess) -> None:
         spun = cpu_ticks(ipid) - t0
     finally:
         chan.close()
-        os.kill(harness, signal.SIGKILL)
+        kill_quietly(harness)
     wait_new_harness(h, name, harness)
     hz = os.sysconf("SC_CLK_TCK")
     print(f"init's CPU: idle {idle}/{hz // 2} ticks, after the hang-up {spun}/{hz} ticks")
@@ -413,8 +429,8 @@ def test_no_runtime_process_holds_or_can_take_the_harness_log_pipe(h: HiveProces
     write = h.exec(name, "sh", "-c", f"cat > {RUNTIME_PATH} && chmod 755 {RUNTIME_PATH}", input=RUNTIME_SCRIPT)
     assert write.returncode == 0, write.stderr
     harness = h.harness_pid(name)
-    pipe = os.readlink(f"/proc/{harness}/fd/2")
-    assert pipe.startswith("pipe:") and os.readlink(f"/proc/{harness}/fd/1") == pipe, pipe
+    pipe = os.readlink(f"/proc/{harness}/fd/2")  # a socket since round 28 (F_SETPIPE_SZ)
+    assert pipe.startswith("socket:") and os.readlink(f"/proc/{harness}/fd/1") == pipe, pipe
     turn = assert_ok(h.host_call("send", to=name, body="probe"))["id"]
     wait_until(lambda: turn_ended(h, name, turn), 30, "the probe's turn", interval=0.1)
     in_turn = json.loads(h.exec(name, "cat", OUT_PATH).stdout)

@@ -65,6 +65,7 @@ M_ARENA_MAX = -8  # mallopt's parameter, <malloc.h>
 # compromised one could fill the disk hive.db is on. A harness's own lines are a few a
 # start and a traceback.
 HARNESS_LOG_MAX = 1 << 20
+INIT_LOG_MAX = 1 << 20  # bytes of init's own lines (``note``) a cage start, likewise
 LOG_READ = 64 * 1024
 LOG_DRAIN_READS = 64  # reads of a dead harness's pipe at most (a writer left can't hold init)
 PAGE_ACCEPTS = 8  # page connections init accepts and hands over a wake-up, at most
@@ -160,9 +161,10 @@ class Init:
         self.groups: set[int] = set()
         self.harness: Forked | None = None
         self.channel: _socket.socket | None = None
-        # The wake-up pipe for SIGCHLD (set up before the first fork: a harness that dies
-        # at once still wakes the loop).
-        self.wake_r, self.wake_w = os.pipe()
+        # The wake-up pair for SIGCHLD (set up before the first fork: a harness that dies
+        # at once still wakes the loop). Sockets, not pipes: a pipe's pages count against
+        # root's pipe-user-pages-soft, which every cage's init (host uid 0) shares.
+        self.wake_r, self.wake_w = (s.detach() for s in _socket.socketpair())
         os.set_blocking(self.wake_w, False)
         self.started = time.monotonic()
         self.harness_starts = 0
@@ -170,6 +172,7 @@ class Init:
         # /dev/null once HARNESS_LOG_MAX is spent), and what is left of that budget.
         self.log_r = -1
         self.log_left = HARNESS_LOG_MAX
+        self.deaf = False  # the harness's channel was full: it is being killed
 
     def start_harness(self) -> None:
         """The first harness is a fork of init, not a new interpreter: no interpreter
@@ -251,13 +254,18 @@ class Init:
             listener.detach()
 
     def harness_log(self) -> int:
-        """The next harness's stdout and stderr: a new pipe's write end, its read end
-        ``log_r`` (relayed by ``relay_log``); /dev/null once HARNESS_LOG_MAX is spent."""
+        """The next harness's stdout and stderr: one end of a new stream socket pair, the
+        other ``log_r`` (relayed by ``relay_log``); /dev/null once HARNESS_LOG_MAX is
+        spent. Not a pipe: a harness could grow one to 1 MiB (F_SETPIPE_SZ), charged to
+        root's pipe-user-pages-soft (init's uid, every cage's); a socket's buffer is
+        bounded by wmem_max and charged to the cage's memory (red team round 28)."""
         if self.log_left <= 0:
             return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-        self.log_r, log_w = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(self.log_r, False)
-        return log_w
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+        ours.shutdown(_socket.SHUT_WR)  # one way: the harness reads nothing from it
+        ours.setblocking(False)
+        self.log_r = ours.detach()
+        return theirs.detach()
 
     def relay_log(self, drain: bool = False) -> bool:
         """What the harness wrote, to cage.log while the budget lasts (one read; with
@@ -389,13 +397,29 @@ class Init:
                 except PermissionError:
                     pass
 
-    def send(self, obj: dict) -> None:
+    def send(self, obj: dict) -> bool:
+        """A reply or an event to the harness, never waiting: a harness whose channel is
+        full reads none of it (a working one reads all the time), and init held in its
+        send served nothing, reaped nothing and restarted nothing (red team round 28).
+        Such a harness is killed; the loop restarts it. False once it is (``deaf``)."""
         from hyperhive.cage import wirejson
 
-        if self.channel is not None:
+        if self.channel is not None and not self.deaf:
             try:
-                self.channel.send(wirejson.dumps(obj).encode())
+                self.channel.send(wirejson.dumps(obj).encode(), _socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                note("cage-init: the harness reads nothing of its channel; killing it\n")
+                self.deaf = True  # the loop reads no more of its requests
+                self.kill_harness()
             except OSError:
+                pass
+        return not self.deaf
+
+    def kill_harness(self) -> None:
+        if self.harness is not None and self.harness.returncode is None:
+            try:
+                os.kill(self.harness.pid, _signal.SIGKILL)
+            except ProcessLookupError:
                 pass
 
     def kill_runtime(self) -> None:
@@ -451,8 +475,11 @@ class Init:
 
     def catch_children(self) -> None:
         """A child's exit wakes the loop (SIGCHLD on the wake-up pipe): before any fork."""
-        _signal.set_wakeup_fd(self.wake_w)
+        # No warning when the pair is full (a wake-up is pending then): each was a
+        # traceback in cage.log, for every SIGCHLD (red team round 28).
+        _signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
         _signal.signal(_signal.SIGCHLD, lambda *_: None)
+        sys.unraisablehook = lambda u: note(f"cage-init: {u.exc_type.__name__}: {u.exc_value}\n")
 
     def run(self) -> None:
         """Serve the harness, restarting it when it dies; the first was started already
@@ -476,6 +503,8 @@ class Init:
             assert self.channel is not None and self.harness is not None
             channel = self.channel.fileno()
             poller.register(channel, select.POLLIN)  # a hang-up is reported too
+            channel_on = True
+            self.deaf = False
             if self.log_r >= 0:
                 poller.register(self.log_r, select.POLLIN)
             while self.harness.poll() is None:
@@ -493,9 +522,19 @@ class Init:
                     if fd == self.page_fd:
                         self.hand_page_connections()
                         continue
+                    if self.deaf:  # (an event's send found the channel full)
+                        poller.unregister(channel)
+                        channel_on = False
+                        continue
                     req, fds = recv_request(self.channel)
                     if req is None:
-                        continue  # the harness hung up; poll() will tell
+                        # The harness hung up (or sent nothing, or shut its copy down): it
+                        # is ending, or made to (polling a hung-up channel spun init at a
+                        # whole CPU while the harness lived: red team round 28).
+                        poller.unregister(channel)
+                        channel_on = False
+                        self.kill_harness()
+                        continue
                     op = req.get("op")
                     reply = (
                         self.spawn(req, fds)
@@ -506,9 +545,12 @@ class Init:
                     )
                     for fd in fds:
                         os.close(fd)
-                    self.send({"reply": reply, "seq": req.get("seq")})
+                    if not self.send({"reply": reply, "seq": req.get("seq")}):
+                        poller.unregister(channel)
+                        channel_on = False
                 self.reap()
-            poller.unregister(channel)
+            if channel_on:
+                poller.unregister(channel)
             self.channel.close()
             self.channel = None
             if self.page_ours is not None:  # what it had not taken is closed with it
@@ -524,7 +566,7 @@ class Init:
                 self.close_log()
             code = self.harness.returncode
             self.harness = None
-            say(f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s\n")
+            note(f"cage-init: harness exited with status {code}; restarting in {backoff:.1f} s\n")
             time.sleep(backoff)
             self.reap()
             backoff = 0.5 if time.monotonic() - started > 60 else min(backoff * 2, MAX_BACKOFF)
@@ -610,6 +652,25 @@ def say(text: str | bytes) -> None:
             view = view[os.write(2, view) :]
     except OSError:
         pass
+
+
+_init_log_left = INIT_LOG_MAX
+
+
+def note(text: str) -> None:
+    """One of init's own lines to cage.log, while INIT_LOG_MAX lasts (a harness that
+    dies at once makes one a restart, at most one each 0.5 s), then one notice."""
+    global _init_log_left
+    if _init_log_left <= 0:
+        return
+    data = text.encode(errors="replace")
+    _init_log_left -= len(data)
+    if _init_log_left <= 0:
+        data = (
+            f"cage-init: its own lines reached {INIT_LOG_MAX} bytes; the rest is dropped"
+            " until the cage restarts\n"
+        ).encode()
+    say(data)
 
 
 def signals_to_default() -> None:
@@ -761,7 +822,7 @@ def rearm_listener(fd: int) -> None:
         finally:
             listener.detach()
     except OSError as e:
-        say(f"cage-init: handed listener (fd {fd}) not re-armed: {e}\n")
+        note(f"cage-init: handed listener (fd {fd}) not re-armed: {e}\n")
 
 
 def bind_bridge() -> int:
@@ -775,7 +836,7 @@ def bind_bridge() -> int:
         listener.bind(("127.0.0.1", layout.EGRESS_PORT))
         listener.listen(128)
     except OSError as e:
-        say(f"cage-init: egress bridge port not bound: {e}\n")
+        note(f"cage-init: egress bridge port not bound: {e}\n")
         listener.close()
         return -1
     return listener.detach()  # close-on-exec: only the harness is handed it
