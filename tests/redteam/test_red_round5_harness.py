@@ -135,18 +135,18 @@ def check_harness_as_forked(hive: HiveProcess, name: str, forked: bool = True) -
     # catch one; a mask init left would stay.
     wait_until(lambda: int(status(harness)["SigBlk"], 16) == 0, 10, "the harness to block no signal")
     assert int(st["SigIgn"], 16) & ~(1 << (signal.SIGPIPE - 1) | 1 << (signal.SIGXFSZ - 1)) == 0
-    # No descriptor of init's but stdio: nothing the harness holds is an open file init
-    # holds too (its wake pipe, its selector, its end of the channel, bwrap's pipes).
-    # But two, the same descriptor number in both: the page's web.sock listener, which
-    # hive-priv bound and init keeps for each harness (session 16), and the egress
-    # bridge's listener, which init binds once for the cage's life (session 24).
+    # No descriptor of init's: nothing the harness holds is an open file init holds too
+    # (its wake pair, its ends of the channel, the page and log pairs, bwrap's pipes, and
+    # cage.log: since session 25 the harness's stdout and stderr reach it only through
+    # init). But one, the same descriptor number in both: the egress bridge's listener,
+    # which init binds for the cage's life (session 24). The page's web.sock listener is
+    # init's alone since session 25 (init hands the harness its connections).
     mine, inits = open_files(harness), open_files(init)
     shared = {(fd, ifd): t for fd, t in mine.items() for ifd in inits if same_file(harness, fd, init, ifd)}
-    handed = set(shared) - {(1, 1), (1, 2), (2, 1), (2, 2)}
-    assert len(handed) == 2 and all(fd == ifd for fd, ifd in handed), (shared, mine, inits)
-    assert {mine[fd] in listening_page_sockets() for fd, _ in handed} == {True, False}, shared
-    assert {mine[fd] for fd, _ in handed} - listening_page_sockets() == listening_bridge_sockets(harness)
-    assert mine[0] == "/dev/null" and (1, 1) in shared and (2, 2) in shared
+    assert len(shared) == 1 and all(fd == ifd for fd, ifd in shared), (shared, mine, inits)
+    assert {mine[fd] for fd, _ in shared} == listening_bridge_sockets(harness), shared
+    assert not set(mine.values()) & listening_page_sockets(), mine
+    assert mine[0] == "/dev/null" and mine[1] == mine[2] and mine[1].startswith("socket:"), mine
     # Its command line reads as the program it was, and holds nothing past its arguments.
     raw = Path(f"/proc/{harness}/cmdline").read_bytes()
     assert raw.endswith(b"\0harness\0") and b"HIVE_AGENT=" not in raw and b"--uid" not in raw
