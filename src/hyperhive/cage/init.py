@@ -67,7 +67,7 @@ M_ARENA_MAX = -8  # mallopt's parameter, <malloc.h>
 HARNESS_LOG_MAX = 1 << 20
 INIT_LOG_MAX = 1 << 20  # bytes of init's own lines (``note``) a cage start, likewise
 LOG_READ = 64 * 1024
-LOG_DRAIN_READS = 64  # reads of a dead harness's pipe at most (a writer left can't hold init)
+LOG_DRAIN_READS = 64  # reads of a dead harness's log at most (a writer left can't hold init)
 PAGE_ACCEPTS = 8  # page connections init accepts and hands over a wake-up, at most
 
 
@@ -269,7 +269,7 @@ class Init:
 
     def relay_log(self, drain: bool = False) -> bool:
         """What the harness wrote, to cage.log while the budget lasts (one read; with
-        ``drain``, what is there, up to LOG_DRAIN_READS reads). False at the pipe's end:
+        ``drain``, what is there, up to LOG_DRAIN_READS reads). False at the pair's end:
         no writer is left."""
         for _ in range(LOG_DRAIN_READS if drain else 1):
             try:
