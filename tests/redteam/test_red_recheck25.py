@@ -10,7 +10,7 @@ the runtime's stdin from the turn's poll loop (``Turn.run``, ``STDIN_CHUNK``).
 The hostile party is the agent's runtime and, where said, a compromised harness
 (simulated from the host: SIGSTOP, or its descriptors taken with ``pidfd_getfd``).
 
-Broke (the case FAILS against the current code):
+Broke (the case FAILED at a6ecd99; fixed the same session, see below):
 - (low, cross-cage, needs compromised harnesses) every connection init hands over is an
   SCM_RIGHTS descriptor in flight until the harness takes it, and the kernel charges
   descriptors in flight to the *sender's user*: init is host uid 0 in every cage, so all
@@ -23,6 +23,10 @@ Broke (the case FAILS against the current code):
   ``@no_agent``, 404) until they are released, and so is any page connection of any
   hive's cage on the host (``test_page_connections_a_stuck_harness_holds_in_flight_refuse_other_cages_pages``;
   the counter is host-wide: the case holds it past 1024 for about half a second).
+  Fixed: init's end of each page pair has the least send buffer (4,608 bytes), so at most
+  6 connections wait unread a cage and one past that is closed; the four stuck harnesses
+  now hold 24, and the healthy page answers. (171 compromised harnesses at once would
+  reach 1024 again: not fixed; init's soft RLIMIT_NOFILE is the runtime's too.)
 
 Held (figures in each case's output):
 - a runtime flooding stdout (~4 MiB) with three CPU hogs in the cage while the harness
@@ -31,8 +35,9 @@ Held (figures in each case's output):
   process it spawned, and the harness's reader thread takes each at once), the harness
   never killed as ``deaf``, the stdin delivered byte for byte (turn 1.6 s);
 - a runtime that closes stdout and stderr first and then reads stdin 1 KiB at a time: every
-  byte delivered, the turn ends (0.62 s; noticed: with no output left the loop blocks
-  ~0.1 s in ``init.wait`` between 64 KiB writes, ≤ 640 KiB/s of stdin); one that closes
+  byte delivered, the turn ends (0.62 s; noticed: with no output left the loop blocked
+  ~0.1 s in ``init.wait`` between 64 KiB writes, ≤ 640 KiB/s of stdin; fixed: it doesn't
+  wait there while stdin is still being written); one that closes
   stdin at once while the harness still has ~190 KiB to write: EPIPE taken, exit 0,
   the same harness (0.36 s);
 - what a compromised harness sends back on its page pair (data until its buffer is full,
@@ -368,7 +373,7 @@ def test_page_connections_a_stuck_harness_holds_in_flight_refuse_other_cages_pag
     SCM_RIGHTS by any cage's init fails with ETOOMANYREFS: another, healthy agent's page
     must still answer.
 
-    FAILS at a6ecd99: with 1,025 in flight the healthy agent's page connection is reset
+    FAILED at a6ecd99: with 1,025 in flight the healthy agent's page connection is reset
     unanswered (the gateway's ``@no_agent``: 404), and a capless root process's own
     SCM_RIGHTS send gets ETOOMANYREFS; it answers again once they are released. Fix:
     bound what init leaves in flight per pair (a small SO_SNDBUF on ``page_ours``, or

@@ -315,8 +315,8 @@ class Turn:
             # Until the runtime has exited, not just closed its output: a runtime that closes
             # stdout and keeps running is still bound by the time-out and interrupts.
             while bufs or not exited:
-                if not bufs:
-                    code = self.init.wait(pid, timeout=0.1)
+                if not bufs:  # (no waiting here while stdin is still being written)
+                    code = self.init.wait(pid, timeout=0.1 if feeding < 0 else 0)
                     exited = code is not None
                 for fd, _ in poll.poll(100) if bufs or feeding >= 0 else ():  # ms
                     if fd == feeding:

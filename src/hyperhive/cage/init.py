@@ -191,6 +191,11 @@ class Init:
                 _socket.AF_UNIX, _socket.SOCK_SEQPACKET
             )
             self.page_ours.setblocking(False)
+            # The least send buffer (4,608 bytes: 6 connections unread). A descriptor in
+            # flight counts against its sender's uid, root for every cage's init, and past
+            # init's RLIMIT_NOFILE no init could hand any: 4 stopped harnesses held 1,025
+            # and every other agent's page was refused (re-check of session 25).
+            self.page_ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDBUF, 1)
         handed = {layout.BRIDGE_FD_ENV: self.bridge_fd}
         if page_theirs is not None:
             handed[layout.PAGE_FD_ENV] = page_theirs.fileno()
@@ -228,9 +233,9 @@ class Init:
 
     def hand_page_connections(self) -> None:
         """Connections waiting on web.sock, each sent to the harness (SCM_RIGHTS on its
-        page pair) and closed here; one the harness can't take now (its pair full) is
-        closed, and the gateway answers 502. Never blocks: the listener and the pair are
-        non-blocking."""
+        page pair) and closed here; one the harness can't take now (6 unread on its pair)
+        is closed, and the gateway answers 502. Never blocks: the listener and the pair
+        are non-blocking."""
         import array
 
         listener = _socket.socket(fileno=self.page_fd)
