@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import socket
+import subprocess
 import textwrap
 import threading
 import time
@@ -36,7 +37,14 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HiveProcess, host_addresses, probe_result, running_hive  # noqa: F401 (host_addresses: for the tests)
+from hive_fixture import (  # noqa: F401 (host_addresses: for the tests)
+    HiveProcess,
+    host_addresses,
+    probe_result,
+    proc_cmdline,
+    proc_uid,
+    running_hive,
+)
 from hyperhive.cage import layout
 from hyperhive.client import Client
 from web_fixture import snapshot as web_snapshot
@@ -361,29 +369,113 @@ def harness_or_none(h: HiveProcess, name: str) -> int | None:
         return None
 
 
-def grab_bridge_listener(pid: int) -> socket.socket:
-    """The harness's copy of init's bridge listener, as root on the host (pidfd_getfd):
-    what the harness itself holds, to act as a compromised harness would."""
+def pidfd_getfd(pid: int, fd: int) -> int:
+    """``pid``'s descriptor ``fd``, as root on the host: what that process (a harness,
+    init) holds, to act as it would when compromised."""
     libc = ctypes.CDLL(None, use_errno=True)
     pidfd = os.pidfd_open(pid)
     try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            except OSError:
-                continue
-            got = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
-            if got < 0:
-                continue
-            s = socket.socket(fileno=got)
-            try:
-                if (s.family == socket.AF_INET and s.getsockname() == ("127.0.0.1", layout.EGRESS_PORT)
-                        and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
-                    return s
-            except OSError:
-                pass
-            s.close()
+        got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
+        if got < 0:
+            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {fd})")
+        return int(got)
     finally:
         os.close(pidfd)
-    raise AssertionError(f"no listener on 127.0.0.1:{layout.EGRESS_PORT} in the harness {pid}")
+
+
+def held_sockets(pid: int) -> list[tuple[int, socket.socket]]:
+    """Every socket ``pid`` holds: its descriptor number and a copy (``pidfd_getfd``; the
+    caller closes them)."""
+    got = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                got.append((int(name), socket.socket(fileno=pidfd_getfd(pid, int(name)))))
+        except OSError:
+            continue
+    return got
+
+
+def grab_bridge_listener(pid: int) -> socket.socket:
+    """The harness's copy of init's bridge listener, as root on the host (pidfd_getfd):
+    what the harness itself holds, to act as a compromised harness would."""
+    found = None
+    for _, s in held_sockets(pid):
+        with contextlib.suppress(OSError):
+            if (found is None and s.family == socket.AF_INET
+                    and s.getsockname() == ("127.0.0.1", layout.EGRESS_PORT)
+                    and s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                found = s
+                continue
+        s.close()
+    if found is None:
+        raise AssertionError(f"no listener on 127.0.0.1:{layout.EGRESS_PORT} in the harness {pid}")
+    return found
+
+
+def init_pid(h: HiveProcess, name: str) -> int:
+    """The cage's init: its one process of uid 0 that is not bwrap."""
+    found = [p for p in h.cage_procs(name) if proc_uid(p) == 0 and proc_cmdline(p)[:1] != ["bwrap"]]
+    assert len(found) == 1, [(p, proc_uid(p), proc_cmdline(p)) for p in h.cage_procs(name)]
+    return found[0]
+
+
+def seqpackets(pid: int) -> dict[int, tuple[int, bool]]:
+    """``pid``'s SOCK_SEQPACKET descriptors: fd -> (socket inode, non-blocking)."""
+    out = {}
+    for fd, s in held_sockets(pid):
+        with s:
+            if s.type != socket.SOCK_SEQPACKET:
+                continue
+            with contextlib.suppress(OSError, IndexError):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                flags = int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split("flags:")[1].split()[0], 8)
+                out[fd] = (int(target[8:-1]), bool(flags & os.O_NONBLOCK))
+    return out
+
+
+def harness_end(h: HiveProcess, name: str, page: bool = False) -> socket.socket:
+    """The harness's end (a copy, pidfd_getfd) of its channel to init, or with ``page`` of
+    its page pair: the peer, in the cage's socket table (``ss``), of init's blocking
+    SEQPACKET end (the channel) or its non-blocking one (the page pair)."""
+    ipid, harness = init_pid(h, name), h.harness_pid(name)
+    (ours,) = [ino for ino, nonblocking in seqpackets(ipid).values() if nonblocking == page]
+    table = subprocess.run(["nsenter", "-t", str(ipid), "-n", "ss", "-xaH"], capture_output=True,
+                           text=True, check=True).stdout
+    peers = {int(f[5]): int(f[7]) for f in (line.split() for line in table.splitlines())
+             if len(f) >= 8 and f[0] == "u_seq" and f[5].isdigit() and f[7].isdigit()}
+    theirs = [fd for fd, (ino, _) in seqpackets(harness).items() if ino == peers[ours]]
+    assert len(theirs) == 1, (ours, peers, seqpackets(harness))
+    return socket.socket(fileno=pidfd_getfd(harness, theirs[0]))
+
+
+def cpu_ticks(pid: int) -> int:
+    """``pid``'s user and system time, in clock ticks."""
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])
+
+
+def wchan(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return "?"
+
+
+def page_answers(h: HiveProcess, name: str, timeout: float = 3.0) -> str:
+    """The first line of the agent's page's answer on its web.sock, asked as the gateway
+    asks; or the error."""
+    try:
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(timeout)
+            s.connect(str(h.run_dir / "ui" / name / "web.sock"))
+            s.sendall(b"GET / HTTP/1.0\r\nHost: page\r\n\r\n")
+            data = b""
+            while b"\r\n" not in data:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            return data.split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"

@@ -11,7 +11,6 @@ cage). Each case but the last failed before (the first wrote all 8 MiB into cage
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from hive_fixture import HiveProcess, running_hive, wait_until
 from hyperhive.cage.init import HARNESS_LOG_MAX
 from hyperhive.priv.cages import CAGE_LOG_ROTATE
 
-from .conftest import harness_or_none
+from .conftest import harness_or_none, pidfd_getfd
 
 REF = "session 25: cage.log, the harness's stdout and stderr on the host's disk"
 NAME = "clflood"
@@ -42,19 +41,6 @@ def h() -> Iterator[HiveProcess]:
 def cage_log(h: HiveProcess, suffix: str = "") -> Path:
     return h.state_dir / "priv" / "cages" / NAME / f"cage.log{suffix}"
 
-
-def harness_fd(pid: int, fd: int) -> int:
-    """The harness's descriptor ``fd``, as root on the host (pidfd_getfd): what the
-    harness itself holds, to act as a compromised harness would."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        got = libc.syscall(438, pidfd, fd, 0)  # pidfd_getfd
-        if got < 0:
-            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {fd})")
-        return int(got)
-    finally:
-        os.close(pidfd)
 
 
 def write_for(fd: int, total: int, seconds: float) -> int:
@@ -80,7 +66,7 @@ def test_a_compromised_harness_writes_at_most_the_budget_into_cage_log(h: HivePr
     log = cage_log(h)
     before = log.stat().st_size
     pid = h.harness_pid(NAME)
-    fd = harness_fd(pid, 2)
+    fd = pidfd_getfd(pid, 2)
     try:
         written = write_for(fd, FLOOD, 30)
     finally:
@@ -100,7 +86,7 @@ def test_a_compromised_harness_writes_at_most_the_budget_into_cage_log(h: HivePr
                "init's line about the restart")
     for k in (1, 2):
         assert os.readlink(f"/proc/{new}/fd/{k}") == "/dev/null", k
-    fd = harness_fd(new, 2)
+    fd = pidfd_getfd(new, 2)
     try:
         assert write_for(fd, 1 << 20, 10) == 1 << 20
     finally:
@@ -118,7 +104,7 @@ def test_the_next_start_moves_a_full_cage_log_aside(h: HiveProcess) -> None:
     it through init again."""
     log = cage_log(h)
     if log.stat().st_size <= CAGE_LOG_ROTATE:  # run alone: flood it as the first case does
-        fd = harness_fd(h.harness_pid(NAME), 2)
+        fd = pidfd_getfd(h.harness_pid(NAME), 2)
         try:
             write_for(fd, 2 * CAGE_LOG_ROTATE, 20)
         finally:
@@ -132,7 +118,7 @@ def test_the_next_start_moves_a_full_cage_log_aside(h: HiveProcess) -> None:
     pid = wait_until(lambda: harness_or_none(h, NAME), 30, "the harness")
     assert cage_log(h, ".1").read_bytes()[: len(old)] == old
     assert os.readlink(f"/proc/{pid}/fd/2").startswith("socket:"), os.readlink(f"/proc/{pid}/fd/2")
-    fd = harness_fd(pid, 2)
+    fd = pidfd_getfd(pid, 2)
     try:
         os.write(fd, b"harness: a line after the restart\n")
     finally:

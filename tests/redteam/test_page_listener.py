@@ -10,7 +10,6 @@ ends with it. The first case failed before (the page refused after the restart).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import signal
 import socket
@@ -22,7 +21,7 @@ import pytest
 
 from hive_fixture import HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
 
-from .conftest import harness_or_none
+from .conftest import harness_or_none, held_sockets, page_answers
 
 REF = "session 25: web.sock's listener handed to each harness (red team round 27, Known limits)"
 NAME = "pglisten"
@@ -33,57 +32,15 @@ def h() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess({NAME: {"runtime": "command", "command": ["true"], "peers": []}}))
 
 
-def harness_unix_sockets(pid: int) -> list[socket.socket]:
-    """Every unix socket the harness holds, as root on the host (pidfd_getfd): what a
-    compromised harness could act on."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    got: list[socket.socket] = []
-    try:
-        for name in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                    continue
-            except OSError:
-                continue
-            fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
-            if fd < 0:
-                continue
-            s = socket.socket(fileno=fd)
-            if s.family == socket.AF_UNIX:
-                got.append(s)
-            else:
-                s.close()
-    finally:
-        os.close(pidfd)
-    return got
-
-
-def page_answers(h: HiveProcess, timeout: float = 5.0) -> str:
-    """The first line of the page's answer on web.sock, as the gateway asks; or the error."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(str(h.run_dir / "ui" / NAME / "web.sock"))
-            s.sendall(b"GET / HTTP/1.0\r\nHost: page\r\n\r\n")
-            data = b""
-            while b"\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return data.split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
-    except OSError as e:
-        return f"{type(e).__name__}: {e}"
 
 
 @pytest.mark.attack("harness.fork-inheritance", ref=REF)
 def test_what_a_dead_harness_did_to_its_page_sockets_ends_with_it(h: HiveProcess) -> None:
     """The harness shuts down every unix socket it holds that listens (web.sock's listener,
     before) and its page pair (now), then dies. The next harness serves the page."""
-    assert page_answers(h).startswith("HTTP/1."), "the control"
+    assert page_answers(h, NAME).startswith("HTTP/1."), "the control"
     old = h.harness_pid(NAME)
-    socks = harness_unix_sockets(old)
+    socks = [s for _, s in held_sockets(old) if s.family == socket.AF_UNIX or s.close()]
     listening = [s for s in socks if s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)]
     for s in socks:
         if s in listening or s.type == socket.SOCK_SEQPACKET:
@@ -94,7 +51,7 @@ def test_what_a_dead_harness_did_to_its_page_sockets_ends_with_it(h: HiveProcess
         s.close()
     os.kill(old, signal.SIGKILL)
     wait_until(lambda: (p := harness_or_none(h, NAME)) and p != old, 30, "init to start a new harness")
-    answer = wait_until(lambda: (a := page_answers(h, 2.0)).startswith("HTTP/1.") and a, 10,
+    answer = wait_until(lambda: (a := page_answers(h, NAME, 2.0)).startswith("HTTP/1.") and a, 10,
                         "the page from the next harness")
     print(f"listeners the harness held: {len(listening)}; after its restart: {answer}")
     assert listening == [], "the harness holds no listener"
@@ -127,7 +84,7 @@ def test_a_harness_that_takes_no_page_connection_holds_init_up_in_nothing(h: Hiv
         os.kill(pid, signal.SIGCONT)
     for s in conns:
         s.close()
-    answer = wait_until(lambda: (a := page_answers(h, 2.0)).startswith("HTTP/1.") and a, 15,
+    answer = wait_until(lambda: (a := page_answers(h, NAME, 2.0)).startswith("HTTP/1.") and a, 15,
                         "the page once the harness goes on")
     assert h.harness_pid(NAME) == pid
     print(f"after 300 connections with the harness stopped: {answer}")

@@ -57,7 +57,6 @@ Held (figures in each case's output):
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import hashlib
 import json
@@ -78,12 +77,20 @@ from typing import Any
 import pytest
 
 from helpers import assert_ok
-from hive_fixture import HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
+from hive_fixture import HiveProcess, running_hive, wait_until
 from hyperhive.cage import layout
 from hyperhive.cage.init import INIT_LOG_MAX
 from web_fixture import Login, Web
 
-from .conftest import harness_or_none
+from .conftest import (
+    cpu_ticks,
+    harness_end,
+    harness_or_none,
+    init_pid,
+    page_answers,
+    pidfd_getfd,
+    seqpackets,
+)
 
 REF = "re-check of session 25 and red team round 28"
 STUCK = ["r25s1", "r25s2", "r25s3", "r25s4"]
@@ -169,43 +176,7 @@ def login(h: HiveProcess) -> Login:
 # -- helpers --------------------------------------------------------------------------------
 
 
-def getfd(pid: int, fd: int) -> int:
-    """``pid``'s descriptor ``fd``, as root on the host (pidfd_getfd)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        got = libc.syscall(438, pidfd, fd, 0)
-        if got < 0:
-            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {fd})")
-        return int(got)
-    finally:
-        os.close(pidfd)
 
-
-def init_pid(h: HiveProcess, name: str) -> int:
-    found = [p for p in h.cage_procs(name) if proc_uid(p) == 0 and proc_cmdline(p)[:1] != ["bwrap"]]
-    assert len(found) == 1, [(p, proc_uid(p), proc_cmdline(p)) for p in h.cage_procs(name)]
-    return found[0]
-
-
-def seqpackets(pid: int) -> dict[int, tuple[int, bool]]:
-    """``pid``'s SOCK_SEQPACKET descriptors: fd -> (socket inode, non-blocking)."""
-    out = {}
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            target = os.readlink(f"/proc/{pid}/fd/{name}")
-            if not target.startswith("socket:"):
-                continue
-            flags = int(Path(f"/proc/{pid}/fdinfo/{name}").read_text().split("flags:")[1].split()[0], 8)
-            s = socket.socket(fileno=getfd(pid, int(name)))
-        except (OSError, IndexError):
-            continue
-        try:
-            if s.type == socket.SOCK_SEQPACKET:
-                out[int(name)] = (int(target[8:-1]), bool(flags & os.O_NONBLOCK))
-        finally:
-            s.close()
-    return out
 
 
 def init_channel_fd(ipid: int) -> int:
@@ -215,19 +186,6 @@ def init_channel_fd(ipid: int) -> int:
     return fd
 
 
-def harness_page_end(h: HiveProcess, name: str) -> socket.socket:
-    """The harness's end of its page pair (a copy, pidfd_getfd): the peer, in the cage's
-    socket table (``ss``), of init's non-blocking SEQPACKET end."""
-    ipid, harness = init_pid(h, name), h.harness_pid(name)
-    (ours,) = [ino for ino, nonblocking in seqpackets(ipid).values() if nonblocking]
-    table = subprocess.run(["nsenter", "-t", str(ipid), "-n", "ss", "-xaH"], capture_output=True,
-                           text=True, check=True).stdout
-    peers = {int(f[5]): int(f[7]) for f in (line.split() for line in table.splitlines())
-             if len(f) >= 8 and f[0] == "u_seq" and f[5].isdigit() and f[7].isdigit()}
-    theirs = [fd for fd, (ino, _) in seqpackets(harness).items() if ino == peers[ours]]
-    assert len(theirs) == 1, (ours, peers, seqpackets(harness))
-    return socket.socket(fileno=getfd(harness, theirs[0]))
-
 
 def outq(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0" * 4))[0]
@@ -236,10 +194,6 @@ def outq(fd: int) -> int:
 def inq(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0]
 
-
-def cpu_ticks(pid: int) -> int:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])
 
 
 def fds_of(pid: int) -> list[str]:
@@ -258,23 +212,6 @@ def fds_of(pid: int) -> list[str]:
 def web_sock(h: HiveProcess, name: str) -> str:
     return str(h.run_dir / "ui" / name / "web.sock")
 
-
-def page_answers(h: HiveProcess, name: str, timeout: float = 3.0) -> str:
-    """The first line of the page's answer on web.sock, as the gateway asks; or the error."""
-    try:
-        with socket.socket(socket.AF_UNIX) as s:
-            s.settimeout(timeout)
-            s.connect(web_sock(h, name))
-            s.sendall(b"GET / HTTP/1.0\r\nHost: page\r\n\r\n")
-            data = b""
-            while b"\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
-            return data.split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
-    except OSError as e:
-        return f"{type(e).__name__}: {e}"
 
 
 def connect_many(h: HiveProcess, name: str, n: int) -> list[socket.socket]:
@@ -429,7 +366,7 @@ def test_a_runtime_flood_leaves_init_no_backlog_and_the_harness_alive(h: HivePro
     (0-768 bytes): the harness is never killed as deaf; the stdin arrives byte for byte."""
     out = feed_runtime(h, "flood")
     harness, ipid = h.harness_pid(FEED), init_pid(h, FEED)
-    chan = getfd(ipid, init_channel_fd(ipid))
+    chan = pidfd_getfd(ipid, init_channel_fd(ipid))
     log_before = cage_log(h, FEED).stat().st_size
     samples: list[int] = []
     stop = threading.Event()
@@ -505,7 +442,7 @@ def test_the_page_pair_leaks_nothing_into_init_across_floods_and_restarts(h: Hiv
     assert page_answers(h, PAGE).startswith("HTTP/1."), "the control"
     ipid = init_pid(h, PAGE)
     before = fds_of(ipid)
-    end = harness_page_end(h, PAGE)
+    end = harness_end(h, PAGE, page=True)
     sent = passed = 0
     end.setblocking(False)
     null = os.open(os.devnull, os.O_RDONLY)

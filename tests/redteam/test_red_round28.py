@@ -56,11 +56,19 @@ from pathlib import Path
 import pytest
 
 from helpers import assert_ok
-from hive_fixture import HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
+from hive_fixture import HiveProcess, proc_uid, running_hive, wait_until
 from hyperhive.cage import layout
 from hyperhive.cage.init import HARNESS_LOG_MAX
 
-from .conftest import cage_run, harness_or_none
+from .conftest import (
+    cage_run,
+    cpu_ticks,
+    harness_end,
+    harness_or_none,
+    init_pid,
+    pidfd_getfd,
+    wchan,
+)
 
 REF = "red team round 28 (session 25: cage.log through init)"
 WAKE, WEDGE, SPIN, REACH, LEFT = "r28wake", "r28wedge", "r28spin", "r28reach", "r28left"
@@ -88,50 +96,9 @@ def cage_log(h: HiveProcess, name: str) -> Path:
     return h.state_dir / "priv" / "cages" / name / "cage.log"
 
 
-def getfd(pid: int, fd: int) -> int:
-    """``pid``'s descriptor ``fd``, as root on the host (pidfd_getfd)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    pidfd = os.pidfd_open(pid)
-    try:
-        got = libc.syscall(438, pidfd, fd, 0)
-        if got < 0:
-            raise OSError(ctypes.get_errno(), f"pidfd_getfd({pid}, {fd})")
-        return int(got)
-    finally:
-        os.close(pidfd)
 
 
-def init_channel(pid: int) -> socket.socket:
-    """The harness's end of its channel to init (the one SOCK_SEQPACKET it holds)."""
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
-                continue
-        except OSError:
-            continue
-        s = socket.socket(fileno=getfd(pid, int(name)))
-        if s.type == socket.SOCK_SEQPACKET:
-            return s
-        s.close()
-    raise AssertionError(f"no init channel in the harness {pid}")
 
-
-def init_pid(h: HiveProcess, name: str) -> int:
-    found = [p for p in h.cage_procs(name) if proc_uid(p) == 0 and proc_cmdline(p)[:1] != ["bwrap"]]
-    assert len(found) == 1, [(p, proc_uid(p), proc_cmdline(p)) for p in h.cage_procs(name)]
-    return found[0]
-
-
-def wchan(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/wchan").read_text()
-    except OSError:
-        return "?"
-
-
-def cpu_ticks(pid: int) -> int:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])  # utime + stime
 
 
 def as_harness_uid(h: HiveProcess, name: str, harness: int, code: str, *args: str, fd: int) -> subprocess.Popen[str]:
@@ -262,7 +229,7 @@ def test_a_harness_holding_init_in_send_makes_init_write_cage_log_without_bound(
     log = cage_log(h, name)
     harness = h.harness_pid(name)
     ipid = init_pid(h, name)
-    chan = init_channel(harness)
+    chan = harness_end(h, name)
     os.kill(harness, signal.SIGSTOP)  # the compromised harness reads nothing more
     before = log.stat().st_size
     grew, took, sent, where = 0, 0.0, 0, "?"
@@ -298,7 +265,7 @@ def test_a_channel_copy_left_behind_holds_init_past_the_harness(h: HiveProcess) 
     name = WEDGE
     harness = h.harness_pid(name)
     ipid = init_pid(h, name)
-    chan = init_channel(harness)
+    chan = harness_end(h, name)
     holder = None
     try:
         holder = as_harness_uid(h, name, harness, "import sys, time; print('holding', flush=True); time.sleep(60)",
@@ -343,7 +310,7 @@ def test_a_hung_up_channel_does_not_make_init_spin(h: HiveProcess) -> None:
     name = SPIN
     harness = h.harness_pid(name)
     ipid = init_pid(h, name)
-    chan = init_channel(harness)
+    chan = harness_end(h, name)
     try:
         t0 = cpu_ticks(ipid)
         time.sleep(0.5)
@@ -480,7 +447,7 @@ def test_a_writer_left_behind_is_swept_and_the_budget_holds(h: HiveProcess) -> N
     log = cage_log(h, name)
     harness = h.harness_pid(name)
     before = log.stat().st_size
-    fd = getfd(harness, 2)
+    fd = pidfd_getfd(harness, 2)
     writer = as_harness_uid(h, name, harness, WRITER, fd=fd)
     os.close(fd)
     try:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -133,22 +133,17 @@ def write_file(
 
 def read_file(parent: int, name: str, limit: int = 1 << 20) -> bytes | None:
     """The contents of a regular file in ``parent`` (None if missing), never through a link."""
-    _check_name(name)
-    try:
-        fd = os.open(
-            name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=parent
-        )
-    except FileNotFoundError:
-        return None
-    with opened(fd):
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UnsafePath(f"{name} is not a regular file")
-        return os.read(fd, limit)
+    return _read_regular(parent, name, lambda fd, size: os.read(fd, limit))
 
 
 def read_tail(parent: int, name: str, limit: int) -> bytes | None:
     """The last ``limit`` bytes of a regular file in ``parent`` (None if missing), never
     through a link."""
+    return _read_regular(parent, name, lambda fd, size: os.pread(fd, limit, max(0, size - limit)))
+
+
+def _read_regular(parent: int, name: str, read: Callable[[int, int], bytes]) -> bytes | None:
+    """``read(fd, size)`` of a regular file in ``parent`` (None if missing)."""
     _check_name(name)
     try:
         fd = os.open(
@@ -160,7 +155,7 @@ def read_tail(parent: int, name: str, limit: int) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePath(f"{name} is not a regular file")
-        return os.pread(fd, limit, max(0, st.st_size - limit))
+        return read(fd, st.st_size)
 
 
 def rotate(parent: int, name: str, past: int) -> None:
