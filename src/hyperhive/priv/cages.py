@@ -50,8 +50,8 @@ log = logging.getLogger("hive.priv")
 
 START_TIMEOUT = 10.0
 # cage.log past this at a cage's start becomes cage.log.1 (the last one's replaced). In a
-# cage's life init writes at most the harnesses' HARNESS_LOG_MAX (1 MiB) and its own
-# restart lines, so one cage keeps about 2 × 1 MiB of log.
+# cage's life init writes at most the harnesses' HARNESS_LOG_MAX and its own INIT_LOG_MAX
+# (1 MiB each), so one cage keeps at most about 2 × 3 MiB of log.
 CAGE_LOG_ROTATE = 1 << 20
 LOG_TAIL = 64 * 1024  # bytes of cage.log read for a failed start's last line
 # A cage's descriptor limit (soft, hard): an ordinary process's, at most hive-priv's.
