@@ -26,7 +26,8 @@ Broke (the case FAILED at a6ecd99; fixed the same session, see below):
   Fixed: init's end of each page pair has the least send buffer (4,608 bytes), so at most
   6 connections wait unread a cage and one past that is closed; the four stuck harnesses
   now hold 24, and the healthy page answers. (171 compromised harnesses at once would
-  reach 1024 again: not fixed; init's soft RLIMIT_NOFILE is the runtime's too.)
+  reach 1024 again: fixed in session 26, init's soft RLIMIT_NOFILE is its hard one and
+  its children get the cage's back; ``test_root_past_1024_descriptors_in_flight_leaves_every_init_handing_pages``.)
 
 Held (figures in each case's output):
 - a runtime flooding stdout (~4 MiB) with three CPU hogs in the cage while the harness
@@ -353,6 +354,67 @@ def test_page_connections_a_stuck_harness_holds_in_flight_refuse_other_cages_pag
           f"released: {after!r}")
     assert direct.startswith("HTTP/1.") and through == 200, (
         f"another agent's page refused while {sum(held.values())} page connections are in flight: {direct!r}, {through}")
+
+
+def nofile(pid: int) -> tuple[int, int]:
+    """``pid``'s RLIMIT_NOFILE, soft and hard, as /proc shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no descriptor limit for {pid}")
+
+
+def capless_root_send() -> str:
+    """What one SCM_RIGHTS send by a root process with init's old soft limit (1024) and no
+    capabilities gets: 'sent', or the error (the counter's state, as an old init saw it)."""
+    return subprocess.run(
+        ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c",
+         "import resource, socket\n"
+         "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+         "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+         "try:\n    socket.send_fds(a, [b'x'], [b.fileno()]); print('sent')\n"
+         "except OSError as e:\n    print(e)\n"],
+        capture_output=True, text=True, timeout=10).stdout.strip()
+
+
+@pytest.mark.attack("budget.exhaustion", ref=REF + ": root's descriptors in flight past 1024, as ~171 stuck harnesses would hold them")
+def test_root_past_1024_descriptors_in_flight_leaves_every_init_handing_pages(h: HiveProcess, login: Login) -> None:
+    """The rest of the first case (session 26). With 6 a cage, ~171 compromised harnesses
+    at once would still put root's descriptors in flight past 1,024, init's old soft
+    limit, and no init on the host could hand a page connection. The test holds 2,000 in
+    flight itself (root with CAP_SYS_RESOURCE may; on a pair it never reads), as ~334 such
+    harnesses would: a capless root sender with a soft limit of 1,024 is refused meanwhile
+    (the counter really is past it), and another agent's page still answers, on web.sock
+    and through the gateway, because init's soft RLIMIT_NOFILE is its hard one (65,536 at
+    most: ~10,900 harnesses). Its children keep the cage's 1,024: the first harness (init's
+    fork) and a restarted one (exec'd).
+
+    FAILED before the fix (init at 1,024): the page's connection was reset unanswered."""
+    web = Web(h)
+    assert page_answers(h, TARGET).startswith("HTTP/1."), "the control"
+    ipid, first = init_pid(h, TARGET), h.harness_pid(TARGET)
+    limits = {"init": nofile(ipid), "first harness": nofile(first)}
+    os.kill(first, signal.SIGKILL)
+    restarted = wait_new_harness(h, TARGET, first)
+    limits["restarted harness"] = nofile(restarted)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        for _ in range(8):
+            socket.send_fds(a, [b"r26"], [b.fileno()] * 250)
+        refused = capless_root_send()
+        direct = page_answers(h, TARGET)
+        through = web.get(f"/agent/{TARGET}/page/", login=login).status_code
+    finally:
+        a.close()
+        b.close()
+    print(f"2,000 in flight as root; a capless root sender at 1,024: {refused!r}; the page: {direct!r} on"
+          f" web.sock, {through} through the gateway; RLIMIT_NOFILE {limits}")
+    assert "Too many references" in refused, refused
+    assert direct.startswith("HTTP/1.") and through == 200, (direct, through)
+    soft, hard = limits["init"]
+    assert soft == hard >= 4096, limits
+    assert limits["first harness"] == limits["restarted harness"] == (1024, hard), limits
 
 
 # -- held: init's channel under a runtime flood; the runtime's stdin --------------------------

@@ -18,6 +18,7 @@ import _socket
 import ctypes
 import gc
 import os
+import resource
 import sys
 import time
 
@@ -69,6 +70,13 @@ INIT_LOG_MAX = 1 << 20  # bytes of init's own lines (``note``) a cage start, lik
 LOG_READ = 64 * 1024
 LOG_DRAIN_READS = 64  # reads of a dead harness's log at most (a writer left can't hold init)
 PAGE_ACCEPTS = 8  # page connections init accepts and hands over a wake-up, at most
+# The descriptor limits hive-priv gave the cage (``CAGE_NOFILE``): every child of init gets
+# them back. Init itself runs with its soft limit at its hard one: the kernel refuses an
+# SCM_RIGHTS send once its *user's* descriptors in flight pass the sender's soft
+# RLIMIT_NOFILE, and that user is root for every cage's init; at 1,024 about 171
+# compromised harnesses, each leaving its 6 page connections unread, would stop every
+# init on the host from handing any (re-check of session 25). Set by ``main``.
+CHILD_NOFILE: tuple[int, int] | None = None
 
 
 def confine_self() -> None:
@@ -111,6 +119,23 @@ def raise_oom_score() -> None:
     """In a runtime process, before it becomes the runtime uid: killed first."""
     with open("/proc/self/oom_score_adj", "w") as f:
         f.write(str(RUNTIME_OOM_SCORE_ADJ))
+
+
+def raise_own_nofile() -> None:
+    """Init's soft RLIMIT_NOFILE up to its hard one (no privilege needed); what the cage
+    was given is kept for init's children (``CHILD_NOFILE``)."""
+    global CHILD_NOFILE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    CHILD_NOFILE = (soft, hard)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def child_nofile() -> None:
+    """In a child of init, before it becomes anything: the cage's own descriptor limits
+    back (only lowered: never fails)."""
+    if CHILD_NOFILE is not None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, CHILD_NOFILE)
 
 
 def recv_request(sock: _socket.socket) -> tuple[dict | None, list[int]]:
@@ -623,6 +648,7 @@ def fork_exec(
                 low = fd + 1
             os.closerange(low, MAXFD)
             signals_to_default()
+            child_nofile()
             if session:
                 os.setsid()
             if before is not None:
@@ -703,6 +729,7 @@ def run_harness(
     try:
         _signal.set_wakeup_fd(-1)
         signals_to_default()
+        child_nofile()
         for sig in (_signal.SIGPIPE, _signal.SIGXFSZ):  # as a fresh interpreter sets them
             _signal.signal(sig, _signal.SIG_IGN)
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -867,6 +894,7 @@ def main(args: list[str]) -> None:
         print("cage-init: refusing to run anything as root", file=sys.stderr)
         raise SystemExit(2)
     one_malloc_arena()
+    raise_own_nofile()
     confine_self()
     seccomp.install()  # the cage's syscall policy, for init and everything it starts
 
