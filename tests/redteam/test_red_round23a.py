@@ -179,7 +179,11 @@ def flood_while_timing(
     start (after ``settle`` s: the probe's start and handshakes) until the probe ends:
     (the samples before, those during, the core's CPU in cores over the flood, the
     probe's result)."""
+    cpu0 = core_cpu(h)
     base = latencies(h, 1.0)
+    # What the probes themselves cost the core a sample (fresh connections, each), measured
+    # before the flood: the flood's own cost is what the core spent beyond them.
+    probe_cpu = (core_cpu(h) - cpu0) / len(base)
     holder: dict[str, Any] = {}
 
     def run() -> None:
@@ -198,10 +202,12 @@ def flood_while_timing(
     cpu_s = core_cpu(h) - cpu0
     cpu = cpu_s / (time.monotonic() - t0)
     holder["_cpu_s"] = round(cpu_s, 2)
+    holder["_probes_cpu_s"] = round(probe_cpu * len(during), 2)
     print(
         f"before: p95 {p(base, 0.95):.4f} s; during: p50 {p(during, 0.5):.4f} p95 {p(during, 0.95):.4f}"
         f" max {max(during):.4f} s, {len(during)} samples, over 0.5 s: {[round(x, 2) for x in during if x > 0.5]};"
-        f" the core at {cpu:.2f} CPUs; in the cage: {str(holder)[:1500]}"
+        f" the core at {cpu:.2f} CPUs ({holder['_cpu_s']} s, {holder['_probes_cpu_s']} s of it the probes');"
+        f" in the cage: {str(holder)[:1500]}"
     )
     assert "error" not in holder, holder
     return base, during, cpu, holder
@@ -435,7 +441,10 @@ def test_an_ack_flood_of_ten_thousand_ids_does_not_starve_the_core(sink_hive: Hi
     charged = 128 * (line + LINE_COST_BYTES + 10000 * ID_COST_BYTES) - (64 << 20)
     took = max(o["s"] for o in holder["out"])
     assert took >= 0.7 * charged / (8 << 20), (took, charged)
-    assert holder["_cpu_s"] <= max(1.5, 0.3 * took), (holder["_cpu_s"], took)
+    # The flood's own CPU: the core's, less what the bystander's probes cost it (0.5-0.7 s
+    # of ~1.9; with them counted the bound failed now and then on a slower machine).
+    flood_cpu = holder["_cpu_s"] - holder["_probes_cpu_s"]
+    assert flood_cpu <= max(1.5, 0.3 * took), (flood_cpu, holder["_cpu_s"], took)
 
 
 # -- lines that cost the event loop 30x what the byte pacer charges for them -------------------
@@ -496,7 +505,8 @@ def test_wide_lines_cost_the_event_loop_no_more_than_the_pacer_charges(
     charged = lines * (line_cost(wide) + LINE_COST_BYTES) - (64 << 20)
     took = max(o["s"] for o in holder["out"])
     assert took >= 0.8 * charged / (8 << 20), (took, charged)
-    assert holder["_cpu_s"] <= max(1.0, 0.25 * took), (holder["_cpu_s"], took)
+    flood_cpu = holder["_cpu_s"] - holder["_probes_cpu_s"]  # as in the ack flood's case
+    assert flood_cpu <= max(1.0, 0.25 * took), (flood_cpu, holder["_cpu_s"], took)
     assert_others_quick(base, during, cpu, f"one agent sent {lines} lines of 1 MiB of empty lists")
 
 
