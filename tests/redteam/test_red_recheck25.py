@@ -333,14 +333,7 @@ def test_page_connections_a_stuck_harness_holds_in_flight_refuse_other_cages_pag
         time.sleep(0.2)
         direct = page_answers(h, TARGET)
         through = web.get(f"/agent/{TARGET}/page/", login=login).status_code
-        refused = subprocess.run(
-            ["setpriv", "--inh-caps=-all", "--bounding-set=-all", sys.executable, "-c",
-             "import resource, socket\n"
-             "resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
-             "a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
-             "try:\n    socket.send_fds(a, [b'x'], [b.fileno()]); print('sent')\n"
-             "except OSError as e:\n    print(e)\n"],
-            capture_output=True, text=True, timeout=10).stdout.strip()
+        refused = capless_root_send()
     finally:
         for pid in stopped:
             os.kill(pid, signal.SIGCONT)
