@@ -10,7 +10,9 @@ cage's init's) are read from the host by a capless root probe that bisects its o
 RLIMIT_NOFILE: the kernel refuses its SCM_RIGHTS send exactly while root has more in
 flight than that limit (``INFLIGHT``), so the least limit that sends is the count.
 
-Broke (the case FAILS against 8932e49; not fixed here, fix proposed in the report):
+Broke (the case FAILED against 8932e49; fixed the same session: ``Init.spawn`` refuses an
+``env`` that is no object, ``Init.kill`` takes exact ints only, and ``Init.run`` answers
+any request that still raises with ``bad request`` and a line in cage.log):
 - (low, needs a compromised harness; the same class as round 19's ``req.get`` on a list)
   init trusts the types of a request's fields past ``op``: a spawn whose ``env`` is a
   JSON list, string or number (``req.get("env") or {}`` then ``env.items()``:
@@ -222,7 +224,7 @@ def test_malformed_spawn_or_kill_fields_end_init_and_the_cage(h: HiveProcess) ->
     A third cage: a kill whose ``pid`` is a live group's pid as a float (8.0; ``in`` the
     set, then ``os.killpg`` raises TypeError).
 
-    FAILS against 8932e49: ``env.items()`` raises AttributeError, ``[1] in set`` and
+    FAILED against 8932e49: ``env.items()`` raises AttributeError, ``[1] in set`` and
     ``os.killpg(8.0, 15)`` TypeError out of ``Init.run``; init exits at once and the cage
     with it (the agent shown failed, not restarted)."""
     outcome: dict[str, Any] = {}

@@ -331,6 +331,8 @@ class Init:
         argv, env = req.get("argv"), req.get("env") or {}
         if not (isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)):
             return {"ok": False, "error": "argv must be a non-empty list of strings"}
+        if not isinstance(env, dict):  # a list's .items() ended init (red team round 29)
+            return {"ok": False, "error": "env must be an object"}
         if len(fds) != MAX_FDS:
             return {"ok": False, "error": "spawn takes 3 fds"}
         if len(self.runtime) >= MAX_RUNTIME_PROCS:
@@ -356,7 +358,14 @@ class Init:
 
     def kill(self, req: dict) -> dict:
         pid, sig = req.get("pid"), req.get("signal", _signal.SIGTERM)
-        if pid not in self.groups or sig not in (_signal.SIGTERM, _signal.SIGKILL, _signal.SIGINT):
+        # Exact ints only: a list is unhashable in ``in self.groups``, and a float naming a
+        # group (8.0) is ``in`` it, then killpg raised TypeError (red team round 29).
+        if (
+            type(pid) is not int
+            or type(sig) is not int
+            or pid not in self.groups
+            or sig not in (_signal.SIGTERM, _signal.SIGKILL, _signal.SIGINT)
+        ):
             return {"ok": False, "error": "no such runtime process"}
         try:
             os.killpg(pid, sig)  # its whole session: children of the runtime too
@@ -566,13 +575,17 @@ class Init:
                         self.kill_harness()
                         continue
                     op = req.get("op")
-                    reply = (
-                        self.spawn(req, fds)
-                        if op == "spawn"
-                        else self.kill(req)
-                        if op == "kill"
-                        else {"ok": False, "error": f"unknown op {op!r}"}
-                    )
+                    try:
+                        reply = (
+                            self.spawn(req, fds)
+                            if op == "spawn"
+                            else self.kill(req)
+                            if op == "kill"
+                            else {"ok": False, "error": f"unknown op {op!r}"[:200]}
+                        )
+                    except Exception as e:  # a request init can't serve never ends init
+                        note(f"cage-init: a request refused: {type(e).__name__}: {e}\n"[:500])
+                        reply = {"ok": False, "error": f"bad request: {type(e).__name__}"}
                     for fd in fds:
                         os.close(fd)
                     if not self.send({"reply": reply, "seq": req.get("seq")}):
