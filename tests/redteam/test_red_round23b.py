@@ -706,7 +706,9 @@ def test_an_agents_status_flood_keeps_no_open_dashboard_busy(
             30,
             "live",
         )
-        quiet = tab.evaluate(SAMPLE, 3000)
+        # The quiet page's figures are only printed beside the busy ones (nothing is
+        # asserted of them): a second of them, not three.
+        quiet = tab.evaluate(SAMPLE, 1000)
         runner = threading.Thread(
             target=lambda: flood.update(cage_run(rt, FLOODER, STATUS_FLOOD, seconds=8, rate=20)),
             daemon=True,
