@@ -505,6 +505,21 @@ class SocketActivated(Supervised):
                 await asyncio.sleep(1.0)
 
 
+async def first_failure(*steps: Awaitable[None]) -> None:
+    """Run ``steps`` side by side until all are done; the first to fail cancels the rest
+    and its error is raised."""
+    tasks = [asyncio.ensure_future(step) for step in steps]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and (error := task.exception()) is not None:
+                raise error
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def bind_priv_socket(path: Path, core: CoreIds) -> socket.socket:
     """priv.sock as hive-priv.socket makes it: root and the hive's core group, 0660."""
     return bind_listener(path, core.gid, 0o660)
@@ -1235,8 +1250,10 @@ async def run_locked(
         loop.add_signal_handler(sig, stop.set)
 
     async def start_all() -> None:
-        await priv.start()
-        await core.start()
+        # hive-priv and the core start side by side: the core's imports need no hive-priv,
+        # and its first request waits in priv.sock's backlog (we bound it) until hive-priv
+        # accepts. hive-priv's failure is reported as before: the core only waits on it.
+        await first_failure(priv.start(), core.start())
         try:
             await gateway.start()
         except RuntimeError as e:
