@@ -338,7 +338,7 @@ class HiveProcess:
             return rows
 
         try:
-            return wait_until(all_up, timeout, f"{names} to be running", interval=0.1)
+            return wait_until(all_up, timeout, f"{names} to be running", interval=0.02)
         except AssertionError as e:
             raise AssertionError(f"{e}\nlog:\n{self.log_tail()}") from None
 
