@@ -7,7 +7,8 @@ The hostile parties: a compromised harness on init's channel (its end taken with
 `hive up`'s start (played by a process of the core's uid acting the moment the core's own
 process runs as that uid).
 
-Broke (FAILED at fea4872; see the case):
+Broke (FAILED at fea4872; fixed the same session: `hive up` makes ``STATE/priv`` and
+``STATE/agents`` itself, as root, before it starts anything, ``prepare_dirs``):
 - (low, needs a core compromised at its start, on a fresh state dir or after `hive reset`)
   hive-priv makes ``STATE/priv`` and ``STATE/agents`` (root's, ``ensure_dir(trusted=True)``)
   in ``Cages.__init__``, after its imports; the core now starts at the same time, and its
@@ -116,8 +117,9 @@ def test_core_running_before_priv_made_its_state_dirs() -> None:
     fails, this start and every later one. The start should succeed: nothing of the
     core's uid should run before hive-priv has made its directories.
 
-      FAILED at fea4872: a process of the core's chain ran as its uid 0.28 s into the start with
-    ``priv`` not made yet; the ``mkdir`` won and `hive up` exited 1."""
+    FAILED at fea4872: a process of the core's chain ran as its uid 0.28 s into the start with
+    ``priv`` not made yet; the ``mkdir`` won and `hive up` exited 1. Fixed: `hive up` makes
+    both directories as root before anything starts."""
     h = HiveProcess({"r26a": AGENT})
     uid, gid = h.core_ids  # core.id made now, as `hive core-id` makes it
     priv = h.state_dir / "priv"
@@ -167,8 +169,9 @@ def test_core_running_before_priv_made_its_state_dirs() -> None:
 
 @pytest.mark.attack("launcher.readiness", ref=REF + ": hive-priv fails at its start while the core starts")
 def test_priv_failing_at_start_while_the_core_starts_is_reported_and_cleared() -> None:
-    """A ``priv`` of the core's in the state dir: hive-priv refuses it at its start while
-    the core is starting. `hive up` should report hive-priv's refusal, exit non-zero in
+    """A ``priv`` of the core's in the state dir: hive-priv refused it at its start while
+    the core was starting (since the fix above `hive up` refuses it itself, before it starts
+    anything, with the same words). `hive up` should report the refusal, exit non-zero in
     bounded time, and leave no process of the core's uid, no hive-priv, no mount."""
     h = HiveProcess({"r26b": AGENT})
     try:

@@ -667,6 +667,21 @@ def prepare_dirs(state_dir: Path, run_dir: Path, core: CoreIds) -> None:
         path.mkdir(exist_ok=True)
         os.chown(path, 0, 0)
         os.chmod(path, 0o711)
+    # hive-priv's own directories, made here as root before anything starts: the core
+    # starts beside hive-priv, and its group may write the state dir, so a core that ran
+    # first could make ``priv`` its own and keep every start refused (re-check of session
+    # 26). hive-priv finds them as it wants them (``Cages``: root's, these modes).
+    anchor = safefs.open_anchor(state_dir.absolute())
+    try:
+        for name, mode in (("priv", 0o700), ("agents", 0o711)):
+            try:
+                os.close(safefs.ensure_dir(anchor, name, 0, 0, mode, trusted=True))
+            except (OSError, safefs.UnsafePath) as e:
+                raise click.ClickException(
+                    f"{state_dir / name}: {e} (remove it to start)"
+                ) from None
+    finally:
+        os.close(anchor)
 
 
 TOKEN_RE = re.compile(rb"[A-Za-z0-9_-]{20,200}")
