@@ -370,8 +370,10 @@ class Supervised:
         closed, and a process left behind (an nginx worker whose master was killed)
         holds it open for as long as it lives, so the exit would go unnoticed."""
         assert self.proc is not None
+        wait = EXIT_POLL / 16  # soon at first: a stop waits on each of three in turn
         while self.proc.returncode is None:
-            await asyncio.sleep(EXIT_POLL)
+            await asyncio.sleep(wait)
+            wait = min(EXIT_POLL, wait * 2)
         if self.on_exit is not None:
             self.on_exit()
         self.kill_group()
