@@ -479,3 +479,12 @@ def page_answers(h: HiveProcess, name: str, timeout: float = 3.0) -> str:
             return data.split(b"\r\n", 1)[0].decode(errors="replace") or "closed"
     except OSError as e:
         return f"{type(e).__name__}: {e}"
+
+
+def nofile(pid: int) -> tuple[int, int]:
+    """``pid``'s RLIMIT_NOFILE, soft and hard, as /proc shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError(f"no descriptor limit for {pid}")

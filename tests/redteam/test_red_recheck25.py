@@ -88,6 +88,7 @@ from .conftest import (
     harness_end,
     harness_or_none,
     init_pid,
+    nofile,
     page_answers,
     pidfd_getfd,
     seqpackets,
@@ -347,15 +348,6 @@ def test_page_connections_a_stuck_harness_holds_in_flight_refuse_other_cages_pag
           f"released: {after!r}")
     assert direct.startswith("HTTP/1.") and through == 200, (
         f"another agent's page refused while {sum(held.values())} page connections are in flight: {direct!r}, {through}")
-
-
-def nofile(pid: int) -> tuple[int, int]:
-    """``pid``'s RLIMIT_NOFILE, soft and hard, as /proc shows it."""
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            soft, hard = line.split()[3:5]
-            return int(soft), int(hard)
-    raise AssertionError(f"no descriptor limit for {pid}")
 
 
 def capless_root_send() -> str:

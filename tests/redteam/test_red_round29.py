@@ -74,7 +74,7 @@ import pytest
 
 from hive_fixture import HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
 
-from .conftest import harness_end, harness_or_none, init_pid, page_answers, pidfd_getfd
+from .conftest import harness_end, harness_or_none, init_pid, nofile, page_answers, pidfd_getfd
 
 REF = "red team round 29"
 PARK, CRASH_ENV, CRASH_PID, CRASH_FLOAT = "r29pk", "r29ce", "r29cp", "r29cf"
@@ -131,14 +131,6 @@ def root_in_flight() -> int:
             capture_output=True, text=True, timeout=20).stdout.strip()
         got.append(int(out))
     return min(got)
-
-
-def nofile(pid: int) -> tuple[int, int]:
-    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
-        if line.startswith("Max open files"):
-            soft, hard = line.split()[3:5]
-            return int(soft), int(hard)
-    raise AssertionError(f"no descriptor limit for {pid}")
 
 
 def wait_new_harness(h: HiveProcess, name: str, old: int, timeout: float = 30) -> int:
