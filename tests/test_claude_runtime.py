@@ -35,7 +35,7 @@ import pytest
 
 from fake_anthropic import FakeAnthropic
 from helpers import CoreProcess, assert_ok, wire_time
-from hive_fixture import VENV_BIN, HiveProcess, running_hive, wait_until
+from hive_fixture import VENV_BIN, HiveProcess, proc_cmdline, proc_uid, running_hive, wait_until
 from hyperhive.cage import layout
 from hyperhive.cage.runtimes import SYSTEM_PROMPT, ClaudeRuntime
 
@@ -275,6 +275,7 @@ def test_stdout_entry_kinds_and_login_state() -> None:
 
 REAL = "cc-real"  # names no other module's hive uses: cages are keyed by name on the host
 STANDIN = "cc-standin"
+STOPPER = "cc-stopper"
 STANDIN_PATH = f"{layout.HOME}/claude-standin"
 ARGV_LOG = "standin-argv.jsonl"
 
@@ -336,6 +337,7 @@ def claude_hive() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess({
         REAL: {"runtime": "claude", "model": MODEL, "peers": []},
         STANDIN: {"runtime": "claude", "model": MODEL, "command": [STANDIN_PATH], "peers": []},
+        STOPPER: {"runtime": "claude", "model": MODEL, "command": [STANDIN_PATH], "peers": []},
     }))
 
 
@@ -442,3 +444,61 @@ def test_standin_two_turns_resume_the_session(claude_hive: HiveProcess) -> None:
     row = wait_until(settled, 20, "needs_login to become false after a successful result")
     assert row["status_text"] == f"standin turn for hive message {second}"
     assert row["active_model"] == MODEL
+
+
+# A turn that names another model and ends with no result (so the harness probes the login
+# again), leaving a setsid'd process of the runtime uid that SIGSTOPs every process of that
+# uid it may signal: the login probe the harness spawns next among them.
+STOPPER_SCRIPT = textwrap.dedent("""\
+    #!/usr/bin/python3
+    import json, os, signal, subprocess, sys
+
+    sys.stdin.read()
+    if os.environ.get("STOPPER_PARENT"):
+        parent = int(os.environ["STOPPER_PARENT"])
+        os.write(1, b"ready")
+        os.close(1)
+        while os.getppid() == parent:  # until the turn's own process has exited
+            pass
+        while True:  # flat out: the probe (a shell's `test`) lives a millisecond or two
+            os.kill(-1, signal.SIGSTOP)
+    print(json.dumps({"type": "system", "subtype": "init", "session_id": "s-stop", "model": "stopper-model"}),
+          flush=True)
+    child = subprocess.Popen([sys.argv[0]], env={**os.environ, "STOPPER_PARENT": str(os.getpid())},
+                             start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL)
+    child.stdout.read()  # it is ready
+""")
+
+
+def test_a_login_probe_stopped_by_the_runtime_is_killed_not_left_behind(claude_hive: HiveProcess) -> None:
+    """The harness waits LOGIN_PROBE_WAIT (10 s) for its login probe, then reports
+    needs_login and kills it (init's kill: its group and every runtime-uid process). Before,
+    a probe a runtime process kept stopped stayed in the cage, stopped, for good."""
+    write = claude_hive.exec(
+        STOPPER, "sh", "-c", f"cat > {STANDIN_PATH} && chmod 755 {STANDIN_PATH}", input=STOPPER_SCRIPT,
+    )
+    assert write.returncode == 0, write.stderr
+    runtime_uid = claude_hive.cage(STOPPER)["uid"]
+
+    def runtime_procs() -> list[tuple[int, str, list[str]]]:
+        found = []
+        for pid in claude_hive.cage_procs(STOPPER):
+            try:
+                state = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("State:"))
+                if proc_uid(pid) == runtime_uid:
+                    found.append((pid, state.split()[1], proc_cmdline(pid)))
+            except (OSError, StopIteration):
+                continue  # gone meanwhile
+        return found
+
+    assert_ok(claude_hive.host_call("send", to=STOPPER, body="stop what comes next"))
+    row = wait_until(
+        lambda: (lambda r: r if r["active_model"] == "stopper-model" else None)(claude_hive.agent_status()[STOPPER]),
+        40, "the harness's report after the probe's wait",
+    )
+    assert row["needs_login"] is True
+    seen = runtime_procs()
+    print(f"\nat the report: runtime-uid processes in the cage {seen}")
+    # Killed before the report; a moment for init to reap them (a stopped probe stays).
+    wait_until(lambda: runtime_procs() == [], 3, f"no runtime-uid process left: {runtime_procs()}")

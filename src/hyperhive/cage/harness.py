@@ -57,6 +57,7 @@ RECORD_BYTES = 512 * 1024
 ENTRY_DEPTH = 48
 FLUSH_EVERY = 0.25  # seconds between transcript writes during a turn
 KILL_GRACE = 3.0
+LOGIN_PROBE_WAIT = 10.0  # seconds a login probe may take; then it is killed
 # An idle harness's long-polls (its next turn, the operator's interrupts) last this long at
 # most, each cut to 50 to 100 % of it at random. Every poll that ends empty is a request the
 # core serves and a wake-up of the harness for nothing: two per agent every 30 s were, with
@@ -448,7 +449,13 @@ def report_state(conn: Conn, init: InitChannel, runtime: Runtime) -> None:
             pid = init.spawn(probe, runtime.env({"id": 0}), [devnull, devnull, devnull])
         finally:
             os.close(devnull)
-        runtime.needs_login = init.wait(pid, timeout=10) != 0
+        code = init.wait(pid, timeout=LOGIN_PROBE_WAIT)
+        if code is None:
+            # Hung, or stopped: a runtime process left running by a turn can SIGSTOP it.
+            # Not logged in, and not left behind in the cage for good.
+            init.kill(pid, _signal.SIGKILL)
+            init.wait(pid, timeout=KILL_GRACE)
+        runtime.needs_login = code != 0
     state: dict[str, Any] = {"needs_login": runtime.needs_login}
     if runtime.active_model:
         state["active_model"] = runtime.active_model
