@@ -70,6 +70,8 @@ def test_a_single_host_hive_never_imports_nats() -> None:
         # held_names_max: below 64, or past an eighth of the bucket's keys (HELD_MAX)
         ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_names_max = 63', "held_names_max': Input should be greater than or equal to 64"),
         ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_names_max = 8193', "held_names_max': Input should be less than or equal to 8192"),
+        ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_recheck_seconds = 1.5', "held_recheck_seconds': Input should be greater than or equal to 2"),
+        ('host = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_recheck_seconds = "soon"', "held_recheck_seconds': Input should be a valid number"),
     ],
 )
 def test_bad_swarm_section_is_one_line(tmp_path: Path, section: str, needle: str) -> None:
@@ -89,6 +91,9 @@ def test_held_names_max_is_the_operators_within_its_bounds(tmp_path: Path) -> No
         swarm = load_config(path).swarm
         assert swarm is not None and swarm.held_names_max == want, given
     assert HELD_MAX == s.ROSTER_HOST_KEYS // 8
+    path.write_text('[swarm]\nhost = "a"\nurls = ["nats://x:4222"]\ncredentials = "/s"\nheld_recheck_seconds = 5\n')
+    swarm = load_config(path).swarm
+    assert swarm is not None and swarm.held_recheck_seconds == 5.0
 
 
 def _rendered_store(tmp_path: Path, hosts: int, **kw: Any) -> int:

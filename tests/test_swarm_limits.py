@@ -23,7 +23,6 @@ from helpers import assert_ok, quota_usage, wait_for
 from hyperhive.swarm import subjects as s
 from hyperhive.swarm.bridge import (
     HELD_MAX,
-    HELD_RECHECK,
     LET_GO_EACH_ROUND,
     ROSTER_EVERY,
     live_claims,
@@ -136,32 +135,40 @@ def test_a_stopped_receiver_holds_its_sender_at_the_window(swarm: Swarm) -> None
 # -- held names ----------------------------------------------------------------------------
 
 
+# a's [swarm] held_recheck_seconds in the held-names test (the default is 30): what sets
+# where the bug below stalled, and so how many names the test must hold past it.
+HELD_RECHECK = 5.0
 # The bound a holds to in the held-names test ([swarm] held_names_max), past where reads
 # by name stalled: in the HELD_RECHECK seconds before the first hold's recheck is due, at
 # most HELD_RECHECK / ROSTER_EVERY rounds (a round is ROSTER_EVERY and its work) of
-# LET_GO_EACH_ROUND reads each hold new names (960); by name, the due rechecks of the
-# names that sort first then took every read of every round, so no name past them was
-# ever held or let go (measured: holds stopped at 928 of 8,193). Eight rounds' reads above
-# that: the bug's class (a read order in which the rechecks starve the names past them)
-# fails here as it did at HELD_MAX (held_all times out, the last name is never read),
-# in ~38 rounds rather than ~256 (HELD_MAX at the default: 4.5 minutes, docs/swarm.md).
+# LET_GO_EACH_ROUND reads each hold new names (160 here, 960 at the default); by name, the
+# due rechecks of the names that sort first then took every read of every round, so no
+# name past them was ever held or let go (measured at the default: holds stopped at 928 of
+# 8,193). Eight rounds' reads above that: the bug's class (a read order in which the
+# rechecks starve the names past them) fails here as it did at HELD_MAX (held_all times
+# out, the last name is never read), in ~13 rounds rather than ~256 (HELD_MAX at the
+# default: 4.5 minutes, docs/swarm.md).
 HELD_BOUND = int(HELD_RECHECK / ROSTER_EVERY) * LET_GO_EACH_ROUND + 8 * LET_GO_EACH_ROUND
 assert 8 * LET_GO_EACH_ROUND <= HELD_BOUND < HELD_MAX
 
 
 def held_names_max(core: Any, most: int | None) -> str:
-    """``core``'s hive.toml with ``[swarm] held_names_max = most`` (None: not given, the
-    default); its text before, to write back. The core reads it when next started."""
+    """``core``'s hive.toml with ``[swarm] held_names_max = most`` and ``held_recheck_seconds
+    = HELD_RECHECK`` (None: neither given, the defaults); its text before, to write back.
+    The core reads it when next started."""
     before: str = core.config_path.read_text()
-    text = "\n".join(x for x in before.splitlines() if not x.startswith("held_names_max ="))
+    keys = ("held_names_max =", "held_recheck_seconds =")
+    text = "\n".join(x for x in before.splitlines() if not x.startswith(keys))
     if most is not None:
-        text = text.replace("[swarm]\n", f"[swarm]\nheld_names_max = {most}\n", 1)
+        text = text.replace(
+            "[swarm]\n", f"[swarm]\nheld_names_max = {most}\nheld_recheck_seconds = {HELD_RECHECK}\n", 1
+        )
         assert f"held_names_max = {most}" in text, text
     core.config_path.write_text(text + "\n")
     return before
 
 
-@pytest.mark.timeout(600)  # ~HELD_BOUND / LET_GO_EACH_ROUND roster rounds: about a minute
+@pytest.mark.timeout(600)  # ~HELD_BOUND / LET_GO_EACH_ROUND roster rounds: ~15 s
 @pytest.mark.attack("swarm-name-claim", ref="issue 18: held names at their bound; reads by name starved the let-go")
 def test_held_names_at_their_bound_and_the_let_go_round_trip(swarm: Swarm) -> None:
     """a's [swarm] held_names_max set to HELD_BOUND (its core stopped, its hive.toml

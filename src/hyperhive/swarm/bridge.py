@@ -80,11 +80,10 @@ PURGE_EVERY = 300.0  # seconds between two purges of this host's old deletes (it
 AWAY_QUIET = 6  # quiet periods (STALE_SECONDS each) before an away host's watch starts again
 # Names held (ours, no agent here: another host's claim came while we held them; see
 # _let_go): at most this many (each one key in our bucket: a hostile host's claims must
-# not fill it), each read from the bus again every HELD_RECHECK seconds (a purge is no
-# message for the watch), and at most LET_GO_EACH_ROUND such reads a roster round.
+# not fill it), each read from the bus again every [swarm] held_recheck_seconds (a purge
+# is no message for the watch), and at most LET_GO_EACH_ROUND such reads a roster round.
 # HELD_MAX: the default and the most of [swarm] held_names_max (swarm/settings.py).
 HELD_MAX = s.ROSTER_HOST_KEYS // 8
-HELD_RECHECK = 30.0
 LET_GO_EACH_ROUND = 32
 
 
@@ -897,7 +896,7 @@ class Bridge:
                         name,
                         ", ".join(others),
                     )
-                self._held[name] = now + HELD_RECHECK
+                self._held[name] = now + self.settings.held_recheck_seconds
             elif not self.hive.exists(name):
                 await self._unclaim(kv, name)
         most = self.settings.held_names_max

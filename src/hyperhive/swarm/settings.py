@@ -41,6 +41,10 @@ class SwarmSection(BaseModel):
     # the most is an eighth of its keys (a hostile host's claims can't fill it); fewer
     # holds, and a hostile host's claims make the oldest go sooner.
     held_names_max: int = Field(default=ROSTER_HOST_KEYS // 8, ge=64, le=ROSTER_HOST_KEYS // 8)
+    # Seconds between two reads of a held name's claims from the bus (a purge of another
+    # host's claim is no message for the watch): sooner lets a name go sooner, at more
+    # reads (at most swarm/bridge.py's LET_GO_EACH_ROUND a roster round, whatever this is).
+    held_recheck_seconds: float = Field(default=30.0, ge=2.0, le=3600.0)
 
     @field_validator("credentials", "operator_key")
     @classmethod
