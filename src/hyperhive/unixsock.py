@@ -12,19 +12,41 @@ harness uses it in the cage.
 
 from __future__ import annotations
 
+import _socket
+import errno
 import os
 import stat
 
-# pathlib and socket only name types here: importing them would cost every cage's harness
+# pathlib and socket only name types here (_socket, built in, is loaded by any socket's
+# maker): importing them would cost every cage's harness
 # ~1 MiB and ~2 ms (it binds the page socket with this module, a _socket.socket). mypy reads
 # TYPE_CHECKING as true.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import _socket
     import socket
     from pathlib import Path
 
 BORN = 0o600  # the node's mode between bind and chmod: only our own uid
+# Linux 6.16's socket option (asm-generic's number: x86, arm64, riscv); Python 3.11's
+# socket module does not name it.
+SO_PASSRIGHTS = getattr(_socket, "SO_PASSRIGHTS", 83)
+
+
+def refuse_descriptors(sock: socket.socket | _socket.socket) -> bool:
+    """Make ``sock`` refuse SCM_RIGHTS (``SO_PASSRIGHTS`` 0): a peer's ``sendmsg`` with
+    descriptors fails with EPERM and sends nothing, so no descriptor a peer sends can wait
+    in our receive queue, in flight and charged to its sender's uid, for as long as we
+    leave it unread (a compromised harness could so park its page pair, six of root's
+    descriptors, past its own death). Connections a listener accepts inherit it. False on
+    a kernel before 6.16 (ENOPROTOOPT): there the socket takes descriptors as before, and
+    a plain read drops them as it consumes their byte."""
+    try:
+        sock.setsockopt(_socket.SOL_SOCKET, SO_PASSRIGHTS, 0)
+    except OSError as e:
+        if e.errno in (errno.ENOPROTOOPT, errno.EINVAL):
+            return False
+        raise
+    return True
 
 
 def bind_socket(
@@ -58,12 +80,17 @@ def bind_listener(
     backlog: int = 128,
     *,
     uid: int | None = None,
+    descriptors: bool = False,
 ) -> socket.socket:
-    """A listening AF_UNIX stream socket at ``path`` with this owner and mode."""
+    """A listening AF_UNIX stream socket at ``path`` with this owner and mode; its
+    connections refuse descriptors (``refuse_descriptors``) unless ``descriptors``: the
+    hive's protocols carry none but on priv.sock and egress.sock."""
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        if not descriptors:
+            refuse_descriptors(sock)
         bind_socket(sock, path, uid=uid, gid=gid, mode=mode)
         sock.listen(backlog)
     except BaseException:

@@ -47,6 +47,7 @@ from hive_fixture import (  # noqa: F401 (host_addresses: for the tests)
 )
 from hyperhive.cage import layout
 from hyperhive.client import Client
+from hyperhive.unixsock import refuse_descriptors
 from web_fixture import snapshot as web_snapshot
 
 # alice -> bob; bob -> alice, carol; carol, mule (takes the exhaustion probes) and
@@ -488,3 +489,14 @@ def nofile(pid: int) -> tuple[int, int]:
             soft, hard = line.split()[3:5]
             return int(soft), int(hard)
     raise AssertionError(f"no descriptor limit for {pid}")
+
+
+def _passrights() -> bool:
+    a, b = socket.socketpair()
+    with a, b:
+        return refuse_descriptors(a)
+
+
+# Whether this kernel (6.16 or later) lets a socket refuse SCM_RIGHTS: where it does, the
+# hive's sockets that carry no descriptors refuse them (unixsock.refuse_descriptors).
+PASSRIGHTS = _passrights()

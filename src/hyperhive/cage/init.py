@@ -24,6 +24,7 @@ import time
 
 from hyperhive.cage import layout, seccomp
 from hyperhive.cage.setpriv import become, drop_to
+from hyperhive.unixsock import refuse_descriptors
 
 # Not imported: subprocess (fork_exec does what init needs of it; its modules were ~0.5 MiB
 # of every cage), traceback (only on an error) and typing (~7 ms of a cold start, together).
@@ -216,6 +217,7 @@ class Init:
                 _socket.AF_UNIX, _socket.SOCK_SEQPACKET
             )
             self.page_ours.setblocking(False)
+            refuse_descriptors(self.page_ours)  # init reads nothing from it
             # The least send buffer (4,608 bytes: 6 connections unread). A descriptor in
             # flight counts against its sender's uid, root for every cage's init, and past
             # init's RLIMIT_NOFILE no init could hand any: 4 stopped harnesses held 1,025
@@ -293,6 +295,7 @@ class Init:
             return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
         ours.shutdown(_socket.SHUT_WR)  # one way: the harness reads nothing from it
+        refuse_descriptors(ours)  # text only: no descriptor of the harness's waits in it
         ours.setblocking(False)
         self.log_r = ours.detach()
         return theirs.detach()

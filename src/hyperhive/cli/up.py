@@ -525,8 +525,9 @@ async def first_failure(*steps: Awaitable[None]) -> None:
 
 
 def bind_priv_socket(path: Path, core: CoreIds) -> socket.socket:
-    """priv.sock as hive-priv.socket makes it: root and the hive's core group, 0660."""
-    return bind_listener(path, core.gid, 0o660)
+    """priv.sock as hive-priv.socket makes it: root and the hive's core group, 0660. It
+    takes descriptors: ``exec``'s, the operator's stdio."""
+    return bind_listener(path, core.gid, 0o660, descriptors=True)
 
 
 # host.sock (root:hive-admin 0660) and core.sock (root and this hive's gateway group, 0660):

@@ -11,6 +11,7 @@ from hyperhive.activation import NotActivated, inherited_listeners
 from hyperhive.config import CONFIG_REFUSED, ConfigError, load_config
 from hyperhive.core.confine import NotConfined, check_groups, not_dumpable
 from hyperhive.core.daemon import CORE_SOCK, HOST_SOCK, CoreOptions, default_paths, main_with
+from hyperhive.unixsock import refuse_descriptors
 
 
 @click.command(help="The hive's core daemon (normally started by `hive up` or systemd).")
@@ -48,6 +49,8 @@ def main(
         check_groups()
         not_dumpable()
         handed = inherited_listeners((HOST_SOCK, CORE_SOCK))
+        for listener in handed.values():  # systemd's: neither protocol carries descriptors
+            refuse_descriptors(listener)
     except (NotActivated, NotConfined) as e:
         raise click.ClickException(str(e)) from None
     opts = CoreOptions(config, runs, states, synchronous, priv_sock, handed)

@@ -854,7 +854,7 @@ class EgressProxy:
                 log.error(
                     "agent %s: could not write the hive CA where its cage reads it: %s", name, e
                 )
-        listener = bind_listener(path, mode=mode)
+        listener = bind_listener(path, mode=mode, descriptors=True)  # a handed TCP stream
         listener.setblocking(False)
         self._listeners[name] = listener
         self._loop.add_reader(listener.fileno(), self._accept, name, listener)
