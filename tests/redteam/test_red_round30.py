@@ -163,7 +163,7 @@ def pad_until_stalled(s: socket.socket, at_least: int, settle: float = 1.0, time
     while time.monotonic() < deadline:
         q = outq(s)
         if not seen or seen[-1] != q:
-            seen = (seen + [q])[-12:]
+            seen = [*seen, q][-12:]
         if q < 96 * 1024 and sent < (64 << 20):
             try:
                 sent += s.send(chunk)
@@ -264,7 +264,9 @@ def test_page_pair_parked_in_the_cores_agent_sock_connection_outlives_the_harnes
         parker = runtime_uid if death == DEATHS - 1 else uid
         info: dict[str, Any] = {"parked by": "runtime" if parker == runtime_uid else "harness"}
 
-        def park() -> None:
+        r, w = os.pipe()
+
+        def park(page: socket.socket = page, w: int = w) -> None:
             step = "connect"
             try:
                 a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -281,7 +283,6 @@ def test_page_pair_parked_in_the_cores_agent_sock_connection_outlives_the_harnes
                 raise OSError(e.errno, f"{step}: {e.strerror}") from None
             os.write(w, f"{replies} {padded}, rights {sent}".encode())
 
-        r, w = os.pipe()
         try:
             as_uid(parker, gid, park)
             os.close(w)
@@ -345,7 +346,9 @@ def test_page_pair_parked_in_a_stalled_egress_tunnel_outlives_the_harness(h: Hiv
         harness, page, queued = queue_six(h, name)
         info: dict[str, Any] = {"queued, stopped": queued}
 
-        def park() -> None:
+        r, w = os.pipe()
+
+        def park(page: socket.socket = page, w: int = w) -> None:
             e = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             e.settimeout(15)
             e.connect(sock_path)
@@ -360,7 +363,6 @@ def test_page_pair_parked_in_a_stalled_egress_tunnel_outlives_the_harness(h: Hiv
             sent = send_rights(e, [page.fileno(), e.fileno()])
             os.write(w, f"{padded}, rights {sent}".encode())
 
-        r, w = os.pipe()
         try:
             as_uid(uid, gid, park)
             os.close(w)
