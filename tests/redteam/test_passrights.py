@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from hive_fixture import HiveProcess, running_hive
+from hyperhive.cage.layout import HANDOVER
+from hyperhive.core import egress
 from hyperhive.unixsock import bind_listener
 
 from .conftest import PASSRIGHTS, cage_run
@@ -129,3 +132,40 @@ def test_the_hosts_sockets_refuse_descriptors_but_priv_sock(h: HiveProcess) -> N
                 seen[what] = "EPERM"
     print(f"\nfrom the host: {seen}")
     assert seen == {"host.sock": "EPERM", "core.sock": "EPERM", "web.sock": "EPERM", "priv.sock": "sent"}, seen
+
+
+# -- egress.sock: it takes descriptors (the bridge's handover), but only there ------------
+
+
+def test_a_direct_egress_request_drops_descriptors_sent_before_it_refused_them() -> None:
+    """A request sent straight to egress.sock: descriptors sent between the core's first
+    read and its refusing more (a race a peer may win) are read at once and closed, so none
+    waits behind a relay; then a send with descriptors is refused."""
+    client, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    r, w = os.pipe()
+    with client, conn:
+        client.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
+        assert conn.recv(100).startswith(b"CONNECT")  # the first read
+        socket.send_fds(client, [b"in the window"], [w])  # before the refusal
+        os.close(w)
+        assert egress._refuse_more_descriptors(conn) == b"in the window"
+        os.set_blocking(r, False)
+        assert os.read(r, 1) == b""  # the core's copy of the write end is closed: EOF
+        with pytest.raises(PermissionError):
+            socket.send_fds(client, [b"after"], [r])
+    os.close(r)
+
+
+def test_a_handed_over_unix_stream_is_refused() -> None:
+    """The bridge hands over TCP connections: a unix stream handed over (whose peer could
+    send descriptors into the core's copy) is refused, and the core keeps no copy."""
+    bridge, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with bridge, conn, mine:
+        socket.send_fds(bridge, [HANDOVER], [theirs.fileno()])
+        theirs.close()
+        with pytest.raises(egress.Refusal) as e:
+            egress._receive(conn, time.monotonic() + 5)
+        assert (e.value.status, e.value.reason) == (400, "a handed-over connection must be a TCP stream socket")
+        mine.settimeout(5)
+        assert mine.recv(1) == b""  # no copy of its peer left in the core: EOF

@@ -11,11 +11,11 @@ connections reach its web.sock (init hands 6, the rest closed), the sends made b
 of the test dropped to the harness's ids (as the harness's own would be, charged to its
 uid), then the harness killed and init's restart awaited.
 
-The code under test moved during the round: /work/main's working tree gained, uncommitted,
-``unixsock.refuse_descriptors`` (SO_PASSRIGHTS 0, Linux 6.16; this host runs 6.18) on every
-listener ``bind_listener`` makes but priv.sock and egress.sock (``descriptors=True``), and
-on init's page pair and log socket. Figures below: "before" is the tree without it
-(HEAD 794f267), "now" the tree with it.
+The code under test moved during the round: the tree gained ``unixsock.refuse_descriptors``
+(SO_PASSRIGHTS 0, Linux 6.16; this host runs 6.18) on every listener ``bind_listener``
+makes but priv.sock and egress.sock (``descriptors=True``), and on init's page pair and
+log socket. "Before" is the tree without it (794f267); "now" the tree with it and the
+egress fixes below (session 27).
 
 Broke (before), held (now): agent.sock (``test_page_pair_parked_in_the_cores_agent_sock_...``).
   A new connection as the harness uid (or the runtime uid, handed the end as round 29's
@@ -35,7 +35,8 @@ Broke (before), held (now): agent.sock (``test_page_pair_parked_in_the_cores_age
   memory) until the core exits. Now: the send is refused (EPERM) and root's count is back
   to 0 after each restart.
 
-Broke (before and now): egress (``test_page_pair_parked_in_a_stalled_egress_tunnel_...``).
+Broke (before, and with SO_PASSRIGHTS alone), fixed: egress
+(``test_page_pair_parked_in_a_stalled_egress_tunnel_...``).
   A connection to egress.sock itself (a unix stream) CONNECTs to an allowed upstream in
   the test's network namespace that never reads; bytes through the tunnel until the
   relay's send to the upstream blocks (~0.9-1.0 MB), then one byte with SCM_RIGHTS carrying
@@ -44,8 +45,15 @@ Broke (before and now): egress (``test_page_pair_parked_in_a_stalled_egress_tunn
   flat; back to 0 only when the operator stops the agent. Bounded by ``[egress]
   max_connections`` (16: ~96 of root's an agent) and the upstream's patience; no idle
   timeout ends a tunnel. egress.sock takes descriptors (the bridge's handover), and the
-  connection, direct or a handed-over AF_UNIX stream, keeps taking them after its first
-  read.
+  connection, direct or a handed-over AF_UNIX stream, kept taking them after its first
+  read. Now (``core/egress.py``): a handed-over connection must be TCP (AF_INET or
+  AF_INET6, what the bridge hands; no peer can send descriptors into it), and a request
+  sent straight to egress.sock refuses descriptors from its first read on
+  (``_refuse_more_descriptors``: SO_PASSRIGHTS 0 on the connection, then whatever came
+  in between read at once and any descriptors in it closed): the park's send is refused
+  (EPERM), root's count 6 with the harness stopped and 0 after each restart and 3 s on.
+  Also: the operator's ``stop`` aborts the agent's connections (``LineConnection.abort``)
+  instead of closing them, which waited for good to flush replies a peer never read.
 
 Each death's other figures: the other agent's page ``HTTP/1.1 200 OK`` throughout (18-36
 of root's in flight here, far under init's 20,000).
@@ -230,7 +238,7 @@ def die_and_restart(h: HiveProcess, name: str, harness: int) -> int:
 
 
 @pytest.mark.attack("budget.exhaustion", ref=REF + ": the page pair parked in a stalled agent.sock connection of the core")
-def test_page_pair_parked_in_the_cores_agent_sock_connection_outlives_the_harness(h: HiveProcess) -> None:
+def test_page_pair_parked_in_the_cores_agent_sock_connection_does_not_outlive_the_harness(h: HiveProcess) -> None:
     """Per harness death: the harness stopped with 6 page connections queued on its pair;
     as the harness uid, a new connection to agent.sock sends 5,000 ``{}`` lines and never
     reads the replies (the core's writes stall past its high-water mark: ``_write``'s
@@ -323,7 +331,7 @@ def test_page_pair_parked_in_the_cores_agent_sock_connection_outlives_the_harnes
 
 
 @pytest.mark.attack("budget.exhaustion", ref=REF + ": the page pair parked in a stalled egress tunnel of the core")
-def test_page_pair_parked_in_a_stalled_egress_tunnel_outlives_the_harness(h: HiveProcess) -> None:
+def test_page_pair_parked_in_a_stalled_egress_tunnel_does_not_outlive_the_harness(h: HiveProcess) -> None:
     """Per harness death: the harness stopped with 6 page connections queued on its pair;
     as the harness uid, a connection to egress.sock itself (a unix stream: SCM_RIGHTS can
     ride it, unlike the TCP leg) makes a CONNECT to an allowed upstream in the test's

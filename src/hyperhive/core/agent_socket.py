@@ -465,7 +465,7 @@ class AgentSockets:
         if hive is not None:
             hive.egress.close(name, self.run_dir.egress_sock(name))
         for writer in list(self._writers.pop(name, ())):
-            writer.close()
+            writer.abort()  # a close would wait, for good, on a peer that reads nothing
         self.run_dir.agent_sock(name).unlink(missing_ok=True)
         log.info("agent %s: socket closed", name)
 

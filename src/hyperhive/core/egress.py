@@ -47,7 +47,7 @@ from hyperhive.core.tls import HiveCA
 from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
 from hyperhive.relay import PACE_EVERY, relay
-from hyperhive.unixsock import bind_listener
+from hyperhive.unixsock import bind_listener, refuse_descriptors
 from hyperhive.wire.egress import (
     IPAddress,
     IPNetwork,
@@ -62,6 +62,10 @@ log = logging.getLogger("hive.egress")
 
 MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
+# Bytes read at once from a request sent straight to egress.sock when it stops taking
+# descriptors (_refuse_more_descriptors): what a peer's send buffer holds, 2 x wmem_max
+# (425,984 bytes at Linux's default), with room for a host that raised it.
+DRAIN_MAX = 4 << 20
 STRANGER_LOG_EVERY = 10.0  # seconds between warnings of a foreign uid refused on one socket
 REFUSE_READ = 1.0  # seconds a connection refused before its head is read may take to send it
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
@@ -488,7 +492,7 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
         # hive-core starts no process, so nothing can inherit them meanwhile.
         os.set_inheritable(fd, False)
     if not fds:
-        return conn, data
+        return conn, data + _refuse_more_descriptors(conn)
     try:
         if data != HANDOVER or len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
             raise Refusal(
@@ -498,10 +502,13 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
     finally:
         for fd in fds:
             os.close(fd)
-    families = (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX)
+    # TCP only, what the bridge hands over: a unix stream's peer could send descriptors
+    # into it that wait there, in flight, behind a relay its upstream stalls (red team
+    # round 30: a harness's page pair, six of root's, kept past the harness's death).
+    families = (socket.AF_INET, socket.AF_INET6)
     if client.type != socket.SOCK_STREAM or client.family not in families:
         client.close()
-        raise Refusal(400, "a handed-over connection must be a stream socket")
+        raise Refusal(400, "a handed-over connection must be a TCP stream socket")
     # Connected, not a listener: a harness handing its bridge listener over left a copy
     # in the core that outlived the harness and took a share of the next one's
     # connections (re-check of session 24).
@@ -515,6 +522,34 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
         raise Refusal(400, "a handed-over connection must be a connected socket")
     conn.close()
     return client, b""
+
+
+def _refuse_more_descriptors(conn: socket.socket) -> bytes:
+    """A request sent straight to egress.sock: from now on its connection refuses
+    descriptors (``refuse_descriptors``; egress.sock's listener takes them, for the
+    bridge's handover), and whatever came between the first read and that is read now,
+    any descriptors in it closed: none may wait in the connection, in flight, behind a
+    relay whose upstream stopped reading (red team round 30). The bytes read, for the
+    request; at most what the peer's send buffer held (DRAIN_MAX)."""
+    if not refuse_descriptors(conn):
+        return b""  # a kernel before 6.16: a read drops them as it passes them, no more
+    data = bytearray()
+    conn.setblocking(False)  # with a timeout, a read would first wait for more
+    try:
+        while True:
+            try:
+                chunk, fds, _flags, _ = socket.recv_fds(conn, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+            except (BlockingIOError, InterruptedError):
+                return bytes(data)
+            for fd in fds:
+                os.close(fd)
+            data += chunk
+            if not chunk:
+                return bytes(data)
+            if len(data) > DRAIN_MAX:
+                raise Refusal(400, f"over {DRAIN_MAX} bytes sent before the request was read")
+    finally:
+        conn.setblocking(True)
 
 
 def _read_head(

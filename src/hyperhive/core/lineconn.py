@@ -196,5 +196,11 @@ class LineConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Closed now, whatever is unsent (``close`` waits to flush it, for good if the
+        peer never reads)."""
+        if self.transport is not None:
+            self.transport.abort()
+
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return default if self.transport is None else self.transport.get_extra_info(name, default)
