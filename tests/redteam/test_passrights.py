@@ -137,23 +137,39 @@ def test_the_hosts_sockets_refuse_descriptors_but_priv_sock(h: HiveProcess) -> N
 # -- egress.sock: it takes descriptors (the bridge's handover), but only there ------------
 
 
-def test_a_direct_egress_request_drops_descriptors_sent_before_it_refused_them() -> None:
+def test_a_direct_egress_request_with_descriptors_sent_before_it_refused_them_is_refused() -> None:
     """A request sent straight to egress.sock: descriptors sent between the core's first
-    read and its refusing more (a race a peer may win) are read at once and closed, so none
-    waits behind a relay; then a send with descriptors is refused."""
+    read and its refusing more (a race a peer may win) are seen in the queue, which is
+    looked through, not read, and the request is refused (the core then closes it, and
+    the queue with it); one with none keeps its queue whole for the relay; after the
+    refusal a send with descriptors is refused (EPERM)."""
     client, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     r, w = os.pipe()
     with client, conn:
         client.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
         assert conn.recv(100).startswith(b"CONNECT")  # the first read
+        client.sendall(b"x" * 100_000)  # more than one look (PEEK_CHUNK) takes
         socket.send_fds(client, [b"in the window"], [w])  # before the refusal
         os.close(w)
-        assert egress._refuse_more_descriptors(conn) == b"in the window"
-        os.set_blocking(r, False)
-        assert os.read(r, 1) == b""  # the core's copy of the write end is closed: EOF
+        with pytest.raises(egress.Refusal) as e:
+            egress._refuse_more_descriptors(conn)
+        assert e.value.status == 400, e.value.reason
         with pytest.raises(PermissionError):
             socket.send_fds(client, [b"after"], [r])
+    os.set_blocking(r, False)
+    assert os.read(r, 1) == b""  # closed with the connection: no copy of the write end left
     os.close(r)
+    client, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with client, conn:
+        client.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
+        conn.recv(100)
+        client.sendall(b"y" * 100_000)
+        egress._refuse_more_descriptors(conn)  # none: taken
+        conn.settimeout(5)
+        got = b""
+        while len(got) < 100_000:
+            got += conn.recv(1 << 20)
+        assert got == b"y" * 100_000  # nothing of it read by the look
 
 
 def test_a_handed_over_unix_stream_is_refused() -> None:

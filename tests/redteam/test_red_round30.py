@@ -49,8 +49,8 @@ Broke (before, and with SO_PASSRIGHTS alone), fixed: egress
   read. Now (``core/egress.py``): a handed-over connection must be TCP (AF_INET or
   AF_INET6, what the bridge hands; no peer can send descriptors into it), and a request
   sent straight to egress.sock refuses descriptors from its first read on
-  (``_refuse_more_descriptors``: SO_PASSRIGHTS 0 on the connection, then whatever came
-  in between read at once and any descriptors in it closed): the park's send is refused
+  (``_refuse_more_descriptors``: SO_PASSRIGHTS 0 on the connection, then what came in
+  between looked through, and the request refused if it carries any): the park's send is refused
   (EPERM), root's count 6 with the harness stopped and 0 after each restart and 3 s on.
   Also: the operator's ``stop`` aborts the agent's connections (``LineConnection.abort``)
   instead of closing them, which waited for good to flush replies a peer never read.

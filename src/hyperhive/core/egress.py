@@ -17,6 +17,7 @@ about decisions.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import errno
@@ -62,10 +63,10 @@ log = logging.getLogger("hive.egress")
 
 MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
-# Bytes read at once from a request sent straight to egress.sock when it stops taking
-# descriptors (_refuse_more_descriptors): what a peer's send buffer holds, 2 x wmem_max
-# (425,984 bytes at Linux's default), with room for a host that raised it.
-DRAIN_MAX = 4 << 20
+# A direct request's queue is looked through for descriptors this much at a time
+# (_descriptors_queued); SO_PEEK_OFF's number (Python 3.11's socket module has none).
+PEEK_CHUNK = 65536
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 STRANGER_LOG_EVERY = 10.0  # seconds between warnings of a foreign uid refused on one socket
 REFUSE_READ = 1.0  # seconds a connection refused before its head is read may take to send it
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
@@ -492,7 +493,8 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
         # hive-core starts no process, so nothing can inherit them meanwhile.
         os.set_inheritable(fd, False)
     if not fds:
-        return conn, data + _refuse_more_descriptors(conn)
+        _refuse_more_descriptors(conn)
+        return conn, data
     try:
         if data != HANDOVER or len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
             raise Refusal(
@@ -524,30 +526,70 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
     return client, b""
 
 
-def _refuse_more_descriptors(conn: socket.socket) -> bytes:
+def _refuse_more_descriptors(conn: socket.socket) -> None:
     """A request sent straight to egress.sock: from now on its connection refuses
     descriptors (``refuse_descriptors``; egress.sock's listener takes them, for the
-    bridge's handover), and whatever came between the first read and that is read now,
-    any descriptors in it closed: none may wait in the connection, in flight, behind a
-    relay whose upstream stopped reading (red team round 30). The bytes read, for the
-    request; at most what the peer's send buffer held (DRAIN_MAX)."""
+    bridge's handover). Any that came between the first read and that would wait in the
+    connection, in flight, behind a relay whose upstream stopped reading (red team round
+    30): the queue is looked through, not read (what the relay reads stays in the
+    kernel), and a request with descriptors anywhere in it is refused."""
     if not refuse_descriptors(conn):
-        return b""  # a kernel before 6.16: a read drops them as it passes them, no more
-    data = bytearray()
+        return  # a kernel before 6.16: a read drops them as it passes them, no more
+    if _descriptors_queued(conn) or _urgent_byte(conn):
+        raise Refusal(400, "descriptors or urgent data sent with a request straight to egress.sock")
+
+
+def _urgent_byte(conn: socket.socket) -> bool:
+    """Whether an urgent byte (``MSG_OOB``) waits on ``conn``: a peek passes over its
+    message, descriptors and all, where it is first in the queue (re-check of session
+    27), and an HTTP proxy request has no use for one."""
+    conn.setblocking(False)
+    try:
+        return bool(conn.recv(1, socket.MSG_OOB))
+    except OSError:  # EINVAL: none
+        return False
+    finally:
+        conn.setblocking(True)
+
+
+def _descriptors_queued(conn: socket.socket) -> bool:
+    """Whether anything queued on ``conn`` carries descriptors (each one seen is
+    closed), peeked at PEEK_CHUNK at a time from a moving offset (``SO_PEEK_OFF``): a
+    peek stops after a message with descriptors, and the queue holds at most the
+    peer's send buffer (2 x wmem_max)."""
+    room = socket.CMSG_SPACE(4 * 4)
     conn.setblocking(False)  # with a timeout, a read would first wait for more
     try:
-        while True:
-            try:
-                chunk, fds, _flags, _ = socket.recv_fds(conn, 65536, 4, socket.MSG_CMSG_CLOEXEC)
-            except (BlockingIOError, InterruptedError):
-                return bytes(data)
-            for fd in fds:
-                os.close(fd)
-            data += chunk
-            if not chunk:
-                return bytes(data)
-            if len(data) > DRAIN_MAX:
-                raise Refusal(400, f"over {DRAIN_MAX} bytes sent before the request was read")
+        try:
+            conn.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+            moving = True
+        except OSError:  # a kernel without it: one look from the start
+            moving = False
+        try:
+            while True:
+                try:
+                    data, ancdata, flags, _ = conn.recvmsg(
+                        PEEK_CHUNK, room, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC
+                    )
+                except (BlockingIOError, InterruptedError):
+                    return False  # the end of the queue
+                seen = False
+                for level, kind, payload in ancdata:
+                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                        fds = array.array("i")
+                        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+                        for fd in fds:
+                            os.close(fd)
+                        seen = True
+                if seen or flags & socket.MSG_CTRUNC:
+                    return True
+                if not data:
+                    return False  # the peer's end of stream
+                if not moving:
+                    return len(data) == PEEK_CHUNK  # more than one look sees: refused
+        finally:
+            if moving:
+                conn.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
     finally:
         conn.setblocking(True)
 
