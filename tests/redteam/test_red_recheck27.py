@@ -441,7 +441,7 @@ result(**out)
 '''
 
 
-@pytest.mark.attack("egress.sock", ref=REF + ": handover of socket kinds other than a connected TCP stream")
+@pytest.mark.attack("wire.malformed", ref=REF + ": handover of socket kinds other than a connected TCP stream")
 def test_from_a_cage_only_a_connected_tcp_stream_is_taken_and_no_copy_is_kept(h: HiveProcess) -> None:
     """From the cage as the runtime uid, egress.sock handed (one NUL byte, SCM_RIGHTS) a
     connected UDP socket, a TCP listener, an unconnected TCP socket, a unix stream and a
