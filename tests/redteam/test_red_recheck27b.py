@@ -122,9 +122,9 @@ def test_superseded_mark_at_the_head() -> None:
         verdict = "taken"
         try:
             if whole:
-                core, first = egress._receive(core, time.monotonic() + 5)
+                core, _first = egress._receive(core, time.monotonic() + 5)
             else:
-                first = core.recv(65536)
+                core.recv(65536)
                 refuse_descriptors(core)
                 verdict = f"_descriptors_queued={egress._descriptors_queued(core)}"
                 core.after = None
@@ -249,7 +249,7 @@ def test_shapes_of_the_queue() -> None:
         os.close(w)
         try:
             if name == "exactly 65536 first":
-                core, first = egress._receive(core, time.monotonic() + 5)
+                core, _first = egress._receive(core, time.monotonic() + 5)
             else:
                 egress._refuse_more_descriptors(core)
             verdict = "taken"
@@ -278,7 +278,7 @@ def test_shapes_of_the_queue() -> None:
                                            a.shutdown(socket.SHUT_WR)))
     run("no byte with fds", lambda a, w: a.sendmsg([], rights([w])))
     print(f"\nqueue shapes: {shapes}")
-    for name, (verdict, eof, queued) in shapes.items():
+    for name, (_verdict, eof, queued) in shapes.items():
         assert eof == "EOF", (name, shapes[name])
         assert queued.endswith("False"), (name, shapes[name])
 
@@ -344,7 +344,7 @@ def test_race_urgent_with_descriptors_in_the_window() -> None:
     stats = {"taken": 0, "refused": 0, "sent with fds": 0, "left while taken": 0}
     r, w = os.pipe()
     t_end = time.monotonic() + 6
-    for i in range(400):
+    for _i in range(400):
         if time.monotonic() > t_end:
             break
         a, core = pair()
