@@ -349,6 +349,10 @@ def test_a_second_hive_on_dirs_in_use_is_refused_and_changes_nothing(launch: Any
     assert first.proc is not None
     if shared == "run":  # its cage settled (the harness makes its files as it comes up)
         first.wait_running()
+        # and init has relayed the harness's first line to cage.log: the harness is seen
+        # running as it connects, and the line can reach the file a moment later
+        log = first.state_dir / "priv" / "cages" / "lnsolo" / "cage.log"
+        wait_until(lambda: b"connected as lnsolo" in log.read_bytes(), 10, "the harness's line in cage.log")
     before = snapshot(first)
     second = launch(start=False)
     if shared in ("run", "both"):
