@@ -87,7 +87,7 @@ def _most_cages(want: int) -> int:
     """``want``, or the most cages (a multiple of 100) hive-core's descriptor budget allows
     under the NOFILE this machine lets us have: `hive up` raises the limit to the budget
     only where it may (CAP_SYS_RESOURCE); a VM's hard limit of 20,000 fits 1,000 agents
-    (18 descriptors each, plus a reserve of 512)."""
+    (19 descriptors each, plus a reserve of 512)."""
 
     def cost(n: int) -> int:  # the toml below: 4 connections per uid, 1 tunnel, reserve 512
         return Budget(n, 4, 1, 512, nofile=0, tasks=None).total_fds

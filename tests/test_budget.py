@@ -26,12 +26,13 @@ def cfg(limits: dict[str, int] | None = None, egress: int | None = None) -> Hive
     return HiveConfig.model_validate(raw)
 
 
-# Listeners (agent.sock, egress.sock), 2 uids x agent_connections, 6 per tunnel, one egress
-# connection being refused, and the idle upstream connections kept (at most 4, at most e).
+# Listeners (agent.sock, egress.sock, egress-handover.sock), 2 uids x agent_connections, 6
+# per tunnel, one egress connection being refused, and the idle upstream connections kept
+# (at most 4, at most e).
 @pytest.mark.parametrize(("a", "e", "per_agent"), [
-    (32, 16, 2 + 2 * 32 + 6 * 16 + 1 + 4),
-    (4, 1, 2 + 2 * 4 + 6 + 1 + 1),
-    (100, 64, 2 + 2 * 100 + 6 * 64 + 1 + 4),
+    (32, 16, 3 + 2 * 32 + 6 * 16 + 1 + 4),
+    (4, 1, 3 + 2 * 4 + 6 + 1 + 1),
+    (100, 64, 3 + 2 * 100 + 6 * 64 + 1 + 4),
 ])
 def test_per_agent_descriptors_add_up(a: int, e: int, per_agent: int) -> None:
     budget = b.plan(cfg({"agent_connections": a}, egress=e), 1 << 20, None)
@@ -48,7 +49,7 @@ def test_the_defaults_fit_the_shipped_unit_and_a_20000_hard_limit() -> None:
     budget = b.plan(DEFAULT, nofile, tasks)
     assert budget.total_fds <= 20000 and budget.total_tasks <= tasks
     assert budget.line() == (
-        "budget: 100 agents x (65 agent.sock + 102 egress) fds + reserve 512 = 17212 <= NOFILE 65536;"
+        "budget: 100 agents x (65 agent.sock + 103 egress) fds + reserve 512 = 17312 <= NOFILE 65536;"
         " 100 agents x 40 tasks + reserve 64 = 4064 <= tasks 8192")
     # systemd's default soft limit holds a handful of agents, not the default hive.
     with pytest.raises(b.BudgetError):
@@ -59,16 +60,16 @@ def test_a_thousand_agents_at_the_least_fit_a_20000_hard_limit() -> None:
     """Issue 17: 1,000 agents with agent_connections = 4 and one tunnel each fit a VM whose
     hard RLIMIT_NOFILE is 20,000 (bench --only scale, tests/test_scale.py)."""
     config = cfg({"max_agents": 1000, "agent_connections": 4}, egress=1)
-    assert b.plan(config, 20000, None).total_fds == 1000 * 18 + 512
+    assert b.plan(config, 20000, None).total_fds == 1000 * 19 + 512
 
 
-@pytest.mark.parametrize(("nofile", "fits"), [(17211, False), (17212, True), (1024, False), (65536, True)])
+@pytest.mark.parametrize(("nofile", "fits"), [(17311, False), (17312, True), (1024, False), (65536, True)])
 def test_descriptor_budget_boundary(nofile: int, fits: bool) -> None:
     if fits:
         assert b.plan(DEFAULT, nofile, None).nofile == nofile
     else:
-        with pytest.raises(b.BudgetError, match=r"^budget: 100 agents x \(65 agent.sock \+ 102 egress\)"
-                           r" fds \+ reserve 512 = 17212 > NOFILE \d+; raise LimitNOFILE or lower"):
+        with pytest.raises(b.BudgetError, match=r"^budget: 100 agents x \(65 agent.sock \+ 103 egress\)"
+                           r" fds \+ reserve 512 = 17312 > NOFILE \d+; raise LimitNOFILE or lower"):
             b.plan(DEFAULT, nofile, None)
 
 

@@ -361,7 +361,7 @@ def test_egress_handover_arrives_close_on_exec() -> None:
     tcp = socket.create_connection(server.getsockname())
     with a, tcp, server:
         socket.send_fds(a, [HANDOVER], [tcp.fileno()])
-        client, data = egress._receive(b, time.monotonic() + 5)
+        client, data = egress._receive(b, time.monotonic() + 5, handover=True)
         with client:
             assert data == b"" and client.family == socket.AF_INET
             assert not os.get_inheritable(client.fileno())
@@ -377,7 +377,7 @@ def test_egress_handover_of_anything_but_a_connection_is_refused(what: str) -> N
     with a, b, sock:
         socket.send_fds(a, [HANDOVER], [sock.fileno()])
         with pytest.raises(egress.Refusal, match="must be a connected socket"):
-            egress._receive(b, time.monotonic() + 5)
+            egress._receive(b, time.monotonic() + 5, handover=True)
 
 
 # -- binding with an owner and a mode ---------------------------------------------------

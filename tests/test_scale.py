@@ -17,7 +17,7 @@ and whose ``command`` runtime writes the message it is given to ``$HOME/turn.jso
    harness in its cage, writes it to its home: every agent is reachable end to end.
 
 hive-core's budget at the least per agent ([limits] agent_connections = 4, [egress]
-max_connections = 1) is 18 descriptors an agent plus a reserve of 512: 1,000 agents fit
+max_connections = 1) is 19 descriptors an agent plus a reserve of 512: 1,000 agents fit
 this machine's hard RLIMIT_NOFILE of 20,000 (``bench/run.py --only scale`` runs them);
 here 300 fit CI's time.
 ``HIVE_TEST_SCALE`` runs another count by hand.

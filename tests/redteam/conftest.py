@@ -20,11 +20,13 @@ cage) with ``CLIENT`` prepended: a tiny JSON-lines client for the cage's
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import hashlib
 import json
 import os
+import select
 import socket
 import subprocess
 import textwrap
@@ -500,3 +502,15 @@ def _passrights() -> bool:
 # Whether this kernel (6.16 or later) lets a socket refuse SCM_RIGHTS: where it does, the
 # hive's sockets that carry no descriptors refuse them (unixsock.refuse_descriptors).
 PASSRIGHTS = _passrights()
+
+
+def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data for ``sendmsg`` that passes ``fds`` (SCM_RIGHTS)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+
+
+def at_eof(r: int, wait: float = 0.5) -> bool:
+    """The pipe's read end sees EOF: no copy of its write end is left anywhere."""
+    if not select.select([r], [], [], wait)[0]:
+        return False
+    return os.read(r, 1) == b""

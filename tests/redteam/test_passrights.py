@@ -9,8 +9,9 @@ connection the core leaves unread (agent.sock past its paused buffer), that end 
 outlive the harness and keep root's six in flight at each restart (round 29's "not
 tried"). Now agent.sock, host.sock, core.sock, web.sock and init's own ends of the page
 pair and of the harness's log refuse them: the sender's ``sendmsg`` fails with EPERM and
-sends nothing. priv.sock (``exec``'s stdio) and egress.sock (a handed TCP stream) take
-them, as their protocols need.
+sends nothing. priv.sock (``exec``'s stdio) and egress-handover.sock (a handed TCP stream,
+one message a connection) take them, as their protocols need; egress.sock (requests sent
+straight to the proxy) refuses them from session 28 on.
 
 On a kernel before 6.16 the option does not exist, the sockets take descriptors as before
 (a plain read drops them), and these cases fail: they say which the hive runs on."""
@@ -18,6 +19,7 @@ On a kernel before 6.16 the option does not exist, the sockets take descriptors 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -89,25 +91,29 @@ except OSError as e:
     out["agent.sock, descriptor"] = errname(e)
 out["agent.sock, then a plain call"] = c.call({"cmd": "whoami"}).get("ok")
 c.close()
-e = socket.socket(socket.AF_UNIX)
-e.connect(P["egress"])
-tcp = socket.socket()
-try:
-    socket.send_fds(e, [b"x"], [tcp.fileno()])
-    out["egress.sock, a TCP socket"] = "sent"
-except OSError as err_:
-    out["egress.sock, a TCP socket"] = errname(err_)
+for path in ("/run/hive/egress.sock", "/run/hive/egress-handover.sock"):
+    e = socket.socket(socket.AF_UNIX)
+    e.connect(path)
+    tcp = socket.socket()
+    try:
+        socket.send_fds(e, [b"\\0"], [tcp.fileno()])
+        out[path + ", a TCP socket"] = "sent"
+    except OSError as err_:
+        out[path + ", a TCP socket"] = errname(err_)
+    e.close()
 result(**out)
 '''
 
 
-def test_from_a_cage_agent_sock_refuses_descriptors_and_egress_sock_takes_one(h: HiveProcess) -> None:
-    got = cage_run(h, AGENT, CAGED, egress="/run/hive/egress.sock")
+def test_from_a_cage_agent_sock_and_egress_sock_refuse_descriptors_the_handover_takes_one(
+        h: HiveProcess) -> None:
+    got = cage_run(h, AGENT, CAGED)
     print(f"\nfrom the cage: {got}")
     assert got == {
         "agent.sock, descriptor": "EPERM",
         "agent.sock, then a plain call": True,
-        "egress.sock, a TCP socket": "sent",
+        "/run/hive/egress.sock, a TCP socket": "EPERM",
+        "/run/hive/egress-handover.sock, a TCP socket": "sent",
     }, got
 
 
@@ -134,42 +140,51 @@ def test_the_hosts_sockets_refuse_descriptors_but_priv_sock(h: HiveProcess) -> N
     assert seen == {"host.sock": "EPERM", "core.sock": "EPERM", "web.sock": "EPERM", "priv.sock": "sent"}, seen
 
 
-# -- egress.sock: it takes descriptors (the bridge's handover), but only there ------------
+# -- egress: descriptors only on the handover socket, one message a connection ----------
 
 
-def test_a_direct_egress_request_with_descriptors_sent_before_it_refused_them_is_refused() -> None:
-    """A request sent straight to egress.sock: descriptors sent between the core's first
-    read and its refusing more (a race a peer may win) are seen in the queue, which is
-    looked through, not read, and the request is refused (the core then closes it, and
-    the queue with it); one with none keeps its queue whole for the relay; after the
-    refusal a send with descriptors is refused (EPERM)."""
-    client, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    r, w = os.pipe()
-    with client, conn:
-        client.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
-        assert conn.recv(100).startswith(b"CONNECT")  # the first read
-        client.sendall(b"x" * 100_000)  # more than one look (PEEK_CHUNK) takes
-        socket.send_fds(client, [b"in the window"], [w])  # before the refusal
-        os.close(w)
-        with pytest.raises(egress.Refusal) as e:
-            egress._refuse_more_descriptors(conn)
-        assert e.value.status == 400, e.value.reason
-        with pytest.raises(PermissionError):
-            socket.send_fds(client, [b"after"], [r])
-    os.set_blocking(r, False)
-    assert os.read(r, 1) == b""  # closed with the connection: no copy of the write end left
-    os.close(r)
-    client, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with client, conn:
-        client.sendall(b"CONNECT example.test:443 HTTP/1.1\r\n\r\n")
-        conn.recv(100)
-        client.sendall(b"y" * 100_000)
-        egress._refuse_more_descriptors(conn)  # none: taken
-        conn.settimeout(5)
-        got = b""
-        while len(got) < 100_000:
-            got += conn.recv(1 << 20)
-        assert got == b"y" * 100_000  # nothing of it read by the look
+def test_a_direct_egress_request_is_read_plainly_and_a_handover_connection_ends_after_one_message(
+        tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """egress.sock refuses descriptors from its listener on (EPERM, before any byte of the
+    request arrives: no window to race, nothing to look through); the handover socket
+    takes one message and closes the connection, and with it whatever its peer queued
+    behind that message (a pipe's write end: EOF once the core's read is done)."""
+    import asyncio
+
+    async def main() -> dict[str, object]:
+        proxy = egress.EgressProxy(lambda a: (), lambda d: None)
+        path = tmp_path / "egress.sock"
+        proxy.listen("a", path, 0o600)
+        out: dict[str, object] = {"names": sorted(p.name for p in tmp_path.iterdir())}
+        r, w = os.pipe()
+        with socket.socket(socket.AF_UNIX) as direct:
+            direct.connect(str(path))
+            try:
+                socket.send_fds(direct, [b"CONNECT x.test:443 HTTP/1.1\r\n\r\n"], [w])
+                out["direct"] = "sent"
+            except PermissionError:
+                out["direct"] = "EPERM"
+        with socket.socket(socket.AF_UNIX) as hand, socket.create_server(("127.0.0.1", 0)) as srv:
+            tcp = socket.create_connection(srv.getsockname())
+            hand.connect(str(egress.handover_path(path)))
+            socket.send_fds(hand, [HANDOVER], [tcp.fileno()])
+            socket.send_fds(hand, [b"behind"], [w])  # queued behind the handover
+            os.close(w)
+            tcp.close()
+            ready = await asyncio.to_thread(select.select, [r], [], [], 5)
+            out["pipe"] = ("EOF" if os.read(r, 1) == b"" else "data") if ready[0] else "held"
+            os.close(r)
+        proxy.close("a", path)
+        out["after close"] = sorted(p.name for p in tmp_path.iterdir())
+        return out
+
+    got = asyncio.run(main())
+    assert got == {
+        "names": ["egress-handover.sock", "egress.sock"],
+        "direct": "EPERM",
+        "pipe": "EOF",
+        "after close": [],
+    }, got
 
 
 def test_a_handed_over_unix_stream_is_refused() -> None:
@@ -181,7 +196,46 @@ def test_a_handed_over_unix_stream_is_refused() -> None:
         socket.send_fds(bridge, [HANDOVER], [theirs.fileno()])
         theirs.close()
         with pytest.raises(egress.Refusal) as e:
-            egress._receive(conn, time.monotonic() + 5)
+            egress._receive(conn, time.monotonic() + 5, handover=True)
         assert (e.value.status, e.value.reason) == (400, "a handed-over connection must be a TCP stream socket")
         mine.settimeout(5)
         assert mine.recv(1) == b""  # no copy of its peer left in the core: EOF
+
+
+def test_a_handover_at_the_cap_is_closed_unread_not_left_in_the_backlog(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """At the agent's cap the direct listener waits (its backlog holds requests, which
+    carry no descriptors), but a handover is taken and closed at once: left in the
+    backlog, what its peer queued behind it (a page pair's end with root's descriptors)
+    would stay in flight for as long as the agent's connections last (a tunnel to an
+    upstream that never reads: for good). FAILS if the pipe's write end stays alive."""
+    import asyncio
+
+    from hyperhive.core.budget import EGRESS_REFUSING
+
+    async def main() -> dict[str, object]:
+        proxy = egress.EgressProxy(lambda a: (), lambda d: None, max_connections=2)
+        path = tmp_path / "egress.sock"
+        proxy.listen("a", path, 0o600)
+        proxy._live["a"] = 2 + EGRESS_REFUSING  # the cap, as held tunnels hold it
+        out: dict[str, object] = {}
+        r, w = os.pipe()
+        with socket.socket(socket.AF_UNIX) as direct, socket.socket(socket.AF_UNIX) as hand:
+            direct.connect(str(path))
+            direct.sendall(b"CONNECT x.test:443 HTTP/1.1\r\n\r\n")
+            hand.connect(str(egress.handover_path(path)))
+            socket.send_fds(hand, [HANDOVER], [w])
+            os.close(w)
+            ready = await asyncio.to_thread(select.select, [r], [], [], 5)
+            out["pipe"] = ("EOF" if os.read(r, 1) == b"" else "data") if ready[0] else "held"
+            os.close(r)
+            direct.settimeout(0.3)
+            try:
+                out["direct"] = direct.recv(100) or "EOF"
+            except TimeoutError:
+                out["direct"] = "waiting"
+        proxy._live.pop("a")
+        proxy.close("a", path)
+        return out
+
+    got = asyncio.run(main())
+    assert got == {"pipe": "EOF", "direct": "waiting"}, got

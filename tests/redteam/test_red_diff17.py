@@ -189,7 +189,7 @@ def test_the_cage_can_not_write_fill_or_bind_in_its_socket_directory(d17: HivePr
     out = cage_run(d17, "d17a", OBSERVE)
     print(out["tries"])
     assert set(out["tries"].values()) <= {"EROFS", "EACCES"}, out["tries"]
-    assert out["listing"] == ["agent.sock", "ca-bundle.pem", "egress.sock", "hive-ca.pem"]
+    assert out["listing"] == ["agent.sock", "ca-bundle.pem", "egress-handover.sock", "egress.sock", "hive-ca.pem"]
 
 
 # -- a compromised core and the tmpfs -------------------------------------------------------

@@ -341,7 +341,7 @@ def test_the_listener_handed_to_the_proxy_does_not_outlive_the_harness(h: HivePr
     child = subprocess.Popen(
         ["nsenter", "-t", str(old), "-m", "-u", "-i", "-n", "-p", "-r", "-w",
          "setpriv", f"--reuid={cage['harness_uid']}", f"--regid={cage['gid']}", "--clear-groups",
-         "/usr/bin/python3", "-c", HAND_LISTENER, str(fd), layout.EGRESS_SOCKET, "40",
+         "/usr/bin/python3", "-c", HAND_LISTENER, str(fd), layout.EGRESS_HANDOVER_SOCKET, "40",
          layout.HANDOVER.hex()],
         pass_fds=(fd,), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     listener.close()

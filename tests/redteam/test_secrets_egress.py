@@ -492,7 +492,7 @@ def assert_key_nowhere(hive: HiveProcess, agent: str) -> None:
     root), in no transcript and not in the hive's log."""
     res = probe_result(hive.probe(agent, KEY_SEARCH, key=KEY))
     assert res["found"] == [] and res["env"] is False, res
-    assert res["run_hive"] == ["agent.sock", "ca-bundle.pem", "egress.sock", "hive-ca.pem"], res
+    assert res["run_hive"] == ["agent.sock", "ca-bundle.pem", "egress-handover.sock", "egress.sock", "hive-ca.pem"], res
     for name in (CLAUDE, CLAUDE2, AGENT):
         for d, _, files in os.walk(hive.home(name)):
             for n in files:

@@ -4,7 +4,7 @@ priv verb tables per caller).
 
 From inside a real cage (rtmule, as its runtime uid): harness verbs, odd ``cmd``
 values, operator verbs and actor fields on agent.sock, the per-listener connection
-cap, the socket directory's modes, descriptors handed over on egress.sock. As the
+cap, the socket directory's modes, descriptors handed over on egress-handover.sock. As the
 ``hive-core`` user on priv.sock: descriptors on verbs that take none, descriptors
 split from their line, pipelined lines, SCM_CREDENTIALS, the root-only verb, two
 requests on one name at once. Each probe runs once (module fixtures); each case
@@ -116,7 +116,7 @@ for c in held:
 out["cap:after"] = call_when_free({"cmd": "whoami"})
 
 # the socket directory as the cage sees it
-for n in ("agent.sock", "egress.sock"):
+for n in ("agent.sock", "egress.sock", "egress-handover.sock"):
     st = os.lstat("/run/hive/" + n)
     out["mode:" + n] = [stat.S_IFMT(st.st_mode) == stat.S_IFSOCK, oct(stat.S_IMODE(st.st_mode)), st.st_uid]
 for label, fn in (("unlink", lambda: os.unlink("/run/hive/agent.sock")),
@@ -129,12 +129,12 @@ for label, fn in (("unlink", lambda: os.unlink("/run/hive/agent.sock")),
     except OSError as e:
         out["dir:" + label] = errname(e)
 
-# descriptors handed over on egress.sock that are not one connected stream socket
+# descriptors handed over on egress-handover.sock that are not one connected stream socket
 def handover(data, make):
     fds = make()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)
-    s.connect("/run/hive/egress.sock")
+    s.connect("/run/hive/egress-handover.sock")
     try:
         socket.send_fds(s, [data], fds)
         for fd in fds:
@@ -279,7 +279,7 @@ def test_connections_within_the_cap_keep_working(agent_side: dict[str, Any], whe
 
 
 @pytest.mark.attack("reach.other-surfaces", ref="bubblewrap#330; CVE-2019-5736 style socket swap")
-@pytest.mark.parametrize("sock", ["agent.sock", "egress.sock"])
+@pytest.mark.parametrize("sock", ["agent.sock", "egress.sock", "egress-handover.sock"])
 def test_agent_sockets_seen_from_the_cage(agent_side: dict[str, Any], sock: str) -> None:
     is_sock, mode, owner = agent_side[f"mode:{sock}"]
     assert is_sock and mode == "0o660" and owner != agent_side["uid"]
@@ -293,7 +293,7 @@ def test_socket_directory_read_only_in_the_cage(agent_side: dict[str, Any], op: 
 
 @pytest.mark.attack("reach.other-surfaces", ref="CVE-2016-9962 style listener swap")
 @pytest.mark.parametrize("which", ["host.sock", "core.sock", "priv.sock", "agents/rtmule/agent.sock",
-                                   "agents/rtmule/egress.sock"])
+                                   "agents/rtmule/egress.sock", "agents/rtmule/egress-handover.sock"])
 def test_listener_modes_on_the_host(rt: HiveProcess, which: str) -> None:
     st = os.lstat(rt.run_dir / which)
     assert stat.S_ISSOCK(st.st_mode)

@@ -3,7 +3,7 @@ port in HTTPS_PROXY / HTTP_PROXY / ALL_PROXY) that the harness bridges, one
 connection each, to the agent's egress socket. The proxy behind that socket
 knows the agent from the socket itself; nothing said on the wire can change it.
 
-The bridge does not copy bytes: it connects to egress.sock and hands the
+The bridge does not copy bytes: it connects to egress-handover.sock and hands the
 accepted connection over (SCM_RIGHTS, with the one-byte HANDOVER message), so
 the proxy serves the runtime's own TCP connection directly. That keeps a hop,
 two threads and a copy out of every request.
@@ -77,7 +77,7 @@ def handed_listener() -> _socket.socket | None:
 
 
 def serve_bridge(
-    port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_SOCKET
+    port: int = layout.EGRESS_PORT, egress_path: str = layout.EGRESS_HANDOVER_SOCKET
 ) -> _socket.socket:
     """Serve init's listener (a fresh one for each harness: ``init.rebind_bridge``), or
     listen on 127.0.0.1:port now if init handed none (so the runtime finds it from its

@@ -9,8 +9,11 @@ HIVE_SITE = "/opt/hive/site"
 HOME = "/home/agent"
 SOCKET_DIR = "/run/hive"
 AGENT_SOCKET = f"{SOCKET_DIR}/agent.sock"
-# Egress: the harness listens on the cage's own loopback and bridges to this socket.
+# Egress: a request sent straight to this socket (it refuses descriptors), or the
+# harness's bridge: it listens on the cage's own loopback and hands each connection over
+# on the handover socket (core/egress.py, handover_path).
 EGRESS_SOCKET = f"{SOCKET_DIR}/egress.sock"
+EGRESS_HANDOVER_SOCKET = f"{SOCKET_DIR}/egress-handover.sock"
 EGRESS_PORT = 3128
 # The one byte the egress bridge sends with the client's connection attached (SCM_RIGHTS);
 # a proxy request never starts with NUL (hyperhive/relay.py, core/egress.py).

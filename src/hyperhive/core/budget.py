@@ -16,10 +16,11 @@ Counted per agent, each a bound the code enforces (nothing is an estimate):
   from another uid, or over the cap, is refused in the accept callback itself
   (core/agent_socket.py): its descriptor is closed before the loop does anything
   else, so refusals hold none between loop turns.
-- ``egress.sock``: its listener, six per tunnel (``[egress] max_connections``),
-  ``EGRESS_REFUSING`` connections being refused (403, 503) by their threads (the
-  proxy accepts no more until one ends: the kernel's backlog holds the rest), and
-  the idle upstream connections kept for reuse (``egress_pool.pool_size``).
+- ``egress.sock`` and ``egress-handover.sock``: their listeners, six per tunnel
+  (``[egress] max_connections``), ``EGRESS_REFUSING`` connections being refused (403,
+  503) by their threads (the proxy accepts no more until one ends: the kernel's
+  backlog holds the rest), and the idle upstream connections kept for reuse
+  (``egress_pool.pool_size``).
 
 Root's connections are not counted (root is trusted); the operator's surfaces,
 the store and priv.sock live in ``reserve_fds``.
@@ -41,9 +42,9 @@ from pathlib import Path
 from hyperhive.config import HiveConfig
 from hyperhive.core.egress_pool import pool_size
 
-LISTENERS_PER_AGENT = 2  # agent.sock and egress.sock
+EGRESS_LISTENERS = 2  # egress.sock and egress-handover.sock
 UIDS_PER_AGENT = 2  # the runtime's and the harness's; each has its own agent.sock cap
-FDS_PER_TUNNEL = 6  # at most 5 at once (egress.sock's connection + recv_fds' 4), 6 relaying
+FDS_PER_TUNNEL = 6  # at most 5 at once (a handover's connection + recv_fds' 4), 6 relaying
 # (its two sockets and a pipe each way: hyperhive.relay splices)
 THREADS_PER_TUNNEL = 2  # one per direction
 # Egress connections accepted beyond max_connections whose thread is refusing them (403,
@@ -75,7 +76,7 @@ class Budget:
     @property
     def egress_fds(self) -> int:
         e = self.egress_connections
-        return FDS_PER_TUNNEL * e + 1 + EGRESS_REFUSING + pool_size(e)
+        return FDS_PER_TUNNEL * e + EGRESS_LISTENERS + EGRESS_REFUSING + pool_size(e)
 
     @property
     def per_agent_fds(self) -> int:

@@ -1,13 +1,15 @@
-"""The egress proxy (runs in hive-core): one listening socket per agent,
-``agents/<name>/egress.sock``. The agent is the socket a connection came in
-on, never anything it says. Each connection makes one request, either
-``CONNECT host:port`` (a tunnel, e.g. for HTTPS) or a plain-HTTP request with
-an absolute URI; the destination is checked against the agent's rules, DNS is
-resolved here (the cage has no resolver) and only for names a name rule covers
-(a lookup is a message out), and every address it would connect to is checked
-again: never loopback, link-local, metadata services or the host itself, and
-private or other non-public ranges only through an IP or CIDR rule within them,
-so an allowlisted name can't lead back into the host or the network around it.
+"""The egress proxy (runs in hive-core): two listening sockets per agent,
+``agents/<name>/egress.sock`` for requests sent straight to it (it refuses
+descriptors) and ``egress-handover.sock`` for the cage's bridge, which hands over
+the runtime's TCP connection there (one message: the HANDOVER byte and the
+socket). The agent is the socket a connection came in on, never anything it says.
+Each connection makes one request, either ``CONNECT host:port`` (a tunnel, e.g. for
+HTTPS) or a plain-HTTP request with an absolute URI; the destination is checked
+against the agent's rules, DNS is resolved here (the cage has no resolver) and only
+for names a name rule covers (a lookup is a message out), and every address it would
+connect to is checked again: never loopback, link-local, metadata services or the host
+itself, and private or other non-public ranges only through an IP or CIDR rule within
+them, so an allowlisted name can't lead back into the host or the network around it.
 A plain-HTTP request goes upstream with the destination as its Host.
 
 Connections run in threads with blocking sockets, a tunnel's bytes copied through
@@ -17,7 +19,6 @@ about decisions.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import errno
@@ -36,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from hyperhive.cage.layout import HANDOVER
 from hyperhive.core import egress_tls
@@ -48,7 +50,7 @@ from hyperhive.core.tls import HiveCA
 from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
 from hyperhive.relay import PACE_EVERY, relay
-from hyperhive.unixsock import bind_listener, refuse_descriptors
+from hyperhive.unixsock import bind_listener
 from hyperhive.wire.egress import (
     IPAddress,
     IPNetwork,
@@ -63,10 +65,6 @@ log = logging.getLogger("hive.egress")
 
 MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
-# A direct request's queue is looked through for descriptors this much at a time
-# (_descriptors_queued); SO_PEEK_OFF's number (Python 3.11's socket module has none).
-PEEK_CHUNK = 65536
-SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
 STRANGER_LOG_EVERY = 10.0  # seconds between warnings of a foreign uid refused on one socket
 REFUSE_READ = 1.0  # seconds a connection refused before its head is read may take to send it
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
@@ -118,6 +116,11 @@ class _Open:
     current: Callable[[], Plan | None] | None = None
     # Ends the connection's pauses (egress_tls.CpuMeter.wake: a tunnel's two directions too).
     wake: Callable[[], None] | None = None
+
+
+class _Listeners(NamedTuple):
+    direct: socket.socket  # egress.sock: requests sent straight to it, no descriptors
+    handover: socket.socket  # egress-handover.sock: the bridge's handover, one message
 
 
 @dataclass(frozen=True)
@@ -478,12 +481,28 @@ def _show(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes]:
+def handover_path(path: Path) -> Path:
+    """The handover socket beside egress socket ``path``: ``egress.sock`` →
+    ``egress-handover.sock`` (the cage's ``layout.EGRESS_HANDOVER_SOCKET``)."""
+    return path.with_name(f"{path.stem}-handover.sock")
+
+
+def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[socket.socket, bytes]:
     """The client: the connection itself (a request sent straight to egress.sock), or
-    the TCP connection the cage's bridge handed over on it. Returns it and any
-    request bytes already read."""
+    the TCP connection the cage's bridge handed over on egress-handover.sock. Returns it
+    and any request bytes already read.
+
+    Descriptors come only on the handover socket, in its one message; the connection is
+    closed right after it, and with it anything queued behind. egress.sock refuses them
+    from its listener on (``bind_listener``: a peer's ``sendmsg`` gets EPERM), so none can
+    wait in a direct request's queue behind a relay whose upstream stopped reading (red
+    team round 30: a harness's page pair, six of root's, kept past the harness's death).
+    That replaces session 27's peek through a direct request's queue (two re-checks broke
+    its first forms)."""
     conn.settimeout(max(0.01, deadline - time.monotonic()))
     try:
+        if not handover:
+            return conn, conn.recv(65536)
         # Room for more than the one a handover brings, so that more are seen (and refused).
         data, fds, _flags, _ = socket.recv_fds(conn, 65536, 4, socket.MSG_CMSG_CLOEXEC)
     except TimeoutError:
@@ -492,9 +511,6 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
         # Python 3.11's recv_fds drops its flags (CPython gh-107898): close-on-exec here.
         # hive-core starts no process, so nothing can inherit them meanwhile.
         os.set_inheritable(fd, False)
-    if not fds:
-        _refuse_more_descriptors(conn)
-        return conn, data
     try:
         if data != HANDOVER or len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
             raise Refusal(
@@ -506,7 +522,7 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
             os.close(fd)
     # TCP only, what the bridge hands over: a unix stream's peer could send descriptors
     # into it that wait there, in flight, behind a relay its upstream stalls (red team
-    # round 30: a harness's page pair, six of root's, kept past the harness's death).
+    # round 30).
     families = (socket.AF_INET, socket.AF_INET6)
     if client.type != socket.SOCK_STREAM or client.family not in families:
         client.close()
@@ -522,80 +538,8 @@ def _receive(conn: socket.socket, deadline: float) -> tuple[socket.socket, bytes
     if listening:
         client.close()
         raise Refusal(400, "a handed-over connection must be a connected socket")
-    conn.close()
+    conn.close()  # what the peer queued behind the handover goes with it
     return client, b""
-
-
-def _refuse_more_descriptors(conn: socket.socket) -> None:
-    """A request sent straight to egress.sock: from now on its connection refuses
-    descriptors (``refuse_descriptors``; egress.sock's listener takes them, for the
-    bridge's handover). Any that came between the first read and that would wait in the
-    connection, in flight, behind a relay whose upstream stopped reading (red team round
-    30): the queue is looked through, not read (what the relay reads stays in the
-    kernel), and a request with descriptors anywhere in it is refused."""
-    if not refuse_descriptors(conn):
-        return  # a kernel before 6.16: a read drops them as it passes them, no more
-    # Paired, both ways round: a peek passes over an urgent byte's message where it is
-    # first in the queue, and one sent during the peek makes the one before it a plain byte
-    # that the moving offset has already counted (second re-check of session 27); either
-    # way an urgent mark is left, which only a read of ours would take.
-    if _urgent_byte(conn) or _descriptors_queued(conn) or _urgent_byte(conn):
-        raise Refusal(400, "descriptors or urgent data sent with a request straight to egress.sock")
-
-
-def _urgent_byte(conn: socket.socket) -> bool:
-    """Whether an urgent byte (``MSG_OOB``) waits on ``conn``: a peek passes over its
-    message, descriptors and all, where it is first in the queue (re-check of session
-    27), and an HTTP proxy request has no use for one."""
-    conn.setblocking(False)
-    try:
-        return bool(conn.recv(1, socket.MSG_OOB))
-    except OSError:  # EINVAL: none
-        return False
-    finally:
-        conn.setblocking(True)
-
-
-def _descriptors_queued(conn: socket.socket) -> bool:
-    """Whether anything queued on ``conn`` carries descriptors (each one seen is
-    closed), peeked at PEEK_CHUNK at a time from a moving offset (``SO_PEEK_OFF``): a
-    peek stops after a message with descriptors, and the queue holds at most the
-    peer's send buffer (2 x wmem_max)."""
-    room = socket.CMSG_SPACE(4 * 4)
-    conn.setblocking(False)  # with a timeout, a read would first wait for more
-    try:
-        try:
-            conn.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
-            moving = True
-        except OSError:  # a kernel without it: one look from the start
-            moving = False
-        try:
-            while True:
-                try:
-                    data, ancdata, flags, _ = conn.recvmsg(
-                        PEEK_CHUNK, room, socket.MSG_PEEK | socket.MSG_CMSG_CLOEXEC
-                    )
-                except (BlockingIOError, InterruptedError):
-                    return False  # the end of the queue
-                seen = False
-                for level, kind, payload in ancdata:
-                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                        fds = array.array("i")
-                        fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-                        for fd in fds:
-                            os.close(fd)
-                        seen = True
-                if seen or flags & socket.MSG_CTRUNC:
-                    return True
-                if not data:
-                    return False  # the peer's end of stream
-                if not moving:
-                    return len(data) == PEEK_CHUNK  # more than one look sees: refused
-        finally:
-            if moving:
-                conn.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, -1)
-    finally:
-        conn.setblocking(True)
 
 
 def _read_head(
@@ -800,20 +744,21 @@ def _log_stranger(key: tuple[str, int], refused: int) -> None:
 
 
 def _refuse_unread(
-    conn: socket.socket, status: int, reason: str, listener: socket.socket | None
+    conn: socket.socket, status: int, reason: str, listeners: tuple[socket.socket, ...]
 ) -> None:
     """Refuse before reading the request, but first take what the client sends (one read,
     within ``REFUSE_READ`` s), so that its own write of the request does not meet a closed
     socket (EPIPE) and lose the reply: a client that connects at the cap and is slow to
     write (descheduled, say) reads its 503. The wait ends at once when the agent's
-    ``listener`` has another connection waiting: a flood of silent connections is refused
-    at the pace it comes, not one a second. A plain read: descriptors handed over with it
-    are closed by the kernel, so the refusal still holds one descriptor."""
+    ``listeners`` (either of its two) has another connection waiting: a flood of silent
+    connections is refused at the pace it comes, not one a second. A plain read:
+    descriptors handed over with it are closed by the kernel, so the refusal still holds
+    one descriptor."""
     poller = select.poll()
     poller.register(conn, select.POLLIN)
-    lfd = listener.fileno() if listener is not None else -1
-    if lfd >= 0:
-        poller.register(lfd, select.POLLIN)
+    for listener in listeners:
+        if listener.fileno() >= 0:  # -1: closed meanwhile (a stop)
+            poller.register(listener.fileno(), select.POLLIN)
     ready = {fd for fd, _ in poller.poll(REFUSE_READ * 1000)}
     if conn.fileno() in ready:
         try:
@@ -887,7 +832,8 @@ class EgressProxy:
         self.record = record
         self.resolver = resolver or Resolver()
         self.max_connections = max_connections  # per agent, at once
-        self._listeners: dict[str, socket.socket] = {}
+        # Each agent's two listeners: egress.sock (direct requests) and its handover socket.
+        self._listeners: dict[str, _Listeners] = {}
         self._allowed: dict[str, frozenset[int]] = {}
         self._active: dict[str, int] = {}
         # Connections accepted whose thread has not ended, per agent: at most
@@ -923,8 +869,9 @@ class EgressProxy:
         self._allowed[name] = uids
 
     def listen(self, name: str, path: Path, mode: int) -> None:
-        """Serve ``name``'s egress.sock at ``path`` with ``mode`` (0660: the agent's
-        group too, with cages; 0600 without)."""
+        """Serve ``name``'s egress.sock at ``path`` and its handover socket beside it
+        (``handover_path``), both with ``mode`` (0660: the agent's group too, with cages;
+        0600 without)."""
         if name in self._listeners:
             return
         self._loop = asyncio.get_running_loop()
@@ -935,10 +882,18 @@ class EgressProxy:
                 log.error(
                     "agent %s: could not write the hive CA where its cage reads it: %s", name, e
                 )
-        listener = bind_listener(path, mode=mode, descriptors=True)  # a handed TCP stream
-        listener.setblocking(False)
-        self._listeners[name] = listener
-        self._loop.add_reader(listener.fileno(), self._accept, name, listener)
+        direct = bind_listener(path, mode=mode)  # refuses descriptors
+        try:
+            handing = bind_listener(handover_path(path), mode=mode, descriptors=True)
+        except BaseException:
+            direct.close()
+            path.unlink(missing_ok=True)
+            raise
+        listeners = _Listeners(direct, handing)
+        self._listeners[name] = listeners
+        for listener in listeners:
+            listener.setblocking(False)
+            self._loop.add_reader(listener.fileno(), self._accept, name, listener)
 
     def _trust_files(self) -> tuple[tuple[str, bytes], ...]:
         """What ``write_trust`` writes. The host's bundle is read again after
@@ -976,13 +931,15 @@ class EgressProxy:
                 raise
 
     def close(self, name: str, path: Path) -> None:
-        listener = self._listeners.pop(name, None)
-        if listener is None:
+        listeners = self._listeners.pop(name, None)
+        if listeners is None:
             return
-        if self._loop is not None:
-            self._loop.remove_reader(listener.fileno())
-        listener.close()
+        for listener in listeners:
+            if self._loop is not None:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
         path.unlink(missing_ok=True)
+        handover_path(path).unlink(missing_ok=True)
         self._pool.drop(name)
         self._accepts.forget(name)
         # Its connections end with it: a relay asleep on a CPU debt would hold its sockets
@@ -1092,16 +1049,25 @@ class EgressProxy:
         if self.cpu is not None:
             self.cpu.charge(agent, time.thread_time() - started)
 
+    def _rest(self, name: str, handover_too: bool = True) -> None:
+        """``name``'s listeners (or its direct one only) are not read until ``_read_again``."""
+        listeners = self._listeners.get(name)
+        if listeners is not None and self._loop is not None:
+            for listener in listeners if handover_too else listeners[:1]:
+                self._loop.remove_reader(listener.fileno())
+
     def _accept_one(self, name: str, listener: socket.socket) -> None:
+        listeners = self._listeners.get(name)
+        handover = listeners is not None and listener is listeners.handover
         with self._lock:
-            if self._live.get(name, 0) >= self.max_connections + EGRESS_REFUSING:
+            at_cap = self._live.get(name, 0) >= self.max_connections + EGRESS_REFUSING
+            if at_cap and not handover:
                 self._waiting.add(name)
-                if self._loop is not None:
-                    self._loop.remove_reader(listener.fileno())
+                self._rest(name, handover_too=False)
                 return
             if (wait := self._accepts.wait(name)) > 0:
+                self._rest(name)
                 if self._loop is not None:
-                    self._loop.remove_reader(listener.fileno())
                     self._loop.call_later(wait, self._read_again, name)
                 return
             try:
@@ -1112,24 +1078,36 @@ class EgressProxy:
                 return
             except OSError as e:  # EMFILE, say: the connection waits in the backlog
                 if self._loop is not None:
+                    self._rest(name)
                     rest_listener(
                         self._loop, listener, lambda: self._read_again(name), f"egress {name}", e
                     )
+                return
+            if at_cap:
+                # A handover at the cap is closed unread, here: left in the backlog it would
+                # hold whatever its peer queued (descriptors in flight: a harness's page pair
+                # with root's on it) for as long as the agent's connections last, a
+                # tunnel to an upstream that never reads for good. The bridge closes the
+                # runtime's connection: the same end a 503 to the bridge had.
+                conn.close()
                 return
             self._live[name] = self._live.get(name, 0) + 1
         conn.setblocking(True)
         try:
             threading.Thread(
-                target=self._serve_counted, args=(name, conn), name=f"egress-{name}", daemon=True
+                target=self._serve_counted,
+                args=(name, conn, handover),
+                name=f"egress-{name}",
+                daemon=True,
             ).start()
         except RuntimeError as e:  # no thread to be had (TasksMax): this one is refused
             log.warning("egress %s: connection refused: %s", name, e)
             conn.close()
             self._release_slot(name)
 
-    def _serve_counted(self, name: str, conn: socket.socket) -> None:
+    def _serve_counted(self, name: str, conn: socket.socket, handover: bool) -> None:
         try:
-            self._serve(name, conn)
+            self._serve(name, conn, handover)
         finally:  # every descriptor of this connection closed by now
             self._release_slot(name)
 
@@ -1146,10 +1124,11 @@ class EgressProxy:
                 self._loop.call_soon_threadsafe(self._read_again, name)
 
     def _read_again(self, name: str) -> None:
-        listener = self._listeners.get(name)
-        if listener is not None and self._loop is not None:
+        listeners = self._listeners.get(name)
+        if listeners is not None and self._loop is not None:
             # add_reader replaces a reader already there: resuming twice is harmless.
-            self._loop.add_reader(listener.fileno(), self._accept, name, listener)
+            for listener in listeners:
+                self._loop.add_reader(listener.fileno(), self._accept, name, listener)
 
     def _emit(self, decision: Decision) -> None:
         snapshot = Decision(**decision.__dict__)
@@ -1168,7 +1147,7 @@ class EgressProxy:
         finally:
             self._charge_loop(decision.agent, started)
 
-    def _serve(self, agent: str, conn: socket.socket) -> None:
+    def _serve(self, agent: str, conn: socket.socket, handover: bool) -> None:
         # This thread is the connection's own: its CPU from here (the head read and
         # checked, a refusal, a terminated connection's handshakes and relay, or one
         # direction of a tunnel's) is what the connection charges its agent
@@ -1180,12 +1159,11 @@ class EgressProxy:
         counted = False
         try:
             cred = peer_cred(conn)
+            waiting = self._listeners.get(agent, ())  # a refusal's wait ends when they queue
             allowed = self._allowed.get(agent)
             if allowed is not None and cred.uid not in allowed:
                 self._stranger_log.event((agent, cred.uid))
-                _refuse_unread(
-                    conn, 403, f"uid {cred.uid} is not agent {agent}", self._listeners.get(agent)
-                )
+                _refuse_unread(conn, 403, f"uid {cred.uid} is not agent {agent}", waiting)
                 return
             with self._lock:
                 if self._active.get(agent, 0) < self.max_connections:
@@ -1196,12 +1174,12 @@ class EgressProxy:
                     conn,
                     503,
                     f"at most {self.max_connections} egress connections at once per agent",
-                    self._listeners.get(agent),
+                    waiting,
                 )
                 return
             try:
                 deadline = time.monotonic() + HEAD_TIMEOUT
-                conn, first = _receive(conn, deadline)
+                conn, first = _receive(conn, deadline, handover)
                 head, rest = _read_head(conn, first, deadline, meter)
                 req = parse_request(head)
             except Refusal as e:
