@@ -84,7 +84,7 @@ def bind_listener(
 ) -> socket.socket:
     """A listening AF_UNIX stream socket at ``path`` with this owner and mode; its
     connections refuse descriptors (``refuse_descriptors``) unless ``descriptors``: the
-    hive's protocols carry none but on priv.sock and egress.sock."""
+    hive's protocols carry none but on priv.sock and egress-handover.sock."""
     import socket
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -67,6 +67,10 @@ MAX_HEAD = 16 * 1024  # request line + headers
 HEAD_TIMEOUT = 10.0  # seconds to send them (slow clients are cut off)
 STRANGER_LOG_EVERY = 10.0  # seconds between warnings of a foreign uid refused on one socket
 REFUSE_READ = 1.0  # seconds a connection refused before its head is read may take to send it
+# Connections the kernel queues on an agent's handover socket: what a peer queues behind a
+# handover waits there, in flight, until the core accepts it (at its own bucket's rate), so
+# few (the bridge hands over one at a time; its blocking connect waits for room, up to 5 s).
+HANDOVER_BACKLOG = 4
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
 CONNECT_TIMEOUT = 10.0
 _keys = itertools.count(1)
@@ -853,9 +857,12 @@ class EgressProxy:
         # wakes them all (one asleep on a debt in its head's read or after its refusal, not
         # only an allowed one: re-check of session 21).
         self._meters: dict[str, set[egress_tls.CpuMeter]] = {}
-        self._accepts = TokenBuckets(
-            connections_per_second, burst=max(1, int(2 * connections_per_second))
-        )
+        # One bucket per listener: with one for both, a flood of direct requests took every
+        # token and the handover listener went unread, a parked handover with it (red team
+        # of session 28).
+        burst = max(1, int(2 * connections_per_second))
+        self._accepts = TokenBuckets(connections_per_second, burst=burst)
+        self._handover_accepts = TokenBuckets(connections_per_second, burst=burst)
         self._lock = threading.Lock()
         # A host process in the agent's group can connect as fast as it likes: one line
         # per agent and uid every STRANGER_LOG_EVERY seconds, with the count.
@@ -884,7 +891,9 @@ class EgressProxy:
                 )
         direct = bind_listener(path, mode=mode)  # refuses descriptors
         try:
-            handing = bind_listener(handover_path(path), mode=mode, descriptors=True)
+            handing = bind_listener(
+                handover_path(path), mode=mode, backlog=HANDOVER_BACKLOG, descriptors=True
+            )
         except BaseException:
             direct.close()
             path.unlink(missing_ok=True)
@@ -942,6 +951,7 @@ class EgressProxy:
         handover_path(path).unlink(missing_ok=True)
         self._pool.drop(name)
         self._accepts.forget(name)
+        self._handover_accepts.forget(name)
         # Its connections end with it: a relay asleep on a CPU debt would hold its sockets
         # (an upstream's too) for up to a pause, MAX_PAUSE (red team of session 21), and
         # every thread of its connections stops pausing.
@@ -1049,11 +1059,11 @@ class EgressProxy:
         if self.cpu is not None:
             self.cpu.charge(agent, time.thread_time() - started)
 
-    def _rest(self, name: str, handover_too: bool = True) -> None:
-        """``name``'s listeners (or its direct one only) are not read until ``_read_again``."""
+    def _rest(self, name: str, only: socket.socket | None = None) -> None:
+        """``name``'s listeners (or ``only``) are not read until ``_read_again``."""
         listeners = self._listeners.get(name)
         if listeners is not None and self._loop is not None:
-            for listener in listeners if handover_too else listeners[:1]:
+            for listener in listeners if only is None else (only,):
                 self._loop.remove_reader(listener.fileno())
 
     def _accept_one(self, name: str, listener: socket.socket) -> None:
@@ -1063,12 +1073,13 @@ class EgressProxy:
             at_cap = self._live.get(name, 0) >= self.max_connections + EGRESS_REFUSING
             if at_cap and not handover:
                 self._waiting.add(name)
-                self._rest(name, handover_too=False)
+                self._rest(name, only=listener)
                 return
-            if (wait := self._accepts.wait(name)) > 0:
-                self._rest(name)
+            bucket = self._handover_accepts if handover else self._accepts
+            if (wait := bucket.wait(name)) > 0:
+                self._rest(name, only=listener)
                 if self._loop is not None:
-                    self._loop.call_later(wait, self._read_again, name)
+                    self._loop.call_later(wait, self._read_again, name, listener)
                 return
             try:
                 conn, _ = listener.accept()
@@ -1123,12 +1134,14 @@ class EgressProxy:
             with contextlib.suppress(RuntimeError):  # the loop is shutting down
                 self._loop.call_soon_threadsafe(self._read_again, name)
 
-    def _read_again(self, name: str) -> None:
+    def _read_again(self, name: str, only: socket.socket | None = None) -> None:
+        """``name``'s listeners (or ``only``, if it is still one of them) read again."""
         listeners = self._listeners.get(name)
         if listeners is not None and self._loop is not None:
             # add_reader replaces a reader already there: resuming twice is harmless.
             for listener in listeners:
-                self._loop.add_reader(listener.fileno(), self._accept, name, listener)
+                if only is None or listener is only:
+                    self._loop.add_reader(listener.fileno(), self._accept, name, listener)
 
     def _emit(self, decision: Decision) -> None:
         snapshot = Decision(**decision.__dict__)
