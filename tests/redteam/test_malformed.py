@@ -417,7 +417,7 @@ def test_malformed_and_slow_requests_on_egress_sock(rt: HiveProcess, world: Worl
     with unchanged(rt), others_keep_working(rt):
         res = cage_run(rt, "rtcarol", EGRESS, requests=requests, slow=True, timeout=120)
     # The two hive sockets, and the hive CA's certificate and bundle (public; issue 16).
-    assert res["sockets"] == ["agent.sock", "ca-bundle.pem", "egress.sock", "hive-ca.pem"]
+    assert res["sockets"] == ["agent.sock", "ca-bundle.pem", "egress-handover.sock", "egress.sock", "hive-ca.pem"]
     replies = res["replies"]
     for label, (_, status, body) in EGRESS_BAD.items():
         assert replies[label][:2] == [status, body], (label, replies[label])

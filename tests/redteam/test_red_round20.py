@@ -324,8 +324,10 @@ def test_what_a_refused_egress_connection_sends_costs_the_core_nothing_and_slows
           f"threads {base_threads} -> peak {peak.threads}")
     s503 = "HTTP/1.1 503 Service Unavailable"
     assert res["first"] == s503 and res["holders_quiet"], res
-    # egress.sock refuses descriptors (session 28): the three sends with them were EPERM.
-    assert res.get("EPERM", 0) == (3 if PASSRIGHTS else 0), res
+    # egress.sock refuses descriptors (session 28): the three sends with them were EPERM
+    # (fds_after_64k's may meet its refusal's close first: EPIPE, as below).
+    eperm = 3 - (res["fds_after_64k"] == {"error": "EPIPE"})
+    assert res.get("EPERM", 0) == (eperm if PASSRIGHTS else 0), res
     extra = {"fds_with_request": {"pair_eof": True}, "fds_after_64k": {"pinned": s503}, "fds_alone": {}}
     for case, more in extra.items():
         if case == "fds_after_64k" and res[case] == {"error": "EPIPE"}:

@@ -130,11 +130,11 @@ for label, fn in (("unlink", lambda: os.unlink("/run/hive/agent.sock")),
         out["dir:" + label] = errname(e)
 
 # descriptors handed over on egress-handover.sock that are not one connected stream socket
-def handover(data, make):
+def handover(data, make, path="/run/hive/egress-handover.sock"):
     fds = make()
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(20)
-    s.connect("/run/hive/egress-handover.sock")
+    s.connect(path)
     try:
         socket.send_fds(s, [data], fds)
         for fd in fds:
@@ -177,7 +177,8 @@ for label, data, make in (("listening", b"\0", lst), ("udp", b"\0", udp), ("seqp
                           ("dir", b"\0", dirfd), ("wrong-byte", b"GET", pair),
                           ("unconnected", b"\0", unconnected), ("agent-sock", b"\0", agent_conn)):
     out["egress:" + label] = handover(data, make)
-out["egress:after"] = handover(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n", lambda: [])
+out["egress:after"] = handover(b"GET http://127.0.0.1:1/ HTTP/1.1\r\nHost: 127.0.0.1:1\r\n\r\n", lambda: [],
+                              "/run/hive/egress.sock")
 out["final"] = rcall({"cmd": "whoami"})
 result(**out)
 '''
