@@ -94,7 +94,7 @@ def serve_one(proxy: EgressProxy, request: bytes) -> bytes:
     client, server = socket.socketpair()
     with client:
         client.sendall(request)
-        t = threading.Thread(target=proxy._serve, args=("rtdns", server), daemon=True)
+        t = threading.Thread(target=proxy._serve, args=("rtdns", server, False), daemon=True)
         t.start()
         client.settimeout(10)
         data = b""

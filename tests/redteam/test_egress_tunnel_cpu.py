@@ -164,8 +164,8 @@ def test_an_agents_stop_ends_its_connections_and_wakes_their_relays(tmp_path: Pa
     from hyperhive.core.egress_tls import CpuMeter, CpuPacer
 
     proxy = egress.EgressProxy(lambda _a: (), lambda _d: None)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    proxy._listeners[AGENTS[0]] = listener  # (as listen() leaves it, without a loop)
+    listeners = egress._Listeners(socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX))
+    proxy._listeners[AGENTS[0]] = listeners  # (as listen() leaves them, without a loop)
     a, b = socket.socketpair()
     meter = CpuMeter(CpuPacer(0.01, 0), AGENTS[0])
     asleep = threading.Thread(target=meter.pause, args=(30.0,))

@@ -96,7 +96,7 @@ class Rig:
 
     def open(self, agent: str, head: bytes) -> socket.socket:
         cage, proxy_end = socket.socketpair()
-        t = threading.Thread(target=self.proxy._serve, args=(agent, proxy_end), daemon=True)
+        t = threading.Thread(target=self.proxy._serve, args=(agent, proxy_end, False), daemon=True)
         t.start()
         self.threads.append(t)
         self.cages.append(cage)

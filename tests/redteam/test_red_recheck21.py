@@ -271,12 +271,12 @@ def test_an_agents_stop_ends_a_connection_asleep_in_its_head_read(tmp_path: obje
     pacer = egress_tls.CpuPacer(0.02, 0)
     agent = "rcslow"
     proxy = egress.EgressProxy(lambda _a: (), lambda _d: None, cpu=pacer)
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    proxy._listeners[agent] = listener  # (as listen() leaves it, without a loop)
+    listeners = egress._Listeners(socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX))
+    proxy._listeners[agent] = listeners  # (as listen() leaves them, without a loop)
     proxy._live[agent] = 1  # (as _accept leaves it)
     pacer.owed(agent, 1.0)  # the agent's debt: ~49 s at 0.02
     cage, core = socket.socketpair()
-    served = threading.Thread(target=proxy._serve_counted, args=(agent, core), daemon=True)
+    served = threading.Thread(target=proxy._serve_counted, args=(agent, core, False), daemon=True)
     served.start()
     cage.sendall(b"GET http://x/ HTTP/1.1\r\nX: ")
     for _ in range(40):  # a byte a read: the 16th read paces

@@ -54,6 +54,9 @@ Broke (before, and with SO_PASSRIGHTS alone), fixed: egress
   (EPERM), root's count 6 with the harness stopped and 0 after each restart and 3 s on.
   Also: the operator's ``stop`` aborts the agent's connections (``LineConnection.abort``)
   instead of closing them, which waited for good to flush replies a peer never read.
+  Session 28: egress.sock refuses descriptors from its listener on (the window and its
+  look-through are gone) and the bridge hands over on egress-handover.sock instead; the
+  park's send is refused with EPERM from the connect.
 
 Each death's other figures: the other agent's page ``HTTP/1.1 200 OK`` throughout (18-36
 of root's in flight here, far under init's 20,000).
