@@ -200,8 +200,9 @@ def test_cage_reaches_no_hive_socket_but_its_own(caged_hive: HiveProcess, world:
     assert not connected, connected
     assert set(res["attempts"].values()) <= {"ENOENT", "EACCES", "ENOTDIR"}, res["attempts"]
     # The only sockets anywhere in the cage's filesystem are its own (agent.sock answers as
-    # alice; egress.sock is alice's way out through the proxy), in its own directory.
-    assert res["sockets"] == ["/run/hive/agent.sock", "/run/hive/egress.sock"]
+    # alice; egress.sock and egress-handover.sock are alice's way out through the proxy), in its
+    # own directory.
+    assert res["sockets"] == ["/run/hive/agent.sock", "/run/hive/egress-handover.sock", "/run/hive/egress.sock"]
     assert res["own"].startswith("CONNECTED "), res["own"]
     assert json.loads(res["own"].removeprefix("CONNECTED ")) == {"version": 1, "ok": True, "name": "alice"}
 
