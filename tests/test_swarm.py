@@ -11,6 +11,7 @@ import json
 import os
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -211,9 +212,12 @@ def test_cross_host_ask_and_answer(swarm: Swarm) -> None:
     assert_refused(bob.call("ask", to="carol", question="x"), "not one of bob's peers")
     assert_refused(bob.call("ask", to="zed", question="x"), "no agent named 'zed'")
     # Two hosts' questions to one agent, answered in the opposite order. What other
-    # modules on this session's swarm left in these inboxes is read first.
-    for host, agent in (("a", "alice"), ("b", "bob"), ("c", "carol")):
-        take(swarm, host, agent, wait=1.0)
+    # modules on this session's swarm left in these inboxes is read first (each inbox
+    # for 1 s, the three at once: each its own host and connection).
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for took in [pool.submit(take, swarm, host, agent, wait=1.0)
+                     for host, agent in (("a", "alice"), ("b", "bob"), ("c", "carol"))]:  # fmt: skip
+            took.result()
     qb = assert_ok(bob.call("ask", to="alice", question="from b"))["id"]
     qc = assert_ok(carol.call("ask", to="alice", question="from c"))["id"]
     got = {m["from"]: m for m in drain(swarm, "a", "alice", 2)}
@@ -534,13 +538,15 @@ def test_actions_on_the_stream_of_before_are_carried_out_once(swarm: Swarm) -> N
     finally:
         b.start()
     try:
-        got = drain(swarm, "b", "bob", 1, timeout=30, extra=2.0)
+        got = drain(swarm, "b", "bob", 1, timeout=30)
         assert [(m["from"], m["body"]) for m in got] == [("operator", body)], got
         wait_for(lambda: swarm.status("b")["actions_refused"] == 2, timeout=15)
         assert swarm.status("b")["actions_applied"] == 1
         info = _admin_js(swarm, lambda js: js.consumer_info(s.LEGACY_OPS_STREAM, s.ops_consumer("b", "a")))
         assert (info.num_pending, info.num_ack_pending) == (0, 0), info
-        assert drain(swarm, "b", "bob", 0, extra=1.0) == []  # once
+        # Once: all three are taken and acked (each applied or refused before its ack), so
+        # a second delivery of the send would be in bob's inbox by now.
+        assert drain(swarm, "b", "bob", 0, extra=1.0) == []
     finally:
         _admin_js(swarm, drop_old)
 

@@ -203,6 +203,22 @@ def cage_pid(hive: HiveProcess, name: str) -> int:
     return int(hive.cage(name)["pid"])
 
 
+def nothing_left_for(swarm: Swarm[HiveProcess], host: str, from_host: str) -> bool:
+    """``host``'s consumer of ``from_host``'s actions holds nothing: none waiting, none
+    handed out and not yet acked (read as the admin)."""
+
+    async def go() -> bool:
+        user, password = swarm.net.admin()
+        nc = await nats.connect([swarm.net.url("a")], user=user, password=password, connect_timeout=5)
+        try:
+            info = await nc.jetstream(timeout=10).consumer_info(s.OPS_STREAM, s.ops_consumer(host, from_host))
+            return info.num_pending == 0 and info.num_ack_pending == 0
+        finally:
+            await nc.close()
+
+    return asyncio.run(go())
+
+
 def recovered_after_kill(swarm: Swarm[HiveProcess], old_pid: int) -> None:
     """b's core was killed (it was ``old_pid``) and is back, and the action it was carrying
     was delivered to it again and found applied (not carried out again)."""
@@ -334,8 +350,10 @@ def test_kill9_of_b_right_after_a_carried_restart_or_destroy_is_applied_does_not
                 b.wait_running(["twice"])
                 restarted = cage_pid(b, "twice")
                 assert restarted != first  # restarted once ...
-                # (any delivery again has come by now: it was delivered before the kill)
-                time.sleep(s.ACK_WAIT_SECONDS + 1)
+                # Every delivery of it is done: b has acked it (after it applied or found
+                # it applied and published that), and the bus holds nothing more for b
+                # from a, so no delivery again can come (a waited ack would redeliver it).
+                wait_for(lambda: nothing_left_for(hives, "b", "a"), timeout=3 * s.ACK_WAIT_SECONDS)
                 assert cage_pid(b, "twice") == restarted  # ... and only once
                 assert hives.status("b")["actions_applied"] == 0
             else:

@@ -280,11 +280,12 @@ SINK_ADDR = SINK_NET.address(2)
 SINK_HOSTS = {"sink.r18r.test": SINK_ADDR}
 UPLOADER = "rt18up"
 TINY_PORT = 8443
+TINY_BYTES = 16 << 10  # of one-byte chunks on the wire, each answer (~2,700 h11 events)
 # A TLS server that answers any request with a chunked body of one-byte chunks: BYTES of
 # them on the wire (``1\r\nx\r\n``, 6 bytes each), then the end.
 TINY_SERVER = TLS_SERVER_HEAD + r"""
 BYTES = int(sys.argv[4])
-block = b"1\r\nx\r\n" * (65536 // 6)
+block = b"1\r\nx\r\n" * (min(BYTES, 65536) // 6)  # (64 KiB whatever BYTES, before)
 def answer(t, data):
     t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
     sent = 0
@@ -310,7 +311,7 @@ def sink_hive() -> Iterator[HiveProcess]:
             TINY_PORT,
             [
                 sys.executable, "-c", TINY_SERVER, SINK_ADDR, str(TINY_PORT),
-                str(d / "server.pem"), str(16 << 10),
+                str(d / "server.pem"), str(TINY_BYTES),
             ],
         )  # fmt: skip
         agents = {
@@ -419,14 +420,15 @@ each_conn(flood, size=len(line) - 1)
 
 
 def short_flood(h: HiveProcess, item: str) -> tuple[float, float, float]:
-    """8 connections of 2,000 lines of 4,093 bytes (``item`` repeated, and a literal
-    ``\\\\ud800``): (seconds, the core's CPU seconds, what the pacer charged past the
-    2 MiB burst in seconds)."""
+    """8 connections of 1,000 lines of 4,093 bytes (``item`` repeated, and a literal
+    ``\\\\ud800``; 50 lines of empty objects, each charged ~92 KB since the fix): (seconds,
+    the core's CPU seconds, what the pacer charged past the 2 MiB burst in seconds), each
+    over ~4 s or more of pacing."""
     from hyperhive.core.ratelimit import line_cost
 
     from .test_red_round23a import core_cpu
 
-    per_conn = 2000 if item != "{}" else 100  # (since fixed: each is charged ~92 KB now)
+    per_conn = 1000 if item != "{}" else 50  # (since fixed: each is charged ~92 KB now)
     cpu0, t0 = core_cpu(h), time.monotonic()
     got = cage_run(h, UPLOADER, SHORT, timeout=170, conns=8, per_conn=per_conn, item=item)
     took, cpu = time.monotonic() - t0, core_cpu(h) - cpu0
@@ -464,7 +466,7 @@ def test_lines_just_under_the_container_threshold_cost_no_more_than_charged(
     surrogates itself, so only the stdlib path needs the walk)."""
     took, cpu, charged = short_flood(sink_hive, "{}")
     assert cpu <= 0.6 * charged, (
-        f"16,000 lines of 4,093 bytes of empty objects: the core spent {cpu:.2f} s of CPU"
+        f"8 x 50 lines of 4,093 bytes of empty objects: the core spent {cpu:.2f} s of CPU"
         f" in {took:.1f} s; the pacer charged {charged:.2f} s past the burst"
     )
 
@@ -621,8 +623,8 @@ def test_a_response_of_one_byte_chunks_costs_the_core_no_more_than_a_request_may
     )["out"]
     took, cpu = time.monotonic() - t0, core_cpu(sink_hive) - cpu0
     print(f"one-byte chunks answered: {out}; {took:.1f} s, the core's CPU {cpu:.2f} s")
-    assert all(isinstance(o, dict) and o["raw_bytes"] > 16 << 10 for o in out), out
+    assert all(isinstance(o, dict) and o["raw_bytes"] > TINY_BYTES for o in out), out
     assert cpu < 0.25 * took, (
-        f"2 responses of 16 KiB of one-byte chunks: the core spent {cpu:.2f} s of CPU in"
+        f"2 responses of {TINY_BYTES >> 10} KiB of one-byte chunks: the core spent {cpu:.2f} s of CPU in"
         f" {took:.1f} s relaying them ({out})"
     )
