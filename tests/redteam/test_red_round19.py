@@ -433,12 +433,10 @@ def test_closed_waits_at_the_cap_with_megabytes_left_cost_no_more_than_a_live_ag
     nobody (no write buffer holds it back, as a live peer's unread replies would), but at
     bob's own pace (the byte pacer shared by all his connections: ~4,096 requests a
     second past the burst), so the cost is what a live bob reading his replies could
-    impose: over 4 s alice is answered within MAX_CORE_LATENCY, the core's CPU stays
+    impose: over 8 s alice is answered within MAX_CORE_LATENCY, the core's CPU stays
     under half a core, its memory grows by no more than the 32 buffers, no epoll is
     added; the connections go as their lines run out (figures printed: how many are
-    still there, at 4 s). A connection reset with a reply unread drops its lines at once.
-    (8 s in the round: the CPU is a rate, ~0.1 s a second past the first second's 0.2 s,
-    and the memory the buffers, whatever the time; 4 s gives the same verdicts.)"""
+    still there, at 8 s). A connection reset with a reply unread drops its lines at once."""
     assert core.proc is not None
     pid = core.proc.pid
     before = _fds(core)
@@ -466,18 +464,18 @@ def test_closed_waits_at_the_cap_with_megabytes_left_cost_no_more_than_a_live_ag
         cpu0 = _cpu(pid)
         for s in conns:
             _go(s, "close")
-        time.sleep(4)
+        time.sleep(8)
         spent = _cpu(pid) - cpu0
         held = _fds(core).get("socket", 0) - before.get("socket", 0) - 1  # (alice's client aside)
         rss = int(_status(pid)["VmRSS"].split()[0])
     finally:
         stop.set()
         watcher.join()
-    print(f"32 closed waits with {left / 2**20:.1f} MiB of whoami left: at 4 s {held} of them still taken, "
+    print(f"32 closed waits with {left / 2**20:.1f} MiB of whoami left: at 8 s {held} of them still taken, "
           f"the core's CPU {spent:.2f} s, its RSS {rss0 // 1024} -> {rss // 1024} MiB, "
           f"alice's slowest whoami {worst[0]:.3f} s")
     assert worst[0] < MAX_CORE_LATENCY, worst
-    assert spent < 2.0, spent  # half a core
+    assert spent < 4.0, spent
     assert rss - rss0 < 32 * 4 * 1024 + 64 * 1024, (rss0, rss)
     after = _fds(core)
     assert after.get("anon_inode:[eventpoll]", 0) <= before.get("anon_inode:[eventpoll]", 0), (before, after)
