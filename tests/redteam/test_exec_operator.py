@@ -54,7 +54,10 @@ if os.fork() == 0:
         os.execvp("python3", ["python3", "-c", src])
     os._exit(0)
 os.wait()
-time.sleep(0.2)
+ready = sys.argv[1]  # the attacker's own word that it runs (its loop started)
+deadline = time.monotonic() + 30
+while not os.path.exists(ready) and time.monotonic() < deadline:
+    time.sleep(0.01)
 print("launched", flush=True)
 if init > 1:  # 0: a parent outside our pid namespace (then nothing holds the attacker)
     os.kill(init, signal.SIGKILL)  # now the attacker is the cage's, like a leftover of a turn
@@ -158,8 +161,9 @@ if P["technique"] == "scm-rights":
 open(D + ".ready", "w").close()
 deadline = time.monotonic() + 60
 while not os.path.exists(D + ".go") and time.monotonic() < deadline:
-    # Every process this uid may signal, seen or not (once its own launcher is gone).
-    if P["technique"] == "kill-all" and time.monotonic() > deadline - 59.2:
+    # Every process this uid may signal, seen or not (once its own launcher is gone: the
+    # test arms it as soon as the launcher's exec returned, before the operator's starts).
+    if P["technique"] == "kill-all" and os.path.exists(D + ".armed"):
         try:
             os.kill(-1, signal.SIGKILL)
         except OSError as e:
@@ -230,7 +234,7 @@ import array, socket, sys, time
 s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 s.connect("\0rtx-" + sys.argv[2])
 s.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
-time.sleep(1)
+time.sleep(0.5)  # about 25 of the attacker's scans: it takes them while the command runs
 """
 
 
@@ -255,9 +259,11 @@ class Attacker:
         src = ATTACKER.replace(
             "json.loads(PARAMS)", f"json.loads({json.dumps(json.dumps(params))})"
         )
-        proc = h.exec(NAME, "python3", "-c", LAUNCH, input=src)
+        ready = f"/home/agent/.rtx/{self.id}.ready"
+        proc = h.exec(NAME, "python3", "-c", LAUNCH, ready, input=src)
         assert "launched" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr)
         wait_for(self.dir / f"{self.id}.ready", "the attacker to start")
+        (self.dir / f"{self.id}.armed").touch()  # its launcher is gone: kill-all may begin
 
     def result(self) -> dict[str, Any]:
         (self.dir / f"{self.id}.go").touch()
@@ -366,8 +372,9 @@ def test_leftover_process_cannot_take_the_operators_terminal(
     if technique == "scm-rights":
         argv = ["python3", "-c", SENDER, marker, attacker.id]
     else:
-        # 1.2 s: about 60 of the attacker's scans (one each 20 ms) while it runs
-        argv = ["sh", "-c", "sleep 1.2; echo done", marker]
+        # 0.6 s: about 30 of the attacker's scans (one each 20 ms) while it runs, each
+        # retrying its technique until it works
+        argv = ["sh", "-c", "sleep 0.6; echo done", marker]
     if mode == "tty":
         master, slave = pty.openpty()
         before = termios.tcgetattr(slave)
@@ -384,8 +391,14 @@ def test_leftover_process_cannot_take_the_operators_terminal(
         assert termios.tcgetattr(slave) == before, "the operator's terminal mode was not restored"
         os.write(master, token.encode() + b"\n")  # the operator types a secret after exec returned
         res = attacker.result()
-        time.sleep(0.5)
-        out += drain(master)
+        # Whatever the attacker wrote to a terminal of ours is ahead of this line on the
+        # master (one tty, one output queue): read up to it, not for a guessed while.
+        os.write(slave, b"rx-barrier\n")
+        deadline = time.monotonic() + 30
+        while b"rx-barrier" not in out and time.monotonic() < deadline:
+            out += drain(master)
+            time.sleep(0.01)
+        assert b"rx-barrier" in out, out
         typed = drain(slave)  # what is waiting for the operator's shell
         os.close(master)
         os.close(slave)
@@ -442,15 +455,15 @@ MEMORY = [
     "pidfd_open",
     "kill-all",
 ]
-# 1.5 s: kill-all starts 0.8 s after the attacker is ready (its launcher gone 0.2 s after
-# its start), about when the exec starts: over a second of kill(-1) while the operator's
-# command runs.
+# 0.7 s: about 35 of the attacker's scans (each retrying its technique until it works);
+# kill-all is armed once its launcher is gone, before the exec starts: kill(-1) every
+# 20 ms through the exec's whole setup and the operator's command's run.
 SHAPES = {
-    "command": ["python3", "-c", "import time; time.sleep(1.5)", "MARK", "TOKEN"],
+    "command": ["python3", "-c", "import time; time.sleep(0.7)", "MARK", "TOKEN"],
     "grandchild": [
         "sh",
         "-c",
-        "python3 -c 'import time; time.sleep(1.5)' MARK TOKEN & wait",
+        "python3 -c 'import time; time.sleep(0.7)' MARK TOKEN & wait",
         "MARK",
         "TOKEN",
     ],
