@@ -186,15 +186,22 @@ def p(samples: list[float], q: float) -> float:
 
 
 def flood_while_timing(
-    h: HiveProcess, script: str, *, settle: float = 0.0, agent: str = FLOODER, **params: Any
+    h: HiveProcess,
+    script: str,
+    *,
+    settle: float = 0.0,
+    agent: str = FLOODER,
+    before: float = 0.5,
+    **params: Any,
 ) -> tuple[list[float], list[float], float, dict[str, Any]]:
     """Run ``script`` in ``agent``'s cage (the flooder's) while the bystander's whoami is
     timed, from its start (after ``settle`` s: the probe's start and handshakes) until the
     probe ends:
     (the samples before, those during, the core's CPU in cores over the flood, the
-    probe's result)."""
+    probe's result). The samples before are taken for ``before`` s: 0.5 (they are only
+    shown), 1 where the probes' cost is taken from them (``_probes_cpu_s``)."""
     cpu0 = core_cpu(h)
-    base = latencies(h, 1.0)
+    base = latencies(h, before)
     # What the probes themselves cost the core a sample (fresh connections, each), measured
     # before the flood: the flood's own cost is what the core spent beyond them.
     probe_cpu = (core_cpu(h) - cpu0) / len(base)
@@ -443,7 +450,7 @@ def test_an_ack_flood_of_ten_thousand_ids_does_not_starve_the_core(sink_hive: Hi
 
     h = sink_hive
     _base, during, cpu, holder = flood_while_timing(
-        h, ACK_FLOOD, agent=ACKER, conns=32, per_conn=4, ids=10000, first=10**9
+        h, ACK_FLOOD, agent=ACKER, before=1.0, conns=32, per_conn=4, ids=10000, first=10**9
     )
     refusal = '{"version":1,"ok":false,"error":"no message 1000000000 in this inbox"}'
     assert [(o["n"], o["first"]) for o in holder["out"]] == [(4, refusal)] * 32, holder
@@ -510,7 +517,7 @@ def test_wide_lines_cost_the_event_loop_no_more_than_the_pacer_charges(
     # 5 lines (8 before session 24: the same shape, ~12 s past the burst instead of ~25)
     lines = 5
     base, during, cpu, holder = flood_while_timing(
-        h, WIDE, agent=ACKER, conns=lines, per_conn=1, cmd="whoami"
+        h, WIDE, agent=ACKER, before=1.0, conns=lines, per_conn=1, cmd="whoami"
     )  # (on the bucket the ack flood drained)
     refusal = '{"version":1,"ok":false,"error":"unknown field \'y\'"}'
     assert [(o["n"], o["first"]) for o in holder["out"]] == [(1, refusal)] * lines, holder
