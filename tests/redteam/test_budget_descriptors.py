@@ -88,9 +88,9 @@ class Peak:
 def test_core_raised_its_nofile_and_logged_its_budget(bh: HiveProcess) -> None:
     soft, hard = core_limits(bh)
     assert soft == hard
-    # agent.sock: its listener and the cap per uid; egress.sock: its listener, 6 a tunnel,
+    # agent.sock: its listener and the cap per uid; egress: its two listeners, 6 a tunnel,
     # one being refused, and the idle upstream connections kept (at most 4).
-    egress = 6 * EGRESS_CONNS + 1 + 1 + min(4, EGRESS_CONNS)
+    egress = 6 * EGRESS_CONNS + 2 + 1 + min(4, EGRESS_CONNS)
     per_agent = (2 * AGENT_CONNS + 1) + egress
     line = (f"hive-core: budget: {MAX_AGENTS} agents x ({2 * AGENT_CONNS + 1} agent.sock + {egress}"
             f" egress) fds + reserve 512 = {MAX_AGENTS * per_agent + 512} <= NOFILE {soft};")
