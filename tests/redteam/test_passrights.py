@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import select
 import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
 
@@ -239,3 +241,70 @@ def test_a_handover_at_the_cap_is_closed_unread_not_left_in_the_backlog(tmp_path
 
     got = asyncio.run(main())
     assert got == {"pipe": "EOF", "direct": "waiting"}, got
+
+
+def _lingering_pair() -> tuple[socket.socket, socket.socket]:
+    """A TCP pair on loopback whose first end has ~MBs queued that the second never reads,
+    and SO_LINGER on for ~68 years: the last close of the first waits for the second."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        a = socket.create_connection(srv.getsockname())
+        b, _ = srv.accept()
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    a.setblocking(False)
+    try:
+        while True:
+            a.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 2**31 - 1))
+    return a, b
+
+
+def test_a_lingering_socket_handed_over_at_the_cap_never_holds_the_event_loop(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """At the cap a handover is let go of unread; what it carries (a TCP socket whose sender
+    set SO_LINGER and filled its queue, with that socket's own peer after it) is released
+    where it is let go of, and the last close of such a socket waits for its peer to read:
+    forever, if the peer is in the same message. Done in the event loop (session 28's first
+    form of the cap), that hung the whole core. The loop must answer within a second, and a
+    pipe's write end in the same message must be let go of. FAILS (times out) otherwise."""
+    import asyncio
+
+    from hyperhive.core.budget import EGRESS_REFUSING
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = threading.Thread(target=lambda: (asyncio.set_event_loop(loop), ready.set(), loop.run_forever()),
+                              daemon=True)
+    runner.start()
+    ready.wait(5)
+    proxy = egress.EgressProxy(lambda a: (), lambda d: None, max_connections=2)
+    path = tmp_path / "egress.sock"
+
+    async def serve() -> None:
+        proxy.listen("a", path, 0o600)
+        proxy._live["a"] = 2 + EGRESS_REFUSING  # the cap
+
+    asyncio.run_coroutine_threadsafe(serve(), loop).result(5)
+    a, b = _lingering_pair()
+    r, w = os.pipe()
+    with socket.socket(socket.AF_UNIX) as hand:
+        hand.connect(str(egress.handover_path(path)))
+        socket.send_fds(hand, [HANDOVER], [a.fileno(), b.fileno(), w])
+    for s in (a, b):
+        s.close()
+    os.close(w)
+
+    async def tick() -> float:
+        t0 = time.monotonic()
+        await asyncio.sleep(0.05)
+        return time.monotonic() - t0
+
+    answered = []
+    for _ in range(5):
+        answered.append(round(asyncio.run_coroutine_threadsafe(tick(), loop).result(2), 3))
+        time.sleep(0.1)
+    eof = bool(select.select([r], [], [], 3)[0]) and os.read(r, 1) == b""
+    os.close(r)
+    print(f"\nthe loop's ticks with a lingering pair dropped at the cap: {answered}; pipe at EOF {eof}")
+    assert eof, "the pipe's write end is still held"
+    loop.call_soon_threadsafe(loop.stop)

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hyperhive.cage.layout import HANDOVER
-from hyperhive.core import egress_tls
+from hyperhive.core import egress_tls, received_fds
 from hyperhive.core.budget import EGRESS_REFUSING
 from hyperhive.core.connlimit import rest_listener
 from hyperhive.core.egress_pool import IDLE_REUSE, Idle, UpstreamPool, pool_size
@@ -507,8 +507,11 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     try:
         if not handover:
             return conn, conn.recv(65536)
-        # Room for more than the one a handover brings, so that more are seen (and refused).
-        data, fds, _flags, _ = socket.recv_fds(conn, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+        # Room for all a message may bring: what a read can't take the kernel drops in this
+        # thread, and a lingering TCP socket's last close waits (received_fds).
+        data, fds, _flags, _ = socket.recv_fds(
+            conn, 65536, received_fds.SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC
+        )
     except TimeoutError:
         raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s") from None
     for fd in fds:
@@ -522,14 +525,13 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
             )
         client = socket.socket(fileno=fds.pop())
     finally:
-        for fd in fds:
-            os.close(fd)
+        received_fds.close_received(fds)
     # TCP only, what the bridge hands over: a unix stream's peer could send descriptors
     # into it that wait there, in flight, behind a relay its upstream stalls (red team
     # round 30).
     families = (socket.AF_INET, socket.AF_INET6)
     if client.type != socket.SOCK_STREAM or client.family not in families:
-        client.close()
+        received_fds.close_received([client.detach()])
         raise Refusal(400, "a handed-over connection must be a TCP stream socket")
     # Connected, not a listener: a harness handing its bridge listener over left a copy
     # in the core that outlived the harness and took a share of the next one's
@@ -540,9 +542,10 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     except OSError:
         listening = 1
     if listening:
-        client.close()
+        received_fds.close_received([client.detach()])
         raise Refusal(400, "a handed-over connection must be a connected socket")
-    conn.close()  # what the peer queued behind the handover goes with it
+    received_fds.drain(conn)  # what the peer queued behind the handover, let go of
+    conn.close()
     return client, b""
 
 
@@ -748,16 +751,20 @@ def _log_stranger(key: tuple[str, int], refused: int) -> None:
 
 
 def _refuse_unread(
-    conn: socket.socket, status: int, reason: str, listeners: tuple[socket.socket, ...]
+    conn: socket.socket,
+    status: int,
+    reason: str,
+    listeners: tuple[socket.socket, ...],
+    handover: bool = False,
 ) -> None:
     """Refuse before reading the request, but first take what the client sends (one read,
     within ``REFUSE_READ`` s), so that its own write of the request does not meet a closed
     socket (EPIPE) and lose the reply: a client that connects at the cap and is slow to
     write (descheduled, say) reads its 503. The wait ends at once when the agent's
     ``listeners`` (either of its two) has another connection waiting: a flood of silent
-    connections is refused at the pace it comes, not one a second. A plain read:
-    descriptors handed over with it are closed by the kernel, so the refusal still holds
-    one descriptor."""
+    connections is refused at the pace it comes, not one a second. A direct request's read
+    is a plain one (egress.sock takes no descriptors); a handover's is ``drain``, which lets
+    go of what came with it without waiting on a lingering socket."""
     poller = select.poll()
     poller.register(conn, select.POLLIN)
     for listener in listeners:
@@ -765,10 +772,13 @@ def _refuse_unread(
             poller.register(listener.fileno(), select.POLLIN)
     ready = {fd for fd, _ in poller.poll(REFUSE_READ * 1000)}
     if conn.fileno() in ready:
-        try:
-            conn.recv(65536, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
+        if handover:
+            received_fds.drain(conn)
+        else:
+            try:
+                conn.recv(65536, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
     _reply(conn, status, reason)
 
 
@@ -845,6 +855,7 @@ class EgressProxy:
         # backlog holds the rest), so refusals can't pile up descriptors (see budget).
         self._live: dict[str, int] = {}
         self._waiting: set[str] = set()  # listeners not read until a thread ends
+        self._dropping: set[str] = set()  # agents with a handover at the cap being dropped
         # Connections accepted per agent and second (0: no bound), a burst of twice that:
         # each is a thread, a parse, a decision and its log row, and a cage connecting as
         # fast as it can held a core's worth of CPU with refusals (red team round 22).
@@ -946,7 +957,15 @@ class EgressProxy:
         for listener in listeners:
             if self._loop is not None:
                 self._loop.remove_reader(listener.fileno())
-            listener.close()
+        listeners.direct.close()
+        # The handover listener's close drops what its backlog's connections hold, in the
+        # closing thread (a lingering socket among it would wait there): not the loop's.
+        try:
+            threading.Thread(
+                target=listeners.handover.close, name="egress-close", daemon=True
+            ).start()
+        except RuntimeError:  # no thread to be had, or shutting down
+            listeners.handover.close()
         path.unlink(missing_ok=True)
         handover_path(path).unlink(missing_ok=True)
         self._pool.drop(name)
@@ -1071,7 +1090,8 @@ class EgressProxy:
         handover = listeners is not None and listener is listeners.handover
         with self._lock:
             at_cap = self._live.get(name, 0) >= self.max_connections + EGRESS_REFUSING
-            if at_cap and not handover:
+            if at_cap and (not handover or name in self._dropping):
+                # A handover waits too while the agent's one drop is under way.
                 self._waiting.add(name)
                 self._rest(name, only=listener)
                 return
@@ -1095,14 +1115,25 @@ class EgressProxy:
                     )
                 return
             if at_cap:
-                # A handover at the cap is closed unread, here: left in the backlog it would
-                # hold whatever its peer queued (descriptors in flight: a harness's page pair
-                # with root's on it) for as long as the agent's connections last, a
-                # tunnel to an upstream that never reads for good. The bridge closes the
-                # runtime's connection: the same end a 503 to the bridge had.
+                # A handover at the cap is dropped unread: left in the backlog it would hold
+                # whatever its peer queued (descriptors in flight: a harness's page pair with
+                # root's on it) for as long as the agent's connections last, a tunnel to an
+                # upstream that never reads for good. The bridge closes the runtime's
+                # connection: the same end a 503 to the bridge had. In a thread of its own,
+                # one an agent: what it lets go of may be a lingering socket, whose close
+                # must never be the event loop's (received_fds).
+                self._dropping.add(name)
+            else:
+                self._live[name] = self._live.get(name, 0) + 1
+        if at_cap:
+            try:
+                threading.Thread(
+                    target=self._drop, args=(name, conn), name=f"egress-drop-{name}", daemon=True
+                ).start()
+            except RuntimeError:  # no thread to be had: let go of here, as before
                 conn.close()
-                return
-            self._live[name] = self._live.get(name, 0) + 1
+                self._dropped(name)
+            return
         conn.setblocking(True)
         try:
             threading.Thread(
@@ -1115,6 +1146,22 @@ class EgressProxy:
             log.warning("egress %s: connection refused: %s", name, e)
             conn.close()
             self._release_slot(name)
+
+    def _drop(self, name: str, conn: socket.socket) -> None:
+        """A handover taken at the cap, let go of unread (in its thread)."""
+        try:
+            received_fds.drain(conn)
+            conn.close()
+        finally:
+            self._dropped(name)
+
+    def _dropped(self, name: str) -> None:
+        with self._lock:
+            self._dropping.discard(name)
+            self._waiting.discard(name)
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is shutting down
+                self._loop.call_soon_threadsafe(self._read_again, name)
 
     def _serve_counted(self, name: str, conn: socket.socket, handover: bool) -> None:
         try:
@@ -1176,7 +1223,7 @@ class EgressProxy:
             allowed = self._allowed.get(agent)
             if allowed is not None and cred.uid not in allowed:
                 self._stranger_log.event((agent, cred.uid))
-                _refuse_unread(conn, 403, f"uid {cred.uid} is not agent {agent}", waiting)
+                _refuse_unread(conn, 403, f"uid {cred.uid} is not agent {agent}", waiting, handover)
                 return
             with self._lock:
                 if self._active.get(agent, 0) < self.max_connections:
@@ -1188,6 +1235,7 @@ class EgressProxy:
                     503,
                     f"at most {self.max_connections} egress connections at once per agent",
                     waiting,
+                    handover,
                 )
                 return
             try:
@@ -1283,7 +1331,9 @@ class EgressProxy:
             # descriptor is always one of the agent's max_connections (the budget's sum).
             if upstream is not None:
                 upstream.close()
-            conn.close()
+            if handover and conn.family == socket.AF_UNIX:  # refused before the handover
+                received_fds.drain(conn)
+            received_fds.close_client(conn)
             # A refused connection's CPU too (a head sent a byte at a time, then refused,
             # cost the core 1.5 CPUs uncharged: red team of session 21), slept off with
             # the connection's slot held.

@@ -1,0 +1,120 @@
+"""Descriptors an agent handed the core, let go of without waiting (runs in hive-core).
+
+Closing the last reference to a TCP socket whose sender set ``SO_LINGER`` (on, with a long
+time) and filled its send queue makes the close wait until the peer reads, for as long as
+the linger says. The core is the last holder of whatever it received and did not keep,
+including what waits unread in a unix connection it closes (the kernel drops those at the
+close, in the closing thread) and what a plain read discards. A pair's two ends sent
+together waited for each other in the core's thread forever (re-check of session 28: the
+agent's egress slots and root's page pair end kept for the core's lifetime).
+
+So a received descriptor is closed here: every one that is not a TCP socket first, then
+each TCP socket reset (linger 0 s, then disconnected: a socket in CLOSE waits for nothing
+whatever its linger says), and a unix connection that took descriptors is emptied into
+this before it is closed. The sender may keep a copy and race to set its linger again
+between the reset and the close; then its own copy's close is the last, and the wait its.
+
+Left (a known limit): a unix socket received in turn holds its own queue, which its close
+drops in the closing thread; that queue is not emptied here, so a lingering socket nested
+there can still hold the thread that lets go of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import socket
+import struct
+
+from hyperhive.unixsock import refuse_descriptors
+
+SCM_MAX_FD = 253  # the most descriptors one message carries (the kernel's SCM_MAX_FD)
+DRAIN_MESSAGES = 20_000  # messages a drain takes at most (a full queue is ~16k tiny ones)
+_ROOM = socket.CMSG_SPACE(SCM_MAX_FD * 4)
+_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: the close resets, never waits
+_NO_LINGER = struct.pack("ii", 0, 0)  # SO_LINGER off: the close sends FIN, never waits
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _SockaddrUnspec(ctypes.Structure):
+    _fields_ = [("family", ctypes.c_ushort), ("data", ctypes.c_char * 14)]
+
+
+def _inet_stream(fd: int) -> bool:
+    try:
+        probe = socket.socket(fileno=fd)
+    except OSError:  # ENOTSOCK: no socket
+        return False
+    try:
+        return (
+            probe.family in (socket.AF_INET, socket.AF_INET6) and probe.type == socket.SOCK_STREAM
+        )
+    finally:
+        probe.detach()
+
+
+def _reset_and_close(fd: int) -> None:
+    """A TCP socket closed at once: reset, and disconnected (``connect`` with AF_UNSPEC)."""
+    sock = socket.socket(fileno=fd)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+    address = _SockaddrUnspec(socket.AF_UNSPEC)
+    _libc.connect(fd, ctypes.byref(address), ctypes.sizeof(address))  # errors: closed anyway
+    sock.close()
+
+
+def close_received(fds: list[int]) -> None:
+    """Close descriptors received and not kept: all but TCP sockets first (the sender's
+    peer of a lingering socket among them goes before that socket does), then each TCP
+    socket reset. Never raises."""
+    streams = []
+    for fd in fds:
+        if _inet_stream(fd):
+            streams.append(fd)
+        else:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    for fd in streams:
+        with contextlib.suppress(OSError):
+            _reset_and_close(fd)
+
+
+def drain(conn: socket.socket) -> None:
+    """Empty unix connection ``conn`` of what waits in it, descriptors and all, before it is
+    closed (it is left non-blocking): from now on it refuses more (``SO_PASSRIGHTS`` 0),
+    and what it held is read (up to DRAIN_MESSAGES messages, none waited for) and let go of
+    by ``close_received``. Never raises."""
+    refuse_descriptors(conn)
+    # Non-blocking: with a timeout set, Python would wait for more first (MSG_DONTWAIT or not).
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+    received: list[int] = []
+    try:
+        for _ in range(DRAIN_MESSAGES):
+            try:
+                data, ancdata, _flags, _ = conn.recvmsg(
+                    65536, _ROOM, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
+                )
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                break
+            for level, kind, payload in ancdata:
+                if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
+                    usable = len(payload) - len(payload) % 4
+                    received.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
+            if not data and not ancdata:
+                break  # the peer's end of stream
+    finally:
+        close_received(received)
+
+
+def close_client(sock: socket.socket) -> None:
+    """Close a connection the core served (a handed-over TCP client's last close): linger
+    off first, so that a sender's SO_LINGER can't make the close wait for its peer."""
+    if sock.fileno() >= 0 and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _NO_LINGER)
+    sock.close()
