@@ -10,7 +10,10 @@ taken with ``pidfd_getfd``, the sends made by a child of the test with the harne
 A descriptor's last copy is watched through a pipe: its read end sees EOF only once no copy
 of the write end is left anywhere (in flight in a queue, or in the core).
 
-Broke (not in c007afd's diff: session 28's handover refusal, ``egress._receive``; medium
+Broke, fixed the same session (``core/received_fds.py``: what is received and not kept is
+let go of without waiting, TCP sockets reset and disconnected after everything else, a
+handover's connection emptied before its close, and never in the event loop; both cases
+below now pass). Not in c007afd's diff: session 28's handover refusal, ``egress._receive``; medium
 for the agent's own egress and the core's resources, low for root's descriptors since those
 need a compromised harness). ``_receive`` takes up to 4 descriptors in the one message and,
 refusing a message of more than one, closes them IN ORDER in its ``finally``, in the
