@@ -113,14 +113,15 @@ result(attempts=out, sockets=sorted(sockets), sys=os.path.exists("/sys"), run=so
 
 def test_host_system_sockets_unreachable(rt: HiveProcess, world: World) -> None:
     """D-Bus, systemd, journald, nscd, docker: none exist in the cage; the only socket in
-    its whole filesystem is its own agent.sock (and egress.sock where the hive has one)."""
+    its whole filesystem is its own agent.sock (and egress.sock and egress-handover.sock where
+    the hive has them)."""
     paths = ["/run/dbus/system_bus_socket", "/var/run/dbus/system_bus_socket", "/run/systemd/private",
              "/run/systemd/journal/socket", "/run/systemd/notify", "/var/run/nscd/socket", "/run/docker.sock",
              "/tmp/.X11-unix/X0", "/run/user/0/bus"]
     with unchanged(rt):
         res = cage_run(rt, "rtalice", SYSTEM, paths=paths)
     assert res["attempts"] == dict.fromkeys(paths, "ENOENT")
-    assert set(res["sockets"]) <= {"/run/hive/agent.sock", "/run/hive/egress.sock"}
+    assert set(res["sockets"]) <= {"/run/hive/agent.sock", "/run/hive/egress.sock", "/run/hive/egress-handover.sock"}
     assert "/run/hive/agent.sock" in res["sockets"]
     assert res["sys"] is False  # no /sys: no cgroupfs to raise its own limits with
     assert res["run"] == ["hive"]
