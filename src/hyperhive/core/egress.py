@@ -497,7 +497,7 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     and any request bytes already read.
 
     Descriptors come only on the handover socket, in its one message; the connection is
-    closed right after it, and with it anything queued behind. egress.sock refuses them
+    emptied of anything queued behind it (``received_fds.drain``) and closed. egress.sock refuses them
     from its listener on (``bind_listener``: a peer's ``sendmsg`` gets EPERM), so none can
     wait in a direct request's queue behind a relay whose upstream stopped reading (red
     team round 30: a harness's page pair, six of root's, kept past the harness's death).
