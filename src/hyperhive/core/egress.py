@@ -497,10 +497,11 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     and any request bytes already read.
 
     Descriptors come only on the handover socket, in its one message; the connection is
-    emptied of anything queued behind it (``received_fds.drain``) and closed. egress.sock refuses them
-    from its listener on (``bind_listener``: a peer's ``sendmsg`` gets EPERM), so none can
-    wait in a direct request's queue behind a relay whose upstream stopped reading (red
-    team round 30: a harness's page pair, six of root's, kept past the harness's death).
+    emptied of anything queued behind it (``received_fds.drain``) and closed. egress.sock
+    refuses them from its listener on (``bind_listener``: a peer's ``sendmsg`` gets EPERM),
+    so none can wait in a direct request's queue behind a relay whose upstream stopped
+    reading (red team round 30: a harness's page pair, six of root's, kept past the
+    harness's death).
     That replaces session 27's peek through a direct request's queue (two re-checks broke
     its first forms)."""
     conn.settimeout(max(0.01, deadline - time.monotonic()))
