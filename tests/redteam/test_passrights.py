@@ -308,3 +308,30 @@ def test_a_lingering_socket_handed_over_at_the_cap_never_holds_the_event_loop(tm
     print(f"\nthe loop's ticks with a lingering pair dropped at the cap: {answered}; pipe at EOF {eof}")
     assert eof, "the pipe's write end is still held"
     loop.call_soon_threadsafe(loop.stop)
+
+
+def test_a_nested_lingering_pair_is_let_go_of_within_a_second() -> None:
+    """What no reset reaches: a unix socket whose own queue holds a lingering pair, both
+    orders ([a, b, b', a']: whichever the kernel lets go of first, a lingering end goes
+    before its peer). Its close drops the queue in the closing thread, whose last close of
+    the lingering end waits forever for a peer that is next in line. ``watched`` (armed)
+    nudges the thread past PATIENCE: the close must return within a second, with the
+    watchdog's nudges seen. FAILS (the thread never returns) without the watchdog."""
+    from hyperhive.core import received_fds
+
+    received_fds.arm()
+    x, y = socket.socketpair()
+    a, b = _lingering_pair()
+    a2, b2 = _lingering_pair()
+    socket.send_fds(y, [b"\0"], [a.fileno(), b.fileno(), b2.fileno(), a2.fileno()])
+    for s in (a, b, a2, b2, y):
+        s.close()
+    nudged = received_fds.nudges()
+    t0 = time.monotonic()
+    closer = threading.Thread(target=received_fds.close_received, args=([x.detach()],), daemon=True)
+    closer.start()
+    closer.join(3)
+    took = time.monotonic() - t0
+    print(f"\na nest let go of in {took:.3f} s, {received_fds.nudges() - nudged} nudge(s)")
+    assert not closer.is_alive(), "the closing thread still waits on the nested lingering pair"
+    assert took < 1.0 and received_fds.nudges() > nudged, (took, received_fds.nudges() - nudged)

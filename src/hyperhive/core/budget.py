@@ -53,7 +53,7 @@ EGRESS_REFUSING = 1
 # Threads of egress connections being refused, and of a tunnel still ending.
 SPARE_TASKS_PER_AGENT = 8
 AGENT_SOCK_BACKLOG = 8  # connections the kernel queues on one agent.sock before refusing
-RESERVE_TASKS = 64  # main thread, asyncio's default executor (to_thread), uvicorn
+RESERVE_TASKS = 64  # main thread, asyncio's default executor (to_thread), uvicorn, a watchdog
 
 
 class BudgetError(Exception):

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hyperhive.config import CONFIG_REFUSED, HiveConfig, origin_of
+from hyperhive.core import received_fds
 from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
 from hyperhive.core.budget import Budget, plan, raise_nofile, task_limit
 from hyperhive.core.cages import CageLifecycle
@@ -65,6 +66,9 @@ def check_budget(opts: CoreOptions) -> Budget:
 
 async def run_core(opts: CoreOptions) -> None:
     check_budget(opts)
+    # Before any agent can hand anything over: a close that would wait on a sender's
+    # linger is cut short (the main thread: Python installs handlers only there).
+    received_fds.arm()
     _own_dir(opts.state_dir.root, 0o750)
     _own_dir(opts.run_dir.root, 0o755)
     if opts.priv_sock is None:

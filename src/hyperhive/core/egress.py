@@ -545,8 +545,7 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     if listening:
         received_fds.close_received([client.detach()])
         raise Refusal(400, "a handed-over connection must be a connected socket")
-    received_fds.drain(conn)  # what the peer queued behind the handover, let go of
-    conn.close()
+    received_fds.let_go(conn)  # with what the peer queued behind the handover
     return client, b""
 
 
@@ -963,10 +962,13 @@ class EgressProxy:
         # closing thread (a lingering socket among it would wait there): not the loop's.
         try:
             threading.Thread(
-                target=listeners.handover.close, name="egress-close", daemon=True
+                target=received_fds.close_listener,
+                args=(listeners.handover,),
+                name="egress-close",
+                daemon=True,
             ).start()
         except RuntimeError:  # no thread to be had, or shutting down
-            listeners.handover.close()
+            received_fds.close_listener(listeners.handover)
         path.unlink(missing_ok=True)
         handover_path(path).unlink(missing_ok=True)
         self._pool.drop(name)
@@ -1131,8 +1133,8 @@ class EgressProxy:
                 threading.Thread(
                     target=self._drop, args=(name, conn), name=f"egress-drop-{name}", daemon=True
                 ).start()
-            except RuntimeError:  # no thread to be had: let go of here, as before
-                conn.close()
+            except RuntimeError:  # no thread to be had: let go of here (watched)
+                received_fds.let_go(conn)
                 self._dropped(name)
             return
         conn.setblocking(True)
@@ -1145,14 +1147,16 @@ class EgressProxy:
             ).start()
         except RuntimeError as e:  # no thread to be had (TasksMax): this one is refused
             log.warning("egress %s: connection refused: %s", name, e)
-            conn.close()
+            if handover:
+                received_fds.let_go(conn)
+            else:
+                conn.close()
             self._release_slot(name)
 
     def _drop(self, name: str, conn: socket.socket) -> None:
         """A handover taken at the cap, let go of unread (in its thread)."""
         try:
-            received_fds.drain(conn)
-            conn.close()
+            received_fds.let_go(conn)
         finally:
             self._dropped(name)
 
