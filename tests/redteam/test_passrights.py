@@ -335,3 +335,64 @@ def test_a_nested_lingering_pair_is_let_go_of_within_a_second() -> None:
     print(f"\na nest let go of in {took:.3f} s, {received_fds.nudges() - nudged} nudge(s)")
     assert not closer.is_alive(), "the closing thread still waits on the nested lingering pair"
     assert took < 1.0 and received_fds.nudges() > nudged, (took, received_fds.nudges() - nudged)
+
+
+def _nest() -> socket.socket:
+    """A unix socket whose own queue holds a lingering pair (its close waits for good)."""
+    x, y = socket.socketpair()
+    a, b = _lingering_pair()
+    socket.send_fds(y, [b"\0"], [a.fileno(), b.fileno()])
+    for s in (a, b, y):
+        s.close()
+    return x
+
+
+def test_a_handover_message_of_many_descriptors_puts_one_in_the_core_and_waits_on_none() -> None:
+    """A handover message carrying a TCP socket, then 120 nests and a pipe's write end: the
+    read has room for one (the kernel drops the rest in the reading thread, one run of its
+    deferred work, which one nudge cuts short), the handover is refused, the pipe's write
+    end is let go of, and it all takes under a second. Then a connection whose queue holds
+    100 messages, a nest each, behind a good handover: its close (``let_go``) lets go of
+    them all in one nudge. FAILS (hangs, or 100 nudges of 20 ms each) otherwise."""
+    from hyperhive.core import received_fds
+
+    received_fds.arm()
+    bridge, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    tcp_a, tcp_b = _lingering_pair()
+    nests = [_nest() for _ in range(120)]
+    r, w = os.pipe()
+    with bridge:
+        socket.send_fds(bridge, [HANDOVER], [tcp_a.fileno(), *(n.fileno() for n in nests), w])
+        for s in (tcp_a, *nests):
+            s.close()
+        os.close(w)
+        before, t0 = received_fds.nudges(), time.monotonic()
+        with pytest.raises(egress.Refusal) as e:
+            egress._receive(conn, time.monotonic() + 5, handover=True)
+        took = time.monotonic() - t0
+    conn.close()
+    eof = bool(select.select([r], [], [], 3)[0]) and os.read(r, 1) == b""
+    os.close(r)
+    tcp_b.close()
+    print(f"\n122 descriptors in one handover: refused in {took:.3f} s, "
+          f"{received_fds.nudges() - before} nudge(s), pipe at EOF {eof}")
+    assert e.value.status == 400 and eof and took < 1.0, (e.value, eof, took)
+
+    bridge, conn = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    bridge.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        client = socket.create_connection(srv.getsockname())
+        peer, _ = srv.accept()
+    with bridge, client, peer:
+        socket.send_fds(bridge, [HANDOVER], [client.fileno()])
+        for _ in range(100):
+            n = _nest()
+            socket.send_fds(bridge, [b"\0"], [n.fileno()])
+            n.close()
+        before, t0 = received_fds.nudges(), time.monotonic()
+        got, rest = egress._receive(conn, time.monotonic() + 5, handover=True)
+        took = time.monotonic() - t0
+        nudged = received_fds.nudges() - before
+        got.close()
+    print(f"a handover with 100 nests queued behind it: taken in {took:.3f} s, {nudged} nudge(s)")
+    assert conn.fileno() == -1 and rest == b"" and took < 0.5 and nudged <= 3, (took, nudged)

@@ -496,8 +496,9 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     the TCP connection the cage's bridge handed over on egress-handover.sock. Returns it
     and any request bytes already read.
 
-    Descriptors come only on the handover socket, in its one message; the connection is
-    emptied of anything queued behind it (``received_fds.drain``) and closed. egress.sock
+    Descriptors come only on the handover socket, in its one message, read with room for
+    one (what else it carries the kernel drops, watched); the connection is then closed
+    with anything queued behind it (``received_fds.let_go``). egress.sock
     refuses them from its listener on (``bind_listener``: a peer's ``sendmsg`` gets EPERM),
     so none can wait in a direct request's queue behind a relay whose upstream stopped
     reading (red team round 30: a harness's page pair, six of root's, kept past the
@@ -508,11 +509,11 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     try:
         if not handover:
             return conn, conn.recv(65536)
-        # Room for all a message may bring: what a read can't take the kernel drops in this
-        # thread, and a lingering TCP socket's last close waits (received_fds).
-        data, fds, _flags, _ = socket.recv_fds(
-            conn, 65536, received_fds.SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC
-        )
+        # Room for one: what else the message carries the kernel drops in this thread,
+        # watched (a lingering TCP socket's last close waits; received_fds). At most one
+        # descriptor in the core's table a read (room for 253 took that many).
+        with received_fds.watched():
+            data, fds, flags, _ = socket.recv_fds(conn, 65536, 1, socket.MSG_CMSG_CLOEXEC)
     except TimeoutError:
         raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s") from None
     for fd in fds:
@@ -520,7 +521,12 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
         # hive-core starts no process, so nothing can inherit them meanwhile.
         os.set_inheritable(fd, False)
     try:
-        if data != HANDOVER or len(fds) != 1 or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode):
+        if (
+            data != HANDOVER
+            or len(fds) != 1
+            or flags & socket.MSG_CTRUNC
+            or not stat.S_ISSOCK(os.fstat(fds[0]).st_mode)
+        ):
             raise Refusal(
                 400, "a handed-over connection is one stream socket with the handover byte"
             )
@@ -763,22 +769,22 @@ def _refuse_unread(
     write (descheduled, say) reads its 503. The wait ends at once when the agent's
     ``listeners`` (either of its two) has another connection waiting: a flood of silent
     connections is refused at the pace it comes, not one a second. A direct request's read
-    is a plain one (egress.sock takes no descriptors); a handover's is ``drain``, which lets
-    go of what came with it without waiting on a lingering socket."""
+    is a plain one (egress.sock takes no descriptors); a handover's connection is neither
+    read nor answered (the bridge reads nothing on it): its close lets go of what came
+    with it (``received_fds.let_go``)."""
     poller = select.poll()
     poller.register(conn, select.POLLIN)
     for listener in listeners:
         if listener.fileno() >= 0:  # -1: closed meanwhile (a stop)
             poller.register(listener.fileno(), select.POLLIN)
     ready = {fd for fd, _ in poller.poll(REFUSE_READ * 1000)}
+    if handover:
+        return
     if conn.fileno() in ready:
-        if handover:
-            received_fds.drain(conn)
-        else:
-            try:
-                conn.recv(65536, socket.MSG_DONTWAIT)
-            except OSError:
-                pass
+        try:
+            conn.recv(65536, socket.MSG_DONTWAIT)
+        except OSError:
+            pass
     _reply(conn, status, reason)
 
 
@@ -1337,8 +1343,9 @@ class EgressProxy:
             if upstream is not None:
                 upstream.close()
             if handover and conn.family == socket.AF_UNIX:  # refused before the handover
-                received_fds.drain(conn)
-            received_fds.close_client(conn)
+                received_fds.let_go(conn)
+            else:
+                received_fds.close_client(conn)
             # A refused connection's CPU too (a head sent a byte at a time, then refused,
             # cost the core 1.5 CPUs uncharged: red team of session 21), slept off with
             # the connection's slot held.

@@ -3,26 +3,29 @@
 Closing the last reference to a TCP socket whose sender set ``SO_LINGER`` (on, with a long
 time) and filled its send queue makes the close wait until the peer reads, for as long as
 the linger says. The core is the last holder of whatever it received and did not keep,
-including what waits unread in a unix connection it closes (the kernel drops those at the
-close, in the closing thread) and what a plain read discards. A pair's two ends sent
-together waited for each other in the core's thread forever (re-check of session 28: the
-agent's egress slots and root's page pair end kept for the core's lifetime).
+including what waits unread in a unix connection it closes and what a read without room
+for it discards (the kernel lets go of those in the closing or reading thread). A pair's
+two ends sent together waited for each other in the core's thread forever (re-check of
+session 28: the agent's egress slots and root's page pair end kept for the core's
+lifetime).
 
-So a received descriptor is closed here: every one that is not a TCP socket first, then
-each TCP socket reset (linger 0 s, then disconnected: a socket in CLOSE waits for nothing
-whatever its linger says), and a unix connection that took descriptors is emptied into
-this before it is closed. The sender may keep a copy and race to set its linger again
-between the reset and the close, then close its copy first: the core's close is the last
-and would wait (re-check of received_fds: 2 to 4 wins in about 150 trials).
+So a received descriptor that is not kept is closed here (``close_received``: a TCP
+socket reset first, linger 0 s and disconnected, so that a socket in CLOSE waits for
+nothing), and everything else that may let go of what an agent sent runs ``watched``: a
+unix connection's close (``let_go``), a listener's with its backlog (``close_listener``),
+a served client's (``close_client``), a read that drops what it has no room for. What no
+reset reaches (a unix socket received in turn holds a queue of its own; a sender that
+keeps a copy can race the reset: set its linger again, close its copy first) is cut
+short: a thread still at it after ``PATIENCE`` s is sent ``WAKE`` every ``NUDGE_EVERY`` s
+until it is done. A linger's wait (the kernel's ``sk_stream_wait_close``) ends at a
+pending signal; the socket is orphaned and the kernel finishes it. One close (or read)
+lets go of all it drops in one run of the thread's deferred work, with the signal
+pending throughout: one nudge ends every wait among them, however many (a connection's
+queue of 200 messages, each a nest: 0.1 s). Closed one by one, each took a nudge of its
+own, 20 ms: so nothing here reads a queue to close what it holds.
 
-What no reset can reach (a unix socket received in turn holds its own queue, which its
-close drops in the closing thread; a sender that raced the reset) is cut short instead:
-every letting go runs ``watched``, and a thread still at it after ``PATIENCE`` s is sent
-``WAKE`` every ``NUDGE_EVERY`` s until it is done. A linger's wait ends at a signal (the
-kernel's ``sk_stream_wait_close``), the socket is orphaned and the kernel finishes it;
-the core's thread goes on (re-check of received_fds: nests held the agent's egress slots
-and its drop thread for the core's lifetime). ``arm`` installs the no-op handler and
-starts the watchdog; ``hive-core`` calls it at start-up, in its main thread.
+``arm`` installs the no-op handler and starts the watchdog; ``hive-core`` calls it at
+start-up, in its main thread.
 """
 
 from __future__ import annotations
@@ -37,11 +40,6 @@ import threading
 import time
 from collections.abc import Iterator
 
-from hyperhive.unixsock import refuse_descriptors
-
-SCM_MAX_FD = 253  # the most descriptors one message carries (the kernel's SCM_MAX_FD)
-DRAIN_MESSAGES = 20_000  # messages a drain takes at most (a full queue is ~16k tiny ones)
-_ROOM = socket.CMSG_SPACE(SCM_MAX_FD * 4)
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: the close resets, never waits
 _NO_LINGER = struct.pack("ii", 0, 0)  # SO_LINGER off: the close sends FIN, never waits
 
@@ -162,35 +160,22 @@ def close_received(fds: list[int]) -> None:
     peer of a lingering socket among them goes before that socket does), then each TCP
     socket reset. Never raises."""
     with watched():
-        _close_received(fds)
-
-
-def _close_received(fds: list[int]) -> None:
-    streams = []
-    for fd in fds:
-        if _inet_stream(fd):
-            streams.append(fd)
-        else:
+        streams = []
+        for fd in fds:
+            if _inet_stream(fd):
+                streams.append(fd)
+            else:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for fd in streams:
             with contextlib.suppress(OSError):
-                os.close(fd)
-    for fd in streams:
-        with contextlib.suppress(OSError):
-            _reset_and_close(fd)
-
-
-def drain(conn: socket.socket) -> None:
-    """Empty unix connection ``conn`` of what waits in it, descriptors and all, before it is
-    closed (it is left non-blocking): from now on it refuses more (``SO_PASSRIGHTS`` 0),
-    and what it held is read (up to DRAIN_MESSAGES messages, none waited for) and let go of
-    by ``close_received``. Never raises."""
-    with watched():
-        _drain(conn)
+                _reset_and_close(fd)
 
 
 def let_go(conn: socket.socket) -> None:
-    """``drain`` a unix connection, then close it, watched. Never raises."""
-    with watched():
-        _drain(conn)
+    """Close a unix connection that may hold descriptors in its queue (a handover's),
+    watched: its close drops them in this thread, in one run. Never raises."""
+    with watched(), contextlib.suppress(OSError):
         conn.close()
 
 
@@ -199,31 +184,6 @@ def close_listener(listener: socket.socket) -> None:
     peers queued, go with it in this thread, watched."""
     with watched():
         listener.close()
-
-
-def _drain(conn: socket.socket) -> None:
-    refuse_descriptors(conn)
-    # Non-blocking: with a timeout set, Python would wait for more first (MSG_DONTWAIT or not).
-    with contextlib.suppress(OSError):
-        conn.setblocking(False)
-    for _ in range(DRAIN_MESSAGES):
-        try:
-            data, ancdata, _flags, _ = conn.recvmsg(
-                65536, _ROOM, socket.MSG_DONTWAIT | socket.MSG_CMSG_CLOEXEC
-            )
-        except OSError:  # EAGAIN: nothing more waits
-            break
-        # Each message's let go of before the next is read: the core holds at most one
-        # message's (253) at a time, not a whole queue's (20,240 in 2 ms, the core's whole
-        # table, when they were gathered first: re-check of received_fds).
-        received: list[int] = []
-        for level, kind, payload in ancdata:
-            if (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS):
-                usable = len(payload) - len(payload) % 4
-                received.extend(struct.unpack(f"{usable // 4}i", payload[:usable]))
-        _close_received(received)
-        if not data and not ancdata:
-            break  # the peer's end of stream
 
 
 def close_client(sock: socket.socket) -> None:
