@@ -233,3 +233,54 @@ while True:
     c, _ = s.accept()
     threading.Thread(target=serve, args=(c,), daemon=True).start()
 """
+
+
+# In the cage, for the handover red-team modules (session 28's and their re-checks):
+# the two egress sockets, a TCP pair whose first end lingers, a pipe's EOF within a
+# time, and one CONNECT through the agent's own bridge.
+HANDOVER_KIT = r'''
+import os, select, socket, struct, threading, time
+D, HO = "/run/hive/egress.sock", "/run/hive/egress-handover.sock"
+LONG = struct.pack("ii", 1, 2**31 - 1)  # SO_LINGER on, ~68 years
+
+def lingering_pair(sndbuf=0):
+    """a: unsent data its peer b never reads, and SO_LINGER ~68 years: the last close of
+    a waits for b to read. ``sndbuf``: a's send queue (a small one is enough)."""
+    L = socket.socket()
+    L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    L.bind(("127.0.0.1", 0))
+    L.listen(1)
+    a = socket.create_connection(L.getsockname())
+    if sndbuf:
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    b, _ = L.accept()
+    L.close()
+    a.setblocking(False)
+    sent = 0
+    try:
+        while True:
+            sent += a.send(b"\0" * 65536)
+    except BlockingIOError:
+        pass
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LONG)
+    return a, b, sent
+
+def eof_within(r, seconds):
+    """Seconds until the pipe's read end r sees EOF (no write end left), or None."""
+    t0 = time.monotonic()
+    if select.select([r], [], [], seconds)[0] and os.read(r, 1) == b"":
+        return round(time.monotonic() - t0, 3)
+    return None
+
+def bridge(timeout=2.0):
+    """One CONNECT through the agent's bridge: the first 12 bytes back, and how long."""
+    t0 = time.monotonic()
+    try:
+        b = socket.create_connection(("127.0.0.1", 3128), timeout=timeout)
+        b.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+        got = b.recv(100).decode(errors="replace")[:12] or "closed"
+        b.close()
+    except OSError as e:
+        got = type(e).__name__
+    return got, round(time.monotonic() - t0, 3)
+'''

@@ -89,6 +89,7 @@ import pytest
 from hive_fixture import HiveProcess, running_hive, wait_until
 
 from .conftest import PASSRIGHTS, at_eof, cage_run, cpu_ticks, others_keep_working, page_answers
+from .egress_kit import HANDOVER_KIT
 from .test_red_round29 import as_uid, kill_quietly, wait_new_harness
 from .test_red_round30 import in_flight, queue_six
 
@@ -107,9 +108,7 @@ def h() -> Iterator[HiveProcess]:
 
 
 # A loop of direct requests, each refused at once (400): egress.sock's backlog never empty.
-FLOOD_FN = r'''
-import os, select, socket, threading, time
-D, HO = "/run/hive/egress.sock", "/run/hive/egress-handover.sock"
+FLOOD_FN = HANDOVER_KIT + r'''
 
 def flood(stop, count):
     while not stop.is_set():
@@ -142,12 +141,6 @@ def park(fillers=0):
     socket.send_fds(s, [b"x"], [w])
     os.close(w)
     return r, s
-
-def eof_within(r, seconds):
-    t0 = time.monotonic()
-    if select.select([r], [], [], seconds)[0] and os.read(r, 1) == b"":
-        return round(time.monotonic() - t0, 3)
-    return None
 '''
 
 STARVE = FLOOD_FN + r'''

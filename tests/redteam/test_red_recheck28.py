@@ -88,6 +88,7 @@ import pytest
 from hive_fixture import HiveProcess, running_hive, wait_until
 
 from .conftest import PASSRIGHTS, at_eof, cage_run, cpu_ticks, others_keep_working, page_answers
+from .egress_kit import HANDOVER_KIT
 from .test_red_round29 import as_uid, kill_quietly, wait_new_harness
 from .test_red_round30 import in_flight, queue_six
 
@@ -106,9 +107,7 @@ def h() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(agents))
 
 
-FLOODS = r'''
-import os, select, socket, struct, threading, time
-D, HO = "/run/hive/egress.sock", "/run/hive/egress-handover.sock"
+FLOODS = HANDOVER_KIT + r'''
 
 def direct(stop, count):
     """connect + a blank head + close: refused 400 at once (the direct bucket's turns)."""
@@ -181,23 +180,6 @@ def park():
     socket.send_fds(s, [b"x"], [w])
     os.close(w)
     return r, s, round(waited, 3)
-
-def eof_within(r, seconds):
-    t0 = time.monotonic()
-    if select.select([r], [], [], seconds)[0] and os.read(r, 1) == b"":
-        return round(time.monotonic() - t0, 3)
-    return None
-
-def bridge(timeout=2.0):
-    t0 = time.monotonic()
-    try:
-        b = socket.create_connection(("127.0.0.1", 3128), timeout=timeout)
-        b.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-        got = b.recv(100).decode(errors="replace")[:12] or "closed"
-        b.close()
-    except OSError as e:
-        got = type(e).__name__
-    return got, round(time.monotonic() - t0, 3)
 '''
 
 PARK_IN_FLOOD = FLOODS + r'''
@@ -454,28 +436,7 @@ def test_a_stop_and_start_amid_the_floods_leaves_the_handover_listener_served(h:
 # last. The core refuses the message (three descriptors), and its ``finally`` closes
 # ``a`` first: that close waits for ``b`` to read, and ``b`` is the core's own copy,
 # closed only after it.
-LINGER = r'''
-import os, select, socket, struct, time
-HO = "/run/hive/egress-handover.sock"
-
-def lingering_pair():
-    L = socket.socket()
-    L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    L.bind(("127.0.0.1", 0))
-    L.listen(1)
-    a = socket.create_connection(L.getsockname())
-    b, _ = L.accept()
-    L.close()
-    a.setblocking(False)
-    sent = 0
-    try:
-        while True:
-            sent += a.send(b"\0" * 65536)
-    except BlockingIOError:
-        pass
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 2**31 - 1))
-    return a, b, sent
-
+LINGER = HANDOVER_KIT + r'''
 def park_lingering(extra):
     a, b, sent = lingering_pair()
     s = socket.socket(socket.AF_UNIX)
@@ -483,12 +444,6 @@ def park_lingering(extra):
     socket.send_fds(s, [b"\0"], [a.fileno(), b.fileno(), *extra])
     a.close(); b.close()
     return s, sent
-
-def eof_within(r, seconds):
-    t0 = time.monotonic()
-    if select.select([r], [], [], seconds)[0] and os.read(r, 1) == b"":
-        return round(time.monotonic() - t0, 3)
-    return None
 '''
 
 LINGER_RUNTIME = FLOODS + LINGER + r"""
@@ -605,7 +560,7 @@ def test_page_pair_behind_a_lingering_handover_does_not_outlive_the_harness(h: H
 
     def park(page: socket.socket = page) -> None:
         ns: dict[str, Any] = {}
-        exec(LINGER.replace('HO = "/run/hive/egress-handover.sock"', f"HO = {handover!r}"), ns)
+        exec(LINGER + f"\nHO = {handover!r}\n", ns)  # the host's path: run from outside the cage
         s, _ = ns["park_lingering"]([page.fileno(), pw])
         time.sleep(0.2)  # the core has taken it by now (it reads at once)
         s.close()

@@ -77,6 +77,7 @@ from hive_fixture import HiveProcess, running_hive
 from hyperhive.cage import layout
 
 from .conftest import PASSRIGHTS, cage_run, cpu_ticks, nofile, others_keep_working
+from .egress_kit import HANDOVER_KIT
 
 REF = "re-check of session 28's received_fds"
 DL, RC, CP, FD, OT = "rcb28dl", "rcb28rc", "rcb28cp", "rcb28fd", "rcb28ot"
@@ -111,37 +112,15 @@ def stuck_in_close(pid: int) -> int:
     return len(stuck_threads(pid))
 
 
-COMMON = r'''
-import errno, os, select, signal, socket, struct, threading, time
-HO = "/run/hive/egress-handover.sock"
-LONG = struct.pack("ii", 1, 2**31 - 1)
-
-def lingering_pair():
-    """a: unsent data its peer b never reads, and SO_LINGER ~68 years."""
-    L = socket.socket()
-    L.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    L.bind(("127.0.0.1", 0))
-    L.listen(1)
-    a = socket.create_connection(L.getsockname())
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # a small queue is enough
-    b, _ = L.accept()
-    L.close()
-    a.setblocking(False)
-    sent = 0
-    try:
-        while True:
-            sent += a.send(b"\0" * 65536)
-    except BlockingIOError:
-        pass
-    a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LONG)
-    return a, b, sent
+COMMON = HANDOVER_KIT + r'''
+import errno, signal
 
 def nested():
     """A unix socket x whose own queue holds two lingering pairs as [a1, b1, b2, a2]:
     whichever order the kernel lets go of them in, a lingering end goes before its peer."""
     x, y = socket.socketpair()
-    a1, b1, sent = lingering_pair()
-    a2, b2, _ = lingering_pair()
+    a1, b1, sent = lingering_pair(16384)
+    a2, b2, _ = lingering_pair(16384)
     socket.send_fds(y, [b"\0"], [a1.fileno(), b1.fileno(), b2.fileno(), a2.fileno()])
     for s in (a1, b1, a2, b2, y):
         s.close()
@@ -158,28 +137,11 @@ def hand(fds, data=b"\0", timeout=5):
     socket.send_fds(s, [data], fds)
     return s
 
-def eof_within(r, seconds):
-    t0 = time.monotonic()
-    if select.select([r], [], [], seconds)[0] and os.read(r, 1) == b"":
-        return round(time.monotonic() - t0, 3)
-    return None
-
-def bridge(timeout=2.0):
-    t0 = time.monotonic()
-    try:
-        b = socket.create_connection(("127.0.0.1", 3128), timeout=timeout)
-        b.sendall(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
-        got = b.recv(100).decode(errors="replace")[:12] or "closed"
-        b.close()
-    except OSError as e:
-        got = type(e).__name__
-    return got, round(time.monotonic() - t0, 3)
-
 def held_nest():
     """x: a unix socket whose queue holds a lingering a, its peer b kept here: the thread
     that closes x waits until b goes (the known limit, let go of at will)."""
     x, y = socket.socketpair()
-    a, b, _ = lingering_pair()
+    a, b, _ = lingering_pair(16384)
     socket.send_fds(y, [b"\0"], [a.fileno()])
     a.close()
     y.close()
@@ -296,7 +258,7 @@ held, sent = stick(P["stick"])
 out["kB queued a nest"] = round(2 * sent / 1e3, 1)
 # Parked: a lingering pair, then the host's FIFO's write end (a page pair end would do the same).
 w = os.open(P["fifo"], os.O_WRONLY | os.O_NONBLOCK)
-a, b, _ = lingering_pair()
+a, b, _ = lingering_pair(16384)
 s = hand([a.fileno(), b.fileno(), w], b"x")
 for x in (a, b):
     x.close()
