@@ -265,6 +265,19 @@ def lingering_pair(sndbuf=0):
     a.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LONG)
     return a, b, sent
 
+def connect_ho(timeout=5):
+    """A connection to the handover socket; its connect and sends time out (SO_SNDTIMEO)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", timeout, 0))
+    s.connect(HO)
+    return s
+
+def hand(fds, data=b"\0", timeout=5):
+    """One handover message of ``data`` and ``fds``; the connection, left open."""
+    s = connect_ho(timeout)
+    socket.send_fds(s, [data], fds)
+    return s
+
 def eof_within(r, seconds):
     """Seconds until the pipe's read end r sees EOF (no write end left), or None."""
     t0 = time.monotonic()

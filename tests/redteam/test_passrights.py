@@ -269,8 +269,10 @@ def test_a_lingering_socket_handed_over_at_the_cap_never_holds_the_event_loop(tm
     pipe's write end in the same message must be let go of. FAILS (times out) otherwise."""
     import asyncio
 
+    from hyperhive.core import received_fds
     from hyperhive.core.budget import EGRESS_REFUSING
 
+    received_fds.arm()  # as hive-core does at its start: the pair's wait is cut short
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     runner = threading.Thread(target=lambda: (asyncio.set_event_loop(loop), ready.set(), loop.run_forever()),
@@ -396,3 +398,49 @@ def test_a_handover_message_of_many_descriptors_puts_one_in_the_core_and_waits_o
         got.close()
     print(f"a handover with 100 nests queued behind it: taken in {took:.3f} s, {nudged} nudge(s)")
     assert conn.fileno() == -1 and rest == b"" and took < 0.5 and nudged <= 3, (took, nudged)
+
+
+def test_a_close_asleep_uninterruptibly_names_the_agent_once() -> None:
+    """No signal ends an uninterruptible sleep: a pipe's last close takes the pipe's lock,
+    held by a thread splicing into it from a socket nobody writes to. The watchdog must
+    report the agent the closing thread acts for (``when_stuck``) once, after STUCK_AFTER
+    s, and never for a thread that is merely slow (a lingering close, interruptible, cut
+    short before that). FAILS without the report (hive-core would never restart the cage
+    that holds the lock)."""
+    from hyperhive.core import received_fds
+
+    received_fds.arm()
+    told: list[tuple[str, float]] = []
+    t0 = time.monotonic()
+    received_fds.when_stuck(lambda agent: told.append((agent, round(time.monotonic() - t0, 3))))
+    try:
+        a, b = socket.socketpair()
+        r, w = os.pipe()
+        splicer = threading.Thread(target=lambda: os.splice(a.fileno(), w, 65536), daemon=True)
+        splicer.start()
+        time.sleep(0.05)  # the splice waits, the pipe's lock held
+
+        def close() -> None:
+            with received_fds.acting_for("r29held"):
+                received_fds.close_received([r])
+
+        closer = threading.Thread(target=close, daemon=True)
+        closer.start()
+        time.sleep(received_fds.STUCK_AFTER + 0.6)
+        still = closer.is_alive()
+        b.send(b"x")  # the splice returns, the lock goes
+        closer.join(3)
+        splicer.join(3)
+        for x in (a, b):
+            x.close()
+        os.close(w)
+        nest = _nest()  # a lingering close: interruptible, let go of before STUCK_AFTER
+        with received_fds.acting_for("r29slow"):
+            received_fds.close_received([nest.detach()])
+        time.sleep(0.1)
+    finally:
+        received_fds.when_stuck(None)
+    print(f"\nreported: {told}; the close still asleep before the splice returned: {still}")
+    assert still and not closer.is_alive(), "the pipe's close did not wait on the splice's lock"
+    assert [agent for agent, _ in told] == ["r29held"], told
+    assert received_fds.STUCK_AFTER <= told[0][1] < received_fds.STUCK_AFTER + 0.5, told

@@ -95,6 +95,11 @@ async def run_core(opts: CoreOptions) -> None:
     )
     bus = EventBus()
     hive = Hive(store, opts.config, lifecycle, bus)
+    # From the watchdog's thread: a close its cage holds for good is ended by a restart.
+    core_loop = asyncio.get_running_loop()
+    received_fds.when_stuck(
+        lambda name: core_loop.call_soon_threadsafe(hive.cage_holds_a_close, name)
+    )
     scheduler = ReminderScheduler(hive, bus)
     notifier = None
     if opts.config.notify.webhooks:  # listening before any agent can ask anything

@@ -1162,7 +1162,8 @@ class EgressProxy:
     def _drop(self, name: str, conn: socket.socket) -> None:
         """A handover taken at the cap, let go of unread (in its thread)."""
         try:
-            received_fds.let_go(conn)
+            with received_fds.acting_for(name):
+                received_fds.let_go(conn)
         finally:
             self._dropped(name)
 
@@ -1176,7 +1177,8 @@ class EgressProxy:
 
     def _serve_counted(self, name: str, conn: socket.socket, handover: bool) -> None:
         try:
-            self._serve(name, conn, handover)
+            with received_fds.acting_for(name):
+                self._serve(name, conn, handover)
         finally:  # every descriptor of this connection closed by now
             self._release_slot(name)
 

@@ -26,7 +26,7 @@ from typing import Any
 
 from hyperhive import faults
 from hyperhive.config import HiveConfig
-from hyperhive.core import approvals
+from hyperhive.core import approvals, received_fds
 from hyperhive.core.actors import Actor, Agent, Operator
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.egress_tls import CpuPacer, Injection, Plan, default_cpu_total
@@ -170,6 +170,10 @@ class Hive:
         self.commits = GroupCommit(store.db, self)  # self: its message lane's hooks
         self.controls = InboxWakeups()  # wakes a harness's `control` long-poll
         self.limit_watch = LimitWatch()  # cages' OOM kills and refused forks (watch_limits)
+        # Cages being restarted for holding a core thread in a close (cage_holds_a_close),
+        # and the tasks doing it (kept: the loop holds only weak references to tasks).
+        self._restarting_held: set[str] = set()
+        self._background: set[asyncio.Future[None]] = set()
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
         self.harness_state: dict[str, dict[str, Any]] = {}  # needs_login, active_model, reported
@@ -326,6 +330,36 @@ class Hive:
         status = model_fields_only(self.status_row(row, reminders))
         extra = {"trouble": trouble} if trouble is not None else {}
         self.bus.publish("agent_status", {"agent": status, **extra})
+
+    def cage_holds_a_close(self, name: str) -> None:
+        """A core thread letting go of what agent ``name`` handed over has slept
+        uninterruptibly for received_fds.STUCK_AFTER s: a lock a process of its cage holds
+        (a pipe it splices into). Only that process's death ends the wait, so the cage is
+        restarted (its row stays as it is: not stopped), and the operator told."""
+        if name in self._restarting_held or not self.exists(name):
+            return
+        text = (
+            f"agent {name}: a close of what its cage handed the egress proxy has waited"
+            f" {received_fds.STUCK_AFTER:.0f} s on a lock its cage holds; its cage is restarted"
+        )
+        log.warning("%s", text)
+        self._restarting_held.add(name)
+        task = asyncio.ensure_future(self._restart_held(name, text))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _restart_held(self, name: str, text: str) -> None:
+        try:
+            row = self.store.agents.get(name)
+            if row is None or row.stopped:  # stopped meanwhile: its cage is gone already
+                return
+            await self.lifecycle.stop(name, graceful=False)
+            await self.lifecycle.start(name, self)
+            self.publish_status(name, trouble=text)
+        except Exception as e:  # the operator sees the agent as it is; the log says why
+            log.warning("agent %s: restarting its cage failed: %s", name, e)
+        finally:
+            self._restarting_held.discard(name)
 
     async def watch_limits(self, every: float = LIMITS_POLL) -> None:
         """For the core's lifetime: ``check_limits`` now (the baseline), then every

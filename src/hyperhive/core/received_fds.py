@@ -24,6 +24,15 @@ pending throughout: one nudge ends every wait among them, however many (a connec
 queue of 200 messages, each a nest: 0.1 s). Closed one by one, each took a nudge of its
 own, 20 ms: so nothing here reads a queue to close what it holds.
 
+No signal ends an uninterruptible sleep: a pipe's last close takes the pipe's lock, which
+a cage process holds for as long as it likes while it ``splice``s into the pipe from a
+socket nobody writes to (red team of session 29: the agent's slots and drop thread held,
+a parked handover in flight, for as long as the cage lived). Only the holder's death ends
+that, and only a process of the agent's own cage can hold it: a thread that has been
+letting go for ``STUCK_AFTER`` s and sleeps uninterruptibly (``D`` in its
+``/proc/self/task/<tid>/stat``) is reported once to ``when_stuck``'s callback with the
+agent it acts for (``acting_for``), and hive-core restarts that agent's cage.
+
 ``arm`` installs the no-op handler and starts the watchdog; ``hive-core`` calls it at
 start-up, in its main thread.
 """
@@ -38,12 +47,13 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 _RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: the close resets, never waits
 _NO_LINGER = struct.pack("ii", 0, 0)  # SO_LINGER off: the close sends FIN, never waits
 
 PATIENCE = 0.1  # s a thread may take to let go before the watchdog nudges it
+STUCK_AFTER = 1.0  # s letting go, asleep uninterruptibly, before its agent is reported
 NUDGE_EVERY = 0.02  # s between nudges (one that lands before the wait is lost)
 # Ignored by default, so a stray one (a TCP socket's urgent data to its owner: the core
 # sets no owner) costs nothing; with the handler installed it ends a wait, nothing else.
@@ -53,21 +63,28 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 class _Watchdog:
-    """Threads letting go of what an agent handed over, and since when (monotonic)."""
+    """Threads letting go of what an agent handed over: since when (monotonic), their
+    kernel thread id, and the agent they act for."""
 
     def __init__(self) -> None:
         self.armed = False
         self.nudges = 0  # signals sent (for the logs and the tests)
+        self.on_stuck: Callable[[str], object] | None = None
         self._since: dict[int, float] = {}
         self._depth: dict[int, int] = {}
+        self._native: dict[int, int] = {}
+        self._owner: dict[int, str | None] = {}
+        self._told: set[int] = set()  # reported once a registration
         self._changed = threading.Condition()
 
-    def enter(self, ident: int) -> None:
+    def enter(self, ident: int, owner: str | None) -> None:
         with self._changed:
             depth = self._depth.get(ident, 0)
             self._depth[ident] = depth + 1
             if depth == 0:
                 self._since[ident] = time.monotonic()
+                self._native[ident] = threading.get_native_id()
+                self._owner[ident] = owner
                 self._changed.notify()
 
     def leave(self, ident: int) -> None:
@@ -76,10 +93,12 @@ class _Watchdog:
             if depth:
                 self._depth[ident] = depth
             else:
-                del self._since[ident]
+                del self._since[ident], self._native[ident], self._owner[ident]
+                self._told.discard(ident)
 
     def run(self) -> None:
         while True:
+            stuck: list[str] = []
             with self._changed:
                 while not self._since:
                     self._changed.wait()
@@ -92,7 +111,30 @@ class _Watchdog:
                     with contextlib.suppress(OSError):
                         signal.pthread_kill(ident, WAKE)
                         self.nudges += 1
+                    owner = self._owner[ident]
+                    if (
+                        owner is not None
+                        and ident not in self._told
+                        and now - self._since[ident] >= STUCK_AFTER
+                        and _uninterruptible(self._native[ident])
+                    ):
+                        self._told.add(ident)
+                        stuck.append(owner)
+            for owner in stuck:  # outside the lock: the callback may take it
+                if self.on_stuck is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_stuck(owner)
             time.sleep(NUDGE_EVERY if overdue else max(0.0, first + PATIENCE - now))
+
+
+def _uninterruptible(native_id: int) -> bool:
+    """Whether this process's thread ``native_id`` sleeps uninterruptibly (state D)."""
+    try:
+        with open(f"/proc/self/task/{native_id}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"D"
 
 
 _watchdog = _Watchdog()
@@ -113,6 +155,26 @@ def nudges() -> int:
     return _watchdog.nudges
 
 
+def when_stuck(callback: Callable[[str], object] | None) -> None:
+    """``callback(agent)``, from the watchdog's thread, once for each letting go on behalf
+    of ``agent`` found asleep uninterruptibly after STUCK_AFTER s (a lock its cage holds)."""
+    _watchdog.on_stuck = callback
+
+
+_acting = threading.local()
+
+
+@contextlib.contextmanager
+def acting_for(agent: str) -> Iterator[None]:
+    """This thread lets go of what ``agent`` handed over (``when_stuck`` names it)."""
+    before = getattr(_acting, "agent", None)
+    _acting.agent = agent
+    try:
+        yield
+    finally:
+        _acting.agent = before
+
+
 @contextlib.contextmanager
 def watched() -> Iterator[None]:
     """This thread lets go of something an agent handed over (or could have): past
@@ -121,7 +183,7 @@ def watched() -> Iterator[None]:
         yield
         return
     ident = threading.get_ident()
-    _watchdog.enter(ident)
+    _watchdog.enter(ident, getattr(_acting, "agent", None))
     try:
         yield
     finally:
