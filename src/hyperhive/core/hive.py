@@ -354,6 +354,10 @@ class Hive:
             if row is None or row.stopped:  # stopped meanwhile: its cage is gone already
                 return
             await self.lifecycle.stop(name, graceful=False)
+            row = self.store.agents.get(name)
+            if row is None or row.stopped:  # the operator stopped or destroyed it meanwhile
+                self.publish_status(name, trouble=text)
+                return
             await self.lifecycle.start(name, self)
             self.publish_status(name, trouble=text)
         except Exception as e:  # the operator sees the agent as it is; the log says why
