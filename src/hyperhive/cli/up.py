@@ -57,6 +57,7 @@ from hyperhive.wire import priv as wp
 log = logging.getLogger("hive.up")
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+UNREAPED_AFTER = 5.0  # s a process's main thread may be a zombie before `unreaped` runs
 MAX_BACKOFF = 10.0
 # The first restart comes at once: every agent is unreachable until hive-core is back (the
 # restart's target is 5 s at 1,000 cages); a crash loop still backs off, doubling.
@@ -238,9 +239,14 @@ class Supervised:
         on_exit: Callable[[], None] | None = None,
         config: Path | None = None,
         after_exit: Callable[[], Awaitable[None]] | None = None,
+        unreaped: Callable[[], Awaitable[object]] | None = None,
         **popen: Any,
     ) -> None:
         self.name = name
+        # Run once when its main thread has exited (or it was killed) but the process
+        # stays unreaped for UNREAPED_AFTER s: a thread of it asleep uninterruptibly on a
+        # lock another process holds (the core's: a cage's; re-check of session 29).
+        self.unreaped = unreaped
         # The file whose refusal (exit status CONFIG_REFUSED) only a change of it can
         # undo: no start again until it changes (None: none ever will, hive.toml embedded).
         # What it was as the last start began: an edit made while that start read it counts.
@@ -373,9 +379,25 @@ class Supervised:
         holds it open for as long as it lives, so the exit would go unnoticed."""
         assert self.proc is not None
         wait = EXIT_POLL / 16  # soon at first: a stop waits on each of three in turn
+        dead_since: float | None = None
         while self.proc.returncode is None:
             await asyncio.sleep(wait)
             wait = min(EXIT_POLL, wait * 2)
+            if self.unreaped is None or self.proc.returncode is not None:
+                continue
+            if _leader_state(self.proc.pid) != "Z":
+                dead_since = None
+            elif dead_since is None:
+                dead_since = time.monotonic()
+            elif time.monotonic() - dead_since > UNREAPED_AFTER:
+                log.warning(
+                    "%s exited but a thread of it is still asleep in the kernel after %.0f s"
+                    " (a lock a cage holds): stopping the cages",
+                    self.name,
+                    UNREAPED_AFTER,
+                )
+                hook, self.unreaped = self.unreaped, None
+                await hook()
         if self.on_exit is not None:
             self.on_exit()
         self.kill_group()
@@ -715,6 +737,17 @@ def read_token(state_dir: Path, core_uid: int) -> str:
 # empty (~0.1 s), 100 cages took 12 s and 1,000 two minutes; hive-priv serves each of
 # root's connections in a thread of its own.
 STOP_AT_ONCE = 8
+
+
+def _leader_state(pid: int) -> str:
+    """The state letter of ``pid``'s main thread ("Z": it has exited, another thread of
+    the process has not); "" if it can't be read."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return ""
+    end = stat.rfind(b")")
+    return stat[end + 2 : end + 3].decode()
 
 
 async def stop_all_cages(priv_sock: Path) -> bool:
@@ -1212,6 +1245,9 @@ async def run_locked(
         pass_fds=tuple(sock.fileno() for sock in handed.values()),
         # The core is ready once it has started every agent: more time for more of them.
         ready_timeout=READY_TIMEOUT + 0.5 * max_agents,
+        # Killed with a thread asleep on a cage's lock (the core's own exit stops those
+        # cages first; a SIGKILL gives it no chance): the cages go, and the lock with them.
+        unreaped=lambda: stop_all_cages(priv_sock),
     )
     nginx_conf = gateway_config.write(listen, run_dir, gateway_as.uid, gateway_as.gid, max_agents)
     try:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hyperhive.client import priv_call
 from hyperhive.config import CONFIG_REFUSED, HiveConfig, origin_of
 from hyperhive.core import received_fds
 from hyperhive.core.agent_socket import AgentSockets, SocketsOnly
@@ -29,6 +30,7 @@ from hyperhive.core.sessions import Sessions, load_or_create_token
 from hyperhive.core.store import Store, StoreError
 from hyperhive.core.store.agents import DeclaredNameTaken
 from hyperhive.paths import RunDir, StateDir
+from hyperhive.wire import priv as wp
 from hyperhive.wire.secrets import parse_destination
 
 log = logging.getLogger("hive.core")
@@ -254,7 +256,39 @@ def main_with(opts: CoreOptions) -> int:
         log.debug("fatal", exc_info=True)
         print(f"hive-core: {e}", file=sys.stderr)
         return 1
+    finally:
+        release_held_cages(opts.priv_sock)
     return 0
+
+
+HELD_GRACE = 0.5  # s for closes under way at the exit to end on their own
+HELD_AFTER_STOP = 3.0  # s for them to end once their cages are stopped
+
+
+def release_held_cages(priv_sock: Path | None) -> None:
+    """Before the process exits (the loop is gone, whatever ended it): a thread asleep
+    uninterruptibly on a lock a cage holds is not killed with the process, and keeps it
+    from exiting (red team re-check of session 29: a core stopped while a cage held a close
+    stayed for as long as the cage chose, and `hive down` with it). The cages of agents
+    whose letting go is still under way are stopped from here, through hive-priv, their
+    rows untouched: the next core starts them again."""
+    if received_fds.wait_idle(HELD_GRACE):
+        return
+    for name in sorted(received_fds.held_by()):
+        log.warning(
+            "agent %s: a close of what its cage handed over is still under way at the"
+            " core's exit: its cage is stopped (started again with the next core)",
+            name,
+        )
+        if priv_sock is not None:
+            try:
+                reply = priv_call(str(priv_sock), wp.StopCage(name=name, timeout=0.0))
+            except (OSError, ValueError) as e:
+                reply = {"ok": False, "error": str(e)}
+            if not reply.get("ok"):
+                log.warning("agent %s: stopping its cage failed: %s", name, reply.get("error"))
+    if not received_fds.wait_idle(HELD_AFTER_STOP):
+        log.warning("closes still under way at the exit: %s", sorted(received_fds.held_by()))
 
 
 def default_paths(run_dir: Path | None, state_dir: Path | None) -> tuple[RunDir, StateDir]:

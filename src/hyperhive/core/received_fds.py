@@ -121,9 +121,14 @@ class _Watchdog:
                         self._told.add(ident)
                         stuck.append(owner)
             for owner in stuck:  # outside the lock: the callback may take it
-                if self.on_stuck is not None:
-                    with contextlib.suppress(Exception):
+                try:
+                    if self.on_stuck is not None:
                         self.on_stuck(owner)
+                except Exception:  # told again at the next look
+                    with self._changed:
+                        self._told.difference_update(
+                            i for i, o in self._owner.items() if o == owner
+                        )
             time.sleep(NUDGE_EVERY if overdue else max(0.0, first + PATIENCE - now))
 
 
@@ -153,6 +158,23 @@ def arm() -> None:
 def nudges() -> int:
     """Signals the watchdog has sent so far."""
     return _watchdog.nudges
+
+
+def held_by() -> set[str]:
+    """The agents some thread is letting go of something for right now."""
+    with _watchdog._changed:
+        return {o for o in _watchdog._owner.values() if o is not None}
+
+
+def wait_idle(seconds: float) -> bool:
+    """Wait up to ``seconds`` for every letting go on behalf of an agent to end; whether
+    they all did."""
+    deadline = time.monotonic() + seconds
+    while held_by():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def when_stuck(callback: Callable[[str], object] | None) -> None:
