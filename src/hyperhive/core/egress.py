@@ -71,6 +71,7 @@ REFUSE_READ = 1.0  # seconds a connection refused before its head is read may ta
 # handover waits there, in flight, until the core accepts it (at its own bucket's rate), so
 # few (the bridge hands over one at a time; its blocking connect waits for room, up to 5 s).
 HANDOVER_BACKLOG = 4
+OFF_LOOP_RETRY = 0.1  # s before letting go is tried again when no thread could be had
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
 CONNECT_TIMEOUT = 10.0
 _keys = itertools.count(1)
@@ -509,11 +510,19 @@ def _receive(conn: socket.socket, deadline: float, handover: bool) -> tuple[sock
     try:
         if not handover:
             return conn, conn.recv(65536)
-        # Room for one: what else the message carries the kernel drops in this thread,
-        # watched (a lingering TCP socket's last close waits; received_fds). At most one
-        # descriptor in the core's table a read (room for 253 took that many).
+        # The wait for the message unwatched (a silent peer would be nudged 50 times a
+        # second until the deadline); the read watched: room for one, and what else the
+        # message carries the kernel drops in this thread (a lingering TCP socket's last
+        # close waits; received_fds). At most one descriptor in the core's table a read
+        # (room for 253 took that many).
+        poller = select.poll()  # not select(2): the core's descriptors pass 1,023
+        poller.register(conn, select.POLLIN)
+        if not poller.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+            raise TimeoutError
         with received_fds.watched():
-            data, fds, flags, _ = socket.recv_fds(conn, 65536, 1, socket.MSG_CMSG_CLOEXEC)
+            data, fds, flags, _ = socket.recv_fds(
+                conn, 65536, 1, socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
+            )
     except TimeoutError:
         raise Refusal(408, f"request head not complete within {HEAD_TIMEOUT:.0f} s") from None
     for fd in fds:
@@ -966,15 +975,8 @@ class EgressProxy:
         listeners.direct.close()
         # The handover listener's close drops what its backlog's connections hold, in the
         # closing thread (a lingering socket among it would wait there): not the loop's.
-        try:
-            threading.Thread(
-                target=received_fds.close_listener,
-                args=(listeners.handover,),
-                name="egress-close",
-                daemon=True,
-            ).start()
-        except RuntimeError:  # no thread to be had, or shutting down
-            received_fds.close_listener(listeners.handover)
+        handover = listeners.handover
+        self._off_loop(name, lambda: received_fds.close_listener(handover), "egress-close")
         path.unlink(missing_ok=True)
         handover_path(path).unlink(missing_ok=True)
         self._pool.drop(name)
@@ -1135,13 +1137,7 @@ class EgressProxy:
             else:
                 self._live[name] = self._live.get(name, 0) + 1
         if at_cap:
-            try:
-                threading.Thread(
-                    target=self._drop, args=(name, conn), name=f"egress-drop-{name}", daemon=True
-                ).start()
-            except RuntimeError:  # no thread to be had: let go of here (watched)
-                received_fds.let_go(conn)
-                self._dropped(name)
+            self._off_loop(name, lambda: self._drop(name, conn), f"egress-drop-{name}")
             return
         conn.setblocking(True)
         try:
@@ -1154,18 +1150,42 @@ class EgressProxy:
         except RuntimeError as e:  # no thread to be had (TasksMax): this one is refused
             log.warning("egress %s: connection refused: %s", name, e)
             if handover:
-                received_fds.let_go(conn)
+                self._off_loop(name, lambda: self._drop(name, conn, refused=True), "egress-drop")
             else:
                 conn.close()
-            self._release_slot(name)
+                self._release_slot(name)
 
-    def _drop(self, name: str, conn: socket.socket) -> None:
-        """A handover taken at the cap, let go of unread (in its thread)."""
-        try:
+    def _off_loop(self, name: str, work: Callable[[], None], thread: str) -> None:
+        """``work``, letting go of what ``name`` handed over, in a thread of its own acting
+        for ``name``: never in the event loop, whose thread a close that waits would
+        freeze (a lock the agent's cage holds: a sleep no nudge ends), and never for
+        nobody, so that the watchdog lays such a wait at the agent's cage (restarted; at
+        the core's exit, stopped: red team re-check of session 29, a listener's close
+        acting for nobody left the core unreaped and `hive up` stopped every cage). No
+        thread to be had: tried again shortly."""
+
+        def run() -> None:
             with received_fds.acting_for(name):
-                received_fds.let_go(conn)
+                work()
+
+        try:
+            threading.Thread(target=run, name=thread, daemon=True).start()
+        except RuntimeError:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_later(OFF_LOOP_RETRY, self._off_loop, name, work, thread)
+            else:
+                run()  # no loop to come back to: here, as a last resort
+
+    def _drop(self, name: str, conn: socket.socket, refused: bool = False) -> None:
+        """A handover taken at the cap, let go of unread (in its thread); ``refused``: one
+        taken below the cap that no thread could be had for (its slot given back)."""
+        try:
+            received_fds.let_go(conn)
         finally:
-            self._dropped(name)
+            if refused:
+                self._release_slot(name)
+            else:
+                self._dropped(name)
 
     def _dropped(self, name: str) -> None:
         with self._lock:
