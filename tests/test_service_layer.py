@@ -37,6 +37,8 @@ INTERNAL = {
     "message_taken", "message_stored", "lane_committed", "swarm_host",
     # the core's own loop reading the cages' limit hits (OOM kills, refused forks)
     "watch_limits", "check_limits",
+    # the watchdog of received_fds: a cage holding a core thread's close is restarted
+    "cage_holds_a_close",
 }  # fmt: skip
 
 

@@ -778,20 +778,22 @@ def _refuse_unread(
     write (descheduled, say) reads its 503. The wait ends at once when the agent's
     ``listeners`` (either of its two) has another connection waiting: a flood of silent
     connections is refused at the pace it comes, not one a second. A direct request's read
-    is a plain one (egress.sock takes no descriptors); a handover's connection is answered
-    but not read (the reply goes before what it queued, which its close lets go of:
-    ``received_fds.let_go``; nothing of it enters the core's table)."""
+    is a plain one (egress.sock takes no descriptors); a handover's too, watched, with no
+    room for descriptors: the kernel drops what its message carries in this thread, in
+    one run (nothing of it enters the core's table; what it queued after that message,
+    its close lets go of: ``received_fds.let_go``)."""
     poller = select.poll()
     poller.register(conn, select.POLLIN)
     for listener in listeners:
         if listener.fileno() >= 0:  # -1: closed meanwhile (a stop)
             poller.register(listener.fileno(), select.POLLIN)
     ready = {fd for fd, _ in poller.poll(REFUSE_READ * 1000)}
-    if conn.fileno() in ready and not handover:
-        try:
-            conn.recv(65536, socket.MSG_DONTWAIT)
-        except OSError:
-            pass
+    if conn.fileno() in ready:
+        with received_fds.watched() if handover else contextlib.nullcontext():
+            try:
+                conn.recv(65536, socket.MSG_DONTWAIT)
+            except OSError:
+                pass
     _reply(conn, status, reason)
 
 
