@@ -514,3 +514,24 @@ def at_eof(r: int, wait: float = 0.5) -> bool:
     if not select.select([r], [], [], wait)[0]:
         return False
     return os.read(r, 1) == b""
+
+
+def threads_in(pid: int, *frames: str) -> dict[str, str]:
+    """``pid``'s threads whose kernel stack names any of ``frames``: tid -> thread name
+    (empty if the process is gone)."""
+    found: dict[str, str] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/stack") as f:
+                stack = f.read()
+            with open(f"/proc/{pid}/task/{t}/comm") as f:
+                comm = f.read().strip()
+        except OSError:
+            continue
+        if any(fr in stack for fr in frames):
+            found[t] = comm
+    return found

@@ -278,6 +278,18 @@ def hand(fds, data=b"\0", timeout=5):
     socket.send_fds(s, [data], fds)
     return s
 
+def locked_pipe(settle=0.02):
+    """A pipe whose lock a thread of ours holds: splice(2) from a socket nobody writes to
+    into its write end waits for data with the pipe's mutex held (splice_file_to_pipe).
+    The read end's last close (pipe_release) takes that mutex: an uninterruptible sleep,
+    which no signal ends. Returns (a, b, r, w): b lets go (a byte, or its close: EOF)."""
+    a, b = socket.socketpair()
+    r, w = os.pipe()
+    th = threading.Thread(target=lambda: os.splice(a.fileno(), w, 65536), daemon=True)
+    th.start()
+    time.sleep(settle)
+    return a, b, r, w
+
 def eof_within(r, seconds):
     """Seconds until the pipe's read end r sees EOF (no write end left), or None."""
     t0 = time.monotonic()

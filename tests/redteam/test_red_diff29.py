@@ -52,7 +52,7 @@ import pytest
 from hive_fixture import HiveProcess, running_hive
 from hyperhive.cage import layout
 
-from .conftest import PASSRIGHTS, cage_run, cpu_ticks, others_keep_working
+from .conftest import PASSRIGHTS, cage_run, cpu_ticks, others_keep_working, threads_in
 from .egress_kit import HANDOVER_KIT
 
 REF = "red team of session 29's watchdog"
@@ -71,34 +71,8 @@ def h() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(agents, sections={"egress": {"max_connections": CAP, "cpu": SHARE}}))
 
 
-def threads_in(pid: int, *frames: str) -> set[str]:
-    """``pid``'s threads whose kernel stack names any of ``frames``."""
-    found = set()
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{t}/stack") as f:
-                stack = f.read()
-        except OSError:
-            continue
-        if any(fr in stack for fr in frames):
-            found.add(t)
-    return found
-
-
 COMMON = HANDOVER_KIT + r'''
 import errno, signal
-
-def locked_pipe():
-    """A pipe whose lock a thread of ours holds: splice(2) from a socket nobody writes to
-    into its write end waits for data with the pipe's mutex held (splice_file_to_pipe).
-    The read end's last close (pipe_release) takes that mutex: an uninterruptible sleep,
-    which no signal ends. Returns the read end and the socket that lets go (a byte, EOF)."""
-    a, b = socket.socketpair()
-    r, w = os.pipe()
-    th = threading.Thread(target=lambda: os.splice(a.fileno(), w, 65536), daemon=True)
-    th.start()
-    time.sleep(0.02)
-    return r, b
 
 def lingering_pair_on(listener):
     """a: unsent data its peer b never reads, and SO_LINGER ~68 years."""
@@ -150,7 +124,7 @@ def tcp_listener():
 SPLICE_HOLD = COMMON + r"""
 keep, lets = [], []
 for _ in range(P["hold"]):  # the agent's 3 live slots, then its drop thread
-    r, b = locked_pipe()
+    _, b, r, _ = locked_pipe()
     keep.append(hand([r]))  # a pipe, not a socket: refused; close_received closes r
     os.close(r)
     lets.append(b)

@@ -76,7 +76,7 @@ import pytest
 from hive_fixture import HiveProcess, running_hive
 from hyperhive.cage import layout
 
-from .conftest import PASSRIGHTS, cage_run, cpu_ticks, nofile, others_keep_working
+from .conftest import PASSRIGHTS, cage_run, cpu_ticks, nofile, others_keep_working, threads_in
 from .egress_kit import HANDOVER_KIT
 
 REF = "re-check of session 28's received_fds"
@@ -97,15 +97,7 @@ def h() -> Iterator[HiveProcess]:
 
 def stuck_threads(pid: int) -> set[str]:
     """``pid``'s threads asleep in a TCP close waiting out its linger (their kernel stack)."""
-    stuck = set()
-    for t in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{t}/stack") as f:
-                if "sk_stream_wait_close" in f.read():
-                    stuck.add(t)
-        except OSError:
-            pass
-    return stuck
+    return set(threads_in(pid, "sk_stream_wait_close"))
 
 
 def stuck_in_close(pid: int) -> int:

@@ -62,7 +62,7 @@ import pytest
 
 from hive_fixture import HiveProcess, running_hive
 
-from .conftest import PASSRIGHTS, cage_run
+from .conftest import PASSRIGHTS, cage_run, threads_in
 from .egress_kit import HANDOVER_KIT
 
 REF = "re-check of session 29's escalation"
@@ -81,24 +81,6 @@ def h() -> Iterator[HiveProcess]:
     yield from running_hive(HiveProcess(agents, sections={"egress": {"max_connections": CAP, "cpu": 0.25}}))
 
 
-def threads_in(pid: int, *frames: str) -> set[str]:
-    """``pid``'s threads whose kernel stack names any of ``frames``."""
-    found: set[str] = set()
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/stack") as f:
-                stack = f.read()
-        except OSError:
-            continue
-        if any(fr in stack for fr in frames):
-            found.add(t)
-    return found
-
-
 def ticks_all(pid: int) -> int:
     """``pid``'s CPU in clock ticks, its reaped children's included."""
     with open(f"/proc/{pid}/stat") as f:
@@ -109,17 +91,9 @@ def ticks_all(pid: int) -> int:
 # In the cage: P["hold"] handovers, each of a pipe's read end whose write end a thread of
 # ours splices into from a socket nobody writes to (the pipe's mutex held while it waits).
 HOLD = HANDOVER_KIT + r"""
-def locked_pipe():
-    a, b = socket.socketpair()
-    r, w = os.pipe()
-    th = threading.Thread(target=lambda: os.splice(a.fileno(), w, 65536), daemon=True)
-    th.start()
-    time.sleep(0.02)
-    return r, b
-
 keep, lets = [], []
 for _ in range(P["hold"]):
-    r, b = locked_pipe()
+    _, b, r, _ = locked_pipe()
     keep.append(hand([r]))  # a pipe, not a socket: refused, the core closes r
     os.close(r)
     lets.append(b)
@@ -148,6 +122,19 @@ def wait_held(core: int, timeout: float = 5.0) -> float | None:
             return round(time.monotonic() - t0, 3)
         time.sleep(0.01)
     return None
+
+
+def held(h: HiveProcess, name: str, hold_s: float) -> tuple[int, dict[str, Any], threading.Thread, float]:
+    """The core's pid once the hold (one handover, the cage keeping its splice ``hold_s``
+    s) has a core thread in pipe_release; the probe's result box, its thread, and how long
+    the hold took."""
+    core = h.core_pid()
+    assert core is not None
+    box: dict[str, Any] = {}
+    runner = run_hold(h, name, box, hold=1, hold_s=hold_s)
+    seen = wait_held(core)
+    assert seen is not None, "the hold did not take"
+    return core, box, runner, seen
 
 
 # -- the operator's stop racing the restart ----------------------------------------------------
@@ -245,12 +232,7 @@ def test_a_core_stop_is_not_held_by_a_cage_holding_a_close(h: HiveProcess) -> No
     holder ended first). Broke: the core shuts down, but the process stays (a zombie main
     thread, one thread in pipe_release) until the cage's splice ends, and the escalation,
     which lives in the core's event loop, never comes."""
-    core = h.core_pid()
-    assert core is not None
-    box: dict[str, Any] = {}
-    runner = run_hold(h, EX, box, hold=1, hold_s=8.0)
-    seen = wait_held(core)
-    assert seen is not None, "the hold did not take"
+    core, box, runner, seen = held(h, EX, 8.0)
     told0 = h.log_tail(100000).count(TOLD)
     t0 = time.monotonic()
     os.kill(core, signal.SIGTERM)
@@ -298,12 +280,7 @@ def test_a_core_killed_while_a_cage_holds_a_close_is_reaped_and_restarted(h: Hiv
     (``Supervised.unreaped``: the main thread a zombie for UNREAPED_AFTER, 5 s), stops the
     cages, and the core is gone within 12 s and a new one serves every agent again.
     (Before session 29's re-check fix: until the cage let go, 40 s here.)"""
-    core = h.core_pid()
-    assert core is not None
-    box: dict[str, Any] = {}
-    runner = run_hold(h, EX, box, hold=1, hold_s=40.0)
-    seen = wait_held(core)
-    assert seen is not None, "the hold did not take"
+    core, box, runner, seen = held(h, EX, 40.0)
     t0 = time.monotonic()
     os.kill(core, signal.SIGKILL)
     gone = None

@@ -62,7 +62,7 @@ import pytest
 
 from hive_fixture import HiveProcess, running_hive
 
-from .conftest import PASSRIGHTS, cage_run
+from .conftest import PASSRIGHTS, cage_run, threads_in
 from .egress_kit import HANDOVER_KIT
 
 REF = "re-check (b) of session 29's exit path"
@@ -74,39 +74,12 @@ pytestmark = pytest.mark.skipif(not PASSRIGHTS, reason="Linux 6.16+ (SO_PASSRIGH
 
 
 
-def threads_in(pid: int, *frames: str) -> dict[str, str]:
-    """``pid``'s threads (tid: name) whose kernel stack names any of ``frames``."""
-    found: dict[str, str] = {}
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return found
-    for t in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{t}/stack") as f:
-                stack = f.read()
-            with open(f"/proc/{pid}/task/{t}/comm") as f:
-                comm = f.read().strip()
-        except OSError:
-            continue
-        if any(fr in stack for fr in frames):
-            found[t] = comm
-    return found
-
-
 # In the cage: flood the handover socket with connections each carrying one locked pipe's
 # read end; let a lock go as soon as the core has received its connection (or dropped it
 # while its listener still serves); once the listener is gone, keep every lock still held.
 FLOOD = HANDOVER_KIT + r"""
 import errno, fcntl, array
 SIOCOUTQ = 0x5411
-
-def locked_pipe():
-    a, b = socket.socketpair()
-    r, w = os.pipe()
-    th = threading.Thread(target=lambda: os.splice(a.fileno(), w, 65536), daemon=True)
-    th.start()
-    return a, b, r, w
 
 def outq(s):
     buf = array.array("i", [0])
@@ -142,7 +115,7 @@ last = t0 - 1
 while time.monotonic() - t0 < P["run_s"]:
     if gone_at is None:
         if spare is None:
-            spare = locked_pipe()
+            spare = locked_pipe(settle=0)
             time.sleep(0.002)  # the splice takes the pipe's lock
         a, b, r, w = spare
         s = socket.socket(socket.AF_UNIX)
