@@ -1156,6 +1156,12 @@ async def run_hive(
 async def run_locked(
     config: Path | None, state_dir: Path, run_dir: Path, listen: str, max_agents: int = 100
 ) -> int:
+    # Taken before anything is bound or said: a SIGTERM right after "starting" (or
+    # during the set-up before it) stops what started, never kills us half-way.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     ensure_group(ADMIN_GROUP)
     try:
         identity = core_identity(state_dir)
@@ -1303,11 +1309,6 @@ async def run_locked(
         state_dir=str(state_dir),
         run_dir=str(run_dir),
     )
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
 
     async def start_all() -> None:
         # hive-priv and the core start side by side: the core's imports need no hive-priv,
