@@ -267,6 +267,29 @@ def test_operator_that_stops_reading_ends_the_command(caged_hive: HiveProcess) -
     assert time.monotonic() - t0 < 30
 
 
+STDIO = r"""
+import errno, json, os, signal, stat
+signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+out = {"sockets": [stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in (0, 1, 2)]}
+out["read_stdout"] = os.read(1, 1).decode()  # shut for us: EOF at once, not a hang
+try:
+    os.write(0, b"x")
+    out["write_stdin"] = "written"
+except OSError as e:
+    out["write_stdin"] = errno.errorcode[e.errno]
+print(json.dumps(out))
+"""
+
+
+def test_stdio_are_sockets_shut_the_way_they_do_not_carry(caged_hive: HiveProcess) -> None:
+    """Unix socket pairs, not pipes (a cage process handed a pipe's end could hold its
+    lock, and hive-priv's relay with it: test_red_exec30.py); each shut in the direction
+    it doesn't carry, so they behave as pipes would: EOF reading stdout, EPIPE writing stdin."""
+    proc = run(caged_hive, "alice", "python3", "-c", STDIO, input="")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"sockets": [True, True, True], "read_stdout": "", "write_stdin": "EPIPE"}
+
+
 def test_command_gets_no_descriptor_of_the_entry(caged_hive: HiveProcess) -> None:
     """hive-priv holds the cage's namespaces and root while the exec runs (nsenter opens
     them as /proc/<hive-priv>/fd/N): none reaches the command, which has 0-2 only (a copy

@@ -1,8 +1,9 @@
 """``hive exec NAME -- CMD...``: run a command inside an agent's cage, as the agent.
 
 hive-priv does it (root only). Our stdin/stdout/stderr go to hive-priv, which keeps
-them and relays bytes: the command gets pipes, or a pty of hive-priv's when our
-stdin and stdout are a terminal (we then put ours in raw mode, and restore it).
+them and relays bytes: the command gets unix sockets (not pipes: a cage process
+could hold a pipe's lock, and hive-priv's relay with it), or a pty of hive-priv's when
+our stdin and stdout are a terminal (we then put ours in raw mode, and restore it).
 No descriptor of ours ever enters the cage. The command runs in a pid namespace of
 its own that nothing in the cage can see, with a fresh empty HOME and cwd / (the
 agent's dotfiles don't run) unless --trust-home; everything it started is killed
@@ -39,6 +40,11 @@ its secret bindings hold their placeholders, as in the agent's turns. --env may 
 HOME, PYTHON{PATH,HOME,STARTUP,USERBASE,NOUSERSITE,SAFEPATH}, BASH_ENV, ENV or
 LD_{PRELOAD,LIBRARY_PATH,AUDIT} without --trust-home; any other value you pass is
 yours to judge (a PATH entry in /home/agent or /tmp runs the agent's code).
+
+\b
+Without a pty the command's stdin, stdout and stderr are unix sockets, not pipes:
+opening /dev/stdin, /dev/stdout or /dev/stderr by name fails (ENXIO), so write
+">&2", not ">/dev/stderr", or pass -t for a pty.
 
 \b
 Examples:

@@ -1,16 +1,18 @@
 """``hive exec``'s byte relay: the operator's descriptors stay in hive-priv.
 
-The exec'd process gets pipes (stdin, stdout, stderr) or the slave of a pty that
-hive-priv allocated; hive-priv copies bytes between those and the operator's
-descriptors. So no descriptor of the operator's ever exists in a cage: nothing
-the agent runs, now or later, can read the operator's terminal, write to it,
-push input into it (TIOCSTI) or keep the operator's pipeline from seeing EOF.
+The exec'd process gets unix socket pairs (stdin, stdout, stderr; not pipes, see
+``_pair``) or the slave of a pty that hive-priv allocated; hive-priv copies bytes
+between those and the operator's descriptors. So no descriptor of the operator's
+ever exists in a cage: nothing the agent runs, now or later, can read the
+operator's terminal, write to it, push input into it (TIOCSTI) or keep the
+operator's pipeline from seeing EOF.
 
 The relay ends with the process tree: once the exec's process is gone (and with
-it, its pid namespace), the outputs are drained to EOF. A copy of our pipe or pty
-that got out anyway (passed over a socket) can keep them open: then the drain
-stops after a short grace (DRAIN_IDLE without data, DRAIN_MAX in all) and our
-ends are closed, so such a copy only ever reaches a pipe nobody reads.
+it, its pid namespace), the outputs are drained to EOF. A copy of the exec's end
+(socket or pty) that got out anyway (passed over a socket) can keep them open:
+then the drain stops after a short grace (DRAIN_IDLE without data, DRAIN_MAX in
+all) and our ends are closed, so such a copy only ever reaches a socket nobody
+reads.
 
 Waits are poll(2), not select(2): hive-priv's descriptors may be numbered past
 select's 1,023 (a pidfd per process of a cage being stopped, up to 64 of the core's
@@ -24,12 +26,15 @@ import fcntl
 import math
 import os
 import select
+import socket
 import struct
 import subprocess
 import termios
 import threading
 import time
 from collections.abc import Callable
+
+from hyperhive.unixsock import refuse_descriptors
 
 CHUNK = 65536
 # A relay thread: a pump and its (source, destination, EOF to send) arguments.
@@ -111,9 +116,9 @@ def run(
                 (_pump_out, (m, op_out, None)),
             ]
         else:
-            in_r, in_w = os.pipe()
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
+            in_w, in_r = _pair(ours_reads=False)
+            out_r, out_w = _pair(ours_reads=True)
+            err_r, err_w = _pair(ours_reads=True)
             w, o, e = _Fd(in_w), _Fd(out_r), _Fd(err_r)
             ours += [w, o, e]
             os.set_blocking(in_w, False)
@@ -152,6 +157,26 @@ def run(
         for end in ours:
             end.close()
         done.close()
+
+
+def _pair(*, ours_reads: bool) -> tuple[int, int]:
+    """Our end and the exec's of one stdio stream: a unix socket pair, as OpenSSH's sshd
+    gives a session's command unless built with USE_PIPES.
+
+    Not a pipe: a pipe is one object with one lock (``pipe->mutex``) that both ends take,
+    and a cage process handed the exec's end can hold it for as long as it likes
+    (``splice`` from a socket nobody writes to into the write end, or from the read end
+    into a socket nobody reads), so our read, write and last close would sleep
+    uninterruptibly, the relay and the operator's exec with them. Two sockets have a lock
+    each, and ``splice`` needs a pipe on one side: a cage process can only splice through
+    a pipe of its own. Ours refuses descriptors (nothing sent to it is closed in a relay
+    thread) and is shut in the direction it does not carry, so the exec reads EOF from
+    its stdout and gets EPIPE writing to its stdin, as with a pipe. The price: the
+    command can't open /dev/stdout and the like by name (ENXIO)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    refuse_descriptors(ours)
+    ours.shutdown(socket.SHUT_WR if ours_reads else socket.SHUT_RD)
+    return ours.detach(), theirs.detach()
 
 
 def _pump_in(src: int, dst: _Fd, eof: bytes | None, done: _Done, kill: Callable[[], None]) -> None:
