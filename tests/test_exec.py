@@ -507,3 +507,45 @@ def test_bwrap_info_read_with_a_descriptor_past_1023(high_descriptors: int) -> N
     finally:
         os.close(r)
         os.close(w)
+
+
+def test_a_stream_poll_calls_ready_with_nothing_to_read_still_ends_at_the_drains_bound() -> None:
+    """The drain's bounds hold whatever poll says: a peer that keeps poll saying "ready"
+    with nothing a read returns (out-of-band bytes on a socket without SO_OOBINLINE, the
+    red team of session 30's way) no longer keeps ``_pump_out`` past ``DRAIN_IDLE`` once
+    the exec is over; before, a blocking read there waited for the peer for good."""
+    from hyperhive.priv import exec_relay
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)  # as _pair leaves it, but without SO_OOBINLINE: the OOB byte is skipped
+    out_r, out_w = os.pipe()
+    stop = threading.Event()
+
+    def tease() -> None:
+        while not stop.is_set():
+            theirs.send(b"!", socket.MSG_OOB)
+            time.sleep(0.01)
+
+    teaser = threading.Thread(target=tease, daemon=True)
+    teaser.start()
+    done = exec_relay._Done()
+    done.set()  # the exec is over: only the drain is left
+    pump = threading.Thread(
+        target=exec_relay._pump_out, args=(exec_relay._Fd(ours.fileno()), out_w, None, done, lambda: None),
+        daemon=True,
+    )
+    t0 = time.monotonic()
+    pump.start()
+    try:
+        pump.join(exec_relay.DRAIN_MAX + 2)
+        took = time.monotonic() - t0
+        assert not pump.is_alive(), "the drain never ended"
+        assert took < exec_relay.DRAIN_IDLE + 1.0, took
+    finally:
+        stop.set()
+        teaser.join(2)
+        done.close()
+        theirs.close()
+        ours.close()
+        for fd in (out_r, out_w):
+            os.close(fd)

@@ -121,7 +121,6 @@ def run(
             err_r, err_w = _pair(ours_reads=True)
             w, o, e = _Fd(in_w), _Fd(out_r), _Fd(err_r)
             ours += [w, o, e]
-            os.set_blocking(in_w, False)
             child = (in_r, out_w, err_w)
             plan = [
                 (_pump_in, (op_in, w, None)),
@@ -176,6 +175,11 @@ def _pair(*, ours_reads: bool) -> tuple[int, int]:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     refuse_descriptors(ours)
     ours.shutdown(socket.SHUT_WR if ours_reads else socket.SHUT_RD)
+    # An out-of-band byte is a byte like any other (with SO_OOBINLINE off one made poll
+    # say "ready" while a read found nothing and, blocking, waited for the peer for good:
+    # red team of session 30), and our end never blocks either way.
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
+    ours.setblocking(False)
     return ours.detach(), theirs.detach()
 
 
@@ -224,27 +228,30 @@ def _pump_out(src: _Fd, dst: int, _unused: None, done: _Done, kill: Callable[[],
     If the operator stops reading, the exec is killed (as ssh's remote side would
     lose its session): nothing would ever read what it writes."""
     while True:
-        if not _ready({src.fd: select.POLLIN}, 0.1):
-            if done.event.is_set() and time.monotonic() - done.at > DRAIN_IDLE:
+        data = None
+        if _ready({src.fd: select.POLLIN}, 0.1):
+            try:
+                data = os.read(src.fd, CHUNK)  # never blocks: ours is non-blocking
+            except BlockingIOError:
+                pass  # ready, and then nothing to read after all
+            except OSError as e:
+                if e.errno != errno.EIO:
+                    raise
+                data = b""
+            if data == b"":
                 return
-            continue
-        try:
-            data = os.read(src.fd, CHUNK)
-        except BlockingIOError:
-            continue
-        except OSError as e:
-            if e.errno != errno.EIO:
-                raise
-            data = b""
-        if not data:
-            return
-        try:
-            _write_blocking(dst, data)
-        except OSError:
-            kill()
-            return
-        if done.event.is_set() and time.monotonic() - done.at > DRAIN_MAX:
-            return
+        if data is not None:
+            try:
+                _write_blocking(dst, data)
+            except OSError:
+                kill()
+                return
+        # The drain's bounds are checked whatever the last turn gave: a holder of the
+        # exec's end can make poll say "ready" with nothing to read for as long as it likes.
+        if done.event.is_set():
+            since = time.monotonic() - done.at
+            if since > DRAIN_MAX or (data is None and since > DRAIN_IDLE):
+                return
 
 
 def _write_blocking(fd: int, data: bytes) -> None:
