@@ -213,3 +213,31 @@ def test_recv_returns_what_the_query_returns(steps: list[tuple[Any, ...]]) -> No
 
         asyncio.run(run())
         store.close()
+
+
+def test_an_ack_of_what_recv_handed_out_keeps_the_quota_counts(hive: Hive) -> None:
+    """An ack of a message its recv handed out takes off the holder and bytes the recv's
+    line told (Hive._sizes, store/messages.py held_size) without reading the row: after
+    round trips of non-ASCII, empty and NUL bodies, from the known inbox and from the
+    query alike, agent_usage is what a SUM over the rows says (zero: all acked)."""
+    from helpers import USAGE_SUM
+
+    async def rounds() -> None:
+        for body in ("héllo ✓", "", "nul\0byte", "x" * 5000, "ascii"):
+            mid = await hive.send(A, "b", body)
+            page = await hive.recv(B, 1, 0, 10)
+            assert [m["id"] for m in page.items] == [mid]
+            assert mid in hive._sizes  # what the ack will use
+            assert await hive.ack(B, [mid]) == 1
+            assert mid not in hive._sizes  # let go with the id
+
+    assert bodies(hive) == []  # b's inbox known empty: the lane's messages served from memory
+    asyncio.run(rounds())
+    conn = hive.store.db.conn
+    summed = {r[0]: tuple(r[1:]) for r in conn.execute(USAGE_SUM)}
+    counted = {
+        r[0]: tuple(r[1:])
+        for r in conn.execute("SELECT agent, pending, bytes, op_pending, op_bytes FROM agent_usage")
+        if any(r[1:])
+    }
+    assert counted == summed

@@ -16,17 +16,24 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from helpers import USAGE_SUM, store_at_version
 from hyperhive.core.groupcommit import GroupCommit
 from hyperhive.core.refusals import NotFound
 from hyperhive.core.store import Store, StoreError
 from hyperhive.core.store.messages import (
+    HELD_BYTES,
+    HOLDER,
+    REMINDER_SENDER,
     MessageItem,
     ack_in,
+    held_size,
     insert_message,
     insert_messages,
     send_in,
+    wire_for_recipient,
 )
 from hyperhive.wire.common import AgentSpec
 
@@ -332,3 +339,34 @@ def test_room_is_made_counting_the_same_transactions_sends(store: Store) -> None
         send_in(tx, ("operator", "x", "message", "second"), (1, 1 << 20))
     assert check(store)["x"] == (1, len("second"), 1, len("second"))
     assert [m.body for m in store.messages.inbox("operator", 0, 10)] == ["second"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    body=st.text(max_size=300),
+    sender=st.sampled_from(["x", REMINDER_SENDER]),
+    kind=st.sampled_from(["message", "answer", "reminder"]),
+    options=st.none() | st.lists(st.text(max_size=20), min_size=1, max_size=3),
+)
+def test_what_a_recv_line_tells_of_a_message_is_what_its_row_holds(
+    store: Store, body: str, sender: str, kind: str, options: list[str] | None
+) -> None:
+    """``held_size`` (the holder and held bytes an ack takes off, read from the recv line
+    instead of the row since session 30) is the row's ``HOLDER`` and ``HELD_BYTES``
+    whenever it answers, for any text (non-ASCII, NUL, surrogate-free), a reminder's sender
+    and any kind; a message with options is left to the row. The ack with what it
+    said keeps the counters."""
+    with store.db.tx() as tx:
+        m = insert_message(tx, "y", sender, kind, body, None, options)
+    row = next(iter(store.messages.unacked_above("y", 1, m.id - 1)))
+    size = held_size("y", wire_for_recipient(row))
+    truth = store.db.conn.execute(
+        f"SELECT {HOLDER}, {HELD_BYTES} FROM messages WHERE id=?", (m.id,)
+    ).fetchone()
+    if options is None:
+        assert size == tuple(truth)
+    else:
+        assert size is None
+    with store.db.tx() as tx:
+        assert ack_in(tx, "y", [m.id], size) == 1
+    check(store)

@@ -60,7 +60,13 @@ from hyperhive.core.store.db import Tx, completing
 from hyperhive.core.store.egress import close_in
 from hyperhive.core.store.inbox import UNREAD_COUNTED
 from hyperhive.core.store.links import LinkUsed
-from hyperhive.core.store.messages import MessageItem, ack_in, send_in, wire_for_recipient
+from hyperhive.core.store.messages import (
+    MessageItem,
+    ack_in,
+    held_size,
+    send_in,
+    wire_for_recipient,
+)
 from hyperhive.core.store.usage import Usage
 from hyperhive.core.summary import PAGE, Listing
 from hyperhive.core.tls import HiveCA, upstream_context
@@ -164,6 +170,9 @@ class Hive:
         # connection's end gives back its own, never walking what the others hold.
         self._held_by: dict[int, set[int]] = {}
         self._given_back: dict[str, list[int]] = {}
+        # Message id in flight -> its holder and held bytes, as its recv's line told them
+        # (store/messages.py held_size): its ack then writes without reading the row.
+        self._sizes: dict[int, tuple[str, int]] = {}
         # Inboxes read empty and kept up to date by the lane's hooks: recv without a query.
         self.inboxes = KnownInboxes()
         # Sends and acks of one turn of the loop share one commit (core/groupcommit.py).
@@ -708,6 +717,10 @@ class Hive:
                 self.inboxes.read_empty(name, self.store.db.commits)
         if page.items:
             self._hand_out(name, conn, [m["id"] for m in page.items])
+            sizes = self._sizes
+            for m in page.items:
+                if (size := held_size(name, m)) is not None:
+                    sizes[m["id"]] = size
         return page
 
     def _given_back_rows(self, name: str, need: int) -> Iterator[Any]:
@@ -752,8 +765,9 @@ class Hive:
 
     def _let_go(self, name: str, ids: Iterable[int]) -> None:
         """``ids`` are no longer in flight (acked)."""
-        in_flight = self._in_flight[name]
+        in_flight, sizes = self._in_flight[name], self._sizes
         for i in ids:
+            sizes.pop(i, None)
             conn = in_flight.pop(i, None)
             if conn is not None and (held := self._held_by.get(conn)) is not None:
                 held.discard(i)
@@ -796,16 +810,18 @@ class Hive:
             self._let_go(name, ids)
             self.inboxes.acked(name, ids, fresh)
 
-        return self.commits.submit(lambda tx: ack_in(tx, name, ids), done, shrinks=True)
+        known = self._sizes.get(ids[0]) if len(ids) == 1 else None
+        return self.commits.submit(lambda tx: ack_in(tx, name, ids, known), done, shrinks=True)
 
     def release(self, name: str, conn: int) -> None:
         """A connection ended: its unacked messages go back to the inbox."""
         released = self._held_by.pop(conn, None)  # what it holds alone: never all in flight
         if not released:
             return
-        in_flight = self._in_flight[name]
+        in_flight, sizes = self._in_flight[name], self._sizes
         for i in released:
             in_flight.pop(i, None)
+            sizes.pop(i, None)
         back = self._given_back.setdefault(name, [])
         back.extend(released)
         back.sort()
@@ -1671,8 +1687,11 @@ class Hive:
         self.publish_status(name)
 
     def _forget(self, name: str) -> None:
-        for conn in set(self._in_flight.pop(name, {}).values()):
+        in_flight = self._in_flight.pop(name, {})
+        for conn in set(in_flight.values()):
             self._held_by.pop(conn, None)
+        for i in in_flight:
+            self._sizes.pop(i, None)
         self._handed_high.pop(name, None)
         self._given_back.pop(name, None)
         self.limit_watch.forget(name)

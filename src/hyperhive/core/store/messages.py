@@ -201,9 +201,23 @@ def send_in(
     return insert_message(tx, *item)
 
 
-def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
+def held_size(recipient: str, m: dict[str, Any]) -> tuple[str, int] | None:
+    """``HOLDER`` and ``HELD_BYTES`` of a message as its recipient's ``recv`` line carries
+    it (``wire_for_recipient``), when the line alone tells them (no options: their stored
+    form is not the line's); None otherwise. A message is never changed, so what this says
+    of an id stays true for as long as the row lives (``ack_in``'s ``known``)."""
+    sender, body = m.get("from"), m.get("body")
+    if type(sender) is not str or type(body) is not str or "options" in m:
+        return None
+    nbytes = len(body) if body.isascii() else len(body.encode())
+    return holder_of(recipient, sender), nbytes
+
+
+def ack_in(tx: Tx, recipient: str, ids: list[int], known: tuple[str, int] | None = None) -> int:
     """Ack ``ids`` in the caller's transaction, all of which must be messages to
-    ``recipient`` (NotFound before anything is written, if one is not); how many were new."""
+    ``recipient`` (NotFound before anything is written, if one is not); how many were new.
+    ``known``: the one id's holder and held bytes (``held_size``), if its ``recv`` told them,
+    so that a receiver's ack a round is the one statement."""
     if len(ids) == 1:  # a receiver's ack a round: one row by its key
         mid = ids[0]
         # The usual ack (its own, not acked yet) is this one statement; only when it changes
@@ -213,10 +227,12 @@ def ack_in(tx: Tx, recipient: str, ids: list[int]) -> int:
             "UPDATE messages SET acked_at=? WHERE id=? AND recipient=? AND acked_at IS NULL",
             (time.time(), mid, recipient),
         ).rowcount:
-            holder, nbytes = tx.execute(
-                f"SELECT {HOLDER}, {HELD_BYTES} FROM messages WHERE id=?", (mid,)
-            ).fetchone()
-            tx.held(holder, -1, -nbytes, recipient == "operator")
+            if known is None:
+                known = tx.execute(
+                    f"SELECT {HOLDER}, {HELD_BYTES} FROM messages WHERE id=?", (mid,)
+                ).fetchone()
+                assert known is not None  # the row the update just changed
+            tx.held(known[0], -1, -known[1], recipient == "operator")
             return 1
         row = tx.execute("SELECT recipient, acked_at FROM messages WHERE id=?", (mid,)).fetchone()
         if row is None or row[0] != recipient:
