@@ -7,6 +7,7 @@ Every test here runs the default (clean) exec, not the fixture's ``--as-agent``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -549,3 +550,47 @@ def test_a_stream_poll_calls_ready_with_nothing_to_read_still_ends_at_the_drains
         ours.close()
         for fd in (out_r, out_w):
             os.close(fd)
+
+
+def test_a_flood_after_the_exit_ends_at_the_drains_byte_bound() -> None:
+    """Once the exec is over, a copy of its end that writes without pause is relayed up to
+    ``DRAIN_BYTES`` (then our end is let go), not for the whole of ``DRAIN_MAX``: each
+    read is hive-priv's CPU, outside the cage's cgroup."""
+    from hyperhive.priv import exec_relay
+
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    out_r, out_w = os.pipe()
+    stop = threading.Event()
+    got: list[int] = []
+
+    def flood() -> None:
+        chunk = b"f" * 65536
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                theirs.sendall(chunk)
+
+    def drain() -> None:
+        while chunk := os.read(out_r, 65536):
+            got.append(len(chunk))
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (flood, drain)]
+    for t in threads:
+        t.start()
+    done = exec_relay._Done()
+    done.set()
+    t0 = time.monotonic()
+    try:
+        exec_relay._pump_out(exec_relay._Fd(ours.fileno()), out_w, None, done, lambda: None)
+        took = time.monotonic() - t0
+        assert took < exec_relay.DRAIN_MAX / 2, took
+    finally:
+        stop.set()
+        ours.close()
+        os.close(out_w)
+        threads[1].join(5)
+        threads[0].join(5)
+        theirs.close()
+        os.close(out_r)
+        done.close()
+    assert exec_relay.DRAIN_BYTES < sum(got) <= exec_relay.DRAIN_BYTES + exec_relay.CHUNK, sum(got)

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import USAGE_SUM
 from hyperhive.core.actors import Agent
 from hyperhive.core.hive import Hive
 from test_replies import hive  # noqa: F401  (the fixture: agents a and b, peers)
@@ -220,8 +221,6 @@ def test_an_ack_of_what_recv_handed_out_keeps_the_quota_counts(hive: Hive) -> No
     line told (Hive._sizes, store/messages.py held_size) without reading the row: after
     round trips of non-ASCII, empty and NUL bodies, from the known inbox and from the
     query alike, agent_usage is what a SUM over the rows says (zero: all acked)."""
-    from helpers import USAGE_SUM
-
     async def rounds() -> None:
         for body in ("héllo ✓", "", "nul\0byte", "x" * 5000, "ascii"):
             mid = await hive.send(A, "b", body)
@@ -233,6 +232,31 @@ def test_an_ack_of_what_recv_handed_out_keeps_the_quota_counts(hive: Hive) -> No
 
     assert bodies(hive) == []  # b's inbox known empty: the lane's messages served from memory
     asyncio.run(rounds())
+    assert_counts_match(hive)
+
+
+def test_the_sizes_kept_for_acks_are_bounded(hive: Hive, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``SIZES_MAX`` ids in flight a recv keeps no more sizes, and those ids' acks read
+    their rows as before: the counts stay right either way."""
+    from hyperhive.core import hive as hive_module
+
+    monkeypatch.setattr(hive_module, "SIZES_MAX", 3)
+
+    async def run() -> None:
+        ids = [await hive.send(A, "b", f"m{i} é") for i in range(6)]
+        for _ in ids:  # one a recv, none acked: in flight
+            await hive.recv(B, 1, 0, 1)
+        assert len(hive._sizes) == 3 and set(hive._sizes) == set(ids[:3])
+        for mid in ids:
+            assert await hive.ack(B, [mid]) == 1
+        assert hive._sizes == {}
+
+    asyncio.run(run())
+    assert_counts_match(hive)
+
+
+def assert_counts_match(hive: Hive) -> None:
+    """agent_usage says what a SUM over the rows says (a row of zeros is no row)."""
     conn = hive.store.db.conn
     summed = {r[0]: tuple(r[1:]) for r in conn.execute(USAGE_SUM)}
     counted = {

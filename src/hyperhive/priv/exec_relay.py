@@ -10,9 +10,9 @@ operator's pipeline from seeing EOF.
 The relay ends with the process tree: once the exec's process is gone (and with
 it, its pid namespace), the outputs are drained to EOF. A copy of the exec's end
 (socket or pty) that got out anyway (passed over a socket) can keep them open:
-then the drain stops after a short grace (DRAIN_IDLE without data, DRAIN_MAX in
-all) and our ends are closed, so such a copy only ever reaches a socket nobody
-reads.
+then the drain stops after a short grace (the first 0.1 s without data once
+DRAIN_IDLE has passed, DRAIN_MAX or DRAIN_BYTES in all) and our ends are closed,
+so such a copy only ever reaches a socket nobody reads.
 
 Waits are poll(2), not select(2): hive-priv's descriptors may be numbered past
 select's 1,023 (a pidfd per process of a cage being stopped, up to 64 of the core's
@@ -39,8 +39,13 @@ from hyperhive.unixsock import refuse_descriptors
 CHUNK = 65536
 # A relay thread: a pump and its (source, destination, EOF to send) arguments.
 _Pump = tuple[Callable[..., None], tuple[object, object, bytes | None]]
-DRAIN_IDLE = 0.5  # seconds without output, once the process has exited
+DRAIN_IDLE = 0.5  # seconds after the exit, past which 0.1 s without output ends the drain
 DRAIN_MAX = 10.0  # seconds of output at most, once the process has exited
+# Bytes of a stream at most once the process has exited. What it legitimately left is what
+# its socket still buffers (~200 KiB); past that only a copy that got out writes, and each
+# read of it is hive-priv's CPU, outside the cage's cgroup (re-check of session 30: ~0.65
+# CPU for DRAIN_MAX, out-of-band bytes cutting every read to a few).
+DRAIN_BYTES = 1 << 20
 
 
 def _ready(want: dict[int, int], timeout: float | None = None) -> set[int]:
@@ -227,6 +232,7 @@ def _pump_out(src: _Fd, dst: int, _unused: None, done: _Done, kill: Callable[[],
     """Exec -> operator, until EOF (a pty master gives EIO when the last slave closes).
     If the operator stops reading, the exec is killed (as ssh's remote side would
     lose its session): nothing would ever read what it writes."""
+    after_exit = 0  # bytes relayed since the process exited
     while True:
         data = None
         if _ready({src.fd: select.POLLIN}, 0.1):
@@ -250,7 +256,11 @@ def _pump_out(src: _Fd, dst: int, _unused: None, done: _Done, kill: Callable[[],
         # exec's end can make poll say "ready" with nothing to read for as long as it likes.
         if done.event.is_set():
             since = time.monotonic() - done.at
-            if since > DRAIN_MAX or (data is None and since > DRAIN_IDLE):
+            if data:
+                after_exit += len(data)
+            if since > DRAIN_MAX or after_exit > DRAIN_BYTES:
+                return
+            if data is None and since > DRAIN_IDLE:
                 return
 
 
