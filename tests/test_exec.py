@@ -282,6 +282,22 @@ print(json.dumps(out))
 """
 
 
+def test_bash_on_a_socket_stdin_sources_no_bashrc_and_runs_bash_env(caged_hive: HiveProcess) -> None:
+    """bash takes a socket on stdin for rshd's, and a top-level ``bash -c`` would then source
+    ~/.bashrc instead of $BASH_ENV; the exec's SHLVL=1 keeps it as it was on a pipe: under
+    --trust-home a planted .bashrc stays unread, BASH_ENV still runs. (CI of session 30:
+    test_exec_planted's BASH_ENV case failed before SHLVL was set.)"""
+    plant = "echo planted-bashrc"
+    setup = run(caged_hive, "alice", "sh", "-c", f"echo '{plant}' > ~/.bashrc; echo 'echo from-env' > ~/.rxenv30",
+                flags=("--trust-home",))
+    assert setup.returncode == 0, setup.stderr
+    try:
+        proc = run(caged_hive, "alice", "bash", "-c", "echo cmd", flags=("--trust-home", "--env", "BASH_ENV=/home/agent/.rxenv30"))
+        assert (proc.returncode, proc.stdout) == (0, "from-env\ncmd\n"), proc
+    finally:
+        run(caged_hive, "alice", "rm", "-f", "/home/agent/.bashrc", "/home/agent/.rxenv30", flags=("--trust-home",))
+
+
 def test_stdio_are_sockets_shut_the_way_they_do_not_carry(caged_hive: HiveProcess) -> None:
     """Unix socket pairs, not pipes (a cage process handed a pipe's end could hold its
     lock, and hive-priv's relay with it: test_red_exec30.py); each shut in the direction

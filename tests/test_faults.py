@@ -478,8 +478,17 @@ def test_killed_harness_restarts_with_backoff_and_shows_failed_meanwhile(hive_fa
     calm = hive.harness_pid("ftk-calm")
     windows: list[float] = []
     seen_down: list[list[dict[str, Any]]] = []  # every status row read while it was down, per kill
+    cage_log = hive.state_dir / "priv" / "cages" / "ftk" / "cage.log"
+
+    def connected_lines() -> int:
+        return len([line for line in cage_log.read_text().splitlines()
+                    if line.startswith("harness: connected as ftk")])
+
     for k in range(4):  # the cage's init waits 0.5, 1, 2, 4 s before each restart
         victim = hive.harness_pid("ftk")
+        # Killed once it has said so: the core counts it running at its first call, a
+        # moment before its line (a kill in between, under CI's load, lost the line).
+        wait_until(lambda n=k + 1: connected_lines() >= n, 10, f"harness {k + 1}'s 'connected' line")
         os.kill(victim, signal.SIGKILL)
         killed = time.monotonic()
         down: list[dict[str, Any]] = []
@@ -503,14 +512,12 @@ def test_killed_harness_restarts_with_backoff_and_shows_failed_meanwhile(hive_fa
     for k, (w, b) in enumerate(zip(windows, backoffs, strict=False)):
         assert b <= w < b + 10, f"kill {k + 1}: down {w:.2f} s, backoff {b} s"
     assert windows[3] - windows[0] > 2.5, windows  # the backoff grows
-    log = (hive.state_dir / "priv" / "cages" / "ftk" / "cage.log").read_text()
+    log = cage_log.read_text()
     restarts = [line for line in log.splitlines() if line.startswith("cage-init: harness exited")]
     assert [line.rsplit("restarting in ", 1)[1] for line in restarts] == ["0.5 s", "1.0 s", "2.0 s", "4.0 s"], restarts
     assert all("status -9" in line for line in restarts), restarts
     # Each harness's own lines reach cage.log through init's pipe, the exec'd ones' too.
-    wait_until(lambda: len([line for line in (hive.state_dir / "priv" / "cages" / "ftk" / "cage.log")
-                            .read_text().splitlines() if line.startswith("harness: connected as ftk")]) >= 5,
-               10, "five harnesses' 'connected' lines in cage.log")
+    wait_until(lambda: connected_lines() >= 5, 10, "five harnesses' 'connected' lines in cage.log")
     assert hive.cage("ftk")["pid"] == init_pid  # the cage itself kept running
     assert hive.harness_pid("ftk-calm") == calm
     # The page's socket, bound once by hive-priv and kept by init, is served by the

@@ -436,7 +436,7 @@ def link(f):
         return os.readlink(f"/proc/self/fd/{f}")
     except OSError:
         return ""
-socks = [f for f in fds if link(f).startswith("socket:")]
+socks = [f for f in fds if f > 2 and link(f).startswith("socket:")]  # 0-2: the exec's stdio
 def conn(path):
     s = socket.socket(socket.AF_UNIX)
     try:

@@ -408,7 +408,9 @@ for pid in os.listdir("/proc"):
             pass
 own = sorted(os.listdir("/proc/self/fd"))
 result(seen=seen, refused=refused, reached=reached, own=own,
-       sockets=[os.readlink(f"/proc/self/fd/{fd}") for fd in own if os.path.exists(f"/proc/self/fd/{fd}")
+       # 0-2: the exec's own stdio, hive-priv's socket pairs since session 30
+       sockets=[os.readlink(f"/proc/self/fd/{fd}") for fd in own if int(fd) > 2
+                and os.path.exists(f"/proc/self/fd/{fd}")
                 and os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")])
 """
 

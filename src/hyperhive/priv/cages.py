@@ -705,7 +705,12 @@ class Cages:
         clean = {} if trust_home else {
             "HOME": exec_.EXEC_HOME, "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1",
         }
-        base_env = {**layout.base_env(name), **clean, **env}
+        # Without a pty the command's stdin is a socket (exec_relay._pair), and bash takes a
+        # socket on stdin for rshd's: a top-level `bash -c` then sources ~/.bashrc (the
+        # agent's, under --trust-home) instead of $BASH_ENV. One level up, it behaves as
+        # it did on a pipe.
+        nested = {} if tty else {"SHLVL": "1"}
+        base_env = {**layout.base_env(name), **nested, **clean, **env}
         enter = entry.nsenter(pid=as_agent)
         if as_agent:
             enter += ["--"]
