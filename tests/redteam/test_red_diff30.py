@@ -86,6 +86,7 @@ import pytest
 from hive_fixture import HIVE, HiveProcess, children, running_hive
 
 from .conftest import threads_in
+from .exec_kit import start_holder
 from .test_launcher import launch  # noqa: F401 (the fixture)
 
 REF = "red team of session 30's change: the exec relay's socket pairs"
@@ -129,19 +130,10 @@ def _states(pid: int, tids: dict[str, str]) -> dict[str, str]:
 # The holder: listens, receives one descriptor (the exec's stdout or pty slave), plays MODE
 # on it, keeps it until ~/stop-TAG (or 40 s), reports what happened as one JSON line.
 HOLDER = r"""
-import array, errno, fcntl, json, os, socket, struct, sys, termios, threading, time
+import array, errno, fcntl, struct, sys, termios, threading, time
 mode, tag = sys.argv[1], sys.argv[2]
-path = os.path.expanduser(f"~/hold-{tag}.sock")
 stop = os.path.expanduser(f"~/stop-{tag}")
-for p in (path, stop):
-    if os.path.exists(p):
-        os.unlink(p)
-lst = socket.socket(socket.AF_UNIX)
-lst.bind(path)
-lst.listen(1)
-print(json.dumps({"listening": path}), flush=True)
-conn, _ = lst.accept()
-msg, fds, _, _ = socket.recv_fds(conn, 64, 2)
+msg, fds = take(tag, 2)
 got, stdin = fds[0], fds[1]  # the stream to play with; the exec's stdin, for "misc"
 rep = {}
 if mode == "oob":
@@ -236,14 +228,7 @@ time.sleep(0.3)
 
 
 def _holder(hive: HiveProcess, mode: str, tag: str) -> subprocess.Popen[str]:
-    holder = subprocess.Popen(
-        [str(HIVE), "--run-dir", str(hive.run_dir), "exec", "--as-agent", NAME, "--",
-         "python3", "-c", HOLDER, mode, tag],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert holder.stdout is not None
-    assert "listening" in holder.stdout.readline()
-    return holder
+    return start_holder(hive, NAME, HOLDER, mode, tag)
 
 
 def _stop(hive: HiveProcess, holder: subprocess.Popen[str], tag: str) -> None:

@@ -33,9 +33,10 @@ import time
 
 import pytest
 
-from hive_fixture import HIVE, HiveProcess
+from hive_fixture import HiveProcess
 
 from .conftest import threads_in
+from .exec_kit import start_holder
 
 REF = "session 30: the exec relay's pipes"
 # Kernel frames of a thread waiting on a pipe's lock (or in a pipe at all).
@@ -51,18 +52,10 @@ PIPE_FRAMES = ("pipe_release", "pipe_read", "pipe_write", "splice")  # anon_pipe
 # kernel refuses (no pipe on either side) it splices through a pipe of its own. It holds
 # until ~/stop-WHICH.
 HOLDER = r"""
-import json, os, socket, sys, threading, time
+import sys, threading, time
 which = sys.argv[1]
 fd = 1 if which == "stdout" else 0
-path = os.path.expanduser(f"~/hold-{which}.sock")
-if os.path.exists(path):
-    os.unlink(path)
-lst = socket.socket(socket.AF_UNIX)
-lst.bind(path)
-lst.listen(1)
-print(json.dumps({"listening": path}), flush=True)
-conn, _ = lst.accept()
-msg, fds, _, _ = socket.recv_fds(conn, 64, 1)
+msg, fds = take(which, 1)
 got = fds[0]
 try:
     os.close(os.open(f"/proc/{int(msg)}/fd/{fd}", os.O_WRONLY if fd == 1 else os.O_RDONLY))
@@ -121,14 +114,9 @@ def test_a_splice_on_the_execs_stdio_never_holds_the_operators_exec(
 ) -> None:
     priv = caged_hive.priv_pid()
     assert priv is not None
-    holder = subprocess.Popen(
-        [str(HIVE), "--run-dir", str(caged_hive.run_dir), "exec", "--as-agent", "bob", "--",
-         "python3", "-c", HOLDER, which],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    holder = start_holder(caged_hive, "bob", HOLDER, which)
     assert holder.stdout is not None
     try:
-        assert "listening" in holder.stdout.readline()
         t0 = time.monotonic()
         # For stdin the operator's bytes wake the holder's splice, which then waits for
         # room with the lock held, and the operator's EOF is hive-priv's close of its end.

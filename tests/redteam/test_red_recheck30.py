@@ -74,6 +74,7 @@ import pytest
 from hive_fixture import HIVE, HiveProcess, running_hive
 
 from .conftest import cage_run
+from .exec_kit import start_holder
 
 REF = "re-check of session 30: "
 NAME = "rcalice"
@@ -97,19 +98,10 @@ def h() -> Iterator[HiveProcess]:
 # The holder: listens, gets the exec's stdout and stdin, plays MODE once the command is gone
 # (~0.6 s after the handover), reports one JSON line, keeps everything until ~/stop-TAG.
 HOLDER = r"""
-import errno, json, os, socket, sys, threading, time
+import errno, sys, threading, time
 mode, tag = sys.argv[1], sys.argv[2]
-path = os.path.expanduser(f"~/hold-{tag}.sock")
 stop = os.path.expanduser(f"~/stop-{tag}")
-for p in (path, stop):
-    if os.path.exists(p):
-        os.unlink(p)
-lst = socket.socket(socket.AF_UNIX)
-lst.bind(path)
-lst.listen(1)
-print(json.dumps({"listening": path}), flush=True)
-conn, _ = lst.accept()
-msg, fds, _, _ = socket.recv_fds(conn, 64, 2)
+msg, fds = take(tag, 2)
 out = socket.socket(fileno=fds[0])
 inp = socket.socket(fileno=fds[1])
 rep = {"mode": mode}
@@ -178,17 +170,7 @@ def _hive(h: HiveProcess, *args: str) -> list[str]:
 
 
 def _holder(h: HiveProcess, mode: str, tag: str) -> subprocess.Popen[str]:
-    p = subprocess.Popen(
-        _hive(h, "--as-agent", NAME, "--", "python3", "-c", HOLDER, mode, tag),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert p.stdout is not None
-    line = p.stdout.readline()
-    assert "listening" in line, (line, p.stderr.read() if p.poll() is not None else "")
-    return p
+    return start_holder(h, NAME, HOLDER, mode, tag)
 
 
 def _report(p: subprocess.Popen[str]) -> dict[str, Any]:
