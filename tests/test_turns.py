@@ -149,6 +149,25 @@ ENV = py("""
     }), flush=True)
 """)
 
+# What the runtime's stdio are, and how each behaves the way it does not carry.
+STDIO = py("""
+    import errno, json, os, stat, sys
+    sys.stdin.read()
+    out = {"sockets": [stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in (0, 1, 2)]}
+    out["read_stdout"] = os.read(1, 1).decode()  # shut for the harness: EOF at once
+    try:
+        os.write(0, b"x")
+        out["write_stdin"] = "written"
+    except OSError as e:
+        out["write_stdin"] = errno.errorcode[e.errno]
+    try:
+        open("/dev/stderr", "w")
+        out["dev_stderr"] = "opened"
+    except OSError as e:
+        out["dev_stderr"] = errno.errorcode[e.errno]
+    print(json.dumps(out), flush=True)
+""")
+
 AGENTS: dict[str, dict[str, Any]] = {
     "turn-seq": {"runtime": "command", "command": SEQ},
     "turn-ack": {"runtime": "command", "command": ACK},
@@ -159,6 +178,9 @@ AGENTS: dict[str, dict[str, Any]] = {
     "turn-env": {"runtime": "command", "command": ENV},
     # Ends at once, leaving a process of its own session that holds its stdin, unread.
     "turn-stdin": {"runtime": "command", "command": ["sh", "-c", "exec 3<&0; setsid sleep 600 <&3 3<&- >/dev/null 2>&1 & echo kept"]},
+    "turn-stdio": {"runtime": "command", "command": STDIO},
+    # A planted ~/.bashrc, then a top-level bash with the runtime's stdin.
+    "turn-bash": {"runtime": "command", "command": ["sh", "-c", "echo 'echo planted' > ~/.bashrc; bash -c 'echo cmd'"]},
 }
 
 
@@ -479,6 +501,31 @@ def test_interrupt_ends_the_turn_quickly_and_the_next_message_runs(hive: HivePro
 
     refused = hive.host_call("interrupt", name="no-such-agent")
     assert refused["ok"] is False and "no agent named" in refused["error"]
+
+
+def test_the_runtimes_stdio_are_sockets_shut_the_way_they_do_not_carry(hive: HiveProcess) -> None:
+    """Unix socket pairs, not pipes (a runtime holding a pipe's end could hold its lock
+    from a splice, and the harness's turn loop with it: redteam/test_red_turn31.py); each
+    shut in the direction it doesn't carry, so they behave as pipes would (EOF reading
+    stdout, EPIPE writing stdin). The price: /dev/stderr by name is ENXIO."""
+    name = "turn-stdio"
+    hive.wait_running([name])
+    mid = send(hive, name, "hi")
+    entries = wait_turn(hive, name, mid)
+    assert exit_of(entries)["exit_status"] == 0, entries
+    assert [json.loads(line) for line in stdout(entries)] == [
+        {"sockets": [True, True, True], "read_stdout": "", "write_stdin": "EPIPE", "dev_stderr": "ENXIO"}
+    ]
+
+
+def test_bash_on_the_runtimes_socket_stdin_sources_no_bashrc(hive: HiveProcess) -> None:
+    """bash takes a socket on stdin for rshd's and a top-level ``bash -c`` then sources
+    ~/.bashrc; the runtime's SHLVL=1 keeps it as it was on a pipe."""
+    name = "turn-bash"
+    hive.wait_running([name])
+    mid = send(hive, name, "hi")
+    entries = wait_turn(hive, name, mid)
+    assert (exit_of(entries)["exit_status"], stdout(entries)) == (0, ["cmd"]), entries
 
 
 # -- misbehaving runtimes ------------------------------------------------------------------

@@ -49,6 +49,32 @@ def refuse_descriptors(sock: socket.socket | _socket.socket) -> bool:
     return True
 
 
+def stdio_pair(*, ours_reads: bool) -> tuple[int, int]:
+    """Our end and the other process's of one stdio stream (stdin, stdout or stderr of
+    ``hive exec``'s command, or of a turn's runtime): a unix socket pair, as OpenSSH's
+    sshd gives a session's command unless built with USE_PIPES.
+
+    Not a pipe: a pipe is one object with one lock (``pipe->mutex``) that both ends take,
+    and a cage process that holds the other end can hold it for as long as it likes
+    (``splice`` from a socket nobody writes to into the write end, or from the read end
+    into a socket nobody reads), so our read, write and last close would sleep
+    uninterruptibly (red team of session 30: hive-priv's relay; session 31: the harness's
+    turn loop). Two sockets have a lock each, and ``splice`` needs a pipe on one side: a
+    cage process can only splice through a pipe of its own. Ours refuses descriptors
+    (nothing sent to it is closed by us) and is shut in the direction it does not carry,
+    so the other side reads EOF from its stdout and gets EPIPE writing to its stdin, as
+    with a pipe. Ours never blocks, and takes an out-of-band byte as a byte like any other
+    (with SO_OOBINLINE off one made poll say "ready" while a read found nothing: red team
+    of session 30). The price: the other process can't open /dev/stdout and the like by
+    name (ENXIO)."""
+    ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    refuse_descriptors(ours)
+    ours.shutdown(_socket.SHUT_WR if ours_reads else _socket.SHUT_RD)
+    ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_OOBINLINE, 1)
+    ours.setblocking(False)
+    return ours.detach(), theirs.detach()
+
+
 def bind_socket(
     sock: socket.socket | _socket.socket,
     path: Path | str,

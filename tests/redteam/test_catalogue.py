@@ -84,6 +84,8 @@ REQUIRED = {
     "cage.limit-hits-hidden",
     # session 13: a CPU share per cage
     "budget.cpu",
+    # sessions 30 and 31: no pipe shared with a cage (the exec's stdio, the runtime's)
+    "operator.exec", "harness.turn",
 }
 
 PLUGIN = r'''

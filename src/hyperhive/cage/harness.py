@@ -17,6 +17,7 @@ import time
 from hyperhive.cage import layout, wirejson
 from hyperhive.cage.initclient import InitChannel
 from hyperhive.cage.runtimes import RUNTIMES, Runtime
+from hyperhive.unixsock import stdio_pair
 
 # typing costs the cage ~2 ms of its cold start; annotations are never evaluated here.
 # Nor json, socket, signal or selectors: their enums and json's regular expressions were
@@ -269,9 +270,13 @@ class Turn:
     def run(self) -> None:
         started = time.monotonic()
         self.record("input", self.message)
-        in_r, in_w = os.pipe()
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
+        # Socket pairs, not pipes: a runtime holding a pipe's other end (its own, or one
+        # it handed on) could hold the pipe's lock from a splice, and this loop's next
+        # read, write or close of it would sleep uninterruptibly, time-out and interrupt
+        # with it (red team of session 31). Ours never block.
+        in_w, in_r = stdio_pair(ours_reads=False)
+        out_r, out_w = stdio_pair(ours_reads=True)
+        err_r, err_w = stdio_pair(ours_reads=True)
         try:
             pid = self.init.spawn(
                 self.runtime.argv(self.message),
@@ -297,14 +302,12 @@ class Turn:
         bufs = {out_r: b"", err_r: b""}
         names = {out_r: "stdout", err_r: "stderr"}
         for fd in bufs:
-            os.set_blocking(fd, False)
             poll.register(fd, select.POLLIN)
         # The runtime's stdin, written as it reads it, in this loop: never a thread that
         # blocks (a runtime that never reads, while a process it left holds the pipe, kept
         # one thread and descriptor of the harness's for good, a turn at a time).
         stdin = memoryview(self.runtime.stdin(self.message))
         feeding = in_w
-        os.set_blocking(in_w, False)
         poll.register(in_w, select.POLLOUT)
         deadline = started + self.timeout
         last_flush = time.monotonic()
@@ -336,6 +339,8 @@ class Turn:
                         chunk = os.read(fd, 65536)
                     except BlockingIOError:  # POLLHUP or POLLERR with nothing to read yet
                         continue
+                    except OSError:  # a socket's error (ECONNRESET): its end, as EOF is
+                        chunk = b""
                     if not chunk:
                         if bufs[fd]:
                             self.line(names[fd], bufs[fd], len(bufs[fd]))

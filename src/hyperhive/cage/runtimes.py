@@ -32,6 +32,10 @@ class Runtime:
 
     def env(self, message: dict[str, Any]) -> dict[str, str]:
         return {
+            # The runtime's stdin is a socket (harness.Turn.run), and bash takes a socket
+            # on stdin for rshd's: a top-level `bash -c` would source ~/.bashrc. One level
+            # up, it behaves as on a pipe (as `hive exec` sets it).
+            "SHLVL": "1",
             **self.extra_env,
             **layout.base_env(self.name),
             "HIVE_TURN": str(message["id"]),

@@ -1,7 +1,7 @@
 """``hive exec``'s byte relay: the operator's descriptors stay in hive-priv.
 
 The exec'd process gets unix socket pairs (stdin, stdout, stderr; not pipes, see
-``_pair``) or the slave of a pty that hive-priv allocated; hive-priv copies bytes
+``unixsock.stdio_pair``) or the slave of a pty that hive-priv allocated; hive-priv copies bytes
 between those and the operator's descriptors. So no descriptor of the operator's
 ever exists in a cage: nothing the agent runs, now or later, can read the
 operator's terminal, write to it, push input into it (TIOCSTI) or keep the
@@ -26,7 +26,6 @@ import fcntl
 import math
 import os
 import select
-import socket
 import struct
 import subprocess
 import termios
@@ -34,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from hyperhive.unixsock import refuse_descriptors
+from hyperhive.unixsock import stdio_pair
 
 CHUNK = 65536
 # A relay thread: a pump and its (source, destination, EOF to send) arguments.
@@ -121,9 +120,9 @@ def run(
                 (_pump_out, (m, op_out, None)),
             ]
         else:
-            in_w, in_r = _pair(ours_reads=False)
-            out_r, out_w = _pair(ours_reads=True)
-            err_r, err_w = _pair(ours_reads=True)
+            in_w, in_r = stdio_pair(ours_reads=False)
+            out_r, out_w = stdio_pair(ours_reads=True)
+            err_r, err_w = stdio_pair(ours_reads=True)
             w, o, e = _Fd(in_w), _Fd(out_r), _Fd(err_r)
             ours += [w, o, e]
             child = (in_r, out_w, err_w)
@@ -161,31 +160,6 @@ def run(
         for end in ours:
             end.close()
         done.close()
-
-
-def _pair(*, ours_reads: bool) -> tuple[int, int]:
-    """Our end and the exec's of one stdio stream: a unix socket pair, as OpenSSH's sshd
-    gives a session's command unless built with USE_PIPES.
-
-    Not a pipe: a pipe is one object with one lock (``pipe->mutex``) that both ends take,
-    and a cage process handed the exec's end can hold it for as long as it likes
-    (``splice`` from a socket nobody writes to into the write end, or from the read end
-    into a socket nobody reads), so our read, write and last close would sleep
-    uninterruptibly, the relay and the operator's exec with them. Two sockets have a lock
-    each, and ``splice`` needs a pipe on one side: a cage process can only splice through
-    a pipe of its own. Ours refuses descriptors (nothing sent to it is closed in a relay
-    thread) and is shut in the direction it does not carry, so the exec reads EOF from
-    its stdout and gets EPIPE writing to its stdin, as with a pipe. The price: the
-    command can't open /dev/stdout and the like by name (ENXIO)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    refuse_descriptors(ours)
-    ours.shutdown(socket.SHUT_WR if ours_reads else socket.SHUT_RD)
-    # An out-of-band byte is a byte like any other (with SO_OOBINLINE off one made poll
-    # say "ready" while a read found nothing and, blocking, waited for the peer for good:
-    # red team of session 30), and our end never blocks either way.
-    ours.setsockopt(socket.SOL_SOCKET, socket.SO_OOBINLINE, 1)
-    ours.setblocking(False)
-    return ours.detach(), theirs.detach()
 
 
 def _pump_in(src: int, dst: _Fd, eof: bytes | None, done: _Done, kill: Callable[[], None]) -> None:
