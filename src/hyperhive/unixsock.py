@@ -16,6 +16,8 @@ import _socket
 import errno
 import os
 import stat
+import sys
+import threading
 
 # pathlib and socket only name types here (_socket, built in, is loaded by any socket's
 # maker): importing them would cost every cage's harness
@@ -73,6 +75,44 @@ def stdio_pair(*, ours_reads: bool) -> tuple[int, int]:
     ours.setsockopt(_socket.SOL_SOCKET, _socket.SO_OOBINLINE, 1)
     ours.setblocking(False)
     return ours.detach(), theirs.detach()
+
+
+# Room for one message's descriptors: the kernel attaches at most SCM_MAX_FD (253) to one,
+# and a stream read stops after the first message that carries any.
+_RIGHTS_ROOM = _socket.CMSG_SPACE(253 * 4)
+
+
+def read_stream(fd: int, n: int) -> bytes:
+    """Up to ``n`` bytes from our end of a ``stdio_pair`` (``os.read``'s errors: a
+    non-blocking end with nothing to read raises BlockingIOError).
+
+    Where the kernel can't refuse descriptors (before 6.16), one the other side sends
+    arrives with its byte, and a plain read would drop it here: if that was its last
+    reference, its release runs in this thread and can sleep uninterruptibly on a lock the
+    sender holds (a pipe's end it splices into), and this thread with it (red team of
+    session 31). So the read takes them, and a thread of their own closes them."""
+    sock = _socket.socket(fileno=fd)
+    try:
+        data, ancdata, _flags, _addr = sock.recvmsg(n, _RIGHTS_ROOM, _socket.MSG_CMSG_CLOEXEC)
+    finally:
+        sock.detach()
+    taken = [
+        int.from_bytes(item[i : i + 4], sys.byteorder, signed=True)
+        for level, kind, item in ancdata
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+        for i in range(0, len(item) - len(item) % 4, 4)
+    ]
+    if taken:
+        threading.Thread(target=_close_all, args=(taken,), daemon=True).start()
+    return data
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def bind_socket(

@@ -507,21 +507,22 @@ def test_the_harnesss_descriptors_are_out_of_the_runtimes_reach(hive: HiveProces
     "harness.turn",
     ref=REF + ": SCM_RIGHTS of a locked pipe where the kernel has no SO_PASSRIGHTS (before 6.16)",
 )
-def test_before_linux_6_16_a_locked_pipe_sent_into_stdout_would_hold_the_harnesss_read() -> None:
+@pytest.mark.parametrize("reader", ["read_stream", "os.read"])
+def test_before_linux_6_16_a_locked_pipe_sent_into_stdout_never_holds_the_harnesss_read(reader: str) -> None:
     """In process, the harness's end as a kernel before 6.16 leaves it (``SO_PASSRIGHTS``
     put back to 1: ``refuse_descriptors`` returns False there): a locked pipe's read end
     (a splice from an idle socket into its write end holds the lock) sent with one byte
-    into the runtime's stdout, the sender's own copy closed while the skb holds it. The
-    harness's plain ``os.read`` drops the descriptor as it consumes the byte; that is the
-    last reference, and its release (``pipe_release``) waits for the lock, in D: the turn
-    loop would sleep as before the change. Not a break on this host (6.18 refuses the
-    rights, ``rd31a``), a residual on older kernels that the harness's bullet in
-    docs/security.md does not name (hive exec's does). This case passes while the
-    mechanism reproduces; it fails if the read returns at once."""
+    into the runtime's stdout, the sender's own copy closed while the message holds it.
+
+    ``os.read`` (what the harness and hive exec's relay used): the read took the byte and
+    dropped the descriptor, the last reference, and its release (``pipe_release``) waited
+    for the lock in D, as the turn loop did before the change: the residual the red team
+    found. ``read_stream`` (what they use now) takes the descriptor with the byte and closes
+    it in a thread of its own, which is the one that waits; the read returns at once."""
     import socket
     import threading
 
-    from hyperhive.unixsock import SO_PASSRIGHTS, stdio_pair
+    from hyperhive.unixsock import SO_PASSRIGHTS, read_stream, stdio_pair
 
     ours, theirs = stdio_pair(ours_reads=True)
     idle, idle_peer = socket.socketpair()
@@ -537,27 +538,37 @@ def test_before_linux_6_16_a_locked_pipe_sent_into_stdout_would_hold_the_harness
         t.sendmsg(
             [b"R"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, __import__("array").array("i", [r]))]
         )
-        os.close(r)  # not the last reference: the skb's is
+        os.close(r)  # not the last reference: the message's is
         r = -1
         got: list[bytes] = []
         tids: list[int] = []
+        before = set(os.listdir("/proc/self/task"))
 
         def harness_read() -> None:
             tids.append(threading.get_native_id())
-            got.append(os.read(ours, 65536))
+            got.append(read_stream(ours, 65536) if reader == "read_stream" else os.read(ours, 65536))
 
-        reader = threading.Thread(target=harness_read, daemon=True)
-        reader.start()
-        reader.join(1.0)
-        with open(f"/proc/self/task/{tids[0]}/stack") as f:
-            stack = f.read()
-        with open(f"/proc/self/task/{tids[0]}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        held = reader.is_alive()
+        reader_thread = threading.Thread(target=harness_read, daemon=True)
+        reader_thread.start()
+        reader_thread.join(1.0)
+        held = reader_thread.is_alive()
+        state = "gone"
+        if held:
+            with open(f"/proc/self/task/{tids[0]}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        # Who waits on the lock now: the reader itself (os.read) or the closer it started.
+        waiting = {}
+        for tid in set(os.listdir("/proc/self/task")) - before:
+            with open(f"/proc/self/task/{tid}/stack") as f:
+                if "pipe_release" in f.read():
+                    waiting[int(tid)] = True
         idle_peer.send(b"x")  # the splice moves a byte and lets go of the lock
-        reader.join(5)
-        assert not reader.is_alive() and got == [b"R"], got
-        assert held and state == "D" and "pipe_release" in stack, (held, state, stack)
+        reader_thread.join(5)
+        assert not reader_thread.is_alive() and got == [b"R"], got
+        if reader == "os.read":  # the mechanism, reproduced
+            assert held and state == "D" and tids[0] in waiting, (held, state, waiting)
+        else:  # the fix: the read returned at once; a closer thread waited instead
+            assert not held and len(waiting) == 1 and tids[0] not in waiting, (held, waiting)
     finally:
         for fd in (ours, w, r):
             if fd >= 0:

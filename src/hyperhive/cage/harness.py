@@ -17,7 +17,7 @@ import time
 from hyperhive.cage import layout, wirejson
 from hyperhive.cage.initclient import InitChannel
 from hyperhive.cage.runtimes import RUNTIMES, Runtime
-from hyperhive.unixsock import stdio_pair
+from hyperhive.unixsock import read_stream, stdio_pair
 
 # typing costs the cage ~2 ms of its cold start; annotations are never evaluated here.
 # Nor json, socket, signal or selectors: their enums and json's regular expressions were
@@ -336,7 +336,7 @@ class Turn:
                             feeding = -1
                         continue
                     try:
-                        chunk = os.read(fd, 65536)
+                        chunk = read_stream(fd, 65536)
                     except BlockingIOError:  # POLLHUP or POLLERR with nothing to read yet
                         continue
                     except OSError:  # a socket's error (ECONNRESET): its end, as EOF is

@@ -45,6 +45,7 @@ else:
 
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
+SPAWNED_KEPT = 64  # runtime pids a kill may still name after their group is gone
 KILL_PASSES = 8  # sweeps of the runtime uid once its harness is gone, while any is left
 SWEEP_ID = 65534  # the sweep's real and saved ids: no process of a cage has them
 MSG_MAX = 256 * 1024
@@ -185,6 +186,9 @@ class Init:
         # while any member lives: a child left behind by a runtime that exited can still be
         # signalled through its group.
         self.groups: set[int] = set()
+        # The last SPAWNED_KEPT runtime processes spawned, oldest first: a kill of one of
+        # them sweeps the runtime uid even once its group is gone (``kill``).
+        self.spawned: dict[int, None] = {}
         self.harness: Forked | None = None
         self.channel: _socket.socket | None = None
         # The wake-up pair for SIGCHLD (set up before the first fork: a harness that dies
@@ -357,6 +361,9 @@ class Init:
             return {"ok": False, "error": str(e)}
         self.runtime[proc.pid] = proc
         self.groups.add(proc.pid)
+        self.spawned[proc.pid] = None
+        if len(self.spawned) > SPAWNED_KEPT:
+            del self.spawned[next(iter(self.spawned))]
         return {"ok": True, "pid": proc.pid}
 
     def kill(self, req: dict) -> dict:
@@ -366,17 +373,21 @@ class Init:
         if (
             type(pid) is not int
             or type(sig) is not int
-            or pid not in self.groups
+            or pid not in self.spawned
             or sig not in (_signal.SIGTERM, _signal.SIGKILL, _signal.SIGINT)
         ):
             return {"ok": False, "error": "no such runtime process"}
-        try:
-            os.killpg(pid, sig)  # its whole session: children of the runtime too
-        except ProcessLookupError:
-            self.groups.discard(pid)
+        if pid in self.groups:
+            try:
+                os.killpg(pid, sig)  # its whole session: children of the runtime too
+            except ProcessLookupError:
+                self.groups.discard(pid)
         # A turn is being stopped (interrupt, time-out): so is anything of the runtime's
         # that left the session with setsid. The pid namespace is the cage's, so these
-        # are all the runtime uid's processes there are.
+        # are all the runtime uid's processes there are. Even when the group is gone: a
+        # runtime that exited at once, its group empty and forgotten (reap), left behind
+        # what holds its stdout (setsid), and only this sweep reaches that (red team of
+        # session 31: init refused the kill, and the turn ran 11 s past its time-out).
         for other in self.runtime_uid_pids():
             try:
                 os.kill(other, sig)

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from hyperhive.unixsock import stdio_pair
+from hyperhive.unixsock import read_stream, stdio_pair
 
 CHUNK = 65536
 # A relay thread: a pump and its (source, destination, EOF to send) arguments.
@@ -80,8 +80,9 @@ class _Fd:
     """One of our descriptors, closed exactly once (by a pump or at the end): a
     second close could hit a number another thread has reused meanwhile."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, stream: bool = False) -> None:
         self.fd = fd
+        self.stream = stream  # our end of a stdio_pair (not a pty master)
         self._lock = threading.Lock()
         self._open = True
 
@@ -123,7 +124,7 @@ def run(
             in_w, in_r = stdio_pair(ours_reads=False)
             out_r, out_w = stdio_pair(ours_reads=True)
             err_r, err_w = stdio_pair(ours_reads=True)
-            w, o, e = _Fd(in_w), _Fd(out_r), _Fd(err_r)
+            w, o, e = _Fd(in_w), _Fd(out_r, stream=True), _Fd(err_r, stream=True)
             ours += [w, o, e]
             child = (in_r, out_w, err_w)
             plan = [
@@ -211,7 +212,10 @@ def _pump_out(src: _Fd, dst: int, _unused: None, done: _Done, kill: Callable[[],
         data = None
         if _ready({src.fd: select.POLLIN}, 0.1):
             try:
-                data = os.read(src.fd, CHUNK)  # never blocks: ours is non-blocking
+                # Never blocks: ours is non-blocking. A socket's is read taking what
+                # descriptors come with it (a kernel before 6.16 lets them in), closed
+                # in a thread of their own.
+                data = read_stream(src.fd, CHUNK) if src.stream else os.read(src.fd, CHUNK)
             except BlockingIOError:
                 pass  # ready, and then nothing to read after all
             except OSError as e:
