@@ -121,12 +121,13 @@ def test_no_hive_process_shares_a_pipe_with_the_agents_processes(hive: HiveProce
                                     "sleep", "31.3"], stdout=subprocess.PIPE)
         try:
             _wait_for("the control", lambda: proc_uid(control.pid) == uid)
-            assert set(_shared(uid)) == {os.readlink(f"/proc/self/fd/{control.stdout.fileno()}")}
+            assert control.stdout is not None
+            assert os.readlink(f"/proc/self/fd/{control.stdout.fileno()}") in _shared(uid)
         finally:
             control.kill()
             control.wait()
-        assert control.stdout is not None
-        control.stdout.close()
+            if control.stdout is not None:
+                control.stdout.close()
         shared = _shared(uid)
         assert not shared, f"pipes the agent's processes share with others: {shared}"
         # The check sees the agent's processes at all: the runtime and both sleeps are there.
