@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperhive.config import HiveConfig
+from hyperhive.core.backoff import RestartBackoff
 from hyperhive.core.events import EventBus
 from hyperhive.core.hive import Hive, Lifecycle
 from hyperhive.core.store import Store
@@ -74,3 +75,44 @@ def test_a_cage_the_operator_stops_during_the_restart_is_not_started_again(tmp_p
 
     asyncio.run(main())
     assert life.calls == [("kill", "a")], life.calls
+
+
+def test_the_backoff_starts_at_once_then_waits_twice_as_long_each_time() -> None:
+    now = [1000.0]
+    backoff = RestartBackoff(free=3, window=600.0, max_delay=300.0, clock=lambda: now[0])
+    delays = []
+    for _ in range(14):
+        delays.append(backoff.next_delay("a"))
+        now[0] += 1.0 + delays[-1]  # the next hold comes a second after the start
+    assert delays == [0, 0, 0, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300], delays
+    assert backoff.next_delay("b") == 0  # per agent
+    now[0] += 601.0  # a quiet window after the last start ends the row: at once again
+    assert [backoff.next_delay("a") for _ in range(4)] == [0, 0, 0, 2]
+    backoff.forget("a")
+    assert backoff.next_delay("a") == 0
+
+
+def test_a_cage_restarted_again_and_again_starts_later_and_not_after_a_stop(tmp_path: Path) -> None:
+    hive, life, seen = make(tmp_path)
+    hive.held_backoff = RestartBackoff(free=1, max_delay=0.3)
+
+    async def main() -> None:
+        for _ in range(2):  # the first at once, the second 0.3 s after its stop
+            before = life.calls.count(("start", "a"))
+            hive.cage_holds_a_close("a")
+            t0 = asyncio.get_running_loop().time()
+            while life.calls.count(("start", "a")) == before:
+                await asyncio.sleep(0.01)
+            took = asyncio.get_running_loop().time() - t0
+        assert took >= 0.3, took
+        hive.cage_holds_a_close("a")  # the third waits; the operator stops it meanwhile
+        await asyncio.sleep(0.1)
+        hive.store.agents.set_flag("a", "stopped", True)
+        await asyncio.sleep(0.4)
+
+    asyncio.run(main())
+    assert life.calls == [("kill", "a"), ("start", "a")] * 2 + [("kill", "a")], life.calls
+    troubles = [e["trouble"] for e in seen if e.get("trouble")]
+    assert len(troubles) == 3, troubles
+    assert troubles[0].endswith("its cage is restarted"), troubles
+    assert troubles[1].endswith("its cage is restarted in 0 s (restarted again and again)"), troubles

@@ -28,6 +28,7 @@ from hyperhive import faults
 from hyperhive.config import HiveConfig
 from hyperhive.core import approvals, received_fds
 from hyperhive.core.actors import Actor, Agent, Operator
+from hyperhive.core.backoff import RestartBackoff
 from hyperhive.core.egress import Decision, EgressProxy, Resolver
 from hyperhive.core.egress_tls import CpuPacer, Injection, Plan, default_cpu_total
 from hyperhive.core.events import EventBus, InboxWakeups, Subscription
@@ -187,6 +188,7 @@ class Hive:
         # Cages being restarted for holding a core thread in a close (cage_holds_a_close),
         # and the tasks doing it (kept: the loop holds only weak references to tasks).
         self._restarting_held: set[str] = set()
+        self.held_backoff = RestartBackoff()  # such restarts again and again: later starts
         self._background: set[asyncio.Future[None]] = set()
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
@@ -368,12 +370,18 @@ class Hive:
             if row is None or row.stopped:  # stopped meanwhile: its cage is gone already
                 return
             await self.lifecycle.stop(name, graceful=False)
+            delay = self.held_backoff.next_delay(name)
+            if delay:
+                text = f"{text} in {delay:.0f} s (restarted again and again)"
+                log.warning("agent %s: its cage starts again in %.0f s", name, delay)
+                self.publish_status(name, trouble=text)
+                await asyncio.sleep(delay)
             row = self.store.agents.get(name)
             if row is None or row.stopped:  # the operator stopped or destroyed it meanwhile
-                self.publish_status(name, trouble=text)
+                self.publish_status(name, trouble=None if delay else text)
                 return
             await self.lifecycle.start(name, self)
-            self.publish_status(name, trouble=text)
+            self.publish_status(name, trouble=None if delay else text)
         except Exception as e:  # the operator sees the agent as it is; the log says why
             log.warning("agent %s: restarting its cage failed: %s", name, e)
         finally:
@@ -1693,6 +1701,7 @@ class Hive:
         self.publish_status(name)
 
     def _forget(self, name: str) -> None:
+        self.held_backoff.forget(name)
         in_flight = self._in_flight.pop(name, {})
         for conn in set(in_flight.values()):
             self._held_by.pop(conn, None)
