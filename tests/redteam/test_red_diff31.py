@@ -38,7 +38,10 @@ real cage, as the runtime uid (the agent's code, or a process it leaves behind).
   before the change (not new, but the brief's "init kills all runtime-uid processes when a
   turn is stopped" does not hold here). Fix: init's ``kill`` sweeps the runtime uid
   whenever the harness asks, whether or not the group is still there (or keeps the pids
-  it spawned for the turn and sweeps for those).
+  it spawned for the turn and sweeps for those). **FIXED** (the author, after this red
+  team): a kill of any of the last 64 pids init spawned (``init.spawned``) sweeps the
+  runtime uid, session or not; both cases now end at the time-out (or the interrupt)
+  plus the kill, with nothing left.
 - ``rd31f`` an operator's interrupt during a flood of 64 KiB of lines each followed by an
   OOB byte, the runtime ignoring SIGTERM. **HELD:** the turn ended ~3.1 s after the
   interrupt (SIGKILL, 137), "output over" noted; the harness used 2.77 s of CPU in the
@@ -53,7 +56,10 @@ real cage, as the runtime uid (the agent's code, or a process it leaves behind).
   host): the harness's plain ``os.read`` took the byte and dropped the descriptor, the last
   reference; its release waited for the pipe's lock in ``pipe_release``, in D, until the
   splice let go: the turn loop would sleep as before the change. docs/security.md says so
-  for ``hive exec``'s relay, not for the harness.
+  for ``hive exec``'s relay, not for the harness. **FIXED** (the author): the harness and
+  the relay read with ``unixsock.read_stream``, which takes the descriptor with its byte
+  and closes it in a thread of its own; the case runs both readers (``os.read`` still
+  sleeps in D, ``read_stream`` returns at once and its closer waits instead).
 """
 
 from __future__ import annotations

@@ -45,13 +45,15 @@ Held:
   restart: ~45 restarts a minute (1 s to be found, ~30 ms to restart), the core ~0.01 CPU,
   hive-priv (with children) ~0.02-0.03 CPU; the trouble lines go through notify's
   per-agent bucket (agent_burst, then one per agent_interval_seconds), so the operator's
-  webhooks are not flooded. No back-off, though: the restarts go on for as long as the
-  agent likes (a log line each).
+  webhooks are not flooded. No back-off, though: the restarts went on for as long as the
+  agent liked (a log line each). Since session 31 they back off (``core/backoff.py``):
+  after three in a row each start waits twice as long as the one before (2 s, 4 s, ...).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import threading
 import time
@@ -187,7 +189,8 @@ def test_a_restart_loop_costs_the_hive_little(h: HiveProcess) -> None:
     core, priv = h.core_pid(), h.priv_pid()
     assert core is not None and priv is not None
     c0, p0 = ticks_all(core), ticks_all(priv)
-    told0 = h.log_tail(100000).count(TOLD)
+    log0 = h.log_tail(100000)
+    told0 = log0.count(TOLD)
     samples: list[bool] = []
     stop = threading.Event()
 
@@ -200,7 +203,7 @@ def test_a_restart_loop_costs_the_hive_little(h: HiveProcess) -> None:
     sampler.start()
     t0 = time.monotonic()
     cycles = 0
-    while time.monotonic() - t0 < 6:
+    while time.monotonic() - t0 < 6 or cycles < 5:
         box: dict[str, Any] = {}
         run_hold(h, FL, box, hold_s=4).join(20)
         h.wait_running([FL])
@@ -218,6 +221,10 @@ def test_a_restart_loop_costs_the_hive_little(h: HiveProcess) -> None:
     print(f"\nrestart loop: {fig}")
     assert restarts >= cycles - 1, f"the attack did not take: {fig}"
     assert cpu < 0.1 * spent, f"the restart loop costs the hive more than 0.1 CPU: {fig}"
+    # Since session 31 the starts back off (core/backoff.py): past the first three in a row
+    # each waits twice as long as the one before, so the loop slows down.
+    waits = [int(w) for w in re.findall(r"its cage starts again in (\d+) s", h.log_tail(100000)[len(log0):])]
+    assert len(waits) >= 2 and waits[-1] == 2 * waits[-2] and waits[0] >= 2, f"no back-off: {waits} {fig}"
 
 
 # -- the core's own stop ----------------------------------------------------------------------
