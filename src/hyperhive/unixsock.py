@@ -17,7 +17,6 @@ import errno
 import os
 import stat
 import sys
-import threading
 
 # pathlib and socket only name types here (_socket, built in, is loaded by any socket's
 # maker): importing them would cost every cage's harness
@@ -103,6 +102,10 @@ def read_stream(fd: int, n: int) -> bytes:
         for i in range(0, len(item) - len(item) % 4, 4)
     ]
     if taken:
+        # Here, not at the top: init imports this module before it forks the harness, and
+        # threading (with collections and functools) would be every cage's cold start.
+        import threading
+
         threading.Thread(target=_close_all, args=(taken,), daemon=True).start()
     return data
 
