@@ -116,3 +116,40 @@ def test_a_cage_restarted_again_and_again_starts_later_and_not_after_a_stop(tmp_
     assert len(troubles) == 3, troubles
     assert troubles[0].endswith("its cage is restarted"), troubles
     assert troubles[1].endswith("its cage is restarted in 0 s (restarted again and again)"), troubles
+
+
+def test_a_hold_reported_during_the_wait_is_stopped_at_once_and_owns_the_next_start(tmp_path: Path) -> None:
+    """Re-check of session 31: while a restart waited to start, the agent's name stayed
+    among those being restarted, so a hold re-armed in a cage the operator started
+    meanwhile was never handled. Now that report stops the cage at once, the waiting
+    restart starts nothing, and the newer one starts the cage after its own wait."""
+    hive, life, _ = make(tmp_path)
+    hive.held_backoff = RestartBackoff(free=1, max_delay=0.3)
+
+    async def main() -> None:
+        hive.cage_holds_a_close("a")  # at once
+        await asyncio.sleep(0.05)
+        hive.cage_holds_a_close("a")  # waits 0.3 s
+        await asyncio.sleep(0.1)
+        await life.start("a", hive)  # the operator starts it meanwhile; the hold again
+        hive.cage_holds_a_close("a")
+        await asyncio.sleep(0.05)
+        assert life.calls[-1] == ("kill", "a"), life.calls  # stopped at once
+        await asyncio.sleep(0.6)
+
+    asyncio.run(main())
+    assert life.calls == [("kill", "a"), ("start", "a"), ("kill", "a"), ("start", "a"), ("kill", "a"), ("start", "a")], life.calls
+
+
+def test_a_restart_waiting_to_start_an_agent_destroyed_meanwhile_starts_nothing(tmp_path: Path) -> None:
+    hive, life, _ = make(tmp_path)
+    hive.held_backoff = RestartBackoff(free=0, max_delay=0.2)
+
+    async def main() -> None:
+        hive.cage_holds_a_close("a")
+        await asyncio.sleep(0.05)
+        hive._forget("a")  # what a destroy does, before a new agent of that name may come
+        await asyncio.sleep(0.4)
+
+    asyncio.run(main())
+    assert life.calls == [("kill", "a")], life.calls

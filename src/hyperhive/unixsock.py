@@ -102,12 +102,30 @@ def read_stream(fd: int, n: int) -> bytes:
         for i in range(0, len(item) - len(item) % 4, 4)
     ]
     if taken:
-        # Here, not at the top: init imports this module before it forks the harness, and
-        # threading (with collections and functools) would be every cage's cold start.
-        import threading
-
-        threading.Thread(target=_close_all, args=(taken,), daemon=True).start()
+        _close_aside(taken)
     return data
+
+
+# Descriptors a closer thread could not be had for yet (the process at its thread or pids
+# limit: a runtime can fill its cage's pids.max), closed with the next that can.
+_parked: list[int] = []
+PARKED_MAX = 256  # past this, closed here after all: the descriptor table is finite too
+
+
+def _close_aside(fds: list[int]) -> None:
+    # Here, not at the top: init imports this module before it forks the harness, and
+    # threading (with collections and functools) would be every cage's cold start.
+    import threading
+
+    fds = _parked + fds
+    _parked.clear()
+    try:
+        threading.Thread(target=_close_all, args=(fds,), daemon=True).start()
+    except RuntimeError:  # "can't start new thread" (re-check of session 31)
+        if len(fds) > PARKED_MAX:
+            _close_all(fds)
+        else:
+            _parked.extend(fds)
 
 
 def _close_all(fds: list[int]) -> None:

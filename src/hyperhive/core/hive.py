@@ -189,6 +189,7 @@ class Hive:
         # and the tasks doing it (kept: the loop holds only weak references to tasks).
         self._restarting_held: set[str] = set()
         self.held_backoff = RestartBackoff()  # such restarts again and again: later starts
+        self._held_restarts: dict[str, int] = {}  # each agent's latest such restart's number
         self._background: set[asyncio.Future[None]] = set()
         self.transcript_wakeups = InboxWakeups()  # wakes an agent page's transcript stream
         self._interrupts: set[str] = set()
@@ -365,6 +366,8 @@ class Hive:
         task.add_done_callback(self._background.discard)
 
     async def _restart_held(self, name: str, text: str) -> None:
+        number = self._held_restarts[name] = self._held_restarts.get(name, 0) + 1
+        waiting = False
         try:
             row = self.store.agents.get(name)
             if row is None or row.stopped:  # stopped meanwhile: its cage is gone already
@@ -375,7 +378,15 @@ class Hive:
                 text = f"{text} in {delay:.0f} s (restarted again and again)"
                 log.warning("agent %s: its cage starts again in %.0f s", name, delay)
                 self.publish_status(name, trouble=text)
+                # While this waits, a hold re-armed in a cage the operator started meanwhile
+                # is reported anew: its own stop at once, and the start after it is that
+                # restart's (re-check of session 31: the report was dropped while the name
+                # was here, and the hold lasted as long as the cage).
+                self._restarting_held.discard(name)
+                waiting = True
                 await asyncio.sleep(delay)
+                if self._held_restarts.get(name) != number:  # a later restart, or a destroy
+                    return
             row = self.store.agents.get(name)
             if row is None or row.stopped:  # the operator stopped or destroyed it meanwhile
                 self.publish_status(name, trouble=None if delay else text)
@@ -385,7 +396,8 @@ class Hive:
         except Exception as e:  # the operator sees the agent as it is; the log says why
             log.warning("agent %s: restarting its cage failed: %s", name, e)
         finally:
-            self._restarting_held.discard(name)
+            if not waiting:  # (once waiting, the name may be a later restart's)
+                self._restarting_held.discard(name)
 
     async def watch_limits(self, every: float = LIMITS_POLL) -> None:
         """For the core's lifetime: ``check_limits`` now (the baseline), then every
@@ -1702,6 +1714,7 @@ class Hive:
 
     def _forget(self, name: str) -> None:
         self.held_backoff.forget(name)
+        self._held_restarts.pop(name, None)  # a restart waiting to start a cage: not this one's
         in_flight = self._in_flight.pop(name, {})
         for conn in set(in_flight.values()):
             self._held_by.pop(conn, None)
