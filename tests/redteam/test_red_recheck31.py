@@ -18,7 +18,8 @@ pid_max 32768.
   uid for exactly this reason (re-check of round 26); a turn's stop does not. Fix: sweep
   in ``Init.kill`` as ``sweep_runtime_uid`` does (a child with euid = runtime uid and
   kill(-1, sig), atomic against fork), for SIGKILL at least and repeated while any lives
-  (``kill_uid``).
+  (``kill_uid``). **FIXED** (the author): a SIGKILL of a turn is ``kill_uid``; the case
+  now ends at the time-out plus the grace with nothing left.
 - ``rc31b`` (1, as a compromised harness on init's channel) kills of pid 1, init, the
   harness and a pid never spawned; 70 spawns then kills of the 1st, 7th and 70th; a kill
   flood (600 SIGINT sweeps of 101 runtime processes that ignore it). **HELD:** the four
@@ -37,7 +38,10 @@ pid_max 32768.
   same after a destroy and re-create of the name during the wait (not run). Fix: during the wait take the name
   out of ``_restarting_held`` (or have ``cage_holds_a_close`` note a report that arrives
   meanwhile and act on it after), and/or let the watchdog report a still-stuck thread
-  again after a while.
+  again after a while. **FIXED** (the author): the name leaves ``_restarting_held`` while
+  the restart waits, so the report stops the cage at once; each restart has a number
+  (``_held_restarts``), and one whose wait ends after a later restart (or a destroy) began
+  starts nothing (``test_held_close.py`` has both).
 - in process, read_stream with 200 messages back to back of one byte and 253 descriptors
   each (SO_PASSRIGHTS 1, as before 6.16). **HELD:** 200 bytes in order, peak 4 threads,
   every descriptor closed.
@@ -50,7 +54,9 @@ pid_max 32768.
   received descriptor stays open in the reader (1 pipe left). Fix: catch the failure to
   start the closer and keep the descriptors for a closer that is started once (at the
   harness's start) and fed through a queue, or close the non-pipe ones inline and park
-  the rest.
+  the rest. **FIXED** (the author): they are parked (at most ``PARKED_MAX``, 256) and
+  closed with the next that come once a thread can be had; the case now reads twice,
+  the second with threads allowed again, and finds nothing left open.
 
 Not tried: pid reuse (pid_max 32768 here: a wrap in a cage is seconds of forks) was
 judged by reading only: ``kill`` needs a pid among the last 64 spawned, ``killpg`` only
