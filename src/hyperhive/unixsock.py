@@ -13,6 +13,7 @@ harness uses it in the cage.
 from __future__ import annotations
 
 import _socket
+import _thread
 import errno
 import os
 import stat
@@ -90,7 +91,7 @@ def read_stream(fd: int, n: int) -> bytes:
     reference, its release runs in this thread and can sleep uninterruptibly on a lock the
     sender holds (a pipe's end it splices into), and this thread with it (red team of
     session 31). So the read takes them, and a thread of their own closes them."""
-    sock = _socket.socket(fileno=fd)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM, 0, fd)  # (no probing)
     try:
         data, ancdata, _flags, _addr = sock.recvmsg(n, _RIGHTS_ROOM, _socket.MSG_CMSG_CLOEXEC)
     finally:
@@ -109,6 +110,9 @@ def read_stream(fd: int, n: int) -> bytes:
 # Descriptors a closer thread could not be had for yet (the process at its thread or pids
 # limit: a runtime can fill its cage's pids.max), closed with the next that can.
 _parked: list[int] = []
+# hive-priv's relay reads two streams in two threads: without it both could take the same
+# parked descriptors and close them twice (the second close hitting a reused number).
+_parked_lock = _thread.allocate_lock()
 PARKED_MAX = 256  # past this, closed here after all: the descriptor table is finite too
 
 
@@ -117,15 +121,17 @@ def _close_aside(fds: list[int]) -> None:
     # threading (with collections and functools) would be every cage's cold start.
     import threading
 
-    fds = _parked + fds
-    _parked.clear()
-    try:
-        threading.Thread(target=_close_all, args=(fds,), daemon=True).start()
-    except RuntimeError:  # "can't start new thread" (re-check of session 31)
-        if len(fds) > PARKED_MAX:
-            _close_all(fds)
-        else:
-            _parked.extend(fds)
+    with _parked_lock:
+        fds = _parked + fds
+        _parked.clear()
+        try:
+            threading.Thread(target=_close_all, args=(fds,), daemon=True).start()
+            return
+        except RuntimeError:  # "can't start new thread" (re-check of session 31)
+            if len(fds) <= PARKED_MAX:
+                _parked.extend(fds)
+                return
+    _close_all(fds)  # (out of the lock: this close may wait)
 
 
 def _close_all(fds: list[int]) -> None:

@@ -601,3 +601,50 @@ def test_read_stream_when_no_thread_can_be_started_raises_only_oserror_and_leaks
         f"given back and redelivered): {res}")
     assert res["parked"] == 1 and res["data2"] == "S", res
     assert res.get("pipes left open") == 0, f"the descriptor received stays open in the reader: {res}"
+
+
+@pytest.mark.attack("harness.turn", ref=REF + ": read_stream's parked descriptors from two relay threads at once")
+def test_parked_descriptors_from_two_threads_are_each_closed_once_or_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hive-priv's exec relay reads stdout and stderr in two threads, and both may park
+    descriptors when no closer thread can be had (before 6.16, at a thread limit). Without
+    a lock both took the same parked list and cleared it: in process (thread starts
+    refused, the copy slowed to widen the window), 43 of 600 descriptors were neither
+    closed nor kept, and a close of one twice could hit a number reused meanwhile (root's
+    process). Held if every descriptor is closed exactly once or still parked."""
+    import hyperhive.unixsock as unixsock
+
+    closes: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def counting_close(fd: int) -> None:  # (fake numbers: nothing real is closed)
+        with lock:
+            closes[fd] = closes.get(fd, 0) + 1
+
+    class NoThread(threading.Thread):
+        def start(self) -> None:
+            raise RuntimeError("can't start new thread")
+
+    class SlowList(list[int]):
+        def __add__(self, other: list[int]) -> list[int]:  # type: ignore[override]
+            out = list(self) + other
+            time.sleep(0.0005)  # between the copy and the clear
+            return out
+
+    real_thread = threading.Thread
+    monkeypatch.setattr(unixsock, "_parked", SlowList())
+    monkeypatch.setattr(unixsock.os, "close", counting_close)
+    monkeypatch.setattr(threading, "Thread", NoThread)
+
+    def worker(base: int) -> None:
+        for i in range(300):
+            unixsock._close_aside([base + i])
+
+    workers = [real_thread(target=worker, args=(b,)) for b in (10_000_000, 20_000_000)]
+    for t in workers:
+        real_thread.start(t)
+    for t in workers:
+        t.join()
+    parked = list(unixsock._parked)
+    monkeypatch.undo()
+    assert all(n == 1 for n in closes.values()), {fd: n for fd, n in closes.items() if n > 1}
+    assert sorted([*closes, *parked]) == sorted(b + i for b in (10_000_000, 20_000_000) for i in range(300))
