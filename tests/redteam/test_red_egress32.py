@@ -33,7 +33,7 @@ from testnet import TestNet
 
 from .test_secrets_egress import cert_dir
 
-AGENT = "rteg"
+AGENT, OTHER = "rteg", "rtoth"
 KEY = "sk-live-REAL-" + "q7" * 16
 SPACEY = "sk-spacey-REAL-" + "z9" * 12 + " "  # a trailing space: printable ASCII
 NET = TestNet(182, prefix="hvre")
@@ -100,7 +100,8 @@ def net(certs: tuple[Path, str]) -> Iterator[TestNet]:
 
 @pytest.fixture(scope="module")
 def hive(net: TestNet, certs: tuple[Path, str]) -> Iterator[HiveProcess]:
-    agents = {AGENT: {"runtime": "command", "command": ["true"], "egress": ["api.test:443", f"{FRONT}:443"]}}
+    agents = {AGENT: {"runtime": "command", "command": ["true"], "egress": ["api.test:443", f"{FRONT}:443"]},
+              OTHER: {"runtime": "command", "command": ["true"]}}
     h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs[0] / "ca.pem")}})
     h.config_path.write_text(h.config_path.read_text() + BINDINGS)
     h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the bindings
@@ -300,3 +301,39 @@ def test_kept_alive_requests_with_a_secret_do_not_grow_the_log_a_line_each(hive:
     assert sent > 100, out
     assert lines < 200, (f"{lines} log lines ({grew} bytes) for {sent} requests in {wall:.1f} s,"
                          f" core at {cpu / wall:.2f} CPU")
+
+
+def latencies(hive: HiveProcess, seconds: float) -> list[float]:
+    """Round trips of ``whoami`` on the other agent's agent.sock (a kept client), for ``seconds``."""
+    out = []
+    with hive.agent(OTHER) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = time.monotonic()
+            assert c.call("whoami")["ok"]
+            out.append(time.monotonic() - t)
+            time.sleep(0.01)
+    return sorted(out)
+
+
+@pytest.mark.attack("budget.exhaustion", ref="red team round 23a (h11 pieces under the core's GIL); CpuPacer's cpu_total")
+def test_another_agents_calls_are_answered_while_one_floods_kept_alive_requests(hive: HiveProcess) -> None:
+    """rteg sends small requests on 8 kept-alive terminated connections as fast as they are
+    answered (h11 parses and re-frames each in the core, under its one GIL; the agent's
+    CPU share is 1 CPU here, which is all of the GIL), while the host calls ``whoami`` on
+    rtoth's agent.sock every 10 ms: the core's event loop competes for the GIL with the
+    relay threads.
+    Safe: rtoth's calls keep their idle latency (p99 under 50 ms, none over 250 ms)."""
+    import threading
+    idle = latencies(hive, 2)
+    got: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: got.update(out=probe_result(
+        hive.probe(AGENT, KEEPALIVE_FLOOD, timeout=120, conns=8, seconds=10))))
+    th.start()
+    time.sleep(2)  # the probe's cage entry and the connections up
+    busy = latencies(hive, 6)
+    th.join()
+    p = lambda xs, q: round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+    print(f"idle p50 {p(idle, .5)} p99 {p(idle, .99)} max {p(idle, 1)} ms; flood p50 {p(busy, .5)} p99 {p(busy, .99)}"
+          f" max {p(busy, 1)} ms ({len(busy)} calls); requests {sum(got['out']['counts'])}")
+    assert p(busy, .99) < 50 and p(busy, 1) < 250, (p(idle, .99), p(busy, .5), p(busy, .99), p(busy, 1))
