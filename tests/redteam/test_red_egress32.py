@@ -31,14 +31,15 @@ from helpers import assert_ok
 from hive_fixture import HiveProcess, probe_result, running_hive
 from testnet import TestNet
 
+from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP
 from .test_secrets_egress import cert_dir
 
 AGENT, OTHER = "rteg", "rtoth"
 KEY = "sk-live-REAL-" + "q7" * 16
 SPACEY = "sk-spacey-REAL-" + "z9" * 12 + " "  # a trailing space: printable ASCII
 NET = TestNet(182, prefix="hvre")
-FRONT = NET.address(2)
-HOSTS = {"api.test": FRONT, "evil.test": FRONT}
+FRONT, HANG = NET.address(2), NET.address(3)
+HOSTS = {"api.test": FRONT, "evil.test": FRONT, "hang.test": HANG}
 BINDINGS = """
 [[secret_binding]]
 secret = "apikey"
@@ -53,6 +54,23 @@ agents = ["rteg"]
 to = "api.test:443"
 header = "x-spacey: {}"
 env = "SPACEY_KEY"
+"""
+
+# hang.test: /hang is never answered; /info is answered with a 100 Continue every 0.2 s, forever.
+HANG_ANSWER = r"""
+import time
+def answer(t, head):
+    if head.startswith(b"GET /flood"):
+        block = b"HTTP/1.1 100 Continue\r\n\r\n" * 2000
+        while True:
+            t.sendall(block)
+    if head.startswith(b"GET /info"):
+        while True:
+            t.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+            time.sleep(0.2)
+    while True:
+        if not t.recv(65536):
+            return
 """
 
 # One nginx (no master process: nothing outlives its kill), two virtual hosts on one
@@ -95,12 +113,15 @@ def net(certs: tuple[Path, str]) -> Iterator[TestNet]:
     (d / "nginx.conf").write_text(NGINX.format(d=d, key=KEY, addr=FRONT))
     with NET as n:
         n.serve(FRONT, 443, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        n.serve(HANG, 443, [sys.executable, "-c", TLS_SERVER_HEAD + HANG_ANSWER + TLS_SERVER_LOOP, HANG, "443",
+                            str(d / "server.pem")])
         yield n
 
 
 @pytest.fixture(scope="module")
 def hive(net: TestNet, certs: tuple[Path, str]) -> Iterator[HiveProcess]:
-    agents = {AGENT: {"runtime": "command", "command": ["true"], "egress": ["api.test:443", f"{FRONT}:443"]},
+    agents = {AGENT: {"runtime": "command", "command": ["true"],
+                      "egress": ["api.test:443", f"{FRONT}:443", "GET hang.test:443/*", f"{HANG}:443"]},
               OTHER: {"runtime": "command", "command": ["true"]}}
     h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs[0] / "ca.pem")}})
     h.config_path.write_text(h.config_path.read_text() + BINDINGS)
@@ -150,8 +171,14 @@ def tunnel(host, sni, raw):
             "body": out.partition(b"\r\n\r\n")[2].decode(errors="replace"),
             "raw": out.decode(errors="replace")}
 
+def safe(*a):
+    try:
+        return tunnel(*a)
+    except OSError as e:
+        return {"error": type(e).__name__ + ": " + str(e)}
+
 env = {k: os.environ.get(k, "") for k in ("API_KEY", "SPACEY_KEY")}
-result(env=env, **{k: tunnel(*v) for k, v in P["cases"].items()})
+result(env=env, **{k: safe(*v) for k, v in P["cases"].items()})
 """
 
 
@@ -337,3 +364,78 @@ def test_another_agents_calls_are_answered_while_one_floods_kept_alive_requests(
     print(f"idle p50 {p(idle, .5)} p99 {p(idle, .99)} max {p(idle, 1)} ms; flood p50 {p(busy, .5)} p99 {p(busy, .99)}"
           f" max {p(busy, 1)} ms ({len(busy)} calls); requests {sum(got['out']['counts'])}")
     assert p(busy, .99) < 50 and p(busy, 1) < 250, (p(idle, .99), p(busy, .5), p(busy, .99), p(busy, 1))
+
+
+# In the cage: P["conns"] terminated connections to hang.test, each sending GET P["path"],
+# then closing after a second without an answer.
+GIVE_UP = r"""
+import ssl, time
+CTX = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+socks = []
+def one():
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    s.sendall(b"CONNECT hang.test:443 HTTP/1.1\r\nHost: hang.test:443\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    t = CTX.wrap_socket(s, server_hostname="hang.test")
+    t.sendall(("GET %s HTTP/1.1\r\nHost: hang.test\r\n\r\n" % P["path"]).encode())
+    socks.append(t)
+errors = []
+for i in range(P["conns"]):
+    try:
+        one()
+    except OSError as e:
+        errors.append(type(e).__name__)
+time.sleep(1)
+got = b""
+if socks:
+    socks[-1].settimeout(0.5)
+    try:
+        got = socks[-1].recv(100)
+    except OSError as e:
+        got = type(e).__name__.encode()
+for t in socks:
+    t.close()
+result(got=got.decode(errors="replace"), opened=len(socks), errors=errors)
+"""
+
+
+def upstream_conns() -> int:
+    """Established TCP connections at hang.test's port 443 (in the test namespace)."""
+    out = subprocess.run(["ip", "netns", "exec", NET.ns, "ss", "-Htn", "state", "established", f"( sport = :443 and src {HANG} )"],
+                         capture_output=True, text=True, check=True).stdout
+    return len([ln for ln in out.splitlines() if ln.strip()])
+
+
+@pytest.mark.attack("budget.exhaustion", ref="test_egress.py 'an upstream that stalls mid-body is ended when the cage gives up'")
+@pytest.mark.parametrize("path", ["/hang", "/info", "/flood"])
+def test_a_terminated_connection_ends_when_the_cage_gives_up_on_a_silent_upstream(hive: HiveProcess, path: str) -> None:
+    """rteg opens 16 terminated connections (its whole max_connections) to hang.test (an L7
+    rule), sends a request the server never answers (``/hang``), or answers only with
+    interim 100 Continue responses every 0.2 s (``/info``), then closes all 16 after a
+    second. The proxy, in ``Terminated._relay_response``, waits on the upstream only (no
+    timeout: ``settimeout(None)`` after its handshake) and never looks at the cage's side:
+    the 16 slots, their threads and upstream connections stay, and the agent's next
+    CONNECT, to anything, waits for a slot.
+    Safe: the upstream connections end within a few seconds of the cage closing, and a new
+    CONNECT is answered at once."""
+    base = upstream_conns()
+    out = probe_result(hive.probe(AGENT, GIVE_UP, timeout=120, conns=16, path=path))
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline and upstream_conns() > base:
+        time.sleep(0.25)
+    left = upstream_conns() - base
+    core = hive.core_pid()
+    assert core is not None
+    c0, t0 = cpu_seconds(core), time.monotonic()
+    time.sleep(3)
+    cpu = (cpu_seconds(core) - c0) / (time.monotonic() - t0)
+    nxt = probe_result(hive.probe(AGENT, TUNNEL, timeout=60, cases={"next": ["api.test", "api.test", get("/v1/after", "api.test", KEYED)]}))
+    print(f"{path}: opened {out['opened']} {out['errors']}, cage saw {out['got']!r}; upstream connections left 8 s"
+          f" after the cage closed: {left}; core CPU then {cpu:.2f}; next: {nxt['next']}")
+    try:
+        assert out["opened"] == 16 and left == 0 and nxt["next"].get("status") == 200, (left, cpu, nxt["next"])
+    finally:
+        assert hive.host_call("restart", name=AGENT)["ok"]  # (its stop ends them: the next case starts clean)
+        time.sleep(1)
