@@ -439,3 +439,140 @@ def test_a_terminated_connection_ends_when_the_cage_gives_up_on_a_silent_upstrea
     finally:
         assert hive.host_call("restart", name=AGENT)["ok"]  # (its stop ends them: the next case starts clean)
         time.sleep(1)
+
+
+# -- DNS answers that change between the check and the dial (the proxy's code, in-process) --
+
+class Rebinding:
+    """A resolver whose answer for every name changes after the first lookup: a public
+    address first, then loopback (what a rebinding zone answers)."""
+
+    def __init__(self, first: str, then: str) -> None:
+        import ipaddress
+        self.answers = [ipaddress.ip_address(first), ipaddress.ip_address(then)]
+        self.asked: list[str] = []
+        self.hosts: dict[str, Any] = {}
+
+    def resolve(self, host: str, port: int) -> list[Any]:
+        self.asked.append(host)
+        return [self.answers[min(1, len(self.asked) - 1)]]
+
+
+def _serve_in_process(proxy: Any, request: bytes, then: bytes = b"") -> bytes:
+    import socket as socket_
+    import threading
+    client, server = socket_.socketpair()
+    with client:
+        client.sendall(request)
+        t = threading.Thread(target=proxy._serve, args=("rtrebind", server, False), daemon=True)
+        t.start()
+        client.settimeout(10)
+        data = b""
+        if then:
+            while b"\r\n\r\n" not in data:
+                chunk = client.recv(65536)
+                if not chunk:
+                    return data
+                data += chunk
+            client.sendall(then)
+        try:
+            while chunk := client.recv(65536):
+                data += chunk
+        except OSError:
+            pass
+        t.join(10)
+    return data
+
+
+def _client_hello(sni: str) -> bytes:
+    import ssl
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+@pytest.mark.attack("egress.private-ranges", ref="DNS rebinding between check and connect (srt resolved-address guard)")
+def test_the_proxy_dials_the_address_it_checked_when_dns_changes_its_answer() -> None:
+    """A name the rules cover answers a public address (the test range, opened by a CIDR
+    rule) at the check and loopback at any later lookup. Safe: the proxy looks the name up
+    once and connects to the address it checked, never to the later answer."""
+    from hyperhive.core.egress import Decision, EgressProxy, Refusal
+    from hyperhive.wire.egress import parse_rules
+
+    dialled: list[list[str]] = []
+
+    class Recording(EgressProxy):
+        @staticmethod
+        def _connect(addresses: list[Any], port: int) -> Any:
+            dialled.append([str(a) for a in addresses])
+            raise Refusal(502, "test: not dialled")
+
+    resolver = Rebinding("198.18.182.77", "127.0.0.1")
+    decisions: list[Decision] = []
+    proxy = Recording(lambda a: parse_rules(["rebind.test:80", "rebind.test:443", "198.18.182.0/24:80",
+                                             "198.18.182.0/24:443"]), decisions.append, resolver)
+    for head in (b"GET http://rebind.test/ HTTP/1.1\r\nHost: rebind.test\r\n\r\n",
+                 b"CONNECT rebind.test:443 HTTP/1.1\r\n\r\n"):
+        resolver.asked.clear()
+        reply = _serve_in_process(proxy, head)
+        assert b"502" in reply.split(b"\r\n")[0], reply
+        assert resolver.asked == ["rebind.test"], resolver.asked
+    assert dialled == [["198.18.182.77"], ["198.18.182.77"]], dialled
+
+
+@pytest.mark.attack("egress.l7-bypass", ref="red team round 5 (IP literal of an L7 name); DNS answers that rotate")
+def test_an_l7_names_address_whose_dns_answer_moved_still_cannot_carry_its_tls() -> None:
+    """The agent has L7 rules on ``gh.rebind.test:443`` and an address rule for the test
+    range. It CONNECTs to an IP literal of gh's (one DNS gave a moment ago) while the L7
+    name's lookup now answers another address (round-robin DNS, a rotated CDN answer), so
+    ``l7_by_address``'s check passes; inside, TLS with SNI gh.rebind.test.
+    Safe: the tunnel's first record (SNI = a name with L7 rules, not the tunnel's) is
+    refused and nothing is relayed."""
+    import threading
+
+    from hyperhive.core.egress import Decision, EgressProxy
+    from hyperhive.wire.egress import parse_rules
+
+    def attempt(sni: str) -> tuple[bytes, list[bytes]]:
+        listener = __import__("socket").socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        got: list[bytes] = []
+
+        def upstream() -> None:
+            listener.settimeout(10)
+            try:
+                c, _ = listener.accept()
+                c.settimeout(3)
+                got.append(c.recv(65536))
+            except OSError:
+                pass
+
+        th = threading.Thread(target=upstream, daemon=True)
+        th.start()
+        port = listener.getsockname()[1]
+
+        class ToListener(EgressProxy):
+            @staticmethod
+            def _connect(addresses: list[Any], p: int) -> Any:
+                sock, _ = EgressProxy._connect([__import__("ipaddress").ip_address("127.0.0.1")], port)
+                return sock, addresses[0]  # (the address it checked: the stand-in listens on loopback)
+
+        resolver = Rebinding("198.18.182.50", "198.18.182.50")  # gh's lookup now: .50; the literal: .40
+        proxy = ToListener(lambda a: parse_rules(["GET gh.rebind.test:443/*", "198.18.182.0/24:443"]),
+                           lambda d: None, resolver)
+        reply = _serve_in_process(proxy, b"CONNECT 198.18.182.40:443 HTTP/1.1\r\n\r\n", then=_client_hello(sni))
+        th.join(5)
+        listener.close()
+        return reply, got
+
+    reply, got = attempt("gh.rebind.test")
+    assert reply.startswith(b"HTTP/1.1 200"), reply
+    assert got in ([], [b""]), got  # nothing of the ClientHello reached the upstream
+    reply, got = attempt("other.rebind.test")  # the control: another name's TLS goes through
+    assert reply.startswith(b"HTTP/1.1 200") and got and got[0][:1] == b"\x16", (reply, got)
