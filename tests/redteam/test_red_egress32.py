@@ -73,6 +73,29 @@ def answer(t, head):
             return
 """
 
+# HANG:9000: reads each connection as fast as it can for a second, then never again.
+SINK = r"""
+import socket, sys, threading, time
+def serve(c):
+    end = time.monotonic() + 1
+    c.settimeout(0.2)
+    while time.monotonic() < end:
+        try:
+            if not c.recv(1 << 20):
+                return
+        except OSError:
+            pass
+    time.sleep(3600)
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)  # (its own queue small: a remote host's memory)
+s.bind((sys.argv[1], int(sys.argv[2])))
+s.listen(64)
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"""
+
 # One nginx (no master process: nothing outlives its kill), two virtual hosts on one
 # address and port.
 NGINX = """
@@ -113,6 +136,7 @@ def net(certs: tuple[Path, str]) -> Iterator[TestNet]:
     (d / "nginx.conf").write_text(NGINX.format(d=d, key=KEY, addr=FRONT))
     with NET as n:
         n.serve(FRONT, 443, ["nginx", "-p", str(d), "-c", str(d / "nginx.conf")])
+        n.serve(HANG, 9000, [sys.executable, "-c", SINK, HANG, "9000"])
         n.serve(HANG, 443, [sys.executable, "-c", TLS_SERVER_HEAD + HANG_ANSWER + TLS_SERVER_LOOP, HANG, "443",
                             str(d / "server.pem")])
         yield n
@@ -121,7 +145,7 @@ def net(certs: tuple[Path, str]) -> Iterator[TestNet]:
 @pytest.fixture(scope="module")
 def hive(net: TestNet, certs: tuple[Path, str]) -> Iterator[HiveProcess]:
     agents = {AGENT: {"runtime": "command", "command": ["true"],
-                      "egress": ["api.test:443", f"{FRONT}:443", "GET hang.test:443/*", f"{HANG}:443"]},
+                      "egress": ["api.test:443", f"{FRONT}:443", "GET hang.test:443/*", f"{HANG}:443", f"{HANG}:9000"]},
               OTHER: {"runtime": "command", "command": ["true"]}}
     h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs[0] / "ca.pem")}})
     h.config_path.write_text(h.config_path.read_text() + BINDINGS)
@@ -576,3 +600,162 @@ def test_an_l7_names_address_whose_dns_answer_moved_still_cannot_carry_its_tls()
     assert got in ([], [b""]), got  # nothing of the ClientHello reached the upstream
     reply, got = attempt("other.rebind.test")  # the control: another name's TLS goes through
     assert reply.startswith(b"HTTP/1.1 200") and got and got[0][:1] == b"\x16", (reply, got)
+
+
+# In the cage: P["conns"] tunnels to the sink, each written as fast as it takes for
+# P["write"] s, then held open for P["hold"] s.
+STUFF = r"""
+import threading, time
+sent = [0] * P["conns"]
+socks = []
+def one(i):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=30)
+    s.sendall(P["target"].encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    socks.append(s)
+    s.settimeout(0.5)
+    block = b"x" * 65536
+    end = time.monotonic() + P["write"]
+    while time.monotonic() < end:
+        try:
+            sent[i] += s.send(block)
+        except OSError:
+            pass
+th = [threading.Thread(target=one, args=(i,)) for i in range(P["conns"])]
+for x in th: x.start()
+for x in th: x.join()
+time.sleep(P["hold"])
+result(sent=sent)
+"""
+
+
+def queued(prefix: list[str], filt: str) -> int:
+    """Bytes in the receive and send queues (skmem r + w) of the TCP sockets ``ss`` shows
+    matching ``filt``, run under ``prefix`` (a network namespace)."""
+    import re
+    out = subprocess.run([*prefix, "ss", "-Htnm", "state", "established", filt], capture_output=True, text=True).stdout
+    return sum(int(r) + int(w) for r, w in re.findall(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)", out))
+
+
+def _sock_bytes(cg: Path) -> int:
+    try:
+        for line in (cg / "memory.stat").read_text().splitlines():
+            if line.startswith("sock "):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def tcp_mem_pages() -> int:
+    """The kernel's TCP memory in use, host-wide (pages): /proc/net/sockstat's ``mem``."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            f = line.split()
+            return int(f[f.index("mem") + 1])
+    return 0
+
+
+@pytest.mark.attack("budget.exhaustion", ref="docs 'Budgets and quotas' (the core's descriptors and threads are budgeted; its socket memory?)")
+def test_one_agents_stalled_tunnels_hold_bounded_socket_memory(hive: HiveProcess) -> None:
+    """rteg opens 16 byte tunnels to a server of its own (an allowed address) that reads
+    for a second, then stops reading, and writes into each as fast as it can: what the
+    server doesn't take waits in the kernel's socket buffers on the way (the proxy's
+    upstream socket's send queue is hive-core's, the client socket's receive queue too),
+    counted in the host's TCP memory (``tcp_mem``: past its pressure limit every TCP
+    socket of the host is squeezed).
+    The control (``test_the_cages_own_loopback_pairs_hold_socket_memory_too``): 16 pairs
+    on the cage's own loopback, never read, hold ~42 MiB; the proxy read the first second
+    fast, the kernel grew the handed-over socket's receive window to ``tcp_rmem``'s max
+    (32 MiB here), then stopped reading: each tunnel queues ~30 MiB there plus ~3.6 MiB in
+    the core's upstream send queue, none of it charged to the cage on a cgroup v1 host.
+    Safe: the hive's sockets hold less than 256 MiB for one agent's 16 tunnels."""
+    import threading
+    base = tcp_mem_pages()
+    got: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: got.update(out=probe_result(hive.probe(
+        AGENT, STUFF, timeout=120, conns=16, write=6, hold=6,
+        target=f"CONNECT {HANG}:9000 HTTP/1.1\r\nHost: {HANG}:9000\r\n\r\n"))))
+    th.start()
+    peak = base
+    parts = (0, 0, 0)
+    hp = hive.harness_pid(AGENT)
+    cage = ["nsenter", "-t", str(hp), "-n"]
+    cg = Path("/sys/fs/cgroup") / Path(f"/proc/{hp}/cgroup").read_text().strip().split("::", 1)[1].lstrip("/")
+    sock0 = _sock_bytes(cg)
+    core_cg = Path("/sys/fs/cgroup") / Path(f"/proc/{hive.core_pid()}/cgroup").read_text().strip().split("::", 1)[1].lstrip("/")
+    core0 = _sock_bytes(core_cg)
+    cage_sock = core_sock = 0
+    end = time.monotonic() + 14
+    while th.is_alive() and time.monotonic() < end:
+        now = tcp_mem_pages()
+        if now > peak:
+            peak = now
+            # the core's upstream sockets (host), the cage's loopback pair (runtime and the
+            # handed-over end), the test server's own (not the hive's: a remote host's)
+            cage_sock, core_sock = _sock_bytes(cg) - sock0, _sock_bytes(core_cg) - core0
+            parts = (queued([], f"( dst {HANG}:9000 )"), queued(cage, "( sport = :3128 or dport = :3128 )"),
+                     queued(["ip", "netns", "exec", NET.ns], "( sport = :9000 )"))
+        time.sleep(0.25)
+    th.join()
+    grew = (peak - base) * os.sysconf("SC_PAGE_SIZE") >> 20
+    sent = sum(got["out"]["sent"]) >> 20
+    core_up, cage_pair, server = (x >> 20 for x in parts)
+    print(f"16 stalled tunnels: {sent} MiB written by the cage; host TCP memory +{grew} MiB at peak:"
+          f" core's upstream sockets {core_up} MiB, the cage's loopback pairs {cage_pair} MiB, the test server's {server} MiB;"
+          f" cgroup v2 memory.stat sock (0 on a v1 host): cage +{cage_sock >> 20} MiB, core +{core_sock >> 20} MiB")
+    assert grew - server < 256, (grew, core_up, cage_pair, server, sent)
+
+
+# In the cage, no egress at all: P["conns"] TCP pairs on the cage's own loopback, one end
+# written as fast as it takes, the other never read; held P["hold"] s.
+LOOPBACK_STUFF = r"""
+import threading, time
+L = socket.socket()
+L.bind(("127.0.0.1", 0))
+L.listen(64)
+pairs, sent = [], [0] * P["conns"]
+for i in range(P["conns"]):
+    a = socket.create_connection(L.getsockname())
+    b, _ = L.accept()
+    pairs.append((a, b))
+def one(i):
+    a = pairs[i][0]
+    a.settimeout(0.5)
+    block = b"x" * 65536
+    end = time.monotonic() + P["write"]
+    while time.monotonic() < end:
+        try:
+            sent[i] += a.send(block)
+        except OSError:
+            pass
+th = [threading.Thread(target=one, args=(i,)) for i in range(P["conns"])]
+for x in th: x.start()
+for x in th: x.join()
+time.sleep(P["hold"])
+result(sent=sent)
+"""
+
+
+@pytest.mark.attack("budget.exhaustion", ref="the control of test_one_agents_stalled_tunnels_hold_bounded_socket_memory")
+def test_the_cages_own_loopback_pairs_hold_socket_memory_too(hive: HiveProcess) -> None:
+    """The control, no egress: 16 TCP pairs on the cage's own loopback, one end written and
+    the other never read. What they hold is the cage's own (its network namespace, its
+    cgroup on a cgroup v2 host; on a v1 host like this one the memory controller does not
+    count TCP buffers unless kmem.tcp is limited). Recorded, not asserted: it tells the
+    proxy's part of the stalled tunnels' memory from what a cage holds alone."""
+    import threading
+    base = tcp_mem_pages()
+    got: dict[str, Any] = {}
+    th = threading.Thread(target=lambda: got.update(out=probe_result(hive.probe(
+        AGENT, LOOPBACK_STUFF, timeout=120, conns=16, write=6, hold=4))))
+    th.start()
+    peak = base
+    while th.is_alive():
+        peak = max(peak, tcp_mem_pages())
+        time.sleep(0.25)
+    th.join()
+    grew = (peak - base) * os.sysconf("SC_PAGE_SIZE") >> 20
+    print(f"16 loopback pairs in the cage: {sum(got['out']['sent']) >> 20} MiB written; host TCP memory +{grew} MiB at peak")
