@@ -43,7 +43,7 @@ HOSTS = {"api.test": FRONT, "evil.test": FRONT, "hang.test": HANG}
 BINDINGS = """
 [[secret_binding]]
 secret = "apikey"
-agents = ["rteg"]
+agents = ["rteg", "rtoth"]
 to = "api.test:443"
 header = "x-api-key: {}"
 env = "API_KEY"
@@ -113,7 +113,7 @@ http {{
   server {{
     listen {addr}:443 ssl; server_name api.test;
     ssl_certificate {d}/server.pem; ssl_certificate_key {d}/server.pem;
-    location / {{ return 200 "api.test vhost: key_ok=$key_ok uri=$request_uri\\n"; }}
+    location / {{ return 200 "api.test vhost: key_ok=$key_ok uri=$request_uri conn=$connection n=$connection_requests\\n"; }}
   }}
   server {{
     listen {addr}:443 ssl; server_name evil.test;
@@ -146,7 +146,7 @@ def net(certs: tuple[Path, str]) -> Iterator[TestNet]:
 def hive(net: TestNet, certs: tuple[Path, str]) -> Iterator[HiveProcess]:
     agents = {AGENT: {"runtime": "command", "command": ["true"],
                       "egress": ["api.test:443", f"{FRONT}:443", "GET hang.test:443/*", f"{HANG}:443", f"{HANG}:9000"]},
-              OTHER: {"runtime": "command", "command": ["true"]}}
+              OTHER: {"runtime": "command", "command": ["true"], "egress": ["api.test:443", f"{FRONT}:443"]}}
     h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs[0] / "ca.pem")}})
     h.config_path.write_text(h.config_path.read_text() + BINDINGS)
     h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the bindings
@@ -384,7 +384,10 @@ def test_another_agents_calls_are_answered_while_one_floods_kept_alive_requests(
     time.sleep(2)  # the probe's cage entry and the connections up
     busy = latencies(hive, 6)
     th.join()
-    p = lambda xs, q: round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+
+    def p(xs: list[float], q: float) -> float:
+        return round(1000 * xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+
     print(f"idle p50 {p(idle, .5)} p99 {p(idle, .99)} max {p(idle, 1)} ms; flood p50 {p(busy, .5)} p99 {p(busy, .99)}"
           f" max {p(busy, 1)} ms ({len(busy)} calls); requests {sum(got['out']['counts'])}")
     assert p(busy, .99) < 50 and p(busy, 1) < 250, (p(idle, .99), p(busy, .5), p(busy, .99), p(busy, 1))
@@ -559,7 +562,7 @@ def test_an_l7_names_address_whose_dns_answer_moved_still_cannot_carry_its_tls()
     refused and nothing is relayed."""
     import threading
 
-    from hyperhive.core.egress import Decision, EgressProxy
+    from hyperhive.core.egress import EgressProxy
     from hyperhive.wire.egress import parse_rules
 
     def attempt(sni: str) -> tuple[bytes, list[bytes]]:
@@ -759,3 +762,64 @@ def test_the_cages_own_loopback_pairs_hold_socket_memory_too(hive: HiveProcess) 
     th.join()
     grew = (peak - base) * os.sysconf("SC_PAGE_SIZE") >> 20
     print(f"16 loopback pairs in the cage: {sum(got['out']['sent']) >> 20} MiB written; host TCP memory +{grew} MiB at peak")
+
+
+# In the cage: at each wall-clock time in P["at"], one request on a connection of its own
+# to api.test, closed cleanly after the answer (so the proxy may keep its upstream idle for
+# this agent's next connection); the answers' bodies.
+TIMED_REQUESTS = r"""
+import ssl, time
+ctx = ssl.create_default_context(cafile="/run/hive/ca-bundle.pem")
+
+def one(tag):
+    s = socket.create_connection(("127.0.0.1", 3128), timeout=20)
+    s.sendall(b"CONNECT api.test:443 HTTP/1.1\r\nHost: api.test:443\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(4096)
+    t = ctx.wrap_socket(s, server_hostname="api.test")
+    t.sendall(("GET /v1/%s HTTP/1.1\r\nHost: api.test\r\nx-api-key: %s\r\n\r\n" % (tag, os.environ["API_KEY"])).encode())
+    out = b""
+    while True:
+        h, sep, rest = out.partition(b"\r\n\r\n")
+        if sep:
+            n = int([l.split(b":")[1] for l in h.split(b"\r\n") if l.lower().startswith(b"content-length")][0])
+            if len(rest) >= n:
+                break
+        out += t.recv(65536)
+    t.close()
+    return rest[:n].decode()
+
+bodies = []
+for i, at in enumerate(P["at"]):
+    time.sleep(max(0, at - time.time()))
+    bodies.append(one("%s%d" % (P["tag"], i)))
+result(bodies=bodies)
+"""
+
+
+def conn_of(body: str) -> str:
+    return body.split("conn=")[1].split()[0]
+
+
+@pytest.mark.attack("egress.pool-cross-agent", ref="red team round 7; egress_pool.py (never another agent's)")
+def test_an_idle_upstream_kept_for_one_agent_never_serves_another_bound_to_the_same_secret(hive: HiveProcess) -> None:
+    """rteg and rtoth are both bound to ``apikey`` for api.test:443. rteg makes a request
+    and closes cleanly (its upstream kept idle for 2 s, egress_pool.py); 0.4 s later rtoth
+    connects to the same destination, then rteg again at 0.8 s. nginx numbers its
+    connections (``$connection``). Safe: rtoth's request comes on an upstream connection of
+    its own, never rteg's; the control: rteg's second request reuses rteg's first upstream."""
+    import threading
+    t0 = time.time() + 8  # both probes' cage entries done by then
+    got: dict[str, Any] = {}
+    ths = [threading.Thread(target=lambda: got.update(a=probe_result(hive.probe(AGENT, TIMED_REQUESTS, tag="a", at=[t0, t0 + 0.8])))),
+           threading.Thread(target=lambda: got.update(b=probe_result(hive.probe(OTHER, TIMED_REQUESTS, tag="b", at=[t0 + 0.4]))))]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    (a1, a2), (b1,) = got["a"]["bodies"], got["b"]["bodies"]
+    print(f"rteg: {a1.strip()} | {a2.strip()}; rtoth: {b1.strip()}")
+    assert all("key_ok=yes" in x for x in (a1, a2, b1)), (a1, a2, b1)
+    assert conn_of(b1) != conn_of(a1), (a1, b1)
+    assert conn_of(a2) == conn_of(a1), ("the control: rteg's own upstream was not reused", a1, a2)
