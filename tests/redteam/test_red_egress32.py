@@ -60,6 +60,9 @@ env = "SPACEY_KEY"
 HANG_ANSWER = r"""
 import time
 def answer(t, head):
+    if head.startswith(b"GET /bighead"):
+        t.sendall(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (1 << 20) + b"\r\nContent-Length: 0\r\n\r\n")
+        return
     if head.startswith(b"GET /flood"):
         block = b"HTTP/1.1 100 Continue\r\n\r\n" * 2000
         while True:
@@ -212,6 +215,21 @@ def get(target: str, host: str, *headers: str) -> str:
 
 
 KEYED = "x-api-key: {API_KEY}"
+# Framing and header-name corners beyond test_secrets_egress.py's five, each with the key.
+_P = "POST /v1/{} HTTP/1.1\r\nHost: api.test\r\nx-api-key: {{API_KEY}}\r\n"
+SMUGGLE32 = {
+    "te-twice": _P.format("s1") + "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
+    "te-list": _P.format("s2") + "Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
+    "cl-list": _P.format("s3") + "Content-Length: 3, 3\r\n\r\nabc",
+    "cl-plus": _P.format("s4") + "Content-Length: +3\r\n\r\nabc",
+    "chunk-0x": _P.format("s5") + "Transfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+    "chunk-bare-lf": _P.format("s6") + "Transfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",
+    "name-del": _P.format("s7") + "X-A\x7f: 1\r\nContent-Length: 0\r\n\r\n",
+    "name-tab": _P.format("s8") + "Content-Length\t: 0\r\n\r\n",
+    "cr-in-value": _P.format("s9") + "X-A: 1\rContent-Length: 0\r\n\r\n",
+    "nul-in-value": _P.format("s10") + "X-A: 1\x00\r\nContent-Length: 0\r\n\r\n",
+    "http2-preface": "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+}
 
 
 @pytest.fixture(scope="module")
@@ -223,6 +241,8 @@ def res(hive: HiveProcess) -> dict[str, Any]:
         "absolute-port": ("api.test", "api.test", get("https://evil.test:443/steal", "api.test:443", KEYED)),
         "authority-form": ("api.test", "api.test", get("evil.test:443", "api.test", KEYED)),
         "spacey": ("api.test", "api.test", get("/v1/spacey", "api.test", "x-spacey: {SPACEY_KEY}")),
+        **{k: ("api.test", "api.test", v) for k, v in SMUGGLE32.items()},
+        "bighead": ("hang.test", "hang.test", get("/bighead", "hang.test")),
     }
     out = probe_result(hive.probe(AGENT, TUNNEL, timeout=120, cases={k: list(v) for k, v in cases.items()}))
     assert out["env"]["API_KEY"].startswith("hive-placeholder-"), out["env"]
@@ -823,3 +843,25 @@ def test_an_idle_upstream_kept_for_one_agent_never_serves_another_bound_to_the_s
     assert all("key_ok=yes" in x for x in (a1, a2, b1)), (a1, a2, b1)
     assert conn_of(b1) != conn_of(a1), (a1, b1)
     assert conn_of(a2) == conn_of(a1), ("the control: rteg's own upstream was not reused", a1, a2)
+
+
+@pytest.mark.attack("egress.request-smuggling", ref="RFC 9112 6.1, 6.3, 7.1; h11's strict reader")
+def test_more_framing_and_header_corners_are_refused_before_the_server(res: dict[str, Any]) -> None:
+    """Inside the terminated TLS to api.test, with the bound header: two Transfer-Encodings,
+    ``chunked, chunked``, ``Content-Length: 3, 3`` and ``+3``, a ``0x`` chunk size, a bare LF
+    after a chunk size, a DEL in a header name, a tab before a colon, a bare CR and a NUL
+    in values, the HTTP/2 preface. Safe: each refused by the proxy (400; the preface a 403,
+    no Host), nothing re-framed for the server to read another way. ``Content-Length: 3, 3``
+    is the exception RFC 9110 8.6 allows: h11 takes the one value and the server is sent
+    ``content-length: 3`` (re-framed: no second reading)."""
+    want = {k: 403 if k == "http2-preface" else 200 if k == "cl-list" else 400 for k in SMUGGLE32}
+    bad = {k: (res[k].get("status"), res[k].get("body", res[k])[:120]) for k in SMUGGLE32
+           if res[k].get("status") != want[k]}
+    assert not bad, bad
+
+
+@pytest.mark.attack("egress.relay", ref="h11 max_incomplete_event_size")
+def test_an_upstream_answer_with_a_megabyte_header_is_a_502(res: dict[str, Any]) -> None:
+    """hang.test answers with a 1 MiB header line. Safe: a 502 naming an invalid answer,
+    the core not holding the megabyte for the cage."""
+    assert res["bighead"].get("status") == 502 and "not valid HTTP/1.1" in res["bighead"]["body"], res["bighead"]
