@@ -723,12 +723,18 @@ def test_one_agents_stalled_tunnels_hold_bounded_socket_memory(hive: HiveProcess
                      queued(["ip", "netns", "exec", NET.ns], "( sport = :9000 )"))
         time.sleep(0.25)
     th.join()
+    # (the 16 tunnels outlive the probe: the proxy, blocked writing to a server that reads
+    # nothing, never sees the cage's close; the agent's stop ends them)
+    still = queued([], f"( dst {HANG}:9000 )") >> 20
+    assert hive.host_call("restart", name=AGENT)["ok"]
+    time.sleep(1)
     grew = (peak - base) * os.sysconf("SC_PAGE_SIZE") >> 20
     sent = sum(got["out"]["sent"]) >> 20
     core_up, cage_pair, server = (x >> 20 for x in parts)
     print(f"16 stalled tunnels: {sent} MiB written by the cage; host TCP memory +{grew} MiB at peak:"
           f" core's upstream sockets {core_up} MiB, the cage's loopback pairs {cage_pair} MiB, the test server's {server} MiB;"
-          f" cgroup v2 memory.stat sock (0 on a v1 host): cage +{cage_sock >> 20} MiB, core +{core_sock >> 20} MiB")
+          f" cgroup v2 memory.stat sock (0 on a v1 host): cage +{cage_sock >> 20} MiB, core +{core_sock >> 20} MiB;"
+          f" the core's upstream queues after the probe exited: {still} MiB")
     assert grew - server < 256, (grew, core_up, cage_pair, server, sent)
 
 
