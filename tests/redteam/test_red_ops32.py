@@ -159,6 +159,32 @@ def test_one_item_json_escapes_what_the_listings_escape(hive: HiveProcess, web: 
     assert not raw, f"raw C1 / bidi / U+2028 bytes in what the operator's origin serves: {raw}"
 
 
+@pytest.mark.attack("surface.terminal-injection", ref=REF + ": the pages and their streams (held)")
+def test_pages_and_streams_escape_agent_text(hive: HiveProcess, web: Web, login: Login) -> None:
+    """The same text in opsev's status, a question, a message and an approval: the
+    dashboard, opsev's page, a row's "show all" and the three live streams carry no raw
+    C1 control, bidi override or U+2028, and no raw ESC (held)."""
+    m, q, a, s = as_agent(
+        hive, "opsev",
+        {"cmd": "send", "to": "operator", "body": EVIL + "x" * 3000},
+        {"cmd": "ask", "to": "operator", "question": EVIL, "options": [EVIL]},
+        {"cmd": "request_approval", "kind": "custom", "description": EVIL, "payload": {"k": EVIL}},
+        {"cmd": "set_status", "text": EVIL},
+    )  # fmt: skip
+    assert m["ok"] and q["ok"] and a["ok"] and s["ok"], (m, q, a, s)
+    unsafe = [*RAW_UNSAFE, b"\x1b"]
+    for path in ("/", "/agent/opsev/", f"/cockpit/messages/{m['id']}", f"/cockpit/questions/{q['id']}",
+                 f"/cockpit/approvals/{a['id']}"):  # fmt: skip
+        r = web.get(path, login=login)
+        assert r.status_code == 200, (path, r.status_code)
+        assert not [u for u in unsafe if u in r.content], path
+    for path in ("/api/dashboard/stream?view=html", "/api/dashboard/stream", "/agent/opsev/events"):
+        again = {"cmd": "set_status", "text": EVIL + path}  # a new text: an event each time
+        raw = read_stream(web, login, path, 1.5, lambda: as_agent(hive, "opsev", again))
+        assert b"opsev" in raw, (path, raw[:300])
+        assert not [u for u in unsafe if u in raw], path
+
+
 # -- 2. hive pending: a payload's right-to-left letters -------------------------------------
 
 
