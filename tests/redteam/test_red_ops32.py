@@ -379,7 +379,71 @@ def test_events_rows_are_the_hives(hive: HiveProcess) -> None:
     assert not fakes, f"rows that read as events of their own, written by opsev: {fakes}"
 
 
-# -- 4. reminders: a count of the whole hive's in every status ------------------------------
+# -- 4. the dashboard's egress log: one agent's refusals push every other agent's off ------
+
+REFUSE = r"""
+import threading
+stop = time.monotonic() + P["seconds"]
+counts = [0] * 8
+def loop(i):
+    n = 0
+    while time.monotonic() < stop:
+        try:
+            s = socket.create_connection(("127.0.0.1", P["port"]), timeout=10)
+            s.sendall(f"CONNECT {P['host']}-{i}-{n}.invalid:443 HTTP/1.1\r\n\r\n".encode())
+            while s.recv(4096):
+                pass
+            s.close()
+            counts[i] += 1
+        except OSError:
+            pass
+        n += 1
+ts = [threading.Thread(target=loop, args=(i,)) for i in range(len(counts) if P["seconds"] else 0)]
+for t in ts: t.start()
+for t in ts: t.join()
+if not P["seconds"]:
+    s = socket.create_connection(("127.0.0.1", P["port"]), timeout=10)
+    s.sendall(f"CONNECT {P['host']}.invalid:443 HTTP/1.1\r\n\r\n".encode())
+    while s.recv(4096):
+        pass
+    counts[0] = 1
+result(refused=sum(counts))
+"""
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF + ": the dashboard's egress log, one agent's flood")
+def test_one_agents_refusals_do_not_push_anothers_off_the_dashboard(hive: HiveProcess, web: Web, login: Login) -> None:
+    """opsok tries one destination its rules refuse (a decision the operator may want to
+    see: what is an agent trying to reach?); then opsev makes refused CONNECTs for 3 s,
+    at the proxy's pace. The dashboard's egress log (``/api/state`` ``egress_log``, the
+    cockpit's "log" section: the newest 100 of all agents) should still show opsok's
+    decision, as the queues and the inbox keep each agent's rows on the first screen
+    (red team round 23b); today opsev's ~100 refusals a second fill all 100 rows."""
+    from hyperhive.cage import layout
+
+    out = cage_run(hive, "opsok", REFUSE, seconds=0, host="opsok-witness", port=layout.EGRESS_PORT)
+    assert out["refused"] == 1, out
+
+    def witnessed() -> bool:
+        return any("opsok-witness" in str(e.get("host")) for e in web.get("/api/state", login=login).json()["egress_log"])
+
+    deadline = time.monotonic() + 10
+    while not witnessed():
+        assert time.monotonic() < deadline, "opsok's refusal never reached the log"
+        time.sleep(0.2)
+    flood = cage_run(hive, "opsev", REFUSE, seconds=3, host="opsev-flood", port=layout.EGRESS_PORT, timeout=120)
+    time.sleep(1.0)  # the batched log written
+    log = web.get("/api/state", login=login).json()["egress_log"]
+    page = web.get("/", login=login).text
+    agents = {e.get("agent") for e in log}
+    print(f"opsev's {flood['refused']} refusals in 3 s; the log's {len(log)} rows are of {agents}")
+    assert witnessed() and "opsok-witness" in page, (
+        f"opsok's decision is off the dashboard: the log's {len(log)} rows are all of {agents}"
+        f" after opsev's {flood['refused']} refusals in 3 s"
+    )
+
+
+# -- 5. reminders: a count of the whole hive's in every status ------------------------------
 
 FILL = """
 import time
