@@ -36,6 +36,7 @@ prints one line per event whatever the text.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import subprocess
@@ -210,6 +211,34 @@ def test_hive_pending_draws_a_payload_in_stored_order(hive: HiveProcess) -> None
         )
     finally:
         hive.host_call("deny", id=a["id"])
+
+
+# -- 3. an option's button answers with its escape, not the option ----------------------------
+
+
+@pytest.mark.attack("surface.first-screen", ref=REF + ": an option button's value is the option as escaped for display")
+def test_an_option_button_answers_with_the_option(hive: HiveProcess, web: Web, login: Login) -> None:
+    """opsok (an honest agent) asks the operator with options in Hebrew, the first
+    starting with a right-to-left mark as RTL text often does (U+200F), and one with a
+    carriage return. Every ``{{ … }}`` goes through ``visible`` (Jinja's ``finalize``),
+    the option buttons' ``value`` attributes too, so the first button posts the six
+    characters ``\\u200f`` and the Hebrew word: the operator clicks the option and the
+    agent gets an answer that is none of its options (and ``check_options`` would have
+    refused it typed). A button should answer with the option exactly (its label may
+    show the escape)."""
+    options = ["\u200f\u05db\u05df", "line\rfeed", "no"]
+    (q,) = as_agent(hive, "opsok", {"cmd": "ask", "to": "operator", "question": "proceed?", "options": options})
+    assert q["ok"], q
+    try:
+        page = web.get("/", login=login).text
+        item = re.search(r'id="question-%d".*?</li>' % q["id"], page, re.S)
+        assert item, page[:500]
+        values = [html.unescape(v) for v in re.findall(r'name="answer" value="([^"]*)"', item.group(0))]
+        assert len(values) == len(options), values
+        wrong = [(v, o) for v, o in zip(values, options, strict=True) if v != o]
+        assert not wrong, f"option buttons that answer with something else (posted, offered): {wrong}"
+    finally:
+        hive.host_call("answer_question", id=q["id"], answer="no")
 
 
 # -- held: SSE framing, the pages, hive events ----------------------------------------------
