@@ -8,30 +8,47 @@ Broke (each a failing case here):
 - ``/api/messages/{id}``, ``/api/questions/{id}``, ``/api/approvals/{id}`` and
   ``/api/agents/{name}/transcript`` answer through FastAPI's own JSON encoder
   (``ensure_ascii=False``), not ``display.dumps_bytes``: an agent's C1 controls (``\\x9b``
-  is a CSI), bidi overrides (U+202E) and U+2028 reach the operator's ``curl`` raw, while
-  ``/api/state``, ``/api/questions`` and ``/agent/NAME/state`` escape the same text
-  (low; ``test_one_item_json_escapes_what_the_listings_escape``);
+  is a CSI), bidi overrides (U+202E) and U+2028 reach the operator's ``curl`` (and the
+  browser's JSON view of "the exact payload approving applies") raw, while ``/api/state``,
+  ``/api/questions`` and ``/agent/NAME/state`` escape the same text (low;
+  ``test_one_item_json_escapes_what_the_listings_escape``);
 - ``hive pending`` prints an approval's payload with its right-to-left letters raw
   (``{"pay": ["א", "100", "5000000", "ב"]}``): the reordering session 19 closed in
   ``hive show approval`` (``display.left_to_right_json_text``) is still in the listing
   the operator approves from (low-medium;
   ``test_hive_pending_draws_a_payload_in_stored_order``);
+- an option button's ``value`` goes through ``visible`` like every ``{{ … }}``: an
+  option with a right-to-left mark (common in RTL text) or a CR is answered with its
+  escape (``\\u200f…``), none of the options the agent offered (low;
+  ``test_an_option_button_answers_with_the_option``);
+- ``hive status --watch`` and ``hive events`` print one line per change, newline
+  escaped, but never cut: an agent pads its status (4,096 characters) or a message (200
+  shown) to the 80th column and writes rows of its own after it; an 80-column terminal
+  wraps them into rows drawn exactly as another agent's change (``opsok: stopped``) or an
+  event line (``... approval opsok #1 custom approved``) (low-medium;
+  ``test_status_watch_rows_are_the_hives``, ``test_events_rows_are_the_hives``);
+- the dashboard's egress log (``/api/state`` ``egress_log``, the "log" section) is the
+  newest 100 decisions of all agents: one agent's refused CONNECTs (~170 a second at the
+  proxy's pace, 507 in 3 s) push every other agent's decisions off it within a second
+  (low; ``test_one_agents_refusals_do_not_push_anothers_off_the_dashboard``);
 - every status event counts every pending reminder of every agent
   (``ReminderRepo.pending``: ``SELECT agent, COUNT(*) ... GROUP BY agent``, a scan of the
   whole table through ``reminders_agent``), on each ``set_status``, ``remind``,
   ``agent_status``, agent page redraw and harness report; agents that fill their quota
   (10,000 reminders each, a year ahead) make every other agent's ``set_status`` and the
   operator's ``hive status`` cost milliseconds each, growing with the hive's total
-  (measured by hand: 0.09 ms with none, 0.75 ms at 10,000, 5.6 ms at 40,000; 16
-  connections of one agent flipping its status then held another agent's ``whoami`` at
-  86 ms p50 and host.sock's ``agent_status`` at 135 ms; filling 3 x 10,000 took 94 s,
-  each ``remind`` itself a scan) (medium;
+  (here 2 x 10,000: 0.06 -> 2.95 ms a set_status, 0.14 -> 3.12 ms an agent_status; by
+  hand 4 x 10,000: 5.6 ms, and 16 connections of one agent flipping its status then held
+  another agent's ``whoami`` at 86 ms p50, host.sock's ``agent_status`` at 135 ms; in
+  SQLite alone 25 ms a count at 100,000 rows, 74 ms at 1,000,000; each ``remind`` is a
+  count too: filling 3 x 10,000 took 94 s) (medium;
   ``test_pending_reminders_do_not_tax_every_status``).
 
-Held (passing cases): SSE framing of agent text (CR, LF, U+2028, NUL in a status, a
-question and a message body: one event each, nothing split); the dashboard and the
-agent page put no agent text in a script or an attribute unescaped; ``hive events``
-prints one line per event whatever the text.
+Held (passing cases): SSE framing of agent text (CR, LF, CRLF, U+2028, NUL and a forged
+``event:``/``data:`` in a status, a question and a message body: only the core's event
+names, no agent tag in an HTML data line, each JSON data line one value); the dashboard,
+an agent page, "show all" and the three live streams carry no raw ESC, C1, bidi override
+or U+2028.
 """
 
 from __future__ import annotations
@@ -323,7 +340,7 @@ def test_agent_text_does_not_split_or_forge_sse_events(hive: HiveProcess, web: W
                 assert "<img" not in data, (path, data[:300])  # HTML: the agent's tag is text
 
 
-# -- 3. one line per event: but a terminal wraps it --------------------------------------
+# -- 4. one line per event: but a terminal wraps it --------------------------------------
 
 COLUMNS = 80  # the terminal's width the agent guesses (the most common)
 
@@ -408,7 +425,7 @@ def test_events_rows_are_the_hives(hive: HiveProcess) -> None:
     assert not fakes, f"rows that read as events of their own, written by opsev: {fakes}"
 
 
-# -- 4. the dashboard's egress log: one agent's refusals push every other agent's off ------
+# -- 5. the dashboard's egress log: one agent's refusals push every other agent's off ------
 
 REFUSE = r"""
 import threading
@@ -472,7 +489,7 @@ def test_one_agents_refusals_do_not_push_anothers_off_the_dashboard(hive: HivePr
     )
 
 
-# -- 5. reminders: a count of the whole hive's in every status ------------------------------
+# -- 6. reminders: a count of the whole hive's in every status ------------------------------
 
 FILL = """
 import time
