@@ -198,7 +198,7 @@ def test_pages_and_streams_escape_agent_text(hive: HiveProcess, web: Web, login:
         assert not [u for u in unsafe if u in r.content], path
     for path in ("/api/dashboard/stream?view=html", "/api/dashboard/stream", "/agent/opsev/events"):
         again = {"cmd": "set_status", "text": EVIL + path}  # a new text: an event each time
-        raw = read_stream(web, login, path, 1.5, lambda: as_agent(hive, "opsev", again))
+        raw = read_stream(web, login, path, 1.5, lambda again=again: as_agent(hive, "opsev", again))
         assert b"opsev" in raw, (path, raw[:300])
         assert not [u for u in unsafe if u in raw], path
 
@@ -248,7 +248,7 @@ def test_an_option_button_answers_with_the_option(hive: HiveProcess, web: Web, l
     assert q["ok"], q
     try:
         page = web.get("/", login=login).text
-        item = re.search(r'id="question-%d".*?</li>' % q["id"], page, re.S)
+        item = re.search(rf'id="question-{q["id"]}".*?</li>', page, re.S)
         assert item, page[:500]
         values = [html.unescape(v) for v in re.findall(r'name="answer" value="([^"]*)"', item.group(0))]
         assert len(values) == len(options), values
