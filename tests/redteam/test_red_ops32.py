@@ -31,6 +31,14 @@ Broke (each a failing case here):
   newest 100 decisions of all agents: one agent's refused CONNECTs (~170 a second at the
   proxy's pace, 507 in 3 s) push every other agent's decisions off it within a second
   (low; ``test_one_agents_refusals_do_not_push_anothers_off_the_dashboard``);
+- the agent page draws a tool call's input indented (``http.readable``'s ``folded``,
+  ``display.dumps(..., indent=2)``) in the core's event loop: a model's tool call whose
+  input nests 41 deep around 7,900 zeros is a 16 KB stream-json line (within the
+  harness's 16 Ki characters and 48 levels), ~680 KB of HTML; 200 of them (four turns)
+  and opening ``/agent/opsbig/`` rendered 135 MB of HTML in 3.2 s, another agent's
+  ``whoami`` waited 2.9 s, the core's peak memory went 100 -> 493 MiB (the live stream
+  renders each new batch the same way) (medium;
+  ``test_an_agent_page_costs_the_core_what_its_transcript_holds``);
 - every status event counts every pending reminder of every agent
   (``ReminderRepo.pending``: ``SELECT agent, COUNT(*) ... GROUP BY agent``, a scan of the
   whole table through ``reminders_agent``), on each ``set_status``, ``remind``,
@@ -60,6 +68,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -76,6 +85,9 @@ AGENTS: dict[str, dict[str, Any]] = {
     "opsev2": {"runtime": "command", "command": ["true"]},  # a second one (reminders)
     "opsok": {"runtime": "command", "command": ["true"]},  # an innocent agent
     "opscat": {"runtime": "command", "command": ["cat"]},  # echoes its turns (transcript)
+    # A claude runtime whose CLI is a stand-in in its home: it prints what the model's
+    # turn would (stream-json lines), here tool calls whose input nests 41 deep.
+    "opsbig": {"runtime": "claude", "command": ["/home/agent/fake-claude"]},
 }
 # Only the rate is raised, so that filling a quota takes seconds, not minutes: the quota
 # itself ([limits] agent_pending_max, 10,000) is the default.
@@ -489,7 +501,96 @@ def test_one_agents_refusals_do_not_push_anothers_off_the_dashboard(hive: HivePr
     )
 
 
-# -- 6. reminders: a count of the whole hive's in every status ------------------------------
+# -- 6. a tool call's input, drawn indented: 16 KB stored, 800 KB of HTML ---------------------
+
+FAKE_CLAUDE = r"""#!/usr/bin/python3
+import json, sys
+sys.stdin.read()
+# What the model's turn prints (stream-json): tool calls, each input a list nested 41
+# deep around 7,900 zeros (the entry 46 deep: within the harness's 48), one line of
+# 16 Ki characters (the harness's MAX_ENTRY).
+value = "[" + ",".join(["0"] * 7900) + "]"
+for _ in range(40):
+    value = "[" + value + "]"
+line = '{"type":"assistant","message":{"content":[{"type":"tool_use","name":"x","input":%s}]}}' % value
+for _ in range(60):  # 60 x 16 KB: within a turn's 1 MiB of kept output
+    print(line, flush=True)
+print(json.dumps({"type": "result", "result": "done", "is_error": False}), flush=True)
+"""
+INSTALL = """
+import os
+path = "/home/agent/fake-claude"
+with open(path + ".new", "w") as f:
+    f.write(P["fake"])
+os.chmod(path + ".new", 0o755)
+os.rename(path + ".new", path)
+result(ok=True)
+"""
+
+
+@pytest.mark.attack("core.reply-memory", ref=REF + ": a tool call's input indented for the agent page")
+def test_an_agent_page_costs_the_core_what_its_transcript_holds(hive: HiveProcess, web: Web, login: Login) -> None:
+    """The agent page draws a tool call's input as ``display.dumps(..., indent=2)``
+    (``http.readable``'s ``folded``), in the core's event loop. An input nested 41 deep
+    around 7,900 zeros is one 16 KB line of the model's stream-json (within the harness's
+    16 Ki characters and 48 levels), stored as 16 KB; indented, each zero is a line of its
+    own behind ~90 spaces: ~780 KB of HTML. opsbig's model makes ~58 such calls a turn
+    (a turn keeps 1 MiB of output), 232 over four turns: the page opens with the newest
+    200 entries (3.2 MB of transcript, within one reply's 4 MiB). Opening ``/agent/opsbig/`` should cost the core about what the entries
+    hold, and never hold the other agents' requests for seconds; today it renders
+    ~150 MB of HTML in one go."""
+    assert cage_run(hive, "opsbig", INSTALL, fake=FAKE_CLAUDE)["ok"]
+    for i in range(4):
+        assert hive.host_call("send", to="opsbig", body=f"turn {i}")["ok"]
+
+    def calls() -> int:
+        n, after = 0, 0
+        while True:  # a reply holds at most reply_bytes: page on
+            reply = hive.host_call("transcript", name="opsbig", after=after, limit=5000)
+            n += sum(e["kind"] == "tool_call" for e in reply["entries"])
+            if not reply.get("more") or not reply["entries"]:
+                return n
+            after = reply["entries"][-1]["id"]
+
+    deadline = time.monotonic() + 90
+    while calls() < 200:
+        assert time.monotonic() < deadline, f"the stand-in's tool calls: {calls()}"
+        time.sleep(0.5)
+    stalls: list[float] = []
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            t0 = time.monotonic()
+            assert hive.agent_call("opsok", "whoami")["ok"]
+            stalls.append(time.monotonic() - t0)
+            time.sleep(0.02)
+
+    def peak_kib() -> int:  # the core's peak resident memory so far
+        status = Path(f"/proc/{hive.core_pid()}/status").read_text()
+        return int(re.search(r"VmHWM:\s+(\d+)", status).group(1))  # type: ignore[union-attr]
+
+    hwm = peak_kib()
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    try:
+        t0 = time.monotonic()
+        r = web.get("/agent/opsbig/", login=login)
+        took = time.monotonic() - t0
+    finally:
+        stop.set()
+        poller.join(30)
+    assert r.status_code == 200, r.status_code
+    figures = (
+        f"/agent/opsbig/: {len(r.content) / 1e6:.1f} MB of HTML in {took:.2f} s; opsok's whoami meanwhile"
+        f" at most {max(stalls):.2f} s ({len(stalls)} calls); the core's peak memory {hwm >> 10} -> {peak_kib() >> 10} MiB"
+    )
+    print(figures)
+    assert max(stalls) < 1.0, figures
+    assert len(r.content) < 32 << 20, figures
+
+
+# -- 7. reminders: a count of the whole hive's in every status ------------------------------
 
 FILL = """
 import time
