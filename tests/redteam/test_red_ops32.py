@@ -534,11 +534,11 @@ def test_an_agent_page_costs_the_core_what_its_transcript_holds(hive: HiveProces
     (``http.readable``'s ``folded``), in the core's event loop. An input nested 41 deep
     around 7,900 zeros is one 16 KB line of the model's stream-json (within the harness's
     16 Ki characters and 48 levels), stored as 16 KB; indented, each zero is a line of its
-    own behind ~90 spaces: ~780 KB of HTML. opsbig's model makes ~58 such calls a turn
+    own behind ~90 spaces: ~680 KB of HTML. opsbig's model makes ~58 such calls a turn
     (a turn keeps 1 MiB of output), 232 over four turns: the page opens with the newest
     200 entries (3.2 MB of transcript, within one reply's 4 MiB). Opening ``/agent/opsbig/`` should cost the core about what the entries
     hold, and never hold the other agents' requests for seconds; today it renders
-    ~150 MB of HTML in one go."""
+    ~135 MB of HTML in one go."""
     assert cage_run(hive, "opsbig", INSTALL, fake=FAKE_CLAUDE)["ok"]
     for i in range(4):
         assert hive.host_call("send", to="opsbig", body=f"turn {i}")["ok"]
