@@ -829,7 +829,9 @@ def bench_throughput(ctx: Context) -> list[Row]:
             total / cpu if cpu > 0 else 0.0,
             "msg/s",
             None,
-            f"{cpu * 1e6 / max(1, total):.1f} µs of hive-core CPU per message",
+            f"{cpu * 1e6 / max(1, total):.1f} µs of hive-core CPU per message"
+            if cpu > 0
+            else "not measured: under one clock tick of hive-core CPU (a --quick run)",
         ),
     ]
 

@@ -153,19 +153,23 @@ ENV = py("""
 STDIO = py("""
     import errno, json, os, stat, sys
     sys.stdin.read()
-    out = {"sockets": [stat.S_ISSOCK(os.fstat(fd).st_mode) for fd in (0, 1, 2)]}
-    out["read_stdout"] = os.read(1, 1).decode()  # shut for the harness: EOF at once
+    out = {"pipes": [stat.S_ISFIFO(os.fstat(fd).st_mode) for fd in (0, 1, 2)]}
+    try:
+        os.read(1, 1)
+        out["read_stdout"] = "read"
+    except OSError as e:
+        out["read_stdout"] = errno.errorcode[e.errno]
     try:
         os.write(0, b"x")
         out["write_stdin"] = "written"
     except OSError as e:
         out["write_stdin"] = errno.errorcode[e.errno]
-    try:
-        open("/dev/stderr", "w")
-        out["dev_stderr"] = "opened"
-    except OSError as e:
-        out["dev_stderr"] = errno.errorcode[e.errno]
+    with open("/dev/stderr", "w") as f:  # by name: a command runtime's >/dev/stderr
+        f.write("to /dev/stderr\n")
     print(json.dumps(out), flush=True)
+    with open("/dev/stdout", "w") as f:
+        f.write("to /dev/stdout\n")
+    sys.exit(3)
 """)
 
 AGENTS: dict[str, dict[str, Any]] = {
@@ -180,6 +184,7 @@ AGENTS: dict[str, dict[str, Any]] = {
     "turn-stdin": {"runtime": "command", "command": ["sh", "-c", "exec 3<&0; setsid sleep 600 <&3 3<&- >/dev/null 2>&1 & echo kept"]},
     "turn-stdio": {"runtime": "command", "command": STDIO},
     # A planted ~/.bashrc, then a top-level bash with the runtime's stdin.
+    "turn-sig": {"runtime": "command", "command": ["sh", "-c", "cat >/dev/null; echo going; kill -TERM $$"]},
     "turn-bash": {"runtime": "command", "command": ["sh", "-c", "echo 'echo planted' > ~/.bashrc; bash -c 'echo cmd'"]},
 }
 
@@ -503,19 +508,31 @@ def test_interrupt_ends_the_turn_quickly_and_the_next_message_runs(hive: HivePro
     assert refused["ok"] is False and "no agent named" in refused["error"]
 
 
-def test_the_runtimes_stdio_are_sockets_shut_the_way_they_do_not_carry(hive: HiveProcess) -> None:
-    """Unix socket pairs, not pipes (a runtime holding a pipe's end could hold its lock
-    from a splice, and the harness's turn loop with it: redteam/test_red_turn31.py); each
-    shut in the direction it doesn't carry, so they behave as pipes would (EOF reading
-    stdout, EPIPE writing stdin). The price: /dev/stderr by name is ENXIO."""
+def test_the_runtimes_stdio_are_pipes_of_its_own_it_opens_by_name(hive: HiveProcess) -> None:
+    """Pipes, each one way, whose other ends its relay holds (a process of the runtime's
+    own uid: the harness's ends are sockets, which no splice can lock:
+    redteam/test_red_turn31.py), so ``>/dev/stderr`` and ``/dev/stdout`` by name work
+    (they were ENXIO on sockets, sessions 30 to 31); its exit status is the relay's."""
     name = "turn-stdio"
     hive.wait_running([name])
     mid = send(hive, name, "hi")
     entries = wait_turn(hive, name, mid)
-    assert exit_of(entries)["exit_status"] == 0, entries
-    assert [json.loads(line) for line in stdout(entries)] == [
-        {"sockets": [True, True, True], "read_stdout": "", "write_stdin": "EPIPE", "dev_stderr": "ENXIO"}
-    ]
+    assert exit_of(entries)["exit_status"] == 3, entries
+    lines = stdout(entries)
+    assert [json.loads(lines[0]), lines[1:]] == [
+        {"pipes": [True, True, True], "read_stdout": "EBADF", "write_stdin": "EBADF"},
+        ["to /dev/stdout"],
+    ], entries
+    assert [e["data"] for e in entries if e["kind"] == "stderr"] == ["to /dev/stderr"], entries
+
+
+def test_a_runtime_ended_by_a_signal_is_reported_so(hive: HiveProcess) -> None:
+    """Its relay ends by the same signal (init reports the relay's status)."""
+    name = "turn-sig"
+    hive.wait_running([name])
+    mid = send(hive, name, "hi")
+    entries = wait_turn(hive, name, mid)
+    assert (exit_of(entries)["exit_status"], stdout(entries)) == (-15, ["going"]), entries
 
 
 def test_bash_on_the_runtimes_socket_stdin_sources_no_bashrc(hive: HiveProcess) -> None:

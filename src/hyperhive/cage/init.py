@@ -349,14 +349,8 @@ class Init:
             for k, v in env.items()
             if isinstance(k, str) and "=" not in k and isinstance(v, str)
         ]
-        argv_full = [
-            *drop_to(self.uid, self.gid),
-            *("/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv),
-        ]
         try:
-            proc = fork_exec(
-                argv_full, (fds[0], fds[1], fds[2]), session=True, before=raise_oom_score
-            )
+            proc = fork_relayed(env_args, argv, (fds[0], fds[1], fds[2]), self.uid, self.gid)
         except OSError as e:
             return {"ok": False, "error": str(e)}
         self.runtime[proc.pid] = proc
@@ -695,6 +689,54 @@ def fork_exec(
                 os.write(w, str(err).encode())
             finally:
                 os._exit(127)
+    os.close(w)
+    try:
+        data = b""
+        while chunk := os.read(r, 32):
+            data += chunk
+    finally:
+        os.close(r)
+    if data:
+        os.waitpid(pid, 0)
+        err = int(data) if data.isdigit() else 1
+        raise OSError(err, f"{argv[0]}: {os.strerror(err)}")
+    return Forked(pid)
+
+
+def fork_relayed(
+    env_args: list[str], argv: list[str], sockets: tuple[int, int, int], uid: int, gid: int
+) -> Forked:
+    """A runtime process on pipes of its own, behind its relay (``stdio_relay``): init's
+    fork, in a new session, becomes ``uid``:``gid``, starts ``/usr/bin/env -i`` with
+    ``env_args`` and ``argv`` on the pipes and relays them to ``sockets`` (the harness's
+    ends). The relay is what init waits for and signals; it ends as the runtime did. A
+    runtime that could not be started raises OSError here, as fork_exec does."""
+    from hyperhive.cage import stdio_relay
+
+    r, w = os.pipe2(os.O_CLOEXEC)  # w closes with the runtime's exec: EOF, no error
+    pid = os.fork()
+    if pid == 0:  # the relay: never returns
+        try:
+            _signal.set_wakeup_fd(-1)
+            ends = sorted({w, *sockets})
+            low = 3
+            for fd in ends:
+                os.closerange(low, fd)
+                low = fd + 1
+            os.closerange(low, MAXFD)
+            null = os.open(os.devnull, os.O_RDWR)  # init's stdio is cage.log: not theirs
+            for target in (0, 1, 2):
+                if target not in sockets:
+                    os.dup2(null, target, inheritable=False)
+            if null not in (0, 1, 2):
+                os.close(null)
+            signals_to_default()
+            child_nofile()
+            os.setsid()
+            raise_oom_score()
+        except BaseException:
+            os._exit(127)
+        stdio_relay.run(env_args, argv, sockets, w, lambda: become(uid, gid))
     os.close(w)
     try:
         data = b""

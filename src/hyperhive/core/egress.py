@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import h11
+
 from hyperhive.cage.layout import HANDOVER
 from hyperhive.core import egress_tls, received_fds
 from hyperhive.core.budget import EGRESS_REFUSING
@@ -1476,7 +1478,13 @@ class EgressProxy:
             t.run()
         except OSError as e:
             log.info("egress %s: terminated connection ended: %s", agent, e)
+        except h11.ProtocolError as e:
+            # Never the exception's text: h11's names the header value it refused, and
+            # one could hold a secret put in (red team of session 32).
+            log.warning("egress %s: terminated connection ended: h11 %s", agent, type(e).__name__)
+            t.clean_end = False
         finally:
+            t.log_injections()
             self._untrack(agent, decision)
             decision.bytes_up += t.up
             decision.bytes_down += t.down

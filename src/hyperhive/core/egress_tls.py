@@ -370,6 +370,9 @@ def _waiting(sock: ssl.SSLSocket) -> bool:
 
 
 _FOLD = re.compile(rb"\r\n[ \t]")
+# A header value as RFC 9110 (and h11) take it: visible characters, spaces and tabs only
+# between them.
+_FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[ \t\x21-\x7e]*[\x21-\x7e])?)?")
 
 
 def strict_head(raw: bytes) -> None:
@@ -467,6 +470,7 @@ class Terminated:
         # nothing unread or unsent: the upstream connection may serve another (egress_pool).
         self.clean_end = False
         self.last_exchange = time.monotonic()
+        self.injected: dict[tuple[str, str], int] = {}  # (secret, header): requests
 
     def _srv_event(self) -> Any:
         while True:
@@ -734,6 +738,16 @@ class Terminated:
         target = req.target.decode("ascii", "replace")
         if method == "CONNECT" or any(n == b"upgrade" for n, _ in req.headers):
             raise Refused(400, "CONNECT and protocol upgrades are not relayed inside TLS")
+        # Origin-form only ("/path", or "*" for OPTIONS): a server takes an absolute-form
+        # target's authority over Host (RFC 9112 3.2.2), so "GET http://other/" with the
+        # checked Host took a bound secret to another site on the same server (red team
+        # of session 32: one nginx with two names echoed the real key back).
+        if not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
+            raise Refused(
+                400,
+                f"{method[:20]} {target[:80]!r}: only an origin-form target ('/path') is"
+                " relayed inside TLS",
+            )
         if method.upper() in ECHO_METHODS:
             raise Refused(
                 405, f"{method[:20]}: TRACE and TRACK (the server echoes the request) are refused"
@@ -775,16 +789,50 @@ class Terminated:
                         )
                     else:
                         v = inj.template.format(secret).encode()
-                        log.info(
-                            "egress %s: secret %s put in %s for %s:%d",
-                            self.agent,
-                            inj.secret,
-                            n.decode(),
-                            plan.host,
-                            plan.port,
-                        )
+                        if not _FIELD_VALUE.fullmatch(v):
+                            # h11 refused it later with the value in its message, which
+                            # the connection's log.exception wrote out (red team of
+                            # session 32): refused here, by name only.
+                            raise Refused(
+                                502,
+                                f"secret {inj.secret} can't be sent in {n.decode()}: its"
+                                " value (or the binding's header) has a character or space"
+                                " an HTTP header can't carry",
+                            )
+                        self._note_injection(inj.secret, n.decode())
             out.append((n, v))
         return out
+
+    def _note_injection(self, secret: str, header: str) -> None:
+        """The first injection of a connection is logged; the rest are counted, and the
+        count is logged at its end (a line a request was ~2,000 lines a second from one
+        agent's kept-alive connections: red team of session 32)."""
+        key = (secret, header)
+        seen = self.injected.get(key, 0)
+        self.injected[key] = seen + 1
+        if not seen:
+            log.info(
+                "egress %s: secret %s put in %s for %s:%d",
+                self.agent,
+                secret,
+                header,
+                self.plan.host,
+                self.plan.port,
+            )
+
+    def log_injections(self) -> None:
+        """The connection's count of injections past its first, one line each secret."""
+        for (secret, header), count in self.injected.items():
+            if count > 1:
+                log.info(
+                    "egress %s: secret %s put in %s for %s:%d %d times on one connection",
+                    self.agent,
+                    secret,
+                    header,
+                    self.plan.host,
+                    self.plan.port,
+                    count,
+                )
 
 
 def answer_first(client: ssl.SSLSocket, status: int, reason: str) -> None:
