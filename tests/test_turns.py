@@ -165,10 +165,10 @@ STDIO = py("""
     except OSError as e:
         out["write_stdin"] = errno.errorcode[e.errno]
     with open("/dev/stderr", "w") as f:  # by name: a command runtime's >/dev/stderr
-        f.write("to /dev/stderr\n")
+        f.write("to /dev/stderr\\n")
     print(json.dumps(out), flush=True)
     with open("/dev/stdout", "w") as f:
-        f.write("to /dev/stdout\n")
+        f.write("to /dev/stdout\\n")
     sys.exit(3)
 """)
 
@@ -184,6 +184,7 @@ AGENTS: dict[str, dict[str, Any]] = {
     "turn-stdin": {"runtime": "command", "command": ["sh", "-c", "exec 3<&0; setsid sleep 600 <&3 3<&- >/dev/null 2>&1 & echo kept"]},
     "turn-stdio": {"runtime": "command", "command": STDIO},
     # A planted ~/.bashrc, then a top-level bash with the runtime's stdin.
+    "turn-relay": {"runtime": "command", "command": ["sh", "-c", "cat >/dev/null; echo up; sleep 30"]},
     "turn-sig": {"runtime": "command", "command": ["sh", "-c", "cat >/dev/null; echo going; kill -TERM $$"]},
     "turn-bash": {"runtime": "command", "command": ["sh", "-c", "echo 'echo planted' > ~/.bashrc; bash -c 'echo cmd'"]},
 }
@@ -297,8 +298,10 @@ def unacked(hive: HiveProcess, name: str) -> list[dict[str, Any]]:
 
 
 def runtime_procs(hive: HiveProcess, name: str) -> list[int]:
+    """The runtime uid's processes but the turn's stdio relay (init's fork, retitled)."""
     uid = hive.cage(name)["uid"]
-    return [p for p in hive.cgroup(name).pids() if proc_uid(p) == uid]
+    return [p for p in hive.cgroup(name).pids()
+            if proc_uid(p) == uid and proc_cmdline(p)[-1:] != ["relay"]]
 
 
 def home(hive: HiveProcess, name: str, file: str) -> list[str]:
@@ -526,13 +529,41 @@ def test_the_runtimes_stdio_are_pipes_of_its_own_it_opens_by_name(hive: HiveProc
     assert [e["data"] for e in entries if e["kind"] == "stderr"] == ["to /dev/stderr"], entries
 
 
+def test_the_runtimes_relay_holds_only_its_stdio_and_is_out_of_its_reach(hive: HiveProcess) -> None:
+    """The relay (init's fork, as the runtime uid) holds the runtime's three pipes'
+    other ends, the harness's three socket ends (stdin's until it is read to the end), the runtime's pidfd and /dev/null as its
+    own stdio (init's are cage.log), nothing else;
+    it is not dumpable (it changed uid from root and never exec'd), so its /proc entries
+    are root's and the runtime can't list or open its descriptors; an interrupt ends it
+    with the runtime."""
+    name = "turn-relay"
+    hive.wait_running([name])
+    after = last_id(hive, name)
+    mid = send(hive, name, "hi")
+    wait_output(hive, name, mid, "up", after)
+    uid = hive.cage(name)["uid"]
+    relays = [p for p in hive.cgroup(name).pids()
+              if proc_uid(p) == uid and proc_cmdline(p)[-1:] == ["relay"]]
+    assert len(relays) == 1, relays
+    relay = relays[0]
+    held = sorted(os.readlink(f"/proc/{relay}/fd/{n}").split(":")[0] for n in os.listdir(f"/proc/{relay}/fd"))
+    # (stdin's pair is closed: the runtime has read it to its end)
+    assert held == ["/dev/null"] * 3 + ["anon_inode"] + ["pipe"] * 2 + ["socket"] * 2, held
+    assert os.stat(f"/proc/{relay}/fd").st_uid == 0  # not dumpable: root's, mode 0500
+    ok(hive.host_call("interrupt", name=name))
+    entries = wait_turn(hive, name, mid, after=after)
+    assert exit_of(entries)["interrupted"] is True, entries
+    poll(lambda: not os.path.exists(f"/proc/{relay}"), "the relay gone with its turn")
+
+
 def test_a_runtime_ended_by_a_signal_is_reported_so(hive: HiveProcess) -> None:
-    """Its relay ends by the same signal (init reports the relay's status)."""
+    """Its relay ends by the same signal (init reports the relay's status, as a shell
+    does: 128 + N)."""
     name = "turn-sig"
     hive.wait_running([name])
     mid = send(hive, name, "hi")
     entries = wait_turn(hive, name, mid)
-    assert (exit_of(entries)["exit_status"], stdout(entries)) == (-15, ["going"]), entries
+    assert (exit_of(entries)["exit_status"], stdout(entries)) == (128 + 15, ["going"]), entries
 
 
 def test_bash_on_the_runtimes_socket_stdin_sources_no_bashrc(hive: HiveProcess) -> None:

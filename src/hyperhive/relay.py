@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import os
 import socket
+import struct
 import threading
 from typing import Protocol
 
@@ -50,6 +51,27 @@ BUFFER_START = 64 * 1024
 BUFFER_MAX = 1 << 20
 
 
+def abort(src: socket.socket, dst: socket.socket) -> None:
+    """A direction's write failed (the reader gone, or a peer that took nothing for its
+    SO_SNDTIMEO: ``egress.UPSTREAM_STALL``): both sockets are shut both ways, so the other
+    direction's wait (a read from a server that never answers) ends too, and ``dst`` will
+    close with a reset, dropping what is queued for it. Before, a tunnel to a server that
+    stopped reading outlived the cage that opened it, with 60 MiB of its upload still
+    queued in the core (red team of session 32)."""
+    try:
+        dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+    for sock in (src, dst):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s
+
+
 def pump(src: socket.socket, dst: socket.socket, meter: Meter | None = None) -> int:
     """Move bytes src -> dst until src's end of stream (or an error); then shut
     down dst's sending side so the peer sees the end too. Returns bytes moved.
@@ -74,6 +96,7 @@ def pump(src: socket.socket, dst: socket.socket, meter: Meter | None = None) -> 
                 try:
                     sent = dst.send(view)
                 except OSError:
+                    abort(src, dst)
                     return moved
                 view = view[sent:]
                 moved += sent
@@ -140,6 +163,7 @@ def splice_pump(
                 try:
                     sent = os.splice(r, d, n, flags=os.SPLICE_F_MOVE)
                 except OSError:
+                    abort(src, dst)
                     return moved
                 n -= sent
                 moved += sent

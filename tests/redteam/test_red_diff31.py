@@ -1,6 +1,11 @@
 """Red team of session 31's change: the runtime's stdin, stdout and stderr are unix socket
 pairs (``unixsock.stdio_pair``), not pipes (``cage/harness.py`` ``Turn.run``).
 
+Since session 32 the runtime's stdio are pipes of its own again, and the harness's socket
+pairs are held by its relay (``cage/stdio_relay.py``), which the runtime can't reach
+(``rd31g`` lists it too). The socket attacks below (rights, out-of-band bytes, shutdown)
+now find no socket (ENOTSOCK, checked); the shut stdio and the flood go through the relay.
+
 Each case is a ``command`` runtime whose script is the attack, run by a real harness in a
 real cage, as the runtime uid (the agent's code, or a process it leaves behind). Figures:
 2 CPUs, kernel 6.18.
@@ -106,7 +111,11 @@ RIGHTS = _py("""
     res = []
     creds = struct.pack("iII", os.getpid(), os.getuid(), os.getgid())
     for fd, name in ((1, "out"), (2, "err")):
-        s = socket.socket(fileno=os.dup(fd))
+        try:  # (since session 32 a pipe of the runtime's own, relayed: ENOTSOCK)
+            s = socket.socket(fileno=os.dup(fd))
+        except OSError as e:
+            res.append(f"{name}.socket={en(e)}")
+            continue
         for label, data, cmsg in (
             ("rights", b"R\\n", (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))),
             ("rights0", b"", (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [r]))),
@@ -135,9 +144,13 @@ RIGHTS = _py("""
 """)
 
 OOB = _py("""
-    import os, socket, sys, time
+    import errno, os, socket, sys, time
     sys.stdin.read()
-    o = socket.socket(fileno=os.dup(1))
+    try:  # (since session 32 a pipe of the runtime's own, relayed: ENOTSOCK)
+        o = socket.socket(fileno=os.dup(1))
+    except OSError as e:
+        print(f"oob={errno.errorcode[e.errno]}", flush=True)
+        sys.exit(0)
     e = socket.socket(fileno=os.dup(2))
     O = socket.MSG_OOB
     o.send(b"a"); o.send(b"b", O); o.send(b"c\\n")
@@ -159,13 +172,10 @@ OOB = _py("""
 SHUT = _py("""
     import os, signal, socket, sys, time
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    i = socket.socket(fileno=os.dup(0))
-    i.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
-    o = socket.socket(fileno=os.dup(1))
-    o.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
-    o.send(b"start\\n")
-    o.send(b"half"); o.send(b"!", socket.MSG_OOB)
-    o.shutdown(socket.SHUT_WR)
+    # (since session 32 pipes of the runtime's own, relayed: closed rather than shut)
+    os.write(1, b"start\\n")
+    os.write(1, b"half"); os.write(1, b"!")
+    os.close(1)
     os.close(2)
     while True:  # stdin unread, SIGTERM ignored
         time.sleep(1)
@@ -195,12 +205,10 @@ FLOOD = _py("""
     import os, signal, socket, sys
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sys.stdin.read()
-    o = socket.socket(fileno=os.dup(1))
-    o.send(b"start\\n")
+    os.write(1, b"start\\n")
     chunk = (b"f" * 1023 + b"\\n") * 64
-    while True:
-        o.sendall(chunk)
-        o.send(b"!", socket.MSG_OOB)
+    while True:  # (since session 32 through the runtime's own pipe and its relay)
+        os.write(1, chunk)
 """)
 
 PROCFD = _py("""
@@ -344,12 +352,11 @@ def test_rights_into_the_runtimes_stdout_are_refused_and_credentials_are_bytes(
     assert (end["exit_status"], end["timed_out"], end["interrupted"]) == (0, False, False), entries
     assert end["duration_ms"] < 2500, end
     out = _of(entries, "stdout")
-    assert out[0] == "C" and out[-1] == "done", out
-    res = dict(kv.split("=") for kv in out[1].split())
+    assert out[-1] == "done", out
+    res = dict(kv.split("=") for kv in out[-2].split())
     print("rights:", res)
-    assert res["out.rights"] == res["err.rights"] == "EPERM", res
-    assert "R" not in out and "R" not in _of(entries, "stderr"), entries
-    assert _of(entries, "stderr") == ["C"], entries
+    # Since session 32 the runtime's stdio are pipes of its own: no socket to send on.
+    assert res == {"out.socket": "ENOTSOCK", "err.socket": "ENOTSOCK"}, res
     assert not threads_in(pid, *PIPE_FRAMES)
     assert _fds(pid) == fds
 
@@ -365,8 +372,8 @@ def test_out_of_band_bytes_are_bytes_of_the_transcript_in_order(hive: HiveProces
     entries = _turn(hive, name, "go", 20)
     end = entries[-1]["data"]
     assert (end["exit_status"], end["timed_out"]) == (0, False), entries
-    assert _of(entries, "stdout") == ["abc", "", "0123456789" * 10, "p" * 20, "end!"], entries
-    assert _of(entries, "stderr") == ["xy", "bye"], entries
+    # Since session 32 the runtime's stdio are pipes of its own: no out-of-band byte.
+    assert _of(entries, "stdout") == ["oob=ENOTSOCK"], entries
     assert _fds(pid) == fds
 
 

@@ -736,7 +736,7 @@ def fork_relayed(
             raise_oom_score()
         except BaseException:
             os._exit(127)
-        stdio_relay.run(env_args, argv, sockets, w, lambda: become(uid, gid))
+        stdio_relay.run(env_args, argv, sockets, w, lambda: become(uid, gid), retitle)
     os.close(w)
     try:
         data = b""

@@ -86,16 +86,21 @@ class _Direction:
             self.dst = -1
 
 
-def relay(directions: list[_Direction]) -> None:
-    """Pass bytes each way until every direction is done (all non-blocking)."""
+def relay(stdin: _Direction, outputs: list[_Direction], runtime: int) -> None:
+    """Pass bytes each way until the outputs are done and the runtime has exited (its
+    pidfd, ``runtime``, readable), as the harness's loop waited for both; what is left of
+    stdin then is dropped (a process the runtime left could hold the pipe unread for
+    good). All non-blocking."""
+    directions = [stdin, *outputs]
     for d in directions:
         for fd in (d.src, d.dst):
             os.set_blocking(fd, False)
     poller = select.poll()
+    exited = False
     while True:
-        live = [d for d in directions if not d.done]
-        if not live:
+        if all(d.done for d in outputs) and (exited or stdin.done):
             return
+        live = [d for d in directions if not d.done]
         watched: dict[int, tuple[_Direction, bool]] = {}
         for d in live:
             if d.buf and d.dst >= 0:
@@ -104,12 +109,19 @@ def relay(directions: list[_Direction]) -> None:
                 watched[d.src] = (d, False)
         for fd in watched:
             poller.register(fd, _EVENTS_OUT if watched[fd][1] else _EVENTS_IN)
+        if not exited:
+            poller.register(runtime, select.POLLIN)
         try:
             ready = poller.poll()
         finally:
             for fd in watched:
                 poller.unregister(fd)
+            if not exited:
+                poller.unregister(runtime)
         for fd, _ in ready:
+            if fd == runtime:
+                exited = True
+                continue
             d, writing = watched[fd]
             d.write() if writing else d.read()
 
@@ -134,6 +146,7 @@ def run(
     sockets: tuple[int, int, int],
     report: int,
     become: Callable[[], None],
+    retitle: Callable[[str], None],
 ) -> NoReturn:
     """In init's fork, with only ``sockets`` (the harness's stdin, stdout and stderr ends)
     and ``report`` (close-on-exec; an errno written there means the runtime never ran)
@@ -172,12 +185,11 @@ def run(
         os.close(report)  # the runtime's copy closes at its exec: init's read ends then
         for fd in (in_r, out_w, err_w):
             os.close(fd)
+        retitle("relay")
         relay(
-            [
-                _Direction(sockets[0], in_w),
-                _Direction(out_r, sockets[1]),
-                _Direction(err_r, sockets[2]),
-            ]
+            _Direction(sockets[0], in_w),
+            [_Direction(out_r, sockets[1]), _Direction(err_r, sockets[2])],
+            os.pidfd_open(pid),
         )
         while True:
             try:

@@ -31,6 +31,7 @@ import select
 import socket
 import ssl
 import stat
+import struct
 import tempfile
 import threading
 import time
@@ -76,6 +77,13 @@ HANDOVER_BACKLOG = 4
 OFF_LOOP_RETRY = 0.1  # s before letting go is tried again when no thread could be had
 TRUST_REREAD = 5.0  # seconds: the host's CA bundle is read again after this long
 CONNECT_TIMEOUT = 10.0
+# Socket buffers, fixed (``cap_buffers``; the kernel doubles each): what a cage sends
+# (its connection's receive side, the server's send side) and what it is sent (the
+# server's receive side). On loopback a fraction of either carries GB/s; at 100 ms
+# round trips they allow ~20 MB/s up and ~80 MB/s down a connection.
+UPLOAD_BUF = 1 << 20
+DOWNLOAD_BUF = 4 << 20
+UPSTREAM_STALL = 60  # seconds a server may take no byte we send before the connection ends
 _keys = itertools.count(1)
 HOP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"}
 
@@ -1276,6 +1284,7 @@ class EgressProxy:
             try:
                 deadline = time.monotonic() + HEAD_TIMEOUT
                 conn, first = _receive(conn, deadline, handover)
+                cap_buffers(conn, receive=UPLOAD_BUF)
                 head, rest = _read_head(conn, first, deadline, meter)
                 req = parse_request(head)
             except Refusal as e:
@@ -1525,10 +1534,29 @@ class EgressProxy:
                 continue
             s.settimeout(None)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            cap_buffers(s, send=UPLOAD_BUF, receive=DOWNLOAD_BUF)
+            # A server that takes nothing for this long ends the connection (relay.abort).
+            s.setsockopt(
+                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", UPSTREAM_STALL, 0)
+            )
             return s, a
         raise Refusal(
             502, f"cannot connect to port {port}: {last.strerror if last else 'no address'}"
         )
+
+
+def cap_buffers(sock: socket.socket, *, send: int = 0, receive: int = 0) -> None:
+    """Fixed socket buffers (the kernel doubles what is asked, up to wmem_max/rmem_max):
+    left to grow, a tunnel whose server stopped reading held ~32 MiB in the cage's
+    connection (tcp_rmem's top, reached in a second of fast reads) and ~4 MiB queued
+    upstream; 16 such tunnels took 500 MiB of the host's TCP memory, which no cgroup
+    is charged for (red team of session 32). A fixed size also stops the growth."""
+    for option, size in ((socket.SO_SNDBUF, send), (socket.SO_RCVBUF, receive)):
+        if size:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, size)
+            except OSError:
+                pass
 
 
 def _holds(path: Path, data: bytes) -> bool:

@@ -36,6 +36,7 @@ log = logging.getLogger("hive.egress")
 MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
+MAX_INTERIM = 16  # 1xx answers to one request before the answer is refused (502)
 CHUNK = 256 * 1024
 # h11 parses a body in Python, under the core's one GIL: ~9 us a piece (a chunk, or what
 # one read brought), whatever its size. Past BODY_EVENTS_FREE pieces averaging under
@@ -486,12 +487,32 @@ class Terminated:
                 self._raw += data
             self.srv.receive_data(data)
 
+    def _client_left(self) -> bool:
+        """Wait until the upstream has something to read; True if the cage closed (or
+        shut down) its end first. A wait on the upstream alone outlived the cage: a server
+        that never answered, or sent 100 Continue for ever, held the connection, one of
+        the agent's, and the flood a whole CPU, after the cage had given up (red team of
+        session 32)."""
+        if self.upstream.pending():
+            return False
+        p = select.poll()
+        p.register(self.upstream.fileno(), select.POLLIN)
+        p.register(self.client.fileno(), select.POLLRDHUP)  # (HUP and ERR come anyway)
+        while True:
+            ready = p.poll()
+            if any(fd == self.client.fileno() for fd, _ in ready):
+                return True
+            if ready:
+                return False
+
     def _cli_event(self) -> Any:
         while True:
             ev = self.cli.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
             self._flush()
+            if self._client_left():
+                return h11.ConnectionClosed()
             data = recv_batch(self.upstream)
             self.down += len(data)
             self.cli.receive_data(data)
@@ -635,12 +656,18 @@ class Terminated:
             self.meter.pause(wait)
 
     def _relay_response(self) -> bool:
-        pieces = received = 0
+        pieces = received = interim = 0
         try:
             while True:
                 ev = self._cli_event()
                 if isinstance(ev, h11.InformationalResponse):
-                    continue  # a 100 Continue of its own: ours was sent already
+                    # A 100 Continue of its own: ours was sent already. A flood of them was
+                    # a whole CPU for as long as the server liked (red team of session 32).
+                    interim += 1
+                    if interim > MAX_INTERIM:
+                        self._reply(502, f"the upstream server sent over {MAX_INTERIM} 1xx answers")
+                        return False
+                    continue
                 if isinstance(ev, h11.Response):
                     self._to_client(
                         h11.Response(
@@ -691,6 +718,8 @@ class Terminated:
         left = length - seen
         view = memoryview(bytearray(min(left, CHUNK)))  # (per answer: idle connections hold none)
         while left > 0:
+            if self._client_left():
+                return False
             n = recv_batch_into(self.upstream, view[: min(left, len(view))])
             if not n:
                 return False  # upstream closed before the end

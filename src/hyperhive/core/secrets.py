@@ -45,6 +45,8 @@ def check_value(value: str) -> str:
             "the secret's value must be printable ASCII (it goes in an HTTP header);"
             " a trailing newline is stripped by `hive secret set`"
         )
+    if value != value.strip(" "):  # a header value can't start or end with one
+        raise SecretError("the secret's value starts or ends with a space")
     return value
 
 

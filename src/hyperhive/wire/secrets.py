@@ -80,7 +80,11 @@ def parse_header(template: str) -> tuple[str, str]:
 
 
 def _header(value: str) -> str:
-    parse_header(value)
+    """A new binding's header (one stored before this check still parses: the proxy
+    refuses its request, naming the secret, if the value it makes can't be sent)."""
+    template = parse_header(value)[1]
+    if template != template.strip(" "):  # what goes out would start or end with one
+        raise ValueError("the header's value can't start or end with a space")
     return value
 
 
