@@ -15,6 +15,7 @@ on requests to this destination only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -25,13 +26,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import h11
 
 from hyperhive.wire.egress import PathError, Rule, RuleError, destination, normal_path
 
 log = logging.getLogger("hive.egress")
+
+_T = TypeVar("_T")
 
 MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
@@ -361,6 +364,10 @@ def recv_batch_into(sock: ssl.SSLSocket, view: memoryview) -> int:
     return n
 
 
+def _recv_into(view: memoryview, sock: ssl.SSLSocket) -> int:
+    return recv_batch_into(sock, view)
+
+
 def _waiting(sock: ssl.SSLSocket) -> bool:
     """Decrypted bytes not yet read, or bytes on the socket (a poll, never a wait)."""
     if sock.pending():
@@ -505,15 +512,30 @@ class Terminated:
             if ready:
                 return False
 
+    def _from_upstream(self, read: Callable[[ssl.SSLSocket], _T]) -> _T | None:
+        """``read(upstream)`` once it has something (None: the cage left first). Read
+        without waiting: a socket that polls readable may hold no data for us (a TLS 1.3
+        session ticket), and a blocking read then waited for good (red team of session 32)."""
+        while True:
+            if self._client_left():
+                return None
+            self.upstream.settimeout(0.0)
+            try:
+                return read(self.upstream)
+            except (ssl.SSLWantReadError, BlockingIOError):
+                continue
+            finally:
+                self.upstream.settimeout(None)
+
     def _cli_event(self) -> Any:
         while True:
             ev = self.cli.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
             self._flush()
-            if self._client_left():
+            data = self._from_upstream(recv_batch)
+            if data is None:
                 return h11.ConnectionClosed()
-            data = recv_batch(self.upstream)
             self.down += len(data)
             self.cli.receive_data(data)
 
@@ -718,9 +740,10 @@ class Terminated:
         left = length - seen
         view = memoryview(bytearray(min(left, CHUNK)))  # (per answer: idle connections hold none)
         while left > 0:
-            if self._client_left():
+            got = self._from_upstream(functools.partial(_recv_into, view[: min(left, len(view))]))
+            if got is None:
                 return False
-            n = recv_batch_into(self.upstream, view[: min(left, len(view))])
+            n = got
             if not n:
                 return False  # upstream closed before the end
             self.down += n
