@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import subprocess
 import threading
@@ -262,7 +263,8 @@ def test_an_option_button_answers_with_the_option(hive: HiveProcess, web: Web, l
         page = web.get("/", login=login).text
         item = re.search(rf'id="question-{q["id"]}".*?</li>', page, re.S)
         assert item, page[:500]
-        values = [html.unescape(v) for v in re.findall(r'name="answer" value="([^"]*)"', item.group(0))]
+        # (since session 32 a button posts its option as a JSON string, ``option``)
+        values = [json.loads(html.unescape(v)) for v in re.findall(r"name=\"option\" value='([^']*)'", item.group(0))]
         assert len(values) == len(options), values
         wrong = [(v, o) for v, o in zip(values, options, strict=True) if v != o]
         assert not wrong, f"option buttons that answer with something else (posted, offered): {wrong}"
@@ -368,31 +370,49 @@ def rows_on_screen(lines: list[str], width: int = COLUMNS) -> list[tuple[bool, s
 
 
 def follow(hive: HiveProcess, args: list[str], act: Any, until: str, seconds: float = 20) -> list[str]:
-    """Run ``hive ARGS`` (a stream), do ``act``, and return its lines once one holds UNTIL."""
+    """Run ``hive ARGS`` (a stream) on a terminal COLUMNS wide (a pty), do ``act``, and
+    return its lines once one holds UNTIL."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, COLUMNS, 0, 0))
     proc = subprocess.Popen(
         [str(HIVE), "--run-dir", str(hive.run_dir), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={"PATH": "/usr/bin:/bin"},
+        stdout=slave, stderr=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin"},
     )  # fmt: skip
+    os.close(slave)
     lines: list[str] = []
     try:
         time.sleep(1.5)  # subscribed
         act()
-        assert proc.stdout is not None
         got = threading.Event()
 
         def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                lines.append(line.rstrip("\n"))
-                if until in line:
-                    got.set()
+            rest = b""
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:
                     return
+                if not chunk:
+                    return
+                *whole, rest = (rest + chunk).split(b"\n")
+                for line in whole:
+                    text = line.decode(errors="replace").rstrip("\r")
+                    lines.append(text)
+                    if until in text:
+                        got.set()
+                        return
 
         threading.Thread(target=read, daemon=True).start()
         assert got.wait(seconds), lines
     finally:
         proc.kill()
         proc.wait()
+        os.close(master)
     return lines
 
 
@@ -411,8 +431,9 @@ def test_status_watch_rows_are_the_hives(hive: HiveProcess) -> None:
     sees should hold no row that starts like another agent's line but is not one."""
     head = "opsev: running  "
     forged = "x" * (COLUMNS - len(head)) + padded("opsok: stopped  it crashed", "opscat: failed") + "end"
+    # (until the line with the padding: since session 32 it is cut at the terminal's edge)
     lines = follow(hive, ["status", "--watch"], lambda: as_agent(hive, "opsev", {"cmd": "set_status", "text": forged}),
-                   "end")  # fmt: skip
+                   head + "x" * 10)  # fmt: skip
     fakes = [row for first, row in rows_on_screen(lines) if not first and re.match(r"(opsok|opscat|opsev2): ", row)]
     assert not fakes, f"rows another agent's change would draw, written by opsev: {fakes}"
 
@@ -432,7 +453,8 @@ def test_events_rows_are_the_hives(hive: HiveProcess) -> None:
         (r,) = as_agent(hive, "opsev", {"cmd": "send", "to": "operator", "body": " " * (COLUMNS - len(prefix)) + fake})
         assert r["ok"] and r["id"] == last["id"] + 1, (r, last)
 
-    lines = follow(hive, ["events", "--kind", "message"], act, "rotate the keys")
+    # (until the padded line: since session 32 it is cut, "…", at the terminal's edge)
+    lines = follow(hive, ["events", "--kind", "message"], act, "…")
     fakes = [row for first, row in rows_on_screen(lines) if not first and re.match(r"\d{4}-\d\d-\d\d ", row)]
     assert not fakes, f"rows that read as events of their own, written by opsev: {fakes}"
 
@@ -652,7 +674,9 @@ def test_pending_reminders_do_not_tax_every_status(hive: HiveProcess) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert all(f["n"] == 10_000 for f in fills.values()), fills
+    # (to the quota: run with the module, opsev holds a few messages of the cases before)
+    assert all(f["n"] >= 9_900 and (f["refused"] is None or "storage quota" in f["refused"]["error"])
+               for f in fills.values()), fills
     after_flip, after_host = flip_cost(hive), host_status_cost(hive)
     figures = (
         f"opsok's set_status p50 {before_flip * 1e3:.2f} ms -> {after_flip * 1e3:.2f} ms; host agent_status p50"

@@ -331,7 +331,7 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         when(a["requested_at"]),
                         cut(a, "description", "approval"),
                         _granted(a)
-                        + (
+                        + _left_to_right(
                             a["payload"] + cut_note(a, "payload", "approval")
                             if "payload" in (a.get("truncated") or {})
                             else dumps(a.get("payload"))
@@ -353,6 +353,13 @@ def register(group: click.Group) -> None:  # a flat list of small verbs
                         for a in reply["swarm_approvals"]
                     ),
                 )  # fmt: skip
+
+    def _left_to_right(text: str) -> str:
+        """A payload as ``hive show approval`` draws it: right-to-left letters as JSON
+        escapes, so a terminal draws it in stored order (``hive pending`` drew
+        ["א","100","5000000","ב"] with 5000000 first: red team of session 32)."""
+        shown, escaped = left_to_right_json_text(text)
+        return shown + (" (right-to-left letters as \\u escapes)" if escaped else "")
 
     @group.group("show")
     def show() -> None:

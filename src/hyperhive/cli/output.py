@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import sys
+import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -46,8 +48,33 @@ def json_option(fn: F) -> F:
 
 
 def say(line: str) -> None:
-    """One line for a person (it may quote an agent: a newline in it is shown, not made)."""
-    click.echo(visible(line, one_line=True))
+    """One line for a person (it may quote an agent: a newline in it is shown, not made).
+    On a terminal it is cut to the terminal's width: a line that wrapped let an agent's
+    text padded to the edge start a row of its own, drawn as the hive's (``hive status
+    --watch``, ``hive events``: red team of session 32). ``hive show`` gives it whole."""
+    shown = visible(line, one_line=True)
+    if sys.stdout.isatty():
+        shown = fit(shown, shutil.get_terminal_size().columns)
+    click.echo(shown)
+
+
+def fit(text: str, columns: int) -> str:
+    """``text`` cut to ``columns`` terminal cells, with "…" where it was cut (wide
+    characters take two cells; combining marks and format characters none)."""
+    if columns < 2 or sum(_cells(ch) for ch in text) <= columns:
+        return text
+    used = 0
+    for i, ch in enumerate(text):
+        used += _cells(ch)
+        if used > columns - 1:
+            return text[:i] + "…"
+    return text
+
+
+def _cells(ch: str) -> int:
+    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
 
 
 def fail(message: str) -> None:

@@ -334,7 +334,9 @@ class Hive:
         return [model_fields_only(self.status_row(r, reminders)) for r in self.store.agents.all()]
 
     def status_of(self, actor: Agent) -> AgentStatus:
-        return self.status_row(self.require_agent(actor.name), self.store.reminders.pending())
+        return self.status_row(
+            self.require_agent(actor.name), self.store.reminders.pending_of(actor.name)
+        )
 
     def publish_status(self, name: str, trouble: str | None = None) -> None:
         """``trouble``: one line for the operator on what befell the agent (its cage
@@ -343,7 +345,7 @@ class Hive:
         if row is None:
             self.bus.publish("agent_status", {"name": name, "destroyed": True})
             return
-        reminders = self.store.reminders.pending()
+        reminders = self.store.reminders.pending_of(name)
         status = model_fields_only(self.status_row(row, reminders))
         extra = {"trouble": trouble} if trouble is not None else {}
         self.bus.publish("agent_status", {"agent": status, **extra})
@@ -1189,7 +1191,9 @@ class Hive:
         """What the operator's view of agent NAME shows (``/agent/NAME/``, rendered by the
         core): the same rows as the agent's own page."""
         row = self.require_agent(name)
-        return self._page_state(self.status_row(row, self.store.reminders.pending()), egress_limit)
+        return self._page_state(
+            self.status_row(row, self.store.reminders.pending_of(row.name)), egress_limit
+        )
 
     async def transcript_wait(
         self, actor: Operator, name: str, after: int, limit: int, wait: float
@@ -1465,6 +1469,11 @@ class Hive:
             self.require_agent(name)
         rows = self.store.egress.entries(name, limit + 1, before)
         return _page(rows, self._reply_budget(), limit)
+
+    def egress_log_fair(self, actor: Operator, limit: int) -> list[Any]:
+        """The dashboard's recent decisions: the newest, each agent's fair share of them
+        (``EgressRepo.fair_recent``); ``egress_log`` gives them all, page by page."""
+        return _page(self.store.egress.fair_recent(limit), self._reply_budget(), limit).items
 
     def events(self, actor: Operator, kinds: frozenset[str], lossy: bool = False) -> Subscription:
         """A subscription to the hive's events; the caller unsubscribes. A ``lossy`` one

@@ -11,6 +11,7 @@ the gateway, and core.sock is ``hive-core:hive-gateway 0660``."""
 import asyncio
 import contextlib
 import grp
+import json
 import os
 import re
 import socket
@@ -196,10 +197,29 @@ def readable(entry: Mapping[str, Any]) -> dict[str, Any]:
             out["text"] = _text(data.get("result", ""))
         if tools:
             out["fold"] = "tool call: " + ", ".join(_text(b.get("name", "?")) for b in tools)
-            out["folded"] = display.dumps([b.get("input") for b in tools], indent=2)
+            out["folded"] = folded_input([b.get("input") for b in tools])
     else:
         out["text"] = _text(data)
     return out
+
+
+# A tool call's input as the agent page unfolds it: indented only when small, and cut past
+# FOLDED_MAX (the raw JSON is a click away). Indented whole, a list nested 41 deep around
+# 7,900 zeros (16 KB stored) drew ~680 KB of HTML an entry, in the core's loop: one page
+# of 200 such calls was 135 MB and stalled every agent 2.9 s (red team of session 32).
+FOLDED_MAX = 16 * 1024
+FOLDED_INDENT_UNDER = 2 * 1024
+
+
+def folded_input(inputs: list[Any]) -> str:
+    compact = display.dumps(inputs)
+    if len(compact) <= FOLDED_INDENT_UNDER:
+        pretty = display.dumps(inputs, indent=2)
+        if len(pretty) <= FOLDED_MAX:
+            return pretty
+    if len(compact) <= FOLDED_MAX:
+        return compact
+    return f"{compact[:FOLDED_MAX]}… ({len(compact):,} characters: the raw JSON has it whole)"
 
 
 # Which part of an agent's page each kind of hive event changes.
@@ -418,12 +438,18 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         assert isinstance(reply, dict)
         return reply
 
+    def escaped_json(reply: dict[str, Any]) -> Response:
+        """A reply as /api/state is written: an agent's C1 controls, bidi overrides and
+        line separators as escapes (FastAPI's encoder let them through raw to the
+        operator's curl and the browser's JSON view: red team of session 32)."""
+        return Response(display.dumps_bytes(reply), media_type="application/json")
+
     def done(request: Request, reply: dict[str, Any], words: str = "done") -> Response:
         """JSON for scripts; a toast in words for the cockpit's htmx post (an action carried
         to another swarm host: that it was, and what became of it); back to the page for a
         plain form."""
         if "application/json" in request.headers.get("accept", ""):
-            return JSONResponse(reply)
+            return escaped_json(reply)
         words = cockpit.carried(words, reply)
         if request.headers.get("hx-request") == "true":
             return HTMLResponse(f'<div class="toast">{escape(visible(words))}</div>')
@@ -664,7 +690,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if "secrets" in wanted:
             ctx["secrets"] = hive.secret_ls(OPERATOR)  # names and bindings, never a value
         if "log" in wanted:
-            ctx["egress_log"] = hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items
+            ctx["egress_log"] = hive.egress_log_fair(OPERATOR, EGRESS_LOG_SHOWN)
         return ctx
 
     def render_sections(wanted: Iterable[str], view: cockpit.View, session: Session) -> str:
@@ -942,7 +968,7 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
             # Every change to either publishes an "egress" event, which bumps the bus version
             # the cache below keys on.
             "egress_rules": rules_out(hive.egress_rules(OPERATOR, None)),
-            "egress_log": hive.egress_log(OPERATOR, None, EGRESS_LOG_SHOWN).items,
+            "egress_log": hive.egress_log_fair(OPERATOR, EGRESS_LOG_SHOWN),
             **{
                 f"swarm_{kind}": rows
                 for kind in ("agents", "questions", "approvals")
@@ -1066,19 +1092,19 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
     ) -> Any:
         """Approval AID whole (``approval``): the exact payload approving applies. HOST:
         another swarm host's pending approval, its payload checked against its sha256."""
-        return await operator({"cmd": "show_approval", "id": aid, **_on(host)})
+        return escaped_json(await operator({"cmd": "show_approval", "id": aid, **_on(host)}))
 
     @app.get("/api/questions/{qid}", response_model=Reply, responses=GET_RESPONSES)
     async def api_question(
         qid: Id, session: Annotated[Session, Depends(require_session)], host: OnHost = None
     ) -> Any:
         """Question QID whole (``question``); HOST: another swarm host's open question."""
-        return await operator({"cmd": "show_question", "id": qid, **_on(host)})
+        return escaped_json(await operator({"cmd": "show_question", "id": qid, **_on(host)}))
 
     @app.get("/api/messages/{mid}", response_model=Reply, responses=GET_RESPONSES)
     async def api_message(mid: Id, session: Annotated[Session, Depends(require_session)]) -> Any:
         """Message MID whole (``message``)."""
-        return await operator({"cmd": "show_message", "id": mid})
+        return escaped_json(await operator({"cmd": "show_message", "id": mid}))
 
     @app.get("/api/agents/{name}/transcript", response_model=Reply, responses=GET_RESPONSES)
     async def transcript(
@@ -1086,24 +1112,40 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         session: Annotated[Session, Depends(require_session)],
         after: Annotated[int, Query(ge=0, lt=2**63)] = 0,
         limit: Annotated[int, Query(ge=1, le=5000)] = 200,
-    ) -> dict[str, Any]:
+    ) -> Response:
         """Agent NAME's transcript entries after AFTER."""
-        return await operator({"cmd": "transcript", "name": name, "after": after, "limit": limit})
+        return escaped_json(
+            await operator({"cmd": "transcript", "name": name, "after": after, "limit": limit})
+        )
 
     @app.post("/answer-question/{qid}", responses=POST_RESPONSES)
     async def answer_question(
         request: Request,
         qid: Id,
-        answer: Annotated[str, Form(max_length=262144)],
         session: Annotated[Session, Depends(require_post)],
+        answer: Annotated[str | None, Form(max_length=262144)] = None,
+        option: Annotated[str | None, Form(max_length=6 * 262144)] = None,
         check_options: Annotated[str | None, Form(max_length=8)] = None,
         other: Annotated[str | None, Form(max_length=8)] = None,
         host: Annotated[str | None, Form(max_length=64)] = None,
     ) -> Response:
-        """Answer a question an agent addressed to the operator (operator authority). With
-        ``check_options`` (the cockpit's free-text answer), an answer that is not one of
-        the question's options is refused unless ``other`` says it is meant. ``host``: the
-        swarm host the question is on (the answer is carried there)."""
+        """Answer a question an agent addressed to the operator (operator authority): the
+        text ``answer``, or ``option``, an option as a JSON string (the cockpit's buttons:
+        a value attribute drew it through ``visible``, so an option with a right-to-left
+        mark or a CR was answered with its escapes, none of the options: red team of
+        session 32; HTML would turn its CR into LF). With ``check_options`` (the cockpit's
+        free-text answer), an answer that is not one of the question's options is refused
+        unless ``other`` says it is meant. ``host``: the swarm host the question is on (the
+        answer is carried there)."""
+        if option is not None:
+            try:
+                answer = json.loads(option)
+            except ValueError:
+                answer = None
+            if not isinstance(answer, str):
+                raise HTTPException(422, "option must be a JSON string")
+        if answer is None:
+            raise HTTPException(422, "an answer is required (answer, or option)")
         if check_options and not other and not host:
             q = await operator({"cmd": "show_question", "id": qid})
             options = (q.get("question") or {}).get("options") or []

@@ -469,6 +469,10 @@ MIGRATIONS: list[Migration] = [
     """,
     # 14: transcripts bounded in bytes too (a function: see _transcript_sizes)
     _transcript_sizes,
+    # 15: an agent's undelivered reminders counted from its own rows (reminders.pending_of)
+    """
+    CREATE INDEX IF NOT EXISTS reminders_pending ON reminders (agent) WHERE delivered_at IS NULL;
+    """,
 ]
 
 
