@@ -182,7 +182,8 @@ def run_demo(web: Web, context: BrowserContext) -> None:
     with page.expect_request(lambda r: r.method == "POST" and urlsplit(r.url).path == f"/answer-question/{qid}") as req:
         open_q.get_by_role("button", name="yes", exact=True).click()
     form = parse_qs(req.value.post_data or "")
-    assert form == {"csrf_token": [page_token], "answer": ["yes"]}, form
+    # (an option as a JSON string: the button's value is never drawn through visible())
+    assert form == {"csrf_token": [page_token], "option": ['"yes"']}, form
     assert req.value.all_headers().get("origin") == web.origin  # (htmx's: a fetch, all headers)
     # Still on lead's page (answered in place), with the question gone live.
     expect(page).to_have_url(web.url("/agent/lead/"))

@@ -282,10 +282,11 @@ def test_migration_6_keeps_rows_ids_and_triggers_and_puts_summaries_first(tmp_pa
         assert s.schema_version == len(MIGRATIONS)
         # Migration 9 drops the insert's and the ack's usage triggers (the code counts those);
         # migration 10 adds the fair first screen's two partial indexes, 11 the inbox's;
-        # 14 puts each transcript entry's size in its index.
+        # 14 puts each transcript entry's size in its index; 15 counts each agent's
+        # undelivered reminders from its own rows.
         kept = triggers - {"usage_message_in", "usage_message_acked", "transcript_agent"}
         kept |= {"questions_open_asker", "approvals_pending_agent", "messages_operator"}
-        kept |= {"transcript_agent_size"}
+        kept |= {"transcript_agent_size", "reminders_pending"}
         assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index')")} == kept
         assert conn.execute("SELECT pending, bytes FROM agent_usage WHERE agent='alice'").fetchone() == usage
         # The summary columns come before the long ones, and are filled for old rows.
