@@ -711,12 +711,12 @@ def fork_relayed(
     ``env_args`` and ``argv`` on the pipes and relays them to ``sockets`` (the harness's
     ends). The relay is what init waits for and signals; it ends as the runtime did. A
     runtime that could not be started raises OSError here, as fork_exec does."""
-    from hyperhive.cage import stdio_relay
-
     r, w = os.pipe2(os.O_CLOEXEC)  # w closes with the runtime's exec: EOF, no error
     pid = os.fork()
     if pid == 0:  # the relay: never returns
         try:
+            from hyperhive.cage import stdio_relay  # (in the fork: init never loads it)
+
             _signal.set_wakeup_fd(-1)
             ends = sorted({w, *sockets})
             low = 3

@@ -24,11 +24,17 @@ from __future__ import annotations
 
 import os
 import select
-import signal as _signal
-from collections.abc import Callable
-from typing import NoReturn
 
 from hyperhive.cage import layout
+
+# As in init: names for mypy only (the cage loads no typing, collections or signal enums).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal  # _signal has no stubs; signal re-exports it
+    from collections.abc import Callable
+    from typing import NoReturn
+else:
+    import _signal
 
 # Bytes a direction holds before it stops reading its source (the other side is slow).
 RELAY_BUF = 1 << 16
