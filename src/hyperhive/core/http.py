@@ -464,8 +464,9 @@ def create_app(hive: Hive, sessions: Sessions) -> FastAPI:
         if "application/json" in request.headers.get("accept", "") or request.url.path.startswith(
             "/api/"
         ):
-            return JSONResponse({"ok": False, "error": reason}, status_code=status, headers=headers)
-        return PlainTextResponse(f"{reason}\n", status_code=status, headers=headers)
+            body = display.dumps_bytes({"ok": False, "error": reason})  # (agent text escaped)
+            return Response(body, status, headers, media_type="application/json")
+        return PlainTextResponse(f"{visible(reason, one_line=True)}\n", status, headers)
 
     @app.exception_handler(StarletteHTTPException)  # ours and Starlette's own (404, 405)
     async def refusal(request: Request, exc: StarletteHTTPException) -> Response:
