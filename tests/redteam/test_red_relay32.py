@@ -1,18 +1,35 @@
 """Red team of session 32: the runtime's stdio relay (``cage/stdio_relay.py``, started by
 ``fork_relayed`` in ``cage/init.py`` ``Init.spawn``), attacked as the runtime uid (the
 relay's own uid) by command runtimes whose script is the attack, run by a real harness in
-a real cage. 2 CPUs, kernel 6.18.
+a real cage. 2 CPUs, kernel 6.18, turn_timeout 3 s.
 
-- ``rl32stop`` (finding) a process the runtime left behind (double-forked, setsid, its stdio
-  /dev/null, so the turn ends normally) waits for its turn's relay to be gone, then sends
-  ``kill(-1, SIGSTOP)`` as the runtime uid over and over. The next turn's relay becomes
-  the runtime uid (``become``) *before* it forks the runtime, and holds init's report pipe
-  (``w``) until the runtime's exec; init reads that pipe to its EOF in ``fork_relayed``,
-  blocking. Before the change the child held it only as root (it exec'd ``setpriv``,
-  closing it). A relay stopped in that window holds init in ``pipe_read`` for good.
-- ``rl32kill`` (held) the runtime SIGKILLs and SIGSTOPs its relay, and probes it
-  (/proc fd, mem, environ; ptrace; pidfd_getfd; process_vm_readv).
-- ``rl32many`` (held) 40 turns: init's, the harness's descriptors and the cage's processes.
+- ``rl32stop`` **BROKE (medium: the agent wedges its own cage's init for good)**. Turn 1
+  leaves a process (double fork, setsid, stdio /dev/null: the turn ends at once) that,
+  once turn 1's relay is gone, sends ``kill(-1, SIGSTOP)`` as the runtime uid in a loop
+  for 8 s. Turn 2's relay becomes the runtime uid (``become``) *before* it forks the
+  runtime, and it (and the runtime until its exec) holds init's report pipe ``w``; init
+  in ``fork_relayed`` reads that pipe to EOF, blocking. Before session 32 the only holder
+  was the child as root (it exec'd ``setpriv``, which closed it). 4 runs out of 4: init
+  asleep in ``anon_pipe_read``, the relay (and the pre-exec runtime) in state T; turn 2
+  "could not start the runtime: cage init did not answer" after 30.0 s, the operator's
+  interrupt at 1 s without effect; turn 3, sent after the stopper had ended, the same at
+  30.1 s (the stopped relay stays stopped: init is held until the cage is stopped; a
+  graceful stop took 5.0 s). Meanwhile init reaps nothing, restarts no harness, relays no
+  harness log, serves no page connection, and no turn's stop (the only sweep of the
+  runtime uid) ever comes. The error path's ``os.waitpid(pid, 0)`` (the relay reported an
+  errno) waits on a runtime-uid process the same way (by reading).
+- ``rl32pids`` pids.max (64) filled by sleepers a turn left: the next turn fails at once
+  (EAGAIN, 1.3 ms, init in its poll: held), but a failed start sweeps nothing, so with
+  sleepers that stay every later turn fails too (**BROKE, low; as before session 32**).
+- ``rl32kill`` (held) the runtime SIGKILLs its relay: the turn ends in 0.1 s (exit 137,
+  the relay's; nothing reads the core's exit_status but the transcript), the runtime and
+  its setsid child outlive it (2 processes 0.3 s after, as a setsid process that closes
+  its stdio always could), the next turn runs at once. SIGSTOPs it: the turn ends at the
+  time-out + the SIGKILL grace (6.0-6.2 s) whether the runtime exits or stays, 4.1 s on an
+  interrupt at 1 s, nothing left. /proc/<relay>/fd, fd/3, mem, environ, maps: EACCES;
+  PTRACE_ATTACH, PTRACE_SEIZE, pidfd_getfd, process_vm_readv: EPERM.
+- ``rl32many`` (held) 40 turns, then 10 that SIGKILL their relay and 2 that SIGSTOP it:
+  init's descriptors 10 -> 10, the harness's 8 -> 8, the cage's processes 4 -> 4.
 """
 
 from __future__ import annotations
@@ -51,7 +68,11 @@ SCRIPT = textwrap.dedent(r"""
                     os._exit(0)
             os._exit(0)
         os.wait()
+    def caged():  # kill(-1) and fork loops only inside a cage: pid 1 is bwrap, we are not root
+        with open("/proc/1/cmdline", "rb") as f:
+            return os.getuid() != 0 and b"bwrap" in f.read()
     if "STOPPER" in msg:
+        assert caged()
         def stopper():
             while os.path.exists(f"/proc/{relay}"):  # this turn's relay: let the turn end
                 time.sleep(0.01)
@@ -95,6 +116,7 @@ SCRIPT = textwrap.dedent(r"""
     elif "FILLPIDS" in msg:
         import re
         life = float(re.search(r"FILLPIDS (\d+)", msg).group(1))
+        assert caged()
         def filler():
             kids = []
             t = time.monotonic()
@@ -168,11 +190,16 @@ def _send(hive: HiveProcess, name: str, body: str) -> tuple[int, int]:
 
 
 def _entries(hive: HiveProcess, name: str, msg: int, after: int) -> list[dict[str, Any]]:
-    return [e for e in _ok(hive.host_call("transcript", name=name, after=after, limit=5000))["entries"]
-            if e["turn"] == msg]
+    return [
+        e
+        for e in _ok(hive.host_call("transcript", name=name, after=after, limit=5000))["entries"]
+        if e["turn"] == msg
+    ]
 
 
-def _wait_end(hive: HiveProcess, name: str, msg: int, after: int, within: float) -> list[dict[str, Any]] | None:
+def _wait_end(
+    hive: HiveProcess, name: str, msg: int, after: int, within: float
+) -> list[dict[str, Any]] | None:
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         entries = _entries(hive, name, msg, after)
@@ -182,7 +209,9 @@ def _wait_end(hive: HiveProcess, name: str, msg: int, after: int, within: float)
     return None
 
 
-def _turn(hive: HiveProcess, name: str, body: str, within: float = 25) -> tuple[list[dict[str, Any]], float]:
+def _turn(
+    hive: HiveProcess, name: str, body: str, within: float = 25
+) -> tuple[list[dict[str, Any]], float]:
     msg, after = _send(hive, name, body)
     t0 = time.monotonic()
     entries = _wait_end(hive, name, msg, after, within)
@@ -201,11 +230,23 @@ def _restart(hive: HiveProcess, name: str) -> None:
     hive.wait_running([name])
 
 
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
 def _fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-@pytest.mark.attack("harness.turn", ref=REF + ": a left-behind kill(-1, SIGSTOP) loop stops the next relay holding init's report pipe")
+@pytest.mark.attack(
+    "harness.turn",
+    ref=REF
+    + ": a left-behind kill(-1, SIGSTOP) loop stops the next relay holding init's report pipe",
+)
 def test_a_stopped_relay_never_holds_init_in_its_spawn(hive: HiveProcess) -> None:
     """Tried: turn 1 leaves a process (double fork, setsid, stdio /dev/null: the turn ends
     at once) that, once turn 1's relay is gone, sends ``kill(-1, SIGSTOP)`` as the runtime
@@ -221,7 +262,7 @@ def test_a_stopped_relay_never_holds_init_in_its_spawn(hive: HiveProcess) -> Non
     ipid = init_pid(hive, name)
     fig: dict[str, Any] = {}
     try:
-        entries, took = _turn(hive, name, "STOPPER")
+        entries, _ = _turn(hive, name, "STOPPER")
         assert any(e["kind"] == "stdout" and e["data"] == "armed" for e in entries), entries
         time.sleep(0.5)
         msg, after = _send(hive, name, "second")
@@ -230,8 +271,7 @@ def test_a_stopped_relay_never_holds_init_in_its_spawn(hive: HiveProcess) -> Non
         _ok(hive.host_call("interrupt", name=name))  # the operator's: nothing to stop yet
         time.sleep(2)
         fig["init wchan 3 s into turn 2"] = wchan(ipid)
-        fig["runtime-uid procs"] = [(p, open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0])
-                                    for p in _runtime_procs(hive, name)]
+        fig["runtime-uid procs"] = [(p, _state(p)) for p in _runtime_procs(hive, name)]
         second = _wait_end(hive, name, msg, after, TIMEOUT + KILL_GRACE + 40)
         fig["turn 2 s"] = round(time.monotonic() - t0, 1)
         fig["turn 2"] = [(e["kind"], e["data"]) for e in second or []][-3:]
@@ -260,12 +300,15 @@ def test_a_runtime_that_kills_its_relay_ends_its_turn_and_nothing_stalls(hive: H
     name = KILL
     hive.wait_running([name])
     entries, took = _turn(hive, name, "KILLRELAY")
-    home = hive.cage(name).get("home")
     time.sleep(0.3)
     left = len(_runtime_procs(hive, name))
     end = entries[-1]["data"]
-    fig = {"turn s": round(took, 2), "exit": end, "out": [e["data"] for e in entries if e["kind"] == "stdout"],
-           "runtime-uid processes 0.3 s after": left, "home": home}
+    fig = {
+        "turn s": round(took, 2),
+        "exit": end,
+        "out": [e["data"] for e in entries if e["kind"] == "stdout"],
+        "runtime-uid processes 0.3 s after": left,
+    }
     nxt, took2 = _turn(hive, name, "x")
     fig["next turn s"] = round(took2, 2)
     print(f"\nkill relay: {fig}")
@@ -293,8 +336,11 @@ def test_a_runtime_that_stops_its_relay_is_still_timed_out(hive: HiveProcess, ho
     took = time.monotonic() - t0
     time.sleep(0.5)
     left = _runtime_procs(hive, name)
-    fig = {"turn s": round(took, 2), "entries": [(e["kind"], e["data"]) for e in entries or []][-3:],
-           "left": left}
+    fig = {
+        "turn s": round(took, 2),
+        "entries": [(e["kind"], e["data"]) for e in entries or []][-3:],
+        "left": left,
+    }
     print(f"\nstop relay ({how}): {fig}")
     assert entries is not None, fig
     bound = (1 if how == "interrupt" else TIMEOUT) + KILL_GRACE + 2
@@ -303,7 +349,9 @@ def test_a_runtime_that_stops_its_relay_is_still_timed_out(hive: HiveProcess, ho
     assert ("stdout", "hello") in [(e["kind"], e["data"]) for e in nxt]
 
 
-@pytest.mark.attack("harness.turn", ref=REF + ": the runtime reaches for its relay's memory and descriptors")
+@pytest.mark.attack(
+    "harness.turn", ref=REF + ": the runtime reaches for its relay's memory and descriptors"
+)
 def test_the_relay_is_out_of_its_runtimes_reach(hive: HiveProcess) -> None:
     """Tried, as the runtime (the relay's uid): list and open /proc/<relay>/fd, read its
     mem, environ and maps; PTRACE_ATTACH, PTRACE_SEIZE; pidfd_getfd of its fd 3;
@@ -311,10 +359,13 @@ def test_the_relay_is_out_of_its_runtimes_reach(hive: HiveProcess) -> None:
     holds only its pipes, the three sockets and the runtime's pidfd (nothing of init's:
     not cage.log, the channel, the listeners)."""
     import json
+
     name = KILL
     hive.wait_running([name])
     entries, _ = _turn(hive, name, "PROBE")
-    line = next(e["data"] for e in entries if e["kind"] == "stdout" and e["data"].startswith("PROBE "))
+    line = next(
+        e["data"] for e in entries if e["kind"] == "stdout" and e["data"].startswith("PROBE ")
+    )
     res = json.loads(line[6:])
     print(f"\nprobe: {res}")
     for k in ("fd", "fd3", "mem", "environ", "maps"):
@@ -325,8 +376,9 @@ def test_the_relay_is_out_of_its_runtimes_reach(hive: HiveProcess) -> None:
 
 @pytest.mark.attack("budget.exhaustion", ref=REF + ": descriptors and processes turn after turn")
 def test_forty_turns_leak_no_descriptor_nor_process(hive: HiveProcess) -> None:
-    """40 short turns (and two that kill or stop their relay). Held if init's and the
-    harness's descriptor counts and the cage's process count are as before."""
+    """40 short turns, then 10 that SIGKILL their relay and 2 that SIGSTOP it. Held if
+    init's and the harness's descriptor counts and the cage's process count are as
+    before once what those turns left has ended."""
     name = MANY
     hive.wait_running([name])
     _turn(hive, name, "x")
@@ -334,16 +386,22 @@ def test_forty_turns_leak_no_descriptor_nor_process(hive: HiveProcess) -> None:
     time.sleep(0.5)
     before = (_fds(ipid), _fds(hpid), len(hive.cage_procs(name)))
     t0 = time.monotonic()
-    for i in range(40):
+    for _ in range(40):
         _turn(hive, name, "x")
     took = time.monotonic() - t0
-    time.sleep(0.5)
+    for _ in range(10):  # its relay SIGKILLed: the runtime and what it left live ~6 s on
+        _turn(hive, name, "KILLRELAY")
+    for _ in range(2):  # its relay SIGSTOPped: the turn's stop ends it
+        _turn(hive, name, "STOPRELAY EXIT")
+    time.sleep(7)
     after = (_fds(ipid), _fds(hpid), len(hive.cage_procs(name)))
     print(f"\n40 turns in {took:.1f} s: (init fds, harness fds, cage procs) {before} -> {after}")
     assert after == before
 
 
-@pytest.mark.attack("budget.exhaustion", ref=REF + ": the cage at its pids.max when a turn's relay forks")
+@pytest.mark.attack(
+    "budget.exhaustion", ref=REF + ": the cage at its pids.max when a turn's relay forks"
+)
 def test_a_cage_at_its_pids_max_fails_a_turn_fast_and_the_next_one_runs(hive: HiveProcess) -> None:
     """Tried: turn 1 leaves a process that forks sleepers until the cage is at its pids.max
     (64 here) and keeps them 20 s; turn 2 is sent 4 s in. Neither init's fork of the relay
@@ -353,13 +411,17 @@ def test_a_cage_at_its_pids_max_fails_a_turn_fast_and_the_next_one_runs(hive: Hi
     hive.wait_running([name])
     ipid = init_pid(hive, name)
     try:
-        entries, _ = _turn(hive, name, "FILLPIDS 20")
+        _turn(hive, name, "FILLPIDS 20")
         time.sleep(4)
         procs = len(hive.cage_procs(name))
         second, took = _turn(hive, name, "second", 40)
         w = wchan(ipid)
-        fig = {"cage procs": procs, "turn 2 s": round(took, 2),
-               "turn 2": [(e["kind"], e["data"]) for e in second][-2:], "init wchan": w}
+        fig = {
+            "cage procs": procs,
+            "turn 2 s": round(took, 2),
+            "turn 2": [(e["kind"], e["data"]) for e in second][-2:],
+            "init wchan": w,
+        }
         time.sleep(max(0, 20 - took))
         third, took3 = _turn(hive, name, "third", 40)
         fig["turn 3 s"] = round(took3, 2)
@@ -371,7 +433,9 @@ def test_a_cage_at_its_pids_max_fails_a_turn_fast_and_the_next_one_runs(hive: Hi
     assert ("stdout", "hello") in [(e["kind"], e["data"]) for e in third], fig
 
 
-@pytest.mark.attack("budget.exhaustion", ref=REF + ": a lingering pids.max filler fails every later turn")
+@pytest.mark.attack(
+    "budget.exhaustion", ref=REF + ": a lingering pids.max filler fails every later turn"
+)
 def test_a_turn_that_could_not_start_ends_what_keeps_it_from_starting(hive: HiveProcess) -> None:
     """Tried: as above, but the sleepers stay 60 s (an agent's could stay for good). Every
     turn then fails to start ("could not start the runtime": EAGAIN), and a failed start
@@ -385,11 +449,14 @@ def test_a_turn_that_could_not_start_ends_what_keeps_it_from_starting(hive: Hive
     try:
         _turn(hive, name, "FILLPIDS 60")
         time.sleep(4)
-        second, took = _turn(hive, name, "second", 40)
+        second, _ = _turn(hive, name, "second", 40)
         time.sleep(1)
         third, took3 = _turn(hive, name, "third", 40)
-        fig = {"turn 2": [(e["kind"], e["data"]) for e in second][-2:],
-               "turn 3": [(e["kind"], e["data"]) for e in third][-2:], "turn 3 s": round(took3, 2)}
+        fig = {
+            "turn 2": [(e["kind"], e["data"]) for e in second][-2:],
+            "turn 3": [(e["kind"], e["data"]) for e in third][-2:],
+            "turn 3 s": round(took3, 2),
+        }
         print(f"\npids.max for good: {fig}")
     finally:
         _restart(hive, name)
