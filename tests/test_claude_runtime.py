@@ -456,15 +456,21 @@ STOPPER_SCRIPT = textwrap.dedent("""\
     sys.stdin.read()
     if os.environ.get("STOPPER_PARENT"):
         parent = int(os.environ["STOPPER_PARENT"])
+        relay = int(os.environ["STOPPER_RELAY"])
         os.write(1, b"ready")
         os.close(1)
         while os.getppid() == parent:  # until the turn's own process has exited
+            pass
+        # and its relay (the turn's end): stopped earlier, the relay (of this uid) keeps
+        # the turn to its time-out, as a runtime that never exits would
+        while os.path.exists(f"/proc/{relay}"):
             pass
         while True:  # flat out: the probe (a shell's `test`) lives a millisecond or two
             os.kill(-1, signal.SIGSTOP)
     print(json.dumps({"type": "system", "subtype": "init", "session_id": "s-stop", "model": "stopper-model"}),
           flush=True)
-    child = subprocess.Popen([sys.argv[0]], env={**os.environ, "STOPPER_PARENT": str(os.getpid())},
+    child = subprocess.Popen([sys.argv[0]], env={**os.environ, "STOPPER_PARENT": str(os.getpid()),
+                                                 "STOPPER_RELAY": str(os.getppid())},
                              start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                              stderr=subprocess.DEVNULL)
     child.stdout.read()  # it is ready

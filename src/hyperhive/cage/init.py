@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import _socket
 import ctypes
+import errno
 import gc
 import os
 import resource
@@ -46,6 +47,7 @@ else:
 MAX_BACKOFF = 10.0
 MAX_RUNTIME_PROCS = 8
 SPAWNED_KEPT = 64  # runtime pids a kill may still name after their group is gone
+SPAWN_REPORT_WAIT = 5.0  # seconds a runtime's start may take to be reported (fork_relayed)
 KILL_PASSES = 8  # sweeps of the runtime uid once its harness is gone, while any is left
 SWEEP_ID = 65534  # the sweep's real and saved ids: no process of a cage has them
 MSG_MAX = 256 * 1024
@@ -350,7 +352,18 @@ class Init:
             if isinstance(k, str) and "=" not in k and isinstance(v, str)
         ]
         try:
-            proc = fork_relayed(env_args, argv, (fds[0], fds[1], fds[2]), self.uid, self.gid)
+            try:
+                proc = fork_relayed(env_args, argv, (fds[0], fds[1], fds[2]), self.uid, self.gid)
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ETIMEDOUT):
+                    raise
+                # The cage is out of processes or descriptors: what the runtime uid left
+                # running goes (a turn's time-out or interrupt would sweep it, but a turn
+                # that never starts has neither: every later message failed at once,
+                # re-check of session 32), and the start is tried once more.
+                note(f"cage-init: a runtime could not start ({e.strerror}); sweeping\n")
+                self.kill_uid(self.uid)
+                proc = fork_relayed(env_args, argv, (fds[0], fds[1], fds[2]), self.uid, self.gid)
         except OSError as e:
             return {"ok": False, "error": str(e)}
         self.runtime[proc.pid] = proc
@@ -707,10 +720,19 @@ def fork_relayed(
     env_args: list[str], argv: list[str], sockets: tuple[int, int, int], uid: int, gid: int
 ) -> Forked:
     """A runtime process on pipes of its own, behind its relay (``stdio_relay``): init's
-    fork, in a new session, becomes ``uid``:``gid``, starts ``/usr/bin/env -i`` with
-    ``env_args`` and ``argv`` on the pipes and relays them to ``sockets`` (the harness's
-    ends). The relay is what init waits for and signals; it ends as the runtime did. A
-    runtime that could not be started raises OSError here, as fork_exec does."""
+    fork, in a new session, starts ``setpriv`` (to ``uid``:``gid``) ``/usr/bin/env -i``
+    with ``env_args`` and ``argv`` on the pipes, becomes ``uid``:``gid`` itself and relays
+    them to ``sockets`` (the harness's ends). The relay is what init waits for and
+    signals; it ends as the runtime did. A runtime that could not be started raises
+    OSError here, as fork_exec does; so does a report that takes past SPAWN_REPORT_WAIT
+    (only root's processes hold its pipe, so none of the runtime's can stop them in it:
+    this is a last resort), its processes killed."""
+    import select
+
+    runtime_argv = [
+        *drop_to(uid, gid),
+        *("/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv),
+    ]
     r, w = os.pipe2(os.O_CLOEXEC)  # w closes with the runtime's exec: EOF, no error
     pid = os.fork()
     if pid == 0:  # the relay: never returns
@@ -736,16 +758,28 @@ def fork_relayed(
             raise_oom_score()
         except BaseException:
             os._exit(127)
-        stdio_relay.run(env_args, argv, sockets, w, lambda: become(uid, gid), retitle)
+        stdio_relay.run(runtime_argv, sockets, w, (uid, gid), lambda: become(uid, gid), retitle)
     os.close(w)
+    data = b""
     try:
-        data = b""
-        while chunk := os.read(r, 32):
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        deadline = time.monotonic() + SPAWN_REPORT_WAIT
+        while (left := deadline - time.monotonic()) > 0 and poller.poll(left * 1000):
+            chunk = os.read(r, 32)
+            if not chunk:
+                break
             data += chunk
+        else:
+            try:
+                os.killpg(pid, _signal.SIGKILL)  # the relay's session: the runtime too
+            except OSError:
+                pass
+            data = str(errno.ETIMEDOUT).encode()
     finally:
         os.close(r)
     if data:
-        os.waitpid(pid, 0)
+        os.waitpid(pid, 0)  # (root's until it reports or is killed: never waits long)
         err = int(data) if data.isdigit() else 1
         raise OSError(err, f"{argv[0]}: {os.strerror(err)}")
     return Forked(pid)

@@ -12,6 +12,11 @@ holding nothing the runtime does not hold already (the three socket ends). A spl
 there stalls only the runtime's own relay; the harness still times the turn out, and the
 turn's SIGKILL (``kill(-1)`` as the runtime uid) ends both.
 
+The relay starts the runtime while it is still root (through ``setpriv``, as init started
+runtimes before), closes its copy of init's report pipe, and only then becomes the
+runtime uid: no process of that uid ever holds what init waits on (a relay stopped while
+it did froze init: re-check of session 32).
+
 The relay is non-dumpable (it changed uid from root and never execs), so the runtime
 can't read its memory through /proc, and the cage's seccomp filter (inherited from init)
 refuses ptrace outright. It ignores SIGINT, SIGTERM and SIGHUP, so an interrupt reaches
@@ -24,8 +29,6 @@ from __future__ import annotations
 
 import os
 import select
-
-from hyperhive.cage import layout
 
 # As in init: names for mypy only (the cage loads no typing, collections or signal enums).
 TYPE_CHECKING = False
@@ -146,31 +149,55 @@ def exit_as(status: int) -> NoReturn:
     os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
+def pipes_of(uid: int, gid: int) -> list[tuple[int, int]]:
+    """Three pipes (close-on-exec) owned by ``uid``:``gid``, so the runtime can open its
+    own ends by name (``/dev/stdout``: a pipe made as root is root's, mode 0600, EACCES).
+    Made with that fsuid and fsgid (init's CAP_SETUID and CAP_SETGID allow it; chown
+    would need CAP_CHOWN, which no process in a cage has); checked."""
+    import ctypes  # (init loaded it already: this is its fork)
+
+    libc = ctypes.CDLL(None)
+    libc.setfsgid(gid)
+    libc.setfsuid(uid)
+    try:
+        pipes = [os.pipe2(os.O_CLOEXEC) for _ in range(3)]
+    finally:
+        libc.setfsuid(0)
+        libc.setfsgid(0)
+    for r, _ in pipes:
+        st = os.fstat(r)
+        if (st.st_uid, st.st_gid) != (uid, gid):
+            raise OSError(f"a pipe of {st.st_uid}:{st.st_gid}, not the runtime's {uid}:{gid}")
+    return pipes
+
+
 def run(
-    env_args: list[str],
-    argv: list[str],
+    runtime_argv: list[str],
     sockets: tuple[int, int, int],
     report: int,
+    owner: tuple[int, int],
     become: Callable[[], None],
     retitle: Callable[[str], None],
 ) -> NoReturn:
-    """In init's fork, with only ``sockets`` (the harness's stdin, stdout and stderr ends)
-    and ``report`` (close-on-exec; an errno written there means the runtime never ran)
-    open, in a new session, its privileges as init's: become the runtime uid, start the
-    runtime on pipes, and relay them. Never returns."""
+    """In init's fork, still root, with only ``sockets`` (the harness's stdin, stdout and
+    stderr ends) and ``report`` (close-on-exec; an errno written there means the runtime
+    never ran) open, in a new session: start the runtime on pipes (``owner``'s, the
+    runtime's uid and gid; ``runtime_argv``, which
+    drops to the runtime uid itself: ``setpriv``), close ``report``, and only then become
+    the runtime uid and relay. Init waits on ``report`` until its last holder is gone, so
+    no holder may be a process of the runtime's uid: one the runtime could stop
+    (SIGSTOP) froze init in that read for good (re-check of session 32). Never returns."""
     code = 127
+    pid = -1
     try:
-        become()
         # The interrupt is the runtime's; the relay passes on what it says meanwhile (set
         # before the runtime starts: an interrupt can come as soon as init has replied).
         # The turn's SIGKILL ends it. SIGPIPE: a write to a gone reader is an error here.
         for sig in _IGNORED:
             _signal.signal(sig, _signal.SIG_IGN)
-        in_r, in_w = os.pipe2(os.O_CLOEXEC)
-        out_r, out_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        (in_r, in_w), (out_r, out_w), (err_r, err_w) = pipes_of(*owner)
         pid = os.fork()
-        if pid == 0:  # the runtime
+        if pid == 0:  # the runtime, root until its setpriv drops it
             err = 1
             try:
                 for sig in _IGNORED:  # an ignore would survive the exec
@@ -179,8 +206,7 @@ def run(
                     os.dup2(fd, target)  # inheritable; the originals close on exec
                 for fd in sockets:
                     os.close(fd)
-                argv_full = ["/usr/bin/env", "-i", "-C", layout.HOME, *env_args, *argv]
-                os.execve(argv_full[0], argv_full, {})
+                os.execve(runtime_argv[0], runtime_argv, {})
             except OSError as e:
                 err = e.errno or 1
             finally:
@@ -188,14 +214,23 @@ def run(
                     os.write(report, str(err).encode())
                 finally:
                     os._exit(127)
-        os.close(report)  # the runtime's copy closes at its exec: init's read ends then
+        runtime = os.pidfd_open(pid)
         for fd in (in_r, out_w, err_w):
             os.close(fd)
+    except BaseException as e:
+        try:
+            os.write(report, str(getattr(e, "errno", None) or 1).encode())
+        except OSError:
+            pass
+        os._exit(code)
+    os.close(report)  # the runtime's copy closes at its exec, as root: init's read ends then
+    try:
+        become()
         retitle("relay")
         relay(
             _Direction(sockets[0], in_w),
             [_Direction(out_r, sockets[1]), _Direction(err_r, sockets[2])],
-            os.pidfd_open(pid),
+            runtime,
         )
         while True:
             try:
@@ -204,9 +239,9 @@ def run(
             except InterruptedError:
                 continue
         exit_as(status)
-    except BaseException as e:
+    except BaseException:
         try:
-            os.write(report, str(getattr(e, "errno", None) or 1).encode())
+            os.kill(pid, _signal.SIGKILL)  # nothing of a turn runs on without its relay
         except OSError:
             pass
     os._exit(code)
