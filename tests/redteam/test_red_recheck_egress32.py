@@ -7,9 +7,20 @@ test network namespace (198.18.193.0/24) that the agent's rules open by address.
 - TRICKLE (:9002) reads each connection 4 KiB every 0.5 s (8 KiB/s, a slow but honest
   upload endpoint) and never stops.
 - SINK (:9003) reads nothing (the control of the stall timer: a server that takes nothing).
+- slow.test:8443 (terminated too) writes each answer one byte a send.
 - slow.test (:443, TLS the proxy terminates: L7 rules): /poll answers after 90 s (a
   long poll), /hints after three 103 Early Hints of ~8 KiB each, POST /slow reads its
   body 4 KiB every 0.5 s.
+
+Broke (failing cases): a cage that stops reading its downloads holds ~186 MiB of host TCP
+memory per agent in the core's sockets for good (no stall bound on the cage's side, the
+cage connection's send side not capped); a server that takes nothing ends its tunnel
+after ~245 s, not 60; ``say``/``fit`` count cells from Python 3.11's Unicode 14 tables,
+so hexagrams, U+3248.., U+302E and U+00AD wrap an 80-column line the host counts wider;
+the dashboard's fair egress log is fair only within its 2,000-row window (~10-12 s of one
+agent's refusals). Held: slow honest uploads (byte tunnel 300 s, terminated 150 s), a
+long poll answered after 90 s, three 8 KiB 103 Early Hints, an answer dribbled a byte a
+segment (other agents' calls p99 7.6 ms, though the core spent ~1 CPU on 280 KB/s).
 """
 
 from __future__ import annotations
@@ -268,8 +279,12 @@ def test_a_cage_that_stops_reading_its_downloads_holds_no_socket_memory_for_good
     ``tcp_wmem``'s max), host TCP memory no cgroup is charged for. Session 32 ends a tunnel
     whose *server* takes nothing for 60 s (``UPSTREAM_STALL``) but a tunnel whose *cage*
     takes nothing has no such bound: the pump writing to the cage's connection blocks for
-    good. Safe: as for the upload direction, by 75 s the proxy's sockets for the tunnels
-    hold under 16 MiB (they were ended, or never held more)."""
+    good. Measured: from 10 s to 75 s the core's upstream receive queues held 127 MiB and
+    its send queues to the cage 59 MiB (186 MiB; host TCP memory +188 MiB), flat, core
+    idle; every tunnel still open at 75 s. ~8 such agents reach ``tcp_mem``'s pressure
+    mark here (1.46 GiB), ~12 its hard limit (2.2 GiB). Safe: as for the upload
+    direction, by 75 s the proxy's sockets for the tunnels hold under 16 MiB (they were
+    ended, or never held more)."""
     base = tcp_mem_pages()
     core = hive.core_pid()
     assert core
@@ -345,30 +360,47 @@ result(ended=ended[:1], sent=sent[0])
 """
 
 
-@pytest.mark.timeout(600)
+@pytest.fixture(scope="module")
+def uploads(hive: HiveProcess) -> dict[str, Any]:
+    """Two uploads at once from rcx for 150 s: to TRICKLE (8 KiB/s read) and to SINK
+    (nothing read); what each probe saw."""
+    out: dict[str, Any] = {}
+    ths = [threading.Thread(target=lambda k=k, port=port: out.update({k: probe_result(hive.probe(
+        AGENT, UPLOAD, timeout=240, hold=150, target=f"{SRV}:{port}"))})) for k, port in (("trickle", 9002), ("sink", 9003))]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    print(f"uploads: {out}")
+    return out
+
+
+@pytest.mark.timeout(400)
 @pytest.mark.attack("egress.relay", ref="session 32 UPSTREAM_STALL ('a server that takes nothing for 60 s'); tcp sk_stream_wait_memory")
-def test_a_slow_but_honest_upload_is_not_reset_at_the_stall_timer(hive: HiveProcess) -> None:
+def test_a_slow_but_honest_upload_is_not_reset_at_the_stall_timer(uploads: dict[str, Any]) -> None:
     """Does the stall timer break legitimate traffic? rcx uploads through a byte tunnel to
     TRICKLE, a server that keeps reading, 8 KiB/s (a throttled upload endpoint, a slow
-    link), for 300 s. ``SO_SNDTIMEO`` does not time "no byte taken": a blocked send waits
-    until a third of the send buffer (2 MiB: ``UPLOAD_BUF`` doubled) is free again (the
-    kernel's write-space wake-up), ~680 KiB, 85 s at 8 KiB/s, so the send times out at
-    60 s although the server took ~480 KiB meanwhile, and ``relay.abort`` resets the tunnel
-    both ways. Safe: the tunnel is still open at 300 s. The control (SINK, which reads
-    nothing) must end (within a few times 60 s: a send that copied part before its wait
-    returns that part, and the next waits again)."""
-    got: dict[str, Any] = {}
-    ctl: dict[str, Any] = {}
-    a = threading.Thread(target=lambda: got.update(out=probe_result(hive.probe(
-        AGENT, UPLOAD, timeout=400, hold=300, target=f"{SRV}:9002"))))
-    b = threading.Thread(target=lambda: ctl.update(out=probe_result(hive.probe(
-        AGENT, UPLOAD, timeout=400, hold=300, target=f"{SRV}:9003"))))
-    a.start(); b.start(); a.join(); b.join()
-    print(f"trickle (8 KiB/s): {got['out']}; sink (reads nothing): {ctl['out']}")
-    # the fix works: a send that copied part before it waited returns that part, the next
-    # waits again: a few times 60 s
-    assert ctl["out"]["ended"] and 55 <= ctl["out"]["ended"][0][1] <= 280, ctl["out"]
-    assert not got["out"]["ended"], got["out"]
+    link), for 150 s. ``SO_SNDTIMEO`` times a send that copies nothing; a blocked send
+    wakes when enough of the 2 MiB send buffer is free. Safe: the tunnel is still open at
+    150 s (held: 300 s in a longer run, 9.1 MB written by the cage)."""
+    assert not uploads["trickle"]["ended"], uploads["trickle"]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.attack("budget.exhaustion", ref="session 32 UPSTREAM_STALL = 60 ('a server that takes nothing for 60 s ends the connection'); fs/splice.c splice_to_socket")
+def test_a_server_that_takes_nothing_ends_its_tunnel_within_the_stall_timer(uploads: dict[str, Any]) -> None:
+    """rcx uploads through a byte tunnel to SINK, a server that reads nothing, the tunnel's
+    buffers full within a second (~8 MB written by the cage: the cage connection's 2 MiB
+    receive side, the upstream's 2 MiB send side, the rest the cage's own). The docs and
+    ``UPSTREAM_STALL`` say such a server ends the connection after 60 s. The relay's
+    ``os.splice`` of up to 1 MiB into the upstream is a loop of sends in the kernel
+    (``splice_to_socket``): each one that moved anything before its 60 s wait returns that,
+    and the next waits again; Python's next splice waits once more. The tunnel ended after
+    245 s (one run of 300 s), its ~4 MiB held in the core that long, and the thread pair
+    and one of the agent's 16 connections. Safe: the cage sees its tunnel end within 90 s
+    (the timer and a margin)."""
+    ended = uploads["sink"]["ended"]
+    assert ended and ended[0][1] <= 90, uploads["sink"]
 
 
 def _glibc_cells(text: str) -> int:
@@ -570,3 +602,32 @@ def test_an_answer_dribbled_a_segment_at_a_time_does_not_spin_the_core(hive: Hiv
           f" p99 {p(busy, .99)} max {p(busy, 1)} ms ({len(busy)} calls); core CPU {(c1 - c0) / (t1 - t0):.2f}"
           f" of a CPU over {t1 - t0:.0f} s; answers {got['out']['out']}")
     assert p(busy, .99) < 50 and p(busy, 1) < 250, (p(idle, .99), p(busy, .5), p(busy, .99), p(busy, 1))
+
+
+@pytest.mark.attack("budget.exhaustion", ref="session 32 store/egress.py fair_recent (FAIR_WINDOW 2000); ops32 test_one_agents_refusals_do_not_push_anothers_off_the_dashboard")
+def test_a_flood_longer_than_the_fair_window_does_not_push_anothers_decisions_off(tmp_path: Path) -> None:
+    """The dashboard's egress log is each agent's fair share of the newest
+    ``FAIR_WINDOW`` (2,000) decisions. An agent refuses at the proxy's pace (~170-200 a
+    second, ``connections_per_second`` 100 on each of its two listeners): in ~10-12 s its
+    flood is the whole window, and every other agent's decisions, however recent in time,
+    are outside it: the dashboard (``EGRESS_LOG_SHOWN`` 100) shows only the flooder again,
+    as before the fix (ops32 flooded for 3 s, 507 decisions). Here, in the store: bob's
+    decision, then 2,100 of the flooder's. Safe: bob's decision is among the 100 shown."""
+    from hyperhive.core.store import Store
+
+    store = Store(tmp_path / "hive.db")
+    try:
+        def row(agent: str, at: float) -> Any:
+            return {"agent": agent, "at": at, "host": "x.test", "port": 443, "address": None,
+                    "allowed": False, "reason": "not allowed", "bytes_up": 0, "bytes_down": 0,
+                    "closed_at": at}
+        now = time.time()
+        store.egress.log(row("bob", now))
+        for i in range(2100):
+            store.egress.log(row("flooder", now + 0.005 * i))  # 200 a second: 10.5 s
+        shown = store.egress.fair_recent(100)
+        agents = [r["agent"] for r in shown]
+        print(f"shown: {len(agents)}, bob's: {agents.count('bob')}")
+        assert "bob" in agents, f"{len(agents)} shown, all the flooder's"
+    finally:
+        store.close()
