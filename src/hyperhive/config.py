@@ -101,6 +101,9 @@ class EgressSection(BaseModel):
     # New connections per agent and second the proxy accepts (a burst of twice that); past
     # it they wait in the socket's backlog. 0: no bound.
     connections_per_second: float = Field(default=100.0, ge=0, le=1_000_000)
+    # Seconds a peer of an egress connection (the server, or the cage's own end) may take
+    # nothing of what is sent before the connection ends (TCP_USER_TIMEOUT).
+    stall_seconds: int = Field(default=60, ge=1, le=3600)
     # An extra CA the proxy trusts for upstream servers whose TLS it terminates (beside
     # the host's trust store): for a test server, or an internal CA.
     upstream_ca: Path | None = None

@@ -26,6 +26,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from typing import Protocol
 
 # A pass is one read and its write: a thread's CPU is read (a system call) and charged
@@ -52,8 +53,8 @@ BUFFER_MAX = 1 << 20
 
 
 def abort(src: socket.socket, dst: socket.socket) -> None:
-    """A direction's write failed (the reader gone, or a peer that took nothing for its
-    SO_SNDTIMEO: ``egress.UPSTREAM_STALL``): both sockets are shut both ways, so the other
+    """A direction's write failed (the reader gone, or a peer that took nothing for the
+    relay's ``stall``: ``[egress] stall_seconds``): both sockets are shut both ways, so the other
     direction's wait (a read from a server that never answers) ends too, and ``dst`` will
     close with a reset, dropping what is queued for it. Before, a tunnel to a server that
     stopped reading outlived the cage that opened it, with 60 MiB of its upload still
@@ -70,15 +71,27 @@ def abort(src: socket.socket, dst: socket.socket) -> None:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s
+# With a stall bound, each blocked write waits at most this long before the relay looks at
+# the time since the last write that moved anything. (A kernel timer alone can't tell:
+# SO_SNDTIMEO waits anew once a splice's send moved a byte, ~245 s for 60; TCP_USER_TIMEOUT
+# reset a slow but honest reader's connection at the bound: re-check of session 32.)
+_SLICE = struct.pack("ll", 1, 0)
 
 
-def pump(src: socket.socket, dst: socket.socket, meter: Meter | None = None) -> int:
+def pump(
+    src: socket.socket, dst: socket.socket, meter: Meter | None = None, stall: float = 0.0
+) -> int:
     """Move bytes src -> dst until src's end of stream (or an error); then shut
     down dst's sending side so the peer sees the end too. Returns bytes moved.
 
     Each read is sent whole before the next: what a peer wrote goes on at once,
     however small (a request line never waits for more to fill a buffer)."""
     moved = passes = 0
+    since = time.monotonic()  # the last read, or write that moved anything
+
+    def stalled(last: float) -> bool:
+        return not stall or time.monotonic() - last >= stall
+
     buf = memoryview(bytearray(BUFFER_START))
     try:
         while True:
@@ -91,13 +104,20 @@ def pump(src: socket.socket, dst: socket.socket, meter: Meter | None = None) -> 
                 break
             if n == 0:
                 break
+            since = time.monotonic()  # (the stall is timed from here)
             view = buf[:n]
             while view:
                 try:
                     sent = dst.send(view)
+                except BlockingIOError:  # a SO_SNDTIMEO slice passed with no room
+                    if stalled(since):
+                        abort(src, dst)
+                        return moved
+                    continue
                 except OSError:
                     abort(src, dst)
                     return moved
+                since = time.monotonic()
                 view = view[sent:]
                 moved += sent
             if n == len(buf) and n < BUFFER_MAX:
@@ -139,13 +159,22 @@ def _pipe() -> tuple[int, int] | None:
 
 
 def splice_pump(
-    src: socket.socket, dst: socket.socket, pipe: tuple[int, int], meter: Meter | None = None
+    src: socket.socket,
+    dst: socket.socket,
+    pipe: tuple[int, int],
+    meter: Meter | None = None,
+    stall: float = 0.0,
 ) -> int:
     """``pump``, through ``pipe`` (closed here) with splice(2): no copy in userspace.
     The same ends: src's end of stream, or an error either side, ends it and shuts
     down dst's sending side; each read is written whole before the next."""
     r, w = pipe
     moved = passes = 0
+    since = time.monotonic()  # the last read, or write that moved anything
+
+    def stalled(last: float) -> bool:
+        return not stall or time.monotonic() - last >= stall
+
     size = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
     s, d = src.fileno(), dst.fileno()
     try:
@@ -159,12 +188,19 @@ def splice_pump(
                 break
             if n == 0:
                 break
+            since = time.monotonic()  # (the stall is timed from here)
             while n:
                 try:
                     sent = os.splice(r, d, n, flags=os.SPLICE_F_MOVE)
+                except BlockingIOError:  # a SO_SNDTIMEO slice passed with no room
+                    if stalled(since):
+                        abort(src, dst)
+                        return moved
+                    continue
                 except OSError:
                     abort(src, dst)
                     return moved
+                since = time.monotonic()
                 n -= sent
                 moved += sent
             if n == 0 and size < PIPE_MAX and moved >= PIPE_GROW:
@@ -185,26 +221,38 @@ def splice_pump(
 
 
 def _direction(
-    src: socket.socket, dst: socket.socket, pipe: tuple[int, int] | None, meter: Meter | None
+    src: socket.socket,
+    dst: socket.socket,
+    pipe: tuple[int, int] | None,
+    meter: Meter | None,
+    stall: float,
 ) -> int:
-    return pump(src, dst, meter) if pipe is None else splice_pump(src, dst, pipe, meter)
+    if pipe is None:
+        return pump(src, dst, meter, stall)
+    return splice_pump(src, dst, pipe, meter, stall)
 
 
 def relay(
-    a: socket.socket, b: socket.socket, meters: tuple[Meter, Meter] | None = None
+    a: socket.socket,
+    b: socket.socket,
+    meters: tuple[Meter, Meter] | None = None,
+    stall: float = 0.0,
 ) -> tuple[int, int]:
     """Both directions at once (one in a helper thread); returns (a->b, b->a) bytes.
     Both sockets must be blocking. Closes neither (the pipes, yes). ``meters``: a->b's
     (begun in the helper thread) and b->a's (this thread's); each direction's last debt is
     slept off before it ends, so before this returns."""
     up: list[int] = [0]
+    if stall:
+        for sock in (a, b):  # a write waits in slices, so a stall is timed here (``stalled``)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _SLICE)
     pipes = (_pipe(), _pipe())
     up_meter, down_meter = (None, None) if meters is None else meters
 
     def upstream() -> None:
         if up_meter is not None:
             up_meter.begin()
-        up[0] = _direction(a, b, pipes[0], up_meter)
+        up[0] = _direction(a, b, pipes[0], up_meter, stall)
 
     try:
         t = threading.Thread(target=upstream, daemon=True)
@@ -215,6 +263,6 @@ def relay(
                 os.close(p[0])
                 os.close(p[1])
         raise
-    down = _direction(b, a, pipes[1], down_meter)
+    down = _direction(b, a, pipes[1], down_meter, stall)
     t.join()
     return up[0], down

@@ -10,7 +10,6 @@ import math
 import os
 import shutil
 import sys
-import unicodedata
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -59,8 +58,8 @@ def say(line: str) -> None:
 
 
 def fit(text: str, columns: int) -> str:
-    """``text`` cut to ``columns`` terminal cells, with "…" where it was cut (wide
-    characters take two cells; combining marks and format characters none)."""
+    """``text`` cut to ``columns`` terminal cells, with "…" where it was cut (``_cells``:
+    anything past ASCII counted as two)."""
     if columns < 2 or sum(_cells(ch) for ch in text) <= columns:
         return text
     used = 0
@@ -72,9 +71,11 @@ def fit(text: str, columns: int) -> str:
 
 
 def _cells(ch: str) -> int:
-    if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
-        return 0
-    return 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    """Cells a terminal may give ``ch``, counted high: any character past ASCII as two.
+    Python's Unicode tables and a terminal's (glibc's wcwidth, xterm, VTE) disagree on
+    hundreds (hexagrams, circled numbers, a soft hyphen: re-check of session 32), and a
+    line counted short wraps into a row of its own; one counted long is only cut early."""
+    return 1 if ch < "\x80" else 2
 
 
 def fail(message: str) -> None:

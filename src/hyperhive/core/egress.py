@@ -31,7 +31,6 @@ import select
 import socket
 import ssl
 import stat
-import struct
 import tempfile
 import threading
 import time
@@ -81,9 +80,12 @@ CONNECT_TIMEOUT = 10.0
 # (its connection's receive side, the server's send side) and what it is sent (the
 # server's receive side). On loopback a fraction of either carries GB/s; at 100 ms
 # round trips they allow ~20 MB/s up and ~80 MB/s down a connection.
-UPLOAD_BUF = 1 << 20
-DOWNLOAD_BUF = 4 << 20
-UPSTREAM_STALL = 60  # seconds a server may take no byte we send before the connection ends
+UPLOAD_BUF = 1 << 20  # (also what the proxy sends the cage: a cage that stops reading)
+DOWNLOAD_BUF = 1 << 20
+# Seconds a tunnel's or plain relay's peer (the server, or the cage) may take no byte of
+# what is sent before the connection ends (relay.relay's ``stall``; ``[egress]
+# stall_seconds``).
+UPSTREAM_STALL = 60
 _keys = itertools.count(1)
 HOP_HEADERS = {b"proxy-connection", b"proxy-authorization", b"connection", b"keep-alive"}
 
@@ -855,8 +857,10 @@ class EgressProxy:
         upstream_tls: ssl.SSLContext | None = None,
         connections_per_second: float = 0.0,
         cpu: egress_tls.CpuPacer | None = None,
+        stall_seconds: int = UPSTREAM_STALL,
     ) -> None:
         self.rules_for = rules_for
+        self.stall_seconds = stall_seconds  # a relayed write with no room that long ends it
         # What connections' threads may spend of the core's CPU (egress_tls.CpuPacer).
         self.cpu = cpu
         # TLS termination (core/egress_tls.py): which destinations get it, and how.
@@ -1284,7 +1288,7 @@ class EgressProxy:
             try:
                 deadline = time.monotonic() + HEAD_TIMEOUT
                 conn, first = _receive(conn, deadline, handover)
-                cap_buffers(conn, receive=UPLOAD_BUF)
+                cap_buffers(conn, receive=UPLOAD_BUF, send=UPLOAD_BUF)
                 head, rest = _read_head(conn, first, deadline, meter)
                 req = parse_request(head)
             except Refusal as e:
@@ -1359,7 +1363,7 @@ class EgressProxy:
                 if rest:
                     upstream.sendall(rest)
                     decision.bytes_up += len(rest)
-                up, down = relay(conn, upstream, meters)
+                up, down = relay(conn, upstream, meters, self.stall_seconds)
             finally:
                 self._untrack(agent, decision)
             decision.bytes_up += up
@@ -1519,8 +1523,7 @@ class EgressProxy:
             except RuntimeError:
                 pass  # the loop is shutting down
 
-    @staticmethod
-    def _connect(addresses: list[IPAddress], port: int) -> tuple[socket.socket, IPAddress]:
+    def _connect(self, addresses: list[IPAddress], port: int) -> tuple[socket.socket, IPAddress]:
         last: OSError | None = None
         for a in addresses:
             family = socket.AF_INET6 if a.version == 6 else socket.AF_INET
@@ -1535,10 +1538,6 @@ class EgressProxy:
             s.settimeout(None)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             cap_buffers(s, send=UPLOAD_BUF, receive=DOWNLOAD_BUF)
-            # A server that takes nothing for this long ends the connection (relay.abort).
-            s.setsockopt(
-                socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", UPSTREAM_STALL, 0)
-            )
             return s, a
         raise Refusal(
             502, f"cannot connect to port {port}: {last.strerror if last else 'no address'}"

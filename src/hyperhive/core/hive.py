@@ -236,6 +236,7 @@ class Hive:
             ca=self.ca,
             upstream_tls=upstream_context(config.egress.upstream_ca),
             connections_per_second=config.egress.connections_per_second,
+            stall_seconds=config.egress.stall_seconds,
             cpu=CpuPacer(
                 config.egress.cpu,
                 default_cpu_total() if config.egress.cpu_total is None else config.egress.cpu_total,

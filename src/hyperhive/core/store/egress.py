@@ -10,6 +10,7 @@ from hyperhive.core.store.common import Unreadable, readable
 from hyperhive.core.store.db import Database, Tx
 
 FAIR_WINDOW = 2000  # the newest decisions the dashboard's fair share is taken from
+FAIR_EACH = 3  # and each agent's newest, when a flood fills that window
 _ENTRY_SQL = (
     "SELECT id, agent, at, host, port, address, allowed, reason, bytes_up, bytes_down,"
     " closed_at FROM egress_log"
@@ -164,7 +165,25 @@ class EgressRepo:
         ``window``, ``limit`` at most, and where they hold more than ``limit``, each agent's
         newest up to one share (the largest cap that fits), so one agent's flood of refusals
         can't push every other agent's off (507 in 3 s did: red team of session 32)."""
-        rows = self._db.conn.execute(_ENTRY_SQL + " ORDER BY id DESC LIMIT ?", (window,)).fetchall()
+        conn = self._db.conn
+        rows = conn.execute(_ENTRY_SQL + " ORDER BY id DESC LIMIT ?", (window,)).fetchall()
+        if len(rows) == window:
+            # A flood fills the window: each agent not in it gets its newest few too (the
+            # agents found by a seek each on egress_log_agent), or a flood longer than the
+            # window pushed them all off (re-check of session 32: 2,100 of one agent's, the
+            # other's gone).
+            present = {r[1] for r in rows}
+            name = ""
+            while found := conn.execute(
+                "SELECT agent FROM egress_log WHERE agent > ? ORDER BY agent LIMIT 1", (name,)
+            ).fetchone():
+                name = found[0]
+                if name not in present:
+                    rows += conn.execute(
+                        _ENTRY_SQL + " WHERE agent=? ORDER BY id DESC LIMIT ?",
+                        (name, FAIR_EACH),
+                    ).fetchall()
+            rows.sort(key=lambda r: r[0], reverse=True)
         counts: dict[Any, int] = {}
         for r in rows:
             counts[r[1]] = counts.get(r[1], 0) + 1
