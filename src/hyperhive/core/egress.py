@@ -1523,7 +1523,8 @@ class EgressProxy:
             except RuntimeError:
                 pass  # the loop is shutting down
 
-    def _connect(self, addresses: list[IPAddress], port: int) -> tuple[socket.socket, IPAddress]:
+    @staticmethod
+    def _connect(addresses: list[IPAddress], port: int) -> tuple[socket.socket, IPAddress]:
         last: OSError | None = None
         for a in addresses:
             family = socket.AF_INET6 if a.version == 6 else socket.AF_INET
