@@ -49,6 +49,7 @@ from .conftest import init_pid, wchan
 REF = "red team of session 32: the runtime's stdio relay"
 TIMEOUT = 3  # the agents' turn_timeout
 KILL_GRACE = 3.0  # harness.KILL_GRACE
+TURNS = 20  # short turns in the leak case (40 in the helper's runs: 25 s of the suite)
 STOP, KILL, MANY, PIDS = "rl32stop", "rl32kill", "rl32many", "rl32pids"
 
 SCRIPT = textwrap.dedent(r"""
@@ -386,7 +387,7 @@ def test_forty_turns_leak_no_descriptor_nor_process(hive: HiveProcess) -> None:
     time.sleep(0.5)
     before = (_fds(ipid), _fds(hpid), len(hive.cage_procs(name)))
     t0 = time.monotonic()
-    for _ in range(40):
+    for _ in range(TURNS):
         _turn(hive, name, "x")
     took = time.monotonic() - t0
     for _ in range(10):  # its relay SIGKILLed: the runtime and what it left live ~6 s on
@@ -395,7 +396,7 @@ def test_forty_turns_leak_no_descriptor_nor_process(hive: HiveProcess) -> None:
         _turn(hive, name, "STOPRELAY EXIT")
     time.sleep(7)
     after = (_fds(ipid), _fds(hpid), len(hive.cage_procs(name)))
-    print(f"\n40 turns in {took:.1f} s: (init fds, harness fds, cage procs) {before} -> {after}")
+    print(f"\n{TURNS} turns in {took:.1f} s: (init fds, harness fds, cage procs) {before} -> {after}")
     assert after == before
 
 
@@ -404,14 +405,14 @@ def test_forty_turns_leak_no_descriptor_nor_process(hive: HiveProcess) -> None:
 )
 def test_a_cage_at_its_pids_max_fails_a_turn_fast_and_the_next_one_runs(hive: HiveProcess) -> None:
     """Tried: turn 1 leaves a process that forks sleepers until the cage is at its pids.max
-    (64 here) and keeps them 20 s; turn 2 is sent 4 s in. Neither init's fork of the relay
+    (64 here) and keeps them 8 s; turn 2 is sent 4 s in. Neither init's fork of the relay
     nor the relay's of the runtime can be had. Held if turn 2 ends fast (could not start,
     or timed out) with init not asleep, and a turn once the sleepers are gone runs."""
     name = PIDS
     hive.wait_running([name])
     ipid = init_pid(hive, name)
     try:
-        _turn(hive, name, "FILLPIDS 20")
+        _turn(hive, name, "FILLPIDS 8")
         time.sleep(4)
         procs = len(hive.cage_procs(name))
         second, took = _turn(hive, name, "second", 40)

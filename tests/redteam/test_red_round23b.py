@@ -216,9 +216,11 @@ def test_a_flood_of_messages_hides_no_unread_message_nor_marks_it_read_unseen(
 def test_invisible_and_lookalike_text_in_an_option_posts_what_the_button_says(
     rt: HiveProcess, web: Web, cleanup: list[tuple[str, int]]
 ) -> None:
-    """An option's button carries the option as its value, shown through the same escapes
-    as its label: a bidi override in an option posts the text the operator read, never a
-    reordered one (``yes`` vs ``\\u202eon``), and the label equals the value sent."""
+    """An option's button shows the option through the escapes (a bidi override is read as
+    ``\\u202eon``, never as a reordered ``no``) and posts that option exactly: since session
+    32 as a JSON string (``option``), never drawn through ``visible`` (an honest option with
+    a right-to-left mark was answered with its escapes, none of the options:
+    ``test_red_ops32.py``). The buttons hold no raw override."""
     options = ["no", "\u202eon", "yes\u200b"]
     q = cage_run(
         rt,
@@ -240,11 +242,11 @@ result(r=c.call({"cmd": "ask", "to": "operator", "question": "delete it?", "opti
         re.S,
     )
     assert buttons, "no options form"
-    pairs = re.findall(r'<button name="answer" value="([^"]*)">([^<]*)</button>', buttons[0])
-    shown = [(html.unescape(v), html.unescape(label)) for v, label in pairs]
+    pairs = re.findall(r"<button name=\"option\" value='([^']*)'>([^<]*)</button>", buttons[0])
+    shown = [(json.loads(html.unescape(v)), html.unescape(label)) for v, label in pairs]
     assert [label for _, label in shown] == [visible(o) for o in options], shown
-    assert all(v == label for v, label in shown), shown
-    assert "\u202e" not in json.dumps(shown, ensure_ascii=False)
+    assert [v for v, _ in shown] == options, shown
+    assert "\u202e" not in buttons[0]
 
 
 # -- the agent's page: what its own transcript costs the operator -----------------------

@@ -41,7 +41,7 @@ A, B = "r8a", "r8b"
 # nothing up themselves (sh, cat, ls: not Python, which ignores SIGPIPE on its own).
 PROBE_CMD = (
     "cat /proc/self/status > r8-status; ls /proc/self/fd > r8-fds; echo $$ > r8-pid;"
-    " cat /proc/self/stat > r8-stat; cat /proc/self/oom_score_adj > r8-oom"
+    " cat /proc/self/stat > r8-stat; echo $PPID > r8-ppid; cat /proc/self/oom_score_adj > r8-oom"
 )
 
 
@@ -86,11 +86,14 @@ def test_a_runtime_inherits_no_descriptor_signal_or_session_of_init(hive: HivePr
     assert re.search(r"^NoNewPrivs:\s*1$", status, re.M), status
     uids = re.search(r"^Uid:\s*(\d+)\s+(\d+)\s+(\d+)\s+(\d+)$", status, re.M)
     assert uids and set(uids.groups()) != {"0"} and "0" not in uids.groups(), status
-    # cat's stat: field 6 is its session; the shell (exec'd by fork_exec's child, the
-    # session's leader after setsid, through setpriv and env) leads it.
+    # cat's stat: field 6 is its session. Since session 32 its leader is the runtime's
+    # relay (init's fork, after setsid: the shell's parent), a process of the runtime's
+    # own uid: a session of the runtime's, not init's (pid 1 in the cage's namespace).
     sh_pid = int((home / "r8-pid").read_text())
+    relay = int((home / "r8-ppid").read_text())
     stat_fields = (home / "r8-stat").read_text().rsplit(")", 1)[1].split()
-    assert int(stat_fields[3]) == sh_pid, (stat_fields, sh_pid)  # session id
+    assert int(stat_fields[1]) == sh_pid, (stat_fields, sh_pid)  # cat's parent: the shell
+    assert int(stat_fields[3]) == relay not in (0, 1, sh_pid), (stat_fields, relay)  # session id
     assert int((home / "r8-oom").read_text()) >= 500
 
 

@@ -494,7 +494,7 @@ HTTP_REFUSALS: list[tuple[str, dict[str, str], int, str]] = [
     ("/approve/0", {}, 422, "field 'aid': Input should be greater than or equal to 1"),
     ("/approve/99999999999999999999999", {}, 422, "field 'aid': Input should be less than 9223372036854775808"),
     ("/answer-question/999999", {"answer": "x"}, 404, "no question 999999 addressed to operator"),
-    ("/answer-question/1", {}, 422, "missing field 'answer'"),
+    ("/answer-question/1", {}, 422, "an answer is required (answer, or option)"),
     ("/api/agents/nosuch/send", {"body": "x"}, 404, "no agent named 'nosuch'"),
     ("/api/agents/operator/send", {"body": "x"}, 422, "field 'to': agent name 'operator' is reserved"),
     ("/api/agents/nosuch/stop", {}, 404, "no agent named 'nosuch'"),
