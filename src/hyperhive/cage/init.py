@@ -658,6 +658,15 @@ class Forked:
         return self.returncode
 
 
+def close_all_but(*keep: int) -> None:
+    """In a child of init: every descriptor past stdio closed but ``keep``."""
+    low = 3
+    for fd in sorted(set(keep)):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, MAXFD)
+
+
 def fork_exec(
     argv: list[str],
     stdio: tuple[int, int, int],
@@ -682,12 +691,7 @@ def fork_exec(
                 os.dup2(fd, target)  # inheritable
             for fd in keep:
                 os.set_inheritable(fd, True)
-            ends = sorted({w, *keep})  # w closes on exec; keep stays
-            low = 3
-            for fd in ends:
-                os.closerange(low, fd)
-                low = fd + 1
-            os.closerange(low, MAXFD)
+            close_all_but(w, *keep)  # w closes on exec; keep stays
             signals_to_default()
             child_nofile()
             if session:
@@ -740,12 +744,7 @@ def fork_relayed(
             from hyperhive.cage import stdio_relay  # (in the fork: init never loads it)
 
             _signal.set_wakeup_fd(-1)
-            ends = sorted({w, *sockets})
-            low = 3
-            for fd in ends:
-                os.closerange(low, fd)
-                low = fd + 1
-            os.closerange(low, MAXFD)
+            close_all_but(w, *sockets)
             null = os.open(os.devnull, os.O_RDWR)  # init's stdio is cage.log: not theirs
             for target in (0, 1, 2):
                 if target not in sockets:
@@ -846,11 +845,7 @@ def run_harness(
         os.dup2(devnull, 0)
         os.dup2(log_fd, 1)
         os.dup2(log_fd, 2)
-        low = 3  # only stdio, the channel and the listeners handed on stay open
-        for fd in sorted({channel_fd, *handed.values()}):
-            os.closerange(low, fd)
-            low = fd + 1
-        os.closerange(low, MAXFD)
+        close_all_but(channel_fd, *handed.values())  # and stdio: the channel, the listeners
         become(uid, gid)
         os.environ["HIVE_INIT_FD"] = str(channel_fd)
         os.environ.update((name, str(fd)) for name, fd in handed.items())
