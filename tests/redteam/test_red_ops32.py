@@ -612,6 +612,27 @@ def test_an_agent_page_costs_the_core_what_its_transcript_holds(hive: HiveProces
     assert len(r.content) < 32 << 20, figures
 
 
+@pytest.mark.attack("surface.cli-output", ref="session 32's note: 'hive transcript --json indents deeply nested tool inputs whole: 79 MB for 100 entries'")
+def test_hive_transcript_json_costs_what_the_entries_hold(hive: HiveProcess) -> None:
+    """After the case above, opsbig's transcript holds 200 tool calls whose input is nested
+    41 deep around 7,900 zeros. ``hive transcript opsbig --json`` printed its reply
+    indented, each zero a line behind ~80 spaces: ~79 MB on the operator's terminal for
+    100 entries, built in the CLI's memory first. Safe: the output is the same JSON (every
+    entry, the same data as host.sock's reply) in at most a few times the entries' size."""
+    proc = subprocess.run([str(HIVE), "--run-dir", str(hive.run_dir), "transcript", "opsbig", "--json", "--limit", "100"],
+                          capture_output=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr[-500:]
+    printed = json.loads(proc.stdout)
+    reply = hive.host_call("transcript", name="opsbig", limit=100)
+    stored = len(json.dumps(reply["entries"], separators=(",", ":")))
+    print(f"hive transcript --json: {len(proc.stdout) / 1e6:.2f} MB printed for {len(printed['entries'])} entries"
+          f" ({stored / 1e6:.2f} MB compact)")
+    assert [e["id"] for e in printed["entries"]] == [e["id"] for e in reply["entries"]]
+    assert printed["entries"] == reply["entries"]
+    assert sum(e.get("kind") == "tool_call" for e in printed["entries"]) >= 50
+    assert len(proc.stdout) < 3 * stored + (2 << 20), (len(proc.stdout), stored)
+
+
 # -- 7. reminders: a count of the whole hive's in every status ------------------------------
 
 FILL = """

@@ -104,6 +104,11 @@ def answer(t, head):
     elif head.startswith(b"GET /hints"):
         hint = b"HTTP/1.1 103 Early Hints\r\nLink: </" + b"h" * 8000 + b">; rel=preload\r\n\r\n"
         t.sendall(hint * 3 + b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhints")
+    elif head.startswith(b"GET /big"):
+        block = b"b" * 65536
+        t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (1024 * len(block)))
+        for _ in range(1024):
+            t.sendall(block)
     elif head.startswith(b"POST /slow"):
         while t.recv(4096):
             time.sleep(0.5)
@@ -489,6 +494,23 @@ if P["kind"] == "get":
         out += b"[" + type(e).__name__.encode() + b"]"
     result(seconds=round(time.monotonic() - t0, 1), status=out[:12].decode(errors="replace"),
            body=out.partition(b"\r\n\r\n")[2][-60:].decode(errors="replace"))
+elif P["kind"] == "unread":
+    t.sendall(b"GET /big HTTP/1.1\r\nHost: slow.test\r\n\r\n")
+    time.sleep(P["hold"])
+    t.settimeout(0.5)
+    got, state = 0, None
+    try:
+        while True:
+            chunk = t.recv(1 << 20)
+            if not chunk:
+                state = "eof"
+                break
+            got += len(chunk)
+    except TimeoutError:
+        state = "open"
+    except OSError as e:
+        state = type(e).__name__
+    result(state=state, read=got)
 else:
     t.sendall(b"POST /slow HTTP/1.1\r\nHost: slow.test\r\nContent-Length: 67108864\r\n\r\n")
     t.settimeout(1.0)
@@ -506,9 +528,26 @@ else:
 """
 
 
+@pytest.fixture(scope="module")
+def terminated(hive: HiveProcess) -> dict[str, Any]:
+    """At once from rcx, through terminated TLS to slow.test: a long poll, three Early
+    Hints, a slow upload for 3 × STALL s, and a 64 MiB download it never reads."""
+    out: dict[str, Any] = {}
+    jobs = {"poll": {"kind": "get", "path": "/poll"}, "hints": {"kind": "get", "path": "/hints"},
+            "upload": {"kind": "upload", "hold": 3 * STALL}, "unread": {"kind": "unread", "hold": 3 * STALL}}
+    ths = [threading.Thread(target=lambda k=k, p=p: out.update({k: probe_result(hive.probe(
+        AGENT, TERMINATED, timeout=240, **p))})) for k, p in jobs.items()]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    print(f"terminated: {out}")
+    return out
+
+
 @pytest.mark.timeout(400)
 @pytest.mark.attack("egress.relay", ref="session 32 Terminated._client_left/_from_upstream, MAX_INTERIM, UPSTREAM_STALL")
-def test_legitimate_slow_answers_and_uploads_through_terminated_tls(hive: HiveProcess) -> None:
+def test_legitimate_slow_answers_and_uploads_through_terminated_tls(terminated: dict[str, Any]) -> None:
     """Did the client watch, the 1xx cap or the stall timer break legitimate traffic inside
     terminated TLS? At once from rcx: a long poll answered after 90 s (the proxy waits on
     the upstream with the cage's side watched, no timeout of its own under 300 s); three
@@ -517,19 +556,23 @@ def test_legitimate_slow_answers_and_uploads_through_terminated_tls(hive: HivePr
     a blocked TLS write waits for a third of the 2 MiB send buffer to free, ~85 s at
     8 KiB/s). Safe: the poll's and the hints' answers arrive whole, and the upload is still
     going at 150 s."""
-    out: dict[str, Any] = {}
-    jobs = {"poll": {"kind": "get", "path": "/poll"}, "hints": {"kind": "get", "path": "/hints"},
-            "upload": {"kind": "upload", "hold": 3 * STALL}}
-    ths = [threading.Thread(target=lambda k=k, p=p: out.update({k: probe_result(hive.probe(
-        AGENT, TERMINATED, timeout=240, **p))})) for k, p in jobs.items()]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    print(f"terminated: {out}")
+    out = terminated
     assert out["hints"]["status"] == "HTTP/1.1 200" and out["hints"]["body"] == "hints", out["hints"]
     assert out["poll"]["status"] == "HTTP/1.1 200" and out["poll"]["body"] == "done", out["poll"]
     assert out["upload"]["ended"] is None, out["upload"]
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.attack("budget.exhaustion", ref="session 32's note: 'a terminated download to a cage that stops reading is bounded in memory, not in time'")
+def test_a_terminated_download_the_cage_stops_reading_ends_within_the_stall_timer(terminated: dict[str, Any]) -> None:
+    """rcx asks slow.test (terminated TLS) for 64 MiB and reads none of it. The proxy's
+    write to the cage waited up to IDLE_TIMEOUT (300 s) with nothing moving, its thread,
+    its ~2 MiB of buffers and one of the agent's connections held. Safe: like a tunnel's,
+    a write that moves nothing for ``[egress] stall_seconds`` ends the connection: after
+    3 × STALL s the cage reads what was queued and then the end."""
+    unread = terminated["unread"]
+    assert unread["state"] in ("eof", "ConnectionResetError"), unread
+    assert unread["read"] < 16 << 20, unread
 
 
 # In the cage: P["conns"] terminated connections to slow.test:8443, each GET /drib and its

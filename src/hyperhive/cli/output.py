@@ -130,10 +130,41 @@ def paged(
     return report(resp, as_json)
 
 
+INDENT_EXTRA_MAX = 1 << 20  # the bytes indentation may add to a --json reply
+
+
+def indent_adds_at_most(value: Any, budget: int, step: int = 2) -> bool:
+    """Whether ``json.dumps(value, indent=step)`` adds at most about ``budget`` bytes to the
+    compact form: each item of a list or object gets a line of its own, indented by its
+    depth. An agent's deeply nested tool input made ``hive transcript --json`` 79 MB for
+    100 entries (re-check of session 32); walked without recursion, so any depth."""
+    extra = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            inner: Collection[Any] = item.values()
+        elif isinstance(item, list):
+            inner = item
+        else:
+            continue
+        if not inner:
+            continue
+        # a newline and the indent before each item and before the closing bracket
+        extra += len(inner) * (1 + step * depth) + 1 + step * (depth - 1)
+        if extra > budget:
+            return False
+        stack.extend((x, depth + 1) for x in inner)
+    return True
+
+
 def report(resp: dict[str, Any], as_json: bool) -> dict[str, Any]:
-    """Print a response as --json asks; a refusal prints its one line and exits 1."""
+    """Print a response as --json asks (indented, unless that would add over
+    ``INDENT_EXTRA_MAX`` bytes: then compact, the same JSON); a refusal prints its one
+    line and exits 1."""
     if as_json:
-        click.echo(dumps(resp, indent=2))
+        indent = 2 if indent_adds_at_most(resp, INDENT_EXTRA_MAX) else None
+        click.echo(dumps(resp, indent=indent))
         if not resp.get("ok"):
             raise SystemExit(1)
     elif not resp.get("ok"):

@@ -1475,7 +1475,9 @@ class EgressProxy:
                 return None
             return plan if self.plan_for is None else now[1]
 
-        t = egress_tls.Terminated(agent, client, upstream, plan, refuse, replan, meter)
+        t = egress_tls.Terminated(
+            agent, client, upstream, plan, refuse, replan, meter, stall=self.stall_seconds
+        )
         # The plan it runs under now: replan may adopt a newer one than it was made with.
         opened_ = _Open(
             plan.host,

@@ -268,6 +268,21 @@ ECHO_METHODS = {"TRACE", "TRACK"}
 # Headers by which many servers (Google APIs, ASP.NET, Express's method-override) act on
 # another method than the request line's: an L7 rule checks the request line's.
 METHOD_OVERRIDES = {b"x-http-method-override", b"x-http-method", b"x-method-override"}
+# Headers by which front ends and frameworks take the request's host or path from the
+# request instead of its Host and target (Symfony's and Laravel's trusted proxies, IIS's
+# URL rewrite, Django's USE_X_FORWARDED_HOST, RFC 7239): the proxy checked Host and the
+# target, so a server honouring one could route a bound secret to another virtual host
+# or an L7-ruled request to another path (re-check of session 32).
+ROUTING_OVERRIDES = {
+    b"forwarded",
+    b"x-forwarded-host",
+    b"x-forwarded-server",
+    b"x-host",
+    b"x-http-host-override",
+    b"x-original-host",
+    b"x-original-url",
+    b"x-rewrite-url",
+}
 
 
 @dataclass(frozen=True)
@@ -450,8 +465,13 @@ class Terminated:
         refuse: Callable[[str], None],
         replan: Callable[[], Plan | None] | None = None,
         meter: CpuMeter | None = None,
+        stall: float = IDLE_TIMEOUT,
     ) -> None:
         self.agent = agent
+        # How long a write to the cage may move nothing before the connection ends (the
+        # proxy's ``[egress] stall_seconds``, as for a tunnel); a read waits IDLE_TIMEOUT.
+        self.stall = stall
+        self._timeout = IDLE_TIMEOUT
         # The CPU this thread spends relaying, charged as it goes, and its pauses (woken
         # when the proxy ends the connection: a rule taken back).
         self.meter = meter or CpuMeter(None, agent)
@@ -486,6 +506,7 @@ class Terminated:
             if ev is not h11.NEED_DATA:
                 return ev
             self._flush()  # what is owed goes out before waiting for more
+            self._client_timeout(IDLE_TIMEOUT)
             try:
                 data = recv_batch(self.client)
             except TimeoutError:
@@ -561,6 +582,18 @@ class Terminated:
             if self._pending >= CHUNK:
                 self._flush()
 
+    def _client_timeout(self, seconds: float) -> None:
+        if self._timeout != seconds:
+            self.client.settimeout(seconds)
+            self._timeout = seconds
+
+    def _send_client(self, data: bytes) -> None:
+        """``data`` to the cage; a cage that takes none of it for ``stall`` seconds ends the
+        connection (TimeoutError): before, a cage that stopped reading held the thread and
+        its buffers for IDLE_TIMEOUT, 300 s."""
+        self._client_timeout(self.stall)
+        self.client.sendall(data)
+
     def _flush(self) -> None:
         # (upstream first: a request's bytes never wait behind the answer to the last)
         if self._out_upstream:
@@ -573,9 +606,9 @@ class Terminated:
             self._out_client = []
             if len(out) == 1 or self._pending >= CHUNK:
                 for piece in out:  # (a large piece goes as it is: no copy to join it)
-                    self.client.sendall(piece)
+                    self._send_client(piece)
             else:
-                self.client.sendall(b"".join(out))
+                self._send_client(b"".join(out))
         self._pending = 0
         self.meter.pace()
 
@@ -596,6 +629,7 @@ class Terminated:
 
     def run(self) -> None:
         self.client.settimeout(IDLE_TIMEOUT)
+        self._timeout = IDLE_TIMEOUT
         while True:
             self._raw = b""
             try:
@@ -751,7 +785,7 @@ class Terminated:
             # (h11 passes any bytes-like object through untouched: its "sendfile" use)
             data = cast(bytes, view[:n])
             for out in self.srv.send_with_data_passthrough(h11.Data(data=data)) or ():
-                self.client.sendall(out)
+                self._send_client(out)
             self.meter.pace()
         self._to_client(h11.EndOfMessage())
         self._flush()
@@ -794,11 +828,24 @@ class Terminated:
         # target's authority over Host (RFC 9112 3.2.2), so "GET http://other/" with the
         # checked Host took a bound secret to another site on the same server (red team
         # of session 32: one nginx with two names echoed the real key back).
-        if not (target.startswith("/") or (target == "*" and method == "OPTIONS")):
+        # "//host/x" is no origin-form path (RFC 3986 3.3: a path-absolute never starts
+        # with "//") but a network-path reference that frameworks and redirects resolve to
+        # another host; a backslash, which no URI holds, is read as "/" by some servers.
+        if not (
+            (target.startswith("/") and not target.startswith("//") and "\\" not in target)
+            or (target == "*" and method == "OPTIONS")
+        ):
             raise Refused(
                 400,
-                f"{method[:20]} {target[:80]!r}: only an origin-form target ('/path') is"
-                " relayed inside TLS",
+                f"{method[:20]} {target[:80]!r}: only an origin-form target ('/path', not"
+                " '//', no backslash) is relayed inside TLS",
+            )
+        override = next((n for n, _ in req.headers if n in ROUTING_OVERRIDES), None)
+        if override is not None:
+            raise Refused(
+                400,
+                f"{override.decode()}: a header that names another host or path than Host"
+                " and the request line is refused inside TLS (the proxy checked those)",
             )
         if method.upper() in ECHO_METHODS:
             raise Refused(
