@@ -220,7 +220,7 @@ _P = "POST /v1/{} HTTP/1.1\r\nHost: api.test\r\nx-api-key: {{API_KEY}}\r\n"
 SMUGGLE32 = {
     "te-twice": _P.format("s1") + "Transfer-Encoding: chunked\r\nTransfer-Encoding: identity\r\n\r\n0\r\n\r\n",
     "te-list": _P.format("s2") + "Transfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n",
-    "cl-list": _P.format("s3") + "Content-Length: 3, 3\r\n\r\nabc",
+    "cl-list": _P.format("s3") + "Content-Length: 3, 3\r\nConnection: close\r\n\r\nabc",  # (answered: not left open)
     "cl-plus": _P.format("s4") + "Content-Length: +3\r\n\r\nabc",
     "chunk-0x": _P.format("s5") + "Transfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
     "chunk-bare-lf": _P.format("s6") + "Transfer-Encoding: chunked\r\n\r\n3\nabc\r\n0\r\n\r\n",

@@ -372,18 +372,39 @@ result(ended=ended[:1], sent=sent[0])
 
 
 @pytest.fixture(scope="module")
-def uploads(hive: HiveProcess) -> dict[str, Any]:
-    """Two uploads at once from rcx for 150 s: to TRICKLE (8 KiB/s read) and to SINK
-    (nothing read); what each probe saw."""
+def slow(hive: HiveProcess) -> dict[str, Any]:
+    """At once from rcx, for 3 × STALL s (one wait for the suite instead of two):
+    - through byte tunnels, uploads to TRICKLE (8 KiB/s read) and to SINK (nothing read);
+    - through terminated TLS to slow.test, a long poll, three Early Hints, a slow upload,
+      and a 64 MiB download it never reads.
+    What each probe saw, by name."""
+    jobs: dict[str, tuple[str, dict[str, Any]]] = {
+        "trickle": (UPLOAD, {"hold": 3 * STALL, "target": f"{SRV}:9002"}),
+        "sink": (UPLOAD, {"hold": 3 * STALL, "target": f"{SRV}:9003"}),
+        "poll": (TERMINATED, {"kind": "get", "path": "/poll"}),
+        "hints": (TERMINATED, {"kind": "get", "path": "/hints"}),
+        "upload": (TERMINATED, {"kind": "upload", "hold": 3 * STALL}),
+        "unread": (TERMINATED, {"kind": "unread", "hold": 3 * STALL}),
+    }
     out: dict[str, Any] = {}
-    ths = [threading.Thread(target=lambda k=k, port=port: out.update({k: probe_result(hive.probe(
-        AGENT, UPLOAD, timeout=240, hold=3 * STALL, target=f"{SRV}:{port}"))})) for k, port in (("trickle", 9002), ("sink", 9003))]
+    ths = [threading.Thread(target=lambda k=k, script=script, p=p: out.update({k: probe_result(hive.probe(
+        AGENT, script, timeout=240, **p))})) for k, (script, p) in jobs.items()]
     for th in ths:
         th.start()
     for th in ths:
         th.join()
-    print(f"uploads: {out}")
+    print(f"slow jobs: {out}")
     return out
+
+
+@pytest.fixture(scope="module")
+def uploads(slow: dict[str, Any]) -> dict[str, Any]:
+    return slow
+
+
+@pytest.fixture(scope="module")
+def terminated(slow: dict[str, Any]) -> dict[str, Any]:
+    return slow
 
 
 @pytest.mark.timeout(400)
@@ -526,23 +547,6 @@ else:
             break
     result(ended=ended, sent=sent)
 """
-
-
-@pytest.fixture(scope="module")
-def terminated(hive: HiveProcess) -> dict[str, Any]:
-    """At once from rcx, through terminated TLS to slow.test: a long poll, three Early
-    Hints, a slow upload for 3 × STALL s, and a 64 MiB download it never reads."""
-    out: dict[str, Any] = {}
-    jobs = {"poll": {"kind": "get", "path": "/poll"}, "hints": {"kind": "get", "path": "/hints"},
-            "upload": {"kind": "upload", "hold": 3 * STALL}, "unread": {"kind": "unread", "hold": 3 * STALL}}
-    ths = [threading.Thread(target=lambda k=k, p=p: out.update({k: probe_result(hive.probe(
-        AGENT, TERMINATED, timeout=240, **p))})) for k, p in jobs.items()]
-    for th in ths:
-        th.start()
-    for th in ths:
-        th.join()
-    print(f"terminated: {out}")
-    return out
 
 
 @pytest.mark.timeout(400)
