@@ -6,10 +6,12 @@ a recording HTTP server in a test network namespace (tests/testnet.py)."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hive_fixture import HiveProcess
@@ -309,3 +311,31 @@ def bridge(timeout=2.0):
         got = type(e).__name__
     return got, round(time.monotonic() - t0, 3)
 '''
+
+
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time so far (s)."""
+    f = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tcp_mem_pages() -> int:
+    """The kernel's TCP memory in use, host-wide (pages): /proc/net/sockstat's ``mem``."""
+    for line in Path("/proc/net/sockstat").read_text().splitlines():
+        if line.startswith("TCP:"):
+            f = line.split()
+            return int(f[f.index("mem") + 1])
+    return 0
+
+
+def latencies(hive: HiveProcess, agent: str, seconds: float) -> list[float]:
+    """Round trips of ``whoami`` on ``agent``'s agent.sock (a kept client), for ``seconds``, sorted."""
+    out = []
+    with hive.agent(agent) as c:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t = time.monotonic()
+            assert c.call("whoami")["ok"]
+            out.append(time.monotonic() - t)
+            time.sleep(0.01)
+    return sorted(out)

@@ -31,7 +31,7 @@ from helpers import assert_ok
 from hive_fixture import HiveProcess, probe_result, running_hive
 from testnet import TestNet
 
-from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP
+from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP, cpu_seconds, latencies, tcp_mem_pages
 from .test_secrets_egress import cert_dir
 
 AGENT, OTHER = "rteg", "rtoth"
@@ -373,10 +373,6 @@ result(counts=counts, errors=errors)
 """
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
 
 @pytest.mark.attack("budget.exhaustion", ref="red team round 22 (refusal log throttled); docs 'a refusal's log line is one an agent every 10 s'")
 def test_kept_alive_requests_with_a_secret_do_not_grow_the_log_a_line_each(hive: HiveProcess) -> None:
@@ -406,18 +402,6 @@ def test_kept_alive_requests_with_a_secret_do_not_grow_the_log_a_line_each(hive:
                          f" core at {cpu / wall:.2f} CPU")
 
 
-def latencies(hive: HiveProcess, seconds: float) -> list[float]:
-    """Round trips of ``whoami`` on the other agent's agent.sock (a kept client), for ``seconds``."""
-    out = []
-    with hive.agent(OTHER) as c:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t = time.monotonic()
-            assert c.call("whoami")["ok"]
-            out.append(time.monotonic() - t)
-            time.sleep(0.01)
-    return sorted(out)
-
 
 @pytest.mark.attack("budget.exhaustion", ref="red team round 23a (h11 pieces under the core's GIL); CpuPacer's cpu_total")
 def test_another_agents_calls_are_answered_while_one_floods_kept_alive_requests(hive: HiveProcess) -> None:
@@ -428,13 +412,13 @@ def test_another_agents_calls_are_answered_while_one_floods_kept_alive_requests(
     relay threads.
     Safe: rtoth's calls keep their idle latency (p99 under 50 ms, none over 250 ms)."""
     import threading
-    idle = latencies(hive, 2)
+    idle = latencies(hive, OTHER, 2)
     got: dict[str, Any] = {}
     th = threading.Thread(target=lambda: got.update(out=probe_result(
         hive.probe(AGENT, KEEPALIVE_FLOOD, timeout=120, conns=8, seconds=10))))
     th.start()
     time.sleep(2)  # the probe's cage entry and the connections up
-    busy = latencies(hive, 6)
+    busy = latencies(hive, OTHER, 6)
     th.join()
 
     def p(xs: list[float], q: float) -> float:
@@ -703,14 +687,6 @@ def _sock_bytes(cg: Path) -> int:
         pass
     return 0
 
-
-def tcp_mem_pages() -> int:
-    """The kernel's TCP memory in use, host-wide (pages): /proc/net/sockstat's ``mem``."""
-    for line in Path("/proc/net/sockstat").read_text().splitlines():
-        if line.startswith("TCP:"):
-            f = line.split()
-            return int(f[f.index("mem") + 1])
-    return 0
 
 
 @pytest.mark.attack("budget.exhaustion", ref="docs 'Budgets and quotas' (the core's descriptors and threads are budgeted; its socket memory?)")

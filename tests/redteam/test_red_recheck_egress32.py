@@ -42,7 +42,7 @@ import pytest
 from hive_fixture import HiveProcess, probe_result, running_hive
 from testnet import TestNet
 
-from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP
+from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP, cpu_seconds, latencies, tcp_mem_pages
 from .test_secrets_egress import cert_dir
 
 STALL = 8  # the hive's [egress] stall_seconds here (60 by default; TRICKLE opens its
@@ -259,18 +259,6 @@ def queued(prefix: list[str], filt: str) -> tuple[int, int]:
     pairs = re.findall(r"skmem:\(r(\d+),rb\d+,t\d+,tb\d+,f\d+,w(\d+)", out)
     return sum(int(r) for r, _ in pairs), sum(int(w) for _, w in pairs)
 
-
-def tcp_mem_pages() -> int:
-    for line in Path("/proc/net/sockstat").read_text().splitlines():
-        if line.startswith("TCP:"):
-            f = line.split()
-            return int(f[f.index("mem") + 1])
-    return 0
-
-
-def cpu_seconds(pid: int) -> float:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> int:
@@ -611,18 +599,6 @@ result(out=out)
 """
 
 
-def latencies(hive: HiveProcess, seconds: float) -> list[float]:
-    """Round trips of ``whoami`` on the other agent's agent.sock (a kept client), for ``seconds``."""
-    out = []
-    with hive.agent(OTHER) as c:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            t = time.monotonic()
-            assert c.call("whoami")["ok"]
-            out.append(time.monotonic() - t)
-            time.sleep(0.01)
-    return sorted(out)
-
 
 @pytest.mark.timeout(300)
 @pytest.mark.attack("budget.exhaustion", ref="session 32 Terminated._from_upstream (a non-blocking read, a poll, per wake-up)")
@@ -637,14 +613,14 @@ def test_an_answer_dribbled_a_segment_at_a_time_does_not_spin_the_core(hive: Hiv
     Safe: rcy's calls keep their latency (p99 under 50 ms, none over 250 ms)."""
     core = hive.core_pid()
     assert core
-    idle = latencies(hive, 2)
+    idle = latencies(hive, OTHER, 2)
     got: dict[str, Any] = {}
     th = threading.Thread(target=lambda: got.update(out=probe_result(hive.probe(
         AGENT, DRIBBLED, timeout=240, conns=8))))
     c0, t0 = cpu_seconds(core), time.monotonic()
     th.start()
     time.sleep(2)
-    busy = latencies(hive, 8)
+    busy = latencies(hive, OTHER, 8)
     c1, t1 = cpu_seconds(core), time.monotonic()
     th.join()
 
