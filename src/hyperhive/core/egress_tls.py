@@ -15,6 +15,7 @@ on requests to this destination only.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import logging
 import os
@@ -22,6 +23,8 @@ import re
 import select
 import socket
 import ssl
+import struct
+import termios
 import threading
 import time
 from collections.abc import Callable
@@ -398,6 +401,39 @@ _FOLD = re.compile(rb"\r\n[ \t]")
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[ \t\x21-\x7e]*[\x21-\x7e])?)?")
 
 
+STALL_SLICE = 1.0  # a blocked write waits this long at a time, then looks for progress
+
+
+def _unsent(sock: socket.socket) -> int:
+    """Bytes in ``sock``'s send queue the peer has not acknowledged (SIOCOUTQ)."""
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
+
+
+def send_within(sock: ssl.SSLSocket, data: bytes, stall: float, restore: float | None) -> None:
+    """``sock.sendall(data)``, ended (TimeoutError) once nothing has moved for ``stall``
+    seconds, then the socket's timeout set back to ``restore``. CPython gives one
+    ``SSL_write`` one deadline whatever it carries, so a 256 KiB piece timed out whole
+    under an honest reader slower than 256 KiB a stall (re-check of session 33). Here each
+    wait is STALL_SLICE, and a write that times out is made again with the same bytes (as
+    OpenSSL requires; it goes on where it stopped) as long as the socket's send queue
+    changed within ``stall``: the peer took something, or room came."""
+    sock.settimeout(min(STALL_SLICE, stall))
+    try:
+        queued, moved_at = -1, time.monotonic()
+        while True:
+            try:
+                sock.sendall(data)
+                return
+            except TimeoutError:
+                now, unsent = time.monotonic(), _unsent(sock)
+                if unsent != queued:
+                    queued, moved_at = unsent, now
+                elif now - moved_at >= stall:
+                    raise
+    finally:
+        sock.settimeout(restore)
+
+
 def strict_head(raw: bytes) -> None:
     """What h11 would accept but a server behind us might read otherwise."""
     head = raw.partition(b"\r\n\r\n")[0]
@@ -471,7 +507,6 @@ class Terminated:
         # How long a write to the cage may move nothing before the connection ends (the
         # proxy's ``[egress] stall_seconds``, as for a tunnel); a read waits IDLE_TIMEOUT.
         self.stall = stall
-        self._timeout = IDLE_TIMEOUT
         # The CPU this thread spends relaying, charged as it goes, and its pauses (woken
         # when the proxy ends the connection: a rule taken back).
         self.meter = meter or CpuMeter(None, agent)
@@ -506,7 +541,6 @@ class Terminated:
             if ev is not h11.NEED_DATA:
                 return ev
             self._flush()  # what is owed goes out before waiting for more
-            self._client_timeout(IDLE_TIMEOUT)
             try:
                 data = recv_batch(self.client)
             except TimeoutError:
@@ -582,24 +616,26 @@ class Terminated:
             if self._pending >= CHUNK:
                 self._flush()
 
-    def _client_timeout(self, seconds: float) -> None:
-        if self._timeout != seconds:
-            self.client.settimeout(seconds)
-            self._timeout = seconds
-
     def _send_client(self, data: bytes) -> None:
-        """``data`` to the cage; a cage that takes none of it for ``stall`` seconds ends the
+        """``data`` to the cage; a cage that takes nothing for ``stall`` seconds ends the
         connection (TimeoutError): before, a cage that stopped reading held the thread and
         its buffers for IDLE_TIMEOUT, 300 s."""
-        self._client_timeout(self.stall)
-        self.client.sendall(data)
+        send_within(self.client, data, self.stall, IDLE_TIMEOUT)
+
+    def _send_upstream(self, data: bytes) -> None:
+        """``data`` to the server, bounded the same way: a server that takes nothing held
+        the connection (a thread, one of the agent's slots, its buffers) for good, after
+        the cage had left, and so did an honest full-duplex exchange (an echo answering
+        while it reads: this proxy reads the answer once the request is sent), deadlocked
+        (re-check of session 33)."""
+        send_within(self.upstream, data, self.stall, None)
 
     def _flush(self) -> None:
         # (upstream first: a request's bytes never wait behind the answer to the last)
         if self._out_upstream:
             data = b"".join(self._out_upstream)
             self._out_upstream.clear()
-            self.upstream.sendall(data)
+            self._send_upstream(data)
             self.up += len(data)
         if self._out_client:
             out = self._out_client
@@ -629,7 +665,6 @@ class Terminated:
 
     def run(self) -> None:
         self.client.settimeout(IDLE_TIMEOUT)
-        self._timeout = IDLE_TIMEOUT
         while True:
             self._raw = b""
             try:
@@ -822,7 +857,12 @@ class Terminated:
             )
         method = req.method.decode("ascii", "replace")
         target = req.target.decode("ascii", "replace")
-        if method == "CONNECT" or any(n == b"upgrade" for n, _ in req.headers):
+        # Names as CGI and WSGI servers read them (HTTP_X_FORWARDED_HOST from
+        # X-Forwarded-Host and X_Forwarded_Host alike): an underscore spelling took the
+        # bound key past ROUTING_OVERRIDES and a DELETE past a GET-only rule (re-check of
+        # session 33).
+        names = {n.replace(b"_", b"-") for n, _ in req.headers}
+        if method == "CONNECT" or b"upgrade" in names:
             raise Refused(400, "CONNECT and protocol upgrades are not relayed inside TLS")
         # Origin-form only ("/path", or "*" for OPTIONS): a server takes an absolute-form
         # target's authority over Host (RFC 9112 3.2.2), so "GET http://other/" with the
@@ -831,28 +871,39 @@ class Terminated:
         # "//host/x" is no origin-form path (RFC 3986 3.3: a path-absolute never starts
         # with "//") but a network-path reference that frameworks and redirects resolve to
         # another host; a backslash, which no URI holds, is read as "/" by some servers.
+        # Escaped, "/%2Fhost" and "/%5Chost" are the same to a server that decodes the
+        # path before it routes or joins it (wsgiref's PATH_INFO; re-check of session 33);
+        # the query may hold them.
+        path_part = target.partition("?")[0].lower()
         if not (
-            (target.startswith("/") and not target.startswith("//") and "\\" not in target)
+            (
+                target.startswith("/")
+                and not target.startswith("//")
+                and "\\" not in target
+                and "%2f" not in path_part
+                and "%5c" not in path_part
+            )
             or (target == "*" and method == "OPTIONS")
         ):
             raise Refused(
                 400,
                 f"{method[:20]} {target[:80]!r}: only an origin-form target ('/path', not"
-                " '//', no backslash) is relayed inside TLS",
+                " '//', no backslash, no %2F or %5C in the path) is relayed inside TLS",
             )
-        override = next((n for n, _ in req.headers if n in ROUTING_OVERRIDES), None)
+        override = next((n for n in names if n in ROUTING_OVERRIDES), None)
         if override is not None:
             raise Refused(
                 400,
-                f"{override.decode()}: a header that names another host or path than Host"
-                " and the request line is refused inside TLS (the proxy checked those)",
+                f"{override.decode()} (or its '_' spelling): a header that names another"
+                " host or path than Host and the request line is refused inside TLS (the"
+                " proxy checked those)",
             )
         if method.upper() in ECHO_METHODS:
             raise Refused(
                 405, f"{method[:20]}: TRACE and TRACK (the server echoes the request) are refused"
             )
         if plan.rules is not None:
-            if any(n in METHOD_OVERRIDES for n, _ in req.headers):
+            if names & METHOD_OVERRIDES:
                 raise Refused(
                     400,
                     "a method override header (X-HTTP-Method-Override, X-HTTP-Method,"
@@ -871,7 +922,7 @@ class Terminated:
                 )
         out: list[tuple[bytes, bytes]] = []
         for n, v in req.headers:
-            if n in DROP:
+            if n.replace(b"_", b"-") in DROP:
                 continue
             if n == b"host":  # the destination as checked, however the cage spelled it
                 shown = plan.host if plan.port == 443 else f"{plan.host}:{plan.port}"
