@@ -102,7 +102,8 @@ class EgressSection(BaseModel):
     # it they wait in the socket's backlog. 0: no bound.
     connections_per_second: float = Field(default=100.0, ge=0, le=1_000_000)
     # Seconds a peer of an egress connection (the server, or the cage's own end) may take
-    # nothing of what is sent before the connection ends (TCP_USER_TIMEOUT).
+    # nothing of what is sent before the connection ends: a tunnel's relay and a terminated
+    # connection's writes alike (relay.relay, egress_tls.send_within).
     stall_seconds: int = Field(default=60, ge=1, le=3600)
     # An extra CA the proxy trusts for upstream servers whose TLS it terminates (beside
     # the host's trust store): for a test server, or an internal CA.

@@ -10,7 +10,9 @@ test network namespace (198.18.193.0/24) that the agent's rules open by address.
 - slow.test:8443 (terminated too) writes each answer one byte a send.
 - slow.test (:443, TLS the proxy terminates: L7 rules): /poll answers after 20 s (a
   long poll), /hints after three 103 Early Hints of ~8 KiB each, POST /slow reads its
-  body 4 KiB every 0.5 s.
+  body 16 KiB every 0.5 s (32 KB/s: at the hive's STALL of 8 s what ~4 KB/s is at the
+  default 60 s; a slow reader's window opens ~95 KB at a time, so at 8 KB/s TCP itself
+  moved nothing for ~12 s, session 33).
 
 Broke (failing cases): a cage that stops reading its downloads holds ~186 MiB of host TCP
 memory per agent in the core's sockets for good (no stall bound on the cage's side, the
@@ -110,7 +112,7 @@ def answer(t, head):
         for _ in range(1024):
             t.sendall(block)
     elif head.startswith(b"POST /slow"):
-        while t.recv(4096):
+        while t.recv(16384):
             time.sleep(0.5)
     while t.recv(65536):
         pass
@@ -544,9 +546,9 @@ def test_legitimate_slow_answers_and_uploads_through_terminated_tls(terminated: 
     terminated TLS? At once from rcx: a long poll answered after 90 s (the proxy waits on
     the upstream with the cage's side watched, no timeout of its own under 300 s); three
     103 Early Hints of ~8 KiB each before the answer (under ``MAX_INTERIM``); a 64 MiB POST
-    body read by the server 4 KiB every 0.5 s for 150 s (the upstream's ``SO_SNDTIMEO``:
-    a blocked TLS write waits for a third of the 2 MiB send buffer to free, ~85 s at
-    8 KiB/s). Safe: the poll's and the hints' answers arrive whole, and the upload is still
+    body read by the server slowly for 150 s (the helper's run: 4 KiB every 0.5 s; here 16
+    KiB, scaled to STALL). Since session 33 the proxy's write to the server ends once TCP
+    has moved nothing for ``stall_seconds``. Safe: the poll's and the hints' answers arrive whole, and the upload is still
     going at 150 s."""
     out = terminated
     assert out["hints"]["status"] == "HTTP/1.1 200" and out["hints"]["body"] == "hints", out["hints"]
