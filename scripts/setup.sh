@@ -5,8 +5,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the hive uses (cages, gateway, egress and its test networks
-# (iproute2, curl), browser tests, the swarm's NATS server (docs/swarm.md)).
-APT_PACKAGES=(bubblewrap python3.11 util-linux iproute2 curl nginx-light wrk chromium nats-server)
+# (iproute2, curl), browser tests, the swarm's NATS server (docs/swarm.md), and PHP's
+# own server for the egress red team (header names as PHP reads them)).
+APT_PACKAGES=(bubblewrap python3.11 util-linux iproute2 curl nginx-light wrk chromium nats-server php-cli)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

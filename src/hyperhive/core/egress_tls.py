@@ -401,6 +401,17 @@ _FOLD = re.compile(rb"\r\n[ \t]")
 _FIELD_VALUE = re.compile(rb"(?:[\x21-\x7e](?:[ \t\x21-\x7e]*[\x21-\x7e])?)?")
 
 
+# An escaped "/", "\\" or control character (tab, LF, CR, NUL, DEL) in a path.
+_ESCAPED_IN_PATH = re.compile(r"%(?:2f|5c|[01][0-9a-f]|7f)", re.IGNORECASE)
+_NOT_ALNUM = re.compile(rb"[^a-z0-9]")
+
+
+def canonical_name(name: bytes) -> bytes:
+    """A header name (h11 gives it lower case) as the most lenient server may read it:
+    every character but a letter or a digit as "-"."""
+    return _NOT_ALNUM.sub(b"-", name)
+
+
 STALL_SLICE = 1.0  # a blocked write waits this long at a time, then looks for progress
 
 
@@ -857,11 +868,12 @@ class Terminated:
             )
         method = req.method.decode("ascii", "replace")
         target = req.target.decode("ascii", "replace")
-        # Names as CGI and WSGI servers read them (HTTP_X_FORWARDED_HOST from
-        # X-Forwarded-Host and X_Forwarded_Host alike): an underscore spelling took the
-        # bound key past ROUTING_OVERRIDES and a DELETE past a GET-only rule (re-check of
-        # session 33).
-        names = {n.replace(b"_", b"-") for n, _ in req.headers}
+        # Names as the most lenient server reads them, any character but a letter or a
+        # digit as "-": CGI and WSGI make X_Forwarded_Host HTTP_X_FORWARDED_HOST, and PHP
+        # makes "." and " " "_" too (X.Forwarded.Host, under php -S or FrankenPHP); those
+        # spellings took the bound key past ROUTING_OVERRIDES and a DELETE past an L7 rule
+        # (the re-checks of session 33).
+        names = {canonical_name(n) for n, _ in req.headers}
         if method == "CONNECT" or b"upgrade" in names:
             raise Refused(400, "CONNECT and protocol upgrades are not relayed inside TLS")
         # Origin-form only ("/path", or "*" for OPTIONS): a server takes an absolute-form
@@ -874,27 +886,29 @@ class Terminated:
         # Escaped, "/%2Fhost" and "/%5Chost" are the same to a server that decodes the
         # path before it routes or joins it (wsgiref's PATH_INFO; re-check of session 33);
         # the query may hold them.
-        path_part = target.partition("?")[0].lower()
+        # So are an escaped tab, LF or CR ("/%09/host": WHATWG-style URL parsers, Python's
+        # urljoin among them, drop them before parsing) and any other escaped control.
+        path_part = target.partition("?")[0]
         if not (
             (
                 target.startswith("/")
                 and not target.startswith("//")
                 and "\\" not in target
-                and "%2f" not in path_part
-                and "%5c" not in path_part
+                and not _ESCAPED_IN_PATH.search(path_part)
             )
             or (target == "*" and method == "OPTIONS")
         ):
             raise Refused(
                 400,
                 f"{method[:20]} {target[:80]!r}: only an origin-form target ('/path', not"
-                " '//', no backslash, no %2F or %5C in the path) is relayed inside TLS",
+                " '//', no backslash, no escaped '/', '\\' or control in the path) is"
+                " relayed inside TLS",
             )
         override = next((n for n in names if n in ROUTING_OVERRIDES), None)
         if override is not None:
             raise Refused(
                 400,
-                f"{override.decode()} (or its '_' spelling): a header that names another"
+                f"{override.decode()} (in any spelling): a header that names another"
                 " host or path than Host and the request line is refused inside TLS (the"
                 " proxy checked those)",
             )
@@ -922,7 +936,7 @@ class Terminated:
                 )
         out: list[tuple[bytes, bytes]] = []
         for n, v in req.headers:
-            if n.replace(b"_", b"-") in DROP:
+            if canonical_name(n) in DROP:
                 continue
             if n == b"host":  # the destination as checked, however the cage spelled it
                 shown = plan.host if plan.port == 443 else f"{plan.host}:{plan.port}"
