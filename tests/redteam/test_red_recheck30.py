@@ -245,7 +245,9 @@ def test_an_oob_interleaved_flood_is_relayed_in_order_and_bounded(h: HiveProcess
     assert cli.returncode == 0, cli.stderr
     assert cli.stdout.startswith(b"done\n"), cli.stdout[:100]
     got = cli.stdout[len(b"done\n") :]
-    sent = _pattern(rep["rounds"])
+    # (rounds + 1: the round in progress may have gone in part, its data before its OOB
+    # byte's send met EPIPE: one CI run relayed exactly that, 5 bytes past the rounds)
+    sent = _pattern(rep["rounds"] + 1)
     print(
         f"oobflood: exec took {took:.2f} s; holder {rep}; relayed {len(got)} bytes; "
         f"hive-priv cpu {priv_cpu:.2f} s; priv tasks/fds {base} -> {after}"

@@ -34,6 +34,7 @@ import json
 import os
 import shutil
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -265,12 +266,12 @@ def test_double_encoding_and_dot_segments_stay_on_the_bound_host(routed: dict[st
 
 @pytest.mark.timeout(200)
 @pytest.mark.attack("budget.exhaustion", ref="session 33 re-check egress_tls.send_within (SIOCOUTQ progress)")
-def test_tiny_reads_do_not_keep_a_stalled_download_alive(hive: HiveProcess) -> None:
+def test_tiny_reads_do_not_keep_a_stalled_download_alive(slow_probes: dict[str, Any]) -> None:
     """A cage that asks for 8 MiB and reads one byte every 0.1 s (SSL: one record from TCP,
     then bytes out of it) for STALL + 12 s hopes each read counts as progress. Safe: TCP
     never reopens the window for bytes that small, the send queue stays, the proxy ends the
     connection within the stall: the cage gets what the buffers held, not the body."""
-    out = probe_result(hive.probe(AGENT, SLOW_READ, timeout=180, rate=10, slow=STALL + 12))
+    out = slow_probes["tiny"]
     print(f"a cage reading a byte every 0.1 s for {STALL + 12} s: {out}")
     assert out["got"] < BIG, out
 
@@ -299,12 +300,12 @@ result(err=err, answer=data.decode(errors="replace")[-200:], took=round(time.mon
 
 @pytest.mark.timeout(200)
 @pytest.mark.attack("egress.relay", ref="session 33 re-check Terminated._send_upstream (send_within on the upstream)")
-def test_a_server_reading_an_upload_slowly_gets_it_whole(hive: HiveProcess) -> None:
+def test_a_server_reading_an_upload_slowly_gets_it_whole(slow_probes: dict[str, Any]) -> None:
     """Held (honest traffic): rc33b POSTs 1 MiB to big.test, which reads 16 KB every 0.5 s
     (32 KB/s, an ingest that throttles itself). Safe: the upload completes (``read
     1048576``): the upstream's window opens a segment at a time, each a change of the send
     queue."""
-    out = probe_result(hive.probe(AGENT, SLOW_UPLOAD, timeout=150, n=1 << 20))
+    out = slow_probes["upload"]
     print(f"1 MiB POST to a server reading 32 KB/s: {out}")
     assert out["err"] is None and "read 1048576" in out["answer"], out
 
@@ -342,12 +343,12 @@ result(upload=up, poll=dict(err=err, answer=data.decode(errors="replace")[-40:],
 
 @pytest.mark.timeout(200)
 @pytest.mark.attack("egress.relay", ref="session 33 re-check send_within (honest traffic): 100-continue, a long poll past stall_seconds")
-def test_a_100_continue_upload_and_a_long_poll_pass_the_stall_bound(hive: HiveProcess) -> None:
+def test_a_100_continue_upload_and_a_long_poll_pass_the_stall_bound(slow_probes: dict[str, Any]) -> None:
     """Held (honest traffic): a 256 KiB POST with ``Expect: 100-continue`` to a server that
     reads 32 KB/s (the proxy's own 100, then the body), and a long poll answered STALL + 6 s
     after it was asked. Safe: both answers arrive whole (the stall bounds writes, never
     the wait for an answer)."""
-    out = probe_result(hive.probe(AGENT, CONTINUE_AND_POLL, timeout=150, n=256 << 10))
+    out = slow_probes["continue"]
     print(f"100-continue upload and long poll: {out}")
     assert out["upload"]["interim"].startswith("HTTP/1.1 100"), out
     assert out["upload"]["err"] is None and out["upload"]["answer"].endswith("read 262144"), out
@@ -381,12 +382,12 @@ result(err=err, got=len(body), same=hashlib.sha256(body).hexdigest() == hashlib.
 
 @pytest.mark.timeout(200)
 @pytest.mark.attack("egress.relay", ref="session 33 re-check send_within (a timed-out SSL_write made again: OpenSSL's partial-write state)")
-def test_a_download_through_many_timed_out_writes_arrives_exactly(hive: HiveProcess) -> None:
+def test_a_download_through_many_timed_out_writes_arrives_exactly(slow_probes: dict[str, Any]) -> None:
     """A reader at 30 KB/s for 25 s makes the proxy's 256 KiB SSL writes time out and be
     made again dozens of times (each a partly written record in OpenSSL), then reads fast.
     Safe (held): the 8 MiB body arrives exactly: no record written twice, none skipped, no
     TLS error."""
-    out = probe_result(hive.probe(AGENT, PATTERN_READ, timeout=150, rate=30_000, slow=25, big=BIG))
+    out = slow_probes["pattern"]
     print(f"pattern download through timed-out writes: {out}")
     assert out["err"] is None and out["got"] == BIG and out["same"], out
 
@@ -454,3 +455,29 @@ def test_a_dotted_method_override_does_not_pass_a_post_only_rule(php_routed: dic
     got = php_routed["phprules-dotted"]
     assert "acted on DELETE" not in got.get("body", ""), got
     assert got.get("status") == 400, got
+
+
+@pytest.fixture(scope="module")
+def slow_probes(hive: HiveProcess) -> dict[str, Any]:
+    """The four slow cases below, run at once (one wait for the suite, not four): each
+    its own connection, none counting anything host-wide."""
+    jobs = {
+        "tiny": (SLOW_READ, dict(timeout=180, rate=10, slow=STALL + 12)),
+        "upload": (SLOW_UPLOAD, dict(timeout=150, n=1 << 20)),
+        "continue": (CONTINUE_AND_POLL, dict(timeout=150, n=256 << 10)),
+        "pattern": (PATTERN_READ, dict(timeout=150, rate=30_000, slow=25, big=BIG)),
+    }
+    out: dict[str, Any] = {}
+
+    def run(key: str, script: str, kw: dict[str, Any]) -> None:
+        try:
+            out[key] = probe_result(hive.probe(AGENT, script, **kw))
+        except Exception as e:  # (the case that reads it fails, naming this)
+            out[key] = {"probe failed": repr(e)}
+
+    ths = [threading.Thread(target=run, args=(k, script, kw)) for k, (script, kw) in jobs.items()]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    return out
