@@ -43,6 +43,11 @@ MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
 MAX_INTERIM = 16  # 1xx answers to one request before the answer is refused (502)
+# After an answer that came before the request's end: how long the cage's unread rest is
+# read and dropped before the close, at most in all and between two reads (nginx's
+# lingering_time and lingering_timeout).
+LINGER_TIME = 30.0
+LINGER_WAIT = 5.0
 CHUNK = 256 * 1024
 # h11 parses a body in Python, under the core's one GIL: ~9 us a piece (a chunk, or what
 # one read brought), whatever its size. Past BODY_EVENTS_FREE pieces averaging under
@@ -420,22 +425,36 @@ def _unsent(sock: socket.socket) -> int:
     return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0])
 
 
-def send_within(sock: ssl.SSLSocket, data: bytes, stall: float, restore: float | None) -> None:
+class Interrupted(Exception):
+    """A blocked write given up for good (``send_within``'s ``interrupt`` said so): the
+    connection's output that way ends here, its last write never finished."""
+
+
+def send_within(
+    sock: ssl.SSLSocket,
+    data: bytes,
+    stall: float,
+    restore: float | None,
+    interrupt: Callable[[], bool] | None = None,
+) -> None:
     """``sock.sendall(data)``, ended (TimeoutError) once nothing has moved for ``stall``
     seconds, then the socket's timeout set back to ``restore``. CPython gives one
     ``SSL_write`` one deadline whatever it carries, so a 256 KiB piece timed out whole
     under an honest reader slower than 256 KiB a stall (re-check of session 33). Here each
     wait is STALL_SLICE, and a write that times out is made again with the same bytes (as
     OpenSSL requires; it goes on where it stopped) as long as the socket's send queue
-    changed within ``stall``: the peer took something, or room came."""
-    sock.settimeout(min(STALL_SLICE, stall))
+    changed within ``stall``: the peer took something, or room came. After each wait that
+    timed out, ``interrupt()`` (if given) may end the write: Interrupted."""
     try:
         queued, moved_at = -1, time.monotonic()
         while True:
+            sock.settimeout(min(STALL_SLICE, stall))
             try:
                 sock.sendall(data)
                 return
             except TimeoutError:
+                if interrupt is not None and interrupt():
+                    raise Interrupted from None
                 now, unsent = time.monotonic(), _unsent(sock)
                 if unsent != queued:
                     queued, moved_at = unsent, now
@@ -545,6 +564,12 @@ class Terminated:
         self.clean_end = False
         self.last_exchange = time.monotonic()
         self.injected: dict[tuple[str, str], int] = {}  # (secret, header): requests
+        # The server answered while it still had the request's body to take, and took no
+        # more: its answer (read by ``_answer_arrived``) goes to the cage, nothing more of
+        # the request goes out, and the connection ends after it (``_answer_early``).
+        self._early: h11.Response | None = None
+        self._upstream_over = False
+        self._interim = 0  # 1xx answers to this request so far
 
     def _srv_event(self) -> Any:
         while True:
@@ -571,9 +596,13 @@ class Terminated:
         p = select.poll()
         p.register(self.upstream.fileno(), select.POLLIN)
         p.register(self.client.fileno(), select.POLLRDHUP)  # (HUP and ERR come anyway)
+        # After an early answer the cage may still be sending what nobody reads: the rest
+        # of the answer comes within ``stall``, or the connection ends (an echo that waits
+        # for the body it answers).
+        wait = round(self.stall * 1000) if self._upstream_over else None
         while True:
-            ready = p.poll()
-            if any(fd == self.client.fileno() for fd, _ in ready):
+            ready = p.poll(wait)
+            if any(fd == self.client.fileno() for fd, _ in ready) or (wait and not ready):
                 return True
             if ready:
                 return False
@@ -639,10 +668,45 @@ class Terminated:
         the cage had left, and so did an honest full-duplex exchange (an echo answering
         while it reads: this proxy reads the answer once the request is sent), deadlocked
         (re-check of session 33)."""
-        send_within(self.upstream, data, self.stall, None)
+        send_within(self.upstream, data, self.stall, None, self._answer_arrived)
+
+    def _answer_arrived(self) -> bool:
+        """While a write to the server is blocked: whether it has answered (a final
+        answer's head, read into ``self._early``; an interim 1xx is passed over, up to
+        MAX_INTERIM), or closed, or sent what is not HTTP. A server that answers before it
+        has read the request (a 413 or 401 on the head) and reads no more held the write
+        until ``stall`` ended it, and the cage saw a reset, not the answer."""
+        if self._early is not None:
+            return True
+        if not _waiting(self.upstream):
+            return False
+        self.upstream.settimeout(0.0)
+        try:
+            data = recv_batch(self.upstream)
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return False  # (a TLS 1.3 session ticket: nothing for the answer)
+        self.down += len(data)
+        self.cli.receive_data(data)
+        try:
+            while True:
+                ev = self.cli.next_event()
+                if ev is h11.NEED_DATA:
+                    return False  # a head not whole yet: the next wait looks again
+                if isinstance(ev, h11.InformationalResponse):
+                    self._interim += 1
+                    if self._interim > MAX_INTERIM:
+                        return True  # refused by _relay_response (h11 says it again)
+                    continue
+                if isinstance(ev, h11.Response):
+                    self._early = ev
+                return True  # (or the upstream's end)
+        except h11.RemoteProtocolError:
+            return True  # _relay_response refuses it (h11 raises it again)
 
     def _flush(self) -> None:
         # (upstream first: a request's bytes never wait behind the answer to the last)
+        if self._upstream_over:
+            self._out_upstream.clear()  # the server answered and took no more: none goes
         if self._out_upstream:
             data = b"".join(self._out_upstream)
             self._out_upstream.clear()
@@ -706,6 +770,7 @@ class Terminated:
             if self.srv.client_is_waiting_for_100_continue:
                 self._to_client(h11.InformationalResponse(status_code=100, headers=[]))
             self._request_closes = not _keeps_alive(ev)
+            self._interim = 0
             self._to_upstream(h11.Request(method=ev.method, target=ev.target, headers=headers))
             pieces = received = 0
             try:
@@ -724,8 +789,16 @@ class Terminated:
             except h11.RemoteProtocolError as e:
                 self._refused(Refused(400, f"malformed request body: {e}"))
                 return
+            except Interrupted:
+                self._answer_early()
+                return
             pipelined = bool(self.srv.trailing_data[0])
-            if not self._relay_response():
+            try:
+                relayed = self._relay_response()
+            except Interrupted:  # (the request's last bytes, blocked: see _answer_arrived)
+                self._answer_early()
+                return
+            if not relayed:
                 return
             self.last_exchange = time.monotonic()
             if pipelined:
@@ -757,24 +830,57 @@ class Terminated:
             self._flush()
             self.meter.pause(wait)
 
+    def _answer_early(self) -> None:
+        """The server answered before it had the whole request, and took no more of it:
+        its answer goes to the cage, then what the cage still sends is read and dropped
+        for a while (``_linger``) so that the answer is not lost to a reset, and the
+        connection ends: the rest of the request is never sent, the upstream connection
+        never kept."""
+        self._upstream_over = True
+        self._out_upstream.clear()
+        self._closing = True
+        log.info("egress %s: %s answered before the request's end", self.agent, self.plan.host)
+        if self._relay_response():
+            self._linger()
+
+    def _linger(self) -> None:
+        """Read what the cage sends and drop it, until it closes, sends nothing for
+        LINGER_WAIT seconds, or LINGER_TIME has passed (nginx's lingering close): a close
+        with its unread request in our receive queue is a reset, and a reset can take the
+        answer from the cage's receive queue before the cage reads it."""
+        end = time.monotonic() + LINGER_TIME
+        while (left := end - time.monotonic()) > 0:
+            self.client.settimeout(min(LINGER_WAIT, left))
+            try:
+                if not self.client.recv(CHUNK):
+                    return
+            except OSError:  # (a timeout, a reset, TLS's end)
+                return
+            self.meter.pace()
+
     def _relay_response(self) -> bool:
-        pieces = received = interim = 0
+        pieces = received = 0
         try:
             while True:
-                ev = self._cli_event()
+                if (ev := self._early) is not None:
+                    self._early = None  # (its head was read while the request was going out)
+                else:
+                    ev = self._cli_event()
                 if isinstance(ev, h11.InformationalResponse):
                     # A 100 Continue of its own: ours was sent already. A flood of them was
                     # a whole CPU for as long as the server liked (red team of session 32).
-                    interim += 1
-                    if interim > MAX_INTERIM:
+                    self._interim += 1
+                    if self._interim > MAX_INTERIM:
                         self._reply(502, f"the upstream server sent over {MAX_INTERIM} 1xx answers")
                         return False
                     continue
                 if isinstance(ev, h11.Response):
+                    headers = list(ev.headers)
+                    if self._upstream_over:  # the connection ends after it: the cage is told
+                        headers = [(k, v) for k, v in headers if k != b"connection"]
+                        headers.append((b"connection", b"close"))
                     self._to_client(
-                        h11.Response(
-                            status_code=ev.status_code, headers=list(ev.headers), reason=ev.reason
-                        )
+                        h11.Response(status_code=ev.status_code, headers=headers, reason=ev.reason)
                     )
                     length = _content_length(ev)
                     if length is not None:
