@@ -59,10 +59,7 @@ def abort(src: socket.socket, dst: socket.socket) -> None:
     close with a reset, dropping what is queued for it. Before, a tunnel to a server that
     stopped reading outlived the cage that opened it, with 60 MiB of its upload still
     queued in the core (red team of session 32)."""
-    try:
-        dst.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    except OSError:
-        pass
+    reset_on_close(dst)
     for sock in (src, dst):
         try:
             sock.shutdown(socket.SHUT_RDWR)
@@ -71,6 +68,18 @@ def abort(src: socket.socket, dst: socket.socket) -> None:
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # struct linger: on, 0 s
+
+
+def reset_on_close(sock: socket.socket) -> None:
+    """``sock``'s close will be a reset, dropping what is queued to send: a close behind
+    unsent bytes that the peer takes nothing of leaves the connection to the kernel
+    (established on the peer's side, its window shut) for minutes."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    except OSError:
+        pass
+
+
 # With a stall bound, each blocked write waits at most this long before the relay looks at
 # the time since the last write that moved anything. (A kernel timer alone can't tell:
 # SO_SNDTIMEO waits anew once a splice's send moved a byte, ~245 s for 60; TCP_USER_TIMEOUT

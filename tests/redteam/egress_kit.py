@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hive_fixture import HiveProcess
+from helpers import assert_ok
+from hive_fixture import HiveProcess, running_hive
 from testnet import TestNet, ip
 
 from .conftest import cage_run
@@ -339,3 +341,20 @@ def latencies(hive: HiveProcess, agent: str, seconds: float) -> list[float]:
             out.append(time.monotonic() - t)
             time.sleep(0.01)
     return sorted(out)
+
+
+def egress_hive(agent: str, egress: list[str], section: dict[str, Any], bindings: str = "",
+                secrets: dict[str, str] | None = None) -> Iterator[HiveProcess]:
+    """A running hive of one command agent with ``egress`` rules and this ``[egress]``
+    ``section``, ``bindings`` ([[secret_binding]] tables) added to its config and kept
+    there, and each of ``secrets`` set by root (as ``hive secret set``). A generator: a
+    module's fixture yields from it."""
+    h = HiveProcess({agent: {"runtime": "command", "command": ["true"], "egress": egress}},
+                    sections={"egress": section})
+    if bindings:
+        h.config_path.write_text(h.config_path.read_text() + bindings)
+        h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the binding
+    for hv in running_hive(h):
+        for name, value in (secrets or {}).items():
+            assert_ok(hv.host_call("secret_set", name=name, value=value))
+        yield hv

@@ -25,10 +25,10 @@ from typing import Any
 
 import pytest
 
-from hive_fixture import HiveProcess, probe_result, running_hive
+from hive_fixture import probe_result
 from testnet import TestNet
 
-from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP
+from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP, egress_hive
 from .test_red_recheck33 import OPEN_TLS
 from .test_secrets_egress import cert_dir
 
@@ -129,12 +129,9 @@ def answers() -> Iterator[dict[str, Any]]:
     with cert_dir("hvea34", "ea34 upstream CA", "ea34 servers", ["early.test"]) as (certs, _), NET as net:
         net.serve(SERVER, 443, [sys.executable, "-c", TLS_SERVER_HEAD + ANSWER + TLS_SERVER_LOOP, SERVER, "443",
                                 str(certs / "server.pem")])
-        agents = {AGENT: {"runtime": "command", "command": ["true"],
-                          "egress": ["POST early.test:443/*", "GET early.test:443/*", f"{SERVER}:443"]}}
-        h = HiveProcess(agents, sections={"egress": {"hosts": {"early.test": SERVER},
-                                                     "upstream_ca": str(certs / "ca.pem"),
-                                                     "stall_seconds": STALL}})
-        for hv in running_hive(h):
+        for hv in egress_hive(AGENT, ["POST early.test:443/*", "GET early.test:443/*", f"{SERVER}:443"],
+                              {"hosts": {"early.test": SERVER}, "upstream_ca": str(certs / "ca.pem"),
+                               "stall_seconds": STALL}):
             out = probe_result(hv.probe(AGENT, CLIENT, timeout=150, n=BODY, cases=CASES))
             print(json.dumps(out, indent=1))
             yield out

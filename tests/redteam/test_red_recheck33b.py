@@ -41,11 +41,10 @@ from typing import Any
 
 import pytest
 
-from helpers import assert_ok
-from hive_fixture import HiveProcess, probe_result, running_hive
+from hive_fixture import HiveProcess, probe_result
 from testnet import TestNet
 
-from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP
+from .egress_kit import TLS_SERVER_HEAD, TLS_SERVER_LOOP, egress_hive
 from .test_red_egress32 import KEYED, TUNNEL, get
 from .test_red_recheck33 import OPEN_TLS, SLOW_READ, WSGI_TLS
 from .test_secrets_egress import cert_dir
@@ -191,17 +190,11 @@ def net(certs: Path) -> Iterator[TestNet]:
 
 @pytest.fixture(scope="module")
 def hive(net: TestNet, certs: Path) -> Iterator[HiveProcess]:
-    agents = {AGENT: {"runtime": "command", "command": ["true"],
-                      "egress": ["api.test:443", f"{FRONT}:443", "GET big.test:443/*", "POST big.test:443/*",
-                                 f"{BIGADDR}:443", "php.test:443", "POST phprules.test:443/v1/*", f"{PHPADDR}:443"]}}
-    h = HiveProcess(agents, sections={"egress": {"hosts": HOSTS, "upstream_ca": str(certs / "ca.pem"),
-                                                 "stall_seconds": STALL}})
-    h.config_path.write_text(h.config_path.read_text() + BINDINGS)
-    h.write_config = lambda agents: None  # type: ignore[method-assign]  # keep the binding
-    for hv in running_hive(h):
-        assert_ok(hv.host_call("secret_set", name="apikey", value=KEY))
-        assert_ok(hv.host_call("secret_set", name="phpkey", value=PHPKEY))
-        yield hv
+    yield from egress_hive(
+        AGENT, ["api.test:443", f"{FRONT}:443", "GET big.test:443/*", "POST big.test:443/*", f"{BIGADDR}:443",
+                "php.test:443", "POST phprules.test:443/v1/*", f"{PHPADDR}:443"],
+        {"hosts": HOSTS, "upstream_ca": str(certs / "ca.pem"), "stall_seconds": STALL}, BINDINGS,
+        {"apikey": KEY, "phpkey": PHPKEY})
 
 
 # -- 1. targets: what a URL parser strips ----------------------------------------------------

@@ -51,7 +51,7 @@ from hyperhive.core.ratelimit import TokenBuckets
 from hyperhive.core.tls import HiveCA
 from hyperhive.logthrottle import LogThrottle
 from hyperhive.peercred import peer_cred
-from hyperhive.relay import PACE_EVERY, relay
+from hyperhive.relay import PACE_EVERY, relay, reset_on_close
 from hyperhive.unixsock import bind_listener
 from hyperhive.wire.egress import (
     IPAddress,
@@ -1493,6 +1493,7 @@ class EgressProxy:
             t.run()
         except OSError as e:
             log.info("egress %s: terminated connection ended: %s", agent, e)
+            t.reset_upstream = True  # (a stalled write's bytes may still be queued to it)
         except h11.ProtocolError as e:
             # Never the exception's text: h11's names the header value it refused, and
             # one could hold a secret put in (red team of session 32).
@@ -1514,6 +1515,8 @@ class EgressProxy:
                 session = upstream.session
                 if session is not None and session.has_ticket:
                     self._sessions[(plan.host, plan.port)] = session
+                if t.reset_upstream:
+                    reset_on_close(upstream)
                 upstream.close()
         return client
 

@@ -569,6 +569,9 @@ class Terminated:
         # the request goes out, and the connection ends after it (``_answer_early``).
         self._early: h11.Response | None = None
         self._upstream_over = False
+        # The upstream connection ends with a reset, what is queued to it dropped (its
+        # request cut short: an early answer, a write that stalled).
+        self.reset_upstream = False
         self._interim = 0  # 1xx answers to this request so far
 
     def _srv_event(self) -> Any:
@@ -839,6 +842,7 @@ class Terminated:
         self._upstream_over = True
         self._out_upstream.clear()
         self._closing = True
+        self.reset_upstream = True
         log.info("egress %s: %s answered before the request's end", self.agent, self.plan.host)
         if self._relay_response():
             self._linger()
