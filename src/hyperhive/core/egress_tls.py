@@ -443,21 +443,25 @@ def send_within(
     under an honest reader slower than 256 KiB a stall (re-check of session 33). Here each
     wait is STALL_SLICE, and a write that times out is made again with the same bytes (as
     OpenSSL requires; it goes on where it stopped) as long as the socket's send queue
-    changed within ``stall``: the peer took something, or room came. After each wait that
-    timed out, ``interrupt()`` (if given) may end the write: Interrupted."""
+    changed within ``stall``: the peer took something, or room came. Once the peer has
+    taken nothing for two waits, ``interrupt()`` (if given) may end the write (Interrupted),
+    asked again after each further wait."""
+    wait = min(STALL_SLICE, stall)
     try:
         queued, moved_at = -1, time.monotonic()
         while True:
-            sock.settimeout(min(STALL_SLICE, stall))
+            sock.settimeout(wait)
             try:
                 sock.sendall(data)
                 return
             except TimeoutError:
-                if interrupt is not None and interrupt():
-                    raise Interrupted from None
                 now, unsent = time.monotonic(), _unsent(sock)
                 if unsent != queued:
                     queued, moved_at = unsent, now
+                # (two waits alike, not one: a queue refilled to the same size can look
+                # unmoved once)
+                elif now - moved_at >= 1.5 * wait and interrupt is not None and interrupt():
+                    raise Interrupted from None
                 elif now - moved_at >= stall:
                     raise
     finally:
@@ -674,9 +678,11 @@ class Terminated:
         send_within(self.upstream, data, self.stall, None, self._answer_arrived)
 
     def _answer_arrived(self) -> bool:
-        """While a write to the server is blocked: whether it has answered (a final
-        answer's head, read into ``self._early``; an interim 1xx is passed over, up to
-        MAX_INTERIM), or closed, or sent what is not HTTP. A server that answers before it
+        """While a write to the server is blocked and it has taken nothing for two waits
+        (a server still reading, however slowly, gets the whole request whatever it has
+        answered meanwhile, as before): whether it has answered (a final answer's head,
+        read into ``self._early``; an interim 1xx is passed over, up to MAX_INTERIM), or
+        closed, or sent what is not HTTP. A server that answers before it
         has read the request (a 413 or 401 on the head) and reads no more held the write
         until ``stall`` ended it, and the cage saw a reset, not the answer."""
         if self._early is not None:
