@@ -72,7 +72,8 @@ def post(path, mode, n):
     t0 = time.monotonic()
     t = open_tls("early.test")
     t.settimeout(60)
-    t.sendall(b"POST %s HTTP/1.1\r\nHost: early.test\r\nContent-Length: %d\r\n\r\n" % (path.encode(), n))
+    method, _, path = path.rpartition(" ")
+    t.sendall(b"%s %s HTTP/1.1\r\nHost: early.test\r\nContent-Length: %d\r\n\r\n" % ((method or "POST").encode(), path.encode(), n))
     data, err, sent = b"", None, 0
     block = b"x" * 65536
     try:
@@ -123,6 +124,7 @@ CASES = {
     "auth-all": ("/auth", "all"),
     "drain-all": ("/drain", "all"),
     "partial-duplex": ("/partial", "duplex"),
+    "refused-all": ("PUT /limited", "all"),
 }
 
 
@@ -181,6 +183,18 @@ def test_no_upstream_connection_outlives_an_early_answer(answers: dict[str, Any]
     holds no connection to early.test (each cut short is reset, not left to the kernel
     behind bytes the server never takes)."""
     assert answers["held"] == 0, answers
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.attack("egress.l7-bypass", ref="Terminated._refused: the refusal of a request whose body is still coming")
+def test_a_refusal_of_an_upload_reaches_the_cage(answers: dict[str, Any]) -> None:
+    """A 4 MiB PUT that no rule allows (the rules allow POST and GET): the proxy refuses
+    it on its head (403, saying why) and never sends it on. Safe, and usable: the cage
+    that sends its whole body first still reads the refusal (the body is read and
+    dropped), not a reset."""
+    out = answers["refused-all"]
+    assert out["status"] == "403" and out["closes"], out
+    assert out["err"] is None and out["took"] < STALL, out
 
 
 @pytest.mark.timeout(200)

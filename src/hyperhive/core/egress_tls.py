@@ -962,6 +962,10 @@ class Terminated:
         self._reply(e.status, e.reason)
         if e.log_it:
             self.refuse(e.reason)
+        if self.srv.their_state is h11.SEND_BODY:
+            # Its body is still coming: read and dropped for a while, so that the refusal,
+            # which says why, is not lost to the reset a close over it would be.
+            self._linger()
 
     def _check(self, req: h11.Request) -> list[tuple[bytes, bytes]]:
         strict_head(self._raw)
