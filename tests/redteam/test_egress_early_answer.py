@@ -118,6 +118,24 @@ for th in threads:
 result(**out)
 """
 
+# In the cage: a plain-HTTP POST of P["n"] bytes through the proxy to a host no rule
+# allows, the whole body sent first; what came back.
+PLAIN = r"""
+import socket, time
+t0 = time.monotonic()
+s = socket.create_connection(("127.0.0.1", 3128), timeout=60)
+s.sendall(b"POST http://nothere.test/up HTTP/1.1\r\nHost: nothere.test\r\nContent-Length: %d\r\n\r\n" % P["n"])
+data, err = b"", None
+try:
+    s.sendall(b"p" * P["n"])
+    while c := s.recv(65536):
+        data += c
+except OSError as e:
+    err = type(e).__name__
+result(status=data[9:12].decode(errors="replace"), answer=data.decode(errors="replace")[-120:], err=err,
+       took=round(time.monotonic() - t0, 1))
+"""
+
 CASES = {
     "limited-all": ("/limited", "all"),
     "limited-duplex": ("/limited", "duplex"),
@@ -137,6 +155,7 @@ def answers() -> Iterator[dict[str, Any]]:
                               {"hosts": {"early.test": SERVER}, "upstream_ca": str(certs / "ca.pem"),
                                "stall_seconds": STALL}):
             out = probe_result(hv.probe(AGENT, CLIENT, timeout=150, n=BODY, cases=CASES))
+            out["plain-refused"] = probe_result(hv.probe(AGENT, PLAIN, timeout=90, n=BODY))
             # (a kept-alive one, drain's, is pooled for IDLE_REUSE, then swept)
             out["held"] = wait_for_zero(lambda: established(net, SERVER, 443), 8.0)
             print(json.dumps(out, indent=1))
@@ -195,6 +214,17 @@ def test_a_refusal_of_an_upload_reaches_the_cage(answers: dict[str, Any]) -> Non
     out = answers["refused-all"]
     assert out["status"] == "403" and out["closes"], out
     assert out["err"] is None and out["took"] < STALL, out
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.attack("egress.l7-bypass", ref="egress._linger: a plain request refused while its body is still coming")
+def test_a_refusal_of_a_plain_upload_reaches_the_cage(answers: dict[str, Any]) -> None:
+    """The same through the plain-HTTP proxy: a 4 MiB POST to a host no rule allows,
+    sent whole before reading. Safe, and usable: the cage reads the 403 that says why
+    (the proxy reads and drops the body), not a reset."""
+    out = answers["plain-refused"]
+    assert out["status"] == "403" and "nothere.test" in out["answer"] and out["err"] is None, out
+    assert out["took"] < STALL, out
 
 
 @pytest.mark.timeout(200)

@@ -809,6 +809,34 @@ def _refuse_unread(
     _reply(conn, status, reason)
 
 
+def _linger(conn: socket.socket, meter: egress_tls.CpuMeter) -> None:
+    """After the refusal of a request whose body may still be coming: the refusal ended by
+    our side's shutdown for writing, then what the client sends read and dropped until its
+    end, ``LINGER_WAIT`` s of silence or ``LINGER_TIME`` in all (nginx's lingering close).
+    A close over unread input is a reset, which can take the refusal from the client
+    before it reads it: a refused upload saw "connection reset", not why. (``conn`` is the
+    request's own connection or the TCP one a handover brought: neither carries
+    descriptors.) The reads' CPU is the agent's, paced as its uploads are."""
+    end = time.monotonic() + egress_tls.LINGER_TIME
+    try:
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    poller = select.poll()
+    poller.register(conn, select.POLLIN)
+    while (left := end - time.monotonic()) > 0:
+        if not poller.poll(round(min(egress_tls.LINGER_WAIT, left) * 1000)):
+            return
+        try:
+            if not conn.recv(65536, socket.MSG_DONTWAIT):
+                return
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        meter.pace()
+
+
 class _Opening(threading.Thread):
     """The upstream of a terminated connection: TCP to the first address that answers,
     then TLS with the server's certificate verified; ``result`` is the socket and the
@@ -1322,6 +1350,8 @@ class EgressProxy:
                 decision.reason, decision.closed = e.reason, True
                 _reply(conn, e.status, e.reason)
                 self._emit(decision)
+                if req.forward is not None:  # a plain request: its body may still be coming
+                    _linger(conn, meter)
                 return
             decision.allowed, decision.address = True, str(address)
             decision.reason = "CONNECT" if req.forward is None else f"HTTP {req.method}"
