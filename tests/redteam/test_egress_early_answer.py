@@ -230,9 +230,11 @@ def test_a_refusal_of_a_plain_upload_reaches_the_cage(answers: dict[str, Any]) -
 @pytest.mark.timeout(200)
 @pytest.mark.attack("budget.exhaustion", ref="Terminated._client_left after an early answer")
 def test_a_half_answer_before_the_request_end_still_ends(answers: dict[str, Any]) -> None:
-    """A server that sends half an answer on the head, then neither reads nor sends: the
-    connection ends (the cage sees the end) within the stall of the answer's last byte,
-    not when the server likes; the cage got the half that came."""
+    """A server that sends half an answer on the head, then neither reads nor sends. An
+    answer not whole is not taken as the server's last word (an upload's progress stream
+    looks the same until the server reads again: re-check of session 34), so the request's
+    write goes on and ends at the stall. Safe: the connection ends (the cage sees the end)
+    within the stall and a little, not when the server likes."""
     out = answers["partial-duplex"]
-    assert out["status"] == "200" and out["answer"].endswith("half"), out
-    assert out["took"] < 2 * STALL + 6, out
+    assert out["status"] in ("", "200"), out
+    assert out["took"] < STALL + 6, out

@@ -43,6 +43,9 @@ MAX_HEAD = 16 * 1024
 HANDSHAKE_TIMEOUT = 10.0
 IDLE_TIMEOUT = 300.0  # a kept-alive connection with nothing said is closed
 MAX_INTERIM = 16  # 1xx answers to one request before the answer is refused (502)
+# A final answer read while the request's write is blocked is taken as the server's last
+# word once it is whole, or once this much of it has come (a large answer, flowing).
+EARLY_BUFFER = 256 * 1024
 # After an answer that came before the request's end: how long the cage's unread rest is
 # read and dropped before the close, at most in all and between two reads (nginx's
 # lingering_time and lingering_timeout).
@@ -418,6 +421,7 @@ def canonical_name(name: bytes) -> bytes:
 
 
 STALL_SLICE = 1.0  # a blocked write waits this long at a time, then looks for progress
+DRAIN_SLICE = 0.01  # the same while what the peer sends is read and dropped meanwhile
 
 
 def _unsent(sock: socket.socket) -> int:
@@ -436,6 +440,7 @@ def send_within(
     stall: float,
     restore: float | None,
     interrupt: Callable[[], bool] | None = None,
+    meanwhile: Callable[[], bool] | None = None,
 ) -> None:
     """``sock.sendall(data)``, ended (TimeoutError) once nothing has moved for ``stall``
     seconds, then the socket's timeout set back to ``restore``. CPython gives one
@@ -445,8 +450,10 @@ def send_within(
     OpenSSL requires; it goes on where it stopped) as long as the socket's send queue
     changed within ``stall``: the peer took something, or room came. Once the peer has
     taken nothing for two waits, ``interrupt()`` (if given) may end the write (Interrupted),
-    asked again after each further wait."""
-    wait = min(STALL_SLICE, stall)
+    asked again after each further wait, and once more if the write fails (the peer closed
+    or reset: what it sent before may still be read). ``meanwhile()`` (if given) runs after
+    every wait that timed out, the waits then DRAIN_SLICE; its True counts as progress."""
+    wait = min(DRAIN_SLICE if meanwhile is not None else STALL_SLICE, stall)
     try:
         queued, moved_at = -1, time.monotonic()
         while True:
@@ -456,7 +463,7 @@ def send_within(
                 return
             except TimeoutError:
                 now, unsent = time.monotonic(), _unsent(sock)
-                if unsent != queued:
+                if unsent != queued or (meanwhile is not None and meanwhile()):
                     queued, moved_at = unsent, now
                 # (two waits alike, not one: a queue refilled to the same size can look
                 # unmoved once)
@@ -464,6 +471,10 @@ def send_within(
                     raise Interrupted from None
                 elif now - moved_at >= stall:
                     raise
+            except OSError:
+                if interrupt is not None and interrupt():
+                    raise Interrupted from None
+                raise
     finally:
         sock.settimeout(restore)
 
@@ -482,6 +493,20 @@ def strict_head(raw: bytes) -> None:
         raise Refused(400, "Content-Length with Transfer-Encoding is refused (smuggling)")
     if names.count(b"transfer-encoding") > 1:
         raise Refused(400, "more than one Transfer-Encoding is refused")
+
+
+def _whole(response: h11.Response, held: bytes) -> bool:
+    """Whether ``held`` (what h11 holds past ``response``'s head) is its whole body, as far
+    as the head tells: a Content-Length's worth, a chunked body's last chunk, or none (a
+    1xx-free 204 or 304)."""
+    if response.status_code in (204, 304):
+        return True
+    length = _content_length(response)
+    if length is not None:
+        return len(held) >= length
+    if any(k == b"transfer-encoding" and b"chunked" in v.lower() for k, v in response.headers):
+        return held.endswith(b"0\r\n\r\n")
+    return False  # (read until the close: the server's end says)
 
 
 def _content_length(response: h11.Response) -> int | None:
@@ -573,6 +598,7 @@ class Terminated:
         # the request goes out, and the connection ends after it (``_answer_early``).
         self._early: h11.Response | None = None
         self._upstream_over = False
+        self._early_at = 0.0
         # The upstream connection ends with a reset, what is queued to it dropped (its
         # request cut short: an early answer, a write that stalled).
         self.reset_upstream = False
@@ -667,7 +693,29 @@ class Terminated:
         """``data`` to the cage; a cage that takes nothing for ``stall`` seconds ends the
         connection (TimeoutError): before, a cage that stopped reading held the thread and
         its buffers for IDLE_TIMEOUT, 300 s."""
-        send_within(self.client, data, self.stall, IDLE_TIMEOUT)
+        drain = self._drain_cage if self._upstream_over else None
+        send_within(self.client, data, self.stall, IDLE_TIMEOUT, meanwhile=drain)
+
+    def _drain_cage(self) -> bool:
+        """While an early answer goes to a cage that takes nothing: what the cage has sent
+        (the rest of its request, never sent on) read and dropped without waiting, up to
+        CHUNK a read and BATCH_READS reads; True if anything came. A cage that sends its
+        whole body before it reads (http.client, requests) otherwise never read an answer
+        larger than the buffers: each side waited for the other until the stall (re-check
+        of session 34). Not past LINGER_TIME after the answer came."""
+        if time.monotonic() > self._early_at + LINGER_TIME:
+            return False
+        self.client.settimeout(0.0)
+        came = False
+        try:
+            for _ in range(BATCH_READS):
+                if not self.client.recv(CHUNK):
+                    break
+                came = True
+        except OSError:  # (nothing more now, or TLS's or the connection's end)
+            pass
+        self.meter.pace()
+        return came
 
     def _send_upstream(self, data: bytes) -> None:
         """``data`` to the server, bounded the same way: a server that takes nothing held
@@ -680,27 +728,22 @@ class Terminated:
     def _answer_arrived(self) -> bool:
         """While a write to the server is blocked and it has taken nothing for two waits
         (a server still reading, however slowly, gets the whole request whatever it has
-        answered meanwhile, as before): whether it has answered (a final answer's head,
-        read into ``self._early``; an interim 1xx is passed over, up to MAX_INTERIM), or
-        closed, or sent what is not HTTP. A server that answers before it
-        has read the request (a 413 or 401 on the head) and reads no more held the write
-        until ``stall`` ended it, and the cage saw a reset, not the answer."""
-        if self._early is not None:
-            return True
-        if not _waiting(self.upstream):
-            return False
-        self.upstream.settimeout(0.0)
+        answered meanwhile, as before), or the write failed: whether the server has
+        answered for good, so that the rest of the request is not to be sent. That is a
+        final answer (its head kept in ``self._early``) that has come whole, or one whose
+        body has come past EARLY_BUFFER (a large answer, flowing: the server is not waiting
+        for the request), or the server's end, or what is not HTTP. A head alone, or a
+        little of a body, is not: an upload's progress stream (``200`` and a chunked head
+        at once, then the body read after a pause) was cut (re-check of session 34). A
+        1xx is passed over, up to MAX_INTERIM. Before, a server that answered a 413 on the
+        head and read no more held the write until ``stall`` ended it, and the cage saw a
+        reset, not the answer."""
+        ended = self._take_upstream()
         try:
-            data = recv_batch(self.upstream)
-        except (ssl.SSLWantReadError, BlockingIOError):
-            return False  # (a TLS 1.3 session ticket: nothing for the answer)
-        self.down += len(data)
-        self.cli.receive_data(data)
-        try:
-            while True:
+            while self._early is None:
                 ev = self.cli.next_event()
                 if ev is h11.NEED_DATA:
-                    return False  # a head not whole yet: the next wait looks again
+                    return ended
                 if isinstance(ev, h11.InformationalResponse):
                     self._interim += 1
                     if self._interim > MAX_INTERIM:
@@ -708,9 +751,35 @@ class Terminated:
                     continue
                 if isinstance(ev, h11.Response):
                     self._early = ev
-                return True  # (or the upstream's end)
+                    break
+                return True  # (the upstream's end)
         except h11.RemoteProtocolError:
             return True  # _relay_response refuses it (h11 raises it again)
+        held = self.cli.trailing_data[0]
+        return ended or len(held) >= EARLY_BUFFER or _whole(self._early, held)
+
+    def _take_upstream(self) -> bool:
+        """What the server has sent, into ``self.cli``, without waiting, until EARLY_BUFFER
+        bytes are held there; True once the server has ended (closed, or reset: what came
+        before a reset is read all the same)."""
+        self.upstream.settimeout(0.0)
+        try:
+            while len(self.cli.trailing_data[0]) < EARLY_BUFFER:
+                try:
+                    data = self.upstream.recv(CHUNK)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+                    return False  # (a TLS 1.3 session ticket alone, say: nothing for us)
+                except OSError:
+                    data = b""
+                if not data:
+                    if not self.cli.trailing_data[1]:
+                        self.cli.receive_data(b"")
+                    return True
+                self.down += len(data)
+                self.cli.receive_data(data)
+            return False
+        finally:
+            self.upstream.settimeout(None)
 
     def _flush(self) -> None:
         # (upstream first: a request's bytes never wait behind the answer to the last)
@@ -846,12 +915,13 @@ class Terminated:
         connection ends: the rest of the request is never sent, the upstream connection
         never kept."""
         self._upstream_over = True
+        self._early_at = time.monotonic()
         self._out_upstream.clear()
         self._closing = True
         self.reset_upstream = True
         log.info("egress %s: %s answered before the request's end", self.agent, self.plan.host)
-        if self._relay_response():
-            self._linger()
+        self._relay_response()
+        self._linger()  # (after a 502 of ours too: it says why)
 
     def _linger(self) -> None:
         """Read what the cage sends and drop it, until it closes, sends nothing for
