@@ -927,7 +927,9 @@ class Terminated:
         """Read what the cage sends and drop it, until it closes, sends nothing for
         LINGER_WAIT seconds, or LINGER_TIME has passed (nginx's lingering close): a close
         with its unread request in our receive queue is a reset, and a reset can take the
-        answer from the cage's receive queue before the cage reads it."""
+        answer from the cage's receive queue before the cage reads it. Our side is ended
+        first (``_end_output``): what is read then is the raw stream, never decrypted."""
+        self._end_output()
         end = time.monotonic() + LINGER_TIME
         while (left := end - time.monotonic()) > 0:
             self.client.settimeout(min(LINGER_WAIT, left))
@@ -1036,6 +1038,21 @@ class Terminated:
             # Its body is still coming: read and dropped for a while, so that the refusal,
             # which says why, is not lost to the reset a close over it would be.
             self._linger()
+
+    def _end_output(self) -> None:
+        """Our side of the cage's connection ends now: TLS's close_notify (not waiting for
+        the cage's), then TCP's FIN. A client that reads to the end got it only when the
+        linger ended, LINGER_WAIT later (re-check of session 34). What is read afterwards
+        is the raw stream (CPython drops the TLS object at a shutdown): dropped unread."""
+        self.client.settimeout(0.0)
+        try:
+            self.client.unwrap()
+        except (OSError, ValueError):
+            pass  # (the cage's close_notify not here yet, or the connection's end)
+        try:
+            self.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
 
     def _check(self, req: h11.Request) -> list[tuple[bytes, bytes]]:
         strict_head(self._raw)
