@@ -6,7 +6,7 @@ One agent (rc34) with L7 rules ``POST``/``GET early.test:443/*`` (terminated).
 ``early.test`` (198.18.136.2) is a TLS server of the test's own; it keeps what it saw per
 connection and tells it on a plain port (8080) to the host only:
 ``POST /early`` answers 413 on the head (keep-alive, then an unasked second answer
-``SMUGGLED``), waits 10 s and then reads whatever still comes until the end;
+``SMUGGLED``), waits 4 s and then reads whatever still comes until the end;
 ``POST /slowstream`` sends ``200`` with a chunked body's head at once (an upload's progress
 stream), pauses 6 s, then reads the body whole, answering ``read N`` at its end;
 ``POST /bigearly`` answers 413 with an 8 MiB body on the head and reads nothing;
@@ -114,7 +114,7 @@ def answer(t, cid, head, rest):
         body = b"too large c=%d" % cid
         t.sendall(b"HTTP/1.1 413 Content Too Large\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
                   + b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
-        drain(t, cid, 10, rest)
+        drain(t, cid, 4, rest)
     elif head.startswith(b"POST /slowstream"):
         n, got = clen(head), len(rest)
         t.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -344,7 +344,7 @@ BASELINE: dict[str, int] = {}
 @pytest.fixture(scope="module")
 def early(hive: HiveProcess) -> dict[str, Any]:
     out = probe_result(hive.probe(AGENT, EARLY, timeout=150, n=BODY))
-    time.sleep(11)  # (the server reads what still comes 10 s after its answer)
+    time.sleep(5)  # (the server reads what still comes 4 s after its answer)
     out["seen"] = server_seen()
     print(json.dumps(out, indent=1))
     return out
@@ -586,7 +586,7 @@ for th in threads:
 result(conns=[res.get(i) for i in range(P["conns"])])
 """
 FLOOD_CONNS = 12
-FLOOD = 25
+FLOOD = 9
 
 
 @pytest.fixture(scope="module")
@@ -600,9 +600,9 @@ def lingering(hive: HiveProcess) -> dict[str, Any]:
 
     th = threading.Thread(target=cage)
     th.start()
-    time.sleep(8)  # (the early answers come within a few seconds; the flood runs FLOOD s)
+    time.sleep(4)  # (the early answers come within a few seconds; the flood runs FLOOD s)
     c0, t0 = cpu_seconds(pid), time.monotonic()
-    lat = latencies(hive, AGENT, 12)
+    lat = latencies(hive, AGENT, 4)
     core = (cpu_seconds(pid) - c0) / (time.monotonic() - t0)
     th.join()
     out = box["out"]
@@ -618,7 +618,7 @@ def lingering(hive: HiveProcess) -> dict[str, Any]:
 @pytest.mark.attack("budget.exhaustion", ref="session 34 Terminated._linger (one record a read, CpuMeter.pace only); red team round 23a (SMALL_PIECES)")
 def test_one_byte_records_into_the_linger_stay_within_the_agents_cpu_share(lingering: dict[str, Any]) -> None:
     """Held: 12 connections each get the early 413, then send one-byte TLS records as fast
-    as they can for 25 s into ``_linger`` (one record a read: no batching, no small-piece
+    as they can for 9 s into ``_linger`` (one record a read: no batching, no small-piece
     pacing as a body's pieces have). Safe: the core spends no more than the agent's egress
     share (``[egress] cpu`` 1.0) plus slack, its verbs answer at p99 under 50 ms, and
     each linger ends by LINGER_TIME. (Seen: ~17,000 records a second per lingering
@@ -680,7 +680,7 @@ VARIANT_CASES = {
 @pytest.fixture(scope="module")
 def variants(hive: HiveProcess) -> dict[str, Any]:
     out = probe_result(hive.probe(AGENT, VARIANTS, timeout=150, n=BODY, cases=VARIANT_CASES))
-    time.sleep(11)
+    time.sleep(5)
     out["seen"] = server_seen()
     print(json.dumps(out, indent=1))
     return out
@@ -751,7 +751,7 @@ result(status=data[9:12].decode(errors="replace"), answered=answered, ended=ende
 @pytest.mark.attack("egress.l7-bypass", ref="session 34 Terminated._linger vs Proxy.revalidate (_end: both sockets shut down, wake)")
 def test_a_rule_taken_back_ends_a_lingering_connection(hive: HiveProcess) -> None:
     """Held: with an extra rule ``PUT early.test:443/*``, a connection gets the early 413 and
-    keeps the linger going (a byte every 0.5 s). The operator removes the PUT rule 14 s
+    keeps the linger going (a byte every 0.5 s). The operator removes the PUT rule 8 s
     into the probe (the answer came a few seconds in). Safe: the lingering connection is ended (the rules that made it
     changed) within 2 s of the removal, not when the linger's 30 s are up."""
     assert hive.host_call("egress_allow", name=AGENT, rule="PUT early.test:443/*")["ok"]
@@ -762,7 +762,7 @@ def test_a_rule_taken_back_ends_a_lingering_connection(hive: HiveProcess) -> Non
 
     th = threading.Thread(target=cage)
     th.start()
-    time.sleep(14)
+    time.sleep(8)
     removed = time.time()
     assert hive.host_call("egress_remove", name=AGENT, rule="PUT early.test:443/*")["ok"]
     th.join()
